@@ -1,1 +1,23 @@
-//! placeholder
+//! The P2P service: what runs in the P2P service VM (or as a host daemon).
+//!
+//! ```text
+//!   app sessions (Unix socket today, inter-VM channel later)
+//!        │  p2pvm API frames
+//!        ▼
+//!   api::ApiService ── per-app auth, per-session state, limits
+//!        │  Command / NodeEvent
+//!        ▼
+//!   node::Node ── libp2p swarm: TCP+Noise+Yamux, QUIC, identify, ping,
+//!                 Kademlia, gossipsub, mDNS, app-defined streams
+//! ```
+//!
+//! Start reading at [`daemon::run`], which wires the pieces together, then
+//! [`api::session`] for how one app session is served and [`node`] for the swarm.
+//! The API layer is transport-agnostic: [`api::ApiService::serve`] takes any
+//! byte stream, which is how the channel back-end plugs in later.
+
+pub mod api;
+pub mod config;
+pub mod daemon;
+pub mod identity;
+pub mod node;

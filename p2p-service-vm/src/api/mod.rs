@@ -1,0 +1,76 @@
+//! The API services: per-app sessions speaking the p2pvm wire protocol.
+//!
+//! ```text
+//!  byte stream (Unix socket / channel) ─► session ─► ops ─► NodeHandle
+//!                                           │
+//!                                           └─► streams (app protocol bridges)
+//! ```
+//!
+//! [`ApiService`] holds what sessions share (the node handle, the credential store,
+//! who owns which protocol, topic and service reference counts). A session owns
+//! everything it creates; when it ends, its handlers, subscriptions, advertisements
+//! and streams go with it.
+
+pub mod apps;
+mod ops;
+pub mod server;
+mod service;
+mod session;
+mod streams;
+
+pub use service::ApiService;
+
+use p2pvm_proto::pb;
+
+/// An API-level failure: a code for the wire and a message for humans.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("{code:?}: {message}")]
+pub struct ApiError {
+    /// Wire error code.
+    pub code: pb::ErrorCode,
+    /// Explanation.
+    pub message: String,
+}
+
+impl ApiError {
+    pub(crate) fn new(code: pb::ErrorCode, message: impl Into<String>) -> Self {
+        Self {
+            code,
+            message: message.into(),
+        }
+    }
+
+    pub(crate) fn bad(message: impl Into<String>) -> Self {
+        Self::new(pb::ErrorCode::BadRequest, message)
+    }
+
+    pub(crate) fn to_pb(&self) -> pb::Error {
+        pb::Error::new(self.code, self.message.clone())
+    }
+}
+
+impl From<crate::node::NodeError> for ApiError {
+    fn from(e: crate::node::NodeError) -> Self {
+        use crate::node::NodeError as N;
+        let code = match &e {
+            N::Stopped => pb::ErrorCode::Unavailable,
+            N::Dial(_) => pb::ErrorCode::Unavailable,
+            N::Timeout => pb::ErrorCode::Timeout,
+            N::NotFound => pb::ErrorCode::NotFound,
+            N::Dht(_) | N::Pubsub(_) => pb::ErrorCode::Unavailable,
+            N::Invalid(_) => pb::ErrorCode::BadRequest,
+        };
+        Self::new(code, e.to_string())
+    }
+}
+
+impl From<apps::AppsError> for ApiError {
+    fn from(e: apps::AppsError) -> Self {
+        let code = match &e {
+            apps::AppsError::BadName(_) => pb::ErrorCode::BadRequest,
+            apps::AppsError::Unknown(_) => pb::ErrorCode::NotFound,
+            _ => pb::ErrorCode::Internal,
+        };
+        Self::new(code, e.to_string())
+    }
+}

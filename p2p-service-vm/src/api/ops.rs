@@ -1,0 +1,262 @@
+//! Operations that need no per-session state: node queries, DHT, publish,
+//! service lookup and the admin calls. Each maps one request to one node call.
+
+use std::time::Duration;
+
+use libp2p::{Multiaddr, PeerId, kad};
+use p2pvm_proto::pb;
+use pb::request::Op;
+use pb::response::Result as R;
+
+use super::apps::Principal;
+use super::{ApiError, ApiService};
+use crate::node::{Command, PeerSummary, service_key};
+
+/// Default bound on an operation that waits for the network.
+pub(crate) const DEFAULT_TIMEOUT: Duration = Duration::from_secs(30);
+/// Upper bound an app may ask for.
+const MAX_TIMEOUT: Duration = Duration::from_secs(120);
+/// Largest DHT key.
+const MAX_KEY_BYTES: usize = 1024;
+/// Largest DHT value: Kademlia messages are capped at 16 KiB by default, and a
+/// record travels with its key and publisher.
+const MAX_VALUE_BYTES: usize = 8 << 10;
+/// Most providers returned by one lookup.
+const MAX_PROVIDERS: usize = 100;
+
+pub(crate) fn timeout_of(ms: u32) -> Duration {
+    if ms == 0 {
+        DEFAULT_TIMEOUT
+    } else {
+        Duration::from_millis(ms as u64).min(MAX_TIMEOUT)
+    }
+}
+
+pub(crate) fn parse_peer(s: &str) -> Result<PeerId, ApiError> {
+    s.parse()
+        .map_err(|_| ApiError::bad(format!("invalid peer id {s:?}")))
+}
+
+fn parse_addr(s: &str) -> Result<Multiaddr, ApiError> {
+    s.parse()
+        .map_err(|_| ApiError::bad(format!("invalid multiaddr {s:?}")))
+}
+
+pub(crate) fn validate_service_name(name: &str) -> Result<(), ApiError> {
+    let ok = !name.is_empty()
+        && name.len() <= 64
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b));
+    if ok {
+        Ok(())
+    } else {
+        Err(ApiError::bad("a service name has 1-64 of A-Z, a-z, 0-9, '-', '_', '.'"))
+    }
+}
+
+fn check_key(key: &[u8]) -> Result<kad::RecordKey, ApiError> {
+    if key.is_empty() || key.len() > MAX_KEY_BYTES {
+        return Err(ApiError::bad(format!("a DHT key has 1-{MAX_KEY_BYTES} bytes")));
+    }
+    Ok(kad::RecordKey::new(&key))
+}
+
+fn peer_info(p: PeerSummary) -> pb::PeerInfo {
+    pb::PeerInfo {
+        peer_id: p.peer_id.to_string(),
+        addrs: p.addrs.iter().map(|a| a.to_string()).collect(),
+        agent_version: p.agent_version.unwrap_or_default(),
+        rtt_micros: p.rtt.map(|d| d.as_micros() as u64).unwrap_or(0),
+    }
+}
+
+fn require_admin(p: &Principal) -> Result<(), ApiError> {
+    if p.admin {
+        Ok(())
+    } else {
+        Err(ApiError::new(
+            pb::ErrorCode::PermissionDenied,
+            "this operation needs the admin capability",
+        ))
+    }
+}
+
+/// Runs one stateless operation.
+pub(crate) async fn run(svc: &ApiService, who: &Principal, op: Op) -> Result<R, ApiError> {
+    let node = &svc.inner.node;
+    match op {
+        Op::NodeInfo(_) => {
+            let (peer_id, addrs, n) = node.call(Command::Info).await?;
+            Ok(R::NodeInfo(pb::NodeInfo {
+                peer_id: peer_id.to_string(),
+                listen_addrs: addrs.iter().map(|a| a.to_string()).collect(),
+                version: env!("CARGO_PKG_VERSION").into(),
+                protocol_version: p2pvm_proto::PROTOCOL_VERSION,
+                connected_peers: n as u32,
+            }))
+        }
+        Op::Peers(_) => {
+            let peers = node.call(Command::Peers).await?;
+            Ok(R::Peers(pb::PeerList {
+                peers: peers.into_iter().map(peer_info).collect(),
+            }))
+        }
+        Op::Connect(r) => {
+            let peer = if r.peer_id.is_empty() {
+                None
+            } else {
+                Some(parse_peer(&r.peer_id)?)
+            };
+            let addrs = r.addrs.iter().map(|a| parse_addr(a)).collect::<Result<Vec<_>, _>>()?;
+            if peer.is_none() && addrs.is_empty() {
+                return Err(ApiError::bad("give a peer id, addresses, or both"));
+            }
+            let peer = node
+                .call_timeout(timeout_of(r.timeout_ms), |reply| Command::Connect {
+                    peer,
+                    addrs,
+                    reply,
+                })
+                .await?;
+            Ok(R::Peer(pb::PeerInfo {
+                peer_id: peer.to_string(),
+                ..Default::default()
+            }))
+        }
+        Op::Disconnect(r) => {
+            require_admin(who)?;
+            let peer = parse_peer(&r.peer_id)?;
+            node.call(|reply| Command::Disconnect(peer, reply)).await?;
+            Ok(R::Ok(pb::Empty {}))
+        }
+        Op::FindPeer(r) => {
+            let peer = parse_peer(&r.peer_id)?;
+            let found = node
+                .call_timeout(timeout_of(r.timeout_ms), |reply| Command::FindPeer(peer, reply))
+                .await?;
+            Ok(R::Peer(peer_info(found)))
+        }
+        Op::PutRecord(r) => {
+            let key = check_key(&r.key)?;
+            if r.value.len() > MAX_VALUE_BYTES {
+                return Err(ApiError::bad(format!("a DHT value has at most {MAX_VALUE_BYTES} bytes")));
+            }
+            let mut record = kad::Record::new(key, r.value.to_vec());
+            record.publisher = Some(node.peer_id());
+            node.call_timeout(timeout_of(r.timeout_ms), |reply| Command::PutRecord(record, reply))
+                .await?;
+            Ok(R::Ok(pb::Empty {}))
+        }
+        Op::GetRecord(r) => {
+            let key = check_key(&r.key)?;
+            let rec = node
+                .call_timeout(timeout_of(r.timeout_ms), |reply| Command::GetRecord(key, reply))
+                .await?;
+            Ok(R::Record(pb::Record {
+                key: rec.key.to_vec().into(),
+                value: rec.value.into(),
+                publisher: rec.publisher.map(|p| p.to_string()).unwrap_or_default(),
+            }))
+        }
+        Op::Provide(r) => {
+            let key = check_key(&r.key)?;
+            node.call_timeout(timeout_of(r.timeout_ms), |reply| Command::Provide(key, reply))
+                .await?;
+            Ok(R::Ok(pb::Empty {}))
+        }
+        Op::FindProviders(r) => {
+            let key = check_key(&r.key)?;
+            let peers = find_providers(svc, key, r.limit, r.timeout_ms).await?;
+            Ok(R::Providers(pb::PeerList {
+                peers: peers
+                    .into_iter()
+                    .map(|p| pb::PeerInfo {
+                        peer_id: p.to_string(),
+                        ..Default::default()
+                    })
+                    .collect(),
+            }))
+        }
+        Op::Publish(r) => {
+            if r.topic.is_empty() {
+                return Err(ApiError::bad("empty topic"));
+            }
+            node.call(|reply| Command::Publish(r.topic, r.data, reply)).await?;
+            Ok(R::Ok(pb::Empty {}))
+        }
+        Op::TopicPeers(r) => {
+            let peers = node.call(|reply| Command::TopicPeers(r.topic, reply)).await?;
+            Ok(R::TopicPeers(pb::PeerIdList {
+                peer_ids: peers.iter().map(|p| p.to_string()).collect(),
+            }))
+        }
+        Op::FindService(r) => {
+            validate_service_name(&r.name)?;
+            let mut peers: Vec<String> = Vec::new();
+            if svc.inner.services.lock().await.contains_key(&r.name) {
+                peers.push(node.peer_id().to_string());
+            }
+            let remote = find_providers(svc, service_key(&r.name), r.limit, r.timeout_ms).await;
+            match remote {
+                Ok(found) => peers.extend(
+                    found
+                        .into_iter()
+                        .filter(|p| *p != node.peer_id())
+                        .map(|p| p.to_string()),
+                ),
+                // Not finding remote offers is not an error when this node offers it.
+                Err(_) if !peers.is_empty() => {}
+                Err(e) => return Err(e),
+            }
+            Ok(R::Services(pb::ServiceList {
+                name: r.name,
+                peer_ids: peers,
+            }))
+        }
+        Op::IssueToken(r) => {
+            require_admin(who)?;
+            let token = svc.inner.apps.lock().expect("lock").issue(&r.app)?;
+            Ok(R::AppToken(pb::AppToken { app: r.app, token }))
+        }
+        Op::ListApps(_) => {
+            require_admin(who)?;
+            let apps = svc.inner.apps.lock().expect("lock").list();
+            Ok(R::Apps(pb::AppList { apps }))
+        }
+        Op::ListSessions(_) => {
+            require_admin(who)?;
+            let sessions = svc.inner.sessions.lock().expect("lock");
+            let mut list: Vec<pb::SessionState> = sessions
+                .values()
+                .map(|s| s.state.lock().expect("lock").clone())
+                .collect();
+            list.sort_by_key(|s| s.session_id);
+            Ok(R::Sessions(pb::SessionList { sessions: list }))
+        }
+        Op::RevokeApp(_) => require_admin(who).and(Err(ApiError::new(
+            pb::ErrorCode::Internal,
+            "revocation is handled by the session",
+        ))),
+        // Session-bound operations never reach here; answer clearly if one does.
+        _ => Err(ApiError::new(pb::ErrorCode::Internal, "operation routed wrongly")),
+    }
+}
+
+async fn find_providers(
+    svc: &ApiService,
+    key: kad::RecordKey,
+    limit: u32,
+    timeout_ms: u32,
+) -> Result<Vec<PeerId>, ApiError> {
+    let limit = if limit == 0 { 20 } else { (limit as usize).min(MAX_PROVIDERS) };
+    Ok(svc
+        .inner
+        .node
+        .call_timeout(timeout_of(timeout_ms), |reply| Command::FindProviders {
+            key,
+            limit,
+            reply,
+        })
+        .await?)
+}

@@ -1,0 +1,114 @@
+//! State shared by all sessions of one node.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use p2pvm_proto::{FrameCodec, pb};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+use tracing::warn;
+
+use super::apps::AppRegistry;
+use crate::config::ApiLimits;
+use crate::node::NodeHandle;
+
+/// What the node knows about a live session, for admins and for revocation.
+#[derive(Debug)]
+pub(crate) struct SessionEntry {
+    pub app: String,
+    pub state: Arc<Mutex<pb::SessionState>>,
+    pub kill: CancellationToken,
+}
+
+#[derive(Debug)]
+pub(crate) struct Inner {
+    pub node: NodeHandle,
+    pub apps: Mutex<AppRegistry>,
+    pub limits: ApiLimits,
+    pub sessions: Mutex<HashMap<u64, SessionEntry>>,
+    /// Protocol name → owning session.
+    pub protocols: Mutex<HashMap<String, u64>>,
+    /// Topic → number of sessions subscribed; the node joins at 1 and leaves at 0.
+    pub topics: tokio::sync::Mutex<HashMap<String, usize>>,
+    /// Service name → number of sessions advertising it.
+    pub services: tokio::sync::Mutex<HashMap<String, usize>>,
+    next_session: AtomicU64,
+    session_slots: Arc<Semaphore>,
+    pub shutdown: CancellationToken,
+}
+
+/// The API service of one node. Cheap to clone.
+#[derive(Debug, Clone)]
+pub struct ApiService {
+    pub(crate) inner: Arc<Inner>,
+}
+
+impl ApiService {
+    /// Creates the service over a running node.
+    pub fn new(
+        node: NodeHandle,
+        apps: AppRegistry,
+        limits: ApiLimits,
+        shutdown: CancellationToken,
+    ) -> Self {
+        let slots = Arc::new(Semaphore::new(limits.max_sessions as usize));
+        Self {
+            inner: Arc::new(Inner {
+                node,
+                apps: Mutex::new(apps),
+                limits,
+                sessions: Mutex::new(HashMap::new()),
+                protocols: Mutex::new(HashMap::new()),
+                topics: tokio::sync::Mutex::new(HashMap::new()),
+                services: tokio::sync::Mutex::new(HashMap::new()),
+                next_session: AtomicU64::new(1),
+                session_slots: slots,
+                shutdown,
+            }),
+        }
+    }
+
+    /// Serves one session over any byte stream until either side ends it.
+    ///
+    /// This is the single entry point for every transport: the Unix socket
+    /// listener calls it per connection, and the channel back-end will call it
+    /// per multiplexed session.
+    pub async fn serve<IO>(&self, io: IO)
+    where
+        IO: AsyncRead + AsyncWrite + Send + Unpin + 'static,
+    {
+        let framed = tokio_util::codec::Framed::new(
+            io,
+            FrameCodec::new(self.inner.limits.max_frame_bytes),
+        );
+        let Ok(permit) = self.inner.session_slots.clone().try_acquire_owned() else {
+            warn!("session refused: max_sessions reached");
+            super::session::refuse(
+                framed,
+                pb::Error::new(
+                    pb::ErrorCode::LimitExceeded,
+                    format!(
+                        "the node serves at most {} sessions",
+                        self.inner.limits.max_sessions
+                    ),
+                ),
+            )
+            .await;
+            return;
+        };
+        let id = self.inner.next_session.fetch_add(1, Ordering::Relaxed);
+        super::session::run(self.clone(), id, framed).await;
+        drop(permit);
+    }
+
+    /// Ends every session of `app` (after its token was revoked).
+    pub(crate) fn kill_app_sessions(&self, app: &str) {
+        for entry in self.inner.sessions.lock().expect("lock").values() {
+            if entry.app == app {
+                entry.kill.cancel();
+            }
+        }
+    }
+}

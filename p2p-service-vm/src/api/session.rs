@@ -1,0 +1,711 @@
+//! One app session: handshake, then a loop over the app's frames, node events and
+//! the session's own background work (stream opens, inbound streams, copy tasks).
+//!
+//! Every object an app creates belongs to its session and is released when the
+//! session ends, however it ends.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures::{SinkExt, StreamExt};
+use libp2p::{PeerId, StreamProtocol};
+use p2pvm_proto::{FrameCodec, PROTOCOL_VERSION, pb};
+use pb::frame::Kind;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::sync::{Semaphore, broadcast, mpsc};
+use tokio::task::JoinHandle;
+use tokio_util::codec::Framed;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+use super::apps::Principal;
+use super::service::SessionEntry;
+use super::streams::StreamEntry;
+use super::{ApiError, ApiService, ops};
+use crate::node::{Command, NodeEvent, service_key};
+
+/// How long a new connection may take to say Hello.
+const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
+/// Frames queued towards the app before producers wait.
+const OUT_QUEUE: usize = 256;
+/// Background notices queued towards the session loop.
+const INTERNAL_QUEUE: usize = 256;
+/// How long a closing session may take to flush its last frames.
+const FLUSH_TIMEOUT: Duration = Duration::from_secs(2);
+/// Protocol prefixes the node itself speaks; apps may not take them over.
+const RESERVED_PROTOCOL_PREFIXES: &[&str] = &["/p2pvm/", "/ipfs/", "/meshsub/", "/floodsub/", "/libp2p/"];
+
+/// Work finished in the background, reported to the session loop.
+#[derive(Debug)]
+pub(crate) enum Internal {
+    Opened {
+        request_id: u64,
+        stream_id: u64,
+        result: Result<libp2p::Stream, ApiError>,
+    },
+    Inbound {
+        protocol: String,
+        peer: PeerId,
+        stream: libp2p::Stream,
+    },
+    ReaderDone(u64),
+    WriterDone(u64),
+}
+
+fn goodbye(code: pb::ErrorCode, message: impl Into<String>) -> pb::Frame {
+    pb::Frame::of(Kind::Goodbye(pb::Goodbye {
+        error: Some(pb::Error::new(code, message)),
+    }))
+}
+
+pub(crate) fn response(id: u64, result: Result<pb::response::Result, ApiError>) -> pb::Frame {
+    let result = match result {
+        Ok(r) => r,
+        Err(e) => pb::response::Result::Error(e.to_pb()),
+    };
+    pb::Frame::of(Kind::Response(pb::Response {
+        id,
+        result: Some(result),
+    }))
+}
+
+fn ok() -> Result<pb::response::Result, ApiError> {
+    Ok(pb::response::Result::Ok(pb::Empty {}))
+}
+
+/// Tells a connection it cannot be served, then closes it.
+pub(crate) async fn refuse<IO>(mut framed: Framed<IO, FrameCodec>, error: pb::Error)
+where
+    IO: AsyncRead + AsyncWrite + Unpin,
+{
+    let frame = pb::Frame::of(Kind::Goodbye(pb::Goodbye { error: Some(error) }));
+    let _ = tokio::time::timeout(FLUSH_TIMEOUT, framed.send(frame)).await;
+}
+
+/// Serves session `id` until it ends.
+pub(crate) async fn run<IO>(svc: ApiService, id: u64, framed: Framed<IO, FrameCodec>)
+where
+    IO: AsyncRead + AsyncWrite + Send + Unpin + 'static,
+{
+    let (mut sink, mut source) = framed.split();
+    let principal = match handshake(&svc, &mut source).await {
+        Ok(p) => p,
+        Err(e) => {
+            debug!(session = id, error = %e, "handshake failed");
+            let _ = tokio::time::timeout(FLUSH_TIMEOUT, sink.send(goodbye(e.code, e.message))).await;
+            return;
+        }
+    };
+    let limits = &svc.inner.limits;
+    let welcome = pb::Frame::of(Kind::Welcome(pb::Welcome {
+        version: PROTOCOL_VERSION,
+        session_id: id,
+        app: principal.app.clone(),
+        admin: principal.admin,
+        node_version: env!("CARGO_PKG_VERSION").into(),
+        max_frame_bytes: limits.max_frame_bytes,
+        stream_window_bytes: limits.stream_window_bytes,
+        max_streams: limits.max_streams_per_session,
+    }));
+    if sink.send(welcome).await.is_err() {
+        return;
+    }
+    info!(session = id, app = %principal.app, admin = principal.admin, "session opened");
+
+    let (out_tx, mut out_rx) = mpsc::channel::<pb::Frame>(OUT_QUEUE);
+    let writer = tokio::spawn(async move {
+        while let Some(frame) = out_rx.recv().await {
+            if sink.feed(frame).await.is_err() {
+                return;
+            }
+            // Batch whatever else is queued into the same flush.
+            while let Ok(frame) = out_rx.try_recv() {
+                if sink.feed(frame).await.is_err() {
+                    return;
+                }
+            }
+            if sink.flush().await.is_err() {
+                return;
+            }
+        }
+        let _ = sink.close().await;
+    });
+
+    let (internal_tx, internal_rx) = mpsc::channel(INTERNAL_QUEUE);
+    let kill = svc.inner.shutdown.child_token();
+    let state = Arc::new(Mutex::new(pb::SessionState {
+        session_id: id,
+        app: principal.app.clone(),
+        ..Default::default()
+    }));
+    svc.inner.sessions.lock().expect("lock").insert(
+        id,
+        SessionEntry {
+            app: principal.app.clone(),
+            state: state.clone(),
+            kill: kill.clone(),
+        },
+    );
+    let mut session = Session {
+        events: svc.inner.node.subscribe_events(),
+        inflight: Arc::new(Semaphore::new(limits.max_inflight_requests as usize)),
+        svc,
+        id,
+        principal,
+        out: out_tx,
+        internal_tx,
+        state,
+        topics: HashSet::new(),
+        protocols: HashMap::new(),
+        services: HashSet::new(),
+        streams: HashMap::new(),
+        pending_opens: 0,
+        next_stream: 1,
+        watching: false,
+    };
+    session.serve(source, internal_rx, kill).await;
+    session.cleanup().await;
+    drop(session);
+    let _ = tokio::time::timeout(FLUSH_TIMEOUT, writer).await;
+    info!(session = id, "session closed");
+}
+
+async fn handshake<S>(svc: &ApiService, source: &mut S) -> Result<Principal, ApiError>
+where
+    S: futures::Stream<Item = Result<pb::Frame, p2pvm_proto::FrameError>> + Unpin,
+{
+    let first = tokio::time::timeout(HELLO_TIMEOUT, source.next())
+        .await
+        .map_err(|_| ApiError::new(pb::ErrorCode::Timeout, "no Hello in time"))?;
+    let hello = match first {
+        Some(Ok(pb::Frame {
+            kind: Some(Kind::Hello(h)),
+        })) => h,
+        Some(Ok(_)) => {
+            return Err(ApiError::new(
+                pb::ErrorCode::ProtocolViolation,
+                "the first frame must be Hello",
+            ));
+        }
+        Some(Err(e)) => return Err(ApiError::new(e.code(), e.to_string())),
+        None => return Err(ApiError::new(pb::ErrorCode::Unavailable, "closed")),
+    };
+    if hello.version != PROTOCOL_VERSION {
+        return Err(ApiError::new(
+            pb::ErrorCode::UnsupportedVersion,
+            format!(
+                "this node speaks API version {PROTOCOL_VERSION}, not {}",
+                hello.version
+            ),
+        ));
+    }
+    svc.inner
+        .apps
+        .lock()
+        .expect("lock")
+        .authenticate(&hello.token)
+        .ok_or_else(|| ApiError::new(pb::ErrorCode::Unauthenticated, "unknown or revoked token"))
+}
+
+struct Session {
+    svc: ApiService,
+    id: u64,
+    principal: Principal,
+    out: mpsc::Sender<pb::Frame>,
+    internal_tx: mpsc::Sender<Internal>,
+    events: broadcast::Receiver<NodeEvent>,
+    inflight: Arc<Semaphore>,
+    state: Arc<Mutex<pb::SessionState>>,
+    topics: HashSet<String>,
+    protocols: HashMap<String, JoinHandle<()>>,
+    services: HashSet<String>,
+    streams: HashMap<u64, StreamEntry>,
+    pending_opens: usize,
+    next_stream: u64,
+    watching: bool,
+}
+
+impl Session {
+    async fn serve<S>(
+        &mut self,
+        mut source: S,
+        mut internal_rx: mpsc::Receiver<Internal>,
+        kill: CancellationToken,
+    ) where
+        S: futures::Stream<Item = Result<pb::Frame, p2pvm_proto::FrameError>> + Unpin,
+    {
+        loop {
+            tokio::select! {
+                _ = kill.cancelled() => {
+                    self.send(goodbye(pb::ErrorCode::Unavailable, "session ended by the node (shutdown or token revoked)")).await;
+                    return;
+                }
+                frame = source.next() => match frame {
+                    None => return,
+                    Some(Err(e)) => {
+                        warn!(session = self.id, app = %self.principal.app, error = %e, "bad frame; closing session");
+                        self.send(goodbye(e.code(), e.to_string())).await;
+                        return;
+                    }
+                    Some(Ok(frame)) => {
+                        if let Err(e) = self.on_frame(frame).await {
+                            warn!(session = self.id, app = %self.principal.app, error = %e, "protocol violation; closing session");
+                            self.send(goodbye(e.code, e.message)).await;
+                            return;
+                        }
+                    }
+                },
+                event = self.events.recv() => self.on_node_event(event).await,
+                Some(msg) = internal_rx.recv() => self.on_internal(msg).await,
+            }
+        }
+    }
+
+    async fn send(&self, frame: pb::Frame) {
+        // Fails only when the writer is gone, i.e. the session is ending anyway.
+        let _ = self.out.send(frame).await;
+    }
+
+    async fn reply(&self, id: u64, result: Result<pb::response::Result, ApiError>) {
+        self.send(response(id, result)).await;
+    }
+
+    async fn on_frame(&mut self, frame: pb::Frame) -> Result<(), ApiError> {
+        let window = self.svc.inner.limits.stream_window_bytes;
+        let violation = |m: String| ApiError::new(pb::ErrorCode::ProtocolViolation, m);
+        match frame.kind {
+            Some(Kind::Request(req)) => {
+                self.on_request(req).await;
+                Ok(())
+            }
+            Some(Kind::StreamData(d)) => {
+                // Data for a stream that just ended crosses the close in flight: drop it.
+                if let Some(s) = self.streams.get_mut(&d.stream_id) {
+                    s.data_from_app(d.data, window)
+                        .await
+                        .map_err(|v| violation(v.message(d.stream_id)))?;
+                }
+                Ok(())
+            }
+            Some(Kind::StreamCredit(c)) => {
+                if let Some(s) = self.streams.get(&c.stream_id) {
+                    s.credit_from_app(c.bytes, window)
+                        .map_err(|v| violation(v.message(c.stream_id)))?;
+                }
+                Ok(())
+            }
+            Some(Kind::StreamClose(c)) => {
+                if c.reset {
+                    if let Some(s) = self.streams.remove(&c.stream_id) {
+                        s.reset();
+                        self.sync_state();
+                    }
+                } else if let Some(s) = self.streams.get_mut(&c.stream_id) {
+                    s.half_close();
+                }
+                Ok(())
+            }
+            Some(other) => Err(violation(format!(
+                "apps may not send {} frames",
+                kind_name(&other)
+            ))),
+            None => Err(violation("empty frame".into())),
+        }
+    }
+
+    async fn on_request(&mut self, req: pb::Request) {
+        use pb::request::Op;
+        let id = req.id;
+        let Some(op) = req.op else {
+            self.reply(id, Err(ApiError::bad("request without an operation"))).await;
+            return;
+        };
+        let result = match op {
+            Op::Subscribe(r) => self.subscribe(r.topic).await,
+            Op::Unsubscribe(r) => self.unsubscribe(&r.topic).await,
+            Op::RegisterProtocol(r) => self.register_protocol(r.protocol),
+            Op::UnregisterProtocol(r) => self.unregister_protocol(&r.protocol),
+            Op::AdvertiseService(r) => self.advertise(r.name).await,
+            Op::WithdrawService(r) => self.withdraw(&r.name).await,
+            Op::WatchEvents(_) => {
+                self.watching = true;
+                self.sync_state();
+                ok()
+            }
+            Op::SessionState(_) => Ok(pb::response::Result::SessionState(
+                self.state.lock().expect("lock").clone(),
+            )),
+            Op::OpenStream(r) => match self.open_stream(id, r) {
+                // Answered when the open finishes.
+                Ok(()) => return,
+                Err(e) => Err(e),
+            },
+            Op::RevokeApp(r) if self.principal.admin => {
+                let revoked = self.svc.inner.apps.lock().expect("lock").revoke(&r.app);
+                match revoked {
+                    Ok(()) => {
+                        self.svc.kill_app_sessions(&r.app);
+                        ok()
+                    }
+                    Err(e) => Err(e.into()),
+                }
+            }
+            op => {
+                // Stateless operations run beside the session so a slow DHT query
+                // never holds up this app's other requests.
+                let Ok(permit) = self.inflight.clone().try_acquire_owned() else {
+                    let e = ApiError::new(
+                        pb::ErrorCode::LimitExceeded,
+                        format!(
+                            "at most {} requests in flight per session",
+                            self.svc.inner.limits.max_inflight_requests
+                        ),
+                    );
+                    self.reply(id, Err(e)).await;
+                    return;
+                };
+                let svc = self.svc.clone();
+                let principal = self.principal.clone();
+                let out = self.out.clone();
+                tokio::spawn(async move {
+                    let r = ops::run(&svc, &principal, op).await;
+                    let _ = out.send(response(id, r)).await;
+                    drop(permit);
+                });
+                return;
+            }
+        };
+        self.reply(id, result).await;
+    }
+
+    async fn subscribe(&mut self, topic: String) -> Result<pb::response::Result, ApiError> {
+        if topic.is_empty() || topic.len() > 256 {
+            return Err(ApiError::bad("topic must be 1-256 bytes"));
+        }
+        if self.topics.contains(&topic) {
+            return Err(ApiError::new(pb::ErrorCode::AlreadyExists, "already subscribed"));
+        }
+        let mut counts = self.svc.inner.topics.lock().await;
+        let count = counts.entry(topic.clone()).or_insert(0);
+        if *count == 0 {
+            let t = topic.clone();
+            if let Err(e) = self.svc.inner.node.call(|r| Command::Subscribe(t, r)).await {
+                counts.remove(&topic);
+                return Err(e.into());
+            }
+        }
+        *count += 1;
+        drop(counts);
+        self.topics.insert(topic);
+        self.sync_state();
+        ok()
+    }
+
+    async fn unsubscribe(&mut self, topic: &str) -> Result<pb::response::Result, ApiError> {
+        if !self.topics.remove(topic) {
+            return Err(ApiError::new(pb::ErrorCode::NotFound, "not subscribed"));
+        }
+        self.release_topic(topic).await;
+        self.sync_state();
+        ok()
+    }
+
+    async fn release_topic(&self, topic: &str) {
+        let mut counts = self.svc.inner.topics.lock().await;
+        if let Some(c) = counts.get_mut(topic) {
+            *c -= 1;
+            if *c == 0 {
+                counts.remove(topic);
+                let _ = self.svc.inner.node.send(Command::Unsubscribe(topic.into())).await;
+            }
+        }
+    }
+
+    fn register_protocol(&mut self, name: String) -> Result<pb::response::Result, ApiError> {
+        if !name.starts_with('/') || name.len() > 256 {
+            return Err(ApiError::bad("a protocol name starts with '/' and has at most 256 bytes"));
+        }
+        if RESERVED_PROTOCOL_PREFIXES.iter().any(|p| name.starts_with(p)) {
+            return Err(ApiError::new(
+                pb::ErrorCode::PermissionDenied,
+                format!("{name} is reserved for the node"),
+            ));
+        }
+        let protocol = StreamProtocol::try_from_owned(name.clone())
+            .map_err(|e| ApiError::bad(e.to_string()))?;
+        {
+            let mut owners = self.svc.inner.protocols.lock().expect("lock");
+            if owners.contains_key(&name) {
+                return Err(ApiError::new(
+                    pb::ErrorCode::AlreadyExists,
+                    format!("{name} is already registered on this node"),
+                ));
+            }
+            owners.insert(name.clone(), self.id);
+        }
+        let mut incoming = match self.svc.inner.node.stream_control().accept(protocol) {
+            Ok(i) => i,
+            Err(_) => {
+                self.svc.inner.protocols.lock().expect("lock").remove(&name);
+                return Err(ApiError::new(pb::ErrorCode::AlreadyExists, "protocol busy"));
+            }
+        };
+        let tx = self.internal_tx.clone();
+        let proto = name.clone();
+        let task = tokio::spawn(async move {
+            while let Some((peer, stream)) = incoming.next().await {
+                let msg = Internal::Inbound {
+                    protocol: proto.clone(),
+                    peer,
+                    stream,
+                };
+                if tx.send(msg).await.is_err() {
+                    break;
+                }
+            }
+        });
+        self.protocols.insert(name, task);
+        self.sync_state();
+        ok()
+    }
+
+    fn unregister_protocol(&mut self, name: &str) -> Result<pb::response::Result, ApiError> {
+        let Some(task) = self.protocols.remove(name) else {
+            return Err(ApiError::new(pb::ErrorCode::NotFound, "not registered by this app"));
+        };
+        task.abort();
+        self.svc.inner.protocols.lock().expect("lock").remove(name);
+        self.sync_state();
+        ok()
+    }
+
+    async fn advertise(&mut self, name: String) -> Result<pb::response::Result, ApiError> {
+        ops::validate_service_name(&name)?;
+        if self.services.contains(&name) {
+            return Err(ApiError::new(pb::ErrorCode::AlreadyExists, "already advertised"));
+        }
+        let mut counts = self.svc.inner.services.lock().await;
+        let count = counts.entry(name.clone()).or_insert(0);
+        if *count == 0 {
+            let key = service_key(&name);
+            let node = &self.svc.inner.node;
+            if let Err(e) = node.call_timeout(ops::DEFAULT_TIMEOUT, |r| Command::Provide(key, r)).await {
+                counts.remove(&name);
+                return Err(e.into());
+            }
+        }
+        *count += 1;
+        drop(counts);
+        self.services.insert(name);
+        self.sync_state();
+        ok()
+    }
+
+    async fn withdraw(&mut self, name: &str) -> Result<pb::response::Result, ApiError> {
+        if !self.services.remove(name) {
+            return Err(ApiError::new(pb::ErrorCode::NotFound, "not advertised by this app"));
+        }
+        self.release_service(name).await;
+        self.sync_state();
+        ok()
+    }
+
+    async fn release_service(&self, name: &str) {
+        let mut counts = self.svc.inner.services.lock().await;
+        if let Some(c) = counts.get_mut(name) {
+            *c -= 1;
+            if *c == 0 {
+                counts.remove(name);
+                let _ = self.svc.inner.node.send(Command::StopProviding(service_key(name))).await;
+            }
+        }
+    }
+
+    fn stream_slots_left(&self) -> bool {
+        self.streams.len() + self.pending_opens < self.svc.inner.limits.max_streams_per_session as usize
+    }
+
+    fn open_stream(&mut self, request_id: u64, r: pb::OpenStreamRequest) -> Result<(), ApiError> {
+        if !self.stream_slots_left() {
+            return Err(ApiError::new(
+                pb::ErrorCode::LimitExceeded,
+                format!(
+                    "at most {} streams per session",
+                    self.svc.inner.limits.max_streams_per_session
+                ),
+            ));
+        }
+        let peer = ops::parse_peer(&r.peer_id)?;
+        let protocol = StreamProtocol::try_from_owned(r.protocol)
+            .map_err(|e| ApiError::bad(format!("protocol: {e}")))?;
+        let stream_id = self.next_stream;
+        self.next_stream += 1;
+        self.pending_opens += 1;
+        let timeout = ops::timeout_of(r.timeout_ms);
+        let mut control = self.svc.inner.node.stream_control();
+        let tx = self.internal_tx.clone();
+        tokio::spawn(async move {
+            let result = match tokio::time::timeout(timeout, control.open_stream(peer, protocol)).await {
+                Ok(Ok(s)) => Ok(s),
+                Ok(Err(libp2p_stream::OpenStreamError::UnsupportedProtocol(p))) => Err(
+                    ApiError::new(pb::ErrorCode::NotFound, format!("peer does not serve {p}")),
+                ),
+                Ok(Err(e)) => Err(ApiError::new(pb::ErrorCode::Unavailable, e.to_string())),
+                Err(_) => Err(ApiError::new(pb::ErrorCode::Timeout, "opening the stream timed out")),
+            };
+            let _ = tx
+                .send(Internal::Opened {
+                    request_id,
+                    stream_id,
+                    result,
+                })
+                .await;
+        });
+        Ok(())
+    }
+
+    fn add_stream(&mut self, stream_id: u64, stream: libp2p::Stream) {
+        let entry = StreamEntry::spawn(
+            stream_id,
+            stream,
+            self.svc.inner.limits.stream_window_bytes,
+            self.out.clone(),
+            self.internal_tx.clone(),
+        );
+        self.streams.insert(stream_id, entry);
+        self.sync_state();
+    }
+
+    async fn on_internal(&mut self, msg: Internal) {
+        match msg {
+            Internal::Opened {
+                request_id,
+                stream_id,
+                result,
+            } => {
+                self.pending_opens -= 1;
+                let r = result.map(|stream| {
+                    self.add_stream(stream_id, stream);
+                    pb::response::Result::StreamOpened(pb::StreamOpened { stream_id })
+                });
+                self.reply(request_id, r).await;
+            }
+            Internal::Inbound {
+                protocol,
+                peer,
+                stream,
+            } => {
+                if !self.stream_slots_left() {
+                    warn!(session = self.id, %peer, %protocol, "inbound stream dropped: stream limit");
+                    return;
+                }
+                let stream_id = self.next_stream;
+                self.next_stream += 1;
+                self.add_stream(stream_id, stream);
+                let ev = pb::event::Kind::InboundStream(pb::InboundStream {
+                    stream_id,
+                    peer_id: peer.to_string(),
+                    protocol,
+                });
+                self.send(pb::Frame::of(Kind::Event(pb::Event { kind: Some(ev) }))).await;
+            }
+            Internal::ReaderDone(id) | Internal::WriterDone(id) => {
+                let reader = matches!(msg, Internal::ReaderDone(_));
+                if let Some(s) = self.streams.get_mut(&id) {
+                    if reader {
+                        s.reader_done = true;
+                    } else {
+                        s.writer_done = true;
+                    }
+                    if s.finished() {
+                        self.streams.remove(&id);
+                        self.sync_state();
+                    }
+                }
+            }
+        }
+    }
+
+    async fn on_node_event(&mut self, event: Result<NodeEvent, broadcast::error::RecvError>) {
+        use pb::event::Kind as E;
+        let kind = match event {
+            Ok(NodeEvent::Pubsub(m)) if self.topics.contains(&m.topic) => {
+                E::PubsubMessage(pb::PubsubMessage {
+                    topic: m.topic,
+                    data: m.data,
+                    source: m.source.map(|p| p.to_string()).unwrap_or_default(),
+                    via: m.via.to_string(),
+                    message_id: m.message_id.into(),
+                })
+            }
+            Ok(NodeEvent::PeerConnected { peer_id, addr }) if self.watching => {
+                E::PeerConnected(pb::PeerConnected {
+                    peer_id: peer_id.to_string(),
+                    addr: addr.to_string(),
+                })
+            }
+            Ok(NodeEvent::PeerDisconnected { peer_id }) if self.watching => {
+                E::PeerDisconnected(pb::PeerDisconnected {
+                    peer_id: peer_id.to_string(),
+                })
+            }
+            Ok(NodeEvent::NewListenAddr(a)) if self.watching => {
+                E::NewListenAddr(pb::ListenAddr { addr: a.to_string() })
+            }
+            Err(broadcast::error::RecvError::Lagged(n)) if self.watching || !self.topics.is_empty() => {
+                E::EventsLost(pb::EventsLost { count: n })
+            }
+            _ => return,
+        };
+        self.send(pb::Frame::of(Kind::Event(pb::Event { kind: Some(kind) }))).await;
+    }
+
+    fn sync_state(&self) {
+        let mut st = self.state.lock().expect("lock");
+        st.protocols = sorted(self.protocols.keys().cloned());
+        st.topics = sorted(self.topics.iter().cloned());
+        st.services = sorted(self.services.iter().cloned());
+        let mut streams: Vec<u64> = self.streams.keys().copied().collect();
+        streams.sort_unstable();
+        st.streams = streams;
+        st.watching_events = self.watching;
+    }
+
+    async fn cleanup(&mut self) {
+        for (name, task) in self.protocols.drain() {
+            task.abort();
+            self.svc.inner.protocols.lock().expect("lock").remove(&name);
+        }
+        for topic in std::mem::take(&mut self.topics) {
+            self.release_topic(&topic).await;
+        }
+        for name in std::mem::take(&mut self.services) {
+            self.release_service(&name).await;
+        }
+        for (_, s) in self.streams.drain() {
+            s.reset();
+        }
+        self.svc.inner.sessions.lock().expect("lock").remove(&self.id);
+    }
+}
+
+fn sorted(it: impl Iterator<Item = String>) -> Vec<String> {
+    let mut v: Vec<String> = it.collect();
+    v.sort();
+    v
+}
+
+fn kind_name(kind: &Kind) -> &'static str {
+    match kind {
+        Kind::Hello(_) => "Hello",
+        Kind::Welcome(_) => "Welcome",
+        Kind::Request(_) => "Request",
+        Kind::Response(_) => "Response",
+        Kind::Event(_) => "Event",
+        Kind::StreamData(_) => "StreamData",
+        Kind::StreamCredit(_) => "StreamCredit",
+        Kind::StreamClose(_) => "StreamClose",
+        Kind::Goodbye(_) => "Goodbye",
+    }
+}

@@ -1,0 +1,92 @@
+//! Wires a node together: data directory, lock, identity, credentials, libp2p
+//! node, API service and its socket; runs until shutdown.
+
+use std::fs::File;
+use std::os::unix::fs::DirBuilderExt;
+use std::path::PathBuf;
+
+use tokio_util::sync::CancellationToken;
+use tracing::info;
+
+use crate::api::{self, ApiService, apps::AppRegistry};
+use crate::config::{Config, ConfigError};
+use crate::identity::{self, IdentityError};
+use crate::node::{Node, NodeStartError};
+
+/// Lock file that keeps two daemons off one data directory.
+pub const LOCK_FILE: &str = "p2pd.lock";
+
+/// Why the daemon could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum DaemonError {
+    /// Bad configuration.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// The data directory could not be prepared.
+    #[error("Data directory {path}")]
+    DataDir {
+        /// The directory.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Another daemon holds the data directory.
+    #[error("Data directory {0} is in use by another p2pd")]
+    Locked(PathBuf),
+    /// The identity could not be loaded.
+    #[error(transparent)]
+    Identity(#[from] IdentityError),
+    /// The credential store could not be opened.
+    #[error(transparent)]
+    Apps(#[from] api::apps::AppsError),
+    /// The libp2p node could not start.
+    #[error(transparent)]
+    Node(#[from] NodeStartError),
+    /// The API socket could not be bound.
+    #[error(transparent)]
+    Bind(#[from] api::server::BindError),
+}
+
+/// Runs a node with `config` until `shutdown` is cancelled.
+pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), DaemonError> {
+    config.validate()?;
+    let dir = &config.data_dir;
+    let dir_err = |source| DaemonError::DataDir {
+        path: dir.clone(),
+        source,
+    };
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .map_err(dir_err)?;
+    let lock = File::create(dir.join(LOCK_FILE)).map_err(dir_err)?;
+    if lock.try_lock().is_err() {
+        return Err(DaemonError::Locked(dir.clone()));
+    }
+
+    let key = identity::load_or_create(dir)?;
+    let apps = AppRegistry::open(dir)?;
+    let node = Node::start(key, &config)?;
+    let handle = node.handle();
+    let socket = config.api_socket_path();
+    let listener = api::server::bind(&socket)?;
+
+    let svc = ApiService::new(handle.clone(), apps, config.api.clone(), shutdown.clone());
+    let node_task = tokio::spawn(node.run(shutdown.clone()));
+    info!(
+        peer_id = %handle.peer_id(),
+        socket = %socket.display(),
+        data_dir = %dir.display(),
+        mdns = config.mdns,
+        "p2pd ready"
+    );
+    api::server::serve(listener, svc, shutdown.clone()).await;
+
+    let _ = std::fs::remove_file(&socket);
+    let _ = node_task.await;
+    drop(lock);
+    info!("p2pd stopped");
+    Ok(())
+}

@@ -1,0 +1,91 @@
+//! The composed libp2p behaviour of a p2pd node.
+
+use std::time::Duration;
+
+use libp2p::identity::Keypair;
+use libp2p::swarm::{NetworkBehaviour, behaviour::toggle::Toggle};
+use libp2p::{
+    StreamProtocol, connection_limits, gossipsub, identify, kad, mdns, ping,
+};
+
+use crate::config::Config;
+
+/// The DHT protocol name. A private name keeps p2pvm's DHT apart from the IPFS one,
+/// whose records and provider semantics differ.
+pub const KAD_PROTOCOL: StreamProtocol = StreamProtocol::new("/p2pvm/kad/1.0.0");
+
+/// Identify's protocol family string.
+pub const IDENTIFY_PROTOCOL: &str = "/p2pvm/id/1.0.0";
+
+/// Largest pubsub message, matching what fits in one API frame with headroom.
+pub const MAX_PUBSUB_BYTES: usize = 512 << 10;
+
+#[derive(NetworkBehaviour)]
+pub(crate) struct Behaviour {
+    pub limits: connection_limits::Behaviour,
+    pub identify: identify::Behaviour,
+    pub ping: ping::Behaviour,
+    pub kad: kad::Behaviour<kad::store::MemoryStore>,
+    pub gossipsub: gossipsub::Behaviour,
+    pub mdns: Toggle<mdns::tokio::Behaviour>,
+    pub stream: libp2p_stream::Behaviour,
+}
+
+impl Behaviour {
+    pub(crate) fn new(
+        key: &Keypair,
+        config: &Config,
+    ) -> Result<Self, Box<dyn std::error::Error + Send + Sync>> {
+        let peer_id = key.public().to_peer_id();
+        let l = &config.limits;
+        let limits = connection_limits::Behaviour::new(
+            connection_limits::ConnectionLimits::default()
+                .with_max_established(Some(l.max_established))
+                .with_max_established_per_peer(Some(l.max_established_per_peer))
+                .with_max_pending_incoming(Some(l.max_pending))
+                .with_max_pending_outgoing(Some(l.max_pending)),
+        );
+        let identify = identify::Behaviour::new(
+            identify::Config::new(IDENTIFY_PROTOCOL.into(), key.public())
+                .with_agent_version(format!("p2pd/{}", env!("CARGO_PKG_VERSION"))),
+        );
+        let mut kad_config = kad::Config::new(KAD_PROTOCOL);
+        kad_config
+            .set_query_timeout(config.kad_query_timeout())
+            .set_periodic_bootstrap_interval(Some(config.kad_refresh()));
+        let mut kad =
+            kad::Behaviour::with_config(peer_id, kad::store::MemoryStore::new(peer_id), kad_config);
+        // Server mode from the start: nodes on loopback or a LAN never get the
+        // confirmed external address that automatic mode waits for.
+        kad.set_mode(Some(kad::Mode::Server));
+        let gossip_config = gossipsub::ConfigBuilder::default()
+            .heartbeat_interval(Duration::from_millis(500))
+            .validation_mode(gossipsub::ValidationMode::Strict)
+            .max_transmit_size(MAX_PUBSUB_BYTES + 4096)
+            .build()?;
+        let gossipsub =
+            gossipsub::Behaviour::new(gossipsub::MessageAuthenticity::Signed(key.clone()), gossip_config)?;
+        let mdns = if config.mdns {
+            Some(
+                mdns::tokio::Behaviour::new(mdns::Config::default(), peer_id)?,
+            )
+        } else {
+            None
+        };
+        Ok(Self {
+            limits,
+            identify,
+            ping: ping::Behaviour::new(ping::Config::new()),
+            kad,
+            gossipsub,
+            mdns: mdns.into(),
+            stream: libp2p_stream::Behaviour::new(),
+        })
+    }
+}
+
+/// The DHT key under which peers offering the named service are providers.
+pub fn service_key(name: &str) -> kad::RecordKey {
+    let digest = blake3::hash(format!("p2pvm/service/v1/{name}").as_bytes());
+    kad::RecordKey::new(&digest.as_bytes())
+}

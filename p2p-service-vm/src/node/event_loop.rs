@@ -1,0 +1,531 @@
+//! The task that owns the swarm: it turns commands into swarm calls and swarm
+//! events into replies and [`NodeEvent`]s.
+
+use std::collections::{HashMap, HashSet};
+use std::time::Duration;
+
+use futures::StreamExt;
+use libp2p::kad::{self, QueryId, QueryResult};
+use libp2p::multiaddr::Protocol;
+use libp2p::swarm::SwarmEvent;
+use libp2p::swarm::dial_opts::DialOpts;
+use libp2p::{Multiaddr, PeerId, Swarm, gossipsub, identify, mdns, noise, ping, tcp, yamux};
+use tokio::sync::{broadcast, mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+use super::behaviour::{Behaviour, BehaviourEvent, KAD_PROTOCOL, MAX_PUBSUB_BYTES};
+use super::handle::{
+    COMMAND_QUEUE, Command, EVENT_QUEUE, NodeError, NodeEvent, NodeHandle, PeerSummary,
+    PubsubMessage,
+};
+use crate::config::Config;
+
+/// Why the node could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum NodeStartError {
+    /// Building a transport or behaviour failed.
+    #[error("Cannot build the libp2p swarm: {0}")]
+    Build(String),
+    /// A listen or bootstrap address is not a valid multiaddr.
+    #[error("Invalid multiaddr {addr:?}")]
+    BadAddr {
+        /// The text.
+        addr: String,
+    },
+    /// Listening failed.
+    #[error("Cannot listen on {addr}: {reason}")]
+    Listen {
+        /// The address.
+        addr: String,
+        /// Why.
+        reason: String,
+    },
+}
+
+type Reply<T> = oneshot::Sender<Result<T, NodeError>>;
+
+enum PendingQuery {
+    GetRecord(Reply<kad::Record>),
+    PutRecord(Reply<()>),
+    Provide(Reply<()>),
+    Providers {
+        found: Vec<PeerId>,
+        limit: usize,
+        reply: Reply<Vec<PeerId>>,
+    },
+    FindPeer {
+        target: PeerId,
+        reply: Reply<PeerSummary>,
+    },
+}
+
+/// A started node: its handle and the loop future to drive.
+pub struct Node {
+    handle: NodeHandle,
+    event_loop: EventLoop,
+}
+
+impl std::fmt::Debug for Node {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Node")
+            .field("peer_id", &self.handle.peer_id)
+            .finish()
+    }
+}
+
+impl Node {
+    /// Builds the swarm, starts listening and dials the bootstrap peers.
+    pub fn start(key: libp2p::identity::Keypair, config: &Config) -> Result<Self, NodeStartError> {
+        let build = |e: &dyn std::fmt::Display| NodeStartError::Build(e.to_string());
+        let behaviour_config = config.clone();
+        let mut swarm = libp2p::SwarmBuilder::with_existing_identity(key)
+            .with_tokio()
+            .with_tcp(
+                tcp::Config::default().nodelay(true),
+                noise::Config::new,
+                yamux::Config::default,
+            )
+            .map_err(|e| build(&e))?
+            .with_quic()
+            .with_dns()
+            .map_err(|e| build(&e))?
+            .with_behaviour(|key| Behaviour::new(key, &behaviour_config))
+            .map_err(|e| build(&e))?
+            .with_swarm_config(|c| c.with_idle_connection_timeout(Duration::from_secs(120)))
+            .build();
+
+        for addr in &config.listen {
+            let ma: Multiaddr = parse_addr(addr)?;
+            swarm
+                .listen_on(ma)
+                .map_err(|e| NodeStartError::Listen {
+                    addr: addr.clone(),
+                    reason: e.to_string(),
+                })?;
+        }
+        let mut bootstrap_peers = 0;
+        for addr in &config.bootstrap {
+            let ma = parse_addr(addr)?;
+            let Some(Protocol::P2p(peer)) = ma.iter().last() else {
+                return Err(NodeStartError::BadAddr { addr: addr.clone() });
+            };
+            swarm.behaviour_mut().kad.add_address(&peer, ma.clone());
+            if let Err(e) = swarm.dial(ma) {
+                warn!(%peer, error = %e, "bootstrap dial failed");
+            }
+            bootstrap_peers += 1;
+        }
+        if bootstrap_peers > 0 {
+            let _ = swarm.behaviour_mut().kad.bootstrap();
+        }
+
+        let (cmd_tx, cmd_rx) = mpsc::channel(COMMAND_QUEUE);
+        let (event_tx, _) = broadcast::channel(EVENT_QUEUE);
+        let handle = NodeHandle {
+            commands: cmd_tx,
+            events: event_tx.clone(),
+            peer_id: *swarm.local_peer_id(),
+            stream_control: swarm.behaviour().stream.new_control(),
+        };
+        info!(peer_id = %handle.peer_id, "node started");
+        Ok(Self {
+            handle,
+            event_loop: EventLoop {
+                swarm,
+                commands: cmd_rx,
+                events: event_tx,
+                queries: HashMap::new(),
+                dials: HashMap::new(),
+                rtts: HashMap::new(),
+                agents: HashMap::new(),
+                addrs: HashMap::new(),
+            },
+        })
+    }
+
+    /// The handle for API sessions.
+    pub fn handle(&self) -> NodeHandle {
+        self.handle.clone()
+    }
+
+    /// Runs the event loop until `shutdown` is cancelled.
+    pub async fn run(self, shutdown: CancellationToken) {
+        self.event_loop.run(shutdown).await
+    }
+}
+
+fn parse_addr(addr: &str) -> Result<Multiaddr, NodeStartError> {
+    addr.parse()
+        .map_err(|_| NodeStartError::BadAddr { addr: addr.into() })
+}
+
+struct EventLoop {
+    swarm: Swarm<Behaviour>,
+    commands: mpsc::Receiver<Command>,
+    events: broadcast::Sender<NodeEvent>,
+    queries: HashMap<QueryId, PendingQuery>,
+    dials: HashMap<PeerId, Vec<Reply<PeerId>>>,
+    rtts: HashMap<PeerId, Duration>,
+    agents: HashMap<PeerId, String>,
+    /// Listen addresses peers announced through identify.
+    addrs: HashMap<PeerId, Vec<Multiaddr>>,
+}
+
+impl EventLoop {
+    async fn run(mut self, shutdown: CancellationToken) {
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => break,
+                event = self.swarm.select_next_some() => self.on_swarm_event(event),
+                cmd = self.commands.recv() => match cmd {
+                    Some(cmd) => self.on_command(cmd),
+                    None => break,
+                },
+            }
+        }
+        info!("node event loop stopped");
+    }
+
+    fn emit(&self, event: NodeEvent) {
+        // No receivers is normal (no sessions); lagging receivers are told by broadcast.
+        let _ = self.events.send(event);
+    }
+
+    fn on_command(&mut self, cmd: Command) {
+        match cmd {
+            Command::Info(reply) => {
+                let addrs = self.swarm.listeners().cloned().collect();
+                let n = self.swarm.connected_peers().count();
+                let _ = reply.send(Ok((*self.swarm.local_peer_id(), addrs, n)));
+            }
+            Command::Peers(reply) => {
+                let peers = self
+                    .swarm
+                    .connected_peers()
+                    .copied()
+                    .collect::<Vec<_>>()
+                    .into_iter()
+                    .map(|p| self.summary(p, Vec::new()))
+                    .collect();
+                let _ = reply.send(Ok(peers));
+            }
+            Command::Connect { peer, addrs, reply } => self.connect(peer, addrs, reply),
+            Command::Disconnect(peer, reply) => {
+                let r = self
+                    .swarm
+                    .disconnect_peer_id(peer)
+                    .map_err(|_| NodeError::NotFound);
+                let _ = reply.send(r);
+            }
+            Command::FindPeer(target, reply) => {
+                if self.swarm.is_connected(&target) {
+                    let _ = reply.send(Ok(self.summary(target, Vec::new())));
+                } else {
+                    let id = self.swarm.behaviour_mut().kad.get_closest_peers(target);
+                    self.queries
+                        .insert(id, PendingQuery::FindPeer { target, reply });
+                }
+            }
+            Command::PutRecord(record, reply) => {
+                match self
+                    .swarm
+                    .behaviour_mut()
+                    .kad
+                    .put_record(record, kad::Quorum::One)
+                {
+                    Ok(id) => {
+                        self.queries.insert(id, PendingQuery::PutRecord(reply));
+                    }
+                    Err(e) => {
+                        let _ = reply.send(Err(NodeError::Dht(format!("{e:?}"))));
+                    }
+                }
+            }
+            Command::GetRecord(key, reply) => {
+                let id = self.swarm.behaviour_mut().kad.get_record(key);
+                self.queries.insert(id, PendingQuery::GetRecord(reply));
+            }
+            Command::Provide(key, reply) => {
+                match self.swarm.behaviour_mut().kad.start_providing(key) {
+                    Ok(id) => {
+                        self.queries.insert(id, PendingQuery::Provide(reply));
+                    }
+                    Err(e) => {
+                        let _ = reply.send(Err(NodeError::Dht(format!("{e:?}"))));
+                    }
+                }
+            }
+            Command::StopProviding(key) => self.swarm.behaviour_mut().kad.stop_providing(&key),
+            Command::FindProviders { key, limit, reply } => {
+                let id = self.swarm.behaviour_mut().kad.get_providers(key);
+                self.queries.insert(
+                    id,
+                    PendingQuery::Providers {
+                        found: Vec::new(),
+                        limit: limit.max(1),
+                        reply,
+                    },
+                );
+            }
+            Command::Subscribe(topic, reply) => {
+                let r = self
+                    .swarm
+                    .behaviour_mut()
+                    .gossipsub
+                    .subscribe(&gossipsub::IdentTopic::new(topic))
+                    .map(|_| ())
+                    .map_err(|e| NodeError::Pubsub(format!("{e:?}")));
+                let _ = reply.send(r);
+            }
+            Command::Unsubscribe(topic) => {
+                self.swarm
+                    .behaviour_mut()
+                    .gossipsub
+                    .unsubscribe(&gossipsub::IdentTopic::new(topic));
+            }
+            Command::Publish(topic, data, reply) => {
+                let r = if data.len() > MAX_PUBSUB_BYTES {
+                    Err(NodeError::Invalid(format!(
+                        "pubsub message of {} bytes exceeds {MAX_PUBSUB_BYTES}",
+                        data.len()
+                    )))
+                } else {
+                    self.swarm
+                        .behaviour_mut()
+                        .gossipsub
+                        .publish(gossipsub::IdentTopic::new(topic), data.to_vec())
+                        .map(|_| ())
+                        .map_err(|e| NodeError::Pubsub(format!("{e:?}")))
+                };
+                let _ = reply.send(r);
+            }
+            Command::TopicPeers(topic, reply) => {
+                let hash = gossipsub::IdentTopic::new(topic).hash();
+                let peers = self
+                    .swarm
+                    .behaviour()
+                    .gossipsub
+                    .all_peers()
+                    .filter(|(_, topics)| topics.contains(&&hash))
+                    .map(|(p, _)| *p)
+                    .collect();
+                let _ = reply.send(Ok(peers));
+            }
+        }
+    }
+
+    fn connect(&mut self, peer: Option<PeerId>, addrs: Vec<Multiaddr>, reply: Reply<PeerId>) {
+        let peer = peer.or_else(|| {
+            addrs.iter().find_map(|a| match a.iter().last() {
+                Some(Protocol::P2p(p)) => Some(p),
+                _ => None,
+            })
+        });
+        let Some(peer) = peer else {
+            let _ = reply.send(Err(NodeError::Invalid(
+                "a peer id is needed (as peer_id or a /p2p/ suffix)".into(),
+            )));
+            return;
+        };
+        if peer == *self.swarm.local_peer_id() {
+            let _ = reply.send(Err(NodeError::Invalid("cannot connect to self".into())));
+            return;
+        }
+        if self.swarm.is_connected(&peer) {
+            let _ = reply.send(Ok(peer));
+            return;
+        }
+        let opts = DialOpts::peer_id(peer).addresses(addrs).build();
+        match self.swarm.dial(opts) {
+            Ok(()) => self.dials.entry(peer).or_default().push(reply),
+            Err(e) => {
+                let _ = reply.send(Err(NodeError::Dial(e.to_string())));
+            }
+        }
+    }
+
+    fn summary(&self, peer_id: PeerId, mut addrs: Vec<Multiaddr>) -> PeerSummary {
+        if addrs.is_empty() {
+            addrs = self.addrs.get(&peer_id).cloned().unwrap_or_default();
+        }
+        PeerSummary {
+            peer_id,
+            addrs,
+            agent_version: self.agents.get(&peer_id).cloned(),
+            rtt: self.rtts.get(&peer_id).copied(),
+        }
+    }
+
+    fn on_swarm_event(&mut self, event: SwarmEvent<BehaviourEvent>) {
+        match event {
+            SwarmEvent::NewListenAddr { address, .. } => {
+                info!(%address, "listening");
+                self.emit(NodeEvent::NewListenAddr(address));
+            }
+            SwarmEvent::ConnectionEstablished {
+                peer_id,
+                endpoint,
+                num_established,
+                ..
+            } => {
+                for reply in self.dials.remove(&peer_id).unwrap_or_default() {
+                    let _ = reply.send(Ok(peer_id));
+                }
+                if num_established.get() == 1 {
+                    debug!(%peer_id, "peer connected");
+                    self.emit(NodeEvent::PeerConnected {
+                        peer_id,
+                        addr: endpoint.get_remote_address().clone(),
+                    });
+                }
+            }
+            SwarmEvent::ConnectionClosed {
+                peer_id,
+                num_established,
+                ..
+            } => {
+                if num_established == 0 {
+                    debug!(%peer_id, "peer disconnected");
+                    self.rtts.remove(&peer_id);
+                    self.addrs.remove(&peer_id);
+                    self.emit(NodeEvent::PeerDisconnected { peer_id });
+                }
+            }
+            SwarmEvent::OutgoingConnectionError {
+                peer_id: Some(peer_id),
+                error,
+                ..
+            } => {
+                if !self.swarm.is_connected(&peer_id) {
+                    for reply in self.dials.remove(&peer_id).unwrap_or_default() {
+                        let _ = reply.send(Err(NodeError::Dial(error.to_string())));
+                    }
+                }
+            }
+            SwarmEvent::Behaviour(event) => self.on_behaviour_event(event),
+            _ => {}
+        }
+    }
+
+    fn on_behaviour_event(&mut self, event: BehaviourEvent) {
+        match event {
+            BehaviourEvent::Identify(identify::Event::Received { peer_id, info, .. }) => {
+                self.agents.insert(peer_id, info.agent_version.clone());
+                if info.protocols.contains(&KAD_PROTOCOL) {
+                    for addr in &info.listen_addrs {
+                        self.swarm
+                            .behaviour_mut()
+                            .kad
+                            .add_address(&peer_id, addr.clone());
+                    }
+                }
+                self.addrs.insert(peer_id, info.listen_addrs);
+            }
+            BehaviourEvent::Ping(ping::Event {
+                peer,
+                result: Ok(rtt),
+                ..
+            }) => {
+                self.rtts.insert(peer, rtt);
+            }
+            BehaviourEvent::Mdns(mdns::Event::Discovered(found)) => {
+                for (peer, addr) in found {
+                    self.swarm.behaviour_mut().kad.add_address(&peer, addr.clone());
+                    if !self.swarm.is_connected(&peer) {
+                        let _ = self.swarm.dial(addr);
+                    }
+                }
+            }
+            BehaviourEvent::Gossipsub(gossipsub::Event::Message {
+                propagation_source,
+                message_id,
+                message,
+            }) => {
+                self.emit(NodeEvent::Pubsub(PubsubMessage {
+                    topic: message.topic.into_string(),
+                    data: message.data.into(),
+                    source: message.source,
+                    via: propagation_source,
+                    message_id: message_id.0,
+                }));
+            }
+            BehaviourEvent::Kad(kad::Event::OutboundQueryProgressed {
+                id, result, step, ..
+            }) => self.on_query(id, result, step.last),
+            _ => {}
+        }
+    }
+
+    fn on_query(&mut self, id: QueryId, result: QueryResult, last: bool) {
+        let Some(pending) = self.queries.remove(&id) else {
+            return;
+        };
+        match (pending, result) {
+            (PendingQuery::GetRecord(reply), QueryResult::GetRecord(r)) => match r {
+                Ok(kad::GetRecordOk::FoundRecord(found)) => {
+                    let _ = reply.send(Ok(found.record));
+                    if let Some(mut q) = self.swarm.behaviour_mut().kad.query_mut(&id) {
+                        q.finish();
+                    }
+                }
+                Ok(kad::GetRecordOk::FinishedWithNoAdditionalRecord { .. }) => {
+                    let _ = reply.send(Err(NodeError::NotFound));
+                }
+                Err(kad::GetRecordError::Timeout { .. }) => {
+                    let _ = reply.send(Err(NodeError::Timeout));
+                }
+                Err(_) => {
+                    let _ = reply.send(Err(NodeError::NotFound));
+                }
+            },
+            (PendingQuery::PutRecord(reply), QueryResult::PutRecord(r)) => {
+                let _ = reply.send(r.map(|_| ()).map_err(|e| NodeError::Dht(e.to_string())));
+            }
+            (PendingQuery::Provide(reply), QueryResult::StartProviding(r)) => {
+                let _ = reply.send(r.map(|_| ()).map_err(|e| NodeError::Dht(e.to_string())));
+            }
+            (
+                PendingQuery::Providers {
+                    mut found,
+                    limit,
+                    reply,
+                },
+                QueryResult::GetProviders(r),
+            ) => {
+                if let Ok(kad::GetProvidersOk::FoundProviders { providers, .. }) = r {
+                    let known: HashSet<_> = found.iter().copied().collect();
+                    found.extend(providers.into_iter().filter(|p| !known.contains(p)));
+                }
+                if found.len() >= limit || last {
+                    found.truncate(limit);
+                    let _ = reply.send(Ok(found));
+                    if !last && let Some(mut q) = self.swarm.behaviour_mut().kad.query_mut(&id) {
+                        q.finish();
+                    }
+                } else {
+                    self.queries
+                        .insert(id, PendingQuery::Providers { found, limit, reply });
+                }
+            }
+            (PendingQuery::FindPeer { target, reply }, QueryResult::GetClosestPeers(r)) => {
+                let peers = match r {
+                    Ok(ok) => ok.peers,
+                    Err(kad::GetClosestPeersError::Timeout { peers, .. }) => peers,
+                };
+                let hit = peers.into_iter().find(|p| p.peer_id == target);
+                let r = match hit {
+                    Some(info) => Ok(self.summary(target, info.addrs)),
+                    None if self.swarm.is_connected(&target) => Ok(self.summary(target, Vec::new())),
+                    None => Err(NodeError::NotFound),
+                };
+                let _ = reply.send(r);
+            }
+            (pending, other) => {
+                // A query id is only ever paired with its own result type.
+                warn!(?other, "unexpected DHT query result");
+                drop(pending);
+            }
+        }
+    }
+}
