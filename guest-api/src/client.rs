@@ -1,0 +1,580 @@
+//! [`Client`] and its builder: one authenticated session with the node.
+
+use std::path::PathBuf;
+use std::sync::atomic::AtomicU64;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures::Stream;
+use p2pvm_proto::pb;
+use pb::request::Op;
+use pb::response::Result as R;
+use tokio::sync::{broadcast, mpsc, watch};
+use tokio_stream_shim::{BroadcastStream, ReceiverStream};
+
+use crate::conn::{self, DELIVERY_QUEUE, Inner, Message, Target};
+use crate::error::{Error, Result};
+use crate::stream::AppStream;
+
+/// Environment variable naming the API socket.
+pub const ENV_SOCKET: &str = "P2PVM_API_SOCKET";
+/// Environment variable holding the app token.
+pub const ENV_TOKEN: &str = "P2PVM_TOKEN";
+/// Environment variable naming a file that holds the app token.
+pub const ENV_TOKEN_FILE: &str = "P2PVM_TOKEN_FILE";
+
+/// The socket a node uses when nothing else is configured:
+/// `~/.local/share/p2pvm/api.sock`.
+pub fn default_socket_path() -> PathBuf {
+    let base = std::env::var_os("XDG_DATA_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".local/share")))
+        .unwrap_or_else(|| PathBuf::from("."));
+    base.join("p2pvm/api.sock")
+}
+
+/// Configures and opens a [`Client`].
+///
+/// ```no_run
+/// # async fn f() -> guest_api::Result<()> {
+/// let client = guest_api::Client::builder()
+///     .socket("/run/p2pvm/api.sock")
+///     .token("p2pvm1.…")
+///     .name("chat-demo")
+///     .connect()
+///     .await?;
+/// # Ok(()) }
+/// ```
+#[derive(Debug, Clone, Default)]
+pub struct ClientBuilder {
+    socket: Option<PathBuf>,
+    token: Option<String>,
+    name: Option<String>,
+    no_reconnect: bool,
+}
+
+impl ClientBuilder {
+    /// The API socket; default `$P2PVM_API_SOCKET`, else [`default_socket_path`].
+    pub fn socket(mut self, path: impl Into<PathBuf>) -> Self {
+        self.socket = Some(path.into());
+        self
+    }
+
+    /// The app token; default `$P2PVM_TOKEN`, else the contents of `$P2PVM_TOKEN_FILE`.
+    pub fn token(mut self, token: impl Into<String>) -> Self {
+        self.token = Some(token.into());
+        self
+    }
+
+    /// A name for the node's logs.
+    pub fn name(mut self, name: impl Into<String>) -> Self {
+        self.name = Some(name.into());
+        self
+    }
+
+    /// Turns automatic reconnection off (it is on by default).
+    pub fn no_reconnect(mut self) -> Self {
+        self.no_reconnect = true;
+        self
+    }
+
+    fn resolve_token(&self) -> Result<String> {
+        if let Some(t) = &self.token {
+            return Ok(t.trim().to_owned());
+        }
+        if let Ok(t) = std::env::var(ENV_TOKEN) {
+            return Ok(t.trim().to_owned());
+        }
+        if let Some(f) = std::env::var_os(ENV_TOKEN_FILE) {
+            return std::fs::read_to_string(&f)
+                .map(|t| t.trim().to_owned())
+                .map_err(|_| Error::NoToken);
+        }
+        Err(Error::NoToken)
+    }
+
+    /// Connects, authenticates and starts the session.
+    pub async fn connect(self) -> Result<Client> {
+        let target = Target {
+            socket: self
+                .socket
+                .clone()
+                .or_else(|| std::env::var_os(ENV_SOCKET).map(PathBuf::from))
+                .unwrap_or_else(default_socket_path),
+            token: self.resolve_token()?,
+            name: self.name.clone().unwrap_or_else(|| "guest-api".into()),
+            reconnect: !self.no_reconnect,
+        };
+        let (conn, welcome) = conn::dial(&target).await?;
+        let (events, _) = broadcast::channel(1024);
+        let inner = Arc::new(Inner {
+            target,
+            next_id: AtomicU64::new(1),
+            out: Mutex::new(None),
+            pending: Mutex::new(Default::default()),
+            regs: Mutex::new(Default::default()),
+            streams: Mutex::new(Default::default()),
+            opened: Mutex::new(Default::default()),
+            events,
+            welcome: Mutex::new(welcome),
+            generation: watch::channel(0).0,
+        });
+        let mut generation = inner.generation.subscribe();
+        let task = tokio::spawn(conn::run(inner.clone(), conn));
+        // The task publishes the sender before bumping the generation.
+        let _ = generation.wait_for(|g| *g > 0).await;
+        Ok(Client {
+            inner,
+            _task: Arc::new(TaskGuard(task)),
+        })
+    }
+}
+
+#[derive(Debug)]
+struct TaskGuard(tokio::task::JoinHandle<()>);
+
+impl Drop for TaskGuard {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// A session with the node. Cheap to clone; all clones share the session.
+///
+/// Requests fail with [`Error::Disconnected`] while the node is away; the client
+/// reconnects in the background and re-registers its subscriptions, protocols,
+/// services and event watch, so streams of messages simply resume.
+#[derive(Debug, Clone)]
+pub struct Client {
+    inner: Arc<Inner>,
+    _task: Arc<TaskGuard>,
+}
+
+fn unexpected() -> Error {
+    Error::Protocol("response of the wrong type".into())
+}
+
+impl Client {
+    /// A builder with defaults from the environment.
+    pub fn builder() -> ClientBuilder {
+        ClientBuilder::default()
+    }
+
+    /// Connects with all defaults from the environment.
+    pub async fn connect_default() -> Result<Self> {
+        Self::builder().connect().await
+    }
+
+    /// What the node said when this session (or the latest reconnection) began.
+    pub fn welcome(&self) -> pb::Welcome {
+        self.inner.welcome.lock().expect("lock").clone()
+    }
+
+    /// Waits until the client is connected again after a loss (or returns at once).
+    pub async fn wait_connected(&self, timeout: Duration) -> Result<()> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        while self.inner.sender().is_err() {
+            if tokio::time::Instant::now() >= deadline {
+                return Err(Error::Disconnected);
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        Ok(())
+    }
+
+    async fn ok(&self, op: Op) -> Result<()> {
+        match self.inner.request(op).await? {
+            R::Ok(_) => Ok(()),
+            _ => Err(unexpected()),
+        }
+    }
+
+    /// This node's peer id, listen addresses and version.
+    ///
+    /// ```no_run
+    /// # async fn f(c: guest_api::Client) -> guest_api::Result<()> {
+    /// println!("{}", c.node_info().await?.peer_id);
+    /// # Ok(()) }
+    /// ```
+    pub async fn node_info(&self) -> Result<pb::NodeInfo> {
+        match self.inner.request(Op::NodeInfo(pb::NodeInfoRequest {})).await? {
+            R::NodeInfo(i) => Ok(i),
+            _ => Err(unexpected()),
+        }
+    }
+
+    /// Connected peers.
+    pub async fn peers(&self) -> Result<Vec<pb::PeerInfo>> {
+        match self.inner.request(Op::Peers(pb::PeersRequest {})).await? {
+            R::Peers(p) => Ok(p.peers),
+            _ => Err(unexpected()),
+        }
+    }
+
+    /// Connects to a peer by multiaddr(s) (ending in `/p2p/<id>`) or by id.
+    ///
+    /// ```no_run
+    /// # async fn f(c: guest_api::Client) -> guest_api::Result<()> {
+    /// c.connect("", &["/ip4/127.0.0.1/tcp/4001/p2p/12D3Koo…".into()]).await?;
+    /// # Ok(()) }
+    /// ```
+    pub async fn connect(&self, peer_id: &str, addrs: &[String]) -> Result<String> {
+        let op = Op::Connect(pb::ConnectRequest {
+            peer_id: peer_id.into(),
+            addrs: addrs.to_vec(),
+            timeout_ms: 0,
+        });
+        match self.inner.request(op).await? {
+            R::Peer(p) => Ok(p.peer_id),
+            _ => Err(unexpected()),
+        }
+    }
+
+    /// Closes all connections to a peer (admin only).
+    pub async fn disconnect(&self, peer_id: &str) -> Result<()> {
+        self.ok(Op::Disconnect(pb::DisconnectRequest {
+            peer_id: peer_id.into(),
+        }))
+        .await
+    }
+
+    /// Looks a peer up in the DHT.
+    pub async fn find_peer(&self, peer_id: &str) -> Result<pb::PeerInfo> {
+        let op = Op::FindPeer(pb::FindPeerRequest {
+            peer_id: peer_id.into(),
+            timeout_ms: 0,
+        });
+        match self.inner.request(op).await? {
+            R::Peer(p) => Ok(p),
+            _ => Err(unexpected()),
+        }
+    }
+
+    /// Stores a value in the DHT.
+    ///
+    /// ```no_run
+    /// # async fn f(c: guest_api::Client) -> guest_api::Result<()> {
+    /// c.put_record(b"greeting", b"hello").await?;
+    /// assert_eq!(&c.get_record(b"greeting").await?.value[..], b"hello");
+    /// # Ok(()) }
+    /// ```
+    pub async fn put_record(&self, key: &[u8], value: &[u8]) -> Result<()> {
+        self.ok(Op::PutRecord(pb::PutRecordRequest {
+            key: Bytes::copy_from_slice(key),
+            value: Bytes::copy_from_slice(value),
+            timeout_ms: 0,
+        }))
+        .await
+    }
+
+    /// Fetches a value from the DHT.
+    pub async fn get_record(&self, key: &[u8]) -> Result<pb::Record> {
+        let op = Op::GetRecord(pb::GetRecordRequest {
+            key: Bytes::copy_from_slice(key),
+            timeout_ms: 0,
+        });
+        match self.inner.request(op).await? {
+            R::Record(r) => Ok(r),
+            _ => Err(unexpected()),
+        }
+    }
+
+    /// Announces this node as a provider of `key`.
+    pub async fn provide(&self, key: &[u8]) -> Result<()> {
+        self.ok(Op::Provide(pb::ProvideRequest {
+            key: Bytes::copy_from_slice(key),
+            timeout_ms: 0,
+        }))
+        .await
+    }
+
+    /// Finds up to `limit` providers of `key` (0 = node default).
+    pub async fn find_providers(&self, key: &[u8], limit: u32) -> Result<Vec<String>> {
+        let op = Op::FindProviders(pb::FindProvidersRequest {
+            key: Bytes::copy_from_slice(key),
+            limit,
+            timeout_ms: 0,
+        });
+        match self.inner.request(op).await? {
+            R::Providers(p) => Ok(p.peers.into_iter().map(|p| p.peer_id).collect()),
+            _ => Err(unexpected()),
+        }
+    }
+
+    /// Subscribes to a pubsub topic; the stream yields its messages.
+    ///
+    /// ```no_run
+    /// # async fn f(c: guest_api::Client) -> guest_api::Result<()> {
+    /// use futures::StreamExt;
+    /// let mut msgs = c.subscribe("chat").await?;
+    /// while let Some(m) = msgs.next().await {
+    ///     println!("{}: {}", m.source, String::from_utf8_lossy(&m.data));
+    /// }
+    /// # Ok(()) }
+    /// ```
+    pub async fn subscribe(&self, topic: &str) -> Result<impl Stream<Item = Message> + Unpin + use<>> {
+        let (tx, rx) = mpsc::channel(DELIVERY_QUEUE);
+        self.inner
+            .regs
+            .lock()
+            .expect("lock")
+            .topics
+            .insert(topic.into(), tx);
+        let r = self
+            .ok(Op::Subscribe(pb::SubscribeRequest {
+                topic: topic.into(),
+            }))
+            .await;
+        if let Err(e) = r {
+            self.inner.regs.lock().expect("lock").topics.remove(topic);
+            return Err(e);
+        }
+        Ok(ReceiverStream::new(rx))
+    }
+
+    /// Leaves a topic; its message stream ends.
+    pub async fn unsubscribe(&self, topic: &str) -> Result<()> {
+        self.inner.regs.lock().expect("lock").topics.remove(topic);
+        self.ok(Op::Unsubscribe(pb::UnsubscribeRequest {
+            topic: topic.into(),
+        }))
+        .await
+    }
+
+    /// Publishes a message on a topic.
+    pub async fn publish(&self, topic: &str, data: impl Into<Bytes>) -> Result<()> {
+        self.ok(Op::Publish(pb::PublishRequest {
+            topic: topic.into(),
+            data: data.into(),
+        }))
+        .await
+    }
+
+    /// Peers known to be subscribed to a topic.
+    pub async fn topic_peers(&self, topic: &str) -> Result<Vec<String>> {
+        let op = Op::TopicPeers(pb::TopicPeersRequest {
+            topic: topic.into(),
+        });
+        match self.inner.request(op).await? {
+            R::TopicPeers(p) => Ok(p.peer_ids),
+            _ => Err(unexpected()),
+        }
+    }
+
+    /// Registers an app-defined protocol; the stream yields inbound streams.
+    ///
+    /// ```no_run
+    /// # async fn f(c: guest_api::Client) -> guest_api::Result<()> {
+    /// use futures::StreamExt;
+    /// let mut incoming = c.register_protocol("/echo/1.0.0").await?;
+    /// while let Some(mut s) = incoming.next().await {
+    ///     tokio::spawn(async move {
+    ///         let (mut r, mut w) = tokio::io::split(s);
+    ///         let _ = tokio::io::copy(&mut r, &mut w).await;
+    ///     });
+    /// }
+    /// # Ok(()) }
+    /// ```
+    pub async fn register_protocol(
+        &self,
+        protocol: &str,
+    ) -> Result<impl Stream<Item = AppStream> + Unpin + use<>> {
+        let (tx, rx) = mpsc::channel(DELIVERY_QUEUE);
+        self.inner
+            .regs
+            .lock()
+            .expect("lock")
+            .protocols
+            .insert(protocol.into(), tx);
+        let r = self
+            .ok(Op::RegisterProtocol(pb::RegisterProtocolRequest {
+                protocol: protocol.into(),
+            }))
+            .await;
+        if let Err(e) = r {
+            self.inner.regs.lock().expect("lock").protocols.remove(protocol);
+            return Err(e);
+        }
+        Ok(ReceiverStream::new(rx))
+    }
+
+    /// Stops accepting streams for a protocol.
+    pub async fn unregister_protocol(&self, protocol: &str) -> Result<()> {
+        self.inner.regs.lock().expect("lock").protocols.remove(protocol);
+        self.ok(Op::UnregisterProtocol(pb::UnregisterProtocolRequest {
+            protocol: protocol.into(),
+        }))
+        .await
+    }
+
+    /// Opens a stream to `peer_id`'s app that registered `protocol`.
+    pub async fn open_stream(&self, peer_id: &str, protocol: &str) -> Result<AppStream> {
+        let op = Op::OpenStream(pb::OpenStreamRequest {
+            peer_id: peer_id.into(),
+            protocol: protocol.into(),
+            timeout_ms: 0,
+        });
+        match self.inner.request(op).await? {
+            R::StreamOpened(o) => {
+                let mut s = self
+                    .inner
+                    .opened
+                    .lock()
+                    .expect("lock")
+                    .remove(&o.stream_id)
+                    .ok_or(Error::Disconnected)?;
+                s.set_meta(peer_id.into(), protocol.into());
+                Ok(s)
+            }
+            _ => Err(unexpected()),
+        }
+    }
+
+    /// Advertises a named service (e.g. "chat") that others can find.
+    pub async fn advertise_service(&self, name: &str) -> Result<()> {
+        self.ok(Op::AdvertiseService(pb::AdvertiseServiceRequest { name: name.into() }))
+            .await?;
+        self.inner.regs.lock().expect("lock").services.push(name.into());
+        Ok(())
+    }
+
+    /// Withdraws an advertisement.
+    pub async fn withdraw_service(&self, name: &str) -> Result<()> {
+        self.inner
+            .regs
+            .lock()
+            .expect("lock")
+            .services
+            .retain(|s| s != name);
+        self.ok(Op::WithdrawService(pb::WithdrawServiceRequest { name: name.into() }))
+            .await
+    }
+
+    /// Peers offering a named service.
+    pub async fn find_service(&self, name: &str) -> Result<Vec<String>> {
+        let op = Op::FindService(pb::FindServiceRequest {
+            name: name.into(),
+            limit: 0,
+            timeout_ms: 0,
+        });
+        match self.inner.request(op).await? {
+            R::Services(s) => Ok(s.peer_ids),
+            _ => Err(unexpected()),
+        }
+    }
+
+    /// Node events (peer connected / disconnected, new listen address, events lost).
+    pub async fn events(&self) -> Result<impl Stream<Item = pb::event::Kind> + Unpin + use<>> {
+        let rx = self.inner.events.subscribe();
+        self.ok(Op::WatchEvents(pb::WatchEventsRequest {})).await?;
+        self.inner.regs.lock().expect("lock").watching = true;
+        Ok(BroadcastStream::new(rx))
+    }
+
+    /// What this session owns, as the node sees it.
+    pub async fn session_state(&self) -> Result<pb::SessionState> {
+        match self.inner.request(Op::SessionState(pb::SessionStateRequest {})).await? {
+            R::SessionState(s) => Ok(s),
+            _ => Err(unexpected()),
+        }
+    }
+
+    /// Issues (or rotates) an app's token (admin only).
+    pub async fn issue_token(&self, app: &str) -> Result<String> {
+        match self
+            .inner
+            .request(Op::IssueToken(pb::IssueTokenRequest { app: app.into() }))
+            .await?
+        {
+            R::AppToken(t) => Ok(t.token),
+            _ => Err(unexpected()),
+        }
+    }
+
+    /// Revokes an app's token and ends its sessions (admin only).
+    pub async fn revoke_app(&self, app: &str) -> Result<()> {
+        self.ok(Op::RevokeApp(pb::RevokeAppRequest { app: app.into() }))
+            .await
+    }
+
+    /// Apps holding tokens (admin only).
+    pub async fn list_apps(&self) -> Result<Vec<String>> {
+        match self.inner.request(Op::ListApps(pb::ListAppsRequest {})).await? {
+            R::Apps(a) => Ok(a.apps),
+            _ => Err(unexpected()),
+        }
+    }
+
+    /// Every live session and what it owns (admin only).
+    pub async fn list_sessions(&self) -> Result<Vec<pb::SessionState>> {
+        match self
+            .inner
+            .request(Op::ListSessions(pb::ListSessionsRequest {}))
+            .await?
+        {
+            R::Sessions(s) => Ok(s.sessions),
+            _ => Err(unexpected()),
+        }
+    }
+}
+
+/// Small stream adapters over tokio channels (kept local to avoid a dependency
+/// on tokio-stream for two wrappers).
+mod tokio_stream_shim {
+    use std::pin::Pin;
+    use std::task::{Context, Poll};
+
+    use futures::Stream;
+    use tokio::sync::{broadcast, mpsc};
+
+    /// A `Stream` over an mpsc receiver.
+    #[derive(Debug)]
+    pub struct ReceiverStream<T>(mpsc::Receiver<T>);
+
+    impl<T> ReceiverStream<T> {
+        pub fn new(rx: mpsc::Receiver<T>) -> Self {
+            Self(rx)
+        }
+    }
+
+    impl<T> Stream for ReceiverStream<T> {
+        type Item = T;
+        fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<T>> {
+            self.0.poll_recv(cx)
+        }
+    }
+
+    /// A `Stream` over a broadcast receiver that skips lag notices.
+    pub struct BroadcastStream<T>(
+        Pin<Box<dyn Stream<Item = T> + Send>>,
+    );
+
+    impl<T> std::fmt::Debug for BroadcastStream<T> {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("BroadcastStream")
+        }
+    }
+
+    impl<T: Clone + Send + 'static> BroadcastStream<T> {
+        pub fn new(rx: broadcast::Receiver<T>) -> Self {
+            let s = futures::stream::unfold(rx, |mut rx| async move {
+                loop {
+                    match rx.recv().await {
+                        Ok(v) => return Some((v, rx)),
+                        Err(broadcast::error::RecvError::Lagged(_)) => continue,
+                        Err(broadcast::error::RecvError::Closed) => return None,
+                    }
+                }
+            });
+            Self(Box::pin(s))
+        }
+    }
+
+    impl<T> Stream for BroadcastStream<T> {
+        type Item = T;
+        fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<T>> {
+            self.0.as_mut().poll_next(cx)
+        }
+    }
+}
