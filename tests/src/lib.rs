@@ -1,1 +1,243 @@
-//! placeholder
+//! Test harness: real `p2pd` processes on loopback, driven through `guest-api`.
+//!
+//! Binaries are found next to the test executable's `deps/` folder (the normal
+//! cargo layout), or in `$P2PVM_BIN_DIR`. Build them first with
+//! `cargo build --workspace --bins` (the README's test command does).
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use guest_api::Client;
+use tokio::process::{Child, Command};
+
+/// Where the workspace binaries are.
+pub fn bin_dir() -> PathBuf {
+    if let Some(d) = std::env::var_os("P2PVM_BIN_DIR") {
+        return PathBuf::from(d);
+    }
+    let exe = std::env::current_exe().expect("current exe");
+    let mut dir = exe.parent().expect("exe dir").to_path_buf();
+    if dir.ends_with("deps") {
+        dir.pop();
+    }
+    dir
+}
+
+/// Path of a workspace binary, failing loudly when it was not built.
+pub fn bin(name: &str) -> PathBuf {
+    let p = bin_dir().join(name);
+    assert!(
+        p.exists(),
+        "{} is missing: run `cargo build --workspace --bins` first",
+        p.display()
+    );
+    p
+}
+
+/// One p2pd process with its own data directory and socket.
+#[derive(Debug)]
+pub struct TestNode {
+    /// Data directory (kept across restarts).
+    pub dir: PathBuf,
+    _tmp: Option<tempfile::TempDir>,
+    child: Option<Child>,
+    /// API socket.
+    pub socket: PathBuf,
+    /// Peer id.
+    pub peer_id: String,
+    /// A TCP multiaddr with /p2p/ suffix.
+    pub addr: String,
+    extra_args: Vec<String>,
+}
+
+/// Options for starting a node.
+#[derive(Debug, Default, Clone)]
+pub struct NodeOpts {
+    /// Bootstrap multiaddrs.
+    pub bootstrap: Vec<String>,
+    /// TOML config text, written to a file and passed with --config.
+    pub config_toml: Option<String>,
+}
+
+impl TestNode {
+    /// Starts a node in a fresh temporary directory.
+    pub async fn start(opts: NodeOpts) -> Result<Self> {
+        let tmp = tempfile::Builder::new().prefix("p2pvm-").tempdir()?;
+        let dir = tmp.path().to_path_buf();
+        let mut args = Vec::new();
+        for b in &opts.bootstrap {
+            args.push("--bootstrap".to_string());
+            args.push(b.clone());
+        }
+        if let Some(toml) = &opts.config_toml {
+            let cfg = dir.join("p2pd.toml");
+            std::fs::write(&cfg, toml)?;
+            args.push("--config".into());
+            args.push(cfg.display().to_string());
+        }
+        let mut node = Self {
+            socket: dir.join("data/api.sock"),
+            dir,
+            _tmp: Some(tmp),
+            child: None,
+            peer_id: String::new(),
+            addr: String::new(),
+            extra_args: args,
+        };
+        node.launch().await?;
+        Ok(node)
+    }
+
+    /// The data directory given to p2pd.
+    pub fn data_dir(&self) -> PathBuf {
+        self.dir.join("data")
+    }
+
+    /// Spawns a p2pd on this node's data directory (another one, if `self` runs).
+    pub fn spawn_raw(&self) -> Result<Child> {
+        let mut cmd = Command::new(bin("p2pd"));
+        cmd.arg("--data-dir")
+            .arg(self.data_dir())
+            .args(["--no-mdns", "--listen", "/ip4/127.0.0.1/tcp/0", "--listen", "/ip4/127.0.0.1/udp/0/quic-v1"])
+            .args(&self.extra_args)
+            .env("P2PD_LOG", std::env::var("P2PD_LOG").unwrap_or_else(|_| "warn".into()))
+            .stdin(Stdio::null())
+            .kill_on_drop(true);
+        Ok(cmd.spawn()?)
+    }
+
+    async fn launch(&mut self) -> Result<()> {
+        self.child = Some(self.spawn_raw()?);
+        let admin = self.wait_ready().await?;
+        let info = admin.node_info().await?;
+        self.peer_id = info.peer_id.clone();
+        let tcp = info
+            .listen_addrs
+            .iter()
+            .find(|a| a.contains("/tcp/"))
+            .context("no TCP listen address")?;
+        self.addr = format!("{tcp}/p2p/{}", info.peer_id);
+        Ok(())
+    }
+
+    async fn wait_ready(&mut self) -> Result<Client> {
+        for _ in 0..200 {
+            if let Some(child) = self.child.as_mut()
+                && let Some(status) = child.try_wait()?
+            {
+                bail!("p2pd exited early: {status}");
+            }
+            if self.socket.exists()
+                && let Ok(c) = self.admin().await
+                && let Ok(i) = c.node_info().await
+                && !i.listen_addrs.is_empty()
+            {
+                return Ok(c);
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        bail!("p2pd at {} did not become ready", self.socket.display())
+    }
+
+    /// The admin token of this node.
+    pub fn admin_token(&self) -> String {
+        std::fs::read_to_string(self.data_dir().join("admin.token"))
+            .expect("admin token")
+            .trim()
+            .to_owned()
+    }
+
+    /// An admin session (no reconnection).
+    pub async fn admin(&self) -> guest_api::Result<Client> {
+        Client::builder()
+            .socket(&self.socket)
+            .token(self.admin_token())
+            .name("test-admin")
+            .no_reconnect()
+            .connect()
+            .await
+    }
+
+    /// Issues a token for `app` and opens a session with it.
+    pub async fn app(&self, app: &str) -> Result<Client> {
+        let token = self.admin().await?.issue_token(app).await?;
+        Ok(Client::builder()
+            .socket(&self.socket)
+            .token(token)
+            .name(app)
+            .connect()
+            .await?)
+    }
+
+    /// Sends SIGTERM and waits for a clean exit.
+    pub async fn stop(&mut self) -> Result<std::process::ExitStatus> {
+        let mut child = self.child.take().context("not running")?;
+        let pid = child.id().context("no pid")? as i32;
+        // SIGTERM through the kill(1) command keeps this crate free of unsafe FFI.
+        std::process::Command::new("kill")
+            .args(["-TERM", &pid.to_string()])
+            .status()?;
+        Ok(tokio::time::timeout(Duration::from_secs(10), child.wait()).await??)
+    }
+
+    /// Kills the process with SIGKILL.
+    pub async fn kill(&mut self) -> Result<()> {
+        if let Some(mut c) = self.child.take() {
+            c.kill().await?;
+        }
+        Ok(())
+    }
+
+    /// Starts p2pd again on the same data directory.
+    pub async fn restart(&mut self) -> Result<()> {
+        if self.child.is_some() {
+            self.stop().await?;
+        }
+        self.launch().await
+    }
+}
+
+/// Starts `n` nodes in a chain: node i bootstraps only from node i-1, so the
+/// far ends learn of each other only through the DHT.
+pub async fn chain(n: usize) -> Result<Vec<TestNode>> {
+    let mut nodes: Vec<TestNode> = Vec::with_capacity(n);
+    for i in 0..n {
+        let bootstrap = if i == 0 { vec![] } else { vec![nodes[i - 1].addr.clone()] };
+        nodes.push(
+            TestNode::start(NodeOpts {
+                bootstrap,
+                ..Default::default()
+            })
+            .await?,
+        );
+    }
+    Ok(nodes)
+}
+
+/// Polls `f` until it returns `Some`, or fails after `timeout`.
+pub async fn eventually<T, F, Fut>(timeout: Duration, what: &str, mut f: F) -> Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        if let Some(v) = f().await {
+            return Ok(v);
+        }
+        if tokio::time::Instant::now() >= deadline {
+            bail!("timed out waiting for: {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Whether `path` exists as a Unix socket.
+pub fn is_socket(path: &Path) -> bool {
+    use std::os::unix::fs::FileTypeExt;
+    std::fs::symlink_metadata(path)
+        .map(|m| m.file_type().is_socket())
+        .unwrap_or(false)
+}
