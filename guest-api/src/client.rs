@@ -313,7 +313,7 @@ impl Client {
     /// }
     /// # Ok(()) }
     /// ```
-    pub async fn subscribe(&self, topic: &str) -> Result<impl Stream<Item = Message> + Unpin + use<>> {
+    pub async fn subscribe(&self, topic: &str) -> Result<impl Stream<Item = Message> + Unpin + std::fmt::Debug + use<>> {
         let (tx, rx) = mpsc::channel(DELIVERY_QUEUE);
         self.inner
             .regs
@@ -379,7 +379,7 @@ impl Client {
     pub async fn register_protocol(
         &self,
         protocol: &str,
-    ) -> Result<impl Stream<Item = AppStream> + Unpin + use<>> {
+    ) -> Result<impl Stream<Item = AppStream> + Unpin + std::fmt::Debug + use<>> {
         let (tx, rx) = mpsc::channel(DELIVERY_QUEUE);
         self.inner
             .regs
@@ -465,7 +465,7 @@ impl Client {
     }
 
     /// Node events (peer connected / disconnected, new listen address, events lost).
-    pub async fn events(&self) -> Result<impl Stream<Item = pb::event::Kind> + Unpin + use<>> {
+    pub async fn events(&self) -> Result<impl Stream<Item = pb::event::Kind> + Unpin + std::fmt::Debug + use<>> {
         let rx = self.inner.events.subscribe();
         self.ok(Op::WatchEvents(pb::WatchEventsRequest {})).await?;
         self.inner.regs.lock().expect("lock").watching = true;
