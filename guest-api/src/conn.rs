@@ -372,8 +372,10 @@ async fn on_event(inner: &Arc<Inner>, kind: Option<pb::event::Kind>) {
                     source: m.source,
                     via: m.via,
                 };
-                if tx.try_send(msg).is_err() {
-                    debug!("subscriber is slow; message dropped");
+                // Waiting here back-pressures only this app's own session; the
+                // node reports what it had to drop as EventsLost.
+                if tx.send(msg).await.is_err() {
+                    debug!("subscription dropped by the app");
                 }
             }
         }

@@ -59,6 +59,7 @@ impl From<crate::node::NodeError> for ApiError {
             N::NotFound => pb::ErrorCode::NotFound,
             N::Dht(_) | N::Pubsub(_) => pb::ErrorCode::Unavailable,
             N::Invalid(_) => pb::ErrorCode::BadRequest,
+            N::Busy(_) => pb::ErrorCode::LimitExceeded,
         };
         Self::new(code, e.to_string())
     }

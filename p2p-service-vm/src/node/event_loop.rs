@@ -296,7 +296,15 @@ impl EventLoop {
                         .gossipsub
                         .publish(gossipsub::IdentTopic::new(topic), data.to_vec())
                         .map(|_| ())
-                        .map_err(|e| NodeError::Pubsub(format!("{e:?}")))
+                        .map_err(|e| match e {
+                            gossipsub::PublishError::AllQueuesFull(n) => NodeError::Busy(format!(
+                                "the send queues of all {n} peers are full; retry shortly"
+                            )),
+                            gossipsub::PublishError::NoPeersSubscribedToTopic => {
+                                NodeError::Pubsub("no peer is subscribed to this topic yet".into())
+                            }
+                            e => NodeError::Pubsub(format!("{e:?}")),
+                        })
                 };
                 let _ = reply.send(r);
             }

@@ -26,6 +26,9 @@ pub enum NodeError {
     /// Pubsub refused the message.
     #[error("Pubsub: {0}")]
     Pubsub(String),
+    /// The node is saturated (e.g. every peer's pubsub send queue is full); retry shortly.
+    #[error("Busy: {0}")]
+    Busy(String),
     /// A caller-supplied value is invalid.
     #[error("Invalid argument: {0}")]
     Invalid(String),
