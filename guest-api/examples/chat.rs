@@ -44,10 +44,13 @@ async fn main() -> anyhow::Result<()> {
         while client.topic_peers(&args.room).await?.is_empty() {
             for peer in client.find_service("chat").await.unwrap_or_default() {
                 if peer != me {
-                    let _ = client.connect(&peer, &[]).await;
+                    let _ = client.connect(&peer, [] as [&str; 0]).await;
                 }
             }
-            anyhow::ensure!(tokio::time::Instant::now() < deadline, "no other chatter found");
+            anyhow::ensure!(
+                tokio::time::Instant::now() < deadline,
+                "no other chatter found"
+            );
             tokio::time::sleep(Duration::from_millis(300)).await;
         }
         // Give the gossip mesh one heartbeat to settle.
@@ -68,7 +71,11 @@ async fn main() -> anyhow::Result<()> {
 
     let mut seen = 0;
     while let Some(m) = messages.next().await {
-        println!("<{}> {}", short(&m.source), String::from_utf8_lossy(&m.data));
+        println!(
+            "<{}> {}",
+            short(&m.source),
+            String::from_utf8_lossy(&m.data)
+        );
         seen += 1;
         if args.count == Some(seen) {
             break;

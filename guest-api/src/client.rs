@@ -198,7 +198,11 @@ impl Client {
     /// # Ok(()) }
     /// ```
     pub async fn node_info(&self) -> Result<pb::NodeInfo> {
-        match self.inner.request(Op::NodeInfo(pb::NodeInfoRequest {})).await? {
+        match self
+            .inner
+            .request(Op::NodeInfo(pb::NodeInfoRequest {}))
+            .await?
+        {
             R::NodeInfo(i) => Ok(i),
             _ => Err(unexpected()),
         }
@@ -216,13 +220,17 @@ impl Client {
     ///
     /// ```no_run
     /// # async fn f(c: guest_api::Client) -> guest_api::Result<()> {
-    /// c.connect("", &["/ip4/127.0.0.1/tcp/4001/p2p/12D3Koo…".into()]).await?;
+    /// c.connect("", ["/ip4/127.0.0.1/tcp/4001/p2p/12D3Koo…"]).await?;
     /// # Ok(()) }
     /// ```
-    pub async fn connect(&self, peer_id: &str, addrs: &[String]) -> Result<String> {
+    pub async fn connect<I, S>(&self, peer_id: &str, addrs: I) -> Result<String>
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<String>,
+    {
         let op = Op::Connect(pb::ConnectRequest {
             peer_id: peer_id.into(),
-            addrs: addrs.to_vec(),
+            addrs: addrs.into_iter().map(Into::into).collect(),
             timeout_ms: 0,
         });
         match self.inner.request(op).await? {
@@ -313,7 +321,10 @@ impl Client {
     /// }
     /// # Ok(()) }
     /// ```
-    pub async fn subscribe(&self, topic: &str) -> Result<impl Stream<Item = Message> + Unpin + std::fmt::Debug + use<>> {
+    pub async fn subscribe(
+        &self,
+        topic: &str,
+    ) -> Result<impl Stream<Item = Message> + Unpin + std::fmt::Debug + use<>> {
         let (tx, rx) = mpsc::channel(DELIVERY_QUEUE);
         self.inner
             .regs
@@ -393,7 +404,12 @@ impl Client {
             }))
             .await;
         if let Err(e) = r {
-            self.inner.regs.lock().expect("lock").protocols.remove(protocol);
+            self.inner
+                .regs
+                .lock()
+                .expect("lock")
+                .protocols
+                .remove(protocol);
             return Err(e);
         }
         Ok(ReceiverStream::new(rx))
@@ -401,7 +417,12 @@ impl Client {
 
     /// Stops accepting streams for a protocol.
     pub async fn unregister_protocol(&self, protocol: &str) -> Result<()> {
-        self.inner.regs.lock().expect("lock").protocols.remove(protocol);
+        self.inner
+            .regs
+            .lock()
+            .expect("lock")
+            .protocols
+            .remove(protocol);
         self.ok(Op::UnregisterProtocol(pb::UnregisterProtocolRequest {
             protocol: protocol.into(),
         }))
@@ -433,9 +454,16 @@ impl Client {
 
     /// Advertises a named service (e.g. "chat") that others can find.
     pub async fn advertise_service(&self, name: &str) -> Result<()> {
-        self.ok(Op::AdvertiseService(pb::AdvertiseServiceRequest { name: name.into() }))
-            .await?;
-        self.inner.regs.lock().expect("lock").services.push(name.into());
+        self.ok(Op::AdvertiseService(pb::AdvertiseServiceRequest {
+            name: name.into(),
+        }))
+        .await?;
+        self.inner
+            .regs
+            .lock()
+            .expect("lock")
+            .services
+            .push(name.into());
         Ok(())
     }
 
@@ -447,8 +475,10 @@ impl Client {
             .expect("lock")
             .services
             .retain(|s| s != name);
-        self.ok(Op::WithdrawService(pb::WithdrawServiceRequest { name: name.into() }))
-            .await
+        self.ok(Op::WithdrawService(pb::WithdrawServiceRequest {
+            name: name.into(),
+        }))
+        .await
     }
 
     /// Peers offering a named service.
@@ -465,7 +495,9 @@ impl Client {
     }
 
     /// Node events (peer connected / disconnected, new listen address, events lost).
-    pub async fn events(&self) -> Result<impl Stream<Item = pb::event::Kind> + Unpin + std::fmt::Debug + use<>> {
+    pub async fn events(
+        &self,
+    ) -> Result<impl Stream<Item = pb::event::Kind> + Unpin + std::fmt::Debug + use<>> {
         let rx = self.inner.events.subscribe();
         self.ok(Op::WatchEvents(pb::WatchEventsRequest {})).await?;
         self.inner.regs.lock().expect("lock").watching = true;
@@ -474,7 +506,11 @@ impl Client {
 
     /// What this session owns, as the node sees it.
     pub async fn session_state(&self) -> Result<pb::SessionState> {
-        match self.inner.request(Op::SessionState(pb::SessionStateRequest {})).await? {
+        match self
+            .inner
+            .request(Op::SessionState(pb::SessionStateRequest {}))
+            .await?
+        {
             R::SessionState(s) => Ok(s),
             _ => Err(unexpected()),
         }
@@ -500,7 +536,11 @@ impl Client {
 
     /// Apps holding tokens (admin only).
     pub async fn list_apps(&self) -> Result<Vec<String>> {
-        match self.inner.request(Op::ListApps(pb::ListAppsRequest {})).await? {
+        match self
+            .inner
+            .request(Op::ListApps(pb::ListAppsRequest {}))
+            .await?
+        {
             R::Apps(a) => Ok(a.apps),
             _ => Err(unexpected()),
         }
@@ -546,9 +586,7 @@ mod tokio_stream_shim {
     }
 
     /// A `Stream` over a broadcast receiver that skips lag notices.
-    pub struct BroadcastStream<T>(
-        Pin<Box<dyn Stream<Item = T> + Send>>,
-    );
+    pub struct BroadcastStream<T>(Pin<Box<dyn Stream<Item = T> + Send>>);
 
     impl<T> std::fmt::Debug for BroadcastStream<T> {
         fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {

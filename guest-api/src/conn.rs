@@ -130,7 +130,11 @@ pub(crate) async fn dial(target: &Target) -> Result<(Conn, pb::Welcome)> {
 
 impl Inner {
     pub(crate) fn sender(&self) -> Result<mpsc::Sender<pb::Frame>> {
-        self.out.lock().expect("lock").clone().ok_or(Error::Disconnected)
+        self.out
+            .lock()
+            .expect("lock")
+            .clone()
+            .ok_or(Error::Disconnected)
     }
 
     /// Sends a request and waits for its response.
@@ -170,7 +174,15 @@ impl Inner {
             },
         );
         drop(streams);
-        Ok(AppStream::new(id, peer, protocol, shared, rx, self.sender()?, window))
+        Ok(AppStream::new(
+            id,
+            peer,
+            protocol,
+            shared,
+            rx,
+            self.sender()?,
+            window,
+        ))
     }
 }
 
@@ -233,7 +245,10 @@ fn disconnected(inner: &Inner) {
     *inner.out.lock().expect("lock") = None;
     inner.pending.lock().expect("lock").clear();
     for (_, s) in inner.streams.lock().expect("lock").drain() {
-        s.shared.lock().expect("lock").fail("session to the node was lost".into());
+        s.shared
+            .lock()
+            .expect("lock")
+            .fail("session to the node was lost".into());
     }
 }
 
@@ -284,7 +299,9 @@ fn replay_ops(inner: &Inner) -> Vec<pb::request::Op> {
         }));
     }
     for s in &regs.services {
-        ops.push(Op::AdvertiseService(pb::AdvertiseServiceRequest { name: s.clone() }));
+        ops.push(Op::AdvertiseService(pb::AdvertiseServiceRequest {
+            name: s.clone(),
+        }));
     }
     if regs.watching {
         ops.push(Op::WatchEvents(pb::WatchEventsRequest {}));
@@ -302,10 +319,12 @@ async fn dispatch(inner: &Arc<Inner>, frame: pb::Frame) -> bool {
                 inner.opened.lock().expect("lock").insert(o.stream_id, s);
             }
             if let Some(tx) = inner.pending.lock().expect("lock").remove(&r.id) {
-                let result = r.result.unwrap_or(pb::response::Result::Error(pb::Error::new(
-                    pb::ErrorCode::Internal,
-                    "empty response",
-                )));
+                let result = r
+                    .result
+                    .unwrap_or(pb::response::Result::Error(pb::Error::new(
+                        pb::ErrorCode::Internal,
+                        "empty response",
+                    )));
                 let _ = tx.send(result);
             }
         }
@@ -336,7 +355,10 @@ async fn dispatch(inner: &Arc<Inner>, frame: pb::Frame) -> bool {
             let mut streams = inner.streams.lock().expect("lock");
             if c.reset {
                 if let Some(s) = streams.remove(&c.stream_id) {
-                    let why = c.error.map(|e| e.message).unwrap_or_else(|| "reset by peer".into());
+                    let why = c
+                        .error
+                        .map(|e| e.message)
+                        .unwrap_or_else(|| "reset by peer".into());
                     s.shared.lock().expect("lock").fail(why);
                 }
             } else if let Some(s) = streams.get_mut(&c.stream_id) {
@@ -364,7 +386,13 @@ async fn on_event(inner: &Arc<Inner>, kind: Option<pb::event::Kind>) {
     let Some(kind) = kind else { return };
     match kind {
         E::PubsubMessage(m) => {
-            let tx = inner.regs.lock().expect("lock").topics.get(&m.topic).cloned();
+            let tx = inner
+                .regs
+                .lock()
+                .expect("lock")
+                .topics
+                .get(&m.topic)
+                .cloned();
             if let Some(tx) = tx {
                 let msg = Message {
                     topic: m.topic,
@@ -380,14 +408,19 @@ async fn on_event(inner: &Arc<Inner>, kind: Option<pb::event::Kind>) {
             }
         }
         E::InboundStream(s) => {
-            let tx = inner.regs.lock().expect("lock").protocols.get(&s.protocol).cloned();
-            match (tx, inner.new_stream(s.stream_id, s.peer_id, s.protocol)) {
-                (Some(tx), Ok(stream)) => {
-                    // Dropping the stream on a full queue resets it: the peer sees a
-                    // clear failure instead of a hang.
-                    let _ = tx.try_send(stream);
-                }
-                _ => {}
+            let tx = inner
+                .regs
+                .lock()
+                .expect("lock")
+                .protocols
+                .get(&s.protocol)
+                .cloned();
+            if let (Some(tx), Ok(stream)) =
+                (tx, inner.new_stream(s.stream_id, s.peer_id, s.protocol))
+            {
+                // Dropping the stream on a full queue resets it: the peer sees a
+                // clear failure instead of a hang.
+                let _ = tx.try_send(stream);
             }
         }
         other => {

@@ -199,7 +199,9 @@ impl AsyncWrite for AppStream {
                 sh.write_waker = Some(cx.waker().clone());
                 return Poll::Pending;
             }
-            buf.len().min(sh.credit as usize).min(MAX_STREAM_CHUNK_BYTES)
+            buf.len()
+                .min(sh.credit as usize)
+                .min(MAX_STREAM_CHUNK_BYTES)
         };
         if n == 0 {
             return Poll::Ready(Ok(0));
@@ -243,7 +245,9 @@ impl AsyncWrite for AppStream {
             reset: false,
             error: None,
         };
-        let _ = this.out.send_item(frame(pb::frame::Kind::StreamClose(close)));
+        let _ = this
+            .out
+            .send_item(frame(pb::frame::Kind::StreamClose(close)));
         this.write_closed = true;
         Poll::Ready(Ok(()))
     }

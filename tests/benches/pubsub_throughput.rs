@@ -17,12 +17,20 @@ const WINDOW: usize = 64;
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() -> anyhow::Result<()> {
     let a = TestNode::start(NodeOpts::default()).await?;
-    let b = TestNode::start(NodeOpts { bootstrap: vec![a.addr.clone()], ..Default::default() }).await?;
-    let c = TestNode::start(NodeOpts { bootstrap: vec![a.addr.clone()], ..Default::default() }).await?;
+    let b = TestNode::start(NodeOpts {
+        bootstrap: vec![a.addr.clone()],
+        ..Default::default()
+    })
+    .await?;
+    let c = TestNode::start(NodeOpts {
+        bootstrap: vec![a.addr.clone()],
+        ..Default::default()
+    })
+    .await?;
     let publisher = a.app("pub").await?;
     let sub_b = b.app("sub").await?;
     let sub_c = c.app("sub").await?;
-    sub_b.connect("", &[c.addr.clone()]).await?;
+    sub_b.connect("", [c.addr.as_str()]).await?;
     let rx_b = sub_b.subscribe("bench").await?;
     let rx_c = sub_c.subscribe("bench").await?;
     let _self_sub = publisher.subscribe("bench").await?;
@@ -64,7 +72,10 @@ async fn main() -> anyhow::Result<()> {
     let (nc, tc) = hc.await?;
     let slowest = tb.max(tc).max(published);
     println!("pubsub: {MESSAGES} messages of {SIZE} B, 1 publisher -> 2 subscribers on 3 nodes");
-    println!("  publish rate        {:>9.0} msg/s", MESSAGES as f64 / published.as_secs_f64());
+    println!(
+        "  publish rate        {:>9.0} msg/s",
+        MESSAGES as f64 / published.as_secs_f64()
+    );
     println!("  delivered to B      {nb}/{MESSAGES}");
     println!("  delivered to C      {nc}/{MESSAGES}");
     println!(

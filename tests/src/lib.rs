@@ -100,9 +100,18 @@ impl TestNode {
         let mut cmd = Command::new(bin("p2pd"));
         cmd.arg("--data-dir")
             .arg(self.data_dir())
-            .args(["--no-mdns", "--listen", "/ip4/127.0.0.1/tcp/0", "--listen", "/ip4/127.0.0.1/udp/0/quic-v1"])
+            .args([
+                "--no-mdns",
+                "--listen",
+                "/ip4/127.0.0.1/tcp/0",
+                "--listen",
+                "/ip4/127.0.0.1/udp/0/quic-v1",
+            ])
             .args(&self.extra_args)
-            .env("P2PD_LOG", std::env::var("P2PD_LOG").unwrap_or_else(|_| "warn".into()))
+            .env(
+                "P2PD_LOG",
+                std::env::var("P2PD_LOG").unwrap_or_else(|_| "warn".into()),
+            )
             .stdin(Stdio::null())
             .kill_on_drop(true);
         Ok(cmd.spawn()?)
@@ -204,7 +213,11 @@ impl TestNode {
 pub async fn chain(n: usize) -> Result<Vec<TestNode>> {
     let mut nodes: Vec<TestNode> = Vec::with_capacity(n);
     for i in 0..n {
-        let bootstrap = if i == 0 { vec![] } else { vec![nodes[i - 1].addr.clone()] };
+        let bootstrap = if i == 0 {
+            vec![]
+        } else {
+            vec![nodes[i - 1].addr.clone()]
+        };
         nodes.push(
             TestNode::start(NodeOpts {
                 bootstrap,

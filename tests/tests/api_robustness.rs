@@ -76,22 +76,33 @@ async fn garbage_sessions_are_closed_and_others_keep_working() -> Result<()> {
     let noise: Vec<u8> = (0..4096u32).map(|i| (i * 7919 % 251) as u8).collect();
     s.write_all(&noise).await?;
     let code = goodbye_code(s).await?;
-    assert!(matches!(code, ErrorCode::MalformedFrame | ErrorCode::FrameTooLarge), "{code:?}");
+    assert!(
+        matches!(code, ErrorCode::MalformedFrame | ErrorCode::FrameTooLarge),
+        "{code:?}"
+    );
 
     // 4. A frame kind apps may not send (Welcome) after Hello.
     let s = UnixStream::connect(&node.socket).await?;
     let mut framed = Framed::new(s, FrameCodec::default());
     framed.send(hello(&token)).await?;
     framed
-        .send(pb::Frame::of(pb::frame::Kind::Welcome(pb::Welcome::default())))
+        .send(pb::Frame::of(pb::frame::Kind::Welcome(
+            pb::Welcome::default(),
+        )))
         .await?;
-    assert_eq!(goodbye_code(framed.into_inner()).await?, ErrorCode::ProtocolViolation);
+    assert_eq!(
+        goodbye_code(framed.into_inner()).await?,
+        ErrorCode::ProtocolViolation
+    );
 
     // 5. A forged token.
     let s = UnixStream::connect(&node.socket).await?;
     let mut framed = Framed::new(s, FrameCodec::default());
     framed.send(hello("p2pvm1.forged")).await?;
-    assert_eq!(goodbye_code(framed.into_inner()).await?, ErrorCode::Unauthenticated);
+    assert_eq!(
+        goodbye_code(framed.into_inner()).await?,
+        ErrorCode::Unauthenticated
+    );
 
     // 6. A client that connects and says nothing is closed after the Hello timeout;
     //    a half-written frame (prefix promising more than is sent) likewise.
@@ -102,7 +113,10 @@ async fn garbage_sessions_are_closed_and_others_keep_working() -> Result<()> {
     good.node_info().await?;
     let mut rest = Vec::new();
     let r = tokio::time::timeout(Duration::from_secs(15), s.read_to_end(&mut rest)).await;
-    assert!(r.is_ok(), "a stalled half frame is cut off by the Hello timeout");
+    assert!(
+        r.is_ok(),
+        "a stalled half frame is cut off by the Hello timeout"
+    );
     Ok(())
 }
 
@@ -143,7 +157,10 @@ async fn apps_are_isolated_from_each_other() -> Result<()> {
     // The admin sees everyone; revoking Alice ends her session and her token.
     let admin = node.admin().await?;
     let sessions = admin.list_sessions().await?;
-    let a = sessions.iter().find(|s| s.app == "alice").expect("alice listed");
+    let a = sessions
+        .iter()
+        .find(|s| s.app == "alice")
+        .expect("alice listed");
     assert_eq!(a.protocols, vec!["/alice/1"]);
     assert_eq!(a.topics, vec!["alice-topic"]);
     admin.revoke_app("alice").await?;
@@ -179,7 +196,10 @@ async fn session_and_stream_limits_have_clear_errors() -> Result<()> {
     assert_eq!(err.code(), Some(ErrorCode::LimitExceeded), "{err}");
     drop(two);
     // A slot frees up once a session ends.
-    let again = p2pvm_e2e::eventually(WAIT, "a free session slot", || async { connect().await.ok() }).await?;
+    let again = p2pvm_e2e::eventually(WAIT, "a free session slot", || async {
+        connect().await.ok()
+    })
+    .await?;
 
     again.node_info().await?;
 
@@ -194,7 +214,10 @@ async fn session_and_stream_limits_have_clear_errors() -> Result<()> {
     let s1 = one.open_stream(&other.peer_id, "/loop/1").await?;
     let accepted = tokio::time::timeout(WAIT, incoming.next()).await?;
     assert!(accepted.is_some());
-    let err = one.open_stream(&other.peer_id, "/loop/1").await.unwrap_err();
+    let err = one
+        .open_stream(&other.peer_id, "/loop/1")
+        .await
+        .unwrap_err();
     assert_eq!(err.code(), Some(ErrorCode::LimitExceeded), "{err}");
     drop(s1);
     Ok(())

@@ -23,20 +23,28 @@ async fn dht_provide_and_find_across_unconnected_nodes() -> Result<()> {
     if connected(last, &first.peer_id).await? {
         last.admin().await?.disconnect(&first.peer_id).await?;
     }
-    ensure!(!connected(last, &first.peer_id).await?, "ends must start unconnected");
+    ensure!(
+        !connected(last, &first.peer_id).await?,
+        "ends must start unconnected"
+    );
 
     let provider = first.app("indexer").await?;
     provider.provide(b"film:big-buck-bunny").await?;
     let seeker = last.app("player").await?;
     let found = eventually(WAIT, "provider record reaches the far end", || async {
-        let p = seeker.find_providers(b"film:big-buck-bunny", 5).await.ok()?;
+        let p = seeker
+            .find_providers(b"film:big-buck-bunny", 5)
+            .await
+            .ok()?;
         p.contains(&first.peer_id).then_some(p)
     })
     .await?;
     assert!(found.contains(&first.peer_id));
 
     // Value records travel the same way.
-    provider.put_record(b"greeting", b"hello from node 0").await?;
+    provider
+        .put_record(b"greeting", b"hello from node 0")
+        .await?;
     let rec = eventually(WAIT, "record reaches the far end", || async {
         seeker.get_record(b"greeting").await.ok()
     })
@@ -70,10 +78,16 @@ async fn service_registry_finds_offering_peers() -> Result<()> {
         (p.contains(&nodes[1].peer_id) && p.contains(&nodes[2].peer_id)).then_some(p)
     })
     .await?;
-    assert!(!found.contains(&nodes[3].peer_id), "video node does not offer chat: {found:?}");
+    assert!(
+        !found.contains(&nodes[3].peer_id),
+        "video node does not offer chat: {found:?}"
+    );
 
     // The advertising session owns the advertisement: it shows in its state only.
-    assert_eq!(chat_a.session_state().await?.services, vec!["chat".to_string()]);
+    assert_eq!(
+        chat_a.session_state().await?.services,
+        vec!["chat".to_string()]
+    );
     assert!(browser.session_state().await?.services.is_empty());
     // A withdrawn offer is no longer listed by the node that made it.
     chat_a.withdraw_service("chat").await?;
@@ -88,11 +102,15 @@ async fn service_registry_finds_offering_peers() -> Result<()> {
 async fn pubsub_among_three_nodes() -> Result<()> {
     let nodes = chain(5).await?;
     let (a, b, c) = (&nodes[0], &nodes[2], &nodes[4]);
-    let apps = [a.app("chat").await?, b.app("chat").await?, c.app("chat").await?];
+    let apps = [
+        a.app("chat").await?,
+        b.app("chat").await?,
+        c.app("chat").await?,
+    ];
     // Gossipsub runs over direct connections: join the three into one mesh.
-    apps[0].connect("", &[b.addr.clone()]).await?;
-    apps[0].connect("", &[c.addr.clone()]).await?;
-    apps[1].connect("", &[c.addr.clone()]).await?;
+    apps[0].connect("", [b.addr.as_str()]).await?;
+    apps[0].connect("", [c.addr.as_str()]).await?;
+    apps[1].connect("", [c.addr.as_str()]).await?;
     let mut subs = Vec::new();
     for app in &apps {
         subs.push(app.subscribe("lobby").await?);
@@ -110,20 +128,32 @@ async fn pubsub_among_three_nodes() -> Result<()> {
     let mut got = [vec![], vec![], vec![]];
     for (i, sub) in subs.iter_mut().enumerate() {
         while got[i].len() < 1 + usize::from(i == 1) {
-            let m = tokio::time::timeout(WAIT, sub.next()).await?.expect("stream open");
+            let m = tokio::time::timeout(WAIT, sub.next())
+                .await?
+                .expect("stream open");
             got[i].push(String::from_utf8(m.data.to_vec())?);
         }
     }
     assert_eq!(got[0], vec!["hello from c"]);
-    assert!(got[1].contains(&"hello from a".to_string()) && got[1].contains(&"hello from c".to_string()));
+    assert!(
+        got[1].contains(&"hello from a".to_string())
+            && got[1].contains(&"hello from c".to_string())
+    );
     assert_eq!(got[2], vec!["hello from a"]);
 
     // A session that unsubscribed stops receiving; the others still do.
     apps[1].unsubscribe("lobby").await?;
     apps[0].publish("lobby", "second").await?;
-    let m = tokio::time::timeout(WAIT, subs[2].next()).await?.expect("open");
+    let m = tokio::time::timeout(WAIT, subs[2].next())
+        .await?
+        .expect("open");
     assert_eq!(&m.data[..], b"second");
-    assert!(tokio::time::timeout(Duration::from_millis(500), subs[1].next()).await.map(|m| m.is_none()).unwrap_or(true));
+    assert!(
+        tokio::time::timeout(Duration::from_millis(500), subs[1].next())
+            .await
+            .map(|m| m.is_none())
+            .unwrap_or(true)
+    );
     Ok(())
 }
 
@@ -144,11 +174,16 @@ async fn app_stream_between_apps_on_two_nodes() -> Result<()> {
 
     let client = nodes[1].app("echo-client").await?;
     let stream = eventually(WAIT, "stream to the echo app", || async {
-        client.open_stream(&nodes[3].peer_id, "/echo/1.0.0").await.ok()
+        client
+            .open_stream(&nodes[3].peer_id, "/echo/1.0.0")
+            .await
+            .ok()
     })
     .await?;
     // 3 MiB: far more than the flow-control window, so credit must circulate.
-    let payload: Vec<u8> = (0..3 << 20).map(|i: u32| (i.wrapping_mul(2654435761) >> 24) as u8).collect();
+    let payload: Vec<u8> = (0..3 << 20)
+        .map(|i: u32| (i.wrapping_mul(2654435761) >> 24) as u8)
+        .collect();
     let (mut r, mut w) = tokio::io::split(stream);
     let send = payload.clone();
     let writer = tokio::spawn(async move {
@@ -162,8 +197,15 @@ async fn app_stream_between_apps_on_two_nodes() -> Result<()> {
     assert!(back == payload, "echoed bytes differ");
 
     // A protocol nobody registered fails with a clear error.
-    let err = client.open_stream(&nodes[3].peer_id, "/nobody/1").await.unwrap_err();
-    assert_eq!(err.code(), Some(guest_api::proto::ErrorCode::NotFound), "{err}");
+    let err = client
+        .open_stream(&nodes[3].peer_id, "/nobody/1")
+        .await
+        .unwrap_err();
+    assert_eq!(
+        err.code(),
+        Some(guest_api::proto::ErrorCode::NotFound),
+        "{err}"
+    );
     Ok(())
 }
 
@@ -214,14 +256,16 @@ async fn client_reconnects_and_resumes_subscription() -> Result<()> {
     assert_eq!(app.node_info().await?.peer_id, a.peer_id);
 
     let publisher = b.app("news").await?;
-    publisher.connect("", &[a.addr.clone()]).await?;
+    publisher.connect("", [a.addr.as_str()]).await?;
     eventually(WAIT, "resubscribed topic is visible", || async {
         let p = publisher.topic_peers("news").await.ok()?;
         p.contains(&a.peer_id).then_some(())
     })
     .await?;
     publisher.publish("news", "after restart").await?;
-    let m = tokio::time::timeout(WAIT, sub.next()).await?.expect("stream open");
+    let m = tokio::time::timeout(WAIT, sub.next())
+        .await?
+        .expect("stream open");
     assert_eq!(&m.data[..], b"after restart");
     Ok(())
 }

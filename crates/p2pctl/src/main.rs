@@ -248,32 +248,43 @@ async fn run(cli: &Cli, c: &Client) -> Result<()> {
         }
         Cmd::Peers => {
             let peers = c.peers().await?;
-            print(j, json!(peers.iter().map(peer_json).collect::<Vec<_>>()), || {
-                let mut s = format!("{:<54} {:>9}  {}", "PEER", "RTT(ms)", "AGENT");
-                for p in &peers {
-                    s.push_str(&format!(
-                        "\n{:<54} {:>9.2}  {}",
-                        p.peer_id,
-                        p.rtt_micros as f64 / 1000.0,
-                        p.agent_version
-                    ));
-                }
-                s
-            });
+            print(
+                j,
+                json!(peers.iter().map(peer_json).collect::<Vec<_>>()),
+                || {
+                    let mut s = format!("{:<54} {:>9}  {}", "PEER", "RTT(ms)", "AGENT");
+                    for p in &peers {
+                        s.push_str(&format!(
+                            "\n{:<54} {:>9.2}  {}",
+                            p.peer_id,
+                            p.rtt_micros as f64 / 1000.0,
+                            p.agent_version
+                        ));
+                    }
+                    s
+                },
+            );
         }
         Cmd::Connect { targets } => {
-            let (addrs, ids): (Vec<_>, Vec<_>) = targets.iter().cloned().partition(|t| t.starts_with('/'));
+            let (addrs, ids): (Vec<_>, Vec<_>) =
+                targets.iter().cloned().partition(|t| t.starts_with('/'));
             let id = ids.first().cloned().unwrap_or_default();
             let peer = c.connect(&id, &addrs).await?;
-            print(j, json!({"connected": peer}), || format!("connected to {peer}"));
+            print(j, json!({"connected": peer}), || {
+                format!("connected to {peer}")
+            });
         }
         Cmd::Disconnect { peer } => {
             c.disconnect(peer).await?;
-            print(j, json!({"disconnected": peer}), || format!("disconnected {peer}"));
+            print(j, json!({"disconnected": peer}), || {
+                format!("disconnected {peer}")
+            });
         }
         Cmd::FindPeer { peer } => {
             let p = c.find_peer(peer).await?;
-            print(j, peer_json(&p), || format!("{}\n  {}", p.peer_id, p.addrs.join("\n  ")));
+            print(j, peer_json(&p), || {
+                format!("{}\n  {}", p.peer_id, p.addrs.join("\n  "))
+            });
         }
         Cmd::Dht(cmd) => dht(j, c, cmd).await?,
         Cmd::Pubsub(cmd) => pubsub(j, c, cmd).await?,
@@ -287,7 +298,9 @@ async fn run(cli: &Cli, c: &Client) -> Result<()> {
         }
         Cmd::Service(ServiceCmd::Find { name }) => {
             let peers = c.find_service(name).await?;
-            print(j, json!({"service": name, "peers": peers}), || peers.join("\n"));
+            print(j, json!({"service": name, "peers": peers}), || {
+                peers.join("\n")
+            });
         }
         Cmd::Events => {
             let mut events = c.events().await?;
@@ -315,7 +328,10 @@ async fn run(cli: &Cli, c: &Client) -> Result<()> {
                                 "protocols": s.protocols, "services": s.services, "streams": s.streams}))
                 .collect();
             print(j, json!(v), || {
-                let mut out = format!("{:>7}  {:<16} {:<24} {:<24} {}", "SESSION", "APP", "TOPICS", "PROTOCOLS", "STREAMS");
+                let mut out = format!(
+                    "{:>7}  {:<16} {:<24} {:<24} {}",
+                    "SESSION", "APP", "TOPICS", "PROTOCOLS", "STREAMS"
+                );
                 for s in &s {
                     out.push_str(&format!(
                         "\n{:>7}  {:<16} {:<24} {:<24} {}",
@@ -342,7 +358,11 @@ async fn dht(j: bool, c: &Client, cmd: &DhtCmd) -> Result<()> {
         DhtCmd::Get { key } => {
             let r = c.get_record(key.as_bytes()).await?;
             let v = String::from_utf8_lossy(&r.value).into_owned();
-            print(j, json!({"key": key, "value": v, "publisher": r.publisher}), || v.clone());
+            print(
+                j,
+                json!({"key": key, "value": v, "publisher": r.publisher}),
+                || v.clone(),
+            );
         }
         DhtCmd::Provide { key } => {
             c.provide(key.as_bytes()).await?;
@@ -363,9 +383,11 @@ async fn pubsub(j: bool, c: &Client, cmd: &PubsubCmd) -> Result<()> {
             let mut n = 0;
             while let Some(m) = msgs.next().await {
                 let text = String::from_utf8_lossy(&m.data).into_owned();
-                print(j, json!({"topic": m.topic, "from": m.source, "data": text}), || {
-                    format!("[{}] {}: {}", m.topic, m.source, text)
-                });
+                print(
+                    j,
+                    json!({"topic": m.topic, "from": m.source, "data": text}),
+                    || format!("[{}] {}: {}", m.topic, m.source, text),
+                );
                 n += 1;
                 if Some(n) == *count {
                     break;
@@ -374,7 +396,9 @@ async fn pubsub(j: bool, c: &Client, cmd: &PubsubCmd) -> Result<()> {
         }
         PubsubCmd::Pub { topic, message } => {
             c.publish(topic, message.clone().into_bytes()).await?;
-            print(j, json!({"published": topic}), || format!("published to {topic}"));
+            print(j, json!({"published": topic}), || {
+                format!("published to {topic}")
+            });
         }
         PubsubCmd::Peers { topic } => {
             let p = c.topic_peers(topic).await?;

@@ -166,9 +166,16 @@ mod tests {
 
     fn arb_frame() -> impl Strategy<Value = pb::Frame> {
         prop_oneof![
-            (".{0,64}", proptest::collection::vec(any::<u8>(), 0..2048), any::<u64>())
+            (
+                ".{0,64}",
+                proptest::collection::vec(any::<u8>(), 0..2048),
+                any::<u64>()
+            )
                 .prop_map(|(t, d, id)| publish(t, d, id)),
-            (any::<u64>(), proptest::collection::vec(any::<u8>(), 0..4096))
+            (
+                any::<u64>(),
+                proptest::collection::vec(any::<u8>(), 0..4096)
+            )
                 .prop_map(|(s, d)| stream_data(s, d)),
             (any::<u32>(), ".{0,40}", ".{0,40}").prop_map(|(v, token, name)| pb::Frame::of(
                 Kind::Hello(pb::Hello {
@@ -180,7 +187,10 @@ mod tests {
             (any::<u64>(), 0i32..14, ".{0,80}").prop_map(|(id, code, msg)| pb::Frame::of(
                 Kind::Response(pb::Response {
                     id,
-                    result: Some(pb::response::Result::Error(pb::Error { code, message: msg })),
+                    result: Some(pb::response::Result::Error(pb::Error {
+                        code,
+                        message: msg
+                    })),
                 })
             )),
         ]
@@ -232,7 +242,13 @@ mod tests {
         let mut codec = FrameCodec::new(1024);
         let mut buf = BytesMut::from(&[0x00, 0x10, 0x00, 0x00, 1, 2, 3][..]);
         let err = codec.decode(&mut buf).unwrap_err();
-        assert!(matches!(err, FrameError::TooLarge { len: 0x10_0000, max: 1024 }));
+        assert!(matches!(
+            err,
+            FrameError::TooLarge {
+                len: 0x10_0000,
+                max: 1024
+            }
+        ));
         assert_eq!(err.code(), pb::ErrorCode::FrameTooLarge);
     }
 
@@ -255,7 +271,9 @@ mod tests {
     fn encoder_refuses_frames_over_limit() {
         let mut codec = FrameCodec::new(100);
         let mut buf = BytesMut::new();
-        let err = codec.encode(stream_data(1, vec![0; 200]), &mut buf).unwrap_err();
+        let err = codec
+            .encode(stream_data(1, vec![0; 200]), &mut buf)
+            .unwrap_err();
         assert!(matches!(err, FrameError::TooLarge { .. }));
         assert!(buf.is_empty());
     }

@@ -177,8 +177,10 @@ impl AppRegistry {
     pub fn issue(&mut self, app: &str) -> Result<String, AppsError> {
         validate_app_name(app)?;
         let token = new_token();
-        self.apps
-            .insert(app.into(), blake3::hash(token.as_bytes()).to_hex().to_string());
+        self.apps.insert(
+            app.into(),
+            blake3::hash(token.as_bytes()).to_hex().to_string(),
+        );
         self.save()?;
         Ok(token)
     }
@@ -221,7 +223,11 @@ mod tests {
         // The registry reloads from disk with the same answers.
         let reg2 = AppRegistry::open(dir.path()).unwrap();
         assert_eq!(reg2.authenticate(&t1).unwrap().app, "chat");
-        assert!(!std::fs::read_to_string(dir.path().join(APPS_FILE)).unwrap().contains(&t1));
+        assert!(
+            !std::fs::read_to_string(dir.path().join(APPS_FILE))
+                .unwrap()
+                .contains(&t1)
+        );
 
         let t2 = reg.issue("chat").unwrap();
         assert!(reg.authenticate(&t1).is_none());

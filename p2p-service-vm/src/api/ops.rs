@@ -51,13 +51,17 @@ pub(crate) fn validate_service_name(name: &str) -> Result<(), ApiError> {
     if ok {
         Ok(())
     } else {
-        Err(ApiError::bad("a service name has 1-64 of A-Z, a-z, 0-9, '-', '_', '.'"))
+        Err(ApiError::bad(
+            "a service name has 1-64 of A-Z, a-z, 0-9, '-', '_', '.'",
+        ))
     }
 }
 
 fn check_key(key: &[u8]) -> Result<kad::RecordKey, ApiError> {
     if key.is_empty() || key.len() > MAX_KEY_BYTES {
-        return Err(ApiError::bad(format!("a DHT key has 1-{MAX_KEY_BYTES} bytes")));
+        return Err(ApiError::bad(format!(
+            "a DHT key has 1-{MAX_KEY_BYTES} bytes"
+        )));
     }
     Ok(kad::RecordKey::new(&key))
 }
@@ -108,7 +112,11 @@ pub(crate) async fn run(svc: &ApiService, who: &Principal, op: Op) -> Result<R, 
             } else {
                 Some(parse_peer(&r.peer_id)?)
             };
-            let addrs = r.addrs.iter().map(|a| parse_addr(a)).collect::<Result<Vec<_>, _>>()?;
+            let addrs = r
+                .addrs
+                .iter()
+                .map(|a| parse_addr(a))
+                .collect::<Result<Vec<_>, _>>()?;
             if peer.is_none() && addrs.is_empty() {
                 return Err(ApiError::bad("give a peer id, addresses, or both"));
             }
@@ -133,25 +141,33 @@ pub(crate) async fn run(svc: &ApiService, who: &Principal, op: Op) -> Result<R, 
         Op::FindPeer(r) => {
             let peer = parse_peer(&r.peer_id)?;
             let found = node
-                .call_timeout(timeout_of(r.timeout_ms), |reply| Command::FindPeer(peer, reply))
+                .call_timeout(timeout_of(r.timeout_ms), |reply| {
+                    Command::FindPeer(peer, reply)
+                })
                 .await?;
             Ok(R::Peer(peer_info(found)))
         }
         Op::PutRecord(r) => {
             let key = check_key(&r.key)?;
             if r.value.len() > MAX_VALUE_BYTES {
-                return Err(ApiError::bad(format!("a DHT value has at most {MAX_VALUE_BYTES} bytes")));
+                return Err(ApiError::bad(format!(
+                    "a DHT value has at most {MAX_VALUE_BYTES} bytes"
+                )));
             }
             let mut record = kad::Record::new(key, r.value.to_vec());
             record.publisher = Some(node.peer_id());
-            node.call_timeout(timeout_of(r.timeout_ms), |reply| Command::PutRecord(record, reply))
-                .await?;
+            node.call_timeout(timeout_of(r.timeout_ms), |reply| {
+                Command::PutRecord(record, reply)
+            })
+            .await?;
             Ok(R::Ok(pb::Empty {}))
         }
         Op::GetRecord(r) => {
             let key = check_key(&r.key)?;
             let rec = node
-                .call_timeout(timeout_of(r.timeout_ms), |reply| Command::GetRecord(key, reply))
+                .call_timeout(timeout_of(r.timeout_ms), |reply| {
+                    Command::GetRecord(key, reply)
+                })
                 .await?;
             Ok(R::Record(pb::Record {
                 key: rec.key.to_vec().into(),
@@ -161,8 +177,10 @@ pub(crate) async fn run(svc: &ApiService, who: &Principal, op: Op) -> Result<R, 
         }
         Op::Provide(r) => {
             let key = check_key(&r.key)?;
-            node.call_timeout(timeout_of(r.timeout_ms), |reply| Command::Provide(key, reply))
-                .await?;
+            node.call_timeout(timeout_of(r.timeout_ms), |reply| {
+                Command::Provide(key, reply)
+            })
+            .await?;
             Ok(R::Ok(pb::Empty {}))
         }
         Op::FindProviders(r) => {
@@ -182,11 +200,14 @@ pub(crate) async fn run(svc: &ApiService, who: &Principal, op: Op) -> Result<R, 
             if r.topic.is_empty() {
                 return Err(ApiError::bad("empty topic"));
             }
-            node.call(|reply| Command::Publish(r.topic, r.data, reply)).await?;
+            node.call(|reply| Command::Publish(r.topic, r.data, reply))
+                .await?;
             Ok(R::Ok(pb::Empty {}))
         }
         Op::TopicPeers(r) => {
-            let peers = node.call(|reply| Command::TopicPeers(r.topic, reply)).await?;
+            let peers = node
+                .call(|reply| Command::TopicPeers(r.topic, reply))
+                .await?;
             Ok(R::TopicPeers(pb::PeerIdList {
                 peer_ids: peers.iter().map(|p| p.to_string()).collect(),
             }))
@@ -239,7 +260,10 @@ pub(crate) async fn run(svc: &ApiService, who: &Principal, op: Op) -> Result<R, 
             "revocation is handled by the session",
         ))),
         // Session-bound operations never reach here; answer clearly if one does.
-        _ => Err(ApiError::new(pb::ErrorCode::Internal, "operation routed wrongly")),
+        _ => Err(ApiError::new(
+            pb::ErrorCode::Internal,
+            "operation routed wrongly",
+        )),
     }
 }
 
@@ -249,7 +273,11 @@ async fn find_providers(
     limit: u32,
     timeout_ms: u32,
 ) -> Result<Vec<PeerId>, ApiError> {
-    let limit = if limit == 0 { 20 } else { (limit as usize).min(MAX_PROVIDERS) };
+    let limit = if limit == 0 {
+        20
+    } else {
+        (limit as usize).min(MAX_PROVIDERS)
+    };
     Ok(svc
         .inner
         .node

@@ -79,10 +79,8 @@ impl ApiService {
     where
         IO: AsyncRead + AsyncWrite + Send + Unpin + 'static,
     {
-        let framed = tokio_util::codec::Framed::new(
-            io,
-            FrameCodec::new(self.inner.limits.max_frame_bytes),
-        );
+        let framed =
+            tokio_util::codec::Framed::new(io, FrameCodec::new(self.inner.limits.max_frame_bytes));
         let Ok(permit) = self.inner.session_slots.clone().try_acquire_owned() else {
             warn!("session refused: max_sessions reached");
             super::session::refuse(

@@ -34,7 +34,8 @@ const INTERNAL_QUEUE: usize = 256;
 /// How long a closing session may take to flush its last frames.
 const FLUSH_TIMEOUT: Duration = Duration::from_secs(2);
 /// Protocol prefixes the node itself speaks; apps may not take them over.
-const RESERVED_PROTOCOL_PREFIXES: &[&str] = &["/p2pvm/", "/ipfs/", "/meshsub/", "/floodsub/", "/libp2p/"];
+const RESERVED_PROTOCOL_PREFIXES: &[&str] =
+    &["/p2pvm/", "/ipfs/", "/meshsub/", "/floodsub/", "/libp2p/"];
 
 /// Work finished in the background, reported to the session loop.
 #[derive(Debug)]
@@ -93,7 +94,8 @@ where
         Ok(p) => p,
         Err(e) => {
             debug!(session = id, error = %e, "handshake failed");
-            let _ = tokio::time::timeout(FLUSH_TIMEOUT, sink.send(goodbye(e.code, e.message))).await;
+            let _ =
+                tokio::time::timeout(FLUSH_TIMEOUT, sink.send(goodbye(e.code, e.message))).await;
             return;
         }
     };
@@ -318,7 +320,8 @@ impl Session {
         use pb::request::Op;
         let id = req.id;
         let Some(op) = req.op else {
-            self.reply(id, Err(ApiError::bad("request without an operation"))).await;
+            self.reply(id, Err(ApiError::bad("request without an operation")))
+                .await;
             return;
         };
         let result = match op {
@@ -384,7 +387,10 @@ impl Session {
             return Err(ApiError::bad("topic must be 1-256 bytes"));
         }
         if self.topics.contains(&topic) {
-            return Err(ApiError::new(pb::ErrorCode::AlreadyExists, "already subscribed"));
+            return Err(ApiError::new(
+                pb::ErrorCode::AlreadyExists,
+                "already subscribed",
+            ));
         }
         let mut counts = self.svc.inner.topics.lock().await;
         let count = counts.entry(topic.clone()).or_insert(0);
@@ -417,16 +423,26 @@ impl Session {
             *c -= 1;
             if *c == 0 {
                 counts.remove(topic);
-                let _ = self.svc.inner.node.send(Command::Unsubscribe(topic.into())).await;
+                let _ = self
+                    .svc
+                    .inner
+                    .node
+                    .send(Command::Unsubscribe(topic.into()))
+                    .await;
             }
         }
     }
 
     fn register_protocol(&mut self, name: String) -> Result<pb::response::Result, ApiError> {
         if !name.starts_with('/') || name.len() > 256 {
-            return Err(ApiError::bad("a protocol name starts with '/' and has at most 256 bytes"));
+            return Err(ApiError::bad(
+                "a protocol name starts with '/' and has at most 256 bytes",
+            ));
         }
-        if RESERVED_PROTOCOL_PREFIXES.iter().any(|p| name.starts_with(p)) {
+        if RESERVED_PROTOCOL_PREFIXES
+            .iter()
+            .any(|p| name.starts_with(p))
+        {
             return Err(ApiError::new(
                 pb::ErrorCode::PermissionDenied,
                 format!("{name} is reserved for the node"),
@@ -472,7 +488,10 @@ impl Session {
 
     fn unregister_protocol(&mut self, name: &str) -> Result<pb::response::Result, ApiError> {
         let Some(task) = self.protocols.remove(name) else {
-            return Err(ApiError::new(pb::ErrorCode::NotFound, "not registered by this app"));
+            return Err(ApiError::new(
+                pb::ErrorCode::NotFound,
+                "not registered by this app",
+            ));
         };
         task.abort();
         self.svc.inner.protocols.lock().expect("lock").remove(name);
@@ -483,14 +502,20 @@ impl Session {
     async fn advertise(&mut self, name: String) -> Result<pb::response::Result, ApiError> {
         ops::validate_service_name(&name)?;
         if self.services.contains(&name) {
-            return Err(ApiError::new(pb::ErrorCode::AlreadyExists, "already advertised"));
+            return Err(ApiError::new(
+                pb::ErrorCode::AlreadyExists,
+                "already advertised",
+            ));
         }
         let mut counts = self.svc.inner.services.lock().await;
         let count = counts.entry(name.clone()).or_insert(0);
         if *count == 0 {
             let key = service_key(&name);
             let node = &self.svc.inner.node;
-            if let Err(e) = node.call_timeout(ops::DEFAULT_TIMEOUT, |r| Command::Provide(key, r)).await {
+            if let Err(e) = node
+                .call_timeout(ops::DEFAULT_TIMEOUT, |r| Command::Provide(key, r))
+                .await
+            {
                 counts.remove(&name);
                 return Err(e.into());
             }
@@ -504,7 +529,10 @@ impl Session {
 
     async fn withdraw(&mut self, name: &str) -> Result<pb::response::Result, ApiError> {
         if !self.services.remove(name) {
-            return Err(ApiError::new(pb::ErrorCode::NotFound, "not advertised by this app"));
+            return Err(ApiError::new(
+                pb::ErrorCode::NotFound,
+                "not advertised by this app",
+            ));
         }
         self.release_service(name).await;
         self.sync_state();
@@ -517,13 +545,19 @@ impl Session {
             *c -= 1;
             if *c == 0 {
                 counts.remove(name);
-                let _ = self.svc.inner.node.send(Command::StopProviding(service_key(name))).await;
+                let _ = self
+                    .svc
+                    .inner
+                    .node
+                    .send(Command::StopProviding(service_key(name)))
+                    .await;
             }
         }
     }
 
     fn stream_slots_left(&self) -> bool {
-        self.streams.len() + self.pending_opens < self.svc.inner.limits.max_streams_per_session as usize
+        self.streams.len() + self.pending_opens
+            < self.svc.inner.limits.max_streams_per_session as usize
     }
 
     fn open_stream(&mut self, request_id: u64, r: pb::OpenStreamRequest) -> Result<(), ApiError> {
@@ -546,14 +580,18 @@ impl Session {
         let mut control = self.svc.inner.node.stream_control();
         let tx = self.internal_tx.clone();
         tokio::spawn(async move {
-            let result = match tokio::time::timeout(timeout, control.open_stream(peer, protocol)).await {
-                Ok(Ok(s)) => Ok(s),
-                Ok(Err(libp2p_stream::OpenStreamError::UnsupportedProtocol(p))) => Err(
-                    ApiError::new(pb::ErrorCode::NotFound, format!("peer does not serve {p}")),
-                ),
-                Ok(Err(e)) => Err(ApiError::new(pb::ErrorCode::Unavailable, e.to_string())),
-                Err(_) => Err(ApiError::new(pb::ErrorCode::Timeout, "opening the stream timed out")),
-            };
+            let result =
+                match tokio::time::timeout(timeout, control.open_stream(peer, protocol)).await {
+                    Ok(Ok(s)) => Ok(s),
+                    Ok(Err(libp2p_stream::OpenStreamError::UnsupportedProtocol(p))) => Err(
+                        ApiError::new(pb::ErrorCode::NotFound, format!("peer does not serve {p}")),
+                    ),
+                    Ok(Err(e)) => Err(ApiError::new(pb::ErrorCode::Unavailable, e.to_string())),
+                    Err(_) => Err(ApiError::new(
+                        pb::ErrorCode::Timeout,
+                        "opening the stream timed out",
+                    )),
+                };
             let _ = tx
                 .send(Internal::Opened {
                     request_id,
@@ -608,7 +646,8 @@ impl Session {
                     peer_id: peer.to_string(),
                     protocol,
                 });
-                self.send(pb::Frame::of(Kind::Event(pb::Event { kind: Some(ev) }))).await;
+                self.send(pb::Frame::of(Kind::Event(pb::Event { kind: Some(ev) })))
+                    .await;
             }
             Internal::ReaderDone(id) | Internal::WriterDone(id) => {
                 let reader = matches!(msg, Internal::ReaderDone(_));
@@ -650,15 +689,18 @@ impl Session {
                     peer_id: peer_id.to_string(),
                 })
             }
-            Ok(NodeEvent::NewListenAddr(a)) if self.watching => {
-                E::NewListenAddr(pb::ListenAddr { addr: a.to_string() })
-            }
-            Err(broadcast::error::RecvError::Lagged(n)) if self.watching || !self.topics.is_empty() => {
+            Ok(NodeEvent::NewListenAddr(a)) if self.watching => E::NewListenAddr(pb::ListenAddr {
+                addr: a.to_string(),
+            }),
+            Err(broadcast::error::RecvError::Lagged(n))
+                if self.watching || !self.topics.is_empty() =>
+            {
                 E::EventsLost(pb::EventsLost { count: n })
             }
             _ => return,
         };
-        self.send(pb::Frame::of(Kind::Event(pb::Event { kind: Some(kind) }))).await;
+        self.send(pb::Frame::of(Kind::Event(pb::Event { kind: Some(kind) })))
+            .await;
     }
 
     fn sync_state(&self) {
@@ -686,7 +728,12 @@ impl Session {
         for (_, s) in self.streams.drain() {
             s.reset();
         }
-        self.svc.inner.sessions.lock().expect("lock").remove(&self.id);
+        self.svc
+            .inner
+            .sessions
+            .lock()
+            .expect("lock")
+            .remove(&self.id);
     }
 }
 

@@ -4,9 +4,7 @@ use std::time::Duration;
 
 use libp2p::identity::Keypair;
 use libp2p::swarm::{NetworkBehaviour, behaviour::toggle::Toggle};
-use libp2p::{
-    StreamProtocol, connection_limits, gossipsub, identify, kad, mdns, ping,
-};
+use libp2p::{StreamProtocol, connection_limits, gossipsub, identify, kad, mdns, ping};
 
 use crate::config::Config;
 
@@ -63,12 +61,15 @@ impl Behaviour {
             .validation_mode(gossipsub::ValidationMode::Strict)
             .max_transmit_size(MAX_PUBSUB_BYTES + 4096)
             .build()?;
-        let gossipsub =
-            gossipsub::Behaviour::new(gossipsub::MessageAuthenticity::Signed(key.clone()), gossip_config)?;
+        let gossipsub = gossipsub::Behaviour::new(
+            gossipsub::MessageAuthenticity::Signed(key.clone()),
+            gossip_config,
+        )?;
         let mdns = if config.mdns {
-            Some(
-                mdns::tokio::Behaviour::new(mdns::Config::default(), peer_id)?,
-            )
+            Some(mdns::tokio::Behaviour::new(
+                mdns::Config::default(),
+                peer_id,
+            )?)
         } else {
             None
         };

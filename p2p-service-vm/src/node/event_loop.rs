@@ -97,12 +97,10 @@ impl Node {
 
         for addr in &config.listen {
             let ma: Multiaddr = parse_addr(addr)?;
-            swarm
-                .listen_on(ma)
-                .map_err(|e| NodeStartError::Listen {
-                    addr: addr.clone(),
-                    reason: e.to_string(),
-                })?;
+            swarm.listen_on(ma).map_err(|e| NodeStartError::Listen {
+                addr: addr.clone(),
+                reason: e.to_string(),
+            })?;
         }
         let mut bootstrap_peers = 0;
         for addr in &config.bootstrap {
@@ -346,7 +344,10 @@ impl EventLoop {
         }
         let opts = DialOpts::peer_id(peer).addresses(addrs).build();
         match self.swarm.dial(opts) {
-            Ok(()) => self.dials.entry(peer).or_default().push(reply),
+            // A dial already under way (bootstrap, mDNS, another app) answers ours too.
+            Ok(()) | Err(libp2p::swarm::DialError::DialPeerConditionFalse(_)) => {
+                self.dials.entry(peer).or_default().push(reply)
+            }
             Err(e) => {
                 let _ = reply.send(Err(NodeError::Dial(e.to_string())));
             }
@@ -390,25 +391,21 @@ impl EventLoop {
             }
             SwarmEvent::ConnectionClosed {
                 peer_id,
-                num_established,
+                num_established: 0,
                 ..
             } => {
-                if num_established == 0 {
-                    debug!(%peer_id, "peer disconnected");
-                    self.rtts.remove(&peer_id);
-                    self.addrs.remove(&peer_id);
-                    self.emit(NodeEvent::PeerDisconnected { peer_id });
-                }
+                debug!(%peer_id, "peer disconnected");
+                self.rtts.remove(&peer_id);
+                self.addrs.remove(&peer_id);
+                self.emit(NodeEvent::PeerDisconnected { peer_id });
             }
             SwarmEvent::OutgoingConnectionError {
                 peer_id: Some(peer_id),
                 error,
                 ..
-            } => {
-                if !self.swarm.is_connected(&peer_id) {
-                    for reply in self.dials.remove(&peer_id).unwrap_or_default() {
-                        let _ = reply.send(Err(NodeError::Dial(error.to_string())));
-                    }
+            } if !self.swarm.is_connected(&peer_id) => {
+                for reply in self.dials.remove(&peer_id).unwrap_or_default() {
+                    let _ = reply.send(Err(NodeError::Dial(error.to_string())));
                 }
             }
             SwarmEvent::Behaviour(event) => self.on_behaviour_event(event),
@@ -439,7 +436,10 @@ impl EventLoop {
             }
             BehaviourEvent::Mdns(mdns::Event::Discovered(found)) => {
                 for (peer, addr) in found {
-                    self.swarm.behaviour_mut().kad.add_address(&peer, addr.clone());
+                    self.swarm
+                        .behaviour_mut()
+                        .kad
+                        .add_address(&peer, addr.clone());
                     if !self.swarm.is_connected(&peer) {
                         let _ = self.swarm.dial(addr);
                     }
@@ -512,8 +512,14 @@ impl EventLoop {
                         q.finish();
                     }
                 } else {
-                    self.queries
-                        .insert(id, PendingQuery::Providers { found, limit, reply });
+                    self.queries.insert(
+                        id,
+                        PendingQuery::Providers {
+                            found,
+                            limit,
+                            reply,
+                        },
+                    );
                 }
             }
             (PendingQuery::FindPeer { target, reply }, QueryResult::GetClosestPeers(r)) => {
@@ -524,7 +530,9 @@ impl EventLoop {
                 let hit = peers.into_iter().find(|p| p.peer_id == target);
                 let r = match hit {
                     Some(info) => Ok(self.summary(target, info.addrs)),
-                    None if self.swarm.is_connected(&target) => Ok(self.summary(target, Vec::new())),
+                    None if self.swarm.is_connected(&target) => {
+                        Ok(self.summary(target, Vec::new()))
+                    }
                     None => Err(NodeError::NotFound),
                 };
                 let _ = reply.send(r);

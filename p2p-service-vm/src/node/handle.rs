@@ -174,10 +174,7 @@ impl NodeHandle {
     }
 
     /// Sends a command built around a fresh reply channel and awaits the answer.
-    pub async fn call<T>(
-        &self,
-        make: impl FnOnce(Reply<T>) -> Command,
-    ) -> Result<T, NodeError> {
+    pub async fn call<T>(&self, make: impl FnOnce(Reply<T>) -> Command) -> Result<T, NodeError> {
         let (tx, rx) = oneshot::channel();
         self.commands
             .send(make(tx))
@@ -199,6 +196,9 @@ impl NodeHandle {
 
     /// Fire-and-forget commands (no reply).
     pub async fn send(&self, cmd: Command) -> Result<(), NodeError> {
-        self.commands.send(cmd).await.map_err(|_| NodeError::Stopped)
+        self.commands
+            .send(cmd)
+            .await
+            .map_err(|_| NodeError::Stopped)
     }
 }
