@@ -108,7 +108,9 @@ pub(crate) async fn dial(target: &Target) -> Result<(Conn, pb::Welcome)> {
         token: target.token.clone(),
         client_name: target.name.clone(),
     }));
-    framed.send(hello).await.map_err(|_| Error::Disconnected)?;
+    // A node that refuses the session may have closed already; its Goodbye is
+    // still readable, so a failed send is not the end of the story.
+    let _ = framed.send(hello).await;
     match framed.next().await {
         Some(Ok(pb::Frame {
             kind: Some(Kind::Welcome(w)),

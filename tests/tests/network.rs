@@ -269,3 +269,66 @@ async fn client_reconnects_and_resumes_subscription() -> Result<()> {
     assert_eq!(&m.data[..], b"after restart");
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn quic_transport_and_peer_events() -> Result<()> {
+    let a = TestNode::start(NodeOpts::default()).await?;
+    let b = TestNode::start(NodeOpts::default()).await?;
+    let watcher = a.app("watcher").await?;
+    let mut events = watcher.events().await?;
+
+    let info = a.admin().await?.node_info().await?;
+    let quic = info
+        .listen_addrs
+        .iter()
+        .find(|x| x.contains("/quic-v1"))
+        .expect("a QUIC listen address");
+    let quic = format!("{quic}/p2p/{}", a.peer_id);
+    let dialer = b.app("dialer").await?;
+    assert_eq!(dialer.connect("", [quic.as_str()]).await?, a.peer_id);
+
+    // A's app sees B arrive over QUIC.
+    let ev = tokio::time::timeout(WAIT, async {
+        while let Some(ev) = events.next().await {
+            if let guest_api::proto::event::Kind::PeerConnected(p) = ev {
+                return Some(p);
+            }
+        }
+        None
+    })
+    .await?
+    .expect("event stream open");
+    assert_eq!(ev.peer_id, b.peer_id);
+    assert!(ev.addr.contains("/quic-v1"), "connected over {}", ev.addr);
+
+    // An app stream rides the QUIC connection.
+    let server = a.app("echo").await?;
+    let mut incoming = server.register_protocol("/echo/quic").await?;
+    tokio::spawn(async move {
+        if let Some(s) = incoming.next().await {
+            let (mut r, mut w) = tokio::io::split(s);
+            tokio::io::copy(&mut r, &mut w).await.ok();
+            w.shutdown().await.ok();
+        }
+    });
+    let mut s = dialer.open_stream(&a.peer_id, "/echo/quic").await?;
+    s.write_all(b"over quic").await?;
+    s.shutdown().await?;
+    let mut back = Vec::new();
+    s.read_to_end(&mut back).await?;
+    assert_eq!(back, b"over quic");
+
+    // And B leaving is an event too.
+    b.admin().await?.disconnect(&a.peer_id).await?;
+    let gone = tokio::time::timeout(WAIT, async {
+        while let Some(ev) = events.next().await {
+            if let guest_api::proto::event::Kind::PeerDisconnected(p) = ev {
+                return Some(p.peer_id);
+            }
+        }
+        None
+    })
+    .await?;
+    assert_eq!(gone.as_deref(), Some(b.peer_id.as_str()));
+    Ok(())
+}

@@ -86,20 +86,24 @@ fn require_admin(p: &Principal) -> Result<(), ApiError> {
     }
 }
 
+/// Node info from the status the event loop publishes; answered inline.
+pub(crate) fn node_info(svc: &ApiService) -> R {
+    let node = &svc.inner.node;
+    let (addrs, n) = node.status();
+    R::NodeInfo(pb::NodeInfo {
+        peer_id: node.peer_id().to_string(),
+        listen_addrs: addrs.iter().map(|a| a.to_string()).collect(),
+        version: env!("CARGO_PKG_VERSION").into(),
+        protocol_version: p2pvm_proto::PROTOCOL_VERSION,
+        connected_peers: n as u32,
+    })
+}
+
 /// Runs one stateless operation.
 pub(crate) async fn run(svc: &ApiService, who: &Principal, op: Op) -> Result<R, ApiError> {
     let node = &svc.inner.node;
     match op {
-        Op::NodeInfo(_) => {
-            let (peer_id, addrs, n) = node.call(Command::Info).await?;
-            Ok(R::NodeInfo(pb::NodeInfo {
-                peer_id: peer_id.to_string(),
-                listen_addrs: addrs.iter().map(|a| a.to_string()).collect(),
-                version: env!("CARGO_PKG_VERSION").into(),
-                protocol_version: p2pvm_proto::PROTOCOL_VERSION,
-                connected_peers: n as u32,
-            }))
-        }
+        Op::NodeInfo(_) => Ok(node_info(svc)),
         Op::Peers(_) => {
             let peers = node.call(Command::Peers).await?;
             Ok(R::Peers(pb::PeerList {

@@ -80,6 +80,9 @@ pub(crate) async fn refuse<IO>(mut framed: Framed<IO, FrameCodec>, error: pb::Er
 where
     IO: AsyncRead + AsyncWrite + Unpin,
 {
+    // Wait briefly for the Hello so the client reads our reason instead of a
+    // broken pipe in the middle of its handshake.
+    let _ = tokio::time::timeout(Duration::from_millis(500), framed.next()).await;
     let frame = pb::Frame::of(Kind::Goodbye(pb::Goodbye { error: Some(error) }));
     let _ = tokio::time::timeout(FLUSH_TIMEOUT, framed.send(frame)).await;
 }
@@ -325,6 +328,7 @@ impl Session {
             return;
         };
         let result = match op {
+            Op::NodeInfo(_) => Ok(ops::node_info(&self.svc)),
             Op::Subscribe(r) => self.subscribe(r.topic).await,
             Op::Unsubscribe(r) => self.unsubscribe(&r.topic).await,
             Op::RegisterProtocol(r) => self.register_protocol(r.protocol),

@@ -16,7 +16,7 @@ use tracing::{debug, info, warn};
 
 use super::behaviour::{Behaviour, BehaviourEvent, KAD_PROTOCOL, MAX_PUBSUB_BYTES};
 use super::handle::{
-    COMMAND_QUEUE, Command, EVENT_QUEUE, NodeError, NodeEvent, NodeHandle, PeerSummary,
+    COMMAND_QUEUE, Command, EVENT_QUEUE, NodeError, NodeEvent, NodeHandle, NodeStatus, PeerSummary,
     PubsubMessage,
 };
 use crate::config::Config;
@@ -120,7 +120,9 @@ impl Node {
 
         let (cmd_tx, cmd_rx) = mpsc::channel(COMMAND_QUEUE);
         let (event_tx, _) = broadcast::channel(EVENT_QUEUE);
+        let status = std::sync::Arc::new(NodeStatus::default());
         let handle = NodeHandle {
+            status: status.clone(),
             commands: cmd_tx,
             events: event_tx.clone(),
             peer_id: *swarm.local_peer_id(),
@@ -138,6 +140,7 @@ impl Node {
                 rtts: HashMap::new(),
                 agents: HashMap::new(),
                 addrs: HashMap::new(),
+                status,
             },
         })
     }
@@ -168,6 +171,7 @@ struct EventLoop {
     agents: HashMap<PeerId, String>,
     /// Listen addresses peers announced through identify.
     addrs: HashMap<PeerId, Vec<Multiaddr>>,
+    status: std::sync::Arc<NodeStatus>,
 }
 
 impl EventLoop {
@@ -192,11 +196,6 @@ impl EventLoop {
 
     fn on_command(&mut self, cmd: Command) {
         match cmd {
-            Command::Info(reply) => {
-                let addrs = self.swarm.listeners().cloned().collect();
-                let n = self.swarm.connected_peers().count();
-                let _ = reply.send(Ok((*self.swarm.local_peer_id(), addrs, n)));
-            }
             Command::Peers(reply) => {
                 let peers = self
                     .swarm
@@ -366,12 +365,23 @@ impl EventLoop {
         }
     }
 
+    fn publish_status(&self) {
+        *self.status.listen_addrs.write().expect("lock") =
+            self.swarm.listeners().cloned().collect();
+        self.status.connected_peers.store(
+            self.swarm.connected_peers().count(),
+            std::sync::atomic::Ordering::Relaxed,
+        );
+    }
+
     fn on_swarm_event(&mut self, event: SwarmEvent<BehaviourEvent>) {
         match event {
             SwarmEvent::NewListenAddr { address, .. } => {
                 info!(%address, "listening");
+                self.publish_status();
                 self.emit(NodeEvent::NewListenAddr(address));
             }
+            SwarmEvent::ExpiredListenAddr { .. } => self.publish_status(),
             SwarmEvent::ConnectionEstablished {
                 peer_id,
                 endpoint,
@@ -383,6 +393,7 @@ impl EventLoop {
                 }
                 if num_established.get() == 1 {
                     debug!(%peer_id, "peer connected");
+                    self.publish_status();
                     self.emit(NodeEvent::PeerConnected {
                         peer_id,
                         addr: endpoint.get_remote_address().clone(),
@@ -395,6 +406,7 @@ impl EventLoop {
                 ..
             } => {
                 debug!(%peer_id, "peer disconnected");
+                self.publish_status();
                 self.rtts.remove(&peer_id);
                 self.addrs.remove(&peer_id);
                 self.emit(NodeEvent::PeerDisconnected { peer_id });

@@ -88,8 +88,6 @@ type Reply<T> = oneshot::Sender<Result<T, NodeError>>;
 /// A request to the event loop.
 #[derive(Debug)]
 pub enum Command {
-    /// Peer id, listen addresses, connection count.
-    Info(Reply<(PeerId, Vec<Multiaddr>, usize)>),
     /// Connected peers.
     Peers(Reply<Vec<PeerSummary>>),
     /// Dial a peer by id and/or addresses.
@@ -140,6 +138,14 @@ pub(crate) const COMMAND_QUEUE: usize = 1024;
 /// how many events it lost.
 pub(crate) const EVENT_QUEUE: usize = 4096;
 
+/// Facts the event loop publishes for lock-cheap reads, so the most frequent
+/// request (node info) never queues behind swarm work.
+#[derive(Debug, Default)]
+pub(crate) struct NodeStatus {
+    pub listen_addrs: std::sync::RwLock<Vec<Multiaddr>>,
+    pub connected_peers: std::sync::atomic::AtomicUsize,
+}
+
 /// A cloneable handle to the node's event loop.
 #[derive(Clone)]
 pub struct NodeHandle {
@@ -147,6 +153,7 @@ pub struct NodeHandle {
     pub(crate) events: broadcast::Sender<NodeEvent>,
     pub(crate) peer_id: PeerId,
     pub(crate) stream_control: libp2p_stream::Control,
+    pub(crate) status: std::sync::Arc<NodeStatus>,
 }
 
 impl std::fmt::Debug for NodeHandle {
@@ -161,6 +168,16 @@ impl NodeHandle {
     /// This node's peer id.
     pub fn peer_id(&self) -> PeerId {
         self.peer_id
+    }
+
+    /// Listen addresses and the number of connected peers, as of now.
+    pub fn status(&self) -> (Vec<Multiaddr>, usize) {
+        let addrs = self.status.listen_addrs.read().expect("lock").clone();
+        let n = self
+            .status
+            .connected_peers
+            .load(std::sync::atomic::Ordering::Relaxed);
+        (addrs, n)
     }
 
     /// A new receiver of node events.
