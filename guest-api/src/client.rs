@@ -13,7 +13,9 @@ use pb::response::Result as R;
 use tokio::sync::{broadcast, mpsc, watch};
 use tokio_stream_shim::{BroadcastStream, ReceiverStream};
 
-use crate::conn::{self, DELIVERY_QUEUE, Inner, Message, Target};
+use std::collections::HashMap;
+
+use crate::conn::{self, DELIVERY_QUEUE, Inner, Message, Registrations, Target};
 use crate::error::{Error, Result};
 use crate::stream::AppStream;
 
@@ -183,6 +185,23 @@ impl Client {
         Ok(())
     }
 
+    /// Records a delivery queue under `name` (so it survives reconnection), then
+    /// asks the node; undoes the record if the node refuses.
+    async fn register<T>(
+        &self,
+        pick: fn(&mut Registrations) -> &mut HashMap<String, mpsc::Sender<T>>,
+        name: &str,
+        op: Op,
+    ) -> Result<ReceiverStream<T>> {
+        let (tx, rx) = mpsc::channel(DELIVERY_QUEUE);
+        pick(&mut self.inner.regs.lock().expect("lock")).insert(name.into(), tx);
+        if let Err(e) = self.ok(op).await {
+            pick(&mut self.inner.regs.lock().expect("lock")).remove(name);
+            return Err(e);
+        }
+        Ok(ReceiverStream::new(rx))
+    }
+
     async fn ok(&self, op: Op) -> Result<()> {
         match self.inner.request(op).await? {
             R::Ok(_) => Ok(()),
@@ -325,23 +344,10 @@ impl Client {
         &self,
         topic: &str,
     ) -> Result<impl Stream<Item = Message> + Unpin + std::fmt::Debug + use<>> {
-        let (tx, rx) = mpsc::channel(DELIVERY_QUEUE);
-        self.inner
-            .regs
-            .lock()
-            .expect("lock")
-            .topics
-            .insert(topic.into(), tx);
-        let r = self
-            .ok(Op::Subscribe(pb::SubscribeRequest {
-                topic: topic.into(),
-            }))
-            .await;
-        if let Err(e) = r {
-            self.inner.regs.lock().expect("lock").topics.remove(topic);
-            return Err(e);
-        }
-        Ok(ReceiverStream::new(rx))
+        let op = Op::Subscribe(pb::SubscribeRequest {
+            topic: topic.into(),
+        });
+        self.register(|r| &mut r.topics, topic, op).await
     }
 
     /// Leaves a topic; its message stream ends.
@@ -391,28 +397,10 @@ impl Client {
         &self,
         protocol: &str,
     ) -> Result<impl Stream<Item = AppStream> + Unpin + std::fmt::Debug + use<>> {
-        let (tx, rx) = mpsc::channel(DELIVERY_QUEUE);
-        self.inner
-            .regs
-            .lock()
-            .expect("lock")
-            .protocols
-            .insert(protocol.into(), tx);
-        let r = self
-            .ok(Op::RegisterProtocol(pb::RegisterProtocolRequest {
-                protocol: protocol.into(),
-            }))
-            .await;
-        if let Err(e) = r {
-            self.inner
-                .regs
-                .lock()
-                .expect("lock")
-                .protocols
-                .remove(protocol);
-            return Err(e);
-        }
-        Ok(ReceiverStream::new(rx))
+        let op = Op::RegisterProtocol(pb::RegisterProtocolRequest {
+            protocol: protocol.into(),
+        });
+        self.register(|r| &mut r.protocols, protocol, op).await
     }
 
     /// Stops accepting streams for a protocol.

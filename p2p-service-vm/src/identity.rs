@@ -2,8 +2,7 @@
 //! (protobuf-encoded libp2p keypair, file mode 0600) so the peer id survives
 //! restarts.
 
-use std::io::Write;
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 
 use libp2p::identity::Keypair;
@@ -65,19 +64,9 @@ pub fn load_or_create(dir: &Path) -> Result<Keypair, IdentityError> {
             let bytes = key
                 .to_protobuf_encoding()
                 .expect("ed25519 keys always encode");
-            // Write to a temporary name and rename, so a crash never leaves a
-            // half-written key that would change the peer id on the next start.
-            let tmp = dir.join(format!("{IDENTITY_FILE}.tmp"));
-            let mut f = std::fs::OpenOptions::new()
-                .write(true)
-                .create(true)
-                .truncate(true)
-                .mode(0o600)
-                .open(&tmp)
-                .map_err(io)?;
-            f.write_all(&bytes).map_err(io)?;
-            f.sync_all().map_err(io)?;
-            std::fs::rename(&tmp, &path).map_err(io)?;
+            // Atomic, so a crash never leaves a half-written key that would
+            // change the peer id on the next start.
+            crate::fsutil::write_private_atomic(&path, &bytes).map_err(io)?;
             Ok(key)
         }
         Err(e) => Err(io(e)),

@@ -19,5 +19,6 @@
 pub mod api;
 pub mod config;
 pub mod daemon;
+mod fsutil;
 pub mod identity;
 pub mod node;

@@ -189,9 +189,16 @@ async fn session_and_stream_limits_have_clear_errors() -> Result<()> {
             .no_reconnect()
             .connect()
     };
-    let one = connect().await?;
-    let two = connect().await?;
-    let _three = connect().await?;
+    // Sessions the harness opened while starting the node end asynchronously;
+    // wait for their slots to be released.
+    let slot = || {
+        p2pvm_e2e::eventually(WAIT, "a free session slot", || async {
+            connect().await.ok()
+        })
+    };
+    let one = slot().await?;
+    let two = slot().await?;
+    let _three = slot().await?;
     let err = connect().await.unwrap_err();
     assert_eq!(err.code(), Some(ErrorCode::LimitExceeded), "{err}");
     drop(two);

@@ -6,8 +6,6 @@
 //! does not let anyone impersonate an app.
 
 use std::collections::BTreeMap;
-use std::io::Write;
-use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
 use rand::RngCore;
@@ -78,21 +76,10 @@ fn new_token() -> String {
 }
 
 fn write_private(path: &Path, data: &[u8]) -> Result<(), AppsError> {
-    let io = |source| AppsError::Io {
+    crate::fsutil::write_private_atomic(path, data).map_err(|source| AppsError::Io {
         path: path.to_owned(),
         source,
-    };
-    let tmp = path.with_extension("tmp");
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(&tmp)
-        .map_err(io)?;
-    f.write_all(data).map_err(io)?;
-    f.sync_all().map_err(io)?;
-    std::fs::rename(&tmp, path).map_err(io)
+    })
 }
 
 /// Checks an app name.
