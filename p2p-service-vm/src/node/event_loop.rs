@@ -137,6 +137,7 @@ impl Node {
                 events: event_tx,
                 queries: HashMap::new(),
                 dials: HashMap::new(),
+                dial_attempts: HashMap::new(),
                 rtts: HashMap::new(),
                 agents: HashMap::new(),
                 addrs: HashMap::new(),
@@ -167,6 +168,8 @@ struct EventLoop {
     events: broadcast::Sender<NodeEvent>,
     queries: HashMap<QueryId, PendingQuery>,
     dials: HashMap<PeerId, Vec<Reply<PeerId>>>,
+    /// Dials started for API requests, by connection id.
+    dial_attempts: HashMap<libp2p::swarm::ConnectionId, PeerId>,
     rtts: HashMap<PeerId, Duration>,
     agents: HashMap<PeerId, String>,
     /// Listen addresses peers announced through identify.
@@ -341,11 +344,19 @@ impl EventLoop {
             let _ = reply.send(Ok(peer));
             return;
         }
-        let opts = DialOpts::peer_id(peer).addresses(addrs).build();
+        // Always dial ourselves, even when another dial to the peer is under way:
+        // that one may be trying stale addresses while the caller knows fresh ones.
+        // Our attempts are tracked by connection id, so a failure of someone
+        // else's dial does not fail this request.
+        let opts = DialOpts::peer_id(peer)
+            .condition(libp2p::swarm::dial_opts::PeerCondition::Always)
+            .addresses(addrs)
+            .build();
+        let connection = opts.connection_id();
         match self.swarm.dial(opts) {
-            // A dial already under way (bootstrap, mDNS, another app) answers ours too.
-            Ok(()) | Err(libp2p::swarm::DialError::DialPeerConditionFalse(_)) => {
-                self.dials.entry(peer).or_default().push(reply)
+            Ok(()) => {
+                self.dial_attempts.insert(connection, peer);
+                self.dials.entry(peer).or_default().push(reply);
             }
             Err(e) => {
                 let _ = reply.send(Err(NodeError::Dial(e.to_string())));
@@ -388,6 +399,7 @@ impl EventLoop {
                 num_established,
                 ..
             } => {
+                self.dial_attempts.retain(|_, p| *p != peer_id);
                 for reply in self.dials.remove(&peer_id).unwrap_or_default() {
                     let _ = reply.send(Ok(peer_id));
                 }
@@ -412,12 +424,18 @@ impl EventLoop {
                 self.emit(NodeEvent::PeerDisconnected { peer_id });
             }
             SwarmEvent::OutgoingConnectionError {
-                peer_id: Some(peer_id),
+                connection_id,
                 error,
                 ..
-            } if !self.swarm.is_connected(&peer_id) => {
-                for reply in self.dials.remove(&peer_id).unwrap_or_default() {
-                    let _ = reply.send(Err(NodeError::Dial(error.to_string())));
+            } => {
+                let Some(peer_id) = self.dial_attempts.remove(&connection_id) else {
+                    return;
+                };
+                let ours_pending = self.dial_attempts.values().any(|p| *p == peer_id);
+                if !ours_pending && !self.swarm.is_connected(&peer_id) {
+                    for reply in self.dials.remove(&peer_id).unwrap_or_default() {
+                        let _ = reply.send(Err(NodeError::Dial(error.to_string())));
+                    }
                 }
             }
             SwarmEvent::Behaviour(event) => self.on_behaviour_event(event),
