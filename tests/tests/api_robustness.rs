@@ -229,3 +229,80 @@ async fn session_and_stream_limits_have_clear_errors() -> Result<()> {
     drop(s1);
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn flow_control_abuse_closes_only_that_session() -> Result<()> {
+    let a = TestNode::start(NodeOpts::default()).await?;
+    let b = TestNode::start(NodeOpts {
+        bootstrap: vec![a.addr.clone()],
+        ..Default::default()
+    })
+    .await?;
+    // A slow app on B accepts the stream but never reads.
+    let sink = b.app("sink").await?;
+    let mut incoming = sink.register_protocol("/sink/1").await?;
+    let _held = tokio::spawn(async move {
+        let s = incoming.next().await;
+        tokio::time::sleep(Duration::from_secs(60)).await;
+        drop(s);
+    });
+    let bystander = a.app("bystander").await?;
+    let token = a.admin().await?.issue_token("greedy").await?;
+
+    // The greedy app speaks raw frames: it opens a stream and then sends far
+    // more than the window without waiting for credit.
+    let s = UnixStream::connect(&a.socket).await?;
+    let mut framed = Framed::new(s, FrameCodec::default());
+    framed.send(hello(&token)).await?;
+    let window = match framed.next().await.expect("welcome")?.kind {
+        Some(pb::frame::Kind::Welcome(w)) => w.stream_window_bytes as usize,
+        other => panic!("expected Welcome, got {other:?}"),
+    };
+    let open = pb::Request {
+        id: 1,
+        op: Some(pb::request::Op::OpenStream(pb::OpenStreamRequest {
+            peer_id: b.peer_id.clone(),
+            protocol: "/sink/1".into(),
+            timeout_ms: 0,
+        })),
+    };
+    framed
+        .send(pb::Frame::of(pb::frame::Kind::Request(open)))
+        .await?;
+    let stream_id = loop {
+        match framed.next().await.expect("response")?.kind {
+            Some(pb::frame::Kind::Response(r)) => match r.result {
+                Some(pb::response::Result::StreamOpened(o)) => break o.stream_id,
+                other => panic!("open failed: {other:?}"),
+            },
+            _ => continue,
+        }
+    };
+    // The node returns credit as it writes to the peer, so "too much" is more
+    // than the window plus whatever the peer's transport and app buffers absorb
+    // before the silent reader stalls them: send until the node hangs up.
+    let chunk = bytes::Bytes::from(vec![0u8; 60 << 10]);
+    let mut sent = 0;
+    while sent <= window + (16 << 20) {
+        let data = pb::StreamData {
+            stream_id,
+            data: chunk.clone(),
+        };
+        if framed
+            .send(pb::Frame::of(pb::frame::Kind::StreamData(data)))
+            .await
+            .is_err()
+        {
+            break;
+        }
+        sent += chunk.len();
+    }
+    assert_eq!(
+        goodbye_code(framed.into_inner()).await?,
+        ErrorCode::ProtocolViolation
+    );
+    // Everyone else is fine.
+    bystander.node_info().await?;
+    sink.node_info().await?;
+    Ok(())
+}

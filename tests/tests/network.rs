@@ -219,6 +219,11 @@ async fn restart_keeps_peer_id_and_second_daemon_cannot_clash() -> Result<()> {
     let status = node.spawn_raw()?.wait().await?;
     assert!(!status.success());
     assert!(p2pvm_e2e::is_socket(&node.socket));
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(&node.socket)?.permissions().mode() & 0o777;
+    assert_eq!(mode, 0o660, "API socket mode");
+    let mode = std::fs::metadata(node.data_dir())?.permissions().mode() & 0o777;
+    assert_eq!(mode, 0o700, "data directory mode");
     node.admin().await?.node_info().await?;
 
     let status = node.stop().await?;

@@ -69,6 +69,8 @@ enum Cmd {
     App(AppCmd),
     /// Live sessions and what each owns (admin).
     Sessions,
+    /// This command's own session as the node sees it (app name, admin or not).
+    Session,
 }
 
 #[derive(Debug, Subcommand)]
@@ -319,6 +321,22 @@ async fn run(cli: &Cli, c: &Client) -> Result<()> {
         Cmd::App(AppCmd::List) => {
             let apps = c.list_apps().await?;
             print(j, json!(apps), || apps.join("\n"));
+        }
+        Cmd::Session => {
+            let w = c.welcome();
+            let s = c.session_state().await?;
+            print(
+                j,
+                json!({"session": s.session_id, "app": s.app, "admin": w.admin,
+                       "max_frame_bytes": w.max_frame_bytes, "stream_window_bytes": w.stream_window_bytes,
+                       "max_streams": w.max_streams}),
+                || {
+                    format!(
+                        "session {} of app {:?} (admin: {})",
+                        s.session_id, s.app, w.admin
+                    )
+                },
+            );
         }
         Cmd::Sessions => {
             let s = c.list_sessions().await?;

@@ -33,6 +33,8 @@ const OUT_QUEUE: usize = 256;
 const INTERNAL_QUEUE: usize = 256;
 /// How long a closing session may take to flush its last frames.
 const FLUSH_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long a closed session's input is drained so the app can read the reason.
+const LINGER: Duration = Duration::from_millis(500);
 /// Protocol prefixes the node itself speaks; apps may not take them over.
 const RESERVED_PROTOCOL_PREFIXES: &[&str] =
     &["/p2pvm/", "/ipfs/", "/meshsub/", "/floodsub/", "/libp2p/"];
@@ -169,10 +171,14 @@ where
         next_stream: 1,
         watching: false,
     };
-    session.serve(source, internal_rx, kill).await;
+    session.serve(&mut source, internal_rx, kill).await;
     session.cleanup().await;
     drop(session);
     let _ = tokio::time::timeout(FLUSH_TIMEOUT, writer).await;
+    // Linger: the writer shut our sending side down after the last frame; keep
+    // discarding what the app still sends for a moment, so closing with unread
+    // input does not reset the connection before the app read our Goodbye.
+    let _ = tokio::time::timeout(LINGER, async { while source.next().await.is_some() {} }).await;
     info!(session = id, "session closed");
 }
 
@@ -234,7 +240,7 @@ struct Session {
 impl Session {
     async fn serve<S>(
         &mut self,
-        mut source: S,
+        source: &mut S,
         mut internal_rx: mpsc::Receiver<Internal>,
         kill: CancellationToken,
     ) where
