@@ -194,7 +194,18 @@ impl Client {
         op: Op,
     ) -> Result<ReceiverStream<T>> {
         let (tx, rx) = mpsc::channel(DELIVERY_QUEUE);
-        pick(&mut self.inner.regs.lock().expect("lock")).insert(name.into(), tx);
+        {
+            let mut regs = self.inner.regs.lock().expect("lock");
+            let map = pick(&mut regs);
+            if map.contains_key(name) {
+                // Replacing the entry would silently end the first stream.
+                return Err(Error::Api {
+                    code: pb::ErrorCode::AlreadyExists,
+                    message: format!("{name} is already registered by this client"),
+                });
+            }
+            map.insert(name.into(), tx);
+        }
         if let Err(e) = self.ok(op).await {
             pick(&mut self.inner.regs.lock().expect("lock")).remove(name);
             return Err(e);

@@ -24,9 +24,6 @@ use crate::stream::{AppStream, Shared};
 pub(crate) const OUT_QUEUE: usize = 1024;
 /// Per-subscription / per-protocol delivery queue.
 pub(crate) const DELIVERY_QUEUE: usize = 1024;
-/// Stream chunks queued for an app that reads slowly. The node never sends more
-/// than the window, so this only bounds how finely it may be cut.
-const STREAM_CHUNK_QUEUE: usize = 4096;
 const RECONNECT_MIN: Duration = Duration::from_millis(100);
 const RECONNECT_MAX: Duration = Duration::from_secs(5);
 
@@ -63,7 +60,6 @@ pub(crate) struct Registrations {
 
 pub(crate) struct StreamSlot {
     shared: Arc<Mutex<Shared>>,
-    data: mpsc::Sender<Bytes>,
 }
 
 /// State shared by the client handle and the connection task.
@@ -165,14 +161,13 @@ impl Inner {
     ) -> Result<AppStream> {
         let window = self.welcome.lock().expect("lock").stream_window_bytes;
         let shared = Shared::new(window);
-        let (tx, rx) = mpsc::channel(STREAM_CHUNK_QUEUE);
         let mut streams = self.streams.lock().expect("lock");
-        streams.retain(|_, s| !s.data.is_closed());
+        // Forget streams the app has dropped (only our slot still holds them).
+        streams.retain(|_, s| Arc::strong_count(&s.shared) > 1);
         streams.insert(
             id,
             StreamSlot {
                 shared: shared.clone(),
-                data: tx,
             },
         );
         drop(streams);
@@ -181,7 +176,6 @@ impl Inner {
             peer,
             protocol,
             shared,
-            rx,
             self.sender()?,
             window,
         ))
@@ -246,6 +240,7 @@ pub(crate) async fn run(inner: Arc<Inner>, conn: Conn) {
 fn disconnected(inner: &Inner) {
     *inner.out.lock().expect("lock") = None;
     inner.pending.lock().expect("lock").clear();
+    inner.opened.lock().expect("lock").clear();
     for (_, s) in inner.streams.lock().expect("lock").drain() {
         s.shared
             .lock()
@@ -332,16 +327,12 @@ async fn dispatch(inner: &Arc<Inner>, frame: pb::Frame) -> bool {
         }
         Some(Kind::Event(e)) => on_event(inner, e.kind).await,
         Some(Kind::StreamData(d)) => {
-            let slot = inner
-                .streams
-                .lock()
-                .expect("lock")
-                .get(&d.stream_id)
-                .map(|s| s.data.clone());
-            if let Some(tx) = slot
-                && tx.try_send(d.data).is_err()
-            {
-                inner.streams.lock().expect("lock").remove(&d.stream_id);
+            if let Some(s) = inner.streams.lock().expect("lock").get(&d.stream_id) {
+                let mut sh = s.shared.lock().expect("lock");
+                sh.inbound.extend_from_slice(&d.data);
+                if let Some(w) = sh.read_waker.take() {
+                    w.wake();
+                }
             }
         }
         Some(Kind::StreamCredit(c)) => {
@@ -363,11 +354,10 @@ async fn dispatch(inner: &Arc<Inner>, frame: pb::Frame) -> bool {
                         .unwrap_or_else(|| "reset by peer".into());
                     s.shared.lock().expect("lock").fail(why);
                 }
-            } else if let Some(s) = streams.get_mut(&c.stream_id) {
-                // EOF: replace the sender so the reader sees the channel end
-                // after the queued data.
-                let (dead, _) = mpsc::channel(1);
-                s.data = dead;
+            } else if let Some(s) = streams.get(&c.stream_id) {
+                let mut sh = s.shared.lock().expect("lock");
+                sh.eof = true;
+                sh.wake_all();
             }
         }
         Some(Kind::Goodbye(g)) => {

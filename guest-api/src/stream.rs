@@ -5,7 +5,7 @@ use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll, Waker};
 
-use bytes::{Buf, Bytes};
+use bytes::{Buf, Bytes, BytesMut};
 use p2pvm_proto::{MAX_STREAM_CHUNK_BYTES, pb};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::sync::mpsc;
@@ -19,6 +19,12 @@ pub(crate) struct Shared {
     pub write_waker: Option<Waker>,
     /// Set when the node reset the stream or the session dropped.
     pub reset: Option<String>,
+    /// Received bytes not yet read by the app; the node never sends more than
+    /// the credit we returned, so this stays within one window.
+    pub inbound: BytesMut,
+    /// The peer half-closed: EOF once `inbound` is drained.
+    pub eof: bool,
+    pub read_waker: Option<Waker>,
 }
 
 impl Shared {
@@ -27,12 +33,22 @@ impl Shared {
             credit: window,
             write_waker: None,
             reset: None,
+            inbound: BytesMut::new(),
+            eof: false,
+            read_waker: None,
         }))
     }
 
     pub fn fail(&mut self, why: String) {
         self.reset.get_or_insert(why);
+        self.wake_all();
+    }
+
+    pub fn wake_all(&mut self) {
         if let Some(w) = self.write_waker.take() {
+            w.wake();
+        }
+        if let Some(w) = self.read_waker.take() {
             w.wake();
         }
     }
@@ -60,8 +76,6 @@ pub struct AppStream {
     peer: String,
     protocol: String,
     shared: Arc<Mutex<Shared>>,
-    incoming: mpsc::Receiver<Bytes>,
-    pending: Bytes,
     out: PollSender<pb::Frame>,
     credit_tx: mpsc::Sender<pb::Frame>,
     unreturned: u32,
@@ -81,7 +95,6 @@ impl AppStream {
         peer: String,
         protocol: String,
         shared: Arc<Mutex<Shared>>,
-        incoming: mpsc::Receiver<Bytes>,
         out: mpsc::Sender<pb::Frame>,
         window: u32,
     ) -> Self {
@@ -90,8 +103,6 @@ impl AppStream {
             peer,
             protocol,
             shared,
-            incoming,
-            pending: Bytes::new(),
             credit_tx: out.clone(),
             out: PollSender::new(out),
             unreturned: 0,
@@ -123,9 +134,9 @@ impl AppStream {
 
     /// Returns consumed bytes to the node in batches of a quarter window, so
     /// credit frames cost little while the sender never stalls on a full window.
-    fn return_credit(&mut self, n: usize) {
+    fn return_credit(&mut self, n: usize, drained: bool) {
         self.unreturned += n as u32;
-        if self.unreturned >= self.window / 4 || (self.pending.is_empty() && self.unreturned > 0) {
+        if self.unreturned >= self.window / 4 || (drained && self.unreturned > 0) {
             let credit = pb::StreamCredit {
                 stream_id: self.id,
                 bytes: self.unreturned,
@@ -158,23 +169,26 @@ impl AsyncRead for AppStream {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<std::io::Result<()>> {
         let this = &mut *self;
-        if this.pending.is_empty() && !this.read_eof {
-            match this.incoming.poll_recv(cx) {
-                Poll::Ready(Some(chunk)) => this.pending = chunk,
-                Poll::Ready(None) => {
-                    this.read_eof = true;
-                    if let Some(why) = &this.shared.lock().expect("lock").reset {
-                        return Poll::Ready(Err(broken(why)));
-                    }
+        let (n, drained) = {
+            let mut sh = this.shared.lock().expect("lock");
+            if sh.inbound.is_empty() {
+                if let Some(why) = &sh.reset {
+                    return Poll::Ready(Err(broken(why)));
                 }
-                Poll::Pending => return Poll::Pending,
+                if sh.eof {
+                    this.read_eof = true;
+                    return Poll::Ready(Ok(()));
+                }
+                sh.read_waker = Some(cx.waker().clone());
+                return Poll::Pending;
             }
-        }
-        let n = this.pending.len().min(buf.remaining());
-        buf.put_slice(&this.pending[..n]);
-        this.pending.advance(n);
+            let n = sh.inbound.len().min(buf.remaining());
+            buf.put_slice(&sh.inbound[..n]);
+            sh.inbound.advance(n);
+            (n, sh.inbound.is_empty())
+        };
         if n > 0 {
-            this.return_credit(n);
+            this.return_credit(n, drained);
         }
         Poll::Ready(Ok(()))
     }

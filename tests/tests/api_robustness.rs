@@ -306,3 +306,73 @@ async fn flow_control_abuse_closes_only_that_session() -> Result<()> {
     sink.node_info().await?;
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_stream_does_not_freeze_its_session() -> Result<()> {
+    let a = TestNode::start(NodeOpts::default()).await?;
+    let b = TestNode::start(NodeOpts {
+        bootstrap: vec![a.addr.clone()],
+        ..Default::default()
+    })
+    .await?;
+    let sink = b.app("sink").await?;
+    let mut incoming = sink.register_protocol("/stall/1").await?;
+    let _held = tokio::spawn(async move {
+        let s = incoming.next().await; // accepted, never read
+        tokio::time::sleep(Duration::from_secs(60)).await;
+        drop(s);
+    });
+    let app = a.app("writer").await?;
+    let mut stream = app.open_stream(&b.peer_id, "/stall/1").await?;
+    // Many small writes: far more frames than any per-stream queue, far more
+    // bytes than the window plus what transport buffers absorb.
+    let writer = tokio::spawn(async move {
+        let small = [1u8; 512];
+        for _ in 0..8192 {
+            if stream.write_all(&small).await.is_err() {
+                break;
+            }
+        }
+    });
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(
+        !writer.is_finished(),
+        "the writer must be stalled by flow control"
+    );
+    // The same session still answers requests promptly.
+    for _ in 0..20 {
+        tokio::time::timeout(Duration::from_secs(2), app.node_info()).await??;
+    }
+    writer.abort();
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn duplicate_subscription_is_refused_and_the_first_keeps_working() -> Result<()> {
+    let a = TestNode::start(NodeOpts::default()).await?;
+    let b = TestNode::start(NodeOpts {
+        bootstrap: vec![a.addr.clone()],
+        ..Default::default()
+    })
+    .await?;
+    let app = a.app("reader").await?;
+    let mut first = app.subscribe("dup").await?;
+    let err = app.subscribe("dup").await.unwrap_err();
+    assert_eq!(err.code(), Some(ErrorCode::AlreadyExists));
+    let publisher = b.app("writer").await?;
+    p2pvm_e2e::eventually(WAIT, "mesh", || async {
+        publisher
+            .topic_peers("dup")
+            .await
+            .ok()?
+            .contains(&a.peer_id)
+            .then_some(())
+    })
+    .await?;
+    publisher.publish("dup", "still here").await?;
+    let m = tokio::time::timeout(WAIT, first.next())
+        .await?
+        .expect("first stream open");
+    assert_eq!(&m.data[..], b"still here");
+    Ok(())
+}

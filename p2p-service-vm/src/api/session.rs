@@ -54,6 +54,8 @@ pub(crate) enum Internal {
     },
     ReaderDone(u64),
     WriterDone(u64),
+    /// A copy task failed: reset the whole stream.
+    Failed(u64, pb::Error),
 }
 
 fn goodbye(code: pb::ErrorCode, message: impl Into<String>) -> pb::Frame {
@@ -170,11 +172,17 @@ where
         pending_opens: 0,
         next_stream: 1,
         watching: false,
+        kill: kill.clone(),
     };
     session.serve(&mut source, internal_rx, kill).await;
     session.cleanup().await;
     drop(session);
-    let _ = tokio::time::timeout(FLUSH_TIMEOUT, writer).await;
+    let writer_abort = writer.abort_handle();
+    if tokio::time::timeout(FLUSH_TIMEOUT, writer).await.is_err() {
+        // The app does not read: drop its queued frames and the socket now.
+        writer_abort.abort();
+        return;
+    }
     // Linger: the writer shut our sending side down after the last frame; keep
     // discarding what the app still sends for a moment, so closing with unread
     // input does not reset the connection before the app read our Goodbye.
@@ -235,6 +243,7 @@ struct Session {
     pending_opens: usize,
     next_stream: u64,
     watching: bool,
+    kill: CancellationToken,
 }
 
 impl Session {
@@ -249,7 +258,7 @@ impl Session {
         loop {
             tokio::select! {
                 _ = kill.cancelled() => {
-                    self.send(goodbye(pb::ErrorCode::Unavailable, "session ended by the node (shutdown or token revoked)")).await;
+                    let _ = self.out.try_send(goodbye(pb::ErrorCode::Unavailable, "session ended by the node (shutdown or token revoked)"));
                     return;
                 }
                 frame = source.next() => match frame {
@@ -274,8 +283,12 @@ impl Session {
     }
 
     async fn send(&self, frame: pb::Frame) {
-        // Fails only when the writer is gone, i.e. the session is ending anyway.
-        let _ = self.out.send(frame).await;
+        // An app that stops reading fills `out`; racing the kill token keeps
+        // revocation and shutdown working for it. Errors mean the session ends.
+        tokio::select! {
+            _ = self.out.send(frame) => {}
+            _ = self.kill.cancelled() => {}
+        }
     }
 
     async fn reply(&self, id: u64, result: Result<pb::response::Result, ApiError>) {
@@ -294,7 +307,6 @@ impl Session {
                 // Data for a stream that just ended crosses the close in flight: drop it.
                 if let Some(s) = self.streams.get_mut(&d.stream_id) {
                     s.data_from_app(d.data, window)
-                        .await
                         .map_err(|v| violation(v.message(d.stream_id)))?;
                 }
                 Ok(())
@@ -338,7 +350,7 @@ impl Session {
             Op::Subscribe(r) => self.subscribe(r.topic).await,
             Op::Unsubscribe(r) => self.unsubscribe(&r.topic).await,
             Op::RegisterProtocol(r) => self.register_protocol(r.protocol),
-            Op::UnregisterProtocol(r) => self.unregister_protocol(&r.protocol),
+            Op::UnregisterProtocol(r) => self.unregister_protocol(&r.protocol).await,
             Op::AdvertiseService(r) => self.advertise(r.name).await,
             Op::WithdrawService(r) => self.withdraw(&r.name).await,
             Op::WatchEvents(_) => {
@@ -496,14 +508,17 @@ impl Session {
         ok()
     }
 
-    fn unregister_protocol(&mut self, name: &str) -> Result<pb::response::Result, ApiError> {
+    async fn unregister_protocol(&mut self, name: &str) -> Result<pb::response::Result, ApiError> {
         let Some(task) = self.protocols.remove(name) else {
             return Err(ApiError::new(
                 pb::ErrorCode::NotFound,
                 "not registered by this app",
             ));
         };
+        // Wait until the task (and with it libp2p-stream's registration) is gone,
+        // so the name can be registered again at once.
         task.abort();
+        let _ = task.await;
         self.svc.inner.protocols.lock().expect("lock").remove(name);
         self.sync_state();
         ok()
@@ -520,12 +535,11 @@ impl Session {
         let mut counts = self.svc.inner.services.lock().await;
         let count = counts.entry(name.clone()).or_insert(0);
         if *count == 0 {
-            let key = service_key(&name);
-            let node = &self.svc.inner.node;
-            if let Err(e) = node
-                .call_timeout(ops::DEFAULT_TIMEOUT, |r| Command::Provide(key, r))
-                .await
-            {
+            // The provider record is stored locally at once and announced to the
+            // DHT in the background; waiting for that (up to the query timeout)
+            // would stall this session and every other advertiser.
+            let announce = Command::Announce(service_key(&name));
+            if let Err(e) = self.svc.inner.node.send(announce).await {
                 counts.remove(&name);
                 return Err(e.into());
             }
@@ -659,6 +673,18 @@ impl Session {
                 self.send(pb::Frame::of(Kind::Event(pb::Event { kind: Some(ev) })))
                     .await;
             }
+            Internal::Failed(id, error) => {
+                if let Some(s) = self.streams.remove(&id) {
+                    s.reset();
+                    self.sync_state();
+                    let close = pb::StreamClose {
+                        stream_id: id,
+                        reset: true,
+                        error: Some(error),
+                    };
+                    self.send(pb::Frame::of(Kind::StreamClose(close))).await;
+                }
+            }
             Internal::ReaderDone(id) | Internal::WriterDone(id) => {
                 let reader = matches!(msg, Internal::ReaderDone(_));
                 if let Some(s) = self.streams.get_mut(&id) {
@@ -727,6 +753,7 @@ impl Session {
     async fn cleanup(&mut self) {
         for (name, task) in self.protocols.drain() {
             task.abort();
+            let _ = task.await;
             self.svc.inner.protocols.lock().expect("lock").remove(&name);
         }
         for topic in std::mem::take(&mut self.topics) {

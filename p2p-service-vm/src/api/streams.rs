@@ -6,28 +6,35 @@
 //! credited back only after it was written to the peer, so a slow remote slows
 //! only the app that writes to it.
 
-use std::sync::Arc;
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use futures::{AsyncReadExt, AsyncWriteExt};
 use p2pvm_proto::{MAX_STREAM_CHUNK_BYTES, pb};
-use tokio::sync::{Semaphore, mpsc};
+use tokio::sync::{Notify, Semaphore, mpsc};
 use tokio::task::JoinHandle;
 
 use super::session::Internal;
 
-/// Queue depth of app → peer chunks per stream; the byte window is the real
-/// bound, this only limits how many small frames queue before the session waits.
-const TO_REMOTE_QUEUE: usize = 64;
-
+/// App → peer bytes waiting for the writer task. A byte buffer rather than a
+/// queue of frames: the window bounds it in bytes however finely the app cuts
+/// its data, and appending never blocks the session loop.
+#[derive(Debug, Default)]
+struct Outbox {
+    buf: BytesMut,
+    /// The app half-closed: flush, then close the peer stream.
+    closed: bool,
+    /// Writing to the peer failed; further app data is dropped.
+    failed: bool,
+}
 /// One bridged stream as the session tracks it.
 #[derive(Debug)]
 pub(crate) struct StreamEntry {
-    /// Chunks from the app to the peer; `None` once the app half-closed.
-    to_remote: Option<mpsc::Sender<Bytes>>,
+    /// Bytes from the app for the peer, and their state.
+    outbox: Arc<Mutex<Outbox>>,
+    outbox_ready: Arc<Notify>,
     /// Bytes the app sent that are not yet credited back.
-    inbound_outstanding: Arc<AtomicU32>,
+    inbound_outstanding: Arc<std::sync::atomic::AtomicU32>,
     /// Credit the app granted for node → app data.
     send_credit: Arc<Semaphore>,
     reader: JoinHandle<()>,
@@ -69,8 +76,9 @@ impl StreamEntry {
     ) -> Self {
         let (mut rd, mut wr) = stream.split();
         let send_credit = Arc::new(Semaphore::new(window as usize));
-        let inbound_outstanding = Arc::new(AtomicU32::new(0));
-        let (to_remote, mut from_app) = mpsc::channel::<Bytes>(TO_REMOTE_QUEUE);
+        let inbound_outstanding = Arc::new(std::sync::atomic::AtomicU32::new(0));
+        let outbox = Arc::new(Mutex::new(Outbox::default()));
+        let outbox_ready = Arc::new(Notify::new());
 
         let reader = {
             let credit = send_credit.clone();
@@ -115,14 +123,12 @@ impl StreamEntry {
                             }
                         }
                         Err(e) => {
-                            break Some(pb::StreamClose {
-                                stream_id: id,
-                                reset: true,
-                                error: Some(pb::Error::new(
-                                    pb::ErrorCode::Unavailable,
-                                    format!("peer stream failed: {e}"),
-                                )),
-                            });
+                            let error = pb::Error::new(
+                                pb::ErrorCode::Unavailable,
+                                format!("peer stream failed: {e}"),
+                            );
+                            let _ = internal.send(Internal::Failed(id, error)).await;
+                            return;
                         }
                     }
                 };
@@ -135,15 +141,26 @@ impl StreamEntry {
 
         let writer = {
             let outstanding = inbound_outstanding.clone();
+            let outbox = outbox.clone();
+            let ready = outbox_ready.clone();
             tokio::spawn(async move {
-                let mut failed = None;
-                while let Some(chunk) = from_app.recv().await {
+                let failed = loop {
+                    let (chunk, closed) = {
+                        let mut o = outbox.lock().expect("lock");
+                        (o.buf.split().freeze(), o.closed)
+                    };
+                    if chunk.is_empty() {
+                        if closed {
+                            break None;
+                        }
+                        ready.notified().await;
+                        continue;
+                    }
                     if let Err(e) = wr.write_all(&chunk).await {
-                        failed = Some(e);
-                        break;
+                        break Some(e);
                     }
                     let n = chunk.len() as u32;
-                    outstanding.fetch_sub(n, Ordering::AcqRel);
+                    outstanding.fetch_sub(n, std::sync::atomic::Ordering::AcqRel);
                     let credit = pb::StreamCredit {
                         stream_id: id,
                         bytes: n,
@@ -153,31 +170,29 @@ impl StreamEntry {
                         .await
                         .is_err()
                     {
-                        break;
+                        break None;
                     }
-                }
+                };
                 match failed {
                     None => {
                         let _ = wr.close().await;
+                        let _ = internal.send(Internal::WriterDone(id)).await;
                     }
                     Some(e) => {
-                        let close = pb::StreamClose {
-                            stream_id: id,
-                            reset: true,
-                            error: Some(pb::Error::new(
-                                pb::ErrorCode::Unavailable,
-                                format!("writing to the peer failed: {e}"),
-                            )),
-                        };
-                        let _ = out.send(frame(pb::frame::Kind::StreamClose(close))).await;
+                        outbox.lock().expect("lock").failed = true;
+                        let error = pb::Error::new(
+                            pb::ErrorCode::Unavailable,
+                            format!("writing to the peer failed: {e}"),
+                        );
+                        let _ = internal.send(Internal::Failed(id, error)).await;
                     }
                 }
-                let _ = internal.send(Internal::WriterDone(id)).await;
             })
         };
 
         Self {
-            to_remote: Some(to_remote),
+            outbox,
+            outbox_ready,
             inbound_outstanding,
             send_credit,
             reader,
@@ -187,21 +202,26 @@ impl StreamEntry {
         }
     }
 
-    /// Data from the app for the peer. Waits if the copy queue is full, which
-    /// back-pressures only this session.
-    pub async fn data_from_app(&mut self, data: Bytes, window: u32) -> Result<(), StreamViolation> {
-        let Some(tx) = &self.to_remote else {
+    /// Data from the app for the peer. Never blocks: the window bounds the buffer.
+    pub fn data_from_app(&mut self, data: Bytes, window: u32) -> Result<(), StreamViolation> {
+        let mut o = self.outbox.lock().expect("lock");
+        if o.closed {
             return Err(StreamViolation::WriteAfterClose);
-        };
+        }
+        if o.failed || data.is_empty() {
+            // The writer already reported the failure; the data has nowhere to go.
+            return Ok(());
+        }
         let n = data.len() as u32;
-        let before = self.inbound_outstanding.fetch_add(n, Ordering::AcqRel);
+        let before = self
+            .inbound_outstanding
+            .fetch_add(n, std::sync::atomic::Ordering::AcqRel);
         if before.saturating_add(n) > window {
             return Err(StreamViolation::WindowExceeded);
         }
-        if tx.send(data).await.is_err() {
-            // The writer already failed and reported it; drop the data.
-            self.to_remote = None;
-        }
+        o.buf.extend_from_slice(&data);
+        drop(o);
+        self.outbox_ready.notify_one();
         Ok(())
     }
 
@@ -216,7 +236,8 @@ impl StreamEntry {
 
     /// The app will send no more data.
     pub fn half_close(&mut self) {
-        self.to_remote = None;
+        self.outbox.lock().expect("lock").closed = true;
+        self.outbox_ready.notify_one();
     }
 
     /// Both directions finished.

@@ -256,6 +256,11 @@ impl EventLoop {
                     }
                 }
             }
+            Command::Announce(key) => {
+                if let Err(e) = self.swarm.behaviour_mut().kad.start_providing(key) {
+                    warn!(error = ?e, "cannot store provider record");
+                }
+            }
             Command::StopProviding(key) => self.swarm.behaviour_mut().kad.stop_providing(&key),
             Command::FindProviders { key, limit, reply } => {
                 let id = self.swarm.behaviour_mut().kad.get_providers(key);

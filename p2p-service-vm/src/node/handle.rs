@@ -109,6 +109,8 @@ pub enum Command {
     GetRecord(kad::RecordKey, Reply<kad::Record>),
     /// Announce this node as a provider of a key.
     Provide(kad::RecordKey, Reply<()>),
+    /// Announce as a provider without waiting for the DHT to acknowledge.
+    Announce(kad::RecordKey),
     /// Stop announcing.
     StopProviding(kad::RecordKey),
     /// Find providers of a key.
