@@ -426,6 +426,7 @@ impl EventLoop {
                 self.publish_status();
                 self.rtts.remove(&peer_id);
                 self.addrs.remove(&peer_id);
+                self.agents.remove(&peer_id);
                 self.emit(NodeEvent::PeerDisconnected { peer_id });
             }
             SwarmEvent::OutgoingConnectionError {
