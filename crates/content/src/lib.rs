@@ -1,0 +1,24 @@
+//! Content addressing and verified streaming for p2pvm's content sharing
+//! (the first piece of issue 3; the store, transfer protocol and API follow).
+//!
+//! ```text
+//!  publisher: bytes ─► outboard (BLAKE3 tree, 16 KiB chunk groups) ─► ContentId = root
+//!  provider:  (bytes, outboard, byte range) ─► encode_range ─► wire
+//!  fetcher:   (ContentId, size, byte range, wire) ─► decode_range ─► verified bytes only
+//! ```
+//!
+//! A content id is the plain BLAKE3 hash of the bytes. Any byte range, including
+//! one in the middle of an item, is sent together with the tree nodes that prove
+//! it, so the receiver checks every byte against the id before handing it on;
+//! anything that does not verify is an error, never data (after iroh-blobs and bao).
+
+mod verified;
+
+pub use verified::{ContentError, ContentId, Outboard, decode_range, encode_range};
+
+/// Chunk group size used for trees: 16 chunks of 1 KiB. Larger groups shrink the
+/// outboard (one 64-byte pair per 16 KiB, 0.4 % overhead) at the cost of verifying
+/// in 16 KiB steps; the same value iroh-blobs uses.
+pub const CHUNK_GROUP_LOG: u8 = 4;
+/// Bytes per chunk group.
+pub const CHUNK_GROUP_BYTES: u64 = 1024 << CHUNK_GROUP_LOG;
