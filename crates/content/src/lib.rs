@@ -12,8 +12,10 @@
 //! it, so the receiver checks every byte against the id before handing it on;
 //! anything that does not verify is an error, never data (after iroh-blobs and bao).
 
+pub mod store;
 mod verified;
 
+pub use store::{ItemInfo, Store, StoreError};
 pub use verified::{ContentError, ContentId, Outboard, decode_range, encode_range};
 
 /// Chunk group size used for trees: 16 chunks of 1 KiB. Larger groups shrink the

@@ -5,9 +5,9 @@ use std::io::Cursor;
 use std::ops::Range;
 use std::str::FromStr;
 
-use bao_tree::io::outboard::{EmptyOutboard, PreOrderMemOutboard};
+use bao_tree::io::outboard::{EmptyOutboard, PreOrderOutboard};
 use bao_tree::io::round_up_to_chunks;
-use bao_tree::io::sync::{decode_ranges, encode_ranges_validated};
+use bao_tree::io::sync::{CreateOutboard, ReadAt, decode_ranges, encode_ranges_validated};
 use bao_tree::{BaoTree, BlockSize, ByteRanges};
 
 use crate::CHUNK_GROUP_LOG;
@@ -72,21 +72,26 @@ impl From<blake3::Hash> for ContentId {
 /// The hash tree of one item, kept beside its bytes so any range can be proven.
 #[derive(Debug, Clone)]
 pub struct Outboard {
-    inner: PreOrderMemOutboard,
+    inner: PreOrderOutboard<Vec<u8>>,
 }
 
 impl Outboard {
     /// Hashes `data` and builds its tree.
     pub fn compute(data: &[u8]) -> Self {
-        Self {
-            inner: PreOrderMemOutboard::create(data, BLOCK_SIZE),
-        }
+        Self::from_reader(Cursor::new(data)).expect("reading memory cannot fail")
+    }
+
+    /// Hashes a seekable source (a file) in one streaming pass.
+    pub fn from_reader(data: impl std::io::Read + std::io::Seek) -> std::io::Result<Self> {
+        Ok(Self {
+            inner: PreOrderOutboard::<Vec<u8>>::create(data, BLOCK_SIZE)?,
+        })
     }
 
     /// Rebuilds an outboard from stored tree bytes.
     pub fn from_parts(id: ContentId, size: u64, tree_bytes: Vec<u8>) -> Self {
         Self {
-            inner: PreOrderMemOutboard {
+            inner: PreOrderOutboard {
                 root: blake3::Hash::from_bytes(id.0),
                 tree: BaoTree::new(size, BLOCK_SIZE),
                 data: tree_bytes,
@@ -127,7 +132,7 @@ fn check_range(range: &Range<u64>, size: u64) -> Result<(), ContentError> {
 /// trims it back. The local data is validated while encoding, so a corrupted
 /// store is detected here rather than blamed on us by the peer.
 pub fn encode_range(
-    data: &[u8],
+    data: impl ReadAt,
     outboard: &Outboard,
     range: Range<u64>,
 ) -> Result<Vec<u8>, ContentError> {
