@@ -254,3 +254,14 @@ pub fn is_socket(path: &Path) -> bool {
         .map(|m| m.file_type().is_socket())
         .unwrap_or(false)
 }
+
+/// Two nodes, the second bootstrapped from the first.
+pub async fn pair() -> Result<(TestNode, TestNode)> {
+    let a = TestNode::start(NodeOpts::default()).await?;
+    let b = TestNode::start(NodeOpts {
+        bootstrap: vec![a.addr.clone()],
+        ..Default::default()
+    })
+    .await?;
+    Ok((a, b))
+}

@@ -232,12 +232,7 @@ async fn session_and_stream_limits_have_clear_errors() -> Result<()> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn flow_control_abuse_closes_only_that_session() -> Result<()> {
-    let a = TestNode::start(NodeOpts::default()).await?;
-    let b = TestNode::start(NodeOpts {
-        bootstrap: vec![a.addr.clone()],
-        ..Default::default()
-    })
-    .await?;
+    let (a, b) = p2pvm_e2e::pair().await?;
     // A slow app on B accepts the stream but never reads.
     let sink = b.app("sink").await?;
     let mut incoming = sink.register_protocol("/sink/1").await?;
@@ -309,12 +304,7 @@ async fn flow_control_abuse_closes_only_that_session() -> Result<()> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stalled_stream_does_not_freeze_its_session() -> Result<()> {
-    let a = TestNode::start(NodeOpts::default()).await?;
-    let b = TestNode::start(NodeOpts {
-        bootstrap: vec![a.addr.clone()],
-        ..Default::default()
-    })
-    .await?;
+    let (a, b) = p2pvm_e2e::pair().await?;
     let sink = b.app("sink").await?;
     let mut incoming = sink.register_protocol("/stall/1").await?;
     let _held = tokio::spawn(async move {
@@ -349,12 +339,7 @@ async fn a_stalled_stream_does_not_freeze_its_session() -> Result<()> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn duplicate_subscription_is_refused_and_the_first_keeps_working() -> Result<()> {
-    let a = TestNode::start(NodeOpts::default()).await?;
-    let b = TestNode::start(NodeOpts {
-        bootstrap: vec![a.addr.clone()],
-        ..Default::default()
-    })
-    .await?;
+    let (a, b) = p2pvm_e2e::pair().await?;
     let app = a.app("reader").await?;
     let mut first = app.subscribe("dup").await?;
     let err = app.subscribe("dup").await.unwrap_err();

@@ -1,7 +1,7 @@
 //! `p2pctl` as an operator and as an app would run it, against a real p2pd.
 
 use anyhow::Result;
-use p2pvm_e2e::{NodeOpts, TestNode, bin};
+use p2pvm_e2e::{TestNode, bin};
 
 async fn p2pctl(
     node: &TestNode,
@@ -19,12 +19,7 @@ async fn p2pctl(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn p2pctl_json_and_tables_and_permissions() -> Result<()> {
-    let a = TestNode::start(NodeOpts::default()).await?;
-    let b = TestNode::start(NodeOpts {
-        bootstrap: vec![a.addr.clone()],
-        ..Default::default()
-    })
-    .await?;
+    let (a, b) = p2pvm_e2e::pair().await?;
 
     // The operator (admin.token beside the socket) gets JSON node info.
     let out = p2pctl(&a, None, &["--json", "info"]).await?;
