@@ -12,9 +12,11 @@
 //! it, so the receiver checks every byte against the id before handing it on;
 //! anything that does not verify is an error, never data (after iroh-blobs and bao).
 
+pub mod manifest;
 pub mod store;
 mod verified;
 
+pub use manifest::{Manifest, ManifestError, Rights, SignedManifest};
 pub use store::{ItemInfo, Store, StoreError};
 pub use verified::{ContentError, ContentId, Outboard, decode_range, encode_range};
 
