@@ -440,17 +440,24 @@ impl Session {
     }
 
     async fn release_topic(&self, topic: &str) {
-        let mut counts = self.svc.inner.topics.lock().await;
-        if let Some(c) = counts.get_mut(topic) {
+        let last = Command::Unsubscribe(topic.into());
+        self.release(&self.svc.inner.topics, topic, last).await;
+    }
+
+    /// Drops one session's reference to a shared node-level object and sends
+    /// `on_last` to the node when it was the last one.
+    async fn release(
+        &self,
+        counts: &tokio::sync::Mutex<HashMap<String, usize>>,
+        name: &str,
+        on_last: Command,
+    ) {
+        let mut counts = counts.lock().await;
+        if let Some(c) = counts.get_mut(name) {
             *c -= 1;
             if *c == 0 {
-                counts.remove(topic);
-                let _ = self
-                    .svc
-                    .inner
-                    .node
-                    .send(Command::Unsubscribe(topic.into()))
-                    .await;
+                counts.remove(name);
+                let _ = self.svc.inner.node.send(on_last).await;
             }
         }
     }
@@ -564,19 +571,8 @@ impl Session {
     }
 
     async fn release_service(&self, name: &str) {
-        let mut counts = self.svc.inner.services.lock().await;
-        if let Some(c) = counts.get_mut(name) {
-            *c -= 1;
-            if *c == 0 {
-                counts.remove(name);
-                let _ = self
-                    .svc
-                    .inner
-                    .node
-                    .send(Command::StopProviding(service_key(name)))
-                    .await;
-            }
-        }
+        let last = Command::StopProviding(service_key(name));
+        self.release(&self.svc.inner.services, name, last).await;
     }
 
     fn stream_slots_left(&self) -> bool {
