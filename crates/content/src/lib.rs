@@ -1,5 +1,7 @@
 //! Content addressing and verified streaming for p2pvm's content sharing
-//! (the first piece of issue 3; the store, transfer protocol and API follow).
+//! — the library under p2pd's content service:
+//! verified ranges, partial downloads that can be served onwards, the store, signed
+//! manifests, search keywords and the transfer protocol's messages.
 //!
 //! ```text
 //!  publisher: bytes ─► outboard (BLAKE3 tree, 16 KiB chunk groups) ─► ContentId = root
@@ -12,11 +14,15 @@
 //! it, so the receiver checks every byte against the id before handing it on;
 //! anything that does not verify is an error, never data (after iroh-blobs and bao).
 
+pub mod keywords;
 pub mod manifest;
+mod partial;
 pub mod store;
+pub mod transfer;
 mod verified;
 
 pub use manifest::{Manifest, ManifestError, Rights, SignedManifest};
+pub use partial::{BLOCK_BYTES, Partial, block_count, block_range};
 pub use store::{ItemInfo, Store, StoreError};
 pub use verified::{ContentError, ContentId, Outboard, decode_range, encode_range};
 

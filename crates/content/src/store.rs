@@ -3,7 +3,8 @@
 //!
 //! Layout under the store directory:
 //! ```text
-//!   index.redb            items: content id → (size, pinned, added)
+//!   index.redb            items: content id → (size, pinned, added);
+//!                         manifests: content id → signed manifest
 //!   blobs/<id>.data       the bytes
 //!   blobs/<id>.obao       the pre-order hash tree
 //!   tmp/                  imports in progress
@@ -24,6 +25,8 @@ use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, Tab
 use crate::{ContentError, ContentId, Outboard};
 
 const ITEMS: TableDefinition<&[u8; 32], &[u8; 17]> = TableDefinition::new("items");
+/// Signed manifests, committed in the same transaction as their item.
+const MANIFESTS: TableDefinition<&[u8; 32], &[u8]> = TableDefinition::new("manifests");
 
 /// Why a store operation failed.
 #[derive(Debug, thiserror::Error)]
@@ -46,6 +49,9 @@ pub enum StoreError {
     /// Encoding or verification failed.
     #[error(transparent)]
     Content(#[from] ContentError),
+    /// The manifest could not be made.
+    #[error(transparent)]
+    Manifest(#[from] crate::ManifestError),
 }
 
 fn index<E: Into<redb::Error>>(e: E) -> StoreError {
@@ -92,16 +98,13 @@ pub struct Store {
 impl Store {
     /// Opens (or creates) the store and repairs what a crash left behind.
     pub fn open(dir: &Path) -> Result<Self, StoreError> {
-        let io = |path: &Path| {
-            let path = path.to_owned();
-            move |source| StoreError::Io { path, source }
-        };
         for sub in ["blobs", "tmp"] {
             std::fs::create_dir_all(dir.join(sub)).map_err(io(&dir.join(sub)))?;
         }
         let db = Database::create(dir.join("index.redb")).map_err(index)?;
         let tx = db.begin_write().map_err(index)?;
         tx.open_table(ITEMS).map_err(index)?;
+        tx.open_table(MANIFESTS).map_err(index)?;
         tx.commit().map_err(index)?;
         let store = Self {
             dir: dir.to_owned(),
@@ -161,34 +164,57 @@ impl Store {
     }
 
     /// Imports bytes from a reader; returns the item once it is durably visible.
-    pub fn import(&self, mut data: impl Read) -> Result<ItemInfo, StoreError> {
-        let tmp_data = self.dir.join("tmp").join(format!("{}.data", unique()));
-        let io = |path: &Path| {
-            let path = path.to_owned();
-            move |source| StoreError::Io { path, source }
-        };
+    ///
+    /// `manifest` is called with the item's id and size once the bytes are hashed
+    /// and returns the signed manifest stored with it in the same transaction.
+    pub fn import(
+        &self,
+        mut data: impl Read,
+        manifest: impl FnOnce(ContentId, u64) -> Result<Vec<u8>, StoreError>,
+    ) -> Result<ItemInfo, StoreError> {
+        let tmp_data = self.tmp_path("data");
         let result = (|| {
             let mut f = File::create(&tmp_data).map_err(io(&tmp_data))?;
             std::io::copy(&mut data, &mut f).map_err(io(&tmp_data))?;
             f.sync_all().map_err(io(&tmp_data))?;
             drop(f);
             let f = File::open(&tmp_data).map_err(io(&tmp_data))?;
-            let ob = Outboard::from_reader(f).map_err(io(&tmp_data))?;
-            self.commit(&tmp_data, &ob)
+            let ob = Outboard::from_reader(std::io::BufReader::with_capacity(1 << 20, f))
+                .map_err(io(&tmp_data))?;
+            let signed = manifest(ob.id(), ob.size())?;
+            self.commit(&tmp_data, &ob, &signed)
         })();
         let _ = std::fs::remove_file(&tmp_data);
         result
     }
 
-    fn commit(&self, tmp_data: &Path, ob: &Outboard) -> Result<ItemInfo, StoreError> {
+    /// A fresh path under `tmp/` (removed on the next open if still there).
+    pub fn tmp_path(&self, ext: &str) -> PathBuf {
+        self.dir.join("tmp").join(format!("{}.{ext}", unique()))
+    }
+
+    /// Makes a finished download a stored item, with its verified manifest.
+    pub fn commit_partial(
+        &self,
+        partial: crate::Partial,
+        manifest: &[u8],
+    ) -> Result<ItemInfo, StoreError> {
+        let (path, ob) = partial.finish()?;
+        let result = self.commit(&path, &ob, manifest);
+        let _ = std::fs::remove_file(&path);
+        result
+    }
+
+    fn commit(
+        &self,
+        tmp_data: &Path,
+        ob: &Outboard,
+        manifest: &[u8],
+    ) -> Result<ItemInfo, StoreError> {
         let id = ob.id();
         if let Some(info) = self.get(&id)? {
             return Ok(info);
         }
-        let io = |path: &Path| {
-            let path = path.to_owned();
-            move |source| StoreError::Io { path, source }
-        };
         let obao = self.blob_path(&id, "obao");
         let tmp_obao = tmp_data.with_extension("obao");
         let mut f = File::create(&tmp_obao).map_err(io(&tmp_obao))?;
@@ -210,6 +236,10 @@ impl Store {
             .map_err(index)?
             .insert(&id.0, &encode_info(ob.size(), false, added))
             .map_err(index)?;
+        tx.open_table(MANIFESTS)
+            .map_err(index)?
+            .insert(&id.0, manifest)
+            .map_err(index)?;
         tx.commit().map_err(index)?;
         Ok(ItemInfo {
             id,
@@ -217,6 +247,31 @@ impl Store {
             pinned: false,
             added_unix: added,
         })
+    }
+
+    /// The signed manifest stored with an item.
+    pub fn manifest(&self, id: &ContentId) -> Result<Option<Vec<u8>>, StoreError> {
+        let tx = self.db.begin_read().map_err(index)?;
+        let table = tx.open_table(MANIFESTS).map_err(index)?;
+        Ok(table.get(&id.0).map_err(index)?.map(|v| v.value().to_vec()))
+    }
+
+    /// Every stored signed manifest.
+    pub fn manifests(&self) -> Result<Vec<(ContentId, Vec<u8>)>, StoreError> {
+        let tx = self.db.begin_read().map_err(index)?;
+        let table = tx.open_table(MANIFESTS).map_err(index)?;
+        let mut out = Vec::new();
+        for row in table.iter().map_err(index)? {
+            let (k, v) = row.map_err(index)?;
+            out.push((ContentId(*k.value()), v.value().to_vec()));
+        }
+        Ok(out)
+    }
+
+    /// Opens a stored item's bytes for reading.
+    pub fn open_data(&self, id: &ContentId) -> Result<File, StoreError> {
+        let path = self.blob_path(id, "data");
+        File::open(&path).map_err(io(&path))
     }
 
     /// The index entry of an item.
@@ -261,6 +316,10 @@ impl Store {
             .remove(&id.0)
             .map_err(index)?
             .is_some();
+        tx.open_table(MANIFESTS)
+            .map_err(index)?
+            .remove(&id.0)
+            .map_err(index)?;
         tx.commit().map_err(index)?;
         Ok(existed)
     }
@@ -295,26 +354,33 @@ impl Store {
         Ok(removed)
     }
 
-    /// Encodes a verified byte range of a stored item for a peer.
+    /// Encodes a verified byte range of a stored item for a peer. With
+    /// `validate`, the stored bytes are re-hashed on the way out, so bit rot on
+    /// this disk is caught here instead of being sent.
     pub fn encode_range(
         &self,
         id: &ContentId,
         range: std::ops::Range<u64>,
+        validate: bool,
     ) -> Result<Vec<u8>, StoreError> {
         let info = self.get(id)?.ok_or(StoreError::NotFound(*id))?;
         let obao_path = self.blob_path(id, "obao");
-        let tree = std::fs::read(&obao_path).map_err(|source| StoreError::Io {
-            path: obao_path,
-            source,
-        })?;
-        let ob = Outboard::from_parts(*id, info.size, tree);
-        let data_path = self.blob_path(id, "data");
-        let data = File::open(&data_path).map_err(|source| StoreError::Io {
-            path: data_path,
-            source,
-        })?;
-        Ok(crate::encode_range(&data, &ob, range)?)
+        let tree = File::open(&obao_path).map_err(io(&obao_path))?;
+        let data = self.open_data(id)?;
+        Ok(crate::verified::encode_range_file(
+            &data, tree, *id, info.size, range, validate,
+        )?)
     }
+
+    /// Total bytes of all items.
+    pub fn total_bytes(&self) -> Result<u64, StoreError> {
+        Ok(self.list()?.iter().map(|i| i.size).sum())
+    }
+}
+
+fn io(path: &Path) -> impl FnOnce(std::io::Error) -> StoreError + use<> {
+    let path = path.to_owned();
+    move |source| StoreError::Io { path, source }
 }
 
 fn unique() -> String {
@@ -329,6 +395,10 @@ fn unique() -> String {
 mod tests {
     use super::*;
 
+    fn no_manifest(_: ContentId, _: u64) -> Result<Vec<u8>, StoreError> {
+        Ok(Vec::new())
+    }
+
     fn item(len: usize, seed: u64) -> Vec<u8> {
         (0..len as u64)
             .map(|i| ((i ^ seed).wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 56) as u8)
@@ -341,16 +411,16 @@ mod tests {
         let data = item(300_000, 1);
         let id = {
             let store = Store::open(dir.path()).unwrap();
-            let info = store.import(&data[..]).unwrap();
+            let info = store.import(&data[..], no_manifest).unwrap();
             assert_eq!(info.id, ContentId::from(blake3::hash(&data)));
             info.id
         };
         let store = Store::open(dir.path()).unwrap();
-        let wire = store.encode_range(&id, 100_000..150_000).unwrap();
+        let wire = store.encode_range(&id, 100_000..150_000, true).unwrap();
         let got = crate::decode_range(id, 300_000, 100_000..150_000, &wire).unwrap();
         assert_eq!(got, &data[100_000..150_000]);
         assert!(matches!(
-            store.encode_range(&ContentId([9; 32]), 0..1),
+            store.encode_range(&ContentId([9; 32]), 0..1, true),
             Err(StoreError::NotFound(_))
         ));
     }
@@ -359,7 +429,7 @@ mod tests {
     fn crash_leftovers_are_cleaned_and_invisible() {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(dir.path()).unwrap();
-        let kept = store.import(&item(5_000, 2)[..]).unwrap();
+        let kept = store.import(&item(5_000, 2)[..], no_manifest).unwrap();
         drop(store);
         // What a crash can leave: a partial import in tmp/, blob files whose index
         // entry was never committed, and an entry whose data file is gone.
@@ -368,7 +438,7 @@ mod tests {
         std::fs::write(dir.path().join(format!("blobs/{orphan}.data")), b"x").unwrap();
         std::fs::write(dir.path().join(format!("blobs/{orphan}.obao")), b"").unwrap();
         let store = Store::open(dir.path()).unwrap();
-        let lost = store.import(&item(6_000, 3)[..]).unwrap();
+        let lost = store.import(&item(6_000, 3)[..], no_manifest).unwrap();
         drop(store);
         std::fs::remove_file(dir.path().join(format!("blobs/{}.data", lost.id))).unwrap();
 
@@ -386,9 +456,9 @@ mod tests {
     fn gc_respects_pins_and_quota_and_delete_is_typed() {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(dir.path()).unwrap();
-        let a = store.import(&item(10_000, 4)[..]).unwrap();
-        let b = store.import(&item(10_000, 5)[..]).unwrap();
-        let c = store.import(&item(10_000, 6)[..]).unwrap();
+        let a = store.import(&item(10_000, 4)[..], no_manifest).unwrap();
+        let b = store.import(&item(10_000, 5)[..], no_manifest).unwrap();
+        let c = store.import(&item(10_000, 6)[..], no_manifest).unwrap();
         store.set_pinned(&a.id, true).unwrap();
         let removed = store.gc(15_000).unwrap();
         assert_eq!(removed.len(), 2);
@@ -398,8 +468,8 @@ mod tests {
         store.delete(&a.id).unwrap();
         assert!(store.list().unwrap().is_empty());
         // Importing the same bytes twice yields one item.
-        let x = store.import(&item(1_000, 8)[..]).unwrap();
-        let y = store.import(&item(1_000, 8)[..]).unwrap();
+        let x = store.import(&item(1_000, 8)[..], no_manifest).unwrap();
+        let y = store.import(&item(1_000, 8)[..], no_manifest).unwrap();
         assert_eq!(x.id, y.id);
         assert_eq!(store.list().unwrap().len(), 1);
     }

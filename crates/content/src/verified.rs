@@ -12,7 +12,7 @@ use bao_tree::{BaoTree, BlockSize, ByteRanges};
 
 use crate::CHUNK_GROUP_LOG;
 
-const BLOCK_SIZE: BlockSize = BlockSize::from_chunk_log(CHUNK_GROUP_LOG);
+pub(crate) const BLOCK_SIZE: BlockSize = BlockSize::from_chunk_log(CHUNK_GROUP_LOG);
 
 /// Why content could not be encoded or verified.
 #[derive(Debug, thiserror::Error)]
@@ -36,6 +36,19 @@ pub enum ContentError {
     /// A content id string is not 64 hex digits.
     #[error("Invalid content id {0:?}")]
     BadId(String),
+    /// A block that this partial download does not hold yet.
+    #[error("Block {0} is not held")]
+    NotHeld(u64),
+    /// The download still misses blocks.
+    #[error("The download is incomplete")]
+    Incomplete,
+}
+
+pub(crate) fn verification(e: impl fmt::Display) -> ContentError {
+    ContentError::Verification(std::io::Error::new(
+        std::io::ErrorKind::InvalidData,
+        e.to_string(),
+    ))
 }
 
 /// A content id: the BLAKE3 hash of the item's bytes.
@@ -148,6 +161,38 @@ pub fn encode_range(
     Ok(wire)
 }
 
+/// Encodes `range` from a stored data file and its pre-order tree file, reading
+/// only the tree nodes the range needs.
+pub(crate) fn encode_range_file(
+    data: &std::fs::File,
+    tree: std::fs::File,
+    id: ContentId,
+    size: u64,
+    range: Range<u64>,
+    validate: bool,
+) -> Result<Vec<u8>, ContentError> {
+    check_range(&range, size)?;
+    let outboard = PreOrderOutboard {
+        root: blake3::Hash::from_bytes(id.0),
+        tree: BaoTree::new(size, BLOCK_SIZE),
+        data: tree,
+    };
+    let chunks = round_up_to_chunks(&ByteRanges::from(range.clone()));
+    let mut wire = Vec::with_capacity((range.end - range.start) as usize + 4096);
+    let r = if validate {
+        encode_ranges_validated(data, &outboard, &chunks, &mut wire)
+    } else {
+        bao_tree::io::sync::encode_ranges(data, &outboard, &chunks, &mut wire)
+    };
+    r.map_err(|e| {
+        ContentError::Encode(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            e.to_string(),
+        ))
+    })?;
+    Ok(wire)
+}
+
 /// Verifies `wire` against `id` and returns exactly the bytes of `range`.
 ///
 /// `size` comes from the item's (signed) manifest; a lie about it cannot make
@@ -165,21 +210,48 @@ pub fn decode_range(
         root: blake3::Hash::from_bytes(id.0),
         tree: BaoTree::new(size, BLOCK_SIZE),
     };
-    let mut target: Vec<u8> = Vec::new();
-    decode_ranges(Cursor::new(wire), &chunks, &mut target, &mut tree).map_err(|e| {
-        ContentError::Verification(std::io::Error::new(
-            std::io::ErrorKind::InvalidData,
-            e.to_string(),
-        ))
-    })?;
-    let (start, end) = (range.start as usize, range.end as usize);
-    if target.len() < end {
+    // Leaves land at their absolute offsets (from the range start rounded down to
+    // a 1 KiB chunk); shift them so a range deep inside a large item does not
+    // allocate everything before it.
+    let base = range.start & !1023;
+    let mut target = Shifted {
+        base,
+        buf: Vec::new(),
+    };
+    decode_ranges(Cursor::new(wire), &chunks, &mut target, &mut tree).map_err(verification)?;
+    let (start, end) = ((range.start - base) as usize, (range.end - base) as usize);
+    if target.buf.len() < end {
         return Err(ContentError::Verification(std::io::Error::new(
             std::io::ErrorKind::UnexpectedEof,
             "the response ended before the range",
         )));
     }
-    Ok(target[start..end].to_vec())
+    target.buf.truncate(end);
+    target.buf.drain(..start);
+    Ok(target.buf)
+}
+
+/// A write target that holds only the bytes from `base` on.
+struct Shifted {
+    base: u64,
+    buf: Vec<u8>,
+}
+
+impl bao_tree::io::sync::WriteAt for Shifted {
+    fn write_at(&mut self, pos: u64, data: &[u8]) -> std::io::Result<usize> {
+        let at = pos
+            .checked_sub(self.base)
+            .ok_or_else(|| std::io::Error::other("leaf before the requested range"))?
+            as usize;
+        if self.buf.len() < at + data.len() {
+            self.buf.resize(at + data.len(), 0);
+        }
+        self.buf[at..at + data.len()].copy_from_slice(data);
+        Ok(data.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
 }
 
 #[cfg(test)]

@@ -1,0 +1,313 @@
+//! A download in progress: a sparse file, the hash tree filled in as verified
+//! blocks arrive, and a bitmap of the blocks held.
+//!
+//! Blocks are the transfer unit (256 KiB, aligned to chunk groups). Each block's
+//! wire carries the tree nodes from the root down to it; decoding checks them
+//! against the content id and saves them into the shared tree. So a partial
+//! download can prove — and therefore serve — every block it holds (swarming),
+//! and when the last block lands the tree is complete without a second hashing
+//! pass over the file.
+
+use std::fs::File;
+use std::io::Cursor;
+use std::ops::Range;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::{Mutex, RwLock};
+
+use bao_tree::io::round_up_to_chunks;
+use bao_tree::io::sync::{
+    Outboard as OutboardRead, OutboardMut, WriteAt, decode_ranges, encode_ranges,
+};
+use bao_tree::{BaoTree, ByteRanges, TreeNode};
+
+use crate::verified::{BLOCK_SIZE, verification};
+use crate::{ContentError, ContentId, Outboard};
+
+/// Bytes per transfer block: 16 chunk groups.
+pub const BLOCK_BYTES: u64 = 256 * 1024;
+
+/// Number of blocks of an item of `size` bytes.
+pub fn block_count(size: u64) -> u64 {
+    size.div_ceil(BLOCK_BYTES)
+}
+
+/// The byte range of block `k` of an item of `size` bytes.
+pub fn block_range(size: u64, k: u64) -> Range<u64> {
+    let start = k * BLOCK_BYTES;
+    start..(start + BLOCK_BYTES).min(size)
+}
+
+/// The tree of a partial download, shared between decoders (writers) and
+/// encoders (readers serving other peers).
+struct SharedTree<'a> {
+    root: blake3::Hash,
+    tree: BaoTree,
+    data: &'a RwLock<Vec<u8>>,
+}
+
+impl OutboardRead for SharedTree<'_> {
+    fn root(&self) -> blake3::Hash {
+        self.root
+    }
+    fn tree(&self) -> BaoTree {
+        self.tree
+    }
+    fn load(&self, node: TreeNode) -> std::io::Result<Option<(blake3::Hash, blake3::Hash)>> {
+        let Some(offset) = self.tree.pre_order_offset(node) else {
+            return Ok(None);
+        };
+        let at = offset as usize * 64;
+        let data = self.data.read().expect("lock");
+        let pair = data
+            .get(at..at + 64)
+            .ok_or_else(|| std::io::Error::other("tree node outside the outboard"))?;
+        let left: [u8; 32] = pair[..32].try_into().expect("32 bytes");
+        let right: [u8; 32] = pair[32..].try_into().expect("32 bytes");
+        Ok(Some((left.into(), right.into())))
+    }
+}
+
+impl OutboardMut for SharedTree<'_> {
+    fn save(&mut self, node: TreeNode, pair: &(blake3::Hash, blake3::Hash)) -> std::io::Result<()> {
+        let Some(offset) = self.tree.pre_order_offset(node) else {
+            return Ok(());
+        };
+        let at = offset as usize * 64;
+        let mut data = self.data.write().expect("lock");
+        let slot = data
+            .get_mut(at..at + 64)
+            .ok_or_else(|| std::io::Error::other("tree node outside the outboard"))?;
+        slot[..32].copy_from_slice(pair.0.as_bytes());
+        slot[32..].copy_from_slice(pair.1.as_bytes());
+        Ok(())
+    }
+    fn sync(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Positioned writes into a shared file (the decoder only writes verified leaves).
+struct FileAt<'a>(&'a File);
+
+impl WriteAt for FileAt<'_> {
+    fn write_at(&mut self, pos: u64, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.write_at(buf, pos)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// A download in progress.
+pub struct Partial {
+    id: ContentId,
+    size: u64,
+    path: PathBuf,
+    file: File,
+    tree: RwLock<Vec<u8>>,
+    have: Mutex<Vec<bool>>,
+}
+
+impl std::fmt::Debug for Partial {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Partial")
+            .field("id", &self.id)
+            .field("size", &self.size)
+            .field("path", &self.path)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Partial {
+    /// Creates the (sparse) file for an item of `size` bytes at `path`.
+    pub fn create(path: &Path, id: ContentId, size: u64) -> std::io::Result<Self> {
+        let file = File::options()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(path)?;
+        file.set_len(size)?;
+        let tree = BaoTree::new(size, BLOCK_SIZE);
+        Ok(Self {
+            id,
+            size,
+            path: path.to_owned(),
+            file,
+            tree: RwLock::new(vec![0; tree.outboard_size() as usize]),
+            have: Mutex::new(vec![false; block_count(size) as usize]),
+        })
+    }
+
+    /// Content id.
+    pub fn id(&self) -> ContentId {
+        self.id
+    }
+
+    /// Item size.
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+
+    /// Number of blocks.
+    pub fn blocks(&self) -> u64 {
+        block_count(self.size)
+    }
+
+    fn shared(&self) -> SharedTree<'_> {
+        SharedTree {
+            root: blake3::Hash::from_bytes(self.id.0),
+            tree: BaoTree::new(self.size, BLOCK_SIZE),
+            data: &self.tree,
+        }
+    }
+
+    /// Whether block `k` is held (verified).
+    pub fn has(&self, k: u64) -> bool {
+        self.have
+            .lock()
+            .expect("lock")
+            .get(k as usize)
+            .copied()
+            .unwrap_or(false)
+    }
+
+    /// One bit per block, least significant bit first.
+    pub fn bitfield(&self) -> Vec<u8> {
+        let have = self.have.lock().expect("lock");
+        let mut bits = vec![0u8; have.len().div_ceil(8)];
+        for (i, _) in have.iter().enumerate().filter(|(_, h)| **h) {
+            bits[i / 8] |= 1 << (i % 8);
+        }
+        bits
+    }
+
+    /// How many blocks are held.
+    pub fn held(&self) -> u64 {
+        self.have
+            .lock()
+            .expect("lock")
+            .iter()
+            .filter(|h| **h)
+            .count() as u64
+    }
+
+    /// Whether every block is held.
+    pub fn complete(&self) -> bool {
+        self.have.lock().expect("lock").iter().all(|h| *h)
+    }
+
+    /// Verifies a block's wire against the content id and stores it. On error
+    /// nothing is marked held; the bytes written so far were verified leaves.
+    pub fn accept(&self, k: u64, wire: &[u8]) -> Result<(), ContentError> {
+        if k >= self.blocks() {
+            return Err(ContentError::BadRange {
+                start: k * BLOCK_BYTES,
+                end: (k + 1) * BLOCK_BYTES,
+                size: self.size,
+            });
+        }
+        let range = block_range(self.size, k);
+        let chunks = round_up_to_chunks(&ByteRanges::from(range));
+        let mut cursor = Cursor::new(wire);
+        decode_ranges(&mut cursor, &chunks, FileAt(&self.file), &mut self.shared())
+            .map_err(verification)?;
+        // Trailing bytes mean the sender does not speak the same encoding; refuse.
+        if cursor.position() != wire.len() as u64 {
+            return Err(verification("trailing bytes after the block"));
+        }
+        self.have.lock().expect("lock")[k as usize] = true;
+        Ok(())
+    }
+
+    /// Encodes a held block for another peer.
+    pub fn encode_block(&self, k: u64) -> Result<Vec<u8>, ContentError> {
+        if !self.has(k) {
+            return Err(ContentError::NotHeld(k));
+        }
+        let range = block_range(self.size, k);
+        let chunks = round_up_to_chunks(&ByteRanges::from(range));
+        let mut wire = Vec::with_capacity(BLOCK_BYTES as usize + 4096);
+        encode_ranges(&self.file, self.shared(), &chunks, &mut wire)
+            .map_err(|e| ContentError::Encode(std::io::Error::other(e.to_string())))?;
+        Ok(wire)
+    }
+
+    /// Reads held bytes (the caller checks `has` for the blocks it reads).
+    pub fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
+        self.file.read_exact_at(buf, offset)
+    }
+
+    /// Syncs the file and hands over its path and the completed tree.
+    pub fn finish(self) -> Result<(PathBuf, Outboard), ContentError> {
+        if !self.complete() {
+            return Err(ContentError::Incomplete);
+        }
+        self.file.sync_all().map_err(ContentError::Encode)?;
+        let tree = self.tree.into_inner().expect("lock");
+        Ok((self.path, Outboard::from_parts(self.id, self.size, tree)))
+    }
+
+    /// Where the bytes are being written.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::encode_range;
+
+    fn item(len: usize) -> Vec<u8> {
+        (0..len as u64)
+            .map(|i| (i.wrapping_mul(0x2545_F491_4F6C_DD1D) >> 53) as u8)
+            .collect()
+    }
+
+    #[test]
+    fn blocks_in_any_order_complete_the_item_and_its_tree() {
+        let dir = tempfile::tempdir().unwrap();
+        let data = item(1_000_000);
+        let ob = Outboard::compute(&data);
+        let p = Partial::create(&dir.path().join("x"), ob.id(), ob.size()).unwrap();
+        assert_eq!(p.blocks(), 4);
+        for k in [2, 0, 3] {
+            let wire = encode_range(&data[..], &ob, block_range(ob.size(), k)).unwrap();
+            p.accept(k, &wire).unwrap();
+        }
+        assert!(!p.complete());
+        assert_eq!(p.bitfield(), vec![0b1101]);
+        // A held block can be served onwards and verifies at a third peer.
+        let again = p.encode_block(2).unwrap();
+        let q = Partial::create(&dir.path().join("y"), ob.id(), ob.size()).unwrap();
+        q.accept(2, &again).unwrap();
+        assert!(matches!(p.encode_block(1), Err(ContentError::NotHeld(1))));
+        let wire = encode_range(&data[..], &ob, block_range(ob.size(), 1)).unwrap();
+        p.accept(1, &wire).unwrap();
+        let (path, tree) = p.finish().unwrap();
+        assert_eq!(std::fs::read(path).unwrap(), data);
+        assert_eq!(tree.tree_bytes(), ob.tree_bytes());
+    }
+
+    #[test]
+    fn a_corrupt_or_misplaced_block_is_refused_and_not_held() {
+        let dir = tempfile::tempdir().unwrap();
+        let data = item(600_000);
+        let ob = Outboard::compute(&data);
+        let p = Partial::create(&dir.path().join("x"), ob.id(), ob.size()).unwrap();
+        let mut wire = encode_range(&data[..], &ob, block_range(ob.size(), 1)).unwrap();
+        // Block 1's wire offered as block 0.
+        assert!(p.accept(0, &wire).is_err());
+        let n = wire.len();
+        wire[n - 100] ^= 0x40;
+        assert!(matches!(
+            p.accept(1, &wire),
+            Err(ContentError::Verification(_))
+        ));
+        assert!(p.accept(1, &wire[..n / 2]).is_err());
+        assert!(p.accept(9, &wire).is_err());
+        assert_eq!(p.held(), 0);
+        assert!(matches!(p.finish(), Err(ContentError::Incomplete)));
+    }
+}

@@ -1,0 +1,141 @@
+//! Messages of the content transfer protocol (`/p2pvm/content/1`), spoken on
+//! libp2p streams between nodes.
+//!
+//! A stream carries any number of request/response exchanges in order, so a
+//! fetcher pipelines several requests on one stream. Each request is a 4-byte
+//! big-endian length and a protobuf [`TransferRequest`]; each answer is a
+//! length-prefixed [`TransferResponse`] header followed by `payload_len` raw
+//! bytes (a verified block encoding, a signed manifest, a bitfield or search
+//! hits). The header bounds the payload before any of it is read.
+
+use prost::Message;
+
+/// Protocol name.
+pub const PROTOCOL: &str = "/p2pvm/content/1";
+/// Largest request or response header accepted.
+pub const MAX_HEADER_BYTES: u32 = 16 * 1024;
+/// Largest payload accepted: a block, its proof, and room for search hits.
+pub const MAX_PAYLOAD_BYTES: u64 = 4 * 1024 * 1024;
+
+/// A request to a provider.
+#[derive(Clone, PartialEq, Message)]
+pub struct TransferRequest {
+    /// What is asked.
+    #[prost(oneof = "Op", tags = "1, 2, 3, 4")]
+    pub op: Option<Op>,
+}
+
+/// The request kinds.
+#[derive(Clone, PartialEq, prost::Oneof)]
+pub enum Op {
+    /// One block of an item.
+    #[prost(message, tag = "1")]
+    Block(BlockRequest),
+    /// An item's signed manifest.
+    #[prost(bytes, tag = "2")]
+    Manifest(Vec<u8>),
+    /// Which blocks of an item the provider holds.
+    #[prost(bytes, tag = "3")]
+    Have(Vec<u8>),
+    /// Manifests of the provider's items matching keywords.
+    #[prost(message, tag = "4")]
+    Search(SearchRequest),
+}
+
+/// One block of an item.
+#[derive(Clone, PartialEq, Message)]
+pub struct BlockRequest {
+    /// Content id (32 bytes).
+    #[prost(bytes = "vec", tag = "1")]
+    pub content_id: Vec<u8>,
+    /// Block index ([`crate::BLOCK_BYTES`] each).
+    #[prost(uint64, tag = "2")]
+    pub block: u64,
+}
+
+/// A keyword search on one provider.
+#[derive(Clone, PartialEq, Message)]
+pub struct SearchRequest {
+    /// Lower-cased keywords; a hit matches all of them.
+    #[prost(string, repeated, tag = "1")]
+    pub keywords: Vec<String>,
+    /// Most hits wanted.
+    #[prost(uint32, tag = "2")]
+    pub limit: u32,
+}
+
+/// Search hits: signed manifests, each verified by the receiver.
+#[derive(Clone, PartialEq, Message)]
+pub struct SearchHits {
+    /// Encoded [`crate::SignedManifest`]s.
+    #[prost(bytes = "vec", repeated, tag = "1")]
+    pub manifests: Vec<Vec<u8>>,
+}
+
+/// The header of every answer.
+#[derive(Clone, PartialEq, Message)]
+pub struct TransferResponse {
+    /// Outcome.
+    #[prost(enumeration = "Status", tag = "1")]
+    pub status: i32,
+    /// Bytes that follow the header.
+    #[prost(uint64, tag = "2")]
+    pub payload_len: u64,
+    /// Human-readable reason for a failure.
+    #[prost(string, tag = "3")]
+    pub message: String,
+}
+
+/// Outcome of a request.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, prost::Enumeration)]
+#[repr(i32)]
+pub enum Status {
+    /// The payload is the answer.
+    Ok = 0,
+    /// The provider does not know the item.
+    NotFound = 1,
+    /// The provider is still downloading and lacks this block.
+    NotHeld = 2,
+    /// The request makes no sense (bad id, block out of range).
+    BadRequest = 3,
+    /// The provider cannot serve it (local error, shutting down).
+    Unavailable = 4,
+    /// The provider holds all blocks (answer to `Have`, no bitfield follows).
+    Complete = 5,
+}
+
+impl TransferResponse {
+    /// A header for `payload_len` bytes of answer.
+    pub fn ok(payload_len: u64) -> Self {
+        Self {
+            status: Status::Ok as i32,
+            payload_len,
+            message: String::new(),
+        }
+    }
+
+    /// A header without payload.
+    pub fn failed(status: Status, message: impl Into<String>) -> Self {
+        Self {
+            status: status as i32,
+            payload_len: 0,
+            message: message.into(),
+        }
+    }
+}
+
+/// Length-prefixes an encoded message.
+pub fn frame(msg: &impl Message) -> Vec<u8> {
+    let len = msg.encoded_len();
+    let mut out = Vec::with_capacity(4 + len);
+    out.extend_from_slice(&(len as u32).to_be_bytes());
+    msg.encode(&mut out).expect("vec grows");
+    out
+}
+
+/// The most wire bytes a correct encoding of a block of `len` bytes takes: the
+/// data, at most 64 bytes of proof per tree level (a u64 size has 64 levels),
+/// and the 8-byte size prefix.
+pub fn max_block_wire(len: u64) -> u64 {
+    len + 64 * 64 + 8
+}
