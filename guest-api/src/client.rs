@@ -451,6 +451,152 @@ impl Client {
         }
     }
 
+    fn take_opened(&self, stream_id: u64) -> Result<AppStream> {
+        self.inner
+            .opened
+            .lock()
+            .expect("lock")
+            .remove(&stream_id)
+            .ok_or(Error::Disconnected)
+    }
+
+    /// Publishes the bytes read from `data` as a content item described by
+    /// `meta` (its `path` must be empty). The bytes travel over the API, so this
+    /// works from inside a VM. Returns the signed manifest's fields.
+    pub async fn publish_content<D>(
+        &self,
+        mut meta: pb::ContentPublishRequest,
+        mut data: D,
+    ) -> Result<pb::ContentInfo>
+    where
+        D: tokio::io::AsyncRead + Unpin,
+    {
+        use tokio::io::AsyncWriteExt;
+        meta.path.clear();
+        let stream_id = match self.inner.request(Op::ContentPublish(meta)).await? {
+            R::StreamOpened(o) => o.stream_id,
+            _ => return Err(unexpected()),
+        };
+        let mut stream = self.take_opened(stream_id)?;
+        let copied = async {
+            tokio::io::copy(&mut data, &mut stream).await?;
+            stream.shutdown().await
+        }
+        .await;
+        let finish = Op::ContentPublishFinish(pb::ContentPublishFinishRequest { stream_id });
+        if let Err(e) = copied {
+            // Reset the stream so the node abandons the import.
+            drop(stream);
+            return Err(Error::Protocol(format!("sending the bytes failed: {e}")));
+        }
+        match self.inner.request(finish).await? {
+            R::Content(info) => Ok(info),
+            _ => Err(unexpected()),
+        }
+    }
+
+    /// Publishes a file the node itself can read (host mode only).
+    pub async fn publish_path(
+        &self,
+        path: &str,
+        mut meta: pb::ContentPublishRequest,
+    ) -> Result<pb::ContentInfo> {
+        meta.path = path.into();
+        match self.inner.request(Op::ContentPublish(meta)).await? {
+            R::Content(info) => Ok(info),
+            _ => Err(unexpected()),
+        }
+    }
+
+    /// Streams verified bytes of an item: `length` 0 means to the end. Blocks
+    /// are fetched in playback order from all providers. A whole-item fetch is
+    /// stored and seeded unless `keep` is false.
+    pub async fn fetch_content(
+        &self,
+        content_id: &str,
+        offset: u64,
+        length: u64,
+        keep: bool,
+    ) -> Result<(pb::ContentStream, AppStream)> {
+        let op = Op::ContentFetch(pb::ContentFetchRequest {
+            content_id: content_id.into(),
+            offset,
+            length,
+            no_keep: !keep,
+        });
+        match self.inner.request(op).await? {
+            R::ContentStream(o) => {
+                let s = self.take_opened(o.stream_id)?;
+                Ok((o, s))
+            }
+            _ => Err(unexpected()),
+        }
+    }
+
+    /// Fetches a whole item into the node's store (swarm order) and waits until
+    /// it is stored; watch events for progress.
+    pub async fn download_content(&self, content_id: &str) -> Result<pb::ContentInfo> {
+        let op = Op::ContentDownload(pb::ContentDownloadRequest {
+            content_id: content_id.into(),
+        });
+        match self.inner.request(op).await? {
+            R::Content(info) => Ok(info),
+            _ => Err(unexpected()),
+        }
+    }
+
+    /// Searches by keywords (across the network) or by content id.
+    pub async fn search_content(&self, query: &str, limit: u32) -> Result<Vec<pb::ContentInfo>> {
+        let op = Op::ContentSearch(pb::ContentSearchRequest {
+            query: query.into(),
+            limit,
+        });
+        match self.inner.request(op).await? {
+            R::ContentList(l) => Ok(l.items),
+            _ => Err(unexpected()),
+        }
+    }
+
+    /// What is known about one item (local, or from its providers).
+    pub async fn content_stat(&self, content_id: &str) -> Result<pb::ContentInfo> {
+        let op = Op::ContentStat(pb::ContentStatRequest {
+            content_id: content_id.into(),
+        });
+        match self.inner.request(op).await? {
+            R::Content(info) => Ok(info),
+            _ => Err(unexpected()),
+        }
+    }
+
+    /// Items in the node's store.
+    pub async fn content_list(&self) -> Result<Vec<pb::ContentInfo>> {
+        match self
+            .inner
+            .request(Op::ContentList(pb::ContentListRequest {}))
+            .await?
+        {
+            R::ContentList(l) => Ok(l.items),
+            _ => Err(unexpected()),
+        }
+    }
+
+    /// Pins (keeps regardless of the quota) or unpins a stored item.
+    pub async fn pin_content(&self, content_id: &str, pinned: bool) -> Result<()> {
+        self.ok(Op::ContentPin(pb::ContentPinRequest {
+            content_id: content_id.into(),
+            pinned,
+        }))
+        .await
+    }
+
+    /// Deletes a stored item (admin).
+    pub async fn delete_content(&self, content_id: &str) -> Result<()> {
+        self.ok(Op::ContentDelete(pb::ContentDeleteRequest {
+            content_id: content_id.into(),
+        }))
+        .await
+    }
+
     /// Advertises a named service (e.g. "chat") that others can find.
     pub async fn advertise_service(&self, name: &str) -> Result<()> {
         self.ok(Op::AdvertiseService(pb::AdvertiseServiceRequest {

@@ -310,10 +310,15 @@ fn replay_ops(inner: &Inner) -> Vec<pb::request::Op> {
 async fn dispatch(inner: &Arc<Inner>, frame: pb::Frame) -> bool {
     match frame.kind {
         Some(Kind::Response(r)) => {
-            if let Some(pb::response::Result::StreamOpened(o)) = &r.result
-                && let Ok(s) = inner.new_stream(o.stream_id, String::new(), String::new())
+            let opened = match &r.result {
+                Some(pb::response::Result::StreamOpened(o)) => Some(o.stream_id),
+                Some(pb::response::Result::ContentStream(o)) => Some(o.stream_id),
+                _ => None,
+            };
+            if let Some(id) = opened
+                && let Ok(s) = inner.new_stream(id, String::new(), String::new())
             {
-                inner.opened.lock().expect("lock").insert(o.stream_id, s);
+                inner.opened.lock().expect("lock").insert(id, s);
             }
             if let Some(tx) = inner.pending.lock().expect("lock").remove(&r.id) {
                 let result = r

@@ -56,6 +56,51 @@ pub struct Config {
     pub limits: Limits,
     /// API limits.
     pub api: ApiLimits,
+    /// Content sharing and streaming.
+    pub content: ContentConfig,
+}
+
+/// Content sharing: the store, serving and fetching.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ContentConfig {
+    /// Store size above which unpinned items are garbage-collected (0 = no quota).
+    pub quota_bytes: u64,
+    /// Upload rate cap for serving other peers, bytes per second (0 = none).
+    pub upload_rate_bytes_per_sec: u64,
+    /// Re-hash stored bytes when serving them, so local bit rot is caught before
+    /// it is sent. Turning it off saves CPU on a trusted disk.
+    pub verify_on_serve: bool,
+    /// Block requests kept in flight per provider.
+    pub pipeline_depth: u32,
+    /// Providers fetched from at once.
+    pub max_providers: u32,
+    /// Blocks ahead of the playback position that are fetched in order.
+    pub streaming_window_blocks: u32,
+    /// Local HTTP gateway address (`GET /content/<id>`), e.g. "127.0.0.1:8080".
+    /// Off when unset; only loopback addresses are accepted.
+    pub gateway: Option<std::net::SocketAddr>,
+    /// Let apps publish a file by path (host mode; the sandbox and VM cannot see
+    /// the user's files anyway).
+    pub allow_path_publish: bool,
+    /// Give up on a transfer after this long without a verified block.
+    pub stall_timeout_secs: u64,
+}
+
+impl Default for ContentConfig {
+    fn default() -> Self {
+        Self {
+            quota_bytes: 0,
+            upload_rate_bytes_per_sec: 0,
+            verify_on_serve: true,
+            pipeline_depth: 8,
+            max_providers: 8,
+            streaming_window_blocks: 16,
+            gateway: None,
+            allow_path_publish: true,
+            stall_timeout_secs: 30,
+        }
+    }
 }
 
 /// Bounds on libp2p connections.
@@ -101,6 +146,7 @@ impl Default for Config {
             kad_query_timeout_secs: 30,
             limits: Limits::default(),
             api: ApiLimits::default(),
+            content: ContentConfig::default(),
         }
     }
 }
@@ -189,6 +235,20 @@ impl Config {
                 "api.max_sessions and api.max_streams_per_session must be positive".into(),
             ));
         }
+        let c = &self.content;
+        if c.pipeline_depth == 0 || c.max_providers == 0 || c.streaming_window_blocks == 0 {
+            return Err(ConfigError::Invalid(
+                "content.pipeline_depth, max_providers and streaming_window_blocks must be positive"
+                    .into(),
+            ));
+        }
+        if let Some(g) = c.gateway
+            && !g.ip().is_loopback()
+        {
+            return Err(ConfigError::Invalid(format!(
+                "content.gateway must be a loopback address, not {g}"
+            )));
+        }
         Ok(())
     }
 }
@@ -217,6 +277,14 @@ mod tests {
         assert!(!c.mdns);
         assert_eq!(c.api.max_sessions, 3);
         assert_eq!(c.api.max_frame_bytes, p2pvm_proto::DEFAULT_MAX_FRAME_BYTES);
+    }
+
+    #[test]
+    fn gateway_must_be_loopback() {
+        let c = Config::from_toml("[content]\ngateway = \"0.0.0.0:8080\"\n").unwrap();
+        assert!(matches!(c.validate(), Err(ConfigError::Invalid(_))));
+        let c = Config::from_toml("[content]\ngateway = \"127.0.0.1:8080\"\n").unwrap();
+        c.validate().unwrap();
     }
 
     #[test]

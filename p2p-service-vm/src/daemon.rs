@@ -10,6 +10,7 @@ use tracing::info;
 
 use crate::api::{self, ApiService, apps::AppRegistry};
 use crate::config::{Config, ConfigError};
+use crate::content::ContentService;
 use crate::identity::{self, IdentityError};
 use crate::node::{Node, NodeStartError};
 
@@ -43,6 +44,9 @@ pub enum DaemonError {
     /// The libp2p node could not start.
     #[error(transparent)]
     Node(#[from] NodeStartError),
+    /// The content store could not be opened.
+    #[error("Content store: {0}")]
+    Content(#[from] crate::content::ContentServiceError),
     /// The API socket could not be bound.
     #[error(transparent)]
     Bind(#[from] api::server::BindError),
@@ -68,13 +72,34 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Daem
 
     let key = identity::load_or_create(dir)?;
     let apps = AppRegistry::open(dir)?;
-    let node = Node::start(key, &config)?;
+    let node = Node::start(key.clone(), &config)?;
     let handle = node.handle();
     let socket = config.api_socket_path();
     let listener = api::server::bind(&socket)?;
 
-    let svc = ApiService::new(handle.clone(), apps, config.api.clone(), shutdown.clone());
     let node_task = tokio::spawn(node.run(shutdown.clone()));
+    let content = ContentService::start(
+        dir,
+        key,
+        handle.clone(),
+        config.content.clone(),
+        shutdown.clone(),
+    )?;
+    if let Some(addr) = config.content.gateway {
+        let (c, s) = (content.clone(), shutdown.clone());
+        tokio::spawn(async move {
+            if let Err(e) = crate::content::gateway::serve(c, addr, s).await {
+                tracing::error!(%addr, error = %e, "HTTP gateway failed");
+            }
+        });
+    }
+    let svc = ApiService::new(
+        handle.clone(),
+        Some(content),
+        apps,
+        config.api.clone(),
+        shutdown.clone(),
+    );
     info!(
         peer_id = %handle.peer_id(),
         socket = %socket.display(),

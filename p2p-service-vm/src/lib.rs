@@ -18,6 +18,7 @@
 
 pub mod api;
 pub mod config;
+pub mod content;
 pub mod daemon;
 mod fsutil;
 pub mod identity;

@@ -238,19 +238,31 @@ impl Partial {
         self.file.read_exact_at(buf, offset)
     }
 
-    /// Syncs the file and hands over its path and the completed tree.
-    pub fn finish(self) -> Result<(PathBuf, Outboard), ContentError> {
+    /// Syncs the file and returns its path and the completed tree. The file
+    /// stays readable through this handle after the store moves it.
+    pub fn finish(&self) -> Result<(PathBuf, Outboard), ContentError> {
         if !self.complete() {
             return Err(ContentError::Incomplete);
         }
         self.file.sync_all().map_err(ContentError::Encode)?;
-        let tree = self.tree.into_inner().expect("lock");
-        Ok((self.path, Outboard::from_parts(self.id, self.size, tree)))
+        let tree = self.tree.read().expect("lock").clone();
+        Ok((
+            self.path.clone(),
+            Outboard::from_parts(self.id, self.size, tree),
+        ))
     }
 
     /// Where the bytes are being written.
     pub fn path(&self) -> &Path {
         &self.path
+    }
+}
+
+impl Drop for Partial {
+    fn drop(&mut self) {
+        // An abandoned download leaves nothing behind; after a commit the file
+        // has been moved and this is a no-op.
+        let _ = std::fs::remove_file(&self.path);
     }
 }
 

@@ -196,13 +196,11 @@ impl Store {
     /// Makes a finished download a stored item, with its verified manifest.
     pub fn commit_partial(
         &self,
-        partial: crate::Partial,
+        partial: &crate::Partial,
         manifest: &[u8],
     ) -> Result<ItemInfo, StoreError> {
         let (path, ob) = partial.finish()?;
-        let result = self.commit(&path, &ob, manifest);
-        let _ = std::fs::remove_file(&path);
-        result
+        self.commit(&path, &ob, manifest)
     }
 
     fn commit(

@@ -4,6 +4,8 @@
 //! `$P2PVM_TOKEN`, then the node's `admin.token` beside the socket when the
 //! caller can read it (the operator's case).
 
+mod content;
+
 use std::path::PathBuf;
 
 use anyhow::{Context, Result};
@@ -69,6 +71,60 @@ enum Cmd {
     App(AppCmd),
     /// Live sessions and what each owns (admin).
     Sessions,
+    /// Publish a file or standard input as a content item.
+    Publish(content::PublishArgs),
+    /// Fetch an item: into FILE with -o, else into the node's store.
+    Get {
+        /// Content id.
+        id: String,
+        /// Write the verified bytes here.
+        #[arg(short, long)]
+        output: Option<PathBuf>,
+    },
+    /// Write an item's verified bytes to standard output (pipe into a player).
+    Cat {
+        /// Content id.
+        id: String,
+        /// First byte.
+        #[arg(long, default_value_t = 0)]
+        offset: u64,
+        /// Bytes to write (0 = to the end).
+        #[arg(long, default_value_t = 0)]
+        length: u64,
+        /// Do not keep and seed the item afterwards.
+        #[arg(long)]
+        no_keep: bool,
+    },
+    /// Search items by keywords, or by content id.
+    Search {
+        /// Words (all must match) or a content id.
+        query: Vec<String>,
+        /// Most results.
+        #[arg(long, default_value_t = 50)]
+        limit: u32,
+    },
+    /// Items in the node's store.
+    Ls,
+    /// What is known about one item.
+    Stat {
+        /// Content id.
+        id: String,
+    },
+    /// Keep an item regardless of the store quota.
+    Pin {
+        /// Content id.
+        id: String,
+    },
+    /// Let an item be garbage-collected again.
+    Unpin {
+        /// Content id.
+        id: String,
+    },
+    /// Delete an item from the node's store (admin).
+    Rm {
+        /// Content id.
+        id: String,
+    },
     /// This command's own session as the node sees it (app name, admin or not).
     Session,
 }
@@ -303,6 +359,28 @@ async fn run(cli: &Cli, c: &Client) -> Result<()> {
             print(j, json!({"service": name, "peers": peers}), || {
                 peers.join("\n")
             });
+        }
+        Cmd::Publish(a) => content::publish(j, c, a).await?,
+        Cmd::Get { id, output } => content::get(j, c, id, output.as_ref()).await?,
+        Cmd::Cat {
+            id,
+            offset,
+            length,
+            no_keep,
+        } => content::cat(c, id, *offset, *length, *no_keep).await?,
+        Cmd::Search { query, limit } => content::search(j, c, &query.join(" "), *limit).await?,
+        Cmd::Ls => content::list(j, c).await?,
+        Cmd::Stat { id } => content::stat(j, c, id).await?,
+        Cmd::Pin { id } | Cmd::Unpin { id } => {
+            let pinned = matches!(cli.cmd, Cmd::Pin { .. });
+            c.pin_content(id, pinned).await?;
+            print(j, json!({"content_id": id, "pinned": pinned}), || {
+                format!("{} {id}", if pinned { "pinned" } else { "unpinned" })
+            });
+        }
+        Cmd::Rm { id } => {
+            c.delete_content(id).await?;
+            print(j, json!({"deleted": id}), || format!("deleted {id}"));
         }
         Cmd::Events => {
             let mut events = c.events().await?;

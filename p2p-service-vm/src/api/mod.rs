@@ -65,6 +65,22 @@ impl From<crate::node::NodeError> for ApiError {
     }
 }
 
+impl From<crate::content::ContentServiceError> for ApiError {
+    fn from(e: crate::content::ContentServiceError) -> Self {
+        use crate::content::ContentServiceError as C;
+        let code = match &e {
+            C::NotFound(_) => pb::ErrorCode::NotFound,
+            C::Verification(_) => pb::ErrorCode::VerificationFailed,
+            C::BadRequest(_) => pb::ErrorCode::BadRequest,
+            C::Unavailable(_) => pb::ErrorCode::Unavailable,
+            C::Full(_) => pb::ErrorCode::ResourceExhausted,
+            C::Store(_) => pb::ErrorCode::Internal,
+            C::Denied(_) => pb::ErrorCode::PermissionDenied,
+        };
+        Self::new(code, e.to_string())
+    }
+}
+
 impl From<apps::AppsError> for ApiError {
     fn from(e: apps::AppsError) -> Self {
         let code = match &e {

@@ -8,8 +8,11 @@ use p2pvm_proto::pb;
 use pb::request::Op;
 use pb::response::Result as R;
 
+use p2pvm_content::ContentId;
+
 use super::apps::Principal;
 use super::{ApiError, ApiService};
+use crate::content::{ContentInfo, ContentService, PublishMeta};
 use crate::node::{Command, PeerSummary, service_key};
 
 /// Default bound on an operation that waits for the network.
@@ -83,6 +86,58 @@ fn require_admin(p: &Principal) -> Result<(), ApiError> {
             pb::ErrorCode::PermissionDenied,
             "this operation needs the admin capability",
         ))
+    }
+}
+
+pub(crate) fn content(svc: &ApiService) -> Result<&ContentService, ApiError> {
+    svc.inner.content.as_ref().ok_or_else(|| {
+        ApiError::new(
+            pb::ErrorCode::Unavailable,
+            "content sharing is not running on this node",
+        )
+    })
+}
+
+pub(crate) fn parse_content_id(s: &str) -> Result<ContentId, ApiError> {
+    s.parse()
+        .map_err(|_| ApiError::bad(format!("invalid content id {s:?} (64 hex digits)")))
+}
+
+pub(crate) fn publish_meta(r: &pb::ContentPublishRequest) -> Result<PublishMeta, ApiError> {
+    Ok(PublishMeta {
+        name: r.name.clone(),
+        mime_type: r.mime_type.clone(),
+        tags: r.tags.clone(),
+        rights: r.rights.as_ref().map(|x| p2pvm_content::Rights {
+            licence: x.licence.clone(),
+            redistribution_allowed: x.redistribution_allowed,
+            expires_unix: x.expires_unix,
+            allowed_groups: x.allowed_groups.clone(),
+        }),
+        pin: r.pin,
+    })
+}
+
+pub(crate) fn content_info(i: ContentInfo) -> pb::ContentInfo {
+    let m = i.manifest.manifest;
+    pb::ContentInfo {
+        content_id: i.manifest.id.to_string(),
+        name: m.name,
+        mime_type: m.mime_type,
+        size: m.size,
+        publisher: m.publisher,
+        created_unix: m.created_unix,
+        tags: m.tags,
+        rights: m.rights.map(|r| pb::ContentRights {
+            licence: r.licence,
+            redistribution_allowed: r.redistribution_allowed,
+            expires_unix: r.expires_unix,
+            allowed_groups: r.allowed_groups,
+        }),
+        signed_manifest: i.manifest.signed.into(),
+        local: i.local.is_some(),
+        pinned: i.local.is_some_and(|l| l.pinned),
+        providers: i.providers.iter().map(|p| p.to_string()).collect(),
     }
 }
 
@@ -263,6 +318,48 @@ pub(crate) async fn run(svc: &ApiService, who: &Principal, op: Op) -> Result<R, 
             pb::ErrorCode::Internal,
             "revocation is handled by the session",
         ))),
+        Op::ContentPublish(r) => {
+            // Only the path form is stateless; the stream form is the session's.
+            let meta = publish_meta(&r)?;
+            let info = content(svc)?
+                .publish_path(std::path::Path::new(&r.path), meta)
+                .await?;
+            Ok(R::Content(content_info(info)))
+        }
+        Op::ContentDownload(r) => {
+            let id = parse_content_id(&r.content_id)?;
+            Ok(R::Content(content_info(content(svc)?.download(&id).await?)))
+        }
+        Op::ContentSearch(r) => {
+            let items = content(svc)?
+                .search(&r.query, if r.limit == 0 { 50 } else { r.limit as usize })
+                .await?;
+            Ok(R::ContentList(pb::ContentList {
+                items: items.into_iter().map(content_info).collect(),
+            }))
+        }
+        Op::ContentStat(r) => {
+            let id = parse_content_id(&r.content_id)?;
+            Ok(R::Content(content_info(content(svc)?.stat(&id).await?)))
+        }
+        Op::ContentList(_) => Ok(R::ContentList(pb::ContentList {
+            items: content(svc)?
+                .list()?
+                .into_iter()
+                .map(content_info)
+                .collect(),
+        })),
+        Op::ContentPin(r) => {
+            let id = parse_content_id(&r.content_id)?;
+            content(svc)?.pin(&id, r.pinned)?;
+            Ok(R::Ok(pb::Empty {}))
+        }
+        Op::ContentDelete(r) => {
+            require_admin(who)?;
+            let id = parse_content_id(&r.content_id)?;
+            content(svc)?.delete(&id).await?;
+            Ok(R::Ok(pb::Empty {}))
+        }
         // Session-bound operations never reach here; answer clearly if one does.
         _ => Err(ApiError::new(
             pb::ErrorCode::Internal,

@@ -12,6 +12,7 @@ use tracing::warn;
 
 use super::apps::AppRegistry;
 use crate::config::ApiLimits;
+use crate::content::ContentService;
 use crate::node::NodeHandle;
 
 /// What the node knows about a live session, for admins and for revocation.
@@ -25,6 +26,8 @@ pub(crate) struct SessionEntry {
 #[derive(Debug)]
 pub(crate) struct Inner {
     pub node: NodeHandle,
+    /// Content sharing; `None` only in tests that run without a store.
+    pub content: Option<ContentService>,
     pub apps: Mutex<AppRegistry>,
     pub limits: ApiLimits,
     pub sessions: Mutex<HashMap<u64, SessionEntry>>,
@@ -49,6 +52,7 @@ impl ApiService {
     /// Creates the service over a running node.
     pub fn new(
         node: NodeHandle,
+        content: Option<ContentService>,
         apps: AppRegistry,
         limits: ApiLimits,
         shutdown: CancellationToken,
@@ -57,6 +61,7 @@ impl ApiService {
         Self {
             inner: Arc::new(Inner {
                 node,
+                content,
                 apps: Mutex::new(apps),
                 limits,
                 sessions: Mutex::new(HashMap::new()),

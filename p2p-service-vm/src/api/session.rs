@@ -13,9 +13,10 @@ use libp2p::{PeerId, StreamProtocol};
 use p2pvm_proto::{FrameCodec, PROTOCOL_VERSION, pb};
 use pb::frame::Kind;
 use tokio::io::{AsyncRead, AsyncWrite};
-use tokio::sync::{Semaphore, broadcast, mpsc};
+use tokio::sync::{Semaphore, broadcast, mpsc, oneshot};
 use tokio::task::JoinHandle;
 use tokio_util::codec::Framed;
+use tokio_util::compat::TokioAsyncReadCompatExt;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
@@ -52,11 +53,31 @@ pub(crate) enum Internal {
         peer: PeerId,
         stream: libp2p::Stream,
     },
+    /// A content fetch found its item and is ready to stream.
+    ContentOpened {
+        request_id: u64,
+        stream_id: u64,
+        result: Result<(pb::ContentStream, ContentBytes), ApiError>,
+    },
     ReaderDone(u64),
     WriterDone(u64),
     /// A copy task failed: reset the whole stream.
     Failed(u64, pb::Error),
 }
+
+/// Verified bytes of a content fetch, as the node produces them.
+pub(crate) struct ContentBytes(
+    std::pin::Pin<Box<dyn futures::Stream<Item = std::io::Result<bytes::Bytes>> + Send>>,
+);
+
+impl std::fmt::Debug for ContentBytes {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ContentBytes")
+    }
+}
+
+/// Buffer between an app's publish stream and the import.
+const PUBLISH_PIPE_BYTES: usize = 256 * 1024;
 
 fn goodbye(code: pb::ErrorCode, message: impl Into<String>) -> pb::Frame {
     pb::Frame::of(Kind::Goodbye(pb::Goodbye {
@@ -173,6 +194,7 @@ where
         next_stream: 1,
         watching: false,
         kill: kill.clone(),
+        publishes: HashMap::new(),
     };
     session.serve(&mut source, internal_rx, kill).await;
     session.cleanup().await;
@@ -244,6 +266,8 @@ struct Session {
     next_stream: u64,
     watching: bool,
     kill: CancellationToken,
+    /// Publishes whose bytes are arriving on a stream, by stream id.
+    publishes: HashMap<u64, oneshot::Receiver<Result<pb::ContentInfo, ApiError>>>,
 }
 
 impl Session {
@@ -361,6 +385,31 @@ impl Session {
             Op::SessionState(_) => Ok(pb::response::Result::SessionState(
                 self.state.lock().expect("lock").clone(),
             )),
+            Op::ContentPublish(r) if r.path.is_empty() => self.content_publish(r),
+            Op::ContentPublishFinish(r) => match self.publishes.remove(&r.stream_id) {
+                Some(rx) => {
+                    let out = self.out.clone();
+                    tokio::spawn(async move {
+                        let r = match rx.await {
+                            Ok(r) => r.map(pb::response::Result::Content),
+                            Err(_) => Err(ApiError::new(
+                                pb::ErrorCode::Unavailable,
+                                "the publish was aborted",
+                            )),
+                        };
+                        let _ = out.send(response(id, r)).await;
+                    });
+                    return;
+                }
+                None => Err(ApiError::new(
+                    pb::ErrorCode::NotFound,
+                    "no publish on that stream in this session",
+                )),
+            },
+            Op::ContentFetch(r) => match self.content_fetch(id, r) {
+                Ok(()) => return,
+                Err(e) => Err(e),
+            },
             Op::OpenStream(r) => match self.open_stream(id, r) {
                 // Answered when the open finishes.
                 Ok(()) => return,
@@ -623,7 +672,107 @@ impl Session {
         Ok(())
     }
 
-    fn add_stream(&mut self, stream_id: u64, stream: libp2p::Stream) {
+    fn stream_limit(&self) -> ApiError {
+        ApiError::new(
+            pb::ErrorCode::LimitExceeded,
+            format!(
+                "at most {} streams per session",
+                self.svc.inner.limits.max_streams_per_session
+            ),
+        )
+    }
+
+    /// Starts a publish from a byte stream: the app writes the bytes on the
+    /// returned stream; the import runs as they arrive.
+    fn content_publish(
+        &mut self,
+        r: pb::ContentPublishRequest,
+    ) -> Result<pb::response::Result, ApiError> {
+        let content = ops::content(&self.svc)?.clone();
+        let meta = ops::publish_meta(&r)?;
+        if !self.stream_slots_left() {
+            return Err(self.stream_limit());
+        }
+        let (app_side, node_side) = tokio::io::duplex(PUBLISH_PIPE_BYTES);
+        let (_, app_writes) = tokio::io::split(app_side);
+        let stream = tokio::io::join(tokio::io::empty(), app_writes).compat();
+        let stream_id = self.next_stream;
+        self.next_stream += 1;
+        self.add_stream(stream_id, stream);
+        let (tx, rx) = oneshot::channel();
+        self.publishes.insert(stream_id, rx);
+        tokio::spawn(async move {
+            let reader = tokio_util::io::SyncIoBridge::new(node_side);
+            let r = content
+                .publish(reader, meta)
+                .await
+                .map(ops::content_info)
+                .map_err(ApiError::from);
+            let _ = tx.send(r);
+        });
+        Ok(pb::response::Result::StreamOpened(pb::StreamOpened {
+            stream_id,
+        }))
+    }
+
+    /// Starts streaming verified bytes; answered with `ContentStream` once the
+    /// item is found.
+    fn content_fetch(&mut self, request_id: u64, r: pb::ContentFetchRequest) -> Result<(), ApiError> {
+        let content = ops::content(&self.svc)?.clone();
+        let id = ops::parse_content_id(&r.content_id)?;
+        if !self.stream_slots_left() {
+            return Err(self.stream_limit());
+        }
+        let range = if r.offset == 0 && r.length == 0 {
+            None
+        } else {
+            Some((r.offset, r.length))
+        };
+        let stream_id = self.next_stream;
+        self.next_stream += 1;
+        self.pending_opens += 1;
+        let tx = self.internal_tx.clone();
+        tokio::spawn(async move {
+            let range = match range {
+                None => None,
+                Some((offset, 0)) => match content.stat(&id).await {
+                    Ok(info) => Some(offset..info.manifest.manifest.size),
+                    Err(e) => {
+                        let result = Err(e.into());
+                        let _ = tx.send(Internal::ContentOpened { request_id, stream_id, result }).await;
+                        return;
+                    }
+                },
+                Some((offset, len)) => Some(offset..offset.saturating_add(len)),
+            };
+            let result = content
+                .fetch(&id, range, !r.no_keep)
+                .await
+                .map(|(info, range, bytes)| {
+                    let opened = pb::ContentStream {
+                        stream_id,
+                        info: Some(ops::content_info(info)),
+                        offset: range.start,
+                        length: range.end - range.start,
+                    };
+                    (opened, ContentBytes(Box::pin(bytes)))
+                })
+                .map_err(ApiError::from);
+            let _ = tx
+                .send(Internal::ContentOpened {
+                    request_id,
+                    stream_id,
+                    result,
+                })
+                .await;
+        });
+        Ok(())
+    }
+
+    fn add_stream<S>(&mut self, stream_id: u64, stream: S)
+    where
+        S: futures::AsyncRead + futures::AsyncWrite + Send + 'static,
+    {
         let entry = StreamEntry::spawn(
             stream_id,
             stream,
@@ -646,6 +795,24 @@ impl Session {
                 let r = result.map(|stream| {
                     self.add_stream(stream_id, stream);
                     pb::response::Result::StreamOpened(pb::StreamOpened { stream_id })
+                });
+                self.reply(request_id, r).await;
+            }
+            Internal::ContentOpened {
+                request_id,
+                stream_id,
+                result,
+            } => {
+                self.pending_opens -= 1;
+                let r = result.map(|(opened, bytes)| {
+                    let reader = tokio_util::io::StreamReader::new(bytes.0);
+                    let stream = tokio::io::join(reader, tokio::io::sink()).compat();
+                    self.add_stream(stream_id, stream);
+                    // The app sends nothing on a fetch stream; end that direction now.
+                    if let Some(s) = self.streams.get_mut(&stream_id) {
+                        s.half_close();
+                    }
+                    pb::response::Result::ContentStream(opened)
                 });
                 self.reply(request_id, r).await;
             }
@@ -724,6 +891,24 @@ impl Session {
             Ok(NodeEvent::NewListenAddr(a)) if self.watching => E::NewListenAddr(pb::ListenAddr {
                 addr: a.to_string(),
             }),
+            Ok(NodeEvent::ContentProgress {
+                id,
+                held_bytes,
+                size,
+                providers,
+            }) if self.watching => E::ContentProgress(pb::ContentProgress {
+                content_id: id.to_string(),
+                held_bytes,
+                size,
+                providers,
+            }),
+            Ok(NodeEvent::CorruptData { peer, id, block }) if self.watching => {
+                E::CorruptData(pb::CorruptData {
+                    peer_id: peer.to_string(),
+                    content_id: id.to_string(),
+                    block,
+                })
+            }
             Err(broadcast::error::RecvError::Lagged(n))
                 if self.watching || !self.topics.is_empty() =>
             {

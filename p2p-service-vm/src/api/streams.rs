@@ -65,15 +65,34 @@ fn frame(kind: pb::frame::Kind) -> pb::Frame {
     pb::Frame::of(kind)
 }
 
+/// The error an app sees when its stream's source fails: a content error keeps
+/// its own code (e.g. VERIFICATION_FAILED), anything else is the peer's failure.
+fn stream_error(e: &std::io::Error) -> pb::Error {
+    let content = e
+        .get_ref()
+        .and_then(|inner| inner.downcast_ref::<crate::content::ContentServiceError>());
+    match content {
+        Some(c) => super::ApiError::from(c.clone()).to_pb(),
+        None => pb::Error::new(
+            pb::ErrorCode::Unavailable,
+            format!("peer stream failed: {e}"),
+        ),
+    }
+}
+
 impl StreamEntry {
-    /// Starts the two copy tasks for `stream`.
-    pub fn spawn(
+    /// Starts the two copy tasks for `stream`: a peer's libp2p stream, or a
+    /// node-side byte source/sink such as a content fetch or publish.
+    pub fn spawn<S>(
         id: u64,
-        stream: libp2p::Stream,
+        stream: S,
         window: u32,
         out: mpsc::Sender<pb::Frame>,
         internal: mpsc::Sender<Internal>,
-    ) -> Self {
+    ) -> Self
+    where
+        S: futures::AsyncRead + futures::AsyncWrite + Send + 'static,
+    {
         let (mut rd, mut wr) = stream.split();
         let send_credit = Arc::new(Semaphore::new(window as usize));
         let inbound_outstanding = Arc::new(std::sync::atomic::AtomicU32::new(0));
@@ -123,10 +142,7 @@ impl StreamEntry {
                             }
                         }
                         Err(e) => {
-                            let error = pb::Error::new(
-                                pb::ErrorCode::Unavailable,
-                                format!("peer stream failed: {e}"),
-                            );
+                            let error = stream_error(&e);
                             let _ = internal.send(Internal::Failed(id, error)).await;
                             return;
                         }

@@ -1,0 +1,946 @@
+//! Fetching from many providers at once.
+//!
+//! One [`Download`] exists per item being fetched; every reader of that item
+//! (an app stream, the gateway, a bulk download) shares it. A driver task finds
+//! providers in the DHT and runs one worker per provider; each worker keeps
+//! `pipeline_depth` block requests in flight on one stream and asks the shared
+//! scheduler for the next block whenever a slot frees up, so faster providers
+//! take more blocks without any explicit rate estimate.
+//!
+//! The scheduler hands out, in order of preference:
+//! 1. missing blocks inside a reader's playback window (its next
+//!    `streaming_window_blocks`), lowest first, so the first bytes and the bytes
+//!    after a seek arrive fast;
+//! 2. other wanted blocks, rarest among known providers first (random among
+//!    equals), so a swarm spreads the publisher's upload instead of asking it
+//!    for the same block N times;
+//! 3. in the end game, a block another provider has had in flight for too
+//!    long, so one slow or vanished provider cannot hold up the finish.
+//!
+//! A block that fails verification is dropped, the peer is excluded from this
+//! download and reported ([`NodeEvent::CorruptData`]), and the block is fetched
+//! from someone else. A provider that disappears returns its blocks to the pool.
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::ops::Range;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use futures::{AsyncWriteExt, Stream};
+use libp2p::{PeerId, StreamProtocol};
+use p2pvm_content::transfer::{
+    self, BlockRequest, Op, Status, TransferRequest, TransferResponse,
+};
+use p2pvm_content::{BLOCK_BYTES, ContentId, Partial, block_count, block_range};
+use tokio::sync::{Notify, mpsc, watch};
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+use super::wire::{read_msg, read_payload, write_msg};
+use super::{ContentInfo, ContentService, ContentServiceError, VerifiedManifest};
+use crate::node::{Command, NodeEvent};
+
+/// How long a block may be in flight before an idle provider may duplicate it.
+const ENDGAME_AFTER: Duration = Duration::from_millis(400);
+/// How often an idle worker re-asks a partial provider what it holds.
+const HAVE_REFRESH: Duration = Duration::from_millis(500);
+/// Time allowed to open a stream (including finding and dialling the peer).
+const OPEN_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a failed provider is left alone before it is tried again.
+const RETRY_AFTER: Duration = Duration::from_secs(2);
+
+/// How a transfer ended, as readers see it.
+#[derive(Debug, Clone)]
+pub(crate) enum Outcome {
+    Running,
+    Complete,
+    Failed(ContentServiceError),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Slot {
+    Missing,
+    /// In flight at this many providers.
+    Pending(u8),
+    Held,
+}
+
+#[derive(Debug)]
+enum Have {
+    Unknown,
+    All,
+    Some(Vec<bool>),
+}
+
+impl Have {
+    fn has(&self, k: u64) -> bool {
+        match self {
+            Have::Unknown => false,
+            Have::All => true,
+            Have::Some(v) => v.get(k as usize).copied().unwrap_or(false),
+        }
+    }
+}
+
+#[derive(Debug)]
+struct Reader {
+    id: u64,
+    next: u64,
+    end: u64,
+}
+
+#[derive(Debug)]
+struct Sched {
+    slots: Vec<Slot>,
+    since: Vec<Option<Instant>>,
+    rarity: Vec<u16>,
+    readers: Vec<Reader>,
+    next_reader: u64,
+    window: u64,
+    peers: HashMap<PeerId, Have>,
+    bad: HashSet<PeerId>,
+    rng: u64,
+    last_progress: Instant,
+    held: u64,
+}
+
+impl Sched {
+    fn new(blocks: u64, window: u64) -> Self {
+        let n = blocks as usize;
+        Self {
+            slots: vec![Slot::Missing; n],
+            since: vec![None; n],
+            rarity: vec![0; n],
+            readers: Vec::new(),
+            next_reader: 1,
+            window,
+            peers: HashMap::new(),
+            bad: HashSet::new(),
+            rng: 0x9E37_79B9_7F4A_7C15 ^ (Instant::now().elapsed().as_nanos() as u64),
+            last_progress: Instant::now(),
+            held: 0,
+        }
+    }
+
+    fn random(&mut self) -> u64 {
+        // xorshift: only used to break ties between equally rare blocks.
+        self.rng ^= self.rng << 13;
+        self.rng ^= self.rng >> 7;
+        self.rng ^= self.rng << 17;
+        self.rng
+    }
+
+    fn set_have(&mut self, peer: PeerId, have: Have) {
+        let old = self.peers.insert(peer, Have::Unknown);
+        for k in 0..self.slots.len() as u64 {
+            let before = old.as_ref().is_some_and(|h| h.has(k));
+            let after = have.has(k);
+            let r = &mut self.rarity[k as usize];
+            match (before, after) {
+                (false, true) => *r = r.saturating_add(1),
+                (true, false) => *r = r.saturating_sub(1),
+                _ => {}
+            }
+        }
+        self.peers.insert(peer, have);
+    }
+
+    fn forget_peer(&mut self, peer: &PeerId) {
+        self.set_have(*peer, Have::Unknown);
+        self.peers.remove(peer);
+    }
+
+    fn wanted(&self, k: u64, keep: bool) -> bool {
+        keep || self.readers.iter().any(|r| r.next <= k && k < r.end)
+    }
+
+    fn take(&mut self, k: u64) -> u64 {
+        let i = k as usize;
+        self.slots[i] = match self.slots[i] {
+            Slot::Missing => Slot::Pending(1),
+            Slot::Pending(n) => Slot::Pending(n + 1),
+            Slot::Held => Slot::Held,
+        };
+        if self.since[i].is_none() {
+            self.since[i] = Some(Instant::now());
+        }
+        k
+    }
+
+    /// The next block to ask `peer` for, or `None`.
+    fn pick(&mut self, peer: &PeerId, keep: bool, mine: &VecDeque<Pending>) -> Option<u64> {
+        let n = self.slots.len() as u64;
+        let start = if n == 0 { 0 } else { self.random() % n };
+        let have = self.peers.get(peer)?;
+        // 1. Playback windows, the most urgent reader first.
+        let mut windows: Vec<(u64, u64)> = self
+            .readers
+            .iter()
+            .map(|r| (r.next, (r.next + self.window).min(r.end)))
+            .collect();
+        windows.sort_unstable();
+        for (from, to) in &windows {
+            for k in *from..*to {
+                if self.slots[k as usize] == Slot::Missing && have.has(k) {
+                    return Some(self.take(k));
+                }
+            }
+        }
+        // 2. Rarest wanted block, starting from a random place to break ties.
+        let mut best: Option<(u16, u64)> = None;
+        for i in 0..n {
+            let k = (start + i) % n;
+            if self.slots[k as usize] == Slot::Missing
+                && have.has(k)
+                && self.wanted(k, keep)
+                && best.is_none_or(|(r, _)| self.rarity[k as usize] < r)
+            {
+                best = Some((self.rarity[k as usize], k));
+                if self.rarity[k as usize] <= 1 {
+                    break;
+                }
+            }
+        }
+        if let Some((_, k)) = best {
+            return Some(self.take(k));
+        }
+        // 3. End game: duplicate the longest-waiting block held up elsewhere.
+        let now = Instant::now();
+        let mut oldest: Option<(Instant, u64)> = None;
+        for k in 0..n {
+            let i = k as usize;
+            if self.slots[i] == Slot::Pending(1)
+                && have.has(k)
+                && self.wanted(k, keep)
+                && !mine.iter().any(|p| p.block() == Some(k))
+                && let Some(t) = self.since[i]
+                && now.duration_since(t) > ENDGAME_AFTER
+                && oldest.is_none_or(|(o, _)| t < o)
+            {
+                oldest = Some((t, k));
+            }
+        }
+        oldest.map(|(_, k)| self.take(k))
+    }
+
+    fn release(&mut self, k: u64) {
+        let i = k as usize;
+        self.slots[i] = match self.slots[i] {
+            Slot::Pending(n) if n > 1 => Slot::Pending(n - 1),
+            Slot::Pending(_) => {
+                self.since[i] = None;
+                Slot::Missing
+            }
+            other => other,
+        };
+    }
+
+    fn held(&mut self, k: u64) -> bool {
+        let i = k as usize;
+        if self.slots[i] == Slot::Held {
+            return false;
+        }
+        self.slots[i] = Slot::Held;
+        self.since[i] = None;
+        self.held += 1;
+        self.last_progress = Instant::now();
+        true
+    }
+
+    /// Whether every block any reader (or a keeping download) wants is held.
+    fn satisfied(&self, keep: bool) -> bool {
+        if keep {
+            return self.held == self.slots.len() as u64;
+        }
+        self.readers.iter().all(|r| {
+            (r.next..r.end).all(|k| self.slots[k as usize] == Slot::Held)
+        })
+    }
+}
+
+/// An item being fetched, shared by all its readers.
+pub(crate) struct Download {
+    pub id: ContentId,
+    pub manifest: VerifiedManifest,
+    pub partial: Arc<Partial>,
+    sched: Mutex<Sched>,
+    /// Wakes idle workers and the driver.
+    changed: Notify,
+    /// Bumped whenever a block lands; readers wait on it.
+    progress: watch::Sender<u64>,
+    outcome: watch::Sender<Outcome>,
+    keep: AtomicBool,
+    cancel: CancellationToken,
+    hints: Mutex<Vec<PeerId>>,
+}
+
+impl Download {
+    fn keep(&self) -> bool {
+        self.keep.load(Ordering::Acquire)
+    }
+
+    fn add_reader(&self, blocks: Range<u64>) -> u64 {
+        let mut s = self.sched.lock().expect("lock");
+        let id = s.next_reader;
+        s.next_reader += 1;
+        s.readers.push(Reader {
+            id,
+            next: blocks.start,
+            end: blocks.end,
+        });
+        drop(s);
+        self.changed.notify_waiters();
+        id
+    }
+
+    fn advance(&self, reader: u64, next: u64) {
+        let mut s = self.sched.lock().expect("lock");
+        if let Some(r) = s.readers.iter_mut().find(|r| r.id == reader) {
+            r.next = next;
+        }
+        drop(s);
+        self.changed.notify_waiters();
+    }
+
+    fn remove_reader(&self, reader: u64) {
+        let mut s = self.sched.lock().expect("lock");
+        s.readers.retain(|r| r.id != reader);
+        let idle = s.readers.is_empty();
+        drop(s);
+        if idle && !self.keep() {
+            self.cancel.cancel();
+        }
+        self.changed.notify_waiters();
+    }
+}
+
+/// One request a worker has in flight.
+#[derive(Debug, Clone, Copy)]
+enum Pending {
+    Block(u64),
+    Have,
+}
+
+impl Pending {
+    fn block(&self) -> Option<u64> {
+        match self {
+            Pending::Block(k) => Some(*k),
+            Pending::Have => None,
+        }
+    }
+}
+
+fn protocol() -> StreamProtocol {
+    StreamProtocol::new(transfer::PROTOCOL)
+}
+
+/// Opens a content stream to `peer`, finding and dialling it through the DHT
+/// when no connection exists yet.
+pub(crate) async fn open_stream(svc: &ContentService, peer: PeerId) -> Result<libp2p::Stream, String> {
+    let mut control = svc.inner.node.stream_control();
+    let first = tokio::time::timeout(OPEN_TIMEOUT, control.open_stream(peer, protocol())).await;
+    match first {
+        Ok(Ok(s)) => return Ok(s),
+        Ok(Err(libp2p_stream::OpenStreamError::UnsupportedProtocol(_))) => {
+            return Err("peer does not speak the content protocol".into());
+        }
+        _ => {}
+    }
+    let node = &svc.inner.node;
+    let found = node
+        .call_timeout(OPEN_TIMEOUT, |reply| Command::FindPeer(peer, reply))
+        .await
+        .map_err(|e| format!("cannot find {peer}: {e}"))?;
+    node.call_timeout(OPEN_TIMEOUT, |reply| Command::Connect {
+        peer: Some(peer),
+        addrs: found.addrs,
+        reply,
+    })
+    .await
+    .map_err(|e| format!("cannot connect to {peer}: {e}"))?;
+    tokio::time::timeout(OPEN_TIMEOUT, control.open_stream(peer, protocol()))
+        .await
+        .map_err(|_| "opening the stream timed out".to_string())?
+        .map_err(|e| e.to_string())
+}
+
+async fn request(
+    stream: &mut libp2p::Stream,
+    op: Op,
+) -> std::io::Result<()> {
+    write_msg(stream, &TransferRequest { op: Some(op) }).await?;
+    stream.flush().await
+}
+
+async fn response(stream: &mut libp2p::Stream) -> std::io::Result<TransferResponse> {
+    read_msg(stream)
+        .await?
+        .ok_or_else(|| std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "stream closed"))
+}
+
+/// Asks providers for the manifest of `id` until one verifies.
+pub(crate) async fn manifest_from(
+    svc: &ContentService,
+    id: &ContentId,
+    providers: &[PeerId],
+) -> Result<VerifiedManifest, ContentServiceError> {
+    let mut last = ContentServiceError::NotFound(id.to_string());
+    for peer in providers.iter().take(8) {
+        let mut stream = match open_stream(svc, *peer).await {
+            Ok(s) => s,
+            Err(e) => {
+                last = ContentServiceError::Unavailable(e);
+                continue;
+            }
+        };
+        let got = async {
+            request(&mut stream, Op::Manifest(id.0.to_vec())).await?;
+            let header = response(&mut stream).await?;
+            if header.status != Status::Ok as i32 {
+                return Ok(None);
+            }
+            read_payload(&mut stream, header.payload_len, transfer::MAX_HEADER_BYTES as u64)
+                .await
+                .map(Some)
+        }
+        .await;
+        match got {
+            Ok(Some(bytes)) => match VerifiedManifest::parse(&bytes) {
+                Ok(m) if m.id == *id => return Ok(m),
+                Ok(_) => {
+                    warn!(%peer, %id, "peer sent a manifest for another item");
+                    last = ContentServiceError::Verification("manifest for another item".into());
+                }
+                Err(e) => {
+                    warn!(%peer, %id, error = %e, "peer sent a manifest that does not verify");
+                    last = ContentServiceError::Verification(e.to_string());
+                }
+            },
+            Ok(None) => {}
+            Err(e) => last = ContentServiceError::Unavailable(e.to_string()),
+        }
+    }
+    Err(last)
+}
+
+/// Returns the running download of `id`, starting one if needed.
+async fn download_for(
+    svc: &ContentService,
+    id: &ContentId,
+    keep: bool,
+) -> Result<Arc<Download>, ContentServiceError> {
+    if let Some(dl) = svc.inner.downloads.lock().expect("lock").get(id).cloned() {
+        if keep {
+            dl.keep.store(true, Ordering::Release);
+        }
+        return Ok(dl);
+    }
+    // One provider is enough to start; the driver looks for more at once.
+    let providers = svc.find_providers(id, 1).await;
+    if providers.is_empty() {
+        return Err(ContentServiceError::NotFound(id.to_string()));
+    }
+    let manifest = manifest_from(svc, id, &providers).await?;
+    let size = manifest.manifest.size;
+    let path = svc.inner.store.tmp_path("part");
+    let partial = Partial::create(&path, *id, size)
+        .map_err(|e| ContentServiceError::Store(format!("{}: {e}", path.display())))?;
+    let fresh = Arc::new(Download {
+        id: *id,
+        manifest,
+        partial: Arc::new(partial),
+        sched: Mutex::new(Sched::new(
+            block_count(size),
+            svc.inner.config.streaming_window_blocks as u64,
+        )),
+        changed: Notify::new(),
+        progress: watch::Sender::new(0),
+        outcome: watch::Sender::new(Outcome::Running),
+        keep: AtomicBool::new(keep),
+        cancel: svc.inner.shutdown.child_token(),
+        hints: Mutex::new(providers),
+    });
+    // Another request may have started it while we looked for the manifest.
+    let raced = {
+        let mut downloads = svc.inner.downloads.lock().expect("lock");
+        match downloads.get(id).cloned() {
+            Some(existing) => Some(existing),
+            None => {
+                downloads.insert(*id, fresh.clone());
+                None
+            }
+        }
+    };
+    if let Some(dl) = raced {
+        if keep {
+            dl.keep.store(true, Ordering::Release);
+        }
+        return Ok(dl);
+    }
+    let dl = fresh;
+    if keep {
+        // Downloaders serve what they hold, so announce at once: peers fetching
+        // the same item find us while we are still fetching it.
+        let _ = svc
+            .inner
+            .node
+            .send(Command::Announce(super::content_key(id)))
+            .await;
+    }
+    tokio::spawn(drive(svc.clone(), dl.clone()));
+    Ok(dl)
+}
+
+async fn drive(svc: ContentService, dl: Arc<Download>) {
+    let id = dl.id;
+    let cfg = &svc.inner.config;
+    let stall = Duration::from_secs(cfg.stall_timeout_secs.max(1));
+    let mut workers: HashMap<PeerId, tokio::task::JoinHandle<()>> = HashMap::new();
+    let mut retry: HashMap<PeerId, Instant> = HashMap::new();
+    let mut next_lookup = Instant::now();
+    let mut last_event = Instant::now();
+    let started = Instant::now();
+    let me = svc.inner.node.peer_id();
+    let result = loop {
+        let (satisfied, stalled, held) = {
+            let s = dl.sched.lock().expect("lock");
+            {
+                let satisfied = s.satisfied(dl.keep());
+                (satisfied, !satisfied && s.last_progress.elapsed() > stall, s.held)
+            }
+        };
+        if dl.keep() && satisfied {
+            break finish(&svc, &dl).await;
+        }
+        if dl.cancel.is_cancelled() {
+            break Outcome::Failed(ContentServiceError::Unavailable("cancelled".into()));
+        }
+        if stalled {
+            break Outcome::Failed(ContentServiceError::Unavailable(format!(
+                "no verified data for {}s from {} provider(s)",
+                stall.as_secs(),
+                workers.len()
+            )));
+        }
+        workers.retain(|peer, h| {
+            let done = h.is_finished();
+            if done {
+                retry.insert(*peer, Instant::now() + RETRY_AFTER);
+            }
+            !done
+        });
+        let want_more = workers.len() < cfg.max_providers as usize;
+        if want_more && (Instant::now() >= next_lookup || workers.is_empty()) {
+            let mut candidates: Vec<PeerId> = dl.hints.lock().expect("lock").drain(..).collect();
+            if Instant::now() >= next_lookup {
+                candidates.extend(svc.find_providers(&id, cfg.max_providers as usize * 2).await);
+                next_lookup = Instant::now()
+                    + if workers.is_empty() {
+                        Duration::from_millis(500)
+                    } else {
+                        Duration::from_secs(3)
+                    };
+            }
+            let bad = dl.sched.lock().expect("lock").bad.clone();
+            for peer in candidates {
+                if peer == me
+                    || bad.contains(&peer)
+                    || workers.contains_key(&peer)
+                    || retry.get(&peer).is_some_and(|t| Instant::now() < *t)
+                    || workers.len() >= cfg.max_providers as usize
+                {
+                    continue;
+                }
+                debug!(%id, %peer, "fetching from provider");
+                workers.insert(peer, tokio::spawn(worker(svc.clone(), dl.clone(), peer)));
+            }
+        }
+        if last_event.elapsed() >= Duration::from_millis(500) {
+            last_event = Instant::now();
+            svc.emit(NodeEvent::ContentProgress {
+                id,
+                held_bytes: (held * BLOCK_BYTES).min(dl.partial.size()),
+                size: dl.partial.size(),
+                providers: workers.len() as u32,
+            });
+        }
+        tokio::select! {
+            _ = dl.changed.notified() => {}
+            _ = tokio::time::sleep(Duration::from_millis(250)) => {}
+            _ = dl.cancel.cancelled() => {}
+        }
+    };
+    for (_, w) in workers {
+        w.abort();
+    }
+    svc.inner.downloads.lock().expect("lock").remove(&id);
+    match &result {
+        Outcome::Complete => {
+            let size = dl.partial.size();
+            let secs = started.elapsed().as_secs_f64().max(1e-6);
+            info!(%id, size, mib_per_s = size as f64 / secs / 1048576.0, "download complete");
+            svc.emit(NodeEvent::ContentProgress {
+                id,
+                held_bytes: size,
+                size,
+                providers: 0,
+            });
+        }
+        Outcome::Failed(e) => {
+            if dl.keep() {
+                warn!(%id, error = %e, "download failed");
+            }
+            if dl.keep() {
+                let _ = svc
+                    .inner
+                    .node
+                    .send(Command::StopProviding(super::content_key(&id)))
+                    .await;
+            }
+        }
+        Outcome::Running => {}
+    }
+    dl.outcome.send_replace(result);
+    dl.changed.notify_waiters();
+}
+
+async fn finish(svc: &ContentService, dl: &Arc<Download>) -> Outcome {
+    let store = svc.inner.store.clone();
+    let partial = dl.partial.clone();
+    let signed = dl.manifest.signed.clone();
+    let r = tokio::task::spawn_blocking(move || store.commit_partial(&partial, &signed)).await;
+    match r {
+        Ok(Ok(_)) => {
+            svc.announce(&dl.manifest).await;
+            svc.gc().await;
+            Outcome::Complete
+        }
+        Ok(Err(e)) => Outcome::Failed(e.into()),
+        Err(e) => Outcome::Failed(ContentServiceError::Store(e.to_string())),
+    }
+}
+
+async fn worker(svc: ContentService, dl: Arc<Download>, peer: PeerId) {
+    let mut inflight: VecDeque<Pending> = VecDeque::new();
+    let r = run_worker(&svc, &dl, peer, &mut inflight).await;
+    let mut s = dl.sched.lock().expect("lock");
+    for p in inflight {
+        if let Pending::Block(k) = p {
+            s.release(k);
+        }
+    }
+    s.forget_peer(&peer);
+    drop(s);
+    dl.changed.notify_waiters();
+    if let Err(e) = r {
+        debug!(id = %dl.id, %peer, error = %e, "provider dropped");
+    }
+}
+
+async fn run_worker(
+    svc: &ContentService,
+    dl: &Arc<Download>,
+    peer: PeerId,
+    inflight: &mut VecDeque<Pending>,
+) -> Result<(), String> {
+    let mut stream = open_stream(svc, peer).await?;
+    let id = dl.id;
+    let depth = svc.inner.config.pipeline_depth as usize;
+    let io = |e: std::io::Error| e.to_string();
+    request(&mut stream, Op::Have(id.0.to_vec())).await.map_err(io)?;
+    inflight.push_back(Pending::Have);
+    let mut complete_peer = false;
+    let mut last_have = Instant::now();
+    loop {
+        if dl.cancel.is_cancelled() || matches!(*dl.outcome.borrow(), Outcome::Complete) {
+            return Ok(());
+        }
+        // Fill the pipeline.
+        let mut sent = false;
+        while inflight.len() < depth {
+            let next = dl.sched.lock().expect("lock").pick(&peer, dl.keep(), inflight);
+            let Some(k) = next else { break };
+            let op = Op::Block(BlockRequest {
+                content_id: id.0.to_vec(),
+                block: k,
+            });
+            write_msg(&mut stream, &TransferRequest { op: Some(op) })
+                .await
+                .map_err(io)?;
+            inflight.push_back(Pending::Block(k));
+            sent = true;
+        }
+        if sent {
+            stream.flush().await.map_err(io)?;
+        }
+        if inflight.is_empty() {
+            // Nothing to ask this provider for right now.
+            if !complete_peer && last_have.elapsed() >= HAVE_REFRESH {
+                request(&mut stream, Op::Have(id.0.to_vec())).await.map_err(io)?;
+                inflight.push_back(Pending::Have);
+                last_have = Instant::now();
+                continue;
+            }
+            tokio::select! {
+                _ = dl.changed.notified() => {}
+                _ = tokio::time::sleep(HAVE_REFRESH) => {}
+                _ = dl.cancel.cancelled() => return Ok(()),
+            }
+            continue;
+        }
+        let header = response(&mut stream).await.map_err(io)?;
+        let pending = inflight.pop_front().expect("not empty");
+        match pending {
+            Pending::Have => {
+                let have = match Status::try_from(header.status) {
+                    Ok(Status::Complete) => {
+                        complete_peer = true;
+                        Have::All
+                    }
+                    Ok(Status::Ok) => {
+                        let blocks = dl.partial.blocks();
+                        let bits = read_payload(
+                            &mut stream,
+                            header.payload_len,
+                            blocks.div_ceil(8),
+                        )
+                        .await
+                        .map_err(io)?;
+                        Have::Some((0..blocks).map(|k| bits[(k / 8) as usize] & (1 << (k % 8)) != 0).collect())
+                    }
+                    _ => return Err(format!("peer does not have the item: {}", header.message)),
+                };
+                dl.sched.lock().expect("lock").set_have(peer, have);
+                dl.changed.notify_waiters();
+            }
+            Pending::Block(k) => {
+                let len = {
+                    let r = block_range(dl.partial.size(), k);
+                    r.end - r.start
+                };
+                match Status::try_from(header.status) {
+                    Ok(Status::Ok) => {}
+                    Ok(Status::NotHeld) => {
+                        let mut s = dl.sched.lock().expect("lock");
+                        s.release(k);
+                        if let Some(Have::Some(v)) = s.peers.get_mut(&peer)
+                            && let Some(b) = v.get_mut(k as usize)
+                        {
+                            *b = false;
+                        }
+                        continue;
+                    }
+                    _ => return Err(format!("block {k} refused: {}", header.message)),
+                }
+                // A payload larger than any honest encoding of the block is not read.
+                let wire = read_payload(&mut stream, header.payload_len, transfer::max_block_wire(len))
+                    .await
+                    .map_err(io)?;
+                if dl.partial.has(k) {
+                    // A duplicate from the end game; the other copy won.
+                    dl.sched.lock().expect("lock").release(k);
+                    continue;
+                }
+                let partial = dl.partial.clone();
+                let verified = tokio::task::spawn_blocking(move || partial.accept(k, &wire))
+                    .await
+                    .map_err(|e| e.to_string())?;
+                match verified {
+                    Ok(()) => {
+                        let fresh = dl.sched.lock().expect("lock").held(k);
+                        if fresh {
+                            dl.progress.send_modify(|n| *n += 1);
+                        }
+                        dl.changed.notify_waiters();
+                    }
+                    Err(e) => {
+                        warn!(%id, %peer, block = k, error = %e, "corrupt block from provider; dropping it and the provider");
+                        {
+                            let mut s = dl.sched.lock().expect("lock");
+                            s.release(k);
+                            s.bad.insert(peer);
+                        }
+                        svc.emit(NodeEvent::CorruptData { peer, id, block: k });
+                        return Err(format!("block {k} failed verification"));
+                    }
+                }
+            }
+        }
+    }
+}
+
+fn block_span(size: u64, range: &Range<u64>) -> Range<u64> {
+    let first = range.start / BLOCK_BYTES;
+    let end = if range.end == 0 {
+        0
+    } else {
+        (range.end - 1) / BLOCK_BYTES + 1
+    };
+    first..end.min(block_count(size))
+}
+
+fn to_io(e: ContentServiceError) -> std::io::Error {
+    std::io::Error::other(e)
+}
+
+/// Starts streaming verified bytes of `id` over `range`.
+pub(crate) async fn open_reader(
+    svc: &ContentService,
+    id: &ContentId,
+    range: Option<Range<u64>>,
+    keep: bool,
+) -> Result<
+    (
+        ContentInfo,
+        Range<u64>,
+        impl Stream<Item = std::io::Result<Bytes>> + Send + 'static,
+    ),
+    ContentServiceError,
+> {
+    let (tx, rx) = mpsc::channel::<std::io::Result<Bytes>>(4);
+    let stream = futures::stream::unfold(rx, |mut rx| async move {
+        rx.recv().await.map(|item| (item, rx))
+    });
+    let check = |size: u64| -> Result<Range<u64>, ContentServiceError> {
+        let r = range.clone().unwrap_or(0..size);
+        if r.start > r.end || r.end > size {
+            return Err(ContentServiceError::BadRequest(format!(
+                "range {}..{} is outside an item of {size} bytes",
+                r.start, r.end
+            )));
+        }
+        Ok(r)
+    };
+    if let Some(info) = svc.inner.store.get(id)? {
+        let manifest = svc
+            .local_manifest(id)?
+            .ok_or_else(|| ContentServiceError::NotFound(id.to_string()))?;
+        let r = check(info.size)?;
+        let file = svc.inner.store.open_data(id)?;
+        tokio::spawn(read_local(file, r.clone(), tx));
+        let me = svc.inner.node.peer_id();
+        return Ok((
+            ContentInfo {
+                manifest,
+                local: Some(info),
+                providers: vec![me],
+            },
+            r,
+            stream,
+        ));
+    }
+    let whole = range.is_none();
+    let dl = download_for(svc, id, keep && whole).await?;
+    let r = check(dl.partial.size())?;
+    let reader = dl.add_reader(block_span(dl.partial.size(), &r));
+    let info = ContentInfo {
+        manifest: dl.manifest.clone(),
+        local: None,
+        providers: dl.sched.lock().expect("lock").peers.keys().copied().collect(),
+    };
+    tokio::spawn(read_download(dl, reader, r.clone(), tx));
+    Ok((info, r, stream))
+}
+
+/// Chunk handed to readers at a time.
+const READ_CHUNK: u64 = 256 * 1024;
+
+async fn read_local(file: std::fs::File, range: Range<u64>, tx: mpsc::Sender<std::io::Result<Bytes>>) {
+    use std::os::unix::fs::FileExt;
+    let file = Arc::new(file);
+    let mut pos = range.start;
+    while pos < range.end {
+        let n = (range.end - pos).min(READ_CHUNK) as usize;
+        let f = file.clone();
+        let read = tokio::task::spawn_blocking(move || {
+            let mut buf = vec![0u8; n];
+            f.read_exact_at(&mut buf, pos).map(|()| Bytes::from(buf))
+        })
+        .await
+        .unwrap_or_else(|e| Err(std::io::Error::other(e)));
+        let failed = read.is_err();
+        if tx.send(read).await.is_err() || failed {
+            return;
+        }
+        pos += n as u64;
+    }
+}
+
+async fn read_download(
+    dl: Arc<Download>,
+    reader: u64,
+    range: Range<u64>,
+    tx: mpsc::Sender<std::io::Result<Bytes>>,
+) {
+    struct Guard(Arc<Download>, u64);
+    impl Drop for Guard {
+        fn drop(&mut self) {
+            self.0.remove_reader(self.1);
+        }
+    }
+    let guard = Guard(dl.clone(), reader);
+    let mut progress = dl.progress.subscribe();
+    let mut outcome = dl.outcome.subscribe();
+    let mut pos = range.start;
+    while pos < range.end {
+        let k = pos / BLOCK_BYTES;
+        if !dl.partial.has(k) {
+            let failed = match &*outcome.borrow_and_update() {
+                Outcome::Failed(e) => Some(e.clone()),
+                _ => None,
+            };
+            if let Some(e) = failed {
+                let _ = tx.send(Err(to_io(e))).await;
+                return;
+            }
+            tokio::select! {
+                _ = progress.changed() => {}
+                _ = outcome.changed() => {}
+                _ = tx.closed() => return,
+            }
+            continue;
+        }
+        let end = block_range(dl.partial.size(), k).end.min(range.end);
+        let n = (end - pos) as usize;
+        let partial = dl.partial.clone();
+        let read = tokio::task::spawn_blocking(move || {
+            let mut buf = vec![0u8; n];
+            partial.read_at(&mut buf, pos).map(|()| Bytes::from(buf))
+        })
+        .await
+        .unwrap_or_else(|e| Err(std::io::Error::other(e)));
+        let failed = read.is_err();
+        if tx.send(read).await.is_err() || failed {
+            return;
+        }
+        pos = end;
+        dl.advance(reader, end.div_ceil(BLOCK_BYTES));
+    }
+    drop(guard);
+}
+
+/// Fetches a whole item into the store.
+pub(crate) async fn download(
+    svc: &ContentService,
+    id: &ContentId,
+) -> Result<ContentInfo, ContentServiceError> {
+    if svc.inner.store.get(id)?.is_some() {
+        return svc.stat(id).await;
+    }
+    let dl = download_for(svc, id, true).await?;
+    let mut outcome = dl.outcome.subscribe();
+    loop {
+        let now = outcome.borrow_and_update().clone();
+        match now {
+            Outcome::Complete => break,
+            Outcome::Failed(e) => return Err(e),
+            Outcome::Running => {}
+        }
+        if outcome.changed().await.is_err() {
+            break;
+        }
+    }
+    svc.stat(id).await
+}

@@ -1,0 +1,506 @@
+//! Content sharing and media streaming: the node's store, the transfer
+//! protocol's server, the multi-source fetcher, keyword search and the local
+//! HTTP gateway.
+//!
+//! ```text
+//!  app ──publish bytes──► ContentService ─► Store (redb index + blob files)
+//!                               │  └─► DHT: provider records for the id and each keyword
+//!  app ◄─verified bytes── Download ◄─ workers (one per provider, pipelined) ◄─ peers
+//!                               └─► Partial (sparse file + tree) ─► served onwards
+//! ```
+//!
+//! Every byte that reaches an app was checked against the content id: blocks
+//! from peers are decoded against the BLAKE3 tree before they are written, and
+//! stored items were hashed when they entered the store.
+
+mod fetch;
+pub mod gateway;
+mod search;
+mod server;
+mod wire;
+
+use std::collections::HashMap;
+use std::ops::Range;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use futures::Stream;
+use libp2p::PeerId;
+use libp2p::identity::Keypair;
+use libp2p::kad::RecordKey;
+use p2pvm_content::{
+    ContentId, ItemInfo, Manifest, ManifestError, Rights, SignedManifest, Store, StoreError,
+};
+use prost::Message;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use crate::config::ContentConfig;
+use crate::node::{NodeEvent, NodeHandle};
+
+
+/// Why a content operation failed.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum ContentServiceError {
+    /// No such item here, and no provider has it.
+    #[error("Content {0} not found")]
+    NotFound(String),
+    /// A manifest or data did not verify.
+    #[error("Verification failed: {0}")]
+    Verification(String),
+    /// The request is malformed (bad id, range outside the item).
+    #[error("{0}")]
+    BadRequest(String),
+    /// Providers exist but the transfer cannot proceed.
+    #[error("Unavailable: {0}")]
+    Unavailable(String),
+    /// The disk is full.
+    #[error("Store is full: {0}")]
+    Full(String),
+    /// A local failure (store I/O, index).
+    #[error("Store: {0}")]
+    Store(String),
+    /// Not allowed.
+    #[error("{0}")]
+    Denied(String),
+}
+
+impl From<StoreError> for ContentServiceError {
+    fn from(e: StoreError) -> Self {
+        use std::error::Error;
+        let mut msg = e.to_string();
+        let mut src = e.source();
+        let mut full = false;
+        while let Some(s) = src {
+            msg.push_str(": ");
+            msg.push_str(&s.to_string());
+            if let Some(io) = s.downcast_ref::<std::io::Error>()
+                && io.kind() == std::io::ErrorKind::StorageFull
+            {
+                full = true;
+            }
+            src = s.source();
+        }
+        match e {
+            StoreError::NotFound(id) => Self::NotFound(id.to_string()),
+            _ if full => Self::Full(msg),
+            _ => Self::Store(msg),
+        }
+    }
+}
+
+impl From<ManifestError> for ContentServiceError {
+    fn from(e: ManifestError) -> Self {
+        Self::Verification(e.to_string())
+    }
+}
+
+/// A manifest whose signature was checked.
+#[derive(Debug, Clone)]
+pub struct VerifiedManifest {
+    /// The id it describes.
+    pub id: ContentId,
+    /// The decoded fields.
+    pub manifest: Manifest,
+    /// The signed encoding, as stored and sent.
+    pub signed: Vec<u8>,
+}
+
+impl VerifiedManifest {
+    /// Decodes and verifies a signed manifest from anywhere.
+    pub fn parse(signed: &[u8]) -> Result<Self, ManifestError> {
+        let manifest = SignedManifest::verify_bytes(signed)?;
+        Ok(Self {
+            id: manifest.id()?,
+            manifest,
+            signed: signed.to_vec(),
+        })
+    }
+}
+
+/// What an app supplies when publishing.
+#[derive(Debug, Clone, Default)]
+pub struct PublishMeta {
+    /// Human name.
+    pub name: String,
+    /// MIME type; guessed from the name when empty.
+    pub mime_type: String,
+    /// Search tags.
+    pub tags: Vec<String>,
+    /// Rights section.
+    pub rights: Option<Rights>,
+    /// Keep regardless of the quota.
+    pub pin: bool,
+}
+
+/// An item as reported to apps.
+#[derive(Debug, Clone)]
+pub struct ContentInfo {
+    /// Manifest.
+    pub manifest: VerifiedManifest,
+    /// Held in the local store.
+    pub local: Option<ItemInfo>,
+    /// Peers known to provide it.
+    pub providers: Vec<PeerId>,
+}
+
+/// The DHT key under which providers of an item are announced.
+pub fn content_key(id: &ContentId) -> RecordKey {
+    let mut h = blake3::Hasher::new();
+    h.update(b"p2pvm/content/v1/");
+    h.update(&id.0);
+    RecordKey::new(h.finalize().as_bytes())
+}
+
+/// The DHT key under which providers of items with a keyword are announced.
+pub fn keyword_key(word: &str) -> RecordKey {
+    let mut h = blake3::Hasher::new();
+    h.update(b"p2pvm/keyword/v1/");
+    h.update(word.as_bytes());
+    RecordKey::new(h.finalize().as_bytes())
+}
+
+fn now_unix() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+/// Guesses a MIME type from a file name, for players and browsers.
+pub fn guess_mime(name: &str) -> String {
+    let ext = name.rsplit('.').next().unwrap_or("").to_ascii_lowercase();
+    match ext.as_str() {
+        "mp4" | "m4v" => "video/mp4",
+        "webm" => "video/webm",
+        "mkv" => "video/x-matroska",
+        "mp3" => "audio/mpeg",
+        "ogg" | "oga" => "audio/ogg",
+        "flac" => "audio/flac",
+        "wav" => "audio/wav",
+        "png" => "image/png",
+        "jpg" | "jpeg" => "image/jpeg",
+        "gif" => "image/gif",
+        "txt" | "md" => "text/plain; charset=utf-8",
+        "html" | "htm" => "text/html; charset=utf-8",
+        "json" => "application/json",
+        "pdf" => "application/pdf",
+        _ => "application/octet-stream",
+    }
+    .into()
+}
+
+pub(crate) struct Inner {
+    pub store: Arc<Store>,
+    pub key: Keypair,
+    pub node: NodeHandle,
+    pub config: ContentConfig,
+    pub downloads: Mutex<HashMap<ContentId, Arc<fetch::Download>>>,
+    pub limiter: Option<server::Limiter>,
+    pub shutdown: CancellationToken,
+    pub data_dir: std::path::PathBuf,
+}
+
+/// The node's content service. Cheap to clone.
+#[derive(Clone)]
+pub struct ContentService {
+    pub(crate) inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for ContentService {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ContentService").finish_non_exhaustive()
+    }
+}
+
+impl ContentService {
+    /// Opens the store under `data_dir/content`, starts serving the transfer
+    /// protocol and re-announces stored items.
+    pub fn start(
+        data_dir: &Path,
+        key: Keypair,
+        node: NodeHandle,
+        config: ContentConfig,
+        shutdown: CancellationToken,
+    ) -> Result<Self, ContentServiceError> {
+        let store = Arc::new(Store::open(&data_dir.join("content"))?);
+        let svc = Self {
+            inner: Arc::new(Inner {
+                store,
+                key,
+                limiter: server::Limiter::new(config.upload_rate_bytes_per_sec),
+                node,
+                config,
+                downloads: Mutex::new(HashMap::new()),
+                shutdown,
+                data_dir: data_dir.to_owned(),
+            }),
+        };
+        server::spawn(svc.clone());
+        let again = svc.clone();
+        tokio::spawn(async move { again.announce_all().await });
+        Ok(svc)
+    }
+
+    /// The store (for tests and the gateway).
+    pub fn store(&self) -> &Store {
+        &self.inner.store
+    }
+
+    async fn announce_all(&self) {
+        let items = match self.inner.store.manifests() {
+            Ok(m) => m,
+            Err(e) => {
+                warn!(error = %e, "cannot list stored items to announce");
+                return;
+            }
+        };
+        for (_, signed) in items {
+            if let Ok(m) = VerifiedManifest::parse(&signed) {
+                self.announce(&m).await;
+            }
+        }
+    }
+
+    async fn announce(&self, m: &VerifiedManifest) {
+        use crate::node::Command;
+        let _ = self
+            .inner
+            .node
+            .send(Command::Announce(content_key(&m.id)))
+            .await;
+        for word in p2pvm_content::keywords::manifest_keywords(&m.manifest) {
+            let _ = self
+                .inner
+                .node
+                .send(Command::Announce(keyword_key(&word)))
+                .await;
+        }
+    }
+
+    pub(crate) fn emit(&self, event: NodeEvent) {
+        let _ = self.inner.node.events.send(event);
+    }
+
+    /// Imports bytes read from `data` (blocking reader run off the async runtime),
+    /// signs the manifest, stores both, and announces the item.
+    pub async fn publish(
+        &self,
+        data: impl std::io::Read + Send + 'static,
+        meta: PublishMeta,
+    ) -> Result<ContentInfo, ContentServiceError> {
+        if meta.name.len() > 1024 || meta.tags.len() > 64 || meta.tags.iter().any(|t| t.len() > 128)
+        {
+            return Err(ContentServiceError::BadRequest(
+                "name ≤ 1024 bytes, ≤ 64 tags of ≤ 128 bytes".into(),
+            ));
+        }
+        let store = self.inner.store.clone();
+        let key = self.inner.key.clone();
+        let pin = meta.pin;
+        let (info, signed) = tokio::task::spawn_blocking(move || {
+            let mut signed = Vec::new();
+            let info = store.import(data, |id, size| {
+                let mime = if meta.mime_type.is_empty() {
+                    guess_mime(&meta.name)
+                } else {
+                    meta.mime_type.clone()
+                };
+                let m = Manifest {
+                    content_id: id.0.to_vec(),
+                    name: meta.name.clone(),
+                    mime_type: mime,
+                    size,
+                    publisher: String::new(),
+                    created_unix: now_unix(),
+                    tags: meta.tags.clone(),
+                    rights: meta.rights.clone(),
+                };
+                signed = m.sign(&key)?.encode_to_vec();
+                Ok(signed.clone())
+            })?;
+            if pin {
+                store.set_pinned(&info.id, true)?;
+            }
+            // The item may have existed already; report the manifest stored with it.
+            let stored = store.manifest(&info.id)?.unwrap_or(signed);
+            Ok::<_, StoreError>((info, stored))
+        })
+        .await
+        .map_err(|e| ContentServiceError::Store(e.to_string()))??;
+        let manifest = VerifiedManifest::parse(&signed)?;
+        info!(id = %info.id, size = info.size, name = %manifest.manifest.name, "published");
+        self.announce(&manifest).await;
+        self.gc().await;
+        Ok(ContentInfo {
+            manifest,
+            local: Some(info),
+            providers: vec![self.inner.node.peer_id()],
+        })
+    }
+
+    /// Publishes a file the node can read (host mode).
+    pub async fn publish_path(
+        &self,
+        path: &Path,
+        mut meta: PublishMeta,
+    ) -> Result<ContentInfo, ContentServiceError> {
+        if !self.inner.config.allow_path_publish {
+            return Err(ContentServiceError::Denied(
+                "publishing by path is disabled on this node; send the bytes instead".into(),
+            ));
+        }
+        let real = std::fs::canonicalize(path)
+            .map_err(|e| ContentServiceError::BadRequest(format!("{}: {e}", path.display())))?;
+        let data_dir =
+            std::fs::canonicalize(&self.inner.data_dir).unwrap_or(self.inner.data_dir.clone());
+        // The node's own key and tokens live there; never let an app publish them.
+        if real.starts_with(&data_dir) {
+            return Err(ContentServiceError::Denied(
+                "files inside the node's data directory cannot be published".into(),
+            ));
+        }
+        let file = std::fs::File::open(&real)
+            .map_err(|e| ContentServiceError::BadRequest(format!("{}: {e}", real.display())))?;
+        if meta.name.is_empty() {
+            meta.name = real
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default();
+        }
+        self.publish(file, meta).await
+    }
+
+    async fn gc(&self) {
+        let quota = self.inner.config.quota_bytes;
+        if quota == 0 {
+            return;
+        }
+        let store = self.inner.store.clone();
+        match tokio::task::spawn_blocking(move || store.gc(quota)).await {
+            Ok(Ok(removed)) if !removed.is_empty() => {
+                info!(count = removed.len(), "garbage-collected unpinned items over the quota");
+                for id in removed {
+                    let _ = self
+                        .inner
+                        .node
+                        .send(crate::node::Command::StopProviding(content_key(&id)))
+                        .await;
+                }
+            }
+            Ok(Err(e)) => warn!(error = %e, "garbage collection failed"),
+            _ => {}
+        }
+    }
+
+    /// Items in the local store.
+    pub fn list(&self) -> Result<Vec<ContentInfo>, ContentServiceError> {
+        let me = self.inner.node.peer_id();
+        let mut out = Vec::new();
+        for item in self.inner.store.list()? {
+            if let Some(m) = self.local_manifest(&item.id)? {
+                out.push(ContentInfo {
+                    manifest: m,
+                    local: Some(item),
+                    providers: vec![me],
+                });
+            }
+        }
+        out.sort_by(|a, b| a.manifest.manifest.name.cmp(&b.manifest.manifest.name));
+        Ok(out)
+    }
+
+    fn local_manifest(
+        &self,
+        id: &ContentId,
+    ) -> Result<Option<VerifiedManifest>, ContentServiceError> {
+        match self.inner.store.manifest(id)? {
+            Some(bytes) => Ok(Some(VerifiedManifest::parse(&bytes)?)),
+            None => Ok(None),
+        }
+    }
+
+    /// Pins or unpins a stored item.
+    pub fn pin(&self, id: &ContentId, pinned: bool) -> Result<(), ContentServiceError> {
+        Ok(self.inner.store.set_pinned(id, pinned)?)
+    }
+
+    /// Deletes a stored item and stops providing it.
+    pub async fn delete(&self, id: &ContentId) -> Result<(), ContentServiceError> {
+        self.inner.store.delete(id)?;
+        let _ = self
+            .inner
+            .node
+            .send(crate::node::Command::StopProviding(content_key(id)))
+            .await;
+        Ok(())
+    }
+
+    /// Everything known about an item: local first, else from providers.
+    pub async fn stat(&self, id: &ContentId) -> Result<ContentInfo, ContentServiceError> {
+        if let Some(m) = self.local_manifest(id)? {
+            return Ok(ContentInfo {
+                manifest: m,
+                local: self.inner.store.get(id)?,
+                providers: vec![self.inner.node.peer_id()],
+            });
+        }
+        let providers = self.find_providers(id, 4).await;
+        let manifest = fetch::manifest_from(self, id, &providers).await?;
+        Ok(ContentInfo {
+            manifest,
+            local: None,
+            providers,
+        })
+    }
+
+    pub(crate) async fn find_providers(&self, id: &ContentId, limit: usize) -> Vec<PeerId> {
+        let key = content_key(id);
+        let me = self.inner.node.peer_id();
+        let found = self
+            .inner
+            .node
+            .call_timeout(std::time::Duration::from_secs(10), |reply| {
+                crate::node::Command::FindProviders { key, limit, reply }
+            })
+            .await
+            .unwrap_or_default();
+        found.into_iter().filter(|p| *p != me).collect()
+    }
+
+    /// Streams verified bytes of `range` (the whole item when `None`), blocks in
+    /// playback order. The item is kept and provided to others when `keep` is
+    /// set and the whole item was asked for.
+    pub async fn fetch(
+        &self,
+        id: &ContentId,
+        range: Option<Range<u64>>,
+        keep: bool,
+    ) -> Result<
+        (
+            ContentInfo,
+            Range<u64>,
+            impl Stream<Item = std::io::Result<Bytes>> + Send + 'static,
+        ),
+        ContentServiceError,
+    > {
+        fetch::open_reader(self, id, range, keep).await
+    }
+
+    /// Downloads a whole item into the store (swarm-friendly order) and returns
+    /// once it is stored.
+    pub async fn download(&self, id: &ContentId) -> Result<ContentInfo, ContentServiceError> {
+        fetch::download(self, id).await
+    }
+
+    /// Searches by keywords across the network, or by content id.
+    pub async fn search(
+        &self,
+        query: &str,
+        limit: usize,
+    ) -> Result<Vec<ContentInfo>, ContentServiceError> {
+        search::search(self, query, limit).await
+    }
+}

@@ -1,0 +1,148 @@
+//! Search: by content id (providers + manifest) or by keywords.
+//!
+//! Keyword search is DHT-backed: a publisher announces itself as a provider of
+//! `keyword_key(word)` for each keyword of each item, so any node can find,
+//! through the DHT alone, the peers that have items with a word — whether or
+//! not it was ever connected to them. It then asks those peers for their
+//! matching manifests and verifies every signature before reporting a hit.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use futures::AsyncWriteExt;
+use libp2p::PeerId;
+use p2pvm_content::transfer::{self, Op, SearchRequest, Status, TransferRequest};
+use p2pvm_content::{ContentId, keywords};
+use prost::Message;
+use tracing::debug;
+
+use super::wire::{read_msg, read_payload, write_msg};
+use super::{ContentInfo, ContentService, ContentServiceError, VerifiedManifest, keyword_key};
+use crate::node::Command;
+
+/// Providers of a keyword asked at most.
+const MAX_PEERS: usize = 20;
+/// Time allowed per peer.
+const PEER_TIMEOUT: Duration = Duration::from_secs(10);
+
+pub(crate) async fn search(
+    svc: &ContentService,
+    query: &str,
+    limit: usize,
+) -> Result<Vec<ContentInfo>, ContentServiceError> {
+    let limit = limit.clamp(1, 200);
+    if let Ok(id) = query.trim().parse::<ContentId>() {
+        return Ok(vec![svc.stat(&id).await?]);
+    }
+    let words = keywords::query_keywords(query);
+    if words.is_empty() {
+        return Err(ContentServiceError::BadRequest(
+            "a query needs a word of two or more letters, or a content id".into(),
+        ));
+    }
+    let me = svc.inner.node.peer_id();
+    let mut hits: HashMap<ContentId, ContentInfo> = HashMap::new();
+    // Local items first.
+    for (id, signed) in svc.inner.store.manifests()? {
+        if let Ok(m) = VerifiedManifest::parse(&signed)
+            && keywords::matches(&m.manifest, &words)
+        {
+            hits.insert(
+                id,
+                ContentInfo {
+                    manifest: m,
+                    local: svc.inner.store.get(&id)?,
+                    providers: vec![me],
+                },
+            );
+        }
+    }
+    // The rarest word would be best; the longest is a cheap stand-in.
+    let word = words.iter().max_by_key(|w| w.len()).expect("not empty");
+    let key = keyword_key(word);
+    let peers = svc
+        .inner
+        .node
+        .call_timeout(Duration::from_secs(15), |reply| Command::FindProviders {
+            key,
+            limit: MAX_PEERS,
+            reply,
+        })
+        .await
+        .unwrap_or_default();
+    let asks = peers
+        .into_iter()
+        .filter(|p| *p != me)
+        .map(|peer| {
+            let svc = svc.clone();
+            let words = words.clone();
+            async move {
+                let r = tokio::time::timeout(PEER_TIMEOUT, ask(&svc, peer, words, limit)).await;
+                (peer, r.unwrap_or_else(|_| Err("timed out".into())))
+            }
+        });
+    for (peer, result) in futures::future::join_all(asks).await {
+        match result {
+            Ok(found) => {
+                for m in found {
+                    if !keywords::matches(&m.manifest, &words) {
+                        continue;
+                    }
+                    let e = hits.entry(m.id).or_insert_with(|| ContentInfo {
+                        manifest: m,
+                        local: None,
+                        providers: Vec::new(),
+                    });
+                    if !e.providers.contains(&peer) {
+                        e.providers.push(peer);
+                    }
+                }
+            }
+            Err(e) => debug!(%peer, error = %e, "search peer failed"),
+        }
+    }
+    let mut out: Vec<ContentInfo> = hits.into_values().collect();
+    out.sort_by(|a, b| {
+        b.providers
+            .len()
+            .cmp(&a.providers.len())
+            .then_with(|| a.manifest.manifest.name.cmp(&b.manifest.manifest.name))
+    });
+    out.truncate(limit);
+    Ok(out)
+}
+
+async fn ask(
+    svc: &ContentService,
+    peer: PeerId,
+    words: Vec<String>,
+    limit: usize,
+) -> Result<Vec<VerifiedManifest>, String> {
+    let mut stream = super::fetch::open_stream(svc, peer).await?;
+    let op = Op::Search(SearchRequest {
+        keywords: words,
+        limit: limit as u32,
+    });
+    let io = |e: std::io::Error| e.to_string();
+    write_msg(&mut stream, &TransferRequest { op: Some(op) })
+        .await
+        .map_err(io)?;
+    stream.flush().await.map_err(io)?;
+    let header: transfer::TransferResponse = read_msg(&mut stream)
+        .await
+        .map_err(io)?
+        .ok_or("closed")?;
+    if header.status != Status::Ok as i32 {
+        return Err(header.message);
+    }
+    let bytes = read_payload(&mut stream, header.payload_len, transfer::MAX_PAYLOAD_BYTES)
+        .await
+        .map_err(io)?;
+    let hits = transfer::SearchHits::decode(bytes.as_slice()).map_err(|e| e.to_string())?;
+    // A forged or tampered manifest is dropped here, never reported.
+    Ok(hits
+        .manifests
+        .iter()
+        .filter_map(|m| VerifiedManifest::parse(m).ok())
+        .collect())
+}

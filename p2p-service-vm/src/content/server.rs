@@ -1,0 +1,220 @@
+//! The provider side of `/p2pvm/content/1`: answers block, manifest, have and
+//! search requests from stored items and from downloads in progress.
+
+use std::num::NonZeroU32;
+
+use futures::{AsyncWriteExt, StreamExt};
+use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
+use libp2p::{PeerId, StreamProtocol};
+use p2pvm_content::transfer::{self, Op, Status, TransferRequest, TransferResponse};
+use p2pvm_content::{ContentId, SignedManifest, block_count, block_range, keywords};
+use prost::Message;
+use tracing::{debug, warn};
+
+use super::ContentService;
+use super::wire::{read_msg, write_msg};
+
+/// Most search hits one provider returns.
+const MAX_HITS: usize = 100;
+
+/// The node-wide upload cap, shared by every stream this node serves.
+pub(crate) struct Limiter {
+    inner: DefaultDirectRateLimiter,
+    burst: u32,
+}
+
+impl Limiter {
+    /// `None` when uncapped.
+    pub fn new(bytes_per_sec: u64) -> Option<Self> {
+        let rate = NonZeroU32::new(bytes_per_sec.min(u32::MAX as u64) as u32)?;
+        // A burst of a quarter second (at least one block with its proof) keeps
+        // the cap smooth without refusing a single large answer.
+        let burst = (rate.get() / 4).max(transfer::max_block_wire(p2pvm_content::BLOCK_BYTES) as u32);
+        let quota = Quota::per_second(rate).allow_burst(NonZeroU32::new(burst).expect("positive"));
+        Some(Self {
+            inner: RateLimiter::direct(quota),
+            burst,
+        })
+    }
+
+    async fn take(&self, mut n: u64) {
+        while n > 0 {
+            let step = n.min(self.burst as u64) as u32;
+            if let Some(step) = NonZeroU32::new(step) {
+                // Cannot fail: step never exceeds the burst.
+                let _ = self.inner.until_n_ready(step).await;
+            }
+            n -= step as u64;
+        }
+    }
+}
+
+pub(crate) fn spawn(svc: ContentService) {
+    let protocol = StreamProtocol::new(transfer::PROTOCOL);
+    let mut incoming = match svc.inner.node.stream_control().accept(protocol) {
+        Ok(i) => i,
+        Err(e) => {
+            warn!(error = %e, "cannot serve the content protocol");
+            return;
+        }
+    };
+    tokio::spawn(async move {
+        let shutdown = svc.inner.shutdown.clone();
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                next = incoming.next() => match next {
+                    Some((peer, stream)) => {
+                        tokio::spawn(serve_stream(svc.clone(), peer, stream));
+                    }
+                    None => return,
+                },
+            }
+        }
+    });
+}
+
+async fn serve_stream(svc: ContentService, peer: PeerId, mut stream: libp2p::Stream) {
+    loop {
+        let req: TransferRequest = match read_msg(&mut stream).await {
+            Ok(Some(r)) => r,
+            Ok(None) => return,
+            Err(e) => {
+                debug!(%peer, error = %e, "content stream ended");
+                return;
+            }
+        };
+        let (header, payload) = answer(&svc, req).await;
+        if let Some(limiter) = &svc.inner.limiter {
+            limiter.take(payload.len() as u64).await;
+        }
+        let sent = async {
+            write_msg(&mut stream, &header).await?;
+            stream.write_all(&payload).await?;
+            stream.flush().await
+        };
+        if let Err(e) = sent.await {
+            debug!(%peer, error = %e, "content stream write failed");
+            return;
+        }
+    }
+}
+
+fn failed(status: Status, msg: impl Into<String>) -> (TransferResponse, Vec<u8>) {
+    (TransferResponse::failed(status, msg), Vec::new())
+}
+
+fn parse_id(bytes: &[u8]) -> Option<ContentId> {
+    Some(ContentId(bytes.try_into().ok()?))
+}
+
+async fn answer(svc: &ContentService, req: TransferRequest) -> (TransferResponse, Vec<u8>) {
+    let store = &svc.inner.store;
+    match req.op {
+        Some(Op::Block(b)) => {
+            let Some(id) = parse_id(&b.content_id) else {
+                return failed(Status::BadRequest, "content id must be 32 bytes");
+            };
+            match store.get(&id) {
+                Ok(Some(info)) => {
+                    if b.block >= block_count(info.size) {
+                        return failed(Status::BadRequest, "block beyond the end");
+                    }
+                    let store = store.clone();
+                    let validate = svc.inner.config.verify_on_serve;
+                    let range = block_range(info.size, b.block);
+                    let r = tokio::task::spawn_blocking(move || {
+                        store.encode_range(&id, range, validate)
+                    })
+                    .await;
+                    match r {
+                        Ok(Ok(wire)) => (TransferResponse::ok(wire.len() as u64), wire),
+                        Ok(Err(e)) => {
+                            warn!(%id, block = b.block, error = %e, "cannot serve a stored block");
+                            failed(Status::Unavailable, "local read failed")
+                        }
+                        Err(_) => failed(Status::Unavailable, "shutting down"),
+                    }
+                }
+                Ok(None) => {
+                    let dl = svc.inner.downloads.lock().expect("lock").get(&id).cloned();
+                    let Some(dl) = dl else {
+                        return failed(Status::NotFound, "unknown content");
+                    };
+                    if b.block >= dl.partial.blocks() {
+                        return failed(Status::BadRequest, "block beyond the end");
+                    }
+                    if !dl.partial.has(b.block) {
+                        return failed(Status::NotHeld, "not downloaded yet");
+                    }
+                    let partial = dl.partial.clone();
+                    match tokio::task::spawn_blocking(move || partial.encode_block(b.block)).await
+                    {
+                        Ok(Ok(wire)) => (TransferResponse::ok(wire.len() as u64), wire),
+                        _ => failed(Status::Unavailable, "local read failed"),
+                    }
+                }
+                Err(e) => {
+                    warn!(error = %e, "store lookup failed");
+                    failed(Status::Unavailable, "local error")
+                }
+            }
+        }
+        Some(Op::Manifest(id)) => {
+            let Some(id) = parse_id(&id) else {
+                return failed(Status::BadRequest, "content id must be 32 bytes");
+            };
+            let stored = store.manifest(&id).ok().flatten();
+            let m = stored.or_else(|| {
+                let dl = svc.inner.downloads.lock().expect("lock").get(&id).cloned();
+                dl.map(|d| d.manifest.signed.clone())
+            });
+            match m {
+                Some(m) => (TransferResponse::ok(m.len() as u64), m),
+                None => failed(Status::NotFound, "unknown content"),
+            }
+        }
+        Some(Op::Have(id)) => {
+            let Some(id) = parse_id(&id) else {
+                return failed(Status::BadRequest, "content id must be 32 bytes");
+            };
+            if matches!(store.get(&id), Ok(Some(_))) {
+                return failed(Status::Complete, "");
+            }
+            let dl = svc.inner.downloads.lock().expect("lock").get(&id).cloned();
+            match dl {
+                Some(d) => {
+                    let bits = d.partial.bitfield();
+                    (TransferResponse::ok(bits.len() as u64), bits)
+                }
+                None => failed(Status::NotFound, "unknown content"),
+            }
+        }
+        Some(Op::Search(s)) => {
+            let words: Vec<String> = s.keywords.iter().map(|w| w.to_lowercase()).collect();
+            if words.is_empty() || words.len() > 16 {
+                return failed(Status::BadRequest, "1-16 keywords");
+            }
+            let limit = (s.limit as usize).clamp(1, MAX_HITS);
+            let mut hits = transfer::SearchHits::default();
+            let mut size = 0;
+            for (_, signed) in store.manifests().unwrap_or_default() {
+                let Ok(m) = SignedManifest::verify_bytes(&signed) else {
+                    continue;
+                };
+                if keywords::matches(&m, &words) {
+                    size += signed.len();
+                    if hits.manifests.len() >= limit
+                        || size as u64 > transfer::MAX_PAYLOAD_BYTES / 2
+                    {
+                        break;
+                    }
+                    hits.manifests.push(signed);
+                }
+            }
+            let bytes = hits.encode_to_vec();
+            (TransferResponse::ok(bytes.len() as u64), bytes)
+        }
+        None => failed(Status::BadRequest, "empty request"),
+    }
+}
