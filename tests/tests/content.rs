@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, ensure};
 use guest_api::{Client, proto};
-use p2pvm_e2e::{eventually, pair};
+use p2pvm_e2e::{NodeOpts, TestNode, eventually, pair};
 use tokio::io::AsyncReadExt;
 
 const WAIT: Duration = Duration::from_secs(60);
@@ -38,16 +38,12 @@ async fn publish(c: &Client, name: &str, data: &[u8]) -> Result<proto::ContentIn
 }
 
 /// Reads a fetch stream to the end.
-async fn fetch_all(
-    c: &Client,
-    id: &str,
-    offset: u64,
-    length: u64,
-    keep: bool,
-) -> Result<Vec<u8>> {
+async fn fetch_all(c: &Client, id: &str, offset: u64, length: u64, keep: bool) -> Result<Vec<u8>> {
     let (opened, mut s) = c.fetch_content(id, offset, length, keep).await?;
     let mut out = Vec::with_capacity(opened.length as usize);
-    s.read_to_end(&mut out).await.context("reading the fetch stream")?;
+    s.read_to_end(&mut out)
+        .await
+        .context("reading the fetch stream")?;
     ensure!(
         out.len() as u64 == opened.length,
         "stream ended after {} of {} bytes",
@@ -71,7 +67,10 @@ async fn two_nodes_whole_item_and_middle_range_arrive_verified() -> Result<()> {
     // A range in the middle first: nothing else of the item is fetched for it.
     let (off, len) = (37 * 1024 * 1024 + 12_345, 3 * 1024 * 1024 + 7);
     let mid = fetch_all(&viewer, &info.content_id, off, len, true).await?;
-    ensure!(mid == data[off as usize..(off + len) as usize], "middle range differs");
+    ensure!(
+        mid == data[off as usize..(off + len) as usize],
+        "middle range differs"
+    );
 
     let got = fetch_all(&viewer, &info.content_id, 0, 0, true).await?;
     ensure!(got.len() == data.len() && got == data, "whole item differs");
@@ -102,12 +101,347 @@ async fn unknown_ids_bad_ranges_and_bad_ids_are_typed_errors() -> Result<()> {
     );
     let p = a.app("publisher").await?;
     let info = publish(&p, "small.txt", b"hello world").await?;
-    let e = c.fetch_content(&info.content_id, 5, 100, true).await.unwrap_err();
+    let e = c
+        .fetch_content(&info.content_id, 5, 100, true)
+        .await
+        .unwrap_err();
     ensure!(
         matches!(&e, guest_api::Error::Api { code, .. } if *code == proto::ErrorCode::BadRequest),
         "{e}"
     );
     // The session still works after the errors.
     ensure!(fetch_all(&c, &info.content_id, 6, 5, true).await? == b"world");
+    Ok(())
+}
+
+fn capped(bytes_per_sec: u64, extra: &str) -> String {
+    format!("[content]\nupload_rate_bytes_per_sec = {bytes_per_sec}\n{extra}")
+}
+
+async fn node(bootstrap: &[&TestNode], config: Option<String>) -> Result<TestNode> {
+    TestNode::start(NodeOpts {
+        bootstrap: bootstrap.iter().map(|n| n.addr.clone()).collect(),
+        config_toml: config,
+    })
+    .await
+}
+
+/// Bytes held of `id` as a node's progress events report them.
+fn progress_watch(c: Client, id: String) -> tokio::sync::watch::Receiver<u64> {
+    let (tx, rx) = tokio::sync::watch::channel(0);
+    tokio::spawn(async move {
+        use futures::StreamExt;
+        let Ok(mut ev) = c.events().await else { return };
+        while let Some(e) = ev.next().await {
+            if let proto::event::Kind::ContentProgress(p) = e
+                && p.content_id == id
+            {
+                let _ = tx.send(p.held_bytes);
+            }
+        }
+    });
+    rx
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn swarm_completes_after_the_publisher_vanishes_mid_transfer() -> Result<()> {
+    const SIZE: usize = 24 << 20;
+    let cap = capped(4 << 20, "");
+    let mut publisher = node(&[], Some(cap.clone())).await?;
+    let data = item(SIZE, 7);
+    let info = publish(&publisher.app("pub").await?, "swarm.bin", &data).await?;
+    // A mirror keeps a full copy, so the swarm can finish without the publisher.
+    let mirror = node(&[&publisher], Some(cap.clone())).await?;
+    let m = mirror.app("mirror").await?;
+    m.download_content(&info.content_id).await?;
+
+    let mut fetchers = Vec::new();
+    for _ in 0..4 {
+        fetchers.push(node(&[&publisher, &mirror], Some(cap.clone())).await?);
+    }
+    let mut tasks = Vec::new();
+    let mut watches = Vec::new();
+    for f in &fetchers {
+        let c = f.app("viewer").await?;
+        watches.push(progress_watch(
+            f.app("watch").await?,
+            info.content_id.clone(),
+        ));
+        let id = info.content_id.clone();
+        tasks.push(tokio::spawn(
+            async move { fetch_all(&c, &id, 0, 0, true).await },
+        ));
+    }
+    // Pull the publisher once every fetcher has started receiving.
+    for w in &mut watches {
+        eventually(WAIT, "fetcher receiving", || {
+            let v = *w.borrow();
+            async move { (v > 0).then_some(()) }
+        })
+        .await?;
+    }
+    let held: Vec<u64> = watches.iter().map(|w| *w.borrow()).collect();
+    publisher.kill().await?;
+    ensure!(
+        held.iter().any(|h| *h < SIZE as u64),
+        "the publisher must vanish mid-transfer (held: {held:?})"
+    );
+    for t in tasks {
+        let got = t.await??;
+        ensure!(got == data, "a fetcher got different bytes");
+    }
+    Ok(())
+}
+
+/// Flips a bit every 4 KiB of every stored blob of `node`.
+fn rot_store(node: &TestNode) -> Result<usize> {
+    let mut n = 0;
+    for e in std::fs::read_dir(node.data_dir().join("content/blobs"))? {
+        let p = e?.path();
+        if p.extension().is_some_and(|x| x == "data") {
+            let mut bytes = std::fs::read(&p)?;
+            for i in (100..bytes.len()).step_by(4096) {
+                bytes[i] ^= 0x10;
+            }
+            std::fs::write(&p, bytes)?;
+            n += 1;
+        }
+    }
+    Ok(n)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn corrupt_provider_is_detected_recorded_and_never_delivered() -> Result<()> {
+    let data = item(8 << 20, 11);
+    // The honest publisher is slow, so the fetcher surely asks the liar too.
+    let honest = node(&[], Some(capped(2 << 20, ""))).await?;
+    let info = publish(&honest.app("pub").await?, "rot.bin", &data).await?;
+    // The liar holds a copy whose disk rotted, and does not re-check what it serves.
+    let mut liar = node(
+        &[&honest],
+        Some("[content]\nverify_on_serve = false\n".into()),
+    )
+    .await?;
+    liar.app("mirror")
+        .await?
+        .download_content(&info.content_id)
+        .await?;
+    liar.stop().await?;
+    ensure!(rot_store(&liar)? == 1);
+    liar.restart().await?;
+
+    let fetcher = node(&[&honest, &liar], None).await?;
+    let watcher = fetcher.app("watch").await?;
+    let mut events = watcher.events().await?;
+    let c = fetcher.app("viewer").await?;
+    let got = fetch_all(&c, &info.content_id, 0, 0, true).await?;
+    ensure!(got == data, "corrupt bytes reached the app");
+    let reported = tokio::time::timeout(WAIT, async {
+        use futures::StreamExt;
+        while let Some(e) = events.next().await {
+            if let proto::event::Kind::CorruptData(d) = e {
+                return Some(d);
+            }
+        }
+        None
+    })
+    .await?
+    .context("no corrupt-data event")?;
+    ensure!(
+        reported.peer_id == liar.peer_id,
+        "blamed {}",
+        reported.peer_id
+    );
+    ensure!(reported.content_id == info.content_id);
+    Ok(())
+}
+
+fn leftovers(node: &TestNode) -> Result<usize> {
+    Ok(std::fs::read_dir(node.data_dir().join("content/tmp"))?.count())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_during_import_leaves_nothing_and_store_stays_usable() -> Result<()> {
+    let mut a = node(&[], None).await?;
+    let c = a.app("pub").await?;
+    // An endless, slow source: the import is surely in progress when p2pd dies.
+    let (mut w, r) = tokio::io::duplex(1 << 20);
+    let publishing =
+        tokio::spawn(async move { c.publish_content(meta("never.bin", &[]), r).await });
+    let feeder = tokio::spawn(async move {
+        use tokio::io::AsyncWriteExt;
+        let chunk = item(1 << 20, 3);
+        loop {
+            if w.write_all(&chunk).await.is_err() {
+                break;
+            }
+        }
+    });
+    eventually(WAIT, "import in progress", || async {
+        (leftovers(&a).ok()? > 0).then_some(())
+    })
+    .await?;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    a.kill().await?;
+    feeder.abort();
+    ensure!(
+        publishing.await?.is_err(),
+        "publish must fail when the node dies"
+    );
+    a.restart().await?;
+    let admin = a.admin().await?;
+    ensure!(
+        admin.content_list().await?.is_empty(),
+        "a partial item is visible"
+    );
+    ensure!(leftovers(&a)? == 0, "tmp/ not cleaned");
+    let data = item(3 << 20, 4);
+    let info = publish(&admin, "after.bin", &data).await?;
+    ensure!(fetch_all(&admin, &info.content_id, 0, 0, true).await? == data);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_during_download_leaves_nothing_and_refetch_works() -> Result<()> {
+    let a = node(&[], Some(capped(4 << 20, ""))).await?;
+    let data = item(32 << 20, 5);
+    let info = publish(&a.app("pub").await?, "slow.bin", &data).await?;
+    let mut b = node(&[&a], None).await?;
+    let watch = progress_watch(b.app("watch").await?, info.content_id.clone());
+    let c = b.app("viewer").await?;
+    let id = info.content_id.clone();
+    let fetching = tokio::spawn(async move { c.download_content(&id).await });
+    let mut w = watch.clone();
+    eventually(WAIT, "download in progress", || {
+        let v = *w.borrow_and_update();
+        async move { (v > (4 << 20)).then_some(()) }
+    })
+    .await?;
+    b.kill().await?;
+    ensure!(fetching.await?.is_err());
+    b.restart().await?;
+    let admin = b.admin().await?;
+    ensure!(
+        admin.content_list().await?.is_empty(),
+        "a partial download is visible"
+    );
+    ensure!(leftovers(&b)? == 0, "tmp/ not cleaned");
+    let got = fetch_all(&admin, &info.content_id, 0, 0, true).await?;
+    ensure!(got == data);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keyword_search_finds_items_on_a_node_never_connected_to() -> Result<()> {
+    let nodes = p2pvm_e2e::chain(4).await?;
+    let (first, last) = (&nodes[0], &nodes[3]);
+    let seeker = last.admin().await?;
+    if seeker
+        .peers()
+        .await?
+        .iter()
+        .any(|p| p.peer_id == first.peer_id)
+    {
+        seeker.disconnect(&first.peer_id).await?;
+    }
+    let p = first.app("pub").await?;
+    let trailer = p
+        .publish_content(
+            meta("Sintel Trailer 1080p.mp4", &["blender", "open movie"]),
+            &item(300_000, 9)[..],
+        )
+        .await?;
+    p.publish_content(
+        meta("Big Buck Bunny.mp4", &["blender"]),
+        &item(200_000, 10)[..],
+    )
+    .await?;
+    let hits = eventually(WAIT, "search reaches the publisher", || async {
+        let h = seeker.search_content("sintel blender", 10).await.ok()?;
+        (!h.is_empty()).then_some(h)
+    })
+    .await?;
+    ensure!(hits.len() == 1, "{hits:?}");
+    let hit = &hits[0];
+    ensure!(hit.content_id == trailer.content_id);
+    ensure!(hit.mime_type == "video/mp4" && hit.publisher == first.peer_id);
+    ensure!(hit.providers.contains(&first.peer_id));
+    ensure!(!hit.signed_manifest.is_empty());
+    let both = seeker.search_content("blender", 10).await?;
+    ensure!(both.len() == 2, "{both:?}");
+    ensure!(
+        seeker
+            .search_content("nonexistentword", 10)
+            .await?
+            .is_empty()
+    );
+    // By content id: providers and the manifest.
+    let by_id = seeker.search_content(&trailer.content_id, 10).await?;
+    ensure!(by_id.len() == 1 && by_id[0].name == "Sintel Trailer 1080p.mp4");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http_gateway_serves_ranges_to_a_real_http_client() -> Result<()> {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port();
+    let a = node(&[], None).await?;
+    let data = item(3 << 20, 12);
+    let info = a
+        .app("pub")
+        .await?
+        .publish_content(meta("clip.webm", &[]), &data[..])
+        .await?;
+    let b = node(
+        &[&a],
+        Some(format!("[content]\ngateway = \"127.0.0.1:{port}\"\n")),
+    )
+    .await?;
+    let url = format!("http://127.0.0.1:{port}/content/{}", info.content_id);
+    let curl = |args: &[&str]| {
+        let out = std::process::Command::new("curl")
+            .args(["-sS", "-D", "-", "--max-time", "60"])
+            .args(args)
+            .output()?;
+        ensure!(
+            out.status.success(),
+            "curl failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Ok::<_, anyhow::Error>(out.stdout)
+    };
+    let split = |raw: Vec<u8>| -> Result<(String, Vec<u8>)> {
+        let at = raw
+            .windows(4)
+            .position(|w| w == b"\r\n\r\n")
+            .context("no header end")?;
+        Ok((
+            String::from_utf8_lossy(&raw[..at]).to_lowercase(),
+            raw[at + 4..].to_vec(),
+        ))
+    };
+    let _ = &b;
+    let (head, body) = split(curl(&["-r", "1000000-1999999", &url])?)?;
+    ensure!(head.starts_with("http/1.1 206"), "{head}");
+    ensure!(
+        head.contains("content-range: bytes 1000000-1999999/3145728"),
+        "{head}"
+    );
+    ensure!(head.contains("content-length: 1000000"), "{head}");
+    ensure!(head.contains("content-type: video/webm"), "{head}");
+    ensure!(body == data[1_000_000..2_000_000], "range body differs");
+    let (head, body) = split(curl(&[&url])?)?;
+    ensure!(head.starts_with("http/1.1 200"), "{head}");
+    ensure!(head.contains("accept-ranges: bytes"), "{head}");
+    ensure!(body == data, "full body differs");
+    let (head, _) = split(curl(&["-r", "5000000-", &url])?)?;
+    ensure!(head.starts_with("http/1.1 416"), "{head}");
+    let missing = format!(
+        "http://127.0.0.1:{port}/content/{}",
+        blake3::hash(b"missing").to_hex()
+    );
+    let (head, _) = split(curl(&[&missing])?)?;
+    ensure!(head.starts_with("http/1.1 404"), "{head}");
     Ok(())
 }

@@ -220,7 +220,14 @@ pub async fn get(j: bool, c: &Client, id: &str, output: Option<&PathBuf>) -> Res
     print(
         j,
         json!({"content_id": info.content_id, "bytes": total, "path": out}),
-        || format!("{} → {} ({})", info.content_id, out.display(), human_size(total)),
+        || {
+            format!(
+                "{} → {} ({})",
+                info.content_id,
+                out.display(),
+                human_size(total)
+            )
+        },
     );
     Ok(())
 }

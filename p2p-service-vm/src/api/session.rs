@@ -717,7 +717,11 @@ impl Session {
 
     /// Starts streaming verified bytes; answered with `ContentStream` once the
     /// item is found.
-    fn content_fetch(&mut self, request_id: u64, r: pb::ContentFetchRequest) -> Result<(), ApiError> {
+    fn content_fetch(
+        &mut self,
+        request_id: u64,
+        r: pb::ContentFetchRequest,
+    ) -> Result<(), ApiError> {
         let content = ops::content(&self.svc)?.clone();
         let id = ops::parse_content_id(&r.content_id)?;
         if !self.stream_slots_left() {
@@ -739,7 +743,13 @@ impl Session {
                     Ok(info) => Some(offset..info.manifest.manifest.size),
                     Err(e) => {
                         let result = Err(e.into());
-                        let _ = tx.send(Internal::ContentOpened { request_id, stream_id, result }).await;
+                        let _ = tx
+                            .send(Internal::ContentOpened {
+                                request_id,
+                                stream_id,
+                                result,
+                            })
+                            .await;
                         return;
                     }
                 },

@@ -30,9 +30,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use futures::{AsyncWriteExt, Stream};
 use libp2p::{PeerId, StreamProtocol};
-use p2pvm_content::transfer::{
-    self, BlockRequest, Op, Status, TransferRequest, TransferResponse,
-};
+use p2pvm_content::transfer::{self, BlockRequest, Op, Status, TransferRequest, TransferResponse};
 use p2pvm_content::{BLOCK_BYTES, ContentId, Partial, block_count, block_range};
 use tokio::sync::{Notify, mpsc, watch};
 use tokio_util::sync::CancellationToken;
@@ -254,9 +252,9 @@ impl Sched {
         if keep {
             return self.held == self.slots.len() as u64;
         }
-        self.readers.iter().all(|r| {
-            (r.next..r.end).all(|k| self.slots[k as usize] == Slot::Held)
-        })
+        self.readers
+            .iter()
+            .all(|r| (r.next..r.end).all(|k| self.slots[k as usize] == Slot::Held))
     }
 }
 
@@ -338,7 +336,10 @@ fn protocol() -> StreamProtocol {
 
 /// Opens a content stream to `peer`, finding and dialling it through the DHT
 /// when no connection exists yet.
-pub(crate) async fn open_stream(svc: &ContentService, peer: PeerId) -> Result<libp2p::Stream, String> {
+pub(crate) async fn open_stream(
+    svc: &ContentService,
+    peer: PeerId,
+) -> Result<libp2p::Stream, String> {
     let mut control = svc.inner.node.stream_control();
     let first = tokio::time::timeout(OPEN_TIMEOUT, control.open_stream(peer, protocol())).await;
     match first {
@@ -366,10 +367,7 @@ pub(crate) async fn open_stream(svc: &ContentService, peer: PeerId) -> Result<li
         .map_err(|e| e.to_string())
 }
 
-async fn request(
-    stream: &mut libp2p::Stream,
-    op: Op,
-) -> std::io::Result<()> {
+async fn request(stream: &mut libp2p::Stream, op: Op) -> std::io::Result<()> {
     write_msg(stream, &TransferRequest { op: Some(op) }).await?;
     stream.flush().await
 }
@@ -401,9 +399,13 @@ pub(crate) async fn manifest_from(
             if header.status != Status::Ok as i32 {
                 return Ok(None);
             }
-            read_payload(&mut stream, header.payload_len, transfer::MAX_HEADER_BYTES as u64)
-                .await
-                .map(Some)
+            read_payload(
+                &mut stream,
+                header.payload_len,
+                transfer::MAX_HEADER_BYTES as u64,
+            )
+            .await
+            .map(Some)
         }
         .await;
         match got {
@@ -508,7 +510,11 @@ async fn drive(svc: ContentService, dl: Arc<Download>) {
             let s = dl.sched.lock().expect("lock");
             {
                 let satisfied = s.satisfied(dl.keep());
-                (satisfied, !satisfied && s.last_progress.elapsed() > stall, s.held)
+                (
+                    satisfied,
+                    !satisfied && s.last_progress.elapsed() > stall,
+                    s.held,
+                )
             }
         };
         if dl.keep() && satisfied {
@@ -535,7 +541,10 @@ async fn drive(svc: ContentService, dl: Arc<Download>) {
         if want_more && (Instant::now() >= next_lookup || workers.is_empty()) {
             let mut candidates: Vec<PeerId> = dl.hints.lock().expect("lock").drain(..).collect();
             if Instant::now() >= next_lookup {
-                candidates.extend(svc.find_providers(&id, cfg.max_providers as usize * 2).await);
+                candidates.extend(
+                    svc.find_providers(&id, cfg.max_providers as usize * 2)
+                        .await,
+                );
                 next_lookup = Instant::now()
                     + if workers.is_empty() {
                         Duration::from_millis(500)
@@ -649,7 +658,9 @@ async fn run_worker(
     let id = dl.id;
     let depth = svc.inner.config.pipeline_depth as usize;
     let io = |e: std::io::Error| e.to_string();
-    request(&mut stream, Op::Have(id.0.to_vec())).await.map_err(io)?;
+    request(&mut stream, Op::Have(id.0.to_vec()))
+        .await
+        .map_err(io)?;
     inflight.push_back(Pending::Have);
     let mut complete_peer = false;
     let mut last_have = Instant::now();
@@ -660,7 +671,11 @@ async fn run_worker(
         // Fill the pipeline.
         let mut sent = false;
         while inflight.len() < depth {
-            let next = dl.sched.lock().expect("lock").pick(&peer, dl.keep(), inflight);
+            let next = dl
+                .sched
+                .lock()
+                .expect("lock")
+                .pick(&peer, dl.keep(), inflight);
             let Some(k) = next else { break };
             let op = Op::Block(BlockRequest {
                 content_id: id.0.to_vec(),
@@ -678,7 +693,9 @@ async fn run_worker(
         if inflight.is_empty() {
             // Nothing to ask this provider for right now.
             if !complete_peer && last_have.elapsed() >= HAVE_REFRESH {
-                request(&mut stream, Op::Have(id.0.to_vec())).await.map_err(io)?;
+                request(&mut stream, Op::Have(id.0.to_vec()))
+                    .await
+                    .map_err(io)?;
                 inflight.push_back(Pending::Have);
                 last_have = Instant::now();
                 continue;
@@ -701,14 +718,15 @@ async fn run_worker(
                     }
                     Ok(Status::Ok) => {
                         let blocks = dl.partial.blocks();
-                        let bits = read_payload(
-                            &mut stream,
-                            header.payload_len,
-                            blocks.div_ceil(8),
+                        let bits =
+                            read_payload(&mut stream, header.payload_len, blocks.div_ceil(8))
+                                .await
+                                .map_err(io)?;
+                        Have::Some(
+                            (0..blocks)
+                                .map(|k| bits[(k / 8) as usize] & (1 << (k % 8)) != 0)
+                                .collect(),
                         )
-                        .await
-                        .map_err(io)?;
-                        Have::Some((0..blocks).map(|k| bits[(k / 8) as usize] & (1 << (k % 8)) != 0).collect())
                     }
                     _ => return Err(format!("peer does not have the item: {}", header.message)),
                 };
@@ -735,9 +753,13 @@ async fn run_worker(
                     _ => return Err(format!("block {k} refused: {}", header.message)),
                 }
                 // A payload larger than any honest encoding of the block is not read.
-                let wire = read_payload(&mut stream, header.payload_len, transfer::max_block_wire(len))
-                    .await
-                    .map_err(io)?;
+                let wire = read_payload(
+                    &mut stream,
+                    header.payload_len,
+                    transfer::max_block_wire(len),
+                )
+                .await
+                .map_err(io)?;
                 if dl.partial.has(k) {
                     // A duplicate from the end game; the other copy won.
                     dl.sched.lock().expect("lock").release(k);
@@ -838,7 +860,14 @@ pub(crate) async fn open_reader(
     let info = ContentInfo {
         manifest: dl.manifest.clone(),
         local: None,
-        providers: dl.sched.lock().expect("lock").peers.keys().copied().collect(),
+        providers: dl
+            .sched
+            .lock()
+            .expect("lock")
+            .peers
+            .keys()
+            .copied()
+            .collect(),
     };
     tokio::spawn(read_download(dl, reader, r.clone(), tx));
     Ok((info, r, stream))
@@ -847,7 +876,11 @@ pub(crate) async fn open_reader(
 /// Chunk handed to readers at a time.
 const READ_CHUNK: u64 = 256 * 1024;
 
-async fn read_local(file: std::fs::File, range: Range<u64>, tx: mpsc::Sender<std::io::Result<Bytes>>) {
+async fn read_local(
+    file: std::fs::File,
+    range: Range<u64>,
+    tx: mpsc::Sender<std::io::Result<Bytes>>,
+) {
     use std::os::unix::fs::FileExt;
     let file = Arc::new(file);
     let mut pos = range.start;

@@ -56,7 +56,10 @@ fn parse_range(value: &str, size: u64) -> Result<Option<Range<u64>>, ()> {
         let end = if b.is_empty() {
             size
         } else {
-            b.parse::<u64>().map_err(|_| ())?.saturating_add(1).min(size)
+            b.parse::<u64>()
+                .map_err(|_| ())?
+                .saturating_add(1)
+                .min(size)
         };
         start..end
     };
@@ -116,7 +119,11 @@ async fn content(
     builder = if partial {
         builder.status(StatusCode::PARTIAL_CONTENT).header(
             header::CONTENT_RANGE,
-            format!("bytes {}-{}/{size}", range.start, range.end.saturating_sub(1)),
+            format!(
+                "bytes {}-{}/{size}",
+                range.start,
+                range.end.saturating_sub(1)
+            ),
         )
     } else {
         builder.status(StatusCode::OK)
@@ -126,9 +133,7 @@ async fn content(
     }
     // A browser seeking a film asks for ranges; only a whole-item request keeps it.
     match svc.fetch(&id, Some(range), false).await {
-        Ok((_, _, stream)) => builder
-            .body(Body::from_stream(stream))
-            .unwrap_or_default(),
+        Ok((_, _, stream)) => builder.body(Body::from_stream(stream)).unwrap_or_default(),
         Err(e) => {
             warn!(%id, error = %e, "gateway fetch failed");
             error(StatusCode::BAD_GATEWAY, format!("{e}\n"))

@@ -40,7 +40,6 @@ use tracing::{info, warn};
 use crate::config::ContentConfig;
 use crate::node::{NodeEvent, NodeHandle};
 
-
 /// Why a content operation failed.
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum ContentServiceError {
@@ -381,7 +380,10 @@ impl ContentService {
         let store = self.inner.store.clone();
         match tokio::task::spawn_blocking(move || store.gc(quota)).await {
             Ok(Ok(removed)) if !removed.is_empty() => {
-                info!(count = removed.len(), "garbage-collected unpinned items over the quota");
+                info!(
+                    count = removed.len(),
+                    "garbage-collected unpinned items over the quota"
+                );
                 for id in removed {
                     let _ = self
                         .inner

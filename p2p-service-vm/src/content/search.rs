@@ -70,17 +70,14 @@ pub(crate) async fn search(
         })
         .await
         .unwrap_or_default();
-    let asks = peers
-        .into_iter()
-        .filter(|p| *p != me)
-        .map(|peer| {
-            let svc = svc.clone();
-            let words = words.clone();
-            async move {
-                let r = tokio::time::timeout(PEER_TIMEOUT, ask(&svc, peer, words, limit)).await;
-                (peer, r.unwrap_or_else(|_| Err("timed out".into())))
-            }
-        });
+    let asks = peers.into_iter().filter(|p| *p != me).map(|peer| {
+        let svc = svc.clone();
+        let words = words.clone();
+        async move {
+            let r = tokio::time::timeout(PEER_TIMEOUT, ask(&svc, peer, words, limit)).await;
+            (peer, r.unwrap_or_else(|_| Err("timed out".into())))
+        }
+    });
     for (peer, result) in futures::future::join_all(asks).await {
         match result {
             Ok(found) => {
@@ -128,10 +125,8 @@ async fn ask(
         .await
         .map_err(io)?;
     stream.flush().await.map_err(io)?;
-    let header: transfer::TransferResponse = read_msg(&mut stream)
-        .await
-        .map_err(io)?
-        .ok_or("closed")?;
+    let header: transfer::TransferResponse =
+        read_msg(&mut stream).await.map_err(io)?.ok_or("closed")?;
     if header.status != Status::Ok as i32 {
         return Err(header.message);
     }

@@ -29,7 +29,8 @@ impl Limiter {
         let rate = NonZeroU32::new(bytes_per_sec.min(u32::MAX as u64) as u32)?;
         // A burst of a quarter second (at least one block with its proof) keeps
         // the cap smooth without refusing a single large answer.
-        let burst = (rate.get() / 4).max(transfer::max_block_wire(p2pvm_content::BLOCK_BYTES) as u32);
+        let burst =
+            (rate.get() / 4).max(transfer::max_block_wire(p2pvm_content::BLOCK_BYTES) as u32);
         let quota = Quota::per_second(rate).allow_burst(NonZeroU32::new(burst).expect("positive"));
         Some(Self {
             inner: RateLimiter::direct(quota),
@@ -148,8 +149,7 @@ async fn answer(svc: &ContentService, req: TransferRequest) -> (TransferResponse
                         return failed(Status::NotHeld, "not downloaded yet");
                     }
                     let partial = dl.partial.clone();
-                    match tokio::task::spawn_blocking(move || partial.encode_block(b.block)).await
-                    {
+                    match tokio::task::spawn_blocking(move || partial.encode_block(b.block)).await {
                         Ok(Ok(wire)) => (TransferResponse::ok(wire.len() as u64), wire),
                         _ => failed(Status::Unavailable, "local read failed"),
                     }
