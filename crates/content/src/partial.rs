@@ -210,7 +210,7 @@ impl Partial {
         let range = block_range(self.size, k);
         let chunks = round_up_to_chunks(&ByteRanges::from(range));
         let mut cursor = Cursor::new(wire);
-        decode_ranges(&mut cursor, &chunks, FileAt(&self.file), &mut self.shared())
+        decode_ranges(&mut cursor, &chunks, FileAt(&self.file), self.shared())
             .map_err(verification)?;
         // Trailing bytes mean the sender does not speak the same encoding; refuse.
         if cursor.position() != wire.len() as u64 {
