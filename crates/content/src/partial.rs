@@ -87,12 +87,20 @@ impl OutboardMut for SharedTree<'_> {
     }
 }
 
-/// Positioned writes into a shared file (the decoder only writes verified leaves).
-struct FileAt<'a>(&'a File);
+/// One block's verified leaves, collected in order.
+struct Block {
+    base: u64,
+    buf: Vec<u8>,
+}
 
-impl WriteAt for FileAt<'_> {
-    fn write_at(&mut self, pos: u64, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.write_at(buf, pos)
+impl WriteAt for Block {
+    fn write_at(&mut self, pos: u64, data: &[u8]) -> std::io::Result<usize> {
+        // Leaves of one block arrive in order and back to back.
+        if pos != self.base + self.buf.len() as u64 {
+            return Err(std::io::Error::other("leaf out of order"));
+        }
+        self.buf.extend_from_slice(data);
+        Ok(data.len())
     }
     fn flush(&mut self) -> std::io::Result<()> {
         Ok(())
@@ -208,14 +216,25 @@ impl Partial {
             });
         }
         let range = block_range(self.size, k);
-        let chunks = round_up_to_chunks(&ByteRanges::from(range));
+        let chunks = round_up_to_chunks(&ByteRanges::from(range.clone()));
         let mut cursor = Cursor::new(wire);
-        decode_ranges(&mut cursor, &chunks, FileAt(&self.file), self.shared())
-            .map_err(verification)?;
+        // Decode into memory, then write the block with one call: the decoder
+        // emits 16 KiB leaves, and a syscall per leaf costs more than the copy.
+        let mut block = Block {
+            base: range.start,
+            buf: Vec::with_capacity((range.end - range.start) as usize),
+        };
+        decode_ranges(&mut cursor, &chunks, &mut block, self.shared()).map_err(verification)?;
         // Trailing bytes mean the sender does not speak the same encoding; refuse.
         if cursor.position() != wire.len() as u64 {
             return Err(verification("trailing bytes after the block"));
         }
+        if block.buf.len() as u64 != range.end - range.start {
+            return Err(verification("the block is incomplete"));
+        }
+        self.file
+            .write_all_at(&block.buf, range.start)
+            .map_err(ContentError::Encode)?;
         self.have.lock().expect("lock")[k as usize] = true;
         Ok(())
     }

@@ -648,29 +648,144 @@ async fn worker(svc: ContentService, dl: Arc<Download>, peer: PeerId) {
     }
 }
 
+/// One answer as the reading half of a worker's stream delivers it.
+struct Answer {
+    pending: Pending,
+    header: TransferResponse,
+    payload: Vec<u8>,
+}
+
+/// Reads answers in request order; `kinds` says what each one answers, so the
+/// payload bound is known before any of it is read.
+async fn read_answers(
+    mut rd: futures::io::ReadHalf<libp2p::Stream>,
+    mut kinds: mpsc::UnboundedReceiver<Pending>,
+    out: mpsc::Sender<Result<Answer, String>>,
+    size: u64,
+) {
+    while let Some(pending) = kinds.recv().await {
+        let got = async {
+            let header: TransferResponse = read_msg(&mut rd)
+                .await?
+                .ok_or_else(|| std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "stream closed"))?;
+            let max = match pending {
+                Pending::Have => block_count(size).div_ceil(8),
+                Pending::Block(k) => {
+                    let r = block_range(size, k);
+                    transfer::max_block_wire(r.end - r.start)
+                }
+            };
+            let payload = if header.status == Status::Ok as i32 {
+                // A payload larger than any honest answer is never read.
+                read_payload(&mut rd, header.payload_len, max).await?
+            } else {
+                Vec::new()
+            };
+            Ok::<_, std::io::Error>(Answer {
+                pending,
+                header,
+                payload,
+            })
+        }
+        .await
+        .map_err(|e| e.to_string());
+        let failed = got.is_err();
+        if out.send(got).await.is_err() || failed {
+            return;
+        }
+    }
+}
+
+/// Verifies and stores a block off the async threads; updates the schedule.
+fn verify_block(
+    svc: &ContentService,
+    dl: &Arc<Download>,
+    peer: PeerId,
+    k: u64,
+    wire: Vec<u8>,
+) -> tokio::task::JoinHandle<Result<(), String>> {
+    let (svc, dl) = (svc.clone(), dl.clone());
+    tokio::task::spawn_blocking(move || {
+        if dl.partial.has(k) {
+            // A duplicate from the end game; the other copy won.
+            dl.sched.lock().expect("lock").release(k);
+            return Ok(());
+        }
+        match dl.partial.accept(k, &wire) {
+            Ok(()) => {
+                let fresh = dl.sched.lock().expect("lock").held(k);
+                if fresh {
+                    dl.progress.send_modify(|n| *n += 1);
+                }
+                dl.changed.notify_waiters();
+                Ok(())
+            }
+            Err(e) => {
+                warn!(id = %dl.id, %peer, block = k, error = %e, "corrupt block from provider; dropping it and the provider");
+                {
+                    let mut s = dl.sched.lock().expect("lock");
+                    s.release(k);
+                    s.bad.insert(peer);
+                }
+                svc.emit(NodeEvent::CorruptData {
+                    peer,
+                    id: dl.id,
+                    block: k,
+                });
+                dl.changed.notify_waiters();
+                Err(format!("block {k} failed verification"))
+            }
+        }
+    })
+}
+
 async fn run_worker(
     svc: &ContentService,
     dl: &Arc<Download>,
     peer: PeerId,
     inflight: &mut VecDeque<Pending>,
 ) -> Result<(), String> {
-    let mut stream = open_stream(svc, peer).await?;
+    use futures::StreamExt;
+    let stream = open_stream(svc, peer).await?;
+    let (rd, mut wr) = futures::AsyncReadExt::split(stream);
     let id = dl.id;
     let depth = svc.inner.config.pipeline_depth as usize;
     let io = |e: std::io::Error| e.to_string();
-    request(&mut stream, Op::Have(id.0.to_vec()))
-        .await
-        .map_err(io)?;
-    inflight.push_back(Pending::Have);
+    let (kinds_tx, kinds_rx) = mpsc::unbounded_channel();
+    let (answers_tx, mut answers) = mpsc::channel(depth + 1);
+    let reader = tokio::spawn(read_answers(rd, kinds_rx, answers_tx, dl.partial.size()));
+    struct AbortOnDrop(tokio::task::JoinHandle<()>);
+    impl Drop for AbortOnDrop {
+        fn drop(&mut self) {
+            self.0.abort();
+        }
+    }
+    let _reader = AbortOnDrop(reader);
+    let mut verifying = futures::stream::FuturesOrdered::new();
+
+    async fn send(
+        wr: &mut futures::io::WriteHalf<libp2p::Stream>,
+        kinds: &mpsc::UnboundedSender<Pending>,
+        inflight: &mut VecDeque<Pending>,
+        op: Op,
+        pending: Pending,
+    ) -> Result<(), String> {
+        write_msg(wr, &TransferRequest { op: Some(op) })
+            .await
+            .map_err(|e| e.to_string())?;
+        inflight.push_back(pending);
+        kinds.send(pending).map_err(|_| "reader gone".to_string())
+    }
+    send(&mut wr, &kinds_tx, inflight, Op::Have(id.0.to_vec()), Pending::Have).await?;
     let mut complete_peer = false;
     let mut last_have = Instant::now();
+    let mut flush_needed = true;
     loop {
         if dl.cancel.is_cancelled() || matches!(*dl.outcome.borrow(), Outcome::Complete) {
             return Ok(());
         }
-        // Fill the pipeline.
-        let mut sent = false;
-        while inflight.len() < depth {
+        // Fill the pipeline (requests on the wire plus blocks being verified).
+        while inflight.len() + verifying.len() < depth {
             let next = dl
                 .sched
                 .lock()
@@ -681,114 +796,75 @@ async fn run_worker(
                 content_id: id.0.to_vec(),
                 block: k,
             });
-            write_msg(&mut stream, &TransferRequest { op: Some(op) })
-                .await
-                .map_err(io)?;
-            inflight.push_back(Pending::Block(k));
-            sent = true;
+            send(&mut wr, &kinds_tx, inflight, op, Pending::Block(k)).await?;
+            flush_needed = true;
         }
-        if sent {
-            stream.flush().await.map_err(io)?;
+        if inflight.is_empty() && verifying.is_empty() && !complete_peer
+            && last_have.elapsed() >= HAVE_REFRESH
+        {
+            // Idle on a partial provider: ask what it holds now.
+            send(&mut wr, &kinds_tx, inflight, Op::Have(id.0.to_vec()), Pending::Have).await?;
+            last_have = Instant::now();
+            flush_needed = true;
         }
-        if inflight.is_empty() {
-            // Nothing to ask this provider for right now.
-            if !complete_peer && last_have.elapsed() >= HAVE_REFRESH {
-                request(&mut stream, Op::Have(id.0.to_vec()))
-                    .await
-                    .map_err(io)?;
-                inflight.push_back(Pending::Have);
-                last_have = Instant::now();
-                continue;
-            }
-            tokio::select! {
-                _ = dl.changed.notified() => {}
-                _ = tokio::time::sleep(HAVE_REFRESH) => {}
-                _ = dl.cancel.cancelled() => return Ok(()),
-            }
-            continue;
+        if flush_needed {
+            wr.flush().await.map_err(io)?;
+            flush_needed = false;
         }
-        let header = response(&mut stream).await.map_err(io)?;
-        let pending = inflight.pop_front().expect("not empty");
-        match pending {
-            Pending::Have => {
-                let have = match Status::try_from(header.status) {
-                    Ok(Status::Complete) => {
-                        complete_peer = true;
-                        Have::All
-                    }
-                    Ok(Status::Ok) => {
-                        let blocks = dl.partial.blocks();
-                        let bits =
-                            read_payload(&mut stream, header.payload_len, blocks.div_ceil(8))
-                                .await
-                                .map_err(io)?;
-                        Have::Some(
-                            (0..blocks)
-                                .map(|k| bits[(k / 8) as usize] & (1 << (k % 8)) != 0)
-                                .collect(),
-                        )
-                    }
-                    _ => return Err(format!("peer does not have the item: {}", header.message)),
-                };
-                dl.sched.lock().expect("lock").set_have(peer, have);
-                dl.changed.notify_waiters();
+        tokio::select! {
+            Some(done) = verifying.next(), if !verifying.is_empty() => {
+                let done: Result<Result<(), String>, tokio::task::JoinError> = done;
+                done.map_err(|e| e.to_string())??;
             }
-            Pending::Block(k) => {
-                let len = {
-                    let r = block_range(dl.partial.size(), k);
-                    r.end - r.start
-                };
-                match Status::try_from(header.status) {
-                    Ok(Status::Ok) => {}
-                    Ok(Status::NotHeld) => {
-                        let mut s = dl.sched.lock().expect("lock");
-                        s.release(k);
-                        if let Some(Have::Some(v)) = s.peers.get_mut(&peer)
-                            && let Some(b) = v.get_mut(k as usize)
-                        {
-                            *b = false;
-                        }
-                        continue;
-                    }
-                    _ => return Err(format!("block {k} refused: {}", header.message)),
-                }
-                // A payload larger than any honest encoding of the block is not read.
-                let wire = read_payload(
-                    &mut stream,
-                    header.payload_len,
-                    transfer::max_block_wire(len),
-                )
-                .await
-                .map_err(io)?;
-                if dl.partial.has(k) {
-                    // A duplicate from the end game; the other copy won.
-                    dl.sched.lock().expect("lock").release(k);
-                    continue;
-                }
-                let partial = dl.partial.clone();
-                let verified = tokio::task::spawn_blocking(move || partial.accept(k, &wire))
-                    .await
-                    .map_err(|e| e.to_string())?;
-                match verified {
-                    Ok(()) => {
-                        let fresh = dl.sched.lock().expect("lock").held(k);
-                        if fresh {
-                            dl.progress.send_modify(|n| *n += 1);
-                        }
+            answer = answers.recv(), if !inflight.is_empty() => {
+                let answer = answer.ok_or("reader gone")??;
+                let expected = inflight.pop_front().expect("not empty");
+                debug_assert!(matches!((expected, answer.pending), (Pending::Have, Pending::Have)) || expected.block() == answer.pending.block());
+                let Answer { pending, header, payload } = answer;
+                match pending {
+                    Pending::Have => {
+                        let have = match Status::try_from(header.status) {
+                            Ok(Status::Complete) => {
+                                complete_peer = true;
+                                Have::All
+                            }
+                            Ok(Status::Ok) => {
+                                let blocks = dl.partial.blocks();
+                                if (payload.len() as u64) < blocks.div_ceil(8) {
+                                    return Err("short bitfield".into());
+                                }
+                                Have::Some(
+                                    (0..blocks)
+                                        .map(|k| payload[(k / 8) as usize] & (1 << (k % 8)) != 0)
+                                        .collect(),
+                                )
+                            }
+                            _ => return Err(format!("peer does not have the item: {}", header.message)),
+                        };
+                        dl.sched.lock().expect("lock").set_have(peer, have);
                         dl.changed.notify_waiters();
                     }
-                    Err(e) => {
-                        warn!(%id, %peer, block = k, error = %e, "corrupt block from provider; dropping it and the provider");
-                        {
+                    Pending::Block(k) => match Status::try_from(header.status) {
+                        Ok(Status::Ok) => verifying.push_back(verify_block(svc, dl, peer, k, payload)),
+                        Ok(Status::NotHeld) => {
                             let mut s = dl.sched.lock().expect("lock");
                             s.release(k);
-                            s.bad.insert(peer);
+                            if let Some(Have::Some(v)) = s.peers.get_mut(&peer)
+                                && let Some(b) = v.get_mut(k as usize)
+                            {
+                                *b = false;
+                            }
                         }
-                        svc.emit(NodeEvent::CorruptData { peer, id, block: k });
-                        return Err(format!("block {k} failed verification"));
-                    }
+                        _ => {
+                            dl.sched.lock().expect("lock").release(k);
+                            return Err(format!("block {k} refused: {}", header.message));
+                        }
+                    },
                 }
             }
+            _ = dl.changed.notified(), if inflight.is_empty() && verifying.is_empty() => {}
+            _ = tokio::time::sleep(HAVE_REFRESH), if inflight.is_empty() && verifying.is_empty() => {}
+            _ = dl.cancel.cancelled() => return Ok(()),
         }
     }
 }

@@ -75,30 +75,57 @@ pub(crate) fn spawn(svc: ContentService) {
     });
 }
 
-async fn serve_stream(svc: ContentService, peer: PeerId, mut stream: libp2p::Stream) {
-    loop {
-        let req: TransferRequest = match read_msg(&mut stream).await {
-            Ok(Some(r)) => r,
-            Ok(None) => return,
-            Err(e) => {
-                debug!(%peer, error = %e, "content stream ended");
+/// Answers computed ahead of the writer: encoding (hashing, disk reads) of the
+/// next blocks overlaps with sending the current one.
+const SERVE_AHEAD: usize = 8;
+
+async fn serve_stream(svc: ContentService, peer: PeerId, stream: libp2p::Stream) {
+    let (mut rd, mut wr) = futures::AsyncReadExt::split(stream);
+    let (tx, mut rx) =
+        tokio::sync::mpsc::channel::<tokio::task::JoinHandle<(TransferResponse, Vec<u8>)>>(
+            SERVE_AHEAD,
+        );
+    let limiter_svc = svc.clone();
+    let writer = tokio::spawn(async move {
+        while let Some(answer) = rx.recv().await {
+            let Ok((header, payload)) = answer.await else {
+                return;
+            };
+            if let Some(limiter) = &limiter_svc.inner.limiter {
+                limiter.take(payload.len() as u64).await;
+            }
+            let sent = async {
+                write_msg(&mut wr, &header).await?;
+                wr.write_all(&payload).await?;
+                // Batch: flush only when no further answer is ready.
+                if rx.is_empty() {
+                    wr.flush().await?;
+                }
+                Ok::<_, std::io::Error>(())
+            };
+            if let Err(e) = sent.await {
+                debug!(%peer, error = %e, "content stream write failed");
                 return;
             }
-        };
-        let (header, payload) = answer(&svc, req).await;
-        if let Some(limiter) = &svc.inner.limiter {
-            limiter.take(payload.len() as u64).await;
         }
-        let sent = async {
-            write_msg(&mut stream, &header).await?;
-            stream.write_all(&payload).await?;
-            stream.flush().await
+        let _ = wr.close().await;
+    });
+    loop {
+        let req: TransferRequest = match read_msg(&mut rd).await {
+            Ok(Some(r)) => r,
+            Ok(None) => break,
+            Err(e) => {
+                debug!(%peer, error = %e, "content stream ended");
+                break;
+            }
         };
-        if let Err(e) = sent.await {
-            debug!(%peer, error = %e, "content stream write failed");
-            return;
+        let svc = svc.clone();
+        if tx.send(tokio::spawn(async move { answer(&svc, req).await })).await.is_err() {
+            break;
         }
     }
+    drop(tx);
+    let _ = writer.await;
 }
 
 fn failed(status: Status, msg: impl Into<String>) -> (TransferResponse, Vec<u8>) {

@@ -48,7 +48,14 @@ pub(crate) async fn read_payload(
             "payload of {len} bytes where at most {max} fit"
         )));
     }
-    let mut buf = vec![0u8; len as usize];
-    r.read_exact(&mut buf).await?;
+    // Read into spare capacity rather than zero-filling first.
+    let mut buf = Vec::with_capacity(len as usize);
+    let n = r.take(len).read_to_end(&mut buf).await?;
+    if n as u64 != len {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::UnexpectedEof,
+            format!("payload ended after {n} of {len} bytes"),
+        ));
+    }
     Ok(buf)
 }
