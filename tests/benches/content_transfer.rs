@@ -116,11 +116,16 @@ async fn main() -> Result<()> {
             },
         )
         .await?;
-    println!("publish (hash + store) {mib} MiB: {:.2} s", t.elapsed().as_secs_f64());
+    println!(
+        "publish (hash + store) {mib} MiB: {:.2} s",
+        t.elapsed().as_secs_f64()
+    );
     let viewer = b.admin().await?;
 
     // Warm-up: a small range so connections and the DHT are in place.
-    let (_, mut s) = viewer.fetch_content(&info.content_id, 0, 1 << 20, false).await?;
+    let (_, mut s) = viewer
+        .fetch_content(&info.content_id, 0, 1 << 20, false)
+        .await?;
     let mut sink = Vec::new();
     s.read_to_end(&mut sink).await?;
 

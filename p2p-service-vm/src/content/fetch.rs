@@ -545,11 +545,15 @@ async fn drive(svc: ContentService, dl: Arc<Download>) {
                     svc.find_providers(&id, cfg.max_providers as usize * 2)
                         .await,
                 );
+                // Peers fetching the same item announce themselves as they
+                // start; look often early on so a swarm finds itself quickly.
                 next_lookup = Instant::now()
                     + if workers.is_empty() {
                         Duration::from_millis(500)
+                    } else if started.elapsed() < Duration::from_secs(10) {
+                        Duration::from_secs(1)
                     } else {
-                        Duration::from_secs(3)
+                        Duration::from_secs(5)
                     };
             }
             let bad = dl.sched.lock().expect("lock").bad.clone();
@@ -648,6 +652,56 @@ async fn worker(svc: ContentService, dl: Arc<Download>, peer: PeerId) {
     }
 }
 
+/// How long a provider's queue of our requests should take to drain. Deeper
+/// queues add latency (a capped uploader answers late, the end game duplicates
+/// requests); shallower ones leave a fast link idle between answers.
+const TARGET_QUEUE: Duration = Duration::from_millis(250);
+
+/// Measures a provider's delivery rate and sizes the request pipeline to it.
+struct RateMeter {
+    max: usize,
+    since: Instant,
+    bytes: u64,
+    /// Bytes per second, smoothed; `None` until the first measurement.
+    rate: Option<f64>,
+}
+
+impl RateMeter {
+    fn new(max: usize) -> Self {
+        Self {
+            max,
+            since: Instant::now(),
+            bytes: 0,
+            rate: None,
+        }
+    }
+
+    fn received(&mut self, bytes: u64) {
+        self.bytes += bytes;
+        let dt = self.since.elapsed();
+        if dt >= Duration::from_millis(200) {
+            let now = self.bytes as f64 / dt.as_secs_f64();
+            self.rate = Some(match self.rate {
+                Some(r) => 0.7 * r + 0.3 * now,
+                None => now,
+            });
+            self.since = Instant::now();
+            self.bytes = 0;
+        }
+    }
+
+    fn depth(&self) -> usize {
+        match self.rate {
+            // Until measured, half the maximum: enough to fill a fast link soon.
+            None => (self.max / 2).max(2),
+            Some(r) => {
+                let blocks = (r * TARGET_QUEUE.as_secs_f64() / BLOCK_BYTES as f64).ceil() as usize;
+                blocks.clamp(2, self.max.max(2))
+            }
+        }
+    }
+}
+
 /// One answer as the reading half of a worker's stream delivers it.
 struct Answer {
     pending: Pending,
@@ -665,9 +719,9 @@ async fn read_answers(
 ) {
     while let Some(pending) = kinds.recv().await {
         let got = async {
-            let header: TransferResponse = read_msg(&mut rd)
-                .await?
-                .ok_or_else(|| std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "stream closed"))?;
+            let header: TransferResponse = read_msg(&mut rd).await?.ok_or_else(|| {
+                std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "stream closed")
+            })?;
             let max = match pending {
                 Pending::Have => block_count(size).div_ceil(8),
                 Pending::Block(k) => {
@@ -749,10 +803,11 @@ async fn run_worker(
     let stream = open_stream(svc, peer).await?;
     let (rd, mut wr) = futures::AsyncReadExt::split(stream);
     let id = dl.id;
-    let depth = svc.inner.config.pipeline_depth as usize;
+    let max_depth = svc.inner.config.pipeline_depth as usize;
+    let mut rate = RateMeter::new(max_depth);
     let io = |e: std::io::Error| e.to_string();
     let (kinds_tx, kinds_rx) = mpsc::unbounded_channel();
-    let (answers_tx, mut answers) = mpsc::channel(depth + 1);
+    let (answers_tx, mut answers) = mpsc::channel(max_depth + 1);
     let reader = tokio::spawn(read_answers(rd, kinds_rx, answers_tx, dl.partial.size()));
     struct AbortOnDrop(tokio::task::JoinHandle<()>);
     impl Drop for AbortOnDrop {
@@ -776,7 +831,14 @@ async fn run_worker(
         inflight.push_back(pending);
         kinds.send(pending).map_err(|_| "reader gone".to_string())
     }
-    send(&mut wr, &kinds_tx, inflight, Op::Have(id.0.to_vec()), Pending::Have).await?;
+    send(
+        &mut wr,
+        &kinds_tx,
+        inflight,
+        Op::Have(id.0.to_vec()),
+        Pending::Have,
+    )
+    .await?;
     let mut complete_peer = false;
     let mut last_have = Instant::now();
     let mut flush_needed = true;
@@ -785,7 +847,7 @@ async fn run_worker(
             return Ok(());
         }
         // Fill the pipeline (requests on the wire plus blocks being verified).
-        while inflight.len() + verifying.len() < depth {
+        while inflight.len() + verifying.len() < rate.depth() {
             let next = dl
                 .sched
                 .lock()
@@ -799,11 +861,18 @@ async fn run_worker(
             send(&mut wr, &kinds_tx, inflight, op, Pending::Block(k)).await?;
             flush_needed = true;
         }
-        if inflight.is_empty() && verifying.is_empty() && !complete_peer
-            && last_have.elapsed() >= HAVE_REFRESH
-        {
-            // Idle on a partial provider: ask what it holds now.
-            send(&mut wr, &kinds_tx, inflight, Op::Have(id.0.to_vec()), Pending::Have).await?;
+        let idle = inflight.is_empty() && verifying.is_empty();
+        let stale = last_have.elapsed() >= if idle { HAVE_REFRESH } else { 2 * HAVE_REFRESH };
+        if !complete_peer && stale && !inflight.iter().any(|p| matches!(p, Pending::Have)) {
+            // A partial provider gains blocks as it downloads: ask what it holds now.
+            send(
+                &mut wr,
+                &kinds_tx,
+                inflight,
+                Op::Have(id.0.to_vec()),
+                Pending::Have,
+            )
+            .await?;
             last_have = Instant::now();
             flush_needed = true;
         }
@@ -845,7 +914,10 @@ async fn run_worker(
                         dl.changed.notify_waiters();
                     }
                     Pending::Block(k) => match Status::try_from(header.status) {
-                        Ok(Status::Ok) => verifying.push_back(verify_block(svc, dl, peer, k, payload)),
+                        Ok(Status::Ok) => {
+                            rate.received(payload.len() as u64);
+                            verifying.push_back(verify_block(svc, dl, peer, k, payload));
+                        }
                         Ok(Status::NotHeld) => {
                             let mut s = dl.sched.lock().expect("lock");
                             s.release(k);

@@ -81,10 +81,9 @@ const SERVE_AHEAD: usize = 8;
 
 async fn serve_stream(svc: ContentService, peer: PeerId, stream: libp2p::Stream) {
     let (mut rd, mut wr) = futures::AsyncReadExt::split(stream);
-    let (tx, mut rx) =
-        tokio::sync::mpsc::channel::<tokio::task::JoinHandle<(TransferResponse, Vec<u8>)>>(
-            SERVE_AHEAD,
-        );
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<
+        tokio::task::JoinHandle<(TransferResponse, Vec<u8>)>,
+    >(SERVE_AHEAD);
     let limiter_svc = svc.clone();
     let writer = tokio::spawn(async move {
         while let Some(answer) = rx.recv().await {
@@ -120,7 +119,11 @@ async fn serve_stream(svc: ContentService, peer: PeerId, stream: libp2p::Stream)
             }
         };
         let svc = svc.clone();
-        if tx.send(tokio::spawn(async move { answer(&svc, req).await })).await.is_err() {
+        if tx
+            .send(tokio::spawn(async move { answer(&svc, req).await }))
+            .await
+            .is_err()
+        {
             break;
         }
     }
