@@ -445,3 +445,21 @@ async fn http_gateway_serves_ranges_to_a_real_http_client() -> Result<()> {
     ensure!(head.starts_with("http/1.1 404"), "{head}");
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_that_lies_about_having_content_does_not_stop_the_fetch() -> Result<()> {
+    let honest = node(&[], None).await?;
+    let data = item(2 << 20, 13);
+    let info = publish(&honest.app("pub").await?, "real.bin", &data).await?;
+    // The liar announces itself as a provider of the item without holding it.
+    let liar = node(&[&honest], None).await?;
+    let id = info.content_id.parse::<blake3::Hash>().map_err(|e| anyhow::anyhow!("{e}"))?;
+    let mut key = blake3::Hasher::new();
+    key.update(b"p2pvm/content/v1/");
+    key.update(id.as_bytes());
+    liar.admin().await?.provide(key.finalize().as_bytes()).await?;
+    let fetcher = node(&[&liar], None).await?;
+    let c = fetcher.app("viewer").await?;
+    ensure!(fetch_all(&c, &info.content_id, 0, 0, true).await? == data);
+    Ok(())
+}

@@ -439,12 +439,24 @@ async fn download_for(
         }
         return Ok(dl);
     }
-    // One provider is enough to start; the driver looks for more at once.
-    let providers = svc.find_providers(id, 1).await;
+    // One provider is enough to start (the driver looks for more at once);
+    // if it cannot give a valid manifest, ask more widely.
+    let mut providers = svc.find_providers(id, 1).await;
     if providers.is_empty() {
         return Err(ContentServiceError::NotFound(id.to_string()));
     }
-    let manifest = manifest_from(svc, id, &providers).await?;
+    let manifest = match manifest_from(svc, id, &providers).await {
+        Ok(m) => m,
+        Err(first) => {
+            let tried = providers.clone();
+            providers = svc.find_providers(id, 8).await;
+            providers.retain(|p| !tried.contains(p));
+            if providers.is_empty() {
+                return Err(first);
+            }
+            manifest_from(svc, id, &providers).await?
+        }
+    };
     let size = manifest.manifest.size;
     let path = svc.inner.store.tmp_path("part");
     let partial = Partial::create(&path, *id, size)
