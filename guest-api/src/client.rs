@@ -485,9 +485,13 @@ impl Client {
         .await;
         let finish = Op::ContentPublishFinish(pb::ContentPublishFinishRequest { stream_id });
         if let Err(e) = copied {
-            // Reset the stream so the node abandons the import.
+            // The node stops reading when its import fails (a full disk, say):
+            // its answer says why, which beats our broken pipe.
             drop(stream);
-            return Err(Error::Protocol(format!("sending the bytes failed: {e}")));
+            return match self.inner.request(finish).await {
+                Err(api @ Error::Api { .. }) => Err(api),
+                _ => Err(Error::Protocol(format!("sending the bytes failed: {e}"))),
+            };
         }
         match self.inner.request(finish).await? {
             R::Content(info) => Ok(info),

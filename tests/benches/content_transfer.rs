@@ -102,6 +102,7 @@ async fn main() -> Result<()> {
     let b = TestNode::start(NodeOpts {
         bootstrap: vec![a_addr.clone()],
         config_toml: config.clone(),
+        ..Default::default()
     })
     .await?;
     let t = Instant::now();

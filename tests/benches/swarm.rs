@@ -69,6 +69,7 @@ async fn main() -> Result<()> {
             TestNode::start(NodeOpts {
                 bootstrap: vec![publisher.addr.clone()],
                 config_toml: Some(config.clone()),
+                ..Default::default()
             })
             .await?,
         );

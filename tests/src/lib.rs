@@ -50,6 +50,7 @@ pub struct TestNode {
     /// A TCP multiaddr with /p2p/ suffix.
     pub addr: String,
     extra_args: Vec<String>,
+    store_bytes: Option<u64>,
 }
 
 /// Options for starting a node.
@@ -59,6 +60,9 @@ pub struct NodeOpts {
     pub bootstrap: Vec<String>,
     /// TOML config text, written to a file and passed with --config.
     pub config_toml: Option<String>,
+    /// Give the content store its own tmpfs of this many bytes (p2pd runs in a
+    /// user + mount namespace to mount it), to exercise a full disk.
+    pub store_bytes: Option<u64>,
 }
 
 impl TestNode {
@@ -85,6 +89,7 @@ impl TestNode {
             peer_id: String::new(),
             addr: String::new(),
             extra_args: args,
+            store_bytes: opts.store_bytes,
         };
         node.launch().await?;
         Ok(node)
@@ -97,7 +102,20 @@ impl TestNode {
 
     /// Spawns a p2pd on this node's data directory (another one, if `self` runs).
     pub fn spawn_raw(&self) -> Result<Child> {
-        let mut cmd = Command::new(bin("p2pd"));
+        let mut cmd = match self.store_bytes {
+            None => Command::new(bin("p2pd")),
+            Some(bytes) => {
+                let store = self.data_dir().join("content");
+                std::fs::create_dir_all(&store)?;
+                let mut c = Command::new("unshare");
+                c.args(["--user", "--map-root-user", "--mount", "sh", "-c"])
+                    .arg("mount -t tmpfs -o size=$1 tmpfs \"$2\" && shift 2 && exec \"$@\"")
+                    .args(["sh", &bytes.to_string()])
+                    .arg(&store)
+                    .arg(bin("p2pd"));
+                c
+            }
+        };
         cmd.arg("--data-dir")
             .arg(self.data_dir())
             .args([

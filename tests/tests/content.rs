@@ -122,6 +122,7 @@ async fn node(bootstrap: &[&TestNode], config: Option<String>) -> Result<TestNod
     TestNode::start(NodeOpts {
         bootstrap: bootstrap.iter().map(|n| n.addr.clone()).collect(),
         config_toml: config,
+        ..Default::default()
     })
     .await
 }
@@ -453,13 +454,57 @@ async fn a_peer_that_lies_about_having_content_does_not_stop_the_fetch() -> Resu
     let info = publish(&honest.app("pub").await?, "real.bin", &data).await?;
     // The liar announces itself as a provider of the item without holding it.
     let liar = node(&[&honest], None).await?;
-    let id = info.content_id.parse::<blake3::Hash>().map_err(|e| anyhow::anyhow!("{e}"))?;
+    let id = info
+        .content_id
+        .parse::<blake3::Hash>()
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
     let mut key = blake3::Hasher::new();
     key.update(b"p2pvm/content/v1/");
     key.update(id.as_bytes());
-    liar.admin().await?.provide(key.finalize().as_bytes()).await?;
+    liar.admin()
+        .await?
+        .provide(key.finalize().as_bytes())
+        .await?;
     let fetcher = node(&[&liar], None).await?;
     let c = fetcher.app("viewer").await?;
     ensure!(fetch_all(&c, &info.content_id, 0, 0, true).await? == data);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_disk_is_a_typed_error_and_loses_nothing() -> Result<()> {
+    let full = TestNode::start(NodeOpts {
+        store_bytes: Some(8 << 20),
+        ..Default::default()
+    })
+    .await?;
+    let c = full.admin().await?;
+    let kept = item(3 << 20, 21);
+    let first = publish(&c, "fits.bin", &kept).await?;
+    let e = tokio::time::timeout(WAIT, publish(&c, "too-big.bin", &item(6 << 20, 22)))
+        .await
+        .context("publish into a full store hung")?
+        .unwrap_err();
+    let code = e.downcast_ref::<guest_api::Error>().and_then(|e| e.code());
+    ensure!(code == Some(proto::ErrorCode::ResourceExhausted), "{e:#}");
+    // A download that cannot fit fails the same way.
+    let other = node(&[&full], None).await?;
+    let big = publish(&other.app("pub").await?, "remote.bin", &item(6 << 20, 23)).await?;
+    let e = tokio::time::timeout(WAIT, c.download_content(&big.content_id))
+        .await
+        .context("download into a full store hung")?
+        .unwrap_err();
+    ensure!(e.code() == Some(proto::ErrorCode::ResourceExhausted), "{e}");
+    // What was stored before is intact, and nothing partial is visible.
+    let list = tokio::time::timeout(WAIT, c.content_list())
+        .await
+        .context("list hung")??;
+    ensure!(
+        list.len() == 1 && list[0].content_id == first.content_id,
+        "{list:?}"
+    );
+    ensure!(fetch_all(&c, &first.content_id, 0, 0, true).await? == kept);
+    // (The store's tmpfs lives in p2pd's mount namespace, out of this test's
+    // sight; the kill tests check that tmp/ is cleaned.)
     Ok(())
 }

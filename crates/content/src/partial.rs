@@ -234,7 +234,7 @@ impl Partial {
         }
         self.file
             .write_all_at(&block.buf, range.start)
-            .map_err(ContentError::Encode)?;
+            .map_err(ContentError::Write)?;
         self.have.lock().expect("lock")[k as usize] = true;
         Ok(())
     }
@@ -263,7 +263,7 @@ impl Partial {
         if !self.complete() {
             return Err(ContentError::Incomplete);
         }
-        self.file.sync_all().map_err(ContentError::Encode)?;
+        self.file.sync_all().map_err(ContentError::Write)?;
         let tree = self.tree.read().expect("lock").clone();
         Ok((
             self.path.clone(),

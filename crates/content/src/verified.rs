@@ -36,6 +36,10 @@ pub enum ContentError {
     /// A content id string is not 64 hex digits.
     #[error("Invalid content id {0:?}")]
     BadId(String),
+    /// Writing verified data to local storage failed (e.g. the disk is full);
+    /// not the sender's fault.
+    #[error("Cannot store the data")]
+    Write(#[source] std::io::Error),
     /// A block that this partial download does not hold yet.
     #[error("Block {0} is not held")]
     NotHeld(u64),

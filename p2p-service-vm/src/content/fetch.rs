@@ -272,9 +272,17 @@ pub(crate) struct Download {
     keep: AtomicBool,
     cancel: CancellationToken,
     hints: Mutex<Vec<PeerId>>,
+    /// A local failure that ended the transfer.
+    fatal: Mutex<Option<ContentServiceError>>,
 }
 
 impl Download {
+    /// Ends the transfer for everyone with `error` (a local failure).
+    fn fail(&self, error: ContentServiceError) {
+        self.fatal.lock().expect("lock").get_or_insert(error);
+        self.cancel.cancel();
+    }
+
     fn keep(&self) -> bool {
         self.keep.load(Ordering::Acquire)
     }
@@ -433,7 +441,15 @@ async fn download_for(
     id: &ContentId,
     keep: bool,
 ) -> Result<Arc<Download>, ContentServiceError> {
-    if let Some(dl) = svc.inner.downloads.lock().expect("lock").get(id).cloned() {
+    let running = svc
+        .inner
+        .downloads
+        .lock()
+        .expect("lock")
+        .get(id)
+        .filter(|d| !d.cancel.is_cancelled())
+        .cloned();
+    if let Some(dl) = running {
         if keep {
             dl.keep.store(true, Ordering::Release);
         }
@@ -475,11 +491,17 @@ async fn download_for(
         keep: AtomicBool::new(keep),
         cancel: svc.inner.shutdown.child_token(),
         hints: Mutex::new(providers),
+        fatal: Mutex::new(None),
     });
     // Another request may have started it while we looked for the manifest.
     let raced = {
         let mut downloads = svc.inner.downloads.lock().expect("lock");
-        match downloads.get(id).cloned() {
+        // One that is winding down (cancelled) is replaced, not joined.
+        match downloads
+            .get(id)
+            .filter(|d| !d.cancel.is_cancelled())
+            .cloned()
+        {
             Some(existing) => Some(existing),
             None => {
                 downloads.insert(*id, fresh.clone());
@@ -507,7 +529,43 @@ async fn download_for(
     Ok(dl)
 }
 
+/// Resolves a download's outcome and unregisters it however the driver ends,
+/// a panic included, so no reader waits forever.
+struct DriveGuard {
+    svc: ContentService,
+    dl: Arc<Download>,
+}
+
+impl Drop for DriveGuard {
+    fn drop(&mut self) {
+        let running = matches!(*self.dl.outcome.borrow(), Outcome::Running);
+        if running {
+            self.dl
+                .outcome
+                .send_replace(Outcome::Failed(ContentServiceError::Store(
+                    "the transfer ended unexpectedly".into(),
+                )));
+        }
+        let mut downloads = self
+            .svc
+            .inner
+            .downloads
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        if downloads
+            .get(&self.dl.id)
+            .is_some_and(|d| Arc::ptr_eq(d, &self.dl))
+        {
+            downloads.remove(&self.dl.id);
+        }
+    }
+}
+
 async fn drive(svc: ContentService, dl: Arc<Download>) {
+    let _guard = DriveGuard {
+        svc: svc.clone(),
+        dl: dl.clone(),
+    };
     let id = dl.id;
     let cfg = &svc.inner.config;
     let stall = Duration::from_secs(cfg.stall_timeout_secs.max(1));
@@ -533,7 +591,10 @@ async fn drive(svc: ContentService, dl: Arc<Download>) {
             break finish(&svc, &dl).await;
         }
         if dl.cancel.is_cancelled() {
-            break Outcome::Failed(ContentServiceError::Unavailable("cancelled".into()));
+            let why = dl.fatal.lock().expect("lock").take();
+            break Outcome::Failed(
+                why.unwrap_or_else(|| ContentServiceError::Unavailable("cancelled".into())),
+            );
         }
         if stalled {
             break Outcome::Failed(ContentServiceError::Unavailable(format!(
@@ -600,7 +661,12 @@ async fn drive(svc: ContentService, dl: Arc<Download>) {
     for (_, w) in workers {
         w.abort();
     }
-    svc.inner.downloads.lock().expect("lock").remove(&id);
+    {
+        let mut downloads = svc.inner.downloads.lock().expect("lock");
+        if downloads.get(&id).is_some_and(|d| Arc::ptr_eq(d, &dl)) {
+            downloads.remove(&id);
+        }
+    }
     match &result {
         Outcome::Complete => {
             let size = dl.partial.size();
@@ -785,6 +851,18 @@ fn verify_block(
                 }
                 dl.changed.notify_waiters();
                 Ok(())
+            }
+            Err(p2pvm_content::ContentError::Write(e)) => {
+                // Our disk, not the peer: the whole transfer cannot go on.
+                dl.sched.lock().expect("lock").release(k);
+                let full = e.kind() == std::io::ErrorKind::StorageFull;
+                let msg = format!("writing block {k}: {e}");
+                dl.fail(if full {
+                    ContentServiceError::Full(msg.clone())
+                } else {
+                    ContentServiceError::Store(msg.clone())
+                });
+                Err(msg)
             }
             Err(e) => {
                 warn!(id = %dl.id, %peer, block = k, error = %e, "corrupt block from provider; dropping it and the provider");
