@@ -26,8 +26,10 @@ fn env(name: &str, default: u64) -> u64 {
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() -> Result<()> {
-    let nodes = env("P2PVM_SWARM_NODES", 8) as usize;
-    let mib = env("P2PVM_SWARM_MIB", 256);
+    // Without `--bench` (i.e. under `cargo test --all-targets`) a small smoke run.
+    let full = std::env::args().any(|a| a == "--bench");
+    let nodes = env("P2PVM_SWARM_NODES", if full { 8 } else { 4 }) as usize;
+    let mib = env("P2PVM_SWARM_MIB", if full { 256 } else { 16 });
     let cap_mib = env("P2PVM_SWARM_CAP_MIB", 20);
     let size = mib << 20;
     let cap = cap_mib << 20;
