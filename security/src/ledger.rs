@@ -1,0 +1,635 @@
+//! The peer credit ledger: per-peer records of what this node observed,
+//! persisted in redb in p2pd's data directory.
+//!
+//! Observations arrive at block rate, so they update an in-memory copy and
+//! [`Ledger::flush`] writes the changed records and new history rows in one
+//! transaction (p2pd flushes every second and at shutdown). Bans are written at
+//! once: they must survive a crash.
+
+use std::collections::{HashMap, HashSet};
+use std::path::Path;
+use std::sync::Mutex;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use libp2p_identity::PeerId;
+use prost::Message;
+use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
+
+use crate::score::{self, Policy, Standing, Weights};
+
+const PEERS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("peers");
+const HISTORY: TableDefinition<(&[u8], u64), &[u8]> = TableDefinition::new("history");
+const BANS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("bans");
+
+/// History rows kept per peer.
+const HISTORY_PER_PEER: u64 = 1000;
+
+/// Why the ledger failed.
+#[derive(Debug, thiserror::Error)]
+pub enum LedgerError {
+    /// The database failed.
+    #[error("Credit ledger database")]
+    Db(#[source] Box<redb::Error>),
+    /// A stored record does not decode.
+    #[error("Credit ledger record is corrupt")]
+    Corrupt(#[source] prost::DecodeError),
+}
+
+fn db<E: Into<redb::Error>>(e: E) -> LedgerError {
+    LedgerError::Db(Box::new(e.into()))
+}
+
+fn now_secs() -> f64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs_f64())
+        .unwrap_or(0.0)
+}
+
+/// What was observed.
+#[derive(Debug, Clone, PartialEq)]
+pub enum EventKind {
+    /// Verified data received from the peer, and how long it took.
+    Received {
+        /// Bytes that verified.
+        bytes: u64,
+        /// Seconds spent receiving them.
+        secs: f64,
+    },
+    /// Data this node served to the peer.
+    Served {
+        /// Bytes sent.
+        bytes: u64,
+    },
+    /// The peer answered a request.
+    RequestOk,
+    /// The peer failed a request (refused, vanished, timed out).
+    RequestFailed,
+    /// A block from the peer failed verification.
+    CorruptBlock,
+    /// The peer broke the protocol.
+    Violation,
+    /// The peer sent malware.
+    Malware {
+        /// Signature name.
+        signature: String,
+    },
+    /// A DRM check on the peer's content passed.
+    DrmPassed,
+    /// A DRM check on the peer's content failed.
+    DrmFailed,
+    /// The peer was connected for this long.
+    Seen {
+        /// Seconds.
+        secs: u64,
+    },
+}
+
+impl EventKind {
+    fn name(&self) -> &'static str {
+        match self {
+            Self::Received { .. } => "received",
+            Self::Served { .. } => "served",
+            Self::RequestOk => "request-ok",
+            Self::RequestFailed => "request-failed",
+            Self::CorruptBlock => "corrupt-block",
+            Self::Violation => "violation",
+            Self::Malware { .. } => "malware",
+            Self::DrmPassed => "drm-passed",
+            Self::DrmFailed => "drm-failed",
+            Self::Seen { .. } => "seen",
+        }
+    }
+}
+
+/// One history row.
+#[derive(Clone, PartialEq, Message)]
+pub struct Event {
+    /// Unix seconds.
+    #[prost(double, tag = "1")]
+    pub at_unix: f64,
+    /// Kind, e.g. "corrupt-block".
+    #[prost(string, tag = "2")]
+    pub kind: String,
+    /// Bytes or seconds, when the kind has an amount.
+    #[prost(uint64, tag = "3")]
+    pub amount: u64,
+    /// Free text (a malware signature name).
+    #[prost(string, tag = "4")]
+    pub detail: String,
+}
+
+/// A ban (after malware): the peer is disconnected and refused until it ends.
+#[derive(Clone, PartialEq, Message)]
+pub struct Ban {
+    /// Unix seconds when the ban ends.
+    #[prost(uint64, tag = "1")]
+    pub until_unix: u64,
+    /// Why.
+    #[prost(string, tag = "2")]
+    pub reason: String,
+}
+
+/// The stored record of one peer.
+#[derive(Clone, PartialEq, Message)]
+struct Record {
+    #[prost(uint64, tag = "1")]
+    bytes_received: u64,
+    #[prost(uint64, tag = "2")]
+    bytes_served: u64,
+    #[prost(uint64, tag = "3")]
+    requests_ok: u64,
+    #[prost(uint64, tag = "4")]
+    requests_failed: u64,
+    #[prost(uint64, tag = "5")]
+    corrupt_blocks: u64,
+    #[prost(uint64, tag = "6")]
+    violations: u64,
+    #[prost(uint64, tag = "7")]
+    malware: u64,
+    #[prost(uint64, tag = "8")]
+    drm_passed: u64,
+    #[prost(uint64, tag = "9")]
+    drm_failed: u64,
+    #[prost(uint64, tag = "10")]
+    uptime_secs: u64,
+    #[prost(double, tag = "11")]
+    first_seen: f64,
+    #[prost(double, tag = "12")]
+    last_seen: f64,
+    /// Decayed good evidence, as of `decayed_at`.
+    #[prost(double, tag = "13")]
+    good: f64,
+    /// Decayed bad evidence, as of `decayed_at`.
+    #[prost(double, tag = "14")]
+    bad: f64,
+    #[prost(double, tag = "15")]
+    decayed_at: f64,
+    /// Smoothed delivery rate, bytes per second (0 = never measured).
+    #[prost(double, tag = "16")]
+    rate_bps: f64,
+}
+
+/// A peer's credit as operators and the content engine see it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PeerCredit {
+    /// The peer.
+    pub peer: PeerId,
+    /// 0-100; 50 for a stranger.
+    pub score: u8,
+    /// What the node does with it.
+    pub standing: Standing,
+    /// Forecast: expected delivery rate, bytes per second (0 = unknown).
+    pub expected_bps: f64,
+    /// Forecast: probability the next interaction is good.
+    pub reliability: f64,
+    /// Bytes that verified, received from it.
+    pub bytes_received: u64,
+    /// Bytes served to it.
+    pub bytes_served: u64,
+    /// Requests it answered.
+    pub requests_ok: u64,
+    /// Requests it failed.
+    pub requests_failed: u64,
+    /// Blocks from it that failed verification.
+    pub corrupt_blocks: u64,
+    /// Protocol violations.
+    pub violations: u64,
+    /// Malware detections.
+    pub malware: u64,
+    /// DRM checks passed.
+    pub drm_passed: u64,
+    /// DRM checks failed.
+    pub drm_failed: u64,
+    /// Seconds connected, in total.
+    pub uptime_secs: u64,
+    /// Unix seconds of the first and last observation.
+    pub first_seen_unix: u64,
+    /// Unix seconds of the last observation.
+    pub last_seen_unix: u64,
+    /// Active ban, if any.
+    pub ban: Option<Ban>,
+}
+
+#[derive(Debug, Default)]
+struct State {
+    records: HashMap<PeerId, Record>,
+    bans: HashMap<PeerId, Ban>,
+    dirty: HashSet<PeerId>,
+    history: Vec<(PeerId, Event)>,
+    next_seq: u64,
+}
+
+/// The ledger. Cheap to share behind an `Arc`.
+#[derive(Debug)]
+pub struct Ledger {
+    db: Database,
+    state: Mutex<State>,
+    weights: Weights,
+    policy: Policy,
+    half_life_secs: f64,
+}
+
+impl Ledger {
+    /// Opens (or creates) the ledger file and loads it.
+    pub fn open(
+        path: &Path,
+        weights: Weights,
+        policy: Policy,
+        half_life_secs: f64,
+    ) -> Result<Self, LedgerError> {
+        let database = Database::create(path).map_err(db)?;
+        let tx = database.begin_write().map_err(db)?;
+        tx.open_table(PEERS).map_err(db)?;
+        tx.open_table(HISTORY).map_err(db)?;
+        tx.open_table(BANS).map_err(db)?;
+        tx.commit().map_err(db)?;
+        let mut state = State::default();
+        {
+            let tx = database.begin_read().map_err(db)?;
+            for row in tx.open_table(PEERS).map_err(db)?.iter().map_err(db)? {
+                let (k, v) = row.map_err(db)?;
+                if let Ok(peer) = PeerId::from_bytes(k.value()) {
+                    let r = Record::decode(v.value()).map_err(LedgerError::Corrupt)?;
+                    state.records.insert(peer, r);
+                }
+            }
+            for row in tx.open_table(BANS).map_err(db)?.iter().map_err(db)? {
+                let (k, v) = row.map_err(db)?;
+                if let Ok(peer) = PeerId::from_bytes(k.value()) {
+                    let b = Ban::decode(v.value()).map_err(LedgerError::Corrupt)?;
+                    state.bans.insert(peer, b);
+                }
+            }
+            let history = tx.open_table(HISTORY).map_err(db)?;
+            if let Some(last) = history.last().map_err(db)? {
+                state.next_seq = last.0.value().1 + 1;
+            }
+            // Sequence numbers are global, so the largest may sit under any peer.
+            for row in history.iter().map_err(db)? {
+                let (k, _) = row.map_err(db)?;
+                state.next_seq = state.next_seq.max(k.value().1 + 1);
+            }
+        }
+        Ok(Self {
+            db: database,
+            state: Mutex::new(state),
+            weights,
+            policy,
+            half_life_secs,
+        })
+    }
+
+    /// Records an observation now.
+    pub fn record(&self, peer: PeerId, kind: EventKind) {
+        self.record_at(peer, kind, now_secs());
+    }
+
+    /// Records an observation at `now` (Unix seconds).
+    pub fn record_at(&self, peer: PeerId, kind: EventKind, now: f64) {
+        let w = &self.weights;
+        let mut st = self.state.lock().expect("lock");
+        let r = st.records.entry(peer).or_insert_with(|| Record {
+            first_seen: now,
+            decayed_at: now,
+            ..Default::default()
+        });
+        let dt = now - r.decayed_at;
+        r.good = score::decay(r.good, dt, self.half_life_secs);
+        r.bad = score::decay(r.bad, dt, self.half_life_secs);
+        r.decayed_at = now.max(r.decayed_at);
+        r.last_seen = now.max(r.last_seen);
+        let (mut amount, mut detail) = (0, String::new());
+        match &kind {
+            EventKind::Received { bytes, secs } => {
+                r.bytes_received += bytes;
+                r.good += *bytes as f64 / 1048576.0 * w.good_per_mib;
+                if *secs > 0.0 && *bytes > 0 {
+                    let sample = *bytes as f64 / secs;
+                    r.rate_bps = if r.rate_bps == 0.0 {
+                        sample
+                    } else {
+                        0.8 * r.rate_bps + 0.2 * sample
+                    };
+                }
+                amount = *bytes;
+            }
+            EventKind::Served { bytes } => {
+                r.bytes_served += bytes;
+                amount = *bytes;
+            }
+            EventKind::RequestOk => {
+                r.requests_ok += 1;
+                r.good += w.good_per_request;
+            }
+            EventKind::RequestFailed => {
+                r.requests_failed += 1;
+                r.bad += w.bad_per_failed_request;
+            }
+            EventKind::CorruptBlock => {
+                r.corrupt_blocks += 1;
+                r.bad += w.bad_per_corrupt_block;
+            }
+            EventKind::Violation => {
+                r.violations += 1;
+                r.bad += w.bad_per_violation;
+            }
+            EventKind::Malware { signature } => {
+                r.malware += 1;
+                r.bad += w.bad_per_malware;
+                detail = signature.clone();
+            }
+            EventKind::DrmPassed => r.drm_passed += 1,
+            EventKind::DrmFailed => {
+                r.drm_failed += 1;
+                r.bad += w.bad_per_drm_failure;
+            }
+            EventKind::Seen { secs } => {
+                r.uptime_secs += secs;
+                amount = *secs;
+            }
+        }
+        st.dirty.insert(peer);
+        // Bulk transfer observations are summarised by the counters; history keeps
+        // the events an operator investigates.
+        if !matches!(
+            kind,
+            EventKind::Received { .. } | EventKind::Served { .. } | EventKind::RequestOk
+        ) {
+            st.history.push((
+                peer,
+                Event {
+                    at_unix: now,
+                    kind: kind.name().into(),
+                    amount,
+                    detail,
+                },
+            ));
+        }
+    }
+
+    fn view(&self, peer: PeerId, r: &Record, ban: Option<&Ban>, now: f64) -> PeerCredit {
+        let dt = now - r.decayed_at;
+        let good = score::decay(r.good, dt, self.half_life_secs);
+        let bad = score::decay(r.bad, dt, self.half_life_secs);
+        let trust = score::trust(good, bad);
+        let score = (trust * 100.0).round().clamp(0.0, 100.0) as u8;
+        let ban = ban.filter(|b| b.until_unix as f64 > now).cloned();
+        let standing = if ban.is_some() {
+            Standing::Banned
+        } else {
+            self.policy.standing(score)
+        };
+        PeerCredit {
+            peer,
+            score,
+            standing,
+            expected_bps: r.rate_bps,
+            reliability: trust,
+            bytes_received: r.bytes_received,
+            bytes_served: r.bytes_served,
+            requests_ok: r.requests_ok,
+            requests_failed: r.requests_failed,
+            corrupt_blocks: r.corrupt_blocks,
+            violations: r.violations,
+            malware: r.malware,
+            drm_passed: r.drm_passed,
+            drm_failed: r.drm_failed,
+            uptime_secs: r.uptime_secs,
+            first_seen_unix: r.first_seen as u64,
+            last_seen_unix: r.last_seen as u64,
+            ban,
+        }
+    }
+
+    /// A peer's credit now (a stranger's when never observed).
+    pub fn credit(&self, peer: &PeerId) -> PeerCredit {
+        self.credit_at(peer, now_secs())
+    }
+
+    /// A peer's credit at `now`.
+    pub fn credit_at(&self, peer: &PeerId, now: f64) -> PeerCredit {
+        let st = self.state.lock().expect("lock");
+        let stranger = Record {
+            decayed_at: now,
+            ..Default::default()
+        };
+        let r = st.records.get(peer).unwrap_or(&stranger);
+        self.view(*peer, r, st.bans.get(peer), now)
+    }
+
+    /// What the node does with a peer now.
+    pub fn standing(&self, peer: &PeerId) -> Standing {
+        self.credit(peer).standing
+    }
+
+    /// Every known peer, best score first.
+    pub fn list(&self) -> Vec<PeerCredit> {
+        let now = now_secs();
+        let st = self.state.lock().expect("lock");
+        let mut peers: HashSet<PeerId> = st.records.keys().copied().collect();
+        peers.extend(st.bans.keys().copied());
+        let stranger = Record {
+            decayed_at: now,
+            ..Default::default()
+        };
+        let mut out: Vec<PeerCredit> = peers
+            .iter()
+            .map(|p| {
+                let r = st.records.get(p).unwrap_or(&stranger);
+                self.view(*p, r, st.bans.get(p), now)
+            })
+            .collect();
+        out.sort_by(|a, b| b.score.cmp(&a.score).then(a.peer.cmp(&b.peer)));
+        out
+    }
+
+    /// Bans a peer until `until_unix`; written at once.
+    pub fn ban(&self, peer: PeerId, until_unix: u64, reason: &str) -> Result<(), LedgerError> {
+        let ban = Ban {
+            until_unix,
+            reason: reason.into(),
+        };
+        let tx = self.db.begin_write().map_err(db)?;
+        tx.open_table(BANS)
+            .map_err(db)?
+            .insert(peer.to_bytes().as_slice(), ban.encode_to_vec().as_slice())
+            .map_err(db)?;
+        tx.commit().map_err(db)?;
+        self.state.lock().expect("lock").bans.insert(peer, ban);
+        Ok(())
+    }
+
+    /// Writes changed records and new history rows in one transaction.
+    pub fn flush(&self) -> Result<(), LedgerError> {
+        let (records, history, first_seq) = {
+            let mut st = self.state.lock().expect("lock");
+            if st.dirty.is_empty() && st.history.is_empty() {
+                return Ok(());
+            }
+            let dirty: Vec<PeerId> = st.dirty.drain().collect();
+            let records: Vec<(PeerId, Vec<u8>)> = dirty
+                .into_iter()
+                .filter_map(|p| st.records.get(&p).map(|r| (p, r.encode_to_vec())))
+                .collect();
+            let history = std::mem::take(&mut st.history);
+            let first = st.next_seq;
+            st.next_seq += history.len() as u64;
+            (records, history, first)
+        };
+        let tx = self.db.begin_write().map_err(db)?;
+        {
+            let mut peers = tx.open_table(PEERS).map_err(db)?;
+            for (p, bytes) in &records {
+                peers
+                    .insert(p.to_bytes().as_slice(), bytes.as_slice())
+                    .map_err(db)?;
+            }
+            let mut hist = tx.open_table(HISTORY).map_err(db)?;
+            for (i, (p, e)) in history.iter().enumerate() {
+                let key = p.to_bytes();
+                let seq = first_seq + i as u64;
+                hist.insert((key.as_slice(), seq), e.encode_to_vec().as_slice())
+                    .map_err(db)?;
+                if seq >= HISTORY_PER_PEER {
+                    // Trim this peer's rows older than the newest HISTORY_PER_PEER
+                    // sequence numbers (a cheap bound, exact for a busy peer).
+                    let old: Vec<u64> = hist
+                        .range((key.as_slice(), 0)..(key.as_slice(), seq - HISTORY_PER_PEER))
+                        .map_err(db)?
+                        .filter_map(|r| r.ok().map(|(k, _)| k.value().1))
+                        .collect();
+                    for s in old {
+                        hist.remove((key.as_slice(), s)).map_err(db)?;
+                    }
+                }
+            }
+        }
+        tx.commit().map_err(db)?;
+        Ok(())
+    }
+
+    /// A peer's history, newest first (flushes first).
+    pub fn history(&self, peer: &PeerId, limit: usize) -> Result<Vec<Event>, LedgerError> {
+        self.flush()?;
+        let key = peer.to_bytes();
+        let tx = self.db.begin_read().map_err(db)?;
+        let hist = tx.open_table(HISTORY).map_err(db)?;
+        let mut out = Vec::new();
+        for row in hist
+            .range((key.as_slice(), 0)..=(key.as_slice(), u64::MAX))
+            .map_err(db)?
+            .rev()
+        {
+            let (_, v) = row.map_err(db)?;
+            out.push(Event::decode(v.value()).map_err(LedgerError::Corrupt)?);
+            if out.len() >= limit {
+                break;
+            }
+        }
+        Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ledger(dir: &Path) -> Ledger {
+        Ledger::open(
+            &dir.join("credit.redb"),
+            Weights::default(),
+            Policy::default(),
+            7.0 * 86400.0,
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn clean_transfers_raise_and_corrupt_blocks_lower_the_score() {
+        let dir = tempfile::tempdir().unwrap();
+        let l = ledger(dir.path());
+        let (good, bad) = (PeerId::random(), PeerId::random());
+        assert_eq!(l.credit(&good).score, 50);
+        l.record(
+            good,
+            EventKind::Received {
+                bytes: 64 << 20,
+                secs: 0.5,
+            },
+        );
+        l.record(
+            bad,
+            EventKind::Received {
+                bytes: 4 << 20,
+                secs: 2.0,
+            },
+        );
+        l.record(bad, EventKind::CorruptBlock);
+        l.record(bad, EventKind::CorruptBlock);
+        let (g, b) = (l.credit(&good), l.credit(&bad));
+        assert!(g.score > 90, "{g:?}");
+        assert!(b.score < 15 && b.standing == Standing::Refused, "{b:?}");
+        assert!(g.expected_bps > b.expected_bps);
+        let list = l.list();
+        assert_eq!(list[0].peer, good);
+        assert_eq!(list[1].peer, bad);
+    }
+
+    #[test]
+    fn evidence_decays_towards_neutral() {
+        let dir = tempfile::tempdir().unwrap();
+        let l = ledger(dir.path());
+        let p = PeerId::random();
+        let t0 = 1_000_000.0;
+        l.record_at(p, EventKind::CorruptBlock, t0);
+        assert!(l.credit_at(&p, t0).score < 10);
+        let later = l.credit_at(&p, t0 + 10.0 * 7.0 * 86400.0);
+        assert!(later.score >= 49, "{later:?}");
+    }
+
+    #[test]
+    fn records_history_and_bans_survive_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = PeerId::random();
+        {
+            let l = ledger(dir.path());
+            l.record(
+                p,
+                EventKind::Received {
+                    bytes: 1 << 20,
+                    secs: 0.1,
+                },
+            );
+            l.record(
+                p,
+                EventKind::Malware {
+                    signature: "Eicar-Test-Signature".into(),
+                },
+            );
+            l.ban(p, u64::MAX / 2, "malware").unwrap();
+            l.flush().unwrap();
+        }
+        let l = ledger(dir.path());
+        let c = l.credit(&p);
+        assert_eq!(c.bytes_received, 1 << 20);
+        assert_eq!(c.malware, 1);
+        assert_eq!(c.standing, Standing::Banned);
+        let h = l.history(&p, 10).unwrap();
+        assert_eq!(h.len(), 1);
+        assert_eq!(h[0].kind, "malware");
+        assert_eq!(h[0].detail, "Eicar-Test-Signature");
+        // New rows after a reopen do not overwrite old ones.
+        l.record(p, EventKind::Violation);
+        assert_eq!(l.history(&p, 10).unwrap().len(), 2);
+    }
+
+    #[test]
+    fn an_expired_ban_lifts() {
+        let dir = tempfile::tempdir().unwrap();
+        let l = ledger(dir.path());
+        let p = PeerId::random();
+        l.ban(p, 10, "old").unwrap();
+        assert_ne!(l.credit(&p).standing, Standing::Banned);
+    }
+}
