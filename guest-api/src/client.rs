@@ -601,6 +601,41 @@ impl Client {
         .await
     }
 
+    /// Every peer this node has credit records for, best score first (admin).
+    pub async fn credit_list(&self) -> Result<Vec<pb::PeerCredit>> {
+        match self
+            .inner
+            .request(Op::CreditList(pb::CreditListRequest {}))
+            .await?
+        {
+            R::CreditList(l) => Ok(l.peers),
+            _ => Err(unexpected()),
+        }
+    }
+
+    /// One peer's credit (a stranger's when never observed; admin).
+    pub async fn credit_show(&self, peer_id: &str) -> Result<pb::PeerCredit> {
+        let op = Op::CreditShow(pb::CreditShowRequest {
+            peer_id: peer_id.into(),
+        });
+        match self.inner.request(op).await? {
+            R::Credit(c) => Ok(c),
+            _ => Err(unexpected()),
+        }
+    }
+
+    /// One peer's notable events, newest first (admin).
+    pub async fn credit_history(&self, peer_id: &str, limit: u32) -> Result<Vec<pb::CreditEvent>> {
+        let op = Op::CreditHistory(pb::CreditHistoryRequest {
+            peer_id: peer_id.into(),
+            limit,
+        });
+        match self.inner.request(op).await? {
+            R::CreditHistory(h) => Ok(h.events),
+            _ => Err(unexpected()),
+        }
+    }
+
     /// Advertises a named service (e.g. "chat") that others can find.
     pub async fn advertise_service(&self, name: &str) -> Result<()> {
         self.ok(Op::AdvertiseService(pb::AdvertiseServiceRequest {

@@ -58,6 +58,33 @@ pub struct Config {
     pub api: ApiLimits,
     /// Content sharing and streaming.
     pub content: ContentConfig,
+    /// Peer credit: how fast evidence fades and where the policy bands lie.
+    pub credit: CreditConfig,
+}
+
+/// Peer credit policy.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct CreditConfig {
+    /// Evidence halves every this many hours.
+    pub half_life_hours: f64,
+    /// Peers scoring below this (0-100) are throttled.
+    pub throttle_below: u8,
+    /// Peers scoring below this are refused.
+    pub refuse_below: u8,
+    /// What a throttled peer is served at, bytes per second.
+    pub throttled_rate_bytes_per_sec: u64,
+}
+
+impl Default for CreditConfig {
+    fn default() -> Self {
+        Self {
+            half_life_hours: 7.0 * 24.0,
+            throttle_below: 30,
+            refuse_below: 15,
+            throttled_rate_bytes_per_sec: 1 << 20,
+        }
+    }
 }
 
 /// Content sharing: the store, serving and fetching.
@@ -147,6 +174,7 @@ impl Default for Config {
             limits: Limits::default(),
             api: ApiLimits::default(),
             content: ContentConfig::default(),
+            credit: CreditConfig::default(),
         }
     }
 }
@@ -233,6 +261,12 @@ impl Config {
         if api.max_sessions == 0 || api.max_streams_per_session == 0 {
             return Err(ConfigError::Invalid(
                 "api.max_sessions and api.max_streams_per_session must be positive".into(),
+            ));
+        }
+        if self.credit.refuse_below > self.credit.throttle_below || self.credit.throttle_below > 100
+        {
+            return Err(ConfigError::Invalid(
+                "credit: refuse_below <= throttle_below <= 100".into(),
             ));
         }
         let c = &self.content;

@@ -4,6 +4,9 @@
 use std::fs::File;
 use std::os::unix::fs::DirBuilderExt;
 use std::path::PathBuf;
+use std::sync::Arc;
+
+use p2pvm_security::{Ledger, Policy, Weights};
 
 use tokio_util::sync::CancellationToken;
 use tracing::info;
@@ -47,9 +50,25 @@ pub enum DaemonError {
     /// The content store could not be opened.
     #[error("Content store: {0}")]
     Content(#[from] crate::content::ContentServiceError),
+    /// The credit ledger could not be opened.
+    #[error(transparent)]
+    Ledger(#[from] p2pvm_security::LedgerError),
     /// The API socket could not be bound.
     #[error(transparent)]
     Bind(#[from] api::server::BindError),
+}
+
+fn open_ledger(dir: &std::path::Path, config: &Config) -> Result<Ledger, DaemonError> {
+    let c = &config.credit;
+    Ok(Ledger::open(
+        &dir.join("credit.redb"),
+        Weights::default(),
+        Policy {
+            throttle_below: c.throttle_below,
+            refuse_below: c.refuse_below,
+        },
+        c.half_life_hours * 3600.0,
+    )?)
 }
 
 /// Runs a node with `config` until `shutdown` is cancelled.
@@ -78,11 +97,19 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Daem
     let listener = api::server::bind(&socket)?;
 
     let node_task = tokio::spawn(node.run(shutdown.clone()));
+    let ledger = Arc::new(open_ledger(dir, &config)?);
+    let ledger_task = tokio::spawn(crate::credit::run(
+        ledger.clone(),
+        handle.clone(),
+        shutdown.clone(),
+    ));
     let content = ContentService::start(
         dir,
         key,
         handle.clone(),
         config.content.clone(),
+        ledger.clone(),
+        config.credit.clone(),
         shutdown.clone(),
     )?;
     if let Some(addr) = config.content.gateway {
@@ -111,6 +138,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Daem
 
     let _ = std::fs::remove_file(&socket);
     let _ = node_task.await;
+    let _ = ledger_task.await;
     drop(lock);
     info!("p2pd stopped");
     Ok(())

@@ -19,6 +19,7 @@
 pub mod api;
 pub mod config;
 pub mod content;
+pub mod credit;
 pub mod daemon;
 mod fsutil;
 pub mod identity;

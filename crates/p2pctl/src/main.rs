@@ -5,6 +5,7 @@
 //! caller can read it (the operator's case).
 
 mod content;
+mod credit;
 
 use std::path::PathBuf;
 
@@ -125,6 +126,9 @@ enum Cmd {
         /// Content id.
         id: String,
     },
+    /// The peer credit ledger (admin).
+    #[command(subcommand)]
+    Credit(credit::CreditCmd),
     /// This command's own session as the node sees it (app name, admin or not).
     Session,
 }
@@ -378,6 +382,7 @@ async fn run(cli: &Cli, c: &Client) -> Result<()> {
                 format!("{} {id}", if pinned { "pinned" } else { "unpinned" })
             });
         }
+        Cmd::Credit(cmd) => credit::run(j, c, cmd).await?,
         Cmd::Rm { id } => {
             c.delete_content(id).await?;
             print(j, json!({"deleted": id}), || format!("deleted {id}"));

@@ -141,6 +141,37 @@ pub(crate) fn content_info(i: ContentInfo) -> pb::ContentInfo {
     }
 }
 
+fn credit_pb(c: &p2pvm_security::PeerCredit) -> pb::PeerCredit {
+    use p2pvm_security::Standing;
+    pb::PeerCredit {
+        peer_id: c.peer.to_string(),
+        score: c.score as u32,
+        standing: match c.standing {
+            Standing::Good => "good",
+            Standing::Throttled => "throttled",
+            Standing::Refused => "refused",
+            Standing::Banned => "banned",
+        }
+        .into(),
+        expected_bytes_per_sec: c.expected_bps,
+        reliability: c.reliability,
+        bytes_received: c.bytes_received,
+        bytes_served: c.bytes_served,
+        requests_ok: c.requests_ok,
+        requests_failed: c.requests_failed,
+        corrupt_blocks: c.corrupt_blocks,
+        violations: c.violations,
+        malware: c.malware,
+        drm_passed: c.drm_passed,
+        drm_failed: c.drm_failed,
+        uptime_secs: c.uptime_secs,
+        first_seen_unix: c.first_seen_unix,
+        last_seen_unix: c.last_seen_unix,
+        banned_until_unix: c.ban.as_ref().map(|b| b.until_unix).unwrap_or(0),
+        ban_reason: c.ban.as_ref().map(|b| b.reason.clone()).unwrap_or_default(),
+    }
+}
+
 /// Node info from the status the event loop publishes; answered inline.
 pub(crate) fn node_info(svc: &ApiService) -> R {
     let node = &svc.inner.node;
@@ -359,6 +390,42 @@ pub(crate) async fn run(svc: &ApiService, who: &Principal, op: Op) -> Result<R, 
             let id = parse_content_id(&r.content_id)?;
             content(svc)?.delete(&id).await?;
             Ok(R::Ok(pb::Empty {}))
+        }
+        Op::CreditList(_) => {
+            require_admin(who)?;
+            let peers = content(svc)?.inner.ledger.list();
+            Ok(R::CreditList(pb::CreditList {
+                peers: peers.iter().map(credit_pb).collect(),
+            }))
+        }
+        Op::CreditShow(r) => {
+            require_admin(who)?;
+            let peer = parse_peer(&r.peer_id)?;
+            Ok(R::Credit(credit_pb(
+                &content(svc)?.inner.ledger.credit(&peer),
+            )))
+        }
+        Op::CreditHistory(r) => {
+            require_admin(who)?;
+            let peer = parse_peer(&r.peer_id)?;
+            let ledger = content(svc)?.inner.ledger.clone();
+            let limit = if r.limit == 0 { 100 } else { r.limit.min(1000) } as usize;
+            let events = tokio::task::spawn_blocking(move || ledger.history(&peer, limit))
+                .await
+                .map_err(|e| ApiError::new(pb::ErrorCode::Internal, e.to_string()))?
+                .map_err(|e| ApiError::new(pb::ErrorCode::Internal, e.to_string()))?;
+            Ok(R::CreditHistory(pb::CreditHistory {
+                peer_id: r.peer_id,
+                events: events
+                    .into_iter()
+                    .map(|e| pb::CreditEvent {
+                        at_unix: e.at_unix,
+                        kind: e.kind,
+                        amount: e.amount,
+                        detail: e.detail,
+                    })
+                    .collect(),
+            }))
         }
         // Session-bound operations never reach here; answer clearly if one does.
         _ => Err(ApiError::new(

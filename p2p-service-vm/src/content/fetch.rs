@@ -39,6 +39,7 @@ use tracing::{debug, info, warn};
 use super::wire::{read_msg, read_payload, write_msg};
 use super::{ContentInfo, ContentService, ContentServiceError, VerifiedManifest};
 use crate::node::{Command, NodeEvent};
+use p2pvm_security::{EventKind, Standing};
 
 /// How long a block may be in flight before an idle provider may duplicate it.
 const ENDGAME_AFTER: Duration = Duration::from_millis(400);
@@ -46,6 +47,8 @@ const ENDGAME_AFTER: Duration = Duration::from_millis(400);
 const HAVE_REFRESH: Duration = Duration::from_millis(500);
 /// Time allowed to open a stream (including finding and dialling the peer).
 const OPEN_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a low-credit provider waits before its first request.
+const THROTTLED_HEAD_START: Duration = Duration::from_secs(1);
 /// How long a failed provider is left alone before it is tried again.
 const RETRY_AFTER: Duration = Duration::from_secs(2);
 
@@ -98,6 +101,9 @@ struct Sched {
     next_reader: u64,
     window: u64,
     peers: HashMap<PeerId, Have>,
+    /// Peers in the throttled credit band: used only for blocks that no
+    /// better peer holds.
+    throttled: HashSet<PeerId>,
     bad: HashSet<PeerId>,
     rng: u64,
     last_progress: Instant,
@@ -115,6 +121,7 @@ impl Sched {
             next_reader: 1,
             window,
             peers: HashMap::new(),
+            throttled: HashSet::new(),
             bad: HashSet::new(),
             rng: 0x9E37_79B9_7F4A_7C15 ^ (Instant::now().elapsed().as_nanos() as u64),
             last_progress: Instant::now(),
@@ -148,6 +155,7 @@ impl Sched {
     fn forget_peer(&mut self, peer: &PeerId) {
         self.set_have(*peer, Have::Unknown);
         self.peers.remove(peer);
+        self.throttled.remove(peer);
     }
 
     fn wanted(&self, k: u64, keep: bool) -> bool {
@@ -168,10 +176,24 @@ impl Sched {
     }
 
     /// The next block to ask `peer` for, or `None`.
-    fn pick(&mut self, peer: &PeerId, keep: bool, mine: &VecDeque<Pending>) -> Option<u64> {
+    fn pick(
+        &mut self,
+        peer: &PeerId,
+        keep: bool,
+        mine: &VecDeque<Pending>,
+        urgent: bool,
+    ) -> Option<u64> {
         let n = self.slots.len() as u64;
         let start = if n == 0 { 0 } else { self.random() % n };
         let have = self.peers.get(peer)?;
+        let low_credit = self.throttled.contains(peer);
+        let better_has = |k: u64| {
+            low_credit
+                && self
+                    .peers
+                    .iter()
+                    .any(|(p, h)| !self.throttled.contains(p) && h.has(k))
+        };
         // 1. Playback windows, the most urgent reader first.
         let mut windows: Vec<(u64, u64)> = self
             .readers
@@ -179,7 +201,7 @@ impl Sched {
             .map(|r| (r.next, (r.next + self.window).min(r.end)))
             .collect();
         windows.sort_unstable();
-        for (from, to) in &windows {
+        for (from, to) in windows.iter().filter(|_| urgent) {
             for k in *from..*to {
                 if self.slots[k as usize] == Slot::Missing && have.has(k) {
                     return Some(self.take(k));
@@ -193,6 +215,7 @@ impl Sched {
             if self.slots[k as usize] == Slot::Missing
                 && have.has(k)
                 && self.wanted(k, keep)
+                && !better_has(k)
                 && best.is_none_or(|(r, _)| self.rarity[k as usize] < r)
             {
                 best = Some((self.rarity[k as usize], k));
@@ -211,6 +234,7 @@ impl Sched {
             let i = k as usize;
             if self.slots[i] == Slot::Pending(1)
                 && have.has(k)
+                && !better_has(k)
                 && self.wanted(k, keep)
                 && !mine.iter().any(|p| p.block() == Some(k))
                 && let Some(t) = self.since[i]
@@ -630,6 +654,14 @@ async fn drive(svc: ContentService, dl: Arc<Download>) {
                     };
             }
             let bad = dl.sched.lock().expect("lock").bad.clone();
+            // Best credit forecast first, so a limited number of worker slots
+            // goes to the peers most likely to deliver.
+            let ledger = &svc.inner.ledger;
+            candidates.sort_by_cached_key(|p| {
+                let c = ledger.credit(p);
+                (c.standing, std::cmp::Reverse(c.score))
+            });
+            candidates.dedup();
             for peer in candidates {
                 if peer == me
                     || bad.contains(&peer)
@@ -835,6 +867,7 @@ fn verify_block(
     peer: PeerId,
     k: u64,
     wire: Vec<u8>,
+    secs: f64,
 ) -> tokio::task::JoinHandle<Result<(), String>> {
     let (svc, dl) = (svc.clone(), dl.clone());
     tokio::task::spawn_blocking(move || {
@@ -845,6 +878,14 @@ fn verify_block(
         }
         match dl.partial.accept(k, &wire) {
             Ok(()) => {
+                let r = block_range(dl.partial.size(), k);
+                svc.inner.ledger.record(
+                    peer,
+                    EventKind::Received {
+                        bytes: r.end - r.start,
+                        secs,
+                    },
+                );
                 let fresh = dl.sched.lock().expect("lock").held(k);
                 if fresh {
                     dl.progress.send_modify(|n| *n += 1);
@@ -871,6 +912,7 @@ fn verify_block(
                     s.release(k);
                     s.bad.insert(peer);
                 }
+                svc.inner.ledger.record(peer, EventKind::CorruptBlock);
                 svc.emit(NodeEvent::CorruptData {
                     peer,
                     id: dl.id,
@@ -893,7 +935,24 @@ async fn run_worker(
     let stream = open_stream(svc, peer).await?;
     let (rd, mut wr) = futures::AsyncReadExt::split(stream);
     let id = dl.id;
-    let max_depth = svc.inner.config.pipeline_depth as usize;
+    // A throttled peer (low credit) gets one request at a time and never the
+    // urgent playback blocks: it only helps when nobody better has the data.
+    let throttled = svc.standing(&peer) == Standing::Throttled;
+    let max_depth = if throttled {
+        1
+    } else {
+        svc.inner.config.pipeline_depth as usize
+    };
+    let mut last_answer = Instant::now();
+    if throttled {
+        dl.sched.lock().expect("lock").throttled.insert(peer);
+        // Give better peers a head start, so their holdings are known before
+        // this one is asked for anything.
+        tokio::select! {
+            _ = tokio::time::sleep(THROTTLED_HEAD_START) => {}
+            _ = dl.cancel.cancelled() => return Ok(()),
+        }
+    }
     let mut rate = RateMeter::new(max_depth);
     let io = |e: std::io::Error| e.to_string();
     let (kinds_tx, kinds_rx) = mpsc::unbounded_channel();
@@ -942,7 +1001,7 @@ async fn run_worker(
                 .sched
                 .lock()
                 .expect("lock")
-                .pick(&peer, dl.keep(), inflight);
+                .pick(&peer, dl.keep(), inflight, !throttled);
             let Some(k) = next else { break };
             let op = Op::Block(BlockRequest {
                 content_id: id.0.to_vec(),
@@ -976,7 +1035,16 @@ async fn run_worker(
                 done.map_err(|e| e.to_string())??;
             }
             answer = answers.recv(), if !inflight.is_empty() => {
-                let answer = answer.ok_or("reader gone")??;
+                let answer = match answer.ok_or_else(|| "reader gone".to_string()).and_then(|a| a) {
+                    Ok(a) => a,
+                    Err(e) => {
+                        // The provider vanished or broke the stream with requests pending.
+                        svc.inner.ledger.record(peer, EventKind::RequestFailed);
+                        return Err(e);
+                    }
+                };
+                let secs = last_answer.elapsed().as_secs_f64();
+                last_answer = Instant::now();
                 let expected = inflight.pop_front().expect("not empty");
                 debug_assert!(matches!((expected, answer.pending), (Pending::Have, Pending::Have)) || expected.block() == answer.pending.block());
                 let Answer { pending, header, payload } = answer;
@@ -998,15 +1066,20 @@ async fn run_worker(
                                         .collect(),
                                 )
                             }
-                            _ => return Err(format!("peer does not have the item: {}", header.message)),
+                            _ => {
+                                // It was announced as a provider: a lie, or a stale record.
+                                svc.inner.ledger.record(peer, EventKind::RequestFailed);
+                                return Err(format!("peer does not have the item: {}", header.message));
+                            }
                         };
+                        svc.inner.ledger.record(peer, EventKind::RequestOk);
                         dl.sched.lock().expect("lock").set_have(peer, have);
                         dl.changed.notify_waiters();
                     }
                     Pending::Block(k) => match Status::try_from(header.status) {
                         Ok(Status::Ok) => {
                             rate.received(payload.len() as u64);
-                            verifying.push_back(verify_block(svc, dl, peer, k, payload));
+                            verifying.push_back(verify_block(svc, dl, peer, k, payload, secs));
                         }
                         Ok(Status::NotHeld) => {
                             let mut s = dl.sched.lock().expect("lock");
@@ -1019,6 +1092,7 @@ async fn run_worker(
                         }
                         _ => {
                             dl.sched.lock().expect("lock").release(k);
+                            svc.inner.ledger.record(peer, EventKind::RequestFailed);
                             return Err(format!("block {k} refused: {}", header.message));
                         }
                     },

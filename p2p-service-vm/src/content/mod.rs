@@ -33,6 +33,7 @@ use libp2p::kad::RecordKey;
 use p2pvm_content::{
     ContentId, ItemInfo, Manifest, ManifestError, Rights, SignedManifest, Store, StoreError,
 };
+use p2pvm_security::{Ledger, Standing};
 use prost::Message;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
@@ -193,6 +194,8 @@ pub fn guess_mime(name: &str) -> String {
 
 pub(crate) struct Inner {
     pub store: Arc<Store>,
+    pub ledger: Arc<Ledger>,
+    pub credit: crate::config::CreditConfig,
     pub key: Keypair,
     pub node: NodeHandle,
     pub config: ContentConfig,
@@ -222,12 +225,16 @@ impl ContentService {
         key: Keypair,
         node: NodeHandle,
         config: ContentConfig,
+        ledger: Arc<Ledger>,
+        credit: crate::config::CreditConfig,
         shutdown: CancellationToken,
     ) -> Result<Self, ContentServiceError> {
         let store = Arc::new(Store::open(&data_dir.join("content"))?);
         let svc = Self {
             inner: Arc::new(Inner {
                 store,
+                ledger,
+                credit,
                 key,
                 limiter: server::Limiter::new(config.upload_rate_bytes_per_sec),
                 node,
@@ -458,7 +465,30 @@ impl ContentService {
         })
     }
 
+    /// What the credit policy says about a peer.
+    pub(crate) fn standing(&self, peer: &PeerId) -> Standing {
+        self.inner.ledger.standing(peer)
+    }
+
+    /// Providers of `id`, usable ones only, best credit forecast first.
     pub(crate) async fn find_providers(&self, id: &ContentId, limit: usize) -> Vec<PeerId> {
+        let mut found = self.find_providers_raw(id, limit).await;
+        let ledger = &self.inner.ledger;
+        let mut ranked: Vec<(PeerId, p2pvm_security::PeerCredit)> = found
+            .drain(..)
+            .map(|p| (p, ledger.credit(&p)))
+            .filter(|(_, c)| c.standing < Standing::Refused)
+            .collect();
+        ranked.sort_by(|a, b| {
+            a.1.standing
+                .cmp(&b.1.standing)
+                .then(b.1.score.cmp(&a.1.score))
+                .then(b.1.expected_bps.total_cmp(&a.1.expected_bps))
+        });
+        ranked.into_iter().map(|(p, _)| p).collect()
+    }
+
+    async fn find_providers_raw(&self, id: &ContentId, limit: usize) -> Vec<PeerId> {
         let key = content_key(id);
         let me = self.inner.node.peer_id();
         let found = self

@@ -8,6 +8,7 @@ use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
 use libp2p::{PeerId, StreamProtocol};
 use p2pvm_content::transfer::{self, Op, Status, TransferRequest, TransferResponse};
 use p2pvm_content::{ContentId, SignedManifest, block_count, block_range, keywords};
+use p2pvm_security::{EventKind, Standing};
 use prost::Message;
 use tracing::{debug, warn};
 
@@ -80,6 +81,13 @@ pub(crate) fn spawn(svc: ContentService) {
 const SERVE_AHEAD: usize = 8;
 
 async fn serve_stream(svc: ContentService, peer: PeerId, stream: libp2p::Stream) {
+    let standing = svc.standing(&peer);
+    if standing >= Standing::Refused {
+        debug!(%peer, ?standing, "refusing a content stream: credit policy");
+        return;
+    }
+    let throttle = (standing == Standing::Throttled)
+        .then(|| svc.inner.credit.throttled_rate_bytes_per_sec.max(1));
     let (mut rd, mut wr) = futures::AsyncReadExt::split(stream);
     let (tx, mut rx) = tokio::sync::mpsc::channel::<
         tokio::task::JoinHandle<(TransferResponse, Vec<u8>)>,
@@ -92,6 +100,18 @@ async fn serve_stream(svc: ContentService, peer: PeerId, stream: libp2p::Stream)
             };
             if let Some(limiter) = &limiter_svc.inner.limiter {
                 limiter.take(payload.len() as u64).await;
+            }
+            if let Some(rate) = throttle {
+                let secs = payload.len() as f64 / rate as f64;
+                tokio::time::sleep(std::time::Duration::from_secs_f64(secs)).await;
+            }
+            if !payload.is_empty() && header.status == Status::Ok as i32 {
+                limiter_svc.inner.ledger.record(
+                    peer,
+                    EventKind::Served {
+                        bytes: payload.len() as u64,
+                    },
+                );
             }
             let sent = async {
                 write_msg(&mut wr, &header).await?;
@@ -114,6 +134,10 @@ async fn serve_stream(svc: ContentService, peer: PeerId, stream: libp2p::Stream)
             Ok(Some(r)) => r,
             Ok(None) => break,
             Err(e) => {
+                if e.kind() == std::io::ErrorKind::InvalidData {
+                    // Undecodable or oversized request: the peer broke the protocol.
+                    svc.inner.ledger.record(peer, EventKind::Violation);
+                }
                 debug!(%peer, error = %e, "content stream ended");
                 break;
             }

@@ -1,0 +1,59 @@
+//! Feeds the credit ledger what the node itself sees of peers' connections,
+//! and writes the ledger out every second and at shutdown.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use p2pvm_security::{EventKind, Ledger};
+use tokio_util::sync::CancellationToken;
+use tracing::warn;
+
+use crate::node::{NodeEvent, NodeHandle};
+
+/// How often observations are written to disk.
+const FLUSH_EVERY: Duration = Duration::from_secs(1);
+
+/// Runs until `shutdown`, then flushes a last time.
+pub async fn run(ledger: Arc<Ledger>, node: NodeHandle, shutdown: CancellationToken) {
+    let mut events = node.subscribe_events();
+    let mut connected: HashMap<libp2p::PeerId, Instant> = HashMap::new();
+    let mut tick = tokio::time::interval(FLUSH_EVERY);
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => break,
+            _ = tick.tick() => flush(&ledger).await,
+            ev = events.recv() => match ev {
+                Ok(NodeEvent::PeerConnected { peer_id, .. }) => {
+                    connected.entry(peer_id).or_insert_with(Instant::now);
+                }
+                Ok(NodeEvent::PeerDisconnected { peer_id }) => {
+                    if let Some(since) = connected.remove(&peer_id) {
+                        let secs = since.elapsed().as_secs();
+                        ledger.record(peer_id, EventKind::Seen { secs });
+                    }
+                }
+                Err(tokio::sync::broadcast::error::RecvError::Closed) => break,
+                _ => {}
+            },
+        }
+    }
+    for (peer, since) in connected {
+        ledger.record(
+            peer,
+            EventKind::Seen {
+                secs: since.elapsed().as_secs(),
+            },
+        );
+    }
+    flush(&ledger).await;
+}
+
+async fn flush(ledger: &Arc<Ledger>) {
+    let l = ledger.clone();
+    match tokio::task::spawn_blocking(move || l.flush()).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => warn!(error = %e, "cannot write the credit ledger"),
+        Err(e) => warn!(error = %e, "credit ledger flush panicked"),
+    }
+}

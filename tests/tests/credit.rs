@@ -1,0 +1,185 @@
+//! Peer credit end to end: what a node observes of real peers over real
+//! transfers, the policy it applies, and what operators see.
+
+use std::time::Duration;
+
+use anyhow::{Context, Result, ensure};
+use guest_api::{Client, proto};
+use p2pvm_e2e::{NodeOpts, TestNode, eventually};
+use tokio::io::AsyncReadExt;
+
+const WAIT: Duration = Duration::from_secs(60);
+
+fn item(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    let mut out = Vec::with_capacity(len + 8);
+    while out.len() < len {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        out.extend_from_slice(&x.to_le_bytes());
+    }
+    out.truncate(len);
+    out
+}
+
+async fn node(bootstrap: &[&TestNode], config: Option<&str>) -> Result<TestNode> {
+    TestNode::start(NodeOpts {
+        bootstrap: bootstrap.iter().map(|n| n.addr.clone()).collect(),
+        config_toml: config.map(str::to_owned),
+        ..Default::default()
+    })
+    .await
+}
+
+async fn publish(c: &Client, data: &[u8]) -> Result<String> {
+    let meta = proto::ContentPublishRequest {
+        name: "x.bin".into(),
+        ..Default::default()
+    };
+    Ok(c.publish_content(meta, data).await?.content_id)
+}
+
+async fn fetch(c: &Client, id: &str) -> Result<Vec<u8>> {
+    let (_, mut s) = c.fetch_content(id, 0, 0, true).await?;
+    let mut out = Vec::new();
+    s.read_to_end(&mut out).await?;
+    Ok(out)
+}
+
+fn rot_store(node: &TestNode) -> Result<()> {
+    for e in std::fs::read_dir(node.data_dir().join("content/blobs"))? {
+        let p = e?.path();
+        if p.extension().is_some_and(|x| x == "data") {
+            let mut bytes = std::fs::read(&p)?;
+            for i in (100..bytes.len()).step_by(4096) {
+                bytes[i] ^= 0x10;
+            }
+            std::fs::write(&p, bytes)?;
+        }
+    }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clean_transfers_raise_credit_corrupt_ones_sink_it_and_it_persists() -> Result<()> {
+    let honest = node(&[], None).await?;
+    let data = item(8 << 20, 1);
+    let id = publish(&honest.admin().await?, &data).await?;
+    // Gives up quickly once its only provider turns out to lie.
+    let mut fetcher = node(&[&honest], Some("[content]\nstall_timeout_secs = 3\n")).await?;
+    let f = fetcher.admin().await?;
+    ensure!(
+        f.credit_show(&honest.peer_id).await?.score == 50,
+        "strangers start at 50"
+    );
+    ensure!(fetch(&f, &id).await? == data);
+    let good = f.credit_show(&honest.peer_id).await?;
+    ensure!(good.score > 80 && good.standing == "good", "{good:?}");
+    ensure!(good.bytes_received == data.len() as u64, "{good:?}");
+    ensure!(good.expected_bytes_per_sec > 0.0 && good.reliability > 0.8);
+    // The provider sees what it served.
+    let served = honest.admin().await?.credit_show(&fetcher.peer_id).await?;
+    // Wire bytes: the data and its proofs.
+    ensure!(served.bytes_served >= data.len() as u64, "{served:?}");
+
+    // A peer whose copy rotted, serving without re-checking, and the only provider.
+    let mut liar = node(&[&honest], Some("[content]\nverify_on_serve = false\n")).await?;
+    let other = item(4 << 20, 2);
+    let id2 = publish(&honest.admin().await?, &other).await?;
+    liar.admin().await?.download_content(&id2).await?;
+    liar.stop().await?;
+    rot_store(&liar)?;
+    liar.restart().await?;
+    honest.admin().await?.delete_content(&id2).await?;
+    let e = f.fetch_content(&id2, 0, 0, true).await;
+    if let Ok((_, mut s)) = e {
+        let mut sink = Vec::new();
+        ensure!(
+            s.read_to_end(&mut sink).await.is_err(),
+            "corrupt data must not complete"
+        );
+    }
+    let bad = eventually(WAIT, "corruption recorded", || async {
+        let c = f.credit_show(&liar.peer_id).await.ok()?;
+        (c.corrupt_blocks > 0).then_some(c)
+    })
+    .await?;
+    ensure!(bad.score < 15 && bad.standing == "refused", "{bad:?}");
+    let history = f.credit_history(&liar.peer_id, 10).await?;
+    ensure!(
+        history.iter().any(|e| e.kind == "corrupt-block"),
+        "{history:?}"
+    );
+    // Refused: the liar is no longer asked.
+    let e = f.fetch_content(&id2, 0, 0, true).await.unwrap_err();
+    ensure!(e.code() == Some(proto::ErrorCode::NotFound), "{e}");
+
+    // Operators see both, best first, and it all survives a restart.
+    let list = f.credit_list().await?;
+    let pos = |p: &str| list.iter().position(|c| c.peer_id == p);
+    ensure!(pos(&honest.peer_id) < pos(&liar.peer_id), "{list:?}");
+    fetcher.restart().await?;
+    let f = fetcher.admin().await?;
+    let after = f.credit_show(&liar.peer_id).await?;
+    ensure!(after.corrupt_blocks == bad.corrupt_blocks && after.standing == "refused");
+    ensure!(f.credit_show(&honest.peer_id).await?.bytes_received == data.len() as u64);
+
+    // p2pctl shows the same, as JSON.
+    let out = std::process::Command::new(p2pvm_e2e::bin("p2pctl"))
+        .args(["--socket"])
+        .arg(&fetcher.socket)
+        .args(["--json", "credit", "list"])
+        .output()?;
+    ensure!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).context("p2pctl json")?;
+    let peers = json.as_array().context("array")?;
+    ensure!(
+        peers
+            .iter()
+            .any(|p| p["peer_id"] == liar.peer_id.as_str() && p["standing"] == "refused")
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_engine_prefers_a_high_credit_peer() -> Result<()> {
+    // Strangers (50) fall in this fetcher's throttled band; a peer that has
+    // delivered clean data rises above it.
+    let policy = "[credit]\nthrottle_below = 55\nrefuse_below = 5\n";
+    let trusted = node(
+        &[],
+        Some("[content]\nupload_rate_bytes_per_sec = 16777216\n"),
+    )
+    .await?;
+    let stranger = node(
+        &[&trusted],
+        Some("[content]\nupload_rate_bytes_per_sec = 16777216\n"),
+    )
+    .await?;
+    let fetcher = node(&[&trusted, &stranger], Some(policy)).await?;
+    let f = fetcher.admin().await?;
+    let warmup = item(4 << 20, 3);
+    let id = publish(&trusted.admin().await?, &warmup).await?;
+    ensure!(fetch(&f, &id).await? == warmup);
+    ensure!(f.credit_show(&trusted.peer_id).await?.standing == "good");
+    ensure!(f.credit_show(&stranger.peer_id).await?.standing == "throttled");
+
+    // The same item on both, equally fast.
+    let data = item(24 << 20, 4);
+    let id = publish(&trusted.admin().await?, &data).await?;
+    ensure!(publish(&stranger.admin().await?, &data).await? == id);
+    let before_t = f.credit_show(&trusted.peer_id).await?.bytes_received;
+    ensure!(fetch(&f, &id).await? == data);
+    let from_trusted = f.credit_show(&trusted.peer_id).await?.bytes_received - before_t;
+    let from_stranger = f.credit_show(&stranger.peer_id).await?.bytes_received;
+    ensure!(
+        from_trusted == data.len() as u64 && from_stranger == 0,
+        "trusted {from_trusted}, stranger {from_stranger}"
+    );
+    Ok(())
+}
