@@ -66,13 +66,13 @@ pub async fn run(j: bool, c: &Client, cmd: &CreditCmd) -> Result<()> {
         CreditCmd::List { sort } => {
             let mut peers = c.credit_list().await?;
             match sort {
-                SortBy::Score => peers.sort_by(|a, b| b.score.cmp(&a.score)),
+                SortBy::Score => peers.sort_by_key(|p| std::cmp::Reverse(p.score)),
                 SortBy::Speed => peers.sort_by(|a, b| {
                     b.expected_bytes_per_sec
                         .total_cmp(&a.expected_bytes_per_sec)
                 }),
-                SortBy::Received => peers.sort_by(|a, b| b.bytes_received.cmp(&a.bytes_received)),
-                SortBy::Served => peers.sort_by(|a, b| b.bytes_served.cmp(&a.bytes_served)),
+                SortBy::Received => peers.sort_by_key(|p| std::cmp::Reverse(p.bytes_received)),
+                SortBy::Served => peers.sort_by_key(|p| std::cmp::Reverse(p.bytes_served)),
             }
             print(
                 j,
