@@ -7,13 +7,16 @@
 //!                         └──── score, forecast, policy ◄─┘
 //! ```
 //!
-//! This first part is the peer credit ledger: what this node itself observed of
+//! Two units so far: the peer credit ledger (what this node itself observed of
 //! each peer, a decaying Beta-reputation score with throughput and reliability
-//! forecasts, and the throttle/refuse policy. The virus filter (clamd), the DRM
-//! checker and the privacy controller plug in beside it.
+//! forecasts, the throttle/refuse policy, bans) and the virus filter (content
+//! streamed to a real ClamAV clamd). The DRM checker and the privacy controller
+//! plug in beside them.
 
 pub mod ledger;
 mod score;
+pub mod virus;
 
 pub use ledger::{Ban, Event, EventKind, Ledger, LedgerError, PeerCredit};
 pub use score::{Policy, Standing, Weights};
+pub use virus::{ClamdAddr, Scanner, Verdict, VirusError, VirusFilter};
