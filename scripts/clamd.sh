@@ -14,7 +14,7 @@ esac
 command -v clamd >/dev/null || { echo "clamd is not installed (apt-get install clamav-daemon)" >&2; exit 1; }
 mkdir -p "$dir/db"
 cp "$root"/security/clamav/*.ndb "$root"/security/clamav/*.hdb "$dir/db/"
-if [ -S "$sock" ] && printf 'zPING\0' | timeout 2 socat - "UNIX-CONNECT:$sock" 2>/dev/null | grep -q PONG; then
+if [ -S "$sock" ] && [ -f "$dir/clamd.pid" ] && kill -0 "$(cat "$dir/clamd.pid")" 2>/dev/null; then
     echo "$sock"; exit 0
 fi
 cat > "$dir/clamd.conf" <<CONF

@@ -60,6 +60,33 @@ pub struct Config {
     pub content: ContentConfig,
     /// Peer credit: how fast evidence fades and where the policy bands lie.
     pub credit: CreditConfig,
+    /// The virus filter.
+    pub virus: VirusConfig,
+}
+
+/// The virus filter: a ClamAV clamd that scans all content entering the node.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct VirusConfig {
+    /// Scan content. Off is for development only, and p2pd warns loudly.
+    pub enabled: bool,
+    /// clamd's Unix socket (Debian's default).
+    pub clamd_socket: PathBuf,
+    /// clamd's TCP address (host:port), used instead of the socket when set.
+    pub clamd_tcp: Option<String>,
+    /// How long a peer that sent malware stays banned.
+    pub ban_hours: f64,
+}
+
+impl Default for VirusConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            clamd_socket: PathBuf::from("/run/clamav/clamd.ctl"),
+            clamd_tcp: None,
+            ban_hours: 24.0,
+        }
+    }
 }
 
 /// Peer credit policy.
@@ -175,6 +202,7 @@ impl Default for Config {
             api: ApiLimits::default(),
             content: ContentConfig::default(),
             credit: CreditConfig::default(),
+            virus: VirusConfig::default(),
         }
     }
 }

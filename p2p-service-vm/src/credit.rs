@@ -1,15 +1,15 @@
 //! Feeds the credit ledger what the node itself sees of peers' connections,
-//! and writes the ledger out every second and at shutdown.
+//! keeps banned peers out, and writes the ledger every second and at shutdown.
 
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use p2pvm_security::{EventKind, Ledger};
+use p2pvm_security::{EventKind, Ledger, Standing};
 use tokio_util::sync::CancellationToken;
 use tracing::warn;
 
-use crate::node::{NodeEvent, NodeHandle};
+use crate::node::{Command, NodeEvent, NodeHandle};
 
 /// How often observations are written to disk.
 const FLUSH_EVERY: Duration = Duration::from_secs(1);
@@ -25,6 +25,14 @@ pub async fn run(ledger: Arc<Ledger>, node: NodeHandle, shutdown: CancellationTo
             _ = tick.tick() => flush(&ledger).await,
             ev = events.recv() => match ev {
                 Ok(NodeEvent::PeerConnected { peer_id, .. }) => {
+                    if ledger.standing(&peer_id) == Standing::Banned {
+                        // A banned peer (it sent malware) is not let back in.
+                        let node = node.clone();
+                        tokio::spawn(async move {
+                            let _ = node.call(|r| Command::Disconnect(peer_id, r)).await;
+                        });
+                        continue;
+                    }
                     connected.entry(peer_id).or_insert_with(Instant::now);
                 }
                 Ok(NodeEvent::PeerDisconnected { peer_id }) => {

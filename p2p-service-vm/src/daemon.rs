@@ -104,12 +104,10 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Daem
         shutdown.clone(),
     ));
     let content = ContentService::start(
-        dir,
+        &config,
         key,
         handle.clone(),
-        config.content.clone(),
         ledger.clone(),
-        config.credit.clone(),
         shutdown.clone(),
     )?;
     if let Some(addr) = config.content.gateway {

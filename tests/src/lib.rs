@@ -36,6 +36,14 @@ pub fn bin(name: &str) -> PathBuf {
     p
 }
 
+/// The clamd socket tests use: `$P2PVM_CLAMD_SOCKET`, else where
+/// `scripts/clamd.sh` puts it.
+pub fn clamd_socket() -> PathBuf {
+    std::env::var_os("P2PVM_CLAMD_SOCKET")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/tmp/p2pvm-clamd/clamd.sock"))
+}
+
 /// One p2pd process with its own data directory and socket.
 #[derive(Debug)]
 pub struct TestNode {
@@ -75,12 +83,19 @@ impl TestNode {
             args.push("--bootstrap".to_string());
             args.push(b.clone());
         }
-        if let Some(toml) = &opts.config_toml {
-            let cfg = dir.join("p2pd.toml");
-            std::fs::write(&cfg, toml)?;
-            args.push("--config".into());
-            args.push(cfg.display().to_string());
+        // Every test node scans with the real clamd that scripts/clamd.sh runs,
+        // unless the test configures the filter itself.
+        let mut toml = opts.config_toml.clone().unwrap_or_default();
+        if !toml.contains("[virus]") {
+            toml.push_str(&format!(
+                "\n[virus]\nclamd_socket = \"{}\"\n",
+                clamd_socket().display()
+            ));
         }
+        let cfg = dir.join("p2pd.toml");
+        std::fs::write(&cfg, toml)?;
+        args.push("--config".into());
+        args.push(cfg.display().to_string());
         let mut node = Self {
             socket: dir.join("data/api.sock"),
             dir,

@@ -52,6 +52,9 @@ pub enum StoreError {
     /// The manifest could not be made.
     #[error(transparent)]
     Manifest(#[from] crate::ManifestError),
+    /// The caller declined the item before it became visible (e.g. a scan).
+    #[error("Import declined: {0}")]
+    Declined(String),
 }
 
 fn index<E: Into<redb::Error>>(e: E) -> StoreError {

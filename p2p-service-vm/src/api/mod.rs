@@ -76,6 +76,7 @@ impl From<crate::content::ContentServiceError> for ApiError {
             C::Full(_) => pb::ErrorCode::ResourceExhausted,
             C::Store(_) => pb::ErrorCode::Internal,
             C::Denied(_) => pb::ErrorCode::PermissionDenied,
+            C::Malware(_) => pb::ErrorCode::MalwareDetected,
         };
         Self::new(code, e.to_string())
     }

@@ -912,6 +912,15 @@ impl Session {
                 size,
                 providers,
             }),
+            Ok(NodeEvent::MalwareDetected {
+                id,
+                signature,
+                peers,
+            }) if self.watching => E::MalwareDetected(pb::MalwareDetected {
+                content_id: id.to_string(),
+                signature,
+                peer_ids: peers.iter().map(|p| p.to_string()).collect(),
+            }),
             Ok(NodeEvent::CorruptData { peer, id, block }) if self.watching => {
                 E::CorruptData(pb::CorruptData {
                     peer_id: peer.to_string(),

@@ -39,7 +39,7 @@ use tracing::{debug, info, warn};
 use super::wire::{read_msg, read_payload, write_msg};
 use super::{ContentInfo, ContentService, ContentServiceError, VerifiedManifest};
 use crate::node::{Command, NodeEvent};
-use p2pvm_security::{EventKind, Standing};
+use p2pvm_security::{EventKind, Standing, Verdict, VirusError};
 
 /// How long a block may be in flight before an idle provider may duplicate it.
 const ENDGAME_AFTER: Duration = Duration::from_millis(400);
@@ -298,6 +298,12 @@ pub(crate) struct Download {
     hints: Mutex<Vec<PeerId>>,
     /// A local failure that ended the transfer.
     fatal: Mutex<Option<ContentServiceError>>,
+    /// Peers that delivered verified blocks (isolated together if it is malware).
+    contributors: Mutex<HashSet<PeerId>>,
+    /// The whole-item virus scan's verdict, once known.
+    verdict: watch::Sender<Option<Result<Verdict, VirusError>>>,
+    /// Malware was handled (peers isolated) already.
+    malware: AtomicBool,
 }
 
 impl Download {
@@ -516,6 +522,9 @@ async fn download_for(
         cancel: svc.inner.shutdown.child_token(),
         hints: Mutex::new(providers),
         fatal: Mutex::new(None),
+        contributors: Mutex::new(HashSet::new()),
+        verdict: watch::Sender::new(None),
+        malware: AtomicBool::new(false),
     });
     // Another request may have started it while we looked for the manifest.
     let raced = {
@@ -550,6 +559,9 @@ async fn download_for(
             .await;
     }
     tokio::spawn(drive(svc.clone(), dl.clone()));
+    if svc.inner.virus.enabled() {
+        tokio::spawn(scan_whole(svc.clone(), dl.clone()));
+    }
     Ok(dl)
 }
 
@@ -729,7 +741,121 @@ async fn drive(svc: ContentService, dl: Arc<Download>) {
     dl.changed.notify_waiters();
 }
 
+/// Streams the item to clamd in order as its blocks arrive, so the verdict is
+/// ready when the last block lands (no second pass over the file).
+async fn scan_whole(svc: ContentService, dl: Arc<Download>) {
+    let mut scanner = svc.inner.virus.scanner();
+    let mut progress = dl.progress.subscribe();
+    let blocks = dl.partial.blocks();
+    let mut k = 0;
+    while k < blocks {
+        if !dl.partial.has(k) {
+            tokio::select! {
+                _ = progress.changed() => continue,
+                _ = dl.cancel.cancelled() => return,
+            }
+        }
+        match read_span(&dl, block_range(dl.partial.size(), k)).await {
+            Ok(bytes) => scanner.feed(bytes).await,
+            Err(e) => {
+                dl.verdict
+                    .send_replace(Some(Err(VirusError::BadReply(format!(
+                        "reading block {k} for the scan: {e}"
+                    )))));
+                return;
+            }
+        }
+        k += 1;
+    }
+    let verdict = scanner.finish().await;
+    if let Ok(Verdict::Infected(sig)) = &verdict {
+        malware_found(&svc, &dl, sig);
+    }
+    dl.verdict.send_replace(Some(verdict));
+}
+
+/// The item is malware: every peer that sent part of it is disconnected,
+/// banned (persistently) and slashed, an event goes out, and the transfer
+/// ends for all its readers. Nothing of it is stored.
+fn malware_found(svc: &ContentService, dl: &Arc<Download>, signature: &str) {
+    if dl.malware.swap(true, Ordering::AcqRel) {
+        return;
+    }
+    let peers: Vec<PeerId> = dl
+        .contributors
+        .lock()
+        .expect("lock")
+        .iter()
+        .copied()
+        .collect();
+    warn!(id = %dl.id, signature, ?peers, "malware detected; isolating the peers that sent it");
+    let until = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs_f64())
+        .unwrap_or(0.0)
+        + svc.inner.ban_secs;
+    for p in &peers {
+        let ledger = &svc.inner.ledger;
+        ledger.record(
+            *p,
+            EventKind::Malware {
+                signature: signature.into(),
+            },
+        );
+        if let Err(e) = ledger.ban(*p, until as u64, &format!("malware: {signature}")) {
+            warn!(peer = %p, error = %e, "cannot persist a ban");
+        }
+        let (node, peer) = (svc.inner.node.clone(), *p);
+        tokio::spawn(async move {
+            let _ = node.call(|r| Command::Disconnect(peer, r)).await;
+        });
+    }
+    svc.emit(NodeEvent::MalwareDetected {
+        id: dl.id,
+        signature: signature.into(),
+        peers,
+    });
+    dl.fail(ContentServiceError::Malware(signature.into()));
+}
+
+/// Reads verified bytes of a held span from the partial file.
+async fn read_span(dl: &Arc<Download>, range: Range<u64>) -> std::io::Result<Bytes> {
+    let partial = dl.partial.clone();
+    tokio::task::spawn_blocking(move || {
+        let mut buf = vec![0u8; (range.end - range.start) as usize];
+        partial
+            .read_at(&mut buf, range.start)
+            .map(|()| Bytes::from(buf))
+    })
+    .await
+    .unwrap_or_else(|e| Err(std::io::Error::other(e)))
+}
+
 async fn finish(svc: &ContentService, dl: &Arc<Download>) -> Outcome {
+    if svc.inner.virus.enabled() {
+        // Nothing is stored or announced before clamd has seen all of it.
+        let mut verdict = dl.verdict.subscribe();
+        let v = loop {
+            let now = verdict.borrow_and_update().clone();
+            if let Some(v) = now {
+                break v;
+            }
+            tokio::select! {
+                r = verdict.changed() => if r.is_err() {
+                    break Err(VirusError::BadReply("the scan ended without a verdict".into()));
+                },
+                _ = dl.cancel.cancelled() => break Err(VirusError::BadReply("cancelled".into())),
+            }
+        };
+        match v {
+            Ok(Verdict::Clean) => {}
+            Ok(Verdict::Infected(sig)) => {
+                malware_found(svc, dl, &sig);
+                return Outcome::Failed(ContentServiceError::Malware(sig));
+            }
+            Err(e) => return Outcome::Failed(e.into()),
+        }
+    }
     let store = svc.inner.store.clone();
     let partial = dl.partial.clone();
     let signed = dl.manifest.signed.clone();
@@ -878,6 +1004,7 @@ fn verify_block(
         }
         match dl.partial.accept(k, &wire) {
             Ok(()) => {
+                dl.contributors.lock().expect("lock").insert(peer);
                 let r = block_range(dl.partial.size(), k);
                 svc.inner.ledger.record(
                     peer,
@@ -1181,7 +1308,7 @@ pub(crate) async fn open_reader(
             .copied()
             .collect(),
     };
-    tokio::spawn(read_download(dl, reader, r.clone(), tx));
+    tokio::spawn(read_download(svc.clone(), dl, reader, r.clone(), tx));
     Ok((info, r, stream))
 }
 
@@ -1213,7 +1340,15 @@ async fn read_local(
     }
 }
 
+/// Verified bytes handed to a reader at a time when the virus filter is on:
+/// each segment is scanned (with the previous segment's tail, so a signature
+/// across the boundary is seen) before any of it is delivered.
+const SCAN_SEGMENT: u64 = 4 << 20;
+/// Bytes of the previous segment scanned again with the next one.
+const SCAN_OVERLAP: usize = 64 * 1024;
+
 async fn read_download(
+    svc: ContentService,
     dl: Arc<Download>,
     reader: u64,
     range: Range<u64>,
@@ -1226,10 +1361,46 @@ async fn read_download(
         }
     }
     let guard = Guard(dl.clone(), reader);
+    let scan = svc.inner.virus.enabled();
     let mut progress = dl.progress.subscribe();
     let mut outcome = dl.outcome.subscribe();
     let mut pos = range.start;
-    while pos < range.end {
+    let mut segment: Vec<Bytes> = Vec::new();
+    let mut segment_len = 0u64;
+    let mut tail = Bytes::new();
+    while pos < range.end || !segment.is_empty() {
+        let flush = segment_len >= SCAN_SEGMENT || (pos >= range.end && !segment.is_empty());
+        if flush {
+            let out = std::mem::take(&mut segment);
+            segment_len = 0;
+            if scan {
+                let mut scanner = svc.inner.virus.scanner();
+                scanner.feed(tail.clone()).await;
+                for b in &out {
+                    scanner.feed(b.clone()).await;
+                }
+                match scanner.finish().await {
+                    Ok(Verdict::Clean) => {}
+                    Ok(Verdict::Infected(sig)) => {
+                        malware_found(&svc, &dl, &sig);
+                        let _ = tx.send(Err(to_io(ContentServiceError::Malware(sig)))).await;
+                        return;
+                    }
+                    Err(e) => {
+                        let _ = tx.send(Err(to_io(e.into()))).await;
+                        return;
+                    }
+                }
+                let last = out.last().cloned().unwrap_or_default();
+                tail = last.slice(last.len().saturating_sub(SCAN_OVERLAP)..);
+            }
+            for b in out {
+                if tx.send(Ok(b)).await.is_err() {
+                    return;
+                }
+            }
+            continue;
+        }
         let k = pos / BLOCK_BYTES;
         if !dl.partial.has(k) {
             let failed = match &*outcome.borrow_and_update() {
@@ -1248,20 +1419,22 @@ async fn read_download(
             continue;
         }
         let end = block_range(dl.partial.size(), k).end.min(range.end);
-        let n = (end - pos) as usize;
-        let partial = dl.partial.clone();
-        let read = tokio::task::spawn_blocking(move || {
-            let mut buf = vec![0u8; n];
-            partial.read_at(&mut buf, pos).map(|()| Bytes::from(buf))
-        })
-        .await
-        .unwrap_or_else(|e| Err(std::io::Error::other(e)));
-        let failed = read.is_err();
-        if tx.send(read).await.is_err() || failed {
-            return;
+        match read_span(&dl, pos..end).await {
+            Ok(b) => {
+                segment_len += b.len() as u64;
+                segment.push(b);
+            }
+            Err(e) => {
+                let _ = tx.send(Err(e)).await;
+                return;
+            }
         }
         pos = end;
         dl.advance(reader, end.div_ceil(BLOCK_BYTES));
+        if !scan {
+            // Unscanned: hand each block over as soon as it is read.
+            segment_len = SCAN_SEGMENT;
+        }
     }
     drop(guard);
 }

@@ -33,7 +33,7 @@ use libp2p::kad::RecordKey;
 use p2pvm_content::{
     ContentId, ItemInfo, Manifest, ManifestError, Rights, SignedManifest, Store, StoreError,
 };
-use p2pvm_security::{Ledger, Standing};
+use p2pvm_security::{ClamdAddr, Ledger, Standing, Verdict, VirusFilter};
 use prost::Message;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
@@ -65,6 +65,15 @@ pub enum ContentServiceError {
     /// Not allowed.
     #[error("{0}")]
     Denied(String),
+    /// The virus filter found this signature.
+    #[error("Malware detected: {0}")]
+    Malware(String),
+}
+
+impl From<p2pvm_security::VirusError> for ContentServiceError {
+    fn from(e: p2pvm_security::VirusError) -> Self {
+        Self::Unavailable(e.to_string())
+    }
 }
 
 impl From<StoreError> for ContentServiceError {
@@ -146,6 +155,24 @@ pub struct ContentInfo {
     pub providers: Vec<PeerId>,
 }
 
+/// Tees what an import reads into a virus scan.
+struct ScanningReader<R> {
+    inner: R,
+    scanner: Arc<Mutex<Option<p2pvm_security::Scanner>>>,
+}
+
+impl<R: std::io::Read> std::io::Read for ScanningReader<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        if n > 0
+            && let Some(s) = self.scanner.lock().expect("lock").as_mut()
+        {
+            s.blocking_feed(Bytes::copy_from_slice(&buf[..n]));
+        }
+        Ok(n)
+    }
+}
+
 /// The DHT key under which providers of an item are announced.
 pub fn content_key(id: &ContentId) -> RecordKey {
     let mut h = blake3::Hasher::new();
@@ -194,6 +221,8 @@ pub fn guess_mime(name: &str) -> String {
 
 pub(crate) struct Inner {
     pub store: Arc<Store>,
+    pub virus: VirusFilter,
+    pub ban_secs: f64,
     pub ledger: Arc<Ledger>,
     pub credit: crate::config::CreditConfig,
     pub key: Keypair,
@@ -221,18 +250,43 @@ impl ContentService {
     /// Opens the store under `data_dir/content`, starts serving the transfer
     /// protocol and re-announces stored items.
     pub fn start(
-        data_dir: &Path,
+        config: &crate::config::Config,
         key: Keypair,
         node: NodeHandle,
-        config: ContentConfig,
         ledger: Arc<Ledger>,
-        credit: crate::config::CreditConfig,
         shutdown: CancellationToken,
     ) -> Result<Self, ContentServiceError> {
+        let data_dir = &config.data_dir;
+        let virus = &config.virus;
+        let credit = config.credit.clone();
+        let config = config.content.clone();
         let store = Arc::new(Store::open(&data_dir.join("content"))?);
+        let filter = if !virus.enabled {
+            warn!(
+                "VIRUS FILTER IS OFF: content entering this node is not scanned (development only; set [virus] enabled = true)"
+            );
+            VirusFilter::off()
+        } else if let Some(tcp) = &virus.clamd_tcp {
+            VirusFilter::clamd(ClamdAddr::Tcp(tcp.clone()))
+        } else {
+            VirusFilter::clamd(ClamdAddr::Socket(virus.clamd_socket.clone()))
+        };
+        if filter.enabled() {
+            let f = filter.clone();
+            tokio::spawn(async move {
+                match f.ping().await {
+                    Ok(()) => info!(clamd = %f.describe(), "virus filter ready"),
+                    Err(e) => {
+                        warn!(error = %e, "virus filter cannot reach clamd: content will be refused until it can")
+                    }
+                }
+            });
+        }
         let svc = Self {
             inner: Arc::new(Inner {
                 store,
+                virus: filter,
+                ban_secs: virus.ban_hours * 3600.0,
                 ledger,
                 credit,
                 key,
@@ -306,9 +360,38 @@ impl ContentService {
         let store = self.inner.store.clone();
         let key = self.inner.key.clone();
         let pin = meta.pin;
+        // The bytes go to clamd as they are imported; the verdict decides, before
+        // the item becomes visible, whether it is committed.
+        let scanner = Arc::new(Mutex::new(Some(self.inner.virus.scanner())));
+        let verdict: Arc<Mutex<Option<Result<Verdict, p2pvm_security::VirusError>>>> =
+            Arc::new(Mutex::new(None));
+        // Read in large pieces, so clamd gets few large chunks.
+        let data = std::io::BufReader::with_capacity(
+            1 << 20,
+            ScanningReader {
+                inner: data,
+                scanner: scanner.clone(),
+            },
+        );
+        let rt = tokio::runtime::Handle::current();
+        let seen = verdict.clone();
         let (info, signed) = tokio::task::spawn_blocking(move || {
             let mut signed = Vec::new();
             let info = store.import(data, |id, size| {
+                let scan = scanner.lock().expect("lock").take();
+                let v = match scan {
+                    Some(s) => s.blocking_finish(&rt),
+                    None => Ok(Verdict::Clean),
+                };
+                let declined = match &v {
+                    Ok(Verdict::Clean) => None,
+                    Ok(Verdict::Infected(sig)) => Some(format!("malware: {sig}")),
+                    Err(e) => Some(e.to_string()),
+                };
+                *seen.lock().expect("lock") = Some(v);
+                if let Some(why) = declined {
+                    return Err(StoreError::Declined(why));
+                }
                 let mime = if meta.mime_type.is_empty() {
                     guess_mime(&meta.name)
                 } else {
@@ -335,7 +418,20 @@ impl ContentService {
             Ok::<_, StoreError>((info, stored))
         })
         .await
-        .map_err(|e| ContentServiceError::Store(e.to_string()))??;
+        .map_err(|e| ContentServiceError::Store(e.to_string()))?
+        .map_err(|e| match (e, verdict.lock().expect("lock").take()) {
+            (StoreError::Declined(_), Some(Ok(Verdict::Infected(sig)))) => {
+                warn!(signature = %sig, "refused a local publish: malware");
+                self.emit(NodeEvent::MalwareDetected {
+                    id: ContentId([0; 32]),
+                    signature: sig.clone(),
+                    peers: Vec::new(),
+                });
+                ContentServiceError::Malware(sig)
+            }
+            (StoreError::Declined(_), Some(Err(v))) => v.into(),
+            (e, _) => e.into(),
+        })?;
         let manifest = VerifiedManifest::parse(&signed)?;
         info!(id = %info.id, size = info.size, name = %manifest.manifest.name, "published");
         self.announce(&manifest).await;

@@ -92,6 +92,16 @@ pub enum NodeEvent {
         /// Providers being fetched from.
         providers: u32,
     },
+    /// The virus filter found a signature; the content was discarded and the
+    /// peers that sent it isolated.
+    MalwareDetected {
+        /// The item.
+        id: p2pvm_content::ContentId,
+        /// Signature name.
+        signature: String,
+        /// Peers that sent it.
+        peers: Vec<PeerId>,
+    },
     /// A provider sent data that failed verification; it was dropped.
     CorruptData {
         /// The provider.

@@ -1,0 +1,204 @@
+//! The virus filter end to end, with a real clamd (scripts/clamd.sh; CI starts
+//! it): malware from a peer is never delivered and the peer is isolated; local
+//! publishes of malware are refused; an unreachable clamd fails closed.
+
+use std::time::Duration;
+
+use anyhow::{Context, Result, ensure};
+use futures::StreamExt;
+use guest_api::{Client, proto};
+use p2pvm_e2e::{NodeOpts, TestNode, eventually};
+use tokio::io::AsyncReadExt;
+
+const WAIT: Duration = Duration::from_secs(60);
+const EICAR: &[u8] = br"X5O!P%@AP[4\PZX54(P^)7CC)7}$EICAR-STANDARD-ANTIVIRUS-TEST-FILE!$H+H*";
+const MARKER: &[u8] = b"P2PVM-SYNTHETIC-MALWARE-MARKER-7f3a";
+
+fn item(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    let mut out = Vec::with_capacity(len + 8);
+    while out.len() < len {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        out.extend_from_slice(&x.to_le_bytes());
+    }
+    out.truncate(len);
+    out
+}
+
+async fn node(bootstrap: &[&TestNode], config: Option<String>) -> Result<TestNode> {
+    TestNode::start(NodeOpts {
+        bootstrap: bootstrap.iter().map(|n| n.addr.clone()).collect(),
+        config_toml: config,
+        ..Default::default()
+    })
+    .await
+}
+
+async fn publish(c: &Client, name: &str, data: &[u8]) -> guest_api::Result<proto::ContentInfo> {
+    let meta = proto::ContentPublishRequest {
+        name: name.into(),
+        ..Default::default()
+    };
+    c.publish_content(meta, data).await
+}
+
+fn is_malware(e: &guest_api::Error, sig: &str) -> bool {
+    matches!(e, guest_api::Error::Api { code, message }
+        if *code == proto::ErrorCode::MalwareDetected && message.contains(sig))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_serving_malware_is_never_delivered_and_stays_banned() -> Result<()> {
+    // A hostile peer: its own filter is off, so it happily publishes malware.
+    let mallory = node(&[], Some("[virus]\nenabled = false\n".into())).await?;
+    let mut bad = item(3 << 20, 1);
+    bad[1_500_000..1_500_000 + MARKER.len()].copy_from_slice(MARKER);
+    let info = publish(&mallory.admin().await?, "free-movie.mp4", &bad).await?;
+
+    let mut victim = node(&[&mallory], None).await?;
+    let v = victim.admin().await?;
+    let mut events = v.events().await?;
+    let (_, mut stream) = v.fetch_content(&info.content_id, 0, 0, true).await?;
+    let mut got = Vec::new();
+    let e = stream.read_to_end(&mut got).await;
+    ensure!(e.is_err(), "the fetch must fail");
+    ensure!(
+        !got.windows(MARKER.len()).any(|w| w == MARKER),
+        "malware bytes reached the app"
+    );
+    let e = v.download_content(&info.content_id).await.unwrap_err();
+    ensure!(
+        is_malware(&e, "Synthetic") || e.code() == Some(proto::ErrorCode::NotFound),
+        "{e}"
+    );
+    let detected = tokio::time::timeout(WAIT, async {
+        while let Some(ev) = events.next().await {
+            if let proto::event::Kind::MalwareDetected(m) = ev {
+                return Some(m);
+            }
+        }
+        None
+    })
+    .await?
+    .context("no malware event")?;
+    ensure!(detected.content_id == info.content_id && detected.signature.contains("Synthetic"));
+    ensure!(
+        detected.peer_ids == vec![mallory.peer_id.clone()],
+        "{detected:?}"
+    );
+    ensure!(v.content_list().await?.is_empty(), "malware was stored");
+    let credit = v.credit_show(&mallory.peer_id).await?;
+    ensure!(
+        credit.standing == "banned" && credit.malware == 1,
+        "{credit:?}"
+    );
+    ensure!(credit.score < 15, "credit not slashed: {credit:?}");
+    eventually(WAIT, "mallory disconnected", || async {
+        let peers = v.peers().await.ok()?;
+        (!peers.iter().any(|p| p.peer_id == mallory.peer_id)).then_some(())
+    })
+    .await?;
+
+    // The ban survives a restart, and mallory cannot get back in.
+    victim.restart().await?;
+    let v = victim.admin().await?;
+    let after = v.credit_show(&mallory.peer_id).await?;
+    ensure!(
+        after.standing == "banned" && after.ban_reason.contains("malware"),
+        "{after:?}"
+    );
+    let _ = mallory
+        .admin()
+        .await?
+        .connect("", [victim.addr.as_str()])
+        .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    eventually(WAIT, "mallory kept out", || async {
+        let peers = v.peers().await.ok()?;
+        (!peers.iter().any(|p| p.peer_id == mallory.peer_id)).then_some(())
+    })
+    .await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_local_publish_of_malware_is_refused_with_the_signature() -> Result<()> {
+    let n = node(&[], None).await?;
+    let c = n.admin().await?;
+    let e = publish(&c, "eicar.com", EICAR).await.unwrap_err();
+    ensure!(is_malware(&e, "Eicar"), "{e}");
+    let e = publish(&c, "h.txt", b"p2pvm synthetic hash-signature test file\n")
+        .await
+        .unwrap_err();
+    ensure!(is_malware(&e, "HashSig"), "{e}");
+    let mut big = item(5 << 20, 2);
+    big[4_000_000..4_000_000 + MARKER.len()].copy_from_slice(MARKER);
+    let e = publish(&c, "big.bin", &big).await.unwrap_err();
+    ensure!(is_malware(&e, "Synthetic"), "{e}");
+    ensure!(
+        c.content_list().await?.is_empty(),
+        "an infected item was stored"
+    );
+    let clean = publish(&c, "clean.bin", &item(1 << 20, 3)).await?;
+    ensure!(c.content_list().await?.len() == 1 && clean.size == 1 << 20);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clamd_down_fails_closed_and_recovers() -> Result<()> {
+    // A private clamd, so stopping it does not disturb other tests.
+    let dir = tempfile::tempdir()?;
+    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/clamd.sh");
+    let start = || -> Result<String> {
+        let out = std::process::Command::new(&script)
+            .env("P2PVM_CLAMD_DIR", dir.path())
+            .output()?;
+        ensure!(
+            out.status.success(),
+            "clamd: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Ok(String::from_utf8(out.stdout)?.trim().to_owned())
+    };
+    let stop = || {
+        std::process::Command::new(&script)
+            .arg("stop")
+            .env("P2PVM_CLAMD_DIR", dir.path())
+            .status()
+    };
+    let sock = start()?;
+    let cfg = format!("[virus]\nclamd_socket = \"{sock}\"\n");
+    let source = node(&[], None).await?;
+    let remote = publish(&source.admin().await?, "r.bin", &item(1 << 20, 4)).await?;
+    let n = node(&[&source], Some(cfg)).await?;
+    let c = n.admin().await?;
+    publish(&c, "a.bin", &item(100_000, 5)).await?;
+
+    stop()?;
+    eventually(WAIT, "clamd gone", || async {
+        (!std::path::Path::new(&sock).exists()
+            || std::os::unix::net::UnixStream::connect(&sock).is_err())
+        .then_some(())
+    })
+    .await?;
+    let e = publish(&c, "b.bin", &item(100_000, 6)).await.unwrap_err();
+    ensure!(
+        e.code() == Some(proto::ErrorCode::Unavailable) && e.to_string().contains("clamd"),
+        "{e}"
+    );
+    let e = c.download_content(&remote.content_id).await.unwrap_err();
+    ensure!(e.code() == Some(proto::ErrorCode::Unavailable), "{e}");
+    ensure!(
+        c.content_list().await?.len() == 1,
+        "nothing unscanned may be stored"
+    );
+
+    start()?;
+    publish(&c, "b.bin", &item(100_000, 6)).await?;
+    c.download_content(&remote.content_id).await?;
+    ensure!(c.content_list().await?.len() == 3);
+    let _ = stop();
+    Ok(())
+}
