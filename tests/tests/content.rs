@@ -508,3 +508,42 @@ async fn a_full_disk_is_a_typed_error_and_loses_nothing() -> Result<()> {
     // sight; the kill tests check that tmp/ is cleaned.)
     Ok(())
 }
+
+/// A reader that fails after `left` bytes, like an app whose source breaks.
+struct Breaks {
+    left: usize,
+}
+
+impl tokio::io::AsyncRead for Breaks {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        if self.left == 0 {
+            return std::task::Poll::Ready(Err(std::io::Error::other("source broke")));
+        }
+        let n = buf.remaining().min(self.left).min(64 * 1024);
+        buf.put_slice(&vec![0x5a; n]);
+        self.left -= n;
+        std::task::Poll::Ready(Ok(()))
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_aborted_publish_stores_no_truncated_item() -> Result<()> {
+    let n = node(&[], None).await?;
+    let c = n.app("pub").await?;
+    let r = c
+        .publish_content(meta("half.bin", &[]), Breaks { left: 3 << 20 })
+        .await;
+    ensure!(r.is_err(), "a broken publish must fail");
+    // Whatever the app had sent must not have become an item.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    ensure!(
+        c.content_list().await?.is_empty(),
+        "a truncated item was stored"
+    );
+    ensure!(leftovers(&n)? == 0, "tmp/ not cleaned");
+    Ok(())
+}

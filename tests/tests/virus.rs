@@ -53,8 +53,9 @@ fn is_malware(e: &guest_api::Error, sig: &str) -> bool {
 async fn a_peer_serving_malware_is_never_delivered_and_stays_banned() -> Result<()> {
     // A hostile peer: its own filter is off, so it happily publishes malware.
     let mallory = node(&[], Some("[virus]\nenabled = false\n".into())).await?;
+    // The EICAR test file inside a larger item.
     let mut bad = item(3 << 20, 1);
-    bad[1_500_000..1_500_000 + MARKER.len()].copy_from_slice(MARKER);
+    bad[1_500_000..1_500_000 + EICAR.len()].copy_from_slice(EICAR);
     let info = publish(&mallory.admin().await?, "free-movie.mp4", &bad).await?;
 
     let mut victim = node(&[&mallory], None).await?;
@@ -65,12 +66,12 @@ async fn a_peer_serving_malware_is_never_delivered_and_stays_banned() -> Result<
     let e = stream.read_to_end(&mut got).await;
     ensure!(e.is_err(), "the fetch must fail");
     ensure!(
-        !got.windows(MARKER.len()).any(|w| w == MARKER),
+        !got.windows(EICAR.len()).any(|w| w == EICAR),
         "malware bytes reached the app"
     );
     let e = v.download_content(&info.content_id).await.unwrap_err();
     ensure!(
-        is_malware(&e, "Synthetic") || e.code() == Some(proto::ErrorCode::NotFound),
+        is_malware(&e, "Eicar") || e.code() == Some(proto::ErrorCode::NotFound),
         "{e}"
     );
     let detected = tokio::time::timeout(WAIT, async {
@@ -83,7 +84,7 @@ async fn a_peer_serving_malware_is_never_delivered_and_stays_banned() -> Result<
     })
     .await?
     .context("no malware event")?;
-    ensure!(detected.content_id == info.content_id && detected.signature.contains("Synthetic"));
+    ensure!(detected.content_id == info.content_id && detected.signature.contains("Eicar"));
     ensure!(
         detected.peer_ids == vec![mallory.peer_id.clone()],
         "{detected:?}"

@@ -76,6 +76,27 @@ impl std::fmt::Debug for ContentBytes {
     }
 }
 
+/// The bytes of a publish stream: its end is the item's end only when the app
+/// half-closed the stream; otherwise (reset, session gone) reading fails and
+/// the import is abandoned.
+struct EndChecked<R> {
+    inner: R,
+    ended: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl<R: std::io::Read> std::io::Read for EndChecked<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        if n == 0 && !buf.is_empty() && !self.ended.load(std::sync::atomic::Ordering::Acquire) {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::ConnectionAborted,
+                "the publish stream was reset before it was closed",
+            ));
+        }
+        Ok(n)
+    }
+}
+
 /// Buffer between an app's publish stream and the import.
 const PUBLISH_PIPE_BYTES: usize = 256 * 1024;
 
@@ -195,6 +216,7 @@ where
         watching: false,
         kill: kill.clone(),
         publishes: HashMap::new(),
+        publish_ends: HashMap::new(),
     };
     session.serve(&mut source, internal_rx, kill).await;
     session.cleanup().await;
@@ -268,6 +290,9 @@ struct Session {
     kill: CancellationToken,
     /// Publishes whose bytes are arriving on a stream, by stream id.
     publishes: HashMap<u64, oneshot::Receiver<Result<pb::ContentInfo, ApiError>>>,
+    /// Set when the app half-closed a publish stream: only then is its end the
+    /// end of the item (a reset or a dead session must not import a truncation).
+    publish_ends: HashMap<u64, Arc<std::sync::atomic::AtomicBool>>,
 }
 
 impl Session {
@@ -349,6 +374,9 @@ impl Session {
                         self.sync_state();
                     }
                 } else if let Some(s) = self.streams.get_mut(&c.stream_id) {
+                    if let Some(end) = self.publish_ends.remove(&c.stream_id) {
+                        end.store(true, std::sync::atomic::Ordering::Release);
+                    }
                     s.half_close();
                 }
                 Ok(())
@@ -701,8 +729,13 @@ impl Session {
         self.add_stream(stream_id, stream);
         let (tx, rx) = oneshot::channel();
         self.publishes.insert(stream_id, rx);
+        let ended = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        self.publish_ends.insert(stream_id, ended.clone());
         tokio::spawn(async move {
-            let reader = tokio_util::io::SyncIoBridge::new(node_side);
+            let reader = EndChecked {
+                inner: tokio_util::io::SyncIoBridge::new(node_side),
+                ended,
+            };
             let r = content
                 .publish(reader, meta)
                 .await
