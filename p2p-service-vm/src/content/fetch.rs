@@ -304,6 +304,8 @@ pub(crate) struct Download {
     verdict: watch::Sender<Option<Result<Verdict, VirusError>>>,
     /// Malware was handled (peers isolated) already.
     malware: AtomicBool,
+    /// The whole-item scan is running.
+    scanning: AtomicBool,
 }
 
 impl Download {
@@ -482,6 +484,7 @@ async fn download_for(
     if let Some(dl) = running {
         if keep {
             dl.keep.store(true, Ordering::Release);
+            start_whole_scan(svc, &dl);
         }
         return Ok(dl);
     }
@@ -525,6 +528,7 @@ async fn download_for(
         contributors: Mutex::new(HashSet::new()),
         verdict: watch::Sender::new(None),
         malware: AtomicBool::new(false),
+        scanning: AtomicBool::new(false),
     });
     // Another request may have started it while we looked for the manifest.
     let raced = {
@@ -545,6 +549,7 @@ async fn download_for(
     if let Some(dl) = raced {
         if keep {
             dl.keep.store(true, Ordering::Release);
+            start_whole_scan(svc, &dl);
         }
         return Ok(dl);
     }
@@ -559,8 +564,8 @@ async fn download_for(
             .await;
     }
     tokio::spawn(drive(svc.clone(), dl.clone()));
-    if svc.inner.virus.enabled() {
-        tokio::spawn(scan_whole(svc.clone(), dl.clone()));
+    if keep {
+        start_whole_scan(svc, &dl);
     }
     Ok(dl)
 }
@@ -741,33 +746,77 @@ async fn drive(svc: ContentService, dl: Arc<Download>) {
     dl.changed.notify_waiters();
 }
 
-/// Streams the item to clamd in order as its blocks arrive, so the verdict is
-/// ready when the last block lands (no second pass over the file).
+/// Starts the whole-item scan of a download that will be kept (once).
+fn start_whole_scan(svc: &ContentService, dl: &Arc<Download>) {
+    if svc.inner.virus.enabled() && !dl.scanning.swap(true, Ordering::AcqRel) {
+        tokio::spawn(scan_whole(svc.clone(), dl.clone()));
+    }
+}
+
+/// Items up to this size (clamd's `StreamMaxLength` in scripts/clamd.sh) are
+/// scanned as one clamd stream, so whole-file hash signatures apply; larger ones
+/// in overlapping segments. (Segments scanned in parallel were measured slower
+/// for bulk downloads: rarest-first order makes the prefix contiguous late, and
+/// clamd's scan threads then compete with the transfer for the CPU.)
+const WHOLE_SCAN_MAX: u64 = 4000 << 20;
+/// Segment size for large items.
+const WHOLE_SCAN_SEGMENT: u64 = 16 << 20;
+
+/// Scans the item as its blocks arrive (in order), so the verdict is ready
+/// soon after the last block lands; no second pass over the finished file.
 async fn scan_whole(svc: ContentService, dl: Arc<Download>) {
-    let mut scanner = svc.inner.virus.scanner();
+    let size = dl.partial.size();
+    let segment_max = if size <= WHOLE_SCAN_MAX {
+        u64::MAX
+    } else {
+        WHOLE_SCAN_SEGMENT
+    };
+    let mut scans = SegmentScans::new(svc.inner.virus.clone());
     let mut progress = dl.progress.subscribe();
     let blocks = dl.partial.blocks();
+    let mut segment: Vec<Bytes> = Vec::new();
+    let mut segment_len = 0u64;
     let mut k = 0;
-    while k < blocks {
+    let verdict = 'scan: loop {
+        if segment_len >= segment_max || (k == blocks && !segment.is_empty()) {
+            if scans.full() {
+                match scans.next().await.1 {
+                    Ok(Verdict::Clean) => {}
+                    other => break 'scan other,
+                }
+            }
+            scans.submit(std::mem::take(&mut segment));
+            segment_len = 0;
+            continue;
+        }
+        if k == blocks {
+            if scans.is_empty() {
+                break Ok(Verdict::Clean);
+            }
+            match scans.next().await.1 {
+                Ok(Verdict::Clean) => continue,
+                other => break 'scan other,
+            }
+        }
         if !dl.partial.has(k) {
             tokio::select! {
                 _ = progress.changed() => continue,
                 _ = dl.cancel.cancelled() => return,
             }
         }
-        match read_span(&dl, block_range(dl.partial.size(), k)).await {
-            Ok(bytes) => scanner.feed(bytes).await,
+        match read_span(&dl, block_range(size, k)).await {
+            Ok(bytes) => {
+                segment_len += bytes.len() as u64;
+                segment.push(bytes);
+            }
             Err(e) => {
-                dl.verdict
-                    .send_replace(Some(Err(VirusError::BadReply(format!(
-                        "reading block {k} for the scan: {e}"
-                    )))));
-                return;
+                break Err(VirusError::BadReply(format!(
+                    "reading block {k} for the scan: {e}"
+                )));
             }
         }
         k += 1;
-    }
-    let verdict = scanner.finish().await;
+    };
     if let Ok(Verdict::Infected(sig)) = &verdict {
         malware_found(&svc, &dl, sig);
     }
@@ -1346,6 +1395,77 @@ async fn read_local(
 const SCAN_SEGMENT: u64 = 4 << 20;
 /// Bytes of the previous segment scanned again with the next one.
 const SCAN_OVERLAP: usize = 64 * 1024;
+/// Segment scans run at once (clamd scans them in parallel threads).
+const SCAN_PARALLEL: usize = 3;
+
+type SegmentScan = tokio::task::JoinHandle<(Vec<Bytes>, Result<Verdict, VirusError>)>;
+
+/// Scans an ordered byte sequence in overlapping segments, several at once,
+/// and returns them in order with their verdicts.
+struct SegmentScans {
+    filter: p2pvm_security::VirusFilter,
+    inflight: VecDeque<SegmentScan>,
+    tail: Bytes,
+}
+
+impl SegmentScans {
+    fn new(filter: p2pvm_security::VirusFilter) -> Self {
+        Self {
+            filter,
+            inflight: VecDeque::new(),
+            tail: Bytes::new(),
+        }
+    }
+
+    fn submit(&mut self, segment: Vec<Bytes>) {
+        let mut parts = Vec::with_capacity(segment.len() + 1);
+        parts.push(self.tail.clone());
+        parts.extend(segment.iter().cloned());
+        let last = segment.last().cloned().unwrap_or_default();
+        self.tail = last.slice(last.len().saturating_sub(SCAN_OVERLAP)..);
+        let filter = self.filter.clone();
+        self.inflight.push_back(tokio::spawn(async move {
+            let mut scanner = filter.scanner();
+            for p in parts {
+                scanner.feed(p).await;
+            }
+            (segment, scanner.finish().await)
+        }));
+    }
+
+    fn full(&self) -> bool {
+        self.inflight.len() >= SCAN_PARALLEL
+    }
+
+    fn is_empty(&self) -> bool {
+        self.inflight.is_empty()
+    }
+
+    /// The oldest segment and its verdict.
+    async fn next(&mut self) -> (Vec<Bytes>, Result<Verdict, VirusError>) {
+        match self.inflight.front_mut() {
+            None => (Vec::new(), Ok(Verdict::Clean)),
+            Some(h) => {
+                let r = h.await.unwrap_or_else(|e| {
+                    (
+                        Vec::new(),
+                        Err(VirusError::BadReply(format!("scan task: {e}"))),
+                    )
+                });
+                self.inflight.pop_front();
+                r
+            }
+        }
+    }
+}
+
+impl Drop for SegmentScans {
+    fn drop(&mut self) {
+        for h in &self.inflight {
+            h.abort();
+        }
+    }
+}
 
 async fn read_download(
     svc: ContentService,
@@ -1362,42 +1482,65 @@ async fn read_download(
     }
     let guard = Guard(dl.clone(), reader);
     let scan = svc.inner.virus.enabled();
+    let mut scans = SegmentScans::new(svc.inner.virus.clone());
     let mut progress = dl.progress.subscribe();
     let mut outcome = dl.outcome.subscribe();
     let mut pos = range.start;
     let mut segment: Vec<Bytes> = Vec::new();
     let mut segment_len = 0u64;
-    let mut tail = Bytes::new();
-    while pos < range.end || !segment.is_empty() {
-        let flush = segment_len >= SCAN_SEGMENT || (pos >= range.end && !segment.is_empty());
-        if flush {
-            let out = std::mem::take(&mut segment);
-            segment_len = 0;
-            if scan {
-                let mut scanner = svc.inner.virus.scanner();
-                scanner.feed(tail.clone()).await;
-                for b in &out {
-                    scanner.feed(b.clone()).await;
-                }
-                match scanner.finish().await {
-                    Ok(Verdict::Clean) => {}
-                    Ok(Verdict::Infected(sig)) => {
-                        malware_found(&svc, &dl, &sig);
-                        let _ = tx.send(Err(to_io(ContentServiceError::Malware(sig)))).await;
-                        return;
-                    }
-                    Err(e) => {
-                        let _ = tx.send(Err(to_io(e.into()))).await;
-                        return;
-                    }
-                }
-                let last = out.last().cloned().unwrap_or_default();
-                tail = last.slice(last.len().saturating_sub(SCAN_OVERLAP)..);
+    // Delivers a scanned segment, or ends the stream on malware or a scan error.
+    let deliver = async |(seg, verdict): (Vec<Bytes>, Result<Verdict, VirusError>),
+                         tx: &mpsc::Sender<std::io::Result<Bytes>>|
+           -> bool {
+        match verdict {
+            Ok(Verdict::Clean) => {}
+            Ok(Verdict::Infected(sig)) => {
+                malware_found(&svc, &dl, &sig);
+                let _ = tx.send(Err(to_io(ContentServiceError::Malware(sig)))).await;
+                return false;
             }
-            for b in out {
+            Err(e) => {
+                let _ = tx.send(Err(to_io(e.into()))).await;
+                return false;
+            }
+        }
+        for b in seg {
+            if tx.send(Ok(b)).await.is_err() {
+                return false;
+            }
+        }
+        true
+    };
+    loop {
+        let done_reading = pos >= range.end;
+        if done_reading && segment.is_empty() && scans.is_empty() {
+            break;
+        }
+        if !scan && !segment.is_empty() {
+            // Unscanned: hand each block over as soon as it is read.
+            for b in std::mem::take(&mut segment) {
                 if tx.send(Ok(b)).await.is_err() {
                     return;
                 }
+            }
+            segment_len = 0;
+            continue;
+        }
+        if segment_len >= SCAN_SEGMENT || (done_reading && !segment.is_empty()) {
+            if scans.full() {
+                let done = scans.next().await;
+                if !deliver(done, &tx).await {
+                    return;
+                }
+            }
+            scans.submit(std::mem::take(&mut segment));
+            segment_len = 0;
+            continue;
+        }
+        if done_reading {
+            let done = scans.next().await;
+            if !deliver(done, &tx).await {
+                return;
             }
             continue;
         }
@@ -1411,9 +1554,15 @@ async fn read_download(
                 let _ = tx.send(Err(to_io(e))).await;
                 return;
             }
+            let busy = !scans.is_empty();
             tokio::select! {
                 _ = progress.changed() => {}
                 _ = outcome.changed() => {}
+                done = scans.next(), if busy => {
+                    if !deliver(done, &tx).await {
+                        return;
+                    }
+                }
                 _ = tx.closed() => return,
             }
             continue;
@@ -1431,10 +1580,6 @@ async fn read_download(
         }
         pos = end;
         dl.advance(reader, end.div_ceil(BLOCK_BYTES));
-        if !scan {
-            // Unscanned: hand each block over as soon as it is read.
-            segment_len = SCAN_SEGMENT;
-        }
     }
     drop(guard);
 }
