@@ -11,7 +11,16 @@ stop)
     if [ -f "$dir/clamd.pid" ]; then kill "$(cat "$dir/clamd.pid")" 2>/dev/null || true; fi
     exit 0 ;;
 esac
-command -v clamd >/dev/null || { echo "clamd is not installed (apt-get install clamav-daemon)" >&2; exit 1; }
+if ! command -v clamd >/dev/null; then
+    # A fresh Debian machine: install ClamAV's daemon (no signature download needed).
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+        export DEBIAN_FRONTEND=noninteractive
+        { apt-get update -qq && apt-get install -y -qq --no-install-recommends clamav-daemon; } >&2
+    else
+        echo "clamd is not installed: apt-get install clamav-daemon" >&2
+        exit 1
+    fi
+fi
 mkdir -p "$dir/db"
 cp "$root"/security/clamav/*.ndb "$root"/security/clamav/*.hdb "$dir/db/"
 if [ -S "$sock" ] && [ -f "$dir/clamd.pid" ] && kill -0 "$(cat "$dir/clamd.pid")" 2>/dev/null; then

@@ -1,13 +1,17 @@
 #!/usr/bin/env bash
 # The main job for now: a small local network of three p2pd nodes on loopback
-# and demo apps exchanging messages through the shared node's API:
-# a pubsub chat between two nodes and an echo service found via the service registry.
+# and demo apps using the shared node's API: a pubsub chat between two nodes, an
+# echo service found via the service registry, and content sharing (publish,
+# search across the network, verified fetch, the virus filter on a real clamd,
+# peer credit).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/p2pvm-target}"
 cargo build --workspace --bins --examples --locked -q
 BIN="$CARGO_TARGET_DIR/debug"
 WORK=$(mktemp -d /tmp/p2pvm-demo.XXXXXX)
+CLAMD_SOCKET=$(./scripts/clamd.sh)
+printf '[virus]\nclamd_socket = "%s"\n' "$CLAMD_SOCKET" >"$WORK/p2pd.toml"
 PIDS=()
 cleanup() {
   for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
@@ -18,7 +22,7 @@ trap cleanup EXIT
 
 start_node() { # name [bootstrap]
   local dir="$WORK/$1"
-  local args=(--data-dir "$dir" --no-mdns --listen /ip4/127.0.0.1/tcp/0 --listen /ip4/127.0.0.1/udp/0/quic-v1)
+  local args=(--config "$WORK/p2pd.toml" --data-dir "$dir" --no-mdns --listen /ip4/127.0.0.1/tcp/0 --listen /ip4/127.0.0.1/udp/0/quic-v1)
   [ -n "${2:-}" ] && args+=(--bootstrap "$2")
   P2PD_LOG=warn "$BIN/p2pd" "${args[@]}" 2>"$WORK/$1.log" &
   PIDS+=($!)
@@ -66,6 +70,21 @@ for _ in $(seq 100); do ctl beta service find echo 2>/dev/null | grep -q . && br
 REPLY=$(P2PVM_API_SOCKET="$WORK/alpha/api.sock" P2PVM_TOKEN="$TOK_C" "$BIN/examples/echo" call "ping over an app-defined protocol")
 echo "  reply: $REPLY"
 [ "$REPLY" = "ping over an app-defined protocol" ]
+
+echo "== content: gamma publishes a file; alpha finds it by keyword and fetches it verified"
+head -c 3000000 /dev/urandom >"$WORK/film.bin"
+ctl gamma publish "$WORK/film.bin" --name "Demo Film.webm" --tag "open movie" --tag demo
+ID=$(ctl gamma --json ls | python3 -c 'import json,sys; print(json.load(sys.stdin)[0]["content_id"])')
+for _ in $(seq 100); do ctl alpha search demo film 2>/dev/null | grep -q "$ID" && break; sleep 0.1; done
+ctl alpha search demo film
+ctl alpha get "$ID" -o "$WORK/film.copy"
+cmp "$WORK/film.bin" "$WORK/film.copy" && echo "  fetched copy is byte-identical"
+echo "== the virus filter refuses the EICAR test file"
+printf '%s' 'X5O!P%@AP[4\PZX54(P^)7CC)7}$EICAR-STANDARD-ANTIVIRUS-TEST-FILE!$H+H*' >"$WORK/eicar.com"
+if ctl beta publish "$WORK/eicar.com" 2>"$WORK/eicar.err"; then echo "EICAR was accepted!" >&2; exit 1; fi
+echo "  refused: $(head -1 "$WORK/eicar.err")"
+echo "== peer credit on alpha, as its operator sees it"
+ctl alpha credit list
 
 echo "== sessions on alpha, as its operator sees them"
 ctl alpha sessions
