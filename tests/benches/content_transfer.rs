@@ -82,7 +82,10 @@ async fn main() -> Result<()> {
     let file = dir.path().join("item.bin");
     std::fs::write(&file, data)?;
 
-    let config = std::env::var("P2PVM_BENCH_CONFIG").ok();
+    // The transfer engine alone; the virus filter's cost is the virus_filter bench.
+    let config = Some(
+        std::env::var("P2PVM_BENCH_CONFIG").unwrap_or_else(|_| "[virus]\nenabled = false\n".into()),
+    );
     let a = TestNode::start(NodeOpts {
         config_toml: config.clone(),
         ..Default::default()
@@ -174,6 +177,7 @@ async fn main() -> Result<()> {
     // Into the store, on a node that has none of it.
     let d = TestNode::start(NodeOpts {
         bootstrap: vec![a_addr.clone()],
+        config_toml: config.clone(),
         ..Default::default()
     })
     .await?;
@@ -208,6 +212,7 @@ async fn main() -> Result<()> {
     // Time to first byte, on a third node that never fetched the item.
     let c = TestNode::start(NodeOpts {
         bootstrap: vec![a_addr.clone()],
+        config_toml: config.clone(),
         ..Default::default()
     })
     .await?;
