@@ -92,19 +92,23 @@ async fn clean_transfers_raise_credit_corrupt_ones_sink_it_and_it_persists() -> 
     rot_store(&liar)?;
     liar.restart().await?;
     honest.admin().await?.delete_content(&id2).await?;
-    let e = f.fetch_content(&id2, 0, 0, true).await;
-    if let Ok((_, mut s)) = e {
-        let mut sink = Vec::new();
-        ensure!(
-            s.read_to_end(&mut sink).await.is_err(),
-            "corrupt data must not complete"
-        );
-    }
+    // Retried until the liar's provider record has spread through the DHT.
+    let completed = std::sync::atomic::AtomicBool::new(false);
     let bad = eventually(WAIT, "corruption recorded", || async {
+        if let Ok((_, mut s)) = f.fetch_content(&id2, 0, 0, true).await {
+            let mut sink = Vec::new();
+            if s.read_to_end(&mut sink).await.is_ok() {
+                completed.store(true, std::sync::atomic::Ordering::SeqCst);
+            }
+        }
         let c = f.credit_show(&liar.peer_id).await.ok()?;
         (c.corrupt_blocks > 0).then_some(c)
     })
     .await?;
+    ensure!(
+        !completed.load(std::sync::atomic::Ordering::SeqCst),
+        "corrupt data must not complete"
+    );
     ensure!(bad.score < 15 && bad.standing == "refused", "{bad:?}");
     let history = f.credit_history(&liar.peer_id, 10).await?;
     ensure!(
@@ -173,6 +177,13 @@ async fn the_engine_prefers_a_high_credit_peer() -> Result<()> {
     let data = item(24 << 20, 4);
     let id = publish(&trusted.admin().await?, &data).await?;
     ensure!(publish(&stranger.admin().await?, &data).await? == id);
+    // Both must be known providers, or the check below would prove nothing.
+    eventually(WAIT, "both providers visible", || async {
+        let hits = f.search_content(&id, 1).await.ok()?;
+        let p = &hits.first()?.providers;
+        (p.contains(&trusted.peer_id) && p.contains(&stranger.peer_id)).then_some(())
+    })
+    .await?;
     let before_t = f.credit_show(&trusted.peer_id).await?.bytes_received;
     ensure!(fetch(&f, &id).await? == data);
     let from_trusted = f.credit_show(&trusted.peer_id).await?.bytes_received - before_t;
