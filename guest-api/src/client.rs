@@ -488,8 +488,11 @@ impl Client {
             // The node stops reading when its import fails (a full disk, say):
             // its answer says why, which beats our broken pipe.
             drop(stream);
-            return match self.inner.request(finish).await {
-                Err(api @ Error::Api { .. }) => Err(api),
+            // Bounded: if the session itself is gone, a reconnecting client would
+            // otherwise wait for the node to come back.
+            let why = tokio::time::timeout(Duration::from_secs(5), self.inner.request(finish));
+            return match why.await {
+                Ok(Err(api @ Error::Api { .. })) => Err(api),
                 _ => Err(Error::Protocol(format!("sending the bytes failed: {e}"))),
             };
         }

@@ -413,7 +413,11 @@ impl Session {
             Op::SessionState(_) => Ok(pb::response::Result::SessionState(
                 self.state.lock().expect("lock").clone(),
             )),
-            Op::ContentPublish(r) if r.path.is_empty() => self.content_publish(r),
+            Op::ContentPublish(r) if r.path.is_empty() => match self.content_publish(id, r).await {
+                // Answered inside, before the stream's tasks start.
+                Ok(()) => return,
+                Err(e) => Err(e),
+            },
             Op::ContentPublishFinish(r) => match self.publishes.remove(&r.stream_id) {
                 Some(rx) => {
                     let out = self.out.clone();
@@ -712,10 +716,11 @@ impl Session {
 
     /// Starts a publish from a byte stream: the app writes the bytes on the
     /// returned stream; the import runs as they arrive.
-    fn content_publish(
+    async fn content_publish(
         &mut self,
+        request_id: u64,
         r: pb::ContentPublishRequest,
-    ) -> Result<pb::response::Result, ApiError> {
+    ) -> Result<(), ApiError> {
         let content = ops::content(&self.svc)?.clone();
         let meta = ops::publish_meta(&r)?;
         if !self.stream_slots_left() {
@@ -726,6 +731,9 @@ impl Session {
         let stream = tokio::io::join(tokio::io::empty(), app_writes).compat();
         let stream_id = self.next_stream;
         self.next_stream += 1;
+        let opened = pb::StreamOpened { stream_id };
+        self.reply(request_id, Ok(pb::response::Result::StreamOpened(opened)))
+            .await;
         self.add_stream(stream_id, stream);
         let (tx, rx) = oneshot::channel();
         self.publishes.insert(stream_id, rx);
@@ -743,9 +751,7 @@ impl Session {
                 .map_err(ApiError::from);
             let _ = tx.send(r);
         });
-        Ok(pb::response::Result::StreamOpened(pb::StreamOpened {
-            stream_id,
-        }))
+        Ok(())
     }
 
     /// Starts streaming verified bytes; answered with `ContentStream` once the
@@ -835,11 +841,17 @@ impl Session {
                 result,
             } => {
                 self.pending_opens -= 1;
-                let r = result.map(|stream| {
-                    self.add_stream(stream_id, stream);
-                    pb::response::Result::StreamOpened(pb::StreamOpened { stream_id })
-                });
-                self.reply(request_id, r).await;
+                // Answer before the copy tasks start, so the app knows the stream
+                // id before any of its data or its close can arrive.
+                match result {
+                    Ok(stream) => {
+                        let opened = pb::StreamOpened { stream_id };
+                        self.reply(request_id, Ok(pb::response::Result::StreamOpened(opened)))
+                            .await;
+                        self.add_stream(stream_id, stream);
+                    }
+                    Err(e) => self.reply(request_id, Err(e)).await,
+                }
             }
             Internal::ContentOpened {
                 request_id,
@@ -847,17 +859,22 @@ impl Session {
                 result,
             } => {
                 self.pending_opens -= 1;
-                let r = result.map(|(opened, bytes)| {
-                    let reader = tokio_util::io::StreamReader::new(bytes.0);
-                    let stream = tokio::io::join(reader, tokio::io::sink()).compat();
-                    self.add_stream(stream_id, stream);
-                    // The app sends nothing on a fetch stream; end that direction now.
-                    if let Some(s) = self.streams.get_mut(&stream_id) {
-                        s.half_close();
+                match result {
+                    Ok((opened, bytes)) => {
+                        // Answer first: the bytes start flowing as soon as the
+                        // copy task runs, and must not overtake the answer.
+                        self.reply(request_id, Ok(pb::response::Result::ContentStream(opened)))
+                            .await;
+                        let reader = tokio_util::io::StreamReader::new(bytes.0);
+                        let stream = tokio::io::join(reader, tokio::io::sink()).compat();
+                        self.add_stream(stream_id, stream);
+                        // The app sends nothing on a fetch stream; end that direction now.
+                        if let Some(s) = self.streams.get_mut(&stream_id) {
+                            s.half_close();
+                        }
                     }
-                    pb::response::Result::ContentStream(opened)
-                });
-                self.reply(request_id, r).await;
+                    Err(e) => self.reply(request_id, Err(e)).await,
+                }
             }
             Internal::Inbound {
                 protocol,
@@ -870,7 +887,7 @@ impl Session {
                 }
                 let stream_id = self.next_stream;
                 self.next_stream += 1;
-                self.add_stream(stream_id, stream);
+                // Announce first, so the peer's first bytes cannot overtake the event.
                 let ev = pb::event::Kind::InboundStream(pb::InboundStream {
                     stream_id,
                     peer_id: peer.to_string(),
@@ -878,6 +895,7 @@ impl Session {
                 });
                 self.send(pb::Frame::of(Kind::Event(pb::Event { kind: Some(ev) })))
                     .await;
+                self.add_stream(stream_id, stream);
             }
             Internal::Failed(id, error) => {
                 if let Some(s) = self.streams.remove(&id) {
