@@ -22,7 +22,12 @@ pub async fn run(ledger: Arc<Ledger>, node: NodeHandle, shutdown: CancellationTo
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => break,
-            _ = tick.tick() => flush(&ledger).await,
+            _ = tick.tick() => {
+                flush(&ledger).await;
+                // Connections made before this task listened (a bootstrap dial at
+                // start) are caught here.
+                sweep_banned(&ledger, &node).await;
+            }
             ev = events.recv() => match ev {
                 Ok(NodeEvent::PeerConnected { peer_id, .. }) => {
                     if ledger.standing(&peer_id) == Standing::Banned {
@@ -55,6 +60,17 @@ pub async fn run(ledger: Arc<Ledger>, node: NodeHandle, shutdown: CancellationTo
         );
     }
     flush(&ledger).await;
+}
+
+async fn sweep_banned(ledger: &Ledger, node: &NodeHandle) {
+    let Ok(peers) = node.call(Command::Peers).await else {
+        return;
+    };
+    for p in peers {
+        if ledger.standing(&p.peer_id) == Standing::Banned {
+            let _ = node.call(|r| Command::Disconnect(p.peer_id, r)).await;
+        }
+    }
 }
 
 async fn flush(ledger: &Arc<Ledger>) {
