@@ -18,16 +18,7 @@ use p2pvm_e2e::{NodeOpts, TestNode};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 fn item(len: usize) -> Vec<u8> {
-    let mut x = 0x2545_F491_4F6C_DD1Du64;
-    let mut out = Vec::with_capacity(len + 8);
-    while out.len() < len {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        out.extend_from_slice(&x.to_le_bytes());
-    }
-    out.truncate(len);
-    out
+    p2pvm_e2e::pseudo_random(len, 7)
 }
 
 async fn raw_tcp(data: &'static [u8]) -> Result<Duration> {

@@ -39,18 +39,7 @@ async fn main() -> Result<()> {
 
     let dir = tempfile::tempdir()?;
     let file = dir.path().join("swarm.bin");
-    {
-        let mut x = 0x9E37_79B9_7F4A_7C15u64;
-        let mut data = Vec::with_capacity(size as usize);
-        while data.len() < size as usize {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            data.extend_from_slice(&x.to_le_bytes());
-        }
-        data.truncate(size as usize);
-        std::fs::write(&file, &data)?;
-    }
+    std::fs::write(&file, p2pvm_e2e::pseudo_random(size as usize, 7))?;
     let publisher = TestNode::start(NodeOpts {
         config_toml: Some(config.clone()),
         ..Default::default()

@@ -77,18 +77,7 @@ async fn main() -> Result<()> {
     let size = mib << 20;
     let dir = tempfile::tempdir()?;
     let file = dir.path().join("item.bin");
-    {
-        let mut x = 0x9E37_79B9_7F4A_7C15u64;
-        let mut data = Vec::with_capacity(size + 8);
-        while data.len() < size {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            data.extend_from_slice(&x.to_le_bytes());
-        }
-        data.truncate(size);
-        std::fs::write(&file, &data)?;
-    }
+    std::fs::write(&file, p2pvm_e2e::pseudo_random(size as usize, 7))?;
     let off = run("[virus]\nenabled = false\n", &file, size).await?;
     let on = run("", &file, size).await?;
     println!(

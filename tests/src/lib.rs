@@ -280,6 +280,30 @@ where
     }
 }
 
+/// Deterministic, incompressible-looking bytes (xorshift), for test items.
+pub fn pseudo_random(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    let mut out = Vec::with_capacity(len + 8);
+    while out.len() < len {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        out.extend_from_slice(&x.to_le_bytes());
+    }
+    out.truncate(len);
+    out
+}
+
+/// Starts a node bootstrapped from `bootstrap`, with optional TOML config.
+pub async fn node_with(bootstrap: &[&TestNode], config: Option<String>) -> Result<TestNode> {
+    TestNode::start(NodeOpts {
+        bootstrap: bootstrap.iter().map(|n| n.addr.clone()).collect(),
+        config_toml: config,
+        ..Default::default()
+    })
+    .await
+}
+
 /// Whether `path` exists as a Unix socket.
 pub fn is_socket(path: &Path) -> bool {
     use std::os::unix::fs::FileTypeExt;

@@ -11,18 +11,8 @@ use tokio::io::AsyncReadExt;
 
 const WAIT: Duration = Duration::from_secs(60);
 
-/// Deterministic, incompressible-looking bytes.
 fn item(len: usize, seed: u64) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    let mut out = Vec::with_capacity(len + 8);
-    while out.len() < len {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        out.extend_from_slice(&x.to_le_bytes());
-    }
-    out.truncate(len);
-    out
+    p2pvm_e2e::pseudo_random(len, seed)
 }
 
 fn meta(name: &str, tags: &[&str]) -> proto::ContentPublishRequest {
@@ -119,12 +109,7 @@ fn capped(bytes_per_sec: u64, extra: &str) -> String {
 }
 
 async fn node(bootstrap: &[&TestNode], config: Option<String>) -> Result<TestNode> {
-    TestNode::start(NodeOpts {
-        bootstrap: bootstrap.iter().map(|n| n.addr.clone()).collect(),
-        config_toml: config,
-        ..Default::default()
-    })
-    .await
+    p2pvm_e2e::node_with(bootstrap, config).await
 }
 
 /// Bytes held of `id` as a node's progress events report them.

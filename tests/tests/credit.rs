@@ -5,31 +5,17 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, ensure};
 use guest_api::{Client, proto};
-use p2pvm_e2e::{NodeOpts, TestNode, eventually};
+use p2pvm_e2e::{TestNode, eventually};
 use tokio::io::AsyncReadExt;
 
 const WAIT: Duration = Duration::from_secs(60);
 
 fn item(len: usize, seed: u64) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    let mut out = Vec::with_capacity(len + 8);
-    while out.len() < len {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        out.extend_from_slice(&x.to_le_bytes());
-    }
-    out.truncate(len);
-    out
+    p2pvm_e2e::pseudo_random(len, seed)
 }
 
 async fn node(bootstrap: &[&TestNode], config: Option<&str>) -> Result<TestNode> {
-    TestNode::start(NodeOpts {
-        bootstrap: bootstrap.iter().map(|n| n.addr.clone()).collect(),
-        config_toml: config.map(str::to_owned),
-        ..Default::default()
-    })
-    .await
+    p2pvm_e2e::node_with(bootstrap, config.map(str::to_owned)).await
 }
 
 async fn publish(c: &Client, data: &[u8]) -> Result<String> {

@@ -7,7 +7,7 @@ use std::time::Duration;
 use anyhow::{Context, Result, ensure};
 use futures::StreamExt;
 use guest_api::{Client, proto};
-use p2pvm_e2e::{NodeOpts, TestNode, eventually};
+use p2pvm_e2e::{TestNode, eventually};
 use tokio::io::AsyncReadExt;
 
 const WAIT: Duration = Duration::from_secs(60);
@@ -15,25 +15,11 @@ const EICAR: &[u8] = br"X5O!P%@AP[4\PZX54(P^)7CC)7}$EICAR-STANDARD-ANTIVIRUS-TES
 const MARKER: &[u8] = b"P2PVM-SYNTHETIC-MALWARE-MARKER-7f3a";
 
 fn item(len: usize, seed: u64) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    let mut out = Vec::with_capacity(len + 8);
-    while out.len() < len {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        out.extend_from_slice(&x.to_le_bytes());
-    }
-    out.truncate(len);
-    out
+    p2pvm_e2e::pseudo_random(len, seed)
 }
 
 async fn node(bootstrap: &[&TestNode], config: Option<String>) -> Result<TestNode> {
-    TestNode::start(NodeOpts {
-        bootstrap: bootstrap.iter().map(|n| n.addr.clone()).collect(),
-        config_toml: config,
-        ..Default::default()
-    })
-    .await
+    p2pvm_e2e::node_with(bootstrap, config).await
 }
 
 async fn publish(c: &Client, name: &str, data: &[u8]) -> guest_api::Result<proto::ContentInfo> {
