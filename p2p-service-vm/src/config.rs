@@ -139,6 +139,8 @@ pub struct ContentConfig {
     pub allow_path_publish: bool,
     /// Give up on a transfer after this long without a verified block.
     pub stall_timeout_secs: u64,
+    /// Largest item this node fetches (a peer's manifest could claim anything).
+    pub max_item_bytes: u64,
 }
 
 impl Default for ContentConfig {
@@ -153,6 +155,7 @@ impl Default for ContentConfig {
             gateway: None,
             allow_path_publish: true,
             stall_timeout_secs: 30,
+            max_item_bytes: 256 << 30,
         }
     }
 }

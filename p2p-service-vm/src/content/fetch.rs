@@ -47,6 +47,8 @@ const ENDGAME_AFTER: Duration = Duration::from_millis(400);
 const HAVE_REFRESH: Duration = Duration::from_millis(500);
 /// Time allowed to open a stream (including finding and dialling the peer).
 const OPEN_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a provider may leave requests unanswered before it is dropped.
+const ANSWER_TIMEOUT: Duration = Duration::from_secs(15);
 /// How long a low-credit provider waits before its first request.
 const THROTTLED_HEAD_START: Duration = Duration::from_secs(1);
 /// How long a failed provider is left alone before it is tried again.
@@ -123,7 +125,11 @@ impl Sched {
             peers: HashMap::new(),
             throttled: HashSet::new(),
             bad: HashSet::new(),
-            rng: 0x9E37_79B9_7F4A_7C15 ^ (Instant::now().elapsed().as_nanos() as u64),
+            rng: 0x9E37_79B9_7F4A_7C15
+                ^ std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map(|d| d.as_nanos() as u64)
+                    .unwrap_or(1),
             last_progress: Instant::now(),
             held: 0,
         }
@@ -328,6 +334,8 @@ impl Download {
             next: blocks.start,
             end: blocks.end,
         });
+        // New demand: the stall clock starts now, not at the last block.
+        s.last_progress = Instant::now();
         drop(s);
         self.changed.notify_waiters();
         id
@@ -450,7 +458,13 @@ pub(crate) async fn manifest_from(
         .await;
         match got {
             Ok(Some(bytes)) => match VerifiedManifest::parse(&bytes) {
-                Ok(m) if m.id == *id => return Ok(m),
+                Ok(m) if m.id == *id => match prove_size(svc, *peer, &mut stream, &m).await {
+                    Ok(()) => return Ok(m),
+                    Err(e) => {
+                        warn!(%peer, %id, error = %e, "manifest size not proven; ignoring it");
+                        last = ContentServiceError::Verification(e);
+                    }
+                },
                 Ok(_) => {
                     warn!(%peer, %id, "peer sent a manifest for another item");
                     last = ContentServiceError::Verification("manifest for another item".into());
@@ -465,6 +479,71 @@ pub(crate) async fn manifest_from(
         }
     }
     Err(last)
+}
+
+/// Anyone can sign a manifest for any id, so its size is checked before it
+/// sizes anything: within the configured bound, and proven by the item's last
+/// block, whose proof commits to the length (BLAKE3's tree shape depends on it).
+async fn prove_size(
+    svc: &ContentService,
+    stream_peer: PeerId,
+    stream: &mut libp2p::Stream,
+    m: &VerifiedManifest,
+) -> Result<(), String> {
+    let size = m.manifest.size;
+    if size > svc.inner.config.max_item_bytes {
+        return Err(format!(
+            "claimed size {size} is above content.max_item_bytes ({})",
+            svc.inner.config.max_item_bytes
+        ));
+    }
+    if size == 0 {
+        return if m.id == ContentId::from(blake3::hash(b"")) {
+            Ok(())
+        } else {
+            Err("claimed size 0 for a non-empty id".into())
+        };
+    }
+    let last = block_count(size) - 1;
+    let range = block_range(size, last);
+    let io = |e: std::io::Error| e.to_string();
+    request(
+        stream,
+        Op::Block(BlockRequest {
+            content_id: m.id.0.to_vec(),
+            block: last,
+        }),
+    )
+    .await
+    .map_err(io)?;
+    let header = response(stream).await.map_err(io)?;
+    if header.status != Status::Ok as i32 {
+        return Err(format!("last block refused: {}", header.message));
+    }
+    let wire = read_payload(
+        stream,
+        header.payload_len,
+        transfer::max_block_wire(range.end - range.start),
+    )
+    .await
+    .map_err(io)?;
+    let id = m.id;
+    let verified =
+        tokio::task::spawn_blocking(move || p2pvm_content::decode_range(id, size, range, &wire))
+            .await
+            .map_err(|e| e.to_string())?;
+    if let Err(e) = verified {
+        // The peer sent data that does not verify: that is on its record.
+        let peer = stream_peer;
+        svc.inner.ledger.record(peer, EventKind::CorruptBlock);
+        svc.emit(NodeEvent::CorruptData {
+            peer,
+            id,
+            block: last,
+        });
+        return Err(format!("last block does not verify: {e}"));
+    }
+    Ok(())
 }
 
 /// Returns the running download of `id`, starting one if needed.
@@ -483,6 +562,7 @@ async fn download_for(
         .cloned();
     if let Some(dl) = running {
         if keep {
+            dl.sched.lock().expect("lock").last_progress = Instant::now();
             dl.keep.store(true, Ordering::Release);
             start_whole_scan(svc, &dl);
         }
@@ -771,9 +851,39 @@ async fn scan_whole(svc: ContentService, dl: Arc<Download>) {
     } else {
         WHOLE_SCAN_SEGMENT
     };
-    let mut scans = SegmentScans::new(svc.inner.virus.clone());
     let mut progress = dl.progress.subscribe();
     let blocks = dl.partial.blocks();
+    if segment_max == u64::MAX {
+        // One clamd stream, fed block by block as the prefix becomes contiguous.
+        let mut scanner = svc.inner.virus.scanner();
+        let mut k = 0;
+        let verdict = loop {
+            if k == blocks {
+                break scanner.finish().await;
+            }
+            if !dl.partial.has(k) {
+                tokio::select! {
+                    _ = progress.changed() => continue,
+                    _ = dl.cancel.cancelled() => return,
+                }
+            }
+            match read_span(&dl, block_range(size, k)).await {
+                Ok(bytes) => scanner.feed(bytes).await,
+                Err(e) => {
+                    break Err(VirusError::BadReply(format!(
+                        "reading block {k} for the scan: {e}"
+                    )));
+                }
+            }
+            k += 1;
+        };
+        if let Ok(Verdict::Infected(sig)) = &verdict {
+            malware_found(&svc, &dl, sig);
+        }
+        dl.verdict.send_replace(Some(verdict));
+        return;
+    }
+    let mut scans = SegmentScans::new(svc.inner.virus.clone());
     let mut segment: Vec<Bytes> = Vec::new();
     let mut segment_len = 0u64;
     let mut k = 0;
@@ -1150,11 +1260,12 @@ async fn run_worker(
         op: Op,
         pending: Pending,
     ) -> Result<(), String> {
+        // Tracked before the write, so a failed write still releases the block.
+        inflight.push_back(pending);
+        kinds.send(pending).map_err(|_| "reader gone".to_string())?;
         write_msg(wr, &TransferRequest { op: Some(op) })
             .await
-            .map_err(|e| e.to_string())?;
-        inflight.push_back(pending);
-        kinds.send(pending).map_err(|_| "reader gone".to_string())
+            .map_err(|e| e.to_string())
     }
     send(
         &mut wr,
@@ -1274,6 +1385,11 @@ async fn run_worker(
                     },
                 }
             }
+            _ = tokio::time::sleep_until((last_answer + ANSWER_TIMEOUT).into()), if !inflight.is_empty() => {
+                // Accepts requests but does not answer: free its blocks for others.
+                svc.inner.ledger.record(peer, EventKind::RequestFailed);
+                return Err("the provider stopped answering".into());
+            }
             _ = dl.changed.notified(), if inflight.is_empty() && verifying.is_empty() => {}
             _ = tokio::time::sleep(HAVE_REFRESH), if inflight.is_empty() && verifying.is_empty() => {}
             _ = dl.cancel.cancelled() => return Ok(()),
@@ -1343,7 +1459,17 @@ pub(crate) async fn open_reader(
     }
     let whole = range.is_none();
     let dl = download_for(svc, id, keep && whole).await?;
-    let r = check(dl.partial.size())?;
+    let r = match check(dl.partial.size()) {
+        Ok(r) => r,
+        Err(e) => {
+            // Started just for this request: do not leave it running reader-less.
+            let idle = dl.sched.lock().expect("lock").readers.is_empty();
+            if idle && !dl.keep() {
+                dl.cancel.cancel();
+            }
+            return Err(e);
+        }
+    };
     let reader = dl.add_reader(block_span(dl.partial.size(), &r));
     let info = ContentInfo {
         manifest: dl.manifest.clone(),
@@ -1503,6 +1629,15 @@ async fn read_download(
                 let _ = tx.send(Err(to_io(e.into()))).await;
                 return false;
             }
+        }
+        if dl.malware.load(Ordering::Acquire) {
+            // Another scan of this item found malware: nothing more goes out.
+            let _ = tx
+                .send(Err(to_io(ContentServiceError::Malware(
+                    "found in another part of this item".into(),
+                ))))
+                .await;
+            return false;
         }
         for b in seg {
             if tx.send(Ok(b)).await.is_err() {

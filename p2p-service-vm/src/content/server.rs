@@ -250,22 +250,35 @@ async fn answer(svc: &ContentService, req: TransferRequest) -> (TransferResponse
                 return failed(Status::BadRequest, "1-16 keywords");
             }
             let limit = (s.limit as usize).clamp(1, MAX_HITS);
-            let mut hits = transfer::SearchHits::default();
-            let mut size = 0;
-            for (_, signed) in store.manifests().unwrap_or_default() {
-                let Ok(m) = SignedManifest::verify_bytes(&signed) else {
-                    continue;
-                };
-                if keywords::matches(&m, &words) {
-                    size += signed.len();
-                    if hits.manifests.len() >= limit
-                        || size as u64 > transfer::MAX_PAYLOAD_BYTES / 2
-                    {
-                        break;
+            // Manifests were verified when stored; decoding is enough here, and
+            // it runs off the async threads so a flood of searches cannot stall them.
+            let store = store.clone();
+            let hits = tokio::task::spawn_blocking(move || {
+                let mut hits = transfer::SearchHits::default();
+                let mut size = 0;
+                for (_, signed) in store.manifests().unwrap_or_default() {
+                    let Some(m) = SignedManifest::decode(signed.as_slice())
+                        .ok()
+                        .and_then(|sm| {
+                            p2pvm_content::Manifest::decode(sm.manifest.as_slice()).ok()
+                        })
+                    else {
+                        continue;
+                    };
+                    if keywords::matches(&m, &words) {
+                        size += signed.len();
+                        if hits.manifests.len() >= limit
+                            || size as u64 > transfer::MAX_PAYLOAD_BYTES / 2
+                        {
+                            break;
+                        }
+                        hits.manifests.push(signed);
                     }
-                    hits.manifests.push(signed);
                 }
-            }
+                hits
+            })
+            .await
+            .unwrap_or_default();
             let bytes = hits.encode_to_vec();
             (TransferResponse::ok(bytes.len() as u64), bytes)
         }
