@@ -1371,10 +1371,18 @@ async fn run_worker(
                         Ok(Status::NotHeld) => {
                             let mut s = dl.sched.lock().expect("lock");
                             s.release(k);
-                            if let Some(Have::Some(v)) = s.peers.get_mut(&peer)
+                            let cleared = if let Some(Have::Some(v)) = s.peers.get_mut(&peer)
                                 && let Some(b) = v.get_mut(k as usize)
+                                && *b
                             {
                                 *b = false;
+                                true
+                            } else {
+                                false
+                            };
+                            if cleared {
+                                let r = &mut s.rarity[k as usize];
+                                *r = r.saturating_sub(1);
                             }
                         }
                         _ => {
@@ -1458,7 +1466,7 @@ pub(crate) async fn open_reader(
         ));
     }
     let whole = range.is_none();
-    let dl = download_for(svc, id, keep && whole).await?;
+    let mut dl = download_for(svc, id, keep && whole).await?;
     let r = match check(dl.partial.size()) {
         Ok(r) => r,
         Err(e) => {
@@ -1470,7 +1478,14 @@ pub(crate) async fn open_reader(
             return Err(e);
         }
     };
-    let reader = dl.add_reader(block_span(dl.partial.size(), &r));
+    let mut reader = dl.add_reader(block_span(dl.partial.size(), &r));
+    if dl.cancel.is_cancelled() {
+        // Joined a download in the instant its last reader left (a player
+        // closing one stream and seeking with the next): start a fresh one.
+        dl.remove_reader(reader);
+        dl = download_for(svc, id, keep && whole).await?;
+        reader = dl.add_reader(block_span(dl.partial.size(), &r));
+    }
     let info = ContentInfo {
         manifest: dl.manifest.clone(),
         local: None,
