@@ -34,15 +34,7 @@ async fn raw_tcp(data: &'static [u8]) -> Result<Duration> {
     });
     let start = Instant::now();
     let mut s = tokio::net::TcpStream::connect(addr).await?;
-    let mut buf = vec![0u8; 256 * 1024];
-    let mut total = 0;
-    loop {
-        let n = s.read(&mut buf).await?;
-        if n == 0 {
-            break;
-        }
-        total += n;
-    }
+    let total = p2pvm_e2e::drain(&mut s).await?;
     let t = start.elapsed();
     sender.await??;
     ensure!(total == data.len());
@@ -179,15 +171,7 @@ async fn main() -> Result<()> {
     // The API path alone: the same item streamed from the node's own store.
     let t = Instant::now();
     let (_, mut s) = fresh.fetch_content(&info.content_id, 0, 0, true).await?;
-    let mut buf = vec![0u8; 256 * 1024];
-    let mut total = 0;
-    loop {
-        let n = s.read(&mut buf).await?;
-        if n == 0 {
-            break;
-        }
-        total += n;
-    }
+    let total = p2pvm_e2e::drain(&mut s).await?;
     ensure!(total == size);
     println!(
         "stream {mib} MiB from the local store to an app: {:.1} MiB/s",

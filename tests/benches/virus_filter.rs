@@ -13,7 +13,6 @@ use std::time::{Duration, Instant};
 use anyhow::{Result, ensure};
 use guest_api::proto;
 use p2pvm_e2e::{NodeOpts, TestNode};
-use tokio::io::AsyncReadExt;
 
 async fn pair(config: &str) -> Result<(TestNode, TestNode)> {
     let a = TestNode::start(NodeOpts {
@@ -46,15 +45,7 @@ async fn run(config: &str, file: &std::path::Path, size: usize) -> Result<(Durat
     let viewer = b.admin().await?;
     let t = Instant::now();
     let (_, mut s) = viewer.fetch_content(&info.content_id, 0, 0, false).await?;
-    let mut buf = vec![0u8; 256 * 1024];
-    let mut total = 0;
-    loop {
-        let n = s.read(&mut buf).await?;
-        if n == 0 {
-            break;
-        }
-        total += n;
-    }
+    let total = p2pvm_e2e::drain(&mut s).await?;
     let stream = t.elapsed();
     ensure!(total == size);
     tokio::time::sleep(Duration::from_millis(300)).await;

@@ -294,6 +294,20 @@ pub fn pseudo_random(len: usize, seed: u64) -> Vec<u8> {
     out
 }
 
+/// Reads a stream to its end, discarding the bytes; returns how many there were.
+pub async fn drain(s: &mut (impl tokio::io::AsyncRead + Unpin)) -> std::io::Result<usize> {
+    use tokio::io::AsyncReadExt;
+    let mut buf = vec![0u8; 256 * 1024];
+    let mut total = 0;
+    loop {
+        let n = s.read(&mut buf).await?;
+        if n == 0 {
+            return Ok(total);
+        }
+        total += n;
+    }
+}
+
 /// Starts a node bootstrapped from `bootstrap`, with optional TOML config.
 pub async fn node_with(bootstrap: &[&TestNode], config: Option<String>) -> Result<TestNode> {
     TestNode::start(NodeOpts {

@@ -861,19 +861,10 @@ async fn scan_whole(svc: ContentService, dl: Arc<Download>) {
             if k == blocks {
                 break scanner.finish().await;
             }
-            if !dl.partial.has(k) {
-                tokio::select! {
-                    _ = progress.changed() => continue,
-                    _ = dl.cancel.cancelled() => return,
-                }
-            }
-            match read_span(&dl, block_range(size, k)).await {
-                Ok(bytes) => scanner.feed(bytes).await,
-                Err(e) => {
-                    break Err(VirusError::BadReply(format!(
-                        "reading block {k} for the scan: {e}"
-                    )));
-                }
+            match next_block(&dl, &mut progress, k).await {
+                None => return,
+                Some(Ok(bytes)) => scanner.feed(bytes).await,
+                Some(Err(e)) => break Err(e),
             }
             k += 1;
         };
@@ -908,22 +899,13 @@ async fn scan_whole(svc: ContentService, dl: Arc<Download>) {
                 other => break 'scan other,
             }
         }
-        if !dl.partial.has(k) {
-            tokio::select! {
-                _ = progress.changed() => continue,
-                _ = dl.cancel.cancelled() => return,
-            }
-        }
-        match read_span(&dl, block_range(size, k)).await {
-            Ok(bytes) => {
+        match next_block(&dl, &mut progress, k).await {
+            None => return,
+            Some(Ok(bytes)) => {
                 segment_len += bytes.len() as u64;
                 segment.push(bytes);
             }
-            Err(e) => {
-                break Err(VirusError::BadReply(format!(
-                    "reading block {k} for the scan: {e}"
-                )));
-            }
+            Some(Err(e)) => break Err(e),
         }
         k += 1;
     };
@@ -975,6 +957,26 @@ fn malware_found(svc: &ContentService, dl: &Arc<Download>, signature: &str) {
         peers,
     });
     dl.fail(ContentServiceError::Malware(signature.into()));
+}
+
+/// Waits until block `k` is held and reads it for the scan; `None` when the
+/// download is cancelled first.
+async fn next_block(
+    dl: &Arc<Download>,
+    progress: &mut watch::Receiver<u64>,
+    k: u64,
+) -> Option<Result<Bytes, VirusError>> {
+    while !dl.partial.has(k) {
+        tokio::select! {
+            _ = progress.changed() => {}
+            _ = dl.cancel.cancelled() => return None,
+        }
+    }
+    Some(
+        read_span(dl, block_range(dl.partial.size(), k))
+            .await
+            .map_err(|e| VirusError::BadReply(format!("reading block {k} for the scan: {e}"))),
+    )
 }
 
 /// Reads verified bytes of a held span from the partial file.
