@@ -18,6 +18,7 @@
 
 pub mod api;
 pub mod config;
+pub mod confine;
 pub mod content;
 pub mod credit;
 pub mod daemon;

@@ -1,0 +1,180 @@
+//! The shared region: a sealed memfd mapped with `MAP_SHARED`, accessed only
+//! through `vm-memory`, which bounds-checks every access against the mapping.
+//!
+//! The supervisor creates the region and seals its size, so that neither side
+//! can shrink it under the other's mapping (which would turn the peer's next
+//! access into a SIGBUS). Whoever opens a region checks the seal first.
+
+use std::fs::File;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use rustix::fs::{MemfdFlags, SealFlags};
+use vm_memory::{Bytes, FileOffset, GuestAddress, GuestMemoryMmap};
+
+use crate::ChannelError;
+use crate::layout::{Layout, MAGIC, VERSION, field};
+
+/// One mapping of the shared region. Cheap to clone.
+#[derive(Debug, Clone)]
+pub struct Region {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    mem: GuestMemoryMmap<()>,
+    file: File,
+    layout: Layout,
+}
+
+fn map(file: &File, size: u64) -> Result<GuestMemoryMmap<()>, ChannelError> {
+    let file = file.try_clone().map_err(ChannelError::Io)?;
+    GuestMemoryMmap::from_ranges_with_files(&[(
+        GuestAddress(0),
+        size as usize,
+        Some(FileOffset::new(file, 0)),
+    )])
+    .map_err(|e| ChannelError::Map(e.to_string()))
+}
+
+impl Region {
+    /// Creates a fresh region for `layout`: a sealed memfd with the header filled in.
+    pub fn create(layout: Layout) -> Result<Self, ChannelError> {
+        let fd = rustix::fs::memfd_create(
+            "p2pvm-channel",
+            MemfdFlags::CLOEXEC | MemfdFlags::ALLOW_SEALING,
+        )
+        .map_err(|e| ChannelError::Io(e.into()))?;
+        let file = File::from(fd);
+        file.set_len(layout.size).map_err(ChannelError::Io)?;
+        rustix::fs::fcntl_add_seals(&file, SealFlags::SHRINK | SealFlags::GROW | SealFlags::SEAL)
+            .map_err(|e| ChannelError::Io(e.into()))?;
+        let mem = map(&file, layout.size)?;
+        let region = Self {
+            inner: Arc::new(Inner { mem, file, layout }),
+        };
+        region.store_u64(field::MAGIC, MAGIC);
+        region.store_u32(field::VERSION, VERSION);
+        region.store_u32(field::QUEUE_SIZE, u32::from(layout.queue_size));
+        region.store_u32(field::BUF_SIZE, layout.buf_size);
+        region.store_u64(field::REGION_SIZE, layout.size);
+        Ok(region)
+    }
+
+    /// Maps a region someone else created (received over the broker socket).
+    ///
+    /// The header's sizes are only trusted as far as they describe a valid layout
+    /// that fits in the file; every later access is bounds-checked regardless.
+    pub fn open(file: File) -> Result<Self, ChannelError> {
+        let seals = rustix::fs::fcntl_get_seals(&file).map_err(|e| ChannelError::Io(e.into()))?;
+        if !seals.contains(SealFlags::SHRINK) {
+            return Err(ChannelError::Layout(
+                "the region is not sealed against shrinking".into(),
+            ));
+        }
+        let len = file.metadata().map_err(ChannelError::Io)?.len();
+        if len < crate::layout::HEADER_BYTES {
+            return Err(ChannelError::Layout(format!("region of {len} bytes")));
+        }
+        let mem = map(&file, len)?;
+        let read32 = |off| -> Result<u32, ChannelError> {
+            mem.read_obj::<u32>(GuestAddress(off))
+                .map_err(|e| ChannelError::Map(e.to_string()))
+        };
+        let magic: u64 = mem
+            .read_obj(GuestAddress(field::MAGIC))
+            .map_err(|e| ChannelError::Map(e.to_string()))?;
+        if magic != MAGIC {
+            return Err(ChannelError::Layout(format!("bad magic {magic:#x}")));
+        }
+        let version = read32(field::VERSION)?;
+        if version != VERSION {
+            return Err(ChannelError::Layout(format!(
+                "layout version {version}, this build speaks {VERSION}"
+            )));
+        }
+        let layout = Layout::new(read32(field::QUEUE_SIZE)?, read32(field::BUF_SIZE)?)?;
+        if layout.size > len {
+            return Err(ChannelError::Layout(format!(
+                "layout needs {} bytes, the region has {len}",
+                layout.size
+            )));
+        }
+        Ok(Self {
+            inner: Arc::new(Inner { mem, file, layout }),
+        })
+    }
+
+    /// The memfd, to hand to the other side.
+    pub fn file(&self) -> &File {
+        &self.inner.file
+    }
+
+    /// The layout in use.
+    pub fn layout(&self) -> &Layout {
+        &self.inner.layout
+    }
+
+    /// Bounds-checked access to the whole region.
+    pub fn mem(&self) -> &GuestMemoryMmap<()> {
+        &self.inner.mem
+    }
+
+    /// Atomically loads a header word. The header page always exists.
+    pub fn load_u32(&self, off: u64) -> u32 {
+        self.inner
+            .mem
+            .load(GuestAddress(off), Ordering::Acquire)
+            .expect("header words are inside the first page")
+    }
+
+    /// Atomically stores a header word.
+    pub fn store_u32(&self, off: u64, v: u32) {
+        self.inner
+            .mem
+            .store(v, GuestAddress(off), Ordering::Release)
+            .expect("header words are inside the first page")
+    }
+
+    fn store_u64(&self, off: u64, v: u64) {
+        self.inner
+            .mem
+            .write_obj(v, GuestAddress(off))
+            .expect("header words are inside the first page")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_second_mapping_sees_the_first() {
+        let a = Region::create(Layout::new(16, 4096).unwrap()).unwrap();
+        let b = Region::open(a.file().try_clone().unwrap()).unwrap();
+        assert_eq!(a.layout(), b.layout());
+        a.store_u32(field::DRIVER_GEN, 7);
+        assert_eq!(b.load_u32(field::DRIVER_GEN), 7);
+    }
+
+    #[test]
+    fn the_size_is_sealed() {
+        let a = Region::create(Layout::new(16, 4096).unwrap()).unwrap();
+        assert!(a.file().set_len(4096).is_err(), "shrinking must fail");
+    }
+
+    #[test]
+    fn refuses_foreign_files() {
+        let fd = rustix::fs::memfd_create("x", MemfdFlags::ALLOW_SEALING).unwrap();
+        let f = File::from(fd);
+        f.set_len(1 << 20).unwrap();
+        assert!(matches!(
+            Region::open(f.try_clone().unwrap()),
+            Err(ChannelError::Layout(_))
+        ));
+        rustix::fs::fcntl_add_seals(&f, SealFlags::SHRINK).unwrap();
+        let e = Region::open(f).unwrap_err();
+        assert!(e.to_string().contains("magic"), "{e}");
+    }
+}

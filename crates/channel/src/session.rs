@@ -1,0 +1,383 @@
+//! One session: a byte stream in each direction with credit-based flow control,
+//! exposed to its user as [`ChannelStream`] (`AsyncRead + AsyncWrite`).
+//!
+//! The stream side and the pump share [`State`] under a mutex. The stream
+//! appends what the app writes and takes what the pump received; the pump
+//! turns state into messages (`next_message`) and messages into state
+//! (in `mux`). Neither ever waits for the other while holding the lock.
+
+use std::collections::VecDeque;
+use std::io;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::task::{Context, Poll, Waker};
+
+use bytes::{Buf, Bytes};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::sync::Notify;
+
+use crate::wire::{Header, Kind};
+
+/// Bytes an app may have queued for sending beyond what the peer's window
+/// accepts before `poll_write` waits.
+const OUT_BUFFER: usize = 512 * 1024;
+
+/// What a session tells the pump: "I have something to send".
+#[derive(Debug, Default)]
+pub(crate) struct Wants {
+    pub queue: Mutex<Vec<Arc<Session>>>,
+    pub notify: Notify,
+}
+
+#[derive(Debug)]
+pub(crate) struct Session {
+    pub id: u32,
+    state: Mutex<State>,
+    wants: Arc<Wants>,
+}
+
+#[derive(Debug)]
+pub(crate) struct State {
+    /// Bytes we buffer for the app at most (our receive window).
+    pub rx_window: u64,
+    inbound: VecDeque<Bytes>,
+    /// Received and not yet returned to the peer as credit.
+    pub in_window: u64,
+    /// Read by the app and not yet returned as credit.
+    consumed: u64,
+    pub fin_in: bool,
+    /// Why the session is dead, if it is.
+    pub reset: Option<String>,
+    read_waker: Option<Waker>,
+
+    outbound: VecDeque<Bytes>,
+    outbound_len: usize,
+    /// Bytes the peer's window still accepts.
+    pub peer_credit: u64,
+    pub tx_window: u64,
+    fin_out_wanted: bool,
+    pub fin_out_sent: bool,
+    /// The app dropped its stream before both directions ended cleanly.
+    pub dropped: bool,
+    rst_sent: bool,
+    write_waker: Option<Waker>,
+
+    /// Driver side: OPEN not yet sent.
+    pub open_wanted: bool,
+    /// OPEN sent (driver) or received (device): the peer knows this session.
+    pub opened: bool,
+    /// In the pump's ready list.
+    queued: bool,
+    /// Gone from the pump's table; nothing more will be sent or received.
+    pub closed: bool,
+}
+
+impl Session {
+    pub fn new(
+        id: u32,
+        rx_window: u64,
+        tx_window: u64,
+        wants: Arc<Wants>,
+        opened: bool,
+    ) -> Arc<Self> {
+        Arc::new(Self {
+            id,
+            wants,
+            state: Mutex::new(State {
+                rx_window,
+                inbound: VecDeque::new(),
+                in_window: 0,
+                consumed: 0,
+                fin_in: false,
+                reset: None,
+                read_waker: None,
+                outbound: VecDeque::new(),
+                outbound_len: 0,
+                peer_credit: tx_window,
+                tx_window,
+                fin_out_wanted: false,
+                fin_out_sent: false,
+                dropped: false,
+                rst_sent: false,
+                write_waker: None,
+                open_wanted: !opened,
+                opened,
+                queued: false,
+                closed: false,
+            }),
+        })
+    }
+
+    pub fn lock(&self) -> MutexGuard<'_, State> {
+        // A panic while holding this lock is a bug elsewhere; the data is still
+        // consistent enough to tear the session down.
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Puts the session on the pump's ready list unless it is there already.
+    pub fn schedule(self: &Arc<Self>, st: &mut State) {
+        if !st.queued && !st.closed {
+            st.queued = true;
+            self.wants
+                .queue
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .push(self.clone());
+            self.wants.notify.notify_one();
+        }
+    }
+}
+
+impl State {
+    /// The pump took the session off its ready list.
+    pub fn unqueue(&mut self) {
+        self.queued = false;
+    }
+
+    /// Kills the session and wakes its user.
+    pub fn kill(&mut self, why: &str) {
+        if self.reset.is_none() {
+            self.reset = Some(why.to_owned());
+        }
+        self.closed = true;
+        self.wake_all();
+    }
+
+    pub fn wake_all(&mut self) {
+        if let Some(w) = self.read_waker.take() {
+            w.wake();
+        }
+        if let Some(w) = self.write_waker.take() {
+            w.wake();
+        }
+    }
+
+    /// Accepts received bytes (window already checked by the caller).
+    pub fn push_inbound(&mut self, data: Bytes) {
+        if self.dropped {
+            // Nobody will read it; the peer has not seen our RST yet.
+            return;
+        }
+        self.in_window += data.len() as u64;
+        self.inbound.push_back(data);
+        if let Some(w) = self.read_waker.take() {
+            w.wake();
+        }
+    }
+
+    pub fn add_credit(&mut self, n: u64) {
+        self.peer_credit += n;
+        if let Some(w) = self.write_waker.take() {
+            w.wake();
+        }
+    }
+
+    pub fn set_fin_in(&mut self) {
+        self.fin_in = true;
+        if let Some(w) = self.read_waker.take() {
+            w.wake();
+        }
+    }
+
+    fn credit_due(&self) -> bool {
+        !self.dropped && self.consumed > 0 && self.consumed >= self.rx_window / 4
+    }
+
+    /// True when both directions ended cleanly or the session was aborted.
+    pub fn finished(&self) -> bool {
+        self.rst_sent || self.reset.is_some() || (self.fin_in && self.fin_out_sent)
+    }
+
+    /// The next message this session wants to send, if any (and it can).
+    pub fn next_message(&mut self, max_payload: usize) -> Option<(Header, Bytes)> {
+        if self.closed {
+            return None;
+        }
+        if self.open_wanted {
+            self.open_wanted = false;
+            self.opened = true;
+            return Some((Header::control(Kind::Open, 0, 0), Bytes::new()));
+        }
+        if self.reset.is_some() {
+            return None;
+        }
+        if self.credit_due() {
+            let n = self.consumed.min(u64::from(u32::MAX));
+            self.consumed -= n;
+            self.in_window -= n;
+            return Some((Header::control(Kind::Credit, 0, n as u32), Bytes::new()));
+        }
+        if self.peer_credit > 0
+            && let Some(front) = self.outbound.front_mut()
+        {
+            let n = front.len().min(max_payload).min(self.peer_credit as usize);
+            let chunk = if n == front.len() {
+                self.outbound.pop_front().expect("front exists")
+            } else {
+                front.split_to(n)
+            };
+            self.outbound_len -= n;
+            self.peer_credit -= n as u64;
+            if self.outbound_len < OUT_BUFFER
+                && let Some(w) = self.write_waker.take()
+            {
+                w.wake();
+            }
+            let h = Header {
+                kind: Kind::Data,
+                session: 0,
+                len: n as u32,
+                value: 0,
+            };
+            return Some((h, chunk));
+        }
+        if self.outbound.is_empty() {
+            if self.fin_out_wanted && !self.fin_out_sent {
+                self.fin_out_sent = true;
+                return Some((Header::control(Kind::Fin, 0, 0), Bytes::new()));
+            }
+            if self.dropped && !self.rst_sent && !(self.fin_in && self.fin_out_sent) {
+                self.rst_sent = true;
+                return Some((Header::control(Kind::Rst, 0, 0), Bytes::new()));
+            }
+        }
+        None
+    }
+
+    /// Whether another call to `next_message` could produce something.
+    pub fn has_more(&self) -> bool {
+        if self.closed || self.reset.is_some() {
+            return false;
+        }
+        self.open_wanted
+            || self.credit_due()
+            || (!self.outbound.is_empty() && self.peer_credit > 0)
+            || (self.outbound.is_empty()
+                && ((self.fin_out_wanted && !self.fin_out_sent)
+                    || (self.dropped && !self.rst_sent && !(self.fin_in && self.fin_out_sent))))
+    }
+}
+
+/// One session's byte stream, as its user sees it: an app connection on the
+/// front-end, an API session on the back-end.
+#[derive(Debug)]
+pub struct ChannelStream {
+    session: Arc<Session>,
+}
+
+impl ChannelStream {
+    pub(crate) fn new(session: Arc<Session>) -> Self {
+        Self { session }
+    }
+
+    /// The session id (unique among live sessions of one channel).
+    pub fn id(&self) -> u32 {
+        self.session.id
+    }
+}
+
+impl AsyncRead for ChannelStream {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let session = &self.session;
+        let mut st = session.lock();
+        let mut copied = 0;
+        while buf.remaining() > 0 {
+            let Some(front) = st.inbound.front_mut() else {
+                break;
+            };
+            let n = front.len().min(buf.remaining());
+            buf.put_slice(&front[..n]);
+            front.advance(n);
+            if front.is_empty() {
+                st.inbound.pop_front();
+            }
+            copied += n;
+        }
+        if copied > 0 {
+            st.consumed += copied as u64;
+            if st.credit_due() {
+                session.schedule(&mut st);
+            }
+            return Poll::Ready(Ok(()));
+        }
+        if st.fin_in {
+            return Poll::Ready(Ok(()));
+        }
+        if let Some(why) = &st.reset {
+            return Poll::Ready(Err(io::Error::new(
+                io::ErrorKind::ConnectionReset,
+                why.clone(),
+            )));
+        }
+        st.read_waker = Some(cx.waker().clone());
+        Poll::Pending
+    }
+}
+
+impl AsyncWrite for ChannelStream {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let session = &self.session;
+        let mut st = session.lock();
+        if let Some(why) = &st.reset {
+            return Poll::Ready(Err(io::Error::new(io::ErrorKind::BrokenPipe, why.clone())));
+        }
+        if st.fin_out_wanted {
+            return Poll::Ready(Err(io::Error::new(
+                io::ErrorKind::BrokenPipe,
+                "write after shutdown",
+            )));
+        }
+        if buf.is_empty() {
+            return Poll::Ready(Ok(0));
+        }
+        let room = OUT_BUFFER.saturating_sub(st.outbound_len);
+        if room == 0 {
+            st.write_waker = Some(cx.waker().clone());
+            return Poll::Pending;
+        }
+        let n = room.min(buf.len());
+        st.outbound.push_back(Bytes::copy_from_slice(&buf[..n]));
+        st.outbound_len += n;
+        session.schedule(&mut st);
+        Poll::Ready(Ok(n))
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        // Bytes handed to the stream are on their way; the pump sends them as
+        // the peer's window allows. There is nothing to push harder.
+        Poll::Ready(Ok(()))
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let session = &self.session;
+        let mut st = session.lock();
+        if st.reset.is_none() && !st.fin_out_wanted {
+            st.fin_out_wanted = true;
+            session.schedule(&mut st);
+        }
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl Drop for ChannelStream {
+    fn drop(&mut self) {
+        let session = &self.session;
+        let mut st = session.lock();
+        st.dropped = true;
+        st.inbound.clear();
+        if st.reset.is_none() && !(st.fin_in && st.fin_out_wanted) {
+            session.schedule(&mut st);
+        } else if st.reset.is_none() && !st.fin_out_sent {
+            // Clean close with data still queued: keep sending it.
+            session.schedule(&mut st);
+        }
+    }
+}
