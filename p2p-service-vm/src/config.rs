@@ -42,6 +42,10 @@ pub struct Config {
     pub data_dir: PathBuf,
     /// The API's Unix socket; `None` means `<data_dir>/api.sock`.
     pub api_socket: Option<PathBuf>,
+    /// The inter-VM channel's broker socket (set by `p2pvmm` in the sandbox
+    /// backend): p2pd attaches as the channel's back-end and serves API
+    /// sessions arriving over it, besides its Unix socket.
+    pub channel_broker: Option<PathBuf>,
     /// Multiaddrs to listen on (TCP and QUIC by default, all interfaces, random ports).
     pub listen: Vec<String>,
     /// Peers to bootstrap the DHT from, as multiaddrs ending in `/p2p/<peer id>`.
@@ -193,6 +197,7 @@ impl Default for Config {
         Self {
             data_dir: default_data_dir(),
             api_socket: None,
+            channel_broker: None,
             listen: vec![
                 "/ip4/0.0.0.0/tcp/0".into(),
                 "/ip4/0.0.0.0/udp/0/quic-v1".into(),

@@ -132,7 +132,21 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Daem
         mdns = config.mdns,
         "p2pd ready"
     );
+    let backend = config.channel_broker.clone().map(|broker| {
+        let (svc, stop) = (svc.clone(), shutdown.clone());
+        tokio::spawn(async move {
+            if let Err(e) = crate::backend::serve(broker, svc, stop.clone()).await {
+                // Without its channel the service side is useless to the
+                // client; exit so the supervisor restarts it.
+                tracing::error!(error = %e, "channel back-end failed");
+                stop.cancel();
+            }
+        })
+    });
     api::server::serve(listener, svc, shutdown.clone()).await;
+    if let Some(b) = backend {
+        let _ = b.await;
+    }
 
     let _ = std::fs::remove_file(&socket);
     let _ = node_task.await;

@@ -17,6 +17,7 @@
 //! byte stream, which is how the channel back-end plugs in later.
 
 pub mod api;
+pub mod backend;
 pub mod config;
 pub mod confine;
 pub mod content;

@@ -13,6 +13,7 @@
 //! protocol for implementers in other languages.
 
 mod codec;
+pub mod socket;
 
 pub use codec::{FrameCodec, FrameError, decode_frame};
 

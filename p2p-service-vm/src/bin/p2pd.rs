@@ -1,4 +1,5 @@
-//! `p2pd`: the P2P service daemon (host mode; the service VM's back-end later).
+//! `p2pd`: the P2P service daemon — a host daemon (host mode), or the service
+//! side of `p2pvmm up` (channel back-end, confined in its sandbox).
 
 use std::path::PathBuf;
 
@@ -30,6 +31,21 @@ struct Cli {
     /// Do not discover peers on the local network with mDNS.
     #[arg(long)]
     no_mdns: bool,
+    /// Serve the inter-VM channel brokered at this socket (set by `p2pvmm`).
+    #[arg(long)]
+    channel_broker: Option<PathBuf>,
+    /// Confine this process before starting (Landlock to the data directory,
+    /// seccomp, no_new_privs): the sandbox backend's in-process half.
+    #[arg(long)]
+    confine: bool,
+    /// Operator console: confine like the service, then run COMMAND (default:
+    /// a shell) with `p2pctl` on PATH holding the admin capability, instead of
+    /// starting a node. `p2pvmm console service` runs this inside the sandbox.
+    #[arg(long, requires = "confine")]
+    console: bool,
+    /// The console's command and arguments.
+    #[arg(last = true)]
+    command: Vec<String>,
     /// Log filter, e.g. `info` or `p2p_service_vm=debug`.
     #[arg(long, env = "P2PD_LOG", default_value = "info")]
     log: String,
@@ -59,18 +75,106 @@ fn load_config(cli: &Cli) -> anyhow::Result<Config> {
     if cli.no_mdns {
         config.mdns = false;
     }
+    if let Some(b) = &cli.channel_broker {
+        config.channel_broker = Some(b.clone());
+    }
     Ok(config)
 }
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
+/// What the confined service may still read besides its data directory: its
+/// config file and the directories of the sockets it connects to.
+fn sandbox_extras(cli: &Cli, config: &Config) -> Vec<PathBuf> {
+    let mut extras: Vec<PathBuf> = cli.config.iter().cloned().collect();
+    let parent = |p: &PathBuf| p.parent().map(|d| d.to_path_buf());
+    if config.virus.enabled && config.virus.clamd_tcp.is_none() {
+        extras.extend(parent(&config.virus.clamd_socket));
+    }
+    extras.extend(config.channel_broker.as_ref().and_then(parent));
+    extras
+}
+
+fn confine(cli: &Cli, config: &Config) -> anyhow::Result<()> {
+    let exe_dir = std::env::current_exe()?
+        .parent()
+        .map(|d| d.to_path_buf())
+        .context("locating p2pd's directory")?;
+    use p2p_service_vm::confine::{self, Policy};
+    std::fs::create_dir_all(&config.data_dir)
+        .with_context(|| format!("creating {}", config.data_dir.display()))?;
+    let mut policy = Policy::service(&config.data_dir, &sandbox_extras(cli, config));
+    let socket = config.api_socket_path();
+    if let Some(dir) = socket.parent().filter(|d| !d.starts_with(&config.data_dir)) {
+        std::fs::create_dir_all(dir)?;
+        policy.read_write.push(dir.to_path_buf());
+    }
+    if cli.console {
+        // The console runs p2pctl, which sits next to p2pd.
+        policy.read_exec.push(exe_dir);
+    }
+    let report = confine::confine(&policy).context("confining p2pd")?;
+    tracing::info!(?report, "p2pd confined");
+    Ok(())
+}
+
+fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     tracing_subscriber::fmt()
         .with_env_filter(EnvFilter::try_new(&cli.log).context("invalid --log filter")?)
         .with_writer(std::io::stderr)
         .init();
     let config = load_config(&cli)?;
+    // Confinement covers the calling thread and the threads it starts later,
+    // so it must come before the runtime exists.
+    if cli.confine {
+        confine(&cli, &config)?;
+    }
+    if cli.console {
+        return console(&cli, &config);
+    }
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the runtime")?
+        .block_on(run(config))
+}
 
+/// Replaces this process with the operator's console command.
+fn console(cli: &Cli, config: &Config) -> anyhow::Result<()> {
+    use std::os::unix::process::CommandExt;
+    let exe_dir = std::env::current_exe()?
+        .parent()
+        .map(|d| d.to_path_buf())
+        .context("locating p2pd's directory")?;
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    let mut dirs = vec![exe_dir];
+    dirs.extend(std::env::split_paths(&path));
+    let mut cmd = match cli.command.split_first() {
+        Some((prog, args)) => {
+            let mut c = std::process::Command::new(prog);
+            c.args(args);
+            c
+        }
+        None => std::process::Command::new("/bin/sh"),
+    };
+    cmd.env("PATH", std::env::join_paths(dirs)?)
+        .env(guest_api_env::SOCKET, config.api_socket_path())
+        .env(
+            guest_api_env::TOKEN_FILE,
+            config
+                .data_dir
+                .join(p2p_service_vm::api::apps::ADMIN_TOKEN_FILE),
+        )
+        .env("PS1", "p2pvm-service# ");
+    Err(anyhow::Error::new(cmd.exec()).context("starting the console command"))
+}
+
+/// The variables `guest-api` and `p2pctl` read (kept in sync with guest-api).
+mod guest_api_env {
+    pub const SOCKET: &str = "P2PVM_API_SOCKET";
+    pub const TOKEN_FILE: &str = "P2PVM_TOKEN_FILE";
+}
+
+async fn run(config: Config) -> anyhow::Result<()> {
     let shutdown = CancellationToken::new();
     let signals = shutdown.clone();
     tokio::spawn(async move {

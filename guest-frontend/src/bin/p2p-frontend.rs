@@ -1,0 +1,50 @@
+//! `p2p-frontend`: the front-end driver as a process (started by `p2pvmm up`
+//! in the sandbox backend; by the client VM's init in the VM backend).
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::Parser;
+use tokio_util::sync::CancellationToken;
+use tracing_subscriber::EnvFilter;
+
+/// Serves the p2pvm API to local apps over the inter-VM channel.
+#[derive(Debug, Parser)]
+#[command(version, about)]
+struct Cli {
+    /// The channel broker socket (from the supervisor).
+    #[arg(long)]
+    broker: PathBuf,
+    /// The API socket apps connect to.
+    #[arg(long)]
+    socket: PathBuf,
+    /// Log filter.
+    #[arg(long, env = "P2P_FRONTEND_LOG", default_value = "info")]
+    log: String,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(EnvFilter::try_new(&cli.log).context("invalid --log filter")?)
+        .with_writer(std::io::stderr)
+        .init();
+    let shutdown = CancellationToken::new();
+    let stop = shutdown.clone();
+    tokio::spawn(async move {
+        use tokio::signal::unix::{SignalKind, signal};
+        let mut term = signal(SignalKind::terminate()).expect("install SIGTERM handler");
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {},
+            _ = term.recv() => {},
+        }
+        stop.cancel();
+    });
+    let opts = guest_frontend::Options {
+        broker: cli.broker,
+        socket: cli.socket,
+    };
+    guest_frontend::run(opts, shutdown).await?;
+    Ok(())
+}

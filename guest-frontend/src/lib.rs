@@ -1,0 +1,123 @@
+//! The front-end driver, in the client (the client VM, or the host in the
+//! sandbox backend): it owns the driver end of the inter-VM channel and serves
+//! the p2pvm API on a local Unix socket — the same socket protocol `p2pd`
+//! serves in host mode, so `guest-api`, `p2pctl` and every app work unchanged.
+//!
+//! ```text
+//!  app ─ Unix socket ─► bridge ─► ChannelStream ─► driver pump ⇄ region ⇄ back-end
+//! ```
+//!
+//! The front-end never interprets API frames: each app connection becomes one
+//! channel session and bytes are copied both ways. When the service side
+//! restarts, the channel resets: every app connection is closed (in-flight
+//! requests fail with a disconnect), `guest-api` reconnects, and the new
+//! session opens as soon as the new service side attaches.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use p2pvm_channel::{Connector, LinkState, Side};
+use tokio::io::AsyncWriteExt;
+use tokio::net::{UnixListener, UnixStream};
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+/// Why the front-end could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum FrontendError {
+    /// The channel could not be attached.
+    #[error(transparent)]
+    Channel(#[from] p2pvm_channel::ChannelError),
+    /// The app socket could not be bound.
+    #[error(transparent)]
+    Bind(#[from] p2pvm_proto::socket::BindError),
+    /// An OS call failed.
+    #[error(transparent)]
+    Io(#[from] std::io::Error),
+}
+
+/// Where the front-end gets its channel and serves apps.
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// The supervisor's broker socket (sandbox backend).
+    pub broker: PathBuf,
+    /// The app-facing API socket.
+    pub socket: PathBuf,
+}
+
+/// Attaches to the channel and serves apps until `shutdown`.
+pub async fn run(opts: Options, shutdown: CancellationToken) -> Result<(), FrontendError> {
+    let broker = opts.broker.clone();
+    let ep = tokio::task::spawn_blocking(move || p2pvm_channel::attach(&broker, Side::Driver))
+        .await
+        .map_err(std::io::Error::other)??;
+    let (pump, connector) = p2pvm_channel::driver(ep.region.clone(), ep.events()?);
+    let pump_task = tokio::spawn(pump.run(shutdown.clone()));
+    tokio::spawn(log_link(connector.state()));
+    let listener = bind(&opts.socket)?;
+    info!(socket = %opts.socket.display(), "front-end serving apps");
+    serve(listener, connector, shutdown.clone()).await;
+    let _ = pump_task.await;
+    let _ = std::fs::remove_file(&opts.socket);
+    Ok(())
+}
+
+fn bind(path: &Path) -> Result<UnixListener, FrontendError> {
+    Ok(UnixListener::from_std(p2pvm_proto::socket::bind(path)?)?)
+}
+
+/// Accepts app connections and bridges each over its own channel session.
+pub async fn serve(listener: UnixListener, connector: Connector, shutdown: CancellationToken) {
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => break,
+            accepted = listener.accept() => match accepted {
+                Ok((app, _)) => {
+                    let session = connector.open();
+                    tokio::spawn(bridge(app, session));
+                }
+                Err(e) => {
+                    warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            },
+        }
+    }
+}
+
+/// Copies bytes both ways until both directions end or either side fails.
+/// A channel reset fails the channel side; dropping the app socket then tells
+/// the app its session is gone.
+async fn bridge(app: UnixStream, session: p2pvm_channel::ChannelStream) {
+    let id = session.id();
+    let (mut ar, mut aw) = app.into_split();
+    let (mut cr, mut cw) = tokio::io::split(session);
+    let up = async {
+        let r = tokio::io::copy(&mut ar, &mut cw).await;
+        let _ = cw.shutdown().await;
+        r
+    };
+    let down = async {
+        let r = tokio::io::copy(&mut cr, &mut aw).await;
+        let _ = aw.shutdown().await;
+        r
+    };
+    // Either direction failing ends the session at once; a clean end waits
+    // for the other direction.
+    let (u, d) = tokio::join!(up, down);
+    match (u, d) {
+        (Ok(a), Ok(b)) => debug!(session = id, up = a, down = b, "app session ended"),
+        (u, d) => debug!(session = id, up = ?u.err(), down = ?d.err(), "app session aborted"),
+    }
+}
+
+async fn log_link(mut state: tokio::sync::watch::Receiver<LinkState>) {
+    while state.changed().await.is_ok() {
+        match state.borrow_and_update().clone() {
+            LinkState::Up { resets } => info!(resets, "channel attached: the service side is up"),
+            LinkState::Down { reason, resets } => {
+                warn!(%reason, resets, "channel down: app sessions were closed")
+            }
+        }
+    }
+}

@@ -1,0 +1,63 @@
+//! The back-end driver of the inter-VM channel: API sessions that arrive over
+//! the shared-memory virtqueues are served by the very same [`ApiService`] as
+//! the Unix socket's — there is no second implementation of any operation.
+//!
+//! ```text
+//!  front-end ⇄ region (virtqueues) ⇄ device pump ─► ChannelStream ─► ApiService::serve
+//! ```
+//!
+//! A misbehaving front-end only ever resets the channel (the pump logs why);
+//! the node, its peers and the other API transports keep running.
+
+use std::path::PathBuf;
+
+use p2pvm_channel::{ChannelError, LinkState, Side};
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use crate::api::ApiService;
+
+/// Attaches to the supervisor's broker at `broker` and serves sessions until
+/// `shutdown`.
+pub async fn serve(
+    broker: PathBuf,
+    svc: ApiService,
+    shutdown: CancellationToken,
+) -> Result<(), ChannelError> {
+    let path = broker.clone();
+    let ep = tokio::task::spawn_blocking(move || p2pvm_channel::attach(&path, Side::Device))
+        .await
+        .map_err(|e| ChannelError::Broker(e.to_string()))??;
+    let events = ep.events()?;
+    let (pump, mut acceptor) = p2pvm_channel::device(ep.region.clone(), events);
+    let pump_task = tokio::spawn(pump.run(shutdown.clone()));
+    tokio::spawn(log_link(acceptor.state(), broker.clone()));
+    info!(broker = %broker.display(), "channel back-end started");
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => break,
+            s = acceptor.accept() => match s {
+                Some(stream) => {
+                    let svc = svc.clone();
+                    tokio::spawn(async move { svc.serve(stream).await });
+                }
+                None => break,
+            },
+        }
+    }
+    // The pump marks the device absent on its way out, so the front-end
+    // learns at once that the service side is gone.
+    let _ = pump_task.await;
+    Ok(())
+}
+
+async fn log_link(mut state: tokio::sync::watch::Receiver<LinkState>, broker: PathBuf) {
+    while state.changed().await.is_ok() {
+        match state.borrow_and_update().clone() {
+            LinkState::Up { resets } => info!(resets, "channel attached to the front-end"),
+            LinkState::Down { reason, resets } => {
+                warn!(%reason, resets, broker = %broker.display(), "channel down")
+            }
+        }
+    }
+}

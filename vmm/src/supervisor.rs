@@ -1,0 +1,246 @@
+//! `p2pvmm up` in the sandbox backend: owns the channel (region + doorbells,
+//! brokered to both sides), runs the service side in its sandbox and the
+//! front-end on the host, and restarts either when it dies. The service side
+//! comes back with a new channel generation; the front-end resets its app
+//! sessions and apps reconnect.
+
+use std::ffi::OsString;
+use std::os::unix::fs::DirBuilderExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+use p2pvm_channel::{Broker, Layout};
+use tokio::process::{Child, Command};
+use tokio_util::sync::CancellationToken;
+use tracing::{error, info, warn};
+
+use crate::sandbox::{self, Home};
+
+/// Why the supervisor could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum SuperviseError {
+    /// The channel could not be created.
+    #[error(transparent)]
+    Channel(#[from] p2pvm_channel::ChannelError),
+    /// Preparing directories or sockets, or starting a child, failed.
+    #[error("{what}: {source}")]
+    Io {
+        /// What was being done.
+        what: String,
+        /// Why it failed.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> SuperviseError {
+    let what = what.into();
+    move |source| SuperviseError::Io { what, source }
+}
+
+/// What `up` runs.
+#[derive(Debug, Clone)]
+pub struct UpOptions {
+    /// State directory.
+    pub home: Home,
+    /// p2pd config file for the service side.
+    pub config: Option<PathBuf>,
+    /// Extra p2pd arguments (listen addresses, bootstrap peers, ...).
+    pub service_args: Vec<OsString>,
+    /// Channel layout.
+    pub layout: Layout,
+}
+
+/// One supervised child: how to (re)start it and its restart state.
+struct Managed {
+    name: &'static str,
+    program: PathBuf,
+    args: Vec<OsString>,
+    child: Option<Child>,
+    started: Instant,
+    restarts: u32,
+    backoff: Duration,
+}
+
+const BACKOFF_MIN: Duration = Duration::from_millis(200);
+const BACKOFF_MAX: Duration = Duration::from_secs(10);
+/// A child that ran this long before dying is restarted without delay growth.
+const HEALTHY_RUN: Duration = Duration::from_secs(30);
+
+impl Managed {
+    fn new(name: &'static str, (program, args): (PathBuf, Vec<OsString>)) -> Self {
+        Self {
+            name,
+            program,
+            args,
+            child: None,
+            started: Instant::now(),
+            restarts: 0,
+            backoff: BACKOFF_MIN,
+        }
+    }
+
+    fn start(&mut self) -> Result<u32, SuperviseError> {
+        let child = Command::new(&self.program)
+            .args(&self.args)
+            .kill_on_drop(true)
+            .spawn()
+            .map_err(io(format!(
+                "starting the {} ({})",
+                self.name,
+                self.program.display()
+            )))?;
+        let pid = child.id().unwrap_or(0);
+        self.child = Some(child);
+        self.started = Instant::now();
+        Ok(pid)
+    }
+
+    async fn wait(&mut self) -> std::io::Result<std::process::ExitStatus> {
+        match self.child.as_mut() {
+            Some(c) => c.wait().await,
+            None => std::future::pending().await,
+        }
+    }
+
+    /// The delay before the next restart.
+    fn next_delay(&mut self) -> Duration {
+        if self.started.elapsed() >= HEALTHY_RUN {
+            self.backoff = BACKOFF_MIN;
+        }
+        let d = self.backoff;
+        self.backoff = (self.backoff * 2).min(BACKOFF_MAX);
+        self.restarts += 1;
+        d
+    }
+
+    async fn stop(&mut self) {
+        let Some(mut child) = self.child.take() else {
+            return;
+        };
+        if let Some(pid) = child.id() {
+            let _ = kill(Pid::from_raw(pid as i32), Signal::SIGTERM);
+        }
+        if tokio::time::timeout(Duration::from_secs(5), child.wait())
+            .await
+            .is_err()
+        {
+            warn!(child = self.name, "did not stop on SIGTERM; killing");
+            let _ = child.kill().await;
+        }
+    }
+}
+
+fn private_dir(p: &Path) -> Result<(), SuperviseError> {
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(p)
+        .map_err(io(format!("creating {}", p.display())))
+}
+
+/// Binds the broker socket and answers attaches on a thread of its own (the
+/// answers are tiny blocking sendmsg calls).
+fn start_broker(home: &Home, broker: Arc<Broker>) -> Result<(), SuperviseError> {
+    let path = home.broker();
+    let _ = std::fs::remove_file(&path);
+    let listener = std::os::unix::net::UnixListener::bind(&path)
+        .map_err(io(format!("binding {}", path.display())))?;
+    std::thread::Builder::new()
+        .name("broker".into())
+        .spawn(move || {
+            for conn in listener.incoming() {
+                match conn.and_then(|c| broker.answer(c)) {
+                    Ok(side) => info!(?side, "channel handed out"),
+                    Err(e) => warn!(error = %e, "broker request failed"),
+                }
+            }
+        })
+        .map_err(io("starting the broker thread"))?;
+    Ok(())
+}
+
+/// Records the sandboxed p2pd's host pid for the console, once it exists.
+async fn record_service_pid(home: &Home, unshare_pid: u32) {
+    for _ in 0..200 {
+        if let Some(pid) = sandbox::first_child(unshare_pid) {
+            let _ = std::fs::write(home.service_pid(), format!("{pid}\n"));
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    warn!("could not find the sandboxed service's pid; the console will not work");
+}
+
+/// Runs the platform until `shutdown`.
+pub async fn up(opts: UpOptions, shutdown: CancellationToken) -> Result<(), SuperviseError> {
+    let home = &opts.home;
+    private_dir(home.root())?;
+    private_dir(&home.run_dir())?;
+    private_dir(&home.service_dir())?;
+    let broker = Arc::new(Broker::new(opts.layout)?);
+    start_broker(home, broker.clone())?;
+
+    let base = sandbox::service_base_args(home, opts.config.as_deref());
+    let args_text: Vec<String> = base
+        .iter()
+        .map(|a| a.to_string_lossy().into_owned())
+        .collect();
+    std::fs::write(home.service_args_file(), args_text.join("\n"))
+        .map_err(io("writing service.args"))?;
+
+    let mut service = Managed::new(
+        "service side",
+        sandbox::service_command(&base, &opts.service_args),
+    );
+    let frontend_args: Vec<OsString> = vec![
+        "--broker".into(),
+        home.broker().into(),
+        "--socket".into(),
+        home.api_socket().into(),
+    ];
+    let mut frontend = Managed::new("front-end", (sandbox::bin("p2p-frontend"), frontend_args));
+
+    let pid = service.start()?;
+    record_service_pid(home, pid).await;
+    frontend.start()?;
+    info!("platform up");
+
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => break,
+            status = service.wait() => {
+                let delay = service.next_delay();
+                error!(status = ?status.ok(), restarts = service.restarts, ?delay, "the service side exited; restarting it");
+                let _ = std::fs::remove_file(home.service_pid());
+                service.child = None;
+                tokio::select! {
+                    _ = shutdown.cancelled() => break,
+                    _ = tokio::time::sleep(delay) => {}
+                }
+                let pid = service.start()?;
+                record_service_pid(home, pid).await;
+                println!("p2pvmm: service side restarted ({} restarts)", service.restarts);
+            }
+            status = frontend.wait() => {
+                let delay = frontend.next_delay();
+                error!(status = ?status.ok(), restarts = frontend.restarts, ?delay, "the front-end exited; restarting it");
+                frontend.child = None;
+                tokio::select! {
+                    _ = shutdown.cancelled() => break,
+                    _ = tokio::time::sleep(delay) => {}
+                }
+                frontend.start()?;
+            }
+        }
+    }
+    info!("stopping");
+    frontend.stop().await;
+    service.stop().await;
+    let _ = std::fs::remove_file(home.service_pid());
+    let _ = std::fs::remove_file(home.broker());
+    Ok(())
+}
