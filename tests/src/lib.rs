@@ -12,6 +12,8 @@ use anyhow::{Context, Result, bail};
 use guest_api::Client;
 use tokio::process::{Child, Command};
 
+pub mod split;
+
 /// Where the workspace binaries are.
 pub fn bin_dir() -> PathBuf {
     if let Some(d) = std::env::var_os("P2PVM_BIN_DIR") {

@@ -84,7 +84,12 @@ impl Managed {
     }
 
     fn start(&mut self) -> Result<u32, SuperviseError> {
-        let child = Command::new(&self.program)
+        // setpriv(1) sets the parent-death signal before exec (no unsafe
+        // pre_exec here): if the supervisor dies, even by SIGKILL, its
+        // children are told to stop instead of running on unsupervised.
+        let child = Command::new("setpriv")
+            .args(["--pdeathsig", "SIGTERM", "--"])
+            .arg(&self.program)
             .args(&self.args)
             .kill_on_drop(true)
             .spawn()
@@ -166,6 +171,7 @@ fn start_broker(home: &Home, broker: Arc<Broker>) -> Result<(), SuperviseError> 
 /// Records the sandboxed p2pd's host pid for the console, once it exists.
 async fn record_service_pid(home: &Home, unshare_pid: u32) {
     for _ in 0..200 {
+        // setpriv execs unshare in place, whose forked child is p2pd.
         if let Some(pid) = sandbox::first_child(unshare_pid) {
             let _ = std::fs::write(home.service_pid(), format!("{pid}\n"));
             return;
