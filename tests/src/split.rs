@@ -25,15 +25,19 @@ pub struct Platform {
 }
 
 impl Platform {
-    /// Starts the platform; the service side bootstraps from `bootstrap`.
+    /// Starts the platform; the service side bootstraps from `bootstrap` and
+    /// scans with the tests' clamd.
     pub async fn up(bootstrap: &[String]) -> Result<Self> {
+        let config = format!("[virus]\nclamd_socket = \"{}\"\n", clamd_socket().display());
+        Self::up_with(bootstrap, &config).await
+    }
+
+    /// Starts the platform with the service side's p2pd config `config`.
+    pub async fn up_with(bootstrap: &[String], config: &str) -> Result<Self> {
         let tmp = tempfile::Builder::new().prefix("p2pvmm-").tempdir()?;
         let home = tmp.path().join("home");
         let cfg = tmp.path().join("p2pd.toml");
-        std::fs::write(
-            &cfg,
-            format!("[virus]\nclamd_socket = \"{}\"\n", clamd_socket().display()),
-        )?;
+        std::fs::write(&cfg, config)?;
         let mut cmd = Command::new(bin("p2pvmm"));
         cmd.arg("--home")
             .arg(&home)

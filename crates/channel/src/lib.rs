@@ -26,6 +26,8 @@ pub mod broker;
 mod device;
 mod driver;
 pub mod event;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod layout;
 mod mux;
 pub mod region;

@@ -190,19 +190,7 @@ impl<L: Link, E: EventChannel> Pump<L, E> {
             if shutdown.is_cancelled() {
                 break;
             }
-            self.refresh();
-            self.adopt();
-            let progress = match self.step() {
-                Ok(p) => p,
-                Err(v) => {
-                    warn!(side = ?self.role, reason = %v, "peer violated the channel protocol; resetting");
-                    self.link.fail(&mut self.end, &v);
-                    self.down(&format!("channel reset: {v}"));
-                    let _ = self.events.notify();
-                    continue;
-                }
-            };
-            if progress {
+            if self.turn() {
                 steps += 1;
                 if steps.is_multiple_of(16) {
                     tokio::task::yield_now().await;
@@ -220,10 +208,7 @@ impl<L: Link, E: EventChannel> Pump<L, E> {
                 Ok(true) => continue,
                 Ok(false) => {}
                 Err(v) => {
-                    warn!(side = ?self.role, reason = %v, "peer violated the channel protocol; resetting");
-                    self.link.fail(&mut self.end, &v);
-                    self.down(&format!("channel reset: {v}"));
-                    let _ = self.events.notify();
+                    self.violated(&v);
                     continue;
                 }
             }
@@ -244,6 +229,32 @@ impl<L: Link, E: EventChannel> Pump<L, E> {
             s.lock().kill("the channel was shut down");
         }
         let _ = self.events.notify();
+    }
+
+    /// One synchronous round: header handshake, new sessions, rings. A
+    /// violation resets the channel here. Returns whether anything happened.
+    pub(crate) fn turn(&mut self) -> bool {
+        self.refresh();
+        self.adopt();
+        match self.step() {
+            Ok(progress) => progress,
+            Err(v) => {
+                self.violated(&v);
+                true
+            }
+        }
+    }
+
+    fn violated(&mut self, v: &Violation) {
+        warn!(side = ?self.role, reason = %v, "peer violated the channel protocol; resetting");
+        self.link.fail(&mut self.end, v);
+        self.down(&format!("channel reset: {v}"));
+        let _ = self.events.notify();
+    }
+
+    /// Whether the channel is attached.
+    pub(crate) fn attached(&self) -> bool {
+        self.end.is_some()
     }
 
     fn refresh(&mut self) {
