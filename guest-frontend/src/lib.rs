@@ -91,19 +91,31 @@ pub async fn serve(listener: UnixListener, connector: Connector, shutdown: Cance
 async fn bridge(app: UnixStream, session: p2pvm_channel::ChannelStream) {
     let id = session.id();
     let (mut ar, mut aw) = app.into_split();
-    let (mut cr, mut cw) = tokio::io::split(session);
+    let (mut cr, mut cw) = session.into_split();
     let up = async {
         let r = tokio::io::copy(&mut ar, &mut cw).await;
         let _ = cw.shutdown().await;
         r
     };
+    // Towards the app the channel's chunks are written as they are (up to a
+    // buffer each), not re-copied through a small intermediate buffer.
     let down = async {
-        let r = tokio::io::copy(&mut cr, &mut aw).await;
+        let mut n = 0u64;
+        let r = loop {
+            match cr.chunk().await {
+                Ok(Some(b)) => {
+                    if let Err(e) = aw.write_all(&b).await {
+                        break Err(e);
+                    }
+                    n += b.len() as u64;
+                }
+                Ok(None) => break Ok(n),
+                Err(e) => break Err(e),
+            }
+        };
         let _ = aw.shutdown().await;
         r
     };
-    // Either direction failing ends the session at once; a clean end waits
-    // for the other direction.
     let (u, d) = tokio::join!(up, down);
     match (u, d) {
         (Ok(a), Ok(b)) => debug!(session = id, up = a, down = b, "app session ended"),

@@ -57,6 +57,8 @@ pub struct UpOptions {
 /// One supervised child: how to (re)start it and its restart state.
 struct Managed {
     name: &'static str,
+    /// Sent to the child when the supervisor dies (see `start`).
+    death_signal: &'static str,
     program: PathBuf,
     args: Vec<OsString>,
     child: Option<Child>,
@@ -71,9 +73,14 @@ const BACKOFF_MAX: Duration = Duration::from_secs(10);
 const HEALTHY_RUN: Duration = Duration::from_secs(30);
 
 impl Managed {
-    fn new(name: &'static str, (program, args): (PathBuf, Vec<OsString>)) -> Self {
+    fn new(
+        name: &'static str,
+        death_signal: &'static str,
+        (program, args): (PathBuf, Vec<OsString>),
+    ) -> Self {
         Self {
             name,
+            death_signal,
             program,
             args,
             child: None,
@@ -88,7 +95,7 @@ impl Managed {
         // pre_exec here): if the supervisor dies, even by SIGKILL, its
         // children are told to stop instead of running on unsupervised.
         let child = Command::new("setpriv")
-            .args(["--pdeathsig", "SIGTERM", "--"])
+            .args(["--pdeathsig", self.death_signal, "--"])
             .arg(&self.program)
             .args(&self.args)
             .kill_on_drop(true)
@@ -198,8 +205,11 @@ pub async fn up(opts: UpOptions, shutdown: CancellationToken) -> Result<(), Supe
     std::fs::write(home.service_args_file(), args_text.join("\n"))
         .map_err(io("writing service.args"))?;
 
+    // unshare ignores SIGTERM while it waits for its child, so it gets SIGKILL
+    // and passes SIGTERM on to p2pd (--kill-child); p2pd shuts down cleanly.
     let mut service = Managed::new(
         "service side",
+        "SIGKILL",
         sandbox::service_command(&base, &opts.service_args),
     );
     let frontend_args: Vec<OsString> = vec![
@@ -208,7 +218,11 @@ pub async fn up(opts: UpOptions, shutdown: CancellationToken) -> Result<(), Supe
         "--socket".into(),
         home.api_socket().into(),
     ];
-    let mut frontend = Managed::new("front-end", (sandbox::bin("p2p-frontend"), frontend_args));
+    let mut frontend = Managed::new(
+        "front-end",
+        "SIGTERM",
+        (sandbox::bin("p2p-frontend"), frontend_args),
+    );
 
     let pid = service.start()?;
     record_service_pid(home, pid).await;
@@ -245,6 +259,13 @@ pub async fn up(opts: UpOptions, shutdown: CancellationToken) -> Result<(), Supe
     }
     info!("stopping");
     frontend.stop().await;
+    // unshare ignores SIGTERM: stop p2pd itself, unshare follows it out.
+    if let Some(pid) = std::fs::read_to_string(home.service_pid())
+        .ok()
+        .and_then(|p| p.trim().parse::<i32>().ok())
+    {
+        let _ = kill(Pid::from_raw(pid), Signal::SIGTERM);
+    }
     service.stop().await;
     let _ = std::fs::remove_file(home.service_pid());
     let _ = std::fs::remove_file(home.broker());

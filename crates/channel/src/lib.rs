@@ -45,7 +45,7 @@ pub use event::{EventChannel, EventFdChannel};
 pub use layout::Layout;
 pub use mux::{DEVICE_WINDOW, DRIVER_WINDOW, LinkState, MAX_SESSIONS, Violation};
 pub use region::Region;
-pub use session::ChannelStream;
+pub use session::{ChannelReader, ChannelStream, ChannelWriter};
 
 use device::DeviceLink;
 use driver::DriverLink;

@@ -258,22 +258,164 @@ impl State {
     }
 }
 
+/// Runs the end-of-stream logic once the last user handle is gone.
+#[derive(Debug)]
+struct Handle {
+    session: Arc<Session>,
+}
+
+impl Drop for Handle {
+    fn drop(&mut self) {
+        let session = &self.session;
+        let mut st = session.lock();
+        st.dropped = true;
+        st.inbound.clear();
+        // A clean close (both FINs) needs nothing; otherwise the pump sends
+        // what is queued, then FIN or RST as `next_message` decides.
+        if st.reset.is_none() && !(st.fin_in && st.fin_out_sent) {
+            session.schedule(&mut st);
+        }
+    }
+}
+
+fn poll_read(
+    session: &Arc<Session>,
+    cx: &mut Context<'_>,
+    buf: &mut ReadBuf<'_>,
+) -> Poll<io::Result<()>> {
+    let mut st = session.lock();
+    let mut copied = 0;
+    while buf.remaining() > 0 {
+        let Some(front) = st.inbound.front_mut() else {
+            break;
+        };
+        let n = front.len().min(buf.remaining());
+        buf.put_slice(&front[..n]);
+        front.advance(n);
+        if front.is_empty() {
+            st.inbound.pop_front();
+        }
+        copied += n;
+    }
+    if copied > 0 {
+        consumed(session, &mut st, copied);
+        return Poll::Ready(Ok(()));
+    }
+    end_or_wait(&mut st, cx).map_ok(|_| ())
+}
+
+fn consumed(session: &Arc<Session>, st: &mut State, n: usize) {
+    st.consumed += n as u64;
+    if st.credit_due() {
+        session.schedule(st);
+    }
+}
+
+/// No data buffered: end of stream, the reset, or wait.
+fn end_or_wait(st: &mut State, cx: &mut Context<'_>) -> Poll<io::Result<Option<Bytes>>> {
+    if st.fin_in {
+        return Poll::Ready(Ok(None));
+    }
+    if let Some(why) = &st.reset {
+        return Poll::Ready(Err(io::Error::new(
+            io::ErrorKind::ConnectionReset,
+            why.clone(),
+        )));
+    }
+    st.read_waker = Some(cx.waker().clone());
+    Poll::Pending
+}
+
+fn poll_chunk(session: &Arc<Session>, cx: &mut Context<'_>) -> Poll<io::Result<Option<Bytes>>> {
+    let mut st = session.lock();
+    if let Some(b) = st.inbound.pop_front() {
+        consumed(session, &mut st, b.len());
+        return Poll::Ready(Ok(Some(b)));
+    }
+    end_or_wait(&mut st, cx)
+}
+
+fn poll_write(session: &Arc<Session>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+    let mut st = session.lock();
+    if let Some(why) = &st.reset {
+        return Poll::Ready(Err(io::Error::new(io::ErrorKind::BrokenPipe, why.clone())));
+    }
+    if st.fin_out_wanted {
+        return Poll::Ready(Err(io::Error::new(
+            io::ErrorKind::BrokenPipe,
+            "write after shutdown",
+        )));
+    }
+    if buf.is_empty() {
+        return Poll::Ready(Ok(0));
+    }
+    let room = OUT_BUFFER.saturating_sub(st.outbound_len);
+    if room == 0 {
+        st.write_waker = Some(cx.waker().clone());
+        return Poll::Pending;
+    }
+    let n = room.min(buf.len());
+    st.outbound.push_back(Bytes::copy_from_slice(&buf[..n]));
+    st.outbound_len += n;
+    session.schedule(&mut st);
+    Poll::Ready(Ok(n))
+}
+
+fn shutdown(session: &Arc<Session>) {
+    let mut st = session.lock();
+    if st.reset.is_none() && !st.fin_out_wanted {
+        st.fin_out_wanted = true;
+        session.schedule(&mut st);
+    }
+}
+
 /// One session's byte stream, as its user sees it: an app connection on the
 /// front-end, an API session on the back-end.
 #[derive(Debug)]
 pub struct ChannelStream {
-    session: Arc<Session>,
+    h: Arc<Handle>,
 }
 
 impl ChannelStream {
     pub(crate) fn new(session: Arc<Session>) -> Self {
-        Self { session }
+        Self {
+            h: Arc::new(Handle { session }),
+        }
     }
 
     /// The session id (unique among live sessions of one channel).
     pub fn id(&self) -> u32 {
-        self.session.id
+        self.h.session.id
     }
+
+    /// Splits into halves that can be used from different tasks; the session
+    /// ends when both are dropped.
+    pub fn into_split(self) -> (ChannelReader, ChannelWriter) {
+        (
+            ChannelReader { h: self.h.clone() },
+            ChannelWriter { h: self.h },
+        )
+    }
+}
+
+/// The receiving half of a [`ChannelStream`].
+#[derive(Debug)]
+pub struct ChannelReader {
+    h: Arc<Handle>,
+}
+
+impl ChannelReader {
+    /// The next received chunk as the channel delivered it (no copy); `None`
+    /// at the end of the stream.
+    pub async fn chunk(&mut self) -> io::Result<Option<Bytes>> {
+        std::future::poll_fn(|cx| poll_chunk(&self.h.session, cx)).await
+    }
+}
+
+/// The sending half of a [`ChannelStream`].
+#[derive(Debug)]
+pub struct ChannelWriter {
+    h: Arc<Handle>,
 }
 
 impl AsyncRead for ChannelStream {
@@ -282,39 +424,17 @@ impl AsyncRead for ChannelStream {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        let session = &self.session;
-        let mut st = session.lock();
-        let mut copied = 0;
-        while buf.remaining() > 0 {
-            let Some(front) = st.inbound.front_mut() else {
-                break;
-            };
-            let n = front.len().min(buf.remaining());
-            buf.put_slice(&front[..n]);
-            front.advance(n);
-            if front.is_empty() {
-                st.inbound.pop_front();
-            }
-            copied += n;
-        }
-        if copied > 0 {
-            st.consumed += copied as u64;
-            if st.credit_due() {
-                session.schedule(&mut st);
-            }
-            return Poll::Ready(Ok(()));
-        }
-        if st.fin_in {
-            return Poll::Ready(Ok(()));
-        }
-        if let Some(why) = &st.reset {
-            return Poll::Ready(Err(io::Error::new(
-                io::ErrorKind::ConnectionReset,
-                why.clone(),
-            )));
-        }
-        st.read_waker = Some(cx.waker().clone());
-        Poll::Pending
+        poll_read(&self.h.session, cx, buf)
+    }
+}
+
+impl AsyncRead for ChannelReader {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        poll_read(&self.h.session, cx, buf)
     }
 }
 
@@ -324,60 +444,32 @@ impl AsyncWrite for ChannelStream {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        let session = &self.session;
-        let mut st = session.lock();
-        if let Some(why) = &st.reset {
-            return Poll::Ready(Err(io::Error::new(io::ErrorKind::BrokenPipe, why.clone())));
-        }
-        if st.fin_out_wanted {
-            return Poll::Ready(Err(io::Error::new(
-                io::ErrorKind::BrokenPipe,
-                "write after shutdown",
-            )));
-        }
-        if buf.is_empty() {
-            return Poll::Ready(Ok(0));
-        }
-        let room = OUT_BUFFER.saturating_sub(st.outbound_len);
-        if room == 0 {
-            st.write_waker = Some(cx.waker().clone());
-            return Poll::Pending;
-        }
-        let n = room.min(buf.len());
-        st.outbound.push_back(Bytes::copy_from_slice(&buf[..n]));
-        st.outbound_len += n;
-        session.schedule(&mut st);
-        Poll::Ready(Ok(n))
+        poll_write(&self.h.session, cx, buf)
     }
-
     fn poll_flush(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         // Bytes handed to the stream are on their way; the pump sends them as
         // the peer's window allows. There is nothing to push harder.
         Poll::Ready(Ok(()))
     }
-
     fn poll_shutdown(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        let session = &self.session;
-        let mut st = session.lock();
-        if st.reset.is_none() && !st.fin_out_wanted {
-            st.fin_out_wanted = true;
-            session.schedule(&mut st);
-        }
+        shutdown(&self.h.session);
         Poll::Ready(Ok(()))
     }
 }
 
-impl Drop for ChannelStream {
-    fn drop(&mut self) {
-        let session = &self.session;
-        let mut st = session.lock();
-        st.dropped = true;
-        st.inbound.clear();
-        if st.reset.is_none() && !(st.fin_in && st.fin_out_wanted) {
-            session.schedule(&mut st);
-        } else if st.reset.is_none() && !st.fin_out_sent {
-            // Clean close with data still queued: keep sending it.
-            session.schedule(&mut st);
-        }
+impl AsyncWrite for ChannelWriter {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        poll_write(&self.h.session, cx, buf)
+    }
+    fn poll_flush(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+    fn poll_shutdown(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        shutdown(&self.h.session);
+        Poll::Ready(Ok(()))
     }
 }

@@ -31,9 +31,12 @@ pub const PROTOCOL_VERSION: u32 = 1;
 /// than that per session before it notices.
 pub const DEFAULT_MAX_FRAME_BYTES: u32 = 1 << 20;
 
-/// Default initial per-stream send window. 256 KiB is enough to keep a loopback
-/// stream busy while bounding what a slow reader makes the node hold.
-pub const DEFAULT_STREAM_WINDOW_BYTES: u32 = 256 << 10;
+/// Default initial per-stream send window. A content stream's throughput is at
+/// most one window per round trip; through the inter-VM channel the round trip
+/// under load is a few hundred µs, so 2 MiB keeps it busy (256 KiB held a 1 GiB
+/// local stream to ~0.7 GB/s) while bounding what a slow reader makes the node
+/// hold.
+pub const DEFAULT_STREAM_WINDOW_BYTES: u32 = 2 << 20;
 
 /// Largest payload carried in one `StreamData` frame; leaves headroom under the
 /// smallest frame limit a node may announce (64 KiB).
