@@ -313,12 +313,13 @@ async fn a_stalled_stream_does_not_freeze_its_session() -> Result<()> {
         drop(s);
     });
     let app = a.app("writer").await?;
+    let window = app.welcome().stream_window_bytes as usize;
     let mut stream = app.open_stream(&b.peer_id, "/stall/1").await?;
     // Many small writes: far more frames than any per-stream queue, far more
     // bytes than the window plus what transport buffers absorb.
     let writer = tokio::spawn(async move {
         let small = [1u8; 512];
-        for _ in 0..8192 {
+        for _ in 0..(window + (16 << 20)) / small.len() {
             if stream.write_all(&small).await.is_err() {
                 break;
             }

@@ -12,7 +12,7 @@
 use std::sync::atomic::{Ordering, fence};
 use std::time::{Duration, Instant};
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use tracing::{info, warn};
 use vm_memory::{Bytes as _, GuestAddress};
 
@@ -173,10 +173,15 @@ impl DriverEnd {
                 h.len
             )));
         }
-        let mut payload = BytesMut::zeroed(h.len as usize);
-        mem.read_slice(&mut payload, GuestAddress(at + HEADER_LEN as u64))
-            .map_err(mem_err)?;
-        Ok((h, payload.freeze()))
+        // Copied straight into fresh capacity: no zero-fill pass first.
+        let mut payload = Vec::with_capacity(h.len as usize);
+        mem.write_all_volatile_to(
+            GuestAddress(at + HEADER_LEN as u64),
+            &mut payload,
+            h.len as usize,
+        )
+        .map_err(mem_err)?;
+        Ok((h, Bytes::from(payload)))
     }
 
     fn publish_queue(&mut self, tx: bool) -> bool {
