@@ -16,8 +16,9 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use bytes::{Buf, Bytes};
 use p2pvm_channel::{Connector, LinkState, Side};
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncWrite, AsyncWriteExt};
 use tokio::net::{UnixListener, UnixStream};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
@@ -97,19 +98,18 @@ async fn bridge(app: UnixStream, session: p2pvm_channel::ChannelStream) {
         let _ = cw.shutdown().await;
         r
     };
-    // Towards the app the channel's chunks are written as they are (up to a
-    // buffer each), not re-copied through a small intermediate buffer.
+    // Towards the app the channel's chunks are written as they are, several
+    // per vectored write, never re-copied through an intermediate buffer.
     let down = async {
         let mut n = 0u64;
+        let mut batch = Vec::new();
         let r = loop {
-            match cr.chunk().await {
-                Ok(Some(b)) => {
-                    if let Err(e) = aw.write_all(&b).await {
-                        break Err(e);
-                    }
-                    n += b.len() as u64;
-                }
-                Ok(None) => break Ok(n),
+            match cr.chunks(&mut batch, DOWN_BATCH).await {
+                Ok(true) => match write_chunks(&mut aw, &mut batch).await {
+                    Ok(w) => n += w as u64,
+                    Err(e) => break Err(e),
+                },
+                Ok(false) => break Ok(n),
                 Err(e) => break Err(e),
             }
         };
@@ -121,6 +121,41 @@ async fn bridge(app: UnixStream, session: p2pvm_channel::ChannelStream) {
         (Ok(a), Ok(b)) => debug!(session = id, up = a, down = b, "app session ended"),
         (u, d) => debug!(session = id, up = ?u.err(), down = ?d.err(), "app session aborted"),
     }
+}
+
+/// Bytes gathered into one vectored write towards an app.
+const DOWN_BATCH: usize = 1 << 20;
+
+/// Writes all of `chunks` (emptying it) with vectored writes; returns the bytes.
+async fn write_chunks(
+    w: &mut (impl AsyncWrite + Unpin),
+    chunks: &mut Vec<Bytes>,
+) -> std::io::Result<usize> {
+    let total: usize = chunks.iter().map(|c| c.len()).sum();
+    let mut start = 0;
+    while start < chunks.len() {
+        let slices: Vec<std::io::IoSlice<'_>> = chunks[start..]
+            .iter()
+            .take(64)
+            .map(|c| std::io::IoSlice::new(c))
+            .collect();
+        let mut n = w.write_vectored(&slices).await?;
+        if n == 0 {
+            return Err(std::io::ErrorKind::WriteZero.into());
+        }
+        while n > 0 {
+            let first = &mut chunks[start];
+            if n >= first.len() {
+                n -= first.len();
+                start += 1;
+            } else {
+                first.advance(n);
+                n = 0;
+            }
+        }
+    }
+    chunks.clear();
+    Ok(total)
 }
 
 async fn log_link(mut state: tokio::sync::watch::Receiver<LinkState>) {

@@ -34,9 +34,11 @@ pub const MAX_SESSIONS: usize = 256;
 /// Messages handled per direction per pump step.
 const BUDGET: usize = 64;
 /// When idle, how long to keep looking before sleeping on the event channel:
-/// adapted between these bounds (longer after a poll that found work).
+/// adapted between these bounds (longer after a poll that found work). Kept
+/// short: on a 2-core machine the peer process needs the core we would spin
+/// on (measured: 50 µs cost ~15% of a 1 GiB stream's throughput vs 10 µs).
 const POLL_MIN: Duration = Duration::from_micros(2);
-const POLL_MAX: Duration = Duration::from_micros(50);
+const POLL_MAX: Duration = Duration::from_micros(10);
 /// The header is rechecked at least this often even without notifications
 /// (a peer that died cannot ring).
 const RECHECK: Duration = Duration::from_millis(100);

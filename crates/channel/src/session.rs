@@ -326,6 +326,30 @@ fn end_or_wait(st: &mut State, cx: &mut Context<'_>) -> Poll<io::Result<Option<B
     Poll::Pending
 }
 
+/// Moves every buffered chunk (up to `max` bytes, at least one chunk) into
+/// `out`; `Ok(false)` at the end of the stream.
+fn poll_chunks(
+    session: &Arc<Session>,
+    cx: &mut Context<'_>,
+    out: &mut Vec<Bytes>,
+    max: usize,
+) -> Poll<io::Result<bool>> {
+    let mut st = session.lock();
+    let mut taken = 0;
+    while taken < max {
+        let Some(b) = st.inbound.pop_front() else {
+            break;
+        };
+        taken += b.len();
+        out.push(b);
+    }
+    if taken > 0 {
+        consumed(session, &mut st, taken);
+        return Poll::Ready(Ok(true));
+    }
+    end_or_wait(&mut st, cx).map_ok(|_| false)
+}
+
 fn poll_chunk(session: &Arc<Session>, cx: &mut Context<'_>) -> Poll<io::Result<Option<Bytes>>> {
     let mut st = session.lock();
     if let Some(b) = st.inbound.pop_front() {
@@ -409,6 +433,12 @@ impl ChannelReader {
     /// at the end of the stream.
     pub async fn chunk(&mut self) -> io::Result<Option<Bytes>> {
         std::future::poll_fn(|cx| poll_chunk(&self.h.session, cx)).await
+    }
+
+    /// Waits for data, then appends every chunk already received (up to about
+    /// `max` bytes) to `out`, for one vectored write; false at the end.
+    pub async fn chunks(&mut self, out: &mut Vec<Bytes>, max: usize) -> io::Result<bool> {
+        std::future::poll_fn(|cx| poll_chunks(&self.h.session, cx, out, max)).await
     }
 }
 
