@@ -71,11 +71,6 @@ fn gbs(bytes: usize, t: Duration) -> f64 {
     bytes as f64 / t.as_secs_f64() / 1e9
 }
 
-fn median(mut v: Vec<Duration>) -> Duration {
-    v.sort();
-    v[v.len() / 2]
-}
-
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() -> Result<()> {
     let full = std::env::args().any(|a| a == "--bench");
@@ -133,7 +128,11 @@ async fn main() -> Result<()> {
         tc.push(stream_once(&via_channel, &id_c, len).await?);
         th.push(stream_once(&via_socket, &id_h, len).await?);
     }
-    let (c, h, m) = (median(tc), median(th), median(tm));
+    let (c, h, m) = (
+        p2pvm_e2e::median(tc),
+        p2pvm_e2e::median(th),
+        p2pvm_e2e::median(tm),
+    );
     println!("Streaming a {mib} MiB local item to an app (median of {reps})");
     println!("  memcpy of the same bytes {:>7.2} GB/s", gbs(len, m));
     println!("  host mode, Unix socket   {:>7.2} GB/s", gbs(len, h));

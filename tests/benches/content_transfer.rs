@@ -45,11 +45,6 @@ fn mib_s(bytes: usize, t: Duration) -> f64 {
     bytes as f64 / t.as_secs_f64() / (1 << 20) as f64
 }
 
-fn median(mut v: Vec<Duration>) -> Duration {
-    v.sort();
-    v[v.len() / 2]
-}
-
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() -> Result<()> {
     // `cargo test --all-targets` runs this binary without `--bench`: a small
@@ -219,8 +214,8 @@ async fn main() -> Result<()> {
     }
     println!(
         "time to first verified byte (median, cold): start {:.1} ms, seek to middle {:.1} ms (target <= 50 ms)",
-        median(start_t).as_secs_f64() * 1e3,
-        median(mid_t).as_secs_f64() * 1e3
+        p2pvm_e2e::median(start_t).as_secs_f64() * 1e3,
+        p2pvm_e2e::median(mid_t).as_secs_f64() * 1e3
     );
     Ok(())
 }

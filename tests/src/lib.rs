@@ -296,6 +296,12 @@ pub fn pseudo_random(len: usize, seed: u64) -> Vec<u8> {
     out
 }
 
+/// The median of some timings (benchmarks run a few repetitions).
+pub fn median(mut v: Vec<Duration>) -> Duration {
+    v.sort();
+    v[v.len() / 2]
+}
+
 /// Reads a stream to its end, discarding the bytes; returns how many there were.
 pub async fn drain(s: &mut (impl tokio::io::AsyncRead + Unpin)) -> std::io::Result<usize> {
     use tokio::io::AsyncReadExt;
