@@ -15,6 +15,16 @@ pub enum Isolation {
     Auto,
 }
 
+impl std::fmt::Display for Isolation {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Isolation::Sandbox => "sandbox",
+            Isolation::Vm => "vm",
+            Isolation::Auto => "auto",
+        })
+    }
+}
+
 /// What the host offers, as far as the choice is concerned.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct HostVirt {

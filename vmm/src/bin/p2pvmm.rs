@@ -74,7 +74,7 @@ fn up(
     service_args: Vec<OsString>,
 ) -> anyhow::Result<()> {
     let choice = isolation::choose(requested, &HostVirt::probe())?;
-    println!("p2pvmm: isolation {:?} ({})", choice.backend, choice.reason);
+    println!("p2pvmm: isolation {} ({})", choice.backend, choice.reason);
     println!(
         "p2pvmm: service side: p2pd in a sandbox (user, mount, pid, ipc, uts namespaces; Landlock; seccomp); its data: {}",
         home.service_dir().display()
