@@ -144,6 +144,8 @@ pub fn console_command(
     args.push(bin("p2pd").into());
     args.push("--confine".into());
     args.push("--console".into());
+    // The operator wants the shell, not the confinement report.
+    args.extend(["--log".into(), "warn".into()]);
     args.extend(base.iter().cloned());
     if !command.is_empty() {
         args.push("--".into());
