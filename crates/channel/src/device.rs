@@ -15,12 +15,14 @@ use std::sync::atomic::Ordering;
 use bytes::{Bytes, BytesMut};
 use tracing::{info, warn};
 use virtio_queue::{Queue, QueueT};
-use vm_memory::GuestAddress;
+use vm_memory::{Bytes as _, GuestAddress};
 
 use crate::layout::{ResetReason, Status, TO_DEVICE, TO_DRIVER, field};
 use crate::mux::{End, Link, Refresh, Violation};
 use crate::region::Region;
 use crate::wire::{HEADER_LEN, Header};
+
+const VIRTQ_DESC_F_WRITE: u16 = 2;
 
 /// Both queues of an attached channel, as the device sees them.
 #[derive(Debug)]
@@ -84,12 +86,41 @@ impl DeviceEnd {
         Ok(n)
     }
 
+    /// Our front-end sends one descriptor per message; anything else (NEXT,
+    /// INDIRECT — a feature never offered — or a wrong direction) is refused
+    /// before virtio-queue walks it, so no chain costs more than one buffer.
+    fn check_single(&self, q: usize, head: u16, flags_wanted: u16) -> Result<(), Violation> {
+        let l = self.region.layout();
+        if head >= l.queue_size {
+            return Err(Violation::Message(format!(
+                "queue {q}: head index {head} out of range"
+            )));
+        }
+        let flags: u16 = self
+            .region
+            .mem()
+            .read_obj(GuestAddress(l.queues[q].desc_entry(head) + 12))
+            .map_err(ring)?;
+        if u16::from_le(flags) != flags_wanted {
+            return Err(Violation::Ring(format!(
+                "queue {q}: descriptor {head} has flags {flags:#x}; one {} descriptor per message is the contract",
+                if flags_wanted == 0 {
+                    "device-readable"
+                } else {
+                    "device-writable"
+                }
+            )));
+        }
+        Ok(())
+    }
+
     fn read_one(&mut self) -> Result<Option<(Header, Bytes)>, Violation> {
         let mem = self.region.mem();
         let Some(chain) = self.queues[TO_DEVICE].pop_descriptor_chain(mem) else {
             return Ok(None);
         };
         let head = chain.head_index();
+        self.check_single(TO_DEVICE, head, 0)?;
         let mut reader = chain.reader(mem).map_err(ring)?;
         let mut hb = [0u8; HEADER_LEN];
         reader
@@ -142,6 +173,7 @@ impl End for DeviceEnd {
             .pop_descriptor_chain(mem)
             .ok_or_else(|| Violation::Ring("no valid receive chain".into()))?;
         let head = chain.head_index();
+        self.check_single(TO_DRIVER, head, VIRTQ_DESC_F_WRITE)?;
         let mut writer = chain.writer(mem).map_err(ring)?;
         let need = HEADER_LEN + payload.len();
         if writer.available_bytes() < need {
@@ -233,8 +265,15 @@ impl Link for DeviceLink {
 
     fn refresh(&mut self, end: &mut Option<DeviceEnd>) -> Refresh {
         let r = &self.region;
-        let status = Status::from_word(r.load_u32(field::DRIVER_STATUS));
+        // Generation first: the driver writes "resetting" before a new
+        // generation and "ready" only after initialising, so a generation
+        // read before the status can never pair a new number with an old
+        // "ready"; re-reading it catches a change in between.
         let dgen = r.load_u32(field::DRIVER_GEN);
+        let status = Status::from_word(r.load_u32(field::DRIVER_STATUS));
+        if r.load_u32(field::DRIVER_GEN) != dgen {
+            return Refresh::Same;
+        }
         if end.is_some() {
             if status == Status::Ready && dgen == self.attached {
                 return Refresh::Same;
@@ -265,7 +304,8 @@ impl Link for DeviceLink {
             Err(v) => {
                 warn!(reason = %v, "cannot attach to the channel");
                 self.refused = dgen;
-                Refresh::Same
+                self.request_reset(v.reason());
+                Refresh::Changed
             }
         }
     }

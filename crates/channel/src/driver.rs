@@ -25,6 +25,8 @@ const VIRTQ_DESC_F_WRITE: u16 = 2;
 /// How long a re-initialising driver waits for a live device to let go of the
 /// old rings before it rewrites them anyway (a dead device never answers).
 const DETACH_WAIT: Duration = Duration::from_millis(200);
+/// How long a published generation may wait for a live device to attach.
+const ATTACH_WAIT: Duration = Duration::from_secs(1);
 
 /// virtio's `vring_need_event`: did `new` pass `event` since `old`?
 fn need_event(event: u16, new: u16, old: u16) -> bool {
@@ -232,6 +234,8 @@ impl End for DriverEnd {
         let mut n = 0;
         while self.rx.used_seen != used && n < budget {
             let (id, len) = self.used_entry(&self.rx)?;
+            // Not in flight until reposted: the same id used twice is caught.
+            self.rx.in_flight[usize::from(id)] = false;
             let m = self.take_message(id, len)?;
             out.push(m);
             // Repost the buffer at once: its message is copied out.
@@ -243,6 +247,7 @@ impl End for DriverEnd {
                 .mem()
                 .write_obj(id.to_le(), GuestAddress(slot))
                 .map_err(mem_err)?;
+            self.rx.in_flight[usize::from(id)] = true;
             self.rx.avail = self.rx.avail.wrapping_add(1);
             self.rx.used_seen = self.rx.used_seen.wrapping_add(1);
             n += 1;
@@ -320,7 +325,7 @@ enum Phase {
     /// Re-initialising: waiting for the device to let go of the old rings.
     Detaching { since: Instant },
     /// Rings initialised and published; waiting for the device to attach.
-    Waiting(Box<DriverEnd>),
+    Waiting(Box<DriverEnd>, Instant),
     /// Serving.
     Attached,
 }
@@ -348,10 +353,12 @@ impl DriverLink {
 
     fn begin_reset(&mut self) {
         let r = &self.region;
+        // Device generation first: a device starting right now refuses the
+        // generation it sees, and then bumps its own, which we must notice.
+        self.device_gen = r.load_u32(field::DEVICE_GEN);
         r.store_u32(field::DRIVER_STATUS, Status::Resetting as u32);
         self.generation = self.generation.wrapping_add(1).max(1);
         r.store_u32(field::DRIVER_GEN, self.generation);
-        self.device_gen = r.load_u32(field::DEVICE_GEN);
         self.phase = Phase::Detaching {
             since: Instant::now(),
         };
@@ -406,19 +413,24 @@ impl Link for DriverLink {
                 if let_go || since.elapsed() > DETACH_WAIT {
                     let fresh = DriverEnd::init(r);
                     r.store_u32(field::DRIVER_STATUS, Status::Ready as u32);
-                    self.phase = Phase::Waiting(Box::new(fresh));
+                    self.phase = Phase::Waiting(Box::new(fresh), Instant::now());
+                    return Refresh::Changed;
                 }
                 Refresh::Same
             }
-            Phase::Waiting(_) => {
-                if dgen != self.device_gen {
-                    // The device restarted (or reset) before attaching: start over
-                    // so that it sees a generation it has not refused.
+            Phase::Waiting(_, since) => {
+                // The device restarted (or reset) before attaching, or a live
+                // device has not taken this generation for a long while (it
+                // may have refused it): start over with a fresh generation.
+                if dgen != self.device_gen
+                    || (dstatus != Status::Absent && since.elapsed() > ATTACH_WAIT)
+                {
                     self.begin_reset();
-                    return Refresh::Same;
+                    return Refresh::Changed;
                 }
                 if dstatus == Status::Ready && attached == self.generation {
-                    let Phase::Waiting(fresh) = std::mem::replace(&mut self.phase, Phase::Attached)
+                    let Phase::Waiting(fresh, _) =
+                        std::mem::replace(&mut self.phase, Phase::Attached)
                     else {
                         unreachable!("matched above");
                     };

@@ -31,6 +31,9 @@ pub const DEVICE_WINDOW: u64 = 1 << 20;
 /// Live sessions per channel the back-end accepts; further OPENs are refused
 /// with RST. Bounds the back-end's memory to `MAX_SESSIONS × DEVICE_WINDOW`.
 pub const MAX_SESSIONS: usize = 256;
+/// Replies owed to no session (RSTs for refused OPENs) that may wait for
+/// receive buffers before the peer counts as abusive.
+const MAX_CONTROL_BACKLOG: usize = 1024;
 /// Messages handled per direction per pump step.
 const BUDGET: usize = 64;
 /// When idle, how long to keep looking before sleeping on the event channel:
@@ -89,6 +92,8 @@ pub(crate) trait End: Send {
 #[derive(Debug)]
 pub(crate) enum Refresh {
     Same,
+    /// This side published a status change the peer should see now.
+    Changed,
     Up,
     Down(String),
 }
@@ -230,6 +235,8 @@ impl<L: Link, E: EventChannel> Pump<L, E> {
         for s in self.ready.drain(..) {
             s.lock().kill("the channel was shut down");
         }
+        // Sessions opened but never adopted, and any opened from now on.
+        self.wants.close("the channel was shut down");
         let _ = self.events.notify();
     }
 
@@ -262,6 +269,9 @@ impl<L: Link, E: EventChannel> Pump<L, E> {
     fn refresh(&mut self) {
         match self.link.refresh(&mut self.end) {
             Refresh::Same => {}
+            Refresh::Changed => {
+                let _ = self.events.notify();
+            }
             Refresh::Up => {
                 self.state.send_replace(LinkState::Up {
                     resets: self.resets,
@@ -337,6 +347,14 @@ impl<L: Link, E: EventChannel> Pump<L, E> {
         match h.kind {
             Kind::Open => unreachable!("handled above"),
             Kind::Data => {
+                if h.len == 0 {
+                    // An honest sender never sends an empty DATA; unlimited
+                    // empty ones would queue without using any window.
+                    return Err(Violation::Message(format!(
+                        "session {}: empty DATA",
+                        h.session
+                    )));
+                }
                 if st.fin_in {
                     return Err(Violation::Message(format!(
                         "session {}: data after FIN",
@@ -393,6 +411,13 @@ impl<L: Link, E: EventChannel> Pump<L, E> {
             return Err(Violation::Message(format!("session {id} opened twice")));
         }
         if self.sessions.len() >= MAX_SESSIONS {
+            // The refusals themselves must not pile up: a front-end that keeps
+            // opening without taking our replies is not honest.
+            if self.control.len() >= MAX_CONTROL_BACKLOG {
+                return Err(Violation::Flow(
+                    "refused OPENs keep coming while their RSTs are not taken".into(),
+                ));
+            }
             warn!(
                 session = id,
                 limit = MAX_SESSIONS,

@@ -22,11 +22,29 @@ use crate::wire::{Header, Kind};
 /// accepts before `poll_write` waits.
 const OUT_BUFFER: usize = 512 * 1024;
 
+/// Received payloads smaller than this are appended to the previous queue
+/// entry while it stays under `MERGE_UP_TO` bytes.
+const MERGE_BELOW: usize = 512;
+const MERGE_UP_TO: usize = 4096;
+
 /// What a session tells the pump: "I have something to send".
 #[derive(Debug, Default)]
 pub(crate) struct Wants {
     pub queue: Mutex<Vec<Arc<Session>>>,
     pub notify: Notify,
+    /// Set when the pump has stopped: nothing will ever be sent again.
+    closed: Mutex<Option<String>>,
+}
+
+impl Wants {
+    /// The pump is gone: kills every queued session and any scheduled later.
+    pub fn close(&self, why: &str) {
+        *self.closed.lock().unwrap_or_else(|e| e.into_inner()) = Some(why.to_owned());
+        let queued = std::mem::take(&mut *self.queue.lock().unwrap_or_else(|e| e.into_inner()));
+        for s in queued {
+            s.lock().kill(why);
+        }
+    }
 }
 
 #[derive(Debug)]
@@ -116,6 +134,16 @@ impl Session {
 
     /// Puts the session on the pump's ready list unless it is there already.
     pub fn schedule(self: &Arc<Self>, st: &mut State) {
+        if let Some(why) = self
+            .wants
+            .closed
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_deref()
+        {
+            st.kill(why);
+            return;
+        }
         if !st.queued && !st.closed {
             st.queued = true;
             self.wants
@@ -159,7 +187,19 @@ impl State {
             return;
         }
         self.in_window += data.len() as u64;
-        self.inbound.push_back(data);
+        // Tiny messages are merged so that queue entries cannot cost more
+        // memory than the bytes the window admits.
+        if data.len() < MERGE_BELOW
+            && let Some(last) = self.inbound.back_mut()
+            && last.len() + data.len() <= MERGE_UP_TO
+        {
+            let mut merged = bytes::BytesMut::with_capacity(last.len() + data.len());
+            merged.extend_from_slice(last);
+            merged.extend_from_slice(&data);
+            *last = merged.freeze();
+        } else {
+            self.inbound.push_back(data);
+        }
         if let Some(w) = self.read_waker.take() {
             w.wake();
         }
@@ -231,6 +271,13 @@ impl State {
             };
             return Some((h, chunk));
         }
+        if self.dropped && self.peer_credit == 0 && !self.outbound.is_empty() {
+            // Nobody will write more and the peer is not reading: what is
+            // queued can never go out. Abort instead of waiting forever.
+            self.outbound.clear();
+            self.outbound_len = 0;
+            self.fin_out_wanted = false;
+        }
         if self.outbound.is_empty() {
             if self.fin_out_wanted && !self.fin_out_sent {
                 self.fin_out_sent = true;
@@ -251,7 +298,7 @@ impl State {
         }
         self.open_wanted
             || self.credit_due()
-            || (!self.outbound.is_empty() && self.peer_credit > 0)
+            || (!self.outbound.is_empty() && (self.peer_credit > 0 || self.dropped))
             || (self.outbound.is_empty()
                 && ((self.fin_out_wanted && !self.fin_out_sent)
                     || (self.dropped && !self.rst_sent && !(self.fin_in && self.fin_out_sent))))
@@ -269,6 +316,13 @@ impl Drop for Handle {
         let session = &self.session;
         let mut st = session.lock();
         st.dropped = true;
+        if !st.inbound.is_empty() {
+            // Closed with unread data (as TCP): the exchange is broken, so
+            // abort now rather than finish sending.
+            st.outbound.clear();
+            st.outbound_len = 0;
+            st.fin_out_wanted = false;
+        }
         st.inbound.clear();
         // A clean close (both FINs) needs nothing; otherwise the pump sends
         // what is queued, then FIN or RST as `next_message` decides.

@@ -380,6 +380,39 @@ async fn hostile_front_end_is_reset_and_a_good_one_is_served_again() {
                 h.desc(1, buf0, 16, 1, 0);
                 h.offer(&[0], 1);
             }),
+            ResetReason::BadRing,
+        ),
+        (
+            "indirect descriptor table",
+            Box::new(move |h| {
+                // VIRTQ_DESC_F_INDIRECT: never offered, so never walked.
+                h.desc(0, buf0, 16 * 16, 4, 0);
+                h.offer(&[0], 1);
+            }),
+            ResetReason::BadRing,
+        ),
+        (
+            "empty DATA",
+            Box::new(move |h| {
+                use p2pvm_channel::wire::{Header, Kind};
+                let b1 = layout.buffer(TO_DEVICE, 1);
+                let mem = h.region.mem();
+                mem.write_slice(
+                    &Header::control(Kind::Open, 3, 0).encode(),
+                    GuestAddress(buf0),
+                )
+                .unwrap();
+                let empty = Header {
+                    kind: Kind::Data,
+                    session: 3,
+                    len: 0,
+                    value: 0,
+                };
+                mem.write_slice(&empty.encode(), GuestAddress(b1)).unwrap();
+                h.desc(0, buf0, 16, 0, 0);
+                h.desc(1, b1, 16, 0, 0);
+                h.offer(&[0, 1], 2);
+            }),
             ResetReason::BadMessage,
         ),
         (
