@@ -271,9 +271,15 @@ impl State {
             };
             return Some((h, chunk));
         }
-        if self.dropped && self.peer_credit == 0 && !self.outbound.is_empty() {
-            // Nobody will write more and the peer is not reading: what is
-            // queued can never go out. Abort instead of waiting forever.
+        if self.dropped
+            && !self.fin_out_wanted
+            && self.peer_credit == 0
+            && !self.outbound.is_empty()
+        {
+            // Dropped without a clean shutdown while the peer is not reading:
+            // what is queued may never go out. Abort instead of waiting
+            // forever. (After a shutdown the rest is still delivered as the
+            // peer reads; if the peer gives up, its RST ends the session.)
             self.outbound.clear();
             self.outbound_len = 0;
             self.fin_out_wanted = false;
@@ -298,7 +304,8 @@ impl State {
         }
         self.open_wanted
             || self.credit_due()
-            || (!self.outbound.is_empty() && (self.peer_credit > 0 || self.dropped))
+            || (!self.outbound.is_empty()
+                && (self.peer_credit > 0 || (self.dropped && !self.fin_out_wanted)))
             || (self.outbound.is_empty()
                 && ((self.fin_out_wanted && !self.fin_out_sent)
                     || (self.dropped && !self.rst_sent && !(self.fin_in && self.fin_out_sent))))

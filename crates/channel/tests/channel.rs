@@ -499,3 +499,65 @@ async fn hostile_front_end_is_reset_and_a_good_one_is_served_again() {
     assert_eq!(echo_roundtrip(&c, b"still serving").await, b"still serving");
     stop.cancel();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_clean_close_is_delivered_whole_to_a_late_reader() {
+    // The writer writes more than the reader's window, shuts down and drops
+    // its stream while the window is closed; a reader that starts late still
+    // gets every byte and then the end of the stream.
+    let setup = Setup::new(Layout::new(16, 8192).unwrap());
+    let stop = CancellationToken::new();
+    let mut acc = setup.device(&stop);
+    let c = setup.driver(&stop);
+    let s = c.open();
+    let data = pattern(10 << 20, 3);
+    let sent = data.clone();
+    let (mut r, _w) = s.into_split();
+    let writer = tokio::spawn(async move {
+        let mut served = acc.accept().await.unwrap();
+        served.write_all(&sent).await.unwrap();
+        served.shutdown().await.unwrap();
+        drop(served);
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let mut got = Vec::new();
+    tokio::time::timeout(WAIT, r.read_to_end(&mut got))
+        .await
+        .expect("in time")
+        .expect("no reset");
+    writer.await.unwrap();
+    assert!(got == data, "got {} of {} bytes", got.len(), data.len());
+    stop.cancel();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_abandoned_session_facing_a_closed_window_is_reset() {
+    // The writer drops without shutting down while the reader does not read:
+    // the reader is told (reset) instead of waiting for bytes that cannot come.
+    let setup = Setup::new(Layout::new(16, 8192).unwrap());
+    let stop = CancellationToken::new();
+    let mut acc = setup.device(&stop);
+    let c = setup.driver(&stop);
+    let mut s = c.open();
+    s.write_all(b"hi").await.unwrap();
+    let mut served = acc.accept().await.unwrap();
+    let big = pattern(6 << 20, 9);
+    // Fills the 4 MiB window and the local queue, then gives up.
+    let _ = tokio::time::timeout(Duration::from_millis(500), served.write_all(&big)).await;
+    drop(served);
+    let mut sink = vec![0u8; 1 << 20];
+    let err = tokio::time::timeout(WAIT, async {
+        loop {
+            match s.read(&mut sink).await {
+                Ok(0) => return None,
+                Ok(_) => continue,
+                Err(e) => return Some(e),
+            }
+        }
+    })
+    .await
+    .expect("the reader is not left hanging");
+    let err = err.expect("an abandoned session ends in a reset, not a clean end");
+    assert_eq!(err.kind(), std::io::ErrorKind::ConnectionReset);
+    stop.cancel();
+}
