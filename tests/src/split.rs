@@ -99,6 +99,13 @@ impl Platform {
             .parse()?)
     }
 
+    /// Pid of the front-end.
+    pub fn frontend_pid(&self) -> Result<u32> {
+        Ok(std::fs::read_to_string(self.home.join("run/frontend.pid"))?
+            .trim()
+            .parse()?)
+    }
+
     fn admin_token(&self) -> Result<String> {
         Ok(
             std::fs::read_to_string(self.service_dir().join("admin.token"))?

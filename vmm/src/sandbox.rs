@@ -55,6 +55,10 @@ impl Home {
     pub fn service_pid(&self) -> PathBuf {
         self.run_dir().join("service.pid")
     }
+    /// Pid of the front-end.
+    pub fn frontend_pid(&self) -> PathBuf {
+        self.run_dir().join("frontend.pid")
+    }
     /// The p2pd arguments that locate the service's state (for the console).
     pub fn service_args_file(&self) -> PathBuf {
         self.run_dir().join("service.args")
@@ -117,6 +121,26 @@ pub fn service_command(base: &[OsString], extra: &[OsString]) -> (PathBuf, Vec<O
     args.push("--confine".into());
     args.extend(base.iter().cloned());
     args.extend(extra.iter().cloned());
+    (PathBuf::from("unshare"), args)
+}
+
+/// The front-end's command line: `unshare --user --net -- p2p-frontend …`.
+/// The front-end needs the channel and its app socket (both reached through
+/// the filesystem or inherited descriptors) and nothing of the network, so it
+/// gets an empty network namespace: a compromised front-end cannot talk to
+/// anything but its peers on this machine.
+pub fn frontend_command(broker: &Path, socket: &Path) -> (PathBuf, Vec<OsString>) {
+    let args: Vec<OsString> = vec![
+        "--user".into(),
+        "--map-current-user".into(),
+        "--net".into(),
+        "--".into(),
+        bin("p2p-frontend").into(),
+        "--broker".into(),
+        broker.into(),
+        "--socket".into(),
+        socket.into(),
+    ];
     (PathBuf::from("unshare"), args)
 }
 

@@ -175,6 +175,11 @@ fn start_broker(home: &Home, broker: Arc<Broker>) -> Result<(), SuperviseError> 
     Ok(())
 }
 
+/// Records the front-end's pid (unshare without --fork execs it in place).
+fn record_frontend_pid(home: &Home, pid: u32) {
+    let _ = std::fs::write(home.frontend_pid(), format!("{pid}\n"));
+}
+
 /// Records the sandboxed p2pd's host pid for the console, once it exists.
 async fn record_service_pid(home: &Home, unshare_pid: u32) {
     for _ in 0..200 {
@@ -212,21 +217,15 @@ pub async fn up(opts: UpOptions, shutdown: CancellationToken) -> Result<(), Supe
         "SIGKILL",
         sandbox::service_command(&base, &opts.service_args),
     );
-    let frontend_args: Vec<OsString> = vec![
-        "--broker".into(),
-        home.broker().into(),
-        "--socket".into(),
-        home.api_socket().into(),
-    ];
     let mut frontend = Managed::new(
         "front-end",
         "SIGTERM",
-        (sandbox::bin("p2p-frontend"), frontend_args),
+        sandbox::frontend_command(&home.broker(), &home.api_socket()),
     );
 
     let pid = service.start()?;
     record_service_pid(home, pid).await;
-    frontend.start()?;
+    record_frontend_pid(home, frontend.start()?);
     info!("platform up");
 
     loop {
@@ -253,7 +252,7 @@ pub async fn up(opts: UpOptions, shutdown: CancellationToken) -> Result<(), Supe
                     _ = shutdown.cancelled() => break,
                     _ = tokio::time::sleep(delay) => {}
                 }
-                frontend.start()?;
+                record_frontend_pid(home, frontend.start()?);
             }
         }
     }
