@@ -489,6 +489,42 @@ async fn hostile_front_end_is_reset_and_a_good_one_is_served_again() {
             "reset only after the window was exceeded"
         );
     }
+    // OPENs beyond the session limit while no receive buffer is ever posted:
+    // the refusals cannot be sent, and once too many are owed the device
+    // resets instead of queueing them without end.
+    {
+        use p2pvm_channel::wire::{Header, Kind};
+        h.attach().await;
+        let q = layout.queues[TO_DEVICE];
+        let mem = h.region.mem();
+        let qs = layout.queue_size;
+        let mut next_session = 1u32;
+        let mut idx: u16 = 0;
+        let target = p2pvm_channel::MAX_SESSIONS as u32 + 1100;
+        while h.region.load_u32(field::DEVICE_ATTACHED) == h.generation && next_session < target {
+            let used: u16 = mem.read_obj(GuestAddress(q.used_idx())).unwrap();
+            if used == idx {
+                for slot in 0..qs {
+                    let b = layout.buffer(TO_DEVICE, slot);
+                    let open = Header::control(Kind::Open, next_session, 0);
+                    mem.write_slice(&open.encode(), GuestAddress(b)).unwrap();
+                    h.desc(slot, b, 16, 0, 0);
+                    mem.write_obj(slot, GuestAddress(q.avail_entry(idx % qs)))
+                        .unwrap();
+                    idx = idx.wrapping_add(1);
+                    next_session += 1;
+                }
+                mem.write_obj(idx, GuestAddress(q.avail_idx())).unwrap();
+                h.kick();
+            }
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        assert_eq!(h.expect_reset().await, ResetReason::FlowControl as u32);
+        assert!(
+            next_session > p2pvm_channel::MAX_SESSIONS as u32 + 1000,
+            "reset only once the owed refusals piled up ({next_session} opens)"
+        );
+    }
     // The device logged every reset and still serves a well-behaved front-end.
     let st = device_state.borrow().clone();
     assert!(
