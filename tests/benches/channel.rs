@@ -73,11 +73,7 @@ fn gbs(bytes: usize, t: Duration) -> f64 {
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() -> Result<()> {
-    let full = std::env::args().any(|a| a == "--bench");
-    let mib: usize = std::env::var("P2PVM_BENCH_MIB")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(if full { 1024 } else { 16 });
+    let (full, mib) = p2pvm_e2e::bench_size(1024, 16);
     let (rounds, reps) = if full { (10_000, 5) } else { (200, 1) };
 
     let host = TestNode::start(NodeOpts {

@@ -49,11 +49,7 @@ fn mib_s(bytes: usize, t: Duration) -> f64 {
 async fn main() -> Result<()> {
     // `cargo test --all-targets` runs this binary without `--bench`: a small
     // smoke run then, so the test suite stays fast but still exercises it.
-    let full = std::env::args().any(|a| a == "--bench");
-    let mib: usize = std::env::var("P2PVM_BENCH_MIB")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(if full { 1024 } else { 16 });
+    let (full, mib) = p2pvm_e2e::bench_size(1024, 16);
     let size = mib << 20;
     let data: &'static [u8] = Box::leak(item(size).into_boxed_slice());
     let dir = tempfile::tempdir()?;

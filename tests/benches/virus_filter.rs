@@ -60,15 +60,11 @@ fn mib_s(size: usize, t: Duration) -> f64 {
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() -> Result<()> {
-    let full = std::env::args().any(|a| a == "--bench");
-    let mib: usize = std::env::var("P2PVM_BENCH_MIB")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(if full { 1024 } else { 8 });
+    let (_, mib) = p2pvm_e2e::bench_size(1024, 8);
     let size = mib << 20;
     let dir = tempfile::tempdir()?;
     let file = dir.path().join("item.bin");
-    std::fs::write(&file, p2pvm_e2e::pseudo_random(size as usize, 7))?;
+    std::fs::write(&file, p2pvm_e2e::pseudo_random(size, 7))?;
     let off = run("[virus]\nenabled = false\n", &file, size).await?;
     let on = run("", &file, size).await?;
     println!(

@@ -296,6 +296,18 @@ pub fn pseudo_random(len: usize, seed: u64) -> Vec<u8> {
     out
 }
 
+/// A benchmark's mode and item size: a full run under `cargo bench` (the
+/// `--bench` flag) with `full_mib`, else a quick smoke run with `smoke_mib` (as
+/// `cargo test --all-targets` runs bench binaries); `P2PVM_BENCH_MIB` overrides.
+pub fn bench_size(full_mib: usize, smoke_mib: usize) -> (bool, usize) {
+    let full = std::env::args().any(|a| a == "--bench");
+    let mib = std::env::var("P2PVM_BENCH_MIB")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(if full { full_mib } else { smoke_mib });
+    (full, mib)
+}
+
 /// The median of some timings (benchmarks run a few repetitions).
 pub fn median(mut v: Vec<Duration>) -> Duration {
     v.sort();

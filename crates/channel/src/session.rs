@@ -32,14 +32,15 @@ const MERGE_UP_TO: usize = 4096;
 pub(crate) struct Wants {
     pub queue: Mutex<Vec<Arc<Session>>>,
     pub notify: Notify,
-    /// Set when the pump has stopped: nothing will ever be sent again.
-    closed: Mutex<Option<String>>,
+    /// Set once the pump has stopped: nothing will ever be sent again.
+    /// Read on every write, so a lock-free cell rather than a mutex.
+    closed: std::sync::OnceLock<String>,
 }
 
 impl Wants {
     /// The pump is gone: kills every queued session and any scheduled later.
     pub fn close(&self, why: &str) {
-        *self.closed.lock().unwrap_or_else(|e| e.into_inner()) = Some(why.to_owned());
+        let _ = self.closed.set(why.to_owned());
         let queued = std::mem::take(&mut *self.queue.lock().unwrap_or_else(|e| e.into_inner()));
         for s in queued {
             s.lock().kill(why);
@@ -134,13 +135,7 @@ impl Session {
 
     /// Puts the session on the pump's ready list unless it is there already.
     pub fn schedule(self: &Arc<Self>, st: &mut State) {
-        if let Some(why) = self
-            .wants
-            .closed
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .as_deref()
-        {
+        if let Some(why) = self.wants.closed.get() {
             st.kill(why);
             return;
         }
