@@ -426,59 +426,91 @@ async fn response(stream: &mut libp2p::Stream) -> std::io::Result<TransferRespon
         .ok_or_else(|| std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "stream closed"))
 }
 
-/// Asks providers for the manifest of `id` until one verifies.
+/// Asks providers for the manifest of `id` until one verifies. A provider
+/// that failed in transport (a connection closing under a simultaneous dial,
+/// say) is asked once more after a pause before the lookup gives up.
 pub(crate) async fn manifest_from(
     svc: &ContentService,
     id: &ContentId,
     providers: &[PeerId],
 ) -> Result<VerifiedManifest, ContentServiceError> {
     let mut last = ContentServiceError::NotFound(id.to_string());
+    let mut again = Vec::new();
     for peer in providers.iter().take(8) {
-        let mut stream = match open_stream(svc, *peer).await {
-            Ok(s) => s,
-            Err(e) => {
-                last = ContentServiceError::Unavailable(e);
-                continue;
-            }
-        };
-        let got = async {
-            request(&mut stream, Op::Manifest(id.0.to_vec())).await?;
-            let header = response(&mut stream).await?;
-            if header.status != Status::Ok as i32 {
-                return Ok(None);
-            }
-            read_payload(
-                &mut stream,
-                header.payload_len,
-                transfer::MAX_HEADER_BYTES as u64,
-            )
-            .await
-            .map(Some)
-        }
-        .await;
-        match got {
-            Ok(Some(bytes)) => match VerifiedManifest::parse(&bytes) {
-                Ok(m) if m.id == *id => match prove_size(svc, *peer, &mut stream, &m).await {
-                    Ok(()) => return Ok(m),
-                    Err(e) => {
-                        warn!(%peer, %id, error = %e, "manifest size not proven; ignoring it");
-                        last = ContentServiceError::Verification(e);
-                    }
-                },
-                Ok(_) => {
-                    warn!(%peer, %id, "peer sent a manifest for another item");
-                    last = ContentServiceError::Verification("manifest for another item".into());
-                }
-                Err(e) => {
-                    warn!(%peer, %id, error = %e, "peer sent a manifest that does not verify");
-                    last = ContentServiceError::Verification(e.to_string());
-                }
-            },
+        match manifest_once(svc, id, *peer).await {
+            Ok(Some(m)) => return Ok(m),
             Ok(None) => {}
-            Err(e) => last = ContentServiceError::Unavailable(e.to_string()),
+            Err(e @ ContentServiceError::Unavailable(_)) => {
+                again.push(*peer);
+                last = e;
+            }
+            Err(e) => last = e,
+        }
+    }
+    if !again.is_empty() {
+        tokio::time::sleep(TRANSPORT_RETRY_PAUSE).await;
+        for peer in again {
+            match manifest_once(svc, id, peer).await {
+                Ok(Some(m)) => return Ok(m),
+                Ok(None) => {}
+                Err(e) => last = e,
+            }
         }
     }
     Err(last)
+}
+
+/// Pause before asking a provider again after a transport failure.
+const TRANSPORT_RETRY_PAUSE: Duration = Duration::from_millis(250);
+
+/// One provider's answer: its verified manifest, `None` if it does not hold
+/// the item, or why it could not be used.
+async fn manifest_once(
+    svc: &ContentService,
+    id: &ContentId,
+    peer: PeerId,
+) -> Result<Option<VerifiedManifest>, ContentServiceError> {
+    let mut stream = open_stream(svc, peer)
+        .await
+        .map_err(ContentServiceError::Unavailable)?;
+    let got = async {
+        request(&mut stream, Op::Manifest(id.0.to_vec())).await?;
+        let header = response(&mut stream).await?;
+        if header.status != Status::Ok as i32 {
+            return Ok(None);
+        }
+        read_payload(
+            &mut stream,
+            header.payload_len,
+            transfer::MAX_HEADER_BYTES as u64,
+        )
+        .await
+        .map(Some)
+    }
+    .await
+    .map_err(|e| ContentServiceError::Unavailable(e.to_string()))?;
+    let Some(bytes) = got else {
+        return Ok(None);
+    };
+    match VerifiedManifest::parse(&bytes) {
+        Ok(m) if m.id == *id => match prove_size(svc, peer, &mut stream, &m).await {
+            Ok(()) => Ok(Some(m)),
+            Err(e) => {
+                warn!(%peer, %id, error = %e, "manifest size not proven; ignoring it");
+                Err(ContentServiceError::Verification(e))
+            }
+        },
+        Ok(_) => {
+            warn!(%peer, %id, "peer sent a manifest for another item");
+            Err(ContentServiceError::Verification(
+                "manifest for another item".into(),
+            ))
+        }
+        Err(e) => {
+            warn!(%peer, %id, error = %e, "peer sent a manifest that does not verify");
+            Err(ContentServiceError::Verification(e.to_string()))
+        }
+    }
 }
 
 /// Anyone can sign a manifest for any id, so its size is checked before it
