@@ -24,7 +24,12 @@ async fn dht_provide_and_find_across_unconnected_nodes() -> Result<()> {
     // again, so keep cutting until the ends are seen apart.
     eventually(WAIT, "ends start unconnected", || async {
         if connected(last, &first.peer_id).await.ok()? {
-            last.admin().await.ok()?.disconnect(&first.peer_id).await.ok()?;
+            last.admin()
+                .await
+                .ok()?
+                .disconnect(&first.peer_id)
+                .await
+                .ok()?;
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
         (!connected(last, &first.peer_id).await.ok()?).then_some(())
