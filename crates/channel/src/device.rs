@@ -167,7 +167,7 @@ impl End for DeviceEnd {
         Ok(self.pending(TO_DRIVER)? > 0)
     }
 
-    fn send(&mut self, h: &Header, payload: &[u8]) -> Result<(), Violation> {
+    fn send(&mut self, h: &Header, payload: &[Bytes]) -> Result<(), Violation> {
         let mem = self.region.mem();
         let chain = self.queues[TO_DRIVER]
             .pop_descriptor_chain(mem)
@@ -175,7 +175,7 @@ impl End for DeviceEnd {
         let head = chain.head_index();
         self.check_single(TO_DRIVER, head, VIRTQ_DESC_F_WRITE)?;
         let mut writer = chain.writer(mem).map_err(ring)?;
-        let need = HEADER_LEN + payload.len();
+        let need = HEADER_LEN + payload.iter().map(Bytes::len).sum::<usize>();
         if writer.available_bytes() < need {
             return Err(Violation::Ring(format!(
                 "receive chain {head} holds {} bytes, a message needs {need}",
@@ -184,8 +184,12 @@ impl End for DeviceEnd {
         }
         writer
             .write_all(&h.encode())
-            .and_then(|()| writer.write_all(payload))
             .map_err(|e| Violation::Ring(e.to_string()))?;
+        for piece in payload {
+            writer
+                .write_all(piece)
+                .map_err(|e| Violation::Ring(e.to_string()))?;
+        }
         self.queues[TO_DRIVER]
             .add_used(mem, head, need as u32)
             .map_err(ring)?;

@@ -262,7 +262,7 @@ impl End for DriverEnd {
         Ok(!self.free.is_empty())
     }
 
-    fn send(&mut self, h: &Header, payload: &[u8]) -> Result<(), Violation> {
+    fn send(&mut self, h: &Header, payload: &[Bytes]) -> Result<(), Violation> {
         let id = self
             .free
             .pop()
@@ -271,16 +271,17 @@ impl End for DriverEnd {
         let at = self.layout.buffer(TO_DEVICE, id);
         mem.write_slice(&h.encode(), GuestAddress(at))
             .map_err(mem_err)?;
-        mem.write_slice(payload, GuestAddress(at + HEADER_LEN as u64))
-            .map_err(mem_err)?;
+        let mut len = 0;
+        for piece in payload {
+            mem.write_slice(piece, GuestAddress(at + (HEADER_LEN + len) as u64))
+                .map_err(mem_err)?;
+            len += piece.len();
+        }
         let desc = self.tx.q.desc_entry(id);
         mem.write_obj(at.to_le(), GuestAddress(desc))
             .map_err(mem_err)?;
-        mem.write_obj(
-            ((HEADER_LEN + payload.len()) as u32).to_le(),
-            GuestAddress(desc + 8),
-        )
-        .map_err(mem_err)?;
+        mem.write_obj(((HEADER_LEN + len) as u32).to_le(), GuestAddress(desc + 8))
+            .map_err(mem_err)?;
         mem.write_obj(0u32, GuestAddress(desc + 12))
             .map_err(mem_err)?;
         let slot = self

@@ -76,8 +76,9 @@ pub(crate) trait End: Send {
     fn recv(&mut self, budget: usize, out: &mut Vec<(Header, Bytes)>) -> Result<usize, Violation>;
     /// Whether a message can be sent now.
     fn can_send(&mut self) -> Result<bool, Violation>;
-    /// Sends one message; only after `can_send` said yes.
-    fn send(&mut self, h: &Header, payload: &[u8]) -> Result<(), Violation>;
+    /// Sends one message, its payload gathered from `payload`'s pieces; only
+    /// after `can_send` said yes.
+    fn send(&mut self, h: &Header, payload: &[Bytes]) -> Result<(), Violation>;
     /// Makes everything since the last call visible; true if the peer needs a notification.
     fn publish(&mut self) -> Result<bool, Violation>;
     /// Asks to be notified of input (and of send space); true if work already arrived.
@@ -144,6 +145,8 @@ pub struct Pump<L: Link, E: EventChannel> {
     state: watch::Sender<LinkState>,
     resets: u64,
     poll: Duration,
+    /// The pieces of the message being sent (kept to reuse its allocation).
+    scratch: Vec<Bytes>,
 }
 
 impl<L: Link, E: EventChannel> std::fmt::Debug for Pump<L, E> {
@@ -177,6 +180,7 @@ impl<L: Link, E: EventChannel> Pump<L, E> {
             state,
             resets: 0,
             poll: POLL_MIN,
+            scratch: Vec::new(),
         }
     }
 
@@ -459,12 +463,13 @@ impl<L: Link, E: EventChannel> Pump<L, E> {
                 break;
             }
             let mut st = s.lock();
-            let Some((mut h, payload)) = st.next_message(max) else {
+            let Some(mut h) = st.next_message(max, &mut self.scratch) else {
                 st.unqueue();
                 continue;
             };
             h.session = s.id;
-            end.send(&h, &payload)?;
+            end.send(&h, &self.scratch)?;
+            self.scratch.clear();
             sent += 1;
             if st.finished() {
                 st.closed = true;

@@ -10,7 +10,7 @@ use std::collections::VecDeque;
 use std::io;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::task::{Context, Poll, Waker};
+use std::task::{Context, Poll, Waker, ready};
 
 use bytes::{Buf, Bytes};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
@@ -223,15 +223,19 @@ impl State {
         self.rst_sent || self.reset.is_some() || (self.fin_in && self.fin_out_sent)
     }
 
-    /// The next message this session wants to send, if any (and it can).
-    pub fn next_message(&mut self, max_payload: usize) -> Option<(Header, Bytes)> {
+    /// The next message this session wants to send, if any (and it can). A
+    /// DATA payload is gathered from as many queued chunks as fit one buffer,
+    /// in `payload` (empty for control messages); the pump copies the pieces
+    /// into the region back to back, so small writes cost no extra messages.
+    pub fn next_message(&mut self, max_payload: usize, payload: &mut Vec<Bytes>) -> Option<Header> {
+        payload.clear();
         if self.closed {
             return None;
         }
         if self.open_wanted {
             self.open_wanted = false;
             self.opened = true;
-            return Some((Header::control(Kind::Open, 0, 0), Bytes::new()));
+            return Some(Header::control(Kind::Open, 0, 0));
         }
         if self.reset.is_some() {
             return None;
@@ -240,17 +244,24 @@ impl State {
             let n = self.consumed.min(u64::from(u32::MAX));
             self.consumed -= n;
             self.in_window -= n;
-            return Some((Header::control(Kind::Credit, 0, n as u32), Bytes::new()));
+            return Some(Header::control(Kind::Credit, 0, n as u32));
         }
-        if self.peer_credit > 0
-            && let Some(front) = self.outbound.front_mut()
-        {
-            let n = front.len().min(max_payload).min(self.peer_credit as usize);
-            let chunk = if n == front.len() {
-                self.outbound.pop_front().expect("front exists")
-            } else {
-                front.split_to(n)
-            };
+        if self.peer_credit > 0 && !self.outbound.is_empty() {
+            let limit = max_payload.min(self.peer_credit as usize);
+            let mut n = 0;
+            while n < limit {
+                let Some(front) = self.outbound.front_mut() else {
+                    break;
+                };
+                let take = front.len().min(limit - n);
+                let piece = if take == front.len() {
+                    self.outbound.pop_front().expect("front exists")
+                } else {
+                    front.split_to(take)
+                };
+                n += take;
+                payload.push(piece);
+            }
             self.outbound_len -= n;
             self.peer_credit -= n as u64;
             if self.outbound_len < OUT_BUFFER
@@ -258,13 +269,12 @@ impl State {
             {
                 w.wake();
             }
-            let h = Header {
+            return Some(Header {
                 kind: Kind::Data,
                 session: 0,
                 len: n as u32,
                 value: 0,
-            };
-            return Some((h, chunk));
+            });
         }
         if self.dropped
             && !self.fin_out_wanted
@@ -282,11 +292,11 @@ impl State {
         if self.outbound.is_empty() {
             if self.fin_out_wanted && !self.fin_out_sent {
                 self.fin_out_sent = true;
-                return Some((Header::control(Kind::Fin, 0, 0), Bytes::new()));
+                return Some(Header::control(Kind::Fin, 0, 0));
             }
             if self.dropped && !self.rst_sent && !(self.fin_in && self.fin_out_sent) {
                 self.rst_sent = true;
-                return Some((Header::control(Kind::Rst, 0, 0), Bytes::new()));
+                return Some(Header::control(Kind::Rst, 0, 0));
             }
         }
         None
@@ -415,8 +425,8 @@ fn poll_chunk(session: &Arc<Session>, cx: &mut Context<'_>) -> Poll<io::Result<O
     end_or_wait(&mut st, cx)
 }
 
-fn poll_write(session: &Arc<Session>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
-    let mut st = session.lock();
+/// Room for more outbound bytes, or why there never will be.
+fn poll_room(st: &mut State, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
     if let Some(why) = &st.reset {
         return Poll::Ready(Err(io::Error::new(io::ErrorKind::BrokenPipe, why.clone())));
     }
@@ -426,19 +436,45 @@ fn poll_write(session: &Arc<Session>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<
             "write after shutdown",
         )));
     }
-    if buf.is_empty() {
-        return Poll::Ready(Ok(0));
-    }
     let room = OUT_BUFFER.saturating_sub(st.outbound_len);
     if room == 0 {
         st.write_waker = Some(cx.waker().clone());
         return Poll::Pending;
     }
+    Poll::Ready(Ok(room))
+}
+
+fn queue(session: &Arc<Session>, st: &mut State, data: Bytes) {
+    st.outbound_len += data.len();
+    st.outbound.push_back(data);
+    session.schedule(st);
+}
+
+fn poll_write(session: &Arc<Session>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+    if buf.is_empty() {
+        return Poll::Ready(Ok(0));
+    }
+    let mut st = session.lock();
+    let room = ready!(poll_room(&mut st, cx))?;
     let n = room.min(buf.len());
-    st.outbound.push_back(Bytes::copy_from_slice(&buf[..n]));
-    st.outbound_len += n;
-    session.schedule(&mut st);
+    queue(session, &mut st, Bytes::copy_from_slice(&buf[..n]));
     Poll::Ready(Ok(n))
+}
+
+/// Queues a whole chunk without copying it (the pump copies it into the
+/// region); it may overfill the out buffer by itself, never by more.
+fn poll_send(
+    session: &Arc<Session>,
+    cx: &mut Context<'_>,
+    data: &mut Bytes,
+) -> Poll<io::Result<()>> {
+    if data.is_empty() {
+        return Poll::Ready(Ok(()));
+    }
+    let mut st = session.lock();
+    ready!(poll_room(&mut st, cx))?;
+    queue(session, &mut st, std::mem::take(data));
+    Poll::Ready(Ok(()))
 }
 
 fn shutdown(session: &Arc<Session>) {
@@ -502,6 +538,15 @@ impl ChannelReader {
 #[derive(Debug)]
 pub struct ChannelWriter {
     h: Arc<Handle>,
+}
+
+impl ChannelWriter {
+    /// Sends `data` without copying it first: bulk producers hand over the
+    /// buffers they already own, and the pump copies them into the region.
+    pub async fn send(&mut self, data: Bytes) -> io::Result<()> {
+        let mut data = data;
+        std::future::poll_fn(|cx| poll_send(&self.h.session, cx, &mut data)).await
+    }
 }
 
 impl AsyncRead for ChannelStream {

@@ -1,6 +1,11 @@
 //! `p2p-frontend`: the front-end driver as a process (started by `p2pvmm up`
 //! in the sandbox backend; by the client VM's init in the VM backend).
 
+// glibc malloc returns freed buffers to the kernel and faults them back in:
+// on the streaming paths that cost more than the copies themselves.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use std::path::PathBuf;
 
 use anyhow::Context;

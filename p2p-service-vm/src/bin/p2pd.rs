@@ -1,6 +1,11 @@
 //! `p2pd`: the P2P service daemon — a host daemon (host mode), or the service
 //! side of `p2pvmm up` (channel back-end, confined in its sandbox).
 
+// glibc malloc returns freed buffers to the kernel and faults them back in:
+// on the streaming paths that cost more than the copies themselves.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use std::path::PathBuf;
 
 use anyhow::Context;

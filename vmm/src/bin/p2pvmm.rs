@@ -1,5 +1,10 @@
 //! `p2pvmm`: brings the split platform up and opens the operator's console.
 
+// glibc malloc returns freed buffers to the kernel and faults them back in:
+// on the streaming paths that cost more than the copies themselves.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use std::ffi::OsString;
 use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
