@@ -16,6 +16,7 @@ use tokio_stream_shim::{BroadcastStream, ReceiverStream};
 use std::collections::HashMap;
 
 use crate::conn::{self, DELIVERY_QUEUE, Inner, Message, Registrations, Target};
+use crate::content::ContentReader;
 use crate::error::{Error, Result};
 use crate::stream::AppStream;
 
@@ -518,26 +519,45 @@ impl Client {
     /// Streams verified bytes of an item: `length` 0 means to the end. Blocks
     /// are fetched in playback order from all providers. A whole-item fetch is
     /// stored and seeded unless `keep` is false.
+    ///
+    /// Where the node offers bulk streams the bytes come through a
+    /// shared-memory ring (see [`ContentReader`]); the answer's `bulk_ticket`
+    /// then says so and `stream_id` is 0.
     pub async fn fetch_content(
         &self,
         content_id: &str,
         offset: u64,
         length: u64,
         keep: bool,
-    ) -> Result<(pb::ContentStream, AppStream)> {
+    ) -> Result<(pb::ContentStream, ContentReader)> {
+        let bulk = self.inner.welcome.lock().expect("lock").bulk_streams;
         let op = Op::ContentFetch(pb::ContentFetchRequest {
             content_id: content_id.into(),
             offset,
             length,
             no_keep: !keep,
+            bulk,
         });
-        match self.inner.request(op).await? {
-            R::ContentStream(o) => {
-                let s = self.take_opened(o.stream_id)?;
-                Ok((o, s))
-            }
-            _ => Err(unexpected()),
+        let o = match self.inner.request(op).await? {
+            R::ContentStream(o) => o,
+            _ => return Err(unexpected()),
+        };
+        if o.bulk_ticket.is_empty() {
+            let s = self.take_opened(o.stream_id)?;
+            return Ok((o, ContentReader::frames(s)));
         }
+        let ticket = o.bulk_ticket[..].try_into().map_err(|_| {
+            Error::Protocol(format!("a bulk ticket of {} bytes", o.bulk_ticket.len()))
+        })?;
+        let preamble = p2pvm_bulk::Preamble {
+            capacity: 0,
+            ticket,
+        };
+        let socket = &self.inner.target.socket;
+        let ring = p2pvm_bulk::attach::attach(socket, &preamble)
+            .await
+            .map_err(|e| crate::content::attach_error(e, socket))?;
+        Ok((o, ContentReader::ring(ring)))
     }
 
     /// Fetches a whole item into the node's store (swarm order) and waits until

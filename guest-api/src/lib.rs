@@ -27,6 +27,7 @@
 
 mod client;
 mod conn;
+mod content;
 mod error;
 mod stream;
 
@@ -34,6 +35,7 @@ pub use client::{
     Client, ClientBuilder, ENV_SOCKET, ENV_TOKEN, ENV_TOKEN_FILE, default_socket_path,
 };
 pub use conn::Message;
+pub use content::ContentReader;
 pub use error::{Error, Result};
 pub use p2pvm_proto::pb as proto;
 pub use stream::AppStream;

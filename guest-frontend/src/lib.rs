@@ -8,7 +8,11 @@
 //! ```
 //!
 //! The front-end never interprets API frames: each app connection becomes one
-//! channel session and bytes are copied both ways. When the service side
+//! channel session and bytes are copied both ways. The one exception is a
+//! bulk attachment (a connection that starts with the bulk magic, see
+//! `p2pvm-bulk`): the front-end forwards its preamble on a channel session,
+//! hands the app a shared-memory ring, and copies the bulk frames the
+//! back-end answers with straight into it. When the service side
 //! restarts, the channel resets: every app connection is closed (in-flight
 //! requests fail with a disconnect), `guest-api` reconnects, and the new
 //! session opens as soon as the new service side attaches.
@@ -17,8 +21,10 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use bytes::{Buf, Bytes};
+use p2pvm_bulk::attach::{self, Preamble, Reply};
+use p2pvm_bulk::frames::{Decoder, Frame};
 use p2pvm_channel::{Connector, LinkState, Side};
-use tokio::io::{AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{UnixListener, UnixStream};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
@@ -74,8 +80,7 @@ pub async fn serve(listener: UnixListener, connector: Connector, shutdown: Cance
             _ = shutdown.cancelled() => break,
             accepted = listener.accept() => match accepted {
                 Ok((app, _)) => {
-                    let session = connector.open();
-                    tokio::spawn(bridge(app, session));
+                    tokio::spawn(serve_app(app, connector.clone()));
                 }
                 Err(e) => {
                     warn!(error = %e, "accept failed");
@@ -86,14 +91,39 @@ pub async fn serve(listener: UnixListener, connector: Connector, shutdown: Cance
     }
 }
 
+/// How long a new app connection may take to show what it is.
+const OPENING_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// One app connection: an API session bridged byte for byte, or a bulk
+/// attachment served from a ring.
+async fn serve_app(mut app: UnixStream, connector: Connector) {
+    let mut first = [0u8; 4];
+    match tokio::time::timeout(OPENING_TIMEOUT, app.read_exact(&mut first)).await {
+        Ok(Ok(_)) => {}
+        _ => return,
+    }
+    if attach::is_attach(&first) {
+        let preamble = tokio::time::timeout(OPENING_TIMEOUT, Preamble::read_after_magic(&mut app));
+        match preamble.await {
+            Ok(Ok(p)) => bulk(app, connector.open(), p).await,
+            Ok(Err(e)) => debug!(error = %e, "bad bulk attachment"),
+            Err(_) => debug!("bulk attachment timed out"),
+        }
+        return;
+    }
+    bridge(app, connector.open(), first).await
+}
+
 /// Copies bytes both ways until both directions end or either side fails.
 /// A channel reset fails the channel side; dropping the app socket then tells
-/// the app its session is gone.
-async fn bridge(app: UnixStream, session: p2pvm_channel::ChannelStream) {
+/// the app its session is gone. `first` are the bytes already read from the
+/// app to tell what it is.
+async fn bridge(app: UnixStream, session: p2pvm_channel::ChannelStream, first: [u8; 4]) {
     let id = session.id();
     let (mut ar, mut aw) = app.into_split();
     let (mut cr, mut cw) = session.into_split();
     let up = async {
+        cw.write_all(&first).await?;
         let r = tokio::io::copy(&mut ar, &mut cw).await;
         let _ = cw.shutdown().await;
         r
@@ -125,6 +155,73 @@ async fn bridge(app: UnixStream, session: p2pvm_channel::ChannelStream) {
 
 /// Bytes gathered into one vectored write towards an app.
 const DOWN_BATCH: usize = 1 << 20;
+
+/// A bulk attachment: asks the back-end for the ticket's bytes on `session`
+/// and copies the bulk frames it answers with into a ring handed to the app.
+/// The back-end is untrusted input here like everywhere: a malformed frame
+/// fails the app's stream, nothing more.
+async fn bulk(app: UnixStream, session: p2pvm_channel::ChannelStream, p: Preamble) {
+    let (mut cr, mut cw) = session.into_split();
+    let asked = async {
+        cw.write_all(&p.encode()).await?;
+        Reply::read(&mut cr).await
+    };
+    let reply = match asked.await {
+        Ok(r) => r,
+        Err(e) => Reply::refused(UNAVAILABLE, format!("the service side did not answer: {e}")),
+    };
+    if reply.code != 0 {
+        attach::refuse(app, &reply).await;
+        return;
+    }
+    let mut ring = match attach::offer_ring(app, u64::from(p.capacity)).await {
+        Ok(r) => r,
+        Err(e) => {
+            debug!(error = %e, "could not hand a bulk ring over");
+            return;
+        }
+    };
+    let mut frames = Decoder::new();
+    loop {
+        let chunk = tokio::select! {
+            c = cr.chunk() => c,
+            gone = ring.reader_gone() => {
+                // Dropping the session resets it: the back-end stops.
+                debug!(reason = %gone, "bulk reader left before the end");
+                return;
+            }
+        };
+        let mut chunk = match chunk {
+            Ok(Some(c)) => c,
+            Ok(None) => {
+                return ring.fail(UNAVAILABLE, "the service side ended the stream early");
+            }
+            Err(e) => {
+                return ring.fail(UNAVAILABLE, &format!("the service side went away: {e}"));
+            }
+        };
+        loop {
+            match frames.next(&mut chunk) {
+                Ok(None) => break,
+                Ok(Some(Frame::Data(b))) => {
+                    if let Err(e) = ring.write_all(&b).await {
+                        debug!(error = %e, "bulk reader left before the end");
+                        return;
+                    }
+                }
+                Ok(Some(Frame::End)) => return ring.finish(),
+                Ok(Some(Frame::Error { code, message })) => return ring.fail(code, &message),
+                Err(e) => {
+                    warn!(error = %e, "the service side broke a bulk stream");
+                    return ring.fail(UNAVAILABLE, &e.to_string());
+                }
+            }
+        }
+    }
+}
+
+/// The code an app's bulk stream fails with when the service side goes away.
+const UNAVAILABLE: u32 = p2pvm_proto::pb::ErrorCode::Unavailable as u32;
 
 /// Writes all of `chunks` (emptying it) with vectored writes; returns the bytes.
 async fn write_chunks(

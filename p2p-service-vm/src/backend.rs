@@ -39,7 +39,7 @@ pub async fn serve(
             s = acceptor.accept() => match s {
                 Some(stream) => {
                     let svc = svc.clone();
-                    tokio::spawn(async move { svc.serve(stream).await });
+                    tokio::spawn(async move { svc.serve_channel(stream).await });
                 }
                 None => break,
             },

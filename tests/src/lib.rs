@@ -354,5 +354,12 @@ pub async fn pair() -> Result<(TestNode, TestNode)> {
         ..Default::default()
     })
     .await?;
+    // `a` can only reach `b` once b's bootstrap dial has landed.
+    let admin = a.admin().await?;
+    eventually(Duration::from_secs(30), "the pair connected", || async {
+        let peers = admin.peers().await.ok()?;
+        peers.iter().any(|p| p.peer_id == b.peer_id).then_some(())
+    })
+    .await?;
     Ok((a, b))
 }

@@ -218,7 +218,11 @@ async fn session_and_stream_limits_have_clear_errors() -> Result<()> {
     .await?;
     let server = other.app("loop").await?;
     let mut incoming = server.register_protocol("/loop/1").await?;
-    let s1 = one.open_stream(&other.peer_id, "/loop/1").await?;
+    // The node can reach the other once its bootstrap dial has landed.
+    let s1 = p2pvm_e2e::eventually(WAIT, "a first stream", || async {
+        one.open_stream(&other.peer_id, "/loop/1").await.ok()
+    })
+    .await?;
     let accepted = tokio::time::timeout(WAIT, incoming.next()).await?;
     assert!(accepted.is_some());
     let err = one

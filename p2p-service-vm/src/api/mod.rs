@@ -4,6 +4,7 @@
 //!  byte stream (Unix socket / channel) ─► session ─► ops ─► NodeHandle
 //!                                           │
 //!                                           └─► streams (app protocol bridges)
+//!  second connection presenting a ticket ─► bulk (content bytes into a ring)
 //! ```
 //!
 //! [`ApiService`] holds what sessions share (the node handle, the credential store,
@@ -12,6 +13,7 @@
 //! and streams go with it.
 
 pub mod apps;
+mod bulk;
 mod ops;
 pub mod server;
 mod service;

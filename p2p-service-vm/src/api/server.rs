@@ -1,6 +1,6 @@
-//! The Unix-socket transport of the API (host mode, and the front-end's local
-//! socket later). It only accepts connections and hands each to
-//! [`ApiService::serve`]; nothing here knows the protocol.
+//! The Unix-socket transport of the API in host mode. It only accepts
+//! connections and hands each to [`ApiService::serve_unix`] (an API session,
+//! or a bulk attachment); nothing here knows the protocol.
 
 use std::path::Path;
 
@@ -30,7 +30,7 @@ pub async fn serve(listener: UnixListener, svc: ApiService, shutdown: Cancellati
             accepted = listener.accept() => match accepted {
                 Ok((stream, _)) => {
                     let svc = svc.clone();
-                    tokio::spawn(async move { svc.serve(stream).await });
+                    tokio::spawn(async move { svc.serve_unix(stream).await });
                 }
                 Err(e) => {
                     // EMFILE and friends: back off briefly instead of spinning.

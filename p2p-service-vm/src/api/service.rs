@@ -37,6 +37,8 @@ pub(crate) struct Inner {
     pub topics: tokio::sync::Mutex<HashMap<String, usize>>,
     /// Service name → number of sessions advertising it.
     pub services: tokio::sync::Mutex<HashMap<String, usize>>,
+    /// Bulk fetches waiting for their attachment.
+    pub bulk: Arc<super::bulk::Tickets>,
     next_session: AtomicU64,
     session_slots: Arc<Semaphore>,
     pub shutdown: CancellationToken,
@@ -68,6 +70,7 @@ impl ApiService {
                 protocols: Mutex::new(HashMap::new()),
                 topics: tokio::sync::Mutex::new(HashMap::new()),
                 services: tokio::sync::Mutex::new(HashMap::new()),
+                bulk: Arc::default(),
                 next_session: AtomicU64::new(1),
                 session_slots: slots,
                 shutdown,

@@ -57,6 +57,8 @@ pub(crate) enum Internal {
     ContentOpened {
         request_id: u64,
         stream_id: u64,
+        /// Deliver through a bulk attachment rather than stream frames.
+        bulk: bool,
         result: Result<(pb::ContentStream, ContentBytes), ApiError>,
     },
     ReaderDone(u64),
@@ -67,7 +69,7 @@ pub(crate) enum Internal {
 
 /// Verified bytes of a content fetch, as the node produces them.
 pub(crate) struct ContentBytes(
-    std::pin::Pin<Box<dyn futures::Stream<Item = std::io::Result<bytes::Bytes>> + Send>>,
+    pub(crate) std::pin::Pin<Box<dyn futures::Stream<Item = std::io::Result<bytes::Bytes>> + Send>>,
 );
 
 impl std::fmt::Debug for ContentBytes {
@@ -158,6 +160,7 @@ where
         max_frame_bytes: limits.max_frame_bytes,
         stream_window_bytes: limits.stream_window_bytes,
         max_streams: limits.max_streams_per_session,
+        bulk_streams: true,
     }));
     if sink.send(welcome).await.is_err() {
         return;
@@ -775,6 +778,7 @@ impl Session {
         self.next_stream += 1;
         self.pending_opens += 1;
         let tx = self.internal_tx.clone();
+        let bulk = r.bulk;
         tokio::spawn(async move {
             let range = match range {
                 None => None,
@@ -786,6 +790,7 @@ impl Session {
                             .send(Internal::ContentOpened {
                                 request_id,
                                 stream_id,
+                                bulk,
                                 result,
                             })
                             .await;
@@ -803,6 +808,7 @@ impl Session {
                         info: Some(ops::content_info(info)),
                         offset: range.start,
                         length: range.end - range.start,
+                        bulk_ticket: bytes::Bytes::new(),
                     };
                     (opened, ContentBytes(Box::pin(bytes)))
                 })
@@ -811,6 +817,7 @@ impl Session {
                 .send(Internal::ContentOpened {
                     request_id,
                     stream_id,
+                    bulk,
                     result,
                 })
                 .await;
@@ -855,7 +862,24 @@ impl Session {
             }
             Internal::ContentOpened {
                 request_id,
+                bulk: true,
+                result,
+                ..
+            } => {
+                self.pending_opens -= 1;
+                let parked = result.and_then(|(mut opened, bytes)| {
+                    let max = self.svc.inner.limits.max_streams_per_session as usize;
+                    let ticket = self.svc.inner.bulk.park(self.id, bytes, max)?;
+                    opened.stream_id = 0;
+                    opened.bulk_ticket = bytes::Bytes::copy_from_slice(&ticket);
+                    Ok(pb::response::Result::ContentStream(opened))
+                });
+                self.reply(request_id, parked).await;
+            }
+            Internal::ContentOpened {
+                request_id,
                 stream_id,
+                bulk: false,
                 result,
             } => {
                 self.pending_opens -= 1;
@@ -1016,6 +1040,7 @@ impl Session {
         for (_, s) in self.streams.drain() {
             s.reset();
         }
+        self.svc.inner.bulk.forget_session(self.id);
         self.svc
             .inner
             .sessions

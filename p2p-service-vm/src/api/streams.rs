@@ -67,7 +67,7 @@ fn frame(kind: pb::frame::Kind) -> pb::Frame {
 
 /// The error an app sees when its stream's source fails: a content error keeps
 /// its own code (e.g. VERIFICATION_FAILED), anything else is the peer's failure.
-fn stream_error(e: &std::io::Error) -> pb::Error {
+pub(crate) fn stream_error(e: &std::io::Error) -> pb::Error {
     let content = e
         .get_ref()
         .and_then(|inner| inner.downcast_ref::<crate::content::ContentServiceError>());

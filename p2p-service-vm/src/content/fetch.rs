@@ -1487,7 +1487,8 @@ pub(crate) async fn open_reader(
             .ok_or_else(|| ContentServiceError::NotFound(id.to_string()))?;
         let r = check(info.size)?;
         let file = svc.inner.store.open_data(id)?;
-        tokio::spawn(read_local(file, r.clone(), tx));
+        let span = r.clone();
+        tokio::task::spawn_blocking(move || read_local(file, span, tx));
         let me = svc.inner.node.peer_id();
         return Ok((
             ContentInfo {
@@ -1536,31 +1537,41 @@ pub(crate) async fn open_reader(
     Ok((info, r, stream))
 }
 
-/// Chunk handed to readers at a time.
-const READ_CHUNK: u64 = 256 * 1024;
+/// Chunk handed to readers of a stored item at a time. Large, because each is
+/// a hand-off between threads (and those cost more than the copy here).
+const LOCAL_CHUNK: u64 = 1 << 20;
 
-async fn read_local(
-    file: std::fs::File,
+/// Reads `range` of a stored item on one blocking thread, sequentially (the
+/// kernel's readahead keeps up), at most the channel's capacity ahead of the
+/// reader; stops when the reader goes away.
+fn read_local(
+    mut file: std::fs::File,
     range: Range<u64>,
     tx: mpsc::Sender<std::io::Result<Bytes>>,
 ) {
-    use std::os::unix::fs::FileExt;
-    let file = Arc::new(file);
+    use std::io::{Read, Seek, SeekFrom};
+    if let Err(e) = file.seek(SeekFrom::Start(range.start)) {
+        let _ = tx.blocking_send(Err(e));
+        return;
+    }
     let mut pos = range.start;
     while pos < range.end {
-        let n = (range.end - pos).min(READ_CHUNK) as usize;
-        let f = file.clone();
-        let read = tokio::task::spawn_blocking(move || {
-            let mut buf = vec![0u8; n];
-            f.read_exact_at(&mut buf, pos).map(|()| Bytes::from(buf))
-        })
-        .await
-        .unwrap_or_else(|e| Err(std::io::Error::other(e)));
+        let n = (range.end - pos).min(LOCAL_CHUNK);
+        // Read into spare capacity rather than zero-filling first.
+        let mut buf = Vec::with_capacity(n as usize);
+        let read = match (&mut file).take(n).read_to_end(&mut buf) {
+            Ok(got) if got as u64 == n => Ok(Bytes::from(buf)),
+            Ok(got) => Err(std::io::Error::new(
+                std::io::ErrorKind::UnexpectedEof,
+                format!("the stored item ends {got} bytes into a {n}-byte read at {pos}"),
+            )),
+            Err(e) => Err(e),
+        };
         let failed = read.is_err();
-        if tx.send(read).await.is_err() || failed {
+        if tx.blocking_send(read).is_err() || failed {
             return;
         }
-        pos += n as u64;
+        pos += n;
     }
 }
 
