@@ -33,6 +33,7 @@ async fn apps_behind_the_channel_share_content_pubsub_and_streams() -> Result<()
     let info = inside.publish_content(meta("split.bin"), &data[..]).await?;
     ensure!(info.content_id == blake3::hash(&data).to_hex().to_string());
     let (opened, mut s) = outside.fetch_content(&info.content_id, 0, 0, true).await?;
+    ensure!(s.is_bulk(), "host mode serves fetches through a ring");
     let mut got = Vec::with_capacity(opened.length as usize);
     tokio::time::timeout(WAIT, s.read_to_end(&mut got)).await??;
     ensure!(got == data, "the host node got different bytes");
@@ -40,6 +41,7 @@ async fn apps_behind_the_channel_share_content_pubsub_and_streams() -> Result<()
     let back = p2pvm_e2e::pseudo_random(5 << 20, 43);
     let binfo = outside.publish_content(meta("host.bin"), &back[..]).await?;
     let (_, mut s) = inside.fetch_content(&binfo.content_id, 0, 0, true).await?;
+    ensure!(s.is_bulk(), "the front-end serves fetches through a ring");
     let mut got = Vec::new();
     tokio::time::timeout(WAIT, s.read_to_end(&mut got)).await??;
     ensure!(got == back, "the sandboxed side got different bytes");
@@ -107,6 +109,7 @@ async fn a_killed_service_side_is_restarted_and_apps_continue() -> Result<()> {
 
     // A fetch in flight when the service side dies fails clearly, not silently short.
     let (opened, mut s) = app.fetch_content(&info.content_id, 0, 0, true).await?;
+    ensure!(s.is_bulk());
     let mut first = vec![0u8; 1 << 20];
     s.read_exact(&mut first).await?;
     std::process::Command::new("kill")
@@ -114,9 +117,18 @@ async fn a_killed_service_side_is_restarted_and_apps_continue() -> Result<()> {
         .status()?;
     let mut rest = Vec::new();
     let outcome = tokio::time::timeout(WAIT, s.read_to_end(&mut rest)).await?;
+    let e = outcome.expect_err("a fetch cut by the crash must fail, not look complete");
     ensure!(
-        outcome.is_err() || (first.len() + rest.len()) < opened.length as usize,
-        "a fetch cut by the crash must not look complete"
+        (first.len() + rest.len()) < opened.length as usize,
+        "{e}: yet every byte arrived"
+    );
+    let code = e
+        .get_ref()
+        .and_then(|i| i.downcast_ref::<guest_api::Error>())
+        .and_then(|a| a.code());
+    ensure!(
+        code == Some(proto::ErrorCode::Unavailable),
+        "the front-end says the service side went away: {e}"
     );
 
     // The supervisor restarts it; the same client reconnects and goes on.

@@ -49,8 +49,15 @@ async fn a_peer_serving_malware_is_never_delivered_and_stays_banned() -> Result<
     let mut events = v.events().await?;
     let (_, mut stream) = v.fetch_content(&info.content_id, 0, 0, true).await?;
     let mut got = Vec::new();
-    let e = stream.read_to_end(&mut got).await;
-    ensure!(e.is_err(), "the fetch must fail");
+    let e = stream
+        .read_to_end(&mut got)
+        .await
+        .expect_err("the fetch must fail");
+    let api = e.get_ref().and_then(|i| i.downcast_ref::<guest_api::Error>());
+    ensure!(
+        api.is_some_and(|a| is_malware(a, "Eicar")),
+        "the stream fails with the signature: {e}"
+    );
     ensure!(
         !got.windows(EICAR.len()).any(|w| w == EICAR),
         "malware bytes reached the app"
