@@ -145,6 +145,12 @@ pub struct ContentConfig {
     pub stall_timeout_secs: u64,
     /// Largest item this node fetches (a peer's manifest could claim anything).
     pub max_item_bytes: u64,
+    /// Carry blocks on a TLS 1.3 connection of their own beside libp2p where
+    /// both ends can (several times faster); libp2p streams otherwise.
+    pub fast_path: bool,
+    /// The fast path's TCP port, on the host of the first TCP listen address
+    /// (0: any free port; set one to open it in a firewall).
+    pub fast_path_port: u16,
 }
 
 impl Default for ContentConfig {
@@ -160,6 +166,8 @@ impl Default for ContentConfig {
             allow_path_publish: true,
             stall_timeout_secs: 30,
             max_item_bytes: 256 << 30,
+            fast_path: true,
+            fast_path_port: 0,
         }
     }
 }

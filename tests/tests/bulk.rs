@@ -53,14 +53,23 @@ async fn fetches_come_through_a_ring_and_a_ticket_works_once() -> Result<()> {
     let (_, mut s) = app.fetch_content(&id, 1_234_567, 3_000_001, true).await?;
     let mut got = Vec::new();
     s.read_to_end(&mut got).await?;
-    ensure!(got[..] == data[1_234_567..1_234_567 + 3_000_001], "range differs");
+    ensure!(
+        got[..] == data[1_234_567..1_234_567 + 3_000_001],
+        "range differs"
+    );
 
     // The ticket was spent by the attachment; a replay and a guess are refused.
     let ticket: [u8; TICKET_BYTES] = opened.bulk_ticket[..].try_into()?;
     for ticket in [ticket, [0x5a; TICKET_BYTES]] {
-        let e = attach::attach(&node.socket, &Preamble { capacity: 0, ticket })
-            .await
-            .unwrap_err();
+        let e = attach::attach(
+            &node.socket,
+            &Preamble {
+                capacity: 0,
+                ticket,
+            },
+        )
+        .await
+        .unwrap_err();
         ensure!(
             matches!(e, BulkError::Failed { code, .. } if code == proto::ErrorCode::NotFound as u32),
             "{e:?}"

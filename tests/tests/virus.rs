@@ -53,7 +53,9 @@ async fn a_peer_serving_malware_is_never_delivered_and_stays_banned() -> Result<
         .read_to_end(&mut got)
         .await
         .expect_err("the fetch must fail");
-    let api = e.get_ref().and_then(|i| i.downcast_ref::<guest_api::Error>());
+    let api = e
+        .get_ref()
+        .and_then(|i| i.downcast_ref::<guest_api::Error>());
     ensure!(
         api.is_some_and(|a| is_malware(a, "Eicar")),
         "the stream fails with the signature: {e}"

@@ -208,6 +208,14 @@ impl Partial {
     /// Verifies a block's wire against the content id and stores it. On error
     /// nothing is marked held; the bytes written so far were verified leaves.
     pub fn accept(&self, k: u64, wire: &[u8]) -> Result<(), ContentError> {
+        let block = self.verify(k, wire)?;
+        self.store_verified(k, &block)
+    }
+
+    /// Verifies a block's wire against the content id and returns its bytes,
+    /// without storing them (a download that keeps nothing hands them
+    /// straight to its readers). The tree learns the block's proof either way.
+    pub fn verify(&self, k: u64, wire: &[u8]) -> Result<Vec<u8>, ContentError> {
         if k >= self.blocks() {
             return Err(ContentError::BadRange {
                 start: k * BLOCK_BYTES,
@@ -232,8 +240,22 @@ impl Partial {
         if block.buf.len() as u64 != range.end - range.start {
             return Err(verification("the block is incomplete"));
         }
+        Ok(block.buf)
+    }
+
+    /// Stores block `k`'s bytes, which [`Partial::verify`] returned, and marks
+    /// it held (it can then be read back and served onwards).
+    pub fn store_verified(&self, k: u64, block: &[u8]) -> Result<(), ContentError> {
+        let range = block_range(self.size, k);
+        if block.len() as u64 != range.end - range.start {
+            return Err(ContentError::BadRange {
+                start: range.start,
+                end: range.start + block.len() as u64,
+                size: self.size,
+            });
+        }
         self.file
-            .write_all_at(&block.buf, range.start)
+            .write_all_at(block, range.start)
             .map_err(ContentError::Write)?;
         self.have.lock().expect("lock")[k as usize] = true;
         Ok(())

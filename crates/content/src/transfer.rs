@@ -84,6 +84,10 @@ pub struct TransferResponse {
     /// Human-readable reason for a failure.
     #[prost(string, tag = "3")]
     pub message: String,
+    /// In answers to `Have`: the TCP port of the provider's fast path (a TLS
+    /// 1.3 connection for blocks beside libp2p), 0 when it has none.
+    #[prost(uint32, tag = "4")]
+    pub fast_path_port: u32,
 }
 
 /// Outcome of a request.
@@ -111,6 +115,7 @@ impl TransferResponse {
             status: Status::Ok as i32,
             payload_len,
             message: String::new(),
+            fast_path_port: 0,
         }
     }
 
@@ -120,6 +125,7 @@ impl TransferResponse {
             status: status as i32,
             payload_len: 0,
             message: message.into(),
+            fast_path_port: 0,
         }
     }
 }

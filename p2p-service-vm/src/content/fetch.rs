@@ -51,6 +51,9 @@ const OPEN_TIMEOUT: Duration = Duration::from_secs(10);
 const ANSWER_TIMEOUT: Duration = Duration::from_secs(15);
 /// How long a low-credit provider waits before its first request.
 const THROTTLED_HEAD_START: Duration = Duration::from_secs(1);
+/// Blocks a download that keeps nothing fetches ahead of each reader: they
+/// wait in memory, so this bounds its memory (16 MiB per reader).
+const RAM_AHEAD: u64 = 64;
 /// How long a failed provider is left alone before it is tried again.
 const RETRY_AFTER: Duration = Duration::from_secs(2);
 
@@ -164,8 +167,14 @@ impl Sched {
         self.throttled.remove(peer);
     }
 
+    /// Whether block `k` is worth fetching: every block for a download that
+    /// keeps the item, else only those a reader will soon read (what is
+    /// fetched waits in memory until then).
     fn wanted(&self, k: u64, keep: bool) -> bool {
-        keep || self.readers.iter().any(|r| r.next <= k && k < r.end)
+        keep || self
+            .readers
+            .iter()
+            .any(|r| r.next <= k && k < r.end.min(r.next + RAM_AHEAD))
     }
 
     fn take(&mut self, k: u64) -> u64 {
@@ -312,6 +321,11 @@ pub(crate) struct Download {
     malware: AtomicBool,
     /// The whole-item scan is running.
     scanning: AtomicBool,
+    /// Verified blocks of a download that keeps nothing: they go from the
+    /// network to the readers without touching the disk, and are dropped once
+    /// every reader has passed them. Written to the file if the download is
+    /// asked to keep the item after all.
+    ram: Mutex<std::collections::BTreeMap<u64, Bytes>>,
 }
 
 impl Download {
@@ -323,6 +337,68 @@ impl Download {
 
     fn keep(&self) -> bool {
         self.keep.load(Ordering::Acquire)
+    }
+
+    /// Whether verified bytes of block `k` are at hand (on disk or in memory).
+    fn holds(&self, k: u64) -> bool {
+        self.partial.has(k) || self.ram.lock().expect("lock").contains_key(&k)
+    }
+
+    /// Takes a verified block: into memory while the download keeps nothing,
+    /// else into the file.
+    fn hold(&self, k: u64, block: Vec<u8>) -> Result<(), p2pvm_content::ContentError> {
+        let mut ram = self.ram.lock().expect("lock");
+        if !self.keep() {
+            ram.insert(k, Bytes::from(block));
+            return Ok(());
+        }
+        drop(ram);
+        self.partial.store_verified(k, &block)
+    }
+
+    /// From now on the download keeps the item: what waits in memory goes to
+    /// the file (off the async threads), and nothing more is dropped.
+    fn set_keep(self: &Arc<Self>) {
+        if self.keep.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let dl = self.clone();
+        tokio::task::spawn_blocking(move || {
+            // Readers look in memory, then in the file: the lock keeps a
+            // block visible in one of them throughout.
+            let mut ram = dl.ram.lock().expect("lock");
+            while let Some((k, b)) = ram.pop_first() {
+                if let Err(e) = dl.partial.store_verified(k, &b) {
+                    dl.fail(ContentServiceError::Store(format!(
+                        "writing block {k}: {e}"
+                    )));
+                    return;
+                }
+            }
+            drop(ram);
+            dl.progress.send_modify(|_| {});
+            dl.changed.notify_waiters();
+        });
+    }
+
+    /// Drops in-memory blocks every reader has passed; they become missing
+    /// again, for a reader that seeks back.
+    fn evict_passed(&self) {
+        if self.keep() {
+            return;
+        }
+        let mut s = self.sched.lock().expect("lock");
+        let Some(low) = s.readers.iter().map(|r| r.next).min() else {
+            return;
+        };
+        let mut ram = self.ram.lock().expect("lock");
+        let keep_from = ram.split_off(&low);
+        for k in std::mem::replace(&mut *ram, keep_from).into_keys() {
+            if s.slots[k as usize] == Slot::Held {
+                s.slots[k as usize] = Slot::Missing;
+                s.held -= 1;
+            }
+        }
     }
 
     fn add_reader(&self, blocks: Range<u64>) -> u64 {
@@ -347,6 +423,7 @@ impl Download {
             r.next = next;
         }
         drop(s);
+        self.evict_passed();
         self.changed.notify_waiters();
     }
 
@@ -595,7 +672,7 @@ async fn download_for(
     if let Some(dl) = running {
         if keep {
             dl.sched.lock().expect("lock").last_progress = Instant::now();
-            dl.keep.store(true, Ordering::Release);
+            dl.set_keep();
             start_whole_scan(svc, &dl);
         }
         return Ok(dl);
@@ -641,6 +718,7 @@ async fn download_for(
         verdict: watch::Sender::new(None),
         malware: AtomicBool::new(false),
         scanning: AtomicBool::new(false),
+        ram: Mutex::new(std::collections::BTreeMap::new()),
     });
     // Another request may have started it while we looked for the manifest.
     let raced = {
@@ -660,7 +738,7 @@ async fn download_for(
     };
     if let Some(dl) = raced {
         if keep {
-            dl.keep.store(true, Ordering::Release);
+            dl.set_keep();
             start_whole_scan(svc, &dl);
         }
         return Ok(dl);
@@ -1011,8 +1089,14 @@ async fn next_block(
     )
 }
 
-/// Reads verified bytes of a held span from the partial file.
+/// Verified bytes of a held span within one block: from memory when the
+/// download keeps nothing (no copy), else from the partial file.
 async fn read_span(dl: &Arc<Download>, range: Range<u64>) -> std::io::Result<Bytes> {
+    let k = range.start / BLOCK_BYTES;
+    if let Some(b) = dl.ram.lock().expect("lock").get(&k) {
+        let base = k * BLOCK_BYTES;
+        return Ok(b.slice((range.start - base) as usize..(range.end - base) as usize));
+    }
     let partial = dl.partial.clone();
     tokio::task::spawn_blocking(move || {
         let mut buf = vec![0u8; (range.end - range.start) as usize];
@@ -1140,8 +1224,8 @@ struct Answer {
 
 /// Reads answers in request order; `kinds` says what each one answers, so the
 /// payload bound is known before any of it is read.
-async fn read_answers(
-    mut rd: futures::io::ReadHalf<libp2p::Stream>,
+async fn read_answers<S: futures::AsyncRead>(
+    mut rd: futures::io::ReadHalf<S>,
     mut kinds: mpsc::UnboundedReceiver<Pending>,
     out: mpsc::Sender<Result<Answer, String>>,
     size: u64,
@@ -1190,12 +1274,16 @@ fn verify_block(
 ) -> tokio::task::JoinHandle<Result<(), String>> {
     let (svc, dl) = (svc.clone(), dl.clone());
     tokio::task::spawn_blocking(move || {
-        if dl.partial.has(k) {
+        if dl.holds(k) {
             // A duplicate from the end game; the other copy won.
             dl.sched.lock().expect("lock").release(k);
             return Ok(());
         }
-        match dl.partial.accept(k, &wire) {
+        match dl
+            .partial
+            .verify(k, &wire)
+            .and_then(|block| dl.hold(k, block))
+        {
             Ok(()) => {
                 dl.contributors.lock().expect("lock").insert(peer);
                 let r = block_range(dl.partial.size(), k);
@@ -1251,8 +1339,106 @@ async fn run_worker(
     peer: PeerId,
     inflight: &mut VecDeque<Pending>,
 ) -> Result<(), String> {
+    let mut stream = open_stream(svc, peer).await?;
+    // The first Have goes alone: its answer says what the provider holds and
+    // whether blocks can take the fast path.
+    let id = dl.id;
+    let io = |e: std::io::Error| e.to_string();
+    request(&mut stream, Op::Have(id.0.to_vec()))
+        .await
+        .map_err(io)?;
+    let header = response(&mut stream).await.map_err(|e| {
+        svc.inner.ledger.record(peer, EventKind::RequestFailed);
+        e.to_string()
+    })?;
+    let payload = if header.status == Status::Ok as i32 {
+        let max = block_count(dl.partial.size()).div_ceil(8);
+        read_payload(&mut stream, header.payload_len, max)
+            .await
+            .map_err(io)?
+    } else {
+        Vec::new()
+    };
+    let complete = on_have(svc, dl, peer, &header, &payload)?;
+    if let Some(fast) = fast_path(svc, peer, header.fast_path_port).await {
+        debug!(%id, %peer, "blocks take the fast path");
+        return pipeline(svc, dl, peer, inflight, fast, complete).await;
+    }
+    pipeline(svc, dl, peer, inflight, stream, complete).await
+}
+
+/// A fast-path connection to `peer` if it offers one (`port`) and it can be
+/// reached at the address our libp2p connection uses; `None` otherwise.
+async fn fast_path(
+    svc: &ContentService,
+    peer: PeerId,
+    port: u32,
+) -> Option<super::fastpath::FastStream<tokio_rustls::client::TlsStream<tokio::net::TcpStream>>> {
+    let fast = svc.inner.fast_path.as_ref()?;
+    let port = u16::try_from(port).ok().filter(|p| *p != 0)?;
+    let remote = svc
+        .inner
+        .node
+        .call(|reply| Command::RemoteAddr(peer, reply))
+        .await
+        .ok()
+        .flatten()?;
+    let ip = super::fastpath::ip_of(&remote)?;
+    match fast.dial(peer, std::net::SocketAddr::new(ip, port)).await {
+        Ok(s) => Some(s),
+        Err(e) => {
+            debug!(%peer, %ip, port, error = %e, "fast path unreachable; staying on libp2p");
+            None
+        }
+    }
+}
+
+/// Takes a provider's answer to `Have`; true when it holds the whole item.
+fn on_have(
+    svc: &ContentService,
+    dl: &Arc<Download>,
+    peer: PeerId,
+    header: &TransferResponse,
+    payload: &[u8],
+) -> Result<bool, String> {
+    let (have, complete) = match Status::try_from(header.status) {
+        Ok(Status::Complete) => (Have::All, true),
+        Ok(Status::Ok) => {
+            let blocks = dl.partial.blocks();
+            if (payload.len() as u64) < blocks.div_ceil(8) {
+                return Err("short bitfield".into());
+            }
+            let bits = (0..blocks)
+                .map(|k| payload[(k / 8) as usize] & (1 << (k % 8)) != 0)
+                .collect();
+            (Have::Some(bits), false)
+        }
+        _ => {
+            // It was announced as a provider: a lie, or a stale record.
+            svc.inner.ledger.record(peer, EventKind::RequestFailed);
+            return Err(format!("peer does not have the item: {}", header.message));
+        }
+    };
+    svc.inner.ledger.record(peer, EventKind::RequestOk);
+    dl.sched.lock().expect("lock").set_have(peer, have);
+    dl.changed.notify_waiters();
+    Ok(complete)
+}
+
+/// Keeps block requests in flight to `peer` on `stream` until the download
+/// ends or the provider fails.
+async fn pipeline<S>(
+    svc: &ContentService,
+    dl: &Arc<Download>,
+    peer: PeerId,
+    inflight: &mut VecDeque<Pending>,
+    stream: S,
+    mut complete_peer: bool,
+) -> Result<(), String>
+where
+    S: futures::AsyncRead + futures::AsyncWrite + Send + Unpin + 'static,
+{
     use futures::StreamExt;
-    let stream = open_stream(svc, peer).await?;
     let (rd, mut wr) = futures::AsyncReadExt::split(stream);
     let id = dl.id;
     // A throttled peer (low credit) gets one request at a time and never the
@@ -1287,8 +1473,8 @@ async fn run_worker(
     let _reader = AbortOnDrop(reader);
     let mut verifying = futures::stream::FuturesOrdered::new();
 
-    async fn send(
-        wr: &mut futures::io::WriteHalf<libp2p::Stream>,
+    async fn send<W: futures::AsyncWrite + Unpin>(
+        wr: &mut W,
         kinds: &mpsc::UnboundedSender<Pending>,
         inflight: &mut VecDeque<Pending>,
         op: Op,
@@ -1301,17 +1487,8 @@ async fn run_worker(
             .await
             .map_err(|e| e.to_string())
     }
-    send(
-        &mut wr,
-        &kinds_tx,
-        inflight,
-        Op::Have(id.0.to_vec()),
-        Pending::Have,
-    )
-    .await?;
-    let mut complete_peer = false;
     let mut last_have = Instant::now();
-    let mut flush_needed = true;
+    let mut flush_needed = false;
     loop {
         if dl.cancel.is_cancelled() || matches!(*dl.outcome.borrow(), Outcome::Complete) {
             return Ok(());
@@ -1371,31 +1548,7 @@ async fn run_worker(
                 let Answer { pending, header, payload } = answer;
                 match pending {
                     Pending::Have => {
-                        let have = match Status::try_from(header.status) {
-                            Ok(Status::Complete) => {
-                                complete_peer = true;
-                                Have::All
-                            }
-                            Ok(Status::Ok) => {
-                                let blocks = dl.partial.blocks();
-                                if (payload.len() as u64) < blocks.div_ceil(8) {
-                                    return Err("short bitfield".into());
-                                }
-                                Have::Some(
-                                    (0..blocks)
-                                        .map(|k| payload[(k / 8) as usize] & (1 << (k % 8)) != 0)
-                                        .collect(),
-                                )
-                            }
-                            _ => {
-                                // It was announced as a provider: a lie, or a stale record.
-                                svc.inner.ledger.record(peer, EventKind::RequestFailed);
-                                return Err(format!("peer does not have the item: {}", header.message));
-                            }
-                        };
-                        svc.inner.ledger.record(peer, EventKind::RequestOk);
-                        dl.sched.lock().expect("lock").set_have(peer, have);
-                        dl.changed.notify_waiters();
+                        complete_peer |= on_have(svc, dl, peer, &header, &payload)?;
                     }
                     Pending::Block(k) => match Status::try_from(header.status) {
                         Ok(Status::Ok) => {
@@ -1740,7 +1893,7 @@ async fn read_download(
             continue;
         }
         let k = pos / BLOCK_BYTES;
-        if !dl.partial.has(k) {
+        if !dl.holds(k) {
             let failed = match &*outcome.borrow_and_update() {
                 Outcome::Failed(e) => Some(e.clone()),
                 _ => None,

@@ -9,10 +9,14 @@
 //!                               └─► Partial (sparse file + tree) ─► served onwards
 //! ```
 //!
+//! Blocks travel on the libp2p connection, or on the fast path (`fastpath`: a
+//! TLS 1.3 connection of their own, several times faster) where both ends can.
+//!
 //! Every byte that reaches an app was checked against the content id: blocks
 //! from peers are decoded against the BLAKE3 tree before they are written, and
 //! stored items were hashed when they entered the store.
 
+mod fastpath;
 mod fetch;
 pub mod gateway;
 mod search;
@@ -232,6 +236,10 @@ pub(crate) struct Inner {
     pub limiter: Option<server::Limiter>,
     pub shutdown: CancellationToken,
     pub data_dir: std::path::PathBuf,
+    /// The TLS identity of the fast path; `None` when it is off.
+    pub fast_path: Option<fastpath::FastPath>,
+    /// The port the fast path listens on (0: not listening).
+    pub fast_path_port: std::sync::atomic::AtomicU16,
 }
 
 /// The node's content service. Cheap to clone.
@@ -259,7 +267,16 @@ impl ContentService {
         let data_dir = &config.data_dir;
         let virus = &config.virus;
         let credit = config.credit.clone();
+        let listen = config.listen.clone();
         let config = config.content.clone();
+        let fast_path = if config.fast_path {
+            Some(
+                fastpath::FastPath::new(&key)
+                    .map_err(|e| ContentServiceError::Store(e.to_string()))?,
+            )
+        } else {
+            None
+        };
         let store = Arc::new(Store::open(&data_dir.join("content"))?);
         let filter = if !virus.enabled {
             warn!(
@@ -296,12 +313,52 @@ impl ContentService {
                 downloads: Mutex::new(HashMap::new()),
                 shutdown,
                 data_dir: data_dir.to_owned(),
+                fast_path,
+                fast_path_port: std::sync::atomic::AtomicU16::new(0),
             }),
         };
         server::spawn(svc.clone());
+        if svc.inner.fast_path.is_some() {
+            svc.listen_fast_path(&listen);
+        }
         let again = svc.clone();
         tokio::spawn(async move { again.announce_all().await });
         Ok(svc)
+    }
+
+    /// Binds the fast path next to the first TCP listen address. A node that
+    /// cannot still serves everything over libp2p.
+    fn listen_fast_path(&self, listen: &[String]) {
+        let port = self.inner.config.fast_path_port;
+        let Some(addr) = fastpath::listen_addr(listen, port) else {
+            info!("no TCP listen address: the content fast path is off");
+            return;
+        };
+        let bound = std::net::TcpListener::bind(addr)
+            .and_then(|l| l.set_nonblocking(true).map(|()| l))
+            .and_then(tokio::net::TcpListener::from_std);
+        match bound {
+            Ok(l) => {
+                let port = l.local_addr().map(|a| a.port()).unwrap_or(0);
+                self.inner
+                    .fast_path_port
+                    .store(port, std::sync::atomic::Ordering::Release);
+                fastpath::spawn_server(self.clone(), l);
+            }
+            Err(e) => warn!(%addr, error = %e, "cannot listen for the content fast path"),
+        }
+    }
+
+    /// The fast path's port, if it listens.
+    pub fn fast_path_port(&self) -> Option<u16> {
+        match self
+            .inner
+            .fast_path_port
+            .load(std::sync::atomic::Ordering::Acquire)
+        {
+            0 => None,
+            p => Some(p),
+        }
     }
 
     /// The store (for tests and the gateway).

@@ -80,7 +80,12 @@ pub(crate) fn spawn(svc: ContentService) {
 /// next blocks overlaps with sending the current one.
 const SERVE_AHEAD: usize = 8;
 
-async fn serve_stream(svc: ContentService, peer: PeerId, stream: libp2p::Stream) {
+/// Serves one content stream from `peer`: a libp2p stream, or a fast-path
+/// connection (the same protocol either way).
+pub(crate) async fn serve_stream<S>(svc: ContentService, peer: PeerId, stream: S)
+where
+    S: futures::AsyncRead + futures::AsyncWrite + Send + 'static,
+{
     let standing = svc.standing(&peer);
     if standing >= Standing::Refused {
         debug!(%peer, ?standing, "refusing a content stream: credit policy");
@@ -232,14 +237,19 @@ async fn answer(svc: &ContentService, req: TransferRequest) -> (TransferResponse
             let Some(id) = parse_id(&id) else {
                 return failed(Status::BadRequest, "content id must be 32 bytes");
             };
+            let fast_path_port = u32::from(svc.fast_path_port().unwrap_or(0));
             if matches!(store.get(&id), Ok(Some(_))) {
-                return failed(Status::Complete, "");
+                let mut r = TransferResponse::failed(Status::Complete, "");
+                r.fast_path_port = fast_path_port;
+                return (r, Vec::new());
             }
             let dl = svc.inner.downloads.lock().expect("lock").get(&id).cloned();
             match dl {
                 Some(d) => {
                     let bits = d.partial.bitfield();
-                    (TransferResponse::ok(bits.len() as u64), bits)
+                    let mut r = TransferResponse::ok(bits.len() as u64);
+                    r.fast_path_port = fast_path_port;
+                    (r, bits)
                 }
                 None => failed(Status::NotFound, "unknown content"),
             }

@@ -141,6 +141,7 @@ impl Node {
                 rtts: HashMap::new(),
                 agents: HashMap::new(),
                 addrs: HashMap::new(),
+                remotes: HashMap::new(),
                 status,
             },
         })
@@ -174,6 +175,8 @@ struct EventLoop {
     agents: HashMap<PeerId, String>,
     /// Listen addresses peers announced through identify.
     addrs: HashMap<PeerId, Vec<Multiaddr>>,
+    /// Remote address of the newest connection to each connected peer.
+    remotes: HashMap<PeerId, Multiaddr>,
     status: std::sync::Arc<NodeStatus>,
 }
 
@@ -211,6 +214,9 @@ impl EventLoop {
                 let _ = reply.send(Ok(peers));
             }
             Command::Connect { peer, addrs, reply } => self.connect(peer, addrs, reply),
+            Command::RemoteAddr(peer, reply) => {
+                let _ = reply.send(Ok(self.remotes.get(&peer).cloned()));
+            }
             Command::Disconnect(peer, reply) => {
                 let r = self
                     .swarm
@@ -405,6 +411,8 @@ impl EventLoop {
                 ..
             } => {
                 self.dial_attempts.retain(|_, p| *p != peer_id);
+                self.remotes
+                    .insert(peer_id, endpoint.get_remote_address().clone());
                 for reply in self.dials.remove(&peer_id).unwrap_or_default() {
                     let _ = reply.send(Ok(peer_id));
                 }
@@ -426,6 +434,7 @@ impl EventLoop {
                 self.publish_status();
                 self.rtts.remove(&peer_id);
                 self.addrs.remove(&peer_id);
+                self.remotes.remove(&peer_id);
                 self.agents.remove(&peer_id);
                 self.emit(NodeEvent::PeerDisconnected { peer_id });
             }

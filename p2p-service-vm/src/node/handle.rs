@@ -131,6 +131,9 @@ pub enum Command {
     },
     /// Close all connections to a peer.
     Disconnect(PeerId, Reply<()>),
+    /// The remote address of the newest open connection to a peer (where it
+    /// really is, unlike the addresses it announces).
+    RemoteAddr(PeerId, Reply<Option<Multiaddr>>),
     /// Find a peer's addresses through the DHT.
     FindPeer(PeerId, Reply<PeerSummary>),
     /// Store a record in the DHT.
