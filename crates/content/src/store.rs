@@ -96,6 +96,30 @@ fn decode_info(id: [u8; 32], v: &[u8; 17]) -> ItemInfo {
 pub struct Store {
     dir: PathBuf,
     db: Database,
+    /// Items served most recently, newest first.
+    served: std::sync::Mutex<std::collections::VecDeque<(ContentId, std::sync::Arc<Served>)>>,
+}
+
+/// How many items keep their files open (and small trees in memory) for
+/// serving: a provider answers block after block of the same item, and
+/// opening two files and reading the tree node by node per block cost more
+/// than the block.
+const SERVE_CACHE: usize = 8;
+/// Trees up to this size (items up to 4 GiB) are held in memory for serving.
+const TREE_IN_MEMORY: u64 = 16 << 20;
+
+/// What serving an item needs at hand.
+#[derive(Debug)]
+struct Served {
+    data: File,
+    tree: ServedTree,
+    size: u64,
+}
+
+#[derive(Debug)]
+enum ServedTree {
+    Memory(Vec<u8>),
+    File(File),
 }
 
 impl Store {
@@ -112,6 +136,7 @@ impl Store {
         let store = Self {
             dir: dir.to_owned(),
             db,
+            served: Default::default(),
         };
         store.recover()?;
         Ok(store)
@@ -310,6 +335,7 @@ impl Store {
     }
 
     fn remove_entry(&self, id: &ContentId) -> Result<bool, StoreError> {
+        self.served.lock().expect("lock").retain(|(k, _)| k != id);
         let tx = self.db.begin_write().map_err(index)?;
         let existed = tx
             .open_table(ITEMS)
@@ -364,13 +390,54 @@ impl Store {
         range: std::ops::Range<u64>,
         validate: bool,
     ) -> Result<Vec<u8>, StoreError> {
+        let s = self.served(id)?;
+        let encoded = match &s.tree {
+            ServedTree::Memory(t) => crate::verified::encode_range_at(
+                &s.data,
+                t.as_slice(),
+                *id,
+                s.size,
+                range,
+                validate,
+            ),
+            ServedTree::File(f) => {
+                crate::verified::encode_range_at(&s.data, f, *id, s.size, range, validate)
+            }
+        };
+        Ok(encoded?)
+    }
+
+    /// The open files (and tree) of an item being served.
+    fn served(&self, id: &ContentId) -> Result<std::sync::Arc<Served>, StoreError> {
+        let mut cache = self.served.lock().expect("lock");
+        if let Some(i) = cache.iter().position(|(k, _)| k == id) {
+            let hit = cache.remove(i).expect("present");
+            let s = hit.1.clone();
+            cache.push_front(hit);
+            return Ok(s);
+        }
+        drop(cache);
         let info = self.get(id)?.ok_or(StoreError::NotFound(*id))?;
         let obao_path = self.blob_path(id, "obao");
         let tree = File::open(&obao_path).map_err(io(&obao_path))?;
-        let data = self.open_data(id)?;
-        Ok(crate::verified::encode_range_file(
-            &data, tree, *id, info.size, range, validate,
-        )?)
+        let len = tree.metadata().map_err(io(&obao_path))?.len();
+        let tree = if len <= TREE_IN_MEMORY {
+            let mut bytes = Vec::with_capacity(len as usize);
+            (&tree).read_to_end(&mut bytes).map_err(io(&obao_path))?;
+            ServedTree::Memory(bytes)
+        } else {
+            ServedTree::File(tree)
+        };
+        let s = std::sync::Arc::new(Served {
+            data: self.open_data(id)?,
+            tree,
+            size: info.size,
+        });
+        let mut cache = self.served.lock().expect("lock");
+        cache.retain(|(k, _)| k != id);
+        cache.push_front((*id, s.clone()));
+        cache.truncate(SERVE_CACHE);
+        Ok(s)
     }
 
     /// Total bytes of all items.
