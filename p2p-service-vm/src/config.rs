@@ -127,7 +127,10 @@ pub struct ContentConfig {
     /// Upload rate cap for serving other peers, bytes per second (0 = none).
     pub upload_rate_bytes_per_sec: u64,
     /// Re-hash stored bytes when serving them, so local bit rot is caught before
-    /// it is sent. Turning it off saves CPU on a trusted disk.
+    /// it is sent. Off by default: every receiver verifies every byte anyway, so
+    /// a rotten disk costs this node its credit, never anyone wrong data; the
+    /// re-hash costs as much CPU as the receiver's check. Turn it on for a disk
+    /// you do not trust.
     pub verify_on_serve: bool,
     /// Block requests kept in flight per provider.
     pub pipeline_depth: u32,
@@ -158,8 +161,8 @@ impl Default for ContentConfig {
         Self {
             quota_bytes: 0,
             upload_rate_bytes_per_sec: 0,
-            verify_on_serve: true,
-            pipeline_depth: 8,
+            verify_on_serve: false,
+            pipeline_depth: 16,
             max_providers: 8,
             streaming_window_blocks: 16,
             gateway: None,

@@ -242,6 +242,59 @@ async fn corrupt_provider_is_detected_recorded_and_never_delivered() -> Result<(
     Ok(())
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_provider_that_rechecks_its_disk_never_sends_rot() -> Result<()> {
+    let data = item(8 << 20, 12);
+    let honest = node(&[], Some(capped(2 << 20, ""))).await?;
+    let info = publish(&honest.app("pub").await?, "rot.bin", &data).await?;
+    // Its disk rots too, but it re-hashes what it serves (`verify_on_serve`).
+    let mut careful = node(
+        &[&honest],
+        Some("[content]\nverify_on_serve = true\n".into()),
+    )
+    .await?;
+    careful
+        .app("mirror")
+        .await?
+        .download_content(&info.content_id)
+        .await?;
+    careful.stop().await?;
+    ensure!(rot_store(&careful)? == 1);
+    careful.restart().await?;
+
+    let fetcher = node(&[&honest, &careful], None).await?;
+    let watcher = fetcher.app("watch").await?;
+    let mut events = watcher.events().await?;
+    let c = fetcher.app("viewer").await?;
+    let got = fetch_all(&c, &info.content_id, 0, 0, true).await?;
+    ensure!(got == data, "corrupt bytes reached the app");
+    // It was asked (it answers Have for the whole item), yet sent no rot.
+    let asked = fetcher.admin().await?.credit_show(&careful.peer_id).await?;
+    ensure!(
+        asked.requests_ok > 0,
+        "the careful provider was never asked: {asked:?}"
+    );
+    ensure!(
+        asked.corrupt_blocks == 0,
+        "it sent rotten blocks: {asked:?}"
+    );
+    let blamed = tokio::time::timeout(Duration::from_millis(500), async {
+        use futures::StreamExt;
+        while let Some(e) = events.next().await {
+            if let proto::event::Kind::CorruptData(d) = e {
+                return Some(d);
+            }
+        }
+        None
+    })
+    .await;
+    ensure!(
+        !matches!(blamed, Ok(Some(_))),
+        "nobody sent corrupt data: {blamed:?}"
+    );
+    Ok(())
+}
+
 fn leftovers(node: &TestNode) -> Result<usize> {
     Ok(std::fs::read_dir(node.data_dir().join("content/tmp"))?.count())
 }

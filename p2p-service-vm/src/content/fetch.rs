@@ -1264,16 +1264,17 @@ async fn read_answers<S: futures::AsyncRead>(
 }
 
 /// Verifies and stores a block off the async threads; updates the schedule.
-fn verify_block(
+/// Verifies a block and hands it over (memory or disk), or drops it and the
+/// provider; updates the schedule either way.
+fn settle(
     svc: &ContentService,
     dl: &Arc<Download>,
     peer: PeerId,
     k: u64,
     wire: Vec<u8>,
     secs: f64,
-) -> tokio::task::JoinHandle<Result<(), String>> {
-    let (svc, dl) = (svc.clone(), dl.clone());
-    tokio::task::spawn_blocking(move || {
+) -> Result<(), String> {
+    {
         if dl.holds(k) {
             // A duplicate from the end game; the other copy won.
             dl.sched.lock().expect("lock").release(k);
@@ -1330,7 +1331,26 @@ fn verify_block(
                 Err(format!("block {k} failed verification"))
             }
         }
-    })
+    }
+}
+
+/// Settles a block: on the worker's own task when it stays in memory (only
+/// hashing, no hand-off), on a blocking thread when it goes to disk.
+fn verify_block(
+    svc: &ContentService,
+    dl: &Arc<Download>,
+    peer: PeerId,
+    k: u64,
+    wire: Vec<u8>,
+    secs: f64,
+) -> Result<Option<tokio::task::JoinHandle<Result<(), String>>>, String> {
+    if !dl.keep() {
+        return settle(svc, dl, peer, k, wire, secs).map(|()| None);
+    }
+    let (svc, dl) = (svc.clone(), dl.clone());
+    Ok(Some(tokio::task::spawn_blocking(move || {
+        settle(&svc, &dl, peer, k, wire, secs)
+    })))
 }
 
 async fn run_worker(
@@ -1493,8 +1513,13 @@ where
         if dl.cancel.is_cancelled() || matches!(*dl.outcome.borrow(), Outcome::Complete) {
             return Ok(());
         }
-        // Fill the pipeline (requests on the wire plus blocks being verified).
-        while inflight.len() + verifying.len() < rate.depth() {
+        // Fill the pipeline (requests on the wire plus blocks being verified),
+        // a quarter of it at a time once it runs: requests then travel
+        // several to a packet instead of one per answered block.
+        let depth = rate.depth();
+        let busy = inflight.len() + verifying.len();
+        let batch = if busy == 0 { 1 } else { (depth / 4).max(1) };
+        while busy + batch <= depth && inflight.len() + verifying.len() < depth {
             let next = dl
                 .sched
                 .lock()
@@ -1553,7 +1578,9 @@ where
                     Pending::Block(k) => match Status::try_from(header.status) {
                         Ok(Status::Ok) => {
                             rate.received(payload.len() as u64);
-                            verifying.push_back(verify_block(svc, dl, peer, k, payload, secs));
+                            if let Some(v) = verify_block(svc, dl, peer, k, payload, secs)? {
+                                verifying.push_back(v);
+                            }
                         }
                         Ok(Status::NotHeld) => {
                             let mut s = dl.sched.lock().expect("lock");

@@ -94,15 +94,30 @@ where
     let throttle = (standing == Standing::Throttled)
         .then(|| svc.inner.credit.throttled_rate_bytes_per_sec.max(1));
     let (mut rd, mut wr) = futures::AsyncReadExt::split(stream);
-    let (tx, mut rx) = tokio::sync::mpsc::channel::<
-        tokio::task::JoinHandle<(TransferResponse, Vec<u8>)>,
-    >(SERVE_AHEAD);
+    let (tx, mut requests) = tokio::sync::mpsc::channel::<TransferRequest>(SERVE_AHEAD);
+    let (answered, mut rx) = tokio::sync::mpsc::channel::<(TransferResponse, Vec<u8>)>(SERVE_AHEAD);
+    // Answers are computed in order on one blocking thread per stream, ahead
+    // of the writer: a pipelined transfer's blocks then follow each other
+    // without a thread hand-off per block (on these machines a hand-off costs
+    // more than reading and hashing the block).
+    let answerer = {
+        let svc = svc.clone();
+        tokio::task::spawn_blocking(move || {
+            let rt = tokio::runtime::Handle::current();
+            while let Some(req) = requests.blocking_recv() {
+                let a = match &req.op {
+                    Some(Op::Block(b)) => answer_block(&svc, b),
+                    _ => rt.block_on(answer(&svc, req)),
+                };
+                if answered.blocking_send(a).is_err() {
+                    return;
+                }
+            }
+        })
+    };
     let limiter_svc = svc.clone();
     let writer = tokio::spawn(async move {
-        while let Some(answer) = rx.recv().await {
-            let Ok((header, payload)) = answer.await else {
-                return;
-            };
+        while let Some((header, payload)) = rx.recv().await {
             if let Some(limiter) = &limiter_svc.inner.limiter {
                 limiter.take(payload.len() as u64).await;
             }
@@ -147,16 +162,12 @@ where
                 break;
             }
         };
-        let svc = svc.clone();
-        if tx
-            .send(tokio::spawn(async move { answer(&svc, req).await }))
-            .await
-            .is_err()
-        {
+        if tx.send(req).await.is_err() {
             break;
         }
     }
     drop(tx);
+    let _ = answerer.await;
     let _ = writer.await;
 }
 
@@ -168,57 +179,54 @@ fn parse_id(bytes: &[u8]) -> Option<ContentId> {
     Some(ContentId(bytes.try_into().ok()?))
 }
 
-async fn answer(svc: &ContentService, req: TransferRequest) -> (TransferResponse, Vec<u8>) {
+/// A block of a stored item or of a download in progress (reads the disk:
+/// called on a blocking thread).
+fn answer_block(svc: &ContentService, b: &transfer::BlockRequest) -> (TransferResponse, Vec<u8>) {
     let store = &svc.inner.store;
-    match req.op {
-        Some(Op::Block(b)) => {
-            let Some(id) = parse_id(&b.content_id) else {
-                return failed(Status::BadRequest, "content id must be 32 bytes");
-            };
-            match store.get(&id) {
-                Ok(Some(info)) => {
-                    if b.block >= block_count(info.size) {
-                        return failed(Status::BadRequest, "block beyond the end");
-                    }
-                    let store = store.clone();
-                    let validate = svc.inner.config.verify_on_serve;
-                    let range = block_range(info.size, b.block);
-                    let r = tokio::task::spawn_blocking(move || {
-                        store.encode_range(&id, range, validate)
-                    })
-                    .await;
-                    match r {
-                        Ok(Ok(wire)) => (TransferResponse::ok(wire.len() as u64), wire),
-                        Ok(Err(e)) => {
-                            warn!(%id, block = b.block, error = %e, "cannot serve a stored block");
-                            failed(Status::Unavailable, "local read failed")
-                        }
-                        Err(_) => failed(Status::Unavailable, "shutting down"),
-                    }
-                }
-                Ok(None) => {
-                    let dl = svc.inner.downloads.lock().expect("lock").get(&id).cloned();
-                    let Some(dl) = dl else {
-                        return failed(Status::NotFound, "unknown content");
-                    };
-                    if b.block >= dl.partial.blocks() {
-                        return failed(Status::BadRequest, "block beyond the end");
-                    }
-                    if !dl.partial.has(b.block) {
-                        return failed(Status::NotHeld, "not downloaded yet");
-                    }
-                    let partial = dl.partial.clone();
-                    match tokio::task::spawn_blocking(move || partial.encode_block(b.block)).await {
-                        Ok(Ok(wire)) => (TransferResponse::ok(wire.len() as u64), wire),
-                        _ => failed(Status::Unavailable, "local read failed"),
-                    }
-                }
+    let Some(id) = parse_id(&b.content_id) else {
+        return failed(Status::BadRequest, "content id must be 32 bytes");
+    };
+    match store.get(&id) {
+        Ok(Some(info)) => {
+            if b.block >= block_count(info.size) {
+                return failed(Status::BadRequest, "block beyond the end");
+            }
+            let range = block_range(info.size, b.block);
+            match store.encode_range(&id, range, svc.inner.config.verify_on_serve) {
+                Ok(wire) => (TransferResponse::ok(wire.len() as u64), wire),
                 Err(e) => {
-                    warn!(error = %e, "store lookup failed");
-                    failed(Status::Unavailable, "local error")
+                    warn!(%id, block = b.block, error = %e, "cannot serve a stored block");
+                    failed(Status::Unavailable, "local read failed")
                 }
             }
         }
+        Ok(None) => {
+            let dl = svc.inner.downloads.lock().expect("lock").get(&id).cloned();
+            let Some(dl) = dl else {
+                return failed(Status::NotFound, "unknown content");
+            };
+            if b.block >= dl.partial.blocks() {
+                return failed(Status::BadRequest, "block beyond the end");
+            }
+            if !dl.partial.has(b.block) {
+                return failed(Status::NotHeld, "not downloaded yet");
+            }
+            match dl.partial.encode_block(b.block) {
+                Ok(wire) => (TransferResponse::ok(wire.len() as u64), wire),
+                Err(_) => failed(Status::Unavailable, "local read failed"),
+            }
+        }
+        Err(e) => {
+            warn!(error = %e, "store lookup failed");
+            failed(Status::Unavailable, "local error")
+        }
+    }
+}
+
+async fn answer(svc: &ContentService, req: TransferRequest) -> (TransferResponse, Vec<u8>) {
+    let store = &svc.inner.store;
+    match req.op {
+        Some(Op::Block(b)) => answer_block(svc, &b),
         Some(Op::Manifest(id)) => {
             let Some(id) = parse_id(&id) else {
                 return failed(Status::BadRequest, "content id must be 32 bytes");
