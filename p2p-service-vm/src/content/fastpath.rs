@@ -48,6 +48,18 @@ const ALPN: &[u8] = b"p2pvm-content/1";
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
 /// Fast-path connections served at once.
 const MAX_CONNECTIONS: usize = 256;
+/// Socket buffering under TLS, each way. rustls reads the socket 4 KiB at a
+/// time and writes a system call per record flush; on loopback every one of
+/// those calls also runs the peer's side of TCP, so batching them is most of
+/// what separates TLS from raw TCP here.
+const SOCKET_BUFFER: usize = 256 * 1024;
+
+/// A TCP connection with large user-space buffers both ways.
+pub(crate) type Buffered = tokio::io::BufStream<TcpStream>;
+
+fn buffered(tcp: TcpStream) -> Buffered {
+    tokio::io::BufStream::with_capacity(SOCKET_BUFFER, SOCKET_BUFFER, tcp)
+}
 
 /// A fast-path connection, as the content protocol code sees it.
 pub(crate) type FastStream<IO> = Compat<IO>;
@@ -155,14 +167,14 @@ impl FastPath {
         &self,
         peer: PeerId,
         addr: SocketAddr,
-    ) -> std::io::Result<FastStream<tokio_rustls::client::TlsStream<TcpStream>>> {
+    ) -> std::io::Result<FastStream<tokio_rustls::client::TlsStream<Buffered>>> {
         let connector = self.connector(peer).map_err(std::io::Error::other)?;
         let go = async {
             let tcp = TcpStream::connect(addr).await?;
             tcp.set_nodelay(true)?;
             // Any name: the peer id in the certificate is what is checked.
             let name = ServerName::IpAddress(addr.ip().into());
-            connector.connect(name, tcp).await
+            connector.connect(name, buffered(tcp)).await
         };
         let tls = tokio::time::timeout(HANDSHAKE_TIMEOUT, go)
             .await

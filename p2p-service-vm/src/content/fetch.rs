@@ -1393,7 +1393,8 @@ async fn fast_path(
     svc: &ContentService,
     peer: PeerId,
     port: u32,
-) -> Option<super::fastpath::FastStream<tokio_rustls::client::TlsStream<tokio::net::TcpStream>>> {
+) -> Option<super::fastpath::FastStream<tokio_rustls::client::TlsStream<super::fastpath::Buffered>>>
+{
     let fast = svc.inner.fast_path.as_ref()?;
     let port = u16::try_from(port).ok().filter(|p| *p != 0)?;
     let remote = svc
