@@ -48,17 +48,17 @@ const ALPN: &[u8] = b"p2pvm-content/1";
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
 /// Fast-path connections served at once.
 const MAX_CONNECTIONS: usize = 256;
-/// Socket buffering under TLS, each way. rustls reads the socket 4 KiB at a
-/// time and writes a system call per record flush; on loopback every one of
-/// those calls also runs the peer's side of TCP, so batching them is most of
-/// what separates TLS from raw TCP here.
-const SOCKET_BUFFER: usize = 256 * 1024;
+/// Read buffering under TLS. rustls reads the socket 4 KiB at a time; on
+/// loopback every one of those calls also runs the sender's side of TCP, so
+/// batching them is most of what separates TLS from raw TCP here. (Writes need
+/// no buffer: rustls hands all pending records to one vectored write.)
+const READ_BUFFER: usize = 256 * 1024;
 
-/// A TCP connection with large user-space buffers both ways.
-pub(crate) type Buffered = tokio::io::BufStream<TcpStream>;
+/// A TCP connection read through a large user-space buffer.
+pub(crate) type Buffered = tokio::io::BufReader<TcpStream>;
 
 fn buffered(tcp: TcpStream) -> Buffered {
-    tokio::io::BufStream::with_capacity(SOCKET_BUFFER, SOCKET_BUFFER, tcp)
+    tokio::io::BufReader::with_capacity(READ_BUFFER, tcp)
 }
 
 /// A fast-path connection, as the content protocol code sees it.
