@@ -295,6 +295,65 @@ async fn a_provider_that_rechecks_its_disk_never_sends_rot() -> Result<()> {
     Ok(())
 }
 
+/// TCP connections (other than listeners) with `port` at either end, from the
+/// kernel's table: how a test sees which path a transfer took.
+fn tcp_connections_on(port: u16) -> Result<usize> {
+    let table =
+        std::fs::read_to_string("/proc/net/tcp")? + &std::fs::read_to_string("/proc/net/tcp6")?;
+    let port = format!(":{port:04X}");
+    Ok(table
+        .lines()
+        .skip(1)
+        .filter(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            // local, remote, state (0A = LISTEN)
+            f.len() > 3 && f[3] != "0A" && (f[1].ends_with(&port) || f[2].ends_with(&port))
+        })
+        .count())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn blocks_take_the_fast_path_and_fall_back_to_libp2p() -> Result<()> {
+    let data = item(8 << 20, 21);
+    // A provider with the fast path, capped so the transfer lasts a while: the
+    // fetcher's blocks come over it.
+    let fast = node(&[], Some(capped(4 << 20, ""))).await?;
+    let port = fast
+        .admin()
+        .await?
+        .node_info()
+        .await?
+        .content_fast_path_port as u16;
+    ensure!(port != 0, "the fast path listens by default");
+    ensure!(tcp_connections_on(port)? == 0);
+    let info = publish(&fast.app("pub").await?, "fast.bin", &data).await?;
+    let fetcher = node(&[&fast], None).await?;
+    let c = fetcher.app("viewer").await?;
+    let id = info.content_id.clone();
+    let fetching = tokio::spawn(async move { fetch_all(&c, &id, 0, 0, false).await });
+    p2pvm_e2e::eventually(WAIT, "a connection to the fast path", || async {
+        (tcp_connections_on(port).ok()? > 0).then_some(())
+    })
+    .await?;
+    ensure!(fetching.await?? == data);
+
+    // A provider without it (or behind a firewall): the same fetch over libp2p.
+    let slow = node(&[], Some("[content]\nfast_path = false\n".into())).await?;
+    ensure!(
+        slow.admin()
+            .await?
+            .node_info()
+            .await?
+            .content_fast_path_port
+            == 0
+    );
+    let info = publish(&slow.app("pub").await?, "slow.bin", &data).await?;
+    let fetcher = node(&[&slow], None).await?;
+    let c = fetcher.app("viewer").await?;
+    ensure!(fetch_all(&c, &info.content_id, 0, 0, true).await? == data);
+    Ok(())
+}
+
 fn leftovers(node: &TestNode) -> Result<usize> {
     Ok(std::fs::read_dir(node.data_dir().join("content/tmp"))?.count())
 }

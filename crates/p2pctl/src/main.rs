@@ -300,7 +300,8 @@ async fn run(cli: &Cli, c: &Client) -> Result<()> {
             print(
                 j,
                 json!({"peer_id": i.peer_id, "listen_addrs": i.listen_addrs, "version": i.version,
-                       "protocol_version": i.protocol_version, "connected_peers": i.connected_peers}),
+                       "protocol_version": i.protocol_version, "connected_peers": i.connected_peers,
+                       "content_fast_path_port": i.content_fast_path_port}),
                 || {
                     let mut s = format!(
                         "peer id:   {}\nversion:   {} (API v{})\npeers:     {}\nlistening:",
@@ -308,6 +309,10 @@ async fn run(cli: &Cli, c: &Client) -> Result<()> {
                     );
                     for a in &i.listen_addrs {
                         s.push_str(&format!("\n  {a}/p2p/{}", i.peer_id));
+                    }
+                    match i.content_fast_path_port {
+                        0 => s.push_str("\ncontent fast path: off"),
+                        p => s.push_str(&format!("\ncontent fast path: TCP port {p}")),
                     }
                     s
                 },

@@ -182,6 +182,12 @@ pub(crate) fn node_info(svc: &ApiService) -> R {
         version: env!("CARGO_PKG_VERSION").into(),
         protocol_version: p2pvm_proto::PROTOCOL_VERSION,
         connected_peers: n as u32,
+        content_fast_path_port: svc
+            .inner
+            .content
+            .as_ref()
+            .and_then(|c| c.fast_path_port())
+            .map_or(0, u32::from),
     })
 }
 

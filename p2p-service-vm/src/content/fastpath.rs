@@ -396,3 +396,138 @@ pub(crate) fn spawn_server(svc: ContentService, listener: TcpListener) {
         }
     });
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    /// A provider-side listener that completes handshakes and echoes one byte,
+    /// reporting the peer id each client proved.
+    async fn listener(
+        fast: Arc<FastPath>,
+    ) -> (SocketAddr, tokio::sync::mpsc::Receiver<Option<PeerId>>) {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        let (tx, rx) = tokio::sync::mpsc::channel(8);
+        tokio::spawn(async move {
+            loop {
+                let (tcp, _) = l.accept().await.unwrap();
+                let (fast, tx) = (fast.clone(), tx.clone());
+                tokio::spawn(async move {
+                    let Ok(mut tls) = fast.acceptor.accept(buffered(tcp)).await else {
+                        let _ = tx.send(None).await;
+                        return;
+                    };
+                    let peer = tls
+                        .get_ref()
+                        .1
+                        .peer_certificates()
+                        .and_then(|c| c.first())
+                        .and_then(|c| peer_of(c, &[]).ok());
+                    let _ = tx.send(peer).await;
+                    let mut b = [0u8; 1];
+                    if tls.read_exact(&mut b).await.is_ok() {
+                        let _ = tls.write_all(&b).await;
+                        let _ = tls.flush().await;
+                    }
+                });
+            }
+        });
+        (addr, rx)
+    }
+
+    #[tokio::test]
+    async fn both_ends_prove_their_peer_ids() {
+        let (pk, dk) = (Keypair::generate_ed25519(), Keypair::generate_ed25519());
+        let provider = Arc::new(FastPath::new(&pk).unwrap());
+        let downloader = FastPath::new(&dk).unwrap();
+        let (addr, mut seen) = listener(provider).await;
+
+        let mut s = downloader
+            .dial(pk.public().to_peer_id(), addr)
+            .await
+            .unwrap();
+        use futures::{AsyncReadExt as _, AsyncWriteExt as _};
+        s.write_all(&[7]).await.unwrap();
+        s.flush().await.unwrap();
+        let mut b = [0u8; 1];
+        s.read_exact(&mut b).await.unwrap();
+        assert_eq!(b, [7]);
+        assert_eq!(seen.recv().await.unwrap(), Some(dk.public().to_peer_id()));
+    }
+
+    #[tokio::test]
+    async fn a_provider_that_is_not_the_expected_peer_is_refused() {
+        let pk = Keypair::generate_ed25519();
+        let provider = Arc::new(FastPath::new(&pk).unwrap());
+        let downloader = FastPath::new(&Keypair::generate_ed25519()).unwrap();
+        let (addr, _seen) = listener(provider).await;
+        let someone_else = Keypair::generate_ed25519().public().to_peer_id();
+        let e = downloader.dial(someone_else, addr).await.unwrap_err();
+        assert!(e.to_string().to_lowercase().contains("certificate"), "{e}");
+    }
+
+    #[tokio::test]
+    async fn clients_without_a_libp2p_certificate_are_refused() {
+        let provider = Arc::new(FastPath::new(&Keypair::generate_ed25519()).unwrap());
+        let (addr, mut seen) = listener(provider).await;
+
+        // A real X.509 certificate, self-signed, but without libp2p's extension.
+        let forged = rcgen::generate_simple_self_signed(vec!["mallory".into()]).unwrap();
+        let cert = CertificateDer::from(forged.cert.der().to_vec());
+        let key =
+            rustls::pki_types::PrivateKeyDer::try_from(forged.key_pair.serialize_der()).unwrap();
+        let prov = super::provider();
+        let mut config = rustls::ClientConfig::builder_with_provider(prov.clone())
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .unwrap()
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(PeerCertVerifier { expect: None }))
+            .with_client_auth_cert(vec![cert], key)
+            .unwrap();
+        config.alpn_protocols = vec![ALPN.to_vec()];
+        let tcp = TcpStream::connect(addr).await.unwrap();
+        let name = ServerName::IpAddress(addr.ip().into());
+        let r = TlsConnector::from(Arc::new(config))
+            .connect(name, tcp)
+            .await;
+        // TLS 1.3 may finish the client's side first; the server's verdict is
+        // what counts, and the connection carries nothing.
+        if let Ok(mut tls) = r {
+            let _ = tls.write_all(&[1]).await;
+            let mut b = [0u8; 1];
+            assert!(tls.read_exact(&mut b).await.is_err());
+        }
+        assert_eq!(seen.recv().await.unwrap(), None, "the handshake must fail");
+
+        // And no certificate at all.
+        let config = rustls::ClientConfig::builder_with_provider(prov)
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .unwrap()
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(PeerCertVerifier { expect: None }))
+            .with_no_client_auth();
+        let tcp = TcpStream::connect(addr).await.unwrap();
+        let name = ServerName::IpAddress(addr.ip().into());
+        let _ = TlsConnector::from(Arc::new(config))
+            .connect(name, tcp)
+            .await;
+        assert_eq!(seen.recv().await.unwrap(), None, "the handshake must fail");
+    }
+
+    #[test]
+    fn listens_beside_the_first_tcp_address() {
+        let listen = vec![
+            "/ip4/127.0.0.1/udp/0/quic-v1".to_string(),
+            "/ip4/10.1.2.3/tcp/4001".to_string(),
+        ];
+        assert_eq!(listen_addr(&listen, 0), Some("10.1.2.3:0".parse().unwrap()));
+        assert_eq!(listen_addr(&listen[..1], 0), None);
+        let m: Multiaddr =
+            "/ip4/192.0.2.7/tcp/9/p2p/12D3KooWKs4ou9BqB4m7rwYJtXq2GChCZDthC3G87tzvExuaixAx"
+                .parse()
+                .unwrap();
+        assert_eq!(ip_of(&m), Some("192.0.2.7".parse().unwrap()));
+    }
+}
