@@ -48,14 +48,18 @@ pub(crate) async fn read_payload(
             "payload of {len} bytes where at most {max} fit"
         )));
     }
-    // Read into spare capacity rather than zero-filling first.
-    let mut buf = Vec::with_capacity(len as usize);
-    let n = r.take(len).read_to_end(&mut buf).await?;
-    if n as u64 != len {
-        return Err(std::io::Error::new(
-            std::io::ErrorKind::UnexpectedEof,
-            format!("payload ended after {n} of {len} bytes"),
-        ));
-    }
+    // Exactly `len` bytes: futures' `read_to_end` grows a full buffer to probe
+    // for the end, which reallocates (and copies) every payload once more.
+    let mut buf = vec![0u8; len as usize];
+    r.read_exact(&mut buf).await.map_err(|e| {
+        if e.kind() == std::io::ErrorKind::UnexpectedEof {
+            std::io::Error::new(
+                std::io::ErrorKind::UnexpectedEof,
+                format!("payload ended before its {len} bytes"),
+            )
+        } else {
+            e
+        }
+    })?;
     Ok(buf)
 }
