@@ -76,6 +76,14 @@ pub struct NodeOpts {
 }
 
 impl TestNode {
+    /// The running daemon's process id.
+    pub fn pid(&self) -> Result<u32> {
+        self.child
+            .as_ref()
+            .and_then(|c| c.id())
+            .context("not running")
+    }
+
     /// Starts a node in a fresh temporary directory.
     pub async fn start(opts: NodeOpts) -> Result<Self> {
         let tmp = tempfile::Builder::new().prefix("p2pvm-").tempdir()?;

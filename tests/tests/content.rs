@@ -354,6 +354,56 @@ async fn blocks_take_the_fast_path_and_fall_back_to_libp2p() -> Result<()> {
     Ok(())
 }
 
+/// Resident memory of a process, in bytes.
+fn rss_bytes(pid: u32) -> Result<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let kib: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next())
+        .context("no VmRSS")?
+        .parse()?;
+    Ok(kib * 1024)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn streams_that_keep_nothing_pause_and_spread_out_in_bounded_memory() -> Result<()> {
+    let data = item(96 << 20, 31);
+    let source = node(&[], None).await?;
+    let info = publish(&source.app("pub").await?, "film.bin", &data).await?;
+    // Short stall timeout: a paused viewer must not be taken for a stall.
+    let viewer = node(
+        &[&source],
+        Some("[content]\nstall_timeout_secs = 2\n".into()),
+    )
+    .await?;
+    let c = viewer.app("player").await?;
+    let (_, mut slow) = c.fetch_content(&info.content_id, 0, 0, false).await?;
+    let mut head = vec![0u8; 1 << 20];
+    slow.read_exact(&mut head).await?;
+    ensure!(head[..] == data[..1 << 20]);
+    let before = rss_bytes(viewer.pid()?)?;
+    // A second reader of the same download races through the whole item while
+    // the first sits paused at its start, longer than the stall timeout.
+    let fast = fetch_all(&c, &info.content_id, 0, 0, false).await?;
+    ensure!(fast == data, "the fast reader got different bytes");
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let grew = rss_bytes(viewer.pid()?)?.saturating_sub(before);
+    ensure!(
+        grew < 64 << 20,
+        "memory grew by {} MiB for a 96 MiB item",
+        grew >> 20
+    );
+    // The paused reader reads on, verified to the end.
+    let mut rest = Vec::new();
+    tokio::time::timeout(WAIT, slow.read_to_end(&mut rest)).await??;
+    ensure!(
+        rest[..] == data[1 << 20..],
+        "the paused reader got different bytes"
+    );
+    Ok(())
+}
+
 fn leftovers(node: &TestNode) -> Result<usize> {
     Ok(std::fs::read_dir(node.data_dir().join("content/tmp"))?.count())
 }

@@ -52,8 +52,8 @@ pub const VERSION: u32 = 1;
 pub const HEADER_BYTES: u64 = 4096;
 /// Smallest data area.
 pub const MIN_CAPACITY: u64 = 64 * 1024;
-/// Largest data area.
-pub const MAX_CAPACITY: u64 = 64 << 20;
+/// Largest data area (an app asks for the size; the server pays for it).
+pub const MAX_CAPACITY: u64 = 16 << 20;
 /// Data area when the app does not ask for a size.
 pub const DEFAULT_CAPACITY: u64 = 4 << 20;
 /// Longest error text a failed ring carries.
@@ -264,8 +264,14 @@ impl Bell {
         // Straight to the (non-blocking) socket: tokio's `try_write` would
         // skip the call while its cached readiness says "not writable". A full
         // socket buffer means the peer has plenty of rings pending; a broken
-        // one shows up when we next wait.
-        let _ = rustix::io::write(&self.0, &[1]);
+        // one shows up when we next wait. NOSIGNAL: ringing a peer that just
+        // closed (the normal end of a stream) must not raise SIGPIPE in an
+        // app that kept its default handler.
+        let _ = rustix::net::send(
+            &self.0,
+            &[1],
+            rustix::net::SendFlags::NOSIGNAL | rustix::net::SendFlags::DONTWAIT,
+        );
     }
 
     fn poll_wait(&self, cx: &mut Context<'_>) -> Poll<Result<(), BulkError>> {

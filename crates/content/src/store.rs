@@ -98,6 +98,8 @@ pub struct Store {
     db: Database,
     /// Items served most recently, newest first.
     served: std::sync::Mutex<std::collections::VecDeque<(ContentId, std::sync::Arc<Served>)>>,
+    /// Bumped by every removal, so a cache fill that raced one is not kept.
+    removals: std::sync::atomic::AtomicU64,
 }
 
 /// How many items keep their files open (and small trees in memory) for
@@ -137,6 +139,7 @@ impl Store {
             dir: dir.to_owned(),
             db,
             served: Default::default(),
+            removals: Default::default(),
         };
         store.recover()?;
         Ok(store)
@@ -348,6 +351,12 @@ impl Store {
             .remove(&id.0)
             .map_err(index)?;
         tx.commit().map_err(index)?;
+        // Under the cache's lock, so a fill that read the index before the
+        // commit sees the bump when it comes to insert.
+        let mut cache = self.served.lock().expect("lock");
+        self.removals
+            .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+        cache.retain(|(k, _)| k != id);
         Ok(existed)
     }
 
@@ -417,6 +426,7 @@ impl Store {
             return Ok(s);
         }
         drop(cache);
+        let removals = self.removals.load(std::sync::atomic::Ordering::Acquire);
         let info = self.get(id)?.ok_or(StoreError::NotFound(*id))?;
         let obao_path = self.blob_path(id, "obao");
         let tree = File::open(&obao_path).map_err(io(&obao_path))?;
@@ -434,9 +444,11 @@ impl Store {
             size: info.size,
         });
         let mut cache = self.served.lock().expect("lock");
-        cache.retain(|(k, _)| k != id);
-        cache.push_front((*id, s.clone()));
-        cache.truncate(SERVE_CACHE);
+        if self.removals.load(std::sync::atomic::Ordering::Acquire) == removals {
+            cache.retain(|(k, _)| k != id);
+            cache.push_front((*id, s.clone()));
+            cache.truncate(SERVE_CACHE);
+        }
         Ok(s)
     }
 
@@ -451,12 +463,16 @@ fn io(path: &Path) -> impl FnOnce(std::io::Error) -> StoreError + use<> {
     move |source| StoreError::Io { path, source }
 }
 
+/// A name no other work file of this process (or an earlier one) has: the
+/// clock alone repeats when two downloads finish in the same instant.
 fn unique() -> String {
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
     let nanos = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_nanos())
         .unwrap_or(0);
-    format!("{}-{nanos}", std::process::id())
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    format!("{}-{nanos}-{n}", std::process::id())
 }
 
 #[cfg(test)]

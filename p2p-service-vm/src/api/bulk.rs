@@ -37,10 +37,30 @@ const TICKET_TTL: Duration = Duration::from_secs(30);
 /// How long a new connection may take to show what it is.
 const OPENING_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// Fetches waiting for their attachment, by ticket.
+/// Fetches waiting for their attachment, by ticket, and how many attached
+/// streams each session has running: together at most its stream limit.
 #[derive(Default)]
 pub(crate) struct Tickets {
     parked: Mutex<HashMap<Ticket, Parked>>,
+    live: Arc<Mutex<HashMap<u64, usize>>>,
+}
+
+/// An attached stream, counted against its session until it ends.
+struct Live {
+    session: u64,
+    live: Arc<Mutex<HashMap<u64, usize>>>,
+}
+
+impl Drop for Live {
+    fn drop(&mut self) {
+        let mut live = self.live.lock().expect("lock");
+        if let Some(n) = live.get_mut(&self.session) {
+            *n -= 1;
+            if *n == 0 {
+                live.remove(&self.session);
+            }
+        }
+    }
 }
 
 struct Parked {
@@ -65,10 +85,11 @@ impl Tickets {
         max: usize,
     ) -> Result<Ticket, ApiError> {
         let mut parked = self.parked.lock().expect("lock");
-        if parked.values().filter(|p| p.session == session).count() >= max {
+        let running = self.live.lock().expect("lock").get(&session).copied();
+        if parked.values().filter(|p| p.session == session).count() + running.unwrap_or(0) >= max {
             return Err(ApiError::new(
                 pb::ErrorCode::LimitExceeded,
-                format!("at most {max} bulk fetches may wait for their attachment"),
+                format!("at most {max} bulk fetches per session, waiting or running"),
             ));
         }
         let mut ticket = Ticket::default();
@@ -86,12 +107,19 @@ impl Tickets {
         Ok(ticket)
     }
 
-    fn take(&self, ticket: &Ticket) -> Option<ContentBytes> {
-        self.parked
+    fn take(&self, ticket: &Ticket) -> Option<(ContentBytes, Live)> {
+        let p = self.parked.lock().expect("lock").remove(ticket)?;
+        *self
+            .live
             .lock()
             .expect("lock")
-            .remove(ticket)
-            .map(|p| p.bytes)
+            .entry(p.session)
+            .or_insert(0) += 1;
+        let live = Live {
+            session: p.session,
+            live: self.live.clone(),
+        };
+        Some((p.bytes, live))
     }
 
     /// Drops what a session that ended left unattached.
@@ -233,14 +261,29 @@ impl ApiService {
         }
     }
 
-    fn take_ticket(&self, ticket: &Ticket) -> Option<ContentBytes> {
-        self.inner.bulk.take(ticket)
+    /// The ticket's stream, counted against its session and against the
+    /// node's session slots while it runs.
+    fn take_ticket(
+        &self,
+        ticket: &Ticket,
+    ) -> Result<(ContentBytes, Live, tokio::sync::OwnedSemaphorePermit), Reply> {
+        let Some(slot) = self.session_slot() else {
+            return Err(Reply::refused(
+                pb::ErrorCode::LimitExceeded as u32,
+                format!(
+                    "the node serves at most {} sessions and bulk streams",
+                    self.inner.limits.max_sessions
+                ),
+            ));
+        };
+        let (bytes, live) = self.inner.bulk.take(ticket).ok_or_else(unknown_ticket)?;
+        Ok((bytes, live, slot))
     }
 
     async fn attach_ring(&self, conn: UnixStream, p: Preamble) {
-        let Some(mut bytes) = self.take_ticket(&p.ticket) else {
-            attach::refuse(conn, &unknown_ticket()).await;
-            return;
+        let (mut bytes, _live, _slot) = match self.take_ticket(&p.ticket) {
+            Ok(t) => t,
+            Err(reply) => return attach::refuse(conn, &reply).await,
         };
         let mut ring = match attach::offer_ring(conn, u64::from(p.capacity)).await {
             Ok(w) => w,
@@ -275,10 +318,13 @@ impl ApiService {
 
     async fn attach_frames(&self, s: p2pvm_channel::ChannelStream, p: Preamble) {
         let (mut rd, mut wr) = s.into_split();
-        let Some(mut bytes) = self.take_ticket(&p.ticket) else {
-            let _ = unknown_ticket().write(&mut wr).await;
-            let _ = wr.shutdown().await;
-            return;
+        let (mut bytes, _live, _slot) = match self.take_ticket(&p.ticket) {
+            Ok(t) => t,
+            Err(reply) => {
+                let _ = reply.write(&mut wr).await;
+                let _ = wr.shutdown().await;
+                return;
+            }
         };
         if Reply::ok().write(&mut wr).await.is_err() {
             return;

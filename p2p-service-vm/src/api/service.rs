@@ -109,6 +109,11 @@ impl ApiService {
         drop(permit);
     }
 
+    /// One of the node's session slots (bulk streams count as sessions).
+    pub(crate) fn session_slot(&self) -> Option<tokio::sync::OwnedSemaphorePermit> {
+        self.inner.session_slots.clone().try_acquire_owned().ok()
+    }
+
     /// Ends every session of `app` (after its token was revoked).
     pub(crate) fn kill_app_sessions(&self, app: &str) {
         for entry in self.inner.sessions.lock().expect("lock").values() {

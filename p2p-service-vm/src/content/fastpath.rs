@@ -46,8 +46,46 @@ use super::ContentService;
 const ALPN: &[u8] = b"p2pvm-content/1";
 /// How long a TCP connect plus TLS handshake may take.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
-/// Fast-path connections served at once.
+/// Fast-path connections served at once, and from one IP address (peer ids
+/// cost nothing, addresses something).
 const MAX_CONNECTIONS: usize = 256;
+const MAX_PER_IP: usize = 16;
+
+/// Counts a connection against its address while it lives.
+struct IpSlot {
+    ip: IpAddr,
+    counts: Arc<std::sync::Mutex<std::collections::HashMap<IpAddr, usize>>>,
+}
+
+impl IpSlot {
+    fn take(
+        counts: &Arc<std::sync::Mutex<std::collections::HashMap<IpAddr, usize>>>,
+        ip: IpAddr,
+    ) -> Option<Self> {
+        let mut c = counts.lock().expect("lock");
+        let n = c.entry(ip).or_insert(0);
+        if *n >= MAX_PER_IP {
+            return None;
+        }
+        *n += 1;
+        Some(Self {
+            ip,
+            counts: counts.clone(),
+        })
+    }
+}
+
+impl Drop for IpSlot {
+    fn drop(&mut self) {
+        let mut c = self.counts.lock().expect("lock");
+        if let Some(n) = c.get_mut(&self.ip) {
+            *n -= 1;
+            if *n == 0 {
+                c.remove(&self.ip);
+            }
+        }
+    }
+}
 /// Read buffering under TLS. rustls reads the socket 4 KiB at a time; on
 /// loopback every one of those calls also runs the sender's side of TCP, so
 /// batching them is most of what separates TLS from raw TCP here. (Writes need
@@ -341,6 +379,7 @@ pub(crate) fn ip_of(m: &Multiaddr) -> Option<IpAddr> {
 /// protocol on each, as for a libp2p stream from the same peer.
 pub(crate) fn spawn_server(svc: ContentService, listener: TcpListener) {
     let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    let per_ip = Arc::default();
     if let Ok(a) = listener.local_addr() {
         info!(addr = %a, "content fast path listening");
     }
@@ -363,9 +402,13 @@ pub(crate) fn spawn_server(svc: ContentService, listener: TcpListener) {
                 debug!(%from, "fast-path connection refused: too many");
                 continue;
             };
+            let Some(ip_slot) = IpSlot::take(&per_ip, from.ip()) else {
+                debug!(%from, "fast-path connection refused: too many from that address");
+                continue;
+            };
             let svc = svc.clone();
             tokio::spawn(async move {
-                let _slot = slot;
+                let _slots = (slot, ip_slot);
                 let _ = tcp.set_nodelay(true);
                 let Some(fast) = svc.inner.fast_path.as_ref() else {
                     return;

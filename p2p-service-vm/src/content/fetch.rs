@@ -171,8 +171,12 @@ impl Sched {
     /// keeps the item, else only those a reader will soon read (what is
     /// fetched waits in memory until then).
     fn wanted(&self, k: u64, keep: bool) -> bool {
-        keep || self
-            .readers
+        keep || self.in_window(k)
+    }
+
+    /// Whether `k` is within some reader's memory window.
+    fn in_window(&self, k: u64) -> bool {
+        self.readers
             .iter()
             .any(|r| r.next <= k && k < r.end.min(r.next + RAM_AHEAD))
     }
@@ -286,14 +290,16 @@ impl Sched {
         true
     }
 
-    /// Whether every block any reader (or a keeping download) wants is held.
+    /// Whether every block wanted now is held: the whole item for a keeping
+    /// download, else each reader's memory window (a paused reader owes
+    /// nothing more until it reads on).
     fn satisfied(&self, keep: bool) -> bool {
         if keep {
             return self.held == self.slots.len() as u64;
         }
-        self.readers
-            .iter()
-            .all(|r| (r.next..r.end).all(|k| self.slots[k as usize] == Slot::Held))
+        self.readers.iter().all(|r| {
+            (r.next..r.end.min(r.next + RAM_AHEAD)).all(|k| self.slots[k as usize] == Slot::Held)
+        })
     }
 }
 
@@ -319,6 +325,8 @@ pub(crate) struct Download {
     verdict: watch::Sender<Option<Result<Verdict, VirusError>>>,
     /// Malware was handled (peers isolated) already.
     malware: AtomicBool,
+    /// The signature that was found, for readers stopped by another scan.
+    malware_signature: Mutex<Option<String>>,
     /// The whole-item scan is running.
     scanning: AtomicBool,
     /// Verified blocks of a download that keeps nothing: they go from the
@@ -344,16 +352,26 @@ impl Download {
         self.partial.has(k) || self.ram.lock().expect("lock").contains_key(&k)
     }
 
-    /// Takes a verified block: into memory while the download keeps nothing,
-    /// else into the file.
-    fn hold(&self, k: u64, block: Vec<u8>) -> Result<(), p2pvm_content::ContentError> {
-        let mut ram = self.ram.lock().expect("lock");
-        if !self.keep() {
-            ram.insert(k, Bytes::from(block));
-            return Ok(());
+    /// Takes a verified block: into memory while the download keeps nothing
+    /// (unless no reader wants it any more: then it is dropped), else into
+    /// the file. True when the block is newly held.
+    fn hold(&self, k: u64, block: Vec<u8>) -> Result<bool, p2pvm_content::ContentError> {
+        {
+            // The same lock order as eviction (schedule, then memory), so a
+            // block is never held in the schedule yet missing from memory.
+            let mut s = self.sched.lock().expect("lock");
+            let mut ram = self.ram.lock().expect("lock");
+            if !self.keep() {
+                if !s.in_window(k) {
+                    s.release(k);
+                    return Ok(false);
+                }
+                ram.insert(k, Bytes::from(block));
+                return Ok(s.held(k));
+            }
         }
-        drop(ram);
-        self.partial.store_verified(k, &block)
+        self.partial.store_verified(k, &block)?;
+        Ok(self.sched.lock().expect("lock").held(k))
     }
 
     /// From now on the download keeps the item: what waits in memory goes to
@@ -381,19 +399,19 @@ impl Download {
         });
     }
 
-    /// Drops in-memory blocks every reader has passed; they become missing
-    /// again, for a reader that seeks back.
+    /// Drops in-memory blocks outside every reader's window (passed, or far
+    /// ahead of a slow reader another reader has left behind); they become
+    /// missing again, for whoever reaches them later. So memory stays within
+    /// a window per reader however the readers spread out.
     fn evict_passed(&self) {
         if self.keep() {
             return;
         }
         let mut s = self.sched.lock().expect("lock");
-        let Some(low) = s.readers.iter().map(|r| r.next).min() else {
-            return;
-        };
         let mut ram = self.ram.lock().expect("lock");
-        let keep_from = ram.split_off(&low);
-        for k in std::mem::replace(&mut *ram, keep_from).into_keys() {
+        let gone: Vec<u64> = ram.keys().copied().filter(|k| !s.in_window(*k)).collect();
+        for k in gone {
+            ram.remove(&k);
             if s.slots[k as usize] == Slot::Held {
                 s.slots[k as usize] = Slot::Missing;
                 s.held -= 1;
@@ -717,6 +735,7 @@ async fn download_for(
         contributors: Mutex::new(HashSet::new()),
         verdict: watch::Sender::new(None),
         malware: AtomicBool::new(false),
+        malware_signature: Mutex::new(None),
         scanning: AtomicBool::new(false),
         ram: Mutex::new(std::collections::BTreeMap::new()),
     });
@@ -808,15 +827,18 @@ async fn drive(svc: ContentService, dl: Arc<Download>) {
     let me = svc.inner.node.peer_id();
     let result = loop {
         let (satisfied, stalled, held) = {
-            let s = dl.sched.lock().expect("lock");
-            {
-                let satisfied = s.satisfied(dl.keep());
-                (
-                    satisfied,
-                    !satisfied && s.last_progress.elapsed() > stall,
-                    s.held,
-                )
+            let mut s = dl.sched.lock().expect("lock");
+            let satisfied = s.satisfied(dl.keep());
+            if satisfied {
+                // Nothing is owed (readers paused with full windows): the
+                // stall clock starts when they read on.
+                s.last_progress = Instant::now();
             }
+            (
+                satisfied,
+                !satisfied && s.last_progress.elapsed() > stall,
+                s.held,
+            )
         };
         if dl.keep() && satisfied {
             break finish(&svc, &dl).await;
@@ -1029,6 +1051,10 @@ async fn scan_whole(svc: ContentService, dl: Arc<Download>) {
 /// banned (persistently) and slashed, an event goes out, and the transfer
 /// ends for all its readers. Nothing of it is stored.
 fn malware_found(svc: &ContentService, dl: &Arc<Download>, signature: &str) {
+    dl.malware_signature
+        .lock()
+        .expect("lock")
+        .get_or_insert_with(|| signature.to_owned());
     if dl.malware.swap(true, Ordering::AcqRel) {
         return;
     }
@@ -1285,7 +1311,7 @@ fn settle(
             .verify(k, &wire)
             .and_then(|block| dl.hold(k, block))
         {
-            Ok(()) => {
+            Ok(fresh) => {
                 dl.contributors.lock().expect("lock").insert(peer);
                 let r = block_range(dl.partial.size(), k);
                 svc.inner.ledger.record(
@@ -1295,7 +1321,6 @@ fn settle(
                         secs,
                     },
                 );
-                let fresh = dl.sched.lock().expect("lock").held(k);
                 if fresh {
                     dl.progress.send_modify(|n| *n += 1);
                 }
@@ -1361,23 +1386,34 @@ async fn run_worker(
 ) -> Result<(), String> {
     let mut stream = open_stream(svc, peer).await?;
     // The first Have goes alone: its answer says what the provider holds and
-    // whether blocks can take the fast path.
+    // whether blocks can take the fast path. A provider that never answers
+    // frees its worker slot like one that stops answering later.
     let id = dl.id;
     let io = |e: std::io::Error| e.to_string();
-    request(&mut stream, Op::Have(id.0.to_vec()))
-        .await
-        .map_err(io)?;
-    let header = response(&mut stream).await.map_err(|e| {
-        svc.inner.ledger.record(peer, EventKind::RequestFailed);
-        e.to_string()
-    })?;
-    let payload = if header.status == Status::Ok as i32 {
-        let max = block_count(dl.partial.size()).div_ceil(8);
-        read_payload(&mut stream, header.payload_len, max)
-            .await
-            .map_err(io)?
-    } else {
-        Vec::new()
+    let first = async {
+        request(&mut stream, Op::Have(id.0.to_vec())).await?;
+        let header = response(&mut stream).await?;
+        let payload = if header.status == Status::Ok as i32 {
+            let max = block_count(dl.partial.size()).div_ceil(8);
+            read_payload(&mut stream, header.payload_len, max).await?
+        } else {
+            Vec::new()
+        };
+        Ok::<_, std::io::Error>((header, payload))
+    };
+    let (header, payload) = tokio::select! {
+        r = tokio::time::timeout(ANSWER_TIMEOUT, first) => match r {
+            Ok(Ok(answer)) => answer,
+            Ok(Err(e)) => {
+                svc.inner.ledger.record(peer, EventKind::RequestFailed);
+                return Err(io(e));
+            }
+            Err(_) => {
+                svc.inner.ledger.record(peer, EventKind::RequestFailed);
+                return Err("the provider did not answer".into());
+            }
+        },
+        _ = dl.cancel.cancelled() => return Ok(()),
     };
     let complete = on_have(svc, dl, peer, &header, &payload)?;
     if let Some(fast) = fast_path(svc, peer, header.fast_path_port).await {
@@ -1668,8 +1704,7 @@ pub(crate) async fn open_reader(
             .ok_or_else(|| ContentServiceError::NotFound(id.to_string()))?;
         let r = check(info.size)?;
         let file = svc.inner.store.open_data(id)?;
-        let span = r.clone();
-        tokio::task::spawn_blocking(move || read_local(file, span, tx));
+        tokio::spawn(read_local(file, r.clone(), tx));
         let me = svc.inner.node.peer_id();
         return Ok((
             ContentInfo {
@@ -1722,34 +1757,49 @@ pub(crate) async fn open_reader(
 /// a hand-off between threads (and those cost more than the copy here).
 const LOCAL_CHUNK: u64 = 1 << 20;
 
-/// Reads `range` of a stored item on one blocking thread, sequentially (the
-/// kernel's readahead keeps up), at most the channel's capacity ahead of the
-/// reader; stops when the reader goes away.
-fn read_local(
-    mut file: std::fs::File,
+/// Reads `range` of a stored item sequentially (the kernel's readahead keeps
+/// up), a chunk per short blocking job, at most the channel's capacity ahead
+/// of the reader; stops when the reader goes away. (A thread held for the
+/// whole stream would let a reader that never reads pin one.)
+async fn read_local(
+    file: std::fs::File,
     range: Range<u64>,
     tx: mpsc::Sender<std::io::Result<Bytes>>,
 ) {
     use std::io::{Read, Seek, SeekFrom};
-    if let Err(e) = file.seek(SeekFrom::Start(range.start)) {
-        let _ = tx.blocking_send(Err(e));
-        return;
-    }
+    let mut file = Some(file);
     let mut pos = range.start;
     while pos < range.end {
         let n = (range.end - pos).min(LOCAL_CHUNK);
-        // Read into spare capacity rather than zero-filling first.
-        let mut buf = Vec::with_capacity(n as usize);
-        let read = match (&mut file).take(n).read_to_end(&mut buf) {
-            Ok(got) if got as u64 == n => Ok(Bytes::from(buf)),
-            Ok(got) => Err(std::io::Error::new(
-                std::io::ErrorKind::UnexpectedEof,
-                format!("the stored item ends {got} bytes into a {n}-byte read at {pos}"),
-            )),
-            Err(e) => Err(e),
+        let mut f = file.take().expect("returned by the previous job");
+        let first = pos == range.start;
+        let job = tokio::task::spawn_blocking(move || {
+            let read = (|| {
+                if first {
+                    f.seek(SeekFrom::Start(pos))?;
+                }
+                // Read into spare capacity rather than zero-filling first.
+                let mut buf = Vec::with_capacity(n as usize);
+                let got = (&mut f).take(n).read_to_end(&mut buf)?;
+                if got as u64 != n {
+                    return Err(std::io::Error::new(
+                        std::io::ErrorKind::UnexpectedEof,
+                        format!("the stored item ends {got} bytes into a {n}-byte read at {pos}"),
+                    ));
+                }
+                Ok(Bytes::from(buf))
+            })();
+            (f, read)
+        });
+        let read = match job.await {
+            Ok((f, read)) => {
+                file = Some(f);
+                read
+            }
+            Err(e) => Err(std::io::Error::other(e)),
         };
         let failed = read.is_err();
-        if tx.blocking_send(read).is_err() || failed {
+        if tx.send(read).await.is_err() || failed {
             return;
         }
         pos += n;
@@ -1873,10 +1923,12 @@ async fn read_download(
         }
         if dl.malware.load(Ordering::Acquire) {
             // Another scan of this item found malware: nothing more goes out.
+            let sig = dl.malware_signature.lock().expect("lock").clone();
             let _ = tx
-                .send(Err(to_io(ContentServiceError::Malware(
-                    "found in another part of this item".into(),
-                ))))
+                .send(Err(to_io(ContentServiceError::Malware(format!(
+                    "{} (found in another part of this item)",
+                    sig.unwrap_or_default()
+                )))))
                 .await;
             return false;
         }

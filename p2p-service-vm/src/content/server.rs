@@ -3,7 +3,7 @@
 
 use std::num::NonZeroU32;
 
-use futures::{AsyncWriteExt, StreamExt};
+use futures::{AsyncWriteExt, FutureExt, StreamExt};
 use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
 use libp2p::{PeerId, StreamProtocol};
 use p2pvm_content::transfer::{self, Op, Status, TransferRequest, TransferResponse};
@@ -13,7 +13,9 @@ use prost::Message;
 use tracing::{debug, warn};
 
 use super::ContentService;
-use super::wire::{read_msg, write_msg};
+use super::wire::write_msg;
+use tokio_util::codec::{FramedRead, LengthDelimitedCodec};
+use tokio_util::compat::FuturesAsyncReadCompatExt;
 
 /// Most search hits one provider returns.
 const MAX_HITS: usize = 100;
@@ -76,9 +78,18 @@ pub(crate) fn spawn(svc: ContentService) {
     });
 }
 
-/// Answers computed ahead of the writer: encoding (hashing, disk reads) of the
-/// next blocks overlaps with sending the current one.
-const SERVE_AHEAD: usize = 8;
+/// Batches of answers computed ahead of the writer: encoding (disk reads,
+/// hashing) of the next blocks overlaps with sending the current ones.
+const SERVE_AHEAD: usize = 4;
+/// Requests answered by one blocking job at most. A pipelined transfer's
+/// requests arrive several to a packet; one job per batch spares a thread
+/// hand-off per block (on these machines a hand-off costs more than reading
+/// the block) without holding a thread while the stream idles.
+const BATCH: usize = 8;
+/// A stream that sends no request for this long is closed.
+const IDLE: std::time::Duration = std::time::Duration::from_secs(60);
+
+type Answers = Vec<(TransferResponse, Vec<u8>)>;
 
 /// Serves one content stream from `peer`: a libp2p stream, or a fast-path
 /// connection (the same protocol either way).
@@ -93,81 +104,111 @@ where
     }
     let throttle = (standing == Standing::Throttled)
         .then(|| svc.inner.credit.throttled_rate_bytes_per_sec.max(1));
-    let (mut rd, mut wr) = futures::AsyncReadExt::split(stream);
-    let (tx, mut requests) = tokio::sync::mpsc::channel::<TransferRequest>(SERVE_AHEAD);
-    let (answered, mut rx) = tokio::sync::mpsc::channel::<(TransferResponse, Vec<u8>)>(SERVE_AHEAD);
-    // Answers are computed in order on one blocking thread per stream, ahead
-    // of the writer: a pipelined transfer's blocks then follow each other
-    // without a thread hand-off per block (on these machines a hand-off costs
-    // more than reading and hashing the block).
-    let answerer = {
-        let svc = svc.clone();
-        tokio::task::spawn_blocking(move || {
-            let rt = tokio::runtime::Handle::current();
-            while let Some(req) = requests.blocking_recv() {
-                let a = match &req.op {
-                    Some(Op::Block(b)) => answer_block(&svc, b),
-                    _ => rt.block_on(answer(&svc, req)),
+    let (rd, mut wr) = futures::AsyncReadExt::split(stream);
+    // Length-prefixed requests, decoded by a framer that keeps partial input,
+    // so asking "is another request already here?" loses nothing.
+    let codec = LengthDelimitedCodec::builder()
+        .big_endian()
+        .length_field_length(4)
+        .max_frame_length(transfer::MAX_HEADER_BYTES as usize)
+        .new_codec();
+    let mut requests = FramedRead::new(rd.compat(), codec);
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<tokio::task::JoinHandle<Answers>>(SERVE_AHEAD);
+    let limiter_svc = svc.clone();
+    let writer = tokio::spawn(async move {
+        while let Some(job) = rx.recv().await {
+            let Ok(answers) = job.await else {
+                return;
+            };
+            for (header, payload) in answers {
+                if let Some(limiter) = &limiter_svc.inner.limiter {
+                    limiter.take(payload.len() as u64).await;
+                }
+                if let Some(rate) = throttle {
+                    let secs = payload.len() as f64 / rate as f64;
+                    tokio::time::sleep(std::time::Duration::from_secs_f64(secs)).await;
+                }
+                if !payload.is_empty() && header.status == Status::Ok as i32 {
+                    limiter_svc.inner.ledger.record(
+                        peer,
+                        EventKind::Served {
+                            bytes: payload.len() as u64,
+                        },
+                    );
+                }
+                let sent = async {
+                    write_msg(&mut wr, &header).await?;
+                    wr.write_all(&payload).await
                 };
-                if answered.blocking_send(a).is_err() {
+                if let Err(e) = sent.await {
+                    debug!(%peer, error = %e, "content stream write failed");
                     return;
                 }
             }
-        })
-    };
-    let limiter_svc = svc.clone();
-    let writer = tokio::spawn(async move {
-        while let Some((header, payload)) = rx.recv().await {
-            if let Some(limiter) = &limiter_svc.inner.limiter {
-                limiter.take(payload.len() as u64).await;
-            }
-            if let Some(rate) = throttle {
-                let secs = payload.len() as f64 / rate as f64;
-                tokio::time::sleep(std::time::Duration::from_secs_f64(secs)).await;
-            }
-            if !payload.is_empty() && header.status == Status::Ok as i32 {
-                limiter_svc.inner.ledger.record(
-                    peer,
-                    EventKind::Served {
-                        bytes: payload.len() as u64,
-                    },
-                );
-            }
-            let sent = async {
-                write_msg(&mut wr, &header).await?;
-                wr.write_all(&payload).await?;
-                // Batch: flush only when no further answer is ready.
-                if rx.is_empty() {
-                    wr.flush().await?;
-                }
-                Ok::<_, std::io::Error>(())
-            };
-            if let Err(e) = sent.await {
+            // Batch: flush only when no further answer is ready.
+            if rx.is_empty()
+                && let Err(e) = wr.flush().await
+            {
                 debug!(%peer, error = %e, "content stream write failed");
                 return;
             }
         }
         let _ = wr.close().await;
     });
-    loop {
-        let req: TransferRequest = match read_msg(&mut rd).await {
-            Ok(Some(r)) => r,
+    let decode = |frame: bytes::BytesMut| {
+        TransferRequest::decode(frame.freeze())
+            .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e.to_string()))
+    };
+    let violation = |e: &std::io::Error| {
+        if e.kind() == std::io::ErrorKind::InvalidData {
+            // Undecodable or oversized request: the peer broke the protocol.
+            svc.inner.ledger.record(peer, EventKind::Violation);
+        }
+        debug!(%peer, error = %e, "content stream ended");
+    };
+    'serve: loop {
+        let first = match tokio::time::timeout(IDLE, requests.next()).await {
+            Err(_) => {
+                debug!(%peer, "content stream idle; closing it");
+                break;
+            }
             Ok(None) => break,
+            Ok(Some(r)) => r.and_then(decode),
+        };
+        let mut batch = match first {
+            Ok(req) => vec![req],
             Err(e) => {
-                if e.kind() == std::io::ErrorKind::InvalidData {
-                    // Undecodable or oversized request: the peer broke the protocol.
-                    svc.inner.ledger.record(peer, EventKind::Violation);
-                }
-                debug!(%peer, error = %e, "content stream ended");
+                violation(&e);
                 break;
             }
         };
-        if tx.send(req).await.is_err() {
-            break;
+        let mut ended = false;
+        while batch.len() < BATCH {
+            match requests.next().now_or_never() {
+                Some(Some(r)) => match r.and_then(decode) {
+                    Ok(req) => batch.push(req),
+                    Err(e) => {
+                        violation(&e);
+                        ended = true;
+                        break;
+                    }
+                },
+                Some(None) => {
+                    ended = true;
+                    break;
+                }
+                None => break,
+            }
+        }
+        let svc = svc.clone();
+        let job = tokio::task::spawn_blocking(move || {
+            batch.into_iter().map(|req| answer(&svc, req)).collect()
+        });
+        if tx.send(job).await.is_err() || ended {
+            break 'serve;
         }
     }
     drop(tx);
-    let _ = answerer.await;
     let _ = writer.await;
 }
 
@@ -223,7 +264,8 @@ fn answer_block(svc: &ContentService, b: &transfer::BlockRequest) -> (TransferRe
     }
 }
 
-async fn answer(svc: &ContentService, req: TransferRequest) -> (TransferResponse, Vec<u8>) {
+/// One answer (reads the disk and hashes: called on a blocking thread).
+fn answer(svc: &ContentService, req: TransferRequest) -> (TransferResponse, Vec<u8>) {
     let store = &svc.inner.store;
     match req.op {
         Some(Op::Block(b)) => answer_block(svc, &b),
@@ -268,10 +310,8 @@ async fn answer(svc: &ContentService, req: TransferRequest) -> (TransferResponse
                 return failed(Status::BadRequest, "1-16 keywords");
             }
             let limit = (s.limit as usize).clamp(1, MAX_HITS);
-            // Manifests were verified when stored; decoding is enough here, and
-            // it runs off the async threads so a flood of searches cannot stall them.
-            let store = store.clone();
-            let hits = tokio::task::spawn_blocking(move || {
+            // Manifests were verified when stored; decoding is enough here.
+            let hits = {
                 let mut hits = transfer::SearchHits::default();
                 let mut size = 0;
                 for (_, signed) in store.manifests().unwrap_or_default() {
@@ -294,9 +334,7 @@ async fn answer(svc: &ContentService, req: TransferRequest) -> (TransferResponse
                     }
                 }
                 hits
-            })
-            .await
-            .unwrap_or_default();
+            };
             let bytes = hits.encode_to_vec();
             (TransferResponse::ok(bytes.len() as u64), bytes)
         }
