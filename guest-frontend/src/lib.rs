@@ -182,38 +182,44 @@ async fn bulk(app: UnixStream, session: p2pvm_channel::ChannelStream, p: Preambl
         }
     };
     let mut frames = Decoder::new();
+    let mut batch = Vec::new();
     loop {
-        let chunk = tokio::select! {
-            c = cr.chunk() => c,
+        // Everything already received at once: one wake per batch, not per buffer.
+        let more = tokio::select! {
+            c = cr.chunks(&mut batch, DOWN_BATCH) => c,
             gone = ring.reader_gone() => {
                 // Dropping the session resets it: the back-end stops.
                 debug!(reason = %gone, "bulk reader left before the end");
                 return;
             }
         };
-        let mut chunk = match chunk {
-            Ok(Some(c)) => c,
-            Ok(None) => {
+        match more {
+            Ok(true) => {}
+            Ok(false) => {
                 return ring.fail(UNAVAILABLE, "the service side ended the stream early");
             }
             Err(e) => {
                 return ring.fail(UNAVAILABLE, &format!("the service side went away: {e}"));
             }
-        };
-        loop {
-            match frames.next(&mut chunk) {
-                Ok(None) => break,
-                Ok(Some(Frame::Data(b))) => {
-                    if let Err(e) = ring.write_all(&b).await {
-                        debug!(error = %e, "bulk reader left before the end");
-                        return;
+        }
+        for mut chunk in batch.drain(..) {
+            loop {
+                match frames.next(&mut chunk) {
+                    Ok(None) => break,
+                    Ok(Some(Frame::Data(b))) => {
+                        if let Err(e) = ring.write_all(&b).await {
+                            debug!(error = %e, "bulk reader left before the end");
+                            return;
+                        }
                     }
-                }
-                Ok(Some(Frame::End)) => return ring.finish(),
-                Ok(Some(Frame::Error { code, message })) => return ring.fail(code, &message),
-                Err(e) => {
-                    warn!(error = %e, "the service side broke a bulk stream");
-                    return ring.fail(UNAVAILABLE, &e.to_string());
+                    Ok(Some(Frame::End)) => return ring.finish(),
+                    Ok(Some(Frame::Error { code, message })) => {
+                        return ring.fail(code, &message);
+                    }
+                    Err(e) => {
+                        warn!(error = %e, "the service side broke a bulk stream");
+                        return ring.fail(UNAVAILABLE, &e.to_string());
+                    }
                 }
             }
         }

@@ -1704,7 +1704,7 @@ pub(crate) async fn open_reader(
             .ok_or_else(|| ContentServiceError::NotFound(id.to_string()))?;
         let r = check(info.size)?;
         let file = svc.inner.store.open_data(id)?;
-        tokio::spawn(read_local(file, r.clone(), tx));
+        tokio::spawn(read_local(svc.clone(), file, r.clone(), tx));
         let me = svc.inner.node.peer_id();
         return Ok((
             ContentInfo {
@@ -1757,38 +1757,59 @@ pub(crate) async fn open_reader(
 /// a hand-off between threads (and those cost more than the copy here).
 const LOCAL_CHUNK: u64 = 1 << 20;
 
+/// Reads one chunk of a stored item at the file's position (`seek` first for
+/// the first chunk).
+fn read_chunk(f: &mut std::fs::File, pos: u64, n: u64, seek: bool) -> std::io::Result<Bytes> {
+    use std::io::{Read, Seek, SeekFrom};
+    if seek {
+        f.seek(SeekFrom::Start(pos))?;
+    }
+    // Read into spare capacity rather than zero-filling first.
+    let mut buf = Vec::with_capacity(n as usize);
+    let got = f.take(n).read_to_end(&mut buf)?;
+    if got as u64 != n {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::UnexpectedEof,
+            format!("the stored item ends {got} bytes into a {n}-byte read at {pos}"),
+        ));
+    }
+    Ok(Bytes::from(buf))
+}
+
 /// Reads `range` of a stored item sequentially (the kernel's readahead keeps
-/// up), a chunk per short blocking job, at most the channel's capacity ahead
-/// of the reader; stops when the reader goes away. (A thread held for the
-/// whole stream would let a reader that never reads pin one.)
+/// up), at most the channel's capacity ahead of the reader; stops when the
+/// reader goes away. On a reader thread of its own while one of the capped
+/// few is free, else a chunk per short blocking job.
 async fn read_local(
-    file: std::fs::File,
+    svc: ContentService,
+    mut file: std::fs::File,
     range: Range<u64>,
     tx: mpsc::Sender<std::io::Result<Bytes>>,
 ) {
-    use std::io::{Read, Seek, SeekFrom};
+    let chunk = move |pos: u64| (range.end - pos).min(LOCAL_CHUNK);
+    if let Ok(thread) = svc.inner.local_readers.clone().try_acquire_owned() {
+        let _ = tokio::task::spawn_blocking(move || {
+            let _thread = thread;
+            let mut pos = range.start;
+            while pos < range.end {
+                let read = read_chunk(&mut file, pos, chunk(pos), pos == range.start);
+                let failed = read.is_err();
+                if tx.blocking_send(read).is_err() || failed {
+                    return;
+                }
+                pos += chunk(pos);
+            }
+        })
+        .await;
+        return;
+    }
     let mut file = Some(file);
     let mut pos = range.start;
     while pos < range.end {
-        let n = (range.end - pos).min(LOCAL_CHUNK);
+        let (n, first) = (chunk(pos), pos == range.start);
         let mut f = file.take().expect("returned by the previous job");
-        let first = pos == range.start;
         let job = tokio::task::spawn_blocking(move || {
-            let read = (|| {
-                if first {
-                    f.seek(SeekFrom::Start(pos))?;
-                }
-                // Read into spare capacity rather than zero-filling first.
-                let mut buf = Vec::with_capacity(n as usize);
-                let got = (&mut f).take(n).read_to_end(&mut buf)?;
-                if got as u64 != n {
-                    return Err(std::io::Error::new(
-                        std::io::ErrorKind::UnexpectedEof,
-                        format!("the stored item ends {got} bytes into a {n}-byte read at {pos}"),
-                    ));
-                }
-                Ok(Bytes::from(buf))
-            })();
+            let read = read_chunk(&mut f, pos, n, first);
             (f, read)
         });
         let read = match job.await {

@@ -240,6 +240,11 @@ pub(crate) struct Inner {
     pub fast_path: Option<fastpath::FastPath>,
     /// The port the fast path listens on (0: not listening).
     pub fast_path_port: std::sync::atomic::AtomicU16,
+    /// Threads that read stored items for streams, one per stream while it
+    /// lasts (a thread per chunk costs a hand-off each); capped, so readers
+    /// that stall cannot pin the blocking pool. Streams beyond the cap read
+    /// a chunk per short job.
+    pub local_readers: Arc<tokio::sync::Semaphore>,
 }
 
 /// The node's content service. Cheap to clone.
@@ -315,6 +320,7 @@ impl ContentService {
                 data_dir: data_dir.to_owned(),
                 fast_path,
                 fast_path_port: std::sync::atomic::AtomicU16::new(0),
+                local_readers: Arc::new(tokio::sync::Semaphore::new(32)),
             }),
         };
         server::spawn(svc.clone());
