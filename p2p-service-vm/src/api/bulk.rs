@@ -165,6 +165,12 @@ struct Replayed<IO> {
     io: IO,
 }
 
+impl<IO> Replayed<IO> {
+    fn new(first: [u8; 4], io: IO) -> Self {
+        Self { first, at: 0, io }
+    }
+}
+
 impl<IO: AsyncRead + Unpin> AsyncRead for Replayed<IO> {
     fn poll_read(
         mut self: Pin<&mut Self>,
@@ -232,14 +238,7 @@ impl ApiService {
     pub async fn serve_unix(&self, mut conn: UnixStream) {
         match opening(&mut conn).await {
             None => {}
-            Some(Opening::Session(first)) => {
-                self.serve(Replayed {
-                    first,
-                    at: 0,
-                    io: conn,
-                })
-                .await
-            }
+            Some(Opening::Session(first)) => self.serve(Replayed::new(first, conn)).await,
             Some(Opening::Attach(p)) => self.attach_ring(conn, p).await,
         }
     }
@@ -249,14 +248,7 @@ impl ApiService {
     pub async fn serve_channel(&self, mut s: p2pvm_channel::ChannelStream) {
         match opening(&mut s).await {
             None => {}
-            Some(Opening::Session(first)) => {
-                self.serve(Replayed {
-                    first,
-                    at: 0,
-                    io: s,
-                })
-                .await
-            }
+            Some(Opening::Session(first)) => self.serve(Replayed::new(first, s)).await,
             Some(Opening::Attach(p)) => self.attach_frames(s, p).await,
         }
     }

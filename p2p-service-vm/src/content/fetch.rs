@@ -1289,7 +1289,6 @@ async fn read_answers<S: futures::AsyncRead>(
     }
 }
 
-/// Verifies and stores a block off the async threads; updates the schedule.
 /// Verifies a block and hands it over (memory or disk), or drops it and the
 /// provider; updates the schedule either way.
 fn settle(
@@ -1300,61 +1299,59 @@ fn settle(
     wire: Vec<u8>,
     secs: f64,
 ) -> Result<(), String> {
+    if dl.holds(k) {
+        // A duplicate from the end game; the other copy won.
+        dl.sched.lock().expect("lock").release(k);
+        return Ok(());
+    }
+    match dl
+        .partial
+        .verify(k, &wire)
+        .and_then(|block| dl.hold(k, block))
     {
-        if dl.holds(k) {
-            // A duplicate from the end game; the other copy won.
-            dl.sched.lock().expect("lock").release(k);
-            return Ok(());
+        Ok(fresh) => {
+            dl.contributors.lock().expect("lock").insert(peer);
+            let r = block_range(dl.partial.size(), k);
+            svc.inner.ledger.record(
+                peer,
+                EventKind::Received {
+                    bytes: r.end - r.start,
+                    secs,
+                },
+            );
+            if fresh {
+                dl.progress.send_modify(|n| *n += 1);
+            }
+            dl.changed.notify_waiters();
+            Ok(())
         }
-        match dl
-            .partial
-            .verify(k, &wire)
-            .and_then(|block| dl.hold(k, block))
-        {
-            Ok(fresh) => {
-                dl.contributors.lock().expect("lock").insert(peer);
-                let r = block_range(dl.partial.size(), k);
-                svc.inner.ledger.record(
-                    peer,
-                    EventKind::Received {
-                        bytes: r.end - r.start,
-                        secs,
-                    },
-                );
-                if fresh {
-                    dl.progress.send_modify(|n| *n += 1);
-                }
-                dl.changed.notify_waiters();
-                Ok(())
+        Err(p2pvm_content::ContentError::Write(e)) => {
+            // Our disk, not the peer: the whole transfer cannot go on.
+            dl.sched.lock().expect("lock").release(k);
+            let full = e.kind() == std::io::ErrorKind::StorageFull;
+            let msg = format!("writing block {k}: {e}");
+            dl.fail(if full {
+                ContentServiceError::Full(msg.clone())
+            } else {
+                ContentServiceError::Store(msg.clone())
+            });
+            Err(msg)
+        }
+        Err(e) => {
+            warn!(id = %dl.id, %peer, block = k, error = %e, "corrupt block from provider; dropping it and the provider");
+            {
+                let mut s = dl.sched.lock().expect("lock");
+                s.release(k);
+                s.bad.insert(peer);
             }
-            Err(p2pvm_content::ContentError::Write(e)) => {
-                // Our disk, not the peer: the whole transfer cannot go on.
-                dl.sched.lock().expect("lock").release(k);
-                let full = e.kind() == std::io::ErrorKind::StorageFull;
-                let msg = format!("writing block {k}: {e}");
-                dl.fail(if full {
-                    ContentServiceError::Full(msg.clone())
-                } else {
-                    ContentServiceError::Store(msg.clone())
-                });
-                Err(msg)
-            }
-            Err(e) => {
-                warn!(id = %dl.id, %peer, block = k, error = %e, "corrupt block from provider; dropping it and the provider");
-                {
-                    let mut s = dl.sched.lock().expect("lock");
-                    s.release(k);
-                    s.bad.insert(peer);
-                }
-                svc.inner.ledger.record(peer, EventKind::CorruptBlock);
-                svc.emit(NodeEvent::CorruptData {
-                    peer,
-                    id: dl.id,
-                    block: k,
-                });
-                dl.changed.notify_waiters();
-                Err(format!("block {k} failed verification"))
-            }
+            svc.inner.ledger.record(peer, EventKind::CorruptBlock);
+            svc.emit(NodeEvent::CorruptData {
+                peer,
+                id: dl.id,
+                block: k,
+            });
+            dl.changed.notify_waiters();
+            Err(format!("block {k} failed verification"))
         }
     }
 }
