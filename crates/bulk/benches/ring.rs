@@ -20,22 +20,35 @@ fn rt() -> tokio::runtime::Runtime {
         .expect("runtime")
 }
 
-fn ring_once(total: usize) -> Duration {
-    let ring = Ring::create(0).expect("ring");
-    let theirs = Ring::open(ring.file().try_clone().expect("dup")).expect("open");
+/// A connected, non-blocking socket pair for tokio.
+fn socket_pair() -> (
+    std::os::unix::net::UnixStream,
+    std::os::unix::net::UnixStream,
+) {
     let (a, b) = std::os::unix::net::UnixStream::pair().expect("pair");
     a.set_nonblocking(true).expect("nonblocking");
     b.set_nonblocking(true).expect("nonblocking");
+    (a, b)
+}
+
+/// The lengths of the writes that make up `total` bytes.
+fn pieces(total: usize) -> impl Iterator<Item = usize> {
+    (0..total)
+        .step_by(CHUNK)
+        .map(move |at| (total - at).min(CHUNK))
+}
+
+fn ring_once(total: usize) -> Duration {
+    let ring = Ring::create(0).expect("ring");
+    let theirs = Ring::open(ring.file().try_clone().expect("dup")).expect("open");
+    let (a, b) = socket_pair();
     let start = Instant::now();
     let producer = std::thread::spawn(move || {
         rt().block_on(async move {
             let mut w = RingWriter::new(ring, UnixStream::from_std(a).expect("tokio"));
             let src = vec![7u8; CHUNK];
-            let mut left = total;
-            while left > 0 {
-                let n = left.min(CHUNK);
+            for n in pieces(total) {
                 w.write_all(&src[..n]).await.expect("write");
-                left -= n;
             }
             w.finish();
         })
@@ -51,19 +64,14 @@ fn ring_once(total: usize) -> Duration {
 }
 
 fn socket_once(total: usize) -> Duration {
-    let (a, b) = std::os::unix::net::UnixStream::pair().expect("pair");
-    a.set_nonblocking(true).expect("nonblocking");
-    b.set_nonblocking(true).expect("nonblocking");
+    let (a, b) = socket_pair();
     let start = Instant::now();
     let producer = std::thread::spawn(move || {
         rt().block_on(async move {
             let mut s = UnixStream::from_std(a).expect("tokio");
             let src = vec![7u8; CHUNK];
-            let mut left = total;
-            while left > 0 {
-                let n = left.min(CHUNK);
+            for n in pieces(total) {
                 s.write_all(&src[..n]).await.expect("write");
-                left -= n;
             }
         })
     });
