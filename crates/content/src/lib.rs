@@ -5,15 +5,18 @@
 //!
 //! ```text
 //!  publisher: bytes ─► outboard (BLAKE3 tree, 16 KiB chunk groups) ─► ContentId = root
-//!  provider:  (bytes, outboard, byte range) ─► encode_range ─► wire
-//!  fetcher:   (ContentId, size, byte range, wire) ─► decode_range ─► verified bytes only
+//!  provider:  (file, outboard, block k) ─► block::encode ─► wire = proof ‖ bytes
+//!  fetcher:   (ContentId, size, k, wire) ─► Partial::verify / block::verify ─► verified bytes
 //! ```
 //!
-//! A content id is the plain BLAKE3 hash of the bytes. Any byte range, including
-//! one in the middle of an item, is sent together with the tree nodes that prove
-//! it, so the receiver checks every byte against the id before handing it on;
-//! anything that does not verify is an error, never data (after iroh-blobs and bao).
+//! A content id is the plain BLAKE3 hash of the bytes. Every 256 KiB block,
+//! including one in the middle of an item, is sent together with the tree
+//! nodes that prove it, so the receiver checks every byte against the id
+//! before handing it on; anything that does not verify is an error, never
+//! data (after iroh-blobs and bao). [`encode_range`] / [`decode_range`] prove
+//! arbitrary byte ranges in bao's own interleaved format.
 
+pub mod block;
 pub mod keywords;
 pub mod manifest;
 mod partial;

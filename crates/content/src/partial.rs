@@ -2,24 +2,21 @@
 //! blocks arrive, and a bitmap of the blocks held.
 //!
 //! Blocks are the transfer unit (256 KiB, aligned to chunk groups). Each block's
-//! wire carries the tree nodes from the root down to it; decoding checks them
-//! against the content id and saves them into the shared tree. So a partial
+//! wire ([`crate::block`]) carries the tree nodes from the root down to it;
+//! verifying checks them against the content id and saves them into the
+//! shared tree. So a partial
 //! download can prove — and therefore serve — every block it holds (swarming),
 //! and when the last block lands the tree is complete without a second hashing
 //! pass over the file.
 
 use std::fs::File;
-use std::io::Cursor;
 use std::ops::Range;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, RwLock};
 
-use bao_tree::io::round_up_to_chunks;
-use bao_tree::io::sync::{
-    Outboard as OutboardRead, OutboardMut, WriteAt, decode_ranges, encode_ranges,
-};
-use bao_tree::{BaoTree, ByteRanges, TreeNode};
+use bao_tree::io::sync::Outboard as OutboardRead;
+use bao_tree::{BaoTree, TreeNode};
 
 use crate::verified::{BLOCK_SIZE, verification};
 use crate::{ContentError, ContentId, Outboard};
@@ -65,45 +62,6 @@ impl OutboardRead for SharedTree<'_> {
         let left: [u8; 32] = pair[..32].try_into().expect("32 bytes");
         let right: [u8; 32] = pair[32..].try_into().expect("32 bytes");
         Ok(Some((left.into(), right.into())))
-    }
-}
-
-impl OutboardMut for SharedTree<'_> {
-    fn save(&mut self, node: TreeNode, pair: &(blake3::Hash, blake3::Hash)) -> std::io::Result<()> {
-        let Some(offset) = self.tree.pre_order_offset(node) else {
-            return Ok(());
-        };
-        let at = offset as usize * 64;
-        let mut data = self.data.write().expect("lock");
-        let slot = data
-            .get_mut(at..at + 64)
-            .ok_or_else(|| std::io::Error::other("tree node outside the outboard"))?;
-        slot[..32].copy_from_slice(pair.0.as_bytes());
-        slot[32..].copy_from_slice(pair.1.as_bytes());
-        Ok(())
-    }
-    fn sync(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
-/// One block's verified leaves, collected in order.
-struct Block {
-    base: u64,
-    buf: Vec<u8>,
-}
-
-impl WriteAt for Block {
-    fn write_at(&mut self, pos: u64, data: &[u8]) -> std::io::Result<usize> {
-        // Leaves of one block arrive in order and back to back.
-        if pos != self.base + self.buf.len() as u64 {
-            return Err(std::io::Error::other("leaf out of order"));
-        }
-        self.buf.extend_from_slice(data);
-        Ok(data.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
     }
 }
 
@@ -206,41 +164,32 @@ impl Partial {
     }
 
     /// Verifies a block's wire against the content id and stores it. On error
-    /// nothing is marked held; the bytes written so far were verified leaves.
+    /// nothing is written or marked held.
     pub fn accept(&self, k: u64, wire: &[u8]) -> Result<(), ContentError> {
-        let block = self.verify(k, wire)?;
-        self.store_verified(k, &block)
+        let at = self.verify(k, wire)?;
+        self.store_verified(k, &wire[at..])
     }
 
-    /// Verifies a block's wire against the content id and returns its bytes,
-    /// without storing them (a download that keeps nothing hands them
-    /// straight to its readers). The tree learns the block's proof either way.
-    pub fn verify(&self, k: u64, wire: &[u8]) -> Result<Vec<u8>, ContentError> {
-        if k >= self.blocks() {
-            return Err(ContentError::BadRange {
-                start: k * BLOCK_BYTES,
-                end: (k + 1) * BLOCK_BYTES,
-                size: self.size,
-            });
+    /// Verifies a block's wire (see [`crate::block`]) against the content id
+    /// and returns where its bytes start within it, without storing them (a
+    /// download that keeps nothing hands them straight to its readers). The
+    /// tree learns the block's proof either way.
+    pub fn verify(&self, k: u64, wire: &[u8]) -> Result<usize, ContentError> {
+        let tree = BaoTree::new(self.size, BLOCK_SIZE);
+        let mut proof = Vec::with_capacity(32);
+        let at = crate::block::verify(self.id, self.size, k, wire, |node, pair| {
+            if let Some(offset) = tree.pre_order_offset(node) {
+                proof.push((offset as usize * 64, *pair));
+            }
+        })?;
+        // One lock per block: readers serving other peers share the tree.
+        let mut data = self.tree.write().expect("lock");
+        for (at, pair) in proof {
+            data.get_mut(at..at + 64)
+                .ok_or_else(|| verification("tree node outside the outboard"))?
+                .copy_from_slice(&pair);
         }
-        let range = block_range(self.size, k);
-        let chunks = round_up_to_chunks(&ByteRanges::from(range.clone()));
-        let mut cursor = Cursor::new(wire);
-        // Decode into memory, then write the block with one call: the decoder
-        // emits 16 KiB leaves, and a syscall per leaf costs more than the copy.
-        let mut block = Block {
-            base: range.start,
-            buf: Vec::with_capacity((range.end - range.start) as usize),
-        };
-        decode_ranges(&mut cursor, &chunks, &mut block, self.shared()).map_err(verification)?;
-        // Trailing bytes mean the sender does not speak the same encoding; refuse.
-        if cursor.position() != wire.len() as u64 {
-            return Err(verification("trailing bytes after the block"));
-        }
-        if block.buf.len() as u64 != range.end - range.start {
-            return Err(verification("the block is incomplete"));
-        }
-        Ok(block.buf)
+        Ok(at)
     }
 
     /// Stores block `k`'s bytes, which [`Partial::verify`] returned, and marks
@@ -266,12 +215,7 @@ impl Partial {
         if !self.has(k) {
             return Err(ContentError::NotHeld(k));
         }
-        let range = block_range(self.size, k);
-        let chunks = round_up_to_chunks(&ByteRanges::from(range));
-        let mut wire = Vec::with_capacity(BLOCK_BYTES as usize + 4096);
-        encode_ranges(&self.file, self.shared(), &chunks, &mut wire)
-            .map_err(|e| ContentError::Encode(std::io::Error::other(e.to_string())))?;
-        Ok(wire)
+        crate::block::encode(&self.file, self.shared(), k, false)
     }
 
     /// Reads held bytes (the caller checks `has` for the blocks it reads).
@@ -310,7 +254,14 @@ impl Drop for Partial {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::encode_range;
+    use std::io::Write;
+
+    /// Block `k`'s wire as a provider holding all of `data` sends it.
+    fn wire(data: &[u8], ob: &Outboard, k: u64) -> Vec<u8> {
+        let mut f = tempfile::tempfile().unwrap();
+        f.write_all(data).unwrap();
+        ob.encode_block(&f, k, true).unwrap()
+    }
 
     fn item(len: usize) -> Vec<u8> {
         (0..len as u64)
@@ -326,7 +277,7 @@ mod tests {
         let p = Partial::create(&dir.path().join("x"), ob.id(), ob.size()).unwrap();
         assert_eq!(p.blocks(), 4);
         for k in [2, 0, 3] {
-            let wire = encode_range(&data[..], &ob, block_range(ob.size(), k)).unwrap();
+            let wire = wire(&data, &ob, k);
             p.accept(k, &wire).unwrap();
         }
         assert!(!p.complete());
@@ -336,7 +287,7 @@ mod tests {
         let q = Partial::create(&dir.path().join("y"), ob.id(), ob.size()).unwrap();
         q.accept(2, &again).unwrap();
         assert!(matches!(p.encode_block(1), Err(ContentError::NotHeld(1))));
-        let wire = encode_range(&data[..], &ob, block_range(ob.size(), 1)).unwrap();
+        let wire = wire(&data, &ob, 1);
         p.accept(1, &wire).unwrap();
         let (path, tree) = p.finish().unwrap();
         assert_eq!(std::fs::read(path).unwrap(), data);
@@ -349,7 +300,7 @@ mod tests {
         let data = item(600_000);
         let ob = Outboard::compute(&data);
         let p = Partial::create(&dir.path().join("x"), ob.id(), ob.size()).unwrap();
-        let mut wire = encode_range(&data[..], &ob, block_range(ob.size(), 1)).unwrap();
+        let mut wire = wire(&data, &ob, 1);
         // Block 1's wire offered as block 0.
         assert!(p.accept(0, &wire).is_err());
         let n = wire.len();

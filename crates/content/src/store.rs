@@ -22,6 +22,10 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
 
+use bao_tree::BaoTree;
+use bao_tree::io::outboard::PreOrderOutboard;
+
+use crate::verified::BLOCK_SIZE;
 use crate::{ContentError, ContentId, Outboard};
 
 const ITEMS: TableDefinition<&[u8; 32], &[u8; 17]> = TableDefinition::new("items");
@@ -390,27 +394,25 @@ impl Store {
         Ok(removed)
     }
 
-    /// Encodes a verified byte range of a stored item for a peer. With
-    /// `validate`, the stored bytes are re-hashed on the way out, so bit rot on
-    /// this disk is caught here instead of being sent.
-    pub fn encode_range(
+    /// Encodes block `k` of a stored item for a peer (see [`crate::block`]).
+    /// With `validate`, the stored bytes are re-hashed on the way out, so bit
+    /// rot on this disk is caught here instead of being sent.
+    pub fn encode_block(
         &self,
         id: &ContentId,
-        range: std::ops::Range<u64>,
+        k: u64,
         validate: bool,
     ) -> Result<Vec<u8>, StoreError> {
         let s = self.served(id)?;
+        let root = blake3::Hash::from_bytes(id.0);
+        let tree = BaoTree::new(s.size, BLOCK_SIZE);
         let encoded = match &s.tree {
-            ServedTree::Memory(t) => crate::verified::encode_range_at(
-                &s.data,
-                t.as_slice(),
-                *id,
-                s.size,
-                range,
-                validate,
-            ),
-            ServedTree::File(f) => {
-                crate::verified::encode_range_at(&s.data, f, *id, s.size, range, validate)
+            ServedTree::Memory(t) => {
+                let data = t.as_slice();
+                crate::block::encode(&s.data, PreOrderOutboard { root, tree, data }, k, validate)
+            }
+            ServedTree::File(data) => {
+                crate::block::encode(&s.data, PreOrderOutboard { root, tree, data }, k, validate)
             }
         };
         Ok(encoded?)
@@ -500,11 +502,11 @@ mod tests {
             info.id
         };
         let store = Store::open(dir.path()).unwrap();
-        let wire = store.encode_range(&id, 100_000..150_000, true).unwrap();
-        let got = crate::decode_range(id, 300_000, 100_000..150_000, &wire).unwrap();
-        assert_eq!(got, &data[100_000..150_000]);
+        let wire = store.encode_block(&id, 1, true).unwrap();
+        let at = crate::block::verify(id, 300_000, 1, &wire, |_, _| {}).unwrap();
+        assert_eq!(&wire[at..], &data[262_144..]);
         assert!(matches!(
-            store.encode_range(&ContentId([9; 32]), 0..1, true),
+            store.encode_block(&ContentId([9; 32]), 0, true),
             Err(StoreError::NotFound(_))
         ));
     }

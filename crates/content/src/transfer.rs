@@ -1,4 +1,4 @@
-//! Messages of the content transfer protocol (`/p2pvm/content/1`), spoken on
+//! Messages of the content transfer protocol (`/p2pvm/content/2`), spoken on
 //! libp2p streams between nodes.
 //!
 //! A stream carries any number of request/response exchanges in order, so a
@@ -11,7 +11,7 @@
 use prost::Message;
 
 /// Protocol name.
-pub const PROTOCOL: &str = "/p2pvm/content/1";
+pub const PROTOCOL: &str = "/p2pvm/content/2";
 /// Largest request or response header accepted.
 pub const MAX_HEADER_BYTES: u32 = 16 * 1024;
 /// Largest payload accepted: a block, its proof, and room for search hits.
@@ -139,9 +139,8 @@ pub fn frame(msg: &impl Message) -> Vec<u8> {
     out
 }
 
-/// The most wire bytes a correct encoding of a block of `len` bytes takes: the
-/// data, at most 64 bytes of proof per tree level (a u64 size has 64 levels),
-/// and the 8-byte size prefix.
-pub fn max_block_wire(len: u64) -> u64 {
-    len + 64 * 64 + 8
+/// The wire length of block `k` of an item of `size` bytes (0 past the end):
+/// a block answer of any other length is refused before it is read.
+pub fn block_wire(size: u64, k: u64) -> u64 {
+    crate::block::wire_len(size, k).unwrap_or(0)
 }

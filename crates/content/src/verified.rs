@@ -130,6 +130,17 @@ impl Outboard {
     pub fn tree_bytes(&self) -> &[u8] {
         &self.inner.data
     }
+
+    /// Encodes block `k` of the item whose bytes are in `data` (see
+    /// [`crate::block`]).
+    pub fn encode_block(
+        &self,
+        data: impl std::os::fd::AsFd,
+        k: u64,
+        validate: bool,
+    ) -> Result<Vec<u8>, ContentError> {
+        crate::block::encode(data, &self.inner, k, validate)
+    }
 }
 
 fn check_range(range: &Range<u64>, size: u64) -> Result<(), ContentError> {
@@ -157,75 +168,6 @@ pub fn encode_range(
     let chunks = round_up_to_chunks(&ByteRanges::from(range));
     let mut wire = Vec::new();
     encode_ranges_validated(data, &outboard.inner, &chunks, &mut wire).map_err(|e| {
-        ContentError::Encode(std::io::Error::new(
-            std::io::ErrorKind::InvalidData,
-            e.to_string(),
-        ))
-    })?;
-    Ok(wire)
-}
-
-/// A stretch of an item's bytes, read with one call and handed to the encoder
-/// as if it were the whole file: the encoder reads leaf by leaf, and a system
-/// call per 16 KiB leaf costs more than the copy.
-struct Window {
-    base: u64,
-    bytes: Vec<u8>,
-    size: u64,
-}
-
-impl ReadAt for Window {
-    fn read_at(&self, pos: u64, buf: &mut [u8]) -> std::io::Result<usize> {
-        let off = pos
-            .checked_sub(self.base)
-            .ok_or_else(|| std::io::Error::other("read before the window"))?;
-        let from = (off as usize).min(self.bytes.len());
-        let n = buf.len().min(self.bytes.len() - from);
-        buf[..n].copy_from_slice(&self.bytes[from..from + n]);
-        Ok(n)
-    }
-}
-
-impl bao_tree::io::sync::Size for Window {
-    fn size(&self) -> std::io::Result<Option<u64>> {
-        Ok(Some(self.size))
-    }
-}
-
-/// Encodes `range` of a stored item from its data file and its pre-order tree
-/// (in memory, or a file read node by node): the range's bytes are read with
-/// one call. With `validate` the bytes are re-hashed against the tree on the
-/// way out.
-pub(crate) fn encode_range_at(
-    data: &std::fs::File,
-    tree: impl ReadAt,
-    id: ContentId,
-    size: u64,
-    range: Range<u64>,
-    validate: bool,
-) -> Result<Vec<u8>, ContentError> {
-    use std::os::unix::fs::FileExt;
-    check_range(&range, size)?;
-    let chunks = round_up_to_chunks(&ByteRanges::from(range.clone()));
-    // The leaves the encoder reads: the range widened to whole chunk groups.
-    let group = BLOCK_SIZE.bytes() as u64;
-    let base = range.start / group * group;
-    let end = range.end.div_ceil(group).saturating_mul(group).min(size);
-    let mut bytes = vec![0u8; (end - base) as usize];
-    FileExt::read_exact_at(data, &mut bytes, base).map_err(ContentError::Encode)?;
-    let window = Window { base, bytes, size };
-    let outboard = PreOrderOutboard {
-        root: blake3::Hash::from_bytes(id.0),
-        tree: BaoTree::new(size, BLOCK_SIZE),
-        data: tree,
-    };
-    let mut wire = Vec::with_capacity((range.end - range.start) as usize + 4096);
-    let r = if validate {
-        encode_ranges_validated(window, &outboard, &chunks, &mut wire)
-    } else {
-        bao_tree::io::sync::encode_ranges(window, &outboard, &chunks, &mut wire)
-    };
-    r.map_err(|e| {
         ContentError::Encode(std::io::Error::new(
             std::io::ErrorKind::InvalidData,
             e.to_string(),

@@ -4,14 +4,16 @@
 //! ```text
 //!  downloader ── libp2p stream: Have ──────────────────────► provider
 //!             ◄─ Have answer + fast-path port ─────────────
-//!             ══ TCP + TLS 1.3 (AES-GCM), libp2p certificates ══► the same
-//!                /p2pvm/content/1 requests, pipelined
+//!             ══ TCP: TLS 1.3 handshake (libp2p certificates), ═══► the same
+//!                then sealed frames (AES-GCM, keys from the handshake)
+//!                carrying /p2pvm/content/2 requests, pipelined
 //! ```
 //!
 //! Why: libp2p's TCP transport carries every stream through Noise
 //! (ChaCha20-Poly1305) and Yamux. On loopback that holds a content transfer
 //! near 350 MiB/s, a tenth of what the link carries; a connection of its own
-//! with AES-GCM, which these CPUs run in hardware, keeps up with the link.
+//! with AES-GCM, which these CPUs run in hardware, in frames as large as a
+//! block ([`super::sealed`]), comes much closer to it.
 //!
 //! Identity is libp2p's own: each side presents the self-signed certificate
 //! of libp2p's TLS handshake (the host key signs the certificate key in an
@@ -37,13 +39,13 @@ use rustls::{CertificateError, DigitallySignedStruct, DistinguishedName, Signatu
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 use tokio_rustls::{TlsAcceptor, TlsConnector};
-use tokio_util::compat::{Compat, TokioAsyncReadCompatExt};
 use tracing::{debug, info, warn};
 
 use super::ContentService;
+use super::sealed::{self, SealedReader, SealedWriter, Side};
 
 /// ALPN of fast-path connections.
-const ALPN: &[u8] = b"p2pvm-content/1";
+const ALPN: &[u8] = b"p2pvm-content/2";
 /// How long a TCP connect plus TLS handshake may take.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
 /// Fast-path connections served at once, and from one IP address (peer ids
@@ -86,22 +88,6 @@ impl Drop for IpSlot {
         }
     }
 }
-/// Read buffering under TLS. rustls reads the socket 4 KiB at a time; on
-/// loopback every one of those calls also runs the sender's side of TCP, so
-/// batching them is most of what separates TLS from raw TCP here. (Writes need
-/// no buffer: rustls hands all pending records to one vectored write.)
-const READ_BUFFER: usize = 256 * 1024;
-
-/// A TCP connection read through a large user-space buffer.
-pub(crate) type Buffered = tokio::io::BufReader<TcpStream>;
-
-fn buffered(tcp: TcpStream) -> Buffered {
-    tokio::io::BufReader::with_capacity(READ_BUFFER, tcp)
-}
-
-/// A fast-path connection, as the content protocol code sees it.
-pub(crate) type FastStream<IO> = Compat<IO>;
-
 /// The node's TLS identity for the fast path.
 pub(crate) struct FastPath {
     acceptor: TlsAcceptor,
@@ -182,6 +168,9 @@ impl FastPath {
             .with_client_cert_verifier(Arc::new(PeerCertVerifier { expect: None }))
             .with_cert_resolver(cert.clone());
         server.alpn_protocols = vec![ALPN.to_vec()];
+        // After the handshake the TLS session carries nothing (sealed frames
+        // take over), so no resumption tickets either.
+        server.send_tls13_tickets = 0;
         Ok(Self {
             acceptor: TlsAcceptor::from(Arc::new(server)),
             cert,
@@ -205,19 +194,20 @@ impl FastPath {
         &self,
         peer: PeerId,
         addr: SocketAddr,
-    ) -> std::io::Result<FastStream<tokio_rustls::client::TlsStream<Buffered>>> {
+    ) -> std::io::Result<(SealedReader, SealedWriter)> {
         let connector = self.connector(peer).map_err(std::io::Error::other)?;
         let go = async {
             let tcp = TcpStream::connect(addr).await?;
             tcp.set_nodelay(true)?;
             // Any name: the peer id in the certificate is what is checked.
             let name = ServerName::IpAddress(addr.ip().into());
-            connector.connect(name, buffered(tcp)).await
+            let tls = connector.connect(name, tcp).await?;
+            let (tcp, session) = tls.into_inner();
+            sealed::establish(tcp, &session, Side::Client).await
         };
-        let tls = tokio::time::timeout(HANDSHAKE_TIMEOUT, go)
+        tokio::time::timeout(HANDSHAKE_TIMEOUT, go)
             .await
-            .map_err(|_| std::io::Error::from(std::io::ErrorKind::TimedOut))??;
-        Ok(tls.compat())
+            .map_err(|_| std::io::Error::from(std::io::ErrorKind::TimedOut))?
     }
 }
 
@@ -434,7 +424,20 @@ pub(crate) fn spawn_server(svc: ContentService, listener: TcpListener) {
                     debug!(%peer, "fast-path connection refused: credit policy");
                     return;
                 }
-                super::server::serve_stream(svc, peer, tls.compat()).await;
+                let (tcp, session) = tls.into_inner();
+                let sealed = tokio::time::timeout(
+                    HANDSHAKE_TIMEOUT,
+                    sealed::establish(tcp, &session, Side::Server),
+                );
+                let (rd, wr) = match sealed.await {
+                    Ok(Ok(halves)) => halves,
+                    Ok(Err(e)) => {
+                        debug!(%from, error = %e, "fast-path connection failed");
+                        return;
+                    }
+                    Err(_) => return,
+                };
+                super::server::serve_stream(svc, peer, rd, wr).await;
             });
         }
     });
@@ -458,7 +461,7 @@ mod tests {
                 let (tcp, _) = l.accept().await.unwrap();
                 let (fast, tx) = (fast.clone(), tx.clone());
                 tokio::spawn(async move {
-                    let Ok(mut tls) = fast.acceptor.accept(buffered(tcp)).await else {
+                    let Ok(tls) = fast.acceptor.accept(tcp).await else {
                         let _ = tx.send(None).await;
                         return;
                     };
@@ -469,10 +472,16 @@ mod tests {
                         .and_then(|c| c.first())
                         .and_then(|c| peer_of(c, &[]).ok());
                     let _ = tx.send(peer).await;
+                    let (tcp, session) = tls.into_inner();
+                    let Ok((mut rd, mut wr)) = sealed::establish(tcp, &session, Side::Server).await
+                    else {
+                        return;
+                    };
+                    use futures::{AsyncReadExt as _, AsyncWriteExt as _};
                     let mut b = [0u8; 1];
-                    if tls.read_exact(&mut b).await.is_ok() {
-                        let _ = tls.write_all(&b).await;
-                        let _ = tls.flush().await;
+                    if rd.read_exact(&mut b).await.is_ok() {
+                        let _ = wr.write_all(&b).await;
+                        let _ = wr.flush().await;
                     }
                 });
             }
@@ -487,15 +496,15 @@ mod tests {
         let downloader = FastPath::new(&dk).unwrap();
         let (addr, mut seen) = listener(provider).await;
 
-        let mut s = downloader
+        let (mut rd, mut wr) = downloader
             .dial(pk.public().to_peer_id(), addr)
             .await
             .unwrap();
         use futures::{AsyncReadExt as _, AsyncWriteExt as _};
-        s.write_all(&[7]).await.unwrap();
-        s.flush().await.unwrap();
+        wr.write_all(&[7]).await.unwrap();
+        wr.flush().await.unwrap();
         let mut b = [0u8; 1];
-        s.read_exact(&mut b).await.unwrap();
+        rd.read_exact(&mut b).await.unwrap();
         assert_eq!(b, [7]);
         assert_eq!(seen.recv().await.unwrap(), Some(dk.public().to_peer_id()));
     }

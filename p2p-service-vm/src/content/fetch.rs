@@ -36,7 +36,9 @@ use tokio::sync::{Notify, mpsc, watch};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-use super::wire::{read_msg, read_payload, write_msg};
+use super::wire::{
+    PayloadRead, PayloadWrite, read_msg, read_payload, read_payload_bytes, write_msg,
+};
 use super::{ContentInfo, ContentService, ContentServiceError, VerifiedManifest};
 use crate::node::{Command, NodeEvent};
 use p2pvm_security::{EventKind, Standing, Verdict, VirusError};
@@ -355,7 +357,7 @@ impl Download {
     /// Takes a verified block: into memory while the download keeps nothing
     /// (unless no reader wants it any more: then it is dropped), else into
     /// the file. True when the block is newly held.
-    fn hold(&self, k: u64, block: Vec<u8>) -> Result<bool, p2pvm_content::ContentError> {
+    fn hold(&self, k: u64, block: Bytes) -> Result<bool, p2pvm_content::ContentError> {
         {
             // The same lock order as eviction (schedule, then memory), so a
             // block is never held in the schedule yet missing from memory.
@@ -366,7 +368,7 @@ impl Download {
                     s.release(k);
                     return Ok(false);
                 }
-                ram.insert(k, Bytes::from(block));
+                ram.insert(k, block);
                 return Ok(s.held(k));
             }
         }
@@ -632,7 +634,6 @@ async fn prove_size(
         };
     }
     let last = block_count(size) - 1;
-    let range = block_range(size, last);
     let io = |e: std::io::Error| e.to_string();
     request(
         stream,
@@ -647,18 +648,15 @@ async fn prove_size(
     if header.status != Status::Ok as i32 {
         return Err(format!("last block refused: {}", header.message));
     }
-    let wire = read_payload(
-        stream,
-        header.payload_len,
-        transfer::max_block_wire(range.end - range.start),
-    )
-    .await
-    .map_err(io)?;
+    let wire = read_payload(stream, header.payload_len, transfer::block_wire(size, last))
+        .await
+        .map_err(io)?;
     let id = m.id;
-    let verified =
-        tokio::task::spawn_blocking(move || p2pvm_content::decode_range(id, size, range, &wire))
-            .await
-            .map_err(|e| e.to_string())?;
+    let verified = tokio::task::spawn_blocking(move || {
+        p2pvm_content::block::verify(id, size, last, &wire, |_, _| {})
+    })
+    .await
+    .map_err(|e| e.to_string())?;
     if let Err(e) = verified {
         // The peer sent data that does not verify: that is on its record.
         let peer = stream_peer;
@@ -1245,13 +1243,13 @@ impl RateMeter {
 struct Answer {
     pending: Pending,
     header: TransferResponse,
-    payload: Vec<u8>,
+    payload: Bytes,
 }
 
 /// Reads answers in request order; `kinds` says what each one answers, so the
 /// payload bound is known before any of it is read.
-async fn read_answers<S: futures::AsyncRead>(
-    mut rd: futures::io::ReadHalf<S>,
+async fn read_answers<R: PayloadRead>(
+    mut rd: R,
     mut kinds: mpsc::UnboundedReceiver<Pending>,
     out: mpsc::Sender<Result<Answer, String>>,
     size: u64,
@@ -1263,16 +1261,13 @@ async fn read_answers<S: futures::AsyncRead>(
             })?;
             let max = match pending {
                 Pending::Have => block_count(size).div_ceil(8),
-                Pending::Block(k) => {
-                    let r = block_range(size, k);
-                    transfer::max_block_wire(r.end - r.start)
-                }
+                Pending::Block(k) => transfer::block_wire(size, k),
             };
             let payload = if header.status == Status::Ok as i32 {
                 // A payload larger than any honest answer is never read.
-                read_payload(&mut rd, header.payload_len, max).await?
+                read_payload_bytes(&mut rd, header.payload_len, max).await?
             } else {
-                Vec::new()
+                Bytes::new()
             };
             Ok::<_, std::io::Error>(Answer {
                 pending,
@@ -1296,7 +1291,7 @@ fn settle(
     dl: &Arc<Download>,
     peer: PeerId,
     k: u64,
-    wire: Vec<u8>,
+    wire: Bytes,
     secs: f64,
 ) -> Result<(), String> {
     if dl.holds(k) {
@@ -1307,7 +1302,8 @@ fn settle(
     match dl
         .partial
         .verify(k, &wire)
-        .and_then(|block| dl.hold(k, block))
+        // The block's bytes are a slice of the buffer they arrived in.
+        .and_then(|at| dl.hold(k, wire.slice(at..)))
     {
         Ok(fresh) => {
             dl.contributors.lock().expect("lock").insert(peer);
@@ -1363,7 +1359,7 @@ fn verify_block(
     dl: &Arc<Download>,
     peer: PeerId,
     k: u64,
-    wire: Vec<u8>,
+    wire: Bytes,
     secs: f64,
 ) -> Result<Option<tokio::task::JoinHandle<Result<(), String>>>, String> {
     if !dl.keep() {
@@ -1413,11 +1409,12 @@ async fn run_worker(
         _ = dl.cancel.cancelled() => return Ok(()),
     };
     let complete = on_have(svc, dl, peer, &header, &payload)?;
-    if let Some(fast) = fast_path(svc, peer, header.fast_path_port).await {
+    if let Some((rd, wr)) = fast_path(svc, peer, header.fast_path_port).await {
         debug!(%id, %peer, "blocks take the fast path");
-        return pipeline(svc, dl, peer, inflight, fast, complete).await;
+        return pipeline(svc, dl, peer, inflight, rd, wr, complete).await;
     }
-    pipeline(svc, dl, peer, inflight, stream, complete).await
+    let (rd, wr) = futures::AsyncReadExt::split(stream);
+    pipeline(svc, dl, peer, inflight, rd, wr, complete).await
 }
 
 /// A fast-path connection to `peer` if it offers one (`port`) and it can be
@@ -1426,8 +1423,7 @@ async fn fast_path(
     svc: &ContentService,
     peer: PeerId,
     port: u32,
-) -> Option<super::fastpath::FastStream<tokio_rustls::client::TlsStream<super::fastpath::Buffered>>>
-{
+) -> Option<(super::sealed::SealedReader, super::sealed::SealedWriter)> {
     let fast = svc.inner.fast_path.as_ref()?;
     let port = u16::try_from(port).ok().filter(|p| *p != 0)?;
     let remote = svc
@@ -1481,19 +1477,16 @@ fn on_have(
 
 /// Keeps block requests in flight to `peer` on `stream` until the download
 /// ends or the provider fails.
-async fn pipeline<S>(
+async fn pipeline<R: PayloadRead, W: PayloadWrite>(
     svc: &ContentService,
     dl: &Arc<Download>,
     peer: PeerId,
     inflight: &mut VecDeque<Pending>,
-    stream: S,
+    rd: R,
+    mut wr: W,
     mut complete_peer: bool,
-) -> Result<(), String>
-where
-    S: futures::AsyncRead + futures::AsyncWrite + Send + Unpin + 'static,
-{
+) -> Result<(), String> {
     use futures::StreamExt;
-    let (rd, mut wr) = futures::AsyncReadExt::split(stream);
     let id = dl.id;
     // A throttled peer (low credit) gets one request at a time and never the
     // urgent playback blocks: it only helps when nobody better has the data.

@@ -19,6 +19,7 @@
 mod fastpath;
 mod fetch;
 pub mod gateway;
+mod sealed;
 mod search;
 mod server;
 mod wire;

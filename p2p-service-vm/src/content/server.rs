@@ -1,4 +1,4 @@
-//! The provider side of `/p2pvm/content/1`: answers block, manifest, have and
+//! The provider side of `/p2pvm/content/2`: answers block, manifest, have and
 //! search requests from stored items and from downloads in progress.
 
 use std::num::NonZeroU32;
@@ -7,13 +7,13 @@ use futures::{AsyncWriteExt, FutureExt, StreamExt};
 use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
 use libp2p::{PeerId, StreamProtocol};
 use p2pvm_content::transfer::{self, Op, Status, TransferRequest, TransferResponse};
-use p2pvm_content::{ContentId, SignedManifest, block_count, block_range, keywords};
+use p2pvm_content::{ContentId, SignedManifest, block_count, keywords};
 use p2pvm_security::{EventKind, Standing};
 use prost::Message;
 use tracing::{debug, warn};
 
 use super::ContentService;
-use super::wire::write_msg;
+use super::wire::{PayloadWrite, write_msg};
 use tokio_util::codec::{FramedRead, LengthDelimitedCodec};
 use tokio_util::compat::FuturesAsyncReadCompatExt;
 
@@ -32,8 +32,7 @@ impl Limiter {
         let rate = NonZeroU32::new(bytes_per_sec.min(u32::MAX as u64) as u32)?;
         // A burst of a quarter second (at least one block with its proof) keeps
         // the cap smooth without refusing a single large answer.
-        let burst =
-            (rate.get() / 4).max(transfer::max_block_wire(p2pvm_content::BLOCK_BYTES) as u32);
+        let burst = (rate.get() / 4).max(p2pvm_content::BLOCK_BYTES as u32 + 64 * 64);
         let quota = Quota::per_second(rate).allow_burst(NonZeroU32::new(burst).expect("positive"));
         Some(Self {
             inner: RateLimiter::direct(quota),
@@ -69,7 +68,8 @@ pub(crate) fn spawn(svc: ContentService) {
                 _ = shutdown.cancelled() => return,
                 next = incoming.next() => match next {
                     Some((peer, stream)) => {
-                        tokio::spawn(serve_stream(svc.clone(), peer, stream));
+                        let (rd, wr) = futures::AsyncReadExt::split(stream);
+                        tokio::spawn(serve_stream(svc.clone(), peer, rd, wr));
                     }
                     None => return,
                 },
@@ -93,9 +93,10 @@ type Answers = Vec<(TransferResponse, Vec<u8>)>;
 
 /// Serves one content stream from `peer`: a libp2p stream, or a fast-path
 /// connection (the same protocol either way).
-pub(crate) async fn serve_stream<S>(svc: ContentService, peer: PeerId, stream: S)
+pub(crate) async fn serve_stream<R, W>(svc: ContentService, peer: PeerId, rd: R, mut wr: W)
 where
-    S: futures::AsyncRead + futures::AsyncWrite + Send + 'static,
+    R: futures::AsyncRead + Unpin + Send + 'static,
+    W: PayloadWrite,
 {
     let standing = svc.standing(&peer);
     if standing >= Standing::Refused {
@@ -104,7 +105,6 @@ where
     }
     let throttle = (standing == Standing::Throttled)
         .then(|| svc.inner.credit.throttled_rate_bytes_per_sec.max(1));
-    let (rd, mut wr) = futures::AsyncReadExt::split(stream);
     // Length-prefixed requests, decoded by a framer that keeps partial input,
     // so asking "is another request already here?" loses nothing.
     let codec = LengthDelimitedCodec::builder()
@@ -138,7 +138,7 @@ where
                 }
                 let sent = async {
                     write_msg(&mut wr, &header).await?;
-                    wr.write_all(&payload).await
+                    wr.write_payload(payload).await
                 };
                 if let Err(e) = sent.await {
                     debug!(%peer, error = %e, "content stream write failed");
@@ -232,8 +232,7 @@ fn answer_block(svc: &ContentService, b: &transfer::BlockRequest) -> (TransferRe
             if b.block >= block_count(info.size) {
                 return failed(Status::BadRequest, "block beyond the end");
             }
-            let range = block_range(info.size, b.block);
-            match store.encode_range(&id, range, svc.inner.config.verify_on_serve) {
+            match store.encode_block(&id, b.block, svc.inner.config.verify_on_serve) {
                 Ok(wire) => (TransferResponse::ok(wire.len() as u64), wire),
                 Err(e) => {
                     warn!(%id, block = b.block, error = %e, "cannot serve a stored block");

@@ -1,5 +1,7 @@
-//! Length-prefixed protobuf messages and bounded payloads on a libp2p stream.
+//! Length-prefixed protobuf messages and bounded payloads on a content stream
+//! (a libp2p stream, or the fast path's sealed frames).
 
+use bytes::Bytes;
 use futures::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use p2pvm_content::transfer::{self, MAX_HEADER_BYTES};
 use prost::Message;
@@ -62,4 +64,73 @@ pub(crate) async fn read_payload(
         }
     })?;
     Ok(buf)
+}
+
+/// The reading half of a content stream. Payloads come out as `Bytes`: the
+/// fast path hands over the buffer a payload was decrypted in.
+pub(crate) trait PayloadRead: AsyncRead + Unpin + Send + 'static {
+    /// Reads exactly `len` payload bytes.
+    fn read_bytes(&mut self, len: usize) -> impl Future<Output = std::io::Result<Bytes>> + Send;
+}
+
+/// The writing half of a content stream.
+pub(crate) trait PayloadWrite: AsyncWrite + Unpin + Send + 'static {
+    /// Writes a payload after what was written before it (not flushed); the
+    /// fast path seals it in place.
+    fn write_payload(
+        &mut self,
+        payload: Vec<u8>,
+    ) -> impl Future<Output = std::io::Result<()>> + Send;
+}
+
+impl<S: AsyncRead + Send + 'static> PayloadRead for futures::io::ReadHalf<S> {
+    async fn read_bytes(&mut self, len: usize) -> std::io::Result<Bytes> {
+        let mut buf = vec![0u8; len];
+        self.read_exact(&mut buf).await?;
+        Ok(buf.into())
+    }
+}
+
+impl<S: AsyncWrite + Send + 'static> PayloadWrite for futures::io::WriteHalf<S> {
+    async fn write_payload(&mut self, payload: Vec<u8>) -> std::io::Result<()> {
+        self.write_all(&payload).await
+    }
+}
+
+impl PayloadRead for super::sealed::SealedReader {
+    fn read_bytes(&mut self, len: usize) -> impl Future<Output = std::io::Result<Bytes>> + Send {
+        super::sealed::SealedReader::read_bytes(self, len)
+    }
+}
+
+impl PayloadWrite for super::sealed::SealedWriter {
+    fn write_payload(
+        &mut self,
+        payload: Vec<u8>,
+    ) -> impl Future<Output = std::io::Result<()>> + Send {
+        super::sealed::SealedWriter::write_payload(self, payload)
+    }
+}
+
+/// [`read_payload`] on a stream half, keeping the bytes where they landed.
+pub(crate) async fn read_payload_bytes(
+    r: &mut impl PayloadRead,
+    len: u64,
+    max: u64,
+) -> std::io::Result<Bytes> {
+    if len > max {
+        return Err(invalid(format!(
+            "payload of {len} bytes where at most {max} fit"
+        )));
+    }
+    r.read_bytes(len as usize).await.map_err(|e| {
+        if e.kind() == std::io::ErrorKind::UnexpectedEof {
+            std::io::Error::new(
+                std::io::ErrorKind::UnexpectedEof,
+                format!("payload ended before its {len} bytes"),
+            )
+        } else {
+            e
+        }
+    })
 }
