@@ -139,6 +139,12 @@ fn halves(
     let (r, w) = tcp.into_split();
     let reader = SealedReader {
         tcp: r,
+        // A provider reads requests, which are small: a client cannot make it
+        // buffer a block-sized frame per connection.
+        max_frame: match side {
+            Side::Client => MAX_FRAME,
+            Side::Server => GATHER,
+        },
         dir: Direction::new(rx),
         raw: BytesMut::new(),
         plain: Bytes::new(),
@@ -157,6 +163,8 @@ fn halves(
 /// and [`SealedReader::read_bytes`] hands out slices of it.
 pub(crate) struct SealedReader {
     tcp: OwnedReadHalf,
+    /// The largest plaintext the other side may send in a frame.
+    max_frame: usize,
     dir: Direction,
     /// Received bytes not yet opened.
     raw: BytesMut,
@@ -193,7 +201,7 @@ impl SealedReader {
             return Ok(None);
         };
         let n = u32::from_be_bytes(prefix.try_into().expect("4 bytes")) as usize;
-        if !(TAG..=MAX_FRAME + TAG).contains(&n) {
+        if !(TAG..=self.max_frame + TAG).contains(&n) {
             return Err(invalid("sealed frame of an impossible length"));
         }
         Ok(Some(n))
@@ -445,9 +453,10 @@ mod tests {
 
     #[tokio::test]
     async fn messages_and_payloads_round_trip_and_payloads_stay_whole() {
+        // Payloads flow from the provider (server) to the downloader.
         let (a, b) = tcp_pair().await;
-        let (_, mut tx) = halves(a, &KEYS, Side::Client);
-        let (mut rx, _) = halves(b, &KEYS, Side::Server);
+        let (_, mut tx) = halves(a, &KEYS, Side::Server);
+        let (mut rx, _) = halves(b, &KEYS, Side::Client);
         let big = payload(3 << 20);
         let sender = {
             let big = big.clone();
@@ -530,9 +539,20 @@ mod tests {
 
     #[tokio::test]
     async fn an_impossible_length_is_refused_before_anything_is_buffered() {
-        let mut wire = ((MAX_FRAME + TAG + 1) as u32).to_be_bytes().to_vec();
+        // A provider takes no frame larger than requests need.
+        let mut wire = ((GATHER + TAG + 1) as u32).to_be_bytes().to_vec();
         wire.extend_from_slice(&[0; 64]);
         let e = through(wire).await.unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::InvalidData);
+        // A downloader none larger than the largest payload.
+        let (a, b) = tcp_pair().await;
+        let (mut rx, _) = halves(b, &KEYS, Side::Client);
+        let (_r, mut w) = a.into_split();
+        w.write_all(&((MAX_FRAME + TAG + 1) as u32).to_be_bytes())
+            .await
+            .unwrap();
+        w.shutdown().await.unwrap();
+        let e = rx.read_to_end(&mut Vec::new()).await.unwrap_err();
         assert_eq!(e.kind(), io::ErrorKind::InvalidData);
         let e = through(vec![0, 0, 0, 3, 1, 2, 3]).await.unwrap_err();
         assert_eq!(e.kind(), io::ErrorKind::InvalidData);
