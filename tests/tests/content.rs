@@ -368,7 +368,8 @@ fn rss_bytes(pid: u32) -> Result<u64> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn streams_that_keep_nothing_pause_and_spread_out_in_bounded_memory() -> Result<()> {
-    let data = item(96 << 20, 31);
+    // Large enough that holding what the fast reader passed would show.
+    let data = item(192 << 20, 31);
     let source = node(&[], None).await?;
     let info = publish(&source.app("pub").await?, "film.bin", &data).await?;
     // Short stall timeout: a paused viewer must not be taken for a stall.
@@ -389,9 +390,12 @@ async fn streams_that_keep_nothing_pause_and_spread_out_in_bounded_memory() -> R
     ensure!(fast == data, "the fast reader got different bytes");
     tokio::time::sleep(Duration::from_secs(3)).await;
     let grew = rss_bytes(viewer.pid()?)?.saturating_sub(before);
+    // What the design holds: a 16 MiB window per reader, a 4 MiB ring per
+    // reader, the requests in flight (4 MiB), and the allocator's slack;
+    // 55-66 MiB measured. Keeping every passed block would be ~190 MiB.
     ensure!(
-        grew < 64 << 20,
-        "memory grew by {} MiB for a 96 MiB item",
+        grew < 96 << 20,
+        "memory grew by {} MiB for a 192 MiB item",
         grew >> 20
     );
     // The paused reader reads on, verified to the end.

@@ -146,7 +146,10 @@ async fn a_local_publish_of_malware_is_refused_with_the_signature() -> Result<()
 async fn clamd_down_fails_closed_and_recovers() -> Result<()> {
     // A private clamd, so stopping it does not disturb other tests.
     let dir = tempfile::tempdir()?;
-    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/clamd.sh");
+    // Read at run time: a binary reused from a build in another checkout
+    // (a shared target directory) would carry that checkout's path.
+    let manifest = std::env::var("CARGO_MANIFEST_DIR")?;
+    let script = std::path::Path::new(&manifest).join("../scripts/clamd.sh");
     let start = || -> Result<String> {
         let out = std::process::Command::new(&script)
             .env("P2PVM_CLAMD_DIR", dir.path())
