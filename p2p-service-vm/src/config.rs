@@ -151,6 +151,11 @@ pub struct ContentConfig {
     /// Carry blocks on a TLS 1.3 connection of their own beside libp2p where
     /// both ends can (several times faster); libp2p streams otherwise.
     pub fast_path: bool,
+    /// Fast-path connections per provider, each with its own request
+    /// pipeline: decryption and hashing of one connection run on one core at
+    /// a time, so a second spreads a fast transfer over two (13 % more
+    /// throughput on loopback here). At most 8.
+    pub fast_path_connections: u32,
     /// The fast path's TCP port, on the host of the first TCP listen address
     /// (0: any free port; set one to open it in a firewall).
     pub fast_path_port: u16,
@@ -170,6 +175,7 @@ impl Default for ContentConfig {
             stall_timeout_secs: 30,
             max_item_bytes: 256 << 30,
             fast_path: true,
+            fast_path_connections: 2,
             fast_path_port: 0,
         }
     }
@@ -323,6 +329,11 @@ impl Config {
                     .into(),
             ));
         }
+        if !(1..=8).contains(&c.fast_path_connections) {
+            return Err(ConfigError::Invalid(
+                "content.fast_path_connections must be between 1 and 8".into(),
+            ));
+        }
         if let Some(g) = c.gateway
             && !g.ip().is_loopback()
         {
@@ -366,6 +377,15 @@ mod tests {
         assert!(matches!(c.validate(), Err(ConfigError::Invalid(_))));
         let c = Config::from_toml("[content]\ngateway = \"127.0.0.1:8080\"\n").unwrap();
         c.validate().unwrap();
+    }
+
+    #[test]
+    fn fast_path_connections_are_bounded() {
+        for (n, ok) in [(0, false), (1, true), (8, true), (9, false)] {
+            let c =
+                Config::from_toml(&format!("[content]\nfast_path_connections = {n}\n")).unwrap();
+            assert_eq!(c.validate().is_ok(), ok, "{n}");
+        }
     }
 
     #[test]

@@ -3,9 +3,10 @@
 //! One [`Download`] exists per item being fetched; every reader of that item
 //! (an app stream, the gateway, a bulk download) shares it. A driver task finds
 //! providers in the DHT and runs one worker per provider; each worker keeps
-//! `pipeline_depth` block requests in flight on one stream and asks the shared
-//! scheduler for the next block whenever a slot frees up, so faster providers
-//! take more blocks without any explicit rate estimate.
+//! up to `pipeline_depth` block requests in flight on a stream (on each of
+//! `fast_path_connections` fast-path connections, where the provider offers
+//! them) and asks the shared scheduler for the next block whenever a slot
+//! frees up, so faster providers take more blocks.
 //!
 //! The scheduler hands out, in order of preference:
 //! 1. missing blocks inside a reader's playback window (its next
@@ -1425,7 +1426,30 @@ async fn run_worker(
     let complete = on_have(svc, dl, peer, &header, &payload)?;
     if let Some((rd, wr)) = fast_path(svc, peer, header.fast_path_port).await {
         debug!(%id, %peer, "blocks take the fast path");
-        return pipeline(svc, dl, peer, inflight, rd, wr, complete).await;
+        // More connections, each with a pipeline of its own, for a peer we
+        // trust with more than one request at a time.
+        let mut more = Vec::new();
+        if svc.standing(&peer) != Standing::Throttled {
+            for _ in 1..svc.inner.config.fast_path_connections {
+                match fast_path(svc, peer, header.fast_path_port).await {
+                    Some(c) => more.push(c),
+                    None => break,
+                }
+            }
+        }
+        let mut pending: Vec<VecDeque<Pending>> = more.iter().map(|_| VecDeque::new()).collect();
+        let r = futures::future::try_join(
+            pipeline(svc, dl, peer, inflight, rd, wr, complete),
+            futures::future::try_join_all(
+                more.into_iter()
+                    .zip(pending.iter_mut())
+                    .map(|((rd, wr), p)| pipeline(svc, dl, peer, p, rd, wr, complete)),
+            ),
+        )
+        .await;
+        // The caller releases what was in flight on any of them.
+        inflight.extend(pending.into_iter().flatten());
+        return r.map(|_| ());
     }
     let (rd, wr) = futures::AsyncReadExt::split(stream);
     pipeline(svc, dl, peer, inflight, rd, wr, complete).await
