@@ -156,6 +156,10 @@ pub struct ContentConfig {
     /// a time, so a second spreads a fast transfer over two (13 % more
     /// throughput on loopback here). At most 8.
     pub fast_path_connections: u32,
+    /// Payload bytes a fast-path connection carries before the downloader
+    /// replaces it with a fresh one (fresh keys): at most 32 GiB, half of
+    /// what one key may seal, so a key never runs out mid-transfer.
+    pub fast_path_rotate_bytes: u64,
     /// The fast path's TCP port, on the host of the first TCP listen address
     /// (0: any free port; set one to open it in a firewall).
     pub fast_path_port: u16,
@@ -176,6 +180,7 @@ impl Default for ContentConfig {
             max_item_bytes: 256 << 30,
             fast_path: true,
             fast_path_connections: 2,
+            fast_path_rotate_bytes: crate::content::MAX_ROTATE_BYTES,
             fast_path_port: 0,
         }
     }
@@ -333,6 +338,14 @@ impl Config {
             return Err(ConfigError::Invalid(
                 "content.fast_path_connections must be between 1 and 8".into(),
             ));
+        }
+        if c.fast_path_rotate_bytes == 0
+            || c.fast_path_rotate_bytes > crate::content::MAX_ROTATE_BYTES
+        {
+            return Err(ConfigError::Invalid(format!(
+                "content.fast_path_rotate_bytes must be between 1 and {}",
+                crate::content::MAX_ROTATE_BYTES
+            )));
         }
         if let Some(g) = c.gateway
             && !g.ip().is_loopback()

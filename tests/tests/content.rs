@@ -354,6 +354,59 @@ async fn blocks_take_the_fast_path_and_fall_back_to_libp2p() -> Result<()> {
     Ok(())
 }
 
+/// Connections to a TCP port that this host closed first and that linger in
+/// TIME_WAIT: how many a client has opened and finished with (for a minute).
+fn closed_to(port: u16) -> Result<usize> {
+    let table =
+        std::fs::read_to_string("/proc/net/tcp")? + &std::fs::read_to_string("/proc/net/tcp6")?;
+    let port = format!(":{port:04X}");
+    Ok(table
+        .lines()
+        .skip(1)
+        .filter(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            // remote address, state (06 = TIME_WAIT)
+            f.len() > 3 && f[3] == "06" && f[2].ends_with(&port)
+        })
+        .count())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fast_path_connections_are_replaced_before_their_keys_wear_out() -> Result<()> {
+    let data = item(12 << 20, 23);
+    let provider = node(&[], None).await?;
+    let port = provider
+        .admin()
+        .await?
+        .node_info()
+        .await?
+        .content_fast_path_port as u16;
+    let info = publish(&provider.app("pub").await?, "long.bin", &data).await?;
+    // Connections replaced every 3 MiB (the default is 32 GiB).
+    let fetcher = node(
+        &[&provider],
+        Some("[content]\nfast_path_rotate_bytes = 3145728\n".into()),
+    )
+    .await?;
+    let c = fetcher.admin().await?;
+    ensure!(closed_to(port)? == 0);
+    ensure!(fetch_all(&c, &info.content_id, 0, 0, false).await? == data);
+    // Two connections per worker, each replaced after 3 MiB: at least two
+    // workers' worth came and went (one worker's pair would be 2).
+    p2pvm_e2e::eventually(WAIT, "replaced fast-path connections", || async {
+        (closed_to(port).ok()? >= 4).then_some(())
+    })
+    .await?;
+    // Replaced, not failed: the provider's record shows no failed request.
+    let list = c.credit_list().await?;
+    let p = list
+        .iter()
+        .find(|e| e.peer_id == provider.peer_id)
+        .context("the provider is in the ledger")?;
+    ensure!(p.requests_failed == 0, "{p:?}");
+    Ok(())
+}
+
 /// Resident memory of a process, in bytes.
 fn rss_bytes(pid: u32) -> Result<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;

@@ -1322,15 +1322,17 @@ fn settle(
     {
         Ok(fresh) => {
             dl.contributors.lock().expect("lock").insert(peer);
-            let r = block_range(dl.partial.size(), k);
-            svc.inner.ledger.record(
-                peer,
-                EventKind::Received {
-                    bytes: r.end - r.start,
-                    secs,
-                },
-            );
             if fresh {
+                // Credited once: two connections to one peer may race the
+                // same block in the end game.
+                let r = block_range(dl.partial.size(), k);
+                svc.inner.ledger.record(
+                    peer,
+                    EventKind::Received {
+                        bytes: r.end - r.start,
+                        secs,
+                    },
+                );
                 dl.progress.send_modify(|n| *n += 1);
             }
             dl.changed.notify_waiters();
@@ -1428,15 +1430,16 @@ async fn run_worker(
         debug!(%id, %peer, "blocks take the fast path");
         // More connections, each with a pipeline of its own, for a peer we
         // trust with more than one request at a time.
-        let mut more = Vec::new();
-        if svc.standing(&peer) != Standing::Throttled {
-            for _ in 1..svc.inner.config.fast_path_connections {
-                match fast_path(svc, peer, header.fast_path_port).await {
-                    Some(c) => more.push(c),
-                    None => break,
-                }
-            }
-        }
+        let extra = if svc.standing(&peer) == Standing::Throttled {
+            0
+        } else {
+            svc.inner.config.fast_path_connections - 1
+        };
+        let dials = (0..extra).map(|_| fast_path(svc, peer, header.fast_path_port));
+        let more: Vec<_> = tokio::select! {
+            all = futures::future::join_all(dials) => all.into_iter().flatten().collect(),
+            _ = dl.cancel.cancelled() => return Ok(()),
+        };
         let mut pending: Vec<VecDeque<Pending>> = more.iter().map(|_| VecDeque::new()).collect();
         let r = futures::future::try_join(
             pipeline(svc, dl, peer, inflight, rd, wr, complete),
@@ -1574,8 +1577,19 @@ async fn pipeline<R: PayloadRead, W: PayloadWrite>(
     }
     let mut last_have = Instant::now();
     let mut flush_needed = false;
+    // Payload bytes after which this pipeline ends and its connection is
+    // dialled again (fresh keys on the fast path).
+    let rotate_after = svc.inner.config.fast_path_rotate_bytes;
+    let mut carried = 0u64;
     loop {
         if dl.cancel.is_cancelled() || matches!(*dl.outcome.borrow(), Outcome::Complete) {
+            return Ok(());
+        }
+        if carried >= rotate_after && inflight.is_empty() && verifying.is_empty() {
+            // Well before a fast-path key runs out: end cleanly, and the
+            // driver starts a fresh worker (new connections, new keys) for
+            // this provider, which is no fault of its.
+            debug!(%id, %peer, "connection carried {carried} bytes; dialling afresh");
             return Ok(());
         }
         // Fill the pipeline (requests on the wire plus blocks being verified),
@@ -1584,7 +1598,10 @@ async fn pipeline<R: PayloadRead, W: PayloadWrite>(
         let depth = rate.depth();
         let busy = inflight.len() + verifying.len();
         let batch = if busy == 0 { 1 } else { (depth / 4).max(1) };
-        while busy + batch <= depth && inflight.len() + verifying.len() < depth {
+        while carried < rotate_after
+            && busy + batch <= depth
+            && inflight.len() + verifying.len() < depth
+        {
             let next = dl
                 .sched
                 .lock()
@@ -1643,6 +1660,7 @@ async fn pipeline<R: PayloadRead, W: PayloadWrite>(
                     Pending::Block(k) => match Status::try_from(header.status) {
                         Ok(Status::Ok) => {
                             rate.received(payload.len() as u64);
+                            carried += payload.len() as u64;
                             if let Some(v) = verify_block(svc, dl, peer, k, payload, secs)? {
                                 verifying.push_back(v);
                             }

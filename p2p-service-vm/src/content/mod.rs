@@ -24,6 +24,10 @@ mod search;
 mod server;
 mod wire;
 
+/// The most payload bytes a fast-path connection may carry before it is
+/// replaced: half of what one sealed-frame key may seal.
+pub const MAX_ROTATE_BYTES: u64 = sealed::BYTES_PER_KEY / 2;
+
 use std::collections::HashMap;
 use std::ops::Range;
 use std::path::Path;
@@ -235,6 +239,8 @@ pub(crate) struct Inner {
     pub config: ContentConfig,
     pub downloads: Mutex<HashMap<ContentId, Arc<fetch::Download>>>,
     pub limiter: Option<server::Limiter>,
+    /// The upload caps of throttled peers.
+    pub throttles: server::PeerThrottles,
     pub shutdown: CancellationToken,
     pub data_dir: std::path::PathBuf,
     /// The TLS identity of the fast path; `None` when it is off.
@@ -314,6 +320,7 @@ impl ContentService {
                 credit,
                 key,
                 limiter: server::Limiter::new(config.upload_rate_bytes_per_sec),
+                throttles: server::PeerThrottles::default(),
                 node,
                 config,
                 downloads: Mutex::new(HashMap::new()),

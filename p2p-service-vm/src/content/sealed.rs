@@ -148,6 +148,7 @@ fn halves(
         dir: Direction::new(rx),
         raw: BytesMut::new(),
         plain: Bytes::new(),
+        failed: None,
     };
     let writer = SealedWriter {
         tcp: w,
@@ -170,6 +171,9 @@ pub(crate) struct SealedReader {
     raw: BytesMut,
     /// Opened plaintext not yet consumed.
     plain: Bytes,
+    /// The first error, returned from then on: a frame that failed is gone
+    /// from `raw`, and reading past it would hide that it was dropped.
+    failed: Option<(io::ErrorKind, String)>,
 }
 
 impl std::fmt::Debug for SealedReader {
@@ -190,8 +194,11 @@ impl std::fmt::Debug for SealedWriter {
     }
 }
 
-fn invalid(msg: &str) -> io::Error {
-    io::Error::new(io::ErrorKind::InvalidData, msg.to_string())
+/// A frame that does not authenticate, or a length that cannot be: anyone on
+/// the path can cause it, so it is reported as the connection breaking, not
+/// as the peer misbehaving (which `InvalidData` would mean to its callers).
+fn broken(msg: &str) -> io::Error {
+    io::Error::new(io::ErrorKind::ConnectionAborted, msg.to_string())
 }
 
 impl SealedReader {
@@ -202,7 +209,7 @@ impl SealedReader {
         };
         let n = u32::from_be_bytes(prefix.try_into().expect("4 bytes")) as usize;
         if !(TAG..=self.max_frame + TAG).contains(&n) {
-            return Err(invalid("sealed frame of an impossible length"));
+            return Err(broken("sealed frame of an impossible length"));
         }
         Ok(Some(n))
     }
@@ -222,7 +229,7 @@ impl SealedReader {
             .dir
             .key
             .open_in_place(nonce, Aad::from(aad), &mut frame[4..])
-            .map_err(|_| invalid("sealed frame fails authentication"))?
+            .map_err(|_| broken("sealed frame fails authentication"))?
             .len();
         frame.advance(4);
         frame.truncate(plain);
@@ -232,6 +239,17 @@ impl SealedReader {
 
     /// Makes `plain` non-empty; `false` at a clean end of stream.
     fn poll_fill(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<bool>> {
+        if let Some((kind, msg)) = &self.failed {
+            return Poll::Ready(Err(io::Error::new(*kind, msg.clone())));
+        }
+        let r = ready!(self.poll_fill_inner(cx));
+        if let Err(e) = &r {
+            self.failed = Some((e.kind(), e.to_string()));
+        }
+        Poll::Ready(r)
+    }
+
+    fn poll_fill_inner(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<bool>> {
         while self.plain.is_empty() {
             if self.open()? {
                 continue;
@@ -263,15 +281,23 @@ impl SealedReader {
         Poll::Ready(Ok(true))
     }
 
-    /// Reads exactly `n` bytes; when they lie in one frame (a payload is
-    /// sent as a frame of its own), they are that frame's buffer, uncopied.
+    /// Reads exactly `n` bytes. A payload sent as a frame of its own (as
+    /// providers send them) is that frame's buffer, uncopied; bytes that share
+    /// a frame with more are copied out, so a peer cannot make a small
+    /// payload pin a large frame.
     pub(crate) async fn read_bytes(&mut self, n: usize) -> io::Result<Bytes> {
         let eof = || io::Error::new(io::ErrorKind::UnexpectedEof, "stream ended early");
-        if !std::future::poll_fn(|cx| self.poll_fill(cx)).await? {
-            return if n == 0 { Ok(Bytes::new()) } else { Err(eof()) };
+        if n == 0 {
+            return Ok(Bytes::new());
         }
-        if self.plain.len() >= n {
-            return Ok(self.plain.split_to(n));
+        if !std::future::poll_fn(|cx| self.poll_fill(cx)).await? {
+            return Err(eof());
+        }
+        if self.plain.len() == n {
+            return Ok(std::mem::take(&mut self.plain));
+        }
+        if self.plain.len() > n {
+            return Ok(Bytes::copy_from_slice(&self.plain.split_to(n)));
         }
         let mut out = BytesMut::with_capacity(n);
         while out.len() < n {
@@ -292,6 +318,9 @@ impl futures::AsyncRead for SealedReader {
         buf: &mut [u8],
     ) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
+        if buf.is_empty() {
+            return Poll::Ready(Ok(0));
+        }
         if !ready!(this.poll_fill(cx))? {
             return Poll::Ready(Ok(0));
         }
@@ -543,7 +572,7 @@ mod tests {
         let mut wire = ((GATHER + TAG + 1) as u32).to_be_bytes().to_vec();
         wire.extend_from_slice(&[0; 64]);
         let e = through(wire).await.unwrap_err();
-        assert_eq!(e.kind(), io::ErrorKind::InvalidData);
+        assert_eq!(e.kind(), io::ErrorKind::ConnectionAborted);
         // A downloader none larger than the largest payload.
         let (a, b) = tcp_pair().await;
         let (mut rx, _) = halves(b, &KEYS, Side::Client);
@@ -553,9 +582,40 @@ mod tests {
             .unwrap();
         w.shutdown().await.unwrap();
         let e = rx.read_to_end(&mut Vec::new()).await.unwrap_err();
-        assert_eq!(e.kind(), io::ErrorKind::InvalidData);
+        assert_eq!(e.kind(), io::ErrorKind::ConnectionAborted);
         let e = through(vec![0, 0, 0, 3, 1, 2, 3]).await.unwrap_err();
-        assert_eq!(e.kind(), io::ErrorKind::InvalidData);
+        assert_eq!(e.kind(), io::ErrorKind::ConnectionAborted);
+    }
+
+    #[tokio::test]
+    async fn a_failed_frame_ends_the_stream_for_good_and_empty_reads_do_not_wait() {
+        let one = sealed_frames(&[b"first frame", b"second frame"]).await;
+        let mut bad = one.clone();
+        bad[6] ^= 1;
+        let (a, b) = tcp_pair().await;
+        let (mut rx, _) = halves(b, &KEYS, Side::Server);
+        // Nothing sent yet: an empty read returns at once.
+        let empty = tokio::time::timeout(std::time::Duration::from_secs(1), rx.read_bytes(0));
+        assert!(empty.await.unwrap().unwrap().is_empty());
+        let (_r, mut w) = a.into_split();
+        w.write_all(&bad).await.unwrap();
+        let mut buf = [0u8; 64];
+        assert!(rx.read(&mut buf).await.is_err());
+        // The second frame is intact, but the one before it is gone: no more.
+        assert!(rx.read(&mut buf).await.is_err());
+        assert!(rx.read_bytes(5).await.is_err());
+    }
+
+    #[tokio::test]
+    async fn a_payload_sharing_its_frame_comes_out_whole() {
+        // Server to client: a payload frame with more behind it in the frame.
+        let (a, b) = tcp_pair().await;
+        let (_, mut tx) = halves(a, &KEYS, Side::Server);
+        let (mut rx, _) = halves(b, &KEYS, Side::Client);
+        tx.write_payload(b"payload+extra".to_vec()).await.unwrap();
+        tx.flush().await.unwrap();
+        assert_eq!(&rx.read_bytes(7).await.unwrap()[..], b"payload");
+        assert_eq!(&rx.read_bytes(6).await.unwrap()[..], b"+extra");
     }
 
     #[test]

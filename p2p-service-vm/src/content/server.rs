@@ -1,7 +1,9 @@
 //! The provider side of `/p2pvm/content/2`: answers block, manifest, have and
 //! search requests from stored items and from downloads in progress.
 
+use std::collections::HashMap;
 use std::num::NonZeroU32;
+use std::sync::{Arc, Weak};
 
 use futures::{AsyncWriteExt, FutureExt, StreamExt};
 use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
@@ -78,6 +80,27 @@ pub(crate) fn spawn(svc: ContentService) {
     });
 }
 
+/// The upload caps of throttled peers, one per peer shared by all of its
+/// streams and connections (a cap per stream would multiply a peer's rate by
+/// how many it opens).
+#[derive(Default)]
+pub(crate) struct PeerThrottles(std::sync::Mutex<HashMap<PeerId, Weak<Limiter>>>);
+
+impl PeerThrottles {
+    /// `peer`'s cap at `rate` bytes per second, made on its first stream and
+    /// gone with its last.
+    pub fn get(&self, peer: PeerId, rate: u64) -> Arc<Limiter> {
+        let mut all = self.0.lock().expect("lock");
+        all.retain(|_, t| t.strong_count() > 0);
+        if let Some(t) = all.get(&peer).and_then(Weak::upgrade) {
+            return t;
+        }
+        let t = Arc::new(Limiter::new(rate.max(1)).expect("a positive rate"));
+        all.insert(peer, Arc::downgrade(&t));
+        t
+    }
+}
+
 /// Batches of answers computed ahead of the writer: encoding (disk reads,
 /// hashing) of the next blocks overlaps with sending the current ones.
 const SERVE_AHEAD: usize = 4;
@@ -103,8 +126,11 @@ where
         debug!(%peer, ?standing, "refusing a content stream: credit policy");
         return;
     }
-    let throttle = (standing == Standing::Throttled)
-        .then(|| svc.inner.credit.throttled_rate_bytes_per_sec.max(1));
+    let throttle = (standing == Standing::Throttled).then(|| {
+        svc.inner
+            .throttles
+            .get(peer, svc.inner.credit.throttled_rate_bytes_per_sec)
+    });
     // Length-prefixed requests, decoded by a framer that keeps partial input,
     // so asking "is another request already here?" loses nothing.
     let codec = LengthDelimitedCodec::builder()
@@ -124,9 +150,8 @@ where
                 if let Some(limiter) = &limiter_svc.inner.limiter {
                     limiter.take(payload.len() as u64).await;
                 }
-                if let Some(rate) = throttle {
-                    let secs = payload.len() as f64 / rate as f64;
-                    tokio::time::sleep(std::time::Duration::from_secs_f64(secs)).await;
+                if let Some(throttle) = &throttle {
+                    throttle.take(payload.len() as u64).await;
                 }
                 if !payload.is_empty() && header.status == Status::Ok as i32 {
                     limiter_svc.inner.ledger.record(
@@ -338,5 +363,36 @@ fn answer(svc: &ContentService, req: TransferRequest) -> (TransferResponse, Vec<
             (TransferResponse::ok(bytes.len() as u64), bytes)
         }
         None => failed(Status::BadRequest, "empty request"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_throttled_peer_shares_one_cap_over_all_its_streams() {
+        let throttles = PeerThrottles::default();
+        let (a, b) = (PeerId::random(), PeerId::random());
+        let one = throttles.get(a, 64 * 1024);
+        let two = throttles.get(a, 64 * 1024);
+        assert!(
+            Arc::ptr_eq(&one, &two),
+            "a second stream got a cap of its own"
+        );
+        assert!(!Arc::ptr_eq(&one, &throttles.get(b, 64 * 1024)));
+        // The burst (one block) is spent by the first stream; the second must
+        // then wait for the shared bucket to refill.
+        one.take(one.burst as u64).await;
+        let waited =
+            tokio::time::timeout(std::time::Duration::from_millis(200), two.take(64 * 1024));
+        assert!(
+            waited.await.is_err(),
+            "the second stream was not held to the shared rate"
+        );
+        // Gone with its last stream: the map does not grow with every peer seen.
+        drop((one, two));
+        throttles.get(PeerId::random(), 1);
+        assert_eq!(throttles.0.lock().unwrap().len(), 1);
     }
 }
