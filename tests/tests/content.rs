@@ -295,19 +295,25 @@ async fn a_provider_that_rechecks_its_disk_never_sends_rot() -> Result<()> {
     Ok(())
 }
 
-/// Connections accepted on a local TCP port (its server side only).
-fn accepted_on(port: u16) -> Result<usize> {
+/// TCP sockets in the kernel's table, as (local, remote, state) hex fields,
+/// that match `keep`: how a test sees which path a transfer took.
+fn tcp_sockets(keep: impl Fn(&str, &str, &str) -> bool) -> Result<usize> {
     let table =
         std::fs::read_to_string("/proc/net/tcp")? + &std::fs::read_to_string("/proc/net/tcp6")?;
-    let port = format!(":{port:04X}");
     Ok(table
         .lines()
         .skip(1)
         .filter(|l| {
             let f: Vec<&str> = l.split_whitespace().collect();
-            f.len() > 3 && f[3] != "0A" && f[1].ends_with(&port)
+            f.len() > 3 && keep(f[1], f[2], f[3])
         })
         .count())
+}
+
+/// Connections accepted on a local TCP port (its server side; 0A = LISTEN).
+fn accepted_on(port: u16) -> Result<usize> {
+    let port = format!(":{port:04X}");
+    tcp_sockets(|local, _, state| state != "0A" && local.ends_with(&port))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -355,20 +361,10 @@ async fn blocks_take_the_fast_path_and_fall_back_to_libp2p() -> Result<()> {
 }
 
 /// Connections to a TCP port that this host closed first and that linger in
-/// TIME_WAIT: how many a client has opened and finished with (for a minute).
+/// TIME_WAIT (06): how many a client has opened and finished with (for a minute).
 fn closed_to(port: u16) -> Result<usize> {
-    let table =
-        std::fs::read_to_string("/proc/net/tcp")? + &std::fs::read_to_string("/proc/net/tcp6")?;
     let port = format!(":{port:04X}");
-    Ok(table
-        .lines()
-        .skip(1)
-        .filter(|l| {
-            let f: Vec<&str> = l.split_whitespace().collect();
-            // remote address, state (06 = TIME_WAIT)
-            f.len() > 3 && f[3] == "06" && f[2].ends_with(&port)
-        })
-        .count())
+    tcp_sockets(|_, remote, state| state == "06" && remote.ends_with(&port))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
