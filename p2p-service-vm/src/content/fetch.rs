@@ -202,7 +202,7 @@ impl Sched {
         &mut self,
         peer: &PeerId,
         keep: bool,
-        mine: &VecDeque<Pending>,
+        mine: &HashSet<u64>,
         urgent: bool,
     ) -> Option<u64> {
         let n = self.slots.len() as u64;
@@ -272,7 +272,7 @@ impl Sched {
                 && have.has(k)
                 && !better_has(k)
                 && self.wanted(k, keep)
-                && !mine.iter().any(|p| p.block() == Some(k))
+                && !mine.contains(&k)
                 && let Some(t) = self.since[i]
                 && now.duration_since(t) > ENDGAME_AFTER
                 && oldest.is_none_or(|(o, _)| t < o)
@@ -1426,6 +1426,7 @@ async fn run_worker(
         _ = dl.cancel.cancelled() => return Ok(()),
     };
     let complete = on_have(svc, dl, peer, &header, &payload)?;
+    let asked = Mutex::new(HashSet::new());
     if let Some((rd, wr)) = fast_path(svc, peer, header.fast_path_port).await {
         debug!(%id, %peer, "blocks take the fast path");
         // More connections, each with a pipeline of its own, for a peer we
@@ -1442,11 +1443,11 @@ async fn run_worker(
         };
         let mut pending: Vec<VecDeque<Pending>> = more.iter().map(|_| VecDeque::new()).collect();
         let r = futures::future::try_join(
-            pipeline(svc, dl, peer, inflight, rd, wr, complete),
+            pipeline(svc, dl, peer, &asked, inflight, (rd, wr), complete),
             futures::future::try_join_all(
                 more.into_iter()
                     .zip(pending.iter_mut())
-                    .map(|((rd, wr), p)| pipeline(svc, dl, peer, p, rd, wr, complete)),
+                    .map(|(conn, p)| pipeline(svc, dl, peer, &asked, p, conn, complete)),
             ),
         )
         .await;
@@ -1455,7 +1456,7 @@ async fn run_worker(
         return r.map(|_| ());
     }
     let (rd, wr) = futures::AsyncReadExt::split(stream);
-    pipeline(svc, dl, peer, inflight, rd, wr, complete).await
+    pipeline(svc, dl, peer, &asked, inflight, (rd, wr), complete).await
 }
 
 /// A fast-path connection to `peer` if it offers one (`port`) and it can be
@@ -1522,9 +1523,11 @@ async fn pipeline<R: PayloadRead, W: PayloadWrite>(
     svc: &ContentService,
     dl: &Arc<Download>,
     peer: PeerId,
+    // Blocks this worker has asked of the peer on any of its connections:
+    // the end game never asks the same peer twice for one block.
+    asked: &Mutex<HashSet<u64>>,
     inflight: &mut VecDeque<Pending>,
-    rd: R,
-    mut wr: W,
+    (rd, mut wr): (R, W),
     mut complete_peer: bool,
 ) -> Result<(), String> {
     use futures::StreamExt;
@@ -1602,11 +1605,17 @@ async fn pipeline<R: PayloadRead, W: PayloadWrite>(
             && busy + batch <= depth
             && inflight.len() + verifying.len() < depth
         {
-            let next = dl
-                .sched
-                .lock()
-                .expect("lock")
-                .pick(&peer, dl.keep(), inflight, !throttled);
+            let next = {
+                let mut mine = asked.lock().expect("lock");
+                let k = dl
+                    .sched
+                    .lock()
+                    .expect("lock")
+                    .pick(&peer, dl.keep(), &mine, !throttled);
+                k.inspect(|k| {
+                    mine.insert(*k);
+                })
+            };
             let Some(k) = next else { break };
             let op = Op::Block(BlockRequest {
                 content_id: id.0.to_vec(),
@@ -1651,6 +1660,9 @@ async fn pipeline<R: PayloadRead, W: PayloadWrite>(
                 let secs = last_answer.elapsed().as_secs_f64();
                 last_answer = Instant::now();
                 let expected = inflight.pop_front().expect("not empty");
+                if let Pending::Block(k) = expected {
+                    asked.lock().expect("lock").remove(&k);
+                }
                 debug_assert!(matches!((expected, answer.pending), (Pending::Have, Pending::Have)) || expected.block() == answer.pending.block());
                 let Answer { pending, header, payload } = answer;
                 match pending {
@@ -2101,4 +2113,24 @@ pub(crate) async fn download(
         }
     }
     svc.stat(id).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_end_game_never_asks_one_peer_twice_for_a_block() {
+        let (slow, other) = (PeerId::random(), PeerId::random());
+        let mut s = Sched::new(1, 4);
+        s.set_have(slow, Have::All);
+        s.set_have(other, Have::All);
+        assert_eq!(s.pick(&slow, true, &HashSet::new(), true), Some(0));
+        // Held up past the end-game delay on one of `slow`'s connections.
+        s.since[0] = Some(Instant::now() - 2 * ENDGAME_AFTER);
+        let asked_of_slow = HashSet::from([0]);
+        assert_eq!(s.pick(&slow, true, &asked_of_slow, true), None);
+        // Another peer may take a second copy.
+        assert_eq!(s.pick(&other, true, &HashSet::new(), true), Some(0));
+    }
 }
