@@ -45,15 +45,27 @@ pub(crate) async fn read_payload(
     len: u64,
     max: u64,
 ) -> std::io::Result<Vec<u8>> {
+    within(len, max)?;
+    // Exactly `len` bytes: futures' `read_to_end` grows a full buffer to probe
+    // for the end, which reallocates (and copies) every payload once more.
+    let mut buf = vec![0u8; len as usize];
+    r.read_exact(&mut buf).await.map_err(short(len))?;
+    Ok(buf)
+}
+
+/// Refuses a payload larger than any honest answer before reading any of it.
+fn within(len: u64, max: u64) -> std::io::Result<()> {
     if len > max {
         return Err(invalid(format!(
             "payload of {len} bytes where at most {max} fit"
         )));
     }
-    // Exactly `len` bytes: futures' `read_to_end` grows a full buffer to probe
-    // for the end, which reallocates (and copies) every payload once more.
-    let mut buf = vec![0u8; len as usize];
-    r.read_exact(&mut buf).await.map_err(|e| {
+    Ok(())
+}
+
+/// Names a payload that ended early as such.
+fn short(len: u64) -> impl Fn(std::io::Error) -> std::io::Error {
+    move |e| {
         if e.kind() == std::io::ErrorKind::UnexpectedEof {
             std::io::Error::new(
                 std::io::ErrorKind::UnexpectedEof,
@@ -62,8 +74,7 @@ pub(crate) async fn read_payload(
         } else {
             e
         }
-    })?;
-    Ok(buf)
+    }
 }
 
 /// The reading half of a content stream. Payloads come out as `Bytes`: the
@@ -118,19 +129,6 @@ pub(crate) async fn read_payload_bytes(
     len: u64,
     max: u64,
 ) -> std::io::Result<Bytes> {
-    if len > max {
-        return Err(invalid(format!(
-            "payload of {len} bytes where at most {max} fit"
-        )));
-    }
-    r.read_bytes(len as usize).await.map_err(|e| {
-        if e.kind() == std::io::ErrorKind::UnexpectedEof {
-            std::io::Error::new(
-                std::io::ErrorKind::UnexpectedEof,
-                format!("payload ended before its {len} bytes"),
-            )
-        } else {
-            e
-        }
-    })
+    within(len, max)?;
+    r.read_bytes(len as usize).await.map_err(short(len))
 }
