@@ -17,6 +17,8 @@
 //! requests fail with a disconnect), `guest-api` reconnects, and the new
 //! session opens as soon as the new service side attaches.
 
+#![forbid(unsafe_code)]
+
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 

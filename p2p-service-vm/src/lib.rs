@@ -16,6 +16,8 @@
 //! The API layer is transport-agnostic: [`api::ApiService::serve`] takes any
 //! byte stream, which is how the channel back-end plugs in later.
 
+#![forbid(unsafe_code)]
+
 pub mod api;
 pub mod backend;
 pub mod config;

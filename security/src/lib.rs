@@ -13,6 +13,8 @@
 //! streamed to a real ClamAV clamd). The DRM checker and the privacy controller
 //! plug in beside them.
 
+#![forbid(unsafe_code)]
+
 pub mod ledger;
 mod score;
 pub mod virus;

@@ -4,6 +4,8 @@
 //! cargo layout), or in `$P2PVM_BIN_DIR`. Build them first with
 //! `cargo build --workspace --bins` (the README's test command does).
 
+#![forbid(unsafe_code)]
+
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::Duration;

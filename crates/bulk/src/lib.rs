@@ -21,6 +21,8 @@
 //! wakes a process per chunk; a ring costs one copy in, one copy out, and a
 //! doorbell only when a side is asleep (`docs/api.md`, "Bulk streams").
 
+#![forbid(unsafe_code)]
+
 pub mod attach;
 pub mod frames;
 pub mod ring;

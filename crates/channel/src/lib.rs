@@ -22,6 +22,8 @@
 //! chain is validated, and any violation resets the channel (never the
 //! process). [`broker`] hands the region and doorbells to both sides.
 
+#![forbid(unsafe_code)]
+
 pub mod broker;
 mod device;
 mod driver;

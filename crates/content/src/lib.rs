@@ -16,6 +16,8 @@
 //! data (after iroh-blobs and bao). [`encode_range`] / [`decode_range`] prove
 //! arbitrary byte ranges in bao's own interleaved format.
 
+#![forbid(unsafe_code)]
+
 pub mod block;
 pub mod keywords;
 pub mod manifest;

@@ -4,6 +4,8 @@
 //! `$P2PVM_TOKEN`, then the node's `admin.token` beside the socket when the
 //! caller can read it (the operator's case).
 
+#![forbid(unsafe_code)]
+
 // glibc malloc returns freed buffers to the kernel and faults them back in:
 // on the streaming paths that cost more than the copies themselves.
 #[global_allocator]

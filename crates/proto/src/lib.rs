@@ -12,6 +12,8 @@
 //! that carries bytes carries the API unchanged. `docs/api.md` describes the
 //! protocol for implementers in other languages.
 
+#![forbid(unsafe_code)]
+
 mod codec;
 pub mod socket;
 
