@@ -1,17 +1,23 @@
-//! `p2pvmm`: the supervisor of the split platform. It plays the VMM's role in
-//! the architecture: it creates the shared region and the event channels that
-//! join the client side and the P2P service side, isolates the service side,
-//! and restarts what crashes.
+//! `p2pvmm`: the VMM of the split platform and its supervisor.
+//!
+//! The VMM boots Debian's Linux kernel in KVM guests; the supervisor runs the
+//! platform's two sides and the event channels between them.
 //!
 //! ```text
-//!  host apps ─► front-end (p2p-frontend) ⇄ region + eventfds ⇄ p2pd (sandbox)
-//!                                 ▲ brokered by p2pvmm ▲
+//!  p2pvmm up ──► p2pvmm run (one process per VM) ──► KVM
+//!                 builder.rs: memory, kernel, ACPI, vCPUs, devices
+//!                 vstate/    kvm, vm, memory, vcpu
+//!                 arch/x86_64 layout, boot protocols, CPUID, MSRs, ACPI
+//!                 devices/   legacy (serial, RTC, i8042, ACPI PM), pci, virtio
 //! ```
 //!
 //! Backends: `sandbox` ([`sandbox`], [`supervisor`]) runs everywhere; `vm`
 //! (KVM guests over the same channel) needs hardware virtualization and is
 //! chosen by [`isolation`] only where it exists.
 
+pub mod arch;
+pub mod devices;
 pub mod isolation;
 pub mod sandbox;
 pub mod supervisor;
+pub mod vstate;

@@ -1,0 +1,110 @@
+//! Emulated devices: the buses they sit on, the legacy PC devices, the PCI
+//! root and its functions, and the virtio devices on virtio-pci.
+//!
+//! Devices never hold the VM's file descriptor: what they may ask of the VM
+//! (ioeventfds, irqfds, MSI routes) goes through [`VmOps`], which the KVM VM
+//! implements and unit tests fake.
+
+pub mod bus;
+pub mod legacy;
+pub mod pci;
+pub mod virtio;
+
+use std::io;
+
+use vmm_sys_util::eventfd::EventFd;
+
+/// An MSI message as the guest programs it into an MSI-X table entry.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct MsiMessage {
+    /// Message address (low and high dwords).
+    pub address: u64,
+    /// Message data.
+    pub data: u32,
+}
+
+/// What a device may ask of the VM it belongs to.
+pub trait VmOps: Send + Sync {
+    /// Signals `fd` when the guest writes to MMIO address `addr` (any value
+    /// and width), without an exit to userspace.
+    fn register_ioevent(&self, fd: &EventFd, addr: u64) -> io::Result<()>;
+    /// Undoes [`VmOps::register_ioevent`].
+    fn unregister_ioevent(&self, fd: &EventFd, addr: u64) -> io::Result<()>;
+    /// Injects interrupt `gsi` (edge) each time `fd` is signalled.
+    fn register_irqfd(&self, fd: &EventFd, gsi: u32) -> io::Result<()>;
+    /// Asserts level-triggered `gsi` when `fd` is signalled; at the guest's
+    /// EOI the line is deasserted and `resample` signalled, so the device can
+    /// assert it again if it still has something pending.
+    fn register_irqfd_resample(&self, fd: &EventFd, resample: &EventFd, gsi: u32)
+    -> io::Result<()>;
+    /// A fresh GSI for an MSI route, or `None` when they are exhausted.
+    fn allocate_msi_gsi(&self) -> Option<u32>;
+    /// Points `gsi` at `msg` (replacing what it pointed at).
+    fn set_msi_route(&self, gsi: u32, msg: MsiMessage) -> io::Result<()>;
+}
+
+/// Reads the little-endian value of up to 8 bytes.
+pub fn le_value(data: &[u8]) -> u64 {
+    let mut b = [0u8; 8];
+    let n = data.len().min(8);
+    b[..n].copy_from_slice(&data[..n]);
+    u64::from_le_bytes(b)
+}
+
+/// Writes the low `data.len()` bytes of `v` little-endian.
+pub fn put_le_value(data: &mut [u8], v: u64) {
+    let b = v.to_le_bytes();
+    let n = data.len().min(8);
+    data[..n].copy_from_slice(&b[..n]);
+}
+
+#[cfg(test)]
+pub mod fake {
+    //! A [`VmOps`] that records what devices asked for, for unit tests.
+
+    use super::*;
+    use std::sync::Mutex;
+
+    /// Records routes and registrations; allocates GSIs from 24 up.
+    #[derive(Debug, Default)]
+    pub struct FakeVm {
+        /// MMIO ioevents registered (address).
+        pub ioevents: Mutex<Vec<u64>>,
+        /// MSI routes by GSI.
+        pub routes: Mutex<std::collections::BTreeMap<u32, MsiMessage>>,
+        /// irqfds registered (gsi, with resample).
+        pub irqfds: Mutex<Vec<(u32, bool)>>,
+        next_gsi: Mutex<u32>,
+    }
+
+    impl VmOps for FakeVm {
+        fn register_ioevent(&self, _fd: &EventFd, addr: u64) -> io::Result<()> {
+            self.ioevents.lock().unwrap().push(addr);
+            Ok(())
+        }
+        fn unregister_ioevent(&self, _fd: &EventFd, addr: u64) -> io::Result<()> {
+            let mut v = self.ioevents.lock().unwrap();
+            let i = v.iter().position(|a| *a == addr).ok_or(io::ErrorKind::NotFound)?;
+            v.remove(i);
+            Ok(())
+        }
+        fn register_irqfd(&self, _fd: &EventFd, gsi: u32) -> io::Result<()> {
+            self.irqfds.lock().unwrap().push((gsi, false));
+            Ok(())
+        }
+        fn register_irqfd_resample(&self, _: &EventFd, _: &EventFd, gsi: u32) -> io::Result<()> {
+            self.irqfds.lock().unwrap().push((gsi, true));
+            Ok(())
+        }
+        fn allocate_msi_gsi(&self) -> Option<u32> {
+            let mut n = self.next_gsi.lock().unwrap();
+            let gsi = 24 + *n;
+            *n += 1;
+            Some(gsi)
+        }
+        fn set_msi_route(&self, gsi: u32, msg: MsiMessage) -> io::Result<()> {
+            self.routes.lock().unwrap().insert(gsi, msg);
+            Ok(())
+        }
+    }
+}

@@ -1,0 +1,6 @@
+//! The VM's state as KVM holds it: the VM, its memory and its vCPUs.
+
+pub mod kvm;
+pub mod memory;
+pub mod vcpu;
+pub mod vm;
