@@ -16,8 +16,10 @@
 //! chosen by [`isolation`] only where it exists.
 
 pub mod arch;
+pub mod console;
 pub mod devices;
 pub mod isolation;
+pub mod lifecycle;
 pub mod sandbox;
 pub mod supervisor;
 pub mod vstate;

@@ -1,0 +1,330 @@
+//! The host side of a VM's serial console: a Unix socket an operator
+//! attaches to (`p2pvmm console NAME`), detaches from, and attaches to again
+//! while the VM runs; a log file; and the client that attaches.
+//!
+//! ```text
+//!  guest ttyS0 ─ 8250 (vCPU thread) ─► Console::write ─► backlog, log, attached client
+//!  client socket ─► ConsoleServer (device thread) ─► 8250 receive FIFO ─► guest
+//! ```
+//!
+//! Output never blocks a vCPU: bytes an attached client does not take at
+//! once wait in a bounded buffer the device thread flushes. Input is read
+//! only while the 8250's FIFO has room, so nothing typed is dropped.
+
+use std::collections::VecDeque;
+use std::fs::File;
+use std::io::{self, Read, Write};
+use std::os::fd::AsRawFd;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+
+use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::devices::bus::lock;
+use crate::devices::legacy::serial::SerialDevice;
+use crate::lifecycle::BootTimes;
+
+/// Output kept for a client that attaches later (the prompt, recent boot
+/// messages).
+const BACKLOG_BYTES: usize = 16 << 10;
+/// Output waiting for a slow client; beyond it the oldest bytes are dropped
+/// (a client that stops reading must not grow the VMM without bound).
+const PENDING_MAX_BYTES: usize = 1 << 20;
+
+#[derive(Debug, Default)]
+struct Inner {
+    backlog: VecDeque<u8>,
+    client: Option<UnixStream>,
+    pending: VecDeque<u8>,
+    log: Option<File>,
+    stdout: bool,
+}
+
+/// Where the guest's console output goes.
+#[derive(Debug)]
+pub struct Console {
+    inner: Mutex<Inner>,
+    /// Signalled when `pending` gained bytes, so the device thread waits for
+    /// the client to become writable.
+    pending_event: EventFd,
+    boot: Arc<BootTimes>,
+}
+
+impl Console {
+    /// A console that logs to `log` (if any) and copies to stdout if asked.
+    pub fn new(log: Option<File>, stdout: bool, boot: Arc<BootTimes>) -> io::Result<Arc<Self>> {
+        Ok(Arc::new(Self {
+            inner: Mutex::new(Inner {
+                log,
+                stdout,
+                ..Default::default()
+            }),
+            pending_event: EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC)?,
+            boot,
+        }))
+    }
+
+    fn output(&self, bytes: &[u8]) {
+        self.boot.first_output();
+        let mut inner = lock(&self.inner);
+        let i = &mut *inner;
+        i.backlog.extend(bytes);
+        let excess = i.backlog.len().saturating_sub(BACKLOG_BYTES);
+        i.backlog.drain(..excess);
+        if let Some(log) = &mut i.log {
+            // A full disk must not stop the guest; the log is best effort.
+            let _ = log.write_all(bytes);
+        }
+        if i.stdout {
+            let _ = io::stdout().write_all(bytes);
+            let _ = io::stdout().flush();
+        }
+        if i.client.is_none() {
+            return;
+        }
+        if i.pending.is_empty() {
+            let written = match i.client.as_mut().map(|c| c.write(bytes)) {
+                Some(Ok(n)) => n,
+                Some(Err(e)) if e.kind() == io::ErrorKind::WouldBlock => 0,
+                _ => {
+                    i.client = None;
+                    return;
+                }
+            };
+            if written == bytes.len() {
+                return;
+            }
+            i.pending.extend(&bytes[written..]);
+        } else {
+            i.pending.extend(bytes);
+        }
+        let excess = i.pending.len().saturating_sub(PENDING_MAX_BYTES);
+        i.pending.drain(..excess);
+        let _ = self.pending_event.write(1);
+    }
+
+    /// Attaches `client`, replaying the backlog first; refuses a second one.
+    fn attach(&self, mut client: UnixStream) {
+        let mut inner = lock(&self.inner);
+        if inner.client.is_some() {
+            let _ = client.write_all(b"\r\np2pvmm: the console is attached elsewhere\r\n");
+            return;
+        }
+        if client.set_nonblocking(true).is_err() {
+            return;
+        }
+        inner.pending = inner.backlog.clone();
+        inner.client = Some(client);
+        let _ = self.pending_event.write(1);
+    }
+
+    fn detach(&self) {
+        let mut inner = lock(&self.inner);
+        inner.client = None;
+        inner.pending.clear();
+    }
+
+    /// Writes what is pending; `Ok(true)` when everything went out.
+    fn flush_pending(&self) -> bool {
+        let mut inner = lock(&self.inner);
+        let i = &mut *inner;
+        let Some(client) = i.client.as_mut() else {
+            i.pending.clear();
+            return true;
+        };
+        while !i.pending.is_empty() {
+            let (a, _) = i.pending.as_slices();
+            match client.write(a) {
+                Ok(0) => break,
+                Ok(n) => {
+                    i.pending.drain(..n);
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return false,
+                Err(_) => {
+                    i.client = None;
+                    i.pending.clear();
+                    return true;
+                }
+            }
+        }
+        i.pending.is_empty()
+    }
+
+    fn client_fd(&self) -> Option<i32> {
+        lock(&self.inner).client.as_ref().map(|c| c.as_raw_fd())
+    }
+}
+
+/// The writer the 8250 emulation prints through.
+#[derive(Debug, Clone)]
+pub struct ConsoleOut(pub Arc<Console>);
+
+impl Write for ConsoleOut {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.0.output(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+/// The device-thread side: accepts clients and feeds their keystrokes to the
+/// 8250.
+#[derive(Debug)]
+pub struct ConsoleServer {
+    console: Arc<Console>,
+    listener: UnixListener,
+    serial: Arc<Mutex<SerialDevice>>,
+    /// Signalled by the 8250 when the guest emptied its receive FIFO.
+    input_room: EventFd,
+    /// Keystrokes read but not yet taken by the FIFO.
+    input: VecDeque<u8>,
+    /// fd of the client whose events are registered.
+    registered: Option<i32>,
+}
+
+impl ConsoleServer {
+    /// Serves `console` on `listener` (already bound), typing into `serial`.
+    pub fn new(
+        console: Arc<Console>,
+        listener: UnixListener,
+        serial: Arc<Mutex<SerialDevice>>,
+        input_room: EventFd,
+    ) -> io::Result<Self> {
+        listener.set_nonblocking(true)?;
+        Ok(Self {
+            console,
+            listener,
+            serial,
+            input_room,
+            input: VecDeque::new(),
+            registered: None,
+        })
+    }
+
+    fn accept(&mut self, ops: &mut EventOps) {
+        while let Ok((stream, _)) = self.listener.accept() {
+            self.console.attach(stream);
+        }
+        self.sync_client(ops);
+    }
+
+    /// Registers the attached client (if it changed) for input and, while
+    /// output is pending, for writability.
+    fn sync_client(&mut self, ops: &mut EventOps) {
+        let fd = self.console.client_fd();
+        if fd != self.registered {
+            if let Some(old) = self.registered.take() {
+                let _ = ops.remove(Events::empty_raw(old));
+            }
+            if let Some(new) = fd {
+                let _ = ops.add(Events::new_raw(new, self.client_interest()));
+                self.registered = Some(new);
+            }
+        } else if let Some(fd) = fd {
+            let _ = ops.modify(Events::new_raw(fd, self.client_interest()));
+        }
+    }
+
+    fn client_interest(&self) -> EventSet {
+        let mut set = EventSet::HANG_UP | EventSet::READ_HANG_UP;
+        if self.input.is_empty() {
+            set |= EventSet::IN;
+        }
+        if !lock(&self.console.inner).pending.is_empty() {
+            set |= EventSet::OUT;
+        }
+        set
+    }
+
+    fn read_client(&mut self) -> bool {
+        let mut buf = [0u8; 256];
+        let mut inner = lock(&self.console.inner);
+        let Some(client) = inner.client.as_mut() else {
+            return false;
+        };
+        match client.read(&mut buf) {
+            Ok(0) => false,
+            Ok(n) => {
+                drop(inner);
+                self.input.extend(&buf[..n]);
+                self.feed_serial();
+                true
+            }
+            Err(e) => e.kind() == io::ErrorKind::WouldBlock,
+        }
+    }
+
+    /// Moves keystrokes into the 8250's FIFO as far as it has room.
+    fn feed_serial(&mut self) {
+        while !self.input.is_empty() {
+            let (a, _) = self.input.as_slices();
+            let taken = lock(&self.serial).enqueue_input(a);
+            if taken == 0 {
+                break;
+            }
+            self.input.drain(..taken);
+        }
+    }
+}
+
+impl MutEventSubscriber for ConsoleServer {
+    fn init(&mut self, ops: &mut EventOps) {
+        let fds = [
+            Events::new(&self.listener, EventSet::IN),
+            Events::new(&self.input_room, EventSet::IN),
+            Events::new(&self.console.pending_event, EventSet::IN),
+        ];
+        for e in fds {
+            if let Err(err) = ops.add(e) {
+                tracing::error!(error = ?err, "console: cannot watch its fds");
+            }
+        }
+    }
+
+    fn process(&mut self, events: Events, ops: &mut EventOps) {
+        let fd = events.fd();
+        if fd == self.listener.as_raw_fd() {
+            self.accept(ops);
+            return;
+        }
+        if fd == self.input_room.as_raw_fd() {
+            let _ = self.input_room.read();
+            self.feed_serial();
+        } else if fd == self.console.pending_event.as_raw_fd() {
+            let _ = self.console.pending_event.read();
+            self.console.flush_pending();
+        } else if Some(fd) == self.registered {
+            let set = events.event_set();
+            let mut alive = true;
+            if set.contains(EventSet::OUT) {
+                self.console.flush_pending();
+            }
+            if set.contains(EventSet::IN) {
+                alive = self.read_client();
+            }
+            if !alive || set.intersects(EventSet::HANG_UP | EventSet::ERROR) {
+                self.console.detach();
+            }
+        }
+        self.sync_client(ops);
+    }
+}
+
+/// Binds the console socket at `path`, replacing a stale one (a socket file
+/// nobody listens on) but never a live one.
+pub fn bind(path: &Path) -> io::Result<UnixListener> {
+    if UnixStream::connect(path).is_ok() {
+        return Err(io::Error::new(
+            io::ErrorKind::AddrInUse,
+            format!("{} is in use by a running VM", path.display()),
+        ));
+    }
+    let _ = std::fs::remove_file(path);
+    UnixListener::bind(path)
+}
+
+pub mod client;

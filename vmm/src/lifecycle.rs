@@ -1,0 +1,148 @@
+//! What ends a VM run, and the timestamps of its boot.
+//!
+//! Any thread (a vCPU writing the ACPI sleep register, the device thread
+//! losing its disk, a signal) may end the run; the first reason wins, the
+//! main thread wakes on [`ExitSignal::event`] and stops everything.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::devices::bus::lock;
+
+/// Why a VM run ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ExitReason {
+    /// The guest powered off (ACPI S5).
+    PowerOff,
+    /// The guest asked for a reset (ACPI reset register, i8042, triple fault).
+    Reset,
+    /// The guest reported a panic (pvpanic).
+    Panic,
+    /// The host asked the VMM to stop (signal).
+    Stopped,
+    /// The VMM could not go on.
+    Error(String),
+}
+
+/// The run's end, as any thread may request it.
+#[derive(Debug)]
+pub struct ExitSignal {
+    reason: Mutex<Option<ExitReason>>,
+    stopping: AtomicBool,
+    event: EventFd,
+}
+
+impl ExitSignal {
+    /// A signal nobody raised yet.
+    pub fn new() -> std::io::Result<Self> {
+        Ok(Self {
+            reason: Mutex::new(None),
+            stopping: AtomicBool::new(false),
+            event: EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC)?,
+        })
+    }
+
+    /// Ends the run for `reason` unless it already ends for another.
+    pub fn request(&self, reason: ExitReason) {
+        let mut r = lock(&self.reason);
+        if r.is_none() {
+            tracing::debug!(?reason, "VM exit requested");
+            *r = Some(reason);
+            self.stopping.store(true, Ordering::Release);
+            // The counter only overflows after 2^64 requests; a failed write
+            // still leaves `stopping` set for the vCPU loops to see.
+            let _ = self.event.write(1);
+        }
+    }
+
+    /// Whether the run is ending (vCPU loops check this before each entry).
+    pub fn stopping(&self) -> bool {
+        self.stopping.load(Ordering::Acquire)
+    }
+
+    /// The reason, once requested.
+    pub fn reason(&self) -> Option<ExitReason> {
+        lock(&self.reason).clone()
+    }
+
+    /// Readable once an exit was requested.
+    pub fn event(&self) -> &EventFd {
+        &self.event
+    }
+}
+
+/// Boot milestones, relative to the VMM's start.
+#[derive(Debug)]
+pub struct BootTimes {
+    start: Instant,
+    first_output: OnceLock<Duration>,
+    init: OnceLock<Duration>,
+}
+
+impl BootTimes {
+    /// Starts the clock (at VMM start, before any setup).
+    pub fn new(start: Instant) -> Self {
+        Self {
+            start,
+            first_output: OnceLock::new(),
+            init: OnceLock::new(),
+        }
+    }
+
+    /// The guest wrote its first byte to the console.
+    pub fn first_output(&self) {
+        if self.first_output.set(self.start.elapsed()).is_ok() {
+            tracing::info!(
+                ms = self.first_output_ms(),
+                "guest's first console output"
+            );
+        }
+    }
+
+    /// The guest's `/init` announced itself on the boot-marker port.
+    pub fn init(&self) {
+        if self.init.set(self.start.elapsed()).is_ok() {
+            tracing::info!(ms = self.init_ms(), "guest reached /init");
+        }
+    }
+
+    /// Milliseconds to the first console byte, if seen.
+    pub fn first_output_ms(&self) -> Option<f64> {
+        self.first_output.get().map(|d| d.as_secs_f64() * 1e3)
+    }
+
+    /// Milliseconds to `/init`, if seen.
+    pub fn init_ms(&self) -> Option<f64> {
+        self.init.get().map(|d| d.as_secs_f64() * 1e3)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn first_reason_wins() {
+        let s = ExitSignal::new().unwrap();
+        assert!(!s.stopping());
+        s.request(ExitReason::PowerOff);
+        s.request(ExitReason::Reset);
+        assert!(s.stopping());
+        assert_eq!(s.reason(), Some(ExitReason::PowerOff));
+        assert_eq!(s.event().read().unwrap(), 1);
+    }
+
+    #[test]
+    fn milestones_are_kept_once() {
+        let t = BootTimes::new(Instant::now());
+        assert_eq!(t.init_ms(), None);
+        t.init();
+        let first = t.init_ms().unwrap();
+        std::thread::sleep(Duration::from_millis(2));
+        t.init();
+        assert_eq!(t.init_ms(), Some(first));
+    }
+}
