@@ -1,0 +1,352 @@
+//! The Debian kernel used for both the test host (L1) and its guests (L2).
+//!
+//! The version is the current dependency of the `linux-image-amd64` metapackage (asked of
+//! apt), unless `P2PVM_TESTHOST_KERNEL` pins one (e.g. `6.1.0-57-amd64`). The package
+//! `linux-image-<version>` is fetched with `apt-get download` (apt checks the archive's
+//! signatures and hashes) into `<cache>/debs`, unpacked with `dpkg-deb -x`, indexed with
+//! `depmod -b`, and the uncompressed ELF `vmlinux` (which carries the PVH entry note) is cut
+//! out of `vmlinuz` (xz stream from its magic, decompressed by `xz --single-stream`).
+//!
+//! Layout: `<cache>/kernels/<version>/{root/, vmlinux, kernel.info}`; `<cache>/kernel.lock`
+//! records the version in use and the SHA-256 of its .deb. A prepared version is reused
+//! without touching the network; `P2PVM_TESTHOST_REFRESH=1` asks apt for the current one.
+
+use std::fs::{self, File};
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+use anyhow::{Context, Result, bail, ensure};
+use sha2::{Digest, Sha256};
+
+use crate::modules::ModuleDb;
+use crate::util::{Cache, require_tool, run_captured, write_atomic};
+
+/// Environment variable pinning the kernel version (`6.1.0-57-amd64`).
+pub const KERNEL_PIN_ENV: &str = "P2PVM_TESTHOST_KERNEL";
+/// Environment variable (`1`) asking apt for the current version even when one is cached.
+pub const REFRESH_ENV: &str = "P2PVM_TESTHOST_REFRESH";
+
+const XZ_MAGIC: [u8; 6] = [0xfd, b'7', b'z', b'X', b'Z', 0x00];
+const METAPACKAGE: &str = "linux-image-amd64";
+
+/// How to choose the kernel.
+#[derive(Debug, Clone, Default)]
+pub struct KernelOptions {
+    /// A version like `6.1.0-57-amd64`; `None` means the cached one, else the current one.
+    pub pin: Option<String>,
+    /// Ask apt for the current version even if one is cached.
+    pub refresh: bool,
+}
+
+impl KernelOptions {
+    /// Options from `P2PVM_TESTHOST_KERNEL` and `P2PVM_TESTHOST_REFRESH`.
+    pub fn from_env() -> Self {
+        let pin = std::env::var(KERNEL_PIN_ENV)
+            .ok()
+            .filter(|v| !v.trim().is_empty());
+        let refresh = std::env::var(REFRESH_ENV).is_ok_and(|v| v == "1" || v == "true");
+        Self {
+            pin: pin.map(|p| p.trim().trim_start_matches("linux-image-").to_string()),
+            refresh,
+        }
+    }
+}
+
+/// A prepared kernel: the unpacked package, its module index and the ELF `vmlinux`.
+#[derive(Debug, Clone)]
+pub struct Kernel {
+    /// Kernel release, e.g. `6.1.0-57-amd64`.
+    pub version: String,
+    /// The downloaded package file.
+    pub deb: PathBuf,
+    /// SHA-256 (hex) of the package file.
+    pub deb_sha256: String,
+    /// `lib/modules/<version>` of the unpacked package (with `modules.dep`).
+    pub modules_dir: PathBuf,
+    /// The uncompressed ELF kernel with the PVH entry note.
+    pub vmlinux: PathBuf,
+}
+
+/// `key=value` lines: the content of `kernel.lock` and of each `kernel.info`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Info {
+    version: String,
+    deb: String,
+    sha256: String,
+}
+
+impl Info {
+    fn read(path: &Path) -> Result<Option<Self>> {
+        let text = match fs::read_to_string(path) {
+            Ok(text) => text,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(e).with_context(|| format!("cannot read {}", path.display())),
+        };
+        let field = |key: &str| {
+            text.lines()
+                .find_map(|l| l.strip_prefix(key)?.strip_prefix('='))
+                .map(str::to_string)
+                .with_context(|| format!("{}: no `{key}=` line", path.display()))
+        };
+        Ok(Some(Self {
+            version: field("version")?,
+            deb: field("deb")?,
+            sha256: field("sha256")?,
+        }))
+    }
+
+    fn write(&self, path: &Path) -> Result<()> {
+        let text = format!(
+            "# p2pvm-testhost kernel (see tests/vm/README.md)\nversion={}\ndeb={}\nsha256={}\n",
+            self.version, self.deb, self.sha256
+        );
+        write_atomic(path, text.as_bytes())
+    }
+}
+
+impl Kernel {
+    /// Finds or builds the kernel in the cache (see the module docs).
+    pub fn prepare(cache: &Cache, opts: &KernelOptions) -> Result<Self> {
+        let _guard = cache.lock()?;
+        let lock_path = cache.root().join("kernel.lock");
+        let lock = Info::read(&lock_path)?;
+        let version = match (&opts.pin, &lock) {
+            (Some(pin), _) => pin.clone(),
+            (None, Some(lock)) if !opts.refresh => lock.version.clone(),
+            _ => resolve_current(cache)?,
+        };
+        ensure!(
+            !version.is_empty()
+                && version
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b".-+~".contains(&b)),
+            "implausible kernel version {version:?}"
+        );
+        let kernels = cache.subdir("kernels")?;
+        let dir = kernels.join(&version);
+        let info = match Info::read(&dir.join("kernel.info"))? {
+            Some(info) => {
+                tracing::debug!("kernel {version} found in {}", dir.display());
+                info
+            }
+            None => build(cache, &version, &dir)?,
+        };
+        if lock.as_ref() != Some(&info) {
+            info.write(&lock_path)?;
+        }
+        Ok(Self::from_info(cache, &dir, info))
+    }
+
+    fn from_info(cache: &Cache, dir: &Path, info: Info) -> Self {
+        Self {
+            modules_dir: dir.join("root/lib/modules").join(&info.version),
+            vmlinux: dir.join("vmlinux"),
+            deb: cache.root().join("debs").join(&info.deb),
+            deb_sha256: info.sha256,
+            version: info.version,
+        }
+    }
+
+    /// The module index of this kernel.
+    pub fn modules(&self) -> Result<ModuleDb> {
+        ModuleDb::load(&self.modules_dir)
+    }
+}
+
+/// Asks apt which kernel `linux-image-amd64` currently depends on.
+fn resolve_current(cache: &Cache) -> Result<String> {
+    let tmp = tempfile::tempdir_in(cache.subdir("debs")?)?;
+    let deb = apt_download(METAPACKAGE, tmp.path())?;
+    let dpkg_deb = require_tool("dpkg-deb", "dpkg")?;
+    let out = run_captured(Command::new(dpkg_deb).arg("-f").arg(&deb).arg("Depends"))?;
+    let depends = String::from_utf8_lossy(&out.stdout);
+    let version = depends
+        .split([',', '|', ' '])
+        .find_map(|item| item.trim().strip_prefix("linux-image-"))
+        .with_context(|| format!("{METAPACKAGE} depends on no linux-image-*: {depends:?}"))?;
+    tracing::info!("{METAPACKAGE} currently means linux-image-{version}");
+    Ok(version.to_string())
+}
+
+/// `apt-get download PACKAGE` in `dir`; returns the newest matching .deb there.
+fn apt_download(package: &str, dir: &Path) -> Result<PathBuf> {
+    let apt = require_tool("apt-get", "apt")?;
+    tracing::info!("apt-get download {package} (into {})", dir.display());
+    let out = Command::new(apt)
+        .args(["-q", "download", package])
+        .current_dir(dir)
+        .stdin(Stdio::null())
+        .output()
+        .context("cannot run apt-get")?;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    if !out.status.success() {
+        bail!(
+            "apt-get could not download {package} ({}). Is the package in apt's lists \
+             (`apt-get update`), and is the archive reachable? apt said:\n{}",
+            out.status,
+            stderr.trim()
+        );
+    }
+    for line in stderr.lines() {
+        // As root apt warns that it downloads unsandboxed: harmless.
+        if !line.contains("unsandboxed") && !line.trim().is_empty() {
+            tracing::warn!("apt-get: {line}");
+        }
+    }
+    let prefix = format!("{package}_");
+    let mut found: Vec<(std::time::SystemTime, PathBuf)> = fs::read_dir(dir)?
+        .filter_map(|e| e.ok())
+        .filter(|e| {
+            let name = e.file_name().to_string_lossy().into_owned();
+            name.starts_with(&prefix) && name.ends_with(".deb")
+        })
+        .filter_map(|e| Some((e.metadata().ok()?.modified().ok()?, e.path())))
+        .collect();
+    found.sort();
+    found.pop().map(|(_, p)| p).with_context(|| {
+        format!(
+            "apt-get download left no {prefix}*.deb in {}",
+            dir.display()
+        )
+    })
+}
+
+/// Downloads, unpacks and indexes `linux-image-<version>` into `dir`.
+fn build(cache: &Cache, version: &str, dir: &Path) -> Result<Info> {
+    let dpkg_deb = require_tool("dpkg-deb", "dpkg")?;
+    let depmod = require_tool("depmod", "kmod")?;
+    let xz = require_tool("xz", "xz-utils")?;
+    let deb = apt_download(&format!("linux-image-{version}"), &cache.subdir("debs")?)?;
+    let sha256 = sha256_file(&deb)?;
+    tracing::info!("unpacking {} (sha256 {sha256})", deb.display());
+
+    let staging = dir.with_file_name(format!("{version}.partial"));
+    if staging.exists() {
+        fs::remove_dir_all(&staging)?;
+    }
+    let root = staging.join("root");
+    fs::create_dir_all(&root)?;
+    run_captured(Command::new(dpkg_deb).arg("-x").arg(&deb).arg(&root))?;
+    // Newer packages put modules under usr/lib only; depmod -b looks in lib/modules.
+    if !root.join("lib/modules").exists() && root.join("usr/lib/modules").exists() {
+        std::os::unix::fs::symlink("usr/lib", root.join("lib"))?;
+    }
+    ensure!(
+        root.join("lib/modules").join(version).is_dir(),
+        "linux-image-{version} has no lib/modules/{version}"
+    );
+    run_captured(Command::new(depmod).arg("-b").arg(&root).arg(version))?;
+
+    let vmlinuz = root.join("boot").join(format!("vmlinuz-{version}"));
+    extract_vmlinux(&xz, &vmlinuz, &staging.join("vmlinux"))?;
+
+    let info = Info {
+        version: version.to_string(),
+        deb: deb
+            .file_name()
+            .context("deb has no name")?
+            .to_string_lossy()
+            .into_owned(),
+        sha256,
+    };
+    info.write(&staging.join("kernel.info"))?;
+    if dir.exists() {
+        fs::remove_dir_all(dir)?;
+    }
+    fs::rename(&staging, dir)?;
+    Ok(info)
+}
+
+/// Cuts the xz stream out of a bzImage and decompresses it to the ELF `vmlinux`.
+pub fn extract_vmlinux(xz: &Path, vmlinuz: &Path, out: &Path) -> Result<()> {
+    let image = fs::read(vmlinuz).with_context(|| format!("cannot read {}", vmlinuz.display()))?;
+    let offset = image
+        .windows(XZ_MAGIC.len())
+        .position(|w| w == XZ_MAGIC)
+        .with_context(|| {
+            format!(
+                "{}: no xz stream (only xz-compressed kernels are supported)",
+                vmlinuz.display()
+            )
+        })?;
+    let tmp = out.with_extension("tmp");
+    let mut child = Command::new(xz)
+        .args(["-dc", "--single-stream"])
+        .stdin(Stdio::piped())
+        .stdout(File::create(&tmp)?)
+        .stderr(Stdio::piped())
+        .spawn()
+        .context("cannot start xz")?;
+    let mut stdin = child.stdin.take().context("xz stdin")?;
+    let writer = std::thread::spawn(move || {
+        // xz stops reading at the end of the stream: a broken pipe then is expected.
+        let _ = stdin.write_all(&image[offset..]);
+    });
+    let mut stderr = String::new();
+    child
+        .stderr
+        .take()
+        .context("xz stderr")?
+        .read_to_string(&mut stderr)?;
+    let status = child.wait()?;
+    writer.join().ok();
+    ensure!(
+        status.success(),
+        "xz failed on {} ({status}): {stderr}",
+        vmlinuz.display()
+    );
+    let elf = crate::elf::inspect(&tmp)?
+        .with_context(|| format!("{}: decompressed kernel is not ELF", vmlinuz.display()))?;
+    ensure!(
+        elf.pvh_entry,
+        "{}: vmlinux has no PVH entry note",
+        vmlinuz.display()
+    );
+    fs::rename(&tmp, out)?;
+    Ok(())
+}
+
+/// SHA-256 of a file, hex.
+pub fn sha256_file(path: &Path) -> Result<String> {
+    let mut file = File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
+    let mut hasher = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = file.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        hasher.update(&buf[..n]);
+    }
+    Ok(hex::encode(hasher.finalize()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn info_round_trip() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("kernel.lock");
+        assert_eq!(Info::read(&path).unwrap(), None);
+        let info = Info {
+            version: "6.1.0-57-amd64".into(),
+            deb: "x.deb".into(),
+            sha256: "ab".into(),
+        };
+        info.write(&path).unwrap();
+        assert_eq!(Info::read(&path).unwrap(), Some(info));
+    }
+
+    #[test]
+    fn sha256_of_known_bytes() {
+        let tmp = tempfile::NamedTempFile::new().unwrap();
+        std::fs::write(tmp.path(), b"abc").unwrap();
+        assert_eq!(
+            sha256_file(tmp.path()).unwrap(),
+            "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+        );
+    }
+}

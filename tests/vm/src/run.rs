@@ -1,0 +1,428 @@
+//! Running a test host and watching its console.
+//!
+//! * [`RunnerKind::Nested`] boots L1 under QEMU's emulator with emulated AMD SVM
+//!   (`-machine q35 -accel tcg -cpu qemu64,+svm,+npt`); its serial console is QEMU's stdout.
+//! * [`RunnerKind::Direct`] runs the same L1 script with `sh` on this host, when the host has
+//!   hardware KVM (`/dev/kvm`, a `vmx`/`svm` CPU flag, and not the PVM software hypervisor).
+//!
+//! Both are supervised the same way: stdout and stderr are read line by line on two threads,
+//! cleaned, logged as they arrive (tracing target `p2pvm_testhost::console`) and parsed; a
+//! watchdog kills the run when the total time limit passes or no line came for the silence
+//! limit, and reports a [`WatchdogError`] with the last console lines.
+
+use std::fmt;
+use std::io::{BufRead, BufReader, Read};
+use std::path::Path;
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+
+use crate::console::{Outcome, Transcript, clean_line};
+
+/// Environment variable forcing a runner: `nested`, `direct` or `auto` (the default).
+pub const RUNNER_ENV: &str = "P2PVM_TESTHOST_RUNNER";
+
+/// How a scenario's L1 script is run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RunnerKind {
+    /// Inside an L1 Linux booted by QEMU TCG with emulated SVM (works on any host).
+    Nested,
+    /// Directly on this host, which has hardware virtualization.
+    Direct,
+}
+
+impl fmt::Display for RunnerKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Nested => "nested",
+            Self::Direct => "direct",
+        })
+    }
+}
+
+impl RunnerKind {
+    /// Chooses the runner (honouring `P2PVM_TESTHOST_RUNNER`) and says why.
+    pub fn detect() -> Result<(Self, String)> {
+        let forced = std::env::var(RUNNER_ENV).unwrap_or_default();
+        match forced.trim() {
+            "nested" => return Ok((Self::Nested, format!("{RUNNER_ENV}=nested"))),
+            "direct" => return Ok((Self::Direct, format!("{RUNNER_ENV}=direct"))),
+            "" | "auto" => {}
+            other => bail!("{RUNNER_ENV}={other}: expected nested, direct or auto"),
+        }
+        Ok(match hardware_kvm() {
+            Ok(why) => (Self::Direct, why),
+            Err(why) => (Self::Nested, why),
+        })
+    }
+}
+
+/// `Ok(description)` when this host's `/dev/kvm` is hardware KVM, else `Err(reason)`.
+fn hardware_kvm() -> std::result::Result<String, String> {
+    if !Path::new("/dev/kvm").exists() {
+        return Err("this host has no /dev/kvm".into());
+    }
+    if Path::new("/sys/module/kvm_pvm").exists() {
+        return Err(
+            "/dev/kvm here is the PVM software hypervisor (kvm_pvm), which cannot run Linux guests"
+                .into(),
+        );
+    }
+    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let flags = cpuinfo
+        .lines()
+        .find(|l| l.starts_with("flags"))
+        .unwrap_or_default();
+    match flags
+        .split_whitespace()
+        .find(|f| *f == "vmx" || *f == "svm")
+    {
+        Some(flag) => Ok(format!(
+            "this host has hardware KVM (/dev/kvm, CPU flag {flag})"
+        )),
+        None => Err("the CPU shows neither vmx nor svm".into()),
+    }
+}
+
+/// The watchdog's limits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// Longest whole run.
+    pub total: Duration,
+    /// Longest time without a console line.
+    pub silence: Duration,
+}
+
+/// Which watchdog limit was hit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Limit {
+    /// The total time limit.
+    Total,
+    /// The silence limit (no console line).
+    Silence,
+}
+
+/// The run was killed by the watchdog.
+#[derive(Debug, Clone)]
+pub struct WatchdogError {
+    /// The scenario's name.
+    pub scenario: String,
+    /// The limit hit.
+    pub limit: Limit,
+    /// Its value.
+    pub limit_value: Duration,
+    /// Time since the start when the run was killed.
+    pub elapsed: Duration,
+    /// The last console lines.
+    pub tail: String,
+}
+
+impl fmt::Display for WatchdogError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let what = match self.limit {
+            Limit::Total => format!(
+                "total time limit of {} s reached",
+                self.limit_value.as_secs_f64()
+            ),
+            Limit::Silence => format!(
+                "silence limit hit: no console line for {} s",
+                self.limit_value.as_secs_f64()
+            ),
+        };
+        write!(
+            f,
+            "watchdog: scenario `{}`: {what}; killed after {:.1} s. Last console lines:\n{}",
+            self.scenario,
+            self.elapsed.as_secs_f64(),
+            self.tail
+        )
+    }
+}
+
+impl std::error::Error for WatchdogError {}
+
+/// The L1 QEMU command line (`-smp` and `-m` from the scenario).
+pub(crate) fn nested_command(
+    qemu: &Path,
+    kernel: &Path,
+    initrd: &Path,
+    smp: u32,
+    mem_mib: u32,
+) -> Command {
+    let mut cmd = Command::new(qemu);
+    cmd.args([
+        "-machine",
+        "q35",
+        "-accel",
+        "tcg",
+        "-cpu",
+        "qemu64,+svm,+npt",
+    ])
+    .args(["-m", &mem_mib.to_string(), "-smp", &smp.to_string()])
+    .args([
+        "-nodefaults",
+        "-serial",
+        "stdio",
+        "-no-reboot",
+        "-display",
+        "none",
+    ])
+    .arg("-kernel")
+    .arg(kernel)
+    .arg("-initrd")
+    .arg(initrd)
+    .args(["-append", "console=ttyS0 panic=-1 quiet"]);
+    cmd
+}
+
+enum Event {
+    Line(Vec<u8>, bool),
+    Eof,
+}
+
+/// Kills the child (or its whole process group) unless it was reaped.
+struct ChildGuard {
+    child: Child,
+    group: bool,
+    reaped: bool,
+}
+
+impl ChildGuard {
+    fn kill(&mut self) {
+        self.kill_group();
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        self.reaped = true;
+    }
+
+    fn wait(&mut self) -> Result<ExitStatus> {
+        let status = self.child.wait()?;
+        self.reaped = true;
+        // Leftovers of a script (background jobs) go with it.
+        self.kill_group();
+        Ok(status)
+    }
+
+    fn kill_group(&self) {
+        use nix::sys::signal::{Signal, killpg};
+        if self.group
+            && let Ok(pid) = i32::try_from(self.child.id())
+        {
+            let _ = killpg(nix::unistd::Pid::from_raw(pid), Signal::SIGKILL);
+        }
+    }
+}
+
+impl Drop for ChildGuard {
+    fn drop(&mut self) {
+        if !self.reaped {
+            self.kill();
+        }
+    }
+}
+
+fn read_lines(stream: impl Read + Send + 'static, stderr: bool, tx: mpsc::Sender<Event>) {
+    std::thread::spawn(move || {
+        let mut reader = BufReader::new(stream);
+        let mut buf = Vec::new();
+        loop {
+            buf.clear();
+            match reader.read_until(b'\n', &mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(_) => {
+                    if buf.last() == Some(&b'\n') {
+                        buf.pop();
+                    }
+                    if tx.send(Event::Line(buf.clone(), stderr)).is_err() {
+                        return;
+                    }
+                }
+            }
+        }
+        let _ = tx.send(Event::Eof);
+    });
+}
+
+/// Runs `cmd` under the watchdog and turns its console into an [`Outcome`].
+/// `new_group` puts the child in its own process group, killed as a whole.
+pub(crate) fn supervise(
+    mut cmd: Command,
+    new_group: bool,
+    runner: RunnerKind,
+    name: &str,
+    limits: Limits,
+) -> Result<Outcome> {
+    use std::os::unix::process::CommandExt;
+    cmd.stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    if new_group {
+        cmd.process_group(0);
+    }
+    tracing::debug!("{name}: running {cmd:?}");
+    let started = Instant::now();
+    let child = cmd
+        .spawn()
+        .with_context(|| format!("cannot start {cmd:?}"))?;
+    let mut guard = ChildGuard {
+        child,
+        group: new_group,
+        reaped: false,
+    };
+    let (tx, rx) = mpsc::channel();
+    read_lines(
+        guard.child.stdout.take().context("no stdout")?,
+        false,
+        tx.clone(),
+    );
+    read_lines(guard.child.stderr.take().context("no stderr")?, true, tx);
+
+    let mut transcript = Transcript::default();
+    let mut open = 2;
+    let mut last_line = started;
+    while open > 0 {
+        let now = Instant::now();
+        let total_end = started + limits.total;
+        let silence_end = last_line + limits.silence;
+        let fired = if now >= total_end {
+            Some((Limit::Total, limits.total))
+        } else if now >= silence_end {
+            Some((Limit::Silence, limits.silence))
+        } else {
+            None
+        };
+        if let Some((limit, limit_value)) = fired {
+            guard.kill();
+            return Err(WatchdogError {
+                scenario: name.to_string(),
+                limit,
+                limit_value,
+                elapsed: started.elapsed(),
+                tail: transcript.tail_text(),
+            }
+            .into());
+        }
+        match rx.recv_timeout(total_end.min(silence_end) - now) {
+            Ok(Event::Line(raw, stderr)) => {
+                last_line = Instant::now();
+                let line = clean_line(&raw);
+                if stderr {
+                    tracing::info!(target: "p2pvm_testhost::console", "{name}! {line}");
+                } else {
+                    tracing::info!(target: "p2pvm_testhost::console", "{name}| {line}");
+                }
+                transcript.push(&line, stderr);
+            }
+            Ok(Event::Eof) => open -= 1,
+            Err(mpsc::RecvTimeoutError::Timeout) => {}
+            Err(mpsc::RecvTimeoutError::Disconnected) => break,
+        }
+    }
+    let status = guard.wait()?;
+    let wall = started.elapsed();
+    let Some(exit_status) = transcript.exit_status else {
+        bail!(
+            "scenario `{name}`: the test host ended ({status}) after {:.1} s without reporting the \
+             L1 script's exit status (no P2PVM-EXIT line: kernel panic, crash or early exit?). \
+             Last console lines:\n{}",
+            wall.as_secs_f64(),
+            transcript.tail_text()
+        );
+    };
+    if runner == RunnerKind::Nested && !status.success() {
+        tracing::warn!("{name}: QEMU exited with {status}");
+    }
+    Ok(Outcome {
+        runner,
+        exit_status,
+        results: transcript.results,
+        l1_ready: transcript.l1_ready,
+        warnings: transcript.warnings,
+        console: transcript.console,
+        wall,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sh(script: &str) -> Command {
+        let mut cmd = Command::new("sh");
+        cmd.arg("-c").arg(script);
+        cmd
+    }
+
+    const LIMITS: Limits = Limits {
+        total: Duration::from_secs(20),
+        silence: Duration::from_secs(10),
+    };
+
+    #[test]
+    fn collects_results_and_exit() {
+        let out = supervise(
+            sh("printf 'P2PVM-L1-READY kvm=no\\r\\nP2PVM-RESULT a=1\\n'; echo oops >&2; echo 'P2PVM-EXIT status=4'"),
+            true,
+            RunnerKind::Direct,
+            "t",
+            LIMITS,
+        )
+        .unwrap();
+        assert_eq!(out.exit_status, 4);
+        assert_eq!(out.result("a"), Some("1"));
+        assert!(!out.l1_ready.unwrap().kvm);
+        assert!(out.console.contains("[stderr] oops"));
+    }
+
+    #[test]
+    fn missing_exit_line_is_an_error() {
+        let err = supervise(
+            sh("echo booting; exit 0"),
+            false,
+            RunnerKind::Nested,
+            "t",
+            LIMITS,
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("booting"), "{err}");
+    }
+
+    #[test]
+    fn silence_and_total_limits() {
+        let limits = Limits {
+            total: Duration::from_secs(30),
+            silence: Duration::from_millis(300),
+        };
+        let started = Instant::now();
+        let err = supervise(
+            sh("echo one; sleep 30"),
+            true,
+            RunnerKind::Direct,
+            "quiet",
+            limits,
+        )
+        .unwrap_err();
+        let wd = err.downcast_ref::<WatchdogError>().expect("watchdog error");
+        assert_eq!(wd.limit, Limit::Silence);
+        assert_eq!(wd.tail, "one");
+        assert!(started.elapsed() < Duration::from_secs(5));
+
+        let limits = Limits {
+            total: Duration::from_millis(500),
+            silence: Duration::from_secs(30),
+        };
+        let err = supervise(
+            sh("while :; do echo tick; sleep 0.05; done"),
+            true,
+            RunnerKind::Direct,
+            "chatty",
+            limits,
+        )
+        .unwrap_err();
+        let wd = err.downcast_ref::<WatchdogError>().expect("watchdog error");
+        assert_eq!(wd.limit, Limit::Total);
+        assert!(err.to_string().contains("total time limit"));
+    }
+}

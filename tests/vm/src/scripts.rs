@@ -1,0 +1,172 @@
+//! The shell scripts the harness puts around a scenario's own scripts.
+//!
+//! * `lib.sh` (at `$TESTHOST_LIB`, sourced first by every scenario script, L1 and L2):
+//!   `result k=v ...` prints a `P2PVM-RESULT` line, `uptime_s` prints the first field of
+//!   `/proc/uptime`, `since START` prints the seconds elapsed since an `uptime_s` value.
+//! * L2 `/init`: mounts proc, sysfs, devtmpfs; loads the modules listed in
+//!   `/lib/modules/load-order`; sources `lib.sh`; runs the scenario's body inline (as PID 1);
+//!   then `poweroff -f`.
+//! * L1 `/init`: mounts proc, sysfs, devtmpfs, tmpfs on `/tmp` and `/dev/shm`; sets
+//!   transparent huge pages to `madvise` (shmem: `advise`); brings up `lo`; loads modules;
+//!   prints `P2PVM-L1-READY kvm=yes|no uptime_s=...`; then the launcher; then `poweroff -f`.
+//! * The launcher (also the whole of the direct runner's wrapper): exports the scenario
+//!   environment, runs the L1 script with `sh` in `$WORK` with stdin from `/dev/null`, and
+//!   prints `P2PVM-EXIT status=N`.
+
+use crate::util::shell_quote;
+
+/// Where `lib.sh` lives in both images (relative to `$ROOT` for the direct runner).
+pub const LIB_PATH: &str = "/testhost/lib.sh";
+/// Where the L1 scenario script lives (relative to `$ROOT` for the direct runner).
+pub const L1_SCRIPT_PATH: &str = "/testhost/l1.sh";
+/// The module load list (one canonical name per line, `?name` for an optional module).
+pub const LOAD_ORDER_PATH: &str = "/lib/modules/load-order";
+
+/// Helpers sourced by scenario scripts.
+pub const LIB_SH: &str = r#"# p2pvm-testhost helpers (sourced by every scenario script).
+# result key=value ...: report values (no spaces in them) to the harness.
+result() { echo "P2PVM-RESULT $*"; }
+# uptime_s: seconds since this kernel booted (0.01 s resolution).
+uptime_s() { read -r _th_up _th_idle < /proc/uptime; echo "$_th_up"; }
+# since START: seconds (3 decimals) elapsed since START, a value printed by uptime_s.
+since() { awk -v a="$1" -v b="$(uptime_s)" 'BEGIN { printf "%.3f\n", b - a }'; }
+"#;
+
+/// The L2 body used when a scenario gives none: report reaching init, then power off.
+pub const DEFAULT_L2_BODY: &str = r#"echo "P2PVM-L2-INIT uptime=$(uptime_s)"
+"#;
+
+const LOAD_MODULES: &str = r#"while read -r m; do
+  case $m in
+    '?'*) m=${m#?}
+          insmod "/lib/modules/$m.ko" 2>/dev/null || echo "P2PVM-NOTE optional module $m not loaded" ;;
+    *)    insmod "/lib/modules/$m.ko" || echo "P2PVM-WARN module $m failed to load" ;;
+  esac
+done < /lib/modules/load-order
+"#;
+
+/// The L2 `/init`: the common prelude, then `body` inline, then power-off.
+pub fn l2_init(body: &str) -> String {
+    format!(
+        "#!/bin/busybox sh\n\
+         # p2pvm-testhost L2 init: prelude, then the scenario's body.\n\
+         export PATH=/bin:/sbin:/usr/bin:/usr/sbin\n\
+         mount -t proc proc /proc\n\
+         mount -t sysfs sysfs /sys\n\
+         mount -t devtmpfs devtmpfs /dev\n\
+         {LOAD_MODULES}\
+         export TESTHOST_LIB={LIB_PATH}\n\
+         . \"$TESTHOST_LIB\"\n\
+         # --- scenario body ---\n\
+         {body}\n\
+         # --- end of scenario body ---\n\
+         poweroff -f\n"
+    )
+}
+
+/// The L1 `/init`: system setup, the launcher, power-off whatever happened.
+pub fn l1_init(launcher: &str) -> String {
+    format!(
+        "#!/bin/busybox sh\n\
+         # p2pvm-testhost L1 init: a test host with /dev/kvm.\n\
+         export PATH=/bin:/sbin:/usr/bin:/usr/sbin\n\
+         mount -t proc proc /proc\n\
+         mount -t sysfs sysfs /sys\n\
+         mount -t devtmpfs devtmpfs /dev\n\
+         mount -t tmpfs tmpfs /tmp\n\
+         mkdir -p /dev/shm && mount -t tmpfs tmpfs /dev/shm\n\
+         echo advise > /sys/kernel/mm/transparent_hugepage/shmem_enabled\n\
+         echo madvise > /sys/kernel/mm/transparent_hugepage/enabled\n\
+         ip link set lo up\n\
+         {LOAD_MODULES}\
+         kvm=no; [ -c /dev/kvm ] && kvm=yes\n\
+         read -r up idle < /proc/uptime\n\
+         echo \"P2PVM-L1-READY kvm=$kvm uptime_s=$up\"\n\
+         {launcher}\
+         poweroff -f\n"
+    )
+}
+
+/// The direct runner's wrapper: the host plays L1.
+pub fn direct_wrapper(launcher: &str) -> String {
+    format!(
+        "#!/bin/sh\n\
+         # p2pvm-testhost direct runner: this host is the test host.\n\
+         kvm=no; [ -c /dev/kvm ] && kvm=yes\n\
+         echo \"P2PVM-L1-READY kvm=$kvm\"\n\
+         {launcher}"
+    )
+}
+
+/// Exports `env` (values quoted), runs the L1 script and reports its exit status.
+pub fn launcher(env: &[(String, String)]) -> String {
+    let mut text = String::new();
+    for (key, value) in env {
+        text.push_str(&format!("export {key}={}\n", shell_quote(value)));
+    }
+    text.push_str(&format!(
+        "mkdir -p \"$WORK\" && cd \"$WORK\"\n\
+         sh \"$ROOT{L1_SCRIPT_PATH}\" </dev/null\n\
+         echo \"P2PVM-EXIT status=$?\"\n"
+    ));
+    text
+}
+
+/// A scenario's L1 script, preceded by the sourcing of `lib.sh`.
+pub fn l1_script(user: &str) -> String {
+    format!("# p2pvm-testhost L1 scenario script\n. \"$TESTHOST_LIB\"\n{user}\n")
+}
+
+/// The text of `/lib/modules/load-order`: required modules, then `?optional` ones.
+pub fn load_order(required: &[String], optional: &[String]) -> String {
+    let mut text = String::new();
+    for name in required {
+        text.push_str(name);
+        text.push('\n');
+    }
+    for name in optional {
+        text.push('?');
+        text.push_str(name);
+        text.push('\n');
+    }
+    text
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::process::Command;
+
+    #[test]
+    fn launcher_reports_exit_status_and_env() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().to_str().unwrap().to_string();
+        std::fs::create_dir_all(dir.path().join("testhost")).unwrap();
+        std::fs::write(dir.path().join("testhost/lib.sh"), LIB_SH).unwrap();
+        let user = "result here=$(pwd) greeting=\"$GREETING\"\nt=$(uptime_s); since \"$t\" >/dev/null || exit 9\nexit 3";
+        std::fs::write(dir.path().join("testhost/l1.sh"), l1_script(user)).unwrap();
+        let env = vec![
+            ("ROOT".to_string(), root.clone()),
+            ("WORK".to_string(), format!("{root}/work dir")),
+            ("TESTHOST_LIB".to_string(), format!("{root}{LIB_PATH}")),
+            ("GREETING".to_string(), "it's".to_string()),
+        ];
+        let wrapper = direct_wrapper(&launcher(&env));
+        let out = Command::new("sh").arg("-c").arg(&wrapper).output().unwrap();
+        let stdout = String::from_utf8(out.stdout).unwrap();
+        assert!(stdout.starts_with("P2PVM-L1-READY kvm="), "{stdout}");
+        assert!(
+            stdout.contains(&format!(
+                "P2PVM-RESULT here={root}/work dir greeting=it's\n"
+            )),
+            "{stdout}"
+        );
+        assert!(stdout.ends_with("P2PVM-EXIT status=3\n"), "{stdout}");
+    }
+
+    #[test]
+    fn load_order_marks_optional() {
+        let text = load_order(&["kvm".into(), "tun".into()], &["kvm_intel".into()]);
+        assert_eq!(text, "kvm\ntun\n?kvm_intel\n");
+    }
+}
