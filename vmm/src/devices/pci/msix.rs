@@ -129,7 +129,9 @@ impl Msix {
         self.function_masked = control & CONTROL_MASK != 0;
         if !was_active && self.enabled && !self.function_masked {
             for v in 0..self.vectors.len() {
-                self.deliver_pending(v);
+                if self.vectors[v].control & VECTOR_MASKED == 0 {
+                    self.deliver_pending(v);
+                }
             }
         }
     }

@@ -1,0 +1,1 @@
+//! virtio-blk (placeholder while the transport is tested).

@@ -1,0 +1,1 @@
+//! virtio-net (placeholder while the transport is tested).
