@@ -9,6 +9,8 @@ pub mod blk;
 pub mod iov;
 pub mod net;
 pub mod rng;
+#[cfg(test)]
+pub mod testing;
 pub mod transport;
 
 use std::os::fd::RawFd;
