@@ -49,7 +49,8 @@ pub struct Console {
     /// Signalled when `pending` gained bytes, so the device thread waits for
     /// the client to become writable.
     pending_event: EventFd,
-    boot: Arc<BootTimes>,
+    /// The current boot's milestones (replaced at each reboot).
+    boot: Mutex<Arc<BootTimes>>,
 }
 
 impl Console {
@@ -62,12 +63,17 @@ impl Console {
                 ..Default::default()
             }),
             pending_event: EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC)?,
-            boot,
+            boot: Mutex::new(boot),
         }))
     }
 
+    /// Starts timing a new boot (after a guest reset).
+    pub fn set_boot(&self, boot: Arc<BootTimes>) {
+        *lock(&self.boot) = boot;
+    }
+
     fn output(&self, bytes: &[u8]) {
-        self.boot.first_output();
+        lock(&self.boot).first_output();
         let mut inner = lock(&self.inner);
         let i = &mut *inner;
         i.backlog.extend(bytes);

@@ -80,16 +80,24 @@ pub enum ChoiceError {
 
 const VM_NOT_BUILT: &str = "the KVM VM backend (images + VMM) is not built yet; it plugs into the same channel in a later release";
 
-/// Resolves `requested` against what the host offers.
-pub fn choose(requested: Isolation, host: &HostVirt) -> Result<Choice, ChoiceError> {
-    let why_not_vm = if !host.kvm {
+/// Why KVM guests cannot run on `host` (empty when they can).
+pub fn why_not_vm(host: &HostVirt) -> String {
+    if !host.kvm {
         "no /dev/kvm".to_owned()
     } else if host.pvm {
         "/dev/kvm is the PVM software hypervisor (no hardware virtualization)".to_owned()
     } else if !host.hw_flag {
         "the CPU has no vmx/svm flag".to_owned()
     } else {
-        VM_NOT_BUILT.to_owned()
+        String::new()
+    }
+}
+
+/// Resolves `requested` against what the host offers.
+pub fn choose(requested: Isolation, host: &HostVirt) -> Result<Choice, ChoiceError> {
+    let why_not_vm = match why_not_vm(host) {
+        w if w.is_empty() => VM_NOT_BUILT.to_owned(),
+        w => w,
     };
     match requested {
         Isolation::Sandbox => Ok(Choice {

@@ -16,10 +16,14 @@
 //! chosen by [`isolation`] only where it exists.
 
 pub mod arch;
+pub mod builder;
+pub mod config;
 pub mod console;
 pub mod devices;
+pub mod instance;
 pub mod isolation;
 pub mod lifecycle;
+pub mod runner;
 pub mod sandbox;
 pub mod supervisor;
 pub mod vstate;

@@ -2,13 +2,11 @@
 //!
 //! Any thread (a vCPU writing the ACPI sleep register, the device thread
 //! losing its disk, a signal) may end the run; the first reason wins, the
-//! main thread wakes on [`ExitSignal::event`] and stops everything.
+//! main thread wakes in [`ExitSignal::wait`] and stops everything.
 
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Mutex, OnceLock};
+use std::sync::{Condvar, Mutex, OnceLock};
 use std::time::{Duration, Instant};
-
-use vmm_sys_util::eventfd::EventFd;
 
 use crate::devices::bus::lock;
 
@@ -32,7 +30,7 @@ pub enum ExitReason {
 pub struct ExitSignal {
     reason: Mutex<Option<ExitReason>>,
     stopping: AtomicBool,
-    event: EventFd,
+    ended: Condvar,
 }
 
 impl ExitSignal {
@@ -41,7 +39,7 @@ impl ExitSignal {
         Ok(Self {
             reason: Mutex::new(None),
             stopping: AtomicBool::new(false),
-            event: EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC)?,
+            ended: Condvar::new(),
         })
     }
 
@@ -52,9 +50,7 @@ impl ExitSignal {
             tracing::debug!(?reason, "VM exit requested");
             *r = Some(reason);
             self.stopping.store(true, Ordering::Release);
-            // The counter only overflows after 2^64 requests; a failed write
-            // still leaves `stopping` set for the vCPU loops to see.
-            let _ = self.event.write(1);
+            self.ended.notify_all();
         }
     }
 
@@ -68,9 +64,14 @@ impl ExitSignal {
         lock(&self.reason).clone()
     }
 
-    /// Readable once an exit was requested.
-    pub fn event(&self) -> &EventFd {
-        &self.event
+    /// Waits up to `timeout` for the run to end; returns whether it has.
+    pub fn wait(&self, timeout: Duration) -> bool {
+        let guard = lock(&self.reason);
+        let (guard, _) = self
+            .ended
+            .wait_timeout_while(guard, timeout, |r| r.is_none())
+            .unwrap_or_else(|p| p.into_inner());
+        guard.is_some()
     }
 }
 
@@ -128,11 +129,12 @@ mod tests {
     fn first_reason_wins() {
         let s = ExitSignal::new().unwrap();
         assert!(!s.stopping());
+        assert!(!s.wait(Duration::from_millis(1)));
         s.request(ExitReason::PowerOff);
         s.request(ExitReason::Reset);
         assert!(s.stopping());
         assert_eq!(s.reason(), Some(ExitReason::PowerOff));
-        assert_eq!(s.event().read().unwrap(), 1);
+        assert!(s.wait(Duration::ZERO));
     }
 
     #[test]

@@ -1,4 +1,5 @@
-//! `p2pvmm`: brings the split platform up and opens the operator's console.
+//! `p2pvmm`: brings the split platform up, runs single VMs, and opens
+//! consoles.
 
 // glibc malloc returns freed buffers to the kernel and faults them back in:
 // on the streaming paths that cost more than the copies themselves.
@@ -8,15 +9,21 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 use std::ffi::OsString;
 use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
-use clap::{Parser, Subcommand};
+use clap::{Args, Parser, Subcommand, ValueEnum};
 use tokio_util::sync::CancellationToken;
 use tracing_subscriber::EnvFilter;
+use vmm::config::{DEFAULT_CMDLINE, DiskConfig, NetConfig, VmConfig};
+use vmm::instance::{self, OnReboot, RunOptions, VmDir};
 use vmm::isolation::{self, HostVirt, Isolation};
+use vmm::lifecycle::ExitReason;
 use vmm::sandbox::{self, Home};
 
-/// The p2pvm supervisor: one P2P node for the machine, kept apart from the user's OS.
+/// The p2pvm VMM and supervisor: one P2P node for the machine, kept apart from the user's OS.
 #[derive(Debug, Parser)]
 #[command(version, about)]
 struct Cli {
@@ -44,18 +51,78 @@ enum Cmd {
         #[arg(last = true)]
         service_args: Vec<OsString>,
     },
-    /// Open the operator's console inside a side (`service`), or run COMMAND there.
+    /// Run one KVM virtual machine in this process until it powers off.
+    Run(RunArgs),
+    /// Attach to a VM's serial console (`Ctrl-]` detaches), or for `service`
+    /// under the sandbox backend open the operator's shell, or run COMMAND there.
     Console {
-        /// Which side.
-        #[arg(value_parser = ["service"])]
-        side: String,
-        /// Command to run instead of a shell.
+        /// VM name (or `service`).
+        name: String,
+        /// With stdin from a pipe: how long to keep printing after its end
+        /// once the guest is quiet.
+        #[arg(long, default_value_t = 1000)]
+        linger_ms: u64,
+        /// Command to run instead of a shell (sandbox backend only).
         #[arg(last = true)]
         command: Vec<OsString>,
     },
 }
 
+#[derive(Debug, Args)]
+struct RunArgs {
+    /// VM name; its console is `p2pvmm console NAME`.
+    #[arg(long)]
+    name: String,
+    /// Kernel: ELF vmlinux (PVH entry) or bzImage.
+    #[arg(long)]
+    kernel: PathBuf,
+    /// Initramfs.
+    #[arg(long)]
+    initrd: Option<PathBuf>,
+    /// Kernel command line.
+    #[arg(long, default_value = DEFAULT_CMDLINE)]
+    cmdline: String,
+    /// Guest RAM in MiB.
+    #[arg(long, default_value_t = 256)]
+    mem_mib: u64,
+    /// vCPUs.
+    #[arg(long, default_value_t = 1)]
+    vcpus: u8,
+    /// A virtio-blk disk: PATH or PATH,ro (repeatable; /dev/vda, /dev/vdb, ...).
+    #[arg(long = "disk")]
+    disks: Vec<String>,
+    /// A virtio-net interface on a TAP: NAME or NAME,mac=02:..:.. (repeatable).
+    #[arg(long = "net")]
+    nets: Vec<String>,
+    /// Add a virtio-rng device.
+    #[arg(long)]
+    rng: bool,
+    /// Copy the guest's console to stdout.
+    #[arg(long)]
+    console_stdout: bool,
+    /// What a guest reset does.
+    #[arg(long, value_enum, default_value_t = RebootPolicy::Restart)]
+    on_reboot: RebootPolicy,
+    /// Write a JSON report (exit reason, boot times, memory overhead) here at exit.
+    #[arg(long)]
+    report: Option<PathBuf>,
+    /// Run even where /dev/kvm has no hardware virtualization (PVM): only
+    /// tiny guests work there.
+    #[arg(long, hide = true)]
+    allow_software_kvm: bool,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum RebootPolicy {
+    Restart,
+    Exit,
+}
+
+/// Exit status of `p2pvmm run` when the guest panicked.
+const EXIT_GUEST_PANIC: i32 = 3;
+
 fn main() -> anyhow::Result<()> {
+    let started = Instant::now();
     let cli = Cli::parse();
     tracing_subscriber::fmt()
         .with_env_filter(EnvFilter::try_new(&cli.log).context("invalid --log filter")?)
@@ -68,35 +135,110 @@ fn main() -> anyhow::Result<()> {
             config,
             service_args,
         } => up(home, isolation, config, service_args),
-        Cmd::Console { command, .. } => console(&home, &command),
+        Cmd::Run(args) => run(&home, args, started),
+        Cmd::Console {
+            name,
+            linger_ms,
+            command,
+        } => console(&home, &name, Duration::from_millis(linger_ms), &command),
     }
 }
 
-fn up(
-    home: Home,
-    requested: Isolation,
-    config: Option<PathBuf>,
-    service_args: Vec<OsString>,
-) -> anyhow::Result<()> {
+fn vm_config(a: &RunArgs) -> anyhow::Result<VmConfig> {
+    let disks = a
+        .disks
+        .iter()
+        .map(|d| match d.strip_suffix(",ro") {
+            Some(path) => DiskConfig { path: path.into(), read_only: true },
+            None => DiskConfig { path: d.into(), read_only: false },
+        })
+        .collect();
+    let nets = a
+        .nets
+        .iter()
+        .map(|n| match n.split_once(",mac=") {
+            Some((tap, mac)) => NetConfig { tap: tap.into(), mac: Some(mac.into()) },
+            None => NetConfig { tap: n.clone(), mac: None },
+        })
+        .collect();
+    let c = VmConfig {
+        name: a.name.clone(),
+        kernel: a.kernel.clone(),
+        initrd: a.initrd.clone(),
+        cmdline: a.cmdline.clone(),
+        mem_mib: a.mem_mib,
+        vcpus: a.vcpus,
+        disks,
+        nets,
+        rng: a.rng,
+    };
+    c.validate()?;
+    Ok(c)
+}
+
+extern "C" fn request_stop(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {
+    vmm::runner::STOP_REQUESTED.store(true, Ordering::Relaxed);
+}
+
+fn run(home: &Home, args: RunArgs, started: Instant) -> anyhow::Result<()> {
+    let host = HostVirt::probe();
+    if !host.hardware() && !args.allow_software_kvm {
+        let why = isolation::why_not_vm(&host);
+        bail!("cannot run a Linux guest here: {why}");
+    }
+    let config = vm_config(&args)?;
+    for sig in [libc::SIGTERM, libc::SIGINT] {
+        vmm_sys_util::signal::register_signal_handler(sig, request_stop)
+            .map_err(|e| anyhow::anyhow!("installing a signal handler: {e}"))?;
+    }
+    let opts = RunOptions {
+        home: home.root().to_path_buf(),
+        console_stdout: args.console_stdout,
+        on_reboot: match args.on_reboot {
+            RebootPolicy::Restart => OnReboot::Restart,
+            RebootPolicy::Exit => OnReboot::Exit,
+        },
+        setup: Arc::new(vmm::runner::NoSetup),
+        started,
+    };
+    let (reason, report) = instance::run(&config, &opts)?;
+    let ms = |v: Option<f64>| v.map_or("-".to_owned(), |v| format!("{:.0} ms", v));
+    eprintln!(
+        "p2pvmm: {} ended ({}) after {:.2} s; first output {}, /init {}; VMM overhead {:.1} MiB",
+        config.name,
+        report.exit,
+        report.ran_s,
+        ms(report.first_output_ms),
+        ms(report.init_ms),
+        report.vmm_overhead_kib as f64 / 1024.0
+    );
+    if let Some(path) = &args.report {
+        std::fs::write(path, serde_json::to_vec_pretty(&report)?).with_context(|| format!("writing {}", path.display()))?;
+    }
+    match reason {
+        ExitReason::PowerOff | ExitReason::Reset | ExitReason::Stopped => Ok(()),
+        ExitReason::Panic => {
+            eprintln!("p2pvmm: {}: the guest kernel panicked", config.name);
+            std::process::exit(EXIT_GUEST_PANIC)
+        }
+        ExitReason::Error(e) => bail!("{}: {e}", config.name),
+    }
+}
+
+fn up(home: Home, requested: Isolation, config: Option<PathBuf>, service_args: Vec<OsString>) -> anyhow::Result<()> {
     let choice = isolation::choose(requested, &HostVirt::probe())?;
     println!("p2pvmm: isolation {} ({})", choice.backend, choice.reason);
     println!(
         "p2pvmm: service side: p2pd in a sandbox (user, mount, pid, ipc, uts namespaces; Landlock; seccomp); its data: {}",
         home.service_dir().display()
     );
-    println!(
-        "p2pvmm: apps connect to {}  (export P2PVM_API_SOCKET={0})",
-        home.api_socket().display()
-    );
+    println!("p2pvmm: apps connect to {}  (export P2PVM_API_SOCKET={0})", home.api_socket().display());
     println!(
         "p2pvmm: admin token {} — operator console: p2pvmm --home {} console service",
         home.admin_token().display(),
         home.root().display()
     );
-    let config = config
-        .map(|c| std::path::absolute(&c))
-        .transpose()
-        .context("config path")?;
+    let config = config.map(|c| std::path::absolute(&c)).transpose().context("config path")?;
     let opts = vmm::supervisor::UpOptions {
         home,
         config,
@@ -121,14 +263,24 @@ fn up(
     Ok(())
 }
 
-fn console(home: &Home, command: &[OsString]) -> anyhow::Result<()> {
+fn console(home: &Home, name: &str, linger: Duration, command: &[OsString]) -> anyhow::Result<()> {
+    let socket = VmDir::new(home.root(), name).console_socket();
+    if socket.exists() {
+        if !command.is_empty() {
+            bail!("a VM console takes no command; type it into the console");
+        }
+        vmm::console::client::attach(&socket, linger)?;
+        return Ok(());
+    }
+    if name != "service" {
+        bail!("no VM named {name:?} is running under {}", home.root().display());
+    }
+    sandbox_console(home, command)
+}
+
+fn sandbox_console(home: &Home, command: &[OsString]) -> anyhow::Result<()> {
     let pid: u32 = std::fs::read_to_string(home.service_pid())
-        .with_context(|| {
-            format!(
-                "no running service side under {} (is `p2pvmm up` running?)",
-                home.root().display()
-            )
-        })?
+        .with_context(|| format!("no running service side under {} (is `p2pvmm up` running?)", home.root().display()))?
         .trim()
         .parse()
         .context("service.pid")?;

@@ -111,10 +111,15 @@ impl PciRoot {
         }
     }
 
+    /// The slot [`PciRoot::add`] will use next.
+    pub fn next_slot(&self) -> Option<u8> {
+        (1..32).find(|&s| self.slots[s].is_none()).map(|s| s as u8)
+    }
+
     /// Puts `device` in the first free slot and maps its BARs where its
     /// configuration says (memory decoding on, as firmware would leave it).
     pub fn add(&mut self, device: PciHandle) -> Result<u8, RootError> {
-        let slot = (1..32).find(|&s| self.slots[s].is_none()).ok_or(RootError::Full)? as u8;
+        let slot = self.next_slot().ok_or(RootError::Full)?;
         self.slots[slot as usize] = Some(Slot {
             device,
             mapped: [None; 6],

@@ -1,0 +1,133 @@
+//! Running a built machine: a thread per vCPU, one device thread for the
+//! event loop, and the calling thread waiting for the run to end, then
+//! stopping everything it started.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use vmm_sys_util::signal::Killable;
+
+use crate::builder::Machine;
+use crate::lifecycle::ExitReason;
+use crate::vstate::vcpu::kick_signal;
+
+/// Set by the VMM's SIGTERM/SIGINT handler.
+pub static STOP_REQUESTED: AtomicBool = AtomicBool::new(false);
+
+/// How often the device thread looks at the exit flag while idle.
+const DEVICE_POLL_MS: i32 = 50;
+
+/// What a run gives back.
+#[derive(Debug, Clone)]
+pub struct RunOutcome {
+    /// Why it ended.
+    pub reason: ExitReason,
+    /// How long it ran.
+    pub ran: Duration,
+    /// Largest resident memory of this process beyond guest RAM seen during
+    /// the run, in KiB (VmRSS minus the shared memory that is guest RAM).
+    pub max_overhead_kib: u64,
+}
+
+/// This process's resident memory beyond guest RAM, in KiB. Guest RAM is a
+/// memfd, so it is all of `RssShmem`; the rest is the VMM itself.
+pub fn rss_overhead_kib() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let field = |name: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+    };
+    Some(field("VmRSS:")?.saturating_sub(field("RssShmem:").unwrap_or(0)))
+}
+
+/// Which seccomp filter (if any) each thread installs before it starts.
+pub trait ThreadSetup: Send + Sync + 'static {
+    /// Called first thing on a vCPU thread.
+    fn vcpu(&self) -> Result<(), String> {
+        Ok(())
+    }
+    /// Called first thing on the device thread.
+    fn device(&self) -> Result<(), String> {
+        Ok(())
+    }
+}
+
+/// No confinement (tests).
+#[derive(Debug)]
+pub struct NoSetup;
+impl ThreadSetup for NoSetup {}
+
+/// Runs `machine` until the guest powers off, resets, panics, the host asks
+/// it to stop, or something fails.
+pub fn run(machine: Machine, setup: std::sync::Arc<dyn ThreadSetup>) -> std::io::Result<RunOutcome> {
+    let started = Instant::now();
+    let Machine {
+        vm,
+        ram,
+        vcpus,
+        mut events,
+        exit,
+        ..
+    } = machine;
+
+    let mut vcpu_threads: Vec<JoinHandle<()>> = Vec::new();
+    for vcpu in vcpus {
+        let setup = setup.clone();
+        let exit = exit.clone();
+        let name = format!("vcpu{}", vcpu.id());
+        vcpu_threads.push(std::thread::Builder::new().name(name).spawn(move || {
+            if let Err(e) = setup.vcpu() {
+                exit.request(ExitReason::Error(format!("vCPU thread setup: {e}")));
+                return;
+            }
+            vcpu.run();
+        })?);
+    }
+    let dev_exit = exit.clone();
+    let dev_setup = setup.clone();
+    let device_thread = std::thread::Builder::new().name("devices".into()).spawn(move || {
+        if let Err(e) = dev_setup.device() {
+            dev_exit.request(ExitReason::Error(format!("device thread setup: {e}")));
+            return;
+        }
+        while !dev_exit.stopping() {
+            if let Err(e) = events.run_with_timeout(DEVICE_POLL_MS) {
+                dev_exit.request(ExitReason::Error(format!("device event loop: {e:?}")));
+            }
+        }
+    })?;
+
+    // Wait for the end: a request from any thread, or a signal.
+    let mut max_overhead_kib = 0;
+    while !exit.stopping() {
+        max_overhead_kib = max_overhead_kib.max(rss_overhead_kib().unwrap_or(0));
+        if STOP_REQUESTED.load(Ordering::Relaxed) {
+            exit.request(ExitReason::Stopped);
+            break;
+        }
+        exit.wait(Duration::from_millis(100));
+    }
+
+    // Kick vCPUs out of KVM_RUN until each has left.
+    for t in &vcpu_threads {
+        while !t.is_finished() {
+            let _ = t.kill(kick_signal());
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+    for t in vcpu_threads {
+        let _ = t.join();
+    }
+    let _ = device_thread.join();
+    // The VM fd goes before the memory it maps.
+    drop(vm);
+    drop(ram);
+    Ok(RunOutcome {
+        reason: exit.reason().unwrap_or(ExitReason::Stopped),
+        ran: started.elapsed(),
+        max_overhead_kib,
+    })
+}
