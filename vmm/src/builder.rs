@@ -255,6 +255,7 @@ impl MachineBuilder {
             mmio64_start: layout::pci_mmio64_start(self.ram.size),
         })?;
         acpi::write(mem, &tables)?;
+        boot::write_reset_stub(mem).map_err(|e| device_err("reset vector")(Box::new(e)))?;
         let e820 = boot::e820_map(self.ram.size);
         let boot_struct = match loaded.kind {
             loader::KernelKind::Pvh { .. } => boot::write_pvh(mem, &e820, layout::CMDLINE_START, initrd, tables.rsdp())?,

@@ -36,7 +36,12 @@ const PENDING_MAX_BYTES: usize = 1 << 20;
 #[derive(Debug, Default)]
 struct Inner {
     backlog: VecDeque<u8>,
+    /// The attached client. Only the device thread drops it (after taking
+    /// it out of its epoll set): an fd closed while registered would come
+    /// back as the next client's fd and confuse the event loop.
     client: Option<UnixStream>,
+    /// Writing to the client failed; it is dropped by the device thread.
+    broken: bool,
     pending: VecDeque<u8>,
     log: Option<File>,
     stdout: bool,
@@ -87,7 +92,7 @@ impl Console {
             let _ = io::stdout().write_all(bytes);
             let _ = io::stdout().flush();
         }
-        if i.client.is_none() {
+        if i.client.is_none() || i.broken {
             return;
         }
         if i.pending.is_empty() {
@@ -95,7 +100,8 @@ impl Console {
                 Some(Ok(n)) => n,
                 Some(Err(e)) if e.kind() == io::ErrorKind::WouldBlock => 0,
                 _ => {
-                    i.client = None;
+                    i.broken = true;
+                    let _ = self.pending_event.write(1);
                     return;
                 }
             };
@@ -123,20 +129,27 @@ impl Console {
         }
         inner.pending = inner.backlog.clone();
         inner.client = Some(client);
+        inner.broken = false;
         let _ = self.pending_event.write(1);
     }
 
+    /// Drops the client; the caller took its fd out of the event loop first.
     fn detach(&self) {
         let mut inner = lock(&self.inner);
         inner.client = None;
+        inner.broken = false;
         inner.pending.clear();
     }
 
-    /// Writes what is pending; `Ok(true)` when everything went out.
+    fn broken(&self) -> bool {
+        lock(&self.inner).broken
+    }
+
+    /// Writes what is pending; `true` when everything went out.
     fn flush_pending(&self) -> bool {
         let mut inner = lock(&self.inner);
         let i = &mut *inner;
-        let Some(client) = i.client.as_mut() else {
+        let Some(client) = i.client.as_mut().filter(|_| !i.broken) else {
             i.pending.clear();
             return true;
         };
@@ -149,7 +162,7 @@ impl Console {
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return false,
                 Err(_) => {
-                    i.client = None;
+                    i.broken = true;
                     i.pending.clear();
                     return true;
                 }
@@ -235,6 +248,15 @@ impl ConsoleServer {
         }
     }
 
+    /// Takes the client out of the event loop, then lets it go.
+    fn drop_client(&mut self, ops: &mut EventOps) {
+        if let Some(fd) = self.registered.take() {
+            let _ = ops.remove(Events::empty_raw(fd));
+        }
+        self.input.clear();
+        self.console.detach();
+    }
+
     fn client_interest(&self) -> EventSet {
         let mut set = EventSet::HANG_UP | EventSet::READ_HANG_UP;
         if self.input.is_empty() {
@@ -313,8 +335,11 @@ impl MutEventSubscriber for ConsoleServer {
                 alive = self.read_client();
             }
             if !alive || set.intersects(EventSet::HANG_UP | EventSet::ERROR) {
-                self.console.detach();
+                self.drop_client(ops);
             }
+        }
+        if self.console.broken() {
+            self.drop_client(ops);
         }
         self.sync_client(ops);
     }
@@ -334,3 +359,133 @@ pub fn bind(path: &Path) -> io::Result<UnixListener> {
 }
 
 pub mod client;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::devices::bus::MutBusDevice;
+    use event_manager::{EventManager, SubscriberOps};
+    use std::io::Write as _;
+    use std::time::{Duration, Instant};
+
+    type Loop = EventManager<Arc<Mutex<ConsoleServer>>>;
+
+    struct Rig {
+        events: Loop,
+        console: Arc<Console>,
+        serial: Arc<Mutex<SerialDevice>>,
+        path: std::path::PathBuf,
+        _dir: tempfile::TempDir,
+    }
+
+    fn rig() -> Rig {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("console.sock");
+        let boot = Arc::new(BootTimes::new(Instant::now()));
+        let console = Console::new(None, false, boot).unwrap();
+        let irq = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        let room = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        let serial = Arc::new(Mutex::new(SerialDevice::new(
+            irq,
+            room.try_clone().unwrap(),
+            ConsoleOut(console.clone()),
+        )));
+        let server = ConsoleServer::new(console.clone(), bind(&path).unwrap(), serial.clone(), room).unwrap();
+        let mut events = EventManager::new().unwrap();
+        events.add_subscriber(Arc::new(Mutex::new(server)));
+        Rig { events, console, serial, path, _dir: dir }
+    }
+
+    impl Rig {
+        fn pump(&mut self) {
+            for _ in 0..5 {
+                self.events.run_with_timeout(10).unwrap();
+            }
+        }
+        /// What the guest's UART has received so far.
+        fn guest_reads(&mut self) -> Vec<u8> {
+            let mut got = Vec::new();
+            let mut s = lock(&self.serial);
+            loop {
+                let mut lsr = [0u8];
+                s.read(5, &mut lsr);
+                if lsr[0] & 1 == 0 {
+                    break;
+                }
+                let mut b = [0u8];
+                s.read(0, &mut b);
+                got.push(b[0]);
+            }
+            got
+        }
+        fn guest_prints(&mut self, text: &[u8]) {
+            let mut s = lock(&self.serial);
+            for b in text {
+                s.write(0, &[*b]);
+            }
+        }
+    }
+
+    fn read_for(c: &mut UnixStream, rig: &mut Rig) -> Vec<u8> {
+        c.set_read_timeout(Some(Duration::from_millis(50))).unwrap();
+        let mut out = Vec::new();
+        for _ in 0..10 {
+            rig.pump();
+            let mut buf = [0u8; 4096];
+            match c.read(&mut buf) {
+                Ok(0) => break,
+                Ok(n) => out.extend_from_slice(&buf[..n]),
+                Err(_) => {}
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn attach_type_detach_attach_again() {
+        let mut rig = rig();
+        rig.guest_prints(b"login: ");
+        // First client: sees the backlog, types, leaves.
+        let mut c1 = UnixStream::connect(&rig.path).unwrap();
+        assert_eq!(read_for(&mut c1, &mut rig), b"login: ");
+        c1.write_all(b"root\n").unwrap();
+        rig.pump();
+        assert_eq!(rig.guest_reads(), b"root\n");
+        drop(c1);
+        rig.pump();
+        // A second client is served the same way, and sees new output live.
+        let mut c2 = UnixStream::connect(&rig.path).unwrap();
+        let replay = read_for(&mut c2, &mut rig);
+        assert!(replay.ends_with(b"login: "), "{replay:?}");
+        c2.write_all(b"ls\n").unwrap();
+        rig.pump();
+        assert_eq!(rig.guest_reads(), b"ls\n");
+        rig.guest_prints(b"bin dev\n");
+        assert_eq!(read_for(&mut c2, &mut rig), b"bin dev\n");
+        // A third connection while the second is attached is turned away.
+        let mut c3 = UnixStream::connect(&rig.path).unwrap();
+        let refused = read_for(&mut c3, &mut rig);
+        assert!(String::from_utf8_lossy(&refused).contains("attached elsewhere"));
+        c2.write_all(b"x").unwrap();
+        rig.pump();
+        assert_eq!(rig.guest_reads(), b"x", "the attached client still types");
+    }
+
+    #[test]
+    fn typing_faster_than_the_guest_reads_loses_nothing() {
+        let mut rig = rig();
+        let mut c = UnixStream::connect(&rig.path).unwrap();
+        let text: Vec<u8> = (0..1000).map(|i| b'a' + (i % 26) as u8).collect();
+        c.write_all(&text).unwrap();
+        let mut got = Vec::new();
+        for _ in 0..200 {
+            rig.pump();
+            got.extend(rig.guest_reads());
+            if got.len() == text.len() {
+                break;
+            }
+        }
+        assert_eq!(got, text);
+        let _ = &rig.console;
+    }
+}

@@ -3,7 +3,8 @@
 //! * `lib.sh` (at `$TESTHOST_LIB`, sourced first by every scenario script, L1 and L2):
 //!   `result k=v ...` prints a `P2PVM-RESULT` line, `uptime_s` prints the first field of
 //!   `/proc/uptime`, `since START` prints the seconds elapsed since an `uptime_s` value.
-//! * L2 `/init`: mounts proc, sysfs, devtmpfs; loads the modules listed in
+//! * L2 `/init`: mounts proc, sysfs, devtmpfs; writes p2pvmm's boot marker and prints
+//!   `P2PVM-L2-INIT uptime=…`; loads the modules listed in
 //!   `/lib/modules/load-order`; sources `lib.sh`; runs the scenario's body inline (as PID 1);
 //!   then `poweroff -f`.
 //! * L1 `/init`: mounts proc, sysfs, devtmpfs, tmpfs on `/tmp` and `/dev/shm`; sets
@@ -32,8 +33,15 @@ uptime_s() { read -r _th_up _th_idle < /proc/uptime; echo "$_th_up"; }
 since() { awk -v a="$1" -v b="$(uptime_s)" 'BEGIN { printf "%.3f\n", b - a }'; }
 "#;
 
-/// The L2 body used when a scenario gives none: report reaching init, then power off.
-pub const DEFAULT_L2_BODY: &str = r#"echo "P2PVM-L2-INIT uptime=$(uptime_s)"
+/// The L2 body used when a scenario gives none (the prelude already reported init).
+pub const DEFAULT_L2_BODY: &str = "";
+
+/// First thing of the L2 `/init`: tell the VMM it runs (p2pvmm's boot-marker
+/// port 0x440 — 1088 — takes 0x7b; QEMU ignores the write), and print the
+/// line the L1 scripts time the boot by.
+const INIT_MARKER: &str = r#"printf '\173' | dd of=/dev/port bs=1 seek=1088 count=1 2>/dev/null
+read -r _l2_up _l2_idle < /proc/uptime
+echo "P2PVM-L2-INIT uptime=$_l2_up"
 "#;
 
 const LOAD_MODULES: &str = r#"while read -r m; do
@@ -54,6 +62,7 @@ pub fn l2_init(body: &str) -> String {
          mount -t proc proc /proc\n\
          mount -t sysfs sysfs /sys\n\
          mount -t devtmpfs devtmpfs /dev\n\
+         {INIT_MARKER}\
          {LOAD_MODULES}\
          export TESTHOST_LIB={LIB_PATH}\n\
          . \"$TESTHOST_LIB\"\n\

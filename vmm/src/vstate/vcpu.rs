@@ -182,6 +182,9 @@ impl Vcpu {
                 self.exit.request(reason);
             }
         }
+        if let Ok(r) = self.fd.get_regs() {
+            tracing::debug!(vcpu = self.id, rip = format_args!("{:#x}", r.rip), "vCPU stopped");
+        }
     }
 
     /// One `KVM_RUN`; `Some` when the run must end.

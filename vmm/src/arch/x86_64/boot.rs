@@ -12,7 +12,7 @@ use linux_loader::loader::elf::start_info::{
 use vm_memory::{GuestAddress, GuestMemoryMmap};
 
 use super::layout::{
-    ACPI_START, EBDA_START, HIGH_RAM_START, PCI_ECAM_SIZE, PCI_ECAM_START, PVH_INFO_START,
+    self, ACPI_START, EBDA_START, HIGH_RAM_START, PCI_ECAM_SIZE, PCI_ECAM_START, PVH_INFO_START,
     PVH_MEMMAP_START, ZERO_PAGE_START, ram_ranges,
 };
 
@@ -161,10 +161,42 @@ pub fn write_zero_page(
     Ok(ZERO_PAGE_START)
 }
 
+/// The only firmware this VM has: 16 bytes at the reset vector that write
+/// the ACPI reset register. Linux ends up here when it reboots through "the
+/// BIOS" — which it does by default on hardware-reduced ACPI platforms
+/// (it prefers EFI there, has none, then falls back to a real-mode jump to
+/// F000:FFF0). Without this stub such a reboot spins in zeroed memory.
+pub fn reset_stub() -> [u8; 16] {
+    let port = layout::ports::ACPI_RESET.to_le_bytes();
+    [
+        0xba, port[0], port[1], // mov dx, ACPI_RESET
+        0xb0, layout::ports::ACPI_RESET_VALUE, // mov al, ACPI_RESET_VALUE
+        0xee, // out dx, al
+        0xf4, // hlt
+        0xeb, 0xfd, // jmp back to hlt
+        0, 0, 0, 0, 0, 0, 0,
+    ]
+}
+
+/// Writes [`reset_stub`] at [`layout::RESET_VECTOR`].
+pub fn write_reset_stub(mem: &GuestMemoryMmap) -> Result<(), vm_memory::GuestMemoryError> {
+    use vm_memory::Bytes;
+    mem.write_slice(&reset_stub(), GuestAddress(layout::RESET_VECTOR))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use vm_memory::Bytes;
+
+    #[test]
+    fn reset_stub_targets_the_reset_register() {
+        let s = reset_stub();
+        assert_eq!(u16::from_le_bytes([s[1], s[2]]), layout::ports::ACPI_RESET);
+        assert_eq!(s[4], layout::ports::ACPI_RESET_VALUE);
+        // jmp -3 lands on the hlt.
+        assert_eq!((s[6], s[8] as i8), (0xf4, -3));
+    }
 
     #[test]
     fn e820_small_guest() {

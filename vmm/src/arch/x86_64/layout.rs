@@ -49,6 +49,9 @@ pub const EBDA_START: u64 = 0x9_fc00;
 /// 0xe0000–0xfffff, so a kernel that ignores the boot protocol's pointer
 /// still boots with ACPI.
 pub const ACPI_START: u64 = 0xe_0000;
+/// The x86 reset vector (F000:FFF0): where a CPU starts after reset, and
+/// where Linux jumps (in real mode) when every other way of rebooting failed.
+pub const RESET_VECTOR: u64 = 0xf_fff0;
 /// End of the legacy BIOS area (exclusive) and start of "high" memory.
 pub const HIGH_RAM_START: u64 = 0x10_0000;
 /// Start of the 32-bit MMIO hole; RAM stops here and resumes at 4 GiB.

@@ -101,7 +101,9 @@ impl Net {
 
     fn transmit(&mut self, queue: &mut Queue, mem: &GuestMemoryMmap) -> Result<bool, DeviceError> {
         let mut any = false;
-        for _ in 0..BATCH {
+        // Until the ring is empty: stopping early would need a notification
+        // the driver has no reason to send.
+        loop {
             let chain = queue.iter(mem).map_err(|e| queue_error(TX, e))?.next();
             let Some(chain) = chain else {
                 if queue.enable_notification(mem).map_err(|e| queue_error(TX, e))? {

@@ -118,6 +118,20 @@ impl Driver {
         self.make_available(0, idx);
     }
 
+    /// Turns on event-index notification suppression on every queue.
+    pub fn enable_event_idx(&mut self) {
+        for q in &mut self.queues {
+            q.set_event_idx(true);
+        }
+    }
+
+    /// The `avail_event` the device published on queue `q`: the driver
+    /// kicks only when its avail index passes it.
+    pub fn avail_event(&self, q: usize) -> u16 {
+        let at = self.rings[q].used + 4 + 8 * u64::from(self.size);
+        self.mem.read_obj(GuestAddress(at)).unwrap()
+    }
+
     /// Claims `n` more chains are available on queue 0 than were made.
     pub fn lie_about_avail(&mut self, n: u16) {
         let r = self.rings[0];

@@ -377,6 +377,7 @@ impl<B: VirtioBackend> VirtioPci<B> {
             return;
         }
         self.active = true;
+        tracing::debug!(device = self.backend.device_type(), features = format_args!("{features:#x}"), msix = self.msix.enabled(), vectors = ?self.queue_vectors, "virtio device activated");
         let _ = self.resync.write(1);
         // Buffers made available before DRIVER_OK are served now.
         for q in 0..self.queues.len() {
@@ -412,6 +413,7 @@ impl<B: VirtioBackend> VirtioPci<B> {
     }
 
     fn signal(&mut self, vector: u16, isr_bit: u8) {
+        tracing::trace!(device = self.backend.device_type(), vector, msix = self.msix.enabled(), "interrupt");
         if self.msix.enabled() {
             if vector != NO_VECTOR {
                 self.msix.trigger(vector);
@@ -449,6 +451,7 @@ impl<B: VirtioBackend> VirtioPci<B> {
         if !self.active {
             return;
         }
+        tracing::trace!(device = self.backend.device_type(), q, "queue notified");
         match self.backend.process_queue(q, &mut self.queues, &self.mem) {
             Ok(used) => self.notify_used(used),
             Err(e) => self.fail(e),
