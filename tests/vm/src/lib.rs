@@ -21,7 +21,8 @@
 //! from `modules.dep`), [`cpio`] (deterministic newc archives), [`image`] (content-cached
 //! initramfs images), [`bundle`] (programs with their libraries, QEMU's firmware),
 //! [`scripts`] (init scripts and the shell API), [`scenario`] (what a test asks for),
-//! [`run`] (QEMU or direct runner with a watchdog), [`console`] (result lines, [`Outcome`]).
+//! [`run`] (QEMU or direct runner with a watchdog), [`console`] (result lines, [`Outcome`]),
+//! [`vmm_bin`] (the release `p2pvmm` scenarios put in L1).
 
 #![forbid(unsafe_code)]
 
@@ -38,6 +39,7 @@ pub mod scenarios;
 pub mod scripts;
 mod testhost;
 pub mod util;
+pub mod vmm_bin;
 
 pub use console::{L1Ready, Outcome, ResultLine};
 pub use kernel::{KERNEL_PIN_ENV, Kernel, KernelOptions, REFRESH_ENV};
