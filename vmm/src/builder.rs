@@ -77,7 +77,9 @@ pub enum BuildError {
     Config(#[from] crate::config::ConfigError),
 }
 
-fn device_err(what: impl Into<String>) -> impl FnOnce(Box<dyn std::error::Error + Send + Sync>) -> BuildError {
+fn device_err(
+    what: impl Into<String>,
+) -> impl FnOnce(Box<dyn std::error::Error + Send + Sync>) -> BuildError {
     let what = what.into();
     move |source| BuildError::Device { what, source }
 }
@@ -106,7 +108,9 @@ pub struct Machine {
 
 impl std::fmt::Debug for Machine {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Machine").field("vcpus", &self.vcpus.len()).finish()
+        f.debug_struct("Machine")
+            .field("vcpus", &self.vcpus.len())
+            .finish()
     }
 }
 
@@ -147,7 +151,8 @@ impl MachineBuilder {
             what: "MMIO allocator".into(),
             source: Box::new(e),
         };
-        let mmio32 = AddressAllocator::new(layout::PCI_MMIO32_START, layout::PCI_MMIO32_SIZE).map_err(err)?;
+        let mmio32 = AddressAllocator::new(layout::PCI_MMIO32_START, layout::PCI_MMIO32_SIZE)
+            .map_err(err)?;
         let b = Self {
             kvm,
             vm,
@@ -162,9 +167,18 @@ impl MachineBuilder {
             boot,
             vcpu_count: vcpus,
         };
-        b.insert_pio(Arc::new(PciConfigIo(b.root.clone())), ports::PCI_CONFIG_ADDRESS, 8, "PCI config ports")?;
+        b.insert_pio(
+            Arc::new(PciConfigIo(b.root.clone())),
+            ports::PCI_CONFIG_ADDRESS,
+            8,
+            "PCI config ports",
+        )?;
         b.mmio
-            .insert(Arc::new(PciConfigMmio(b.root.clone())), layout::PCI_ECAM_START, layout::PCI_ECAM_SIZE)
+            .insert(
+                Arc::new(PciConfigMmio(b.root.clone())),
+                layout::PCI_ECAM_START,
+                layout::PCI_ECAM_SIZE,
+            )
             .map_err(|e| device_err("ECAM")(Box::new(e)))?;
         Ok(b)
     }
@@ -194,48 +208,104 @@ impl MachineBuilder {
     /// The PC devices: COM1 printing to `console` (served on `listener` when
     /// given), CMOS RTC, i8042 reset, ACPI power management, pvpanic and the
     /// boot-marker port.
-    pub fn add_legacy_devices(&mut self, console: Arc<Console>, listener: Option<UnixListener>) -> Result<(), BuildError> {
+    pub fn add_legacy_devices(
+        &mut self,
+        console: Arc<Console>,
+        listener: Option<UnixListener>,
+    ) -> Result<(), BuildError> {
         let mk = |what: &'static str| move |e: std::io::Error| device_err(what)(Box::new(e));
         let irq = EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC).map_err(mk("serial irq"))?;
-        self.vm.register_irqfd(&irq, ports::COM1_IRQ).map_err(mk("serial irq"))?;
-        let input_room = EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC).map_err(mk("serial input"))?;
+        self.vm
+            .register_irqfd(&irq, ports::COM1_IRQ)
+            .map_err(mk("serial irq"))?;
+        let input_room =
+            EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC).map_err(mk("serial input"))?;
         let room_for_server = input_room.try_clone().map_err(mk("serial input"))?;
-        let serial = Arc::new(Mutex::new(SerialDevice::new(irq, input_room, ConsoleOut(console.clone()))));
+        let serial = Arc::new(Mutex::new(SerialDevice::new(
+            irq,
+            input_room,
+            ConsoleOut(console.clone()),
+        )));
         self.insert_pio(serial.clone(), ports::COM1, 8, "COM1")?;
         if let Some(listener) = listener {
-            let server = ConsoleServer::new(console, listener, serial, room_for_server).map_err(mk("console socket"))?;
+            let server = ConsoleServer::new(console, listener, serial, room_for_server)
+                .map_err(mk("console socket"))?;
             self.subscribers.push(Arc::new(Mutex::new(server)));
         }
         self.insert_pio(Arc::new(Mutex::new(Rtc::default())), ports::RTC, 2, "RTC")?;
-        self.insert_pio(Arc::new(Mutex::new(I8042::new(self.exit.clone()))), ports::I8042_DATA, 5, "i8042")?;
-        self.insert_pio(Arc::new(Mutex::new(AcpiPm::new(self.exit.clone()))), ports::ACPI_PM, 3, "ACPI PM")?;
-        self.insert_pio(Arc::new(Mutex::new(PvPanic::new(self.exit.clone()))), ports::PVPANIC, 1, "pvpanic")?;
-        self.insert_pio(Arc::new(Mutex::new(BootMarker(self.boot.clone()))), ports::BOOT_MARKER, 1, "boot marker")?;
+        self.insert_pio(
+            Arc::new(Mutex::new(I8042::new(self.exit.clone()))),
+            ports::I8042_DATA,
+            5,
+            "i8042",
+        )?;
+        self.insert_pio(
+            Arc::new(Mutex::new(AcpiPm::new(self.exit.clone()))),
+            ports::ACPI_PM,
+            3,
+            "ACPI PM",
+        )?;
+        self.insert_pio(
+            Arc::new(Mutex::new(PvPanic::new(self.exit.clone()))),
+            ports::PVPANIC,
+            1,
+            "pvpanic",
+        )?;
+        self.insert_pio(
+            Arc::new(Mutex::new(BootMarker(self.boot.clone()))),
+            ports::BOOT_MARKER,
+            1,
+            "boot marker",
+        )?;
         Ok(())
     }
 
     /// Adds a virtio device in the next PCI slot; returns the slot.
-    pub fn add_virtio<B: VirtioBackend>(&mut self, backend: B, what: &str) -> Result<u8, BuildError> {
+    pub fn add_virtio<B: VirtioBackend>(
+        &mut self,
+        backend: B,
+        what: &str,
+    ) -> Result<u8, BuildError> {
         let bar = self
             .mmio32
             .allocate(BAR0_SIZE, BAR0_SIZE, AllocPolicy::FirstMatch)
             .map_err(|e| device_err(what)(Box::new(e)))?;
-        let slot = lock(&self.root).next_slot().ok_or_else(|| device_err(what)("no free PCI slot".into()))?;
+        let slot = lock(&self.root)
+            .next_slot()
+            .ok_or_else(|| device_err(what)("no free PCI slot".into()))?;
         let vm: Arc<dyn VmOps> = self.vm.clone();
-        let dev = VirtioPci::new(backend, self.ram.memory.clone(), vm, bar.start(), layout::pci_intx_gsi(slot))
-            .map_err(|e| device_err(what)(Box::new(e)))?;
+        let dev = VirtioPci::new(
+            backend,
+            self.ram.memory.clone(),
+            vm,
+            bar.start(),
+            layout::pci_intx_gsi(slot),
+        )
+        .map_err(|e| device_err(what)(Box::new(e)))?;
         let dev = Arc::new(Mutex::new(dev));
         let handle: PciHandle = dev.clone();
-        let placed = lock(&self.root).add(handle).map_err(|e| device_err(what)(Box::new(e)))?;
+        let placed = lock(&self.root)
+            .add(handle)
+            .map_err(|e| device_err(what)(Box::new(e)))?;
         debug_assert_eq!(placed, slot);
         self.subscribers.push(dev);
-        tracing::debug!(what, slot, bar = format_args!("{:#x}", bar.start()), "PCI device");
+        tracing::debug!(
+            what,
+            slot,
+            bar = format_args!("{:#x}", bar.start()),
+            "PCI device"
+        );
         Ok(slot)
     }
 
     /// Loads the kernel, initramfs and command line, writes the ACPI tables
     /// and the boot structure; returns how the boot vCPU enters.
-    pub fn load_linux(&mut self, kernel: &Path, initrd: Option<&Path>, cmdline: &str) -> Result<EntryMode, BuildError> {
+    pub fn load_linux(
+        &mut self,
+        kernel: &Path,
+        initrd: Option<&Path>,
+        cmdline: &str,
+    ) -> Result<EntryMode, BuildError> {
         let mem = &self.ram.memory;
         let loaded = loader::load_kernel(mem, kernel)?;
         let cmdline_size = loader::load_cmdline(mem, cmdline)?;
@@ -243,10 +313,18 @@ impl MachineBuilder {
         let initrd = match initrd {
             Some(path) => {
                 let addr_max = match loaded.kind {
-                    loader::KernelKind::Linux64 { header, .. } if header.initrd_addr_max != 0 => u64::from(header.initrd_addr_max),
+                    loader::KernelKind::Linux64 { header, .. } if header.initrd_addr_max != 0 => {
+                        u64::from(header.initrd_addr_max)
+                    }
                     _ => u64::MAX,
                 };
-                Some(loader::load_initrd(mem, path, low_ram_end, loaded.kernel_end, addr_max)?)
+                Some(loader::load_initrd(
+                    mem,
+                    path,
+                    low_ram_end,
+                    loaded.kernel_end,
+                    addr_max,
+                )?)
             }
             None => None,
         };
@@ -258,12 +336,35 @@ impl MachineBuilder {
         boot::write_reset_stub(mem).map_err(|e| device_err("reset vector")(Box::new(e)))?;
         let e820 = boot::e820_map(self.ram.size);
         let boot_struct = match loaded.kind {
-            loader::KernelKind::Pvh { .. } => boot::write_pvh(mem, &e820, layout::CMDLINE_START, initrd, tables.rsdp())?,
-            loader::KernelKind::Linux64 { header, .. } => {
-                boot::write_zero_page(mem, header, &e820, layout::CMDLINE_START, cmdline_size, initrd, tables.rsdp())?
+            loader::KernelKind::Pvh { .. } => {
+                boot::write_pvh(mem, &e820, layout::CMDLINE_START, initrd, tables.rsdp())?
             }
+            loader::KernelKind::Linux64 { header, .. } => boot::write_zero_page(
+                mem,
+                header,
+                &e820,
+                layout::CMDLINE_START,
+                cmdline_size,
+                initrd,
+                tables.rsdp(),
+            )?,
         };
         Ok(loaded.kind.entry_mode(boot_struct))
+    }
+
+    /// Puts `code` at `at` for a vCPU entering it in flat 32-bit protected
+    /// mode (the PVH entry state, without a start info): for small
+    /// hand-written guests.
+    pub fn load_raw(&mut self, code: &[u8], at: u64) -> Result<EntryMode, BuildError> {
+        use vm_memory::{Bytes, GuestAddress};
+        self.ram
+            .memory
+            .write_slice(code, GuestAddress(at))
+            .map_err(|e| device_err("raw guest code")(Box::new(e)))?;
+        Ok(EntryMode::Pvh {
+            entry: at,
+            start_info: 0,
+        })
     }
 
     /// Creates the vCPUs; the first enters at `entry`.
@@ -277,9 +378,19 @@ impl MachineBuilder {
         let mut vcpus = Vec::with_capacity(self.vcpu_count as usize);
         for id in 0..self.vcpu_count {
             let e = (id == 0).then_some(entry);
-            vcpus.push(Vcpu::new(&self.kvm, &self.vm, id, self.vcpu_count, &self.ram.memory, e, shared.clone())?);
+            vcpus.push(Vcpu::new(
+                &self.kvm,
+                &self.vm,
+                id,
+                self.vcpu_count,
+                &self.ram.memory,
+                e,
+                shared.clone(),
+            )?);
         }
-        let mut events = EventManager::new().map_err(|e| device_err("event loop")(Box::new(std::io::Error::other(format!("{e:?}")))))?;
+        let mut events = EventManager::new().map_err(|e| {
+            device_err("event loop")(Box::new(std::io::Error::other(format!("{e:?}"))))
+        })?;
         for s in self.subscribers {
             events.add_subscriber(s);
         }

@@ -90,9 +90,15 @@ impl VmConfig {
         let bad = |m: String| Err(ConfigError::Invalid(m));
         if self.name.is_empty()
             || self.name.len() > 64
-            || !self.name.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+            || !self
+                .name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
         {
-            return bad(format!("VM name {:?}: use 1-64 letters, digits, '-' or '_'", self.name));
+            return bad(format!(
+                "VM name {:?}: use 1-64 letters, digits, '-' or '_'",
+                self.name
+            ));
         }
         if !(16..=1 << 20).contains(&self.mem_mib) {
             return bad(format!("mem_mib {} is outside 16..=1048576", self.mem_mib));
@@ -118,10 +124,13 @@ pub fn parse_mac(s: &str) -> Result<[u8; 6], ConfigError> {
     let parts: Vec<&str> = s.split(':').collect();
     let mut mac = [0u8; 6];
     if parts.len() != 6 {
-        return Err(ConfigError::Invalid(format!("MAC {s:?} is not six hex bytes")));
+        return Err(ConfigError::Invalid(format!(
+            "MAC {s:?} is not six hex bytes"
+        )));
     }
     for (b, p) in mac.iter_mut().zip(parts) {
-        *b = u8::from_str_radix(p, 16).map_err(|_| ConfigError::Invalid(format!("MAC {s:?} is not six hex bytes")))?;
+        *b = u8::from_str_radix(p, 16)
+            .map_err(|_| ConfigError::Invalid(format!("MAC {s:?} is not six hex bytes")))?;
     }
     Ok(mac)
 }
@@ -188,14 +197,32 @@ mod tests {
         };
         assert!(ok.validate().is_ok());
         for bad in [
-            VmConfig { name: "../x".into(), ..ok.clone() },
-            VmConfig { mem_mib: 8, ..ok.clone() },
-            VmConfig { vcpus: 0, ..ok.clone() },
-            VmConfig { nets: vec![NetConfig { tap: "t".into(), mac: Some("zz".into()) }], ..ok.clone() },
+            VmConfig {
+                name: "../x".into(),
+                ..ok.clone()
+            },
+            VmConfig {
+                mem_mib: 8,
+                ..ok.clone()
+            },
+            VmConfig {
+                vcpus: 0,
+                ..ok.clone()
+            },
+            VmConfig {
+                nets: vec![NetConfig {
+                    tap: "t".into(),
+                    mac: Some("zz".into()),
+                }],
+                ..ok.clone()
+            },
         ] {
             assert!(bad.validate().is_err(), "{bad:?}");
         }
-        assert_eq!(parse_mac("02:0a:0B:ff:00:01").unwrap(), [2, 10, 11, 255, 0, 1]);
+        assert_eq!(
+            parse_mac("02:0a:0B:ff:00:01").unwrap(),
+            [2, 10, 11, 255, 0, 1]
+        );
         assert_eq!(derived_mac("a", "t"), derived_mac("a", "t"));
         assert_ne!(derived_mac("a", "t"), derived_mac("b", "t"));
         assert_eq!(derived_mac("a", "t")[0], 0x02);

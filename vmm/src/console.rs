@@ -365,7 +365,6 @@ mod tests {
     use super::*;
     use crate::devices::bus::MutBusDevice;
     use event_manager::{EventManager, SubscriberOps};
-    use std::io::Write as _;
     use std::time::{Duration, Instant};
 
     type Loop = EventManager<Arc<Mutex<ConsoleServer>>>;
@@ -390,10 +389,18 @@ mod tests {
             room.try_clone().unwrap(),
             ConsoleOut(console.clone()),
         )));
-        let server = ConsoleServer::new(console.clone(), bind(&path).unwrap(), serial.clone(), room).unwrap();
+        let server =
+            ConsoleServer::new(console.clone(), bind(&path).unwrap(), serial.clone(), room)
+                .unwrap();
         let mut events = EventManager::new().unwrap();
         events.add_subscriber(Arc::new(Mutex::new(server)));
-        Rig { events, console, serial, path, _dir: dir }
+        Rig {
+            events,
+            console,
+            serial,
+            path,
+            _dir: dir,
+        }
     }
 
     impl Rig {

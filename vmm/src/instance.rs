@@ -145,14 +145,18 @@ fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> InstanceError {
 /// (with [`OnReboot::Exit`]); returns the final reason and the report.
 pub fn run(config: &VmConfig, opts: &RunOptions) -> Result<(ExitReason, Report), InstanceError> {
     let dir = VmDir::new(&opts.home, &config.name);
-    std::fs::create_dir_all(dir.path()).map_err(io(format!("creating {}", dir.path().display())))?;
-    std::fs::write(dir.pid_file(), format!("{}\n", std::process::id())).map_err(io("writing the pid file"))?;
-    let listener = console::bind(&dir.console_socket()).map_err(io("binding the console socket"))?;
+    std::fs::create_dir_all(dir.path())
+        .map_err(io(format!("creating {}", dir.path().display())))?;
+    std::fs::write(dir.pid_file(), format!("{}\n", std::process::id()))
+        .map_err(io("writing the pid file"))?;
+    let listener =
+        console::bind(&dir.console_socket()).map_err(io("binding the console socket"))?;
     let log = File::create(dir.console_log()).map_err(io("creating the console log"))?;
     crate::vstate::vcpu::install_kick_handler().map_err(io("installing the vCPU kick handler"))?;
 
     let mut boot = Arc::new(BootTimes::new(opts.started));
-    let console = Console::new(Some(log), opts.console_stdout, boot.clone()).map_err(io("console"))?;
+    let console =
+        Console::new(Some(log), opts.console_stdout, boot.clone()).map_err(io("console"))?;
     let mut boots = 0;
     loop {
         boots += 1;
@@ -160,7 +164,8 @@ pub fn run(config: &VmConfig, opts: &RunOptions) -> Result<(ExitReason, Report),
         let machine = builder::build(config, console.clone(), Some(listener), boot.clone())?;
         let huge = machine.ram.huge_pages == HugePages::Advised;
         let counts = machine.counts.clone();
-        let outcome = runner::run(machine, opts.setup.clone()).map_err(io("starting the VM's threads"))?;
+        let outcome =
+            runner::run(machine, opts.setup.clone()).map_err(io("starting the VM's threads"))?;
         let report = Report {
             exit: Report::reason_text(&outcome.reason),
             boots,

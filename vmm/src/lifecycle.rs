@@ -96,10 +96,7 @@ impl BootTimes {
     /// The guest wrote its first byte to the console.
     pub fn first_output(&self) {
         if self.first_output.set(self.start.elapsed()).is_ok() {
-            tracing::info!(
-                ms = self.first_output_ms(),
-                "guest's first console output"
-            );
+            tracing::info!(ms = self.first_output_ms(), "guest's first console output");
         }
     }
 

@@ -62,7 +62,10 @@ impl ThreadSetup for NoSetup {}
 
 /// Runs `machine` until the guest powers off, resets, panics, the host asks
 /// it to stop, or something fails.
-pub fn run(machine: Machine, setup: std::sync::Arc<dyn ThreadSetup>) -> std::io::Result<RunOutcome> {
+pub fn run(
+    machine: Machine,
+    setup: std::sync::Arc<dyn ThreadSetup>,
+) -> std::io::Result<RunOutcome> {
     let started = Instant::now();
     let Machine {
         vm,
@@ -88,17 +91,19 @@ pub fn run(machine: Machine, setup: std::sync::Arc<dyn ThreadSetup>) -> std::io:
     }
     let dev_exit = exit.clone();
     let dev_setup = setup.clone();
-    let device_thread = std::thread::Builder::new().name("devices".into()).spawn(move || {
-        if let Err(e) = dev_setup.device() {
-            dev_exit.request(ExitReason::Error(format!("device thread setup: {e}")));
-            return;
-        }
-        while !dev_exit.stopping() {
-            if let Err(e) = events.run_with_timeout(DEVICE_POLL_MS) {
-                dev_exit.request(ExitReason::Error(format!("device event loop: {e:?}")));
+    let device_thread = std::thread::Builder::new()
+        .name("devices".into())
+        .spawn(move || {
+            if let Err(e) = dev_setup.device() {
+                dev_exit.request(ExitReason::Error(format!("device thread setup: {e}")));
+                return;
             }
-        }
-    })?;
+            while !dev_exit.stopping() {
+                if let Err(e) = events.run_with_timeout(DEVICE_POLL_MS) {
+                    dev_exit.request(ExitReason::Error(format!("device event loop: {e:?}")));
+                }
+            }
+        })?;
 
     // Wait for the end: a request from any thread, or a signal.
     let mut max_overhead_kib = 0;

@@ -13,7 +13,15 @@ pub fn p2pvmm_release() -> anyhow::Result<PathBuf> {
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
     let workspace = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..");
     let status = Command::new(&cargo)
-        .args(["build", "--release", "--locked", "-p", "vmm", "--bin", "p2pvmm"])
+        .args([
+            "build",
+            "--release",
+            "--locked",
+            "-p",
+            "vmm",
+            "--bin",
+            "p2pvmm",
+        ])
         .current_dir(&workspace)
         .status()
         .context("running cargo to build p2pvmm")?;
@@ -39,5 +47,7 @@ pub fn iproute2() -> anyhow::Result<PathBuf> {
             return Ok(p);
         }
     }
-    bail!("iproute2's `ip` is needed to create TAP devices in the test host: apt-get install iproute2")
+    bail!(
+        "iproute2's `ip` is needed to create TAP devices in the test host: apt-get install iproute2"
+    )
 }

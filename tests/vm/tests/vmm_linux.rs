@@ -8,21 +8,26 @@ use p2pvm_testhost::{Outcome, Scenario, TestHost};
 
 fn run(scenario: Scenario) -> Outcome {
     p2pvm_testhost::init_tracing();
-    let host = TestHost::prepare().expect("the test host (see tests/vm/README.md for what it needs)");
+    let host =
+        TestHost::prepare().expect("the test host (see tests/vm/README.md for what it needs)");
     let outcome = host.run(&scenario).expect("the scenario ran to its end");
     outcome.ensure_success().expect("the L1 script succeeded");
     outcome
 }
 
 fn get<'a>(o: &'a Outcome, key: &str) -> &'a str {
-    o.result(key).unwrap_or_else(|| panic!("no result {key}; console tail:\n{}", o.tail()))
+    o.result(key)
+        .unwrap_or_else(|| panic!("no result {key}; console tail:\n{}", o.tail()))
 }
 
 #[test]
 fn linux_powers_off_reboots_and_reports_a_panic() {
-    let o = run(Scenario::new("vmm-lifecycle", include_str!("../scenarios/lifecycle-l1.sh"))
-        .l2_init(include_str!("../scenarios/lifecycle-l2.sh"))
-        .p2pvmm(p2pvmm_release().unwrap()));
+    let o = run(Scenario::new(
+        "vmm-lifecycle",
+        include_str!("../scenarios/lifecycle-l1.sh"),
+    )
+    .l2_init(include_str!("../scenarios/lifecycle-l2.sh"))
+    .p2pvmm(p2pvmm_release().unwrap()));
     // poweroff in the guest: p2pvmm exits 0, and it saw /init.
     assert_eq!(get(&o, "poweroff_exit"), "0");
     assert_eq!(get(&o, "poweroff_reason"), "poweroff");
@@ -42,10 +47,12 @@ fn linux_powers_off_reboots_and_reports_a_panic() {
 
 #[test]
 fn linux_uses_disk_network_entropy_and_console() {
-    let o = run(Scenario::new("vmm-devices", include_str!("../scenarios/devices-l1.sh"))
-        .l2_init(include_str!("../scenarios/devices-l2.sh"))
-        .p2pvmm(p2pvmm_release().unwrap())
-        .binary("/opt/ip", iproute2().unwrap()));
+    let o = run(
+        Scenario::new("vmm-devices", include_str!("../scenarios/devices-l1.sh"))
+            .l2_init(include_str!("../scenarios/devices-l2.sh"))
+            .p2pvmm(p2pvmm_release().unwrap())
+            .binary("/opt/ip", iproute2().unwrap()),
+    );
     // virtio-blk: the guest read the disk we made, byte for byte; what it
     // wrote and fsynced is in the image file; a new VM reads it back.
     let disk = get(&o, "disk_sum");

@@ -149,16 +149,28 @@ fn vm_config(a: &RunArgs) -> anyhow::Result<VmConfig> {
         .disks
         .iter()
         .map(|d| match d.strip_suffix(",ro") {
-            Some(path) => DiskConfig { path: path.into(), read_only: true },
-            None => DiskConfig { path: d.into(), read_only: false },
+            Some(path) => DiskConfig {
+                path: path.into(),
+                read_only: true,
+            },
+            None => DiskConfig {
+                path: d.into(),
+                read_only: false,
+            },
         })
         .collect();
     let nets = a
         .nets
         .iter()
         .map(|n| match n.split_once(",mac=") {
-            Some((tap, mac)) => NetConfig { tap: tap.into(), mac: Some(mac.into()) },
-            None => NetConfig { tap: n.clone(), mac: None },
+            Some((tap, mac)) => NetConfig {
+                tap: tap.into(),
+                mac: Some(mac.into()),
+            },
+            None => NetConfig {
+                tap: n.clone(),
+                mac: None,
+            },
         })
         .collect();
     let c = VmConfig {
@@ -213,7 +225,8 @@ fn run(home: &Home, args: RunArgs, started: Instant) -> anyhow::Result<()> {
         report.vmm_overhead_kib as f64 / 1024.0
     );
     if let Some(path) = &args.report {
-        std::fs::write(path, serde_json::to_vec_pretty(&report)?).with_context(|| format!("writing {}", path.display()))?;
+        std::fs::write(path, serde_json::to_vec_pretty(&report)?)
+            .with_context(|| format!("writing {}", path.display()))?;
     }
     match reason {
         ExitReason::PowerOff | ExitReason::Reset | ExitReason::Stopped => Ok(()),
@@ -225,20 +238,31 @@ fn run(home: &Home, args: RunArgs, started: Instant) -> anyhow::Result<()> {
     }
 }
 
-fn up(home: Home, requested: Isolation, config: Option<PathBuf>, service_args: Vec<OsString>) -> anyhow::Result<()> {
+fn up(
+    home: Home,
+    requested: Isolation,
+    config: Option<PathBuf>,
+    service_args: Vec<OsString>,
+) -> anyhow::Result<()> {
     let choice = isolation::choose(requested, &HostVirt::probe())?;
     println!("p2pvmm: isolation {} ({})", choice.backend, choice.reason);
     println!(
         "p2pvmm: service side: p2pd in a sandbox (user, mount, pid, ipc, uts namespaces; Landlock; seccomp); its data: {}",
         home.service_dir().display()
     );
-    println!("p2pvmm: apps connect to {}  (export P2PVM_API_SOCKET={0})", home.api_socket().display());
+    println!(
+        "p2pvmm: apps connect to {}  (export P2PVM_API_SOCKET={0})",
+        home.api_socket().display()
+    );
     println!(
         "p2pvmm: admin token {} — operator console: p2pvmm --home {} console service",
         home.admin_token().display(),
         home.root().display()
     );
-    let config = config.map(|c| std::path::absolute(&c)).transpose().context("config path")?;
+    let config = config
+        .map(|c| std::path::absolute(&c))
+        .transpose()
+        .context("config path")?;
     let opts = vmm::supervisor::UpOptions {
         home,
         config,
@@ -273,14 +297,22 @@ fn console(home: &Home, name: &str, linger: Duration, command: &[OsString]) -> a
         return Ok(());
     }
     if name != "service" {
-        bail!("no VM named {name:?} is running under {}", home.root().display());
+        bail!(
+            "no VM named {name:?} is running under {}",
+            home.root().display()
+        );
     }
     sandbox_console(home, command)
 }
 
 fn sandbox_console(home: &Home, command: &[OsString]) -> anyhow::Result<()> {
     let pid: u32 = std::fs::read_to_string(home.service_pid())
-        .with_context(|| format!("no running service side under {} (is `p2pvmm up` running?)", home.root().display()))?
+        .with_context(|| {
+            format!(
+                "no running service side under {} (is `p2pvmm up` running?)",
+                home.root().display()
+            )
+        })?
         .trim()
         .parse()
         .context("service.pid")?;

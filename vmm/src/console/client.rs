@@ -56,7 +56,10 @@ pub fn attach(path: &Path, linger: Duration) -> io::Result<Ended> {
     let mut sock = UnixStream::connect(path).map_err(|e| {
         io::Error::new(
             e.kind(),
-            format!("cannot reach the console at {} ({e}); is the VM running?", path.display()),
+            format!(
+                "cannot reach the console at {} ({e}); is the VM running?",
+                path.display()
+            ),
         )
     })?;
     let raw = RawMode::enter()?;

@@ -84,7 +84,10 @@ pub mod fake {
         }
         fn unregister_ioevent(&self, _fd: &EventFd, addr: u64) -> io::Result<()> {
             let mut v = self.ioevents.lock().unwrap();
-            let i = v.iter().position(|a| *a == addr).ok_or(io::ErrorKind::NotFound)?;
+            let i = v
+                .iter()
+                .position(|a| *a == addr)
+                .ok_or(io::ErrorKind::NotFound)?;
             v.remove(i);
             Ok(())
         }

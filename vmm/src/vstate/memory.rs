@@ -56,9 +56,8 @@ pub enum HugePages {
 impl HugePages {
     /// Reads the host's policy for shared memory.
     pub fn probe() -> Self {
-        let policy =
-            std::fs::read_to_string("/sys/kernel/mm/transparent_hugepage/shmem_enabled")
-                .unwrap_or_default();
+        let policy = std::fs::read_to_string("/sys/kernel/mm/transparent_hugepage/shmem_enabled")
+            .unwrap_or_default();
         Self::from_policy(&policy)
     }
 
@@ -120,7 +119,8 @@ pub fn create(mem_size: u64) -> Result<GuestRam, MemoryError> {
             advise_huge(&mapping);
         }
         regions.push(
-            GuestRegionMmap::new(mapping, GuestAddress(addr)).ok_or(MemoryError::Size(len >> 20))?,
+            GuestRegionMmap::new(mapping, GuestAddress(addr))
+                .ok_or(MemoryError::Size(len >> 20))?,
         );
         offset += len;
     }
@@ -173,7 +173,9 @@ mod tests {
     fn ram_is_one_shared_file() {
         let ram = create(32 << 20).unwrap();
         assert_eq!(ram.memory.num_regions(), 1);
-        ram.memory.write_obj(0xdead_beef_u32, GuestAddress(0x1000)).unwrap();
+        ram.memory
+            .write_obj(0xdead_beef_u32, GuestAddress(0x1000))
+            .unwrap();
         // The bytes live in the memfd, not in private memory.
         let mut buf = [0u8; 4];
         use std::os::unix::fs::FileExt;

@@ -9,7 +9,10 @@
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use kvm_bindings::{KVM_MAX_CPUID_ENTRIES, KVM_SYSTEM_EVENT_CRASH, KVM_SYSTEM_EVENT_RESET, KVM_SYSTEM_EVENT_SHUTDOWN};
+use kvm_bindings::{
+    KVM_MAX_CPUID_ENTRIES, KVM_SYSTEM_EVENT_CRASH, KVM_SYSTEM_EVENT_RESET,
+    KVM_SYSTEM_EVENT_SHUTDOWN,
+};
 use kvm_ioctls::{Kvm, VcpuExit, VcpuFd};
 use vm_memory::GuestMemoryMmap;
 
@@ -80,14 +83,16 @@ impl ExitCounts {
 
     /// The busiest ports, most exits first.
     pub fn top_ports(&self, n: usize) -> Vec<(u16, u64)> {
-        let Some(p) = &self.by_port else { return Vec::new() };
+        let Some(p) = &self.by_port else {
+            return Vec::new();
+        };
         let mut v: Vec<(u16, u64)> = p
             .iter()
             .enumerate()
             .map(|(i, c)| (i as u16, c.load(Ordering::Relaxed)))
             .filter(|(_, c)| *c > 0)
             .collect();
-        v.sort_by(|a, b| b.1.cmp(&a.1));
+        v.sort_by_key(|e| std::cmp::Reverse(e.1));
         v.truncate(n);
         v
     }
@@ -131,7 +136,10 @@ impl Vcpu {
         shared: VcpuShared,
     ) -> Result<Self, VcpuError> {
         let err = |what| move |source| VcpuError::Kvm { id, what, source };
-        let fd = vm.fd().create_vcpu(u64::from(id)).map_err(err("KVM_CREATE_VCPU"))?;
+        let fd = vm
+            .fd()
+            .create_vcpu(u64::from(id))
+            .map_err(err("KVM_CREATE_VCPU"))?;
 
         let mut cpuid = kvm
             .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
@@ -139,7 +147,9 @@ impl Vcpu {
         cpuid::patch(&mut cpuid, id, count);
         fd.set_cpuid2(&cpuid).map_err(err("KVM_SET_CPUID2"))?;
 
-        let supported = kvm.get_msr_index_list().map_err(err("KVM_GET_MSR_INDEX_LIST"))?;
+        let supported = kvm
+            .get_msr_index_list()
+            .map_err(err("KVM_GET_MSR_INDEX_LIST"))?;
         let msrs = msr::boot_msrs(supported.as_slice());
         let set = fd.set_msrs(&msrs).map_err(err("KVM_SET_MSRS"))?;
         if set != msrs.as_slice().len() {
@@ -158,7 +168,8 @@ impl Vcpu {
             let sregs = fd.get_sregs().map_err(err("KVM_GET_SREGS"))?;
             let sregs = regs::sregs(mem, mode, sregs).map_err(|e| VcpuError::Regs(id, e))?;
             fd.set_sregs(&sregs).map_err(err("KVM_SET_SREGS"))?;
-            fd.set_regs(&regs::regs(mode)).map_err(err("KVM_SET_REGS"))?;
+            fd.set_regs(&regs::regs(mode))
+                .map_err(err("KVM_SET_REGS"))?;
         }
         Ok(Self {
             fd,
@@ -183,7 +194,11 @@ impl Vcpu {
             }
         }
         if let Ok(r) = self.fd.get_regs() {
-            tracing::debug!(vcpu = self.id, rip = format_args!("{:#x}", r.rip), "vCPU stopped");
+            tracing::debug!(
+                vcpu = self.id,
+                rip = format_args!("{:#x}", r.rip),
+                "vCPU stopped"
+            );
         }
     }
 
@@ -242,7 +257,10 @@ impl Vcpu {
                     self.id
                 )))
             }
-            Ok(other) => Some(ExitReason::Error(format!("vCPU {}: unexpected exit {other:?}", self.id))),
+            Ok(other) => Some(ExitReason::Error(format!(
+                "vCPU {}: unexpected exit {other:?}",
+                self.id
+            ))),
             Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => None,
             Err(e) => Some(ExitReason::Error(format!("vCPU {}: KVM_RUN: {e}", self.id))),
         }

@@ -49,7 +49,9 @@ impl Vm {
     /// Creates the VM with its interrupt controllers (two 8259s and an
     /// IO-APIC, in the kernel) and PIT.
     pub fn new(kvm: &Kvm) -> Result<Self, VmError> {
-        let fd = kvm.create_vm().map_err(|e| VmError::Kvm("KVM_CREATE_VM", e))?;
+        let fd = kvm
+            .create_vm()
+            .map_err(|e| VmError::Kvm("KVM_CREATE_VM", e))?;
         // Intel VMX needs these pages for real mode; harmless on AMD.
         fd.set_tss_address(layout::KVM_TSS_ADDRESS as usize)
             .map_err(|e| VmError::Kvm("KVM_SET_TSS_ADDR", e))?;
@@ -83,7 +85,12 @@ impl Vm {
             let host = ram
                 .memory
                 .get_host_address(region.start_addr())
-                .map_err(|_| VmError::Kvm("guest region host address", kvm_ioctls::Error::new(libc::EFAULT)))?;
+                .map_err(|_| {
+                    VmError::Kvm(
+                        "guest region host address",
+                        kvm_ioctls::Error::new(libc::EFAULT),
+                    )
+                })?;
             let r = kvm_userspace_memory_region {
                 slot: slot as u32,
                 flags: 0,
@@ -168,7 +175,12 @@ impl VmOps for Vm {
         self.fd.register_irqfd(fd, gsi).map_err(io_err)
     }
 
-    fn register_irqfd_resample(&self, fd: &EventFd, resample: &EventFd, gsi: u32) -> io::Result<()> {
+    fn register_irqfd_resample(
+        &self,
+        fd: &EventFd,
+        resample: &EventFd,
+        gsi: u32,
+    ) -> io::Result<()> {
         self.fd
             .register_irqfd_with_resample(fd, resample, gsi)
             .map_err(io_err)

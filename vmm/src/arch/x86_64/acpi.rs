@@ -12,15 +12,17 @@
 //! Tables, in guest memory from [`layout::ACPI_START`]:
 //! RSDP → XSDT → {FADT → DSDT, MADT, MCFG}.
 
+use acpi_tables::Aml;
 use acpi_tables::aml::{self, AddressSpaceCacheable};
 use acpi_tables::fadt::{FADTBuilder, Flags};
 use acpi_tables::gas::{AccessSize, AddressSpace, GAS};
-use acpi_tables::madt::{EnabledStatus, IoApic, LocalInterruptController, MADT, ProcessorLocalApic};
+use acpi_tables::madt::{
+    EnabledStatus, IoApic, LocalInterruptController, MADT, ProcessorLocalApic,
+};
 use acpi_tables::mcfg::MCFG;
 use acpi_tables::rsdp::Rsdp;
 use acpi_tables::sdt::Sdt;
 use acpi_tables::xsdt::XSDT;
-use acpi_tables::Aml;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 use super::layout::{self, ports};
@@ -123,7 +125,13 @@ pub fn write(mem: &GuestMemoryMmap, tables: &Tables) -> Result<(), AcpiError> {
 }
 
 fn io_byte(port: u16) -> GAS {
-    GAS::new(AddressSpace::SystemIo, 8, 0, AccessSize::ByteAccess, port.into())
+    GAS::new(
+        AddressSpace::SystemIo,
+        8,
+        0,
+        AccessSize::ByteAccess,
+        port.into(),
+    )
 }
 
 fn fadt(dsdt_addr: u64) -> acpi_tables::fadt::FADT {

@@ -91,7 +91,8 @@ pub fn write_pvh(
             reserved: 0,
         })
         .collect();
-    let modules_addr = PVH_MEMMAP_START + (memmap.len() * std::mem::size_of::<hvm_memmap_table_entry>()) as u64;
+    let modules_addr =
+        PVH_MEMMAP_START + (memmap.len() * std::mem::size_of::<hvm_memmap_table_entry>()) as u64;
     let start_info = hvm_start_info {
         magic: XEN_HVM_START_MAGIC_VALUE,
         version: 1,
@@ -169,12 +170,22 @@ pub fn write_zero_page(
 pub fn reset_stub() -> [u8; 16] {
     let port = layout::ports::ACPI_RESET.to_le_bytes();
     [
-        0xba, port[0], port[1], // mov dx, ACPI_RESET
-        0xb0, layout::ports::ACPI_RESET_VALUE, // mov al, ACPI_RESET_VALUE
-        0xee, // out dx, al
-        0xf4, // hlt
-        0xeb, 0xfd, // jmp back to hlt
-        0, 0, 0, 0, 0, 0, 0,
+        0xba,
+        port[0],
+        port[1], // mov dx, ACPI_RESET
+        0xb0,
+        layout::ports::ACPI_RESET_VALUE, // mov al, ACPI_RESET_VALUE
+        0xee,                            // out dx, al
+        0xf4,                            // hlt
+        0xeb,
+        0xfd, // jmp back to hlt
+        0,
+        0,
+        0,
+        0,
+        0,
+        0,
+        0,
     ]
 }
 
@@ -201,10 +212,17 @@ mod tests {
     #[test]
     fn e820_small_guest() {
         let map = e820_map(256 << 20);
-        let ram: u64 = map.iter().filter(|e| e.kind == E820_RAM).map(|e| e.size).sum();
+        let ram: u64 = map
+            .iter()
+            .filter(|e| e.kind == E820_RAM)
+            .map(|e| e.size)
+            .sum();
         // Everything but the EBDA and the BIOS area is usable.
         assert_eq!(ram, (256 << 20) - (HIGH_RAM_START - EBDA_START));
-        assert!(map.iter().any(|e| e.addr == PCI_ECAM_START && e.kind == E820_RESERVED));
+        assert!(
+            map.iter()
+                .any(|e| e.addr == PCI_ECAM_START && e.kind == E820_RESERVED)
+        );
         // Sorted and disjoint.
         for w in map.windows(2) {
             assert!(w[0].addr + w[0].size <= w[1].addr, "{w:x?}");
@@ -215,7 +233,10 @@ mod tests {
     fn e820_big_guest_resumes_at_4g() {
         let map = e820_map(5 << 30);
         let last = *map.last().unwrap();
-        assert_eq!((last.addr, last.size, last.kind), (1 << 32, 2 << 30, E820_RAM));
+        assert_eq!(
+            (last.addr, last.size, last.kind),
+            (1 << 32, 2 << 30, E820_RAM)
+        );
     }
 
     #[test]
@@ -232,7 +253,10 @@ mod tests {
         assert_eq!((si.cmdline_paddr, si.rsdp_paddr), (0x2_0000, ACPI_START));
         assert_eq!(si.memmap_entries as usize, map.len());
         let first: hvm_memmap_table_entry = mem.read_obj(GuestAddress(si.memmap_paddr)).unwrap();
-        assert_eq!((first.addr, first.size, first.type_), (0, EBDA_START, E820_RAM));
+        assert_eq!(
+            (first.addr, first.size, first.type_),
+            (0, EBDA_START, E820_RAM)
+        );
         assert_eq!(si.nr_modules, 1);
         let m: hvm_modlist_entry = mem.read_obj(GuestAddress(si.modlist_paddr)).unwrap();
         assert_eq!((m.paddr, m.size), (rd.addr, rd.size));
@@ -247,7 +271,10 @@ mod tests {
             version: 0x020f,
             ..Default::default()
         };
-        let rd = Initrd { addr: 0x200_0000, size: 4096 };
+        let rd = Initrd {
+            addr: 0x200_0000,
+            size: 4096,
+        };
         let at = write_zero_page(&mem, hdr, &map, 0x2_0000, 100, Some(rd), ACPI_START).unwrap();
         let bp: boot_params = mem.read_obj(GuestAddress(at)).unwrap();
         assert_eq!({ bp.hdr.cmd_line_ptr }, 0x2_0000);

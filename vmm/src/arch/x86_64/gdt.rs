@@ -37,7 +37,11 @@ fn base(e: u64) -> u64 {
 fn limit(e: u64) -> u32 {
     let raw = ((e & 0xffff) | ((e >> 32) & 0x000f_0000)) as u32;
     // With 4 KiB granularity the limit counts pages.
-    if e & (1 << 55) != 0 { (raw << 12) | 0xfff } else { raw }
+    if e & (1 << 55) != 0 {
+        (raw << 12) | 0xfff
+    } else {
+        raw
+    }
 }
 
 /// The `kvm_segment` that loading selector `index * 8` from `table` gives.
@@ -105,7 +109,10 @@ mod tests {
         let t = table64();
         let cs = segment(&t, CODE);
         assert_eq!((cs.base, cs.limit, cs.selector), (0, 0xffff_ffff, 8));
-        assert_eq!((cs.type_, cs.present, cs.s, cs.l, cs.db, cs.g), (0xb, 1, 1, 1, 0, 1));
+        assert_eq!(
+            (cs.type_, cs.present, cs.s, cs.l, cs.db, cs.g),
+            (0xb, 1, 1, 1, 0, 1)
+        );
         let tss = segment(&t, TSS);
         assert_eq!((tss.limit, tss.g, tss.s, tss.type_), (0x67, 0, 0, 0xb));
         let cs32 = segment(&table32(), CODE);

@@ -127,6 +127,10 @@ pub fn pci_intx_gsi(slot: u8) -> u32 {
     PCI_INTX_GSI_BASE + u32::from(slot) % PCI_INTX_LINES
 }
 
+// The 32-bit windows must not overlap each other or the APICs.
+const _: () = assert!(PCI_MMIO32_START + PCI_MMIO32_SIZE <= PCI_ECAM_START);
+const _: () = assert!(PCI_ECAM_START + PCI_ECAM_SIZE <= IOAPIC_START);
+
 /// The RAM ranges for a guest of `mem_size` bytes: up to the 32-bit hole,
 /// then above 4 GiB.
 pub fn ram_ranges(mem_size: u64) -> Vec<(u64, u64)> {
@@ -169,8 +173,6 @@ mod tests {
         for a in [PCI_MMIO32_START, PCI_ECAM_START, IOAPIC_START, APIC_START] {
             assert!((MMIO32_START..RAM_64BIT_START).contains(&a));
         }
-        assert!(PCI_MMIO32_START + PCI_MMIO32_SIZE <= PCI_ECAM_START);
-        assert!(PCI_ECAM_START + PCI_ECAM_SIZE <= IOAPIC_START);
     }
 
     #[test]
@@ -189,7 +191,10 @@ mod tests {
         for (i, a) in spans.iter().enumerate() {
             assert!(a.0 + a.1 <= EBDA_START);
             for b in &spans[i + 1..] {
-                assert!(a.0 + a.1 <= b.0 || b.0 + b.1 <= a.0, "{a:x?} overlaps {b:x?}");
+                assert!(
+                    a.0 + a.1 <= b.0 || b.0 + b.1 <= a.0,
+                    "{a:x?} overlaps {b:x?}"
+                );
             }
         }
     }

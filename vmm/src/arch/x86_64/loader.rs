@@ -52,7 +52,9 @@ pub enum LoadError {
         source: loader::Error,
     },
     /// A bzImage too old for the 64-bit boot protocol.
-    #[error("{path}: boot protocol {version:#x} without a 64-bit entry (need 2.12+ with XLF_KERNEL_64)")]
+    #[error(
+        "{path}: boot protocol {version:#x} without a 64-bit entry (need 2.12+ with XLF_KERNEL_64)"
+    )]
     No64BitEntry {
         /// Which file.
         path: String,
@@ -66,7 +68,9 @@ pub enum LoadError {
     #[error("Writing the command line")]
     CmdlineLoad(#[source] loader::Error),
     /// The initramfs does not fit between the kernel and the top of low RAM.
-    #[error("The initramfs ({size} bytes) does not fit in low RAM above the kernel (ends at {kernel_end:#x}); give the VM more memory")]
+    #[error(
+        "The initramfs ({size} bytes) does not fit in low RAM above the kernel (ends at {kernel_end:#x}); give the VM more memory"
+    )]
     InitrdTooLarge {
         /// Its size.
         size: u64,
@@ -137,8 +141,10 @@ pub fn load_kernel(mem: &GuestMemoryMmap, path: &Path) -> Result<Loaded, LoadErr
     let highmem = Some(GuestAddress(layout::HIGH_RAM_START));
     let name = || path.display().to_string();
     if &magic == b"\x7fELF" {
-        let r = Elf::load(mem, None, &mut file, highmem)
-            .map_err(|source| LoadError::Kernel { path: name(), source })?;
+        let r = Elf::load(mem, None, &mut file, highmem).map_err(|source| LoadError::Kernel {
+            path: name(),
+            source,
+        })?;
         let kind = match r.pvh_boot_cap {
             PvhBootCapability::PvhEntryPresent(entry) => KernelKind::Pvh { entry: entry.0 },
             _ => KernelKind::Linux64 {
@@ -155,9 +161,14 @@ pub fn load_kernel(mem: &GuestMemoryMmap, path: &Path) -> Result<Loaded, LoadErr
         loader::Error::Bzimage(loader::bzimage::Error::InvalidBzImage) => {
             LoadError::UnknownFormat { path: name() }
         }
-        source => LoadError::Kernel { path: name(), source },
+        source => LoadError::Kernel {
+            path: name(),
+            source,
+        },
     })?;
-    let header = r.setup_header.ok_or(LoadError::UnknownFormat { path: name() })?;
+    let header = r
+        .setup_header
+        .ok_or(LoadError::UnknownFormat { path: name() })?;
     /// xloadflags bit 0: the kernel has a 64-bit entry at +0x200.
     const XLF_KERNEL_64: u16 = 1;
     if header.version < 0x020c || header.xloadflags & XLF_KERNEL_64 == 0 {
@@ -256,7 +267,10 @@ mod tests {
         ));
         let mut elf = tempfile::NamedTempFile::new().unwrap();
         elf.write_all(b"\x7fELF\x02\x01\x01\0garbage").unwrap();
-        assert!(matches!(load_kernel(&m, elf.path()), Err(LoadError::Kernel { .. })));
+        assert!(matches!(
+            load_kernel(&m, elf.path()),
+            Err(LoadError::Kernel { .. })
+        ));
     }
 
     #[test]

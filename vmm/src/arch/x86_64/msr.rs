@@ -58,6 +58,9 @@ mod tests {
     fn only_supported_msrs() {
         let m = boot_msrs(&[MSR_MTRR_DEF_TYPE, MSR_LSTAR, 0x1234]);
         let got: Vec<(u32, u64)> = m.as_slice().iter().map(|e| (e.index, e.data)).collect();
-        assert_eq!(got, vec![(MSR_LSTAR, 0), (MSR_MTRR_DEF_TYPE, MTRR_ENABLE_WB)]);
+        assert_eq!(
+            got,
+            vec![(MSR_LSTAR, 0), (MSR_MTRR_DEF_TYPE, MTRR_ENABLE_WB)]
+        );
     }
 }

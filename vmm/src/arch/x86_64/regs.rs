@@ -196,7 +196,9 @@ mod tests {
         assert_eq!(s.efer & (EFER_LME | EFER_LMA), EFER_LME | EFER_LMA);
         assert_eq!(s.cr3, PML4_START);
         // The last 2 MiB page below 4 GiB maps itself.
-        let last: u64 = m.read_obj(GuestAddress(PDE_START + 3 * 0x1000 + 511 * 8)).unwrap();
+        let last: u64 = m
+            .read_obj(GuestAddress(PDE_START + 3 * 0x1000 + 511 * 8))
+            .unwrap();
         assert_eq!(last & !0xfff, 0xffe0_0000);
         let gdt: u64 = m.read_obj(GuestAddress(BOOT_GDT_START + 8)).unwrap();
         assert_eq!(gdt, gdt::table64()[1]);

@@ -46,7 +46,10 @@ impl MutBusDevice for AcpiPm {
                 self.exit.request(ExitReason::PowerOff);
             } else {
                 // S1–S4 are not offered (`_S5_` is the only sleep object).
-                tracing::warn!(sleep_type, "guest asked for a sleep state this VM does not offer");
+                tracing::warn!(
+                    sleep_type,
+                    "guest asked for a sleep state this VM does not offer"
+                );
             }
         } else if port == ports::ACPI_RESET && v == ports::ACPI_RESET_VALUE {
             self.exit.request(ExitReason::Reset);

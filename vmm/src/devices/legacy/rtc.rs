@@ -149,7 +149,11 @@ impl Rtc {
     }
 
     fn encode(&self, v: u8) -> u8 {
-        if self.reg_b & REG_B_BINARY != 0 { v } else { (v / 10) << 4 | (v % 10) }
+        if self.reg_b & REG_B_BINARY != 0 {
+            v
+        } else {
+            (v / 10) << 4 | (v % 10)
+        }
     }
 
     fn decode(&self, v: u8) -> u8 {

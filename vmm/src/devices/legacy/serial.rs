@@ -1,8 +1,8 @@
 //! COM1: vm-superio's 16550A emulation, its interrupt on ISA IRQ 4 (an
 //! irqfd), its output to the [`Console`](crate::console::Console).
 
-use vm_superio::serial::SerialEvents;
 use vm_superio::Serial;
+use vm_superio::serial::SerialEvents;
 use vmm_sys_util::eventfd::EventFd;
 
 use super::EdgeTrigger;
@@ -68,4 +68,3 @@ impl MutBusDevice for SerialDevice {
         }
     }
 }
-

@@ -166,7 +166,8 @@ impl ConfigSpace {
     }
 
     fn bar_slot_used(&self, i: usize) -> bool {
-        self.bars[i].is_some() || (i > 0 && matches!(self.bars[i - 1], Some(b) if b.kind == BarKind::Mem64))
+        self.bars[i].is_some()
+            || (i > 0 && matches!(self.bars[i - 1], Some(b) if b.kind == BarKind::Mem64))
     }
 
     /// The BAR declared at `index`.
@@ -268,7 +269,11 @@ impl ConfigSpace {
     /// Accesses past the end or crossing a dword are dropped.
     pub fn write(&mut self, offset: usize, data: &[u8]) -> WriteEffect {
         let mut effect = WriteEffect::default();
-        if data.is_empty() || data.len() > 4 || offset % 4 + data.len() > 4 || offset >= CONFIG_SPACE_SIZE {
+        if data.is_empty()
+            || data.len() > 4
+            || offset % 4 + data.len() > 4
+            || offset >= CONFIG_SPACE_SIZE
+        {
             return effect;
         }
         let r = offset / 4;
@@ -277,7 +282,11 @@ impl ConfigSpace {
         for (i, b) in data.iter().enumerate() {
             value |= u32::from(*b) << (8 * i);
         }
-        let lanes = if data.len() == 4 { u32::MAX } else { ((1u32 << (8 * data.len())) - 1) << shift };
+        let lanes = if data.len() == 4 {
+            u32::MAX
+        } else {
+            ((1u32 << (8 * data.len())) - 1) << shift
+        };
         let mask = self.wmask[r] & lanes;
         self.regs[r] = (self.regs[r] & !mask) | ((value << shift) & mask);
         effect.command = r == reg::COMMAND / 4 && shift < 16;
@@ -303,7 +312,11 @@ impl ConfigSpace {
     /// Reflects the INTx line's state in the status register.
     pub fn set_interrupt_status(&mut self, pending: bool) {
         let status = self.word(reg::COMMAND + 2);
-        let status = if pending { status | STATUS_INTERRUPT } else { status & !STATUS_INTERRUPT };
+        let status = if pending {
+            status | STATUS_INTERRUPT
+        } else {
+            status & !STATUS_INTERRUPT
+        };
         self.set_word(reg::COMMAND + 2, status);
     }
 
@@ -350,7 +363,11 @@ mod tests {
     #[test]
     fn bar32_sizing() {
         let mut c = ConfigSpace::new(header());
-        let bar = Bar { size: 0x8000, kind: BarKind::Mem32, prefetchable: false };
+        let bar = Bar {
+            size: 0x8000,
+            kind: BarKind::Mem32,
+            prefetchable: false,
+        };
         c.add_bar(0, bar, 0xc000_0000).unwrap();
         assert_eq!(c.read(reg::BAR0), 0xc000_0000);
         let e = write32(&mut c, reg::BAR0, 0xffff_ffff);
@@ -363,20 +380,49 @@ mod tests {
     #[test]
     fn bar64_sizing_and_flags() {
         let mut c = ConfigSpace::new(header());
-        let bar = Bar { size: 1 << 33, kind: BarKind::Mem64, prefetchable: true };
+        let bar = Bar {
+            size: 1 << 33,
+            kind: BarKind::Mem64,
+            prefetchable: true,
+        };
         c.add_bar(2, bar, 0x40_0000_0000).unwrap();
         assert_eq!(c.read(reg::BAR0 + 8) & 0xf, 0b1100, "64-bit, prefetchable");
         write32(&mut c, reg::BAR0 + 8, 0xffff_ffff);
         write32(&mut c, reg::BAR0 + 12, 0xffff_ffff);
-        assert_eq!(c.read(reg::BAR0 + 8), 0b1100, "no low address bits for 8 GiB");
+        assert_eq!(
+            c.read(reg::BAR0 + 8),
+            0b1100,
+            "no low address bits for 8 GiB"
+        );
         assert_eq!(c.read(reg::BAR0 + 12), 0xffff_fffe);
         write32(&mut c, reg::BAR0 + 12, 0x12);
         write32(&mut c, reg::BAR0 + 8, 0);
         assert_eq!(c.bar_address(2), Some(0x12_0000_0000));
         // The upper half is not a BAR of its own.
-        assert_eq!(c.add_bar(3, Bar { size: 0x1000, kind: BarKind::Mem32, prefetchable: false }, 0), Err(ConfigError::BarSlot(3)));
+        assert_eq!(
+            c.add_bar(
+                3,
+                Bar {
+                    size: 0x1000,
+                    kind: BarKind::Mem32,
+                    prefetchable: false
+                },
+                0
+            ),
+            Err(ConfigError::BarSlot(3))
+        );
         assert_eq!(c.add_bar(5, bar, 0), Err(ConfigError::BarSlot(5)));
-        assert!(c.add_bar(0, Bar { size: 0x1800, ..bar }, 0).is_err());
+        assert!(
+            c.add_bar(
+                0,
+                Bar {
+                    size: 0x1800,
+                    ..bar
+                },
+                0
+            )
+            .is_err()
+        );
     }
 
     #[test]
@@ -390,7 +436,10 @@ mod tests {
         c.write(reg::COMMAND + 2, &0xffffu16.to_le_bytes());
         assert_eq!(c.word(reg::COMMAND + 2), 0);
         c.set_interrupt_status(true);
-        assert_eq!(c.word(reg::COMMAND + 2) & STATUS_INTERRUPT, STATUS_INTERRUPT);
+        assert_eq!(
+            c.word(reg::COMMAND + 2) & STATUS_INTERRUPT,
+            STATUS_INTERRUPT
+        );
         // A write to the status half does not count as a command write.
         assert!(!c.write(reg::COMMAND + 2, &[0, 0]).command);
     }
@@ -398,14 +447,22 @@ mod tests {
     #[test]
     fn capability_chain() {
         let mut c = ConfigSpace::new(header());
-        let a = c.add_capability(&[0x11, 0xaa, 1, 2], &[0, 0, 0xff, 0]).unwrap();
-        let b = c.add_capability(&[0x09, 0xbb, 16, 1, 0, 0, 0, 0], &[0; 8]).unwrap();
+        let a = c
+            .add_capability(&[0x11, 0xaa, 1, 2], &[0, 0, 0xff, 0])
+            .unwrap();
+        let b = c
+            .add_capability(&[0x09, 0xbb, 16, 1, 0, 0, 0, 0], &[0; 8])
+            .unwrap();
         assert_eq!(c.byte(reg::CAP_PTR), a as u8);
         assert_eq!(c.byte(a + 1), b as u8);
         assert_eq!(c.byte(b + 1), 0);
         assert_ne!(c.word(reg::COMMAND + 2) & STATUS_CAP_LIST, 0);
         c.write(a + 2, &[0x55, 0x55]);
-        assert_eq!((c.byte(a + 2), c.byte(a + 3)), (0x55, 2), "only the writable byte");
+        assert_eq!(
+            (c.byte(a + 2), c.byte(a + 3)),
+            (0x55, 2),
+            "only the writable byte"
+        );
         assert!(c.add_capability(&[0; 200], &[0; 200]).is_err());
     }
 

@@ -70,7 +70,8 @@ impl Msix {
         let mut vectors = Vec::with_capacity(count as usize);
         for _ in 0..count {
             let gsi = vm.allocate_msi_gsi().ok_or(MsixError::NoGsi)?;
-            let irqfd = EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC).map_err(MsixError::Irqfd)?;
+            let irqfd =
+                EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC).map_err(MsixError::Irqfd)?;
             vm.register_irqfd(&irqfd, gsi).map_err(MsixError::Irqfd)?;
             vectors.push(Vector {
                 msg: MsiMessage::default(),
@@ -148,7 +149,12 @@ impl Msix {
             return;
         };
         let e = &self.vectors[v];
-        let entry = [e.msg.address as u32, (e.msg.address >> 32) as u32, e.msg.data, e.control];
+        let entry = [
+            e.msg.address as u32,
+            (e.msg.address >> 32) as u32,
+            e.msg.data,
+            e.control,
+        ];
         let mut raw = [0u8; 16];
         for (i, w) in entry.iter().enumerate() {
             raw[i * 4..i * 4 + 4].copy_from_slice(&w.to_le_bytes());
@@ -164,7 +170,12 @@ impl Msix {
         let e = &mut self.vectors[v];
         let was_masked = e.control & VECTOR_MASKED != 0;
         let mut raw = [0u8; 16];
-        let entry = [e.msg.address as u32, (e.msg.address >> 32) as u32, e.msg.data, e.control];
+        let entry = [
+            e.msg.address as u32,
+            (e.msg.address >> 32) as u32,
+            e.msg.data,
+            e.control,
+        ];
         for (i, w) in entry.iter().enumerate() {
             raw[i * 4..i * 4 + 4].copy_from_slice(&w.to_le_bytes());
         }
@@ -205,7 +216,7 @@ impl Msix {
     fn locate(&self, offset: u64, len: usize) -> Option<(usize, usize)> {
         let v = usize::try_from(offset / ENTRY_SIZE).ok()?;
         let field = (offset % ENTRY_SIZE) as usize;
-        (v < self.vectors.len() && (len == 4 || len == 8) && field + len <= 16 && field % len == 0)
+        (v < self.vectors.len() && (len == 4 || len == 8) && field + len <= 16 && field.is_multiple_of(len))
             .then_some((v, field))
     }
 
@@ -328,7 +339,13 @@ mod tests {
         // Unmasking delivers it, through the route just programmed.
         program(&mut m, 1, 0xfee0_0000, 0x41);
         assert!(fired(&m, 1));
-        assert_eq!(vm.routes.lock().unwrap()[&25], MsiMessage { address: 0xfee0_0000, data: 0x41 });
+        assert_eq!(
+            vm.routes.lock().unwrap()[&25],
+            MsiMessage {
+                address: 0xfee0_0000,
+                data: 0x41
+            }
+        );
         m.pba_read(0, &mut pba);
         assert_eq!(u64::from_le_bytes(pba), 0);
         assert!(m.trigger(1));
@@ -365,7 +382,10 @@ mod tests {
     #[test]
     fn control_word_from_config_writes() {
         assert_eq!(control_from_write(2, &[0x00, 0x80], 0x0002), Some(0x8000));
-        assert_eq!(control_from_write(0, &[0x11, 0, 0x02, 0xc0], 0x0002), Some(0xc002));
+        assert_eq!(
+            control_from_write(0, &[0x11, 0, 0x02, 0xc0], 0x0002),
+            Some(0xc002)
+        );
         assert_eq!(control_from_write(3, &[0x40], 0x8002), Some(0x4002));
         assert_eq!(control_from_write(0, &[0x11, 0x50], 7), None);
         assert_eq!(control_from_write(4, &[0; 4], 7), None);

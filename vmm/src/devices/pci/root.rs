@@ -181,7 +181,11 @@ impl PciRoot {
             // Absent functions read as all ones (vendor 0xffff).
             u32::MAX
         } else if slot == 0 {
-            if in_header { self.bridge.read(offset) } else { 0 }
+            if in_header {
+                self.bridge.read(offset)
+            } else {
+                0
+            }
         } else {
             match &self.slots[slot as usize] {
                 None => u32::MAX,
@@ -201,7 +205,9 @@ impl PciRoot {
             self.bridge.write(offset, data);
             return;
         }
-        let Some(s) = &self.slots[slot as usize] else { return };
+        let Some(s) = &self.slots[slot as usize] else {
+            return;
+        };
         let touches_mapping = {
             let mut dev = lock(&s.device);
             dev.config_write(offset, data);
@@ -236,7 +242,11 @@ impl BusDevice for PciConfigIo {
         let mut root = lock(&self.0);
         if offset < 4 {
             // The address latch reads back only as a whole dword.
-            let v = if offset == 0 && data.len() == 4 { root.address } else { u32::MAX };
+            let v = if offset == 0 && data.len() == 4 {
+                root.address
+            } else {
+                u32::MAX
+            };
             put_le_value(data, u64::from(v));
             return;
         }

@@ -110,7 +110,10 @@ impl Block {
             .map_err(err)?;
         let size = file.metadata().map_err(err)?.len();
         let mut id = [0u8; ID_BYTES];
-        let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        let name = path
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
         let n = name.len().min(ID_BYTES);
         id[..n].copy_from_slice(&name.as_bytes()[..n]);
         Ok(Self {
@@ -169,7 +172,7 @@ impl Block {
     fn span(&self, sector: u64, len: usize) -> Option<u64> {
         let len = len as u64;
         let sectors = len / SECTOR_SIZE;
-        (len % SECTOR_SIZE == 0 && sector.checked_add(sectors)? <= self.capacity_sectors)
+        (len.is_multiple_of(SECTOR_SIZE) && sector.checked_add(sectors)? <= self.capacity_sectors)
             .then(|| sector * SECTOR_SIZE)
     }
 
@@ -260,7 +263,12 @@ impl VirtioBackend for Block {
         data[..end - start].copy_from_slice(&config[start..end]);
     }
 
-    fn process_queue(&mut self, index: usize, queues: &mut [Queue], mem: &GuestMemoryMmap) -> Result<QueueMask, DeviceError> {
+    fn process_queue(
+        &mut self,
+        index: usize,
+        queues: &mut [Queue],
+        mem: &GuestMemoryMmap,
+    ) -> Result<QueueMask, DeviceError> {
         let queue = &mut queues[index];
         let mut used = 0;
         loop {
@@ -268,7 +276,10 @@ impl VirtioBackend for Block {
             // a buffer added in between is not left waiting.
             let chain = queue.iter(mem).map_err(|e| queue_error(index, e))?.next();
             let Some(chain) = chain else {
-                if queue.enable_notification(mem).map_err(|e| queue_error(index, e))? {
+                if queue
+                    .enable_notification(mem)
+                    .map_err(|e| queue_error(index, e))?
+                {
                     continue;
                 }
                 break;

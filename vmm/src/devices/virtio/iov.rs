@@ -56,7 +56,10 @@ pub struct Chain<'m> {
 
 impl<'m> Chain<'m> {
     /// Resolves `descs` in `mem`. Zero-length descriptors are skipped.
-    pub fn new(mem: &'m GuestMemoryMmap, descs: impl IntoIterator<Item = Descriptor>) -> Result<Self, ChainError> {
+    pub fn new(
+        mem: &'m GuestMemoryMmap,
+        descs: impl IntoIterator<Item = Descriptor>,
+    ) -> Result<Self, ChainError> {
         let mut chain = Chain::default();
         let mut count = 0usize;
         for d in descs {
@@ -78,11 +81,17 @@ impl<'m> Chain<'m> {
             } else {
                 &mut chain.readable
             };
-            d.addr().0.checked_add(u64::from(d.len())).ok_or(out_of_range.clone())?;
+            d.addr()
+                .0
+                .checked_add(u64::from(d.len()))
+                .ok_or(out_of_range.clone())?;
             for s in mem.get_slices(GuestAddress(d.addr().0), d.len() as usize) {
                 side.slices.push(s.map_err(|_| out_of_range.clone())?);
             }
-            side.len = side.len.checked_add(d.len() as usize).ok_or(ChainError::TooLong)?;
+            side.len = side
+                .len
+                .checked_add(d.len() as usize)
+                .ok_or(ChainError::TooLong)?;
         }
         Ok(chain)
     }
@@ -172,7 +181,8 @@ impl<'m> Bufs<'m> {
             // SAFETY: every iovec is a `VolatileSlice` of guest memory that
             // `self` borrows for the duration of this call, so the kernel
             // writes only into mapped guest RAM within those bounds.
-            let r = unsafe { libc::preadv(file.as_raw_fd(), iov.as_ptr(), n as i32, offset as i64) };
+            let r =
+                unsafe { libc::preadv(file.as_raw_fd(), iov.as_ptr(), n as i32, offset as i64) };
             let done = check(r)?;
             if done == 0 {
                 return Err(io::ErrorKind::UnexpectedEof.into());
@@ -190,7 +200,8 @@ impl<'m> Bufs<'m> {
             let iov = rest.iovecs();
             let n = iov.len().min(libc::UIO_MAXIOV as usize);
             // SAFETY: as in `read_exact_at`; the kernel only reads the slices.
-            let r = unsafe { libc::pwritev(file.as_raw_fd(), iov.as_ptr(), n as i32, offset as i64) };
+            let r =
+                unsafe { libc::pwritev(file.as_raw_fd(), iov.as_ptr(), n as i32, offset as i64) };
             let done = check(r)?;
             if done == 0 {
                 return Err(io::ErrorKind::WriteZero.into());
@@ -214,7 +225,11 @@ impl<'m> Bufs<'m> {
 }
 
 fn check(r: isize) -> io::Result<usize> {
-    if r < 0 { Err(io::Error::last_os_error()) } else { Ok(r as usize) }
+    if r < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(r as usize)
+    }
 }
 
 #[cfg(test)]
@@ -224,7 +239,11 @@ mod tests {
     use vm_memory::Bytes;
 
     fn mem() -> GuestMemoryMmap {
-        GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10000), (GuestAddress(0x20000), 0x10000)]).unwrap()
+        GuestMemoryMmap::from_ranges(&[
+            (GuestAddress(0), 0x10000),
+            (GuestAddress(0x20000), 0x10000),
+        ])
+        .unwrap()
     }
 
     fn r(addr: u64, len: u32) -> Descriptor {
@@ -237,7 +256,11 @@ mod tests {
     #[test]
     fn splits_directions_and_ranges() {
         let m = mem();
-        let c = Chain::new(&m, [r(0x100, 16), r(0x200, 0), w(0x1000, 512), w(0x3000, 1)]).unwrap();
+        let c = Chain::new(
+            &m,
+            [r(0x100, 16), r(0x200, 0), w(0x1000, 512), w(0x3000, 1)],
+        )
+        .unwrap();
         assert_eq!((c.readable.len(), c.writable.len()), (16, 513));
         let (data, status) = c.writable.split_at(512);
         assert_eq!((data.len(), status.len()), (512, 1));
@@ -251,11 +274,23 @@ mod tests {
     #[test]
     fn refuses_bad_chains() {
         let m = mem();
-        assert_eq!(Chain::new(&m, [w(0x100, 4), r(0x200, 4)]).unwrap_err(), ChainError::Order);
+        assert_eq!(
+            Chain::new(&m, [w(0x100, 4), r(0x200, 4)]).unwrap_err(),
+            ChainError::Order
+        );
         // Into the hole between the regions, past the end, wrapping.
-        assert!(matches!(Chain::new(&m, [r(0xff00, 0x200)]), Err(ChainError::OutOfRange { .. })));
-        assert!(matches!(Chain::new(&m, [r(0x2_ffff, 2)]), Err(ChainError::OutOfRange { .. })));
-        assert!(matches!(Chain::new(&m, [r(u64::MAX - 1, 4)]), Err(ChainError::OutOfRange { .. })));
+        assert!(matches!(
+            Chain::new(&m, [r(0xff00, 0x200)]),
+            Err(ChainError::OutOfRange { .. })
+        ));
+        assert!(matches!(
+            Chain::new(&m, [r(0x2_ffff, 2)]),
+            Err(ChainError::OutOfRange { .. })
+        ));
+        assert!(matches!(
+            Chain::new(&m, [r(u64::MAX - 1, 4)]),
+            Err(ChainError::OutOfRange { .. })
+        ));
         let many = vec![r(0, 1); MAX_DESCRIPTORS + 1];
         assert_eq!(Chain::new(&m, many).unwrap_err(), ChainError::TooLong);
     }

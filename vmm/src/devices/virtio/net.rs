@@ -106,7 +106,10 @@ impl Net {
         loop {
             let chain = queue.iter(mem).map_err(|e| queue_error(TX, e))?.next();
             let Some(chain) = chain else {
-                if queue.enable_notification(mem).map_err(|e| queue_error(TX, e))? {
+                if queue
+                    .enable_notification(mem)
+                    .map_err(|e| queue_error(TX, e))?
+                {
                     continue;
                 }
                 break;
@@ -135,7 +138,9 @@ impl Net {
             } else {
                 self.stats.tx_dropped += 1;
             }
-            queue.add_used(mem, head, 0).map_err(|e| queue_error(TX, e))?;
+            queue
+                .add_used(mem, head, 0)
+                .map_err(|e| queue_error(TX, e))?;
             any = true;
         }
         Ok(any)
@@ -170,7 +175,10 @@ impl Net {
                 false => {
                     // Out of buffers: wait for the guest (unless it posted
                     // some in the meantime).
-                    if queue.enable_notification(mem).map_err(|e| queue_error(RX, e))? {
+                    if queue
+                        .enable_notification(mem)
+                        .map_err(|e| queue_error(RX, e))?
+                    {
                         continue;
                     }
                     self.rx_starved = true;
@@ -183,7 +191,12 @@ impl Net {
 
     /// Puts the packet in `rx_buf[..len]` into guest buffers; `false` (and
     /// nothing consumed) when there are not enough.
-    fn deliver(&mut self, len: usize, queue: &mut Queue, mem: &GuestMemoryMmap) -> Result<bool, DeviceError> {
+    fn deliver(
+        &mut self,
+        len: usize,
+        queue: &mut Queue,
+        mem: &GuestMemoryMmap,
+    ) -> Result<bool, DeviceError> {
         let mut taken: Vec<(u16, Chain<'_>)> = Vec::new();
         let mut room = 0usize;
         while room < len {
@@ -201,12 +214,16 @@ impl Net {
                     taken.push((head, c));
                 }
                 // A buffer the device cannot write: returned empty.
-                _ => queue.add_used(mem, head, 0).map_err(|e| queue_error(RX, e))?,
+                _ => queue
+                    .add_used(mem, head, 0)
+                    .map_err(|e| queue_error(RX, e))?,
             }
             if !self.mergeable() && room < len {
                 // Without mergeable buffers a packet needs one big buffer.
                 for (head, _) in taken.drain(..) {
-                    queue.add_used(mem, head, 0).map_err(|e| queue_error(RX, e))?;
+                    queue
+                        .add_used(mem, head, 0)
+                        .map_err(|e| queue_error(RX, e))?;
                 }
                 self.stats.rx_dropped += 1;
                 return Ok(true);
@@ -218,7 +235,9 @@ impl Net {
         for (head, c) in &taken {
             let n = c.writable.copy_from(&self.rx_buf[off..len]);
             off += n;
-            queue.add_used(mem, *head, n as u32).map_err(|e| queue_error(RX, e))?;
+            queue
+                .add_used(mem, *head, n as u32)
+                .map_err(|e| queue_error(RX, e))?;
         }
         self.stats.rx_packets += 1;
         Ok(true)
@@ -280,7 +299,8 @@ impl VirtioBackend for Net {
                     flags |= tap::offload::TSO_ECN;
                 }
             }
-            tap::set_offload(&self.tap, flags).map_err(|e| super::ActivateError::Backend(format!("TAP offloads: {e}")))?;
+            tap::set_offload(&self.tap, flags)
+                .map_err(|e| super::ActivateError::Backend(format!("TAP offloads: {e}")))?;
         }
         Ok(())
     }
@@ -292,14 +312,27 @@ impl VirtioBackend for Net {
         self.tx_blocked = false;
     }
 
-    fn process_queue(&mut self, index: usize, queues: &mut [Queue], mem: &GuestMemoryMmap) -> Result<QueueMask, DeviceError> {
+    fn process_queue(
+        &mut self,
+        index: usize,
+        queues: &mut [Queue],
+        mem: &GuestMemoryMmap,
+    ) -> Result<QueueMask, DeviceError> {
         match index {
             RX => {
                 // New receive buffers: resume taking packets from the host.
                 self.rx_starved = false;
-                Ok(if self.receive(&mut queues[RX], mem)? { 1 << RX } else { 0 })
+                Ok(if self.receive(&mut queues[RX], mem)? {
+                    1 << RX
+                } else {
+                    0
+                })
             }
-            TX if !self.tx_blocked => Ok(if self.transmit(&mut queues[TX], mem)? { 1 << TX } else { 0 }),
+            TX if !self.tx_blocked => Ok(if self.transmit(&mut queues[TX], mem)? {
+                1 << TX
+            } else {
+                0
+            }),
             _ => Ok(0),
         }
     }
@@ -315,7 +348,13 @@ impl VirtioBackend for Net {
         vec![(self.tap.as_raw_fd(), set)]
     }
 
-    fn host_fd_ready(&mut self, _fd: RawFd, events: EventSet, queues: &mut [Queue], mem: &GuestMemoryMmap) -> Result<QueueMask, DeviceError> {
+    fn host_fd_ready(
+        &mut self,
+        _fd: RawFd,
+        events: EventSet,
+        queues: &mut [Queue],
+        mem: &GuestMemoryMmap,
+    ) -> Result<QueueMask, DeviceError> {
         let mut used = 0;
         if events.contains(EventSet::OUT) {
             self.tx_blocked = false;
@@ -323,7 +362,10 @@ impl VirtioBackend for Net {
                 used |= 1 << TX;
             }
         }
-        if events.contains(EventSet::IN) && !self.rx_starved && self.receive(&mut queues[RX], mem)? {
+        if events.contains(EventSet::IN)
+            && !self.rx_starved
+            && self.receive(&mut queues[RX], mem)?
+        {
             used |= 1 << RX;
         }
         Ok(used)

@@ -37,7 +37,12 @@ impl VirtioBackend for Rng {
         data.fill(0);
     }
 
-    fn process_queue(&mut self, index: usize, queues: &mut [Queue], mem: &GuestMemoryMmap) -> Result<QueueMask, DeviceError> {
+    fn process_queue(
+        &mut self,
+        index: usize,
+        queues: &mut [Queue],
+        mem: &GuestMemoryMmap,
+    ) -> Result<QueueMask, DeviceError> {
         let queue = &mut queues[index];
         let mut used = 0;
         loop {
@@ -46,7 +51,10 @@ impl VirtioBackend for Rng {
             // avail_event, without which the driver never kicks again), and
             // look once more for a buffer added meanwhile.
             let Some(chain) = chain else {
-                if queue.enable_notification(mem).map_err(|e| queue_error(index, e))? {
+                if queue
+                    .enable_notification(mem)
+                    .map_err(|e| queue_error(index, e))?
+                {
                     continue;
                 }
                 break;
@@ -59,7 +67,9 @@ impl VirtioBackend for Rng {
                     0
                 }
             };
-            queue.add_used(mem, head, len).map_err(|e| queue_error(index, e))?;
+            queue
+                .add_used(mem, head, len)
+                .map_err(|e| queue_error(index, e))?;
             used = 1 << index;
         }
         Ok(used)
@@ -70,7 +80,10 @@ impl Rng {
     fn fill(&mut self, chain: &Chain<'_>) -> u32 {
         let n = chain.writable.len().min(MAX_BYTES_PER_REQUEST);
         self.buf.resize(n, 0);
-        if rustix::rand::getrandom(&mut self.buf[..], rustix::rand::GetRandomFlags::empty()).map(|k| k == n) != Ok(true) {
+        if rustix::rand::getrandom(&mut self.buf[..], rustix::rand::GetRandomFlags::empty())
+            .map(|k| k == n)
+            != Ok(true)
+        {
             // Hand out nothing rather than anything not random.
             return 0;
         }
@@ -96,13 +109,18 @@ mod tests {
     fn fills_writable_buffers() {
         let m = mem();
         let vq = MockSplitQueue::new(&m, 16);
-        let descs = [
-            RawDescriptor::from(Descriptor::new(0x8000, 100, VRING_DESC_F_WRITE as u16, 0)),
-        ];
+        let descs = [RawDescriptor::from(Descriptor::new(
+            0x8000,
+            100,
+            VRING_DESC_F_WRITE as u16,
+            0,
+        ))];
         vq.add_desc_chains(&descs, 0).unwrap();
         let mut queue: Queue = vq.create_queue().unwrap();
         let mut rng = Rng::default();
-        let used = rng.process_queue(0, std::slice::from_mut(&mut queue), &m).unwrap();
+        let used = rng
+            .process_queue(0, std::slice::from_mut(&mut queue), &m)
+            .unwrap();
         assert_eq!(used, 1);
         assert_eq!(rng.bytes_served, 100);
         let used_len: u32 = m.read_obj(vq.used_addr().unchecked_add(8)).unwrap();
@@ -133,12 +151,18 @@ mod tests {
         let vq = MockSplitQueue::new(&m, 16);
         let descs = [
             RawDescriptor::from(Descriptor::new(0x8000, 64, 0, 0)),
-            RawDescriptor::from(Descriptor::new(0xffff_0000, 64, VRING_DESC_F_WRITE as u16, 0)),
+            RawDescriptor::from(Descriptor::new(
+                0xffff_0000,
+                64,
+                VRING_DESC_F_WRITE as u16,
+                0,
+            )),
         ];
         vq.add_desc_chains(&descs, 0).unwrap();
         let mut queue: Queue = vq.create_queue().unwrap();
         let mut rng = Rng::default();
-        rng.process_queue(0, std::slice::from_mut(&mut queue), &m).unwrap();
+        rng.process_queue(0, std::slice::from_mut(&mut queue), &m)
+            .unwrap();
         assert_eq!(rng.bytes_served, 0);
         let used_idx: u16 = m.read_obj(vq.used_addr().unchecked_add(2)).unwrap();
         assert_eq!(used_idx, 2, "both chains returned");

@@ -72,12 +72,21 @@ impl Driver {
                 q
             })
             .collect();
-        Self { mem, queues, rings, size, next_desc: vec![0; count], pushed: vec![0; count] }
+        Self {
+            mem,
+            queues,
+            rings,
+            size,
+            next_desc: vec![0; count],
+            pushed: vec![0; count],
+        }
     }
 
     fn store_desc(&self, q: usize, idx: u16, d: Descriptor) {
         let at = self.rings[q].desc + 16 * u64::from(idx % self.size);
-        self.mem.write_obj(RawDescriptor::from(d), GuestAddress(at)).unwrap();
+        self.mem
+            .write_obj(RawDescriptor::from(d), GuestAddress(at))
+            .unwrap();
     }
 
     fn make_available(&mut self, q: usize, head: u16) {
@@ -85,7 +94,9 @@ impl Driver {
         let idx: u16 = self.mem.read_obj(GuestAddress(r.avail + 2)).unwrap();
         let slot = r.avail + 4 + 2 * u64::from(idx % self.size);
         self.mem.write_obj(head, GuestAddress(slot)).unwrap();
-        self.mem.write_obj(idx.wrapping_add(1), GuestAddress(r.avail + 2)).unwrap();
+        self.mem
+            .write_obj(idx.wrapping_add(1), GuestAddress(r.avail + 2))
+            .unwrap();
         self.pushed[q] += 1;
     }
 
@@ -98,7 +109,11 @@ impl Driver {
             if i + 1 < bufs.len() {
                 flags |= VRING_DESC_F_NEXT as u16;
             }
-            self.store_desc(q, idx, Descriptor::new(addr, len, flags, (idx + 1) % self.size));
+            self.store_desc(
+                q,
+                idx,
+                Descriptor::new(addr, len, flags, (idx + 1) % self.size),
+            );
         }
         self.next_desc[q] = self.next_desc[q].wrapping_add(bufs.len() as u16);
         self.make_available(q, start);
@@ -136,11 +151,17 @@ impl Driver {
     pub fn lie_about_avail(&mut self, n: u16) {
         let r = self.rings[0];
         let idx: u16 = self.mem.read_obj(GuestAddress(r.avail + 2)).unwrap();
-        self.mem.write_obj(idx.wrapping_add(n), GuestAddress(r.avail + 2)).unwrap();
+        self.mem
+            .write_obj(idx.wrapping_add(n), GuestAddress(r.avail + 2))
+            .unwrap();
     }
 
     /// Runs `backend` on queue `q`.
-    pub fn run_queue<B: VirtioBackend>(&mut self, backend: &mut B, q: usize) -> Result<QueueMask, DeviceError> {
+    pub fn run_queue<B: VirtioBackend>(
+        &mut self,
+        backend: &mut B,
+        q: usize,
+    ) -> Result<QueueMask, DeviceError> {
         backend.process_queue(q, &mut self.queues, &self.mem)
     }
 
@@ -161,7 +182,9 @@ impl Driver {
 
     /// The used index of queue `q`.
     pub fn used_idx_of(&self, q: usize) -> u16 {
-        self.mem.read_obj(GuestAddress(self.rings[q].used + 2)).unwrap()
+        self.mem
+            .read_obj(GuestAddress(self.rings[q].used + 2))
+            .unwrap()
     }
 
     /// The used index of queue 0.

@@ -22,12 +22,15 @@ use virtio_queue::{Queue, QueueT};
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
-use super::{COMMON_FEATURES, DeviceError, QueueMask, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX, VirtioBackend, has_feature};
+use super::{
+    COMMON_FEATURES, DeviceError, QueueMask, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX,
+    VirtioBackend, has_feature,
+};
 use crate::devices::pci::config::{Bar, BarKind, ConfigSpace, Header, reg};
 use crate::devices::pci::intx::Intx;
 use crate::devices::pci::msix::{self, Msix};
 use crate::devices::pci::root::PciDevice;
-use crate::devices::{VmOps, le_value, put_le_value};
+use crate::devices::{VmOps, le_value};
 
 /// BAR 0's size.
 pub const BAR0_SIZE: u64 = 0x8000;
@@ -177,7 +180,10 @@ impl<B: VirtioBackend> VirtioPci<B> {
             bar0_addr,
         )?;
         // Memory decoding on, as firmware leaves a device it placed.
-        config.write(reg::COMMAND, &crate::devices::pci::config::COMMAND_MEMORY.to_le_bytes());
+        config.write(
+            reg::COMMAND,
+            &crate::devices::pci::config::COMMAND_MEMORY.to_le_bytes(),
+        );
         config.set_interrupt_line(intx_gsi as u8);
 
         let msix = Msix::new(nq as u16 + 1, vm.clone())?;
@@ -186,7 +192,12 @@ impl<B: VirtioBackend> VirtioPci<B> {
         let ro = |c: &[u8]| vec![0u8; c.len()];
         for c in [
             vendor_cap(CAP_COMMON, COMMON_OFFSET, COMMON_SIZE, &[]),
-            vendor_cap(CAP_NOTIFY, NOTIFY_OFFSET, u64::from(NOTIFY_MULTIPLIER) * nq as u64, &NOTIFY_MULTIPLIER.to_le_bytes()),
+            vendor_cap(
+                CAP_NOTIFY,
+                NOTIFY_OFFSET,
+                u64::from(NOTIFY_MULTIPLIER) * nq as u64,
+                &NOTIFY_MULTIPLIER.to_le_bytes(),
+            ),
             vendor_cap(CAP_ISR, ISR_OFFSET, 1, &[]),
             vendor_cap(CAP_DEVICE, DEVICE_OFFSET, DEVICE_SIZE, &[]),
         ] {
@@ -247,41 +258,57 @@ impl<B: VirtioBackend> VirtioPci<B> {
         (q < self.queues.len()).then_some(q)
     }
 
-    fn common_read(&mut self, offset: u64, data: &mut [u8]) {
-        let q = self.selected();
+    /// The common configuration structure as the driver would read it now.
+    fn common_image(&self) -> [u8; COMMON_SIZE as usize] {
         let c = &self.common;
+        let q = self.selected();
         let queue = q.map(|q| &self.queues[q]);
-        let v: u64 = match offset {
-            0x00 => c.device_feature_select.into(),
-            0x04 => match c.device_feature_select {
-                0 => self.offered() & 0xffff_ffff,
-                1 => self.offered() >> 32,
-                _ => 0,
-            },
-            0x08 => c.driver_feature_select.into(),
-            0x0c => match c.driver_feature_select {
-                0 => c.driver_features & 0xffff_ffff,
-                1 => c.driver_features >> 32,
-                _ => 0,
-            },
-            0x10 => c.msix_config.into(),
-            0x12 => self.queues.len() as u64,
-            0x14 => c.status.into(),
-            0x15 => c.config_generation.into(),
-            0x16 => c.queue_select.into(),
-            0x18 => queue.map_or(0, |q| q.size().into()),
-            0x1a => q.map_or(NO_VECTOR, |q| self.queue_vectors[q]).into(),
-            0x1c => queue.map_or(0, |q| q.ready().into()),
-            0x1e => q.map_or(0, |q| q as u64),
-            0x20 => queue.map_or(0, |q| q.desc_table() & 0xffff_ffff),
-            0x24 => queue.map_or(0, |q| q.desc_table() >> 32),
-            0x28 => queue.map_or(0, |q| q.avail_ring() & 0xffff_ffff),
-            0x2c => queue.map_or(0, |q| q.avail_ring() >> 32),
-            0x30 => queue.map_or(0, |q| q.used_ring() & 0xffff_ffff),
-            0x34 => queue.map_or(0, |q| q.used_ring() >> 32),
+        let mut b = [0u8; COMMON_SIZE as usize];
+        let mut put = |at: usize, v: u64, len: usize| {
+            b[at..at + len].copy_from_slice(&v.to_le_bytes()[..len])
+        };
+        put(0x00, c.device_feature_select.into(), 4);
+        let device_features = match c.device_feature_select {
+            0 => self.offered() & 0xffff_ffff,
+            1 => self.offered() >> 32,
             _ => 0,
         };
-        put_le_value(data, v);
+        put(0x04, device_features, 4);
+        put(0x08, c.driver_feature_select.into(), 4);
+        let driver_features = match c.driver_feature_select {
+            0 => c.driver_features & 0xffff_ffff,
+            1 => c.driver_features >> 32,
+            _ => 0,
+        };
+        put(0x0c, driver_features, 4);
+        put(0x10, c.msix_config.into(), 2);
+        put(0x12, self.queues.len() as u64, 2);
+        put(0x14, c.status.into(), 1);
+        put(0x15, c.config_generation.into(), 1);
+        put(0x16, c.queue_select.into(), 2);
+        put(0x18, queue.map_or(0, |q| q.size().into()), 2);
+        put(
+            0x1a,
+            q.map_or(NO_VECTOR, |q| self.queue_vectors[q]).into(),
+            2,
+        );
+        put(0x1c, queue.map_or(0, |q| q.ready().into()), 2);
+        put(0x1e, q.map_or(0, |q| q as u64), 2);
+        put(0x20, queue.map_or(0, |q| q.desc_table()), 8);
+        put(0x28, queue.map_or(0, |q| q.avail_ring()), 8);
+        put(0x30, queue.map_or(0, |q| q.used_ring()), 8);
+        b
+    }
+
+    /// Reads any span of the common configuration (drivers use each field's
+    /// own width; wider reads get the bytes of the fields they cover).
+    fn common_read(&mut self, offset: u64, data: &mut [u8]) {
+        let image = self.common_image();
+        let start = offset as usize;
+        let end = (start + data.len()).min(image.len());
+        if start < end {
+            data[..end - start].copy_from_slice(&image[start..end]);
+        }
     }
 
     fn common_write(&mut self, offset: u64, data: &[u8]) {
@@ -347,12 +374,18 @@ impl<B: VirtioBackend> VirtioPci<B> {
             let accepted = self.common.driver_features;
             let ok = accepted & !self.offered() == 0 && has_feature(accepted, VIRTIO_F_VERSION_1);
             if !ok {
-                tracing::warn!(accepted, offered = self.offered(), "driver accepted features the device does not offer");
+                tracing::warn!(
+                    accepted,
+                    offered = self.offered(),
+                    "driver accepted features the device does not offer"
+                );
                 new &= !status::FEATURES_OK;
             }
         }
         // DRIVER_OK without FEATURES_OK is a driver bug; the device stays off.
-        let start = new & status::DRIVER_OK != 0 && old & status::DRIVER_OK == 0 && new & status::FEATURES_OK != 0;
+        let start = new & status::DRIVER_OK != 0
+            && old & status::DRIVER_OK == 0
+            && new & status::FEATURES_OK != 0;
         self.common.status = new;
         if start {
             self.activate();
@@ -413,7 +446,12 @@ impl<B: VirtioBackend> VirtioPci<B> {
     }
 
     fn signal(&mut self, vector: u16, isr_bit: u8) {
-        tracing::trace!(device = self.backend.device_type(), vector, msix = self.msix.enabled(), "interrupt");
+        tracing::trace!(
+            device = self.backend.device_type(),
+            vector,
+            msix = self.msix.enabled(),
+            "interrupt"
+        );
         if self.msix.enabled() {
             if vector != NO_VECTOR {
                 self.msix.trigger(vector);
@@ -462,7 +500,10 @@ impl<B: VirtioBackend> VirtioPci<B> {
         if !self.active {
             return;
         }
-        match self.backend.host_fd_ready(fd, events, &mut self.queues, &self.mem) {
+        match self
+            .backend
+            .host_fd_ready(fd, events, &mut self.queues, &self.mem)
+        {
             Ok(used) => self.notify_used(used),
             Err(e) => self.fail(e),
         }
@@ -552,7 +593,8 @@ impl<B: VirtioBackend> PciDevice for VirtioPci<B> {
             && let Some(control) = msix::control_from_write(start, data, before)
         {
             let _ = control;
-            self.msix.control_written(self.config.word(self.msix_cap + 2));
+            self.msix
+                .control_written(self.config.word(self.msix_cap + 2));
         }
         let data_reg = self.pci_cfg_cap + 16;
         if offset >= data_reg && offset < data_reg + 4 {

@@ -83,17 +83,29 @@ fn fixed_tables_parse_back() {
     assert_ne!(flags & (1 << 10), 0, "RESET_REG_SUP");
     // RESET_REG (GAS at 116): system I/O, the reset port; value at 128.
     assert_eq!(fadt[116], 1);
-    assert_eq!(u64::from_le_bytes(fadt[120..128].try_into().unwrap()), ports::ACPI_RESET as u64);
+    assert_eq!(
+        u64::from_le_bytes(fadt[120..128].try_into().unwrap()),
+        ports::ACPI_RESET as u64
+    );
     assert_eq!(fadt[128], ports::ACPI_RESET_VALUE);
     // SLEEP_CONTROL_REG at 244, SLEEP_STATUS_REG at 256.
-    assert_eq!(u64::from_le_bytes(fadt[248..256].try_into().unwrap()), ports::ACPI_SLEEP_CONTROL as u64);
-    assert_eq!(u64::from_le_bytes(fadt[260..268].try_into().unwrap()), ports::ACPI_SLEEP_STATUS as u64);
+    assert_eq!(
+        u64::from_le_bytes(fadt[248..256].try_into().unwrap()),
+        ports::ACPI_SLEEP_CONTROL as u64
+    );
+    assert_eq!(
+        u64::from_le_bytes(fadt[260..268].try_into().unwrap()),
+        ports::ACPI_SLEEP_STATUS as u64
+    );
     let x_dsdt = u64::from_le_bytes(fadt[140..148].try_into().unwrap());
     img.table(x_dsdt, b"DSDT");
 
     // MADT: one enabled local APIC per vCPU, then the IO-APIC.
     let madt = img.table(list[1].1, b"APIC");
-    assert_eq!(u32::from_le_bytes(madt[36..40].try_into().unwrap()), layout::APIC_START as u32);
+    assert_eq!(
+        u32::from_le_bytes(madt[36..40].try_into().unwrap()),
+        layout::APIC_START as u32
+    );
     let mut o = 44;
     let (mut lapics, mut ioapics) = (vec![], vec![]);
     while o < madt.len() {
@@ -111,7 +123,10 @@ fn fixed_tables_parse_back() {
     // MCFG: one allocation, segment 0, bus 0..0, at the ECAM base.
     let mcfg = img.table(list[2].1, b"MCFG");
     assert_eq!(mcfg.len(), 44 + 16);
-    assert_eq!(u64::from_le_bytes(mcfg[44..52].try_into().unwrap()), layout::PCI_ECAM_START);
+    assert_eq!(
+        u64::from_le_bytes(mcfg[44..52].try_into().unwrap()),
+        layout::PCI_ECAM_START
+    );
     assert_eq!((mcfg[54], mcfg[55]), (0, 0));
 }
 
@@ -126,7 +141,11 @@ fn iasl_disassemble(name: &str, table: &[u8]) -> String {
         .arg(&path)
         .output()
         .expect("these tests need ACPICA's iasl: apt-get install acpica-tools");
-    assert!(out.status.success(), "iasl -d {name}: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "iasl -d {name}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     std::fs::read_to_string(path.with_extension("dsl")).unwrap()
 }
 
@@ -185,11 +204,18 @@ fn acpica_reads_the_fixed_tables() {
         assert!(fadt.contains(needle), "FADT lacks {needle:?}:\n{fadt}");
     }
     let madt = squash(&iasl_disassemble("apic", blob(&t, b"APIC")));
-    assert_eq!(madt.matches("Subtable Type : 00 [Processor Local APIC]").count(), 2);
+    assert_eq!(
+        madt.matches("Subtable Type : 00 [Processor Local APIC]")
+            .count(),
+        2
+    );
     assert!(madt.contains("Address : FEC00000"), "{madt}");
     let mcfg = squash(&iasl_disassemble("mcfg", blob(&t, b"MCFG")));
     assert!(mcfg.contains("Base Address : 00000000E0000000"), "{mcfg}");
-    assert!(!format!("{fadt}{madt}{mcfg}").contains("Invalid"), "ACPICA complained");
+    assert!(
+        !format!("{fadt}{madt}{mcfg}").contains("Invalid"),
+        "ACPICA complained"
+    );
 }
 
 #[test]

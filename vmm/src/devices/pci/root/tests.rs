@@ -39,13 +39,33 @@ fn test_fn() -> Arc<Mutex<TestFn>> {
         interrupt_pin: 1,
     });
     config
-        .add_bar(0, Bar { size: 0x8000, kind: BarKind::Mem32, prefetchable: false }, 0xc000_0000)
+        .add_bar(
+            0,
+            Bar {
+                size: 0x8000,
+                kind: BarKind::Mem32,
+                prefetchable: false,
+            },
+            0xc000_0000,
+        )
         .unwrap();
     config
-        .add_bar(2, Bar { size: 1 << 20, kind: BarKind::Mem64, prefetchable: true }, 0x1_0000_0000)
+        .add_bar(
+            2,
+            Bar {
+                size: 1 << 20,
+                kind: BarKind::Mem64,
+                prefetchable: true,
+            },
+            0x1_0000_0000,
+        )
         .unwrap();
     config.write(reg::COMMAND, &COMMAND_MEMORY.to_le_bytes());
-    Arc::new(Mutex::new(TestFn { config, moves: vec![], last_write: None }))
+    Arc::new(Mutex::new(TestFn {
+        config,
+        moves: vec![],
+        last_write: None,
+    }))
 }
 
 struct Machine {
@@ -60,18 +80,29 @@ fn machine() -> Machine {
     let root = Arc::new(Mutex::new(PciRoot::new(mmio.clone())));
     let dev = test_fn();
     assert_eq!(lock(&root).add(dev.clone()).unwrap(), 1);
-    Machine { mmio, io: PciConfigIo(root.clone()), ecam: PciConfigMmio(root), dev }
+    Machine {
+        mmio,
+        io: PciConfigIo(root.clone()),
+        ecam: PciConfigMmio(root),
+        dev,
+    }
 }
 
 fn cfg_read(m: &Machine, slot: u8, reg: u32) -> u32 {
-    m.io.write(0, &(0x8000_0000 | u32::from(slot) << 11 | reg).to_le_bytes());
+    m.io.write(
+        0,
+        &(0x8000_0000 | u32::from(slot) << 11 | reg).to_le_bytes(),
+    );
     let mut d = [0u8; 4];
     m.io.read(4, &mut d);
     u32::from_le_bytes(d)
 }
 
 fn cfg_write(m: &Machine, slot: u8, reg: u32, v: u32) {
-    m.io.write(0, &(0x8000_0000 | u32::from(slot) << 11 | reg).to_le_bytes());
+    m.io.write(
+        0,
+        &(0x8000_0000 | u32::from(slot) << 11 | reg).to_le_bytes(),
+    );
     m.io.write(4, &v.to_le_bytes());
 }
 
@@ -109,7 +140,11 @@ fn ecam_matches_cf8() {
     for (slot, r) in [(0u8, 0u32), (1, 0), (1, 8), (1, 0x10), (1, 0x2c), (3, 0)] {
         let mut d = [0u8; 4];
         m.ecam.read(u64::from(slot) << 15 | u64::from(r), &mut d);
-        assert_eq!(u32::from_le_bytes(d), cfg_read(&m, slot, r), "slot {slot} reg {r:#x}");
+        assert_eq!(
+            u32::from_le_bytes(d),
+            cfg_read(&m, slot, r),
+            "slot {slot} reg {r:#x}"
+        );
     }
     let mut d = [0u8; 4];
     m.ecam.read(1 << 15 | 0x100, &mut d);

@@ -11,7 +11,9 @@ const DATA: u64 = 0xb_0000;
 
 fn disk(sectors: u64, read_only: bool) -> (Block, tempfile::NamedTempFile) {
     let f = tempfile::NamedTempFile::new().unwrap();
-    let pattern: Vec<u8> = (0..sectors * SECTOR_SIZE).map(|i| (i % 251) as u8).collect();
+    let pattern: Vec<u8> = (0..sectors * SECTOR_SIZE)
+        .map(|i| (i % 251) as u8)
+        .collect();
     std::fs::write(f.path(), &pattern).unwrap();
     (Block::open(f.path(), read_only).unwrap(), f)
 }
@@ -35,7 +37,12 @@ fn write_fsync_read_round_trip() {
     d.mem.write_slice(&payload, GuestAddress(DATA)).unwrap();
     header(&d, VIRTIO_BLK_T_OUT, 8);
     // Data split over two descriptors, as the block layer does.
-    d.push(&[R(HDR, 16), R(DATA, 1000), R(DATA + 1000, 3096), W(STATUS, 1)]);
+    d.push(&[
+        R(HDR, 16),
+        R(DATA, 1000),
+        R(DATA + 1000, 3096),
+        W(STATUS, 1),
+    ]);
     d.run(&mut blk);
     assert_eq!(status(&d), VIRTIO_BLK_S_OK);
     assert_eq!(d.used(0), 1, "only the status byte was written");
@@ -48,13 +55,22 @@ fn write_fsync_read_round_trip() {
     assert_eq!(&on_disk[4096..8192], &payload[..]);
     // Read back into other buffers.
     header(&d, VIRTIO_BLK_T_IN, 8);
-    d.push(&[R(HDR, 16), W(DATA + 0x10000, 512), W(DATA + 0x20000, 3584), W(STATUS, 1)]);
+    d.push(&[
+        R(HDR, 16),
+        W(DATA + 0x10000, 512),
+        W(DATA + 0x20000, 3584),
+        W(STATUS, 1),
+    ]);
     d.run(&mut blk);
     assert_eq!(status(&d), VIRTIO_BLK_S_OK);
     assert_eq!(d.used(2), 4097);
     let mut back = vec![0u8; 4096];
-    d.mem.read_slice(&mut back[..512], GuestAddress(DATA + 0x10000)).unwrap();
-    d.mem.read_slice(&mut back[512..], GuestAddress(DATA + 0x20000)).unwrap();
+    d.mem
+        .read_slice(&mut back[..512], GuestAddress(DATA + 0x10000))
+        .unwrap();
+    d.mem
+        .read_slice(&mut back[512..], GuestAddress(DATA + 0x20000))
+        .unwrap();
     assert_eq!(back, payload);
     assert_eq!(blk.stats.ok, 3);
 }
@@ -145,7 +161,15 @@ fn hostile_chains_are_survived() {
     assert_eq!(status(&d), VIRTIO_BLK_S_OK);
     let mut first = [0u8; 4];
     d.mem.read_slice(&mut first, GuestAddress(DATA)).unwrap();
-    assert_eq!(first, [(512 % 251) as u8, (513 % 251) as u8, (514 % 251) as u8, (515 % 251) as u8]);
+    assert_eq!(
+        first,
+        [
+            (512 % 251) as u8,
+            (513 % 251) as u8,
+            (514 % 251) as u8,
+            (515 % 251) as u8
+        ]
+    );
     assert_eq!(d.used_idx(), d.pushed());
 }
 

@@ -46,7 +46,10 @@ pub const VNET_HDR_LEN: usize = 12;
 /// Opens the TAP interface `name` (creating it if this process may), non-blocking.
 pub fn open(name: &str) -> io::Result<File> {
     if name.is_empty() || name.len() >= libc::IFNAMSIZ || name.contains('/') {
-        return Err(io::Error::new(io::ErrorKind::InvalidInput, format!("bad interface name {name:?}")));
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("bad interface name {name:?}"),
+        ));
     }
     let file = OpenOptions::new()
         .read(true)
@@ -64,11 +67,20 @@ pub fn open(name: &str) -> io::Result<File> {
     let r = unsafe { libc::ioctl(file.as_raw_fd(), TUNSETIFF, &req as *const IfReq) };
     if r < 0 {
         let e = io::Error::last_os_error();
-        return Err(io::Error::new(e.kind(), format!("attaching to TAP {name}: {e}")));
+        return Err(io::Error::new(
+            e.kind(),
+            format!("attaching to TAP {name}: {e}"),
+        ));
     }
     let hdr_len = VNET_HDR_LEN as libc::c_int;
     // SAFETY: TUNSETVNETHDRSZ reads one int from the pointer, which is live.
-    let r = unsafe { libc::ioctl(file.as_raw_fd(), TUNSETVNETHDRSZ, &hdr_len as *const libc::c_int) };
+    let r = unsafe {
+        libc::ioctl(
+            file.as_raw_fd(),
+            TUNSETVNETHDRSZ,
+            &hdr_len as *const libc::c_int,
+        )
+    };
     if r < 0 {
         return Err(io::Error::last_os_error());
     }
@@ -79,5 +91,9 @@ pub fn open(name: &str) -> io::Result<File> {
 pub fn set_offload(tap: &File, flags: u32) -> io::Result<()> {
     // SAFETY: TUNSETOFFLOAD takes its argument by value; the fd is ours.
     let r = unsafe { libc::ioctl(tap.as_raw_fd(), TUNSETOFFLOAD, flags as libc::c_ulong) };
-    if r < 0 { Err(io::Error::last_os_error()) } else { Ok(()) }
+    if r < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(())
+    }
 }

@@ -38,9 +38,16 @@ fn ready(net: &mut Net, d: &mut Driver, events: EventSet) -> QueueMask {
 fn transmit_sends_each_packet_whole() {
     let (mut net, peer, mut d) = device(true);
     let p = packet(3000, 1);
-    d.mem.write_slice(&p[..100], GuestAddress(0x10_0000)).unwrap();
-    d.mem.write_slice(&p[100..], GuestAddress(0x20_0000)).unwrap();
-    d.push_to(1, &[R(0x10_0000, 100), R(0x20_0000, (p.len() - 100) as u32)]);
+    d.mem
+        .write_slice(&p[..100], GuestAddress(0x10_0000))
+        .unwrap();
+    d.mem
+        .write_slice(&p[100..], GuestAddress(0x20_0000))
+        .unwrap();
+    d.push_to(
+        1,
+        &[R(0x10_0000, 100), R(0x20_0000, (p.len() - 100) as u32)],
+    );
     assert_eq!(d.run_queue(&mut net, 1).unwrap(), 1 << TX);
     let mut got = vec![0u8; 70_000];
     let n = peer.recv(&mut got).unwrap();
@@ -59,10 +66,17 @@ fn receive_merges_buffers() {
     peer.send(&p).unwrap();
     assert_eq!(ready(&mut net, &mut d, EventSet::IN), 1 << RX);
     assert_eq!(d.used_idx_of(0), 2, "two buffers used");
-    assert_eq!((d.used_len_of(0, 0), d.used_len_of(0, 1)), (1526, 3000 - 1526));
+    assert_eq!(
+        (d.used_len_of(0, 0), d.used_len_of(0, 1)),
+        (1526, 3000 - 1526)
+    );
     let mut got = vec![0u8; 3000];
-    d.mem.read_slice(&mut got[..1526], GuestAddress(0x30_0000)).unwrap();
-    d.mem.read_slice(&mut got[1526..], GuestAddress(0x30_1000)).unwrap();
+    d.mem
+        .read_slice(&mut got[..1526], GuestAddress(0x30_0000))
+        .unwrap();
+    d.mem
+        .read_slice(&mut got[1526..], GuestAddress(0x30_1000))
+        .unwrap();
     assert_eq!(u16::from_le_bytes([got[10], got[11]]), 2, "num_buffers");
     assert_eq!(&got[VNET_HDR_LEN..], &p[VNET_HDR_LEN..]);
 }
@@ -73,7 +87,10 @@ fn a_starved_guest_stops_polling_until_it_posts_buffers() {
     peer.send(&packet(100, 2)).unwrap();
     peer.send(&packet(200, 3)).unwrap();
     assert_eq!(ready(&mut net, &mut d, EventSet::IN), 0);
-    assert!(net.host_fds()[0].1.is_empty(), "no IN interest while starved");
+    assert!(
+        net.host_fds()[0].1.is_empty(),
+        "no IN interest while starved"
+    );
     // The guest posts one buffer: one packet goes, the other waits.
     d.push_to(0, &[W(0x30_0000, 2048)]);
     assert_eq!(d.run_queue(&mut net, 0).unwrap(), 1 << RX);
@@ -114,7 +131,9 @@ fn hostile_transmit_chains_are_dropped() {
     let mut buf = [0u8; 64];
     assert!(peer.recv(&mut buf).is_err(), "nothing reached the host");
     // An honest packet still goes through.
-    d.mem.write_slice(&packet(20, 9), GuestAddress(0x10_0000)).unwrap();
+    d.mem
+        .write_slice(&packet(20, 9), GuestAddress(0x10_0000))
+        .unwrap();
     d.push_to(1, &[R(0x10_0000, 32)]);
     d.run_queue(&mut net, 1).unwrap();
     assert_eq!(peer.recv(&mut buf).unwrap(), 32);

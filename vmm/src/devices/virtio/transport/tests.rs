@@ -55,7 +55,11 @@ fn bring_up(d: &mut VirtioPci<Rng>, vq: &MockSplitQueue<'_, GuestMemoryMmap>, ms
     w32(d, 0x0c, 1);
     w32(d, 0x08, 0);
     w32(d, 0x0c, 1 << VIRTIO_RING_F_EVENT_IDX);
-    w8(d, 0x14, status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK);
+    w8(
+        d,
+        0x14,
+        status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK,
+    );
     assert_ne!(r8(d, 0x14) & status::FEATURES_OK, 0);
     w16(d, 0x16, 0);
     assert_eq!(r16(d, 0x18), 64, "max size offered");
@@ -73,7 +77,11 @@ fn bring_up(d: &mut VirtioPci<Rng>, vq: &MockSplitQueue<'_, GuestMemoryMmap>, ms
     w32(d, 0x30, used as u32);
     w32(d, 0x34, 0);
     w16(d, 0x1c, 1);
-    w8(d, 0x14, status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK | status::DRIVER_OK);
+    w8(
+        d,
+        0x14,
+        status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK | status::DRIVER_OK,
+    );
     assert!(d.active);
 }
 
@@ -92,24 +100,43 @@ fn queue_runs_and_interrupts_over_msix() {
     let (mut d, vm) = device(&m);
     // BAR 0 placed: one ioeventfd per queue at its notify address.
     d.bar_moved(0, None, Some(0xc000_0000));
-    assert_eq!(*vm.ioevents.lock().unwrap(), vec![0xc000_0000 + NOTIFY_OFFSET]);
+    assert_eq!(
+        *vm.ioevents.lock().unwrap(),
+        vec![0xc000_0000 + NOTIFY_OFFSET]
+    );
     let vq = MockSplitQueue::new(&m, 16);
     enable_msix(&mut d);
     bring_up(&mut d, &vq, true);
-    let chain = [RawDescriptor::from(Descriptor::new(0x8_0000, 32, VRING_DESC_F_WRITE as u16, 0))];
+    let chain = [RawDescriptor::from(Descriptor::new(
+        0x8_0000,
+        32,
+        VRING_DESC_F_WRITE as u16,
+        0,
+    ))];
     vq.add_desc_chains(&chain, 0).unwrap();
     // The driver's notification without an ioeventfd lands in the BAR.
     w16(&mut d, NOTIFY_OFFSET, 0);
-    assert_eq!(d.queue_events[0].read().unwrap(), 2, "activation kick + notify");
+    assert_eq!(
+        d.queue_events[0].read().unwrap(),
+        2,
+        "activation kick + notify"
+    );
     d.run_queue(0);
     let used_idx: u16 = m.read_obj(vq.used_addr().unchecked_add(2)).unwrap();
     assert_eq!(used_idx, 1);
     assert_eq!(d.backend().bytes_served, 32);
-    assert_eq!(d.msix.irqfd(1).unwrap().read().unwrap(), 1, "queue vector fired");
+    assert_eq!(
+        d.msix.irqfd(1).unwrap().read().unwrap(),
+        1,
+        "queue vector fired"
+    );
     assert_eq!(vm.routes.lock().unwrap().len(), 1);
     // BAR moves: the ioeventfd follows.
     d.bar_moved(0, Some(0xc000_0000), Some(0xd000_0000));
-    assert_eq!(*vm.ioevents.lock().unwrap(), vec![0xd000_0000 + NOTIFY_OFFSET]);
+    assert_eq!(
+        *vm.ioevents.lock().unwrap(),
+        vec![0xd000_0000 + NOTIFY_OFFSET]
+    );
 }
 
 #[test]
@@ -118,7 +145,12 @@ fn intx_and_isr_without_msix() {
     let (mut d, _) = device(&m);
     let vq = MockSplitQueue::new(&m, 16);
     bring_up(&mut d, &vq, false);
-    let chain = [RawDescriptor::from(Descriptor::new(0x8_0000, 8, VRING_DESC_F_WRITE as u16, 0))];
+    let chain = [RawDescriptor::from(Descriptor::new(
+        0x8_0000,
+        8,
+        VRING_DESC_F_WRITE as u16,
+        0,
+    ))];
     vq.add_desc_chains(&chain, 0).unwrap();
     d.run_queue(0);
     assert!(d.intx.pending());
@@ -137,15 +169,27 @@ fn features_not_offered_are_refused() {
     // VERSION_1 missing: legacy drivers are not served.
     w32(&mut d, 0x08, 0);
     w32(&mut d, 0x0c, 0);
-    w8(&mut d, 0x14, status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK);
+    w8(
+        &mut d,
+        0x14,
+        status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK,
+    );
     assert_eq!(r8(&mut d, 0x14) & status::FEATURES_OK, 0);
     // A bit the device never offered.
     w32(&mut d, 0x08, 1);
     w32(&mut d, 0x0c, 1 | 1 << 20);
-    w8(&mut d, 0x14, status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK);
+    w8(
+        &mut d,
+        0x14,
+        status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK,
+    );
     assert_eq!(r8(&mut d, 0x14) & status::FEATURES_OK, 0);
     // DRIVER_OK without FEATURES_OK does not start the device.
-    w8(&mut d, 0x14, status::ACKNOWLEDGE | status::DRIVER | status::DRIVER_OK);
+    w8(
+        &mut d,
+        0x14,
+        status::ACKNOWLEDGE | status::DRIVER | status::DRIVER_OK,
+    );
     assert!(!d.active);
 }
 
@@ -184,7 +228,8 @@ fn corrupt_ring_needs_reset_and_stops() {
     let vq = MockSplitQueue::new(&m, 16);
     bring_up(&mut d, &vq, false);
     // The driver claims 100 buffers in a 16-entry ring.
-    m.write_obj(100u16, vq.avail_addr().unchecked_add(2)).unwrap();
+    m.write_obj(100u16, vq.avail_addr().unchecked_add(2))
+        .unwrap();
     d.run_queue(0);
     assert_ne!(d.status() & status::NEEDS_RESET, 0);
     assert!(!d.active);
@@ -203,11 +248,19 @@ fn rings_outside_memory_fail_activation() {
     w8(&mut d, 0x14, status::ACKNOWLEDGE | status::DRIVER);
     w32(&mut d, 0x08, 1);
     w32(&mut d, 0x0c, 1);
-    w8(&mut d, 0x14, status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK);
+    w8(
+        &mut d,
+        0x14,
+        status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK,
+    );
     w16(&mut d, 0x16, 0);
     w32(&mut d, 0x20, 0xfff0_0000);
     w16(&mut d, 0x1c, 1);
-    w8(&mut d, 0x14, status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK | status::DRIVER_OK);
+    w8(
+        &mut d,
+        0x14,
+        status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK | status::DRIVER_OK,
+    );
     assert!(!d.active);
     assert_ne!(d.status() & status::NEEDS_RESET, 0);
 }
@@ -222,10 +275,24 @@ fn config_space_capabilities() {
     let mut at = c.byte(reg::CAP_PTR) as usize;
     let mut kinds = vec![];
     while at != 0 {
-        kinds.push(if c.byte(at) == CAP_VENDOR { c.byte(at + 3) } else { c.byte(at) });
+        kinds.push(if c.byte(at) == CAP_VENDOR {
+            c.byte(at + 3)
+        } else {
+            c.byte(at)
+        });
         at = c.byte(at + 1) as usize;
     }
-    assert_eq!(kinds, vec![0x11, CAP_COMMON, CAP_NOTIFY, CAP_ISR, CAP_DEVICE, CAP_PCI_CFG]);
+    assert_eq!(
+        kinds,
+        vec![
+            0x11,
+            CAP_COMMON,
+            CAP_NOTIFY,
+            CAP_ISR,
+            CAP_DEVICE,
+            CAP_PCI_CFG
+        ]
+    );
     // Through the PCI configuration access capability, read num_queues.
     let p = d.pci_cfg_cap;
     d.config_write(p + 4, &[0]);
