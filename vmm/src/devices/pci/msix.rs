@@ -216,8 +216,11 @@ impl Msix {
     fn locate(&self, offset: u64, len: usize) -> Option<(usize, usize)> {
         let v = usize::try_from(offset / ENTRY_SIZE).ok()?;
         let field = (offset % ENTRY_SIZE) as usize;
-        (v < self.vectors.len() && (len == 4 || len == 8) && field + len <= 16 && field.is_multiple_of(len))
-            .then_some((v, field))
+        (v < self.vectors.len()
+            && (len == 4 || len == 8)
+            && field + len <= 16
+            && field.is_multiple_of(len))
+        .then_some((v, field))
     }
 
     fn refresh_route(&mut self, v: usize) {
