@@ -441,7 +441,7 @@ pub fn build(
     step("devices");
     let entry = b.load_linux(&config.kernel, config.initrd.as_deref(), &config.cmdline)?;
     step("kernel loaded");
-    let m = b.finish(entry);
+    let m = b.finish(entry)?;
     step("vCPUs");
-    m
+    Ok(m)
 }

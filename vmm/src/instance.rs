@@ -105,6 +105,8 @@ pub struct Report {
     pub exit: String,
     /// Boots done (1 + guest reboots).
     pub boots: u32,
+    /// ms from the VMM's start (or the reboot) until the vCPUs entered the guest.
+    pub setup_ms: Option<f64>,
     /// ms from the VMM's start (or the reboot) to the guest's first console byte.
     pub first_output_ms: Option<f64>,
     /// ms to the guest's `/init` (boot-marker port).
@@ -169,6 +171,7 @@ pub fn run(config: &VmConfig, opts: &RunOptions) -> Result<(ExitReason, Report),
         let report = Report {
             exit: Report::reason_text(&outcome.reason),
             boots,
+            setup_ms: boot.setup_ms(),
             first_output_ms: boot.first_output_ms(),
             init_ms: boot.init_ms(),
             vmm_overhead_kib: outcome.max_overhead_kib,

@@ -79,6 +79,7 @@ impl ExitSignal {
 #[derive(Debug)]
 pub struct BootTimes {
     start: Instant,
+    vcpus_started: OnceLock<Duration>,
     first_output: OnceLock<Duration>,
     init: OnceLock<Duration>,
 }
@@ -88,9 +89,20 @@ impl BootTimes {
     pub fn new(start: Instant) -> Self {
         Self {
             start,
+            vcpus_started: OnceLock::new(),
             first_output: OnceLock::new(),
             init: OnceLock::new(),
         }
+    }
+
+    /// The machine is built and its vCPUs are about to enter the guest.
+    pub fn vcpus_started(&self) {
+        let _ = self.vcpus_started.set(self.start.elapsed());
+    }
+
+    /// Milliseconds spent building the machine (VMM start to first vCPU entry).
+    pub fn setup_ms(&self) -> Option<f64> {
+        self.vcpus_started.get().map(|d| d.as_secs_f64() * 1e3)
     }
 
     /// The guest wrote its first byte to the console.

@@ -30,18 +30,29 @@ pub struct RunOutcome {
     pub max_overhead_kib: u64,
 }
 
-/// This process's resident memory beyond guest RAM, in KiB. Guest RAM is a
-/// memfd, so it is all of `RssShmem`; the rest is the VMM itself.
+/// This process's resident memory beyond guest RAM, in KiB: the resident
+/// set of every mapping but the guest RAM memfd's. (Not `VmRSS - RssShmem`:
+/// where the binary itself lives on tmpfs, as in an initramfs, its pages are
+/// shared memory too.)
 pub fn rss_overhead_kib() -> Option<u64> {
-    let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    let field = |name: &str| {
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix(name))
-            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
-    };
-    Some(field("VmRSS:")?.saturating_sub(field("RssShmem:").unwrap_or(0)))
+    let smaps = std::fs::read_to_string("/proc/self/smaps").ok()?;
+    let mut total = 0u64;
+    let mut guest = false;
+    for line in smaps.lines() {
+        if let Some(kib) = line.strip_prefix("Rss:") {
+            if !guest {
+                total += kib.trim().trim_end_matches("kB").trim().parse::<u64>().unwrap_or(0);
+            }
+        } else if line.split_whitespace().next().is_some_and(|w| w.contains('-') && w.chars().next().is_some_and(|c| c.is_ascii_hexdigit())) {
+            // A mapping's header line: "start-end perms offset dev inode [path]".
+            guest = line.contains(crate::vstate::memory::MEMFD_NAME);
+        }
+    }
+    Some(total)
 }
+
+/// How often the resident memory is sampled while a VM runs.
+const RSS_SAMPLE_EVERY: Duration = Duration::from_millis(500);
 
 /// Which seccomp filter (if any) each thread installs before it starts.
 pub trait ThreadSetup: Send + Sync + 'static {
@@ -73,8 +84,10 @@ pub fn run(
         vcpus,
         mut events,
         exit,
+        boot,
         ..
     } = machine;
+    boot.vcpus_started();
 
     let mut vcpu_threads: Vec<JoinHandle<()>> = Vec::new();
     for vcpu in vcpus {
@@ -107,8 +120,12 @@ pub fn run(
 
     // Wait for the end: a request from any thread, or a signal.
     let mut max_overhead_kib = 0;
+    let mut sampled = Instant::now() - RSS_SAMPLE_EVERY;
     while !exit.stopping() {
-        max_overhead_kib = max_overhead_kib.max(rss_overhead_kib().unwrap_or(0));
+        if sampled.elapsed() >= RSS_SAMPLE_EVERY {
+            max_overhead_kib = max_overhead_kib.max(rss_overhead_kib().unwrap_or(0));
+            sampled = Instant::now();
+        }
         if STOP_REQUESTED.load(Ordering::Relaxed) {
             exit.request(ExitReason::Stopped);
             break;
@@ -116,6 +133,7 @@ pub fn run(
         exit.wait(Duration::from_millis(100));
     }
 
+    max_overhead_kib = max_overhead_kib.max(rss_overhead_kib().unwrap_or(0));
     // Kick vCPUs out of KVM_RUN until each has left.
     for t in &vcpu_threads {
         while !t.is_finished() {

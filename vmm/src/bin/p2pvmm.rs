@@ -1,10 +1,9 @@
 //! `p2pvmm`: brings the split platform up, runs single VMs, and opens
 //! consoles.
 
-// glibc malloc returns freed buffers to the kernel and faults them back in:
-// on the streaming paths that cost more than the copies themselves.
-#[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+// No mimalloc here (p2pd and the front-end use it for their streaming
+// paths): p2pvmm moves no bulk data through its heap, and mimalloc's eager
+// arena commit alone made 6 MiB of a VM process's resident memory.
 
 use std::ffi::OsString;
 use std::os::unix::process::CommandExt;

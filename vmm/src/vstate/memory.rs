@@ -18,6 +18,9 @@ use vm_memory::{FileOffset, GuestAddress, GuestMemoryMmap, GuestRegionMmap, Mmap
 
 use crate::arch::x86_64::layout;
 
+/// Name of the memfd behind guest RAM (it shows in `/proc/PID/maps`).
+pub const MEMFD_NAME: &str = "p2pvmm-guest-ram";
+
 /// Why guest memory could not be created.
 #[derive(Debug, thiserror::Error)]
 pub enum MemoryError {
@@ -98,7 +101,7 @@ pub fn create(mem_size: u64) -> Result<GuestRam, MemoryError> {
     if !(MIN_MEM_BYTES..=MAX_MEM_BYTES).contains(&mem_size) {
         return Err(MemoryError::Size(mem_size >> 20));
     }
-    let fd = rustix::fs::memfd_create("p2pvmm-guest-ram", rustix::fs::MemfdFlags::CLOEXEC)
+    let fd = rustix::fs::memfd_create(MEMFD_NAME, rustix::fs::MemfdFlags::CLOEXEC)
         .map_err(|e| MemoryError::Memfd(e.into()))?;
     let file = Arc::new(File::from(fd));
     file.set_len(mem_size).map_err(MemoryError::Memfd)?;
@@ -167,6 +170,18 @@ mod tests {
             HugePages::Unavailable
         );
         assert_eq!(HugePages::from_policy(""), HugePages::Unavailable);
+    }
+
+    #[test]
+    fn overhead_excludes_guest_ram() {
+        let before = crate::runner::rss_overhead_kib().unwrap();
+        let ram = create(64 << 20).unwrap();
+        // Touch all of it: 64 MiB resident in the memfd mapping.
+        for page in (0..64u64 << 20).step_by(4096) {
+            ram.memory.write_obj(1u8, GuestAddress(page)).unwrap();
+        }
+        let after = crate::runner::rss_overhead_kib().unwrap();
+        assert!(after < before + 8 * 1024, "guest RAM counted as overhead: {before} -> {after} KiB");
     }
 
     #[test]
