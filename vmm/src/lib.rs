@@ -25,5 +25,6 @@ pub mod isolation;
 pub mod lifecycle;
 pub mod runner;
 pub mod sandbox;
+pub mod seccomp;
 pub mod supervisor;
 pub mod vstate;

@@ -41,9 +41,16 @@ pub fn rss_overhead_kib() -> Option<u64> {
     for line in smaps.lines() {
         if let Some(kib) = line.strip_prefix("Rss:") {
             if !guest {
-                total += kib.trim().trim_end_matches("kB").trim().parse::<u64>().unwrap_or(0);
+                total += kib
+                    .trim()
+                    .trim_end_matches("kB")
+                    .trim()
+                    .parse::<u64>()
+                    .unwrap_or(0);
             }
-        } else if line.split_whitespace().next().is_some_and(|w| w.contains('-') && w.chars().next().is_some_and(|c| c.is_ascii_hexdigit())) {
+        } else if line.split_whitespace().next().is_some_and(|w| {
+            w.contains('-') && w.chars().next().is_some_and(|c| c.is_ascii_hexdigit())
+        }) {
             // A mapping's header line: "start-end perms offset dev inode [path]".
             guest = line.contains(crate::vstate::memory::MEMFD_NAME);
         }

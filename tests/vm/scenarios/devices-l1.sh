@@ -28,6 +28,11 @@ result down_sum=$(sha256sum < "$WORK/www/down.bin" | cut -d' ' -f1)
 busybox httpd -p 10.0.2.1:8080 -h "$WORK/www"
 (s=$(vm net --net tap0 --rng); echo "$s" > "$WORK/net.status") &
 for i in $(seq 1 900); do grep -q "^L2 serving" "$log" 2>/dev/null && break; sleep 0.1; done
+# Seccomp mode of each thread of the running VMM (2: filtered).
+pid=$(cat "$WORK/home/vms/t/pid")
+for task in /proc/"$pid"/task/*; do
+    result "seccomp_$(cat "$task/comm")=$(sed -n 's/^Seccomp:[[:space:]]*//p' "$task/status")"
+done
 wget -q -O "$WORK/up.bin" http://10.0.2.2:8080/up.bin
 result up_sum_host=$(sha256sum < "$WORK/up.bin" | cut -d' ' -f1) up_sum_guest=$(l2 up_sum) l2_down_sum=$(l2 down_sum) rng_bytes=$(l2 rng_bytes)
 # Two attaches in a row, each answered; the VM keeps running in between.

@@ -63,6 +63,12 @@ fn linux_uses_disk_network_entropy_and_console() {
     assert_eq!(written.len(), 64);
     assert_eq!(get(&o, "on_disk_sum"), written);
     assert_eq!(get(&o, "reread_sum"), written);
+    // While the guest used its devices, the threads that touch guest data ran
+    // under their seccomp filters; the main thread (which rebuilds the VM at a
+    // reset) does not.
+    assert_eq!(get(&o, "seccomp_vcpu0"), "2");
+    assert_eq!(get(&o, "seccomp_devices"), "2");
+    assert_eq!(get(&o, "seccomp_p2pvmm"), "0");
     // virtio-rng: 4 KiB from /dev/hwrng.
     assert_eq!(get(&o, "rng_bytes"), "4096");
     // virtio-net: 16 MiB each way over TCP through the TAP, intact.

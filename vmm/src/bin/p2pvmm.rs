@@ -105,10 +105,23 @@ struct RunArgs {
     /// Write a JSON report (exit reason, boot times, memory overhead) here at exit.
     #[arg(long)]
     report: Option<PathBuf>,
+    /// Per-thread seccomp filters of the vCPU and device threads.
+    #[arg(long, value_enum, default_value_t = SeccompMode::Enforce)]
+    seccomp: SeccompMode,
     /// Run even where /dev/kvm has no hardware virtualization (PVM): only
     /// tiny guests work there.
     #[arg(long, hide = true)]
     allow_software_kvm: bool,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum SeccompMode {
+    /// A syscall outside a thread's list kills the VMM.
+    Enforce,
+    /// Violations are let through and logged by the kernel (audit).
+    Log,
+    /// No filters.
+    Off,
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -209,7 +222,11 @@ fn run(home: &Home, args: RunArgs, started: Instant) -> anyhow::Result<()> {
             RebootPolicy::Restart => OnReboot::Restart,
             RebootPolicy::Exit => OnReboot::Exit,
         },
-        setup: Arc::new(vmm::runner::NoSetup),
+        setup: Arc::new(vmm::seccomp::Filters::new(match args.seccomp {
+            SeccompMode::Enforce => vmm::seccomp::Mode::Enforce,
+            SeccompMode::Log => vmm::seccomp::Mode::Log,
+            SeccompMode::Off => vmm::seccomp::Mode::Off,
+        })?),
         started,
     };
     let (reason, report) = instance::run(&config, &opts)?;

@@ -181,7 +181,10 @@ mod tests {
             ram.memory.write_obj(1u8, GuestAddress(page)).unwrap();
         }
         let after = crate::runner::rss_overhead_kib().unwrap();
-        assert!(after < before + 8 * 1024, "guest RAM counted as overhead: {before} -> {after} KiB");
+        assert!(
+            after < before + 8 * 1024,
+            "guest RAM counted as overhead: {before} -> {after} KiB"
+        );
     }
 
     #[test]
