@@ -78,7 +78,7 @@ pub enum ChoiceError {
     VmUnavailable(String),
 }
 
-const VM_NOT_BUILT: &str = "the KVM VM backend (images + VMM) is not built yet; it plugs into the same channel in a later release";
+const VM_IMAGES_NOT_BUILT: &str = "the platform's VM images (service VM, client VM) are not built yet: the KVM VMM runs the VMs given with --vms";
 
 /// Why KVM guests cannot run on `host` (empty when they can).
 pub fn why_not_vm(host: &HostVirt) -> String {
@@ -93,11 +93,23 @@ pub fn why_not_vm(host: &HostVirt) -> String {
     }
 }
 
-/// Resolves `requested` against what the host offers.
-pub fn choose(requested: Isolation, host: &HostVirt) -> Result<Choice, ChoiceError> {
+/// Resolves `requested` against what the host offers; `vms_given` says
+/// whether there are VMs to run (`--vms`).
+pub fn choose(
+    requested: Isolation,
+    host: &HostVirt,
+    vms_given: bool,
+) -> Result<Choice, ChoiceError> {
     let why_not_vm = match why_not_vm(host) {
-        w if w.is_empty() => VM_NOT_BUILT.to_owned(),
-        w => w,
+        w if !w.is_empty() => w,
+        _ if !vms_given => VM_IMAGES_NOT_BUILT.to_owned(),
+        _ if requested == Isolation::Sandbox => String::new(),
+        _ => {
+            return Ok(Choice {
+                backend: Isolation::Vm,
+                reason: "hardware virtualization is available".into(),
+            });
+        }
     };
     match requested {
         Isolation::Sandbox => Ok(Choice {
@@ -120,18 +132,40 @@ mod tests {
     fn pvm_is_not_hardware() {
         let pvm = HostVirt::from_parts(true, true, "flags\t: fpu sse2\n");
         assert!(!pvm.hardware());
-        let c = choose(Isolation::Auto, &pvm).unwrap();
+        let c = choose(Isolation::Auto, &pvm, true).unwrap();
         assert_eq!(c.backend, Isolation::Sandbox);
         assert!(c.reason.contains("PVM"), "{}", c.reason);
-        assert!(choose(Isolation::Vm, &pvm).is_err());
+        let err = choose(Isolation::Vm, &pvm, true).unwrap_err().to_string();
+        assert!(err.contains("PVM software hypervisor"), "{err}");
         let hw = HostVirt::from_parts(true, false, "flags\t: fpu vmx sse2\n");
         assert!(hw.hardware());
+        assert_eq!(
+            choose(Isolation::Auto, &hw, true).unwrap().backend,
+            Isolation::Vm
+        );
+        assert_eq!(
+            choose(Isolation::Vm, &hw, true).unwrap().backend,
+            Isolation::Vm
+        );
+        assert_eq!(
+            choose(Isolation::Sandbox, &hw, true).unwrap().backend,
+            Isolation::Sandbox
+        );
+        // No VMs to run: auto stays on the sandbox and says why.
+        let c = choose(Isolation::Auto, &hw, false).unwrap();
+        assert_eq!(c.backend, Isolation::Sandbox);
+        assert!(c.reason.contains("--vms"), "{}", c.reason);
+        let no_svm = HostVirt::from_parts(true, false, "flags\t: fpu sse2\n");
+        let err = choose(Isolation::Vm, &no_svm, true)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("vmx/svm"), "{err}");
         assert!(!HostVirt::from_parts(false, false, "flags : svm\n").hardware());
     }
 
     #[test]
     fn sandbox_is_always_available() {
-        let c = choose(Isolation::Sandbox, &HostVirt::probe()).unwrap();
+        let c = choose(Isolation::Sandbox, &HostVirt::probe(), false).unwrap();
         assert_eq!(c.backend, Isolation::Sandbox);
     }
 }

@@ -27,4 +27,5 @@ pub mod runner;
 pub mod sandbox;
 pub mod seccomp;
 pub mod supervisor;
+pub mod vm_supervisor;
 pub mod vstate;

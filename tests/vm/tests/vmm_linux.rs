@@ -82,3 +82,33 @@ fn linux_uses_disk_network_entropy_and_console() {
     assert_eq!(get(&o, "vm_alive_after_detach"), "yes");
     assert_eq!(get(&o, "net_exit"), "0");
 }
+
+#[test]
+fn up_runs_each_vm_in_its_own_process_and_supervises_them() {
+    let o = run(Scenario::new(
+        "vmm-supervisor",
+        include_str!("../scenarios/supervisor-l1.sh"),
+    )
+    .l2_init(include_str!("../scenarios/supervisor-l2.sh"))
+    .p2pvmm(p2pvmm_release().unwrap()));
+    for key in [
+        "alpha_booted",
+        "beta_booted",
+        // Two VMs, two p2pvmm processes, neither the supervisor; each maps
+        // only its own guest RAM.
+        "own_processes",
+        // SIGKILL of one VM's process: started again, the other untouched.
+        "alpha_restarted",
+        "beta_untouched",
+        // A guest that powers off stays off.
+        "beta_off",
+        "beta_stays_off",
+        // SIGTERM to `up` stops the rest.
+        "alpha_stopped",
+    ] {
+        assert_eq!(get(&o, key), "yes", "{key}");
+    }
+    assert_eq!(get(&o, "alpha_guest_maps"), "1");
+    assert_eq!(get(&o, "beta_guest_maps"), "1");
+    assert_eq!(get(&o, "up_exit"), "0");
+}

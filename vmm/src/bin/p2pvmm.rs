@@ -46,6 +46,10 @@ enum Cmd {
         /// p2pd config file for the service side.
         #[arg(long)]
         config: Option<PathBuf>,
+        /// The VMs to run with `--isolation vm`: a TOML file of `[[vm]]`
+        /// tables (the fields of `p2pvmm run`; see docs/vmm.md).
+        #[arg(long)]
+        vms: Option<PathBuf>,
         /// Extra p2pd arguments, after `--` (e.g. `-- --listen /ip4/0.0.0.0/tcp/4001`).
         #[arg(last = true)]
         service_args: Vec<OsString>,
@@ -69,12 +73,15 @@ enum Cmd {
 
 #[derive(Debug, Args)]
 struct RunArgs {
+    /// The whole VM as a TOML `[[vm]]` table's fields (instead of the flags below).
+    #[arg(long, conflicts_with_all = ["name", "kernel"])]
+    config: Option<PathBuf>,
     /// VM name; its console is `p2pvmm console NAME`.
-    #[arg(long)]
-    name: String,
+    #[arg(long, required_unless_present = "config")]
+    name: Option<String>,
     /// Kernel: ELF vmlinux (PVH entry) or bzImage.
-    #[arg(long)]
-    kernel: PathBuf,
+    #[arg(long, required_unless_present = "config")]
+    kernel: Option<PathBuf>,
     /// Initramfs.
     #[arg(long)]
     initrd: Option<PathBuf>,
@@ -112,6 +119,9 @@ struct RunArgs {
     /// tiny guests work there.
     #[arg(long, hide = true)]
     allow_software_kvm: bool,
+    /// Supervisor's pid: this VM stops when that process dies.
+    #[arg(long, hide = true)]
+    parent_pid: Option<i32>,
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -145,8 +155,9 @@ fn main() -> anyhow::Result<()> {
         Cmd::Up {
             isolation,
             config,
+            vms,
             service_args,
-        } => up(home, isolation, config, service_args),
+        } => up(home, isolation, config, vms, service_args, &cli.log),
         Cmd::Run(args) => run(&home, args, started),
         Cmd::Console {
             name,
@@ -157,6 +168,13 @@ fn main() -> anyhow::Result<()> {
 }
 
 fn vm_config(a: &RunArgs) -> anyhow::Result<VmConfig> {
+    if let Some(path) = &a.config {
+        let text =
+            std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+        let c: VmConfig = toml::from_str(&text).with_context(|| format!("{}", path.display()))?;
+        c.validate()?;
+        return Ok(c);
+    }
     let disks = a
         .disks
         .iter()
@@ -186,8 +204,8 @@ fn vm_config(a: &RunArgs) -> anyhow::Result<VmConfig> {
         })
         .collect();
     let c = VmConfig {
-        name: a.name.clone(),
-        kernel: a.kernel.clone(),
+        name: a.name.clone().unwrap_or_default(),
+        kernel: a.kernel.clone().unwrap_or_default(),
         initrd: a.initrd.clone(),
         cmdline: a.cmdline.clone(),
         mem_mib: a.mem_mib,
@@ -209,6 +227,13 @@ fn run(home: &Home, args: RunArgs, started: Instant) -> anyhow::Result<()> {
     if !host.hardware() && !args.allow_software_kvm {
         let why = isolation::why_not_vm(&host);
         bail!("cannot run a Linux guest here: {why}");
+    }
+    if let Some(parent) = args.parent_pid {
+        // Die with the supervisor; if it is already gone, do not start.
+        nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGTERM)?;
+        if nix::unistd::getppid().as_raw() != parent {
+            bail!("the supervisor (pid {parent}) is gone");
+        }
     }
     let config = vm_config(&args)?;
     for sig in [libc::SIGTERM, libc::SIGINT] {
@@ -258,10 +283,16 @@ fn up(
     home: Home,
     requested: Isolation,
     config: Option<PathBuf>,
+    vms: Option<PathBuf>,
     service_args: Vec<OsString>,
+    log: &str,
 ) -> anyhow::Result<()> {
-    let choice = isolation::choose(requested, &HostVirt::probe())?;
+    let choice = isolation::choose(requested, &HostVirt::probe(), vms.is_some())?;
     println!("p2pvmm: isolation {} ({})", choice.backend, choice.reason);
+    if choice.backend == Isolation::Vm {
+        let path = vms.context("--isolation vm needs --vms FILE")?;
+        return up_vms(&home, &path, log);
+    }
     println!(
         "p2pvmm: service side: p2pd in a sandbox (user, mount, pid, ipc, uts namespaces; Landlock; seccomp); its data: {}",
         home.service_dir().display()
@@ -300,6 +331,30 @@ fn up(
         });
         vmm::supervisor::up(opts, shutdown).await
     })?;
+    Ok(())
+}
+
+fn up_vms(home: &Home, path: &std::path::Path, log: &str) -> anyhow::Result<()> {
+    let set = vmm::vm_supervisor::load(path).map_err(anyhow::Error::msg)?;
+    for sig in [libc::SIGTERM, libc::SIGINT] {
+        vmm_sys_util::signal::register_signal_handler(sig, request_stop)
+            .map_err(|e| anyhow::anyhow!("installing a signal handler: {e}"))?;
+    }
+    std::fs::create_dir_all(home.root())?;
+    for vm in &set.vm {
+        println!(
+            "p2pvmm: VM {} in its own process — console: p2pvmm --home {} console {0}",
+            vm.name,
+            home.root().display()
+        );
+    }
+    let launch = vmm::vm_supervisor::Launch {
+        exe: std::env::current_exe().context("locating p2pvmm")?,
+        home: home.root().to_path_buf(),
+        log: log.to_owned(),
+        run_args: Vec::new(),
+    };
+    vmm::vm_supervisor::up(&set, &launch, &vmm::runner::STOP_REQUESTED)?;
     Ok(())
 }
 

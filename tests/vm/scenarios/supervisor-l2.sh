@@ -1,0 +1,3 @@
+# L2: say so, then give the console a shell.
+echo "L2 ready"
+setsid cttyhack sh
