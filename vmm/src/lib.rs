@@ -20,6 +20,8 @@ pub mod builder;
 pub mod config;
 pub mod console;
 pub mod devices;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod instance;
 pub mod isolation;
 pub mod lifecycle;

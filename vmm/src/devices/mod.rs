@@ -58,9 +58,10 @@ pub fn put_le_value(data: &mut [u8], v: u64) {
     data[..n].copy_from_slice(&b[..n]);
 }
 
-#[cfg(test)]
+#[doc(hidden)]
 pub mod fake {
-    //! A [`VmOps`] that records what devices asked for, for unit tests.
+    //! A [`VmOps`] that records what devices asked for, for unit tests and
+    //! the fuzz bodies.
 
     use super::*;
     use std::sync::Mutex;
