@@ -1,0 +1,177 @@
+//! Our VMM against QEMU, inside the same nested test host, same guest kernel,
+//! initramfs, command line, memory, disk image and TAP (QEMU with
+//! `-accel kvm`, userspace virtio devices, no vhost). Rounds interleave the
+//! two VMMs so drift on a shared machine hits both.
+//!
+//! `cargo bench -p p2pvm-testhost --bench vmm_vs_qemu` (BENCH_ROUNDS, default 3)
+//!
+//! Targets (issue 11): boot to /init ≤ 0.5× QEMU's time; VMM memory beyond
+//! guest RAM ≤ 8 MiB; virtio-blk sequential read and virtio-net TCP ≥ 1.0×
+//! QEMU's throughput.
+
+use std::collections::BTreeMap;
+
+use p2pvm_testhost::vmm_bin::{iproute2, p2pvmm_release};
+use p2pvm_testhost::{Outcome, Scenario, TestHost};
+
+fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    let n = v.len();
+    if n == 0 {
+        f64::NAN
+    } else if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    }
+}
+
+fn range(v: &[f64]) -> String {
+    let lo = v.iter().copied().fold(f64::INFINITY, f64::min);
+    let hi = v.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+    format!("{lo:.2}–{hi:.2}")
+}
+
+fn loadavg() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .unwrap_or_default()
+        .trim()
+        .to_owned()
+}
+
+/// (vmm, test) → per-round values of `key`.
+fn collect(
+    o: &Outcome,
+    key: &str,
+    per: impl Fn(&p2pvm_testhost::ResultLine, f64) -> f64,
+) -> BTreeMap<(String, String), Vec<f64>> {
+    let mut m: BTreeMap<(String, String), Vec<f64>> = BTreeMap::new();
+    for r in &o.results {
+        let (Some(vmm), Some(test), Some(v)) = (r.get("vmm"), r.get("test"), r.get(key)) else {
+            continue;
+        };
+        let Ok(v) = v.parse::<f64>() else { continue };
+        m.entry((vmm.to_owned(), test.to_owned()))
+            .or_default()
+            .push(per(r, v));
+    }
+    m
+}
+
+fn main() -> anyhow::Result<()> {
+    // `cargo bench` passes `--bench`; nothing else to parse.
+    let rounds: u32 = std::env::var("BENCH_ROUNDS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(3);
+    p2pvm_testhost::init_tracing();
+    let host = TestHost::prepare()?;
+    let load_before = loadavg();
+    let scenario = Scenario::new("vmm-vs-qemu", include_str!("../scenarios/bench-l1.sh"))
+        .l2_init(include_str!("../scenarios/bench-l2.sh"))
+        .p2pvmm(p2pvmm_release()?)
+        .binary("/opt/ip", iproute2()?)
+        .bundle_qemu()
+        .env("ROUNDS", rounds.to_string())
+        .timeout(std::time::Duration::from_secs(
+            120 + 120 * u64::from(rounds),
+        ));
+    let o = host.run(&scenario)?;
+    o.ensure_success()?;
+    let load_after = loadavg();
+
+    println!(
+        "\n== VMM vs QEMU in the nested test host ({} rounds, interleaved)",
+        rounds
+    );
+    println!(
+        "test host: 1 emulated CPU (QEMU TCG, emulated AMD SVM), 2 GiB; guest 256 MiB, 1 vCPU"
+    );
+    println!("real host load average before: {load_before}; after: {load_after}");
+    println!("(guest, VMM and L1 kernel share the one emulated CPU: the VMM's CPU seconds include");
+    println!(" the guest's own time in KVM_RUN, so per-GiB CPU follows wall time)\n");
+
+    // Boot: seconds from starting the VMM to the guest's /init (measured in L1).
+    let boot = collect(&o, "init_s", |_, v| v);
+    let uptime = collect(&o, "l2_uptime_s", |_, v| v);
+    let key = |vmm: &str, t: &str| (vmm.to_owned(), t.to_owned());
+    let (mut ours, mut qemu) = (
+        boot[&key("ours", "boot")].clone(),
+        boot[&key("qemu", "boot")].clone(),
+    );
+    let (mo, mq) = (median(&mut ours), median(&mut qemu));
+    println!(
+        "boot to /init (s):   ours {} (median {mo:.2}, guest kernel's own uptime {})",
+        range(&ours),
+        range(&uptime[&key("ours", "boot")])
+    );
+    println!(
+        "                     qemu {} (median {mq:.2}, guest kernel's own uptime {})",
+        range(&qemu),
+        range(&uptime[&key("qemu", "boot")])
+    );
+    let ratio = mo / mq;
+    println!(
+        "  ratio ours/qemu: {ratio:.2} (target ≤ 0.50: {})\n",
+        if ratio <= 0.5 { "met" } else { "NOT met" }
+    );
+
+    // Throughput: MiB/s per round, and the VMM's CPU seconds per GiB moved.
+    let rate = collect(&o, "secs", |r, secs| {
+        r.get("mib")
+            .and_then(|m| m.parse::<f64>().ok())
+            .unwrap_or(0.0)
+            / secs
+    });
+    let cpu = collect(&o, "vmm_cpu_s", |r, s| {
+        s * 1024.0
+            / r.get("mib")
+                .and_then(|m| m.parse::<f64>().ok())
+                .unwrap_or(1.0)
+    });
+    for (test, what) in [
+        ("blk_read", "virtio-blk sequential read"),
+        ("net_rx", "virtio-net TCP host→guest"),
+        ("net_tx", "virtio-net TCP guest→host"),
+    ] {
+        let (Some(o_r), Some(q_r)) = (rate.get(&key("ours", test)), rate.get(&key("qemu", test)))
+        else {
+            continue;
+        };
+        let (mut o_r, mut q_r) = (o_r.clone(), q_r.clone());
+        let (mo, mq) = (median(&mut o_r), median(&mut q_r));
+        println!("{what} (MiB/s):");
+        println!(
+            "  ours {} (median {mo:.1}), VMM CPU {} s/GiB",
+            range(&o_r),
+            range(&cpu[&key("ours", test)])
+        );
+        println!(
+            "  qemu {} (median {mq:.1}), VMM CPU {} s/GiB",
+            range(&q_r),
+            range(&cpu[&key("qemu", test)])
+        );
+        let ratio = mo / mq;
+        println!(
+            "  ratio ours/qemu: {ratio:.2} (target ≥ 1.00: {})\n",
+            if ratio >= 1.0 { "met" } else { "NOT met" }
+        );
+    }
+
+    let overhead = collect(&o, "kib", |_, v| v / 1024.0);
+    let mut all: Vec<f64> = overhead.values().flatten().copied().collect();
+    let max = all.iter().copied().fold(0.0, f64::max);
+    println!(
+        "our VMM's memory beyond guest RAM (MiB): {} (median {:.1}; target ≤ 8: {})",
+        range(&all),
+        median(&mut all),
+        if max <= 8.0 { "met" } else { "NOT met" }
+    );
+    let setup = collect(&o, "setup_ms", |_, v| v);
+    let s: Vec<f64> = setup.values().flatten().copied().collect();
+    println!(
+        "our VMM's setup before the first vCPU entry (ms): {}",
+        range(&s)
+    );
+    Ok(())
+}
