@@ -8,6 +8,12 @@ blkwrite)
     echo "L2 written=$(sha256sum < /tmp/p | cut -d' ' -f1)" ;;
 blkread)
     echo "L2 reread=$(dd if=/dev/vda bs=4096 skip=256 count=64 2>/dev/null | sha256sum | cut -d' ' -f1)" ;;
+intx)
+    sum=$(dd if=/dev/vda bs=4096 skip=256 count=64 2>/dev/null | sha256sum | cut -d' ' -f1)
+    lines=$(grep -c "IO-APIC.*fasteoi.*virtio" /proc/interrupts)
+    count=$(grep "IO-APIC.*fasteoi.*virtio" /proc/interrupts | awk '{ n += $2 } END { print n + 0 }')
+    echo "L2 intx_reread=$sum intx_lines=$lines intx_count=$count"
+    grep virtio /proc/interrupts ;;
 net)
     dd if=/dev/hwrng of=/tmp/r bs=1024 count=4 2>/dev/null
     echo "L2 rng_bytes=$(wc -c < /tmp/r)"

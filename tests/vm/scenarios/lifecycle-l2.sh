@@ -10,4 +10,7 @@ reboot)
     fi ;;
 panic)
     echo c > /proc/sysrq-trigger ;;
+smp)
+    echo "L2 cpus=$(grep -c ^processor /proc/cpuinfo)"
+    echo "L2 epoch=$(date +%s)" ;;
 esac

@@ -68,6 +68,17 @@ pub struct Kernel {
     pub vmlinux: PathBuf,
 }
 
+impl Kernel {
+    /// The package's compressed bzImage (`/boot/vmlinuz-<version>`), for
+    /// tests of the Linux boot protocol.
+    pub fn bzimage(&self) -> PathBuf {
+        self.vmlinux
+            .with_file_name("root")
+            .join("boot")
+            .join(format!("vmlinuz-{}", self.version))
+    }
+}
+
 /// `key=value` lines: the content of `kernel.lock` and of each `kernel.info`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct Info {

@@ -21,13 +21,16 @@ fn get<'a>(o: &'a Outcome, key: &str) -> &'a str {
 }
 
 #[test]
-fn linux_powers_off_reboots_and_reports_a_panic() {
+fn linux_powers_off_reboots_panics_runs_smp_and_boots_bzimage() {
+    p2pvm_testhost::init_tracing();
+    let bzimage = TestHost::prepare().unwrap().kernel().bzimage();
     let o = run(Scenario::new(
         "vmm-lifecycle",
         include_str!("../scenarios/lifecycle-l1.sh"),
     )
     .l2_init(include_str!("../scenarios/lifecycle-l2.sh"))
-    .p2pvmm(p2pvmm_release().unwrap()));
+    .p2pvmm(p2pvmm_release().unwrap())
+    .file("/guest/vmlinuz", bzimage));
     // poweroff in the guest: p2pvmm exits 0, and it saw /init.
     assert_eq!(get(&o, "poweroff_exit"), "0");
     assert_eq!(get(&o, "poweroff_reason"), "poweroff");
@@ -43,6 +46,16 @@ fn linux_powers_off_reboots_and_reports_a_panic() {
     assert_eq!(get(&o, "panic_exit"), "3");
     assert_eq!(get(&o, "panic_reason"), "panic");
     assert_eq!(get(&o, "panic_reported"), "yes");
+    // Two vCPUs: the guest brought the second one up and uses both.
+    assert_eq!(get(&o, "smp_exit"), "0");
+    assert_eq!(get(&o, "smp_cpus"), "2");
+    // The CMOS RTC gave the guest this host's time (it sets its clock from it).
+    let skew: i64 = get(&o, "rtc_skew_s").parse().unwrap();
+    assert!(skew.abs() <= 10, "guest clock {skew} s off");
+    // The compressed bzImage boots through the 64-bit boot protocol.
+    assert_eq!(get(&o, "bzimage_exit"), "0");
+    let bz_init_ms: f64 = get(&o, "bzimage_init_ms").parse().unwrap();
+    assert!(bz_init_ms > 0.0, "the bzImage guest reached /init");
 }
 
 #[test]
@@ -63,6 +76,13 @@ fn linux_uses_disk_network_entropy_and_console() {
     assert_eq!(written.len(), 64);
     assert_eq!(get(&o, "on_disk_sum"), written);
     assert_eq!(get(&o, "reread_sum"), written);
+    // With MSI off in the guest, virtio-pci works on its level-triggered INTx
+    // line: same bytes, interrupts taken through the IO-APIC.
+    assert_eq!(get(&o, "intx_exit"), "0");
+    assert_eq!(get(&o, "intx_sum"), written);
+    assert_eq!(get(&o, "intx_lines"), "1");
+    let intx: u64 = get(&o, "intx_count").parse().unwrap();
+    assert!(intx > 0, "no interrupt arrived on the INTx line");
     // While the guest used its devices, the threads that touch guest data ran
     // under their seccomp filters; the main thread (which rebuilds the VM at a
     // reset) does not.
