@@ -15,7 +15,10 @@ fn p2pvmm(args: &[&str]) -> (bool, String) {
         .env("RUST_BACKTRACE", "0")
         .output()
         .unwrap();
-    (out.status.success(), String::from_utf8_lossy(&out.stderr).into_owned())
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
 }
 
 #[test]
@@ -29,7 +32,10 @@ fn run_says_why_it_cannot_run_a_guest() {
     } else {
         let why = why_not_vm(&host);
         assert!(!why.is_empty());
-        assert!(err.contains("cannot run a Linux guest here") && err.contains(&why), "{err}");
+        assert!(
+            err.contains("cannot run a Linux guest here") && err.contains(&why),
+            "{err}"
+        );
         if host.pvm {
             assert!(err.contains("PVM software hypervisor"), "{err}");
         }
@@ -43,12 +49,17 @@ fn up_with_isolation_vm_refuses_without_hardware_virtualization() {
     let vms = dir.path().join("vms.toml");
     std::fs::write(&vms, "[[vm]]\nname = \"a\"\nkernel = \"/nonexistent\"\n").unwrap();
     if host.hardware() {
-        eprintln!("this host has hardware virtualization: `up --isolation vm` would start VMs; checked by the nested tests instead");
+        eprintln!(
+            "this host has hardware virtualization: `up --isolation vm` would start VMs; checked by the nested tests instead"
+        );
         return;
     }
     let (ok, err) = p2pvmm(&["up", "--isolation", "vm", "--vms", vms.to_str().unwrap()]);
     assert!(!ok);
-    assert!(err.contains("--isolation vm") && err.contains(&why_not_vm(&host)), "{err}");
+    assert!(
+        err.contains("--isolation vm") && err.contains(&why_not_vm(&host)),
+        "{err}"
+    );
 }
 
 #[test]
@@ -56,10 +67,24 @@ fn vm_configs_are_checked_before_anything_starts() {
     let dir = tempfile::tempdir().unwrap();
     let cfg = dir.path().join("vm.toml");
     std::fs::write(&cfg, "name = \"../escape\"\nkernel = \"/k\"\n").unwrap();
-    let (ok, err) = p2pvmm(&["run", "--config", cfg.to_str().unwrap(), "--allow-software-kvm"]);
+    let (ok, err) = p2pvmm(&[
+        "run",
+        "--config",
+        cfg.to_str().unwrap(),
+        "--allow-software-kvm",
+    ]);
     assert!(!ok);
     assert!(err.contains("VM name"), "{err}");
-    let (ok, err) = p2pvmm(&["run", "--name", "t", "--kernel", "/k", "--mem-mib", "1", "--allow-software-kvm"]);
+    let (ok, err) = p2pvmm(&[
+        "run",
+        "--name",
+        "t",
+        "--kernel",
+        "/k",
+        "--mem-mib",
+        "1",
+        "--allow-software-kvm",
+    ]);
     assert!(!ok);
     assert!(err.contains("mem_mib"), "{err}");
 }
