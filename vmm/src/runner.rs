@@ -15,6 +15,9 @@ use crate::vstate::vcpu::kick_signal;
 /// Set by the VMM's SIGTERM/SIGINT handler.
 pub static STOP_REQUESTED: AtomicBool = AtomicBool::new(false);
 
+/// Event-loop turns after the run ended (accept, attach, flush).
+const FINAL_TURNS: usize = 4;
+
 /// How often the device thread looks at the exit flag while idle.
 const DEVICE_POLL_MS: i32 = 50;
 
@@ -122,6 +125,12 @@ pub fn run(
                 if let Err(e) = events.run_with_timeout(DEVICE_POLL_MS) {
                     dev_exit.request(ExitReason::Error(format!("device event loop: {e:?}")));
                 }
+            }
+            // A last few turns without waiting: a console client that
+            // connected just before the end is accepted and gets the guest's
+            // last words.
+            for _ in 0..FINAL_TURNS {
+                let _ = events.run_with_timeout(0);
             }
         })?;
 
