@@ -59,7 +59,14 @@ fn collect(
 }
 
 fn main() -> anyhow::Result<()> {
-    // `cargo bench` passes `--bench`; nothing else to parse.
+    // `cargo bench` passes `--bench`; `cargo test --all-targets` does not,
+    // and a run takes minutes of emulated CPU: that is for `cargo bench`.
+    if !std::env::args().any(|a| a == "--bench") {
+        println!(
+            "vmm_vs_qemu: not run under `cargo test` (minutes of emulation); use `cargo bench -p p2pvm-testhost --bench vmm_vs_qemu`"
+        );
+        return Ok(());
+    }
     let rounds: u32 = std::env::var("BENCH_ROUNDS")
         .ok()
         .and_then(|v| v.parse().ok())
