@@ -309,15 +309,19 @@ mod tests {
         exe
     }
 
+    fn fake_launch(dir: &Path) -> Launch {
+        Launch {
+            exe: fake_vmm(dir),
+            home: dir.to_path_buf(),
+            log: "info".into(),
+            run_args: vec![],
+        }
+    }
+
     #[test]
     fn powered_off_stays_off_crashed_restarts_stop_stops_all() {
         let dir = tempfile::tempdir().unwrap();
-        let launch = Launch {
-            exe: fake_vmm(dir.path()),
-            home: dir.path().to_path_buf(),
-            log: "info".into(),
-            run_args: vec![],
-        };
+        let launch = fake_launch(dir.path());
         let stop = AtomicBool::new(false);
         let set = VmSet {
             vm: vec![vm("ok"), vm("crash"), vm("long")],
@@ -337,12 +341,7 @@ mod tests {
     #[test]
     fn up_returns_when_every_vm_powered_off() {
         let dir = tempfile::tempdir().unwrap();
-        let launch = Launch {
-            exe: fake_vmm(dir.path()),
-            home: dir.path().to_path_buf(),
-            log: "info".into(),
-            run_args: vec![],
-        };
+        let launch = fake_launch(dir.path());
         let stop = AtomicBool::new(false);
         let t = Instant::now();
         up(&VmSet { vm: vec![vm("ok")] }, &launch, &stop).unwrap();

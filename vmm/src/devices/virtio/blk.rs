@@ -12,11 +12,11 @@ use std::fs::{File, OpenOptions};
 use std::io;
 use std::path::Path;
 
-use virtio_queue::{Queue, QueueOwnedT, QueueT};
+use virtio_queue::{Queue, QueueT};
 use vm_memory::GuestMemoryMmap;
 
 use super::iov::{Bufs, Chain};
-use super::{DeviceError, QueueMask, VirtioBackend, queue_error};
+use super::{DeviceError, QueueMask, VirtioBackend, next_chain, queue_error};
 
 /// Sector size of the virtio-blk protocol.
 pub const SECTOR_SIZE: u64 = 512;
@@ -271,19 +271,7 @@ impl VirtioBackend for Block {
     ) -> Result<QueueMask, DeviceError> {
         let queue = &mut queues[index];
         let mut used = 0;
-        loop {
-            // With event-index, re-check after re-enabling notifications so
-            // a buffer added in between is not left waiting.
-            let chain = queue.iter(mem).map_err(|e| queue_error(index, e))?.next();
-            let Some(chain) = chain else {
-                if queue
-                    .enable_notification(mem)
-                    .map_err(|e| queue_error(index, e))?
-                {
-                    continue;
-                }
-                break;
-            };
+        while let Some(chain) = next_chain(queue, mem, index)? {
             let head = chain.head_index();
             let len = match Chain::new(mem, chain) {
                 Ok(c) => self.serve(&c),

@@ -16,7 +16,7 @@ pub mod transport;
 use std::os::fd::RawFd;
 
 use event_manager::EventSet;
-use virtio_queue::Queue;
+use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
 use vm_memory::GuestMemoryMmap;
 
 /// Feature bit: virtio 1.x (mandatory for the modern transport).
@@ -106,6 +106,28 @@ pub trait VirtioBackend: Send + 'static {
 /// Whether feature `bit` is in `features`.
 pub fn has_feature(features: u64, bit: u32) -> bool {
     features & (1 << bit) != 0
+}
+
+/// The next chain the driver made available on `queue` (number `index`).
+/// When none is left, notifications are turned back on — with event-index
+/// that publishes `avail_event`, without which the driver never kicks again —
+/// and the ring is looked at once more for a chain added meanwhile.
+pub fn next_chain<'m>(
+    queue: &mut Queue,
+    mem: &'m GuestMemoryMmap,
+    index: usize,
+) -> Result<Option<DescriptorChain<&'m GuestMemoryMmap>>, DeviceError> {
+    loop {
+        if let Some(chain) = queue.iter(mem).map_err(|e| queue_error(index, e))?.next() {
+            return Ok(Some(chain));
+        }
+        if !queue
+            .enable_notification(mem)
+            .map_err(|e| queue_error(index, e))?
+        {
+            return Ok(None);
+        }
+    }
 }
 
 /// Converts a queue-crate error on the ring itself into a device error.

@@ -21,7 +21,7 @@ use vm_memory::GuestMemoryMmap;
 
 use self::tap::VNET_HDR_LEN;
 use super::iov::Chain;
-use super::{DeviceError, QueueMask, VirtioBackend, has_feature, queue_error};
+use super::{DeviceError, QueueMask, VirtioBackend, has_feature, next_chain, queue_error};
 
 const RX: usize = 0;
 const TX: usize = 1;
@@ -103,17 +103,7 @@ impl Net {
         let mut any = false;
         // Until the ring is empty: stopping early would need a notification
         // the driver has no reason to send.
-        loop {
-            let chain = queue.iter(mem).map_err(|e| queue_error(TX, e))?.next();
-            let Some(chain) = chain else {
-                if queue
-                    .enable_notification(mem)
-                    .map_err(|e| queue_error(TX, e))?
-                {
-                    continue;
-                }
-                break;
-            };
+        while let Some(chain) = next_chain(queue, mem, TX)? {
             let head = chain.head_index();
             let sent = match Chain::new(mem, chain) {
                 Ok(c) if (VNET_HDR_LEN..=MAX_PACKET).contains(&c.readable.len()) => {

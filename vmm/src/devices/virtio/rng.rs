@@ -1,10 +1,10 @@
 //! virtio-rng: fills the guest's buffers from the host's `getrandom(2)`.
 
-use virtio_queue::{Queue, QueueOwnedT, QueueT};
+use virtio_queue::{Queue, QueueT};
 use vm_memory::GuestMemoryMmap;
 
 use super::iov::Chain;
-use super::{DeviceError, QueueMask, VirtioBackend, queue_error};
+use super::{DeviceError, QueueMask, VirtioBackend, next_chain, queue_error};
 
 /// Bytes given per request at most: a guest asking for more gets a short
 /// answer and asks again, so one request cannot hold the device thread long.
@@ -45,20 +45,7 @@ impl VirtioBackend for Rng {
     ) -> Result<QueueMask, DeviceError> {
         let queue = &mut queues[index];
         let mut used = 0;
-        loop {
-            let chain = queue.iter(mem).map_err(|e| queue_error(index, e))?.next();
-            // Empty: ask to be notified (with event-index this moves
-            // avail_event, without which the driver never kicks again), and
-            // look once more for a buffer added meanwhile.
-            let Some(chain) = chain else {
-                if queue
-                    .enable_notification(mem)
-                    .map_err(|e| queue_error(index, e))?
-                {
-                    continue;
-                }
-                break;
-            };
+        while let Some(chain) = next_chain(queue, mem, index)? {
             let head = chain.head_index();
             let len = match Chain::new(mem, chain) {
                 Ok(c) => self.fill(&c),
