@@ -29,6 +29,9 @@ use crate::lifecycle::BootTimes;
 /// Output kept for a client that attaches later (the prompt, recent boot
 /// messages).
 const BACKLOG_BYTES: usize = 16 << 10;
+/// The console log stops growing here (a guest printing forever must not
+/// fill the host's disk); later output still reaches attached clients.
+const LOG_MAX_BYTES: u64 = 16 << 20;
 /// Output waiting for a slow client; beyond it the oldest bytes are dropped
 /// (a client that stops reading must not grow the VMM without bound).
 const PENDING_MAX_BYTES: usize = 1 << 20;
@@ -44,6 +47,8 @@ struct Inner {
     broken: bool,
     pending: VecDeque<u8>,
     log: Option<File>,
+    /// Bytes written to the log so far.
+    logged: u64,
     stdout: bool,
 }
 
@@ -86,7 +91,16 @@ impl Console {
         i.backlog.drain(..excess);
         if let Some(log) = &mut i.log {
             // A full disk must not stop the guest; the log is best effort.
-            let _ = log.write_all(bytes);
+            let room = LOG_MAX_BYTES.saturating_sub(i.logged);
+            let n = (bytes.len() as u64).min(room) as usize;
+            let _ = log.write_all(&bytes[..n]);
+            i.logged += n as u64;
+            if n < bytes.len() {
+                let _ = log.write_all(
+                    b"\n[p2pvmm: console log full; later output only on the console socket]\n",
+                );
+                i.log = None;
+            }
         }
         if i.stdout {
             let _ = io::stdout().write_all(bytes);
@@ -476,6 +490,21 @@ mod tests {
         c2.write_all(b"x").unwrap();
         rig.pump();
         assert_eq!(rig.guest_reads(), b"x", "the attached client still types");
+    }
+
+    #[test]
+    fn the_log_stops_at_its_cap() {
+        let file = tempfile::NamedTempFile::new().unwrap();
+        let boot = Arc::new(BootTimes::new(Instant::now()));
+        let console = Console::new(Some(file.reopen().unwrap()), false, boot).unwrap();
+        let chunk = vec![b'x'; 1 << 20];
+        for _ in 0..(LOG_MAX_BYTES >> 20) + 3 {
+            console.output(&chunk);
+        }
+        let len = std::fs::metadata(file.path()).unwrap().len();
+        assert!(len > LOG_MAX_BYTES && len < LOG_MAX_BYTES + 200, "{len}");
+        let text = std::fs::read(file.path()).unwrap();
+        assert!(String::from_utf8_lossy(&text[text.len() - 100..]).contains("console log full"));
     }
 
     #[test]
