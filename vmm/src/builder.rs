@@ -146,7 +146,7 @@ impl MachineBuilder {
         vm.register_memory(&ram)?;
         let pio = Arc::new(Bus::new());
         let mmio = Arc::new(Bus::new());
-        let root = Arc::new(Mutex::new(PciRoot::new(mmio.clone())));
+        let root = Arc::new(Mutex::new(PciRoot::new(&mmio)));
         let err = |e: vm_allocator::Error| BuildError::Device {
             what: "MMIO allocator".into(),
             source: Box::new(e),

@@ -272,7 +272,10 @@ impl ConsoleServer {
     }
 
     fn client_interest(&self) -> EventSet {
-        let mut set = EventSet::HANG_UP | EventSet::READ_HANG_UP;
+        // Not READ_HANG_UP: a client that half-closed while its keystrokes
+        // wait for the guest would report it on every turn; its end is seen
+        // by the read that returns 0 once the input is taken.
+        let mut set = EventSet::HANG_UP;
         if self.input.is_empty() {
             set |= EventSet::IN;
         }

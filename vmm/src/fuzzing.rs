@@ -124,7 +124,7 @@ pub fn pci_config(data: &[u8]) {
         return;
     };
     let mmio = Arc::new(Bus::new());
-    let root = Arc::new(Mutex::new(PciRoot::new(mmio.clone())));
+    let root = Arc::new(Mutex::new(PciRoot::new(&mmio)));
     let handle: PciHandle = Arc::new(Mutex::new(dev));
     if crate::devices::bus::lock(&root).add(handle).is_err() {
         return;

@@ -25,6 +25,7 @@ pub mod fuzzing;
 pub mod instance;
 pub mod isolation;
 pub mod lifecycle;
+pub mod ratelimit;
 pub mod runner;
 pub mod sandbox;
 pub mod seccomp;

@@ -8,7 +8,8 @@
 //!
 //! The common set is what any thread of this process needs to live and end:
 //! `read`/`write`/`sendto`/`recvfrom` (eventfds, the console log and
-//! socket), `futex`, memory
+//! socket), `futex`, memory (`mprotect` only without `PROT_EXEC`: glibc grows
+//! a thread's malloc arena with it), `fcntl(F_GETFD)`,
 //! (`mmap`, `munmap`, `mremap`, `madvise`, `brk`), signals (`rt_sigreturn`
 //! for the vCPU kick, `sigaltstack`, `rt_sigprocmask`), clocks and sleeps,
 //! `close`, `exit`.
@@ -68,6 +69,7 @@ mod ioctls {
 }
 
 fn common() -> Vec<i64> {
+    // mprotect and fcntl are added with argument conditions in `compile`.
     vec![
         libc::SYS_read,
         libc::SYS_write,
@@ -105,6 +107,13 @@ fn ioctl_rule(requests: &[u64]) -> Result<Vec<SeccompRule>, SeccompError> {
         .collect()
 }
 
+/// One rule: argument `arg` compared with `op` to `value`.
+fn arg_rule(arg: u8, op: SeccompCmpOp, value: u64) -> Result<SeccompRule, SeccompError> {
+    let c = SeccompCondition::new(arg, SeccompCmpArgLen::Dword, op, value)
+        .map_err(SeccompError::Build)?;
+    SeccompRule::new(vec![c]).map_err(SeccompError::Build)
+}
+
 fn compile(
     syscalls: Vec<i64>,
     ioctls: &[u64],
@@ -113,6 +122,18 @@ fn compile(
     let mut rules: BTreeMap<i64, Vec<SeccompRule>> =
         syscalls.into_iter().map(|nr| (nr, Vec::new())).collect();
     rules.insert(libc::SYS_ioctl, ioctl_rule(ioctls)?);
+    // glibc grows a thread's malloc arena with mprotect(PROT_READ|PROT_WRITE);
+    // never allowed to make anything executable.
+    let prot_exec = libc::PROT_EXEC as u64;
+    rules.insert(
+        libc::SYS_mprotect,
+        vec![arg_rule(2, SeccompCmpOp::MaskedEq(prot_exec), 0)?],
+    );
+    // std asks F_GETFD before closing an fd in debug builds.
+    rules.insert(
+        libc::SYS_fcntl,
+        vec![arg_rule(1, SeccompCmpOp::Eq, libc::F_GETFD as u64)?],
+    );
     let filter = SeccompFilter::new(rules, mismatch, SeccompAction::Allow, TargetArch::x86_64)
         .map_err(SeccompError::Build)?;
     BpfProgram::try_from(filter).map_err(SeccompError::Build)
@@ -280,6 +301,43 @@ mod tests {
             (libc::EPERM, libc::EPERM),
             "the device thread never runs a vCPU"
         );
+    }
+
+    #[test]
+    fn malloc_arenas_may_grow_but_nothing_becomes_executable() {
+        let p = device_filter(SeccompAction::Errno(libc::EPERM as u32)).unwrap();
+        let (rw, rx, getfd, setfl) = on_filtered_thread(p, || {
+            // SAFETY: mprotect on a mapping this closure owns; fcntl on an
+            // invalid fd (the filter answers first, or the kernel says EBADF).
+            unsafe {
+                let page = libc::mmap(
+                    std::ptr::null_mut(),
+                    4096,
+                    libc::PROT_NONE,
+                    libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                    -1,
+                    0,
+                );
+                let rw = errno(libc::syscall(
+                    libc::SYS_mprotect,
+                    page,
+                    4096,
+                    libc::PROT_READ | libc::PROT_WRITE,
+                ));
+                let rx = errno(libc::syscall(
+                    libc::SYS_mprotect,
+                    page,
+                    4096,
+                    libc::PROT_READ | libc::PROT_EXEC,
+                ));
+                libc::munmap(page, 4096);
+                let getfd = errno(libc::syscall(libc::SYS_fcntl, -1, libc::F_GETFD));
+                let setfl = errno(libc::syscall(libc::SYS_fcntl, -1, libc::F_SETFL, 0));
+                (rw, rx, getfd, setfl)
+            }
+        });
+        assert_eq!((rw, getfd), (0, libc::EBADF));
+        assert_eq!((rx, setfl), (libc::EPERM, libc::EPERM));
     }
 
     #[test]

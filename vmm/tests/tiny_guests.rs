@@ -212,6 +212,16 @@ fn run(
     prepare: impl FnOnce(&GuestMemoryMmap),
     listener: Option<std::os::unix::net::UnixListener>,
 ) -> Run {
+    run_with(steps, prepare, listener, Arc::new(NoSetup))
+}
+
+/// [`run`] with the vCPU and device threads set up by `setup` (seccomp).
+fn run_with(
+    steps: &[Step],
+    prepare: impl FnOnce(&GuestMemoryMmap),
+    listener: Option<std::os::unix::net::UnixListener>,
+    setup: Arc<dyn vmm::runner::ThreadSetup>,
+) -> Run {
     vmm::vstate::vcpu::install_kick_handler().unwrap();
     let boot = Arc::new(BootTimes::new(Instant::now()));
     let console = Console::new(None, false, boot.clone()).unwrap();
@@ -234,8 +244,12 @@ fn run(
             "test watchdog: the guest did not power off in 120 s".into(),
         ));
     });
-    let outcome = runner::run(machine, Arc::new(NoSetup)).unwrap();
+    let vm = Arc::downgrade(&machine.vm);
+    let outcome = runner::run(machine, setup).unwrap();
     watchdog.join().unwrap();
+    // Everything of the machine is gone once it ran: a guest that resets in
+    // a loop must not pile up VMs (the KVM VM fd, devices, RAM mappings).
+    assert!(vm.upgrade().is_none(), "the VM outlived its run");
     Run {
         mem,
         reason: outcome.reason,
@@ -341,14 +355,18 @@ fn virtio_rng_queue_completes_with_its_msix_interrupt() {
         Step::WaitIrq,
         Step::ReadMmio32(common(0x14)),
     ];
-    let r = run(
+    // With the production seccomp filters, and a 64 KiB request: the device
+    // thread's allocations then grow its malloc arena (mprotect), which a
+    // filter without it would answer by killing this process.
+    let filters = vmm::seccomp::Filters::new(vmm::seccomp::Mode::Enforce).unwrap();
+    let r = run_with(
         &steps,
         |mem| {
-            // One 64-byte device-writable buffer made available.
+            // One 64 KiB device-writable buffer made available.
             let desc: [u8; 16] = {
                 let mut d = [0u8; 16];
                 d[..8].copy_from_slice(&BUF.to_le_bytes());
-                d[8..12].copy_from_slice(&64u32.to_le_bytes());
+                d[8..12].copy_from_slice(&65536u32.to_le_bytes());
                 d[12..14].copy_from_slice(&2u16.to_le_bytes()); // VRING_DESC_F_WRITE
                 d
             };
@@ -359,6 +377,7 @@ fn virtio_rng_queue_completes_with_its_msix_interrupt() {
                 .unwrap();
         },
         None,
+        Arc::new(filters),
     );
     assert_eq!(r.reason, ExitReason::PowerOff);
     assert!(r.result(0) >= 1, "the guest took the queue's interrupt");
@@ -369,11 +388,15 @@ fn virtio_rng_queue_completes_with_its_msix_interrupt() {
     );
     let used_idx: u16 = r.mem.read_obj(GuestAddress(u64::from(USED) + 2)).unwrap();
     let used_len: u32 = r.mem.read_obj(GuestAddress(u64::from(USED) + 8)).unwrap();
-    assert_eq!((used_idx, used_len), (1, 64), "the buffer came back full");
-    let mut bytes = [0u8; 64];
+    assert_eq!(
+        (used_idx, used_len),
+        (1, 65536),
+        "the buffer came back full"
+    );
+    let mut bytes = vec![0u8; 65536];
     r.mem.read_slice(&mut bytes, GuestAddress(BUF)).unwrap();
     assert!(
-        bytes.iter().filter(|b| **b != 0).count() > 32,
+        bytes.iter().filter(|b| **b != 0).count() > 60_000,
         "random bytes"
     );
 }

@@ -208,16 +208,25 @@ impl Vcpu {
         match self.fd.run() {
             Ok(VcpuExit::IoIn(port, data)) => {
                 counts.port(port);
-                if !self.pio.read(u64::from(port), data) {
-                    counts.unhandled.fetch_add(1, Ordering::Relaxed);
-                    data.fill(0xff);
+                // A string instruction (`rep insb`) hands over all its
+                // elements at once; every register here is at most 4 bytes,
+                // so longer data is taken byte by byte.
+                let unit = if data.len() > 4 { 1 } else { data.len().max(1) };
+                for chunk in data.chunks_mut(unit) {
+                    if !self.pio.read(u64::from(port), chunk) {
+                        counts.unhandled.fetch_add(1, Ordering::Relaxed);
+                        chunk.fill(0xff);
+                    }
                 }
                 None
             }
             Ok(VcpuExit::IoOut(port, data)) => {
                 counts.port(port);
-                if !self.pio.write(u64::from(port), data) {
-                    counts.unhandled.fetch_add(1, Ordering::Relaxed);
+                let unit = if data.len() > 4 { 1 } else { data.len().max(1) };
+                for chunk in data.chunks(unit) {
+                    if !self.pio.write(u64::from(port), chunk) {
+                        counts.unhandled.fetch_add(1, Ordering::Relaxed);
+                    }
                 }
                 None
             }

@@ -46,7 +46,7 @@ impl MutBusDevice for AcpiPm {
                 self.exit.request(ExitReason::PowerOff);
             } else {
                 // S1–S4 are not offered (`_S5_` is the only sleep object).
-                tracing::warn!(
+                crate::warn_limited!(
                     sleep_type,
                     "guest asked for a sleep state this VM does not offer"
                 );

@@ -40,7 +40,7 @@ impl MutBusDevice for PvPanic {
                 self.exit.request(ExitReason::Panic);
             }
             Some(&v) if v & PVPANIC_CRASH_LOADED != 0 => {
-                tracing::warn!("the guest is loading its crash kernel");
+                crate::warn_limited!("the guest is loading its crash kernel");
             }
             _ => {}
         }

@@ -201,9 +201,11 @@ impl Msix {
 
     /// A read in the PBA.
     pub fn pba_read(&self, offset: u64, data: &mut [u8]) {
+        // The qword holding `offset`: vectors 64 × (offset / 8) onwards.
+        let first = (offset as usize / 8) * 64;
         let mut value = 0u64;
         for bit in 0..64 {
-            let v = offset as usize * 8 + bit;
+            let v = first + bit;
             if self.vectors.get(v).is_some_and(|e| e.pending) {
                 value |= 1 << bit;
             }
@@ -228,7 +230,9 @@ impl Msix {
         if e.stale_route {
             match self.vm.set_msi_route(e.gsi, e.msg) {
                 Ok(()) => e.stale_route = false,
-                Err(err) => tracing::warn!(error = %err, gsi = e.gsi, "MSI route update failed"),
+                Err(err) => {
+                    crate::warn_limited!(error = %err, gsi = e.gsi, "MSI route update failed")
+                }
             }
         }
     }
@@ -339,6 +343,13 @@ mod tests {
         let mut pba = [0u8; 8];
         m.pba_read(0, &mut pba);
         assert_eq!(u64::from_le_bytes(pba), 0b10);
+        // A byte read inside the qword sees the same bits.
+        let mut b = [0u8; 1];
+        m.pba_read(0, &mut b);
+        assert_eq!(b[0], 0b10);
+        let mut hi = [0xffu8; 4];
+        m.pba_read(4, &mut hi);
+        assert_eq!(hi, [0; 4]);
         // Unmasking delivers it, through the route just programmed.
         program(&mut m, 1, 0xfee0_0000, 0x41);
         assert!(fired(&m, 1));

@@ -3,7 +3,7 @@
 //! through ECAM, and BARs placed on the MMIO bus wherever the guest
 //! programs them.
 
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, Weak};
 
 use super::config::{ConfigSpace, Header, reg};
 use crate::devices::bus::{Bus, BusDevice, lock};
@@ -88,7 +88,9 @@ struct Slot {
 pub struct PciRoot {
     bridge: ConfigSpace,
     slots: Vec<Option<Slot>>,
-    mmio: Arc<Bus>,
+    /// Weak: the bus holds this root (through the ECAM window), and a strong
+    /// reference back would keep the whole VM alive after it stopped.
+    mmio: Weak<Bus>,
     /// The 0xcf8 address latch.
     address: u32,
 }
@@ -102,11 +104,11 @@ impl std::fmt::Debug for PciRoot {
 
 impl PciRoot {
     /// An empty bus 0 whose BARs live on `mmio`.
-    pub fn new(mmio: Arc<Bus>) -> Self {
+    pub fn new(mmio: &Arc<Bus>) -> Self {
         Self {
             bridge: host_bridge(),
             slots: (0..32).map(|_| None).collect(),
-            mmio,
+            mmio: Arc::downgrade(mmio),
             address: 0,
         }
     }
@@ -132,6 +134,9 @@ impl PciRoot {
     /// Moves BARs on the MMIO bus to match the function's configuration;
     /// `Err(bar)` names a BAR that could not be placed.
     fn sync_bars(&mut self, slot: u8) -> Result<(), usize> {
+        let Some(mmio) = self.mmio.upgrade() else {
+            return Ok(());
+        };
         let Some(s) = self.slots[slot as usize].as_mut() else {
             return Ok(());
         };
@@ -150,17 +155,20 @@ impl PciRoot {
             }
             let old = s.mapped[bar].take();
             if let Some(old) = old {
-                self.mmio.remove(old);
+                mmio.remove(old);
             }
             let region = Arc::new(BarRegion {
                 device: s.device.clone(),
                 bar,
             });
             let placed = match want {
-                Some(addr) => match self.mmio.insert(region, addr, size) {
+                Some(addr) => match mmio.insert(region, addr, size) {
                     Ok(()) => Some(addr),
-                    Err(e) => {
-                        tracing::warn!(slot, bar, error = %e, "BAR left unmapped");
+                    Err(_) => {
+                        // Left unmapped until the range frees up (see
+                        // `sync_all`); logged at debug level only, since a
+                        // guest can do this at will.
+                        tracing::debug!(slot, bar, "BAR overlaps another device: left unmapped");
                         failed = Err(bar);
                         None
                     }
@@ -168,9 +176,19 @@ impl PciRoot {
                 None => None,
             };
             s.mapped[bar] = placed;
-            dev.bar_moved(bar, old, placed);
+            if old != placed {
+                dev.bar_moved(bar, old, placed);
+            }
         }
         failed
+    }
+
+    /// [`PciRoot::sync_bars`] for every slot: a BAR that moved away may have
+    /// freed the range another one was refused.
+    fn sync_all(&mut self) {
+        for slot in 1..32u8 {
+            let _ = self.sync_bars(slot);
+        }
     }
 
     /// A configuration read of `data.len()` bytes at `offset` of `slot`
@@ -215,7 +233,7 @@ impl PciRoot {
             r == reg::COMMAND || (reg::BAR0..reg::BAR0 + 24).contains(&r)
         };
         if touches_mapping {
-            let _ = self.sync_bars(slot);
+            self.sync_all();
         }
     }
 }

@@ -183,7 +183,7 @@ impl Block {
                 Some(offset) => match data_out.read_exact_at(&self.file, offset) {
                     Ok(()) => (VIRTIO_BLK_S_OK, data_out.len()),
                     Err(e) => {
-                        tracing::warn!(error = %e, sector, "virtio-blk read failed");
+                        crate::warn_limited!(error = %e, sector, "virtio-blk read failed");
                         (VIRTIO_BLK_S_IOERR, 0)
                     }
                 },
@@ -197,7 +197,7 @@ impl Block {
                     Some(offset) => match data_in.write_all_at(&self.file, offset) {
                         Ok(()) => (VIRTIO_BLK_S_OK, 0),
                         Err(e) => {
-                            tracing::warn!(error = %e, sector, "virtio-blk write failed");
+                            crate::warn_limited!(error = %e, sector, "virtio-blk write failed");
                             (VIRTIO_BLK_S_IOERR, 0)
                         }
                     },
@@ -212,7 +212,7 @@ impl Block {
                 match self.file.sync_data() {
                     Ok(()) => (VIRTIO_BLK_S_OK, 0),
                     Err(e) => {
-                        tracing::warn!(error = %e, "virtio-blk flush failed");
+                        crate::warn_limited!(error = %e, "virtio-blk flush failed");
                         (VIRTIO_BLK_S_IOERR, 0)
                     }
                 }

@@ -151,26 +151,20 @@ impl Net {
                     Err(e) => return Err(DeviceError::Backend(format!("reading the TAP: {e}"))),
                 },
             };
-            self.rx_pending = Some(len);
             if len < VNET_HDR_LEN {
                 self.rx_pending = None;
                 self.stats.rx_dropped += 1;
                 continue;
             }
+            self.rx_pending = Some(len);
             match self.deliver(len, queue, mem)? {
-                true => {
+                Delivery::Delivered | Delivery::Dropped => {
                     self.rx_pending = None;
                     any = true;
                 }
-                false => {
-                    // Out of buffers: wait for the guest (unless it posted
-                    // some in the meantime).
-                    if queue
-                        .enable_notification(mem)
-                        .map_err(|e| queue_error(RX, e))?
-                    {
-                        continue;
-                    }
+                Delivery::NoRoom => {
+                    // Wait for the guest's next receive buffers (their kick
+                    // clears this); the packet stays pending.
                     self.rx_starved = true;
                     break;
                 }
@@ -179,59 +173,101 @@ impl Net {
         Ok(any)
     }
 
-    /// Puts the packet in `rx_buf[..len]` into guest buffers; `false` (and
-    /// nothing consumed) when there are not enough.
+    /// Puts the packet in `rx_buf[..len]` into guest buffers.
+    ///
+    /// Chains are only completed once the packet's fate is known: when the
+    /// available buffers are not enough, every chain taken is put back (and
+    /// notifications are re-enabled at the ring's current end first, so that
+    /// the driver's next buffer brings a kick under event-index). A packet
+    /// that even the whole ring could not hold, or (without mergeable
+    /// buffers) one larger than the buffer it got, is dropped.
     fn deliver(
         &mut self,
         len: usize,
         queue: &mut Queue,
         mem: &GuestMemoryMmap,
-    ) -> Result<bool, DeviceError> {
-        let mut taken: Vec<(u16, Chain<'_>)> = Vec::new();
-        let mut room = 0usize;
-        while room < len {
-            let next = queue.iter(mem).map_err(|e| queue_error(RX, e))?.next();
-            let Some(chain) = next else {
-                for _ in 0..taken.len() {
-                    queue.go_to_previous_position();
-                }
-                return Ok(false);
-            };
-            let head = chain.head_index();
-            match Chain::new(mem, chain) {
-                Ok(c) if !c.writable.is_empty() && c.readable.is_empty() => {
-                    room += c.writable.len();
-                    taken.push((head, c));
-                }
-                // A buffer the device cannot write: returned empty.
-                _ => queue
-                    .add_used(mem, head, 0)
-                    .map_err(|e| queue_error(RX, e))?,
-            }
-            if !self.mergeable() && room < len {
-                // Without mergeable buffers a packet needs one big buffer.
-                for (head, _) in taken.drain(..) {
-                    queue
-                        .add_used(mem, head, 0)
+    ) -> Result<Delivery, DeviceError> {
+        'retry: loop {
+            let mut taken: Vec<(u16, Chain<'_>)> = Vec::new();
+            // Chains the device cannot write into: returned empty, later.
+            let mut unusable: Vec<u16> = Vec::new();
+            let mut popped: u16 = 0;
+            let mut room = 0usize;
+            let mut fits = true;
+            while room < len {
+                let next = queue.iter(mem).map_err(|e| queue_error(RX, e))?.next();
+                let Some(chain) = next else {
+                    if popped >= queue.size() {
+                        // The whole ring is not enough: never will be.
+                        fits = false;
+                        break;
+                    }
+                    let more = queue
+                        .enable_notification(mem)
                         .map_err(|e| queue_error(RX, e))?;
+                    for _ in 0..popped {
+                        queue.go_to_previous_position();
+                    }
+                    if more {
+                        continue 'retry;
+                    }
+                    return Ok(Delivery::NoRoom);
+                };
+                popped += 1;
+                let head = chain.head_index();
+                match Chain::new(mem, chain) {
+                    Ok(c) if !c.writable.is_empty() && c.readable.is_empty() => {
+                        room += c.writable.len();
+                        taken.push((head, c));
+                    }
+                    _ => unusable.push(head),
                 }
-                self.stats.rx_dropped += 1;
-                return Ok(true);
+                if !self.mergeable() && !taken.is_empty() && room < len {
+                    // Without mergeable buffers a packet needs one big buffer.
+                    fits = false;
+                    break;
+                }
             }
+            if fits {
+                let count = taken.len() as u16;
+                self.rx_buf[10..12].copy_from_slice(&count.to_le_bytes());
+            }
+            let mut off = 0;
+            for (head, c) in &taken {
+                let n = if fits {
+                    c.writable.copy_from(&self.rx_buf[off..len])
+                } else {
+                    0
+                };
+                off += n;
+                queue
+                    .add_used(mem, *head, n as u32)
+                    .map_err(|e| queue_error(RX, e))?;
+            }
+            for head in unusable {
+                queue
+                    .add_used(mem, head, 0)
+                    .map_err(|e| queue_error(RX, e))?;
+            }
+            if fits {
+                self.stats.rx_packets += 1;
+                return Ok(Delivery::Delivered);
+            }
+            self.stats.rx_dropped += 1;
+            return Ok(Delivery::Dropped);
         }
-        let count = taken.len() as u16;
-        self.rx_buf[10..12].copy_from_slice(&count.to_le_bytes());
-        let mut off = 0;
-        for (head, c) in &taken {
-            let n = c.writable.copy_from(&self.rx_buf[off..len]);
-            off += n;
-            queue
-                .add_used(mem, *head, n as u32)
-                .map_err(|e| queue_error(RX, e))?;
-        }
-        self.stats.rx_packets += 1;
-        Ok(true)
     }
+}
+
+/// What became of a received packet.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Delivery {
+    /// In the guest's buffers.
+    Delivered,
+    /// Thrown away (the guest's buffers could never hold it).
+    Dropped,
+    /// Not enough buffers yet: nothing was consumed.
+    NoRoom,
 }
 
 impl VirtioBackend for Net {
@@ -345,6 +381,11 @@ impl VirtioBackend for Net {
         queues: &mut [Queue],
         mem: &GuestMemoryMmap,
     ) -> Result<QueueMask, DeviceError> {
+        // A TAP whose interface was deleted reports only errors, forever:
+        // the device stops (NEEDS_RESET) instead of spinning on it.
+        if events.intersects(EventSet::ERROR | EventSet::HANG_UP) {
+            return Err(DeviceError::Backend("the TAP failed or went away".into()));
+        }
         let mut used = 0;
         if events.contains(EventSet::OUT) {
             self.tx_blocked = false;

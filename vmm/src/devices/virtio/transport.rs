@@ -19,7 +19,7 @@ use std::sync::Arc;
 
 use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
 use virtio_queue::{Queue, QueueT};
-use vm_memory::GuestMemoryMmap;
+use vm_memory::{GuestAddress, GuestMemoryMmap};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::{
@@ -328,7 +328,7 @@ impl<B: VirtioBackend> VirtioPci<B> {
             0x10 => self.common.msix_config = self.valid_vector(v as u16),
             0x14 => self.status_write(v as u8),
             0x16 => self.common.queue_select = v as u16,
-            _ => self.queue_write(offset, v),
+            _ => self.queue_write(offset, v, data.len()),
         }
     }
 
@@ -338,7 +338,7 @@ impl<B: VirtioBackend> VirtioPci<B> {
         if v < self.msix.len() { v } else { NO_VECTOR }
     }
 
-    fn queue_write(&mut self, offset: u64, v: u64) {
+    fn queue_write(&mut self, offset: u64, v: u64, len: usize) {
         let Some(q) = self.selected() else { return };
         if offset == 0x1a {
             self.queue_vectors[q] = self.valid_vector(v as u16);
@@ -348,19 +348,36 @@ impl<B: VirtioBackend> VirtioPci<B> {
         if self.queues[q].ready() {
             return;
         }
-        let (lo, hi) = (Some(v as u32), Some(v as u32));
         let queue = &mut self.queues[q];
-        match offset {
-            0x18 => queue.set_size(v as u16),
-            0x1c => queue.set_ready(v == 1),
-            0x20 => queue.set_desc_table_address(lo, None),
-            0x24 => queue.set_desc_table_address(None, hi),
-            0x28 => queue.set_avail_ring_address(lo, None),
-            0x2c => queue.set_avail_ring_address(None, hi),
-            0x30 => queue.set_used_ring_address(lo, None),
-            0x34 => queue.set_used_ring_address(None, hi),
-            _ => {}
-        }
+        // A 64-bit field written whole (8 bytes) or as its halves (Linux).
+        let merge = |old: u64, high: bool| match (high, len) {
+            (false, 8) => v,
+            (false, _) => (old & !0xffff_ffff) | (v & 0xffff_ffff),
+            (true, _) => (old & 0xffff_ffff) | (v & 0xffff_ffff) << 32,
+        };
+        // Invalid values (sizes, misaligned rings) are refused by the
+        // `try_` setters and leave the register as it was, which the driver
+        // reads back; nothing is logged, since a guest can repeat it at will.
+        let _ = match offset {
+            0x18 => queue.try_set_size(v as u16),
+            0x1c => {
+                queue.set_ready(v == 1);
+                Ok(())
+            }
+            0x20 | 0x24 => {
+                let a = merge(queue.desc_table(), offset == 0x24);
+                queue.try_set_desc_table_address(GuestAddress(a))
+            }
+            0x28 | 0x2c => {
+                let a = merge(queue.avail_ring(), offset == 0x2c);
+                queue.try_set_avail_ring_address(GuestAddress(a))
+            }
+            0x30 | 0x34 => {
+                let a = merge(queue.used_ring(), offset == 0x34);
+                queue.try_set_used_ring_address(GuestAddress(a))
+            }
+            _ => Ok(()),
+        };
     }
 
     fn status_write(&mut self, new: u8) {
@@ -374,7 +391,7 @@ impl<B: VirtioBackend> VirtioPci<B> {
             let accepted = self.common.driver_features;
             let ok = accepted & !self.offered() == 0 && has_feature(accepted, VIRTIO_F_VERSION_1);
             if !ok {
-                tracing::warn!(
+                crate::warn_limited!(
                     accepted,
                     offered = self.offered(),
                     "driver accepted features the device does not offer"
@@ -437,7 +454,7 @@ impl<B: VirtioBackend> VirtioPci<B> {
 
     /// Stops the device until the driver resets it (DEVICE_NEEDS_RESET).
     fn fail(&mut self, e: DeviceError) {
-        tracing::warn!(device = self.backend.device_type(), error = %e, "virtio device needs a reset");
+        crate::warn_limited!(device = self.backend.device_type(), error = %e, "virtio device needs a reset");
         self.active = false;
         self.common.status |= status::NEEDS_RESET;
         self.common.config_generation = self.common.config_generation.wrapping_add(1);
@@ -547,7 +564,7 @@ impl<B: VirtioBackend> VirtioPci<B> {
                 && let Err(e) = self.vm.register_ioevent(fd, at(base))
             {
                 // Notifications still arrive as MMIO exits (see `bar_write`).
-                tracing::warn!(error = %e, "queue notification ioeventfd not registered");
+                crate::warn_limited!(error = %e, "queue notification ioeventfd not registered");
             }
         }
         self.bar0 = new;

@@ -77,7 +77,7 @@ struct Machine {
 
 fn machine() -> Machine {
     let mmio = Arc::new(Bus::new());
-    let root = Arc::new(Mutex::new(PciRoot::new(mmio.clone())));
+    let root = Arc::new(Mutex::new(PciRoot::new(&mmio)));
     let dev = test_fn();
     assert_eq!(lock(&root).add(dev.clone()).unwrap(), 1);
     Machine {
@@ -199,4 +199,57 @@ fn overlapping_bar_is_left_unmapped() {
     assert!(m.mmio.read(0xd000_0000, &mut d));
     assert_eq!(d, [0xee], "the other device keeps its range");
     assert!(!m.mmio.read(0xc000_0000, &mut d), "and the BAR is nowhere");
+}
+
+#[test]
+fn a_refused_bar_is_placed_once_its_range_frees_up() {
+    // Two functions; the guest moves the second's BAR 0 onto the first's,
+    // then moves the first away: the second appears where it asked to be.
+    let mmio = Arc::new(Bus::new());
+    let root = Arc::new(Mutex::new(PciRoot::new(&mmio)));
+    let a = test_fn();
+    let b = test_fn();
+    {
+        let mut bc = lock(&b);
+        bc.config.write(reg::BAR0, &0xc100_0000u32.to_le_bytes());
+        bc.config.write(reg::BAR0 + 8, &0u32.to_le_bytes());
+        bc.config.write(reg::BAR0 + 12, &0x3u32.to_le_bytes());
+    }
+    lock(&root).add(a.clone()).unwrap();
+    lock(&root).add(b.clone()).unwrap();
+    let io = PciConfigIo(root.clone());
+    let cfg = |slot: u32, reg: u32, v: u32| {
+        io.write(0, &(0x8000_0000 | slot << 11 | reg).to_le_bytes());
+        io.write(4, &v.to_le_bytes());
+    };
+    cfg(2, 0x10, 0xc000_0000);
+    let mut d = [0u8; 4];
+    assert!(mmio.read(0xc000_0000, &mut d));
+    assert!(
+        !mmio.read(0xc100_0000, &mut d),
+        "slot 2's BAR is unmapped while refused"
+    );
+    cfg(1, 0x10, 0xd000_0000);
+    assert!(
+        mmio.read(0xc000_0000, &mut d),
+        "slot 2's BAR took the freed range"
+    );
+    assert!(mmio.read(0xd000_0000, &mut d));
+}
+
+#[test]
+fn the_root_does_not_keep_the_bus_alive() {
+    let mmio = Arc::new(Bus::new());
+    let root = Arc::new(Mutex::new(PciRoot::new(&mmio)));
+    let dev = test_fn();
+    lock(&root).add(dev.clone()).unwrap();
+    mmio.insert(Arc::new(PciConfigMmio(root.clone())), 0xe000_0000, 1 << 20)
+        .unwrap();
+    let weak_dev = Arc::downgrade(&dev);
+    drop((root, dev));
+    drop(mmio);
+    assert!(
+        weak_dev.upgrade().is_none(),
+        "the bus/root cycle kept the device alive"
+    );
 }

@@ -222,6 +222,27 @@ fn queue_registers_and_reset() {
 }
 
 #[test]
+fn queue_addresses_in_halves_or_whole() {
+    let m = mem();
+    let (mut d, _) = device(&m);
+    w16(&mut d, 0x16, 0);
+    // Whole 64-bit write, then a high half, then a low half.
+    d.bar_write(0, 0x20, &0x1_2345_6000u64.to_le_bytes());
+    let mut q = [0u8; 8];
+    d.bar_read(0, 0x20, &mut q);
+    assert_eq!(u64::from_le_bytes(q), 0x1_2345_6000);
+    w32(&mut d, 0x24, 0x2);
+    w32(&mut d, 0x20, 0x8000);
+    d.bar_read(0, 0x20, &mut q);
+    assert_eq!(u64::from_le_bytes(q), 0x2_0000_8000);
+    // Misaligned rings and bad sizes are refused: the old values stay.
+    w32(&mut d, 0x30, 0x1001);
+    assert_eq!(r32(&mut d, 0x30), 0);
+    w16(&mut d, 0x18, 0);
+    assert_eq!(r16(&mut d, 0x18), 64);
+}
+
+#[test]
 fn corrupt_ring_needs_reset_and_stops() {
     let m = mem();
     let (mut d, _) = device(&m);
