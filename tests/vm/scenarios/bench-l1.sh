@@ -8,12 +8,12 @@ ROUNDS=${ROUNDS:-3}
 export P2PVMM_HOME="$WORK/home"
 cmdline_base="console=ttyS0 8250.nr_uarts=1 panic=-1 quiet pci=noearly"
 cr=$(printf '\r')
-/opt/ip tuntap add dev tap0 mode tap
-/opt/ip addr add 10.0.2.1/24 dev tap0
-/opt/ip link set tap0 up
+"$ROOT/opt/ip" tuntap add dev p2ptapbench mode tap
+"$ROOT/opt/ip" addr add 172.31.213.1/24 dev p2ptapbench
+"$ROOT/opt/ip" link set p2ptapbench up
 mkdir -p "$WORK/www"
 dd if=/dev/zero of="$WORK/www/big.bin" bs=1M count=64 2>/dev/null
-busybox httpd -p 10.0.2.1:8080 -h "$WORK/www"
+busybox httpd -p 172.31.213.1:8080 -h "$WORK/www"
 dd if=/dev/urandom of="$WORK/disk.img" bs=1M count=128 2>/dev/null
 mkfifo "$WORK/console"
 
@@ -28,14 +28,14 @@ vm() {
     start=$(uptime_s)
     if [ "$vmm" = ours ]; then
         "$P2PVMM" run --name b --kernel "$GUEST_KERNEL" --initrd "$GUEST_INITRD" --cmdline "$cmdline" \
-            --disk "$WORK/disk.img" --net tap0,mac=02:00:00:00:00:02 --console-stdout \
+            --disk "$WORK/disk.img" --net p2ptapbench,mac=02:00:00:00:00:02 --console-stdout \
             --report "$WORK/report.json" > "$WORK/console" 2>"$WORK/vmm.err" &
     else
         "$QEMU" -machine pc,accel=kvm -cpu host -m 256 -smp 1 -nodefaults -no-reboot \
             -display none -vga none -serial stdio \
             -kernel "$GUEST_KERNEL" -initrd "$GUEST_INITRD" -append "$cmdline" \
             -drive file="$WORK/disk.img",format=raw,if=none,id=d0 -device virtio-blk-pci,drive=d0 \
-            -netdev tap,id=n0,ifname=tap0,script=no,downscript=no,vhost=off \
+            -netdev tap,id=n0,ifname=p2ptapbench,script=no,downscript=no,vhost=off \
             -device virtio-net-pci,netdev=n0,mac=02:00:00:00:00:02,romfile= \
             > "$WORK/console" 2>"$WORK/vmm.err" &
     fi
@@ -55,7 +55,7 @@ vm() {
         "L2 serving"*)
             # Guest to host: this host fetches 64 MiB from the guest's httpd.
             t0=$(cpu_ticks "$pid"); t=$(uptime_s)
-            wget -q -O /dev/null http://10.0.2.2:8080/big.bin
+            busybox wget -q -O /dev/null http://172.31.213.2:8080/big.bin
             secs=$(since "$t"); t1=$(cpu_ticks "$pid")
             result vmm=$vmm round=$round test=net_tx mib=64 secs=$secs vmm_cpu_s=$(cpu_s "$t0" "$t1")
             kill "$pid" ;;
@@ -76,3 +76,4 @@ for r in $(seq 1 "$ROUNDS"); do
     vm $second io "$r"
     vm $first io "$r"
 done
+"$ROOT/opt/ip" link del p2ptapbench 2>/dev/null || true

@@ -26,21 +26,21 @@ s=$(vm intx --disk "$WORK/disk.img")
 extra=""
 result intx_exit=$s intx_sum=$(l2 intx_reread) intx_lines=$(l2 intx_lines) intx_count=$(l2 intx_count)
 # virtio-net, virtio-rng, the console.
-/opt/ip tuntap add dev tap0 mode tap
-/opt/ip addr add 10.0.2.1/24 dev tap0
-/opt/ip link set tap0 up
+"$ROOT/opt/ip" tuntap add dev p2ptapdev mode tap
+"$ROOT/opt/ip" addr add 172.31.213.1/24 dev p2ptapdev
+"$ROOT/opt/ip" link set p2ptapdev up
 mkdir -p "$WORK/www"
 dd if=/dev/urandom of="$WORK/www/down.bin" bs=1M count=16 2>/dev/null
 result down_sum=$(sha256sum < "$WORK/www/down.bin" | cut -d' ' -f1)
-busybox httpd -p 10.0.2.1:8080 -h "$WORK/www"
-(s=$(vm net --net tap0 --rng); echo "$s" > "$WORK/net.status") &
+busybox httpd -p 172.31.213.1:8080 -h "$WORK/www"
+(s=$(vm net --net p2ptapdev --rng); echo "$s" > "$WORK/net.status") &
 for i in $(seq 1 900); do grep -q "^L2 serving" "$log" 2>/dev/null && break; sleep 0.1; done
 # Seccomp mode of each thread of the running VMM (2: filtered).
 pid=$(cat "$WORK/home/vms/t/pid")
 for task in /proc/"$pid"/task/*; do
     result "seccomp_$(cat "$task/comm")=$(sed -n 's/^Seccomp:[[:space:]]*//p' "$task/status")"
 done
-wget -q -O "$WORK/up.bin" http://10.0.2.2:8080/up.bin
+busybox wget -q -O "$WORK/up.bin" http://172.31.213.2:8080/up.bin
 result up_sum_host=$(sha256sum < "$WORK/up.bin" | cut -d' ' -f1) up_sum_guest=$(l2 up_sum) l2_down_sum=$(l2 down_sum) rng_bytes=$(l2 rng_bytes)
 # Two attaches in a row, each answered; the VM keeps running in between.
 echo 'echo answer-$((6*7))' | "$P2PVMM" console t > "$WORK/console1.txt" 2>&1
@@ -51,3 +51,4 @@ grep -q "second-49" "$WORK/console2.txt" && result console_second=answered
 echo 'poweroff -f' | "$P2PVMM" console t --linger-ms 200 > /dev/null 2>&1
 wait
 result net_exit=$(cat "$WORK/net.status")
+"$ROOT/opt/ip" link del p2ptapdev 2>/dev/null || true

@@ -17,9 +17,9 @@ intx)
 net)
     dd if=/dev/hwrng of=/tmp/r bs=1024 count=4 2>/dev/null
     echo "L2 rng_bytes=$(wc -c < /tmp/r)"
-    ip addr add 10.0.2.2/24 dev eth0
+    ip addr add 172.31.213.2/24 dev eth0
     ip link set eth0 up
-    wget -q -O /tmp/down.bin http://10.0.2.1:8080/down.bin
+    wget -q -O /tmp/down.bin http://172.31.213.1:8080/down.bin
     echo "L2 down_sum=$(sha256sum < /tmp/down.bin | cut -d' ' -f1)"
     mkdir -p /www
     dd if=/dev/urandom of=/www/up.bin bs=1M count=16 2>/dev/null

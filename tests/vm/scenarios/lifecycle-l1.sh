@@ -16,7 +16,7 @@ s=$(vm poweroff)
 result poweroff_exit=$s poweroff_reason=$(field poweroff exit) init_ms=$(field poweroff init_ms) overhead_kib=$(field poweroff vmm_overhead_kib)
 dd if=/dev/zero of="$WORK/state.img" bs=1M count=1 2>/dev/null
 # A TAP too: its fd must be closed at the reset, or the new boot cannot attach.
-s=$(vm reboot --disk "$WORK/state.img" --net rtap0)
+s=$(vm reboot --disk "$WORK/state.img" --net p2ptapreb)
 result reboot_exit=$s reboot_boots=$(field reboot boots) reboot_reason=$(field reboot exit)
 s=$(vm panic)
 result panic_exit=$s panic_reason=$(field panic exit)
@@ -30,7 +30,7 @@ epoch=$(sed -n 's/^L2 epoch=\([0-9]*\).*/\1/p' "$log" | tr -d '\r')
 now=$(date +%s)
 result smp_exit=$s smp_cpus=$cpus rtc_skew_s=$((now - epoch))
 # The same kernel as a compressed bzImage: decompressed in the guest.
-kernel=/guest/vmlinuz
+kernel="$ROOT/guest/vmlinuz"
 s=$(vm bzimage)
 result bzimage_exit=$s bzimage_init_ms=$(field bzimage init_ms)
 [ "$s" = 0 ] || tail -5 "$WORK/bzimage.out"
