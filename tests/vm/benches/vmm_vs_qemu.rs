@@ -3,7 +3,11 @@
 //! `-accel kvm`, userspace virtio devices, no vhost). Rounds interleave the
 //! two VMMs so drift on a shared machine hits both.
 //!
-//! `cargo bench -p p2pvm-testhost --bench vmm_vs_qemu` (BENCH_ROUNDS, default 3)
+//! `cargo bench -p p2pvm-testhost --bench vmm_vs_qemu` (BENCH_ROUNDS, default 3).
+//! Each round boots each VMM twice (boot time; then three of each transfer,
+//! whose median counts for the round). The verdict on a target is the median
+//! of the per-round ratios: adjacent runs of the two VMMs share the
+//! machine's conditions, which swing by 2× here from minute to minute.
 //!
 //! Targets (issue 11): boot to /init ≤ 0.5× QEMU's time; VMM memory beyond
 //! guest RAM ≤ 8 MiB; virtio-blk sequential read and virtio-net TCP ≥ 1.0×
@@ -32,14 +36,14 @@ fn range(v: &[f64]) -> String {
     format!("{lo:.2}–{hi:.2}")
 }
 
-/// Per round: ours / qemu of `key`'s per-round values for `test`
-/// (rounds pair the two VMMs next to each other in time).
+/// Per round: ours / qemu of the median of `value` over that round's
+/// repetitions of `test` (rounds pair the two VMMs next to each other in time).
 fn round_ratios(
     o: &Outcome,
     test: &str,
     value: impl Fn(&p2pvm_testhost::ResultLine) -> Option<f64>,
 ) -> Vec<f64> {
-    let mut by_round: BTreeMap<String, (Option<f64>, Option<f64>)> = BTreeMap::new();
+    let mut by_round: BTreeMap<String, (Vec<f64>, Vec<f64>)> = BTreeMap::new();
     for r in &o.results {
         let (Some(vmm), Some(t), Some(round)) = (r.get("vmm"), r.get("test"), r.get("round"))
         else {
@@ -51,14 +55,15 @@ fn round_ratios(
         let Some(v) = value(r) else { continue };
         let e = by_round.entry(round.to_owned()).or_default();
         if vmm == "ours" {
-            e.0 = Some(v)
+            e.0.push(v)
         } else {
-            e.1 = Some(v)
+            e.1.push(v)
         }
     }
     by_round
-        .values()
-        .filter_map(|(a, b)| Some(a.as_ref()? / b.as_ref()?))
+        .values_mut()
+        .filter(|(a, b)| !a.is_empty() && !b.is_empty())
+        .map(|(a, b)| median(a) / median(b))
         .collect()
 }
 
@@ -149,11 +154,11 @@ fn main() -> anyhow::Result<()> {
     );
     let ratio = mo / mq;
     let mut per_round = round_ratios(&o, "boot", |r| r.get("init_s")?.parse().ok());
+    let verdict = median(&mut per_round);
     println!(
-        "  ratio ours/qemu of the medians {ratio:.2}; per round {} (median {:.2}); target ≤ 0.50: {}\n",
+        "  ratio ours/qemu per round {} (median {verdict:.2}; of the medians {ratio:.2}); target ≤ 0.50: {}\n",
         range(&per_round),
-        median(&mut per_round),
-        if ratio <= 0.5 { "met" } else { "NOT met" }
+        if verdict <= 0.5 { "met" } else { "NOT met" }
     );
 
     // Throughput: MiB/s per round, and the VMM's CPU seconds per GiB moved.
@@ -195,11 +200,11 @@ fn main() -> anyhow::Result<()> {
         let mut per_round = round_ratios(&o, test, |r| {
             Some(r.get("mib")?.parse::<f64>().ok()? / r.get("secs")?.parse::<f64>().ok()?)
         });
+        let verdict = median(&mut per_round);
         println!(
-            "  ratio ours/qemu of the medians {ratio:.2}; per round {} (median {:.2}); target ≥ 1.00: {}\n",
+            "  ratio ours/qemu per round {} (median {verdict:.2}; of the medians {ratio:.2}); target ≥ 1.00: {}\n",
             range(&per_round),
-            median(&mut per_round),
-            if ratio >= 1.0 { "met" } else { "NOT met" }
+            if verdict >= 1.0 { "met" } else { "NOT met" }
         );
     }
 
