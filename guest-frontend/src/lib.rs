@@ -25,7 +25,7 @@ use std::time::Duration;
 use bytes::{Buf, Bytes};
 use p2pvm_bulk::attach::{self, Preamble, Reply};
 use p2pvm_bulk::frames::{Decoder, Frame};
-use p2pvm_channel::{Connector, LinkState, Side};
+use p2pvm_channel::{Connector, LinkState, Side, Source};
 use tokio::io::{AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{UnixListener, UnixStream};
 use tokio_util::sync::CancellationToken;
@@ -48,19 +48,20 @@ pub enum FrontendError {
 /// Where the front-end gets its channel and serves apps.
 #[derive(Debug, Clone)]
 pub struct Options {
-    /// The supervisor's broker socket (sandbox backend).
-    pub broker: PathBuf,
+    /// The supervisor's broker (sandbox backend) or this VM's channel device.
+    pub channel: Source,
     /// The app-facing API socket.
     pub socket: PathBuf,
 }
 
 /// Attaches to the channel and serves apps until `shutdown`.
 pub async fn run(opts: Options, shutdown: CancellationToken) -> Result<(), FrontendError> {
-    let broker = opts.broker.clone();
-    let ep = tokio::task::spawn_blocking(move || p2pvm_channel::attach(&broker, Side::Driver))
-        .await
-        .map_err(std::io::Error::other)??;
-    let (pump, connector) = p2pvm_channel::driver(ep.region.clone(), ep.events()?);
+    let from = opts.channel.clone();
+    let (region, events) =
+        tokio::task::spawn_blocking(move || p2pvm_channel::connect(&from, Side::Driver))
+            .await
+            .map_err(std::io::Error::other)??;
+    let (pump, connector) = p2pvm_channel::driver(region, events);
     let pump_task = tokio::spawn(pump.run(shutdown.clone()));
     tokio::spawn(log_link(connector.state()));
     let listener = bind(&opts.socket)?;

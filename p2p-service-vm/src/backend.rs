@@ -9,30 +9,28 @@
 //! A misbehaving front-end only ever resets the channel (the pump logs why);
 //! the node, its peers and the other API transports keep running.
 
-use std::path::PathBuf;
-
-use p2pvm_channel::{ChannelError, LinkState, Side};
+use p2pvm_channel::{ChannelError, LinkState, Side, Source};
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use crate::api::ApiService;
 
-/// Attaches to the supervisor's broker at `broker` and serves sessions until
-/// `shutdown`.
+/// Takes the channel from `source` (the supervisor's broker, or this VM's
+/// channel device) and serves sessions until `shutdown`.
 pub async fn serve(
-    broker: PathBuf,
+    source: Source,
     svc: ApiService,
     shutdown: CancellationToken,
 ) -> Result<(), ChannelError> {
-    let path = broker.clone();
-    let ep = tokio::task::spawn_blocking(move || p2pvm_channel::attach(&path, Side::Device))
-        .await
-        .map_err(|e| ChannelError::Broker(e.to_string()))??;
-    let events = ep.events()?;
-    let (pump, mut acceptor) = p2pvm_channel::device(ep.region.clone(), events);
+    let from = source.clone();
+    let (region, events) =
+        tokio::task::spawn_blocking(move || p2pvm_channel::connect(&from, Side::Device))
+            .await
+            .map_err(|e| ChannelError::Broker(e.to_string()))??;
+    let (pump, mut acceptor) = p2pvm_channel::device(region, events);
     let pump_task = tokio::spawn(pump.run(shutdown.clone()));
-    tokio::spawn(log_link(acceptor.state(), broker.clone()));
-    info!(broker = %broker.display(), "channel back-end started");
+    tokio::spawn(log_link(acceptor.state(), source.to_string()));
+    info!(channel = %source, "channel back-end started");
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => break,
@@ -51,12 +49,12 @@ pub async fn serve(
     Ok(())
 }
 
-async fn log_link(mut state: tokio::sync::watch::Receiver<LinkState>, broker: PathBuf) {
+async fn log_link(mut state: tokio::sync::watch::Receiver<LinkState>, source: String) {
     while state.changed().await.is_ok() {
         match state.borrow_and_update().clone() {
             LinkState::Up { resets } => info!(resets, "channel attached to the front-end"),
             LinkState::Down { reason, resets } => {
-                warn!(%reason, resets, broker = %broker.display(), "channel down")
+                warn!(%reason, resets, channel = %source, "channel down")
             }
         }
     }

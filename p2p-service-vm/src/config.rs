@@ -46,6 +46,13 @@ pub struct Config {
     /// backend): p2pd attaches as the channel's back-end and serves API
     /// sessions arriving over it, besides its Unix socket.
     pub channel_broker: Option<PathBuf>,
+    /// The inter-VM channel's device, inside the service VM (VM backend):
+    /// `auto` (the first channel function) or its sysfs directory. p2pd
+    /// binds `uio_pci_generic` to it and serves the channel's back-end.
+    pub channel_device: Option<String>,
+    /// How the region BAR is mapped: `auto` (write-back `/dev/mem`, falling
+    /// back to uncached sysfs), `devmem` or `sysfs`.
+    pub channel_mapping: String,
     /// Multiaddrs to listen on (TCP and QUIC by default, all interfaces, random ports).
     pub listen: Vec<String>,
     /// Peers to bootstrap the DHT from, as multiaddrs ending in `/p2p/<peer id>`.
@@ -220,6 +227,8 @@ impl Default for Config {
             data_dir: default_data_dir(),
             api_socket: None,
             channel_broker: None,
+            channel_device: None,
+            channel_mapping: "auto".into(),
             listen: vec![
                 "/ip4/0.0.0.0/tcp/0".into(),
                 "/ip4/0.0.0.0/udp/0/quic-v1".into(),
@@ -302,7 +311,24 @@ impl Config {
     }
 
     /// Checks values that serde cannot.
+    /// Where the channel back-end gets its channel, if it serves one.
+    pub fn channel_source(&self) -> Result<Option<p2pvm_channel::Source>, ConfigError> {
+        let mapping = self
+            .channel_mapping
+            .parse()
+            .map_err(|e| ConfigError::Invalid(format!("channel_mapping: {e}")))?;
+        match (&self.channel_broker, &self.channel_device) {
+            (Some(_), Some(_)) => Err(ConfigError::Invalid(
+                "channel_broker and channel_device exclude each other".into(),
+            )),
+            (Some(b), None) => Ok(Some(p2pvm_channel::Source::Broker(b.clone()))),
+            (None, Some(d)) => Ok(Some(p2pvm_channel::Source::device(d, mapping))),
+            (None, None) => Ok(None),
+        }
+    }
+
     pub fn validate(&self) -> Result<(), ConfigError> {
+        self.channel_source()?;
         let api = &self.api;
         if api.max_frame_bytes < p2pvm_proto::MIN_MAX_FRAME_BYTES {
             return Err(ConfigError::Invalid(format!(

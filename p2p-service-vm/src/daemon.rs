@@ -132,10 +132,10 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Daem
         mdns = config.mdns,
         "p2pd ready"
     );
-    let backend = config.channel_broker.clone().map(|broker| {
+    let backend = config.channel_source()?.map(|source| {
         let (svc, stop) = (svc.clone(), shutdown.clone());
         tokio::spawn(async move {
-            if let Err(e) = crate::backend::serve(broker, svc, stop.clone()).await {
+            if let Err(e) = crate::backend::serve(source, svc, stop.clone()).await {
                 // Without its channel the service side is useless to the
                 // client; exit so the supervisor restarts it.
                 tracing::error!(error = %e, "channel back-end failed");

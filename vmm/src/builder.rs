@@ -12,6 +12,8 @@ use std::sync::{Arc, Mutex};
 
 use event_manager::{EventManager, MutEventSubscriber, SubscriberOps};
 use kvm_ioctls::Kvm;
+use p2pvm_channel::pci::REGISTER_BAR_SIZE;
+use p2pvm_channel::{Grant, Side};
 use vm_allocator::{AddressAllocator, AllocPolicy};
 use vmm_sys_util::eventfd::EventFd;
 
@@ -22,6 +24,7 @@ use crate::config::{VmConfig, derived_mac, parse_mac};
 use crate::console::{Console, ConsoleOut, ConsoleServer};
 use crate::devices::VmOps;
 use crate::devices::bus::{Bus, lock};
+use crate::devices::channel::ChannelDevice;
 use crate::devices::legacy::acpi_pm::AcpiPm;
 use crate::devices::legacy::boot_marker::BootMarker;
 use crate::devices::legacy::i8042::I8042;
@@ -123,6 +126,7 @@ pub struct MachineBuilder {
     mmio: Arc<Bus>,
     root: Arc<Mutex<PciRoot>>,
     mmio32: AddressAllocator,
+    mmio64: AddressAllocator,
     subscribers: Vec<Subscriber>,
     exit: Arc<ExitSignal>,
     counts: Arc<ExitCounts>,
@@ -153,6 +157,11 @@ impl MachineBuilder {
         };
         let mmio32 = AddressAllocator::new(layout::PCI_MMIO32_START, layout::PCI_MMIO32_SIZE)
             .map_err(err)?;
+        let mmio64 = AddressAllocator::new(
+            layout::pci_mmio64_start(mem_mib << 20),
+            layout::PCI_MMIO64_SIZE,
+        )
+        .map_err(err)?;
         let b = Self {
             kvm,
             vm,
@@ -161,6 +170,7 @@ impl MachineBuilder {
             mmio,
             root,
             mmio32,
+            mmio64,
             subscribers: Vec::new(),
             exit: Arc::new(ExitSignal::new().map_err(|e| device_err("exit eventfd")(Box::new(e)))?),
             counts: Arc::new(ExitCounts::new()),
@@ -294,6 +304,55 @@ impl MachineBuilder {
             slot,
             bar = format_args!("{:#x}", bar.start()),
             "PCI device"
+        );
+        Ok(slot)
+    }
+
+    /// Adds the inter-VM channel's function for `side`, wired to the
+    /// region and event channels of `grant`; returns the slot.
+    pub fn add_channel(&mut self, grant: Grant, side: Side) -> Result<u8, BuildError> {
+        let what = "channel device";
+        let len = grant
+            .region
+            .metadata()
+            .map_err(|e| device_err(what)(Box::new(e)))?
+            .len();
+        let bar0 = self
+            .mmio32
+            .allocate(
+                REGISTER_BAR_SIZE,
+                REGISTER_BAR_SIZE,
+                AllocPolicy::FirstMatch,
+            )
+            .map_err(|e| device_err(what)(Box::new(e)))?;
+        let bar2 = self
+            .mmio64
+            .allocate(len.max(0x1000), len.max(0x1000), AllocPolicy::FirstMatch)
+            .map_err(|e| device_err(what)(Box::new(e)))?;
+        let slot = lock(&self.root)
+            .next_slot()
+            .ok_or_else(|| device_err(what)("no free PCI slot".into()))?;
+        let vm: Arc<dyn VmOps> = self.vm.clone();
+        let dev = ChannelDevice::new(
+            grant,
+            side,
+            vm,
+            bar0.start(),
+            bar2.start(),
+            layout::pci_intx_gsi(slot),
+        )
+        .map_err(|e| device_err(what)(Box::new(e)))?;
+        let dev = Arc::new(Mutex::new(dev));
+        let handle: PciHandle = dev.clone();
+        lock(&self.root)
+            .add(handle)
+            .map_err(|e| device_err(what)(Box::new(e)))?;
+        self.subscribers.push(dev);
+        tracing::debug!(
+            slot,
+            ?side,
+            region = format_args!("{:#x}+{len:#x}", bar2.start()),
+            "channel device"
         );
         Ok(slot)
     }
@@ -437,6 +496,15 @@ pub fn build(
     }
     if config.rng {
         b.add_virtio(Rng::default(), "virtio-rng")?;
+    }
+    if let Some(ch) = &config.channel {
+        let broker = ch
+            .broker
+            .as_deref()
+            .ok_or_else(|| device_err("channel device")("no broker socket given".into()))?;
+        let grant = p2pvm_channel::receive(broker, ch.side.into())
+            .map_err(|e| device_err(format!("channel broker {}", broker.display()))(Box::new(e)))?;
+        b.add_channel(grant, ch.side.into())?;
     }
     step("devices");
     let entry = b.load_linux(&config.kernel, config.initrd.as_deref(), &config.cmdline)?;

@@ -42,6 +42,55 @@ pub struct VmConfig {
     /// A virtio-rng device.
     #[serde(default)]
     pub rng: bool,
+    /// This VM's end of the inter-VM channel.
+    #[serde(default)]
+    pub channel: Option<ChannelConfig>,
+    /// What `p2pvmm up` does when the VM ends (ignored by `p2pvmm run`).
+    #[serde(default)]
+    pub restart: RestartPolicy,
+}
+
+/// When `p2pvmm up` starts a VM again.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum RestartPolicy {
+    /// After a crash, a panic or a kill; a guest that powered off stays off.
+    #[default]
+    OnFailure,
+    /// Whenever it ends, powered off or not (the service VM: the client
+    /// relies on it).
+    Always,
+}
+
+/// Which end of the inter-VM channel a VM is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum ChannelSide {
+    /// The P2P service VM (the channel's back-end, the virtio device side).
+    Device,
+    /// The client VM (the front-end, the virtio driver side).
+    Driver,
+}
+
+impl From<ChannelSide> for p2pvm_channel::Side {
+    fn from(s: ChannelSide) -> Self {
+        match s {
+            ChannelSide::Device => Self::Device,
+            ChannelSide::Driver => Self::Driver,
+        }
+    }
+}
+
+/// A VM's channel device.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ChannelConfig {
+    /// Its end.
+    pub side: ChannelSide,
+    /// The broker socket that hands out the region and the event channels.
+    /// `p2pvmm up` fills it in with its own broker when absent.
+    #[serde(default)]
+    pub broker: Option<PathBuf>,
 }
 
 fn default_cmdline() -> String {
@@ -107,7 +156,11 @@ impl VmConfig {
             return bad(format!("vcpus {} is outside 1..=64", self.vcpus));
         }
         // One PCI slot each, 31 slots.
-        if self.disks.len() + self.nets.len() + usize::from(self.rng) > 31 {
+        let functions = self.disks.len()
+            + self.nets.len()
+            + usize::from(self.rng)
+            + usize::from(self.channel.is_some());
+        if functions > 31 {
             return bad("more than 31 PCI devices".into());
         }
         for n in &self.nets {
@@ -194,6 +247,8 @@ mod tests {
             disks: vec![],
             nets: vec![],
             rng: false,
+            channel: None,
+            restart: RestartPolicy::OnFailure,
         };
         assert!(ok.validate().is_ok());
         for bad in [

@@ -3,8 +3,8 @@
 //!
 //! | thread | runs | may call |
 //! |---|---|---|
-//! | `vcpuN` | `KVM_RUN`; port/MMIO exits: PCI config space, virtio registers, MSI-X table, UART, RTC | the common set, `ioctl` KVM_RUN / KVM_GET_REGS / KVM_SET_GSI_ROUTING / KVM_IOEVENTFD / TUNSETOFFLOAD / FIONBIO |
-//! | `devices` | the event loop: virtqueues (disk, TAP, entropy), the console socket | the common set, `epoll_*`, `readv`/`preadv`/`pwritev`/`writev`, `fdatasync`, `getrandom`, `accept4`, `ioctl` KVM_SET_GSI_ROUTING / FIONBIO |
+//! | `vcpuN` | `KVM_RUN`; port/MMIO exits: PCI config space, virtio and channel registers, MSI-X table, UART, RTC | the common set, `ioctl` KVM_RUN / KVM_GET_REGS / KVM_SET_GSI_ROUTING / KVM_IOEVENTFD / KVM_SET_USER_MEMORY_REGION / TUNSETOFFLOAD / FIONBIO |
+//! | `devices` | the event loop: virtqueues (disk, TAP, entropy), the console socket, the channel's bell | the common set, `epoll_*`, `readv`/`preadv`/`pwritev`/`writev`, `fdatasync`, `getrandom`, `accept4`, `ioctl` KVM_SET_GSI_ROUTING / FIONBIO |
 //!
 //! The common set is what any thread of this process needs to live and end:
 //! `read`/`write`/`sendto`/`recvfrom` (eventfds, the console log and
@@ -62,6 +62,9 @@ mod ioctls {
     pub const KVM_SET_GSI_ROUTING: u64 = 0x4008_ae6a;
     /// `_IOW(KVMIO, 0x79, struct kvm_ioeventfd)`: a BAR the guest moved.
     pub const KVM_IOEVENTFD: u64 = 0x4040_ae79;
+    /// `_IOW(KVMIO, 0x46, struct kvm_userspace_memory_region)`: the guest
+    /// moved the channel device's region BAR (its memory slot follows).
+    pub const KVM_SET_USER_MEMORY_REGION: u64 = 0x4020_ae46;
     /// `_IOW('T', 208, unsigned int)`: a virtio-net device being activated.
     pub const TUNSETOFFLOAD: u64 = 0x4004_54d0;
     /// Non-blocking mode of an accepted console socket.
@@ -149,6 +152,7 @@ pub fn vcpu_filter(mismatch: SeccompAction) -> Result<BpfProgram, SeccompError> 
             KVM_GET_REGS,
             KVM_SET_GSI_ROUTING,
             KVM_IOEVENTFD,
+            KVM_SET_USER_MEMORY_REGION,
             TUNSETOFFLOAD,
             FIONBIO,
         ],

@@ -146,7 +146,7 @@ impl Managed {
     }
 }
 
-fn private_dir(p: &Path) -> Result<(), SuperviseError> {
+pub(crate) fn private_dir(p: &Path) -> Result<(), SuperviseError> {
     std::fs::DirBuilder::new()
         .recursive(true)
         .mode(0o700)
@@ -154,10 +154,10 @@ fn private_dir(p: &Path) -> Result<(), SuperviseError> {
         .map_err(io(format!("creating {}", p.display())))
 }
 
-/// Binds the broker socket and answers attaches on a thread of its own (the
-/// answers are tiny blocking sendmsg calls).
-fn start_broker(home: &Home, broker: Arc<Broker>) -> Result<(), SuperviseError> {
-    let path = home.broker();
+/// Binds the broker socket at `path` and answers attaches on a thread of its
+/// own (the answers are tiny blocking sendmsg calls).
+pub fn start_broker(path: &Path, broker: Arc<Broker>) -> Result<(), SuperviseError> {
+    let path = path.to_path_buf();
     let _ = std::fs::remove_file(&path);
     let listener = std::os::unix::net::UnixListener::bind(&path)
         .map_err(io(format!("binding {}", path.display())))?;
@@ -200,7 +200,7 @@ pub async fn up(opts: UpOptions, shutdown: CancellationToken) -> Result<(), Supe
     private_dir(&home.run_dir())?;
     private_dir(&home.service_dir())?;
     let broker = Arc::new(Broker::new(opts.layout)?);
-    start_broker(home, broker.clone())?;
+    start_broker(&home.broker(), broker.clone())?;
 
     let base = sandbox::service_base_args(home, opts.config.as_deref());
     let args_text: Vec<String> = base

@@ -6,9 +6,13 @@
 //! memory is not mapped in it (seccomp and the process boundary together
 //! are what Firecracker's jailer and Cloud Hypervisor rely on too).
 //!
-//! Policy: a VM whose guest powered off stays off; a VM that crashed,
-//! panicked or was killed is started again (backing off while it keeps
-//! failing quickly). SIGTERM/SIGINT stop every VM and then `up` returns;
+//! Policy: a VM that crashed, panicked or was killed is started again
+//! (backing off while it keeps failing quickly); one whose guest powered off
+//! stays off unless its `restart` is `always`.
+//!
+//! VMs with a `channel` end and no broker of their own get the supervisor's:
+//! one region and one pair of event channels for the set, handed to each
+//! VM's process (and again to a restarted one) over `run/broker.sock`. SIGTERM/SIGINT stop every VM and then `up` returns;
 //! `up` also returns once every VM has powered off. Each child dies with
 //! `up` (parent-death signal), so no VM outlives its supervisor.
 
@@ -21,7 +25,7 @@ use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 use tracing::{error, info, warn};
 
-use crate::config::{VmConfig, VmSet};
+use crate::config::{ChannelSide, RestartPolicy, VmConfig, VmSet};
 use crate::instance::VmDir;
 
 /// Why the VMs could not be brought up.
@@ -39,6 +43,9 @@ pub enum SuperviseError {
     /// Two VMs share a name.
     #[error("Two VMs are named {0}")]
     DuplicateName(String),
+    /// The channel cannot be set up as configured.
+    #[error("channel: {0}")]
+    Channel(String),
     /// Writing a VM's configuration or starting its process failed.
     #[error("VM {name}: {what}")]
     Io {
@@ -93,6 +100,22 @@ fn io(name: &str, what: &'static str) -> impl FnOnce(std::io::Error) -> Supervis
 }
 
 fn check(set: &VmSet) -> Result<(), SuperviseError> {
+    for side in [ChannelSide::Device, ChannelSide::Driver] {
+        let ends = set
+            .vm
+            .iter()
+            .filter(|v| {
+                v.channel
+                    .as_ref()
+                    .is_some_and(|c| c.side == side && c.broker.is_none())
+            })
+            .count();
+        if ends > 1 {
+            return Err(SuperviseError::Channel(format!(
+                "{ends} VMs are the channel's {side:?} end; a channel has one of each"
+            )));
+        }
+    }
     let mut names = std::collections::BTreeSet::new();
     for vm in &set.vm {
         vm.validate().map_err(|source| SuperviseError::Config {
@@ -147,7 +170,7 @@ impl Managed {
         };
         self.child = None;
         let name = &self.config.name;
-        if status.code() == Some(EXIT_CLEAN) {
+        if status.code() == Some(EXIT_CLEAN) && self.config.restart == RestartPolicy::OnFailure {
             info!(vm = %name, "VM powered off; it stays off");
             self.done = true;
             return;
@@ -167,6 +190,7 @@ impl Managed {
 /// Runs `set` until every VM powered off or `stop` is set.
 pub fn up(set: &VmSet, launch: &Launch, stop: &AtomicBool) -> Result<(), SuperviseError> {
     check(set)?;
+    let set = with_broker(set, launch)?;
     let mut vms = Vec::new();
     for config in &set.vm {
         let dir = VmDir::new(&launch.home, &config.name);
@@ -208,6 +232,35 @@ pub fn up(set: &VmSet, launch: &Launch, stop: &AtomicBool) -> Result<(), Supervi
     }
     shutdown(&mut vms);
     Ok(())
+}
+
+/// Starts the set's channel broker if a VM needs it, and points those VMs
+/// at it.
+fn with_broker(set: &VmSet, launch: &Launch) -> Result<VmSet, SuperviseError> {
+    let mut set = set.clone();
+    let wanting: Vec<&mut VmConfig> = set
+        .vm
+        .iter_mut()
+        .filter(|v| v.channel.as_ref().is_some_and(|c| c.broker.is_none()))
+        .collect();
+    if wanting.is_empty() {
+        return Ok(set);
+    }
+    let home = crate::sandbox::Home::new(launch.home.clone());
+    let chan = |e: &dyn std::fmt::Display| SuperviseError::Channel(e.to_string());
+    crate::supervisor::private_dir(home.root()).map_err(|e| chan(&e))?;
+    crate::supervisor::private_dir(&home.run_dir()).map_err(|e| chan(&e))?;
+    let broker =
+        p2pvm_channel::Broker::new(p2pvm_channel::Layout::standard()).map_err(|e| chan(&e))?;
+    let path = home.broker();
+    crate::supervisor::start_broker(&path, std::sync::Arc::new(broker)).map_err(|e| chan(&e))?;
+    info!(broker = %path.display(), "channel broker for the VMs");
+    for vm in wanting {
+        if let Some(c) = vm.channel.as_mut() {
+            c.broker = Some(path.clone());
+        }
+    }
+    Ok(set)
 }
 
 /// SIGTERM to every VM, then SIGKILL to what is left after the grace period.
@@ -269,6 +322,8 @@ mod tests {
             disks: vec![],
             nets: vec![],
             rng: false,
+            channel: None,
+            restart: RestartPolicy::OnFailure,
         }
     }
 

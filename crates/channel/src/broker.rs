@@ -122,8 +122,32 @@ impl Endpoint {
     }
 }
 
-/// Connects to the broker socket at `path` as `side`.
+/// The descriptors the broker hands a side, unmapped: what a VMM takes to
+/// wire the channel device of its VM (it maps the region into the guest and
+/// never reads it itself).
+#[derive(Debug)]
+pub struct Grant {
+    /// The region's sealed memfd.
+    pub region: File,
+    /// Eventfd this side is rung on.
+    pub ours: OwnedFd,
+    /// Eventfd that rings the other side.
+    pub peer: OwnedFd,
+}
+
+/// Connects to the broker socket at `path` as `side` and maps the region.
 pub fn attach(path: &Path, side: Side) -> Result<Endpoint, ChannelError> {
+    let g = receive(path, side)?;
+    Ok(Endpoint {
+        region: Region::open(g.region)?,
+        ours: g.ours,
+        peer: g.peer,
+    })
+}
+
+/// Connects to the broker socket at `path` as `side` and takes its
+/// descriptors, leaving the region unmapped.
+pub fn receive(path: &Path, side: Side) -> Result<Grant, ChannelError> {
     let mut conn = UnixStream::connect(path).map_err(|e| {
         ChannelError::Broker(format!(
             "cannot reach the channel broker at {}: {e}",
@@ -153,9 +177,12 @@ pub fn attach(path: &Path, side: Side) -> Result<Endpoint, ChannelError> {
     let [region, ours, peer]: [OwnedFd; 3] = fds.try_into().map_err(|v: Vec<OwnedFd>| {
         ChannelError::Broker(format!("expected 3 descriptors, got {}", v.len()))
     })?;
-    Ok(Endpoint {
-        region: Region::open(File::from(region))?,
-        ours,
-        peer,
-    })
+    let region = File::from(region);
+    let seals = rustix::fs::fcntl_get_seals(&region).map_err(io::Error::from)?;
+    if !seals.contains(rustix::fs::SealFlags::SHRINK) {
+        return Err(ChannelError::Layout(
+            "the region is not sealed against shrinking".into(),
+        ));
+    }
+    Ok(Grant { region, ours, peer })
 }

@@ -20,7 +20,8 @@
 //!
 //! The back-end treats the region as hostile: every index, length, offset and
 //! chain is validated, and any violation resets the channel (never the
-//! process). [`broker`] hands the region and doorbells to both sides.
+//! process). [`broker`] hands the region and doorbells to both sides; inside
+//! VMs, [`pci`] finds them on the channel device instead.
 
 #![forbid(unsafe_code)]
 
@@ -32,8 +33,10 @@ pub mod event;
 pub mod fuzzing;
 pub mod layout;
 mod mux;
+pub mod pci;
 pub mod region;
 mod session;
+pub mod source;
 pub mod wire;
 
 use std::sync::Arc;
@@ -42,12 +45,13 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
-pub use broker::{Broker, Endpoint, Side, attach};
+pub use broker::{Broker, Endpoint, Grant, Side, attach, receive};
 pub use event::{EventChannel, EventFdChannel};
 pub use layout::Layout;
 pub use mux::{DEVICE_WINDOW, DRIVER_WINDOW, LinkState, MAX_SESSIONS, Violation};
 pub use region::Region;
 pub use session::{ChannelReader, ChannelStream, ChannelWriter};
+pub use source::{Events, Source, connect};
 
 use device::DeviceLink;
 use driver::DriverLink;
@@ -66,6 +70,9 @@ pub enum ChannelError {
     /// Getting the region or doorbells from the supervisor failed.
     #[error("{0}")]
     Broker(String),
+    /// The channel device of a VM could not be found, bound or opened.
+    #[error("channel device {0}")]
+    Device(String),
     /// An OS call failed.
     #[error(transparent)]
     Io(#[from] std::io::Error),

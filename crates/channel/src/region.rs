@@ -28,14 +28,22 @@ struct Inner {
     layout: Layout,
 }
 
-fn map(file: &File, size: u64) -> Result<GuestMemoryMmap<()>, ChannelError> {
+fn map(file: &File, offset: u64, size: u64) -> Result<GuestMemoryMmap<()>, ChannelError> {
     let file = file.try_clone().map_err(ChannelError::Io)?;
     GuestMemoryMmap::from_ranges_with_files(&[(
         GuestAddress(0),
         size as usize,
-        Some(FileOffset::new(file, 0)),
+        Some(FileOffset::new(file, offset)),
     )])
     .map_err(|e| ChannelError::Map(e.to_string()))
+}
+
+/// Bytes of the memfd behind a region of `layout`: the layout's size rounded
+/// up to a power of two, because in the VM backend the region is a PCI BAR
+/// and BARs come in powers of two. The tail is never touched, so it costs no
+/// memory.
+pub fn file_size(layout: &Layout) -> u64 {
+    layout.size.next_power_of_two()
 }
 
 impl Region {
@@ -47,10 +55,13 @@ impl Region {
         )
         .map_err(|e| ChannelError::Io(e.into()))?;
         let file = File::from(fd);
-        file.set_len(layout.size).map_err(ChannelError::Io)?;
+        let len = file_size(&layout);
+        file.set_len(len).map_err(ChannelError::Io)?;
         rustix::fs::fcntl_add_seals(&file, SealFlags::SHRINK | SealFlags::GROW | SealFlags::SEAL)
             .map_err(|e| ChannelError::Io(e.into()))?;
-        let mem = map(&file, layout.size)?;
+        // Only the layout is mapped: a descriptor that points into the
+        // padding is out of range like any other stray address.
+        let mem = map(&file, 0, layout.size)?;
         let region = Self {
             inner: Arc::new(Inner { mem, file, layout }),
         };
@@ -74,10 +85,23 @@ impl Region {
             ));
         }
         let len = file.metadata().map_err(ChannelError::Io)?.len();
+        Self::open_at(file, 0, len)
+    }
+
+    /// Maps a region that is a device's memory: `len` bytes at `offset` of
+    /// `file` — inside a VM, the channel device's shared-memory BAR through
+    /// `/dev/mem` (offset = the BAR's physical address) or through its sysfs
+    /// `resource2` file (offset 0). The VMM fixed the BAR's size, so there is
+    /// no seal to check; the header is validated as for [`Region::open`].
+    pub fn open_device(file: File, offset: u64, len: u64) -> Result<Self, ChannelError> {
+        Self::open_at(file, offset, len)
+    }
+
+    fn open_at(file: File, offset: u64, len: u64) -> Result<Self, ChannelError> {
         if len < crate::layout::HEADER_BYTES {
             return Err(ChannelError::Layout(format!("region of {len} bytes")));
         }
-        let mem = map(&file, len)?;
+        let mem = map(&file, offset, len)?;
         let read32 = |off| -> Result<u32, ChannelError> {
             mem.read_obj::<u32>(GuestAddress(off))
                 .map_err(|e| ChannelError::Map(e.to_string()))
@@ -101,6 +125,9 @@ impl Region {
                 layout.size
             )));
         }
+        // Keep only the layout's bytes mapped (see `create`).
+        drop(mem);
+        let mem = map(&file, offset, layout.size)?;
         Ok(Self {
             inner: Arc::new(Inner { mem, file, layout }),
         })
@@ -156,6 +183,43 @@ mod tests {
         assert_eq!(a.layout(), b.layout());
         a.store_u32(field::DRIVER_GEN, 7);
         assert_eq!(b.load_u32(field::DRIVER_GEN), 7);
+    }
+
+    #[test]
+    fn the_file_is_a_power_of_two() {
+        let layout = Layout::new(16, 4096).unwrap();
+        let a = Region::create(layout).unwrap();
+        let len = a.file().metadata().unwrap().len();
+        assert!(len.is_power_of_two() && len >= layout.size, "{len}");
+        assert_eq!(len, file_size(&layout));
+    }
+
+    #[test]
+    fn a_device_mapping_at_an_offset() {
+        // A file with the region 64 KiB in, as a BAR sits in /dev/mem.
+        let a = Region::create(Layout::new(16, 4096).unwrap()).unwrap();
+        let len = a.file().metadata().unwrap().len();
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("mem");
+        let mut bytes = vec![0u8; 65536];
+        let mut image = vec![0u8; len as usize];
+        std::os::unix::fs::FileExt::read_exact_at(a.file(), &mut image, 0).unwrap();
+        bytes.extend_from_slice(&image);
+        std::fs::write(&path, &bytes).unwrap();
+        let f = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&path)
+            .unwrap();
+        let b = Region::open_device(f, 65536, len).unwrap();
+        assert_eq!(a.layout(), b.layout());
+        let f = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&path)
+            .unwrap();
+        let e = Region::open_device(f, 0, len).unwrap_err();
+        assert!(e.to_string().contains("magic"), "{e}");
     }
 
     #[test]

@@ -17,9 +17,15 @@ use tracing_subscriber::EnvFilter;
 #[derive(Debug, Parser)]
 #[command(version, about)]
 struct Cli {
-    /// The channel broker socket (from the supervisor).
+    /// The channel broker socket (from the supervisor; sandbox backend).
+    #[arg(long, required_unless_present = "device", conflicts_with = "device")]
+    broker: Option<PathBuf>,
+    /// This VM's channel device (client VM): `auto` or its sysfs directory.
     #[arg(long)]
-    broker: PathBuf,
+    device: Option<String>,
+    /// How to map the channel device's region: auto, devmem or sysfs.
+    #[arg(long, default_value = "auto")]
+    mapping: p2pvm_channel::pci::RegionMapping,
     /// The API socket apps connect to.
     #[arg(long)]
     socket: PathBuf,
@@ -46,8 +52,13 @@ async fn main() -> anyhow::Result<()> {
         }
         stop.cancel();
     });
+    let channel = match (cli.broker, cli.device) {
+        (Some(b), _) => p2pvm_channel::Source::Broker(b),
+        (None, Some(d)) => p2pvm_channel::Source::device(&d, cli.mapping),
+        (None, None) => unreachable!("clap requires one"),
+    };
     let opts = guest_frontend::Options {
-        broker: cli.broker,
+        channel,
         socket: cli.socket,
     };
     guest_frontend::run(opts, shutdown).await?;

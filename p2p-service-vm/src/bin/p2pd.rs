@@ -37,8 +37,15 @@ struct Cli {
     #[arg(long)]
     no_mdns: bool,
     /// Serve the inter-VM channel brokered at this socket (set by `p2pvmm`).
-    #[arg(long)]
+    #[arg(long, conflicts_with = "channel_device")]
     channel_broker: Option<PathBuf>,
+    /// Serve the inter-VM channel on this VM's channel device: `auto` or its
+    /// sysfs directory (in the service VM).
+    #[arg(long)]
+    channel_device: Option<String>,
+    /// How to map the channel device's region: auto, devmem or sysfs.
+    #[arg(long)]
+    channel_mapping: Option<String>,
     /// Confine this process before starting (Landlock to the data directory,
     /// seccomp, no_new_privs): the sandbox backend's in-process half.
     #[arg(long)]
@@ -82,6 +89,12 @@ fn load_config(cli: &Cli) -> anyhow::Result<Config> {
     }
     if let Some(b) = &cli.channel_broker {
         config.channel_broker = Some(b.clone());
+    }
+    if let Some(d) = &cli.channel_device {
+        config.channel_device = Some(d.clone());
+    }
+    if let Some(m) = &cli.channel_mapping {
+        config.channel_mapping = m.clone();
     }
     Ok(config)
 }

@@ -16,7 +16,7 @@ use anyhow::{Context, bail};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use tokio_util::sync::CancellationToken;
 use tracing_subscriber::EnvFilter;
-use vmm::config::{DEFAULT_CMDLINE, DiskConfig, NetConfig, VmConfig};
+use vmm::config::{ChannelConfig, ChannelSide, DEFAULT_CMDLINE, DiskConfig, NetConfig, VmConfig};
 use vmm::instance::{self, OnReboot, RunOptions, VmDir};
 use vmm::isolation::{self, HostVirt, Isolation};
 use vmm::lifecycle::ExitReason;
@@ -103,6 +103,11 @@ struct RunArgs {
     /// Add a virtio-rng device.
     #[arg(long)]
     rng: bool,
+    /// Give the VM the inter-VM channel device: SIDE,BROKER — `device` (the
+    /// service VM) or `driver` (the client VM), and the broker socket that
+    /// hands out the shared region and the event channels.
+    #[arg(long, value_parser = parse_channel)]
+    channel: Option<ChannelConfig>,
     /// Copy the guest's console to stdout.
     #[arg(long)]
     console_stdout: bool,
@@ -213,9 +218,22 @@ fn vm_config(a: &RunArgs) -> anyhow::Result<VmConfig> {
         disks,
         nets,
         rng: a.rng,
+        channel: a.channel.clone(),
+        restart: Default::default(),
     };
     c.validate()?;
     Ok(c)
+}
+
+fn parse_channel(text: &str) -> Result<ChannelConfig, String> {
+    let (side, broker) = text
+        .split_once(',')
+        .ok_or("expected SIDE,BROKER (e.g. device,/run/p2pvmm/broker.sock)")?;
+    let side = ChannelSide::from_str(side, true)?;
+    Ok(ChannelConfig {
+        side,
+        broker: Some(broker.into()),
+    })
 }
 
 extern "C" fn request_stop(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {

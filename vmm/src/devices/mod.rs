@@ -1,16 +1,19 @@
 //! Emulated devices: the buses they sit on, the legacy PC devices, the PCI
-//! root and its functions, and the virtio devices on virtio-pci.
+//! root and its functions, the virtio devices on virtio-pci, and the
+//! inter-VM channel device.
 //!
 //! Devices never hold the VM's file descriptor: what they may ask of the VM
 //! (ioeventfds, irqfds, MSI routes) goes through [`VmOps`], which the KVM VM
 //! implements and unit tests fake.
 
 pub mod bus;
+pub mod channel;
 pub mod legacy;
 pub mod pci;
 pub mod virtio;
 
 use std::io;
+use std::sync::Arc;
 
 use vmm_sys_util::eventfd::EventFd;
 
@@ -41,7 +44,16 @@ pub trait VmOps: Send + Sync {
     fn allocate_msi_gsi(&self) -> Option<u32>;
     /// Points `gsi` at `msg` (replacing what it pointed at).
     fn set_msi_route(&self, gsi: u32, msg: MsiMessage) -> io::Result<()>;
+    /// Makes `mapping` guest memory at `gpa` (a device's memory BAR backed
+    /// by host memory, so guest accesses cost no exit). The VM keeps the
+    /// mapping alive while the slot exists. Returns the slot.
+    fn map_memory(&self, gpa: u64, mapping: Arc<MmapRegion>) -> io::Result<u32>;
+    /// Removes a slot [`VmOps::map_memory`] made.
+    fn unmap_memory(&self, slot: u32) -> io::Result<()>;
 }
+
+/// Host memory a device lends its guest (see [`VmOps::map_memory`]).
+pub type MmapRegion = vm_memory::MmapRegion<()>;
 
 /// Reads the little-endian value of up to 8 bytes.
 pub fn le_value(data: &[u8]) -> u64 {
@@ -75,6 +87,8 @@ pub mod fake {
         pub routes: Mutex<std::collections::BTreeMap<u32, MsiMessage>>,
         /// irqfds registered (gsi, with resample).
         pub irqfds: Mutex<Vec<(u32, bool)>>,
+        /// Memory slots by number: (guest address, size).
+        pub slots: Mutex<std::collections::BTreeMap<u32, (u64, usize)>>,
         next_gsi: Mutex<u32>,
     }
 
@@ -109,6 +123,20 @@ pub mod fake {
         fn set_msi_route(&self, gsi: u32, msg: MsiMessage) -> io::Result<()> {
             self.routes.lock().unwrap().insert(gsi, msg);
             Ok(())
+        }
+        fn map_memory(&self, gpa: u64, mapping: Arc<MmapRegion>) -> io::Result<u32> {
+            let mut slots = self.slots.lock().unwrap();
+            let slot = (100..).find(|s| !slots.contains_key(s)).unwrap();
+            slots.insert(slot, (gpa, mapping.size()));
+            Ok(slot)
+        }
+        fn unmap_memory(&self, slot: u32) -> io::Result<()> {
+            self.slots
+                .lock()
+                .unwrap()
+                .remove(&slot)
+                .map(|_| ())
+                .ok_or_else(|| io::ErrorKind::NotFound.into())
         }
     }
 }

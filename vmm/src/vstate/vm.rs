@@ -5,7 +5,7 @@
 
 use std::collections::BTreeMap;
 use std::io;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use kvm_bindings::{
     KVM_IRQ_ROUTING_IRQCHIP, KVM_IRQ_ROUTING_MSI, KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER,
@@ -17,7 +17,7 @@ use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::arch::x86_64::layout;
-use crate::devices::{MsiMessage, VmOps};
+use crate::devices::{MmapRegion, MsiMessage, VmOps};
 use crate::vstate::memory::GuestRam;
 
 /// Why a VM could not be set up.
@@ -43,7 +43,12 @@ pub struct Vm {
     /// time, because `KVM_SET_GSI_ROUTING` replaces the whole table.
     msi_routes: Mutex<BTreeMap<u32, MsiMessage>>,
     next_gsi: Mutex<u32>,
+    /// Device memory slots, holding the mappings KVM points into.
+    device_slots: Mutex<BTreeMap<u32, Arc<MmapRegion>>>,
 }
+
+/// Slots below this are guest RAM's; device memory takes the ones above.
+const FIRST_DEVICE_SLOT: u32 = 16;
 
 impl Vm {
     /// Creates the VM with its interrupt controllers (two 8259s and an
@@ -71,6 +76,7 @@ impl Vm {
             fd,
             msi_routes: Mutex::new(BTreeMap::new()),
             next_gsi: Mutex::new(IOAPIC_PINS),
+            device_slots: Mutex::new(BTreeMap::new()),
         })
     }
 
@@ -198,5 +204,42 @@ impl VmOps for Vm {
         let mut routes = crate::devices::bus::lock(&self.msi_routes);
         routes.insert(gsi, msg);
         self.apply_routes(&routes)
+    }
+
+    fn map_memory(&self, gpa: u64, mapping: Arc<MmapRegion>) -> io::Result<u32> {
+        let mut slots = crate::devices::bus::lock(&self.device_slots);
+        let slot = (FIRST_DEVICE_SLOT..)
+            .find(|s| !slots.contains_key(s))
+            .expect("fewer device slots than u32 values");
+        let r = kvm_userspace_memory_region {
+            slot,
+            flags: 0,
+            guest_phys_addr: gpa,
+            memory_size: mapping.size() as u64,
+            userspace_addr: mapping.as_ptr() as u64,
+        };
+        // SAFETY: `mapping` is a live mapping of `size()` bytes; the table
+        // keeps an `Arc` of it until the slot is deleted (or the VM fd is
+        // gone: the table drops with the `Vm`, after the fd closes). KVM
+        // refuses a slot that overlaps another, so RAM is never shadowed.
+        unsafe { self.fd.set_user_memory_region(r) }.map_err(io_err)?;
+        slots.insert(slot, mapping);
+        Ok(slot)
+    }
+
+    fn unmap_memory(&self, slot: u32) -> io::Result<()> {
+        let mut slots = crate::devices::bus::lock(&self.device_slots);
+        if !slots.contains_key(&slot) {
+            return Err(io::ErrorKind::NotFound.into());
+        }
+        // A zero-sized region deletes the slot.
+        let r = kvm_userspace_memory_region {
+            slot,
+            ..Default::default()
+        };
+        // SAFETY: deleting a slot hands KVM no memory.
+        unsafe { self.fd.set_user_memory_region(r) }.map_err(io_err)?;
+        slots.remove(&slot);
+        Ok(())
     }
 }

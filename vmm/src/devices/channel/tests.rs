@@ -1,0 +1,255 @@
+use std::fs::File;
+use std::sync::Mutex;
+
+use event_manager::{EventManager, SubscriberOps};
+
+use super::*;
+use crate::devices::fake::FakeVm;
+use crate::devices::pci::config::STATUS_INTERRUPT;
+
+const BAR0: u64 = 0xc000_0000;
+const BAR2: u64 = 0x1_0000_0000;
+
+struct Rig {
+    dev: Arc<Mutex<ChannelDevice>>,
+    vm: Arc<FakeVm>,
+    events: EventManager<Arc<Mutex<dyn MutEventSubscriber + Send>>>,
+    /// Rings this device (the other VM's doorbell).
+    other_rings: EventFd,
+    /// What this guest's doorbell signals (the other VMM watches it).
+    our_doorbell: EventFd,
+}
+
+fn memfd(len: u64) -> File {
+    let fd = rustix::fs::memfd_create("test-region", rustix::fs::MemfdFlags::CLOEXEC).unwrap();
+    let f = File::from(fd);
+    f.set_len(len).unwrap();
+    f
+}
+
+fn rig(len: u64) -> Rig {
+    let ours = p2pvm_channel::event::eventfd().unwrap();
+    let peer = p2pvm_channel::event::eventfd().unwrap();
+    let other_rings = eventfd_from(ours.try_clone().unwrap());
+    let our_doorbell = eventfd_from(peer.try_clone().unwrap());
+    let grant = Grant {
+        region: memfd(len),
+        ours,
+        peer,
+    };
+    let vm = Arc::new(FakeVm::default());
+    let ops: Arc<dyn VmOps> = vm.clone();
+    let dev = ChannelDevice::new(grant, Side::Driver, ops, BAR0, BAR2, 17).unwrap();
+    let dev = Arc::new(Mutex::new(dev));
+    let mut events = EventManager::new().unwrap();
+    let sub: Arc<Mutex<dyn MutEventSubscriber + Send>> = dev.clone();
+    events.add_subscriber(sub);
+    Rig {
+        dev,
+        vm,
+        events,
+        other_rings,
+        our_doorbell,
+    }
+}
+
+fn read32(dev: &Arc<Mutex<ChannelDevice>>, off: u64) -> u32 {
+    let mut b = [0u8; 4];
+    dev.lock().unwrap().bar_read(REGISTER_BAR, off, &mut b);
+    u32::from_le_bytes(b)
+}
+
+fn write32(dev: &Arc<Mutex<ChannelDevice>>, off: u64, v: u32) {
+    dev.lock()
+        .unwrap()
+        .bar_write(REGISTER_BAR, off, &v.to_le_bytes());
+}
+
+fn line_raised(dev: &Arc<Mutex<ChannelDevice>>) -> bool {
+    dev.lock().unwrap().intx.irqfd().read().is_ok()
+}
+
+fn turn(r: &mut Rig) -> usize {
+    r.events.run_with_timeout(0).unwrap()
+}
+
+#[test]
+fn identity_and_bars() {
+    let r = rig(64 << 20);
+    let d = r.dev.lock().unwrap();
+    let c = d.config();
+    assert_eq!(
+        c.read(reg::ID),
+        u32::from(DEVICE_ID) << 16 | u32::from(VENDOR_ID)
+    );
+    assert_eq!(c.byte(reg::INTERRUPT + 1), 1, "INTA#");
+    assert_eq!(c.bar(REGISTER_BAR).unwrap().size, REGISTER_BAR_SIZE);
+    let b2 = c.bar(REGION_BAR).unwrap();
+    assert_eq!(
+        (b2.size, b2.kind, b2.prefetchable),
+        (64 << 20, BarKind::Mem64, true)
+    );
+    assert_eq!(c.bar_address(REGION_BAR), Some(BAR2));
+    assert_eq!(d.region_size(), 64 << 20);
+}
+
+#[test]
+fn a_region_that_is_no_bar_is_refused() {
+    let grant = Grant {
+        region: memfd(3 << 20),
+        ours: p2pvm_channel::event::eventfd().unwrap(),
+        peer: p2pvm_channel::event::eventfd().unwrap(),
+    };
+    let vm: Arc<dyn VmOps> = Arc::new(FakeVm::default());
+    let e = ChannelDevice::new(grant, Side::Device, vm, BAR0, BAR2, 17).unwrap_err();
+    assert!(
+        matches!(e, ChannelDeviceError::RegionSize(n) if n == 3 << 20),
+        "{e}"
+    );
+}
+
+#[test]
+fn the_region_follows_its_bar_as_a_memory_slot() {
+    let r = rig(1 << 20);
+    r.dev
+        .lock()
+        .unwrap()
+        .bar_moved(REGION_BAR, None, Some(BAR2));
+    let slots = r.vm.slots.lock().unwrap().clone();
+    assert_eq!(
+        slots.values().copied().collect::<Vec<_>>(),
+        vec![(BAR2, 1 << 20)]
+    );
+    r.dev
+        .lock()
+        .unwrap()
+        .bar_moved(REGION_BAR, Some(BAR2), Some(BAR2 + (1 << 30)));
+    let slots = r.vm.slots.lock().unwrap().clone();
+    assert_eq!(
+        slots.values().copied().collect::<Vec<_>>(),
+        vec![(BAR2 + (1 << 30), 1 << 20)]
+    );
+    // Memory decoding off: no slot at all.
+    r.dev
+        .lock()
+        .unwrap()
+        .bar_moved(REGION_BAR, Some(BAR2 + (1 << 30)), None);
+    assert!(r.vm.slots.lock().unwrap().is_empty());
+}
+
+#[test]
+fn the_doorbell_is_an_ioeventfd_that_follows_bar0() {
+    let r = rig(1 << 20);
+    r.dev
+        .lock()
+        .unwrap()
+        .bar_moved(REGISTER_BAR, None, Some(BAR0));
+    assert_eq!(*r.vm.ioevents.lock().unwrap(), vec![BAR0 + regs::DOORBELL]);
+    r.dev
+        .lock()
+        .unwrap()
+        .bar_moved(REGISTER_BAR, Some(BAR0), Some(BAR0 + 0x1000));
+    assert_eq!(
+        *r.vm.ioevents.lock().unwrap(),
+        vec![BAR0 + 0x1000 + regs::DOORBELL]
+    );
+    // A write the ioeventfd did not catch still rings the other side.
+    write32(&r.dev, regs::DOORBELL, 7);
+    assert_eq!(r.our_doorbell.read().unwrap(), 1);
+}
+
+#[test]
+fn a_ring_raises_intx_with_the_pci23_status_until_acknowledged() {
+    let mut r = rig(1 << 20);
+    assert_eq!(read32(&r.dev, regs::IV_POSITION), POSITION_DRIVER);
+    // Masked: the status records the ring, the line stays low.
+    r.other_rings.write(1).unwrap();
+    assert_eq!(turn(&mut r), 1);
+    assert!(!line_raised(&r.dev));
+    // Unmasking delivers it.
+    write32(&r.dev, regs::INTR_MASK, 1);
+    assert!(line_raised(&r.dev));
+    let status = r.dev.lock().unwrap().config().word(reg::COMMAND + 2);
+    assert_ne!(status & STATUS_INTERRUPT, 0, "PCI 2.3 interrupt status");
+    // Reading the status acknowledges: cleared, and the PCI bit with it.
+    assert_eq!(read32(&r.dev, regs::INTR_STATUS), 1);
+    assert_eq!(read32(&r.dev, regs::INTR_STATUS), 0);
+    let status = r.dev.lock().unwrap().config().word(reg::COMMAND + 2);
+    assert_eq!(status & STATUS_INTERRUPT, 0);
+}
+
+#[test]
+fn a_ring_while_intx_is_disabled_is_delivered_when_reenabled() {
+    let mut r = rig(1 << 20);
+    write32(&r.dev, regs::INTR_MASK, 1);
+    // uio_pci_generic's handler sets INTx-disable.
+    let cmd = COMMAND_MEMORY | super::super::pci::config::COMMAND_INTX_DISABLE;
+    r.dev
+        .lock()
+        .unwrap()
+        .config_write(reg::COMMAND, &cmd.to_le_bytes());
+    r.other_rings.write(1).unwrap();
+    turn(&mut r);
+    assert!(!line_raised(&r.dev), "disabled");
+    r.dev
+        .lock()
+        .unwrap()
+        .config_write(reg::COMMAND, &COMMAND_MEMORY.to_le_bytes());
+    assert!(line_raised(&r.dev), "re-enabled with the ring pending");
+}
+
+#[test]
+fn a_storm_costs_one_wakeup_per_acknowledgment() {
+    let mut r = rig(1 << 20);
+    write32(&r.dev, regs::INTR_MASK, 1);
+    r.other_rings.write(1).unwrap();
+    assert_eq!(turn(&mut r), 1);
+    assert!(line_raised(&r.dev));
+    // The other guest keeps ringing: nothing wakes this VMM.
+    for _ in 0..1000 {
+        r.other_rings.write(1).unwrap();
+        assert_eq!(turn(&mut r), 0);
+    }
+    assert!(!line_raised(&r.dev));
+    // The guest acknowledges: the rings that waited arrive as one.
+    assert_eq!(read32(&r.dev, regs::INTR_STATUS), 1);
+    let mut woke = 0;
+    for _ in 0..4 {
+        woke += turn(&mut r);
+    }
+    assert_eq!(woke, 2, "the re-arm, then one ring for the thousand");
+    assert!(line_raised(&r.dev));
+    assert_eq!(read32(&r.dev, regs::INTR_STATUS), 1);
+}
+
+#[test]
+fn odd_register_accesses_change_nothing() {
+    let r = rig(1 << 20);
+    let mut d = r.dev.lock().unwrap();
+    for (off, len) in [
+        (1u64, 4usize),
+        (2, 2),
+        (0x10, 4),
+        (0xffc, 4),
+        (u64::MAX - 3, 4),
+        (0, 0),
+        (0, 8),
+    ] {
+        d.bar_write(REGISTER_BAR, off, &vec![0xff; len]);
+        let mut b = vec![0xaa; len];
+        d.bar_read(REGISTER_BAR, off, &mut b);
+        assert!(b.iter().all(|&x| x == 0), "{off:#x}/{len}: {b:?}");
+    }
+    // Position and status are read-only.
+    d.bar_write(REGISTER_BAR, regs::IV_POSITION, &5u32.to_le_bytes());
+    d.bar_write(REGISTER_BAR, regs::INTR_STATUS, &1u32.to_le_bytes());
+    drop(d);
+    assert_eq!(read32(&r.dev, regs::IV_POSITION), POSITION_DRIVER);
+    assert_eq!(read32(&r.dev, regs::INTR_STATUS), 0);
+    assert_eq!(read32(&r.dev, regs::INTR_MASK), 0);
+    // Accesses to the region BAR (only possible while its slot is missing)
+    // read as zero and write nothing.
+    let mut b = [0xaau8; 8];
+    r.dev.lock().unwrap().bar_read(REGION_BAR, 0, &mut b);
+    assert_eq!(b, [0; 8]);
+}
