@@ -74,11 +74,29 @@ impl std::fmt::Debug for Node {
     }
 }
 
+/// The system's resolver configuration; without one (no `/etc/resolv.conf`,
+/// as in a minimal VM image) a resolver with no servers, so `/dns` addresses
+/// fail to resolve instead of the node failing to start — and no query
+/// leaks to a public resolver nobody chose.
+fn resolver_config() -> (libp2p::dns::ResolverConfig, libp2p::dns::ResolverOpts) {
+    match hickory_resolver::system_conf::read_system_conf() {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::warn!(error = %e, "no system DNS configuration: /dns addresses will not resolve");
+            (
+                libp2p::dns::ResolverConfig::from_name_servers(Vec::new()),
+                libp2p::dns::ResolverOpts::default(),
+            )
+        }
+    }
+}
+
 impl Node {
     /// Builds the swarm, starts listening and dials the bootstrap peers.
     pub fn start(key: libp2p::identity::Keypair, config: &Config) -> Result<Self, NodeStartError> {
         let build = |e: &dyn std::fmt::Display| NodeStartError::Build(e.to_string());
         let behaviour_config = config.clone();
+        let (dns_config, dns_opts) = resolver_config();
         let mut swarm = libp2p::SwarmBuilder::with_existing_identity(key)
             .with_tokio()
             .with_tcp(
@@ -88,8 +106,7 @@ impl Node {
             )
             .map_err(|e| build(&e))?
             .with_quic()
-            .with_dns()
-            .map_err(|e| build(&e))?
+            .with_dns_config(dns_config, dns_opts)
             .with_behaviour(|key| Behaviour::new(key, &behaviour_config))
             .map_err(|e| build(&e))?
             .with_swarm_config(|c| c.with_idle_connection_timeout(Duration::from_secs(120)))

@@ -128,6 +128,17 @@ impl Scenario {
         self
     }
 
+    /// Copies a host program into the L2 guest's initramfs at `guest`,
+    /// stripped, with its shared libraries.
+    pub fn l2_binary(mut self, guest: impl Into<String>, host: impl AsRef<Path>) -> Self {
+        self.l2_files.push(ExtraFile {
+            guest: guest.into(),
+            host: host.as_ref().to_path_buf(),
+            binary: true,
+        });
+        self
+    }
+
     /// Loads another module in L2 (after the defaults).
     pub fn l2_module(mut self, name: impl Into<String>) -> Self {
         self.l2_modules.push(name.into());

@@ -261,7 +261,11 @@ impl TestHost {
             .unwrap_or(scripts::DEFAULT_L2_BODY);
         layout.text("/init", 0o755, scripts::l2_init(body));
         for file in &scenario.l2_files {
-            layout.host_file(&file.guest, &file.host)?;
+            if file.binary {
+                layout.host_binary(&file.guest, &file.host, true)?;
+            } else {
+                layout.host_file(&file.guest, &file.host)?;
+            }
         }
         Ok(layout)
     }
