@@ -43,6 +43,10 @@ impl VmDir {
     pub fn console_log(&self) -> PathBuf {
         self.0.join("console.log")
     }
+    /// The guest memory layout report (see [`crate::vstate::slots`]).
+    pub fn memory_report(&self) -> PathBuf {
+        self.0.join("memory.json")
+    }
     /// The pid file.
     pub fn pid_file(&self) -> PathBuf {
         self.0.join("pid")
@@ -166,8 +170,8 @@ pub fn run(config: &VmConfig, opts: &RunOptions) -> Result<(ExitReason, Report),
         let machine = builder::build(config, console.clone(), Some(listener), boot.clone())?;
         let huge = machine.ram.huge_pages == HugePages::Advised;
         let counts = machine.counts.clone();
-        let outcome =
-            runner::run(machine, opts.setup.clone()).map_err(io("starting the VM's threads"))?;
+        let outcome = runner::run(machine, opts.setup.clone(), Some(&dir.memory_report()))
+            .map_err(io("starting the VM's threads"))?;
         let report = Report {
             exit: Report::reason_text(&outcome.reason),
             boots,

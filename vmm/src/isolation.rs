@@ -78,7 +78,7 @@ pub enum ChoiceError {
     VmUnavailable(String),
 }
 
-const VM_IMAGES_NOT_BUILT: &str = "the platform's VM images (service VM, client VM) are not built yet: the KVM VMM runs the VMs given with --vms";
+const VM_IMAGES_NOT_BUILT: &str = "no VM images were found (build them with `cargo run --release -p p2pvm-images -- build`, or give --images DIR or --vms FILE)";
 
 /// Why KVM guests cannot run on `host` (empty when they can).
 pub fn why_not_vm(host: &HostVirt) -> String {
@@ -94,7 +94,7 @@ pub fn why_not_vm(host: &HostVirt) -> String {
 }
 
 /// Resolves `requested` against what the host offers; `vms_given` says
-/// whether there are VMs to run (`--vms`).
+/// whether there are VMs to run (images found, or `--vms`).
 pub fn choose(
     requested: Isolation,
     host: &HostVirt,
@@ -154,7 +154,7 @@ mod tests {
         // No VMs to run: auto stays on the sandbox and says why.
         let c = choose(Isolation::Auto, &hw, false).unwrap();
         assert_eq!(c.backend, Isolation::Sandbox);
-        assert!(c.reason.contains("--vms"), "{}", c.reason);
+        assert!(c.reason.contains("p2pvm-images"), "{}", c.reason);
         let no_svm = HostVirt::from_parts(true, false, "flags\t: fpu sse2\n");
         let err = choose(Isolation::Vm, &no_svm, true)
             .unwrap_err()

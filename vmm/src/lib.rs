@@ -25,6 +25,7 @@ pub mod fuzzing;
 pub mod instance;
 pub mod isolation;
 pub mod lifecycle;
+pub mod platform;
 pub mod ratelimit;
 pub mod runner;
 pub mod sandbox;

@@ -86,6 +86,7 @@ impl ThreadSetup for NoSetup {}
 pub fn run(
     machine: Machine,
     setup: std::sync::Arc<dyn ThreadSetup>,
+    layout_report: Option<&std::path::Path>,
 ) -> std::io::Result<RunOutcome> {
     let started = Instant::now();
     let Machine {
@@ -137,10 +138,21 @@ pub fn run(
     // Wait for the end: a request from any thread, or a signal.
     let mut max_overhead_kib = 0;
     let mut sampled = Instant::now() - RSS_SAMPLE_EVERY;
+    let mut reported = Vec::new();
     while !exit.stopping() {
         if sampled.elapsed() >= RSS_SAMPLE_EVERY {
             max_overhead_kib = max_overhead_kib.max(rss_overhead_kib().unwrap_or(0));
             sampled = Instant::now();
+            if let Some(path) = layout_report {
+                // Slots change when the guest moves a BAR: report each layout.
+                let slots = vm.memory_slots();
+                if slots != reported {
+                    if let Err(e) = crate::vstate::slots::write(&slots, path) {
+                        tracing::warn!("writing {}: {e}", path.display());
+                    }
+                    reported = slots;
+                }
+            }
         }
         if STOP_REQUESTED.load(Ordering::Relaxed) {
             exit.request(ExitReason::Stopped);

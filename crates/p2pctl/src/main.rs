@@ -268,10 +268,16 @@ fn token(cli: &Cli, socket: &std::path::Path) -> Result<String> {
 }
 
 fn print(json_out: bool, value: serde_json::Value, human: impl FnOnce() -> String) {
-    if json_out {
-        println!("{value}");
-    } else {
-        println!("{}", human());
+    use std::io::Write;
+    let text = if json_out { value.to_string() } else { human() };
+    if let Err(e) = writeln!(std::io::stdout().lock(), "{text}") {
+        // A reader that stopped reading (`p2pctl publish F | head -1`) is
+        // not an error of ours; anything else is said, not panicked.
+        if e.kind() != std::io::ErrorKind::BrokenPipe {
+            eprintln!("p2pctl: writing to stdout: {e}");
+            std::process::exit(1);
+        }
+        std::process::exit(0);
     }
 }
 

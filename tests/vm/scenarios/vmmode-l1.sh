@@ -1,65 +1,177 @@
-# L1 of the VM-mode scenario: `p2pvmm up --isolation vm` with the service VM
-# (p2pd, the channel's back-end) and the client VM (the front-end); an app in
-# the client VM reaches the service VM's node through the channel device.
+# L1 of the VM-mode scenario: the platform's two VMs from the real images
+# (p2pvm-images), `p2pvmm up --isolation vm`, a host-mode node in this test
+# host on the service VM's TAP, everything in the VMs driven through their
+# serial consoles as an operator would. Each check reports a result; the
+# Rust test decides.
 export P2PVMM_HOME="$WORK/home"
-base="console=ttyS0 8250.nr_uarts=1 panic=-1 quiet pci=noearly"
-cat > "$WORK/vms.toml" <<TOML
-[[vm]]
-name = "service"
-kernel = "$GUEST_KERNEL"
-initrd = "$GUEST_INITRD"
-cmdline = "$base p2pvm.role=service"
-mem_mib = 512
-restart = "always"
-channel = { side = "device" }
-[[vm]]
-name = "client"
-kernel = "$GUEST_KERNEL"
-initrd = "$GUEST_INITRD"
-cmdline = "$base p2pvm.role=client"
-mem_mib = 384
-channel = { side = "driver" }
-TOML
+# Our p2pd/p2pctl for the host-mode node, and iproute2 (`ip tuntap`) ahead
+# of busybox's ip.
+export PATH="$ROOT/opt:$PATH"
+mkdir -p "$WORK/images"
+ln -s "$GUEST_KERNEL" "$WORK/images/vmlinux"
+ln -s "$ROOT/guest/service.cpio" "$WORK/images/service.cpio"
+ln -s "$ROOT/guest/client.cpio" "$WORK/images/client.cpio"
+slog="$P2PVMM_HOME/vms/service/console.log"
+clog="$P2PVMM_HOME/vms/client/console.log"
+
 # wait_for FILE PATTERN SECONDS
 wait_for() {
-    i=0
-    while [ $i -lt $(($3 * 10)) ]; do
-        grep -q "$2" "$1" 2>/dev/null && return 0
-        sleep 0.1; i=$((i + 1))
+    _i=0
+    while [ $_i -lt $(($3 * 10)) ]; do
+        grep -aq "$2" "$1" 2>/dev/null && return 0
+        sleep 0.1; _i=$((_i + 1))
     done
     return 1
 }
-slog="$WORK/home/vms/service/console.log"
-clog="$WORK/home/vms/client/console.log"
+# type_on VM TEXT: types TEXT (and a newline) on VM's serial console.
+type_on() { printf '%s\n' "$2" | "$P2PVMM" console "$1" --linger-ms 300 > /dev/null 2>&1; }
+# ask VM KEY COMMAND [SECONDS]: runs COMMAND in VM's console shell and
+# prints its output, which the shell echoes as a line `KEY=...` (KEY must be
+# unique in the scenario; the empty line first ends whatever a progress bar
+# left on the terminal).
+ask() {
+    _log="$P2PVMM_HOME/vms/$1/console.log"
+    type_on "$1" "_a=\$($3); echo; echo $2=\$_a"
+    if ! wait_for "$_log" "^$2=" "${4:-90}"; then
+        echo "no answer $2 from the $1 VM; its console:" >&2
+        tail -30 "$_log" >&2
+        return 1
+    fi
+    sed -n "s/^$2=//p" "$_log" | tr -d '\r' | tail -1
+}
+# follow VM: copies VM's console here, prefixed (progress, and what to read
+# when something fails).
+follow() {
+    tail -F "$P2PVMM_HOME/vms/$1/console.log" 2>/dev/null | while IFS= read -r l; do echo "[$1] $l"; done &
+}
+peer_of() { sed -n 's/^peer id: *//p'; }
+
 start=$(uptime_s)
-"$P2PVMM" up --isolation vm --vms "$WORK/vms.toml" > "$WORK/up.log" 2>&1 &
+"$P2PVMM" up --isolation vm --images "$WORK/images" --service-mem-mib 640 \
+    --cmdline-extra "p2pvm.log=console" > "$WORK/up.log" 2>&1 &
 up=$!
-# Both guests' consoles, prefixed, on this console (progress, and what to
-# read when something fails).
-wait_for "$WORK/up.log" "client" 30
-sleep 1
-tail -f "$slog" 2>/dev/null | while IFS= read -r l; do echo "[service] $l"; done &
-tail -f "$clog" 2>/dev/null | while IFS= read -r l; do echo "[client] $l"; done &
-wait_for "$slog" "L2 token " 240 || { tail -20 "$slog"; cat "$WORK/up.log"; }
-peer=$(sed -n 's/.*L2 service peer=\([^ \r]*\).*/\1/p' "$slog" | head -1)
-tok=$(sed -n 's/.*L2 token \([^ \r]*\).*/\1/p' "$slog" | head -1)
-result service_peer=$peer service_ready_s=$(since "$start")
-wait_for "$clog" "waiting for a token" 120 || tail -20 "$clog"
-# The operator hands the app its token: typed into the client VM's console.
-printf '%s\n' "$tok" | "$P2PVMM" console client --linger-ms 300 > /dev/null 2>&1
-wait_for "$clog" "L2 client peer=" 120 || tail -20 "$clog"
-cpeer=$(sed -n 's/.*L2 client peer=\([^ \r]*\).*/\1/p' "$clog" | head -1)
-result client_saw_peer=$cpeer api_over_channel_s=$(since "$start")
-# Only the region is shared: one memfd named p2pvm-channel in both VMM
-# processes (same inode), and each VMM maps its own guest RAM only.
-ps=$(cat "$WORK/home/vms/service/pid"); pc=$(cat "$WORK/home/vms/client/pid")
-si=$(awk '/p2pvm-channel/ {print $5}' "/proc/$ps/maps" | sort -u)
-ci=$(awk '/p2pvm-channel/ {print $5}' "/proc/$pc/maps" | sort -u)
-sr=$(awk '/p2pvmm-guest-ram/ {print $5}' "/proc/$ps/maps" | sort -u)
-cr=$(awk '/p2pvmm-guest-ram/ {print $5}' "/proc/$pc/maps" | sort -u)
-[ -n "$si" ] && [ "$si" = "$ci" ] && result region_shared=yes
-[ -n "$sr" ] && [ -n "$cr" ] && [ "$sr" != "$cr" ] && result ram_private=yes
-grep -a "channel attached" "$slog" > /dev/null && result service_logged_attach=yes
+wait_for "$WORK/up.log" "VM client" 60 || { cat "$WORK/up.log"; exit 1; }
+follow service
+follow client
+wait_for "$slog" "p2pd is up" 300 || { tail -40 "$slog"; cat "$WORK/up.log"; }
+result service_ready_s=$(since "$start")
+wait_for "$clog" "front-end is up" 300 || tail -40 "$clog"
+result client_ready_s=$(since "$start")
+
+# The operator issues the app's token on the service VM's console; the app
+# in the client VM uses it: its first answer crossed the channel.
+peer=$(ask service PEER "p2pctl info | sed -n 's/^peer id: *//p'")
+tok=$(ask service TOKEN "p2pctl app issue vmtest")
+type_on client "export P2PVM_TOKEN=$tok"
+cpeer=$(ask client CPEER "p2pctl info | sed -n 's/^peer id: *//p'")
+result service_peer=$peer client_saw_peer=$cpeer api_ready_s=$(since "$start")
+
+# Only the region is shared. Each VMM reports its slots and their backing
+# files (memory.json); the region's memfd must be the one file both have.
+ids() { awk -F'"' '/"backing"/ {b=$4} /"file_id"/ {print $4 "|" b}' "$1"; }
+sm="$P2PVMM_HOME/vms/service/memory.json"; cm="$P2PVMM_HOME/vms/client/memory.json"
+ids "$sm" | sort -u > "$WORK/s.ids"; ids "$cm" | sort -u > "$WORK/c.ids"
+echo "service slots:"; cat "$WORK/s.ids"; echo "client slots:"; cat "$WORK/c.ids"
+common=$(grep -Fxf "$WORK/c.ids" "$WORK/s.ids")
+result shared_files=$(echo "$common" | grep -c .) \
+    shared_is_region=$(echo "$common" | grep -c 'memfd:p2pvm-channel') \
+    anonymous_slots=$(cat "$WORK/s.ids" "$WORK/c.ids" | grep -c '^|')
+# A marker the client VM writes into its own RAM: found there, never in the region.
+ask client MARKED "echo \$((7 * 111111))-p2pvm-marker > /tmp/marker.txt; sync; echo 1" > /dev/null
+cpid=$(cat "$P2PVMM_HOME/vms/client/pid")
+in_ram=0; in_region=0
+for fd in /proc/$cpid/fd/*; do
+    case $(readlink "$fd") in
+    *memfd:p2pvmm-guest-ram*) in_ram=$((in_ram + $(grep -ac 777777-p2pvm-marker "$fd"))) ;;
+    *memfd:p2pvm-channel*) in_region=$((in_region + $(grep -ac 777777-p2pvm-marker "$fd"))) ;;
+    esac
+done
+result marker_in_client_ram=$in_ram marker_in_region=$in_region
+
+# A host-mode node in the test host, on the service VM's TAP.
+mkdir -p "$WORK/hn"
+printf 'mdns = false\nlisten = ["/ip4/10.99.0.1/tcp/4002"]\n[virus]\nenabled = false\n' > "$WORK/hn.toml"
+p2pd --config "$WORK/hn.toml" --data-dir "$WORK/hn" > "$WORK/hn.log" 2>&1 &
+hn() { p2pctl --socket "$WORK/hn/api.sock" "$@"; }
+i=0; while [ ! -S "$WORK/hn/api.sock" ] && [ $i -lt 300 ]; do sleep 0.1; i=$((i + 1)); done
+hpeer=$(hn info | peer_of)
+hn connect "/ip4/10.99.0.2/tcp/4001/p2p/$peer" && result host_connected=yes
+# Content from the client VM to the host-mode node...
+csum=$(ask client UPSUM "head -c 1048576 /dev/urandom > /tmp/up.bin; sha256sum /tmp/up.bin | cut -c1-64")
+ccid=$(ask client UPCID "p2pctl publish /tmp/up.bin | head -1" 120)
+echo "the host-mode node fetches $ccid"
+timeout 150 p2pctl --socket "$WORK/hn/api.sock" get "$ccid" -o "$WORK/got.bin" > "$WORK/get.log" 2>&1
+if [ "$(sha256sum "$WORK/got.bin" 2>/dev/null | cut -c1-64)" = "$csum" ]; then
+    result client_to_host=verified
+else
+    echo "fetch failed:"; tail -5 "$WORK/get.log"; echo "host-mode node's log:"; tail -30 "$WORK/hn.log"
+fi
+# ...and from the host-mode node to the client VM.
+head -c 786432 /dev/urandom > "$WORK/h.bin"
+hsum=$(sha256sum "$WORK/h.bin" | cut -c1-64)
+hcid=$(hn publish "$WORK/h.bin" | head -1)
+got=$(ask client DLSUM "p2pctl get $hcid -o /tmp/dl.bin > /tmp/dl.log 2>&1; sha256sum /tmp/dl.bin | cut -c1-64" 180)
+[ -n "$got" ] && [ "$got" = "$hsum" ] && result host_to_client=verified
+# Pubsub both ways (the mesh forms within seconds: each side publishes once
+# a second until the other has received).
+hn pubsub sub vm-out --count 1 > "$WORK/hsub.txt" 2>&1 &
+type_on client "p2pctl pubsub sub vm-in --count 1 > /tmp/sub.txt 2>&1 &"
+type_on client "( for i in \$(seq 90); do p2pctl pubsub pub vm-out from-client > /dev/null 2>&1; sleep 1; done ) &"
+( for _ in $(seq 90); do hn pubsub pub vm-in from-host > /dev/null 2>&1; sleep 1; done ) &
+pubber=$!
+sub=$(ask client SUBIN "for i in \$(seq 90); do grep -q from-host /tmp/sub.txt && break; sleep 1; done; grep -c from-host /tmp/sub.txt" 150)
+kill $pubber 2>/dev/null
+wait_for "$WORK/hsub.txt" from-client 90
+result pubsub_to_client=$sub pubsub_to_host=$(grep -c from-client "$WORK/hsub.txt")
+
+# EICAR from the client VM: refused by clamd in the service VM, by name.
+eicar=WDVPIVAlQEFQWzRcUFpYNTQoUF4pN0NDKTd9JEVJQ0FSLVNUQU5EQVJELUFOVElWSVJVUy1URVNULUZJTEUhJEgrSCo=
+refused=$(ask client EICAR "echo $eicar | base64 -d > /tmp/e.txt; p2pctl publish /tmp/e.txt 2>&1 | tr '\n' ' '" 120)
+echo "EICAR publish said: $refused"
+case $refused in *P2pvm.Test.Eicar*) result eicar_refused_by_name=yes ;; esac
+
+# The operator's credit table, typed on the service VM's console.
+type_on service "p2pctl credit list; echo CREDIT-END"
+wait_for "$slog" "^CREDIT-END" 60
+grep -aq "^PEER  *SCORE" "$slog" && result credit_header=yes
+grep -aq "^$hpeer " "$slog" && result credit_row_for_host_node=yes
+
+# A hostile program in the client VM: garbage into the region, the doorbell
+# rung in a loop, for 20 s.
+spid=$(cat "$P2PVMM_HOME/vms/service/pid")
+type_on client "cat > /tmp/hostile.sh <<'END'
+for d in /sys/bus/pci/devices/*; do [ \"\$(cat \$d/vendor)\" = 0x1af4 ] && [ \"\$(cat \$d/device)\" = 0x1110 ] && dev=\$d; done
+bar0=\$(sed -n 1p \$dev/resource | cut -d' ' -f1); bar2=\$(sed -n 3p \$dev/resource | cut -d' ' -f1)
+end=\$((\$(cut -d. -f1 /proc/uptime) + 20)); n=0
+while [ \$(cut -d. -f1 /proc/uptime) -lt \$end ]; do
+  dd if=/dev/urandom of=/dev/mem bs=4096 count=64 seek=\$((bar2 / 4096)) conv=notrunc 2>/dev/null
+  for i in 1 2 3 4 5 6 7 8; do printf '\\001\\000\\000\\000' | dd of=/dev/mem bs=4 seek=\$(((bar0 + 12) / 4)) conv=notrunc 2>/dev/null; done
+  n=\$((n + 1))
+done
+echo \$n
+END"
+rounds=$(ask client HOSTILE "sh /tmp/hostile.sh" 180)
+result hostile_rounds=$rounds
+speer2=$(ask service SPEER2 "p2pctl info | sed -n 's/^peer id: *//p'")
+[ "$speer2" = "$peer" ] && [ "$(cat "$P2PVMM_HOME/vms/service/pid")" = "$spid" ] && kill -0 "$spid" && result service_survived_hostile=yes
+good=$(ask client GOOD "for i in \$(seq 90); do p2pctl info > /tmp/i.txt 2>&1 && break; sleep 1; done; sed -n 's/^peer id: *//p' /tmp/i.txt" 150)
+result good_session_after_hostile=$good
+
+# The service VM killed mid-session: restarted by `up`; the app's next
+# request works; identity, content and credit ledger survived (store disk).
+type_on client "p2pctl events > /tmp/events.txt 2>&1 &"
+sleep 2
+kill -9 "$spid"
+i=0; while [ "$(cat "$P2PVMM_HOME/vms/service/pid" 2>/dev/null)" = "$spid" ] && [ $i -lt 600 ]; do sleep 0.1; i=$((i + 1)); done
+wait_for "$slog" "p2pd is up" 300 || tail -40 "$slog"
+rpeer=$(ask client RPEER "for i in \$(seq 120); do p2pctl info > /tmp/r.txt 2>&1 && break; sleep 1; done; sed -n 's/^peer id: *//p' /tmp/r.txt" 200)
+result peer_after_restart=$rpeer
+has=$(ask client HAS "p2pctl ls | grep -c $ccid")
+result content_after_restart=$has
+type_on service "p2pctl credit list; echo CREDIT2-END"
+wait_for "$slog" "^CREDIT2-END" 60
+grep -aq "^$hpeer " "$slog" && result credit_row_after_restart=yes
+
 kill -TERM "$up"
 wait "$up"
 result up_exit=$?

@@ -28,18 +28,15 @@
 
 pub mod bundle;
 pub mod console;
-pub mod cpio;
-pub mod elf;
-pub mod image;
-pub mod kernel;
-pub mod modules;
 pub mod run;
 pub mod scenario;
 pub mod scenarios;
 pub mod scripts;
 mod testhost;
-pub mod util;
 pub mod vmm_bin;
+
+// The image tools are shared with the product's image builder.
+pub use p2pvm_images::{cpio, elf, image, kernel, libs, modules, util};
 
 pub use console::{L1Ready, Outcome, ResultLine};
 pub use kernel::{KERNEL_PIN_ENV, Kernel, KernelOptions, REFRESH_ENV};

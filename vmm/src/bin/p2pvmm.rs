@@ -47,9 +47,12 @@ enum Cmd {
         #[arg(long)]
         config: Option<PathBuf>,
         /// The VMs to run with `--isolation vm`: a TOML file of `[[vm]]`
-        /// tables (the fields of `p2pvmm run`; see docs/vmm.md).
+        /// tables (the fields of `p2pvmm run`; see docs/vmm.md), instead of
+        /// the platform's two VMs from the images.
         #[arg(long)]
         vms: Option<PathBuf>,
+        #[command(flatten)]
+        platform: PlatformArgs,
         /// Extra p2pd arguments, after `--` (e.g. `-- --listen /ip4/0.0.0.0/tcp/4001`).
         #[arg(last = true)]
         service_args: Vec<OsString>,
@@ -69,6 +72,34 @@ enum Cmd {
         #[arg(last = true)]
         command: Vec<OsString>,
     },
+}
+
+/// The platform's VMs (`--isolation vm` without `--vms`).
+#[derive(Debug, Args)]
+struct PlatformArgs {
+    /// Directory with vmlinux, service.cpio, client.cpio (default:
+    /// $P2PVM_IMAGES, then HOME/images — where `p2pvm-images build` writes).
+    #[arg(long)]
+    images: Option<PathBuf>,
+    /// The service VM's TAP interface (created with the host side at
+    /// 10.99.0.1/24 when missing and p2pvmm runs as root).
+    #[arg(long, default_value = "p2pvm0")]
+    tap: String,
+    /// No network device for the service VM.
+    #[arg(long)]
+    no_net: bool,
+    /// Service VM RAM, MiB.
+    #[arg(long, default_value_t = 1024)]
+    service_mem_mib: u64,
+    /// Client VM RAM, MiB.
+    #[arg(long, default_value_t = 256)]
+    client_mem_mib: u64,
+    /// Size of a new store disk, MiB.
+    #[arg(long, default_value_t = p2pvm_images::store::DEFAULT_STORE_MIB)]
+    store_mib: u64,
+    /// Appended to both VMs' kernel command lines (e.g. `p2pvm.log=console`).
+    #[arg(long, default_value = "")]
+    cmdline_extra: String,
 }
 
 #[derive(Debug, Args)]
@@ -161,8 +192,17 @@ fn main() -> anyhow::Result<()> {
             isolation,
             config,
             vms,
+            platform,
             service_args,
-        } => up(home, isolation, config, vms, service_args, &cli.log),
+        } => up(
+            home,
+            isolation,
+            config,
+            vms,
+            platform,
+            service_args,
+            &cli.log,
+        ),
         Cmd::Run(args) => run(&home, args, started),
         Cmd::Console {
             name,
@@ -302,14 +342,36 @@ fn up(
     requested: Isolation,
     config: Option<PathBuf>,
     vms: Option<PathBuf>,
+    platform: PlatformArgs,
     service_args: Vec<OsString>,
     log: &str,
 ) -> anyhow::Result<()> {
-    let choice = isolation::choose(requested, &HostVirt::probe(), vms.is_some())?;
+    let images = match &vms {
+        Some(_) => None,
+        None => vmm::platform::find_images(platform.images.as_deref(), home.root()),
+    };
+    if let (Some(dir), None) = (&platform.images, &images)
+        && vms.is_none()
+    {
+        bail!(
+            "{} does not hold {} (build them: cargo run --release -p p2pvm-images -- build --out {0})",
+            dir.display(),
+            vmm::platform::IMAGE_FILES.join(", ")
+        );
+    }
+    let choice = isolation::choose(
+        requested,
+        &HostVirt::probe(),
+        vms.is_some() || images.is_some(),
+    )?;
     println!("p2pvmm: isolation {} ({})", choice.backend, choice.reason);
     if choice.backend == Isolation::Vm {
-        let path = vms.context("--isolation vm needs --vms FILE")?;
-        return up_vms(&home, &path, log);
+        let set = match (vms, images) {
+            (Some(path), _) => vmm::vm_supervisor::load(&path).map_err(anyhow::Error::msg)?,
+            (None, Some(images)) => platform_vms(&home, images, &platform)?,
+            (None, None) => unreachable!("choose() picks vm only with VMs to run"),
+        };
+        return up_vms(&home, &set, log);
     }
     println!(
         "p2pvmm: service side: p2pd in a sandbox (user, mount, pid, ipc, uts namespaces; Landlock; seccomp); its data: {}",
@@ -352,8 +414,84 @@ fn up(
     Ok(())
 }
 
-fn up_vms(home: &Home, path: &std::path::Path, log: &str) -> anyhow::Result<()> {
-    let set = vmm::vm_supervisor::load(path).map_err(anyhow::Error::msg)?;
+/// The platform's two VMs from the images: the store disk made when missing,
+/// the TAP when missing (as root), the set written to HOME/vms.toml.
+fn platform_vms(
+    home: &Home,
+    images: PathBuf,
+    args: &PlatformArgs,
+) -> anyhow::Result<vmm::config::VmSet> {
+    let images = std::path::absolute(&images)?;
+    let mut opts = vmm::platform::PlatformOptions::new(images.clone(), home.root());
+    opts.service_mem_mib = args.service_mem_mib;
+    opts.client_mem_mib = args.client_mem_mib;
+    opts.extra_cmdline = args.cmdline_extra.clone();
+    opts.net = (!args.no_net).then(|| vmm::platform::ServiceNet {
+        tap: args.tap.clone(),
+        ..vmm::platform::ServiceNet::standard()
+    });
+    std::fs::create_dir_all(home.root())?;
+    let state = p2pvm_images::store::ensure(&opts.store, args.store_mib)?;
+    println!(
+        "p2pvmm: images {}; store {} ({})",
+        images.display(),
+        opts.store.display(),
+        match state {
+            p2pvm_images::store::StoreState::Created => "new",
+            p2pvm_images::store::StoreState::Reused => "kept",
+        }
+    );
+    if let Some(net) = &opts.net {
+        ensure_tap(net)?;
+        println!(
+            "p2pvmm: service VM at {} on {} (host side {}); the node listens on TCP and QUIC port 4001",
+            net.guest, net.tap, net.host
+        );
+    }
+    let set = vmm::platform::vm_set(&opts);
+    let file = home.root().join("vms.toml");
+    std::fs::write(&file, toml::to_string(&set)?)
+        .with_context(|| format!("writing {}", file.display()))?;
+    Ok(set)
+}
+
+/// Makes sure the service VM's TAP exists: an existing one is used as the
+/// operator set it up; a missing one is created (persistent, host side
+/// addressed) when we may, else the error says how.
+fn ensure_tap(net: &vmm::platform::ServiceNet) -> anyhow::Result<()> {
+    if std::path::Path::new("/sys/class/net")
+        .join(&net.tap)
+        .exists()
+    {
+        return Ok(());
+    }
+    let host = format!("{}/{}", net.host, net.prefix);
+    if !nix::unistd::geteuid().is_root() {
+        bail!(
+            "the TAP {tap} does not exist; create it once as root: \
+             ip tuntap add dev {tap} mode tap user $USER && ip addr add {host} dev {tap} && ip link set {tap} up \
+             (or run with --no-net)",
+            tap = net.tap
+        );
+    }
+    for args in [
+        vec!["tuntap", "add", "dev", &net.tap, "mode", "tap"],
+        vec!["addr", "add", &host, "dev", &net.tap],
+        vec!["link", "set", &net.tap, "up"],
+    ] {
+        let status = std::process::Command::new("ip")
+            .args(&args)
+            .status()
+            .context("running ip (iproute2)")?;
+        if !status.success() {
+            bail!("ip {} failed ({status})", args.join(" "));
+        }
+    }
+    println!("p2pvmm: created TAP {} ({host})", net.tap);
+    Ok(())
+}
+
+fn up_vms(home: &Home, set: &vmm::config::VmSet, log: &str) -> anyhow::Result<()> {
     for sig in [libc::SIGTERM, libc::SIGINT] {
         vmm_sys_util::signal::register_signal_handler(sig, request_stop)
             .map_err(|e| anyhow::anyhow!("installing a signal handler: {e}"))?;
@@ -372,7 +510,7 @@ fn up_vms(home: &Home, path: &std::path::Path, log: &str) -> anyhow::Result<()> 
         log: log.to_owned(),
         run_args: Vec::new(),
     };
-    vmm::vm_supervisor::up(&set, &launch, &vmm::runner::STOP_REQUESTED)?;
+    vmm::vm_supervisor::up(set, &launch, &vmm::runner::STOP_REQUESTED)?;
     Ok(())
 }
 

@@ -43,8 +43,23 @@ pub struct Vm {
     /// time, because `KVM_SET_GSI_ROUTING` replaces the whole table.
     msi_routes: Mutex<BTreeMap<u32, MsiMessage>>,
     next_gsi: Mutex<u32>,
-    /// Device memory slots, holding the mappings KVM points into.
-    device_slots: Mutex<BTreeMap<u32, Arc<MmapRegion>>>,
+    /// Device memory slots (guest address, the mapping KVM points into).
+    device_slots: Mutex<BTreeMap<u32, (u64, Arc<MmapRegion>)>>,
+    /// Guest RAM slots, as registered.
+    ram_slots: Mutex<Vec<MemorySlot>>,
+}
+
+/// One KVM memory slot: where it sits in the guest and in this process.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct MemorySlot {
+    /// KVM slot number.
+    pub slot: u32,
+    /// Guest physical address.
+    pub guest_addr: u64,
+    /// Bytes.
+    pub size: u64,
+    /// Where this process maps it.
+    pub host_addr: u64,
 }
 
 /// Slots below this are guest RAM's; device memory takes the ones above.
@@ -77,6 +92,7 @@ impl Vm {
             msi_routes: Mutex::new(BTreeMap::new()),
             next_gsi: Mutex::new(IOAPIC_PINS),
             device_slots: Mutex::new(BTreeMap::new()),
+            ram_slots: Mutex::new(Vec::new()),
         })
     }
 
@@ -110,8 +126,28 @@ impl Vm {
             // slots never overlap because the regions do not.
             unsafe { self.fd.set_user_memory_region(r) }
                 .map_err(|e| VmError::Kvm("KVM_SET_USER_MEMORY_REGION", e))?;
+            crate::devices::bus::lock(&self.ram_slots).push(MemorySlot {
+                slot: r.slot,
+                guest_addr: r.guest_phys_addr,
+                size: r.memory_size,
+                host_addr: r.userspace_addr,
+            });
         }
         Ok(())
+    }
+
+    /// Every memory slot the guest has, RAM first, then device memory.
+    pub fn memory_slots(&self) -> Vec<MemorySlot> {
+        let mut all = crate::devices::bus::lock(&self.ram_slots).clone();
+        for (slot, (gpa, mapping)) in crate::devices::bus::lock(&self.device_slots).iter() {
+            all.push(MemorySlot {
+                slot: *slot,
+                guest_addr: *gpa,
+                size: mapping.size() as u64,
+                host_addr: mapping.as_ptr() as u64,
+            });
+        }
+        all
     }
 
     /// Raises or lowers ISA/IO-APIC line `irq` directly (no irqfd).
@@ -223,7 +259,7 @@ impl VmOps for Vm {
         // gone: the table drops with the `Vm`, after the fd closes). KVM
         // refuses a slot that overlaps another, so RAM is never shadowed.
         unsafe { self.fd.set_user_memory_region(r) }.map_err(io_err)?;
-        slots.insert(slot, mapping);
+        slots.insert(slot, (gpa, mapping));
         Ok(slot)
     }
 

@@ -7,7 +7,7 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 
-use anyhow::{Context, Result, bail};
+use crate::error::{ImageError, IoContext, Result};
 
 /// Environment variable naming the cache directory.
 pub const CACHE_ENV: &str = "P2PVM_TESTHOST_CACHE";
@@ -26,8 +26,9 @@ pub fn find_tool(name: &str) -> Option<PathBuf> {
 
 /// Like [`find_tool`], but a missing tool is an error naming the package that provides it.
 pub fn require_tool(name: &str, package: &str) -> Result<PathBuf> {
-    find_tool(name).with_context(|| {
-        format!("`{name}` was not found: install the Debian package `{package}` (apt-get install {package})")
+    find_tool(name).ok_or_else(|| ImageError::MissingTool {
+        tool: name.to_string(),
+        package: package.to_string(),
     })
 }
 
@@ -43,12 +44,16 @@ pub fn run_captured(cmd: &mut Command) -> Result<Output> {
     let output = cmd
         .stdin(Stdio::null())
         .output()
-        .with_context(|| format!("cannot start {shown}"))?;
+        .ctx(|| format!("cannot start {shown}"))?;
     if !output.status.success() {
         let stderr = String::from_utf8_lossy(&output.stderr);
         let tail: Vec<&str> = stderr.lines().rev().take(15).collect();
         let tail: Vec<&str> = tail.into_iter().rev().collect();
-        bail!("{shown} failed ({}):\n{}", output.status, tail.join("\n"));
+        return Err(ImageError::Command {
+            command: shown,
+            status: output.status,
+            stderr: tail.join("\n"),
+        });
     }
     Ok(output)
 }
@@ -66,8 +71,9 @@ impl Cache {
         let root = match std::env::var_os(CACHE_ENV) {
             Some(dir) if !dir.is_empty() => PathBuf::from(dir),
             _ => {
-                let home = std::env::var_os("HOME")
-                    .context("neither P2PVM_TESTHOST_CACHE nor HOME is set")?;
+                let home = std::env::var_os("HOME").ok_or_else(|| {
+                    ImageError::Input(format!("neither {CACHE_ENV} nor HOME is set"))
+                })?;
                 PathBuf::from(home).join(".cache/p2pvm-testhost")
             }
         };
@@ -76,8 +82,7 @@ impl Cache {
 
     /// Opens (creating if needed) a cache directory at `root`.
     pub fn at(root: PathBuf) -> Result<Self> {
-        fs::create_dir_all(&root)
-            .with_context(|| format!("cannot create cache dir {}", root.display()))?;
+        fs::create_dir_all(&root).ctx(|| format!("cannot create cache dir {}", root.display()))?;
         Ok(Self { root })
     }
 
@@ -89,7 +94,7 @@ impl Cache {
     /// A subdirectory of the cache, created if needed.
     pub fn subdir(&self, name: &str) -> Result<PathBuf> {
         let dir = self.root.join(name);
-        fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
+        fs::create_dir_all(&dir).ctx(|| format!("cannot create {}", dir.display()))?;
         Ok(dir)
     }
 
@@ -102,21 +107,25 @@ impl Cache {
             .truncate(false)
             .write(true)
             .open(&path)
-            .with_context(|| format!("cannot open {}", path.display()))?;
+            .ctx(|| format!("cannot open {}", path.display()))?;
         file.lock()
-            .with_context(|| format!("cannot lock {}", path.display()))?;
+            .ctx(|| format!("cannot lock {}", path.display()))?;
         Ok(file)
     }
 }
 
 /// Writes `bytes` to `path` through a temporary file in the same directory and a rename.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    let dir = path.parent().context("path has no parent")?;
-    let mut tmp = tempfile::NamedTempFile::new_in(dir)?;
-    tmp.write_all(bytes)?;
-    tmp.persist(path)
-        .with_context(|| format!("cannot write {}", path.display()))?;
-    Ok(())
+    let dir = path
+        .parent()
+        .ok_or_else(|| ImageError::Input(format!("{} has no parent", path.display())))?;
+    let write = || -> std::io::Result<()> {
+        let mut tmp = tempfile::NamedTempFile::new_in(dir)?;
+        tmp.write_all(bytes)?;
+        tmp.persist(path)?;
+        Ok(())
+    };
+    write().ctx(|| format!("cannot write {}", path.display()))
 }
 
 /// Quotes a string for a POSIX shell (single quotes).

@@ -1,4 +1,5 @@
-//! Initramfs images, described as a [`Layout`] (path -> item) and cached by content: the
+//! Initramfs images, described as a [`Layout`] (path -> item), written to a
+//! given file ([`Layout::write`]) or cached by content ([`Layout::build`]): the
 //! cache key is a BLAKE3 hash over every path, mode, inline text and the bytes of every host
 //! file, so an unchanged scenario reuses `<cache>/images/<name>-<key>.cpio` and any change
 //! of input (a rebuilt `p2pvmm`, another script) builds a new one. Files that need work
@@ -12,10 +13,9 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, SystemTime};
 
-use anyhow::{Context, Result};
-
-use crate::bundle::shared_libraries;
 use crate::cpio::{Archive, Content};
+use crate::error::{ImageError, IoContext, Result};
+use crate::libs::shared_libraries;
 use crate::util::{Cache, find_tool, run_captured};
 
 /// Images kept in the cache besides the ones used in the last hour.
@@ -67,7 +67,7 @@ impl Layout {
     /// A copy of a host file (`0755` if the host file is executable, else `0644`).
     pub fn host_file(&mut self, path: &str, host: &Path) -> Result<()> {
         use std::os::unix::fs::PermissionsExt;
-        let meta = fs::metadata(host).with_context(|| format!("cannot read {}", host.display()))?;
+        let meta = fs::metadata(host).ctx(|| format!("cannot read {}", host.display()))?;
         let mode = if meta.permissions().mode() & 0o111 != 0 {
             0o755
         } else {
@@ -165,20 +165,17 @@ impl Layout {
         let _guard = cache.lock()?;
         if path.exists() {
             tracing::debug!("image {} is cached", path.display());
+            // Marks it recently used, for pruning.
             File::options()
                 .append(true)
-                .open(&path)?
-                .set_modified(SystemTime::now())?;
+                .open(&path)
+                .and_then(|f| f.set_modified(SystemTime::now()))
+                .ctx(|| format!("cannot touch {}", path.display()))?;
             return Ok(path);
         }
         let started = std::time::Instant::now();
-        let work = tempfile::tempdir_in(&dir)?;
-        let archive = self.materialize(work.path())?;
-        let tmp = tempfile::NamedTempFile::new_in(&dir)?;
-        let out = archive.write_to(BufWriter::new(tmp.as_file()))?;
-        out.into_inner().map_err(|e| e.into_error())?.sync_all()?;
-        tmp.persist(&path)?;
-        let size = fs::metadata(&path)?.len();
+        self.write(&path)?;
+        let size = fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
         tracing::info!(
             "built image {} ({:.1} MiB) in {:.1} s",
             path.display(),
@@ -187,6 +184,36 @@ impl Layout {
         );
         prune(&dir, &path);
         Ok(path)
+    }
+
+    /// Writes the image to `path` (through a temporary file beside it and a
+    /// rename, so a reader never sees half an image).
+    pub fn write(&self, path: &Path) -> Result<()> {
+        let dir = path.parent().unwrap_or(Path::new("."));
+        let in_dir = || format!("cannot write in {}", dir.display());
+        let work = tempfile::tempdir_in(dir).ctx(in_dir)?;
+        let archive = self.materialize(work.path())?;
+        let tmp = tempfile::NamedTempFile::new_in(dir).ctx(in_dir)?;
+        let out = archive.write_to(BufWriter::new(tmp.as_file()))?;
+        out.into_inner()
+            .map_err(|e| e.into_error())
+            .and_then(|f| f.sync_all())
+            .ctx(in_dir)?;
+        tmp.persist(path).map_err(|e| e.error).ctx(in_dir)?;
+        Ok(())
+    }
+
+    /// Whether the layout has an entry at `path`.
+    pub fn has(&self, path: &str) -> bool {
+        self.items.contains_key(path)
+    }
+
+    /// The bytes of an inline file of the layout.
+    pub fn text_of(&self, path: &str) -> Option<&[u8]> {
+        match self.items.get(path)? {
+            Item::Text(bytes, _) => Some(bytes),
+            _ => None,
+        }
     }
 
     fn materialize(&self, work: &Path) -> Result<Archive> {
@@ -228,10 +255,10 @@ fn apply(transform: Transform, host: &Path, out: &Path) -> Result<bool> {
             );
             return Ok(false);
         }
-        anyhow::bail!(
-            "`{tool}` is needed for {}: install the Debian package `{package}`",
-            host.display()
-        );
+        return Err(ImageError::MissingTool {
+            tool: tool.to_string(),
+            package: package.to_string(),
+        });
     };
     match transform {
         Transform::Strip => {
@@ -239,17 +266,19 @@ fn apply(transform: Transform, host: &Path, out: &Path) -> Result<bool> {
         }
         Transform::Unxz | Transform::Unzstd => {
             let output = run_captured(Command::new(tool).arg("-dc").arg(host))?;
-            fs::write(out, output.stdout)?;
+            fs::write(out, output.stdout).ctx(|| format!("cannot write {}", out.display()))?;
         }
     }
     Ok(true)
 }
 
 fn hash_file(hasher: &mut blake3::Hasher, path: &Path) -> Result<()> {
-    let mut file = File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
+    let mut file = File::open(path).ctx(|| format!("cannot open {}", path.display()))?;
     let mut buf = vec![0u8; 1 << 20];
     loop {
-        let n = file.read(&mut buf)?;
+        let n = file
+            .read(&mut buf)
+            .ctx(|| format!("cannot read {}", path.display()))?;
         if n == 0 {
             return Ok(());
         }

@@ -16,7 +16,7 @@ use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
-use anyhow::{Context, Result, bail, ensure};
+use crate::error::{ImageError, IoContext, Result};
 use sha2::{Digest, Sha256};
 
 use crate::modules::ModuleDb;
@@ -92,13 +92,13 @@ impl Info {
         let text = match fs::read_to_string(path) {
             Ok(text) => text,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-            Err(e) => return Err(e).with_context(|| format!("cannot read {}", path.display())),
+            Err(e) => return Err(e).ctx(|| format!("cannot read {}", path.display())),
         };
         let field = |key: &str| {
             text.lines()
                 .find_map(|l| l.strip_prefix(key)?.strip_prefix('='))
                 .map(str::to_string)
-                .with_context(|| format!("{}: no `{key}=` line", path.display()))
+                .ok_or_else(|| ImageError::Kernel(format!("{}: no `{key}=` line", path.display())))
         };
         Ok(Some(Self {
             version: field("version")?,
@@ -127,13 +127,15 @@ impl Kernel {
             (None, Some(lock)) if !opts.refresh => lock.version.clone(),
             _ => resolve_current(cache)?,
         };
-        ensure!(
-            !version.is_empty()
-                && version
-                    .bytes()
-                    .all(|b| b.is_ascii_alphanumeric() || b".-+~".contains(&b)),
-            "implausible kernel version {version:?}"
-        );
+        if version.is_empty()
+            || !version
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b".-+~".contains(&b))
+        {
+            return Err(ImageError::Kernel(format!(
+                "implausible kernel version {version:?}"
+            )));
+        }
         let kernels = cache.subdir("kernels")?;
         let dir = kernels.join(&version);
         let info = match Info::read(&dir.join("kernel.info"))? {
@@ -141,7 +143,17 @@ impl Kernel {
                 tracing::debug!("kernel {version} found in {}", dir.display());
                 info
             }
-            None => build(cache, &version, &dir)?,
+            None => match build(cache, &version, &dir) {
+                Err(ImageError::Download { .. }) if opts.pin.is_some() => {
+                    // Tell the user what to pin instead, if the archive answers at all.
+                    let current = resolve_current(cache)?;
+                    return Err(ImageError::PinnedKernelGone {
+                        pinned: version,
+                        current,
+                    });
+                }
+                other => other?,
+            },
         };
         if lock.as_ref() != Some(&info) {
             info.write(&lock_path)?;
@@ -167,7 +179,9 @@ impl Kernel {
 
 /// Asks apt which kernel `linux-image-amd64` currently depends on.
 fn resolve_current(cache: &Cache) -> Result<String> {
-    let tmp = tempfile::tempdir_in(cache.subdir("debs")?)?;
+    let debs = cache.subdir("debs")?;
+    let tmp = tempfile::tempdir_in(&debs)
+        .ctx(|| format!("cannot create a directory in {}", debs.display()))?;
     let deb = apt_download(METAPACKAGE, tmp.path())?;
     let dpkg_deb = require_tool("dpkg-deb", "dpkg")?;
     let out = run_captured(Command::new(dpkg_deb).arg("-f").arg(&deb).arg("Depends"))?;
@@ -175,7 +189,11 @@ fn resolve_current(cache: &Cache) -> Result<String> {
     let version = depends
         .split([',', '|', ' '])
         .find_map(|item| item.trim().strip_prefix("linux-image-"))
-        .with_context(|| format!("{METAPACKAGE} depends on no linux-image-*: {depends:?}"))?;
+        .ok_or_else(|| {
+            ImageError::Kernel(format!(
+                "{METAPACKAGE} depends on no linux-image-*: {depends:?}"
+            ))
+        })?;
     tracing::info!("{METAPACKAGE} currently means linux-image-{version}");
     Ok(version.to_string())
 }
@@ -189,15 +207,14 @@ fn apt_download(package: &str, dir: &Path) -> Result<PathBuf> {
         .current_dir(dir)
         .stdin(Stdio::null())
         .output()
-        .context("cannot run apt-get")?;
+        .ctx(|| "cannot run apt-get".into())?;
     let stderr = String::from_utf8_lossy(&out.stderr);
     if !out.status.success() {
-        bail!(
-            "apt-get could not download {package} ({}). Is the package in apt's lists \
-             (`apt-get update`), and is the archive reachable? apt said:\n{}",
-            out.status,
-            stderr.trim()
-        );
+        return Err(ImageError::Download {
+            package: package.to_string(),
+            status: out.status,
+            said: stderr.trim().to_string(),
+        });
     }
     for line in stderr.lines() {
         // As root apt warns that it downloads unsandboxed: harmless.
@@ -206,7 +223,8 @@ fn apt_download(package: &str, dir: &Path) -> Result<PathBuf> {
         }
     }
     let prefix = format!("{package}_");
-    let mut found: Vec<(std::time::SystemTime, PathBuf)> = fs::read_dir(dir)?
+    let mut found: Vec<(std::time::SystemTime, PathBuf)> = fs::read_dir(dir)
+        .ctx(|| format!("cannot list {}", dir.display()))?
         .filter_map(|e| e.ok())
         .filter(|e| {
             let name = e.file_name().to_string_lossy().into_owned();
@@ -215,11 +233,11 @@ fn apt_download(package: &str, dir: &Path) -> Result<PathBuf> {
         .filter_map(|e| Some((e.metadata().ok()?.modified().ok()?, e.path())))
         .collect();
     found.sort();
-    found.pop().map(|(_, p)| p).with_context(|| {
-        format!(
+    found.pop().map(|(_, p)| p).ok_or_else(|| {
+        ImageError::Kernel(format!(
             "apt-get download left no {prefix}*.deb in {}",
             dir.display()
-        )
+        ))
     })
 }
 
@@ -233,20 +251,22 @@ fn build(cache: &Cache, version: &str, dir: &Path) -> Result<Info> {
     tracing::info!("unpacking {} (sha256 {sha256})", deb.display());
 
     let staging = dir.with_file_name(format!("{version}.partial"));
+    let in_staging = || format!("preparing {}", staging.display());
     if staging.exists() {
-        fs::remove_dir_all(&staging)?;
+        fs::remove_dir_all(&staging).ctx(in_staging)?;
     }
     let root = staging.join("root");
-    fs::create_dir_all(&root)?;
+    fs::create_dir_all(&root).ctx(in_staging)?;
     run_captured(Command::new(dpkg_deb).arg("-x").arg(&deb).arg(&root))?;
     // Newer packages put modules under usr/lib only; depmod -b looks in lib/modules.
     if !root.join("lib/modules").exists() && root.join("usr/lib/modules").exists() {
-        std::os::unix::fs::symlink("usr/lib", root.join("lib"))?;
+        std::os::unix::fs::symlink("usr/lib", root.join("lib")).ctx(in_staging)?;
     }
-    ensure!(
-        root.join("lib/modules").join(version).is_dir(),
-        "linux-image-{version} has no lib/modules/{version}"
-    );
+    if !root.join("lib/modules").join(version).is_dir() {
+        return Err(ImageError::Kernel(format!(
+            "linux-image-{version} has no lib/modules/{version}"
+        )));
+    }
     run_captured(Command::new(depmod).arg("-b").arg(&root).arg(version))?;
 
     let vmlinuz = root.join("boot").join(format!("vmlinuz-{version}"));
@@ -256,75 +276,89 @@ fn build(cache: &Cache, version: &str, dir: &Path) -> Result<Info> {
         version: version.to_string(),
         deb: deb
             .file_name()
-            .context("deb has no name")?
-            .to_string_lossy()
-            .into_owned(),
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default(),
         sha256,
     };
     info.write(&staging.join("kernel.info"))?;
+    let installing = || format!("installing {}", dir.display());
     if dir.exists() {
-        fs::remove_dir_all(dir)?;
+        fs::remove_dir_all(dir).ctx(installing)?;
     }
-    fs::rename(&staging, dir)?;
+    fs::rename(&staging, dir).ctx(installing)?;
     Ok(info)
 }
 
 /// Cuts the xz stream out of a bzImage and decompresses it to the ELF `vmlinux`.
 pub fn extract_vmlinux(xz: &Path, vmlinuz: &Path, out: &Path) -> Result<()> {
-    let image = fs::read(vmlinuz).with_context(|| format!("cannot read {}", vmlinuz.display()))?;
+    let image = fs::read(vmlinuz).ctx(|| format!("cannot read {}", vmlinuz.display()))?;
     let offset = image
         .windows(XZ_MAGIC.len())
         .position(|w| w == XZ_MAGIC)
-        .with_context(|| {
-            format!(
+        .ok_or_else(|| {
+            ImageError::Kernel(format!(
                 "{}: no xz stream (only xz-compressed kernels are supported)",
                 vmlinuz.display()
-            )
+            ))
         })?;
     let tmp = out.with_extension("tmp");
+    let (status, stderr) = unxz(xz, &image[offset..], &tmp)
+        .ctx(|| format!("decompressing {} with xz", vmlinuz.display()))?;
+    if !status.success() {
+        return Err(ImageError::Command {
+            command: format!("xz -dc < {}", vmlinuz.display()),
+            status,
+            stderr,
+        });
+    }
+    let elf = crate::elf::inspect(&tmp)?;
+    if !elf.is_some_and(|e| e.pvh_entry) {
+        return Err(ImageError::Kernel(format!(
+            "{}: the decompressed kernel is not an ELF vmlinux with a PVH entry note",
+            vmlinuz.display()
+        )));
+    }
+    fs::rename(&tmp, out).ctx(|| format!("cannot write {}", out.display()))
+}
+
+/// Feeds `stream` to `xz -dc --single-stream` writing `out`.
+fn unxz(
+    xz: &Path,
+    stream: &[u8],
+    out: &Path,
+) -> std::io::Result<(std::process::ExitStatus, String)> {
+    let stream = stream.to_vec();
     let mut child = Command::new(xz)
         .args(["-dc", "--single-stream"])
         .stdin(Stdio::piped())
-        .stdout(File::create(&tmp)?)
+        .stdout(File::create(out)?)
         .stderr(Stdio::piped())
-        .spawn()
-        .context("cannot start xz")?;
-    let mut stdin = child.stdin.take().context("xz stdin")?;
+        .spawn()?;
+    let mut stdin = child.stdin.take().expect("piped stdin");
     let writer = std::thread::spawn(move || {
         // xz stops reading at the end of the stream: a broken pipe then is expected.
-        let _ = stdin.write_all(&image[offset..]);
+        let _ = stdin.write_all(&stream);
     });
     let mut stderr = String::new();
     child
         .stderr
         .take()
-        .context("xz stderr")?
+        .expect("piped stderr")
         .read_to_string(&mut stderr)?;
     let status = child.wait()?;
     writer.join().ok();
-    ensure!(
-        status.success(),
-        "xz failed on {} ({status}): {stderr}",
-        vmlinuz.display()
-    );
-    let elf = crate::elf::inspect(&tmp)?
-        .with_context(|| format!("{}: decompressed kernel is not ELF", vmlinuz.display()))?;
-    ensure!(
-        elf.pvh_entry,
-        "{}: vmlinux has no PVH entry note",
-        vmlinuz.display()
-    );
-    fs::rename(&tmp, out)?;
-    Ok(())
+    Ok((status, stderr))
 }
 
 /// SHA-256 of a file, hex.
 pub fn sha256_file(path: &Path) -> Result<String> {
-    let mut file = File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
+    let mut file = File::open(path).ctx(|| format!("cannot open {}", path.display()))?;
     let mut hasher = Sha256::new();
     let mut buf = vec![0u8; 1 << 20];
     loop {
-        let n = file.read(&mut buf)?;
+        let n = file
+            .read(&mut buf)
+            .ctx(|| format!("cannot read {}", path.display()))?;
         if n == 0 {
             break;
         }

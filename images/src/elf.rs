@@ -7,7 +7,7 @@ use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 
-use anyhow::{Context, Result, bail};
+use crate::error::{ImageError, IoContext, Result};
 
 const PT_INTERP: u32 = 3;
 const PT_NOTE: u32 = 4;
@@ -25,7 +25,11 @@ pub struct ElfInfo {
 
 /// Inspects `path`; `Ok(None)` when it is not a 64-bit little-endian ELF file.
 pub fn inspect(path: &Path) -> Result<Option<ElfInfo>> {
-    let file = File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
+    let file = File::open(path).ctx(|| format!("cannot open {}", path.display()))?;
+    let bad = |reason: String| ImageError::Elf {
+        path: path.to_path_buf(),
+        reason,
+    };
     let mut header = [0u8; 64];
     if file.read_exact_at(&mut header, 0).is_err() {
         return Ok(None);
@@ -37,7 +41,7 @@ pub fn inspect(path: &Path) -> Result<Option<ElfInfo>> {
     let phentsize = u64::from(u16_at(&header, 0x36));
     let phnum = u64::from(u16_at(&header, 0x38));
     if phentsize < 56 || phnum > 4096 {
-        bail!("{}: implausible ELF program header table", path.display());
+        return Err(bad("implausible ELF program header table".into()));
     }
     let mut info = ElfInfo {
         interp: None,
@@ -46,16 +50,18 @@ pub fn inspect(path: &Path) -> Result<Option<ElfInfo>> {
     for i in 0..phnum {
         let mut ph = [0u8; 56];
         file.read_exact_at(&mut ph, phoff + i * phentsize)
-            .with_context(|| format!("{}: truncated program headers", path.display()))?;
+            .map_err(|_| bad("truncated program headers".into()))?;
         let kind = u32_at(&ph, 0);
         let offset = u64_at(&ph, 8);
         let size = u64_at(&ph, 0x20);
         if (kind == PT_INTERP || kind == PT_NOTE) && size > 1 << 20 {
-            bail!("{}: implausible segment size {size}", path.display());
+            return Err(bad(format!("implausible segment size {size}")));
         }
         let read_segment = || -> Result<Vec<u8>> {
-            let mut buf = vec![0u8; usize::try_from(size)?];
-            file.read_exact_at(&mut buf, offset)?;
+            // At most 1 MiB (checked above).
+            let mut buf = vec![0u8; size as usize];
+            file.read_exact_at(&mut buf, offset)
+                .map_err(|_| bad("truncated segment".into()))?;
             Ok(buf)
         };
         match kind {

@@ -9,7 +9,7 @@ use std::fs::File;
 use std::io::{self, Write};
 use std::path::PathBuf;
 
-use anyhow::{Context, Result, bail, ensure};
+use crate::error::{ImageError, IoContext, Result};
 use cpio::newc::{Builder, ModeFileType, trailer};
 
 /// The bytes of a regular file in the archive.
@@ -54,7 +54,9 @@ impl Archive {
                 );
                 Ok(())
             }
-            Some(_) => bail!("cpio: {path} already exists and is not a directory"),
+            Some(_) => Err(ImageError::Archive(format!(
+                "{path} already exists and is not a directory"
+            ))),
         }
     }
 
@@ -66,7 +68,11 @@ impl Archive {
 
     /// Adds a symlink `path -> target` (replacing a file or symlink at the same path).
     pub fn symlink(&mut self, path: &str, target: &str) -> Result<()> {
-        ensure!(!target.is_empty(), "cpio: empty symlink target for {path}");
+        if target.is_empty() {
+            return Err(ImageError::Archive(format!(
+                "empty symlink target for {path}"
+            )));
+        }
         self.leaf(
             path,
             Node::Symlink {
@@ -89,7 +95,7 @@ impl Archive {
         let path = normalize(path)?;
         self.parents(&path)?;
         if let Some(Node::Dir { .. }) = self.nodes.get(&path) {
-            bail!("cpio: {path} is a directory");
+            return Err(ImageError::Archive(format!("{path} is a directory")));
         }
         self.nodes.insert(path, node);
         Ok(())
@@ -105,7 +111,11 @@ impl Archive {
                         .insert(parent.to_string(), Node::Dir { mode: 0o755 });
                 }
                 Some(Node::Dir { .. }) => {}
-                Some(_) => bail!("cpio: parent {parent} of {path} is not a directory"),
+                Some(_) => {
+                    return Err(ImageError::Archive(format!(
+                        "parent {parent} of {path} is not a directory"
+                    )));
+                }
             }
             end += slash + 1;
         }
@@ -122,45 +132,53 @@ impl Archive {
                         .mode(*mode)
                         .set_mode_file_type(ModeFileType::Directory)
                         .nlink(2);
-                    entry.write(out, 0).finish()?
+                    entry
+                        .write(out, 0)
+                        .finish()
+                        .ctx(|| format!("cpio: writing {path}"))?
                 }
                 Node::Symlink { target } => {
                     let entry = entry.mode(0o777).set_mode_file_type(ModeFileType::Symlink);
-                    write_bytes(entry, out, target.as_bytes())?
+                    write_bytes(entry, out, target.as_bytes())
+                        .ctx(|| format!("cpio: writing {path}"))?
                 }
                 Node::File { mode, content } => {
                     let entry = entry.mode(*mode).set_mode_file_type(ModeFileType::Regular);
                     match content {
-                        Content::Bytes(bytes) => write_bytes(entry, out, bytes)?,
-                        Content::File(host) => {
-                            write_host_file(entry, out, host).with_context(|| {
-                                format!("cpio: archiving {} as {path}", host.display())
-                            })?
-                        }
+                        Content::Bytes(bytes) => write_bytes(entry, out, bytes)
+                            .ctx(|| format!("cpio: writing {path}"))?,
+                        Content::File(host) => write_host_file(entry, out, host)
+                            .ctx(|| format!("cpio: archiving {} as {path}", host.display()))?,
                     }
                 }
             };
         }
-        Ok(trailer(out)?)
+        trailer(out).ctx(|| "cpio: writing the trailer".into())
     }
 }
 
-fn write_bytes<W: Write>(entry: Builder, out: W, bytes: &[u8]) -> Result<W> {
-    let size = u32::try_from(bytes.len()).context("cpio: entry larger than 4 GiB")?;
-    let mut writer = entry.write(out, size);
-    writer.write_all(bytes)?;
-    Ok(writer.finish()?)
+fn too_large() -> io::Error {
+    io::Error::new(io::ErrorKind::FileTooLarge, "entry larger than 4 GiB")
 }
 
-fn write_host_file<W: Write>(entry: Builder, out: W, host: &PathBuf) -> Result<W> {
+fn write_bytes<W: Write>(entry: Builder, out: W, bytes: &[u8]) -> io::Result<W> {
+    let size = u32::try_from(bytes.len()).map_err(|_| too_large())?;
+    let mut writer = entry.write(out, size);
+    writer.write_all(bytes)?;
+    writer.finish()
+}
+
+fn write_host_file<W: Write>(entry: Builder, out: W, host: &PathBuf) -> io::Result<W> {
     let mut file = File::open(host)?;
     let len = file.metadata()?.len();
-    let size = u32::try_from(len).context("entry larger than 4 GiB")?;
+    let size = u32::try_from(len).map_err(|_| too_large())?;
     let mut writer = entry.write(out, size);
     // A file that grew makes the entry writer fail; one that shrank is caught here.
     let copied = io::copy(&mut file, &mut writer)?;
-    ensure!(copied == len, "file changed size while being archived");
-    Ok(writer.finish()?)
+    if copied != len {
+        return Err(io::Error::other("file changed size while being archived"));
+    }
+    writer.finish()
 }
 
 /// Strips leading `/` and `./`, rejects empty, `.` and `..` components.
@@ -169,8 +187,12 @@ fn normalize(path: &str) -> Result<String> {
         .split('/')
         .filter(|p| !p.is_empty() && *p != ".")
         .collect();
-    ensure!(!parts.is_empty(), "cpio: empty path {path:?}");
-    ensure!(!parts.contains(&".."), "cpio: path with '..': {path:?}");
+    if parts.is_empty() {
+        return Err(ImageError::Archive(format!("empty path {path:?}")));
+    }
+    if parts.contains(&"..") {
+        return Err(ImageError::Archive(format!("path with '..': {path:?}")));
+    }
     Ok(parts.join("/"))
 }
 

@@ -6,7 +6,7 @@
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 
-use anyhow::{Context, Result, bail};
+use crate::error::{ImageError, IoContext, Result};
 
 /// One module of a closure.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -44,7 +44,7 @@ impl ModuleDb {
     pub fn load(dir: &Path) -> Result<Self> {
         let dep_path = dir.join("modules.dep");
         let dep = std::fs::read_to_string(&dep_path)
-            .with_context(|| format!("cannot read {} (was depmod run?)", dep_path.display()))?;
+            .ctx(|| format!("cannot read {} (was depmod run?)", dep_path.display()))?;
         let builtin = std::fs::read_to_string(dir.join("modules.builtin")).unwrap_or_default();
         let mut db = Self::parse(&dep, &builtin)?;
         db.dir = dir.to_path_buf();
@@ -59,7 +59,10 @@ impl ModuleDb {
                 continue;
             }
             let Some((path, deps)) = line.split_once(':') else {
-                bail!("modules.dep line {}: no ':' in {line:?}", n + 1);
+                return Err(ImageError::Module(format!(
+                    "modules.dep line {}: no ':' in {line:?}",
+                    n + 1
+                )));
             };
             let deps = deps.split_whitespace().map(name_of).collect();
             modules.insert(name_of(path.trim()), (path.trim().to_string(), deps));
@@ -104,7 +107,9 @@ impl ModuleDb {
                     tracing::debug!("module {name} is built into the kernel");
                     continue;
                 }
-                bail!("module {name} is neither in modules.dep nor built in");
+                return Err(ImageError::Module(format!(
+                    "module {name} is neither in modules.dep nor built in"
+                )));
             }
             self.visit(&name, &mut done, &mut Vec::new(), &mut order)?;
         }
@@ -122,17 +127,20 @@ impl ModuleDb {
             return Ok(());
         }
         if path.iter().any(|p| p == name) {
-            bail!("module dependency cycle: {} -> {name}", path.join(" -> "));
+            return Err(ImageError::Module(format!(
+                "module dependency cycle: {} -> {name}",
+                path.join(" -> ")
+            )));
         }
         let Some((rel_path, deps)) = self.modules.get(name) else {
             // A dependency named in modules.dep without its own line: built in or broken.
             if self.builtin.contains(name) {
                 return Ok(());
             }
-            bail!(
+            return Err(ImageError::Module(format!(
                 "module {name} (a dependency of {}) has no modules.dep line",
                 path.join(" -> ")
-            );
+            )));
         };
         path.push(name.to_string());
         // depmod lists dependencies so that loading them last-to-first works: keep that
