@@ -1,8 +1,12 @@
 #!/usr/bin/env bash
 # The main job: the split platform on this machine. Builds the binaries, starts
-# a clamd with the project's signature database, and runs `p2pvmm up`: the P2P
-# service (p2pd) in its sandbox behind the shared-memory channel, the front-end
-# serving apps on the socket it prints. Ctrl-C stops everything.
+# a clamd with the project's signature database, and runs `p2pvmm up`. Where
+# the machine has hardware virtualization it first builds the two VM images
+# (p2pvm-images), and `up` boots the P2P service VM and the client VM (VM
+# mode, docs/vm-mode.md); elsewhere (e.g. /dev/kvm is the PVM software
+# hypervisor) the P2P service (p2pd) runs in its sandbox behind the
+# shared-memory channel, the front-end serving apps on the socket it prints.
+# Ctrl-C stops everything.
 #
 #   P2PVMM_HOME   state directory (default ~/.local/share/p2pvmm)
 #   extra arguments go to `p2pvmm up`, e.g. `-- --listen /ip4/0.0.0.0/tcp/4001`
@@ -20,5 +24,19 @@ mkdir -p "$home"
 config="$home/p2pd.toml"
 if [ ! -e "$config" ]; then
     printf '[virus]\nclamd_socket = "%s"\n' "$clamd_socket" > "$config"
+fi
+# Hardware virtualization: /dev/kvm, a vmx/svm CPU flag, and not PVM.
+if [ -e /dev/kvm ] && grep -qwE 'vmx|svm' /proc/cpuinfo && [ ! -d /sys/module/kvm_pvm ]; then
+    # The images' inputs: Debian's kernel (apt-get download), busybox-static,
+    # depmod, clamd (installed above by clamd.sh), mkfs.ext4 for the store.
+    need=()
+    ldd /bin/busybox 2>&1 | grep -q "not a dynamic" || need+=(busybox-static)
+    command -v depmod >/dev/null || need+=(kmod)
+    command -v mkfs.ext4 >/dev/null || need+=(e2fsprogs)
+    command -v ip >/dev/null || need+=(iproute2)
+    if [ ${#need[@]} -gt 0 ]; then
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${need[@]}"
+    fi
+    cargo run -q --release --locked -p p2pvm-images -- build --out "$home/images"
 fi
 exec "$CARGO_TARGET_DIR/release/p2pvmm" --home "$home" up --config "$config" "$@"

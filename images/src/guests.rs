@@ -111,11 +111,13 @@ clamd_socket = "/run/clamd.sock"
 
 /// clamd in the service VM: in the foreground under p2pvm-init, logging to
 /// its stderr, whole items scanned (as `scripts/clamd.sh` does on a host).
+/// A scanned stream is spooled to a file: on the store disk, not in the
+/// VM's RAM (a 1 GiB item would otherwise take 1 GiB of tmpfs).
 pub const CLAMD_CONF: &str = r#"# clamd in the P2P service VM (written by p2pvm-images).
 LocalSocket /run/clamd.sock
 LocalSocketMode 660
 DatabaseDirectory /usr/share/p2pvm/clamav
-TemporaryDirectory /tmp
+TemporaryDirectory /var/lib/p2pd/tmp
 Foreground yes
 LogFile /dev/stderr
 LogTime yes

@@ -8,7 +8,7 @@
 
 use std::collections::BTreeMap;
 use std::fs::{self, File};
-use std::io::{BufWriter, Read};
+use std::io::BufWriter;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, SystemTime};
@@ -273,17 +273,9 @@ fn apply(transform: Transform, host: &Path, out: &Path) -> Result<bool> {
 }
 
 fn hash_file(hasher: &mut blake3::Hasher, path: &Path) -> Result<()> {
-    let mut file = File::open(path).ctx(|| format!("cannot open {}", path.display()))?;
-    let mut buf = vec![0u8; 1 << 20];
-    loop {
-        let n = file
-            .read(&mut buf)
-            .ctx(|| format!("cannot read {}", path.display()))?;
-        if n == 0 {
-            return Ok(());
-        }
-        hasher.update(&buf[..n]);
-    }
+    crate::util::for_each_chunk(path, |chunk| {
+        hasher.update(chunk);
+    })
 }
 
 /// Deletes old images: keeps the [`KEEP_IMAGES`] newest and any used in the last hour.

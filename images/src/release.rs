@@ -20,7 +20,7 @@ pub const BINARIES: &[(&str, &str)] = &[
     ("p2pctl", "p2pctl"),
 ];
 /// The example apps (package `guest-api`) put into the client VM.
-pub const EXAMPLES: &[&str] = &["chat", "echo"];
+pub const EXAMPLES: &[&str] = &["chat", "echo", "apibench"];
 
 /// The workspace root (this crate's parent).
 pub fn workspace() -> PathBuf {

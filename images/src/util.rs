@@ -114,6 +114,23 @@ impl Cache {
     }
 }
 
+/// Feeds the file at `path` to `each`, a megabyte at a time (hashing files
+/// of any size without holding them).
+pub fn for_each_chunk(path: &Path, mut each: impl FnMut(&[u8])) -> Result<()> {
+    use std::io::Read;
+    let mut file = File::open(path).ctx(|| format!("cannot open {}", path.display()))?;
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = file
+            .read(&mut buf)
+            .ctx(|| format!("cannot read {}", path.display()))?;
+        if n == 0 {
+            return Ok(());
+        }
+        each(&buf[..n]);
+    }
+}
+
 /// Writes `bytes` to `path` through a temporary file in the same directory and a rename.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     let dir = path

@@ -6,7 +6,7 @@
 //!   VM's static network on `eth0`;
 //! * `p2pvm.log=console` copies the services' logs to the console (they
 //!   always go to `/var/log/NAME.log`);
-//! * `p2pvm.loglevel=LEVEL`: p2pd's and the front-end's `RUST_LOG`.
+//! * `p2pvm.loglevel=FILTER`: p2pd's and the front-end's log filter.
 
 use std::net::Ipv4Addr;
 
@@ -41,7 +41,7 @@ pub struct Boot {
     pub dns: Option<Ipv4Addr>,
     /// Copy service logs to the console.
     pub log_to_console: bool,
-    /// `RUST_LOG` for our services.
+    /// The log filter of our programs.
     pub log_level: String,
 }
 

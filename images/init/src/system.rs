@@ -164,12 +164,15 @@ pub fn mount_store() -> bool {
     ) {
         Ok(()) => {
             say!("store {STORE_DEVICE} mounted on {STORE_MOUNT}");
+            // clamd spools scanned streams here (on disk, not in RAM).
+            let _ = std::fs::create_dir_all(format!("{STORE_MOUNT}/tmp"));
             true
         }
         Err(e) => {
             say!(
                 "WARNING: cannot mount the store {STORE_DEVICE} ({e}): the node's data live in RAM only"
             );
+            let _ = std::fs::create_dir_all(format!("{STORE_MOUNT}/tmp"));
             false
         }
     }

@@ -28,6 +28,7 @@
 
 pub mod bundle;
 pub mod console;
+pub mod platform;
 pub mod run;
 pub mod scenario;
 pub mod scenarios;

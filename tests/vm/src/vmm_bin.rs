@@ -8,15 +8,11 @@ use std::path::PathBuf;
 
 use anyhow::bail;
 
-/// The release directory after [`p2pvm_images::release::build`].
-pub fn release_dir() -> anyhow::Result<PathBuf> {
-    Ok(p2pvm_images::release::build()?)
-}
-
 /// Builds `p2pvmm` in release mode (a no-op when it is current) and returns
 /// its path.
 pub fn p2pvmm_release() -> anyhow::Result<PathBuf> {
-    Ok(p2pvm_images::release::program(&release_dir()?, "p2pvmm")?)
+    let dir = p2pvm_images::release::build()?;
+    Ok(p2pvm_images::release::program(&dir, "p2pvmm")?)
 }
 
 /// The host's iproute2 `ip` (the L1 busybox has no `ip tuntap`), for scenarios

@@ -6,11 +6,7 @@
 //! service VM's peer over its TAP. The scenario is
 //! `tests/vm/scenarios/vmmode-l1.sh`; it reports, this test judges.
 
-use p2pvm_images::build::{BuildOptions, build};
-use p2pvm_images::kernel::KernelOptions;
-use p2pvm_images::util::Cache;
-use p2pvm_testhost::vmm_bin::{iproute2, release_dir};
-use p2pvm_testhost::{Outcome, Scenario, TestHost};
+use p2pvm_testhost::{Outcome, TestHost};
 
 fn get<'a>(o: &'a Outcome, key: &str) -> &'a str {
     o.result(key)
@@ -22,31 +18,13 @@ fn the_platform_runs_as_two_vms_from_its_images() {
     p2pvm_testhost::init_tracing();
     let host =
         TestHost::prepare().expect("the test host (see tests/vm/README.md for what it needs)");
-    let bins = release_dir().expect("release builds of our programs");
-    let programs = p2pvm_images::release::programs(&bins, None).expect("the images' inputs");
-    let images = build(
-        &Cache::at(host.cache_dir().to_path_buf()).unwrap(),
-        &BuildOptions {
-            out: host.cache_dir().join("platform-images"),
-            // The test host's kernel, already in the cache.
-            kernel: KernelOptions::from_env(),
-            programs,
-        },
+    let (scenario, _) = p2pvm_testhost::platform::scenario(
+        &host,
+        "vm-mode",
+        include_str!("../scenarios/vmmode-l1.sh"),
     )
-    .expect("p2pvm-images build");
-    assert_eq!(images.lock.kernel.version, host.kernel().version);
-    let scenario = Scenario::new("vm-mode", include_str!("../scenarios/vmmode-l1.sh"))
-        .p2pvmm(p2pvm_images::release::program(&bins, "p2pvmm").unwrap())
-        .file("/guest/service.cpio", images.service())
-        .file("/guest/client.cpio", images.client())
-        .binary("/opt/p2pd", bins.join("p2pd"))
-        .binary("/opt/p2pctl", bins.join("p2pctl"))
-        .binary("/opt/ip", iproute2().unwrap())
-        // `up` makes the store disk with e2fsprogs.
-        .binary(
-            "/opt/mkfs.ext4",
-            p2pvm_images::util::require_tool("mkfs.ext4", "e2fsprogs").unwrap(),
-        )
+    .expect("the platform's images and programs");
+    let scenario = scenario
         .mem_mib(2560)
         .smp(2)
         .timeout(std::time::Duration::from_secs(1200))

@@ -1,0 +1,155 @@
+//! VM mode against the sandbox backend, in the same nested test host: the
+//! API round trip (app → front-end → channel → p2pd and back) and a local
+//! item streamed from the node's store to an app. The app is the same
+//! program (`apibench`) in the client VM and against the sandbox's front-end
+//! in the test host; rounds alternate the two so that the machine's drift
+//! hits both. CPU is the test host's busy time during each measurement (all
+//! processes: VMMs and guests, or p2pd and the front-end).
+//!
+//! `cargo bench -p p2pvm-testhost --bench vm_mode` (`BENCH_ROUNDS`, default
+//! 3; `BENCH_MIB`, default 256; `BENCH_RTT`, default 1000 round trips).
+//!
+//! Targets (issue 13): round trip ≤ 2× the sandbox's; stream ≥ 0.5× the
+//! sandbox's rate. Boot of both VMs to "API ready" is reported as a figure.
+
+use std::collections::BTreeMap;
+
+use p2pvm_testhost::{Outcome, TestHost};
+
+fn env_or(key: &str, default: u64) -> u64 {
+    std::env::var(key)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    match v.len() {
+        0 => f64::NAN,
+        n if n % 2 == 1 => v[n / 2],
+        n => (v[n / 2 - 1] + v[n / 2]) / 2.0,
+    }
+}
+
+fn range(v: &[f64]) -> String {
+    let lo = v.iter().copied().fold(f64::INFINITY, f64::min);
+    let hi = v.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+    format!("{lo:.2}–{hi:.2}")
+}
+
+/// (round → (sandbox, vm)) of `key` for `test`.
+fn pairs(o: &Outcome, test: &str, key: &str) -> BTreeMap<String, (f64, f64)> {
+    let mut by_round: BTreeMap<String, (f64, f64)> = BTreeMap::new();
+    for r in &o.results {
+        let (Some(t), Some(mode), Some(round)) = (r.get("test"), r.get("mode"), r.get("round"))
+        else {
+            continue;
+        };
+        let Some(v) = r.get(key).and_then(|v| v.parse::<f64>().ok()) else {
+            continue;
+        };
+        if t != test {
+            continue;
+        }
+        let e = by_round
+            .entry(round.to_owned())
+            .or_insert((f64::NAN, f64::NAN));
+        if mode == "vm" { e.1 = v } else { e.0 = v }
+    }
+    by_round
+}
+
+fn loadavg() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_default()
+}
+
+fn main() -> anyhow::Result<()> {
+    if !std::env::args().any(|a| a == "--bench") {
+        println!(
+            "vm_mode: not run under `cargo test` (minutes of emulation); use `cargo bench -p p2pvm-testhost --bench vm_mode`"
+        );
+        return Ok(());
+    }
+    let rounds = env_or("BENCH_ROUNDS", 3);
+    let mib = env_or("BENCH_MIB", 256);
+    let rtt = env_or("BENCH_RTT", 1000);
+    p2pvm_testhost::init_tracing();
+    let host = TestHost::prepare()?;
+    let (scenario, _) = p2pvm_testhost::platform::scenario(
+        &host,
+        "vm-mode-bench",
+        include_str!("../scenarios/bench-vmmode-l1.sh"),
+    )?;
+    let scenario = scenario
+        .env("ROUNDS", rounds.to_string())
+        .env("MIB", mib.to_string())
+        .env("RTT", rtt.to_string())
+        .mem_mib(4096)
+        .smp(2)
+        .silence_timeout(std::time::Duration::from_secs(900))
+        .timeout(std::time::Duration::from_secs(900 + 600 * rounds));
+    let load_before = loadavg();
+    let o = host.run(&scenario)?;
+    o.ensure_success()?;
+    let load_after = loadavg();
+
+    println!(
+        "\n== VM mode vs the sandbox backend, nested test host ({rounds} rounds, alternating; {mib} MiB item, {rtt} round trips per run)"
+    );
+    println!("host load average before {load_before}, after {load_after}");
+    if let Some(boot) = o.results.iter().find(|r| r.get("test") == Some("boot")) {
+        println!(
+            "boot of both VMs to the first API answer in the client VM: {} s",
+            boot.get("api_ready_s").unwrap_or("?")
+        );
+    }
+    for (test, key, per, unit, better_low, target) in [
+        ("rtt", "rtt_p50_us", None, "µs p50", true, 2.0),
+        (
+            "stream",
+            "stream_mib_s",
+            Some(mib as f64 / 1024.0),
+            "MiB/s",
+            false,
+            0.5,
+        ),
+    ] {
+        let p = pairs(&o, test, key);
+        let busy = pairs(&o, test, "busy_s");
+        let ratios: Vec<f64> = p
+            .values()
+            .map(|(s, v)| v / s)
+            .filter(|r| r.is_finite())
+            .collect();
+        anyhow::ensure!(
+            !ratios.is_empty(),
+            "no complete {test} round; see the console above"
+        );
+        for (round, (s, v)) in &p {
+            let (bs, bv) = busy.get(round).copied().unwrap_or((f64::NAN, f64::NAN));
+            let cpu = |b: f64| match per {
+                Some(gib) => format!("{:.1} CPU s/GiB", b / gib),
+                None => format!("{:.0} CPU µs/round trip", b * 1e6 / rtt as f64),
+            };
+            println!(
+                "  {test} round {round}: sandbox {s:.1} {unit} ({}), vm {v:.1} {unit} ({}), vm/sandbox {:.2}",
+                cpu(bs),
+                cpu(bv),
+                v / s
+            );
+        }
+        let m = median(ratios.clone());
+        let met = if better_low { m <= target } else { m >= target };
+        let verdict = format!(
+            "{test}: vm/sandbox median {m:.2} (range {}), target {} {target}: {}",
+            range(&ratios),
+            if better_low { "≤" } else { "≥" },
+            if met { "met" } else { "NOT met" }
+        );
+        println!("{verdict}");
+    }
+    Ok(())
+}

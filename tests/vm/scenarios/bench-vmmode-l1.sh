@@ -1,0 +1,68 @@
+# L1 of the VM-mode benchmark: the platform's two VMs (`up --isolation vm`)
+# and the sandbox backend (`up --isolation sandbox`) side by side in this one
+# test host. An app (apibench) measures the API round trip (node info) and a
+# local item of $MIB MiB streamed from the node's store: in the client VM,
+# and here against the sandbox's front-end; rounds alternate the two.
+# CPU: busy seconds of the whole test host (/proc/stat) during each
+# measurement, so that VMM, guests, p2pd and front-end are all counted.
+ROUNDS=${ROUNDS:-3}; RTT=${RTT:-1000}; MIB=${MIB:-256}
+export P2PVMM_HOME="$WORK/home"
+export PATH="$ROOT/opt:$PATH"
+# The sandbox starts p2pd and the front-end from here.
+export P2PVM_BIN_DIR="$ROOT/opt"
+link_images "$WORK/images"
+busy() { awk '/^cpu / {print $2 + $3 + $4 + $7 + $8 + $9}' /proc/stat; }
+secs() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.2f", (b - a) / 100 }'; }
+
+start=$(uptime_s)
+"$P2PVMM" up --isolation vm --images "$WORK/images" --no-net \
+    --cmdline-extra "p2pvm.log=console p2pvm.loglevel=warn" > "$WORK/up.log" 2>&1 &
+wait_for "$WORK/up.log" "VM client" 60 || { cat "$WORK/up.log"; exit 1; }
+follow service
+follow client
+slog="$P2PVMM_HOME/vms/service/console.log"; clog="$P2PVMM_HOME/vms/client/console.log"
+wait_for "$slog" "p2pd is up" 300 || tail -30 "$slog"
+wait_for "$clog" "front-end is up" 300 || tail -30 "$clog"
+tok=$(ask service TOKEN "p2pctl app issue bench")
+type_on client "export P2PVM_TOKEN=$tok"
+peer=$(ask client PEER "p2pctl info | sed -n 's/^peer id: *//p'")
+result test=boot api_ready_s=$(since "$start") peer=$peer
+
+printf '[virus]\nenabled = false\n' > "$WORK/sbx.toml"
+"$P2PVMM" --home "$WORK/sbx" up --isolation sandbox --config "$WORK/sbx.toml" -- --no-mdns > "$WORK/sbx.log" 2>&1 &
+i=0; while [ ! -S "$WORK/sbx/api.sock" ] && [ $i -lt 600 ]; do sleep 0.1; i=$((i + 1)); done
+[ -S "$WORK/sbx/api.sock" ] || { echo "sandbox did not come up:"; cat "$WORK/sbx.log"; exit 1; }
+export P2PVM_TOKEN_FILE="$WORK/sbx/service/admin.token"
+sbx() { P2PVM_API_SOCKET="$WORK/sbx/api.sock" "$@"; }
+i=0; while [ ! -s "$P2PVM_TOKEN_FILE" ] && [ $i -lt 300 ]; do sleep 0.1; i=$((i + 1)); done
+
+# The same kind of item in each node's store (random bytes, published once).
+vcid=$(ask service VCID "head -c $((MIB << 20)) /dev/urandom > /var/lib/p2pd/big.bin && { p2pctl publish /var/lib/p2pd/big.bin 2>/tmp/pub.err || tail -c 200 /tmp/pub.err; } | head -1; rm -f /var/lib/p2pd/big.bin" 900)
+head -c $((MIB << 20)) /dev/urandom > "$WORK/big.bin"
+scid=$(p2pctl --socket "$WORK/sbx/api.sock" --token "$(cat "$P2PVM_TOKEN_FILE")" publish "$WORK/big.bin" 2>"$WORK/pub.err" | head -1)
+rm -f "$WORK/big.bin"
+result test=items vm=$vcid sandbox=$scid
+
+# measure MODE ROUND WHAT ARGS: one apibench run, its line and the busy time.
+measure() {
+    b0=$(busy)
+    if [ "$1" = vm ]; then
+        line=$(ask client "M$2$3" "p2pvm-apibench $4 2>&1 | tr '\n' ' '" 900)
+    else
+        line=$(sbx apibench $4 2>&1 | tr '\n' ' ')
+    fi
+    b1=$(busy)
+    case $line in
+    *APIBENCH*) result test="$3" mode="$1" round="$2" ${line#*APIBENCH } busy_s=$(secs "$b0" "$b1") ;;
+    *) echo "apibench ($1, $3) failed: $line" ;;
+    esac
+}
+r=1
+while [ $r -le "$ROUNDS" ]; do
+    for mode in sandbox vm; do
+        measure $mode $r rtt "--rounds $RTT"
+        if [ $mode = vm ]; then id=$vcid; else id=$scid; fi
+        measure $mode $r stream "--rounds 10 --fetch $id"
+    done
+    r=$((r + 1))
+done

@@ -1,0 +1,42 @@
+# Helpers for L1 scripts that operate the platform's VMs through their
+# serial consoles (prepended to the VM-mode scenarios). Needs $P2PVMM and
+# $P2PVMM_HOME.
+
+# wait_for FILE PATTERN SECONDS
+wait_for() {
+    _i=0
+    while [ $_i -lt $(($3 * 10)) ]; do
+        grep -aq "$2" "$1" 2>/dev/null && return 0
+        sleep 0.1; _i=$((_i + 1))
+    done
+    return 1
+}
+# type_on VM TEXT: types TEXT (and a newline) on VM's serial console.
+type_on() { printf '%s\n' "$2" | "$P2PVMM" console "$1" --linger-ms 300 > /dev/null 2>&1; }
+# ask VM KEY COMMAND [SECONDS]: runs COMMAND in VM's console shell and
+# prints its output, which the shell echoes as a line `KEY=...` (KEY must be
+# unique in the scenario; the empty line first ends whatever a progress bar
+# left on the terminal).
+ask() {
+    _log="$P2PVMM_HOME/vms/$1/console.log"
+    type_on "$1" "_a=\$($3); echo; echo $2=\$_a"
+    if ! wait_for "$_log" "^$2=" "${4:-90}"; then
+        echo "no answer $2 from the $1 VM; its console:" >&2
+        tail -30 "$_log" >&2
+        return 1
+    fi
+    sed -n "s/^$2=//p" "$_log" | tr -d '\r' | tail -1
+}
+# follow VM: copies VM's console here, prefixed (progress, and what to read
+# when something fails).
+follow() {
+    tail -F "$P2PVMM_HOME/vms/$1/console.log" 2>/dev/null | while IFS= read -r l; do echo "[$1] $l"; done &
+}
+# link_images DIR: the platform's images (as the harness put them in this
+# host) in one directory, for `p2pvmm up --images DIR`.
+link_images() {
+    mkdir -p "$1"
+    ln -sf "$GUEST_KERNEL" "$1/vmlinux"
+    ln -sf "$ROOT/guest/service.cpio" "$1/service.cpio"
+    ln -sf "$ROOT/guest/client.cpio" "$1/client.cpio"
+}
