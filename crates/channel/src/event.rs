@@ -18,14 +18,6 @@ pub trait EventChannel: Send + Sync + 'static {
     fn notify(&self) -> io::Result<()>;
     /// Resolves once the peer has rung ours since the last wait (notifications coalesce).
     fn wait(&self) -> impl Future<Output = io::Result<()>> + Send;
-    /// What going to sleep costs on this channel, as measured so far: the
-    /// pump polls for up to about this long before it sleeps (spinning as
-    /// long as blocking would cost is at worst twice the best choice).
-    /// Zero where a wake-up is cheap (eventfds): the pump's own short bound
-    /// then applies.
-    fn wake_cost(&self) -> std::time::Duration {
-        std::time::Duration::ZERO
-    }
 }
 
 /// Creates an eventfd suitable for [`EventFdChannel`].

@@ -42,10 +42,6 @@ const BUDGET: usize = 64;
 /// on (measured: 50 µs cost ~15% of a 1 GiB stream's throughput vs 10 µs).
 const POLL_MIN: Duration = Duration::from_micros(2);
 const POLL_MAX: Duration = Duration::from_micros(10);
-/// Where sleeping costs more (the VM backend: an interrupt and register
-/// round trips to the VMM per wake-up; see `EventChannel::wake_cost`), the
-/// bound grows to that cost, but never beyond this.
-const POLL_CEILING: Duration = Duration::from_millis(2);
 /// The header is rechecked at least this often even without notifications
 /// (a peer that died cannot ring).
 const RECHECK: Duration = Duration::from_millis(100);
@@ -227,15 +223,11 @@ impl<L: Link, E: EventChannel> Pump<L, E> {
                     continue;
                 }
             }
-            let slept = Instant::now();
             tokio::select! {
                 _ = shutdown.cancelled() => break,
-                r = self.events.wait() => match r {
-                    Ok(()) => self.woke_after(slept.elapsed()),
-                    Err(e) => {
-                        warn!(error = %e, "event channel failed");
-                        tokio::time::sleep(RECHECK).await;
-                    }
+                r = self.events.wait() => if let Err(e) = r {
+                    warn!(error = %e, "event channel failed");
+                    tokio::time::sleep(RECHECK).await;
                 },
                 _ = self.wants.notify.notified() => {}
                 _ = tokio::time::sleep(RECHECK) => {}
@@ -495,21 +487,6 @@ impl<L: Link, E: EventChannel> Pump<L, E> {
         Ok(sent)
     }
 
-    /// The longest this side polls before sleeping.
-    fn poll_bound(&self) -> Duration {
-        POLL_MAX.max(self.events.wake_cost().min(POLL_CEILING))
-    }
-
-    /// After a sleep the peer ended: had we polled through a sleep this short
-    /// we would have saved its wake-up, so poll longer next time (KVM's halt
-    /// polling grows its window the same way).
-    fn woke_after(&mut self, slept: Duration) {
-        let bound = self.poll_bound();
-        if slept < bound {
-            self.poll = (self.poll * 2).max(POLL_MAX).min(bound);
-        }
-    }
-
     /// Looks for work for a short, adaptive while before going to sleep.
     async fn poll_briefly(&mut self) -> bool {
         let start = Instant::now();
@@ -522,7 +499,7 @@ impl<L: Link, E: EventChannel> Pump<L, E> {
                 .is_empty();
             let input = self.end.as_mut().is_some_and(|e| e.has_input());
             if wants || input {
-                self.poll = (self.poll * 2).min(self.poll_bound());
+                self.poll = (self.poll * 2).min(POLL_MAX);
                 return true;
             }
             if start.elapsed() >= self.poll {

@@ -67,13 +67,6 @@ impl EventChannel for Events {
             Events::Uio(e) => e.wait().await,
         }
     }
-
-    fn wake_cost(&self) -> std::time::Duration {
-        match self {
-            Events::Fd(e) => e.wake_cost(),
-            Events::Uio(e) => e.wake_cost(),
-        }
-    }
 }
 
 /// Maps the region and opens the event channels for `side`. Blocks (run it

@@ -106,6 +106,19 @@ fn main() -> anyhow::Result<()> {
             boot.get("api_ready_s").unwrap_or("?")
         );
     }
+    if let Some(cpu) = o.results.iter().find(|r| r.get("test") == Some("cpu")) {
+        let ms = |k| {
+            cpu.get(k)
+                .and_then(|v| v.parse::<f64>().ok())
+                .unwrap_or(f64::NAN)
+        };
+        println!(
+            "plain code (a shell loop): {:.0} ms in the test host, {:.0} ms in the client VM — {:.1}× slower nested",
+            ms("l1_loop_ms"),
+            ms("vm_loop_ms"),
+            ms("vm_loop_ms") / ms("l1_loop_ms")
+        );
+    }
     for (test, key, per, unit, better_low, target) in [
         ("rtt", "rtt_p50_us", None, "µs p50", true, 2.0),
         (
@@ -134,8 +147,24 @@ fn main() -> anyhow::Result<()> {
                 Some(gib) => format!("{:.1} CPU s/GiB", b / gib),
                 None => format!("{:.0} CPU µs/round trip", b * 1e6 / rtt as f64),
             };
+            let irqs = o
+                .results
+                .iter()
+                .find(|r| {
+                    r.get("test") == Some(test)
+                        && r.get("mode") == Some("vm")
+                        && r.get("round") == Some(round.as_str())
+                })
+                .map(|r| {
+                    format!(
+                        "; channel interrupts: service {}, client {}",
+                        r.get("service_irqs").unwrap_or("?"),
+                        r.get("client_irqs").unwrap_or("?")
+                    )
+                })
+                .unwrap_or_default();
             println!(
-                "  {test} round {round}: sandbox {s:.1} {unit} ({}), vm {v:.1} {unit} ({}), vm/sandbox {:.2}",
+                "  {test} round {round}: sandbox {s:.1} {unit} ({}), vm {v:.1} {unit} ({}), vm/sandbox {:.2}{irqs}",
                 cpu(bs),
                 cpu(bv),
                 v / s

@@ -16,7 +16,7 @@ secs() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.2f", (b - a) / 100 }'; }
 
 start=$(uptime_s)
 "$P2PVMM" up --isolation vm --images "$WORK/images" --no-net \
-    --cmdline-extra "p2pvm.log=console p2pvm.loglevel=warn" > "$WORK/up.log" 2>&1 &
+    --cmdline-extra "p2pvm.log=console p2pvm.loglevel=warn,p2pvm_channel=info" > "$WORK/up.log" 2>&1 &
 wait_for "$WORK/up.log" "VM client" 60 || { cat "$WORK/up.log"; exit 1; }
 follow service
 follow client
@@ -43,8 +43,19 @@ scid=$(p2pctl --socket "$WORK/sbx/api.sock" --token "$(cat "$P2PVM_TOKEN_FILE")"
 rm -f "$WORK/big.bin"
 result test=items vm=$vcid sandbox=$scid
 
-# measure MODE ROUND WHAT ARGS: one apibench run, its line and the busy time.
+# How fast each place runs plain code: a shell loop of 100000 turns, in ms
+# (the client VM runs nested: every cycle of it is emulated twice over).
+loop='a=$(date +%s%N); i=0; while [ $i -lt 100000 ]; do i=$((i + 1)); done; b=$(date +%s%N); echo $(((b - a) / 1000000))'
+result test=cpu l1_loop_ms=$(sh -c "$loop") vm_loop_ms=$(ask client CAL "sh -c '$loop'" 300)
+
+# The channel's interrupts so far in a VM (uio_pci_generic's line).
+irqs() { ask "$1" "$2" "awk '/uio/ {s += \$2} END {print s + 0}' /proc/interrupts"; }
+# measure MODE ROUND WHAT ARGS: one apibench run, its line, the busy time
+# and (VM mode) the channel interrupts it took in each VM.
 measure() {
+    if [ "$1" = vm ]; then
+        si0=$(irqs service "S0$2$3"); ci0=$(irqs client "C0$2$3")
+    fi
     b0=$(busy)
     if [ "$1" = vm ]; then
         line=$(ask client "M$2$3" "p2pvm-apibench $4 2>&1 | tr '\n' ' '" 900)
@@ -52,8 +63,13 @@ measure() {
         line=$(sbx apibench $4 2>&1 | tr '\n' ' ')
     fi
     b1=$(busy)
+    extra=
+    if [ "$1" = vm ]; then
+        si1=$(irqs service "S1$2$3"); ci1=$(irqs client "C1$2$3")
+        extra="service_irqs=$((si1 - si0)) client_irqs=$((ci1 - ci0))"
+    fi
     case $line in
-    *APIBENCH*) result test="$3" mode="$1" round="$2" ${line#*APIBENCH } busy_s=$(secs "$b0" "$b1") ;;
+    *APIBENCH*) result test="$3" mode="$1" round="$2" ${line#*APIBENCH } busy_s=$(secs "$b0" "$b1") $extra ;;
     *) echo "apibench ($1, $3) failed: $line" ;;
     esac
 }

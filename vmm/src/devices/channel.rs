@@ -15,8 +15,9 @@
 //! The VMM never reads or writes the region's contents.
 //!
 //! An interrupt storm is bounded by the receiver: once the bell has raised
-//! the interrupt, this device stops watching it until its own guest reads
-//! the interrupt status (its acknowledgment). However fast the other guest
+//! the interrupt, this device stops watching it until its own guest
+//! acknowledges — reads the interrupt status, or enables INTx again after
+//! `uio_pci_generic` disabled it. However fast the other guest
 //! rings, this VMM wakes — and this guest is interrupted — at most once per
 //! acknowledgment its guest chooses to make; the doorbells in between only
 //! add to an eventfd counter in the kernel.
@@ -67,6 +68,10 @@ pub struct ChannelDevice {
     bell_watched: bool,
     mask: u32,
     status: u32,
+    /// The pending interrupt reached the guest (raised while INTx was
+    /// enabled): its handler disabling INTx, then the driver enabling it
+    /// again, is the acknowledgment.
+    delivered: bool,
     position: u32,
 }
 
@@ -159,6 +164,7 @@ impl ChannelDevice {
             bell_watched: false,
             mask: 0,
             status: 0,
+            delivered: false,
             position: match side {
                 Side::Device => POSITION_DEVICE,
                 Side::Driver => POSITION_DRIVER,
@@ -175,23 +181,32 @@ impl ChannelDevice {
     fn rung(&mut self) {
         self.status = 1;
         if self.mask & 1 != 0 {
-            self.intx.assert(&mut self.config);
+            self.raise();
         }
+    }
+
+    fn raise(&mut self) {
+        self.delivered |= !self.config.intx_disabled();
+        self.intx.assert(&mut self.config);
+    }
+
+    /// The guest acknowledged the interrupt: clear it and look at the bell
+    /// again (a doorbell that came meanwhile raises it anew at once).
+    fn acknowledge(&mut self) -> u32 {
+        let v = self.status;
+        self.status = 0;
+        self.delivered = false;
+        self.intx.deassert(&mut self.config);
+        if !self.bell_watched {
+            let _ = self.rearm.write(1);
+        }
+        v
     }
 
     fn read_register(&mut self, offset: u64) -> u32 {
         match offset {
             regs::INTR_MASK => self.mask,
-            regs::INTR_STATUS => {
-                let v = self.status;
-                self.status = 0;
-                self.intx.deassert(&mut self.config);
-                // The acknowledgment: look at the bell again.
-                if !self.bell_watched {
-                    let _ = self.rearm.write(1);
-                }
-                v
-            }
+            regs::INTR_STATUS => self.acknowledge(),
             regs::IV_POSITION => self.position,
             _ => 0,
         }
@@ -202,7 +217,7 @@ impl ChannelDevice {
             regs::INTR_MASK => {
                 self.mask = v & 1;
                 if self.mask != 0 && self.status != 0 {
-                    self.intx.assert(&mut self.config);
+                    self.raise();
                 } else if self.mask == 0 {
                     self.intx.deassert(&mut self.config);
                 }
@@ -251,8 +266,19 @@ impl PciDevice for ChannelDevice {
     }
 
     fn config_write(&mut self, offset: usize, data: &[u8]) {
+        let was_disabled = self.config.intx_disabled();
         if self.config.write(offset, data).command {
+            // uio_pci_generic's handler disables INTx; the driver enabling it
+            // again is done with the interrupt: that acknowledges it too, one
+            // register round trip instead of two (status read, then enable).
+            if was_disabled && !self.config.intx_disabled() && self.delivered {
+                self.acknowledge();
+            }
             self.intx.command_written(&self.config);
+            // A ring held back while INTx was disabled reaches the guest now.
+            if !self.config.intx_disabled() && self.intx.pending() {
+                self.delivered = true;
+            }
         }
     }
 

@@ -199,6 +199,45 @@ fn a_ring_while_intx_is_disabled_is_delivered_when_reenabled() {
 }
 
 #[test]
+fn enabling_intx_after_the_handler_disabled_it_acknowledges() {
+    let mut r = rig(1 << 20);
+    write32(&r.dev, regs::INTR_MASK, 1);
+    let disabled = COMMAND_MEMORY | super::super::pci::config::COMMAND_INTX_DISABLE;
+    let set_command = |r: &Rig, v: u16| {
+        r.dev
+            .lock()
+            .unwrap()
+            .config_write(reg::COMMAND, &v.to_le_bytes())
+    };
+    for round in 0..3 {
+        r.other_rings.write(1).unwrap();
+        // (After the last round's status read, the re-arm comes first.)
+        for _ in 0..3 {
+            turn(&mut r);
+        }
+        assert!(line_raised(&r.dev), "round {round}: delivered");
+        // uio_pci_generic's handler, then the driver's one config write.
+        set_command(&r, disabled);
+        // A ring meanwhile waits in the eventfd (the bell is not watched).
+        r.other_rings.write(1).unwrap();
+        assert_eq!(turn(&mut r), 0);
+        set_command(&r, COMMAND_MEMORY);
+        assert_eq!(r.dev.lock().unwrap().status, 0, "acknowledged");
+        // The re-arm brings the waiting ring as a new interrupt.
+        let mut woke = 0;
+        for _ in 0..3 {
+            woke += turn(&mut r);
+        }
+        assert_eq!(woke, 2, "round {round}: the re-arm, then the ring");
+        assert!(
+            line_raised(&r.dev),
+            "round {round}: the waiting ring delivered"
+        );
+        assert_eq!(read32(&r.dev, regs::INTR_STATUS), 1);
+    }
+}
+
+#[test]
 fn a_storm_costs_one_wakeup_per_acknowledgment() {
     let mut r = rig(1 << 20);
     write32(&r.dev, regs::INTR_MASK, 1);
