@@ -43,9 +43,9 @@ scid=$(p2pctl --socket "$WORK/sbx/api.sock" --token "$(cat "$P2PVM_TOKEN_FILE")"
 rm -f "$WORK/big.bin"
 result test=items vm=$vcid sandbox=$scid
 
-# How fast each place runs plain code: a shell loop of 100000 turns, in ms
+# How fast each place runs plain code: a shell loop of 200000 turns, in ms
 # (the client VM runs nested: every cycle of it is emulated twice over).
-loop='a=$(date +%s%N); i=0; while [ $i -lt 100000 ]; do i=$((i + 1)); done; b=$(date +%s%N); echo $(((b - a) / 1000000))'
+loop='a=$(cut -d" " -f1 /proc/uptime); i=0; while [ $i -lt 200000 ]; do i=$((i + 1)); done; b=$(cut -d" " -f1 /proc/uptime); awk -v a=$a -v b=$b "BEGIN { printf \"%d\", (b - a) * 1000 }"'
 result test=cpu l1_loop_ms=$(sh -c "$loop") vm_loop_ms=$(ask client CAL "sh -c '$loop'" 300)
 
 # The channel's interrupts so far in a VM (uio_pci_generic's line).
@@ -70,7 +70,10 @@ measure() {
     fi
     case $line in
     *APIBENCH*) result test="$3" mode="$1" round="$2" ${line#*APIBENCH } busy_s=$(secs "$b0" "$b1") $extra ;;
-    *) echo "apibench ($1, $3) failed: $line" ;;
+    *)
+        echo "apibench ($1, $3) failed: $line"
+        echo "p2pvmm up said:"; tail -20 "$WORK/up.log"
+        ;;
     esac
 }
 r=1
@@ -82,3 +85,4 @@ while [ $r -le "$ROUNDS" ]; do
     done
     r=$((r + 1))
 done
+echo "p2pvmm up said:"; cat "$WORK/up.log"
