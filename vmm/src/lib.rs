@@ -8,12 +8,14 @@
 //!                 builder.rs: memory, kernel, ACPI, vCPUs, devices
 //!                 vstate/    kvm, vm, memory, vcpu
 //!                 arch/x86_64 layout, boot protocols, CPUID, MSRs, ACPI
-//!                 devices/   legacy (serial, RTC, i8042, ACPI PM), pci, virtio
+//!                 devices/   legacy (serial, RTC, i8042, ACPI PM), pci, virtio,
+//!                            channel (the shared region and doorbells)
 //! ```
 //!
 //! Backends: `sandbox` ([`sandbox`], [`supervisor`]) runs everywhere; `vm`
-//! (KVM guests over the same channel) needs hardware virtualization and is
-//! chosen by [`isolation`] only where it exists.
+//! (the platform's two KVM guests over the same channel, [`platform`],
+//! [`vm_supervisor`]) needs hardware virtualization and is chosen by
+//! [`isolation`] only where it exists.
 
 pub mod arch;
 pub mod builder;
