@@ -6,7 +6,9 @@
 //!   VM's static network on `eth0`;
 //! * `p2pvm.log=console` copies the services' logs to the console (they
 //!   always go to `/var/log/NAME.log`);
-//! * `p2pvm.loglevel=FILTER`: p2pd's and the front-end's log filter.
+//! * `p2pvm.loglevel=FILTER`: p2pd's and the front-end's log filter;
+//! * `p2pvm.mapping=auto|devmem|sysfs`: how both map the channel region
+//!   (default `auto`: write-back through `/dev/mem`, else uncached sysfs).
 
 use std::net::Ipv4Addr;
 
@@ -43,6 +45,8 @@ pub struct Boot {
     pub log_to_console: bool,
     /// The log filter of our programs.
     pub log_level: String,
+    /// How the channel region is mapped.
+    pub mapping: String,
 }
 
 /// Why the configuration is unusable.
@@ -106,6 +110,15 @@ impl Boot {
             dns: addr("p2pvm.dns")?,
             log_to_console: param("p2pvm.log") == Some("console"),
             log_level: param("p2pvm.loglevel").unwrap_or("info").to_string(),
+            mapping: match param("p2pvm.mapping").unwrap_or("auto") {
+                m @ ("auto" | "devmem" | "sysfs") => m.to_string(),
+                other => {
+                    return Err(BootError::Bad {
+                        key: "p2pvm.mapping",
+                        value: other.to_string(),
+                    });
+                }
+            },
         })
     }
 }
@@ -142,6 +155,10 @@ mod tests {
         assert_eq!(b.dns, None);
         assert!(b.log_to_console);
         assert_eq!(b.log_level, "info");
+        assert_eq!(b.mapping, "auto");
+        let b = Boot::parse("p2pvm.mapping=sysfs", Some("client")).unwrap();
+        assert_eq!(b.mapping, "sysfs");
+        assert!(Boot::parse("p2pvm.mapping=wc", Some("client")).is_err());
     }
 
     #[test]

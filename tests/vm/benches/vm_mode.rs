@@ -180,5 +180,25 @@ fn main() -> anyhow::Result<()> {
         );
         println!("{verdict}");
     }
+    // The region mapped uncached (sysfs) against write-back (/dev/mem), VM mode.
+    let get = |mode: &str, test: &str, key: &str| {
+        o.results
+            .iter()
+            .find(|r| r.get("mode") == Some(mode) && r.get("test") == Some(test))
+            .and_then(|r| r.get(key)?.parse::<f64>().ok())
+    };
+    if let (Some(wb), Some(uc)) = (
+        get("vm", "stream", "stream_mib_s"),
+        get("vm-uncached", "stream", "stream_mib_s"),
+    ) {
+        let (rwb, ruc) = (
+            get("vm", "rtt", "rtt_p50_us").unwrap_or(f64::NAN),
+            get("vm-uncached", "rtt", "rtt_p50_us").unwrap_or(f64::NAN),
+        );
+        println!(
+            "region mapping (VM mode, round 1 vs a boot with p2pvm.mapping=sysfs): stream write-back {wb:.1} MiB/s, uncached {uc:.1} MiB/s ({:.2}×); round trip p50 write-back {rwb:.0} µs, uncached {ruc:.0} µs",
+            uc / wb
+        );
+    }
     Ok(())
 }
