@@ -96,7 +96,7 @@ done
 kill -TERM "$up"; wait "$up"
 platform "p2pvm.mapping=sysfs"
 type_on client "export P2PVM_TOKEN=$tok"
-grep -aq "mapping=Sysfs" "$clog" && result test=mapping client_mapping=sysfs
+wait_for "$clog" "mapping=Sysfs" 30 && wait_for "$slog" "mapping=Sysfs" 30 && result test=mapping both_sysfs=yes
 measure vm-uncached 1 rtt "--rounds $RTT"
 measure vm-uncached 1 stream "--rounds 10 --fetch $vcid"
 echo "p2pvmm up said:"; cat "$WORK/up.log"
