@@ -1,16 +1,7 @@
 # Helpers for L1 scripts that operate the platform's VMs through their
 # serial consoles (prepended to the VM-mode scenarios). Needs $P2PVMM and
-# $P2PVMM_HOME.
+# $P2PVMM_HOME, and wait_for from the harness's lib.sh.
 
-# wait_for FILE PATTERN SECONDS
-wait_for() {
-    _i=0
-    while [ $_i -lt $(($3 * 10)) ]; do
-        grep -aq "$2" "$1" 2>/dev/null && return 0
-        sleep 0.1; _i=$((_i + 1))
-    done
-    return 1
-}
 # type_on VM TEXT: types TEXT (and a newline) on VM's serial console.
 type_on() { printf '%s\n' "$2" | "$P2PVMM" console "$1" --linger-ms 300 > /dev/null 2>&1; }
 # ask VM KEY COMMAND [SECONDS]: runs COMMAND in VM's console shell and

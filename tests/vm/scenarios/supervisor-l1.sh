@@ -17,15 +17,6 @@ cmdline = "console=ttyS0 8250.nr_uarts=1 panic=-1 quiet pci=noearly"
 mem_mib = 192
 rng = true
 TOML
-# wait_for FILE PATTERN SECONDS
-wait_for() {
-    i=0
-    while [ $i -lt $(($3 * 10)) ]; do
-        grep -q "$2" "$1" 2>/dev/null && return 0
-        sleep 0.1; i=$((i + 1))
-    done
-    return 1
-}
 "$P2PVMM" up --isolation vm --vms "$WORK/vms.toml" > "$WORK/up.log" 2>&1 &
 up=$!
 wait_for "$WORK/home/vms/alpha/console.log" "L2 ready" 120 && result alpha_booted=yes

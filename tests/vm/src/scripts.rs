@@ -2,7 +2,8 @@
 //!
 //! * `lib.sh` (at `$TESTHOST_LIB`, sourced first by every scenario script, L1 and L2):
 //!   `result k=v ...` prints a `P2PVM-RESULT` line, `uptime_s` prints the first field of
-//!   `/proc/uptime`, `since START` prints the seconds elapsed since an `uptime_s` value.
+//!   `/proc/uptime`, `since START` prints the seconds elapsed since an `uptime_s` value,
+//!   `wait_for FILE PATTERN SECONDS` waits for a matching line.
 //! * L2 `/init`: mounts proc, sysfs, devtmpfs; writes p2pvmm's boot marker and prints
 //!   `P2PVM-L2-INIT uptime=…`; loads the modules listed in
 //!   `/lib/modules/load-order`; sources `lib.sh`; runs the scenario's body inline (as PID 1);
@@ -31,6 +32,15 @@ result() { echo "P2PVM-RESULT $*"; }
 uptime_s() { read -r _th_up _th_idle < /proc/uptime; echo "$_th_up"; }
 # since START: seconds (3 decimals) elapsed since START, a value printed by uptime_s.
 since() { awk -v a="$1" -v b="$(uptime_s)" 'BEGIN { printf "%.3f\n", b - a }'; }
+# wait_for FILE PATTERN SECONDS: until FILE has a line matching PATTERN.
+wait_for() {
+    _th_i=0
+    while [ $_th_i -lt $(($3 * 10)) ]; do
+        grep -aq "$2" "$1" 2>/dev/null && return 0
+        sleep 0.1; _th_i=$((_th_i + 1))
+    done
+    return 1
+}
 "#;
 
 /// The L2 body used when a scenario gives none (the prelude already reported init).
