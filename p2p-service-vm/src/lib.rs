@@ -1,7 +1,7 @@
 //! The P2P service: what runs in the P2P service VM (or as a host daemon).
 //!
 //! ```text
-//!   app sessions (Unix socket today, inter-VM channel later)
+//!   app sessions (the Unix socket; the inter-VM channel's back-end, backend.rs)
 //!        │  p2pvm API frames
 //!        ▼
 //!   api::ApiService ── per-app auth, per-session state, limits
@@ -14,7 +14,9 @@
 //! Start reading at [`daemon::run`], which wires the pieces together, then
 //! [`api::session`] for how one app session is served and [`node`] for the swarm.
 //! The API layer is transport-agnostic: [`api::ApiService::serve`] takes any
-//! byte stream, which is how the channel back-end plugs in later.
+//! byte stream, which is how the channel back-end ([`backend`]) plugs in: one
+//! channel session per app connection of the front-end, in the sandbox or
+//! from the client VM.
 
 #![forbid(unsafe_code)]
 

@@ -150,7 +150,7 @@ pub fn run_device(data: &[u8]) -> u64 {
     // The front-end's half of the handshake, done honestly once.
     region.store_u32(field::DRIVER_GEN, 1);
     region.store_u32(field::DRIVER_STATUS, Status::Ready as u32);
-    let (accept, mut accepted) = mpsc::unbounded_channel();
+    let (accept, mut accepted) = mpsc::channel(crate::mux::MAX_SESSIONS);
     let (state, _) = watch::channel(LinkState::Down {
         reason: String::new(),
         resets: 0,

@@ -103,7 +103,7 @@ impl<E: EventChannel> DriverPump<E> {
 /// Sessions the front-end opened, as the back-end receives them.
 #[derive(Debug)]
 pub struct Acceptor {
-    rx: mpsc::UnboundedReceiver<ChannelStream>,
+    rx: mpsc::Receiver<ChannelStream>,
     state: watch::Receiver<LinkState>,
 }
 
@@ -157,7 +157,9 @@ fn down0() -> LinkState {
 
 /// The back-end of the channel in `region`.
 pub fn device<E: EventChannel>(region: Region, events: E) -> (DevicePump<E>, Acceptor) {
-    let (tx, rx) = mpsc::unbounded_channel();
+    // Every queued session is also a live one, so the pump's session limit
+    // bounds this queue; the bound says so in the type.
+    let (tx, rx) = mpsc::channel(mux::MAX_SESSIONS);
     let (state_tx, state) = watch::channel(down0());
     let link = DeviceLink::start(region);
     let pump = Pump::new(

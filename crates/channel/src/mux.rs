@@ -141,7 +141,7 @@ pub struct Pump<L: Link, E: EventChannel> {
     ready: VecDeque<Arc<Session>>,
     /// Replies that belong to no live session (RST for a refused OPEN).
     control: VecDeque<Header>,
-    accept: Option<mpsc::UnboundedSender<ChannelStream>>,
+    accept: Option<mpsc::Sender<ChannelStream>>,
     state: watch::Sender<LinkState>,
     resets: u64,
     poll: Duration,
@@ -164,7 +164,7 @@ impl<L: Link, E: EventChannel> Pump<L, E> {
         link: L,
         events: E,
         wants: Arc<Wants>,
-        accept: Option<mpsc::UnboundedSender<ChannelStream>>,
+        accept: Option<mpsc::Sender<ChannelStream>>,
         state: watch::Sender<LinkState>,
     ) -> Self {
         Self {
@@ -434,7 +434,9 @@ impl<L: Link, E: EventChannel> Pump<L, E> {
         let s = Session::new(id, rx, tx, self.wants.clone(), true);
         let stream = ChannelStream::new(s.clone());
         match &self.accept {
-            Some(accept) if accept.send(stream).is_ok() => {
+            // Full cannot happen (the queue holds at most MAX_SESSIONS, all
+            // live); closed means no one accepts: refused either way.
+            Some(accept) if accept.try_send(stream).is_ok() => {
                 self.sessions.insert(id, s);
             }
             _ => self.control.push_back(Header::control(Kind::Rst, id, 0)),

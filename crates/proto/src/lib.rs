@@ -3,7 +3,7 @@
 //!
 //! ```text
 //!  app ── guest-api ──► [u32 BE length | protobuf Frame] ──► p2pd API service
-//!                       (Unix socket today; the inter-VM channel later)
+//!                       (a Unix socket, or a session of the inter-VM channel)
 //! ```
 //!
 //! The schema lives in `proto/p2pvm_api.proto` and is the source of truth: the Rust
