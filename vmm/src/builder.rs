@@ -280,9 +280,7 @@ impl MachineBuilder {
             .mmio32
             .allocate(BAR0_SIZE, BAR0_SIZE, AllocPolicy::FirstMatch)
             .map_err(|e| device_err(what)(Box::new(e)))?;
-        let slot = lock(&self.root)
-            .next_slot()
-            .ok_or_else(|| device_err(what)("no free PCI slot".into()))?;
+        let slot = self.free_slot(what)?;
         let vm: Arc<dyn VmOps> = self.vm.clone();
         let dev = VirtioPci::new(
             backend,
@@ -308,6 +306,13 @@ impl MachineBuilder {
         Ok(slot)
     }
 
+    /// The next free PCI slot for device `what`.
+    fn free_slot(&self, what: &str) -> Result<u8, BuildError> {
+        lock(&self.root)
+            .next_slot()
+            .ok_or_else(|| device_err(what)("no free PCI slot".into()))
+    }
+
     /// Adds the inter-VM channel's function for `side`, wired to the
     /// region and event channels of `grant`; returns the slot.
     pub fn add_channel(&mut self, grant: Grant, side: Side) -> Result<u8, BuildError> {
@@ -329,9 +334,7 @@ impl MachineBuilder {
             .mmio64
             .allocate(len.max(0x1000), len.max(0x1000), AllocPolicy::FirstMatch)
             .map_err(|e| device_err(what)(Box::new(e)))?;
-        let slot = lock(&self.root)
-            .next_slot()
-            .ok_or_else(|| device_err(what)("no free PCI slot".into()))?;
+        let slot = self.free_slot(what)?;
         let vm: Arc<dyn VmOps> = self.vm.clone();
         let dev = ChannelDevice::new(
             grant,

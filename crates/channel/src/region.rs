@@ -206,19 +206,16 @@ mod tests {
         std::os::unix::fs::FileExt::read_exact_at(a.file(), &mut image, 0).unwrap();
         bytes.extend_from_slice(&image);
         std::fs::write(&path, &bytes).unwrap();
-        let f = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open(&path)
-            .unwrap();
-        let b = Region::open_device(f, 65536, len).unwrap();
+        let open = || {
+            std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open(&path)
+                .unwrap()
+        };
+        let b = Region::open_device(open(), 65536, len).unwrap();
         assert_eq!(a.layout(), b.layout());
-        let f = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open(&path)
-            .unwrap();
-        let e = Region::open_device(f, 0, len).unwrap_err();
+        let e = Region::open_device(open(), 0, len).unwrap_err();
         assert!(e.to_string().contains("magic"), "{e}");
     }
 
