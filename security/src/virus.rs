@@ -30,6 +30,9 @@ pub enum VirusError {
     /// clamd answered without a verdict (e.g. a size limit).
     #[error("Virus filter error: clamd answered {0:?}")]
     BadReply(String),
+    /// Our task that talks to clamd panicked or was aborted.
+    #[error("Virus filter error: the scan task failed: {0}")]
+    TaskFailed(String),
 }
 
 /// A scan's outcome.
@@ -222,7 +225,7 @@ impl Scanner {
             None => Ok(Verdict::Clean),
             Some(t) => t
                 .await
-                .unwrap_or_else(|e| Err(VirusError::BadReply(format!("scan task failed: {e}")))),
+                .unwrap_or_else(|e| Err(VirusError::TaskFailed(e.to_string()))),
         }
     }
 

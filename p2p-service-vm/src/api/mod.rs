@@ -68,19 +68,21 @@ impl From<crate::node::NodeError> for ApiError {
 }
 
 impl From<crate::content::ContentServiceError> for ApiError {
+    /// The one place a content error becomes an API error code; the message
+    /// carries every cause.
     fn from(e: crate::content::ContentServiceError) -> Self {
         use crate::content::ContentServiceError as C;
         let code = match &e {
             C::NotFound(_) => pb::ErrorCode::NotFound,
             C::Verification(_) => pb::ErrorCode::VerificationFailed,
             C::BadRequest(_) => pb::ErrorCode::BadRequest,
-            C::Unavailable(_) => pb::ErrorCode::Unavailable,
-            C::Full(_) => pb::ErrorCode::ResourceExhausted,
-            C::Store(_) => pb::ErrorCode::Internal,
+            C::Unavailable(_) | C::Scan(_) | C::Cancelled => pb::ErrorCode::Unavailable,
+            C::Local(_) if e.is_full() => pb::ErrorCode::ResourceExhausted,
+            C::Local(_) => pb::ErrorCode::Internal,
             C::Denied(_) => pb::ErrorCode::PermissionDenied,
-            C::Malware(_) => pb::ErrorCode::MalwareDetected,
+            C::Malware { .. } => pb::ErrorCode::MalwareDetected,
         };
-        Self::new(code, e.to_string())
+        Self::new(code, crate::content::chain(&e))
     }
 }
 

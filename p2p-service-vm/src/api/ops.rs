@@ -381,14 +381,15 @@ pub(crate) async fn run(svc: &ApiService, who: &Principal, op: Op) -> Result<R, 
         }
         Op::ContentList(_) => Ok(R::ContentList(pb::ContentList {
             items: content(svc)?
-                .list()?
+                .list()
+                .await?
                 .into_iter()
                 .map(content_info)
                 .collect(),
         })),
         Op::ContentPin(r) => {
             let id = parse_content_id(&r.content_id)?;
-            content(svc)?.pin(&id, r.pinned)?;
+            content(svc)?.pin(&id, r.pinned).await?;
             Ok(R::Ok(pb::Empty {}))
         }
         Op::ContentDelete(r) => {

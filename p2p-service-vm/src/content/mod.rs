@@ -16,6 +16,7 @@
 //! from peers are decoded against the BLAKE3 tree before they are written, and
 //! stored items were hashed when they entered the store.
 
+mod error;
 mod fastpath;
 mod fetch;
 pub mod gateway;
@@ -23,6 +24,8 @@ mod sealed;
 mod search;
 mod server;
 mod wire;
+
+pub use error::{ContentServiceError, LocalError, ProviderError, Unavailable, VerifyError, chain};
 
 /// The most payload bytes a fast-path connection may carry before it is
 /// replaced: half of what one sealed-frame key may seal.
@@ -45,75 +48,11 @@ use p2pvm_content::{
 use p2pvm_security::{ClamdAddr, Ledger, Standing, Verdict, VirusFilter};
 use prost::Message;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
 use crate::config::ContentConfig;
 use crate::node::{NodeEvent, NodeHandle};
-
-/// Why a content operation failed.
-#[derive(Debug, Clone, thiserror::Error)]
-pub enum ContentServiceError {
-    /// No such item here, and no provider has it.
-    #[error("Content {0} not found")]
-    NotFound(String),
-    /// A manifest or data did not verify.
-    #[error("Verification failed: {0}")]
-    Verification(String),
-    /// The request is malformed (bad id, range outside the item).
-    #[error("{0}")]
-    BadRequest(String),
-    /// Providers exist but the transfer cannot proceed.
-    #[error("Unavailable: {0}")]
-    Unavailable(String),
-    /// The disk is full.
-    #[error("Store is full: {0}")]
-    Full(String),
-    /// A local failure (store I/O, index).
-    #[error("Store: {0}")]
-    Store(String),
-    /// Not allowed.
-    #[error("{0}")]
-    Denied(String),
-    /// The virus filter found this signature.
-    #[error("Malware detected: {0}")]
-    Malware(String),
-}
-
-impl From<p2pvm_security::VirusError> for ContentServiceError {
-    fn from(e: p2pvm_security::VirusError) -> Self {
-        Self::Unavailable(e.to_string())
-    }
-}
-
-impl From<StoreError> for ContentServiceError {
-    fn from(e: StoreError) -> Self {
-        use std::error::Error;
-        let mut msg = e.to_string();
-        let mut src = e.source();
-        let mut full = false;
-        while let Some(s) = src {
-            msg.push_str(": ");
-            msg.push_str(&s.to_string());
-            if let Some(io) = s.downcast_ref::<std::io::Error>()
-                && io.kind() == std::io::ErrorKind::StorageFull
-            {
-                full = true;
-            }
-            src = s.source();
-        }
-        match e {
-            StoreError::NotFound(id) => Self::NotFound(id.to_string()),
-            _ if full => Self::Full(msg),
-            _ => Self::Store(msg),
-        }
-    }
-}
-
-impl From<ManifestError> for ContentServiceError {
-    fn from(e: ManifestError) -> Self {
-        Self::Verification(e.to_string())
-    }
-}
 
 /// A manifest whose signature was checked.
 #[derive(Debug, Clone)]
@@ -252,6 +191,9 @@ pub(crate) struct Inner {
     /// that stall cannot pin the blocking pool. Streams beyond the cap read
     /// a chunk per short job.
     pub local_readers: Arc<tokio::sync::Semaphore>,
+    /// Every task the service starts (drivers, workers, readers, scans,
+    /// servers): waited for at shutdown.
+    pub tasks: TaskTracker,
 }
 
 /// The node's content service. Cheap to clone.
@@ -284,7 +226,7 @@ impl ContentService {
         let fast_path = if config.fast_path {
             Some(
                 fastpath::FastPath::new(&key)
-                    .map_err(|e| ContentServiceError::Store(e.to_string()))?,
+                    .map_err(|e| ContentServiceError::from(LocalError::FastPath(e.into())))?,
             )
         } else {
             None
@@ -300,17 +242,7 @@ impl ContentService {
         } else {
             VirusFilter::clamd(ClamdAddr::Socket(virus.clamd_socket.clone()))
         };
-        if filter.enabled() {
-            let f = filter.clone();
-            tokio::spawn(async move {
-                match f.ping().await {
-                    Ok(()) => info!(clamd = %f.describe(), "virus filter ready"),
-                    Err(e) => {
-                        warn!(error = %e, "virus filter cannot reach clamd: content will be refused until it can")
-                    }
-                }
-            });
-        }
+        let ping = filter.enabled().then(|| filter.clone());
         let svc = Self {
             inner: Arc::new(Inner {
                 store,
@@ -329,15 +261,61 @@ impl ContentService {
                 fast_path,
                 fast_path_port: std::sync::atomic::AtomicU16::new(0),
                 local_readers: Arc::new(tokio::sync::Semaphore::new(32)),
+                tasks: TaskTracker::new(),
             }),
         };
+        if let Some(f) = ping {
+            svc.spawn(async move {
+                match f.ping().await {
+                    Ok(()) => info!(clamd = %f.describe(), "virus filter ready"),
+                    Err(e) => {
+                        warn!(error = %e, "virus filter cannot reach clamd: content will be refused until it can")
+                    }
+                }
+            });
+        }
         server::spawn(svc.clone());
         if svc.inner.fast_path.is_some() {
             svc.listen_fast_path(&listen);
         }
         let again = svc.clone();
-        tokio::spawn(async move { again.announce_all().await });
+        svc.spawn(async move { again.announce_all().await });
         Ok(svc)
+    }
+
+    /// Starts a task the service supervises: it is stopped by the shutdown
+    /// token like every task here, and [`ContentService::stopped`] waits for it.
+    pub(crate) fn spawn<F>(&self, task: F) -> tokio::task::JoinHandle<F::Output>
+    where
+        F: std::future::Future + Send + 'static,
+        F::Output: Send + 'static,
+    {
+        self.inner.tasks.spawn(task)
+    }
+
+    /// Runs store or file work on a blocking thread, never on the async ones.
+    pub(crate) async fn blocking<T: Send + 'static>(
+        &self,
+        work: impl FnOnce(&ContentService) -> T + Send + 'static,
+    ) -> Result<T, ContentServiceError> {
+        let svc = self.clone();
+        tokio::task::spawn_blocking(move || work(&svc))
+            .await
+            .map_err(ContentServiceError::task)
+    }
+
+    /// Waits until every task of the service has ended (after the shutdown
+    /// token was cancelled), or `limit` passes; true if all ended.
+    pub async fn stopped(&self, limit: std::time::Duration) -> bool {
+        self.inner.tasks.close();
+        tokio::time::timeout(limit, self.inner.tasks.wait())
+            .await
+            .is_ok()
+    }
+
+    /// Tasks of the service still running.
+    pub fn tasks_running(&self) -> usize {
+        self.inner.tasks.len()
     }
 
     /// Binds the fast path next to the first TCP listen address. A node that
@@ -489,7 +467,7 @@ impl ContentService {
             Ok::<_, StoreError>((info, stored))
         })
         .await
-        .map_err(|e| ContentServiceError::Store(e.to_string()))?
+        .map_err(ContentServiceError::task)?
         .map_err(|e| match (e, verdict.lock().expect("lock").take()) {
             (StoreError::Declined(_), Some(Ok(Verdict::Infected(sig)))) => {
                 warn!(signature = %sig, "refused a local publish: malware");
@@ -498,7 +476,7 @@ impl ContentService {
                     signature: sig.clone(),
                     peers: Vec::new(),
                 });
-                ContentServiceError::Malware(sig)
+                ContentServiceError::malware(sig)
             }
             (StoreError::Declined(_), Some(Err(v))) => v.into(),
             (e, _) => e.into(),
@@ -572,23 +550,28 @@ impl ContentService {
     }
 
     /// Items in the local store.
-    pub fn list(&self) -> Result<Vec<ContentInfo>, ContentServiceError> {
-        let me = self.inner.node.peer_id();
-        let mut out = Vec::new();
-        for item in self.inner.store.list()? {
-            if let Some(m) = self.local_manifest(&item.id)? {
-                out.push(ContentInfo {
-                    manifest: m,
-                    local: Some(item),
-                    providers: vec![me],
-                });
+    pub async fn list(&self) -> Result<Vec<ContentInfo>, ContentServiceError> {
+        self.blocking(|svc| {
+            let me = svc.inner.node.peer_id();
+            let mut out = Vec::new();
+            for item in svc.inner.store.list()? {
+                if let Some(m) = svc.local_manifest_blocking(&item.id)? {
+                    out.push(ContentInfo {
+                        manifest: m,
+                        local: Some(item),
+                        providers: vec![me],
+                    });
+                }
             }
-        }
-        out.sort_by(|a, b| a.manifest.manifest.name.cmp(&b.manifest.manifest.name));
-        Ok(out)
+            out.sort_by(|a, b| a.manifest.manifest.name.cmp(&b.manifest.manifest.name));
+            Ok(out)
+        })
+        .await?
     }
 
-    fn local_manifest(
+    /// The verified manifest of a stored item (reads the index: call it on a
+    /// blocking thread).
+    pub(crate) fn local_manifest_blocking(
         &self,
         id: &ContentId,
     ) -> Result<Option<VerifiedManifest>, ContentServiceError> {
@@ -599,13 +582,18 @@ impl ContentService {
     }
 
     /// Pins or unpins a stored item.
-    pub fn pin(&self, id: &ContentId, pinned: bool) -> Result<(), ContentServiceError> {
-        Ok(self.inner.store.set_pinned(id, pinned)?)
+    pub async fn pin(&self, id: &ContentId, pinned: bool) -> Result<(), ContentServiceError> {
+        let id = *id;
+        self.blocking(move |svc| svc.inner.store.set_pinned(&id, pinned))
+            .await??;
+        Ok(())
     }
 
     /// Deletes a stored item and stops providing it.
     pub async fn delete(&self, id: &ContentId) -> Result<(), ContentServiceError> {
-        self.inner.store.delete(id)?;
+        let item = *id;
+        self.blocking(move |svc| svc.inner.store.delete(&item))
+            .await??;
         let _ = self
             .inner
             .node
@@ -616,10 +604,19 @@ impl ContentService {
 
     /// Everything known about an item: local first, else from providers.
     pub async fn stat(&self, id: &ContentId) -> Result<ContentInfo, ContentServiceError> {
-        if let Some(m) = self.local_manifest(id)? {
+        let item = *id;
+        let local = self
+            .blocking(move |svc| {
+                let Some(m) = svc.local_manifest_blocking(&item)? else {
+                    return Ok(None);
+                };
+                Ok::<_, ContentServiceError>(Some((m, svc.inner.store.get(&item)?)))
+            })
+            .await??;
+        if let Some((manifest, local)) = local {
             return Ok(ContentInfo {
-                manifest: m,
-                local: self.inner.store.get(id)?,
+                manifest,
+                local,
                 providers: vec![self.inner.node.peer_id()],
             });
         }

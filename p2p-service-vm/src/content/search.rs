@@ -17,7 +17,9 @@ use prost::Message;
 use tracing::debug;
 
 use super::wire::{read_msg, read_payload, write_msg};
-use super::{ContentInfo, ContentService, ContentServiceError, VerifiedManifest, keyword_key};
+use super::{
+    ContentInfo, ContentService, ContentServiceError, ProviderError, VerifiedManifest, keyword_key,
+};
 use crate::node::Command;
 
 /// Providers of a keyword asked at most.
@@ -41,22 +43,29 @@ pub(crate) async fn search(
         ));
     }
     let me = svc.inner.node.peer_id();
-    let mut hits: HashMap<ContentId, ContentInfo> = HashMap::new();
-    // Local items first.
-    for (id, signed) in svc.inner.store.manifests()? {
-        if let Ok(m) = VerifiedManifest::parse(&signed)
-            && keywords::matches(&m.manifest, &words)
-        {
-            hits.insert(
-                id,
-                ContentInfo {
-                    manifest: m,
-                    local: svc.inner.store.get(&id)?,
-                    providers: vec![me],
-                },
-            );
-        }
-    }
+    // Local items first (an index scan: on a blocking thread).
+    let local_words = words.clone();
+    let mut hits: HashMap<ContentId, ContentInfo> = svc
+        .blocking(move |svc| {
+            let mut hits = HashMap::new();
+            for (id, signed) in svc.inner.store.manifests()? {
+                if let Ok(m) = VerifiedManifest::parse(&signed)
+                    && keywords::matches(&m.manifest, &local_words)
+                {
+                    let local = svc.inner.store.get(&id)?;
+                    hits.insert(
+                        id,
+                        ContentInfo {
+                            manifest: m,
+                            local,
+                            providers: vec![me],
+                        },
+                    );
+                }
+            }
+            Ok::<_, ContentServiceError>(hits)
+        })
+        .await??;
     // The rarest word would be best; the longest is a cheap stand-in.
     let word = words.iter().max_by_key(|w| w.len()).expect("not empty");
     let key = keyword_key(word);
@@ -75,7 +84,7 @@ pub(crate) async fn search(
         let words = words.clone();
         async move {
             let r = tokio::time::timeout(PEER_TIMEOUT, ask(&svc, peer, words, limit)).await;
-            (peer, r.unwrap_or_else(|_| Err("timed out".into())))
+            (peer, r.unwrap_or(Err(ProviderError::NoAnswer)))
         }
     });
     for (peer, result) in futures::future::join_all(asks).await {
@@ -95,7 +104,7 @@ pub(crate) async fn search(
                     }
                 }
             }
-            Err(e) => debug!(%peer, error = %e, "search peer failed"),
+            Err(e) => debug!(%peer, error = %super::chain(&e), "search peer failed"),
         }
     }
     let mut out: Vec<ContentInfo> = hits.into_values().collect();
@@ -114,26 +123,22 @@ async fn ask(
     peer: PeerId,
     words: Vec<String>,
     limit: usize,
-) -> Result<Vec<VerifiedManifest>, String> {
+) -> Result<Vec<VerifiedManifest>, ProviderError> {
     let mut stream = super::fetch::open_stream(svc, peer).await?;
     let op = Op::Search(SearchRequest {
         keywords: words,
         limit: limit as u32,
     });
-    let io = |e: std::io::Error| e.to_string();
-    write_msg(&mut stream, &TransferRequest { op: Some(op) })
-        .await
-        .map_err(io)?;
-    stream.flush().await.map_err(io)?;
-    let header: transfer::TransferResponse =
-        read_msg(&mut stream).await.map_err(io)?.ok_or("closed")?;
+    write_msg(&mut stream, &TransferRequest { op: Some(op) }).await?;
+    stream.flush().await?;
+    let header: transfer::TransferResponse = read_msg(&mut stream)
+        .await?
+        .ok_or_else(|| std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "stream closed"))?;
     if header.status != Status::Ok as i32 {
-        return Err(header.message);
+        return Err(ProviderError::Declined(header.message));
     }
-    let bytes = read_payload(&mut stream, header.payload_len, transfer::MAX_PAYLOAD_BYTES)
-        .await
-        .map_err(io)?;
-    let hits = transfer::SearchHits::decode(bytes.as_slice()).map_err(|e| e.to_string())?;
+    let bytes = read_payload(&mut stream, header.payload_len, transfer::MAX_PAYLOAD_BYTES).await?;
+    let hits = transfer::SearchHits::decode(bytes.as_slice()).map_err(ProviderError::BadAnswer)?;
     // A forged or tampered manifest is dropped here, never reported.
     Ok(hits
         .manifests

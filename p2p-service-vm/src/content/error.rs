@@ -1,0 +1,357 @@
+//! Why a content operation failed, typed, with the cause kept as a source.
+//!
+//! [`ContentServiceError`] is what apps see (mapped once to an API error code
+//! in `api`); [`ProviderError`] is what went wrong with one provider, and
+//! [`ProviderError::evidence`] is the one place that decides what it costs
+//! that provider in the credit ledger.
+
+use std::sync::Arc;
+
+use libp2p::PeerId;
+use p2pvm_content::{ContentError, ContentId, ManifestError, StoreError};
+use p2pvm_security::{EventKind, VirusError};
+
+use crate::node::NodeError;
+
+/// Why a content operation failed.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum ContentServiceError {
+    /// No such item here, and no provider has it.
+    #[error("Content {0} not found")]
+    NotFound(ContentId),
+    /// The request is malformed (bad id, range outside the item).
+    #[error("{0}")]
+    BadRequest(String),
+    /// Not allowed.
+    #[error("{0}")]
+    Denied(String),
+    /// A manifest or data did not verify.
+    #[error("Verification failed: {0}")]
+    Verification(#[from] VerifyError),
+    /// Providers exist but the transfer cannot proceed.
+    #[error("Unavailable: {0}")]
+    Unavailable(#[from] Unavailable),
+    /// The virus filter could not give a verdict (clamd down, or it refused).
+    #[error("{0}")]
+    Scan(#[source] Arc<VirusError>),
+    /// The virus filter found this signature.
+    #[error("Malware detected: {signature}{}", if *.elsewhere { " (found in another part of this item)" } else { "" })]
+    Malware {
+        /// The signature's name, as clamd reports it.
+        signature: String,
+        /// Found by another reader's scan of the same item.
+        elsewhere: bool,
+    },
+    /// A local failure: the store, its disk, a task of ours.
+    #[error("{0}")]
+    Local(#[source] Arc<LocalError>),
+    /// The transfer was called off (shutdown, or no reader is left).
+    #[error("Cancelled")]
+    Cancelled,
+}
+
+impl ContentServiceError {
+    /// Whether the local disk is full (a different answer for the app: free
+    /// space, or lower the quota).
+    pub fn is_full(&self) -> bool {
+        matches!(self, Self::Local(l) if l.is_full())
+    }
+
+    pub(crate) fn malware(signature: impl Into<String>) -> Self {
+        Self::Malware {
+            signature: signature.into(),
+            elsewhere: false,
+        }
+    }
+
+    pub(crate) fn io(what: impl Into<String>, source: std::io::Error) -> Self {
+        LocalError::Io {
+            what: what.into(),
+            source,
+        }
+        .into()
+    }
+
+    /// A task of ours panicked or was aborted.
+    pub(crate) fn task(e: tokio::task::JoinError) -> Self {
+        LocalError::Task(e.to_string()).into()
+    }
+}
+
+/// A local failure.
+#[derive(Debug, thiserror::Error)]
+pub enum LocalError {
+    /// The store (index or files).
+    #[error("Store")]
+    Store(#[from] StoreError),
+    /// Other file I/O (a download's partial file, a stored item's bytes).
+    #[error("{what}")]
+    Io {
+        /// What was being done.
+        what: String,
+        /// Why it failed.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A task of ours panicked or was aborted.
+    #[error("Internal task failed: {0}")]
+    Task(String),
+    /// Making the fast path's TLS identity failed.
+    #[error("Fast path identity")]
+    FastPath(#[source] Box<dyn std::error::Error + Send + Sync>),
+}
+
+impl LocalError {
+    fn is_full(&self) -> bool {
+        let mut src: Option<&(dyn std::error::Error + 'static)> = Some(self);
+        while let Some(e) = src {
+            if let Some(io) = e.downcast_ref::<std::io::Error>()
+                && io.kind() == std::io::ErrorKind::StorageFull
+            {
+                return true;
+            }
+            src = e.source();
+        }
+        false
+    }
+}
+
+impl From<LocalError> for ContentServiceError {
+    fn from(e: LocalError) -> Self {
+        Self::Local(Arc::new(e))
+    }
+}
+
+impl From<StoreError> for ContentServiceError {
+    fn from(e: StoreError) -> Self {
+        match e {
+            StoreError::NotFound(id) => Self::NotFound(id),
+            e => LocalError::Store(e).into(),
+        }
+    }
+}
+
+impl From<VirusError> for ContentServiceError {
+    fn from(e: VirusError) -> Self {
+        Self::Scan(Arc::new(e))
+    }
+}
+
+impl From<ManifestError> for ContentServiceError {
+    fn from(e: ManifestError) -> Self {
+        Self::Verification(VerifyError::Manifest(Arc::new(e)))
+    }
+}
+
+/// Why a manifest or a block was not accepted.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum VerifyError {
+    /// The signature or the encoding is wrong.
+    #[error("manifest does not verify")]
+    Manifest(#[source] Arc<ManifestError>),
+    /// A provider answered with the manifest of something else.
+    #[error("manifest for another item")]
+    WrongItem,
+    /// Anyone can sign a manifest for any id: the size it claims must be
+    /// within this node's bound...
+    #[error("claimed size {size} is above content.max_item_bytes ({max})")]
+    TooLarge {
+        /// What the manifest claims.
+        size: u64,
+        /// The configured bound.
+        max: u64,
+    },
+    /// ...and match the id.
+    #[error("claimed size 0 for a non-empty id")]
+    NotEmpty,
+    /// The item's last block, which proves the size, did not verify.
+    #[error("last block does not verify")]
+    LastBlock(#[source] Arc<ContentError>),
+}
+
+/// Why a transfer cannot go on although the item exists somewhere.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum Unavailable {
+    /// Providers were found, but none delivered for the stall timeout.
+    #[error("no verified data for {secs}s from {providers} provider(s)")]
+    Stalled {
+        /// The configured stall timeout.
+        secs: u64,
+        /// Providers being asked when it stalled.
+        providers: usize,
+    },
+    /// The only providers failed; the last one's reason.
+    #[error("provider {peer}: {source}")]
+    Provider {
+        /// The provider.
+        peer: PeerId,
+        /// What went wrong with it.
+        #[source]
+        source: Arc<ProviderError>,
+    },
+    /// The transfer ended without an outcome (its driver panicked).
+    #[error("the transfer ended unexpectedly")]
+    Ended,
+}
+
+/// What went wrong with one provider.
+#[derive(Debug, thiserror::Error)]
+pub enum ProviderError {
+    /// It does not speak the content protocol.
+    #[error("peer does not speak the content protocol")]
+    Unsupported,
+    /// It could not be found or dialled.
+    #[error("cannot reach the peer")]
+    Unreachable(#[source] NodeError),
+    /// Opening a stream to it failed or timed out.
+    #[error("opening a stream: {0}")]
+    Open(String),
+    /// The stream failed or closed early.
+    #[error("stream")]
+    Io(#[from] std::io::Error),
+    /// It did not answer in time.
+    #[error("the provider did not answer")]
+    NoAnswer,
+    /// It accepted requests and stopped answering them.
+    #[error("the provider stopped answering")]
+    StoppedAnswering,
+    /// Its bitfield is shorter than the item.
+    #[error("short bitfield")]
+    ShortBitfield,
+    /// It was announced as a provider but does not hold the item (a lie, or a
+    /// stale record).
+    #[error("peer does not have the item: {0}")]
+    NotProviding(String),
+    /// It refused a block it said it held.
+    #[error("block {block} refused: {message}")]
+    Refused {
+        /// The block.
+        block: u64,
+        /// Its reason.
+        message: String,
+    },
+    /// It refused the item's last block while proving the size.
+    #[error("last block refused: {0}")]
+    SizeUnproven(String),
+    /// It declined a request (a search, say) with this reason.
+    #[error("declined: {0}")]
+    Declined(String),
+    /// Its answer does not decode.
+    #[error("malformed answer")]
+    BadAnswer(#[source] prost::DecodeError),
+    /// It sent a block that did not verify.
+    #[error("block {block} failed verification")]
+    Corrupt {
+        /// The block.
+        block: u64,
+        /// How it failed.
+        #[source]
+        source: ContentError,
+    },
+    /// It sent a manifest that is not acceptable.
+    #[error("bad manifest")]
+    Manifest(#[source] VerifyError),
+    /// The download ended for a reason of ours, not the provider's.
+    #[error("the download failed locally")]
+    Local(#[source] ContentServiceError),
+}
+
+impl ProviderError {
+    /// What this costs the provider in the credit ledger, decided here only.
+    pub(crate) fn evidence(&self) -> Option<EventKind> {
+        match self {
+            // Verification failures are on the sender's record.
+            Self::Corrupt { .. } | Self::Manifest(VerifyError::LastBlock(_)) => {
+                Some(EventKind::CorruptBlock)
+            }
+            // It took requests and did not serve them.
+            Self::NoAnswer
+            | Self::StoppedAnswering
+            | Self::ShortBitfield
+            | Self::NotProviding(_)
+            | Self::Refused { .. }
+            | Self::BadAnswer(_)
+            | Self::Io(_) => Some(EventKind::RequestFailed),
+            // Not reachable, or a manifest signed badly (anyone can send us
+            // one; the signature, not the peer, is at fault) or our own failure.
+            Self::Unsupported
+            | Self::Unreachable(_)
+            | Self::Open(_)
+            | Self::SizeUnproven(_)
+            | Self::Declined(_)
+            | Self::Manifest(_)
+            | Self::Local(_) => None,
+        }
+    }
+
+    /// Whether a retry of the same provider may work (a transport hiccup).
+    pub(crate) fn transient(&self) -> bool {
+        matches!(
+            self,
+            Self::Unreachable(_) | Self::Open(_) | Self::Io(_) | Self::NoAnswer
+        )
+    }
+}
+
+/// Every cause of an error, outermost first, joined for one message line.
+pub fn chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut msg = e.to_string();
+    let mut src = e.source();
+    while let Some(s) = src {
+        let s_msg = s.to_string();
+        // Transparent wrappers repeat their source's text; say it once.
+        if !msg.ends_with(&s_msg) {
+            msg.push_str(": ");
+            msg.push_str(&s_msg);
+        }
+        src = s.source();
+    }
+    msg
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_full_disk_is_found_under_the_store_error() {
+        let e: ContentServiceError = StoreError::Io {
+            path: "/x".into(),
+            source: std::io::Error::from(std::io::ErrorKind::StorageFull),
+        }
+        .into();
+        assert!(e.is_full());
+        let other: ContentServiceError = ContentServiceError::io(
+            "writing block 3",
+            std::io::Error::from(std::io::ErrorKind::PermissionDenied),
+        );
+        assert!(!other.is_full());
+        let msg = chain(&other);
+        assert!(
+            msg.contains("writing block 3") && msg.contains("denied"),
+            "{msg}"
+        );
+    }
+
+    #[test]
+    fn only_serving_failures_cost_credit() {
+        assert!(matches!(
+            ProviderError::StoppedAnswering.evidence(),
+            Some(EventKind::RequestFailed)
+        ));
+        assert!(matches!(
+            ProviderError::Corrupt {
+                block: 1,
+                source: ContentError::NotHeld(1)
+            }
+            .evidence(),
+            Some(EventKind::CorruptBlock)
+        ));
+        assert!(
+            ProviderError::Local(ContentServiceError::Cancelled)
+                .evidence()
+                .is_none()
+        );
+        assert!(ProviderError::Unsupported.evidence().is_none());
+    }
+}

@@ -1,0 +1,274 @@
+//! One item being fetched, shared by all its readers (app streams, the
+//! gateway, a bulk download) and all its provider workers.
+//!
+//! Everything that changes while it runs sits in one [`State`] behind one
+//! lock: the schedule, the blocks waiting in memory, the [`Phase`], the peers
+//! that contributed. The watch channels are how the others learn of changes
+//! without polling.
+
+use std::collections::{BTreeMap, HashSet};
+use std::ops::Range;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Instant;
+
+use bytes::Bytes;
+use libp2p::PeerId;
+use p2pvm_content::{ContentError, ContentId, Partial};
+use p2pvm_security::Verdict;
+use tokio::sync::{Notify, watch};
+use tokio_util::sync::CancellationToken;
+
+use super::sched::{Sched, Slot};
+use crate::content::{ContentServiceError, VerifiedManifest};
+
+/// How a transfer ended, as readers see it.
+#[derive(Debug, Clone)]
+pub(crate) enum Outcome {
+    Running,
+    Complete,
+    Failed(ContentServiceError),
+}
+
+/// Where a download is in its life.
+#[derive(Debug)]
+pub(super) enum Phase {
+    /// Fetching for readers only: verified blocks wait in memory until read
+    /// and are dropped once every reader has passed them.
+    Streaming,
+    /// Fetching the whole item into its partial file, to be scanned, stored
+    /// and provided to others.
+    Keeping,
+    /// Ended for everyone by a local failure or malware; the driver reports
+    /// it as the outcome.
+    Failed(ContentServiceError),
+}
+
+#[derive(Debug)]
+pub(super) struct State {
+    pub sched: Sched,
+    pub phase: Phase,
+    /// Verified blocks of a streaming download, by block number. Written to
+    /// the file if the download is asked to keep the item after all.
+    pub ram: BTreeMap<u64, Bytes>,
+    /// Providers found before the download started, for the driver.
+    pub hints: Vec<PeerId>,
+    /// Peers that delivered verified blocks (isolated together if it is malware).
+    pub contributors: HashSet<PeerId>,
+}
+
+/// The scan's verdict on a whole kept item, once known.
+pub(super) type ScanVerdict = Option<Result<Verdict, ContentServiceError>>;
+
+/// An item being fetched.
+pub(crate) struct Download {
+    pub id: ContentId,
+    pub manifest: VerifiedManifest,
+    pub partial: Arc<Partial>,
+    state: Mutex<State>,
+    /// Wakes idle workers and the driver.
+    pub(super) changed: Notify,
+    /// Bumped whenever a block lands; readers wait on it.
+    pub(super) progress: watch::Sender<u64>,
+    pub(super) outcome: watch::Sender<Outcome>,
+    pub(super) verdict: watch::Sender<ScanVerdict>,
+    pub(super) cancel: CancellationToken,
+}
+
+impl Download {
+    pub(super) fn new(
+        manifest: VerifiedManifest,
+        partial: Partial,
+        sched: Sched,
+        hints: Vec<PeerId>,
+        cancel: CancellationToken,
+    ) -> Self {
+        let phase = if sched.keep() {
+            Phase::Keeping
+        } else {
+            Phase::Streaming
+        };
+        Self {
+            id: manifest.id,
+            manifest,
+            partial: Arc::new(partial),
+            state: Mutex::new(State {
+                sched,
+                phase,
+                ram: BTreeMap::new(),
+                hints,
+                contributors: HashSet::new(),
+            }),
+            changed: Notify::new(),
+            progress: watch::Sender::new(0),
+            outcome: watch::Sender::new(Outcome::Running),
+            verdict: watch::Sender::new(None),
+            cancel,
+        }
+    }
+
+    pub(super) fn state(&self) -> MutexGuard<'_, State> {
+        // A panic while holding the lock leaves the schedule as consistent
+        // as its last completed call; the driver ends the download anyway.
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub(super) fn keep(&self) -> bool {
+        self.state().sched.keep()
+    }
+
+    /// Ends the transfer for everyone with `error` (a local failure or
+    /// malware). The first reason stands, except that malware overrides any.
+    pub(super) fn fail(&self, error: ContentServiceError) {
+        {
+            let mut st = self.state();
+            let replace = match &st.phase {
+                Phase::Failed(ContentServiceError::Malware { .. }) => false,
+                Phase::Failed(_) => matches!(error, ContentServiceError::Malware { .. }),
+                _ => true,
+            };
+            if replace {
+                st.phase = Phase::Failed(error);
+            }
+        }
+        self.cancel.cancel();
+    }
+
+    /// Why the transfer was ended, if it was.
+    pub(super) fn failure(&self) -> Option<ContentServiceError> {
+        match &self.state().phase {
+            Phase::Failed(e) => Some(e.clone()),
+            _ => None,
+        }
+    }
+
+    /// The signature found in this item, if any.
+    pub(super) fn malware(&self) -> Option<String> {
+        match &self.state().phase {
+            Phase::Failed(ContentServiceError::Malware { signature, .. }) => {
+                Some(signature.clone())
+            }
+            _ => None,
+        }
+    }
+
+    /// Whether verified bytes of block `k` are at hand (on disk or in memory).
+    pub(super) fn holds(&self, k: u64) -> bool {
+        self.partial.has(k) || self.state().ram.contains_key(&k)
+    }
+
+    /// The verified block `k` if it waits in memory.
+    pub(super) fn in_memory(&self, k: u64) -> Option<Bytes> {
+        self.state().ram.get(&k).cloned()
+    }
+
+    /// `peer`'s request for `k` ended without a block.
+    pub(super) fn release(&self, peer: PeerId, k: u64) {
+        self.state().sched.release(peer, k);
+    }
+
+    /// Takes `peer`'s verified block `k`: into memory while the download
+    /// keeps nothing (unless no reader wants it any more: then it is dropped),
+    /// else into the file — so call it off the async threads then. True when
+    /// the block is newly held.
+    pub(super) fn hold(&self, peer: PeerId, k: u64, block: Bytes) -> Result<bool, ContentError> {
+        {
+            let mut st = self.state();
+            if !st.sched.keep() {
+                if !st.sched.in_window(k) {
+                    st.sched.release(peer, k);
+                    return Ok(false);
+                }
+                st.ram.insert(k, block);
+                st.contributors.insert(peer);
+                return Ok(st.sched.hold(peer, k, Instant::now()));
+            }
+        }
+        if let Err(e) = self.partial.store_verified(k, &block) {
+            self.release(peer, k);
+            return Err(e);
+        }
+        let mut st = self.state();
+        st.contributors.insert(peer);
+        Ok(st.sched.hold(peer, k, Instant::now()))
+    }
+
+    /// From now on the download keeps the item. True if that is news: the
+    /// caller then starts the whole-item scan. What waits in memory goes to
+    /// the file on a blocking thread.
+    pub(super) fn set_keep(self: &Arc<Self>) -> bool {
+        {
+            let mut st = self.state();
+            if !matches!(st.phase, Phase::Streaming) {
+                return false;
+            }
+            st.phase = Phase::Keeping;
+            st.sched.set_keep(Instant::now());
+        }
+        let dl = self.clone();
+        tokio::task::spawn_blocking(move || {
+            // Readers look in memory, then in the file: holding the lock keeps
+            // each block visible in one of them throughout.
+            let mut st = dl.state();
+            while let Some((k, b)) = st.ram.pop_first() {
+                if let Err(e) = dl.partial.store_verified(k, &b) {
+                    drop(st);
+                    dl.fail(ContentServiceError::io(
+                        format!("writing block {k} of {}", dl.id),
+                        match e {
+                            ContentError::Write(io) => io,
+                            other => std::io::Error::other(other),
+                        },
+                    ));
+                    return;
+                }
+            }
+            drop(st);
+            dl.progress.send_modify(|_| {});
+            dl.changed.notify_waiters();
+        });
+        true
+    }
+
+    /// Drops in-memory blocks outside every reader's window (passed, or far
+    /// ahead of a slow reader another reader has left behind); they become
+    /// missing again, for whoever reaches them later. So memory stays within
+    /// a window per reader however the readers spread out.
+    fn evict_passed(&self) {
+        let mut st = self.state();
+        if st.sched.keep() {
+            return;
+        }
+        let now = Instant::now();
+        let State { sched, ram, .. } = &mut *st;
+        ram.retain(|k, _| {
+            let keep = sched.in_window(*k);
+            if !keep && sched.slot(*k) == Slot::Held {
+                sched.unhold(*k, now);
+            }
+            keep
+        });
+    }
+
+    pub(super) fn add_reader(&self, blocks: Range<u64>) -> u64 {
+        let id = self.state().sched.add_reader(blocks, Instant::now());
+        self.changed.notify_waiters();
+        id
+    }
+
+    pub(super) fn advance(&self, reader: u64, next: u64) {
+        self.state().sched.advance(reader, next);
+        self.evict_passed();
+        self.changed.notify_waiters();
+    }
+
+    pub(super) fn remove_reader(&self, reader: u64) {
+        let idle = {
+            let mut st = self.state();
+            st.sched.remove_reader(reader) && !st.sched.keep()
+        };
+        if idle {
+            self.cancel.cancel();
+        }
+        self.changed.notify_waiters();
+    }
+}

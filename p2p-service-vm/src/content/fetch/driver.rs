@@ -1,0 +1,359 @@
+//! The driver of one download: it registers the download (one per item, so
+//! readers share it), finds providers in the DHT, chooses among them by the
+//! credit ledger's forecast, keeps one worker per provider running, watches
+//! for stalls, and — for a kept item — waits for the scan, commits the item
+//! to the store and announces it. Its outcome reaches every reader.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use libp2p::PeerId;
+use p2pvm_content::{BLOCK_BYTES, ContentId, Partial, block_count};
+use p2pvm_security::Verdict;
+use tracing::{debug, info, warn};
+
+use super::download::{Download, Outcome};
+use super::peer::manifest_from;
+use super::scan::{malware_found, start_whole_scan, whole_verdict};
+use super::sched::Sched;
+use super::worker::worker;
+use crate::content::error::Unavailable;
+use crate::content::{ContentService, ContentServiceError};
+use crate::node::{Command, NodeEvent};
+
+/// Blocks a download that keeps nothing fetches ahead of each reader: they
+/// wait in memory, so this bounds its memory (16 MiB per reader).
+const RAM_AHEAD: u64 = 64;
+/// How long a failed provider is left alone before it is tried again.
+const RETRY_AFTER: Duration = Duration::from_secs(2);
+
+/// Returns the running download of `id`, starting one if needed.
+pub(super) async fn download_for(
+    svc: &ContentService,
+    id: &ContentId,
+    keep: bool,
+) -> Result<Arc<Download>, ContentServiceError> {
+    if let Some(dl) = running(svc, id) {
+        if keep && dl.set_keep() {
+            start_whole_scan(svc, &dl);
+        }
+        return Ok(dl);
+    }
+    // One provider is enough to start (the driver looks for more at once);
+    // if it cannot give a valid manifest, ask more widely.
+    let mut providers = svc.find_providers(id, 1).await;
+    if providers.is_empty() {
+        return Err(ContentServiceError::NotFound(*id));
+    }
+    let manifest = match manifest_from(svc, id, &providers).await {
+        Ok(m) => m,
+        Err(first) => {
+            let tried = providers.clone();
+            providers = svc.find_providers(id, 8).await;
+            providers.retain(|p| !tried.contains(p));
+            if providers.is_empty() {
+                return Err(first);
+            }
+            manifest_from(svc, id, &providers).await?
+        }
+    };
+    let size = manifest.manifest.size;
+    let path = svc.inner.store.tmp_path("part");
+    let (item, at) = (*id, path.clone());
+    let partial = tokio::task::spawn_blocking(move || Partial::create(&at, item, size))
+        .await
+        .map_err(ContentServiceError::task)?
+        .map_err(|e| ContentServiceError::io(format!("creating {}", path.display()), e))?;
+    let sched = Sched::new(
+        block_count(size),
+        svc.inner.config.streaming_window_blocks as u64,
+        RAM_AHEAD,
+        keep,
+        rand::random(),
+        Instant::now(),
+    );
+    let cancel = svc.inner.shutdown.child_token();
+    let fresh = Arc::new(Download::new(manifest, partial, sched, providers, cancel));
+    // Another request may have started it while we looked for the manifest.
+    let raced = {
+        let mut downloads = svc.inner.downloads.lock().expect("lock");
+        // One that is winding down (cancelled) is replaced, not joined.
+        match downloads
+            .get(id)
+            .filter(|d| !d.cancel.is_cancelled())
+            .cloned()
+        {
+            Some(existing) => Some(existing),
+            None => {
+                downloads.insert(*id, fresh.clone());
+                None
+            }
+        }
+    };
+    if let Some(dl) = raced {
+        if keep && dl.set_keep() {
+            start_whole_scan(svc, &dl);
+        }
+        return Ok(dl);
+    }
+    let dl = fresh;
+    if keep {
+        // Downloaders serve what they hold, so announce at once: peers fetching
+        // the same item find us while we are still fetching it.
+        let _ = svc
+            .inner
+            .node
+            .send(Command::Announce(crate::content::content_key(id)))
+            .await;
+    }
+    svc.spawn(drive(svc.clone(), dl.clone()));
+    if keep {
+        start_whole_scan(svc, &dl);
+    }
+    Ok(dl)
+}
+
+fn running(svc: &ContentService, id: &ContentId) -> Option<Arc<Download>> {
+    svc.inner
+        .downloads
+        .lock()
+        .expect("lock")
+        .get(id)
+        .filter(|d| !d.cancel.is_cancelled())
+        .cloned()
+}
+
+/// Resolves a download's outcome and unregisters it however the driver ends,
+/// a panic included, so no reader waits forever.
+struct DriveGuard {
+    svc: ContentService,
+    dl: Arc<Download>,
+}
+
+impl Drop for DriveGuard {
+    fn drop(&mut self) {
+        let running = matches!(*self.dl.outcome.borrow(), Outcome::Running);
+        if running {
+            self.dl
+                .outcome
+                .send_replace(Outcome::Failed(Unavailable::Ended.into()));
+            // Its scan and readers stop too.
+            self.dl.cancel.cancel();
+        }
+        unregister(&self.svc, &self.dl);
+        self.dl.changed.notify_waiters();
+    }
+}
+
+/// Removes `dl` from the registry (not a newer download of the same item), so
+/// the next request for the item starts afresh.
+fn unregister(svc: &ContentService, dl: &Arc<Download>) {
+    let mut downloads = svc
+        .inner
+        .downloads
+        .lock()
+        .unwrap_or_else(|p| p.into_inner());
+    if downloads.get(&dl.id).is_some_and(|d| Arc::ptr_eq(d, dl)) {
+        downloads.remove(&dl.id);
+    }
+}
+
+/// Provider workers of one download, and when failed ones may be tried again.
+struct Workers {
+    running: HashMap<PeerId, tokio::task::JoinHandle<()>>,
+    retry: HashMap<PeerId, Instant>,
+}
+
+impl Workers {
+    /// Forgets finished workers; their providers wait before another try.
+    fn reap(&mut self) {
+        let retry = &mut self.retry;
+        self.running.retain(|peer, h| {
+            let done = h.is_finished();
+            if done {
+                retry.insert(*peer, Instant::now() + RETRY_AFTER);
+            }
+            !done
+        });
+    }
+
+    fn may_start(&self, peer: &PeerId) -> bool {
+        !self.running.contains_key(peer)
+            && self.retry.get(peer).is_none_or(|t| Instant::now() >= *t)
+    }
+}
+
+impl Drop for Workers {
+    fn drop(&mut self) {
+        for w in self.running.values() {
+            w.abort();
+        }
+    }
+}
+
+async fn drive(svc: ContentService, dl: Arc<Download>) {
+    let _guard = DriveGuard {
+        svc: svc.clone(),
+        dl: dl.clone(),
+    };
+    let id = dl.id;
+    let cfg = &svc.inner.config;
+    let stall = Duration::from_secs(cfg.stall_timeout_secs.max(1));
+    let mut workers = Workers {
+        running: HashMap::new(),
+        retry: HashMap::new(),
+    };
+    let mut next_lookup = Instant::now();
+    let mut last_event = Instant::now();
+    let started = Instant::now();
+    let result = loop {
+        let (satisfied, stalled, held) = {
+            let mut st = dl.state();
+            let stalled = st.sched.stalled(Instant::now(), stall);
+            (st.sched.satisfied(), stalled, st.sched.held_blocks())
+        };
+        if dl.keep() && satisfied {
+            break finish(&svc, &dl).await;
+        }
+        if dl.cancel.is_cancelled() {
+            break Outcome::Failed(dl.failure().unwrap_or(ContentServiceError::Cancelled));
+        }
+        if stalled {
+            break Outcome::Failed(
+                Unavailable::Stalled {
+                    secs: stall.as_secs(),
+                    providers: workers.running.len(),
+                }
+                .into(),
+            );
+        }
+        workers.reap();
+        let want_more = workers.running.len() < cfg.max_providers as usize;
+        if want_more && (Instant::now() >= next_lookup || workers.running.is_empty()) {
+            let mut candidates: Vec<PeerId> = std::mem::take(&mut dl.state().hints);
+            if Instant::now() >= next_lookup {
+                candidates.extend(
+                    svc.find_providers(&id, cfg.max_providers as usize * 2)
+                        .await,
+                );
+                // Peers fetching the same item announce themselves as they
+                // start; look often early on so a swarm finds itself quickly.
+                next_lookup = Instant::now()
+                    + if workers.running.is_empty() {
+                        Duration::from_millis(500)
+                    } else if started.elapsed() < Duration::from_secs(10) {
+                        Duration::from_secs(1)
+                    } else {
+                        Duration::from_secs(5)
+                    };
+            }
+            start_workers(&svc, &dl, &mut workers, candidates);
+        }
+        if last_event.elapsed() >= Duration::from_millis(500) {
+            last_event = Instant::now();
+            svc.emit(NodeEvent::ContentProgress {
+                id,
+                held_bytes: (held * BLOCK_BYTES).min(dl.partial.size()),
+                size: dl.partial.size(),
+                providers: workers.running.len() as u32,
+            });
+        }
+        tokio::select! {
+            _ = dl.changed.notified() => {}
+            _ = tokio::time::sleep(Duration::from_millis(250)) => {}
+            _ = dl.cancel.cancelled() => {}
+        }
+    };
+    drop(workers);
+    // Gone from the registry before readers learn the outcome: a request
+    // that comes after a failure starts a fresh download.
+    unregister(&svc, &dl);
+    report(&svc, &dl, &result, started).await;
+    dl.outcome.send_replace(result);
+}
+
+/// Starts workers for the best candidates, up to the provider limit: best
+/// credit forecast first, so a limited number of worker slots goes to the
+/// peers most likely to deliver.
+fn start_workers(
+    svc: &ContentService,
+    dl: &Arc<Download>,
+    workers: &mut Workers,
+    mut candidates: Vec<PeerId>,
+) {
+    let me = svc.inner.node.peer_id();
+    let ledger = &svc.inner.ledger;
+    candidates.sort_by_cached_key(|p| {
+        let c = ledger.credit(p);
+        (c.standing, std::cmp::Reverse(c.score))
+    });
+    candidates.dedup();
+    let max = svc.inner.config.max_providers as usize;
+    for peer in candidates {
+        if workers.running.len() >= max {
+            break;
+        }
+        if peer == me || dl.state().sched.is_bad(&peer) || !workers.may_start(&peer) {
+            continue;
+        }
+        debug!(id = %dl.id, %peer, "fetching from provider");
+        let task = svc.spawn(worker(svc.clone(), dl.clone(), peer));
+        workers.running.insert(peer, task);
+    }
+}
+
+/// Logs and announces how a download ended.
+async fn report(svc: &ContentService, dl: &Download, result: &Outcome, started: Instant) {
+    let id = dl.id;
+    match result {
+        Outcome::Complete => {
+            let size = dl.partial.size();
+            let secs = started.elapsed().as_secs_f64().max(1e-6);
+            info!(%id, size, mib_per_s = size as f64 / secs / 1048576.0, "download complete");
+            svc.emit(NodeEvent::ContentProgress {
+                id,
+                held_bytes: size,
+                size,
+                providers: 0,
+            });
+        }
+        Outcome::Failed(e) if dl.keep() => {
+            warn!(%id, error = %crate::content::error::chain(e), "download failed");
+            let _ = svc
+                .inner
+                .node
+                .send(Command::StopProviding(crate::content::content_key(&id)))
+                .await;
+        }
+        _ => {}
+    }
+}
+
+/// A kept item has every block: nothing is stored or announced before clamd
+/// has seen all of it.
+async fn finish(svc: &ContentService, dl: &Arc<Download>) -> Outcome {
+    if svc.inner.virus.enabled() {
+        match whole_verdict(dl).await {
+            Ok(Verdict::Clean) => {}
+            Ok(Verdict::Infected(sig)) => {
+                malware_found(svc, dl, &sig);
+                return Outcome::Failed(ContentServiceError::malware(sig));
+            }
+            Err(e) => return Outcome::Failed(e),
+        }
+    }
+    let store = svc.inner.store.clone();
+    let partial = dl.partial.clone();
+    let signed = dl.manifest.signed.clone();
+    let r = tokio::task::spawn_blocking(move || store.commit_partial(&partial, &signed)).await;
+    match r {
+        Ok(Ok(_)) => {
+            svc.announce(&dl.manifest).await;
+            svc.gc().await;
+            Outcome::Complete
+        }
+        Ok(Err(e)) => Outcome::Failed(e.into()),
+        Err(e) => Outcome::Failed(ContentServiceError::task(e)),
+    }
+}

@@ -1,0 +1,209 @@
+//! Talking to one provider before a download starts: opening a content
+//! stream (finding and dialling the peer if needed) and getting a manifest
+//! whose signature and claimed size are proven.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::AsyncWriteExt;
+use libp2p::{PeerId, StreamProtocol};
+use p2pvm_content::transfer::{self, BlockRequest, Op, Status, TransferRequest, TransferResponse};
+use p2pvm_content::{ContentId, block_count};
+use tracing::warn;
+
+use crate::content::error::{ProviderError, Unavailable, VerifyError};
+use crate::content::wire::{read_msg, read_payload, write_msg};
+use crate::content::{ContentService, ContentServiceError, VerifiedManifest};
+use crate::node::{Command, NodeEvent};
+
+/// Time allowed to open a stream (including finding and dialling the peer).
+const OPEN_TIMEOUT: Duration = Duration::from_secs(10);
+/// Pause before asking a provider again after a transport failure.
+const TRANSPORT_RETRY_PAUSE: Duration = Duration::from_millis(250);
+
+fn protocol() -> StreamProtocol {
+    StreamProtocol::new(transfer::PROTOCOL)
+}
+
+/// Opens a content stream to `peer`, finding and dialling it through the DHT
+/// when no connection exists yet.
+pub(crate) async fn open_stream(
+    svc: &ContentService,
+    peer: PeerId,
+) -> Result<libp2p::Stream, ProviderError> {
+    let mut control = svc.inner.node.stream_control();
+    let first = tokio::time::timeout(OPEN_TIMEOUT, control.open_stream(peer, protocol())).await;
+    match first {
+        Ok(Ok(s)) => return Ok(s),
+        Ok(Err(libp2p_stream::OpenStreamError::UnsupportedProtocol(_))) => {
+            return Err(ProviderError::Unsupported);
+        }
+        _ => {}
+    }
+    let node = &svc.inner.node;
+    let found = node
+        .call_timeout(OPEN_TIMEOUT, |reply| Command::FindPeer(peer, reply))
+        .await
+        .map_err(ProviderError::Unreachable)?;
+    node.call_timeout(OPEN_TIMEOUT, |reply| Command::Connect {
+        peer: Some(peer),
+        addrs: found.addrs,
+        reply,
+    })
+    .await
+    .map_err(ProviderError::Unreachable)?;
+    tokio::time::timeout(OPEN_TIMEOUT, control.open_stream(peer, protocol()))
+        .await
+        .map_err(|_| ProviderError::Open("timed out".into()))?
+        .map_err(|e| ProviderError::Open(e.to_string()))
+}
+
+/// Sends one request.
+pub(super) async fn request(stream: &mut libp2p::Stream, op: Op) -> std::io::Result<()> {
+    write_msg(stream, &TransferRequest { op: Some(op) }).await?;
+    stream.flush().await
+}
+
+/// Reads one answer's header.
+pub(super) async fn response(stream: &mut libp2p::Stream) -> std::io::Result<TransferResponse> {
+    read_msg(stream)
+        .await?
+        .ok_or_else(|| std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "stream closed"))
+}
+
+/// Asks providers for the manifest of `id` until one verifies. A provider
+/// that failed in transport (a connection closing under a simultaneous dial,
+/// say) is asked once more after a pause before the lookup gives up.
+pub(crate) async fn manifest_from(
+    svc: &ContentService,
+    id: &ContentId,
+    providers: &[PeerId],
+) -> Result<VerifiedManifest, ContentServiceError> {
+    let mut last = ContentServiceError::NotFound(*id);
+    let mut again = Vec::new();
+    let failed = |peer: PeerId, e: ProviderError| -> ContentServiceError {
+        match e {
+            ProviderError::Manifest(v) => v.into(),
+            e => Unavailable::Provider {
+                peer,
+                source: Arc::new(e),
+            }
+            .into(),
+        }
+    };
+    for peer in providers.iter().take(8) {
+        match manifest_once(svc, id, *peer).await {
+            Ok(Some(m)) => return Ok(m),
+            Ok(None) => {}
+            Err(e) => {
+                if e.transient() {
+                    again.push(*peer);
+                }
+                last = failed(*peer, e);
+            }
+        }
+    }
+    if !again.is_empty() {
+        tokio::time::sleep(TRANSPORT_RETRY_PAUSE).await;
+        for peer in again {
+            match manifest_once(svc, id, peer).await {
+                Ok(Some(m)) => return Ok(m),
+                Ok(None) => {}
+                Err(e) => last = failed(peer, e),
+            }
+        }
+    }
+    Err(last)
+}
+
+/// One provider's answer: its verified manifest, `None` if it does not hold
+/// the item, or why it could not be used.
+async fn manifest_once(
+    svc: &ContentService,
+    id: &ContentId,
+    peer: PeerId,
+) -> Result<Option<VerifiedManifest>, ProviderError> {
+    let mut stream = open_stream(svc, peer).await?;
+    request(&mut stream, Op::Manifest(id.0.to_vec())).await?;
+    let header = response(&mut stream).await?;
+    if header.status != Status::Ok as i32 {
+        return Ok(None);
+    }
+    let bytes = read_payload(
+        &mut stream,
+        header.payload_len,
+        transfer::MAX_HEADER_BYTES as u64,
+    )
+    .await?;
+    let m = match VerifiedManifest::parse(&bytes) {
+        Ok(m) if m.id == *id => m,
+        Ok(_) => {
+            warn!(%peer, %id, "peer sent a manifest for another item");
+            return Err(ProviderError::Manifest(VerifyError::WrongItem));
+        }
+        Err(e) => {
+            warn!(%peer, %id, error = %e, "peer sent a manifest that does not verify");
+            return Err(ProviderError::Manifest(VerifyError::Manifest(Arc::new(e))));
+        }
+    };
+    if let Err(e) = prove_size(svc, &mut stream, &m).await {
+        warn!(%peer, %id, error = %crate::content::error::chain(&e), "manifest size not proven; ignoring it");
+        if let Some(evidence) = e.evidence() {
+            svc.inner.ledger.record(peer, evidence);
+        }
+        if let ProviderError::Manifest(VerifyError::LastBlock(_)) = &e {
+            svc.emit(NodeEvent::CorruptData {
+                peer,
+                id: *id,
+                block: block_count(m.manifest.size).saturating_sub(1),
+            });
+        }
+        return Err(e);
+    }
+    Ok(Some(m))
+}
+
+/// Anyone can sign a manifest for any id, so its size is checked before it
+/// sizes anything: within the configured bound, and proven by the item's last
+/// block, whose proof commits to the length (BLAKE3's tree shape depends on it).
+async fn prove_size(
+    svc: &ContentService,
+    stream: &mut libp2p::Stream,
+    m: &VerifiedManifest,
+) -> Result<(), ProviderError> {
+    let size = m.manifest.size;
+    let max = svc.inner.config.max_item_bytes;
+    if size > max {
+        return Err(ProviderError::Manifest(VerifyError::TooLarge { size, max }));
+    }
+    if size == 0 {
+        return if m.id == ContentId::from(blake3::hash(b"")) {
+            Ok(())
+        } else {
+            Err(ProviderError::Manifest(VerifyError::NotEmpty))
+        };
+    }
+    let last = block_count(size) - 1;
+    request(
+        stream,
+        Op::Block(BlockRequest {
+            content_id: m.id.0.to_vec(),
+            block: last,
+        }),
+    )
+    .await?;
+    let header = response(stream).await?;
+    if header.status != Status::Ok as i32 {
+        return Err(ProviderError::SizeUnproven(header.message));
+    }
+    let wire = read_payload(stream, header.payload_len, transfer::block_wire(size, last)).await?;
+    let id = m.id;
+    let verified = tokio::task::spawn_blocking(move || {
+        p2pvm_content::block::verify(id, size, last, &wire, |_, _| {})
+    })
+    .await
+    .map_err(|e| ProviderError::Local(ContentServiceError::task(e)))?;
+    verified
+        .map(|_| ())
+        .map_err(|e| ProviderError::Manifest(VerifyError::LastBlock(Arc::new(e))))
+}

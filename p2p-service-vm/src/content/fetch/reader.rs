@@ -1,0 +1,388 @@
+//! Readers: verified bytes of an item, in order, to an app stream or the
+//! gateway — from the store when the item is held, else from the running
+//! download (joined or started), scanned segment by segment before delivery
+//! when the virus filter is on.
+
+use std::ops::Range;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use futures::Stream;
+use p2pvm_content::{BLOCK_BYTES, ContentId, block_count, block_range};
+use p2pvm_security::Verdict;
+use tokio::sync::mpsc;
+
+use super::download::{Download, Outcome};
+use super::driver::download_for;
+use super::scan::{Scanned, SegmentScans, malware_found};
+use crate::content::{ContentInfo, ContentService, ContentServiceError};
+
+/// Chunk handed to readers of a stored item at a time. Large, because each is
+/// a hand-off between threads (and those cost more than the copy here).
+const LOCAL_CHUNK: u64 = 1 << 20;
+/// Verified bytes handed to a reader at a time when the virus filter is on:
+/// each segment is scanned before any of it is delivered.
+const SCAN_SEGMENT: u64 = 4 << 20;
+
+/// What a reader yields.
+pub(crate) type Chunk = std::io::Result<Bytes>;
+
+fn to_io(e: ContentServiceError) -> std::io::Error {
+    std::io::Error::other(e)
+}
+
+/// The blocks that hold the bytes of `range`.
+fn block_span(size: u64, range: &Range<u64>) -> Range<u64> {
+    let first = range.start / BLOCK_BYTES;
+    let end = if range.end == 0 {
+        0
+    } else {
+        (range.end - 1) / BLOCK_BYTES + 1
+    };
+    first..end.min(block_count(size))
+}
+
+fn check_range(range: Option<Range<u64>>, size: u64) -> Result<Range<u64>, ContentServiceError> {
+    let r = range.unwrap_or(0..size);
+    if r.start > r.end || r.end > size {
+        return Err(ContentServiceError::BadRequest(format!(
+            "range {}..{} is outside an item of {size} bytes",
+            r.start, r.end
+        )));
+    }
+    Ok(r)
+}
+
+/// Starts streaming verified bytes of `id` over `range`.
+pub(crate) async fn open_reader(
+    svc: &ContentService,
+    id: &ContentId,
+    range: Option<Range<u64>>,
+    keep: bool,
+) -> Result<
+    (
+        ContentInfo,
+        Range<u64>,
+        impl Stream<Item = Chunk> + Send + 'static,
+    ),
+    ContentServiceError,
+> {
+    let (tx, rx) = mpsc::channel::<Chunk>(4);
+    let stream = futures::stream::unfold(rx, |mut rx| async move {
+        rx.recv().await.map(|item| (item, rx))
+    });
+    let id = *id;
+    let local = svc
+        .blocking(move |svc| {
+            let Some(info) = svc.inner.store.get(&id)? else {
+                return Ok(None);
+            };
+            let manifest = svc
+                .local_manifest_blocking(&id)?
+                .ok_or(ContentServiceError::NotFound(id))?;
+            let file = svc.inner.store.open_data(&id)?;
+            Ok::<_, ContentServiceError>(Some((info, manifest, file)))
+        })
+        .await??;
+    if let Some((info, manifest, file)) = local {
+        let r = check_range(range, info.size)?;
+        svc.spawn(read_local(svc.clone(), file, r.clone(), tx));
+        let me = svc.inner.node.peer_id();
+        let info = ContentInfo {
+            manifest,
+            local: Some(info),
+            providers: vec![me],
+        };
+        return Ok((info, r, stream));
+    }
+    let whole = range.is_none();
+    let mut dl = download_for(svc, &id, keep && whole).await?;
+    let r = match check_range(range, dl.partial.size()) {
+        Ok(r) => r,
+        Err(e) => {
+            // Started just for this request: do not leave it running reader-less.
+            let idle = !dl.state().sched.has_readers();
+            if idle && !dl.keep() {
+                dl.cancel.cancel();
+            }
+            return Err(e);
+        }
+    };
+    let mut reader = dl.add_reader(block_span(dl.partial.size(), &r));
+    if dl.cancel.is_cancelled() {
+        // Joined a download in the instant its last reader left (a player
+        // closing one stream and seeking with the next): start a fresh one.
+        dl.remove_reader(reader);
+        dl = download_for(svc, &id, keep && whole).await?;
+        reader = dl.add_reader(block_span(dl.partial.size(), &r));
+    }
+    let info = ContentInfo {
+        manifest: dl.manifest.clone(),
+        local: None,
+        providers: dl.state().sched.providers(),
+    };
+    svc.spawn(read_download(svc.clone(), dl, reader, r.clone(), tx));
+    Ok((info, r, stream))
+}
+
+/// Reads one chunk of a stored item at the file's position (`seek` first for
+/// the first chunk).
+fn read_chunk(f: &mut std::fs::File, pos: u64, n: u64, seek: bool) -> std::io::Result<Bytes> {
+    use std::io::{Read, Seek, SeekFrom};
+    if seek {
+        f.seek(SeekFrom::Start(pos))?;
+    }
+    // Read into spare capacity rather than zero-filling first.
+    let mut buf = Vec::with_capacity(n as usize);
+    let got = f.take(n).read_to_end(&mut buf)?;
+    if got as u64 != n {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::UnexpectedEof,
+            format!("the stored item ends {got} bytes into a {n}-byte read at {pos}"),
+        ));
+    }
+    Ok(Bytes::from(buf))
+}
+
+/// Reads `range` of a stored item sequentially (the kernel's readahead keeps
+/// up), at most the channel's capacity ahead of the reader; stops when the
+/// reader goes away. On a reader thread of its own while one of the capped
+/// few is free, else a chunk per short blocking job.
+async fn read_local(
+    svc: ContentService,
+    mut file: std::fs::File,
+    range: Range<u64>,
+    tx: mpsc::Sender<Chunk>,
+) {
+    let chunk = move |pos: u64| (range.end - pos).min(LOCAL_CHUNK);
+    if let Ok(thread) = svc.inner.local_readers.clone().try_acquire_owned() {
+        let _ = tokio::task::spawn_blocking(move || {
+            let _thread = thread;
+            let mut pos = range.start;
+            while pos < range.end {
+                let read = read_chunk(&mut file, pos, chunk(pos), pos == range.start);
+                let failed = read.is_err();
+                if tx.blocking_send(read).is_err() || failed {
+                    return;
+                }
+                pos += chunk(pos);
+            }
+        })
+        .await;
+        return;
+    }
+    let mut file = Some(file);
+    let mut pos = range.start;
+    while pos < range.end {
+        let (n, first) = (chunk(pos), pos == range.start);
+        let mut f = file.take().expect("returned by the previous job");
+        let job = tokio::task::spawn_blocking(move || {
+            let read = read_chunk(&mut f, pos, n, first);
+            (f, read)
+        });
+        let read = match job.await {
+            Ok((f, read)) => {
+                file = Some(f);
+                read
+            }
+            Err(e) => Err(std::io::Error::other(e)),
+        };
+        let failed = read.is_err();
+        if tx.send(read).await.is_err() || failed {
+            return;
+        }
+        pos += n;
+    }
+}
+
+/// Verified bytes of a held span within one block: from memory when the
+/// download keeps nothing (no copy), else from the partial file.
+pub(super) async fn read_span(dl: &Arc<Download>, range: Range<u64>) -> Scanned<Bytes> {
+    let k = range.start / BLOCK_BYTES;
+    if let Some(b) = dl.in_memory(k) {
+        let base = k * BLOCK_BYTES;
+        return Ok(b.slice((range.start - base) as usize..(range.end - base) as usize));
+    }
+    let partial = dl.partial.clone();
+    let what = format!("reading block {k} of {}", dl.id);
+    tokio::task::spawn_blocking(move || {
+        let mut buf = vec![0u8; (range.end - range.start) as usize];
+        partial
+            .read_at(&mut buf, range.start)
+            .map(|()| Bytes::from(buf))
+            .map_err(|e| ContentServiceError::io(what, e))
+    })
+    .await
+    .unwrap_or_else(|e| Err(ContentServiceError::task(e)))
+}
+
+/// Removes a reader from its download however its task ends.
+struct ReaderGuard(Arc<Download>, u64);
+
+impl Drop for ReaderGuard {
+    fn drop(&mut self) {
+        self.0.remove_reader(self.1);
+    }
+}
+
+/// Hands a scanned segment to the reader; false when the stream must end
+/// (malware, a scan error, the reader gone).
+async fn deliver(
+    svc: &ContentService,
+    dl: &Arc<Download>,
+    (segment, verdict): (Vec<Bytes>, Scanned),
+    tx: &mpsc::Sender<Chunk>,
+) -> bool {
+    let refuse = match verdict {
+        Ok(Verdict::Clean) => dl.malware().map(|signature| ContentServiceError::Malware {
+            // Another scan of this item found it: nothing more goes out.
+            signature,
+            elsewhere: true,
+        }),
+        Ok(Verdict::Infected(sig)) => {
+            malware_found(svc, dl, &sig);
+            Some(ContentServiceError::malware(sig))
+        }
+        Err(e) => Some(e),
+    };
+    if let Some(e) = refuse {
+        let _ = tx.send(Err(to_io(e))).await;
+        return false;
+    }
+    for b in segment {
+        if tx.send(Ok(b)).await.is_err() {
+            return false;
+        }
+    }
+    true
+}
+
+async fn read_download(
+    svc: ContentService,
+    dl: Arc<Download>,
+    reader: u64,
+    range: Range<u64>,
+    tx: mpsc::Sender<Chunk>,
+) {
+    let _guard = ReaderGuard(dl.clone(), reader);
+    let scan = svc.inner.virus.enabled();
+    let mut scans = SegmentScans::new(svc.inner.virus.clone());
+    let mut progress = dl.progress.subscribe();
+    let mut outcome = dl.outcome.subscribe();
+    let mut pos = range.start;
+    let mut segment: Vec<Bytes> = Vec::new();
+    let mut segment_len = 0u64;
+    loop {
+        let done_reading = pos >= range.end;
+        if done_reading && segment.is_empty() && scans.is_empty() {
+            return;
+        }
+        if !scan && !segment.is_empty() {
+            // Unscanned: hand each block over as soon as it is read.
+            for b in std::mem::take(&mut segment) {
+                if tx.send(Ok(b)).await.is_err() {
+                    return;
+                }
+            }
+            segment_len = 0;
+            continue;
+        }
+        if segment_len >= SCAN_SEGMENT || (done_reading && !segment.is_empty()) {
+            if scans.full() && !deliver(&svc, &dl, scans.next().await, &tx).await {
+                return;
+            }
+            scans.submit(std::mem::take(&mut segment));
+            segment_len = 0;
+            continue;
+        }
+        if done_reading {
+            if !deliver(&svc, &dl, scans.next().await, &tx).await {
+                return;
+            }
+            continue;
+        }
+        let k = pos / BLOCK_BYTES;
+        if !dl.holds(k) {
+            let failed = match &*outcome.borrow_and_update() {
+                Outcome::Failed(e) => Some(e.clone()),
+                _ => None,
+            };
+            if let Some(e) = failed {
+                let _ = tx.send(Err(to_io(e))).await;
+                return;
+            }
+            let busy = !scans.is_empty();
+            tokio::select! {
+                _ = progress.changed() => {}
+                _ = outcome.changed() => {}
+                done = scans.next(), if busy => {
+                    if !deliver(&svc, &dl, done, &tx).await {
+                        return;
+                    }
+                }
+                _ = tx.closed() => return,
+            }
+            continue;
+        }
+        let end = block_range(dl.partial.size(), k).end.min(range.end);
+        match read_span(&dl, pos..end).await {
+            Ok(b) => {
+                segment_len += b.len() as u64;
+                segment.push(b);
+            }
+            Err(e) => {
+                let _ = tx.send(Err(to_io(e))).await;
+                return;
+            }
+        }
+        pos = end;
+        dl.advance(reader, end.div_ceil(BLOCK_BYTES));
+    }
+}
+
+/// Fetches a whole item into the store.
+pub(crate) async fn download(
+    svc: &ContentService,
+    id: &ContentId,
+) -> Result<ContentInfo, ContentServiceError> {
+    let held = {
+        let id = *id;
+        svc.blocking(move |svc| svc.inner.store.get(&id)).await??
+    };
+    if held.is_none() {
+        let dl = download_for(svc, id, true).await?;
+        let mut outcome = dl.outcome.subscribe();
+        loop {
+            let now = outcome.borrow_and_update().clone();
+            match now {
+                Outcome::Complete => break,
+                Outcome::Failed(e) => return Err(e),
+                Outcome::Running => {}
+            }
+            if outcome.changed().await.is_err() {
+                break;
+            }
+        }
+    }
+    svc.stat(id).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_byte_range_maps_to_the_blocks_that_hold_it() {
+        let size = 3 * BLOCK_BYTES + 10;
+        assert_eq!(block_span(size, &(0..0)), 0..0);
+        assert_eq!(block_span(size, &(0..1)), 0..1);
+        assert_eq!(block_span(size, &(0..BLOCK_BYTES)), 0..1);
+        assert_eq!(block_span(size, &(BLOCK_BYTES - 1..BLOCK_BYTES + 1)), 0..2);
+        assert_eq!(block_span(size, &(0..size)), 0..4);
+        #[allow(clippy::reversed_empty_ranges)]
+        let backwards = 5..4;
+        assert!(check_range(Some(backwards), size).is_err());
+        assert!(check_range(Some(0..size + 1), size).is_err());
+        assert_eq!(check_range(None, size).unwrap(), 0..size);
+    }
+}

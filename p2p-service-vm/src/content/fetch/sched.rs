@@ -1,0 +1,772 @@
+//! Which block to ask which provider for next.
+//!
+//! A state machine without I/O, clock or randomness of its own: workers tell
+//! it what providers hold and what arrived, readers tell it where they read,
+//! and it answers `pick`, each call given the time. Its random tie-breaks come
+//! from a seed, so a test drives it through any history with a made-up clock
+//! and gets the same choices every run (the property tests below).
+//!
+//! It hands out, in order of preference:
+//! 1. missing blocks inside a reader's playback window (its next `window`
+//!    blocks), lowest first, so the first bytes and the bytes after a seek
+//!    arrive fast;
+//! 2. other wanted blocks, rarest among known providers first (random among
+//!    equals), so a swarm spreads the publisher's upload instead of asking it
+//!    for the same block N times;
+//! 3. in the end game, a block another provider has had in flight for longer
+//!    than [`ENDGAME_AFTER`], so one slow or vanished provider cannot hold up
+//!    the finish — never a block this provider already has in flight.
+//!
+//! A download that keeps the item wants every block. One that keeps nothing
+//! wants only the blocks within `ram_ahead` of a reader: they wait in memory
+//! until read, so that window bounds its memory.
+
+use std::collections::{HashMap, HashSet};
+use std::ops::Range;
+use std::time::{Duration, Instant};
+
+use libp2p::PeerId;
+
+/// How long a block may be in flight before an idle provider may duplicate it.
+pub(super) const ENDGAME_AFTER: Duration = Duration::from_millis(400);
+
+/// A block's state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Slot {
+    Missing,
+    /// In flight at this many providers.
+    Pending(u8),
+    Held,
+}
+
+/// What a provider holds.
+#[derive(Debug, Clone)]
+pub(crate) enum Have {
+    Unknown,
+    All,
+    Some(Vec<bool>),
+}
+
+impl Have {
+    pub(super) fn has(&self, k: u64) -> bool {
+        match self {
+            Have::Unknown => false,
+            Have::All => true,
+            Have::Some(v) => v.get(k as usize).copied().unwrap_or(false),
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+struct Provider {
+    have: Have,
+    /// In the throttled credit band: used only for blocks that no better
+    /// provider holds, and never for a playback window.
+    throttled: bool,
+    /// Blocks asked of this provider and not yet settled, on any of its
+    /// connections.
+    asked: HashSet<u64>,
+}
+
+#[derive(Debug, Clone)]
+struct Reader {
+    id: u64,
+    next: u64,
+    end: u64,
+}
+
+/// The schedule of one download.
+#[derive(Debug, Clone)]
+pub(super) struct Sched {
+    slots: Vec<Slot>,
+    /// When each pending block was first asked for.
+    since: Vec<Option<Instant>>,
+    /// How many known providers hold each block.
+    rarity: Vec<u16>,
+    readers: Vec<Reader>,
+    next_reader: u64,
+    /// Blocks ahead of a reader fetched first (playback window).
+    window: u64,
+    /// Blocks ahead of a reader wanted at all when nothing is kept.
+    ram_ahead: u64,
+    keep: bool,
+    providers: HashMap<PeerId, Provider>,
+    /// Providers that sent data that did not verify: never used again here.
+    bad: HashSet<PeerId>,
+    rng: u64,
+    last_progress: Instant,
+    held: u64,
+}
+
+impl Sched {
+    pub(super) fn new(
+        blocks: u64,
+        window: u64,
+        ram_ahead: u64,
+        keep: bool,
+        seed: u64,
+        now: Instant,
+    ) -> Self {
+        let n = blocks as usize;
+        Self {
+            slots: vec![Slot::Missing; n],
+            since: vec![None; n],
+            rarity: vec![0; n],
+            readers: Vec::new(),
+            next_reader: 1,
+            window,
+            ram_ahead,
+            keep,
+            providers: HashMap::new(),
+            bad: HashSet::new(),
+            // xorshift is stuck at zero.
+            rng: seed | 1,
+            last_progress: now,
+            held: 0,
+        }
+    }
+
+    fn random(&mut self) -> u64 {
+        // xorshift: only used to break ties between equally rare blocks.
+        self.rng ^= self.rng << 13;
+        self.rng ^= self.rng >> 7;
+        self.rng ^= self.rng << 17;
+        self.rng
+    }
+
+    pub(super) fn keep(&self) -> bool {
+        self.keep
+    }
+
+    /// From now on every block is wanted. True if that is news.
+    pub(super) fn set_keep(&mut self, now: Instant) -> bool {
+        // New demand: the stall clock starts now, not at the last block.
+        self.last_progress = now;
+        !std::mem::replace(&mut self.keep, true)
+    }
+
+    pub(super) fn slot(&self, k: u64) -> Slot {
+        self.slots[k as usize]
+    }
+
+    pub(super) fn held_blocks(&self) -> u64 {
+        self.held
+    }
+
+    pub(super) fn providers(&self) -> Vec<PeerId> {
+        self.providers.keys().copied().collect()
+    }
+
+    pub(super) fn is_bad(&self, peer: &PeerId) -> bool {
+        self.bad.contains(peer)
+    }
+
+    pub(super) fn has_readers(&self) -> bool {
+        !self.readers.is_empty()
+    }
+
+    /// A reader of `blocks` starts; returns its id.
+    pub(super) fn add_reader(&mut self, blocks: Range<u64>, now: Instant) -> u64 {
+        let id = self.next_reader;
+        self.next_reader += 1;
+        self.readers.push(Reader {
+            id,
+            next: blocks.start,
+            end: blocks.end,
+        });
+        self.last_progress = now;
+        id
+    }
+
+    /// A reader has read every block before `next`.
+    pub(super) fn advance(&mut self, reader: u64, next: u64) {
+        if let Some(r) = self.readers.iter_mut().find(|r| r.id == reader) {
+            r.next = next;
+        }
+    }
+
+    /// A reader is gone; true when none is left.
+    pub(super) fn remove_reader(&mut self, reader: u64) -> bool {
+        self.readers.retain(|r| r.id != reader);
+        self.readers.is_empty()
+    }
+
+    fn provider(&mut self, peer: PeerId) -> &mut Provider {
+        self.providers.entry(peer).or_insert_with(|| Provider {
+            have: Have::Unknown,
+            throttled: false,
+            asked: HashSet::new(),
+        })
+    }
+
+    /// What `peer` holds now.
+    pub(super) fn set_have(&mut self, peer: PeerId, have: Have) {
+        let old = std::mem::replace(&mut self.provider(peer).have, have);
+        let new = &self.providers[&peer].have;
+        for (k, r) in self.rarity.iter_mut().enumerate() {
+            match (old.has(k as u64), new.has(k as u64)) {
+                (false, true) => *r = r.saturating_add(1),
+                (true, false) => *r = r.saturating_sub(1),
+                _ => {}
+            }
+        }
+    }
+
+    /// `peer` said it does not hold `k` after all.
+    pub(super) fn not_held(&mut self, peer: PeerId, k: u64) {
+        self.release(peer, k);
+        if let Some(p) = self.providers.get_mut(&peer)
+            && let Have::Some(bits) = &mut p.have
+            && let Some(b) = bits.get_mut(k as usize)
+            && std::mem::replace(b, false)
+        {
+            let r = &mut self.rarity[k as usize];
+            *r = r.saturating_sub(1);
+        }
+    }
+
+    pub(super) fn set_throttled(&mut self, peer: PeerId) {
+        self.provider(peer).throttled = true;
+    }
+
+    /// `peer` sent data that did not verify.
+    pub(super) fn mark_bad(&mut self, peer: PeerId) {
+        self.bad.insert(peer);
+    }
+
+    /// `peer` is gone: what it had in flight goes back to the pool.
+    pub(super) fn forget_peer(&mut self, peer: &PeerId) {
+        let Some(p) = self.providers.get(peer) else {
+            return;
+        };
+        for k in p.asked.clone() {
+            self.release(*peer, k);
+        }
+        self.set_have(*peer, Have::Unknown);
+        self.providers.remove(peer);
+    }
+
+    /// Whether block `k` is worth fetching: every block for a download that
+    /// keeps the item, else only those a reader will soon read. (`pick`'s
+    /// candidates are exactly these.)
+    #[cfg(test)]
+    fn wanted(&self, k: u64) -> bool {
+        self.keep || self.in_window(k)
+    }
+
+    /// Whether `k` is within some reader's memory window.
+    pub(super) fn in_window(&self, k: u64) -> bool {
+        self.readers
+            .iter()
+            .any(|r| r.next <= k && k < r.end.min(r.next + self.ram_ahead))
+    }
+
+    fn take(&mut self, peer: PeerId, k: u64, now: Instant) -> u64 {
+        let i = k as usize;
+        self.slots[i] = match self.slots[i] {
+            Slot::Missing => Slot::Pending(1),
+            Slot::Pending(n) => Slot::Pending(n.saturating_add(1)),
+            Slot::Held => Slot::Held,
+        };
+        self.since[i].get_or_insert(now);
+        self.provider(peer).asked.insert(k);
+        k
+    }
+
+    /// The next block to ask `peer` for, or `None`. `urgent`: the peer may
+    /// serve playback windows.
+    pub(super) fn pick(&mut self, peer: &PeerId, now: Instant, urgent: bool) -> Option<u64> {
+        let n = self.slots.len() as u64;
+        let start = if n == 0 { 0 } else { self.random() % n };
+        let p = self.providers.get(peer)?;
+        let (have, asked) = (&p.have, &p.asked);
+        let better_has = |k: u64| {
+            p.throttled
+                && self
+                    .providers
+                    .values()
+                    .any(|o| !o.throttled && o.have.has(k))
+        };
+        // 1. Playback windows, the most urgent reader first.
+        if urgent && !p.throttled {
+            let mut windows: Vec<(u64, u64)> = self
+                .readers
+                .iter()
+                .map(|r| (r.next, (r.next + self.window).min(r.end)))
+                .collect();
+            windows.sort_unstable();
+            for (from, to) in windows {
+                for k in from..to {
+                    if self.slots[k as usize] == Slot::Missing && have.has(k) {
+                        return Some(self.take(*peer, k, now));
+                    }
+                }
+            }
+        }
+        // Where wanted blocks can be: anywhere for a download that keeps the
+        // item (from a random place, to break ties), else only in the readers'
+        // memory windows (a scan of the whole item per request cost 2 % of a
+        // stream's CPU).
+        let candidates = || -> Box<dyn Iterator<Item = u64> + '_> {
+            if self.keep {
+                Box::new((0..n).map(move |i| (start + i) % n))
+            } else {
+                Box::new(
+                    self.readers
+                        .iter()
+                        .flat_map(|r| r.next..r.end.min(r.next + self.ram_ahead)),
+                )
+            }
+        };
+        // 2. Rarest wanted block.
+        let mut best: Option<(u16, u64)> = None;
+        for k in candidates() {
+            let rarity = self.rarity[k as usize];
+            if self.slots[k as usize] == Slot::Missing
+                && have.has(k)
+                && !better_has(k)
+                && best.is_none_or(|(r, _)| rarity < r)
+            {
+                best = Some((rarity, k));
+                if rarity <= 1 {
+                    break;
+                }
+            }
+        }
+        if let Some((_, k)) = best {
+            return Some(self.take(*peer, k, now));
+        }
+        // 3. End game: duplicate the longest-waiting block held up elsewhere.
+        let mut oldest: Option<(Instant, u64)> = None;
+        for k in candidates() {
+            let i = k as usize;
+            if self.slots[i] == Slot::Pending(1)
+                && have.has(k)
+                && !asked.contains(&k)
+                && !better_has(k)
+                && let Some(t) = self.since[i]
+                && now.saturating_duration_since(t) > ENDGAME_AFTER
+                && oldest.is_none_or(|(o, _)| t < o)
+            {
+                oldest = Some((t, k));
+            }
+        }
+        oldest.map(|(_, k)| self.take(*peer, k, now))
+    }
+
+    /// `peer`'s request for `k` ended without the block (refused, dropped,
+    /// failed verification, or a duplicate another copy beat).
+    pub(super) fn release(&mut self, peer: PeerId, k: u64) {
+        let asked = self
+            .providers
+            .get_mut(&peer)
+            .is_some_and(|p| p.asked.remove(&k));
+        let i = k as usize;
+        if !asked || i >= self.slots.len() {
+            return;
+        }
+        self.slots[i] = match self.slots[i] {
+            Slot::Pending(n) if n > 1 => Slot::Pending(n - 1),
+            Slot::Pending(_) => {
+                self.since[i] = None;
+                Slot::Missing
+            }
+            other => other,
+        };
+    }
+
+    /// `peer` delivered `k`, verified. True when the block is newly held.
+    pub(super) fn hold(&mut self, peer: PeerId, k: u64, now: Instant) -> bool {
+        if let Some(p) = self.providers.get_mut(&peer) {
+            p.asked.remove(&k);
+        }
+        let i = k as usize;
+        if self.slots[i] == Slot::Held {
+            return false;
+        }
+        self.slots[i] = Slot::Held;
+        self.since[i] = None;
+        self.held += 1;
+        self.last_progress = now;
+        true
+    }
+
+    /// A held block was dropped from memory: it is missing again (or still
+    /// pending at whoever duplicated it).
+    pub(super) fn unhold(&mut self, k: u64, now: Instant) {
+        let i = k as usize;
+        if self.slots[i] != Slot::Held {
+            return;
+        }
+        self.held -= 1;
+        let pending = self
+            .providers
+            .values()
+            .filter(|p| p.asked.contains(&k))
+            .count();
+        self.slots[i] = match u8::try_from(pending) {
+            Ok(0) => Slot::Missing,
+            Ok(n) => Slot::Pending(n),
+            Err(_) => Slot::Pending(u8::MAX),
+        };
+        if pending > 0 {
+            self.since[i] = Some(now);
+        }
+    }
+
+    /// Whether every block wanted now is held: the whole item for a keeping
+    /// download, else each reader's memory window (a paused reader owes
+    /// nothing more until it reads on).
+    pub(super) fn satisfied(&self) -> bool {
+        if self.keep {
+            return self.held == self.slots.len() as u64;
+        }
+        self.readers.iter().all(|r| {
+            (r.next..r.end.min(r.next + self.ram_ahead))
+                .all(|k| self.slots[k as usize] == Slot::Held)
+        })
+    }
+
+    /// True when something is owed and nothing arrived for `limit`. Nothing
+    /// owed restarts the clock: readers paused with full windows stall no one.
+    pub(super) fn stalled(&mut self, now: Instant, limit: Duration) -> bool {
+        if self.satisfied() {
+            self.last_progress = now;
+            return false;
+        }
+        now.saturating_duration_since(self.last_progress) > limit
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    const WINDOW: u64 = 4;
+    const RAM_AHEAD: u64 = 8;
+
+    fn peers(n: usize) -> Vec<PeerId> {
+        (0..n).map(|_| PeerId::random()).collect()
+    }
+
+    #[test]
+    fn the_end_game_never_asks_one_peer_twice_for_a_block() {
+        let t0 = Instant::now();
+        let (slow, other) = (PeerId::random(), PeerId::random());
+        let mut s = Sched::new(1, WINDOW, RAM_AHEAD, true, 7, t0);
+        s.set_have(slow, Have::All);
+        s.set_have(other, Have::All);
+        assert_eq!(s.pick(&slow, t0, true), Some(0));
+        let later = t0 + 2 * ENDGAME_AFTER;
+        // Held up past the end-game delay, `slow` is not asked again...
+        assert_eq!(s.pick(&slow, later, true), None);
+        // ...but another peer may take a second copy, not before the delay.
+        assert_eq!(s.pick(&other, t0 + ENDGAME_AFTER / 2, true), None);
+        assert_eq!(s.pick(&other, later, true), Some(0));
+        assert_eq!(s.slot(0), Slot::Pending(2));
+        assert!(s.hold(other, 0, later));
+        s.release(slow, 0);
+        assert_eq!(s.slot(0), Slot::Held);
+        assert!(s.satisfied());
+    }
+
+    #[test]
+    fn a_swarm_finishes_despite_a_provider_that_never_answers() {
+        // Simulated time: each live provider answers one block per 10 ms;
+        // the first takes requests and never answers.
+        let t0 = Instant::now();
+        let ps = peers(3);
+        let mut s = Sched::new(64, WINDOW, RAM_AHEAD, true, 11, t0);
+        for p in &ps {
+            s.set_have(*p, Have::All);
+        }
+        let mut now = t0;
+        let mut inflight: HashMap<PeerId, Vec<u64>> = HashMap::new();
+        for step in 0..10_000 {
+            if s.satisfied() {
+                // The dead provider held up at most one block per request.
+                assert!(step < 200, "took {step} steps");
+                return;
+            }
+            for p in &ps {
+                let q = inflight.entry(*p).or_default();
+                while q.len() < 4
+                    && let Some(k) = s.pick(p, now, true)
+                {
+                    q.push(k);
+                }
+            }
+            for p in &ps[1..] {
+                let q = inflight.get_mut(p).expect("asked");
+                if !q.is_empty() {
+                    let k = q.remove(0);
+                    s.hold(*p, k, now);
+                }
+            }
+            now += Duration::from_millis(10);
+        }
+        panic!("never finished: {} of 64 held", s.held_blocks());
+    }
+
+    /// One step of a download's life, as workers and readers report it.
+    #[derive(Debug, Clone)]
+    enum Op {
+        Have {
+            peer: usize,
+            bits: Option<Vec<bool>>,
+        },
+        Throttle {
+            peer: usize,
+        },
+        Pick {
+            peer: usize,
+            urgent: bool,
+        },
+        /// Settle one of a peer's requests: held, released or not held.
+        Answer {
+            peer: usize,
+            nth: usize,
+            how: u8,
+        },
+        Forget {
+            peer: usize,
+        },
+        AddReader {
+            start: u64,
+            len: u64,
+        },
+        Advance {
+            nth: usize,
+            by: u64,
+        },
+        RemoveReader {
+            nth: usize,
+        },
+        /// Drop held blocks outside every window (what a streaming download
+        /// does with its memory).
+        Evict,
+        Keep,
+        Tick {
+            ms: u64,
+        },
+    }
+
+    const BLOCKS: u64 = 10;
+    const PEERS: usize = 4;
+
+    fn op() -> impl Strategy<Value = Op> {
+        let peer = 0..PEERS;
+        prop_oneof![
+            1 => (
+                peer.clone(),
+                proptest::option::of(proptest::collection::vec(any::<bool>(), BLOCKS as usize))
+            )
+                .prop_map(|(peer, bits)| Op::Have { peer, bits }),
+            1 => peer.clone().prop_map(|peer| Op::Throttle { peer }),
+            4 => (peer.clone(), any::<bool>()).prop_map(|(peer, urgent)| Op::Pick { peer, urgent }),
+            4 => (peer.clone(), 0..8usize, 0..3u8)
+                .prop_map(|(peer, nth, how)| Op::Answer { peer, nth, how }),
+            1 => peer.prop_map(|peer| Op::Forget { peer }),
+            1 => (0..BLOCKS, 1..BLOCKS).prop_map(|(start, len)| Op::AddReader { start, len }),
+            1 => (0..4usize, 0..6u64).prop_map(|(nth, by)| Op::Advance { nth, by }),
+            1 => (0..4usize).prop_map(|nth| Op::RemoveReader { nth }),
+            1 => Just(Op::Evict),
+            1 => Just(Op::Keep),
+            1 => (0..900u64).prop_map(|ms| Op::Tick { ms }),
+        ]
+    }
+
+    /// What must hold after every step.
+    fn check_invariants(s: &Sched) -> Result<(), TestCaseError> {
+        for k in 0..BLOCKS {
+            let holders = s.providers.values().filter(|p| p.have.has(k)).count();
+            prop_assert_eq!(s.rarity[k as usize] as usize, holders, "rarity of {}", k);
+            let asked = s
+                .providers
+                .values()
+                .filter(|p| p.asked.contains(&k))
+                .count();
+            match s.slot(k) {
+                Slot::Missing => prop_assert_eq!(asked, 0, "missing {} yet asked", k),
+                Slot::Pending(n) => prop_assert_eq!(n as usize, asked, "pending count of {}", k),
+                Slot::Held => {}
+            }
+            prop_assert_eq!(
+                s.since[k as usize].is_some(),
+                matches!(s.slot(k), Slot::Pending(_)),
+                "request clock of {}",
+                k
+            );
+        }
+        let held = s.slots.iter().filter(|x| **x == Slot::Held).count() as u64;
+        prop_assert_eq!(s.held, held);
+        Ok(())
+    }
+
+    /// What must hold of one pick, given the schedule before it.
+    fn check_pick(
+        before: &Sched,
+        peer: &PeerId,
+        urgent: bool,
+        now: Instant,
+        got: Option<u64>,
+    ) -> Result<(), TestCaseError> {
+        let Some(p) = before.providers.get(peer) else {
+            prop_assert_eq!(got, None);
+            return Ok(());
+        };
+        let better_has = |k: u64| {
+            p.throttled
+                && before
+                    .providers
+                    .values()
+                    .any(|o| !o.throttled && o.have.has(k))
+        };
+        let eligible_missing: Vec<u64> = (0..BLOCKS)
+            .filter(|k| {
+                before.slot(*k) == Slot::Missing
+                    && p.have.has(*k)
+                    && before.wanted(*k)
+                    && !better_has(*k)
+            })
+            .collect();
+        let Some(k) = got else {
+            // Never idle while there is a block this peer could fetch.
+            prop_assert!(
+                eligible_missing.is_empty(),
+                "no pick though {:?} are missing and held by the peer",
+                eligible_missing
+            );
+            return Ok(());
+        };
+        prop_assert!(p.have.has(k), "picked {} the peer does not hold", k);
+        prop_assert!(!p.asked.contains(&k), "asked the same peer twice for {}", k);
+        prop_assert!(before.slot(k) != Slot::Held, "picked held block {}", k);
+        let in_playback = before
+            .readers
+            .iter()
+            .any(|r| r.next <= k && k < (r.next + before.window).min(r.end));
+        if !in_playback || !urgent || p.throttled {
+            prop_assert!(before.wanted(k), "picked {} nobody wants", k);
+            prop_assert!(
+                !better_has(k),
+                "a throttled peer got {} a better one holds",
+                k
+            );
+        }
+        match before.slot(k) {
+            Slot::Pending(n) => {
+                // A duplicate: only in the end game, and only of a single copy.
+                prop_assert_eq!(n, 1);
+                prop_assert!(
+                    eligible_missing.is_empty(),
+                    "duplicated {} while blocks were missing",
+                    k
+                );
+                let since = before.since[k as usize].expect("pending has a clock");
+                prop_assert!(
+                    now.saturating_duration_since(since) > ENDGAME_AFTER,
+                    "duplicated {} early",
+                    k
+                );
+            }
+            Slot::Missing if !(urgent && in_playback) => {
+                // Rarest first (the scan stops at the first block held by one peer).
+                let rarest = eligible_missing
+                    .iter()
+                    .map(|k| before.rarity[*k as usize])
+                    .min()
+                    .unwrap_or(0);
+                prop_assert!(
+                    before.rarity[k as usize] <= rarest.max(1),
+                    "{} is not among the rarest",
+                    k
+                );
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(512))]
+
+        #[test]
+        fn the_schedule_keeps_its_invariants(
+            seed in any::<u64>(),
+            keep in any::<bool>(),
+            ops in proptest::collection::vec(op(), 1..160),
+        ) {
+            let ids = peers(PEERS);
+            let t0 = Instant::now();
+            let mut now = t0;
+            let mut s = Sched::new(BLOCKS, WINDOW, RAM_AHEAD, keep, seed, t0);
+            let mut readers: Vec<u64> = Vec::new();
+            for op in ops {
+                match op {
+                    Op::Have { peer, bits } => {
+                        s.set_have(ids[peer], bits.map_or(Have::All, Have::Some));
+                    }
+                    Op::Throttle { peer } => s.set_throttled(ids[peer]),
+                    Op::Pick { peer, urgent } => {
+                        let before = s.clone();
+                        let got = s.pick(&ids[peer], now, urgent);
+                        check_pick(&before, &ids[peer], urgent, now, got)?;
+                    }
+                    Op::Answer { peer, nth, how } => {
+                        let asked: Vec<u64> = s
+                            .providers
+                            .get(&ids[peer])
+                            .map(|p| { let mut v: Vec<u64> = p.asked.iter().copied().collect(); v.sort_unstable(); v })
+                            .unwrap_or_default();
+                        if let Some(k) = asked.get(nth % asked.len().max(1)).copied() {
+                            match how {
+                                // A block that keeps nothing is dropped
+                                // when no reader wants it any more.
+                                0 if s.keep() || s.in_window(k) => { s.hold(ids[peer], k, now); }
+                                0 | 1 => s.release(ids[peer], k),
+                                _ => s.not_held(ids[peer], k),
+                            }
+                        }
+                    }
+                    Op::Forget { peer } => s.forget_peer(&ids[peer]),
+                    Op::AddReader { start, len } => {
+                        readers.push(s.add_reader(start..(start + len).min(BLOCKS), now));
+                    }
+                    Op::Advance { nth, by } => {
+                        if let Some(r) = readers.get(nth % readers.len().max(1)).copied()
+                            && let Some(rd) = s.readers.iter().find(|x| x.id == r)
+                        {
+                            let next = (rd.next + by).min(rd.end);
+                            s.advance(r, next);
+                        }
+                    }
+                    Op::RemoveReader { nth } => {
+                        if !readers.is_empty() {
+                            let r = readers.remove(nth % readers.len());
+                            s.remove_reader(r);
+                        }
+                    }
+                    Op::Evict => {
+                        if !s.keep() {
+                            for k in 0..BLOCKS {
+                                if s.slot(k) == Slot::Held && !s.in_window(k) {
+                                    s.unhold(k, now);
+                                }
+                            }
+                            // Memory holds only what some reader will read soon.
+                            for k in 0..BLOCKS {
+                                prop_assert!(s.slot(k) != Slot::Held || s.in_window(k));
+                            }
+                            prop_assert!(s.held <= s.readers.len() as u64 * RAM_AHEAD);
+                        }
+                    }
+                    Op::Keep => { s.set_keep(now); }
+                    Op::Tick { ms } => now += Duration::from_millis(ms),
+                }
+                check_invariants(&s)?;
+            }
+        }
+    }
+}

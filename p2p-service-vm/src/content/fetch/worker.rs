@@ -1,0 +1,544 @@
+//! One worker per provider: it learns what the provider holds (`Have`),
+//! keeps a pipeline of block requests in flight on each of its connections
+//! (the libp2p stream, or several fast-path connections), verifies what
+//! arrives and hands it to the download. The schedule decides which block
+//! each freed slot asks for, so faster providers take more blocks.
+//!
+//! However the worker ends, what it had in flight goes back to the pool, and
+//! its error — typed — is charged to the provider once, by
+//! [`ProviderError::evidence`].
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use futures::{AsyncWriteExt, StreamExt};
+use libp2p::PeerId;
+use p2pvm_content::transfer::{self, BlockRequest, Op, Status, TransferRequest, TransferResponse};
+use p2pvm_content::{BLOCK_BYTES, ContentError, block_count, block_range};
+use p2pvm_security::{EventKind, Standing};
+use tokio::sync::mpsc;
+use tracing::{debug, warn};
+
+use super::download::{Download, Outcome};
+use super::peer::{open_stream, request, response};
+use super::sched::Have;
+use crate::content::error::ProviderError;
+use crate::content::wire::{
+    PayloadRead, PayloadWrite, read_msg, read_payload, read_payload_bytes, write_msg,
+};
+use crate::content::{ContentService, ContentServiceError};
+use crate::node::{Command, NodeEvent};
+
+/// How often an idle worker re-asks a partial provider what it holds.
+const HAVE_REFRESH: Duration = Duration::from_millis(500);
+/// How long a provider may leave requests unanswered before it is dropped.
+const ANSWER_TIMEOUT: Duration = Duration::from_secs(15);
+/// How long a low-credit provider waits before its first request.
+const THROTTLED_HEAD_START: Duration = Duration::from_secs(1);
+/// How long a provider's queue of our requests should take to drain. Deeper
+/// queues add latency (a capped uploader answers late, the end game duplicates
+/// requests); shallower ones leave a fast link idle between answers.
+const TARGET_QUEUE: Duration = Duration::from_millis(250);
+
+/// One request a connection has on the wire.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Pending {
+    Block(u64),
+    Have,
+}
+
+/// Fetches from `peer` until the download ends or the provider fails.
+pub(super) async fn worker(svc: ContentService, dl: Arc<Download>, peer: PeerId) {
+    let r = run(&svc, &dl, peer).await;
+    dl.state().sched.forget_peer(&peer);
+    dl.changed.notify_waiters();
+    if let Err(e) = r {
+        charge(&svc, &dl, peer, &e);
+        debug!(id = %dl.id, %peer, error = %crate::content::error::chain(&e), "provider dropped");
+    }
+}
+
+/// What a provider's failure costs it: the ledger's evidence, and for
+/// corrupt data, exclusion from this download and an event.
+fn charge(svc: &ContentService, dl: &Download, peer: PeerId, e: &ProviderError) {
+    if let Some(evidence) = e.evidence() {
+        svc.inner.ledger.record(peer, evidence);
+    }
+    if let ProviderError::Corrupt { block, .. } = e {
+        warn!(id = %dl.id, %peer, block, "corrupt block from provider; dropping it and the provider");
+        dl.state().sched.mark_bad(peer);
+        svc.emit(NodeEvent::CorruptData {
+            peer,
+            id: dl.id,
+            block: *block,
+        });
+    }
+}
+
+async fn run(svc: &ContentService, dl: &Arc<Download>, peer: PeerId) -> Result<(), ProviderError> {
+    let mut stream = open_stream(svc, peer).await?;
+    // The first Have goes alone: its answer says what the provider holds and
+    // whether blocks can take the fast path. A provider that never answers
+    // frees its worker slot like one that stops answering later.
+    let id = dl.id;
+    let first = async {
+        request(&mut stream, Op::Have(id.0.to_vec())).await?;
+        let header = response(&mut stream).await?;
+        let payload = if header.status == Status::Ok as i32 {
+            let max = block_count(dl.partial.size()).div_ceil(8);
+            read_payload(&mut stream, header.payload_len, max).await?
+        } else {
+            Vec::new()
+        };
+        Ok::<_, std::io::Error>((header, payload))
+    };
+    let (header, payload) = tokio::select! {
+        r = tokio::time::timeout(ANSWER_TIMEOUT, first) => r.map_err(|_| ProviderError::NoAnswer)??,
+        _ = dl.cancel.cancelled() => return Ok(()),
+    };
+    let complete = on_have(svc, dl, peer, &header, &payload)?;
+    if let Some(first) = fast_path(svc, peer, header.fast_path_port).await {
+        debug!(%id, %peer, "blocks take the fast path");
+        // More connections, each with a pipeline of its own, for a peer we
+        // trust with more than one request at a time.
+        let extra = if svc.standing(&peer) == Standing::Throttled {
+            0
+        } else {
+            svc.inner.config.fast_path_connections - 1
+        };
+        let dials = (0..extra).map(|_| fast_path(svc, peer, header.fast_path_port));
+        let more: Vec<_> = tokio::select! {
+            all = futures::future::join_all(dials) => all.into_iter().flatten().collect(),
+            _ = dl.cancel.cancelled() => return Ok(()),
+        };
+        let conns = std::iter::once(first).chain(more);
+        futures::future::try_join_all(conns.map(|c| pipeline(svc, dl, peer, c, complete))).await?;
+        return Ok(());
+    }
+    pipeline(
+        svc,
+        dl,
+        peer,
+        futures::AsyncReadExt::split(stream),
+        complete,
+    )
+    .await
+}
+
+/// A fast-path connection to `peer` if it offers one (`port`) and it can be
+/// reached at the address our libp2p connection uses; `None` otherwise.
+async fn fast_path(
+    svc: &ContentService,
+    peer: PeerId,
+    port: u32,
+) -> Option<(
+    crate::content::sealed::SealedReader,
+    crate::content::sealed::SealedWriter,
+)> {
+    let fast = svc.inner.fast_path.as_ref()?;
+    let port = u16::try_from(port).ok().filter(|p| *p != 0)?;
+    let remote = svc
+        .inner
+        .node
+        .call(|reply| Command::RemoteAddr(peer, reply))
+        .await
+        .ok()
+        .flatten()?;
+    let ip = crate::content::fastpath::ip_of(&remote)?;
+    match fast.dial(peer, std::net::SocketAddr::new(ip, port)).await {
+        Ok(s) => Some(s),
+        Err(e) => {
+            debug!(%peer, %ip, port, error = %e, "fast path unreachable; staying on libp2p");
+            None
+        }
+    }
+}
+
+/// Takes a provider's answer to `Have`; true when it holds the whole item.
+fn on_have(
+    svc: &ContentService,
+    dl: &Download,
+    peer: PeerId,
+    header: &TransferResponse,
+    payload: &[u8],
+) -> Result<bool, ProviderError> {
+    let (have, complete) = match Status::try_from(header.status) {
+        Ok(Status::Complete) => (Have::All, true),
+        Ok(Status::Ok) => {
+            let blocks = dl.partial.blocks();
+            if (payload.len() as u64) < blocks.div_ceil(8) {
+                return Err(ProviderError::ShortBitfield);
+            }
+            (Have::Some(bits(payload, blocks)), false)
+        }
+        _ => return Err(ProviderError::NotProviding(header.message.clone())),
+    };
+    svc.inner.ledger.record(peer, EventKind::RequestOk);
+    dl.state().sched.set_have(peer, have);
+    dl.changed.notify_waiters();
+    Ok(complete)
+}
+
+/// A `Have` bitfield (least significant bit first) as one flag per block;
+/// bits past the last block are ignored.
+pub(super) fn bits(payload: &[u8], blocks: u64) -> Vec<bool> {
+    (0..blocks)
+        .map(|k| {
+            payload
+                .get((k / 8) as usize)
+                .is_some_and(|b| b & (1 << (k % 8)) != 0)
+        })
+        .collect()
+}
+
+/// Measures a provider's delivery rate and sizes the request pipeline to it.
+struct RateMeter {
+    max: usize,
+    since: Instant,
+    bytes: u64,
+    /// Bytes per second, smoothed; `None` until the first measurement.
+    rate: Option<f64>,
+}
+
+impl RateMeter {
+    fn new(max: usize) -> Self {
+        Self {
+            max,
+            since: Instant::now(),
+            bytes: 0,
+            rate: None,
+        }
+    }
+
+    fn received(&mut self, bytes: u64) {
+        self.bytes += bytes;
+        let dt = self.since.elapsed();
+        if dt >= Duration::from_millis(200) {
+            let now = self.bytes as f64 / dt.as_secs_f64();
+            self.rate = Some(match self.rate {
+                Some(r) => 0.7 * r + 0.3 * now,
+                None => now,
+            });
+            self.since = Instant::now();
+            self.bytes = 0;
+        }
+    }
+
+    fn depth(&self) -> usize {
+        match self.rate {
+            // Until measured, half the maximum: enough to fill a fast link soon.
+            None => (self.max / 2).max(2),
+            Some(r) => {
+                let blocks = (r * TARGET_QUEUE.as_secs_f64() / BLOCK_BYTES as f64).ceil() as usize;
+                blocks.clamp(2, self.max.max(2))
+            }
+        }
+    }
+}
+
+/// One answer as the reading half of a connection delivers it.
+struct Answer {
+    pending: Pending,
+    header: TransferResponse,
+    payload: Bytes,
+}
+
+/// Reads answers in request order; `kinds` says what each one answers, so the
+/// payload bound is known before any of it is read. `kinds` is bounded by the
+/// pipeline depth: the writer never has more requests out than that.
+async fn read_answers<R: PayloadRead>(
+    mut rd: R,
+    mut kinds: mpsc::Receiver<Pending>,
+    out: mpsc::Sender<std::io::Result<Answer>>,
+    size: u64,
+) {
+    while let Some(pending) = kinds.recv().await {
+        let got = async {
+            let header: TransferResponse = read_msg(&mut rd).await?.ok_or_else(|| {
+                std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "stream closed")
+            })?;
+            let max = match pending {
+                Pending::Have => block_count(size).div_ceil(8),
+                Pending::Block(k) => transfer::block_wire(size, k),
+            };
+            let payload = if header.status == Status::Ok as i32 {
+                // A payload larger than any honest answer is never read.
+                read_payload_bytes(&mut rd, header.payload_len, max).await?
+            } else {
+                Bytes::new()
+            };
+            Ok(Answer {
+                pending,
+                header,
+                payload,
+            })
+        }
+        .await;
+        let failed = got.is_err();
+        if out.send(got).await.is_err() || failed {
+            return;
+        }
+    }
+}
+
+/// Verifies a block and hands it over (memory or disk), or drops it; updates
+/// the schedule either way.
+fn settle(
+    svc: &ContentService,
+    dl: &Download,
+    peer: PeerId,
+    k: u64,
+    wire: Bytes,
+    secs: f64,
+) -> Result<(), ProviderError> {
+    if dl.holds(k) {
+        // A duplicate from the end game; the other copy won.
+        dl.release(peer, k);
+        return Ok(());
+    }
+    let at = match dl.partial.verify(k, &wire) {
+        Ok(at) => at,
+        Err(source) => {
+            dl.release(peer, k);
+            return Err(ProviderError::Corrupt { block: k, source });
+        }
+    };
+    // The block's bytes are a slice of the buffer they arrived in.
+    match dl.hold(peer, k, wire.slice(at..)) {
+        Ok(fresh) => {
+            if fresh {
+                // Credited once: two connections to one peer may race the
+                // same block in the end game.
+                let r = block_range(dl.partial.size(), k);
+                svc.inner.ledger.record(
+                    peer,
+                    EventKind::Received {
+                        bytes: r.end - r.start,
+                        secs,
+                    },
+                );
+                dl.progress.send_modify(|n| *n += 1);
+            }
+            dl.changed.notify_waiters();
+            Ok(())
+        }
+        Err(e) => {
+            // Our disk, not the peer: the whole transfer cannot go on.
+            let error = ContentServiceError::io(
+                format!("writing block {k} of {}", dl.id),
+                match e {
+                    ContentError::Write(io) => io,
+                    other => std::io::Error::other(other),
+                },
+            );
+            dl.fail(error.clone());
+            Err(ProviderError::Local(error))
+        }
+    }
+}
+
+type Settling = tokio::task::JoinHandle<Result<(), ProviderError>>;
+
+/// Settles a block: on the worker's own task when it stays in memory (only
+/// hashing, no hand-off), on a blocking thread when it goes to disk.
+fn verify_block(
+    svc: &ContentService,
+    dl: &Arc<Download>,
+    peer: PeerId,
+    k: u64,
+    wire: Bytes,
+    secs: f64,
+) -> Result<Option<Settling>, ProviderError> {
+    if !dl.keep() {
+        return settle(svc, dl, peer, k, wire, secs).map(|()| None);
+    }
+    let (svc, dl) = (svc.clone(), dl.clone());
+    Ok(Some(tokio::task::spawn_blocking(move || {
+        settle(&svc, &dl, peer, k, wire, secs)
+    })))
+}
+
+/// Aborts the answer reader when its pipeline ends.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// Keeps block requests in flight to `peer` on one connection until the
+/// download ends or the provider fails. Blocks it asked for and did not
+/// settle are released when the worker forgets the peer.
+async fn pipeline<R: PayloadRead, W: PayloadWrite>(
+    svc: &ContentService,
+    dl: &Arc<Download>,
+    peer: PeerId,
+    (rd, mut wr): (R, W),
+    mut complete_peer: bool,
+) -> Result<(), ProviderError> {
+    let id = dl.id;
+    // A throttled peer (low credit) gets one request at a time and never the
+    // urgent playback blocks: it only helps when nobody better has the data.
+    let throttled = svc.standing(&peer) == Standing::Throttled;
+    let max_depth = if throttled {
+        1
+    } else {
+        svc.inner.config.pipeline_depth as usize
+    };
+    let mut last_answer = Instant::now();
+    if throttled {
+        dl.state().sched.set_throttled(peer);
+        // Give better peers a head start, so their holdings are known before
+        // this one is asked for anything.
+        tokio::select! {
+            _ = tokio::time::sleep(THROTTLED_HEAD_START) => {}
+            _ = dl.cancel.cancelled() => return Ok(()),
+        }
+    }
+    let mut rate = RateMeter::new(max_depth);
+    // Requests on the wire, oldest first; at most `max_depth` blocks and one Have.
+    let mut inflight: VecDeque<Pending> = VecDeque::new();
+    // Room for every request the pipeline may have out: `depth` blocks (at
+    // least two) and one Have.
+    let room = max_depth.max(2) + 1;
+    let (kinds_tx, kinds_rx) = mpsc::channel(room);
+    let (answers_tx, mut answers) = mpsc::channel(room);
+    let _reader = AbortOnDrop(tokio::spawn(read_answers(
+        rd,
+        kinds_rx,
+        answers_tx,
+        dl.partial.size(),
+    )));
+    let mut verifying = futures::stream::FuturesOrdered::new();
+
+    async fn send<W: futures::AsyncWrite + Unpin>(
+        wr: &mut W,
+        kinds: &mpsc::Sender<Pending>,
+        inflight: &mut VecDeque<Pending>,
+        op: Op,
+        pending: Pending,
+    ) -> Result<(), ProviderError> {
+        inflight.push_back(pending);
+        // Room is certain: the reader's queue holds as many as we keep out.
+        kinds
+            .try_send(pending)
+            .map_err(|_| std::io::Error::other("answer reader gone"))?;
+        write_msg(wr, &TransferRequest { op: Some(op) }).await?;
+        Ok(())
+    }
+    let mut last_have = Instant::now();
+    let mut flush_needed = false;
+    // Payload bytes after which this pipeline ends and its connection is
+    // dialled again (fresh keys on the fast path).
+    let rotate_after = svc.inner.config.fast_path_rotate_bytes;
+    let mut carried = 0u64;
+    loop {
+        if dl.cancel.is_cancelled() || matches!(*dl.outcome.borrow(), Outcome::Complete) {
+            return Ok(());
+        }
+        if carried >= rotate_after && inflight.is_empty() && verifying.is_empty() {
+            // Well before a fast-path key runs out: end cleanly, and the
+            // driver starts a fresh worker (new connections, new keys) for
+            // this provider, which is no fault of its.
+            debug!(%id, %peer, "connection carried {carried} bytes; dialling afresh");
+            return Ok(());
+        }
+        // Fill the pipeline (requests on the wire plus blocks being verified),
+        // a quarter of it at a time once it runs: requests then travel
+        // several to a packet instead of one per answered block.
+        let depth = rate.depth();
+        let busy = inflight.len() + verifying.len();
+        let batch = if busy == 0 { 1 } else { (depth / 4).max(1) };
+        while carried < rotate_after
+            && busy + batch <= depth
+            && inflight.len() + verifying.len() < depth
+        {
+            let next = dl.state().sched.pick(&peer, Instant::now(), !throttled);
+            let Some(k) = next else { break };
+            let op = Op::Block(BlockRequest {
+                content_id: id.0.to_vec(),
+                block: k,
+            });
+            send(&mut wr, &kinds_tx, &mut inflight, op, Pending::Block(k)).await?;
+            flush_needed = true;
+        }
+        let idle = inflight.is_empty() && verifying.is_empty();
+        let stale = last_have.elapsed() >= if idle { HAVE_REFRESH } else { 2 * HAVE_REFRESH };
+        if !complete_peer && stale && !inflight.contains(&Pending::Have) {
+            // A partial provider gains blocks as it downloads: ask what it holds now.
+            let op = Op::Have(id.0.to_vec());
+            send(&mut wr, &kinds_tx, &mut inflight, op, Pending::Have).await?;
+            last_have = Instant::now();
+            flush_needed = true;
+        }
+        if flush_needed {
+            wr.flush().await?;
+            flush_needed = false;
+        }
+        tokio::select! {
+            Some(done) = verifying.next(), if !verifying.is_empty() => {
+                let done: Result<Result<(), ProviderError>, tokio::task::JoinError> = done;
+                done.map_err(|e| ProviderError::Local(ContentServiceError::task(e)))??;
+            }
+            answer = answers.recv(), if !inflight.is_empty() => {
+                // The provider vanished or broke the stream with requests pending.
+                let answer = answer
+                    .ok_or_else(|| std::io::Error::other("answer reader gone"))??;
+                let secs = last_answer.elapsed().as_secs_f64();
+                last_answer = Instant::now();
+                let expected = inflight.pop_front();
+                debug_assert_eq!(expected, Some(answer.pending));
+                let Answer { pending, header, payload } = answer;
+                match pending {
+                    Pending::Have => {
+                        complete_peer |= on_have(svc, dl, peer, &header, &payload)?;
+                    }
+                    Pending::Block(k) => match Status::try_from(header.status) {
+                        Ok(Status::Ok) => {
+                            rate.received(payload.len() as u64);
+                            carried += payload.len() as u64;
+                            if let Some(v) = verify_block(svc, dl, peer, k, payload, secs)? {
+                                verifying.push_back(v);
+                            }
+                        }
+                        Ok(Status::NotHeld) => dl.state().sched.not_held(peer, k),
+                        _ => {
+                            dl.release(peer, k);
+                            return Err(ProviderError::Refused { block: k, message: header.message });
+                        }
+                    },
+                }
+            }
+            _ = tokio::time::sleep_until((last_answer + ANSWER_TIMEOUT).into()), if !inflight.is_empty() => {
+                // Accepts requests but does not answer: free its blocks for others.
+                return Err(ProviderError::StoppedAnswering);
+            }
+            _ = dl.changed.notified(), if inflight.is_empty() && verifying.is_empty() => {}
+            _ = tokio::time::sleep(HAVE_REFRESH), if inflight.is_empty() && verifying.is_empty() => {}
+            _ = dl.cancel.cancelled() => return Ok(()),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        /// Any bytes a provider sends as its bitfield give one flag per block,
+        /// bit k of byte k/8, and never read past the payload.
+        #[test]
+        fn a_have_bitfield_decodes_bit_by_bit(payload in proptest::collection::vec(any::<u8>(), 0..64), blocks in 0u64..600) {
+            let v = bits(&payload, blocks);
+            prop_assert_eq!(v.len() as u64, blocks);
+            for (k, b) in v.iter().enumerate() {
+                let want = payload.get(k / 8).is_some_and(|x| x >> (k % 8) & 1 == 1);
+                prop_assert_eq!(*b, want);
+            }
+        }
+    }
+}
