@@ -35,12 +35,76 @@ pub fn block_range(size: u64, k: u64) -> Range<u64> {
     start..(start + BLOCK_BYTES).min(size)
 }
 
+/// Bytes of the tree allocated at a time (a whole number of node pairs).
+const TREE_PAGE: usize = 64 * 1024;
+
+/// The hash tree (outboard) of a partial download, allocated a page at a time
+/// as verified blocks fill it in. The whole tree is 1/256 of the item (1 GiB
+/// for the largest item allowed by default), but a stream that reads a few
+/// blocks touches a few pages.
+struct SparseTree {
+    pages: Vec<Option<Box<[u8]>>>,
+    len: usize,
+}
+
+impl SparseTree {
+    fn new(len: usize) -> Self {
+        Self {
+            pages: (0..len.div_ceil(TREE_PAGE)).map(|_| None).collect(),
+            len,
+        }
+    }
+
+    /// The node pair at byte `at` (zeros if never written); `None` outside.
+    fn pair(&self, at: usize) -> Option<[u8; 64]> {
+        if at + 64 > self.len {
+            return None;
+        }
+        Some(match &self.pages[at / TREE_PAGE] {
+            Some(page) => {
+                let o = at % TREE_PAGE;
+                page[o..o + 64].try_into().expect("64 bytes")
+            }
+            None => [0; 64],
+        })
+    }
+
+    /// Writes the node pair at byte `at`; false outside the tree.
+    fn set_pair(&mut self, at: usize, pair: &[u8; 64]) -> bool {
+        if at + 64 > self.len {
+            return false;
+        }
+        let page_len = TREE_PAGE.min(self.len - at / TREE_PAGE * TREE_PAGE);
+        let page =
+            self.pages[at / TREE_PAGE].get_or_insert_with(|| vec![0; page_len].into_boxed_slice());
+        let o = at % TREE_PAGE;
+        page[o..o + 64].copy_from_slice(pair);
+        true
+    }
+
+    /// Bytes allocated so far.
+    fn allocated(&self) -> usize {
+        self.pages.iter().flatten().map(|p| p.len()).sum()
+    }
+
+    /// The whole tree as one buffer (unwritten parts are zeros).
+    fn to_vec(&self) -> Vec<u8> {
+        let mut out = vec![0; self.len];
+        for (i, page) in self.pages.iter().enumerate() {
+            if let Some(page) = page {
+                out[i * TREE_PAGE..i * TREE_PAGE + page.len()].copy_from_slice(page);
+            }
+        }
+        out
+    }
+}
+
 /// The tree of a partial download, shared between decoders (writers) and
 /// encoders (readers serving other peers).
 struct SharedTree<'a> {
     root: blake3::Hash,
     tree: BaoTree,
-    data: &'a RwLock<Vec<u8>>,
+    data: &'a RwLock<SparseTree>,
 }
 
 impl OutboardRead for SharedTree<'_> {
@@ -54,10 +118,11 @@ impl OutboardRead for SharedTree<'_> {
         let Some(offset) = self.tree.pre_order_offset(node) else {
             return Ok(None);
         };
-        let at = offset as usize * 64;
-        let data = self.data.read().expect("lock");
-        let pair = data
-            .get(at..at + 64)
+        let pair = self
+            .data
+            .read()
+            .expect("lock")
+            .pair(offset as usize * 64)
             .ok_or_else(|| std::io::Error::other("tree node outside the outboard"))?;
         let left: [u8; 32] = pair[..32].try_into().expect("32 bytes");
         let right: [u8; 32] = pair[32..].try_into().expect("32 bytes");
@@ -71,7 +136,7 @@ pub struct Partial {
     size: u64,
     path: PathBuf,
     file: File,
-    tree: RwLock<Vec<u8>>,
+    tree: RwLock<SparseTree>,
     have: Mutex<Vec<bool>>,
 }
 
@@ -100,7 +165,7 @@ impl Partial {
             size,
             path: path.to_owned(),
             file,
-            tree: RwLock::new(vec![0; tree.outboard_size() as usize]),
+            tree: RwLock::new(SparseTree::new(tree.outboard_size() as usize)),
             have: Mutex::new(vec![false; block_count(size) as usize]),
         })
     }
@@ -185,9 +250,9 @@ impl Partial {
         // One lock per block: readers serving other peers share the tree.
         let mut data = self.tree.write().expect("lock");
         for (at, pair) in proof {
-            data.get_mut(at..at + 64)
-                .ok_or_else(|| verification("tree node outside the outboard"))?
-                .copy_from_slice(&pair);
+            if !data.set_pair(at, &pair) {
+                return Err(verification("tree node outside the outboard"));
+            }
         }
         Ok(at)
     }
@@ -230,11 +295,16 @@ impl Partial {
             return Err(ContentError::Incomplete);
         }
         self.file.sync_all().map_err(ContentError::Write)?;
-        let tree = self.tree.read().expect("lock").clone();
+        let tree = self.tree.read().expect("lock").to_vec();
         Ok((
             self.path.clone(),
             Outboard::from_parts(self.id, self.size, tree),
         ))
+    }
+
+    /// Bytes of hash tree held in memory so far.
+    pub fn tree_in_memory(&self) -> usize {
+        self.tree.read().expect("lock").allocated()
     }
 
     /// Where the bytes are being written.
@@ -313,5 +383,29 @@ mod tests {
         assert!(p.accept(9, &wire).is_err());
         assert_eq!(p.held(), 0);
         assert!(matches!(p.finish(), Err(ContentError::Incomplete)));
+    }
+
+    #[test]
+    fn the_tree_is_allocated_as_blocks_fill_it() {
+        let dir = tempfile::tempdir().unwrap();
+        // The largest item allowed by default: a 1 GiB tree, none of it up front.
+        let huge =
+            Partial::create(&dir.path().join("huge"), ContentId([7; 32]), 256 << 30).unwrap();
+        assert_eq!(huge.tree_in_memory(), 0);
+        // 40 MiB: a 160 KiB tree over three pages; one block touches one.
+        let data = item(40 << 20);
+        let ob = Outboard::compute(&data);
+        let p = Partial::create(&dir.path().join("x"), ob.id(), ob.size()).unwrap();
+        p.accept(0, &wire(&data, &ob, 0)).unwrap();
+        assert_eq!(p.tree_in_memory(), TREE_PAGE);
+        for k in 1..p.blocks() {
+            p.accept(k, &wire(&data, &ob, k)).unwrap();
+        }
+        assert_eq!(p.tree_in_memory(), ob.tree_bytes().len());
+        let (_, tree) = p.finish().unwrap();
+        assert_eq!(tree.tree_bytes(), ob.tree_bytes());
+        // A held block still serves onwards from the sparse tree.
+        let q = Partial::create(&dir.path().join("y"), ob.id(), ob.size()).unwrap();
+        q.accept(77, &p.encode_block(77).unwrap()).unwrap();
     }
 }
