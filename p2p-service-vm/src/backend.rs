@@ -28,16 +28,20 @@ pub async fn serve(
             .await
             .map_err(|e| ChannelError::Broker(e.to_string()))??;
     let (pump, mut acceptor) = p2pvm_channel::device(region, events);
-    let pump_task = tokio::spawn(pump.run(shutdown.clone()));
-    tokio::spawn(log_link(acceptor.state(), source.to_string()));
+    let pump_task = svc.spawn(pump.run(shutdown.clone()));
+    svc.spawn(log_link(
+        acceptor.state(),
+        source.to_string(),
+        shutdown.clone(),
+    ));
     info!(channel = %source, "channel back-end started");
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => break,
             s = acceptor.accept() => match s {
                 Some(stream) => {
-                    let svc = svc.clone();
-                    tokio::spawn(async move { svc.serve_channel(stream).await });
+                    let session = svc.clone();
+                    svc.spawn(async move { session.serve_channel(stream).await });
                 }
                 None => break,
             },
@@ -49,8 +53,16 @@ pub async fn serve(
     Ok(())
 }
 
-async fn log_link(mut state: tokio::sync::watch::Receiver<LinkState>, source: String) {
-    while state.changed().await.is_ok() {
+async fn log_link(
+    mut state: tokio::sync::watch::Receiver<LinkState>,
+    source: String,
+    shutdown: CancellationToken,
+) {
+    loop {
+        tokio::select! {
+            changed = state.changed() => if changed.is_err() { return },
+            _ = shutdown.cancelled() => return,
+        }
         match state.borrow_and_update().clone() {
             LinkState::Up { resets } => info!(resets, "channel attached to the front-end"),
             LinkState::Down { reason, resets } => {

@@ -71,6 +71,9 @@ fn open_ledger(dir: &std::path::Path, config: &Config) -> Result<Ledger, DaemonE
     )?)
 }
 
+/// How long shutdown waits for the service's tasks to end.
+const STOP_GRACE: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// Runs a node with `config` until `shutdown` is cancelled.
 pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), DaemonError> {
     config.validate()?;
@@ -110,17 +113,17 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Daem
         ledger.clone(),
         shutdown.clone(),
     )?;
-    if let Some(addr) = config.content.gateway {
+    let gateway = config.content.gateway.map(|addr| {
         let (c, s) = (content.clone(), shutdown.clone());
         tokio::spawn(async move {
             if let Err(e) = crate::content::gateway::serve(c, addr, s).await {
                 tracing::error!(%addr, error = %e, "HTTP gateway failed");
             }
-        });
-    }
+        })
+    });
     let svc = ApiService::new(
         handle.clone(),
-        Some(content),
+        Some(content.clone()),
         apps,
         config.api.clone(),
         shutdown.clone(),
@@ -143,15 +146,32 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Daem
             }
         })
     });
-    api::server::serve(listener, svc, shutdown.clone()).await;
+    api::server::serve(listener, svc.clone(), shutdown.clone()).await;
     if let Some(b) = backend {
         let _ = b.await;
+    }
+    if let Some(g) = gateway {
+        let _ = g.await;
+    }
+    // Every session, stream, transfer and server task watches the shutdown
+    // token; wait for them, so nothing is cut off mid-write.
+    let (api_done, content_done) =
+        tokio::join!(svc.stopped(STOP_GRACE), content.stopped(STOP_GRACE));
+    let tasks_left = svc.tasks_running() + content.tasks_running();
+    if !(api_done && content_done) {
+        tracing::warn!(
+            tasks_left,
+            api = ?svc.inner.tasks.running_by_origin(),
+            content = ?content.inner.tasks.running_by_origin(),
+            "tasks still running {}s after shutdown; leaving them",
+            STOP_GRACE.as_secs()
+        );
     }
 
     let _ = std::fs::remove_file(&socket);
     let _ = node_task.await;
     let _ = ledger_task.await;
     drop(lock);
-    info!("p2pd stopped");
+    info!(tasks_left, "p2pd stopped");
     Ok(())
 }

@@ -30,3 +30,4 @@ pub mod daemon;
 mod fsutil;
 pub mod identity;
 pub mod node;
+pub mod tasks;

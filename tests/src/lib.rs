@@ -63,6 +63,7 @@ pub struct TestNode {
     pub addr: String,
     extra_args: Vec<String>,
     store_bytes: Option<u64>,
+    capture_log: bool,
 }
 
 /// Options for starting a node.
@@ -75,6 +76,9 @@ pub struct NodeOpts {
     /// Give the content store its own tmpfs of this many bytes (p2pd runs in a
     /// user + mount namespace to mount it), to exercise a full disk.
     pub store_bytes: Option<u64>,
+    /// Write p2pd's log (at `info` unless `P2PD_LOG` says otherwise) to a
+    /// file that [`TestNode::log`] reads, instead of the test's stderr.
+    pub capture_log: bool,
 }
 
 impl TestNode {
@@ -117,9 +121,19 @@ impl TestNode {
             addr: String::new(),
             extra_args: args,
             store_bytes: opts.store_bytes,
+            capture_log: opts.capture_log,
         };
         node.launch().await?;
         Ok(node)
+    }
+
+    fn log_path(&self) -> PathBuf {
+        self.dir.join("p2pd.log")
+    }
+
+    /// What p2pd logged so far (with `capture_log`; empty otherwise).
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.log_path()).unwrap_or_default()
     }
 
     /// The data directory given to p2pd.
@@ -155,10 +169,18 @@ impl TestNode {
             .args(&self.extra_args)
             .env(
                 "P2PD_LOG",
-                std::env::var("P2PD_LOG").unwrap_or_else(|_| "warn".into()),
+                std::env::var("P2PD_LOG")
+                    .unwrap_or_else(|_| if self.capture_log { "info" } else { "warn" }.into()),
             )
             .stdin(Stdio::null())
             .kill_on_drop(true);
+        if self.capture_log {
+            let log = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(self.log_path())?;
+            cmd.stderr(log);
+        }
         Ok(cmd.spawn()?)
     }
 

@@ -239,7 +239,16 @@ impl ApiService {
         match opening(&mut conn).await {
             None => {}
             Some(Opening::Session(first)) => self.serve(Replayed::new(first, conn)).await,
-            Some(Opening::Attach(p)) => self.attach_ring(conn, p).await,
+            Some(Opening::Attach(p)) => self.until_shutdown(self.attach_ring(conn, p)).await,
+        }
+    }
+
+    /// Runs a bulk transfer until it ends or the node shuts down: an app that
+    /// stops reading must not hold the node's shutdown up.
+    async fn until_shutdown(&self, transfer: impl std::future::Future<Output = ()>) {
+        tokio::select! {
+            () = transfer => {}
+            () = self.inner.shutdown.cancelled() => debug!("bulk transfer cut off by shutdown"),
         }
     }
 
@@ -249,7 +258,7 @@ impl ApiService {
         match opening(&mut s).await {
             None => {}
             Some(Opening::Session(first)) => self.serve(Replayed::new(first, s)).await,
-            Some(Opening::Attach(p)) => self.attach_frames(s, p).await,
+            Some(Opening::Attach(p)) => self.until_shutdown(self.attach_frames(s, p)).await,
         }
     }
 

@@ -29,8 +29,8 @@ pub async fn serve(listener: UnixListener, svc: ApiService, shutdown: Cancellati
             _ = shutdown.cancelled() => break,
             accepted = listener.accept() => match accepted {
                 Ok((stream, _)) => {
-                    let svc = svc.clone();
-                    tokio::spawn(async move { svc.serve_unix(stream).await });
+                    let session = svc.clone();
+                    svc.spawn(async move { session.serve_unix(stream).await });
                 }
                 Err(e) => {
                     // EMFILE and friends: back off briefly instead of spinning.

@@ -42,6 +42,9 @@ pub(crate) struct Inner {
     next_session: AtomicU64,
     session_slots: Arc<Semaphore>,
     pub shutdown: CancellationToken,
+    /// Every task of the API (sessions, their streams, bulk transfers):
+    /// waited for at shutdown.
+    pub tasks: crate::tasks::Tasks,
 }
 
 /// The API service of one node. Cheap to clone.
@@ -74,6 +77,7 @@ impl ApiService {
                 next_session: AtomicU64::new(1),
                 session_slots: slots,
                 shutdown,
+                tasks: crate::tasks::Tasks::default(),
             }),
         }
     }
@@ -107,6 +111,28 @@ impl ApiService {
         let id = self.inner.next_session.fetch_add(1, Ordering::Relaxed);
         super::session::run(self.clone(), id, framed).await;
         drop(permit);
+    }
+
+    /// Starts a task the API supervises: it ends with the shutdown token
+    /// like every task here, and [`ApiService::stopped`] waits for it.
+    #[track_caller]
+    pub(crate) fn spawn<F>(&self, task: F) -> tokio::task::JoinHandle<F::Output>
+    where
+        F: std::future::Future + Send + 'static,
+        F::Output: Send + 'static,
+    {
+        self.inner.tasks.spawn(task)
+    }
+
+    /// Waits until every API task has ended (after the shutdown token was
+    /// cancelled), or `limit` passes; true if all ended.
+    pub async fn stopped(&self, limit: std::time::Duration) -> bool {
+        self.inner.tasks.stopped(limit).await
+    }
+
+    /// API tasks still running.
+    pub fn tasks_running(&self) -> usize {
+        self.inner.tasks.running()
     }
 
     /// One of the node's session slots (bulk streams count as sessions).

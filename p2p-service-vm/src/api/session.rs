@@ -168,7 +168,7 @@ where
     info!(session = id, app = %principal.app, admin = principal.admin, "session opened");
 
     let (out_tx, mut out_rx) = mpsc::channel::<pb::Frame>(OUT_QUEUE);
-    let writer = tokio::spawn(async move {
+    let writer = svc.spawn(async move {
         while let Some(frame) = out_rx.recv().await {
             if sink.feed(frame).await.is_err() {
                 return;
@@ -424,7 +424,7 @@ impl Session {
             Op::ContentPublishFinish(r) => match self.publishes.remove(&r.stream_id) {
                 Some(rx) => {
                     let out = self.out.clone();
-                    tokio::spawn(async move {
+                    self.svc.spawn(async move {
                         let r = match rx.await {
                             Ok(r) => r.map(pb::response::Result::Content),
                             Err(_) => Err(ApiError::new(
@@ -477,7 +477,7 @@ impl Session {
                 let svc = self.svc.clone();
                 let principal = self.principal.clone();
                 let out = self.out.clone();
-                tokio::spawn(async move {
+                self.svc.spawn(async move {
                     let r = ops::run(&svc, &principal, op).await;
                     let _ = out.send(response(id, r)).await;
                     drop(permit);
@@ -582,7 +582,7 @@ impl Session {
         };
         let tx = self.internal_tx.clone();
         let proto = name.clone();
-        let task = tokio::spawn(async move {
+        let task = self.svc.spawn(async move {
             while let Some((peer, stream)) = incoming.next().await {
                 let msg = Internal::Inbound {
                     protocol: proto.clone(),
@@ -683,7 +683,7 @@ impl Session {
         let timeout = ops::timeout_of(r.timeout_ms);
         let mut control = self.svc.inner.node.stream_control();
         let tx = self.internal_tx.clone();
-        tokio::spawn(async move {
+        self.svc.spawn(async move {
             let result =
                 match tokio::time::timeout(timeout, control.open_stream(peer, protocol)).await {
                     Ok(Ok(s)) => Ok(s),
@@ -742,7 +742,7 @@ impl Session {
         self.publishes.insert(stream_id, rx);
         let ended = Arc::new(std::sync::atomic::AtomicBool::new(false));
         self.publish_ends.insert(stream_id, ended.clone());
-        tokio::spawn(async move {
+        self.svc.spawn(async move {
             let reader = EndChecked {
                 inner: tokio_util::io::SyncIoBridge::new(node_side),
                 ended,
@@ -779,7 +779,7 @@ impl Session {
         self.pending_opens += 1;
         let tx = self.internal_tx.clone();
         let bulk = r.bulk;
-        tokio::spawn(async move {
+        self.svc.spawn(async move {
             let range = match range {
                 None => None,
                 Some((offset, 0)) => match content.stat(&id).await {
@@ -830,6 +830,7 @@ impl Session {
         S: futures::AsyncRead + futures::AsyncWrite + Send + 'static,
     {
         let entry = StreamEntry::spawn(
+            &self.svc.inner.tasks,
             stream_id,
             stream,
             self.svc.inner.limits.stream_window_bytes,

@@ -84,6 +84,7 @@ impl StreamEntry {
     /// Starts the two copy tasks for `stream`: a peer's libp2p stream, or a
     /// node-side byte source/sink such as a content fetch or publish.
     pub fn spawn<S>(
+        tasks: &crate::tasks::Tasks,
         id: u64,
         stream: S,
         window: u32,
@@ -103,7 +104,7 @@ impl StreamEntry {
             let credit = send_credit.clone();
             let out = out.clone();
             let internal = internal.clone();
-            tokio::spawn(async move {
+            tasks.spawn(async move {
                 let mut buf = vec![0u8; MAX_STREAM_CHUNK_BYTES];
                 let close = loop {
                     // Wait for at least one byte of credit, then read no more than
@@ -159,7 +160,7 @@ impl StreamEntry {
             let outstanding = inbound_outstanding.clone();
             let outbox = outbox.clone();
             let ready = outbox_ready.clone();
-            tokio::spawn(async move {
+            tasks.spawn(async move {
                 let failed = loop {
                     let (chunk, closed) = {
                         let mut o = outbox.lock().expect("lock");

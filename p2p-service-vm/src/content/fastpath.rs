@@ -373,7 +373,8 @@ pub(crate) fn spawn_server(svc: ContentService, listener: TcpListener) {
     if let Ok(a) = listener.local_addr() {
         info!(addr = %a, "content fast path listening");
     }
-    tokio::spawn(async move {
+    let tasks = svc.clone();
+    tasks.spawn(async move {
         let shutdown = svc.inner.shutdown.clone();
         loop {
             let accepted = tokio::select! {
@@ -396,8 +397,9 @@ pub(crate) fn spawn_server(svc: ContentService, listener: TcpListener) {
                 debug!(%from, "fast-path connection refused: too many from that address");
                 continue;
             };
-            let svc = svc.clone();
-            tokio::spawn(async move {
+            let conn = svc.clone();
+            svc.spawn(async move {
+                let svc = conn;
                 let _slots = (slot, ip_slot);
                 let _ = tcp.set_nodelay(true);
                 let Some(fast) = svc.inner.fast_path.as_ref() else {

@@ -48,7 +48,6 @@ use p2pvm_content::{
 use p2pvm_security::{ClamdAddr, Ledger, Standing, Verdict, VirusFilter};
 use prost::Message;
 use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
 use crate::config::ContentConfig;
@@ -193,7 +192,7 @@ pub(crate) struct Inner {
     pub local_readers: Arc<tokio::sync::Semaphore>,
     /// Every task the service starts (drivers, workers, readers, scans,
     /// servers): waited for at shutdown.
-    pub tasks: TaskTracker,
+    pub tasks: crate::tasks::Tasks,
 }
 
 /// The node's content service. Cheap to clone.
@@ -261,7 +260,7 @@ impl ContentService {
                 fast_path,
                 fast_path_port: std::sync::atomic::AtomicU16::new(0),
                 local_readers: Arc::new(tokio::sync::Semaphore::new(32)),
-                tasks: TaskTracker::new(),
+                tasks: crate::tasks::Tasks::default(),
             }),
         };
         if let Some(f) = ping {
@@ -285,6 +284,7 @@ impl ContentService {
 
     /// Starts a task the service supervises: it is stopped by the shutdown
     /// token like every task here, and [`ContentService::stopped`] waits for it.
+    #[track_caller]
     pub(crate) fn spawn<F>(&self, task: F) -> tokio::task::JoinHandle<F::Output>
     where
         F: std::future::Future + Send + 'static,
@@ -307,15 +307,12 @@ impl ContentService {
     /// Waits until every task of the service has ended (after the shutdown
     /// token was cancelled), or `limit` passes; true if all ended.
     pub async fn stopped(&self, limit: std::time::Duration) -> bool {
-        self.inner.tasks.close();
-        tokio::time::timeout(limit, self.inner.tasks.wait())
-            .await
-            .is_ok()
+        self.inner.tasks.stopped(limit).await
     }
 
     /// Tasks of the service still running.
     pub fn tasks_running(&self) -> usize {
-        self.inner.tasks.len()
+        self.inner.tasks.running()
     }
 
     /// Binds the fast path next to the first TCP listen address. A node that

@@ -63,7 +63,8 @@ pub(crate) fn spawn(svc: ContentService) {
             return;
         }
     };
-    tokio::spawn(async move {
+    let tasks = svc.clone();
+    tasks.spawn(async move {
         let shutdown = svc.inner.shutdown.clone();
         loop {
             tokio::select! {
@@ -71,7 +72,7 @@ pub(crate) fn spawn(svc: ContentService) {
                 next = incoming.next() => match next {
                     Some((peer, stream)) => {
                         let (rd, wr) = futures::AsyncReadExt::split(stream);
-                        tokio::spawn(serve_stream(svc.clone(), peer, rd, wr));
+                        svc.spawn(serve_stream(svc.clone(), peer, rd, wr));
                     }
                     None => return,
                 },
@@ -141,7 +142,7 @@ where
     let mut requests = FramedRead::new(rd.compat(), codec);
     let (tx, mut rx) = tokio::sync::mpsc::channel::<tokio::task::JoinHandle<Answers>>(SERVE_AHEAD);
     let limiter_svc = svc.clone();
-    let writer = tokio::spawn(async move {
+    let writer = svc.spawn(async move {
         while let Some(job) = rx.recv().await {
             let Ok(answers) = job.await else {
                 return;
@@ -192,7 +193,11 @@ where
         debug!(%peer, error = %e, "content stream ended");
     };
     'serve: loop {
-        let first = match tokio::time::timeout(IDLE, requests.next()).await {
+        let next = tokio::select! {
+            next = tokio::time::timeout(IDLE, requests.next()) => next,
+            _ = svc.inner.shutdown.cancelled() => break,
+        };
+        let first = match next {
             Err(_) => {
                 debug!(%peer, "content stream idle; closing it");
                 break;
