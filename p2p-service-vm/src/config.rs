@@ -170,6 +170,10 @@ pub struct ContentConfig {
     /// The fast path's TCP port, on the host of the first TCP listen address
     /// (0: any free port; set one to open it in a firewall).
     pub fast_path_port: u16,
+    /// Memory for blocks in flight and blocks waiting in memory for readers,
+    /// node-wide, shared fairly by the downloads running. The default leaves
+    /// most of a 1-2 GiB service VM to clamd, the page cache and the rest.
+    pub memory_budget_bytes: u64,
 }
 
 impl Default for ContentConfig {
@@ -189,6 +193,7 @@ impl Default for ContentConfig {
             fast_path_connections: 2,
             fast_path_rotate_bytes: crate::content::MAX_ROTATE_BYTES,
             fast_path_port: 0,
+            memory_budget_bytes: 256 << 20,
         }
     }
 }
@@ -359,6 +364,12 @@ impl Config {
                 "content.pipeline_depth, max_providers and streaming_window_blocks must be positive"
                     .into(),
             ));
+        }
+        if c.memory_budget_bytes < 8 * p2pvm_content::BLOCK_BYTES {
+            return Err(ConfigError::Invalid(format!(
+                "content.memory_budget_bytes must be at least {} (8 blocks)",
+                8 * p2pvm_content::BLOCK_BYTES
+            )));
         }
         if !(1..=8).contains(&c.fast_path_connections) {
             return Err(ConfigError::Invalid(

@@ -747,3 +747,73 @@ async fn an_aborted_publish_stores_no_truncated_item() -> Result<()> {
     ensure!(leftovers(&n)? == 0, "tmp/ not cleaned");
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn downloads_and_readers_share_a_small_memory_budget_fairly() -> Result<()> {
+    // 4 MiB of block memory (16 blocks) for three streams and a download at
+    // once, one of the streams paused: each finishes, verified, and the node
+    // never holds more than its budget.
+    const BUDGET: u64 = 4 << 20;
+    let source = node(&[], None).await?;
+    let publisher = source.app("pub").await?;
+    let mut items = Vec::new();
+    for i in 0..4u64 {
+        let data = item(24 << 20, 40 + i);
+        let info = publish(&publisher, &format!("item{i}.bin"), &data).await?;
+        items.push((info.content_id, data));
+    }
+    let viewer = node(
+        &[&source],
+        Some(format!("[content]\nmemory_budget_bytes = {BUDGET}\n")),
+    )
+    .await?;
+    let c = viewer.app("player").await?;
+    // A reader that pauses after its first MiB holds what its window has.
+    let (_, mut paused) = c.fetch_content(&items[3].0, 0, 0, false).await?;
+    let mut head = vec![0u8; 1 << 20];
+    paused.read_exact(&mut head).await?;
+    ensure!(head[..] == items[3].1[..1 << 20]);
+    let runs = items[..3].iter().enumerate().map(|(i, (id, data))| {
+        let c = c.clone();
+        async move {
+            let got = if i == 2 {
+                c.download_content(id).await?;
+                fetch_all(&c, id, 0, 0, false).await?
+            } else {
+                fetch_all(&c, id, 0, 0, false).await?
+            };
+            ensure!(got == *data, "item {i} differs");
+            Ok::<_, anyhow::Error>(())
+        }
+    });
+    tokio::time::timeout(WAIT, futures::future::try_join_all(runs))
+        .await
+        .context("a reader starved")??;
+    let info = c.node_info().await?;
+    println!(
+        "memory budget {} MiB, peak {:.2} MiB",
+        info.content_memory_budget_bytes >> 20,
+        info.content_memory_peak_bytes as f64 / (1 << 20) as f64
+    );
+    ensure!(info.content_memory_budget_bytes == BUDGET);
+    ensure!(
+        info.content_memory_peak_bytes > 0 && info.content_memory_peak_bytes <= BUDGET,
+        "peak {} over a budget of {BUDGET}",
+        info.content_memory_peak_bytes
+    );
+    // The paused reader reads on to the end.
+    let mut rest = Vec::new();
+    tokio::time::timeout(WAIT, paused.read_to_end(&mut rest)).await??;
+    ensure!(
+        rest[..] == items[3].1[1 << 20..],
+        "the paused reader got different bytes"
+    );
+    drop(paused);
+    // Everything borrowed is returned once the transfers end.
+    eventually(WAIT, "the budget returned", || async {
+        let i = c.node_info().await.ok()?;
+        (i.content_memory_used_bytes == 0).then_some(())
+    })
+    .await?;
+    Ok(())
+}

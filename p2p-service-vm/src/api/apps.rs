@@ -160,37 +160,81 @@ impl AppRegistry {
             })
     }
 
-    /// Issues (or rotates) the token of `app` and returns it; the old one stops working.
+    /// Issues (or rotates) the token of `app` and returns it; the old one stops
+    /// working. Writes the file on the calling thread.
     pub fn issue(&mut self, app: &str) -> Result<String, AppsError> {
-        validate_app_name(app)?;
-        let token = new_token();
-        self.apps.insert(
-            app.into(),
-            blake3::hash(token.as_bytes()).to_hex().to_string(),
-        );
-        self.save()?;
+        let (token, next) = self.with_issued(app)?;
+        next.save()?;
+        self.apply(next);
         Ok(token)
     }
 
-    /// Removes an app's token.
+    /// Removes an app's token. Writes the file on the calling thread.
     pub fn revoke(&mut self, app: &str) -> Result<(), AppsError> {
-        if self.apps.remove(app).is_none() {
+        let next = self.with_revoked(app)?;
+        next.save()?;
+        self.apply(next);
+        Ok(())
+    }
+
+    /// The credentials with a new token for `app`, and the token; nothing
+    /// changes until the change is saved and applied. (So the file can be
+    /// written off the async threads, with no lock held that a handshake
+    /// would wait on.)
+    pub fn with_issued(&self, app: &str) -> Result<(String, AppsChange), AppsError> {
+        validate_app_name(app)?;
+        let token = new_token();
+        let mut apps = self.apps.clone();
+        apps.insert(
+            app.into(),
+            blake3::hash(token.as_bytes()).to_hex().to_string(),
+        );
+        Ok((token, self.change(apps)))
+    }
+
+    /// The credentials without `app`'s token.
+    pub fn with_revoked(&self, app: &str) -> Result<AppsChange, AppsError> {
+        let mut apps = self.apps.clone();
+        if apps.remove(app).is_none() {
             return Err(AppsError::Unknown(app.into()));
         }
-        self.save()
+        Ok(self.change(apps))
+    }
+
+    fn change(&self, apps: BTreeMap<String, String>) -> AppsChange {
+        AppsChange {
+            path: self.dir.join(APPS_FILE),
+            apps,
+        }
+    }
+
+    /// Makes a saved change current.
+    pub fn apply(&mut self, change: AppsChange) {
+        self.apps = change.apps;
     }
 
     /// Names of apps holding tokens.
     pub fn list(&self) -> Vec<String> {
         self.apps.keys().cloned().collect()
     }
+}
 
-    fn save(&self) -> Result<(), AppsError> {
+/// A change to the app credentials, to be saved (blocking I/O) and then
+/// applied.
+#[derive(Debug, Clone)]
+pub struct AppsChange {
+    path: PathBuf,
+    apps: BTreeMap<String, String>,
+}
+
+impl AppsChange {
+    /// Writes `apps.toml` atomically (mode 0600).
+    pub fn save(&self) -> Result<(), AppsError> {
         let text = toml::to_string(&AppsFile {
             apps: self.apps.clone(),
         })
         .expect("a map of strings always serialises");
-        write_private(&self.dir.join(APPS_FILE), text.as_bytes())
+        write_private(&self.path, text.as_bytes())
     }
 }
 

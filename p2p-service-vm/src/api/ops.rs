@@ -176,6 +176,7 @@ fn credit_pb(c: &p2pvm_security::PeerCredit) -> pb::PeerCredit {
 pub(crate) fn node_info(svc: &ApiService) -> R {
     let node = &svc.inner.node;
     let (addrs, n) = node.status();
+    let (used, peak, budget) = svc.inner.content.as_ref().map_or((0, 0, 0), |c| c.memory());
     R::NodeInfo(pb::NodeInfo {
         peer_id: node.peer_id().to_string(),
         listen_addrs: addrs.iter().map(|a| a.to_string()).collect(),
@@ -188,6 +189,9 @@ pub(crate) fn node_info(svc: &ApiService) -> R {
             .as_ref()
             .and_then(|c| c.fast_path_port())
             .map_or(0, u32::from),
+        content_memory_used_bytes: used,
+        content_memory_peak_bytes: peak,
+        content_memory_budget_bytes: budget,
     })
 }
 
@@ -333,7 +337,7 @@ pub(crate) async fn run(svc: &ApiService, who: &Principal, op: Op) -> Result<R, 
         }
         Op::IssueToken(r) => {
             require_admin(who)?;
-            let token = svc.inner.apps.lock().expect("lock").issue(&r.app)?;
+            let token = svc.change_apps(|apps| apps.with_issued(&r.app)).await?;
             Ok(R::AppToken(pb::AppToken { app: r.app, token }))
         }
         Op::ListApps(_) => {

@@ -10,7 +10,7 @@ use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tracing::warn;
 
-use super::apps::AppRegistry;
+use super::apps::{AppRegistry, AppsChange, AppsError};
 use crate::config::ApiLimits;
 use crate::content::ContentService;
 use crate::node::NodeHandle;
@@ -28,7 +28,10 @@ pub(crate) struct Inner {
     pub node: NodeHandle,
     /// Content sharing; `None` only in tests that run without a store.
     pub content: Option<ContentService>,
+    /// Held only for in-memory reads and updates: every handshake takes it.
     pub apps: Mutex<AppRegistry>,
+    /// Serialises changes to the credentials, across their file write.
+    pub apps_writes: tokio::sync::Mutex<()>,
     pub limits: ApiLimits,
     pub sessions: Mutex<HashMap<u64, SessionEntry>>,
     /// Protocol name → owning session.
@@ -68,6 +71,7 @@ impl ApiService {
                 node,
                 content,
                 apps: Mutex::new(apps),
+                apps_writes: tokio::sync::Mutex::new(()),
                 limits,
                 sessions: Mutex::new(HashMap::new()),
                 protocols: Mutex::new(HashMap::new()),
@@ -133,6 +137,26 @@ impl ApiService {
     /// API tasks still running.
     pub fn tasks_running(&self) -> usize {
         self.inner.tasks.running()
+    }
+
+    /// Changes the app credentials: `plan` computes the change from the
+    /// current ones, its file is written on a blocking thread with no lock
+    /// held that a handshake needs, then it becomes current.
+    pub(crate) async fn change_apps<T>(
+        &self,
+        plan: impl FnOnce(&AppRegistry) -> Result<(T, AppsChange), AppsError>,
+    ) -> Result<T, AppsError> {
+        let _one_at_a_time = self.inner.apps_writes.lock().await;
+        let (out, change) = plan(&self.inner.apps.lock().expect("lock"))?;
+        let saving = change.clone();
+        tokio::task::spawn_blocking(move || saving.save())
+            .await
+            .map_err(|e| AppsError::Io {
+                path: "apps.toml".into(),
+                source: std::io::Error::other(e),
+            })??;
+        self.inner.apps.lock().expect("lock").apply(change);
+        Ok(out)
     }
 
     /// One of the node's session slots (bulk streams count as sessions).

@@ -16,9 +16,12 @@
 //! from peers are decoded against the BLAKE3 tree before they are written, and
 //! stored items were hashed when they entered the store.
 
+mod budget;
 mod error;
 mod fastpath;
 mod fetch;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod gateway;
 mod sealed;
 mod search;
@@ -190,6 +193,8 @@ pub(crate) struct Inner {
     /// that stall cannot pin the blocking pool. Streams beyond the cap read
     /// a chunk per short job.
     pub local_readers: Arc<tokio::sync::Semaphore>,
+    /// Memory for blocks in flight and waiting for readers.
+    pub budget: Arc<budget::Budget>,
     /// Every task the service starts (drivers, workers, readers, scans,
     /// servers): waited for at shutdown.
     pub tasks: crate::tasks::Tasks,
@@ -242,6 +247,7 @@ impl ContentService {
             VirusFilter::clamd(ClamdAddr::Socket(virus.clamd_socket.clone()))
         };
         let ping = filter.enabled().then(|| filter.clone());
+        let budget = budget::Budget::new(config.memory_budget_bytes / p2pvm_content::BLOCK_BYTES);
         let svc = Self {
             inner: Arc::new(Inner {
                 store,
@@ -260,6 +266,7 @@ impl ContentService {
                 fast_path,
                 fast_path_port: std::sync::atomic::AtomicU16::new(0),
                 local_readers: Arc::new(tokio::sync::Semaphore::new(32)),
+                budget,
                 tasks: crate::tasks::Tasks::default(),
             }),
         };
@@ -336,6 +343,14 @@ impl ContentService {
             }
             Err(e) => warn!(%addr, error = %e, "cannot listen for the content fast path"),
         }
+    }
+
+    /// The block memory budget in bytes: (in use, most ever in use, total).
+    pub fn memory(&self) -> (u64, u64, u64) {
+        let b = &self.inner.budget;
+        let (used, peak) = b.usage();
+        let block = p2pvm_content::BLOCK_BYTES;
+        (used * block, peak * block, b.total() * block)
     }
 
     /// The fast path's port, if it listens.

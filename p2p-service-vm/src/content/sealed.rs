@@ -87,6 +87,22 @@ impl Direction {
     }
 }
 
+impl Direction {
+    /// Seals `plain` in place as one frame: its length prefix, the
+    /// ciphertext (in `plain`'s buffer) and the tag.
+    fn seal(&mut self, mut plain: Vec<u8>) -> io::Result<([u8; 4], Vec<u8>, [u8; TAG])> {
+        let n = plain.len() + TAG;
+        let prefix = (n as u32).to_be_bytes();
+        let nonce = self.nonce(n)?;
+        let tag = self
+            .key
+            .seal_in_place_separate_tag(nonce, Aad::from(prefix), &mut plain)
+            .map_err(|_| io::Error::other("sealing failed"))?;
+        let tag: [u8; TAG] = tag.as_ref().try_into().expect("16-byte tag");
+        Ok((prefix, plain, tag))
+    }
+}
+
 /// Which end of the handshake this is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Side {
@@ -139,14 +155,7 @@ fn halves(
     let (r, w) = tcp.into_split();
     let reader = SealedReader {
         tcp: r,
-        // A provider reads requests, which are small: a client cannot make it
-        // buffer a block-sized frame per connection.
-        max_frame: match side {
-            Side::Client => MAX_FRAME,
-            Side::Server => GATHER,
-        },
-        dir: Direction::new(rx),
-        raw: BytesMut::new(),
+        opener: Opener::new(rx, side),
         plain: Bytes::new(),
         failed: None,
     };
@@ -164,11 +173,7 @@ fn halves(
 /// and [`SealedReader::read_bytes`] hands out slices of it.
 pub(crate) struct SealedReader {
     tcp: OwnedReadHalf,
-    /// The largest plaintext the other side may send in a frame.
-    max_frame: usize,
-    dir: Direction,
-    /// Received bytes not yet opened.
-    raw: BytesMut,
+    opener: Opener,
     /// Opened plaintext not yet consumed.
     plain: Bytes,
     /// The first error, returned from then on: a frame that failed is gone
@@ -179,8 +184,8 @@ pub(crate) struct SealedReader {
 impl std::fmt::Debug for SealedReader {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("SealedReader")
-            .field("frames", &self.dir.counter)
-            .field("buffered", &(self.raw.len() + self.plain.len()))
+            .field("frames", &self.opener.dir.counter)
+            .field("buffered", &(self.opener.raw.len() + self.plain.len()))
             .finish_non_exhaustive()
     }
 }
@@ -201,7 +206,30 @@ fn broken(msg: &str) -> io::Error {
     io::Error::new(io::ErrorKind::ConnectionAborted, msg.to_string())
 }
 
-impl SealedReader {
+/// Opens frames out of received bytes: the reader's part that has no
+/// socket, so that any bytes can be pushed through it (the fuzz target).
+pub(crate) struct Opener {
+    /// The largest plaintext the other side may send in a frame.
+    max_frame: usize,
+    dir: Direction,
+    /// Received bytes not yet opened.
+    raw: BytesMut,
+}
+
+impl Opener {
+    fn new(material: &[u8], side: Side) -> Self {
+        Self {
+            // A provider reads requests, which are small: a client cannot make
+            // it buffer a block-sized frame per connection.
+            max_frame: match side {
+                Side::Client => MAX_FRAME,
+                Side::Server => GATHER,
+            },
+            dir: Direction::new(material),
+            raw: BytesMut::new(),
+        }
+    }
+
     /// The length of the frame at the front of `raw`, once its prefix is in.
     fn next_len(&self) -> io::Result<Option<usize>> {
         let Some(prefix) = self.raw.get(..4) else {
@@ -214,13 +242,22 @@ impl SealedReader {
         Ok(Some(n))
     }
 
+    /// How many bytes to read next: the rest of this frame (one allocation
+    /// per frame, the buffer the payload stays in), and a little beyond it.
+    fn want(&self) -> io::Result<usize> {
+        Ok(match self.next_len()? {
+            Some(n) => (4 + n).saturating_sub(self.raw.len()) + READ_AHEAD,
+            None => READ_AHEAD,
+        })
+    }
+
     /// Opens the frame at the front of `raw` if it is complete.
-    fn open(&mut self) -> io::Result<bool> {
+    fn open(&mut self) -> io::Result<Option<Bytes>> {
         let Some(n) = self.next_len()? else {
-            return Ok(false);
+            return Ok(None);
         };
         if self.raw.len() < 4 + n {
-            return Ok(false);
+            return Ok(None);
         }
         let mut frame = self.raw.split_to(4 + n);
         let aad: [u8; 4] = frame[..4].try_into().expect("4 bytes");
@@ -233,10 +270,11 @@ impl SealedReader {
             .len();
         frame.advance(4);
         frame.truncate(plain);
-        self.plain = frame.freeze();
-        Ok(true)
+        Ok(Some(frame.freeze()))
     }
+}
 
+impl SealedReader {
     /// Makes `plain` non-empty; `false` at a clean end of stream.
     fn poll_fill(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<bool>> {
         if let Some((kind, msg)) = &self.failed {
@@ -251,24 +289,21 @@ impl SealedReader {
 
     fn poll_fill_inner(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<bool>> {
         while self.plain.is_empty() {
-            if self.open()? {
+            if let Some(plain) = self.opener.open()? {
+                self.plain = plain;
                 continue;
             }
-            // Room for the rest of this frame (one allocation per frame, the
-            // buffer the payload stays in), and a little beyond it.
-            let want = match self.next_len()? {
-                Some(n) => 4 + n - self.raw.len() + READ_AHEAD,
-                None => READ_AHEAD,
-            };
-            self.raw.reserve(want);
-            let mut limited = (&mut self.raw).limit(want);
+            let want = self.opener.want()?;
+            let raw = &mut self.opener.raw;
+            raw.reserve(want);
+            let mut limited = raw.limit(want);
             let got = ready!(tokio_util::io::poll_read_buf(
                 Pin::new(&mut self.tcp),
                 cx,
                 &mut limited
             ))?;
             if got == 0 {
-                return Poll::Ready(if self.raw.is_empty() {
+                return Poll::Ready(if self.opener.raw.is_empty() {
                     Ok(false)
                 } else {
                     Err(io::Error::new(
@@ -344,21 +379,12 @@ pub(crate) struct SealedWriter {
 
 impl SealedWriter {
     /// Seals `plain` in place as one frame and queues it.
-    fn seal(&mut self, mut plain: Vec<u8>) -> io::Result<()> {
-        let n = plain.len() + TAG;
-        let prefix = (n as u32).to_be_bytes();
-        let nonce = self.dir.nonce(n)?;
-        let tag = self
-            .dir
-            .key
-            .seal_in_place_separate_tag(nonce, Aad::from(prefix), &mut plain)
-            .map_err(|_| io::Error::other("sealing failed"))?;
-        let mut tail = Vec::with_capacity(TAG);
-        tail.extend_from_slice(tag.as_ref());
-        self.queued += 4 + n;
+    fn seal(&mut self, plain: Vec<u8>) -> io::Result<()> {
+        let (prefix, sealed, tag) = self.dir.seal(plain)?;
+        self.queued += 4 + sealed.len() + TAG;
         self.queue.push_back(Bytes::copy_from_slice(&prefix));
-        self.queue.push_back(Bytes::from(plain));
-        self.queue.push_back(Bytes::from(tail));
+        self.queue.push_back(Bytes::from(sealed));
+        self.queue.push_back(Bytes::copy_from_slice(&tag));
         Ok(())
     }
 
@@ -448,6 +474,57 @@ impl futures::AsyncWrite for SealedWriter {
     fn poll_close(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         ready!(self.as_mut().poll_flush(cx))?;
         Pin::new(&mut self.get_mut().tcp).poll_shutdown(cx)
+    }
+}
+
+/// The opener and the sealer without sockets, for the fuzz target's body
+/// (`content::fuzzing::sealed_frames`).
+pub(crate) mod fuzz_opener {
+    use super::*;
+
+    /// Key material both ends of the fuzzed direction share.
+    const MATERIAL: [u8; KEY + IV] = [0x5a; KEY + IV];
+
+    /// `frames` sealed as a provider sends them, back to back.
+    pub(crate) fn seal_all(frames: &[Vec<u8>]) -> Vec<u8> {
+        let mut dir = Direction::new(&MATERIAL);
+        let mut out = Vec::new();
+        for f in frames {
+            let (prefix, sealed, tag) = dir.seal(f.clone()).expect("within the key's budget");
+            out.extend_from_slice(&prefix);
+            out.extend_from_slice(&sealed);
+            out.extend_from_slice(&tag);
+        }
+        out
+    }
+
+    /// Opens `stream` arriving `piece` bytes at a time: every plaintext, or
+    /// those opened before the first error and the error.
+    #[allow(clippy::type_complexity)]
+    pub(crate) fn open_all(
+        stream: &[u8],
+        piece: usize,
+    ) -> Result<Vec<Vec<u8>>, (Vec<Vec<u8>>, io::Error)> {
+        let mut opener = Opener::new(&MATERIAL, Side::Client);
+        let mut got = Vec::new();
+        for chunk in stream.chunks(piece.max(1)) {
+            opener.raw.extend_from_slice(chunk);
+            loop {
+                match opener.open() {
+                    Ok(Some(plain)) => got.push(plain.to_vec()),
+                    Ok(None) => break,
+                    Err(e) => return Err((got, e)),
+                }
+            }
+            if let Err(e) = opener.want() {
+                return Err((got, e));
+            }
+        }
+        if opener.raw.is_empty() {
+            Ok(got)
+        } else {
+            Err((got, io::ErrorKind::UnexpectedEof.into()))
+        }
     }
 }
 

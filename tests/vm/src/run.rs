@@ -223,7 +223,7 @@ impl Drop for ChildGuard {
     }
 }
 
-fn read_lines(stream: impl Read + Send + 'static, stderr: bool, tx: mpsc::Sender<Event>) {
+fn read_lines(stream: impl Read + Send + 'static, stderr: bool, tx: mpsc::SyncSender<Event>) {
     std::thread::spawn(move || {
         let mut reader = BufReader::new(stream);
         let mut buf = Vec::new();
@@ -271,7 +271,8 @@ pub(crate) fn supervise(
         group: new_group,
         reaped: false,
     };
-    let (tx, rx) = mpsc::channel();
+    // Bounded: a chatty child waits for the watchdog to read its lines.
+    let (tx, rx) = mpsc::sync_channel(4096);
     read_lines(
         guard.child.stdout.take().context("no stdout")?,
         false,

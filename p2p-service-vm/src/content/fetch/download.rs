@@ -19,6 +19,7 @@ use tokio::sync::{Notify, watch};
 use tokio_util::sync::CancellationToken;
 
 use super::sched::{Sched, Slot};
+use crate::content::budget::{Borrower, Lease};
 use crate::content::{ContentServiceError, VerifiedManifest};
 
 /// How a transfer ended, as readers see it.
@@ -47,9 +48,10 @@ pub(super) enum Phase {
 pub(super) struct State {
     pub sched: Sched,
     pub phase: Phase,
-    /// Verified blocks of a streaming download, by block number. Written to
-    /// the file if the download is asked to keep the item after all.
-    pub ram: BTreeMap<u64, Bytes>,
+    /// Verified blocks of a streaming download, by block number, each with
+    /// its share of the memory budget. Written to the file if the download
+    /// is asked to keep the item after all.
+    pub ram: BTreeMap<u64, (Bytes, Lease)>,
     /// Providers found before the download started, for the driver.
     pub hints: Vec<PeerId>,
     /// Peers that delivered verified blocks (isolated together if it is malware).
@@ -72,6 +74,8 @@ pub(crate) struct Download {
     pub(super) outcome: watch::Sender<Outcome>,
     pub(super) verdict: watch::Sender<ScanVerdict>,
     pub(super) cancel: CancellationToken,
+    /// This download's access to the node's block memory budget.
+    pub(super) borrower: Borrower,
 }
 
 impl Download {
@@ -81,6 +85,7 @@ impl Download {
         sched: Sched,
         hints: Vec<PeerId>,
         cancel: CancellationToken,
+        borrower: Borrower,
     ) -> Self {
         let phase = if sched.keep() {
             Phase::Keeping
@@ -103,6 +108,7 @@ impl Download {
             outcome: watch::Sender::new(Outcome::Running),
             verdict: watch::Sender::new(None),
             cancel,
+            borrower,
         }
     }
 
@@ -158,7 +164,7 @@ impl Download {
 
     /// The verified block `k` if it waits in memory.
     pub(super) fn in_memory(&self, k: u64) -> Option<Bytes> {
-        self.state().ram.get(&k).cloned()
+        self.state().ram.get(&k).map(|(b, _)| b.clone())
     }
 
     /// `peer`'s request for `k` ended without a block.
@@ -166,11 +172,17 @@ impl Download {
         self.state().sched.release(peer, k);
     }
 
-    /// Takes `peer`'s verified block `k`: into memory while the download
-    /// keeps nothing (unless no reader wants it any more: then it is dropped),
-    /// else into the file — so call it off the async threads then. True when
-    /// the block is newly held.
-    pub(super) fn hold(&self, peer: PeerId, k: u64, block: Bytes) -> Result<bool, ContentError> {
+    /// Takes `peer`'s verified block `k`: into memory, with the budget
+    /// `lease` it was fetched under, while the download keeps nothing (unless
+    /// no reader wants it any more: then it is dropped), else into the file —
+    /// so call it off the async threads then. True when the block is newly held.
+    pub(super) fn hold(
+        &self,
+        peer: PeerId,
+        k: u64,
+        block: Bytes,
+        lease: Lease,
+    ) -> Result<bool, ContentError> {
         {
             let mut st = self.state();
             if !st.sched.keep() {
@@ -178,7 +190,7 @@ impl Download {
                     st.sched.release(peer, k);
                     return Ok(false);
                 }
-                st.ram.insert(k, block);
+                st.ram.insert(k, (block, lease));
                 st.contributors.insert(peer);
                 return Ok(st.sched.hold(peer, k, Instant::now()));
             }
@@ -209,7 +221,7 @@ impl Download {
             // Readers look in memory, then in the file: holding the lock keeps
             // each block visible in one of them throughout.
             let mut st = dl.state();
-            while let Some((k, b)) = st.ram.pop_first() {
+            while let Some((k, (b, _lease))) = st.ram.pop_first() {
                 if let Err(e) = dl.partial.store_verified(k, &b) {
                     drop(st);
                     dl.fail(ContentServiceError::io(
@@ -233,7 +245,7 @@ impl Download {
     /// ahead of a slow reader another reader has left behind); they become
     /// missing again, for whoever reaches them later. So memory stays within
     /// a window per reader however the readers spread out.
-    fn evict_passed(&self) {
+    pub(super) fn evict_passed(&self) {
         let mut st = self.state();
         if st.sched.keep() {
             return;

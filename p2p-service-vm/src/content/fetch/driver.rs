@@ -74,7 +74,10 @@ pub(super) async fn download_for(
         Instant::now(),
     );
     let cancel = svc.inner.shutdown.child_token();
-    let fresh = Arc::new(Download::new(manifest, partial, sched, providers, cancel));
+    let borrower = svc.inner.budget.borrower();
+    let fresh = Arc::new(Download::new(
+        manifest, partial, sched, providers, cancel, borrower,
+    ));
     // Another request may have started it while we looked for the manifest.
     let raced = {
         let mut downloads = svc.inner.downloads.lock().expect("lock");
@@ -210,9 +213,16 @@ async fn drive(svc: ContentService, dl: Arc<Download>) {
     let result = loop {
         let (satisfied, stalled, held) = {
             let mut st = dl.state();
+            if !st.sched.keep() {
+                // Readers' memory windows fit this download's share of the budget.
+                let readers = st.sched.readers().max(1) as u64;
+                let ahead = (dl.borrower.share() / readers).clamp(2, RAM_AHEAD);
+                st.sched.set_ram_ahead(ahead);
+            }
             let stalled = st.sched.stalled(Instant::now(), stall);
             (st.sched.satisfied(), stalled, st.sched.held_blocks())
         };
+        dl.evict_passed();
         if dl.keep() && satisfied {
             break finish(&svc, &dl).await;
         }

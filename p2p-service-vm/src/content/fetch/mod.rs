@@ -33,3 +33,5 @@ mod worker;
 pub(crate) use download::Download;
 pub(crate) use peer::{manifest_from, open_stream};
 pub(crate) use reader::{download, open_reader};
+pub(crate) use sched::{Have, Sched};
+pub(crate) use worker::have_bits;

@@ -77,7 +77,7 @@ struct Reader {
 
 /// The schedule of one download.
 #[derive(Debug, Clone)]
-pub(super) struct Sched {
+pub(crate) struct Sched {
     slots: Vec<Slot>,
     /// When each pending block was first asked for.
     since: Vec<Option<Instant>>,
@@ -99,7 +99,7 @@ pub(super) struct Sched {
 }
 
 impl Sched {
-    pub(super) fn new(
+    pub(crate) fn new(
         blocks: u64,
         window: u64,
         ram_ahead: u64,
@@ -147,6 +147,22 @@ impl Sched {
 
     pub(super) fn slot(&self, k: u64) -> Slot {
         self.slots[k as usize]
+    }
+
+    /// How many known providers hold block `k`.
+    pub(crate) fn rarity(&self, k: u64) -> u16 {
+        self.rarity[k as usize]
+    }
+
+    /// Readers reading now.
+    pub(super) fn readers(&self) -> usize {
+        self.readers.len()
+    }
+
+    /// Blocks ahead of each reader wanted when nothing is kept (the memory
+    /// budget narrows it when memory is short).
+    pub(super) fn set_ram_ahead(&mut self, blocks: u64) {
+        self.ram_ahead = blocks.max(1);
     }
 
     pub(super) fn held_blocks(&self) -> u64 {
@@ -200,7 +216,7 @@ impl Sched {
     }
 
     /// What `peer` holds now.
-    pub(super) fn set_have(&mut self, peer: PeerId, have: Have) {
+    pub(crate) fn set_have(&mut self, peer: PeerId, have: Have) {
         let old = std::mem::replace(&mut self.provider(peer).have, have);
         let new = &self.providers[&peer].have;
         for (k, r) in self.rarity.iter_mut().enumerate() {
@@ -235,7 +251,7 @@ impl Sched {
     }
 
     /// `peer` is gone: what it had in flight goes back to the pool.
-    pub(super) fn forget_peer(&mut self, peer: &PeerId) {
+    pub(crate) fn forget_peer(&mut self, peer: &PeerId) {
         let Some(p) = self.providers.get(peer) else {
             return;
         };
@@ -292,7 +308,12 @@ impl Sched {
             let mut windows: Vec<(u64, u64)> = self
                 .readers
                 .iter()
-                .map(|r| (r.next, (r.next + self.window).min(r.end)))
+                .map(|r| {
+                    (
+                        r.next,
+                        (r.next + self.window.min(self.ram_ahead)).min(r.end),
+                    )
+                })
                 .collect();
             windows.sort_unstable();
             for (from, to) in windows {
@@ -550,6 +571,10 @@ mod tests {
         Tick {
             ms: u64,
         },
+        /// The memory budget narrows (or widens) the readers' windows.
+        Narrow {
+            blocks: u64,
+        },
     }
 
     const BLOCKS: u64 = 10;
@@ -574,6 +599,7 @@ mod tests {
             1 => Just(Op::Evict),
             1 => Just(Op::Keep),
             1 => (0..900u64).prop_map(|ms| Op::Tick { ms }),
+            1 => (1..=RAM_AHEAD).prop_map(|blocks| Op::Narrow { blocks }),
         ]
     }
 
@@ -646,7 +672,7 @@ mod tests {
         let in_playback = before
             .readers
             .iter()
-            .any(|r| r.next <= k && k < (r.next + before.window).min(r.end));
+            .any(|r| r.next <= k && k < (r.next + before.window.min(before.ram_ahead)).min(r.end));
         if !in_playback || !urgent || p.throttled {
             prop_assert!(before.wanted(k), "picked {} nobody wants", k);
             prop_assert!(
@@ -759,11 +785,12 @@ mod tests {
                             for k in 0..BLOCKS {
                                 prop_assert!(s.slot(k) != Slot::Held || s.in_window(k));
                             }
-                            prop_assert!(s.held <= s.readers.len() as u64 * RAM_AHEAD);
+                            prop_assert!(s.held <= s.readers.len() as u64 * s.ram_ahead);
                         }
                     }
                     Op::Keep => { s.set_keep(now); }
                     Op::Tick { ms } => now += Duration::from_millis(ms),
+                    Op::Narrow { blocks } => s.set_ram_ahead(blocks),
                 }
                 check_invariants(&s)?;
             }

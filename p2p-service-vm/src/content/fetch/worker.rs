@@ -24,6 +24,7 @@ use tracing::{debug, warn};
 use super::download::{Download, Outcome};
 use super::peer::{open_stream, request, response};
 use super::sched::Have;
+use crate::content::budget::Lease;
 use crate::content::error::ProviderError;
 use crate::content::wire::{
     PayloadRead, PayloadWrite, read_msg, read_payload, read_payload_bytes, write_msg,
@@ -47,6 +48,13 @@ const TARGET_QUEUE: Duration = Duration::from_millis(250);
 enum Pending {
     Block(u64),
     Have,
+}
+
+/// A request on the wire, with the memory budget its answer will use.
+#[derive(Debug)]
+struct Inflight {
+    pending: Pending,
+    lease: Option<Lease>,
 }
 
 /// Fetches from `peer` until the download ends or the provider fails.
@@ -166,13 +174,7 @@ fn on_have(
 ) -> Result<bool, ProviderError> {
     let (have, complete) = match Status::try_from(header.status) {
         Ok(Status::Complete) => (Have::All, true),
-        Ok(Status::Ok) => {
-            let blocks = dl.partial.blocks();
-            if (payload.len() as u64) < blocks.div_ceil(8) {
-                return Err(ProviderError::ShortBitfield);
-            }
-            (Have::Some(bits(payload, blocks)), false)
-        }
+        Ok(Status::Ok) => (Have::Some(have_bits(payload, dl.partial.blocks())?), false),
         _ => return Err(ProviderError::NotProviding(header.message.clone())),
     };
     svc.inner.ledger.record(peer, EventKind::RequestOk);
@@ -181,16 +183,20 @@ fn on_have(
     Ok(complete)
 }
 
-/// A `Have` bitfield (least significant bit first) as one flag per block;
-/// bits past the last block are ignored.
-pub(super) fn bits(payload: &[u8], blocks: u64) -> Vec<bool> {
-    (0..blocks)
+/// A `Have` bitfield (least significant bit first) as one flag per block of
+/// an item of `blocks` blocks; bits past the last block are ignored, a
+/// bitfield too short for the item is refused.
+pub(crate) fn have_bits(payload: &[u8], blocks: u64) -> Result<Vec<bool>, ProviderError> {
+    if (payload.len() as u64) < blocks.div_ceil(8) {
+        return Err(ProviderError::ShortBitfield);
+    }
+    Ok((0..blocks)
         .map(|k| {
             payload
                 .get((k / 8) as usize)
                 .is_some_and(|b| b & (1 << (k % 8)) != 0)
         })
-        .collect()
+        .collect())
 }
 
 /// Measures a provider's delivery rate and sizes the request pipeline to it.
@@ -289,8 +295,7 @@ fn settle(
     svc: &ContentService,
     dl: &Download,
     peer: PeerId,
-    k: u64,
-    wire: Bytes,
+    (k, wire, lease): (u64, Bytes, Lease),
     secs: f64,
 ) -> Result<(), ProviderError> {
     if dl.holds(k) {
@@ -306,7 +311,7 @@ fn settle(
         }
     };
     // The block's bytes are a slice of the buffer they arrived in.
-    match dl.hold(peer, k, wire.slice(at..)) {
+    match dl.hold(peer, k, wire.slice(at..), lease) {
         Ok(fresh) => {
             if fresh {
                 // Credited once: two connections to one peer may race the
@@ -347,16 +352,15 @@ fn verify_block(
     svc: &ContentService,
     dl: &Arc<Download>,
     peer: PeerId,
-    k: u64,
-    wire: Bytes,
+    block: (u64, Bytes, Lease),
     secs: f64,
 ) -> Result<Option<Settling>, ProviderError> {
     if !dl.keep() {
-        return settle(svc, dl, peer, k, wire, secs).map(|()| None);
+        return settle(svc, dl, peer, block, secs).map(|()| None);
     }
     let (svc, dl) = (svc.clone(), dl.clone());
     Ok(Some(tokio::task::spawn_blocking(move || {
-        settle(&svc, &dl, peer, k, wire, secs)
+        settle(&svc, &dl, peer, block, secs)
     })))
 }
 
@@ -400,7 +404,9 @@ async fn pipeline<R: PayloadRead, W: PayloadWrite>(
     }
     let mut rate = RateMeter::new(max_depth);
     // Requests on the wire, oldest first; at most `max_depth` blocks and one Have.
-    let mut inflight: VecDeque<Pending> = VecDeque::new();
+    let mut inflight: VecDeque<Inflight> = VecDeque::new();
+    // A lease got by waiting, for the next request.
+    let mut spare: Option<Lease> = None;
     // Room for every request the pipeline may have out: `depth` blocks (at
     // least two) and one Have.
     let room = max_depth.max(2) + 1;
@@ -417,11 +423,11 @@ async fn pipeline<R: PayloadRead, W: PayloadWrite>(
     async fn send<W: futures::AsyncWrite + Unpin>(
         wr: &mut W,
         kinds: &mpsc::Sender<Pending>,
-        inflight: &mut VecDeque<Pending>,
+        inflight: &mut VecDeque<Inflight>,
         op: Op,
-        pending: Pending,
+        (pending, lease): (Pending, Option<Lease>),
     ) -> Result<(), ProviderError> {
-        inflight.push_back(pending);
+        inflight.push_back(Inflight { pending, lease });
         // Room is certain: the reader's queue holds as many as we keep out.
         kinds
             .try_send(pending)
@@ -452,25 +458,33 @@ async fn pipeline<R: PayloadRead, W: PayloadWrite>(
         let depth = rate.depth();
         let busy = inflight.len() + verifying.len();
         let batch = if busy == 0 { 1 } else { (depth / 4).max(1) };
+        let mut starved = false;
         while carried < rotate_after
             && busy + batch <= depth
             && inflight.len() + verifying.len() < depth
         {
+            // The answer's memory is reserved before the request goes out.
+            let Some(lease) = spare.take().or_else(|| dl.borrower.try_take()) else {
+                starved = true;
+                break;
+            };
             let next = dl.state().sched.pick(&peer, Instant::now(), !throttled);
             let Some(k) = next else { break };
             let op = Op::Block(BlockRequest {
                 content_id: id.0.to_vec(),
                 block: k,
             });
-            send(&mut wr, &kinds_tx, &mut inflight, op, Pending::Block(k)).await?;
+            let request = (Pending::Block(k), Some(lease));
+            send(&mut wr, &kinds_tx, &mut inflight, op, request).await?;
             flush_needed = true;
         }
         let idle = inflight.is_empty() && verifying.is_empty();
         let stale = last_have.elapsed() >= if idle { HAVE_REFRESH } else { 2 * HAVE_REFRESH };
-        if !complete_peer && stale && !inflight.contains(&Pending::Have) {
+        let have_out = inflight.iter().any(|i| i.pending == Pending::Have);
+        if !complete_peer && stale && !have_out {
             // A partial provider gains blocks as it downloads: ask what it holds now.
             let op = Op::Have(id.0.to_vec());
-            send(&mut wr, &kinds_tx, &mut inflight, op, Pending::Have).await?;
+            send(&mut wr, &kinds_tx, &mut inflight, op, (Pending::Have, None)).await?;
             last_have = Instant::now();
             flush_needed = true;
         }
@@ -489,8 +503,10 @@ async fn pipeline<R: PayloadRead, W: PayloadWrite>(
                     .ok_or_else(|| std::io::Error::other("answer reader gone"))??;
                 let secs = last_answer.elapsed().as_secs_f64();
                 last_answer = Instant::now();
-                let expected = inflight.pop_front();
-                debug_assert_eq!(expected, Some(answer.pending));
+                let lease = inflight.pop_front().and_then(|i| {
+                    debug_assert_eq!(i.pending, answer.pending);
+                    i.lease
+                });
                 let Answer { pending, header, payload } = answer;
                 match pending {
                     Pending::Have => {
@@ -500,7 +516,9 @@ async fn pipeline<R: PayloadRead, W: PayloadWrite>(
                         Ok(Status::Ok) => {
                             rate.received(payload.len() as u64);
                             carried += payload.len() as u64;
-                            if let Some(v) = verify_block(svc, dl, peer, k, payload, secs)? {
+                            // Every block request went out with a lease.
+                            let lease = lease.ok_or_else(|| std::io::Error::other("a block answered without a lease"))?;
+                            if let Some(v) = verify_block(svc, dl, peer, (k, payload, lease), secs)? {
                                 verifying.push_back(v);
                             }
                         }
@@ -516,29 +534,13 @@ async fn pipeline<R: PayloadRead, W: PayloadWrite>(
                 // Accepts requests but does not answer: free its blocks for others.
                 return Err(ProviderError::StoppedAnswering);
             }
+            lease = dl.borrower.take(&dl.cancel), if starved && inflight.is_empty() && verifying.is_empty() => {
+                // Out of memory budget with nothing in flight: wait for a share.
+                spare = lease;
+            }
             _ = dl.changed.notified(), if inflight.is_empty() && verifying.is_empty() => {}
             _ = tokio::time::sleep(HAVE_REFRESH), if inflight.is_empty() && verifying.is_empty() => {}
             _ = dl.cancel.cancelled() => return Ok(()),
-        }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use proptest::prelude::*;
-
-    proptest! {
-        /// Any bytes a provider sends as its bitfield give one flag per block,
-        /// bit k of byte k/8, and never read past the payload.
-        #[test]
-        fn a_have_bitfield_decodes_bit_by_bit(payload in proptest::collection::vec(any::<u8>(), 0..64), blocks in 0u64..600) {
-            let v = bits(&payload, blocks);
-            prop_assert_eq!(v.len() as u64, blocks);
-            for (k, b) in v.iter().enumerate() {
-                let want = payload.get(k / 8).is_some_and(|x| x >> (k % 8) & 1 == 1);
-                prop_assert_eq!(*b, want);
-            }
         }
     }
 }

@@ -1,0 +1,99 @@
+//! Routing of the app's requests. Operations on the session's own objects are
+//! answered by their domain module; those that open a stream are answered
+//! later, when the stream exists; everything stateless runs beside the
+//! session loop in `ops`, under the session's in-flight limit.
+//!
+//! ```text
+//!  Request ─► on_request ─┬─► registrations, protocols, events, report ─► Response
+//!                         ├─► content, protocols (stream opens) ─► Response later
+//!                         └─► spawned ops::run (≤ max_inflight_requests) ─► Response
+//! ```
+
+use p2pvm_proto::pb;
+use pb::request::Op;
+
+use super::{Session, ok, response};
+use crate::api::{ApiError, ops};
+
+/// The answer to give now; `None` when what the operation started (a stream
+/// open, a background task) answers later.
+type Answer = Option<Result<pb::response::Result, ApiError>>;
+
+/// An operation that answers later unless it failed to start.
+fn started(r: Result<(), ApiError>) -> Answer {
+    r.err().map(Err)
+}
+
+impl Session {
+    pub(super) async fn on_request(&mut self, req: pb::Request) {
+        let id = req.id;
+        let Some(op) = req.op else {
+            self.reply(id, Err(ApiError::bad("request without an operation")))
+                .await;
+            return;
+        };
+        if let Some(result) = self.dispatch(id, op).await {
+            self.reply(id, result).await;
+        }
+    }
+
+    async fn dispatch(&mut self, id: u64, op: Op) -> Answer {
+        let result = match op {
+            Op::NodeInfo(_) => Ok(ops::node_info(&self.svc)),
+            Op::Subscribe(r) => self.subscribe(r.topic).await,
+            Op::Unsubscribe(r) => self.unsubscribe(&r.topic).await,
+            Op::RegisterProtocol(r) => self.register_protocol(r.protocol),
+            Op::UnregisterProtocol(r) => self.unregister_protocol(&r.protocol).await,
+            Op::AdvertiseService(r) => self.advertise(r.name).await,
+            Op::WithdrawService(r) => self.withdraw(&r.name).await,
+            Op::WatchEvents(_) => self.watch_events(),
+            Op::SessionState(_) => self.session_state(),
+            // Answered inside, before the stream's tasks start.
+            Op::ContentPublish(r) if r.path.is_empty() => {
+                return started(self.content_publish(id, r).await);
+            }
+            Op::ContentPublishFinish(r) => {
+                return started(self.content_publish_finish(id, r.stream_id));
+            }
+            Op::ContentFetch(r) => return started(self.content_fetch(id, r)),
+            // Answered when the open finishes.
+            Op::OpenStream(r) => return started(self.open_stream(id, r)),
+            Op::RevokeApp(r) if self.principal.admin => self.revoke_app(&r.app).await,
+            op => return self.run_stateless(id, op),
+        };
+        Some(result)
+    }
+
+    /// Revokes an app's token and ends its sessions (`ops` refuses this one:
+    /// it is routed here).
+    async fn revoke_app(&self, app: &str) -> Result<pb::response::Result, ApiError> {
+        self.svc
+            .change_apps(|apps| Ok(((), apps.with_revoked(app)?)))
+            .await?;
+        self.svc.kill_app_sessions(app);
+        ok()
+    }
+
+    /// Runs a stateless operation beside the session, so a slow DHT query
+    /// never holds up this app's other requests.
+    fn run_stateless(&self, id: u64, op: Op) -> Answer {
+        let Ok(permit) = self.inflight.clone().try_acquire_owned() else {
+            return Some(Err(ApiError::new(
+                pb::ErrorCode::LimitExceeded,
+                format!(
+                    "at most {} requests in flight per session",
+                    self.svc.inner.limits.max_inflight_requests
+                ),
+            )));
+        };
+        let svc = self.svc.clone();
+        let principal = self.principal.clone();
+        let out = self.out.clone();
+        self.svc.spawn(async move {
+            let r = ops::run(&svc, &principal, op).await;
+            let _ = out.send(response(id, r)).await;
+            drop(permit);
+        });
+        None
+    }
+}
