@@ -107,6 +107,7 @@ mdns = false
 
 [virus]
 clamd_socket = "/run/clamd.sock"
+database_dir = "/usr/share/p2pvm/clamav"
 "#;
 
 /// clamd in the service VM: in the foreground under p2pvm-init, logging to

@@ -87,6 +87,11 @@ pub struct VirusConfig {
     pub clamd_tcp: Option<String>,
     /// How long a peer that sent malware stays banned.
     pub ban_hours: f64,
+    /// clamd's signature database directory (its `DatabaseDirectory`). Read
+    /// to tell when the signatures change: clean verdicts are cached per
+    /// database, so an item scanned clean is not scanned again until it
+    /// changes. Unreadable: nothing is cached.
+    pub database_dir: PathBuf,
 }
 
 impl Default for VirusConfig {
@@ -96,6 +101,7 @@ impl Default for VirusConfig {
             clamd_socket: PathBuf::from("/run/clamav/clamd.ctl"),
             clamd_tcp: None,
             ban_hours: 24.0,
+            database_dir: PathBuf::from("/var/lib/clamav"),
         }
     }
 }

@@ -10,15 +10,18 @@
 //! Two units so far: the peer credit ledger (what this node itself observed of
 //! each peer, a decaying Beta-reputation score with throughput and reliability
 //! forecasts, the throttle/refuse policy, bans) and the virus filter (content
-//! streamed to a real ClamAV clamd). The DRM checker and the privacy controller
+//! streamed to a real ClamAV clamd, with a cache of clean verdicts per
+//! signature database). The DRM checker and the privacy controller
 //! plug in beside them.
 
 #![forbid(unsafe_code)]
 
 pub mod ledger;
 mod score;
+pub mod verdicts;
 pub mod virus;
 
 pub use ledger::{Ban, Event, EventKind, Ledger, LedgerError, PeerCredit};
 pub use score::{Policy, Standing, Weights};
+pub use verdicts::{VerdictCache, VerdictCacheError};
 pub use virus::{ClamdAddr, Scanner, Verdict, VirusError, VirusFilter};

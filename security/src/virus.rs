@@ -137,6 +137,37 @@ impl VirusFilter {
         }
     }
 
+    /// clamd's `VERSION` answer (engine, and database version where it has
+    /// official databases); `None` with the filter off.
+    pub async fn version(&self) -> Result<Option<String>, VirusError> {
+        let Some(addr) = &self.addr else {
+            return Ok(None);
+        };
+        let r = match addr {
+            ClamdAddr::Socket(p) => {
+                clamav_client::tokio::get_version(clamav_client::tokio::Socket { socket_path: p })
+                    .await
+            }
+            ClamdAddr::Tcp(a) => {
+                clamav_client::tokio::get_version(clamav_client::tokio::Tcp {
+                    host_address: a.as_str(),
+                })
+                .await
+            }
+        };
+        match r {
+            Ok(reply) => Ok(Some(
+                String::from_utf8_lossy(&reply)
+                    .trim_end_matches(['\0', '\n'])
+                    .to_owned(),
+            )),
+            Err(e) => Err(VirusError::Unavailable {
+                addr: addr.to_string(),
+                reason: e.to_string(),
+            }),
+        }
+    }
+
     /// Starts a scan; feed it the content in order, then [`Scanner::finish`].
     /// With the filter off, every scan is clean.
     pub fn scanner(&self) -> Scanner {

@@ -2,8 +2,11 @@
 //!
 //! - Throughput: a 1 GiB item streamed to an app on the other node (verified,
 //!   over the content fast path: TCP, TLS 1.3 handshake, sealed frames), vs the
-//!   same bytes over a plain loopback TCP socket. Also the time to download it
-//!   into the store.
+//!   same bytes over a plain loopback TCP socket; and downloaded into the
+//!   store of a fresh node. Each idle and with one core kept busy by a
+//!   competing process the bench starts, rounds interleaved; CPU seconds per
+//!   GiB of each process (provider, downloader, app) beside the ratios, so a
+//!   slow machine can be told from slow code.
 //! - Time to the first verified byte of the remote item, at its start and
 //!   after a seek to its middle (each from a cold start: provider lookup,
 //!   manifest, first block).
@@ -15,7 +18,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Result, ensure};
 use guest_api::proto;
-use p2pvm_e2e::{NodeOpts, TestNode};
+use p2pvm_e2e::{CpuHog, NodeOpts, TestNode, cpu_secs};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 fn item(len: usize) -> Vec<u8> {
@@ -40,6 +43,26 @@ async fn raw_tcp(data: &'static [u8]) -> Result<Duration> {
     sender.await??;
     ensure!(total == data.len());
     Ok(t)
+}
+
+/// One timed transfer: the raw TCP baseline beside it, and CPU seconds used
+/// by the provider, the downloader and the app (this process).
+struct Round {
+    busy: bool,
+    raw: Duration,
+    p2p: Duration,
+    cpu: [f64; 3],
+}
+
+/// Median, lowest and highest of some ratios.
+fn spread(v: impl Iterator<Item = f64>) -> (f64, f64, f64) {
+    let mut v: Vec<f64> = v.collect();
+    v.sort_by(f64::total_cmp);
+    (v[v.len() / 2], v[0], v[v.len() - 1])
+}
+
+fn median_f(v: impl Iterator<Item = f64>) -> f64 {
+    spread(v).0
 }
 
 fn mib_s(bytes: usize, t: Duration) -> f64 {
@@ -111,18 +134,30 @@ async fn main() -> Result<()> {
     let mut sink = Vec::new();
     s.read_to_end(&mut sink).await?;
 
-    // Rounds interleave raw TCP and p2pvm, so machine noise hits both alike;
-    // the ratio reported is the median of the rounds' ratios.
+    // Rounds interleave raw TCP and p2pvm, idle and with one core kept busy
+    // by a competing process, so machine noise hits all alike; each
+    // condition's ratio is the median of its rounds' ratios.
     let rounds = if full { 5 } else { 1 };
-    let mut rows = Vec::new();
+    let (pa, pb, me) = (a.pid()?, b.pid()?, std::process::id());
+    let mut rows: Vec<Round> = Vec::new();
     for _ in 0..rounds {
-        let raw = raw_tcp(data).await?;
-        let t = Instant::now();
-        let (_, mut s) = viewer.fetch_content(&info.content_id, 0, 0, false).await?;
-        let total = p2pvm_e2e::drain(&mut s).await?;
-        let p2p = t.elapsed();
-        ensure!(total == size, "stream ended early");
-        rows.push((raw, p2p));
+        for busy in [false, true] {
+            let _hog = busy.then(CpuHog::start).transpose()?;
+            let raw = raw_tcp(data).await?;
+            let before = [cpu_secs(pa)?, cpu_secs(pb)?, cpu_secs(me)?];
+            let t = Instant::now();
+            let (_, mut s) = viewer.fetch_content(&info.content_id, 0, 0, false).await?;
+            let total = p2pvm_e2e::drain(&mut s).await?;
+            let p2p = t.elapsed();
+            let after = [cpu_secs(pa)?, cpu_secs(pb)?, cpu_secs(me)?];
+            ensure!(total == size, "stream ended early");
+            rows.push(Round {
+                busy,
+                raw,
+                p2p,
+                cpu: std::array::from_fn(|i| after[i] - before[i]),
+            });
+        }
     }
     // Once more, untimed, checking every byte the app got.
     let (_, mut s) = viewer.fetch_content(&info.content_id, 0, 0, false).await?;
@@ -136,33 +171,57 @@ async fn main() -> Result<()> {
         hasher.update(&buf[..n]);
     }
     ensure!(hasher.finalize().to_hex().to_string() == info.content_id);
-    let mut ratios: Vec<f64> = rows
-        .iter()
-        .map(|(raw, p2p)| raw.as_secs_f64() / p2p.as_secs_f64())
-        .collect();
-    ratios.sort_by(f64::total_cmp);
-    let raw = p2pvm_e2e::median(rows.iter().map(|r| r.0).collect());
-    let p2p = p2pvm_e2e::median(rows.iter().map(|r| r.1).collect());
-    println!(
-        "stream {mib} MiB to an app ({rounds} rounds, medians):  raw TCP {:>7.1} MiB/s   p2pvm {:>7.1} MiB/s   ratio {:.2} (range {:.2}-{:.2}; target >= 0.5)",
-        mib_s(size, raw),
-        mib_s(size, p2p),
-        ratios[ratios.len() / 2],
-        ratios[0],
-        ratios[ratios.len() - 1]
-    );
+    let gib = size as f64 / (1u64 << 30) as f64;
+    for busy in [false, true] {
+        let r: Vec<&Round> = rows.iter().filter(|r| r.busy == busy).collect();
+        let raw = p2pvm_e2e::median(r.iter().map(|r| r.raw).collect());
+        let p2p = p2pvm_e2e::median(r.iter().map(|r| r.p2p).collect());
+        let (mid, lo, hi) = spread(r.iter().map(|r| r.raw.as_secs_f64() / r.p2p.as_secs_f64()));
+        let cpu = |i: usize| median_f(r.iter().map(|r| r.cpu[i] / gib));
+        println!(
+            "stream {mib} MiB to an app, {} ({rounds} rounds, medians): raw TCP {:>7.1} MiB/s   p2pvm {:>7.1} MiB/s   ratio {mid:.2} (range {lo:.2}-{hi:.2}; target >= 0.5)",
+            if busy { "one core busy" } else { "idle" },
+            mib_s(size, raw),
+            mib_s(size, p2p),
+        );
+        println!(
+            "    CPU s per GiB: provider {:.2}   downloader {:.2}   app {:.2}",
+            cpu(0),
+            cpu(1),
+            cpu(2)
+        );
+    }
 
-    // Into the store, on a node that has none of it.
-    let d = TestNode::start(NodeOpts {
-        bootstrap: vec![a_addr.clone()],
-        config_toml: config.clone(),
-        ..Default::default()
-    })
-    .await?;
-    let fresh = d.admin().await?;
-    let t = Instant::now();
-    fresh.download_content(&info.content_id).await?;
-    let dl = t.elapsed();
+    // Into the store, on nodes that have none of it (a fresh one per round),
+    // idle and with one core busy, interleaved.
+    let mut downloads: Vec<Round> = Vec::new();
+    let mut last = None;
+    for _ in 0..if full { 3 } else { 1 } {
+        for busy in [false, true] {
+            let d = TestNode::start(NodeOpts {
+                bootstrap: vec![a_addr.clone()],
+                config_toml: config.clone(),
+                ..Default::default()
+            })
+            .await?;
+            let fresh = d.admin().await?;
+            let _hog = busy.then(CpuHog::start).transpose()?;
+            let raw = raw_tcp(data).await?;
+            let before = [cpu_secs(pa)?, cpu_secs(d.pid()?)?, 0.0];
+            let t = Instant::now();
+            fresh.download_content(&info.content_id).await?;
+            let dl = t.elapsed();
+            let after = [cpu_secs(pa)?, cpu_secs(d.pid()?)?, 0.0];
+            downloads.push(Round {
+                busy,
+                raw,
+                p2p: dl,
+                cpu: std::array::from_fn(|i| after[i] - before[i]),
+            });
+            last = Some((d, fresh));
+        }
+    }
+    let (_d, fresh) = last.expect("one round");
     // The API path alone: the same item streamed from the node's own store.
     let t = Instant::now();
     let (_, mut s) = fresh.fetch_content(&info.content_id, 0, 0, true).await?;
@@ -172,12 +231,24 @@ async fn main() -> Result<()> {
         "stream {mib} MiB from the local store to an app: {:.1} MiB/s",
         mib_s(size, t.elapsed())
     );
-    println!(
-        "download {mib} MiB into the store: {:.2} s, {:.1} MiB/s ({:.2} of raw TCP)",
-        dl.as_secs_f64(),
-        mib_s(size, dl),
-        raw.as_secs_f64() / dl.as_secs_f64()
-    );
+    for busy in [false, true] {
+        let r: Vec<&Round> = downloads.iter().filter(|r| r.busy == busy).collect();
+        let dl = p2pvm_e2e::median(r.iter().map(|r| r.p2p).collect());
+        let (mid, lo, hi) = spread(r.iter().map(|r| r.raw.as_secs_f64() / r.p2p.as_secs_f64()));
+        let cpu = |i: usize| median_f(r.iter().map(|r| r.cpu[i] / gib));
+        println!(
+            "download {mib} MiB into the store, {} ({} rounds, medians): {:.2} s, {:.1} MiB/s, ratio to raw TCP {mid:.2} (range {lo:.2}-{hi:.2}; target >= 0.4)",
+            if busy { "one core busy" } else { "idle" },
+            r.len(),
+            dl.as_secs_f64(),
+            mib_s(size, dl),
+        );
+        println!(
+            "    CPU s per GiB: provider {:.2}   downloader {:.2}",
+            cpu(0),
+            cpu(1)
+        );
+    }
 
     // Time to first byte, on a third node that never fetched the item.
     let c = TestNode::start(NodeOpts {

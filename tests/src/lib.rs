@@ -48,6 +48,15 @@ pub fn clamd_socket() -> PathBuf {
         .unwrap_or_else(|| PathBuf::from("/tmp/p2pvm-clamd/clamd.sock"))
 }
 
+/// The signature database of that clamd (`scripts/clamd.sh` keeps it beside
+/// the socket).
+pub fn clamd_database_dir() -> PathBuf {
+    clamd_socket()
+        .parent()
+        .map(|d| d.join("db"))
+        .unwrap_or_else(|| PathBuf::from("/tmp/p2pvm-clamd/db"))
+}
+
 /// One p2pd process with its own data directory and socket.
 #[derive(Debug)]
 pub struct TestNode {
@@ -104,8 +113,9 @@ impl TestNode {
         let mut toml = opts.config_toml.clone().unwrap_or_default();
         if !toml.contains("[virus]") {
             toml.push_str(&format!(
-                "\n[virus]\nclamd_socket = \"{}\"\n",
-                clamd_socket().display()
+                "\n[virus]\nclamd_socket = \"{}\"\ndatabase_dir = \"{}\"\n",
+                clamd_socket().display(),
+                clamd_database_dir().display()
             ));
         }
         let cfg = dir.join("p2pd.toml");
@@ -394,4 +404,53 @@ pub async fn pair() -> Result<(TestNode, TestNode)> {
     })
     .await?;
     Ok((a, b))
+}
+
+/// Clock ticks per second of `/proc/<pid>/stat` times (`getconf CLK_TCK`).
+fn clock_ticks() -> f64 {
+    static TICKS: std::sync::OnceLock<f64> = std::sync::OnceLock::new();
+    *TICKS.get_or_init(|| {
+        std::process::Command::new("getconf")
+            .arg("CLK_TCK")
+            .output()
+            .ok()
+            .and_then(|o| String::from_utf8(o.stdout).ok())
+            .and_then(|s| s.trim().parse().ok())
+            .unwrap_or(100.0)
+    })
+}
+
+/// CPU seconds (user + system) process `pid` has used so far.
+pub fn cpu_secs(pid: u32) -> Result<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    // Fields after the command name, which may itself hold spaces.
+    let rest = stat.rsplit_once(')').context("no command name")?.1;
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let utime: f64 = f.get(11).context("no utime")?.parse()?;
+    let stime: f64 = f.get(12).context("no stime")?.parse()?;
+    Ok((utime + stime) / clock_ticks())
+}
+
+/// A competing process that keeps one core busy until dropped: benchmarks
+/// report their figures with and without it, for a machine that is not idle.
+#[derive(Debug)]
+pub struct CpuHog(std::process::Child);
+
+impl CpuHog {
+    /// Starts the busy loop (a shell spinning on `:`).
+    pub fn start() -> Result<Self> {
+        Ok(Self(
+            std::process::Command::new("sh")
+                .args(["-c", "while :; do :; done"])
+                .stdin(Stdio::null())
+                .spawn()?,
+        ))
+    }
+}
+
+impl Drop for CpuHog {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
 }

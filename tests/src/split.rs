@@ -28,7 +28,11 @@ impl Platform {
     /// Starts the platform; the service side bootstraps from `bootstrap` and
     /// scans with the tests' clamd.
     pub async fn up(bootstrap: &[String]) -> Result<Self> {
-        let config = format!("[virus]\nclamd_socket = \"{}\"\n", clamd_socket().display());
+        let config = format!(
+            "[virus]\nclamd_socket = \"{}\"\ndatabase_dir = \"{}\"\n",
+            clamd_socket().display(),
+            crate::clamd_database_dir().display()
+        );
         Self::up_with(bootstrap, &config).await
     }
 

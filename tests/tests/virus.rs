@@ -144,44 +144,15 @@ async fn a_local_publish_of_malware_is_refused_with_the_signature() -> Result<()
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn clamd_down_fails_closed_and_recovers() -> Result<()> {
-    // A private clamd, so stopping it does not disturb other tests.
-    let dir = tempfile::tempdir()?;
-    // Read at run time: a binary reused from a build in another checkout
-    // (a shared target directory) would carry that checkout's path.
-    let manifest = std::env::var("CARGO_MANIFEST_DIR")?;
-    let script = std::path::Path::new(&manifest).join("../scripts/clamd.sh");
-    let start = || -> Result<String> {
-        let out = std::process::Command::new(&script)
-            .env("P2PVM_CLAMD_DIR", dir.path())
-            .output()?;
-        ensure!(
-            out.status.success(),
-            "clamd: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        Ok(String::from_utf8(out.stdout)?.trim().to_owned())
-    };
-    let stop = || {
-        std::process::Command::new(&script)
-            .arg("stop")
-            .env("P2PVM_CLAMD_DIR", dir.path())
-            .status()
-    };
-    let sock = start()?;
-    let cfg = format!("[virus]\nclamd_socket = \"{sock}\"\n");
+    let clamd = PrivateClamd::new()?;
+    clamd.start()?;
     let source = node(&[], None).await?;
     let remote = publish(&source.admin().await?, "r.bin", &item(1 << 20, 4)).await?;
-    let n = node(&[&source], Some(cfg)).await?;
+    let n = node(&[&source], Some(clamd.config())).await?;
     let c = n.admin().await?;
     publish(&c, "a.bin", &item(100_000, 5)).await?;
 
-    stop()?;
-    eventually(WAIT, "clamd gone", || async {
-        (!std::path::Path::new(&sock).exists()
-            || std::os::unix::net::UnixStream::connect(&sock).is_err())
-        .then_some(())
-    })
-    .await?;
+    clamd.stop().await?;
     let e = publish(&c, "b.bin", &item(100_000, 6)).await.unwrap_err();
     ensure!(
         e.code() == Some(proto::ErrorCode::Unavailable) && e.to_string().contains("clamd"),
@@ -194,10 +165,151 @@ async fn clamd_down_fails_closed_and_recovers() -> Result<()> {
         "nothing unscanned may be stored"
     );
 
-    start()?;
+    clamd.start()?;
     publish(&c, "b.bin", &item(100_000, 6)).await?;
     c.download_content(&remote.content_id).await?;
     ensure!(c.content_list().await?.len() == 3);
-    let _ = stop();
+    clamd.stop().await?;
+    Ok(())
+}
+
+/// A clamd of the test's own (scripts/clamd.sh in a private directory), so
+/// stopping it or changing its signatures does not disturb other tests.
+struct PrivateClamd {
+    dir: tempfile::TempDir,
+    script: std::path::PathBuf,
+}
+
+impl PrivateClamd {
+    fn new() -> Result<Self> {
+        // Read at run time: a binary reused from a build in another checkout
+        // (a shared target directory) would carry that checkout's path.
+        let manifest = std::env::var("CARGO_MANIFEST_DIR")?;
+        Ok(Self {
+            dir: tempfile::tempdir()?,
+            script: std::path::Path::new(&manifest).join("../scripts/clamd.sh"),
+        })
+    }
+
+    fn socket(&self) -> std::path::PathBuf {
+        self.dir.path().join("clamd.sock")
+    }
+
+    fn database_dir(&self) -> std::path::PathBuf {
+        self.dir.path().join("db")
+    }
+
+    /// A node's `[virus]` section for this clamd.
+    fn config(&self) -> String {
+        format!(
+            "[virus]\nclamd_socket = \"{}\"\ndatabase_dir = \"{}\"\n",
+            self.socket().display(),
+            self.database_dir().display()
+        )
+    }
+
+    fn start(&self) -> Result<()> {
+        let out = std::process::Command::new(&self.script)
+            .env("P2PVM_CLAMD_DIR", self.dir.path())
+            .output()?;
+        ensure!(
+            out.status.success(),
+            "clamd: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Ok(())
+    }
+
+    /// Stops it and waits until its socket no longer answers.
+    async fn stop(&self) -> Result<()> {
+        std::process::Command::new(&self.script)
+            .arg("stop")
+            .env("P2PVM_CLAMD_DIR", self.dir.path())
+            .status()?;
+        let sock = self.socket();
+        eventually(WAIT, "clamd gone", || async {
+            std::os::unix::net::UnixStream::connect(&sock)
+                .is_err()
+                .then_some(())
+        })
+        .await
+    }
+}
+
+impl Drop for PrivateClamd {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new(&self.script)
+            .arg("stop")
+            .env("P2PVM_CLAMD_DIR", self.dir.path())
+            .status();
+    }
+}
+
+/// Streams a whole item (kept or not) and returns its bytes.
+async fn stream(c: &Client, id: &str, keep: bool) -> Result<Vec<u8>> {
+    let (_, mut s) = c.fetch_content(id, 0, 0, keep).await?;
+    let mut out = Vec::new();
+    s.read_to_end(&mut out).await?;
+    Ok(out)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_clean_item_is_not_scanned_again_until_the_signatures_change() -> Result<()> {
+    // The proof that an item was not scanned: clamd is down, and the fetch
+    // still succeeds (one that had to scan fails closed, as above).
+    let clamd = PrivateClamd::new()?;
+    clamd.start()?;
+    let source = node(&[], None).await?;
+    let publisher = source.admin().await?;
+    let data = item(3 << 20, 21);
+    let other = item(1 << 20, 22);
+    let info = publish(&publisher, "clean.bin", &data).await?;
+    let never = publish(&publisher, "never.bin", &other).await?;
+    let mut n = node(&[&source], Some(clamd.config())).await?;
+    let c = n.admin().await?;
+    // Streamed once without keeping it: scanned whole, clean, remembered.
+    ensure!(stream(&c, &info.content_id, false).await? == data);
+
+    clamd.stop().await?;
+    ensure!(
+        stream(&c, &info.content_id, false).await? == data,
+        "a re-fetch of a clean item was scanned again"
+    );
+    // Kept this time: the download's scan is skipped too, and it is stored.
+    c.download_content(&info.content_id).await?;
+    // An item never scanned still fails closed.
+    let e = stream(&c, &never.content_id, false).await.unwrap_err();
+    ensure!(e.to_string().contains("clamd"), "{e}");
+
+    // A signature update: the old verdicts no longer count.
+    std::fs::write(
+        clamd.database_dir().join("update.ndb"),
+        // "P2PVM-UPDATE-01", in hex.
+        "P2pvm.Test.Update:0:*:503250564d2d5550444154452d3031\n",
+    )?;
+    c.delete_content(&info.content_id).await?;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let e = stream(&c, &info.content_id, false).await.unwrap_err();
+    ensure!(
+        e.to_string().contains("clamd"),
+        "scanned by stale signatures: {e}"
+    );
+
+    // With clamd back (and the new signatures loaded) it is scanned once
+    // more, and the verdict is cached again — across a restart of the node.
+    clamd.start()?;
+    // (The node reads the database directory at most every 2 s.)
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    ensure!(stream(&c, &info.content_id, false).await? == data);
+    drop(c);
+    n.restart().await?;
+    let c = n.admin().await?;
+    // The node learns clamd's version at start; then clamd goes away.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    clamd.stop().await?;
+    ensure!(
+        stream(&c, &info.content_id, false).await? == data,
+        "the verdict cache did not survive a restart"
+    );
     Ok(())
 }

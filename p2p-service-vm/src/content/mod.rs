@@ -26,6 +26,7 @@ pub mod gateway;
 mod sealed;
 mod search;
 mod server;
+mod verdicts;
 mod wire;
 
 pub use error::{ContentServiceError, LocalError, ProviderError, Unavailable, VerifyError, chain};
@@ -195,6 +196,9 @@ pub(crate) struct Inner {
     pub local_readers: Arc<tokio::sync::Semaphore>,
     /// Memory for blocks in flight and waiting for readers.
     pub budget: Arc<budget::Budget>,
+    /// Clean verdicts per signature database (`None`: filter off, or the
+    /// cache could not be opened).
+    pub verdicts: Option<verdicts::Verdicts>,
     /// Every task the service starts (drivers, workers, readers, scans,
     /// servers): waited for at shutdown.
     pub tasks: crate::tasks::Tasks,
@@ -248,6 +252,17 @@ impl ContentService {
         };
         let ping = filter.enabled().then(|| filter.clone());
         let budget = budget::Budget::new(config.memory_budget_bytes / p2pvm_content::BLOCK_BYTES);
+        let verdicts = filter.enabled().then(|| {
+            verdicts::Verdicts::open(&data_dir.join("verdicts.redb"), virus.database_dir.clone())
+        });
+        let verdicts = match verdicts {
+            Some(Ok(v)) => Some(v),
+            Some(Err(e)) => {
+                warn!(error = %chain(&e), "cannot open the verdict cache: every fetch is scanned");
+                None
+            }
+            None => None,
+        };
         let svc = Self {
             inner: Arc::new(Inner {
                 store,
@@ -267,13 +282,22 @@ impl ContentService {
                 fast_path_port: std::sync::atomic::AtomicU16::new(0),
                 local_readers: Arc::new(tokio::sync::Semaphore::new(32)),
                 budget,
+                verdicts,
                 tasks: crate::tasks::Tasks::default(),
             }),
         };
         if let Some(f) = ping {
+            let primed = svc.clone();
             svc.spawn(async move {
                 match f.ping().await {
-                    Ok(()) => info!(clamd = %f.describe(), "virus filter ready"),
+                    Ok(()) => {
+                        info!(clamd = %f.describe(), "virus filter ready");
+                        // Learn clamd's version now, so cached verdicts stay
+                        // usable if clamd is away later.
+                        if let Some(v) = &primed.inner.verdicts {
+                            v.fingerprint(&f).await;
+                        }
+                    }
                     Err(e) => {
                         warn!(error = %e, "virus filter cannot reach clamd: content will be refused until it can")
                     }
@@ -309,6 +333,25 @@ impl ContentService {
         tokio::task::spawn_blocking(move || work(&svc))
             .await
             .map_err(ContentServiceError::task)
+    }
+
+    /// Whether `id` was scanned clean by the current signatures; and their
+    /// fingerprint, to record a clean scan under if not.
+    pub(crate) async fn verdict_cached(
+        &self,
+        id: &ContentId,
+    ) -> (bool, Option<verdicts::Fingerprint>) {
+        match &self.inner.verdicts {
+            Some(v) => v.check(&self.inner.virus, id).await,
+            None => (false, None),
+        }
+    }
+
+    /// Records that `id` was scanned clean by the signatures `fp` names.
+    pub(crate) async fn remember_clean(&self, id: &ContentId, fp: Option<verdicts::Fingerprint>) {
+        if let (Some(v), Some(fp)) = (&self.inner.verdicts, fp) {
+            v.remember_clean(&self.inner.virus, id, fp).await;
+        }
     }
 
     /// Waits until every task of the service has ended (after the shutdown
@@ -421,6 +464,11 @@ impl ContentService {
         let store = self.inner.store.clone();
         let key = self.inner.key.clone();
         let pin = meta.pin;
+        // The signatures this import is scanned by, to cache its verdict under.
+        let fingerprint = match &self.inner.verdicts {
+            Some(v) => v.fingerprint(&self.inner.virus).await,
+            None => None,
+        };
         // The bytes go to clamd as they are imported; the verdict decides, before
         // the item becomes visible, whether it is committed.
         let scanner = Arc::new(Mutex::new(Some(self.inner.virus.scanner())));
@@ -495,6 +543,8 @@ impl ContentService {
         })?;
         let manifest = VerifiedManifest::parse(&signed)?;
         info!(id = %info.id, size = info.size, name = %manifest.manifest.name, "published");
+        // Scanned clean as it was imported (else it would not be stored).
+        self.remember_clean(&info.id, fingerprint).await;
         self.announce(&manifest).await;
         self.gc().await;
         Ok(ContentInfo {

@@ -265,7 +265,16 @@ async fn read_download(
     tx: mpsc::Sender<Chunk>,
 ) {
     let _guard = ReaderGuard(dl.clone(), reader);
-    let scan = svc.inner.virus.enabled();
+    // An item these signatures found clean before is not scanned again.
+    let (cached, fingerprint) = if svc.inner.virus.enabled() {
+        svc.verdict_cached(&dl.id).await
+    } else {
+        (false, None)
+    };
+    let scan = svc.inner.virus.enabled() && !cached;
+    // Only a scan of the whole item as one stream counts as its verdict:
+    // whole-file hash signatures never match a segment of a larger item.
+    let whole = range == (0..dl.partial.size()) && dl.partial.size() <= SCAN_SEGMENT;
     let mut scans = SegmentScans::new(svc.inner.virus.clone());
     let mut progress = dl.progress.subscribe();
     let mut outcome = dl.outcome.subscribe();
@@ -275,6 +284,10 @@ async fn read_download(
     loop {
         let done_reading = pos >= range.end;
         if done_reading && segment.is_empty() && scans.is_empty() {
+            if scan && whole {
+                // The whole item, scanned as one segment, came back clean.
+                svc.remember_clean(&dl.id, fingerprint).await;
+            }
             return;
         }
         if !scan && !segment.is_empty() {

@@ -11,7 +11,7 @@ use libp2p::PeerId;
 use p2pvm_content::block_range;
 use p2pvm_security::{EventKind, Verdict, VirusFilter};
 use tokio::sync::watch;
-use tracing::warn;
+use tracing::{debug, warn};
 
 use super::download::Download;
 use super::reader::read_span;
@@ -45,6 +45,12 @@ pub(super) fn start_whole_scan(svc: &ContentService, dl: &Arc<Download>) {
 /// Scans the item as its blocks arrive (in order); no second pass over the
 /// finished file. The verdict goes to `dl.verdict`.
 async fn scan_whole(svc: ContentService, dl: Arc<Download>) {
+    let (clean, fingerprint) = svc.verdict_cached(&dl.id).await;
+    if clean {
+        debug!(id = %dl.id, "scanned clean before by these signatures; not scanning again");
+        dl.verdict.send_replace(Some(Ok(Verdict::Clean)));
+        return;
+    }
     let size = dl.partial.size();
     let segment_max = if size <= WHOLE_SCAN_MAX {
         u64::MAX
@@ -107,8 +113,10 @@ async fn scan_whole(svc: ContentService, dl: Arc<Download>) {
         }
         k += 1;
     };
-    if let Ok(Verdict::Infected(sig)) = &verdict {
-        malware_found(&svc, &dl, sig);
+    match &verdict {
+        Ok(Verdict::Infected(sig)) => malware_found(&svc, &dl, sig),
+        Ok(Verdict::Clean) => svc.remember_clean(&dl.id, fingerprint).await,
+        Err(_) => {}
     }
     dl.verdict.send_replace(Some(verdict));
 }
