@@ -414,8 +414,12 @@ impl ContentService {
     }
 
     async fn announce_all(&self) {
-        let items = match self.inner.store.manifests() {
-            Ok(m) => m,
+        let items = match self.blocking(|svc| svc.inner.store.manifests()).await {
+            Ok(Ok(m)) => m,
+            Ok(Err(e)) => {
+                warn!(error = %chain(&e), "cannot list stored items to announce");
+                return;
+            }
             Err(e) => {
                 warn!(error = %e, "cannot list stored items to announce");
                 return;
@@ -565,18 +569,26 @@ impl ContentService {
                 "publishing by path is disabled on this node; send the bytes instead".into(),
             ));
         }
-        let real = std::fs::canonicalize(path)
-            .map_err(|e| ContentServiceError::BadRequest(format!("{}: {e}", path.display())))?;
-        let data_dir =
-            std::fs::canonicalize(&self.inner.data_dir).unwrap_or(self.inner.data_dir.clone());
-        // The node's own key and tokens live there; never let an app publish them.
-        if real.starts_with(&data_dir) {
-            return Err(ContentServiceError::Denied(
-                "files inside the node's data directory cannot be published".into(),
-            ));
-        }
-        let file = std::fs::File::open(&real)
-            .map_err(|e| ContentServiceError::BadRequest(format!("{}: {e}", real.display())))?;
+        let path = path.to_owned();
+        let (real, file) = self
+            .blocking(move |svc| {
+                let real = std::fs::canonicalize(&path).map_err(|e| {
+                    ContentServiceError::BadRequest(format!("{}: {e}", path.display()))
+                })?;
+                let data_dir = std::fs::canonicalize(&svc.inner.data_dir)
+                    .unwrap_or(svc.inner.data_dir.clone());
+                // The node's own key and tokens live there; never let an app publish them.
+                if real.starts_with(&data_dir) {
+                    return Err(ContentServiceError::Denied(
+                        "files inside the node's data directory cannot be published".into(),
+                    ));
+                }
+                let file = std::fs::File::open(&real).map_err(|e| {
+                    ContentServiceError::BadRequest(format!("{}: {e}", real.display()))
+                })?;
+                Ok((real, file))
+            })
+            .await??;
         if meta.name.is_empty() {
             meta.name = real
                 .file_name()
