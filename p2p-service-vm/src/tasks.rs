@@ -44,21 +44,37 @@ impl Tasks {
         F: std::future::Future + Send + 'static,
         F::Output: Send + 'static,
     {
-        let at = Location::caller();
+        let live = self.live_at(Location::caller());
+        self.tracker.spawn(async move {
+            let _live = live;
+            task.await
+        })
+    }
+
+    /// Runs blocking `work` on a thread of the blocking pool, under supervision.
+    #[track_caller]
+    pub fn spawn_blocking<T: Send + 'static>(
+        &self,
+        work: impl FnOnce() -> T + Send + 'static,
+    ) -> JoinHandle<T> {
+        let live = self.live_at(Location::caller());
+        self.tracker.spawn_blocking(move || {
+            let _live = live;
+            work()
+        })
+    }
+
+    fn live_at(&self, at: &'static Location<'static>) -> Live {
         *self
             .live
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .entry(at)
             .or_default() += 1;
-        let live = Live {
+        Live {
             live: self.live.clone(),
             at,
-        };
-        self.tracker.spawn(async move {
-            let _live = live;
-            task.await
-        })
+        }
     }
 
     /// Accepts no more tasks and waits until every one has ended, or `limit`

@@ -192,36 +192,40 @@ async fn main() -> Result<()> {
         );
     }
 
-    // Into the store, on nodes that have none of it (a fresh one per round),
-    // idle and with one core busy, interleaved.
+    // Into the store of a node that has none of it, idle and with one core
+    // busy, interleaved; deleted after each round (it stops providing it), so
+    // every round is one provider to one downloader, like raw TCP.
+    let d = TestNode::start(NodeOpts {
+        bootstrap: vec![a_addr.clone()],
+        config_toml: config.clone(),
+        ..Default::default()
+    })
+    .await?;
+    let fresh = d.admin().await?;
+    let pd = d.pid()?;
     let mut downloads: Vec<Round> = Vec::new();
-    let mut last = None;
-    for _ in 0..if full { 3 } else { 1 } {
+    let download_rounds = if full { 3 } else { 1 };
+    for round in 0..download_rounds {
         for busy in [false, true] {
-            let d = TestNode::start(NodeOpts {
-                bootstrap: vec![a_addr.clone()],
-                config_toml: config.clone(),
-                ..Default::default()
-            })
-            .await?;
-            let fresh = d.admin().await?;
             let _hog = busy.then(CpuHog::start).transpose()?;
             let raw = raw_tcp(data).await?;
-            let before = [cpu_secs(pa)?, cpu_secs(d.pid()?)?, 0.0];
+            let before = [cpu_secs(pa)?, cpu_secs(pd)?, 0.0];
             let t = Instant::now();
             fresh.download_content(&info.content_id).await?;
             let dl = t.elapsed();
-            let after = [cpu_secs(pa)?, cpu_secs(d.pid()?)?, 0.0];
+            let after = [cpu_secs(pa)?, cpu_secs(pd)?, 0.0];
             downloads.push(Round {
                 busy,
                 raw,
                 p2p: dl,
                 cpu: std::array::from_fn(|i| after[i] - before[i]),
             });
-            last = Some((d, fresh));
+            let last = round + 1 == download_rounds && busy;
+            if !last {
+                fresh.delete_content(&info.content_id).await?;
+            }
         }
     }
-    let (_d, fresh) = last.expect("one round");
     // The API path alone: the same item streamed from the node's own store.
     let t = Instant::now();
     let (_, mut s) = fresh.fetch_content(&info.content_id, 0, 0, true).await?;

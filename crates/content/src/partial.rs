@@ -170,6 +170,30 @@ impl Partial {
         })
     }
 
+    /// Reserves the file's blocks on disk for the whole item (a download
+    /// that keeps it): writes then land in allocated space instead of making
+    /// the file system allocate on every write-back, and a disk too small
+    /// for the item says so now (`StorageFull`), not midway. File systems
+    /// that cannot preallocate are left sparse.
+    pub fn preallocate(&self) -> std::io::Result<()> {
+        match rustix::fs::fallocate(
+            &self.file,
+            rustix::fs::FallocateFlags::KEEP_SIZE,
+            0,
+            self.size,
+        ) {
+            Ok(()) => Ok(()),
+            Err(rustix::io::Errno::OPNOTSUPP) => Ok(()),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Flushes what was written so far to disk (while writes go on): the
+    /// final sync in [`Partial::finish`] then has only the tail left.
+    pub fn sync_written(&self) -> std::io::Result<()> {
+        self.file.sync_data()
+    }
+
     /// Content id.
     pub fn id(&self) -> ContentId {
         self.id

@@ -324,6 +324,15 @@ impl ContentService {
         self.inner.tasks.spawn(task)
     }
 
+    /// Starts supervised blocking work (a long-lived writer thread, say).
+    #[track_caller]
+    pub(crate) fn spawn_blocking<T: Send + 'static>(
+        &self,
+        work: impl FnOnce() -> T + Send + 'static,
+    ) -> tokio::task::JoinHandle<T> {
+        self.inner.tasks.spawn_blocking(work)
+    }
+
     /// Runs store or file work on a blocking thread, never on the async ones.
     pub(crate) async fn blocking<T: Send + 'static>(
         &self,

@@ -13,7 +13,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use futures::{AsyncWriteExt, StreamExt};
+use futures::AsyncWriteExt;
 use libp2p::PeerId;
 use p2pvm_content::transfer::{self, BlockRequest, Op, Status, TransferRequest, TransferResponse};
 use p2pvm_content::{BLOCK_BYTES, ContentError, block_count, block_range};
@@ -21,7 +21,7 @@ use p2pvm_security::{EventKind, Standing};
 use tokio::sync::mpsc;
 use tracing::{debug, warn};
 
-use super::download::{Download, Outcome};
+use super::download::{Download, Outcome, WriteJob};
 use super::peer::{open_stream, request, response};
 use super::sched::Have;
 use crate::content::budget::Lease;
@@ -289,11 +289,13 @@ async fn read_answers<R: PayloadRead>(
     }
 }
 
-/// Verifies a block and hands it over (memory or disk), or drops it; updates
-/// the schedule either way.
-fn settle(
+/// Verifies a block on the worker's task and hands it over: into memory for
+/// a download that keeps nothing, to the download's writer thread for one
+/// that keeps the item. A block that fails verification is dropped (and the
+/// provider with it).
+async fn verify_block(
     svc: &ContentService,
-    dl: &Download,
+    dl: &Arc<Download>,
     peer: PeerId,
     (k, wire, lease): (u64, Bytes, Lease),
     secs: f64,
@@ -311,7 +313,39 @@ fn settle(
         }
     };
     // The block's bytes are a slice of the buffer they arrived in.
-    match dl.hold(peer, k, wire.slice(at..), lease) {
+    let job = WriteJob {
+        peer,
+        k,
+        block: wire.slice(at..),
+        lease,
+        secs,
+    };
+    if !dl.keep() {
+        return accept(svc, dl, job);
+    }
+    let writer = dl.writer(svc, |svc, dl, job| {
+        // A failed write has failed the download; the worker sees it cancelled.
+        let _ = accept(svc, dl, job);
+    });
+    if writer.send(job).await.is_err() {
+        return Err(ProviderError::Local(
+            dl.failure().unwrap_or(ContentServiceError::Cancelled),
+        ));
+    }
+    Ok(())
+}
+
+/// Takes a verified block (memory or disk, see [`Download::hold`]) and
+/// credits the provider; a local write error fails the download.
+fn accept(svc: &ContentService, dl: &Download, job: WriteJob) -> Result<(), ProviderError> {
+    let WriteJob {
+        peer,
+        k,
+        block,
+        lease,
+        secs,
+    } = job;
+    match dl.hold(peer, k, block, lease) {
         Ok(fresh) => {
             if fresh {
                 // Credited once: two connections to one peer may race the
@@ -342,26 +376,6 @@ fn settle(
             Err(ProviderError::Local(error))
         }
     }
-}
-
-type Settling = tokio::task::JoinHandle<Result<(), ProviderError>>;
-
-/// Settles a block: on the worker's own task when it stays in memory (only
-/// hashing, no hand-off), on a blocking thread when it goes to disk.
-fn verify_block(
-    svc: &ContentService,
-    dl: &Arc<Download>,
-    peer: PeerId,
-    block: (u64, Bytes, Lease),
-    secs: f64,
-) -> Result<Option<Settling>, ProviderError> {
-    if !dl.keep() {
-        return settle(svc, dl, peer, block, secs).map(|()| None);
-    }
-    let (svc, dl) = (svc.clone(), dl.clone());
-    Ok(Some(tokio::task::spawn_blocking(move || {
-        settle(&svc, &dl, peer, block, secs)
-    })))
 }
 
 /// Aborts the answer reader when its pipeline ends.
@@ -418,7 +432,6 @@ async fn pipeline<R: PayloadRead, W: PayloadWrite>(
         answers_tx,
         dl.partial.size(),
     )));
-    let mut verifying = futures::stream::FuturesOrdered::new();
 
     async fn send<W: futures::AsyncWrite + Unpin>(
         wr: &mut W,
@@ -445,24 +458,21 @@ async fn pipeline<R: PayloadRead, W: PayloadWrite>(
         if dl.cancel.is_cancelled() || matches!(*dl.outcome.borrow(), Outcome::Complete) {
             return Ok(());
         }
-        if carried >= rotate_after && inflight.is_empty() && verifying.is_empty() {
+        if carried >= rotate_after && inflight.is_empty() {
             // Well before a fast-path key runs out: end cleanly, and the
             // driver starts a fresh worker (new connections, new keys) for
             // this provider, which is no fault of its.
             debug!(%id, %peer, "connection carried {carried} bytes; dialling afresh");
             return Ok(());
         }
-        // Fill the pipeline (requests on the wire plus blocks being verified),
+        // Fill the pipeline (requests on the wire),
         // a quarter of it at a time once it runs: requests then travel
         // several to a packet instead of one per answered block.
         let depth = rate.depth();
-        let busy = inflight.len() + verifying.len();
+        let busy = inflight.len();
         let batch = if busy == 0 { 1 } else { (depth / 4).max(1) };
         let mut starved = false;
-        while carried < rotate_after
-            && busy + batch <= depth
-            && inflight.len() + verifying.len() < depth
-        {
+        while carried < rotate_after && busy + batch <= depth && inflight.len() < depth {
             // The answer's memory is reserved before the request goes out.
             let Some(lease) = spare.take().or_else(|| dl.borrower.try_take()) else {
                 starved = true;
@@ -478,7 +488,7 @@ async fn pipeline<R: PayloadRead, W: PayloadWrite>(
             send(&mut wr, &kinds_tx, &mut inflight, op, request).await?;
             flush_needed = true;
         }
-        let idle = inflight.is_empty() && verifying.is_empty();
+        let idle = inflight.is_empty();
         let stale = last_have.elapsed() >= if idle { HAVE_REFRESH } else { 2 * HAVE_REFRESH };
         let have_out = inflight.iter().any(|i| i.pending == Pending::Have);
         if !complete_peer && stale && !have_out {
@@ -493,10 +503,6 @@ async fn pipeline<R: PayloadRead, W: PayloadWrite>(
             flush_needed = false;
         }
         tokio::select! {
-            Some(done) = verifying.next(), if !verifying.is_empty() => {
-                let done: Result<Result<(), ProviderError>, tokio::task::JoinError> = done;
-                done.map_err(|e| ProviderError::Local(ContentServiceError::task(e)))??;
-            }
             answer = answers.recv(), if !inflight.is_empty() => {
                 // The provider vanished or broke the stream with requests pending.
                 let answer = answer
@@ -518,9 +524,7 @@ async fn pipeline<R: PayloadRead, W: PayloadWrite>(
                             carried += payload.len() as u64;
                             // Every block request went out with a lease.
                             let lease = lease.ok_or_else(|| std::io::Error::other("a block answered without a lease"))?;
-                            if let Some(v) = verify_block(svc, dl, peer, (k, payload, lease), secs)? {
-                                verifying.push_back(v);
-                            }
+                            verify_block(svc, dl, peer, (k, payload, lease), secs).await?;
                         }
                         Ok(Status::NotHeld) => dl.state().sched.not_held(peer, k),
                         _ => {
@@ -534,12 +538,12 @@ async fn pipeline<R: PayloadRead, W: PayloadWrite>(
                 // Accepts requests but does not answer: free its blocks for others.
                 return Err(ProviderError::StoppedAnswering);
             }
-            lease = dl.borrower.take(&dl.cancel), if starved && inflight.is_empty() && verifying.is_empty() => {
+            lease = dl.borrower.take(&dl.cancel), if starved && inflight.is_empty() => {
                 // Out of memory budget with nothing in flight: wait for a share.
                 spare = lease;
             }
-            _ = dl.changed.notified(), if inflight.is_empty() && verifying.is_empty() => {}
-            _ = tokio::time::sleep(HAVE_REFRESH), if inflight.is_empty() && verifying.is_empty() => {}
+            _ = dl.changed.notified(), if inflight.is_empty() => {}
+            _ = tokio::time::sleep(HAVE_REFRESH), if inflight.is_empty() => {}
             _ = dl.cancel.cancelled() => return Ok(()),
         }
     }
