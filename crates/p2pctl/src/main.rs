@@ -309,7 +309,10 @@ async fn run(cli: &Cli, c: &Client) -> Result<()> {
                 j,
                 json!({"peer_id": i.peer_id, "listen_addrs": i.listen_addrs, "version": i.version,
                        "protocol_version": i.protocol_version, "connected_peers": i.connected_peers,
-                       "content_fast_path_port": i.content_fast_path_port}),
+                       "content_fast_path_port": i.content_fast_path_port,
+                       "content_memory": {"used_bytes": i.content_memory_used_bytes,
+                                          "peak_bytes": i.content_memory_peak_bytes,
+                                          "budget_bytes": i.content_memory_budget_bytes}}),
                 || {
                     let mut s = format!(
                         "peer id:   {}\nversion:   {} (API v{})\npeers:     {}\nlistening:",
@@ -322,6 +325,13 @@ async fn run(cli: &Cli, c: &Client) -> Result<()> {
                         0 => s.push_str("\ncontent fast path: off"),
                         p => s.push_str(&format!("\ncontent fast path: TCP port {p}")),
                     }
+                    let mib = |b: u64| b as f64 / (1u64 << 20) as f64;
+                    s.push_str(&format!(
+                        "\nblock memory: {:.1} MiB in use, {:.1} MiB at most, budget {:.0} MiB",
+                        mib(i.content_memory_used_bytes),
+                        mib(i.content_memory_peak_bytes),
+                        mib(i.content_memory_budget_bytes)
+                    ));
                     s
                 },
             );
