@@ -177,24 +177,35 @@ pub(super) fn malware_found(svc: &ContentService, dl: &Arc<Download>, signature:
                 signature: signature.into(),
             },
         );
-        let (node, ledger, peer) = (svc.inner.node.clone(), svc.inner.ledger.clone(), *p);
-        let reason = format!("malware: {signature}");
-        svc.spawn(async move {
-            // The ban is a database write: off the async threads.
-            let banned =
-                tokio::task::spawn_blocking(move || ledger.ban(peer, until as u64, &reason)).await;
-            match banned {
-                Ok(Ok(())) => {}
-                Ok(Err(e)) => warn!(%peer, error = %e, "cannot persist a ban"),
-                Err(e) => warn!(%peer, error = %e, "cannot persist a ban"),
-            }
-            let _ = node.call(|r| Command::Disconnect(peer, r)).await;
-        });
     }
-    svc.emit(NodeEvent::MalwareDetected {
-        id: dl.id,
-        signature: signature.into(),
-        peers,
+    let (svc2, id, signature) = (svc.clone(), dl.id, signature.to_owned());
+    svc.spawn(async move {
+        // The bans are database writes: off the async threads. The event
+        // goes out once they hold, so whoever hears of it finds them banned.
+        let (ledger, banned, reason) = (
+            svc2.inner.ledger.clone(),
+            peers.clone(),
+            format!("malware: {signature}"),
+        );
+        let written = tokio::task::spawn_blocking(move || {
+            for peer in banned {
+                if let Err(e) = ledger.ban(peer, until as u64, &reason) {
+                    warn!(%peer, error = %e, "cannot persist a ban");
+                }
+            }
+        })
+        .await;
+        if let Err(e) = written {
+            warn!(error = %e, "cannot persist the bans");
+        }
+        svc2.emit(NodeEvent::MalwareDetected {
+            id,
+            signature,
+            peers: peers.clone(),
+        });
+        for peer in peers {
+            let _ = svc2.inner.node.call(|r| Command::Disconnect(peer, r)).await;
+        }
     });
 }
 
