@@ -83,6 +83,7 @@ impl Tickets {
         session: u64,
         bytes: ContentBytes,
         max: usize,
+        (tasks, shutdown): (&crate::tasks::Tasks, &tokio_util::sync::CancellationToken),
     ) -> Result<Ticket, ApiError> {
         let mut parked = self.parked.lock().expect("lock");
         let running = self.live.lock().expect("lock").get(&session).copied();
@@ -96,8 +97,13 @@ impl Tickets {
         rand::rngs::OsRng.fill_bytes(&mut ticket);
         parked.insert(ticket, Parked { session, bytes });
         let tickets = Arc::downgrade(self);
-        tokio::spawn(async move {
-            tokio::time::sleep(TICKET_TTL).await;
+        let shutdown = shutdown.clone();
+        tasks.spawn(async move {
+            tokio::select! {
+                _ = tokio::time::sleep(TICKET_TTL) => {}
+                // At shutdown the tickets go with the service.
+                _ = shutdown.cancelled() => return,
+            }
             if let Some(t) = tickets.upgrade()
                 && t.parked.lock().expect("lock").remove(&ticket).is_some()
             {

@@ -225,7 +225,10 @@ impl Session {
         bytes: ContentBytes,
     ) -> Result<pb::response::Result, ApiError> {
         let max = self.svc.inner.limits.max_streams_per_session as usize;
-        let ticket = self.svc.inner.bulk.park(self.id, bytes, max)?;
+        let inner = &self.svc.inner;
+        let ticket = inner
+            .bulk
+            .park(self.id, bytes, max, (&inner.tasks, &inner.shutdown))?;
         opened.stream_id = 0;
         opened.bulk_ticket = bytes::Bytes::copy_from_slice(&ticket);
         Ok(pb::response::Result::ContentStream(opened))
