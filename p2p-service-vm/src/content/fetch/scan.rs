@@ -64,20 +64,41 @@ async fn scan_whole(svc: ContentService, dl: Arc<Download>) {
     let mut segment: Vec<Bytes> = Vec::new();
     let mut segment_len = 0u64;
     let mut k = 0;
+    // Where a whole scan's time goes: waiting for the next block in order,
+    // reading it back, clamd taking it (its queue full), the verdict.
+    let started = std::time::Instant::now();
+    let (mut waiting, mut feeding) = (std::time::Duration::ZERO, std::time::Duration::ZERO);
     let verdict: Scanned = 'scan: loop {
         if let Some(scanner) = whole.as_mut() {
             // One clamd stream, fed block by block.
             if k == blocks {
-                break whole
+                let fed = started.elapsed();
+                let v = whole
                     .take()
                     .expect("whole scan")
                     .finish()
                     .await
                     .map_err(Into::into);
+                debug!(
+                    id = %dl.id,
+                    total_s = started.elapsed().as_secs_f64(),
+                    waiting_for_blocks_s = waiting.as_secs_f64(),
+                    feeding_s = feeding.as_secs_f64(),
+                    verdict_after_s = (started.elapsed() - fed).as_secs_f64(),
+                    "whole-item scan done"
+                );
+                break v;
             }
-            match next_block(&dl, &mut progress, k).await {
+            let t = std::time::Instant::now();
+            let next = next_block(&dl, &mut progress, k).await;
+            waiting += t.elapsed();
+            match next {
                 None => return,
-                Some(Ok(bytes)) => scanner.feed(bytes).await,
+                Some(Ok(bytes)) => {
+                    let t = std::time::Instant::now();
+                    scanner.feed(bytes).await;
+                    feeding += t.elapsed();
+                }
                 Some(Err(e)) => break Err(e),
             }
             k += 1;
