@@ -209,6 +209,16 @@ impl Download {
         self.cancel.cancel();
     }
 
+    /// The error for a block of ours that could not be written: our disk,
+    /// never the peer's fault.
+    pub(super) fn write_failed(&self, k: u64, e: ContentError) -> ContentServiceError {
+        let io = match e {
+            ContentError::Write(io) => io,
+            other => std::io::Error::other(other),
+        };
+        ContentServiceError::io(format!("writing block {k} of {}", self.id), io)
+    }
+
     /// Why the transfer was ended, if it was.
     pub(super) fn failure(&self) -> Option<ContentServiceError> {
         match &self.state().phase {
@@ -294,13 +304,7 @@ impl Download {
             while let Some((k, (b, _lease))) = st.ram.pop_first() {
                 if let Err(e) = dl.partial.store_verified(k, &b) {
                     drop(st);
-                    dl.fail(ContentServiceError::io(
-                        format!("writing block {k} of {}", dl.id),
-                        match e {
-                            ContentError::Write(io) => io,
-                            other => std::io::Error::other(other),
-                        },
-                    ));
+                    dl.fail(dl.write_failed(k, e));
                     return;
                 }
             }

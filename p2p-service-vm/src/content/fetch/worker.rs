@@ -16,7 +16,7 @@ use bytes::Bytes;
 use futures::AsyncWriteExt;
 use libp2p::PeerId;
 use p2pvm_content::transfer::{self, BlockRequest, Op, Status, TransferRequest, TransferResponse};
-use p2pvm_content::{BLOCK_BYTES, ContentError, block_count, block_range};
+use p2pvm_content::{BLOCK_BYTES, block_count, block_range};
 use p2pvm_security::{EventKind, Standing};
 use tokio::sync::mpsc;
 use tracing::{debug, warn};
@@ -365,13 +365,7 @@ fn accept(svc: &ContentService, dl: &Download, job: WriteJob) -> Result<(), Prov
         }
         Err(e) => {
             // Our disk, not the peer: the whole transfer cannot go on.
-            let error = ContentServiceError::io(
-                format!("writing block {k} of {}", dl.id),
-                match e {
-                    ContentError::Write(io) => io,
-                    other => std::io::Error::other(other),
-                },
-            );
+            let error = dl.write_failed(k, e);
             dl.fail(error.clone());
             Err(ProviderError::Local(error))
         }
