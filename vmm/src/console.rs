@@ -9,7 +9,8 @@
 //!
 //! Output never blocks a vCPU: bytes an attached client does not take at
 //! once wait in a bounded buffer the device thread flushes. Input is read
-//! only while the 8250's FIFO has room, so nothing typed is dropped.
+//! only while the 8250's FIFO has room, so nothing typed is dropped, not
+//! even by a client that leaves before a busy guest took its keystrokes.
 
 use std::collections::VecDeque;
 use std::fs::File;
@@ -35,6 +36,10 @@ const LOG_MAX_BYTES: u64 = 16 << 20;
 /// Output waiting for a slow client; beyond it the oldest bytes are dropped
 /// (a client that stops reading must not grow the VMM without bound).
 const PENDING_MAX_BYTES: usize = 1 << 20;
+/// Keystrokes a client sent before it left that the guest has not taken yet
+/// are still typed, up to this much (`printf CMD | p2pvmm console` may end
+/// before a busy guest reads its FIFO).
+const LEFTOVER_INPUT_MAX_BYTES: usize = 64 << 10;
 
 #[derive(Debug, Default)]
 struct Inner {
@@ -262,13 +267,34 @@ impl ConsoleServer {
         }
     }
 
-    /// Takes the client out of the event loop, then lets it go.
+    /// Takes the client out of the event loop, then lets it go. What it
+    /// typed and the guest has not taken yet is kept and still typed.
     fn drop_client(&mut self, ops: &mut EventOps) {
         if let Some(fd) = self.registered.take() {
             let _ = ops.remove(Events::empty_raw(fd));
         }
-        self.input.clear();
+        self.take_leftover_input();
         self.console.detach();
+        self.feed_serial();
+    }
+
+    /// Reads what a leaving client's socket still holds into `input`.
+    fn take_leftover_input(&mut self) {
+        let mut inner = lock(&self.console.inner);
+        let Some(client) = inner.client.as_mut() else {
+            return;
+        };
+        let mut buf = [0u8; 4096];
+        while self.input.len() < LEFTOVER_INPUT_MAX_BYTES {
+            match client.read(&mut buf) {
+                Ok(0) | Err(_) => return,
+                Ok(n) => self.input.extend(&buf[..n]),
+            }
+        }
+        tracing::warn!(
+            kept = self.input.len(),
+            "console: a client left with more input queued than is kept; the rest is dropped"
+        );
     }
 
     fn client_interest(&self) -> EventSet {
@@ -526,5 +552,31 @@ mod tests {
         }
         assert_eq!(got, text);
         let _ = &rig.console;
+    }
+
+    #[test]
+    fn what_a_client_typed_before_leaving_still_reaches_a_slow_guest() {
+        let mut rig = rig();
+        let mut c = UnixStream::connect(&rig.path).unwrap();
+        rig.pump();
+        // More than the FIFO holds, then gone before the guest read a byte.
+        let text: Vec<u8> = (0..3000).map(|i| b'a' + (i % 26) as u8).collect();
+        c.write_all(&text).unwrap();
+        drop(c);
+        rig.pump();
+        let mut got = Vec::new();
+        for _ in 0..400 {
+            got.extend(rig.guest_reads());
+            if got.len() >= text.len() {
+                break;
+            }
+            rig.pump();
+        }
+        assert_eq!(got, text);
+        // The next client is served as usual once the leftovers are typed.
+        let mut c2 = UnixStream::connect(&rig.path).unwrap();
+        c2.write_all(b"ls\n").unwrap();
+        rig.pump();
+        assert_eq!(rig.guest_reads(), b"ls\n");
     }
 }
