@@ -73,6 +73,29 @@ pub struct Config {
     pub credit: CreditConfig,
     /// The virus filter.
     pub virus: VirusConfig,
+    /// The DRM checker: trusted publisher CAs and certification policy.
+    pub drm: DrmConfig,
+}
+
+/// The DRM checker. Rights (expiry, redistribution, groups) are always
+/// enforced; this says whom to trust as certifying publishers, and when to
+/// require it.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct DrmConfig {
+    /// Publisher CA certificates (PEM or DER files) this node trusts.
+    pub publisher_cas: Vec<PathBuf>,
+    /// CRLs of those CAs (PEM or DER files): publisher certificates they
+    /// list do not certify.
+    pub publisher_crls: Vec<PathBuf>,
+    /// Refuse items whose publisher is not certified by a trusted CA.
+    pub require_certified: bool,
+    /// ...or only items with any of these tags.
+    pub require_certified_tags: Vec<String>,
+    /// This node's own publisher chain (PEM: its certificate, then any
+    /// intermediates), attached to every manifest it signs. The certificate
+    /// must name this node's peer id (`urn:p2pvm:peer:<id>`).
+    pub publisher_chain: Option<PathBuf>,
 }
 
 /// The virus filter: a ClamAV clamd that scans all content entering the node.
@@ -253,6 +276,7 @@ impl Default for Config {
             content: ContentConfig::default(),
             credit: CreditConfig::default(),
             virus: VirusConfig::default(),
+            drm: DrmConfig::default(),
         }
     }
 }

@@ -7,21 +7,28 @@
 //!                         └──── score, forecast, policy ◄─┘
 //! ```
 //!
-//! Two units so far: the peer credit ledger (what this node itself observed of
-//! each peer, a decaying Beta-reputation score with throughput and reliability
-//! forecasts, the throttle/refuse policy, bans) and the virus filter (content
+//! Units: the peer credit ledger (what this node itself observed of each
+//! peer, a decaying Beta-reputation score with throughput and reliability
+//! forecasts, the throttle/refuse policy, bans); the virus filter (content
 //! streamed to a real ClamAV clamd, with a cache of clean verdicts per
-//! signature database). The DRM checker and the privacy controller
-//! plug in beside them.
+//! signature database); the DRM checker (rights and publisher certificates,
+//! checked before sharing and before accepting), on the X.509 helpers in
+//! `pki`. The privacy controller (trusted groups) plugs in beside them.
 
 #![forbid(unsafe_code)]
 
+pub mod drm;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod ledger;
+pub mod pki;
 mod score;
 pub mod verdicts;
 pub mod virus;
 
+pub use drm::{Certification, DrmChecker, DrmError, DrmPolicy, Untrusted};
 pub use ledger::{Ban, Event, EventKind, Ledger, LedgerError, PeerCredit};
+pub use pki::{CertError, TrustList};
 pub use score::{Policy, Standing, Weights};
 pub use verdicts::{VerdictCache, VerdictCacheError};
 pub use virus::{ClamdAddr, Scanner, Verdict, VirusError, VirusFilter};

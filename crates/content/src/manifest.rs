@@ -1,6 +1,7 @@
 //! Signed manifests: what an item is and the rights it carries, signed by its
 //! publisher's Ed25519 peer key. Every manifest received is verified before use;
-//! the DRM checker (a later issue) enforces `rights`.
+//! the DRM checker (`p2pvm-security`) enforces `rights` and checks the
+//! publisher's certificate chain, if it carries one.
 //!
 //! The signature covers a domain tag and the manifest's protobuf encoding, so a
 //! signature made for anything else can never pass as a manifest signature.
@@ -78,6 +79,11 @@ pub struct Manifest {
     /// Rights section.
     #[prost(message, optional, tag = "8")]
     pub rights: Option<Rights>,
+    /// The publisher's X.509 chain (DER, leaf first) binding its peer id to an
+    /// identity issued by a publisher CA; empty when self-signed. Inside the
+    /// signed bytes, so the publisher's signature covers it.
+    #[prost(bytes = "vec", repeated, tag = "9")]
+    pub publisher_certificates: Vec<Vec<u8>>,
 }
 
 /// A manifest with its publisher's signature, as stored and sent.
@@ -181,6 +187,7 @@ mod tests {
                 expires_unix: 0,
                 allowed_groups: vec![],
             }),
+            publisher_certificates: vec![b"not really a certificate".to_vec()],
         }
     }
 

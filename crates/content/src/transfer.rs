@@ -106,6 +106,9 @@ pub enum Status {
     Unavailable = 4,
     /// The provider holds all blocks (answer to `Have`, no bitfield follows).
     Complete = 5,
+    /// The provider's DRM checker refuses to serve this peer the item; the
+    /// message starts with the failed check (`DRM_EXPIRED: ...`).
+    Forbidden = 6,
 }
 
 impl TransferResponse {

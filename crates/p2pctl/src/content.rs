@@ -29,9 +29,20 @@ pub struct PublishArgs {
     /// Licence, e.g. CC-BY-4.0.
     #[arg(long)]
     pub licence: Option<String>,
-    /// Receivers may not serve it onwards.
+    /// Receivers may not serve it onwards (only this node serves it).
     #[arg(long)]
     pub no_redistribute: bool,
+    /// Its rights end this many seconds from now: after that nobody serves
+    /// or accepts it.
+    #[arg(long, value_name = "SECS", conflicts_with = "expires_unix")]
+    pub expires_in: Option<u64>,
+    /// Its rights end at this time (unix seconds).
+    #[arg(long, value_name = "UNIX_SECS")]
+    pub expires_unix: Option<u64>,
+    /// Only verified members of this trusted group may receive it; repeat
+    /// for several.
+    #[arg(long = "group", value_name = "GROUP")]
+    pub groups: Vec<String>,
     /// Keep it regardless of the store quota.
     #[arg(long)]
     pub pin: bool,
@@ -59,6 +70,10 @@ pub fn info_json(i: &proto::ContentInfo) -> serde_json::Value {
         "publisher": i.publisher, "created_unix": i.created_unix, "tags": i.tags,
         "licence": i.rights.as_ref().map(|r| r.licence.clone()).unwrap_or_default(),
         "redistribution_allowed": i.rights.as_ref().is_none_or(|r| r.redistribution_allowed),
+        "expires_unix": i.rights.as_ref().map(|r| r.expires_unix).unwrap_or(0),
+        "allowed_groups": i.rights.as_ref().map(|r| r.allowed_groups.clone()).unwrap_or_default(),
+        "certification": i.certification, "certified_by": i.certified_by,
+        "certified_subject": i.certified_subject,
         "local": i.local, "pinned": i.pinned, "providers": i.providers,
     })
 }
@@ -78,15 +93,52 @@ fn human_size(n: u64) -> String {
     }
 }
 
+/// The rights in one line: licence, who may serve it, until when, for whom.
+fn rights_human(i: &proto::ContentInfo) -> String {
+    let Some(r) = &i.rights else {
+        return "unrestricted".into();
+    };
+    let mut parts = Vec::new();
+    if !r.licence.is_empty() {
+        parts.push(r.licence.clone());
+    }
+    parts.push(if r.redistribution_allowed {
+        "redistributable".into()
+    } else {
+        "publisher only".into()
+    });
+    if r.expires_unix != 0 {
+        parts.push(format!("expires {} (unix)", r.expires_unix));
+    }
+    if !r.allowed_groups.is_empty() {
+        parts.push(format!("groups: {}", r.allowed_groups.join(", ")));
+    }
+    parts.join("; ")
+}
+
+/// Whether and by whom the publisher is certified.
+fn certification_human(i: &proto::ContentInfo) -> String {
+    match i.certification.as_str() {
+        "certified" => format!("{} (by {})", i.certified_subject, i.certified_by),
+        "unverified" => format!(
+            "unverified: claims {} (by {}); no trusted publisher CA here",
+            i.certified_subject, i.certified_by
+        ),
+        other => other.to_string(),
+    }
+}
+
 fn info_human(i: &proto::ContentInfo) -> String {
     format!(
-        "{}\n  name:      {}\n  type:      {}\n  size:      {} ({} bytes)\n  publisher: {}\n  tags:      {}\n  local:     {}{}\n  providers: {}",
+        "{}\n  name:      {}\n  type:      {}\n  size:      {} ({} bytes)\n  publisher: {}\n  certified: {}\n  rights:    {}\n  tags:      {}\n  local:     {}{}\n  providers: {}",
         i.content_id,
         i.name,
         i.mime_type,
         human_size(i.size),
         i.size,
         i.publisher,
+        certification_human(i),
+        rights_human(i),
         i.tags.join(", "),
         i.local,
         if i.pinned { " (pinned)" } else { "" },
@@ -96,19 +148,58 @@ fn info_human(i: &proto::ContentInfo) -> String {
 
 fn table(items: &[proto::ContentInfo]) -> String {
     let mut s = format!(
-        "{:<64}  {:>10}  {:>4}  {}",
-        "CONTENT ID", "SIZE", "PROV", "NAME"
+        "{:<64}  {:>10}  {:>4}  {:<11}  {:<15}  {}",
+        "CONTENT ID", "SIZE", "PROV", "CERTIFIED", "RIGHTS", "NAME"
     );
     for i in items {
+        let cert = match i.certification.as_str() {
+            "certified" => "yes",
+            "self-signed" | "" => "no",
+            "unverified" => "unverified",
+            _ => "INVALID",
+        };
+        let rights = match &i.rights {
+            None => "open".to_string(),
+            Some(r) => {
+                let mut w = vec![if r.redistribution_allowed {
+                    "open"
+                } else {
+                    "publisher"
+                }];
+                if r.expires_unix != 0 {
+                    w.push("expiring");
+                }
+                if !r.allowed_groups.is_empty() {
+                    w.push("group");
+                }
+                w.join(",")
+            }
+        };
         s.push_str(&format!(
-            "\n{:<64}  {:>10}  {:>4}  {}",
+            "\n{:<64}  {:>10}  {:>4}  {:<11}  {:<15}  {}",
             i.content_id,
             human_size(i.size),
             i.providers.len(),
+            cert,
+            rights,
             i.name
         ));
     }
     s
+}
+
+/// When the rights end (unix seconds; 0 = never).
+fn expiry(a: &PublishArgs) -> Result<u64> {
+    if let Some(t) = a.expires_unix {
+        return Ok(t);
+    }
+    let Some(secs) = a.expires_in else {
+        return Ok(0);
+    };
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .context("the clock is before 1970")?;
+    Ok(now.as_secs().saturating_add(secs.max(1)))
 }
 
 pub async fn publish(j: bool, c: &Client, a: &PublishArgs) -> Result<()> {
@@ -119,7 +210,8 @@ pub async fn publish(j: bool, c: &Client, a: &PublishArgs) -> Result<()> {
         rights: Some(proto::ContentRights {
             licence: a.licence.clone().unwrap_or_default(),
             redistribution_allowed: !a.no_redistribute,
-            ..Default::default()
+            expires_unix: expiry(a)?,
+            allowed_groups: a.groups.clone(),
         }),
         pin: a.pin,
         path: String::new(),

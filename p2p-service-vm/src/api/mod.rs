@@ -72,6 +72,9 @@ impl From<crate::content::ContentServiceError> for ApiError {
     /// carries every cause.
     fn from(e: crate::content::ContentServiceError) -> Self {
         use crate::content::ContentServiceError as C;
+        if let Some(drm) = e.drm_code() {
+            return Self::new(drm_error_code(drm), crate::content::chain(&e));
+        }
         let code = match &e {
             C::NotFound(_) => pb::ErrorCode::NotFound,
             C::Verification(_) => pb::ErrorCode::VerificationFailed,
@@ -81,8 +84,21 @@ impl From<crate::content::ContentServiceError> for ApiError {
             C::Local(_) => pb::ErrorCode::Internal,
             C::Denied(_) => pb::ErrorCode::PermissionDenied,
             C::Malware { .. } => pb::ErrorCode::MalwareDetected,
+            C::Drm(_) | C::DrmRefused { .. } => pb::ErrorCode::Internal,
         };
         Self::new(code, crate::content::chain(&e))
+    }
+}
+
+/// The API code of a failed DRM check (the checker's own word for it).
+fn drm_error_code(code: &str) -> pb::ErrorCode {
+    match code {
+        "DRM_EXPIRED" => pb::ErrorCode::DrmExpired,
+        "DRM_NOT_REDISTRIBUTABLE" => pb::ErrorCode::DrmNotRedistributable,
+        "DRM_UNTRUSTED_PUBLISHER" => pb::ErrorCode::DrmUntrustedPublisher,
+        "DRM_FORGED_MANIFEST" => pb::ErrorCode::DrmForgedManifest,
+        "DRM_NOT_GROUP_MEMBER" => pb::ErrorCode::DrmNotGroupMember,
+        _ => pb::ErrorCode::PermissionDenied,
     }
 }
 

@@ -118,9 +118,25 @@ pub(crate) fn publish_meta(r: &pb::ContentPublishRequest) -> Result<PublishMeta,
     })
 }
 
-pub(crate) fn content_info(i: ContentInfo) -> pb::ContentInfo {
+pub(crate) fn content_info(c: &ContentService, i: ContentInfo) -> pb::ContentInfo {
+    use p2pvm_security::Certification;
+    let (certification, certified_by, certified_subject) = match c
+        .certification(&i.manifest.manifest)
+    {
+        Ok(Certification::SelfSigned) => ("self-signed".to_string(), String::new(), String::new()),
+        Ok(Certification::Certified { subject, issuer }) => ("certified".into(), issuer, subject),
+        Ok(Certification::Unverified { subject, issuer }) => ("unverified".into(), issuer, subject),
+        Err(e) => (
+            format!("invalid: {}", crate::content::chain(&e)),
+            String::new(),
+            String::new(),
+        ),
+    };
     let m = i.manifest.manifest;
     pb::ContentInfo {
+        certification,
+        certified_by,
+        certified_subject,
         content_id: i.manifest.id.to_string(),
         name: m.name,
         mime_type: m.mime_type,
@@ -365,32 +381,38 @@ pub(crate) async fn run(svc: &ApiService, who: &Principal, op: Op) -> Result<R, 
             let info = content(svc)?
                 .publish_path(std::path::Path::new(&r.path), meta)
                 .await?;
-            Ok(R::Content(content_info(info)))
+            Ok(R::Content(content_info(content(svc)?, info)))
         }
         Op::ContentDownload(r) => {
             let id = parse_content_id(&r.content_id)?;
-            Ok(R::Content(content_info(content(svc)?.download(&id).await?)))
+            let c = content(svc)?;
+            Ok(R::Content(content_info(c, c.download(&id).await?)))
         }
         Op::ContentSearch(r) => {
-            let items = content(svc)?
+            let c = content(svc)?;
+            let items = c
                 .search(&r.query, if r.limit == 0 { 50 } else { r.limit as usize })
                 .await?;
             Ok(R::ContentList(pb::ContentList {
-                items: items.into_iter().map(content_info).collect(),
+                items: items.into_iter().map(|i| content_info(c, i)).collect(),
             }))
         }
         Op::ContentStat(r) => {
             let id = parse_content_id(&r.content_id)?;
-            Ok(R::Content(content_info(content(svc)?.stat(&id).await?)))
+            let c = content(svc)?;
+            Ok(R::Content(content_info(c, c.stat(&id).await?)))
         }
-        Op::ContentList(_) => Ok(R::ContentList(pb::ContentList {
-            items: content(svc)?
-                .list()
-                .await?
-                .into_iter()
-                .map(content_info)
-                .collect(),
-        })),
+        Op::ContentList(_) => {
+            let c = content(svc)?;
+            Ok(R::ContentList(pb::ContentList {
+                items: c
+                    .list()
+                    .await?
+                    .into_iter()
+                    .map(|i| content_info(c, i))
+                    .collect(),
+            }))
+        }
         Op::ContentPin(r) => {
             let id = parse_content_id(&r.content_id)?;
             content(svc)?.pin(&id, r.pinned).await?;

@@ -9,7 +9,7 @@ use std::sync::Arc;
 
 use libp2p::PeerId;
 use p2pvm_content::{ContentError, ContentId, ManifestError, StoreError};
-use p2pvm_security::{EventKind, VirusError};
+use p2pvm_security::{CertError, DrmError, EventKind, VirusError};
 
 use crate::node::NodeError;
 
@@ -42,6 +42,19 @@ pub enum ContentServiceError {
         /// Found by another reader's scan of the same item.
         elsewhere: bool,
     },
+    /// The DRM checker refused the item here (its code names the check).
+    #[error("{0}")]
+    Drm(#[from] DrmError),
+    /// A provider's DRM checker refused to serve it to this node.
+    #[error("provider {peer} refused: {message}")]
+    DrmRefused {
+        /// The provider.
+        peer: PeerId,
+        /// The check that failed there.
+        code: &'static str,
+        /// Its message.
+        message: String,
+    },
     /// A local failure: the store, its disk, a task of ours.
     #[error("{0}")]
     Local(#[source] Arc<LocalError>),
@@ -55,6 +68,20 @@ impl ContentServiceError {
     /// space, or lower the quota).
     pub fn is_full(&self) -> bool {
         matches!(self, Self::Local(l) if l.is_full())
+    }
+
+    /// The DRM check that failed, here or at a provider (`DRM_EXPIRED`...).
+    pub fn drm_code(&self) -> Option<&'static str> {
+        match self {
+            Self::Drm(e) => Some(e.code()),
+            Self::DrmRefused { code, .. } => Some(code),
+            Self::Unavailable(Unavailable::Provider { source, .. }) => match &**source {
+                ProviderError::Drm(e) => Some(e.code()),
+                ProviderError::Forbidden { code, .. } => Some(code),
+                _ => None,
+            },
+            _ => None,
+        }
     }
 
     pub(crate) fn malware(signature: impl Into<String>) -> Self {
@@ -99,6 +126,10 @@ pub enum LocalError {
     /// Making the fast path's TLS identity failed.
     #[error("Fast path identity")]
     FastPath(#[source] Box<dyn std::error::Error + Send + Sync>),
+    /// The DRM configuration (trusted publisher CAs, CRLs, this node's own
+    /// publisher chain) is not usable.
+    #[error("DRM configuration")]
+    Drm(#[source] CertError),
 }
 
 impl LocalError {
@@ -251,6 +282,18 @@ pub enum ProviderError {
     /// It sent a manifest that is not acceptable.
     #[error("bad manifest")]
     Manifest(#[source] VerifyError),
+    /// It served what the DRM checker refuses from it: a forged manifest, an
+    /// expired item, an item only its publisher may serve.
+    #[error("{0}")]
+    Drm(DrmError),
+    /// Its DRM checker refused to serve this node (no fault of its own).
+    #[error("refused: {message}")]
+    Forbidden {
+        /// The check that failed there.
+        code: &'static str,
+        /// Its message.
+        message: String,
+    },
     /// The download ended for a reason of ours, not the provider's.
     #[error("the download failed locally")]
     Local(#[source] ContentServiceError),
@@ -264,6 +307,8 @@ impl ProviderError {
             Self::Corrupt { .. } | Self::Manifest(VerifyError::LastBlock(_)) => {
                 Some(EventKind::CorruptBlock)
             }
+            // It served what it must not.
+            Self::Drm(_) => Some(EventKind::DrmFailed),
             // It took requests and did not serve them.
             Self::NoAnswer
             | Self::StoppedAnswering
@@ -272,13 +317,14 @@ impl ProviderError {
             | Self::Refused { .. }
             | Self::BadAnswer(_)
             | Self::Io(_) => Some(EventKind::RequestFailed),
-            // Not reachable, or a manifest signed badly (anyone can send us
-            // one; the signature, not the peer, is at fault) or our own failure.
+            // Not reachable, a manifest too large or for another item, a
+            // refusal its DRM checker owed us, or our own failure.
             Self::Unsupported
             | Self::Unreachable(_)
             | Self::Open(_)
             | Self::SizeUnproven(_)
             | Self::Declined(_)
+            | Self::Forbidden { .. }
             | Self::Manifest(_)
             | Self::Local(_) => None,
         }

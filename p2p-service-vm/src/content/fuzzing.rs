@@ -81,6 +81,7 @@ fn honest_manifest() -> &'static (Manifest, Vec<u8>) {
             created_unix: 1_790_000_000,
             tags: vec!["film".into()],
             rights: None,
+            publisher_certificates: Vec::new(),
         };
         let signed = m.sign(&key).expect("sign");
         let parsed = VerifiedManifest::parse(&signed.encode_to_vec()).expect("honest");

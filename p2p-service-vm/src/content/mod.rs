@@ -23,6 +23,7 @@ mod fetch;
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod gateway;
+mod rights;
 mod sealed;
 mod search;
 mod server;
@@ -202,6 +203,8 @@ pub(crate) struct Inner {
     /// Every task the service starts (drivers, workers, readers, scans,
     /// servers): waited for at shutdown.
     pub tasks: crate::tasks::Tasks,
+    /// The DRM checker and what it needs.
+    pub rights: rights::Rights,
 }
 
 /// The node's content service. Cheap to clone.
@@ -228,6 +231,7 @@ impl ContentService {
     ) -> Result<Self, ContentServiceError> {
         let data_dir = &config.data_dir;
         let virus = &config.virus;
+        let drm = &config.drm;
         let credit = config.credit.clone();
         let listen = config.listen.clone();
         let config = config.content.clone();
@@ -239,6 +243,7 @@ impl ContentService {
         } else {
             None
         };
+        let rights = rights::Rights::load(drm, key.public().to_peer_id())?;
         let store = Arc::new(Store::open(&data_dir.join("content"))?);
         let filter = if !virus.enabled {
             warn!(
@@ -284,6 +289,7 @@ impl ContentService {
                 budget,
                 verdicts,
                 tasks: crate::tasks::Tasks::default(),
+                rights,
             }),
         };
         if let Some(f) = ping {
@@ -443,6 +449,11 @@ impl ContentService {
 
     async fn announce(&self, m: &VerifiedManifest) {
         use crate::node::Command;
+        // An item only its publisher may serve, or one whose rights ended, is
+        // not this node's to offer.
+        if !self.drm_may_announce(&m.manifest) {
+            return;
+        }
         let _ = self
             .inner
             .node
@@ -474,6 +485,18 @@ impl ContentService {
                 "name ≤ 1024 bytes, ≤ 64 tags of ≤ 128 bytes".into(),
             ));
         }
+        // The DRM checker sees the manifest before any byte is read: rights
+        // already expired, or a certification policy this node fails, refuse
+        // the publish outright.
+        let chain = self.inner.rights.chain().to_vec();
+        let draft = Manifest {
+            publisher: self.inner.node.peer_id().to_base58(),
+            tags: meta.tags.clone(),
+            rights: meta.rights.clone(),
+            publisher_certificates: chain.clone(),
+            ..Default::default()
+        };
+        self.drm_publish(&draft)?;
         let store = self.inner.store.clone();
         let key = self.inner.key.clone();
         let pin = meta.pin;
@@ -528,6 +551,7 @@ impl ContentService {
                     created_unix: now_unix(),
                     tags: meta.tags.clone(),
                     rights: meta.rights.clone(),
+                    publisher_certificates: chain.clone(),
                 };
                 signed = m.sign(&key)?.encode_to_vec();
                 Ok(signed.clone())
@@ -620,6 +644,7 @@ impl ContentService {
                     "garbage-collected unpinned items over the quota"
                 );
                 for id in removed {
+                    self.inner.rights.forget(&id);
                     let _ = self
                         .inner
                         .node
@@ -677,6 +702,7 @@ impl ContentService {
         let item = *id;
         self.blocking(move |svc| svc.inner.store.delete(&item))
             .await??;
+        self.inner.rights.forget(id);
         let _ = self
             .inner
             .node

@@ -232,7 +232,10 @@ where
         }
         let svc = svc.clone();
         let job = tokio::task::spawn_blocking(move || {
-            batch.into_iter().map(|req| answer(&svc, req)).collect()
+            batch
+                .into_iter()
+                .map(|req| answer(&svc, &peer, req))
+                .collect()
         });
         if tx.send(job).await.is_err() || ended {
             break 'serve;
@@ -293,8 +296,29 @@ fn answer_block(svc: &ContentService, b: &transfer::BlockRequest) -> (TransferRe
     }
 }
 
+/// The item a request is about, if it names one.
+fn item_of(op: &Op) -> Option<&[u8]> {
+    match op {
+        Op::Block(b) => Some(&b.content_id),
+        Op::Manifest(id) | Op::Have(id) => Some(id),
+        Op::Search(_) => None,
+    }
+}
+
 /// One answer (reads the disk and hashes: called on a blocking thread).
-fn answer(svc: &ContentService, req: TransferRequest) -> (TransferResponse, Vec<u8>) {
+fn answer(
+    svc: &ContentService,
+    peer: &PeerId,
+    req: TransferRequest,
+) -> (TransferResponse, Vec<u8>) {
+    // The DRM checker first: nothing of an item (not even whether we hold
+    // it) goes to a peer it may not be served to.
+    if let Some(id) = req.op.as_ref().and_then(item_of).and_then(parse_id)
+        && let Some(Err(e)) = svc.drm_serve(&id, peer)
+    {
+        debug!(%peer, %id, error = %e, "not serving: DRM");
+        return failed(Status::Forbidden, e.to_string());
+    }
     let store = &svc.inner.store;
     match req.op {
         Some(Op::Block(b)) => answer_block(svc, &b),
@@ -352,7 +376,7 @@ fn answer(svc: &ContentService, req: TransferRequest) -> (TransferResponse, Vec<
                     else {
                         continue;
                     };
-                    if keywords::matches(&m, &words) {
+                    if keywords::matches(&m, &words) && svc.drm_may_list(&m, peer) {
                         size += signed.len();
                         if hits.manifests.len() >= limit
                             || size as u64 > transfer::MAX_PAYLOAD_BYTES / 2

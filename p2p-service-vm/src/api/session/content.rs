@@ -119,7 +119,7 @@ impl Session {
             let r = content
                 .publish(reader, meta)
                 .await
-                .map(ops::content_info)
+                .map(|i| ops::content_info(&content, i))
                 .map_err(ApiError::from);
             let _ = tx.send(r);
         });
@@ -255,7 +255,7 @@ async fn open_fetch(
     let (info, range, bytes) = content.fetch(id, range, keep).await?;
     let opened = pb::ContentStream {
         stream_id,
-        info: Some(ops::content_info(info)),
+        info: Some(ops::content_info(content, info)),
         offset: range.start,
         length: range.end - range.start,
         bulk_ticket: bytes::Bytes::new(),

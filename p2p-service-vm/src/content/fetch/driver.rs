@@ -101,7 +101,7 @@ pub(super) async fn download_for(
         return Ok(dl);
     }
     let dl = fresh;
-    if keep {
+    if keep && svc.drm_may_announce(&dl.manifest.manifest) {
         // Downloaders serve what they hold, so announce at once: peers fetching
         // the same item find us while we are still fetching it.
         let _ = svc
@@ -305,6 +305,10 @@ fn start_workers(
             break;
         }
         if peer == me || dl.state().sched.is_bad(&peer) || !workers.may_start(&peer) {
+            continue;
+        }
+        // Only its publisher may serve an item that is not redistributable.
+        if !ContentService::drm_may_serve_us(&dl.manifest.manifest, &peer) {
             continue;
         }
         debug!(id = %dl.id, %peer, "fetching from provider");

@@ -9,9 +9,10 @@ use futures::AsyncWriteExt;
 use libp2p::{PeerId, StreamProtocol};
 use p2pvm_content::transfer::{self, BlockRequest, Op, Status, TransferRequest, TransferResponse};
 use p2pvm_content::{ContentId, block_count};
-use tracing::warn;
+use p2pvm_security::{DrmChecker, DrmError, EventKind};
+use tracing::{debug, warn};
 
-use crate::content::error::{ProviderError, Unavailable, VerifyError};
+use crate::content::error::{ProviderError, Unavailable, VerifyError, chain};
 use crate::content::wire::{read_msg, read_payload, write_msg};
 use crate::content::{ContentService, ContentServiceError, VerifiedManifest};
 use crate::node::{Command, NodeEvent};
@@ -84,6 +85,13 @@ pub(crate) async fn manifest_from(
     let failed = |peer: PeerId, e: ProviderError| -> ContentServiceError {
         match e {
             ProviderError::Manifest(v) => v.into(),
+            ProviderError::Drm(d) => d.into(),
+            ProviderError::Forbidden { code, message } => ContentServiceError::DrmRefused {
+                peer,
+                code,
+                message,
+            },
+            ProviderError::Local(e) => e,
             e => Unavailable::Provider {
                 peer,
                 source: Arc::new(e),
@@ -126,6 +134,9 @@ async fn manifest_once(
     let mut stream = open_stream(svc, peer).await?;
     request(&mut stream, Op::Manifest(id.0.to_vec())).await?;
     let header = response(&mut stream).await?;
+    if header.status == Status::Forbidden as i32 {
+        return Err(forbidden(header.message));
+    }
     if header.status != Status::Ok as i32 {
         return Ok(None);
     }
@@ -142,10 +153,26 @@ async fn manifest_once(
             return Err(ProviderError::Manifest(VerifyError::WrongItem));
         }
         Err(e) => {
-            warn!(%peer, %id, error = %e, "peer sent a manifest that does not verify");
-            return Err(ProviderError::Manifest(VerifyError::Manifest(Arc::new(e))));
+            warn!(%peer, %id, error = %e, "peer sent a forged manifest");
+            let e = ProviderError::Drm(DrmError::ForgedManifest(chain(&e)));
+            record_drm(svc, peer, &e);
+            return Err(e);
         }
     };
+    // The DRM checker, before anything is sized or fetched by this manifest.
+    match svc.drm_accept(&m, &peer) {
+        Ok(_) => svc.inner.ledger.record(peer, EventKind::DrmPassed),
+        Err(e) if DrmChecker::provider_at_fault(&e) => {
+            warn!(%peer, %id, error = %e, "provider served what it must not");
+            let e = ProviderError::Drm(e);
+            record_drm(svc, peer, &e);
+            return Err(e);
+        }
+        Err(e) => {
+            debug!(%peer, %id, error = %e, "refusing the item: DRM policy");
+            return Err(ProviderError::Local(e.into()));
+        }
+    }
     if let Err(e) = prove_size(svc, &mut stream, &m).await {
         warn!(%peer, %id, error = %crate::content::error::chain(&e), "manifest size not proven; ignoring it");
         if let Some(evidence) = e.evidence() {
@@ -161,6 +188,21 @@ async fn manifest_once(
         return Err(e);
     }
     Ok(Some(m))
+}
+
+/// A provider's DRM refusal, with the check it names.
+pub(super) fn forbidden(message: String) -> ProviderError {
+    ProviderError::Forbidden {
+        code: DrmError::code_in(&message).unwrap_or("DRM_REFUSED"),
+        message,
+    }
+}
+
+/// Puts a DRM failure on the provider's record.
+fn record_drm(svc: &ContentService, peer: PeerId, e: &ProviderError) {
+    if let Some(evidence) = e.evidence() {
+        svc.inner.ledger.record(peer, evidence);
+    }
 }
 
 /// Anyone can sign a manifest for any id, so its size is checked before it

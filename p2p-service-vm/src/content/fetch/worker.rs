@@ -175,6 +175,7 @@ fn on_have(
     let (have, complete) = match Status::try_from(header.status) {
         Ok(Status::Complete) => (Have::All, true),
         Ok(Status::Ok) => (Have::Some(have_bits(payload, dl.partial.blocks())?), false),
+        Ok(Status::Forbidden) => return Err(super::peer::forbidden(header.message.clone())),
         _ => return Err(ProviderError::NotProviding(header.message.clone())),
     };
     svc.inner.ledger.record(peer, EventKind::RequestOk);
@@ -521,6 +522,10 @@ async fn pipeline<R: PayloadRead, W: PayloadWrite>(
                             verify_block(svc, dl, peer, (k, payload, lease), secs).await?;
                         }
                         Ok(Status::NotHeld) => dl.state().sched.not_held(peer, k),
+                        Ok(Status::Forbidden) => {
+                            dl.release(peer, k);
+                            return Err(super::peer::forbidden(header.message));
+                        }
                         _ => {
                             dl.release(peer, k);
                             return Err(ProviderError::Refused { block: k, message: header.message });

@@ -1,0 +1,159 @@
+//! Where the content engine asks the DRM checker (`p2pvm_security::drm`):
+//! before it publishes, before it serves anything of an item to a peer
+//! (manifest, bitfield, block, search hit), before it tells the network it
+//! provides an item, and before it accepts a manifest from a provider.
+//!
+//! Serving asks per request, so the rights of items being served are kept
+//! decoded here (items are immutable; a deleted item's entry is dropped).
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use libp2p::PeerId;
+use p2pvm_content::{ContentId, Manifest, SignedManifest};
+use p2pvm_security::drm::Membership;
+use p2pvm_security::{CertError, Certification, DrmChecker, DrmError, DrmPolicy, TrustList, pki};
+use prost::Message;
+
+use super::{ContentService, ContentServiceError, LocalError, VerifiedManifest, now_unix};
+use crate::config::DrmConfig;
+
+/// Decoded manifests of items being served; cleared when it grows past this.
+const SERVED_CACHE_ITEMS: usize = 4096;
+
+/// Trusted groups are the privacy controller's; until a node belongs to one,
+/// group items go to nobody but their publisher (fail closed).
+fn no_groups(_: &str, _: Option<&PeerId>) -> bool {
+    false
+}
+const MEMBERSHIP: Membership<'static> = &no_groups;
+
+/// The DRM side of the content service.
+pub(crate) struct Rights {
+    checker: DrmChecker,
+    /// This node's publisher chain, attached to what it publishes.
+    chain: Vec<Vec<u8>>,
+    served: Mutex<HashMap<ContentId, Arc<Manifest>>>,
+}
+
+impl Rights {
+    /// Reads the trusted publisher CAs, their CRLs and this node's own chain
+    /// (which must name `local`).
+    pub fn load(cfg: &DrmConfig, local: PeerId) -> Result<Self, ContentServiceError> {
+        let bad = |e: CertError| ContentServiceError::from(LocalError::Drm(e));
+        let trust = TrustList::load(&cfg.publisher_cas, &cfg.publisher_crls).map_err(bad)?;
+        let chain = match &cfg.publisher_chain {
+            Some(path) => {
+                let chain = pki::certs_from_file(path).map_err(bad)?;
+                let named = pki::peer_of(&chain[0]).map_err(bad)?;
+                if named != local {
+                    return Err(bad(CertError::WrongPeer {
+                        named: named.to_base58(),
+                        expected: local.to_base58(),
+                    }));
+                }
+                chain
+            }
+            None => Vec::new(),
+        };
+        let policy = DrmPolicy {
+            require_certified: cfg.require_certified,
+            require_certified_tags: cfg.require_certified_tags.clone(),
+        };
+        Ok(Self {
+            checker: DrmChecker::new(local, trust, policy),
+            chain,
+            served: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// This node's publisher chain (empty: it publishes self-signed).
+    pub fn chain(&self) -> &[Vec<u8>] {
+        &self.chain
+    }
+
+    /// Forgets a deleted item.
+    pub fn forget(&self, id: &ContentId) {
+        self.served.lock().expect("lock").remove(id);
+    }
+}
+
+impl ContentService {
+    fn rights(&self) -> &Rights {
+        &self.inner.rights
+    }
+
+    /// Before publishing `draft` (all but its id and size).
+    pub(crate) fn drm_publish(&self, draft: &Manifest) -> Result<Certification, DrmError> {
+        self.rights().checker.check_publish(draft, now_unix())
+    }
+
+    /// Before serving anything of `id` to `peer` (reads the store the first
+    /// time: call it on a blocking thread). `None`: this node does not know
+    /// the item (the caller answers "not found").
+    pub(crate) fn drm_serve(&self, id: &ContentId, peer: &PeerId) -> Option<Result<(), DrmError>> {
+        let m = self.served_manifest(id)?;
+        Some(
+            self.rights()
+                .checker
+                .check_serve(&m, peer, now_unix(), MEMBERSHIP),
+        )
+    }
+
+    /// Whether a stored search hit may be shown to `peer`.
+    pub(crate) fn drm_may_list(&self, m: &Manifest, peer: &PeerId) -> bool {
+        self.rights()
+            .checker
+            .check_serve(m, peer, now_unix(), MEMBERSHIP)
+            .is_ok()
+    }
+
+    fn served_manifest(&self, id: &ContentId) -> Option<Arc<Manifest>> {
+        if let Some(m) = self.rights().served.lock().expect("lock").get(id) {
+            return Some(m.clone());
+        }
+        let dl = self.inner.downloads.lock().expect("lock").get(id).cloned();
+        if let Some(dl) = dl {
+            return Some(Arc::new(dl.manifest.manifest.clone()));
+        }
+        // Verified when it was stored; decoding is enough.
+        let signed = self.inner.store.manifest(id).ok().flatten()?;
+        let m = SignedManifest::decode(signed.as_slice())
+            .ok()
+            .and_then(|s| Manifest::decode(s.manifest.as_slice()).ok())?;
+        let m = Arc::new(m);
+        let mut served = self.rights().served.lock().expect("lock");
+        if served.len() >= SERVED_CACHE_ITEMS {
+            served.clear();
+        }
+        served.insert(*id, m.clone());
+        Some(m)
+    }
+
+    /// Whether this node may announce itself as a provider of `m`.
+    pub(crate) fn drm_may_announce(&self, m: &Manifest) -> bool {
+        self.rights().checker.may_announce(m, now_unix())
+    }
+
+    /// Whether `peer` may serve `m` at all (only its publisher, for an item
+    /// that is not redistributable).
+    pub(crate) fn drm_may_serve_us(m: &Manifest, peer: &PeerId) -> bool {
+        DrmChecker::may_be_served_by(m, peer)
+    }
+
+    /// Before accepting `m` from `provider`.
+    pub(crate) fn drm_accept(
+        &self,
+        m: &VerifiedManifest,
+        provider: &PeerId,
+    ) -> Result<Certification, DrmError> {
+        self.rights()
+            .checker
+            .check_accept(&m.manifest, provider, now_unix(), MEMBERSHIP)
+    }
+
+    /// How `m`'s publisher is vouched for, for display.
+    pub fn certification(&self, m: &Manifest) -> Result<Certification, p2pvm_security::Untrusted> {
+        self.rights().checker.certification(m, now_unix())
+    }
+}
