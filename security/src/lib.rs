@@ -20,6 +20,7 @@
 pub mod drm;
 #[doc(hidden)]
 pub mod fuzzing;
+pub mod groups;
 pub mod ledger;
 pub mod pki;
 mod score;
@@ -27,6 +28,7 @@ pub mod verdicts;
 pub mod virus;
 
 pub use drm::{Certification, DrmChecker, DrmError, DrmPolicy, Untrusted};
+pub use groups::{GroupError, GroupId, GroupInfo, Groups, MemberInfo};
 pub use ledger::{Ban, Event, EventKind, Ledger, LedgerError, PeerCredit};
 pub use pki::{CertError, TrustList};
 pub use score::{Policy, Standing, Weights};

@@ -116,11 +116,10 @@ fn read(path: &Path) -> Result<Vec<u8>, CertError> {
     })
 }
 
+/// PEM (possibly after comment lines, as openssl and invitations write),
+/// rather than DER.
 fn is_pem(bytes: &[u8]) -> bool {
-    bytes
-        .iter()
-        .position(|b| !b.is_ascii_whitespace())
-        .is_some_and(|i| bytes[i..].starts_with(b"-----BEGIN"))
+    bytes.windows(10).any(|w| w == b"-----BEGIN")
 }
 
 /// Every certificate in `bytes`: PEM (any number) or one DER certificate.

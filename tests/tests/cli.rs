@@ -66,3 +66,96 @@ async fn p2pctl_json_and_tables_and_permissions() -> Result<()> {
     assert!(String::from_utf8_lossy(&out.stderr).contains("Unauthenticated"));
     Ok(())
 }
+
+fn ok(out: &std::process::Output) -> String {
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn p2pctl_groups_and_rights_as_an_operator_uses_them() -> Result<()> {
+    let (owner, member) = p2pvm_e2e::pair().await?;
+    let created = ok(&p2pctl(&owner, None, &["--json", "group", "create", "crew"]).await?);
+    let group: serde_json::Value = serde_json::from_str(&created)?;
+    let id = group["id"].as_str().unwrap_or_default().to_owned();
+    assert!(id.len() == 32 && group["owner"] == true, "{created}");
+    // The invitation goes through a file, as between two operators.
+    let dir = tempfile::tempdir()?;
+    let file = dir.path().join("invite.pem");
+    let file = file.to_str().unwrap_or_default();
+    ok(&p2pctl(
+        &owner,
+        None,
+        &["group", "invite", "crew", &member.peer_id, "-o", file],
+    )
+    .await?);
+    let joined = ok(&p2pctl(&member, None, &["group", "join", file]).await?);
+    assert!(
+        joined.contains(&id) && joined.contains("member: true"),
+        "{joined}"
+    );
+    let list = ok(&p2pctl(&member, None, &["group", "list"]).await?);
+    assert!(list.starts_with("NAME") && list.contains("crew"), "{list}");
+    let members = ok(&p2pctl(&owner, None, &["group", "members", "crew"]).await?);
+    assert!(
+        members.contains(&member.peer_id) && members.contains("valid"),
+        "{members}"
+    );
+    ok(&p2pctl(&owner, None, &["group", "revoke", "crew", &member.peer_id]).await?);
+    let members = ok(&p2pctl(&owner, None, &["--json", "group", "members", "crew"]).await?);
+    assert!(members.contains("\"revoked\":true"), "{members}");
+    // A member cannot see who else is in the group (owner only).
+    let out = p2pctl(&member, None, &["group", "members", "crew"]).await?;
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("does not own"));
+
+    // Rights on the command line, and what stat says of them.
+    let data = dir.path().join("film.bin");
+    std::fs::write(&data, p2pvm_e2e::pseudo_random(4096, 3))?;
+    let published = ok(&p2pctl(
+        &owner,
+        None,
+        &[
+            "--json",
+            "publish",
+            data.to_str().unwrap_or_default(),
+            "--licence",
+            "CC-BY-4.0",
+            "--no-redistribute",
+            "--expires-in",
+            "3600",
+            "--group",
+            "crew",
+        ],
+    )
+    .await?);
+    let info: serde_json::Value = serde_json::from_str(&published)?;
+    assert_eq!(info["redistribution_allowed"], false, "{published}");
+    assert_eq!(info["allowed_groups"][0], id.as_str(), "{published}");
+    assert_eq!(info["certification"], "self-signed", "{published}");
+    let cid = info["content_id"].as_str().unwrap_or_default().to_owned();
+    let stat = ok(&p2pctl(&owner, None, &["stat", &cid]).await?);
+    assert!(
+        stat.contains("publisher only") && stat.contains("expires") && stat.contains(&id),
+        "{stat}"
+    );
+    // Already expired: refused with the DRM check's name.
+    let out = p2pctl(
+        &owner,
+        None,
+        &[
+            "publish",
+            data.to_str().unwrap_or_default(),
+            "--expires-unix",
+            "1",
+        ],
+    )
+    .await?;
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("DRM_EXPIRED"));
+    Ok(())
+}

@@ -21,7 +21,7 @@ pub const MAX_PAYLOAD_BYTES: u64 = 4 * 1024 * 1024;
 #[derive(Clone, PartialEq, Message)]
 pub struct TransferRequest {
     /// What is asked.
-    #[prost(oneof = "Op", tags = "1, 2, 3, 4")]
+    #[prost(oneof = "Op", tags = "1, 2, 3, 4, 5")]
     pub op: Option<Op>,
 }
 
@@ -40,6 +40,10 @@ pub enum Op {
     /// Manifests of the provider's items matching keywords.
     #[prost(message, tag = "4")]
     Search(SearchRequest),
+    /// A trusted-group member certificate, shown so that the provider serves
+    /// this peer the group's items (answered `Ok`, or `Forbidden` with why).
+    #[prost(message, tag = "5")]
+    Member(MemberProof),
 }
 
 /// One block of an item.
@@ -54,6 +58,18 @@ pub struct BlockRequest {
 }
 
 /// A keyword search on one provider.
+/// A member certificate of a trusted group. It proves membership only on a
+/// connection authenticated as the peer it names.
+#[derive(Clone, PartialEq, Message)]
+pub struct MemberProof {
+    /// The group's id (32 hex digits).
+    #[prost(string, tag = "1")]
+    pub group_id: String,
+    /// The member certificate (DER).
+    #[prost(bytes = "vec", tag = "2")]
+    pub certificate: Vec<u8>,
+}
+
 #[derive(Clone, PartialEq, Message)]
 pub struct SearchRequest {
     /// Lower-cased keywords; a hit matches all of them.

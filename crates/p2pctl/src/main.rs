@@ -13,6 +13,7 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 mod content;
 mod credit;
+mod group;
 
 use std::path::PathBuf;
 
@@ -136,6 +137,9 @@ enum Cmd {
     /// The peer credit ledger (admin).
     #[command(subcommand)]
     Credit(credit::CreditCmd),
+    /// Trusted peer groups: create, invite, join, revoke, members, list.
+    #[command(subcommand)]
+    Group(group::GroupCmd),
     /// This command's own session as the node sees it (app name, admin or not).
     Session,
 }
@@ -411,6 +415,7 @@ async fn run(cli: &Cli, c: &Client) -> Result<()> {
             });
         }
         Cmd::Credit(cmd) => credit::run(j, c, cmd).await?,
+        Cmd::Group(cmd) => group::run(j, c, cmd).await?,
         Cmd::Rm { id } => {
             c.delete_content(id).await?;
             print(j, json!({"deleted": id}), || format!("deleted {id}"));

@@ -51,6 +51,7 @@ mod builder;
 mod content;
 mod credit;
 mod dht;
+mod groups;
 mod peers;
 mod protocols;
 mod pubsub;

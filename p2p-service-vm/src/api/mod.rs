@@ -102,6 +102,21 @@ fn drm_error_code(code: &str) -> pb::ErrorCode {
     }
 }
 
+impl From<p2pvm_security::GroupError> for ApiError {
+    fn from(e: p2pvm_security::GroupError) -> Self {
+        use p2pvm_security::GroupError as G;
+        let code = match &e {
+            G::Unknown(_) | G::NotInvited(_) => pb::ErrorCode::NotFound,
+            G::Exists(_) => pb::ErrorCode::AlreadyExists,
+            G::BadName(_) => pb::ErrorCode::BadRequest,
+            G::NotOwner(_) => pb::ErrorCode::PermissionDenied,
+            G::Certificate(_) | G::Invitation(_) | G::Crl(_) => pb::ErrorCode::VerificationFailed,
+            G::Make(_) | G::Io { .. } => pb::ErrorCode::Internal,
+        };
+        Self::new(code, crate::content::chain(&e))
+    }
+}
+
 impl From<apps::AppsError> for ApiError {
     fn from(e: apps::AppsError) -> Self {
         let code = match &e {

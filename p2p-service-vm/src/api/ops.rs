@@ -157,6 +157,28 @@ pub(crate) fn content_info(c: &ContentService, i: ContentInfo) -> pb::ContentInf
     }
 }
 
+fn group_pb(c: &ContentService, g: p2pvm_security::GroupInfo) -> pb::GroupInfo {
+    pb::GroupInfo {
+        id: g.id.to_string(),
+        member: c.groups().is_member(g.id),
+        name: g.name,
+        owner: g.owner,
+        ca_subject: g.ca_subject,
+        member_until_unix: g.member_until.unwrap_or(0),
+        crl_number: g.crl_number,
+    }
+}
+
+/// Group work (files, key generation) on a blocking thread.
+async fn blocking<T: Send + 'static>(
+    work: impl FnOnce() -> Result<T, p2pvm_security::GroupError> + Send + 'static,
+) -> Result<T, ApiError> {
+    tokio::task::spawn_blocking(work)
+        .await
+        .map_err(|e| ApiError::new(pb::ErrorCode::Internal, e.to_string()))?
+        .map_err(ApiError::from)
+}
+
 fn credit_pb(c: &p2pvm_security::PeerCredit) -> pb::PeerCredit {
     use p2pvm_security::Standing;
     pb::PeerCredit {
@@ -457,6 +479,81 @@ pub(crate) async fn run(svc: &ApiService, who: &Principal, op: Op) -> Result<R, 
                         amount: e.amount,
                         detail: e.detail,
                     })
+                    .collect(),
+            }))
+        }
+        Op::GroupCreate(r) => {
+            require_admin(who)?;
+            let c = content(svc)?.clone();
+            let days = if r.valid_days == 0 { 365 } else { r.valid_days };
+            let g =
+                blocking(move || c.groups().create(&r.name, days.saturating_mul(86_400))).await?;
+            Ok(R::Group(group_pb(content(svc)?, g)))
+        }
+        Op::GroupInvite(r) => {
+            require_admin(who)?;
+            let peer = parse_peer(&r.peer_id)?;
+            let c = content(svc)?.clone();
+            let secs = match (r.valid_secs, r.valid_days) {
+                (0, 0) => 30 * 86_400,
+                (0, days) => days.saturating_mul(86_400),
+                (secs, _) => secs,
+            };
+            let group = r.group.clone();
+            let (id, pem) = blocking(move || {
+                let id = c.groups().resolve(&group)?;
+                let pem = c.groups().invite(&group, &peer, secs)?;
+                Ok((id, pem))
+            })
+            .await?;
+            Ok(R::GroupInvitation(pb::GroupInvitation {
+                group_id: id.to_string(),
+                pem,
+            }))
+        }
+        Op::GroupJoin(r) => {
+            require_admin(who)?;
+            let c = content(svc)?.clone();
+            let name = (!r.name.is_empty()).then_some(r.name);
+            let g = blocking(move || c.groups().join(&r.invitation, name.as_deref())).await?;
+            Ok(R::Group(group_pb(content(svc)?, g)))
+        }
+        Op::GroupRevoke(r) => {
+            require_admin(who)?;
+            let peer = parse_peer(&r.peer_id)?;
+            let c = content(svc)?.clone();
+            blocking(move || c.groups().revoke(&r.group, &peer).map(|_| ())).await?;
+            Ok(R::Ok(pb::Empty {}))
+        }
+        Op::GroupMembers(r) => {
+            require_admin(who)?;
+            let c = content(svc)?.clone();
+            let group = r.group.clone();
+            let (id, members) =
+                blocking(move || Ok((c.groups().resolve(&group)?, c.groups().members(&group)?)))
+                    .await?;
+            Ok(R::GroupMembers(pb::GroupMemberList {
+                group_id: id.to_string(),
+                members: members
+                    .into_iter()
+                    .map(|m| pb::GroupMember {
+                        peer_id: m.peer,
+                        serial: m.serial,
+                        not_before_unix: m.not_before,
+                        not_after_unix: m.not_after,
+                        revoked: m.revoked,
+                    })
+                    .collect(),
+            }))
+        }
+        Op::GroupList(_) => {
+            let c = content(svc)?;
+            Ok(R::Groups(pb::GroupList {
+                groups: c
+                    .groups()
+                    .list()
+                    .into_iter()
+                    .map(|g| group_pb(c, g))
                     .collect(),
             }))
         }

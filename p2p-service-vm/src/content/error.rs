@@ -130,6 +130,9 @@ pub enum LocalError {
     /// publisher chain) is not usable.
     #[error("DRM configuration")]
     Drm(#[source] CertError),
+    /// The trusted groups' directory cannot be read.
+    #[error("Trusted groups")]
+    Groups(#[source] p2pvm_security::GroupError),
 }
 
 impl LocalError {

@@ -243,7 +243,10 @@ impl ContentService {
         } else {
             None
         };
-        let rights = rights::Rights::load(drm, key.public().to_peer_id())?;
+        let local = key.public().to_peer_id();
+        let groups = p2pvm_security::Groups::open(&data_dir.join("groups"), local)
+            .map_err(|e| ContentServiceError::from(LocalError::Groups(e)))?;
+        let rights = rights::Rights::load(drm, local, Arc::new(groups))?;
         let store = Arc::new(Store::open(&data_dir.join("content"))?);
         let filter = if !virus.enabled {
             warn!(
@@ -484,6 +487,17 @@ impl ContentService {
             return Err(ContentServiceError::BadRequest(
                 "name ≤ 1024 bytes, ≤ 64 tags of ≤ 128 bytes".into(),
             ));
+        }
+        // Groups are named by id in the manifest; apps may use local names.
+        let mut meta = meta;
+        if let Some(r) = meta.rights.as_mut() {
+            for g in r.allowed_groups.iter_mut() {
+                match self.groups().resolve(g) {
+                    Ok(id) => *g = id.to_string(),
+                    Err(_) if g.parse::<p2pvm_security::GroupId>().is_ok() => {}
+                    Err(e) => return Err(ContentServiceError::BadRequest(e.to_string())),
+                }
+            }
         }
         // The DRM checker sees the manifest before any byte is read: rights
         // already expired, or a certification policy this node fails, refuse

@@ -5,14 +5,21 @@
 //!
 //! Serving asks per request, so the rights of items being served are kept
 //! decoded here (items are immutable; a deleted item's entry is dropped).
+//!
+//! Group items: this node may hold one if it is a current member of an
+//! allowed group (the privacy controller's [`Groups`]); a peer is served one
+//! once it has shown a member certificate naming it on a connection that
+//! authenticated it (`Op::Member`), checked again — validity, the CRL held —
+//! at every request.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use libp2p::PeerId;
 use p2pvm_content::{ContentId, Manifest, SignedManifest};
-use p2pvm_security::drm::Membership;
-use p2pvm_security::{CertError, Certification, DrmChecker, DrmError, DrmPolicy, TrustList, pki};
+use p2pvm_security::{
+    CertError, Certification, DrmChecker, DrmError, DrmPolicy, GroupId, Groups, TrustList, pki,
+};
 use prost::Message;
 
 use super::{ContentService, ContentServiceError, LocalError, VerifiedManifest, now_unix};
@@ -21,12 +28,8 @@ use crate::config::DrmConfig;
 /// Decoded manifests of items being served; cleared when it grows past this.
 const SERVED_CACHE_ITEMS: usize = 4096;
 
-/// Trusted groups are the privacy controller's; until a node belongs to one,
-/// group items go to nobody but their publisher (fail closed).
-fn no_groups(_: &str, _: Option<&PeerId>) -> bool {
-    false
-}
-const MEMBERSHIP: Membership<'static> = &no_groups;
+/// Member certificates peers have shown; cleared when it grows past this.
+const PRESENTED_MAX: usize = 16 << 10;
 
 /// The DRM side of the content service.
 pub(crate) struct Rights {
@@ -34,12 +37,20 @@ pub(crate) struct Rights {
     /// This node's publisher chain, attached to what it publishes.
     chain: Vec<Vec<u8>>,
     served: Mutex<HashMap<ContentId, Arc<Manifest>>>,
+    /// The privacy controller's groups.
+    pub groups: Arc<Groups>,
+    /// Member certificates shown by peers, by (peer, group).
+    presented: Mutex<HashMap<(PeerId, GroupId), Vec<u8>>>,
 }
 
 impl Rights {
     /// Reads the trusted publisher CAs, their CRLs and this node's own chain
     /// (which must name `local`).
-    pub fn load(cfg: &DrmConfig, local: PeerId) -> Result<Self, ContentServiceError> {
+    pub fn load(
+        cfg: &DrmConfig,
+        local: PeerId,
+        groups: Arc<Groups>,
+    ) -> Result<Self, ContentServiceError> {
         let bad = |e: CertError| ContentServiceError::from(LocalError::Drm(e));
         let trust = TrustList::load(&cfg.publisher_cas, &cfg.publisher_crls).map_err(bad)?;
         let chain = match &cfg.publisher_chain {
@@ -64,7 +75,41 @@ impl Rights {
             checker: DrmChecker::new(local, trust, policy),
             chain,
             served: Mutex::new(HashMap::new()),
+            groups,
+            presented: Mutex::new(HashMap::new()),
         })
+    }
+
+    /// Whether `peer` (this node when `None`) is a verified current member
+    /// of the group `group` names (its id).
+    fn member(&self, group: &str, peer: Option<&PeerId>) -> bool {
+        let Ok(id) = group.parse::<GroupId>() else {
+            return false;
+        };
+        match peer {
+            None => self.groups.is_member(id),
+            Some(p) => {
+                let cert = self.presented.lock().expect("lock").get(&(*p, id)).cloned();
+                cert.is_some_and(|c| self.groups.verify_member(id, p, &c).is_ok())
+            }
+        }
+    }
+
+    /// Takes a member certificate `peer` showed (on a connection that
+    /// authenticated it) for `group`.
+    pub fn present(&self, peer: &PeerId, group: &str, cert: &[u8]) -> Result<(), String> {
+        let id: GroupId = group
+            .parse()
+            .map_err(|_| format!("{group:?} is not a group id"))?;
+        self.groups
+            .verify_member(id, peer, cert)
+            .map_err(|e| format!("DRM_NOT_GROUP_MEMBER: {e}"))?;
+        let mut presented = self.presented.lock().expect("lock");
+        if presented.len() >= PRESENTED_MAX {
+            presented.clear();
+        }
+        presented.insert((*peer, id), cert.to_vec());
+        Ok(())
     }
 
     /// This node's publisher chain (empty: it publishes self-signed).
@@ -96,7 +141,7 @@ impl ContentService {
         Some(
             self.rights()
                 .checker
-                .check_serve(&m, peer, now_unix(), MEMBERSHIP),
+                .check_serve(&m, peer, now_unix(), &|g, p| self.rights().member(g, p)),
         )
     }
 
@@ -104,7 +149,7 @@ impl ContentService {
     pub(crate) fn drm_may_list(&self, m: &Manifest, peer: &PeerId) -> bool {
         self.rights()
             .checker
-            .check_serve(m, peer, now_unix(), MEMBERSHIP)
+            .check_serve(m, peer, now_unix(), &|g, p| self.rights().member(g, p))
             .is_ok()
     }
 
@@ -149,7 +194,52 @@ impl ContentService {
     ) -> Result<Certification, DrmError> {
         self.rights()
             .checker
-            .check_accept(&m.manifest, provider, now_unix(), MEMBERSHIP)
+            .check_accept(&m.manifest, provider, now_unix(), &|g, p| {
+                self.rights().member(g, p)
+            })
+    }
+
+    /// This node's member certificates for the groups `m` is for.
+    pub(crate) fn memberships_for(&self, m: &Manifest) -> Vec<(String, Vec<u8>)> {
+        let groups = m
+            .rights
+            .as_ref()
+            .map(|r| r.allowed_groups.as_slice())
+            .unwrap_or_default();
+        groups
+            .iter()
+            .filter_map(|g| {
+                let id: GroupId = g.parse().ok()?;
+                Some((g.clone(), self.rights().groups.own_certificate(id)?))
+            })
+            .collect()
+    }
+
+    /// Group ids named in a `DRM_NOT_GROUP_MEMBER` refusal that this node
+    /// holds a member certificate for, with it.
+    pub(crate) fn memberships_named(&self, message: &str) -> Vec<(String, Vec<u8>)> {
+        message
+            .split(|c: char| !c.is_ascii_hexdigit())
+            .filter_map(|w| {
+                let id: GroupId = w.parse().ok()?;
+                Some((w.to_owned(), self.rights().groups.own_certificate(id)?))
+            })
+            .collect()
+    }
+
+    /// Takes a member certificate a peer showed.
+    pub(crate) fn drm_present(
+        &self,
+        peer: &PeerId,
+        group: &str,
+        cert: &[u8],
+    ) -> Result<(), String> {
+        self.rights().present(peer, group, cert)
+    }
+
+    /// The privacy controller's groups.
+    pub fn groups(&self) -> &Groups {
+        &self.rights().groups
     }
 
     /// How `m`'s publisher is vouched for, for display.

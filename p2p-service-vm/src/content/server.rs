@@ -301,7 +301,7 @@ fn item_of(op: &Op) -> Option<&[u8]> {
     match op {
         Op::Block(b) => Some(&b.content_id),
         Op::Manifest(id) | Op::Have(id) => Some(id),
-        Op::Search(_) => None,
+        Op::Search(_) | Op::Member(_) => None,
     }
 }
 
@@ -391,6 +391,14 @@ fn answer(
             let bytes = hits.encode_to_vec();
             (TransferResponse::ok(bytes.len() as u64), bytes)
         }
+        Some(Op::Member(proof)) => match svc.drm_present(peer, &proof.group_id, &proof.certificate)
+        {
+            Ok(()) => (TransferResponse::ok(0), Vec::new()),
+            Err(why) => {
+                debug!(%peer, group = %proof.group_id, %why, "member certificate refused");
+                failed(Status::Forbidden, why)
+            }
+        },
         None => failed(Status::BadRequest, "empty request"),
     }
 }

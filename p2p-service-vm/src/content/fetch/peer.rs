@@ -133,7 +133,25 @@ async fn manifest_once(
 ) -> Result<Option<VerifiedManifest>, ProviderError> {
     let mut stream = open_stream(svc, peer).await?;
     request(&mut stream, Op::Manifest(id.0.to_vec())).await?;
-    let header = response(&mut stream).await?;
+    let mut header = response(&mut stream).await?;
+    // A group item: show our member certificates for the groups it names,
+    // then ask once more.
+    if header.status == Status::Forbidden as i32
+        && DrmError::code_in(&header.message) == Some("DRM_NOT_GROUP_MEMBER")
+    {
+        let ours = svc.memberships_named(&header.message);
+        debug!(%peer, %id, groups = ours.len(), "a group item: showing our member certificates");
+        if !ours.is_empty() {
+            match present(&mut stream, ours).await? {
+                Ok(()) => {
+                    request(&mut stream, Op::Manifest(id.0.to_vec())).await?;
+                    header = response(&mut stream).await?;
+                }
+                // Its reason for refusing our certificate says more.
+                Err(why) => return Err(forbidden(why)),
+            }
+        }
+    }
     if header.status == Status::Forbidden as i32 {
         return Err(forbidden(header.message));
     }
@@ -188,6 +206,33 @@ async fn manifest_once(
         return Err(e);
     }
     Ok(Some(m))
+}
+
+/// Shows `memberships` (group id, our member certificate) to the provider
+/// on `stream`: `Ok` if it accepted any, else its last reason for refusing.
+pub(super) async fn present(
+    stream: &mut libp2p::Stream,
+    memberships: Vec<(String, Vec<u8>)>,
+) -> Result<Result<(), String>, ProviderError> {
+    let mut outcome = Err(String::new());
+    for (group_id, certificate) in memberships {
+        request(
+            stream,
+            Op::Member(transfer::MemberProof {
+                group_id,
+                certificate,
+            }),
+        )
+        .await?;
+        let header = response(stream).await?;
+        read_payload(stream, header.payload_len, 0).await?;
+        if header.status == Status::Ok as i32 {
+            outcome = Ok(());
+        } else if outcome.is_err() {
+            outcome = Err(header.message);
+        }
+    }
+    Ok(outcome)
 }
 
 /// A provider's DRM refusal, with the check it names.

@@ -87,6 +87,14 @@ fn charge(svc: &ContentService, dl: &Download, peer: PeerId, e: &ProviderError) 
 
 async fn run(svc: &ContentService, dl: &Arc<Download>, peer: PeerId) -> Result<(), ProviderError> {
     let mut stream = open_stream(svc, peer).await?;
+    // A group item: this provider serves us only once it has seen our member
+    // certificate (it applies to every connection of ours, the fast path's too).
+    let ours = svc.memberships_for(&dl.manifest.manifest);
+    if !ours.is_empty()
+        && let Err(why) = super::peer::present(&mut stream, ours).await?
+    {
+        return Err(super::peer::forbidden(why));
+    }
     // The first Have goes alone: its answer says what the provider holds and
     // whether blocks can take the fast path. A provider that never answers
     // frees its worker slot like one that stops answering later.

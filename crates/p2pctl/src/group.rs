@@ -1,0 +1,186 @@
+//! `p2pctl group create|invite|join|revoke|members|list`: trusted peer
+//! groups. Groups are named locally; content names them by id.
+
+use anyhow::{Context, Result};
+use clap::Subcommand;
+use guest_api::{Client, proto};
+use serde_json::json;
+
+use crate::print;
+
+/// Group commands.
+#[derive(Debug, Subcommand)]
+pub enum GroupCmd {
+    /// Create a group this node owns (its CA key stays in the node's data
+    /// directory) (admin).
+    Create {
+        /// Local name: letters, digits, '-', '_', '.'.
+        name: String,
+        /// The group CA's validity, in days.
+        #[arg(long, default_value_t = 365)]
+        days: u64,
+    },
+    /// Invite a peer: a member certificate bound to its peer id, as an
+    /// invitation file that peer's operator joins with (admin, owner).
+    Invite {
+        /// Group name or id.
+        group: String,
+        /// The invited peer.
+        peer: String,
+        /// The membership's validity, in days.
+        #[arg(long, default_value_t = 30)]
+        days: u64,
+        /// Write the invitation here (default: standard output).
+        #[arg(long, short)]
+        output: Option<std::path::PathBuf>,
+    },
+    /// Join a group with an invitation file (ours, or PEM made with openssl:
+    /// the group CA, then the member certificate, then optionally a CRL)
+    /// (admin).
+    Join {
+        /// The invitation file.
+        file: std::path::PathBuf,
+        /// Local name (default: the group CA's common name).
+        #[arg(long)]
+        name: Option<String>,
+    },
+    /// Revoke a member: a new CRL (admin, owner).
+    Revoke {
+        /// Group name or id.
+        group: String,
+        /// The member.
+        peer: String,
+    },
+    /// The members the owner issued certificates to (admin, owner).
+    Members {
+        /// Group name or id.
+        group: String,
+    },
+    /// Groups this node knows.
+    List,
+}
+
+fn group_json(g: &proto::GroupInfo) -> serde_json::Value {
+    json!({
+        "id": g.id, "name": g.name, "owner": g.owner, "member": g.member,
+        "ca_subject": g.ca_subject, "member_until_unix": g.member_until_unix,
+        "crl_number": g.crl_number,
+    })
+}
+
+fn group_human(g: &proto::GroupInfo) -> String {
+    format!(
+        "{} ({})\n  CA:     {}\n  owner:  {}\n  member: {}{}\n  CRL:    {}",
+        g.name,
+        g.id,
+        g.ca_subject,
+        g.owner,
+        g.member,
+        if g.member_until_unix > 0 {
+            format!(" (certificate until {} unix)", g.member_until_unix)
+        } else {
+            String::new()
+        },
+        if g.crl_number > 0 {
+            format!("number {}", g.crl_number)
+        } else {
+            "none".into()
+        }
+    )
+}
+
+pub async fn run(j: bool, c: &Client, cmd: &GroupCmd) -> Result<()> {
+    match cmd {
+        GroupCmd::Create { name, days } => {
+            let g = c.group_create(name, *days).await?;
+            print(j, group_json(&g), || group_human(&g));
+        }
+        GroupCmd::Invite {
+            group,
+            peer,
+            days,
+            output,
+        } => {
+            let inv = c.group_invite(group, peer, *days).await?;
+            match output {
+                Some(path) => {
+                    std::fs::write(path, &inv.pem)
+                        .with_context(|| format!("writing {}", path.display()))?;
+                    print(
+                        j,
+                        json!({"group_id": inv.group_id, "peer_id": peer, "file": path}),
+                        || format!("invited {peer} into {group}: {}", path.display()),
+                    );
+                }
+                None => print(
+                    j,
+                    json!({"group_id": inv.group_id, "peer_id": peer, "pem": inv.pem}),
+                    || inv.pem.trim_end().to_string(),
+                ),
+            }
+        }
+        GroupCmd::Join { file, name } => {
+            let bytes =
+                std::fs::read(file).with_context(|| format!("reading {}", file.display()))?;
+            let g = c
+                .group_join(&bytes, name.as_deref().unwrap_or_default())
+                .await?;
+            print(j, group_json(&g), || group_human(&g));
+        }
+        GroupCmd::Revoke { group, peer } => {
+            c.group_revoke(group, peer).await?;
+            print(j, json!({"group": group, "revoked": peer}), || {
+                format!("revoked {peer} in {group}")
+            });
+        }
+        GroupCmd::Members { group } => {
+            let list = c.group_members(group).await?;
+            let rows: Vec<_> = list
+                .members
+                .iter()
+                .map(|m| {
+                    json!({"peer_id": m.peer_id, "serial": m.serial,
+                        "not_before_unix": m.not_before_unix, "not_after_unix": m.not_after_unix,
+                        "revoked": m.revoked})
+                })
+                .collect();
+            print(
+                j,
+                json!({"group_id": list.group_id, "members": rows}),
+                || {
+                    let mut s = format!("{:<54} {:<8} {:>12}", "PEER", "STATUS", "UNTIL (unix)");
+                    for m in &list.members {
+                        s.push_str(&format!(
+                            "\n{:<54} {:<8} {:>12}",
+                            m.peer_id,
+                            if m.revoked { "revoked" } else { "valid" },
+                            m.not_after_unix
+                        ));
+                    }
+                    s
+                },
+            );
+        }
+        GroupCmd::List => {
+            let groups = c.group_list().await?;
+            print(
+                j,
+                json!(groups.iter().map(group_json).collect::<Vec<_>>()),
+                || {
+                    let mut s = format!(
+                        "{:<20} {:<32} {:<5} {:<6} {}",
+                        "NAME", "ID", "OWNER", "MEMBER", "CA"
+                    );
+                    for g in &groups {
+                        s.push_str(&format!(
+                            "\n{:<20} {:<32} {:<5} {:<6} {}",
+                            g.name, g.id, g.owner, g.member, g.ca_subject
+                        ));
+                    }
+                    s
+                },
+            );
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,966 @@
+//! The privacy controller's trusted peer groups: a group is its CA
+//! certificate. Its owner holds the CA key, **invites** a peer by issuing a
+//! member certificate bound to that peer's id (a URI SAN
+//! `urn:p2pvm:peer:<id>`, as [`crate::pki`] reads it) for a validity period,
+//! and **revokes** members with a signed X.509 CRL whose number only grows.
+//! A member **joins** by importing an invitation (PEM: the group CA, its
+//! member certificate, the current CRL, if any).
+//!
+//! ```text
+//!  owner: create ─► CA key (0600) + ca.pem ─► invite PEER ─► invitation.pem ──► member: join
+//!         revoke PEER ─► crl.pem (number n+1) ─────────────── accept_crl (n+1 > n, signed by the CA)
+//!  anyone serving group content: verify_member(group, peer, its certificate) = chain to the
+//!  group CA, valid now, not revoked, bound to the peer the connection authenticated
+//! ```
+//!
+//! On disk, under the groups directory: one directory per group, named by
+//! its id (a BLAKE3 digest of the CA's public key, so two groups with the same
+//! name never mix): `name`, `ca.pem`, `member.pem` (this node's own
+//! certificate), `crl.pem`, and for groups this node owns `ca.key` (mode
+//! 0600, never sent anywhere) and `issued/<peer>.pem`. Certificates and CRLs
+//! made with the `openssl` CLI work the same as ours (docs/security.md).
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::io::Write;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+use libp2p_identity::PeerId;
+use rcgen::{
+    BasicConstraints, CertificateParams, CertificateRevocationListParams, DnType,
+    ExtendedKeyUsagePurpose, IsCa, KeyIdMethod, KeyPair, KeyUsagePurpose, RevokedCertParams,
+    SanType, SerialNumber,
+};
+use webpki::KeyUsage;
+use x509_parser::prelude::{FromDer, X509Certificate};
+use x509_parser::revocation_list::CertificateRevocationList;
+
+use crate::pki::{self, CertError, TrustList};
+
+/// Why a group operation failed. Nothing is changed on disk when one does.
+#[derive(Debug, thiserror::Error)]
+pub enum GroupError {
+    /// No group by that name or id here.
+    #[error("no group {0:?} here")]
+    Unknown(String),
+    /// A group by that name exists already.
+    #[error("a group named {0:?} exists already")]
+    Exists(String),
+    /// The name is empty, too long or has characters other than letters,
+    /// digits, `-`, `_`, `.`.
+    #[error("bad group name {0:?}: 1-64 letters, digits, '-', '_' or '.'")]
+    BadName(String),
+    /// Only the group's owner (who holds its CA key) may do this.
+    #[error("this node does not own group {0} (it has no CA key for it)")]
+    NotOwner(String),
+    /// A certificate or CRL is not acceptable.
+    #[error("{0}")]
+    Certificate(#[from] CertError),
+    /// An invitation is missing a part or is for another peer.
+    #[error("bad invitation: {0}")]
+    Invitation(String),
+    /// A CRL is not newer than the one held, or not signed by the group CA.
+    #[error("CRL refused: {0}")]
+    Crl(String),
+    /// The peer was never invited (nothing to revoke).
+    #[error("peer {0} holds no certificate of this group")]
+    NotInvited(String),
+    /// Making a key, certificate or CRL failed.
+    #[error("cannot make a certificate: {0}")]
+    Make(String),
+    /// Reading or writing the group's files failed.
+    #[error("{what}")]
+    Io {
+        /// What was being done.
+        what: String,
+        /// Why it failed.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> GroupError {
+    let what = what.into();
+    move |source| GroupError::Io { what, source }
+}
+
+fn make(e: rcgen::Error) -> GroupError {
+    GroupError::Make(e.to_string())
+}
+
+/// A group's id: a digest of its CA's public key, as 32 hex digits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct GroupId(pub [u8; 16]);
+
+impl fmt::Display for GroupId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for b in self.0 {
+            write!(f, "{b:02x}")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::str::FromStr for GroupId {
+    type Err = ();
+    fn from_str(s: &str) -> Result<Self, ()> {
+        if s.len() != 32 || !s.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return Err(());
+        }
+        let mut id = [0u8; 16];
+        for (i, b) in id.iter_mut().enumerate() {
+            *b = u8::from_str_radix(&s[2 * i..2 * i + 2], 16).map_err(|_| ())?;
+        }
+        Ok(Self(id))
+    }
+}
+
+/// The id of the group whose CA certificate is `ca_der`.
+pub fn group_id(ca_der: &[u8]) -> Result<GroupId, CertError> {
+    let (_, ca) = X509Certificate::from_der(ca_der).map_err(|e| CertError::Malformed {
+        what: "certificate",
+        reason: e.to_string(),
+    })?;
+    let digest = blake3::hash(ca.public_key().raw);
+    let mut id = [0u8; 16];
+    id.copy_from_slice(&digest.as_bytes()[..16]);
+    Ok(GroupId(id))
+}
+
+/// id-kp-clientAuth: member certificates are TLS client and server
+/// certificates of group sessions; one that lists usages must allow this.
+const EKU_CLIENT_AUTH: &[u8] = &[0x2b, 0x06, 0x01, 0x05, 0x05, 0x07, 0x03, 0x02];
+
+/// A group as this node knows it.
+#[derive(Debug, Clone)]
+pub struct GroupInfo {
+    /// Its id.
+    pub id: GroupId,
+    /// Its local name.
+    pub name: String,
+    /// Whether this node holds its CA key.
+    pub owner: bool,
+    /// The CA's subject.
+    pub ca_subject: String,
+    /// This node's own membership: valid until (unix seconds), if it has one.
+    pub member_until: Option<u64>,
+    /// The number of the CRL held (0: none).
+    pub crl_number: u64,
+}
+
+/// A member certificate the owner issued.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MemberInfo {
+    /// The peer it binds.
+    pub peer: String,
+    /// Its serial number (hex).
+    pub serial: String,
+    /// Valid from, until (unix seconds).
+    pub not_before: u64,
+    /// Until.
+    pub not_after: u64,
+    /// Listed in the group's CRL.
+    pub revoked: bool,
+}
+
+/// One group's parsed state.
+struct Group {
+    name: String,
+    dir: PathBuf,
+    ca_der: Vec<u8>,
+    member_der: Option<Vec<u8>>,
+    crl_der: Option<Vec<u8>>,
+    owner: bool,
+}
+
+/// The groups of one node.
+pub struct Groups {
+    dir: PathBuf,
+    local: PeerId,
+    groups: Mutex<BTreeMap<GroupId, Group>>,
+}
+
+impl fmt::Debug for Groups {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Groups").field("dir", &self.dir).finish()
+    }
+}
+
+fn now_unix() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+fn at(unix: u64) -> Result<time::OffsetDateTime, GroupError> {
+    time::OffsetDateTime::from_unix_timestamp(unix as i64)
+        .map_err(|e| GroupError::Make(e.to_string()))
+}
+
+fn valid_name(name: &str) -> bool {
+    (1..=64).contains(&name.len())
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
+}
+
+/// PEM text of `der` under `label`.
+fn pem(label: &str, der: &[u8]) -> String {
+    pem::encode_config(
+        &pem::Pem::new(label, der),
+        pem::EncodeConfig::new().set_line_ending(pem::LineEnding::LF),
+    )
+}
+
+/// Writes `bytes` to `path` atomically (a temporary file renamed over it),
+/// with `mode`.
+fn write_file(path: &Path, bytes: &[u8], mode: u32) -> Result<(), GroupError> {
+    let tmp = path.with_extension("tmp");
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(mode)
+        .open(&tmp)
+        .map_err(io(format!("writing {}", tmp.display())))?;
+    f.write_all(bytes)
+        .and_then(|()| f.sync_all())
+        .map_err(io(format!("writing {}", tmp.display())))?;
+    std::fs::rename(&tmp, path).map_err(io(format!("writing {}", path.display())))
+}
+
+fn validity(cert_der: &[u8]) -> Result<(u64, u64), CertError> {
+    let (_, c) = X509Certificate::from_der(cert_der).map_err(|e| CertError::Malformed {
+        what: "certificate",
+        reason: e.to_string(),
+    })?;
+    let v = c.validity();
+    Ok((
+        v.not_before.timestamp().max(0) as u64,
+        v.not_after.timestamp().max(0) as u64,
+    ))
+}
+
+fn serial_of(cert_der: &[u8]) -> Result<Vec<u8>, CertError> {
+    let (_, c) = X509Certificate::from_der(cert_der).map_err(|e| CertError::Malformed {
+        what: "certificate",
+        reason: e.to_string(),
+    })?;
+    Ok(c.raw_serial().to_vec())
+}
+
+/// The CRL's number and the serials it revokes, if its signature verifies
+/// with the CA's key.
+fn crl_checked(crl_der: &[u8], ca_der: &[u8]) -> Result<(u64, Vec<Vec<u8>>), GroupError> {
+    let (_, ca) = X509Certificate::from_der(ca_der)
+        .map_err(|e| GroupError::Crl(format!("the group CA does not parse: {e}")))?;
+    let (_, crl) = CertificateRevocationList::from_der(crl_der)
+        .map_err(|e| GroupError::Crl(format!("not a CRL: {e}")))?;
+    if crl.issuer() != ca.subject() {
+        return Err(GroupError::Crl("issued by another CA".into()));
+    }
+    crl.verify_signature(ca.public_key())
+        .map_err(|e| GroupError::Crl(format!("its signature does not verify: {e}")))?;
+    let number = crl
+        .crl_number()
+        .and_then(|n| u64::try_from(n).ok())
+        .ok_or_else(|| GroupError::Crl("it has no CRL number".into()))?;
+    let serials = crl
+        .iter_revoked_certificates()
+        .map(|r| r.raw_serial().to_vec())
+        .collect();
+    Ok((number, serials))
+}
+
+impl Group {
+    fn load(dir: &Path) -> Result<Self, GroupError> {
+        let read = |f: &str| std::fs::read(dir.join(f));
+        let name = std::fs::read_to_string(dir.join("name"))
+            .map_err(io(format!("reading {}/name", dir.display())))?
+            .trim()
+            .to_owned();
+        let ca = read("ca.pem").map_err(io(format!("reading {}/ca.pem", dir.display())))?;
+        let ca_der = pki::certs_from_bytes(&ca)?.remove(0);
+        let member_der = match read("member.pem") {
+            Ok(b) => Some(pki::certs_from_bytes(&b)?.remove(0)),
+            Err(_) => None,
+        };
+        let crl_der = match read("crl.pem") {
+            Ok(b) => Some(pki::crls_from_bytes(&b)?.remove(0)),
+            Err(_) => None,
+        };
+        Ok(Self {
+            name,
+            dir: dir.to_owned(),
+            ca_der,
+            member_der,
+            crl_der,
+            owner: dir.join("ca.key").exists(),
+        })
+    }
+
+    fn crl_number(&self) -> u64 {
+        self.crl_der
+            .as_ref()
+            .and_then(|c| crl_checked(c, &self.ca_der).ok())
+            .map(|(n, _)| n)
+            .unwrap_or(0)
+    }
+
+    fn trust(&self) -> Result<TrustList, CertError> {
+        let crls: Vec<Vec<u8>> = self.crl_der.iter().cloned().collect();
+        TrustList::from_der(std::slice::from_ref(&self.ca_der), &crls)
+    }
+
+    fn info(&self, id: GroupId) -> GroupInfo {
+        GroupInfo {
+            id,
+            name: self.name.clone(),
+            owner: self.owner,
+            ca_subject: pki::subject_of(&self.ca_der),
+            member_until: self
+                .member_der
+                .as_ref()
+                .and_then(|m| validity(m).ok())
+                .map(|(_, until)| until),
+            crl_number: self.crl_number(),
+        }
+    }
+
+    /// The CA key and an issuer made from it (same subject, same key: what
+    /// rcgen needs to sign as this CA).
+    fn issuer(&self) -> Result<(rcgen::Certificate, KeyPair), GroupError> {
+        if !self.owner {
+            return Err(GroupError::NotOwner(self.name.clone()));
+        }
+        let key_pem = std::fs::read_to_string(self.dir.join("ca.key"))
+            .map_err(io(format!("reading {}/ca.key", self.dir.display())))?;
+        let key = KeyPair::from_pem(&key_pem).map_err(make)?;
+        let params = ca_params(&self.name, &self.ca_der)?;
+        let cert = params.self_signed(&key).map_err(make)?;
+        Ok((cert, key))
+    }
+}
+
+/// The parameters of a CA this node made for group `name` (its subject is
+/// rebuilt exactly; validity is read back from the certificate).
+fn ca_params(name: &str, ca_der: &[u8]) -> Result<CertificateParams, GroupError> {
+    let mut p = CertificateParams::default();
+    p.distinguished_name.push(DnType::CommonName, name);
+    p.distinguished_name
+        .push(DnType::OrganizationName, "p2pvm trusted group");
+    p.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+    p.key_usages = vec![
+        KeyUsagePurpose::KeyCertSign,
+        KeyUsagePurpose::CrlSign,
+        KeyUsagePurpose::DigitalSignature,
+    ];
+    p.key_identifier_method = KeyIdMethod::Sha256;
+    let (from, until) = validity(ca_der)?;
+    p.not_before = at(from)?;
+    p.not_after = at(until)?;
+    Ok(p)
+}
+
+impl Groups {
+    /// The groups under `dir` of the node `local`.
+    pub fn open(dir: &Path, local: PeerId) -> Result<Self, GroupError> {
+        std::fs::create_dir_all(dir).map_err(io(format!("creating {}", dir.display())))?;
+        let mut groups = BTreeMap::new();
+        let entries = std::fs::read_dir(dir).map_err(io(format!("reading {}", dir.display())))?;
+        for e in entries.flatten() {
+            let path = e.path();
+            let Some(id) = path
+                .file_name()
+                .and_then(|n| n.to_str())
+                .and_then(|n| n.parse::<GroupId>().ok())
+            else {
+                continue;
+            };
+            match Group::load(&path) {
+                Ok(g) => {
+                    groups.insert(id, g);
+                }
+                Err(e) => {
+                    tracing::warn!(group = %id, error = %e, "skipping a group that does not load")
+                }
+            }
+        }
+        Ok(Self {
+            dir: dir.to_owned(),
+            local,
+            groups: Mutex::new(groups),
+        })
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<GroupId, Group>> {
+        self.groups.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The id of the group named `name_or_id` here.
+    pub fn resolve(&self, name_or_id: &str) -> Result<GroupId, GroupError> {
+        let groups = self.lock();
+        if let Ok(id) = name_or_id.parse::<GroupId>()
+            && groups.contains_key(&id)
+        {
+            return Ok(id);
+        }
+        groups
+            .iter()
+            .find(|(_, g)| g.name == name_or_id)
+            .map(|(id, _)| *id)
+            .ok_or_else(|| GroupError::Unknown(name_or_id.into()))
+    }
+
+    /// Every group this node knows.
+    pub fn list(&self) -> Vec<GroupInfo> {
+        self.lock().iter().map(|(id, g)| g.info(*id)).collect()
+    }
+
+    /// Creates a group this node owns (and is the first member of), its CA
+    /// valid for `valid_secs`.
+    pub fn create(&self, name: &str, valid_secs: u64) -> Result<GroupInfo, GroupError> {
+        if !valid_name(name) {
+            return Err(GroupError::BadName(name.into()));
+        }
+        if self.lock().values().any(|g| g.name == name) {
+            return Err(GroupError::Exists(name.into()));
+        }
+        let key = KeyPair::generate().map_err(make)?;
+        let now = now_unix();
+        let mut p = CertificateParams::default();
+        p.distinguished_name.push(DnType::CommonName, name);
+        p.distinguished_name
+            .push(DnType::OrganizationName, "p2pvm trusted group");
+        p.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+        p.key_usages = vec![
+            KeyUsagePurpose::KeyCertSign,
+            KeyUsagePurpose::CrlSign,
+            KeyUsagePurpose::DigitalSignature,
+        ];
+        p.key_identifier_method = KeyIdMethod::Sha256;
+        p.not_before = at(now - 60)?;
+        p.not_after = at(now + valid_secs)?;
+        let ca = p.self_signed(&key).map_err(make)?;
+        let ca_der = ca.der().to_vec();
+        let id = group_id(&ca_der)?;
+        // Written under a temporary name and renamed: a crash leaves no half
+        // group behind.
+        let tmp = self.dir.join(format!(".new-{id}"));
+        let _ = std::fs::remove_dir_all(&tmp);
+        std::fs::create_dir_all(tmp.join("issued")).map_err(io("creating the group"))?;
+        write_file(&tmp.join("name"), name.as_bytes(), 0o644)?;
+        write_file(
+            &tmp.join("ca.pem"),
+            pem("CERTIFICATE", &ca_der).as_bytes(),
+            0o644,
+        )?;
+        write_file(&tmp.join("ca.key"), key.serialize_pem().as_bytes(), 0o600)?;
+        let dir = self.dir.join(id.to_string());
+        std::fs::rename(&tmp, &dir).map_err(io("creating the group"))?;
+        let g = Group::load(&dir)?;
+        self.lock().insert(id, g);
+        // The owner is a member like any other.
+        let own = self.issue(id, &self.local, valid_secs)?;
+        write_file(
+            &dir.join("member.pem"),
+            pem("CERTIFICATE", &own).as_bytes(),
+            0o644,
+        )?;
+        if let Some(g) = self.lock().get_mut(&id) {
+            g.member_der = Some(own);
+        }
+        self.info(id)
+    }
+
+    fn info(&self, id: GroupId) -> Result<GroupInfo, GroupError> {
+        self.lock()
+            .get(&id)
+            .map(|g| g.info(id))
+            .ok_or_else(|| GroupError::Unknown(id.to_string()))
+    }
+
+    /// Issues a member certificate for `peer`, valid for `valid_secs`.
+    fn issue(&self, id: GroupId, peer: &PeerId, valid_secs: u64) -> Result<Vec<u8>, GroupError> {
+        let (issuer, dir) = {
+            let groups = self.lock();
+            let g = groups
+                .get(&id)
+                .ok_or_else(|| GroupError::Unknown(id.to_string()))?;
+            (g.issuer()?, g.dir.clone())
+        };
+        let (ca, ca_key) = issuer;
+        let key = KeyPair::generate().map_err(make)?;
+        let now = now_unix();
+        let mut p = CertificateParams::default();
+        p.distinguished_name
+            .push(DnType::CommonName, format!("member {peer}"));
+        p.subject_alt_names = vec![SanType::URI(
+            format!("{}{peer}", pki::PEER_URI_PREFIX)
+                .try_into()
+                .map_err(make)?,
+        )];
+        p.extended_key_usages = vec![
+            ExtendedKeyUsagePurpose::ClientAuth,
+            ExtendedKeyUsagePurpose::ServerAuth,
+        ];
+        // Random, positive, unique: what a CRL names a certificate by.
+        let mut serial: [u8; 16] = rand::random();
+        serial[0] = (serial[0] & 0x7f) | 0x01;
+        p.serial_number = Some(SerialNumber::from_slice(&serial));
+        p.not_before = at(now - 60)?;
+        p.not_after = at(now + valid_secs)?;
+        let cert = p.signed_by(&key, &ca, &ca_key).map_err(make)?;
+        let der = cert.der().to_vec();
+        write_file(
+            &dir.join("issued").join(format!("{peer}.pem")),
+            pem("CERTIFICATE", &der).as_bytes(),
+            0o644,
+        )?;
+        Ok(der)
+    }
+
+    /// Invites `peer` into the group `name_or_id` (owner only): an
+    /// invitation (PEM: the group CA, the member certificate, the current
+    /// CRL) that peer imports with [`Groups::join`].
+    pub fn invite(
+        &self,
+        name_or_id: &str,
+        peer: &PeerId,
+        valid_secs: u64,
+    ) -> Result<String, GroupError> {
+        let id = self.resolve(name_or_id)?;
+        let member = self.issue(id, peer, valid_secs)?;
+        let groups = self.lock();
+        let g = groups
+            .get(&id)
+            .ok_or_else(|| GroupError::Unknown(id.to_string()))?;
+        let mut out = format!(
+            "# p2pvm group invitation: group {} ({id}) for peer {peer}\n",
+            g.name
+        );
+        out.push_str(&pem("CERTIFICATE", &g.ca_der));
+        out.push_str(&pem("CERTIFICATE", &member));
+        if let Some(crl) = &g.crl_der {
+            out.push_str(&pem("X509 CRL", crl));
+        }
+        Ok(out)
+    }
+
+    /// Joins a group from an invitation (PEM: the group CA first, then this
+    /// node's member certificate, then optionally a CRL), under `name` or the
+    /// CA's common name. The certificate must chain to that CA, be valid now,
+    /// not be revoked, and name this node.
+    pub fn join(&self, invitation: &[u8], name: Option<&str>) -> Result<GroupInfo, GroupError> {
+        let certs = pki::certs_from_bytes(invitation)?;
+        let [ca_der, member_der, ..] = certs.as_slice() else {
+            return Err(GroupError::Invitation(
+                "it needs the group CA and a member certificate".into(),
+            ));
+        };
+        // A CRL that does not parse refuses the invitation; none is fine.
+        let crl = pki::crls_from_bytes(invitation)?.into_iter().next();
+        if let Some(c) = &crl {
+            crl_checked(c, ca_der)?;
+        }
+        let trust = TrustList::from_der(std::slice::from_ref(ca_der), crl.as_slice())?;
+        trust.verify_peer(
+            std::slice::from_ref(member_der),
+            &self.local,
+            now_unix(),
+            KeyUsage::required_if_present(EKU_CLIENT_AUTH),
+        )?;
+        let id = group_id(ca_der)?;
+        let name = match name {
+            Some(n) => n.to_owned(),
+            None => X509Certificate::from_der(ca_der)
+                .ok()
+                .and_then(|(_, c)| {
+                    c.subject()
+                        .iter_common_name()
+                        .next()
+                        .and_then(|cn| cn.as_str().ok().map(str::to_owned))
+                })
+                .unwrap_or_else(|| id.to_string()),
+        };
+        if !valid_name(&name) {
+            return Err(GroupError::BadName(name));
+        }
+        if self
+            .lock()
+            .iter()
+            .any(|(gid, g)| g.name == name && *gid != id)
+        {
+            return Err(GroupError::Exists(name));
+        }
+        let dir = self.dir.join(id.to_string());
+        let tmp = self.dir.join(format!(".join-{id}"));
+        let _ = std::fs::remove_dir_all(&tmp);
+        std::fs::create_dir_all(&tmp).map_err(io("joining the group"))?;
+        // An owner re-joining its own group keeps its key and records.
+        if dir.exists() {
+            for f in ["ca.key"] {
+                if dir.join(f).exists() {
+                    std::fs::copy(dir.join(f), tmp.join(f)).map_err(io("joining the group"))?;
+                }
+            }
+            if dir.join("issued").exists() {
+                std::fs::rename(dir.join("issued"), tmp.join("issued"))
+                    .map_err(io("joining the group"))?;
+            }
+        }
+        write_file(&tmp.join("name"), name.as_bytes(), 0o644)?;
+        write_file(
+            &tmp.join("ca.pem"),
+            pem("CERTIFICATE", ca_der).as_bytes(),
+            0o644,
+        )?;
+        write_file(
+            &tmp.join("member.pem"),
+            pem("CERTIFICATE", member_der).as_bytes(),
+            0o644,
+        )?;
+        if let Some(c) = &crl {
+            write_file(&tmp.join("crl.pem"), pem("X509 CRL", c).as_bytes(), 0o644)?;
+        }
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::rename(&tmp, &dir).map_err(io("joining the group"))?;
+        let g = Group::load(&dir)?;
+        self.lock().insert(id, g);
+        self.info(id)
+    }
+
+    /// Revokes every certificate `peer` holds in the group (owner only):
+    /// a new CRL, numbered one above the last, replaces the group's. Returns
+    /// it (DER), for distribution to members.
+    pub fn revoke(&self, name_or_id: &str, peer: &PeerId) -> Result<Vec<u8>, GroupError> {
+        let id = self.resolve(name_or_id)?;
+        let (issuer, dir, held, number) = {
+            let groups = self.lock();
+            let g = groups
+                .get(&id)
+                .ok_or_else(|| GroupError::Unknown(id.to_string()))?;
+            let held = match &g.crl_der {
+                Some(c) => crl_checked(c, &g.ca_der)?.1,
+                None => Vec::new(),
+            };
+            (g.issuer()?, g.dir.clone(), held, g.crl_number())
+        };
+        let issued = dir.join("issued").join(format!("{peer}.pem"));
+        let cert = std::fs::read(&issued).map_err(|_| GroupError::NotInvited(peer.to_string()))?;
+        let serial = serial_of(&pki::certs_from_bytes(&cert)?[0])?;
+        let now = now_unix();
+        let mut revoked: Vec<Vec<u8>> = held;
+        if !revoked.contains(&serial) {
+            revoked.push(serial);
+        }
+        let (ca, ca_key) = issuer;
+        let crl = CertificateRevocationListParams {
+            this_update: at(now - 1)?,
+            next_update: at(now + 30 * 86_400)?,
+            crl_number: SerialNumber::from(number + 1),
+            issuing_distribution_point: None,
+            revoked_certs: revoked
+                .iter()
+                .map(|s| -> Result<RevokedCertParams, GroupError> {
+                    Ok(RevokedCertParams {
+                        serial_number: SerialNumber::from_slice(s),
+                        revocation_time: at(now - 1)?,
+                        reason_code: None,
+                        invalidity_date: None,
+                    })
+                })
+                .collect::<Result<_, _>>()?,
+            key_identifier_method: KeyIdMethod::Sha256,
+        }
+        .signed_by(&ca, &ca_key)
+        .map_err(make)?;
+        let der = crl.der().to_vec();
+        self.accept_crl(id, &der)?;
+        Ok(der)
+    }
+
+    /// Takes a group's CRL from anywhere: it replaces the one held only if
+    /// the group CA signed it and its number is higher. `Ok(false)`: not newer.
+    pub fn accept_crl(&self, id: GroupId, crl_der: &[u8]) -> Result<bool, GroupError> {
+        let mut groups = self.lock();
+        let g = groups
+            .get_mut(&id)
+            .ok_or_else(|| GroupError::Unknown(id.to_string()))?;
+        let (number, _) = crl_checked(crl_der, &g.ca_der)?;
+        let held = g.crl_number();
+        if number <= held {
+            return Ok(false);
+        }
+        write_file(
+            &g.dir.join("crl.pem"),
+            pem("X509 CRL", crl_der).as_bytes(),
+            0o644,
+        )?;
+        g.crl_der = Some(crl_der.to_vec());
+        Ok(true)
+    }
+
+    /// The members the owner issued certificates to, with their status.
+    pub fn members(&self, name_or_id: &str) -> Result<Vec<MemberInfo>, GroupError> {
+        let id = self.resolve(name_or_id)?;
+        let groups = self.lock();
+        let g = groups
+            .get(&id)
+            .ok_or_else(|| GroupError::Unknown(id.to_string()))?;
+        if !g.owner {
+            return Err(GroupError::NotOwner(g.name.clone()));
+        }
+        let revoked = match &g.crl_der {
+            Some(c) => crl_checked(c, &g.ca_der)?.1,
+            None => Vec::new(),
+        };
+        let mut out = Vec::new();
+        let entries = std::fs::read_dir(g.dir.join("issued")).map_err(io("listing members"))?;
+        for e in entries.flatten() {
+            let Ok(bytes) = std::fs::read(e.path()) else {
+                continue;
+            };
+            let Some(der) = pki::certs_from_bytes(&bytes)
+                .ok()
+                .and_then(|c| c.into_iter().next())
+            else {
+                continue;
+            };
+            let (not_before, not_after) = validity(&der)?;
+            let serial = serial_of(&der)?;
+            out.push(MemberInfo {
+                peer: pki::peer_of(&der)
+                    .map(|p| p.to_base58())
+                    .unwrap_or_default(),
+                serial: serial.iter().map(|b| format!("{b:02x}")).collect(),
+                not_before,
+                not_after,
+                revoked: revoked.contains(&serial),
+            });
+        }
+        out.sort_by(|a, b| a.peer.cmp(&b.peer));
+        Ok(out)
+    }
+
+    /// This node's own member certificate (DER) in group `id`.
+    pub fn own_certificate(&self, id: GroupId) -> Option<Vec<u8>> {
+        self.lock().get(&id).and_then(|g| g.member_der.clone())
+    }
+
+    /// Whether `cert_der` proves `peer` a current member of group `id`: it
+    /// chains to the group CA, is valid now, is not in the CRL held, and
+    /// names `peer` (whom the connection it came on authenticated).
+    pub fn verify_member(
+        &self,
+        id: GroupId,
+        peer: &PeerId,
+        cert_der: &[u8],
+    ) -> Result<(), GroupError> {
+        let trust = {
+            let groups = self.lock();
+            let g = groups
+                .get(&id)
+                .ok_or_else(|| GroupError::Unknown(id.to_string()))?;
+            g.trust()?
+        };
+        trust.verify_peer(
+            &[cert_der.to_vec()],
+            peer,
+            now_unix(),
+            KeyUsage::required_if_present(EKU_CLIENT_AUTH),
+        )?;
+        Ok(())
+    }
+
+    /// Whether this node is itself a current member of group `id`.
+    pub fn is_member(&self, id: GroupId) -> bool {
+        self.own_certificate(id)
+            .is_some_and(|c| self.verify_member(id, &self.local, &c).is_ok())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use libp2p_identity::Keypair;
+
+    fn peer() -> PeerId {
+        Keypair::generate_ed25519().public().to_peer_id()
+    }
+
+    fn node() -> (Groups, PeerId, tempfile::TempDir) {
+        let dir = tempfile::tempdir().unwrap();
+        let me = peer();
+        (Groups::open(dir.path(), me).unwrap(), me, dir)
+    }
+
+    fn member_cert(invitation: &str) -> Vec<u8> {
+        pki::certs_from_bytes(invitation.as_bytes()).unwrap()[1].clone()
+    }
+
+    #[test]
+    fn an_invited_peer_joins_and_proves_membership_until_revoked() {
+        let (owner, owner_id, owner_dir) = node();
+        let (member, member_id, _m) = node();
+        let g = owner.create("crew", 86_400 * 30).unwrap();
+        assert!(g.owner && owner.is_member(g.id));
+        // The CA key is the owner's alone.
+        let key = owner_dir.path().join(g.id.to_string()).join("ca.key");
+        use std::os::unix::fs::PermissionsExt;
+        assert_eq!(
+            std::fs::metadata(&key).unwrap().permissions().mode() & 0o777,
+            0o600
+        );
+
+        let invitation = owner.invite("crew", &member_id, 3600).unwrap();
+        let joined = member.join(invitation.as_bytes(), None).unwrap();
+        assert_eq!(
+            (joined.id, joined.name.as_str(), joined.owner),
+            (g.id, "crew", false)
+        );
+        assert!(member.is_member(g.id));
+        // The owner checks the member's certificate as it arrives on the
+        // member's connection; on anyone else's it proves nothing.
+        let cert = member_cert(&invitation);
+        owner.verify_member(g.id, &member_id, &cert).unwrap();
+        assert!(matches!(
+            owner.verify_member(g.id, &peer(), &cert),
+            Err(GroupError::Certificate(CertError::WrongPeer { .. }))
+        ));
+        // Another peer cannot join with the member's invitation.
+        let (thief, _, _t) = node();
+        assert!(thief.join(invitation.as_bytes(), None).is_err());
+        assert!(thief.list().is_empty(), "a refused join left state behind");
+
+        // Revoked: the owner's CRL says so at once; the member learns it from
+        // the CRL, which only a newer one replaces.
+        let crl = owner.revoke("crew", &member_id).unwrap();
+        assert!(matches!(
+            owner.verify_member(g.id, &member_id, &cert),
+            Err(GroupError::Certificate(CertError::Revoked))
+        ));
+        assert!(member.accept_crl(g.id, &crl).unwrap());
+        assert!(!member.is_member(g.id));
+        assert!(
+            !member.accept_crl(g.id, &crl).unwrap(),
+            "the same CRL twice"
+        );
+        let members = owner.members("crew").unwrap();
+        let row = members
+            .iter()
+            .find(|m| m.peer == member_id.to_base58())
+            .unwrap();
+        assert!(row.revoked);
+        assert!(
+            members
+                .iter()
+                .any(|m| m.peer == owner_id.to_base58() && !m.revoked)
+        );
+        // A second revocation numbers its CRL higher, and keeps the first.
+        let (other, other_id, _o) = node();
+        other
+            .join(
+                owner.invite("crew", &other_id, 3600).unwrap().as_bytes(),
+                None,
+            )
+            .unwrap();
+        let crl2 = owner.revoke("crew", &other_id).unwrap();
+        assert!(member.accept_crl(g.id, &crl2).unwrap());
+        assert!(
+            !member.accept_crl(g.id, &crl).unwrap(),
+            "an older CRL replaced a newer one"
+        );
+        assert_eq!(member.list()[0].crl_number, 2);
+        // Everything survives a reopen.
+        let again = Groups::open(owner_dir.path(), owner_id).unwrap();
+        assert!(
+            again
+                .members("crew")
+                .unwrap()
+                .iter()
+                .filter(|m| m.revoked)
+                .count()
+                == 2
+        );
+        assert!(again.is_member(g.id));
+    }
+
+    #[test]
+    fn bad_certificates_and_crls_are_refused_and_change_nothing() {
+        let (owner, _, _d) = node();
+        let (stranger_owner, _, _s) = node();
+        let (member, member_id, _m) = node();
+        let g = owner.create("crew", 86_400).unwrap();
+        let other = stranger_owner.create("crew", 86_400).unwrap();
+        assert_ne!(g.id, other.id, "same name, different CA, different group");
+        // An expired membership does not join (validity: one second, then
+        // checked two seconds later).
+        let short = owner.invite("crew", &member_id, 1).unwrap();
+        std::thread::sleep(std::time::Duration::from_secs(2));
+        assert!(matches!(
+            member.join(short.as_bytes(), None),
+            Err(GroupError::Certificate(CertError::Expired))
+        ));
+        // A member certificate from another CA, with this group's CA.
+        let foreign = stranger_owner.invite("crew", &member_id, 3600).unwrap();
+        let mixed = format!(
+            "{}{}",
+            pem(
+                "CERTIFICATE",
+                &pki::certs_from_bytes(owner.invite("crew", &member_id, 3600).unwrap().as_bytes())
+                    .unwrap()[0]
+            ),
+            pem("CERTIFICATE", &member_cert(&foreign)),
+        );
+        assert!(matches!(
+            member.join(mixed.as_bytes(), None),
+            Err(GroupError::Certificate(
+                CertError::UnknownIssuer | CertError::BadSignature
+            ))
+        ));
+        assert!(member.list().is_empty());
+        // Join properly, then: a CRL from the wrong CA, and garbage.
+        member
+            .join(
+                owner.invite("crew", &member_id, 3600).unwrap().as_bytes(),
+                None,
+            )
+            .unwrap();
+        let (x, x_id, _x) = node();
+        let _ = x;
+        stranger_owner.invite("crew", &x_id, 3600).unwrap();
+        let wrong = stranger_owner.revoke("crew", &x_id).unwrap();
+        assert!(matches!(
+            member.accept_crl(g.id, &wrong),
+            Err(GroupError::Crl(_))
+        ));
+        assert!(member.accept_crl(g.id, b"not a crl").is_err());
+        assert_eq!(member.list()[0].crl_number, 0);
+        assert!(member.is_member(g.id));
+        // Only the owner invites, revokes and lists members.
+        assert!(matches!(
+            member.invite("crew", &x_id, 60),
+            Err(GroupError::NotOwner(_))
+        ));
+        assert!(matches!(
+            member.revoke("crew", &x_id),
+            Err(GroupError::NotOwner(_))
+        ));
+        assert!(matches!(
+            owner.revoke("crew", &x_id),
+            Err(GroupError::NotInvited(_))
+        ));
+        assert!(matches!(
+            owner.create("crew", 60),
+            Err(GroupError::Exists(_))
+        ));
+        assert!(matches!(
+            owner.create("no spaces", 60),
+            Err(GroupError::BadName(_))
+        ));
+    }
+}

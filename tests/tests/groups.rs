@@ -1,0 +1,289 @@
+//! Trusted peer groups end to end, between real p2pd processes: a group's
+//! content reaches its current members only — not a stranger, not a member
+//! whose certificate expired, not a revoked one — with groups made by p2pd
+//! and with a CA, member certificates and a CRL made by the `openssl` CLI.
+
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail, ensure};
+use guest_api::{Client, proto};
+use p2pvm_e2e::{TestNode, node_with};
+use tokio::io::AsyncReadExt;
+
+fn group_rights(group: &str) -> proto::ContentRights {
+    proto::ContentRights {
+        licence: "crew only".into(),
+        redistribution_allowed: true,
+        expires_unix: 0,
+        allowed_groups: vec![group.into()],
+    }
+}
+
+async fn publish_for(c: &Client, group: &str, data: &[u8]) -> Result<proto::ContentInfo> {
+    let meta = proto::ContentPublishRequest {
+        name: "crew.bin".into(),
+        rights: Some(group_rights(group)),
+        ..Default::default()
+    };
+    Ok(c.publish_content(meta, data).await?)
+}
+
+/// The whole item, or the API error the fetch got.
+async fn fetch(c: &Client, id: &str) -> Result<Result<Vec<u8>, guest_api::Error>> {
+    let (_, mut s) = match c.fetch_content(id, 0, 0, false).await {
+        Ok(x) => x,
+        Err(e) => return Ok(Err(e)),
+    };
+    let mut out = Vec::new();
+    s.read_to_end(&mut out)
+        .await
+        .context("reading the stream")?;
+    Ok(Ok(out))
+}
+
+async fn refused_as_non_member(node: &TestNode, id: &str, who: &str) -> Result<String> {
+    match fetch(&node.app("viewer").await?, id).await? {
+        Ok(b) => bail!("{who} got the group's item ({} bytes)", b.len()),
+        Err(e) => {
+            ensure!(
+                e.code() == Some(proto::ErrorCode::DrmNotGroupMember),
+                "{who}: {e}"
+            );
+            Ok(e.to_string())
+        }
+    }
+}
+
+/// Joins `node` to a group with `invitation` (PEM).
+async fn join(node: &TestNode, invitation: &str) -> Result<proto::GroupInfo> {
+    Ok(node
+        .admin()
+        .await?
+        .group_join(invitation.as_bytes(), "")
+        .await?)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn group_content_reaches_current_members_only() -> Result<()> {
+    let owner = node_with(&[], None).await?;
+    let o = owner.admin().await?;
+    let g = o.group_create("crew", 0).await?;
+    ensure!(g.owner && g.member && g.name == "crew", "{g:?}");
+    let member = node_with(&[&owner], None).await?;
+    let short = node_with(&[&owner], None).await?;
+    let revoked = node_with(&[&owner], None).await?;
+    let stranger = node_with(&[&owner], None).await?;
+    join(
+        &member,
+        &o.group_invite("crew", &member.peer_id, 1).await?.pem,
+    )
+    .await?;
+    join(
+        &short,
+        &o.group_invite_secs("crew", &short.peer_id, 4).await?.pem,
+    )
+    .await?;
+    join(
+        &revoked,
+        &o.group_invite("crew", &revoked.peer_id, 1).await?.pem,
+    )
+    .await?;
+    // A node cannot join with an invitation made for another peer.
+    let stolen = o.group_invite("crew", &member.peer_id, 1).await?.pem;
+    let e = stranger
+        .admin()
+        .await?
+        .group_join(stolen.as_bytes(), "")
+        .await
+        .expect_err("joined with another peer's invitation");
+    ensure!(
+        e.code() == Some(proto::ErrorCode::VerificationFailed),
+        "{e}"
+    );
+    ensure!(stranger.admin().await?.group_list().await?.is_empty());
+
+    let data = p2pvm_e2e::pseudo_random(2 << 20, 51);
+    let info = publish_for(&owner.app("crew-tv").await?, "crew", &data).await?;
+    let rights = info.rights.as_ref().context("rights")?;
+    ensure!(
+        rights.allowed_groups == [g.id.clone()],
+        "named by id: {rights:?}"
+    );
+
+    // A member gets it.
+    ensure!(fetch(&member.app("viewer").await?, &info.content_id).await?? == data);
+    // A stranger does not.
+    refused_as_non_member(&stranger, &info.content_id, "a stranger").await?;
+    // A revoked member does not (the owner's CRL says so; the member itself
+    // has not heard).
+    o.group_revoke("crew", &revoked.peer_id).await?;
+    let msg = refused_as_non_member(&revoked, &info.content_id, "a revoked member").await?;
+    ensure!(msg.contains("revoked"), "{msg}");
+    let members = o.group_members("crew").await?;
+    ensure!(
+        members
+            .members
+            .iter()
+            .any(|m| m.peer_id == revoked.peer_id && m.revoked),
+        "{members:?}"
+    );
+    // An expired member does not.
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    refused_as_non_member(&short, &info.content_id, "an expired member").await?;
+    // ...while the member still does, and the owner's refusals cost nobody
+    // credit.
+    ensure!(fetch(&member.app("viewer").await?, &info.content_id).await?? == data);
+    for n in [&stranger, &revoked, &short] {
+        let c = n.admin().await?.credit_show(&owner.peer_id).await?;
+        ensure!(c.drm_failed == 0, "{c:?}");
+    }
+    Ok(())
+}
+
+fn openssl(dir: &Path, args: &[&str]) -> Result<()> {
+    let out = Command::new("openssl")
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .context("running openssl (apt-get install openssl)")?;
+    ensure!(
+        out.status.success(),
+        "openssl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(())
+}
+
+/// A member certificate for `peer` from the openssl CA in `dir`, as
+/// `<out>.pem`.
+fn openssl_member(dir: &Path, peer: &str, out: &str) -> Result<()> {
+    std::fs::write(
+        dir.join(format!("{out}.ext")),
+        format!(
+            "subjectAltName=URI:urn:p2pvm:peer:{peer}\nextendedKeyUsage=clientAuth,serverAuth\n"
+        ),
+    )?;
+    openssl(
+        dir,
+        &[
+            "req",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+            "-nodes",
+            "-keyout",
+            &format!("{out}.key"),
+            "-out",
+            &format!("{out}.csr"),
+            "-subj",
+            &format!("/CN={out}"),
+        ],
+    )?;
+    openssl(
+        dir,
+        &[
+            "ca",
+            "-batch",
+            "-config",
+            "ca.cnf",
+            "-in",
+            &format!("{out}.csr"),
+            "-out",
+            &format!("{out}.pem"),
+            "-extfile",
+            &format!("{out}.ext"),
+            "-days",
+            "7",
+            "-notext",
+        ],
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_group_made_with_openssl_works_the_same() -> Result<()> {
+    let pki = tempfile::tempdir()?;
+    let dir = pki.path();
+    // A group CA, its database for `openssl ca`, as docs/security.md shows.
+    std::fs::write(
+        dir.join("ca.cnf"),
+        "[ca]\ndefault_ca = g\n[g]\ndir = .\ndatabase = index.txt\nserial = serial\n\
+         crlnumber = crlnumber\nnew_certs_dir = .\ncertificate = ca.pem\nprivate_key = ca.key\n\
+         default_md = sha256\npolicy = any\ndefault_crl_days = 30\n[any]\ncommonName = supplied\n",
+    )?;
+    std::fs::write(dir.join("index.txt"), "")?;
+    std::fs::write(dir.join("serial"), "1000\n")?;
+    std::fs::write(dir.join("crlnumber"), "01\n")?;
+    openssl(
+        dir,
+        &[
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+            "-nodes",
+            "-keyout",
+            "ca.key",
+            "-out",
+            "ca.pem",
+            "-days",
+            "30",
+            "-subj",
+            "/CN=film-club",
+            "-addext",
+            "basicConstraints=critical,CA:TRUE",
+            "-addext",
+            "keyUsage=critical,keyCertSign,cRLSign",
+        ],
+    )?;
+    let host = node_with(&[], None).await?;
+    let member = node_with(&[&host], None).await?;
+    let revoked = node_with(&[&host], None).await?;
+    for (n, name) in [(&host, "host"), (&member, "member"), (&revoked, "revoked")] {
+        openssl_member(dir, &n.peer_id, name)?;
+    }
+    openssl(dir, &["ca", "-config", "ca.cnf", "-revoke", "revoked.pem"])?;
+    openssl(
+        dir,
+        &["ca", "-config", "ca.cnf", "-gencrl", "-out", "crl.pem"],
+    )?;
+    let ca = std::fs::read_to_string(dir.join("ca.pem"))?;
+    let crl = std::fs::read_to_string(dir.join("crl.pem"))?;
+    let invitation = |who: &str| -> Result<String> {
+        Ok(format!(
+            "{ca}{}{crl}",
+            std::fs::read_to_string(dir.join(format!("{who}.pem")))?
+        ))
+    };
+    let g = join(&host, &invitation("host")?).await?;
+    ensure!(
+        g.name == "film-club" && !g.owner && g.member && g.crl_number == 1,
+        "{g:?}"
+    );
+    join(&member, &invitation("member")?).await?;
+    // The revoked member's own invitation carries the CRL that revokes it.
+    let e = revoked
+        .admin()
+        .await?
+        .group_join(invitation("revoked")?.as_bytes(), "")
+        .await
+        .expect_err("joined with a revoked certificate");
+    ensure!(e.to_string().contains("revoked"), "{e}");
+    // Joined without the CRL, it still cannot fetch: the host holds the CRL.
+    join(
+        &revoked,
+        &format!("{ca}{}", std::fs::read_to_string(dir.join("revoked.pem"))?),
+    )
+    .await?;
+
+    let data = p2pvm_e2e::pseudo_random(1 << 20, 52);
+    let info = publish_for(&host.app("club").await?, "film-club", &data).await?;
+    ensure!(fetch(&member.app("viewer").await?, &info.content_id).await?? == data);
+    let msg = refused_as_non_member(&revoked, &info.content_id, "a revoked member").await?;
+    ensure!(msg.contains("revoked"), "{msg}");
+    Ok(())
+}
