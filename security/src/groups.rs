@@ -746,6 +746,11 @@ impl Groups {
         Ok(out)
     }
 
+    /// The CRL held for group `id` (DER), if any.
+    pub fn crl(&self, id: GroupId) -> Option<Vec<u8>> {
+        self.lock().get(&id).and_then(|g| g.crl_der.clone())
+    }
+
     /// This node's own member certificate (DER) in group `id`.
     pub fn own_certificate(&self, id: GroupId) -> Option<Vec<u8>> {
         self.lock().get(&id).and_then(|g| g.member_der.clone())

@@ -287,3 +287,57 @@ async fn a_group_made_with_openssl_works_the_same() -> Result<()> {
     ensure!(msg.contains("revoked"), "{msg}");
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revocation_reaches_members_that_serve_the_group() -> Result<()> {
+    let owner = node_with(&[], None).await?;
+    let o = owner.admin().await?;
+    let g = o.group_create("crew", 0).await?;
+    let mirror = node_with(&[&owner], None).await?;
+    let leaver = node_with(&[&owner, &mirror], None).await?;
+    join(
+        &mirror,
+        &o.group_invite("crew", &mirror.peer_id, 1).await?.pem,
+    )
+    .await?;
+    join(
+        &leaver,
+        &o.group_invite("crew", &leaver.peer_id, 1).await?.pem,
+    )
+    .await?;
+    // The mirror, a member, keeps the group's item and provides it; the
+    // owner withdraws its own copy.
+    let data = p2pvm_e2e::pseudo_random(1 << 20, 53);
+    let info = publish_for(&owner.app("crew-tv").await?, "crew", &data).await?;
+    mirror
+        .app("mirror")
+        .await?
+        .download_content(&info.content_id)
+        .await?;
+    o.delete_content(&info.content_id).await?;
+    // Revoked at the owner: the mirror learns it from the group's CRL topic.
+    o.group_revoke("crew", &leaver.peer_id).await?;
+    let m = mirror.admin().await?;
+    p2pvm_e2e::eventually(
+        Duration::from_secs(60),
+        "the mirror took the new CRL",
+        || async {
+            let groups = m.group_list().await.ok()?;
+            groups
+                .iter()
+                .any(|x| x.id == g.id && x.crl_number == 1)
+                .then_some(())
+        },
+    )
+    .await?;
+    let msg = refused_as_non_member(&leaver, &info.content_id, "the revoked member").await?;
+    ensure!(msg.contains("revoked"), "{msg}");
+    // The topic is the node's: an app may neither publish nor listen there.
+    let app = mirror.app("nosy").await?;
+    let e = app
+        .subscribe(&format!("p2pvm/group/{}/crl", g.id))
+        .await
+        .expect_err("an app subscribed to a reserved topic");
+    ensure!(e.code() == Some(proto::ErrorCode::PermissionDenied), "{e}");
+    Ok(())
+}

@@ -169,6 +169,17 @@ fn group_pb(c: &ContentService, g: p2pvm_security::GroupInfo) -> pb::GroupInfo {
     }
 }
 
+/// Refuses topics the node uses itself (group CRLs).
+pub(crate) fn reserved_topic(topic: &str) -> Result<(), ApiError> {
+    if topic.starts_with(crate::content::crls::RESERVED_TOPIC_PREFIX) {
+        return Err(ApiError::new(
+            pb::ErrorCode::PermissionDenied,
+            format!("{topic} is reserved for the node"),
+        ));
+    }
+    Ok(())
+}
+
 /// Group work (files, key generation) on a blocking thread.
 async fn blocking<T: Send + 'static>(
     work: impl FnOnce() -> Result<T, p2pvm_security::GroupError> + Send + 'static,
@@ -338,6 +349,7 @@ pub(crate) async fn run(svc: &ApiService, who: &Principal, op: Op) -> Result<R, 
             if r.topic.is_empty() {
                 return Err(ApiError::bad("empty topic"));
             }
+            reserved_topic(&r.topic)?;
             node.call(|reply| Command::Publish(r.topic, r.data, reply))
                 .await?;
             Ok(R::Ok(pb::Empty {}))
@@ -488,6 +500,7 @@ pub(crate) async fn run(svc: &ApiService, who: &Principal, op: Op) -> Result<R, 
             let days = if r.valid_days == 0 { 365 } else { r.valid_days };
             let g =
                 blocking(move || c.groups().create(&r.name, days.saturating_mul(86_400))).await?;
+            content(svc)?.listen_crls(g.id).await;
             Ok(R::Group(group_pb(content(svc)?, g)))
         }
         Op::GroupInvite(r) => {
@@ -516,13 +529,22 @@ pub(crate) async fn run(svc: &ApiService, who: &Principal, op: Op) -> Result<R, 
             let c = content(svc)?.clone();
             let name = (!r.name.is_empty()).then_some(r.name);
             let g = blocking(move || c.groups().join(&r.invitation, name.as_deref())).await?;
+            content(svc)?.listen_crls(g.id).await;
             Ok(R::Group(group_pb(content(svc)?, g)))
         }
         Op::GroupRevoke(r) => {
             require_admin(who)?;
             let peer = parse_peer(&r.peer_id)?;
             let c = content(svc)?.clone();
-            blocking(move || c.groups().revoke(&r.group, &peer).map(|_| ())).await?;
+            let (id, crl) = blocking(move || {
+                Ok((
+                    c.groups().resolve(&r.group)?,
+                    c.groups().revoke(&r.group, &peer)?,
+                ))
+            })
+            .await?;
+            // Members hear of it now (and again with every republish).
+            content(svc)?.publish_crl(id, crl).await;
             Ok(R::Ok(pb::Empty {}))
         }
         Op::GroupMembers(r) => {

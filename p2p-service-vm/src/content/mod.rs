@@ -17,6 +17,7 @@
 //! stored items were hashed when they entered the store.
 
 mod budget;
+pub(crate) mod crls;
 mod error;
 mod fastpath;
 mod fetch;
@@ -314,6 +315,7 @@ impl ContentService {
             });
         }
         server::spawn(svc.clone());
+        svc.watch_crls();
         if svc.inner.fast_path.is_some() {
             svc.listen_fast_path(&listen);
         }

@@ -26,6 +26,7 @@ impl Session {
         if topic.is_empty() || topic.len() > 256 {
             return Err(ApiError::bad("topic must be 1-256 bytes"));
         }
+        crate::api::ops::reserved_topic(&topic)?;
         if self.topics.contains(&topic) {
             return Err(ApiError::new(
                 pb::ErrorCode::AlreadyExists,

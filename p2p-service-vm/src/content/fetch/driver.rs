@@ -55,7 +55,14 @@ pub(super) async fn download_for(
             if providers.is_empty() {
                 return Err(first);
             }
-            manifest_from(svc, id, &providers).await?
+            // "Not found" from the wider round says less than why the first
+            // provider failed (a DRM refusal, say).
+            manifest_from(svc, id, &providers)
+                .await
+                .map_err(|e| match e {
+                    ContentServiceError::NotFound(_) => first,
+                    e => e,
+                })?
         }
     };
     let size = manifest.manifest.size;
