@@ -172,6 +172,8 @@ struct Group {
     ca_der: Vec<u8>,
     member_der: Option<Vec<u8>>,
     crl_der: Option<Vec<u8>>,
+    /// The held CRL's number (0: none), checked when it was taken.
+    crl_number: u64,
     owner: bool,
 }
 
@@ -292,22 +294,23 @@ impl Group {
             Ok(b) => Some(pki::crls_from_bytes(&b)?.remove(0)),
             Err(_) => None,
         };
+        let crl_number = match &crl_der {
+            Some(c) => crl_checked(c, &ca_der)?.0,
+            None => 0,
+        };
         Ok(Self {
             name,
             dir: dir.to_owned(),
             ca_der,
             member_der,
             crl_der,
+            crl_number,
             owner: dir.join("ca.key").exists(),
         })
     }
 
     fn crl_number(&self) -> u64 {
-        self.crl_der
-            .as_ref()
-            .and_then(|c| crl_checked(c, &self.ca_der).ok())
-            .map(|(n, _)| n)
-            .unwrap_or(0)
+        self.crl_number
     }
 
     fn trust(&self) -> Result<TrustList, CertError> {
@@ -701,6 +704,7 @@ impl Groups {
             0o644,
         )?;
         g.crl_der = Some(crl_der.to_vec());
+        g.crl_number = number;
         Ok(true)
     }
 
@@ -744,6 +748,18 @@ impl Groups {
         }
         out.sort_by(|a, b| a.peer.cmp(&b.peer));
         Ok(out)
+    }
+
+    /// The number of the CRL held for group `id` (0: none): it changes
+    /// whenever a revocation arrives, so a membership checked under one
+    /// number stays checked until it changes.
+    pub fn crl_number(&self, id: GroupId) -> u64 {
+        self.lock().get(&id).map(|g| g.crl_number).unwrap_or(0)
+    }
+
+    /// A member certificate's end of validity (unix seconds).
+    pub fn valid_until(cert_der: &[u8]) -> Option<u64> {
+        validity(cert_der).ok().map(|(_, until)| until)
     }
 
     /// The CRL held for group `id` (DER), if any.

@@ -40,8 +40,20 @@ pub(crate) struct Rights {
     /// The privacy controller's groups.
     pub groups: Arc<Groups>,
     /// Member certificates shown by peers, by (peer, group).
-    presented: Mutex<HashMap<(PeerId, GroupId), Vec<u8>>>,
+    presented: Mutex<HashMap<(PeerId, GroupId), Presented>>,
 }
+
+/// A member certificate a peer showed, and when it last verified.
+struct Presented {
+    cert: Vec<u8>,
+    /// (the CRL number it verified under, when, until when the certificate
+    /// is valid): the check is repeated when the CRL changes, after
+    /// [`RECHECK`], or once the certificate ends.
+    checked: Option<(u64, std::time::Instant, u64)>,
+}
+
+/// A verified membership is verified again after this long at the latest.
+const RECHECK: std::time::Duration = std::time::Duration::from_secs(30);
 
 impl Rights {
     /// Reads the trusted publisher CAs, their CRLs and this node's own chain
@@ -89,8 +101,33 @@ impl Rights {
         match peer {
             None => self.groups.is_member(id),
             Some(p) => {
-                let cert = self.presented.lock().expect("lock").get(&(*p, id)).cloned();
-                cert.is_some_and(|c| self.groups.verify_member(id, p, &c).is_ok())
+                // Serving asks per block: a signature check each time would
+                // cost more than the block; a membership checked under the
+                // CRL held now, recently, within its validity, stands.
+                let crl = self.groups.crl_number(id);
+                let now = now_unix();
+                let cert = {
+                    let presented = self.presented.lock().expect("lock");
+                    let Some(shown) = presented.get(&(*p, id)) else {
+                        return false;
+                    };
+                    if let Some((n, at, until)) = shown.checked
+                        && n == crl
+                        && at.elapsed() < RECHECK
+                        && now < until
+                    {
+                        return true;
+                    }
+                    shown.cert.clone()
+                };
+                let ok = self.groups.verify_member(id, p, &cert).is_ok();
+                if let Some(shown) = self.presented.lock().expect("lock").get_mut(&(*p, id)) {
+                    shown.checked = ok.then(|| {
+                        let until = Groups::valid_until(&cert).unwrap_or(0);
+                        (crl, std::time::Instant::now(), until)
+                    });
+                }
+                ok
             }
         }
     }
@@ -108,7 +145,13 @@ impl Rights {
         if presented.len() >= PRESENTED_MAX {
             presented.clear();
         }
-        presented.insert((*peer, id), cert.to_vec());
+        presented.insert(
+            (*peer, id),
+            Presented {
+                cert: cert.to_vec(),
+                checked: None,
+            },
+        );
         Ok(())
     }
 

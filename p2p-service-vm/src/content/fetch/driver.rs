@@ -248,7 +248,12 @@ async fn drive(svc: ContentService, dl: Arc<Download>) {
         workers.reap();
         let want_more = workers.running.len() < cfg.max_providers as usize;
         if want_more && (Instant::now() >= next_lookup || workers.running.is_empty()) {
-            let mut candidates: Vec<PeerId> = std::mem::take(&mut dl.state().hints);
+            // Providers already known (the one that gave the manifest) start
+            // before the lookup: under churn a DHT query can wait seconds on
+            // peers that are gone, and the first block must not.
+            let hints: Vec<PeerId> = std::mem::take(&mut dl.state().hints);
+            start_workers(&svc, &dl, &mut workers, hints);
+            let mut candidates = Vec::new();
             if Instant::now() >= next_lookup {
                 candidates.extend(
                     svc.find_providers(&id, cfg.max_providers as usize * 2)
