@@ -37,6 +37,7 @@ use webpki::KeyUsage;
 use x509_parser::prelude::{FromDer, X509Certificate};
 use x509_parser::revocation_list::CertificateRevocationList;
 
+use crate::group_topics::{self, KEY_LEN};
 use crate::pki::{self, CertError, TrustList};
 
 /// Why a group operation failed. Nothing is changed on disk when one does.
@@ -466,6 +467,9 @@ impl Groups {
         std::fs::rename(&tmp, &dir).map_err(io("creating the group"))?;
         let g = Group::load(&dir)?;
         self.lock().insert(id, g);
+        // The first topic key (epoch 0: no CRL yet).
+        let key = group_topics::new_key().map_err(|e| GroupError::Make(e.to_string()))?;
+        self.store_topic_key(id, 0, &key)?;
         // The owner is a member like any other.
         let own = self.issue(id, &self.local, valid_secs)?;
         write_file(
@@ -682,6 +686,10 @@ impl Groups {
         .signed_by(&ca, &ca_key)
         .map_err(make)?;
         let der = crl.der().to_vec();
+        // A new topic key for the new epoch first: the revoked member knows
+        // every older one.
+        let key = group_topics::new_key().map_err(|e| GroupError::Make(e.to_string()))?;
+        self.store_topic_key(id, number + 1, &key)?;
         self.accept_crl(id, &der)?;
         Ok(der)
     }
@@ -760,6 +768,45 @@ impl Groups {
     /// A member certificate's end of validity (unix seconds).
     pub fn valid_until(cert_der: &[u8]) -> Option<u64> {
         validity(cert_der).ok().map(|(_, until)| until)
+    }
+
+    /// The newest group-topic key this node holds for group `id`: (epoch,
+    /// key). Only current members hold one.
+    pub fn topic_key(&self, id: GroupId) -> Option<(u64, [u8; KEY_LEN])> {
+        let dir = self.lock().get(&id)?.dir.join("keys");
+        let newest = std::fs::read_dir(&dir)
+            .ok()?
+            .flatten()
+            .filter_map(|e| e.file_name().to_str()?.parse::<u64>().ok())
+            .max()?;
+        self.topic_key_at(id, newest).map(|k| (newest, k))
+    }
+
+    /// Group `id`'s topic key of `epoch`, if held.
+    pub fn topic_key_at(&self, id: GroupId, epoch: u64) -> Option<[u8; KEY_LEN]> {
+        let dir = self.lock().get(&id)?.dir.join("keys");
+        std::fs::read(dir.join(epoch.to_string()))
+            .ok()?
+            .try_into()
+            .ok()
+    }
+
+    /// Keeps group `id`'s topic key of `epoch` (owner-made, or fetched from a
+    /// member). Mode 0600: it reads the group's topics.
+    pub fn store_topic_key(
+        &self,
+        id: GroupId,
+        epoch: u64,
+        key: &[u8; KEY_LEN],
+    ) -> Result<(), GroupError> {
+        let dir = self
+            .lock()
+            .get(&id)
+            .ok_or_else(|| GroupError::Unknown(id.to_string()))?
+            .dir
+            .join("keys");
+        std::fs::create_dir_all(&dir).map_err(io("storing a topic key"))?;
+        write_file(&dir.join(epoch.to_string()), key, 0o600)
     }
 
     /// The CRL held for group `id` (DER), if any.

@@ -20,6 +20,7 @@
 pub mod drm;
 #[doc(hidden)]
 pub mod fuzzing;
+pub mod group_topics;
 pub mod groups;
 pub mod ledger;
 pub mod pki;

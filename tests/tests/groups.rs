@@ -341,3 +341,107 @@ async fn a_revocation_reaches_members_that_serve_the_group() -> Result<()> {
     ensure!(e.code() == Some(proto::ErrorCode::PermissionDenied), "{e}");
     Ok(())
 }
+
+/// Publishes `text` on `topic` once a second until `until` says done, for up
+/// to `secs`; true if it did.
+async fn publish_until(
+    c: &Client,
+    topic: &str,
+    text: &str,
+    secs: u64,
+    until: &tokio::sync::watch::Receiver<Vec<String>>,
+) -> bool {
+    for _ in 0..secs {
+        let _ = c.publish(topic, text.as_bytes().to_vec()).await;
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        if until.borrow().iter().any(|m| m == text) {
+            return true;
+        }
+    }
+    false
+}
+
+/// Every message `node`'s app receives on `topic`, as text.
+async fn listen(node: &TestNode, topic: &str) -> Result<tokio::sync::watch::Receiver<Vec<String>>> {
+    use futures::StreamExt;
+    let app = node.app("listener").await?;
+    let mut msgs = app.subscribe(topic).await?;
+    let (tx, rx) = tokio::sync::watch::channel(Vec::new());
+    tokio::spawn(async move {
+        let _keep = app;
+        while let Some(m) = msgs.next().await {
+            let text = String::from_utf8_lossy(&m.data).into_owned();
+            tx.send_modify(|v| v.push(text));
+        }
+    });
+    Ok(rx)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn group_topics_are_read_and_written_by_current_members_only() -> Result<()> {
+    let owner = node_with(&[], None).await?;
+    let o = owner.admin().await?;
+    let g = o.group_create("crew", 0).await?;
+    let topic = Client::group_topic(&g.id, "radio");
+    let reader = node_with(&[&owner], None).await?;
+    let writer = node_with(&[&owner], None).await?;
+    let leaver = node_with(&[&owner], None).await?;
+    let stranger = node_with(&[&owner], None).await?;
+    for n in [&reader, &writer, &leaver] {
+        join(n, &o.group_invite("crew", &n.peer_id, 1).await?.pem).await?;
+    }
+    // A stranger's node neither listens nor speaks on the group's topic.
+    let s = stranger.app("nosy").await?;
+    let e = s
+        .subscribe(&topic)
+        .await
+        .expect_err("a stranger subscribed");
+    ensure!(e.code() == Some(proto::ErrorCode::DrmNotGroupMember), "{e}");
+    let e = s
+        .publish(&topic, b"hi".to_vec())
+        .await
+        .expect_err("a stranger published");
+    ensure!(e.code() == Some(proto::ErrorCode::DrmNotGroupMember), "{e}");
+
+    let heard = listen(&reader, &topic).await?;
+    let leaver_heard = listen(&leaver, &topic).await?;
+    let _owner_heard = listen(&owner, &topic).await?;
+    let w = writer.app("speaker").await?;
+    ensure!(
+        publish_until(&w, &topic, "hello crew", 30, &heard).await,
+        "a member's message did not reach another member"
+    );
+
+    // Revoked: the owner's new CRL reaches the members, with a new key epoch.
+    o.group_revoke("crew", &leaver.peer_id).await?;
+    let r = reader.admin().await?;
+    p2pvm_e2e::eventually(
+        Duration::from_secs(60),
+        "the reader took the CRL",
+        || async {
+            let gs = r.group_list().await.ok()?;
+            gs.iter().any(|x| x.crl_number == 1).then_some(())
+        },
+    )
+    .await?;
+    // What the revoked member says (with the key it still has) is not taken...
+    let l = leaver.app("speaker").await?;
+    ensure!(
+        !publish_until(&l, &topic, "from the revoked", 6, &heard).await,
+        "a revoked member's message was taken"
+    );
+    // ...while members go on, under the new key, which it cannot read.
+    ensure!(
+        publish_until(&w, &topic, "after the revocation", 30, &heard).await,
+        "members could not talk after a revocation"
+    );
+    ensure!(
+        !leaver_heard
+            .borrow()
+            .iter()
+            .any(|m| m == "after the revocation"),
+        "the revoked member read the group's topic"
+    );
+    ensure!(leaver_heard.borrow().iter().any(|m| m == "hello crew"));
+    Ok(())
+}

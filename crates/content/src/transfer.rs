@@ -21,7 +21,7 @@ pub const MAX_PAYLOAD_BYTES: u64 = 4 * 1024 * 1024;
 #[derive(Clone, PartialEq, Message)]
 pub struct TransferRequest {
     /// What is asked.
-    #[prost(oneof = "Op", tags = "1, 2, 3, 4, 5")]
+    #[prost(oneof = "Op", tags = "1, 2, 3, 4, 5, 6")]
     pub op: Option<Op>,
 }
 
@@ -44,6 +44,10 @@ pub enum Op {
     /// this peer the group's items (answered `Ok`, or `Forbidden` with why).
     #[prost(message, tag = "5")]
     Member(MemberProof),
+    /// A trusted group's topic key of an epoch, for a peer that has shown
+    /// its member certificate (answered with the key, or `Forbidden`).
+    #[prost(message, tag = "6")]
+    GroupKey(GroupKeyRequest),
 }
 
 /// One block of an item.
@@ -68,6 +72,17 @@ pub struct MemberProof {
     /// The member certificate (DER).
     #[prost(bytes = "vec", tag = "2")]
     pub certificate: Vec<u8>,
+}
+
+/// Which group topic key is asked for.
+#[derive(Clone, PartialEq, Message)]
+pub struct GroupKeyRequest {
+    /// The group's id (32 hex digits).
+    #[prost(string, tag = "1")]
+    pub group_id: String,
+    /// The key epoch (the group's CRL number).
+    #[prost(uint64, tag = "2")]
+    pub epoch: u64,
 }
 
 #[derive(Clone, PartialEq, Message)]

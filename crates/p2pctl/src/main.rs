@@ -182,6 +182,9 @@ enum PubsubCmd {
         /// Exit after this many messages.
         #[arg(long)]
         count: Option<usize>,
+        /// The topic of this trusted group (name or id): members only.
+        #[arg(long)]
+        group: Option<String>,
     },
     /// Publish one message.
     Pub {
@@ -189,6 +192,9 @@ enum PubsubCmd {
         topic: String,
         /// Message (UTF-8).
         message: String,
+        /// The topic of this trusted group (name or id): members only.
+        #[arg(long)]
+        group: Option<String>,
     },
     /// Peers subscribed to a topic.
     Peers {
@@ -512,7 +518,12 @@ async fn dht(j: bool, c: &Client, cmd: &DhtCmd) -> Result<()> {
 
 async fn pubsub(j: bool, c: &Client, cmd: &PubsubCmd) -> Result<()> {
     match cmd {
-        PubsubCmd::Sub { topic, count } => {
+        PubsubCmd::Sub {
+            topic,
+            count,
+            group,
+        } => {
+            let topic = &topic_in(c, group.as_deref(), topic).await?;
             let mut msgs = c.subscribe(topic).await?;
             let mut n = 0;
             while let Some(m) = msgs.next().await {
@@ -528,7 +539,12 @@ async fn pubsub(j: bool, c: &Client, cmd: &PubsubCmd) -> Result<()> {
                 }
             }
         }
-        PubsubCmd::Pub { topic, message } => {
+        PubsubCmd::Pub {
+            topic,
+            message,
+            group,
+        } => {
+            let topic = &topic_in(c, group.as_deref(), topic).await?;
             c.publish(topic, message.clone().into_bytes()).await?;
             print(j, json!({"published": topic}), || {
                 format!("published to {topic}")
@@ -540,6 +556,19 @@ async fn pubsub(j: bool, c: &Client, cmd: &PubsubCmd) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// `topic`, or the topic of that name of trusted group `group` (name or id).
+async fn topic_in(c: &Client, group: Option<&str>, topic: &str) -> Result<String> {
+    let Some(group) = group else {
+        return Ok(topic.to_owned());
+    };
+    let groups = c.group_list().await?;
+    let g = groups
+        .iter()
+        .find(|g| g.name == group || g.id == group)
+        .with_context(|| format!("this node knows no group {group:?} (p2pctl group list)"))?;
+    Ok(Client::group_topic(&g.id, topic))
 }
 
 async fn stream(c: &Client, cmd: &StreamCmd) -> Result<()> {

@@ -78,6 +78,13 @@ impl Client {
         self.call(op, reply!(GroupMembers)).await
     }
 
+    /// The name of group `group_id`'s topic `name`: subscribe and publish on
+    /// it like on any topic. Only current members can; its messages are
+    /// sealed so that only members read them, and accepted only from members.
+    pub fn group_topic(group_id: &str, name: &str) -> String {
+        format!("group:{group_id}/{name}")
+    }
+
     /// Every group this node knows.
     pub async fn group_list(&self) -> Result<Vec<pb::GroupInfo>> {
         let op = Op::GroupList(pb::GroupListRequest {});

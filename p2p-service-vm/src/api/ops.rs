@@ -180,6 +180,30 @@ pub(crate) fn reserved_topic(topic: &str) -> Result<(), ApiError> {
     Ok(())
 }
 
+/// A group topic `group:<group id>/<name>`: its group (of which this node
+/// must be a current member) and name; `None` for other topics.
+pub(crate) fn group_topic_of(
+    svc: &ApiService,
+    topic: &str,
+) -> Result<Option<(p2pvm_security::GroupId, String)>, ApiError> {
+    let Some(rest) = topic.strip_prefix("group:") else {
+        return Ok(None);
+    };
+    let bad = || ApiError::bad("a group topic is group:<group id>/<name>");
+    let (group, name) = rest.split_once('/').ok_or_else(bad)?;
+    let id: p2pvm_security::GroupId = group.parse().map_err(|_| bad())?;
+    if name.is_empty() {
+        return Err(bad());
+    }
+    if !content(svc)?.groups().is_member(id) {
+        return Err(ApiError::new(
+            pb::ErrorCode::DrmNotGroupMember,
+            format!("this node is not a current member of group {id}"),
+        ));
+    }
+    Ok(Some((id, name.to_owned())))
+}
+
 /// Group work (files, key generation) on a blocking thread.
 async fn blocking<T: Send + 'static>(
     work: impl FnOnce() -> Result<T, p2pvm_security::GroupError> + Send + 'static,
@@ -350,6 +374,22 @@ pub(crate) async fn run(svc: &ApiService, who: &Principal, op: Op) -> Result<R, 
                 return Err(ApiError::bad("empty topic"));
             }
             reserved_topic(&r.topic)?;
+            if let Some((id, name)) = group_topic_of(svc, &r.topic)? {
+                content(svc)?
+                    .publish_group(id, &name, r.data.to_vec())
+                    .await
+                    .map_err(|e| {
+                        use crate::content::group_topics::GroupTopicError as G;
+                        let code = match &e {
+                            G::NotMember(_) => pb::ErrorCode::DrmNotGroupMember,
+                            G::NoKey(_) => pb::ErrorCode::Unavailable,
+                            G::Seal(_) => pb::ErrorCode::Internal,
+                            G::Node(_) => pb::ErrorCode::Unavailable,
+                        };
+                        ApiError::new(code, crate::content::chain(&e))
+                    })?;
+                return Ok(R::Ok(pb::Empty {}));
+            }
             node.call(|reply| Command::Publish(r.topic, r.data, reply))
                 .await?;
             Ok(R::Ok(pb::Empty {}))

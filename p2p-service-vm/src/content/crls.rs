@@ -53,6 +53,10 @@ impl ContentService {
                         Ok(NodeEvent::Pubsub(m)) => {
                             if let Some(id) = group_of(&m.topic) {
                                 svc.take_crl(id, m.data.to_vec()).await;
+                            } else if m.topic.starts_with("p2pvm/group/") {
+                                // Opening may wait for a key from a member.
+                                let each = svc.clone();
+                                svc.spawn(async move { each.take_group_message(m).await });
                             }
                         }
                         Ok(_) | Err(RecvError::Lagged(_)) => {}

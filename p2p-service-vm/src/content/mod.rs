@@ -24,6 +24,7 @@ mod fetch;
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod gateway;
+pub(crate) mod group_topics;
 mod rights;
 mod sealed;
 mod search;

@@ -270,6 +270,12 @@ impl ContentService {
             .collect()
     }
 
+    /// Whether `peer` has shown a certificate proving it a current member of
+    /// the group `group` names.
+    pub(crate) fn is_verified_member(&self, group: &str, peer: &PeerId) -> bool {
+        self.rights().member(group, Some(peer))
+    }
+
     /// Takes a member certificate a peer showed.
     pub(crate) fn drm_present(
         &self,

@@ -301,7 +301,7 @@ fn item_of(op: &Op) -> Option<&[u8]> {
     match op {
         Op::Block(b) => Some(&b.content_id),
         Op::Manifest(id) | Op::Have(id) => Some(id),
-        Op::Search(_) | Op::Member(_) => None,
+        Op::Search(_) | Op::Member(_) | Op::GroupKey(_) => None,
     }
 }
 
@@ -398,6 +398,10 @@ fn answer(
                 debug!(%peer, group = %proof.group_id, %why, "member certificate refused");
                 failed(Status::Forbidden, why)
             }
+        },
+        Some(Op::GroupKey(r)) => match svc.answer_group_key(peer, &r) {
+            Ok(key) => (TransferResponse::ok(key.len() as u64), key),
+            Err(why) => failed(Status::Forbidden, why),
         },
         None => failed(Status::BadRequest, "empty request"),
     }

@@ -27,6 +27,9 @@ impl Session {
             return Err(ApiError::bad("topic must be 1-256 bytes"));
         }
         crate::api::ops::reserved_topic(&topic)?;
+        let node_topic = crate::api::ops::group_topic_of(&self.svc, &topic)?
+            .map(|(id, name)| crate::content::group_topics::wire_topic(id, &name))
+            .unwrap_or_else(|| topic.clone());
         if self.topics.contains(&topic) {
             return Err(ApiError::new(
                 pb::ErrorCode::AlreadyExists,
@@ -36,7 +39,7 @@ impl Session {
         let mut counts = self.svc.inner.topics.lock().await;
         let count = counts.entry(topic.clone()).or_insert(0);
         if *count == 0 {
-            let t = topic.clone();
+            let t = node_topic;
             if let Err(e) = self.svc.inner.node.call(|r| Command::Subscribe(t, r)).await {
                 counts.remove(&topic);
                 return Err(e.into());
@@ -114,7 +117,9 @@ impl Session {
     }
 
     async fn release_topic(&self, topic: &str) {
-        let last = Command::Unsubscribe(topic.into());
+        let node_topic = crate::content::group_topics::wire_of_app_topic(topic)
+            .unwrap_or_else(|| topic.to_owned());
+        let last = Command::Unsubscribe(node_topic);
         self.release(&self.svc.inner.topics, topic, last).await;
     }
 

@@ -235,6 +235,27 @@ pub(super) async fn present(
     Ok(outcome)
 }
 
+/// Shows our member certificate of one group to the provider on `stream`.
+pub(crate) async fn present_to(
+    stream: &mut libp2p::Stream,
+    group_id: String,
+    certificate: Vec<u8>,
+) -> Result<Result<(), String>, ProviderError> {
+    present(stream, vec![(group_id, certificate)]).await
+}
+
+/// One request and its answer (payload at most `max` bytes).
+pub(crate) async fn request_response(
+    stream: &mut libp2p::Stream,
+    op: Op,
+    max: u64,
+) -> std::io::Result<(TransferResponse, Vec<u8>)> {
+    request(stream, op).await?;
+    let header = response(stream).await?;
+    let payload = read_payload(stream, header.payload_len, max).await?;
+    Ok((header, payload))
+}
+
 /// A provider's DRM refusal, with the check it names.
 pub(super) fn forbidden(message: String) -> ProviderError {
     ProviderError::Forbidden {

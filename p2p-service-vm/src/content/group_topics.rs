@@ -1,0 +1,233 @@
+//! Group topics on this node: an app of a member node subscribes to topic
+//! `T` of group `G`; the node subscribes to the gossipsub topic
+//! `p2pvm/group/<G>/topic/<digest of G and T>` (the name tells a relay
+//! nothing of `T`), publishes messages sealed with the group's topic key of
+//! the current epoch (`p2pvm_security::group_topics`), and opens what arrives
+//! — checking the sender's member certificate against the gossip message's
+//! signed source — before apps see it as topic `group:<G>/<T>`.
+//!
+//! Keys: the owner makes one per epoch (the group's CRL number: each
+//! revocation starts a new one). A member without the current key asks a
+//! member that has it — the message's sender, or the topic's other peers —
+//! over the content protocol, after showing its own member certificate there
+//! (`Op::GroupKey`); a member answers only peers whose membership it verified.
+
+use libp2p::PeerId;
+use p2pvm_content::transfer::{self, Op, Status};
+use p2pvm_security::GroupId;
+use p2pvm_security::group_topics::{self, KEY_LEN};
+use prost::Message;
+use tracing::{debug, warn};
+
+use super::ContentService;
+use super::fetch::{open_stream, present_to, request_response};
+use crate::node::{Command, NodeError, NodeEvent, PubsubMessage};
+
+/// What apps see group topic `topic` of `group` as.
+pub fn app_topic(group: GroupId, topic: &str) -> String {
+    format!("group:{group}/{topic}")
+}
+
+/// The gossipsub topic group topic `topic` of `group` travels on.
+pub fn wire_topic(group: GroupId, topic: &str) -> String {
+    let mut h = blake3::Hasher::new();
+    h.update(b"p2pvm/group-topic/v1\0");
+    h.update(&group.0);
+    h.update(topic.as_bytes());
+    format!("p2pvm/group/{group}/topic/{}", &h.finalize().to_hex()[..32])
+}
+
+/// The wire topic of an app topic `group:<G>/<T>`, if it is one.
+pub fn wire_of_app_topic(app: &str) -> Option<String> {
+    let (group, topic) = app.strip_prefix("group:")?.split_once('/')?;
+    Some(wire_topic(group.parse().ok()?, topic))
+}
+
+fn group_of_wire(topic: &str) -> Option<GroupId> {
+    let rest = topic.strip_prefix("p2pvm/group/")?;
+    let (group, tail) = rest.split_once('/')?;
+    tail.starts_with("topic/").then_some(())?;
+    group.parse().ok()
+}
+
+/// The sealed payload: the app's topic name travels inside.
+#[derive(Clone, PartialEq, Message)]
+struct Payload {
+    #[prost(string, tag = "1")]
+    topic: String,
+    #[prost(bytes = "vec", tag = "2")]
+    data: Vec<u8>,
+}
+
+/// Why a group-topic publish failed.
+#[derive(Debug, thiserror::Error)]
+pub enum GroupTopicError {
+    /// This node is not a current member.
+    #[error("DRM_NOT_GROUP_MEMBER: this node is not a current member of group {0}")]
+    NotMember(GroupId),
+    /// No member could give this node the current key.
+    #[error("no member gave this node the group's key of epoch {0} (is a member online?)")]
+    NoKey(u64),
+    /// Sealing failed.
+    #[error("sealing: {0}")]
+    Seal(#[from] p2pvm_security::group_topics::SealError),
+    /// The node refused to publish.
+    #[error("{0}")]
+    Node(#[from] NodeError),
+}
+
+impl ContentService {
+    /// The current epoch of group `id` and its key, fetched from `peers`
+    /// first if this node lacks it.
+    async fn current_key(
+        &self,
+        id: GroupId,
+        peers: &[PeerId],
+    ) -> Result<(u64, [u8; KEY_LEN]), GroupTopicError> {
+        let epoch = self.groups().crl_number(id);
+        if let Some(k) = self.groups().topic_key_at(id, epoch) {
+            return Ok((epoch, k));
+        }
+        for peer in peers {
+            match self.fetch_topic_key(*peer, id, epoch).await {
+                Ok(k) => return Ok((epoch, k)),
+                Err(e) => {
+                    debug!(%peer, group = %id, epoch, error = %e, "no topic key from this peer")
+                }
+            }
+        }
+        Err(GroupTopicError::NoKey(epoch))
+    }
+
+    /// Asks `peer` for group `id`'s key of `epoch`, showing our membership.
+    async fn fetch_topic_key(
+        &self,
+        peer: PeerId,
+        id: GroupId,
+        epoch: u64,
+    ) -> Result<[u8; KEY_LEN], String> {
+        let cert = self
+            .groups()
+            .own_certificate(id)
+            .ok_or("no member certificate")?;
+        let mut stream = open_stream(self, peer).await.map_err(|e| e.to_string())?;
+        present_to(&mut stream, id.to_string(), cert)
+            .await
+            .map_err(|e| e.to_string())??;
+        let op = Op::GroupKey(transfer::GroupKeyRequest {
+            group_id: id.to_string(),
+            epoch,
+        });
+        let (header, payload) = request_response(&mut stream, op, KEY_LEN as u64)
+            .await
+            .map_err(|e| e.to_string())?;
+        if header.status != Status::Ok as i32 {
+            return Err(header.message);
+        }
+        let key: [u8; KEY_LEN] = payload.try_into().map_err(|_| "a key of the wrong size")?;
+        let svc = self.clone();
+        tokio::task::spawn_blocking(move || svc.groups().store_topic_key(id, epoch, &key))
+            .await
+            .map_err(|e| e.to_string())?
+            .map_err(|e| e.to_string())?;
+        Ok(key)
+    }
+
+    /// Publishes `data` on group `id`'s topic `topic`.
+    pub async fn publish_group(
+        &self,
+        id: GroupId,
+        topic: &str,
+        data: Vec<u8>,
+    ) -> Result<(), GroupTopicError> {
+        if !self.groups().is_member(id) {
+            return Err(GroupTopicError::NotMember(id));
+        }
+        let wire = wire_topic(id, topic);
+        let peers = self
+            .inner
+            .node
+            .call(|reply| Command::TopicPeers(wire.clone(), reply))
+            .await
+            .unwrap_or_default();
+        let (epoch, key) = self.current_key(id, &peers).await?;
+        let cert = self
+            .groups()
+            .own_certificate(id)
+            .ok_or(GroupTopicError::NotMember(id))?;
+        let me = self.inner.node.peer_id().to_base58();
+        let payload = Payload {
+            topic: topic.to_owned(),
+            data,
+        }
+        .encode_to_vec();
+        let sealed = group_topics::seal(&key, epoch, id, &wire, &me, cert, &payload)?;
+        self.inner
+            .node
+            .call(|reply| Command::Publish(wire, sealed.into(), reply))
+            .await?;
+        Ok(())
+    }
+
+    /// A message on a group topic's wire: opened and handed to apps as
+    /// `group:<G>/<T>` if a current member sealed it with the current key.
+    pub(crate) async fn take_group_message(&self, m: PubsubMessage) {
+        let Some(id) = group_of_wire(&m.topic) else {
+            return;
+        };
+        match self.open_group_message(id, &m).await {
+            Ok((topic, data)) => self.emit(NodeEvent::Pubsub(PubsubMessage {
+                topic: app_topic(id, &topic),
+                data: data.into(),
+                ..m
+            })),
+            Err(why) => {
+                debug!(group = %id, source = ?m.source, %why, "group message refused")
+            }
+        }
+    }
+
+    async fn open_group_message(
+        &self,
+        id: GroupId,
+        m: &PubsubMessage,
+    ) -> Result<(String, Vec<u8>), String> {
+        // Gossipsub signs messages with the source's peer key: the source
+        // is who sent it.
+        let source = m.source.ok_or("unsigned")?;
+        let sealed = group_topics::decode(&m.data).map_err(|e| e.to_string())?;
+        let (svc, cert) = (self.clone(), sealed.sender_certificate.clone());
+        tokio::task::spawn_blocking(move || svc.groups().verify_member(id, &source, &cert))
+            .await
+            .map_err(|e| e.to_string())?
+            .map_err(|e| format!("sender: {e}"))?;
+        let (epoch, key) = self
+            .current_key(id, &[source, m.via])
+            .await
+            .map_err(|e| e.to_string())?;
+        let plain = group_topics::open(&key, epoch, id, &m.topic, &source.to_base58(), &sealed)
+            .map_err(|e| e.to_string())?;
+        let payload = Payload::decode(plain.as_slice()).map_err(|e| e.to_string())?;
+        if wire_topic(id, &payload.topic) != m.topic {
+            return Err("sealed for another topic".into());
+        }
+        Ok((payload.topic, payload.data))
+    }
+
+    /// Answers a verified member's request for a topic key.
+    pub(crate) fn answer_group_key(
+        &self,
+        peer: &PeerId,
+        r: &transfer::GroupKeyRequest,
+    ) -> Result<Vec<u8>, String> {
+        let id: GroupId = r.group_id.parse().map_err(|_| "not a group id")?;
+        if !self.is_verified_member(&r.group_id, peer) {
+            warn!(%peer, group = %id, "a topic key asked for by a peer not shown a member");
+            return Err("DRM_NOT_GROUP_MEMBER: show a current member certificate first".into());
+        }
+        self.groups()
+            .topic_key_at(id, r.epoch)
+            .map(|k| k.to_vec())
+            .ok_or_else(|| format!("no key of epoch {} here", r.epoch))
+    }
+}
