@@ -343,15 +343,18 @@ impl Group {
         let key_pem = std::fs::read_to_string(self.dir.join("ca.key"))
             .map_err(io(format!("reading {}/ca.key", self.dir.display())))?;
         let key = KeyPair::from_pem(&key_pem).map_err(make)?;
-        let params = ca_params(&self.name, &self.ca_der)?;
+        let (from, until) = validity(&self.ca_der)?;
+        let params = ca_params(&self.name, from, until)?;
         let cert = params.self_signed(&key).map_err(make)?;
         Ok((cert, key))
     }
 }
 
-/// The parameters of a CA this node made for group `name` (its subject is
-/// rebuilt exactly; validity is read back from the certificate).
-fn ca_params(name: &str, ca_der: &[u8]) -> Result<CertificateParams, GroupError> {
+/// The parameters of this node's CA for group `name`, valid from `from`
+/// until `until` (unix seconds). Rebuilt from the name and the certificate's
+/// validity, they give the same subject and key identifier: what rcgen needs
+/// to sign as that CA again.
+fn ca_params(name: &str, from: u64, until: u64) -> Result<CertificateParams, GroupError> {
     let mut p = CertificateParams::default();
     p.distinguished_name.push(DnType::CommonName, name);
     p.distinguished_name
@@ -363,7 +366,6 @@ fn ca_params(name: &str, ca_der: &[u8]) -> Result<CertificateParams, GroupError>
         KeyUsagePurpose::DigitalSignature,
     ];
     p.key_identifier_method = KeyIdMethod::Sha256;
-    let (from, until) = validity(ca_der)?;
     p.not_before = at(from)?;
     p.not_after = at(until)?;
     Ok(p)
@@ -435,20 +437,9 @@ impl Groups {
         }
         let key = KeyPair::generate().map_err(make)?;
         let now = now_unix();
-        let mut p = CertificateParams::default();
-        p.distinguished_name.push(DnType::CommonName, name);
-        p.distinguished_name
-            .push(DnType::OrganizationName, "p2pvm trusted group");
-        p.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
-        p.key_usages = vec![
-            KeyUsagePurpose::KeyCertSign,
-            KeyUsagePurpose::CrlSign,
-            KeyUsagePurpose::DigitalSignature,
-        ];
-        p.key_identifier_method = KeyIdMethod::Sha256;
-        p.not_before = at(now - 60)?;
-        p.not_after = at(now + valid_secs)?;
-        let ca = p.self_signed(&key).map_err(make)?;
+        let ca = ca_params(name, now - 60, now + valid_secs)?
+            .self_signed(&key)
+            .map_err(make)?;
         let ca_der = ca.der().to_vec();
         let id = group_id(&ca_der)?;
         // Written under a temporary name and renamed: a crash leaves no half

@@ -454,3 +454,31 @@ impl Drop for CpuHog {
         let _ = self.0.wait();
     }
 }
+
+/// Runs the `openssl` CLI in `dir` (tests make CAs, certificates and CRLs
+/// with it, as an operator would), failing with its stderr.
+pub fn openssl(dir: &Path, args: &[&str]) -> Result<()> {
+    let out = std::process::Command::new("openssl")
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .context("running openssl (apt-get install openssl)")?;
+    anyhow::ensure!(
+        out.status.success(),
+        "openssl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(())
+}
+
+/// A CA (`ca.pem`, `ca.key`: P-256, 30 days, CA and CRL-signing usages) made
+/// with the `openssl` CLI in `dir`, as docs/security.md shows.
+pub fn openssl_ca(dir: &Path, subject: &str) -> Result<()> {
+    let mut args: Vec<&str> = "req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes \
+         -keyout ca.key -out ca.pem -days 30 -addext basicConstraints=critical,CA:TRUE \
+         -addext keyUsage=critical,keyCertSign,cRLSign -subj"
+        .split_whitespace()
+        .collect();
+    args.push(subject);
+    openssl(dir, &args)
+}

@@ -4,12 +4,11 @@
 //! where policy requires it.
 
 use std::path::Path;
-use std::process::Command;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, Result, bail, ensure};
 use guest_api::{Client, proto};
-use p2pvm_e2e::{TestNode, eventually, node_with};
+use p2pvm_e2e::{TestNode, eventually, node_with, openssl};
 use prost::Message;
 use tokio::io::AsyncReadExt;
 
@@ -227,48 +226,9 @@ async fn a_forged_manifest_is_refused_and_its_sender_loses_credit() -> Result<()
     Ok(())
 }
 
-/// `openssl` with `args`, failing loudly.
-fn openssl(dir: &Path, args: &[&str]) -> Result<()> {
-    let out = Command::new("openssl")
-        .args(args)
-        .current_dir(dir)
-        .output()
-        .context("running openssl (apt-get install openssl)")?;
-    ensure!(
-        out.status.success(),
-        "openssl {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    Ok(())
-}
-
-/// A publisher CA (`ca.pem`, `ca.key`) made with the openssl CLI, as
-/// docs/security.md describes.
+/// A publisher CA (`ca.pem`, `ca.key`) made with the openssl CLI.
 fn openssl_ca(dir: &Path, name: &str) -> Result<()> {
-    openssl(
-        dir,
-        &[
-            "req",
-            "-x509",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:P-256",
-            "-nodes",
-            "-keyout",
-            "ca.key",
-            "-out",
-            "ca.pem",
-            "-days",
-            "30",
-            "-subj",
-            &format!("/CN={name}/O=Test Publishers"),
-            "-addext",
-            "basicConstraints=critical,CA:TRUE",
-            "-addext",
-            "keyUsage=critical,keyCertSign,cRLSign",
-        ],
-    )
+    p2pvm_e2e::openssl_ca(dir, &format!("/CN={name}/O=Test Publishers"))
 }
 
 /// A publisher certificate for `peer`, signed by the CA in `dir`, as
@@ -278,43 +238,16 @@ fn openssl_publisher(dir: &Path, peer: &str, out: &str) -> Result<()> {
         "subjectAltName=URI:urn:p2pvm:peer:{peer}\nextendedKeyUsage=codeSigning\nkeyUsage=critical,digitalSignature\n"
     );
     std::fs::write(dir.join(format!("{out}.ext")), ext)?;
-    openssl(
-        dir,
-        &[
-            "req",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:P-256",
-            "-nodes",
-            "-keyout",
-            &format!("{out}.key"),
-            "-out",
-            &format!("{out}.csr"),
-            "-subj",
-            "/CN=Studio One/O=Studio One Films",
-        ],
-    )?;
-    openssl(
-        dir,
-        &[
-            "x509",
-            "-req",
-            "-in",
-            &format!("{out}.csr"),
-            "-CA",
-            "ca.pem",
-            "-CAkey",
-            "ca.key",
-            "-CAcreateserial",
-            "-days",
-            "7",
-            "-out",
-            &format!("{out}.pem"),
-            "-extfile",
-            &format!("{out}.ext"),
-        ],
-    )
+    let req = format!(
+        "req -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -keyout {out}.key -out {out}.csr -subj"
+    );
+    let mut args: Vec<&str> = req.split_whitespace().collect();
+    args.push("/CN=Studio One/O=Studio One Films");
+    openssl(dir, &args)?;
+    let sign = format!(
+        "x509 -req -in {out}.csr -CA ca.pem -CAkey ca.key -CAcreateserial -days 7 -out {out}.pem -extfile {out}.ext"
+    );
+    openssl(dir, &sign.split_whitespace().collect::<Vec<_>>())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -4,12 +4,11 @@
 //! and with a CA, member certificates and a CRL made by the `openssl` CLI.
 
 use std::path::Path;
-use std::process::Command;
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail, ensure};
 use guest_api::{Client, proto};
-use p2pvm_e2e::{TestNode, node_with};
+use p2pvm_e2e::{TestNode, node_with, openssl};
 use tokio::io::AsyncReadExt;
 
 fn group_rights(group: &str) -> proto::ContentRights {
@@ -56,6 +55,16 @@ async fn refused_as_non_member(node: &TestNode, id: &str, who: &str) -> Result<S
     }
 }
 
+/// The owner `o` invites `node` into "crew" for `secs`; `node` joins.
+async fn invite(o: &Client, node: &TestNode, secs: u64) -> Result<()> {
+    join(
+        node,
+        &o.group_invite_secs("crew", &node.peer_id, secs).await?.pem,
+    )
+    .await?;
+    Ok(())
+}
+
 /// Joins `node` to a group with `invitation` (PEM).
 async fn join(node: &TestNode, invitation: &str) -> Result<proto::GroupInfo> {
     Ok(node
@@ -75,21 +84,9 @@ async fn group_content_reaches_current_members_only() -> Result<()> {
     let short = node_with(&[&owner], None).await?;
     let revoked = node_with(&[&owner], None).await?;
     let stranger = node_with(&[&owner], None).await?;
-    join(
-        &member,
-        &o.group_invite("crew", &member.peer_id, 1).await?.pem,
-    )
-    .await?;
-    join(
-        &short,
-        &o.group_invite_secs("crew", &short.peer_id, 4).await?.pem,
-    )
-    .await?;
-    join(
-        &revoked,
-        &o.group_invite("crew", &revoked.peer_id, 1).await?.pem,
-    )
-    .await?;
+    invite(&o, &member, 86_400).await?;
+    invite(&o, &short, 4).await?;
+    invite(&o, &revoked, 86_400).await?;
     // A node cannot join with an invitation made for another peer.
     let stolen = o.group_invite("crew", &member.peer_id, 1).await?.pem;
     let e = stranger
@@ -142,20 +139,6 @@ async fn group_content_reaches_current_members_only() -> Result<()> {
     Ok(())
 }
 
-fn openssl(dir: &Path, args: &[&str]) -> Result<()> {
-    let out = Command::new("openssl")
-        .args(args)
-        .current_dir(dir)
-        .output()
-        .context("running openssl (apt-get install openssl)")?;
-    ensure!(
-        out.status.success(),
-        "openssl {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    Ok(())
-}
-
 /// A member certificate for `peer` from the openssl CA in `dir`, as
 /// `<out>.pem`.
 fn openssl_member(dir: &Path, peer: &str, out: &str) -> Result<()> {
@@ -165,41 +148,14 @@ fn openssl_member(dir: &Path, peer: &str, out: &str) -> Result<()> {
             "subjectAltName=URI:urn:p2pvm:peer:{peer}\nextendedKeyUsage=clientAuth,serverAuth\n"
         ),
     )?;
-    openssl(
-        dir,
-        &[
-            "req",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:P-256",
-            "-nodes",
-            "-keyout",
-            &format!("{out}.key"),
-            "-out",
-            &format!("{out}.csr"),
-            "-subj",
-            &format!("/CN={out}"),
-        ],
-    )?;
-    openssl(
-        dir,
-        &[
-            "ca",
-            "-batch",
-            "-config",
-            "ca.cnf",
-            "-in",
-            &format!("{out}.csr"),
-            "-out",
-            &format!("{out}.pem"),
-            "-extfile",
-            &format!("{out}.ext"),
-            "-days",
-            "7",
-            "-notext",
-        ],
-    )
+    let req = format!(
+        "req -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -keyout {out}.key -out {out}.csr -subj /CN={out}"
+    );
+    openssl(dir, &req.split_whitespace().collect::<Vec<_>>())?;
+    let sign = format!(
+        "ca -batch -config ca.cnf -in {out}.csr -out {out}.pem -extfile {out}.ext -days 7 -notext"
+    );
+    openssl(dir, &sign.split_whitespace().collect::<Vec<_>>())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -216,30 +172,7 @@ async fn a_group_made_with_openssl_works_the_same() -> Result<()> {
     std::fs::write(dir.join("index.txt"), "")?;
     std::fs::write(dir.join("serial"), "1000\n")?;
     std::fs::write(dir.join("crlnumber"), "01\n")?;
-    openssl(
-        dir,
-        &[
-            "req",
-            "-x509",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:P-256",
-            "-nodes",
-            "-keyout",
-            "ca.key",
-            "-out",
-            "ca.pem",
-            "-days",
-            "30",
-            "-subj",
-            "/CN=film-club",
-            "-addext",
-            "basicConstraints=critical,CA:TRUE",
-            "-addext",
-            "keyUsage=critical,keyCertSign,cRLSign",
-        ],
-    )?;
+    p2pvm_e2e::openssl_ca(dir, "/CN=film-club")?;
     let host = node_with(&[], None).await?;
     let member = node_with(&[&host], None).await?;
     let revoked = node_with(&[&host], None).await?;
@@ -295,16 +228,8 @@ async fn a_revocation_reaches_members_that_serve_the_group() -> Result<()> {
     let g = o.group_create("crew", 0).await?;
     let mirror = node_with(&[&owner], None).await?;
     let leaver = node_with(&[&owner, &mirror], None).await?;
-    join(
-        &mirror,
-        &o.group_invite("crew", &mirror.peer_id, 1).await?.pem,
-    )
-    .await?;
-    join(
-        &leaver,
-        &o.group_invite("crew", &leaver.peer_id, 1).await?.pem,
-    )
-    .await?;
+    invite(&o, &mirror, 86_400).await?;
+    invite(&o, &leaver, 86_400).await?;
     // The mirror, a member, keeps the group's item and provides it; the
     // owner withdraws its own copy.
     let data = p2pvm_e2e::pseudo_random(1 << 20, 53);
@@ -388,7 +313,7 @@ async fn group_topics_are_read_and_written_by_current_members_only() -> Result<(
     let leaver = node_with(&[&owner], None).await?;
     let stranger = node_with(&[&owner], None).await?;
     for n in [&reader, &writer, &leaver] {
-        join(n, &o.group_invite("crew", &n.peer_id, 1).await?.pem).await?;
+        invite(&o, n, 86_400).await?;
     }
     // A stranger's node neither listens nor speaks on the group's topic.
     let s = stranger.app("nosy").await?;
