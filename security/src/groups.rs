@@ -350,6 +350,19 @@ impl Group {
     }
 }
 
+/// A peer's Ed25519 public key, as rcgen signs a certificate for it.
+struct PeerKey([u8; 32]);
+
+impl rcgen::PublicKeyData for PeerKey {
+    fn der_bytes(&self) -> &[u8] {
+        &self.0
+    }
+
+    fn algorithm(&self) -> &rcgen::SignatureAlgorithm {
+        &rcgen::PKCS_ED25519
+    }
+}
+
 /// The parameters of this node's CA for group `name`, valid from `from`
 /// until `until` (unix seconds). Rebuilt from the name and the certificate's
 /// validity, they give the same subject and key identifier: what rcgen needs
@@ -491,7 +504,17 @@ impl Groups {
             (g.issuer()?, g.dir.clone())
         };
         let (ca, ca_key) = issuer;
-        let key = KeyPair::generate().map_err(make)?;
+        // The certificate is for the peer's own Ed25519 key (its id carries
+        // it): the member holds the private key, so the certificate is a
+        // credential it can prove, not only a name.
+        let key = p2pvm_content::inline_public_key(peer)
+            .and_then(|k| k.try_into_ed25519().ok())
+            .map(|k| PeerKey(k.to_bytes()))
+            .ok_or_else(|| {
+                GroupError::Invitation(format!(
+                    "peer {peer} does not carry an Ed25519 key in its id"
+                ))
+            })?;
         let now = now_unix();
         let mut p = CertificateParams::default();
         p.distinguished_name
@@ -876,6 +899,17 @@ mod tests {
         );
 
         let invitation = owner.invite("crew", &member_id, 3600).unwrap();
+        // The certificate is for the member's own peer key.
+        let cert = member_cert(&invitation);
+        let (_, parsed) = X509Certificate::from_der(&cert).unwrap();
+        let peer_key = p2pvm_content::inline_public_key(&member_id)
+            .unwrap()
+            .try_into_ed25519()
+            .unwrap();
+        assert_eq!(
+            parsed.public_key().subject_public_key.data.as_ref(),
+            peer_key.to_bytes().as_slice()
+        );
         let joined = member.join(invitation.as_bytes(), None).unwrap();
         assert_eq!(
             (joined.id, joined.name.as_str(), joined.owner),

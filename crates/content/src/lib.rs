@@ -26,7 +26,7 @@ pub mod store;
 pub mod transfer;
 mod verified;
 
-pub use manifest::{Manifest, ManifestError, Rights, SignedManifest};
+pub use manifest::{Manifest, ManifestError, Rights, SignedManifest, inline_public_key};
 pub use partial::{BLOCK_BYTES, Partial, block_count, block_range};
 pub use store::{ItemInfo, Store, StoreError};
 pub use verified::{ContentError, ContentId, Outboard, decode_range, encode_range};

@@ -129,23 +129,25 @@ impl Manifest {
     }
 }
 
-fn publisher_key(publisher: &str) -> Result<PublicKey, ManifestError> {
-    let bad = || ManifestError::BadPublisher(publisher.into());
-    let peer: PeerId = publisher.parse().map_err(|_| bad())?;
-    // Ed25519 peer ids are "identity" multihashes that embed the public key:
-    // code 0x00, a one-byte length, then the protobuf-encoded key.
+/// The public key a peer id carries inline (Ed25519 ids do: "identity"
+/// multihashes of the protobuf-encoded key), if it maps back to that id.
+pub fn inline_public_key(peer: &PeerId) -> Option<PublicKey> {
+    // Code 0x00, a one-byte length, then the protobuf-encoded key.
     let bytes = peer.to_bytes();
     match bytes.as_slice() {
         [0x00, len, key @ ..] if usize::from(*len) == key.len() && *len < 0x80 => {
-            let public = PublicKey::try_decode_protobuf(key).map_err(|_| bad())?;
+            let public = PublicKey::try_decode_protobuf(key).ok()?;
             // Guard against an id whose embedded key does not map back to it.
-            if public.to_peer_id() != peer {
-                return Err(bad());
-            }
-            Ok(public)
+            (public.to_peer_id() == *peer).then_some(public)
         }
-        _ => Err(bad()),
+        _ => None,
     }
+}
+
+fn publisher_key(publisher: &str) -> Result<PublicKey, ManifestError> {
+    let bad = || ManifestError::BadPublisher(publisher.into());
+    let peer: PeerId = publisher.parse().map_err(|_| bad())?;
+    inline_public_key(&peer).ok_or_else(bad)
 }
 
 impl SignedManifest {
