@@ -312,9 +312,12 @@ async fn group_topics_are_read_and_written_by_current_members_only() -> Result<(
     let writer = node_with(&[&owner], None).await?;
     let leaver = node_with(&[&owner], None).await?;
     let stranger = node_with(&[&owner], None).await?;
+    let lapsed = node_with(&[&owner], None).await?;
     for n in [&reader, &writer, &leaver] {
         invite(&o, n, 86_400).await?;
     }
+    invite(&o, &lapsed, 3).await?;
+    let lapses = std::time::Instant::now() + Duration::from_secs(4);
     // A stranger's node neither listens nor speaks on the group's topic.
     let s = stranger.app("nosy").await?;
     let e = s
@@ -368,5 +371,18 @@ async fn group_topics_are_read_and_written_by_current_members_only() -> Result<(
         "the revoked member read the group's topic"
     );
     ensure!(leaver_heard.borrow().iter().any(|m| m == "hello crew"));
+    // A member whose certificate expired neither listens nor speaks.
+    tokio::time::sleep_until(lapses.into()).await;
+    let l = lapsed.app("late").await?;
+    let e = l
+        .subscribe(&topic)
+        .await
+        .expect_err("an expired member subscribed");
+    ensure!(e.code() == Some(proto::ErrorCode::DrmNotGroupMember), "{e}");
+    let e = l
+        .publish(&topic, b"late".to_vec())
+        .await
+        .expect_err("an expired member published");
+    ensure!(e.code() == Some(proto::ErrorCode::DrmNotGroupMember), "{e}");
     Ok(())
 }
