@@ -175,6 +175,9 @@ struct Group {
     crl_der: Option<Vec<u8>>,
     /// The held CRL's number (0: none), checked when it was taken.
     crl_number: u64,
+    /// Topic keys held, by epoch (kept in memory: they are read for every
+    /// group message).
+    keys: BTreeMap<u64, [u8; KEY_LEN]>,
     owner: bool,
 }
 
@@ -299,6 +302,16 @@ impl Group {
             Some(c) => crl_checked(c, &ca_der)?.0,
             None => 0,
         };
+        let mut keys = BTreeMap::new();
+        if let Ok(entries) = std::fs::read_dir(dir.join("keys")) {
+            for e in entries.flatten() {
+                let epoch = e.file_name().to_str().and_then(|n| n.parse::<u64>().ok());
+                let key = std::fs::read(e.path()).ok().and_then(|k| k.try_into().ok());
+                if let (Some(epoch), Some(key)) = (epoch, key) {
+                    keys.insert(epoch, key);
+                }
+            }
+        }
         Ok(Self {
             name,
             dir: dir.to_owned(),
@@ -306,6 +319,7 @@ impl Group {
             member_der,
             crl_der,
             crl_number,
+            keys,
             owner: dir.join("ca.key").exists(),
         })
     }
@@ -787,22 +801,14 @@ impl Groups {
     /// The newest group-topic key this node holds for group `id`: (epoch,
     /// key). Only current members hold one.
     pub fn topic_key(&self, id: GroupId) -> Option<(u64, [u8; KEY_LEN])> {
-        let dir = self.lock().get(&id)?.dir.join("keys");
-        let newest = std::fs::read_dir(&dir)
-            .ok()?
-            .flatten()
-            .filter_map(|e| e.file_name().to_str()?.parse::<u64>().ok())
-            .max()?;
-        self.topic_key_at(id, newest).map(|k| (newest, k))
+        let groups = self.lock();
+        let (epoch, key) = groups.get(&id)?.keys.last_key_value()?;
+        Some((*epoch, *key))
     }
 
     /// Group `id`'s topic key of `epoch`, if held.
     pub fn topic_key_at(&self, id: GroupId, epoch: u64) -> Option<[u8; KEY_LEN]> {
-        let dir = self.lock().get(&id)?.dir.join("keys");
-        std::fs::read(dir.join(epoch.to_string()))
-            .ok()?
-            .try_into()
-            .ok()
+        self.lock().get(&id)?.keys.get(&epoch).copied()
     }
 
     /// Keeps group `id`'s topic key of `epoch` (owner-made, or fetched from a
@@ -820,7 +826,11 @@ impl Groups {
             .dir
             .join("keys");
         std::fs::create_dir_all(&dir).map_err(io("storing a topic key"))?;
-        write_file(&dir.join(epoch.to_string()), key, 0o600)
+        write_file(&dir.join(epoch.to_string()), key, 0o600)?;
+        if let Some(g) = self.lock().get_mut(&id) {
+            g.keys.insert(epoch, *key);
+        }
+        Ok(())
     }
 
     /// The CRL held for group `id` (DER), if any.
@@ -980,6 +990,23 @@ mod tests {
                 == 2
         );
         assert!(again.is_member(g.id));
+        // A topic key per epoch (one at creation, one per revocation), kept
+        // across a reopen; a member holds none until it asks for one.
+        let epochs: Vec<u64> = (0..4)
+            .filter(|e| again.topic_key_at(g.id, *e).is_some())
+            .collect();
+        assert_eq!(epochs, [0, 1, 2]);
+        assert_eq!(again.topic_key(g.id).map(|(e, _)| e), Some(2));
+        assert!(member.topic_key(g.id).is_none());
+        let key_file = owner_dir
+            .path()
+            .join(g.id.to_string())
+            .join("keys")
+            .join("2");
+        assert_eq!(
+            std::fs::metadata(&key_file).unwrap().permissions().mode() & 0o777,
+            0o600
+        );
     }
 
     #[test]

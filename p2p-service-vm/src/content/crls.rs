@@ -54,9 +54,19 @@ impl ContentService {
                             if let Some(id) = group_of(&m.topic) {
                                 svc.take_crl(id, m.data.to_vec()).await;
                             } else if m.topic.starts_with("p2pvm/group/") {
-                                // Opening may wait for a key from a member.
-                                let each = svc.clone();
-                                svc.spawn(async move { each.take_group_message(m).await });
+                                // Opening may wait for a key from a member;
+                                // a flood of them (from anyone on the mesh)
+                                // is dropped, not queued.
+                                match svc.inner.group_messages.clone().try_acquire_owned() {
+                                    Ok(permit) => {
+                                        let each = svc.clone();
+                                        svc.spawn(async move {
+                                            each.take_group_message(m).await;
+                                            drop(permit);
+                                        });
+                                    }
+                                    Err(_) => debug!(topic = %m.topic, "dropping a group message: too many being opened"),
+                                }
                             }
                         }
                         Ok(_) | Err(RecvError::Lagged(_)) => {}

@@ -207,6 +207,9 @@ pub(crate) struct Inner {
     pub tasks: crate::tasks::Tasks,
     /// The DRM checker and what it needs.
     pub rights: rights::Rights,
+    /// Group-topic messages being opened at once (a flood waits for none:
+    /// beyond this, messages are dropped).
+    pub group_messages: Arc<tokio::sync::Semaphore>,
 }
 
 /// The node's content service. Cheap to clone.
@@ -295,6 +298,7 @@ impl ContentService {
                 verdicts,
                 tasks: crate::tasks::Tasks::default(),
                 rights,
+                group_messages: Arc::new(tokio::sync::Semaphore::new(32)),
             }),
         };
         if let Some(f) = ping {
