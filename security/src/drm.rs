@@ -416,6 +416,19 @@ mod tests {
         DrmChecker::new(local, TrustList::from_der(&cas, crls).unwrap(), policy)
     }
 
+    /// A checker that trusts no CA and requires certification of everything.
+    fn strict_checker(local: PeerId) -> DrmChecker {
+        checker(
+            local,
+            &[],
+            &[],
+            DrmPolicy {
+                require_certified: true,
+                ..Default::default()
+            },
+        )
+    }
+
     fn nobody(_: &str, _: Option<&PeerId>) -> bool {
         false
     }
@@ -518,15 +531,7 @@ mod tests {
             blind.certification(&m, NOW),
             Ok(Certification::Unverified { .. })
         ));
-        let strict_blind = checker(
-            me,
-            &[],
-            &[],
-            DrmPolicy {
-                require_certified: true,
-                ..Default::default()
-            },
-        );
+        let strict_blind = strict_checker(me);
         assert_eq!(
             strict_blind
                 .check_accept(&m, &publisher, NOW, &nobody)
@@ -590,15 +595,7 @@ mod tests {
             lax.check_accept(&self_signed, &publisher, NOW, &nobody),
             Ok(Certification::SelfSigned)
         );
-        let strict = checker(
-            me,
-            &[],
-            &[],
-            DrmPolicy {
-                require_certified: true,
-                ..Default::default()
-            },
-        );
+        let strict = strict_checker(me);
         let e = strict
             .check_accept(&self_signed, &publisher, NOW, &nobody)
             .unwrap_err();

@@ -482,3 +482,22 @@ pub fn openssl_ca(dir: &Path, subject: &str) -> Result<()> {
     args.push(subject);
     openssl(dir, &args)
 }
+
+/// Fetches a whole item (kept in the node's store when `keep`), or the API
+/// error the fetch got; an error reading the stream fails the test.
+pub async fn fetch_or_refusal(
+    c: &Client,
+    id: &str,
+    keep: bool,
+) -> Result<Result<Vec<u8>, guest_api::Error>> {
+    use tokio::io::AsyncReadExt;
+    let (_, mut s) = match c.fetch_content(id, 0, 0, keep).await {
+        Ok(x) => x,
+        Err(e) => return Ok(Err(e)),
+    };
+    let mut out = Vec::new();
+    s.read_to_end(&mut out)
+        .await
+        .context("reading the stream")?;
+    Ok(Ok(out))
+}

@@ -10,7 +10,6 @@ use anyhow::{Context, Result, bail, ensure};
 use guest_api::{Client, proto};
 use p2pvm_e2e::{TestNode, eventually, node_with, openssl};
 use prost::Message;
-use tokio::io::AsyncReadExt;
 
 const WAIT: Duration = Duration::from_secs(60);
 
@@ -48,15 +47,7 @@ async fn publish(
 
 /// Fetches the whole item (kept), or the API error.
 async fn fetch(c: &Client, id: &str) -> Result<Result<Vec<u8>, guest_api::Error>> {
-    let (_, mut s) = match c.fetch_content(id, 0, 0, true).await {
-        Ok(x) => x,
-        Err(e) => return Ok(Err(e)),
-    };
-    let mut out = Vec::new();
-    s.read_to_end(&mut out)
-        .await
-        .context("reading the stream")?;
-    Ok(Ok(out))
+    p2pvm_e2e::fetch_or_refusal(c, id, true).await
 }
 
 /// The error code a refused fetch got, failing the test if it succeeded.

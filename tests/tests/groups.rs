@@ -9,7 +9,6 @@ use std::time::Duration;
 use anyhow::{Context, Result, bail, ensure};
 use guest_api::{Client, proto};
 use p2pvm_e2e::{TestNode, node_with, openssl};
-use tokio::io::AsyncReadExt;
 
 fn group_rights(group: &str) -> proto::ContentRights {
     proto::ContentRights {
@@ -31,15 +30,7 @@ async fn publish_for(c: &Client, group: &str, data: &[u8]) -> Result<proto::Cont
 
 /// The whole item, or the API error the fetch got.
 async fn fetch(c: &Client, id: &str) -> Result<Result<Vec<u8>, guest_api::Error>> {
-    let (_, mut s) = match c.fetch_content(id, 0, 0, false).await {
-        Ok(x) => x,
-        Err(e) => return Ok(Err(e)),
-    };
-    let mut out = Vec::new();
-    s.read_to_end(&mut out)
-        .await
-        .context("reading the stream")?;
-    Ok(Ok(out))
+    p2pvm_e2e::fetch_or_refusal(c, id, false).await
 }
 
 async fn refused_as_non_member(node: &TestNode, id: &str, who: &str) -> Result<String> {
