@@ -91,6 +91,30 @@ fn make(e: rcgen::Error) -> GroupError {
     GroupError::Make(e.to_string())
 }
 
+/// A certificate signing request (PEM) for the node `peer` whose libp2p
+/// Ed25519 key is `key_pkcs8`: what an operator whose group CA is kept
+/// elsewhere (the `openssl` CLI, say) signs into this node's member
+/// certificate. It names the peer (URI SAN) and is signed by the node's key,
+/// the key the certificate must certify.
+pub fn certificate_request(node_key: &libp2p_identity::Keypair) -> Result<String, GroupError> {
+    let peer = node_key.public().to_peer_id();
+    let pkcs8 = pki::node_key_pkcs8(node_key)
+        .ok_or_else(|| GroupError::Make("the node key is not an Ed25519 key".into()))?;
+    let der = rustls_pki_types::PrivatePkcs8KeyDer::from(pkcs8.as_slice());
+    let key = KeyPair::from_pkcs8_der_and_sign_algo(&der, &rcgen::PKCS_ED25519).map_err(make)?;
+    let mut p = CertificateParams::default();
+    p.distinguished_name
+        .push(DnType::CommonName, format!("member {peer}"));
+    p.subject_alt_names = vec![SanType::URI(
+        format!("{}{peer}", pki::PEER_URI_PREFIX)
+            .try_into()
+            .map_err(make)?,
+    )];
+    p.serialize_request(&key)
+        .and_then(|r| r.pem())
+        .map_err(make)
+}
+
 /// A group's id: a digest of its CA's public key, as 32 hex digits.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct GroupId(pub [u8; 16]);
@@ -608,6 +632,7 @@ impl Groups {
             now_unix(),
             KeyUsage::required_if_present(EKU_CLIENT_AUTH),
         )?;
+        pki::certifies_key_of(member_der, &self.local)?;
         let id = group_id(ca_der)?;
         let name = match name {
             Some(n) => n.to_owned(),
@@ -865,6 +890,7 @@ impl Groups {
             now_unix(),
             KeyUsage::required_if_present(EKU_CLIENT_AUTH),
         )?;
+        pki::certifies_key_of(cert_der, peer)?;
         Ok(())
     }
 
@@ -892,6 +918,51 @@ mod tests {
 
     fn member_cert(invitation: &str) -> Vec<u8> {
         pki::certs_from_bytes(invitation.as_bytes()).unwrap()[1].clone()
+    }
+
+    #[test]
+    fn a_certificate_request_is_signed_by_the_peers_own_key_and_names_it() {
+        use x509_parser::certification_request::X509CertificationRequest;
+        let k = Keypair::generate_ed25519();
+        let id = k.public().to_peer_id();
+        let ed = k.clone().try_into_ed25519().unwrap();
+        let pem = certificate_request(&k).unwrap();
+        let der = rustls_pki_types::pem::PemObject::from_pem_slice(pem.as_bytes())
+            .map(|d: rustls_pki_types::CertificateSigningRequestDer<'_>| d.as_ref().to_vec())
+            .unwrap();
+        let (_, req) = X509CertificationRequest::from_der(&der).unwrap();
+        req.verify_signature().unwrap();
+        let spki = &req.certification_request_info.subject_pki;
+        assert_eq!(
+            &spki.subject_public_key.data[..],
+            &ed.public().to_bytes()[..]
+        );
+        let uri = format!("{}{id}", pki::PEER_URI_PREFIX);
+        assert!(der.windows(uri.len()).any(|w| w == uri.as_bytes()));
+    }
+
+    #[test]
+    fn a_member_certificate_for_another_key_is_refused() {
+        let (owner, _, _d) = node();
+        let (member, member_id, _m) = node();
+        let g = owner.create("crew", 86_400).unwrap();
+        let invitation = owner.invite("crew", &member_id, 3600).unwrap();
+        member.join(invitation.as_bytes(), None).unwrap();
+        // A valid certificate of the group naming member_id, but for a key
+        // member_id does not hold: the CA signs it, yet it is refused.
+        let (ca, ca_key) = owner.lock().get(&g.id).unwrap().issuer().unwrap();
+        let mut p = CertificateParams::default();
+        p.subject_alt_names = vec![SanType::URI(
+            format!("{}{member_id}", pki::PEER_URI_PREFIX)
+                .try_into()
+                .unwrap(),
+        )];
+        let other = KeyPair::generate_for(&rcgen::PKCS_ED25519).unwrap();
+        let forged = p.signed_by(&other, &ca, &ca_key).unwrap().der().to_vec();
+        let e = owner.verify_member(g.id, &member_id, &forged).unwrap_err();
+        assert!(e.to_string().contains("not the libp2p key"), "{e}");
+        let good = member.own_certificate(g.id).unwrap();
+        owner.verify_member(g.id, &member_id, &good).unwrap();
     }
 
     #[test]

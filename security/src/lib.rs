@@ -20,6 +20,7 @@
 pub mod drm;
 #[doc(hidden)]
 pub mod fuzzing;
+pub mod group_tls;
 pub mod group_topics;
 pub mod groups;
 pub mod ledger;
@@ -29,6 +30,7 @@ pub mod verdicts;
 pub mod virus;
 
 pub use drm::{Certification, DrmChecker, DrmError, DrmPolicy, Untrusted};
+pub use group_tls::GroupTls;
 pub use groups::{GroupError, GroupId, GroupInfo, Groups, MemberInfo};
 pub use ledger::{Ban, Event, EventKind, Ledger, LedgerError, PeerCredit};
 pub use pki::{CertError, TrustList};

@@ -83,6 +83,11 @@ pub enum CertError {
     /// No anchors configured.
     #[error("no trusted CA is configured")]
     NoAnchors,
+    /// Its key is not the libp2p key of the peer it names.
+    #[error(
+        "the certificate's key is not the libp2p key of peer {0} (issue it from the node's own request: `p2pctl group request`)"
+    )]
+    NotPeersKey(String),
 }
 
 impl From<webpki::Error> for CertError {
@@ -195,6 +200,51 @@ pub fn peer_of(cert_der: &[u8]) -> Result<PeerId, CertError> {
         named: named.to_owned(),
         expected: "a peer id".into(),
     })
+}
+
+/// Checks that the certificate certifies `peer`'s own libp2p key: its
+/// subject key is the Ed25519 key `peer`'s id carries. A certificate of that
+/// kind can only be used by the peer it names (a TLS handshake with it is
+/// signed by the peer's key).
+pub fn certifies_key_of(cert_der: &[u8], peer: &PeerId) -> Result<(), CertError> {
+    let (_, cert) = X509Certificate::from_der(cert_der).map_err(|e| CertError::Malformed {
+        what: "certificate",
+        reason: e.to_string(),
+    })?;
+    let spki = cert.public_key();
+    let ed25519 = spki.algorithm.algorithm == x509_parser::oid_registry::OID_SIG_ED25519;
+    let key = ed25519
+        .then(|| {
+            libp2p_identity::ed25519::PublicKey::try_from_bytes(&spki.subject_public_key.data).ok()
+        })
+        .flatten()
+        .map(libp2p_identity::PublicKey::from);
+    match key {
+        Some(k) if k.to_peer_id() == *peer => Ok(()),
+        _ => Err(CertError::NotPeersKey(peer.to_base58())),
+    }
+}
+
+/// A libp2p node key as PKCS#8 v1 DER (RFC 8410), the form TLS stacks and
+/// rcgen load; `None` unless it is an Ed25519 key.
+pub fn node_key_pkcs8(key: &libp2p_identity::Keypair) -> Option<Vec<u8>> {
+    let ed = key.clone().try_into_ed25519().ok()?;
+    let seed: [u8; 32] = ed.secret().as_ref().try_into().ok()?;
+    Some(ed25519_pkcs8(&seed))
+}
+
+/// An Ed25519 private key (its 32-byte seed, as libp2p keeps it) as PKCS#8
+/// v1 DER (RFC 8410).
+pub fn ed25519_pkcs8(seed: &[u8; 32]) -> Vec<u8> {
+    // SEQUENCE { INTEGER 0, SEQUENCE { OID 1.3.101.112 }, OCTET STRING {
+    // OCTET STRING seed } }
+    const PREFIX: [u8; 16] = [
+        0x30, 0x2e, 0x02, 0x01, 0x00, 0x30, 0x05, 0x06, 0x03, 0x2b, 0x65, 0x70, 0x04, 0x22, 0x04,
+        0x20,
+    ];
+    let mut der = PREFIX.to_vec();
+    der.extend_from_slice(seed);
+    der
 }
 
 /// A certificate's subject, as `CN=..., O=...`.

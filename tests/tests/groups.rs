@@ -130,19 +130,21 @@ async fn group_content_reaches_current_members_only() -> Result<()> {
     Ok(())
 }
 
-/// A member certificate for `peer` from the openssl CA in `dir`, as
-/// `<out>.pem`.
-fn openssl_member(dir: &Path, peer: &str, out: &str) -> Result<()> {
+/// A member certificate for `node` from the openssl CA in `dir`, as
+/// `<out>.pem`: signed from the node's own certificate request (`p2pctl
+/// group csr`), so that it certifies the node's key, as docs/security.md
+/// shows.
+async fn openssl_member(dir: &Path, node: &TestNode, out: &str) -> Result<()> {
+    let peer = &node.peer_id;
     std::fs::write(
         dir.join(format!("{out}.ext")),
         format!(
             "subjectAltName=URI:urn:p2pvm:peer:{peer}\nextendedKeyUsage=clientAuth,serverAuth\n"
         ),
     )?;
-    let req = format!(
-        "req -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -keyout {out}.key -out {out}.csr -subj /CN={out}"
-    );
-    openssl(dir, &req.split_whitespace().collect::<Vec<_>>())?;
+    let csr = node.admin().await?.group_csr().await?;
+    ensure!(csr.peer_id == *peer, "{csr:?}");
+    std::fs::write(dir.join(format!("{out}.csr")), &csr.pem)?;
     let sign = format!(
         "ca -batch -config ca.cnf -in {out}.csr -out {out}.pem -extfile {out}.ext -days 7 -notext"
     );
@@ -168,8 +170,18 @@ async fn a_group_made_with_openssl_works_the_same() -> Result<()> {
     let member = node_with(&[&host], None).await?;
     let revoked = node_with(&[&host], None).await?;
     for (n, name) in [(&host, "host"), (&member, "member"), (&revoked, "revoked")] {
-        openssl_member(dir, &n.peer_id, name)?;
+        openssl_member(dir, n, name).await?;
     }
+    // A certificate openssl made for a key of its own (not the node's)
+    // names the node but is not its credential: refused at join.
+    std::fs::write(
+        dir.join("foreign.ext"),
+        format!("subjectAltName=URI:urn:p2pvm:peer:{}\n", member.peer_id),
+    )?;
+    let req = "req -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -keyout foreign.key -out foreign.csr -subj /CN=foreign";
+    openssl(dir, &req.split_whitespace().collect::<Vec<_>>())?;
+    let sign = "ca -batch -config ca.cnf -in foreign.csr -out foreign.pem -extfile foreign.ext -days 7 -notext";
+    openssl(dir, &sign.split_whitespace().collect::<Vec<_>>())?;
     openssl(dir, &["ca", "-config", "ca.cnf", "-revoke", "revoked.pem"])?;
     openssl(
         dir,
@@ -188,6 +200,13 @@ async fn a_group_made_with_openssl_works_the_same() -> Result<()> {
         g.name == "film-club" && !g.owner && g.member && g.crl_number == 1,
         "{g:?}"
     );
+    let e = member
+        .admin()
+        .await?
+        .group_join(invitation("foreign")?.as_bytes(), "")
+        .await
+        .expect_err("joined with a certificate for another key");
+    ensure!(e.to_string().contains("not the libp2p key"), "{e}");
     join(&member, &invitation("member")?).await?;
     // The revoked member's own invitation carries the CRL that revokes it.
     let e = revoked

@@ -40,12 +40,10 @@ pub enum Op {
     /// Manifests of the provider's items matching keywords.
     #[prost(message, tag = "4")]
     Search(SearchRequest),
-    /// A trusted-group member certificate, shown so that the provider serves
-    /// this peer the group's items (answered `Ok`, or `Forbidden` with why).
-    #[prost(message, tag = "5")]
-    Member(MemberProof),
-    /// A trusted group's topic key of an epoch, for a peer that has shown
-    /// its member certificate (answered with the key, or `Forbidden`).
+    // Tag 5 was a member certificate shown on a plain stream; group
+    // membership is now proven by a group session's handshake only.
+    /// A trusted group's topic key of an epoch, for a member in a group
+    /// session (answered with the key, or `Forbidden`).
     #[prost(message, tag = "6")]
     GroupKey(GroupKeyRequest),
 }
@@ -62,18 +60,6 @@ pub struct BlockRequest {
 }
 
 /// A keyword search on one provider.
-/// A member certificate of a trusted group. It proves membership only on a
-/// connection authenticated as the peer it names.
-#[derive(Clone, PartialEq, Message)]
-pub struct MemberProof {
-    /// The group's id (32 hex digits).
-    #[prost(string, tag = "1")]
-    pub group_id: String,
-    /// The member certificate (DER).
-    #[prost(bytes = "vec", tag = "2")]
-    pub certificate: Vec<u8>,
-}
-
 /// Which group topic key is asked for.
 #[derive(Clone, PartialEq, Message)]
 pub struct GroupKeyRequest {

@@ -1,4 +1,4 @@
-//! `p2pctl group create|invite|join|revoke|members|list`: trusted peer
+//! `p2pctl group create|invite|join|revoke|members|list|csr`: trusted peer
 //! groups. Groups are named locally; content names them by id.
 
 use anyhow::{Context, Result};
@@ -58,6 +58,14 @@ pub enum GroupCmd {
     },
     /// Groups this node knows.
     List,
+    /// A certificate signing request for this node's own key, for a group
+    /// CA kept elsewhere (e.g. `openssl ca -in node.csr`) to sign into its
+    /// member certificate (admin).
+    Csr {
+        /// Write the request here (default: standard output).
+        #[arg(long, short)]
+        output: Option<std::path::PathBuf>,
+    },
 }
 
 fn group_json(g: &proto::GroupInfo) -> serde_json::Value {
@@ -126,6 +134,25 @@ pub async fn run(j: bool, c: &Client, cmd: &GroupCmd) -> Result<()> {
                 .group_join(&bytes, name.as_deref().unwrap_or_default())
                 .await?;
             print(j, group_json(&g), || group_human(&g));
+        }
+        GroupCmd::Csr { output } => {
+            let csr = c.group_csr().await?;
+            match output {
+                Some(path) => {
+                    std::fs::write(path, &csr.pem)
+                        .with_context(|| format!("writing {}", path.display()))?;
+                    print(j, json!({"peer_id": csr.peer_id, "file": path}), || {
+                        format!(
+                            "certificate request for {}: {}",
+                            csr.peer_id,
+                            path.display()
+                        )
+                    });
+                }
+                None => print(j, json!({"peer_id": csr.peer_id, "pem": csr.pem}), || {
+                    csr.pem.trim_end().to_string()
+                }),
+            }
         }
         GroupCmd::Revoke { group, peer } => {
             c.group_revoke(group, peer).await?;

@@ -85,6 +85,14 @@ impl Client {
         format!("group:{group_id}/{name}")
     }
 
+    /// A certificate signing request (PEM) for this node's own key, for a
+    /// group CA kept elsewhere (the `openssl` CLI) to sign into this node's
+    /// member certificate (admin).
+    pub async fn group_csr(&self) -> Result<pb::GroupCsr> {
+        let op = Op::GroupCsr(pb::GroupCsrRequest {});
+        self.call(op, reply!(GroupCsr)).await
+    }
+
     /// Every group this node knows.
     pub async fn group_list(&self) -> Result<Vec<pb::GroupInfo>> {
         let op = Op::GroupList(pb::GroupListRequest {});

@@ -345,10 +345,12 @@ impl Service {
                     if to_console {
                         self.log.partial.extend_from_slice(&buf[..n]);
                         while let Some(end) = self.log.partial.iter().position(|&b| b == b'\n') {
-                            let line: Vec<u8> = self.log.partial.drain(..=end).collect();
-                            let mut err = std::io::stderr().lock();
-                            let _ = write!(err, "[{}] ", self.spec.name);
-                            let _ = err.write_all(&line);
+                            // One write per line: the console is shared with
+                            // the operator's shell, and a line written in pieces
+                            // lets its output land inside ours.
+                            let mut line = format!("[{}] ", self.spec.name).into_bytes();
+                            line.extend(self.log.partial.drain(..=end));
+                            let _ = std::io::stderr().lock().write_all(&line);
                         }
                         if self.log.partial.len() > 4096 {
                             self.log.partial.clear();

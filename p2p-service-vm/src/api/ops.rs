@@ -608,6 +608,18 @@ pub(crate) async fn run(svc: &ApiService, who: &Principal, op: Op) -> Result<R, 
                     .collect(),
             }))
         }
+        Op::GroupCsr(_) => {
+            require_admin(who)?;
+            let c = content(svc)?;
+            let peer = c.inner.key.public().to_peer_id();
+            let pem = c.certificate_request().map_err(|e| {
+                ApiError::new(pb::ErrorCode::Internal, format!("certificate request: {e}"))
+            })?;
+            Ok(R::GroupCsr(pb::GroupCsr {
+                peer_id: peer.to_base58(),
+                pem,
+            }))
+        }
         Op::GroupList(_) => {
             let c = content(svc)?;
             Ok(R::Groups(pb::GroupList {

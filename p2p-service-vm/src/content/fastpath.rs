@@ -23,6 +23,13 @@
 //! ends the handshake. A downloader learns the port from the provider's
 //! `Have` answer and dials the address its libp2p connection already uses;
 //! when that fails (a firewall, a NAT) it keeps the libp2p stream.
+//!
+//! Group sessions use the same listener: a client that offers the ALPN
+//! protocol `p2pvm-group/1/<group id>` gets a handshake with member
+//! certificates of that group instead (`p2pvm_security::group_tls`: the
+//! group CA the only anchor, the CRL checked, the certificate's key the
+//! peer's own), and the requests of that connection are served as from a
+//! member of that group — the only way group content leaves this node.
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
@@ -31,19 +38,21 @@ use std::time::Duration;
 use libp2p::identity::Keypair;
 use libp2p::multiaddr::Protocol;
 use libp2p::{Multiaddr, PeerId};
-use p2pvm_security::Standing;
+use p2pvm_security::{GroupId, GroupTls, Groups, Standing};
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
 use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
 use rustls::{CertificateError, DigitallySignedStruct, DistinguishedName, SignatureScheme};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
-use tokio_rustls::{TlsAcceptor, TlsConnector};
+use tokio_rustls::{LazyConfigAcceptor, TlsConnector};
 use tracing::{debug, info, warn};
 
 use super::ContentService;
 use super::sealed::{self, SealedReader, SealedWriter, Side};
 
+/// The lowest content type of a TLS record (change_cipher_spec).
+const TLS_RECORD_MIN: u8 = 0x14;
 /// ALPN of fast-path connections.
 const ALPN: &[u8] = b"p2pvm-content/2";
 /// How long a TCP connect plus TLS handshake may take.
@@ -90,9 +99,11 @@ impl Drop for IpSlot {
 }
 /// The node's TLS identity for the fast path.
 pub(crate) struct FastPath {
-    acceptor: TlsAcceptor,
+    server: Arc<rustls::ServerConfig>,
     cert: Arc<OwnCert>,
     provider: Arc<rustls::crypto::CryptoProvider>,
+    /// Group sessions: handshakes with member certificates instead.
+    groups: Option<GroupTls>,
 }
 
 /// Our certificate, offered as it is: webpki would refuse libp2p's critical
@@ -172,10 +183,63 @@ impl FastPath {
         // take over), so no resumption tickets either.
         server.send_tls13_tickets = 0;
         Ok(Self {
-            acceptor: TlsAcceptor::from(Arc::new(server)),
+            server: Arc::new(server),
             cert,
             provider,
+            groups: None,
         })
+    }
+
+    /// Adds group sessions for the node with `key`, a member of `groups`.
+    pub fn with_groups(
+        mut self,
+        groups: Arc<Groups>,
+        key: &Keypair,
+    ) -> Result<Self, FastPathError> {
+        let tls = GroupTls::new(groups, key, self.provider.clone())
+            .map_err(|e| FastPathError::Certificate(e.to_string()))?;
+        self.groups = Some(tls);
+        Ok(self)
+    }
+
+    /// Dials `peer`'s fast path at `addr` for a session in `group`: both
+    /// ends show their member certificates; the handshake fails unless the
+    /// other end is `peer` and a current member.
+    pub async fn dial_group(
+        &self,
+        peer: PeerId,
+        addr: SocketAddr,
+        group: GroupId,
+    ) -> std::io::Result<(SealedReader, SealedWriter)> {
+        let tls = self
+            .groups
+            .as_ref()
+            .ok_or_else(|| std::io::Error::other("group sessions are off"))?;
+        let config = tls
+            .client_config(group, peer)
+            .map_err(std::io::Error::other)?;
+        self.dial_with(TlsConnector::from(config), addr).await
+    }
+
+    /// The TLS configuration for a connection whose client said `hello`:
+    /// a group session's when it asks for one of our groups, the plain fast
+    /// path's otherwise; with the group it is for.
+    fn config_for(
+        &self,
+        hello: &rustls::server::ClientHello<'_>,
+    ) -> Result<(Arc<rustls::ServerConfig>, Option<GroupId>), String> {
+        let asked = hello
+            .alpn()
+            .and_then(|mut protos| protos.find_map(p2pvm_security::group_tls::group_in_alpn));
+        match asked {
+            None => Ok((self.server.clone(), None)),
+            Some(Err(())) => Err("a group session for no valid group".into()),
+            Some(Ok(g)) => {
+                let tls = self.groups.as_ref().ok_or("group sessions are off")?;
+                let config = tls.server_config(g).map_err(|e| e.to_string())?;
+                Ok((config, Some(g)))
+            }
+        }
     }
 
     fn connector(&self, peer: PeerId) -> Result<TlsConnector, rustls::Error> {
@@ -196,18 +260,53 @@ impl FastPath {
         addr: SocketAddr,
     ) -> std::io::Result<(SealedReader, SealedWriter)> {
         let connector = self.connector(peer).map_err(std::io::Error::other)?;
+        self.dial_with(connector, addr).await
+    }
+
+    async fn dial_with(
+        &self,
+        connector: TlsConnector,
+        addr: SocketAddr,
+    ) -> std::io::Result<(SealedReader, SealedWriter)> {
         let go = async {
             let tcp = TcpStream::connect(addr).await?;
             tcp.set_nodelay(true)?;
             // Any name: the peer id in the certificate is what is checked.
             let name = ServerName::IpAddress(addr.ip().into());
-            let tls = connector.connect(name, tcp).await?;
+            let mut tls = connector.connect(name, tcp).await?;
+            // TLS 1.3 ends the client's handshake before the server has
+            // judged the client's certificate: a refusal arrives as an alert
+            // record (type 0x15-0x17: TLS 1.3 hides alerts in application
+            // data records) where the server's first sealed frame would be,
+            // whose length starts with 0. Read it as TLS, for its reason.
+            let mut first = [0u8; 1];
+            let n = tls.get_ref().0.peek(&mut first).await?;
+            if n == 0 || first[0] >= TLS_RECORD_MIN {
+                use tokio::io::AsyncReadExt;
+                let _read = tls.read(&mut first).await?;
+                return Err(std::io::Error::from(std::io::ErrorKind::ConnectionReset));
+            }
             let (tcp, session) = tls.into_inner();
             sealed::establish(tcp, &session, Side::Client).await
         };
         tokio::time::timeout(HANDSHAKE_TIMEOUT, go)
             .await
             .map_err(|_| std::io::Error::from(std::io::ErrorKind::TimedOut))?
+    }
+}
+
+impl FastPath {
+    /// The server side of a handshake on `tcp`: the plain fast path's, or a
+    /// group session's when the client asks for one (and the group it is of).
+    async fn accept(
+        &self,
+        tcp: TcpStream,
+    ) -> std::io::Result<(tokio_rustls::server::TlsStream<TcpStream>, Option<GroupId>)> {
+        let start = LazyConfigAcceptor::new(rustls::server::Acceptor::default(), tcp).await?;
+        let (config, group) = self
+            .config_for(&start.client_hello())
+            .map_err(std::io::Error::other)?;
+        Ok((start.into_stream(config).await?, group))
     }
 }
 
@@ -405,9 +504,7 @@ pub(crate) fn spawn_server(svc: ContentService, listener: TcpListener) {
                 let Some(fast) = svc.inner.fast_path.as_ref() else {
                     return;
                 };
-                let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, fast.acceptor.accept(tcp))
-                    .await
-                {
+                let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, fast.accept(tcp)).await {
                     Ok(Ok(t)) => t,
                     Ok(Err(e)) => {
                         debug!(%from, error = %e, "fast-path handshake failed");
@@ -415,12 +512,21 @@ pub(crate) fn spawn_server(svc: ContentService, listener: TcpListener) {
                     }
                     Err(_) => return,
                 };
-                let peer = tls
-                    .get_ref()
-                    .1
-                    .peer_certificates()
-                    .and_then(|c| c.first())
-                    .and_then(|c| peer_of(c, &[]).ok());
+                let (tls, group) = tls;
+                let certs = tls.get_ref().1.peer_certificates();
+                let peer = match group {
+                    None => certs
+                        .and_then(|c| c.first())
+                        .and_then(|c| peer_of(c, &[]).ok()),
+                    // A group session: the member certificate verified in
+                    // the handshake is kept, and checked again (the CRL, its
+                    // validity) at every request of the session.
+                    Some(g) => {
+                        p2pvm_security::group_tls::session_peer(certs).and_then(|(p, cert)| {
+                            svc.drm_session_member(&p, g, &cert).ok().map(|()| p)
+                        })
+                    }
+                };
                 let Some(peer) = peer else { return };
                 if svc.standing(&peer) >= Standing::Refused {
                     debug!(%peer, "fast-path connection refused: credit policy");
@@ -439,7 +545,7 @@ pub(crate) fn spawn_server(svc: ContentService, listener: TcpListener) {
                     }
                     Err(_) => return,
                 };
-                super::server::serve_stream(svc, peer, rd, wr).await;
+                super::server::serve_stream(svc, peer, group, rd, wr).await;
             });
         }
     });
@@ -463,7 +569,7 @@ mod tests {
                 let (tcp, _) = l.accept().await.unwrap();
                 let (fast, tx) = (fast.clone(), tx.clone());
                 tokio::spawn(async move {
-                    let Ok(tls) = fast.acceptor.accept(tcp).await else {
+                    let Ok((tls, _)) = fast.accept(tcp).await else {
                         let _ = tx.send(None).await;
                         return;
                     };

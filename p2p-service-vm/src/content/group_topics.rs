@@ -20,7 +20,7 @@ use prost::Message;
 use tracing::{debug, warn};
 
 use super::ContentService;
-use super::fetch::{open_stream, present_to, request_response};
+use super::fetch::{group_session, open_stream, request_response};
 use crate::node::{Command, NodeError, NodeEvent, PubsubMessage};
 
 /// What apps see group topic `topic` of `group` as.
@@ -99,26 +99,27 @@ impl ContentService {
         Err(GroupTopicError::NoKey(epoch))
     }
 
-    /// Asks `peer` for group `id`'s key of `epoch`, showing our membership.
+    /// Asks `peer` for group `id`'s key of `epoch`, in a group session.
     async fn fetch_topic_key(
         &self,
         peer: PeerId,
         id: GroupId,
         epoch: u64,
     ) -> Result<[u8; KEY_LEN], String> {
-        let cert = self
-            .groups()
-            .own_certificate(id)
-            .ok_or("no member certificate")?;
-        let mut stream = open_stream(self, peer).await.map_err(|e| e.to_string())?;
-        present_to(&mut stream, id.to_string(), cert)
-            .await
-            .map_err(|e| e.to_string())??;
         let op = Op::GroupKey(transfer::GroupKeyRequest {
             group_id: id.to_string(),
             epoch,
         });
-        let (header, payload) = request_response(&mut stream, op, KEY_LEN as u64)
+        // Refused on a plain stream; the refusal names the port of the
+        // provider's fast path, where a group session opens.
+        let mut plain = open_stream(self, peer).await.map_err(|e| e.to_string())?;
+        let (refusal, _) = request_response(&mut plain, op.clone(), KEY_LEN as u64)
+            .await
+            .map_err(|e| e.to_string())?;
+        let mut session = group_session(self, peer, id, refusal.fast_path_port)
+            .await
+            .map_err(|e| e.to_string())?;
+        let (header, payload) = request_response(&mut session, op, KEY_LEN as u64)
             .await
             .map_err(|e| e.to_string())?;
         if header.status != Status::Ok as i32 {
@@ -214,16 +215,22 @@ impl ContentService {
         Ok((payload.topic, payload.data))
     }
 
-    /// Answers a verified member's request for a topic key.
+    /// Answers a member's request for a topic key, on a group session of
+    /// that group (`session`) only.
     pub(crate) fn answer_group_key(
         &self,
         peer: &PeerId,
+        session: Option<GroupId>,
         r: &transfer::GroupKeyRequest,
     ) -> Result<Vec<u8>, String> {
         let id: GroupId = r.group_id.parse().map_err(|_| "not a group id")?;
-        if !self.is_verified_member(&r.group_id, peer) {
-            warn!(%peer, group = %id, "a topic key asked for by a peer not shown a member");
-            return Err("DRM_NOT_GROUP_MEMBER: show a current member certificate first".into());
+        if !self.is_verified_member(&r.group_id, peer, session) {
+            if session.is_some() {
+                warn!(%peer, group = %id, "a topic key asked for by a peer not a current member");
+            }
+            return Err(format!(
+                "DRM_NOT_GROUP_MEMBER: topic keys of group {id} go to its members, on a group session"
+            ));
         }
         self.groups()
             .topic_key_at(id, r.epoch)

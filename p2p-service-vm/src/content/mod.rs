@@ -240,18 +240,19 @@ impl ContentService {
         let credit = config.credit.clone();
         let listen = config.listen.clone();
         let config = config.content.clone();
-        let fast_path = if config.fast_path {
-            Some(
-                fastpath::FastPath::new(&key)
-                    .map_err(|e| ContentServiceError::from(LocalError::FastPath(e.into())))?,
-            )
-        } else {
-            None
-        };
         let local = key.public().to_peer_id();
         let groups = p2pvm_security::Groups::open(&data_dir.join("groups"), local)
             .map_err(|e| ContentServiceError::from(LocalError::Groups(e)))?;
-        let rights = rights::Rights::load(drm, local, Arc::new(groups))?;
+        let groups = Arc::new(groups);
+        let fast_path = if config.fast_path {
+            let fast = fastpath::FastPath::new(&key)
+                .and_then(|f| f.with_groups(groups.clone(), &key))
+                .map_err(|e| ContentServiceError::from(LocalError::FastPath(e.into())))?;
+            Some(fast)
+        } else {
+            None
+        };
+        let rights = rights::Rights::load(drm, local, groups)?;
         let store = Arc::new(Store::open(&data_dir.join("content"))?);
         let filter = if !virus.enabled {
             warn!(

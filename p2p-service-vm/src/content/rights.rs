@@ -8,9 +8,9 @@
 //!
 //! Group items: this node may hold one if it is a current member of an
 //! allowed group (the privacy controller's [`Groups`]); a peer is served one
-//! once it has shown a member certificate naming it on a connection that
-//! authenticated it (`Op::Member`), checked again — validity, the CRL held —
-//! at every request.
+//! only on a group session of an allowed group (`fastpath.rs`: mutual TLS
+//! with member certificates), whose member certificate is checked again —
+//! validity, the CRL held — at every request.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -39,7 +39,7 @@ pub(crate) struct Rights {
     served: Mutex<HashMap<ContentId, Arc<Manifest>>>,
     /// The privacy controller's groups.
     pub groups: Arc<Groups>,
-    /// Member certificates shown by peers, by (peer, group).
+    /// Member certificates peers showed in group sessions, by (peer, group).
     presented: Mutex<HashMap<(PeerId, GroupId), Presented>>,
 }
 
@@ -93,13 +93,15 @@ impl Rights {
     }
 
     /// Whether `peer` (this node when `None`) is a verified current member
-    /// of the group `group` names (its id).
-    fn member(&self, group: &str, peer: Option<&PeerId>) -> bool {
+    /// of the group `group` names (its id); a peer only on a group session
+    /// of that group (`session`).
+    fn member(&self, group: &str, peer: Option<&PeerId>, session: Option<GroupId>) -> bool {
         let Ok(id) = group.parse::<GroupId>() else {
             return false;
         };
         match peer {
             None => self.groups.is_member(id),
+            Some(_) if session != Some(id) => false,
             Some(p) => {
                 // Serving asks per block: a signature check each time would
                 // cost more than the block; a membership checked under the
@@ -132,12 +134,9 @@ impl Rights {
         }
     }
 
-    /// Takes a member certificate `peer` showed (on a connection that
-    /// authenticated it) for `group`.
-    pub fn present(&self, peer: &PeerId, group: &str, cert: &[u8]) -> Result<(), String> {
-        let id: GroupId = group
-            .parse()
-            .map_err(|_| format!("{group:?} is not a group id"))?;
+    /// Takes the member certificate `peer` showed in a group session of
+    /// `id` (verified again here).
+    pub fn session_member(&self, peer: &PeerId, id: GroupId, cert: &[u8]) -> Result<(), String> {
         self.groups
             .verify_member(id, peer, cert)
             .map_err(|e| format!("DRM_NOT_GROUP_MEMBER: {e}"))?;
@@ -179,20 +178,35 @@ impl ContentService {
     /// Before serving anything of `id` to `peer` (reads the store the first
     /// time: call it on a blocking thread). `None`: this node does not know
     /// the item (the caller answers "not found").
-    pub(crate) fn drm_serve(&self, id: &ContentId, peer: &PeerId) -> Option<Result<(), DrmError>> {
+    /// `session`: the group of the group session the request came on.
+    pub(crate) fn drm_serve(
+        &self,
+        id: &ContentId,
+        peer: &PeerId,
+        session: Option<GroupId>,
+    ) -> Option<Result<(), DrmError>> {
         let m = self.served_manifest(id)?;
         Some(
             self.rights()
                 .checker
-                .check_serve(&m, peer, now_unix(), &|g, p| self.rights().member(g, p)),
+                .check_serve(&m, peer, now_unix(), &|g, p| {
+                    self.rights().member(g, p, session)
+                }),
         )
     }
 
     /// Whether a stored search hit may be shown to `peer`.
-    pub(crate) fn drm_may_list(&self, m: &Manifest, peer: &PeerId) -> bool {
+    pub(crate) fn drm_may_list(
+        &self,
+        m: &Manifest,
+        peer: &PeerId,
+        session: Option<GroupId>,
+    ) -> bool {
         self.rights()
             .checker
-            .check_serve(m, peer, now_unix(), &|g, p| self.rights().member(g, p))
+            .check_serve(m, peer, now_unix(), &|g, p| {
+                self.rights().member(g, p, session)
+            })
             .is_ok()
     }
 
@@ -238,52 +252,60 @@ impl ContentService {
         self.rights()
             .checker
             .check_accept(&m.manifest, provider, now_unix(), &|g, p| {
-                self.rights().member(g, p)
+                self.rights().member(g, p, None)
             })
     }
 
-    /// This node's member certificates for the groups `m` is for.
-    pub(crate) fn memberships_for(&self, m: &Manifest) -> Vec<(String, Vec<u8>)> {
+    /// The groups `m` is for that this node holds a member certificate of.
+    pub(crate) fn memberships_for(&self, m: &Manifest) -> Vec<GroupId> {
         let groups = m
             .rights
             .as_ref()
             .map(|r| r.allowed_groups.as_slice())
             .unwrap_or_default();
-        groups
-            .iter()
-            .filter_map(|g| {
-                let id: GroupId = g.parse().ok()?;
-                Some((g.clone(), self.rights().groups.own_certificate(id)?))
-            })
-            .collect()
+        self.ours(groups.iter().map(String::as_str))
     }
 
-    /// Group ids named in a `DRM_NOT_GROUP_MEMBER` refusal that this node
-    /// holds a member certificate for, with it.
-    pub(crate) fn memberships_named(&self, message: &str) -> Vec<(String, Vec<u8>)> {
-        message
-            .split(|c: char| !c.is_ascii_hexdigit())
-            .filter_map(|w| {
-                let id: GroupId = w.parse().ok()?;
-                Some((w.to_owned(), self.rights().groups.own_certificate(id)?))
-            })
-            .collect()
+    /// The group ids named in a `DRM_NOT_GROUP_MEMBER` refusal that this
+    /// node holds a member certificate of.
+    pub(crate) fn memberships_named(&self, message: &str) -> Vec<GroupId> {
+        self.ours(message.split(|c: char| !c.is_ascii_hexdigit()))
     }
 
-    /// Whether `peer` has shown a certificate proving it a current member of
-    /// the group `group` names.
-    pub(crate) fn is_verified_member(&self, group: &str, peer: &PeerId) -> bool {
-        self.rights().member(group, Some(peer))
+    fn ours<'a>(&self, ids: impl Iterator<Item = &'a str>) -> Vec<GroupId> {
+        let mut out: Vec<GroupId> = ids
+            .filter_map(|w| w.parse().ok())
+            .filter(|id| self.rights().groups.own_certificate(*id).is_some())
+            .collect();
+        out.dedup();
+        out
     }
 
-    /// Takes a member certificate a peer showed.
-    pub(crate) fn drm_present(
+    /// Whether `peer`, on a group session of `session`, is a current member
+    /// of the group `group` names.
+    pub(crate) fn is_verified_member(
+        &self,
+        group: &str,
+        peer: &PeerId,
+        session: Option<GroupId>,
+    ) -> bool {
+        self.rights().member(group, Some(peer), session)
+    }
+
+    /// Takes the member certificate a peer showed in a group session.
+    pub(crate) fn drm_session_member(
         &self,
         peer: &PeerId,
-        group: &str,
+        group: GroupId,
         cert: &[u8],
     ) -> Result<(), String> {
-        self.rights().present(peer, group, cert)
+        self.rights().session_member(peer, group, cert)
+    }
+
+    /// A certificate signing request for this node's own key (see
+    /// [`p2pvm_security::groups::certificate_request`]).
+    pub fn certificate_request(&self) -> Result<String, p2pvm_security::GroupError> {
+        p2pvm_security::groups::certificate_request(&self.inner.key)
     }
 
     /// The privacy controller's groups.

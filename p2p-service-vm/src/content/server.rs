@@ -10,7 +10,7 @@ use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
 use libp2p::{PeerId, StreamProtocol};
 use p2pvm_content::transfer::{self, Op, Status, TransferRequest, TransferResponse};
 use p2pvm_content::{ContentId, SignedManifest, block_count, keywords};
-use p2pvm_security::{EventKind, Standing};
+use p2pvm_security::{EventKind, GroupId, Standing};
 use prost::Message;
 use tracing::{debug, warn};
 
@@ -72,7 +72,7 @@ pub(crate) fn spawn(svc: ContentService) {
                 next = incoming.next() => match next {
                     Some((peer, stream)) => {
                         let (rd, wr) = futures::AsyncReadExt::split(stream);
-                        svc.spawn(serve_stream(svc.clone(), peer, rd, wr));
+                        svc.spawn(serve_stream(svc.clone(), peer, None, rd, wr));
                     }
                     None => return,
                 },
@@ -117,8 +117,15 @@ type Answers = Vec<(TransferResponse, Vec<u8>)>;
 
 /// Serves one content stream from `peer`: a libp2p stream, or a fast-path
 /// connection (the same protocol either way).
-pub(crate) async fn serve_stream<R, W>(svc: ContentService, peer: PeerId, rd: R, mut wr: W)
-where
+/// `group`: the group of the group session the stream is (none: a plain
+/// content stream, which group items are never served on).
+pub(crate) async fn serve_stream<R, W>(
+    svc: ContentService,
+    peer: PeerId,
+    group: Option<GroupId>,
+    rd: R,
+    mut wr: W,
+) where
     R: futures::AsyncRead + Unpin + Send + 'static,
     W: PayloadWrite,
 {
@@ -234,7 +241,7 @@ where
         let job = tokio::task::spawn_blocking(move || {
             batch
                 .into_iter()
-                .map(|req| answer(&svc, &peer, req))
+                .map(|req| answer(&svc, &peer, group, req))
                 .collect()
         });
         if tx.send(job).await.is_err() || ended {
@@ -301,7 +308,7 @@ fn item_of(op: &Op) -> Option<&[u8]> {
     match op {
         Op::Block(b) => Some(&b.content_id),
         Op::Manifest(id) | Op::Have(id) => Some(id),
-        Op::Search(_) | Op::Member(_) | Op::GroupKey(_) => None,
+        Op::Search(_) | Op::GroupKey(_) => None,
     }
 }
 
@@ -309,12 +316,28 @@ fn item_of(op: &Op) -> Option<&[u8]> {
 fn answer(
     svc: &ContentService,
     peer: &PeerId,
+    group: Option<GroupId>,
+    req: TransferRequest,
+) -> (TransferResponse, Vec<u8>) {
+    let (mut header, payload) = answer_op(svc, peer, group, req);
+    // A refusal says where a group session can be opened: a member asks
+    // again there.
+    if header.status == Status::Forbidden as i32 {
+        header.fast_path_port = u32::from(svc.fast_path_port().unwrap_or(0));
+    }
+    (header, payload)
+}
+
+fn answer_op(
+    svc: &ContentService,
+    peer: &PeerId,
+    group: Option<GroupId>,
     req: TransferRequest,
 ) -> (TransferResponse, Vec<u8>) {
     // The DRM checker first: nothing of an item (not even whether we hold
     // it) goes to a peer it may not be served to.
     if let Some(id) = req.op.as_ref().and_then(item_of).and_then(parse_id)
-        && let Some(Err(e)) = svc.drm_serve(&id, peer)
+        && let Some(Err(e)) = svc.drm_serve(&id, peer, group)
     {
         debug!(%peer, %id, error = %e, "not serving: DRM");
         return failed(Status::Forbidden, e.to_string());
@@ -376,7 +399,7 @@ fn answer(
                     else {
                         continue;
                     };
-                    if keywords::matches(&m, &words) && svc.drm_may_list(&m, peer) {
+                    if keywords::matches(&m, &words) && svc.drm_may_list(&m, peer, group) {
                         size += signed.len();
                         if hits.manifests.len() >= limit
                             || size as u64 > transfer::MAX_PAYLOAD_BYTES / 2
@@ -391,15 +414,7 @@ fn answer(
             let bytes = hits.encode_to_vec();
             (TransferResponse::ok(bytes.len() as u64), bytes)
         }
-        Some(Op::Member(proof)) => match svc.drm_present(peer, &proof.group_id, &proof.certificate)
-        {
-            Ok(()) => (TransferResponse::ok(0), Vec::new()),
-            Err(why) => {
-                debug!(%peer, group = %proof.group_id, %why, "member certificate refused");
-                failed(Status::Forbidden, why)
-            }
-        },
-        Some(Op::GroupKey(r)) => match svc.answer_group_key(peer, &r) {
+        Some(Op::GroupKey(r)) => match svc.answer_group_key(peer, group, &r) {
             Ok(key) => (TransferResponse::ok(key.len() as u64), key),
             Err(why) => failed(Status::Forbidden, why),
         },

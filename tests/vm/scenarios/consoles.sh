@@ -10,13 +10,16 @@ type_on() { printf '%s\n' "$2" | "$P2PVMM" console "$1" --linger-ms 300 > /dev/n
 # left on the terminal).
 ask() {
     _log="$P2PVMM_HOME/vms/$1/console.log"
-    type_on "$1" "_a=\$($3); echo; echo $2=\$_a"
-    if ! wait_for "$_log" "^$2=" "${4:-90}"; then
+    # The typed line never holds "KEY=" itself ("KEY"'=' is echoed), so the
+    # answer is found wherever it lands on a line: the console is shared with
+    # the kernel's and the services' messages.
+    type_on "$1" "_a=\$($3); echo; echo \"$2\"'='\"\$_a\""
+    if ! wait_for "$_log" "$2=" "${4:-90}"; then
         echo "no answer $2 from the $1 VM; its console:" >&2
         tail -30 "$_log" >&2
         return 1
     fi
-    sed -n "s/^$2=//p" "$_log" | tr -d '\r' | tail -1
+    sed -n "s/.*$2=//p" "$_log" | tr -d '\r' | tail -1
 }
 # follow VM: copies VM's console here, prefixed (progress, and what to read
 # when something fails).

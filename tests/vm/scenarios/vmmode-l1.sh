@@ -123,7 +123,25 @@ END"
 rounds=$(ask client HOSTILE "sh /tmp/hostile.sh" 180)
 result hostile_rounds=$rounds
 speer2=$(ask service SPEER2 "p2pctl info | sed -n 's/^peer id: *//p'")
-[ "$speer2" = "$peer" ] && [ "$(cat "$P2PVMM_HOME/vms/service/pid")" = "$spid" ] && kill -0 "$spid" && result service_survived_hostile=yes
+spid2=$(cat "$P2PVMM_HOME/vms/service/pid")
+if [ "$speer2" = "$peer" ] && [ "$spid2" = "$spid" ] && kill -0 "$spid"; then
+    result service_survived_hostile=yes
+else
+    echo "after the hostile program: service peer '$speer2' (was $peer), service VMM pid $spid2 (was $spid)"
+    echo "p2pvmm up's log:"; tail -20 "$WORK/up.log"; echo "the service VM's console:"; tail -60 "$slog"
+fi
+# The hostile program is root in the client VM and scribbles on physical
+# memory: its own guest may reset itself (that is its business), but the
+# client's VMM process must live on. After a guest reset the shell that held
+# the app's token is gone: export it again.
+cpid2=$(cat "$P2PVMM_HOME/vms/client/pid")
+[ "$cpid2" = "$cpid" ] && kill -0 "$cpid" && result client_vmm_survived_hostile=yes
+if [ "$(grep -ac 'Client VM, .* since boot' "$clog")" -gt 1 ]; then
+    echo "the client guest reset itself under the hostile program (its VMM pid $cpid2, was $cpid)"
+    result client_guest_reset=yes
+    wait_for "$clog" "front-end is up" 120
+    type_on client "export P2PVM_TOKEN=$tok"
+fi
 good=$(ask client GOOD "for i in \$(seq 90); do p2pctl info > /tmp/i.txt 2>&1 && break; sleep 1; done; sed -n 's/^peer id: *//p' /tmp/i.txt" 150)
 result good_session_after_hostile=$good
 

@@ -61,6 +61,7 @@ fn the_platform_runs_as_two_vms_from_its_images() {
     let rounds: u32 = get(&o, "hostile_rounds").parse().unwrap_or(0);
     assert!(rounds > 0, "the hostile program did not run");
     assert_eq!(get(&o, "service_survived_hostile"), "yes");
+    assert_eq!(get(&o, "client_vmm_survived_hostile"), "yes");
     assert_eq!(get(&o, "good_session_after_hostile"), peer);
     // The service VM killed: restarted, same identity, content and ledger.
     assert_eq!(get(&o, "peer_after_restart"), peer);

@@ -5,15 +5,16 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures::AsyncWriteExt;
+use futures::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use libp2p::{PeerId, StreamProtocol};
 use p2pvm_content::transfer::{self, BlockRequest, Op, Status, TransferRequest, TransferResponse};
 use p2pvm_content::{ContentId, block_count};
-use p2pvm_security::{DrmChecker, DrmError, EventKind};
+use p2pvm_security::{DrmChecker, DrmError, EventKind, GroupId};
 use tracing::{debug, warn};
 
 use crate::content::error::{ProviderError, Unavailable, VerifyError, chain};
-use crate::content::wire::{read_msg, read_payload, write_msg};
+use crate::content::sealed::{SealedReader, SealedWriter};
+use crate::content::wire::{Duplex, read_msg, read_payload, write_msg};
 use crate::content::{ContentService, ContentServiceError, VerifiedManifest};
 use crate::node::{Command, NodeEvent};
 
@@ -60,13 +61,15 @@ pub(crate) async fn open_stream(
 }
 
 /// Sends one request.
-pub(super) async fn request(stream: &mut libp2p::Stream, op: Op) -> std::io::Result<()> {
+pub(super) async fn request(stream: &mut (impl AsyncWrite + Unpin), op: Op) -> std::io::Result<()> {
     write_msg(stream, &TransferRequest { op: Some(op) }).await?;
     stream.flush().await
 }
 
 /// Reads one answer's header.
-pub(super) async fn response(stream: &mut libp2p::Stream) -> std::io::Result<TransferResponse> {
+pub(super) async fn response(
+    stream: &mut (impl AsyncRead + Unpin),
+) -> std::io::Result<TransferResponse> {
     read_msg(stream)
         .await?
         .ok_or_else(|| std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "stream closed"))
@@ -133,25 +136,38 @@ async fn manifest_once(
 ) -> Result<Option<VerifiedManifest>, ProviderError> {
     let mut stream = open_stream(svc, peer).await?;
     request(&mut stream, Op::Manifest(id.0.to_vec())).await?;
-    let mut header = response(&mut stream).await?;
-    // A group item: show our member certificates for the groups it names,
-    // then ask once more.
+    let header = response(&mut stream).await?;
+    // A group item: asked again in a group session of a group it names.
     if header.status == Status::Forbidden as i32
         && DrmError::code_in(&header.message) == Some("DRM_NOT_GROUP_MEMBER")
     {
         let ours = svc.memberships_named(&header.message);
-        debug!(%peer, %id, groups = ours.len(), "a group item: showing our member certificates");
-        if !ours.is_empty() {
-            match present(&mut stream, ours).await? {
-                Ok(()) => {
-                    request(&mut stream, Op::Manifest(id.0.to_vec())).await?;
-                    header = response(&mut stream).await?;
+        debug!(%peer, %id, groups = ours.len(), "a group item: asking in a group session");
+        let mut last = forbidden(header.message);
+        for group in ours {
+            match group_session(svc, peer, group, header.fast_path_port).await {
+                Ok(mut session) => {
+                    request(&mut session, Op::Manifest(id.0.to_vec())).await?;
+                    let header = response(&mut session).await?;
+                    return manifest_answer(svc, id, peer, &mut session, header).await;
                 }
-                // Its reason for refusing our certificate says more.
-                Err(why) => return Err(forbidden(why)),
+                Err(e) => last = e,
             }
         }
+        return Err(last);
     }
+    manifest_answer(svc, id, peer, &mut stream, header).await
+}
+
+/// A provider's answer to a manifest request on `stream`: the manifest,
+/// verified, accepted by the DRM checker and its size proven.
+async fn manifest_answer(
+    svc: &ContentService,
+    id: &ContentId,
+    peer: PeerId,
+    stream: &mut (impl AsyncRead + AsyncWrite + Unpin),
+    header: TransferResponse,
+) -> Result<Option<VerifiedManifest>, ProviderError> {
     if header.status == Status::Forbidden as i32 {
         return Err(forbidden(header.message));
     }
@@ -159,7 +175,7 @@ async fn manifest_once(
         return Ok(None);
     }
     let bytes = read_payload(
-        &mut stream,
+        stream,
         header.payload_len,
         transfer::MAX_HEADER_BYTES as u64,
     )
@@ -191,7 +207,7 @@ async fn manifest_once(
             return Err(ProviderError::Local(e.into()));
         }
     }
-    if let Err(e) = prove_size(svc, &mut stream, &m).await {
+    if let Err(e) = prove_size(svc, stream, &m).await {
         warn!(%peer, %id, error = %crate::content::error::chain(&e), "manifest size not proven; ignoring it");
         if let Some(evidence) = e.evidence() {
             svc.inner.ledger.record(peer, evidence);
@@ -208,45 +224,74 @@ async fn manifest_once(
     Ok(Some(m))
 }
 
-/// Shows `memberships` (group id, our member certificate) to the provider
-/// on `stream`: `Ok` if it accepted any, else its last reason for refusing.
-pub(super) async fn present(
-    stream: &mut libp2p::Stream,
-    memberships: Vec<(String, Vec<u8>)>,
-) -> Result<Result<(), String>, ProviderError> {
-    let mut outcome = Err(String::new());
-    for (group_id, certificate) in memberships {
-        request(
-            stream,
-            Op::Member(transfer::MemberProof {
-                group_id,
-                certificate,
-            }),
-        )
-        .await?;
-        let header = response(stream).await?;
-        read_payload(stream, header.payload_len, 0).await?;
-        if header.status == Status::Ok as i32 {
-            outcome = Ok(());
-        } else if outcome.is_err() {
-            outcome = Err(header.message);
-        }
-    }
-    Ok(outcome)
+/// The IP address our libp2p connection to `peer` dials, where its fast
+/// path listens too.
+pub(super) async fn remote_ip(svc: &ContentService, peer: PeerId) -> Option<std::net::IpAddr> {
+    let remote = svc
+        .inner
+        .node
+        .call(|reply| Command::RemoteAddr(peer, reply))
+        .await
+        .ok()
+        .flatten()?;
+    crate::content::fastpath::ip_of(&remote)
 }
 
-/// Shows our member certificate of one group to the provider on `stream`.
-pub(crate) async fn present_to(
-    stream: &mut libp2p::Stream,
-    group_id: String,
-    certificate: Vec<u8>,
-) -> Result<Result<(), String>, ProviderError> {
-    present(stream, vec![(group_id, certificate)]).await
+/// A group session of `group` with `peer`, on its fast path at `port` (as
+/// its answers give it): mutual TLS with both ends' member certificates,
+/// then the content protocol, as on any fast-path connection.
+pub(crate) async fn group_session(
+    svc: &ContentService,
+    peer: PeerId,
+    group: GroupId,
+    port: u32,
+) -> Result<Duplex<SealedReader, SealedWriter>, ProviderError> {
+    let fast = svc.inner.fast_path.as_ref().ok_or_else(|| {
+        ProviderError::Open("group sessions run on the content fast path, which is off here".into())
+    })?;
+    let port = u16::try_from(port)
+        .ok()
+        .filter(|p| *p != 0)
+        .ok_or_else(|| ProviderError::Open("the provider offers no group sessions".into()))?;
+    let ip = remote_ip(svc, peer)
+        .await
+        .ok_or_else(|| ProviderError::Open("no address of the provider".into()))?;
+    match fast
+        .dial_group(peer, std::net::SocketAddr::new(ip, port), group)
+        .await
+    {
+        Ok((rd, wr)) => Ok(Duplex(rd, wr)),
+        Err(e) => Err(session_failed(group, e)),
+    }
+}
+
+/// Why a group session could not be opened: the provider refusing our
+/// member certificate is a DRM refusal, named as TLS reported it.
+fn session_failed(group: GroupId, e: std::io::Error) -> ProviderError {
+    use rustls::AlertDescription as A;
+    let tls = e.get_ref().and_then(|i| i.downcast_ref::<rustls::Error>());
+    let why = match tls {
+        Some(rustls::Error::AlertReceived(a)) => match a {
+            A::CertificateRevoked => "our member certificate is revoked",
+            A::CertificateExpired => "our member certificate expired or is not valid yet",
+            A::UnknownCA => "our member certificate is not of the group's CA",
+            _ => "the provider refused our member certificate",
+        },
+        Some(rustls::Error::InvalidCertificate(c)) => {
+            return ProviderError::Open(format!(
+                "the provider is not a current member of group {group}: {c:?}"
+            ));
+        }
+        _ => return ProviderError::Open(format!("group session: {e}")),
+    };
+    forbidden(format!(
+        "DRM_NOT_GROUP_MEMBER: no session in group {group}: {why} ({e})"
+    ))
 }
 
 /// One request and its answer (payload at most `max` bytes).
 pub(crate) async fn request_response(
-    stream: &mut libp2p::Stream,
+    stream: &mut (impl AsyncRead + AsyncWrite + Unpin),
     op: Op,
     max: u64,
 ) -> std::io::Result<(TransferResponse, Vec<u8>)> {
@@ -276,7 +321,7 @@ fn record_drm(svc: &ContentService, peer: PeerId, e: &ProviderError) {
 /// block, whose proof commits to the length (BLAKE3's tree shape depends on it).
 async fn prove_size(
     svc: &ContentService,
-    stream: &mut libp2p::Stream,
+    stream: &mut (impl AsyncRead + AsyncWrite + Unpin),
     m: &VerifiedManifest,
 ) -> Result<(), ProviderError> {
     let size = m.manifest.size;

@@ -17,20 +17,21 @@ use futures::AsyncWriteExt;
 use libp2p::PeerId;
 use p2pvm_content::transfer::{self, BlockRequest, Op, Status, TransferRequest, TransferResponse};
 use p2pvm_content::{BLOCK_BYTES, block_count, block_range};
-use p2pvm_security::{EventKind, Standing};
+use p2pvm_security::{EventKind, GroupId, Standing};
 use tokio::sync::mpsc;
 use tracing::{debug, warn};
 
 use super::download::{Download, Outcome, WriteJob};
-use super::peer::{open_stream, request, response};
+use super::peer::{group_session, open_stream, request, response};
 use super::sched::Have;
 use crate::content::budget::Lease;
 use crate::content::error::ProviderError;
+use crate::content::sealed::{SealedReader, SealedWriter};
 use crate::content::wire::{
     PayloadRead, PayloadWrite, read_msg, read_payload, read_payload_bytes, write_msg,
 };
 use crate::content::{ContentService, ContentServiceError};
-use crate::node::{Command, NodeEvent};
+use crate::node::NodeEvent;
 
 /// How often an idle worker re-asks a partial provider what it holds.
 const HAVE_REFRESH: Duration = Duration::from_millis(500);
@@ -87,48 +88,23 @@ fn charge(svc: &ContentService, dl: &Download, peer: PeerId, e: &ProviderError) 
 
 async fn run(svc: &ContentService, dl: &Arc<Download>, peer: PeerId) -> Result<(), ProviderError> {
     let mut stream = open_stream(svc, peer).await?;
-    // A group item: this provider serves us only once it has seen our member
-    // certificate (it applies to every connection of ours, the fast path's too).
-    let ours = svc.memberships_for(&dl.manifest.manifest);
-    if !ours.is_empty()
-        && let Err(why) = super::peer::present(&mut stream, ours).await?
-    {
-        return Err(super::peer::forbidden(why));
-    }
     // The first Have goes alone: its answer says what the provider holds and
     // whether blocks can take the fast path. A provider that never answers
     // frees its worker slot like one that stops answering later.
-    let id = dl.id;
-    let first = async {
-        request(&mut stream, Op::Have(id.0.to_vec())).await?;
-        let header = response(&mut stream).await?;
-        let payload = if header.status == Status::Ok as i32 {
-            let max = block_count(dl.partial.size()).div_ceil(8);
-            read_payload(&mut stream, header.payload_len, max).await?
-        } else {
-            Vec::new()
-        };
-        Ok::<_, std::io::Error>((header, payload))
+    let Some((header, payload)) = first_have(dl, &mut stream).await? else {
+        return Ok(());
     };
-    let (header, payload) = tokio::select! {
-        r = tokio::time::timeout(ANSWER_TIMEOUT, first) => r.map_err(|_| ProviderError::NoAnswer)??,
-        _ = dl.cancel.cancelled() => return Ok(()),
-    };
+    // A group item: refused on this stream; everything goes over group
+    // sessions (the refusal names the port where they open).
+    let groups = svc.memberships_for(&dl.manifest.manifest);
+    if !groups.is_empty() {
+        return run_in_group(svc, dl, peer, &groups, &header).await;
+    }
     let complete = on_have(svc, dl, peer, &header, &payload)?;
-    if let Some(first) = fast_path(svc, peer, header.fast_path_port).await {
-        debug!(%id, %peer, "blocks take the fast path");
-        // More connections, each with a pipeline of its own, for a peer we
-        // trust with more than one request at a time.
-        let extra = if svc.standing(&peer) == Standing::Throttled {
-            0
-        } else {
-            svc.inner.config.fast_path_connections - 1
-        };
-        let dials = (0..extra).map(|_| fast_path(svc, peer, header.fast_path_port));
-        let more: Vec<_> = tokio::select! {
-            all = futures::future::join_all(dials) => all.into_iter().flatten().collect(),
-            _ = dl.cancel.cancelled() => return Ok(()),
-        };
+    let port = header.fast_path_port;
+    if let Some(first) = fast_path(svc, peer, port).await {
+        debug!(id = %dl.id, %peer, "blocks take the fast path");
+        let more = more_connections(svc, dl, peer, || fast_path(svc, peer, port)).await;
         let conns = std::iter::once(first).chain(more);
         futures::future::try_join_all(conns.map(|c| pipeline(svc, dl, peer, c, complete))).await?;
         return Ok(());
@@ -143,26 +119,99 @@ async fn run(svc: &ContentService, dl: &Arc<Download>, peer: PeerId) -> Result<(
     .await
 }
 
+/// A group item from `peer`: over group sessions of the first of `groups`
+/// that opens one.
+async fn run_in_group(
+    svc: &ContentService,
+    dl: &Arc<Download>,
+    peer: PeerId,
+    groups: &[GroupId],
+    refusal: &TransferResponse,
+) -> Result<(), ProviderError> {
+    let mut opened = Err(super::peer::forbidden(refusal.message.clone()));
+    for g in groups {
+        opened = group_session(svc, peer, *g, refusal.fast_path_port)
+            .await
+            .map(|s| (*g, s));
+        if opened.is_ok() {
+            break;
+        }
+    }
+    let (group, mut session) = opened?;
+    let Some((header, payload)) = first_have(dl, &mut session).await? else {
+        return Ok(());
+    };
+    let complete = on_have(svc, dl, peer, &header, &payload)?;
+    debug!(id = %dl.id, %peer, %group, "blocks take group sessions");
+    let port = refusal.fast_path_port;
+    let dial = || async move {
+        group_session(svc, peer, group, port)
+            .await
+            .ok()
+            .map(|s| (s.0, s.1))
+    };
+    let more = more_connections(svc, dl, peer, dial).await;
+    let conns = std::iter::once((session.0, session.1)).chain(more);
+    futures::future::try_join_all(conns.map(|c| pipeline(svc, dl, peer, c, complete))).await?;
+    Ok(())
+}
+
+/// The first `Have` and its answer (`None`: the download was cancelled).
+async fn first_have(
+    dl: &Download,
+    stream: &mut (impl futures::AsyncRead + futures::AsyncWrite + Unpin),
+) -> Result<Option<(TransferResponse, Vec<u8>)>, ProviderError> {
+    let first = async {
+        request(stream, Op::Have(dl.id.0.to_vec())).await?;
+        let header = response(stream).await?;
+        let payload = if header.status == Status::Ok as i32 {
+            let max = block_count(dl.partial.size()).div_ceil(8);
+            read_payload(stream, header.payload_len, max).await?
+        } else {
+            Vec::new()
+        };
+        Ok::<_, std::io::Error>((header, payload))
+    };
+    tokio::select! {
+        r = tokio::time::timeout(ANSWER_TIMEOUT, first) => Ok(Some(r.map_err(|_| ProviderError::NoAnswer)??)),
+        _ = dl.cancel.cancelled() => Ok(None),
+    }
+}
+
+/// More connections to `peer` (made by `dial`), each with a pipeline of its
+/// own, for a peer we trust with more than one request at a time.
+async fn more_connections<F, Fut>(
+    svc: &ContentService,
+    dl: &Download,
+    peer: PeerId,
+    dial: F,
+) -> Vec<(SealedReader, SealedWriter)>
+where
+    F: Fn() -> Fut,
+    Fut: std::future::Future<Output = Option<(SealedReader, SealedWriter)>>,
+{
+    let extra = if svc.standing(&peer) == Standing::Throttled {
+        0
+    } else {
+        svc.inner.config.fast_path_connections - 1
+    };
+    let dials = (0..extra).map(|_| dial());
+    tokio::select! {
+        all = futures::future::join_all(dials) => all.into_iter().flatten().collect(),
+        _ = dl.cancel.cancelled() => Vec::new(),
+    }
+}
+
 /// A fast-path connection to `peer` if it offers one (`port`) and it can be
 /// reached at the address our libp2p connection uses; `None` otherwise.
 async fn fast_path(
     svc: &ContentService,
     peer: PeerId,
     port: u32,
-) -> Option<(
-    crate::content::sealed::SealedReader,
-    crate::content::sealed::SealedWriter,
-)> {
+) -> Option<(SealedReader, SealedWriter)> {
     let fast = svc.inner.fast_path.as_ref()?;
     let port = u16::try_from(port).ok().filter(|p| *p != 0)?;
-    let remote = svc
-        .inner
-        .node
-        .call(|reply| Command::RemoteAddr(peer, reply))
-        .await
-        .ok()
-        .flatten()?;
-    let ip = crate::content::fastpath::ip_of(&remote)?;
+    let ip = super::peer::remote_ip(svc, peer).await?;
     match fast.dial(peer, std::net::SocketAddr::new(ip, port)).await {
         Ok(s) => Some(s),
         Err(e) => {
