@@ -102,6 +102,15 @@ pub fn certificate_request(node_key: &libp2p_identity::Keypair) -> Result<String
         .ok_or_else(|| GroupError::Make("the node key is not an Ed25519 key".into()))?;
     let der = rustls_pki_types::PrivatePkcs8KeyDer::from(pkcs8.as_slice());
     let key = KeyPair::from_pkcs8_der_and_sign_algo(&der, &rcgen::PKCS_ED25519).map_err(make)?;
+    let p = member_params(&peer)?;
+    p.serialize_request(&key)
+        .and_then(|r| r.pem())
+        .map_err(make)
+}
+
+/// What every member certificate (and request for one) says: the member's
+/// name and its peer id as a URI SAN.
+fn member_params(peer: &PeerId) -> Result<CertificateParams, GroupError> {
     let mut p = CertificateParams::default();
     p.distinguished_name
         .push(DnType::CommonName, format!("member {peer}"));
@@ -110,9 +119,7 @@ pub fn certificate_request(node_key: &libp2p_identity::Keypair) -> Result<String
             .try_into()
             .map_err(make)?,
     )];
-    p.serialize_request(&key)
-        .and_then(|r| r.pem())
-        .map_err(make)
+    Ok(p)
 }
 
 /// A group's id: a digest of its CA's public key, as 32 hex digits.
@@ -554,14 +561,7 @@ impl Groups {
                 ))
             })?;
         let now = now_unix();
-        let mut p = CertificateParams::default();
-        p.distinguished_name
-            .push(DnType::CommonName, format!("member {peer}"));
-        p.subject_alt_names = vec![SanType::URI(
-            format!("{}{peer}", pki::PEER_URI_PREFIX)
-                .try_into()
-                .map_err(make)?,
-        )];
+        let mut p = member_params(peer)?;
         p.extended_key_usages = vec![
             ExtendedKeyUsagePurpose::ClientAuth,
             ExtendedKeyUsagePurpose::ServerAuth,
