@@ -34,7 +34,8 @@ mod error;
 mod stream;
 
 pub use client::{
-    Client, ClientBuilder, ENV_SOCKET, ENV_TOKEN, ENV_TOKEN_FILE, default_socket_path,
+    Client, ClientBuilder, ENV_SOCKET, ENV_TOKEN, ENV_TOKEN_FILE, compute_job_ended,
+    default_socket_path,
 };
 pub use conn::Message;
 pub use content::ContentReader;

@@ -75,6 +75,18 @@ pub struct Config {
     pub virus: VirusConfig,
     /// The DRM checker: trusted publisher CAs and certification policy.
     pub drm: DrmConfig,
+    /// Compute leasing.
+    pub compute: ComputeConfig,
+}
+
+/// Compute leasing. What this node offers is set through the API
+/// (`p2pctl compute offer`) and kept in the data directory.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ComputeConfig {
+    /// Fault injection for tests of result validation: as a provider, this
+    /// node returns a wrong result for every job. Never set it elsewhere.
+    pub test_wrong_results: bool,
 }
 
 /// The DRM checker. Rights (expiry, redistribution, groups) are always
@@ -277,6 +289,7 @@ impl Default for Config {
             credit: CreditConfig::default(),
             virus: VirusConfig::default(),
             drm: DrmConfig::default(),
+            compute: ComputeConfig::default(),
         }
     }
 }

@@ -12,6 +12,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::info;
 
 use crate::api::{self, ApiService, apps::AppRegistry};
+use crate::compute::{ComputeService, ComputeServiceError};
 use crate::config::{Config, ConfigError};
 use crate::content::ContentService;
 use crate::identity::{self, IdentityError};
@@ -50,6 +51,9 @@ pub enum DaemonError {
     /// The content store could not be opened.
     #[error("Content store: {0}")]
     Content(#[from] crate::content::ContentServiceError),
+    /// The compute service could not start.
+    #[error("Compute: {0}")]
+    Compute(#[from] ComputeServiceError),
     /// The credit ledger could not be opened.
     #[error(transparent)]
     Ledger(#[from] p2pvm_security::LedgerError),
@@ -108,11 +112,12 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Daem
     ));
     let content = ContentService::start(
         &config,
-        key,
+        key.clone(),
         handle.clone(),
         ledger.clone(),
         shutdown.clone(),
     )?;
+    let compute = ComputeService::start(&config, key, content.clone(), shutdown.clone())?;
     let gateway = config.content.gateway.map(|addr| {
         let (c, s) = (content.clone(), shutdown.clone());
         tokio::spawn(async move {
@@ -124,6 +129,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Daem
     let svc = ApiService::new(
         handle.clone(),
         Some(content.clone()),
+        Some(compute),
         apps,
         config.api.clone(),
         shutdown.clone(),

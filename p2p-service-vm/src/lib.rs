@@ -22,6 +22,7 @@
 
 pub mod api;
 pub mod backend;
+pub mod compute;
 pub mod config;
 pub mod confine;
 pub mod content;

@@ -78,6 +78,11 @@ pub enum EventKind {
     DrmPassed,
     /// A DRM check on the peer's content failed.
     DrmFailed,
+    /// A compute job the peer ran agreed with the majority (it was paid).
+    ComputeAgreed,
+    /// A compute job the peer ran disagreed with the majority (wrong result
+    /// or overstated work; it was not paid).
+    ComputeDisagreed,
     /// The peer was connected for this long.
     Seen {
         /// Seconds.
@@ -97,6 +102,8 @@ impl EventKind {
             Self::Malware { .. } => "malware",
             Self::DrmPassed => "drm-passed",
             Self::DrmFailed => "drm-failed",
+            Self::ComputeAgreed => "compute-agreed",
+            Self::ComputeDisagreed => "compute-disagreed",
             Self::Seen { .. } => "seen",
         }
     }
@@ -168,6 +175,10 @@ struct Record {
     /// Smoothed delivery rate, bytes per second (0 = never measured).
     #[prost(double, tag = "16")]
     rate_bps: f64,
+    #[prost(uint64, tag = "17")]
+    compute_agreed: u64,
+    #[prost(uint64, tag = "18")]
+    compute_disagreed: u64,
 }
 
 /// A peer's credit as operators and the content engine see it.
@@ -201,6 +212,10 @@ pub struct PeerCredit {
     pub drm_passed: u64,
     /// DRM checks failed.
     pub drm_failed: u64,
+    /// Compute jobs it ran whose result agreed with the majority.
+    pub compute_agreed: u64,
+    /// Compute jobs it ran whose result disagreed.
+    pub compute_disagreed: u64,
     /// Seconds connected, in total.
     pub uptime_secs: u64,
     /// Unix seconds of the first and last observation.
@@ -344,6 +359,14 @@ impl Ledger {
                 r.drm_failed += 1;
                 r.bad += w.bad_per_drm_failure;
             }
+            EventKind::ComputeAgreed => {
+                r.compute_agreed += 1;
+                r.good += w.good_per_compute_job;
+            }
+            EventKind::ComputeDisagreed => {
+                r.compute_disagreed += 1;
+                r.bad += w.bad_per_wrong_result;
+            }
             EventKind::Seen { secs } => {
                 r.uptime_secs += secs;
                 amount = *secs;
@@ -395,6 +418,8 @@ impl Ledger {
             malware: r.malware,
             drm_passed: r.drm_passed,
             drm_failed: r.drm_failed,
+            compute_agreed: r.compute_agreed,
+            compute_disagreed: r.compute_disagreed,
             uptime_secs: r.uptime_secs,
             first_seen_unix: r.first_seen as u64,
             last_seen_unix: r.last_seen as u64,

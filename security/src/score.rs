@@ -32,6 +32,11 @@ pub struct Weights {
     pub bad_per_malware: f64,
     /// Per failed DRM check.
     pub bad_per_drm_failure: f64,
+    /// Per compute job whose result agreed with the majority.
+    pub good_per_compute_job: f64,
+    /// Per compute job whose result (or claimed work) disagreed: as bad as a
+    /// corrupt block, since both are a false answer to a request.
+    pub bad_per_wrong_result: f64,
 }
 
 impl Default for Weights {
@@ -44,6 +49,8 @@ impl Default for Weights {
             bad_per_violation: 16.0,
             bad_per_malware: 1000.0,
             bad_per_drm_failure: 16.0,
+            good_per_compute_job: 1.0,
+            bad_per_wrong_result: 16.0,
         }
     }
 }

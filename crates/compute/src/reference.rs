@@ -11,14 +11,19 @@ pub const HASHCHAIN_WAT: &str = include_str!("../../../examples/compute/hashchai
 pub fn hashchain(input: &[u8]) -> Option<String> {
     let (count, data) = input.split_first_chunk::<8>()?;
     let rounds = u64::from_le_bytes(*count);
+    // The words once, zero-padded, as the module lays them out in memory.
+    let words: Vec<u64> = data
+        .chunks(8)
+        .map(|c| {
+            let mut w = [0u8; 8];
+            w[..c.len()].copy_from_slice(c);
+            u64::from_le_bytes(w)
+        })
+        .collect();
     let mut h: u64 = 0x243F_6A88_85A3_08D3;
     for r in 0..rounds {
-        for word in data.chunks(8) {
-            let mut w = [0u8; 8];
-            w[..word.len()].copy_from_slice(word);
-            h = (h ^ u64::from_le_bytes(w))
-                .rotate_left(29)
-                .wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        for &w in &words {
+            h = (h ^ w).rotate_left(29).wrapping_mul(0x9E37_79B9_7F4A_7C15);
             h ^= h >> 32;
         }
         h = h.wrapping_add(r);

@@ -51,7 +51,8 @@ pub struct PublishArgs {
     pub by_path: bool,
 }
 
-fn bar(len: u64, what: &str) -> ProgressBar {
+/// A byte transfer's progress bar of `len` bytes, labelled `what`.
+pub fn bar(len: u64, what: &str) -> ProgressBar {
     let pb = ProgressBar::new(len);
     pb.set_style(
         ProgressStyle::with_template(

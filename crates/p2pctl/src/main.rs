@@ -11,6 +11,7 @@
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
+mod compute;
 mod content;
 mod credit;
 mod group;
@@ -140,6 +141,10 @@ enum Cmd {
     /// Trusted peer groups: create, invite, join, revoke, members, list.
     #[command(subcommand)]
     Group(group::GroupCmd),
+    /// Compute leasing: offer this machine, run jobs on others, receipts
+    /// and balance.
+    #[command(subcommand)]
+    Compute(compute::ComputeCmd),
     /// This command's own session as the node sees it (app name, admin or not).
     Session,
 }
@@ -422,6 +427,7 @@ async fn run(cli: &Cli, c: &Client) -> Result<()> {
         }
         Cmd::Credit(cmd) => credit::run(j, c, cmd).await?,
         Cmd::Group(cmd) => group::run(j, c, cmd).await?,
+        Cmd::Compute(cmd) => compute::run(j, c, cmd).await?,
         Cmd::Rm { id } => {
             c.delete_content(id).await?;
             print(j, json!({"deleted": id}), || format!("deleted {id}"));

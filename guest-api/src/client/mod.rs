@@ -10,6 +10,7 @@
 //! - [`protocols`]: app-defined protocols and the streams they carry.
 //! - [`content`]: publishing, fetching, searching and managing content.
 //! - [`credit`]: the credit ledger's view of peers (admin).
+//! - [`compute`]: leasing compute: offers (admin), jobs, receipts, balance.
 //! - [`services`]: advertising and finding named services.
 //! - [`session`]: this session's state and the node's events.
 //! - [`admin`]: app tokens and every session on the node (admin).
@@ -48,6 +49,7 @@ macro_rules! reply {
 
 mod admin;
 mod builder;
+mod compute;
 mod content;
 mod credit;
 mod dht;
@@ -60,6 +62,7 @@ mod session;
 mod tokio_stream_shim;
 
 pub use builder::{ClientBuilder, ENV_SOCKET, ENV_TOKEN, ENV_TOKEN_FILE, default_socket_path};
+pub use compute::compute_job_ended;
 
 /// Ends the connection task when the last clone of the client goes.
 #[derive(Debug)]

@@ -135,3 +135,43 @@ async fn a_refused_registration_is_forgotten() {
     assert_eq!(refused.code(), Some(pb::ErrorCode::LimitExceeded));
     let _msgs = c.subscribe("t").await.unwrap();
 }
+
+/// The node's answer to a status request: job `j` in `state`.
+fn job_in(state: &str) -> R {
+    R::ComputeJobs(pb::ComputeJobList {
+        jobs: vec![pb::ComputeJob {
+            job_id: "j".into(),
+            state: state.into(),
+            ..Default::default()
+        }],
+    })
+}
+
+#[tokio::test]
+async fn one_job_is_one_job_or_not_found() {
+    let c = scripted(vec![
+        job_in("running"),
+        R::ComputeJobs(pb::ComputeJobList::default()),
+    ])
+    .await;
+    // No id would list every job: refused before asking.
+    let no_id = c.compute_job("").await.unwrap_err();
+    assert_eq!(no_id.code(), Some(pb::ErrorCode::BadRequest));
+    assert_eq!(c.compute_job("j").await.unwrap().state, "running");
+    let gone = c.compute_job("j").await.unwrap_err();
+    assert_eq!(gone.code(), Some(pb::ErrorCode::NotFound));
+}
+
+#[tokio::test]
+async fn waiting_for_a_job_follows_it_until_it_ends() {
+    let c = scripted(vec![job_in("finding"), job_in("running"), job_in("failed")]).await;
+    let mut seen = Vec::new();
+    let end = c
+        .compute_wait("j", |j| seen.push(j.state.clone()))
+        .await
+        .unwrap();
+    // A failed job is an answer, not an error.
+    assert_eq!(end.state, "failed");
+    assert_eq!(seen, ["finding", "running", "failed"]);
+    assert!(crate::compute_job_ended("cancelled") && !crate::compute_job_ended("validating"));
+}

@@ -14,6 +14,7 @@
 
 pub mod apps;
 mod bulk;
+mod compute;
 mod ops;
 pub mod server;
 mod service;

@@ -78,7 +78,7 @@ fn peer_info(p: PeerSummary) -> pb::PeerInfo {
     }
 }
 
-fn require_admin(p: &Principal) -> Result<(), ApiError> {
+pub(crate) fn require_admin(p: &Principal) -> Result<(), ApiError> {
     if p.admin {
         Ok(())
     } else {
@@ -237,6 +237,8 @@ fn credit_pb(c: &p2pvm_security::PeerCredit) -> pb::PeerCredit {
         malware: c.malware,
         drm_passed: c.drm_passed,
         drm_failed: c.drm_failed,
+        compute_agreed: c.compute_agreed,
+        compute_disagreed: c.compute_disagreed,
         uptime_secs: c.uptime_secs,
         first_seen_unix: c.first_seen_unix,
         last_seen_unix: c.last_seen_unix,
@@ -620,6 +622,13 @@ pub(crate) async fn run(svc: &ApiService, who: &Principal, op: Op) -> Result<R, 
                 pem,
             }))
         }
+        op @ (Op::ComputeOffer(_)
+        | Op::ComputeWithdraw(_)
+        | Op::ComputeSubmit(_)
+        | Op::ComputeStatus(_)
+        | Op::ComputeCancel(_)
+        | Op::ComputeBalance(_)
+        | Op::ComputeReceipts(_)) => super::compute::run(svc, who, op).await,
         Op::GroupList(_) => {
             let c = content(svc)?;
             Ok(R::Groups(pb::GroupList {

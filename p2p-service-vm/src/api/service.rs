@@ -28,6 +28,8 @@ pub(crate) struct Inner {
     pub node: NodeHandle,
     /// Content sharing; `None` only in tests that run without a store.
     pub content: Option<ContentService>,
+    /// Compute leasing; `None` only in tests that run without it.
+    pub compute: Option<crate::compute::ComputeService>,
     /// Held only for in-memory reads and updates: every handshake takes it.
     pub apps: Mutex<AppRegistry>,
     /// Serialises changes to the credentials, across their file write.
@@ -61,6 +63,7 @@ impl ApiService {
     pub fn new(
         node: NodeHandle,
         content: Option<ContentService>,
+        compute: Option<crate::compute::ComputeService>,
         apps: AppRegistry,
         limits: ApiLimits,
         shutdown: CancellationToken,
@@ -70,6 +73,7 @@ impl ApiService {
             inner: Arc::new(Inner {
                 node,
                 content,
+                compute,
                 apps: Mutex::new(apps),
                 apps_writes: tokio::sync::Mutex::new(()),
                 limits,

@@ -21,6 +21,7 @@ pub(crate) mod crls;
 mod error;
 mod fastpath;
 mod fetch;
+pub(crate) use fetch::open_protocol;
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod gateway;
@@ -30,7 +31,7 @@ mod sealed;
 mod search;
 mod server;
 mod verdicts;
-mod wire;
+pub(crate) mod wire;
 
 pub use error::{ContentServiceError, LocalError, ProviderError, Unavailable, VerifyError, chain};
 

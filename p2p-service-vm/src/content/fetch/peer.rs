@@ -33,8 +33,19 @@ pub(crate) async fn open_stream(
     svc: &ContentService,
     peer: PeerId,
 ) -> Result<libp2p::Stream, ProviderError> {
+    open_protocol(svc, peer, protocol()).await
+}
+
+/// Opens a stream of `protocol` to `peer`, dialling it through the DHT when
+/// no connection exists yet.
+pub(crate) async fn open_protocol(
+    svc: &ContentService,
+    peer: PeerId,
+    protocol: StreamProtocol,
+) -> Result<libp2p::Stream, ProviderError> {
     let mut control = svc.inner.node.stream_control();
-    let first = tokio::time::timeout(OPEN_TIMEOUT, control.open_stream(peer, protocol())).await;
+    let first =
+        tokio::time::timeout(OPEN_TIMEOUT, control.open_stream(peer, protocol.clone())).await;
     match first {
         Ok(Ok(s)) => return Ok(s),
         Ok(Err(libp2p_stream::OpenStreamError::UnsupportedProtocol(_))) => {
@@ -54,7 +65,7 @@ pub(crate) async fn open_stream(
     })
     .await
     .map_err(ProviderError::Unreachable)?;
-    tokio::time::timeout(OPEN_TIMEOUT, control.open_stream(peer, protocol()))
+    tokio::time::timeout(OPEN_TIMEOUT, control.open_stream(peer, protocol))
         .await
         .map_err(|_| ProviderError::Open("timed out".into()))?
         .map_err(|e| ProviderError::Open(e.to_string()))

@@ -1,0 +1,106 @@
+//! The compute leasing operations: offer, withdraw, submit, status, cancel,
+//! balance, receipts. Offering the machine is an operator's decision
+//! (admin); any app may submit jobs and read their state.
+
+use p2pvm_proto::pb;
+use pb::request::Op;
+use pb::response::Result as R;
+
+use super::apps::Principal;
+use super::ops::require_admin;
+use super::{ApiError, ApiService};
+use crate::compute::{ComputeService, ComputeServiceError, wire};
+
+/// Most receipts one answer lists.
+const MAX_RECEIPTS: usize = 1000;
+
+impl From<ComputeServiceError> for ApiError {
+    fn from(e: ComputeServiceError) -> Self {
+        use ComputeServiceError as E;
+        let code = match &e {
+            E::BadRequest(_) => pb::ErrorCode::BadRequest,
+            E::NotFound(_) => pb::ErrorCode::NotFound,
+            E::Receipts(_) | E::Sandbox(_) | E::Io { .. } => pb::ErrorCode::Internal,
+        };
+        ApiError::new(code, e.to_string())
+    }
+}
+
+fn compute(svc: &ApiService) -> Result<&ComputeService, ApiError> {
+    svc.inner.compute.as_ref().ok_or_else(|| {
+        ApiError::new(
+            pb::ErrorCode::Unavailable,
+            "compute leasing is not running on this node",
+        )
+    })
+}
+
+fn offer_pb(o: Option<wire::Offer>) -> pb::ComputeOffer {
+    match o {
+        Some(o) => pb::ComputeOffer {
+            offering: true,
+            max_memory_bytes: o.max_memory_bytes,
+            max_wall_ms: o.max_wall_ms,
+            max_fuel: o.max_fuel,
+            price_per_mfuel: o.price_per_mfuel,
+            max_jobs: o.max_jobs,
+        },
+        None => pb::ComputeOffer::default(),
+    }
+}
+
+pub(super) async fn run(svc: &ApiService, who: &Principal, op: Op) -> Result<R, ApiError> {
+    let c = compute(svc)?;
+    match op {
+        Op::ComputeOffer(r) => {
+            require_admin(who)?;
+            let o = r.offer.unwrap_or_default();
+            let set = c
+                .set_offer(wire::Offer {
+                    max_memory_bytes: o.max_memory_bytes,
+                    max_wall_ms: o.max_wall_ms,
+                    max_fuel: o.max_fuel,
+                    price_per_mfuel: o.price_per_mfuel,
+                    max_jobs: o.max_jobs,
+                    running: 0,
+                })
+                .await?;
+            Ok(R::ComputeOffer(offer_pb(Some(set))))
+        }
+        Op::ComputeWithdraw(_) => {
+            require_admin(who)?;
+            c.withdraw().await?;
+            Ok(R::Ok(pb::Empty {}))
+        }
+        Op::ComputeSubmit(r) => Ok(R::ComputeJob(c.submit(
+            &r.module_id,
+            &r.input_id,
+            r.budget,
+            r.replicas,
+        )?)),
+        Op::ComputeStatus(r) => {
+            let job = (!r.job_id.is_empty()).then_some(r.job_id.as_str());
+            Ok(R::ComputeJobs(pb::ComputeJobList {
+                jobs: c.status(job)?,
+            }))
+        }
+        Op::ComputeCancel(r) => {
+            c.cancel(&r.job_id)?;
+            Ok(R::Ok(pb::Empty {}))
+        }
+        Op::ComputeBalance(_) => Ok(R::ComputeBalance(c.balance().await)),
+        Op::ComputeReceipts(r) => {
+            let limit = match r.limit {
+                0 => 100,
+                n => (n as usize).min(MAX_RECEIPTS),
+            };
+            Ok(R::ComputeReceipts(pb::ComputeReceiptList {
+                receipts: c.receipts(limit),
+            }))
+        }
+        _ => Err(ApiError::new(
+            pb::ErrorCode::Internal,
+            "operation routed wrongly",
+        )),
+    }
+}

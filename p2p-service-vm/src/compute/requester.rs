@@ -1,0 +1,555 @@
+//! The requester side: one task per submitted job. It finds providers in the
+//! service registry, ranks them by the credit ledger, runs the job on
+//! `replicas` of them, compares their results and pays the majority.
+//!
+//! ```text
+//!  finding ─► running (replicas at once) ─► all back? ─┬─ majority of ≥ 2 agree ─► pay them,
+//!                 ▲                                    │   not the others ─► fetch result ─► done
+//!                 └── one more provider (tie-breaker) ◄┤   no majority yet
+//!                                                      └─ every provider refused the module
+//!                                                          for the same reason ─► failed (typed)
+//! ```
+//!
+//! Results are compared by content id *and* work units: fuel is
+//! deterministic, so a provider that overstates its work disagrees just as
+//! one that returns a wrong answer. The budget is split into `replicas + 1`
+//! equal caps, one per paid run, so a tie-breaker can always be paid too.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use futures::stream::FuturesUnordered;
+use futures::{AsyncWriteExt, StreamExt};
+use libp2p::{PeerId, StreamProtocol};
+use p2pvm_compute::{JobId, ReceiptBody, SignedReceipt, credits_for};
+use p2pvm_content::ContentId;
+use p2pvm_proto::pb;
+use p2pvm_security::{EventKind, Standing};
+use prost::Message;
+use tracing::{info, warn};
+
+use super::wire::{self, Answer, Ask, Request, Response};
+use super::{ComputeService, Job};
+use crate::content::wire::{read_msg, write_msg};
+use crate::node::{Command, service_key};
+
+/// Providers asked for their offer, at most.
+const MAX_CANDIDATES: usize = 20;
+/// How long an offer query may take.
+const OFFER_TIMEOUT: Duration = Duration::from_secs(5);
+/// Time for a provider to fetch the module and input, beyond its wall limit.
+const FETCH_ALLOWANCE: Duration = Duration::from_secs(300);
+/// How long a provider may take to take the verdict.
+const ACK_TIMEOUT: Duration = Duration::from_secs(30);
+/// A run worth starting gets at least this much fuel.
+const MIN_FUEL: u64 = 10_000;
+
+/// What was submitted.
+pub(super) struct Spec {
+    pub id: JobId,
+    pub module: ContentId,
+    pub input: Option<ContentId>,
+    pub budget: u64,
+    pub replicas: u32,
+}
+
+/// A provider and its terms.
+#[derive(Clone)]
+struct Candidate {
+    peer: PeerId,
+    offer: wire::Offer,
+    /// Fuel this run may use: what the per-run cap buys at its price.
+    fuel: u64,
+}
+
+/// Why a job ended without a result: an API error code name and why.
+type Failure = (String, String);
+
+/// A result, with the provider's half of the receipt; its stream waits for
+/// the verdict.
+struct Returned {
+    c: Candidate,
+    body: ReceiptBody,
+    signed: SignedReceipt,
+    stream: libp2p::Stream,
+}
+
+/// A run's answer.
+enum Outcome {
+    /// A result (its candidate is filled in by the caller).
+    Done(Box<(ReceiptBody, SignedReceipt, libp2p::Stream)>),
+    /// No result.
+    Failed { code: String, message: String },
+}
+
+/// Codes that say the provider could not or would not run it (another
+/// provider may): everything else is the job's own fault, the same anywhere.
+fn provider_fault(code: &str) -> bool {
+    matches!(
+        code,
+        "UNAVAILABLE"
+            | "LIMIT_EXCEEDED"
+            | "PERMISSION_DENIED"
+            | "INTERNAL"
+            | "TIMEOUT"
+            | "PROTOCOL_VIOLATION"
+            | "BAD_REQUEST"
+            | "RESOURCE_EXHAUSTED"
+    )
+}
+
+pub(super) async fn run(svc: ComputeService, spec: Spec, job: std::sync::Arc<Job>) {
+    let outcome = tokio::select! {
+        r = drive(&svc, &spec, &job) => r,
+        _ = job.cancel.cancelled() => Err(("COMPUTE_CANCELLED".into(), "cancelled".into())),
+    };
+    match outcome {
+        Ok(result) => {
+            info!(job = %spec.id, %result, "compute job done");
+            job.update(|s| {
+                s.state = "done".into();
+                s.result_id = result.to_string();
+            });
+        }
+        Err((code, message)) => {
+            info!(job = %spec.id, %code, %message, "compute job ended without a result");
+            job.update(|s| {
+                s.state = if code == "COMPUTE_CANCELLED" {
+                    "cancelled"
+                } else {
+                    "failed"
+                }
+                .into();
+                for r in s.runs.iter_mut() {
+                    if r.state == "running" {
+                        r.state = "cancelled".into();
+                    }
+                }
+                s.error_code = code;
+                s.error = message;
+            });
+        }
+    }
+}
+
+async fn drive(svc: &ComputeService, spec: &Spec, job: &Job) -> Result<ContentId, Failure> {
+    let cap = spec.budget / (spec.replicas as u64 + 1);
+    let candidates = candidates(svc, cap).await;
+    if candidates.len() < spec.replicas as usize {
+        return Err((
+            "COMPUTE_NO_PROVIDERS".into(),
+            format!(
+                "{} provider(s) offer compute that a budget of {} credits ({} per run) buys; {} needed",
+                candidates.len(),
+                spec.budget,
+                cap,
+                spec.replicas
+            ),
+        ));
+    }
+    job.update(|s| s.state = "running".into());
+    let mut next = candidates.into_iter();
+    let mut pending = FuturesUnordered::new();
+    let mut results: Vec<Returned> = Vec::new();
+    let mut faults: Vec<(String, String)> = Vec::new();
+    let replicas = spec.replicas as usize;
+    loop {
+        let settled = results.len() + faults.len();
+        let want = if settled < replicas {
+            replicas - settled
+        } else {
+            usize::from(pending.is_empty())
+        };
+        while pending.len() < want {
+            let Some(c) = next.next() else { break };
+            let index = job.status.lock().expect("lock").runs.len();
+            job.update(|s| {
+                s.runs.push(pb::ComputeRun {
+                    provider: c.peer.to_base58(),
+                    state: "running".into(),
+                    ..Default::default()
+                })
+            });
+            pending.push(run_on(svc, spec, c, index));
+        }
+        let Some((c, index, outcome)) = pending.next().await else {
+            return Err(no_quorum(&results, &faults));
+        };
+        match outcome {
+            Outcome::Done(done) => {
+                let (body, signed, stream) = *done;
+                job.update(|s| {
+                    let r = &mut s.runs[index];
+                    r.state = "returned".into();
+                    r.result_id = body.result_id.clone();
+                    r.work_units = body.work_units;
+                });
+                results.push(Returned {
+                    c,
+                    body,
+                    signed,
+                    stream,
+                });
+            }
+            Outcome::Failed { code, message } => {
+                job.update(|s| {
+                    let r = &mut s.runs[index];
+                    r.state = "failed".into();
+                    r.error_code = code.clone();
+                    r.error = message.clone();
+                });
+                if !provider_fault(&code) {
+                    faults.push((code, message));
+                }
+            }
+        }
+        if !pending.is_empty() {
+            continue;
+        }
+        if let Some(key) = majority(&results, replicas) {
+            job.update(|s| s.state = "validating".into());
+            return settle(svc, spec, job, results, key).await;
+        }
+        if results.is_empty() && faults.len() >= replicas {
+            // Every provider that ran it failed it: the module's own fault
+            // (providers could differ in limits, so the most common reason).
+            let mut by_code: HashMap<&str, usize> = HashMap::new();
+            for (c, _) in &faults {
+                *by_code.entry(c).or_default() += 1;
+            }
+            let (code, _) = by_code
+                .into_iter()
+                .max_by_key(|(c, n)| (*n, *c))
+                .expect("faults");
+            let message = faults
+                .iter()
+                .find(|(c, _)| c == code)
+                .map(|(_, m)| m.clone())
+                .unwrap_or_default();
+            return Err((code.to_string(), message));
+        }
+        if results.len() > replicas {
+            // The budget pays replicas + 1 runs, no more.
+            let failure = no_quorum(&results, &faults);
+            reject(results, "no majority").await;
+            return Err(failure);
+        }
+    }
+}
+
+fn no_quorum(results: &[Returned], faults: &[(String, String)]) -> Failure {
+    if results.is_empty()
+        && let Some((code, message)) = faults.first()
+    {
+        return (code.clone(), message.clone());
+    }
+    let distinct: std::collections::HashSet<(&str, u64)> = results
+        .iter()
+        .map(|r| (r.body.result_id.as_str(), r.body.work_units))
+        .collect();
+    (
+        "COMPUTE_NO_QUORUM".into(),
+        format!(
+            "{} result(s), {} distinct, and no more providers to break the tie",
+            results.len(),
+            distinct.len()
+        ),
+    )
+}
+
+/// The (result id, work) that a majority of at least two (or all of a
+/// single replica) agree on.
+fn majority(results: &[Returned], replicas: usize) -> Option<(String, u64)> {
+    let mut counts: HashMap<(&str, u64), usize> = HashMap::new();
+    for r in results {
+        *counts
+            .entry((r.body.result_id.as_str(), r.body.work_units))
+            .or_default() += 1;
+    }
+    let ((id, work), n) = counts.into_iter().max_by_key(|(k, n)| (*n, *k))?;
+    (n >= replicas.min(2) && 2 * n > results.len()).then(|| (id.to_string(), work))
+}
+
+/// Pays the runs that agree with the majority, tells the others why not,
+/// records both in the ledger and fetches the result into the store.
+async fn settle(
+    svc: &ComputeService,
+    spec: &Spec,
+    job: &Job,
+    results: Vec<Returned>,
+    (result_id, work): (String, u64),
+) -> Result<ContentId, Failure> {
+    let ledger = svc.inner.content.inner.ledger.clone();
+    for Returned {
+        c,
+        body,
+        signed,
+        mut stream,
+    } in results
+    {
+        let index = job
+            .snapshot()
+            .runs
+            .iter()
+            .position(|r| r.provider == c.peer.to_base58() && r.state == "returned");
+        let agreed = body.result_id == result_id && body.work_units == work;
+        let verdict = if agreed {
+            match pay(svc, signed).await {
+                Ok(receipt) => wire::Verdict {
+                    receipt,
+                    reason: String::new(),
+                },
+                Err(e) => {
+                    warn!(peer = %c.peer, error = %e, "cannot countersign a receipt");
+                    continue;
+                }
+            }
+        } else {
+            wire::Verdict {
+                receipt: Vec::new(),
+                reason: "the result disagrees with the majority".into(),
+            }
+        };
+        ledger.record(
+            c.peer,
+            if agreed {
+                EventKind::ComputeAgreed
+            } else {
+                EventKind::ComputeDisagreed
+            },
+        );
+        job.update(|s| {
+            if let Some(r) = index.and_then(|i| s.runs.get_mut(i)) {
+                r.state = if agreed { "agreed" } else { "disagreed" }.into();
+                r.credits = if agreed { body.credits } else { 0 };
+            }
+            if agreed {
+                s.credits_spent += body.credits;
+            }
+        });
+        let _ = tokio::time::timeout(ACK_TIMEOUT, tell(&mut stream, verdict)).await;
+    }
+    let id: ContentId = result_id
+        .parse()
+        .map_err(|_| ("INTERNAL".to_string(), "bad result id".to_string()))?;
+    // The result comes in like any content: verified against its id, scanned.
+    svc.inner.content.download(&id).await.map_err(|e| {
+        let api = crate::api::ApiError::from(e);
+        (api.code.as_str_name().to_string(), api.message)
+    })?;
+    info!(job = %spec.id, %id, "compute result agreed and fetched");
+    Ok(id)
+}
+
+/// Countersigns and stores a receipt; returns its encoding.
+async fn pay(svc: &ComputeService, signed: SignedReceipt) -> Result<Vec<u8>, String> {
+    let receipt = signed
+        .countersign(&svc.inner.key)
+        .map_err(|e| e.to_string())?;
+    let receipts = svc.inner.receipts.clone();
+    let r = receipt.clone();
+    tokio::task::spawn_blocking(move || receipts.add(&r))
+        .await
+        .map_err(|e| e.to_string())?
+        .map_err(|e| e.to_string())?;
+    Ok(receipt.signed.encode_to_vec())
+}
+
+async fn reject(results: Vec<Returned>, why: &str) {
+    for Returned { mut stream, .. } in results {
+        let verdict = wire::Verdict {
+            receipt: Vec::new(),
+            reason: why.into(),
+        };
+        let _ = tokio::time::timeout(ACK_TIMEOUT, tell(&mut stream, verdict)).await;
+    }
+}
+
+async fn tell(stream: &mut libp2p::Stream, verdict: wire::Verdict) -> std::io::Result<()> {
+    let req = Request {
+        ask: Some(Ask::Verdict(verdict)),
+    };
+    write_msg(stream, &req).await?;
+    stream.flush().await?;
+    let _ = read_msg::<Response>(stream).await?;
+    stream.close().await
+}
+
+/// Providers in the service registry, with offers this budget buys, best
+/// first: standing, then the ledger's reliability forecast, then price.
+async fn candidates(svc: &ComputeService, cap: u64) -> Vec<Candidate> {
+    let node = &svc.inner.content.inner.node;
+    let me = node.peer_id();
+    let found = node
+        .call_timeout(Duration::from_secs(10), |reply| Command::FindProviders {
+            key: service_key(wire::SERVICE),
+            limit: MAX_CANDIDATES,
+            reply,
+        })
+        .await
+        .unwrap_or_default();
+    let ledger = &svc.inner.content.inner.ledger;
+    let usable: Vec<PeerId> = found
+        .into_iter()
+        .filter(|p| *p != me && ledger.standing(p) < Standing::Refused)
+        .collect();
+    let offers = futures::future::join_all(usable.into_iter().map(|peer| async move {
+        let offer = tokio::time::timeout(OFFER_TIMEOUT, ask_offer(svc, peer)).await;
+        (peer, offer.ok().flatten())
+    }))
+    .await;
+    let mut out: Vec<(Candidate, p2pvm_security::PeerCredit)> = offers
+        .into_iter()
+        .filter_map(|(peer, offer)| {
+            let offer = offer?;
+            let fuel = if offer.price_per_mfuel == 0 {
+                offer.max_fuel
+            } else {
+                let affordable = (cap as u128 * 1_000_000 / offer.price_per_mfuel as u128)
+                    .min(u64::MAX as u128) as u64;
+                affordable.min(offer.max_fuel)
+            };
+            (fuel >= MIN_FUEL).then(|| (Candidate { peer, offer, fuel }, ledger.credit(&peer)))
+        })
+        .collect();
+    out.sort_by(|(a, ca), (b, cb)| {
+        ca.standing
+            .cmp(&cb.standing)
+            .then(cb.reliability.total_cmp(&ca.reliability))
+            .then(a.offer.price_per_mfuel.cmp(&b.offer.price_per_mfuel))
+    });
+    out.into_iter().map(|(c, _)| c).collect()
+}
+
+async fn ask_offer(svc: &ComputeService, peer: PeerId) -> Option<wire::Offer> {
+    let mut stream = crate::content::open_protocol(
+        &svc.inner.content,
+        peer,
+        StreamProtocol::new(wire::PROTOCOL),
+    )
+    .await
+    .ok()?;
+    let req = Request {
+        ask: Some(Ask::GetOffer(wire::Offer::default())),
+    };
+    write_msg(&mut stream, &req).await.ok()?;
+    stream.flush().await.ok()?;
+    match read_msg::<Response>(&mut stream).await.ok()?? {
+        Response {
+            answer: Some(Answer::Offer(o)),
+        } => Some(o),
+        _ => None,
+    }
+}
+
+/// Runs the job on one provider and checks what comes back.
+async fn run_on(
+    svc: &ComputeService,
+    spec: &Spec,
+    c: Candidate,
+    index: usize,
+) -> (Candidate, usize, Outcome) {
+    let failed = |code: &str, message: String| Outcome::Failed {
+        code: code.into(),
+        message,
+    };
+    let limit = Duration::from_millis(c.offer.max_wall_ms) + FETCH_ALLOWANCE;
+    let outcome = match tokio::time::timeout(limit, ask_run(svc, spec, &c)).await {
+        Err(_) => failed("TIMEOUT", "the provider did not answer in time".into()),
+        Ok(Err(e)) => {
+            svc.inner
+                .content
+                .inner
+                .ledger
+                .record(c.peer, EventKind::RequestFailed);
+            failed("UNAVAILABLE", e.to_string())
+        }
+        Ok(Ok((Response { answer }, stream))) => match answer {
+            Some(Answer::Done(bytes)) => match check(svc, spec, &c, &bytes) {
+                Ok((body, signed)) => Outcome::Done(Box::new((body, signed, stream))),
+                Err(why) => {
+                    warn!(peer = %c.peer, %why, "a provider's receipt does not check");
+                    svc.inner
+                        .content
+                        .inner
+                        .ledger
+                        .record(c.peer, EventKind::Violation);
+                    failed("PROTOCOL_VIOLATION", why)
+                }
+            },
+            Some(Answer::Failed(f)) => failed(&f.code, f.message),
+            _ => failed("PROTOCOL_VIOLATION", "an answer out of turn".into()),
+        },
+    };
+    (c, index, outcome)
+}
+
+async fn ask_run(
+    svc: &ComputeService,
+    spec: &Spec,
+    c: &Candidate,
+) -> std::io::Result<(Response, libp2p::Stream)> {
+    let mut stream = crate::content::open_protocol(
+        &svc.inner.content,
+        c.peer,
+        StreamProtocol::new(wire::PROTOCOL),
+    )
+    .await
+    .map_err(std::io::Error::other)?;
+    let run = wire::Run {
+        job_id: spec.id.0.to_vec(),
+        module_id: spec.module.to_string(),
+        input_id: spec.input.map(|i| i.to_string()).unwrap_or_default(),
+        max_fuel: c.fuel,
+        price_per_mfuel: c.offer.price_per_mfuel,
+        requester_key: svc.inner.key.public().encode_protobuf(),
+    };
+    write_msg(
+        &mut stream,
+        &Request {
+            ask: Some(Ask::Run(run)),
+        },
+    )
+    .await?;
+    stream.flush().await?;
+    let answer = read_msg::<Response>(&mut stream)
+        .await?
+        .ok_or_else(|| std::io::Error::other("the provider closed the stream"))?;
+    Ok((answer, stream))
+}
+
+/// A provider's receipt must be for this job, signed by that provider, name
+/// this node, and charge what its offer and the fuel it was given allow.
+fn check(
+    svc: &ComputeService,
+    spec: &Spec,
+    c: &Candidate,
+    bytes: &[u8],
+) -> Result<(ReceiptBody, SignedReceipt), String> {
+    let signed = SignedReceipt::decode(bytes).map_err(|e| e.to_string())?;
+    let body = signed.provider_signed().map_err(|e| e.to_string())?;
+    let provider = libp2p::identity::PublicKey::try_decode_protobuf(&body.provider_key)
+        .map_err(|e| e.to_string())?
+        .to_peer_id();
+    let expect_input = spec.input.map(|i| i.to_string()).unwrap_or_default();
+    if provider != c.peer
+        || body.job_id != spec.id.0
+        || body.module_id != spec.module.to_string()
+        || body.input_id != expect_input
+        || body.requester_key != svc.inner.key.public().encode_protobuf()
+    {
+        return Err("the receipt is for another job or party".into());
+    }
+    if body.work_units > c.fuel
+        || body.credits != credits_for(body.work_units, c.offer.price_per_mfuel)
+    {
+        return Err(format!(
+            "the receipt charges {} credits for {} fuel (given {} at {} per million)",
+            body.credits, body.work_units, c.fuel, c.offer.price_per_mfuel
+        ));
+    }
+    body.result_id
+        .parse::<ContentId>()
+        .map_err(|_| "the result id is not a content id".to_string())?;
+    Ok((body, signed))
+}

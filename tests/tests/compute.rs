@@ -1,0 +1,312 @@
+//! Compute leasing end to end, with real nodes: jobs run on two providers,
+//! both paid by double-signed receipts every node agrees on (and keeps
+//! across restarts); a provider that lies is caught, unpaid and loses credit;
+//! modules that loop, allocate without bound or import what they may not are
+//! stopped or refused with their typed error, and the provider goes on.
+
+use std::time::Duration;
+
+use anyhow::{Context, Result, ensure};
+use guest_api::{Client, proto};
+use p2pvm_compute::reference::{HASHCHAIN_WAT, hashchain, hashchain_input};
+use p2pvm_e2e::{TestNode, eventually, node_with};
+use tokio::io::AsyncReadExt;
+
+const WAIT: Duration = Duration::from_secs(60);
+
+async fn publish(c: &Client, name: &str, data: &[u8]) -> Result<String> {
+    let meta = proto::ContentPublishRequest {
+        name: name.into(),
+        ..Default::default()
+    };
+    Ok(c.publish_content(meta, data).await?.content_id)
+}
+
+async fn fetch(c: &Client, id: &str) -> Result<Vec<u8>> {
+    let (_, mut s) = c.fetch_content(id, 0, 0, true).await?;
+    let mut out = Vec::new();
+    s.read_to_end(&mut out).await?;
+    Ok(out)
+}
+
+async fn offer(node: &TestNode, price: u64, extra: proto::ComputeOffer) -> Result<()> {
+    let set = node
+        .admin()
+        .await?
+        .compute_offer(proto::ComputeOffer {
+            price_per_mfuel: price,
+            ..extra
+        })
+        .await?;
+    ensure!(set.offering && set.price_per_mfuel == price, "{set:?}");
+    Ok(())
+}
+
+/// Waits until `requester` finds `n` compute providers in the registry.
+async fn providers(requester: &Client, n: usize) -> Result<()> {
+    eventually(
+        WAIT,
+        "compute providers in the service registry",
+        || async {
+            let found = requester.find_service("p2pvm-compute").await.ok()?;
+            (found.len() >= n).then_some(())
+        },
+    )
+    .await
+}
+
+async fn run(c: &Client, module: &str, input: &str, budget: u64) -> Result<proto::ComputeJob> {
+    let job = c.compute_submit(module, input, budget, 2).await?;
+    ensure!(!job.job_id.is_empty(), "{job:?}");
+    let done = tokio::time::timeout(
+        Duration::from_secs(180),
+        c.compute_wait(&job.job_id, |_| {}),
+    )
+    .await
+    .context("the job did not end")??;
+    Ok(done)
+}
+
+async fn balance(node: &TestNode) -> Result<proto::ComputeBalance> {
+    Ok(node.admin().await?.compute_balance().await?)
+}
+
+/// Every receipt a node holds, summed for it: (earned, spent).
+async fn from_receipts(node: &TestNode) -> Result<(u64, u64, usize)> {
+    let me = node.peer_id.to_string();
+    let receipts = node.admin().await?.compute_receipts(1000).await?;
+    let earned = receipts
+        .iter()
+        .filter(|r| r.provider == me)
+        .map(|r| r.credits)
+        .sum();
+    let spent = receipts
+        .iter()
+        .filter(|r| r.requester == me)
+        .map(|r| r.credits)
+        .sum();
+    Ok((earned, spent, receipts.len()))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jobs_run_on_two_providers_both_are_paid_and_balances_survive_restarts() -> Result<()> {
+    let mut requester = node_with(&[], None).await?;
+    let mut p1 = node_with(&[&requester], None).await?;
+    let p2 = node_with(&[&requester], None).await?;
+    offer(&p1, 2, Default::default()).await?;
+    offer(&p2, 3, Default::default()).await?;
+    let r = requester.admin().await?;
+    providers(&r, 2).await?;
+
+    let input = hashchain_input(400, 64 << 10);
+    let module = publish(&r, "hashchain.wat", HASHCHAIN_WAT.as_bytes()).await?;
+    let input_id = publish(&r, "input.bin", &input).await?;
+    let job = run(&r, &module, &input_id, 1_000_000).await?;
+    ensure!(job.state == "done", "{job:?}");
+    // The agreed result is the right answer, stored on the requester.
+    let out = fetch(&r, &job.result_id).await?;
+    ensure!(out == hashchain(&input).unwrap().as_bytes(), "{out:?}");
+    ensure!(job.runs.len() == 2, "{job:?}");
+    ensure!(job.runs.iter().all(|run| run.state == "agreed"), "{job:?}");
+    let work = job.runs[0].work_units;
+    ensure!(work > 400 * 8192, "work {work} must reflect the rounds");
+    ensure!(
+        job.runs.iter().all(|run| run.work_units == work),
+        "fuel is exact: {job:?}"
+    );
+    let paid: u64 = job.runs.iter().map(|run| run.credits).sum();
+    ensure!(paid == job.credits_spent && paid > 0, "{job:?}");
+
+    // Balances: the requester spent what the providers earned, and every
+    // node's balance is what its own receipts say.
+    let credit_of = |peer: &TestNode| {
+        job.runs
+            .iter()
+            .find(|run| run.provider == peer.peer_id)
+            .map(|run| run.credits)
+            .unwrap_or(0)
+    };
+    let (c1, c2) = (credit_of(&p1), credit_of(&p2));
+    ensure!(
+        c1 > 0 && c2 > 0 && c2 > c1,
+        "p2 charges more per fuel: {c1} {c2}"
+    );
+    let check = |b: &proto::ComputeBalance, earned: u64, spent: u64, receipts: u64| {
+        ensure!(
+            (b.earned, b.spent, b.balance, b.receipts)
+                == (earned, spent, earned as i64 - spent as i64, receipts),
+            "{b:?}, expected earned {earned} spent {spent}"
+        );
+        Ok(())
+    };
+    for _ in 0..2 {
+        check(&balance(&requester).await?, 0, c1 + c2, 2)?;
+        check(&balance(&p1).await?, c1, 0, 1)?;
+        check(&balance(&p2).await?, c2, 0, 1)?;
+        for node in [&requester, &p1, &p2] {
+            let (earned, spent, n) = from_receipts(node).await?;
+            let b = balance(node).await?;
+            ensure!((earned, spent, n as u64) == (b.earned, b.spent, b.receipts));
+        }
+        // Both sides hold the same receipt, byte for byte.
+        let ours = requester.admin().await?.compute_receipts(10).await?;
+        let theirs = p1.admin().await?.compute_receipts(10).await?;
+        ensure!(theirs.len() == 1 && ours.iter().any(|r| r.signed == theirs[0].signed));
+        // Restarts keep all of it.
+        requester.restart().await?;
+        p1.restart().await?;
+    }
+    // The provider that restarted still offers, and credit went up for both.
+    let r = requester.admin().await?;
+    for p in [&p1, &p2] {
+        let c = r.credit_show(&p.peer_id.to_string()).await?;
+        ensure!(c.compute_agreed == 1 && c.compute_disagreed == 0, "{c:?}");
+    }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_provider_returning_a_wrong_result_is_caught_unpaid_and_loses_credit() -> Result<()> {
+    let requester = node_with(&[], None).await?;
+    let honest1 = node_with(&[&requester], None).await?;
+    let honest2 = node_with(&[&requester], None).await?;
+    let liar = node_with(
+        &[&requester],
+        Some("[compute]\ntest_wrong_results = true\n".into()),
+    )
+    .await?;
+    // The liar is the cheapest, so it is among the first two chosen.
+    offer(&liar, 1, Default::default()).await?;
+    offer(&honest1, 2, Default::default()).await?;
+    offer(&honest2, 2, Default::default()).await?;
+    let r = requester.admin().await?;
+    providers(&r, 3).await?;
+    let input = hashchain_input(100, 16 << 10);
+    let module = publish(&r, "hashchain.wat", HASHCHAIN_WAT.as_bytes()).await?;
+    let input_id = publish(&r, "input.bin", &input).await?;
+    let before = r.credit_show(&liar.peer_id.to_string()).await?;
+    let job = run(&r, &module, &input_id, 1_000_000).await?;
+    ensure!(job.state == "done", "{job:?}");
+    ensure!(
+        fetch(&r, &job.result_id).await? == hashchain(&input).unwrap().as_bytes(),
+        "the majority's answer is the right one"
+    );
+    let liar_id = liar.peer_id.to_string();
+    let lied = job
+        .runs
+        .iter()
+        .find(|run| run.provider == liar_id)
+        .context("the cheapest provider ran it")?;
+    ensure!(lied.state == "disagreed" && lied.credits == 0, "{job:?}");
+    ensure!(job.runs.len() == 3, "a tie-breaker ran: {job:?}");
+    ensure!(
+        job.runs.iter().filter(|run| run.state == "agreed").count() == 2,
+        "{job:?}"
+    );
+    // Unpaid: the liar holds no receipt, the requester holds none for it.
+    ensure!(balance(&liar).await?.receipts == 0);
+    ensure!(balance(&liar).await?.earned == 0);
+    let receipts = r.compute_receipts(10).await?;
+    ensure!(receipts.len() == 2 && receipts.iter().all(|x| x.provider != liar_id));
+    // And it lost credit.
+    let after = r.credit_show(&liar_id).await?;
+    ensure!(after.compute_disagreed == 1, "{after:?}");
+    ensure!(after.score < before.score, "{before:?} -> {after:?}");
+    for honest in [&honest1, &honest2] {
+        let c = r.credit_show(&honest.peer_id.to_string()).await?;
+        ensure!(c.compute_agreed == 1 && c.score >= before.score, "{c:?}");
+    }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn modules_that_loop_hog_memory_or_import_too_much_fail_typed_and_providers_go_on()
+-> Result<()> {
+    let requester = node_with(&[], None).await?;
+    let limits = proto::ComputeOffer {
+        max_memory_bytes: 16 << 20,
+        max_wall_ms: 2_000,
+        ..Default::default()
+    };
+    let p1 = node_with(&[&requester], None).await?;
+    let p2 = node_with(&[&requester], None).await?;
+    offer(&p1, 1, limits).await?;
+    offer(&p2, 1, limits).await?;
+    let r = requester.admin().await?;
+    providers(&r, 2).await?;
+
+    let cases = [
+        (
+            "loop.wat",
+            r#"(module (memory (export "memory") 1)
+                 (func (export "run") (result i32) (loop $l (br $l)) (i32.const 0)))"#,
+            // 30 credits: 10 per run at 1 per million fuel.
+            30,
+            "COMPUTE_OUT_OF_FUEL",
+        ),
+        (
+            "loop-rich.wat",
+            r#"(module (memory (export "memory") 1)
+                 (func (export "run") (result i32) (loop $l (br $l)) (i32.const 1)))"#,
+            // Fuel for minutes: the providers' 2 s wall clock stops it.
+            300_000_000,
+            "COMPUTE_WALL_TIME",
+        ),
+        (
+            "grow.wat",
+            r#"(module (memory (export "memory") 1)
+                 (func (export "run") (result i32)
+                   (loop $l (br_if $l (i32.ge_s (memory.grow (i32.const 16)) (i32.const 0))))
+                   (i32.const 0)))"#,
+            1_000,
+            "COMPUTE_MEMORY_LIMIT",
+        ),
+        (
+            "wasi.wat",
+            r#"(module (import "wasi_snapshot_preview1" "proc_exit" (func (param i32)))
+                 (memory (export "memory") 1) (func (export "run") (result i32) (i32.const 0)))"#,
+            1_000,
+            "COMPUTE_FORBIDDEN_IMPORT",
+        ),
+        (
+            "garbage.wasm",
+            "\0asm\u{1}\0\0\0 not really",
+            1_000,
+            "COMPUTE_INVALID_MODULE",
+        ),
+    ];
+    for (name, module, budget, code) in cases {
+        let id = publish(&r, name, module.as_bytes()).await?;
+        let job = run(&r, &id, "", budget).await?;
+        ensure!(
+            job.state == "failed" && job.error_code == code,
+            "{name}: {job:?}"
+        );
+        ensure!(
+            job.credits_spent == 0 && job.result_id.is_empty(),
+            "{name}: {job:?}"
+        );
+        ensure!(
+            job.runs.iter().all(|run| run.error_code == code),
+            "{name}: {job:?}"
+        );
+    }
+    // Nothing was paid, and nobody was blamed for the module's faults.
+    ensure!(balance(&requester).await?.receipts == 0);
+    for p in [&p1, &p2] {
+        let c = r.credit_show(&p.peer_id.to_string()).await?;
+        ensure!(c.compute_disagreed == 0 && c.violations == 0, "{c:?}");
+    }
+    // The providers go on serving: a good job right after runs and pays.
+    let input = hashchain_input(10, 4096);
+    let module = publish(&r, "hashchain.wat", HASHCHAIN_WAT.as_bytes()).await?;
+    let input_id = publish(&r, "input.bin", &input).await?;
+    let job = run(&r, &module, &input_id, 1_000_000).await?;
+    ensure!(job.state == "done", "{job:?}");
+    ensure!(fetch(&r, &job.result_id).await? == hashchain(&input).unwrap().as_bytes());
+    ensure!(balance(&requester).await?.receipts == 2);
+    // A budget too small for any provider is refused by name.
+    let job = run(&r, &module, &input_id, 1).await?;
+    ensure!(job.error_code == "COMPUTE_NO_PROVIDERS", "{job:?}");
+    Ok(())
+}
