@@ -159,3 +159,79 @@ async fn p2pctl_groups_and_rights_as_an_operator_uses_them() -> Result<()> {
     assert!(String::from_utf8_lossy(&out.stderr).contains("DRM_EXPIRED"));
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn p2pctl_compute_as_an_operator_and_a_requester_use_it() -> Result<()> {
+    use p2pvm_compute::reference::{hashchain, hashchain_input};
+    let requester = p2pvm_e2e::node_with(&[], None).await?;
+    let p1 = p2pvm_e2e::node_with(&[&requester], None).await?;
+    let p2 = p2pvm_e2e::node_with(&[&requester], None).await?;
+    for p in [&p1, &p2] {
+        let out = p2pctl(p, None, &["--json", "compute", "offer", "--price", "2"]).await?;
+        let offer = ok(&out);
+        assert!(offer.contains("\"offering\":true"), "{offer}");
+    }
+    let r = requester.admin().await?;
+    p2pvm_e2e::eventually(
+        std::time::Duration::from_secs(60),
+        "two compute providers",
+        || async { (r.find_service("p2pvm-compute").await.ok()?.len() >= 2).then_some(()) },
+    )
+    .await?;
+    let dir = tempfile::tempdir()?;
+    let input = hashchain_input(50, 8 << 10);
+    let input_path = dir.path().join("input.bin");
+    std::fs::write(&input_path, &input)?;
+    let module = concat!(env!("CARGO_MANIFEST_DIR"), "/../examples/compute/hashchain.wat");
+    // Files are published first; the job is followed to the end.
+    let out = p2pctl(
+        &requester,
+        None,
+        &[
+            "--json",
+            "compute",
+            "submit",
+            module,
+            "--input",
+            input_path.to_str().unwrap(),
+            "--budget",
+            "100000",
+        ],
+    )
+    .await?;
+    let job: serde_json::Value = serde_json::from_str(&ok(&out))?;
+    assert_eq!(job["state"], "done", "{job}");
+    let job_id = job["job_id"].as_str().unwrap().to_owned();
+    let result_path = dir.path().join("out.txt");
+    let out = p2pctl(
+        &requester,
+        None,
+        &["compute", "result", &job_id[..12], "-o", result_path.to_str().unwrap()],
+    )
+    .await?;
+    ok(&out);
+    assert_eq!(std::fs::read_to_string(&result_path)?, hashchain(&input).unwrap());
+    // The provider's balance and receipts, as tables.
+    let balance: serde_json::Value =
+        serde_json::from_str(&ok(&p2pctl(&p1, None, &["--json", "compute", "balance"]).await?))?;
+    assert!(balance["earned"].as_u64().unwrap() > 0, "{balance}");
+    let table = ok(&p2pctl(&requester, None, &["compute", "receipts"]).await?);
+    assert!(table.starts_with("RECEIPT") && table.lines().count() == 3, "{table}");
+    // A module that imports what it may not: a non-zero exit naming why.
+    let bad = dir.path().join("bad.wat");
+    std::fs::write(
+        &bad,
+        r#"(module (import "env" "clock" (func)) (memory (export "memory") 1)
+             (func (export "run") (result i32) (i32.const 0)))"#,
+    )?;
+    let out = p2pctl(
+        &requester,
+        None,
+        &["compute", "submit", bad.to_str().unwrap(), "--budget", "1000"],
+    )
+    .await?;
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("COMPUTE_FORBIDDEN_IMPORT"), "{err}");
+    Ok(())
+}
