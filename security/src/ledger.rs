@@ -39,6 +39,15 @@ fn db<E: Into<redb::Error>>(e: E) -> LedgerError {
     LedgerError::Db(Box::new(e.into()))
 }
 
+/// A smoothed rate: the first sample as it is, then a fifth of each new one.
+fn ewma(old: f64, sample: f64) -> f64 {
+    if old == 0.0 {
+        sample
+    } else {
+        0.8 * old + 0.2 * sample
+    }
+}
+
 fn now_secs() -> f64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -78,8 +87,14 @@ pub enum EventKind {
     DrmPassed,
     /// A DRM check on the peer's content failed.
     DrmFailed,
-    /// A compute job the peer ran agreed with the majority (it was paid).
-    ComputeAgreed,
+    /// A compute job the peer ran agreed with the majority (it was paid):
+    /// `fuel` units of work returned `secs` after they were asked for.
+    ComputeAgreed {
+        /// Work units (fuel) of the run.
+        fuel: u64,
+        /// Seconds from the request to the result.
+        secs: f64,
+    },
     /// A compute job the peer ran disagreed with the majority (wrong result
     /// or overstated work; it was not paid).
     ComputeDisagreed,
@@ -102,7 +117,7 @@ impl EventKind {
             Self::Malware { .. } => "malware",
             Self::DrmPassed => "drm-passed",
             Self::DrmFailed => "drm-failed",
-            Self::ComputeAgreed => "compute-agreed",
+            Self::ComputeAgreed { .. } => "compute-agreed",
             Self::ComputeDisagreed => "compute-disagreed",
             Self::Seen { .. } => "seen",
         }
@@ -179,6 +194,9 @@ struct Record {
     compute_agreed: u64,
     #[prost(uint64, tag = "18")]
     compute_disagreed: u64,
+    /// Smoothed compute rate, fuel per second (0 = never measured).
+    #[prost(double, tag = "19")]
+    compute_fuel_per_sec: f64,
 }
 
 /// A peer's credit as operators and the content engine see it.
@@ -216,6 +234,9 @@ pub struct PeerCredit {
     pub compute_agreed: u64,
     /// Compute jobs it ran whose result disagreed.
     pub compute_disagreed: u64,
+    /// Forecast: its compute rate, fuel per second from request to result
+    /// (0 = unknown).
+    pub expected_fuel_per_sec: f64,
     /// Seconds connected, in total.
     pub uptime_secs: u64,
     /// Unix seconds of the first and last observation.
@@ -320,12 +341,7 @@ impl Ledger {
                 r.bytes_received += bytes;
                 r.good += *bytes as f64 / 1048576.0 * w.good_per_mib;
                 if *secs > 0.0 && *bytes > 0 {
-                    let sample = *bytes as f64 / secs;
-                    r.rate_bps = if r.rate_bps == 0.0 {
-                        sample
-                    } else {
-                        0.8 * r.rate_bps + 0.2 * sample
-                    };
+                    r.rate_bps = ewma(r.rate_bps, *bytes as f64 / secs);
                 }
                 amount = *bytes;
             }
@@ -359,9 +375,13 @@ impl Ledger {
                 r.drm_failed += 1;
                 r.bad += w.bad_per_drm_failure;
             }
-            EventKind::ComputeAgreed => {
+            EventKind::ComputeAgreed { fuel, secs } => {
                 r.compute_agreed += 1;
                 r.good += w.good_per_compute_job;
+                if *secs > 0.0 && *fuel > 0 {
+                    r.compute_fuel_per_sec = ewma(r.compute_fuel_per_sec, *fuel as f64 / secs);
+                }
+                amount = *fuel;
             }
             EventKind::ComputeDisagreed => {
                 r.compute_disagreed += 1;
@@ -420,6 +440,7 @@ impl Ledger {
             drm_failed: r.drm_failed,
             compute_agreed: r.compute_agreed,
             compute_disagreed: r.compute_disagreed,
+            expected_fuel_per_sec: r.compute_fuel_per_sec,
             uptime_secs: r.uptime_secs,
             first_seen_unix: r.first_seen as u64,
             last_seen_unix: r.last_seen as u64,
@@ -599,6 +620,35 @@ mod tests {
         let list = l.list();
         assert_eq!(list[0].peer, good);
         assert_eq!(list[1].peer, bad);
+    }
+
+    #[test]
+    fn compute_results_move_the_score_and_the_speed_forecast() {
+        let dir = tempfile::tempdir().unwrap();
+        let l = ledger(dir.path());
+        let (honest, liar) = (PeerId::random(), PeerId::random());
+        for secs in [2.0, 4.0] {
+            l.record(
+                honest,
+                EventKind::ComputeAgreed {
+                    fuel: 8_000_000,
+                    secs,
+                },
+            );
+        }
+        l.record(liar, EventKind::ComputeDisagreed);
+        let h = l.credit(&honest);
+        assert_eq!((h.compute_agreed, h.compute_disagreed), (2, 0));
+        assert!(h.score > 50, "{h:?}");
+        // 4 M/s first, then a fifth of the way to 2 M/s.
+        assert!((h.expected_fuel_per_sec - 3_600_000.0).abs() < 1.0, "{h:?}");
+        let b = l.credit(&liar);
+        assert_eq!((b.compute_agreed, b.compute_disagreed), (0, 1));
+        assert!(
+            b.score < 15,
+            "one wrong answer outweighs a stranger's doubt: {b:?}"
+        );
+        assert_eq!(b.expected_fuel_per_sec, 0.0);
     }
 
     #[test]

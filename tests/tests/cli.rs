@@ -182,7 +182,10 @@ async fn p2pctl_compute_as_an_operator_and_a_requester_use_it() -> Result<()> {
     let input = hashchain_input(50, 8 << 10);
     let input_path = dir.path().join("input.bin");
     std::fs::write(&input_path, &input)?;
-    let module = concat!(env!("CARGO_MANIFEST_DIR"), "/../examples/compute/hashchain.wat");
+    let module = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../examples/compute/hashchain.wat"
+    );
     // Files are published first; the job is followed to the end.
     let out = p2pctl(
         &requester,
@@ -206,17 +209,31 @@ async fn p2pctl_compute_as_an_operator_and_a_requester_use_it() -> Result<()> {
     let out = p2pctl(
         &requester,
         None,
-        &["compute", "result", &job_id[..12], "-o", result_path.to_str().unwrap()],
+        &[
+            "compute",
+            "result",
+            &job_id[..12],
+            "-o",
+            result_path.to_str().unwrap(),
+        ],
     )
     .await?;
     ok(&out);
-    assert_eq!(std::fs::read_to_string(&result_path)?, hashchain(&input).unwrap());
+    assert_eq!(
+        std::fs::read_to_string(&result_path)?,
+        hashchain(&input).unwrap()
+    );
     // The provider's balance and receipts, as tables.
     let balance: serde_json::Value =
-        serde_json::from_str(&ok(&p2pctl(&p1, None, &["--json", "compute", "balance"]).await?))?;
+        serde_json::from_str(&ok(
+            &p2pctl(&p1, None, &["--json", "compute", "balance"]).await?
+        ))?;
     assert!(balance["earned"].as_u64().unwrap() > 0, "{balance}");
     let table = ok(&p2pctl(&requester, None, &["compute", "receipts"]).await?);
-    assert!(table.starts_with("RECEIPT") && table.lines().count() == 3, "{table}");
+    assert!(
+        table.starts_with("RECEIPT") && table.lines().count() == 3,
+        "{table}"
+    );
     // A module that imports what it may not: a non-zero exit naming why.
     let bad = dir.path().join("bad.wat");
     std::fs::write(
@@ -227,7 +244,13 @@ async fn p2pctl_compute_as_an_operator_and_a_requester_use_it() -> Result<()> {
     let out = p2pctl(
         &requester,
         None,
-        &["compute", "submit", bad.to_str().unwrap(), "--budget", "1000"],
+        &[
+            "compute",
+            "submit",
+            bad.to_str().unwrap(),
+            "--budget",
+            "1000",
+        ],
     )
     .await?;
     assert!(!out.status.success());

@@ -161,6 +161,7 @@ async fn jobs_run_on_two_providers_both_are_paid_and_balances_survive_restarts()
     for p in [&p1, &p2] {
         let c = r.credit_show(&p.peer_id.to_string()).await?;
         ensure!(c.compute_agreed == 1 && c.compute_disagreed == 0, "{c:?}");
+        ensure!(c.expected_fuel_per_sec > 0.0, "a speed forecast: {c:?}");
     }
     Ok(())
 }

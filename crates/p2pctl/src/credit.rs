@@ -52,6 +52,8 @@ fn credit_json(c: &proto::PeerCredit) -> serde_json::Value {
         "requests_ok": c.requests_ok, "requests_failed": c.requests_failed,
         "corrupt_blocks": c.corrupt_blocks, "violations": c.violations, "malware": c.malware,
         "drm_passed": c.drm_passed, "drm_failed": c.drm_failed, "uptime_secs": c.uptime_secs,
+        "compute_agreed": c.compute_agreed, "compute_disagreed": c.compute_disagreed,
+        "expected_fuel_per_sec": c.expected_fuel_per_sec,
         "first_seen_unix": c.first_seen_unix, "last_seen_unix": c.last_seen_unix,
         "banned_until_unix": c.banned_until_unix, "ban_reason": c.ban_reason,
     })
@@ -102,7 +104,7 @@ pub async fn run(j: bool, c: &Client, cmd: &CreditCmd) -> Result<()> {
             let p = c.credit_show(peer).await?;
             print(j, credit_json(&p), || {
                 let mut s = format!(
-                    "{}\n  score:        {} ({})\n  forecast:     {} MiB/s, reliability {:.2}\n  received:     {} MiB   served: {} MiB\n  requests:     {} ok, {} failed\n  corrupt:      {} blocks   violations: {}   malware: {}\n  DRM checks:   {} passed, {} failed\n  connected:    {} s in total",
+                    "{}\n  score:        {} ({})\n  forecast:     {} MiB/s, reliability {:.2}\n  received:     {} MiB   served: {} MiB\n  requests:     {} ok, {} failed\n  corrupt:      {} blocks   violations: {}   malware: {}\n  DRM checks:   {} passed, {} failed\n  compute:      {} agreed, {} disagreed, {:.1} M fuel/s\n  connected:    {} s in total",
                     p.peer_id,
                     p.score,
                     p.standing,
@@ -117,6 +119,9 @@ pub async fn run(j: bool, c: &Client, cmd: &CreditCmd) -> Result<()> {
                     p.malware,
                     p.drm_passed,
                     p.drm_failed,
+                    p.compute_agreed,
+                    p.compute_disagreed,
+                    p.expected_fuel_per_sec / 1e6,
                     p.uptime_secs
                 );
                 if p.banned_until_unix > 0 {

@@ -239,6 +239,7 @@ fn credit_pb(c: &p2pvm_security::PeerCredit) -> pb::PeerCredit {
         drm_failed: c.drm_failed,
         compute_agreed: c.compute_agreed,
         compute_disagreed: c.compute_disagreed,
+        expected_fuel_per_sec: c.expected_fuel_per_sec,
         uptime_secs: c.uptime_secs,
         first_seen_unix: c.first_seen_unix,
         last_seen_unix: c.last_seen_unix,

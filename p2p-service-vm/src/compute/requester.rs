@@ -72,12 +72,14 @@ struct Returned {
     body: ReceiptBody,
     signed: SignedReceipt,
     stream: libp2p::Stream,
+    /// From the request to the result.
+    took: Duration,
 }
 
 /// A run's answer.
 enum Outcome {
     /// A result (its candidate is filled in by the caller).
-    Done(Box<(ReceiptBody, SignedReceipt, libp2p::Stream)>),
+    Done(Box<(ReceiptBody, SignedReceipt, libp2p::Stream, Duration)>),
     /// No result.
     Failed { code: String, message: String },
 }
@@ -177,7 +179,7 @@ async fn drive(svc: &ComputeService, spec: &Spec, job: &Job) -> Result<ContentId
         };
         match outcome {
             Outcome::Done(done) => {
-                let (body, signed, stream) = *done;
+                let (body, signed, stream, took) = *done;
                 job.update(|s| {
                     let r = &mut s.runs[index];
                     r.state = "returned".into();
@@ -189,6 +191,7 @@ async fn drive(svc: &ComputeService, spec: &Spec, job: &Job) -> Result<ContentId
                     body,
                     signed,
                     stream,
+                    took,
                 });
             }
             Outcome::Failed { code, message } => {
@@ -285,6 +288,7 @@ async fn settle(
         body,
         signed,
         mut stream,
+        took,
     } in results
     {
         let index = job
@@ -313,7 +317,10 @@ async fn settle(
         ledger.record(
             c.peer,
             if agreed {
-                EventKind::ComputeAgreed
+                EventKind::ComputeAgreed {
+                    fuel: body.work_units,
+                    secs: took.as_secs_f64(),
+                }
             } else {
                 EventKind::ComputeDisagreed
             },
@@ -376,7 +383,9 @@ async fn tell(stream: &mut libp2p::Stream, verdict: wire::Verdict) -> std::io::R
 }
 
 /// Providers in the service registry, with offers this budget buys, best
-/// first: standing, then the ledger's reliability forecast, then price.
+/// first by the credit ledger's forecasts: standing, then reliability (in
+/// steps of 0.05, so noise does not outrank the rest), then compute speed,
+/// then price.
 async fn candidates(svc: &ComputeService, cap: u64) -> Vec<Candidate> {
     let node = &svc.inner.content.inner.node;
     let me = node.peer_id();
@@ -412,10 +421,15 @@ async fn candidates(svc: &ComputeService, cap: u64) -> Vec<Candidate> {
             (fuel >= MIN_FUEL).then(|| (Candidate { peer, offer, fuel }, ledger.credit(&peer)))
         })
         .collect();
+    let step = |r: f64| (r * 20.0).round() as i64;
     out.sort_by(|(a, ca), (b, cb)| {
         ca.standing
             .cmp(&cb.standing)
-            .then(cb.reliability.total_cmp(&ca.reliability))
+            .then(step(cb.reliability).cmp(&step(ca.reliability)))
+            .then(
+                cb.expected_fuel_per_sec
+                    .total_cmp(&ca.expected_fuel_per_sec),
+            )
             .then(a.offer.price_per_mfuel.cmp(&b.offer.price_per_mfuel))
     });
     out.into_iter().map(|(c, _)| c).collect()
@@ -454,6 +468,7 @@ async fn run_on(
         message,
     };
     let limit = Duration::from_millis(c.offer.max_wall_ms) + FETCH_ALLOWANCE;
+    let asked = std::time::Instant::now();
     let outcome = match tokio::time::timeout(limit, ask_run(svc, spec, &c)).await {
         Err(_) => failed("TIMEOUT", "the provider did not answer in time".into()),
         Ok(Err(e)) => {
@@ -466,7 +481,9 @@ async fn run_on(
         }
         Ok(Ok((Response { answer }, stream))) => match answer {
             Some(Answer::Done(bytes)) => match check(svc, spec, &c, &bytes) {
-                Ok((body, signed)) => Outcome::Done(Box::new((body, signed, stream))),
+                Ok((body, signed)) => {
+                    Outcome::Done(Box::new((body, signed, stream, asked.elapsed())))
+                }
                 Err(why) => {
                     warn!(peer = %c.peer, %why, "a provider's receipt does not check");
                     svc.inner
