@@ -501,3 +501,17 @@ pub async fn fetch_or_refusal(
         .context("reading the stream")?;
     Ok(Ok(out))
 }
+
+/// Publishes `data` as an item named `name` with default rights; its id.
+pub async fn publish_named(c: &Client, name: &str, data: &[u8]) -> Result<String> {
+    let meta = guest_api::proto::ContentPublishRequest {
+        name: name.into(),
+        ..Default::default()
+    };
+    Ok(c.publish_content(meta, data).await?.content_id)
+}
+
+/// Fetches a whole item, kept in the node's store; any refusal fails.
+pub async fn fetch_whole(c: &Client, id: &str) -> Result<Vec<u8>> {
+    Ok(fetch_or_refusal(c, id, true).await??)
+}

@@ -9,25 +9,9 @@ use std::time::Duration;
 use anyhow::{Context, Result, ensure};
 use guest_api::{Client, proto};
 use p2pvm_compute::reference::{HASHCHAIN_WAT, hashchain, hashchain_input};
-use p2pvm_e2e::{TestNode, eventually, node_with};
-use tokio::io::AsyncReadExt;
+use p2pvm_e2e::{TestNode, eventually, fetch_whole as fetch, node_with, publish_named as publish};
 
 const WAIT: Duration = Duration::from_secs(60);
-
-async fn publish(c: &Client, name: &str, data: &[u8]) -> Result<String> {
-    let meta = proto::ContentPublishRequest {
-        name: name.into(),
-        ..Default::default()
-    };
-    Ok(c.publish_content(meta, data).await?.content_id)
-}
-
-async fn fetch(c: &Client, id: &str) -> Result<Vec<u8>> {
-    let (_, mut s) = c.fetch_content(id, 0, 0, true).await?;
-    let mut out = Vec::new();
-    s.read_to_end(&mut out).await?;
-    Ok(out)
-}
 
 async fn offer(node: &TestNode, price: u64, extra: proto::ComputeOffer) -> Result<()> {
     let set = node
@@ -290,6 +274,20 @@ async fn modules_that_loop_hog_memory_or_import_too_much_fail_typed_and_provider
         ensure!(
             job.runs.iter().all(|run| run.error_code == code),
             "{name}: {job:?}"
+        );
+    }
+    // An input larger than the providers' memory is refused from its
+    // manifest, before either provider fetches it.
+    let big = p2pvm_e2e::pseudo_random(17 << 20, 7);
+    let big_id = publish(&r, "big.bin", &big).await?;
+    let module = publish(&r, "hashchain.wat", HASHCHAIN_WAT.as_bytes()).await?;
+    let job = run(&r, &module, &big_id, 1_000).await?;
+    ensure!(job.error_code == "COMPUTE_MEMORY_LIMIT", "{job:?}");
+    for p in [&p1, &p2] {
+        let held = p.admin().await?.content_list().await?;
+        ensure!(
+            held.iter().all(|c| c.content_id != big_id),
+            "fetched anyway"
         );
     }
     // Nothing was paid, and nobody was blamed for the module's faults.

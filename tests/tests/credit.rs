@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, ensure};
 use guest_api::{Client, proto};
-use p2pvm_e2e::{TestNode, eventually};
+use p2pvm_e2e::{TestNode, eventually, fetch_whole as fetch};
 use tokio::io::AsyncReadExt;
 
 const WAIT: Duration = Duration::from_secs(60);
@@ -19,18 +19,7 @@ async fn node(bootstrap: &[&TestNode], config: Option<&str>) -> Result<TestNode>
 }
 
 async fn publish(c: &Client, data: &[u8]) -> Result<String> {
-    let meta = proto::ContentPublishRequest {
-        name: "x.bin".into(),
-        ..Default::default()
-    };
-    Ok(c.publish_content(meta, data).await?.content_id)
-}
-
-async fn fetch(c: &Client, id: &str) -> Result<Vec<u8>> {
-    let (_, mut s) = c.fetch_content(id, 0, 0, true).await?;
-    let mut out = Vec::new();
-    s.read_to_end(&mut out).await?;
-    Ok(out)
+    p2pvm_e2e::publish_named(c, "x.bin", data).await
 }
 
 fn rot_store(node: &TestNode) -> Result<()> {

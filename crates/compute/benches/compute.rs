@@ -9,7 +9,9 @@
 //! hash rounds per run, default 400; `COMPUTE_BENCH_REPEATS`: runs per
 //! engine per round, default 3; three rounds). Prints per round the median
 //! wall time and thread CPU seconds per engine and the ratios; then the
-//! ranges over rounds, and the load average before and after.
+//! ranges over rounds, and the load average before and after. Without
+//! `--bench` (as `cargo test --all-targets` runs it) it is a smoke run: two
+//! hash rounds over 64 KiB, once, checking every engine's answer only.
 
 use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
@@ -140,13 +142,23 @@ fn range(v: &[f64]) -> String {
 }
 
 fn main() {
-    let rounds = env("COMPUTE_BENCH_ROUNDS", 400);
-    let repeats = env("COMPUTE_BENCH_REPEATS", 3).max(1);
-    let input = Arc::new(hashchain_input(rounds, 1 << 20));
+    let full = std::env::args().any(|a| a == "--bench");
+    let rounds = env("COMPUTE_BENCH_ROUNDS", if full { 400 } else { 2 });
+    let repeats = if full {
+        env("COMPUTE_BENCH_REPEATS", 3).max(1)
+    } else {
+        1
+    };
+    let data = if full { 1 << 20 } else { 64 << 10 };
+    let input = Arc::new(hashchain_input(rounds, data));
     let expect = hashchain(&input).expect("input has a round count");
-    let words = rounds * (1 << 20) / 8;
+    let words = rounds * data as u64 / 8;
+    if !full {
+        println!("compute bench: SMOKE RUN (no --bench): answers checked, nothing measured");
+    }
     println!(
-        "compute bench: hash chain, {rounds} rounds over 1 MiB ({:.0} M words), {repeats} runs per engine per round",
+        "compute bench: hash chain, {rounds} rounds over {} KiB ({:.1} M words), {repeats} runs per engine per round",
+        data >> 10,
         words as f64 / 1e6
     );
     println!("load average before: {}", loadavg());
@@ -177,7 +189,7 @@ fn main() {
     );
 
     let (mut vs_native, mut vs_unmetered, mut interp_vs_native) = (vec![], vec![], vec![]);
-    for round in 1..=3 {
+    for round in 1..=if full { 3 } else { 1 } {
         let native = measure(repeats, &expect, || {
             hashchain(std::hint::black_box(&input)).expect("ok")
         });
@@ -209,6 +221,12 @@ fn main() {
         interp_vs_native.push(r_i);
     }
     println!("load average after: {}", loadavg());
+    if !full {
+        println!(
+            "SMOKE RUN: native, wasmtime (metered, unmetered) and wasmi agree; run with --bench to measure"
+        );
+        return;
+    }
     println!(
         "RESULT metered job vs native: {}x (target >= 0.5x); metering keeps {}x of unmetered speed; interpreter (wasmi) {}x native",
         range(&vs_native),

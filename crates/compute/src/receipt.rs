@@ -311,6 +311,26 @@ mod tests {
     }
 
     #[test]
+    fn no_single_bit_flip_yields_another_valid_receipt() {
+        let (req, prov) = (Keypair::generate_ed25519(), Keypair::generate_ed25519());
+        let receipt = body(&req, &prov)
+            .sign_as_provider(&prov)
+            .unwrap()
+            .countersign(&req)
+            .unwrap();
+        let bytes = receipt.signed.encode_to_vec();
+        for bit in 0..bytes.len() * 8 {
+            let mut b = bytes.clone();
+            b[bit / 8] ^= 1 << (bit % 8);
+            // Either refused, or (a flip in protobuf framing that decodes the
+            // same) exactly the receipt that was signed.
+            if let Ok(r) = Receipt::decode(&b) {
+                assert_eq!((r.id, &r.body), (receipt.id, &receipt.body), "bit {bit}");
+            }
+        }
+    }
+
+    #[test]
     fn credits_round_up() {
         assert_eq!(credits_for(0, 5), 0);
         assert_eq!(credits_for(1, 1), 1);

@@ -245,9 +245,16 @@ async fn execute(
     if fuel == 0 {
         return Err(bad("no fuel".into()));
     }
-    let module_bytes = fetch(content, &module, p2pvm_compute::MAX_MODULE_BYTES).await?;
+    let module_bytes = fetch(
+        content,
+        &module,
+        p2pvm_compute::MAX_MODULE_BYTES,
+        "COMPUTE_INVALID_MODULE",
+    )
+    .await?;
+    // The input must fit in the memory the job may have.
     let input_bytes = match &input {
-        Some(id) => fetch(content, id, offer.max_memory_bytes).await?,
+        Some(id) => fetch(content, id, offer.max_memory_bytes, "COMPUTE_MEMORY_LIMIT").await?,
         None => Vec::new(),
     };
     let limits = Limits {
@@ -297,19 +304,34 @@ async fn execute(
 }
 
 /// Fetches an item into the store (verified and scanned like any content)
-/// and reads it, refusing one larger than `max` bytes.
-async fn fetch(content: &ContentService, id: &ContentId, max: u64) -> Result<Vec<u8>, Refusal> {
-    let info = content.download(id).await.map_err(|e| {
+/// and reads it, refusing one larger than `max` bytes before fetching it
+/// with the code `too_big`.
+async fn fetch(
+    content: &ContentService,
+    id: &ContentId,
+    max: u64,
+    too_big: &'static str,
+) -> Result<Vec<u8>, Refusal> {
+    let refused = |e: crate::content::ContentServiceError| {
         let api = crate::api::ApiError::from(e);
         (api.code.as_str_name(), api.message)
-    })?;
-    let size = info.manifest.manifest.size;
+    };
+    // The manifest names the size: a requester cannot make this node fetch
+    // gigabytes for a job it will refuse.
+    let size = content
+        .stat(id)
+        .await
+        .map_err(refused)?
+        .manifest
+        .manifest
+        .size;
     if size > max {
         return Err((
-            "COMPUTE_INVALID_MODULE",
+            too_big,
             format!("{id} has {size} bytes; this provider takes at most {max}"),
         ));
     }
+    content.download(id).await.map_err(refused)?;
     let id = *id;
     content
         .blocking(move |c| -> std::io::Result<Vec<u8>> {
