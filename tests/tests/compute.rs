@@ -309,3 +309,54 @@ async fn modules_that_loop_hog_memory_or_import_too_much_fail_typed_and_provider
     ensure!(job.error_code == "COMPUTE_NO_PROVIDERS", "{job:?}");
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancelling_a_job_stops_its_runs_at_the_providers() -> Result<()> {
+    let requester = node_with(&[], None).await?;
+    let p1 = node_with(&[&requester], None).await?;
+    let p2 = node_with(&[&requester], None).await?;
+    // One job at a time, a minute of wall time: a run that was not stopped
+    // keeps its provider busy long after this test's next job.
+    for p in [&p1, &p2] {
+        offer(p, 1, Default::default()).await?;
+    }
+    let r = requester.admin().await?;
+    providers(&r, 2).await?;
+    let forever = r#"(module (memory (export "memory") 1)
+        (func (export "run") (result i32) (loop $l (br $l)) (i32.const 0)))"#;
+    let module = publish(&r, "forever.wat", forever.as_bytes()).await?;
+    let job = r.compute_submit(&module, "", 1_000_000_000, 2).await?;
+    // Both providers are running it (they took the module).
+    eventually(WAIT, "both providers running the job", || async {
+        let mut fetched = 0;
+        for p in [&p1, &p2] {
+            let held = p.admin().await.ok()?.content_list().await.ok()?;
+            fetched += usize::from(held.iter().any(|c| c.content_id == module));
+        }
+        (fetched == 2).then_some(())
+    })
+    .await?;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    r.compute_cancel(&job.job_id).await?;
+    let ended = tokio::time::timeout(Duration::from_secs(10), r.compute_wait(&job.job_id, |_| {}))
+        .await
+        .context("cancel did not end the job")??;
+    ensure!(
+        ended.state == "cancelled" && ended.error_code == "COMPUTE_CANCELLED",
+        "{ended:?}"
+    );
+    ensure!(ended.credits_spent == 0, "{ended:?}");
+    // The providers are free again at once: the next job runs on both.
+    let input = hashchain_input(5, 1024);
+    let module = publish(&r, "hashchain.wat", HASHCHAIN_WAT.as_bytes()).await?;
+    let input_id = publish(&r, "input.bin", &input).await?;
+    let started = std::time::Instant::now();
+    let job = run(&r, &module, &input_id, 1_000_000).await?;
+    ensure!(job.state == "done", "{job:?}");
+    ensure!(
+        started.elapsed() < Duration::from_secs(40),
+        "the providers were busy: {:?}",
+        started.elapsed()
+    );
+    Ok(())
+}

@@ -5,21 +5,23 @@
 # type_on VM TEXT: types TEXT (and a newline) on VM's serial console.
 type_on() { printf '%s\n' "$2" | "$P2PVMM" console "$1" --linger-ms 300 > /dev/null 2>&1; }
 # ask VM KEY COMMAND [SECONDS]: runs COMMAND in VM's console shell and
-# prints its output, which the shell echoes as a line `KEY=...` (KEY must be
-# unique in the scenario; the empty line first ends whatever a progress bar
-# left on the terminal).
+# prints its output (one line), which the shell echoes as a line
+# `KEY=...#END` (KEY must be unique in the scenario; the empty line first
+# ends whatever a progress bar left on the terminal).
 ask() {
     _log="$P2PVMM_HOME/vms/$1/console.log"
     # The typed line never holds "KEY=" itself ("KEY"'=' is echoed), so the
     # answer is found wherever it lands on a line: the console is shared with
-    # the kernel's and the services' messages.
-    type_on "$1" "_a=\$($3); echo; echo \"$2\"'='\"\$_a\""
-    if ! wait_for "$_log" "$2=" "${4:-90}"; then
+    # the kernel's and the services' messages. The end marker: the console
+    # log grows as the serial port drains, so "KEY=" may be there before the
+    # rest of its line.
+    type_on "$1" "_a=\$($3); echo; echo \"$2\"'='\"\$_a\"'#END'"
+    if ! wait_for "$_log" "$2=.*#END" "${4:-90}"; then
         echo "no answer $2 from the $1 VM; its console:" >&2
         tail -30 "$_log" >&2
         return 1
     fi
-    sed -n "s/.*$2=//p" "$_log" | tr -d '\r' | tail -1
+    sed -n "s/.*$2=\(.*\)#END.*/\1/p" "$_log" | tr -d '\r' | tail -1
 }
 # follow VM: copies VM's console here, prefixed (progress, and what to read
 # when something fails).

@@ -41,7 +41,7 @@ pub use p2pvm_images::{cpio, elf, image, kernel, libs, modules, util};
 
 pub use console::{L1Ready, Outcome, ResultLine};
 pub use kernel::{KERNEL_PIN_ENV, Kernel, KernelOptions, REFRESH_ENV};
-pub use run::{Limit, RUNNER_ENV, RunnerKind, WatchdogError};
+pub use run::{HostDied, Limit, RUNNER_ENV, RunnerKind, WatchdogError};
 pub use scenario::{ExtraFile, Scenario};
 pub use testhost::{Images, L1_MODULES, L1_OPTIONAL_MODULES, L2_MODULES, Options, TestHost};
 pub use util::CACHE_ENV;

@@ -143,6 +143,38 @@ impl fmt::Display for WatchdogError {
 
 impl std::error::Error for WatchdogError {}
 
+/// The test host stopped without reporting its script's exit status: its
+/// kernel panicked, it crashed or reset (under QEMU's emulator, a silent
+/// reset of the whole test host has been seen), or the script ended early.
+#[derive(Debug, Clone)]
+pub struct HostDied {
+    /// The scenario's name.
+    pub scenario: String,
+    /// How the test host's process ended.
+    pub status: String,
+    /// Time since the start.
+    pub elapsed: Duration,
+    /// The last console lines.
+    pub tail: String,
+}
+
+impl fmt::Display for HostDied {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "scenario `{}`: the test host ended ({}) after {:.1} s without reporting the L1 \
+             script's exit status (no P2PVM-EXIT line: kernel panic, crash or early exit?). \
+             Last console lines:\n{}",
+            self.scenario,
+            self.status,
+            self.elapsed.as_secs_f64(),
+            self.tail
+        )
+    }
+}
+
+impl std::error::Error for HostDied {}
+
 /// The L1 QEMU command line (`-smp` and `-m` from the scenario).
 pub(crate) fn nested_command(
     qemu: &Path,
@@ -324,13 +356,13 @@ pub(crate) fn supervise(
     let status = guard.wait()?;
     let wall = started.elapsed();
     let Some(exit_status) = transcript.exit_status else {
-        bail!(
-            "scenario `{name}`: the test host ended ({status}) after {:.1} s without reporting the \
-             L1 script's exit status (no P2PVM-EXIT line: kernel panic, crash or early exit?). \
-             Last console lines:\n{}",
-            wall.as_secs_f64(),
-            transcript.tail_text()
-        );
+        return Err(HostDied {
+            scenario: name.to_string(),
+            status: status.to_string(),
+            elapsed: wall,
+            tail: transcript.tail_text(),
+        }
+        .into());
     };
     if runner == RunnerKind::Nested && !status.success() {
         tracing::warn!("{name}: QEMU exited with {status}");

@@ -30,7 +30,21 @@ fn the_platform_runs_as_two_vms_from_its_images() {
         .timeout(std::time::Duration::from_secs(1200))
         // The longest quiet step is a fetch with its own 150 s limit.
         .silence_timeout(std::time::Duration::from_secs(240));
-    let o = host.run(&scenario).expect("the scenario ran to its end");
+    let o = match host.run(&scenario) {
+        // QEMU's emulator has been seen (twice, with a hostile client VM
+        // loading it) to reset the whole test host without a word: that is
+        // the test bench failing, not the platform, so it gets one more run,
+        // loudly. A second death, or any failed check, fails the test.
+        Err(e) if e.downcast_ref::<p2pvm_testhost::HostDied>().is_some() => {
+            eprintln!(
+                "RETRY: the nested test host died without reporting; running the scenario once \
+                 more. First run: {e:#}"
+            );
+            host.run(&scenario)
+        }
+        other => other,
+    }
+    .expect("the scenario ran to its end");
     o.ensure_success().expect("the L1 script succeeded");
 
     // An app in the client VM got its answer from the service VM's node.
