@@ -30,33 +30,14 @@ type Refusal = (&'static str, String);
 
 pub(super) fn spawn(svc: ComputeService) {
     let content = svc.inner.content.clone();
-    let mut incoming = match content
-        .inner
-        .node
-        .stream_control()
-        .accept(StreamProtocol::new(wire::PROTOCOL))
-    {
-        Ok(i) => i,
-        Err(e) => {
-            warn!(error = %e, "cannot serve the compute protocol");
-            return;
-        }
-    };
-    let shutdown = svc.inner.shutdown.clone();
-    content.clone().spawn(async move {
-        loop {
-            tokio::select! {
-                _ = shutdown.cancelled() => return,
-                next = incoming.next() => match next {
-                    Some((peer, stream)) => {
-                        let (rd, wr) = futures::AsyncReadExt::split(stream);
-                        content.spawn(serve(svc.clone(), peer, rd, wr));
-                    }
-                    None => return,
-                },
-            }
-        }
-    });
+    crate::content::accept(
+        &content,
+        StreamProtocol::new(wire::PROTOCOL),
+        move |peer, stream| {
+            let (rd, wr) = futures::AsyncReadExt::split(stream);
+            serve(svc.clone(), peer, rd, wr)
+        },
+    );
 }
 
 async fn serve(

@@ -22,6 +22,7 @@ mod error;
 mod fastpath;
 mod fetch;
 pub(crate) use fetch::open_protocol;
+pub(crate) use server::accept;
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod gateway;

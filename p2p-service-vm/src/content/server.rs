@@ -55,24 +55,40 @@ impl Limiter {
 }
 
 pub(crate) fn spawn(svc: ContentService) {
-    let protocol = StreamProtocol::new(transfer::PROTOCOL);
-    let mut incoming = match svc.inner.node.stream_control().accept(protocol) {
+    let server = svc.clone();
+    accept(
+        &svc,
+        StreamProtocol::new(transfer::PROTOCOL),
+        move |peer, stream| {
+            let (rd, wr) = futures::AsyncReadExt::split(stream);
+            serve_stream(server.clone(), peer, None, rd, wr)
+        },
+    );
+}
+
+/// Serves `protocol`: each inbound stream goes to `serve`, as a task the
+/// service supervises, until shutdown.
+pub(crate) fn accept<F, Fut>(svc: &ContentService, protocol: StreamProtocol, serve: F)
+where
+    F: Fn(PeerId, libp2p::Stream) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let mut incoming = match svc.inner.node.stream_control().accept(protocol.clone()) {
         Ok(i) => i,
         Err(e) => {
-            warn!(error = %e, "cannot serve the content protocol");
+            warn!(%protocol, error = %e, "cannot serve the protocol");
             return;
         }
     };
     let tasks = svc.clone();
-    tasks.spawn(async move {
-        let shutdown = svc.inner.shutdown.clone();
+    let shutdown = svc.inner.shutdown.clone();
+    svc.spawn(async move {
         loop {
             tokio::select! {
                 _ = shutdown.cancelled() => return,
                 next = incoming.next() => match next {
                     Some((peer, stream)) => {
-                        let (rd, wr) = futures::AsyncReadExt::split(stream);
-                        svc.spawn(serve_stream(svc.clone(), peer, None, rd, wr));
+                        tasks.spawn(serve(peer, stream));
                     }
                     None => return,
                 },
