@@ -5,14 +5,14 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use futures::{AsyncRead, AsyncWrite, AsyncWriteExt, StreamExt};
+use futures::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use libp2p::identity::PublicKey;
 use libp2p::{PeerId, StreamProtocol};
 use p2pvm_compute::{JobId, Limits, Receipt, ReceiptBody, SignedReceipt, credits_for};
 use p2pvm_content::ContentId;
 use p2pvm_security::Standing;
 use prost::Message;
-use tracing::{debug, info, warn};
+use tracing::{debug, info};
 
 use super::wire::{self, Answer, Ask, Request, Response};
 use super::{ComputeService, now_unix};
