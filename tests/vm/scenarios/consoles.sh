@@ -14,12 +14,23 @@ ask() {
     # answer is found wherever it lands on a line: the console is shared with
     # the kernel's and the services' messages. The end marker: the console
     # log grows as the serial port drains, so "KEY=" may be there before the
-    # rest of its line.
-    type_on "$1" "_a=\$($3); echo; echo \"$2\"'='\"\$_a\"'#END'"
+    # rest of its line. The answer is also kept in a file in the VM: a
+    # kernel or service message written between "KEY=" and "#END" splits
+    # the line, and then the answer is asked for again from the file.
+    type_on "$1" "_a=\$($3); echo \"\$_a\" > /tmp/ask.$2; echo; echo \"$2\"'='\"\$_a\"'#END'"
     if ! wait_for "$_log" "$2=.*#END" "${4:-90}"; then
-        echo "no answer $2 from the $1 VM; its console:" >&2
-        tail -30 "$_log" >&2
-        return 1
+        _again=0
+        while [ $_again -lt 2 ]; do
+            _again=$((_again + 1))
+            echo "no answer $2 from the $1 VM in ${4:-90} s; asking again from /tmp/ask.$2 ($_again)" >&2
+            type_on "$1" "echo; echo \"$2\"'='\"\$(cat /tmp/ask.$2)\"'#END'"
+            wait_for "$_log" "$2=.*#END" 20 && break
+        done
+        if ! grep -aq "$2=.*#END" "$_log"; then
+            echo "no answer $2 from the $1 VM; its console:" >&2
+            tail -30 "$_log" >&2
+            return 1
+        fi
     fi
     sed -n "s/.*$2=\(.*\)#END.*/\1/p" "$_log" | tr -d '\r' | tail -1
 }

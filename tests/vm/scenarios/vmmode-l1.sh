@@ -58,7 +58,9 @@ result marker_in_client_ram=$in_ram marker_in_region=$in_region
 # A host-mode node in the test host, on the service VM's TAP.
 mkdir -p "$WORK/hn"
 printf 'mdns = false\nlisten = ["/ip4/10.99.0.1/tcp/4002"]\n[virus]\nenabled = false\n' > "$WORK/hn.toml"
-p2pd --config "$WORK/hn.toml" --data-dir "$WORK/hn" > "$WORK/hn.log" 2>&1 &
+# (Connections and gossipsub at debug: what to read if pubsub fails.)
+p2pd --config "$WORK/hn.toml" --data-dir "$WORK/hn" \
+    --log info,p2p_service_vm::node=debug,libp2p_gossipsub=debug > "$WORK/hn.log" 2>&1 &
 hn() { p2pctl --socket "$WORK/hn/api.sock" "$@"; }
 i=0; while [ ! -S "$WORK/hn/api.sock" ] && [ $i -lt 300 ]; do sleep 0.1; i=$((i + 1)); done
 hpeer=$(hn info | peer_of)
@@ -81,15 +83,29 @@ got=$(ask client DLSUM "p2pctl get $hcid -o /tmp/dl.bin > /tmp/dl.log 2>&1; sha2
 [ -n "$got" ] && [ "$got" = "$hsum" ] && result host_to_client=verified
 # Pubsub both ways (the mesh forms within seconds: each side publishes once
 # a second until the other has received).
+pubsub_start=$(uptime_s)
 hn pubsub sub vm-out --count 1 > "$WORK/hsub.txt" 2>&1 &
 type_on client "p2pctl pubsub sub vm-in --count 1 > /tmp/sub.txt 2>&1 &"
-type_on client "( for i in \$(seq 90); do p2pctl pubsub pub vm-out from-client > /dev/null 2>&1; sleep 1; done ) &"
-( for _ in $(seq 90); do hn pubsub pub vm-in from-host > /dev/null 2>&1; sleep 1; done ) &
+type_on client "( for i in \$(seq 90); do p2pctl pubsub pub vm-out from-client >> /tmp/pub.log 2>&1; sleep 1; done ) &"
+( for _ in $(seq 90); do hn pubsub pub vm-in from-host >> "$WORK/hpub.log" 2>&1; sleep 1; done ) &
 pubber=$!
 sub=$(ask client SUBIN "for i in \$(seq 90); do grep -q from-host /tmp/sub.txt && break; sleep 1; done; grep -c from-host /tmp/sub.txt" 150)
 kill $pubber 2>/dev/null
 wait_for "$WORK/hsub.txt" from-client 90
-result pubsub_to_client=$sub pubsub_to_host=$(grep -c from-client "$WORK/hsub.txt")
+result pubsub_to_client=$sub pubsub_to_host=$(grep -c from-client "$WORK/hsub.txt") \
+    pubsub_s=$(since "$pubsub_start")
+if [ "$sub" != 1 ] || ! grep -q from-client "$WORK/hsub.txt"; then
+    # What each side knew: who is connected, who it thinks subscribed.
+    echo "pubsub failed; host-mode node's peers:"; hn peers
+    echo "its subscribers of vm-in:"; hn pubsub peers vm-in
+    echo "its subscription (vm-out):"; cat "$WORK/hsub.txt"
+    echo "the client's subscription (vm-in): $(ask client SUBTXT "tr '\n' ' ' < /tmp/sub.txt")"
+    echo "the client's publishes (vm-out): $(ask client PUBLOG "sort /tmp/pub.log | uniq -c | tr '\n' ' '")"
+    echo "the host-mode node's publishes (vm-in):"; sort "$WORK/hpub.log" | uniq -c
+    type_on service "p2pctl peers; p2pctl pubsub peers vm-out; echo PUBSUB-DIAG-END"
+    wait_for "$slog" "^PUBSUB-DIAG-END" 60
+    echo "host-mode node's log:"; grep -aiE "gossip|connect|dial" "$WORK/hn.log" | tail -40
+fi
 
 # EICAR from the client VM: refused by clamd in the service VM, by name.
 eicar=WDVPIVAlQEFQWzRcUFpYNTQoUF4pN0NDKTd9JEVJQ0FSLVNUQU5EQVJELUFOVElWSVJVUy1URVNULUZJTEUhJEgrSCo=
@@ -116,12 +132,15 @@ end=\$((\$(cut -d. -f1 /proc/uptime) + 20)); n=0
 while [ \$(cut -d. -f1 /proc/uptime) -lt \$end ]; do
   dd if=/dev/urandom of=/dev/mem bs=4096 count=64 seek=\$((bar2 / 4096)) conv=notrunc 2>/dev/null
   for i in 1 2 3 4 5 6 7 8; do printf '\\001\\000\\000\\000' | dd of=/dev/mem bs=4 seek=\$(((bar0 + 12) / 4)) conv=notrunc 2>/dev/null; done
-  n=\$((n + 1))
+  n=\$((n + 1)); echo HOSTILE-ROUND-\$n >&2
 done
 echo \$n
 END"
-rounds=$(ask client HOSTILE "sh /tmp/hostile.sh" 180)
-result hostile_rounds=$rounds
+# Each round is counted on the console as it ends, not only in the last
+# answer: that survives a line split by a kernel message, or a reset of the
+# client guest under the program (then the answer never comes).
+ask client HOSTILE "sh /tmp/hostile.sh" 180 > /dev/null || echo "the hostile program gave no final answer; counting its rounds on the console"
+result hostile_rounds=$(grep -ac 'HOSTILE-ROUND-[0-9]' "$clog")
 speer2=$(ask service SPEER2 "p2pctl info | sed -n 's/^peer id: *//p'")
 spid2=$(cat "$P2PVMM_HOME/vms/service/pid")
 if [ "$speer2" = "$peer" ] && [ "$spid2" = "$spid" ] && kill -0 "$spid"; then
