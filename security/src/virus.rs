@@ -2,8 +2,11 @@
 //! while it arrives, and the verdict gates storing, providing and delivering it.
 //!
 //! A [`Scanner`] is one INSTREAM session fed chunk by chunk; the verdict comes
-//! when the stream ends. The filter fails closed: if clamd cannot be reached or
-//! answers anything but a verdict, the content is not accepted.
+//! when the stream ends. A finished file goes to a local clamd by descriptor
+//! instead ([`VirusFilter::scan_file`], `FILDES`): clamd reads it in place,
+//! where INSTREAM would copy every byte over the socket into a temporary file
+//! of clamd's before scanning it. The filter fails closed: if clamd cannot be
+//! reached or answers anything but a verdict, the content is not accepted.
 
 use std::path::PathBuf;
 
@@ -30,6 +33,10 @@ pub enum VirusError {
     /// clamd answered without a verdict (e.g. a size limit).
     #[error("Virus filter error: clamd answered {0:?}")]
     BadReply(String),
+    /// The file to scan could not be read (only when clamd is reached over
+    /// TCP and the bytes are streamed to it).
+    #[error("Virus filter error: cannot read the file to scan: {0}")]
+    Unreadable(String),
     /// Our task that talks to clamd panicked or was aborted.
     #[error("Virus filter error: the scan task failed: {0}")]
     TaskFailed(String),
@@ -62,11 +69,12 @@ impl std::fmt::Display for ClamdAddr {
     }
 }
 
-/// Parses clamd's INSTREAM reply, e.g. `stream: OK` or `stream: Eicar FOUND`.
+/// Parses clamd's reply to a scan: `stream: OK` or `stream: Eicar FOUND`
+/// (INSTREAM), `fd[12]: OK` (FILDES).
 pub fn parse_reply(reply: &[u8]) -> Result<Verdict, VirusError> {
     let text = String::from_utf8_lossy(reply);
     let text = text.trim_end_matches(['\0', '\n']).trim();
-    let body = text.strip_prefix("stream:").map(str::trim).unwrap_or(text);
+    let body = strip_scanned_name(text).map(str::trim).unwrap_or(text);
     if body == "OK" {
         return Ok(Verdict::Clean);
     }
@@ -77,6 +85,17 @@ pub fn parse_reply(reply: &[u8]) -> Result<Verdict, VirusError> {
         }
     }
     Err(VirusError::BadReply(text.to_string()))
+}
+
+/// What clamd names the thing it scanned: `stream:` for INSTREAM, `fd[N]:`
+/// for FILDES. Anything else is not a verdict line's start.
+fn strip_scanned_name(text: &str) -> Option<&str> {
+    if let Some(rest) = text.strip_prefix("stream:") {
+        return Some(rest);
+    }
+    let rest = text.strip_prefix("fd[")?;
+    let (n, rest) = rest.split_once("]:")?;
+    (!n.is_empty() && n.bytes().all(|b| b.is_ascii_digit())).then_some(rest)
 }
 
 /// The filter: clamd's address, or off.
@@ -99,6 +118,12 @@ impl VirusFilter {
     /// Whether content is scanned.
     pub fn enabled(&self) -> bool {
         self.addr.is_some()
+    }
+
+    /// Whether clamd takes files by descriptor ([`scan_file`](Self::scan_file)
+    /// without streaming): it listens on a Unix socket.
+    pub fn takes_descriptors(&self) -> bool {
+        matches!(self.addr, Some(ClamdAddr::Socket(_)))
     }
 
     /// Where clamd is expected, for messages.
@@ -214,6 +239,53 @@ impl VirusFilter {
         }
     }
 
+    /// Scans a finished file. A clamd on a Unix socket gets the descriptor
+    /// (`FILDES`) and reads the file in place; one over TCP, which cannot take
+    /// descriptors, is streamed the file's bytes. The file is scanned from
+    /// its start to its end, whatever its position.
+    pub async fn scan_file(&self, file: std::fs::File) -> Result<Verdict, VirusError> {
+        let Some(addr) = self.addr.clone() else {
+            return Ok(Verdict::Clean);
+        };
+        match addr {
+            ClamdAddr::Socket(path) => {
+                let unavailable = {
+                    let addr = path.display().to_string();
+                    move |e: std::io::Error| VirusError::Unavailable {
+                        addr: addr.clone(),
+                        reason: e.to_string(),
+                    }
+                };
+                // Connecting and handing over the descriptor are quick but
+                // blocking calls; the verdict, which takes as long as the
+                // scan, is awaited on the runtime (dropping it hangs up).
+                let sock = tokio::task::spawn_blocking(move || fildes::send(&path, &file))
+                    .await
+                    .map_err(|e| VirusError::TaskFailed(e.to_string()))?
+                    .map_err(&unavailable)?;
+                let reply = fildes::reply(sock).await.map_err(&unavailable)?;
+                parse_reply(&reply)
+            }
+            ClamdAddr::Tcp(_) => {
+                let mut scanner = self.scanner();
+                let (tx, mut rx) = mpsc::channel::<std::io::Result<Bytes>>(QUEUE);
+                let reader = tokio::task::spawn_blocking(move || fildes::read_chunks(file, tx));
+                while let Some(chunk) = rx.recv().await {
+                    match chunk {
+                        Ok(bytes) => scanner.feed(bytes).await,
+                        Err(e) => {
+                            return Err(VirusError::Unreadable(e.to_string()));
+                        }
+                    }
+                }
+                reader
+                    .await
+                    .map_err(|e| VirusError::TaskFailed(e.to_string()))?;
+                scanner.finish().await
+            }
+        }
+    }
+
     /// Scans one buffer.
     pub async fn scan(&self, data: Bytes) -> Result<Verdict, VirusError> {
         let mut s = self.scanner();
@@ -266,6 +338,87 @@ impl Scanner {
     }
 }
 
+/// clamd's `FILDES` command: the descriptor travels as `SCM_RIGHTS` ancillary
+/// data beside one dummy byte, after the command itself.
+mod fildes {
+    use std::io::{IoSlice, Write};
+    use std::mem::MaybeUninit;
+    use std::os::fd::AsFd;
+    use std::os::unix::fs::FileExt;
+    use std::os::unix::net::UnixStream;
+    use std::path::Path;
+
+    use bytes::Bytes;
+    use rustix::net::{SendAncillaryBuffer, SendAncillaryMessage, SendFlags};
+    use tokio::io::AsyncReadExt;
+    use tokio::sync::mpsc;
+
+    /// The longest reply read: a verdict line is short; more is not clamd.
+    const MAX_REPLY: u64 = 4096;
+
+    /// Connects to clamd at `path` and hands it `file`; returns the socket on
+    /// which the verdict will come.
+    pub(super) fn send(path: &Path, file: &std::fs::File) -> std::io::Result<UnixStream> {
+        let mut sock = UnixStream::connect(path)?;
+        // `z`: replies end with NUL, as for INSTREAM.
+        sock.write_all(b"zFILDES\0")?;
+        let mut space = [MaybeUninit::<u8>::uninit(); rustix::cmsg_space!(ScmRights(1))];
+        let mut control = SendAncillaryBuffer::new(&mut space);
+        let fds = [file.as_fd()];
+        if !control.push(SendAncillaryMessage::ScmRights(&fds)) {
+            return Err(std::io::Error::other("no room for the descriptor"));
+        }
+        rustix::net::sendmsg(
+            &sock,
+            &[IoSlice::new(b"\0")],
+            &mut control,
+            SendFlags::empty(),
+        )?;
+        Ok(sock)
+    }
+
+    /// Reads clamd's reply up to its NUL (or until clamd hangs up).
+    pub(super) async fn reply(sock: UnixStream) -> std::io::Result<Vec<u8>> {
+        sock.set_nonblocking(true)?;
+        let sock = tokio::net::UnixStream::from_std(sock)?;
+        let mut reply = Vec::new();
+        let mut limited = sock.take(MAX_REPLY);
+        let mut buf = [0u8; 256];
+        loop {
+            let n = limited.read(&mut buf).await?;
+            reply.extend_from_slice(&buf[..n]);
+            if n == 0 || reply.contains(&0) {
+                return Ok(reply);
+            }
+        }
+    }
+
+    /// Reads `file` from its start in chunks for an INSTREAM scan (blocking).
+    pub(super) fn read_chunks(file: std::fs::File, tx: mpsc::Sender<std::io::Result<Bytes>>) {
+        let mut at = 0u64;
+        loop {
+            let mut buf = vec![0u8; super::CHUNK];
+            let r = file.read_at(&mut buf, at);
+            let done = match r {
+                Ok(0) => return,
+                Ok(n) => {
+                    buf.truncate(n);
+                    at += n as u64;
+                    tx.blocking_send(Ok(buf.into())).is_err()
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => false,
+                Err(e) => {
+                    let _ = tx.blocking_send(Err(e));
+                    true
+                }
+            };
+            if done {
+                return;
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -280,6 +433,14 @@ mod tests {
         assert!(parse_reply(b"INSTREAM size limit exceeded. ERROR\0").is_err());
         assert!(parse_reply(b"stream:  FOUND").is_err());
         assert!(parse_reply(b"").is_err());
+        assert_eq!(parse_reply(b"fd[12]: OK\0").unwrap(), Verdict::Clean);
+        assert_eq!(
+            parse_reply(b"fd[7]: Win.Test.EICAR_HDB-1 FOUND\0").unwrap(),
+            Verdict::Infected("Win.Test.EICAR_HDB-1".into())
+        );
+        assert!(parse_reply(b"fd[12]: lstat() failed: Permission denied. ERROR\0").is_err());
+        assert!(parse_reply(b"fd[]: OK").is_err());
+        assert!(parse_reply(b"fd[1x]: OK").is_err());
     }
 
     #[tokio::test]
@@ -331,5 +492,74 @@ mod tests {
             f.scan(Bytes::from(vec![1u8; 100_000])).await.unwrap(),
             Verdict::Clean
         );
+    }
+
+    /// A file handed over by descriptor (FILDES) and the same file streamed
+    /// (as for a clamd over TCP) get the same verdicts, whatever the file's
+    /// position.
+    #[tokio::test]
+    async fn real_clamd_scans_files_by_descriptor() {
+        use std::io::{Seek, Write};
+        let sock = std::env::var("P2PVM_CLAMD_SOCKET")
+            .unwrap_or_else(|_| "/tmp/p2pvm-clamd/clamd.sock".into());
+        let f = VirusFilter::clamd(ClamdAddr::Socket(sock.clone().into()));
+        f.ping().await.unwrap_or_else(|e| {
+            panic!("clamd is required for this test (run scripts/clamd.sh): {e}")
+        });
+        let dir = tempfile::tempdir().unwrap();
+        let file_with = |name: &str, parts: &[&[u8]]| {
+            let path = dir.path().join(name);
+            let mut w = std::fs::File::create(&path).unwrap();
+            for p in parts {
+                w.write_all(p).unwrap();
+            }
+            path
+        };
+        let marked = file_with(
+            "marked",
+            &[
+                &vec![7u8; 3 << 20],
+                b"P2PVM-SYNTHETIC-MALWARE-MARKER-7f3a",
+                &vec![9u8; 1 << 20],
+            ],
+        );
+        let clean = file_with("clean", &[&vec![1u8; 5 << 20]]);
+        let open_at_end = |p: &std::path::Path| {
+            let mut file = std::fs::File::open(p).unwrap();
+            file.seek(std::io::SeekFrom::End(0)).unwrap();
+            file
+        };
+        let infected = f.scan_file(open_at_end(&marked)).await.unwrap();
+        assert!(
+            matches!(&infected, Verdict::Infected(s) if s.contains("Synthetic")),
+            "{infected:?}"
+        );
+        assert_eq!(
+            f.scan_file(open_at_end(&clean)).await.unwrap(),
+            Verdict::Clean
+        );
+        // The streamed fallback (what a TCP clamd gets), through the same
+        // reader, against the same clamd.
+        let (tx, mut rx) = mpsc::channel(QUEUE);
+        let file = open_at_end(&marked);
+        let reader = tokio::task::spawn_blocking(move || fildes::read_chunks(file, tx));
+        let mut s = f.scanner();
+        let mut streamed = 0;
+        while let Some(chunk) = rx.recv().await {
+            let chunk = chunk.unwrap();
+            streamed += chunk.len();
+            s.feed(chunk).await;
+        }
+        reader.await.unwrap();
+        assert_eq!(streamed as u64, std::fs::metadata(&marked).unwrap().len());
+        assert!(
+            matches!(s.finish().await.unwrap(), Verdict::Infected(s) if s.contains("Synthetic"))
+        );
+        // A clamd that is not there fails closed for files too.
+        let gone = VirusFilter::clamd(ClamdAddr::Socket(dir.path().join("no.sock")));
+        assert!(matches!(
+            gone.scan_file(std::fs::File::open(&clean).unwrap()).await,
+            Err(VirusError::Unavailable { .. })
+        ));
     }
 }

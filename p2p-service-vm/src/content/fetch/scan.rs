@@ -1,7 +1,13 @@
 //! The virus filter's part in a download: the whole-item scan of an item
-//! being kept (fed as its prefix becomes contiguous, so the verdict is ready
-//! soon after the last block lands), the segment scans that gate what a
-//! reader is given, and what happens when malware is found.
+//! being kept, the segment scans that gate what a reader is given, and what
+//! happens when malware is found.
+//!
+//! The whole-item scan hands a local clamd the finished file's descriptor
+//! (`FILDES`): clamd reads it in place. Streaming it instead (INSTREAM, for a
+//! clamd over TCP, fed as the item's prefix becomes contiguous) costs more
+//! than it overlaps: clamd copies a stream into a temporary file and scans
+//! only after its last byte, so feeding it early saves nothing but the copy's
+//! share, while every byte is read back, sent and written once more.
 
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -58,6 +64,12 @@ async fn scan_whole(svc: ContentService, dl: Arc<Download>) {
         WHOLE_SCAN_SEGMENT
     };
     let mut progress = dl.progress.subscribe();
+    if segment_max == u64::MAX && svc.inner.virus.takes_descriptors() {
+        if let Some(verdict) = scan_finished_file(&svc, &dl, &mut progress).await {
+            conclude(&svc, &dl, verdict, fingerprint).await;
+        }
+        return;
+    }
     let blocks = dl.partial.blocks();
     let mut scans = SegmentScans::new(svc.inner.virus.clone());
     let mut whole = (segment_max == u64::MAX).then(|| svc.inner.virus.scanner());
@@ -134,12 +146,61 @@ async fn scan_whole(svc: ContentService, dl: Arc<Download>) {
         }
         k += 1;
     };
+    conclude(&svc, &dl, verdict, fingerprint).await;
+}
+
+/// Acts on a whole-item verdict and publishes it to the download.
+async fn conclude(
+    svc: &ContentService,
+    dl: &Arc<Download>,
+    verdict: Scanned,
+    fingerprint: Option<crate::content::verdicts::Fingerprint>,
+) {
     match &verdict {
-        Ok(Verdict::Infected(sig)) => malware_found(&svc, &dl, sig),
+        Ok(Verdict::Infected(sig)) => malware_found(svc, dl, sig),
         Ok(Verdict::Clean) => svc.remember_clean(&dl.id, fingerprint).await,
         Err(_) => {}
     }
     dl.verdict.send_replace(Some(verdict));
+}
+
+/// Waits until every block is in the file, then has clamd scan the file by
+/// descriptor; `None` when the download is cancelled first.
+async fn scan_finished_file(
+    svc: &ContentService,
+    dl: &Arc<Download>,
+    progress: &mut watch::Receiver<u64>,
+) -> Option<Scanned> {
+    let started = std::time::Instant::now();
+    while !dl.partial.complete() {
+        tokio::select! {
+            _ = progress.changed() => {}
+            _ = dl.cancel.cancelled() => return None,
+        }
+    }
+    let held = started.elapsed();
+    // Read-only: clamd gets no more than it needs.
+    let path = dl.partial.path().to_owned();
+    let file = match tokio::task::spawn_blocking(move || std::fs::File::open(path)).await {
+        Ok(Ok(file)) => file,
+        // The partial file goes when the download is cancelled.
+        _ if dl.cancel.is_cancelled() => return None,
+        Ok(Err(e)) => {
+            return Some(Err(ContentServiceError::io(
+                "opening the download to scan it",
+                e,
+            )));
+        }
+        Err(e) => return Some(Err(ContentServiceError::task(e))),
+    };
+    let verdict = svc.inner.virus.scan_file(file).await.map_err(Into::into);
+    debug!(
+        id = %dl.id,
+        waiting_for_blocks_s = held.as_secs_f64(),
+        scan_s = (started.elapsed() - held).as_secs_f64(),
+        "whole-item scan (by descriptor) done"
+    );
+    Some(verdict)
 }
 
 /// Waits until block `k` is held and reads it for the scan; `None` when the
