@@ -22,9 +22,20 @@ pub const BINARIES: &[(&str, &str)] = &[
 /// The example apps (package `guest-api`) put into the client VM.
 pub const EXAMPLES: &[&str] = &["chat", "echo", "apibench"];
 
-/// The workspace root (this crate's parent).
+/// The workspace root: the nearest directory holding `Cargo.lock` above the
+/// package cargo is running (a test's or this crate's). `cargo` tells us where
+/// that package is now; the path baked in at compile time is only the
+/// fallback, because a build cache shared between clones (CI's fixed
+/// `CARGO_TARGET_DIR`) may hold a binary compiled in another, since deleted,
+/// clone.
 pub fn workspace() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
+    let here = std::env::var_os("CARGO_MANIFEST_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")));
+    here.ancestors()
+        .find(|dir| dir.join("Cargo.lock").is_file())
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| here.join(".."))
 }
 
 /// `cargo build --release` of [`BINARIES`] and [`EXAMPLES`] (a no-op when
