@@ -65,11 +65,12 @@ pub fn build(cache: &Cache, opts: &BuildOptions) -> Result<Built> {
     std::fs::create_dir_all(out).ctx(|| format!("cannot create {}", out.display()))?;
     let kernel = Kernel::prepare(cache, &opts.kernel)?;
     let modules = kernel.modules()?;
+    let channel_module = crate::guest_module::build(cache, &kernel.version)?;
     tracing::info!("kernel {} (sha256 {})", kernel.version, kernel.deb_sha256);
     copy_if_changed(&kernel.vmlinux, &out.join(VMLINUX))?;
     for (role, file) in [(Role::Service, SERVICE_IMAGE), (Role::Client, CLIENT_IMAGE)] {
         let started = std::time::Instant::now();
-        guests::layout(role, &opts.programs, &modules)?.write(&out.join(file))?;
+        guests::layout(role, &opts.programs, &modules, &channel_module)?.write(&out.join(file))?;
         tracing::info!(
             "{file}: {:.1} MiB in {:.1} s",
             std::fs::metadata(out.join(file)).map_or(0, |m| m.len()) as f64 / f64::from(1 << 20),

@@ -128,8 +128,14 @@ MaxScanSize 4000M
 MaxThreads 2
 "#;
 
-/// The layout of one VM's initramfs.
-pub fn layout(role: Role, programs: &Programs, modules: &ModuleDb) -> Result<Layout> {
+/// The layout of one VM's initramfs; `channel_module` is our
+/// `p2pvm_channel.ko` for this kernel ([`crate::guest_module`]).
+pub fn layout(
+    role: Role,
+    programs: &Programs,
+    modules: &ModuleDb,
+    channel_module: &Path,
+) -> Result<Layout> {
     let mut l = Layout::new();
     for (dir, mode) in [
         ("/dev", 0o755),
@@ -148,7 +154,7 @@ pub fn layout(role: Role, programs: &Programs, modules: &ModuleDb) -> Result<Lay
     l.text("/etc/passwd", 0o644, "root:x:0:0:root:/root:/bin/sh\n");
     l.text("/etc/group", 0o644, "root:x:0:\n");
     l.text("/etc/hostname", 0o644, format!("p2pvm-{}\n", role.name()));
-    add_modules(&mut l, modules, role.modules())?;
+    add_modules(&mut l, modules, role.modules(), channel_module)?;
     l.host_binary("/usr/bin/p2pctl", &programs.p2pctl, true)?;
     match role {
         Role::Service => {
@@ -174,8 +180,11 @@ pub fn layout(role: Role, programs: &Programs, modules: &ModuleDb) -> Result<Lay
     Ok(l)
 }
 
-/// Adds the closure of `names` as `/lib/modules/NAME.ko` and the load list.
-fn add_modules(l: &mut Layout, db: &ModuleDb, names: &[&str]) -> Result<()> {
+/// Adds the closure of `names` as `/lib/modules/NAME.ko`, then our channel
+/// module (it needs `uio`, in the closure through `uio_pci_generic`), and
+/// the load list. Loaded last, ours binds the channel device at once
+/// (`uio_pci_generic` binds nothing until told an id).
+fn add_modules(l: &mut Layout, db: &ModuleDb, names: &[&str], channel: &Path) -> Result<()> {
     let closure = db.closure(names)?;
     let mut list = String::new();
     for m in &closure {
@@ -183,6 +192,10 @@ fn add_modules(l: &mut Layout, db: &ModuleDb, names: &[&str]) -> Result<()> {
         list.push_str(&m.name);
         list.push('\n');
     }
+    let ours = crate::guest_module::NAME;
+    l.module(&format!("/lib/modules/{ours}.ko"), channel);
+    list.push_str(ours);
+    list.push('\n');
     l.text(MODULE_LIST_PATH, 0o644, list);
     Ok(())
 }
@@ -250,12 +263,13 @@ mod tests {
             busybox,
             ..programs
         };
-        let layout = layout(Role::Client, &programs, &db()).unwrap();
+        let layout = layout(Role::Client, &programs, &db(), &file("ours.ko")).unwrap();
         let list = layout.text_of(MODULE_LIST_PATH).unwrap();
         assert_eq!(
             String::from_utf8_lossy(list),
-            "virtio\nvirtio_pci\nvirtio_rng\npvpanic\npvpanic_mmio\nuio\nuio_pci_generic\n"
+            "virtio\nvirtio_pci\nvirtio_rng\npvpanic\npvpanic_mmio\nuio\nuio_pci_generic\np2pvm_channel\n"
         );
+        assert!(layout.has("/lib/modules/p2pvm_channel.ko"));
         assert!(layout.has("/usr/bin/p2p-frontend"));
         assert!(!layout.has("/usr/sbin/clamd"));
         assert_eq!(layout.text_of(ROLE_PATH).unwrap(), b"client\n");

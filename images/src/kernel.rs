@@ -199,7 +199,7 @@ fn resolve_current(cache: &Cache) -> Result<String> {
 }
 
 /// `apt-get download PACKAGE` in `dir`; returns the newest matching .deb there.
-fn apt_download(package: &str, dir: &Path) -> Result<PathBuf> {
+pub(crate) fn apt_download(package: &str, dir: &Path) -> Result<PathBuf> {
     let apt = require_tool("apt-get", "apt")?;
     tracing::info!("apt-get download {package} (into {})", dir.display());
     let out = Command::new(apt)

@@ -12,7 +12,7 @@
 //! [`modules`] (closures from `modules.dep`), [`cpio`] (deterministic newc
 //! archives), [`image`] (a [`image::Layout`] of an initramfs, content-cached),
 //! [`libs`] (shared libraries of a program), [`guests`] (what each VM's image
-//! holds), [`lock`] (`images.lock`), [`store`] (the ext4 store disk),
+//! holds), [`guest_module`] (our kernel module for the channel device), [`lock`] (`images.lock`), [`store`] (the ext4 store disk),
 //! [`build`] (the whole build), [`release`] (cargo builds of our programs), [`util`] (tools, cache, atomic writes).
 
 #![forbid(unsafe_code)]
@@ -21,6 +21,7 @@ pub mod build;
 pub mod cpio;
 pub mod elf;
 mod error;
+pub mod guest_module;
 pub mod guests;
 pub mod image;
 pub mod kernel;

@@ -3,7 +3,7 @@
 //!
 //! | thread | runs | may call |
 //! |---|---|---|
-//! | `vcpuN` | `KVM_RUN`; port/MMIO exits: PCI config space, virtio and channel registers, MSI-X table, UART, RTC | the common set, `ioctl` KVM_RUN / KVM_GET_REGS / KVM_SET_GSI_ROUTING / KVM_IOEVENTFD / KVM_SET_USER_MEMORY_REGION / TUNSETOFFLOAD / FIONBIO |
+//! | `vcpuN` | `KVM_RUN`; port/MMIO exits: PCI config space, virtio and channel registers, MSI-X table, UART, RTC | the common set, `ioctl` KVM_RUN / KVM_GET_REGS / KVM_GET_SREGS / KVM_IRQFD / KVM_SET_GSI_ROUTING / KVM_IOEVENTFD / KVM_SET_USER_MEMORY_REGION / TUNSETOFFLOAD / FIONBIO |
 //! | `devices` | the event loop: virtqueues (disk, TAP, entropy), the console socket, the channel's bell | the common set, `epoll_*`, `readv`/`preadv`/`pwritev`/`writev`, `fdatasync`, `getrandom`, `accept4`, `ioctl` KVM_SET_GSI_ROUTING / FIONBIO |
 //!
 //! The common set is what any thread of this process needs to live and end:
@@ -57,6 +57,12 @@ mod ioctls {
     pub const KVM_RUN: u64 = 0xae80;
     /// `_IOR(KVMIO, 0x81, struct kvm_regs)`: read after a failure, for the report.
     pub const KVM_GET_REGS: u64 = 0x8090_ae81;
+    /// `_IOR(KVMIO, 0x83, struct kvm_sregs)`: read after a triple fault, for the log.
+    pub const KVM_GET_SREGS: u64 = 0x8138_ae83;
+    /// `_IOW(KVMIO, 0x76, struct kvm_irqfd)`: the channel device handing its
+    /// bell to KVM as an MSI-X irqfd, or taking it back, as the guest
+    /// enables, masks or unmasks the vector.
+    pub const KVM_IRQFD: u64 = 0x4020_ae76;
     /// `_IOW(KVMIO, 0x6a, struct kvm_irq_routing)`: MSI-X table writes, and
     /// deliveries that refresh a stale route.
     pub const KVM_SET_GSI_ROUTING: u64 = 0x4008_ae6a;
@@ -150,6 +156,8 @@ pub fn vcpu_filter(mismatch: SeccompAction) -> Result<BpfProgram, SeccompError> 
         &[
             KVM_RUN,
             KVM_GET_REGS,
+            KVM_GET_SREGS,
+            KVM_IRQFD,
             KVM_SET_GSI_ROUTING,
             KVM_IOEVENTFD,
             KVM_SET_USER_MEMORY_REGION,
@@ -342,6 +350,58 @@ mod tests {
         });
         assert_eq!((rw, getfd), (0, libc::EBADF));
         assert_eq!((rx, setfl), (libc::EPERM, libc::EPERM));
+    }
+
+    #[test]
+    fn vcpu_threads_may_move_the_channel_bell_and_log_a_triple_fault() {
+        let p = vcpu_filter(SeccompAction::Errno(libc::EPERM as u32)).unwrap();
+        let got = on_filtered_thread(p, || {
+            // SAFETY: ioctls on an invalid fd: the filter answers first, or
+            // the kernel says EBADF without reading the argument.
+            unsafe {
+                [ioctls::KVM_IRQFD, ioctls::KVM_GET_SREGS]
+                    .map(|nr| errno(libc::syscall(libc::SYS_ioctl, -1, nr, 0)))
+            }
+        });
+        assert_eq!(got, [libc::EBADF, libc::EBADF], "allowed");
+    }
+
+    /// The numbers above are the kernel's encoding of each ioctl: direction,
+    /// argument size, KVM's type, number.
+    #[test]
+    fn ioctl_numbers_are_the_kernels() {
+        use std::mem::size_of;
+        let io = |dir: u64, nr: u64, size: usize| dir << 30 | (size as u64) << 16 | 0xae00 | nr;
+        let (w, r) = (1, 2);
+        assert_eq!(ioctls::KVM_RUN, io(0, 0x80, 0));
+        assert_eq!(
+            ioctls::KVM_GET_REGS,
+            io(r, 0x81, size_of::<kvm_bindings::kvm_regs>())
+        );
+        assert_eq!(
+            ioctls::KVM_GET_SREGS,
+            io(r, 0x83, size_of::<kvm_bindings::kvm_sregs>())
+        );
+        assert_eq!(
+            ioctls::KVM_IRQFD,
+            io(w, 0x76, size_of::<kvm_bindings::kvm_irqfd>())
+        );
+        assert_eq!(
+            ioctls::KVM_IOEVENTFD,
+            io(w, 0x79, size_of::<kvm_bindings::kvm_ioeventfd>())
+        );
+        assert_eq!(
+            ioctls::KVM_SET_GSI_ROUTING,
+            io(w, 0x6a, size_of::<kvm_bindings::kvm_irq_routing>())
+        );
+        assert_eq!(
+            ioctls::KVM_SET_USER_MEMORY_REGION,
+            io(
+                w,
+                0x46,
+                size_of::<kvm_bindings::kvm_userspace_memory_region>()
+            )
+        );
     }
 
     #[test]

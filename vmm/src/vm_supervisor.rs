@@ -182,7 +182,14 @@ impl Managed {
             (self.backoff * 2).clamp(BACKOFF_MIN, BACKOFF_MAX)
         };
         self.restarts += 1;
-        error!(vm = %name, %status, ran_s = ran.as_secs_f64(), backoff_ms = self.backoff.as_millis() as u64, "VM failed; restarting");
+        // A seccomp filter kills with SIGSYS: a thread made a syscall its
+        // filter does not list (`p2pvmm run --seccomp log` finds which).
+        let why = if std::os::unix::process::ExitStatusExt::signal(&status) == Some(libc::SIGSYS) {
+            "a seccomp violation"
+        } else {
+            "failed"
+        };
+        error!(vm = %name, %status, why, ran_s = ran.as_secs_f64(), backoff_ms = self.backoff.as_millis() as u64, "VM failed; restarting");
         self.restart_at = Some(Instant::now() + self.backoff);
     }
 }

@@ -1,15 +1,20 @@
 //! The VM backend's device layer, as guest userspace sees it: the channel
 //! device is a PCI function whose memory BAR *is* the shared region and whose
-//! register BAR holds a doorbell; Linux's stock `uio_pci_generic` hands its
-//! INTx interrupt to userspace. Rings, sessions and the API above are the
+//! register BAR holds a doorbell; its interrupt reaches userspace through
+//! UIO — as an MSI-X message with our module `p2pvm_channel` (built by
+//! `p2pvm-images` and loaded by the images' init), else as INTx with Linux's
+//! stock `uio_pci_generic`. Rings, sessions and the API above are the
 //! same as in the sandbox backend — only [`Region`] mapping and the
 //! [`EventChannel`] differ.
 //!
 //! ```text
 //!  guest A: notify() ─ store to BAR0 doorbell ─► ioeventfd (VMM A, no exit)
 //!                                                     │ eventfd shared by the two VMMs
-//!  guest B: wait() ◄─ /dev/uioN ◄─ INTx ◄─ VMM B sets IntrStatus, raises the line
+//!  guest B: wait() ◄─ /dev/uioN ◄─ MSI-X (or INTx) ◄─ VMM B
 //! ```
+//!
+//! With MSI-X, taking an interrupt touches no register: `wait` is one read of
+//! `/dev/uioN`, and the guest makes no exit to its VMM for it.
 //!
 //! Registers follow the ivshmem device's BAR 0 (QEMU's
 //! `docs/specs/ivshmem-spec.rst`), whose vendor and device id the function
@@ -17,7 +22,7 @@
 //! function's position (0: service VM, the device side; 1: client VM, the
 //! driver side) and the doorbell.
 //!
-//! Interrupt flow with `uio_pci_generic`: its handler sets the PCI 2.3
+//! Interrupt flow with `uio_pci_generic` (a guest without our module): its handler sets the PCI 2.3
 //! interrupt-disable bit (command register bit 10); `wait` then returns after
 //! clearing that bit again through the function's sysfs `config` file, which
 //! the VMM also takes as the acknowledgment (reading the interrupt status
@@ -84,6 +89,29 @@ const CONFIG_COMMAND: u64 = 0x04;
 /// How long binding `uio_pci_generic` may take to produce `/dev/uioN`.
 const BIND_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// Our guest module's PCI driver name.
+pub const MSIX_DRIVER: &str = "p2pvm_channel";
+
+/// How the function's interrupt reaches userspace.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Interrupts {
+    /// An MSI-X message, through our module `p2pvm_channel`: nothing to
+    /// acknowledge.
+    Msix,
+    /// INTx through `uio_pci_generic`, re-enabled after each interrupt.
+    Intx,
+}
+
+impl Interrupts {
+    /// `msix` or `intx`, for logs.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Msix => "msix",
+            Self::Intx => "intx",
+        }
+    }
+}
+
 /// How guest userspace maps the region BAR.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum RegionMapping {
@@ -139,13 +167,17 @@ pub fn find(sysfs: &Path) -> Result<PathBuf, ChannelError> {
     })
 }
 
-/// Binds `uio_pci_generic` to the function at `dev` (a sysfs device
-/// directory) unless it already is, and returns its `/dev/uioN`.
-pub fn bind_uio(dev: &Path) -> Result<PathBuf, ChannelError> {
+/// Returns the function's `/dev/uioN` and how its interrupts come: our
+/// module's if it has bound the function (MSI-X), else `uio_pci_generic`'s
+/// (INTx), bound here unless it already is. `dev` is a sysfs device
+/// directory.
+pub fn bind_uio(dev: &Path) -> Result<(PathBuf, Interrupts), ChannelError> {
+    let driver = std::fs::read_link(dev.join("driver")).ok();
+    if driver.as_deref().is_some_and(|d| d.ends_with(MSIX_DRIVER)) {
+        return Ok((uio_node(dev)?, Interrupts::Msix));
+    }
     let drivers = Path::new("/sys/bus/pci/drivers/uio_pci_generic");
-    let bound = std::fs::read_link(dev.join("driver"))
-        .ok()
-        .is_some_and(|d| d.ends_with("uio_pci_generic"));
+    let bound = driver.is_some_and(|d| d.ends_with("uio_pci_generic"));
     if !bound {
         if !drivers.exists() {
             return Err(dev_err(
@@ -172,6 +204,11 @@ pub fn bind_uio(dev: &Path) -> Result<PathBuf, ChannelError> {
                 .map_err(|e| dev_err(dev, "binding uio_pci_generic", e))?;
         }
     }
+    Ok((uio_node(dev)?, Interrupts::Intx))
+}
+
+/// The `/dev/uioN` of a function bound to a UIO driver (waits for it to appear).
+fn uio_node(dev: &Path) -> Result<PathBuf, ChannelError> {
     let deadline = Instant::now() + BIND_TIMEOUT;
     loop {
         if let Ok(mut entries) = std::fs::read_dir(dev.join("uio"))
@@ -245,6 +282,7 @@ pub struct UioEvents {
     regs: GuestMemoryMmap<()>,
     uio: AsyncFd<File>,
     config: File,
+    interrupts: Interrupts,
     /// Moving average of what acknowledging an interrupt costs here, ns.
     ack_ns: std::sync::atomic::AtomicU64,
     /// Interrupts acknowledged (the cost is reported once, after a few).
@@ -257,7 +295,7 @@ impl UioEvents {
     /// Opens the registers, `uio` (the function's `/dev/uioN`) and its
     /// configuration space; enables the device's interrupt and clears any
     /// stale one. Needs a tokio runtime.
-    pub fn open(dev: &Path, uio: &Path) -> Result<Self, ChannelError> {
+    pub fn open(dev: &Path, uio: &Path, interrupts: Interrupts) -> Result<Self, ChannelError> {
         let regs_file = open_rw(
             &dev.join(format!("resource{REGISTER_BAR}")),
             rustix::fs::OFlags::CLOEXEC,
@@ -284,6 +322,7 @@ impl UioEvents {
             regs,
             uio,
             config,
+            interrupts,
             ack_ns: std::sync::atomic::AtomicU64::new(0),
             acks: std::sync::atomic::AtomicU64::new(0),
             command: std::sync::atomic::AtomicU16::new(0),
@@ -293,6 +332,11 @@ impl UioEvents {
             .acknowledge()
             .map_err(|e| dev_err(dev, "acknowledging its interrupt", e))?;
         Ok(events)
+    }
+
+    /// How interrupts come.
+    pub fn interrupts(&self) -> Interrupts {
+        self.interrupts
     }
 
     /// This VM's end: [`POSITION_DEVICE`] or [`POSITION_DRIVER`].
@@ -332,6 +376,9 @@ impl UioEvents {
     /// (at open: whatever state the last user left).
     fn acknowledge(&self) -> io::Result<()> {
         let _ = self.load(reg::INTR_STATUS);
+        if self.interrupts == Interrupts::Msix {
+            return Ok(());
+        }
         let mut cmd = [0u8; 2];
         self.config.read_exact_at(&mut cmd, CONFIG_COMMAND)?;
         let cmd = u16::from_le_bytes(cmd) & !COMMAND_INTX_DISABLE;
@@ -359,6 +406,7 @@ impl EventChannel for UioEvents {
             let mut guard = self.uio.readable().await?;
             let mut count = [0u8; 4];
             match rustix::io::read(self.uio.get_ref().as_fd(), &mut count) {
+                Ok(_) if self.interrupts == Interrupts::Msix => return Ok(()),
                 Ok(_) => {
                     let t = Instant::now();
                     let r = self.enable_intx();
@@ -406,8 +454,13 @@ pub fn open(
         Some(d) => d.to_path_buf(),
         None => find(Path::new("/sys/bus/pci/devices"))?,
     };
-    let uio = bind_uio(&device)?;
-    let events = UioEvents::open(&device, &uio)?;
+    let (uio, interrupts) = bind_uio(&device)?;
+    let events = UioEvents::open(&device, &uio, interrupts)?;
+    tracing::info!(
+        interrupts = interrupts.name(),
+        device = %device.display(),
+        "channel device open"
+    );
     let position = events.position();
     if position != expected {
         return Err(dev_err(

@@ -54,8 +54,9 @@ result test=items vm=$vcid sandbox=$scid
 loop='a=$(cut -d" " -f1 /proc/uptime); i=0; while [ $i -lt 200000 ]; do i=$((i + 1)); done; b=$(cut -d" " -f1 /proc/uptime); awk -v a=$a -v b=$b "BEGIN { printf \"%d\", (b - a) * 1000 }"'
 result test=cpu l1_loop_ms=$(sh -c "$loop") vm_loop_ms=$(ask client CAL "sh -c '$loop'" 300)
 
-# The channel's interrupts so far in a VM (uio_pci_generic's line).
-irqs() { ask "$1" "$2" "awk '/uio/ {s += \$2} END {print s + 0}' /proc/interrupts"; }
+# The channel's interrupts so far in a VM (our module's MSI-X vector, or
+# uio_pci_generic's line).
+irqs() { ask "$1" "$2" "awk '/p2pvm_channel|uio/ {s += \$2} END {print s + 0}' /proc/interrupts"; }
 # measure MODE ROUND WHAT ARGS: one apibench run, its line, the busy time
 # and (VM mode) the channel interrupts it took in each VM.
 measure() {

@@ -12,6 +12,18 @@ slog="$P2PVMM_HOME/vms/service/console.log"
 clog="$P2PVMM_HOME/vms/client/console.log"
 
 peer_of() { sed -n 's/^peer id: *//p'; }
+client_boots() { grep -ac 'Client VM, .* since boot' "$clog"; }
+# The client guest reset itself (the client VMM restarts it in place): say
+# how, wait for the new boot's front-end, give its new shell the app's token.
+client_came_back() {
+    echo "the client guest reset itself $1 (boot $(client_boots)); how (the VMMs' log):"
+    grep -a -E 'triple fault|reset itself|guest reset' "$WORK/up.log" | tail -5
+    _i=0
+    while [ "$(grep -ac 'front-end is up' "$clog")" -lt "$(client_boots)" ] && [ $_i -lt 120 ]; do
+        sleep 1; _i=$((_i + 1))
+    done
+    type_on client "export P2PVM_TOKEN=$tok"
+}
 
 start=$(uptime_s)
 "$P2PVMM" up --isolation vm --images "$WORK/images" --service-mem-mib 640 \
@@ -31,7 +43,22 @@ peer=$(ask service PEER "p2pctl info | sed -n 's/^peer id: *//p'")
 tok=$(ask service TOKEN "p2pctl app issue vmtest")
 type_on client "export P2PVM_TOKEN=$tok"
 cpeer=$(ask client CPEER "p2pctl info | sed -n 's/^peer id: *//p'")
-result service_peer=$peer client_saw_peer=$cpeer api_ready_s=$(since "$start")
+api_ready=$(since "$start")
+# Seen in about one run in three, under QEMU's emulator only: the client
+# guest resets itself (no panic, no reboot request) in its first seconds.
+# The test host reports it, and the check is the answer after the reboot.
+if [ -z "$cpeer" ] && [ "$(client_boots)" -gt 1 ]; then
+    client_came_back "before its first answer"
+    result client_guest_reset_early=yes
+    cpeer=$(ask client CPEER2 "p2pctl info | sed -n 's/^peer id: *//p'")
+fi
+result service_peer=$peer client_saw_peer=$cpeer api_ready_s=$api_ready
+[ -n "$cpeer" ] || { echo "no answer in the client VM; the VMMs' log:"; grep -a -E 'triple fault|reset itself|guest reset|WARN|ERROR' "$WORK/up.log" | tail -20; }
+
+# Those answers came by MSI-X through our guest module in both VMs (no INTx:
+# taking an interrupt costs a guest no exit to its VMM).
+msix() { ask "$1" "$2" "awk '/p2pvm_channel/ && /MSI/ {for (i = 2; i <= NF && \$i ~ /^[0-9]+\$/; i++) s += \$i} END {print s + 0}' /proc/interrupts"; }
+result channel_msix_service=$(msix service SMSIX) channel_msix_client=$(msix client CMSIX)
 
 # Only the region is shared. Each VMM reports its slots and their backing
 # files (memory.json); the region's memfd must be the one file both have.
@@ -125,6 +152,7 @@ grep -aq "$hpeer  *[0-9]" "$slog" && result credit_row_for_host_node=yes
 # A hostile program in the client VM: garbage into the region, the doorbell
 # rung in a loop, for 20 s.
 spid=$(cat "$P2PVMM_HOME/vms/service/pid")
+boots_before_hostile=$(client_boots)
 type_on client "cat > /tmp/hostile.sh <<'END'
 for d in /sys/bus/pci/devices/*; do [ \"\$(cat \$d/vendor)\" = 0x1af4 ] && [ \"\$(cat \$d/device)\" = 0x1110 ] && dev=\$d; done
 bar0=\$(sed -n 1p \$dev/resource | cut -d' ' -f1); bar2=\$(sed -n 3p \$dev/resource | cut -d' ' -f1)
@@ -155,11 +183,9 @@ fi
 # the app's token is gone: export it again.
 cpid2=$(cat "$P2PVMM_HOME/vms/client/pid")
 [ "$cpid2" = "$cpid" ] && kill -0 "$cpid" && result client_vmm_survived_hostile=yes
-if [ "$(grep -ac 'Client VM, .* since boot' "$clog")" -gt 1 ]; then
-    echo "the client guest reset itself under the hostile program (its VMM pid $cpid2, was $cpid)"
+if [ "$(client_boots)" -gt "$boots_before_hostile" ]; then
+    client_came_back "under the hostile program (its VMM pid $cpid2, was $cpid)"
     result client_guest_reset=yes
-    wait_for "$clog" "front-end is up" 120
-    type_on client "export P2PVM_TOKEN=$tok"
 fi
 good=$(ask client GOOD "for i in \$(seq 90); do p2pctl info > /tmp/i.txt 2>&1 && break; sleep 1; done; sed -n 's/^peer id: *//p' /tmp/i.txt" 150)
 result good_session_after_hostile=$good

@@ -59,6 +59,19 @@ fn the_platform_runs_as_two_vms_from_its_images() {
     let peer = get(&o, "service_peer");
     assert!(peer.starts_with("12D3Koo"), "service peer id {peer:?}");
     assert_eq!(get(&o, "client_saw_peer"), peer);
+    if o.result("client_guest_reset_early") == Some("yes") {
+        eprintln!(
+            "WARNING: the client guest reset itself before its first API answer (the known, \
+             unexplained reset under QEMU's emulator: docs/vm-mode.md); the answer checked is \
+             the one after its reboot"
+        );
+    }
+    // Both VMs took the channel's interrupts as MSI-X messages (our guest
+    // module), not as INTx.
+    for vm in ["service", "client"] {
+        let n: u64 = get(&o, &format!("channel_msix_{vm}")).parse().unwrap_or(0);
+        assert!(n > 0, "the {vm} VM took no channel interrupt by MSI-X");
+    }
     // Only the region is shared: one file in both VMs' slots, the region's;
     // every slot has a file; the client's RAM holds its marker, the region not.
     assert_eq!(get(&o, "shared_files"), "1");

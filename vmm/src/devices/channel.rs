@@ -9,18 +9,37 @@
 //!
 //! ```text
 //!  guest A doorbell ─ ioeventfd (KVM, no exit) ─► eventfd "ring" of VMM A
-//!        = eventfd "bell" of VMM B ─► IntrStatus := 1 ─► INTx (irqfd + resample) ─► guest B
+//!        = eventfd "bell" of VMM B ─┬─ irqfd of MSI-X vector 0 (KVM) ─────────► guest B
+//!                                   └─ VMM B: IntrStatus := 1 ─► INTx (irqfd + resample)
 //! ```
 //!
 //! The VMM never reads or writes the region's contents.
 //!
-//! An interrupt storm is bounded by the receiver: once the bell has raised
-//! the interrupt, this device stops watching it until its own guest
-//! acknowledges — reads the interrupt status, or enables INTx again after
-//! `uio_pci_generic` disabled it. However fast the other guest
-//! rings, this VMM wakes — and this guest is interrupted — at most once per
-//! acknowledgment its guest chooses to make; the doorbells in between only
-//! add to an eventfd counter in the kernel.
+//! Two ways to interrupt the guest. **MSI-X** (one vector, table and PBA in
+//! BAR 0), which our guest module `p2pvm_channel` enables: an edge-triggered
+//! message that the guest needs no register access to take, so an interrupt
+//! costs it no exit to this VMM. While the guest can take the message (MSI-X
+//! on, vector and function unmasked, the interrupt mask register set), the
+//! bell itself is the vector's irqfd: the other guest's doorbell write
+//! becomes this guest's interrupt inside KVM, and neither VMM process runs —
+//! ivshmem's doorbell-to-irqfd wiring. Otherwise the bell goes back to this
+//! device's event loop, which keeps a ring pending (status, PBA) until the
+//! guest can take it. The interrupt status register then only counts rings
+//! the VMM saw; an MSI-X driver does not read it. **INTx** with the PCI 2.3
+//! status and disable bits, for Debian's stock `uio_pci_generic`.
+//!
+//! An interrupt storm is bounded by the receiver. With INTx, once the bell
+//! has raised the interrupt, this device stops watching it until its own
+//! guest acknowledges — reads the interrupt status, or enables INTx again
+//! after `uio_pci_generic` disabled it: however fast the other guest rings,
+//! this guest is interrupted at most once per acknowledgment it chooses to
+//! make, and the doorbells in between only add to an eventfd counter. With
+//! MSI-X there is no acknowledgment to wait for, but messages that arrive
+//! while the guest has not yet taken the last one merge in its local APIC
+//! (one pending bit per vector), so the guest still takes at most one
+//! interrupt per handler run, and a ringing guest costs this VMM nothing
+//! (KVM delivers the message) — the ringing guest pays an exit of its own
+//! for each ring.
 
 use std::os::fd::{AsRawFd, IntoRawFd, OwnedFd};
 use std::sync::Arc;
@@ -35,6 +54,7 @@ use vmm_sys_util::eventfd::EventFd;
 
 use super::pci::config::{Bar, BarKind, COMMAND_MEMORY, ConfigSpace, Header, reg};
 use super::pci::intx::Intx;
+use super::pci::msix::{self, Msix};
 use super::pci::root::PciDevice;
 use super::{MmapRegion, VmOps, le_value, put_le_value};
 
@@ -49,11 +69,18 @@ pub enum ChannelDeviceError {
     Setup(&'static str, String),
 }
 
+/// Where MSI-X's vector table lies in the register BAR.
+const MSIX_TABLE_OFFSET: u64 = 0x800;
+/// Where MSI-X's pending-bit array lies in the register BAR.
+const MSIX_PBA_OFFSET: u64 = 0xc00;
+
 /// The channel's PCI function.
 pub struct ChannelDevice {
     config: ConfigSpace,
     vm: Arc<dyn VmOps>,
     intx: Intx,
+    msix: Msix,
+    msix_cap: usize,
     /// The region, mapped in this process only to hand it to KVM.
     region: Arc<MmapRegion>,
     region_slot: Option<u32>,
@@ -63,9 +90,15 @@ pub struct ChannelDevice {
     ring: EventFd,
     /// Where the doorbell's ioeventfd is registered.
     doorbell_at: Option<u64>,
-    /// The vCPU thread asks the event loop to watch `bell` again.
+    /// The vCPU thread asks the event loop to look again at whether it
+    /// should watch `bell`.
     rearm: EventFd,
+    /// The event loop watches `bell`.
     bell_watched: bool,
+    /// INTx: a ring raised the line; the bell waits for the acknowledgment.
+    awaiting_ack: bool,
+    /// MSI-X: `bell` is KVM's irqfd on this GSI (see the module comment).
+    bell_gsi: Option<u32>,
     mask: u32,
     status: u32,
     /// The pending interrupt reached the guest (raised while INTx was
@@ -146,15 +179,30 @@ impl ChannelDevice {
         config
             .add_bar(REGION_BAR, bar(len, BarKind::Mem64, true), bar2)
             .map_err(err)?;
+        let msix = Msix::new(1, vm.clone())
+            .map_err(|e| ChannelDeviceError::Setup("MSI-X", e.to_string()))?;
+        let (cap, mask) = msix.capability(
+            REGISTER_BAR as u8,
+            MSIX_TABLE_OFFSET as u32,
+            MSIX_PBA_OFFSET as u32,
+        );
+        let msix_cap = config
+            .add_capability(&cap, &mask)
+            .map_err(|e| ChannelDeviceError::Setup("MSI-X capability", e.to_string()))?;
         config.write(reg::COMMAND, &COMMAND_MEMORY.to_le_bytes());
         config.set_interrupt_line(intx_gsi as u8);
         let intx = Intx::new(intx_gsi, &vm).map_err(setup("INTx"))?;
         let rearm =
             EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC).map_err(setup("eventfd"))?;
+        // KVM may drain the bell (as an irqfd) between the event loop's
+        // wake-up and its read: that read must not block the loop.
+        rustix::io::ioctl_fionbio(&grant.ours, true).map_err(|e| setup("the bell")(e.into()))?;
         Ok(Self {
             config,
             vm,
             intx,
+            msix,
+            msix_cap,
             region: Arc::new(region),
             region_slot: None,
             bell: eventfd_from(grant.ours),
@@ -162,6 +210,8 @@ impl ChannelDevice {
             doorbell_at: None,
             rearm,
             bell_watched: false,
+            awaiting_ack: false,
+            bell_gsi: None,
             mask: 0,
             status: 0,
             delivered: false,
@@ -186,8 +236,67 @@ impl ChannelDevice {
     }
 
     fn raise(&mut self) {
+        if self.msix.enabled() {
+            // Left pending in the PBA while the vector is masked.
+            self.msix.trigger(0);
+            return;
+        }
         self.delivered |= !self.config.intx_disabled();
         self.intx.assert(&mut self.config);
+    }
+
+    /// Whether the bell is left unwatched until the guest acknowledges (INTx
+    /// only: see the module comment).
+    fn waits_for_acknowledgment(&self) -> bool {
+        !self.msix.enabled()
+    }
+
+    /// Whether this VMM's event loop should watch the bell: not while KVM
+    /// takes it, nor while an INTx acknowledgment is awaited.
+    fn wants_bell_watched(&self) -> bool {
+        self.bell_gsi.is_none() && !self.awaiting_ack
+    }
+
+    /// Hands the bell to KVM as the MSI-X vector's irqfd while the guest can
+    /// take messages, and takes it back when it cannot; runs after every
+    /// guest write that may change that. The event loop is told to follow.
+    fn route_bell(&mut self) {
+        let target = if self.mask & 1 != 0 {
+            self.msix.deliverable_gsi(0)
+        } else {
+            None
+        };
+        if target == self.bell_gsi {
+            return;
+        }
+        if let Some(gsi) = self.bell_gsi.take()
+            && let Err(e) = self.vm.unregister_irqfd(&self.bell, gsi)
+        {
+            crate::warn_limited!(error = %e, gsi, "channel bell: cannot take it back from KVM");
+        }
+        if let Some(gsi) = target {
+            match self.vm.register_irqfd(&self.bell, gsi) {
+                Ok(()) => self.bell_gsi = Some(gsi),
+                Err(e) => {
+                    crate::warn_limited!(error = %e, gsi, "channel bell: no irqfd; rings pass through the VMM")
+                }
+            }
+        }
+        let _ = self.rearm.write(1);
+    }
+
+    /// Watches the bell or stops, as [`Self::wants_bell_watched`] says.
+    fn follow_bell(&mut self, ops: &mut EventOps) {
+        let want = self.wants_bell_watched();
+        if want == self.bell_watched {
+            return;
+        }
+        let ev = Events::new_raw(self.bell.as_raw_fd(), EventSet::IN);
+        let done = if want { ops.add(ev) } else { ops.remove(ev) };
+        match done {
+            Ok(()) => self.bell_watched = want,
+            Err(e) => tracing::error!(error = ?e, watch = want, "channel bell: epoll"),
+        }
     }
 
     /// The guest acknowledged the interrupt: clear it and look at the bell
@@ -197,7 +306,8 @@ impl ChannelDevice {
         self.status = 0;
         self.delivered = false;
         self.intx.deassert(&mut self.config);
-        if !self.bell_watched {
+        if self.awaiting_ack {
+            self.awaiting_ack = false;
             let _ = self.rearm.write(1);
         }
         v
@@ -221,6 +331,7 @@ impl ChannelDevice {
                 } else if self.mask == 0 {
                     self.intx.deassert(&mut self.config);
                 }
+                self.route_bell();
             }
             // Reached only where the ioeventfd did not catch the write.
             regs::DOORBELL => {
@@ -267,7 +378,26 @@ impl PciDevice for ChannelDevice {
 
     fn config_write(&mut self, offset: usize, data: &[u8]) {
         let was_disabled = self.config.intx_disabled();
-        if self.config.write(offset, data).command {
+        let control = self.config.word(self.msix_cap + 2);
+        let effect = self.config.write(offset, data);
+        if let Some(start) = offset.checked_sub(self.msix_cap)
+            && msix::control_from_write(start, data, control).is_some()
+        {
+            self.msix
+                .control_written(self.config.word(self.msix_cap + 2));
+            if self.msix.enabled() {
+                // From now on messages, not the line; a bell left unwatched
+                // for an INTx acknowledgment is watched again.
+                self.intx.deassert(&mut self.config);
+                self.delivered = false;
+                if self.awaiting_ack {
+                    self.awaiting_ack = false;
+                    let _ = self.rearm.write(1);
+                }
+            }
+            self.route_bell();
+        }
+        if effect.command {
             // uio_pci_generic's handler disables INTx; the driver enabling it
             // again is done with the interrupt: that acknowledges it too, one
             // register round trip instead of two (status read, then enable).
@@ -286,14 +416,36 @@ impl PciDevice for ChannelDevice {
         data.fill(0);
         // The region is guest memory; only a guest access while its slot is
         // missing lands here, and reads as nothing.
-        if bar == REGISTER_BAR && offset.is_multiple_of(4) && data.len() == 4 {
-            put_le_value(data, u64::from(self.read_register(offset)));
+        if bar != REGISTER_BAR {
+            return;
+        }
+        match offset {
+            o if (MSIX_TABLE_OFFSET..MSIX_TABLE_OFFSET + self.msix.table_size()).contains(&o) => {
+                self.msix.table_read(o - MSIX_TABLE_OFFSET, data)
+            }
+            o if (MSIX_PBA_OFFSET..MSIX_PBA_OFFSET + self.msix.pba_size()).contains(&o) => {
+                self.msix.pba_read(o - MSIX_PBA_OFFSET, data)
+            }
+            o if o.is_multiple_of(4) && data.len() == 4 => {
+                put_le_value(data, u64::from(self.read_register(o)))
+            }
+            _ => {}
         }
     }
 
     fn bar_write(&mut self, bar: usize, offset: u64, data: &[u8]) {
-        if bar == REGISTER_BAR && offset.is_multiple_of(4) && (1..=4).contains(&data.len()) {
-            self.write_register(offset, le_value(data) as u32);
+        if bar != REGISTER_BAR {
+            return;
+        }
+        match offset {
+            o if (MSIX_TABLE_OFFSET..MSIX_TABLE_OFFSET + self.msix.table_size()).contains(&o) => {
+                self.msix.table_write(o - MSIX_TABLE_OFFSET, data);
+                self.route_bell();
+            }
+            o if o.is_multiple_of(4) && (1..=4).contains(&data.len()) => {
+                self.write_register(o, le_value(data) as u32)
+            }
+            _ => {}
         }
     }
 
@@ -323,22 +475,18 @@ impl MutEventSubscriber for ChannelDevice {
     fn process(&mut self, events: Events, ops: &mut EventOps) {
         let fd = events.fd();
         if fd == self.bell.as_raw_fd() {
-            let _ = self.bell.read();
-            self.rung();
-            // Until the guest acknowledges, further doorbells wait in the
-            // eventfd's counter (see the module comment).
-            if ops.remove(Events::new_raw(fd, EventSet::IN)).is_ok() {
-                self.bell_watched = false;
+            // Once KVM holds the bell it takes the rings; the last one seen
+            // here, if any, raced the hand-over and is delivered as usual.
+            if self.bell.read().is_ok() {
+                self.rung();
+                // Until the guest acknowledges, further doorbells wait in
+                // the eventfd's counter (see the module comment).
+                self.awaiting_ack |= self.waits_for_acknowledgment();
             }
+            self.follow_bell(ops);
         } else if fd == self.rearm.as_raw_fd() {
             let _ = self.rearm.read();
-            if !self.bell_watched
-                && ops
-                    .add(Events::new_raw(self.bell.as_raw_fd(), EventSet::IN))
-                    .is_ok()
-            {
-                self.bell_watched = true;
-            }
+            self.follow_bell(ops);
         } else if fd == self.intx.resample_fd().as_raw_fd() {
             self.intx.resampled(&self.config);
         }

@@ -35,6 +35,8 @@ pub trait VmOps: Send + Sync {
     fn unregister_ioevent(&self, fd: &EventFd, addr: u64) -> io::Result<()>;
     /// Injects interrupt `gsi` (edge) each time `fd` is signalled.
     fn register_irqfd(&self, fd: &EventFd, gsi: u32) -> io::Result<()>;
+    /// Undoes [`VmOps::register_irqfd`].
+    fn unregister_irqfd(&self, fd: &EventFd, gsi: u32) -> io::Result<()>;
     /// Asserts level-triggered `gsi` when `fd` is signalled; at the guest's
     /// EOI the line is deasserted and `resample` signalled, so the device can
     /// assert it again if it still has something pending.
@@ -87,6 +89,8 @@ pub mod fake {
         pub routes: Mutex<std::collections::BTreeMap<u32, MsiMessage>>,
         /// irqfds registered (gsi, with resample).
         pub irqfds: Mutex<Vec<(u32, bool)>>,
+        /// Which descriptor each plain irqfd is (descriptor, gsi).
+        pub irqfd_fds: Mutex<Vec<(std::os::fd::RawFd, u32)>>,
         /// Memory slots by number: (guest address, size).
         pub slots: Mutex<std::collections::BTreeMap<u32, (u64, usize)>>,
         next_gsi: Mutex<u32>,
@@ -106,8 +110,28 @@ pub mod fake {
             v.remove(i);
             Ok(())
         }
-        fn register_irqfd(&self, _fd: &EventFd, gsi: u32) -> io::Result<()> {
+        fn register_irqfd(&self, fd: &EventFd, gsi: u32) -> io::Result<()> {
+            use std::os::fd::AsRawFd;
+            let mut fds = self.irqfd_fds.lock().unwrap();
+            // KVM refuses one eventfd twice in a VM.
+            if fds.iter().any(|(f, _)| *f == fd.as_raw_fd()) {
+                return Err(io::ErrorKind::ResourceBusy.into());
+            }
+            fds.push((fd.as_raw_fd(), gsi));
             self.irqfds.lock().unwrap().push((gsi, false));
+            Ok(())
+        }
+        fn unregister_irqfd(&self, fd: &EventFd, gsi: u32) -> io::Result<()> {
+            use std::os::fd::AsRawFd;
+            let mut fds = self.irqfd_fds.lock().unwrap();
+            let i = fds
+                .iter()
+                .position(|e| *e == (fd.as_raw_fd(), gsi))
+                .ok_or(io::ErrorKind::NotFound)?;
+            fds.remove(i);
+            let mut all = self.irqfds.lock().unwrap();
+            let j = all.iter().position(|e| *e == (gsi, false)).unwrap();
+            all.remove(j);
             Ok(())
         }
         fn register_irqfd_resample(&self, _: &EventFd, _: &EventFd, gsi: u32) -> io::Result<()> {

@@ -202,6 +202,23 @@ impl Vcpu {
         }
     }
 
+    /// Where the guest was when it triple-faulted: the one trace such a
+    /// reset leaves (the guest prints nothing).
+    fn log_triple_fault(&self) {
+        let regs = self.fd.get_regs().ok();
+        let sregs = self.fd.get_sregs().ok();
+        tracing::warn!(
+            vcpu = self.id,
+            rip = format_args!("{:#x}", regs.map_or(0, |r| r.rip)),
+            rsp = format_args!("{:#x}", regs.map_or(0, |r| r.rsp)),
+            cr0 = format_args!("{:#x}", sregs.map_or(0, |s| s.cr0)),
+            cr2 = format_args!("{:#x}", sregs.map_or(0, |s| s.cr2)),
+            cr3 = format_args!("{:#x}", sregs.map_or(0, |s| s.cr3)),
+            cr4 = format_args!("{:#x}", sregs.map_or(0, |s| s.cr4)),
+            "triple fault: the guest reset without asking"
+        );
+    }
+
     /// One `KVM_RUN`; `Some` when the run must end.
     fn step(&mut self) -> Option<ExitReason> {
         let counts = &self.counts;
@@ -245,8 +262,12 @@ impl Vcpu {
                 }
                 None
             }
-            // A triple fault: what Linux ends with when every reset method failed.
-            Ok(VcpuExit::Shutdown) => Some(ExitReason::Reset),
+            // A triple fault: what Linux ends with when every reset method
+            // failed, or a guest that faulted beyond repair.
+            Ok(VcpuExit::Shutdown) => {
+                self.log_triple_fault();
+                Some(ExitReason::Reset)
+            }
             Ok(VcpuExit::SystemEvent(kind, _)) => Some(match kind {
                 KVM_SYSTEM_EVENT_SHUTDOWN => ExitReason::PowerOff,
                 KVM_SYSTEM_EVENT_RESET => ExitReason::Reset,

@@ -217,6 +217,10 @@ impl VmOps for Vm {
         self.fd.register_irqfd(fd, gsi).map_err(io_err)
     }
 
+    fn unregister_irqfd(&self, fd: &EventFd, gsi: u32) -> io::Result<()> {
+        self.fd.unregister_irqfd(fd, gsi).map_err(io_err)
+    }
+
     fn register_irqfd_resample(
         &self,
         fd: &EventFd,

@@ -292,3 +292,145 @@ fn odd_register_accesses_change_nothing() {
     r.dev.lock().unwrap().bar_read(REGION_BAR, 0, &mut b);
     assert_eq!(b, [0; 8]);
 }
+
+/// Enables MSI-X as Linux does: the capability's enable bit, then vector 0's
+/// address and data, unmasked.
+fn enable_msix(r: &Rig) {
+    let mut d = r.dev.lock().unwrap();
+    let cap = d.msix_cap;
+    assert_eq!(d.config().byte(cap), msix::CAP_ID);
+    d.config_write(cap + 2, &(1u16 << 15).to_le_bytes());
+    let entry = |d: &mut ChannelDevice, field: u64, v: u32| {
+        d.bar_write(REGISTER_BAR, MSIX_TABLE_OFFSET + field, &v.to_le_bytes())
+    };
+    entry(&mut d, 0, 0xfee0_0000);
+    entry(&mut d, 4, 0);
+    entry(&mut d, 8, 0x4041);
+    entry(&mut d, 12, 0);
+}
+
+fn message_sent(r: &Rig) -> bool {
+    r.dev.lock().unwrap().msix.irqfd(0).unwrap().read().is_ok()
+}
+
+/// Whether KVM holds the bell as an irqfd (on the vector's GSI).
+fn bell_in_kvm(r: &Rig) -> bool {
+    let d = r.dev.lock().unwrap();
+    let bell = d.bell.as_raw_fd();
+    let gsi = d.bell_gsi;
+    let held =
+        r.vm.irqfd_fds
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|(fd, _)| *fd == bell);
+    assert_eq!(held, gsi.is_some(), "the device knows where its bell is");
+    held
+}
+
+fn mask_vector(r: &Rig, masked: bool) {
+    r.dev.lock().unwrap().bar_write(
+        REGISTER_BAR,
+        MSIX_TABLE_OFFSET + 12,
+        &u32::from(masked).to_le_bytes(),
+    )
+}
+
+#[test]
+fn with_msix_the_bell_is_the_vectors_irqfd_and_this_vmm_never_wakes() {
+    let mut r = rig(1 << 20);
+    enable_msix(&r);
+    write32(&r.dev, regs::INTR_MASK, 1);
+    let gsi = *r.vm.routes.lock().unwrap().keys().next().expect("a route");
+    assert_eq!(r.vm.routes.lock().unwrap()[&gsi].data, 0x4041);
+    assert!(bell_in_kvm(&r));
+    assert_eq!(
+        r.dev.lock().unwrap().bell_gsi,
+        Some(gsi),
+        "on the vector's GSI"
+    );
+    turn(&mut r); // the event loop lets go of the bell
+    for round in 0..3 {
+        r.other_rings.write(1).unwrap();
+        assert_eq!(turn(&mut r), 0, "round {round}: KVM takes the ring");
+        assert!(!line_raised(&r.dev), "round {round}: not the line");
+    }
+    // No status read, no INTx write: the guest never exits for a ring.
+    assert_eq!(r.dev.lock().unwrap().status, 0);
+}
+
+#[test]
+fn with_msix_but_interrupts_masked_the_ring_waits_in_the_status() {
+    let mut r = rig(1 << 20);
+    enable_msix(&r);
+    assert!(!bell_in_kvm(&r), "the interrupt mask register is still 0");
+    r.other_rings.write(1).unwrap();
+    assert_eq!(turn(&mut r), 1, "this VMM watches the bell");
+    assert!(!message_sent(&r));
+    assert_eq!(r.dev.lock().unwrap().status, 1);
+    write32(&r.dev, regs::INTR_MASK, 1);
+    assert!(message_sent(&r), "the held ring goes out when unmasked");
+    assert!(bell_in_kvm(&r));
+}
+
+#[test]
+fn a_masked_vector_takes_the_bell_back_and_holds_the_ring_in_the_pba() {
+    let mut r = rig(1 << 20);
+    enable_msix(&r);
+    write32(&r.dev, regs::INTR_MASK, 1);
+    assert!(bell_in_kvm(&r));
+    mask_vector(&r, true);
+    assert!(!bell_in_kvm(&r), "a masked vector must not reach the guest");
+    turn(&mut r); // the re-arm
+    r.other_rings.write(1).unwrap();
+    assert_eq!(turn(&mut r), 1, "this VMM watches the bell again");
+    assert!(!message_sent(&r));
+    let mut pba = [0u8; 8];
+    r.dev
+        .lock()
+        .unwrap()
+        .bar_read(REGISTER_BAR, MSIX_PBA_OFFSET, &mut pba);
+    assert_eq!(pba[0] & 1, 1, "pending");
+    mask_vector(&r, false);
+    assert!(message_sent(&r), "delivered on unmask");
+    assert!(bell_in_kvm(&r), "and KVM holds the bell again");
+}
+
+#[test]
+fn turning_msix_off_takes_the_bell_back_for_intx() {
+    let mut r = rig(1 << 20);
+    enable_msix(&r);
+    write32(&r.dev, regs::INTR_MASK, 1);
+    assert!(bell_in_kvm(&r));
+    let cap = r.dev.lock().unwrap().msix_cap;
+    r.dev
+        .lock()
+        .unwrap()
+        .config_write(cap + 2, &0u16.to_le_bytes());
+    assert!(!bell_in_kvm(&r));
+    turn(&mut r);
+    r.other_rings.write(1).unwrap();
+    assert_eq!(turn(&mut r), 1);
+    assert!(line_raised(&r.dev), "INTx again");
+}
+
+#[test]
+fn enabling_msix_while_an_intx_acknowledgment_is_awaited_hands_the_bell_to_kvm() {
+    let mut r = rig(1 << 20);
+    write32(&r.dev, regs::INTR_MASK, 1);
+    r.other_rings.write(1).unwrap();
+    assert_eq!(turn(&mut r), 1);
+    assert!(line_raised(&r.dev));
+    // Unwatched now (INTx). The guest switches to MSI-X instead of acknowledging.
+    enable_msix(&r);
+    assert!(bell_in_kvm(&r));
+    assert!(!r.dev.lock().unwrap().awaiting_ack);
+    let status = r.dev.lock().unwrap().config().word(reg::COMMAND + 2);
+    assert_eq!(status & STATUS_INTERRUPT, 0, "the line was lowered");
+    r.other_rings.write(1).unwrap();
+    let mut woke = 0;
+    for _ in 0..3 {
+        woke += turn(&mut r);
+    }
+    assert_eq!(woke, 1, "the re-arm only: KVM takes the ring");
+}

@@ -52,6 +52,7 @@ impl MutBusDevice for AcpiPm {
                 );
             }
         } else if port == ports::ACPI_RESET && v == ports::ACPI_RESET_VALUE {
+            tracing::info!("the guest reset itself through ACPI");
             self.exit.request(ExitReason::Reset);
         }
     }

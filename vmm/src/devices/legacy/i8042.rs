@@ -15,6 +15,7 @@ pub struct ResetLine(pub Arc<ExitSignal>);
 impl vm_superio::Trigger for ResetLine {
     type E = std::convert::Infallible;
     fn trigger(&self) -> Result<(), Self::E> {
+        tracing::info!("the guest reset itself through the i8042");
         self.0.request(ExitReason::Reset);
         Ok(())
     }

@@ -264,6 +264,23 @@ impl Msix {
         true
     }
 
+    /// The GSI a message for vector `v` goes out on, when the guest can take
+    /// one now (enabled, neither function nor vector masked, route current);
+    /// `None` while it must be held back here. A device may then hand an
+    /// eventfd of its own to KVM as an irqfd on that GSI, so that the
+    /// message needs no trip through this process; it must take the
+    /// eventfd back as soon as this turns `None`.
+    pub fn deliverable_gsi(&mut self, v: u16) -> Option<u32> {
+        let active = self.enabled && !self.function_masked;
+        let e = self.vectors.get(v as usize)?;
+        if !active || e.control & VECTOR_MASKED != 0 {
+            return None;
+        }
+        self.refresh_route(v as usize);
+        let e = &self.vectors[v as usize];
+        (!e.stale_route).then_some(e.gsi)
+    }
+
     /// Back to the reset state (all masked, disabled, nothing pending).
     pub fn reset(&mut self) {
         self.enabled = false;
