@@ -203,7 +203,10 @@ impl Vcpu {
     }
 
     /// Where the guest was when it triple-faulted: the one trace such a
-    /// reset leaves (the guest prints nothing).
+    /// reset leaves (the guest prints nothing). On Intel (VMX) these are the
+    /// registers at the fault; on AMD (SVM) KVM has already put the vCPU
+    /// through INIT when it reports the shutdown, so they read as reset
+    /// values and only the fact of the triple fault is news.
     fn log_triple_fault(&self) {
         let regs = self.fd.get_regs().ok();
         let sregs = self.fd.get_sregs().ok();
