@@ -23,7 +23,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use crate::error::{ImageError, IoContext, Result};
-use crate::kernel::apt_download;
+use crate::kernel::{apt_download, fresh_staging};
 use crate::util::{Cache, require_tool, run_captured, write_atomic};
 
 /// The module's name (as `modprobe` and the load list know it).
@@ -97,13 +97,7 @@ fn headers(cache: &Cache, version: &str) -> Result<PathBuf> {
     }
     let dpkg_deb = require_tool("dpkg-deb", "dpkg")?;
     let debs = cache.subdir("debs")?;
-    let staging = dir.with_file_name(format!("{version}.partial"));
-    let in_staging = || format!("preparing {}", staging.display());
-    if staging.exists() {
-        fs::remove_dir_all(&staging).ctx(in_staging)?;
-    }
-    let root = staging.join("root");
-    fs::create_dir_all(&root).ctx(in_staging)?;
+    let (staging, root) = fresh_staging(&dir, version)?;
     let main = format!("linux-headers-{version}");
     let deb = apt_download(&main, &debs)?;
     let mut packages = vec![deb.clone()];

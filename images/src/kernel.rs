@@ -241,6 +241,20 @@ pub(crate) fn apt_download(package: &str, dir: &Path) -> Result<PathBuf> {
     })
 }
 
+/// An empty `<version>.partial` beside `dir` with a `root/` in it, where a
+/// tree is unpacked before it is renamed into place (a half-done one left by
+/// an interrupted run is thrown away); returns (staging, root).
+pub(crate) fn fresh_staging(dir: &Path, version: &str) -> Result<(PathBuf, PathBuf)> {
+    let staging = dir.with_file_name(format!("{version}.partial"));
+    let in_staging = || format!("preparing {}", staging.display());
+    if staging.exists() {
+        fs::remove_dir_all(&staging).ctx(in_staging)?;
+    }
+    let root = staging.join("root");
+    fs::create_dir_all(&root).ctx(in_staging)?;
+    Ok((staging, root))
+}
+
 /// Downloads, unpacks and indexes `linux-image-<version>` into `dir`.
 fn build(cache: &Cache, version: &str, dir: &Path) -> Result<Info> {
     let dpkg_deb = require_tool("dpkg-deb", "dpkg")?;
@@ -250,13 +264,8 @@ fn build(cache: &Cache, version: &str, dir: &Path) -> Result<Info> {
     let sha256 = sha256_file(&deb)?;
     tracing::info!("unpacking {} (sha256 {sha256})", deb.display());
 
-    let staging = dir.with_file_name(format!("{version}.partial"));
+    let (staging, root) = fresh_staging(dir, version)?;
     let in_staging = || format!("preparing {}", staging.display());
-    if staging.exists() {
-        fs::remove_dir_all(&staging).ctx(in_staging)?;
-    }
-    let root = staging.join("root");
-    fs::create_dir_all(&root).ctx(in_staging)?;
     run_captured(Command::new(dpkg_deb).arg("-x").arg(&deb).arg(&root))?;
     // Newer packages put modules under usr/lib only; depmod -b looks in lib/modules.
     if !root.join("lib/modules").exists() && root.join("usr/lib/modules").exists() {

@@ -373,35 +373,32 @@ mod tests {
         use std::mem::size_of;
         let io = |dir: u64, nr: u64, size: usize| dir << 30 | (size as u64) << 16 | 0xae00 | nr;
         let (w, r) = (1, 2);
-        assert_eq!(ioctls::KVM_RUN, io(0, 0x80, 0));
-        assert_eq!(
-            ioctls::KVM_GET_REGS,
-            io(r, 0x81, size_of::<kvm_bindings::kvm_regs>())
-        );
-        assert_eq!(
-            ioctls::KVM_GET_SREGS,
-            io(r, 0x83, size_of::<kvm_bindings::kvm_sregs>())
-        );
-        assert_eq!(
-            ioctls::KVM_IRQFD,
-            io(w, 0x76, size_of::<kvm_bindings::kvm_irqfd>())
-        );
-        assert_eq!(
-            ioctls::KVM_IOEVENTFD,
-            io(w, 0x79, size_of::<kvm_bindings::kvm_ioeventfd>())
-        );
-        assert_eq!(
-            ioctls::KVM_SET_GSI_ROUTING,
-            io(w, 0x6a, size_of::<kvm_bindings::kvm_irq_routing>())
-        );
-        assert_eq!(
-            ioctls::KVM_SET_USER_MEMORY_REGION,
-            io(
-                w,
-                0x46,
-                size_of::<kvm_bindings::kvm_userspace_memory_region>()
-            )
-        );
+        use kvm_bindings as kb;
+        // Ours, then the kernel's.
+        let cases = [
+            (ioctls::KVM_RUN, io(0, 0x80, 0)),
+            (ioctls::KVM_GET_REGS, io(r, 0x81, size_of::<kb::kvm_regs>())),
+            (
+                ioctls::KVM_GET_SREGS,
+                io(r, 0x83, size_of::<kb::kvm_sregs>()),
+            ),
+            (ioctls::KVM_IRQFD, io(w, 0x76, size_of::<kb::kvm_irqfd>())),
+            (
+                ioctls::KVM_IOEVENTFD,
+                io(w, 0x79, size_of::<kb::kvm_ioeventfd>()),
+            ),
+            (
+                ioctls::KVM_SET_GSI_ROUTING,
+                io(w, 0x6a, size_of::<kb::kvm_irq_routing>()),
+            ),
+            (
+                ioctls::KVM_SET_USER_MEMORY_REGION,
+                io(w, 0x46, size_of::<kb::kvm_userspace_memory_region>()),
+            ),
+        ];
+        for (ours, kernels) in cases {
+            assert_eq!(ours, kernels, "{ours:#x} should be {kernels:#x}");
+        }
     }
 
     #[test]

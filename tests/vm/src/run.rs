@@ -102,6 +102,24 @@ pub enum Limit {
     Total,
     /// The silence limit (no console line).
     Silence,
+    /// The test host's own kernel reported a CPU stall: under QEMU's
+    /// emulator one of its CPUs stopped and does not come back.
+    HostStall,
+}
+
+/// Whether `line` is the test host's kernel (not a guest's, whose console
+/// lines carry a `[name]` prefix) reporting an RCU stall: a CPU of the test
+/// host itself stopped. Processes cannot cause that; its emulator can.
+pub fn is_host_stall(line: &str) -> bool {
+    let Some(rest) = line.strip_prefix('[') else {
+        return false;
+    };
+    let Some((stamp, msg)) = rest.split_once("] ") else {
+        return false;
+    };
+    stamp.trim().parse::<f64>().is_ok()
+        && msg.starts_with("rcu: INFO: rcu_")
+        && msg.contains("detected stalls")
 }
 
 /// The run was killed by the watchdog.
@@ -130,6 +148,7 @@ impl fmt::Display for WatchdogError {
                 "silence limit hit: no console line for {} s",
                 self.limit_value.as_secs_f64()
             ),
+            Limit::HostStall => "the test host's kernel reported a CPU stall".to_string(),
         };
         write!(
             f,
@@ -347,6 +366,17 @@ pub(crate) fn supervise(
                     tracing::info!(target: "p2pvm_testhost::console", "{name}| {line}");
                 }
                 transcript.push(&line, stderr);
+                if !stderr && is_host_stall(&line) {
+                    guard.kill();
+                    return Err(WatchdogError {
+                        scenario: name.to_string(),
+                        limit: Limit::HostStall,
+                        limit_value: Duration::ZERO,
+                        elapsed: started.elapsed(),
+                        tail: transcript.tail_text(),
+                    }
+                    .into());
+                }
             }
             Ok(Event::Eof) => open -= 1,
             Err(mpsc::RecvTimeoutError::Timeout) => {}
@@ -420,6 +450,42 @@ mod tests {
         )
         .unwrap_err();
         assert!(err.to_string().contains("booting"), "{err}");
+    }
+
+    #[test]
+    fn only_the_test_hosts_own_rcu_stalls_count() {
+        assert!(is_host_stall(
+            "[  156.270639] rcu: INFO: rcu_preempt detected stalls on CPUs/tasks:"
+        ));
+        assert!(is_host_stall(
+            "[5.1] rcu: INFO: rcu_sched detected stalls on CPUs/tasks:"
+        ));
+        // A guest's stall is the platform's business: the test judges it.
+        assert!(!is_host_stall(
+            "[client] [  12.0] rcu: INFO: rcu_preempt detected stalls on CPUs/tasks:"
+        ));
+        assert!(!is_host_stall("[  156.27] rcu: 	0-...0: (4 ticks this GP)"));
+        assert!(!is_host_stall("rcu: INFO: rcu_preempt detected stalls"));
+    }
+
+    #[test]
+    fn a_host_stall_line_stops_the_run_at_once() {
+        let limits = Limits {
+            total: Duration::from_secs(30),
+            silence: Duration::from_secs(30),
+        };
+        let started = Instant::now();
+        let err = supervise(
+            sh("echo '[  9.5] rcu: INFO: rcu_preempt detected stalls on CPUs/tasks:'; sleep 30"),
+            true,
+            RunnerKind::Direct,
+            "stalled",
+            limits,
+        )
+        .unwrap_err();
+        let wd = err.downcast_ref::<WatchdogError>().expect("watchdog error");
+        assert_eq!(wd.limit, Limit::HostStall);
+        assert!(started.elapsed() < Duration::from_secs(5));
     }
 
     #[test]
