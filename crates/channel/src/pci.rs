@@ -10,7 +10,8 @@
 //! ```text
 //!  guest A: notify() ─ store to BAR0 doorbell ─► ioeventfd (VMM A, no exit)
 //!                                                     │ eventfd shared by the two VMMs
-//!  guest B: wait() ◄─ /dev/uioN ◄─ MSI-X (or INTx) ◄─ VMM B
+//!  guest B: wait() ◄─ /dev/uioN ◄─ MSI-X: the same eventfd as KVM's irqfd
+//!                                    (or INTx, raised by VMM B)
 //! ```
 //!
 //! With MSI-X, taking an interrupt touches no register: `wait` is one read of
