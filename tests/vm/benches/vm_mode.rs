@@ -175,10 +175,21 @@ fn main() -> anyhow::Result<()> {
                         && r.get("round") == Some(round.as_str())
                 })
                 .map(|r| {
+                    let split = |who: &str| {
+                        let f = |k: &str| r.get(&format!("{who}_{k}")).unwrap_or("?").to_string();
+                        format!(
+                            "{who} VMM {} s guest + {} s VMM + {} s host kernel",
+                            f("guest_s"),
+                            f("vmm_user_s"),
+                            f("sys_s")
+                        )
+                    };
                     format!(
-                        "; channel interrupts: service {}, client {}",
+                        "; channel interrupts: service {}, client {}; CPU: {}, {}",
                         r.get("service_irqs").unwrap_or("?"),
-                        r.get("client_irqs").unwrap_or("?")
+                        r.get("client_irqs").unwrap_or("?"),
+                        split("service"),
+                        split("client")
                     )
                 })
                 .unwrap_or_default();

@@ -33,6 +33,19 @@ tok=$(ask service TOKEN "p2pctl app issue bench")
 type_on client "export P2PVM_TOKEN=$tok"
 peer=$(ask client PEER "p2pctl info | sed -n 's/^peer id: *//p'")
 result test=boot api_ready_s=$(since "$start") peer=$peer
+# A guest that reset itself in its first seconds (docs/vm-mode.md, "Guest
+# resets under the emulator") loses the token or the shell that held it:
+# the platform is booted once more, and the bench says so.
+if [ -z "$peer" ]; then
+    echo "BENCH-NOTE: no API answer after the first boot; up's log:"
+    grep -a -E "triple fault|reset itself|guest reset|VM failed" "$WORK/up.log" | tail -5
+    kill -TERM "$up"; wait "$up"
+    platform ""
+    tok=$(ask service TOKEN2 "p2pctl app issue bench2")
+    type_on client "export P2PVM_TOKEN=$tok"
+    peer=$(ask client PEER2 "p2pctl info | sed -n 's/^peer id: *//p'")
+    result test=boot2 peer=$peer
+fi
 
 printf '[virus]\nenabled = false\n' > "$WORK/sbx.toml"
 "$P2PVMM" --home "$WORK/sbx" up --isolation sandbox --config "$WORK/sbx.toml" -- --no-mdns > "$WORK/sbx.log" 2>&1 &
@@ -63,11 +76,24 @@ result test=mem l1_ms=$(sh -c "$mem") vm_ms=$(ask client MEM "sh -c '$mem'" 300)
 # The channel's interrupts so far in a VM (our module's MSI-X vector, or
 # uio_pci_generic's line).
 irqs() { ask "$1" "$2" "awk '/p2pvm_channel|uio/ {s += \$2} END {print s + 0}' /proc/interrupts"; }
+# A VM's VMM process, CPU ticks so far: "user system guest" (guest time,
+# the vCPU running guest code, is part of user time; system time is the
+# test host's kernel working for the VM: KVM's exits, irqfds, the VMM's
+# syscalls).
+vmmcpu() { sed 's/.*) //' "/proc/$(cat "$P2PVMM_HOME/vms/$1/pid")/stat" | awk '{print $12, $13, $41}'; }
+# cpusplit WHO BEFORE AFTER: the split above, in seconds, as result fields
+# (ticks are USER_HZ, 100 on x86; the test host has no getconf).
+cpusplit() {
+    echo "$2 $3" | awk -v w="$1" -v hz=100 '{
+        printf "%s_guest_s=%.2f %s_vmm_user_s=%.2f %s_sys_s=%.2f", w, ($6 - $3) / hz,
+            w, (($4 - $1) - ($6 - $3)) / hz, w, ($5 - $2) / hz }'
+}
 # measure MODE ROUND WHAT ARGS: one apibench run, its line, the busy time
 # and (VM mode) the channel interrupts it took in each VM.
 measure() {
     k="$(echo "$1" | tr -d -)$2$3"
     case $1 in vm*) si0=$(irqs service "S0$k"); ci0=$(irqs client "C0$k") ;; esac
+    case $1 in vm*) sc0=$(vmmcpu service); cc0=$(vmmcpu client) ;; esac
     b0=$(busy)
     case $1 in
     vm*) line=$(ask client "M$k" "p2pvm-apibench $4 2>&1 | tr '\n' ' '" 900) ;;
@@ -76,8 +102,9 @@ measure() {
     b1=$(busy)
     extra=
     if [ "${1#vm}" != "$1" ]; then
+        sc1=$(vmmcpu service); cc1=$(vmmcpu client)
         si1=$(irqs service "S1$k"); ci1=$(irqs client "C1$k")
-        extra="service_irqs=$((si1 - si0)) client_irqs=$((ci1 - ci0))"
+        extra="service_irqs=$((si1 - si0)) client_irqs=$((ci1 - ci0)) $(cpusplit service "$sc0" "$sc1") $(cpusplit client "$cc0" "$cc1")"
     fi
     case $line in
     *APIBENCH*) result test="$3" mode="$1" round="$2" ${line#*APIBENCH } busy_s=$(secs "$b0" "$b1") $extra ;;
