@@ -23,7 +23,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use crate::error::{ImageError, IoContext, Result};
-use crate::kernel::{apt_download, fresh_staging};
+use crate::kernel::{apt_download, fresh_staging, install_staging};
 use crate::util::{Cache, require_tool, run_captured, write_atomic};
 
 /// The module's name (as `modprobe` and the load list know it).
@@ -85,7 +85,7 @@ fn source_digest() -> String {
     h.update(SOURCE.as_bytes());
     h.update([0]);
     h.update(KBUILD.as_bytes());
-    h.finalize().iter().map(|b| format!("{b:02x}")).collect()
+    hex::encode(h.finalize())
 }
 
 /// The unpacked `linux-headers-<version>` tree, fetched and unpacked once.
@@ -123,12 +123,7 @@ fn headers(cache: &Cache, version: &str) -> Result<PathBuf> {
         text.replace("include /usr/src/", &unpacked).as_bytes(),
     )?;
     write_atomic(&staging.join("ready"), b"")?;
-    let installing = || format!("installing {}", dir.display());
-    if dir.exists() {
-        fs::remove_dir_all(&dir).ctx(installing)?;
-    }
-    fs::create_dir_all(dir.parent().unwrap_or(&dir)).ctx(installing)?;
-    fs::rename(&staging, &dir).ctx(installing)?;
+    install_staging(&staging, &dir)?;
     Ok(tree(&dir.join("root")))
 }
 

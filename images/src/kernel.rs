@@ -255,6 +255,17 @@ pub(crate) fn fresh_staging(dir: &Path, version: &str) -> Result<(PathBuf, PathB
     Ok((staging, root))
 }
 
+/// Moves a finished staging tree from [`fresh_staging`] into place as `dir`,
+/// replacing what was there.
+pub(crate) fn install_staging(staging: &Path, dir: &Path) -> Result<()> {
+    let installing = || format!("installing {}", dir.display());
+    if dir.exists() {
+        fs::remove_dir_all(dir).ctx(installing)?;
+    }
+    fs::create_dir_all(dir.parent().unwrap_or(dir)).ctx(installing)?;
+    fs::rename(staging, dir).ctx(installing)
+}
+
 /// Downloads, unpacks and indexes `linux-image-<version>` into `dir`.
 fn build(cache: &Cache, version: &str, dir: &Path) -> Result<Info> {
     let dpkg_deb = require_tool("dpkg-deb", "dpkg")?;
@@ -290,11 +301,7 @@ fn build(cache: &Cache, version: &str, dir: &Path) -> Result<Info> {
         sha256,
     };
     info.write(&staging.join("kernel.info"))?;
-    let installing = || format!("installing {}", dir.display());
-    if dir.exists() {
-        fs::remove_dir_all(dir).ctx(installing)?;
-    }
-    fs::rename(&staging, dir).ctx(installing)?;
+    install_staging(&staging, dir)?;
     Ok(info)
 }
 
