@@ -17,8 +17,16 @@ ask() {
     # rest of its line. The answer is also kept in a file in the VM: a
     # kernel or service message written between "KEY=" and "#END" splits
     # the line, and then the answer is asked for again from the file.
+    _from=$(($(wc -l < "$_log" 2>/dev/null || echo 0) + 1))
     type_on "$1" "_a=\$($3); echo \"\$_a\" > /tmp/ask.$2; echo; echo \"$2\"'='\"\$_a\"'#END'"
-    if ! wait_for "$_log" "$2=.*#END" "${4:-90}"; then
+    answer_or_reboot "$_log" "$2" "${4:-90}" "$_from"
+    case $? in
+    2)
+        # Its shell, and the command, are gone: asking again cannot help.
+        echo "no answer $2: the $1 VM booted again while it ran (a guest reset); its console:" >&2
+        tail -30 "$_log" >&2
+        return 1 ;;
+    1)
         _again=0
         while [ $_again -lt 2 ]; do
             _again=$((_again + 1))
@@ -30,9 +38,21 @@ ask() {
             echo "no answer $2 from the $1 VM; its console:" >&2
             tail -30 "$_log" >&2
             return 1
-        fi
-    fi
+        fi ;;
+    esac
     sed -n "s/.*$2=\(.*\)#END.*/\1/p" "$_log" | tr -d '\r' | tail -1
+}
+# answer_or_reboot LOG KEY SECONDS FROM: 0 when "KEY=...#END" is in LOG, 2
+# when the VM's init announced a new boot at or after line FROM, 1 after
+# SECONDS of neither.
+answer_or_reboot() {
+    _i=0
+    while [ $_i -lt $(($3 * 10)) ]; do
+        grep -aq "$2=.*#END" "$1" 2>/dev/null && return 0
+        tail -n +"$4" "$1" 2>/dev/null | grep -aq "p2pvm-init: [A-Za-z]* VM, " && return 2
+        sleep 0.1; _i=$((_i + 1))
+    done
+    return 1
 }
 # follow VM: copies VM's console here, prefixed (progress, and what to read
 # when something fails).
