@@ -183,10 +183,9 @@ fn main() -> anyhow::Result<()> {
                     let split = |who: &str| {
                         let f = |k: &str| r.get(&format!("{who}_{k}")).unwrap_or("?").to_string();
                         format!(
-                            "{who} VMM {} s guest + {} s VMM + {} s host kernel",
+                            "{who} VM {} s in the guest + {} s in the test host for it",
                             f("guest_s"),
-                            f("vmm_user_s"),
-                            f("sys_s")
+                            f("host_s")
                         )
                     };
                     format!(

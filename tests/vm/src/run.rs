@@ -23,6 +23,10 @@ use crate::console::{Outcome, Transcript, clean_line};
 
 /// Environment variable forcing a runner: `nested`, `direct` or `auto` (the default).
 pub const RUNNER_ENV: &str = "P2PVM_TESTHOST_RUNNER";
+/// Added to the test host kernel's command line (nested runner).
+pub const CMDLINE_ENV: &str = "P2PVM_TESTHOST_CMDLINE";
+/// Overrides the nested runner's `-accel` options (default `tcg`).
+pub const ACCEL_ENV: &str = "P2PVM_TESTHOST_ACCEL";
 
 /// How a scenario's L1 script is run.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -194,6 +198,18 @@ impl fmt::Display for HostDied {
 
 impl std::error::Error for HostDied {}
 
+/// The test host kernel's command line; `P2PVM_TESTHOST_CMDLINE` adds to it
+/// (e.g. `kvm.tdp_mmu=0` or `kvm_amd.npt=0`, which reach KVM's modules when
+/// the test host loads them).
+fn l1_cmdline() -> String {
+    let mut line = "console=ttyS0 panic=-1 quiet".to_owned();
+    if let Ok(extra) = std::env::var(CMDLINE_ENV) {
+        line.push(' ');
+        line.push_str(&extra);
+    }
+    line
+}
+
 /// The L1 QEMU command line (`-smp` and `-m` from the scenario).
 pub(crate) fn nested_command(
     qemu: &Path,
@@ -202,12 +218,16 @@ pub(crate) fn nested_command(
     smp: u32,
     mem_mib: u32,
 ) -> Command {
+    // `P2PVM_TESTHOST_ACCEL` replaces the accelerator's options, e.g.
+    // `tcg,thread=single` to run the test host's CPUs on one emulator
+    // thread (for chasing emulator faults).
+    let accel = std::env::var(ACCEL_ENV).unwrap_or_else(|_| "tcg".to_owned());
     let mut cmd = Command::new(qemu);
     cmd.args([
         "-machine",
         "q35",
         "-accel",
-        "tcg",
+        &accel,
         "-cpu",
         "qemu64,+svm,+npt",
     ])
@@ -224,7 +244,8 @@ pub(crate) fn nested_command(
     .arg(kernel)
     .arg("-initrd")
     .arg(initrd)
-    .args(["-append", "console=ttyS0 panic=-1 quiet"]);
+    .arg("-append")
+    .arg(l1_cmdline());
     cmd
 }
 

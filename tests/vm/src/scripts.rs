@@ -54,11 +54,18 @@ read -r _l2_up _l2_idle < /proc/uptime
 echo "P2PVM-L2-INIT uptime=$_l2_up"
 "#;
 
+/// Loads the modules in order, each with the `module.param=value` words of
+/// the kernel command line meant for it (what kmod's modprobe would pass;
+/// busybox's insmod does not look).
 const LOAD_MODULES: &str = r#"while read -r m; do
+  opt=${m#\?}; opt=$(echo "${opt##*/}" | tr - _); args=
+  for w in $(cat /proc/cmdline); do
+    case $w in "$opt".*=*) args="$args ${w#"$opt".}" ;; esac
+  done
   case $m in
     '?'*) m=${m#?}
-          insmod "/lib/modules/$m.ko" 2>/dev/null || echo "P2PVM-NOTE optional module $m not loaded" ;;
-    *)    insmod "/lib/modules/$m.ko" || echo "P2PVM-WARN module $m failed to load" ;;
+          insmod "/lib/modules/$m.ko" $args 2>/dev/null || echo "P2PVM-NOTE optional module $m not loaded" ;;
+    *)    insmod "/lib/modules/$m.ko" $args || echo "P2PVM-WARN module $m failed to load" ;;
   esac
 done < /lib/modules/load-order
 "#;
