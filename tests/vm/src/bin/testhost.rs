@@ -6,6 +6,10 @@
 //!   GUEST=HOST]... [--bundle-qemu]` runs a scenario and prints its results; the exit code
 //!   is the L1 script's.
 //! * `testhost qemu-boot [--runs N]` runs the ready-made QEMU L2 boot scenario.
+//! * `testhost trace-resets [--iterations N]` loads the platform's two VMs with the test
+//!   host's KVM tracepoints on until a guest resets itself, and prints the last KVM
+//!   events of the vCPU that shut down (docs/vm-mode.md, "Guest resets under the
+//!   emulator").
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -37,6 +41,15 @@ enum Cmd {
         /// How many runs.
         #[arg(long, default_value_t = 1)]
         runs: u32,
+    },
+    /// Run the platform's VMs under load with KVM tracing until a guest resets itself.
+    TraceResets {
+        /// Turns of load (round trips, a stream, a typed command) before giving up.
+        #[arg(long, default_value_t = 150)]
+        iterations: u32,
+        /// Events of the failing vCPU to print.
+        #[arg(long, default_value_t = 200)]
+        lines: u32,
     },
 }
 
@@ -146,6 +159,26 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 scenario = scenario.bundle_qemu();
             }
             let outcome = TestHost::prepare()?.run(&scenario)?;
+            report(&outcome);
+            Ok(ExitCode::from(
+                u8::try_from(outcome.exit_status).unwrap_or(1),
+            ))
+        }
+        Cmd::TraceResets { iterations, lines } => {
+            let host = TestHost::prepare()?;
+            let (scenario, _) = p2pvm_testhost::platform::scenario(
+                &host,
+                "trace-resets",
+                include_str!("../../scenarios/trace-resets-l1.sh"),
+            )?;
+            let scenario = scenario
+                .env("ITERATIONS", iterations.to_string())
+                .env("TRACE_LINES", lines.to_string())
+                .mem_mib(4096)
+                .smp(2)
+                .timeout(Duration::from_secs(600 + 30 * u64::from(iterations)))
+                .silence_timeout(Duration::from_secs(600));
+            let outcome = host.run(&scenario)?;
             report(&outcome);
             Ok(ExitCode::from(
                 u8::try_from(outcome.exit_status).unwrap_or(1),
