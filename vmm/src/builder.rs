@@ -495,7 +495,14 @@ pub fn build(
         };
         let tap: File = crate::devices::virtio::net::tap::open(&n.tap)
             .map_err(|e| device_err(format!("TAP {}", n.tap))(Box::new(e)))?;
-        b.add_virtio(Net::new(tap, mac), &format!("virtio-net {}", n.tap))?;
+        let what = format!("virtio-net {}", n.tap);
+        let mut net = Net::new(tap, mac);
+        if n.moderation {
+            net = net
+                .with_moderation()
+                .map_err(|e| device_err(&what)(Box::new(e)))?;
+        }
+        b.add_virtio(net, &what)?;
     }
     if config.rng {
         b.add_virtio(Rng::default(), "virtio-rng")?;

@@ -123,6 +123,44 @@ pub struct NetConfig {
     /// Guest MAC (`02:xx:...`); derived from the VM and TAP names if absent.
     #[serde(default)]
     pub mac: Option<String>,
+    /// Adaptive interrupt moderation under load (on unless `false`; see
+    /// `devices/virtio/net/moderation.rs`).
+    #[serde(default = "yes")]
+    pub moderation: bool,
+}
+
+fn yes() -> bool {
+    true
+}
+
+impl NetConfig {
+    /// An interface on `tap` with a derived MAC and moderation on.
+    pub fn on_tap(tap: impl Into<String>) -> Self {
+        Self {
+            tap: tap.into(),
+            mac: None,
+            moderation: true,
+        }
+    }
+
+    /// Parses the command line's `NAME[,mac=02:..][,moderation=on|off]`.
+    pub fn parse(arg: &str) -> Result<Self, ConfigError> {
+        let mut parts = arg.split(',');
+        let mut net = Self::on_tap(parts.next().unwrap_or_default());
+        for opt in parts {
+            match opt.split_once('=') {
+                Some(("mac", mac)) => net.mac = Some(mac.into()),
+                Some(("moderation", "on")) => net.moderation = true,
+                Some(("moderation", "off")) => net.moderation = false,
+                _ => {
+                    return Err(ConfigError::Invalid(format!(
+                        "--net {arg}: unknown option {opt:?} (mac=02:..:.., moderation=on|off)"
+                    )));
+                }
+            }
+        }
+        Ok(net)
+    }
 }
 
 /// Why a configuration is refused.
@@ -212,6 +250,21 @@ mod tests {
     use super::*;
 
     #[test]
+    fn net_options_parse_and_unknown_ones_are_refused() {
+        assert_eq!(NetConfig::parse("tap0").unwrap(), NetConfig::on_tap("tap0"));
+        let n = NetConfig::parse("tap1,mac=02:00:00:00:00:09,moderation=off").unwrap();
+        assert_eq!(n.tap, "tap1");
+        assert_eq!(n.mac.as_deref(), Some("02:00:00:00:00:09"));
+        assert!(!n.moderation);
+        assert!(NetConfig::parse("tap1,moderation=maybe").is_err());
+        assert!(NetConfig::parse("tap1,speed=fast").is_err());
+        let t: NetConfig = toml::from_str("tap = 't'").unwrap();
+        assert!(t.moderation, "on unless turned off");
+        let t: NetConfig = toml::from_str("tap = 't'\nmoderation = false").unwrap();
+        assert!(!t.moderation);
+    }
+
+    #[test]
     fn toml_with_defaults() {
         let set: VmSet = toml::from_str(
             r#"
@@ -266,8 +319,8 @@ mod tests {
             },
             VmConfig {
                 nets: vec![NetConfig {
-                    tap: "t".into(),
                     mac: Some("zz".into()),
+                    ..NetConfig::on_tap("t")
                 }],
                 ..ok.clone()
             },

@@ -122,10 +122,7 @@ pub fn vm_set(opts: &PlatformOptions) -> VmSet {
         nets: opts
             .net
             .iter()
-            .map(|n| NetConfig {
-                tap: n.tap.clone(),
-                mac: None,
-            })
+            .map(|n| NetConfig::on_tap(n.tap.clone()))
             .collect(),
         rng: true,
         channel: Some(ChannelConfig {

@@ -8,7 +8,7 @@
 //!
 //! The common set is what any thread of this process needs to live and end:
 //! `read`/`write`/`sendto`/`recvfrom` (eventfds, the console log and
-//! socket), `futex`, memory (`mprotect` only without `PROT_EXEC`: glibc grows
+//! socket), `timerfd_settime` (virtio-net's receive moderation), `futex`, memory (`mprotect` only without `PROT_EXEC`: glibc grows
 //! a thread's malloc arena with it), `fcntl(F_GETFD)`,
 //! (`mmap`, `munmap`, `mremap`, `madvise`, `brk`), signals (`rt_sigreturn`
 //! for the vCPU kick, `sigaltstack`, `rt_sigprocmask`), clocks and sleeps,
@@ -102,6 +102,9 @@ fn common() -> Vec<i64> {
         libc::SYS_getpid,
         libc::SYS_gettid,
         libc::SYS_exit,
+        // virtio-net's receive moderation timer: armed by the device thread,
+        // disarmed by a device reset, which a vCPU's register write makes.
+        libc::SYS_timerfd_settime,
     ]
 }
 

@@ -208,6 +208,35 @@ fn main() -> anyhow::Result<()> {
         );
     }
 
+    // Latency over the TAP: a figure beside the throughput (the network
+    // device's interrupt moderation must not buy one with the other).
+    let rtt = collect(&o, "avg_ms", |_, v| v);
+    for (test, what) in [
+        ("pingpong", "ICMP ping-pong host→guest (ms per round trip)"),
+        (
+            "ping2ms",
+            "ICMP echo every 2 ms host→guest (ms per round trip)",
+        ),
+    ] {
+        let (Some(o_r), Some(q_r)) = (rtt.get(&key("ours", test)), rtt.get(&key("qemu", test)))
+        else {
+            println!("{what}: NOT MEASURED (no answers)\n");
+            continue;
+        };
+        let (mut o_r, mut q_r) = (o_r.clone(), q_r.clone());
+        let mut per_round = round_ratios(&o, test, |r| r.get("avg_ms")?.parse().ok());
+        println!("{what}:");
+        println!(
+            "  ours {} (median {:.3}), qemu {} (median {:.3}); ratio ours/qemu per round {} (median {:.2}; lower is better)\n",
+            range(&o_r),
+            median(&mut o_r),
+            range(&q_r),
+            median(&mut q_r),
+            range(&per_round),
+            median(&mut per_round)
+        );
+    }
+
     let overhead = collect(&o, "kib", |_, v| v / 1024.0);
     let mut all: Vec<f64> = overhead.values().flatten().copied().collect();
     let max = all.iter().copied().fold(0.0, f64::max);

@@ -53,6 +53,15 @@ vm() {
             set -- ${line#L2 end }
             result vmm=$vmm round=$round "$@" vmm_cpu_s=$(cpu_s "$t0" "$t1") ;;
         "L2 serving"*)
+            # Round trips over the TAP: ping-pong (each echo sent when the
+            # last reply is in) and one echo every 2 ms; what interrupt
+            # moderation must not cost.
+            for kind in "pingpong -A" "ping2ms -i 0.002"; do
+                set -- $kind
+                name=$1; shift
+                avg=$(busybox ping "$@" -c 200 -q 172.31.213.2 | sed -n 's|.*= [0-9.]*/\([0-9.]*\)/.*|\1|p')
+                result vmm=$vmm round=$round test=$name avg_ms=${avg:-none}
+            done
             # Guest to host: this host fetches 64 MiB from the guest's httpd, three times.
             for rep in 1 2 3; do
                 t0=$(cpu_ticks "$pid"); t=$(uptime_s)

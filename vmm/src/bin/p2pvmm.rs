@@ -128,7 +128,8 @@ struct RunArgs {
     /// A virtio-blk disk: PATH or PATH,ro (repeatable; /dev/vda, /dev/vdb, ...).
     #[arg(long = "disk")]
     disks: Vec<String>,
-    /// A virtio-net interface on a TAP: NAME or NAME,mac=02:..:.. (repeatable).
+    /// A virtio-net interface on a TAP: NAME[,mac=02:..:..][,moderation=off]
+    /// (repeatable; moderation: see docs/vmm.md).
     #[arg(long = "net")]
     nets: Vec<String>,
     /// Add a virtio-rng device.
@@ -239,17 +240,8 @@ fn vm_config(a: &RunArgs) -> anyhow::Result<VmConfig> {
     let nets = a
         .nets
         .iter()
-        .map(|n| match n.split_once(",mac=") {
-            Some((tap, mac)) => NetConfig {
-                tap: tap.into(),
-                mac: Some(mac.into()),
-            },
-            None => NetConfig {
-                tap: n.clone(),
-                mac: None,
-            },
-        })
-        .collect();
+        .map(|n| NetConfig::parse(n))
+        .collect::<Result<_, _>>()?;
     let c = VmConfig {
         name: a.name.clone().unwrap_or_default(),
         kernel: a.kernel.clone().unwrap_or_default(),

@@ -9,6 +9,7 @@
 //! The host end may be any fd with one packet per read and write (a TAP in
 //! production, a `SOCK_SEQPACKET` pair in tests).
 
+pub mod moderation;
 pub mod tap;
 
 use std::fs::File;
@@ -19,6 +20,7 @@ use event_manager::EventSet;
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
 use vm_memory::GuestMemoryMmap;
 
+use self::moderation::Moderation;
 use self::tap::VNET_HDR_LEN;
 use super::iov::Chain;
 use super::{DeviceError, QueueMask, VirtioBackend, has_feature, next_chain, queue_error};
@@ -70,6 +72,10 @@ pub struct Net {
     rx_starved: bool,
     /// The host end refused a write: wait until it is writable.
     tx_blocked: bool,
+    /// Interrupt moderation per queue (receive, transmit), when on.
+    moderation: [Option<Moderation>; 2],
+    /// Packets sent since the guest was last told.
+    tx_unsignalled: usize,
     /// Counters.
     pub stats: NetStats,
 }
@@ -91,8 +97,35 @@ impl Net {
             rx_pending: None,
             rx_starved: false,
             tx_blocked: false,
+            moderation: [None, None],
+            tx_unsignalled: 0,
             stats: NetStats::default(),
         }
+    }
+
+    /// Moderates both queues' interrupts under load (see [`moderation`]).
+    pub fn with_moderation(mut self) -> io::Result<Self> {
+        self.moderation = [Some(Moderation::new()?), Some(Moderation::new()?)];
+        Ok(self)
+    }
+
+    /// The queue mask to report for a batch of buffers of queue `q` just
+    /// used: the guest must see receive buffers at once when it has none
+    /// left, sent ones when half the ring waits to be reclaimed.
+    fn used(&mut self, q: usize, queue_size: u16) -> QueueMask {
+        let urgent = match q {
+            RX => self.rx_starved,
+            _ => self.tx_unsignalled >= usize::from(queue_size / 2),
+        };
+        let now = self.moderation[q].as_mut().is_none_or(|m| m.batch(urgent));
+        if now { self.signalled(q) } else { 0 }
+    }
+
+    fn signalled(&mut self, q: usize) -> QueueMask {
+        if q == TX {
+            self.tx_unsignalled = 0;
+        }
+        1 << q
     }
 
     fn mergeable(&self) -> bool {
@@ -123,6 +156,7 @@ impl Net {
                 }
                 Ok(_) | Err(_) => false,
             };
+            self.tx_unsignalled += 1;
             if sent {
                 self.stats.tx_packets += 1;
             } else {
@@ -336,6 +370,10 @@ impl VirtioBackend for Net {
         self.rx_pending = None;
         self.rx_starved = false;
         self.tx_blocked = false;
+        for m in self.moderation.iter_mut().flatten() {
+            m.clear();
+        }
+        self.tx_unsignalled = 0;
     }
 
     fn process_queue(
@@ -349,13 +387,13 @@ impl VirtioBackend for Net {
                 // New receive buffers: resume taking packets from the host.
                 self.rx_starved = false;
                 Ok(if self.receive(&mut queues[RX], mem)? {
-                    1 << RX
+                    self.used(RX, queues[RX].size())
                 } else {
                     0
                 })
             }
             TX if !self.tx_blocked => Ok(if self.transmit(&mut queues[TX], mem)? {
-                1 << TX
+                self.used(TX, queues[TX].size())
             } else {
                 0
             }),
@@ -371,16 +409,27 @@ impl VirtioBackend for Net {
         if self.tx_blocked {
             set |= EventSet::OUT;
         }
-        vec![(self.tap.as_raw_fd(), set)]
+        let mut fds = vec![(self.tap.as_raw_fd(), set)];
+        for m in self.moderation.iter().flatten() {
+            fds.push((m.fd(), EventSet::IN));
+        }
+        fds
     }
 
     fn host_fd_ready(
         &mut self,
-        _fd: RawFd,
+        fd: RawFd,
         events: EventSet,
         queues: &mut [Queue],
         mem: &GuestMemoryMmap,
     ) -> Result<QueueMask, DeviceError> {
+        for q in [RX, TX] {
+            if let Some(m) = &mut self.moderation[q]
+                && fd == m.fd()
+            {
+                return Ok(if m.expired() { self.signalled(q) } else { 0 });
+            }
+        }
         // A TAP whose interface was deleted reports only errors, forever:
         // the device stops (NEEDS_RESET) instead of spinning on it.
         if events.intersects(EventSet::ERROR | EventSet::HANG_UP) {
@@ -390,14 +439,14 @@ impl VirtioBackend for Net {
         if events.contains(EventSet::OUT) {
             self.tx_blocked = false;
             if self.transmit(&mut queues[TX], mem)? {
-                used |= 1 << TX;
+                used |= self.used(TX, queues[TX].size());
             }
         }
         if events.contains(EventSet::IN)
             && !self.rx_starved
             && self.receive(&mut queues[RX], mem)?
         {
-            used |= 1 << RX;
+            used |= self.used(RX, queues[RX].size());
         }
         Ok(used)
     }

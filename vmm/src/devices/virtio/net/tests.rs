@@ -218,3 +218,119 @@ fn a_failed_tap_stops_the_device() {
             .is_err()
     );
 }
+
+/// Whether `fd` becomes readable within `ms`.
+fn readable_within(fd: &OwnedFd, ms: u16) -> bool {
+    let mut fds = [nix::poll::PollFd::new(
+        fd.as_fd(),
+        nix::poll::PollFlags::POLLIN,
+    )];
+    nix::poll::poll(&mut fds, nix::poll::PollTimeout::from(ms)).unwrap() == 1
+}
+
+/// The receive queue's moderation timer (a duplicate: same timer).
+fn rx_timer(net: &Net) -> OwnedFd {
+    net.moderation[RX]
+        .as_ref()
+        .unwrap()
+        .timer()
+        .try_clone_to_owned()
+        .unwrap()
+}
+
+/// A moderated device whose receive queue has seen a stream 2 ms apart, so
+/// that its next packet is held.
+fn moderated_in_a_stream(buffers: u64) -> (Net, UnixDatagram, Driver) {
+    let (net, peer, mut d) = device(true);
+    let mut net = net.with_moderation().unwrap();
+    for i in 0..buffers {
+        d.push_to(0, &[W(0x30_0000 + i * 0x1000, 2048)]);
+    }
+    peer.send(&packet(100, 1)).unwrap();
+    assert_eq!(
+        ready(&mut net, &mut d, EventSet::IN),
+        1 << RX,
+        "a quiet link"
+    );
+    std::thread::sleep(std::time::Duration::from_millis(2));
+    (net, peer, d)
+}
+
+#[test]
+fn moderated_packets_reach_the_ring_at_once_and_are_signalled_together() {
+    let (mut net, peer, mut d) = moderated_in_a_stream(4);
+    let timer = rx_timer(&net);
+    assert_eq!(
+        net.host_fds()[1],
+        (net.moderation[RX].as_ref().unwrap().fd(), EventSet::IN),
+        "the timer is watched"
+    );
+    peer.send(&packet(100, 2)).unwrap();
+    assert_eq!(ready(&mut net, &mut d, EventSet::IN), 0, "held");
+    peer.send(&packet(100, 3)).unwrap();
+    assert_eq!(ready(&mut net, &mut d, EventSet::IN), 0, "joins the hold");
+    assert_eq!(d.used_idx_of(0), 3, "held packets are in the ring already");
+    assert!(readable_within(&timer, 10_000), "the hold ends");
+    let mem = d.mem.clone();
+    let fd = net.moderation[RX].as_ref().unwrap().fd();
+    assert_eq!(
+        net.host_fd_ready(fd, EventSet::IN, d.queues(), &mem)
+            .unwrap(),
+        1 << RX,
+        "one interrupt for both"
+    );
+}
+
+#[test]
+fn a_guest_out_of_receive_buffers_is_told_at_once() {
+    let (mut net, peer, mut d) = moderated_in_a_stream(2);
+    // The second packet takes the last buffer, the third finds none.
+    peer.send(&packet(100, 2)).unwrap();
+    peer.send(&packet(100, 3)).unwrap();
+    assert_eq!(ready(&mut net, &mut d, EventSet::IN), 1 << RX);
+    assert_eq!(d.used_idx_of(0), 2);
+}
+
+#[test]
+fn half_a_transmit_ring_waiting_is_signalled_at_once() {
+    let (net, _peer, mut d) = device(true);
+    let mut net = net.with_moderation().unwrap();
+    let p = packet(64, 1);
+    d.mem.write_slice(&p, GuestAddress(0x10_0000)).unwrap();
+    let send = |d: &mut Driver, net: &mut Net, n: usize| {
+        for _ in 0..n {
+            d.push_to(1, &[R(0x10_0000, p.len() as u32)]);
+        }
+        d.run_queue(net, 1).unwrap()
+    };
+    assert_eq!(send(&mut d, &mut net, 1), 1 << TX);
+    std::thread::sleep(std::time::Duration::from_millis(2));
+    assert_eq!(send(&mut d, &mut net, 1), 0, "held");
+    // Queues are 64 long here: 32 waiting is half the ring.
+    assert_eq!(send(&mut d, &mut net, 31), 1 << TX);
+    assert_eq!(net.stats.tx_packets, 33);
+}
+
+#[test]
+fn a_reset_forgets_a_running_hold() {
+    let (mut net, peer, mut d) = moderated_in_a_stream(3);
+    let timer = rx_timer(&net);
+    peer.send(&packet(100, 2)).unwrap();
+    assert_eq!(ready(&mut net, &mut d, EventSet::IN), 0, "held");
+    net.reset();
+    assert!(!readable_within(&timer, 20), "the reset disarmed the timer");
+    net.activate(1 << VIRTIO_NET_F_MRG_RXBUF).unwrap();
+    peer.send(&packet(100, 3)).unwrap();
+    assert_eq!(
+        ready(&mut net, &mut d, EventSet::IN),
+        1 << RX,
+        "after a reset the next packet goes at once"
+    );
+}
+
+#[test]
+fn unmoderated_devices_watch_no_timer() {
+    let (net, _peer, _d) = device(true);
+    assert_eq!(net.host_fds().len(), 1);
+    assert_eq!(net.with_moderation().unwrap().host_fds().len(), 3);
+}
