@@ -23,7 +23,7 @@ use vm_memory::GuestMemoryMmap;
 use self::moderation::Moderation;
 use self::tap::VNET_HDR_LEN;
 use super::iov::Chain;
-use super::{DeviceError, QueueMask, VirtioBackend, has_feature, next_chain, queue_error};
+use super::{DeviceError, QueueMask, VirtioBackend, has_feature, queue_error};
 
 const RX: usize = 0;
 const TX: usize = 1;
@@ -132,11 +132,11 @@ impl Net {
         has_feature(self.features, VIRTIO_NET_F_MRG_RXBUF)
     }
 
+    /// Sends what the ring holds, leaving the driver's notifications as
+    /// they are: [`Net::transmit_all`] decides about those.
     fn transmit(&mut self, queue: &mut Queue, mem: &GuestMemoryMmap) -> Result<bool, DeviceError> {
         let mut any = false;
-        // Until the ring is empty: stopping early would need a notification
-        // the driver has no reason to send.
-        while let Some(chain) = next_chain(queue, mem, TX)? {
+        while let Some(chain) = queue.iter(mem).map_err(|e| queue_error(TX, e))?.next() {
             let head = chain.head_index();
             let sent = match Chain::new(mem, chain) {
                 Ok(c) if (VNET_HDR_LEN..=MAX_PACKET).contains(&c.readable.len()) => {
@@ -168,6 +168,45 @@ impl Net {
             any = true;
         }
         Ok(any)
+    }
+
+    /// Sends until the ring is empty and says whether to interrupt the guest.
+    ///
+    /// While a hold runs, the driver's kicks stay off (under event-index
+    /// they stop by themselves once one came, until `avail_event` moves):
+    /// the hold's timer looks at the ring instead, so a steady stream costs
+    /// the guest one kick per hold rather than one per packet. Otherwise
+    /// kicks are turned back on — and the ring looked at once more, for a
+    /// packet added meanwhile.
+    fn transmit_all(
+        &mut self,
+        queue: &mut Queue,
+        mem: &GuestMemoryMmap,
+    ) -> Result<QueueMask, DeviceError> {
+        let mut used = 0;
+        loop {
+            let any = self.transmit(queue, mem)?;
+            if self.tx_blocked {
+                // The host end's readiness brings us back; no kick needed.
+                return Ok(used | if any { self.used(TX, queue.size()) } else { 0 });
+            }
+            if any {
+                used |= self.used(TX, queue.size());
+                if self.holding(TX) {
+                    return Ok(used);
+                }
+            }
+            if !queue
+                .enable_notification(mem)
+                .map_err(|e| queue_error(TX, e))?
+            {
+                return Ok(used);
+            }
+        }
+    }
+
+    fn holding(&self, q: usize) -> bool {
+        self.moderation[q].as_ref().is_some_and(Moderation::holding)
     }
 
     /// Moves host packets to the guest until the host end is empty, the
@@ -392,11 +431,7 @@ impl VirtioBackend for Net {
                     0
                 })
             }
-            TX if !self.tx_blocked => Ok(if self.transmit(&mut queues[TX], mem)? {
-                self.used(TX, queues[TX].size())
-            } else {
-                0
-            }),
+            TX if !self.tx_blocked => self.transmit_all(&mut queues[TX], mem),
             _ => Ok(0),
         }
     }
@@ -423,12 +458,19 @@ impl VirtioBackend for Net {
         queues: &mut [Queue],
         mem: &GuestMemoryMmap,
     ) -> Result<QueueMask, DeviceError> {
-        for q in [RX, TX] {
-            if let Some(m) = &mut self.moderation[q]
-                && fd == m.fd()
-            {
-                return Ok(if m.expired() { self.signalled(q) } else { 0 });
+        let timer_of = |q: usize| self.moderation[q].as_ref().map(Moderation::fd);
+        if let Some(q) = [RX, TX].into_iter().find(|&q| timer_of(q) == Some(fd)) {
+            let polling = q == TX && !self.tx_blocked;
+            if polling {
+                // Kicks were off during the hold: what came goes out with it.
+                self.transmit(&mut queues[TX], mem)?;
             }
+            let expired = self.moderation[q].as_mut().is_some_and(Moderation::expired);
+            let mut used = if expired { self.signalled(q) } else { 0 };
+            if polling {
+                used |= self.transmit_all(&mut queues[TX], mem)?;
+            }
+            return Ok(used);
         }
         // A TAP whose interface was deleted reports only errors, forever:
         // the device stops (NEEDS_RESET) instead of spinning on it.
@@ -438,9 +480,7 @@ impl VirtioBackend for Net {
         let mut used = 0;
         if events.contains(EventSet::OUT) {
             self.tx_blocked = false;
-            if self.transmit(&mut queues[TX], mem)? {
-                used |= self.used(TX, queues[TX].size());
-            }
+            used |= self.transmit_all(&mut queues[TX], mem)?;
         }
         if events.contains(EventSet::IN)
             && !self.rx_starved

@@ -22,6 +22,10 @@
 //!   flow (no receive buffers left; half the transmit ring waiting to be
 //!   reclaimed): it goes at once, with whatever was held.
 //!
+//! On the transmit queue a hold also keeps the driver's kicks off: the
+//! device looks at the ring when the hold ends, so a steady stream costs one
+//! kick per hold instead of one per packet (`Net::transmit_all`).
+//!
 //! The policy is plain data with the time passed in ([`Policy`]), tested on
 //! its own; [`Moderation`] adds the timer the device thread watches.
 
@@ -198,6 +202,11 @@ impl Moderation {
         // Nothing to read (a hold ended early): the policy has nothing held.
         let _ = rustix::io::read(&self.timer, &mut ticks);
         self.policy.expired(Instant::now())
+    }
+
+    /// Whether a hold runs (its timer armed).
+    pub fn holding(&self) -> bool {
+        self.policy.holding()
     }
 
     /// Forgets everything (device reset).

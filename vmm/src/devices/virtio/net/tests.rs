@@ -334,3 +334,43 @@ fn unmoderated_devices_watch_no_timer() {
     assert_eq!(net.host_fds().len(), 1);
     assert_eq!(net.with_moderation().unwrap().host_fds().len(), 3);
 }
+
+#[test]
+fn during_a_transmit_hold_kicks_stay_off_and_the_timer_sends_what_came() {
+    let (net, peer, mut d) = device(true);
+    let mut net = net.with_moderation().unwrap();
+    d.enable_event_idx();
+    let p = packet(64, 1);
+    d.mem.write_slice(&p, GuestAddress(0x10_0000)).unwrap();
+    let chain = [R(0x10_0000, p.len() as u32)];
+    d.push_to(1, &chain);
+    assert_eq!(d.run_queue(&mut net, 1).unwrap(), 1 << TX, "quiet: at once");
+    assert_eq!(d.avail_event(1), 1, "kicks on for the next packet");
+    std::thread::sleep(std::time::Duration::from_millis(2));
+    d.push_to(1, &chain);
+    assert_eq!(d.run_queue(&mut net, 1).unwrap(), 0, "held");
+    assert_eq!(d.avail_event(1), 1, "kicks stay off while held");
+    // The driver adds a packet and, by event-index, does not kick.
+    d.push_to(1, &chain);
+    let timer = net.moderation[TX]
+        .as_ref()
+        .unwrap()
+        .timer()
+        .try_clone_to_owned()
+        .unwrap();
+    assert!(readable_within(&timer, 10_000), "the hold ends");
+    let mem = d.mem.clone();
+    let fd = net.moderation[TX].as_ref().unwrap().fd();
+    assert_eq!(
+        net.host_fd_ready(fd, EventSet::IN, d.queues(), &mem)
+            .unwrap(),
+        1 << TX
+    );
+    assert_eq!(net.stats.tx_packets, 3, "the unkicked packet went too");
+    assert_eq!(d.used_idx_of(1), 3);
+    assert_eq!(d.avail_event(1), 3, "kicks back on after the hold");
+    let mut got = [0u8; 256];
+    for _ in 0..3 {
+        assert_eq!(peer.recv(&mut got).unwrap(), p.len());
+    }
+}
