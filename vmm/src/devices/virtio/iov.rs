@@ -212,6 +212,26 @@ impl<'m> Bufs<'m> {
         Ok(())
     }
 
+    /// Appends `other`'s buffers after these.
+    pub fn extend(&mut self, other: &Bufs<'m>) {
+        for s in &other.slices {
+            self.push(*s);
+        }
+    }
+
+    /// One `readv` (a TAP gives one packet per call, cut to the buffers).
+    pub fn readv(&self, fd: BorrowedFd<'_>) -> io::Result<usize> {
+        let iov = self.iovecs();
+        if iov.len() > libc::UIO_MAXIOV as usize {
+            return Err(io::Error::from_raw_os_error(libc::EMSGSIZE));
+        }
+        // SAFETY: every iovec is a `VolatileSlice` of guest memory that
+        // `self` borrows for the duration of this call, so the kernel writes
+        // only into mapped guest RAM within those bounds.
+        let r = unsafe { libc::readv(fd.as_raw_fd(), iov.as_ptr(), iov.len() as i32) };
+        check(r)
+    }
+
     /// One `writev` (a TAP takes one packet per call).
     pub fn writev(&self, fd: BorrowedFd<'_>) -> io::Result<usize> {
         let iov = self.iovecs();

@@ -374,3 +374,93 @@ fn during_a_transmit_hold_kicks_stay_off_and_the_timer_sends_what_came() {
         assert_eq!(peer.recv(&mut got).unwrap(), p.len());
     }
 }
+
+/// A device in a stream of large packets, with `chains` receive buffers of
+/// 4 KiB from 0x40_0000.
+fn streaming(chains: u64) -> (Net, UnixDatagram, Driver) {
+    let (mut net, peer, mut d) = device(true);
+    net.rx_last_len = DIRECT_FROM;
+    for i in 0..chains {
+        d.push_to(0, &[W(0x40_0000 + i * 0x1000, 4096)]);
+    }
+    (net, peer, d)
+}
+
+fn guest_bytes(d: &Driver, at: u64, len: usize) -> Vec<u8> {
+    let mut v = vec![0u8; len];
+    d.mem.read_slice(&mut v, GuestAddress(at)).unwrap();
+    v
+}
+
+#[test]
+fn large_packets_go_straight_into_guest_buffers_and_unfilled_ones_go_back() {
+    let (mut net, peer, mut d) = streaming(40);
+    let p = packet(10_000, 9);
+    peer.send(&p).unwrap();
+    assert_eq!(ready(&mut net, &mut d, EventSet::IN), 1 << RX);
+    assert_eq!(d.used_idx_of(0), 3, "three 4 KiB buffers for 10,012 bytes");
+    assert_eq!(
+        (0..3).map(|n| d.used_len_of(0, n)).collect::<Vec<_>>(),
+        [4096, 4096, 10_012 - 8192]
+    );
+    let got = guest_bytes(&d, 0x40_0000, p.len());
+    assert_eq!(u16::from_le_bytes([got[10], got[11]]), 3, "num_buffers");
+    assert_eq!(&got[VNET_HDR_LEN..], &p[VNET_HDR_LEN..]);
+    // The chains it did not fill were put back: the next packet starts in
+    // the fourth buffer.
+    let q = packet(20_000, 4);
+    peer.send(&q).unwrap();
+    ready(&mut net, &mut d, EventSet::IN);
+    assert_eq!(d.used_idx_of(0), 3 + 5);
+    let got = guest_bytes(&d, 0x40_3000, q.len());
+    assert_eq!(u16::from_le_bytes([got[10], got[11]]), 5);
+    assert_eq!(&got[VNET_HDR_LEN..], &q[VNET_HDR_LEN..]);
+    assert_eq!(net.stats.rx_packets, 2);
+}
+
+#[test]
+fn with_too_few_buffers_for_the_largest_packet_it_goes_the_buffered_way() {
+    let (mut net, peer, mut d) = streaming(3);
+    let p = packet(3000, 5);
+    peer.send(&p).unwrap();
+    assert_eq!(ready(&mut net, &mut d, EventSet::IN), 1 << RX);
+    assert_eq!(d.used_idx_of(0), 1);
+    assert_eq!(d.used_len_of(0, 0), 3012);
+    assert_eq!(
+        &guest_bytes(&d, 0x40_0000, p.len())[VNET_HDR_LEN..],
+        &p[VNET_HDR_LEN..]
+    );
+}
+
+#[test]
+fn nothing_to_read_puts_every_chain_back() {
+    let (mut net, peer, mut d) = streaming(20);
+    assert_eq!(ready(&mut net, &mut d, EventSet::IN), 0);
+    assert_eq!(d.used_idx_of(0), 0);
+    let p = packet(100, 6);
+    peer.send(&p).unwrap();
+    ready(&mut net, &mut d, EventSet::IN);
+    assert_eq!(d.used_idx_of(0), 1);
+    assert_eq!(
+        &guest_bytes(&d, 0x40_0000, p.len())[VNET_HDR_LEN..],
+        &p[VNET_HDR_LEN..],
+        "the first buffer is still the first"
+    );
+    assert_eq!(
+        net.rx_last_len,
+        p.len(),
+        "small packets: back to the buffered way"
+    );
+}
+
+#[test]
+fn a_runt_read_straight_in_is_dropped_and_its_chains_go_back() {
+    let (mut net, peer, mut d) = streaming(20);
+    peer.send(&[0u8; 5]).unwrap();
+    peer.send(&packet(100, 7)).unwrap();
+    ready(&mut net, &mut d, EventSet::IN);
+    assert_eq!(net.stats.rx_dropped, 1);
+    assert_eq!(net.stats.rx_packets, 1);
+    assert_eq!(d.used_idx_of(0), 1);
+    assert_eq!(d.used_len_of(0, 0), 112);
+}
