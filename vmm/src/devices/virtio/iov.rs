@@ -221,10 +221,7 @@ impl<'m> Bufs<'m> {
 
     /// One `readv` (a TAP gives one packet per call, cut to the buffers).
     pub fn readv(&self, fd: BorrowedFd<'_>) -> io::Result<usize> {
-        let iov = self.iovecs();
-        if iov.len() > libc::UIO_MAXIOV as usize {
-            return Err(io::Error::from_raw_os_error(libc::EMSGSIZE));
-        }
+        let iov = self.one_call_iovecs()?;
         // SAFETY: every iovec is a `VolatileSlice` of guest memory that
         // `self` borrows for the duration of this call, so the kernel writes
         // only into mapped guest RAM within those bounds.
@@ -234,13 +231,19 @@ impl<'m> Bufs<'m> {
 
     /// One `writev` (a TAP takes one packet per call).
     pub fn writev(&self, fd: BorrowedFd<'_>) -> io::Result<usize> {
+        let iov = self.one_call_iovecs()?;
+        // SAFETY: as in `write_all_at`.
+        let r = unsafe { libc::writev(fd.as_raw_fd(), iov.as_ptr(), iov.len() as i32) };
+        check(r)
+    }
+
+    /// The iovecs of a packet, which must go in one call.
+    fn one_call_iovecs(&self) -> io::Result<Vec<libc::iovec>> {
         let iov = self.iovecs();
         if iov.len() > libc::UIO_MAXIOV as usize {
             return Err(io::Error::from_raw_os_error(libc::EMSGSIZE));
         }
-        // SAFETY: as in `write_all_at`.
-        let r = unsafe { libc::writev(fd.as_raw_fd(), iov.as_ptr(), iov.len() as i32) };
-        check(r)
+        Ok(iov)
     }
 }
 

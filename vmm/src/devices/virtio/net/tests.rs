@@ -259,7 +259,6 @@ fn moderated_in_a_stream(buffers: u64) -> (Net, UnixDatagram, Driver) {
 #[test]
 fn moderated_packets_reach_the_ring_at_once_and_are_signalled_together() {
     let (mut net, peer, mut d) = moderated_in_a_stream(4);
-    let timer = rx_timer(&net);
     assert_eq!(
         net.host_fds()[1],
         (net.moderation[RX].as_ref().unwrap().fd(), EventSet::IN),
@@ -270,15 +269,22 @@ fn moderated_packets_reach_the_ring_at_once_and_are_signalled_together() {
     peer.send(&packet(100, 3)).unwrap();
     assert_eq!(ready(&mut net, &mut d, EventSet::IN), 0, "joins the hold");
     assert_eq!(d.used_idx_of(0), 3, "held packets are in the ring already");
-    assert!(readable_within(&timer, 10_000), "the hold ends");
-    let mem = d.mem.clone();
-    let fd = net.moderation[RX].as_ref().unwrap().fd();
     assert_eq!(
-        net.host_fd_ready(fd, EventSet::IN, d.queues(), &mem)
-            .unwrap(),
+        hold_ends(&mut net, &mut d, RX),
         1 << RX,
         "one interrupt for both"
     );
+}
+
+/// Waits for queue `q`'s hold to end and hands the device its timer.
+fn hold_ends(net: &mut Net, d: &mut Driver, q: usize) -> QueueMask {
+    let m = net.moderation[q].as_ref().unwrap();
+    let timer = m.timer().try_clone_to_owned().unwrap();
+    let fd = m.fd();
+    assert!(readable_within(&timer, 10_000), "the hold ends");
+    let mem = d.mem.clone();
+    net.host_fd_ready(fd, EventSet::IN, d.queues(), &mem)
+        .unwrap()
 }
 
 #[test]
@@ -352,20 +358,7 @@ fn during_a_transmit_hold_kicks_stay_off_and_the_timer_sends_what_came() {
     assert_eq!(d.avail_event(1), 1, "kicks stay off while held");
     // The driver adds a packet and, by event-index, does not kick.
     d.push_to(1, &chain);
-    let timer = net.moderation[TX]
-        .as_ref()
-        .unwrap()
-        .timer()
-        .try_clone_to_owned()
-        .unwrap();
-    assert!(readable_within(&timer, 10_000), "the hold ends");
-    let mem = d.mem.clone();
-    let fd = net.moderation[TX].as_ref().unwrap().fd();
-    assert_eq!(
-        net.host_fd_ready(fd, EventSet::IN, d.queues(), &mem)
-            .unwrap(),
-        1 << TX
-    );
+    assert_eq!(hold_ends(&mut net, &mut d, TX), 1 << TX);
     assert_eq!(net.stats.tx_packets, 3, "the unkicked packet went too");
     assert_eq!(d.used_idx_of(1), 3);
     assert_eq!(d.avail_event(1), 3, "kicks back on after the hold");
