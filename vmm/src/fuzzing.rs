@@ -79,7 +79,8 @@ pub fn virtio_blk(data: &[u8]) {
 }
 
 /// virtio-net over arbitrary guest memory, with a packet waiting on the host
-/// side taken from the input too.
+/// side taken from the input too — twice, so that a large first one sends the
+/// second straight into guest buffers (`Net::receive_direct`).
 pub fn virtio_net(data: &[u8]) {
     let Some((mem, mut queues)) = guest(data, 2) else {
         return;
@@ -90,8 +91,9 @@ pub fn virtio_net(data: &[u8]) {
     if ours.set_nonblocking(true).is_err() || theirs.set_nonblocking(true).is_err() {
         return;
     }
-    let packet_len = data.get(2).map_or(0, |b| usize::from(*b) * 64);
+    let packet_len = data.get(2).map_or(0, |b| usize::from(*b) * 256);
     let packet: Vec<u8> = data.iter().cycle().take(packet_len).copied().collect();
+    let _ = theirs.send(&packet);
     let _ = theirs.send(&packet);
     let mut net = Net::with_host_end(File::from(OwnedFd::from(ours)), [2, 0, 0, 0, 0, 1], false);
     let features = u64::from(data.get(3).copied().unwrap_or(0)) << 8 | 1 << 15;
@@ -103,7 +105,9 @@ pub fn virtio_net(data: &[u8]) {
         use std::os::fd::AsRawFd;
         theirs.as_raw_fd()
     };
-    let _ = net.host_fd_ready(fd, event_manager::EventSet::IN, &mut queues, &mem);
+    for _ in 0..2 {
+        let _ = net.host_fd_ready(fd, event_manager::EventSet::IN, &mut queues, &mem);
+    }
     // Drain what reached the "host"; each datagram is one whole packet.
     let mut buf = vec![0u8; 70_000];
     while let Ok(n) = theirs.recv(&mut buf) {
