@@ -211,6 +211,22 @@ impl Net {
         }
     }
 
+    /// Receives and says whether to interrupt the guest. A guest left
+    /// without buffers hears at once of what a hold kept back, even when
+    /// this turn brought nothing new: it must run to post more.
+    fn receive_and_signal(
+        &mut self,
+        queue: &mut Queue,
+        mem: &GuestMemoryMmap,
+    ) -> Result<QueueMask, DeviceError> {
+        let any = self.receive(queue, mem)?;
+        Ok(if any || (self.rx_starved && self.holding(RX)) {
+            self.used(RX, queue.size())
+        } else {
+            0
+        })
+    }
+
     fn holding(&self, q: usize) -> bool {
         self.moderation[q].as_ref().is_some_and(Moderation::holding)
     }
@@ -540,11 +556,7 @@ impl VirtioBackend for Net {
             RX => {
                 // New receive buffers: resume taking packets from the host.
                 self.rx_starved = false;
-                Ok(if self.receive(&mut queues[RX], mem)? {
-                    self.used(RX, queues[RX].size())
-                } else {
-                    0
-                })
+                self.receive_and_signal(&mut queues[RX], mem)
             }
             TX if !self.tx_blocked => self.transmit_all(&mut queues[TX], mem),
             _ => Ok(0),
@@ -597,11 +609,8 @@ impl VirtioBackend for Net {
             self.tx_blocked = false;
             used |= self.transmit_all(&mut queues[TX], mem)?;
         }
-        if events.contains(EventSet::IN)
-            && !self.rx_starved
-            && self.receive(&mut queues[RX], mem)?
-        {
-            used |= self.used(RX, queues[RX].size());
+        if events.contains(EventSet::IN) && !self.rx_starved {
+            used |= self.receive_and_signal(&mut queues[RX], mem)?;
         }
         Ok(used)
     }

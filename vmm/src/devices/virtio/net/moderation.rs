@@ -179,10 +179,13 @@ impl Moderation {
     /// A batch of used buffers: whether to interrupt the guest now.
     pub fn batch(&mut self, urgent: bool) -> bool {
         let now = Instant::now();
+        let was_holding = self.policy.holding();
         match self.policy.batch(now, urgent) {
             Decision::Signal => {
-                // An urgent batch may end a running hold early.
-                let _ = self.arm(Duration::ZERO);
+                if was_holding {
+                    // An urgent batch ended the hold early.
+                    let _ = self.arm(Duration::ZERO);
+                }
                 true
             }
             Decision::Joined => false,

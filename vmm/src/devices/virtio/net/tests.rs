@@ -457,3 +457,19 @@ fn a_runt_read_straight_in_is_dropped_and_its_chains_go_back() {
     assert_eq!(d.used_idx_of(0), 1);
     assert_eq!(d.used_len_of(0, 0), 112);
 }
+
+#[test]
+fn held_packets_are_signalled_at_once_when_the_guest_runs_out_of_buffers() {
+    let (mut net, peer, mut d) = moderated_in_a_stream(2);
+    peer.send(&packet(100, 2)).unwrap();
+    assert_eq!(
+        ready(&mut net, &mut d, EventSet::IN),
+        0,
+        "held; no buffer left"
+    );
+    // The next packet finds no buffer: nothing new is delivered, but the
+    // guest must hear of the held one now to post more.
+    peer.send(&packet(100, 3)).unwrap();
+    assert_eq!(ready(&mut net, &mut d, EventSet::IN), 1 << RX);
+    assert_eq!(d.used_idx_of(0), 2);
+}
