@@ -2,9 +2,12 @@
 //! mergeable receive buffers, checksum and TSO offloads passed through.
 //!
 //! Transmit writes each packet from guest memory with one `writev`.
-//! Receive reads a packet into one host buffer, then spreads it over as many
-//! guest buffers as it needs (`num_buffers`). When the guest has posted no
-//! receive buffers the TAP is not polled, so a full guest stalls nothing.
+//! Receive reads a large packet (while packets are large) with one `readv`
+//! straight into enough guest buffers, otherwise into one host buffer that
+//! is then spread over as many guest buffers as it needs (`num_buffers`).
+//! When the guest has posted no receive buffers the TAP is not polled, so a
+//! full guest stalls nothing. Interrupts (and, while a transmit hold runs,
+//! the driver's kicks) are moderated under load: [`moderation`].
 //!
 //! The host end may be any fd with one packet per read and write (a TAP in
 //! production, a `SOCK_SEQPACKET` pair in tests).
