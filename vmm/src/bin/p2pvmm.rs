@@ -128,8 +128,8 @@ struct RunArgs {
     /// A virtio-blk disk: PATH or PATH,ro (repeatable; /dev/vda, /dev/vdb, ...).
     #[arg(long = "disk")]
     disks: Vec<String>,
-    /// A virtio-net interface on a TAP: NAME[,mac=02:..:..][,moderation=off]
-    /// (repeatable; moderation: see docs/vmm.md).
+    /// A virtio-net interface on a TAP: NAME, with options after commas:
+    /// mac=02:..:.., moderation=off (repeatable; moderation: docs/vmm.md).
     #[arg(long = "net")]
     nets: Vec<String>,
     /// Add a virtio-rng device.
