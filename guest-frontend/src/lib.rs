@@ -210,7 +210,7 @@ async fn bulk(app: UnixStream, session: p2pvm_channel::ChannelStream, p: Preambl
                 match frames.next(&mut chunk) {
                     Ok(None) => break,
                     Ok(Some(Frame::Data(b))) => {
-                        if let Err(e) = ring.write_all(&b).await {
+                        if let Err(e) = ring.write_batched(&b).await {
                             debug!(error = %e, "bulk reader left before the end");
                             return;
                         }
@@ -226,6 +226,7 @@ async fn bulk(app: UnixStream, session: p2pvm_channel::ChannelStream, p: Preambl
                 }
             }
         }
+        ring.announce();
     }
 }
 

@@ -84,6 +84,11 @@ irqs() { ask "$1" "$2" "awk '/p2pvm_channel|uio/ {s += \$2} END {print s + 0}' /
 # VMM's own threads. The kernel scales user and system time to the exact
 # run time but not guest time, so only user + system - guest is a sound
 # split (user - guest alone can come out negative).
+# The client VM's context switches so far and its front-end's CPU ticks
+# (user + system): where the client's guest time goes, besides apibench's
+# own CPU (which apibench reports).
+cstat() { ask client "$1" "echo \$(awk '/^ctxt/ {print \$2}' /proc/stat) \$(cut -d' ' -f14,15 /proc/\$(pidof p2p-frontend)/stat)"; }
+ctxt() { awk '/^ctxt/ {print $2}' /proc/stat; }
 vmmcpu() { sed 's/.*) //' "/proc/$(cat "$P2PVMM_HOME/vms/$1/pid")/stat" | awk '{print $12, $13, $41}'; }
 # cpusplit WHO BEFORE AFTER: the split above, in seconds, as result fields
 # (ticks are USER_HZ, 100 on x86; the test host has no getconf).
@@ -97,18 +102,20 @@ cpusplit() {
 measure() {
     k="$(echo "$1" | tr -d -)$2$3"
     case $1 in vm*) si0=$(irqs service "S0$k"); ci0=$(irqs client "C0$k") ;; esac
-    case $1 in vm*) sc0=$(vmmcpu service); cc0=$(vmmcpu client) ;; esac
-    b0=$(busy)
+    case $1 in vm*) sc0=$(vmmcpu service); cc0=$(vmmcpu client); cs0=$(cstat "X0$k") ;; esac
+    b0=$(busy); x0=$(ctxt)
     case $1 in
     vm*) line=$(capp "M$k" "p2pvm-apibench $4 2>&1 | tr '\n' ' '" 900) ;;
     *) line=$(sbx apibench $4 2>&1 | tr '\n' ' ') ;;
     esac
-    b1=$(busy)
-    extra=
+    b1=$(busy); x1=$(ctxt)
+    extra="ctxt=$((x1 - x0))"
     if [ "${1#vm}" != "$1" ]; then
+        cs1=$(cstat "X1$k")
+        extra="$extra $(echo "$cs0 $cs1" | awk '{ printf "client_ctxt=%d frontend_s=%.2f", $4 - $1, (($5 + $6) - ($2 + $3)) / 100 }')"
         sc1=$(vmmcpu service); cc1=$(vmmcpu client)
         si1=$(irqs service "S1$k"); ci1=$(irqs client "C1$k")
-        extra="service_irqs=$((si1 - si0)) client_irqs=$((ci1 - ci0)) $(cpusplit service "$sc0" "$sc1") $(cpusplit client "$cc0" "$cc1")"
+        extra="$extra service_irqs=$((si1 - si0)) client_irqs=$((ci1 - ci0)) $(cpusplit service "$sc0" "$sc1") $(cpusplit client "$cc0" "$cc1")"
     fi
     case $line in
     *APIBENCH*) result test="$3" mode="$1" round="$2" ${line#*APIBENCH } busy_s=$(secs "$b0" "$b1") $extra ;;
