@@ -25,6 +25,7 @@
 
 #![forbid(unsafe_code)]
 
+mod answer;
 pub mod broker;
 mod device;
 mod driver;

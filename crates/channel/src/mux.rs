@@ -18,6 +18,7 @@ use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
+use crate::answer::AnswerPoll;
 use crate::event::EventChannel;
 use crate::layout::ResetReason;
 use crate::session::{ChannelStream, Session, Wants};
@@ -145,6 +146,8 @@ pub struct Pump<L: Link, E: EventChannel> {
     state: watch::Sender<LinkState>,
     resets: u64,
     poll: Duration,
+    /// How long to keep looking for an expected answer.
+    answer: AnswerPoll,
     /// The pieces of the message being sent (kept to reuse its allocation).
     scratch: Vec<Bytes>,
 }
@@ -180,6 +183,7 @@ impl<L: Link, E: EventChannel> Pump<L, E> {
             state,
             resets: 0,
             poll: POLL_MIN,
+            answer: AnswerPoll::default(),
             scratch: Vec::new(),
         }
     }
@@ -335,6 +339,9 @@ impl<L: Link, E: EventChannel> Pump<L, E> {
         if end.publish()? {
             let _ = self.events.notify();
         }
+        if received > 0 || sent > 0 {
+            self.answer.step(Instant::now(), sent, received);
+        }
         Ok(received > 0 || sent > 0)
     }
 
@@ -489,9 +496,11 @@ impl<L: Link, E: EventChannel> Pump<L, E> {
         Ok(sent)
     }
 
-    /// Looks for work for a short, adaptive while before going to sleep.
+    /// Looks for work for a short, adaptive while before going to sleep;
+    /// longer when an answer to what was just sent is due soon (`answer`).
     async fn poll_briefly(&mut self) -> bool {
         let start = Instant::now();
+        let answer_due = self.answer.deadline().filter(|d| *d > start + self.poll);
         loop {
             let wants = !self
                 .wants
@@ -504,7 +513,14 @@ impl<L: Link, E: EventChannel> Pump<L, E> {
                 self.poll = (self.poll * 2).min(POLL_MAX);
                 return true;
             }
-            if start.elapsed() >= self.poll {
+            if let Some(due) = answer_due {
+                if Instant::now() >= due {
+                    return false;
+                }
+                // Whatever else wants this CPU (in a one-vCPU guest, the app
+                // itself) runs first: only idle time is spent looking.
+                std::thread::yield_now();
+            } else if start.elapsed() >= self.poll {
                 self.poll = (self.poll / 2).max(POLL_MIN);
                 return false;
             }
