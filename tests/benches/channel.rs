@@ -17,7 +17,7 @@ use anyhow::{Result, ensure};
 use guest_api::{Client, proto};
 use hdrhistogram::Histogram;
 use p2pvm_e2e::split::Platform;
-use p2pvm_e2e::{NodeOpts, TestNode};
+use p2pvm_e2e::{NodeOpts, TestNode, cpu_secs};
 
 const NO_FILTER: &str = "[virus]\nenabled = false\n";
 
@@ -87,8 +87,21 @@ async fn main() -> Result<()> {
     let via_channel = platform.app("bench").await?;
     let via_socket = host.app("bench").await?;
 
+    // CPU of the processes on each path: the sandboxed p2pd and the
+    // front-end (whose pumps poll for answers), and the host-mode p2pd.
+    let split_cpu = || -> Result<f64> {
+        Ok(cpu_secs(platform.service_pid()?)? + cpu_secs(platform.frontend_pid()?)?)
+    };
+    let (c0, h0) = (split_cpu()?, cpu_secs(host.pid()?)?);
     let (hc, hh) = rtt(&via_channel, &via_socket, rounds).await?;
+    let (c1, h1) = (split_cpu()?, cpu_secs(host.pid()?)?);
+    let n = (rounds + rounds / 10) as f64;
     println!("API round trip (node-info), {rounds} rounds each, interleaved");
+    println!(
+        "  CPU per round trip: channel {:.1} µs (sandboxed p2pd + front-end), host mode {:.1} µs (p2pd)",
+        (c1 - c0) / n * 1e6,
+        (h1 - h0) / n * 1e6
+    );
     println!(
         "  host mode, Unix socket   p50 {:>7.1} µs  p99 {:>7.1} µs",
         p50_us(&hh),

@@ -24,6 +24,12 @@ pub const MAX_WINDOW: Duration = Duration::from_millis(4);
 /// little late is still caught.
 const SLACK: u32 = 2;
 
+/// After a window that caught nothing, polling pauses for this many sends,
+/// doubling with each further miss up to [`MAX_PAUSE`]; an answer inside
+/// the window ends the pause. Irregular traffic then costs little spinning.
+const FIRST_PAUSE: u32 = 1;
+const MAX_PAUSE: u32 = 64;
+
 /// Tracks turnarounds and says how long to poll after a send.
 #[derive(Debug, Default, Clone)]
 pub struct AnswerPoll {
@@ -33,6 +39,12 @@ pub struct AnswerPoll {
     answered: bool,
     /// Average time from a send to the next input, weight 1/4.
     turnaround: Option<Duration>,
+    /// Sends whose windows are skipped before polling resumes after a miss.
+    pause: u32,
+    /// The last send's window is skipped.
+    skipping: bool,
+    /// The pause the next miss starts (0: no miss since the last hit).
+    backoff: u32,
 }
 
 impl AnswerPoll {
@@ -44,6 +56,12 @@ impl AnswerPoll {
         {
             self.answered = true;
             let sample = now.saturating_duration_since(at);
+            if self.turnaround.is_some_and(|t| sample <= t * SLACK) {
+                // A window would have caught it.
+                self.backoff = 0;
+                self.pause = 0;
+                self.skipping = false;
+            }
             self.turnaround = Some(match self.turnaround {
                 None => sample,
                 Some(avg) => (avg * 3 + sample) / 4,
@@ -52,7 +70,15 @@ impl AnswerPoll {
         if sent > 0 {
             self.sent_at = Some(now);
             self.answered = false;
+            self.skipping = self.pause > 0;
+            self.pause = self.pause.saturating_sub(1);
         }
+    }
+
+    /// A window ended without input: pause polling for a while.
+    pub fn missed(&mut self) {
+        self.backoff = (self.backoff * 2).clamp(FIRST_PAUSE, MAX_PAUSE);
+        self.pause = self.backoff;
     }
 
     /// Until when to keep polling, if an answer is expected soon. The window
@@ -60,6 +86,9 @@ impl AnswerPoll {
     /// messages (a frame written in two pieces), and sleeping between them
     /// would cost the notification the window is there to save.
     pub fn deadline(&self) -> Option<Instant> {
+        if self.skipping {
+            return None;
+        }
         let at = self.sent_at?;
         let t = self.turnaround?;
         (t <= MAX_WINDOW).then(|| at + t * SLACK)
@@ -120,6 +149,45 @@ mod tests {
             p.step(now, 1, 0);
         }
         assert!(p.turnaround().unwrap() <= MAX_WINDOW);
+        assert!(p.deadline().is_some());
+    }
+
+    #[test]
+    fn misses_pause_polling_longer_each_time_and_a_hit_ends_the_pause() {
+        let t0 = Instant::now();
+        let mut p = AnswerPoll::default();
+        p.step(t0, 1, 0);
+        p.step(t0 + MS, 0, 1);
+        let mut now = t0 + 10 * MS;
+        // Answers stop coming in time: each miss skips more windows.
+        let mut skipped = Vec::new();
+        for _ in 0..8 {
+            p.step(now, 1, 0);
+            assert!(p.deadline().is_some(), "polling resumed after the pause");
+            p.missed();
+            let mut n = 0;
+            loop {
+                now += 10 * MS;
+                p.step(now, 1, 0);
+                if p.deadline().is_some() {
+                    break;
+                }
+                n += 1;
+            }
+            skipped.push(n);
+        }
+        assert_eq!(skipped, [1, 2, 4, 8, 16, 32, 64, 64]);
+        // An answer inside the usual turnaround ends the pause at once.
+        p.missed();
+        p.step(now + 20 * MS, 1, 0);
+        assert_eq!(p.deadline(), None, "paused");
+        p.step(now + 20 * MS + MS / 2, 0, 1);
+        p.step(now + 30 * MS, 1, 0);
+        assert!(p.deadline().is_some(), "the hit ended the pause");
+        p.missed();
+        p.step(now + 40 * MS, 1, 0);
+        assert_eq!(p.deadline(), None, "the backoff restarts at one window");
+        p.step(now + 50 * MS, 1, 0);
         assert!(p.deadline().is_some());
     }
 

@@ -18,6 +18,14 @@ pub trait EventChannel: Send + Sync + 'static {
     fn notify(&self) -> io::Result<()>;
     /// Resolves once the peer has rung ours since the last wait (notifications coalesce).
     fn wait(&self) -> impl Future<Output = io::Result<()>> + Send;
+    /// Whether a notification costs enough that a side should poll for an
+    /// answer it expects soon rather than sleep (`crate::answer`). Between
+    /// host processes an eventfd wake-up costs microseconds and polling there
+    /// only takes CPU from the host's other work; between VMs a notification
+    /// is an exit in one VM and an injected interrupt in the other.
+    fn poll_for_answers(&self) -> bool {
+        false
+    }
 }
 
 /// Creates an eventfd suitable for [`EventFdChannel`].

@@ -500,7 +500,12 @@ impl<L: Link, E: EventChannel> Pump<L, E> {
     /// longer when an answer to what was just sent is due soon (`answer`).
     async fn poll_briefly(&mut self) -> bool {
         let start = Instant::now();
-        let answer_due = self.answer.deadline().filter(|d| *d > start + self.poll);
+        let answer_due = self
+            .events
+            .poll_for_answers()
+            .then(|| self.answer.deadline())
+            .flatten()
+            .filter(|d| *d > start + self.poll);
         loop {
             let wants = !self
                 .wants
@@ -515,6 +520,7 @@ impl<L: Link, E: EventChannel> Pump<L, E> {
             }
             if let Some(due) = answer_due {
                 if Instant::now() >= due {
+                    self.answer.missed();
                     return false;
                 }
                 // Whatever else wants this CPU (in a one-vCPU guest, the app

@@ -254,6 +254,12 @@ fn open_rw(path: &Path, flags: rustix::fs::OFlags) -> io::Result<File> {
 
 /// Maps the region BAR of the function at `dev`.
 pub fn map_region(dev: &Path, how: RegionMapping) -> Result<Region, ChannelError> {
+    map_region_as(dev, how).map(|(region, _)| region)
+}
+
+/// [`map_region`], also saying which mapping it took
+/// ([`RegionMapping::DevMem`] or [`RegionMapping::Sysfs`]).
+fn map_region_as(dev: &Path, how: RegionMapping) -> Result<(Region, RegionMapping), ChannelError> {
     let (phys, len) = bar_range(dev, REGION_BAR)?;
     let devmem = || -> Result<Region, ChannelError> {
         let f = open_rw(Path::new("/dev/mem"), rustix::fs::OFlags::CLOEXEC)
@@ -266,13 +272,16 @@ pub fn map_region(dev: &Path, how: RegionMapping) -> Result<Region, ChannelError
             .map_err(|e| dev_err(dev, "opening resource2", e))?;
         Region::open_device(f, 0, len)
     };
+    let uncached = || sysfs().map(|r| (r, RegionMapping::Sysfs));
     match how {
-        RegionMapping::DevMem => devmem(),
-        RegionMapping::Sysfs => sysfs(),
-        RegionMapping::Auto => devmem().or_else(|e| {
-            tracing::warn!(error = %e, "no write-back mapping of the region; using the uncached sysfs one");
-            sysfs()
-        }),
+        RegionMapping::DevMem => devmem().map(|r| (r, RegionMapping::DevMem)),
+        RegionMapping::Sysfs => uncached(),
+        RegionMapping::Auto => devmem()
+            .map(|r| (r, RegionMapping::DevMem))
+            .or_else(|e| {
+                tracing::warn!(error = %e, "no write-back mapping of the region; using the uncached sysfs one");
+                uncached()
+            }),
     }
 }
 
@@ -290,6 +299,9 @@ pub struct UioEvents {
     acks: std::sync::atomic::AtomicU64,
     /// The command register with INTx enabled, as read at open.
     command: std::sync::atomic::AtomicU16,
+    /// Whether to poll for expected answers: only over a write-back mapping,
+    /// where a look at the ring is a cache hit, not a bus cycle.
+    poll_answers: bool,
 }
 
 impl UioEvents {
@@ -327,6 +339,7 @@ impl UioEvents {
             ack_ns: std::sync::atomic::AtomicU64::new(0),
             acks: std::sync::atomic::AtomicU64::new(0),
             command: std::sync::atomic::AtomicU16::new(0),
+            poll_answers: false,
         };
         events.store(reg::INTR_MASK, 1);
         events
@@ -402,6 +415,10 @@ impl EventChannel for UioEvents {
         Ok(())
     }
 
+    fn poll_for_answers(&self) -> bool {
+        self.poll_answers
+    }
+
     async fn wait(&self) -> io::Result<()> {
         loop {
             let mut guard = self.uio.readable().await?;
@@ -456,7 +473,7 @@ pub fn open(
         None => find(Path::new("/sys/bus/pci/devices"))?,
     };
     let (uio, interrupts) = bind_uio(&device)?;
-    let events = UioEvents::open(&device, &uio, interrupts)?;
+    let mut events = UioEvents::open(&device, &uio, interrupts)?;
     tracing::info!(
         interrupts = interrupts.name(),
         device = %device.display(),
@@ -472,7 +489,8 @@ pub fn open(
             ),
         ));
     }
-    let region = map_region(&device, how)?;
+    let (region, mapped) = map_region_as(&device, how)?;
+    events.poll_answers = mapped == RegionMapping::DevMem;
     Ok(VmChannel {
         region,
         events,

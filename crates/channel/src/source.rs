@@ -67,6 +67,13 @@ impl EventChannel for Events {
             Events::Uio(e) => e.wait().await,
         }
     }
+
+    fn poll_for_answers(&self) -> bool {
+        match self {
+            Events::Fd(e) => e.poll_for_answers(),
+            Events::Uio(e) => e.poll_for_answers(),
+        }
+    }
 }
 
 /// Maps the region and opens the event channels for `side`. Blocks (run it
