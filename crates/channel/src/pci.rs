@@ -252,14 +252,9 @@ fn open_rw(path: &Path, flags: rustix::fs::OFlags) -> io::Result<File> {
         .open(path)
 }
 
-/// Maps the region BAR of the function at `dev`.
-pub fn map_region(dev: &Path, how: RegionMapping) -> Result<Region, ChannelError> {
-    map_region_as(dev, how).map(|(region, _)| region)
-}
-
-/// [`map_region`], also saying which mapping it took
-/// ([`RegionMapping::DevMem`] or [`RegionMapping::Sysfs`]).
-fn map_region_as(dev: &Path, how: RegionMapping) -> Result<(Region, RegionMapping), ChannelError> {
+/// Maps the region BAR of the function at `dev`; also says which mapping it
+/// took ([`RegionMapping::DevMem`] or [`RegionMapping::Sysfs`]).
+pub fn map_region(dev: &Path, how: RegionMapping) -> Result<(Region, RegionMapping), ChannelError> {
     let (phys, len) = bar_range(dev, REGION_BAR)?;
     let devmem = || -> Result<Region, ChannelError> {
         let f = open_rw(Path::new("/dev/mem"), rustix::fs::OFlags::CLOEXEC)
@@ -489,7 +484,7 @@ pub fn open(
             ),
         ));
     }
-    let (region, mapped) = map_region_as(&device, how)?;
+    let (region, mapped) = map_region(&device, how)?;
     events.poll_answers = mapped == RegionMapping::DevMem;
     Ok(VmChannel {
         region,
