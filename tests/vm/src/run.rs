@@ -25,6 +25,8 @@ use crate::console::{Outcome, Transcript, clean_line};
 pub const RUNNER_ENV: &str = "P2PVM_TESTHOST_RUNNER";
 /// Added to the test host kernel's command line (nested runner).
 pub const CMDLINE_ENV: &str = "P2PVM_TESTHOST_CMDLINE";
+/// Where the nested runner opens QEMU's monitor socket, if set.
+pub const MONITOR_ENV: &str = "P2PVM_TESTHOST_MONITOR";
 /// Overrides the nested runner's `-accel` options (default `tcg`).
 pub const ACCEL_ENV: &str = "P2PVM_TESTHOST_ACCEL";
 
@@ -246,6 +248,13 @@ pub(crate) fn nested_command(
     .arg(initrd)
     .arg("-append")
     .arg(l1_cmdline());
+    // `P2PVM_TESTHOST_MONITOR=PATH` opens QEMU's human monitor on a Unix
+    // socket there, to look at a test host that froze (`info lapic`,
+    // `info registers`) while it is still frozen.
+    if let Ok(path) = std::env::var(MONITOR_ENV) {
+        cmd.arg("-monitor")
+            .arg(format!("unix:{path},server=on,wait=off"));
+    }
     cmd
 }
 
