@@ -158,7 +158,9 @@ fn watchdog_kills_a_silent_run() {
 fn qemu_firmware_list_is_complete() {
     let (_serial, host) = host();
     let Some(strace) = p2pvm_testhost::util::find_tool("strace") else {
-        eprintln!("strace not installed (package strace): firmware list not re-checked");
+        eprintln!(
+            "SKIPPED: strace is not installed (apt-get install strace): QEMU's firmware list not re-checked"
+        );
         return;
     };
     let qemu = p2pvm_testhost::util::require_tool("qemu-system-x86_64", "qemu-system-x86").unwrap();
