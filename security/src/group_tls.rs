@@ -20,15 +20,15 @@
 use std::sync::Arc;
 
 use libp2p_identity::PeerId;
-use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::client::danger::HandshakeSignatureValid;
 use rustls::crypto::{CryptoProvider, WebPkiSupportedAlgorithms};
-use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName, UnixTime};
-use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 use rustls::sign::{CertifiedKey, SigningKey};
-use rustls::{CertificateError, DigitallySignedStruct, DistinguishedName, SignatureScheme};
+use rustls::{CertificateError, DigitallySignedStruct, SignatureScheme};
 
 use crate::groups::{GroupError, GroupId, Groups};
 use crate::pki::{self, CertError};
+use crate::tls13::{CertPolicy, Verifier};
 
 /// ALPN protocols of group sessions start with this; the group id follows.
 const ALPN_PREFIX: &[u8] = b"p2pvm-group/1/";
@@ -99,13 +99,13 @@ impl GroupTls {
         )))
     }
 
-    fn verifier(&self, group: GroupId, expect: Option<PeerId>) -> Arc<MemberVerifier> {
-        Arc::new(MemberVerifier {
+    fn verifier(&self, group: GroupId, expect: Option<PeerId>) -> Arc<Verifier<MemberVerifier>> {
+        Arc::new(Verifier(MemberVerifier {
             groups: self.groups.clone(),
             group,
             expect,
             algs: self.provider.signature_verification_algorithms,
-        })
+        }))
     }
 
     /// The server side of a session in `group`: it answers with this node's
@@ -183,7 +183,9 @@ struct MemberVerifier {
     algs: WebPkiSupportedAlgorithms,
 }
 
-impl MemberVerifier {
+impl CertPolicy for MemberVerifier {
+    const SESSIONS: &'static str = "group sessions";
+
     fn check(
         &self,
         leaf: &CertificateDer<'_>,
@@ -219,6 +221,11 @@ impl MemberVerifier {
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
         rustls::crypto::verify_tls13_signature(message, cert, dss, &self.algs)
     }
+
+    fn schemes(&self) -> Vec<SignatureScheme> {
+        // Member certificates certify libp2p Ed25519 keys.
+        vec![SignatureScheme::ED25519]
+    }
 }
 
 /// A refused member certificate, as TLS reports it (the reason reaches the
@@ -234,84 +241,6 @@ fn refused(e: CertError) -> rustls::Error {
         other => CertificateError::Other(rustls::OtherError(Arc::new(other))),
     };
     rustls::Error::InvalidCertificate(kind)
-}
-
-fn no_tls12() -> rustls::Error {
-    rustls::Error::General("group sessions speak TLS 1.3 only".into())
-}
-
-impl ServerCertVerifier for MemberVerifier {
-    fn verify_server_cert(
-        &self,
-        end_entity: &CertificateDer<'_>,
-        intermediates: &[CertificateDer<'_>],
-        _name: &ServerName<'_>,
-        _ocsp: &[u8],
-        _now: UnixTime,
-    ) -> Result<ServerCertVerified, rustls::Error> {
-        self.check(end_entity, intermediates)
-            .map(|()| ServerCertVerified::assertion())
-    }
-    fn verify_tls12_signature(
-        &self,
-        _: &[u8],
-        _: &CertificateDer<'_>,
-        _: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        Err(no_tls12())
-    }
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        self.verify13(message, cert, dss)
-    }
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        // Member certificates certify libp2p Ed25519 keys.
-        vec![SignatureScheme::ED25519]
-    }
-}
-
-impl ClientCertVerifier for MemberVerifier {
-    fn offer_client_auth(&self) -> bool {
-        true
-    }
-    fn client_auth_mandatory(&self) -> bool {
-        true
-    }
-    fn root_hint_subjects(&self) -> &[DistinguishedName] {
-        &[]
-    }
-    fn verify_client_cert(
-        &self,
-        end_entity: &CertificateDer<'_>,
-        intermediates: &[CertificateDer<'_>],
-        _now: UnixTime,
-    ) -> Result<ClientCertVerified, rustls::Error> {
-        self.check(end_entity, intermediates)
-            .map(|()| ClientCertVerified::assertion())
-    }
-    fn verify_tls12_signature(
-        &self,
-        _: &[u8],
-        _: &CertificateDer<'_>,
-        _: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        Err(no_tls12())
-    }
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        self.verify13(message, cert, dss)
-    }
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        vec![SignatureScheme::ED25519]
-    }
 }
 
 /// Runs a TLS handshake between two in-memory connections; the error of
@@ -357,6 +286,7 @@ fn io(e: std::io::Error) -> rustls::Error {
 mod tests {
     use super::*;
     use libp2p_identity::Keypair;
+    use rustls::pki_types::ServerName;
 
     struct Node {
         groups: Arc<Groups>,

@@ -26,6 +26,7 @@ pub mod groups;
 pub mod ledger;
 pub mod pki;
 mod score;
+pub mod tls13;
 pub mod verdicts;
 pub mod virus;
 

@@ -38,11 +38,11 @@ use std::time::Duration;
 use libp2p::identity::Keypair;
 use libp2p::multiaddr::Protocol;
 use libp2p::{Multiaddr, PeerId};
+use p2pvm_security::tls13::{CertPolicy, Verifier};
 use p2pvm_security::{GroupId, GroupTls, Groups, Standing};
-use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
-use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
-use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
-use rustls::{CertificateError, DigitallySignedStruct, DistinguishedName, SignatureScheme};
+use rustls::client::danger::HandshakeSignatureValid;
+use rustls::pki_types::{CertificateDer, ServerName};
+use rustls::{CertificateError, DigitallySignedStruct, SignatureScheme};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 use tokio_rustls::{LazyConfigAcceptor, TlsConnector};
@@ -176,7 +176,7 @@ impl FastPath {
         ))));
         let mut server = rustls::ServerConfig::builder_with_provider(provider.clone())
             .with_protocol_versions(&[&rustls::version::TLS13])?
-            .with_client_cert_verifier(Arc::new(PeerCertVerifier { expect: None }))
+            .with_client_cert_verifier(peer_verifier(None))
             .with_cert_resolver(cert.clone());
         server.alpn_protocols = vec![ALPN.to_vec()];
         // After the handshake the TLS session carries nothing (sealed frames
@@ -246,7 +246,7 @@ impl FastPath {
         let mut client = rustls::ClientConfig::builder_with_provider(self.provider.clone())
             .with_protocol_versions(&[&rustls::version::TLS13])?
             .dangerous()
-            .with_custom_certificate_verifier(Arc::new(PeerCertVerifier { expect: Some(peer) }))
+            .with_custom_certificate_verifier(peer_verifier(Some(peer)))
             .with_client_cert_resolver(self.cert.clone());
         client.alpn_protocols = vec![ALPN.to_vec()];
         Ok(TlsConnector::from(Arc::new(client)))
@@ -328,111 +328,54 @@ fn peer_of(
 /// Checks libp2p certificates: the extension's signature, and (as a client)
 /// that the server is the peer we meant to reach.
 #[derive(Debug)]
-struct PeerCertVerifier {
+struct PeerCert {
     expect: Option<PeerId>,
 }
 
-fn verify13(
-    message: &[u8],
-    cert: &CertificateDer<'_>,
-    dss: &DigitallySignedStruct,
-) -> Result<HandshakeSignatureValid, rustls::Error> {
-    let c = libp2p_tls::certificate::parse(cert)
-        .map_err(|_| rustls::Error::InvalidCertificate(CertificateError::BadEncoding))?;
-    c.verify_signature(dss.scheme, message, dss.signature())
-        .map_err(|_| rustls::Error::InvalidCertificate(CertificateError::BadSignature))?;
-    Ok(HandshakeSignatureValid::assertion())
+/// [`PeerCert`] as a rustls verifier (both sides of a fast-path handshake).
+fn peer_verifier(expect: Option<PeerId>) -> Arc<Verifier<PeerCert>> {
+    Arc::new(Verifier(PeerCert { expect }))
 }
 
-fn tls12() -> rustls::Error {
-    rustls::Error::General("the fast path speaks TLS 1.3 only".into())
-}
+impl CertPolicy for PeerCert {
+    const SESSIONS: &'static str = "fast-path connections";
 
-fn schemes() -> Vec<SignatureScheme> {
-    vec![
-        SignatureScheme::ED25519,
-        SignatureScheme::ECDSA_NISTP256_SHA256,
-        SignatureScheme::ECDSA_NISTP384_SHA384,
-        SignatureScheme::RSA_PSS_SHA256,
-        SignatureScheme::RSA_PSS_SHA384,
-        SignatureScheme::RSA_PSS_SHA512,
-    ]
-}
-
-impl ServerCertVerifier for PeerCertVerifier {
-    fn verify_server_cert(
+    fn check(
         &self,
         end_entity: &CertificateDer<'_>,
         intermediates: &[CertificateDer<'_>],
-        _name: &ServerName<'_>,
-        _ocsp: &[u8],
-        _now: UnixTime,
-    ) -> Result<ServerCertVerified, rustls::Error> {
+    ) -> Result<(), rustls::Error> {
         let peer = peer_of(end_entity, intermediates)?;
         if self.expect.is_some_and(|e| e != peer) {
             return Err(rustls::Error::InvalidCertificate(
                 CertificateError::ApplicationVerificationFailure,
             ));
         }
-        Ok(ServerCertVerified::assertion())
+        Ok(())
     }
-    fn verify_tls12_signature(
-        &self,
-        _: &[u8],
-        _: &CertificateDer<'_>,
-        _: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        Err(tls12())
-    }
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        verify13(message, cert, dss)
-    }
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        schemes()
-    }
-}
 
-impl ClientCertVerifier for PeerCertVerifier {
-    fn offer_client_auth(&self) -> bool {
-        true
-    }
-    fn client_auth_mandatory(&self) -> bool {
-        true
-    }
-    fn root_hint_subjects(&self) -> &[DistinguishedName] {
-        &[]
-    }
-    fn verify_client_cert(
-        &self,
-        end_entity: &CertificateDer<'_>,
-        intermediates: &[CertificateDer<'_>],
-        _now: UnixTime,
-    ) -> Result<ClientCertVerified, rustls::Error> {
-        peer_of(end_entity, intermediates).map(|_| ClientCertVerified::assertion())
-    }
-    fn verify_tls12_signature(
-        &self,
-        _: &[u8],
-        _: &CertificateDer<'_>,
-        _: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        Err(tls12())
-    }
-    fn verify_tls13_signature(
+    fn verify13(
         &self,
         message: &[u8],
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        verify13(message, cert, dss)
+        let c = libp2p_tls::certificate::parse(cert)
+            .map_err(|_| rustls::Error::InvalidCertificate(CertificateError::BadEncoding))?;
+        c.verify_signature(dss.scheme, message, dss.signature())
+            .map_err(|_| rustls::Error::InvalidCertificate(CertificateError::BadSignature))?;
+        Ok(HandshakeSignatureValid::assertion())
     }
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        schemes()
+
+    fn schemes(&self) -> Vec<SignatureScheme> {
+        vec![
+            SignatureScheme::ED25519,
+            SignatureScheme::ECDSA_NISTP256_SHA256,
+            SignatureScheme::ECDSA_NISTP384_SHA384,
+            SignatureScheme::RSA_PSS_SHA256,
+            SignatureScheme::RSA_PSS_SHA384,
+            SignatureScheme::RSA_PSS_SHA512,
+        ]
     }
 }
 
@@ -643,7 +586,7 @@ mod tests {
             .with_protocol_versions(&[&rustls::version::TLS13])
             .unwrap()
             .dangerous()
-            .with_custom_certificate_verifier(Arc::new(PeerCertVerifier { expect: None }))
+            .with_custom_certificate_verifier(peer_verifier(None))
             .with_client_auth_cert(vec![cert], key)
             .unwrap();
         config.alpn_protocols = vec![ALPN.to_vec()];
@@ -666,7 +609,7 @@ mod tests {
             .with_protocol_versions(&[&rustls::version::TLS13])
             .unwrap()
             .dangerous()
-            .with_custom_certificate_verifier(Arc::new(PeerCertVerifier { expect: None }))
+            .with_custom_certificate_verifier(peer_verifier(None))
             .with_no_client_auth();
         let tcp = TcpStream::connect(addr).await.unwrap();
         let name = ServerName::IpAddress(addr.ip().into());
