@@ -36,6 +36,7 @@ use crate::devices::virtio::transport::{BAR0_SIZE, VirtioPci};
 use crate::devices::virtio::{VirtioBackend, blk::Block, net::Net, rng::Rng};
 use crate::lifecycle::{BootTimes, ExitSignal};
 use crate::vstate::memory::{self, GuestRam};
+use crate::vstate::profile::GuestProfile;
 use crate::vstate::vcpu::{ExitCounts, Vcpu, VcpuShared};
 use crate::vstate::vm::Vm;
 
@@ -103,6 +104,8 @@ pub struct Machine {
     pub counts: Arc<ExitCounts>,
     /// Boot milestones.
     pub boot: Arc<BootTimes>,
+    /// The guest profile, if sampled (`P2PVMM_GUEST_PROFILE`).
+    pub profile: Option<Arc<GuestProfile>>,
     /// Port bus (tests poke devices through it).
     pub pio: Arc<Bus>,
     /// MMIO bus.
@@ -131,6 +134,7 @@ pub struct MachineBuilder {
     exit: Arc<ExitSignal>,
     counts: Arc<ExitCounts>,
     boot: Arc<BootTimes>,
+    profile: Option<Arc<GuestProfile>>,
     vcpu_count: u8,
 }
 
@@ -175,6 +179,7 @@ impl MachineBuilder {
             exit: Arc::new(ExitSignal::new().map_err(|e| device_err("exit eventfd")(Box::new(e)))?),
             counts: Arc::new(ExitCounts::new()),
             boot,
+            profile: GuestProfile::from_env().map(Arc::new),
             vcpu_count: vcpus,
         };
         b.insert_pio(
@@ -429,6 +434,12 @@ impl MachineBuilder {
         })
     }
 
+    /// Samples where the vCPUs are into `profile` while the machine runs
+    /// (otherwise only if `P2PVMM_GUEST_PROFILE` names a file).
+    pub fn profile_guest(&mut self, profile: Arc<GuestProfile>) {
+        self.profile = Some(profile);
+    }
+
     /// Creates the vCPUs; the first enters at `entry`.
     pub fn finish(self, entry: EntryMode) -> Result<Machine, BuildError> {
         let shared = VcpuShared {
@@ -436,6 +447,7 @@ impl MachineBuilder {
             mmio: self.mmio.clone(),
             exit: self.exit.clone(),
             counts: self.counts.clone(),
+            profile: self.profile.clone(),
         };
         let mut vcpus = Vec::with_capacity(self.vcpu_count as usize);
         for id in 0..self.vcpu_count {
@@ -464,6 +476,7 @@ impl MachineBuilder {
             exit: self.exit,
             counts: self.counts,
             boot: self.boot,
+            profile: self.profile,
             pio: self.pio,
             mmio: self.mmio,
         })

@@ -96,9 +96,13 @@ pub fn run(
         mut events,
         exit,
         boot,
+        profile,
         ..
     } = machine;
     boot.vcpus_started();
+    if let Some(p) = &profile {
+        p.start();
+    }
 
     let mut vcpu_threads: Vec<JoinHandle<()>> = Vec::new();
     for vcpu in vcpus {
@@ -158,7 +162,18 @@ pub fn run(
             exit.request(ExitReason::Stopped);
             break;
         }
-        exit.wait(Duration::from_millis(100));
+        match &profile {
+            None => {
+                exit.wait(Duration::from_millis(100));
+            }
+            Some(_) => {
+                exit.wait(crate::vstate::profile::PERIOD);
+                // Each vCPU samples itself as the kick takes it out of KVM_RUN.
+                for t in &vcpu_threads {
+                    let _ = t.kill(kick_signal());
+                }
+            }
+        }
     }
 
     max_overhead_kib = max_overhead_kib.max(rss_overhead_kib().unwrap_or(0));
@@ -173,6 +188,16 @@ pub fn run(
         let _ = t.join();
     }
     let _ = device_thread.join();
+    if let Some(p) = &profile {
+        match p.write() {
+            Ok(()) => tracing::info!(
+                samples = p.samples().len(),
+                file = %p.path().display(),
+                "guest profile written"
+            ),
+            Err(e) => tracing::warn!("writing the guest profile {}: {e}", p.path().display()),
+        }
+    }
     // The VM fd goes before the memory it maps.
     drop(vm);
     drop(ram);

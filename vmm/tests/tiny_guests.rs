@@ -25,6 +25,7 @@ use vmm::console::Console;
 use vmm::devices::virtio::rng::Rng;
 use vmm::lifecycle::{BootTimes, ExitReason};
 use vmm::runner::{self, NoSetup};
+use vmm::vstate::profile::GuestProfile;
 
 const CODE: u64 = 0x1_0000;
 const STEPS: u64 = 0x3_0000;
@@ -67,8 +68,16 @@ impl Step {
     }
 }
 
-/// The interpreter; returns (code, address of the interrupt handler).
-fn guest_program() -> (Vec<u8>, u64) {
+/// The interpreter, assembled at [`CODE`].
+struct Program {
+    code: Vec<u8>,
+    /// The interrupt handler's address.
+    handler: u64,
+    /// Where a vCPU waiting for an interrupt is: the wait loop's addresses.
+    waiting: std::ops::Range<u64>,
+}
+
+fn guest_program() -> Program {
     let mut a = CodeAssembler::new(32).unwrap();
     let mut next = a.create_label();
     let mut done = a.create_label();
@@ -157,14 +166,17 @@ fn guest_program() -> (Vec<u8>, u64) {
     let r = a
         .assemble_options(CODE, BlockEncoderOptions::RETURN_NEW_INSTRUCTION_OFFSETS)
         .unwrap();
-    let handler_ip = r.label_ip(&handler).unwrap();
-    (r.inner.code_buffer, handler_ip)
+    Program {
+        handler: r.label_ip(&handler).unwrap(),
+        waiting: r.label_ip(&wait_loop).unwrap()..r.label_ip(&got_irq).unwrap(),
+        code: r.inner.code_buffer,
+    }
 }
 
 /// Writes the program, an IDT whose every vector goes to the handler, and
 /// the steps, with a power-off appended.
 fn load(mem: &GuestMemoryMmap, steps: &[Step]) -> Vec<u8> {
-    let (code, handler) = guest_program();
+    let Program { code, handler, .. } = guest_program();
     for v in 0..256u64 {
         // 32-bit interrupt gate, selector 8 (the boot code segment).
         let gate: u64 = (handler & 0xffff) | (8 << 16) | (0x8e00 << 32) | ((handler >> 16) << 48);
@@ -212,7 +224,22 @@ fn run(
     prepare: impl FnOnce(&GuestMemoryMmap),
     listener: Option<std::os::unix::net::UnixListener>,
 ) -> Run {
-    run_with(steps, prepare, listener, Arc::new(NoSetup))
+    run_with(
+        steps,
+        prepare,
+        listener,
+        Arc::new(NoSetup),
+        Extras::default(),
+    )
+}
+
+/// What some tests add to a run.
+#[derive(Default)]
+struct Extras {
+    /// Sample the vCPU into this profile.
+    profile: Option<Arc<GuestProfile>>,
+    /// Stop the VM after this long (instead of waiting for its power-off).
+    stop_after: Option<Duration>,
 }
 
 /// [`run`] with the vCPU and device threads set up by `setup` (seccomp).
@@ -221,6 +248,7 @@ fn run_with(
     prepare: impl FnOnce(&GuestMemoryMmap),
     listener: Option<std::os::unix::net::UnixListener>,
     setup: Arc<dyn vmm::runner::ThreadSetup>,
+    extras: Extras,
 ) -> Run {
     vmm::vstate::vcpu::install_kick_handler().unwrap();
     let boot = Arc::new(BootTimes::new(Instant::now()));
@@ -232,17 +260,22 @@ fn run_with(
     let code = load(&mem, steps);
     prepare(&mem);
     let entry = b.load_raw(&code, CODE).unwrap();
+    if let Some(p) = extras.profile {
+        b.profile_guest(p);
+    }
     let machine = b.finish(entry).unwrap();
     let exit = machine.exit.clone();
     // A guest that never powers off must not hang the test.
     let watchdog = std::thread::spawn(move || {
-        let deadline = Instant::now() + Duration::from_secs(120);
+        let limit = extras.stop_after.unwrap_or(Duration::from_secs(120));
+        let deadline = Instant::now() + limit;
         while Instant::now() < deadline && !exit.stopping() {
-            std::thread::sleep(Duration::from_millis(50));
+            std::thread::sleep(Duration::from_millis(10));
         }
-        exit.request(ExitReason::Error(
-            "test watchdog: the guest did not power off in 120 s".into(),
-        ));
+        exit.request(match extras.stop_after {
+            Some(_) => ExitReason::Stopped,
+            None => ExitReason::Error("test watchdog: the guest did not power off in 120 s".into()),
+        });
     });
     let vm = Arc::downgrade(&machine.vm);
     let outcome = runner::run(machine, setup, None).unwrap();
@@ -378,6 +411,7 @@ fn virtio_rng_queue_completes_with_its_msix_interrupt() {
         },
         None,
         Arc::new(filters),
+        Extras::default(),
     );
     assert_eq!(r.reason, ExitReason::PowerOff);
     assert!(r.result(0) >= 1, "the guest took the queue's interrupt");
@@ -432,4 +466,44 @@ fn serial_output_reaches_the_console_socket() {
     assert_eq!(r.reason, ExitReason::PowerOff);
     let got = reader.join().unwrap();
     assert_eq!(got, text);
+}
+
+#[test]
+fn the_guest_profile_samples_where_the_vcpu_waits() {
+    if !kvm_or_explain() {
+        return;
+    }
+    // The guest waits for an interrupt that never comes; the profile must
+    // find it, over and over, in its wait loop and nowhere else.
+    let dir = tempfile::tempdir().unwrap();
+    let profile = Arc::new(GuestProfile::new(dir.path().join("profile")));
+    // Under the production filters: the vCPU thread reads its registers.
+    let filters = vmm::seccomp::Filters::new(vmm::seccomp::Mode::Enforce).unwrap();
+    let r = run_with(
+        &[Step::WaitIrq],
+        |_| {},
+        None,
+        Arc::new(filters),
+        Extras {
+            profile: Some(profile.clone()),
+            stop_after: Some(Duration::from_millis(600)),
+        },
+    );
+    assert_eq!(r.reason, ExitReason::Stopped);
+    let waiting = guest_program().waiting;
+    let samples = profile.samples();
+    // 250 Hz for 0.6 s is 150; a loaded machine delivers fewer kicks.
+    assert!(samples.len() >= 10, "only {} samples", samples.len());
+    let late: Vec<_> = samples.iter().filter(|s| s.ms >= 300).collect();
+    assert!(!late.is_empty(), "no samples after 300 ms: {samples:?}");
+    for s in late {
+        assert_eq!(s.vcpu, 0);
+        assert!(
+            waiting.contains(&s.rip),
+            "sampled at {:#x}, the wait loop is {waiting:x?}",
+            s.rip
+        );
+    }
+    let written = std::fs::read_to_string(profile.path()).unwrap();
+    assert_eq!(written.lines().count(), samples.len());
 }

@@ -2,6 +2,7 @@
 
 pub mod kvm;
 pub mod memory;
+pub mod profile;
 pub mod slots;
 pub mod vcpu;
 pub mod vm;

@@ -20,6 +20,7 @@ use crate::arch::x86_64::regs::{self, EntryMode};
 use crate::arch::x86_64::{cpuid, msr};
 use crate::devices::bus::Bus;
 use crate::lifecycle::{ExitReason, ExitSignal};
+use crate::vstate::profile::GuestProfile;
 use crate::vstate::vm::Vm;
 
 /// Why a vCPU could not be set up.
@@ -107,6 +108,7 @@ pub struct Vcpu {
     mmio: Arc<Bus>,
     exit: Arc<ExitSignal>,
     counts: Arc<ExitCounts>,
+    profile: Option<Arc<GuestProfile>>,
 }
 
 /// What the vCPU threads share.
@@ -120,6 +122,8 @@ pub struct VcpuShared {
     pub exit: Arc<ExitSignal>,
     /// Exit counters.
     pub counts: Arc<ExitCounts>,
+    /// Where samples of the guest's instruction pointer go, if sampled.
+    pub profile: Option<Arc<GuestProfile>>,
 }
 
 impl Vcpu {
@@ -178,6 +182,7 @@ impl Vcpu {
             mmio: shared.mmio,
             exit: shared.exit,
             counts: shared.counts,
+            profile: shared.profile,
         })
     }
 
@@ -294,7 +299,15 @@ impl Vcpu {
                 "vCPU {}: unexpected exit {other:?}",
                 self.id
             ))),
-            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => None,
+            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
+                // A kick: the profiler's (or the stop's, when sampling is off).
+                if let Some(p) = &self.profile
+                    && let Ok(r) = self.fd.get_regs()
+                {
+                    p.record(self.id, r.rip);
+                }
+                None
+            }
             Err(e) => Some(ExitReason::Error(format!("vCPU {}: KVM_RUN: {e}", self.id))),
         }
     }
