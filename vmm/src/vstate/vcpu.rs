@@ -148,7 +148,12 @@ impl Vcpu {
         let mut cpuid = kvm
             .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
             .map_err(err("KVM_GET_SUPPORTED_CPUID"))?;
-        cpuid::patch(&mut cpuid, id, count);
+        cpuid::patch(
+            &mut cpuid,
+            id,
+            count,
+            kvm.check_extension(kvm_ioctls::Cap::TscDeadlineTimer),
+        );
         fd.set_cpuid2(&cpuid).map_err(err("KVM_SET_CPUID2"))?;
 
         let supported = kvm

@@ -10,6 +10,12 @@ use kvm_bindings::{CpuId, KVM_CPUID_FLAG_SIGNIFCANT_INDEX, kvm_cpuid_entry2};
 
 /// CPUID.1:ECX bit 31: running under a hypervisor.
 const ECX_HYPERVISOR: u32 = 1 << 31;
+/// CPUID.1:ECX bit 24: the local APIC timer's TSC-deadline mode. KVM
+/// emulates it (`KVM_CAP_TSC_DEADLINE_TIMER`) but leaves the bit out of
+/// `KVM_GET_SUPPORTED_CPUID` for the VMM to set. With it, Linux arms its
+/// timer by one absolute TSC value and needs no calibration of the APIC
+/// timer's count rate at boot.
+const ECX_TSC_DEADLINE: u32 = 1 << 24;
 /// CPUID.1:EDX bit 28: more than one logical processor per package.
 const EDX_HTT: u32 = 1 << 28;
 /// The base of the hypervisor leaves.
@@ -17,13 +23,17 @@ pub const KVM_BASE: u32 = 0x4000_0000;
 /// "KVMKVMKVM\0\0\0" as EBX, ECX, EDX.
 const KVM_SIGNATURE: [u32; 3] = [0x4b4d_564b, 0x564b_4d56, 0x0000_004d];
 
-/// Patches `cpuid` (from `KVM_GET_SUPPORTED_CPUID`) for vCPU `id` of `count`.
-pub fn patch(cpuid: &mut CpuId, id: u8, count: u8) {
+/// Patches `cpuid` (from `KVM_GET_SUPPORTED_CPUID`) for vCPU `id` of `count`;
+/// `tsc_deadline`: KVM has `KVM_CAP_TSC_DEADLINE_TIMER`.
+pub fn patch(cpuid: &mut CpuId, id: u8, count: u8, tsc_deadline: bool) {
     let mut has_kvm_leaf = false;
     for e in cpuid.as_mut_slice() {
         match e.function {
             0x1 => {
                 e.ecx |= ECX_HYPERVISOR;
+                if tsc_deadline {
+                    e.ecx |= ECX_TSC_DEADLINE;
+                }
                 // Initial APIC id, logical processor count, CLFLUSH line size (8 × 8 bytes).
                 e.ebx = (u32::from(id) << 24) | (u32::from(count) << 16) | (8 << 8);
                 if count > 1 {
@@ -130,7 +140,7 @@ mod tests {
     #[test]
     fn hypervisor_bit_and_kvm_signature() {
         let mut c = sample();
-        patch(&mut c, 0, 1);
+        patch(&mut c, 0, 1, true);
         let l1 = leaf(&c, 1, 0);
         assert_ne!(l1.ecx & ECX_HYPERVISOR, 0);
         assert_eq!(l1.edx & EDX_HTT, 0);
@@ -146,7 +156,7 @@ mod tests {
     #[test]
     fn topology_per_vcpu() {
         let mut c = sample();
-        patch(&mut c, 2, 4);
+        patch(&mut c, 2, 4, false);
         let l1 = leaf(&c, 1, 0);
         assert_eq!(l1.ebx >> 24, 2);
         assert_eq!((l1.ebx >> 16) & 0xff, 4);
@@ -155,5 +165,15 @@ mod tests {
         let core = leaf(&c, 0xb, 1);
         assert_eq!((core.eax, core.ebx, core.ecx >> 8), (2, 4, 2));
         assert_eq!(leaf(&c, 0xb, 2).ecx >> 8, 0);
+    }
+
+    #[test]
+    fn tsc_deadline_only_when_kvm_has_it() {
+        let mut with = sample();
+        patch(&mut with, 0, 1, true);
+        assert_ne!(leaf(&with, 1, 0).ecx & ECX_TSC_DEADLINE, 0);
+        let mut without = sample();
+        patch(&mut without, 0, 1, false);
+        assert_eq!(leaf(&without, 1, 0).ecx & ECX_TSC_DEADLINE, 0);
     }
 }
