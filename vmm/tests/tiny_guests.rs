@@ -498,6 +498,7 @@ fn the_guest_profile_samples_where_the_vcpu_waits() {
     assert!(!late.is_empty(), "no samples after 300 ms: {samples:?}");
     for s in late {
         assert_eq!(s.vcpu, 0);
+        assert!(!s.user, "the tiny guest runs at CPL 0");
         assert!(
             waiting.contains(&s.rip),
             "sampled at {:#x}, the wait loop is {waiting:x?}",

@@ -22,13 +22,15 @@
 //! initramfs images), [`bundle`] (programs with their libraries, QEMU's firmware),
 //! [`scripts`] (init scripts and the shell API), [`scenario`] (what a test asks for),
 //! [`run`] (QEMU or direct runner with a watchdog), [`console`] (result lines, [`Outcome`]),
-//! [`vmm_bin`] (the release `p2pvmm` scenarios put in L1).
+//! [`vmm_bin`] (the release `p2pvmm` scenarios put in L1), [`profile`] (where a nested boot
+//! spends its wall-clock time).
 
 #![forbid(unsafe_code)]
 
 pub mod bundle;
 pub mod console;
 pub mod platform;
+pub mod profile;
 pub mod run;
 pub mod scenario;
 pub mod scenarios;

@@ -132,3 +132,41 @@ fn up_runs_each_vm_in_its_own_process_and_supervises_them() {
     assert_eq!(get(&o, "beta_guest_maps"), "1");
     assert_eq!(get(&o, "up_exit"), "0");
 }
+
+#[test]
+fn a_boot_profile_names_where_the_guest_kernel_spends_its_time() {
+    let o = run(p2pvm_testhost::profile::scenario(1, None).p2pvmm(p2pvmm_release().unwrap()));
+    let (symbols, boots) = p2pvm_testhost::profile::parse_console(&o.console).unwrap();
+    assert!(
+        symbols.len() > 10_000,
+        "{} kernel text symbols",
+        symbols.len()
+    );
+    assert_eq!(boots.len(), 1);
+    let samples = &boots[0].samples;
+    // 250 Hz over a boot of seconds; a loaded test host delivers fewer.
+    assert!(samples.len() >= 100, "only {} samples", samples.len());
+    let names: Vec<String> = samples
+        .iter()
+        .map(|s| symbols.name(s.rip, s.user))
+        .collect();
+    // Every sample in the kernel falls in a named function: the dump and
+    // the samples describe the same kernel at the same addresses.
+    let unnamed: Vec<&String> = names.iter().filter(|n| n.starts_with("0x")).collect();
+    assert!(
+        unnamed.is_empty(),
+        "samples outside the kernel's text: {unnamed:?}"
+    );
+    // The boot starts in the kernel and ends in user space (/init).
+    assert_ne!(names[0], "[user]");
+    assert!(names.iter().any(|n| n == "[user]"), "no sample after /init");
+    let distinct: std::collections::HashSet<&String> = names.iter().collect();
+    assert!(
+        distinct.len() >= 20,
+        "only {} functions: {distinct:?}",
+        distinct.len()
+    );
+    let text = p2pvm_testhost::profile::report(&symbols, &boots, 10, 200);
+    assert!(text.starts_with("boot 1: "), "{text}");
+    println!("{text}");
+}

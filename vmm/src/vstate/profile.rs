@@ -5,8 +5,9 @@
 //! ticks are lost while the emulated vCPU is busy. So the VMM looks from
 //! outside instead. With `P2PVMM_GUEST_PROFILE=FILE`, the runner kicks each
 //! vCPU out of `KVM_RUN` every [`PERIOD`]; the vCPU reads its instruction
-//! pointer before going back in, and the samples are written to `FILE` as
-//! `ms vcpu rip` lines (milliseconds since the vCPUs started). A halted vCPU
+//! pointer and privilege level before going back in, and the samples are
+//! written to `FILE` as `ms vcpu rip k|u` lines (milliseconds since the
+//! vCPUs started; kernel or user mode). A halted vCPU
 //! is sampled too (at its `hlt`), so time spent waiting shows as well as
 //! time spent computing. Symbols come from the kernel's `System.map`
 //! (`tests/vm/README.md` says how).
@@ -32,6 +33,8 @@ pub struct Sample {
     pub vcpu: u8,
     /// Its instruction pointer.
     pub rip: u64,
+    /// Whether it ran user code (CPL 3).
+    pub user: bool,
 }
 
 /// The samples of one run, shared by its vCPU threads.
@@ -66,12 +69,13 @@ impl GuestProfile {
     }
 
     /// Records where `vcpu` is.
-    pub fn record(&self, vcpu: u8, rip: u64) {
+    pub fn record(&self, vcpu: u8, rip: u64, user: bool) {
         let ms = lock(&self.started).elapsed().as_millis();
         lock(&self.samples).push(Sample {
             ms: u32::try_from(ms).unwrap_or(u32::MAX),
             vcpu,
             rip,
+            user,
         });
     }
 
@@ -85,11 +89,12 @@ impl GuestProfile {
         &self.path
     }
 
-    /// Writes the samples, one `ms vcpu rip` line each.
+    /// Writes the samples, one `ms vcpu rip k|u` line each.
     pub fn write(&self) -> std::io::Result<()> {
         let mut out = std::io::BufWriter::new(std::fs::File::create(&self.path)?);
         for s in lock(&self.samples).iter() {
-            writeln!(out, "{} {} {:#x}", s.ms, s.vcpu, s.rip)?;
+            let mode = if s.user { 'u' } else { 'k' };
+            writeln!(out, "{} {} {:#x} {mode}", s.ms, s.vcpu, s.rip)?;
         }
         out.flush()
     }
@@ -106,18 +111,18 @@ mod tests {
     use super::*;
 
     #[test]
-    fn samples_are_written_in_order_as_ms_vcpu_rip_lines() {
+    fn samples_are_written_in_order_as_ms_vcpu_rip_mode_lines() {
         let dir = tempfile::tempdir().unwrap();
         let p = GuestProfile::new(dir.path().join("prof"));
-        p.record(0, 0xffff_ffff_8100_0000);
+        p.record(0, 0xffff_ffff_8100_0000, false);
         std::thread::sleep(Duration::from_millis(5));
-        p.record(1, 0x1234);
+        p.record(1, 0x1234, true);
         p.write().unwrap();
         let text = std::fs::read_to_string(p.path()).unwrap();
         let lines: Vec<Vec<&str>> = text.lines().map(|l| l.split(' ').collect()).collect();
         assert_eq!(lines.len(), 2);
-        assert_eq!(lines[0][1..], ["0", "0xffffffff81000000"]);
-        assert_eq!(lines[1][1..], ["1", "0x1234"]);
+        assert_eq!(lines[0][1..], ["0", "0xffffffff81000000", "k"]);
+        assert_eq!(lines[1][1..], ["1", "0x1234", "u"]);
         let t0: u32 = lines[0][0].parse().unwrap();
         let t1: u32 = lines[1][0].parse().unwrap();
         assert!(t1 >= t0 + 5, "{t0} then {t1}");

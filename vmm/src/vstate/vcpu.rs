@@ -307,9 +307,9 @@ impl Vcpu {
             Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
                 // A kick: the profiler's (or the stop's, when sampling is off).
                 if let Some(p) = &self.profile
-                    && let Ok(r) = self.fd.get_regs()
+                    && let (Ok(r), Ok(s)) = (self.fd.get_regs(), self.fd.get_sregs())
                 {
-                    p.record(self.id, r.rip);
+                    p.record(self.id, r.rip, s.cs.dpl == 3);
                 }
                 None
             }

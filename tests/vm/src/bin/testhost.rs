@@ -42,6 +42,22 @@ enum Cmd {
         #[arg(long, default_value_t = 1)]
         runs: u32,
     },
+    /// Profile our VMM's boot of the bench guest: which guest kernel functions the
+    /// wall-clock time goes to (tests/vm/README.md, "Boot profile").
+    ProfileBoot {
+        /// Profiled boots.
+        #[arg(long, default_value_t = 3)]
+        runs: u32,
+        /// The guest's command line (default: the VMM bench's).
+        #[arg(long)]
+        cmdline: Option<String>,
+        /// Functions listed per boot.
+        #[arg(long, default_value_t = 25)]
+        top: usize,
+        /// Timeline window (ms).
+        #[arg(long, default_value_t = 100)]
+        window_ms: u32,
+    },
     /// Run the platform's VMs under load with KVM tracing until a guest resets itself.
     TraceResets {
         /// Turns of load (round trips, a stream, a typed command) before giving up.
@@ -183,6 +199,26 @@ fn run(cli: Cli) -> Result<ExitCode> {
             Ok(ExitCode::from(
                 u8::try_from(outcome.exit_status).unwrap_or(1),
             ))
+        }
+        Cmd::ProfileBoot {
+            runs,
+            cmdline,
+            top,
+            window_ms,
+        } => {
+            let host = TestHost::prepare()?;
+            let scenario = p2pvm_testhost::profile::scenario(runs, cmdline.as_deref())
+                .p2pvmm(p2pvm_testhost::vmm_bin::p2pvmm_release()?);
+            let outcome = host.run(&scenario)?;
+            report(&outcome);
+            outcome.ensure_success()?;
+            let (symbols, boots) = p2pvm_testhost::profile::parse_console(&outcome.console)?;
+            println!("{} kernel text symbols", symbols.len());
+            print!(
+                "{}",
+                p2pvm_testhost::profile::report(&symbols, &boots, top, window_ms)
+            );
+            Ok(ExitCode::SUCCESS)
         }
         Cmd::QemuBoot { runs } => {
             let host = TestHost::prepare()?;
