@@ -192,6 +192,7 @@ pub fn run(
         match p.write() {
             Ok(()) => tracing::info!(
                 samples = p.samples().len(),
+                dropped = p.dropped(),
                 file = %p.path().display(),
                 "guest profile written"
             ),

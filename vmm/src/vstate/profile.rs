@@ -24,6 +24,10 @@ pub const ENV: &str = "P2PVMM_GUEST_PROFILE";
 /// and each costs only one extra exit).
 pub const PERIOD: Duration = Duration::from_millis(4);
 
+/// Samples kept at most: ten minutes of one vCPU (a profile is for a boot;
+/// one left on by mistake must not grow without bound).
+pub const MAX_SAMPLES: usize = 150_000;
+
 /// One sample.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Sample {
@@ -43,6 +47,7 @@ pub struct GuestProfile {
     path: PathBuf,
     started: Mutex<Instant>,
     samples: Mutex<Vec<Sample>>,
+    dropped: std::sync::atomic::AtomicU64,
 }
 
 impl GuestProfile {
@@ -59,6 +64,7 @@ impl GuestProfile {
             path,
             started: Mutex::new(Instant::now()),
             samples: Mutex::new(Vec::new()),
+            dropped: std::sync::atomic::AtomicU64::new(0),
         }
     }
 
@@ -66,17 +72,29 @@ impl GuestProfile {
     pub fn start(&self) {
         *lock(&self.started) = Instant::now();
         lock(&self.samples).clear();
+        self.dropped.store(0, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// Records where `vcpu` is.
     pub fn record(&self, vcpu: u8, rip: u64, user: bool) {
         let ms = lock(&self.started).elapsed().as_millis();
-        lock(&self.samples).push(Sample {
+        let mut samples = lock(&self.samples);
+        if samples.len() >= MAX_SAMPLES {
+            self.dropped
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            return;
+        }
+        samples.push(Sample {
             ms: u32::try_from(ms).unwrap_or(u32::MAX),
             vcpu,
             rip,
             user,
         });
+    }
+
+    /// Samples not kept because [`MAX_SAMPLES`] were.
+    pub fn dropped(&self) -> u64 {
+        self.dropped.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// The samples so far.
@@ -129,5 +147,16 @@ mod tests {
         // A new run starts from nothing.
         p.start();
         assert!(p.samples().is_empty());
+    }
+
+    #[test]
+    fn a_profile_left_on_stops_growing_at_its_cap() {
+        let p = GuestProfile::new("/nonexistent/unused".into());
+        for i in 0..MAX_SAMPLES as u64 + 10 {
+            p.record(0, i, false);
+        }
+        assert_eq!(p.samples().len(), MAX_SAMPLES);
+        assert_eq!(p.samples().last().unwrap().rip, MAX_SAMPLES as u64 - 1);
+        assert_eq!(p.dropped(), 10);
     }
 }
