@@ -179,7 +179,7 @@ impl MachineBuilder {
             exit: Arc::new(ExitSignal::new().map_err(|e| device_err("exit eventfd")(Box::new(e)))?),
             counts: Arc::new(ExitCounts::new()),
             boot,
-            profile: GuestProfile::from_env().map(Arc::new),
+            profile: None,
             vcpu_count: vcpus,
         };
         b.insert_pio(
@@ -434,8 +434,7 @@ impl MachineBuilder {
         })
     }
 
-    /// Samples where the vCPUs are into `profile` while the machine runs
-    /// (otherwise only if `P2PVMM_GUEST_PROFILE` names a file).
+    /// Samples where the vCPUs are into `profile` while the machine runs.
     pub fn profile_guest(&mut self, profile: Arc<GuestProfile>) {
         self.profile = Some(profile);
     }
@@ -483,17 +482,21 @@ impl MachineBuilder {
     }
 }
 
-/// Builds the VM `config` describes.
+/// Builds the VM `config` describes; `profile`: sample its vCPUs into it.
 pub fn build(
     config: &VmConfig,
     console: Arc<Console>,
     listener: Option<UnixListener>,
     boot: Arc<BootTimes>,
+    profile: Option<Arc<GuestProfile>>,
 ) -> Result<Machine, BuildError> {
     config.validate()?;
     let t = std::time::Instant::now();
     let step = |what: &str| tracing::debug!(ms = t.elapsed().as_secs_f64() * 1e3, "build: {what}");
     let mut b = MachineBuilder::new(config.mem_mib, config.vcpus, boot)?;
+    if let Some(p) = profile {
+        b.profile_guest(p);
+    }
     step("VM and memory");
     b.add_legacy_devices(console, listener)?;
     for (i, d) in config.disks.iter().enumerate() {

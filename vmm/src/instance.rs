@@ -21,6 +21,7 @@ use crate::console::{self, Console};
 use crate::lifecycle::{BootTimes, ExitReason};
 use crate::runner::{self, ThreadSetup};
 use crate::vstate::memory::HugePages;
+use crate::vstate::profile::GuestProfile;
 
 /// Where a VM keeps its runtime files.
 #[derive(Debug, Clone)]
@@ -167,7 +168,14 @@ pub fn run(config: &VmConfig, opts: &RunOptions) -> Result<(ExitReason, Report),
     loop {
         boots += 1;
         let listener = listener.try_clone().map_err(io("console socket"))?;
-        let machine = builder::build(config, console.clone(), Some(listener), boot.clone())?;
+        let profile = GuestProfile::from_env(&config.name, boots).map(Arc::new);
+        let machine = builder::build(
+            config,
+            console.clone(),
+            Some(listener),
+            boot.clone(),
+            profile,
+        )?;
         let huge = machine.ram.huge_pages == HugePages::Advised;
         let counts = machine.counts.clone();
         let outcome = runner::run(machine, opts.setup.clone(), Some(&dir.memory_report()))

@@ -166,11 +166,15 @@ pub fn run(
             None => {
                 exit.wait(Duration::from_millis(100));
             }
-            Some(_) => {
+            Some(p) => {
                 exit.wait(crate::vstate::profile::PERIOD);
-                // Each vCPU samples itself as the kick takes it out of KVM_RUN.
-                for t in &vcpu_threads {
-                    let _ = t.kill(kick_signal());
+                // Each vCPU samples itself as the kick takes it out of
+                // KVM_RUN. A full profile keeps no more, so it costs no
+                // more exits either.
+                if !p.is_full() {
+                    for t in &vcpu_threads {
+                        let _ = t.kill(kick_signal());
+                    }
                 }
             }
         }
@@ -191,7 +195,7 @@ pub fn run(
     if let Some(p) = &profile {
         match p.write() {
             Ok(()) => tracing::info!(
-                samples = p.samples().len(),
+                samples = p.len(),
                 dropped = p.dropped(),
                 file = %p.path().display(),
                 "guest profile written"

@@ -25,7 +25,7 @@ use vmm::console::Console;
 use vmm::devices::virtio::rng::Rng;
 use vmm::lifecycle::{BootTimes, ExitReason};
 use vmm::runner::{self, NoSetup};
-use vmm::vstate::profile::GuestProfile;
+use vmm::vstate::profile::{GuestProfile, Mode};
 
 const CODE: u64 = 0x1_0000;
 const STEPS: u64 = 0x3_0000;
@@ -498,7 +498,7 @@ fn the_guest_profile_samples_where_the_vcpu_waits() {
     assert!(!late.is_empty(), "no samples after 300 ms: {samples:?}");
     for s in late {
         assert_eq!(s.vcpu, 0);
-        assert!(!s.user, "the tiny guest runs at CPL 0");
+        assert_eq!(s.mode, Mode::Kernel, "the tiny guest runs at CPL 0");
         assert!(
             waiting.contains(&s.rip),
             "sampled at {:#x}, the wait loop is {waiting:x?}",

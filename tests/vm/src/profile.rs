@@ -1,9 +1,9 @@
 //! Boot profiles: where a nested guest's boot spends its wall-clock time.
 //!
 //! `testhost profile-boot` runs `scenarios/profile-boot-l1.sh`: our VMM boots
-//! the bench's guest with `P2PVMM_GUEST_PROFILE` (the vCPU's instruction
-//! pointer every 4 ms, halts included), after one boot that dumps the guest
-//! kernel's text symbols. This module reads both back from the console and
+//! the bench's guest with `P2PVMM_GUEST_PROFILE` (where the vCPU is every
+//! 4 ms: guest kernel, guest user, or the VMM handling an exit; halts
+//! included), after one boot that dumps the guest kernel's text symbols. This module reads both back from the console and
 //! names each sample's function. The guest's own clock cannot do this: it
 //! loses ticks while the emulated vCPU is busy.
 
@@ -35,6 +35,10 @@ pub fn scenario(runs: u32, cmdline: Option<&str>) -> Scenario {
 /// instructions of a PVH boot run at physical addresses, before the kernel
 /// switches to its own page tables.
 const KERNEL_MAP: u64 = 0xffff_ffff_8000_0000;
+
+/// No function is longer: a sample further than this above the nearest
+/// symbol is not in any function the dump knows.
+const MAX_FUNCTION_BYTES: u64 = 1 << 20;
 
 /// A kernel's text symbols, sorted by address.
 #[derive(Debug, Default)]
@@ -72,11 +76,13 @@ impl Symbols {
 
     /// The function a sample is in: for kernel mode, the nearest symbol at
     /// or below `rip` (a lower-half `rip` is the early boot's physical
-    /// address of kernel code), or the address itself where no symbol is;
-    /// for user mode, "[user]".
-    pub fn name(&self, rip: u64, user: bool) -> String {
-        if user {
-            return "[user]".into();
+    /// address of kernel code), or the address itself where no symbol is
+    /// near; "[user]" and "[vmm]" for the other modes.
+    pub fn name(&self, rip: u64, mode: Mode) -> String {
+        match mode {
+            Mode::User => return "[user]".into(),
+            Mode::Vmm => return "[vmm]".into(),
+            Mode::Kernel => {}
         }
         let addr = if rip < 1 << 47 {
             rip.wrapping_add(KERNEL_MAP)
@@ -84,19 +90,22 @@ impl Symbols {
             rip
         };
         let i = self.sorted.partition_point(|(a, _)| *a <= addr);
-        match i.checked_sub(1) {
-            Some(i) if addr < self.end() => self.sorted[i].1.clone(),
+        match i.checked_sub(1).map(|i| &self.sorted[i]) {
+            Some((start, name)) if addr - start < MAX_FUNCTION_BYTES => name.clone(),
             _ => format!("{rip:#x}"),
         }
     }
+}
 
-    /// An upper bound of the kernel's text: the last symbol plus room for
-    /// its body (modules live above the image, within 1 GiB of it).
-    fn end(&self) -> u64 {
-        self.sorted
-            .last()
-            .map_or(0, |(a, _)| a.saturating_add(1 << 30))
-    }
+/// Where a sampled vCPU was (the VMM's `k`, `u`, `v`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// Guest kernel code.
+    Kernel,
+    /// Guest user code.
+    User,
+    /// The VMM, handling an exit.
+    Vmm,
 }
 
 /// One sample of a profiled boot.
@@ -104,10 +113,12 @@ impl Symbols {
 pub struct Sample {
     /// Milliseconds since the vCPUs started.
     pub ms: u32,
-    /// The instruction pointer.
+    /// Which vCPU.
+    pub vcpu: u8,
+    /// The instruction pointer (0 for [`Mode::Vmm`]).
     pub rip: u64,
-    /// User mode (CPL 3).
-    pub user: bool,
+    /// Where the vCPU was.
+    pub mode: Mode,
 }
 
 /// One profiled boot.
@@ -120,7 +131,7 @@ pub struct Boot {
 }
 
 /// Reads the symbol dump (`P2PVM-KSYM` lines: gzip, base64) and the samples
-/// (`P2PVM-PROF run ms vcpu rip k|u`) from a console.
+/// (`P2PVM-PROF run ms vcpu rip k|u|v`) from a console.
 pub fn parse_console(console: &str) -> Result<(Symbols, Vec<Boot>)> {
     let mut b64 = String::new();
     let mut boots: BTreeMap<u32, Vec<Sample>> = BTreeMap::new();
@@ -129,15 +140,22 @@ pub fn parse_console(console: &str) -> Result<(Symbols, Vec<Boot>)> {
             b64.push_str(rest.trim());
         } else if let Some(rest) = after(line, "P2PVM-PROF ") {
             let f: Vec<&str> = rest.split_whitespace().collect();
-            let [run, ms, _vcpu, rip, mode @ ("k" | "u")] = f[..] else {
+            let [run, ms, vcpu, rip, mode] = f[..] else {
                 bail!("malformed sample line {line:?}");
+            };
+            let mode = match mode {
+                "k" => Mode::Kernel,
+                "u" => Mode::User,
+                "v" => Mode::Vmm,
+                _ => bail!("malformed sample line {line:?}"),
             };
             let rip = u64::from_str_radix(rip.trim_start_matches("0x"), 16)
                 .with_context(|| format!("sample line {line:?}"))?;
             boots.entry(run.parse()?).or_default().push(Sample {
                 ms: ms.parse()?,
+                vcpu: vcpu.parse()?,
                 rip,
-                user: mode == "u",
+                mode,
             });
         }
     }
@@ -165,8 +183,8 @@ fn after<'a>(line: &'a str, marker: &str) -> Option<&'a str> {
 }
 
 /// A report: per boot, the functions holding the most samples (with the
-/// time they stand for), then a timeline of `window_ms` windows across all
-/// boots, each with its three commonest functions.
+/// vCPU time they stand for), then a timeline of `window_ms` windows across
+/// all boots, each with its three commonest functions.
 pub fn report(symbols: &Symbols, boots: &[Boot], top: usize, window_ms: u32) -> String {
     let mut out = String::new();
     let mut windows: BTreeMap<u32, HashMap<String, u32>> = BTreeMap::new();
@@ -175,10 +193,22 @@ pub fn report(symbols: &Symbols, boots: &[Boot], top: usize, window_ms: u32) -> 
             continue;
         };
         let n = b.samples.len();
-        let _ = writeln!(out, "boot {}: {n} samples over {last_ms} ms", b.run);
+        let vcpus = b
+            .samples
+            .iter()
+            .map(|s| s.vcpu)
+            .max()
+            .map_or(1, |m| u32::from(m) + 1);
+        let _ = writeln!(
+            out,
+            "boot {}: {n} samples of {vcpus} vCPU(s) over {last_ms} ms",
+            b.run
+        );
+        // Each sample stands for an equal slice of all vCPUs' time.
+        let ms_per_sample = f64::from(last_ms) * f64::from(vcpus) / n as f64;
         let mut counts: HashMap<String, u32> = HashMap::new();
         for s in &b.samples {
-            let name = symbols.name(s.rip, s.user);
+            let name = symbols.name(s.rip, s.mode);
             *windows
                 .entry(s.ms / window_ms.max(1))
                 .or_default()
@@ -187,12 +217,11 @@ pub fn report(symbols: &Symbols, boots: &[Boot], top: usize, window_ms: u32) -> 
             *counts.entry(name).or_default() += 1;
         }
         for (name, k) in ranked(counts).into_iter().take(top) {
-            let share = f64::from(k) / n as f64;
             let _ = writeln!(
                 out,
                 "  {:5.1} %  {:5.0} ms  {name}",
-                100.0 * share,
-                share * f64::from(last_ms)
+                100.0 * f64::from(k) / n as f64,
+                f64::from(k) * ms_per_sample
             );
         }
     }
@@ -232,19 +261,21 @@ ffffffffc0000000 t vblk_probe\t[virtio_blk]
     fn a_sample_is_named_by_the_nearest_text_symbol_at_or_below_it() {
         let s = Symbols::parse(KALLSYMS);
         assert_eq!(s.len(), 4, "data symbols are left out");
-        assert_eq!(s.name(0xffff_ffff_8100_0000, false), "startup_64");
-        assert_eq!(s.name(0xffff_ffff_8100_00ff, false), "startup_64");
-        assert_eq!(s.name(0xffff_ffff_8100_0100, false), "early_helper");
-        assert_eq!(s.name(0xffff_ffff_8110_0042, false), "clear_bss");
-        // Beyond the data symbol, still the last text symbol below.
-        assert_eq!(s.name(0xffff_ffff_8200_0010, false), "clear_bss");
-        assert_eq!(s.name(0xffff_ffff_c000_0010, false), "vblk_probe");
+        let k = Mode::Kernel;
+        assert_eq!(s.name(0xffff_ffff_8100_0000, k), "startup_64");
+        assert_eq!(s.name(0xffff_ffff_8100_00ff, k), "startup_64");
+        assert_eq!(s.name(0xffff_ffff_8100_0100, k), "early_helper");
+        assert_eq!(s.name(0xffff_ffff_8110_0042, k), "clear_bss");
+        assert_eq!(s.name(0xffff_ffff_c000_0010, k), "vblk_probe");
         // The PVH entry runs at the image's physical address.
-        assert_eq!(s.name(0x100_0010, false), "startup_64");
-        assert_eq!(s.name(0x100_0010, true), "[user]");
-        // Neither the image nor a module.
-        assert_eq!(s.name(0xffff_8000_0000_0000, false), "0xffff800000000000");
-        assert_eq!(s.name(0x1000, false), "0x1000");
+        assert_eq!(s.name(0x100_0010, k), "startup_64");
+        assert_eq!(s.name(0x100_0010, Mode::User), "[user]");
+        assert_eq!(s.name(0, Mode::Vmm), "[vmm]");
+        // Further from any symbol than a function can be long (here in the
+        // data above the text), below the first, or in no kernel at all.
+        assert_eq!(s.name(0xffff_ffff_8220_0010, k), "0xffffffff82200010");
+        assert_eq!(s.name(0xffff_8000_0000_0000, k), "0xffff800000000000");
+        assert_eq!(s.name(0x1000, k), "0x1000");
     }
 
     fn console_with(symbols: &str, samples: &[&str]) -> String {
@@ -275,6 +306,8 @@ ffffffffc0000000 t vblk_probe\t[virtio_blk]
                 "1 4 0 0xffffffff81100008 k",
                 "1 8 0 0x1000010 k",
                 "2 0 0 0x40f2ea u",
+                "2 0 1 0x0 v",
+                "2 4 1 0xffffffff81100004 k",
             ],
         );
         let (symbols, boots) = parse_console(&console).unwrap();
@@ -283,19 +316,29 @@ ffffffffc0000000 t vblk_probe\t[virtio_blk]
         assert_eq!(boots[0].samples.len(), 3);
         let user = Sample {
             ms: 0,
+            vcpu: 0,
             rip: 0x40_f2ea,
-            user: true,
+            mode: Mode::User,
         };
-        assert_eq!(boots[1].samples, vec![user]);
+        assert_eq!(boots[1].samples[0], user);
+        assert_eq!(boots[1].samples[1].mode, Mode::Vmm);
+        assert_eq!(boots[1].samples[1].vcpu, 1);
         let text = report(&symbols, &boots, 5, 4);
         // Two of boot 1's three samples in clear_bss: 66.7 % of its 8 ms.
         assert!(text.contains(" 66.7 %      5 ms  clear_bss"), "{text}");
         assert!(text.contains(" 33.3 %      3 ms  startup_64"), "{text}");
         assert!(
-            text.contains("       0 ms  [user] 1, clear_bss 1"),
+            text.contains("       0 ms  [user] 1, [vmm] 1, clear_bss 1"),
             "{text}"
         );
         assert!(text.contains("       8 ms  startup_64 1"), "{text}");
+        // Boot 2 had two vCPUs over 4 ms: each of its three samples stands
+        // for 8 / 3 ms of vCPU time.
+        assert!(
+            text.contains("boot 2: 3 samples of 2 vCPU(s) over 4 ms"),
+            "{text}"
+        );
+        assert!(text.contains(" 33.3 %      3 ms  [vmm]"), "{text}");
     }
 
     #[test]

@@ -4,17 +4,24 @@
 //! goes: until its clocksource switches over it keeps time in jiffies, and
 //! ticks are lost while the emulated vCPU is busy. So the VMM looks from
 //! outside instead. With `P2PVMM_GUEST_PROFILE=FILE`, the runner kicks each
-//! vCPU out of `KVM_RUN` every [`PERIOD`]; the vCPU reads its instruction
-//! pointer and privilege level before going back in, and the samples are
-//! written to `FILE` as `ms vcpu rip k|u` lines (milliseconds since the
-//! vCPUs started; kernel or user mode). A halted vCPU
-//! is sampled too (at its `hlt`), so time spent waiting shows as well as
-//! time spent computing. Symbols come from the kernel's `System.map`
-//! (`tests/vm/README.md` says how).
+//! vCPU every [`PERIOD`]. A kick that takes the vCPU out of `KVM_RUN`
+//! samples the guest: its instruction pointer and privilege level. A kick
+//! that finds the thread in the VMM, handling an exit, is counted as such,
+//! so I/O-heavy phases are not under-counted. A halted vCPU is sampled too
+//! (at its `hlt`), so time spent waiting shows as well as time computing.
+//!
+//! The samples are written to `FILE` at the end of each boot, as
+//! `ms vcpu rip k|u|v` lines: milliseconds since the vCPUs started; kernel,
+//! user, or VMM (`rip` 0). `{vm}` and `{boot}` in `FILE` become the VM's
+//! name and the boot's number, so VMs under `p2pvmm up` and a guest's
+//! reboots keep files of their own; without them a later boot overwrites
+//! the file. Functions are named from the guest's `/proc/kallsyms`
+//! (`testhost profile-boot`, tests/vm/README.md).
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 /// The environment variable naming the samples file.
@@ -37,8 +44,29 @@ pub struct Sample {
     pub vcpu: u8,
     /// Its instruction pointer.
     pub rip: u64,
-    /// Whether it ran user code (CPL 3).
-    pub user: bool,
+    /// Where it was.
+    pub mode: Mode,
+}
+
+/// Where a sampled vCPU was.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// Guest kernel code (CPL 0–2).
+    Kernel,
+    /// Guest user code (CPL 3).
+    User,
+    /// Out of `KVM_RUN`, in the VMM handling one of its exits.
+    Vmm,
+}
+
+impl Mode {
+    fn letter(self) -> char {
+        match self {
+            Mode::Kernel => 'k',
+            Mode::User => 'u',
+            Mode::Vmm => 'v',
+        }
+    }
 }
 
 /// The samples of one run, shared by its vCPU threads.
@@ -47,15 +75,23 @@ pub struct GuestProfile {
     path: PathBuf,
     started: Mutex<Instant>,
     samples: Mutex<Vec<Sample>>,
-    dropped: std::sync::atomic::AtomicU64,
+    dropped: AtomicU64,
 }
 
 impl GuestProfile {
-    /// A profile written to the file `P2PVMM_GUEST_PROFILE` names, if set.
-    pub fn from_env() -> Option<Self> {
-        std::env::var_os(ENV)
-            .filter(|p| !p.is_empty())
-            .map(|p| Self::new(PathBuf::from(p)))
+    /// A profile of boot `boot` of VM `vm`, written to the file
+    /// `P2PVMM_GUEST_PROFILE` names, if set.
+    pub fn from_env(vm: &str, boot: u32) -> Option<Self> {
+        Self::from_template(std::env::var(ENV).ok(), vm, boot)
+    }
+
+    /// [`Self::from_env`] given the variable's value.
+    fn from_template(template: Option<String>, vm: &str, boot: u32) -> Option<Self> {
+        let template = template.filter(|p| !p.is_empty())?;
+        let path = template
+            .replace("{vm}", vm)
+            .replace("{boot}", &boot.to_string());
+        Some(Self::new(PathBuf::from(path)))
     }
 
     /// A profile to be written to `path`.
@@ -64,7 +100,7 @@ impl GuestProfile {
             path,
             started: Mutex::new(Instant::now()),
             samples: Mutex::new(Vec::new()),
-            dropped: std::sync::atomic::AtomicU64::new(0),
+            dropped: AtomicU64::new(0),
         }
     }
 
@@ -72,29 +108,43 @@ impl GuestProfile {
     pub fn start(&self) {
         *lock(&self.started) = Instant::now();
         lock(&self.samples).clear();
-        self.dropped.store(0, std::sync::atomic::Ordering::Relaxed);
+        self.dropped.store(0, Ordering::Relaxed);
     }
 
     /// Records where `vcpu` is.
-    pub fn record(&self, vcpu: u8, rip: u64, user: bool) {
+    pub fn record(&self, vcpu: u8, rip: u64, mode: Mode) {
         let ms = lock(&self.started).elapsed().as_millis();
         let mut samples = lock(&self.samples);
         if samples.len() >= MAX_SAMPLES {
-            self.dropped
-                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            self.dropped.fetch_add(1, Ordering::Relaxed);
             return;
         }
         samples.push(Sample {
             ms: u32::try_from(ms).unwrap_or(u32::MAX),
             vcpu,
             rip,
-            user,
+            mode,
         });
+    }
+
+    /// How many samples are kept.
+    pub fn len(&self) -> usize {
+        lock(&self.samples).len()
+    }
+
+    /// Whether none are.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Whether no more will be kept (the runner then stops kicking).
+    pub fn is_full(&self) -> bool {
+        self.len() >= MAX_SAMPLES
     }
 
     /// Samples not kept because [`MAX_SAMPLES`] were.
     pub fn dropped(&self) -> u64 {
-        self.dropped.load(std::sync::atomic::Ordering::Relaxed)
+        self.dropped.load(Ordering::Relaxed)
     }
 
     /// The samples so far.
@@ -107,11 +157,11 @@ impl GuestProfile {
         &self.path
     }
 
-    /// Writes the samples, one `ms vcpu rip k|u` line each.
+    /// Writes the samples, one `ms vcpu rip k|u|v` line each.
     pub fn write(&self) -> std::io::Result<()> {
         let mut out = std::io::BufWriter::new(std::fs::File::create(&self.path)?);
         for s in lock(&self.samples).iter() {
-            let mode = if s.user { 'u' } else { 'k' };
+            let mode = s.mode.letter();
             writeln!(out, "{} {} {:#x} {mode}", s.ms, s.vcpu, s.rip)?;
         }
         out.flush()
@@ -132,15 +182,17 @@ mod tests {
     fn samples_are_written_in_order_as_ms_vcpu_rip_mode_lines() {
         let dir = tempfile::tempdir().unwrap();
         let p = GuestProfile::new(dir.path().join("prof"));
-        p.record(0, 0xffff_ffff_8100_0000, false);
+        p.record(0, 0xffff_ffff_8100_0000, Mode::Kernel);
         std::thread::sleep(Duration::from_millis(5));
-        p.record(1, 0x1234, true);
+        p.record(1, 0x1234, Mode::User);
+        p.record(1, 0, Mode::Vmm);
         p.write().unwrap();
         let text = std::fs::read_to_string(p.path()).unwrap();
         let lines: Vec<Vec<&str>> = text.lines().map(|l| l.split(' ').collect()).collect();
-        assert_eq!(lines.len(), 2);
+        assert_eq!(lines.len(), 3);
         assert_eq!(lines[0][1..], ["0", "0xffffffff81000000", "k"]);
         assert_eq!(lines[1][1..], ["1", "0x1234", "u"]);
+        assert_eq!(lines[2][1..], ["1", "0x0", "v"]);
         let t0: u32 = lines[0][0].parse().unwrap();
         let t1: u32 = lines[1][0].parse().unwrap();
         assert!(t1 >= t0 + 5, "{t0} then {t1}");
@@ -150,12 +202,28 @@ mod tests {
     }
 
     #[test]
+    fn the_file_name_may_carry_the_vm_and_the_boot() {
+        let template = |t: &str| Some(t.to_string());
+        let p = GuestProfile::from_template(template("/tmp/p-{vm}-{boot}.txt"), "service", 2);
+        assert_eq!(p.unwrap().path(), Path::new("/tmp/p-service-2.txt"));
+        let p = GuestProfile::from_template(template("/tmp/p.txt"), "service", 2);
+        assert_eq!(p.unwrap().path(), Path::new("/tmp/p.txt"));
+        assert!(GuestProfile::from_template(template(""), "service", 1).is_none());
+        assert!(GuestProfile::from_template(None, "service", 1).is_none());
+    }
+
+    #[test]
     fn a_profile_left_on_stops_growing_at_its_cap() {
         let p = GuestProfile::new("/nonexistent/unused".into());
-        for i in 0..MAX_SAMPLES as u64 + 10 {
-            p.record(0, i, false);
+        for i in 0..MAX_SAMPLES as u64 {
+            assert!(!p.is_full());
+            p.record(0, i, Mode::Kernel);
         }
-        assert_eq!(p.samples().len(), MAX_SAMPLES);
+        assert!(p.is_full());
+        for i in 0..10 {
+            p.record(0, i, Mode::Kernel);
+        }
+        assert_eq!(p.len(), MAX_SAMPLES);
         assert_eq!(p.samples().last().unwrap().rip, MAX_SAMPLES as u64 - 1);
         assert_eq!(p.dropped(), 10);
     }

@@ -3,8 +3,9 @@
 //! and MMIO exits to the buses.
 //!
 //! To stop a vCPU the main thread sets the run's exit flag and sends the
-//! thread [`kick_signal`] until it leaves `KVM_RUN` (the handler does
-//! nothing; the signal only makes the ioctl return `EINTR`).
+//! thread [`kick_signal`] until it leaves `KVM_RUN` (the signal makes the
+//! ioctl return `EINTR`; its handler only notes, for the guest profile,
+//! that a kick came).
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -20,7 +21,7 @@ use crate::arch::x86_64::regs::{self, EntryMode};
 use crate::arch::x86_64::{cpuid, msr};
 use crate::devices::bus::Bus;
 use crate::lifecycle::{ExitReason, ExitSignal};
-use crate::vstate::profile::GuestProfile;
+use crate::vstate::profile::{GuestProfile, Mode};
 use crate::vstate::vm::Vm;
 
 /// Why a vCPU could not be set up.
@@ -234,6 +235,13 @@ impl Vcpu {
 
     /// One `KVM_RUN`; `Some` when the run must end.
     fn step(&mut self) -> Option<ExitReason> {
+        // A kick that landed since the last `KVM_RUN` returned found this
+        // thread handling an exit: that time is the VMM's.
+        if KICKED.replace(false)
+            && let Some(p) = &self.profile
+        {
+            p.record(self.id, 0, Mode::Vmm);
+        }
         let counts = &self.counts;
         match self.fd.run() {
             Ok(VcpuExit::IoIn(port, data)) => {
@@ -305,11 +313,19 @@ impl Vcpu {
                 self.id
             ))),
             Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
-                // A kick: the profiler's (or the stop's, when sampling is off).
+                // A kick: the profiler's (or the stop's). No exit is pending
+                // here (KVM completes one before it looks for signals), so
+                // the registers are the guest's own.
+                KICKED.set(false);
                 if let Some(p) = &self.profile
                     && let (Ok(r), Ok(s)) = (self.fd.get_regs(), self.fd.get_sregs())
                 {
-                    p.record(self.id, r.rip, s.cs.dpl == 3);
+                    let mode = if s.cs.dpl == 3 {
+                        Mode::User
+                    } else {
+                        Mode::Kernel
+                    };
+                    p.record(self.id, r.rip, mode);
                 }
                 None
             }
@@ -323,10 +339,19 @@ pub fn kick_signal() -> libc::c_int {
     vmm_sys_util::signal::SIGRTMIN()
 }
 
-extern "C" fn ignore_kick(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
+thread_local! {
+    /// Set by [`kick_signal`]'s handler on the thread it lands on, so a vCPU
+    /// can tell that a kick came while it was out of `KVM_RUN`. Constant
+    /// initialisation and no destructor: touching it is safe in a handler.
+    static KICKED: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
 
-/// Installs the (empty) handler of [`kick_signal`]; once per process.
+extern "C" fn note_kick(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {
+    KICKED.set(true);
+}
+
+/// Installs the handler of [`kick_signal`]; once per process.
 pub fn install_kick_handler() -> std::io::Result<()> {
-    vmm_sys_util::signal::register_signal_handler(kick_signal(), ignore_kick)
+    vmm_sys_util::signal::register_signal_handler(kick_signal(), note_kick)
         .map_err(|e| std::io::Error::from_raw_os_error(e.errno()))
 }

@@ -43,7 +43,7 @@ enum Cmd {
         runs: u32,
     },
     /// Profile our VMM's boot of the bench guest: which guest kernel functions the
-    /// wall-clock time goes to (tests/vm/README.md, "Boot profile").
+    /// wall-clock time goes to (tests/vm/README.md).
     ProfileBoot {
         /// Profiled boots.
         #[arg(long, default_value_t = 3)]
