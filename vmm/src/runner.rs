@@ -162,20 +162,18 @@ pub fn run(
             exit.request(ExitReason::Stopped);
             break;
         }
-        match &profile {
-            None => {
-                exit.wait(Duration::from_millis(100));
-            }
-            Some(p) => {
-                exit.wait(crate::vstate::profile::PERIOD);
-                // Each vCPU samples itself as the kick takes it out of
-                // KVM_RUN. A full profile keeps no more, so it costs no
-                // more exits either.
-                if !p.is_full() {
-                    for t in &vcpu_threads {
-                        let _ = t.kill(kick_signal());
-                    }
-                }
+        let period = match profile {
+            Some(_) => crate::vstate::profile::PERIOD,
+            None => Duration::from_millis(100),
+        };
+        exit.wait(period);
+        // Each vCPU samples itself as the kick takes it out of KVM_RUN. A
+        // full profile keeps no more, so it costs no more exits either.
+        if let Some(p) = &profile
+            && !p.is_full()
+        {
+            for t in &vcpu_threads {
+                let _ = t.kill(kick_signal());
             }
         }
     }
