@@ -226,16 +226,27 @@ async fn execute(
     if fuel == 0 {
         return Err(bad("no fuel".into()));
     }
+    // The requester holds the module and the input it asks us to run.
     let module_bytes = fetch(
         content,
         &module,
+        peer,
         p2pvm_compute::MAX_MODULE_BYTES,
         "COMPUTE_INVALID_MODULE",
     )
     .await?;
     // The input must fit in the memory the job may have.
     let input_bytes = match &input {
-        Some(id) => fetch(content, id, offer.max_memory_bytes, "COMPUTE_MEMORY_LIMIT").await?,
+        Some(id) => {
+            fetch(
+                content,
+                id,
+                peer,
+                offer.max_memory_bytes,
+                "COMPUTE_MEMORY_LIMIT",
+            )
+            .await?
+        }
         None => Vec::new(),
     };
     let limits = Limits {
@@ -284,12 +295,13 @@ async fn execute(
         .map_err(|e| ("INTERNAL", e.to_string()))
 }
 
-/// Fetches an item into the store (verified and scanned like any content)
-/// and reads it, refusing one larger than `max` bytes before fetching it
-/// with the code `too_big`.
+/// Fetches an item into the store (verified and scanned like any content),
+/// from `source` first, and reads it, refusing one larger than `max` bytes
+/// before fetching it with the code `too_big`.
 async fn fetch(
     content: &ContentService,
     id: &ContentId,
+    source: PeerId,
     max: u64,
     too_big: &'static str,
 ) -> Result<Vec<u8>, Refusal> {
@@ -300,7 +312,7 @@ async fn fetch(
     // The manifest names the size: a requester cannot make this node fetch
     // gigabytes for a job it will refuse.
     let size = content
-        .stat(id)
+        .stat_from(id, &[source])
         .await
         .map_err(refused)?
         .manifest
@@ -312,7 +324,10 @@ async fn fetch(
             format!("{id} has {size} bytes; this provider takes at most {max}"),
         ));
     }
-    content.download(id).await.map_err(refused)?;
+    content
+        .download_from(id, &[source])
+        .await
+        .map_err(refused)?;
     let id = *id;
     content
         .blocking(move |c| -> std::io::Result<Vec<u8>> {

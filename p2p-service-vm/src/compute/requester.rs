@@ -283,6 +283,12 @@ async fn settle(
     (result_id, work): (String, u64),
 ) -> Result<ContentId, Failure> {
     let ledger = svc.inner.content.inner.ledger.clone();
+    // The providers that returned the agreed result hold it.
+    let holders: Vec<PeerId> = results
+        .iter()
+        .filter(|r| r.body.result_id == result_id && r.body.work_units == work)
+        .map(|r| r.c.peer)
+        .collect();
     for Returned {
         c,
         body,
@@ -340,10 +346,14 @@ async fn settle(
         .parse()
         .map_err(|_| ("INTERNAL".to_string(), "bad result id".to_string()))?;
     // The result comes in like any content: verified against its id, scanned.
-    svc.inner.content.download(&id).await.map_err(|e| {
-        let api = crate::api::ApiError::from(e);
-        (api.code.as_str_name().to_string(), api.message)
-    })?;
+    svc.inner
+        .content
+        .download_from(&id, &holders)
+        .await
+        .map_err(|e| {
+            let api = crate::api::ApiError::from(e);
+            (api.code.as_str_name().to_string(), api.message)
+        })?;
     info!(job = %spec.id, %id, "compute result agreed and fetched");
     Ok(id)
 }

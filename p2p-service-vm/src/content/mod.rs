@@ -737,6 +737,17 @@ impl ContentService {
 
     /// Everything known about an item: local first, else from providers.
     pub async fn stat(&self, id: &ContentId) -> Result<ContentInfo, ContentServiceError> {
+        self.stat_from(id, &[]).await
+    }
+
+    /// [`Self::stat`], asking `sources` (peers known to hold the item, such
+    /// as the requester of a compute job for its inputs) before the DHT,
+    /// whose records of an item published a moment ago may not have spread.
+    pub async fn stat_from(
+        &self,
+        id: &ContentId,
+        sources: &[PeerId],
+    ) -> Result<ContentInfo, ContentServiceError> {
         let item = *id;
         let local = self
             .blocking(move |svc| {
@@ -751,6 +762,20 @@ impl ContentService {
                 manifest,
                 local,
                 providers: vec![self.inner.node.peer_id()],
+            });
+        }
+        let sources: Vec<PeerId> = sources
+            .iter()
+            .filter(|p| self.standing(p) < Standing::Refused)
+            .copied()
+            .collect();
+        if !sources.is_empty()
+            && let Ok(manifest) = fetch::manifest_from(self, id, &sources).await
+        {
+            return Ok(ContentInfo {
+                manifest,
+                local: None,
+                providers: sources,
             });
         }
         let providers = self.find_providers(id, 4).await;
@@ -821,7 +846,16 @@ impl ContentService {
     /// Downloads a whole item into the store (swarm-friendly order) and returns
     /// once it is stored.
     pub async fn download(&self, id: &ContentId) -> Result<ContentInfo, ContentServiceError> {
-        fetch::download(self, id).await
+        fetch::download(self, id, &[]).await
+    }
+
+    /// [`Self::download`], asking `sources` first (see [`Self::stat_from`]).
+    pub async fn download_from(
+        &self,
+        id: &ContentId,
+        sources: &[PeerId],
+    ) -> Result<ContentInfo, ContentServiceError> {
+        fetch::download(self, id, sources).await
     }
 
     /// Searches by keywords across the network, or by content id.

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use libp2p::PeerId;
 use p2pvm_content::{BLOCK_BYTES, ContentId, Partial, block_count};
-use p2pvm_security::Verdict;
+use p2pvm_security::{Standing, Verdict};
 use tracing::{debug, info, warn};
 
 use super::download::{Download, Outcome};
@@ -29,10 +29,14 @@ const RAM_AHEAD: u64 = 64;
 const RETRY_AFTER: Duration = Duration::from_secs(2);
 
 /// Returns the running download of `id`, starting one if needed.
+/// `sources`: peers known to hold the item, asked for its manifest before a
+/// DHT lookup (the records of an item published a moment ago may not have
+/// spread yet).
 pub(super) async fn download_for(
     svc: &ContentService,
     id: &ContentId,
     keep: bool,
+    sources: &[PeerId],
 ) -> Result<Arc<Download>, ContentServiceError> {
     if let Some(dl) = running(svc, id) {
         if keep && dl.set_keep() {
@@ -42,7 +46,14 @@ pub(super) async fn download_for(
     }
     // One provider is enough to start (the driver looks for more at once);
     // if it cannot give a valid manifest, ask more widely.
-    let mut providers = svc.find_providers(id, 1).await;
+    let mut providers: Vec<PeerId> = sources
+        .iter()
+        .filter(|p| svc.standing(p) < Standing::Refused)
+        .copied()
+        .collect();
+    if providers.is_empty() {
+        providers = svc.find_providers(id, 1).await;
+    }
     if providers.is_empty() {
         return Err(ContentServiceError::NotFound(*id));
     }

@@ -8,6 +8,7 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use futures::Stream;
+use libp2p::PeerId;
 use p2pvm_content::{BLOCK_BYTES, ContentId, block_count, block_range};
 use p2pvm_security::Verdict;
 use tokio::sync::mpsc;
@@ -96,7 +97,7 @@ pub(crate) async fn open_reader(
         return Ok((info, r, stream));
     }
     let whole = range.is_none();
-    let mut dl = download_for(svc, &id, keep && whole).await?;
+    let mut dl = download_for(svc, &id, keep && whole, &[]).await?;
     let r = match check_range(range, dl.partial.size()) {
         Ok(r) => r,
         Err(e) => {
@@ -113,7 +114,7 @@ pub(crate) async fn open_reader(
         // Joined a download in the instant its last reader left (a player
         // closing one stream and seeking with the next): start a fresh one.
         dl.remove_reader(reader);
-        dl = download_for(svc, &id, keep && whole).await?;
+        dl = download_for(svc, &id, keep && whole, &[]).await?;
         reader = dl.add_reader(block_span(dl.partial.size(), &r));
     }
     let info = ContentInfo {
@@ -353,17 +354,19 @@ async fn read_download(
     }
 }
 
-/// Fetches a whole item into the store.
+/// Fetches a whole item into the store, asking `sources` first (see
+/// [`download_for`]).
 pub(crate) async fn download(
     svc: &ContentService,
     id: &ContentId,
+    sources: &[PeerId],
 ) -> Result<ContentInfo, ContentServiceError> {
     let held = {
         let id = *id;
         svc.blocking(move |svc| svc.inner.store.get(&id)).await??
     };
     if held.is_none() {
-        let dl = download_for(svc, id, true).await?;
+        let dl = download_for(svc, id, true, sources).await?;
         let mut outcome = dl.outcome.subscribe();
         loop {
             let now = outcome.borrow_and_update().clone();
@@ -377,7 +380,7 @@ pub(crate) async fn download(
             }
         }
     }
-    svc.stat(id).await
+    svc.stat_from(id, sources).await
 }
 
 #[cfg(test)]
