@@ -189,6 +189,12 @@ pub struct ContentConfig {
     /// Local HTTP gateway address (`GET /content/<id>`), e.g. "127.0.0.1:8080".
     /// Off when unset; only loopback addresses are accepted.
     pub gateway: Option<std::net::SocketAddr>,
+    /// Announce what this node holds (published, downloaded and kept) in the
+    /// DHT, by id and by keyword. Off: a private node whose items nobody
+    /// finds or searches, served only to peers that ask it directly (such as
+    /// the providers of its compute jobs, which fetch the module and input
+    /// from the requester). It still finds others' items through the DHT.
+    pub announce: bool,
     /// Let apps publish a file by path (host mode; the sandbox and VM cannot see
     /// the user's files anyway).
     pub allow_path_publish: bool,
@@ -215,6 +221,14 @@ pub struct ContentConfig {
     /// node-wide, shared fairly by the downloads running. The default leaves
     /// most of a 1-2 GiB service VM to clamd, the page cache and the rest.
     pub memory_budget_bytes: u64,
+    /// Fault injection for tests of timeouts: this node accepts content
+    /// streams and never answers on them (a silent provider). Never set it
+    /// elsewhere.
+    pub test_silent_server: bool,
+    /// Fault injection for tests of group topics: this node answers a
+    /// member's request for a topic key with a wrong key. Never set it
+    /// elsewhere.
+    pub test_wrong_group_keys: bool,
 }
 
 impl Default for ContentConfig {
@@ -227,6 +241,7 @@ impl Default for ContentConfig {
             max_providers: 8,
             streaming_window_blocks: 16,
             gateway: None,
+            announce: true,
             allow_path_publish: true,
             stall_timeout_secs: 30,
             max_item_bytes: 256 << 30,
@@ -235,6 +250,8 @@ impl Default for ContentConfig {
             fast_path_rotate_bytes: crate::content::MAX_ROTATE_BYTES,
             fast_path_port: 0,
             memory_budget_bytes: 256 << 20,
+            test_silent_server: false,
+            test_wrong_group_keys: false,
         }
     }
 }

@@ -143,6 +143,10 @@ pub struct DrmPolicy {
     pub require_certified_tags: Vec<String>,
 }
 
+/// How long after an item's expiry a provider that served it is not blamed
+/// for it (clock skew between the two nodes and transfer time).
+pub const EXPIRY_GRACE_SECS: u64 = 600;
+
 /// The DRM checker of one node.
 #[derive(Debug)]
 pub struct DrmChecker {
@@ -326,16 +330,20 @@ impl DrmChecker {
         self.certified_as_policy_requires(m, now)
     }
 
-    /// Whether a failure of [`Self::check_accept`] is the provider's doing
-    /// (it served what it must not: the provider loses credit) rather than
-    /// this node's policy.
-    pub fn provider_at_fault(e: &DrmError) -> bool {
-        matches!(
-            e,
-            DrmError::NotRedistributable { .. }
-                | DrmError::Expired { .. }
-                | DrmError::ForgedManifest(_)
-        )
+    /// Whether a failure of [`Self::check_accept`] at `now` is the
+    /// provider's doing (it served what it must not: the provider loses
+    /// credit) rather than this node's policy. An item that expired less than
+    /// [`EXPIRY_GRACE_SECS`] ago is refused but not held against anyone: the
+    /// provider checked it against its own clock when it served it, and
+    /// clocks and the network disagree by that much.
+    pub fn provider_at_fault(e: &DrmError, now: u64) -> bool {
+        match e {
+            DrmError::NotRedistributable { .. } | DrmError::ForgedManifest(_) => true,
+            DrmError::Expired { expires_unix } => {
+                expires_unix.saturating_add(EXPIRY_GRACE_SECS) <= now
+            }
+            _ => false,
+        }
     }
 }
 
@@ -452,7 +460,7 @@ mod tests {
         assert!(!c.may_announce(&closed, NOW));
         assert!(c.check_accept(&closed, &publisher, NOW, &nobody).is_ok());
         let e = c.check_accept(&closed, &other, NOW, &nobody).unwrap_err();
-        assert!(DrmChecker::provider_at_fault(&e), "{e}");
+        assert!(DrmChecker::provider_at_fault(&e, NOW), "{e}");
         // The publisher serves its own closed item.
         let pc = checker(publisher, &[], &[], DrmPolicy::default());
         assert_eq!(pc.check_serve(&closed, &other, NOW, &nobody), Ok(()));
@@ -463,12 +471,18 @@ mod tests {
             .check_serve(&expiring, &other, NOW + 1, &nobody)
             .unwrap_err();
         assert_eq!(e.code(), "DRM_EXPIRED");
-        assert_eq!(
-            c.check_accept(&expiring, &publisher, NOW + 5, &nobody)
-                .unwrap_err()
-                .code(),
-            "DRM_EXPIRED"
-        );
+        let e = c
+            .check_accept(&expiring, &publisher, NOW + 5, &nobody)
+            .unwrap_err();
+        assert_eq!(e.code(), "DRM_EXPIRED");
+        // Refused, but a provider is blamed only once the item expired
+        // longer ago than clocks may disagree.
+        assert!(!DrmChecker::provider_at_fault(&e, NOW + 5));
+        assert!(!DrmChecker::provider_at_fault(&e, NOW + EXPIRY_GRACE_SECS));
+        assert!(DrmChecker::provider_at_fault(
+            &e,
+            NOW + 1 + EXPIRY_GRACE_SECS
+        ));
         assert_eq!(
             c.check_publish(&expiring, NOW + 1).unwrap_err().code(),
             "DRM_EXPIRED"
@@ -490,7 +504,7 @@ mod tests {
         assert!(e.to_string().contains("crew"), "{e}");
         assert!(c.check_accept(&m, &publisher, NOW, &members).is_ok());
         let e = c.check_accept(&m, &publisher, NOW, &nobody).unwrap_err();
-        assert!(!DrmChecker::provider_at_fault(&e));
+        assert!(!DrmChecker::provider_at_fault(&e, NOW));
     }
 
     #[test]

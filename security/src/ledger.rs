@@ -23,6 +23,13 @@ const BANS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("bans");
 
 /// History rows kept per peer.
 const HISTORY_PER_PEER: u64 = 1000;
+/// Peers the ledger remembers at most. Every peer that connects gets a
+/// record, so without a bound a stream of throwaway identities would grow
+/// memory and the file for good.
+const MAX_RECORDS: usize = 50_000;
+/// Decayed bad evidence below which a record says nothing against its peer,
+/// and can be forgotten without letting a misbehaving peer start afresh.
+const FORGETTABLE_BAD: f64 = 0.25;
 
 /// Why the ledger failed.
 #[derive(Debug, thiserror::Error)]
@@ -252,6 +259,8 @@ struct State {
     records: HashMap<PeerId, Record>,
     bans: HashMap<PeerId, Ban>,
     dirty: HashSet<PeerId>,
+    /// Records forgotten since the last flush (deleted from the file then).
+    forgotten: HashSet<PeerId>,
     history: Vec<(PeerId, Event)>,
     next_seq: u64,
 }
@@ -264,6 +273,7 @@ pub struct Ledger {
     weights: Weights,
     policy: Policy,
     half_life_secs: f64,
+    max_records: usize,
 }
 
 impl Ledger {
@@ -313,7 +323,49 @@ impl Ledger {
             weights,
             policy,
             half_life_secs,
+            max_records: MAX_RECORDS,
         })
+    }
+
+    /// Forgets records beyond the bound, a tenth of it at a time: first
+    /// those with nothing against their peer, least recently seen first;
+    /// records of banned peers never. Only if that is not enough do records
+    /// with bad evidence go too, oldest first.
+    fn forget_beyond_bound(&self, st: &mut State, now: f64) {
+        if st.records.len() <= self.max_records {
+            return;
+        }
+        let target = self.max_records - self.max_records / 10;
+        let half_life = self.half_life_secs;
+        // Forgotten first: no evidence either way; then good credit (a
+        // stream of fresh identities must not erase what honest peers
+        // earned before them); bad evidence last. Least recently seen
+        // first within each.
+        let mut victims: Vec<(u8, f64, PeerId)> = st
+            .records
+            .iter()
+            .filter(|(p, _)| !st.bans.contains_key(*p))
+            .map(|(p, r)| {
+                let dt = now - r.decayed_at;
+                let bad = score::decay(r.bad, dt, half_life);
+                let good = score::decay(r.good, dt, half_life);
+                let rank = if bad >= FORGETTABLE_BAD {
+                    2
+                } else if good >= FORGETTABLE_BAD {
+                    1
+                } else {
+                    0
+                };
+                (rank, r.last_seen, *p)
+            })
+            .collect();
+        victims.sort_by(|a, b| a.0.cmp(&b.0).then(a.1.total_cmp(&b.1)));
+        let excess = st.records.len() - target;
+        for (_, _, p) in victims.into_iter().take(excess) {
+            st.records.remove(&p);
+            st.dirty.remove(&p);
+            st.forgotten.insert(p);
+        }
     }
 
     /// Records an observation now.
@@ -325,6 +377,10 @@ impl Ledger {
     pub fn record_at(&self, peer: PeerId, kind: EventKind, now: f64) {
         let w = &self.weights;
         let mut st = self.state.lock().expect("lock");
+        if !st.records.contains_key(&peer) {
+            st.forgotten.remove(&peer);
+            self.forget_beyond_bound(&mut st, now);
+        }
         let r = st.records.entry(peer).or_insert_with(|| Record {
             first_seen: now,
             decayed_at: now,
@@ -508,11 +564,12 @@ impl Ledger {
 
     /// Writes changed records and new history rows in one transaction.
     pub fn flush(&self) -> Result<(), LedgerError> {
-        let (records, history, first_seq) = {
+        let (records, history, first_seq, forgotten) = {
             let mut st = self.state.lock().expect("lock");
-            if st.dirty.is_empty() && st.history.is_empty() {
+            if st.dirty.is_empty() && st.history.is_empty() && st.forgotten.is_empty() {
                 return Ok(());
             }
+            let forgotten: Vec<PeerId> = st.forgotten.drain().collect();
             let dirty: Vec<PeerId> = st.dirty.drain().collect();
             let records: Vec<(PeerId, Vec<u8>)> = dirty
                 .into_iter()
@@ -521,7 +578,7 @@ impl Ledger {
             let history = std::mem::take(&mut st.history);
             let first = st.next_seq;
             st.next_seq += history.len() as u64;
-            (records, history, first)
+            (records, history, first, forgotten)
         };
         let tx = self.db.begin_write().map_err(db)?;
         {
@@ -549,6 +606,15 @@ impl Ledger {
                         hist.remove((key.as_slice(), s)).map_err(db)?;
                     }
                 }
+            }
+            // After the new rows: those of a forgotten peer go with it.
+            for p in &forgotten {
+                let key = p.to_bytes();
+                peers.remove(key.as_slice()).map_err(db)?;
+                hist.retain_in((key.as_slice(), 0)..=(key.as_slice(), u64::MAX), |_, _| {
+                    false
+                })
+                .map_err(db)?;
             }
         }
         tx.commit().map_err(db)?;
@@ -661,6 +727,63 @@ mod tests {
         assert!(l.credit_at(&p, t0).score < 10);
         let later = l.credit_at(&p, t0 + 10.0 * 7.0 * 86400.0);
         assert!(later.score >= 49, "{later:?}");
+    }
+
+    #[test]
+    fn throwaway_identities_cannot_grow_the_ledger_nor_wash_a_bad_record() {
+        let dir = tempfile::tempdir().unwrap();
+        let (cheat, banned, regular) = (PeerId::random(), PeerId::random(), PeerId::random());
+        let earner = PeerId::random();
+        let churn: Vec<PeerId> = (0..300).map(|_| PeerId::random()).collect();
+        {
+            let mut l = ledger(dir.path());
+            l.max_records = 100;
+            l.record_at(cheat, EventKind::CorruptBlock, 1000.0);
+            l.record_at(
+                earner,
+                EventKind::Received {
+                    bytes: 64 << 20,
+                    secs: 1.0,
+                },
+                1000.0,
+            );
+            l.record_at(banned, EventKind::Seen { secs: 1 }, 1000.0);
+            l.ban(banned, u64::MAX / 2, "malware").unwrap();
+            l.record_at(regular, EventKind::Seen { secs: 1 }, 1000.0);
+            l.flush().unwrap();
+            for (i, p) in churn.iter().enumerate() {
+                let at = 2000.0 + i as f64;
+                l.record_at(*p, EventKind::Seen { secs: 1 }, at);
+                // A peer seen now and then through the churn is kept.
+                if i % 50 == 0 {
+                    l.record_at(regular, EventKind::Seen { secs: 1 }, at);
+                }
+            }
+            assert!(l.list().len() <= 100, "{} records", l.list().len());
+            assert_eq!(l.credit(&regular).uptime_secs, 7, "forgotten while active");
+            l.flush().unwrap();
+        }
+        // What was forgotten is gone from the file too; what counts stayed.
+        let l = ledger(dir.path());
+        assert!(
+            l.list().len() <= 100,
+            "{} records after reopen",
+            l.list().len()
+        );
+        assert_eq!(
+            l.credit(&cheat).corrupt_blocks,
+            1,
+            "a bad record was washed"
+        );
+        assert_eq!(
+            l.credit(&earner).bytes_received,
+            64 << 20,
+            "churn erased a peer's good credit"
+        );
+        assert_eq!(l.credit(&banned).standing, Standing::Banned);
+        assert_eq!(l.credit(&churn[0]).uptime_secs, 0, "the oldest stayed");
+        assert!(l.history(&churn[0], 10).unwrap().is_empty());
+        assert_eq!(l.credit(&churn[299]).uptime_secs, 1);
     }
 
     #[test]

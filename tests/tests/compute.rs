@@ -150,6 +150,56 @@ async fn jobs_run_on_two_providers_both_are_paid_and_balances_survive_restarts()
     Ok(())
 }
 
+/// A requester that keeps its items out of the DHT (`content.announce =
+/// false`) still gets its jobs run: each provider fetches the module and the
+/// input from the requester that sent the job, not through the DHT.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn providers_fetch_a_jobs_inputs_from_its_requester_without_the_dht() -> Result<()> {
+    let requester = node_with(&[], Some("[content]\nannounce = false\n".into())).await?;
+    let p1 = node_with(&[&requester], None).await?;
+    let p2 = node_with(&[&requester], None).await?;
+    let observer = node_with(&[&requester], None).await?;
+    offer(&p1, 2, Default::default()).await?;
+    offer(&p2, 2, Default::default()).await?;
+    let r = requester.admin().await?;
+    providers(&r, 2).await?;
+    let input = hashchain_input(50, 8 << 10);
+    let module = publish(&r, "hashchain.wat", HASHCHAIN_WAT.as_bytes()).await?;
+    let input_id = publish(&r, "input.bin", &input).await?;
+
+    // The network cannot find the requester's items, by id or by name.
+    let o = observer.admin().await?;
+    for id in [&module, &input_id] {
+        let e = o.content_stat(id).await.expect_err("not in the DHT");
+        ensure!(e.code() == Some(proto::ErrorCode::NotFound), "{e}");
+    }
+    ensure!(o.search_content("hashchain", 10).await?.is_empty());
+
+    let job = run(&r, &module, &input_id, 1_000_000).await?;
+    ensure!(job.state == "done", "{job:?}");
+    ensure!(job.runs.iter().all(|run| run.state == "agreed"), "{job:?}");
+    ensure!(fetch(&r, &job.result_id).await? == hashchain(&input).unwrap().as_bytes());
+
+    // The providers kept the module and announce it as usual, so the
+    // observer's DHT lookups work: only the requester stayed out of them.
+    let found = eventually(WAIT, "the providers' records of the module", || async {
+        let info = o.content_stat(&module).await.ok()?;
+        (!info.providers.is_empty()).then_some(info)
+    })
+    .await?;
+    let (me, kept) = (requester.peer_id.to_string(), [&p1, &p2]);
+    ensure!(!found.providers.contains(&me), "{:?}", found.providers);
+    ensure!(
+        found
+            .providers
+            .iter()
+            .all(|p| kept.iter().any(|n| n.peer_id == *p)),
+        "{:?}",
+        found.providers
+    );
+    Ok(())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_provider_returning_a_wrong_result_is_caught_unpaid_and_loses_credit() -> Result<()> {
     let requester = node_with(&[], None).await?;

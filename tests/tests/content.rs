@@ -297,28 +297,68 @@ async fn a_provider_that_rechecks_its_disk_never_sends_rot() -> Result<()> {
 
 /// TCP sockets in the kernel's table, as (local, remote, state) hex fields,
 /// that match `keep`: how a test sees which path a transfer took.
-fn tcp_sockets(keep: impl Fn(&str, &str, &str) -> bool) -> Result<usize> {
-    let table =
-        std::fs::read_to_string("/proc/net/tcp")? + &std::fs::read_to_string("/proc/net/tcp6")?;
-    Ok(table
-        .lines()
-        .skip(1)
-        .filter(|l| {
-            let f: Vec<&str> = l.split_whitespace().collect();
-            f.len() > 3 && keep(f[1], f[2], f[3])
-        })
-        .count())
+/// The TCP connections on this host, by (local, remote) address, when a
+/// test began: the tests count only connections made after it. A port the
+/// kernel hands a new node may have served an earlier test whose connections
+/// still linger in TIME_WAIT (a minute); counted, they made a test see
+/// connections its nodes never opened.
+struct TcpBefore(std::collections::HashSet<(String, String)>);
+
+impl TcpBefore {
+    fn now() -> Result<Self> {
+        let mut seen = std::collections::HashSet::new();
+        tcp_table(|local, remote, _| {
+            seen.insert((local.to_owned(), remote.to_owned()));
+        })?;
+        Ok(Self(seen))
+    }
+
+    /// Connections made since, in /proc/net/tcp's fields, that `keep` keeps.
+    fn count_new(&self, keep: impl Fn(&str, &str, &str) -> bool) -> Result<usize> {
+        let mut n = 0;
+        tcp_table(|local, remote, state| {
+            if !self.0.contains(&(local.to_owned(), remote.to_owned()))
+                && keep(local, remote, state)
+            {
+                n += 1;
+            }
+        })?;
+        Ok(n)
+    }
+
+    /// Connections accepted on a local TCP port since (its server side;
+    /// 0A = LISTEN).
+    fn accepted_on(&self, port: u16) -> Result<usize> {
+        let port = format!(":{port:04X}");
+        self.count_new(|local, _, state| state != "0A" && local.ends_with(&port))
+    }
+
+    /// Connections to a TCP port made since that this host closed first and
+    /// that linger in TIME_WAIT (06): how many a client has opened and
+    /// finished with (for a minute).
+    fn closed_to(&self, port: u16) -> Result<usize> {
+        let port = format!(":{port:04X}");
+        self.count_new(|_, remote, state| state == "06" && remote.ends_with(&port))
+    }
 }
 
-/// Connections accepted on a local TCP port (its server side; 0A = LISTEN).
-fn accepted_on(port: u16) -> Result<usize> {
-    let port = format!(":{port:04X}");
-    tcp_sockets(|local, _, state| state != "0A" && local.ends_with(&port))
+/// Calls `each(local, remote, state)` for every IPv4 and IPv6 TCP socket.
+fn tcp_table(mut each: impl FnMut(&str, &str, &str)) -> Result<()> {
+    let table =
+        std::fs::read_to_string("/proc/net/tcp")? + &std::fs::read_to_string("/proc/net/tcp6")?;
+    for l in table.lines().filter(|l| !l.trim_start().starts_with("sl")) {
+        let f: Vec<&str> = l.split_whitespace().collect();
+        if f.len() > 3 {
+            each(f[1], f[2], f[3]);
+        }
+    }
+    Ok(())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn blocks_take_the_fast_path_and_fall_back_to_libp2p() -> Result<()> {
     let data = item(8 << 20, 21);
+    let tcp = &TcpBefore::now()?;
     // A provider with the fast path, capped so the transfer lasts a while: the
     // fetcher's blocks come over it.
     let fast = node(&[], Some(capped(4 << 20, ""))).await?;
@@ -329,7 +369,7 @@ async fn blocks_take_the_fast_path_and_fall_back_to_libp2p() -> Result<()> {
         .await?
         .content_fast_path_port as u16;
     ensure!(port != 0, "the fast path listens by default");
-    ensure!(accepted_on(port)? == 0);
+    ensure!(tcp.accepted_on(port)? == 0);
     let info = publish(&fast.app("pub").await?, "fast.bin", &data).await?;
     let fetcher = node(&[&fast], None).await?;
     let c = fetcher.app("viewer").await?;
@@ -337,8 +377,8 @@ async fn blocks_take_the_fast_path_and_fall_back_to_libp2p() -> Result<()> {
     let fetching = tokio::spawn(async move { fetch_all(&c, &id, 0, 0, false).await });
     // Both of the worker's connections (the default is two, so the transfer's
     // crypto and hashing spread over two cores).
-    p2pvm_e2e::eventually(WAIT, "two connections to the fast path", || async {
-        (accepted_on(port).ok()? >= 2).then_some(())
+    p2pvm_e2e::eventually(WAIT, "two connections to the fast path", || async move {
+        (tcp.accepted_on(port).ok()? >= 2).then_some(())
     })
     .await?;
     ensure!(fetching.await?? == data);
@@ -360,16 +400,10 @@ async fn blocks_take_the_fast_path_and_fall_back_to_libp2p() -> Result<()> {
     Ok(())
 }
 
-/// Connections to a TCP port that this host closed first and that linger in
-/// TIME_WAIT (06): how many a client has opened and finished with (for a minute).
-fn closed_to(port: u16) -> Result<usize> {
-    let port = format!(":{port:04X}");
-    tcp_sockets(|_, remote, state| state == "06" && remote.ends_with(&port))
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fast_path_connections_are_replaced_before_their_keys_wear_out() -> Result<()> {
     let data = item(12 << 20, 23);
+    let tcp = &TcpBefore::now()?;
     let provider = node(&[], None).await?;
     let port = provider
         .admin()
@@ -385,12 +419,12 @@ async fn fast_path_connections_are_replaced_before_their_keys_wear_out() -> Resu
     )
     .await?;
     let c = fetcher.admin().await?;
-    ensure!(closed_to(port)? == 0);
+    ensure!(tcp.closed_to(port)? == 0);
     ensure!(fetch_all(&c, &info.content_id, 0, 0, false).await? == data);
     // Two connections per worker, each replaced after 3 MiB: at least two
     // workers' worth came and went (one worker's pair would be 2).
-    p2pvm_e2e::eventually(WAIT, "replaced fast-path connections", || async {
-        (closed_to(port).ok()? >= 4).then_some(())
+    p2pvm_e2e::eventually(WAIT, "replaced fast-path connections", || async move {
+        (tcp.closed_to(port).ok()? >= 4).then_some(())
     })
     .await?;
     // Replaced, not failed: the provider's record shows no failed request.
@@ -601,8 +635,9 @@ async fn http_gateway_serves_ranges_to_a_real_http_client() -> Result<()> {
     .await?;
     let url = format!("http://127.0.0.1:{port}/content/{}", info.content_id);
     let curl = |args: &[&str]| {
-        let out = std::process::Command::new("curl")
-            .args(["-sS", "-D", "-", "--max-time", "60"])
+        // The user's http_proxy must not stand between curl and loopback.
+        let out = p2pvm_e2e::std_command("curl")
+            .args(["-sS", "--noproxy", "*", "-D", "-", "--max-time", "60"])
             .args(args)
             .output()?;
         ensure!(
@@ -815,5 +850,75 @@ async fn downloads_and_readers_share_a_small_memory_budget_fairly() -> Result<()
         (i.content_memory_used_bytes == 0).then_some(())
     })
     .await?;
+    Ok(())
+}
+
+/// A private node (`content.announce = false`) fetches, keeps and serves as
+/// any node does, but nothing it holds is announced: an observer finds the
+/// public node that fetched the same item, never the private one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_private_node_keeps_what_it_fetches_without_announcing_it() -> Result<()> {
+    let publisher = node(&[], None).await?;
+    let private = node(&[&publisher], Some("[content]\nannounce = false\n".into())).await?;
+    let public = node(&[&publisher], None).await?;
+    let observer = node(&[&publisher], None).await?;
+    let data = item(3 << 20, 21);
+    let info = publish(&publisher.admin().await?, "private-test.bin", &data).await?;
+    let id = info.content_id;
+    let p = private.admin().await?;
+    ensure!(fetch_all(&p, &id, 0, 0, true).await? == data);
+    ensure!(fetch_all(&public.admin().await?, &id, 0, 0, true).await? == data);
+    eventually(WAIT, "both downloads stored", || async {
+        let kept = p.content_stat(&id).await.ok()?.local;
+        kept.then_some(())
+    })
+    .await?;
+    // The public downloader's record shows the observer's lookups work;
+    // once it is there, the private node's would be too had it announced.
+    let o = observer.admin().await?;
+    let found = eventually(WAIT, "the public downloader's record", || async {
+        let info = o.content_stat(&id).await.ok()?;
+        info.providers.contains(&public.peer_id).then_some(info)
+    })
+    .await?;
+    ensure!(
+        !found.providers.contains(&private.peer_id),
+        "the private node was announced: {:?}",
+        found.providers
+    );
+    Ok(())
+}
+
+/// A provider that takes a request and never answers cannot hold up a
+/// download: the manifest exchange times out, and the download fails with a
+/// typed error instead of waiting forever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_provider_that_never_answers_cannot_hold_up_a_download() -> Result<()> {
+    let silent = node(&[], Some("[content]\ntest_silent_server = true\n".into())).await?;
+    let asker = node(&[&silent], None).await?;
+    let info = publish(&silent.admin().await?, "silent.bin", &item(1 << 20, 31)).await?;
+    let c = asker.admin().await?;
+    let started = std::time::Instant::now();
+    let asked = tokio::time::timeout(
+        Duration::from_secs(100),
+        c.download_content(&info.content_id),
+    )
+    .await;
+    let e = asked
+        .context("the download hung on a silent provider")?
+        .expect_err("nobody could have answered");
+    ensure!(
+        matches!(
+            e.code(),
+            Some(proto::ErrorCode::Unavailable | proto::ErrorCode::NotFound)
+        ),
+        "{e}"
+    );
+    // It failed at the manifest timeout, not before asking the silent node.
+    ensure!(
+        started.elapsed() >= Duration::from_secs(25),
+        "failed after {:?}: {e}",
+        started.elapsed()
+    );
     Ok(())
 }

@@ -396,3 +396,43 @@ async fn group_topics_are_read_and_written_by_current_members_only() -> Result<(
     ensure!(e.code() == Some(proto::ErrorCode::DrmNotGroupMember), "{e}");
     Ok(())
 }
+
+/// A member that hands out wrong topic keys cannot lock another member out
+/// of the group's topics: a fetched key is kept only once it opens a
+/// member's message, and a held key that stops opening them is checked
+/// against a fresh one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_member_handing_out_wrong_topic_keys_cannot_lock_others_out() -> Result<()> {
+    let owner = node_with(&[], None).await?;
+    let o = owner.admin().await?;
+    let g = o.group_create("crew", 0).await?;
+    let topic = Client::group_topic(&g.id, "radio");
+    let liar = node_with(
+        &[&owner],
+        Some("[content]\ntest_wrong_group_keys = true\n".into()),
+    )
+    .await?;
+    let newcomer = node_with(&[&liar], None).await?;
+    for n in [&liar, &newcomer] {
+        invite(&o, n, 86_400).await?;
+    }
+    let _owner_heard = listen(&owner, &topic).await?;
+    let _liar_heard = listen(&liar, &topic).await?;
+    let heard = listen(&newcomer, &topic).await?;
+    // The liar speaks first: the newcomer, without the key, asks the liar
+    // for it and gets a wrong one, which must not be kept.
+    let l = liar.app("speaker").await?;
+    publish_until(&l, &topic, "from the liar", 6, &heard).await;
+    // The owner's messages still reach the newcomer...
+    let w = owner.app("speaker").await?;
+    ensure!(
+        publish_until(&w, &topic, "from the owner", 30, &heard).await,
+        "a wrong key from a member locked the newcomer out"
+    );
+    // ...and, with the right key now, so do the liar's.
+    ensure!(
+        publish_until(&l, &topic, "from the liar, again", 30, &heard).await,
+        "the newcomer holds a wrong key"
+    );
+    Ok(())
+}

@@ -39,6 +39,10 @@ const MAX_CANDIDATES: usize = 20;
 const OFFER_TIMEOUT: Duration = Duration::from_secs(5);
 /// Time for a provider to fetch the module and input, beyond its wall limit.
 const FETCH_ALLOWANCE: Duration = Duration::from_secs(300);
+/// The longest run this node waits for, whatever wall limit an offer names:
+/// a provider advertising no limit and then saying nothing must not hold a
+/// job until its user cancels it.
+const MAX_RUN_WAIT: Duration = Duration::from_secs(3600);
 /// How long a provider may take to take the verdict.
 const ACK_TIMEOUT: Duration = Duration::from_secs(30);
 /// A run worth starting gets at least this much fuel.
@@ -466,6 +470,12 @@ async fn ask_offer(svc: &ComputeService, peer: PeerId) -> Option<wire::Offer> {
     }
 }
 
+/// How long to wait for a run on a provider whose offer allows
+/// `max_wall_ms` of it.
+fn run_wait(max_wall_ms: u64) -> Duration {
+    (Duration::from_millis(max_wall_ms) + FETCH_ALLOWANCE).min(MAX_RUN_WAIT)
+}
+
 /// Runs the job on one provider and checks what comes back.
 async fn run_on(
     svc: &ComputeService,
@@ -477,7 +487,7 @@ async fn run_on(
         code: code.into(),
         message,
     };
-    let limit = Duration::from_millis(c.offer.max_wall_ms) + FETCH_ALLOWANCE;
+    let limit = run_wait(c.offer.max_wall_ms);
     let asked = std::time::Instant::now();
     let outcome = match tokio::time::timeout(limit, ask_run(svc, spec, &c)).await {
         Err(_) => failed("TIMEOUT", "the provider did not answer in time".into()),
@@ -579,4 +589,16 @@ fn check(
         .parse::<ContentId>()
         .map_err(|_| "the result id is not a content id".to_string())?;
     Ok((body, signed))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_run_is_waited_for_its_wall_limit_plus_fetching_but_never_without_end() {
+        assert_eq!(run_wait(60_000), Duration::from_secs(60) + FETCH_ALLOWANCE);
+        assert_eq!(run_wait(u64::MAX), MAX_RUN_WAIT);
+        assert_eq!(run_wait(0), FETCH_ALLOWANCE);
+    }
 }

@@ -15,13 +15,16 @@
 use libp2p::PeerId;
 use p2pvm_content::transfer::{self, Op, Status};
 use p2pvm_security::GroupId;
-use p2pvm_security::group_topics::{self, KEY_LEN};
+use p2pvm_security::group_topics::{self, KEY_LEN, SealError};
 use prost::Message;
 use tracing::{debug, warn};
 
 use super::ContentService;
 use super::fetch::{group_session, open_stream, request_response};
 use crate::node::{Command, NodeError, NodeEvent, PubsubMessage};
+
+/// Opens the message at hand with a candidate key of an epoch.
+type OpenWith<'a> = dyn Fn(&[u8; KEY_LEN], u64) -> Result<Vec<u8>, SealError> + Sync + 'a;
 
 /// What apps see group topic `topic` of `group` as.
 pub fn app_topic(group: GroupId, topic: &str) -> String {
@@ -89,7 +92,11 @@ impl ContentService {
             return Ok((epoch, k));
         }
         for peer in peers {
-            match self.fetch_topic_key(*peer, id, epoch).await {
+            let fetched = match self.fetch_topic_key(*peer, id, epoch).await {
+                Ok(k) => self.keep_topic_key(id, epoch, k).await.map(|()| k),
+                Err(e) => Err(e),
+            };
+            match fetched {
                 Ok(k) => return Ok((epoch, k)),
                 Err(e) => {
                     debug!(%peer, group = %id, epoch, error = %e, "no topic key from this peer")
@@ -125,13 +132,22 @@ impl ContentService {
         if header.status != Status::Ok as i32 {
             return Err(header.message);
         }
-        let key: [u8; KEY_LEN] = payload.try_into().map_err(|_| "a key of the wrong size")?;
+        Ok(payload.try_into().map_err(|_| "a key of the wrong size")?)
+    }
+
+    /// Keeps group `id`'s topic key of `epoch` (a file write: off the async
+    /// threads).
+    async fn keep_topic_key(
+        &self,
+        id: GroupId,
+        epoch: u64,
+        key: [u8; KEY_LEN],
+    ) -> Result<(), String> {
         let svc = self.clone();
         tokio::task::spawn_blocking(move || svc.groups().store_topic_key(id, epoch, &key))
             .await
             .map_err(|e| e.to_string())?
-            .map_err(|e| e.to_string())?;
-        Ok(key)
+            .map_err(|e| e.to_string())
     }
 
     /// Publishes `data` on group `id`'s topic `topic`.
@@ -202,17 +218,60 @@ impl ContentService {
             .await
             .map_err(|e| e.to_string())?
             .map_err(|e| format!("sender: {e}"))?;
-        let (epoch, key) = self
-            .current_key(id, &[source, m.via])
-            .await
-            .map_err(|e| e.to_string())?;
-        let plain = group_topics::open(&key, epoch, id, &m.topic, &source.to_base58(), &sealed)
-            .map_err(|e| e.to_string())?;
+        let sender = source.to_base58();
+        let open = |key: &[u8; KEY_LEN], epoch| {
+            group_topics::open(key, epoch, id, &m.topic, &sender, &sealed)
+        };
+        let epoch = self.groups().crl_number(id);
+        let held = self.groups().topic_key_at(id, epoch);
+        let plain = match held.map(|k| open(&k, epoch)) {
+            Some(Ok(plain)) => plain,
+            // A key held is never swapped for one that opens this message:
+            // a member sealing with a wrong key of its own and handing it
+            // out would make this node give up the right one.
+            Some(Err(e)) => return Err(e.to_string()),
+            None => {
+                self.key_that_opens(id, epoch, &[source, m.via], &open)
+                    .await?
+            }
+        };
         let payload = Payload::decode(plain.as_slice()).map_err(|e| e.to_string())?;
         if wire_topic(id, &payload.topic) != m.topic {
             return Err("sealed for another topic".into());
         }
         Ok((payload.topic, payload.data))
+    }
+
+    /// Fetches group `id`'s key of `epoch` from `peers` in turn and keeps
+    /// the first that opens the message at hand (`open`), returning what it
+    /// opened. A key that does not open it is not kept, so a member handing
+    /// out a wrong key cannot lock this node out of the group's topics.
+    async fn key_that_opens(
+        &self,
+        id: GroupId,
+        epoch: u64,
+        peers: &[PeerId],
+        open: &OpenWith<'_>,
+    ) -> Result<Vec<u8>, String> {
+        for peer in peers {
+            let key = match self.fetch_topic_key(*peer, id, epoch).await {
+                Ok(key) => key,
+                Err(e) => {
+                    debug!(%peer, group = %id, epoch, error = %e, "no topic key from this peer");
+                    continue;
+                }
+            };
+            match open(&key, epoch) {
+                Ok(plain) => {
+                    self.keep_topic_key(id, epoch, key).await?;
+                    return Ok(plain);
+                }
+                Err(e) => {
+                    warn!(%peer, group = %id, epoch, error = %e, "a member's topic key does not open a member's message; not kept")
+                }
+            }
+        }
+        Err(GroupTopicError::NoKey(epoch).to_string())
     }
 
     /// Answers a member's request for a topic key, on a group session of
@@ -232,9 +291,13 @@ impl ContentService {
                 "DRM_NOT_GROUP_MEMBER: topic keys of group {id} go to its members, on a group session"
             ));
         }
-        self.groups()
+        let key = self
+            .groups()
             .topic_key_at(id, r.epoch)
-            .map(|k| k.to_vec())
-            .ok_or_else(|| format!("no key of epoch {} here", r.epoch))
+            .ok_or_else(|| format!("no key of epoch {} here", r.epoch))?;
+        if self.inner.config.test_wrong_group_keys {
+            return Ok(blake3::hash(&key).as_bytes()[..KEY_LEN].to_vec());
+        }
+        Ok(key.to_vec())
     }
 }

@@ -145,7 +145,7 @@ pub fn keyword_key(word: &str) -> RecordKey {
     RecordKey::new(h.finalize().as_bytes())
 }
 
-fn now_unix() -> u64 {
+pub(crate) fn now_unix() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_secs())
@@ -188,6 +188,14 @@ pub(crate) struct Inner {
     pub limiter: Option<server::Limiter>,
     /// The upload caps of throttled peers.
     pub throttles: server::PeerThrottles,
+    /// Content streams being served, per peer (capped).
+    pub served: Arc<server::PeerStreams>,
+    /// Searches answered per peer (rate-limited).
+    pub search_limits: server::SearchLimits,
+    /// Answer batches computed and not yet sent, node-wide (bounded).
+    pub serve_permits: Arc<tokio::sync::Semaphore>,
+    /// Answer batches computed and not yet sent, per peer (bounded).
+    pub peer_batches: server::PeerBatches,
     pub shutdown: CancellationToken,
     pub data_dir: std::path::PathBuf,
     /// The TLS identity of the fast path; `None` when it is off.
@@ -256,6 +264,14 @@ impl ContentService {
         };
         let rights = rights::Rights::load(drm, local, groups)?;
         let store = Arc::new(Store::open(&data_dir.join("content"))?);
+        if config.test_silent_server {
+            warn!(
+                "CONTENT FAULT INJECTION IS ON: this node answers no content request (tests only)"
+            );
+        }
+        if config.test_wrong_group_keys {
+            warn!("GROUP FAULT INJECTION IS ON: this node hands out wrong topic keys (tests only)");
+        }
         let filter = if !virus.enabled {
             warn!(
                 "VIRUS FILTER IS OFF: content entering this node is not scanned (development only; set [virus] enabled = true)"
@@ -289,6 +305,10 @@ impl ContentService {
                 key,
                 limiter: server::Limiter::new(config.upload_rate_bytes_per_sec),
                 throttles: server::PeerThrottles::default(),
+                served: Arc::default(),
+                search_limits: server::SearchLimits::default(),
+                serve_permits: Arc::new(tokio::sync::Semaphore::new(server::BATCHES_IN_FLIGHT)),
+                peer_batches: server::PeerBatches::default(),
                 node,
                 config,
                 downloads: Mutex::new(HashMap::new()),
@@ -462,9 +482,7 @@ impl ContentService {
 
     async fn announce(&self, m: &VerifiedManifest) {
         use crate::node::Command;
-        // An item only its publisher may serve, or one whose rights ended, is
-        // not this node's to offer.
-        if !self.drm_may_announce(&m.manifest) {
+        if !self.may_announce(&m.manifest) {
             return;
         }
         let _ = self

@@ -232,9 +232,11 @@ impl ContentService {
         Some(m)
     }
 
-    /// Whether this node may announce itself as a provider of `m`.
-    pub(crate) fn drm_may_announce(&self, m: &Manifest) -> bool {
-        self.rights().checker.may_announce(m, now_unix())
+    /// Whether this node announces itself as a provider of `m`: not when
+    /// the node keeps out of the DHT (`content.announce = false`), nor when
+    /// the DRM checker says the item is not this node's to offer.
+    pub(crate) fn may_announce(&self, m: &Manifest) -> bool {
+        self.inner.config.announce && self.rights().checker.may_announce(m, now_unix())
     }
 
     /// Whether `peer` may serve `m` at all (only its publisher, for an item

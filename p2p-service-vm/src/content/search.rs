@@ -138,11 +138,19 @@ async fn ask(
         return Err(ProviderError::Declined(header.message));
     }
     let bytes = read_payload(&mut stream, header.payload_len, transfer::MAX_PAYLOAD_BYTES).await?;
-    let hits = transfer::SearchHits::decode(bytes.as_slice()).map_err(ProviderError::BadAnswer)?;
-    // A forged or tampered manifest is dropped here, never reported.
-    Ok(hits
-        .manifests
-        .iter()
-        .filter_map(|m| VerifiedManifest::parse(m).ok())
-        .collect())
+    let mut hits = transfer::SearchHits::decode(bytes.as_slice())
+        .map_err(ProviderError::BadAnswer)?
+        .manifests;
+    // It was asked for `limit` hits: those beyond are dropped unverified, so
+    // a peer cannot make this node check signatures by the ten thousand.
+    hits.truncate(limit);
+    // A forged or tampered manifest is dropped here, never reported. The
+    // signature checks run off the async threads.
+    tokio::task::spawn_blocking(move || {
+        hits.iter()
+            .filter_map(|m| VerifiedManifest::parse(m).ok())
+            .collect()
+    })
+    .await
+    .map_err(|e| ProviderError::Local(ContentServiceError::task(e)))
 }

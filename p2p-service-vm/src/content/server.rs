@@ -97,26 +97,141 @@ where
     });
 }
 
-/// The upload caps of throttled peers, one per peer shared by all of its
-/// streams and connections (a cap per stream would multiply a peer's rate by
-/// how many it opens).
-#[derive(Default)]
-pub(crate) struct PeerThrottles(std::sync::Mutex<HashMap<PeerId, Weak<Limiter>>>);
+/// One shared `T` per peer, made on its first stream and gone with its
+/// last: what a peer gets must not multiply with the streams it opens.
+pub(crate) struct PerPeer<T>(std::sync::Mutex<HashMap<PeerId, Weak<T>>>);
 
-impl PeerThrottles {
-    /// `peer`'s cap at `rate` bytes per second, made on its first stream and
-    /// gone with its last.
-    pub fn get(&self, peer: PeerId, rate: u64) -> Arc<Limiter> {
+impl<T> Default for PerPeer<T> {
+    fn default() -> Self {
+        Self(Default::default())
+    }
+}
+
+impl<T> PerPeer<T> {
+    /// `peer`'s `T`, made by `make` if it has none yet.
+    fn get_or(&self, peer: PeerId, make: impl FnOnce() -> T) -> Arc<T> {
         let mut all = self.0.lock().expect("lock");
         all.retain(|_, t| t.strong_count() > 0);
         if let Some(t) = all.get(&peer).and_then(Weak::upgrade) {
             return t;
         }
-        let t = Arc::new(Limiter::new(rate.max(1)).expect("a positive rate"));
+        let t = Arc::new(make());
         all.insert(peer, Arc::downgrade(&t));
         t
     }
 }
+
+/// The upload caps of throttled peers, one per peer shared by all of its
+/// streams and connections (a cap per stream would multiply a peer's rate by
+/// how many it opens).
+pub(crate) type PeerThrottles = PerPeer<Limiter>;
+
+impl PerPeer<Limiter> {
+    /// `peer`'s cap at `rate` bytes per second.
+    pub fn get(&self, peer: PeerId, rate: u64) -> Arc<Limiter> {
+        self.get_or(peer, || Limiter::new(rate.max(1)).expect("a positive rate"))
+    }
+}
+
+/// Content streams (libp2p and fast path alike) served to one peer at
+/// once. A downloader uses up to three per item it fetches from us (its
+/// worker's stream and two fast-path connections) and one per manifest or
+/// search; a stream refused here costs an honest peer a failed request, so
+/// the cap is generous. What a peer's streams can hold in memory is bounded
+/// node-wide by [`BATCHES_IN_FLIGHT`].
+const STREAMS_PER_PEER: usize = 64;
+/// Batches of answers computed and not yet sent for one peer, over all its
+/// streams: one peer cannot take the node-wide allowance for itself.
+const BATCHES_PER_PEER: usize = 8;
+
+/// The answer batches in flight of each peer.
+pub(crate) type PeerBatches = PerPeer<tokio::sync::Semaphore>;
+
+impl PerPeer<tokio::sync::Semaphore> {
+    /// `peer`'s allowance, shared by all its streams.
+    pub fn get(&self, peer: PeerId) -> Arc<tokio::sync::Semaphore> {
+        self.get_or(peer, || tokio::sync::Semaphore::new(BATCHES_PER_PEER))
+    }
+}
+
+/// Batches of answers computed and not yet sent, node-wide (each at most
+/// [`BATCH`] blocks, about 2 MiB): a peer that asks on many streams and
+/// reads none can hold these for [`WRITE_TIMEOUT`] at most, and pays for
+/// each in its credit.
+pub(crate) const BATCHES_IN_FLIGHT: usize = 64;
+
+/// The content streams being served, counted per peer.
+#[derive(Default)]
+pub(crate) struct PeerStreams(std::sync::Mutex<HashMap<PeerId, usize>>);
+
+/// One served stream of a peer; the count goes down when it is dropped.
+pub(crate) struct StreamSlot {
+    all: Arc<PeerStreams>,
+    peer: PeerId,
+}
+
+impl PeerStreams {
+    /// A slot for another stream of `peer`, or `None` at the cap.
+    pub fn enter(self: &Arc<Self>, peer: PeerId) -> Option<StreamSlot> {
+        let mut all = self.0.lock().expect("lock");
+        let n = all.entry(peer).or_default();
+        if *n >= STREAMS_PER_PEER {
+            return None;
+        }
+        *n += 1;
+        Some(StreamSlot {
+            all: self.clone(),
+            peer,
+        })
+    }
+}
+
+impl Drop for StreamSlot {
+    fn drop(&mut self) {
+        let mut all = self.all.0.lock().expect("lock");
+        if let Some(n) = all.get_mut(&self.peer) {
+            *n -= 1;
+            if *n == 0 {
+                all.remove(&self.peer);
+            }
+        }
+    }
+}
+
+/// Searches answered per peer: a burst of [`SEARCH_BURST`], then
+/// [`SEARCHES_PER_SEC`]. Each search reads every stored manifest, so a peer
+/// asking without pause would keep this node's blocking threads for itself.
+const SEARCH_BURST: u32 = 20;
+const SEARCHES_PER_SEC: u32 = 2;
+/// Peers whose search allowance is tracked before idle ones are dropped.
+const SEARCH_PEERS_TRACKED: usize = 10_000;
+
+/// The search allowance of each peer.
+pub(crate) struct SearchLimits(governor::DefaultKeyedRateLimiter<PeerId>);
+
+impl Default for SearchLimits {
+    fn default() -> Self {
+        let quota = Quota::per_second(NonZeroU32::new(SEARCHES_PER_SEC).expect("positive"))
+            .allow_burst(NonZeroU32::new(SEARCH_BURST).expect("positive"));
+        Self(RateLimiter::keyed(quota))
+    }
+}
+
+impl SearchLimits {
+    /// Whether `peer` may have another search answered now.
+    pub fn allow(&self, peer: &PeerId) -> bool {
+        if self.0.len() > SEARCH_PEERS_TRACKED {
+            // Peers back at a full allowance need no entry.
+            self.0.retain_recent();
+        }
+        self.0.check_key(peer).is_ok()
+    }
+}
+
+/// How long one answer (or a flush) may take to leave. A peer that keeps
+/// asking and stops reading would otherwise pin what was computed for it,
+/// and this stream, for as long as it likes.
+const WRITE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// Batches of answers computed ahead of the writer: encoding (disk reads,
 /// hashing) of the next blocks overlaps with sending the current ones.
@@ -150,6 +265,16 @@ pub(crate) async fn serve_stream<R, W>(
         debug!(%peer, ?standing, "refusing a content stream: credit policy");
         return;
     }
+    let Some(_slot) = svc.inner.served.enter(peer) else {
+        debug!(%peer, "refusing a content stream: {STREAMS_PER_PEER} already served to it");
+        return;
+    };
+    if svc.inner.config.test_silent_server {
+        // Fault injection: hold the stream, answer nothing.
+        let _held = (rd, wr);
+        svc.inner.shutdown.cancelled().await;
+        return;
+    }
     let throttle = (standing == Standing::Throttled).then(|| {
         svc.inner
             .throttles
@@ -163,10 +288,20 @@ pub(crate) async fn serve_stream<R, W>(
         .max_frame_length(transfer::MAX_HEADER_BYTES as usize)
         .new_codec();
     let mut requests = FramedRead::new(rd.compat(), codec);
-    let (tx, mut rx) = tokio::sync::mpsc::channel::<tokio::task::JoinHandle<Answers>>(SERVE_AHEAD);
+    type Job = (
+        tokio::task::JoinHandle<Answers>,
+        (
+            tokio::sync::OwnedSemaphorePermit,
+            tokio::sync::OwnedSemaphorePermit,
+        ),
+    );
+    let peer_batches = svc.inner.peer_batches.get(peer);
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<Job>(SERVE_AHEAD);
     let limiter_svc = svc.clone();
     let writer = svc.spawn(async move {
-        while let Some(job) = rx.recv().await {
+        // The permit goes when the batch has been written (or the stream
+        // ends), with the memory it stands for.
+        while let Some((job, _permit)) = rx.recv().await {
             let Ok(answers) = job.await else {
                 return;
             };
@@ -189,14 +324,14 @@ pub(crate) async fn serve_stream<R, W>(
                     write_msg(&mut wr, &header).await?;
                     wr.write_payload(payload).await
                 };
-                if let Err(e) = sent.await {
+                if let Err(e) = bounded(&limiter_svc, peer, sent).await {
                     debug!(%peer, error = %e, "content stream write failed");
                     return;
                 }
             }
             // Batch: flush only when no further answer is ready.
             if rx.is_empty()
-                && let Err(e) = wr.flush().await
+                && let Err(e) = bounded(&limiter_svc, peer, wr.flush()).await
             {
                 debug!(%peer, error = %e, "content stream write failed");
                 return;
@@ -253,19 +388,59 @@ pub(crate) async fn serve_stream<R, W>(
                 None => break,
             }
         }
-        let svc = svc.clone();
+        // The peer's own allowance first, so that a peer at its limit waits
+        // without holding any of the node's.
+        let permits = (peer_batches.clone(), svc.inner.serve_permits.clone());
+        let acquired = async move {
+            let own = permits.0.acquire_owned().await?;
+            let node = permits.1.acquire_owned().await?;
+            Ok::<_, tokio::sync::AcquireError>((own, node))
+        };
+        let permit = tokio::select! {
+            p = acquired => match p {
+                Ok(p) => p,
+                Err(_) => break,
+            },
+            _ = svc.inner.shutdown.cancelled() => break,
+        };
+        let answering = svc.clone();
         let job = tokio::task::spawn_blocking(move || {
             batch
                 .into_iter()
-                .map(|req| answer(&svc, &peer, group, req))
+                .map(|req| answer(&answering, &peer, group, req))
                 .collect()
         });
-        if tx.send(job).await.is_err() || ended {
+        // The writer ends within WRITE_TIMEOUT if the peer stops reading,
+        // and this send with it.
+        let sent = tokio::select! {
+            sent = tx.send((job, permit)) => sent.is_ok(),
+            _ = svc.inner.shutdown.cancelled() => false,
+        };
+        if !sent || ended {
             break 'serve;
         }
     }
     drop(tx);
     let _ = writer.await;
+}
+
+/// A write to `peer` that must end within [`WRITE_TIMEOUT`]; a peer that
+/// does not read its answers in that time failed its requests.
+async fn bounded(
+    svc: &ContentService,
+    peer: PeerId,
+    write: impl std::future::Future<Output = std::io::Result<()>>,
+) -> std::io::Result<()> {
+    match tokio::time::timeout(WRITE_TIMEOUT, write).await {
+        Ok(r) => r,
+        Err(_) => {
+            svc.inner.ledger.record(peer, EventKind::RequestFailed);
+            Err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                "the peer stopped reading its answers",
+            ))
+        }
+    }
 }
 
 fn failed(status: Status, msg: impl Into<String>) -> (TransferResponse, Vec<u8>) {
@@ -397,6 +572,12 @@ fn answer_op(
             }
         }
         Some(Op::Search(s)) => {
+            if !svc.inner.search_limits.allow(peer) {
+                return failed(
+                    Status::Unavailable,
+                    format!("too many searches: {SEARCHES_PER_SEC} a second at most"),
+                );
+            }
             let words: Vec<String> = s.keywords.iter().map(|w| w.to_lowercase()).collect();
             if words.is_empty() || words.len() > 16 {
                 return failed(Status::BadRequest, "1-16 keywords");
@@ -466,5 +647,66 @@ mod tests {
         drop((one, two));
         throttles.get(PeerId::random(), 1);
         assert_eq!(throttles.0.lock().unwrap().len(), 1);
+    }
+
+    #[test]
+    fn a_peer_gets_a_bounded_number_of_streams_and_its_slots_come_back() {
+        let streams = Arc::new(PeerStreams::default());
+        let (a, b) = (PeerId::random(), PeerId::random());
+        let mut held: Vec<StreamSlot> = (0..STREAMS_PER_PEER)
+            .map(|_| streams.enter(a).expect("under the cap"))
+            .collect();
+        assert!(streams.enter(a).is_none(), "a stream over the cap");
+        // Others are not held to a's count.
+        let other = streams.enter(b).expect("another peer");
+        held.pop();
+        held.push(streams.enter(a).expect("a slot came back"));
+        assert!(streams.enter(a).is_none(), "a stream over the cap");
+        drop(other);
+        assert_eq!(streams.0.lock().unwrap().len(), 1);
+        // Gone with the last stream: peers seen once do not stay in the map.
+        drop(held);
+        assert!(streams.0.lock().unwrap().is_empty());
+    }
+
+    #[test]
+    fn a_peer_holds_a_bounded_share_of_the_answers_in_flight() {
+        let batches = PeerBatches::default();
+        let (a, b) = (PeerId::random(), PeerId::random());
+        let (one, two) = (batches.get(a), batches.get(a));
+        assert!(
+            Arc::ptr_eq(&one, &two),
+            "a second stream got its own allowance"
+        );
+        let held: Vec<_> = (0..BATCHES_PER_PEER)
+            .map(|_| {
+                one.clone()
+                    .try_acquire_owned()
+                    .expect("within the allowance")
+            })
+            .collect();
+        assert!(
+            two.clone().try_acquire_owned().is_err(),
+            "over the allowance"
+        );
+        assert!(batches.get(b).try_acquire_owned().is_ok(), "b held to a's");
+        drop(held);
+        assert!(two.try_acquire_owned().is_ok());
+    }
+
+    #[test]
+    fn searches_are_answered_in_a_burst_then_at_a_bounded_rate_per_peer() {
+        let limits = SearchLimits::default();
+        let (a, b) = (PeerId::random(), PeerId::random());
+        for i in 0..SEARCH_BURST {
+            assert!(limits.allow(&a), "search {i} of the burst refused");
+        }
+        assert!(!limits.allow(&a), "a search past the burst answered");
+        assert!(limits.allow(&b), "another peer held to a's allowance");
+        // The allowance comes back at its rate.
+        std::thread::sleep(std::time::Duration::from_millis(
+            1100 / u64::from(SEARCHES_PER_SEC),
+        ));
+        assert!(limits.allow(&a));
     }
 }

@@ -39,7 +39,10 @@
 //! (one pending bit per vector), so the guest still takes at most one
 //! interrupt per handler run, and a ringing guest costs this VMM nothing
 //! (KVM delivers the message) — the ringing guest pays an exit of its own
-//! for each ring.
+//! for each ring. While the guest cannot take the message, the first ring is
+//! held (status, PBA) and the bell is left unwatched until the guest can
+//! take it or reads the status: further rings would add nothing to the held
+//! one, so they wait in the eventfd's counter rather than wake this VMM.
 
 use std::os::fd::{AsRawFd, IntoRawFd, OwnedFd};
 use std::sync::Arc;
@@ -251,10 +254,27 @@ impl ChannelDevice {
         !self.msix.enabled()
     }
 
+    /// MSI-X: a ring is held for the guest (the status set while the
+    /// interrupt mask register is clear, or the message pending in the PBA),
+    /// so further rings would change nothing until the guest can take it.
+    fn ring_held(&self) -> bool {
+        self.msix.enabled() && self.status != 0 && (self.mask & 1 == 0 || self.msix.pending(0))
+    }
+
     /// Whether this VMM's event loop should watch the bell: not while KVM
-    /// takes it, nor while an INTx acknowledgment is awaited.
+    /// takes it, nor while an INTx acknowledgment is awaited, nor while an
+    /// MSI-X ring is held (else the other VM's every ring would wake this
+    /// VMM for nothing).
     fn wants_bell_watched(&self) -> bool {
-        self.bell_gsi.is_none() && !self.awaiting_ack
+        self.bell_gsi.is_none() && !self.awaiting_ack && !self.ring_held()
+    }
+
+    /// Has the event loop look at the bell again when what it should do
+    /// about it changed (called from the vCPU side after register writes).
+    fn rearm_if_changed(&self) {
+        if self.wants_bell_watched() != self.bell_watched {
+            let _ = self.rearm.write(1);
+        }
     }
 
     /// Hands the bell to KVM as the MSI-X vector's irqfd while the guest can
@@ -267,6 +287,9 @@ impl ChannelDevice {
             None
         };
         if target == self.bell_gsi {
+            // A held ring may have gone out (unmasked vector or function)
+            // or been held anew.
+            self.rearm_if_changed();
             return;
         }
         if let Some(gsi) = self.bell_gsi.take()
@@ -306,10 +329,8 @@ impl ChannelDevice {
         self.status = 0;
         self.delivered = false;
         self.intx.deassert(&mut self.config);
-        if self.awaiting_ack {
-            self.awaiting_ack = false;
-            let _ = self.rearm.write(1);
-        }
+        self.awaiting_ack = false;
+        self.rearm_if_changed();
         v
     }
 

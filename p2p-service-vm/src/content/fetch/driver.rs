@@ -119,7 +119,7 @@ pub(super) async fn download_for(
         return Ok(dl);
     }
     let dl = fresh;
-    if keep && svc.drm_may_announce(&dl.manifest.manifest) {
+    if keep && svc.may_announce(&dl.manifest.manifest) {
         // Downloaders serve what they hold, so announce at once: peers fetching
         // the same item find us while we are still fetching it.
         let _ = svc

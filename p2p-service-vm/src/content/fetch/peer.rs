@@ -20,6 +20,13 @@ use crate::node::{Command, NodeEvent};
 
 /// Time allowed to open a stream (including finding and dialling the peer).
 const OPEN_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long one provider may take over a manifest exchange: the manifest
+/// (at most 16 KiB), the DRM checks and the last block that proves the size.
+/// A provider that opens the stream and goes silent must not hold up a
+/// download, a stat, or a compute job waiting for its inputs.
+const MANIFEST_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long a single request/response exchange may take.
+const EXCHANGE_TIMEOUT: Duration = Duration::from_secs(15);
 /// Pause before asking a provider again after a transport failure.
 const TRANSPORT_RETRY_PAUSE: Duration = Duration::from_millis(250);
 
@@ -113,12 +120,19 @@ pub(crate) async fn manifest_from(
             .into(),
         }
     };
+    let once = |peer: PeerId| async move {
+        tokio::time::timeout(MANIFEST_TIMEOUT, manifest_once(svc, id, peer))
+            .await
+            .unwrap_or(Err(ProviderError::NoAnswer))
+    };
     for peer in providers.iter().take(8) {
-        match manifest_once(svc, id, *peer).await {
+        match once(*peer).await {
             Ok(Some(m)) => return Ok(m),
             Ok(None) => {}
             Err(e) => {
-                if e.transient() {
+                // Asking a peer that sat silent through the whole exchange
+                // again would only double the wait.
+                if e.transient() && !matches!(e, ProviderError::NoAnswer) {
                     again.push(*peer);
                 }
                 last = failed(*peer, e);
@@ -128,7 +142,7 @@ pub(crate) async fn manifest_from(
     if !again.is_empty() {
         tokio::time::sleep(TRANSPORT_RETRY_PAUSE).await;
         for peer in again {
-            match manifest_once(svc, id, peer).await {
+            match once(peer).await {
                 Ok(Some(m)) => return Ok(m),
                 Ok(None) => {}
                 Err(e) => last = failed(peer, e),
@@ -207,7 +221,7 @@ async fn manifest_answer(
     // The DRM checker, before anything is sized or fetched by this manifest.
     match svc.drm_accept(&m, &peer) {
         Ok(_) => svc.inner.ledger.record(peer, EventKind::DrmPassed),
-        Err(e) if DrmChecker::provider_at_fault(&e) => {
+        Err(e) if DrmChecker::provider_at_fault(&e, crate::content::now_unix()) => {
             warn!(%peer, %id, error = %e, "provider served what it must not");
             let e = ProviderError::Drm(e);
             record_drm(svc, peer, &e);
@@ -306,10 +320,20 @@ pub(crate) async fn request_response(
     op: Op,
     max: u64,
 ) -> std::io::Result<(TransferResponse, Vec<u8>)> {
-    request(stream, op).await?;
-    let header = response(stream).await?;
-    let payload = read_payload(stream, header.payload_len, max).await?;
-    Ok((header, payload))
+    let exchange = async {
+        request(stream, op).await?;
+        let header = response(stream).await?;
+        let payload = read_payload(stream, header.payload_len, max).await?;
+        Ok((header, payload))
+    };
+    tokio::time::timeout(EXCHANGE_TIMEOUT, exchange)
+        .await
+        .unwrap_or_else(|_| {
+            Err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                "the peer did not answer in time",
+            ))
+        })
 }
 
 /// A provider's DRM refusal, with the check it names.

@@ -91,7 +91,8 @@ pub(crate) struct Sched {
     ram_ahead: u64,
     keep: bool,
     providers: HashMap<PeerId, Provider>,
-    /// Providers that sent data that did not verify: never used again here.
+    /// Providers out of this download (data that did not verify, or the
+    /// item not held): never used again here.
     bad: HashSet<PeerId>,
     rng: u64,
     last_progress: Instant,
@@ -228,9 +229,18 @@ impl Sched {
         }
     }
 
-    /// `peer` said it does not hold `k` after all.
+    /// `peer` said it does not hold `k` after all. It is not asked for `k`
+    /// again until a new `Have` says it holds it. A peer that claimed the
+    /// whole item (an honest one whose copy was deleted meanwhile, or one
+    /// lying to hold blocks back from others) gets a bitfield without `k`.
     pub(super) fn not_held(&mut self, peer: PeerId, k: u64) {
         self.release(peer, k);
+        let n = self.slots.len();
+        if let Some(p) = self.providers.get_mut(&peer)
+            && matches!(p.have, Have::All)
+        {
+            p.have = Have::Some(vec![true; n]);
+        }
         if let Some(p) = self.providers.get_mut(&peer)
             && let Have::Some(bits) = &mut p.have
             && let Some(b) = bits.get_mut(k as usize)
@@ -245,7 +255,8 @@ impl Sched {
         self.provider(peer).throttled = true;
     }
 
-    /// `peer` sent data that did not verify.
+    /// `peer` is out of this download: it sent data that did not verify, or
+    /// said it does not hold the item.
     pub(super) fn mark_bad(&mut self, peer: PeerId) {
         self.bad.insert(peer);
     }
@@ -528,6 +539,31 @@ mod tests {
             now += Duration::from_millis(10);
         }
         panic!("never finished: {} of 64 held", s.held_blocks());
+    }
+
+    #[test]
+    fn a_complete_provider_refusing_a_block_is_not_asked_for_it_again() {
+        // A peer that claims the whole item and answers "not held" must not
+        // take the block back at once, over and over, keeping it from the
+        // honest peer and its end-game clock from ever starting.
+        let t0 = Instant::now();
+        let (liar, honest) = (PeerId::random(), PeerId::random());
+        let mut s = Sched::new(2, WINDOW, RAM_AHEAD, true, 3, t0);
+        s.set_have(liar, Have::All);
+        s.set_have(honest, Have::All);
+        let k = s.pick(&liar, t0, true).expect("a block");
+        s.not_held(liar, k);
+        assert_eq!(s.slot(k), Slot::Missing);
+        let other = s.pick(&liar, t0, true).expect("the other block");
+        assert_ne!(other, k, "asked again for the block it refused");
+        assert_eq!(s.pick(&liar, t0, true), None);
+        // The honest peer gets it, and rarity counts the liar out of it.
+        assert_eq!(s.pick(&honest, t0, true), Some(k));
+        assert_eq!(s.rarity[k as usize], 1);
+        assert_eq!(s.rarity[other as usize], 2);
+        // A new `Have` that claims the block again makes it askable again.
+        s.set_have(liar, Have::All);
+        assert_eq!(s.rarity[k as usize], 2);
     }
 
     /// One step of a download's life, as workers and readers report it.

@@ -75,6 +75,12 @@ fn charge(svc: &ContentService, dl: &Download, peer: PeerId, e: &ProviderError) 
     if let Some(evidence) = e.evidence() {
         svc.inner.ledger.record(peer, evidence);
     }
+    // A peer that does not hold the item (often an honest one behind a
+    // stale DHT record) is charged once, not again at every provider
+    // lookup of this download until its credit is gone.
+    if let ProviderError::NotProviding(_) = e {
+        dl.state().sched.mark_bad(peer);
+    }
     if let ProviderError::Corrupt { block, .. } = e {
         warn!(id = %dl.id, %peer, block, "corrupt block from provider; dropping it and the provider");
         dl.state().sched.mark_bad(peer);
@@ -523,6 +529,7 @@ async fn pipeline<R: PayloadRead, W: PayloadWrite>(
         let depth = rate.depth();
         let busy = inflight.len();
         let batch = if busy == 0 { 1 } else { (depth / 4).max(1) };
+        let was_idle = busy == 0;
         let mut starved = false;
         while carried < rotate_after && busy + batch <= depth && inflight.len() < depth {
             // The answer's memory is reserved before the request goes out.
@@ -554,7 +561,17 @@ async fn pipeline<R: PayloadRead, W: PayloadWrite>(
             wr.flush().await?;
             flush_needed = false;
         }
+        // The answer clock starts with the first request after a pause:
+        // time with nothing asked is not the provider's silence.
+        if was_idle && !inflight.is_empty() {
+            last_answer = Instant::now();
+        }
+        // Biased: an answer that is in counts before the answer timeout, so
+        // time this task spent on its own work (a slow disk) is never taken
+        // for the provider's silence.
         tokio::select! {
+            biased;
+            _ = dl.cancel.cancelled() => return Ok(()),
             answer = answers.recv(), if !inflight.is_empty() => {
                 // The provider vanished or broke the stream with requests pending.
                 let answer = answer
@@ -600,7 +617,6 @@ async fn pipeline<R: PayloadRead, W: PayloadWrite>(
             }
             _ = dl.changed.notified(), if inflight.is_empty() => {}
             _ = tokio::time::sleep(HAVE_REFRESH), if inflight.is_empty() => {}
-            _ = dl.cancel.cancelled() => return Ok(()),
         }
     }
 }

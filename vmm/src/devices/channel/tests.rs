@@ -434,3 +434,71 @@ fn enabling_msix_while_an_intx_acknowledgment_is_awaited_hands_the_bell_to_kvm()
     }
     assert_eq!(woke, 1, "the re-arm only: KVM takes the ring");
 }
+
+#[test]
+fn with_msix_a_held_ring_stops_the_bell_waking_this_vmm() {
+    // Interrupt mask register 0: the ring waits in the status.
+    let mut r = rig(1 << 20);
+    enable_msix(&r);
+    r.other_rings.write(1).unwrap();
+    assert_eq!(turn(&mut r), 1);
+    for _ in 0..1000 {
+        r.other_rings.write(1).unwrap();
+        assert_eq!(turn(&mut r), 0, "a held ring: more rings add nothing");
+    }
+    write32(&r.dev, regs::INTR_MASK, 1);
+    assert!(message_sent(&r), "the held ring goes out when unmasked");
+    assert!(bell_in_kvm(&r));
+}
+
+#[test]
+fn with_msix_a_ring_pending_on_a_masked_vector_stops_the_bell_waking_this_vmm() {
+    let mut r = rig(1 << 20);
+    enable_msix(&r);
+    write32(&r.dev, regs::INTR_MASK, 1);
+    mask_vector(&r, true);
+    turn(&mut r); // the re-arm
+    r.other_rings.write(1).unwrap();
+    assert_eq!(turn(&mut r), 1);
+    for _ in 0..1000 {
+        r.other_rings.write(1).unwrap();
+        assert_eq!(turn(&mut r), 0, "pending: more rings add nothing");
+    }
+    mask_vector(&r, false);
+    assert!(message_sent(&r), "delivered on unmask");
+    assert!(bell_in_kvm(&r));
+}
+
+#[test]
+fn with_msix_and_the_status_read_a_held_bell_is_watched_again() {
+    let mut r = rig(1 << 20);
+    enable_msix(&r);
+    r.other_rings.write(1).unwrap();
+    assert_eq!(turn(&mut r), 1);
+    r.other_rings.write(1).unwrap();
+    assert_eq!(turn(&mut r), 0);
+    assert_eq!(read32(&r.dev, regs::INTR_STATUS), 1);
+    let mut woke = 0;
+    for _ in 0..4 {
+        woke += turn(&mut r);
+    }
+    assert_eq!(woke, 2, "the re-arm, then the ring that waited");
+    assert_eq!(read32(&r.dev, regs::INTR_STATUS), 1);
+}
+
+#[test]
+fn with_msix_but_no_irqfd_every_ring_is_still_relayed() {
+    let mut r = rig(1 << 20);
+    // KVM refuses the bell as an irqfd: rings pass through this VMM.
+    let bell = r.dev.lock().unwrap().bell.as_raw_fd();
+    r.vm.irqfd_fds.lock().unwrap().push((bell, 0));
+    enable_msix(&r);
+    write32(&r.dev, regs::INTR_MASK, 1);
+    assert_eq!(r.dev.lock().unwrap().bell_gsi, None);
+    turn(&mut r); // the re-arm
+    for round in 0..3 {
+        r.other_rings.write(1).unwrap();
+        assert_eq!(turn(&mut r), 1, "round {round}");
+        assert!(message_sent(&r), "round {round}: relayed");
+    }
+}

@@ -293,6 +293,11 @@ impl Msix {
         }
     }
 
+    /// Whether vector `v` holds a message back (its PBA bit).
+    pub fn pending(&self, v: u16) -> bool {
+        self.vectors.get(v as usize).is_some_and(|e| e.pending)
+    }
+
     /// The irqfd of vector `v` (tests watch it).
     pub fn irqfd(&self, v: u16) -> Option<&EventFd> {
         self.vectors.get(v as usize).map(|e| &e.irqfd)

@@ -237,13 +237,18 @@ impl<'m> Bufs<'m> {
         check(r)
     }
 
+    /// Whether these buffers can go in one `readv`/`writev`: the kernel
+    /// takes at most UIO_MAXIOV pieces (EMSGSIZE beyond).
+    pub fn fits_one_call(&self) -> bool {
+        self.slices.len() <= libc::UIO_MAXIOV as usize
+    }
+
     /// The iovecs of a packet, which must go in one call.
     fn one_call_iovecs(&self) -> io::Result<Vec<libc::iovec>> {
-        let iov = self.iovecs();
-        if iov.len() > libc::UIO_MAXIOV as usize {
+        if !self.fits_one_call() {
             return Err(io::Error::from_raw_os_error(libc::EMSGSIZE));
         }
-        Ok(iov)
+        Ok(self.iovecs())
     }
 }
 

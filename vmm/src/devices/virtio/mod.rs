@@ -14,10 +14,11 @@ pub mod testing;
 pub mod transport;
 
 use std::os::fd::RawFd;
+use std::sync::atomic::Ordering;
 
 use event_manager::EventSet;
 use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
-use vm_memory::GuestMemoryMmap;
+use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 /// Feature bit: virtio 1.x (mandatory for the modern transport).
 pub const VIRTIO_F_VERSION_1: u32 = 32;
@@ -118,7 +119,7 @@ pub fn next_chain<'m>(
     index: usize,
 ) -> Result<Option<DescriptorChain<&'m GuestMemoryMmap>>, DeviceError> {
     loop {
-        if let Some(chain) = queue.iter(mem).map_err(|e| queue_error(index, e))?.next() {
+        if let Some(chain) = pop_chain(queue, mem, index)? {
             return Ok(Some(chain));
         }
         if !queue
@@ -127,6 +128,37 @@ pub fn next_chain<'m>(
         {
             return Ok(None);
         }
+    }
+}
+
+/// Takes the next available chain off `queue` (number `index`), if any.
+///
+/// The queue crate's iterator also ends, without moving on, when it cannot
+/// read the ring entry naming the next head; `enable_notification` still
+/// sees `avail.idx` ahead, so a caller that retries on that would retry
+/// forever. An unreadable entry is a corrupt ring, hence an error. The entry
+/// is what is checked rather than `avail.idx`, which a driver adding buffers
+/// meanwhile moves legitimately.
+pub fn pop_chain<'m>(
+    queue: &mut Queue,
+    mem: &'m GuestMemoryMmap,
+    index: usize,
+) -> Result<Option<DescriptorChain<&'m GuestMemoryMmap>>, DeviceError> {
+    if let Some(chain) = queue.iter(mem).map_err(|e| queue_error(index, e))?.next() {
+        return Ok(Some(chain));
+    }
+    let next = queue.next_avail();
+    let readable = next
+        .checked_rem(queue.size())
+        .and_then(|slot| queue.avail_ring().checked_add(4 + 2 * u64::from(slot)))
+        .is_some_and(|at| mem.load::<u16>(GuestAddress(at), Ordering::Relaxed).is_ok());
+    if readable {
+        Ok(None)
+    } else {
+        Err(DeviceError::Queue {
+            queue: index,
+            reason: format!("available ring entry {next} is outside guest memory"),
+        })
     }
 }
 

@@ -26,7 +26,7 @@ use vm_memory::GuestMemoryMmap;
 use self::moderation::Moderation;
 use self::tap::VNET_HDR_LEN;
 use super::iov::{Bufs, Chain};
-use super::{DeviceError, QueueMask, VirtioBackend, has_feature, queue_error};
+use super::{DeviceError, QueueMask, VirtioBackend, has_feature, pop_chain, queue_error};
 
 const RX: usize = 0;
 const TX: usize = 1;
@@ -145,7 +145,7 @@ impl Net {
     /// they are: [`Net::transmit_all`] decides about those.
     fn transmit(&mut self, queue: &mut Queue, mem: &GuestMemoryMmap) -> Result<bool, DeviceError> {
         let mut any = false;
-        while let Some(chain) = queue.iter(mem).map_err(|e| queue_error(TX, e))?.next() {
+        while let Some(chain) = pop_chain(queue, mem, TX)? {
             let head = chain.head_index();
             let sent = match Chain::new(mem, chain) {
                 Ok(c) if (VNET_HDR_LEN..=MAX_PACKET).contains(&c.readable.len()) => {
@@ -305,7 +305,7 @@ impl Net {
             }
         };
         while bufs.len() < MAX_PACKET {
-            let next = queue.iter(mem).map_err(|e| queue_error(RX, e))?.next();
+            let next = pop_chain(queue, mem, RX)?;
             let usable = next.map(|chain| (chain.head_index(), Chain::new(mem, chain)));
             let Some((head, Ok(c))) = usable else {
                 put_back(queue, popped + u16::from(usable.is_some()));
@@ -318,6 +318,12 @@ impl Net {
             }
             taken.push((head, c.writable.len()));
             bufs.extend(&c.writable);
+            if !bufs.fits_one_call() {
+                // Buffers in too many pieces for `readv`; copying into them
+                // has no such limit.
+                put_back(queue, popped);
+                return Ok(Direct::NoRoom);
+            }
         }
         if taken[0].1 < VNET_HDR_LEN {
             put_back(queue, popped);
@@ -388,25 +394,26 @@ impl Net {
             let mut room = 0usize;
             let mut fits = true;
             while room < len {
-                let next = queue.iter(mem).map_err(|e| queue_error(RX, e))?.next();
+                let next = pop_chain(queue, mem, RX)?;
                 let Some(chain) = next else {
                     if popped >= queue.size() {
                         // The whole ring is not enough: never will be.
                         fits = false;
                         break;
                     }
-                    let more = queue
-                        .enable_notification(mem)
-                        .map_err(|e| queue_error(RX, e))?;
-                    for _ in 0..popped {
-                        queue.go_to_previous_position();
-                    }
-                    if more {
+                    if give_back(queue, mem, popped)? {
                         continue 'retry;
                     }
                     return Ok(Delivery::NoRoom);
                 };
                 popped += 1;
+                if popped > queue.size() {
+                    // More than the ring holds: only a driver reusing entries
+                    // it has not got back gets here, and it could keep this
+                    // loop (and `taken`) growing without end.
+                    give_back(queue, mem, popped)?;
+                    return Ok(Delivery::NoRoom);
+                }
                 let head = chain.head_index();
                 match Chain::new(mem, chain) {
                     Ok(c) if !c.writable.is_empty() && c.readable.is_empty() => {
@@ -450,6 +457,19 @@ impl Net {
             return Ok(Delivery::Dropped);
         }
     }
+}
+
+/// Puts the `popped` chains last taken back on the ring, turning the
+/// driver's notifications on at its end first (under event-index its next
+/// buffer then kicks), and says whether the ring has more than that now.
+fn give_back(queue: &mut Queue, mem: &GuestMemoryMmap, popped: u16) -> Result<bool, DeviceError> {
+    let more = queue
+        .enable_notification(mem)
+        .map_err(|e| queue_error(RX, e))?;
+    for _ in 0..popped {
+        queue.go_to_previous_position();
+    }
+    Ok(more)
 }
 
 /// What came of reading a packet straight into guest buffers.

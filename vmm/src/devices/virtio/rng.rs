@@ -154,4 +154,17 @@ mod tests {
         let used_idx: u16 = m.read_obj(vq.used_addr().unchecked_add(2)).unwrap();
         assert_eq!(used_idx, 2, "both chains returned");
     }
+
+    #[test]
+    fn an_unreadable_ring_entry_is_an_error_not_a_spin() {
+        use crate::devices::virtio::testing::{Driver, within_5s};
+        let mut d = Driver::new(16);
+        d.put_avail_ring_past_the_end(0);
+        let mut rng = Rng::default();
+        let r = within_5s(move || d.run_queue(&mut rng, 0));
+        assert!(
+            matches!(r, Err(DeviceError::Queue { queue: 0, .. })),
+            "{r:?}"
+        );
+    }
 }

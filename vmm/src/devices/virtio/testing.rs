@@ -2,7 +2,9 @@
 //! plain guest memory, makes them available, runs a backend's queue, and
 //! reads the used ring back. Lets device logic be tested without KVM.
 
-use virtio_bindings::bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
+use virtio_bindings::bindings::virtio_ring::{
+    VRING_DESC_F_INDIRECT, VRING_DESC_F_NEXT, VRING_DESC_F_WRITE,
+};
 use virtio_queue::desc::{RawDescriptor, split::Descriptor};
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
@@ -38,6 +40,20 @@ impl Rings {
     }
 }
 
+/// The size of the drivers' guest memory.
+const MEM_SIZE: u64 = 16 << 20;
+
+/// Runs `f` on a thread and returns what it returns, failing the test after
+/// 5 s: a device that spins on a ring fails rather than hangs the suite.
+pub fn within_5s<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
+    let (tx, rx) = std::sync::mpsc::sync_channel(1);
+    std::thread::spawn(move || {
+        let _ = tx.send(f());
+    });
+    rx.recv_timeout(std::time::Duration::from_secs(5))
+        .expect("the device spun instead of returning")
+}
+
 /// The driver side of a device's queues over 16 MiB of guest memory.
 #[derive(Debug)]
 pub struct Driver {
@@ -58,7 +74,7 @@ impl Driver {
 
     /// A driver for `count` queues of `size` entries.
     pub fn with_queues(size: u16, count: usize) -> Self {
-        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 16 << 20)]).unwrap();
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM_SIZE as usize)]).unwrap();
         let rings: Vec<Rings> = (0..count).map(|q| Rings::new(q, size)).collect();
         let queues = rings
             .iter()
@@ -119,6 +135,30 @@ impl Driver {
         self.make_available(q, start);
     }
 
+    /// Makes a chain of `bufs` available on queue `q` through an indirect
+    /// table written at `table`.
+    pub fn push_indirect_to(&mut self, q: usize, table: u64, bufs: &[(u64, u32, bool)]) {
+        for (i, &(addr, len, write)) in bufs.iter().enumerate() {
+            let mut flags = if write { VRING_DESC_F_WRITE as u16 } else { 0 };
+            if i + 1 < bufs.len() {
+                flags |= VRING_DESC_F_NEXT as u16;
+            }
+            let d = Descriptor::new(addr, len, flags, i as u16 + 1);
+            self.mem
+                .write_obj(RawDescriptor::from(d), GuestAddress(table + 16 * i as u64))
+                .unwrap();
+        }
+        let head = self.next_desc[q] % self.size;
+        let len = 16 * bufs.len() as u32;
+        self.store_desc(
+            q,
+            head,
+            Descriptor::new(table, len, VRING_DESC_F_INDIRECT as u16, 0),
+        );
+        self.next_desc[q] = self.next_desc[q].wrapping_add(1);
+        self.make_available(q, head);
+    }
+
     /// Makes a chain available on queue 0.
     pub fn push(&mut self, bufs: &[(u64, u32, bool)]) {
         self.push_to(0, bufs)
@@ -154,6 +194,19 @@ impl Driver {
         self.mem
             .write_obj(idx.wrapping_add(n), GuestAddress(r.avail + 2))
             .unwrap();
+    }
+
+    /// Moves queue `q`'s avail ring to the last 4 bytes of memory, where only
+    /// its flags and index fit, and claims a chain in it: a ring that says
+    /// it holds something the device cannot read (the transport refuses such
+    /// a queue; this bypasses it).
+    pub fn put_avail_ring_past_the_end(&mut self, q: usize) {
+        let at = MEM_SIZE - 4;
+        self.queues[q]
+            .try_set_avail_ring_address(GuestAddress(at))
+            .unwrap();
+        self.rings[q].avail = at;
+        self.mem.write_obj(1u16, GuestAddress(at + 2)).unwrap();
     }
 
     /// Runs `backend` on queue `q`.

@@ -61,6 +61,9 @@ pub mod status {
     pub const FAILED: u8 = 128;
 }
 
+/// Why a queue's rings were refused.
+const RINGS_INVALID: &str = "rings outside guest memory or misaligned";
+
 /// "No MSI-X vector" in the vector registers.
 const NO_VECTOR: u16 = 0xffff;
 
@@ -118,6 +121,8 @@ pub struct VirtioPci<B: VirtioBackend> {
     /// Where BAR 0 decodes, if anywhere (for the ioeventfds).
     bar0: Option<u64>,
     active: bool,
+    /// Queues whose enabling was refused for their rings before DRIVER_OK.
+    refused: QueueMask,
     /// Signalled when the device thread must re-sync what it watches.
     resync: EventFd,
     /// Host fds of the backend the device thread watches now.
@@ -232,6 +237,7 @@ impl<B: VirtioBackend> VirtioPci<B> {
             vm,
             bar0: None,
             active: false,
+            refused: 0,
             resync: EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC)?,
             watched: BTreeMap::new(),
             pci_cfg_cap,
@@ -348,6 +354,12 @@ impl<B: VirtioBackend> VirtioPci<B> {
         if self.queues[q].ready() {
             return;
         }
+        if offset == 0x1c {
+            if v == 1 {
+                self.enable_queue(q);
+            }
+            return;
+        }
         let queue = &mut self.queues[q];
         // A 64-bit field written whole (8 bytes) or as its halves (Linux).
         let merge = |old: u64, high: bool| match (high, len) {
@@ -360,10 +372,6 @@ impl<B: VirtioBackend> VirtioPci<B> {
         // reads back; nothing is logged, since a guest can repeat it at will.
         let _ = match offset {
             0x18 => queue.try_set_size(v as u16),
-            0x1c => {
-                queue.set_ready(v == 1);
-                Ok(())
-            }
             0x20 | 0x24 => {
                 let a = merge(queue.desc_table(), offset == 0x24);
                 queue.try_set_desc_table_address(GuestAddress(a))
@@ -378,6 +386,30 @@ impl<B: VirtioBackend> VirtioPci<B> {
             }
             _ => Ok(()),
         };
+    }
+
+    /// Starts queue `q` only if its rings lie in guest memory, since the
+    /// ring accessors skip what they cannot read and the backends would
+    /// then find work they can never reach. Activation checks the queues
+    /// ready at DRIVER_OK; this catches those enabled after it.
+    fn enable_queue(&mut self, q: usize) {
+        let queue = &mut self.queues[q];
+        queue.set_ready(true);
+        if queue.is_valid(&self.mem) {
+            self.refused &= !(1 << q);
+            return;
+        }
+        // Refused: the driver reads queue_enable back as 0.
+        queue.set_ready(false);
+        if self.active {
+            self.fail(DeviceError::Queue {
+                queue: q,
+                reason: RINGS_INVALID.into(),
+            });
+        } else {
+            // Failed at DRIVER_OK, unless the driver fixes the rings first.
+            self.refused |= 1 << q;
+        }
     }
 
     fn status_write(&mut self, new: u8) {
@@ -413,10 +445,10 @@ impl<B: VirtioBackend> VirtioPci<B> {
         let features = self.common.driver_features;
         let event_idx = has_feature(features, VIRTIO_RING_F_EVENT_IDX);
         for (i, q) in self.queues.iter_mut().enumerate() {
-            if q.ready() && !q.is_valid(&self.mem) {
+            if self.refused & (1 << i) != 0 || q.ready() && !q.is_valid(&self.mem) {
                 self.fail(DeviceError::Queue {
                     queue: i,
-                    reason: "rings outside guest memory or misaligned".into(),
+                    reason: RINGS_INVALID.into(),
                 });
                 return;
             }
@@ -449,6 +481,7 @@ impl<B: VirtioBackend> VirtioPci<B> {
         self.isr = 0;
         self.intx.deassert(&mut self.config);
         self.active = false;
+        self.refused = 0;
         let _ = self.resync.write(1);
     }
 

@@ -2,7 +2,7 @@
 //! per read and write, as a TAP behaves).
 
 use super::*;
-use crate::devices::virtio::testing::{Driver, R, W};
+use crate::devices::virtio::testing::{Driver, R, W, within_5s};
 use std::os::fd::OwnedFd;
 use std::os::unix::net::UnixDatagram;
 use vm_memory::{Bytes, GuestAddress};
@@ -472,4 +472,63 @@ fn held_packets_are_signalled_at_once_when_the_guest_runs_out_of_buffers() {
     peer.send(&packet(100, 3)).unwrap();
     assert_eq!(ready(&mut net, &mut d, EventSet::IN), 1 << RX);
     assert_eq!(d.used_idx_of(0), 2);
+}
+
+#[test]
+fn an_unreadable_transmit_ring_entry_is_an_error_not_a_spin() {
+    let (mut net, _peer, mut d) = device(true);
+    d.put_avail_ring_past_the_end(TX);
+    let r = within_5s(move || d.run_queue(&mut net, TX));
+    assert!(
+        matches!(r, Err(DeviceError::Queue { queue: TX, .. })),
+        "{r:?}"
+    );
+}
+
+#[test]
+fn an_unreadable_receive_ring_entry_is_an_error_not_a_spin() {
+    for streaming in [false, true] {
+        let (mut net, peer, mut d) = device(true);
+        if streaming {
+            // Through `receive_direct` first.
+            net.rx_last_len = DIRECT_FROM;
+        }
+        d.put_avail_ring_past_the_end(RX);
+        peer.send(&packet(100, 1)).unwrap();
+        let r = within_5s(move || {
+            let fd = net.tap.as_raw_fd();
+            let mem = d.mem.clone();
+            net.host_fd_ready(fd, EventSet::IN, d.queues(), &mem)
+        });
+        assert!(
+            matches!(r, Err(DeviceError::Queue { queue: RX, .. })),
+            "streaming {streaming}: {r:?}"
+        );
+    }
+}
+
+#[test]
+fn buffers_too_fragmented_for_one_readv_go_the_buffered_way() {
+    // 20 chains of 512 descriptors of 8 bytes: enough room for the largest
+    // packet, in far more pieces than one readv takes (UIO_MAXIOV).
+    let (mut net, peer, mut d) = device(true);
+    net.rx_last_len = DIRECT_FROM;
+    for c in 0..20u64 {
+        let data = 0x40_0000 + c * 0x1000;
+        let bufs: Vec<_> = (0..512u64).map(|i| W(data + i * 8, 8)).collect();
+        d.push_indirect_to(RX, 0x80_0000 + c * 0x2000, &bufs);
+    }
+    let p = packet(20 << 10, 3);
+    peer.send(&p).unwrap();
+    assert_eq!(ready(&mut net, &mut d, EventSet::IN), 1 << RX);
+    assert_eq!(net.stats.rx_packets, 1);
+    let chains = p.len().div_ceil(4096) as u16;
+    assert_eq!(d.used_idx_of(0), chains);
+    let got = guest_bytes(&d, 0x40_0000, p.len());
+    assert_eq!(
+        u16::from_le_bytes([got[10], got[11]]),
+        chains,
+        "num_buffers"
+    );
+    assert_eq!(&got[VNET_HDR_LEN..], &p[VNET_HDR_LEN..]);
 }

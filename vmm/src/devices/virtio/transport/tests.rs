@@ -9,8 +9,11 @@ use virtio_queue::desc::{RawDescriptor, split::Descriptor};
 use virtio_queue::mock::MockSplitQueue;
 use vm_memory::{Address, Bytes, GuestAddress};
 
+/// Where guest RAM ends.
+const RAM_END: u64 = 0x10_0000;
+
 fn mem() -> GuestMemoryMmap {
-    GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10_0000)]).unwrap()
+    GuestMemoryMmap::from_ranges(&[(GuestAddress(0), RAM_END as usize)]).unwrap()
 }
 
 fn device(m: &GuestMemoryMmap) -> (VirtioPci<Rng>, Arc<FakeVm>) {
@@ -320,4 +323,58 @@ fn config_space_capabilities() {
     d.config_write(p + 8, &0x12u32.to_le_bytes());
     d.config_write(p + 12, &2u32.to_le_bytes());
     assert_eq!(d.config_read(p + 16) & 0xffff, 1);
+}
+
+#[test]
+fn a_queue_enabled_after_driver_ok_with_rings_outside_memory_fails_the_device() {
+    let m = mem();
+    let (mut d, _) = device(&m);
+    w8(&mut d, 0x14, status::ACKNOWLEDGE | status::DRIVER);
+    w32(&mut d, 0x08, 1);
+    w32(&mut d, 0x0c, 1);
+    w8(
+        &mut d,
+        0x14,
+        status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK,
+    );
+    // DRIVER_OK with no queue enabled: activation has nothing to check.
+    w8(
+        &mut d,
+        0x14,
+        status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK | status::DRIVER_OK,
+    );
+    assert!(d.active);
+    let end = RAM_END;
+    w16(&mut d, 0x16, 0);
+    w32(&mut d, 0x20, 0x1000);
+    w32(&mut d, 0x30, 0x2000);
+    // Only the avail ring's flags and index are in memory, not its entries.
+    w32(&mut d, 0x28, (end - 4) as u32);
+    m.write_obj(1u16, GuestAddress(end - 2)).unwrap();
+    w16(&mut d, 0x1c, 1);
+    w16(&mut d, NOTIFY_OFFSET, 0);
+    let mut d = crate::devices::virtio::testing::within_5s(move || {
+        d.run_queue(0);
+        d
+    });
+    assert_eq!(r16(&mut d, 0x1c), 0, "the queue was refused");
+    assert_ne!(d.status() & status::NEEDS_RESET, 0);
+    assert!(!d.active);
+}
+
+#[test]
+fn a_queue_enabled_before_driver_ok_with_rings_outside_memory_is_refused() {
+    let m = mem();
+    let (mut d, _) = device(&m);
+    let end = RAM_END;
+    w16(&mut d, 0x16, 0);
+    w32(&mut d, 0x28, (end - 4) as u32);
+    w16(&mut d, 0x1c, 1);
+    assert_eq!(r16(&mut d, 0x1c), 0, "the driver reads the refusal back");
+    assert_eq!(d.status() & status::NEEDS_RESET, 0);
+    // Rings moved into memory are taken, and the device starts.
+    let vq = MockSplitQueue::new(&m, 16);
+    bring_up(&mut d, &vq, false);
+    assert_eq!(r16(&mut d, 0x1c), 1);
+    assert_eq!(d.status() & status::NEEDS_RESET, 0);
 }
