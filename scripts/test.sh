@@ -1,17 +1,75 @@
 #!/usr/bin/env bash
 # Runs every test of the workspace: unit, property and end-to-end (real p2pd
 # processes on loopback, a real clamd; Debian's kernel under our VMM in a
-# nested test host, see tests/vm/README.md). The end-to-end tests spawn the workspace
-# binaries, so they are built first; clamd is started if it is not running.
+# nested test host, see tests/vm/README.md). Sets itself up on a fresh machine:
+# installs the Debian packages the tests need (scripts/deps.sh; as root, else
+# it says what to install), builds the binaries the end-to-end tests spawn,
+# starts a clamd. Every test binary runs even when an earlier one fails; a
+# summary of what failed closes the output.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/p2pvm-target}"
+
+# Hermetic: nothing the user exported for their own node (the API socket, a
+# token, a data directory, log levels) reaches the tests or what they spawn.
+scrubbed=()
+while IFS='=' read -r name _; do
+    case "$name" in
+    P2PVM_* | P2PVMM_* | P2PD_* | P2P_FRONTEND_* | RUST_LOG)
+        scrubbed+=("$name")
+        unset "$name"
+        ;;
+    esac
+done < <(env)
+if [ ${#scrubbed[@]} -gt 0 ]; then
+    echo "test.sh: not passing on ${scrubbed[*]} (tests are hermetic)"
+fi
+
+./scripts/deps.sh test
+
 cargo build --workspace --bins --locked
 # The nested test host (tests/vm) runs release builds: p2pvmm (its exit
 # handling runs emulated there; debug is several times slower) and the VM
 # images' programs, all made by the one cargo invocation the image builder
 # uses (the tests would make it too; here its output is in plain sight).
 cargo run -q --locked -p p2pvm-images -- release
-# The virus filter is tested against a real clamd (apt-get install clamav-daemon).
-export P2PVM_CLAMD_SOCKET="${P2PVM_CLAMD_SOCKET:-$(./scripts/clamd.sh)}"
-cargo test --workspace --locked --all-targets
+
+# The virus filter is tested against a real clamd; one started here is
+# stopped at the end, one already running (scripts/up.sh's) is left alone.
+clamd_dir=/tmp/p2pvm-clamd
+if ! { [ -f "$clamd_dir/clamd.pid" ] && kill -0 "$(cat "$clamd_dir/clamd.pid")" 2>/dev/null; }; then
+    trap './scripts/clamd.sh stop' EXIT
+fi
+P2PVM_CLAMD_SOCKET="$(./scripts/clamd.sh)"
+export P2PVM_CLAMD_SOCKET
+
+log="$(mktemp -t p2pvm-test.XXXXXX.log)"
+set +e
+cargo test --workspace --locked --all-targets --no-fail-fast 2>&1 | tee "$log"
+status=${PIPESTATUS[0]}
+set -e
+
+echo
+echo "== summary (full output: $log)"
+# Tests that could not run here say so in their output; list them, so a
+# skip is never mistaken for a pass.
+grep -E '(^|[^A-Z])SKIPPED' "$log" | sort -u | sed 's/^/  /' || true
+failed_tests="$(grep -E '^test .+ \.\.\. FAILED$' "$log" | sed -E 's/^test (.+) \.\.\. FAILED$/\1/' || true)"
+if [ -n "$failed_tests" ]; then
+    echo "failed tests:"
+    echo "$failed_tests" | sed 's/^/  /'
+fi
+# cargo's own list of the test binaries that failed (or did not build).
+sed -n '/^error: [0-9]* targets\? failed:/,/^[^ ]/p' "$log" | grep -E '^ ' | sed 's/^ */  binary: /' || true
+awk '/^test result:/ {
+        for (i = 1; i <= NF; i++) {
+            if ($(i) ~ /^passed;?$/) p += $(i - 1)
+            if ($(i) ~ /^failed;?$/) f += $(i - 1)
+            if ($(i) ~ /^ignored;?$/) s += $(i - 1)
+        }
+    }
+    END { printf "total: %d passed, %d failed, %d skipped\n", p, f, s }' "$log"
+if [ "$status" -ne 0 ]; then
+    echo "test.sh: FAILED (cargo test exited $status)"
+fi
+exit "$status"

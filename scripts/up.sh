@@ -13,10 +13,16 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/p2pvm-target}"
-# The sandbox uses util-linux's unshare, nsenter and setpriv.
-if ! command -v unshare >/dev/null || ! command -v nsenter >/dev/null || ! command -v setpriv >/dev/null; then
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq util-linux
+# Hardware virtualization: /dev/kvm, a vmx/svm CPU flag, and not PVM.
+vm=
+packages=main
+if [ -e /dev/kvm ] && grep -qwE 'vmx|svm' /proc/cpuinfo && [ ! -d /sys/module/kvm_pvm ]; then
+    vm=1
+    packages=vm
 fi
+# The Debian packages (one list, scripts/deps.sh): the sandbox's util-linux
+# and clamd; in VM mode also what the images are built from.
+./scripts/deps.sh "$packages"
 cargo build --release --bins --locked
 clamd_socket="$(./scripts/clamd.sh)"
 home="${P2PVMM_HOME:-$HOME/.local/share/p2pvmm}"
@@ -25,18 +31,7 @@ config="$home/p2pd.toml"
 if [ ! -e "$config" ]; then
     printf '[virus]\nclamd_socket = "%s"\n' "$clamd_socket" > "$config"
 fi
-# Hardware virtualization: /dev/kvm, a vmx/svm CPU flag, and not PVM.
-if [ -e /dev/kvm ] && grep -qwE 'vmx|svm' /proc/cpuinfo && [ ! -d /sys/module/kvm_pvm ]; then
-    # The images' inputs: Debian's kernel (apt-get download), busybox-static,
-    # depmod, clamd (installed above by clamd.sh), mkfs.ext4 for the store.
-    need=()
-    ldd /bin/busybox 2>&1 | grep -q "not a dynamic" || need+=(busybox-static)
-    command -v depmod >/dev/null || need+=(kmod)
-    command -v mkfs.ext4 >/dev/null || need+=(e2fsprogs)
-    command -v ip >/dev/null || need+=(iproute2)
-    if [ ${#need[@]} -gt 0 ]; then
-        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${need[@]}"
-    fi
+if [ -n "$vm" ]; then
     cargo run -q --release --locked -p p2pvm-images -- build --out "$home/images"
 fi
 exec "$CARGO_TARGET_DIR/release/p2pvmm" --home "$home" up --config "$config" "$@"

@@ -25,7 +25,7 @@ use std::fmt;
 use std::io::Write;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use libp2p_identity::PeerId;
 use rcgen::{
@@ -217,6 +217,35 @@ pub struct Groups {
     dir: PathBuf,
     local: PeerId,
     groups: Mutex<BTreeMap<GroupId, Group>>,
+    clock: Clock,
+}
+
+/// Where [`Groups`] reads the time (Unix seconds) it issues and checks
+/// certificates at: the system clock, or one a test moves, so that expiry is
+/// tested without waiting for it.
+#[derive(Clone)]
+pub struct Clock(Arc<dyn Fn() -> u64 + Send + Sync>);
+
+impl Clock {
+    /// The system clock.
+    pub fn system() -> Self {
+        Self(Arc::new(now_unix))
+    }
+
+    /// A clock that reads `now`.
+    pub fn from_fn(now: impl Fn() -> u64 + Send + Sync + 'static) -> Self {
+        Self(Arc::new(now))
+    }
+
+    fn now(&self) -> u64 {
+        (self.0)()
+    }
+}
+
+impl fmt::Debug for Clock {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_tuple("Clock").field(&self.now()).finish()
+    }
 }
 
 impl fmt::Debug for Groups {
@@ -457,7 +486,14 @@ impl Groups {
             dir: dir.to_owned(),
             local,
             groups: Mutex::new(groups),
+            clock: Clock::system(),
         })
+    }
+
+    /// The same groups, reading the time from `clock`.
+    pub fn with_clock(mut self, clock: Clock) -> Self {
+        self.clock = clock;
+        self
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<GroupId, Group>> {
@@ -494,7 +530,7 @@ impl Groups {
             return Err(GroupError::Exists(name.into()));
         }
         let key = KeyPair::generate().map_err(make)?;
-        let now = now_unix();
+        let now = self.clock.now();
         let ca = ca_params(name, now - 60, now + valid_secs)?
             .self_signed(&key)
             .map_err(make)?;
@@ -560,7 +596,7 @@ impl Groups {
                     "peer {peer} does not carry an Ed25519 key in its id"
                 ))
             })?;
-        let now = now_unix();
+        let now = self.clock.now();
         let mut p = member_params(peer)?;
         p.extended_key_usages = vec![
             ExtendedKeyUsagePurpose::ClientAuth,
@@ -629,7 +665,7 @@ impl Groups {
         trust.verify_peer(
             std::slice::from_ref(member_der),
             &self.local,
-            now_unix(),
+            self.clock.now(),
             KeyUsage::required_if_present(EKU_CLIENT_AUTH),
         )?;
         pki::certifies_key_of(member_der, &self.local)?;
@@ -712,7 +748,7 @@ impl Groups {
         let issued = dir.join("issued").join(format!("{peer}.pem"));
         let cert = std::fs::read(&issued).map_err(|_| GroupError::NotInvited(peer.to_string()))?;
         let serial = serial_of(&pki::certs_from_bytes(&cert)?[0])?;
-        let now = now_unix();
+        let now = self.clock.now();
         let mut revoked: Vec<Vec<u8>> = held;
         if !revoked.contains(&serial) {
             revoked.push(serial);
@@ -887,7 +923,7 @@ impl Groups {
         trust.verify_peer(
             &[cert_der.to_vec()],
             peer,
-            now_unix(),
+            self.clock.now(),
             KeyUsage::required_if_present(EKU_CLIENT_AUTH),
         )?;
         pki::certifies_key_of(cert_der, peer)?;
@@ -1089,13 +1125,21 @@ mod tests {
         let other = stranger_owner.create("crew", 86_400).unwrap();
         assert_ne!(g.id, other.id, "same name, different CA, different group");
         // An expired membership does not join (validity: one second, then
-        // checked two seconds later).
+        // checked by a member whose clock is two seconds on), and joins while
+        // it is valid.
         let short = owner.invite("crew", &member_id, 1).unwrap();
-        std::thread::sleep(std::time::Duration::from_secs(2));
+        let later = now_unix() + 2;
+        let member_later = Groups::open(_m.path(), member_id)
+            .unwrap()
+            .with_clock(Clock::from_fn(move || later));
         assert!(matches!(
-            member.join(short.as_bytes(), None),
+            member_later.join(short.as_bytes(), None),
             Err(GroupError::Certificate(CertError::Expired))
         ));
+        assert!(
+            member_later.list().is_empty(),
+            "a refused join kept something"
+        );
         // A member certificate from another CA, with this group's CA.
         let foreign = stranger_owner.invite("crew", &member_id, 3600).unwrap();
         let mixed = format!(

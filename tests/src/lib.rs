@@ -40,6 +40,69 @@ pub fn bin(name: &str) -> PathBuf {
     p
 }
 
+/// Whether `name` is something the workspace binaries read from their
+/// environment: their clap `env`s and defaults (`P2PVM_API_SOCKET`,
+/// `P2PVM_TOKEN`, `P2PVM_TOKEN_FILE`, `P2PVM_DATA_DIR`, `P2PVMM_HOME`, ...),
+/// their log filters (`P2PD_LOG`, `P2PVMM_LOG`, `P2P_FRONTEND_LOG`,
+/// `RUST_LOG`) and the VMM's developer switches (`P2PVMM_EXIT_STATS`, ...).
+pub fn read_by_our_binaries(name: &std::ffi::OsStr) -> bool {
+    let name = name.to_string_lossy();
+    ["P2PVM_", "P2PVMM_", "P2PD_", "P2P_FRONTEND_"]
+        .iter()
+        .any(|p| name.starts_with(p))
+        || name == "RUST_LOG"
+}
+
+/// What the harness spawns does not see the user's environment for p2pvm: a
+/// user who exported `P2PVM_TOKEN` for their own node (as the README says
+/// to) must not make a test's `p2pctl` present that token to the test's
+/// node. Every process a test starts goes through this; the harness then
+/// sets what it means the process to see.
+pub trait Hermetic {
+    /// Removes every variable [`read_by_our_binaries`] from the child's
+    /// environment.
+    fn hermetic(&mut self) -> &mut Self;
+}
+
+fn ours() -> impl Iterator<Item = std::ffi::OsString> {
+    std::env::vars_os()
+        .map(|(k, _)| k)
+        .filter(|k| read_by_our_binaries(k))
+}
+
+impl Hermetic for std::process::Command {
+    fn hermetic(&mut self) -> &mut Self {
+        for k in ours() {
+            self.env_remove(k);
+        }
+        self
+    }
+}
+
+impl Hermetic for Command {
+    fn hermetic(&mut self) -> &mut Self {
+        for k in ours() {
+            self.env_remove(k);
+        }
+        self
+    }
+}
+
+/// A `Command` for `program` (async) with the user's p2pvm environment
+/// removed ([`Hermetic`]).
+pub fn command(program: impl AsRef<std::ffi::OsStr>) -> Command {
+    let mut c = Command::new(program);
+    c.hermetic();
+    c
+}
+
+/// The blocking twin of [`command`].
+pub fn std_command(program: impl AsRef<std::ffi::OsStr>) -> std::process::Command {
+    let mut c = std::process::Command::new(program);
+    c.hermetic();
+    c
+}
+
 /// The clamd socket tests use: `$P2PVM_CLAMD_SOCKET`, else where
 /// `scripts/clamd.sh` puts it.
 pub fn clamd_socket() -> PathBuf {
@@ -154,11 +217,11 @@ impl TestNode {
     /// Spawns a p2pd on this node's data directory (another one, if `self` runs).
     pub fn spawn_raw(&self) -> Result<Child> {
         let mut cmd = match self.store_bytes {
-            None => Command::new(bin("p2pd")),
+            None => command(bin("p2pd")),
             Some(bytes) => {
                 let store = self.data_dir().join("content");
                 std::fs::create_dir_all(&store)?;
-                let mut c = Command::new("unshare");
+                let mut c = command("unshare");
                 c.args(["--user", "--map-root-user", "--mount", "sh", "-c"])
                     .arg("mount -t tmpfs -o size=$1 tmpfs \"$2\" && shift 2 && exec \"$@\"")
                     .args(["sh", &bytes.to_string()])
@@ -177,11 +240,8 @@ impl TestNode {
                 "/ip4/127.0.0.1/udp/0/quic-v1",
             ])
             .args(&self.extra_args)
-            .env(
-                "P2PD_LOG",
-                std::env::var("P2PD_LOG")
-                    .unwrap_or_else(|_| if self.capture_log { "info" } else { "warn" }.into()),
-            )
+            // Not the user's P2PD_LOG: a test that reads the log needs `info`.
+            .env("P2PD_LOG", if self.capture_log { "info" } else { "warn" })
             .stdin(Stdio::null())
             .kill_on_drop(true);
         if self.capture_log {

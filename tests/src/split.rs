@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use guest_api::Client;
-use tokio::process::{Child, Command};
+use tokio::process::Child;
 
 use crate::{bin, clamd_socket};
 
@@ -42,7 +42,7 @@ impl Platform {
         let home = tmp.path().join("home");
         let cfg = tmp.path().join("p2pd.toml");
         std::fs::write(&cfg, config)?;
-        let mut cmd = Command::new(bin("p2pvmm"));
+        let mut cmd = crate::command(bin("p2pvmm"));
         cmd.arg("--home")
             .arg(&home)
             .args(["up", "--isolation", "sandbox", "--config"])
@@ -52,18 +52,9 @@ impl Platform {
             cmd.args(["--bootstrap", b]);
         }
         cmd.env("P2PVM_BIN_DIR", crate::bin_dir())
-            .env(
-                "P2PVMM_LOG",
-                std::env::var("P2PVMM_LOG").unwrap_or_else(|_| "warn".into()),
-            )
-            .env(
-                "P2P_FRONTEND_LOG",
-                std::env::var("P2P_FRONTEND_LOG").unwrap_or_else(|_| "warn".into()),
-            )
-            .env(
-                "P2PD_LOG",
-                std::env::var("P2PD_LOG").unwrap_or_else(|_| "warn".into()),
-            )
+            .env("P2PVMM_LOG", "warn")
+            .env("P2P_FRONTEND_LOG", "warn")
+            .env("P2PD_LOG", "warn")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .kill_on_drop(true);
@@ -161,7 +152,7 @@ impl Platform {
 
     /// Runs `command` in the operator's console (inside the service sandbox).
     pub async fn console(&self, command: &[&str]) -> Result<std::process::Output> {
-        Ok(Command::new(bin("p2pvmm"))
+        Ok(crate::command(bin("p2pvmm"))
             .arg("--home")
             .arg(&self.home)
             .args(["--log", "warn", "console", "service", "--"])

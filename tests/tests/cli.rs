@@ -8,12 +8,11 @@ async fn p2pctl(
     token: Option<&str>,
     args: &[&str],
 ) -> Result<std::process::Output> {
-    let mut cmd = tokio::process::Command::new(bin("p2pctl"));
+    let mut cmd = p2pvm_e2e::command(bin("p2pctl"));
     cmd.arg("--socket").arg(&node.socket);
     if let Some(t) = token {
         cmd.args(["--token", t]);
     }
-    cmd.env_remove("P2PVM_TOKEN").env_remove("P2PVM_TOKEN_FILE");
     Ok(cmd.args(args).output().await?)
 }
 
@@ -256,5 +255,87 @@ async fn p2pctl_compute_as_an_operator_and_a_requester_use_it() -> Result<()> {
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("COMPUTE_FORBIDDEN_IMPORT"), "{err}");
+    Ok(())
+}
+
+/// What a user may have exported for their own node ("Using it" in the README
+/// says to export the first two), each set to something that would break a
+/// process that read it: a socket and files that do not exist, a token the
+/// test's node never issued, log filters that do not parse, a VMM profile
+/// written to nowhere.
+const USERS_ENVIRONMENT: &[(&str, &str)] = &[
+    ("P2PVM_API_SOCKET", "/nonexistent/p2pvm-junk/api.sock"),
+    ("P2PVM_TOKEN", "p2pvm1.junk-token-the-node-never-issued"),
+    ("P2PVM_TOKEN_FILE", "/nonexistent/p2pvm-junk/token"),
+    ("P2PVM_DATA_DIR", "/nonexistent/p2pvm-junk/data"),
+    ("P2PVMM_HOME", "/nonexistent/p2pvm-junk/home"),
+    ("P2PD_LOG", "junk=["),
+    ("P2PVMM_LOG", "junk=["),
+    ("P2P_FRONTEND_LOG", "junk=["),
+    ("RUST_LOG", "junk=["),
+    ("P2PVMM_EXIT_STATS", "1"),
+    ("P2PVMM_GUEST_PROFILE", "/nonexistent/p2pvm-junk/profile"),
+];
+
+/// The harness's promise that tests are hermetic, checked by running
+/// [`hermetic_with_the_users_environment_set`] in a child test process whose
+/// environment holds [`USERS_ENVIRONMENT`]. (Setting variables in this
+/// process would race the other tests' threads.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_users_p2pvm_environment_changes_no_test() -> Result<()> {
+    const INNER: &str = "hermetic_with_the_users_environment_set";
+    let out = tokio::process::Command::new(std::env::current_exe()?)
+        .args(["--exact", INNER, "--ignored", "--test-threads", "1"])
+        .envs(USERS_ENVIRONMENT.iter().copied())
+        .stdin(std::process::Stdio::null())
+        .output()
+        .await?;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    anyhow::ensure!(
+        out.status.success() && stdout.contains(&format!("test {INNER} ... ok")),
+        "with the user's variables set, the test failed:\n{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // It ran, rather than being filtered out.
+    anyhow::ensure!(stdout.contains("1 passed"), "{stdout}");
+    Ok(())
+}
+
+/// A node, `p2pctl` against it with no token given (so it must find the
+/// node's admin.token beside the socket, not `$P2PVM_TOKEN`), and the sandboxed
+/// platform with its console: with junk in every variable they would read.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "run by the_users_p2pvm_environment_changes_no_test, with junk in the environment"]
+async fn hermetic_with_the_users_environment_set() -> Result<()> {
+    for (k, v) in USERS_ENVIRONMENT {
+        anyhow::ensure!(
+            std::env::var(k).as_deref() == Ok(*v),
+            "{k} is not set to junk: run this through the_users_p2pvm_environment_changes_no_test"
+        );
+    }
+    let node = TestNode::start(Default::default()).await?;
+    let out = p2pctl(&node, None, &["--json", "info"]).await?;
+    anyhow::ensure!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    anyhow::ensure!(String::from_utf8(out.stdout)?.contains(&node.peer_id));
+    let out = p2pctl(&node, None, &["--json", "credit", "list"]).await?;
+    anyhow::ensure!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    let mut platform = p2pvm_e2e::split::Platform::up(&[]).await?;
+    let info = platform.admin().await?.node_info().await?;
+    let out = platform.console(&["p2pctl", "--json", "info"]).await?;
+    anyhow::ensure!(
+        out.status.success() && String::from_utf8_lossy(&out.stdout).contains(&info.peer_id),
+        "console: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    anyhow::ensure!(platform.down().await?.success());
     Ok(())
 }

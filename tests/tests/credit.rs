@@ -105,7 +105,7 @@ async fn clean_transfers_raise_credit_corrupt_ones_sink_it_and_it_persists() -> 
     ensure!(f.credit_show(&honest.peer_id).await?.bytes_received == data.len() as u64);
 
     // p2pctl shows the same, as JSON.
-    let out = std::process::Command::new(p2pvm_e2e::bin("p2pctl"))
+    let out = p2pvm_e2e::std_command(p2pvm_e2e::bin("p2pctl"))
         .args(["--socket"])
         .arg(&fetcher.socket)
         .args(["--json", "credit", "list"])

@@ -347,7 +347,7 @@ async fn a_node_refuses_to_start_with_a_chain_that_names_another_peer() -> Resul
     )?;
     let out = tokio::time::timeout(
         WAIT,
-        tokio::process::Command::new(p2pvm_e2e::bin("p2pd"))
+        p2pvm_e2e::command(p2pvm_e2e::bin("p2pd"))
             .arg("--data-dir")
             .arg(pki.path().join("data"))
             .arg("--config")

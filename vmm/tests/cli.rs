@@ -8,7 +8,15 @@ use vmm::isolation::{HostVirt, why_not_vm};
 
 fn p2pvmm(args: &[&str]) -> (bool, String) {
     let home = tempfile::tempdir().unwrap();
-    let out = Command::new(env!("CARGO_BIN_EXE_p2pvmm"))
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_p2pvmm"));
+    // Hermetic: the user's P2PVMM_LOG, P2PVMM_EXIT_STATS, ... stay out.
+    for (k, _) in std::env::vars_os() {
+        let name = k.to_string_lossy();
+        if name.starts_with("P2PVM") || name.starts_with("P2PD_") || name == "RUST_LOG" {
+            cmd.env_remove(&k);
+        }
+    }
+    let out = cmd
         .arg("--home")
         .arg(home.path())
         .args(args)

@@ -29,6 +29,12 @@ pub const CMDLINE_ENV: &str = "P2PVM_TESTHOST_CMDLINE";
 pub const MONITOR_ENV: &str = "P2PVM_TESTHOST_MONITOR";
 /// Overrides the nested runner's `-accel` options (default `tcg`).
 pub const ACCEL_ENV: &str = "P2PVM_TESTHOST_ACCEL";
+/// Overrides the test host's CPU count (the scenario's `smp`), for
+/// measuring what the emulator does with more or fewer CPUs.
+pub const SMP_ENV: &str = "P2PVM_TESTHOST_SMP";
+/// Overrides the nested runner's emulated CPU model (`-cpu`, default
+/// `qemu64,+svm,+npt`).
+pub const CPU_ENV: &str = "P2PVM_TESTHOST_CPU";
 
 /// How a scenario's L1 script is run.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -224,30 +230,29 @@ pub(crate) fn nested_command(
     // `tcg,thread=single` to run the test host's CPUs on one emulator
     // thread (for chasing emulator faults).
     let accel = std::env::var(ACCEL_ENV).unwrap_or_else(|_| "tcg".to_owned());
+    let cpu = std::env::var(CPU_ENV).unwrap_or_else(|_| "qemu64,+svm,+npt".to_owned());
+    let smp = std::env::var(SMP_ENV)
+        .ok()
+        .and_then(|s| s.parse::<u32>().ok())
+        .filter(|&n| n > 0)
+        .unwrap_or(smp);
     let mut cmd = Command::new(qemu);
-    cmd.args([
-        "-machine",
-        "q35",
-        "-accel",
-        &accel,
-        "-cpu",
-        "qemu64,+svm,+npt",
-    ])
-    .args(["-m", &mem_mib.to_string(), "-smp", &smp.to_string()])
-    .args([
-        "-nodefaults",
-        "-serial",
-        "stdio",
-        "-no-reboot",
-        "-display",
-        "none",
-    ])
-    .arg("-kernel")
-    .arg(kernel)
-    .arg("-initrd")
-    .arg(initrd)
-    .arg("-append")
-    .arg(l1_cmdline());
+    cmd.args(["-machine", "q35", "-accel", &accel, "-cpu", &cpu])
+        .args(["-m", &mem_mib.to_string(), "-smp", &smp.to_string()])
+        .args([
+            "-nodefaults",
+            "-serial",
+            "stdio",
+            "-no-reboot",
+            "-display",
+            "none",
+        ])
+        .arg("-kernel")
+        .arg(kernel)
+        .arg("-initrd")
+        .arg(initrd)
+        .arg("-append")
+        .arg(l1_cmdline());
     // `P2PVM_TESTHOST_MONITOR=PATH` opens QEMU's human monitor on a Unix
     // socket there, to look at a test host that froze (`info lapic`,
     // `info registers`) while it is still frozen.
