@@ -31,8 +31,11 @@ has_all() {
     local c
     for c in "$@"; do command -v "$c" || return 1; done
 }
-static_busybox() { ldd /bin/busybox 2>&1 | grep -q "not a dynamic"; }
-has_lib() { ldconfig -p | grep -q "$1"; }
+# With pipefail, a pipe's status is its first failure: ldd exits 1 on a static
+# binary, and `grep -q` would end a pipe early (SIGPIPE for the writer), so
+# neither is allowed to decide.
+static_busybox() { { ldd /bin/busybox 2>&1 || true; } | grep "not a dynamic" >/dev/null; }
+has_lib() { ldconfig -p | grep "$1" >/dev/null; }
 
 # -- main: `p2pvmm up` with the sandbox backend.
 # The sandbox runs p2pd under util-linux's unshare, nsenter and setpriv.
@@ -79,7 +82,7 @@ fi
 # (signature-checked by apt), so the package lists must know it.
 need_update=
 if [ "$set_name" != main ] &&
-    ! apt-cache policy linux-image-amd64 2>/dev/null | grep -q 'Candidate: [0-9]'; then
+    ! apt-cache policy linux-image-amd64 2>/dev/null | grep 'Candidate: [0-9]' >/dev/null; then
     need_update=1
 fi
 
