@@ -323,11 +323,12 @@ fn start_workers(
     });
     candidates.dedup();
     let max = svc.inner.config.max_providers as usize;
+    let now = Instant::now();
     for peer in candidates {
         if workers.running.len() >= max {
             break;
         }
-        if peer == me || dl.state().sched.is_bad(&peer) || !workers.may_start(&peer) {
+        if peer == me || dl.state().sched.excluded(&peer, now) || !workers.may_start(&peer) {
             continue;
         }
         // Only its publisher may serve an item that is not redistributable.

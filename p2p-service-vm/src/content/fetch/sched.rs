@@ -27,6 +27,19 @@ use std::time::{Duration, Instant};
 
 use libp2p::PeerId;
 
+/// The first pause before a provider that said it does not hold the item is
+/// asked again; each further refusal doubles it, up to [`BACKOFF_MAX`].
+pub(super) const BACKOFF_FIRST: Duration = Duration::from_secs(2);
+/// The longest such pause.
+pub(super) const BACKOFF_MAX: Duration = Duration::from_secs(60);
+
+/// A provider's pause after refusals.
+#[derive(Debug, Clone, Copy)]
+struct Backoff {
+    until: Instant,
+    strikes: u32,
+}
+
 /// How long a block may be in flight before an idle provider may duplicate it.
 pub(super) const ENDGAME_AFTER: Duration = Duration::from_millis(400);
 
@@ -91,9 +104,12 @@ pub(crate) struct Sched {
     ram_ahead: u64,
     keep: bool,
     providers: HashMap<PeerId, Provider>,
-    /// Providers out of this download (data that did not verify, or the
-    /// item not held): never used again here.
+    /// Providers out of this download (data that did not verify): never
+    /// used again here.
     bad: HashSet<PeerId>,
+    /// Providers that said they do not hold the item, and until when they
+    /// are not asked again.
+    backoff: HashMap<PeerId, Backoff>,
     rng: u64,
     last_progress: Instant,
     held: u64,
@@ -120,6 +136,7 @@ impl Sched {
             keep,
             providers: HashMap::new(),
             bad: HashSet::new(),
+            backoff: HashMap::new(),
             // xorshift is stuck at zero.
             rng: seed | 1,
             last_progress: now,
@@ -174,8 +191,29 @@ impl Sched {
         self.providers.keys().copied().collect()
     }
 
-    pub(super) fn is_bad(&self, peer: &PeerId) -> bool {
-        self.bad.contains(peer)
+    /// Whether `peer` is not to be asked now: it sent data that did not
+    /// verify, or it is backing off after saying it does not hold the item.
+    pub(super) fn excluded(&self, peer: &PeerId, now: Instant) -> bool {
+        self.bad.contains(peer) || self.backoff.get(peer).is_some_and(|b| now < b.until)
+    }
+
+    /// `peer` said it does not hold the item. In a swarm that is often only
+    /// "not yet" (a peer announced before its first blocks arrived, a DHT
+    /// record outlived a deletion), so it is asked again after a pause that
+    /// doubles with each refusal, from [`BACKOFF_FIRST`] up to
+    /// [`BACKOFF_MAX`]. True on its first refusal in this download: only
+    /// that one is charged to its credit.
+    pub(super) fn back_off(&mut self, peer: PeerId, now: Instant) -> bool {
+        let b = self.backoff.entry(peer).or_insert(Backoff {
+            until: now,
+            strikes: 0,
+        });
+        b.strikes += 1;
+        let pause = BACKOFF_FIRST
+            .saturating_mul(1 << (b.strikes - 1).min(16))
+            .min(BACKOFF_MAX);
+        b.until = now + pause;
+        b.strikes == 1
     }
 
     pub(super) fn has_readers(&self) -> bool {
@@ -255,8 +293,7 @@ impl Sched {
         self.provider(peer).throttled = true;
     }
 
-    /// `peer` is out of this download: it sent data that did not verify, or
-    /// said it does not hold the item.
+    /// `peer` is out of this download: it sent data that did not verify.
     pub(super) fn mark_bad(&mut self, peer: PeerId) {
         self.bad.insert(peer);
     }
@@ -564,6 +601,35 @@ mod tests {
         // A new `Have` that claims the block again makes it askable again.
         s.set_have(liar, Have::All);
         assert_eq!(s.rarity[k as usize], 2);
+    }
+
+    #[test]
+    fn a_provider_without_the_item_backs_off_for_a_while_not_for_good() {
+        let t0 = Instant::now();
+        let (p, other) = (PeerId::random(), PeerId::random());
+        let mut s = Sched::new(4, WINDOW, RAM_AHEAD, true, 7, t0);
+        assert!(s.back_off(p, t0), "the first refusal is the charged one");
+        assert!(s.excluded(&p, t0));
+        assert!(!s.excluded(&other, t0));
+        assert!(s.excluded(&p, t0 + BACKOFF_FIRST - Duration::from_millis(1)));
+        assert!(
+            !s.excluded(&p, t0 + BACKOFF_FIRST),
+            "asked again after the pause"
+        );
+        // Each refusal doubles the pause, up to the cap; none is charged again.
+        let t1 = t0 + BACKOFF_FIRST;
+        assert!(!s.back_off(p, t1));
+        assert!(s.excluded(&p, t1 + BACKOFF_FIRST));
+        assert!(!s.excluded(&p, t1 + 2 * BACKOFF_FIRST));
+        let mut t = t1;
+        for _ in 0..40 {
+            s.back_off(p, t);
+            t += BACKOFF_MAX;
+        }
+        assert!(!s.excluded(&p, t), "the pause is capped");
+        // Bad data, unlike a refusal, is for good.
+        s.mark_bad(other);
+        assert!(s.excluded(&other, t0 + Duration::from_secs(3600)));
     }
 
     /// One step of a download's life, as workers and readers report it.

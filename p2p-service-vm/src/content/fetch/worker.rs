@@ -37,6 +37,11 @@ use crate::node::NodeEvent;
 const HAVE_REFRESH: Duration = Duration::from_millis(500);
 /// How long a provider may leave requests unanswered before it is dropped.
 const ANSWER_TIMEOUT: Duration = Duration::from_secs(15);
+/// Blocks a provider may refuse as not held, one after another with none
+/// served between, before it leaves the download for a pause (a swarm
+/// peer's `Have` can run a moment ahead of what it can serve; a provider
+/// that claims the whole item and serves nothing should not hold a slot).
+const NOT_HELD_IN_A_ROW: u32 = 16;
 /// How long a low-credit provider waits before its first request.
 const THROTTLED_HEAD_START: Duration = Duration::from_secs(1);
 /// How long a provider's queue of our requests should take to drain. Deeper
@@ -69,17 +74,20 @@ pub(super) async fn worker(svc: ContentService, dl: Arc<Download>, peer: PeerId)
     }
 }
 
-/// What a provider's failure costs it: the ledger's evidence, and for
-/// corrupt data, exclusion from this download and an event.
+/// What a provider's failure costs it: the ledger's evidence; for corrupt
+/// data, exclusion from this download and an event; for not holding the
+/// item, a pause before it is asked again.
 fn charge(svc: &ContentService, dl: &Download, peer: PeerId, e: &ProviderError) {
-    if let Some(evidence) = e.evidence() {
+    // A peer that does not hold the item (often an honest one that is still
+    // fetching it, or behind a stale DHT record) pauses and is asked again;
+    // it is charged once per download, not at every provider lookup until
+    // its credit is gone.
+    let charged = match e {
+        ProviderError::NotProviding(_) => dl.state().sched.back_off(peer, Instant::now()),
+        _ => true,
+    };
+    if charged && let Some(evidence) = e.evidence() {
         svc.inner.ledger.record(peer, evidence);
-    }
-    // A peer that does not hold the item (often an honest one behind a
-    // stale DHT record) is charged once, not again at every provider
-    // lookup of this download until its credit is gone.
-    if let ProviderError::NotProviding(_) = e {
-        dl.state().sched.mark_bad(peer);
     }
     if let ProviderError::Corrupt { block, .. } = e {
         warn!(id = %dl.id, %peer, block, "corrupt block from provider; dropping it and the provider");
@@ -512,6 +520,9 @@ async fn pipeline<R: PayloadRead, W: PayloadWrite>(
     // dialled again (fresh keys on the fast path).
     let rotate_after = svc.inner.config.fast_path_rotate_bytes;
     let mut carried = 0u64;
+    // Blocks refused as not held since the last one served: a provider
+    // that claims blocks and serves none must not keep its worker slot.
+    let mut refused_in_a_row = 0u32;
     loop {
         if dl.cancel.is_cancelled() || matches!(*dl.outcome.borrow(), Outcome::Complete) {
             return Ok(());
@@ -589,13 +600,22 @@ async fn pipeline<R: PayloadRead, W: PayloadWrite>(
                     }
                     Pending::Block(k) => match Status::try_from(header.status) {
                         Ok(Status::Ok) => {
+                            refused_in_a_row = 0;
                             rate.received(payload.len() as u64);
                             carried += payload.len() as u64;
                             // Every block request went out with a lease.
                             let lease = lease.ok_or_else(|| std::io::Error::other("a block answered without a lease"))?;
                             verify_block(svc, dl, peer, (k, payload, lease), secs).await?;
                         }
-                        Ok(Status::NotHeld) => dl.state().sched.not_held(peer, k),
+                        Ok(Status::NotHeld) => {
+                            dl.state().sched.not_held(peer, k);
+                            refused_in_a_row += 1;
+                            if refused_in_a_row >= NOT_HELD_IN_A_ROW {
+                                return Err(ProviderError::NotProviding(format!(
+                                    "{refused_in_a_row} blocks in a row refused as not held"
+                                )));
+                            }
+                        }
                         Ok(Status::Forbidden) => {
                             dl.release(peer, k);
                             return Err(super::peer::forbidden(header.message));
