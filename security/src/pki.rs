@@ -85,7 +85,7 @@ pub enum CertError {
     NoAnchors,
     /// Its key is not the libp2p key of the peer it names.
     #[error(
-        "the certificate's key is not the libp2p key of peer {0} (issue it from the node's own request: `p2pctl group request`)"
+        "the certificate's key is not the libp2p key of peer {0} (issue it from the node's own request: `p2pctl group csr`)"
     )]
     NotPeersKey(String),
 }
