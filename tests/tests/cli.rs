@@ -156,6 +156,23 @@ async fn p2pctl_groups_and_rights_as_an_operator_uses_them() -> Result<()> {
     .await?;
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("DRM_EXPIRED"));
+
+    // A node outside the group, naming it by name or by id, is told it is
+    // not a member, with the documented code.
+    let stranger = TestNode::start(Default::default()).await?;
+    for g in ["crew", id.as_str()] {
+        let out = p2pctl(
+            &stranger,
+            None,
+            &["pubsub", "pub", "--group", g, "news", "hello"],
+        )
+        .await?;
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !out.status.success() && err.contains("DRM_NOT_GROUP_MEMBER"),
+            "group {g}: {err}"
+        );
+    }
     Ok(())
 }
 
@@ -204,6 +221,15 @@ async fn p2pctl_compute_as_an_operator_and_a_requester_use_it() -> Result<()> {
     let job: serde_json::Value = serde_json::from_str(&ok(&out))?;
     assert_eq!(job["state"], "done", "{job}");
     let job_id = job["job_id"].as_str().unwrap().to_owned();
+    // Each run's time, from asking its provider to the answer.
+    for run in job["runs"].as_array().unwrap() {
+        assert!(run["wall_ms"].as_u64().unwrap_or(0) > 0, "{run}");
+    }
+    let status = ok(&p2pctl(&requester, None, &["compute", "status", &job_id[..12]]).await?);
+    assert!(
+        status.contains("TIME") && status.contains(" s "),
+        "{status}"
+    );
     let result_path = dir.path().join("out.txt");
     let out = p2pctl(
         &requester,

@@ -357,6 +357,18 @@ async fn modules_that_loop_hog_memory_or_import_too_much_fail_typed_and_provider
     // A budget too small for any provider is refused by name.
     let job = run(&r, &module, &input_id, 1).await?;
     ensure!(job.error_code == "COMPUTE_NO_PROVIDERS", "{job:?}");
+    // Providers whose runs may outlast what the requester waits for one
+    // (two hours here) are refused up front, by name, and nothing runs.
+    for p in [&p1, &p2] {
+        let two_hours = proto::ComputeOffer {
+            max_wall_ms: 2 * 3600 * 1000,
+            ..Default::default()
+        };
+        offer(p, 2, two_hours).await?;
+    }
+    let job = run(&r, &module, &input_id, 1_000_000).await?;
+    ensure!(job.error_code == "COMPUTE_WALL_LIMIT_TOO_LONG", "{job:?}");
+    ensure!(job.runs.is_empty(), "{job:?}");
     Ok(())
 }
 

@@ -922,3 +922,106 @@ async fn a_provider_that_never_answers_cannot_hold_up_a_download() -> Result<()>
     );
     Ok(())
 }
+
+/// Whether the server closed `s`: a read ends (EOF or reset) within `wait`.
+async fn closed_within(s: &mut tokio::net::TcpStream, wait: Duration) -> bool {
+    let mut byte = [0u8; 1];
+    matches!(
+        tokio::time::timeout(wait, s.read(&mut byte)).await,
+        Ok(Ok(0)) | Ok(Err(_))
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_http_gateway_caps_connections_and_drops_silent_and_slow_clients() -> Result<()> {
+    use tokio::io::AsyncWriteExt;
+    // The gateway's bounds (p2p-service-vm/src/content/gateway.rs).
+    const CAP: usize = 64;
+    const HEADER_READ: Duration = Duration::from_secs(10);
+    let port = std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port();
+    let n = node(
+        &[],
+        Some(format!("[content]\ngateway = \"127.0.0.1:{port}\"\n")),
+    )
+    .await?;
+    let data = item(1 << 20, 31);
+    let info = publish(&n.app("pub").await?, "clip.webm", &data).await?;
+    let addr = format!("127.0.0.1:{port}");
+
+    // Silent clients past the cap are closed at once; the cap's worth stay.
+    let mut silent = Vec::new();
+    for _ in 0..CAP + 16 {
+        silent.push(tokio::net::TcpStream::connect(&addr).await?);
+    }
+    // Looked at all at once, well inside the header-read limit.
+    let refused = futures::future::join_all(
+        silent
+            .iter_mut()
+            .map(|s| closed_within(s, Duration::from_millis(500))),
+    )
+    .await
+    .into_iter()
+    .filter(|&closed| closed)
+    .count();
+    ensure!(
+        refused == 16,
+        "{refused} of {} silent connections closed at once (the cap is {CAP})",
+        silent.len()
+    );
+    // A slowloris client: a byte of header a second, never done.
+    let mut slow = None;
+    for _ in 0..100 {
+        // Waits for the silent ones to time out and free a slot.
+        let mut s = tokio::net::TcpStream::connect(&addr).await?;
+        if s.write_all(b"GET /content/").await.is_ok()
+            && !closed_within(&mut s, Duration::from_millis(200)).await
+        {
+            slow = Some(s);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let mut slow = slow.context("no slot came free: silent connections are held for good")?;
+    // Every silent connection is gone after the header-read limit.
+    for s in &mut silent {
+        ensure!(
+            closed_within(s, HEADER_READ + Duration::from_secs(5)).await,
+            "a silent connection outlived the header-read limit"
+        );
+    }
+    let began = std::time::Instant::now();
+    let mut dropped = false;
+    while began.elapsed() < HEADER_READ * 3 {
+        if slow.write_all(b"a").await.is_err()
+            || closed_within(&mut slow, Duration::from_secs(1)).await
+        {
+            dropped = true;
+            break;
+        }
+    }
+    ensure!(
+        dropped,
+        "a client sending its headers a byte a second was held {:?}",
+        began.elapsed()
+    );
+    // An honest client is served afterwards.
+    let mut s = tokio::net::TcpStream::connect(&addr).await?;
+    s.write_all(
+        format!(
+            "GET /content/{} HTTP/1.1\r\nHost: x\r\nRange: bytes=0-9\r\nConnection: close\r\n\r\n",
+            info.content_id
+        )
+        .as_bytes(),
+    )
+    .await?;
+    let mut answer = Vec::new();
+    tokio::time::timeout(WAIT, s.read_to_end(&mut answer)).await??;
+    ensure!(
+        answer.starts_with(b"HTTP/1.1 206") && answer.ends_with(&data[..10]),
+        "{}",
+        String::from_utf8_lossy(&answer)
+    );
+    Ok(())
+}

@@ -131,7 +131,7 @@ fn offer_human(o: &proto::ComputeOffer) -> String {
 fn run_json(r: &proto::ComputeRun) -> serde_json::Value {
     json!({
         "provider": r.provider, "state": r.state, "result_id": r.result_id,
-        "work_units": r.work_units, "credits": r.credits,
+        "work_units": r.work_units, "credits": r.credits, "wall_ms": r.wall_ms,
         "error_code": r.error_code, "error": r.error,
     })
 }
@@ -166,16 +166,22 @@ fn why(code: &str, error: &str) -> String {
 /// A job's runs, one provider a line, each line after `indent`.
 fn runs_table(runs: &[proto::ComputeRun], indent: &str) -> String {
     let mut s = format!(
-        "\n{indent}{:<54} {:<10} {:>12} {:>8}  {:<12}  {}",
-        "PROVIDER", "STATE", "WORK UNITS", "CREDITS", "RESULT", "ERROR"
+        "\n{indent}{:<54} {:<10} {:>12} {:>8} {:>8}  {:<12}  {}",
+        "PROVIDER", "STATE", "WORK UNITS", "CREDITS", "TIME", "RESULT", "ERROR"
     );
     for r in runs {
+        let time = if r.wall_ms == 0 && r.state == "running" {
+            "-".to_owned()
+        } else {
+            format!("{:.1} s", r.wall_ms as f64 / 1000.0)
+        };
         s.push_str(&format!(
-            "\n{indent}{:<54} {:<10} {:>12} {:>8}  {:<12}  {}",
+            "\n{indent}{:<54} {:<10} {:>12} {:>8} {:>8}  {:<12}  {}",
             r.provider,
             r.state,
             r.work_units,
             r.credits,
+            time,
             short(&r.result_id),
             failure(&r.error_code, &r.error)
         ));

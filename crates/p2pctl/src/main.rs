@@ -570,11 +570,18 @@ async fn topic_in(c: &Client, group: Option<&str>, topic: &str) -> Result<String
         return Ok(topic.to_owned());
     };
     let groups = c.group_list().await?;
-    let g = groups
-        .iter()
-        .find(|g| g.name == group || g.id == group)
-        .with_context(|| format!("this node knows no group {group:?} (p2pctl group list)"))?;
-    Ok(Client::group_topic(&g.id, topic))
+    if let Some(g) = groups.iter().find(|g| g.name == group || g.id == group) {
+        return Ok(Client::group_topic(&g.id, topic));
+    }
+    // A group id this node is not a member of goes to the node, which
+    // answers DRM_NOT_GROUP_MEMBER as for any non-member.
+    if group.len() == 32 && group.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return Ok(Client::group_topic(&group.to_ascii_lowercase(), topic));
+    }
+    anyhow::bail!(
+        "DRM_NOT_GROUP_MEMBER: this node is not a member of a group named {group:?} \
+         (p2pctl group list shows its groups; a group's id works too)"
+    )
 }
 
 async fn stream(c: &Client, cmd: &StreamCmd) -> Result<()> {

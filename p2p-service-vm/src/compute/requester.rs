@@ -140,7 +140,21 @@ pub(super) async fn run(svc: ComputeService, spec: Spec, job: std::sync::Arc<Job
 
 async fn drive(svc: &ComputeService, spec: &Spec, job: &Job) -> Result<ContentId, Failure> {
     let cap = spec.budget / (spec.replicas as u64 + 1);
-    let candidates = candidates(svc, cap).await;
+    let (candidates, too_long) = candidates(svc, cap).await;
+    if candidates.len() < spec.replicas as usize && too_long > 0 {
+        // Refused up front: such a run could still be going when this node
+        // stops waiting for it, and would be abandoned unpaid.
+        return Err((
+            "COMPUTE_WALL_LIMIT_TOO_LONG".into(),
+            format!(
+                "{} provider(s) fit; {too_long} more allow runs longer than this node waits for one \
+                 ({} s with fetching); {} needed",
+                candidates.len(),
+                MAX_RUN_WAIT.as_secs(),
+                spec.replicas
+            ),
+        ));
+    }
     if candidates.len() < spec.replicas as usize {
         return Err((
             "COMPUTE_NO_PROVIDERS".into(),
@@ -178,9 +192,10 @@ async fn drive(svc: &ComputeService, spec: &Spec, job: &Job) -> Result<ContentId
             });
             pending.push(run_on(svc, spec, c, index));
         }
-        let Some((c, index, outcome)) = pending.next().await else {
+        let Some((c, index, outcome, took)) = pending.next().await else {
             return Err(no_quorum(&results, &faults));
         };
+        job.update(|s| s.runs[index].wall_ms = took.as_millis() as u64);
         match outcome {
             Outcome::Done(done) => {
                 let (body, signed, stream, took) = *done;
@@ -399,8 +414,9 @@ async fn tell(stream: &mut libp2p::Stream, verdict: wire::Verdict) -> std::io::R
 /// Providers in the service registry, with offers this budget buys, best
 /// first by the credit ledger's forecasts: standing, then reliability (in
 /// steps of 0.05, so noise does not outrank the rest), then compute speed,
-/// then price.
-async fn candidates(svc: &ComputeService, cap: u64) -> Vec<Candidate> {
+/// then price. Also how many offers were left out because their wall limit
+/// is longer than this node waits for a run ([`waits_for`]).
+async fn candidates(svc: &ComputeService, cap: u64) -> (Vec<Candidate>, usize) {
     let node = &svc.inner.content.inner.node;
     let me = node.peer_id();
     let found = node
@@ -421,10 +437,13 @@ async fn candidates(svc: &ComputeService, cap: u64) -> Vec<Candidate> {
         (peer, offer.ok().flatten())
     }))
     .await;
+    let (offers, too_long): (Vec<_>, Vec<_>) = offers
+        .into_iter()
+        .filter_map(|(peer, offer)| Some((peer, offer?)))
+        .partition(|(_, offer)| waits_for(offer.max_wall_ms));
     let mut out: Vec<(Candidate, p2pvm_security::PeerCredit)> = offers
         .into_iter()
         .filter_map(|(peer, offer)| {
-            let offer = offer?;
             let fuel = if offer.price_per_mfuel == 0 {
                 offer.max_fuel
             } else {
@@ -446,7 +465,13 @@ async fn candidates(svc: &ComputeService, cap: u64) -> Vec<Candidate> {
             )
             .then(a.offer.price_per_mfuel.cmp(&b.offer.price_per_mfuel))
     });
-    out.into_iter().map(|(c, _)| c).collect()
+    (out.into_iter().map(|(c, _)| c).collect(), too_long.len())
+}
+
+/// Whether this node waits long enough for a run that may take
+/// `max_wall_ms`, with the provider's fetching on top.
+fn waits_for(max_wall_ms: u64) -> bool {
+    Duration::from_millis(max_wall_ms).saturating_add(FETCH_ALLOWANCE) <= MAX_RUN_WAIT
 }
 
 async fn ask_offer(svc: &ComputeService, peer: PeerId) -> Option<wire::Offer> {
@@ -482,7 +507,7 @@ async fn run_on(
     spec: &Spec,
     c: Candidate,
     index: usize,
-) -> (Candidate, usize, Outcome) {
+) -> (Candidate, usize, Outcome, Duration) {
     let failed = |code: &str, message: String| Outcome::Failed {
         code: code.into(),
         message,
@@ -518,7 +543,7 @@ async fn run_on(
             _ => failed("PROTOCOL_VIOLATION", "an answer out of turn".into()),
         },
     };
-    (c, index, outcome)
+    (c, index, outcome, asked.elapsed())
 }
 
 async fn ask_run(
@@ -600,5 +625,14 @@ mod tests {
         assert_eq!(run_wait(60_000), Duration::from_secs(60) + FETCH_ALLOWANCE);
         assert_eq!(run_wait(u64::MAX), MAX_RUN_WAIT);
         assert_eq!(run_wait(0), FETCH_ALLOWANCE);
+    }
+
+    #[test]
+    fn offers_longer_than_the_wait_are_not_taken() {
+        let longest = (MAX_RUN_WAIT - FETCH_ALLOWANCE).as_millis() as u64;
+        assert!(waits_for(60_000));
+        assert!(waits_for(longest));
+        assert!(!waits_for(longest + 1));
+        assert!(!waits_for(u64::MAX));
     }
 }

@@ -206,25 +206,48 @@ const SEARCHES_PER_SEC: u32 = 2;
 /// Peers whose search allowance is tracked before idle ones are dropped.
 const SEARCH_PEERS_TRACKED: usize = 10_000;
 
+/// How often, at most, the search allowances of idle peers are dropped: a
+/// pass looks at every tracked peer, so it must not run at every search.
+const SEARCH_PRUNE_EVERY: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// The search allowance of each peer.
-pub(crate) struct SearchLimits(governor::DefaultKeyedRateLimiter<PeerId>);
+pub(crate) struct SearchLimits {
+    limits: governor::DefaultKeyedRateLimiter<PeerId>,
+    last_prune: std::sync::Mutex<std::time::Instant>,
+}
 
 impl Default for SearchLimits {
     fn default() -> Self {
         let quota = Quota::per_second(NonZeroU32::new(SEARCHES_PER_SEC).expect("positive"))
             .allow_burst(NonZeroU32::new(SEARCH_BURST).expect("positive"));
-        Self(RateLimiter::keyed(quota))
+        Self {
+            limits: RateLimiter::keyed(quota),
+            last_prune: std::sync::Mutex::new(std::time::Instant::now()),
+        }
     }
 }
 
 impl SearchLimits {
     /// Whether `peer` may have another search answered now.
     pub fn allow(&self, peer: &PeerId) -> bool {
-        if self.0.len() > SEARCH_PEERS_TRACKED {
+        if self.limits.len() > SEARCH_PEERS_TRACKED && self.prune_due() {
             // Peers back at a full allowance need no entry.
-            self.0.retain_recent();
+            self.limits.retain_recent();
         }
-        self.0.check_key(peer).is_ok()
+        self.limits.check_key(peer).is_ok()
+    }
+
+    /// True at most once per [`SEARCH_PRUNE_EVERY`]; a search that finds
+    /// another one pruning goes on without waiting.
+    fn prune_due(&self) -> bool {
+        let Ok(mut last) = self.last_prune.try_lock() else {
+            return false;
+        };
+        if last.elapsed() < SEARCH_PRUNE_EVERY {
+            return false;
+        }
+        *last = std::time::Instant::now();
+        true
     }
 }
 
@@ -708,5 +731,14 @@ mod tests {
             1100 / u64::from(SEARCHES_PER_SEC),
         ));
         assert!(limits.allow(&a));
+    }
+
+    #[test]
+    fn idle_search_peers_are_pruned_at_most_once_per_interval() {
+        let limits = SearchLimits::default();
+        assert!(!limits.prune_due(), "a pass right after the start");
+        *limits.last_prune.lock().unwrap() -= SEARCH_PRUNE_EVERY;
+        assert!(limits.prune_due());
+        assert!(!limits.prune_due(), "a second pass in the same interval");
     }
 }
