@@ -14,6 +14,8 @@ use crate::util::{find_tool, require_tool};
 /// `(package, binary)` of every program the images and the test host use.
 pub const BINARIES: &[(&str, &str)] = &[
     ("vmm", "p2pvmm"),
+    // Not in the images: the nested test host holds a VM open with it.
+    ("vmm", "p2pvm-kvm-hold"),
     ("p2pvm-init", "p2pvm-init"),
     ("p2p-service-vm", "p2pd"),
     ("guest-frontend", "p2p-frontend"),

@@ -25,6 +25,13 @@ use crate::run::Limits;
 
 /// Where [`Scenario::p2pvmm`] puts our VMM.
 pub const P2PVMM_GUEST_PATH: &str = "/bin/p2pvmm";
+/// Where [`Scenario::p2pvmm`] puts `p2pvm-kvm-hold` (built beside `p2pvmm`),
+/// which the test host's init starts before the scenario: one empty VM held
+/// open, so that its KVM turns virtualization on once, at boot, rather than
+/// when the scenario's first VM starts (docs/vm-mode.md, "Pass rate").
+pub const KVM_HOLD_GUEST_PATH: &str = "/bin/p2pvm-kvm-hold";
+/// `0` leaves the VM hold out (to measure what it changes).
+pub const KVM_HOLD_ENV: &str = "P2PVM_TESTHOST_KVM_HOLD";
 
 /// A file carried into an image.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -112,9 +119,16 @@ impl Scenario {
         self
     }
 
-    /// Our VMM: [`Scenario::binary`] at `/bin/p2pvmm`, named by `$P2PVMM`.
+    /// Our VMM: [`Scenario::binary`] at `/bin/p2pvmm`, named by `$P2PVMM`;
+    /// with it `p2pvm-kvm-hold` from the same directory, where it was built.
     pub fn p2pvmm(self, host: impl AsRef<Path>) -> Self {
-        self.binary(P2PVMM_GUEST_PATH, host)
+        let hold = host.as_ref().with_file_name("p2pvm-kvm-hold");
+        let s = self.binary(P2PVMM_GUEST_PATH, host);
+        if hold.is_file() {
+            s.binary(KVM_HOLD_GUEST_PATH, hold)
+        } else {
+            s
+        }
     }
 
     /// Copies a host file into the L2 guest's initramfs (programs are not stripped and
@@ -186,6 +200,16 @@ impl Scenario {
             total: self.timeout,
             silence: self.silence_timeout,
         }
+    }
+
+    /// Whether the test host's init holds a VM open (`p2pvm-kvm-hold` is in
+    /// its image and [`KVM_HOLD_ENV`] is not `0`).
+    pub(crate) fn holds_kvm(&self) -> bool {
+        std::env::var(KVM_HOLD_ENV).as_deref() != Ok("0")
+            && self
+                .extra_files
+                .iter()
+                .any(|f| f.guest == KVM_HOLD_GUEST_PATH)
     }
 
     /// Whether an extra file is our VMM.

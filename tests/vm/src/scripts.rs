@@ -90,8 +90,19 @@ pub fn l2_init(body: &str) -> String {
     )
 }
 
+/// The test host's init, with `hold`: `p2pvm-kvm-hold` holds an empty VM
+/// open for the test host's life before it reports ready (see
+/// [`crate::scenario::KVM_HOLD_GUEST_PATH`]).
+const HOLD_KVM: &str = "\
+    if [ -c /dev/kvm ]; then\n\
+        /bin/p2pvm-kvm-hold /tmp/.kvm-held &\n\
+        i=0; while [ ! -e /tmp/.kvm-held ] && [ $i -lt 100 ]; do sleep 0.1; i=$((i + 1)); done\n\
+        if [ -e /tmp/.kvm-held ]; then echo \"P2PVM-NOTE kvm held open\"; else echo \"P2PVM-NOTE kvm hold failed\"; fi\n\
+    fi\n";
+
 /// The L1 `/init`: system setup, the launcher, power-off whatever happened.
-pub fn l1_init(launcher: &str) -> String {
+pub fn l1_init(launcher: &str, hold: bool) -> String {
+    let hold = if hold { HOLD_KVM } else { "" };
     format!(
         "#!/bin/busybox sh\n\
          # p2pvm-testhost L1 init: a test host with /dev/kvm.\n\
@@ -105,6 +116,7 @@ pub fn l1_init(launcher: &str) -> String {
          echo madvise > /sys/kernel/mm/transparent_hugepage/enabled\n\
          ip link set lo up\n\
          {LOAD_MODULES}\
+         {hold}\
          kvm=no; [ -c /dev/kvm ] && kvm=yes\n\
          read -r up idle < /proc/uptime\n\
          echo \"P2PVM-L1-READY kvm=$kvm uptime_s=$up\"\n\
@@ -162,6 +174,18 @@ pub fn load_order(required: &[String], optional: &[String]) -> String {
 mod tests {
     use super::*;
     use std::process::Command;
+
+    #[test]
+    fn the_test_host_holds_a_vm_open_before_it_reports_ready_when_asked() {
+        let held = l1_init("run-the-scenario\n", true);
+        let hold = held.find("/bin/p2pvm-kvm-hold").expect("the hold");
+        let ready = held.find("P2PVM-L1-READY").expect("ready line");
+        assert!(hold < ready, "{held}");
+        assert!(!l1_init("run-the-scenario\n", false).contains("kvm-hold"));
+        // The init still parses as a shell script.
+        let out = Command::new("sh").args(["-n", "-c", &held]).output().unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    }
 
     #[test]
     fn launcher_reports_exit_status_and_env() {

@@ -310,7 +310,11 @@ impl TestHost {
             0o644,
             scripts::l1_script(&scenario.l1_script),
         );
-        layout.text("/init", 0o755, scripts::l1_init(&launcher));
+        layout.text(
+            "/init",
+            0o755,
+            scripts::l1_init(&launcher, scenario.holds_kvm()),
+        );
         Ok(layout)
     }
 
