@@ -68,6 +68,10 @@ pub struct Scenario {
     pub timeout: Duration,
     /// Watchdog: longest time without a console line (default 90 s).
     pub silence_timeout: Duration,
+    /// The test host prints a heartbeat line this often (default none): a
+    /// scenario with long quiet steps can then keep a short silence limit,
+    /// which a frozen test host reaches in seconds, not minutes.
+    pub heartbeat: Option<Duration>,
     /// L1 vCPUs (default 1).
     pub smp: u32,
     /// L1 memory in MiB (default 2048).
@@ -88,6 +92,7 @@ impl Scenario {
             bundle_qemu: false,
             timeout: Duration::from_secs(240),
             silence_timeout: Duration::from_secs(90),
+            heartbeat: None,
             smp: 1,
             mem_mib: 2048,
         }
@@ -180,6 +185,12 @@ impl Scenario {
     /// Sets the watchdog's silence limit.
     pub fn silence_timeout(mut self, limit: Duration) -> Self {
         self.silence_timeout = limit;
+        self
+    }
+
+    /// Has the test host print `P2PVM-HEARTBEAT` every `every`.
+    pub fn heartbeat(mut self, every: Duration) -> Self {
+        self.heartbeat = Some(every);
         self
     }
 

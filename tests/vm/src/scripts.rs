@@ -101,8 +101,18 @@ const HOLD_KVM: &str = "\
     fi\n";
 
 /// The L1 `/init`: system setup, the launcher, power-off whatever happened.
-pub fn l1_init(launcher: &str, hold: bool) -> String {
+/// With `heartbeat`, a background loop prints `P2PVM-HEARTBEAT` that often:
+/// only a test host that stopped altogether falls silent then.
+pub fn l1_init(launcher: &str, hold: bool, heartbeat: Option<std::time::Duration>) -> String {
     let hold = if hold { HOLD_KVM } else { "" };
+    let heartbeat = heartbeat
+        .map(|every| {
+            format!(
+                "(while sleep {}; do read -r up idle < /proc/uptime; echo \"P2PVM-HEARTBEAT uptime_s=$up\"; done) &\n",
+                every.as_secs().max(1)
+            )
+        })
+        .unwrap_or_default();
     format!(
         "#!/bin/busybox sh\n\
          # p2pvm-testhost L1 init: a test host with /dev/kvm.\n\
@@ -120,6 +130,7 @@ pub fn l1_init(launcher: &str, hold: bool) -> String {
          kvm=no; [ -c /dev/kvm ] && kvm=yes\n\
          read -r up idle < /proc/uptime\n\
          echo \"P2PVM-L1-READY kvm=$kvm uptime_s=$up\"\n\
+         {heartbeat}\
          {launcher}\
          poweroff -f\n"
     )
@@ -177,13 +188,24 @@ mod tests {
 
     #[test]
     fn the_test_host_holds_a_vm_open_before_it_reports_ready_when_asked() {
-        let held = l1_init("run-the-scenario\n", true);
+        let held = l1_init("run-the-scenario\n", true, None);
         let hold = held.find("/bin/p2pvm-kvm-hold").expect("the hold");
         let ready = held.find("P2PVM-L1-READY").expect("ready line");
         assert!(hold < ready, "{held}");
-        assert!(!l1_init("run-the-scenario\n", false).contains("kvm-hold"));
+        assert!(!l1_init("run-the-scenario\n", false, None).contains("kvm-hold"));
         // The init still parses as a shell script.
         let out = Command::new("sh").args(["-n", "-c", &held]).output().unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    }
+
+    #[test]
+    fn a_heartbeat_runs_beside_the_scenario_only_when_asked() {
+        let beat = l1_init("run-the-scenario\n", false, Some(std::time::Duration::from_secs(10)));
+        let at = beat.find("P2PVM-HEARTBEAT").expect("heartbeat");
+        assert!(beat.contains("while sleep 10;"), "{beat}");
+        assert!(at < beat.find("run-the-scenario").unwrap(), "{beat}");
+        assert!(!l1_init("run-the-scenario\n", false, None).contains("HEARTBEAT"));
+        let out = Command::new("sh").args(["-n", "-c", &beat]).output().unwrap();
         assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     }
 

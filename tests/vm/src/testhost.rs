@@ -313,7 +313,7 @@ impl TestHost {
         layout.text(
             "/init",
             0o755,
-            scripts::l1_init(&launcher, scenario.holds_kvm()),
+            scripts::l1_init(&launcher, scenario.holds_kvm(), scenario.heartbeat),
         );
         Ok(layout)
     }

@@ -40,8 +40,11 @@ fn the_platform_runs_as_two_vms_from_its_images() {
         .mem_mib(3072)
         .smp(2)
         .timeout(std::time::Duration::from_secs(1200))
-        // The longest quiet step is a fetch with its own 150 s limit.
-        .silence_timeout(std::time::Duration::from_secs(240));
+        // The scenario's steps may be quiet for minutes (a fetch has its own
+        // 150 s limit), but the test host's heartbeat is not: a test host
+        // that froze is caught in a minute, not four.
+        .heartbeat(std::time::Duration::from_secs(10))
+        .silence_timeout(std::time::Duration::from_secs(60));
     let o = match host.run(&scenario) {
         // QEMU's emulator has been seen (three times in a dozen runs, with
         // the platform's two VMs loading it) to reset the whole test host
