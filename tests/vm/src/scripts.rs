@@ -194,19 +194,37 @@ mod tests {
         assert!(hold < ready, "{held}");
         assert!(!l1_init("run-the-scenario\n", false, None).contains("kvm-hold"));
         // The init still parses as a shell script.
-        let out = Command::new("sh").args(["-n", "-c", &held]).output().unwrap();
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let out = Command::new("sh")
+            .args(["-n", "-c", &held])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
 
     #[test]
     fn a_heartbeat_runs_beside_the_scenario_only_when_asked() {
-        let beat = l1_init("run-the-scenario\n", false, Some(std::time::Duration::from_secs(10)));
+        let beat = l1_init(
+            "run-the-scenario\n",
+            false,
+            Some(std::time::Duration::from_secs(10)),
+        );
         let at = beat.find("P2PVM-HEARTBEAT").expect("heartbeat");
         assert!(beat.contains("while sleep 10;"), "{beat}");
         assert!(at < beat.find("run-the-scenario").unwrap(), "{beat}");
         assert!(!l1_init("run-the-scenario\n", false, None).contains("HEARTBEAT"));
-        let out = Command::new("sh").args(["-n", "-c", &beat]).output().unwrap();
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let out = Command::new("sh")
+            .args(["-n", "-c", &beat])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
 
     #[test]

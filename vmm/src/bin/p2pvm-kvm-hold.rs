@@ -30,7 +30,10 @@ fn main() -> ExitCode {
     if let Some(ready) = std::env::args_os().nth(1)
         && let Err(e) = std::fs::write(&ready, b"held\n")
     {
-        eprintln!("p2pvm-kvm-hold: cannot write {}: {e}", ready.to_string_lossy());
+        eprintln!(
+            "p2pvm-kvm-hold: cannot write {}: {e}",
+            ready.to_string_lossy()
+        );
         return ExitCode::FAILURE;
     }
     loop {
