@@ -158,7 +158,8 @@ async fn p2pctl_groups_and_rights_as_an_operator_uses_them() -> Result<()> {
     assert!(String::from_utf8_lossy(&out.stderr).contains("DRM_EXPIRED"));
 
     // A node outside the group, naming it by name or by id, is told it is
-    // not a member, with the documented code.
+    // not a member, with the typed code (DRM_NOT_GROUP_MEMBER), not that
+    // the group is unknown.
     let stranger = TestNode::start(Default::default()).await?;
     for g in ["crew", id.as_str()] {
         let out = p2pctl(
@@ -169,7 +170,7 @@ async fn p2pctl_groups_and_rights_as_an_operator_uses_them() -> Result<()> {
         .await?;
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(
-            !out.status.success() && err.contains("DRM_NOT_GROUP_MEMBER"),
+            !out.status.success() && err.contains("DrmNotGroupMember"),
             "group {g}: {err}"
         );
     }

@@ -579,7 +579,7 @@ async fn topic_in(c: &Client, group: Option<&str>, topic: &str) -> Result<String
         return Ok(Client::group_topic(&group.to_ascii_lowercase(), topic));
     }
     anyhow::bail!(
-        "DRM_NOT_GROUP_MEMBER: this node is not a member of a group named {group:?} \
+        "DrmNotGroupMember: this node is not a member of a group named {group:?} \
          (p2pctl group list shows its groups; a group's id works too)"
     )
 }
