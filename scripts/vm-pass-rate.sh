@@ -68,7 +68,7 @@ reason() {
 }
 
 printf '%-10s %4s  %-22s %6s %5s  %s\n' test run first-try seconds load notes
-declare -A first_ok=() total=()
+declare -A first_ok=() total=() recovered=()
 for i in $(seq 1 "$runs"); do
     for t in "${tests[@]}"; do
         log="$logs/$t-$i.log"
@@ -95,6 +95,12 @@ for i in $(seq 1 "$runs"); do
         if grep -aq 'WARNING: the client guest reset itself' "$log"; then
             notes="${notes:+$notes; }client guest reset (recovered)"
         fi
+        if grep -aq 'WARNING: the service guest reset itself' "$log"; then
+            notes="${notes:+$notes; }service guest reset (recovered)"
+        fi
+        if [ "$first" = pass ] && grep -aq 'WARNING: the .* guest reset itself' "$log"; then
+            recovered[$t]=$((${recovered[$t]:-0} + 1))
+        fi
         total[$t]=$((${total[$t]:-0} + 1))
         [ "$first" = pass ] && first_ok[$t]=$((${first_ok[$t]:-0} + 1))
         printf '%-10s %4d  %-22s %6d %5s  %s\n' "$t" "$i" "$first" "$secs" "$load" "$notes"
@@ -106,5 +112,5 @@ echo "first-try passes ($([ -n "$busy" ] && echo "one core busy" || echo idle);"
     "smp=${P2PVM_TESTHOST_SMP:-as the test sets} cpu=${P2PVM_TESTHOST_CPU:-qemu64,+svm,+npt}" \
     "accel=${P2PVM_TESTHOST_ACCEL:-tcg}; logs: $logs):"
 for t in "${tests[@]}"; do
-    echo "  $t: ${first_ok[$t]:-0}/${total[$t]}"
+    echo "  $t: ${first_ok[$t]:-0}/${total[$t]} (of which ${recovered[$t]:-0} with a guest reset the scenario recovered from)"
 done

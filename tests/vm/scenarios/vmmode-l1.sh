@@ -13,6 +13,7 @@ clog="$P2PVMM_HOME/vms/client/console.log"
 
 peer_of() { sed -n 's/^peer id: *//p'; }
 client_boots() { grep -ac 'Client VM, .* since boot' "$clog"; }
+service_boots() { grep -ac 'Service VM, .* since boot' "$slog"; }
 # The client guest reset itself (the client VMM restarts it in place): say
 # how, wait for the new boot's front-end, give its new shell the app's token.
 client_came_back() {
@@ -51,6 +52,21 @@ if [ -z "$cpeer" ] && [ "$(client_boots)" -gt 1 ]; then
     client_came_back "before its first answer"
     result client_guest_reset_early=yes
     cpeer=$(ask client CPEER2 "p2pctl info | sed -n 's/^peer id: *//p'")
+fi
+# The same reset, seen in the service VM (its VMM boots it again in place):
+# say how, wait for its node, and ask again with a token issued after it.
+if [ -z "$cpeer" ] && [ "$(service_boots)" -gt 1 ]; then
+    echo "the service guest reset itself before the client's first answer (boot $(service_boots)); how (the VMMs' log):"
+    grep -a -E 'triple fault|reset itself|guest reset' "$WORK/up.log" | tail -5
+    _i=0
+    while [ "$(grep -ac 'p2pd is up' "$slog")" -lt "$(service_boots)" ] && [ $_i -lt 120 ]; do
+        sleep 1; _i=$((_i + 1))
+    done
+    result service_guest_reset_early=yes
+    peer=$(ask service PEER2 "p2pctl info | sed -n 's/^peer id: *//p'")
+    tok=$(ask service TOKEN2 "p2pctl app issue vmtest2")
+    type_on client "export P2PVM_TOKEN=$tok"
+    cpeer=$(ask client CPEER3 "p2pctl info | sed -n 's/^peer id: *//p'")
 fi
 result service_peer=$peer client_saw_peer=$cpeer api_ready_s=$api_ready
 [ -n "$cpeer" ] || { echo "no answer in the client VM; the VMMs' log:"; grep -a -E 'triple fault|reset itself|guest reset|WARN|ERROR' "$WORK/up.log" | tail -20; }
