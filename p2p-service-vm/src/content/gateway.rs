@@ -53,7 +53,7 @@ pub async fn serve(
     serve_on(listener, svc, Limits::default(), shutdown).await
 }
 
-/// The gateway's bounds (tests shorten them).
+/// The gateway's bounds.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Limits {
     pub connections: usize,
