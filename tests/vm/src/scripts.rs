@@ -186,16 +186,10 @@ mod tests {
     use super::*;
     use std::process::Command;
 
-    #[test]
-    fn the_test_host_holds_a_vm_open_before_it_reports_ready_when_asked() {
-        let held = l1_init("run-the-scenario\n", true, None);
-        let hold = held.find("/bin/p2pvm-kvm-hold").expect("the hold");
-        let ready = held.find("P2PVM-L1-READY").expect("ready line");
-        assert!(hold < ready, "{held}");
-        assert!(!l1_init("run-the-scenario\n", false, None).contains("kvm-hold"));
-        // The init still parses as a shell script.
+    /// `script` parses as a shell script (`sh -n`).
+    fn assert_parses(script: &str) {
         let out = Command::new("sh")
-            .args(["-n", "-c", &held])
+            .args(["-n", "-c", script])
             .output()
             .unwrap();
         assert!(
@@ -203,6 +197,16 @@ mod tests {
             "{}",
             String::from_utf8_lossy(&out.stderr)
         );
+    }
+
+    #[test]
+    fn the_test_host_holds_a_vm_open_before_it_reports_ready_when_asked() {
+        let held = l1_init("run-the-scenario\n", true, None);
+        let hold = held.find("/bin/p2pvm-kvm-hold").expect("the hold");
+        let ready = held.find("P2PVM-L1-READY").expect("ready line");
+        assert!(hold < ready, "{held}");
+        assert!(!l1_init("run-the-scenario\n", false, None).contains("kvm-hold"));
+        assert_parses(&held);
     }
 
     #[test]
@@ -216,15 +220,7 @@ mod tests {
         assert!(beat.contains("while sleep 10;"), "{beat}");
         assert!(at < beat.find("run-the-scenario").unwrap(), "{beat}");
         assert!(!l1_init("run-the-scenario\n", false, None).contains("HEARTBEAT"));
-        let out = Command::new("sh")
-            .args(["-n", "-c", &beat])
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        assert_parses(&beat);
     }
 
     #[test]
