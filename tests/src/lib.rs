@@ -15,6 +15,7 @@ use guest_api::Client;
 use tokio::process::{Child, Command};
 
 pub mod split;
+pub mod swarm;
 
 /// Where the workspace binaries are.
 pub fn bin_dir() -> PathBuf {

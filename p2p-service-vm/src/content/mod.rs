@@ -16,6 +16,7 @@
 //! from peers are decoded against the BLAKE3 tree before they are written, and
 //! stored items were hashed when they entered the store.
 
+mod announce;
 mod budget;
 pub(crate) mod crls;
 mod error;
@@ -348,7 +349,7 @@ impl ContentService {
             svc.listen_fast_path(&listen);
         }
         let again = svc.clone();
-        svc.spawn(async move { again.announce_all().await });
+        svc.spawn(async move { again.announce_as_the_network_grows().await });
         Ok(svc)
     }
 
@@ -459,44 +460,6 @@ impl ContentService {
     /// The store (for tests and the gateway).
     pub fn store(&self) -> &Store {
         &self.inner.store
-    }
-
-    async fn announce_all(&self) {
-        let items = match self.blocking(|svc| svc.inner.store.manifests()).await {
-            Ok(Ok(m)) => m,
-            Ok(Err(e)) => {
-                warn!(error = %chain(&e), "cannot list stored items to announce");
-                return;
-            }
-            Err(e) => {
-                warn!(error = %e, "cannot list stored items to announce");
-                return;
-            }
-        };
-        for (_, signed) in items {
-            if let Ok(m) = VerifiedManifest::parse(&signed) {
-                self.announce(&m).await;
-            }
-        }
-    }
-
-    async fn announce(&self, m: &VerifiedManifest) {
-        use crate::node::Command;
-        if !self.may_announce(&m.manifest) {
-            return;
-        }
-        let _ = self
-            .inner
-            .node
-            .send(Command::Announce(content_key(&m.id)))
-            .await;
-        for word in p2pvm_content::keywords::manifest_keywords(&m.manifest) {
-            let _ = self
-                .inner
-                .node
-                .send(Command::Announce(keyword_key(&word)))
-                .await;
-        }
     }
 
     pub(crate) fn emit(&self, event: NodeEvent) {
@@ -788,16 +751,16 @@ impl ContentService {
             .copied()
             .collect();
         if !sources.is_empty()
-            && let Ok(manifest) = fetch::manifest_from(self, id, &sources).await
+            && let Ok(proven) = fetch::manifest_from(self, id, &sources).await
         {
             return Ok(ContentInfo {
-                manifest,
+                manifest: proven.manifest,
                 local: None,
                 providers: sources,
             });
         }
-        let providers = self.find_providers(id, 4).await;
-        let manifest = fetch::manifest_from(self, id, &providers).await?;
+        let providers = fetch::first_providers(self, id, 4).await;
+        let manifest = fetch::manifest_from(self, id, &providers).await?.manifest;
         Ok(ContentInfo {
             manifest,
             local: None,

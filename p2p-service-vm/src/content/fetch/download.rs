@@ -247,6 +247,12 @@ impl Download {
         self.state().ram.get(&k).map(|(b, _)| b.clone())
     }
 
+    /// `peer` delivered verified bytes outside the workers (the last block,
+    /// with the manifest).
+    pub(super) fn contributed(&self, peer: PeerId) {
+        self.state().contributors.insert(peer);
+    }
+
     /// `peer`'s request for `k` ended without a block.
     pub(super) fn release(&self, peer: PeerId, k: u64) {
         self.state().sched.release(peer, k);

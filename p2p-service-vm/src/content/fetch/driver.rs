@@ -14,7 +14,7 @@ use p2pvm_security::{Standing, Verdict};
 use tracing::{debug, info, warn};
 
 use super::download::{Download, Outcome};
-use super::peer::manifest_from;
+use super::peer::{manifest_from, neighbours_holding};
 use super::scan::{malware_found, start_whole_scan, whole_verdict};
 use super::sched::Sched;
 use super::worker::worker;
@@ -52,12 +52,12 @@ pub(super) async fn download_for(
         .copied()
         .collect();
     if providers.is_empty() {
-        providers = svc.find_providers(id, 1).await;
+        providers = first_providers(svc, id, 1).await;
     }
     if providers.is_empty() {
         return Err(ContentServiceError::NotFound(*id));
     }
-    let manifest = match manifest_from(svc, id, &providers).await {
+    let proven = match manifest_from(svc, id, &providers).await {
         Ok(m) => m,
         Err(first) => {
             let tried = providers.clone();
@@ -76,14 +76,28 @@ pub(super) async fn download_for(
                 })?
         }
     };
+    let manifest = proven.manifest;
     let size = manifest.manifest.size;
     let path = svc.inner.store.tmp_path("part");
+    // A kept download holds the last block from the start: it announces
+    // itself at once, and whoever finds it then must be able to prove the
+    // item's size with it (without it, an early swarm refused newcomers
+    // with "not downloaded yet").
+    let last_block = proven.last_block.filter(|_| keep);
     let (item, at) = (*id, path.clone());
-    let partial = tokio::task::spawn_blocking(move || Partial::create(&at, item, size))
-        .await
-        .map_err(ContentServiceError::task)?
-        .map_err(|e| ContentServiceError::io(format!("creating {}", path.display()), e))?;
-    let sched = Sched::new(
+    let (partial, last_held) = tokio::task::spawn_blocking(move || {
+        let partial = Partial::create(&at, item, size)?;
+        let held = last_block.and_then(|b| {
+            let k = block_count(size) - 1;
+            // Verified once already; a failure here only means it is fetched again.
+            partial.accept(k, &b.wire).ok().map(|()| (b.peer, k))
+        });
+        Ok::<_, std::io::Error>((partial, held))
+    })
+    .await
+    .map_err(ContentServiceError::task)?
+    .map_err(|e| ContentServiceError::io(format!("creating {}", path.display()), e))?;
+    let mut sched = Sched::new(
         block_count(size),
         svc.inner.config.streaming_window_blocks as u64,
         RAM_AHEAD,
@@ -91,11 +105,17 @@ pub(super) async fn download_for(
         rand::random(),
         Instant::now(),
     );
+    if let Some((peer, k)) = last_held {
+        sched.hold(peer, k, Instant::now());
+    }
     let cancel = svc.inner.shutdown.child_token();
     let borrower = svc.inner.budget.borrower();
     let fresh = Arc::new(Download::new(
         manifest, partial, sched, providers, cancel, borrower,
     ));
+    if let Some((peer, _)) = last_held {
+        fresh.contributed(peer);
+    }
     // Another request may have started it while we looked for the manifest.
     let raced = {
         let mut downloads = svc.inner.downloads.lock().expect("lock");
@@ -133,6 +153,37 @@ pub(super) async fn download_for(
         start_whole_scan(svc, &dl);
     }
     Ok(dl)
+}
+
+/// Pauses before each lookup of a download's first provider: records of an
+/// item published a moment ago may still be on their way to the DHT.
+const FIRST_LOOKUPS: [Duration; 3] = [
+    Duration::ZERO,
+    Duration::from_secs(1),
+    Duration::from_secs(3),
+];
+
+/// Where a download's manifest is asked for when no source was given: the
+/// DHT's providers, else the connected peers that hold the item, looked for
+/// again after a pause before the item counts as not found.
+pub(crate) async fn first_providers(
+    svc: &ContentService,
+    id: &ContentId,
+    limit: usize,
+) -> Vec<PeerId> {
+    for pause in FIRST_LOOKUPS {
+        tokio::time::sleep(pause).await;
+        let found = svc.find_providers(id, limit).await;
+        if !found.is_empty() {
+            return found;
+        }
+        let near = neighbours_holding(svc, id).await;
+        if !near.is_empty() {
+            debug!(%id, peers = near.len(), "no provider in the DHT; connected peers hold it");
+            return near;
+        }
+    }
+    Vec::new()
 }
 
 fn running(svc: &ContentService, id: &ContentId) -> Option<Arc<Download>> {

@@ -78,6 +78,57 @@ pub(crate) async fn open_protocol(
         .map_err(|e| ProviderError::Open(e.to_string()))
 }
 
+/// Connected peers asked at once whether they hold an item.
+const NEIGHBOURS_ASKED: usize = 32;
+/// How long a connected peer may take to say whether it holds an item.
+const NEIGHBOUR_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// Connected peers that say they hold `id`, whole or in part (or hold it for
+/// a group). Where a lookup turns when the DHT knows no provider yet, as
+/// Bitswap asks its neighbours: the records of an item published a moment
+/// ago, or before its publisher had peers, may sit only with the publisher,
+/// which is often a peer we are connected to (our bootstrap node, say).
+pub(crate) async fn neighbours_holding(svc: &ContentService, id: &ContentId) -> Vec<PeerId> {
+    use futures::StreamExt;
+    let peers = svc
+        .inner
+        .node
+        .call_timeout(OPEN_TIMEOUT, Command::Peers)
+        .await
+        .unwrap_or_default();
+    let asked = peers
+        .into_iter()
+        .map(|p| p.peer_id)
+        .filter(|p| svc.standing(p) < p2pvm_security::Standing::Refused)
+        .take(NEIGHBOURS_ASKED);
+    futures::stream::iter(asked)
+        .map(|peer| async move {
+            let holds = tokio::time::timeout(NEIGHBOUR_TIMEOUT, holds(svc, id, peer)).await;
+            matches!(holds, Ok(Ok(true))).then_some(peer)
+        })
+        .buffer_unordered(8)
+        .filter_map(std::future::ready)
+        .collect()
+        .await
+}
+
+/// Whether a connected `peer` says it holds `id`.
+async fn holds(svc: &ContentService, id: &ContentId, peer: PeerId) -> std::io::Result<bool> {
+    let mut stream = svc
+        .inner
+        .node
+        .stream_control()
+        .open_stream(peer, protocol())
+        .await
+        .map_err(std::io::Error::other)?;
+    request(&mut stream, Op::Have(id.0.to_vec())).await?;
+    let header = response(&mut stream).await?;
+    let _ = stream.close().await;
+    Ok([Status::Complete, Status::Ok, Status::Forbidden]
+        .iter()
+        .any(|s| header.status == *s as i32))
+}
+
 /// Sends one request.
 pub(super) async fn request(stream: &mut (impl AsyncWrite + Unpin), op: Op) -> std::io::Result<()> {
     write_msg(stream, &TransferRequest { op: Some(op) }).await?;
@@ -93,6 +144,21 @@ pub(super) async fn response(
         .ok_or_else(|| std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "stream closed"))
 }
 
+/// A manifest whose size a provider proved, with the proof: the last block's
+/// wire (none for an empty item). A download keeps that block from the start,
+/// so a peer that finds it through the DHT while it is still downloading can
+/// prove the size to the next peer in turn.
+pub(crate) struct Proven {
+    pub manifest: VerifiedManifest,
+    pub last_block: Option<LastBlock>,
+}
+
+/// The verified wire of an item's last block and who sent it.
+pub(crate) struct LastBlock {
+    pub peer: PeerId,
+    pub wire: Vec<u8>,
+}
+
 /// Asks providers for the manifest of `id` until one verifies. A provider
 /// that failed in transport (a connection closing under a simultaneous dial,
 /// say) is asked once more after a pause before the lookup gives up.
@@ -100,7 +166,7 @@ pub(crate) async fn manifest_from(
     svc: &ContentService,
     id: &ContentId,
     providers: &[PeerId],
-) -> Result<VerifiedManifest, ContentServiceError> {
+) -> Result<Proven, ContentServiceError> {
     let mut last = ContentServiceError::NotFound(*id);
     let mut again = Vec::new();
     let failed = |peer: PeerId, e: ProviderError| -> ContentServiceError {
@@ -158,7 +224,7 @@ async fn manifest_once(
     svc: &ContentService,
     id: &ContentId,
     peer: PeerId,
-) -> Result<Option<VerifiedManifest>, ProviderError> {
+) -> Result<Option<Proven>, ProviderError> {
     let mut stream = open_stream(svc, peer).await?;
     request(&mut stream, Op::Manifest(id.0.to_vec())).await?;
     let header = response(&mut stream).await?;
@@ -192,7 +258,7 @@ async fn manifest_answer(
     peer: PeerId,
     stream: &mut (impl AsyncRead + AsyncWrite + Unpin),
     header: TransferResponse,
-) -> Result<Option<VerifiedManifest>, ProviderError> {
+) -> Result<Option<Proven>, ProviderError> {
     if header.status == Status::Forbidden as i32 {
         return Err(forbidden(header.message));
     }
@@ -232,21 +298,36 @@ async fn manifest_answer(
             return Err(ProviderError::Local(e.into()));
         }
     }
-    if let Err(e) = prove_size(svc, stream, &m).await {
-        warn!(%peer, %id, error = %crate::content::error::chain(&e), "manifest size not proven; ignoring it");
-        if let Some(evidence) = e.evidence() {
-            svc.inner.ledger.record(peer, evidence);
-        }
-        if let ProviderError::Manifest(VerifyError::LastBlock(_)) = &e {
-            svc.emit(NodeEvent::CorruptData {
-                peer,
-                id: *id,
-                block: block_count(m.manifest.size).saturating_sub(1),
-            });
-        }
-        return Err(e);
+    let wire = match prove_size(svc, stream, &m).await {
+        Ok(wire) => wire,
+        Err(e) => return Err(size_unproven(svc, peer, &m, e)),
+    };
+    Ok(Some(Proven {
+        manifest: m,
+        last_block: wire.map(|wire| LastBlock { peer, wire }),
+    }))
+}
+
+/// Logs why `peer` could not prove `m`'s size and records its evidence.
+fn size_unproven(
+    svc: &ContentService,
+    peer: PeerId,
+    m: &VerifiedManifest,
+    e: ProviderError,
+) -> ProviderError {
+    let id = m.id;
+    warn!(%peer, %id, error = %chain(&e), "manifest size not proven; ignoring it");
+    if let Some(evidence) = e.evidence() {
+        svc.inner.ledger.record(peer, evidence);
     }
-    Ok(Some(m))
+    if let ProviderError::Manifest(VerifyError::LastBlock(_)) = &e {
+        svc.emit(NodeEvent::CorruptData {
+            peer,
+            id,
+            block: block_count(m.manifest.size).saturating_sub(1),
+        });
+    }
+    e
 }
 
 /// The IP address our libp2p connection to `peer` dials, where its fast
@@ -354,11 +435,12 @@ fn record_drm(svc: &ContentService, peer: PeerId, e: &ProviderError) {
 /// Anyone can sign a manifest for any id, so its size is checked before it
 /// sizes anything: within the configured bound, and proven by the item's last
 /// block, whose proof commits to the length (BLAKE3's tree shape depends on it).
+/// Returns that block's verified wire (none for an empty item).
 async fn prove_size(
     svc: &ContentService,
     stream: &mut (impl AsyncRead + AsyncWrite + Unpin),
     m: &VerifiedManifest,
-) -> Result<(), ProviderError> {
+) -> Result<Option<Vec<u8>>, ProviderError> {
     let size = m.manifest.size;
     let max = svc.inner.config.max_item_bytes;
     if size > max {
@@ -366,7 +448,7 @@ async fn prove_size(
     }
     if size == 0 {
         return if m.id == ContentId::from(blake3::hash(b"")) {
-            Ok(())
+            Ok(None)
         } else {
             Err(ProviderError::Manifest(VerifyError::NotEmpty))
         };
@@ -387,11 +469,11 @@ async fn prove_size(
     let wire = read_payload(stream, header.payload_len, transfer::block_wire(size, last)).await?;
     let id = m.id;
     let verified = tokio::task::spawn_blocking(move || {
-        p2pvm_content::block::verify(id, size, last, &wire, |_, _| {})
+        p2pvm_content::block::verify(id, size, last, &wire, |_, _| {}).map(|_| wire)
     })
     .await
     .map_err(|e| ProviderError::Local(ContentServiceError::task(e)))?;
     verified
-        .map(|_| ())
+        .map(Some)
         .map_err(|e| ProviderError::Manifest(VerifyError::LastBlock(Arc::new(e))))
 }
