@@ -180,6 +180,13 @@ pub struct ContentConfig {
     /// re-hash costs as much CPU as the receiver's check. Turn it on for a disk
     /// you do not trust.
     pub verify_on_serve: bool,
+    /// Peers this node sends blocks to at once (BitTorrent's unchoke
+    /// slots). The others are told to ask again shortly: a flash crowd served
+    /// all at once gets every block late, and a few served fast pass blocks
+    /// on to the rest. Each holds its slot while it keeps asking, for 3 s
+    /// turns while others wait. With `upload_rate_bytes_per_sec` set, fewer:
+    /// as many as get a 256 KiB block a second each.
+    pub upload_slots: u32,
     /// Block requests kept in flight per provider.
     pub pipeline_depth: u32,
     /// Providers fetched from at once.
@@ -237,6 +244,7 @@ impl Default for ContentConfig {
             quota_bytes: 0,
             upload_rate_bytes_per_sec: 0,
             verify_on_serve: false,
+            upload_slots: 8,
             pipeline_depth: 16,
             max_providers: 8,
             streaming_window_blocks: 16,
@@ -419,9 +427,13 @@ impl Config {
             ));
         }
         let c = &self.content;
-        if c.pipeline_depth == 0 || c.max_providers == 0 || c.streaming_window_blocks == 0 {
+        if c.pipeline_depth == 0
+            || c.max_providers == 0
+            || c.streaming_window_blocks == 0
+            || c.upload_slots == 0
+        {
             return Err(ConfigError::Invalid(
-                "content.pipeline_depth, max_providers and streaming_window_blocks must be positive"
+                "content.pipeline_depth, max_providers, streaming_window_blocks and upload_slots must be positive"
                     .into(),
             ));
         }

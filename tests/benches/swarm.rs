@@ -13,7 +13,8 @@
 //! memory (VmHWM) are printed per kind of node.
 //!
 //! Run: `cargo build --release --bins && cargo bench -p p2pvm-e2e --bench swarm`
-//! (`P2PVM_SWARM_NODES`, `P2PVM_SWARM_MIB`, `P2PVM_SWARM_CAP_MIB` change the setup).
+//! (`P2PVM_SWARM_NODES`, `P2PVM_SWARM_MIB`, `P2PVM_SWARM_CAP_MIB` or
+//! `P2PVM_SWARM_CAP_KIB` change the setup).
 
 use anyhow::{Context, Result};
 use p2pvm_e2e::swarm::{Swarm, SwarmSpec};
@@ -45,7 +46,9 @@ async fn main() -> Result<()> {
     let mib = env("P2PVM_SWARM_MIB", if full { 256 } else { 16 });
     let cap_mib = env("P2PVM_SWARM_CAP_MIB", 20);
     let size = mib << 20;
-    let cap = cap_mib << 20;
+    // P2PVM_SWARM_CAP_KIB, when set, gives the cap in KiB/s instead.
+    let cap = env("P2PVM_SWARM_CAP_KIB", cap_mib << 10) << 10;
+    let cap_mib = cap as f64 / f64::from(1u32 << 20);
     // The distribution engine alone; the virus filter's cost is the virus_filter bench.
     let config =
         format!("[content]\nupload_rate_bytes_per_sec = {cap}\n[virus]\nenabled = false\n");

@@ -126,6 +126,10 @@ pub enum Status {
     /// The provider's DRM checker refuses to serve this peer the item; the
     /// message starts with the failed check (`DRM_EXPIRED: ...`).
     Forbidden = 6,
+    /// The provider sends blocks to as many peers as it has upload slots
+    /// for; ask again shortly (or another provider meanwhile). No fault of
+    /// either end.
+    Busy = 7,
 }
 
 impl TransferResponse {

@@ -264,6 +264,12 @@ pub enum ProviderError {
         /// Its reason.
         message: String,
     },
+    /// It is still downloading and has had nothing we need for a while.
+    #[error("holds nothing this download still needs")]
+    NothingWanted,
+    /// It had no upload slot for us for this long (it serves others first).
+    #[error("no upload slot for {0:?}")]
+    NoSlot(std::time::Duration),
     /// It refused the item's last block while proving the size.
     #[error("last block refused: {0}")]
     SizeUnproven(String),
@@ -326,6 +332,8 @@ impl ProviderError {
             | Self::Unreachable(_)
             | Self::Open(_)
             | Self::SizeUnproven(_)
+            | Self::NoSlot(_)
+            | Self::NothingWanted
             | Self::Declined(_)
             | Self::Forbidden { .. }
             | Self::Manifest(_)

@@ -32,6 +32,7 @@ mod rights;
 mod sealed;
 mod search;
 mod server;
+mod slots;
 mod verdicts;
 pub(crate) mod wire;
 
@@ -191,6 +192,8 @@ pub(crate) struct Inner {
     pub throttles: server::PeerThrottles,
     /// Content streams being served, per peer (capped).
     pub served: Arc<server::PeerStreams>,
+    /// Who this node sends blocks to at the moment.
+    pub upload_slots: slots::UploadSlots,
     /// Searches answered per peer (rate-limited).
     pub search_limits: server::SearchLimits,
     /// Answer batches computed and not yet sent, node-wide (bounded).
@@ -307,6 +310,10 @@ impl ContentService {
                 limiter: server::Limiter::new(config.upload_rate_bytes_per_sec),
                 throttles: server::PeerThrottles::default(),
                 served: Arc::default(),
+                upload_slots: slots::UploadSlots::new(
+                    config.upload_slots as usize,
+                    config.upload_rate_bytes_per_sec,
+                ),
                 search_limits: server::SearchLimits::default(),
                 serve_permits: Arc::new(tokio::sync::Semaphore::new(server::BATCHES_IN_FLIGHT)),
                 peer_batches: server::PeerBatches::default(),

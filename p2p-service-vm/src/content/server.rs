@@ -476,15 +476,31 @@ fn parse_id(bytes: &[u8]) -> Option<ContentId> {
 
 /// A block of a stored item or of a download in progress (reads the disk:
 /// called on a blocking thread).
-fn answer_block(svc: &ContentService, b: &transfer::BlockRequest) -> (TransferResponse, Vec<u8>) {
+fn answer_block(
+    svc: &ContentService,
+    peer: &PeerId,
+    b: &transfer::BlockRequest,
+) -> (TransferResponse, Vec<u8>) {
     let store = &svc.inner.store;
     let Some(id) = parse_id(&b.content_id) else {
         return failed(Status::BadRequest, "content id must be 32 bytes");
+    };
+    // The last block proves an item's size to whoever asks for its manifest:
+    // never held back, so a peer in line can still start its download.
+    let busy = |blocks: u64| {
+        b.block + 1 != blocks
+            && !svc
+                .inner
+                .upload_slots
+                .admit(*peer, std::time::Instant::now())
     };
     match store.get(&id) {
         Ok(Some(info)) => {
             if b.block >= block_count(info.size) {
                 return failed(Status::BadRequest, "block beyond the end");
+            }
+            if busy(block_count(info.size)) {
+                return failed(Status::Busy, "all upload slots are taken");
             }
             match store.encode_block(&id, b.block, svc.inner.config.verify_on_serve) {
                 Ok(wire) => (TransferResponse::ok(wire.len() as u64), wire),
@@ -504,6 +520,9 @@ fn answer_block(svc: &ContentService, b: &transfer::BlockRequest) -> (TransferRe
             }
             if !dl.partial.has(b.block) {
                 return failed(Status::NotHeld, "not downloaded yet");
+            }
+            if busy(dl.partial.blocks()) {
+                return failed(Status::Busy, "all upload slots are taken");
             }
             match dl.partial.encode_block(b.block) {
                 Ok(wire) => (TransferResponse::ok(wire.len() as u64), wire),
@@ -558,7 +577,7 @@ fn answer_op(
     }
     let store = &svc.inner.store;
     match req.op {
-        Some(Op::Block(b)) => answer_block(svc, &b),
+        Some(Op::Block(b)) => answer_block(svc, peer, &b),
         Some(Op::Manifest(id)) => {
             let Some(id) = parse_id(&id) else {
                 return failed(Status::BadRequest, "content id must be 32 bytes");

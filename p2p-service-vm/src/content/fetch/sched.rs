@@ -40,6 +40,10 @@ struct Backoff {
     strikes: u32,
 }
 
+/// How many stall limits a download may wait without data while providers
+/// keep it in line for their upload slots (a flash crowd on slow uploads).
+pub(super) const IN_LINE_FACTOR: u32 = 4;
+
 /// How long a block may be in flight before an idle provider may duplicate it.
 pub(super) const ENDGAME_AFTER: Duration = Duration::from_millis(400);
 
@@ -112,6 +116,8 @@ pub(crate) struct Sched {
     backoff: HashMap<PeerId, Backoff>,
     rng: u64,
     last_progress: Instant,
+    /// When a provider last told us to wait for an upload slot.
+    last_in_line: Option<Instant>,
     held: u64,
 }
 
@@ -140,6 +146,7 @@ impl Sched {
             // xorshift is stuck at zero.
             rng: seed | 1,
             last_progress: now,
+            last_in_line: None,
             held: 0,
         }
     }
@@ -496,14 +503,31 @@ impl Sched {
         })
     }
 
-    /// True when something is owed and nothing arrived for `limit`. Nothing
-    /// owed restarts the clock: readers paused with full windows stall no one.
+    /// A provider that holds a block we asked for serves others first (all
+    /// its upload slots are taken): we are in line, not stalled.
+    pub(super) fn in_line(&mut self, now: Instant) {
+        self.last_in_line = Some(now);
+    }
+
+    /// True when something is owed and nothing arrived for `limit`, or for
+    /// [`IN_LINE_FACTOR`] times `limit` while providers keep saying we are in
+    /// line for their upload slots. Nothing owed restarts the clock: readers
+    /// paused with full windows stall no one.
     pub(super) fn stalled(&mut self, now: Instant, limit: Duration) -> bool {
         if self.satisfied() {
             self.last_progress = now;
             return false;
         }
-        now.saturating_duration_since(self.last_progress) > limit
+        let quiet = now.saturating_duration_since(self.last_progress);
+        let queued = self
+            .last_in_line
+            .is_some_and(|t| now.saturating_duration_since(t) <= limit);
+        quiet
+            > if queued {
+                limit * IN_LINE_FACTOR
+            } else {
+                limit
+            }
     }
 }
 
@@ -517,6 +541,26 @@ mod tests {
 
     fn peers(n: usize) -> Vec<PeerId> {
         (0..n).map(|_| PeerId::random()).collect()
+    }
+
+    #[test]
+    fn waiting_in_line_for_upload_slots_is_not_a_stall_for_a_while() {
+        let t = Instant::now();
+        let limit = Duration::from_secs(30);
+        let mut s = Sched::new(4, WINDOW, RAM_AHEAD, true, 1, t);
+        let later = t + limit + Duration::from_secs(1);
+        assert!(s.stalled(later, limit), "nothing arrived, nobody said wait");
+        let mut s = Sched::new(4, WINDOW, RAM_AHEAD, true, 1, t);
+        s.in_line(later);
+        assert!(!s.stalled(later, limit));
+        // Told to wait, but long ago: a stall after all.
+        assert!(s.stalled(later + limit + Duration::from_secs(1), limit));
+        // Kept in line all along: a stall only after IN_LINE_FACTOR limits.
+        let end = t + limit * IN_LINE_FACTOR;
+        s.in_line(end);
+        assert!(!s.stalled(end, limit));
+        s.in_line(end + Duration::from_secs(1));
+        assert!(s.stalled(end + Duration::from_secs(1), limit));
     }
 
     #[test]

@@ -42,6 +42,15 @@ const ANSWER_TIMEOUT: Duration = Duration::from_secs(15);
 /// peer's `Have` can run a moment ahead of what it can serve; a provider
 /// that claims the whole item and serves nothing should not hold a slot).
 const NOT_HELD_IN_A_ROW: u32 = 16;
+/// A partial provider that has had nothing we still need for this long, while
+/// the download still needs something, makes room for another provider (the
+/// driver may come back to it once it holds more).
+const NOTHING_WANTED_FOR: Duration = Duration::from_secs(4);
+/// A provider whose upload slots are all taken is asked again after this.
+const BUSY_PAUSE: Duration = Duration::from_millis(500);
+/// How long a provider may keep us waiting for an upload slot before its
+/// worker makes room for another provider (the driver may come back to it).
+const BUSY_GIVE_UP: Duration = Duration::from_secs(3);
 /// How long a low-credit provider waits before its first request.
 const THROTTLED_HEAD_START: Duration = Duration::from_secs(1);
 /// How long a provider's queue of our requests should take to drain. Deeper
@@ -306,8 +315,11 @@ impl RateMeter {
 
     fn depth(&self) -> usize {
         match self.rate {
-            // Until measured, half the maximum: enough to fill a fast link soon.
-            None => (self.max / 2).max(2),
+            // Until measured, a quarter of the maximum (4 blocks by default):
+            // a fast link fills within the first measurement (200 ms), and a
+            // capped provider does not get a queue of seconds from each of
+            // a crowd's first requests.
+            None => (self.max / 4).max(2),
             Some(r) => {
                 let blocks = (r * TARGET_QUEUE.as_secs_f64() / BLOCK_BYTES as f64).ceil() as usize;
                 blocks.clamp(2, self.max.max(2))
@@ -523,6 +535,11 @@ async fn pipeline<R: PayloadRead, W: PayloadWrite>(
     // Blocks refused as not held since the last one served: a provider
     // that claims blocks and serves none must not keep its worker slot.
     let mut refused_in_a_row = 0u32;
+    // Since when, and until when, the provider has had no upload slot for us.
+    let mut waiting_since: Option<Instant> = None;
+    let mut busy_until = Instant::now();
+    // Since when this partial provider has had nothing we need.
+    let mut useless_since: Option<Instant> = None;
     loop {
         if dl.cancel.is_cancelled() || matches!(*dl.outcome.borrow(), Outcome::Complete) {
             return Ok(());
@@ -542,14 +559,28 @@ async fn pipeline<R: PayloadRead, W: PayloadWrite>(
         let batch = if busy == 0 { 1 } else { (depth / 4).max(1) };
         let was_idle = busy == 0;
         let mut starved = false;
-        while carried < rotate_after && busy + batch <= depth && inflight.len() < depth {
+        let in_line = Instant::now() < busy_until;
+        while !in_line && carried < rotate_after && busy + batch <= depth && inflight.len() < depth
+        {
             // The answer's memory is reserved before the request goes out.
             let Some(lease) = spare.take().or_else(|| dl.borrower.try_take()) else {
                 starved = true;
                 break;
             };
             let next = dl.state().sched.pick(&peer, Instant::now(), !throttled);
-            let Some(k) = next else { break };
+            let Some(k) = next else {
+                let st = dl.state();
+                let owed = !st.sched.satisfied();
+                drop(st);
+                if owed && !complete_peer && inflight.is_empty() {
+                    let since = *useless_since.get_or_insert_with(Instant::now);
+                    if since.elapsed() >= NOTHING_WANTED_FOR {
+                        return Err(ProviderError::NothingWanted);
+                    }
+                }
+                break;
+            };
+            useless_since = None;
             let op = Op::Block(BlockRequest {
                 content_id: id.0.to_vec(),
                 block: k,
@@ -601,6 +632,7 @@ async fn pipeline<R: PayloadRead, W: PayloadWrite>(
                     Pending::Block(k) => match Status::try_from(header.status) {
                         Ok(Status::Ok) => {
                             refused_in_a_row = 0;
+                            waiting_since = None;
                             rate.received(payload.len() as u64);
                             carried += payload.len() as u64;
                             // Every block request went out with a lease.
@@ -619,6 +651,18 @@ async fn pipeline<R: PayloadRead, W: PayloadWrite>(
                         Ok(Status::Forbidden) => {
                             dl.release(peer, k);
                             return Err(super::peer::forbidden(header.message));
+                        }
+                        Ok(Status::Busy) => {
+                            // Not refused, only not yet: the block goes back
+                            // to the pool for the providers that serve us now.
+                            dl.release(peer, k);
+                            let now = Instant::now();
+                            dl.state().sched.in_line(now);
+                            busy_until = now + BUSY_PAUSE;
+                            let since = *waiting_since.get_or_insert(now);
+                            if now - since >= BUSY_GIVE_UP {
+                                return Err(ProviderError::NoSlot(now - since));
+                            }
                         }
                         _ => {
                             dl.release(peer, k);
