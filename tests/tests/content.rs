@@ -889,6 +889,42 @@ async fn a_private_node_keeps_what_it_fetches_without_announcing_it() -> Result<
     Ok(())
 }
 
+/// When the DHT names no provider, a node asks its connected peers who holds
+/// the item; a private node keeps its items out of that answer too. Its
+/// neighbour, connected to it and to nobody else, finds nothing by id, by
+/// stat or download, while a public node's item, published before it had
+/// any peer, is found and fetched.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn neighbours_are_asked_when_the_dht_knows_nobody_but_a_private_node_says_nothing()
+-> Result<()> {
+    let private = node(&[], Some("[content]\nannounce = false\n".into())).await?;
+    let public = node(&[], None).await?;
+    let hidden = publish(&private.admin().await?, "hidden.bin", &item(300_000, 41)).await?;
+    let data = item(300_000, 42);
+    let open = publish(&public.admin().await?, "open.bin", &data).await?;
+    let neighbour = node(&[&private, &public], None).await?;
+    let n = neighbour.admin().await?;
+    eventually(WAIT, "connected to both", || async {
+        let peers = n.peers().await.ok()?;
+        let ids: Vec<&str> = peers.iter().map(|p| p.peer_id.as_str()).collect();
+        (ids.contains(&private.peer_id.as_str()) && ids.contains(&public.peer_id.as_str()))
+            .then_some(())
+    })
+    .await?;
+    ensure!(fetch_all(&n, &open.content_id, 0, 0, true).await? == data);
+    let e = n
+        .content_stat(&hidden.content_id)
+        .await
+        .expect_err("a private node's item was found");
+    ensure!(e.code() == Some(proto::ErrorCode::NotFound), "{e}");
+    let e = n
+        .download_content(&hidden.content_id)
+        .await
+        .expect_err("a private node's item was downloaded");
+    ensure!(e.code() == Some(proto::ErrorCode::NotFound), "{e}");
+    Ok(())
+}
+
 /// A provider that takes a request and never answers cannot hold up a
 /// download: the manifest exchange times out, and the download fails with a
 /// typed error instead of waiting forever.

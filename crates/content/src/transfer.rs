@@ -21,7 +21,7 @@ pub const MAX_PAYLOAD_BYTES: u64 = 4 * 1024 * 1024;
 #[derive(Clone, PartialEq, Message)]
 pub struct TransferRequest {
     /// What is asked.
-    #[prost(oneof = "Op", tags = "1, 2, 3, 4, 5, 6")]
+    #[prost(oneof = "Op", tags = "1, 2, 3, 4, 5, 6, 7")]
     pub op: Option<Op>,
 }
 
@@ -46,6 +46,13 @@ pub enum Op {
     /// session (answered with the key, or `Forbidden`).
     #[prost(message, tag = "6")]
     GroupKey(GroupKeyRequest),
+    /// Whether the provider holds an item and would be found as its
+    /// provider: a connected peer's question when the DHT names none.
+    /// Answered `Complete` (all of it) or `Ok` (part, no bitfield follows);
+    /// `NotFound` from a node that does not announce the item (a private
+    /// node), which must not be found this way either.
+    #[prost(bytes, tag = "7")]
+    Holds(Vec<u8>),
 }
 
 /// One block of an item.

@@ -766,8 +766,7 @@ impl ContentService {
                 providers: sources,
             });
         }
-        // The DHT only: asking neighbours would find a private node's items.
-        let providers = self.find_providers(id, 4).await;
+        let providers = fetch::first_providers(self, id, 4).await;
         let manifest = fetch::manifest_from(self, id, &providers).await?.manifest;
         Ok(ContentInfo {
             manifest,

@@ -536,11 +536,22 @@ fn answer_block(
     }
 }
 
+/// What a neighbour is told about `id`: `Complete` or `Ok` (part of it)
+/// if this node holds it and announces it, else nothing.
+fn holds(svc: &ContentService, id: &ContentId) -> Option<Status> {
+    if let Ok(Some(signed)) = svc.inner.store.manifest(id) {
+        let m = crate::content::VerifiedManifest::parse(&signed).ok()?;
+        return svc.may_announce(&m.manifest).then_some(Status::Complete);
+    }
+    let dl = svc.inner.downloads.lock().expect("lock").get(id).cloned()?;
+    (dl.keep() && svc.may_announce(&dl.manifest.manifest)).then_some(Status::Ok)
+}
+
 /// The item a request is about, if it names one.
 fn item_of(op: &Op) -> Option<&[u8]> {
     match op {
         Op::Block(b) => Some(&b.content_id),
-        Op::Manifest(id) | Op::Have(id) => Some(id),
+        Op::Manifest(id) | Op::Have(id) | Op::Holds(id) => Some(id),
         Op::Search(_) | Op::GroupKey(_) => None,
     }
 }
@@ -610,6 +621,15 @@ fn answer_op(
                     r.fast_path_port = fast_path_port;
                     (r, bits)
                 }
+                None => failed(Status::NotFound, "unknown content"),
+            }
+        }
+        Some(Op::Holds(id)) => {
+            let Some(id) = parse_id(&id) else {
+                return failed(Status::BadRequest, "content id must be 32 bytes");
+            };
+            match holds(svc, &id) {
+                Some(status) => failed(status, ""),
                 None => failed(Status::NotFound, "unknown content"),
             }
         }

@@ -188,7 +188,7 @@ impl Download {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    pub(super) fn keep(&self) -> bool {
+    pub(crate) fn keep(&self) -> bool {
         self.state().sched.keep()
     }
 

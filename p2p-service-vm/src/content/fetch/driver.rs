@@ -166,7 +166,11 @@ const FIRST_LOOKUPS: [Duration; 3] = [
 /// Where a download's manifest is asked for when no source was given: the
 /// DHT's providers, else the connected peers that hold the item, looked for
 /// again after a pause before the item counts as not found.
-async fn first_providers(svc: &ContentService, id: &ContentId, limit: usize) -> Vec<PeerId> {
+pub(crate) async fn first_providers(
+    svc: &ContentService,
+    id: &ContentId,
+    limit: usize,
+) -> Vec<PeerId> {
     for pause in FIRST_LOOKUPS {
         tokio::time::sleep(pause).await;
         let found = svc.find_providers(id, limit).await;

@@ -83,8 +83,8 @@ const NEIGHBOURS_ASKED: usize = 32;
 /// How long a connected peer may take to say whether it holds an item.
 const NEIGHBOUR_TIMEOUT: Duration = Duration::from_secs(3);
 
-/// Connected peers that say they hold `id`, whole or in part (or hold it for
-/// a group). Where a lookup turns when the DHT knows no provider yet, as
+/// Connected peers that say they hold `id`, whole or in part, and announce
+/// it (or hold it for a group: a refusal that names the group). Where a lookup turns when the DHT knows no provider yet, as
 /// Bitswap asks its neighbours: the records of an item published a moment
 /// ago, or before its publisher had peers, may sit only with the publisher,
 /// which is often a peer we are connected to (our bootstrap node, say).
@@ -121,7 +121,7 @@ async fn holds(svc: &ContentService, id: &ContentId, peer: PeerId) -> std::io::R
         .open_stream(peer, protocol())
         .await
         .map_err(std::io::Error::other)?;
-    request(&mut stream, Op::Have(id.0.to_vec())).await?;
+    request(&mut stream, Op::Holds(id.0.to_vec())).await?;
     let header = response(&mut stream).await?;
     let _ = stream.close().await;
     Ok([Status::Complete, Status::Ok, Status::Forbidden]
