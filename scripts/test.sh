@@ -47,7 +47,7 @@ log="$(mktemp -t p2pvm-test.XXXXXX.log)"
 set +e
 cargo test --workspace --locked --all-targets --no-fail-fast 2>&1 | tee "$log"
 status=${PIPESTATUS[0]}
-# The 60-node flash crowd (tests/tests/swarm.rs) skips itself above: sixty
+# The 60-node flash crowd (tests/tests/swarm.rs) is ignored above: sixty
 # unoptimised p2pds starve two cores. It runs here against release p2pds.
 { cargo build --release --locked -p p2p-service-vm --bin p2pd &&
     cargo test --release --locked -p p2pvm-e2e --test swarm; } 2>&1 | tee -a "$log"
@@ -66,7 +66,7 @@ if [ -n "$failed_tests" ]; then
     echo "$failed_tests" | sed 's/^/  /'
 fi
 # cargo's own list of the test binaries that failed (or did not build).
-sed -n '/^error: [0-9]* targets\? failed:/,/^[^ ]/p' "$log" | grep -E '^ ' | sed 's/^ */  binary: /' || true
+sed -n '/^error: [0-9]* targets\? failed:/,/^[^ ]/p' "$log" | grep -E '^ +`' | sed 's/^ */  binary: /' || true
 awk '/^test result:/ {
         for (i = 1; i <= NF; i++) {
             if ($(i) ~ /^passed;?$/) p += $(i - 1)

@@ -28,14 +28,7 @@ fn env(name: &str, default: u64) -> u64 {
 
 /// Peak resident memory of a process, in MiB.
 fn peak_mib(pid: u32) -> Result<f64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
-    let kib: f64 = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
-        .and_then(|v| v.split_whitespace().next())
-        .context("no VmHWM")?
-        .parse()?;
-    Ok(kib / 1024.0)
+    Ok(p2pvm_e2e::proc_status_kib(pid, "VmHWM")? as f64 / 1024.0)
 }
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]

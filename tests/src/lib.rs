@@ -481,6 +481,18 @@ fn clock_ticks() -> f64 {
     })
 }
 
+/// A `kB` field of `/proc/<pid>/status` (`VmRSS`, `VmHWM`, ...), in KiB.
+pub fn proc_status_kib(pid: u32, field: &str) -> Result<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
+        .and_then(|v| v.split_whitespace().next())
+        .with_context(|| format!("no {field} in /proc/{pid}/status"))?
+        .parse()
+        .with_context(|| format!("{field} of {pid}"))
+}
+
 /// CPU seconds (user + system) process `pid` has used so far.
 pub fn cpu_secs(pid: u32) -> Result<f64> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;

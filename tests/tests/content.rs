@@ -439,14 +439,7 @@ async fn fast_path_connections_are_replaced_before_their_keys_wear_out() -> Resu
 
 /// Resident memory of a process, in bytes.
 fn rss_bytes(pid: u32) -> Result<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
-    let kib: u64 = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next())
-        .context("no VmRSS")?
-        .parse()?;
-    Ok(kib * 1024)
+    Ok(p2pvm_e2e::proc_status_kib(pid, "VmRSS")? * 1024)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -46,7 +46,10 @@ impl ContentService {
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut last_round = tokio::time::Instant::now();
         loop {
-            tick.tick().await;
+            tokio::select! {
+                _ = tick.tick() => {}
+                _ = self.inner.shutdown.cancelled() => return,
+            }
             let now = self.inner.node.status().1;
             if last_round.elapsed() < GROWTH_ROUND_GAP || !grown(&mut last, now) {
                 continue;

@@ -90,7 +90,10 @@ pub(super) async fn download_for(
         let held = last_block.and_then(|b| {
             let k = block_count(size) - 1;
             // Verified once already; a failure here only means it is fetched again.
-            partial.accept(k, &b.wire).ok().map(|()| (b.peer, k))
+            partial
+                .accept(k, &b.wire)
+                .ok()
+                .map(|()| (b.peer, k, b.secs))
         });
         Ok::<_, std::io::Error>((partial, held))
     })
@@ -105,15 +108,24 @@ pub(super) async fn download_for(
         rand::random(),
         Instant::now(),
     );
-    if let Some((peer, k)) = last_held {
+    if let Some((peer, k, secs)) = last_held {
         sched.hold(peer, k, Instant::now());
+        // Credited as any block the peer delivers.
+        let r = p2pvm_content::block_range(size, k);
+        svc.inner.ledger.record(
+            peer,
+            p2pvm_security::EventKind::Received {
+                bytes: r.end - r.start,
+                secs,
+            },
+        );
     }
     let cancel = svc.inner.shutdown.child_token();
     let borrower = svc.inner.budget.borrower();
     let fresh = Arc::new(Download::new(
         manifest, partial, sched, providers, cancel, borrower,
     ));
-    if let Some((peer, _)) = last_held {
+    if let Some((peer, _, _)) = last_held {
         fresh.contributed(peer);
     }
     // Another request may have started it while we looked for the manifest.

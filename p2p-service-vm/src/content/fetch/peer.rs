@@ -153,10 +153,12 @@ pub(crate) struct Proven {
     pub last_block: Option<LastBlock>,
 }
 
-/// The verified wire of an item's last block and who sent it.
+/// The verified wire of an item's last block, who sent it, and how long it
+/// took (for the sender's credit, as any block).
 pub(crate) struct LastBlock {
     pub peer: PeerId,
     pub wire: Vec<u8>,
+    pub secs: f64,
 }
 
 /// Asks providers for the manifest of `id` until one verifies. A provider
@@ -298,13 +300,15 @@ async fn manifest_answer(
             return Err(ProviderError::Local(e.into()));
         }
     }
+    let asked = std::time::Instant::now();
     let wire = match prove_size(svc, stream, &m).await {
         Ok(wire) => wire,
         Err(e) => return Err(size_unproven(svc, peer, &m, e)),
     };
+    let secs = asked.elapsed().as_secs_f64();
     Ok(Some(Proven {
         manifest: m,
-        last_block: wire.map(|wire| LastBlock { peer, wire }),
+        last_block: wire.map(|wire| LastBlock { peer, wire, secs }),
     }))
 }
 
