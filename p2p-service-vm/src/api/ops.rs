@@ -660,7 +660,7 @@ async fn find_providers(
     } else {
         (limit as usize).min(MAX_PROVIDERS)
     };
-    Ok(svc
+    let mut found = svc
         .inner
         .node
         .call_timeout(timeout_of(timeout_ms), |reply| Command::FindProviders {
@@ -668,5 +668,7 @@ async fn find_providers(
             limit,
             reply,
         })
-        .await?)
+        .await?;
+    found.truncate(limit);
+    Ok(found)
 }

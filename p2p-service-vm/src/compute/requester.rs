@@ -431,6 +431,7 @@ async fn candidates(svc: &ComputeService, cap: u64) -> (Vec<Candidate>, usize) {
     let usable: Vec<PeerId> = found
         .into_iter()
         .filter(|p| *p != me && ledger.standing(p) < Standing::Refused)
+        .take(MAX_CANDIDATES)
         .collect();
     let offers = futures::future::join_all(usable.into_iter().map(|peer| async move {
         let offer = tokio::time::timeout(OFFER_TIMEOUT, ask_offer(svc, peer)).await;

@@ -795,7 +795,7 @@ impl ContentService {
                 .then(b.1.score.cmp(&a.1.score))
                 .then(b.1.expected_bps.total_cmp(&a.1.expected_bps))
         });
-        ranked.into_iter().map(|(p, _)| p).collect()
+        ranked.into_iter().map(|(p, _)| p).take(limit).collect()
     }
 
     async fn find_providers_raw(&self, id: &ContentId, limit: usize) -> Vec<PeerId> {

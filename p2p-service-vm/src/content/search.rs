@@ -79,14 +79,18 @@ pub(crate) async fn search(
         })
         .await
         .unwrap_or_default();
-    let asks = peers.into_iter().filter(|p| *p != me).map(|peer| {
-        let svc = svc.clone();
-        let words = words.clone();
-        async move {
-            let r = tokio::time::timeout(PEER_TIMEOUT, ask(&svc, peer, words, limit)).await;
-            (peer, r.unwrap_or(Err(ProviderError::NoAnswer)))
-        }
-    });
+    let asks = peers
+        .into_iter()
+        .filter(|p| *p != me)
+        .take(MAX_PEERS)
+        .map(|peer| {
+            let svc = svc.clone();
+            let words = words.clone();
+            async move {
+                let r = tokio::time::timeout(PEER_TIMEOUT, ask(&svc, peer, words, limit)).await;
+                (peer, r.unwrap_or(Err(ProviderError::NoAnswer)))
+            }
+        });
     for (peer, result) in futures::future::join_all(asks).await {
         match result {
             Ok(found) => {

@@ -45,6 +45,9 @@ pub enum NodeStartError {
 
 type Reply<T> = oneshot::Sender<Result<T, NodeError>>;
 
+/// Most providers a lookup hands back, however many one DHT answer named.
+const PROVIDERS_KEPT: usize = 64;
+
 enum PendingQuery {
     GetRecord(Reply<kad::Record>),
     PutRecord(Reply<()>),
@@ -568,7 +571,10 @@ impl EventLoop {
                     found.extend(providers.into_iter().filter(|p| !known.contains(p)));
                 }
                 if found.len() >= limit || last {
-                    found.truncate(limit);
+                    // Everything found so far goes back, not just `limit`: one
+                    // DHT answer often names several providers at once, and the
+                    // caller ranks them (by credit) before it picks.
+                    found.truncate(limit.max(PROVIDERS_KEPT));
                     let _ = reply.send(Ok(found));
                     if !last && let Some(mut q) = self.swarm.behaviour_mut().kad.query_mut(&id) {
                         q.finish();

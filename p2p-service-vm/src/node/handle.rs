@@ -150,7 +150,8 @@ pub enum Command {
     FindProviders {
         /// Key.
         key: kad::RecordKey,
-        /// Stop after this many.
+        /// Stop once at least this many are known; the answer may hold more
+        /// (all that one DHT reply named), for the caller to rank.
         limit: usize,
         /// Answer.
         reply: Reply<Vec<PeerId>>,
