@@ -76,6 +76,10 @@ if [ "$set_name" = test ]; then
     want acpica-tools has iasl
     want binutils has strip
     want strace has strace
+    # The network lab (crates/netlab): namespaces, veths and tc shaping with
+    # iproute2; libtorrent (Debian's Python binding) is the swarm's anchor.
+    want iproute2 has_all ip tc
+    want python3-libtorrent /usr/bin/python3 -c 'import libtorrent'
 fi
 
 # Debian's kernel is fetched with `apt-get download linux-image-amd64`

@@ -45,11 +45,14 @@ async fn main() -> Result<()> {
     // The distribution engine alone; the virus filter's cost is the virus_filter bench.
     let config =
         format!("[content]\nupload_rate_bytes_per_sec = {cap}\n[virus]\nenabled = false\n");
-    let swarm = Swarm::start(&SwarmSpec {
-        nodes,
-        bytes: size as usize,
-        config,
-    })
+    let swarm = Swarm::start(
+        &SwarmSpec {
+            nodes,
+            bytes: size as usize,
+            config,
+        },
+        None,
+    )
     .await?;
     let idle: Vec<f64> = swarm
         .downloaders

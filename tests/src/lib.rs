@@ -16,6 +16,7 @@ use tokio::process::{Child, Command};
 
 pub mod split;
 pub mod swarm;
+pub mod torrent;
 
 /// Where the workspace binaries are.
 pub fn bin_dir() -> PathBuf {
@@ -137,6 +138,7 @@ pub struct TestNode {
     extra_args: Vec<String>,
     store_bytes: Option<u64>,
     capture_log: bool,
+    host: Option<p2pvm_netlab::Host>,
 }
 
 /// Options for starting a node.
@@ -152,6 +154,9 @@ pub struct NodeOpts {
     /// Write p2pd's log (at `info` unless `P2PD_LOG` says otherwise) to a
     /// file that [`TestNode::log`] reads, instead of the test's stderr.
     pub capture_log: bool,
+    /// Run in this host of a network lab (its own namespace, address and
+    /// shaped line) instead of on loopback.
+    pub host: Option<p2pvm_netlab::Host>,
 }
 
 impl TestNode {
@@ -196,6 +201,7 @@ impl TestNode {
             extra_args: args,
             store_bytes: opts.store_bytes,
             capture_log: opts.capture_log,
+            host: opts.host,
         };
         node.launch().await?;
         Ok(node)
@@ -217,9 +223,16 @@ impl TestNode {
 
     /// Spawns a p2pd on this node's data directory (another one, if `self` runs).
     pub fn spawn_raw(&self) -> Result<Child> {
-        let mut cmd = match self.store_bytes {
-            None => command(bin("p2pd")),
-            Some(bytes) => {
+        let mut cmd = match (self.store_bytes, &self.host) {
+            (None, None) => command(bin("p2pd")),
+            (None, Some(host)) => {
+                // `ip netns exec` execs p2pd in place: the child's pid is p2pd's.
+                let mut c = command("ip");
+                c.args(["netns", "exec", &host.netns]).arg(bin("p2pd"));
+                c
+            }
+            (Some(_), Some(_)) => bail!("a lab node with its own store size is not supported"),
+            (Some(bytes), None) => {
                 let store = self.data_dir().join("content");
                 std::fs::create_dir_all(&store)?;
                 let mut c = command("unshare");
@@ -231,15 +244,15 @@ impl TestNode {
                 c
             }
         };
+        let ip = self
+            .host
+            .as_ref()
+            .map_or(std::net::Ipv4Addr::LOCALHOST, |h| h.ip);
         cmd.arg("--data-dir")
             .arg(self.data_dir())
-            .args([
-                "--no-mdns",
-                "--listen",
-                "/ip4/127.0.0.1/tcp/0",
-                "--listen",
-                "/ip4/127.0.0.1/udp/0/quic-v1",
-            ])
+            .arg("--no-mdns")
+            .args(["--listen", &format!("/ip4/{ip}/tcp/0")])
+            .args(["--listen", &format!("/ip4/{ip}/udp/0/quic-v1")])
             .args(&self.extra_args)
             // Not the user's P2PD_LOG: a test that reads the log needs `info`.
             .env("P2PD_LOG", if self.capture_log { "info" } else { "warn" })

@@ -1,5 +1,6 @@
-//! A swarm on loopback: one publisher, many downloaders of one item at once
-//! (a flash crowd), each a real `p2pd`. The end-to-end swarm test and the
+//! A swarm: one publisher, many downloaders of one item at once (a flash
+//! crowd), each a real `p2pd`, on loopback or each in a host of a network
+//! lab with a shaped line of its own. The end-to-end swarm tests and the
 //! swarm benchmark share it.
 
 use std::collections::BTreeMap;
@@ -7,6 +8,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Result, ensure};
 use guest_api::proto;
+
+use p2pvm_netlab::{Lab, Line};
 
 use crate::{NodeOpts, TestNode};
 
@@ -66,13 +69,22 @@ impl CrowdOutcome {
 
 impl Swarm {
     /// Starts the publisher, publishes an item of `spec.bytes` pseudo-random
-    /// bytes, then starts the downloaders.
-    pub async fn start(spec: &SwarmSpec) -> Result<Self> {
+    /// bytes, then starts the downloaders: on loopback, or node `i` on
+    /// `lab`'s host `i` (the lab outlives the swarm).
+    pub async fn start(spec: &SwarmSpec, lab: Option<&Lab>) -> Result<Self> {
+        if let Some(lab) = lab {
+            ensure!(lab.hosts().len() >= spec.nodes, "a lab host per node");
+        }
+        let host = |i: usize| lab.map(|l| l.hosts()[i].clone());
         let opts = NodeOpts {
             config_toml: Some(spec.config.clone()),
             ..Default::default()
         };
-        let publisher = TestNode::start(opts.clone()).await?;
+        let publisher = TestNode::start(NodeOpts {
+            host: host(0),
+            ..opts.clone()
+        })
+        .await?;
         let data = crate::pseudo_random(spec.bytes, spec.nodes as u64);
         let info = publisher
             .admin()
@@ -86,10 +98,11 @@ impl Swarm {
             )
             .await?;
         let mut downloaders = Vec::with_capacity(spec.nodes.saturating_sub(1));
-        for _ in 1..spec.nodes {
+        for i in 1..spec.nodes {
             downloaders.push(
                 TestNode::start(NodeOpts {
                     bootstrap: vec![publisher.addr.clone()],
+                    host: host(i),
                     ..opts.clone()
                 })
                 .await?,
@@ -101,6 +114,11 @@ impl Swarm {
             id: info.content_id,
             data,
         })
+    }
+
+    /// Every node, the publisher first.
+    pub fn nodes(&self) -> impl Iterator<Item = &TestNode> {
+        std::iter::once(&self.publisher).chain(&self.downloaders)
     }
 
     /// Every downloader downloads the item at the same moment.
@@ -129,5 +147,84 @@ impl Swarm {
         }
         out.done.sort();
         Ok(out)
+    }
+}
+
+/// Lines like home broadband for `n` nodes: uploads spread evenly over 2 to
+/// 20 Mbit/s, downloads five times the upload (at most 100 Mbit/s), in an
+/// order unrelated to when a node joins. The publisher (node 0) gets the
+/// middle of the range.
+pub fn home_lines(n: usize) -> Vec<Line> {
+    let (lo, hi) = (2.0, 20.0);
+    let steps = n.saturating_sub(2).max(1) as f64;
+    let mut lines = vec![Line::mbit(
+        (lo + hi) / 2.0,
+        ((lo + hi) / 2.0 * 5.0).min(100.0),
+    )];
+    for i in 1..n {
+        // A stride coprime with most sizes shuffles speeds against join order.
+        let rank = ((i - 1) * 7 % (n - 1)) as f64;
+        let up = lo + (hi - lo) * rank / steps;
+        lines.push(Line::mbit(up, (up * 5.0).min(100.0)));
+    }
+    lines
+}
+
+/// The shortest time in which every downloader can hold `bytes` over
+/// `lines` (the publisher's first), whatever the engine: the publisher must
+/// send every byte once; the downloaders' `n-1` copies must cross the sum of
+/// all uploads; each downloader must receive the whole item over its own
+/// download. (Line rates count frame bytes, so a real transfer, with its
+/// headers, needs a few percent more.)
+pub fn lower_bound(lines: &[Line], bytes: u64) -> Duration {
+    let bits = bytes as f64 * 8.0;
+    let rate = |r: Option<u64>| r.map_or(f64::INFINITY, |r| r as f64);
+    let Some((publisher, downloaders)) = lines.split_first() else {
+        return Duration::ZERO;
+    };
+    let seed = bits / rate(publisher.up_bps);
+    let total_up: f64 = lines.iter().map(|l| rate(l.up_bps)).sum();
+    let swarm = downloaders.len() as f64 * bits / total_up;
+    let slowest = downloaders
+        .iter()
+        .map(|l| bits / rate(l.down_bps))
+        .fold(0.0, f64::max);
+    Duration::from_secs_f64(seed.max(swarm).max(slowest))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn home_lines_span_the_range_with_asymmetric_downloads() {
+        let lines = home_lines(60);
+        assert_eq!(lines.len(), 60);
+        let ups: Vec<u64> = lines.iter().map(|l| l.up_bps.unwrap()).collect();
+        assert_eq!(*ups.iter().min().unwrap(), 2_000_000);
+        assert_eq!(*ups.iter().max().unwrap(), 20_000_000);
+        assert!(
+            lines
+                .iter()
+                .all(|l| l.down_bps.unwrap() > l.up_bps.unwrap())
+        );
+        // Not sorted by join order.
+        assert!(ups[1..].windows(2).any(|w| w[0] > w[1]));
+        assert!(ups[1..].windows(2).any(|w| w[0] < w[1]));
+    }
+
+    #[test]
+    fn the_bound_is_the_tightest_of_seed_swarm_and_slowest_line() {
+        let mib = 1 << 20;
+        // Publisher 8 Mbit/s up: 1 MiB takes 1.048576 s from it alone.
+        let seed_bound = vec![Line::mbit(8.0, 80.0), Line::mbit(80.0, 800.0)];
+        assert!((lower_bound(&seed_bound, mib).as_secs_f64() - 1.048576).abs() < 1e-6);
+        // Nine downloaders, all 8 Mbit/s up: 9 copies over 80 Mbit/s.
+        let swarm_bound = vec![Line::mbit(8.0, 1000.0); 10];
+        assert!((lower_bound(&swarm_bound, mib).as_secs_f64() - 0.9437184).abs() < 1e-6);
+        // A downloader with a 4 Mbit/s download line.
+        let mut slow = swarm_bound.clone();
+        slow[3] = Line::mbit(8.0, 4.0);
+        assert!((lower_bound(&slow, mib).as_secs_f64() - 2.097152).abs() < 1e-6);
     }
 }

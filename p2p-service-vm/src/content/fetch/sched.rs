@@ -13,9 +13,14 @@
 //! 2. other wanted blocks, rarest among known providers first (random among
 //!    equals), so a swarm spreads the publisher's upload instead of asking it
 //!    for the same block N times;
-//! 3. in the end game, a block another provider has had in flight for longer
-//!    than [`ENDGAME_AFTER`], so one slow or vanished provider cannot hold up
-//!    the finish — never a block this provider already has in flight.
+//! 3. a second copy of a block another provider has had in flight for long:
+//!    in the end game (no missing block left that a known provider holds)
+//!    after [`ENDGAME_AFTER`], so one slow or vanished provider cannot hold
+//!    up the finish; before it, only once the block has taken
+//!    [`STUCK_FACTOR`] times as long as blocks have been taking (on slow
+//!    lines every block takes seconds: copying each one that took longer
+//!    than a fixed delay spent a third of a crowd's downloads on duplicates)
+//!    — never a block this provider already has in flight.
 //!
 //! A download that keeps the item wants every block. One that keeps nothing
 //! wants only the blocks within `ram_ahead` of a reader: they wait in memory
@@ -44,8 +49,14 @@ struct Backoff {
 /// keep it in line for their upload slots (a flash crowd on slow uploads).
 pub(super) const IN_LINE_FACTOR: u32 = 4;
 
-/// How long a block may be in flight before an idle provider may duplicate it.
+/// How long a block may be in flight in the end game before an idle
+/// provider may duplicate it.
 pub(super) const ENDGAME_AFTER: Duration = Duration::from_millis(400);
+/// Before the end game, a block in flight this many times as long as blocks
+/// take on average is stuck, and may be asked of another provider.
+pub(super) const STUCK_FACTOR: u32 = 4;
+/// What counts as stuck before any block has arrived.
+pub(super) const STUCK_BEFORE_ANY: Duration = Duration::from_secs(5);
 
 /// A block's state.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -119,6 +130,8 @@ pub(crate) struct Sched {
     /// When a provider last told us to wait for an upload slot.
     last_in_line: Option<Instant>,
     held: u64,
+    /// Moving average of how long a block is in flight, request to arrival.
+    block_time: Option<Duration>,
 }
 
 impl Sched {
@@ -148,7 +161,23 @@ impl Sched {
             last_progress: now,
             last_in_line: None,
             held: 0,
+            block_time: None,
         }
+    }
+
+    /// How long a block must have been in flight before the end game for
+    /// another provider to be asked for it too.
+    pub(super) fn stuck_after(&self) -> Duration {
+        self.block_time
+            .map_or(STUCK_BEFORE_ANY, |t| (t * STUCK_FACTOR).max(ENDGAME_AFTER))
+    }
+
+    /// Whether no wanted block is missing that a known provider holds: only
+    /// blocks in flight (or that nobody has) are left.
+    fn in_end_game(&self) -> bool {
+        !(0..self.slots.len() as u64).any(|k| {
+            self.slots[k as usize] == Slot::Missing && self.rarity[k as usize] > 0 && self.wanted(k)
+        })
     }
 
     fn random(&mut self) -> u64 {
@@ -320,7 +349,6 @@ impl Sched {
     /// Whether block `k` is worth fetching: every block for a download that
     /// keeps the item, else only those a reader will soon read. (`pick`'s
     /// candidates are exactly these.)
-    #[cfg(test)]
     fn wanted(&self, k: u64) -> bool {
         self.keep || self.in_window(k)
     }
@@ -412,7 +440,12 @@ impl Sched {
         if let Some((_, k)) = best {
             return Some(self.take(*peer, k, now));
         }
-        // 3. End game: duplicate the longest-waiting block held up elsewhere.
+        // 3. Duplicate the longest-waiting block held up elsewhere.
+        let after = if self.in_end_game() {
+            ENDGAME_AFTER
+        } else {
+            self.stuck_after()
+        };
         let mut oldest: Option<(Instant, u64)> = None;
         for k in candidates() {
             let i = k as usize;
@@ -421,7 +454,7 @@ impl Sched {
                 && !asked.contains(&k)
                 && !better_has(k)
                 && let Some(t) = self.since[i]
-                && now.saturating_duration_since(t) > ENDGAME_AFTER
+                && now.saturating_duration_since(t) > after
                 && oldest.is_none_or(|(o, _)| t < o)
             {
                 oldest = Some((t, k));
@@ -459,6 +492,12 @@ impl Sched {
         let i = k as usize;
         if self.slots[i] == Slot::Held {
             return false;
+        }
+        if let Some(t) = self.since[i] {
+            let took = now.saturating_duration_since(t);
+            // A fifth of each new block: smooth, yet slow lines show within
+            // a few blocks.
+            self.block_time = Some(self.block_time.map_or(took, |avg| (avg * 4 + took) / 5));
         }
         self.slots[i] = Slot::Held;
         self.since[i] = None;
@@ -582,6 +621,39 @@ mod tests {
         s.release(slow, 0);
         assert_eq!(s.slot(0), Slot::Held);
         assert!(s.satisfied());
+    }
+
+    #[test]
+    fn before_the_end_game_only_a_stuck_block_is_copied() {
+        // Blocks take 2 s each (a slow line): a block 1 s in flight is not
+        // copied while others are missing, one 4 blocks' time in flight is.
+        let t0 = Instant::now();
+        let (slow, partial) = (PeerId::random(), PeerId::random());
+        let mut s = Sched::new(8, WINDOW, RAM_AHEAD, true, 5, t0);
+        s.set_have(slow, Have::All);
+        let first = s.pick(&slow, t0, true).expect("a block");
+        let t1 = t0 + Duration::from_secs(2);
+        assert!(s.hold(slow, first, t1));
+        assert_eq!(s.stuck_after(), Duration::from_secs(8));
+        let stuck = s.pick(&slow, t1, true).expect("a block");
+        // `partial` holds `stuck` and one block nobody has asked for.
+        let other = (0..8)
+            .find(|k| *k != first && *k != stuck)
+            .expect("another");
+        let mut bits = vec![false; 8];
+        bits[stuck as usize] = true;
+        bits[other as usize] = true;
+        s.set_have(partial, Have::Some(bits.clone()));
+        assert_eq!(s.pick(&partial, t1, true), Some(other));
+        // Nothing else `partial` holds is missing, but other blocks are (at
+        // `slow`): not the end game, so no copy after a mere second...
+        assert_eq!(s.pick(&partial, t1 + Duration::from_secs(1), true), None);
+        // ...only once it has taken four times what blocks take.
+        assert_eq!(
+            s.pick(&partial, t1 + Duration::from_secs(9), true),
+            Some(stuck)
+        );
+        assert_eq!(s.slot(stuck), Slot::Pending(2));
     }
 
     #[test]
@@ -829,7 +901,8 @@ mod tests {
         }
         match before.slot(k) {
             Slot::Pending(n) => {
-                // A duplicate: only in the end game, and only of a single copy.
+                // A duplicate: only of a single copy, when this peer has
+                // nothing missing to fetch, and not early.
                 prop_assert_eq!(n, 1);
                 prop_assert!(
                     eligible_missing.is_empty(),
@@ -837,10 +910,24 @@ mod tests {
                     k
                 );
                 let since = before.since[k as usize].expect("pending has a clock");
+                let age = now.saturating_duration_since(since);
+                let fetchable_elsewhere = (0..BLOCKS).any(|j| {
+                    before.slot(j) == Slot::Missing
+                        && before.wanted(j)
+                        && before.rarity[j as usize] > 0
+                });
+                let limit = if fetchable_elsewhere {
+                    before.stuck_after()
+                } else {
+                    ENDGAME_AFTER
+                };
+                prop_assert!(limit >= ENDGAME_AFTER);
                 prop_assert!(
-                    now.saturating_duration_since(since) > ENDGAME_AFTER,
-                    "duplicated {} early",
-                    k
+                    age > limit,
+                    "duplicated {} early ({:?} <= {:?})",
+                    k,
+                    age,
+                    limit
                 );
             }
             Slot::Missing if !(urgent && in_playback) => {

@@ -1,0 +1,400 @@
+//! A network lab on one Linux machine, for tests and benchmarks that need
+//! nodes with their own addresses and real, shaped links instead of loopback.
+//!
+//! Where it sits: below the end-to-end harness (`tests/`). The lab builds a
+//! star: one *hub* namespace holds a Linux bridge; every host is a network
+//! namespace of its own joined to the bridge by a veth pair, with an address
+//! in 198.18.0.0/15 (RFC 2544's benchmark range, so nothing in the lab looks
+//! like a real address and nothing is routed off the machine). Each host's
+//! link is shaped in both directions with `tc tbf` (upload on the host's end,
+//! download on the hub's end), as a home line's asymmetric rates.
+//! Whatever runs in a host (a `p2pd`, a libtorrent peer) is started with
+//! [`Lab::command`], i.e. `ip netns exec`.
+//!
+//! The kernel here has no `netem`, so the lab shapes rates but adds no delay
+//! or loss (see `../shared/design/network-lab-facts.md`).
+//!
+//! Everything is made with iproute2 (`ip`, `tc`), as an operator would; the
+//! lab removes its namespaces when dropped, and one that a killed run left
+//! behind is swept by the next [`Lab::new`].
+
+#![forbid(unsafe_code)]
+
+use std::net::Ipv4Addr;
+use std::path::Path;
+use std::process::Command;
+
+/// Why the lab could not be built or used.
+#[derive(Debug, thiserror::Error)]
+pub enum LabError {
+    /// The lab needs root (network namespaces, `tc`).
+    #[error("the network lab needs root (it creates network namespaces); running as uid {uid}")]
+    NotRoot {
+        /// The effective user id.
+        uid: u32,
+    },
+    /// A tool the lab runs is missing.
+    #[error("the network lab needs `{tool}` (apt-get install {package})")]
+    Missing {
+        /// The command.
+        tool: &'static str,
+        /// The Debian package with it.
+        package: &'static str,
+    },
+    /// A command the lab ran failed.
+    #[error("`{command}` failed: {stderr}")]
+    Command {
+        /// The command line.
+        command: String,
+        /// What it printed on stderr.
+        stderr: String,
+    },
+    /// Starting a command failed.
+    #[error("cannot run `{command}`: {source}")]
+    Spawn {
+        /// The command line.
+        command: String,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// A counter read back from the kernel was not a number.
+    #[error("unexpected output from `{command}`: {output:?}")]
+    Parse {
+        /// The command line.
+        command: String,
+        /// What it printed.
+        output: String,
+    },
+    /// The address range is used up.
+    #[error("the lab holds at most {max} hosts")]
+    Full {
+        /// The most hosts a lab holds.
+        max: usize,
+    },
+}
+
+/// Result alias for the lab.
+pub type Result<T> = std::result::Result<T, LabError>;
+
+/// The rates of one host's line, in bits per second; `None` is unshaped.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Line {
+    /// From the host to the lab.
+    pub up_bps: Option<u64>,
+    /// From the lab to the host.
+    pub down_bps: Option<u64>,
+}
+
+impl Line {
+    /// An unshaped line.
+    pub const UNSHAPED: Line = Line {
+        up_bps: None,
+        down_bps: None,
+    };
+
+    /// A line of `up` and `down` megabits per second.
+    pub fn mbit(up: f64, down: f64) -> Self {
+        let bps = |m: f64| Some((m * 1e6) as u64);
+        Line {
+            up_bps: bps(up),
+            down_bps: bps(down),
+        }
+    }
+}
+
+/// One host of the lab: a network namespace with one interface (`eth0`)
+/// and one address.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Host {
+    /// The namespace's name (for `ip netns exec`).
+    pub netns: String,
+    /// Its address.
+    pub ip: Ipv4Addr,
+    /// Its line.
+    pub line: Line,
+    /// Its veth's name in the hub namespace.
+    hub_end: String,
+}
+
+/// Bytes a host's interface sent and received, as the kernel counts them
+/// (payload and every header: what the line carried).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Traffic {
+    /// Bytes sent by the host.
+    pub sent: u64,
+    /// Bytes received by the host.
+    pub received: u64,
+}
+
+/// The lab: a hub namespace with a bridge, and the hosts on it.
+#[derive(Debug)]
+pub struct Lab {
+    prefix: String,
+    hub: String,
+    hosts: Vec<Host>,
+}
+
+/// All lab namespaces start with this, then the owning process's id.
+const PREFIX: &str = "p2plab";
+/// The bridge's own address; hosts follow it.
+const HUB_IP: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 1);
+const PREFIX_LEN: u8 = 15;
+/// Hosts fit in the /15 after the hub, leaving the broadcast address.
+const MAX_HOSTS: usize = (1 << (32 - PREFIX_LEN)) - 3;
+/// Token bucket for the shaper: at least one full-size burst of a few
+/// packets, and a queue of up to 200 ms before tail drop (a home router's
+/// buffer, roughly).
+const TBF_BURST: &str = "64kb";
+const TBF_LATENCY: &str = "200ms";
+
+impl Lab {
+    /// Whether this machine can run the lab: root, `ip` and `tc`.
+    pub fn check() -> Result<()> {
+        let uid = effective_uid();
+        if uid != 0 {
+            return Err(LabError::NotRoot { uid });
+        }
+        for (tool, package) in [("ip", "iproute2"), ("tc", "iproute2")] {
+            if which(tool).is_none() {
+                return Err(LabError::Missing { tool, package });
+            }
+        }
+        Ok(())
+    }
+
+    /// An empty lab: the hub namespace with its bridge up. Namespaces that a
+    /// lab of a process no longer running left behind are removed first.
+    pub fn new() -> Result<Self> {
+        Self::check()?;
+        sweep_stale()?;
+        let prefix = format!("{PREFIX}{}-", std::process::id());
+        // Two labs in one process (two tests) need names of their own.
+        static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let prefix = format!(
+            "{prefix}{}-",
+            NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+        );
+        let hub = format!("{prefix}hub");
+        run("ip", &["netns", "add", &hub])?;
+        let lab = Lab {
+            prefix,
+            hub,
+            hosts: Vec::new(),
+        };
+        let hub = lab.hub.as_str();
+        let addr = format!("{HUB_IP}/{PREFIX_LEN}");
+        run("ip", &["-n", hub, "link", "add", "br0", "type", "bridge"])?;
+        run("ip", &["-n", hub, "addr", "add", &addr, "dev", "br0"])?;
+        run("ip", &["-n", hub, "link", "set", "br0", "up"])?;
+        run("ip", &["-n", hub, "link", "set", "lo", "up"])?;
+        Ok(lab)
+    }
+
+    /// The hub's address: a service every host reaches (a tracker, say) runs
+    /// there, in [`Lab::hub_command`].
+    pub fn hub_ip(&self) -> Ipv4Addr {
+        HUB_IP
+    }
+
+    /// The hosts, in the order they were added.
+    pub fn hosts(&self) -> &[Host] {
+        &self.hosts
+    }
+
+    /// Adds a host on a line of `line`'s rates.
+    pub fn add_host(&mut self, line: Line) -> Result<Host> {
+        let i = self.hosts.len();
+        if i >= MAX_HOSTS {
+            return Err(LabError::Full { max: MAX_HOSTS });
+        }
+        let ip = Ipv4Addr::from(u32::from(HUB_IP) + 1 + i as u32);
+        let netns = format!("{}{i}", self.prefix);
+        let hub_end = format!("h{i}");
+        run("ip", &["netns", "add", &netns])?;
+        let host = Host {
+            netns,
+            ip,
+            line,
+            hub_end,
+        };
+        // Pushed before it is complete, so a failure below still removes it.
+        self.hosts.push(host.clone());
+        let (ns, hub) = (host.netns.as_str(), self.hub.as_str());
+        run(
+            "ip",
+            &[
+                "-n",
+                hub,
+                "link",
+                "add",
+                &host.hub_end,
+                "type",
+                "veth",
+                "peer",
+                "name",
+                "eth0",
+                "netns",
+                ns,
+            ],
+        )?;
+        run(
+            "ip",
+            &["-n", hub, "link", "set", &host.hub_end, "master", "br0"],
+        )?;
+        run("ip", &["-n", hub, "link", "set", &host.hub_end, "up"])?;
+        let addr = format!("{ip}/{PREFIX_LEN}");
+        run("ip", &["-n", ns, "addr", "add", &addr, "dev", "eth0"])?;
+        run("ip", &["-n", ns, "link", "set", "eth0", "up"])?;
+        run("ip", &["-n", ns, "link", "set", "lo", "up"])?;
+        if let Some(bps) = line.up_bps {
+            shape(ns, "eth0", bps)?;
+        }
+        if let Some(bps) = line.down_bps {
+            shape(hub, &host.hub_end, bps)?;
+        }
+        Ok(host)
+    }
+
+    /// A command that runs `program` inside `host`'s namespace.
+    pub fn command(&self, host: &Host, program: impl AsRef<std::ffi::OsStr>) -> Command {
+        in_netns(&host.netns, program)
+    }
+
+    /// A command that runs `program` in the hub namespace (on the bridge's
+    /// address, [`Lab::hub_ip`]).
+    pub fn hub_command(&self, program: impl AsRef<std::ffi::OsStr>) -> Command {
+        in_netns(&self.hub, program)
+    }
+
+    /// What `host`'s line has carried so far.
+    pub fn traffic(&self, host: &Host) -> Result<Traffic> {
+        // The hub's end counts the same frames the other way round, and is
+        // readable without entering the host's namespace.
+        let counter = |name: &str| -> Result<u64> {
+            let path = format!("/sys/class/net/{}/statistics/{name}", host.hub_end);
+            let args = ["netns", "exec", self.hub.as_str(), "cat", path.as_str()];
+            let out = run("ip", &args)?;
+            out.trim().parse().map_err(|_| LabError::Parse {
+                command: format!("ip {}", args.join(" ")),
+                output: out,
+            })
+        };
+        Ok(Traffic {
+            sent: counter("rx_bytes")?,
+            received: counter("tx_bytes")?,
+        })
+    }
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        // A host's veth goes with its namespace; processes still inside keep
+        // theirs alive until they exit.
+        for h in &self.hosts {
+            let _ = run("ip", &["netns", "del", &h.netns]);
+        }
+        let _ = run("ip", &["netns", "del", &self.hub]);
+    }
+}
+
+fn in_netns(netns: &str, program: impl AsRef<std::ffi::OsStr>) -> Command {
+    let mut c = Command::new("ip");
+    c.args(["netns", "exec", netns]).arg(program);
+    c
+}
+
+fn shape(netns: &str, dev: &str, bps: u64) -> Result<()> {
+    let rate = format!("{bps}bit");
+    run(
+        "tc",
+        &[
+            "-n",
+            netns,
+            "qdisc",
+            "add",
+            "dev",
+            dev,
+            "root",
+            "tbf",
+            "rate",
+            &rate,
+            "burst",
+            TBF_BURST,
+            "latency",
+            TBF_LATENCY,
+        ],
+    )
+    .map(drop)
+}
+
+/// Removes lab namespaces whose owning process is gone.
+fn sweep_stale() -> Result<()> {
+    let Ok(entries) = std::fs::read_dir("/run/netns") else {
+        return Ok(());
+    };
+    for e in entries.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let Some(pid) = name
+            .strip_prefix(PREFIX)
+            .and_then(|rest| rest.split('-').next())
+            .and_then(|p| p.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        if !Path::new(&format!("/proc/{pid}")).exists() {
+            run("ip", &["netns", "del", &name])?;
+        }
+    }
+    Ok(())
+}
+
+fn run(program: &str, args: &[&str]) -> Result<String> {
+    let command = || format!("{program} {}", args.join(" "));
+    let out = Command::new(program)
+        .args(args)
+        .output()
+        .map_err(|source| LabError::Spawn {
+            command: command(),
+            source,
+        })?;
+    if !out.status.success() {
+        return Err(LabError::Command {
+            command: command(),
+            stderr: String::from_utf8_lossy(&out.stderr).trim().to_owned(),
+        });
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+fn which(tool: &str) -> Option<std::path::PathBuf> {
+    let path = std::env::var_os("PATH")?;
+    std::env::split_paths(&path)
+        .chain(["/usr/sbin".into(), "/sbin".into()])
+        .map(|d| d.join(tool))
+        .find(|p| p.is_file())
+}
+
+fn effective_uid() -> u32 {
+    // /proc/self/status's Uid line: real, effective, saved, filesystem.
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("Uid:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|u| u.parse().ok())
+        })
+        .unwrap_or(u32::MAX)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lines_convert_megabits() {
+        let l = Line::mbit(2.0, 10.5);
+        assert_eq!(l.up_bps, Some(2_000_000));
+        assert_eq!(l.down_bps, Some(10_500_000));
+    }
+}

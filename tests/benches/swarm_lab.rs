@@ -1,0 +1,230 @@
+//! A flash crowd on home lines, p2pvm and libtorrent side by side: the same
+//! lab hosts (a network namespace each), the same shaped lines, the same
+//! item, one after the other in one run.
+//!
+//! Lines: uploads spread over 2-20 Mbit/s, downloads five times the upload
+//! (`swarm::home_lines`); the publisher/seed gets 11 Mbit/s up. The lower
+//! bound (`swarm::lower_bound`) is the longest of: the publisher sending the
+//! item once, the downloaders' copies crossing the sum of all uploads, and
+//! the slowest download line receiving the item. The lines add no latency
+//! or loss (this kernel has no netem).
+//!
+//! Prints, for each engine: first and last finisher, p50/p90 of the finish
+//! times, the ratio of the last finisher to the bound and to the other
+//! engine, the publisher's upload as a multiple of the item (its line's
+//! frame bytes for both, and libtorrent's payload count beside it), CPU
+//! seconds per GiB moved and peak memory per node kind.
+//!
+//! Run (root, `apt-get install python3-libtorrent`):
+//! `cargo build --release --bins && cargo bench -p p2pvm-e2e --bench swarm_lab`
+//! (`P2PVM_LAB_NODES`, default 60; `P2PVM_LAB_MIB`, default 64; for
+//! experiments, `P2PVM_LAB_TOML` is added to every p2pd's config (e.g.
+//! `[content]` settings) and `P2PVM_LAB_ONLY_OURS=1` skips libtorrent).
+
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use p2pvm_e2e::swarm::{CrowdOutcome, Swarm, SwarmSpec, home_lines, lower_bound};
+use p2pvm_e2e::torrent::TorrentSwarm;
+use p2pvm_netlab::{Lab, Traffic};
+
+fn env(name: &str, default: u64) -> u64 {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+/// One engine's figures.
+struct Run {
+    name: &'static str,
+    crowd: CrowdOutcome,
+    /// The publisher's line, frame bytes sent.
+    publisher_sent: u64,
+    /// Each downloader's line, frame bytes received.
+    received: Vec<u64>,
+    cpu: Vec<f64>,
+    peak_kib: Vec<u64>,
+}
+
+fn traffic(lab: &Lab) -> Result<Vec<Traffic>> {
+    lab.hosts()
+        .iter()
+        .map(|h| lab.traffic(h).map_err(Into::into))
+        .collect()
+}
+
+fn received(before: &[Traffic], after: &[Traffic]) -> Vec<u64> {
+    after[1..]
+        .iter()
+        .zip(&before[1..])
+        .map(|(a, b)| a.received - b.received)
+        .collect()
+}
+
+async fn ours(lab: &Lab, nodes: usize, data_len: usize) -> Result<(Run, Vec<u8>)> {
+    let swarm = Swarm::start(
+        &SwarmSpec {
+            nodes,
+            bytes: data_len,
+            // No upload cap in the app: the lines are the limit, as at home.
+            config: format!(
+                "[virus]\nenabled = false\n{}",
+                std::env::var("P2PVM_LAB_TOML").unwrap_or_default()
+            ),
+        },
+        Some(lab),
+    )
+    .await?;
+    let pids: Vec<u32> = swarm.nodes().map(|n| n.pid()).collect::<Result<_>>()?;
+    let cpu_before: Vec<f64> = pids
+        .iter()
+        .map(|p| p2pvm_e2e::cpu_secs(*p))
+        .collect::<Result<_>>()?;
+    let before = traffic(lab)?;
+    let crowd = swarm.flash_crowd().await?;
+    let after = traffic(lab)?;
+    let cpu = pids
+        .iter()
+        .zip(&cpu_before)
+        .map(|(p, b)| Ok(p2pvm_e2e::cpu_secs(*p)? - b))
+        .collect::<Result<_>>()?;
+    let peak_kib = pids
+        .iter()
+        .map(|p| p2pvm_e2e::proc_status_kib(*p, "VmHWM"))
+        .collect::<Result<_>>()?;
+    let run = Run {
+        name: "p2pvm",
+        crowd,
+        publisher_sent: after[0].sent - before[0].sent,
+        received: received(&before, &after),
+        cpu,
+        peak_kib,
+    };
+    Ok((run, swarm.data.clone()))
+}
+
+async fn libtorrent(lab: &Lab, data: &[u8], deadline: Duration) -> Result<(Run, u64)> {
+    let mut swarm = TorrentSwarm::start(lab, data).await?;
+    let before = traffic(lab)?;
+    let out = swarm.flash_crowd(deadline).await?;
+    let after = traffic(lab)?;
+    // Spot-check the bytes, as the p2pvm side's test does.
+    if out.crowd.failures.is_empty() {
+        let got = std::fs::read(swarm.leecher_file(0))?;
+        anyhow::ensure!(got == data, "a libtorrent leecher holds other bytes");
+    }
+    let run = Run {
+        name: "libtorrent",
+        crowd: out.crowd,
+        publisher_sent: after[0].sent - before[0].sent,
+        received: received(&before, &after),
+        cpu: out.cpu_secs,
+        peak_kib: out.peak_kib,
+    };
+    Ok((run, out.seed_uploaded))
+}
+
+fn pct(sorted: &[Duration], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[i].as_secs_f64()
+}
+
+fn report(run: &Run, size: u64, bound: Duration, downloaders: usize) {
+    let c = &run.crowd;
+    let failed: usize = c.failures.values().sum();
+    let last = c.done.last().map_or(f64::NAN, Duration::as_secs_f64);
+    println!(
+        "{:>10}: {}/{downloaders} done; first {:.1} s, p50 {:.1} s, p90 {:.1} s, last {last:.1} s = {:.2}x the bound",
+        run.name,
+        c.done.len(),
+        pct(&c.done, 0.0),
+        pct(&c.done, 0.5),
+        pct(&c.done, 0.9),
+        last / bound.as_secs_f64(),
+    );
+    for (why, n) in &c.failures {
+        println!("{:>10}  {n} failed: {why}", "");
+    }
+    if failed > 0 {
+        println!("{:>10}  (ratios above count finishers only)", "");
+    }
+    let gib = size as f64 / f64::from(1u32 << 30);
+    let fetched: f64 = run.cpu[1..].iter().sum::<f64>() / downloaders as f64;
+    let max_mib = |v: &[u64]| v.iter().copied().max().unwrap_or(0) as f64 / 1024.0;
+    let mut got: Vec<f64> = run
+        .received
+        .iter()
+        .map(|b| *b as f64 / size as f64)
+        .collect();
+    got.sort_by(f64::total_cmp);
+    println!(
+        "{:>10}  downloaders' lines received {:.2}x-{:.2}x the item (median {:.2}x)",
+        "",
+        got.first().copied().unwrap_or(f64::NAN),
+        got.last().copied().unwrap_or(f64::NAN),
+        got.get(got.len() / 2).copied().unwrap_or(f64::NAN),
+    );
+    println!(
+        "{:>10}  publisher's line sent {:.2}x the item; CPU: publisher {:.1} s/GiB of the item, downloader {:.1} s/GiB fetched (mean); peak RSS: publisher {:.0} MiB, downloaders up to {:.0} MiB",
+        "",
+        run.publisher_sent as f64 / size as f64,
+        run.cpu[0] / gib,
+        fetched / gib,
+        run.peak_kib[0] as f64 / 1024.0,
+        max_mib(&run.peak_kib[1..]),
+    );
+}
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+async fn main() -> Result<()> {
+    // Without `--bench` (under `cargo test --all-targets`) a small smoke run.
+    let full = std::env::args().any(|a| a == "--bench");
+    if let Err(e) = Lab::check()
+        .map_err(anyhow::Error::from)
+        .and(p2pvm_e2e::torrent::available())
+    {
+        println!("SKIPPED: the lab swarm bench cannot run here: {e:#}");
+        return Ok(());
+    }
+    let nodes = env("P2PVM_LAB_NODES", if full { 60 } else { 5 }) as usize;
+    let mib = env("P2PVM_LAB_MIB", if full { 64 } else { 2 });
+    let size = mib << 20;
+    let lines = home_lines(nodes);
+    let mut lab = Lab::new()?;
+    for l in &lines {
+        lab.add_host(*l)?;
+    }
+    let bound = lower_bound(&lines, size);
+    println!(
+        "lab: {nodes} nodes on home lines (2-20 Mbit/s up, 5x down; publisher 11 up), {mib} MiB; lower bound {:.1} s",
+        bound.as_secs_f64()
+    );
+    let (p2p, data) = ours(&lab, nodes, size as usize).await?;
+    // libtorrent gets as long as p2pvm's last finisher took, several times over.
+    let ours_last = p2p.crowd.done.last().copied().unwrap_or(bound);
+    let deadline = (ours_last * 4).max(bound * 4).max(Duration::from_secs(60));
+    let downloaders = nodes - 1;
+    if std::env::var_os("P2PVM_LAB_ONLY_OURS").is_some() {
+        report(&p2p, size, bound, downloaders);
+        return Ok(());
+    }
+    let (lt, seed_payload) = libtorrent(&lab, &data, deadline).await?;
+    report(&p2p, size, bound, downloaders);
+    report(&lt, size, bound, downloaders);
+    println!(
+        "{:>10}  (the seed's own payload count: {:.2}x the item)",
+        "",
+        seed_payload as f64 / size as f64
+    );
+    let last = |r: &Run| r.crowd.done.last().map(Duration::as_secs_f64);
+    let ratio = last(&p2p)
+        .zip(last(&lt))
+        .map(|(a, b)| a / b)
+        .context("an engine had no finisher")?;
+    println!("last finisher, p2pvm / libtorrent: {ratio:.2}x (target <= 1.0)");
+    Ok(())
+}
