@@ -219,9 +219,12 @@ mod tests {
         // Publisher 8 Mbit/s up: 1 MiB takes 1.048576 s from it alone.
         let seed_bound = vec![Line::mbit(8.0, 80.0), Line::mbit(80.0, 800.0)];
         assert!((lower_bound(&seed_bound, mib).as_secs_f64() - 1.048576).abs() < 1e-6);
-        // Nine downloaders, all 8 Mbit/s up: 9 copies over 80 Mbit/s.
-        let swarm_bound = vec![Line::mbit(8.0, 1000.0); 10];
-        assert!((lower_bound(&swarm_bound, mib).as_secs_f64() - 0.9437184).abs() < 1e-6);
+        // Nine downloaders 8 Mbit/s up, the publisher 16: 9 copies over 88
+        // Mbit/s take longer than the publisher's one (0.52 s).
+        let mut swarm_bound = vec![Line::mbit(8.0, 1000.0); 10];
+        swarm_bound[0] = Line::mbit(16.0, 1000.0);
+        let copies = 9.0 * 8.0 * mib as f64 / 88e6;
+        assert!((lower_bound(&swarm_bound, mib).as_secs_f64() - copies).abs() < 1e-6);
         // A downloader with a 4 Mbit/s download line.
         let mut slow = swarm_bound.clone();
         slow[3] = Line::mbit(8.0, 4.0);
