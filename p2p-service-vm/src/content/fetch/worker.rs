@@ -315,14 +315,16 @@ impl RateMeter {
 
     fn depth(&self) -> usize {
         match self.rate {
-            // Until measured, a quarter of the maximum (4 blocks by default):
-            // a fast link fills within the first measurement (200 ms), and a
-            // capped provider does not get a queue of seconds from each of
-            // a crowd's first requests.
-            None => (self.max / 4).max(2),
+            // Until measured, two blocks: a fast link fills within the first
+            // measurement (200 ms), and a slow or busy provider does not get
+            // a queue of seconds from each of a crowd's first requests.
+            None => 2.min(self.max),
+            // One block per connection at least: on a slow line a second
+            // queued block waits seconds, outlives the upload turn it was
+            // asked in and comes back `Busy`.
             Some(r) => {
                 let blocks = (r * TARGET_QUEUE.as_secs_f64() / BLOCK_BYTES as f64).ceil() as usize;
-                blocks.clamp(2, self.max.max(2))
+                blocks.clamp(1, self.max.max(1))
             }
         }
     }
