@@ -150,9 +150,9 @@ const TBF_LATENCY: &str = "200ms";
 impl Lab {
     /// Whether this machine can run the lab: root, `ip` and `tc`.
     pub fn check() -> Result<()> {
-        let uid = effective_uid();
-        if uid != 0 {
-            return Err(LabError::NotRoot { uid });
+        let uid = nix::unistd::geteuid();
+        if !uid.is_root() {
+            return Err(LabError::NotRoot { uid: uid.as_raw() });
         }
         for (tool, package) in [("ip", "iproute2"), ("tc", "iproute2")] {
             if which(tool).is_none() {
@@ -372,19 +372,6 @@ fn which(tool: &str) -> Option<std::path::PathBuf> {
         .chain(["/usr/sbin".into(), "/sbin".into()])
         .map(|d| d.join(tool))
         .find(|p| p.is_file())
-}
-
-fn effective_uid() -> u32 {
-    // /proc/self/status's Uid line: real, effective, saved, filesystem.
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find_map(|l| l.strip_prefix("Uid:"))
-                .and_then(|l| l.split_whitespace().nth(1))
-                .and_then(|u| u.parse().ok())
-        })
-        .unwrap_or(u32::MAX)
 }
 
 #[cfg(test)]
