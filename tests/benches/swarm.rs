@@ -50,6 +50,7 @@ async fn main() -> Result<()> {
             nodes,
             bytes: size as usize,
             config,
+            log: None,
         },
         None,
     )

@@ -19,7 +19,9 @@
 //! `cargo build --release --bins && cargo bench -p p2pvm-e2e --bench swarm_lab`
 //! (`P2PVM_LAB_NODES`, default 60; `P2PVM_LAB_MIB`, default 64; for
 //! experiments, `P2PVM_LAB_TOML` is added to every p2pd's config (e.g.
-//! `[content]` settings) and `P2PVM_LAB_ONLY_OURS=1` skips libtorrent).
+//! `[content]` settings), `P2PVM_LAB_ONLY_OURS=1` skips libtorrent, and
+//! `P2PVM_LAB_LOG=<filter>` with `P2PVM_LAB_LOGS=<dir>` keeps each p2pd's
+//! log at that filter in `<dir>/<node>.log`).
 
 use std::time::Duration;
 
@@ -72,6 +74,7 @@ async fn ours(lab: &Lab, nodes: usize, data_len: usize) -> Result<(Run, Vec<u8>)
                 "[virus]\nenabled = false\n{}",
                 std::env::var("P2PVM_LAB_TOML").unwrap_or_default()
             ),
+            log: std::env::var("P2PVM_LAB_LOG").ok(),
         },
         Some(lab),
     )
@@ -84,6 +87,9 @@ async fn ours(lab: &Lab, nodes: usize, data_len: usize) -> Result<(Run, Vec<u8>)
     let before = traffic(lab)?;
     let crowd = swarm.flash_crowd().await?;
     let after = traffic(lab)?;
+    if let Some(dir) = std::env::var_os("P2PVM_LAB_LOGS") {
+        keep_logs(&swarm, dir.as_ref())?;
+    }
     let cpu = pids
         .iter()
         .zip(&cpu_before)
@@ -102,6 +108,17 @@ async fn ours(lab: &Lab, nodes: usize, data_len: usize) -> Result<(Run, Vec<u8>)
         peak_kib,
     };
     Ok((run, swarm.data.clone()))
+}
+
+/// Copies each node's captured log out of its data directory, which the
+/// swarm deletes: `0.log` is the publisher's.
+fn keep_logs(swarm: &Swarm, dir: &std::path::Path) -> Result<()> {
+    std::fs::create_dir_all(dir)?;
+    for (i, n) in swarm.nodes().enumerate() {
+        std::fs::write(dir.join(format!("{i}.log")), n.log())?;
+    }
+    println!("p2pd logs kept in {}", dir.display());
+    Ok(())
 }
 
 async fn libtorrent(lab: &Lab, data: &[u8], deadline: Duration) -> Result<(Run, u64)> {

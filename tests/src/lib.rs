@@ -138,6 +138,7 @@ pub struct TestNode {
     extra_args: Vec<String>,
     store_bytes: Option<u64>,
     capture_log: bool,
+    log_filter: Option<String>,
     host: Option<p2pvm_netlab::Host>,
 }
 
@@ -154,6 +155,8 @@ pub struct NodeOpts {
     /// Write p2pd's log (at `info` unless `P2PD_LOG` says otherwise) to a
     /// file that [`TestNode::log`] reads, instead of the test's stderr.
     pub capture_log: bool,
+    /// The captured log's filter instead of `info` (`P2PD_LOG` syntax).
+    pub log_filter: Option<String>,
     /// Run in this host of a network lab (its own namespace, address and
     /// shaped line) instead of on loopback.
     pub host: Option<p2pvm_netlab::Host>,
@@ -201,6 +204,7 @@ impl TestNode {
             extra_args: args,
             store_bytes: opts.store_bytes,
             capture_log: opts.capture_log,
+            log_filter: opts.log_filter,
             host: opts.host,
         };
         node.launch().await?;
@@ -255,7 +259,14 @@ impl TestNode {
             .args(["--listen", &format!("/ip4/{ip}/udp/0/quic-v1")])
             .args(&self.extra_args)
             // Not the user's P2PD_LOG: a test that reads the log needs `info`.
-            .env("P2PD_LOG", if self.capture_log { "info" } else { "warn" })
+            .env(
+                "P2PD_LOG",
+                match (&self.log_filter, self.capture_log) {
+                    (Some(f), true) => f.as_str(),
+                    (None, true) => "info",
+                    (_, false) => "warn",
+                },
+            )
             .stdin(Stdio::null())
             .kill_on_drop(true);
         if self.capture_log {

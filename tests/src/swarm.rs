@@ -22,6 +22,9 @@ pub struct SwarmSpec {
     pub bytes: usize,
     /// Every node's TOML config.
     pub config: String,
+    /// Capture every node's log at this filter (`P2PD_LOG` syntax), for
+    /// [`TestNode::log`]; `None` leaves warnings on stderr.
+    pub log: Option<String>,
 }
 
 /// A publisher that published its item before any peer joined, and the
@@ -78,6 +81,8 @@ impl Swarm {
         let host = |i: usize| lab.map(|l| l.hosts()[i].clone());
         let opts = NodeOpts {
             config_toml: Some(spec.config.clone()),
+            capture_log: spec.log.is_some(),
+            log_filter: spec.log.clone(),
             ..Default::default()
         };
         let publisher = TestNode::start(NodeOpts {

@@ -36,6 +36,7 @@ async fn a_flash_crowd_of_dozens_all_finish_an_item_published_before_they_joined
             // Capped uploads keep peers partial for a while, as on real links.
             config: "[content]\nupload_rate_bytes_per_sec = 4194304\n[virus]\nenabled = false\n"
                 .into(),
+            log: None,
         },
         None,
     )
@@ -88,6 +89,7 @@ async fn a_flash_crowd_on_home_lines_finishes_with_little_from_the_publisher() -
             nodes,
             bytes,
             config: "[virus]\nenabled = false\n".into(),
+            log: None,
         },
         Some(&lab),
     )

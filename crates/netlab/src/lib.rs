@@ -14,6 +14,12 @@
 //! The kernel here has no `netem`, so the lab shapes rates but adds no delay
 //! or loss (see `../shared/design/network-lab-facts.md`).
 //!
+//! The kernel's ARP table is one table for all namespaces, and its default
+//! hard limit (`gc_thresh3`, 1024 entries) is what a mesh of 32 hosts already
+//! fills: beyond it new neighbours cannot be resolved and hosts that joined
+//! later reach nobody (a 60-host swarm lost its last 27 downloaders that
+//! way). The lab raises the limits to fit every pair of its hosts.
+//!
 //! Everything is made with iproute2 (`ip`, `tc`), as an operator would; the
 //! lab removes its namespaces when dropped, and one that a killed run left
 //! behind is swept by the next [`Lab::new`].
@@ -54,6 +60,14 @@ pub enum LabError {
     Spawn {
         /// The command line.
         command: String,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// A kernel setting could not be read or raised.
+    #[error("the kernel setting {path}: {source}")]
+    Sysctl {
+        /// Its file under /proc/sys.
+        path: &'static str,
         /// Why.
         source: std::io::Error,
     },
@@ -146,6 +160,47 @@ const MAX_HOSTS: usize = (1 << (32 - PREFIX_LEN)) - 3;
 /// buffer, roughly).
 const TBF_BURST: &str = "64kb";
 const TBF_LATENCY: &str = "200ms";
+/// The ARP table's limits, shared by every namespace (writable from the
+/// first one only).
+const NEIGH_SOFT: &str = "/proc/sys/net/ipv4/neigh/default/gc_thresh2";
+const NEIGH_HARD: &str = "/proc/sys/net/ipv4/neigh/default/gc_thresh3";
+/// Entries left for the rest of the machine (its own default hard limit).
+const NEIGH_HEADROOM: u64 = 1024;
+
+/// The ARP table size a lab of `hosts` needs: every host may hold an entry
+/// for every other and for the hub, and the hub one for every host, on top
+/// of what the machine uses outside the lab.
+pub fn neighbour_entries(hosts: usize) -> u64 {
+    let n = hosts as u64;
+    n * n + n + NEIGH_HEADROOM
+}
+
+/// Raises the shared ARP table's limits to at least `entries` (never lowers
+/// them: another lab, or the operator, may need more).
+fn make_neighbour_room(entries: u64) -> Result<()> {
+    // Above the soft limit for 5 s the kernel collects entries at once,
+    // churning the ones a lab in full use still needs: both move together.
+    for path in [NEIGH_HARD, NEIGH_SOFT] {
+        if read_number(path)? < entries {
+            std::fs::write(path, entries.to_string())
+                .map_err(|source| LabError::Sysctl { path, source })?;
+        }
+    }
+    Ok(())
+}
+
+fn read_number(path: &'static str) -> Result<u64> {
+    let text = std::fs::read_to_string(path).map_err(|source| LabError::Sysctl { path, source })?;
+    text.trim().parse().map_err(|_| LabError::Parse {
+        command: format!("read {path}"),
+        output: text,
+    })
+}
+
+/// The shared ARP table's hard limit now.
+pub fn neighbour_limit() -> Result<u64> {
+    read_number(NEIGH_HARD)
+}
 
 impl Lab {
     /// Whether this machine can run the lab: root, `ip` and `tc`.
@@ -219,6 +274,7 @@ impl Lab {
         };
         // Pushed before it is complete, so a failure below still removes it.
         self.hosts.push(host.clone());
+        make_neighbour_room(neighbour_entries(self.hosts.len()))?;
         let (ns, hub) = (host.netns.as_str(), self.hub.as_str());
         run(
             "ip",

@@ -98,3 +98,68 @@ fn a_dropped_lab_leaves_no_namespace_behind() {
     drop(lab);
     assert!(!std::path::Path::new(&path).exists(), "{path} left behind");
 }
+
+/// A full mesh needs an ARP entry per pair of hosts in the kernel's one
+/// table for all namespaces; at the default limit (1024) the hosts added
+/// after the 32nd reached nobody.
+#[test]
+fn every_host_of_a_40_host_lab_reaches_every_other() {
+    const HOSTS: usize = 40;
+    let Some(mut lab) = lab() else { return };
+    let hosts: Vec<Host> = (0..HOSTS)
+        .map(|_| lab.add_host(Line::UNSHAPED).expect("host"))
+        .collect();
+    let listeners: Vec<_> = hosts
+        .iter()
+        .map(|h| {
+            let ip = h.ip;
+            inside(h, move || {
+                let l = TcpListener::bind((ip, 0)).expect("bind");
+                l.set_nonblocking(true).expect("nonblocking");
+                l
+            })
+            .join()
+            .expect("listener")
+        })
+        .collect();
+    let addrs: Vec<SocketAddr> = listeners
+        .iter()
+        .map(|l| l.local_addr().expect("addr"))
+        .collect();
+    let dialers: Vec<_> = hosts
+        .iter()
+        .enumerate()
+        .map(|(i, h)| {
+            let others: Vec<SocketAddr> = addrs
+                .iter()
+                .enumerate()
+                .filter(|(j, _)| *j != i)
+                .map(|(_, a)| *a)
+                .collect();
+            inside(h, move || {
+                others
+                    .into_iter()
+                    .filter(|a| TcpStream::connect_timeout(a, Duration::from_secs(5)).is_err())
+                    .map(|a| format!("{i}->{a}"))
+                    .collect::<Vec<_>>()
+            })
+        })
+        .collect();
+    let failed: Vec<String> = dialers
+        .into_iter()
+        .flat_map(|d| d.join().expect("dialer"))
+        .collect();
+    assert!(
+        failed.is_empty(),
+        "{} of {} connections failed: {:?}",
+        failed.len(),
+        HOSTS * (HOSTS - 1),
+        &failed[..failed.len().min(10)]
+    ); // The mesh may pass on a machine whose limit an earlier run raised; the
+    // limit itself says whether this lab would have raised it.
+    let limit = p2pvm_netlab::neighbour_limit().expect("limit");
+    assert!(
+        limit >= p2pvm_netlab::neighbour_entries(HOSTS),
+        "the ARP table holds {limit} entries, too few for {HOSTS} hosts"
+    );
+}
