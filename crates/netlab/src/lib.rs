@@ -164,8 +164,10 @@ const TBF_LATENCY: &str = "200ms";
 /// first one only).
 const NEIGH_SOFT: &str = "/proc/sys/net/ipv4/neigh/default/gc_thresh2";
 const NEIGH_HARD: &str = "/proc/sys/net/ipv4/neigh/default/gc_thresh3";
-/// Entries left for the rest of the machine (its own default hard limit).
-const NEIGH_HEADROOM: u64 = 1024;
+/// Entries left for the rest of the machine: a lab of up to 25 hosts fits
+/// the default limit, and is built without touching it (where `/proc/sys`
+/// is read-only, say).
+const NEIGH_HEADROOM: u64 = 256;
 
 /// The ARP table size a lab of `hosts` needs: every host may hold an entry
 /// for every other and for the hub, and the hub one for every host, on top
