@@ -164,7 +164,7 @@ const TBF_LATENCY: &str = "200ms";
 /// first one only).
 const NEIGH_SOFT: &str = "/proc/sys/net/ipv4/neigh/default/gc_thresh2";
 const NEIGH_HARD: &str = "/proc/sys/net/ipv4/neigh/default/gc_thresh3";
-/// Entries left for the rest of the machine: a lab of up to 25 hosts fits
+/// Entries left for the rest of the machine: a lab of up to 27 hosts fits
 /// the default limit, and is built without touching it (where `/proc/sys`
 /// is read-only, say).
 const NEIGH_HEADROOM: u64 = 256;
