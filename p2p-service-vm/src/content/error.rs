@@ -341,6 +341,31 @@ impl ProviderError {
         }
     }
 
+    /// A short name of the kind of failure, for counts in logs.
+    pub(crate) fn kind(&self) -> &'static str {
+        match self {
+            Self::Unsupported => "unsupported",
+            Self::Unreachable(_) => "unreachable",
+            Self::Open(_) => "open",
+            Self::Io(_) => "io",
+            Self::NoAnswer => "no_answer",
+            Self::StoppedAnswering => "stopped_answering",
+            Self::ShortBitfield => "short_bitfield",
+            Self::NotProviding(_) => "not_providing",
+            Self::Refused { .. } => "refused",
+            Self::NothingWanted => "nothing_wanted",
+            Self::NoSlot(_) => "no_slot",
+            Self::SizeUnproven(_) => "size_unproven",
+            Self::Declined(_) => "declined",
+            Self::BadAnswer(_) => "bad_answer",
+            Self::Corrupt { .. } => "corrupt",
+            Self::Manifest(_) => "manifest",
+            Self::Drm(_) => "drm",
+            Self::Forbidden { .. } => "forbidden",
+            Self::Local(_) => "local",
+        }
+    }
+
     /// Whether a retry of the same provider may work (a transport hiccup).
     pub(crate) fn transient(&self) -> bool {
         matches!(

@@ -780,9 +780,13 @@ impl ContentService {
         self.inner.ledger.standing(peer)
     }
 
-    /// Providers of `id`, usable ones only, best credit forecast first.
+    /// Providers of `id`, usable ones only, best credit forecast first and
+    /// in random order among equals: downloaders that know nothing of the
+    /// providers yet spread over all of them instead of all asking the few
+    /// the DHT happens to name first.
     pub(crate) async fn find_providers(&self, id: &ContentId, limit: usize) -> Vec<PeerId> {
         let mut found = self.find_providers_raw(id, limit).await;
+        rand::seq::SliceRandom::shuffle(found.as_mut_slice(), &mut rand::thread_rng());
         let ledger = &self.inner.ledger;
         let mut ranked: Vec<(PeerId, p2pvm_security::PeerCredit)> = found
             .drain(..)

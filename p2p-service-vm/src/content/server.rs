@@ -351,6 +351,7 @@ pub(crate) async fn serve_stream<R, W>(
                     debug!(%peer, error = %e, "content stream write failed");
                     return;
                 }
+                tracing::trace!(%peer, status = header.status, bytes = header.payload_len, "answered");
             }
             // Batch: flush only when no further answer is ready.
             if rx.is_empty()
@@ -616,6 +617,7 @@ fn answer_op(
             let dl = svc.inner.downloads.lock().expect("lock").get(&id).cloned();
             match dl {
                 Some(d) => {
+                    d.asked_by(*peer);
                     let bits = d.partial.bitfield();
                     let mut r = TransferResponse::ok(bits.len() as u64);
                     r.fast_path_port = fast_path_port;

@@ -15,6 +15,9 @@ pub const KAD_PROTOCOL: StreamProtocol = StreamProtocol::new("/p2pvm/kad/1.0.0")
 /// Identify's protocol family string.
 pub const IDENTIFY_PROTOCOL: &str = "/p2pvm/id/1.0.0";
 
+/// Providers of one key a DHT record holder keeps and names.
+pub const PROVIDERS_PER_KEY: usize = 256;
+
 /// Largest pubsub message, matching what fits in one API frame with headroom.
 pub const MAX_PUBSUB_BYTES: usize = 512 << 10;
 
@@ -51,8 +54,16 @@ impl Behaviour {
         kad_config
             .set_query_timeout(config.kad_query_timeout())
             .set_periodic_bootstrap_interval(Some(config.kad_refresh()));
-        let mut kad =
-            kad::Behaviour::with_config(peer_id, kad::store::MemoryStore::new(peer_id), kad_config);
+        // A record holder keeps (and names) up to this many providers of a
+        // key. libp2p's default, 20, made every downloader of a 60-node
+        // crowd find the same first 20 announcers and never learn of the
+        // rest, whose blocks then did not spread.
+        let store_config = kad::store::MemoryStoreConfig {
+            max_providers_per_key: PROVIDERS_PER_KEY,
+            ..Default::default()
+        };
+        let store = kad::store::MemoryStore::with_config(peer_id, store_config);
+        let mut kad = kad::Behaviour::with_config(peer_id, store, kad_config);
         // Server mode from the start: nodes on loopback or a LAN never get the
         // confirmed external address that automatic mode waits for.
         kad.set_mode(Some(kad::Mode::Server));
@@ -89,4 +100,27 @@ impl Behaviour {
 pub fn service_key(name: &str) -> kad::RecordKey {
     let digest = blake3::hash(format!("p2pvm/service/v1/{name}").as_bytes());
     kad::RecordKey::new(&digest.as_bytes())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use libp2p::kad::store::RecordStore;
+
+    #[test]
+    fn the_dht_names_every_provider_of_a_crowd() {
+        let config = Config {
+            mdns: false,
+            ..Config::default()
+        };
+        let mut b = Behaviour::new(&Keypair::generate_ed25519(), &config).expect("behaviour");
+        let key = service_key("crowd");
+        let crowd = 60;
+        for _ in 0..crowd {
+            let peer = libp2p::PeerId::random();
+            let record = kad::ProviderRecord::new(key.clone(), peer, Vec::new());
+            b.kad.store_mut().add_provider(record).expect("stored");
+        }
+        assert_eq!(b.kad.store_mut().providers(&key).len(), crowd);
+    }
 }

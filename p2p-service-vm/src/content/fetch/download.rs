@@ -56,6 +56,47 @@ pub(super) struct State {
     pub hints: Vec<PeerId>,
     /// Peers that delivered verified blocks (isolated together if it is malware).
     pub contributors: HashSet<PeerId>,
+    /// What the workers did, for the log line that ends the download.
+    pub tally: Tally,
+}
+
+/// Where a download's blocks came from and what its worker slots were spent
+/// on: the line that ends a download says it, so a slow swarm shows whether
+/// it waited on its seeds, on upload slots or on its own churn.
+#[derive(Debug, Default)]
+pub(crate) struct Tally {
+    /// Workers started, one per provider connection attempt.
+    pub workers: u32,
+    /// Blocks first delivered by a provider that held the whole item.
+    pub from_seeds: u32,
+    /// Blocks first delivered by a provider still fetching it.
+    pub from_peers: u32,
+    /// Verified blocks that arrived after another copy (end game, stuck blocks).
+    pub duplicates: u32,
+    /// Blocks that arrived, verified or not, new or not.
+    pub received: u32,
+    /// Requests answered "wait for an upload slot".
+    pub busy: u32,
+    /// Blocks asked for and still unanswered when their worker ended.
+    pub abandoned: u32,
+    /// Workers ended, by the provider's error.
+    pub ended: BTreeMap<&'static str, u32>,
+}
+
+impl State {
+    /// `peer`'s verified block `k` is held; true when it is news.
+    fn held(&mut self, peer: PeerId, k: u64) -> bool {
+        let seed = self.sched.is_complete(&peer);
+        let fresh = self.sched.hold(peer, k, Instant::now());
+        tracing::trace!(%peer, block = k, seed, fresh, "block held");
+        let t = &mut self.tally;
+        *match (fresh, seed) {
+            (false, _) => &mut t.duplicates,
+            (true, true) => &mut t.from_seeds,
+            (true, false) => &mut t.from_peers,
+        } += 1;
+        fresh
+    }
 }
 
 /// The scan's verdict on a whole kept item, once known.
@@ -91,6 +132,9 @@ pub(super) struct WriteJob {
     pub secs: f64,
 }
 
+/// Peers waiting in [`State::hints`] at most.
+const MAX_HINTS: usize = 64;
+
 /// Blocks queued for a download's writer (they hold budget leases meanwhile).
 const WRITE_QUEUE: usize = 16;
 /// Bytes a writer writes between background syncs of the partial file.
@@ -120,6 +164,7 @@ impl Download {
                 ram: BTreeMap::new(),
                 hints,
                 contributors: HashSet::new(),
+                tally: Tally::default(),
             }),
             changed: Notify::new(),
             progress: watch::Sender::new(0),
@@ -247,6 +292,18 @@ impl Download {
         self.state().ram.get(&k).map(|(b, _)| b.clone())
     }
 
+    /// `peer` asked what we hold of this item: it is fetching it too, and
+    /// soon holds blocks we need, so it becomes a provider to try (as in
+    /// BitTorrent, where a connection serves both ways). The DHT names only
+    /// some of a crowd's peers to each downloader; this way the others are
+    /// found too.
+    pub(crate) fn asked_by(&self, peer: PeerId) {
+        let mut st = self.state();
+        if st.hints.len() < MAX_HINTS && !st.hints.contains(&peer) && !st.sched.is_active(&peer) {
+            st.hints.push(peer);
+        }
+    }
+
     /// `peer` delivered verified bytes outside the workers (the last block,
     /// with the manifest).
     pub(super) fn contributed(&self, peer: PeerId) {
@@ -278,7 +335,7 @@ impl Download {
                 }
                 st.ram.insert(k, (block, lease));
                 st.contributors.insert(peer);
-                return Ok(st.sched.hold(peer, k, Instant::now()));
+                return Ok(st.held(peer, k));
             }
         }
         if let Err(e) = self.partial.store_verified(k, &block) {
@@ -287,7 +344,7 @@ impl Download {
         }
         let mut st = self.state();
         st.contributors.insert(peer);
-        Ok(st.sched.hold(peer, k, Instant::now()))
+        Ok(st.held(peer, k))
     }
 
     /// From now on the download keeps the item. True if that is news: the

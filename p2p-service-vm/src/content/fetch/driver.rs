@@ -321,6 +321,18 @@ async fn drive(svc: ContentService, dl: Arc<Download>) {
         }
         workers.reap();
         let want_more = workers.running.len() < cfg.max_providers as usize;
+        if want_more {
+            // Peers fetched from before that hold what we still need, and
+            // peers fetching the item from us, start without waiting for a
+            // lookup.
+            let (mut known, hints) = {
+                let mut st = dl.state();
+                (st.sched.known_useful(), std::mem::take(&mut st.hints))
+            };
+            known.extend(hints);
+            start_workers(&svc, &dl, &mut workers, known);
+        }
+        let want_more = workers.running.len() < cfg.max_providers as usize;
         if want_more && (Instant::now() >= next_lookup || workers.running.is_empty()) {
             // Providers already known (the one that gave the manifest) start
             // before the lookup: under churn a DHT query can wait seconds on
@@ -369,9 +381,9 @@ async fn drive(svc: ContentService, dl: Arc<Download>) {
     dl.outcome.send_replace(result);
 }
 
-/// Starts workers for the best candidates, up to the provider limit: best
-/// credit forecast first, so a limited number of worker slots goes to the
-/// peers most likely to deliver.
+/// Starts workers for the best candidates, up to the provider limit: those
+/// known to hold what we need first, then by credit forecast, so a limited
+/// number of worker slots goes to the peers most likely to deliver.
 fn start_workers(
     svc: &ContentService,
     dl: &Arc<Download>,
@@ -382,7 +394,8 @@ fn start_workers(
     let ledger = &svc.inner.ledger;
     candidates.sort_by_cached_key(|p| {
         let c = ledger.credit(p);
-        (c.standing, std::cmp::Reverse(c.score))
+        let useful = dl.state().sched.useful(p);
+        (c.standing, !useful, std::cmp::Reverse(c.score), *p)
     });
     candidates.dedup();
     let max = svc.inner.config.max_providers as usize;
@@ -401,17 +414,19 @@ fn start_workers(
         debug!(id = %dl.id, %peer, "fetching from provider");
         let task = svc.spawn(worker(svc.clone(), dl.clone(), peer));
         workers.running.insert(peer, task);
+        dl.state().tally.workers += 1;
     }
 }
 
 /// Logs and announces how a download ended.
 async fn report(svc: &ContentService, dl: &Download, result: &Outcome, started: Instant) {
     let id = dl.id;
+    let tally = format!("{:?}", dl.state().tally);
     match result {
         Outcome::Complete => {
             let size = dl.partial.size();
             let secs = started.elapsed().as_secs_f64().max(1e-6);
-            info!(%id, size, mib_per_s = size as f64 / secs / 1048576.0, "download complete");
+            info!(%id, size, mib_per_s = size as f64 / secs / 1048576.0, %tally, "download complete");
             svc.emit(NodeEvent::ContentProgress {
                 id,
                 held_bytes: size,
@@ -420,7 +435,7 @@ async fn report(svc: &ContentService, dl: &Download, result: &Outcome, started: 
             });
         }
         Outcome::Failed(e) if dl.keep() => {
-            warn!(%id, error = %crate::content::error::chain(e), "download failed");
+            warn!(%id, error = %crate::content::error::chain(e), %tally, "download failed");
             let _ = svc
                 .inner
                 .node

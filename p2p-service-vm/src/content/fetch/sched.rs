@@ -57,6 +57,9 @@ pub(super) const ENDGAME_AFTER: Duration = Duration::from_millis(400);
 pub(super) const STUCK_FACTOR: u32 = 4;
 /// What counts as stuck before any block has arrived.
 pub(super) const STUCK_BEFORE_ANY: Duration = Duration::from_secs(5);
+/// A kept download spares its seeds the blocks a known peer holds while
+/// peers delivered a block within this long; after it, seeds serve anything.
+pub(super) const SEEDS_SPARED_FOR: Duration = Duration::from_secs(3);
 
 /// A block's state.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -94,6 +97,13 @@ struct Provider {
     /// Blocks asked of this provider and not yet settled, on any of its
     /// connections.
     asked: HashSet<u64>,
+    /// It said it holds the whole item (once: a later refusal of a block
+    /// does not make it a peer that is still fetching).
+    seed: bool,
+    /// A worker is fetching from it now. A provider whose worker ended is
+    /// kept with what it last said it held: holdings only grow in a swarm,
+    /// so an old `Have` still says where blocks are.
+    active: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -111,6 +121,10 @@ pub(crate) struct Sched {
     since: Vec<Option<Instant>>,
     /// How many known providers hold each block.
     rarity: Vec<u16>,
+    /// How many known providers that are not seeds hold each block.
+    shared: Vec<u16>,
+    /// When a provider that is not a seed last delivered a new block.
+    last_from_peer: Instant,
     readers: Vec<Reader>,
     next_reader: u64,
     /// Blocks ahead of a reader fetched first (playback window).
@@ -148,6 +162,8 @@ impl Sched {
             slots: vec![Slot::Missing; n],
             since: vec![None; n],
             rarity: vec![0; n],
+            shared: vec![0; n],
+            last_from_peer: now,
             readers: Vec::new(),
             next_reader: 1,
             window,
@@ -219,12 +235,51 @@ impl Sched {
         self.ram_ahead = blocks.max(1);
     }
 
+    /// Whether a worker fetches from `peer` now.
+    pub(super) fn is_active(&self, peer: &PeerId) -> bool {
+        self.providers.get(peer).is_some_and(|p| p.active)
+    }
+
+    /// Whether `peer` said it holds the whole item.
+    pub(super) fn is_complete(&self, peer: &PeerId) -> bool {
+        self.providers
+            .get(peer)
+            .is_some_and(|p| matches!(p.have, Have::All))
+    }
+
     pub(super) fn held_blocks(&self) -> u64 {
         self.held
     }
 
+    /// Providers fetched from now.
     pub(super) fn providers(&self) -> Vec<PeerId> {
-        self.providers.keys().copied().collect()
+        self.providers
+            .iter()
+            .filter(|(_, p)| p.active)
+            .map(|(id, _)| *id)
+            .collect()
+    }
+
+    /// Providers not fetched from now that last said they hold a block this
+    /// download still needs: the first to fetch from again.
+    pub(super) fn known_useful(&self) -> Vec<PeerId> {
+        self.providers
+            .iter()
+            .filter(|(_, p)| !p.active && self.holds_wanted(&p.have))
+            .map(|(id, _)| *id)
+            .collect()
+    }
+
+    /// Whether `peer` last said it holds a missing block this download wants.
+    pub(super) fn useful(&self, peer: &PeerId) -> bool {
+        self.providers
+            .get(peer)
+            .is_some_and(|p| self.holds_wanted(&p.have))
+    }
+
+    fn holds_wanted(&self, have: &Have) -> bool {
+        (0..self.slots.len() as u64)
+            .any(|k| self.slots[k as usize] == Slot::Missing && have.has(k) && self.wanted(k))
     }
 
     /// Whether `peer` is not to be asked now: it sent data that did not
@@ -240,6 +295,7 @@ impl Sched {
     /// [`BACKOFF_MAX`]. True on its first refusal in this download: only
     /// that one is charged to its credit.
     pub(super) fn back_off(&mut self, peer: PeerId, now: Instant) -> bool {
+        self.forget_peer(&peer);
         let b = self.backoff.entry(peer).or_insert(Backoff {
             until: now,
             strikes: 0,
@@ -287,18 +343,43 @@ impl Sched {
             have: Have::Unknown,
             throttled: false,
             asked: HashSet::new(),
+            seed: false,
+            active: true,
         })
     }
 
-    /// What `peer` holds now.
+    /// What `peer` holds now (its worker is running).
     pub(crate) fn set_have(&mut self, peer: PeerId, have: Have) {
-        let old = std::mem::replace(&mut self.provider(peer).have, have);
-        let new = &self.providers[&peer].have;
-        for (k, r) in self.rarity.iter_mut().enumerate() {
-            match (old.has(k as u64), new.has(k as u64)) {
-                (false, true) => *r = r.saturating_add(1),
-                (true, false) => *r = r.saturating_sub(1),
-                _ => {}
+        let p = self.provider(peer);
+        p.active = true;
+        let was_seed = p.seed;
+        p.seed |= matches!(have, Have::All);
+        let is_seed = p.seed;
+        let old = std::mem::replace(&mut p.have, have);
+        let new = self.providers[&peer].have.clone();
+        self.count(&old, was_seed, false);
+        self.count(&new, is_seed, true);
+    }
+
+    /// Adds (or removes) a provider's holdings to the counts of holders.
+    fn count(&mut self, have: &Have, seed: bool, add: bool) {
+        if matches!(have, Have::Unknown) {
+            return;
+        }
+        for k in 0..self.slots.len() {
+            if !have.has(k as u64) {
+                continue;
+            }
+            let step = |c: &mut u16| {
+                *c = if add {
+                    c.saturating_add(1)
+                } else {
+                    c.saturating_sub(1)
+                }
+            };
+            step(&mut self.rarity[k]);
+            if !seed {
+                step(&mut self.shared[k]);
             }
         }
     }
@@ -322,6 +403,10 @@ impl Sched {
         {
             let r = &mut self.rarity[k as usize];
             *r = r.saturating_sub(1);
+            if !p.seed {
+                let s = &mut self.shared[k as usize];
+                *s = s.saturating_sub(1);
+            }
         }
     }
 
@@ -330,20 +415,35 @@ impl Sched {
     }
 
     /// `peer` is out of this download: it sent data that did not verify.
+    /// What it said it holds is forgotten with it.
     pub(super) fn mark_bad(&mut self, peer: PeerId) {
         self.bad.insert(peer);
+        self.forget_peer(&peer);
     }
 
-    /// `peer` is gone: what it had in flight goes back to the pool.
-    pub(crate) fn forget_peer(&mut self, peer: &PeerId) {
+    /// `peer`'s worker ended: what it had in flight goes back to the pool;
+    /// what it said it holds is kept (see [`Provider::active`]). Returns
+    /// how many blocks were in flight.
+    pub(crate) fn retire_peer(&mut self, peer: &PeerId) -> u32 {
         let Some(p) = self.providers.get(peer) else {
-            return;
+            return 0;
         };
-        for k in p.asked.clone() {
+        let asked: Vec<u64> = p.asked.iter().copied().collect();
+        for &k in &asked {
             self.release(*peer, k);
         }
-        self.set_have(*peer, Have::Unknown);
-        self.providers.remove(peer);
+        if let Some(p) = self.providers.get_mut(peer) {
+            p.active = false;
+        }
+        asked.len() as u32
+    }
+
+    /// `peer` is gone from this download, with all it said it holds.
+    pub(crate) fn forget_peer(&mut self, peer: &PeerId) {
+        let _ = self.retire_peer(peer);
+        if let Some(p) = self.providers.remove(peer) {
+            self.count(&p.have, p.seed, false);
+        }
     }
 
     /// Whether block `k` is worth fetching: every block for a download that
@@ -379,12 +479,17 @@ impl Sched {
         let start = if n == 0 { 0 } else { self.random() % n };
         let p = self.providers.get(peer)?;
         let (have, asked) = (&p.have, &p.asked);
+        // A seed is asked only for what no known peer holds, while peers
+        // deliver: its upload is the swarm's scarcest, and every block it
+        // sends twice is one new block fewer in the swarm.
+        let spare = p.seed && self.keep && self.sparing_seeds(now);
+        let spared = |k: u64| spare && self.shared[k as usize] > 0;
         let better_has = |k: u64| {
             p.throttled
                 && self
                     .providers
                     .values()
-                    .any(|o| !o.throttled && o.have.has(k))
+                    .any(|o| o.active && !o.throttled && o.have.has(k))
         };
         // 1. Playback windows, the most urgent reader first.
         if urgent && !p.throttled {
@@ -429,6 +534,7 @@ impl Sched {
             if self.slots[k as usize] == Slot::Missing
                 && have.has(k)
                 && !better_has(k)
+                && !spared(k)
                 && best.is_none_or(|(r, _)| rarity < r)
             {
                 best = Some((rarity, k));
@@ -453,6 +559,7 @@ impl Sched {
                 && have.has(k)
                 && !asked.contains(&k)
                 && !better_has(k)
+                && !spared(k)
                 && let Some(t) = self.since[i]
                 && now.saturating_duration_since(t) > after
                 && oldest.is_none_or(|(o, _)| t < o)
@@ -484,14 +591,27 @@ impl Sched {
         };
     }
 
+    /// Whether seeds are spared the blocks known peers hold: peers have
+    /// delivered lately, so they are trading.
+    pub(super) fn sparing_seeds(&self, now: Instant) -> bool {
+        now.saturating_duration_since(self.last_from_peer) < SEEDS_SPARED_FOR
+    }
+
     /// `peer` delivered `k`, verified. True when the block is newly held.
     pub(super) fn hold(&mut self, peer: PeerId, k: u64, now: Instant) -> bool {
-        if let Some(p) = self.providers.get_mut(&peer) {
-            p.asked.remove(&k);
-        }
+        let seed = match self.providers.get_mut(&peer) {
+            Some(p) => {
+                p.asked.remove(&k);
+                p.seed
+            }
+            None => false,
+        };
         let i = k as usize;
         if self.slots[i] == Slot::Held {
             return false;
+        }
+        if !seed {
+            self.last_from_peer = now;
         }
         if let Some(t) = self.since[i] {
             let took = now.saturating_duration_since(t);
@@ -657,6 +777,57 @@ mod tests {
     }
 
     #[test]
+    fn a_seed_is_spared_what_a_peer_holds_while_peers_deliver() {
+        let t0 = Instant::now();
+        let (seed, peer) = (PeerId::random(), PeerId::random());
+        let mut s = Sched::new(4, WINDOW, RAM_AHEAD, true, 3, t0);
+        s.set_have(seed, Have::All);
+        s.set_have(peer, Have::Some(vec![true, true, true, false]));
+        // Block 3 is the seed's alone: the only one it is asked for.
+        assert_eq!(s.pick(&seed, t0, true), Some(3));
+        assert_eq!(s.pick(&seed, t0, true), None);
+        let k = s.pick(&peer, t0, true).expect("a block");
+        let t1 = t0 + Duration::from_secs(1);
+        assert!(s.hold(peer, k, t1));
+        assert_eq!(s.pick(&seed, t1 + SEEDS_SPARED_FOR / 2, true), None);
+        // Peers have delivered nothing for a while: the seed serves the rest.
+        let late = t1 + SEEDS_SPARED_FOR;
+        let got = s.pick(&seed, late, true).expect("a block");
+        assert!(got < 3 && got != k);
+        // A download that keeps nothing (a stream) never spares seeds.
+        let mut s = Sched::new(4, WINDOW, RAM_AHEAD, false, 3, t0);
+        s.add_reader(0..4, t0);
+        s.set_have(seed, Have::All);
+        s.set_have(peer, Have::All);
+        s.set_have(peer, Have::Some(vec![true; 4]));
+        assert!(s.pick(&seed, t0, false).is_some());
+    }
+
+    #[test]
+    fn what_a_provider_held_outlives_its_worker() {
+        let t0 = Instant::now();
+        let (a, b) = (PeerId::random(), PeerId::random());
+        let mut s = Sched::new(4, WINDOW, RAM_AHEAD, true, 3, t0);
+        s.set_have(a, Have::Some(vec![true, false, false, false]));
+        s.set_have(b, Have::Some(vec![true, true, false, false]));
+        assert_eq!(s.pick(&a, t0, true), Some(0));
+        assert_eq!(s.retire_peer(&a), 1, "its request goes back to the pool");
+        assert_eq!(s.slot(0), Slot::Missing);
+        assert_eq!(s.rarity(0), 2, "what it held still counts");
+        assert_eq!(s.known_useful(), vec![a]);
+        assert!(!s.is_active(&a) && s.is_active(&b));
+        assert_eq!(s.providers(), vec![b]);
+        // Its worker starts again and says what it holds now.
+        s.set_have(a, Have::Some(vec![true, false, true, false]));
+        assert!(s.is_active(&a) && s.known_useful().is_empty());
+        assert_eq!(s.rarity(2), 1);
+        // A provider whose data did not verify is forgotten with its holdings.
+        s.mark_bad(a);
+        assert_eq!((s.rarity(0), s.rarity(2)), (1, 0));
+        assert!(s.known_useful().is_empty() && s.providers() == vec![b]);
+    }
+
+    #[test]
     fn a_swarm_finishes_despite_a_provider_that_never_answers() {
         // Simulated time: each live provider answers one block per 10 ms;
         // the first takes requests and never answers.
@@ -771,6 +942,9 @@ mod tests {
         Forget {
             peer: usize,
         },
+        Retire {
+            peer: usize,
+        },
         AddReader {
             start: u64,
             len: u64,
@@ -810,7 +984,8 @@ mod tests {
             4 => (peer.clone(), any::<bool>()).prop_map(|(peer, urgent)| Op::Pick { peer, urgent }),
             4 => (peer.clone(), 0..8usize, 0..3u8)
                 .prop_map(|(peer, nth, how)| Op::Answer { peer, nth, how }),
-            1 => peer.prop_map(|peer| Op::Forget { peer }),
+            1 => peer.clone().prop_map(|peer| Op::Forget { peer }),
+            1 => peer.clone().prop_map(|peer| Op::Retire { peer }),
             1 => (0..BLOCKS, 1..BLOCKS).prop_map(|(start, len)| Op::AddReader { start, len }),
             1 => (0..4usize, 0..6u64).prop_map(|(nth, by)| Op::Advance { nth, by }),
             1 => (0..4usize).prop_map(|nth| Op::RemoveReader { nth }),
@@ -826,6 +1001,12 @@ mod tests {
         for k in 0..BLOCKS {
             let holders = s.providers.values().filter(|p| p.have.has(k)).count();
             prop_assert_eq!(s.rarity[k as usize] as usize, holders, "rarity of {}", k);
+            let peers = s
+                .providers
+                .values()
+                .filter(|p| !p.seed && p.have.has(k))
+                .count();
+            prop_assert_eq!(s.shared[k as usize] as usize, peers, "peers holding {}", k);
             let asked = s
                 .providers
                 .values()
@@ -865,7 +1046,11 @@ mod tests {
                 && before
                     .providers
                     .values()
-                    .any(|o| !o.throttled && o.have.has(k))
+                    .any(|o| o.active && !o.throttled && o.have.has(k))
+        };
+        // A seed is spared what a peer holds while peers deliver.
+        let spared = |k: u64| {
+            p.seed && before.keep && before.sparing_seeds(now) && before.shared[k as usize] > 0
         };
         let eligible_missing: Vec<u64> = (0..BLOCKS)
             .filter(|k| {
@@ -873,6 +1058,7 @@ mod tests {
                     && p.have.has(*k)
                     && before.wanted(*k)
                     && !better_has(*k)
+                    && !spared(*k)
             })
             .collect();
         let Some(k) = got else {
@@ -898,6 +1084,7 @@ mod tests {
                 "a throttled peer got {} a better one holds",
                 k
             );
+            prop_assert!(!spared(k), "a seed got {} a peer holds", k);
         }
         match before.slot(k) {
             Slot::Pending(n) => {
@@ -990,6 +1177,7 @@ mod tests {
                         }
                     }
                     Op::Forget { peer } => s.forget_peer(&ids[peer]),
+                    Op::Retire { peer } => { s.retire_peer(&ids[peer]); }
                     Op::AddReader { start, len } => {
                         readers.push(s.add_reader(start..(start + len).min(BLOCKS), now));
                     }

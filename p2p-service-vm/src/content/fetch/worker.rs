@@ -58,6 +58,32 @@ const THROTTLED_HEAD_START: Duration = Duration::from_secs(1);
 /// requests); shallower ones leave a fast link idle between answers.
 const TARGET_QUEUE: Duration = Duration::from_millis(250);
 
+/// Why a worker is winding down, once one of its connections has decided
+/// that it should (nothing wanted, no upload slot): its connections stop
+/// asking and end once their answers are in, so blocks already on their way
+/// are not thrown away with the connection.
+#[derive(Default)]
+struct Ending(std::sync::Mutex<Option<ProviderError>>);
+
+impl Ending {
+    fn set(&self, e: ProviderError) {
+        let mut why = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        why.get_or_insert(e);
+    }
+
+    fn is_set(&self) -> bool {
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).is_some()
+    }
+
+    /// The worker's result once all its connections have ended cleanly.
+    fn result(self) -> Result<(), ProviderError> {
+        match self.0.into_inner().unwrap_or_else(|p| p.into_inner()) {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
+    }
+}
+
 /// One request a connection has on the wire.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Pending {
@@ -75,7 +101,12 @@ struct Inflight {
 /// Fetches from `peer` until the download ends or the provider fails.
 pub(super) async fn worker(svc: ContentService, dl: Arc<Download>, peer: PeerId) {
     let r = run(&svc, &dl, peer).await;
-    dl.state().sched.forget_peer(&peer);
+    {
+        let mut st = dl.state();
+        st.tally.abandoned += st.sched.retire_peer(&peer);
+        let why = r.as_ref().map_or_else(|e| e.kind(), |()| "done");
+        *st.tally.ended.entry(why).or_default() += 1;
+    }
     dl.changed.notify_waiters();
     if let Err(e) = r {
         charge(&svc, &dl, peer, &e);
@@ -125,21 +156,18 @@ async fn run(svc: &ContentService, dl: &Arc<Download>, peer: PeerId) -> Result<(
     }
     let complete = on_have(svc, dl, peer, &header, &payload)?;
     let port = header.fast_path_port;
+    let ending = Ending::default();
     if let Some(first) = fast_path(svc, peer, port).await {
         debug!(id = %dl.id, %peer, "blocks take the fast path");
         let more = more_connections(svc, dl, peer, || fast_path(svc, peer, port)).await;
         let conns = std::iter::once(first).chain(more);
-        futures::future::try_join_all(conns.map(|c| pipeline(svc, dl, peer, c, complete))).await?;
-        return Ok(());
+        futures::future::try_join_all(conns.map(|c| pipeline(svc, dl, peer, c, complete, &ending)))
+            .await?;
+        return ending.result();
     }
-    pipeline(
-        svc,
-        dl,
-        peer,
-        futures::AsyncReadExt::split(stream),
-        complete,
-    )
-    .await
+    let conn = futures::AsyncReadExt::split(stream);
+    pipeline(svc, dl, peer, conn, complete, &ending).await?;
+    ending.result()
 }
 
 /// A group item from `peer`: over group sessions of the first of `groups`
@@ -175,8 +203,10 @@ async fn run_in_group(
     };
     let more = more_connections(svc, dl, peer, dial).await;
     let conns = std::iter::once((session.0, session.1)).chain(more);
-    futures::future::try_join_all(conns.map(|c| pipeline(svc, dl, peer, c, complete))).await?;
-    Ok(())
+    let ending = Ending::default();
+    futures::future::try_join_all(conns.map(|c| pipeline(svc, dl, peer, c, complete, &ending)))
+        .await?;
+    ending.result()
 }
 
 /// The first `Have` and its answer (`None`: the download was cancelled).
@@ -388,7 +418,9 @@ async fn verify_block(
 ) -> Result<(), ProviderError> {
     if dl.holds(k) {
         // A duplicate from the end game; the other copy won.
-        dl.release(peer, k);
+        let mut st = dl.state();
+        st.sched.release(peer, k);
+        st.tally.duplicates += 1;
         return Ok(());
     }
     let at = match dl.partial.verify(k, &wire) {
@@ -468,14 +500,16 @@ impl Drop for AbortOnDrop {
 }
 
 /// Keeps block requests in flight to `peer` on one connection until the
-/// download ends or the provider fails. Blocks it asked for and did not
-/// settle are released when the worker forgets the peer.
+/// download ends, the provider fails, or the worker winds down (`ending`:
+/// then it asks for nothing more and ends once its answers are in). Blocks
+/// it asked for and did not settle are released when the worker ends.
 async fn pipeline<R: PayloadRead, W: PayloadWrite>(
     svc: &ContentService,
     dl: &Arc<Download>,
     peer: PeerId,
     (rd, mut wr): (R, W),
     mut complete_peer: bool,
+    ending: &Ending,
 ) -> Result<(), ProviderError> {
     let id = dl.id;
     // A throttled peer (low credit) gets one request at a time and never the
@@ -546,6 +580,10 @@ async fn pipeline<R: PayloadRead, W: PayloadWrite>(
         if dl.cancel.is_cancelled() || matches!(*dl.outcome.borrow(), Outcome::Complete) {
             return Ok(());
         }
+        let leaving = ending.is_set();
+        if leaving && inflight.is_empty() {
+            return Ok(());
+        }
         if carried >= rotate_after && inflight.is_empty() {
             // Well before a fast-path key runs out: end cleanly, and the
             // driver starts a fresh worker (new connections, new keys) for
@@ -562,7 +600,11 @@ async fn pipeline<R: PayloadRead, W: PayloadWrite>(
         let was_idle = busy == 0;
         let mut starved = false;
         let in_line = Instant::now() < busy_until;
-        while !in_line && carried < rotate_after && busy + batch <= depth && inflight.len() < depth
+        while !leaving
+            && !in_line
+            && carried < rotate_after
+            && busy + batch <= depth
+            && inflight.len() < depth
         {
             // The answer's memory is reserved before the request goes out.
             let Some(lease) = spare.take().or_else(|| dl.borrower.try_take()) else {
@@ -577,7 +619,8 @@ async fn pipeline<R: PayloadRead, W: PayloadWrite>(
                 if owed && !complete_peer && inflight.is_empty() {
                     let since = *useless_since.get_or_insert_with(Instant::now);
                     if since.elapsed() >= NOTHING_WANTED_FOR {
-                        return Err(ProviderError::NothingWanted);
+                        ending.set(ProviderError::NothingWanted);
+                        return Ok(());
                     }
                 }
                 break;
@@ -594,7 +637,7 @@ async fn pipeline<R: PayloadRead, W: PayloadWrite>(
         let idle = inflight.is_empty();
         let stale = last_have.elapsed() >= if idle { HAVE_REFRESH } else { 2 * HAVE_REFRESH };
         let have_out = inflight.iter().any(|i| i.pending == Pending::Have);
-        if !complete_peer && stale && !have_out {
+        if !leaving && !complete_peer && stale && !have_out {
             // A partial provider gains blocks as it downloads: ask what it holds now.
             let op = Op::Have(id.0.to_vec());
             send(&mut wr, &kinds_tx, &mut inflight, op, (Pending::Have, None)).await?;
@@ -633,6 +676,7 @@ async fn pipeline<R: PayloadRead, W: PayloadWrite>(
                     }
                     Pending::Block(k) => match Status::try_from(header.status) {
                         Ok(Status::Ok) => {
+                            dl.state().tally.received += 1;
                             refused_in_a_row = 0;
                             waiting_since = None;
                             rate.received(payload.len() as u64);
@@ -645,7 +689,7 @@ async fn pipeline<R: PayloadRead, W: PayloadWrite>(
                             dl.state().sched.not_held(peer, k);
                             refused_in_a_row += 1;
                             if refused_in_a_row >= NOT_HELD_IN_A_ROW {
-                                return Err(ProviderError::NotProviding(format!(
+                                ending.set(ProviderError::NotProviding(format!(
                                     "{refused_in_a_row} blocks in a row refused as not held"
                                 )));
                             }
@@ -657,13 +701,17 @@ async fn pipeline<R: PayloadRead, W: PayloadWrite>(
                         Ok(Status::Busy) => {
                             // Not refused, only not yet: the block goes back
                             // to the pool for the providers that serve us now.
-                            dl.release(peer, k);
                             let now = Instant::now();
-                            dl.state().sched.in_line(now);
+                            {
+                                let mut st = dl.state();
+                                st.sched.release(peer, k);
+                                st.sched.in_line(now);
+                                st.tally.busy += 1;
+                            }
                             busy_until = now + BUSY_PAUSE;
                             let since = *waiting_since.get_or_insert(now);
                             if now - since >= BUSY_GIVE_UP {
-                                return Err(ProviderError::NoSlot(now - since));
+                                ending.set(ProviderError::NoSlot(now - since));
                             }
                         }
                         _ => {
