@@ -343,6 +343,7 @@ pub(crate) async fn serve_stream<R, W>(
                         },
                     );
                 }
+                let bytes = payload.len() as u64;
                 let sent = async {
                     write_msg(&mut wr, &header).await?;
                     wr.write_payload(payload).await
@@ -351,7 +352,11 @@ pub(crate) async fn serve_stream<R, W>(
                     debug!(%peer, error = %e, "content stream write failed");
                     return;
                 }
-                tracing::trace!(%peer, status = header.status, bytes = header.payload_len, "answered");
+                tracing::trace!(%peer, status = header.status, bytes, "answered");
+                limiter_svc
+                    .inner
+                    .upload_slots
+                    .sent(bytes, std::time::Instant::now());
             }
             // Batch: flush only when no further answer is ready.
             if rx.is_empty()

@@ -103,7 +103,10 @@ pub(super) async fn worker(svc: ContentService, dl: Arc<Download>, peer: PeerId)
     let r = run(&svc, &dl, peer).await;
     {
         let mut st = dl.state();
-        st.tally.abandoned += st.sched.retire_peer(&peer);
+        let seed = st.sched.is_complete(&peer);
+        let abandoned = st.sched.retire_peer(&peer);
+        tracing::trace!(%peer, seed, abandoned, "worker ended");
+        st.tally.abandoned += abandoned;
         let why = r.as_ref().map_or_else(|e| e.kind(), |()| "done");
         *st.tally.ended.entry(why).or_default() += 1;
     }
@@ -421,6 +424,8 @@ async fn verify_block(
         let mut st = dl.state();
         st.sched.release(peer, k);
         st.tally.duplicates += 1;
+        let seed = st.sched.is_complete(&peer);
+        tracing::trace!(%peer, block = k, seed, fresh = false, "block held");
         return Ok(());
     }
     let at = match dl.partial.verify(k, &wire) {
