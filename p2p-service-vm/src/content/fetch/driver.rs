@@ -407,6 +407,11 @@ fn start_workers(
         if peer == me || dl.state().sched.excluded(&peer, now) || !workers.may_start(&peer) {
             continue;
         }
+        // Candidates come from lookups, from what we knew before and from
+        // peers asking us: whoever the ledger refuses since is skipped here.
+        if ledger.standing(&peer) >= Standing::Refused {
+            continue;
+        }
         // Only its publisher may serve an item that is not redistributable.
         if !ContentService::drm_may_serve_us(&dl.manifest.manifest, &peer) {
             continue;
