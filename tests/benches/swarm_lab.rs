@@ -13,7 +13,10 @@
 //! times, the ratio of the last finisher to the bound and to the other
 //! engine, the publisher's upload as a multiple of the item (its line's
 //! frame bytes for both, and libtorrent's payload count beside it), CPU
-//! seconds per GiB moved and peak memory per node kind.
+//! seconds per GiB moved and peak memory per node kind. Before p2pvm's
+//! crowd starts, its nodes sit idle for `P2PVM_LAB_IDLE_SECS` (default 20;
+//! 0 skips it), all joined and the item published, and the bench prints
+//! what an idle node costs: CPU (% of a core) and resident memory.
 //!
 //! Run (root, `apt-get install python3-libtorrent`):
 //! `cargo build --release --bins && cargo bench -p p2pvm-e2e --bench swarm_lab`
@@ -80,6 +83,10 @@ async fn ours(lab: &Lab, nodes: usize, data_len: usize) -> Result<(Run, Vec<u8>)
     )
     .await?;
     let pids: Vec<u32> = swarm.nodes().map(|n| n.pid()).collect::<Result<_>>()?;
+    let idle = Duration::from_secs(env("P2PVM_LAB_IDLE_SECS", 20));
+    if !idle.is_zero() {
+        idle_cost(&pids, idle).await?;
+    }
     let cpu_before: Vec<f64> = pids
         .iter()
         .map(|p| p2pvm_e2e::cpu_secs(*p))
@@ -108,6 +115,39 @@ async fn ours(lab: &Lab, nodes: usize, data_len: usize) -> Result<(Run, Vec<u8>)
         peak_kib,
     };
     Ok((run, swarm.data.clone()))
+}
+
+/// Prints what the nodes cost while nothing is asked of them for `span`:
+/// CPU as a share of one core, and resident memory at the end.
+async fn idle_cost(pids: &[u32], span: Duration) -> Result<()> {
+    let cpu = |p: &u32| p2pvm_e2e::cpu_secs(*p);
+    let before: Vec<f64> = pids.iter().map(cpu).collect::<Result<_>>()?;
+    tokio::time::sleep(span).await;
+    let mut pct: Vec<f64> = pids
+        .iter()
+        .zip(&before)
+        .map(|(p, b)| Ok((cpu(p)? - b) / span.as_secs_f64() * 100.0))
+        .collect::<Result<_>>()?;
+    let mut rss: Vec<f64> = pids
+        .iter()
+        .map(|p| Ok(p2pvm_e2e::proc_status_kib(*p, "VmRSS")? as f64 / 1024.0))
+        .collect::<Result<_>>()?;
+    pct.sort_by(f64::total_cmp);
+    rss.sort_by(f64::total_cmp);
+    let mid = |v: &[f64]| v[v.len() / 2];
+    let max = |v: &[f64]| v[v.len() - 1];
+    println!(
+        "{:>10}: {} nodes idle for {} s: CPU per node median {:.2} % of a core (max {:.2} %, all {:.1} %); RSS median {:.0} MiB (max {:.0} MiB)",
+        "idle",
+        pids.len(),
+        span.as_secs(),
+        mid(&pct),
+        max(&pct),
+        pct.iter().sum::<f64>(),
+        mid(&rss),
+        max(&rss),
+    );
+    Ok(())
 }
 
 /// Copies each node's captured log out of its data directory, which the
