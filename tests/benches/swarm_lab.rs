@@ -14,8 +14,8 @@
 //! engine, the publisher's upload as a multiple of the item (its line's
 //! frame bytes for both, and libtorrent's payload count beside it), CPU
 //! seconds per GiB moved and peak memory per node kind. Before p2pvm's
-//! crowd starts, its nodes sit idle for `P2PVM_LAB_IDLE_SECS` (default 20;
-//! 0 skips it), all joined and the item published, and the bench prints
+//! crowd starts, its nodes sit idle for `P2PVM_LAB_IDLE_SECS` (default 20,
+//! 0 in the smoke run under `cargo test`), all joined and the item published, and the bench prints
 //! what an idle node costs: CPU (% of a core) and resident memory.
 //!
 //! Run (root, `apt-get install python3-libtorrent`):
@@ -67,7 +67,7 @@ fn received(before: &[Traffic], after: &[Traffic]) -> Vec<u64> {
         .collect()
 }
 
-async fn ours(lab: &Lab, nodes: usize, data_len: usize) -> Result<(Run, Vec<u8>)> {
+async fn ours(lab: &Lab, nodes: usize, data_len: usize, idle: Duration) -> Result<(Run, Vec<u8>)> {
     let swarm = Swarm::start(
         &SwarmSpec {
             nodes,
@@ -83,7 +83,6 @@ async fn ours(lab: &Lab, nodes: usize, data_len: usize) -> Result<(Run, Vec<u8>)
     )
     .await?;
     let pids: Vec<u32> = swarm.nodes().map(|n| n.pid()).collect::<Result<_>>()?;
-    let idle = Duration::from_secs(env("P2PVM_LAB_IDLE_SECS", 20));
     if !idle.is_zero() {
         idle_cost(&pids, idle).await?;
     }
@@ -260,7 +259,8 @@ async fn main() -> Result<()> {
         "lab: {nodes} nodes on home lines (2-20 Mbit/s up, 5x down; publisher 11 up), {mib} MiB; lower bound {:.1} s",
         bound.as_secs_f64()
     );
-    let (p2p, data) = ours(&lab, nodes, size as usize).await?;
+    let idle = Duration::from_secs(env("P2PVM_LAB_IDLE_SECS", if full { 20 } else { 0 }));
+    let (p2p, data) = ours(&lab, nodes, size as usize, idle).await?;
     // libtorrent gets as long as p2pvm's last finisher took, several times over.
     let ours_last = p2p.crowd.done.last().copied().unwrap_or(bound);
     let deadline = (ours_last * 4).max(bound * 4).max(Duration::from_secs(60));
