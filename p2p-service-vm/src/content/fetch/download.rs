@@ -135,6 +135,15 @@ pub(super) struct WriteJob {
 /// Peers waiting in [`State::hints`] at most.
 const MAX_HINTS: usize = 64;
 
+/// Adds `peer` to `hints` once, unless a worker fetches from it already
+/// (`active`) or [`MAX_HINTS`] wait: whoever asks, and however often, a
+/// download's hints stay few.
+fn add_hint(hints: &mut Vec<PeerId>, peer: PeerId, active: bool) {
+    if !active && hints.len() < MAX_HINTS && !hints.contains(&peer) {
+        hints.push(peer);
+    }
+}
+
 /// Blocks queued for a download's writer (they hold budget leases meanwhile).
 const WRITE_QUEUE: usize = 16;
 /// Bytes a writer writes between background syncs of the partial file.
@@ -299,9 +308,8 @@ impl Download {
     /// found too.
     pub(crate) fn asked_by(&self, peer: PeerId) {
         let mut st = self.state();
-        if st.hints.len() < MAX_HINTS && !st.hints.contains(&peer) && !st.sched.is_active(&peer) {
-            st.hints.push(peer);
-        }
+        let active = st.sched.is_active(&peer);
+        add_hint(&mut st.hints, peer, active);
     }
 
     /// `peer` delivered verified bytes outside the workers (the last block,
@@ -419,5 +427,26 @@ impl Download {
             self.cancel.cancel();
         }
         self.changed.notify_waiters();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn peers_asking_us_leave_a_bounded_set_of_hints() {
+        let mut hints = Vec::new();
+        let loud = PeerId::random();
+        for _ in 0..1000 {
+            add_hint(&mut hints, loud, false);
+        }
+        assert_eq!(hints, vec![loud], "one peer asking often is one hint");
+        add_hint(&mut hints, PeerId::random(), true);
+        assert_eq!(hints.len(), 1, "a peer fetched from already is no hint");
+        for _ in 0..1000 {
+            add_hint(&mut hints, PeerId::random(), false);
+        }
+        assert_eq!(hints.len(), MAX_HINTS, "a crowd of askers is bounded");
     }
 }

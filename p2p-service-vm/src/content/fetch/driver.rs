@@ -322,9 +322,11 @@ async fn drive(svc: ContentService, dl: Arc<Download>) {
         workers.reap();
         let want_more = workers.running.len() < cfg.max_providers as usize;
         if want_more {
-            // Peers fetched from before that hold what we still need, and
-            // peers fetching the item from us, start without waiting for a
-            // lookup.
+            // Providers already known start before any lookup (under churn a
+            // DHT query can wait seconds on peers that are gone, and the
+            // first block must not): the one that gave the manifest, peers
+            // fetched from before that hold what we still need, and peers
+            // fetching the item from us.
             let (mut known, hints) = {
                 let mut st = dl.state();
                 (st.sched.known_useful(), std::mem::take(&mut st.hints))
@@ -334,11 +336,6 @@ async fn drive(svc: ContentService, dl: Arc<Download>) {
         }
         let want_more = workers.running.len() < cfg.max_providers as usize;
         if want_more && (Instant::now() >= next_lookup || workers.running.is_empty()) {
-            // Providers already known (the one that gave the manifest) start
-            // before the lookup: under churn a DHT query can wait seconds on
-            // peers that are gone, and the first block must not.
-            let hints: Vec<PeerId> = std::mem::take(&mut dl.state().hints);
-            start_workers(&svc, &dl, &mut workers, hints);
             let mut candidates = Vec::new();
             if Instant::now() >= next_lookup {
                 candidates.extend(
