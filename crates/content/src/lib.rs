@@ -7,6 +7,7 @@
 //!  publisher: bytes ─► outboard (BLAKE3 tree, 16 KiB chunk groups) ─► ContentId = root
 //!  provider:  (file, outboard, block k) ─► block::encode ─► wire = proof ‖ bytes
 //!  fetcher:   (ContentId, size, k, wire) ─► Partial::verify / block::verify ─► verified bytes
+//!  fetcher:   (ContentId, claimed size, spine ‖ last chunk) ─► size_proof::verify ─► size proven
 //! ```
 //!
 //! A content id is the plain BLAKE3 hash of the bytes. Every 256 KiB block,
@@ -22,6 +23,7 @@ pub mod block;
 pub mod keywords;
 pub mod manifest;
 mod partial;
+pub mod size_proof;
 pub mod store;
 pub mod transfer;
 mod verified;

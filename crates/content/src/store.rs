@@ -418,6 +418,17 @@ impl Store {
         Ok(encoded?)
     }
 
+    /// The proof of a stored item's size (see [`crate::size_proof`]), from
+    /// its last block (re-hashed with `validate`, as any block served).
+    pub fn size_proof(&self, id: &ContentId, validate: bool) -> Result<Vec<u8>, StoreError> {
+        let size = self.served(id)?.size;
+        if size == 0 {
+            return Ok(Vec::new());
+        }
+        let last = self.encode_block(id, crate::block_count(size) - 1, validate)?;
+        Ok(crate::size_proof::from_last_block(size, &last)?)
+    }
+
     /// The open files (and tree) of an item being served.
     fn served(&self, id: &ContentId) -> Result<std::sync::Arc<Served>, StoreError> {
         let mut cache = self.served.lock().expect("lock");

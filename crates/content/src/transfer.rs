@@ -21,7 +21,7 @@ pub const MAX_PAYLOAD_BYTES: u64 = 4 * 1024 * 1024;
 #[derive(Clone, PartialEq, Message)]
 pub struct TransferRequest {
     /// What is asked.
-    #[prost(oneof = "Op", tags = "1, 2, 3, 4, 5, 6, 7")]
+    #[prost(oneof = "Op", tags = "1, 2, 3, 4, 6, 7, 8")]
     pub op: Option<Op>,
 }
 
@@ -53,6 +53,11 @@ pub enum Op {
     /// node), which must not be found this way either.
     #[prost(bytes, tag = "7")]
     Holds(Vec<u8>),
+    /// Proof of an item's size (see [`crate::size_proof`]): asked by a
+    /// fetcher that got the item's manifest, before it trusts the size.
+    /// Answered by anyone who serves the manifest, downloaders included.
+    #[prost(bytes, tag = "8")]
+    SizeProof(Vec<u8>),
 }
 
 /// One block of an item.
@@ -168,6 +173,11 @@ pub fn frame(msg: &impl Message) -> Vec<u8> {
     out.extend_from_slice(&(len as u32).to_be_bytes());
     msg.encode(&mut out).expect("vec grows");
     out
+}
+
+/// The wire length of a size proof of an item of `size` bytes.
+pub fn size_proof_wire(size: u64) -> u64 {
+    crate::size_proof::wire_len(size)
 }
 
 /// The wire length of block `k` of an item of `size` bytes (0 past the end):

@@ -198,9 +198,9 @@ pub enum VerifyError {
     /// ...and match the id.
     #[error("claimed size 0 for a non-empty id")]
     NotEmpty,
-    /// The item's last block, which proves the size, did not verify.
-    #[error("last block does not verify")]
-    LastBlock(#[source] Arc<ContentError>),
+    /// The proof of the item's size did not verify.
+    #[error("size proof does not verify")]
+    SizeProof(#[source] Arc<ContentError>),
 }
 
 /// Why a transfer cannot go on although the item exists somewhere.
@@ -270,8 +270,8 @@ pub enum ProviderError {
     /// It had no upload slot for us for this long (it serves others first).
     #[error("no upload slot for {0:?}")]
     NoSlot(std::time::Duration),
-    /// It refused the item's last block while proving the size.
-    #[error("last block refused: {0}")]
+    /// It refused to prove the item's size.
+    #[error("size proof refused: {0}")]
     SizeUnproven(String),
     /// It declined a request (a search, say) with this reason.
     #[error("declined: {0}")]
@@ -313,7 +313,7 @@ impl ProviderError {
     pub(crate) fn evidence(&self) -> Option<EventKind> {
         match self {
             // Verification failures are on the sender's record.
-            Self::Corrupt { .. } | Self::Manifest(VerifyError::LastBlock(_)) => {
+            Self::Corrupt { .. } | Self::Manifest(VerifyError::SizeProof(_)) => {
                 Some(EventKind::CorruptBlock)
             }
             // It served what it must not.

@@ -491,21 +491,17 @@ fn answer_block(
     let Some(id) = parse_id(&b.content_id) else {
         return failed(Status::BadRequest, "content id must be 32 bytes");
     };
-    // The last block proves an item's size to whoever asks for its manifest:
-    // never held back, so a peer in line can still start its download.
-    let busy = |blocks: u64| {
-        b.block + 1 != blocks
-            && !svc
-                .inner
-                .upload_slots
-                .admit(*peer, std::time::Instant::now())
+    let busy = || {
+        !svc.inner
+            .upload_slots
+            .admit(*peer, std::time::Instant::now())
     };
     match store.get(&id) {
         Ok(Some(info)) => {
             if b.block >= block_count(info.size) {
                 return failed(Status::BadRequest, "block beyond the end");
             }
-            if busy(block_count(info.size)) {
+            if busy() {
                 return failed(Status::Busy, "all upload slots are taken");
             }
             match store.encode_block(&id, b.block, svc.inner.config.verify_on_serve) {
@@ -527,7 +523,7 @@ fn answer_block(
             if !dl.partial.has(b.block) {
                 return failed(Status::NotHeld, "not downloaded yet");
             }
-            if busy(dl.partial.blocks()) {
+            if busy() {
                 return failed(Status::Busy, "all upload slots are taken");
             }
             match dl.partial.encode_block(b.block) {
@@ -539,6 +535,30 @@ fn answer_block(
             warn!(error = %e, "store lookup failed");
             failed(Status::Unavailable, "local error")
         }
+    }
+}
+
+/// The proof of an item's size: derived from the last block of a stored
+/// item, and for a download the proof it started with (it may not hold the
+/// last block yet). Not subject to upload slots: it is a couple of KiB, and a
+/// newcomer cannot start without it.
+fn answer_size_proof(svc: &ContentService, id: &ContentId) -> (TransferResponse, Vec<u8>) {
+    let validate = svc.inner.config.verify_on_serve;
+    match svc.inner.store.size_proof(id, validate) {
+        Ok(proof) => return (TransferResponse::ok(proof.len() as u64), proof),
+        Err(p2pvm_content::StoreError::NotFound(_)) => {}
+        Err(e) => {
+            warn!(%id, error = %e, "cannot prove a stored item's size");
+            return failed(Status::Unavailable, "local read failed");
+        }
+    }
+    let dl = svc.inner.downloads.lock().expect("lock").get(id).cloned();
+    match dl {
+        Some(dl) => (
+            TransferResponse::ok(dl.size_proof.len() as u64),
+            dl.size_proof.clone(),
+        ),
+        None => failed(Status::NotFound, "unknown content"),
     }
 }
 
@@ -557,7 +577,7 @@ fn holds(svc: &ContentService, id: &ContentId) -> Option<Status> {
 fn item_of(op: &Op) -> Option<&[u8]> {
     match op {
         Op::Block(b) => Some(&b.content_id),
-        Op::Manifest(id) | Op::Have(id) | Op::Holds(id) => Some(id),
+        Op::Manifest(id) | Op::Have(id) | Op::Holds(id) | Op::SizeProof(id) => Some(id),
         Op::Search(_) | Op::GroupKey(_) => None,
     }
 }
@@ -631,6 +651,10 @@ fn answer_op(
                 None => failed(Status::NotFound, "unknown content"),
             }
         }
+        Some(Op::SizeProof(id)) => match parse_id(&id) {
+            Some(id) => answer_size_proof(svc, &id),
+            None => failed(Status::BadRequest, "content id must be 32 bytes"),
+        },
         Some(Op::Holds(id)) => {
             let Some(id) = parse_id(&id) else {
                 return failed(Status::BadRequest, "content id must be 32 bytes");

@@ -106,6 +106,10 @@ pub(super) type ScanVerdict = Option<Result<Verdict, ContentServiceError>>;
 pub(crate) struct Download {
     pub id: ContentId,
     pub manifest: VerifiedManifest,
+    /// The verified proof of the item's size this download started with:
+    /// served to peers that find it, so a downloader can prove the size
+    /// before it holds the last block.
+    pub size_proof: Vec<u8>,
     pub partial: Arc<Partial>,
     state: Mutex<State>,
     /// Wakes idle workers and the driver.
@@ -152,6 +156,7 @@ const SYNC_EVERY: u64 = 64 << 20;
 impl Download {
     pub(super) fn new(
         manifest: VerifiedManifest,
+        size_proof: Vec<u8>,
         partial: Partial,
         sched: Sched,
         hints: Vec<PeerId>,
@@ -166,6 +171,7 @@ impl Download {
         Self {
             id: manifest.id,
             manifest,
+            size_proof,
             partial: Arc::new(partial),
             state: Mutex::new(State {
                 sched,
@@ -310,12 +316,6 @@ impl Download {
         let mut st = self.state();
         let active = st.sched.is_active(&peer);
         add_hint(&mut st.hints, peer, active);
-    }
-
-    /// `peer` delivered verified bytes outside the workers (the last block,
-    /// with the manifest).
-    pub(super) fn contributed(&self, peer: PeerId) {
-        self.state().contributors.insert(peer);
     }
 
     /// `peer`'s request for `k` ended without a block.

@@ -79,28 +79,12 @@ pub(super) async fn download_for(
     let manifest = proven.manifest;
     let size = manifest.manifest.size;
     let path = svc.inner.store.tmp_path("part");
-    // A kept download holds the last block from the start: it announces
-    // itself at once, and whoever finds it then must be able to prove the
-    // item's size with it (without it, an early swarm refused newcomers
-    // with "not downloaded yet").
-    let last_block = proven.last_block.filter(|_| keep);
     let (item, at) = (*id, path.clone());
-    let (partial, last_held) = tokio::task::spawn_blocking(move || {
-        let partial = Partial::create(&at, item, size)?;
-        let held = last_block.and_then(|b| {
-            let k = block_count(size) - 1;
-            // Verified once already; a failure here only means it is fetched again.
-            partial
-                .accept(k, &b.wire)
-                .ok()
-                .map(|()| (b.peer, k, b.secs))
-        });
-        Ok::<_, std::io::Error>((partial, held))
-    })
-    .await
-    .map_err(ContentServiceError::task)?
-    .map_err(|e| ContentServiceError::io(format!("creating {}", path.display()), e))?;
-    let mut sched = Sched::new(
+    let partial = tokio::task::spawn_blocking(move || Partial::create(&at, item, size))
+        .await
+        .map_err(ContentServiceError::task)?
+        .map_err(|e| ContentServiceError::io(format!("creating {}", path.display()), e))?;
+    let sched = Sched::new(
         block_count(size),
         svc.inner.config.streaming_window_blocks as u64,
         RAM_AHEAD,
@@ -108,26 +92,20 @@ pub(super) async fn download_for(
         rand::random(),
         Instant::now(),
     );
-    if let Some((peer, k, secs)) = last_held {
-        sched.hold(peer, k, Instant::now());
-        // Credited as any block the peer delivers.
-        let r = p2pvm_content::block_range(size, k);
-        svc.inner.ledger.record(
-            peer,
-            p2pvm_security::EventKind::Received {
-                bytes: r.end - r.start,
-                secs,
-            },
-        );
-    }
     let cancel = svc.inner.shutdown.child_token();
     let borrower = svc.inner.budget.borrower();
+    // The size proof goes with it: whoever finds this download as a provider
+    // has the size proven by it (without it, an early swarm refused newcomers
+    // with "not downloaded yet").
     let fresh = Arc::new(Download::new(
-        manifest, partial, sched, providers, cancel, borrower,
+        manifest,
+        proven.size_proof,
+        partial,
+        sched,
+        providers,
+        cancel,
+        borrower,
     ));
-    if let Some((peer, _, _)) = last_held {
-        fresh.contributed(peer);
-    }
     // Another request may have started it while we looked for the manifest.
     let raced = {
         let mut downloads = svc.inner.downloads.lock().expect("lock");

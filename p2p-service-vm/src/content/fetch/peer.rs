@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use futures::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use libp2p::{PeerId, StreamProtocol};
-use p2pvm_content::transfer::{self, BlockRequest, Op, Status, TransferRequest, TransferResponse};
+use p2pvm_content::transfer::{self, Op, Status, TransferRequest, TransferResponse};
 use p2pvm_content::{ContentId, block_count};
 use p2pvm_security::{DrmChecker, DrmError, EventKind, GroupId};
 use tracing::{debug, warn};
@@ -21,7 +21,7 @@ use crate::node::{Command, NodeEvent};
 /// Time allowed to open a stream (including finding and dialling the peer).
 const OPEN_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long one provider may take over a manifest exchange: the manifest
-/// (at most 16 KiB), the DRM checks and the last block that proves the size.
+/// (at most 16 KiB), the DRM checks and the proof of the item's size.
 /// A provider that opens the stream and goes silent must not hold up a
 /// download, a stat, or a compute job waiting for its inputs.
 const MANIFEST_TIMEOUT: Duration = Duration::from_secs(30);
@@ -144,21 +144,13 @@ pub(super) async fn response(
         .ok_or_else(|| std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "stream closed"))
 }
 
-/// A manifest whose size a provider proved, with the proof: the last block's
-/// wire (none for an empty item). A download keeps that block from the start,
-/// so a peer that finds it through the DHT while it is still downloading can
-/// prove the size to the next peer in turn.
+/// A manifest whose size a provider proved, with the proof (see
+/// [`p2pvm_content::size_proof`]; empty for an empty item). A download keeps
+/// it, so a peer that finds it through the DHT while it is still downloading
+/// can have the size proven by it in turn.
 pub(crate) struct Proven {
     pub manifest: VerifiedManifest,
-    pub last_block: Option<LastBlock>,
-}
-
-/// The verified wire of an item's last block, who sent it, and how long it
-/// took (for the sender's credit, as any block).
-pub(crate) struct LastBlock {
-    pub peer: PeerId,
-    pub wire: Vec<u8>,
-    pub secs: f64,
+    pub size_proof: Vec<u8>,
 }
 
 /// Asks providers for the manifest of `id` until one verifies. A provider
@@ -300,16 +292,13 @@ async fn manifest_answer(
             return Err(ProviderError::Local(e.into()));
         }
     }
-    let asked = std::time::Instant::now();
-    let wire = match prove_size(svc, stream, &m).await {
-        Ok(wire) => wire,
-        Err(e) => return Err(size_unproven(svc, peer, &m, e)),
-    };
-    let secs = asked.elapsed().as_secs_f64();
-    Ok(Some(Proven {
-        manifest: m,
-        last_block: wire.map(|wire| LastBlock { peer, wire, secs }),
-    }))
+    match prove_size(svc, stream, &m).await {
+        Ok(size_proof) => Ok(Some(Proven {
+            manifest: m,
+            size_proof,
+        })),
+        Err(e) => Err(size_unproven(svc, peer, &m, e)),
+    }
 }
 
 /// Logs why `peer` could not prove `m`'s size and records its evidence.
@@ -324,7 +313,7 @@ fn size_unproven(
     if let Some(evidence) = e.evidence() {
         svc.inner.ledger.record(peer, evidence);
     }
-    if let ProviderError::Manifest(VerifyError::LastBlock(_)) = &e {
+    if let ProviderError::Manifest(VerifyError::SizeProof(_)) = &e {
         svc.emit(NodeEvent::CorruptData {
             peer,
             id,
@@ -437,14 +426,14 @@ fn record_drm(svc: &ContentService, peer: PeerId, e: &ProviderError) {
 }
 
 /// Anyone can sign a manifest for any id, so its size is checked before it
-/// sizes anything: within the configured bound, and proven by the item's last
-/// block, whose proof commits to the length (BLAKE3's tree shape depends on it).
-/// Returns that block's verified wire (none for an empty item).
+/// sizes anything: within the configured bound, and proven by the path to the
+/// item's last chunk, whose shape commits to the length (see
+/// [`p2pvm_content::size_proof`]). Returns the verified proof.
 async fn prove_size(
     svc: &ContentService,
     stream: &mut (impl AsyncRead + AsyncWrite + Unpin),
     m: &VerifiedManifest,
-) -> Result<Option<Vec<u8>>, ProviderError> {
+) -> Result<Vec<u8>, ProviderError> {
     let size = m.manifest.size;
     let max = svc.inner.config.max_item_bytes;
     if size > max {
@@ -452,32 +441,19 @@ async fn prove_size(
     }
     if size == 0 {
         return if m.id == ContentId::from(blake3::hash(b"")) {
-            Ok(None)
+            Ok(Vec::new())
         } else {
             Err(ProviderError::Manifest(VerifyError::NotEmpty))
         };
     }
-    let last = block_count(size) - 1;
-    request(
-        stream,
-        Op::Block(BlockRequest {
-            content_id: m.id.0.to_vec(),
-            block: last,
-        }),
-    )
-    .await?;
+    request(stream, Op::SizeProof(m.id.0.to_vec())).await?;
     let header = response(stream).await?;
     if header.status != Status::Ok as i32 {
         return Err(ProviderError::SizeUnproven(header.message));
     }
-    let wire = read_payload(stream, header.payload_len, transfer::block_wire(size, last)).await?;
-    let id = m.id;
-    let verified = tokio::task::spawn_blocking(move || {
-        p2pvm_content::block::verify(id, size, last, &wire, |_, _| {}).map(|_| wire)
-    })
-    .await
-    .map_err(|e| ProviderError::Local(ContentServiceError::task(e)))?;
-    verified
-        .map(Some)
-        .map_err(|e| ProviderError::Manifest(VerifyError::LastBlock(Arc::new(e))))
+    let proof = read_payload(stream, header.payload_len, transfer::size_proof_wire(size)).await?;
+    // A couple of KiB to hash: no blocking thread needed.
+    p2pvm_content::size_proof::verify(m.id, size, &proof)
+        .map(|()| proof)
+        .map_err(|e| ProviderError::Manifest(VerifyError::SizeProof(Arc::new(e))))
 }
