@@ -159,17 +159,109 @@ async fn run(svc: &ContentService, dl: &Arc<Download>, peer: PeerId) -> Result<(
     }
     let complete = on_have(svc, dl, peer, &header, &payload)?;
     let port = header.fast_path_port;
-    let ending = Ending::default();
     if let Some(first) = fast_path(svc, peer, port).await {
         debug!(id = %dl.id, %peer, "blocks take the fast path");
-        let more = more_connections(svc, dl, peer, || fast_path(svc, peer, port)).await;
-        let conns = std::iter::once(first).chain(more);
-        futures::future::try_join_all(conns.map(|c| pipeline(svc, dl, peer, c, complete, &ending)))
-            .await?;
-        return ending.result();
+        return lanes(svc, dl, peer, first, complete, || {
+            fast_path(svc, peer, port)
+        })
+        .await;
     }
     let conn = futures::AsyncReadExt::split(stream);
-    pipeline(svc, dl, peer, conn, complete, &ending).await?;
+    let ending = Ending::default();
+    pipeline(
+        svc,
+        dl,
+        peer,
+        conn,
+        complete,
+        &ending,
+        Lane::First(&Spread::default()),
+    )
+    .await?;
+    ending.result()
+}
+
+/// Connections per provider beyond the first are dialled once the first
+/// carries more than this: only then is one connection's decryption and
+/// hashing, on one core at a time, what limits the transfer (on loopback a
+/// second connection gives 13 % more). A home line never gets there, and on
+/// 60 home lines the second connection's handshake and `Have` polls cost a
+/// quarter of the downloaders' CPU time for nothing.
+const SPREAD_ABOVE: f64 = 40.0 * 1024.0 * 1024.0;
+
+/// Which of a worker's connections a pipeline runs on: the first asks the
+/// provider what it holds for all of them and says when the link is fast
+/// enough to spread over more.
+#[derive(Clone, Copy)]
+enum Lane<'a> {
+    First(&'a Spread),
+    Extra,
+}
+
+/// Between a worker's first connection and the dialling of more.
+#[derive(Default)]
+struct Spread {
+    fast: tokio::sync::Notify,
+    ended: tokio::sync::Notify,
+}
+
+impl Spread {
+    /// Whether more connections are wanted: the first one said its link is
+    /// fast before it ended.
+    async fn wanted(&self) -> bool {
+        tokio::select! {
+            _ = self.fast.notified() => true,
+            _ = self.ended.notified() => false,
+        }
+    }
+}
+
+/// Fetches over `first` and, once it proves fast, more connections made by
+/// `dial` (up to `fast_path_connections`), each with a pipeline of its own.
+async fn lanes<F, Fut>(
+    svc: &ContentService,
+    dl: &Arc<Download>,
+    peer: PeerId,
+    first: (SealedReader, SealedWriter),
+    complete: bool,
+    dial: F,
+) -> Result<(), ProviderError>
+where
+    F: Fn() -> Fut,
+    Fut: std::future::Future<Output = Option<(SealedReader, SealedWriter)>>,
+{
+    let ending = Ending::default();
+    let spread = Spread::default();
+    let first = async {
+        let r = pipeline(
+            svc,
+            dl,
+            peer,
+            first,
+            complete,
+            &ending,
+            Lane::First(&spread),
+        )
+        .await;
+        // Stored as a permit if nobody waits yet: `wanted` cannot miss it.
+        spread.ended.notify_one();
+        r
+    };
+    let more = async {
+        if !spread.wanted().await {
+            return Ok(());
+        }
+        debug!(id = %dl.id, %peer, "a fast link: more connections");
+        let conns = more_connections(svc, dl, peer, dial).await;
+        futures::future::try_join_all(
+            conns
+                .into_iter()
+                .map(|c| pipeline(svc, dl, peer, c, complete, &ending, Lane::Extra)),
+        )
+        .await
+        .map(|_| ())
+    };
+    futures::future::try_join(first, more).await?;
     ending.result()
 }
 
@@ -204,12 +296,7 @@ async fn run_in_group(
             .ok()
             .map(|s| (s.0, s.1))
     };
-    let more = more_connections(svc, dl, peer, dial).await;
-    let conns = std::iter::once((session.0, session.1)).chain(more);
-    let ending = Ending::default();
-    futures::future::try_join_all(conns.map(|c| pipeline(svc, dl, peer, c, complete, &ending)))
-        .await?;
-    ending.result()
+    lanes(svc, dl, peer, (session.0, session.1), complete, dial).await
 }
 
 /// The first `Have` and its answer (`None`: the download was cancelled).
@@ -515,8 +602,10 @@ async fn pipeline<R: PayloadRead, W: PayloadWrite>(
     (rd, mut wr): (R, W),
     mut complete_peer: bool,
     ending: &Ending,
+    lane: Lane<'_>,
 ) -> Result<(), ProviderError> {
     let id = dl.id;
+    let mut said_fast = false;
     // A throttled peer (low credit) gets one request at a time and never the
     // urgent playback blocks: it only helps when nobody better has the data.
     let throttled = svc.standing(&peer) == Standing::Throttled;
@@ -642,7 +731,8 @@ async fn pipeline<R: PayloadRead, W: PayloadWrite>(
         let idle = inflight.is_empty();
         let stale = last_have.elapsed() >= if idle { HAVE_REFRESH } else { 2 * HAVE_REFRESH };
         let have_out = inflight.iter().any(|i| i.pending == Pending::Have);
-        if !leaving && !complete_peer && stale && !have_out {
+        let asks_have = matches!(lane, Lane::First(_));
+        if asks_have && !leaving && !complete_peer && stale && !have_out {
             // A partial provider gains blocks as it downloads: ask what it holds now.
             let op = Op::Have(id.0.to_vec());
             send(&mut wr, &kinds_tx, &mut inflight, op, (Pending::Have, None)).await?;
@@ -685,6 +775,12 @@ async fn pipeline<R: PayloadRead, W: PayloadWrite>(
                             refused_in_a_row = 0;
                             waiting_since = None;
                             rate.received(payload.len() as u64);
+                            if let (Lane::First(spread), false) = (lane, said_fast)
+                                && rate.rate.is_some_and(|r| r > SPREAD_ABOVE)
+                            {
+                                spread.fast.notify_one();
+                                said_fast = true;
+                            }
                             carried += payload.len() as u64;
                             // Every block request went out with a lease.
                             let lease = lease.ok_or_else(|| std::io::Error::other("a block answered without a lease"))?;
