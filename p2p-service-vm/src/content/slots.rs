@@ -281,34 +281,37 @@ mod tests {
         for q in &p {
             slots.admit(*q, t);
         }
-        // Two blocks a second leave while peers wait: three slots.
+        // Five blocks a second leave while peers wait: six slots.
         for s in 1..=RATE_WINDOW.as_secs() {
-            slots.sent(2 * block + block / 5, t + Duration::from_secs(s));
+            slots.sent(5 * block + block / 5, t + Duration::from_secs(s));
         }
-        assert_eq!(slots.limit(), 3);
-        // Once the old holders have gone idle, three are served at once.
+        assert_eq!(slots.limit(), 6);
+        // Once the old holders have gone idle, six are served at once.
         let later = t + RATE_WINDOW + IDLE;
-        assert!(slots.admit(p[8], later));
-        assert!(slots.admit(p[9], later));
-        assert!(slots.admit(p[0], later));
-        assert!(!slots.admit(p[1], later));
-        // A window with nobody waiting says nothing of the line: the slots
-        // stay as measured.
+        for q in [p[8], p[9], p[0], p[1], p[2], p[3]] {
+            assert!(slots.admit(q, later));
+        }
+        assert!(!slots.admit(p[4], later));
+        // That window sent one block in six seconds while p4 waited: it
+        // keeps 5.2 x 0.75 = 3.9 blocks a second, five slots. A window with
+        // nobody waiting says nothing of the line: the slots stay.
         let quiet = later + RATE_WINDOW;
         slots.sent(block, quiet);
+        assert_eq!(slots.limit(), 5);
         slots.sent(block, quiet + RATE_WINDOW);
-        assert_eq!(slots.limit(), 3);
-        // A window that sent less while peers waited (its holders asked
-        // for little) lowers them slowly; a faster one raises them at once.
-        let t = quiet + RATE_WINDOW;
-        for q in &p {
-            slots.admit(*q, t);
+        assert_eq!(slots.limit(), 5);
+        // Each window that sends nothing while peers wait lowers them by a
+        // quarter (2.9 blocks a second: four), but never below four.
+        let mut t = quiet + RATE_WINDOW;
+        for _ in 0..2 {
+            for q in &p {
+                slots.admit(*q, t);
+            }
+            t += RATE_WINDOW;
+            slots.sent(0, t);
+            assert_eq!(slots.limit(), 4);
         }
-        slots.sent(0, t + RATE_WINDOW);
-        // (The window before, with one block in six seconds, kept
-        // 2.2 x 0.75 = 1.65 blocks a second; this one keeps 1.24.)
-        assert_eq!(slots.limit(), 2);
-        let t = t + RATE_WINDOW;
+        // A faster window raises them at once.
         for q in &p {
             slots.admit(*q, t);
         }

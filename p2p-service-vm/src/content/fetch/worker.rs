@@ -209,9 +209,11 @@ impl Spread {
     /// Whether more connections are wanted: the first one said its link is
     /// fast before it ended.
     async fn wanted(&self) -> bool {
+        // An ended first connection wins a tie: its worker is done.
         tokio::select! {
-            _ = self.fast.notified() => true,
+            biased;
             _ = self.ended.notified() => false,
+            _ = self.fast.notified() => true,
         }
     }
 }
