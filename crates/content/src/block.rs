@@ -76,7 +76,11 @@ pub fn wire_len(size: u64, k: u64) -> Option<u64> {
     Layout::new(size, k).ok().map(|l| l.wire_len() as u64)
 }
 
-fn parent_cv(left: &ChainingValue, right: &ChainingValue, is_root: bool) -> blake3::Hash {
+pub(crate) fn parent_cv(
+    left: &ChainingValue,
+    right: &ChainingValue,
+    is_root: bool,
+) -> blake3::Hash {
     if is_root {
         merge_subtrees_root(left, right, Mode::Hash)
     } else {
@@ -86,7 +90,7 @@ fn parent_cv(left: &ChainingValue, right: &ChainingValue, is_root: bool) -> blak
 
 /// The hash of a leaf (a chunk group, or less at the end) starting at chunk
 /// `start_chunk`; only a lone leaf is the root.
-fn leaf_cv(start_chunk: u64, data: &[u8], is_root: bool) -> blake3::Hash {
+pub(crate) fn leaf_cv(start_chunk: u64, data: &[u8], is_root: bool) -> blake3::Hash {
     if is_root {
         blake3::hash(data)
     } else {

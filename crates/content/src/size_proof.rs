@@ -22,11 +22,9 @@
 //! counters, so a path that checks out against the root for one size cannot
 //! also check out for another.
 
-use blake3::hazmat::{
-    ChainingValue, HasherExt, Mode, merge_subtrees_non_root, merge_subtrees_root,
-};
+use blake3::hazmat::{ChainingValue, HasherExt, Mode, merge_subtrees_non_root};
 
-use crate::block::Pair;
+use crate::block::{Pair, leaf_cv, parent_cv};
 use crate::partial::{BLOCK_BYTES, block_count};
 use crate::verified::verification;
 use crate::{ContentError, ContentId};
@@ -136,24 +134,14 @@ pub fn verify(id: ContentId, size: u64, proof: &[u8]) -> Result<(), ContentError
         let (l, r) = pair.split_at(32);
         let l: ChainingValue = l.try_into().expect("32 bytes");
         let r: ChainingValue = r.try_into().expect("32 bytes");
-        let cv = if level == 0 {
-            merge_subtrees_root(&l, &r, Mode::Hash)
-        } else {
-            merge_subtrees_non_root(&l, &r, Mode::Hash).into()
-        };
-        if cv != want {
+        if parent_cv(&l, &r, level == 0) != want {
             return Err(verification(format!(
                 "size proof level {level} does not match"
             )));
         }
         want = r.into();
     }
-    let last = if depth == 0 {
-        blake3::hash(chunk)
-    } else {
-        subtree_cv(n - 1, chunk).into()
-    };
-    if last != want {
+    if leaf_cv(n - 1, chunk, depth == 0) != want {
         return Err(verification("the last chunk does not match"));
     }
     Ok(())
