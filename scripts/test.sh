@@ -64,6 +64,16 @@ failed_tests="$(grep -E '^test .+ \.\.\. FAILED$' "$log" | sed -E 's/^test (.+) 
 if [ -n "$failed_tests" ]; then
     echo "failed tests:"
     echo "$failed_tests" | sed 's/^/  /'
+    # Why, in the summary itself: CI keeps only the end of the output.
+    while IFS= read -r t; do
+        echo "-- why $t failed (all of its output in $log):"
+        awk -v name="---- $t stdout ----" '
+            $0 == name { on = 1; n = 0; next }
+            on && (/^---- .* stdout ----$/ || /^failures:$/) { on = 0 }
+            on && /^(RETRY|WARNING):/ { print "  " $0 }
+            on && /panicked at/ { p = 1 }
+            on && p && n < 30 { print "  " $0; n++ }' "$log"
+    done <<<"$failed_tests"
 fi
 # cargo's own list of the test binaries that failed (or did not build).
 sed -n '/^error: [0-9]* targets\? failed:/,/^[^ ]/p' "$log" | grep -E '^ +`' | sed 's/^ */  binary: /' || true

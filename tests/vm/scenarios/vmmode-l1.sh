@@ -26,6 +26,38 @@ client_came_back() {
     type_on client "export P2PVM_TOKEN=$tok"
 }
 
+# The same reset in the service VM (its VMM boots it again in place): wait
+# for the new boot's node.
+service_came_back() {
+    echo "the service guest reset itself $1 (boot $(service_boots)); how (the VMMs' log):"
+    grep -a -E 'triple fault|reset itself|guest reset' "$WORK/up.log" | tail -5
+    _i=0
+    while [ "$(grep -ac 'p2pd is up' "$slog")" -lt "$(service_boots)" ] && [ $_i -lt 120 ]; do
+        sleep 1; _i=$((_i + 1))
+    done
+}
+# `ask` calls this when a VM booted again while a check ran, then asks once
+# more. Runs in the asking subshell: what it did is kept in a file.
+came_back() {
+    echo "$1:$2" >> "$WORK/recovered"
+    case $1 in
+    client) client_came_back "while $2 ran" ;;
+    service) service_came_back "while $2 ran" ;;
+    esac
+}
+# However the scenario ends: how many times a guest reset itself (the VMMs
+# log each triple fault), and how many checks were asked again after one.
+# The test runs the scenario once more when a check failed in a run that
+# had a reset (the emulator's flaw, docs/vm-mode.md), and only then.
+report_resets() {
+    _n=$(grep -ac 'triple fault' "$WORK/up.log" 2>/dev/null)
+    result guest_resets=${_n:-0}
+    if [ -f "$WORK/recovered" ]; then
+        while read -r _vm_key; do result asked_again_after_reset=$_vm_key; done < "$WORK/recovered"
+    fi
+}
+trap report_resets EXIT
+
 start=$(uptime_s)
 "$P2PVMM" up --isolation vm --images "$WORK/images" --service-mem-mib 640 \
     --cmdline-extra "p2pvm.log=console" > "$WORK/up.log" 2>&1 &
@@ -56,12 +88,7 @@ fi
 # The same reset, seen in the service VM (its VMM boots it again in place):
 # say how, wait for its node, and ask again with a token issued after it.
 if [ -z "$cpeer" ] && [ "$(service_boots)" -gt 1 ]; then
-    echo "the service guest reset itself before the client's first answer (boot $(service_boots)); how (the VMMs' log):"
-    grep -a -E 'triple fault|reset itself|guest reset' "$WORK/up.log" | tail -5
-    _i=0
-    while [ "$(grep -ac 'p2pd is up' "$slog")" -lt "$(service_boots)" ] && [ $_i -lt 120 ]; do
-        sleep 1; _i=$((_i + 1))
-    done
+    service_came_back "before the client's first answer"
     result service_guest_reset_early=yes
     peer=$(ask service PEER2 "p2pctl info | sed -n 's/^peer id: *//p'")
     tok=$(ask service TOKEN2 "p2pctl app issue vmtest2")
@@ -182,8 +209,11 @@ echo \$n
 END"
 # Each round is counted on the console as it ends, not only in the last
 # answer: that survives a line split by a kernel message, or a reset of the
-# client guest under the program (then the answer never comes).
+# client guest under the program (then the answer never comes, and it is
+# not run again).
+reask=no
 ask client HOSTILE "sh /tmp/hostile.sh" 180 > /dev/null || echo "the hostile program gave no final answer; counting its rounds on the console"
+reask=yes
 result hostile_rounds=$(grep -ac 'HOSTILE-ROUND-[0-9]' "$clog")
 speer2=$(ask service SPEER2 "p2pctl info | sed -n 's/^peer id: *//p'")
 spid2=$(cat "$P2PVMM_HOME/vms/service/pid")
