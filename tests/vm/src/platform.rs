@@ -65,3 +65,64 @@ pub fn scenario(host: &TestHost, name: &str, script: &str) -> anyhow::Result<(Sc
         })?;
     Ok((scenario, images))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::CONSOLES_SH;
+    use crate::scripts::LIB_SH;
+    use std::process::Command;
+
+    /// Runs `body` after the helpers, against a fake `p2pvmm console` that
+    /// is the client VM's shell: it runs each typed line and appends what it
+    /// prints to the console log — except the first line typed, during which
+    /// the "VM" boots again (its init's line, and the command lost).
+    fn with_a_vm_that_resets_once(body: &str) -> (String, String) {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path().display();
+        let fake = dir.path().join("p2pvmm");
+        std::fs::write(
+            &fake,
+            format!(
+                "#!/bin/sh\n\
+                 log={d}/home/vms/$2/console.log\n\
+                 line=$(cat | sed 's#/tmp/#{d}/#g')\n\
+                 if [ ! -f {d}/reset ]; then touch {d}/reset; \
+                 echo 'p2pvm-init: Client VM, 0.4 s since boot' >> \"$log\"; exit 0; fi\n\
+                 sh -c \"$line\" >> \"$log\" 2>&1\n"
+            ),
+        )
+        .unwrap();
+        std::fs::set_permissions(
+            &fake,
+            std::os::unix::fs::PermissionsExt::from_mode(0o755),
+        )
+        .unwrap();
+        std::fs::create_dir_all(dir.path().join("home/vms/client")).unwrap();
+        std::fs::write(dir.path().join("home/vms/client/console.log"), "login\n").unwrap();
+        let script = format!(
+            "{LIB_SH}\n{CONSOLES_SH}\nP2PVMM={fake}; P2PVMM_HOME={d}/home\n\
+             came_back() {{ echo \"$1:$2\" >> {d}/came_back; }}\n{body}",
+            fake = fake.display()
+        );
+        let out = Command::new("sh").arg("-c").arg(script).output().unwrap();
+        let came_back = std::fs::read_to_string(dir.path().join("came_back")).unwrap_or_default();
+        (String::from_utf8_lossy(&out.stdout).into_owned(), came_back)
+    }
+
+    #[test]
+    fn a_check_whose_vm_reset_under_it_is_asked_again_after_the_reboot() {
+        let (out, came_back) =
+            with_a_vm_that_resets_once("echo \"got=$(ask client K1 'echo 42' 5)\"");
+        assert_eq!(out.trim(), "got=42");
+        assert_eq!(came_back.trim(), "client:K1");
+    }
+
+    #[test]
+    fn a_check_that_must_not_run_twice_is_not_asked_again() {
+        let (out, came_back) = with_a_vm_that_resets_once(
+            "reask=no; echo \"got=$(ask client K2 'echo 42' 5)\"; echo \"status=$?\"",
+        );
+        assert!(out.contains("got=\n"), "{out}");
+        assert!(came_back.is_empty(), "{came_back}");
+    }
+}
