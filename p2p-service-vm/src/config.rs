@@ -274,6 +274,11 @@ pub struct Limits {
     pub max_established_per_peer: u32,
     /// Connections being negotiated at once.
     pub max_pending: u32,
+    /// Inbound connections one address (an IPv6 /64) may have in their
+    /// handshake at once, so that one host cannot hold every pending place.
+    /// A handshake takes milliseconds, so even many peers behind one NAT
+    /// rarely have more than one or two in flight.
+    pub max_pending_per_ip: u32,
 }
 
 /// Bounds on the API, so one misbehaving app cannot exhaust the node.
@@ -325,6 +330,7 @@ impl Default for Limits {
             max_established: 512,
             max_established_per_peer: 4,
             max_pending: 128,
+            max_pending_per_ip: 8,
         }
     }
 }

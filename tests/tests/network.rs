@@ -345,3 +345,104 @@ async fn quic_transport_and_peer_events() -> Result<()> {
     assert_eq!(gone.as_deref(), Some(b.peer_id.as_str()));
     Ok(())
 }
+
+/// Keeps `n` TCP connections from `from` to `target` open and silent until
+/// `stop`. A connection the node held until its handshake deadline is opened
+/// again at once (so the place it held goes straight back to the attacker);
+/// one refused at once, after 50 ms. Returns how many connections it opened.
+async fn hold_silent_connections(
+    target: std::net::SocketAddr,
+    from: std::net::IpAddr,
+    n: usize,
+    stop: tokio_util::sync::CancellationToken,
+) -> usize {
+    let opened = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let mut tasks = tokio::task::JoinSet::new();
+    for _ in 0..n {
+        let (stop, opened) = (stop.clone(), opened.clone());
+        tasks.spawn(async move {
+            while !stop.is_cancelled() {
+                let began = std::time::Instant::now();
+                let attempt = async {
+                    let socket = tokio::net::TcpSocket::new_v4()?;
+                    socket.bind((from, 0).into())?;
+                    let mut s = socket.connect(target).await?;
+                    opened.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    let mut buf = [0u8; 512];
+                    while s.read(&mut buf).await? > 0 {}
+                    std::io::Result::Ok(())
+                };
+                tokio::select! {
+                    _ = stop.cancelled() => break,
+                    _ = attempt => {}
+                }
+                if began.elapsed() < Duration::from_secs(1) {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            }
+        });
+    }
+    tasks.join_all().await;
+    opened.load(std::sync::atomic::Ordering::Relaxed)
+}
+
+/// One host that opens silent connections faster than the handshake
+/// deadline closes them used to hold every pending place of the node
+/// (`limits.max_pending`, 128), and no honest peer could connect while it
+/// went on. Now one address holds at most `limits.max_pending_per_ip`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_address_flooding_silent_connections_cannot_keep_an_honest_peer_out() -> Result<()> {
+    let target = TestNode::start(NodeOpts {
+        config_toml: Some("listen = [\"/ip4/127.0.0.1/tcp/0\"]\nmdns = false\n".into()),
+        ..Default::default()
+    })
+    .await?;
+    let port: u16 = target
+        .addr
+        .split('/')
+        .skip_while(|p| *p != "tcp")
+        .nth(1)
+        .and_then(|p| p.parse().ok())
+        .expect("the target's TCP port");
+    // Anywhere in 127/8 is this machine; the honest node dials from 127.0.0.1.
+    let attacker: std::net::IpAddr = "127.0.0.3".parse()?;
+    let stop = tokio_util::sync::CancellationToken::new();
+    let attack = tokio::spawn(hold_silent_connections(
+        ([127, 0, 0, 1], port).into(),
+        attacker,
+        160,
+        stop.clone(),
+    ));
+    // Give the attacker time to take every place it can.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let honest = TestNode::start(NodeOpts {
+        config_toml: Some("mdns = false\n".into()),
+        ..Default::default()
+    })
+    .await?;
+    let app = honest.app("honest").await?;
+    let joined = tokio::time::timeout(Duration::from_secs(20), async {
+        loop {
+            if app.connect("", [target.addr.as_str()]).await.is_ok()
+                && connected(&target, &honest.peer_id).await.unwrap_or(false)
+            {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+    })
+    .await;
+    stop.cancel();
+    let opened = attack.await?;
+    assert!(
+        joined.is_ok(),
+        "the honest peer could not connect while one address held silent connections \
+         (the attacker opened {opened})"
+    );
+    // The attack really ran: far more connections than the node lets wait.
+    assert!(
+        opened > 160,
+        "the attacker opened only {opened} connections"
+    );
+    Ok(())
+}

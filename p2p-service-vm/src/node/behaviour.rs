@@ -24,6 +24,7 @@ pub const MAX_PUBSUB_BYTES: usize = 512 << 10;
 #[derive(NetworkBehaviour)]
 pub(crate) struct Behaviour {
     pub limits: connection_limits::Behaviour,
+    pub pending_per_ip: super::pending_per_ip::Behaviour,
     pub identify: identify::Behaviour,
     pub ping: ping::Behaviour,
     pub kad: kad::Behaviour<kad::store::MemoryStore>,
@@ -86,6 +87,7 @@ impl Behaviour {
         };
         Ok(Self {
             limits,
+            pending_per_ip: super::pending_per_ip::Behaviour::new(l.max_pending_per_ip),
             identify,
             ping: ping::Behaviour::new(ping::Config::new()),
             kad,

@@ -14,6 +14,7 @@
 mod behaviour;
 mod event_loop;
 mod handle;
+mod pending_per_ip;
 
 pub use behaviour::service_key;
 pub use event_loop::{Node, NodeStartError};

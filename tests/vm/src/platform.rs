@@ -92,11 +92,8 @@ mod tests {
             ),
         )
         .unwrap();
-        std::fs::set_permissions(
-            &fake,
-            std::os::unix::fs::PermissionsExt::from_mode(0o755),
-        )
-        .unwrap();
+        std::fs::set_permissions(&fake, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+            .unwrap();
         std::fs::create_dir_all(dir.path().join("home/vms/client")).unwrap();
         std::fs::write(dir.path().join("home/vms/client/console.log"), "login\n").unwrap();
         let script = format!(
