@@ -228,6 +228,12 @@ pub struct ContentConfig {
     /// node-wide, shared fairly by the downloads running. The default leaves
     /// most of a 1-2 GiB service VM to clamd, the page cache and the rest.
     pub memory_budget_bytes: u64,
+    /// Memory, node-wide, that readers of stored items (app fetches, the
+    /// HTTP gateway) may read ahead of what their clients took. Beyond it a
+    /// reader reads 64 KiB at a time as its client takes them, so readers
+    /// that never read hold little (a few hundred KiB each) and one app
+    /// cannot grow the node by opening many.
+    pub read_ahead_bytes: u64,
     /// Fault injection for tests of timeouts: this node accepts content
     /// streams and never answers on them (a silent provider). Never set it
     /// elsewhere.
@@ -258,6 +264,7 @@ impl Default for ContentConfig {
             fast_path_rotate_bytes: crate::content::MAX_ROTATE_BYTES,
             fast_path_port: 0,
             memory_budget_bytes: 256 << 20,
+            read_ahead_bytes: 64 << 20,
             test_silent_server: false,
             test_wrong_group_keys: false,
         }

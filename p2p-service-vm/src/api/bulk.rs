@@ -292,7 +292,15 @@ impl ApiService {
             Ok(t) => t,
             Err(reply) => return attach::refuse(conn, &reply).await,
         };
-        let mut ring = match attach::offer_ring(conn, u64::from(p.capacity)).await {
+        // The ring is memory held ahead of the app for as long as the stream
+        // lasts: it comes from the node's read-ahead pool (a smaller ring
+        // when the pool is short), so many unread bulk fetches stay bounded.
+        let want = p2pvm_bulk::ring::capacity_for(u64::from(p.capacity));
+        let (capacity, _charge) = match &self.inner.content {
+            Some(content) => content.charge_buffer(want),
+            None => (want, None),
+        };
+        let mut ring = match attach::offer_ring(conn, capacity).await {
             Ok(w) => w,
             Err(e) => {
                 debug!(error = %e, "could not hand a bulk ring over");

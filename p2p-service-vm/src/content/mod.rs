@@ -211,6 +211,9 @@ pub(crate) struct Inner {
     /// that stall cannot pin the blocking pool. Streams beyond the cap read
     /// a chunk per short job.
     pub local_readers: Arc<tokio::sync::Semaphore>,
+    /// What readers of stored items may read ahead of their clients, node
+    /// wide, in `fetch::READ_AHEAD_UNIT` permits (`content.read_ahead_bytes`).
+    pub read_ahead: Arc<tokio::sync::Semaphore>,
     /// Memory for blocks in flight and waiting for readers.
     pub budget: Arc<budget::Budget>,
     /// Clean verdicts per signature database (`None`: filter off, or the
@@ -288,6 +291,10 @@ impl ContentService {
         };
         let ping = filter.enabled().then(|| filter.clone());
         let budget = budget::Budget::new(config.memory_budget_bytes / p2pvm_content::BLOCK_BYTES);
+        let read_ahead = Arc::new(tokio::sync::Semaphore::new(
+            (config.read_ahead_bytes / fetch::READ_AHEAD_UNIT)
+                .min(tokio::sync::Semaphore::MAX_PERMITS as u64) as usize,
+        ));
         let verdicts = filter.enabled().then(|| {
             verdicts::Verdicts::open(&data_dir.join("verdicts.redb"), virus.database_dir.clone())
         });
@@ -325,6 +332,7 @@ impl ContentService {
                 fast_path,
                 fast_path_port: std::sync::atomic::AtomicU16::new(0),
                 local_readers: Arc::new(tokio::sync::Semaphore::new(32)),
+                read_ahead,
                 budget,
                 verdicts,
                 tasks: crate::tasks::Tasks::default(),
@@ -833,6 +841,17 @@ impl ContentService {
         ContentServiceError,
     > {
         fetch::open_reader(self, id, range, keep).await
+    }
+
+    /// A buffer of up to `want` bytes to hold ahead of a client (a bulk
+    /// ring), charged to the node's read-ahead pool while the returned
+    /// permit lives: the largest power of two the pool has room for, else
+    /// 64 KiB uncharged.
+    pub(crate) fn charge_buffer(
+        &self,
+        want: u64,
+    ) -> (u64, Option<tokio::sync::OwnedSemaphorePermit>) {
+        fetch::charge_buffer(&self.inner.read_ahead, want)
     }
 
     /// Downloads a whole item into the store (swarm-friendly order) and returns

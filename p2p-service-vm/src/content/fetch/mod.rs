@@ -33,6 +33,7 @@ mod worker;
 pub(crate) use download::Download;
 pub(crate) use driver::first_providers;
 pub(crate) use peer::{group_session, manifest_from, open_protocol, open_stream, request_response};
+pub(crate) use reader::{READ_AHEAD_UNIT, charge_buffer};
 pub(crate) use reader::{download, open_reader};
 pub(crate) use sched::{Have, Sched};
 pub(crate) use worker::have_bits;

@@ -11,7 +11,7 @@ use futures::Stream;
 use libp2p::PeerId;
 use p2pvm_content::{BLOCK_BYTES, ContentId, block_count, block_range};
 use p2pvm_security::Verdict;
-use tokio::sync::mpsc;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 
 use super::download::{Download, Outcome};
 use super::driver::download_for;
@@ -21,6 +21,13 @@ use crate::content::{ContentInfo, ContentService, ContentServiceError};
 /// Chunk handed to readers of a stored item at a time. Large, because each is
 /// a hand-off between threads (and those cost more than the copy here).
 const LOCAL_CHUNK: u64 = 1 << 20;
+/// The unit of the node's read-ahead pool for stored items
+/// (`content.read_ahead_bytes`), and what a reader reads at a time when the
+/// pool has no room for a whole chunk: the least it needs to move on.
+pub(crate) const READ_AHEAD_UNIT: u64 = 64 << 10;
+/// Chunks of a stored item queued for its reader at most. With the chunk
+/// the reader holds, what a reader that stopped reading keeps.
+const LOCAL_QUEUE: usize = 2;
 /// Verified bytes handed to a reader at a time when the virus filter is on:
 /// each segment is scanned before any of it is delivered.
 const SCAN_SEGMENT: u64 = 4 << 20;
@@ -68,10 +75,6 @@ pub(crate) async fn open_reader(
     ),
     ContentServiceError,
 > {
-    let (tx, rx) = mpsc::channel::<Chunk>(4);
-    let stream = futures::stream::unfold(rx, |mut rx| async move {
-        rx.recv().await.map(|item| (item, rx))
-    });
     let id = *id;
     let local = svc
         .blocking(move |svc| {
@@ -87,6 +90,7 @@ pub(crate) async fn open_reader(
         .await??;
     if let Some((info, manifest, file)) = local {
         let r = check_range(range, info.size)?;
+        let (tx, stream) = chunk_channel(LOCAL_QUEUE);
         svc.spawn(read_local(svc.clone(), file, r.clone(), tx));
         let me = svc.inner.node.peer_id();
         let info = ContentInfo {
@@ -96,6 +100,7 @@ pub(crate) async fn open_reader(
         };
         return Ok((info, r, stream));
     }
+    let (tx, stream) = chunk_channel(4);
     let whole = range.is_none();
     let mut dl = download_for(svc, &id, keep && whole, &[]).await?;
     let r = match check_range(range, dl.partial.size()) {
@@ -126,9 +131,72 @@ pub(crate) async fn open_reader(
     Ok((info, r, stream))
 }
 
+/// A queue of `n` chunks to a reader, as the stream it reads.
+fn chunk_channel(
+    n: usize,
+) -> (
+    mpsc::Sender<Chunk>,
+    impl Stream<Item = Chunk> + Send + 'static,
+) {
+    let (tx, rx) = mpsc::channel::<Chunk>(n);
+    let stream = futures::stream::unfold(rx, |mut rx| async move {
+        rx.recv().await.map(|item| (item, rx))
+    });
+    (tx, stream)
+}
+
+/// A chunk of a stored item with the read-ahead it was charged; the charge
+/// goes back to the pool when the last slice of the chunk is dropped.
+struct Charged {
+    buf: Vec<u8>,
+    _charge: OwnedSemaphorePermit,
+}
+
+impl AsRef<[u8]> for Charged {
+    fn as_ref(&self) -> &[u8] {
+        &self.buf
+    }
+}
+
+/// The size of the next chunk of a stored item and its charge: a whole
+/// chunk while the node's read-ahead pool has room, else one unit, uncharged.
+fn next_chunk(pool: &Arc<Semaphore>, left: u64) -> (u64, Option<OwnedSemaphorePermit>) {
+    let want = left.min(LOCAL_CHUNK);
+    if want > READ_AHEAD_UNIT {
+        let units = want.div_ceil(READ_AHEAD_UNIT) as u32;
+        if let Ok(charge) = pool.clone().try_acquire_many_owned(units) {
+            return (want, Some(charge));
+        }
+    }
+    (want.min(READ_AHEAD_UNIT), None)
+}
+
+/// A buffer of up to `want` bytes held ahead of a client (a bulk ring):
+/// the largest power of two the read-ahead pool has room for, charged to it,
+/// else one unit, uncharged.
+pub(crate) fn charge_buffer(
+    pool: &Arc<Semaphore>,
+    want: u64,
+) -> (u64, Option<OwnedSemaphorePermit>) {
+    let mut size = want.max(READ_AHEAD_UNIT).next_power_of_two();
+    while size > READ_AHEAD_UNIT {
+        let units = (size / READ_AHEAD_UNIT) as u32;
+        if let Ok(charge) = pool.clone().try_acquire_many_owned(units) {
+            return (size, Some(charge));
+        }
+        size /= 2;
+    }
+    (READ_AHEAD_UNIT, None)
+}
+
 /// Reads one chunk of a stored item at the file's position (`seek` first for
-/// the first chunk).
-fn read_chunk(f: &mut std::fs::File, pos: u64, n: u64, seek: bool) -> std::io::Result<Bytes> {
+/// the first chunk), charged to the read-ahead pool when `charge` is given.
+fn read_chunk(
+    f: &mut std::fs::File,
+    pos: u64,
+    (n, charge): (u64, Option<OwnedSemaphorePermit>),
+    seek: bool,
+) -> std::io::Result<Bytes> {
     use std::io::{Read, Seek, SeekFrom};
     if seek {
         f.seek(SeekFrom::Start(pos))?;
@@ -142,31 +210,45 @@ fn read_chunk(f: &mut std::fs::File, pos: u64, n: u64, seek: bool) -> std::io::R
             format!("the stored item ends {got} bytes into a {n}-byte read at {pos}"),
         ));
     }
-    Ok(Bytes::from(buf))
+    Ok(match charge {
+        Some(charge) => Bytes::from_owner(Charged {
+            buf,
+            _charge: charge,
+        }),
+        None => Bytes::from(buf),
+    })
 }
 
 /// Reads `range` of a stored item sequentially (the kernel's readahead keeps
-/// up), at most the channel's capacity ahead of the reader; stops when the
-/// reader goes away. On a reader thread of its own while one of the capped
-/// few is free, else a chunk per short blocking job.
+/// up). A chunk is read only once the reader's queue has room for it, and
+/// is charged to the node's read-ahead pool until the reader drops it; stops
+/// when the reader goes away. On a reader thread of its own while one of the
+/// capped few is free, else a chunk per short blocking job.
 async fn read_local(
     svc: ContentService,
     mut file: std::fs::File,
     range: Range<u64>,
     tx: mpsc::Sender<Chunk>,
 ) {
-    let chunk = move |pos: u64| (range.end - pos).min(LOCAL_CHUNK);
+    let pool = svc.inner.read_ahead.clone();
     if let Ok(thread) = svc.inner.local_readers.clone().try_acquire_owned() {
+        let rt = tokio::runtime::Handle::current();
         let _ = tokio::task::spawn_blocking(move || {
             let _thread = thread;
             let mut pos = range.start;
             while pos < range.end {
-                let read = read_chunk(&mut file, pos, chunk(pos), pos == range.start);
+                let Ok(slot) = rt.block_on(tx.reserve()) else {
+                    return;
+                };
+                let chunk = next_chunk(&pool, range.end - pos);
+                let n = chunk.0;
+                let read = read_chunk(&mut file, pos, chunk, pos == range.start);
                 let failed = read.is_err();
-                if tx.blocking_send(read).is_err() || failed {
+                slot.send(read);
+                if failed {
                     return;
                 }
-                pos += chunk(pos);
+                pos += n;
             }
         })
         .await;
@@ -175,10 +257,14 @@ async fn read_local(
     let mut file = Some(file);
     let mut pos = range.start;
     while pos < range.end {
-        let (n, first) = (chunk(pos), pos == range.start);
+        let Ok(slot) = tx.reserve().await else {
+            return;
+        };
+        let chunk = next_chunk(&pool, range.end - pos);
+        let (n, first) = (chunk.0, pos == range.start);
         let mut f = file.take().expect("returned by the previous job");
         let job = tokio::task::spawn_blocking(move || {
-            let read = read_chunk(&mut f, pos, n, first);
+            let read = read_chunk(&mut f, pos, chunk, first);
             (f, read)
         });
         let read = match job.await {
@@ -189,7 +275,8 @@ async fn read_local(
             Err(e) => Err(std::io::Error::other(e)),
         };
         let failed = read.is_err();
-        if tx.send(read).await.is_err() || failed {
+        slot.send(read);
+        if failed {
             return;
         }
         pos += n;
