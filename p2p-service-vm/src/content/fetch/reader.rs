@@ -475,6 +475,37 @@ mod tests {
     use super::*;
 
     #[test]
+    fn read_ahead_comes_from_the_pool_and_shrinks_to_a_unit_when_it_is_short() {
+        // A pool of 1.5 MiB: one whole chunk, then what is left.
+        let pool = Arc::new(Semaphore::new(24));
+        let (n, first) = next_chunk(&pool, 10 << 20);
+        assert_eq!((n, first.is_some()), (LOCAL_CHUNK, true));
+        let (n, second) = next_chunk(&pool, 10 << 20);
+        assert_eq!(
+            (n, second.is_none()),
+            (READ_AHEAD_UNIT, true),
+            "8 units left"
+        );
+        // A ring: the largest power of two that fits, then a unit uncharged.
+        let (ring, charge) = charge_buffer(&pool, 4 << 20);
+        assert_eq!((ring, charge.is_some()), (512 << 10, true));
+        assert_eq!(pool.available_permits(), 0);
+        let (ring2, none) = charge_buffer(&pool, 4 << 20);
+        assert_eq!((ring2, none.is_none()), (READ_AHEAD_UNIT, true));
+        // A chunk's charge goes back when the last slice of it is dropped.
+        drop(charge);
+        let chunk = Bytes::from_owner(Charged {
+            buf: vec![7; LOCAL_CHUNK as usize],
+            _charge: first.expect("charged"),
+        });
+        let slice = chunk.slice(10..20);
+        drop(chunk);
+        assert_eq!(pool.available_permits(), 8);
+        drop(slice);
+        assert_eq!(pool.available_permits(), 24);
+    }
+
+    #[test]
     fn a_byte_range_maps_to_the_blocks_that_hold_it() {
         let size = 3 * BLOCK_BYTES + 10;
         assert_eq!(block_span(size, &(0..0)), 0..0);
