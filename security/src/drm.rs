@@ -271,10 +271,22 @@ impl DrmChecker {
         Self::redistributable(m) || m.publisher == peer.to_base58()
     }
 
-    /// Before this node publishes `m`: not already expired, and certified
-    /// where policy requires (this node's own chain must verify here too).
-    pub fn check_publish(&self, m: &Manifest, now: u64) -> Result<Certification, DrmError> {
+    /// Before this node publishes `m`: not already expired, for a group
+    /// only while this node is a verified member of it (a revoked member
+    /// must not hold, nor hand out, the group's items), and certified where
+    /// policy requires (this node's own chain must verify here too).
+    pub fn check_publish(
+        &self,
+        m: &Manifest,
+        now: u64,
+        membership: Membership<'_>,
+    ) -> Result<Certification, DrmError> {
         Self::not_expired(m, now)?;
+        if !Self::member(m, None, membership) {
+            return Err(DrmError::NotGroupMember {
+                groups: Self::allowed_groups(m).to_vec(),
+            });
+        }
         self.certified_as_policy_requires(m, now)
     }
 
@@ -484,7 +496,9 @@ mod tests {
             NOW + 1 + EXPIRY_GRACE_SECS
         ));
         assert_eq!(
-            c.check_publish(&expiring, NOW + 1).unwrap_err().code(),
+            c.check_publish(&expiring, NOW + 1, &nobody)
+                .unwrap_err()
+                .code(),
             "DRM_EXPIRED"
         );
         // No rights section: no restriction.
@@ -505,6 +519,10 @@ mod tests {
         assert!(c.check_accept(&m, &publisher, NOW, &members).is_ok());
         let e = c.check_accept(&m, &publisher, NOW, &nobody).unwrap_err();
         assert!(!DrmChecker::provider_at_fault(&e, NOW));
+        // Publishing for a group needs this node's own membership.
+        assert!(c.check_publish(&m, NOW, &members).is_ok());
+        let e = c.check_publish(&m, NOW, &nobody).unwrap_err();
+        assert_eq!(e.code(), "DRM_NOT_GROUP_MEMBER");
     }
 
     #[test]

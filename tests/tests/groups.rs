@@ -117,6 +117,23 @@ async fn group_content_reaches_current_members_only() -> Result<()> {
             .any(|m| m.peer_id == revoked.peer_id && m.revoked),
         "{members:?}"
     );
+    // Once the owner's CRL has reached it, the revoked node no longer
+    // publishes for the group either (it holds group items only while it
+    // is a current member).
+    let rc = revoked.admin().await?;
+    p2pvm_e2e::eventually(
+        Duration::from_secs(30),
+        "the CRL reached the revoked node",
+        || async {
+            let list = rc.group_list().await.ok()?;
+            list.iter().any(|x| x.id == g.id && !x.member).then_some(())
+        },
+    )
+    .await?;
+    let e = publish_for(&revoked.app("crew-tv").await?, "crew", b"still one of us?")
+        .await
+        .expect_err("a revoked member published for the group");
+    ensure!(e.to_string().contains("DRM_NOT_GROUP_MEMBER"), "{e:#}");
     // An expired member does not.
     tokio::time::sleep(Duration::from_secs(5)).await;
     refused_as_non_member(&short, &info.content_id, "an expired member").await?;

@@ -172,7 +172,9 @@ impl ContentService {
 
     /// Before publishing `draft` (all but its id and size).
     pub(crate) fn drm_publish(&self, draft: &Manifest) -> Result<Certification, DrmError> {
-        self.rights().checker.check_publish(draft, now_unix())
+        self.rights()
+            .checker
+            .check_publish(draft, now_unix(), &|g, p| self.rights().member(g, p, None))
     }
 
     /// Before serving anything of `id` to `peer` (reads the store the first
