@@ -11,8 +11,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use kvm_bindings::{
-    KVM_MAX_CPUID_ENTRIES, KVM_SYSTEM_EVENT_CRASH, KVM_SYSTEM_EVENT_RESET,
-    KVM_SYSTEM_EVENT_SHUTDOWN,
+    KVM_EXIT_IO, KVM_MAX_CPUID_ENTRIES, KVM_SYSTEM_EVENT_CRASH, KVM_SYSTEM_EVENT_RESET,
+    KVM_SYSTEM_EVENT_SHUTDOWN, kvm_run,
 };
 use kvm_ioctls::{Kvm, VcpuExit, VcpuFd};
 use vm_memory::GuestMemoryMmap;
@@ -104,6 +104,8 @@ impl ExitCounts {
 #[derive(Debug)]
 pub struct Vcpu {
     fd: VcpuFd,
+    /// Bytes of the fd's `kvm_run` mapping (`KVM_GET_VCPU_MMAP_SIZE`).
+    run_size: usize,
     id: u8,
     pio: Arc<Bus>,
     mmio: Arc<Bus>,
@@ -183,6 +185,7 @@ impl Vcpu {
         }
         Ok(Self {
             fd,
+            run_size: vm.fd().run_size(),
             id,
             pio: shared.pio,
             mmio: shared.mmio,
@@ -233,6 +236,16 @@ impl Vcpu {
         );
     }
 
+    /// A port I/O exit whose data area KVM put outside its own mapping, or
+    /// whose size disagrees with what kvm-ioctls saw: not the guest's doing.
+    fn bad_pio_exit(&self, port: u16) -> ExitReason {
+        ExitReason::Error(format!(
+            "vCPU {}: port {port:#x} I/O exit whose data area is not in the kvm_run mapping \
+             or not the length reported",
+            self.id
+        ))
+    }
+
     /// One `KVM_RUN`; `Some` when the run must end.
     fn step(&mut self) -> Option<ExitReason> {
         // A kick that landed since the last `KVM_RUN` returned found this
@@ -246,25 +259,41 @@ impl Vcpu {
         match self.fd.run() {
             Ok(VcpuExit::IoIn(port, data)) => {
                 counts.port(port);
-                // A string instruction (`rep insb`) hands over all its
-                // elements at once; every register here is at most 4 bytes,
-                // so longer data is taken byte by byte.
-                let unit = if data.len() > 4 { 1 } else { data.len().max(1) };
-                for chunk in data.chunks_mut(unit) {
-                    if !self.pio.read(u64::from(port), chunk) {
+                let len = data.len();
+                // The exit's data borrows the fd; it is taken again with the
+                // element size, which `VcpuExit` does not carry.
+                let Some((size, data)) = pio_exit(&mut self.fd, self.run_size, len) else {
+                    return Some(self.bad_pio_exit(port));
+                };
+                let pio = &self.pio;
+                let done = pio_in_elements(size, data, |element| {
+                    if !pio.read(u64::from(port), element) {
                         counts.unhandled.fetch_add(1, Ordering::Relaxed);
-                        chunk.fill(0xff);
+                        element.fill(0xff);
                     }
+                });
+                if let Err(e) = done {
+                    counts.unhandled.fetch_add(1, Ordering::Relaxed);
+                    data.fill(0xff);
+                    crate::warn_limited!(vcpu = self.id, port, "port read not emulated: {e}");
                 }
                 None
             }
             Ok(VcpuExit::IoOut(port, data)) => {
                 counts.port(port);
-                let unit = if data.len() > 4 { 1 } else { data.len().max(1) };
-                for chunk in data.chunks(unit) {
-                    if !self.pio.write(u64::from(port), chunk) {
+                let len = data.len();
+                let Some((size, data)) = pio_exit(&mut self.fd, self.run_size, len) else {
+                    return Some(self.bad_pio_exit(port));
+                };
+                let pio = &self.pio;
+                let done = pio_out_elements(size, data, |element| {
+                    if !pio.write(u64::from(port), element) {
                         counts.unhandled.fetch_add(1, Ordering::Relaxed);
                     }
+                });
+                if let Err(e) = done {
+                    counts.unhandled.fetch_add(1, Ordering::Relaxed);
+                    crate::warn_limited!(vcpu = self.id, port, "port write not emulated: {e}");
                 }
                 None
             }
@@ -334,6 +363,102 @@ impl Vcpu {
     }
 }
 
+/// The element size and the data area of the port I/O exit `KVM_RUN` just
+/// returned on `fd`, whose data kvm-ioctls reported as `len` bytes; `None`
+/// if the exit is not port I/O or its data area is not where it may be (in
+/// the `run_size`-byte mapping, past the `kvm_run` structure).
+///
+/// `VcpuExit::IoIn`/`IoOut` give the port and the data but not the size of
+/// one element (`rep outsw` of 2 and `outl` both hand over 4 bytes), and
+/// their data borrows the fd, so the caller ends that borrow and takes the
+/// same data again here with `kvm_run.io.size`. For a read the elements are
+/// written into this area, from which KVM completes the guest's `in`/`ins`
+/// on the next `KVM_RUN`.
+#[allow(unsafe_code)]
+fn pio_exit(fd: &mut VcpuFd, run_size: usize, len: usize) -> Option<(usize, &mut [u8])> {
+    let run: &mut kvm_run = fd.get_kvm_run();
+    if run.exit_reason != KVM_EXIT_IO {
+        return None;
+    }
+    // SAFETY: `exit_reason` is `KVM_EXIT_IO`, so the kernel filled `io`, the
+    // union's active member (kvm-ioctls' `run` read the same member to
+    // report this exit). It is plain integers, valid for any bit pattern,
+    // and copied out here.
+    let io = unsafe { run.__bindgen_anon_1.io };
+    let size = usize::from(io.size);
+    let bytes = size.checked_mul(usize::try_from(io.count).ok()?)?;
+    let start = usize::try_from(io.data_offset).ok()?;
+    let end = start.checked_add(bytes)?;
+    if bytes != len || start < std::mem::size_of::<kvm_run>() || end > run_size {
+        return None;
+    }
+    let base = std::ptr::from_mut(run).cast::<u8>();
+    // SAFETY: `start..end` was just checked to lie inside the `run_size`
+    // bytes kvm-ioctls mapped (read/write, shared) for this vCPU's `kvm_run`
+    // and keeps mapped as long as `fd` lives, and past the `kvm_run`
+    // structure, so it overlaps no reference to that (`run` is not used
+    // again). The slice borrows `fd` mutably, so no other access to the
+    // mapping from this process can happen while it lives, and the kernel
+    // touches the area only inside `KVM_RUN`, which needs that borrow too.
+    // Any bytes are valid `u8`s. This is the same area, found the same way,
+    // that kvm-ioctls' `run` handed out as the exit's data.
+    let data = unsafe { std::slice::from_raw_parts_mut(base.add(start), bytes) };
+    Some((size, data))
+}
+
+/// Why a port access could not be split into the guest's elements.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum PioError {
+    /// Port instructions move 1, 2 or 4 bytes per element.
+    #[error("element size {0} is not 1, 2 or 4")]
+    Size(usize),
+    /// The data is not a whole number of elements.
+    #[error("{len} bytes are not a whole number of {size}-byte elements")]
+    Length {
+        /// The element size.
+        size: usize,
+        /// The data's length.
+        len: usize,
+    },
+}
+
+/// Whether `len` bytes of port data are whole elements of `size` bytes.
+fn pio_elements(size: usize, len: usize) -> Result<(), PioError> {
+    if !matches!(size, 1 | 2 | 4) {
+        return Err(PioError::Size(size));
+    }
+    if !len.is_multiple_of(size) {
+        return Err(PioError::Length { size, len });
+    }
+    Ok(())
+}
+
+/// Reads a port access (`in`, or `rep ins` of many elements) element by
+/// element with the guest's element size: `read` fills each `size`-byte
+/// element of `data` in turn. On an error nothing was read.
+pub fn pio_in_elements(
+    size: usize,
+    data: &mut [u8],
+    mut read: impl FnMut(&mut [u8]),
+) -> Result<(), PioError> {
+    pio_elements(size, data.len())?;
+    data.chunks_exact_mut(size).for_each(&mut read);
+    Ok(())
+}
+
+/// Writes a port access (`out`, or `rep outs` of many elements) element by
+/// element with the guest's element size: `write` gets each `size`-byte
+/// element of `data` in turn. On an error nothing was written.
+pub fn pio_out_elements(
+    size: usize,
+    data: &[u8],
+    mut write: impl FnMut(&[u8]),
+) -> Result<(), PioError> {
+    pio_elements(size, data.len())?;
+    data.chunks_exact(size).for_each(&mut write);
+    Ok(())
+}
+
 /// The signal that kicks a vCPU thread out of `KVM_RUN`.
 pub fn kick_signal() -> libc::c_int {
     vmm_sys_util::signal::SIGRTMIN()
@@ -354,4 +479,86 @@ extern "C" fn note_kick(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c
 pub fn install_kick_handler() -> std::io::Result<()> {
     vmm_sys_util::signal::register_signal_handler(kick_signal(), note_kick)
         .map_err(|e| std::io::Error::from_raw_os_error(e.errno()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The writes a port sees for an `out`/`outs` of `size`-byte elements.
+    fn writes(size: usize, data: &[u8]) -> Result<Vec<Vec<u8>>, PioError> {
+        let mut seen = Vec::new();
+        pio_out_elements(size, data, |e| seen.push(e.to_vec()))?;
+        Ok(seen)
+    }
+
+    #[test]
+    fn outsw_count_3_is_three_word_writes() {
+        let seen = writes(2, &[1, 2, 3, 4, 5, 6]).unwrap();
+        assert_eq!(seen, [vec![1, 2], vec![3, 4], vec![5, 6]]);
+    }
+
+    #[test]
+    fn outsw_count_2_is_two_word_writes_not_one_dword() {
+        let seen = writes(2, &[1, 2, 3, 4]).unwrap();
+        assert_eq!(seen, [vec![1, 2], vec![3, 4]]);
+    }
+
+    #[test]
+    fn outsb_is_byte_writes() {
+        let seen = writes(1, &[7, 8, 9, 10, 11]).unwrap();
+        assert_eq!(seen, [[7], [8], [9], [10], [11]].map(Vec::from));
+    }
+
+    #[test]
+    fn insl_count_2_reads_two_dwords_in_place() {
+        let mut data = [0u8; 8];
+        let mut reads = Vec::new();
+        let mut next = 0x10u8;
+        pio_in_elements(4, &mut data, |e| {
+            reads.push(e.len());
+            for b in e.iter_mut() {
+                *b = next;
+                next += 1;
+            }
+        })
+        .unwrap();
+        assert_eq!(reads, [4, 4]);
+        assert_eq!(data, [0x10, 0x11, 0x12, 0x13, 0x14, 0x15, 0x16, 0x17]);
+    }
+
+    #[test]
+    fn single_in_and_out_keep_their_width() {
+        for size in [1, 2, 4] {
+            let data: Vec<u8> = (1..=size as u8).collect();
+            assert_eq!(writes(size, &data).unwrap(), std::slice::from_ref(&data));
+            let mut buf = vec![0u8; size];
+            let mut reads = 0;
+            pio_in_elements(size, &mut buf, |e| {
+                reads += 1;
+                e.copy_from_slice(&data);
+            })
+            .unwrap();
+            assert_eq!((reads, buf), (1, data));
+        }
+    }
+
+    #[test]
+    fn bad_sizes_are_errors_and_touch_nothing() {
+        for size in [0, 3, 8, 255] {
+            assert_eq!(writes(size, &[0; 8]), Err(PioError::Size(size)));
+        }
+        assert_eq!(
+            writes(4, &[0; 6]),
+            Err(PioError::Length { size: 4, len: 6 })
+        );
+        let mut data = [0xaau8; 3];
+        let mut calls = 0;
+        assert_eq!(
+            pio_in_elements(2, &mut data, |_| calls += 1),
+            Err(PioError::Length { size: 2, len: 3 })
+        );
+        assert_eq!((calls, data), (0, [0xaa; 3]));
+        assert_eq!(writes(2, &[]), Ok(Vec::new()));
+    }
 }
