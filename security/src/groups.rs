@@ -51,7 +51,9 @@ pub enum GroupError {
     Exists(String),
     /// The name is empty, too long or has characters other than letters,
     /// digits, `-`, `_`, `.`.
-    #[error("bad group name {0:?}: 1-64 letters, digits, '-', '_' or '.'")]
+    #[error(
+        "bad group name {0:?}: 1-64 letters, digits, '-', '_' or '.' (choose one with `p2pctl group join FILE --name NAME`)"
+    )]
     BadName(String),
     /// Only the group's owner (who holds its CA key) may do this.
     #[error("this node does not own group {0} (it has no CA key for it)")]
@@ -271,6 +273,35 @@ fn valid_name(name: &str) -> bool {
         && name
             .bytes()
             .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
+}
+
+/// The local name a joined group gets when the operator gives none: the
+/// CA's common name made into a valid name (any other character becomes
+/// '-': "p2pvm test group" is "p2pvm-test-group"), with the group id's
+/// start appended if another group has that name, or the id itself when
+/// the CA has no usable common name.
+fn local_name(cn: Option<&str>, id: GroupId, taken: &dyn Fn(&str) -> bool) -> String {
+    let mut name = String::new();
+    for c in cn.unwrap_or_default().chars() {
+        let c = if c.is_ascii_alphanumeric() || "-_.".contains(c) {
+            c
+        } else {
+            '-'
+        };
+        if !(c == '-' && (name.is_empty() || name.ends_with('-'))) {
+            name.push(c);
+        }
+    }
+    let name = name.trim_end_matches('-');
+    let name: String = name.chars().take(48).collect();
+    let id = id.to_string();
+    if name.is_empty() {
+        return id;
+    }
+    if taken(&name) {
+        return format!("{name}-{}", &id[..id.len().min(12)]);
+    }
+    name
 }
 
 /// PEM text of `der` under `label`.
@@ -670,26 +701,23 @@ impl Groups {
         )?;
         pki::certifies_key_of(member_der, &self.local)?;
         let id = group_id(ca_der)?;
+        let taken = |n: &str| self.lock().iter().any(|(gid, g)| g.name == n && *gid != id);
         let name = match name {
             Some(n) => n.to_owned(),
-            None => X509Certificate::from_der(ca_der)
-                .ok()
-                .and_then(|(_, c)| {
+            None => {
+                let cn = X509Certificate::from_der(ca_der).ok().and_then(|(_, c)| {
                     c.subject()
                         .iter_common_name()
                         .next()
                         .and_then(|cn| cn.as_str().ok().map(str::to_owned))
-                })
-                .unwrap_or_else(|| id.to_string()),
+                });
+                local_name(cn.as_deref(), id, &taken)
+            }
         };
         if !valid_name(&name) {
             return Err(GroupError::BadName(name));
         }
-        if self
-            .lock()
-            .iter()
-            .any(|(gid, g)| g.name == name && *gid != id)
-        {
+        if taken(&name) {
             return Err(GroupError::Exists(name));
         }
         let dir = self.dir.join(id.to_string());
@@ -950,6 +978,25 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let me = peer();
         (Groups::open(dir.path(), me).unwrap(), me, dir)
+    }
+
+    #[test]
+    fn a_joined_group_gets_a_valid_local_name_from_any_ca_name() {
+        let id = GroupId([0xab; 16]);
+        let free = |_: &str| false;
+        let name = |cn| local_name(cn, id, &free);
+        assert_eq!(name(Some("p2pvm test group")), "p2pvm-test-group");
+        assert_eq!(name(Some("film club (Berlin)")), "film-club-Berlin");
+        assert_eq!(name(Some("Ünïcode CA!!")), "n-code-CA");
+        assert_eq!(name(Some("crew")), "crew");
+        assert_eq!(name(Some("   ")), id.to_string());
+        assert_eq!(name(None), id.to_string());
+        assert!(valid_name(&name(Some(&"x".repeat(300)))));
+        let crew_taken = |n: &str| n == "crew";
+        assert_eq!(
+            local_name(Some("crew"), id, &crew_taken),
+            "crew-abababababab"
+        );
     }
 
     fn member_cert(invitation: &str) -> Vec<u8> {

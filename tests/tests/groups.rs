@@ -182,7 +182,8 @@ async fn a_group_made_with_openssl_works_the_same() -> Result<()> {
     std::fs::write(dir.join("index.txt"), "")?;
     std::fs::write(dir.join("serial"), "1000\n")?;
     std::fs::write(dir.join("crlnumber"), "01\n")?;
-    p2pvm_e2e::openssl_ca(dir, "/CN=film-club")?;
+    // A CA named as an operator would name it: its local name is derived.
+    p2pvm_e2e::openssl_ca(dir, "/CN=film club (Berlin)")?;
     let host = node_with(&[], None).await?;
     let member = node_with(&[&host], None).await?;
     let revoked = node_with(&[&host], None).await?;
@@ -214,7 +215,7 @@ async fn a_group_made_with_openssl_works_the_same() -> Result<()> {
     };
     let g = join(&host, &invitation("host")?).await?;
     ensure!(
-        g.name == "film-club" && !g.owner && g.member && g.crl_number == 1,
+        g.name == "film-club-Berlin" && !g.owner && g.member && g.crl_number == 1,
         "{g:?}"
     );
     let e = member
@@ -241,7 +242,7 @@ async fn a_group_made_with_openssl_works_the_same() -> Result<()> {
     .await?;
 
     let data = p2pvm_e2e::pseudo_random(1 << 20, 52);
-    let info = publish_for(&host.app("club").await?, "film-club", &data).await?;
+    let info = publish_for(&host.app("club").await?, "film-club-Berlin", &data).await?;
     ensure!(fetch(&member.app("viewer").await?, &info.content_id).await?? == data);
     let msg = refused_as_non_member(&revoked, &info.content_id, "a revoked member").await?;
     ensure!(msg.contains("revoked"), "{msg}");
