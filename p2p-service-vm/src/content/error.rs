@@ -270,6 +270,9 @@ pub enum ProviderError {
     /// It had no upload slot for us for this long (it serves others first).
     #[error("no upload slot for {0:?}")]
     NoSlot(std::time::Duration),
+    /// It already serves us on as many content streams as it allows one peer.
+    #[error("busy: {0}")]
+    StreamsFull(String),
     /// It refused to prove the item's size.
     #[error("size proof refused: {0}")]
     SizeUnproven(String),
@@ -333,6 +336,7 @@ impl ProviderError {
             | Self::Open(_)
             | Self::SizeUnproven(_)
             | Self::NoSlot(_)
+            | Self::StreamsFull(_)
             | Self::NothingWanted
             | Self::Declined(_)
             | Self::Forbidden { .. }
@@ -355,6 +359,7 @@ impl ProviderError {
             Self::Refused { .. } => "refused",
             Self::NothingWanted => "nothing_wanted",
             Self::NoSlot(_) => "no_slot",
+            Self::StreamsFull(_) => "streams_full",
             Self::SizeUnproven(_) => "size_unproven",
             Self::Declined(_) => "declined",
             Self::BadAnswer(_) => "bad_answer",

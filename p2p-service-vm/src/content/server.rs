@@ -269,6 +269,40 @@ const IDLE: std::time::Duration = std::time::Duration::from_secs(60);
 
 type Answers = Vec<(TransferResponse, Vec<u8>)>;
 
+/// How long a stream over the per-peer cap waits for the request it is
+/// refused with.
+const OVER_CAP_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Answers the first request of a stream over the per-peer cap with `Busy`
+/// and ends the stream: a typed "not now" the downloader does not hold
+/// against this node, where a silently closed stream looked like a failure.
+async fn refuse_over_cap<R, W>(rd: R, mut wr: W)
+where
+    R: futures::AsyncRead + Unpin,
+    W: futures::AsyncWrite + Unpin,
+{
+    let codec = LengthDelimitedCodec::builder()
+        .big_endian()
+        .length_field_length(4)
+        .max_frame_length(transfer::MAX_HEADER_BYTES as usize)
+        .new_codec();
+    let mut requests = FramedRead::new(rd.compat(), codec);
+    let answered = async {
+        if !matches!(requests.next().await, Some(Ok(_))) {
+            return Ok(());
+        }
+        let busy = TransferResponse::failed(
+            Status::Busy,
+            format!(
+                "this node already serves {STREAMS_PER_PEER} content streams to you; use those"
+            ),
+        );
+        write_msg(&mut wr, &busy).await?;
+        wr.close().await
+    };
+    let _ = tokio::time::timeout(OVER_CAP_WAIT, answered).await;
+}
+
 /// Serves one content stream from `peer`: a libp2p stream, or a fast-path
 /// connection (the same protocol either way).
 /// `group`: the group of the group session the stream is (none: a plain
@@ -290,6 +324,7 @@ pub(crate) async fn serve_stream<R, W>(
     }
     let Some(_slot) = svc.inner.served.enter(peer) else {
         debug!(%peer, "refusing a content stream: {STREAMS_PER_PEER} already served to it");
+        refuse_over_cap(rd, wr).await;
         return;
     };
     if svc.inner.config.test_silent_server {
@@ -760,6 +795,33 @@ mod tests {
         // Gone with the last stream: peers seen once do not stay in the map.
         drop(held);
         assert!(streams.0.lock().unwrap().is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_stream_over_the_cap_is_answered_busy_not_just_closed() {
+        let (client, server) = tokio::io::duplex(4096);
+        let (srd, swr) = tokio::io::split(server);
+        use tokio_util::compat::{TokioAsyncReadCompatExt, TokioAsyncWriteCompatExt};
+        let refusing = tokio::spawn(refuse_over_cap(srd.compat(), swr.compat_write()));
+        let (crd, mut cwr) = tokio::io::split(client);
+        let have = TransferRequest {
+            op: Some(Op::Have(vec![7; 32])),
+        };
+        tokio::io::AsyncWriteExt::write_all(&mut cwr, &transfer::frame(&have))
+            .await
+            .unwrap();
+        let mut crd = crd.compat();
+        let answer: TransferResponse = super::super::wire::read_msg(&mut crd)
+            .await
+            .expect("readable")
+            .expect("an answer");
+        assert_eq!(answer.status, Status::Busy as i32);
+        assert!(
+            answer.message.contains("content streams"),
+            "{}",
+            answer.message
+        );
+        refusing.await.unwrap();
     }
 
     #[test]

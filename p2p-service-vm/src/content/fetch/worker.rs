@@ -127,6 +127,11 @@ fn charge(svc: &ContentService, dl: &Download, peer: PeerId, e: &ProviderError) 
     // its credit is gone.
     let charged = match e {
         ProviderError::NotProviding(_) => dl.state().sched.back_off(peer, Instant::now()),
+        // Only "not now": asked again after the same pause, never charged.
+        ProviderError::StreamsFull(_) => {
+            dl.state().sched.back_off(peer, Instant::now());
+            false
+        }
         _ => true,
     };
     if charged && let Some(evidence) = e.evidence() {
@@ -161,6 +166,9 @@ async fn run(svc: &ContentService, dl: &Arc<Download>, peer: PeerId) -> Result<(
     let port = header.fast_path_port;
     if let Some(first) = fast_path(svc, peer, port).await {
         debug!(id = %dl.id, %peer, "blocks take the fast path");
+        // Nothing more goes over the libp2p stream: close it rather than
+        // hold one of the provider's per-peer streams for the whole download.
+        drop(stream);
         return lanes(svc, dl, peer, first, complete, || {
             fast_path(svc, peer, port)
         })
@@ -378,6 +386,7 @@ fn on_have(
         Ok(Status::Complete) => (Have::All, true),
         Ok(Status::Ok) => (Have::Some(have_bits(payload, dl.partial.blocks())?), false),
         Ok(Status::Forbidden) => return Err(super::peer::forbidden(header.message.clone())),
+        Ok(Status::Busy) => return Err(ProviderError::StreamsFull(header.message.clone())),
         _ => return Err(ProviderError::NotProviding(header.message.clone())),
     };
     svc.inner.ledger.record(peer, EventKind::RequestOk);
