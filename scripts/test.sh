@@ -68,11 +68,11 @@ if [ -n "$failed_tests" ]; then
     while IFS= read -r t; do
         echo "-- why $t failed (all of its output in $log):"
         awk -v name="---- $t stdout ----" '
-            $0 == name { on = 1; n = 0; next }
+            $0 == name { on = 1; p = 0; n = 0; next }
             on && (/^---- .* stdout ----$/ || /^failures:$/) { on = 0 }
-            on && /^(RETRY|WARNING):/ { print "  " $0 }
             on && /panicked at/ { p = 1 }
-            on && p && n < 30 { print "  " $0; n++ }' "$log"
+            on && p && n < 30 { print "  " $0; n++; next }
+            on && /^(RETRY|WARNING):/ { print "  " $0 }' "$log"
     done <<<"$failed_tests"
 fi
 # cargo's own list of the test binaries that failed (or did not build).
