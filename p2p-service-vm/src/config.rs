@@ -428,6 +428,12 @@ impl Config {
                 p2pvm_proto::MAX_STREAM_CHUNK_BYTES
             )));
         }
+        if self.limits.max_pending_per_ip == 0 {
+            return Err(ConfigError::Invalid(
+                "limits.max_pending_per_ip must be positive (0 would refuse every inbound connection)"
+                    .into(),
+            ));
+        }
         if api.max_sessions == 0 || api.max_streams_per_session == 0 {
             return Err(ConfigError::Invalid(
                 "api.max_sessions and api.max_streams_per_session must be positive".into(),

@@ -292,16 +292,16 @@ fn local_name(cn: Option<&str>, id: GroupId, taken: &dyn Fn(&str) -> bool) -> St
             name.push(c);
         }
     }
-    let name = name.trim_end_matches('-');
     let name: String = name.chars().take(48).collect();
+    let name = name.trim_end_matches('-');
     let id = id.to_string();
     if name.is_empty() {
         return id;
     }
-    if taken(&name) {
+    if taken(name) {
         return format!("{name}-{}", &id[..id.len().min(12)]);
     }
-    name
+    name.to_owned()
 }
 
 /// PEM text of `der` under `label`.
@@ -984,7 +984,7 @@ mod tests {
     fn a_joined_group_gets_a_valid_local_name_from_any_ca_name() {
         let id = GroupId([0xab; 16]);
         let free = |_: &str| false;
-        let name = |cn| local_name(cn, id, &free);
+        let name = |cn: Option<&str>| local_name(cn, id, &free);
         assert_eq!(name(Some("p2pvm test group")), "p2pvm-test-group");
         assert_eq!(name(Some("film club (Berlin)")), "film-club-Berlin");
         assert_eq!(name(Some("Ünïcode CA!!")), "n-code-CA");
@@ -992,6 +992,8 @@ mod tests {
         assert_eq!(name(Some("   ")), id.to_string());
         assert_eq!(name(None), id.to_string());
         assert!(valid_name(&name(Some(&"x".repeat(300)))));
+        let cut = name(Some(&format!("{} tail", "y".repeat(47))));
+        assert_eq!(cut, "y".repeat(47), "no '-' left where the name was cut");
         let crew_taken = |n: &str| n == "crew";
         assert_eq!(
             local_name(Some("crew"), id, &crew_taken),

@@ -142,6 +142,10 @@ pub enum Status {
     /// for; ask again shortly (or another provider meanwhile). No fault of
     /// either end.
     Busy = 7,
+    /// The provider already serves this peer on as many content streams as
+    /// it allows one peer; this stream ends. Use the open ones, or ask again
+    /// later. No fault of either end.
+    TooManyStreams = 8,
 }
 
 impl TransferResponse {

@@ -273,9 +273,11 @@ type Answers = Vec<(TransferResponse, Vec<u8>)>;
 /// refused with.
 const OVER_CAP_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
 
-/// Answers the first request of a stream over the per-peer cap with `Busy`
-/// and ends the stream: a typed "not now" the downloader does not hold
-/// against this node, where a silently closed stream looked like a failure.
+/// Answers the first request of a stream over the per-peer cap with
+/// `TooManyStreams` and ends the stream: a typed "not on this stream" the
+/// downloader does not hold against this node, where a silently closed
+/// stream looked like a failure (and a `Busy` one, followed by the end of
+/// the stream, too).
 async fn refuse_over_cap<R, W>(rd: R, mut wr: W)
 where
     R: futures::AsyncRead + Unpin,
@@ -292,7 +294,7 @@ where
             return Ok(());
         }
         let busy = TransferResponse::failed(
-            Status::Busy,
+            Status::TooManyStreams,
             format!(
                 "this node already serves {STREAMS_PER_PEER} content streams to you; use those"
             ),
@@ -798,7 +800,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_stream_over_the_cap_is_answered_busy_not_just_closed() {
+    async fn a_stream_over_the_cap_is_answered_with_a_typed_refusal_not_just_closed() {
         let (client, server) = tokio::io::duplex(4096);
         let (srd, swr) = tokio::io::split(server);
         use tokio_util::compat::{TokioAsyncReadCompatExt, TokioAsyncWriteCompatExt};
@@ -815,7 +817,7 @@ mod tests {
             .await
             .expect("readable")
             .expect("an answer");
-        assert_eq!(answer.status, Status::Busy as i32);
+        assert_eq!(answer.status, Status::TooManyStreams as i32);
         assert!(
             answer.message.contains("content streams"),
             "{}",

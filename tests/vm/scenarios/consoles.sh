@@ -18,21 +18,30 @@ ask() {
     # kernel or service message written between "KEY=" and "#END" splits
     # the line, and then the answer is asked for again from the file.
     # A VM that booted again while the command ran (a guest reset) lost its
-    # shell and the command with it. When the scenario says how to wait for
-    # such a VM (`came_back VM WHY`), the command is asked once more after
-    # the reboot: a reset is the emulator's (docs/vm-mode.md), the check is
-    # what the platform does after it. `reask=no` turns this off for a
-    # command that must not run twice.
+    # shell and the command with it; the other VM booting again spoils the
+    # answer of a command that used it (the client asking the service's
+    # node). When the scenario says how to wait for such a VM (`came_back VM
+    # KEY`), the command is asked once more after the reboot: a reset is the
+    # emulator's (docs/vm-mode.md), the check is what the platform does
+    # after it. `reask=no` turns this off for a command that must not run
+    # twice.
     _asked=0
     while :; do
         _from=$(($(wc -l < "$_log" 2>/dev/null || echo 0) + 1))
+        for _v in service client; do eval "_boots_$_v=$(boots_of $_v)"; done
         type_on "$1" "_a=\$($3); echo \"\$_a\" > /tmp/ask.$2; echo; echo \"$2\"'='\"\$_a\"'#END'"
         answer_or_reboot "$_log" "$2" "${4:-90}" "$_from"
         _rc=$?
-        if [ $_rc -eq 2 ] && [ $_asked -eq 0 ] && [ "${reask:-yes}" = yes ] &&
+        _rebooted=
+        [ $_rc -eq 2 ] && _rebooted=$1
+        for _v in service client; do
+            eval "_was=\$_boots_$_v"
+            [ -z "$_rebooted" ] && [ "$(boots_of $_v)" -gt "$_was" ] && _rebooted=$_v
+        done
+        if [ -n "$_rebooted" ] && [ $_asked -eq 0 ] && [ "${reask:-yes}" = yes ] &&
             command -v came_back > /dev/null 2>&1; then
             _asked=1
-            came_back "$1" "$2" >&2
+            came_back "$_rebooted" "$2" >&2
             continue
         fi
         break
@@ -49,15 +58,24 @@ ask() {
             _again=$((_again + 1))
             echo "no answer $2 from the $1 VM in ${4:-90} s; asking again from /tmp/ask.$2 ($_again)" >&2
             type_on "$1" "echo; echo \"$2\"'='\"\$(cat /tmp/ask.$2)\"'#END'"
-            wait_for "$_log" "$2=.*#END" 20 && break
+            _j=0
+            while [ $_j -lt 200 ]; do
+                tail -n +"$_from" "$_log" | grep -aq "$2=.*#END" && break 2
+                sleep 0.1; _j=$((_j + 1))
+            done
         done
-        if ! grep -aq "$2=.*#END" "$_log"; then
+        if ! tail -n +"$_from" "$_log" | grep -aq "$2=.*#END"; then
             echo "no answer $2 from the $1 VM; its console:" >&2
             tail -30 "$_log" >&2
             return 1
         fi ;;
     esac
-    sed -n "s/.*$2=\(.*\)#END.*/\1/p" "$_log" | tr -d '\r' | tail -1
+    tail -n +"$_from" "$_log" | sed -n "s/.*$2=\(.*\)#END.*/\1/p" | tr -d '\r' | tail -1
+}
+# boots_of VM: how many times VM's init has announced a boot on its console.
+boots_of() {
+    _n=$(grep -ac "p2pvm-init: [A-Za-z]* VM, " "$P2PVMM_HOME/vms/$1/console.log" 2>/dev/null)
+    echo "${_n:-0}"
 }
 # answer_or_reboot LOG KEY SECONDS FROM: 0 when "KEY=...#END" is in LOG, 2
 # when the VM's init announced a new boot at or after line FROM, 1 after
@@ -65,7 +83,7 @@ ask() {
 answer_or_reboot() {
     _i=0
     while [ $_i -lt $(($3 * 10)) ]; do
-        grep -aq "$2=.*#END" "$1" 2>/dev/null && return 0
+        tail -n +"$4" "$1" 2>/dev/null | grep -aq "$2=.*#END" && return 0
         tail -n +"$4" "$1" 2>/dev/null | grep -aq "p2pvm-init: [A-Za-z]* VM, " && return 2
         sleep 0.1; _i=$((_i + 1))
     done

@@ -48,6 +48,36 @@ pub use scenario::{ExtraFile, Scenario};
 pub use testhost::{Images, L1_MODULES, L1_OPTIONAL_MODULES, L2_MODULES, Options, TestHost};
 pub use util::CACHE_ENV;
 
+/// Whether a run failed because the test host itself did: it ended without
+/// reporting, or it went silent (with a heartbeat on, a frozen test host), or
+/// its own kernel reported a CPU stall. That is the test bench failing (QEMU's
+/// emulator, docs/vm-mode.md), not what runs on it.
+pub fn is_bench_failure(e: &anyhow::Error) -> bool {
+    e.downcast_ref::<HostDied>().is_some()
+        || e.downcast_ref::<WatchdogError>()
+            .is_some_and(|w| matches!(w.limit, Limit::Silence | Limit::HostStall))
+}
+
+/// Runs `scenario` on `host`, and once more, saying so on stderr
+/// (`RETRY: ...`, which `scripts/vm-pass-rate.sh` counts), when the first run
+/// failed by [`is_bench_failure`]. Any other failure, and any failure of the
+/// second run, is returned.
+pub fn run_once_more_if_the_bench_failed(
+    host: &TestHost,
+    scenario: &Scenario,
+) -> anyhow::Result<Outcome> {
+    match host.run(scenario) {
+        Err(e) if is_bench_failure(&e) => {
+            eprintln!(
+                "RETRY: the nested test host died or stalled (the emulator, not the platform); \
+                 running the scenario once more. First run: {e:#}"
+            );
+            host.run(scenario)
+        }
+        other => other,
+    }
+}
+
 /// Installs a `tracing` subscriber printing to stderr (filter from `RUST_LOG`, default
 /// `info`), so the console stream is visible; does nothing if one is installed already.
 pub fn init_tracing() {

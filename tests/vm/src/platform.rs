@@ -74,9 +74,11 @@ mod tests {
 
     /// Runs `body` after the helpers, against a fake `p2pvmm console` that
     /// is the client VM's shell: it runs each typed line and appends what it
-    /// prints to the console log — except the first line typed, during which
-    /// the "VM" boots again (its init's line, and the command lost).
-    fn with_a_vm_that_resets_once(body: &str) -> (String, String) {
+    /// prints to the console log — except that during the first line typed
+    /// the VM `resets` boots again (its init's line). When that is the
+    /// client, the command is lost with its shell; when it is the service,
+    /// the client's command still answers.
+    fn with_a_vm_that_resets_once(resets: &str, body: &str) -> (String, String) {
         let dir = tempfile::tempdir().unwrap();
         let d = dir.path().display();
         let fake = dir.path().join("p2pvmm");
@@ -86,16 +88,25 @@ mod tests {
                 "#!/bin/sh\n\
                  log={d}/home/vms/$2/console.log\n\
                  line=$(cat | sed 's#/tmp/#{d}/#g')\n\
-                 if [ ! -f {d}/reset ]; then touch {d}/reset; \
-                 echo 'p2pvm-init: Client VM, 0.4 s since boot' >> \"$log\"; exit 0; fi\n\
+                 if [ ! -f {d}/reset ]; then\n\
+                   touch {d}/reset\n\
+                   echo 'p2pvm-init: Some VM, 0.4 s since boot' >> {d}/home/vms/{resets}/console.log\n\
+                   [ {resets} = $2 ] && exit 0\n\
+                 fi\n\
                  sh -c \"$line\" >> \"$log\" 2>&1\n"
             ),
         )
         .unwrap();
         std::fs::set_permissions(&fake, std::os::unix::fs::PermissionsExt::from_mode(0o755))
             .unwrap();
-        std::fs::create_dir_all(dir.path().join("home/vms/client")).unwrap();
-        std::fs::write(dir.path().join("home/vms/client/console.log"), "login\n").unwrap();
+        for vm in ["client", "service"] {
+            std::fs::create_dir_all(dir.path().join(format!("home/vms/{vm}"))).unwrap();
+            std::fs::write(
+                dir.path().join(format!("home/vms/{vm}/console.log")),
+                "p2pvm-init: Some VM, 0.3 s since boot\n",
+            )
+            .unwrap();
+        }
         let script = format!(
             "{LIB_SH}\n{CONSOLES_SH}\nP2PVMM={fake}; P2PVMM_HOME={d}/home\n\
              came_back() {{ echo \"$1:$2\" >> {d}/came_back; }}\n{body}",
@@ -109,15 +120,28 @@ mod tests {
     #[test]
     fn a_check_whose_vm_reset_under_it_is_asked_again_after_the_reboot() {
         let (out, came_back) =
-            with_a_vm_that_resets_once("echo \"got=$(ask client K1 'echo 42' 5)\"");
+            with_a_vm_that_resets_once("client", "echo \"got=$(ask client K1 'echo 42' 5)\"");
         assert_eq!(out.trim(), "got=42");
         assert_eq!(came_back.trim(), "client:K1");
     }
 
     #[test]
+    fn a_check_that_used_the_other_vm_is_asked_again_when_that_one_reset() {
+        // The first answer (1) came while the service VM rebooted: spoiled.
+        let count = "n=$(( $(cat /tmp/n 2>/dev/null || echo 0) + 1 )); echo $n > /tmp/n; echo $n";
+        let (out, came_back) = with_a_vm_that_resets_once(
+            "service",
+            &format!("echo \"got=$(ask client K3 '{count}' 5)\""),
+        );
+        assert_eq!(out.trim(), "got=2");
+        assert_eq!(came_back.trim(), "service:K3");
+    }
+
+    #[test]
     fn a_check_that_must_not_run_twice_is_not_asked_again() {
         let (out, came_back) = with_a_vm_that_resets_once(
-            "reask=no; echo \"got=$(ask client K2 'echo 42' 5)\"; echo \"status=$?\"",
+            "client",
+            "reask=no; echo \"got=$(ask client K2 'echo 42' 5)\"",
         );
         assert!(out.contains("got=\n"), "{out}");
         assert!(came_back.is_empty(), "{came_back}");

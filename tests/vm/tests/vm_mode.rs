@@ -8,18 +8,6 @@
 
 use p2pvm_testhost::{Outcome, TestHost};
 
-/// The test host itself failed: it ended without reporting, or went silent.
-fn is_bench_failure(e: &anyhow::Error) -> bool {
-    e.downcast_ref::<p2pvm_testhost::HostDied>().is_some()
-        || e.downcast_ref::<p2pvm_testhost::WatchdogError>()
-            .is_some_and(|w| {
-                matches!(
-                    w.limit,
-                    p2pvm_testhost::Limit::Silence | p2pvm_testhost::Limit::HostStall
-                )
-            })
-}
-
 /// Collects every failed check of a run, so that one look at a failure
 /// shows all of them (and the test can tell a run spoiled by a guest reset
 /// from a platform that does not work).
@@ -160,7 +148,7 @@ fn the_platform_runs_as_two_vms_from_its_images() {
     // the test: the retry hides no failure of the platform's own.
     let first = host.run(&scenario);
     let retry_because = match &first {
-        Err(e) if is_bench_failure(e) => Some(format!(
+        Err(e) if p2pvm_testhost::is_bench_failure(e) => Some(format!(
             "the nested test host died or stalled (the emulator, not the platform). First run: {e:#}"
         )),
         Ok(o) if guest_resets(o) > 0 && !failed_checks(o).is_empty() => Some(format!(

@@ -256,6 +256,9 @@ async fn manifest_answer(
     if header.status == Status::Forbidden as i32 {
         return Err(forbidden(header.message));
     }
+    if header.status == Status::TooManyStreams as i32 {
+        return Err(ProviderError::StreamsFull(header.message));
+    }
     if header.status != Status::Ok as i32 {
         return Ok(None);
     }

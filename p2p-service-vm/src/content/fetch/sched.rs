@@ -308,6 +308,17 @@ impl Sched {
         b.strikes == 1
     }
 
+    /// `peer` serves this node on as many streams as it allows: not asked
+    /// for [`BACKOFF_FIRST`], with no strike (it is no refusal of the item).
+    pub(super) fn pause(&mut self, peer: PeerId, now: Instant) {
+        self.forget_peer(&peer);
+        let b = self.backoff.entry(peer).or_insert(Backoff {
+            until: now,
+            strikes: 0,
+        });
+        b.until = b.until.max(now + BACKOFF_FIRST);
+    }
+
     pub(super) fn has_readers(&self) -> bool {
         !self.readers.is_empty()
     }
@@ -914,6 +925,13 @@ mod tests {
             t += BACKOFF_MAX;
         }
         assert!(!s.excluded(&p, t), "the pause is capped");
+        // A provider that only had no stream for us pauses as briefly, and
+        // its first real refusal is still the charged one.
+        let q = PeerId::random();
+        s.pause(q, t0);
+        assert!(s.excluded(&q, t0));
+        assert!(!s.excluded(&q, t0 + BACKOFF_FIRST));
+        assert!(s.back_off(q, t0 + BACKOFF_FIRST), "no strike from a pause");
         // Bad data, unlike a refusal, is for good.
         s.mark_bad(other);
         assert!(s.excluded(&other, t0 + Duration::from_secs(3600)));

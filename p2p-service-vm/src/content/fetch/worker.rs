@@ -127,9 +127,10 @@ fn charge(svc: &ContentService, dl: &Download, peer: PeerId, e: &ProviderError) 
     // its credit is gone.
     let charged = match e {
         ProviderError::NotProviding(_) => dl.state().sched.back_off(peer, Instant::now()),
-        // Only "not now": asked again after the same pause, never charged.
+        // Only "not on another stream now": a short pause, never charged,
+        // and no strike toward the pauses of a provider without the item.
         ProviderError::StreamsFull(_) => {
-            dl.state().sched.back_off(peer, Instant::now());
+            dl.state().sched.pause(peer, Instant::now());
             false
         }
         _ => true,
@@ -156,6 +157,11 @@ async fn run(svc: &ContentService, dl: &Arc<Download>, peer: PeerId) -> Result<(
     let Some((header, payload)) = first_have(dl, &mut stream).await? else {
         return Ok(());
     };
+    // Over the provider's per-peer stream cap: before anything else (a group
+    // item's refusal would otherwise be read as a missing fast path).
+    if header.status == Status::TooManyStreams as i32 {
+        return Err(ProviderError::StreamsFull(header.message));
+    }
     // A group item: refused on this stream; everything goes over group
     // sessions (the refusal names the port where they open).
     let groups = svc.memberships_for(&dl.manifest.manifest);
@@ -168,6 +174,7 @@ async fn run(svc: &ContentService, dl: &Arc<Download>, peer: PeerId) -> Result<(
         debug!(id = %dl.id, %peer, "blocks take the fast path");
         // Nothing more goes over the libp2p stream: close it rather than
         // hold one of the provider's per-peer streams for the whole download.
+        let _ = futures::AsyncWriteExt::close(&mut stream).await;
         drop(stream);
         return lanes(svc, dl, peer, first, complete, || {
             fast_path(svc, peer, port)
@@ -386,7 +393,9 @@ fn on_have(
         Ok(Status::Complete) => (Have::All, true),
         Ok(Status::Ok) => (Have::Some(have_bits(payload, dl.partial.blocks())?), false),
         Ok(Status::Forbidden) => return Err(super::peer::forbidden(header.message.clone())),
-        Ok(Status::Busy) => return Err(ProviderError::StreamsFull(header.message.clone())),
+        Ok(Status::TooManyStreams) => {
+            return Err(ProviderError::StreamsFull(header.message.clone()));
+        }
         _ => return Err(ProviderError::NotProviding(header.message.clone())),
     };
     svc.inner.ledger.record(peer, EventKind::RequestOk);
@@ -809,6 +818,11 @@ async fn pipeline<R: PayloadRead, W: PayloadWrite>(
                         Ok(Status::Forbidden) => {
                             dl.release(peer, k);
                             return Err(super::peer::forbidden(header.message));
+                        }
+                        Ok(Status::TooManyStreams) => {
+                            // A fast-path connection over the provider's cap.
+                            dl.release(peer, k);
+                            return Err(ProviderError::StreamsFull(header.message));
                         }
                         Ok(Status::Busy) => {
                             // Not refused, only not yet: the block goes back
