@@ -269,6 +269,20 @@ const IDLE: std::time::Duration = std::time::Duration::from_secs(60);
 
 type Answers = Vec<(TransferResponse, Vec<u8>)>;
 
+/// A stream's requests: length-prefixed, decoded by a framer that keeps
+/// partial input (so asking "is another request already here?" loses
+/// nothing), none larger than a request header may be.
+fn requests_of<R: futures::AsyncRead>(
+    rd: R,
+) -> FramedRead<tokio_util::compat::Compat<R>, LengthDelimitedCodec> {
+    let codec = LengthDelimitedCodec::builder()
+        .big_endian()
+        .length_field_length(4)
+        .max_frame_length(transfer::MAX_HEADER_BYTES as usize)
+        .new_codec();
+    FramedRead::new(rd.compat(), codec)
+}
+
 /// How long a stream over the per-peer cap waits for the request it is
 /// refused with.
 const OVER_CAP_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
@@ -283,12 +297,7 @@ where
     R: futures::AsyncRead + Unpin,
     W: futures::AsyncWrite + Unpin,
 {
-    let codec = LengthDelimitedCodec::builder()
-        .big_endian()
-        .length_field_length(4)
-        .max_frame_length(transfer::MAX_HEADER_BYTES as usize)
-        .new_codec();
-    let mut requests = FramedRead::new(rd.compat(), codec);
+    let mut requests = requests_of(rd);
     let answered = async {
         if !matches!(requests.next().await, Some(Ok(_))) {
             return Ok(());
@@ -340,14 +349,7 @@ pub(crate) async fn serve_stream<R, W>(
             .throttles
             .get(peer, svc.inner.credit.throttled_rate_bytes_per_sec)
     });
-    // Length-prefixed requests, decoded by a framer that keeps partial input,
-    // so asking "is another request already here?" loses nothing.
-    let codec = LengthDelimitedCodec::builder()
-        .big_endian()
-        .length_field_length(4)
-        .max_frame_length(transfer::MAX_HEADER_BYTES as usize)
-        .new_codec();
-    let mut requests = FramedRead::new(rd.compat(), codec);
+    let mut requests = requests_of(rd);
     type Job = (
         tokio::task::JoinHandle<Answers>,
         (
