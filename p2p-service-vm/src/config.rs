@@ -238,9 +238,9 @@ pub struct ContentConfig {
     /// streams and never answers on them (a silent provider). Never set it
     /// elsewhere.
     pub test_silent_server: bool,
-    /// Fault injection for tests of group topics: this node answers a
-    /// member's request for a topic key with a wrong key. Never set it
-    /// elsewhere.
+    /// Fault injection for tests of group topics: this node lies about
+    /// topic keys (it hands out an altered epoch signature and seals its own
+    /// group messages with a key of its own). Never set it elsewhere.
     pub test_wrong_group_keys: bool,
 }
 

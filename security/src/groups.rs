@@ -37,7 +37,7 @@ use webpki::KeyUsage;
 use x509_parser::prelude::{FromDer, X509Certificate};
 use x509_parser::revocation_list::CertificateRevocationList;
 
-use crate::group_topics::{self, KEY_LEN};
+use crate::group_topics::{self, EpochKeyError, KEY_LEN};
 use crate::pki::{self, CertError, TrustList};
 
 /// Why a group operation failed. Nothing is changed on disk when one does.
@@ -67,6 +67,9 @@ pub enum GroupError {
     /// A CRL is not newer than the one held, or not signed by the group CA.
     #[error("CRL refused: {0}")]
     Crl(String),
+    /// An epoch signature gives no topic key.
+    #[error("topic key refused: {0}")]
+    EpochKey(#[from] EpochKeyError),
     /// The peer was never invited (nothing to revoke).
     #[error("peer {0} holds no certificate of this group")]
     NotInvited(String),
@@ -163,6 +166,10 @@ pub fn group_id(ca_der: &[u8]) -> Result<GroupId, CertError> {
     Ok(GroupId(id))
 }
 
+/// The file that marks a group whose CRL this node passes on although it
+/// does not own the group.
+const RELAY_CRL: &str = "relay-crl";
+
 /// id-kp-clientAuth: member certificates are TLS client and server
 /// certificates of group sessions; one that lists usages must allow this.
 const EKU_CLIENT_AUTH: &[u8] = &[0x2b, 0x06, 0x01, 0x05, 0x05, 0x07, 0x03, 0x02];
@@ -182,6 +189,9 @@ pub struct GroupInfo {
     pub member_until: Option<u64>,
     /// The number of the CRL held (0: none).
     pub crl_number: u64,
+    /// Whether this node sends the group's CRL on to its members: it owns
+    /// the group, or its operator handed it a CRL to publish.
+    pub relays_crl: bool,
 }
 
 /// A member certificate the owner issued.
@@ -210,8 +220,18 @@ struct Group {
     crl_number: u64,
     /// Topic keys held, by epoch (kept in memory: they are read for every
     /// group message).
-    keys: BTreeMap<u64, [u8; KEY_LEN]>,
+    epochs: BTreeMap<u64, Epoch>,
     owner: bool,
+    /// The operator handed this node a CRL to pass on (`relay-crl`).
+    relays_crl: bool,
+}
+
+/// One epoch's topic key and the CA signature it is derived from (what
+/// members hand each other).
+#[derive(Clone)]
+struct Epoch {
+    key: [u8; KEY_LEN],
+    signature: Vec<u8>,
 }
 
 /// The groups of one node.
@@ -393,13 +413,31 @@ impl Group {
             Some(c) => crl_checked(c, &ca_der)?.0,
             None => 0,
         };
-        let mut keys = BTreeMap::new();
+        let id = group_id(&ca_der)?;
+        // Each signature is checked again: a file swapped on disk gives no
+        // key. Raw key files of older versions are ignored (an owner signs
+        // its current epoch again on open).
+        let mut epochs = BTreeMap::new();
         if let Ok(entries) = std::fs::read_dir(dir.join("keys")) {
             for e in entries.flatten() {
-                let epoch = e.file_name().to_str().and_then(|n| n.parse::<u64>().ok());
-                let key = std::fs::read(e.path()).ok().and_then(|k| k.try_into().ok());
-                if let (Some(epoch), Some(key)) = (epoch, key) {
-                    keys.insert(epoch, key);
+                let name = e.file_name();
+                let Some(epoch) = name
+                    .to_str()
+                    .and_then(|n| n.strip_suffix(".sig"))
+                    .and_then(|n| n.parse::<u64>().ok())
+                else {
+                    continue;
+                };
+                let Ok(signature) = std::fs::read(e.path()) else {
+                    continue;
+                };
+                match group_topics::epoch_key(&ca_der, id, epoch, &signature) {
+                    Ok(key) => {
+                        epochs.insert(epoch, Epoch { key, signature });
+                    }
+                    Err(err) => {
+                        tracing::warn!(group = %id, epoch, error = %err, "ignoring a stored topic key")
+                    }
                 }
             }
         }
@@ -410,8 +448,9 @@ impl Group {
             member_der,
             crl_der,
             crl_number,
-            keys,
+            epochs,
             owner: dir.join("ca.key").exists(),
+            relays_crl: dir.join(RELAY_CRL).exists(),
         })
     }
 
@@ -436,7 +475,18 @@ impl Group {
                 .and_then(|m| validity(m).ok())
                 .map(|(_, until)| until),
             crl_number: self.crl_number(),
+            relays_crl: self.owner || self.relays_crl,
         }
+    }
+
+    /// The CA key (PKCS#8 DER), owner only.
+    fn ca_key_pkcs8(&self) -> Result<Vec<u8>, GroupError> {
+        if !self.owner {
+            return Err(GroupError::NotOwner(self.name.clone()));
+        }
+        let key_pem = std::fs::read_to_string(self.dir.join("ca.key"))
+            .map_err(io(format!("reading {}/ca.key", self.dir.display())))?;
+        Ok(KeyPair::from_pem(&key_pem).map_err(make)?.serialize_der())
     }
 
     /// The CA key and an issuer made from it (same subject, same key: what
@@ -513,12 +563,21 @@ impl Groups {
                 }
             }
         }
-        Ok(Self {
+        let this = Self {
             dir: dir.to_owned(),
             local,
             groups: Mutex::new(groups),
             clock: Clock::system(),
-        })
+        };
+        for g in this.list() {
+            if g.owner
+                && this.topic_key_at(g.id, g.crl_number).is_none()
+                && let Err(e) = this.sign_epoch(g.id, g.crl_number)
+            {
+                tracing::warn!(group = %g.id, error = %e, "cannot sign the group's current topic key");
+            }
+        }
+        Ok(this)
     }
 
     /// The same groups, reading the time from `clock`.
@@ -584,8 +643,7 @@ impl Groups {
         let g = Group::load(&dir)?;
         self.lock().insert(id, g);
         // The first topic key (epoch 0: no CRL yet).
-        let key = group_topics::new_key().map_err(|e| GroupError::Make(e.to_string()))?;
-        self.store_topic_key(id, 0, &key)?;
+        self.sign_epoch(id, 0)?;
         // The owner is a member like any other.
         let own = self.issue(id, &self.local, valid_secs)?;
         write_file(
@@ -805,8 +863,7 @@ impl Groups {
         let der = crl.der().to_vec();
         // A new topic key for the new epoch first: the revoked member knows
         // every older one.
-        let key = group_topics::new_key().map_err(|e| GroupError::Make(e.to_string()))?;
-        self.store_topic_key(id, number + 1, &key)?;
+        self.sign_epoch(id, number + 1)?;
         self.accept_crl(id, &der)?;
         Ok(der)
     }
@@ -831,6 +888,41 @@ impl Groups {
         g.crl_der = Some(crl_der.to_vec());
         g.crl_number = number;
         Ok(true)
+    }
+
+    /// Takes a CRL (PEM or DER) the operator hands this node to pass on to
+    /// group `id`'s members — how a CA kept outside any node revokes: it
+    /// must be the group CA's and not older than the one held. From then on
+    /// this node sends the group's CRL on as an owner does
+    /// ([`GroupInfo::relays_crl`]). Returns the CRL now held (DER).
+    pub fn relay_crl(&self, id: GroupId, crl: &[u8]) -> Result<Vec<u8>, GroupError> {
+        let der = pki::crls_from_bytes(crl)?
+            .into_iter()
+            .next()
+            .ok_or_else(|| GroupError::Crl("no CRL in it".into()))?;
+        let (ca, dir, held) = {
+            let groups = self.lock();
+            let g = groups
+                .get(&id)
+                .ok_or_else(|| GroupError::Unknown(id.to_string()))?;
+            (g.ca_der.clone(), g.dir.clone(), g.crl_number())
+        };
+        let (number, _) = crl_checked(&der, &ca)?;
+        if number < held {
+            return Err(GroupError::Crl(format!(
+                "its number {number} is older than the CRL held here ({held})"
+            )));
+        }
+        self.accept_crl(id, &der)?;
+        write_file(&dir.join(RELAY_CRL), b"", 0o644)?;
+        let mut groups = self.lock();
+        let g = groups
+            .get_mut(&id)
+            .ok_or_else(|| GroupError::Unknown(id.to_string()))?;
+        g.relays_crl = true;
+        g.crl_der
+            .clone()
+            .ok_or_else(|| GroupError::Crl("no CRL held".into()))
     }
 
     /// The members the owner issued certificates to, with their status.
@@ -891,35 +983,85 @@ impl Groups {
     /// key). Only current members hold one.
     pub fn topic_key(&self, id: GroupId) -> Option<(u64, [u8; KEY_LEN])> {
         let groups = self.lock();
-        let (epoch, key) = groups.get(&id)?.keys.last_key_value()?;
-        Some((*epoch, *key))
+        let (epoch, e) = groups.get(&id)?.epochs.last_key_value()?;
+        Some((*epoch, e.key))
     }
 
     /// Group `id`'s topic key of `epoch`, if held.
     pub fn topic_key_at(&self, id: GroupId, epoch: u64) -> Option<[u8; KEY_LEN]> {
-        self.lock().get(&id)?.keys.get(&epoch).copied()
+        Some(self.lock().get(&id)?.epochs.get(&epoch)?.key)
     }
 
-    /// Keeps group `id`'s topic key of `epoch` (owner-made, or fetched from a
-    /// member). Mode 0600: it reads the group's topics.
-    pub fn store_topic_key(
+    /// The CA signature group `id`'s key of `epoch` comes from, if held:
+    /// what a member hands another.
+    pub fn epoch_signature(&self, id: GroupId, epoch: u64) -> Option<Vec<u8>> {
+        Some(self.lock().get(&id)?.epochs.get(&epoch)?.signature.clone())
+    }
+
+    /// Takes group `id`'s epoch signature of `epoch` (from a member, or from
+    /// the operator of a CA kept elsewhere) if the group CA made it, and
+    /// keeps it (mode 0600: it reads the group's topics). Returns the key.
+    /// A key already held for that epoch is kept, not replaced.
+    pub fn take_epoch_signature(
         &self,
         id: GroupId,
         epoch: u64,
-        key: &[u8; KEY_LEN],
-    ) -> Result<(), GroupError> {
-        let dir = self
+        signature: &[u8],
+    ) -> Result<[u8; KEY_LEN], GroupError> {
+        let (ca, dir, held) = {
+            let groups = self.lock();
+            let g = groups
+                .get(&id)
+                .ok_or_else(|| GroupError::Unknown(id.to_string()))?;
+            (
+                g.ca_der.clone(),
+                g.dir.join("keys"),
+                g.epochs.get(&epoch).cloned(),
+            )
+        };
+        let key = group_topics::epoch_key(&ca, id, epoch, signature)?;
+        if let Some(held) = held {
+            return Ok(held.key);
+        }
+        std::fs::create_dir_all(&dir).map_err(io("storing a topic key"))?;
+        write_file(&dir.join(format!("{epoch}.sig")), signature, 0o600)?;
+        if let Some(g) = self.lock().get_mut(&id) {
+            g.epochs.entry(epoch).or_insert(Epoch {
+                key,
+                signature: signature.to_vec(),
+            });
+        }
+        Ok(key)
+    }
+
+    /// Signs group `id`'s epoch `epoch` with its CA key (owner only).
+    fn sign_epoch(&self, id: GroupId, epoch: u64) -> Result<(), GroupError> {
+        let pkcs8 = {
+            let groups = self.lock();
+            groups
+                .get(&id)
+                .ok_or_else(|| GroupError::Unknown(id.to_string()))?
+                .ca_key_pkcs8()?
+        };
+        let signature = group_topics::sign_epoch(&pkcs8, id, epoch)?;
+        self.take_epoch_signature(id, epoch, &signature).map(|_| ())
+    }
+
+    /// The `openssl` command with which the operator of group `id`'s CA
+    /// (kept outside any node) signs `epoch`, writing `out`.
+    pub fn openssl_epoch_command(
+        &self,
+        id: GroupId,
+        epoch: u64,
+        out: &str,
+    ) -> Result<String, GroupError> {
+        let ca = self
             .lock()
             .get(&id)
             .ok_or_else(|| GroupError::Unknown(id.to_string()))?
-            .dir
-            .join("keys");
-        std::fs::create_dir_all(&dir).map_err(io("storing a topic key"))?;
-        write_file(&dir.join(epoch.to_string()), key, 0o600)?;
-        if let Some(g) = self.lock().get_mut(&id) {
-            g.keys.insert(epoch, *key);
-        }
-        Ok(())
+            .ca_der
+            .clone();
+        Ok(group_topics::openssl_epoch_command(&ca, id, epoch, out)?)
     }
 
     /// The CRL held for group `id` (DER), if any.
@@ -1053,7 +1195,7 @@ mod tests {
     #[test]
     fn an_invited_peer_joins_and_proves_membership_until_revoked() {
         let (owner, owner_id, owner_dir) = node();
-        let (member, member_id, _m) = node();
+        let (member, member_id, member_dir) = node();
         let g = owner.create("crew", 86_400 * 30).unwrap();
         assert!(g.owner && owner.is_member(g.id));
         // The CA key is the owner's alone.
@@ -1134,6 +1276,21 @@ mod tests {
             "an older CRL replaced a newer one"
         );
         assert_eq!(member.list()[0].crl_number, 2);
+        // A CRL the operator hands over to pass on: the CA's, not older than
+        // the one held; from then on this node sends it on, across reopens.
+        assert!(matches!(
+            member.relay_crl(g.id, &crl),
+            Err(GroupError::Crl(_))
+        ));
+        assert!(member.relay_crl(g.id, b"junk").is_err());
+        assert!(!member.list()[0].relays_crl);
+        let held = member
+            .relay_crl(g.id, pem("X509 CRL", &crl2).as_bytes())
+            .unwrap();
+        assert_eq!(held, crl2);
+        assert!(member.list()[0].relays_crl);
+        let reopened = Groups::open(member_dir.path(), member_id).unwrap();
+        assert!(reopened.list()[0].relays_crl && reopened.list()[0].crl_number == 2);
         // Everything survives a reopen.
         let again = Groups::open(owner_dir.path(), owner_id).unwrap();
         assert!(
@@ -1154,11 +1311,28 @@ mod tests {
         assert_eq!(epochs, [0, 1, 2]);
         assert_eq!(again.topic_key(g.id).map(|(e, _)| e), Some(2));
         assert!(member.topic_key(g.id).is_none());
+        // A member takes the owner's epoch signature, and gets the owner's
+        // key from it; a signature of another epoch, or altered, gives none
+        // and leaves nothing behind.
+        let sig = again.epoch_signature(g.id, 2).unwrap();
+        assert!(matches!(
+            member.take_epoch_signature(g.id, 1, &sig),
+            Err(GroupError::EpochKey(EpochKeyError::NotSigned { .. }))
+        ));
+        let mut bent = sig.clone();
+        bent[10] ^= 0x40;
+        assert!(member.take_epoch_signature(g.id, 2, &bent).is_err());
+        assert!(member.topic_key(g.id).is_none());
+        assert_eq!(
+            member.take_epoch_signature(g.id, 2, &sig).unwrap(),
+            again.topic_key_at(g.id, 2).unwrap()
+        );
+        assert_eq!(member.topic_key(g.id).map(|(e, _)| e), Some(2));
         let key_file = owner_dir
             .path()
             .join(g.id.to_string())
             .join("keys")
-            .join("2");
+            .join("2.sig");
         assert_eq!(
             std::fs::metadata(&key_file).unwrap().permissions().mode() & 0o777,
             0o600

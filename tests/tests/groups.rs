@@ -246,6 +246,102 @@ async fn a_group_made_with_openssl_works_the_same() -> Result<()> {
     ensure!(fetch(&member.app("viewer").await?, &info.content_id).await?? == data);
     let msg = refused_as_non_member(&revoked, &info.content_id, "a revoked member").await?;
     ensure!(msg.contains("revoked"), "{msg}");
+
+    // Topic keys: no node holds the CA key, so nobody has one until the
+    // operator signs the epoch, and the error says so.
+    let topic = Client::group_topic(&g.id, "radio");
+    let speaker = host.app("speaker").await?;
+    let e = speaker
+        .publish(&topic, b"too early".to_vec())
+        .await
+        .expect_err("published without a topic key");
+    ensure!(
+        e.to_string().contains("p2pctl group topic-key"),
+        "the error does not say how to get a key: {e}"
+    );
+    let h = host.admin().await?;
+    let status = h.group_topic_key("film-club-Berlin", &[]).await?;
+    ensure!(!status.held && status.epoch == 1, "{status:?}");
+    // A signature by another key (the foreign certificate's) is refused.
+    let forged = dir.join("forged.sig");
+    std::fs::write(dir.join("epoch.txt"), &status.message)?;
+    openssl(
+        dir,
+        &[
+            "dgst",
+            "-sha256",
+            "-sign",
+            "foreign.key",
+            "-out",
+            "forged.sig",
+            "epoch.txt",
+        ],
+    )?;
+    let e = h
+        .group_topic_key("film-club-Berlin", &std::fs::read(&forged)?)
+        .await
+        .expect_err("took a signature the CA did not make");
+    ensure!(
+        e.code() == Some(proto::ErrorCode::VerificationFailed),
+        "{e}"
+    );
+    // The operator runs the command the node prints, with the CA's key.
+    let signed = std::process::Command::new("sh")
+        .args(["-c", &status.openssl_command])
+        .current_dir(dir)
+        .status()?;
+    ensure!(signed.success(), "{}", status.openssl_command);
+    let sig = std::fs::read(dir.join(format!("epoch-{}.sig", status.epoch)))?;
+    ensure!(h.group_topic_key("film-club-Berlin", &sig).await?.held);
+    // The member gets the key from the host, checked against the CA.
+    let heard = listen(&member, &topic).await?;
+    ensure!(
+        publish_until(&speaker, &topic, "hello club", 30, &heard).await,
+        "a group topic of an openssl-run group did not carry a message"
+    );
+    let m = member.admin().await?;
+    ensure!(m.group_topic_key("film-club-Berlin", &[]).await?.held);
+
+    // Revocations: the revoked node joined without the CRL and still
+    // thinks itself a member, until the operator hands the CA's CRL to any
+    // member to publish.
+    let r = revoked.admin().await?;
+    ensure!(
+        r.group_list()
+            .await?
+            .iter()
+            .any(|x| x.id == g.id && x.member)
+    );
+    let published = m
+        .group_crl_publish("film-club-Berlin", crl.as_bytes())
+        .await?;
+    ensure!(
+        published.relays_crl && published.crl_number == 1,
+        "{published:?}"
+    );
+    p2pvm_e2e::eventually(
+        Duration::from_secs(60),
+        "the revoked node took the published CRL",
+        || async {
+            let gs = r.group_list().await.ok()?;
+            gs.iter()
+                .any(|x| x.id == g.id && x.crl_number == 1 && !x.member)
+                .then_some(())
+        },
+    )
+    .await?;
+    // Bytes that are no CRL are refused, and change nothing.
+    let e = m
+        .group_crl_publish(
+            "film-club-Berlin",
+            b"-----BEGIN X509 CRL-----\nAAAA\n-----END X509 CRL-----\n",
+        )
+        .await
+        .expect_err("took junk as a CRL");
+    ensure!(
+        e.code() == Some(proto::ErrorCode::VerificationFailed),
+        "{e}"
+    );
     Ok(())
 }
 
@@ -415,10 +511,12 @@ async fn group_topics_are_read_and_written_by_current_members_only() -> Result<(
     Ok(())
 }
 
-/// A member that hands out wrong topic keys cannot lock another member out
-/// of the group's topics: a fetched key is kept only once it opens a
-/// member's message, and a held key that stops opening them is checked
-/// against a fresh one.
+/// A member that lies about topic keys cannot lock another member out of
+/// the group's topics: it hands out a key the group CA did not sign (refused
+/// before use) and seals its own messages with a key of its own, which
+/// would open them; a newcomer that took such a key would never read the
+/// owner's messages again. Here it keeps asking until it gets the CA's key,
+/// and the liar's messages are never taken.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_member_handing_out_wrong_topic_keys_cannot_lock_others_out() -> Result<()> {
     let owner = node_with(&[], None).await?;
@@ -438,19 +536,24 @@ async fn a_member_handing_out_wrong_topic_keys_cannot_lock_others_out() -> Resul
     let _liar_heard = listen(&liar, &topic).await?;
     let heard = listen(&newcomer, &topic).await?;
     // The liar speaks first: the newcomer, without the key, asks the liar
-    // for it and gets a wrong one, which must not be kept.
+    // for it and gets one the CA did not sign, which must not be kept.
     let l = liar.app("speaker").await?;
-    publish_until(&l, &topic, "from the liar", 6, &heard).await;
+    ensure!(
+        !publish_until(&l, &topic, "from the liar", 6, &heard).await,
+        "a message sealed with a liar's own key was taken"
+    );
     // The owner's messages still reach the newcomer...
     let w = owner.app("speaker").await?;
     ensure!(
         publish_until(&w, &topic, "from the owner", 30, &heard).await,
         "a wrong key from a member locked the newcomer out"
     );
-    // ...and, with the right key now, so do the liar's.
+    // ...and the liar's never do.
     ensure!(
-        publish_until(&l, &topic, "from the liar, again", 30, &heard).await,
-        "the newcomer holds a wrong key"
+        !publish_until(&l, &topic, "from the liar, again", 6, &heard).await,
+        "the newcomer took a message sealed with a key the CA did not sign"
     );
+    let n = newcomer.admin().await?;
+    ensure!(n.group_topic_key(&g.id, &[]).await?.held);
     Ok(())
 }

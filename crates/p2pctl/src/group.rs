@@ -1,5 +1,7 @@
-//! `p2pctl group create|invite|join|revoke|members|list|csr`: trusted peer
-//! groups. Groups are named locally; content names them by id.
+//! `p2pctl group create|invite|join|revoke|members|list|csr|topic-key|crl`:
+//! trusted peer groups. Groups are named locally; content names them by id.
+//! `topic-key` and `crl` are how the operator of a group CA kept outside any
+//! node (openssl) gives the group its topic keys and revocations.
 
 use anyhow::{Context, Result};
 use clap::Subcommand;
@@ -58,6 +60,28 @@ pub enum GroupCmd {
     },
     /// Groups this node knows.
     List,
+    /// The group's topic key of the current epoch: whether this node holds
+    /// it, and how the group CA signs it. With `--signature`, hand this node
+    /// the CA's signature (a CA kept outside any node: it signs the epoch's
+    /// text with openssl, as this command prints; members then pass the key
+    /// on to each other) (admin).
+    TopicKey {
+        /// Group name or id.
+        group: String,
+        /// The CA's signature over the epoch's text (DER, as `openssl dgst
+        /// -sign` writes it).
+        #[arg(long)]
+        signature: Option<std::path::PathBuf>,
+    },
+    /// Publish a CRL signed by the group's CA (made with openssl, say) to the
+    /// group's members; this node sends it on from then on, as an owner
+    /// does (admin).
+    Crl {
+        /// Group name or id.
+        group: String,
+        /// The CRL (PEM or DER).
+        file: std::path::PathBuf,
+    },
     /// A certificate signing request for this node's own key, for a group
     /// CA kept elsewhere (e.g. `openssl ca -in node.csr`) to sign into its
     /// member certificate (admin).
@@ -72,13 +96,14 @@ fn group_json(g: &proto::GroupInfo) -> serde_json::Value {
     json!({
         "id": g.id, "name": g.name, "owner": g.owner, "member": g.member,
         "ca_subject": g.ca_subject, "member_until_unix": g.member_until_unix,
-        "crl_number": g.crl_number,
+        "crl_number": g.crl_number, "relays_crl": g.relays_crl,
+        "topic_key_held": g.topic_key_held,
     })
 }
 
 fn group_human(g: &proto::GroupInfo) -> String {
     format!(
-        "{} ({})\n  CA:     {}\n  owner:  {}\n  member: {}{}\n  CRL:    {}",
+        "{} ({})\n  CA:     {}\n  owner:  {}\n  member: {}{}\n  CRL:    {}{}\n  topic key of the current epoch: {}",
         g.name,
         g.id,
         g.ca_subject,
@@ -93,6 +118,16 @@ fn group_human(g: &proto::GroupInfo) -> String {
             format!("number {}", g.crl_number)
         } else {
             "none".into()
+        },
+        if g.relays_crl && !g.owner {
+            " (sent on to members from here)"
+        } else {
+            ""
+        },
+        if g.topic_key_held {
+            "held"
+        } else {
+            "not held (`p2pctl group topic-key` says how to get it)"
         }
     )
 }
@@ -153,6 +188,45 @@ pub async fn run(j: bool, c: &Client, cmd: &GroupCmd) -> Result<()> {
                     csr.pem.trim_end().to_string()
                 }),
             }
+        }
+        GroupCmd::TopicKey { group, signature } => {
+            let sig = match signature {
+                Some(p) => std::fs::read(p).with_context(|| format!("reading {}", p.display()))?,
+                None => Vec::new(),
+            };
+            let k = c.group_topic_key(group, &sig).await?;
+            print(
+                j,
+                json!({"group_id": k.group_id, "epoch": k.epoch, "held": k.held,
+                    "message": k.message, "openssl_command": k.openssl_command}),
+                || {
+                    if k.held {
+                        format!(
+                            "group {}: the topic key of epoch {} is held here",
+                            k.group_id, k.epoch
+                        )
+                    } else {
+                        format!(
+                            "group {}: no topic key of epoch {} here, and no member has handed one over.\n\
+                             The group's CA signs this text for it:\n  {}\n\
+                             With the CA key in ca.key:\n  {}\n\
+                             then, on any member: p2pctl group topic-key {group} --signature epoch-{}.sig",
+                            k.group_id, k.epoch, k.message, k.openssl_command, k.epoch
+                        )
+                    }
+                },
+            );
+        }
+        GroupCmd::Crl { group, file } => {
+            let bytes =
+                std::fs::read(file).with_context(|| format!("reading {}", file.display()))?;
+            let g = c.group_crl_publish(group, &bytes).await?;
+            print(j, group_json(&g), || {
+                format!(
+                    "published CRL number {} to the members of {}",
+                    g.crl_number, g.name
+                )
+            });
         }
         GroupCmd::Revoke { group, peer } => {
             c.group_revoke(group, peer).await?;

@@ -1,5 +1,7 @@
 //! Trusted peer groups (the privacy controller): create a group, invite a
-//! peer, join with an invitation, revoke a member, list groups and members.
+//! peer, join with an invitation, revoke a member, list groups and members,
+//! and, for a CA kept outside any node, hand the group its topic keys and
+//! CRLs.
 //! Everything but listing groups is admin.
 
 use p2pvm_proto::pb;
@@ -91,6 +93,31 @@ impl Client {
     pub async fn group_csr(&self) -> Result<pb::GroupCsr> {
         let op = Op::GroupCsr(pb::GroupCsrRequest {});
         self.call(op, reply!(GroupCsr)).await
+    }
+
+    /// Group `group`'s current topic-key epoch and whether this node holds
+    /// its key; with a `signature` (the group CA's over the epoch's text,
+    /// DER), takes it first (admin).
+    pub async fn group_topic_key(
+        &self,
+        group: &str,
+        signature: &[u8],
+    ) -> Result<pb::GroupTopicKey> {
+        let op = Op::GroupTopicKey(pb::GroupTopicKeyRequest {
+            group: group.into(),
+            signature: signature.to_vec().into(),
+        });
+        self.call(op, reply!(GroupTopicKey)).await
+    }
+
+    /// Publishes a CRL signed by `group`'s CA (PEM or DER) to its members
+    /// (admin).
+    pub async fn group_crl_publish(&self, group: &str, crl: &[u8]) -> Result<pb::GroupInfo> {
+        let op = Op::GroupCrlPublish(pb::GroupCrlPublishRequest {
+            group: group.into(),
+            crl: crl.to_vec().into(),
+        });
+        self.call(op, reply!(Group)).await
     }
 
     /// Every group this node knows.

@@ -111,7 +111,9 @@ impl From<p2pvm_security::GroupError> for ApiError {
             G::Exists(_) => pb::ErrorCode::AlreadyExists,
             G::BadName(_) => pb::ErrorCode::BadRequest,
             G::NotOwner(_) => pb::ErrorCode::PermissionDenied,
-            G::Certificate(_) | G::Invitation(_) | G::Crl(_) => pb::ErrorCode::VerificationFailed,
+            G::Certificate(_) | G::Invitation(_) | G::Crl(_) | G::EpochKey(_) => {
+                pb::ErrorCode::VerificationFailed
+            }
             G::Make(_) | G::Io { .. } => pb::ErrorCode::Internal,
         };
         Self::new(code, crate::content::chain(&e))

@@ -166,6 +166,8 @@ fn group_pb(c: &ContentService, g: p2pvm_security::GroupInfo) -> pb::GroupInfo {
         ca_subject: g.ca_subject,
         member_until_unix: g.member_until.unwrap_or(0),
         crl_number: g.crl_number,
+        relays_crl: g.relays_crl,
+        topic_key_held: c.groups().topic_key_at(g.id, g.crl_number).is_some(),
     }
 }
 
@@ -622,6 +624,56 @@ pub(crate) async fn run(svc: &ApiService, who: &Principal, op: Op) -> Result<R, 
                 peer_id: peer.to_base58(),
                 pem,
             }))
+        }
+        Op::GroupTopicKey(r) => {
+            require_admin(who)?;
+            let c = content(svc)?.clone();
+            let id = blocking({
+                let c = c.clone();
+                move || c.groups().resolve(&r.group)
+            })
+            .await?;
+            let epoch = c.groups().crl_number(id);
+            if !r.signature.is_empty() {
+                c.take_epoch_signature(id, epoch, r.signature.to_vec())
+                    .await?;
+            }
+            let command = blocking({
+                let c = c.clone();
+                move || {
+                    c.groups()
+                        .openssl_epoch_command(id, epoch, &format!("epoch-{epoch}.sig"))
+                }
+            })
+            .await
+            .unwrap_or_else(|e| e.message);
+            Ok(R::GroupTopicKey(pb::GroupTopicKey {
+                group_id: id.to_string(),
+                epoch,
+                held: c.groups().topic_key_at(id, epoch).is_some(),
+                message: p2pvm_security::group_topics::epoch_message(id, epoch),
+                openssl_command: command,
+            }))
+        }
+        Op::GroupCrlPublish(r) => {
+            require_admin(who)?;
+            let c = content(svc)?.clone();
+            let (id, crl) = blocking({
+                let c = c.clone();
+                move || {
+                    let id = c.groups().resolve(&r.group)?;
+                    Ok((id, c.groups().relay_crl(id, &r.crl)?))
+                }
+            })
+            .await?;
+            c.publish_crl(id, crl).await;
+            let g = c
+                .groups()
+                .list()
+                .into_iter()
+                .find(|g| g.id == id)
+                .ok_or_else(|| ApiError::new(pb::ErrorCode::NotFound, "the group went away"))?;
+            Ok(R::Group(group_pb(&c, g)))
         }
         op @ (Op::ComputeOffer(_)
         | Op::ComputeWithdraw(_)

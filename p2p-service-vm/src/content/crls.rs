@@ -1,7 +1,9 @@
 //! Revocations reach members: each group's CRL travels on a gossipsub topic
 //! of its own (`p2pvm/group/<id>/crl`). Every member listens; the owner
 //! publishes a new CRL as soon as it revokes someone and then again every
-//! [`REPUBLISH`], so members that were away or not yet meshed catch up. A CRL
+//! [`REPUBLISH`], so members that were away or not yet meshed catch up. For
+//! a CA kept outside any node, the operator hands a CRL to any member
+//! (`p2pctl group crl`), which then does the same. A CRL
 //! is taken only if the group CA signed it and its number is higher than the
 //! one held ([`p2pvm_security::Groups::accept_crl`]), so anyone may relay one
 //! and nobody can roll one back.
@@ -107,7 +109,7 @@ impl ContentService {
 
     async fn republish_crls(&self) {
         for g in self.groups().list() {
-            if g.owner
+            if g.relays_crl
                 && let Some(crl) = self.groups().crl(g.id)
             {
                 self.publish_crl(g.id, crl).await;

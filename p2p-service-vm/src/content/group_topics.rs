@@ -6,16 +6,23 @@
 //! — checking the sender's member certificate against the gossip message's
 //! signed source — before apps see it as topic `group:<G>/<T>`.
 //!
-//! Keys: the owner makes one per epoch (the group's CRL number: each
-//! revocation starts a new one). A member without the current key asks a
-//! member that has it — the message's sender, or the topic's other peers —
-//! over the content protocol, after showing its own member certificate there
-//! (`Op::GroupKey`); a member answers only peers whose membership it verified.
+//! Keys: one per epoch (the group's CRL number: each revocation starts a new
+//! one), derived from the group CA's signature over the epoch
+//! (`group_topics::epoch_key`): the owner node signs at creation and at each
+//! revocation; the operator of a CA kept elsewhere signs with `openssl` and
+//! hands the signature to any member (`p2pctl group topic-key`). A member
+//! without the current key asks a member that has it — the message's sender,
+//! or the topic's other peers — over the content protocol, after showing its
+//! own member certificate there (`Op::GroupKey`); a member answers only peers
+//! whose membership it verified, and the asker keeps the answer only if the
+//! group CA signed it, so a lying member can neither hand out a key of its
+//! own nor seal messages others will take with one.
 
 use libp2p::PeerId;
 use p2pvm_content::transfer::{self, Op, Status};
 use p2pvm_security::GroupId;
 use p2pvm_security::group_topics::{self, KEY_LEN, SealError};
+use p2pvm_security::groups::GroupError;
 use prost::Message;
 use tracing::{debug, warn};
 
@@ -23,8 +30,9 @@ use super::ContentService;
 use super::fetch::{group_session, open_stream, request_response};
 use crate::node::{Command, NodeError, NodeEvent, PubsubMessage};
 
-/// Opens the message at hand with a candidate key of an epoch.
-type OpenWith<'a> = dyn Fn(&[u8; KEY_LEN], u64) -> Result<Vec<u8>, SealError> + Sync + 'a;
+/// An epoch signature is at most this long (an RSA-8192 signature, with
+/// room to spare).
+const MAX_EPOCH_SIGNATURE: u64 = 2048;
 
 /// What apps see group topic `topic` of `group` as.
 pub fn app_topic(group: GroupId, topic: &str) -> String {
@@ -69,7 +77,9 @@ pub enum GroupTopicError {
     #[error("DRM_NOT_GROUP_MEMBER: this node is not a current member of group {0}")]
     NotMember(GroupId),
     /// No member could give this node the current key.
-    #[error("no member gave this node the group's key of epoch {0} (is a member online?)")]
+    #[error(
+        "no member gave this node the group's topic key of epoch {0}: members hold it once the group's CA signs the epoch (the owner node does when it creates the group or revokes; for a CA kept elsewhere, `p2pctl group topic-key GROUP` on any member says how), and one must be online"
+    )]
     NoKey(u64),
     /// Sealing failed.
     #[error("sealing: {0}")]
@@ -91,28 +101,46 @@ impl ContentService {
         if let Some(k) = self.groups().topic_key_at(id, epoch) {
             return Ok((epoch, k));
         }
+        self.topic_key_from(id, epoch, peers)
+            .await
+            .map(|k| (epoch, k))
+            .ok_or(GroupTopicError::NoKey(epoch))
+    }
+
+    /// Asks `peers` in turn for group `id`'s epoch signature of `epoch` and
+    /// keeps the first one the group CA made: the key.
+    async fn topic_key_from(
+        &self,
+        id: GroupId,
+        epoch: u64,
+        peers: &[PeerId],
+    ) -> Option<[u8; KEY_LEN]> {
         for peer in peers {
-            let fetched = match self.fetch_topic_key(*peer, id, epoch).await {
-                Ok(k) => self.keep_topic_key(id, epoch, k).await.map(|()| k),
-                Err(e) => Err(e),
-            };
-            match fetched {
-                Ok(k) => return Ok((epoch, k)),
+            let signature = match self.fetch_epoch_signature(*peer, id, epoch).await {
+                Ok(s) => s,
                 Err(e) => {
-                    debug!(%peer, group = %id, epoch, error = %e, "no topic key from this peer")
+                    debug!(%peer, group = %id, epoch, error = %e, "no topic key from this peer");
+                    continue;
+                }
+            };
+            match self.take_epoch_signature(id, epoch, signature).await {
+                Ok(k) => return Some(k),
+                Err(e) => {
+                    warn!(%peer, group = %id, epoch, error = %e, "a member handed out a topic key the group CA did not sign; not kept")
                 }
             }
         }
-        Err(GroupTopicError::NoKey(epoch))
+        None
     }
 
-    /// Asks `peer` for group `id`'s key of `epoch`, in a group session.
-    async fn fetch_topic_key(
+    /// Asks `peer` for group `id`'s epoch signature of `epoch`, in a group
+    /// session.
+    async fn fetch_epoch_signature(
         &self,
         peer: PeerId,
         id: GroupId,
         epoch: u64,
-    ) -> Result<[u8; KEY_LEN], String> {
+    ) -> Result<Vec<u8>, String> {
         let op = Op::GroupKey(transfer::GroupKeyRequest {
             group_id: id.to_string(),
             epoch,
@@ -120,34 +148,36 @@ impl ContentService {
         // Refused on a plain stream; the refusal names the port of the
         // provider's fast path, where a group session opens.
         let mut plain = open_stream(self, peer).await.map_err(|e| e.to_string())?;
-        let (refusal, _) = request_response(&mut plain, op.clone(), KEY_LEN as u64)
+        let (refusal, _) = request_response(&mut plain, op.clone(), MAX_EPOCH_SIGNATURE)
             .await
             .map_err(|e| e.to_string())?;
         let mut session = group_session(self, peer, id, refusal.fast_path_port)
             .await
             .map_err(|e| e.to_string())?;
-        let (header, payload) = request_response(&mut session, op, KEY_LEN as u64)
+        let (header, payload) = request_response(&mut session, op, MAX_EPOCH_SIGNATURE)
             .await
             .map_err(|e| e.to_string())?;
         if header.status != Status::Ok as i32 {
             return Err(header.message);
         }
-        Ok(payload.try_into().map_err(|_| "a key of the wrong size")?)
+        Ok(payload)
     }
 
-    /// Keeps group `id`'s topic key of `epoch` (a file write: off the async
-    /// threads).
-    async fn keep_topic_key(
+    /// Checks group `id`'s epoch signature of `epoch` against the group CA
+    /// and keeps it (a signature check and a file write: off the async
+    /// threads). Returns the key.
+    pub(crate) async fn take_epoch_signature(
         &self,
         id: GroupId,
         epoch: u64,
-        key: [u8; KEY_LEN],
-    ) -> Result<(), String> {
+        signature: Vec<u8>,
+    ) -> Result<[u8; KEY_LEN], GroupError> {
         let svc = self.clone();
-        tokio::task::spawn_blocking(move || svc.groups().store_topic_key(id, epoch, &key))
-            .await
-            .map_err(|e| e.to_string())?
-            .map_err(|e| e.to_string())
+        tokio::task::spawn_blocking(move || {
+            svc.groups().take_epoch_signature(id, epoch, &signature)
+        })
+        .await
+        .map_err(|e| GroupError::Make(format!("the check did not finish: {e}")))?
     }
 
     /// Publishes `data` on group `id`'s topic `topic`.
@@ -178,6 +208,13 @@ impl ContentService {
             data,
         }
         .encode_to_vec();
+        // Fault injection (tests only): a lying member seals with a key of
+        // its own, which no other member holds.
+        let key = if self.inner.config.test_wrong_group_keys {
+            *blake3::hash(&key).as_bytes()
+        } else {
+            key
+        };
         let sealed = group_topics::seal(&key, epoch, id, &wire, &me, cert, &payload)?;
         self.inner
             .node
@@ -219,59 +256,32 @@ impl ContentService {
             .map_err(|e| e.to_string())?
             .map_err(|e| format!("sender: {e}"))?;
         let sender = source.to_base58();
-        let open = |key: &[u8; KEY_LEN], epoch| {
-            group_topics::open(key, epoch, id, &m.topic, &sender, &sealed)
-        };
         let epoch = self.groups().crl_number(id);
-        let held = self.groups().topic_key_at(id, epoch);
-        let plain = match held.map(|k| open(&k, epoch)) {
-            Some(Ok(plain)) => plain,
-            // A key held is never swapped for one that opens this message:
-            // a member sealing with a wrong key of its own and handing it
-            // out would make this node give up the right one.
-            Some(Err(e)) => return Err(e.to_string()),
-            None => {
-                self.key_that_opens(id, epoch, &[source, m.via], &open)
-                    .await?
+        // Checked before any key is fetched: a message of another epoch
+        // asks nobody for anything.
+        if sealed.epoch != epoch {
+            return Err(SealError::Epoch {
+                got: sealed.epoch,
+                held: epoch,
             }
+            .to_string());
+        }
+        let key = match self.groups().topic_key_at(id, epoch) {
+            Some(k) => k,
+            None => self
+                .topic_key_from(id, epoch, &[source, m.via])
+                .await
+                .ok_or_else(|| GroupTopicError::NoKey(epoch).to_string())?,
         };
+        // The key is the CA's: a message that does not open with it was
+        // sealed with another (a lying member's), and is refused.
+        let plain = group_topics::open(&key, epoch, id, &m.topic, &sender, &sealed)
+            .map_err(|e| e.to_string())?;
         let payload = Payload::decode(plain.as_slice()).map_err(|e| e.to_string())?;
         if wire_topic(id, &payload.topic) != m.topic {
             return Err("sealed for another topic".into());
         }
         Ok((payload.topic, payload.data))
-    }
-
-    /// Fetches group `id`'s key of `epoch` from `peers` in turn and keeps
-    /// the first that opens the message at hand (`open`), returning what it
-    /// opened. A key that does not open it is not kept, so a member handing
-    /// out a wrong key cannot lock this node out of the group's topics.
-    async fn key_that_opens(
-        &self,
-        id: GroupId,
-        epoch: u64,
-        peers: &[PeerId],
-        open: &OpenWith<'_>,
-    ) -> Result<Vec<u8>, String> {
-        for peer in peers {
-            let key = match self.fetch_topic_key(*peer, id, epoch).await {
-                Ok(key) => key,
-                Err(e) => {
-                    debug!(%peer, group = %id, epoch, error = %e, "no topic key from this peer");
-                    continue;
-                }
-            };
-            match open(&key, epoch) {
-                Ok(plain) => {
-                    self.keep_topic_key(id, epoch, key).await?;
-                    return Ok(plain);
-                }
-                Err(e) => {
-                    warn!(%peer, group = %id, epoch, error = %e, "a member's topic key does not open a member's message; not kept")
-                }
-            }
-        }
-        Err(GroupTopicError::NoKey(epoch).to_string())
     }
 
     /// Answers a member's request for a topic key, on a group session of
@@ -291,13 +301,17 @@ impl ContentService {
                 "DRM_NOT_GROUP_MEMBER: topic keys of group {id} go to its members, on a group session"
             ));
         }
-        let key = self
+        let mut signature = self
             .groups()
-            .topic_key_at(id, r.epoch)
+            .epoch_signature(id, r.epoch)
             .ok_or_else(|| format!("no key of epoch {} here", r.epoch))?;
-        if self.inner.config.test_wrong_group_keys {
-            return Ok(blake3::hash(&key).as_bytes()[..KEY_LEN].to_vec());
+        // Fault injection (tests only): a lying member hands out a
+        // signature the CA did not make.
+        if self.inner.config.test_wrong_group_keys
+            && let Some(last) = signature.last_mut()
+        {
+            *last ^= 1;
         }
-        Ok(key.to_vec())
+        Ok(signature)
     }
 }
