@@ -81,12 +81,27 @@ pub struct Config {
 
 /// Compute leasing. What this node offers is set through the API
 /// (`p2pctl compute offer`) and kept in the data directory.
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct ComputeConfig {
+    /// Credits this node's jobs may spend beyond what it has earned: a new
+    /// job's budget must fit in allowance + balance - the budgets of its
+    /// jobs still running. 1,000,000 by default: a million million fuel at
+    /// a price of 1 per million, minutes of CPU on a few providers; 0 means
+    /// this node spends only what it earned.
+    pub allowance: u64,
     /// Fault injection for tests of result validation: as a provider, this
     /// node returns a wrong result for every job. Never set it elsewhere.
     pub test_wrong_results: bool,
+}
+
+impl Default for ComputeConfig {
+    fn default() -> Self {
+        Self {
+            allowance: 1_000_000,
+            test_wrong_results: false,
+        }
+    }
 }
 
 /// The DRM checker. Rights (expiry, redistribution, groups) are always

@@ -2,7 +2,9 @@
 //! both paid by double-signed receipts every node agrees on (and keeps
 //! across restarts); a provider that lies is caught, unpaid and loses credit;
 //! modules that loop, allocate without bound or import what they may not are
-//! stopped or refused with their typed error, and the provider goes on.
+//! stopped or refused with their typed error, and the provider goes on;
+//! runs that burn all their fuel are paid for it when the runs agree; a
+//! requester spends no more than its allowance and what it earned.
 
 use std::time::Duration;
 
@@ -85,7 +87,7 @@ async fn jobs_run_on_two_providers_both_are_paid_and_balances_survive_restarts()
     let input = hashchain_input(400, 64 << 10);
     let module = publish(&r, "hashchain.wat", HASHCHAIN_WAT.as_bytes()).await?;
     let input_id = publish(&r, "input.bin", &input).await?;
-    let job = run(&r, &module, &input_id, 1_000_000).await?;
+    let job = run(&r, &module, &input_id, 100_000).await?;
     ensure!(job.state == "done", "{job:?}");
     // The agreed result is the right answer, stored on the requester.
     let out = fetch(&r, &job.result_id).await?;
@@ -175,7 +177,7 @@ async fn providers_fetch_a_jobs_inputs_from_its_requester_without_the_dht() -> R
     }
     ensure!(o.search_content("hashchain", 10).await?.is_empty());
 
-    let job = run(&r, &module, &input_id, 1_000_000).await?;
+    let job = run(&r, &module, &input_id, 100_000).await?;
     ensure!(job.state == "done", "{job:?}");
     ensure!(job.runs.iter().all(|run| run.state == "agreed"), "{job:?}");
     ensure!(fetch(&r, &job.result_id).await? == hashchain(&input).unwrap().as_bytes());
@@ -220,7 +222,7 @@ async fn a_provider_returning_a_wrong_result_is_caught_unpaid_and_loses_credit()
     let module = publish(&r, "hashchain.wat", HASHCHAIN_WAT.as_bytes()).await?;
     let input_id = publish(&r, "input.bin", &input).await?;
     let before = r.credit_show(&liar.peer_id.to_string()).await?;
-    let job = run(&r, &module, &input_id, 1_000_000).await?;
+    let job = run(&r, &module, &input_id, 100_000).await?;
     ensure!(job.state == "done", "{job:?}");
     ensure!(
         fetch(&r, &job.result_id).await? == hashchain(&input).unwrap().as_bytes(),
@@ -284,7 +286,7 @@ async fn modules_that_loop_hog_memory_or_import_too_much_fail_typed_and_provider
             r#"(module (memory (export "memory") 1)
                  (func (export "run") (result i32) (loop $l (br $l)) (i32.const 1)))"#,
             // Fuel for minutes: the providers' 2 s wall clock stops it.
-            300_000_000,
+            900_000,
             "COMPUTE_WALL_TIME",
         ),
         (
@@ -317,8 +319,15 @@ async fn modules_that_loop_hog_memory_or_import_too_much_fail_typed_and_provider
             job.state == "failed" && job.error_code == code,
             "{name}: {job:?}"
         );
+        // A run that burnt all its fuel is paid for it (both agree the job
+        // needs more): 10 credits each, what a third of the budget buys.
+        let paid = if code == "COMPUTE_OUT_OF_FUEL" { 20 } else { 0 };
         ensure!(
-            job.credits_spent == 0 && job.result_id.is_empty(),
+            job.credits_spent == paid && job.result_id.is_empty(),
+            "{name}: {job:?}"
+        );
+        ensure!(
+            job.runs.iter().all(|run| run.credits == paid / 2),
             "{name}: {job:?}"
         );
         ensure!(
@@ -340,8 +349,13 @@ async fn modules_that_loop_hog_memory_or_import_too_much_fail_typed_and_provider
             "fetched anyway"
         );
     }
-    // Nothing was paid, and nobody was blamed for the module's faults.
-    ensure!(balance(&requester).await?.receipts == 0);
+    // Only the fuel burnt by the looping module was paid, and nobody was
+    // blamed for the module's faults.
+    let b = balance(&requester).await?;
+    ensure!(b.receipts == 2 && b.spent == 20, "{b:?}");
+    for p in [&p1, &p2] {
+        ensure!(balance(p).await?.earned == 10);
+    }
     for p in [&p1, &p2] {
         let c = r.credit_show(&p.peer_id.to_string()).await?;
         ensure!(c.compute_disagreed == 0 && c.violations == 0, "{c:?}");
@@ -350,10 +364,10 @@ async fn modules_that_loop_hog_memory_or_import_too_much_fail_typed_and_provider
     let input = hashchain_input(10, 4096);
     let module = publish(&r, "hashchain.wat", HASHCHAIN_WAT.as_bytes()).await?;
     let input_id = publish(&r, "input.bin", &input).await?;
-    let job = run(&r, &module, &input_id, 1_000_000).await?;
+    let job = run(&r, &module, &input_id, 100_000).await?;
     ensure!(job.state == "done", "{job:?}");
     ensure!(fetch(&r, &job.result_id).await? == hashchain(&input).unwrap().as_bytes());
-    ensure!(balance(&requester).await?.receipts == 2);
+    ensure!(balance(&requester).await?.receipts == 4);
     // A budget too small for any provider is refused by name.
     let job = run(&r, &module, &input_id, 1).await?;
     ensure!(job.error_code == "COMPUTE_NO_PROVIDERS", "{job:?}");
@@ -366,7 +380,7 @@ async fn modules_that_loop_hog_memory_or_import_too_much_fail_typed_and_provider
         };
         offer(p, 2, two_hours).await?;
     }
-    let job = run(&r, &module, &input_id, 1_000_000).await?;
+    let job = run(&r, &module, &input_id, 100_000).await?;
     ensure!(job.error_code == "COMPUTE_WALL_LIMIT_TOO_LONG", "{job:?}");
     ensure!(job.runs.is_empty(), "{job:?}");
     Ok(())
@@ -387,7 +401,7 @@ async fn cancelling_a_job_stops_its_runs_at_the_providers() -> Result<()> {
     let forever = r#"(module (memory (export "memory") 1)
         (func (export "run") (result i32) (loop $l (br $l)) (i32.const 0)))"#;
     let module = publish(&r, "forever.wat", forever.as_bytes()).await?;
-    let job = r.compute_submit(&module, "", 1_000_000_000, 2).await?;
+    let job = r.compute_submit(&module, "", 900_000, 2).await?;
     // Both providers are running it (they took the module).
     eventually(WAIT, "both providers running the job", || async {
         let mut fetched = 0;
@@ -413,12 +427,138 @@ async fn cancelling_a_job_stops_its_runs_at_the_providers() -> Result<()> {
     let module = publish(&r, "hashchain.wat", HASHCHAIN_WAT.as_bytes()).await?;
     let input_id = publish(&r, "input.bin", &input).await?;
     let started = std::time::Instant::now();
-    let job = run(&r, &module, &input_id, 1_000_000).await?;
+    let job = run(&r, &module, &input_id, 100_000).await?;
     ensure!(job.state == "done", "{job:?}");
     ensure!(
         started.elapsed() < Duration::from_secs(40),
         "the providers were busy: {:?}",
         started.elapsed()
+    );
+    Ok(())
+}
+
+/// A run that runs out of fuel short of the work the agreed result took is
+/// paid for the fuel it burnt, within the budget: the expensive provider here
+/// gets a thousandth of the others' fuel for the same credits.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_run_out_of_fuel_short_of_the_agreed_work_is_paid_for_its_fuel() -> Result<()> {
+    let requester = node_with(&[], None).await?;
+    let cheap1 = node_with(&[&requester], None).await?;
+    let cheap2 = node_with(&[&requester], None).await?;
+    let dear = node_with(&[&requester], None).await?;
+    offer(&cheap1, 1, Default::default()).await?;
+    offer(&cheap2, 1, Default::default()).await?;
+    offer(&dear, 1000, Default::default()).await?;
+    let r = requester.admin().await?;
+    providers(&r, 3).await?;
+    // About 20 M fuel: within the 100 M a quarter of the budget buys at 1,
+    // beyond the 100 k it buys at 1000.
+    let input = hashchain_input(100, 64 << 10);
+    let module = publish(&r, "hashchain.wat", HASHCHAIN_WAT.as_bytes()).await?;
+    let input_id = publish(&r, "input.bin", &input).await?;
+    let job = r.compute_submit(&module, &input_id, 400, 3).await?;
+    let job = tokio::time::timeout(
+        Duration::from_secs(180),
+        r.compute_wait(&job.job_id, |_| {}),
+    )
+    .await
+    .context("the job did not end")??;
+    ensure!(job.state == "done", "{job:?}");
+    ensure!(fetch(&r, &job.result_id).await? == hashchain(&input).unwrap().as_bytes());
+    let dear_id = dear.peer_id.to_string();
+    let ran_out = job
+        .runs
+        .iter()
+        .find(|run| run.provider == dear_id)
+        .context("the dear provider ran it")?;
+    ensure!(
+        ran_out.error_code == "COMPUTE_OUT_OF_FUEL" && ran_out.work_units == 100_000,
+        "{job:?}"
+    );
+    ensure!(ran_out.credits == 100, "paid for its fuel: {job:?}");
+    let agreed: Vec<_> = job
+        .runs
+        .iter()
+        .filter(|run| run.state == "agreed")
+        .collect();
+    ensure!(agreed.len() == 2, "{job:?}");
+    let work = agreed[0].work_units;
+    ensure!(work > 100_000, "{job:?}");
+    let spent: u64 = job.runs.iter().map(|run| run.credits).sum();
+    ensure!(spent == job.credits_spent && spent <= 400, "{job:?}");
+    let d = balance(&dear).await?;
+    ensure!(d.earned == 100 && d.receipts == 1, "{d:?}");
+    ensure!(r.credit_show(&dear_id).await?.compute_disagreed == 0);
+    Ok(())
+}
+
+/// Spending needs credit: a node spends its allowance plus what it earned,
+/// less the budgets its running jobs hold, and the error says so.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_requester_spends_no_more_than_its_allowance_and_earnings() -> Result<()> {
+    let broke = node_with(&[], Some("[compute]\nallowance = 0\n".into())).await?;
+    let requester = node_with(&[&broke], Some("[compute]\nallowance = 100000\n".into())).await?;
+    let p1 = node_with(&[&requester, &broke], None).await?;
+    let p2 = node_with(&[&requester, &broke], None).await?;
+    offer(&p1, 1, Default::default()).await?;
+    offer(&p2, 1, Default::default()).await?;
+    // Nothing earned, no allowance: no job, whatever its budget.
+    let b = broke.admin().await?;
+    let module = publish(&b, "hashchain.wat", HASHCHAIN_WAT.as_bytes()).await?;
+    let e = b
+        .compute_submit(&module, "", 1, 2)
+        .await
+        .expect_err("a node without credit submitted a job");
+    ensure!(
+        e.code() == Some(proto::ErrorCode::ComputeInsufficientCredit),
+        "{e}"
+    );
+    let bb = b.compute_balance().await?;
+    ensure!(bb.available == 0 && bb.allowance == 0, "{bb:?}");
+
+    // A running job holds its budget: a second one that does not fit in
+    // what is left is refused until the first ends.
+    let r = requester.admin().await?;
+    providers(&r, 2).await?;
+    let forever = r#"(module (memory (export "memory") 1)
+        (func (export "run") (result i32) (loop $l (br $l)) (i32.const 0)))"#;
+    let looping = publish(&r, "forever.wat", forever.as_bytes()).await?;
+    let first = r.compute_submit(&looping, "", 60_000, 2).await?;
+    let held = r.compute_balance().await?;
+    ensure!(
+        held.reserved == 60_000 && held.available == 40_000,
+        "{held:?}"
+    );
+    let e = r
+        .compute_submit(&looping, "", 60_000, 2)
+        .await
+        .expect_err("spent credit twice");
+    ensure!(
+        e.code() == Some(proto::ErrorCode::ComputeInsufficientCredit)
+            && e.to_string().contains("40000"),
+        "{e}"
+    );
+    r.compute_cancel(&first.job_id).await?;
+    tokio::time::timeout(
+        Duration::from_secs(30),
+        r.compute_wait(&first.job_id, |_| {}),
+    )
+    .await
+    .context("cancel did not end the job")??;
+    let free = r.compute_balance().await?;
+    ensure!(free.reserved == 0 && free.available == 100_000, "{free:?}");
+    // Within what is left, a job runs and is paid; the balance goes below
+    // zero by what it spent, no further than the allowance.
+    let input = hashchain_input(10, 4096);
+    let module = publish(&r, "hashchain.wat", HASHCHAIN_WAT.as_bytes()).await?;
+    let input_id = publish(&r, "input.bin", &input).await?;
+    let job = run(&r, &module, &input_id, 90_000).await?;
+    ensure!(job.state == "done" && job.credits_spent > 0, "{job:?}");
+    let after = r.compute_balance().await?;
+    ensure!(
+        after.balance == -(job.credits_spent as i64)
+            && after.available == 100_000 - job.credits_spent as i64,
+        "{after:?}"
     );
     Ok(())
 }

@@ -450,11 +450,19 @@ pub async fn run(j: bool, c: &Client, cmd: &ComputeCmd) -> Result<()> {
             print(
                 j,
                 json!({"peer_id": b.peer_id, "balance": b.balance, "earned": b.earned,
-                       "spent": b.spent, "receipts": b.receipts}),
+                       "spent": b.spent, "receipts": b.receipts, "allowance": b.allowance,
+                       "reserved": b.reserved, "available": b.available}),
                 || {
                     format!(
-                        "peer id:  {}\nbalance:  {} credits\nearned:   {}\nspent:    {}\nreceipts: {}",
-                        b.peer_id, b.balance, b.earned, b.spent, b.receipts
+                        "peer id:   {}\nbalance:   {} credits\nearned:    {}\nspent:     {}\nreceipts:  {}\nallowance: {}\nreserved:  {} (running jobs)\navailable: {} (the largest budget a new job may have)",
+                        b.peer_id,
+                        b.balance,
+                        b.earned,
+                        b.spent,
+                        b.receipts,
+                        b.allowance,
+                        b.reserved,
+                        b.available
                     )
                 },
             );

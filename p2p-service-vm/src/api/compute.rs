@@ -19,6 +19,7 @@ impl From<ComputeServiceError> for ApiError {
         use ComputeServiceError as E;
         let code = match &e {
             E::BadRequest(_) => pb::ErrorCode::BadRequest,
+            E::InsufficientCredit { .. } => pb::ErrorCode::ComputeInsufficientCredit,
             E::NotFound(_) => pb::ErrorCode::NotFound,
             E::Receipts(_) | E::Sandbox(_) | E::Io { .. } => pb::ErrorCode::Internal,
         };

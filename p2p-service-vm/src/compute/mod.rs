@@ -46,6 +46,22 @@ pub enum ComputeServiceError {
     /// A bad argument.
     #[error("{0}")]
     BadRequest(String),
+    /// The budget is more than this node may spend now.
+    #[error(
+        "a budget of {budget} credits is more than this node may spend now ({available}: its allowance of {allowance} plus its balance of {balance}, less {reserved} held by jobs still running)"
+    )]
+    InsufficientCredit {
+        /// The job's budget.
+        budget: u64,
+        /// What may be spent.
+        available: i64,
+        /// `compute.allowance`.
+        allowance: u64,
+        /// Earned minus spent.
+        balance: i64,
+        /// Budgets of running jobs, not yet spent.
+        reserved: u64,
+    },
     /// No such job.
     #[error("no job {0}")]
     NotFound(String),
@@ -117,6 +133,8 @@ pub(crate) struct Inner {
     pub running: AtomicU32,
     pub jobs: Mutex<HashMap<JobId, Arc<Job>>>,
     pub dir: PathBuf,
+    /// `compute.allowance`: credits this node may spend beyond its earnings.
+    pub allowance: u64,
     /// Fault injection for tests of result validation.
     pub wrong_results: bool,
     pub shutdown: CancellationToken,
@@ -172,6 +190,7 @@ impl ComputeService {
                 running: AtomicU32::new(0),
                 jobs: Mutex::new(HashMap::new()),
                 dir,
+                allowance: config.compute.allowance,
                 wrong_results: config.compute.test_wrong_results,
                 shutdown,
             }),
@@ -288,6 +307,7 @@ impl ComputeService {
         if replicas > MAX_REPLICAS {
             return Err(bad(format!("at most {MAX_REPLICAS} replicas")));
         }
+        let me = self.inner.content.inner.node.peer_id();
         let id = JobId(rand::random());
         let job = Arc::new(Job {
             status: Mutex::new(pb::ComputeJob {
@@ -303,7 +323,19 @@ impl ComputeService {
             started: Instant::now(),
         });
         {
+            // Checked and reserved under one lock: two submits at once
+            // cannot both spend the same credit.
             let mut jobs = self.inner.jobs.lock().expect("lock");
+            let credit = self.credit(&me, &jobs);
+            if i128::from(budget) > i128::from(credit.available) {
+                return Err(ComputeServiceError::InsufficientCredit {
+                    budget,
+                    available: credit.available,
+                    allowance: credit.allowance,
+                    balance: credit.balance,
+                    reserved: credit.reserved,
+                });
+            }
             if jobs.len() >= MAX_JOBS_KEPT {
                 forget_oldest_finished(&mut jobs);
             }
@@ -350,16 +382,48 @@ impl ComputeService {
         Ok(())
     }
 
-    /// This node's balance from the receipts it holds.
-    pub async fn balance(&self) -> pb::ComputeBalance {
-        let me = self.inner.content.inner.node.peer_id();
-        let b = self.inner.receipts.balance(&me);
-        pb::ComputeBalance {
-            peer_id: me.to_base58(),
-            balance: b.net(),
+    /// What this node may spend on new jobs, given the jobs in `jobs`.
+    fn credit(&self, me: &libp2p::PeerId, jobs: &HashMap<JobId, Arc<Job>>) -> Credit {
+        let b = self.inner.receipts.balance(me);
+        // A running job's budget is held until it ends; what it has paid so
+        // far is in the receipts already.
+        let reserved: u64 = jobs
+            .values()
+            .map(|j| j.status.lock().expect("lock").clone())
+            .filter(|s| !is_terminal(&s.state))
+            .map(|s| s.budget.saturating_sub(s.credits_spent))
+            .fold(0u64, u64::saturating_add);
+        let balance = b.net();
+        let available =
+            i128::from(self.inner.allowance) + i128::from(balance) - i128::from(reserved);
+        Credit {
+            allowance: self.inner.allowance,
+            balance,
+            reserved,
+            available: available.clamp(i128::from(i64::MIN), i128::from(i64::MAX)) as i64,
             earned: b.earned,
             spent: b.spent,
             receipts: b.receipts,
+        }
+    }
+
+    /// This node's balance from the receipts it holds, and what it may
+    /// spend.
+    pub async fn balance(&self) -> pb::ComputeBalance {
+        let me = self.inner.content.inner.node.peer_id();
+        let c = {
+            let jobs = self.inner.jobs.lock().expect("lock");
+            self.credit(&me, &jobs)
+        };
+        pb::ComputeBalance {
+            peer_id: me.to_base58(),
+            balance: c.balance,
+            earned: c.earned,
+            spent: c.spent,
+            receipts: c.receipts,
+            allowance: c.allowance,
+            reserved: c.reserved,
+            available: c.available,
         }
     }
 
@@ -384,6 +448,18 @@ impl ComputeService {
             })
             .collect()
     }
+}
+
+/// What this node may spend: its allowance plus its balance, less what its
+/// running jobs hold.
+struct Credit {
+    allowance: u64,
+    balance: i64,
+    reserved: u64,
+    available: i64,
+    earned: u64,
+    spent: u64,
+    receipts: u64,
 }
 
 fn parse_job(s: &str) -> Result<JobId, ComputeServiceError> {

@@ -28,6 +28,15 @@ const VERDICT_TIMEOUT: Duration = Duration::from_secs(15 * 60);
 /// A run that produced no result: an API error code name and why.
 type Refusal = (&'static str, String);
 
+/// A run that used fuel, with the provider's half of its receipt.
+enum Ran {
+    /// It finished: the receipt names the result.
+    Done(SignedReceipt),
+    /// It used all its fuel: the receipt charges that fuel and names no
+    /// result.
+    OutOfFuel(SignedReceipt),
+}
+
 pub(super) fn spawn(svc: ComputeService) {
     let content = svc.inner.content.clone();
     crate::content::accept(
@@ -110,8 +119,15 @@ async fn run_job(
             return;
         }
     };
-    let signed = match outcome {
-        Ok(s) => s,
+    let (signed, answer) = match outcome {
+        Ok(Ran::Done(s)) => {
+            let a = Answer::Done(s.encode_to_vec());
+            (s, a)
+        }
+        Ok(Ran::OutOfFuel(s)) => {
+            let a = Answer::OutOfFuel(s.encode_to_vec());
+            (s, a)
+        }
         Err((code, message)) => {
             info!(%peer, code, %message, "compute run failed");
             let _ = send(&mut wr, &Response::failed(code, message)).await;
@@ -119,7 +135,7 @@ async fn run_job(
         }
     };
     let done = Response {
-        answer: Some(Answer::Done(signed.encode_to_vec())),
+        answer: Some(answer),
     };
     if send(&mut wr, &done).await.is_err() {
         return;
@@ -168,13 +184,14 @@ async fn settle(
 }
 
 /// Checks the request against the offer, runs the job and signs the
-/// provider's half of the receipt.
+/// provider's half of the receipt (for the result, or for the fuel burnt by
+/// a run that ran out of it).
 async fn execute(
     svc: &ComputeService,
     peer: PeerId,
     run: &wire::Run,
     cancel: Arc<AtomicBool>,
-) -> Result<SignedReceipt, Refusal> {
+) -> Result<Ran, Refusal> {
     let bad = |m: String| ("BAD_REQUEST", m);
     let job = JobId::try_from(run.job_id.as_slice()).map_err(|e| bad(e.to_string()))?;
     let module: ContentId = run
@@ -256,14 +273,37 @@ async fn execute(
         ..Limits::default()
     };
     let sandbox = svc.inner.sandbox.clone();
-    let out = content
+    let ran = content
         .spawn_blocking(move || {
             let program = sandbox.compile(&module_bytes)?;
             sandbox.run(&program, Arc::new(input_bytes), &limits, cancel)
         })
         .await
-        .map_err(|e| ("INTERNAL", e.to_string()))?
-        .map_err(|e| (e.code(), e.to_string()))?;
+        .map_err(|e| ("INTERNAL", e.to_string()))?;
+    let body = |work_units: u64, result_id: String| ReceiptBody {
+        job_id: job.0.to_vec(),
+        module_id: module.to_string(),
+        input_id: input.map(|i| i.to_string()).unwrap_or_default(),
+        requester_key: run.requester_key.clone(),
+        provider_key: svc.inner.key.public().encode_protobuf(),
+        work_units,
+        credits: credits_for(work_units, offer.price_per_mfuel),
+        result_id,
+        completed_unix: now_unix(),
+    };
+    let out = match ran {
+        Ok(out) => out,
+        Err(p2pvm_compute::ComputeError::OutOfFuel { limit }) => {
+            // Every operator of it was metered and burnt: charged like a
+            // result, paid if the requester's other runs agree.
+            info!(%peer, %job, fuel = limit, "compute job ran out of fuel");
+            return body(limit, String::new())
+                .sign_as_provider(&svc.inner.key)
+                .map(Ran::OutOfFuel)
+                .map_err(|e| ("INTERNAL", e.to_string()));
+        }
+        Err(e) => return Err((e.code(), e.to_string())),
+    };
     let mut output = out.output;
     if svc.inner.wrong_results {
         output.extend_from_slice(b" (wrong)");
@@ -279,19 +319,10 @@ async fn execute(
         .publish(std::io::Cursor::new(output), meta)
         .await
         .map_err(|e| ("INTERNAL", format!("publishing the result: {e}")))?;
-    let body = ReceiptBody {
-        job_id: job.0.to_vec(),
-        module_id: module.to_string(),
-        input_id: input.map(|i| i.to_string()).unwrap_or_default(),
-        requester_key: run.requester_key.clone(),
-        provider_key: svc.inner.key.public().encode_protobuf(),
-        work_units: out.fuel_used,
-        credits: credits_for(out.fuel_used, offer.price_per_mfuel),
-        result_id: result.manifest.id.to_string(),
-        completed_unix: now_unix(),
-    };
     info!(%peer, %job, fuel = out.fuel_used, wall_ms = out.wall.as_millis() as u64, "compute job ran");
-    body.sign_as_provider(&svc.inner.key)
+    body(out.fuel_used, result.manifest.id.to_string())
+        .sign_as_provider(&svc.inner.key)
+        .map(Ran::Done)
         .map_err(|e| ("INTERNAL", e.to_string()))
 }
 

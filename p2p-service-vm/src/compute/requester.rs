@@ -14,6 +14,14 @@
 //! deterministic, so a provider that overstates its work disagrees just as
 //! one that returns a wrong answer. The budget is split into `replicas + 1`
 //! equal caps, one per paid run, so a tie-breaker can always be paid too.
+//!
+//! A run that uses all the fuel it was given is paid for that fuel when the
+//! job's runs agree it needs more: every run ran out (at least two, or the
+//! one of a single replica), or the agreed result took more fuel than that
+//! run had. A requester cannot get work for free by sizing its budget so
+//! that runs end out of fuel; a provider that claims to have run out with
+//! more fuel than the agreed result needed disagrees, and is not paid. What
+//! is paid never exceeds the budget.
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -80,10 +88,16 @@ struct Returned {
     took: Duration,
 }
 
+/// A provider's half of a receipt, its stream (waiting for the verdict) and
+/// how long the run took.
+type Answered = Box<(ReceiptBody, SignedReceipt, libp2p::Stream, Duration)>;
+
 /// A run's answer.
 enum Outcome {
     /// A result (its candidate is filled in by the caller).
-    Done(Box<(ReceiptBody, SignedReceipt, libp2p::Stream, Duration)>),
+    Done(Answered),
+    /// It used all its fuel; the receipt charges that fuel.
+    RanOut(Answered),
     /// No result.
     Failed { code: String, message: String },
 }
@@ -171,6 +185,7 @@ async fn drive(svc: &ComputeService, spec: &Spec, job: &Job) -> Result<ContentId
     let mut next = candidates.into_iter();
     let mut pending = FuturesUnordered::new();
     let mut results: Vec<Returned> = Vec::new();
+    let mut ran_out: Vec<Returned> = Vec::new();
     let mut faults: Vec<(String, String)> = Vec::new();
     let replicas = spec.replicas as usize;
     loop {
@@ -193,7 +208,10 @@ async fn drive(svc: &ComputeService, spec: &Spec, job: &Job) -> Result<ContentId
             pending.push(run_on(svc, spec, c, index));
         }
         let Some((c, index, outcome, took)) = pending.next().await else {
-            return Err(no_quorum(&results, &faults));
+            let failure = no_quorum(&results, &faults);
+            reject(results, "no majority").await;
+            reject(ran_out, "no majority").await;
+            return Err(failure);
         };
         job.update(|s| s.runs[index].wall_ms = took.as_millis() as u64);
         match outcome {
@@ -206,6 +224,28 @@ async fn drive(svc: &ComputeService, spec: &Spec, job: &Job) -> Result<ContentId
                     r.work_units = body.work_units;
                 });
                 results.push(Returned {
+                    c,
+                    body,
+                    signed,
+                    stream,
+                    took,
+                });
+            }
+            Outcome::RanOut(done) => {
+                let (body, signed, stream, took) = *done;
+                let (code, message) = (
+                    "COMPUTE_OUT_OF_FUEL".to_string(),
+                    format!("used all of its {} fuel", body.work_units),
+                );
+                job.update(|s| {
+                    let r = &mut s.runs[index];
+                    r.state = "failed".into();
+                    r.error_code = code.clone();
+                    r.error = message.clone();
+                    r.work_units = body.work_units;
+                });
+                faults.push((code, message));
+                ran_out.push(Returned {
                     c,
                     body,
                     signed,
@@ -230,7 +270,7 @@ async fn drive(svc: &ComputeService, spec: &Spec, job: &Job) -> Result<ContentId
         }
         if let Some(key) = majority(&results, replicas) {
             job.update(|s| s.state = "validating".into());
-            return settle(svc, spec, job, results, key).await;
+            return settle(svc, spec, job, results, ran_out, key).await;
         }
         if results.is_empty() && faults.len() >= replicas {
             // Every provider that ran it failed it: the module's own fault
@@ -248,12 +288,30 @@ async fn drive(svc: &ComputeService, spec: &Spec, job: &Job) -> Result<ContentId
                 .find(|(c, _)| c == code)
                 .map(|(_, m)| m.clone())
                 .unwrap_or_default();
-            return Err((code.to_string(), message));
+            let failure = (code.to_string(), message);
+            // Runs that agree the job needs more fuel are paid for theirs.
+            let agreed = failure.0 == "COMPUTE_OUT_OF_FUEL"
+                && ran_out.len() >= replicas.min(2)
+                && 2 * ran_out.len() > faults.len();
+            if agreed {
+                let mut spent = 0;
+                for r in ran_out {
+                    conclude(svc, spec, job, r, Verdict::Pay, &mut spent).await;
+                }
+            } else {
+                reject(
+                    ran_out,
+                    "the runs do not agree that the job ran out of fuel",
+                )
+                .await;
+            }
+            return Err(failure);
         }
         if results.len() > replicas {
             // The budget pays replicas + 1 runs, no more.
             let failure = no_quorum(&results, &faults);
             reject(results, "no majority").await;
+            reject(ran_out, "no majority").await;
             return Err(failure);
         }
     }
@@ -292,74 +350,41 @@ fn majority(results: &[Returned], replicas: usize) -> Option<(String, u64)> {
     (n >= replicas.min(2) && 2 * n > results.len()).then(|| (id.to_string(), work))
 }
 
-/// Pays the runs that agree with the majority, tells the others why not,
-/// records both in the ledger and fetches the result into the store.
+/// Pays the runs that agree with the majority (and those that ran out of
+/// fuel short of the agreed work), tells the others why not, records both in
+/// the ledger and fetches the result into the store.
 async fn settle(
     svc: &ComputeService,
     spec: &Spec,
     job: &Job,
     results: Vec<Returned>,
+    ran_out: Vec<Returned>,
     (result_id, work): (String, u64),
 ) -> Result<ContentId, Failure> {
-    let ledger = svc.inner.content.inner.ledger.clone();
     // The providers that returned the agreed result hold it.
     let holders: Vec<PeerId> = results
         .iter()
         .filter(|r| r.body.result_id == result_id && r.body.work_units == work)
         .map(|r| r.c.peer)
         .collect();
-    for Returned {
-        c,
-        body,
-        signed,
-        mut stream,
-        took,
-    } in results
-    {
-        let index = job
-            .snapshot()
-            .runs
-            .iter()
-            .position(|r| r.provider == c.peer.to_base58() && r.state == "returned");
-        let agreed = body.result_id == result_id && body.work_units == work;
-        let verdict = if agreed {
-            match pay(svc, signed).await {
-                Ok(receipt) => wire::Verdict {
-                    receipt,
-                    reason: String::new(),
-                },
-                Err(e) => {
-                    warn!(peer = %c.peer, error = %e, "cannot countersign a receipt");
-                    continue;
-                }
-            }
+    let mut spent = 0;
+    for r in results {
+        let verdict = if r.body.result_id == result_id && r.body.work_units == work {
+            Verdict::Pay
         } else {
-            wire::Verdict {
-                receipt: Vec::new(),
-                reason: "the result disagrees with the majority".into(),
-            }
+            Verdict::Disagreed("the result disagrees with the majority")
         };
-        ledger.record(
-            c.peer,
-            if agreed {
-                EventKind::ComputeAgreed {
-                    fuel: body.work_units,
-                    secs: took.as_secs_f64(),
-                }
-            } else {
-                EventKind::ComputeDisagreed
-            },
-        );
-        job.update(|s| {
-            if let Some(r) = index.and_then(|i| s.runs.get_mut(i)) {
-                r.state = if agreed { "agreed" } else { "disagreed" }.into();
-                r.credits = if agreed { body.credits } else { 0 };
-            }
-            if agreed {
-                s.credits_spent += body.credits;
-            }
-        });
-        let _ = tokio::time::timeout(ACK_TIMEOUT, tell(&mut stream, verdict)).await;
+        conclude(svc, spec, job, r, verdict, &mut spent).await;
+    }
+    for r in ran_out {
+        // Fuel is deterministic: a run with less fuel than the agreed work
+        // must run out; one with as much or more must not.
+        let verdict = if r.body.work_units < work {
+            Verdict::Pay
+        } else {
+            Verdict::Disagreed("it ran out of fuel with more than the agreed result took")
+        };
+        conclude(svc, spec, job, r, verdict, &mut spent).await;
     }
     let id: ContentId = result_id
         .parse()
@@ -375,6 +400,81 @@ async fn settle(
         })?;
     info!(job = %spec.id, %id, "compute result agreed and fetched");
     Ok(id)
+}
+
+/// What the requester decided about one run.
+enum Verdict {
+    /// It agrees with the job's outcome: pay it, if the budget still allows.
+    Pay,
+    /// It disagrees: not paid, for this reason.
+    Disagreed(&'static str),
+}
+
+/// Tells a run's provider the verdict: countersigns its receipt when paid
+/// (and `spent` plus its credits stays within the budget), records the run in
+/// the ledger and in the job's status.
+async fn conclude(
+    svc: &ComputeService,
+    spec: &Spec,
+    job: &Job,
+    r: Returned,
+    verdict: Verdict,
+    spent: &mut u64,
+) {
+    let Returned {
+        c,
+        body,
+        signed,
+        mut stream,
+        took,
+    } = r;
+    let ledger = &svc.inner.content.inner.ledger;
+    let out_of_fuel = body.result_id.is_empty();
+    let (receipt, reason) = match verdict {
+        Verdict::Pay if spent.saturating_add(body.credits) <= spec.budget => {
+            match pay(svc, signed).await {
+                Ok(receipt) => {
+                    *spent += body.credits;
+                    ledger.record(
+                        c.peer,
+                        EventKind::ComputeAgreed {
+                            fuel: body.work_units,
+                            secs: took.as_secs_f64(),
+                        },
+                    );
+                    (receipt, String::new())
+                }
+                Err(e) => {
+                    warn!(peer = %c.peer, error = %e, "cannot countersign a receipt");
+                    (
+                        Vec::new(),
+                        format!("the requester could not countersign: {e}"),
+                    )
+                }
+            }
+        }
+        Verdict::Pay => (Vec::new(), "the job's budget is spent".to_string()),
+        Verdict::Disagreed(why) => {
+            ledger.record(c.peer, EventKind::ComputeDisagreed);
+            (Vec::new(), why.to_string())
+        }
+    };
+    let paid = !receipt.is_empty();
+    let disagreed = matches!(verdict, Verdict::Disagreed(_));
+    let provider = c.peer.to_base58();
+    job.update(|s| {
+        if let Some(run) = s.runs.iter_mut().find(|run| run.provider == provider) {
+            if !out_of_fuel {
+                run.state = if disagreed { "disagreed" } else { "agreed" }.into();
+            }
+            run.credits = if paid { body.credits } else { 0 };
+        }
+        if paid {
+            s.credits_spent += body.credits;
+        }
+    });
+    let verdict = wire::Verdict { receipt, reason };
+    let _ = tokio::time::timeout(ACK_TIMEOUT, tell(&mut stream, verdict)).await;
 }
 
 /// Countersigns and stores a receipt; returns its encoding.
@@ -540,6 +640,20 @@ async fn run_on(
                     failed("PROTOCOL_VIOLATION", why)
                 }
             },
+            Some(Answer::OutOfFuel(bytes)) => match check_ran_out(svc, spec, &c, &bytes) {
+                Ok((body, signed)) => {
+                    Outcome::RanOut(Box::new((body, signed, stream, asked.elapsed())))
+                }
+                Err(why) => {
+                    warn!(peer = %c.peer, %why, "a provider's out-of-fuel receipt does not check");
+                    svc.inner
+                        .content
+                        .inner
+                        .ledger
+                        .record(c.peer, EventKind::Violation);
+                    failed("PROTOCOL_VIOLATION", why)
+                }
+            },
             Some(Answer::Failed(f)) => failed(&f.code, f.message),
             _ => failed("PROTOCOL_VIOLATION", "an answer out of turn".into()),
         },
@@ -581,9 +695,42 @@ async fn ask_run(
     Ok((answer, stream))
 }
 
+/// A provider's receipt for a run that ran out of fuel: as [`check`]'s, but
+/// naming no result and charging exactly the fuel it was given.
+fn check_ran_out(
+    svc: &ComputeService,
+    spec: &Spec,
+    c: &Candidate,
+    bytes: &[u8],
+) -> Result<(ReceiptBody, SignedReceipt), String> {
+    let (body, signed) = check_parties(svc, spec, c, bytes)?;
+    if !body.result_id.is_empty() || body.work_units != c.fuel {
+        return Err(format!(
+            "an out-of-fuel receipt must name no result and charge the {} fuel given, not {}",
+            c.fuel, body.work_units
+        ));
+    }
+    Ok((body, signed))
+}
+
 /// A provider's receipt must be for this job, signed by that provider, name
 /// this node, and charge what its offer and the fuel it was given allow.
 fn check(
+    svc: &ComputeService,
+    spec: &Spec,
+    c: &Candidate,
+    bytes: &[u8],
+) -> Result<(ReceiptBody, SignedReceipt), String> {
+    let (body, signed) = check_parties(svc, spec, c, bytes)?;
+    body.result_id
+        .parse::<ContentId>()
+        .map_err(|_| "the result id is not a content id".to_string())?;
+    Ok((body, signed))
+}
+
+/// What every receipt of this run must say: this job, that provider's
+/// signature, this node, and a charge its offer and fuel allow.
+fn check_parties(
     svc: &ComputeService,
     spec: &Spec,
     c: &Candidate,
@@ -611,9 +758,6 @@ fn check(
             body.credits, body.work_units, c.fuel, c.offer.price_per_mfuel
         ));
     }
-    body.result_id
-        .parse::<ContentId>()
-        .map_err(|_| "the result id is not a content id".to_string())?;
     Ok((body, signed))
 }
 

@@ -6,7 +6,9 @@
 //!            ◄─────────────────────────── Offer | Failed
 //!  (or, on a stream of its own:)
 //!   Run{job, module, input, fuel, price} ►  fetch (verified, scanned), compile, run, publish
-//!            ◄─────────────────────────── Done{receipt signed by the provider} | Failed{code}
+//!            ◄─────────────────────────── Done{receipt signed by the provider}
+//!                                       | OutOfFuel{receipt for the fuel burnt, no result}
+//!                                       | Failed{code}
 //!   Verdict{countersigned receipt | why not} ►  receipt checked and stored
 //!            ◄─────────────────────────── Ack
 //! ```
@@ -116,7 +118,7 @@ pub struct Failed {
 #[derive(Clone, PartialEq, Message)]
 pub struct Response {
     /// What.
-    #[prost(oneof = "Answer", tags = "1, 2, 3, 4")]
+    #[prost(oneof = "Answer", tags = "1, 2, 3, 4, 5")]
     pub answer: Option<Answer>,
 }
 
@@ -135,6 +137,12 @@ pub enum Answer {
     /// The verdict was taken.
     #[prost(message, tag = "4")]
     Ack(Failed),
+    /// The run used all the fuel it was given and has no result: an encoded
+    /// `SignedReceipt` for that fuel, with an empty result id. The
+    /// requester pays it when the job's runs agree it needs more (fuel is
+    /// deterministic), so a budget sized to run out buys no free work.
+    #[prost(bytes, tag = "5")]
+    OutOfFuel(Vec<u8>),
 }
 
 impl Response {
