@@ -434,6 +434,44 @@ async fn blocks_take_the_fast_path_and_fall_back_to_libp2p() -> Result<()> {
     Ok(())
 }
 
+/// Once a download's blocks take the fast path, its libp2p stream is closed:
+/// it would otherwise hold one of the provider's 64 content streams per peer
+/// for the whole download. The provider serves the fetcher one stream (the
+/// fast-path connection) while the transfer goes on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_libp2p_stream_closes_once_the_fast_path_carries_the_blocks() -> Result<()> {
+    let data = item(12 << 20, 24);
+    let tcp = &TcpBefore::now()?;
+    let provider = node(&[], Some(capped(4 << 20, ""))).await?;
+    let admin = provider.admin().await?;
+    let port = admin.node_info().await?.content_fast_path_port as u16;
+    let info = publish(&provider.app("pub").await?, "slow.bin", &data).await?;
+    let fetcher = node(&[&provider], None).await?;
+    let c = fetcher.app("viewer").await?;
+    let id = info.content_id.clone();
+    let fetching = tokio::spawn(async move { fetch_all(&c, &id, 0, 0, false).await });
+    let me = fetcher.peer_id.clone();
+    // Sampled while the blocks flow over one fast-path connection.
+    let mut samples = Vec::new();
+    while !fetching.is_finished() {
+        if tcp.accepted_on(port)? == 1 {
+            let peers = admin.peers().await?;
+            if let Some(p) = peers.iter().find(|p| p.peer_id == me) {
+                samples.push(p.content_streams);
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    ensure!(fetching.await?? == data);
+    ensure!(samples.len() >= 5, "too few samples: {samples:?}");
+    let one = samples.iter().filter(|n| **n == 1).count();
+    ensure!(
+        one * 2 > samples.len() && samples.iter().all(|n| *n <= 2),
+        "streams served to the fetcher during the transfer: {samples:?}"
+    );
+    Ok(())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fast_path_connections_are_replaced_before_their_keys_wear_out() -> Result<()> {
     let data = item(12 << 20, 23);
@@ -1153,5 +1191,54 @@ async fn unread_fetches_and_gateway_gets_of_stored_items_hold_bounded_memory() -
         "{FETCHES} unread fetches and {GETS} unread gateway GETs: node grew by {} MiB",
         grew >> 20
     );
+    Ok(())
+}
+
+/// A peer that asks for 64 MiB over the fast path and never reads an answer
+/// holds the provider's answers (and its serving permits) for the write
+/// timeout at most (30 s): then the provider ends the connection and counts a
+/// failed request against the peer. Meanwhile an honest node downloads in
+/// full.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_that_asks_and_never_reads_is_cut_off_and_charged() -> Result<()> {
+    let data = item(16 << 20, 31);
+    let provider = node(&[], None).await?;
+    let admin = provider.admin().await?;
+    let port = admin.node_info().await?.content_fast_path_port as u16;
+    let info = publish(&provider.app("pub").await?, "asked.bin", &data).await?;
+    let key = libp2p_identity::Keypair::generate_ed25519();
+    let rude = key.public().to_peer_id();
+    let asked = std::time::Instant::now();
+    let unread = p2p_service_vm::content::probe::ask_without_reading(
+        &key,
+        provider.peer_id.parse()?,
+        std::net::SocketAddr::from(([127, 0, 0, 1], port)),
+        info.content_id.parse()?,
+        64,
+        4,
+    )
+    .await?;
+    let honest = node(&[&provider], None).await?;
+    let c = honest.app("viewer").await?;
+    ensure!(fetch_all(&c, &info.content_id, 0, 0, false).await? == data);
+    let charged = eventually(
+        Duration::from_secs(45),
+        "the provider charged the peer that does not read",
+        || async {
+            let credit = admin.credit_show(&rude.to_base58()).await.ok()?;
+            (credit.requests_failed >= 1).then_some(credit)
+        },
+    )
+    .await?;
+    let after = asked.elapsed();
+    ensure!(
+        after >= Duration::from_secs(25),
+        "charged after {after:?}, before the write timeout: {charged:?}"
+    );
+    let got = unread
+        .drain(Duration::from_secs(10))
+        .await
+        .context("the provider kept the connection of a peer that does not read")?;
+    ensure!(got < 64 << 20, "{got} bytes: the provider sent everything");
     Ok(())
 }

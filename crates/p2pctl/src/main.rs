@@ -297,7 +297,8 @@ fn print(json_out: bool, value: serde_json::Value, human: impl FnOnce() -> Strin
 }
 
 fn peer_json(p: &proto::PeerInfo) -> serde_json::Value {
-    json!({"peer_id": p.peer_id, "addrs": p.addrs, "agent": p.agent_version, "rtt_us": p.rtt_micros})
+    json!({"peer_id": p.peer_id, "addrs": p.addrs, "agent": p.agent_version, "rtt_us": p.rtt_micros,
+           "content_streams": p.content_streams})
 }
 
 #[tokio::main(flavor = "current_thread")]
@@ -357,12 +358,16 @@ async fn run(cli: &Cli, c: &Client) -> Result<()> {
                 j,
                 json!(peers.iter().map(peer_json).collect::<Vec<_>>()),
                 || {
-                    let mut s = format!("{:<54} {:>9}  {}", "PEER", "RTT(ms)", "AGENT");
+                    let mut s = format!(
+                        "{:<54} {:>9} {:>7}  {}",
+                        "PEER", "RTT(ms)", "SERVING", "AGENT"
+                    );
                     for p in &peers {
                         s.push_str(&format!(
-                            "\n{:<54} {:>9.2}  {}",
+                            "\n{:<54} {:>9.2} {:>7}  {}",
                             p.peer_id,
                             p.rtt_micros as f64 / 1000.0,
+                            p.content_streams,
                             p.agent_version
                         ));
                     }

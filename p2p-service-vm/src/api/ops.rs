@@ -69,12 +69,16 @@ fn check_key(key: &[u8]) -> Result<kad::RecordKey, ApiError> {
     Ok(kad::RecordKey::new(&key))
 }
 
-fn peer_info(p: PeerSummary) -> pb::PeerInfo {
+fn peer_info(svc: &ApiService, p: PeerSummary) -> pb::PeerInfo {
+    let content_streams = content(svc)
+        .map(|c| c.inner.served.count(&p.peer_id) as u32)
+        .unwrap_or(0);
     pb::PeerInfo {
         peer_id: p.peer_id.to_string(),
         addrs: p.addrs.iter().map(|a| a.to_string()).collect(),
         agent_version: p.agent_version.unwrap_or_default(),
         rtt_micros: p.rtt.map(|d| d.as_micros() as u64).unwrap_or(0),
+        content_streams,
     }
 }
 
@@ -281,7 +285,7 @@ pub(crate) async fn run(svc: &ApiService, who: &Principal, op: Op) -> Result<R, 
         Op::Peers(_) => {
             let peers = node.call(Command::Peers).await?;
             Ok(R::Peers(pb::PeerList {
-                peers: peers.into_iter().map(peer_info).collect(),
+                peers: peers.into_iter().map(|p| peer_info(svc, p)).collect(),
             }))
         }
         Op::Connect(r) => {
@@ -323,7 +327,7 @@ pub(crate) async fn run(svc: &ApiService, who: &Principal, op: Op) -> Result<R, 
                     Command::FindPeer(peer, reply)
                 })
                 .await?;
-            Ok(R::Peer(peer_info(found)))
+            Ok(R::Peer(peer_info(svc, found)))
         }
         Op::PutRecord(r) => {
             let key = check_key(&r.key)?;

@@ -171,6 +171,11 @@ pub(crate) struct StreamSlot {
 }
 
 impl PeerStreams {
+    /// How many streams of `peer` are served now.
+    pub fn count(&self, peer: &PeerId) -> usize {
+        self.0.lock().expect("lock").get(peer).copied().unwrap_or(0)
+    }
+
     /// A slot for another stream of `peer`, or `None` at the cap.
     pub fn enter(self: &Arc<Self>, peer: PeerId) -> Option<StreamSlot> {
         let mut all = self.0.lock().expect("lock");
