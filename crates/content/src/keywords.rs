@@ -37,14 +37,22 @@ pub fn manifest_keywords(m: &Manifest) -> Vec<String> {
     out.into_iter().take(MAX_KEYWORDS).collect()
 }
 
+/// Every word an item is matched by: the words of its name and tags, and
+/// each whole tag (what [`matches`] compares a query with, and what a
+/// store's search index holds).
+pub fn item_words(m: &Manifest) -> BTreeSet<String> {
+    let mut have: BTreeSet<String> = words(&m.name).collect();
+    for tag in &m.tags {
+        have.insert(tag.trim().to_lowercase());
+        have.extend(words(tag));
+    }
+    have
+}
+
 /// Whether an item matches every keyword of a query (prefix match on words, so
 /// "sint" finds "Sintel").
 pub fn matches(m: &Manifest, query: &[String]) -> bool {
-    let mut have: Vec<String> = words(&m.name).collect();
-    for tag in &m.tags {
-        have.push(tag.trim().to_lowercase());
-        have.extend(words(tag));
-    }
+    let have = item_words(m);
     query
         .iter()
         .all(|q| have.iter().any(|w| w.starts_with(q.as_str())))

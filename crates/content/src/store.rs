@@ -4,7 +4,8 @@
 //! Layout under the store directory:
 //! ```text
 //!   index.redb            items: content id → (size, pinned, added);
-//!                         manifests: content id → signed manifest
+//!                         manifests: content id → signed manifest;
+//!                         words: each word an item is found by → its id
 //!   blobs/<id>.data       the bytes
 //!   blobs/<id>.obao       the pre-order hash tree
 //!   tmp/                  imports in progress
@@ -20,17 +21,66 @@ use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
+use std::collections::{BTreeSet, HashSet};
+
+use prost::Message;
+use redb::{
+    Database, MultimapTableDefinition, ReadableDatabase, ReadableTable, ReadableTableMetadata,
+    TableDefinition,
+};
 
 use bao_tree::BaoTree;
 use bao_tree::io::outboard::PreOrderOutboard;
 
 use crate::verified::BLOCK_SIZE;
-use crate::{ContentError, ContentId, Outboard};
+use crate::{ContentError, ContentId, Manifest, Outboard, SignedManifest, keywords};
 
 const ITEMS: TableDefinition<&[u8; 32], &[u8; 17]> = TableDefinition::new("items");
 /// Signed manifests, committed in the same transaction as their item.
 const MANIFESTS: TableDefinition<&[u8; 32], &[u8]> = TableDefinition::new("manifests");
+/// The search index: every word an item is found by
+/// ([`keywords::item_words`]) → the item, kept in the transaction that adds
+/// or removes it. A search decodes only the items under its query's longest
+/// word, not every manifest.
+const WORDS: MultimapTableDefinition<&str, &[u8; 32]> = MultimapTableDefinition::new("words");
+/// Store metadata. `words`: the version of the search index (absent in
+/// stores from before it, which are indexed when opened).
+const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
+const WORDS_VERSION: u64 = 1;
+
+/// How many items are indexed under words starting with `prefix`, counted
+/// up to `most` (an item under two such words counts twice).
+fn postings(
+    words: &redb::ReadOnlyMultimapTable<&str, &[u8; 32]>,
+    prefix: &str,
+    most: usize,
+) -> Result<usize, StoreError> {
+    let mut n = 0;
+    for row in words.range(prefix..).map_err(index)? {
+        let (word, ids) = row.map_err(index)?;
+        if !word.value().starts_with(prefix) {
+            break;
+        }
+        n += ids.len() as usize;
+        if n >= most {
+            break;
+        }
+    }
+    Ok(n)
+}
+
+/// The manifest inside a stored signed manifest (verified before it was
+/// stored).
+fn manifest_of(signed: &[u8]) -> Option<Manifest> {
+    let sm = SignedManifest::decode(signed).ok()?;
+    Manifest::decode(sm.manifest.as_slice()).ok()
+}
+
+fn words_of(signed: &[u8]) -> BTreeSet<String> {
+    manifest_of(signed)
+        .map(|m| keywords::item_words(&m))
+        .unwrap_or_default()
+}
 
 /// Why a store operation failed.
 #[derive(Debug, thiserror::Error)]
@@ -138,6 +188,21 @@ impl Store {
         let tx = db.begin_write().map_err(index)?;
         tx.open_table(ITEMS).map_err(index)?;
         tx.open_table(MANIFESTS).map_err(index)?;
+        {
+            let mut meta = tx.open_table(META).map_err(index)?;
+            let mut words = tx.open_multimap_table(WORDS).map_err(index)?;
+            let indexed = meta.get("words").map_err(index)?.map(|v| v.value());
+            if indexed != Some(WORDS_VERSION) {
+                let manifests = tx.open_table(MANIFESTS).map_err(index)?;
+                for row in manifests.iter().map_err(index)? {
+                    let (id, signed) = row.map_err(index)?;
+                    for w in words_of(signed.value()) {
+                        words.insert(w.as_str(), id.value()).map_err(index)?;
+                    }
+                }
+                meta.insert("words", WORDS_VERSION).map_err(index)?;
+            }
+        }
         tx.commit().map_err(index)?;
         let store = Self {
             dir: dir.to_owned(),
@@ -273,6 +338,12 @@ impl Store {
             .map_err(index)?
             .insert(&id.0, manifest)
             .map_err(index)?;
+        {
+            let mut words = tx.open_multimap_table(WORDS).map_err(index)?;
+            for w in words_of(manifest) {
+                words.insert(w.as_str(), &id.0).map_err(index)?;
+            }
+        }
         tx.commit().map_err(index)?;
         Ok(ItemInfo {
             id,
@@ -297,6 +368,62 @@ impl Store {
         for row in table.iter().map_err(index)? {
             let (k, v) = row.map_err(index)?;
             out.push((ContentId(*k.value()), v.value().to_vec()));
+        }
+        Ok(out)
+    }
+
+    /// Stored items that match every word of `query` (as
+    /// [`keywords::matches`]: prefix match) and that `keep` accepts, at most
+    /// `limit`, with their signed manifests. Found through the word index:
+    /// only the items under the query's rarest word are decoded.
+    pub fn search(
+        &self,
+        query: &[String],
+        limit: usize,
+        mut keep: impl FnMut(&ContentId, &Manifest) -> bool,
+    ) -> Result<Vec<(ContentId, Vec<u8>)>, StoreError> {
+        let tx = self.db.begin_read().map_err(index)?;
+        let words = tx.open_multimap_table(WORDS).map_err(index)?;
+        let manifests = tx.open_table(MANIFESTS).map_err(index)?;
+        // The rarest word: each is counted only as far as the rarest so far,
+        // so a common word costs no more than the rare one beside it.
+        let mut rarest: Option<(&String, usize)> = None;
+        for q in query {
+            let most = rarest.map_or(usize::MAX, |(_, n)| n);
+            let n = postings(&words, q, most)?;
+            if n < most {
+                rarest = Some((q, n));
+            }
+        }
+        let Some((key, _)) = rarest else {
+            return Ok(Vec::new());
+        };
+        let mut seen = HashSet::new();
+        let mut out = Vec::new();
+        for row in words.range(key.as_str()..).map_err(index)? {
+            let (word, ids) = row.map_err(index)?;
+            if !word.value().starts_with(key.as_str()) {
+                break;
+            }
+            for id in ids {
+                let id = ContentId(*id.map_err(index)?.value());
+                if !seen.insert(id) {
+                    continue;
+                }
+                let Some(signed) = manifests.get(&id.0).map_err(index)? else {
+                    continue;
+                };
+                let signed = signed.value().to_vec();
+                let Some(m) = manifest_of(&signed) else {
+                    continue;
+                };
+                if keywords::matches(&m, query) && keep(&id, &m) {
+                    out.push((id, signed));
+                    if out.len() >= limit {
+                        return Ok(out);
+                    }
+                }
+            }
         }
         Ok(out)
     }
@@ -350,10 +477,18 @@ impl Store {
             .remove(&id.0)
             .map_err(index)?
             .is_some();
-        tx.open_table(MANIFESTS)
+        let signed = tx
+            .open_table(MANIFESTS)
             .map_err(index)?
             .remove(&id.0)
-            .map_err(index)?;
+            .map_err(index)?
+            .map(|v| v.value().to_vec());
+        if let Some(signed) = signed {
+            let mut words = tx.open_multimap_table(WORDS).map_err(index)?;
+            for w in words_of(&signed) {
+                words.remove(w.as_str(), &id.0).map_err(index)?;
+            }
+        }
         tx.commit().map_err(index)?;
         // Under the cache's lock, so a fill that read the index before the
         // commit sees the bump when it comes to insert.
@@ -500,6 +635,98 @@ mod tests {
         (0..len as u64)
             .map(|i| ((i ^ seed).wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 56) as u8)
             .collect()
+    }
+
+    /// A signed manifest (unsigned: the store does not check signatures)
+    /// naming an item `name` with `tags`.
+    fn named(
+        name: &str,
+        tags: &[&str],
+    ) -> impl FnOnce(ContentId, u64) -> Result<Vec<u8>, StoreError> {
+        let m = Manifest {
+            name: name.into(),
+            tags: tags.iter().map(|t| t.to_string()).collect(),
+            ..Default::default()
+        };
+        move |_, _| {
+            Ok(SignedManifest {
+                manifest: m.encode_to_vec(),
+                signature: Vec::new(),
+            }
+            .encode_to_vec())
+        }
+    }
+
+    fn found(store: &Store, query: &str) -> Vec<ContentId> {
+        let q = keywords::query_keywords(query);
+        let mut ids: Vec<ContentId> = store
+            .search(&q, 100, |_, _| true)
+            .unwrap()
+            .into_iter()
+            .map(|(id, _)| id)
+            .collect();
+        ids.sort();
+        ids
+    }
+
+    #[test]
+    fn search_finds_items_through_the_word_index_and_forgets_deleted_ones() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let sintel = store
+            .import(
+                &item(1000, 1)[..],
+                named("Sintel Trailer.mp4", &["blender", "sci-fi"]),
+            )
+            .unwrap()
+            .id;
+        let bunny = store
+            .import(
+                &item(1000, 2)[..],
+                named("Big Buck Bunny.mp4", &["blender"]),
+            )
+            .unwrap()
+            .id;
+        let _plain = store.import(&item(1000, 3)[..], no_manifest).unwrap().id;
+        let mut both = vec![sintel, bunny];
+        both.sort();
+        assert_eq!(found(&store, "sint"), vec![sintel], "prefix of a name word");
+        assert_eq!(found(&store, "blender"), both);
+        assert_eq!(found(&store, "blender sintel"), vec![sintel], "every word");
+        assert_eq!(found(&store, "sci-fi"), vec![sintel], "a whole tag");
+        assert!(found(&store, "blender dragon").is_empty());
+        // A filter and a limit.
+        let q = keywords::query_keywords("mp4");
+        assert_eq!(store.search(&q, 1, |_, _| true).unwrap().len(), 1);
+        let no_bunny = store.search(&q, 10, |id, _| *id != bunny).unwrap();
+        assert_eq!(no_bunny.len(), 1);
+        assert_eq!(no_bunny[0].0, sintel);
+        store.delete(&sintel).unwrap();
+        assert!(found(&store, "sintel").is_empty());
+        assert_eq!(found(&store, "blender"), vec![bunny]);
+        drop(store);
+        let store = Store::open(dir.path()).unwrap();
+        assert_eq!(found(&store, "bunny"), vec![bunny], "across a reopen");
+    }
+
+    #[test]
+    fn a_store_from_before_the_index_is_indexed_when_opened() {
+        let dir = tempfile::tempdir().unwrap();
+        let id = {
+            let store = Store::open(dir.path()).unwrap();
+            let id = store
+                .import(&item(1000, 4)[..], named("Elephants Dream", &[]))
+                .unwrap()
+                .id;
+            // As an older version left it: no index, no version.
+            let tx = store.db.begin_write().unwrap();
+            tx.delete_multimap_table(WORDS).unwrap();
+            tx.open_table(META).unwrap().remove("words").unwrap();
+            tx.commit().unwrap();
+            id
+        };
+        let store = Store::open(dir.path()).unwrap();
+        assert_eq!(found(&store, "eleph dream"), vec![id]);
     }
 
     #[test]

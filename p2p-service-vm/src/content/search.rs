@@ -43,15 +43,13 @@ pub(crate) async fn search(
         ));
     }
     let me = svc.inner.node.peer_id();
-    // Local items first (an index scan: on a blocking thread).
+    // Local items first (the store's word index: on a blocking thread).
     let local_words = words.clone();
     let mut hits: HashMap<ContentId, ContentInfo> = svc
         .blocking(move |svc| {
             let mut hits = HashMap::new();
-            for (id, signed) in svc.inner.store.manifests()? {
-                if let Ok(m) = VerifiedManifest::parse(&signed)
-                    && keywords::matches(&m.manifest, &local_words)
-                {
+            for (id, signed) in svc.inner.store.search(&local_words, limit, |_, _| true)? {
+                if let Ok(m) = VerifiedManifest::parse(&signed) {
                     let local = svc.inner.store.get(&id)?;
                     hits.insert(
                         id,

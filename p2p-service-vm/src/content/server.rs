@@ -9,7 +9,7 @@ use futures::{AsyncWriteExt, FutureExt, StreamExt};
 use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
 use libp2p::{PeerId, StreamProtocol};
 use p2pvm_content::transfer::{self, Op, Status, TransferRequest, TransferResponse};
-use p2pvm_content::{ContentId, SignedManifest, block_count, keywords};
+use p2pvm_content::{ContentId, block_count};
 use p2pvm_security::{EventKind, GroupId, Standing};
 use prost::Message;
 use tracing::{debug, warn};
@@ -204,8 +204,10 @@ impl Drop for StreamSlot {
 }
 
 /// Searches answered per peer: a burst of [`SEARCH_BURST`], then
-/// [`SEARCHES_PER_SEC`]. Each search reads every stored manifest, so a peer
-/// asking without pause would keep this node's blocking threads for itself.
+/// [`SEARCHES_PER_SEC`]. Each search decodes the stored items under its
+/// rarest word (the store's word index), which for a common word is many: a
+/// peer asking without pause would keep this node's blocking threads for
+/// itself.
 const SEARCH_BURST: u32 = 20;
 const SEARCHES_PER_SEC: u32 = 2;
 /// Peers whose search allowance is tracked before idle ones are dropped.
@@ -720,31 +722,20 @@ fn answer_op(
                 return failed(Status::BadRequest, "1-16 keywords");
             }
             let limit = (s.limit as usize).clamp(1, MAX_HITS);
-            // Manifests were verified when stored; decoding is enough here.
-            let hits = {
-                let mut hits = transfer::SearchHits::default();
-                let mut size = 0;
-                for (_, signed) in store.manifests().unwrap_or_default() {
-                    let Some(m) = SignedManifest::decode(signed.as_slice())
-                        .ok()
-                        .and_then(|sm| {
-                            p2pvm_content::Manifest::decode(sm.manifest.as_slice()).ok()
-                        })
-                    else {
-                        continue;
-                    };
-                    if keywords::matches(&m, &words) && svc.drm_may_list(&m, peer, group) {
-                        size += signed.len();
-                        if hits.manifests.len() >= limit
-                            || size as u64 > transfer::MAX_PAYLOAD_BYTES / 2
-                        {
-                            break;
-                        }
-                        hits.manifests.push(signed);
-                    }
+            // The store's word index: only items under the query's longest
+            // word are decoded (manifests were verified when stored).
+            let found = store
+                .search(&words, limit, |_, m| svc.drm_may_list(m, peer, group))
+                .unwrap_or_default();
+            let mut hits = transfer::SearchHits::default();
+            let mut size = 0;
+            for (_, signed) in found {
+                size += signed.len();
+                if size as u64 > transfer::MAX_PAYLOAD_BYTES / 2 {
+                    break;
                 }
-                hits
-            };
+                hits.manifests.push(signed);
+            }
             let bytes = hits.encode_to_vec();
             (TransferResponse::ok(bytes.len() as u64), bytes)
         }
