@@ -122,7 +122,7 @@ fn certification_human(i: &proto::ContentInfo) -> String {
     match i.certification.as_str() {
         "certified" => format!("{} (by {})", i.certified_subject, i.certified_by),
         "unverified" => format!(
-            "unverified: claims {} (by {}); no trusted publisher CA here",
+            "unverified: claims {} (by {}); this node trusts no CA that issued it ([drm] publisher_cas)",
             i.certified_subject, i.certified_by
         ),
         other => other.to_string(),
