@@ -253,6 +253,12 @@ pub struct ContentConfig {
     /// streams and never answers on them (a silent provider). Never set it
     /// elsewhere.
     pub test_silent_server: bool,
+    /// Fault injection for tests of certificate expiry: the privacy
+    /// controller (group memberships, CRLs, group sessions) reads the time
+    /// as the system clock plus the seconds in this file, read at every
+    /// check (missing or unreadable: 0), so a test moves the clock instead
+    /// of waiting. Never set it elsewhere.
+    pub test_clock_offset_file: Option<PathBuf>,
     /// Fault injection for tests of group topics: this node lies about
     /// topic keys (it hands out an altered epoch signature and seals its own
     /// group messages with a key of its own). Never set it elsewhere.
@@ -281,6 +287,7 @@ impl Default for ContentConfig {
             memory_budget_bytes: 256 << 20,
             read_ahead_bytes: 64 << 20,
             test_silent_server: false,
+            test_clock_offset_file: None,
             test_wrong_group_keys: false,
         }
     }

@@ -465,6 +465,38 @@ pub async fn node_with(bootstrap: &[&TestNode], config: Option<String>) -> Resul
     .await
 }
 
+/// A clock a test moves for one node's certificate checks
+/// (`content.test_clock_offset_file`): expiry is tested by moving it, not by
+/// waiting for it.
+#[derive(Debug)]
+pub struct TestClock {
+    dir: tempfile::TempDir,
+}
+
+impl TestClock {
+    /// A clock at the system's time.
+    pub fn new() -> Result<Self> {
+        Ok(Self {
+            dir: tempfile::tempdir()?,
+        })
+    }
+
+    fn file(&self) -> PathBuf {
+        self.dir.path().join("offset")
+    }
+
+    /// The config that hands this clock to a node.
+    pub fn config(&self) -> String {
+        format!("[content]\ntest_clock_offset_file = {:?}\n", self.file())
+    }
+
+    /// Puts the node's clock `secs` ahead of the system's.
+    pub fn advance(&self, secs: i64) -> Result<()> {
+        std::fs::write(self.file(), secs.to_string())?;
+        Ok(())
+    }
+}
+
 /// Whether `path` exists as a Unix socket.
 pub fn is_socket(path: &Path) -> bool {
     use std::os::unix::fs::FileTypeExt;

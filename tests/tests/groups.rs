@@ -67,7 +67,9 @@ async fn join(node: &TestNode, invitation: &str) -> Result<proto::GroupInfo> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn group_content_reaches_current_members_only() -> Result<()> {
-    let owner = node_with(&[], None).await?;
+    // The owner checks certificates at a time this test moves.
+    let clock = p2pvm_e2e::TestClock::new()?;
+    let owner = node_with(&[], Some(clock.config())).await?;
     let o = owner.admin().await?;
     let g = o.group_create("crew", 0).await?;
     ensure!(g.owner && g.member && g.name == "crew", "{g:?}");
@@ -76,7 +78,7 @@ async fn group_content_reaches_current_members_only() -> Result<()> {
     let revoked = node_with(&[&owner], None).await?;
     let stranger = node_with(&[&owner], None).await?;
     invite(&o, &member, 86_400).await?;
-    invite(&o, &short, 4).await?;
+    invite(&o, &short, 3600).await?;
     invite(&o, &revoked, 86_400).await?;
     // A node cannot join with an invitation made for another peer.
     let stolen = o.group_invite("crew", &member.peer_id, 1).await?.pem;
@@ -134,8 +136,13 @@ async fn group_content_reaches_current_members_only() -> Result<()> {
         .await
         .expect_err("a revoked member published for the group");
     ensure!(e.to_string().contains("DRM_NOT_GROUP_MEMBER"), "{e:#}");
-    // An expired member does not.
-    tokio::time::sleep(Duration::from_secs(5)).await;
+    // An expired member does not: two hours later at the owner, whose
+    // certificate checks the short member's (valid for one) fails.
+    ensure!(
+        short.admin().await?.group_list().await?[0].member,
+        "a member until now"
+    );
+    clock.advance(7200)?;
     refused_as_non_member(&short, &info.content_id, "an expired member").await?;
     // ...while the member still does, and the owner's refusals cost nobody
     // credit.
@@ -436,12 +443,12 @@ async fn group_topics_are_read_and_written_by_current_members_only() -> Result<(
     let writer = node_with(&[&owner], None).await?;
     let leaver = node_with(&[&owner], None).await?;
     let stranger = node_with(&[&owner], None).await?;
-    let lapsed = node_with(&[&owner], None).await?;
+    let lapsing = p2pvm_e2e::TestClock::new()?;
+    let lapsed = node_with(&[&owner], Some(lapsing.config())).await?;
     for n in [&reader, &writer, &leaver] {
         invite(&o, n, 86_400).await?;
     }
-    invite(&o, &lapsed, 3).await?;
-    let lapses = std::time::Instant::now() + Duration::from_secs(4);
+    invite(&o, &lapsed, 3600).await?;
     // A stranger's node neither listens nor speaks on the group's topic.
     let s = stranger.app("nosy").await?;
     let e = s
@@ -495,8 +502,14 @@ async fn group_topics_are_read_and_written_by_current_members_only() -> Result<(
         "the revoked member read the group's topic"
     );
     ensure!(leaver_heard.borrow().iter().any(|m| m == "hello crew"));
-    // A member whose certificate expired neither listens nor speaks.
-    tokio::time::sleep_until(lapses.into()).await;
+    // A member whose certificate expired (two hours later on its node, for
+    // a membership of one) neither listens nor speaks.
+    let early = lapsed.app("early").await?;
+    let _listening = early
+        .subscribe(&topic)
+        .await
+        .context("a current member may subscribe")?;
+    lapsing.advance(7200)?;
     let l = lapsed.app("late").await?;
     let e = l
         .subscribe(&topic)

@@ -242,6 +242,21 @@ impl std::fmt::Debug for ContentService {
     }
 }
 
+/// The system clock plus the seconds in `file` (tests of expiry only; see
+/// `ContentConfig::test_clock_offset_file`).
+fn offset_clock(file: std::path::PathBuf) -> p2pvm_security::groups::Clock {
+    p2pvm_security::groups::Clock::from_fn(move || {
+        let offset: i64 = std::fs::read_to_string(&file)
+            .ok()
+            .and_then(|s| s.trim().parse().ok())
+            .unwrap_or(0);
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs() as i64)
+            .unwrap_or(0);
+        now.saturating_add(offset).max(0) as u64
+    })
+}
 impl ContentService {
     /// Opens the store under `data_dir/content`, starts serving the transfer
     /// protocol and re-announces stored items.
@@ -259,8 +274,12 @@ impl ContentService {
         let listen = config.listen.clone();
         let config = config.content.clone();
         let local = key.public().to_peer_id();
-        let groups = p2pvm_security::Groups::open(&data_dir.join("groups"), local)
+        let mut groups = p2pvm_security::Groups::open(&data_dir.join("groups"), local)
             .map_err(|e| ContentServiceError::from(LocalError::Groups(e)))?;
+        if let Some(file) = config.test_clock_offset_file.clone() {
+            warn!(file = %file.display(), "CLOCK FAULT INJECTION IS ON: group certificates are checked at a time a test moves (tests only)");
+            groups = groups.with_clock(offset_clock(file));
+        }
         let groups = Arc::new(groups);
         let fast_path = if config.fast_path {
             let fast = fastpath::FastPath::new(&key)
