@@ -81,6 +81,15 @@ pub enum EpochKeyError {
     /// The owner's CA key cannot sign.
     #[error("cannot sign with the group CA key: {0}")]
     Sign(String),
+    /// A key for an epoch after the CRL this node holds: it comes with a
+    /// CRL not yet here, and is taken after it.
+    #[error("epoch {epoch} is after the CRL held here (number {held})")]
+    NotCurrent {
+        /// The epoch offered.
+        epoch: u64,
+        /// The CRL number held.
+        held: u64,
+    },
 }
 
 /// How a group CA's key signs epoch texts.
@@ -147,17 +156,18 @@ impl CaKey {
 
     /// The `openssl` command that signs `message` with this kind of key in
     /// `ca.key`, writing `out`.
+    /// `umask 077` first: the signature is as secret as the key.
     fn openssl_command(self, message: &str, out: &str) -> String {
         match self {
             Self::Ed25519 => format!(
-                "printf '%s' '{message}' > epoch.txt && openssl pkeyutl -sign -rawin -inkey ca.key -in epoch.txt -out {out}"
+                "umask 077 && printf '%s' '{message}' > epoch.txt && openssl pkeyutl -sign -rawin -inkey ca.key -in epoch.txt -out {out}"
             ),
-            Self::P384 => {
-                format!("printf '%s' '{message}' | openssl dgst -sha384 -sign ca.key -out {out}")
-            }
-            Self::P256 | Self::Rsa => {
-                format!("printf '%s' '{message}' | openssl dgst -sha256 -sign ca.key -out {out}")
-            }
+            Self::P384 => format!(
+                "umask 077 && printf '%s' '{message}' | openssl dgst -sha384 -sign ca.key -out {out}"
+            ),
+            Self::P256 | Self::Rsa => format!(
+                "umask 077 && printf '%s' '{message}' | openssl dgst -sha256 -sign ca.key -out {out}"
+            ),
         }
     }
 }

@@ -219,8 +219,10 @@ struct Group {
     /// The held CRL's number (0: none), checked when it was taken.
     crl_number: u64,
     /// Topic keys held, by epoch (kept in memory: they are read for every
-    /// group message).
-    epochs: BTreeMap<u64, Epoch>,
+    /// group message). An epoch has one key unless its CA signed it more
+    /// than once (ECDSA signatures differ each time): every such key is the
+    /// CA's, so each is kept and tried; the first seals and is handed out.
+    epochs: BTreeMap<u64, Vec<Epoch>>,
     owner: bool,
     /// The operator handed this node a CRL to pass on (`relay-crl`).
     relays_crl: bool,
@@ -335,7 +337,9 @@ fn pem(label: &str, der: &[u8]) -> String {
 /// Writes `bytes` to `path` atomically (a temporary file renamed over it),
 /// with `mode`.
 fn write_file(path: &Path, bytes: &[u8], mode: u32) -> Result<(), GroupError> {
-    let tmp = path.with_extension("tmp");
+    // A name of its own: two writers of one file never share a half-written
+    // temporary.
+    let tmp = path.with_extension(format!("tmp.{:016x}", rand::random::<u64>()));
     let mut f = std::fs::OpenOptions::new()
         .write(true)
         .create(true)
@@ -414,33 +418,7 @@ impl Group {
             None => 0,
         };
         let id = group_id(&ca_der)?;
-        // Each signature is checked again: a file swapped on disk gives no
-        // key. Raw key files of older versions are ignored (an owner signs
-        // its current epoch again on open).
-        let mut epochs = BTreeMap::new();
-        if let Ok(entries) = std::fs::read_dir(dir.join("keys")) {
-            for e in entries.flatten() {
-                let name = e.file_name();
-                let Some(epoch) = name
-                    .to_str()
-                    .and_then(|n| n.strip_suffix(".sig"))
-                    .and_then(|n| n.parse::<u64>().ok())
-                else {
-                    continue;
-                };
-                let Ok(signature) = std::fs::read(e.path()) else {
-                    continue;
-                };
-                match group_topics::epoch_key(&ca_der, id, epoch, &signature) {
-                    Ok(key) => {
-                        epochs.insert(epoch, Epoch { key, signature });
-                    }
-                    Err(err) => {
-                        tracing::warn!(group = %id, epoch, error = %err, "ignoring a stored topic key")
-                    }
-                }
-            }
-        }
+        let epochs = load_epochs(&dir.join("keys"), &ca_der, id, crl_number);
         Ok(Self {
             name,
             dir: dir.to_owned(),
@@ -456,6 +434,11 @@ impl Group {
 
     fn crl_number(&self) -> u64 {
         self.crl_number
+    }
+
+    /// The keys held for `epoch`, the one that seals first.
+    fn keys_at(&self, epoch: u64) -> impl Iterator<Item = &Epoch> {
+        self.epochs.get(&epoch).into_iter().flatten()
     }
 
     fn trust(&self) -> Result<TrustList, CertError> {
@@ -503,6 +486,59 @@ impl Group {
         let cert = params.self_signed(&key).map_err(make)?;
         Ok((cert, key))
     }
+}
+
+/// The epoch signatures stored in `keys` (`<epoch>.sig`, the first; more
+/// as `<epoch>-<digest>.sig`), each checked against the CA again: a file
+/// swapped on disk gives no key. Signatures of epochs after the CRL held
+/// (`crl_number`) are deleted, never used: a key is only ever made for an
+/// epoch whose CRL is current, so a member revoked by that CRL cannot have
+/// been handed it. Raw key files of older versions are deleted too (an
+/// owner signs its current epoch again on open).
+fn load_epochs(
+    keys: &Path,
+    ca_der: &[u8],
+    id: GroupId,
+    crl_number: u64,
+) -> BTreeMap<u64, Vec<Epoch>> {
+    let mut found: Vec<(u64, String, Vec<u8>)> = Vec::new();
+    for e in std::fs::read_dir(keys).into_iter().flatten().flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let epoch = name
+            .strip_suffix(".sig")
+            .and_then(|n| n.split('-').next())
+            .and_then(|n| n.parse::<u64>().ok());
+        match epoch {
+            Some(epoch) if epoch <= crl_number => {
+                if let Ok(signature) = std::fs::read(e.path()) {
+                    found.push((epoch, name, signature));
+                }
+            }
+            Some(_) => {
+                tracing::warn!(group = %id, file = %name, "deleting a topic key of an epoch after the CRL held");
+                let _ = std::fs::remove_file(e.path());
+            }
+            None if name.bytes().all(|b| b.is_ascii_digit()) => {
+                let _ = std::fs::remove_file(e.path());
+            }
+            None => {}
+        }
+    }
+    // `<epoch>.sig` sorts before `<epoch>-….sig`: the first key stays first.
+    found.sort_by(|a, b| (a.0, a.1.len(), &a.1).cmp(&(b.0, b.1.len(), &b.1)));
+    let mut epochs: BTreeMap<u64, Vec<Epoch>> = BTreeMap::new();
+    for (epoch, _, signature) in found {
+        match group_topics::epoch_key(ca_der, id, epoch, &signature) {
+            Ok(key) => epochs
+                .entry(epoch)
+                .or_default()
+                .push(Epoch { key, signature }),
+            Err(err) => {
+                tracing::warn!(group = %id, epoch, error = %err, "ignoring a stored topic key")
+            }
+        }
+    }
+    epochs
 }
 
 /// A peer's Ed25519 public key, as rcgen signs a certificate for it.
@@ -861,10 +897,12 @@ impl Groups {
         .signed_by(&ca, &ca_key)
         .map_err(make)?;
         let der = crl.der().to_vec();
-        // A new topic key for the new epoch first: the revoked member knows
-        // every older one.
-        self.sign_epoch(id, number + 1)?;
+        // The CRL first, then the new epoch's key: a key exists only for an
+        // epoch whose CRL is current, so members refuse it to the revoked
+        // peer from the moment it exists. (A crash in between leaves the
+        // epoch unsigned; the owner signs it when it opens the group.)
         self.accept_crl(id, &der)?;
+        self.sign_epoch(id, number + 1)?;
         Ok(der)
     }
 
@@ -911,6 +949,11 @@ impl Groups {
         if number < held {
             return Err(GroupError::Crl(format!(
                 "its number {number} is older than the CRL held here ({held})"
+            )));
+        }
+        if number == held && self.crl(id).as_deref() != Some(der.as_slice()) {
+            return Err(GroupError::Crl(format!(
+                "it is numbered {number}, as the CRL held here, but differs from it: a CA numbers each new CRL higher (`openssl ca -gencrl` does)"
             )));
         }
         self.accept_crl(id, &der)?;
@@ -983,54 +1026,83 @@ impl Groups {
     /// key). Only current members hold one.
     pub fn topic_key(&self, id: GroupId) -> Option<(u64, [u8; KEY_LEN])> {
         let groups = self.lock();
-        let (epoch, e) = groups.get(&id)?.epochs.last_key_value()?;
-        Some((*epoch, e.key))
+        let (epoch, keys) = groups.get(&id)?.epochs.last_key_value()?;
+        Some((*epoch, keys.first()?.key))
     }
 
-    /// Group `id`'s topic key of `epoch`, if held.
+    /// Group `id`'s topic key of `epoch` that this node seals with, if held.
     pub fn topic_key_at(&self, id: GroupId, epoch: u64) -> Option<[u8; KEY_LEN]> {
-        Some(self.lock().get(&id)?.epochs.get(&epoch)?.key)
+        Some(self.lock().get(&id)?.keys_at(epoch).next()?.key)
     }
 
-    /// The CA signature group `id`'s key of `epoch` comes from, if held:
-    /// what a member hands another.
+    /// Every key of group `id`'s `epoch` held (more than one when its CA
+    /// signed the epoch more than once): what a message is opened with.
+    pub fn topic_keys_at(&self, id: GroupId, epoch: u64) -> Vec<[u8; KEY_LEN]> {
+        self.lock()
+            .get(&id)
+            .map(|g| g.keys_at(epoch).map(|e| e.key).collect())
+            .unwrap_or_default()
+    }
+
+    /// The CA signature group `id`'s sealing key of `epoch` comes from, if
+    /// held: what a member hands another.
     pub fn epoch_signature(&self, id: GroupId, epoch: u64) -> Option<Vec<u8>> {
-        Some(self.lock().get(&id)?.epochs.get(&epoch)?.signature.clone())
+        Some(
+            self.lock()
+                .get(&id)?
+                .keys_at(epoch)
+                .next()?
+                .signature
+                .clone(),
+        )
     }
 
     /// Takes group `id`'s epoch signature of `epoch` (from a member, or from
-    /// the operator of a CA kept elsewhere) if the group CA made it, and
-    /// keeps it (mode 0600: it reads the group's topics). Returns the key.
-    /// A key already held for that epoch is kept, not replaced.
+    /// the operator of a CA kept elsewhere) if the group CA made it and
+    /// `epoch` is not after the CRL held, and keeps it (mode 0600: it reads
+    /// the group's topics). Returns the key. A key already held stays first;
+    /// another the CA signed for the same epoch is kept beside it.
     pub fn take_epoch_signature(
         &self,
         id: GroupId,
         epoch: u64,
         signature: &[u8],
     ) -> Result<[u8; KEY_LEN], GroupError> {
-        let (ca, dir, held) = {
+        let ca = {
             let groups = self.lock();
             let g = groups
                 .get(&id)
                 .ok_or_else(|| GroupError::Unknown(id.to_string()))?;
-            (
-                g.ca_der.clone(),
-                g.dir.join("keys"),
-                g.epochs.get(&epoch).cloned(),
-            )
+            g.ca_der.clone()
         };
         let key = group_topics::epoch_key(&ca, id, epoch, signature)?;
-        if let Some(held) = held {
-            return Ok(held.key);
+        // Checked, written and kept under one lock: memory and disk hold
+        // the same keys in the same order.
+        let mut groups = self.lock();
+        let g = groups
+            .get_mut(&id)
+            .ok_or_else(|| GroupError::Unknown(id.to_string()))?;
+        if epoch > g.crl_number {
+            return Err(GroupError::EpochKey(EpochKeyError::NotCurrent {
+                epoch,
+                held: g.crl_number,
+            }));
         }
+        if g.keys_at(epoch).any(|e| e.key == key) {
+            return Ok(key);
+        }
+        let dir = g.dir.join("keys");
         std::fs::create_dir_all(&dir).map_err(io("storing a topic key"))?;
-        write_file(&dir.join(format!("{epoch}.sig")), signature, 0o600)?;
-        if let Some(g) = self.lock().get_mut(&id) {
-            g.epochs.entry(epoch).or_insert(Epoch {
-                key,
-                signature: signature.to_vec(),
-            });
-        }
+        let name = if g.keys_at(epoch).next().is_none() {
+            format!("{epoch}.sig")
+        } else {
+            format!("{epoch}-{}.sig", &blake3::hash(&key).to_hex()[..16])
+        };
+        write_file(&dir.join(name), signature, 0o600)?;
+        g.epochs.entry(epoch).or_default().push(Epoch {
+            key,
+            signature: signature.to_vec(),
+        });
         Ok(key)
     }
 
@@ -1190,6 +1262,80 @@ mod tests {
         assert!(e.to_string().contains("not the libp2p key"), "{e}");
         let good = member.own_certificate(g.id).unwrap();
         owner.verify_member(g.id, &member_id, &good).unwrap();
+    }
+
+    #[test]
+    fn an_epoch_signed_twice_keeps_both_keys_and_no_key_comes_before_its_crl() {
+        let (owner, owner_id, owner_dir) = node();
+        let g = owner.create("crew", 86_400).unwrap();
+        let first = owner.topic_key_at(g.id, 0).unwrap();
+        // The CA signs epoch 0 again (ECDSA: another signature, another
+        // key): both are the CA's, both are kept, the first still seals.
+        let pkcs8 = owner.lock().get(&g.id).unwrap().ca_key_pkcs8().unwrap();
+        let again = group_topics::sign_epoch(&pkcs8, g.id, 0).unwrap();
+        let second = owner.take_epoch_signature(g.id, 0, &again).unwrap();
+        assert_ne!(first, second);
+        assert_eq!(owner.topic_keys_at(g.id, 0), vec![first, second]);
+        assert_eq!(owner.take_epoch_signature(g.id, 0, &again).unwrap(), second);
+        assert_eq!(owner.topic_keys_at(g.id, 0).len(), 2, "kept once");
+        // No key for an epoch whose CRL is not here yet.
+        let ahead = group_topics::sign_epoch(&pkcs8, g.id, 1).unwrap();
+        assert!(matches!(
+            owner.take_epoch_signature(g.id, 1, &ahead),
+            Err(GroupError::EpochKey(EpochKeyError::NotCurrent {
+                epoch: 1,
+                held: 0
+            }))
+        ));
+        // One left on disk from before (a crash, an older version) is
+        // deleted when the group is opened, as are raw key files.
+        let keys = owner_dir.path().join(g.id.to_string()).join("keys");
+        std::fs::write(keys.join("1.sig"), &ahead).unwrap();
+        std::fs::write(keys.join("0"), [7u8; KEY_LEN]).unwrap();
+        let reopened = Groups::open(owner_dir.path(), owner_id).unwrap();
+        assert_eq!(reopened.topic_keys_at(g.id, 0), vec![first, second]);
+        assert!(reopened.topic_key_at(g.id, 1).is_none());
+        assert!(!keys.join("1.sig").exists() && !keys.join("0").exists());
+        // A CRL numbered as the one held but different is refused.
+        let (other, other_id, _o) = node();
+        other
+            .join(
+                owner.invite("crew", &other_id, 3600).unwrap().as_bytes(),
+                None,
+            )
+            .unwrap();
+        let crl = owner.revoke("crew", &other_id).unwrap();
+        assert_eq!(
+            owner.topic_keys_at(g.id, 1).len(),
+            1,
+            "signed after its CRL"
+        );
+        let (third, third_id, _t) = node();
+        third
+            .join(
+                owner.invite("crew", &third_id, 3600).unwrap().as_bytes(),
+                None,
+            )
+            .unwrap();
+        let p = owner.lock().get(&g.id).unwrap().issuer().unwrap();
+        let forked = CertificateRevocationListParams {
+            this_update: at(now_unix() - 1).unwrap(),
+            next_update: at(now_unix() + 86_400).unwrap(),
+            crl_number: SerialNumber::from(1u64),
+            issuing_distribution_point: None,
+            revoked_certs: Vec::new(),
+            key_identifier_method: KeyIdMethod::Sha256,
+        }
+        .signed_by(&p.0, &p.1)
+        .unwrap();
+        assert!(matches!(
+            third.relay_crl(g.id, forked.der()),
+            Err(GroupError::Crl(_))
+        ));
+        assert!(
+            third.relay_crl(g.id, &crl).is_ok(),
+            "the same CRL again is fine"
+        );
     }
 
     #[test]

@@ -47,6 +47,9 @@ const WORDS: MultimapTableDefinition<&str, &[u8; 32]> = MultimapTableDefinition:
 /// stores from before it, which are indexed when opened).
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 const WORDS_VERSION: u64 = 1;
+/// Items one search decodes at most: a query whose rarest word is common
+/// costs a bounded amount, however many items the store holds.
+pub const SEARCH_DECODE_LIMIT: usize = 10_000;
 
 /// How many items are indexed under words starting with `prefix`, counted
 /// up to `most` (an item under two such words counts twice).
@@ -375,7 +378,8 @@ impl Store {
     /// Stored items that match every word of `query` (as
     /// [`keywords::matches`]: prefix match) and that `keep` accepts, at most
     /// `limit`, with their signed manifests. Found through the word index:
-    /// only the items under the query's rarest word are decoded.
+    /// only the items under the query's rarest word are decoded, at most
+    /// [`SEARCH_DECODE_LIMIT`] of them.
     pub fn search(
         &self,
         query: &[String],
@@ -389,9 +393,9 @@ impl Store {
         // so a common word costs no more than the rare one beside it.
         let mut rarest: Option<(&String, usize)> = None;
         for q in query {
-            let most = rarest.map_or(usize::MAX, |(_, n)| n);
+            let most = rarest.map_or(SEARCH_DECODE_LIMIT, |(_, n)| n);
             let n = postings(&words, q, most)?;
-            if n < most {
+            if n < most || rarest.is_none() {
                 rarest = Some((q, n));
             }
         }
@@ -400,7 +404,7 @@ impl Store {
         };
         let mut seen = HashSet::new();
         let mut out = Vec::new();
-        for row in words.range(key.as_str()..).map_err(index)? {
+        'words: for row in words.range(key.as_str()..).map_err(index)? {
             let (word, ids) = row.map_err(index)?;
             if !word.value().starts_with(key.as_str()) {
                 break;
@@ -409,6 +413,9 @@ impl Store {
                 let id = ContentId(*id.map_err(index)?.value());
                 if !seen.insert(id) {
                     continue;
+                }
+                if seen.len() > SEARCH_DECODE_LIMIT {
+                    break 'words;
                 }
                 let Some(signed) = manifests.get(&id.0).map_err(index)? else {
                     continue;

@@ -209,8 +209,9 @@ pub async fn run(j: bool, c: &Client, cmd: &GroupCmd) -> Result<()> {
                         format!(
                             "group {}: no topic key of epoch {} here, and no member has handed one over.\n\
                              The group's CA signs this text for it:\n  {}\n\
-                             With the CA key in ca.key:\n  {}\n\
-                             then, on any member: p2pctl group topic-key {group} --signature epoch-{}.sig",
+                             With the CA key in ca.key (once per epoch: every signature is another key):\n  {}\n\
+                             then, on any one member: p2pctl group topic-key {group} --signature epoch-{}.sig\n\
+                             (members pass it on; the file is as secret as the key: delete it afterwards)",
                             k.group_id, k.epoch, k.message, k.openssl_command, k.epoch
                         )
                     }

@@ -69,10 +69,13 @@ fn check_key(key: &[u8]) -> Result<kad::RecordKey, ApiError> {
     Ok(kad::RecordKey::new(&key))
 }
 
-fn peer_info(svc: &ApiService, p: PeerSummary) -> pb::PeerInfo {
-    let content_streams = content(svc)
-        .map(|c| c.inner.served.count(&p.peer_id) as u32)
-        .unwrap_or(0);
+/// `p` as the API shows it; what this node serves each peer only to admin
+/// callers (an app need not learn whom the node serves).
+fn peer_info(svc: &ApiService, who: &Principal, p: PeerSummary) -> pb::PeerInfo {
+    let content_streams = match content(svc) {
+        Ok(c) if who.admin => c.inner.served.count(&p.peer_id) as u32,
+        _ => 0,
+    };
     pb::PeerInfo {
         peer_id: p.peer_id.to_string(),
         addrs: p.addrs.iter().map(|a| a.to_string()).collect(),
@@ -285,7 +288,7 @@ pub(crate) async fn run(svc: &ApiService, who: &Principal, op: Op) -> Result<R, 
         Op::Peers(_) => {
             let peers = node.call(Command::Peers).await?;
             Ok(R::Peers(pb::PeerList {
-                peers: peers.into_iter().map(|p| peer_info(svc, p)).collect(),
+                peers: peers.into_iter().map(|p| peer_info(svc, who, p)).collect(),
             }))
         }
         Op::Connect(r) => {
@@ -327,7 +330,7 @@ pub(crate) async fn run(svc: &ApiService, who: &Principal, op: Op) -> Result<R, 
                     Command::FindPeer(peer, reply)
                 })
                 .await?;
-            Ok(R::Peer(peer_info(svc, found)))
+            Ok(R::Peer(peer_info(svc, who, found)))
         }
         Op::PutRecord(r) => {
             let key = check_key(&r.key)?;

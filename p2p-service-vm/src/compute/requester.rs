@@ -17,11 +17,14 @@
 //!
 //! A run that uses all the fuel it was given is paid for that fuel when the
 //! job's runs agree it needs more: every run ran out (at least two, or the
-//! one of a single replica), or the agreed result took more fuel than that
-//! run had. A requester cannot get work for free by sizing its budget so
-//! that runs end out of fuel; a provider that claims to have run out with
-//! more fuel than the agreed result needed disagrees, and is not paid. What
-//! is paid never exceeds the budget.
+//! one of a single replica), each with at least half the fuel of the
+//! largest. A requester cannot get work for free by sizing its budget so
+//! that runs end out of fuel. A run that ran out while others agreed on a
+//! result is not paid: its offer bought too little fuel for the job, and a
+//! provider could claim so without running anything (a high price buys
+//! little fuel for the same credits); one that claims to have run out with
+//! as much fuel as the agreed result took disagrees. What is paid never
+//! exceeds the budget.
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -289,14 +292,23 @@ async fn drive(svc: &ComputeService, spec: &Spec, job: &Job) -> Result<ContentId
                 .map(|(_, m)| m.clone())
                 .unwrap_or_default();
             let failure = (code.to_string(), message);
-            // Runs that agree the job needs more fuel are paid for theirs.
+            // Runs that agree the job needs more fuel are paid for theirs:
+            // those that had at least half the fuel of the largest. One with
+            // far less (its price bought little) proves nothing the others
+            // do not, and may not have run at all.
             let agreed = failure.0 == "COMPUTE_OUT_OF_FUEL"
                 && ran_out.len() >= replicas.min(2)
                 && 2 * ran_out.len() > faults.len();
             if agreed {
+                let most = ran_out.iter().map(|r| r.body.work_units).max().unwrap_or(0);
                 let mut spent = 0;
                 for r in ran_out {
-                    conclude(svc, spec, job, r, Verdict::Pay, &mut spent).await;
+                    let verdict = if r.body.work_units.saturating_mul(2) >= most {
+                        Verdict::Pay
+                    } else {
+                        Verdict::Unpaid("its offer bought far less fuel than the other runs had")
+                    };
+                    conclude(svc, spec, job, r, verdict, &mut spent).await;
                 }
             } else {
                 reject(
@@ -350,9 +362,9 @@ fn majority(results: &[Returned], replicas: usize) -> Option<(String, u64)> {
     (n >= replicas.min(2) && 2 * n > results.len()).then(|| (id.to_string(), work))
 }
 
-/// Pays the runs that agree with the majority (and those that ran out of
-/// fuel short of the agreed work), tells the others why not, records both in
-/// the ledger and fetches the result into the store.
+/// Pays the runs that agree with the majority, tells the others why not
+/// (runs that ran out of fuel are not paid: see the module doc), records
+/// them in the ledger and fetches the result into the store.
 async fn settle(
     svc: &ComputeService,
     spec: &Spec,
@@ -378,9 +390,12 @@ async fn settle(
     }
     for r in ran_out {
         // Fuel is deterministic: a run with less fuel than the agreed work
-        // must run out; one with as much or more must not.
+        // must run out (not paid: its offer bought too little for this
+        // job); one with as much or more must not.
         let verdict = if r.body.work_units < work {
-            Verdict::Pay
+            Verdict::Unpaid(
+                "it ran out of fuel where other runs finished: its offer buys too little for this job",
+            )
         } else {
             Verdict::Disagreed("it ran out of fuel with more than the agreed result took")
         };
@@ -406,7 +421,9 @@ async fn settle(
 enum Verdict {
     /// It agrees with the job's outcome: pay it, if the budget still allows.
     Pay,
-    /// It disagrees: not paid, for this reason.
+    /// Not paid, for this reason, and not held against the provider.
+    Unpaid(&'static str),
+    /// It disagrees: not paid, for this reason, and a mark in the ledger.
     Disagreed(&'static str),
 }
 
@@ -435,13 +452,17 @@ async fn conclude(
             match pay(svc, signed).await {
                 Ok(receipt) => {
                     *spent += body.credits;
-                    ledger.record(
-                        c.peer,
-                        EventKind::ComputeAgreed {
-                            fuel: body.work_units,
-                            secs: took.as_secs_f64(),
-                        },
-                    );
+                    // A run that ran out is no measure of the provider's
+                    // speed (it may have stopped at once): paid, not scored.
+                    if !out_of_fuel {
+                        ledger.record(
+                            c.peer,
+                            EventKind::ComputeAgreed {
+                                fuel: body.work_units,
+                                secs: took.as_secs_f64(),
+                            },
+                        );
+                    }
                     (receipt, String::new())
                 }
                 Err(e) => {
@@ -454,6 +475,7 @@ async fn conclude(
             }
         }
         Verdict::Pay => (Vec::new(), "the job's budget is spent".to_string()),
+        Verdict::Unpaid(why) => (Vec::new(), why.to_string()),
         Verdict::Disagreed(why) => {
             ledger.record(c.peer, EventKind::ComputeDisagreed);
             (Vec::new(), why.to_string())

@@ -266,17 +266,24 @@ impl ContentService {
             }
             .to_string());
         }
-        let key = match self.groups().topic_key_at(id, epoch) {
-            Some(k) => k,
-            None => self
-                .topic_key_from(id, epoch, &[source, m.via])
-                .await
-                .ok_or_else(|| GroupTopicError::NoKey(epoch).to_string())?,
+        let open =
+            |key: &[u8; KEY_LEN]| group_topics::open(key, epoch, id, &m.topic, &sender, &sealed);
+        let held = self.groups().topic_keys_at(id, epoch);
+        let plain = match held.iter().find_map(|k| open(k).ok()) {
+            Some(plain) => plain,
+            None => {
+                // A key of the epoch this node lacks: the sender's, or the
+                // relay's, if the group CA signed it (it may have signed the
+                // epoch more than once). A message sealed with a key the CA
+                // never signed (a lying member's) opens with none, and is
+                // refused.
+                let key = self
+                    .topic_key_from(id, epoch, &[source, m.via])
+                    .await
+                    .ok_or_else(|| GroupTopicError::NoKey(epoch).to_string())?;
+                open(&key).map_err(|e| e.to_string())?
+            }
         };
-        // The key is the CA's: a message that does not open with it was
-        // sealed with another (a lying member's), and is refused.
-        let plain = group_topics::open(&key, epoch, id, &m.topic, &sender, &sealed)
-            .map_err(|e| e.to_string())?;
         let payload = Payload::decode(plain.as_slice()).map_err(|e| e.to_string())?;
         if wire_topic(id, &payload.topic) != m.topic {
             return Err("sealed for another topic".into());
@@ -299,6 +306,15 @@ impl ContentService {
             }
             return Err(format!(
                 "DRM_NOT_GROUP_MEMBER: topic keys of group {id} go to its members, on a group session"
+            ));
+        }
+        // Never an epoch after the CRL held: its key would be the one a
+        // member revoked by a CRL on its way here must not get.
+        let current = self.groups().crl_number(id);
+        if r.epoch > current {
+            return Err(format!(
+                "epoch {} is after the CRL held here (number {current})",
+                r.epoch
             ));
         }
         let mut signature = self

@@ -28,6 +28,7 @@ pub(crate) use server::accept;
 pub mod fuzzing;
 pub mod gateway;
 pub(crate) mod group_topics;
+#[doc(hidden)]
 pub mod probe;
 mod rights;
 mod sealed;

@@ -717,9 +717,17 @@ fn answer_op(
                     format!("too many searches: {SEARCHES_PER_SEC} a second at most"),
                 );
             }
-            let words: Vec<String> = s.keywords.iter().map(|w| w.to_lowercase()).collect();
+            if s.keywords.len() > 16 || s.keywords.iter().any(|w| w.len() > 64) {
+                return failed(Status::BadRequest, "1-16 keywords of at most 64 bytes");
+            }
+            // Words as a local query has them: lower-cased, two characters
+            // or more (an empty or one-letter prefix matches nearly all).
+            let words = p2pvm_content::keywords::query_keywords(&s.keywords.join(" "));
             if words.is_empty() || words.len() > 16 {
-                return failed(Status::BadRequest, "1-16 keywords");
+                return failed(
+                    Status::BadRequest,
+                    "1-16 keywords of two or more letters or digits",
+                );
             }
             let limit = (s.limit as usize).clamp(1, MAX_HITS);
             // The store's word index: only items under the query's longest
