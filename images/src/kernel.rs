@@ -305,24 +305,54 @@ fn build(cache: &Cache, version: &str, dir: &Path) -> Result<Info> {
     Ok(info)
 }
 
-/// Cuts the xz stream out of a bzImage and decompresses it to the ELF `vmlinux`.
+/// The zstd frame's magic number.
+const ZSTD_MAGIC: [u8; 4] = [0x28, 0xb5, 0x2f, 0xfd];
+
+/// A bzImage's compressed payload, from its setup header (the x86 boot
+/// protocol: `setup_sects` at 0x1f1, `payload_offset` and `payload_length`
+/// at 0x248 and 0x24c, from the start of the protected-mode code).
+fn bzimage_payload(image: &[u8]) -> Option<&[u8]> {
+    let u32_at = |o: usize| Some(u32::from_le_bytes(image.get(o..o + 4)?.try_into().ok()?));
+    let sects = match *image.get(0x1f1)? {
+        0 => 4,
+        n => usize::from(n),
+    };
+    let start = (sects + 1) * 512 + u32_at(0x248)? as usize;
+    image.get(start..start.checked_add(u32_at(0x24c)? as usize)?)
+}
+
+/// Cuts the compressed kernel out of a bzImage and decompresses it to the
+/// ELF `vmlinux`: xz (Debian's 6.1 kernels) with `xz`, zstd (6.12) with
+/// `zstd`.
 pub fn extract_vmlinux(xz: &Path, vmlinuz: &Path, out: &Path) -> Result<()> {
     let image = fs::read(vmlinuz).ctx(|| format!("cannot read {}", vmlinuz.display()))?;
-    let offset = image
-        .windows(XZ_MAGIC.len())
-        .position(|w| w == XZ_MAGIC)
-        .ok_or_else(|| {
-            ImageError::Kernel(format!(
-                "{}: no xz stream (only xz-compressed kernels are supported)",
-                vmlinuz.display()
-            ))
-        })?;
     let tmp = out.with_extension("tmp");
-    let (status, stderr) = unxz(xz, &image[offset..], &tmp)
-        .ctx(|| format!("decompressing {} with xz", vmlinuz.display()))?;
+    let xz_at = image.windows(XZ_MAGIC.len()).position(|w| w == XZ_MAGIC);
+    let (tool, status, stderr) = match (xz_at, bzimage_payload(&image)) {
+        (Some(offset), _) => {
+            let (status, stderr) = unpack(xz, &["-dc", "--single-stream"], &image[offset..], &tmp)
+                .ctx(|| format!("decompressing {} with xz", vmlinuz.display()))?;
+            ("xz", status, stderr)
+        }
+        (None, Some(payload)) if payload.starts_with(&ZSTD_MAGIC) && payload.len() > 4 => {
+            let zstd = require_tool("zstd", "zstd")?;
+            // The payload ends with the decompressed size (4 bytes), which
+            // is no part of the zstd frame.
+            let frame = &payload[..payload.len() - 4];
+            let (status, stderr) = unpack(&zstd, &["-dc"], frame, &tmp)
+                .ctx(|| format!("decompressing {} with zstd", vmlinuz.display()))?;
+            ("zstd", status, stderr)
+        }
+        _ => {
+            return Err(ImageError::Kernel(format!(
+                "{}: neither an xz stream nor a zstd payload (only those are supported)",
+                vmlinuz.display()
+            )));
+        }
+    };
     if !status.success() {
         return Err(ImageError::Command {
-            command: format!("xz -dc < {}", vmlinuz.display()),
+            command: format!("{tool} -dc < {}", vmlinuz.display()),
             status,
             stderr,
         });
@@ -337,15 +367,16 @@ pub fn extract_vmlinux(xz: &Path, vmlinuz: &Path, out: &Path) -> Result<()> {
     fs::rename(&tmp, out).ctx(|| format!("cannot write {}", out.display()))
 }
 
-/// Feeds `stream` to `xz -dc --single-stream` writing `out`.
-fn unxz(
-    xz: &Path,
+/// Feeds `stream` to `tool args` (a decompressor) writing `out`.
+fn unpack(
+    tool: &Path,
+    args: &[&str],
     stream: &[u8],
     out: &Path,
 ) -> std::io::Result<(std::process::ExitStatus, String)> {
     let stream = stream.to_vec();
-    let mut child = Command::new(xz)
-        .args(["-dc", "--single-stream"])
+    let mut child = Command::new(tool)
+        .args(args)
         .stdin(Stdio::piped())
         .stdout(File::create(out)?)
         .stderr(Stdio::piped())
