@@ -57,6 +57,8 @@ if [ "$set_name" != main ]; then
     want xz-utils has xz
     # ...and zstd for Debian's 6.12 kernels (P2PVM_TESTHOST_KERNEL=6.12.*).
     want zstd has zstd
+    # ...and pahole (dwarves) for the channel module's BTF on 6.12 kernels.
+    want dwarves has pahole
     # Our kernel module for the channel device (MSI-X through UIO) is built
     # against Debian's linux-headers with the kernel's own compiler; the
     # headers' objtool and modpost link libelf and OpenSSL's libcrypto.
