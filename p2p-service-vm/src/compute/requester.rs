@@ -647,38 +647,34 @@ async fn run_on(
                 .record(c.peer, EventKind::RequestFailed);
             failed("UNAVAILABLE", e.to_string())
         }
-        Ok(Ok((Response { answer }, stream))) => match answer {
-            Some(Answer::Done(bytes)) => match check(svc, spec, &c, &bytes) {
-                Ok((body, signed)) => {
-                    Outcome::Done(Box::new((body, signed, stream, asked.elapsed())))
-                }
-                Err(why) => {
-                    warn!(peer = %c.peer, %why, "a provider's receipt does not check");
-                    svc.inner
-                        .content
-                        .inner
-                        .ledger
-                        .record(c.peer, EventKind::Violation);
-                    failed("PROTOCOL_VIOLATION", why)
-                }
-            },
-            Some(Answer::OutOfFuel(bytes)) => match check_ran_out(svc, spec, &c, &bytes) {
-                Ok((body, signed)) => {
-                    Outcome::RanOut(Box::new((body, signed, stream, asked.elapsed())))
-                }
-                Err(why) => {
-                    warn!(peer = %c.peer, %why, "a provider's out-of-fuel receipt does not check");
-                    svc.inner
-                        .content
-                        .inner
-                        .ledger
-                        .record(c.peer, EventKind::Violation);
-                    failed("PROTOCOL_VIOLATION", why)
-                }
-            },
-            Some(Answer::Failed(f)) => failed(&f.code, f.message),
-            _ => failed("PROTOCOL_VIOLATION", "an answer out of turn".into()),
-        },
+        Ok(Ok((Response { answer }, stream))) => {
+            // A receipt that does not check is a protocol violation.
+            let violation = |why: String| {
+                warn!(peer = %c.peer, %why, "a provider's receipt does not check");
+                svc.inner
+                    .content
+                    .inner
+                    .ledger
+                    .record(c.peer, EventKind::Violation);
+                failed("PROTOCOL_VIOLATION", why)
+            };
+            match answer {
+                Some(Answer::Done(bytes)) => match check(svc, spec, &c, &bytes) {
+                    Ok((body, signed)) => {
+                        Outcome::Done(Box::new((body, signed, stream, asked.elapsed())))
+                    }
+                    Err(why) => violation(why),
+                },
+                Some(Answer::OutOfFuel(bytes)) => match check_ran_out(svc, spec, &c, &bytes) {
+                    Ok((body, signed)) => {
+                        Outcome::RanOut(Box::new((body, signed, stream, asked.elapsed())))
+                    }
+                    Err(why) => violation(why),
+                },
+                Some(Answer::Failed(f)) => failed(&f.code, f.message),
+                _ => failed("PROTOCOL_VIOLATION", "an answer out of turn".into()),
+            }
+        }
     };
     (c, index, outcome, asked.elapsed())
 }
