@@ -55,9 +55,9 @@ if [ "$set_name" != main ]; then
     want iproute2 has ip
     want cpio has cpio
     want xz-utils has xz
-    # ...and zstd for Debian's 6.12 kernels (P2PVM_TESTHOST_KERNEL=6.12.*).
+    # ...and zstd for Debian's 6.12 kernels (the default series: images/src/kernel.rs).
     want zstd has zstd
-    # ...and pahole (dwarves) for the channel module's BTF on 6.12 kernels.
+    # ...and pahole (dwarves) for the channel module's BTF on those kernels.
     want dwarves has pahole
     # Our kernel module for the channel device (MSI-X through UIO) is built
     # against Debian's linux-headers with the kernel's own compiler; the
@@ -86,11 +86,11 @@ if [ "$set_name" = test ]; then
     want python3-libtorrent /usr/bin/python3 -c 'import libtorrent'
 fi
 
-# Debian's kernel is fetched with `apt-get download linux-image-amd64`
+# Debian's kernel is fetched with `apt-get download linux-image-6.12-amd64`
 # (signature-checked by apt), so the package lists must know it.
 need_update=
 if [ "$set_name" != main ] &&
-    ! apt-cache policy linux-image-amd64 2>/dev/null | grep 'Candidate: [0-9]' >/dev/null; then
+    ! apt-cache policy linux-image-6.12-amd64 2>/dev/null | grep 'Candidate: [0-9]' >/dev/null; then
     need_update=1
 fi
 

@@ -5,7 +5,7 @@
 //! Reproducibility: the same kernel package and the same host files give the
 //! same bytes (archives are sorted, with zero times and owners; modules are
 //! decompressed and programs stripped by the same tools). What varies is
-//! what the inputs are: the kernel `linux-image-amd64` points to on the day
+//! what the inputs are: the kernel `linux-image-6.12-amd64` points to on the day
 //! (pin it to hold it), and the host's clamd, its libraries and busybox.
 
 use std::path::{Path, PathBuf};

@@ -52,7 +52,8 @@ pub enum ImageError {
     /// A pinned kernel version the archive does not serve.
     #[error(
         "the pinned kernel linux-image-{pinned} is not in the archive (any more); \
-         linux-image-amd64 currently means linux-image-{current}: pin that, or remove the pin"
+         {meta} currently means linux-image-{current}: pin that, or remove the pin",
+        meta = crate::kernel::METAPACKAGE
     )]
     PinnedKernelGone {
         /// The pin.

@@ -43,7 +43,7 @@ struct BuildArgs {
     /// ~/.local/share/p2pvmm/images, where `p2pvmm up` looks).
     #[arg(long)]
     out: Option<PathBuf>,
-    /// Pin the kernel (`6.1.0-57-amd64`); default: what `linux-image-amd64`
+    /// Pin the kernel (`6.1.0-57-amd64`); default: what `linux-image-6.12-amd64`
     /// depends on now, asked of apt.
     #[arg(long, env = p2pvm_images::kernel::KERNEL_PIN_ENV)]
     kernel: Option<String>,
