@@ -11,8 +11,10 @@
 //! Whatever runs in a host (a `p2pd`, a libtorrent peer) is started with
 //! [`Lab::command`], i.e. `ip netns exec`.
 //!
-//! The kernel here has no `netem`, so the lab shapes rates but adds no delay
-//! or loss (see `../shared/design/network-lab-facts.md`).
+//! The kernel here has no `netem` (see `../shared/design/network-lab-facts.md`),
+//! so a line with latency or loss runs through a delay line of the lab's own
+//! ([`delay`]): a thread that forwards the host's frames between two veths
+//! in a *wire* namespace, holding each for the line's delay.
 //!
 //! The kernel's ARP table is one table for all namespaces, and its default
 //! hard limit (`gc_thresh3`, 1024 entries) is what a mesh of 32 hosts already
@@ -26,9 +28,15 @@
 
 #![forbid(unsafe_code)]
 
+pub mod delay;
+
 use std::net::Ipv4Addr;
 use std::path::Path;
 use std::process::Command;
+use std::time::Duration;
+
+use delay::DelayLine;
+pub use delay::LineStats;
 
 /// Why the lab could not be built or used.
 #[derive(Debug, thiserror::Error)]
@@ -90,13 +98,22 @@ pub enum LabError {
 /// Result alias for the lab.
 pub type Result<T> = std::result::Result<T, LabError>;
 
-/// The rates of one host's line, in bits per second; `None` is unshaped.
+/// One host's line: its rates in bits per second (`None` is unshaped), and
+/// the latency and loss it adds.
+///
+/// A frame between two hosts crosses both their lines, so the round trip
+/// between them is `2 × (delay₁ + delay₂)`, and a frame is lost on the way
+/// with probability about `loss₁ + loss₂`.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Line {
     /// From the host to the lab.
     pub up_bps: Option<u64>,
     /// From the lab to the host.
     pub down_bps: Option<u64>,
+    /// How long the line holds a frame, in each direction.
+    pub delay: Duration,
+    /// Frames lost per million crossing the line, in each direction.
+    pub loss_ppm: u32,
 }
 
 impl Line {
@@ -104,6 +121,8 @@ impl Line {
     pub const UNSHAPED: Line = Line {
         up_bps: None,
         down_bps: None,
+        delay: Duration::ZERO,
+        loss_ppm: 0,
     };
 
     /// A line of `up` and `down` megabits per second.
@@ -112,7 +131,28 @@ impl Line {
         Line {
             up_bps: bps(up),
             down_bps: bps(down),
+            ..Self::UNSHAPED
         }
+    }
+
+    /// The same line holding every frame for `delay` in each direction
+    /// (a round trip over it adds twice that).
+    pub fn with_delay(self, delay: Duration) -> Self {
+        Line { delay, ..self }
+    }
+
+    /// The same line losing `percent` % of the frames crossing it, in each
+    /// direction.
+    pub fn with_loss_percent(self, percent: f64) -> Self {
+        Line {
+            loss_ppm: (percent * 10_000.0).round().clamp(0.0, 1e6) as u32,
+            ..self
+        }
+    }
+
+    /// Whether the line needs a delay line (latency or loss).
+    pub fn delayed(&self) -> bool {
+        !self.delay.is_zero() || self.loss_ppm > 0
     }
 }
 
@@ -126,8 +166,12 @@ pub struct Host {
     pub ip: Ipv4Addr,
     /// Its line.
     pub line: Line,
-    /// Its veth's name in the hub namespace.
+    /// Its veth's name at the lab's end of the line: where the download is
+    /// shaped and the line's traffic is counted.
     hub_end: String,
+    /// The namespace holding `hub_end`: the hub, or the wire namespace for a
+    /// delayed line.
+    line_ns: String,
 }
 
 /// Bytes a host's interface sent and received, as the kernel counts them
@@ -145,7 +189,11 @@ pub struct Traffic {
 pub struct Lab {
     prefix: String,
     hub: String,
+    /// The namespace of the delay lines, made with the first delayed host.
+    wire: Option<String>,
     hosts: Vec<Host>,
+    /// Delay lines by host index.
+    lines: Vec<(usize, DelayLine)>,
 }
 
 /// All lab namespaces start with this, then the owning process's id.
@@ -236,7 +284,9 @@ impl Lab {
         let lab = Lab {
             prefix,
             hub,
+            wire: None,
             hosts: Vec::new(),
+            lines: Vec::new(),
         };
         let hub = lab.hub.as_str();
         let addr = format!("{HUB_IP}/{PREFIX_LEN}");
@@ -266,40 +316,33 @@ impl Lab {
         }
         let ip = Ipv4Addr::from(u32::from(HUB_IP) + 1 + i as u32);
         let netns = format!("{}{i}", self.prefix);
-        let hub_end = format!("h{i}");
+        let line_ns = if line.delayed() {
+            self.wire_ns()?
+        } else {
+            self.hub.clone()
+        };
         run("ip", &["netns", "add", &netns])?;
         let host = Host {
             netns,
             ip,
             line,
-            hub_end,
+            hub_end: format!("h{i}"),
+            line_ns,
         };
         // Pushed before it is complete, so a failure below still removes it.
         self.hosts.push(host.clone());
         make_neighbour_room(neighbour_entries(self.hosts.len()))?;
         let (ns, hub) = (host.netns.as_str(), self.hub.as_str());
-        run(
-            "ip",
-            &[
-                "-n",
-                hub,
-                "link",
-                "add",
-                &host.hub_end,
-                "type",
-                "veth",
-                "peer",
-                "name",
-                "eth0",
-                "netns",
-                ns,
-            ],
-        )?;
-        run(
-            "ip",
-            &["-n", hub, "link", "set", &host.hub_end, "master", "br0"],
-        )?;
-        run("ip", &["-n", hub, "link", "set", &host.hub_end, "up"])?;
+        if line.delayed() {
+            self.wire_up(i, &host)?;
+        } else {
+            veth_pair(hub, &host.hub_end, ns, "eth0", false)?;
+            run(
+                "ip",
+                &["-n", hub, "link", "set", &host.hub_end, "master", "br0"],
+            )?;
+            run("ip", &["-n", hub, "link", "set", &host.hub_end, "up"])?;
+        }
         let addr = format!("{ip}/{PREFIX_LEN}");
         run("ip", &["-n", ns, "addr", "add", &addr, "dev", "eth0"])?;
         run("ip", &["-n", ns, "link", "set", "eth0", "up"])?;
@@ -308,9 +351,78 @@ impl Lab {
             shape(ns, "eth0", bps)?;
         }
         if let Some(bps) = line.down_bps {
-            shape(hub, &host.hub_end, bps)?;
+            shape(&host.line_ns, &host.hub_end, bps)?;
+        }
+        if line.delayed() {
+            self.start_delay_line(i, &host)?;
         }
         Ok(host)
+    }
+
+    /// The wire namespace, made on first use. It holds no address, so its
+    /// kernel answers nothing and routes nothing (IPv6 off: no router
+    /// solicitations of its own on the lines).
+    fn wire_ns(&mut self) -> Result<String> {
+        if let Some(w) = &self.wire {
+            return Ok(w.clone());
+        }
+        let wire = format!("{}wire", self.prefix);
+        run("ip", &["netns", "add", &wire])?;
+        self.wire = Some(wire.clone());
+        run(
+            "ip",
+            &[
+                "netns",
+                "exec",
+                &wire,
+                "sh",
+                "-c",
+                "for f in /proc/sys/net/ipv6/conf/all/disable_ipv6 \
+                 /proc/sys/net/ipv6/conf/default/disable_ipv6; do \
+                 [ -w $f ] && echo 1 > $f; done; true",
+            ],
+        )?;
+        Ok(wire)
+    }
+
+    /// Host `i`'s delayed line: `eth0` to `h<i>` in the wire namespace, and
+    /// `d<i>` there to `b<i>` on the bridge; frames carry one segment each
+    /// (see [`delay`]).
+    fn wire_up(&self, i: usize, host: &Host) -> Result<()> {
+        let (wire, hub) = (host.line_ns.as_str(), self.hub.as_str());
+        let (lab_side, bridge_port) = (format!("d{i}"), format!("b{i}"));
+        veth_pair(wire, &host.hub_end, &host.netns, "eth0", true)?;
+        veth_pair(wire, &lab_side, hub, &bridge_port, true)?;
+        run(
+            "ip",
+            &["-n", hub, "link", "set", &bridge_port, "master", "br0"],
+        )?;
+        run("ip", &["-n", hub, "link", "set", &bridge_port, "up"])?;
+        run("ip", &["-n", wire, "link", "set", &host.hub_end, "up"])?;
+        run("ip", &["-n", wire, "link", "set", &lab_side, "up"])?;
+        Ok(())
+    }
+
+    fn start_delay_line(&mut self, i: usize, host: &Host) -> Result<()> {
+        let line = DelayLine::start(
+            &host.line_ns,
+            &host.hub_end,
+            &format!("d{i}"),
+            host.line.delay,
+            host.line.loss_ppm,
+            0x6c61_6200 + i as u64,
+        )?;
+        self.lines.push((i, line));
+        Ok(())
+    }
+
+    /// What `host`'s delay line did so far (`None` for a line without one).
+    pub fn line_stats(&self, host: &Host) -> Option<LineStats> {
+        let i = self.hosts.iter().position(|h| h == host)?;
+        self.lines
+            .iter()
+            .find(|(j, _)| *j == i)
+            .map(|(_, l)| l.stats())
     }
 
     /// A command that runs `program` inside `host`'s namespace.
@@ -330,7 +442,7 @@ impl Lab {
         // readable without entering the host's namespace.
         let counter = |name: &str| -> Result<u64> {
             let path = format!("/sys/class/net/{}/statistics/{name}", host.hub_end);
-            let args = ["netns", "exec", self.hub.as_str(), "cat", path.as_str()];
+            let args = ["netns", "exec", host.line_ns.as_str(), "cat", path.as_str()];
             let out = run("ip", &args)?;
             out.trim().parse().map_err(|_| LabError::Parse {
                 command: format!("ip {}", args.join(" ")),
@@ -346,10 +458,15 @@ impl Lab {
 
 impl Drop for Lab {
     fn drop(&mut self) {
+        // The delay lines stop first: their sockets hold the wire's veths.
+        self.lines.clear();
         // A host's veth goes with its namespace; processes still inside keep
         // theirs alive until they exit.
         for h in &self.hosts {
             let _ = run("ip", &["netns", "del", &h.netns]);
+        }
+        if let Some(wire) = &self.wire {
+            let _ = run("ip", &["netns", "del", wire]);
         }
         let _ = run("ip", &["netns", "del", &self.hub]);
     }
@@ -359,6 +476,21 @@ fn in_netns(netns: &str, program: impl AsRef<std::ffi::OsStr>) -> Command {
     let mut c = Command::new("ip");
     c.args(["netns", "exec", netns]).arg(program);
     c
+}
+
+/// A veth pair: `name` in `netns`, its peer `peer` in `peer_ns`. A pair on a
+/// delay line carries one segment per frame (no segmentation offload).
+fn veth_pair(netns: &str, name: &str, peer_ns: &str, peer: &str, one_segment: bool) -> Result<()> {
+    let segs: &[&str] = if one_segment {
+        &["gso_max_segs", "1"]
+    } else {
+        &[]
+    };
+    let mut args = vec!["-n", netns, "link", "add", name];
+    args.extend_from_slice(segs);
+    args.extend_from_slice(&["type", "veth", "peer", "name", peer, "netns", peer_ns]);
+    args.extend_from_slice(segs);
+    run("ip", &args).map(drop)
 }
 
 fn shape(netns: &str, dev: &str, bps: u64) -> Result<()> {
@@ -441,5 +573,17 @@ mod tests {
         let l = Line::mbit(2.0, 10.5);
         assert_eq!(l.up_bps, Some(2_000_000));
         assert_eq!(l.down_bps, Some(10_500_000));
+        assert!(!l.delayed());
+    }
+
+    #[test]
+    fn latency_or_loss_makes_a_delayed_line() {
+        let l = Line::mbit(2.0, 10.0).with_delay(Duration::from_millis(30));
+        assert!(l.delayed());
+        assert_eq!(l.up_bps, Some(2_000_000));
+        let lossy = Line::UNSHAPED.with_loss_percent(0.25);
+        assert_eq!(lossy.loss_ppm, 2_500);
+        assert!(lossy.delayed());
+        assert_eq!(Line::UNSHAPED.with_loss_percent(250.0).loss_ppm, 1_000_000);
     }
 }

@@ -163,3 +163,129 @@ fn every_host_of_a_40_host_lab_reaches_every_other() {
         "the ARP table holds {limit} entries, too few for {HOSTS} hosts"
     );
 }
+
+/// How long a TCP handshake from `from` to `to` takes: one round trip.
+fn handshake(from: &Host, to: &Host) -> Duration {
+    let ip = to.ip;
+    let listener = inside(to, move || TcpListener::bind((ip, 0)).expect("bind"))
+        .join()
+        .expect("listener");
+    let at = listener.local_addr().expect("addr");
+    inside(from, move || {
+        // The first dial also resolves the address (ARP): not timed.
+        drop(TcpStream::connect_timeout(&at, Duration::from_secs(5)).expect("connect"));
+        (0..3)
+            .map(|_| {
+                let start = Instant::now();
+                drop(TcpStream::connect_timeout(&at, Duration::from_secs(5)).expect("connect"));
+                start.elapsed()
+            })
+            .min()
+            .expect("three dials")
+    })
+    .join()
+    .expect("dialer")
+}
+
+/// Delay lines hold each frame for their line's delay both ways, carry whole
+/// TCP transfers (checksums completed, no oversize frame), and mix with
+/// direct lines on the same bridge.
+#[test]
+fn a_delayed_line_adds_its_round_trip_and_carries_tcp() {
+    let Some(mut lab) = lab() else { return };
+    let ms = Duration::from_millis;
+    let a = lab
+        .add_host(Line::mbit(20.0, 50.0).with_delay(ms(20)))
+        .expect("host");
+    let b = lab
+        .add_host(Line::UNSHAPED.with_delay(ms(30)))
+        .expect("host");
+    let direct = lab.add_host(Line::UNSHAPED).expect("host");
+
+    let ab = handshake(&a, &b);
+    let direct_b = handshake(&direct, &b);
+    let direct_direct = handshake(&direct, &direct);
+    eprintln!("handshakes: a-b {ab:?}, direct-b {direct_b:?}, direct-direct {direct_direct:?}");
+    // 2 × (20 + 30) ms; the line rounds its waits up, never down.
+    assert!(ab >= ms(100) && ab < ms(160), "a-b round trip {ab:?}");
+    assert!(
+        direct_b >= ms(60) && direct_b < ms(120),
+        "direct-b {direct_b:?}"
+    );
+    assert!(
+        direct_direct < ms(20),
+        "a direct line was delayed: {direct_direct:?}"
+    );
+
+    let bytes = 1_500_000;
+    let took = transfer(&a, &b, bytes);
+    eprintln!("1.5 MB over a 20 Mbit/s delayed line: {took:?}");
+    assert!(took >= ms(600), "20 Mbit/s carried 1.5 MB in {took:?}");
+    let stats = lab.line_stats(&a).expect("a has a delay line");
+    assert_eq!(stats.oversize, 0, "{stats:?}");
+    assert!(stats.forwarded > 1_000, "{stats:?}");
+    assert_eq!(stats.lost, 0, "{stats:?}");
+    assert!(lab.line_stats(&direct).is_none());
+    let t = lab.traffic(&a).expect("counters");
+    assert!(
+        t.sent >= bytes as u64,
+        "the delayed line's counters missed it: {t:?}"
+    );
+}
+
+/// A lossy line drops its share of the frames crossing it, and says so.
+#[test]
+fn a_lossy_line_loses_its_share() {
+    let Some(mut lab) = lab() else { return };
+    let lossy = lab
+        .add_host(Line::UNSHAPED.with_loss_percent(5.0))
+        .expect("host");
+    let sink = lab.add_host(Line::UNSHAPED).expect("host");
+    const SENT: usize = 4_000;
+    let ip = sink.ip;
+    let socket = inside(&sink, move || {
+        let s = std::net::UdpSocket::bind((ip, 0)).expect("bind");
+        s.set_read_timeout(Some(Duration::from_secs(10)))
+            .expect("timeout");
+        s
+    })
+    .join()
+    .expect("sink");
+    let at = socket.local_addr().expect("addr");
+    let receiver = std::thread::spawn(move || {
+        let mut buf = [0u8; 64];
+        let mut got = 0usize;
+        while socket.recv(&mut buf).is_ok() {
+            got += 1;
+            // Done once the sender has been quiet for a while.
+            let _ = socket.set_read_timeout(Some(Duration::from_secs(1)));
+        }
+        got
+    });
+    let sender_ip = lossy.ip;
+    inside(&lossy, move || {
+        let s = std::net::UdpSocket::bind((sender_ip, 0)).expect("bind");
+        // Resolve the sink first (ARP may itself be lost), then send at a
+        // pace no buffer on the way overflows at.
+        for _ in 0..20 {
+            s.send_to(b"warm-up", at).expect("send");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        for i in 0..SENT {
+            s.send_to(&(i as u32).to_be_bytes(), at).expect("send");
+            if i % 50 == 49 {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        }
+    })
+    .join()
+    .expect("sender");
+    let got = receiver.join().expect("receiver").saturating_sub(20);
+    let stats = lab.line_stats(&lossy).expect("delay line");
+    let share = got as f64 / SENT as f64;
+    eprintln!("{got} of {SENT} datagrams arrived ({share:.4}); line: {stats:?}");
+    // 5 % lost: 200 ± 14 (one standard deviation); the bounds are 7 of them.
+    assert!((0.925..=0.975).contains(&share), "{got} of {SENT} arrived");
+    assert!(stats.lost >= 100, "{stats:?}");
+    assert_eq!(stats.overflowed, 0, "{stats:?}");
+}
