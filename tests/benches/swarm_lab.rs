@@ -6,8 +6,11 @@
 //! (`swarm::home_lines`); the publisher/seed gets 11 Mbit/s up. The lower
 //! bound (`swarm::lower_bound`) is the longest of: the publisher sending the
 //! item once, the downloaders' copies crossing the sum of all uploads, and
-//! the slowest download line receiving the item. The lines add no latency
-//! or loss (this kernel has no netem).
+//! the slowest download line receiving the item; it ignores latency. Every
+//! line adds a round trip of 20-150 ms and 0.25 % loss each way through the
+//! lab's delay lines (this kernel has no netem); `P2PVM_LAB_DELAY=0` runs on
+//! rates alone, as the figures before 2026-12-06 were measured. The delay
+//! lines run in the bench's own process, and their CPU is printed per engine.
 //!
 //! Prints, for each engine: first and last finisher, p50/p90 of the finish
 //! times, the ratio of the last finisher to the bound and to the other
@@ -29,7 +32,10 @@
 use std::time::Duration;
 
 use anyhow::{Context, Result};
-use p2pvm_e2e::swarm::{CrowdOutcome, Swarm, SwarmSpec, home_lines, lower_bound};
+use p2pvm_e2e::swarm::{
+    CrowdOutcome, LINE_LOSS_PERCENT, LINE_RTT_MS, Swarm, SwarmSpec, home_lines, lower_bound,
+    without_delay,
+};
 use p2pvm_e2e::torrent::TorrentSwarm;
 use p2pvm_netlab::{Lab, Traffic};
 
@@ -50,6 +56,15 @@ struct Run {
     received: Vec<u64>,
     cpu: Vec<f64>,
     peak_kib: Vec<u64>,
+    /// CPU seconds of this process (the lab's delay lines) during the crowd.
+    lab_cpu: f64,
+    /// How long the crowd ran, for the delay lines' share of a core.
+    span: Duration,
+}
+
+/// CPU seconds this process (the delay lines' threads) has used.
+fn own_cpu() -> Result<f64> {
+    p2pvm_e2e::cpu_secs(std::process::id())
 }
 
 fn traffic(lab: &Lab) -> Result<Vec<Traffic>> {
@@ -91,7 +106,9 @@ async fn ours(lab: &Lab, nodes: usize, data_len: usize, idle: Duration) -> Resul
         .map(|p| p2pvm_e2e::cpu_secs(*p))
         .collect::<Result<_>>()?;
     let before = traffic(lab)?;
+    let (lab_cpu, started) = (own_cpu()?, std::time::Instant::now());
     let crowd = swarm.flash_crowd().await?;
+    let (lab_cpu, span) = (own_cpu()? - lab_cpu, started.elapsed());
     let after = traffic(lab)?;
     if let Some(dir) = std::env::var_os("P2PVM_LAB_LOGS") {
         keep_logs(&swarm, dir.as_ref())?;
@@ -112,6 +129,8 @@ async fn ours(lab: &Lab, nodes: usize, data_len: usize, idle: Duration) -> Resul
         received: received(&before, &after),
         cpu,
         peak_kib,
+        lab_cpu,
+        span,
     };
     Ok((run, swarm.data.clone()))
 }
@@ -163,7 +182,9 @@ fn keep_logs(swarm: &Swarm, dir: &std::path::Path) -> Result<()> {
 async fn libtorrent(lab: &Lab, data: &[u8], deadline: Duration) -> Result<(Run, u64)> {
     let mut swarm = TorrentSwarm::start(lab, data).await?;
     let before = traffic(lab)?;
+    let (lab_cpu, started) = (own_cpu()?, std::time::Instant::now());
     let out = swarm.flash_crowd(deadline).await?;
+    let (lab_cpu, span) = (own_cpu()? - lab_cpu, started.elapsed());
     let after = traffic(lab)?;
     // Spot-check the bytes, as the p2pvm side's test does.
     if out.crowd.failures.is_empty() {
@@ -177,6 +198,8 @@ async fn libtorrent(lab: &Lab, data: &[u8], deadline: Duration) -> Result<(Run, 
         received: received(&before, &after),
         cpu: out.cpu_secs,
         peak_kib: out.peak_kib,
+        lab_cpu,
+        span,
     };
     Ok((run, out.seed_uploaded))
 }
@@ -233,6 +256,13 @@ fn report(run: &Run, size: u64, bound: Duration, downloaders: usize) {
         run.peak_kib[0] as f64 / 1024.0,
         max_mib(&run.peak_kib[1..]),
     );
+    println!(
+        "{:>10}  the lab's delay lines (this process): {:.1} CPU s over {:.1} s, {:.0} % of a core",
+        "",
+        run.lab_cpu,
+        run.span.as_secs_f64(),
+        run.lab_cpu / run.span.as_secs_f64().max(1e-9) * 100.0,
+    );
 }
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
@@ -249,14 +279,25 @@ async fn main() -> Result<()> {
     let nodes = env("P2PVM_LAB_NODES", if full { 60 } else { 5 }) as usize;
     let mib = env("P2PVM_LAB_MIB", if full { 64 } else { 2 });
     let size = mib << 20;
-    let lines = home_lines(nodes);
+    let delayed = env("P2PVM_LAB_DELAY", 1) != 0;
+    let lines = if delayed {
+        home_lines(nodes)
+    } else {
+        without_delay(&home_lines(nodes))
+    };
     let mut lab = Lab::new()?;
     for l in &lines {
         lab.add_host(*l)?;
     }
     let bound = lower_bound(&lines, size);
+    let (rtt_lo, rtt_hi) = LINE_RTT_MS;
+    let latency = if delayed {
+        format!("line round trips {rtt_lo}-{rtt_hi} ms, {LINE_LOSS_PERCENT} % loss each way")
+    } else {
+        "no latency or loss".into()
+    };
     println!(
-        "lab: {nodes} nodes on home lines (2-20 Mbit/s up, 5x down; publisher 11 up), {mib} MiB; lower bound {:.1} s",
+        "lab: {nodes} nodes on home lines (2-20 Mbit/s up, 5x down; publisher 11 up; {latency}), {mib} MiB; lower bound {:.1} s",
         bound.as_secs_f64()
     );
     let idle = Duration::from_secs(env("P2PVM_LAB_IDLE_SECS", if full { 20 } else { 0 }));

@@ -155,24 +155,51 @@ impl Swarm {
     }
 }
 
+/// The round trip a home line adds, spread over the nodes: a frame between
+/// two nodes crosses both lines, so their round trip is the sum of the two
+/// (40–300 ms).
+pub const LINE_RTT_MS: (f64, f64) = (20.0, 150.0);
+/// Frames lost per crossing of a line, in each direction: a path between
+/// two nodes crosses two lines and loses about 0.5 %.
+pub const LINE_LOSS_PERCENT: f64 = 0.25;
+
 /// Lines like home broadband for `n` nodes: uploads spread evenly over 2 to
-/// 20 Mbit/s, downloads five times the upload (at most 100 Mbit/s), in an
-/// order unrelated to when a node joins. The publisher (node 0) gets the
-/// middle of the range.
+/// 20 Mbit/s, downloads five times the upload (at most 100 Mbit/s), round
+/// trips spread over [`LINE_RTT_MS`] and [`LINE_LOSS_PERCENT`] loss, speeds
+/// and latencies in orders unrelated to each other and to when a node joins.
+/// The publisher (node 0) gets the middle of each range.
 pub fn home_lines(n: usize) -> Vec<Line> {
     let (lo, hi) = (2.0, 20.0);
+    let (rtt_lo, rtt_hi) = LINE_RTT_MS;
     let steps = n.saturating_sub(2).max(1) as f64;
-    let mut lines = vec![Line::mbit(
-        (lo + hi) / 2.0,
-        ((lo + hi) / 2.0 * 5.0).min(100.0),
-    )];
+    let line = |up: f64, rtt_ms: f64| {
+        Line::mbit(up, (up * 5.0).min(100.0))
+            .with_delay(Duration::from_secs_f64(rtt_ms / 2000.0))
+            .with_loss_percent(LINE_LOSS_PERCENT)
+    };
+    let mut lines = vec![line((lo + hi) / 2.0, (rtt_lo + rtt_hi) / 2.0)];
     for i in 1..n {
-        // A stride coprime with most sizes shuffles speeds against join order.
+        // Strides coprime with most sizes shuffle speeds and latencies
+        // against join order and against each other.
         let rank = ((i - 1) * 7 % (n - 1)) as f64;
+        let rtt_rank = ((i - 1) * 13 % (n - 1)) as f64;
         let up = lo + (hi - lo) * rank / steps;
-        lines.push(Line::mbit(up, (up * 5.0).min(100.0)));
+        lines.push(line(up, rtt_lo + (rtt_hi - rtt_lo) * rtt_rank / steps));
     }
     lines
+}
+
+/// The same lines without latency or loss (rates only, as before the lab
+/// had delay lines), for comparison.
+pub fn without_delay(lines: &[Line]) -> Vec<Line> {
+    lines
+        .iter()
+        .map(|l| Line {
+            delay: Duration::ZERO,
+            loss_ppm: 0,
+            ..*l
+        })
+        .collect()
 }
 
 /// The shortest time in which every downloader can hold `bytes` over
@@ -213,6 +240,19 @@ mod tests {
                 .iter()
                 .all(|l| l.down_bps.unwrap() > l.up_bps.unwrap())
         );
+        let rtts: Vec<u128> = lines.iter().map(|l| l.delay.as_millis() * 2).collect();
+        assert_eq!(*rtts.iter().min().unwrap(), 20);
+        assert_eq!(*rtts.iter().max().unwrap(), 150);
+        assert!(lines.iter().all(|l| l.loss_ppm == 2_500));
+        // Latency is not tied to speed: the fastest uploads are not all near.
+        let fast_rtts: Vec<u128> = lines
+            .iter()
+            .filter(|l| l.up_bps.unwrap() >= 15_000_000)
+            .map(|l| l.delay.as_millis() * 2)
+            .collect();
+        let spread = fast_rtts.iter().max().unwrap() - fast_rtts.iter().min().unwrap();
+        assert!(spread >= 80, "{fast_rtts:?}");
+        assert!(without_delay(&lines).iter().all(|l| !l.delayed()));
         // Not sorted by join order.
         assert!(ups[1..].windows(2).any(|w| w[0] > w[1]));
         assert!(ups[1..].windows(2).any(|w| w[0] < w[1]));

@@ -66,8 +66,10 @@ fn lab_or_skip() -> Result<Option<Lab>> {
 }
 
 // Twenty p2pds, each in a network namespace of its own behind a line shaped
-// like home broadband (2-20 Mbit/s up, five times that down): the publisher
-// cannot serve everyone, so the downloaders must trade among themselves.
+// like home broadband (2-20 Mbit/s up, five times that down, 20-150 ms of
+// round trip and 0.25 % loss each way on every line, through the lab's delay
+// lines): the publisher cannot serve everyone, so the downloaders must trade
+// among themselves.
 #[cfg_attr(
     debug_assertions,
     ignore = "needs release p2pds (20 debug ones on shaped lines starve two cores); scripts/test.sh runs it with --release"
