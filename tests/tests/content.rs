@@ -601,10 +601,14 @@ async fn kill_during_import_leaves_nothing_and_store_stays_usable() -> Result<()
     Ok(())
 }
 
+/// A kept download that dies with its node resumes from what it held: the
+/// next download of the item proves the checkpointed blocks again and asks
+/// the network only for the rest.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn kill_during_download_leaves_nothing_and_refetch_works() -> Result<()> {
+async fn a_download_killed_midway_resumes_from_what_it_held() -> Result<()> {
+    const SIZE: u64 = 32 << 20;
     let a = node(&[], Some(capped(4 << 20, ""))).await?;
-    let data = item(32 << 20, 5);
+    let data = item(SIZE as usize, 5);
     let info = publish(&a.app("pub").await?, "slow.bin", &data).await?;
     let mut b = node(&[&a], None).await?;
     let watch = progress_watch(b.app("watch").await?, info.content_id.clone());
@@ -612,13 +616,20 @@ async fn kill_during_download_leaves_nothing_and_refetch_works() -> Result<()> {
     let id = info.content_id.clone();
     let fetching = tokio::spawn(async move { c.download_content(&id).await });
     let mut w = watch.clone();
-    eventually(WAIT, "download in progress", || {
+    eventually(WAIT, "download past 20 MiB", || {
         let v = *w.borrow_and_update();
-        async move { (v > (4 << 20)).then_some(()) }
+        async move { (v > (20 << 20)).then_some(()) }
     })
     .await?;
     b.kill().await?;
     ensure!(fetching.await?.is_err());
+    // What the publisher served b before it died.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let publisher = a.admin().await?;
+    let b_id = b.peer_id.clone();
+    let served = || async { anyhow::Ok(publisher.credit_show(&b_id).await?.bytes_served) };
+    let before = served().await?;
+
     b.restart().await?;
     let admin = b.admin().await?;
     ensure!(
@@ -626,8 +637,34 @@ async fn kill_during_download_leaves_nothing_and_refetch_works() -> Result<()> {
         "a partial download is visible"
     );
     ensure!(leftovers(&b)? == 0, "tmp/ not cleaned");
+    let partial_dir = b.data_dir().join("content/partial");
+    ensure!(
+        std::fs::read_dir(&partial_dir)?.count() == 2,
+        "the unfinished download's bytes and checkpoint are kept"
+    );
     let got = fetch_all(&admin, &info.content_id, 0, 0, true).await?;
     ensure!(got == data);
+    // Counters may lag: wait until the whole item shows as served in all.
+    let after = eventually(WAIT, "the publisher's count of bytes served", || async {
+        served().await.ok().filter(|s| *s >= SIZE)
+    })
+    .await?;
+    let resent = after - before;
+    eprintln!(
+        "served before the kill {:.1} MiB, after the restart {:.1} MiB of {} MiB",
+        before as f64 / 1048576.0,
+        resent as f64 / 1048576.0,
+        SIZE >> 20
+    );
+    // Without resuming, the whole item (32 MiB) is sent again.
+    ensure!(
+        resent <= SIZE * 8 / 10,
+        "{resent} bytes sent again after the restart: the download did not resume"
+    );
+    ensure!(
+        std::fs::read_dir(&partial_dir)?.count() == 0,
+        "a finished download's checkpoint is left behind"
+    );
     Ok(())
 }
 

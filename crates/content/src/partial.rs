@@ -8,11 +8,19 @@
 //! download can prove — and therefore serve — every block it holds (swarming),
 //! and when the last block lands the tree is complete without a second hashing
 //! pass over the file.
+//!
+//! A download that keeps its item is *resumable*: beside its bytes it writes a
+//! checkpoint (which blocks it holds and the tree so far) after syncing them,
+//! and it leaves both behind when it ends unfinished or the node dies. The
+//! next download of the item reopens them and proves each block again against
+//! the content id before holding it, so a stale, torn or forged checkpoint
+//! costs blocks, never correctness.
 
 use std::fs::File;
 use std::ops::Range;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Mutex, RwLock};
 
 use bao_tree::io::sync::Outboard as OutboardRead;
@@ -87,6 +95,18 @@ impl SparseTree {
         self.pages.iter().flatten().map(|p| p.len()).sum()
     }
 
+    /// A tree from [`SparseTree::to_vec`]'s buffer (pages of zeros stay
+    /// unallocated).
+    fn from_vec(bytes: &[u8]) -> Self {
+        let mut t = Self::new(bytes.len());
+        for (i, page) in bytes.chunks(TREE_PAGE).enumerate() {
+            if page.iter().any(|b| *b != 0) {
+                t.pages[i] = Some(page.into());
+            }
+        }
+        t
+    }
+
     /// The whole tree as one buffer (unwritten parts are zeros).
     fn to_vec(&self) -> Vec<u8> {
         let mut out = vec![0; self.len];
@@ -138,7 +158,15 @@ pub struct Partial {
     file: File,
     tree: RwLock<SparseTree>,
     have: Mutex<Vec<bool>>,
+    /// The checkpoint file of a resumable download.
+    state: Option<PathBuf>,
+    /// Set when a resumable download's files are worthless (the item was
+    /// refused): dropping it then removes them.
+    discard: AtomicBool,
 }
+
+/// First bytes of a checkpoint file.
+const CHECKPOINT_MAGIC: &[u8; 16] = b"p2pvm partial 1\n";
 
 impl std::fmt::Debug for Partial {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -158,6 +186,37 @@ impl Partial {
             .write(true)
             .create_new(true)
             .open(path)?;
+        Self::fresh(file, path, None, id, size)
+    }
+
+    /// Creates a resumable download at `path`, its checkpoint at `state`;
+    /// whatever was there before is replaced.
+    pub fn create_resumable(
+        path: &Path,
+        state: &Path,
+        id: ContentId,
+        size: u64,
+    ) -> std::io::Result<Self> {
+        match std::fs::remove_file(state) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
+            _ => {}
+        }
+        let file = File::options()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(path)?;
+        Self::fresh(file, path, Some(state.to_owned()), id, size)
+    }
+
+    fn fresh(
+        file: File,
+        path: &Path,
+        state: Option<PathBuf>,
+        id: ContentId,
+        size: u64,
+    ) -> std::io::Result<Self> {
         file.set_len(size)?;
         let tree = BaoTree::new(size, BLOCK_SIZE);
         Ok(Self {
@@ -167,7 +226,99 @@ impl Partial {
             file,
             tree: RwLock::new(SparseTree::new(tree.outboard_size() as usize)),
             have: Mutex::new(vec![false; block_count(size) as usize]),
+            state,
+            discard: AtomicBool::new(false),
         })
+    }
+
+    /// Reopens the resumable download of `id` that a checkpoint at `state`
+    /// describes, holding each block it names that still proves against the
+    /// content id. `None` when there is no usable checkpoint (none, another
+    /// item or size, torn or altered, the bytes gone).
+    pub fn resume(
+        path: &Path,
+        state: &Path,
+        id: ContentId,
+        size: u64,
+    ) -> std::io::Result<Option<Self>> {
+        let saved = match std::fs::read(state) {
+            Ok(saved) => saved,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(e),
+        };
+        let tree_len = BaoTree::new(size, BLOCK_SIZE).outboard_size() as usize;
+        let blocks = block_count(size) as usize;
+        let Some((bits, tree)) = parse_checkpoint(&saved, id, size, blocks, tree_len) else {
+            return Ok(None);
+        };
+        let file = match File::options().read(true).write(true).open(path) {
+            Ok(f) => f,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(e),
+        };
+        if file.metadata()?.len() != size {
+            return Ok(None);
+        }
+        let partial = Self {
+            id,
+            size,
+            path: path.to_owned(),
+            file,
+            tree: RwLock::new(SparseTree::from_vec(tree)),
+            have: Mutex::new(vec![false; blocks]),
+            state: Some(state.to_owned()),
+            discard: AtomicBool::new(false),
+        };
+        for k in 0..blocks {
+            if bits[k / 8] & (1 << (k % 8)) == 0 {
+                continue;
+            }
+            let k = k as u64;
+            let proven = crate::block::encode(&partial.file, partial.shared(), k, false)
+                .and_then(|wire| crate::block::verify(id, size, k, &wire, |_, _| {}));
+            if proven.is_ok() {
+                partial.have.lock().expect("lock")[k as usize] = true;
+            }
+        }
+        Ok(Some(partial))
+    }
+
+    /// Makes what is held so far survive a crash: syncs the bytes, then
+    /// replaces the checkpoint (a plain sync for a download that is not
+    /// resumable).
+    pub fn checkpoint(&self) -> std::io::Result<()> {
+        let Some(state) = &self.state else {
+            return self.sync_written();
+        };
+        // The blocks named are on disk: marked held only after their write,
+        // and synced below. The tree holds at least their proofs.
+        let bits = self.bitfield();
+        self.file.sync_data()?;
+        let tree = self.tree.read().expect("lock").to_vec();
+        let mut out =
+            Vec::with_capacity(CHECKPOINT_MAGIC.len() + 32 + 8 + bits.len() + tree.len() + 32);
+        out.extend_from_slice(CHECKPOINT_MAGIC);
+        out.extend_from_slice(&self.id.0);
+        out.extend_from_slice(&self.size.to_le_bytes());
+        out.extend_from_slice(&bits);
+        out.extend_from_slice(&tree);
+        let sum = blake3::hash(&out);
+        out.extend_from_slice(sum.as_bytes());
+        let tmp = state.with_extension("state-new");
+        let mut f = File::create(&tmp)?;
+        std::io::Write::write_all(&mut f, &out)?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, state)
+    }
+
+    /// The item was refused: its files go when the download does.
+    pub fn discard(&self) {
+        self.discard.store(true, Ordering::Relaxed);
+    }
+
+    /// Whether this download resumes after a restart.
+    pub fn resumable(&self) -> bool {
+        self.state.is_some()
     }
 
     /// Reserves the file's blocks on disk for the whole item (a download
@@ -326,6 +477,15 @@ impl Partial {
         ))
     }
 
+    /// The item is in the store now: the checkpoint, and the bytes if the
+    /// store already held the item and did not take them, go.
+    pub fn committed(&self) {
+        if let Some(state) = &self.state {
+            let _ = std::fs::remove_file(state);
+            let _ = std::fs::remove_file(&self.path);
+        }
+    }
+
     /// Bytes of hash tree held in memory so far.
     pub fn tree_in_memory(&self) -> usize {
         self.tree.read().expect("lock").allocated()
@@ -337,11 +497,43 @@ impl Partial {
     }
 }
 
+/// The held blocks' bits and the tree of a checkpoint of `id`, if it is one
+/// (whole, unaltered, of this item and size).
+fn parse_checkpoint(
+    saved: &[u8],
+    id: ContentId,
+    size: u64,
+    blocks: usize,
+    tree_len: usize,
+) -> Option<(&[u8], &[u8])> {
+    let bits_len = blocks.div_ceil(8);
+    let head = CHECKPOINT_MAGIC.len() + 32 + 8;
+    if saved.len() != head + bits_len + tree_len + 32 {
+        return None;
+    }
+    let (body, sum) = saved.split_at(saved.len() - 32);
+    if blake3::hash(body).as_bytes() != sum
+        || &body[..16] != CHECKPOINT_MAGIC
+        || body[16..48] != id.0
+        || body[48..56] != size.to_le_bytes()
+    {
+        return None;
+    }
+    Some(body[head..].split_at(bits_len))
+}
+
 impl Drop for Partial {
     fn drop(&mut self) {
-        // An abandoned download leaves nothing behind; after a commit the file
-        // has been moved and this is a no-op.
-        let _ = std::fs::remove_file(&self.path);
+        // A resumable download leaves its bytes and checkpoint for the next
+        // try, unless the item was refused; any other abandoned download
+        // leaves nothing. After a commit the file has been moved and
+        // removing it is a no-op.
+        if self.state.is_none() || self.discard.load(Ordering::Relaxed) {
+            let _ = std::fs::remove_file(&self.path);
+            if let Some(state) = &self.state {
+                let _ = std::fs::remove_file(state);
+            }
+        }
     }
 }
 
@@ -431,5 +623,124 @@ mod tests {
         // A held block still serves onwards from the sparse tree.
         let q = Partial::create(&dir.path().join("y"), ob.id(), ob.size()).unwrap();
         q.accept(77, &p.encode_block(77).unwrap()).unwrap();
+    }
+
+    /// A resumable download of `data` holding `blocks`, checkpointed and
+    /// dropped as a dying node would leave it; returns its two paths.
+    fn left_behind(dir: &Path, data: &[u8], ob: &Outboard, blocks: &[u64]) -> (PathBuf, PathBuf) {
+        let (path, state) = (dir.join("x.data"), dir.join("x.state"));
+        let p = Partial::create_resumable(&path, &state, ob.id(), ob.size()).unwrap();
+        for k in blocks {
+            p.accept(*k, &wire(data, ob, *k)).unwrap();
+        }
+        p.checkpoint().unwrap();
+        // Held after the checkpoint: not named by it, so not resumed.
+        p.accept(0, &wire(data, ob, 0)).unwrap();
+        drop(p);
+        assert!(path.exists() && state.exists());
+        (path, state)
+    }
+
+    #[test]
+    fn a_resumed_download_holds_what_its_checkpoint_names_and_completes() {
+        let dir = tempfile::tempdir().unwrap();
+        let data = item(2_000_000);
+        let ob = Outboard::compute(&data);
+        let (path, state) = left_behind(dir.path(), &data, &ob, &[1, 3, 7]);
+        let p = Partial::resume(&path, &state, ob.id(), ob.size())
+            .unwrap()
+            .expect("resumable");
+        assert!(p.resumable());
+        assert_eq!(p.bitfield(), vec![0b1000_1010]);
+        // A resumed block serves onwards.
+        let q = Partial::create(&dir.path().join("q"), ob.id(), ob.size()).unwrap();
+        q.accept(3, &p.encode_block(3).unwrap()).unwrap();
+        for k in [0, 2, 4, 5, 6] {
+            p.accept(k, &wire(&data, &ob, k)).unwrap();
+        }
+        let (at, tree) = p.finish().unwrap();
+        assert_eq!(std::fs::read(at).unwrap(), data);
+        assert_eq!(tree.tree_bytes(), ob.tree_bytes());
+        p.committed();
+        assert!(!state.exists() && !path.exists());
+    }
+
+    #[test]
+    fn blocks_altered_on_disk_are_fetched_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let data = item(2_000_000);
+        let ob = Outboard::compute(&data);
+        let (path, state) = left_behind(dir.path(), &data, &ob, &[1, 3, 7]);
+        let f = File::options().write(true).open(&path).unwrap();
+        f.write_all_at(b"x", block_range(ob.size(), 3).start + 1000)
+            .unwrap();
+        let p = Partial::resume(&path, &state, ob.id(), ob.size())
+            .unwrap()
+            .expect("resumable");
+        assert_eq!(p.bitfield(), vec![0b1000_0010], "block 3 was altered");
+    }
+
+    #[test]
+    fn a_checkpoint_that_does_not_check_resumes_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let data = item(2_000_000);
+        let ob = Outboard::compute(&data);
+        let (path, state) = left_behind(dir.path(), &data, &ob, &[1, 3]);
+        let saved = std::fs::read(&state).unwrap();
+        let resume =
+            |id: ContentId, size: u64| Partial::resume(&path, &state, id, size).unwrap().is_none();
+        // Another item, another size.
+        let other = Outboard::compute(&item(1_000));
+        assert!(resume(other.id(), ob.size()));
+        assert!(resume(ob.id(), ob.size() - 1));
+        // A flipped byte, a torn (short) file.
+        let mut flipped = saved.clone();
+        flipped[60] ^= 1;
+        std::fs::write(&state, &flipped).unwrap();
+        assert!(resume(ob.id(), ob.size()));
+        std::fs::write(&state, &saved[..saved.len() - 1]).unwrap();
+        assert!(resume(ob.id(), ob.size()));
+        // No checkpoint at all.
+        std::fs::remove_file(&state).unwrap();
+        assert!(resume(ob.id(), ob.size()));
+    }
+
+    #[test]
+    fn a_forged_checkpoint_gains_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let data = item(2_000_000);
+        let ob = Outboard::compute(&data);
+        let (path, state) = left_behind(dir.path(), &data, &ob, &[1]);
+        // Claims every block, with a trailer that checks: only block 1's
+        // bytes and proof are there.
+        let mut saved = std::fs::read(&state).unwrap();
+        saved.truncate(saved.len() - 32);
+        saved[56] = 0xff;
+        let sum = blake3::hash(&saved);
+        saved.extend_from_slice(sum.as_bytes());
+        std::fs::write(&state, &saved).unwrap();
+        let p = Partial::resume(&path, &state, ob.id(), ob.size())
+            .unwrap()
+            .expect("parses");
+        assert_eq!(p.bitfield(), vec![0b0000_0010]);
+    }
+
+    #[test]
+    fn a_refused_download_and_a_plain_one_leave_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let data = item(600_000);
+        let ob = Outboard::compute(&data);
+        let (path, state) = (dir.path().join("r.data"), dir.path().join("r.state"));
+        let p = Partial::create_resumable(&path, &state, ob.id(), ob.size()).unwrap();
+        p.accept(1, &wire(&data, &ob, 1)).unwrap();
+        p.checkpoint().unwrap();
+        p.discard();
+        drop(p);
+        assert!(!path.exists() && !state.exists());
+        let plain = dir.path().join("plain");
+        let p = Partial::create(&plain, ob.id(), ob.size()).unwrap();
+        p.checkpoint().unwrap();
+        drop(p);
+        assert!(!plain.exists());
     }
 }

@@ -9,6 +9,9 @@
 //!   blobs/<id>.data       the bytes
 //!   blobs/<id>.obao       the pre-order hash tree
 //!   tmp/                  imports in progress
+//!   partial/<id>.data     a kept download's bytes so far, and beside them
+//!   partial/<id>.state    its checkpoint (see `Partial`): resumed by the next
+//!                         download of the item, removed after PARTIAL_KEEP
 //! ```
 //! Crash safety: an import writes to `tmp/`, syncs, hashes, moves the files into
 //! `blobs/` and only then commits the index entry. An item is visible exactly when
@@ -181,10 +184,14 @@ enum ServedTree {
     File(File),
 }
 
+/// How long an unfinished download waits to be resumed before its files are
+/// removed (when the store is next opened).
+pub const PARTIAL_KEEP: std::time::Duration = std::time::Duration::from_secs(7 * 24 * 3600);
+
 impl Store {
     /// Opens (or creates) the store and repairs what a crash left behind.
     pub fn open(dir: &Path) -> Result<Self, StoreError> {
-        for sub in ["blobs", "tmp"] {
+        for sub in ["blobs", "tmp", "partial"] {
             std::fs::create_dir_all(dir.join(sub)).map_err(io(&dir.join(sub)))?;
         }
         let db = Database::create(dir.join("index.redb")).map_err(index)?;
@@ -217,6 +224,16 @@ impl Store {
         Ok(store)
     }
 
+    /// Where a kept download of `id` keeps its bytes and its checkpoint, so
+    /// that the next download of the item resumes it.
+    pub fn partial_paths(&self, id: &ContentId) -> (PathBuf, PathBuf) {
+        let dir = self.dir.join("partial");
+        (
+            dir.join(format!("{id}.data")),
+            dir.join(format!("{id}.state")),
+        )
+    }
+
     fn blob_path(&self, id: &ContentId, ext: &str) -> PathBuf {
         self.dir.join("blobs").join(format!("{id}.{ext}"))
     }
@@ -236,6 +253,7 @@ impl Store {
                     .path(),
             );
         }
+        self.sweep_partials()?;
         let known: std::collections::HashSet<String> =
             self.list()?.iter().map(|i| i.id.to_string()).collect();
         let blobs = self.dir.join("blobs");
@@ -262,6 +280,26 @@ impl Store {
             .collect();
         for id in missing {
             self.remove_entry(&id)?;
+        }
+        Ok(())
+    }
+
+    /// Removes unfinished downloads nobody resumed for [`PARTIAL_KEEP`], and
+    /// checkpoints a crash left half-written.
+    fn sweep_partials(&self) -> Result<(), StoreError> {
+        let dir = self.dir.join("partial");
+        let entries = std::fs::read_dir(&dir).map_err(io(&dir))?;
+        let now = SystemTime::now();
+        for entry in entries.flatten() {
+            let path = entry.path();
+            let half_written = path.extension().is_some_and(|e| e == "state-new");
+            let stale = entry
+                .metadata()
+                .and_then(|m| m.modified())
+                .is_ok_and(|t| now.duration_since(t).unwrap_or_default() > PARTIAL_KEEP);
+            if half_written || stale {
+                let _ = std::fs::remove_file(&path);
+            }
         }
         Ok(())
     }
@@ -303,7 +341,9 @@ impl Store {
         manifest: &[u8],
     ) -> Result<ItemInfo, StoreError> {
         let (path, ob) = partial.finish()?;
-        self.commit(&path, &ob, manifest)
+        let info = self.commit(&path, &ob, manifest)?;
+        partial.committed();
+        Ok(info)
     }
 
     fn commit(
@@ -803,5 +843,33 @@ mod tests {
         let y = store.import(&item(1_000, 8)[..], no_manifest).unwrap();
         assert_eq!(x.id, y.id);
         assert_eq!(store.list().unwrap().len(), 1);
+    }
+
+    #[test]
+    fn unfinished_downloads_wait_to_be_resumed_then_go() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let (fresh, fresh_state) = store.partial_paths(&ContentId([1; 32]));
+        let (old, _) = store.partial_paths(&ContentId([2; 32]));
+        drop(store);
+        std::fs::write(&fresh, b"bytes").unwrap();
+        std::fs::write(&fresh_state, b"checkpoint").unwrap();
+        std::fs::write(&old, b"bytes").unwrap();
+        let long_ago = SystemTime::now() - PARTIAL_KEEP - std::time::Duration::from_secs(60);
+        File::options()
+            .write(true)
+            .open(&old)
+            .unwrap()
+            .set_modified(long_ago)
+            .unwrap();
+        let torn = fresh_state.with_extension("state-new");
+        std::fs::write(&torn, b"half").unwrap();
+        let _store = Store::open(dir.path()).unwrap();
+        assert!(fresh.exists() && fresh_state.exists());
+        assert!(
+            !old.exists(),
+            "a download left for longer than PARTIAL_KEEP"
+        );
+        assert!(!torn.exists(), "a half-written checkpoint");
     }
 }

@@ -5,6 +5,7 @@
 //! to the store and announces it. Its outcome reaches every reader.
 
 use std::collections::HashMap;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -78,13 +79,8 @@ pub(super) async fn download_for(
     };
     let manifest = proven.manifest;
     let size = manifest.manifest.size;
-    let path = svc.inner.store.tmp_path("part");
-    let (item, at) = (*id, path.clone());
-    let partial = tokio::task::spawn_blocking(move || Partial::create(&at, item, size))
-        .await
-        .map_err(ContentServiceError::task)?
-        .map_err(|e| ContentServiceError::io(format!("creating {}", path.display()), e))?;
-    let sched = Sched::new(
+    let partial = open_partial(svc, id, size, keep).await?;
+    let mut sched = Sched::new(
         block_count(size),
         svc.inner.config.streaming_window_blocks as u64,
         RAM_AHEAD,
@@ -92,6 +88,13 @@ pub(super) async fn download_for(
         rand::random(),
         Instant::now(),
     );
+    let resumed: Vec<u64> = (0..block_count(size)).filter(|k| partial.has(*k)).collect();
+    if !resumed.is_empty() {
+        info!(%id, held = resumed.len(), blocks = block_count(size), "resuming an unfinished download");
+        for k in resumed {
+            sched.resumed(k);
+        }
+    }
     let cancel = svc.inner.shutdown.child_token();
     let borrower = svc.inner.budget.borrower();
     // The size proof goes with it: whoever finds this download as a provider
@@ -143,6 +146,49 @@ pub(super) async fn download_for(
         start_whole_scan(svc, &dl);
     }
     Ok(dl)
+}
+
+/// The download's partial item: for a kept item, the one an earlier download
+/// left (resumed, each block proven again) or a new resumable one; else a
+/// temporary one.
+async fn open_partial(
+    svc: &ContentService,
+    id: &ContentId,
+    size: u64,
+    keep: bool,
+) -> Result<Partial, ContentServiceError> {
+    let item = *id;
+    let (path, state) = if keep {
+        svc.inner.store.partial_paths(id)
+    } else {
+        (svc.inner.store.tmp_path("part"), PathBuf::new())
+    };
+    let at = path.clone();
+    tokio::task::spawn_blocking(move || {
+        if !keep {
+            return Partial::create(&at, item, size);
+        }
+        match Partial::resume(&at, &state, item, size)? {
+            Some(p) => Ok(p),
+            None => Partial::create_resumable(&at, &state, item, size),
+        }
+    })
+    .await
+    .map_err(ContentServiceError::task)?
+    .map_err(|e| ContentServiceError::io(format!("opening {}", path.display()), e))
+}
+
+/// Whether a download ended because the item itself was refused (its bytes
+/// or its rights): an unfinished copy of it is then not worth resuming.
+fn item_refused(e: &ContentServiceError) -> bool {
+    matches!(
+        e,
+        ContentServiceError::Malware { .. }
+            | ContentServiceError::Drm(_)
+            | ContentServiceError::DrmRefused { .. }
+            | ContentServiceError::Denied(_)
+            | ContentServiceError::Verification(_)
+    )
 }
 
 /// Pauses before each lookup of a download's first provider: records of an
@@ -349,6 +395,11 @@ async fn drive(svc: ContentService, dl: Arc<Download>) {
         }
     };
     drop(workers);
+    if let Outcome::Failed(e) = &result
+        && item_refused(e)
+    {
+        dl.partial.discard();
+    }
     // Gone from the registry before readers learn the outcome: a request
     // that comes after a failure starts a fresh download.
     unregister(&svc, &dl);

@@ -637,6 +637,16 @@ impl Sched {
         true
     }
 
+    /// Block `k` was held before this download started (an unfinished
+    /// download of the item, resumed).
+    pub(super) fn resumed(&mut self, k: u64) {
+        let i = k as usize;
+        if self.slots.get(i).is_some_and(|s| *s != Slot::Held) {
+            self.slots[i] = Slot::Held;
+            self.held += 1;
+        }
+    }
+
     /// A held block was dropped from memory: it is missing again (or still
     /// pending at whoever duplicated it).
     pub(super) fn unhold(&mut self, k: u64, now: Instant) {
