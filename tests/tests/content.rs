@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use anyhow::{Context, Result, ensure};
+use anyhow::{Context, Result, bail, ensure};
 use guest_api::{Client, proto};
 use p2pvm_e2e::{NodeOpts, TestNode, eventually, pair};
 use tokio::io::AsyncReadExt;
@@ -661,10 +661,20 @@ async fn a_download_killed_midway_resumes_from_what_it_held() -> Result<()> {
         resent <= SIZE * 8 / 10,
         "{resent} bytes sent again after the restart: the download did not resume"
     );
-    ensure!(
-        std::fs::read_dir(&partial_dir)?.count() == 0,
-        "a finished download's checkpoint is left behind"
-    );
+    // The reader has every byte before the item is committed.
+    let left = || -> Vec<std::ffi::OsString> {
+        std::fs::read_dir(&partial_dir)
+            .map(|d| d.flatten().map(|e| e.file_name()).collect())
+            .unwrap_or_default()
+    };
+    if eventually(WAIT, "the commit removing the checkpoint", || async {
+        left().is_empty().then_some(())
+    })
+    .await
+    .is_err()
+    {
+        bail!("a finished download's files are left behind: {:?}", left());
+    }
     Ok(())
 }
 

@@ -163,6 +163,10 @@ pub struct Partial {
     /// Set when a resumable download's files are worthless (the item was
     /// refused): dropping it then removes them.
     discard: AtomicBool,
+    /// Held while a checkpoint is written; true once the download is
+    /// committed or discarded, after which none is (a checkpoint still on its
+    /// way must not bring back the file the commit removed).
+    closed: Mutex<bool>,
 }
 
 /// First bytes of a checkpoint file.
@@ -228,6 +232,7 @@ impl Partial {
             have: Mutex::new(vec![false; block_count(size) as usize]),
             state,
             discard: AtomicBool::new(false),
+            closed: Mutex::new(false),
         })
     }
 
@@ -268,6 +273,7 @@ impl Partial {
             have: Mutex::new(vec![false; blocks]),
             state: Some(state.to_owned()),
             discard: AtomicBool::new(false),
+            closed: Mutex::new(false),
         };
         for k in 0..blocks {
             if bits[k / 8] & (1 << (k % 8)) == 0 {
@@ -290,6 +296,10 @@ impl Partial {
         let Some(state) = &self.state else {
             return self.sync_written();
         };
+        let closed = self.closed.lock().expect("lock");
+        if *closed {
+            return Ok(());
+        }
         // The blocks named are on disk: marked held only after their write,
         // and synced below. The tree holds at least their proofs.
         let bits = self.bitfield();
@@ -308,11 +318,14 @@ impl Partial {
         let mut f = File::create(&tmp)?;
         std::io::Write::write_all(&mut f, &out)?;
         f.sync_all()?;
-        std::fs::rename(&tmp, state)
+        std::fs::rename(&tmp, state)?;
+        drop(closed);
+        Ok(())
     }
 
     /// The item was refused: its files go when the download does.
     pub fn discard(&self) {
+        *self.closed.lock().expect("lock") = true;
         self.discard.store(true, Ordering::Relaxed);
     }
 
@@ -480,6 +493,7 @@ impl Partial {
     /// The item is in the store now: the checkpoint, and the bytes if the
     /// store already held the item and did not take them, go.
     pub fn committed(&self) {
+        *self.closed.lock().expect("lock") = true;
         if let Some(state) = &self.state {
             let _ = std::fs::remove_file(state);
             let _ = std::fs::remove_file(&self.path);
@@ -663,6 +677,9 @@ mod tests {
         assert_eq!(tree.tree_bytes(), ob.tree_bytes());
         p.committed();
         assert!(!state.exists() && !path.exists());
+        // One still on its way when the commit came brings nothing back.
+        p.checkpoint().unwrap();
+        assert!(!state.exists());
     }
 
     #[test]
