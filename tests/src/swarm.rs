@@ -153,6 +153,104 @@ impl Swarm {
         out.done.sort();
         Ok(out)
     }
+
+    /// A flash crowd under churn: every downloader starts at once, then
+    /// `churn.killed` of them are killed at random moments; the first
+    /// `churn.returning` of those killed restart after `churn.away` and ask
+    /// for the item again (resuming what their store kept). Every node alive
+    /// at the end must finish; the outcome times them from the common start.
+    pub async fn flash_crowd_with_churn(&mut self, churn: &Churn) -> Result<ChurnOutcome> {
+        let plan = churn_plan(
+            churn.killed,
+            self.downloaders.len(),
+            churn.kill_within,
+            churn.seed,
+        );
+        let mut clients = Vec::with_capacity(self.downloaders.len());
+        for d in &self.downloaders {
+            clients.push(d.admin().await?);
+        }
+        let start = Instant::now();
+        let download = |c: guest_api::Client, id: String| {
+            tokio::spawn(async move {
+                c.download_content(&id).await?;
+                Ok::<_, anyhow::Error>(start.elapsed())
+            })
+        };
+        let mut tasks: Vec<_> = clients
+            .into_iter()
+            .map(|c| Some(download(c, self.id.clone())))
+            .collect();
+        // Kills in time order; each returner's restart after its kill.
+        let mut events: Vec<(Duration, usize, bool)> = plan
+            .iter()
+            .map(|(i, at)| (*at, *i, false))
+            .chain(
+                plan.iter()
+                    .take(churn.returning)
+                    .map(|(i, at)| (*at + churn.away, *i, true)),
+            )
+            .collect();
+        events.sort_by_key(|(at, _, _)| *at);
+        let mut out = ChurnOutcome::default();
+        for (at, i, back) in events {
+            tokio::time::sleep(at.saturating_sub(start.elapsed())).await;
+            if back {
+                self.downloaders[i].restart().await?;
+                let c = self.downloaders[i].admin().await?;
+                tasks[i] = Some(download(c, self.id.clone()));
+                out.returned.push(i);
+            } else {
+                self.downloaders[i].kill().await?;
+                out.killed.push((i, start.elapsed()));
+                if let Some(t) = tasks[i].take() {
+                    // Its API connection died with it: finished or not.
+                    if matches!(t.await?, Ok(_)) {
+                        out.finished_before_kill.push(i);
+                    }
+                }
+            }
+        }
+        for t in tasks.into_iter().flatten() {
+            match t.await? {
+                Ok(d) => out.crowd.done.push(d),
+                Err(e) => *out.crowd.failures.entry(format!("{e:#}")).or_default() += 1,
+            }
+        }
+        out.crowd.done.sort();
+        Ok(out)
+    }
+}
+
+/// Churn during a flash crowd: some downloaders are killed (`kill -9`) at
+/// random moments, and some of those come back a while later on the same
+/// data directory and ask for the item again.
+#[derive(Debug, Clone)]
+pub struct Churn {
+    /// Downloaders killed.
+    pub killed: usize,
+    /// Of those, how many come back.
+    pub returning: usize,
+    /// Kills happen at random moments within this time from the start.
+    pub kill_within: Duration,
+    /// How long a returning node stays away.
+    pub away: Duration,
+    /// Seed for who is killed and when.
+    pub seed: u64,
+}
+
+/// What a flash crowd under churn came to.
+#[derive(Debug, Default)]
+pub struct ChurnOutcome {
+    /// Downloads of the nodes alive at the end (never killed, or back),
+    /// timed from the common start.
+    pub crowd: CrowdOutcome,
+    /// Downloaders killed, by index, with when.
+    pub killed: Vec<(usize, Duration)>,
+    /// Those that came back, by index.
+    pub returned: Vec<usize>,
+    /// Killed downloaders whose download had finished before they died.
+    pub finished_before_kill: Vec<usize>,
 }
 
 /// The round trip a home line adds, spread over the nodes: a frame between
@@ -162,6 +260,29 @@ pub const LINE_RTT_MS: (f64, f64) = (20.0, 150.0);
 /// Frames lost per crossing of a line, in each direction: a path between
 /// two nodes crosses two lines and loses about 0.5 %.
 pub const LINE_LOSS_PERCENT: f64 = 0.25;
+
+/// `n` distinct indices below `of`, and `n` moments within `within`, from a
+/// small deterministic generator (the same seed, the same churn).
+fn churn_plan(n: usize, of: usize, within: Duration, seed: u64) -> Vec<(usize, Duration)> {
+    let mut x = seed | 1;
+    let mut next = move || {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        x
+    };
+    let mut pool: Vec<usize> = (0..of).collect();
+    let mut plan: Vec<(usize, Duration)> = (0..n.min(of))
+        .map(|_| {
+            let i = pool.swap_remove((next() % pool.len() as u64) as usize);
+            // Not in the first fifth: every download holds blocks by then.
+            let at = within.mul_f64(0.2 + 0.8 * (next() % 1000) as f64 / 1000.0);
+            (i, at)
+        })
+        .collect();
+    plan.sort_by_key(|(_, at)| *at);
+    plan
+}
 
 /// Lines like home broadband for `n` nodes: uploads spread evenly over 2 to
 /// 20 Mbit/s, downloads five times the upload (at most 100 Mbit/s), round
@@ -227,6 +348,26 @@ pub fn lower_bound(lines: &[Line], bytes: u64) -> Duration {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_churn_plan_picks_distinct_nodes_at_ordered_moments() {
+        let within = Duration::from_secs(40);
+        let plan = churn_plan(18, 59, within, 7);
+        assert_eq!(plan.len(), 18);
+        let mut who: Vec<usize> = plan.iter().map(|(i, _)| *i).collect();
+        who.sort();
+        who.dedup();
+        assert_eq!(who.len(), 18);
+        assert!(who.iter().all(|i| *i < 59));
+        assert!(plan.windows(2).all(|w| w[0].1 <= w[1].1));
+        assert!(
+            plan.iter()
+                .all(|(_, at)| *at >= within / 5 && *at <= within)
+        );
+        assert_eq!(plan, churn_plan(18, 59, within, 7));
+        assert_ne!(plan, churn_plan(18, 59, within, 8));
+        assert_eq!(churn_plan(5, 3, within, 1).len(), 3);
+    }
 
     #[test]
     fn home_lines_span_the_range_with_asymmetric_downloads() {
