@@ -79,8 +79,11 @@ pub enum EventKind {
     },
     /// The peer answered a request.
     RequestOk,
-    /// The peer failed a request (refused, vanished, timed out).
+    /// The peer failed a request (refused, vanished, broke off).
     RequestFailed,
+    /// The peer took a request and never answered it (silent or hung);
+    /// counted among failed requests, weighed heavier.
+    Unanswered,
     /// A block from the peer failed verification.
     CorruptBlock,
     /// The peer broke the protocol.
@@ -119,6 +122,7 @@ impl EventKind {
             Self::Served { .. } => "served",
             Self::RequestOk => "request-ok",
             Self::RequestFailed => "request-failed",
+            Self::Unanswered => "unanswered",
             Self::CorruptBlock => "corrupt-block",
             Self::Violation => "violation",
             Self::Malware { .. } => "malware",
@@ -412,6 +416,10 @@ impl Ledger {
             EventKind::RequestFailed => {
                 r.requests_failed += 1;
                 r.bad += w.bad_per_failed_request;
+            }
+            EventKind::Unanswered => {
+                r.requests_failed += 1;
+                r.bad += w.bad_per_unanswered;
             }
             EventKind::CorruptBlock => {
                 r.corrupt_blocks += 1;

@@ -22,8 +22,13 @@ pub struct Weights {
     pub good_per_mib: f64,
     /// Per request the peer answered.
     pub good_per_request: f64,
-    /// Per request the peer failed (refused, timed out, vanished).
+    /// Per request the peer failed (refused, vanished, broke off).
     pub bad_per_failed_request: f64,
+    /// Per request the peer took and never answered while its connection
+    /// lived: a silent or hung peer holds a downloader's slot for the whole
+    /// answer timeout (15 s), which an honest peer never does (it answers
+    /// `Busy` at once). One such episode refuses a stranger.
+    pub bad_per_unanswered: f64,
     /// Per block that failed verification.
     pub bad_per_corrupt_block: f64,
     /// Per protocol violation.
@@ -45,6 +50,7 @@ impl Default for Weights {
             good_per_mib: 1.0,
             good_per_request: 0.05,
             bad_per_failed_request: 0.5,
+            bad_per_unanswered: 8.0,
             bad_per_corrupt_block: 16.0,
             bad_per_violation: 16.0,
             bad_per_malware: 1000.0,
@@ -123,6 +129,18 @@ mod tests {
         // One corrupt block (16) against 16 MiB of good data is a coin toss.
         assert!((trust(16.0, 16.0) - 0.5).abs() < 1e-9);
         assert!(trust(0.0, 16.0) < 0.1);
+        // One unanswered request refuses a stranger; a peer that served
+        // 64 MiB survives one.
+        let w = Weights::default();
+        let p = Policy::default();
+        assert_eq!(
+            p.standing((trust(0.0, w.bad_per_unanswered) * 100.0).round() as u8),
+            Standing::Refused
+        );
+        assert_eq!(
+            p.standing((trust(64.0, w.bad_per_unanswered) * 100.0).round() as u8),
+            Standing::Good
+        );
     }
 
     #[test]

@@ -121,6 +121,48 @@ impl Swarm {
         })
     }
 
+    /// Starts `rotten` + `silent` [`BadPeers`] (on `lab`'s hosts from
+    /// `first_host` on, if any), bootstrapped from the publisher. Each
+    /// publishes the item's very bytes itself (the same content id), so it
+    /// holds the item and announces it as any provider does; the rotten ones
+    /// are then stopped, their store rotted, and started again.
+    pub async fn add_bad_peers(
+        &self,
+        lab: Option<&Lab>,
+        first_host: usize,
+        rotten: usize,
+        silent: usize,
+        config: &str,
+    ) -> Result<BadPeers> {
+        let mut bad = BadPeers::default();
+        for i in 0..rotten + silent {
+            let is_rotten = i < rotten;
+            let fault = if is_rotten {
+                "verify_on_serve = false"
+            } else {
+                "test_silent_server = true"
+            };
+            let mut node = TestNode::start(NodeOpts {
+                bootstrap: vec![self.publisher.addr.clone()],
+                config_toml: Some(format!("{config}\n[content]\n{fault}\n")),
+                host: lab.map(|l| l.hosts()[first_host + i].clone()),
+                ..Default::default()
+            })
+            .await?;
+            let id = crate::publish_named(&node.admin().await?, "claimed.bin", &self.data).await?;
+            ensure!(id == self.id, "the same bytes gave another content id");
+            if is_rotten {
+                node.stop().await?;
+                ensure!(rot_store(&node)? == 1, "one item to rot");
+                node.restart().await?;
+                bad.rotten.push(node);
+            } else {
+                bad.silent.push(node);
+            }
+        }
+        Ok(bad)
+    }
+
     /// Every node, the publisher first.
     pub fn nodes(&self) -> impl Iterator<Item = &TestNode> {
         std::iter::once(&self.publisher).chain(&self.downloaders)
@@ -251,6 +293,41 @@ pub struct ChurnOutcome {
     pub returned: Vec<usize>,
     /// Killed downloaders whose download had finished before they died.
     pub finished_before_kill: Vec<usize>,
+}
+
+/// Peers that claim the swarm's item and misbehave: `rotten` ones hold a
+/// copy whose disk rotted and serve it unchecked (every block fails
+/// verification), `silent` ones accept content requests and never answer.
+#[derive(Debug, Default)]
+pub struct BadPeers {
+    /// Serve corrupt blocks.
+    pub rotten: Vec<TestNode>,
+    /// Never answer.
+    pub silent: Vec<TestNode>,
+}
+
+impl BadPeers {
+    /// Every bad peer, the rotten ones first.
+    pub fn all(&self) -> impl Iterator<Item = &TestNode> {
+        self.rotten.iter().chain(&self.silent)
+    }
+}
+
+/// Flips a bit every 4 KiB of each stored item's bytes (the node stopped).
+pub fn rot_store(node: &TestNode) -> Result<usize> {
+    let mut n = 0;
+    for e in std::fs::read_dir(node.data_dir().join("content/blobs"))? {
+        let p = e?.path();
+        if p.extension().is_some_and(|x| x == "data") {
+            let mut bytes = std::fs::read(&p)?;
+            for i in (100..bytes.len()).step_by(4096) {
+                bytes[i] ^= 0x10;
+            }
+            std::fs::write(&p, bytes)?;
+            n += 1;
+        }
+    }
+    Ok(n)
 }
 
 /// The round trip a home line adds, spread over the nodes: a frame between

@@ -321,10 +321,11 @@ impl ProviderError {
             }
             // It served what it must not.
             Self::Drm(_) => Some(EventKind::DrmFailed),
+            // It took requests and let them time out while its connection
+            // lived: an honest peer answers, if only `Busy`.
+            Self::NoAnswer | Self::StoppedAnswering => Some(EventKind::Unanswered),
             // It took requests and did not serve them.
-            Self::NoAnswer
-            | Self::StoppedAnswering
-            | Self::ShortBitfield
+            Self::ShortBitfield
             | Self::NotProviding(_)
             | Self::Refused { .. }
             | Self::BadAnswer(_)
