@@ -1068,6 +1068,13 @@ async fn a_provider_that_never_answers_cannot_hold_up_a_download() -> Result<()>
         "failed after {:?}: {e}",
         started.elapsed()
     );
+    // A request left unanswered while the connection lived refuses a
+    // stranger: it is not asked again.
+    let credit = c.credit_show(&silent.peer_id).await?;
+    ensure!(
+        credit.standing == "refused" && credit.requests_failed >= 1,
+        "{credit:?}"
+    );
     Ok(())
 }
 

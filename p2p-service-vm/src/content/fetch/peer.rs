@@ -181,9 +181,19 @@ pub(crate) async fn manifest_from(
         }
     };
     let once = |peer: PeerId| async move {
-        tokio::time::timeout(MANIFEST_TIMEOUT, manifest_once(svc, id, peer))
-            .await
-            .unwrap_or(Err(ProviderError::NoAnswer))
+        match tokio::time::timeout(MANIFEST_TIMEOUT, manifest_once(svc, id, peer)).await {
+            Ok(answer) => answer,
+            Err(_) => {
+                // It took the request and sat silent through the whole
+                // exchange: on its record (other failures are recorded
+                // where they happen).
+                let e = ProviderError::NoAnswer;
+                if let Some(evidence) = e.evidence() {
+                    svc.inner.ledger.record(peer, evidence);
+                }
+                Err(e)
+            }
+        }
     };
     for peer in providers.iter().take(8) {
         match once(*peer).await {
