@@ -19,7 +19,11 @@
 //! seconds per GiB moved and peak memory per node kind. Before p2pvm's
 //! crowd starts, its nodes sit idle for `P2PVM_LAB_IDLE_SECS` (default 20,
 //! 0 in the smoke run under `cargo test`), all joined and the item published, and the bench prints
-//! what an idle node costs: CPU (% of a core) and resident memory.
+//! what an idle node costs: CPU (% of a core) and resident memory. Then
+//! (scenario 4) `P2PVM_LAB_DHT_ITEMS` small items (100; 10 in the smoke run)
+//! are published across the nodes and each one's first provider is looked up
+//! from another node: p50/p95 time to the first provider, and a keyword
+//! search's recall.
 //!
 //! Run (root, `apt-get install python3-libtorrent`):
 //! `cargo build --release --bins && cargo bench -p p2pvm-e2e --bench swarm_lab`
@@ -29,7 +33,7 @@
 //! `P2PVM_LAB_LOG=<filter>` with `P2PVM_LAB_LOGS=<dir>` keeps each p2pd's
 //! log at that filter in `<dir>/<node>.log`).
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use p2pvm_e2e::swarm::{
@@ -101,6 +105,10 @@ async fn ours(lab: &Lab, nodes: usize, data_len: usize, idle: Duration) -> Resul
     if !idle.is_zero() {
         idle_cost(&pids, idle).await?;
     }
+    let dht_items = env("P2PVM_LAB_DHT_ITEMS", if idle.is_zero() { 10 } else { 100 }) as usize;
+    if dht_items > 0 {
+        dht_at_size(&swarm, dht_items).await?;
+    }
     let cpu_before: Vec<f64> = pids
         .iter()
         .map(|p| p2pvm_e2e::cpu_secs(*p))
@@ -164,6 +172,73 @@ async fn idle_cost(pids: &[u32], span: Duration) -> Result<()> {
         pct.iter().sum::<f64>(),
         mid(&rss),
         max(&rss),
+    );
+    Ok(())
+}
+
+/// Scenario 4 (the DHT at size): `items` small items, each published by one
+/// node (spread over all of them) under a word of its own and a word they
+/// all share; after 10 s, one node other than its publisher looks up each
+/// item's first provider (`find_providers` with a limit of 1, as a download
+/// starts), one after another, timed; then three nodes search for the
+/// shared word. Prints p50/p95/max of the lookups, the misses, and the
+/// search's recall.
+async fn dht_at_size(swarm: &Swarm, items: usize) -> Result<()> {
+    let nodes: Vec<&p2pvm_e2e::TestNode> = swarm.nodes().collect();
+    let n = nodes.len();
+    anyhow::ensure!(n >= 2, "the DHT phase needs two nodes");
+    let mut published = Vec::with_capacity(items);
+    let started = Instant::now();
+    for k in 0..items {
+        let at = (k * 7 + 3) % n;
+        let data = p2pvm_e2e::pseudo_random(4096, 10_000 + k as u64);
+        let meta = guest_api::proto::ContentPublishRequest {
+            name: format!("labitem{k:03} labshared.bin"),
+            ..Default::default()
+        };
+        let info = nodes[at]
+            .admin()
+            .await?
+            .publish_content(meta, &data[..])
+            .await?;
+        published.push((info.content_id, at));
+    }
+    let publishing = started.elapsed();
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    let mut took = Vec::with_capacity(items);
+    let mut missed = 0;
+    for (k, (id, at)) in published.iter().enumerate() {
+        let from = (at + 1 + (k * 13) % (n - 1)) % n;
+        let key = p2p_service_vm::content::content_key(&id.parse()?);
+        let client = nodes[from].admin().await?;
+        let t = Instant::now();
+        match client.find_providers(key.as_ref(), 1).await {
+            Ok(p) if !p.is_empty() => took.push(t.elapsed()),
+            _ => missed += 1,
+        }
+    }
+    took.sort();
+    let mut recall = Vec::new();
+    for from in [0, n / 3, 2 * n / 3] {
+        let hits = nodes[from]
+            .admin()
+            .await?
+            .search_content("labshared", items as u32 * 2)
+            .await?;
+        let found = published
+            .iter()
+            .filter(|(id, _)| hits.iter().any(|h| &h.content_id == id))
+            .count();
+        recall.push(format!("{:.0} %", found as f64 / items as f64 * 100.0));
+    }
+    println!(
+        "{:>10}: {items} items published by {n} nodes in {:.1} s; first provider p50 {:.3} s, p95 {:.3} s, max {:.3} s ({missed} not found); search recall from 3 nodes: {}",
+        "dht",
+        publishing.as_secs_f64(),
+        pct(&took, 0.5),
+        pct(&took, 0.95),
+        took.last().map_or(f64::NAN, Duration::as_secs_f64),
+        recall.join(", "),
     );
     Ok(())
 }
