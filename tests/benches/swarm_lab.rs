@@ -23,7 +23,8 @@
 //! (scenario 4) `P2PVM_LAB_DHT_ITEMS` small items (100; 10 in the smoke run)
 //! are published across the nodes and each one's first provider is looked up
 //! from another node: p50/p95 time to the first provider, and a keyword
-//! search's recall.
+//! search's recall; then pub/sub: half as many messages from the publisher to
+//! every other node on one topic (delivery ratio, p50/p95 latency).
 //!
 //! Run (root, `apt-get install python3-libtorrent`):
 //! `cargo build --release --bins && cargo bench -p p2pvm-e2e --bench swarm_lab`
@@ -108,6 +109,7 @@ async fn ours(lab: &Lab, nodes: usize, data_len: usize, idle: Duration) -> Resul
     let dht_items = env("P2PVM_LAB_DHT_ITEMS", if idle.is_zero() { 10 } else { 100 }) as usize;
     if dht_items > 0 {
         dht_at_size(&swarm, dht_items).await?;
+        pubsub_at_size(&swarm, dht_items / 2).await?;
     }
     let cpu_before: Vec<f64> = pids
         .iter()
@@ -239,6 +241,73 @@ async fn dht_at_size(swarm: &Swarm, items: usize) -> Result<()> {
         pct(&took, 0.95),
         took.last().map_or(f64::NAN, Duration::as_secs_f64),
         recall.join(", "),
+    );
+    Ok(())
+}
+
+/// Scenario 4 (pub/sub at size): every node but the publisher subscribes to
+/// one topic; after 5 s for the mesh to form, the publisher sends `messages`
+/// numbered messages, 5 a second. Prints the delivery ratio and p50/p95/max
+/// of the time from send to receipt (one clock: the subscribers' streams
+/// end in this process).
+async fn pubsub_at_size(swarm: &Swarm, messages: usize) -> Result<()> {
+    use futures::StreamExt;
+    const TOPIC: &str = "lab-pubsub";
+    const EVERY: Duration = Duration::from_millis(200);
+    let nodes: Vec<&p2pvm_e2e::TestNode> = swarm.nodes().collect();
+    let mut subscribers = Vec::new();
+    for node in &nodes[1..] {
+        let c = node.admin().await?;
+        let stream = c.subscribe(TOPIC).await?;
+        subscribers.push((c, stream));
+    }
+    let publisher = nodes[0].admin().await?;
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let start = Instant::now();
+    let until = start + EVERY * messages as u32 + Duration::from_secs(10);
+    let receivers: Vec<_> = subscribers
+        .into_iter()
+        .map(|(client, mut stream)| {
+            tokio::spawn(async move {
+                let _client = client;
+                let mut got: Vec<(usize, Duration)> = Vec::new();
+                while let Ok(Some(m)) = tokio::time::timeout_at(until.into(), stream.next()).await {
+                    if let Ok(seq) = <[u8; 8]>::try_from(&m.data[..]) {
+                        got.push((u64::from_be_bytes(seq) as usize, start.elapsed()));
+                    }
+                }
+                got
+            })
+        })
+        .collect();
+    let mut sent_at = Vec::with_capacity(messages);
+    for seq in 0..messages {
+        sent_at.push(start.elapsed());
+        publisher
+            .publish(TOPIC, (seq as u64).to_be_bytes().to_vec())
+            .await?;
+        tokio::time::sleep(EVERY).await;
+    }
+    let (mut delivered, mut latency) = (0usize, Vec::new());
+    for r in receivers {
+        let mut got = r.await?;
+        got.sort();
+        got.dedup_by_key(|(seq, _)| *seq);
+        for (seq, at) in got.into_iter().filter(|(seq, _)| *seq < messages) {
+            delivered += 1;
+            latency.push(at.saturating_sub(sent_at[seq]));
+        }
+    }
+    latency.sort();
+    let expected = messages * (nodes.len() - 1);
+    println!(
+        "{:>10}: {messages} messages to {} subscribers: {delivered}/{expected} delivered ({:.1} %); latency p50 {:.3} s, p95 {:.3} s, max {:.3} s",
+        "pubsub",
+        nodes.len() - 1,
+        delivered as f64 / expected.max(1) as f64 * 100.0,
+        pct(&latency, 0.5),
+        pct(&latency, 0.95),
+        latency.last().map_or(f64::NAN, Duration::as_secs_f64),
     );
     Ok(())
 }
