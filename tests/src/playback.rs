@@ -17,6 +17,8 @@ use tokio::io::AsyncReadExt;
 /// How one viewer's playback went.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Playback {
+    /// From asking to the first byte.
+    pub first_byte: Duration,
     /// From asking to the first frame (a second of media buffered).
     pub startup: Duration,
     /// The same after the seek.
@@ -121,6 +123,7 @@ pub async fn view(
     let second = arrivals(client, id, seek_to, size - seek_to).await?;
     let (startup_after_seek, stalls2, stalled2) = play(&second, size - seek_to, rate, prebuffer);
     Ok(Playback {
+        first_byte: first.first().map_or(Duration::MAX, |(t, _)| *t),
         startup,
         startup_after_seek,
         stalls: stalls + stalls2,

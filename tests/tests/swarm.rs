@@ -352,12 +352,13 @@ async fn viewers_stream_the_item_from_the_swarm_and_seek() -> Result<()> {
     let smooth = plays.iter().filter(|p| p.stalls == 0).count();
     eprintln!(
         "{} viewers: start-up p50 {:.2} s, p95 {:.2} s, max {:.2} s (first plays and after the seek); \
-         {smooth} played without a stall; stalls {:?}, stalled {:?}",
+         {smooth} played without a stall; stalls {:?}, first bytes after {:?}, stalled {:?}",
         plays.len(),
         startups[startups.len() / 2].as_secs_f64(),
         startups[(startups.len() - 1) * 95 / 100].as_secs_f64(),
         startups.last().expect("viewers").as_secs_f64(),
         plays.iter().map(|p| p.stalls).collect::<Vec<_>>(),
+        plays.iter().map(|p| p.first_byte).collect::<Vec<_>>(),
         plays.iter().map(|p| p.stalled).collect::<Vec<_>>(),
     );
     // Every viewer started: no start-up waited on the stall timeout.
