@@ -24,10 +24,11 @@ pub struct Weights {
     pub good_per_request: f64,
     /// Per request the peer failed (refused, vanished, broke off).
     pub bad_per_failed_request: f64,
-    /// Per request the peer took and never answered while its connection
-    /// lived: a silent or hung peer holds a downloader's slot for the whole
-    /// answer timeout (15 s), which an honest peer never does (it answers
-    /// `Busy` at once). One such episode refuses a stranger.
+    /// Per request the peer took and sent nothing back for while its
+    /// connection lived: a silent or hung peer holds a downloader's slot for
+    /// the whole answer timeout (15 s), which an honest one does not (its
+    /// server answers `Busy` within 5 s when overloaded). One such episode
+    /// refuses a stranger.
     pub bad_per_unanswered: f64,
     /// Per block that failed verification.
     pub bad_per_corrupt_block: f64,

@@ -245,10 +245,24 @@ impl Swarm {
             } else {
                 self.downloaders[i].kill().await?;
                 out.killed.push((i, start.elapsed()));
+                let partial = self.downloaders[i].data_dir().join("content/partial");
+                let left_state = std::fs::read_dir(&partial).is_ok_and(|d| {
+                    d.flatten()
+                        .any(|e| e.path().extension().is_some_and(|x| x == "state"))
+                });
+                if left_state {
+                    out.checkpointed.push(i);
+                }
                 if let Some(t) = tasks[i].take() {
                     // Its API connection died with it: finished or not.
-                    if t.await?.is_ok() {
-                        out.finished_before_kill.push(i);
+                    match t.await? {
+                        Ok(_) => out.finished_before_kill.push(i),
+                        // What it says when its node dies under it; anything
+                        // else failed before the kill.
+                        Err(e) if out.checkpointed.contains(&i) || is_disconnect(&e) => {}
+                        Err(e) => {
+                            *out.crowd.failures.entry(format!("{e:#}")).or_default() += 1;
+                        }
                     }
                 }
             }
@@ -293,6 +307,9 @@ pub struct ChurnOutcome {
     pub returned: Vec<usize>,
     /// Killed downloaders whose download had finished before they died.
     pub finished_before_kill: Vec<usize>,
+    /// Killed downloaders that left a checkpoint of their download behind
+    /// (so a return must resume it).
+    pub checkpointed: Vec<usize>,
 }
 
 /// Peers that claim the swarm's item and misbehave: `rotten` ones hold a
@@ -337,6 +354,22 @@ pub const LINE_RTT_MS: (f64, f64) = (20.0, 150.0);
 /// Frames lost per crossing of a line, in each direction: a path between
 /// two nodes crosses two lines and loses about 0.5 %.
 pub const LINE_LOSS_PERCENT: f64 = 0.25;
+
+/// Whether a download's error is its API connection going away (its node
+/// was killed), not a failure of the download.
+fn is_disconnect(e: &anyhow::Error) -> bool {
+    let text = format!("{e:#}").to_lowercase();
+    [
+        "connection",
+        "closed",
+        "broken pipe",
+        "reset",
+        "eof",
+        "disconnected",
+    ]
+    .iter()
+    .any(|w| text.contains(w))
+}
 
 /// `n` distinct indices below `of`, and `n` moments within `within`, from a
 /// small deterministic generator (the same seed, the same churn).

@@ -1062,9 +1062,9 @@ async fn a_provider_that_never_answers_cannot_hold_up_a_download() -> Result<()>
         ),
         "{e}"
     );
-    // It failed at the manifest timeout, not before asking the silent node.
+    // It failed when the silent node's answer was 15 s late, not before.
     ensure!(
-        started.elapsed() >= Duration::from_secs(25),
+        started.elapsed() >= Duration::from_secs(14),
         "failed after {:?}: {e}",
         started.elapsed()
     );

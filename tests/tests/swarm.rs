@@ -182,10 +182,17 @@ async fn a_crowd_under_churn_finishes_and_returning_nodes_resume() -> Result<()>
         out.crowd.done.len() == nodes - 1 - churn.killed + churn.returning,
         "every node alive at the end finished"
     );
-    for i in &out.returned {
-        if out.finished_before_kill.contains(i) {
-            continue;
-        }
+    let must_resume: Vec<usize> = out
+        .returned
+        .iter()
+        .copied()
+        .filter(|i| out.checkpointed.contains(i))
+        .collect();
+    ensure!(
+        !must_resume.is_empty(),
+        "no returning node had a checkpoint to resume: the scenario tested no resume"
+    );
+    for i in &must_resume {
         let log = swarm.downloaders[*i].log();
         ensure!(
             log.contains("resuming an unfinished download"),
@@ -239,17 +246,32 @@ async fn honest_nodes_finish_past_corrupt_and_silent_peers_and_refuse_them() -> 
         let got = p2pvm_e2e::fetch_whole(&d.admin().await?, &swarm.id).await?;
         ensure!(got == swarm.data, "a downloader holds other bytes");
     }
-    // What each downloader's ledger says of each bad peer it met.
+    // What each downloader's ledger says of each bad peer it met, and of
+    // the honest nodes.
+    let honest: Vec<&str> = swarm.nodes().map(|n| n.peer_id.as_str()).collect();
     let (mut corrupt_blocks, mut met, mut refused, mut failed_requests) = (0u64, 0, 0, 0u64);
-    let mut lenient = Vec::new();
+    let (mut met_rotten, mut met_silent) = (0, 0);
+    let (mut lenient, mut wronged) = (Vec::new(), Vec::new());
     for d in &swarm.downloaders {
         let admin = d.admin().await?;
+        for c in admin.credit_list().await? {
+            if honest.contains(&c.peer_id.as_str())
+                && (c.standing == "refused" || c.standing == "banned")
+            {
+                wronged.push(format!("{} by {}: {c:?}", c.peer_id, d.peer_id));
+            }
+        }
         for (b, peer) in bad.all().enumerate() {
             let c = admin.credit_show(&peer.peer_id).await?;
             if c.corrupt_blocks == 0 && c.requests_failed == 0 {
                 continue;
             }
             met += 1;
+            if b < rotten {
+                met_rotten += 1;
+            } else {
+                met_silent += 1;
+            }
             corrupt_blocks += c.corrupt_blocks;
             failed_requests += c.requests_failed;
             if c.standing == "refused" || c.standing == "banned" {
@@ -274,9 +296,10 @@ async fn honest_nodes_finish_past_corrupt_and_silent_peers_and_refuse_them() -> 
         corrupt_blocks as f64 * 0.25,
     );
     ensure!(
-        met > 0,
-        "no downloader met a bad peer: the scenario tested nothing"
+        met_rotten > 0 && met_silent > 0,
+        "downloaders met {met_rotten} rotten and {met_silent} silent peers: the scenario tested too little"
     );
+    ensure!(wronged.is_empty(), "honest nodes refused: {wronged:?}");
     ensure!(
         lenient.is_empty(),
         "bad peers not refused by downloaders that met them: {lenient:?}"

@@ -169,6 +169,32 @@ pub struct Partial {
     closed: Mutex<bool>,
 }
 
+/// Opens (creating) a resumable download's file, not through a symbolic
+/// link, and takes an exclusive lock on it for as long as it is open; `None`
+/// while another download holds the lock.
+fn lock_file(path: &Path) -> std::io::Result<Option<File>> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let file = File::options()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .custom_flags(rustix::fs::OFlags::NOFOLLOW.bits() as i32)
+        .open(path)?;
+    match rustix::fs::flock(&file, rustix::fs::FlockOperation::NonBlockingLockExclusive) {
+        Ok(()) => Ok(Some(file)),
+        Err(rustix::io::Errno::WOULDBLOCK) => Ok(None),
+        Err(e) => Err(e.into()),
+    }
+}
+
+fn in_use() -> std::io::Error {
+    std::io::Error::new(
+        std::io::ErrorKind::WouldBlock,
+        "another download of the item holds it",
+    )
+}
+
 /// First bytes of a checkpoint file.
 const CHECKPOINT_MAGIC: &[u8; 16] = b"p2pvm partial 1\n";
 
@@ -193,9 +219,41 @@ impl Partial {
         Self::fresh(file, path, None, id, size)
     }
 
+    /// Opens the resumable download of `id` at `path` (its checkpoint at
+    /// `state`): the one an earlier download left, if its checkpoint is
+    /// usable (see [`Partial::resume`]), else a new one in its place. `None`
+    /// while another download of the item holds it (one owner at a time:
+    /// the caller then keeps its download elsewhere).
+    pub fn open_resumable(
+        path: &Path,
+        state: &Path,
+        id: ContentId,
+        size: u64,
+    ) -> std::io::Result<Option<Self>> {
+        let Some(file) = lock_file(path)? else {
+            return Ok(None);
+        };
+        if let Some(p) = Self::resume_locked(file.try_clone()?, path, state, id, size)? {
+            return Ok(Some(p));
+        }
+        Self::fresh_resumable(file, path, state, id, size).map(Some)
+    }
+
     /// Creates a resumable download at `path`, its checkpoint at `state`;
-    /// whatever was there before is replaced.
+    /// whatever was there before is replaced. Fails (`WouldBlock`) while
+    /// another download holds it.
     pub fn create_resumable(
+        path: &Path,
+        state: &Path,
+        id: ContentId,
+        size: u64,
+    ) -> std::io::Result<Self> {
+        let file = lock_file(path)?.ok_or_else(in_use)?;
+        Self::fresh_resumable(file, path, state, id, size)
+    }
+
+    fn fresh_resumable(
+        file: File,
         path: &Path,
         state: &Path,
         id: ContentId,
@@ -205,12 +263,7 @@ impl Partial {
             Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
             _ => {}
         }
-        let file = File::options()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .open(path)?;
+        file.set_len(0)?;
         Self::fresh(file, path, Some(state.to_owned()), id, size)
     }
 
@@ -239,27 +292,44 @@ impl Partial {
     /// Reopens the resumable download of `id` that a checkpoint at `state`
     /// describes, holding each block it names that still proves against the
     /// content id. `None` when there is no usable checkpoint (none, another
-    /// item or size, torn or altered, the bytes gone).
+    /// item or size, torn or altered, the bytes gone) or another download
+    /// holds it.
     pub fn resume(
         path: &Path,
         state: &Path,
         id: ContentId,
         size: u64,
     ) -> std::io::Result<Option<Self>> {
-        let saved = match std::fs::read(state) {
-            Ok(saved) => saved,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-            Err(e) => return Err(e),
-        };
+        if !path.exists() {
+            return Ok(None);
+        }
+        match lock_file(path)? {
+            Some(file) => Self::resume_locked(file, path, state, id, size),
+            None => Ok(None),
+        }
+    }
+
+    fn resume_locked(
+        file: File,
+        path: &Path,
+        state: &Path,
+        id: ContentId,
+        size: u64,
+    ) -> std::io::Result<Option<Self>> {
         let tree_len = BaoTree::new(size, BLOCK_SIZE).outboard_size() as usize;
         let blocks = block_count(size) as usize;
-        let Some((bits, tree)) = parse_checkpoint(&saved, id, size, blocks, tree_len) else {
-            return Ok(None);
-        };
-        let file = match File::options().read(true).write(true).open(path) {
-            Ok(f) => f,
+        let expected =
+            (CHECKPOINT_MAGIC.len() + 32 + 8 + blocks.div_ceil(8) + tree_len + 32) as u64;
+        // A checkpoint of another length is not read at all.
+        match std::fs::metadata(state) {
+            Ok(m) if m.len() == expected => {}
+            Ok(_) => return Ok(None),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
             Err(e) => return Err(e),
+        }
+        let saved = std::fs::read(state)?;
+        let Some((bits, tree)) = parse_checkpoint(&saved, id, size, blocks, tree_len) else {
+            return Ok(None);
         };
         if file.metadata()?.len() != size {
             return Ok(None);
@@ -327,6 +397,12 @@ impl Partial {
     pub fn discard(&self) {
         *self.closed.lock().expect("lock") = true;
         self.discard.store(true, Ordering::Relaxed);
+    }
+
+    /// Bytes of the item's whole hash tree (what a checkpoint writes, with a
+    /// bit per block).
+    pub fn tree_len(&self) -> usize {
+        self.tree.read().expect("lock").len
     }
 
     /// Whether this download resumes after a restart.
@@ -740,6 +816,53 @@ mod tests {
             .unwrap()
             .expect("parses");
         assert_eq!(p.bitfield(), vec![0b0000_0010]);
+    }
+
+    #[test]
+    fn one_download_at_a_time_holds_a_resumable_item() {
+        let dir = tempfile::tempdir().unwrap();
+        let data = item(600_000);
+        let ob = Outboard::compute(&data);
+        let (path, state) = (dir.path().join("o.data"), dir.path().join("o.state"));
+        let first = Partial::open_resumable(&path, &state, ob.id(), ob.size())
+            .unwrap()
+            .expect("free");
+        first.accept(1, &wire(&data, &ob, 1)).unwrap();
+        // A second download of the item neither resumes nor truncates it.
+        assert!(
+            Partial::open_resumable(&path, &state, ob.id(), ob.size())
+                .unwrap()
+                .is_none()
+        );
+        assert!(
+            Partial::resume(&path, &state, ob.id(), ob.size())
+                .unwrap()
+                .is_none()
+        );
+        assert!(Partial::create_resumable(&path, &state, ob.id(), ob.size()).is_err());
+        assert!(first.has(1));
+        assert_eq!(first.encode_block(1).unwrap(), wire(&data, &ob, 1));
+        first.checkpoint().unwrap();
+        drop(first);
+        let next = Partial::open_resumable(&path, &state, ob.id(), ob.size())
+            .unwrap()
+            .expect("free again");
+        assert_eq!(next.bitfield(), vec![0b10]);
+    }
+
+    #[test]
+    fn a_symbolic_link_is_not_followed() {
+        let dir = tempfile::tempdir().unwrap();
+        let target = dir.path().join("precious");
+        std::fs::write(&target, b"keep me").unwrap();
+        let link = dir.path().join("l.data");
+        std::os::unix::fs::symlink(&target, &link).unwrap();
+        let ob = Outboard::compute(&item(1000));
+        assert!(
+            Partial::open_resumable(&link, &dir.path().join("l.state"), ob.id(), ob.size())
+                .is_err()
+        );
+        assert_eq!(std::fs::read(&target).unwrap(), b"keep me");
     }
 
     #[test]

@@ -188,6 +188,10 @@ fn packet_socket(interface: &str) -> Result<OwnedFd> {
     nix::sys::socket::bind(fd.as_raw_fd(), &link).map_err(|e| sys_error(what(), e))?;
     setsockopt(&fd, sockopt::RcvBufForce, &SOCKET_BUFFER).map_err(|e| sys_error(what(), e))?;
     setsockopt(&fd, sockopt::SndBufForce, &SOCKET_BUFFER).map_err(|e| sys_error(what(), e))?;
+    // Until the bind the socket heard every interface of the namespace
+    // (other lines' frames): those must not cross this line.
+    let mut junk = [0u8; MAX_FRAME];
+    while recv(fd.as_raw_fd(), &mut junk, MsgFlags::MSG_DONTWAIT).is_ok() {}
     Ok(fd)
 }
 

@@ -321,11 +321,14 @@ impl ProviderError {
             }
             // It served what it must not.
             Self::Drm(_) => Some(EventKind::DrmFailed),
-            // It took requests and let them time out while its connection
-            // lived: an honest peer answers, if only `Busy`.
-            Self::NoAnswer | Self::StoppedAnswering => Some(EventKind::Unanswered),
-            // It took requests and did not serve them.
-            Self::ShortBitfield
+            // It took a request and sent nothing back for the whole answer
+            // timeout while its connection lived: an honest peer answers at
+            // once, if only `Busy` (its server does when it is overloaded).
+            Self::NoAnswer => Some(EventKind::Unanswered),
+            // It took requests and did not serve them. (Answers that stopped
+            // coming may only be slow: a 256 KiB answer on a thin uplink.)
+            Self::StoppedAnswering
+            | Self::ShortBitfield
             | Self::NotProviding(_)
             | Self::Refused { .. }
             | Self::BadAnswer(_)

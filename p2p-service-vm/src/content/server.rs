@@ -262,6 +262,9 @@ impl SearchLimits {
 /// asking and stops reading would otherwise pin what was computed for it,
 /// and this stream, for as long as it likes.
 const WRITE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+/// How long a batch waits for one of the node's serving permits before it is
+/// answered `Busy` (well inside a downloader's 15 s answer timeout).
+const NODE_PERMIT_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// Batches of answers computed ahead of the writer: encoding (disk reads,
 /// hashing) of the next blocks overlaps with sending the current ones.
@@ -361,7 +364,7 @@ pub(crate) async fn serve_stream<R, W>(
         tokio::task::JoinHandle<Answers>,
         (
             tokio::sync::OwnedSemaphorePermit,
-            tokio::sync::OwnedSemaphorePermit,
+            Option<tokio::sync::OwnedSemaphorePermit>,
         ),
     );
     let peer_batches = svc.inner.peer_batches.get(peer);
@@ -468,7 +471,13 @@ pub(crate) async fn serve_stream<R, W>(
         let permits = (peer_batches.clone(), svc.inner.serve_permits.clone());
         let acquired = async move {
             let own = permits.0.acquire_owned().await?;
-            let node = permits.1.acquire_owned().await?;
+            // When others hold the node's permits (peers that ask and do not
+            // read, say), answer `Busy` soon rather than sit silent: a
+            // silent provider is charged as one that never answers.
+            let node = tokio::time::timeout(NODE_PERMIT_WAIT, permits.1.acquire_owned())
+                .await
+                .ok()
+                .transpose()?;
             Ok::<_, tokio::sync::AcquireError>((own, node))
         };
         let permit = tokio::select! {
@@ -479,10 +488,17 @@ pub(crate) async fn serve_stream<R, W>(
             _ = svc.inner.shutdown.cancelled() => break,
         };
         let answering = svc.clone();
+        let busy = permit.1.is_none();
         let job = tokio::task::spawn_blocking(move || {
             batch
                 .into_iter()
-                .map(|req| answer(&answering, &peer, group, req))
+                .map(|req| {
+                    if busy {
+                        failed(Status::Busy, "the node is answering too many requests")
+                    } else {
+                        answer(&answering, &peer, group, req)
+                    }
+                })
                 .collect()
         });
         // The writer ends within WRITE_TIMEOUT if the peer stops reading,

@@ -152,8 +152,11 @@ fn add_hint(hints: &mut Vec<PeerId>, peer: PeerId, active: bool) {
 const WRITE_QUEUE: usize = 16;
 /// Bytes a writer writes between background syncs of the partial file.
 const SYNC_EVERY: u64 = 64 << 20;
-/// How often a resumable download checkpoints while blocks arrive.
+/// How often a resumable download checkpoints while blocks arrive...
 const CHECKPOINT_EVERY: std::time::Duration = std::time::Duration::from_secs(2);
+/// ...at most: its checkpoints write no more than this many bytes a second
+/// (every 2 s up to 1 GiB items, every 32 s for 16 GiB).
+const CHECKPOINT_BYTES_PER_SEC: u64 = 2 << 20;
 
 impl Download {
     pub(super) fn new(
@@ -221,6 +224,14 @@ impl Download {
                     }
                     let mut unsynced = 0u64;
                     let mut last_sync = std::time::Instant::now();
+                    // A checkpoint writes the whole tree (1/256 of the item):
+                    // large items checkpoint less often.
+                    let checkpoint_every = match dl.upgrade() {
+                        Some(d) => CHECKPOINT_EVERY.max(std::time::Duration::from_secs(
+                            d.partial.tree_len() as u64 / CHECKPOINT_BYTES_PER_SEC,
+                        )),
+                        None => return,
+                    };
                     let mut syncing: Option<tokio::task::JoinHandle<()>> = None;
                     while let Some(job) = rx.blocking_recv() {
                         let Some(dl) = dl.upgrade() else { return };
@@ -232,7 +243,7 @@ impl Download {
                         // resumable download also checkpoints every few
                         // seconds, so a node that dies loses little.
                         let due = unsynced >= SYNC_EVERY
-                            || (dl.partial.resumable() && last_sync.elapsed() >= CHECKPOINT_EVERY);
+                            || (dl.partial.resumable() && last_sync.elapsed() >= checkpoint_every);
                         if due && syncing.as_ref().is_none_or(|s| s.is_finished()) {
                             unsynced = 0;
                             last_sync = std::time::Instant::now();

@@ -15,7 +15,7 @@ use p2pvm_security::{Standing, Verdict};
 use tracing::{debug, info, warn};
 
 use super::download::{Download, Outcome};
-use super::peer::{manifest_from, neighbours_holding};
+use super::peer::{MANIFEST_ASKED, manifest_from, neighbours_holding};
 use super::scan::{malware_found, start_whole_scan, whole_verdict};
 use super::sched::Sched;
 use super::worker::worker;
@@ -62,7 +62,7 @@ pub(super) async fn download_for(
         Ok(m) => m,
         Err(first) => {
             let tried = providers.clone();
-            providers = svc.find_providers(id, 8).await;
+            providers = svc.find_providers(id, MANIFEST_ASKED).await;
             providers.retain(|p| !tried.contains(p));
             if providers.is_empty() {
                 return Err(first);
@@ -164,13 +164,15 @@ async fn open_partial(
         (svc.inner.store.tmp_path("part"), PathBuf::new())
     };
     let at = path.clone();
+    let tmp = svc.inner.store.tmp_path("part");
     tokio::task::spawn_blocking(move || {
         if !keep {
             return Partial::create(&at, item, size);
         }
-        match Partial::resume(&at, &state, item, size)? {
+        match Partial::open_resumable(&at, &state, item, size)? {
             Some(p) => Ok(p),
-            None => Partial::create_resumable(&at, &state, item, size),
+            // An earlier download of the item, still winding down, holds it.
+            None => Partial::create(&tmp, item, size),
         }
     })
     .await

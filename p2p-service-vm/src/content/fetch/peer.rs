@@ -27,6 +27,9 @@ const OPEN_TIMEOUT: Duration = Duration::from_secs(10);
 const MANIFEST_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long a single request/response exchange may take.
 const EXCHANGE_TIMEOUT: Duration = Duration::from_secs(15);
+/// How long a provider may take to start answering a manifest request once
+/// it has it (its server answers `Busy` within 5 s when overloaded).
+const HEADER_TIMEOUT: Duration = Duration::from_secs(15);
 /// Pause before asking a provider again after a transport failure.
 const TRANSPORT_RETRY_PAUSE: Duration = Duration::from_millis(250);
 
@@ -153,9 +156,17 @@ pub(crate) struct Proven {
     pub size_proof: Vec<u8>,
 }
 
-/// Asks providers for the manifest of `id` until one verifies. A provider
-/// that failed in transport (a connection closing under a simultaneous dial,
-/// say) is asked once more after a pause before the lookup gives up.
+/// Providers asked for a manifest at once: one silent or lying provider
+/// then costs a download no time, and several in a row no answer (a swarm
+/// with 10 bad peers of 25 lost downloads that asked 8 bad ones in turn).
+const MANIFEST_PARALLEL: usize = 4;
+/// Providers asked in all before a manifest request gives up.
+pub(crate) const MANIFEST_ASKED: usize = 16;
+
+/// Asks providers for the manifest of `id`, a few at a time, until one
+/// verifies. A provider that failed in transport (a connection closing
+/// under a simultaneous dial, say) is asked once more after a pause before
+/// the lookup gives up.
 pub(crate) async fn manifest_from(
     svc: &ContentService,
     id: &ContentId,
@@ -181,32 +192,31 @@ pub(crate) async fn manifest_from(
         }
     };
     let once = |peer: PeerId| async move {
-        match tokio::time::timeout(MANIFEST_TIMEOUT, manifest_once(svc, id, peer)).await {
-            Ok(answer) => answer,
-            Err(_) => {
-                // It took the request and sat silent through the whole
-                // exchange: on its record (other failures are recorded
-                // where they happen).
-                let e = ProviderError::NoAnswer;
-                if let Some(evidence) = e.evidence() {
-                    svc.inner.ledger.record(peer, evidence);
-                }
-                Err(e)
-            }
-        }
+        tokio::time::timeout(MANIFEST_TIMEOUT, manifest_once(svc, id, peer))
+            .await
+            .unwrap_or(Err(ProviderError::NoAnswer))
     };
-    for peer in providers.iter().take(8) {
-        match once(*peer).await {
+    let ask = |peer: PeerId| async move { (peer, once(peer).await) };
+    let mut queue = providers.iter().take(MANIFEST_ASKED).copied();
+    let mut asking = futures::stream::FuturesUnordered::new();
+    for peer in queue.by_ref().take(MANIFEST_PARALLEL) {
+        asking.push(ask(peer));
+    }
+    while let Some((peer, answer)) = futures::StreamExt::next(&mut asking).await {
+        match answer {
             Ok(Some(m)) => return Ok(m),
             Ok(None) => {}
             Err(e) => {
                 // Asking a peer that sat silent through the whole exchange
                 // again would only double the wait.
                 if e.transient() && !matches!(e, ProviderError::NoAnswer) {
-                    again.push(*peer);
+                    again.push(peer);
                 }
-                last = failed(*peer, e);
+                last = failed(peer, e);
             }
+        }
+        if let Some(next) = queue.next() {
+            asking.push(ask(next));
         }
     }
     if !again.is_empty() {
@@ -231,7 +241,18 @@ async fn manifest_once(
 ) -> Result<Option<Proven>, ProviderError> {
     let mut stream = open_stream(svc, peer).await?;
     request(&mut stream, Op::Manifest(id.0.to_vec())).await?;
-    let header = response(&mut stream).await?;
+    let header = match tokio::time::timeout(HEADER_TIMEOUT, response(&mut stream)).await {
+        Ok(header) => header?,
+        Err(_) => {
+            // It took the request and sent nothing back: on its record. (The
+            // time to reach it, and what comes after its answer, is not.)
+            let e = ProviderError::NoAnswer;
+            if let Some(evidence) = e.evidence() {
+                svc.inner.ledger.record(peer, evidence);
+            }
+            return Err(e);
+        }
+    };
     // A group item: asked again in a group session of a group it names.
     if header.status == Status::Forbidden as i32
         && DrmError::code_in(&header.message) == Some("DRM_NOT_GROUP_MEMBER")
