@@ -22,8 +22,10 @@ use super::{
 };
 use crate::node::Command;
 
-/// Providers of a keyword asked at most.
-const MAX_PEERS: usize = 20;
+/// Providers of a keyword asked at most (at once). 20 found 35–42 % of 100
+/// items that 60 nodes published under a shared word: every provider holds
+/// its own items, so recall grows with the providers asked.
+const MAX_PEERS: usize = 64;
 /// Time allowed per peer.
 const PEER_TIMEOUT: Duration = Duration::from_secs(10);
 
