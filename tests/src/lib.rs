@@ -645,3 +645,20 @@ pub async fn publish_named(c: &Client, name: &str, data: &[u8]) -> Result<String
 pub async fn fetch_whole(c: &Client, id: &str) -> Result<Vec<u8>> {
     Ok(fetch_or_refusal(c, id, true).await??)
 }
+
+/// Flips a bit every 4 KiB of each stored item's bytes (the node stopped).
+pub fn rot_store(node: &TestNode) -> Result<usize> {
+    let mut n = 0;
+    for e in std::fs::read_dir(node.data_dir().join("content/blobs"))? {
+        let p = e?.path();
+        if p.extension().is_some_and(|x| x == "data") {
+            let mut bytes = std::fs::read(&p)?;
+            for i in (100..bytes.len()).step_by(4096) {
+                bytes[i] ^= 0x10;
+            }
+            std::fs::write(&p, bytes)?;
+            n += 1;
+        }
+    }
+    Ok(n)
+}

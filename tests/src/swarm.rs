@@ -153,7 +153,7 @@ impl Swarm {
             ensure!(id == self.id, "the same bytes gave another content id");
             if is_rotten {
                 node.stop().await?;
-                ensure!(rot_store(&node)? == 1, "one item to rot");
+                ensure!(crate::rot_store(&node)? == 1, "one item to rot");
                 node.restart().await?;
                 bad.rotten.push(node);
             } else {
@@ -328,23 +328,6 @@ impl BadPeers {
     pub fn all(&self) -> impl Iterator<Item = &TestNode> {
         self.rotten.iter().chain(&self.silent)
     }
-}
-
-/// Flips a bit every 4 KiB of each stored item's bytes (the node stopped).
-pub fn rot_store(node: &TestNode) -> Result<usize> {
-    let mut n = 0;
-    for e in std::fs::read_dir(node.data_dir().join("content/blobs"))? {
-        let p = e?.path();
-        if p.extension().is_some_and(|x| x == "data") {
-            let mut bytes = std::fs::read(&p)?;
-            for i in (100..bytes.len()).step_by(4096) {
-                bytes[i] ^= 0x10;
-            }
-            std::fs::write(&p, bytes)?;
-            n += 1;
-        }
-    }
-    Ok(n)
 }
 
 /// The round trip a home line adds, spread over the nodes: a frame between

@@ -180,22 +180,6 @@ async fn swarm_completes_after_the_publisher_vanishes_mid_transfer() -> Result<(
 }
 
 /// Flips a bit every 4 KiB of every stored blob of `node`.
-fn rot_store(node: &TestNode) -> Result<usize> {
-    let mut n = 0;
-    for e in std::fs::read_dir(node.data_dir().join("content/blobs"))? {
-        let p = e?.path();
-        if p.extension().is_some_and(|x| x == "data") {
-            let mut bytes = std::fs::read(&p)?;
-            for i in (100..bytes.len()).step_by(4096) {
-                bytes[i] ^= 0x10;
-            }
-            std::fs::write(&p, bytes)?;
-            n += 1;
-        }
-    }
-    Ok(n)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn corrupt_provider_is_detected_recorded_and_never_delivered() -> Result<()> {
     let data = item(8 << 20, 11);
@@ -213,7 +197,7 @@ async fn corrupt_provider_is_detected_recorded_and_never_delivered() -> Result<(
         .download_content(&info.content_id)
         .await?;
     liar.stop().await?;
-    ensure!(rot_store(&liar)? == 1);
+    ensure!(p2pvm_e2e::rot_store(&liar)? == 1);
     liar.restart().await?;
 
     let fetcher = node(&[&honest, &liar], None).await?;
@@ -259,7 +243,7 @@ async fn a_provider_that_rechecks_its_disk_never_sends_rot() -> Result<()> {
         .download_content(&info.content_id)
         .await?;
     careful.stop().await?;
-    ensure!(rot_store(&careful)? == 1);
+    ensure!(p2pvm_e2e::rot_store(&careful)? == 1);
     careful.restart().await?;
 
     let fetcher = node(&[&honest, &careful], None).await?;

@@ -22,20 +22,6 @@ async fn publish(c: &Client, data: &[u8]) -> Result<String> {
     p2pvm_e2e::publish_named(c, "x.bin", data).await
 }
 
-fn rot_store(node: &TestNode) -> Result<()> {
-    for e in std::fs::read_dir(node.data_dir().join("content/blobs"))? {
-        let p = e?.path();
-        if p.extension().is_some_and(|x| x == "data") {
-            let mut bytes = std::fs::read(&p)?;
-            for i in (100..bytes.len()).step_by(4096) {
-                bytes[i] ^= 0x10;
-            }
-            std::fs::write(&p, bytes)?;
-        }
-    }
-    Ok(())
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn clean_transfers_raise_credit_corrupt_ones_sink_it_and_it_persists() -> Result<()> {
     let honest = node(&[], None).await?;
@@ -64,7 +50,7 @@ async fn clean_transfers_raise_credit_corrupt_ones_sink_it_and_it_persists() -> 
     let id2 = publish(&honest.admin().await?, &other).await?;
     liar.admin().await?.download_content(&id2).await?;
     liar.stop().await?;
-    rot_store(&liar)?;
+    p2pvm_e2e::rot_store(&liar)?;
     liar.restart().await?;
     honest.admin().await?.delete_content(&id2).await?;
     // Retried until the liar's provider record has spread through the DHT.
