@@ -75,6 +75,11 @@ if [ -n "$failed_tests" ]; then
             on && /^(RETRY|WARNING):/ { print "  " $0 }' "$log"
     done <<<"$failed_tests"
 fi
+# A bench or other harness-less binary fails by returning an error from main,
+# which prints "Error: ..." and its causes; show them beside the binary's name.
+awk '/^Error: / { print "  " $0; n = 6; next }
+    n > 0 && /^( |Caused by:|$)/ { if ($0 != "") print "  " $0; n--; next }
+    { n = 0 }' "$log"
 # cargo's own list of the test binaries that failed (or did not build).
 sed -n '/^error: [0-9]* targets\? failed:/,/^[^ ]/p' "$log" | grep -E '^ +`' | sed 's/^ */  binary: /' || true
 awk '/^test result:/ {
