@@ -8,6 +8,11 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+/// The most payload bytes a content fast-path connection may carry before it
+/// is replaced (`content.fast_path_rotate_bytes` at most): half of what one
+/// sealed-frame key may seal (the record layer checks this at compile time).
+pub const MAX_ROTATE_BYTES: u64 = 1 << 35;
+
 /// Why the configuration could not be loaded.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -282,7 +287,7 @@ impl Default for ContentConfig {
             max_item_bytes: 256 << 30,
             fast_path: true,
             fast_path_connections: 2,
-            fast_path_rotate_bytes: crate::content::MAX_ROTATE_BYTES,
+            fast_path_rotate_bytes: MAX_ROTATE_BYTES,
             fast_path_port: 0,
             memory_budget_bytes: 256 << 20,
             read_ahead_bytes: 64 << 20,
@@ -489,12 +494,10 @@ impl Config {
                 "content.fast_path_connections must be between 1 and 8".into(),
             ));
         }
-        if c.fast_path_rotate_bytes == 0
-            || c.fast_path_rotate_bytes > crate::content::MAX_ROTATE_BYTES
-        {
+        if c.fast_path_rotate_bytes == 0 || c.fast_path_rotate_bytes > MAX_ROTATE_BYTES {
             return Err(ConfigError::Invalid(format!(
                 "content.fast_path_rotate_bytes must be between 1 and {}",
-                crate::content::MAX_ROTATE_BYTES
+                MAX_ROTATE_BYTES
             )));
         }
         if let Some(g) = c.gateway

@@ -15,6 +15,7 @@ use crate::api::{self, ApiService, apps::AppRegistry};
 use crate::compute::{ComputeService, ComputeServiceError};
 use crate::config::{Config, ConfigError};
 use crate::content::ContentService;
+use crate::context::NodeContext;
 use crate::identity::{self, IdentityError};
 use crate::node::{Node, NodeStartError};
 
@@ -50,6 +51,9 @@ pub enum DaemonError {
     Node(#[from] NodeStartError),
     /// The content store could not be opened.
     #[error("Content store: {0}")]
+    Store(#[from] p2pvm_content::StoreError),
+    /// The content service could not start.
+    #[error("Content: {0}")]
     Content(#[from] crate::content::ContentServiceError),
     /// The compute service could not start.
     #[error("Compute: {0}")]
@@ -81,7 +85,7 @@ const STOP_GRACE: std::time::Duration = std::time::Duration::from_secs(5);
 /// Runs a node with `config` until `shutdown` is cancelled.
 pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), DaemonError> {
     config.validate()?;
-    let dir = &config.data_dir;
+    let dir = &config.data_dir.clone();
     let dir_err = |source| DaemonError::DataDir {
         path: dir.clone(),
         source,
@@ -110,14 +114,10 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Daem
         handle.clone(),
         shutdown.clone(),
     ));
-    let content = ContentService::start(
-        &config,
-        key.clone(),
-        handle.clone(),
-        ledger.clone(),
-        shutdown.clone(),
-    )?;
-    let compute = ComputeService::start(&config, key, content.clone(), shutdown.clone())?;
+    let ctx = NodeContext::new(config, key, handle.clone(), ledger, shutdown.clone())?;
+    let config = ctx.config.clone();
+    let content = ContentService::start(ctx.clone())?;
+    let compute = ComputeService::start(ctx.clone(), content.clone())?;
     let gateway = config.content.gateway.map(|addr| {
         let (c, s) = (content.clone(), shutdown.clone());
         tokio::spawn(async move {
@@ -126,14 +126,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Daem
             }
         })
     });
-    let svc = ApiService::new(
-        handle.clone(),
-        Some(content.clone()),
-        Some(compute),
-        apps,
-        config.api.clone(),
-        shutdown.clone(),
-    );
+    let svc = ApiService::new(ctx.clone(), content, compute, apps);
     info!(
         peer_id = %handle.peer_id(),
         socket = %socket.display(),
@@ -161,14 +154,12 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Daem
     }
     // Every session, stream, transfer and server task watches the shutdown
     // token; wait for them, so nothing is cut off mid-write.
-    let (api_done, content_done) =
-        tokio::join!(svc.stopped(STOP_GRACE), content.stopped(STOP_GRACE));
-    let tasks_left = svc.tasks_running() + content.tasks_running();
-    if !(api_done && content_done) {
+    let all_done = ctx.tasks.stopped(STOP_GRACE).await;
+    let tasks_left = ctx.tasks.running();
+    if !all_done {
         tracing::warn!(
             tasks_left,
-            api = ?svc.inner.tasks.running_by_origin(),
-            content = ?content.inner.tasks.running_by_origin(),
+            running = ?ctx.tasks.running_by_origin(),
             "tasks still running {}s after shutdown; leaving them",
             STOP_GRACE.as_secs()
         );

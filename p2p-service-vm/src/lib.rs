@@ -4,19 +4,25 @@
 //!   app sessions (the Unix socket; the inter-VM channel's back-end, backend.rs)
 //!        │  p2pvm API frames
 //!        ▼
-//!   api::ApiService ── per-app auth, per-session state, limits
-//!        │  Command / NodeEvent
-//!        ▼
-//!   node::Node ── libp2p swarm: TCP+Noise+Yamux, QUIC, identify, ping,
-//!                 Kademlia, gossipsub, mDNS, app-defined streams
+//!   api::ApiService ── per-app auth, per-session state, limits; api::ops by domain
+//!        │                 │                    │
+//!        ▼                 ▼                    ▼
+//!   node::Node      content::ContentService  compute::ComputeService
+//!   (libp2p swarm)  (store, transfers,       (WebAssembly jobs, receipts)
+//!        ▲           fast path, search)          │
+//!        └──────────── context::NodeContext ◄────┘
+//!                      identity, node handle, credit ledger, virus filter,
+//!                      store, tasks, shutdown, configuration
 //! ```
 //!
-//! Start reading at [`daemon::run`], which wires the pieces together, then
-//! [`api::session`] for how one app session is served and [`node`] for the swarm.
-//! The API layer is transport-agnostic: [`api::ApiService::serve`] takes any
-//! byte stream, which is how the channel back-end ([`backend`]) plugs in: one
-//! channel session per app connection of the front-end, in the sandbox or
-//! from the client VM.
+//! Start reading at [`daemon::run`], which builds the [`context::NodeContext`]
+//! once and hands it to each service, then [`api`] for how one app session
+//! is served and [`node`] for the swarm. The API layer is transport-agnostic:
+//! [`api::ApiService::serve`] takes any byte stream, which is how the channel
+//! back-end ([`backend`]) plugs in: one channel session per app connection of
+//! the front-end, in the sandbox or from the client VM. The security
+//! decisions (credit, virus verdicts, DRM, groups) are `p2pvm_security`'s;
+//! the services here ask it.
 
 #![forbid(unsafe_code)]
 
@@ -26,6 +32,7 @@ pub mod compute;
 pub mod config;
 pub mod confine;
 pub mod content;
+pub mod context;
 pub mod credit;
 pub mod daemon;
 mod fsutil;

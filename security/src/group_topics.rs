@@ -31,7 +31,7 @@ use x509_parser::oid_registry::{
 };
 use x509_parser::prelude::{FromDer, X509Certificate};
 
-use crate::groups::GroupId;
+use crate::group_id::GroupId;
 
 /// Topic keys are this long.
 pub const KEY_LEN: usize = 32;

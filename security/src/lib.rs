@@ -13,13 +13,18 @@
 //! streamed to a real ClamAV clamd, with a cache of clean verdicts per
 //! signature database); the DRM checker (rights and publisher certificates,
 //! checked before sharing and before accepting), on the X.509 helpers in
-//! `pki`. The privacy controller (trusted groups) plugs in beside them.
+//! `pki`; the privacy controller (trusted groups: `groups`, their TLS
+//! sessions `group_tls`, their topic keys `group_topics`); and the access
+//! policy (`access`) that joins the DRM checker and the groups into the
+//! content engine's questions: may this be published, served, accepted?
 
 #![forbid(unsafe_code)]
 
+pub mod access;
 pub mod drm;
 #[doc(hidden)]
 pub mod fuzzing;
+mod group_id;
 pub mod group_tls;
 pub mod group_topics;
 pub mod groups;
@@ -30,6 +35,7 @@ pub mod tls13;
 pub mod verdicts;
 pub mod virus;
 
+pub use access::{AccessPolicy, PublisherTrust};
 pub use drm::{Certification, DrmChecker, DrmError, DrmPolicy, Untrusted};
 pub use group_tls::GroupTls;
 pub use groups::{GroupError, GroupId, GroupInfo, Groups, MemberInfo};

@@ -61,25 +61,23 @@ pub fn rss_overhead_kib() -> Option<u64> {
     Some(total)
 }
 
+/// An error with its causes, for a one-line report.
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        out.push_str(": ");
+        out.push_str(&c.to_string());
+        cause = c.source();
+    }
+    out
+}
+
 /// How often the resident memory is sampled while a VM runs.
 const RSS_SAMPLE_EVERY: Duration = Duration::from_millis(500);
 
-/// Which seccomp filter (if any) each thread installs before it starts.
-pub trait ThreadSetup: Send + Sync + 'static {
-    /// Called first thing on a vCPU thread.
-    fn vcpu(&self) -> Result<(), String> {
-        Ok(())
-    }
-    /// Called first thing on the device thread.
-    fn device(&self) -> Result<(), String> {
-        Ok(())
-    }
-}
-
-/// No confinement (tests).
-#[derive(Debug)]
-pub struct NoSetup;
-impl ThreadSetup for NoSetup {}
+// The per-thread confinement hook lives with the filters it installs.
+pub use crate::seccomp::{NoSetup, ThreadSetup};
 
 /// Runs `machine` until the guest powers off, resets, panics, the host asks
 /// it to stop, or something fails.
@@ -111,7 +109,10 @@ pub fn run(
         let name = format!("vcpu{}", vcpu.id());
         vcpu_threads.push(std::thread::Builder::new().name(name).spawn(move || {
             if let Err(e) = setup.vcpu() {
-                exit.request(ExitReason::Error(format!("vCPU thread setup: {e}")));
+                exit.request(ExitReason::Error(format!(
+                    "vCPU thread setup: {}",
+                    chain(&e)
+                )));
                 return;
             }
             vcpu.run();
@@ -123,7 +124,10 @@ pub fn run(
         .name("devices".into())
         .spawn(move || {
             if let Err(e) = dev_setup.device() {
-                dev_exit.request(ExitReason::Error(format!("device thread setup: {e}")));
+                dev_exit.request(ExitReason::Error(format!(
+                    "device thread setup: {}",
+                    chain(&e)
+                )));
                 return;
             }
             while !dev_exit.stopping() {

@@ -27,8 +27,6 @@ use seccompiler::{
     SeccompRule, TargetArch,
 };
 
-use crate::runner::ThreadSetup;
-
 /// How filters are enforced.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Mode {
@@ -220,18 +218,35 @@ impl Filters {
     }
 }
 
-fn install(program: &Option<BpfProgram>) -> Result<(), String> {
+/// Which seccomp filter (if any) each thread installs before it starts.
+pub trait ThreadSetup: Send + Sync + 'static {
+    /// Called first thing on a vCPU thread.
+    fn vcpu(&self) -> Result<(), SeccompError> {
+        Ok(())
+    }
+    /// Called first thing on the device thread.
+    fn device(&self) -> Result<(), SeccompError> {
+        Ok(())
+    }
+}
+
+/// No confinement (tests).
+#[derive(Debug)]
+pub struct NoSetup;
+impl ThreadSetup for NoSetup {}
+
+fn install(program: &Option<BpfProgram>) -> Result<(), SeccompError> {
     match program {
-        Some(p) => seccompiler::apply_filter(p).map_err(|e| SeccompError::Install(e).to_string()),
+        Some(p) => seccompiler::apply_filter(p).map_err(SeccompError::Install),
         None => Ok(()),
     }
 }
 
 impl ThreadSetup for Filters {
-    fn vcpu(&self) -> Result<(), String> {
+    fn vcpu(&self) -> Result<(), SeccompError> {
         install(&self.vcpu)
     }
-    fn device(&self) -> Result<(), String> {
+    fn device(&self) -> Result<(), SeccompError> {
         install(&self.device)
     }
 }

@@ -46,6 +46,24 @@ pub enum SuperviseError {
     /// The channel cannot be set up as configured.
     #[error("channel: {0}")]
     Channel(String),
+    /// The `[[vm]]` file could not be read.
+    #[error("Reading {path}")]
+    ReadSet {
+        /// The file.
+        path: std::path::PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The `[[vm]]` file is not valid.
+    #[error("Invalid VM set {path}")]
+    ParseSet {
+        /// The file.
+        path: std::path::PathBuf,
+        /// Why.
+        #[source]
+        source: Box<toml::de::Error>,
+    },
     /// Writing a VM's configuration or starting its process failed.
     #[error("VM {name}: {what}")]
     Io {
@@ -308,10 +326,15 @@ fn shutdown(vms: &mut [Managed]) {
 }
 
 /// Reads a `[[vm]]` file.
-pub fn load(path: &Path) -> Result<VmSet, String> {
-    let text =
-        std::fs::read_to_string(path).map_err(|e| format!("reading {}: {e}", path.display()))?;
-    toml::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))
+pub fn load(path: &Path) -> Result<VmSet, SuperviseError> {
+    let text = std::fs::read_to_string(path).map_err(|source| SuperviseError::ReadSet {
+        path: path.to_owned(),
+        source,
+    })?;
+    toml::from_str(&text).map_err(|source| SuperviseError::ParseSet {
+        path: path.to_owned(),
+        source: Box::new(source),
+    })
 }
 
 #[cfg(test)]

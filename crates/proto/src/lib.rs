@@ -28,6 +28,18 @@ pub mod pb {
 /// The protocol version this crate speaks; sent in `Hello` and `Welcome`.
 pub const PROTOCOL_VERSION: u32 = 1;
 
+/// The environment variables through which an app finds its node and proves
+/// who it is; clients read them, and the node sets them for the operator's
+/// console.
+pub mod env {
+    /// Names the API socket.
+    pub const API_SOCKET: &str = "P2PVM_API_SOCKET";
+    /// Holds an app token.
+    pub const TOKEN: &str = "P2PVM_TOKEN";
+    /// Names a file that holds an app token.
+    pub const TOKEN_FILE: &str = "P2PVM_TOKEN_FILE";
+}
+
 /// Default ceiling on one frame's encoded size. 1 MiB holds any control message
 /// with room to spare and keeps a hostile peer from making the node buffer more
 /// than that per session before it notices.

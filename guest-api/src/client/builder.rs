@@ -12,11 +12,11 @@ use crate::conn::{self, Inner, Target};
 use crate::error::{Error, Result};
 
 /// Environment variable naming the API socket.
-pub const ENV_SOCKET: &str = "P2PVM_API_SOCKET";
+pub const ENV_SOCKET: &str = p2pvm_proto::env::API_SOCKET;
 /// Environment variable holding the app token.
-pub const ENV_TOKEN: &str = "P2PVM_TOKEN";
+pub const ENV_TOKEN: &str = p2pvm_proto::env::TOKEN;
 /// Environment variable naming a file that holds the app token.
-pub const ENV_TOKEN_FILE: &str = "P2PVM_TOKEN_FILE";
+pub const ENV_TOKEN_FILE: &str = p2pvm_proto::env::TOKEN_FILE;
 
 /// The socket a node uses when nothing else is configured:
 /// `~/.local/share/p2pvm/api.sock`.

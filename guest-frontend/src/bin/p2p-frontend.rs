@@ -10,7 +10,6 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 use clap::Parser;
-use tokio_util::sync::CancellationToken;
 use tracing_subscriber::EnvFilter;
 
 /// Serves the p2pvm API to local apps over the inter-VM channel.
@@ -43,17 +42,7 @@ async fn main() -> anyhow::Result<()> {
         // Colour codes only for a person at a terminal, not in log files.
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
-    let shutdown = CancellationToken::new();
-    let stop = shutdown.clone();
-    tokio::spawn(async move {
-        use tokio::signal::unix::{SignalKind, signal};
-        let mut term = signal(SignalKind::terminate()).expect("install SIGTERM handler");
-        tokio::select! {
-            _ = tokio::signal::ctrl_c() => {},
-            _ = term.recv() => {},
-        }
-        stop.cancel();
-    });
+    let shutdown = p2pvm_signals::shutdown_on_signals();
     let channel = match (cli.broker, cli.device) {
         (Some(b), _) => p2pvm_channel::Source::Broker(b),
         (None, Some(d)) => p2pvm_channel::Source::device(&d, cli.mapping),

@@ -54,6 +54,20 @@ pub struct Principal {
     pub admin: bool,
 }
 
+impl Principal {
+    /// Refuses callers without the admin capability.
+    pub(crate) fn require_admin(&self) -> Result<(), super::ApiError> {
+        if self.admin {
+            Ok(())
+        } else {
+            Err(super::ApiError::new(
+                p2pvm_proto::pb::ErrorCode::PermissionDenied,
+                "this operation needs the admin capability",
+            ))
+        }
+    }
+}
+
 /// The credential store.
 #[derive(Debug)]
 pub struct AppRegistry {

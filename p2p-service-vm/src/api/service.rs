@@ -1,19 +1,18 @@
 //! State shared by all sessions of one node.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex};
 
-use p2pvm_proto::{FrameCodec, pb};
-use tokio::io::{AsyncRead, AsyncWrite};
+use p2pvm_proto::pb;
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
-use tracing::warn;
 
 use super::apps::{AppRegistry, AppsChange, AppsError};
+use crate::compute::ComputeService;
 use crate::config::ApiLimits;
 use crate::content::ContentService;
-use crate::node::NodeHandle;
+use crate::context::NodeContext;
 
 /// What the node knows about a live session, for admins and for revocation.
 #[derive(Debug)]
@@ -24,12 +23,14 @@ pub(crate) struct SessionEntry {
 }
 
 #[derive(Debug)]
-pub(crate) struct Inner {
-    pub node: NodeHandle,
-    /// Content sharing; `None` only in tests that run without a store.
-    pub content: Option<ContentService>,
-    /// Compute leasing; `None` only in tests that run without it.
-    pub compute: Option<crate::compute::ComputeService>,
+pub(in crate::api) struct Inner {
+    /// What the whole node shares (node handle, identity, ledger, tasks,
+    /// shutdown).
+    pub ctx: NodeContext,
+    /// Content sharing.
+    pub content: ContentService,
+    /// Compute leasing.
+    pub compute: ComputeService,
     /// Held only for in-memory reads and updates: every handshake takes it.
     pub apps: Mutex<AppRegistry>,
     /// Serialises changes to the credentials, across their file write.
@@ -43,35 +44,30 @@ pub(crate) struct Inner {
     /// Service name → number of sessions advertising it.
     pub services: tokio::sync::Mutex<HashMap<String, usize>>,
     /// Bulk fetches waiting for their attachment.
-    pub bulk: Arc<super::bulk::Tickets>,
-    next_session: AtomicU64,
-    session_slots: Arc<Semaphore>,
-    pub shutdown: CancellationToken,
-    /// Every task of the API (sessions, their streams, bulk transfers):
-    /// waited for at shutdown.
-    pub tasks: crate::tasks::Tasks,
+    pub bulk: Arc<super::tickets::Tickets>,
+    pub next_session: AtomicU64,
+    pub session_slots: Arc<Semaphore>,
 }
 
 /// The API service of one node. Cheap to clone.
 #[derive(Debug, Clone)]
 pub struct ApiService {
-    pub(crate) inner: Arc<Inner>,
+    pub(in crate::api) inner: Arc<Inner>,
 }
 
 impl ApiService {
-    /// Creates the service over a running node.
+    /// Creates the service over a running node and its services.
     pub fn new(
-        node: NodeHandle,
-        content: Option<ContentService>,
-        compute: Option<crate::compute::ComputeService>,
+        ctx: NodeContext,
+        content: ContentService,
+        compute: ComputeService,
         apps: AppRegistry,
-        limits: ApiLimits,
-        shutdown: CancellationToken,
     ) -> Self {
+        let limits = ctx.config.api.clone();
         let slots = Arc::new(Semaphore::new(limits.max_sessions as usize));
         Self {
             inner: Arc::new(Inner {
-                node,
+                ctx,
                 content,
                 compute,
                 apps: Mutex::new(apps),
@@ -84,63 +80,29 @@ impl ApiService {
                 bulk: Arc::default(),
                 next_session: AtomicU64::new(1),
                 session_slots: slots,
-                shutdown,
-                tasks: crate::tasks::Tasks::default(),
             }),
         }
     }
 
-    /// Serves one session over any byte stream until either side ends it.
-    ///
-    /// This is the single entry point for every transport: the Unix socket
-    /// listener calls it per connection, and the channel back-end will call it
-    /// per multiplexed session.
-    pub async fn serve<IO>(&self, io: IO)
-    where
-        IO: AsyncRead + AsyncWrite + Send + Unpin + 'static,
-    {
-        let framed =
-            tokio_util::codec::Framed::new(io, FrameCodec::new(self.inner.limits.max_frame_bytes));
-        let Ok(permit) = self.inner.session_slots.clone().try_acquire_owned() else {
-            warn!("session refused: max_sessions reached");
-            super::session::refuse(
-                framed,
-                pb::Error::new(
-                    pb::ErrorCode::LimitExceeded,
-                    format!(
-                        "the node serves at most {} sessions",
-                        self.inner.limits.max_sessions
-                    ),
-                ),
-            )
-            .await;
-            return;
-        };
-        let id = self.inner.next_session.fetch_add(1, Ordering::Relaxed);
-        super::session::run(self.clone(), id, framed).await;
-        drop(permit);
+    /// The node's content service.
+    pub(crate) fn content(&self) -> &ContentService {
+        &self.inner.content
+    }
+
+    /// The node's compute service.
+    pub(crate) fn compute(&self) -> &ComputeService {
+        &self.inner.compute
     }
 
     /// Starts a task the API supervises: it ends with the shutdown token
-    /// like every task here, and [`ApiService::stopped`] waits for it.
+    /// like every task here, and shutdown waits for it (the node context's tasks).
     #[track_caller]
     pub(crate) fn spawn<F>(&self, task: F) -> tokio::task::JoinHandle<F::Output>
     where
         F: std::future::Future + Send + 'static,
         F::Output: Send + 'static,
     {
-        self.inner.tasks.spawn(task)
-    }
-
-    /// Waits until every API task has ended (after the shutdown token was
-    /// cancelled), or `limit` passes; true if all ended.
-    pub async fn stopped(&self, limit: std::time::Duration) -> bool {
-        self.inner.tasks.stopped(limit).await
-    }
-
-    /// API tasks still running.
-    pub fn tasks_running(&self) -> usize {
-        self.inner.tasks.running()
+        self.inner.ctx.tasks.spawn(task)
     }
 
     /// Changes the app credentials: `plan` computes the change from the

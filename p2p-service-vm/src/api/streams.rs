@@ -14,7 +14,7 @@ use p2pvm_proto::{MAX_STREAM_CHUNK_BYTES, pb};
 use tokio::sync::{Notify, Semaphore, mpsc};
 use tokio::task::JoinHandle;
 
-use super::session::Internal;
+use super::session::internal::Internal;
 
 /// App → peer bytes waiting for the writer task. A byte buffer rather than a
 /// queue of frames: the window bounds it in bytes however finely the app cuts

@@ -11,7 +11,6 @@ use std::path::PathBuf;
 use anyhow::Context;
 use clap::Parser;
 use p2p_service_vm::config::Config;
-use tokio_util::sync::CancellationToken;
 use tracing_subscriber::EnvFilter;
 
 /// One P2P node that serves many applications through the p2pvm API.
@@ -177,9 +176,9 @@ fn console(cli: &Cli, config: &Config) -> anyhow::Result<()> {
         None => std::process::Command::new("/bin/sh"),
     };
     cmd.env("PATH", std::env::join_paths(dirs)?)
-        .env(guest_api_env::SOCKET, config.api_socket_path())
+        .env(p2pvm_proto::env::API_SOCKET, config.api_socket_path())
         .env(
-            guest_api_env::TOKEN_FILE,
+            p2pvm_proto::env::TOKEN_FILE,
             config
                 .data_dir
                 .join(p2p_service_vm::api::apps::ADMIN_TOKEN_FILE),
@@ -188,25 +187,8 @@ fn console(cli: &Cli, config: &Config) -> anyhow::Result<()> {
     Err(anyhow::Error::new(cmd.exec()).context("starting the console command"))
 }
 
-/// The variables `guest-api` and `p2pctl` read (kept in sync with guest-api).
-mod guest_api_env {
-    pub const SOCKET: &str = "P2PVM_API_SOCKET";
-    pub const TOKEN_FILE: &str = "P2PVM_TOKEN_FILE";
-}
-
 async fn run(config: Config) -> anyhow::Result<()> {
-    let shutdown = CancellationToken::new();
-    let signals = shutdown.clone();
-    tokio::spawn(async move {
-        use tokio::signal::unix::{SignalKind, signal};
-        let mut term = signal(SignalKind::terminate()).expect("install SIGTERM handler");
-        tokio::select! {
-            _ = tokio::signal::ctrl_c() => {},
-            _ = term.recv() => {},
-        }
-        tracing::info!("shutting down");
-        signals.cancel();
-    });
+    let shutdown = p2pvm_signals::shutdown_on_signals();
     p2p_service_vm::daemon::run(config, shutdown).await?;
     Ok(())
 }

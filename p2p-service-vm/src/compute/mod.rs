@@ -29,7 +29,6 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
-use libp2p::identity::Keypair;
 use p2pvm_compute::{JobId, Receipts, ReceiptsError, Sandbox};
 use p2pvm_content::ContentId;
 use p2pvm_proto::pb;
@@ -38,6 +37,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use crate::content::ContentService;
+use crate::context::NodeContext;
 use crate::node::{Command, service_key};
 
 /// Why a compute request failed.
@@ -80,6 +80,60 @@ pub enum ComputeServiceError {
         #[source]
         source: std::io::Error,
     },
+}
+
+/// Why a receipt is not taken: a provider's that does not check (a protocol
+/// violation), or a countersigned one that is not what this node signed.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum ReceiptCheckError {
+    /// It does not decode.
+    #[error("undecodable receipt: {0}")]
+    Decode(#[from] prost::DecodeError),
+    /// Its signatures do not check.
+    #[error(transparent)]
+    Receipt(#[from] p2pvm_compute::ReceiptError),
+    /// The provider key it names does not decode.
+    #[error("the receipt's provider key: {0}")]
+    ProviderKey(#[from] libp2p::identity::DecodingError),
+    /// It is for another job, module, input, provider or requester.
+    #[error("the receipt is for another job or party")]
+    OtherParty,
+    /// It charges more than the offer and the fuel given allow.
+    #[error(
+        "the receipt charges {credits} credits for {fuel} fuel (given {given} at {price} per million)"
+    )]
+    Overcharged {
+        /// Credits charged.
+        credits: u64,
+        /// Fuel it says was used.
+        fuel: u64,
+        /// Fuel the run was given.
+        given: u64,
+        /// The offer's price per million fuel.
+        price: u64,
+    },
+    /// An out-of-fuel receipt names a result or charges other fuel.
+    #[error(
+        "an out-of-fuel receipt must name no result and charge the {given} fuel given, not {charged}"
+    )]
+    BadOutOfFuel {
+        /// Fuel the run was given.
+        given: u64,
+        /// Fuel it charges.
+        charged: u64,
+    },
+    /// Its result id is not a content id.
+    #[error("the result id is not a content id")]
+    BadResultId,
+    /// The countersigned receipt is not the one this node signed for the peer.
+    #[error("the receipt is not the one this node signed for this peer")]
+    NotOurs,
+    /// The receipt store failed.
+    #[error(transparent)]
+    Store(#[from] ReceiptsError),
+    /// The receipt store did not answer.
+    #[error("the receipt store did not answer: {0}")]
+    Task(#[from] tokio::task::JoinError),
 }
 
 /// Offer defaults, for fields left at zero.
@@ -125,25 +179,26 @@ pub(crate) fn is_terminal(state: &str) -> bool {
 }
 
 pub(crate) struct Inner {
-    pub content: ContentService,
-    pub key: Keypair,
-    pub sandbox: Sandbox,
-    pub receipts: Arc<Receipts>,
-    pub offer: Mutex<Option<wire::Offer>>,
-    pub running: AtomicU32,
-    pub jobs: Mutex<HashMap<JobId, Arc<Job>>>,
-    pub dir: PathBuf,
+    /// What the whole node shares (identity, node, ledger, tasks, shutdown).
+    ctx: NodeContext,
+    /// Where modules, inputs and results come from and go to.
+    content: ContentService,
+    sandbox: Sandbox,
+    receipts: Arc<Receipts>,
+    offer: Mutex<Option<wire::Offer>>,
+    running: AtomicU32,
+    jobs: Mutex<HashMap<JobId, Arc<Job>>>,
+    dir: PathBuf,
     /// `compute.allowance`: credits this node may spend beyond its earnings.
-    pub allowance: u64,
+    allowance: u64,
     /// Fault injection for tests of result validation.
-    pub wrong_results: bool,
-    pub shutdown: CancellationToken,
+    wrong_results: bool,
 }
 
 /// The node's compute service. Cheap to clone.
 #[derive(Clone)]
 pub struct ComputeService {
-    pub(crate) inner: Arc<Inner>,
+    inner: Arc<Inner>,
 }
 
 impl std::fmt::Debug for ComputeService {
@@ -162,13 +217,9 @@ fn now_unix() -> u64 {
 impl ComputeService {
     /// Opens the receipts under `data_dir/compute`, restores the offer in
     /// force and starts serving the compute protocol.
-    pub fn start(
-        config: &crate::config::Config,
-        key: Keypair,
-        content: ContentService,
-        shutdown: CancellationToken,
-    ) -> Result<Self, ComputeServiceError> {
-        let dir = config.data_dir.join("compute");
+    pub fn start(ctx: NodeContext, content: ContentService) -> Result<Self, ComputeServiceError> {
+        let config = &ctx.config.compute;
+        let dir = ctx.config.data_dir.join("compute");
         std::fs::create_dir_all(&dir).map_err(|source| ComputeServiceError::Io {
             what: format!("creating {}", dir.display()),
             source,
@@ -177,22 +228,22 @@ impl ComputeService {
         let offer = std::fs::read(dir.join("offer.pb"))
             .ok()
             .and_then(|b| wire::Offer::decode(b.as_slice()).ok());
-        if config.compute.test_wrong_results {
+        if config.test_wrong_results {
             warn!("COMPUTE FAULT INJECTION IS ON: this node returns wrong results (tests only)");
         }
+        let (allowance, wrong_results) = (config.allowance, config.test_wrong_results);
         let svc = Self {
             inner: Arc::new(Inner {
+                ctx,
                 content,
-                key,
                 sandbox: Sandbox::new(true)?,
                 receipts,
                 offer: Mutex::new(offer.clone()),
                 running: AtomicU32::new(0),
                 jobs: Mutex::new(HashMap::new()),
                 dir,
-                allowance: config.compute.allowance,
-                wrong_results: config.compute.test_wrong_results,
-                shutdown,
+                allowance,
+                wrong_results,
             }),
         };
         provider::spawn(svc.clone());
@@ -209,8 +260,8 @@ impl ComputeService {
         } else {
             Command::StopProviding(key)
         };
-        let node = self.inner.content.inner.node.clone();
-        self.inner.content.spawn(async move {
+        let node = self.inner.ctx.node.clone();
+        self.inner.ctx.spawn(async move {
             let _ = node.send(cmd).await;
         });
     }
@@ -307,7 +358,7 @@ impl ComputeService {
         if replicas > MAX_REPLICAS {
             return Err(bad(format!("at most {MAX_REPLICAS} replicas")));
         }
-        let me = self.inner.content.inner.node.peer_id();
+        let me = self.inner.ctx.node.peer_id();
         let id = JobId(rand::random());
         let job = Arc::new(Job {
             status: Mutex::new(pb::ComputeJob {
@@ -319,7 +370,7 @@ impl ComputeService {
                 submitted_unix: now_unix(),
                 ..Default::default()
             }),
-            cancel: self.inner.shutdown.child_token(),
+            cancel: self.inner.ctx.shutdown.child_token(),
             started: Instant::now(),
         });
         {
@@ -351,7 +402,7 @@ impl ComputeService {
         };
         let svc = self.clone();
         self.inner
-            .content
+            .ctx
             .spawn(async move { requester::run(svc, spec, job).await });
         Ok(first)
     }
@@ -410,7 +461,7 @@ impl ComputeService {
     /// This node's balance from the receipts it holds, and what it may
     /// spend.
     pub async fn balance(&self) -> pb::ComputeBalance {
-        let me = self.inner.content.inner.node.peer_id();
+        let me = self.inner.ctx.node.peer_id();
         let c = {
             let jobs = self.inner.jobs.lock().expect("lock");
             self.credit(&me, &jobs)

@@ -15,7 +15,7 @@ use prost::Message;
 use tracing::{debug, info};
 
 use super::wire::{self, Answer, Ask, Request, Response};
-use super::{ComputeService, now_unix};
+use super::{ComputeService, ReceiptCheckError, now_unix};
 use crate::content::wire::{read_msg, write_msg};
 use crate::content::{ContentService, PublishMeta};
 
@@ -38,15 +38,11 @@ enum Ran {
 }
 
 pub(super) fn spawn(svc: ComputeService) {
-    let content = svc.inner.content.clone();
-    crate::content::accept(
-        &content,
-        StreamProtocol::new(wire::PROTOCOL),
-        move |peer, stream| {
-            let (rd, wr) = futures::AsyncReadExt::split(stream);
-            serve(svc.clone(), peer, rd, wr)
-        },
-    );
+    let ctx = svc.inner.ctx.clone();
+    ctx.serve_protocol(StreamProtocol::new(wire::PROTOCOL), move |peer, stream| {
+        let (rd, wr) = futures::AsyncReadExt::split(stream);
+        serve(svc.clone(), peer, rd, wr)
+    });
 }
 
 async fn serve(
@@ -69,8 +65,7 @@ async fn serve(
         Some(Ask::Run(run)) => return run_job(svc, peer, run, rd, wr).await,
         _ => {
             svc.inner
-                .content
-                .inner
+                .ctx
                 .ledger
                 .record(peer, p2pvm_security::EventKind::Violation);
             Response::failed("PROTOCOL_VIOLATION", "a stream starts with GetOffer or Run")
@@ -113,7 +108,7 @@ async fn run_job(
             debug!(%peer, "compute run cancelled by the requester");
             return;
         }
-        _ = svc.inner.shutdown.cancelled() => {
+        _ = svc.inner.ctx.shutdown.cancelled() => {
             cancel.store(true, Ordering::Relaxed);
             let _ = work.await;
             return;
@@ -153,7 +148,7 @@ async fn run_job(
         Ok(()) => Response {
             answer: Some(Answer::Ack(wire::Failed::default())),
         },
-        Err(why) => Response::failed("BAD_REQUEST", why),
+        Err(why) => Response::failed("BAD_REQUEST", why.to_string()),
     };
     let _ = send(&mut wr, &ack).await;
 }
@@ -164,21 +159,18 @@ async fn settle(
     peer: PeerId,
     ours: &SignedReceipt,
     verdict: &wire::Verdict,
-) -> Result<(), String> {
+) -> Result<(), ReceiptCheckError> {
     if verdict.receipt.is_empty() {
         info!(%peer, reason = %verdict.reason, "compute result not paid");
         return Ok(());
     }
-    let receipt = Receipt::decode(&verdict.receipt).map_err(|e| e.to_string())?;
+    let receipt = Receipt::decode(&verdict.receipt)?;
     if receipt.signed.body != ours.body || receipt.requester != peer {
-        return Err("the receipt is not the one this node signed for this peer".into());
+        return Err(ReceiptCheckError::NotOurs);
     }
     let receipts = svc.inner.receipts.clone();
     let r = receipt.clone();
-    let added = tokio::task::spawn_blocking(move || receipts.add(&r))
-        .await
-        .map_err(|e| e.to_string())?
-        .map_err(|e| e.to_string())?;
+    let added = tokio::task::spawn_blocking(move || receipts.add(&r)).await??;
     info!(%peer, credits = receipt.body.credits, added, "compute receipt stored");
     Ok(())
 }
@@ -285,7 +277,7 @@ async fn execute(
         module_id: module.to_string(),
         input_id: input.map(|i| i.to_string()).unwrap_or_default(),
         requester_key: run.requester_key.clone(),
-        provider_key: svc.inner.key.public().encode_protobuf(),
+        provider_key: svc.inner.ctx.key.public().encode_protobuf(),
         work_units,
         credits: credits_for(work_units, offer.price_per_mfuel),
         result_id,
@@ -298,7 +290,7 @@ async fn execute(
             // result, paid if the requester's other runs agree.
             info!(%peer, %job, fuel = limit, "compute job ran out of fuel");
             return body(limit, String::new())
-                .sign_as_provider(&svc.inner.key)
+                .sign_as_provider(&svc.inner.ctx.key)
                 .map(Ran::OutOfFuel)
                 .map_err(|e| ("INTERNAL", e.to_string()));
         }
@@ -321,7 +313,7 @@ async fn execute(
         .map_err(|e| ("INTERNAL", format!("publishing the result: {e}")))?;
     info!(%peer, %job, fuel = out.fuel_used, wall_ms = out.wall.as_millis() as u64, "compute job ran");
     body(out.fuel_used, result.manifest.id.to_string())
-        .sign_as_provider(&svc.inner.key)
+        .sign_as_provider(&svc.inner.ctx.key)
         .map(Ran::Done)
         .map_err(|e| ("INTERNAL", e.to_string()))
 }

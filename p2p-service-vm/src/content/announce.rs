@@ -40,7 +40,7 @@ impl ContentService {
     /// Announces every stored item at start-up, then again whenever the
     /// network has grown enough to have moved the closest peers of its keys.
     pub(super) async fn announce_as_the_network_grows(&self) {
-        let mut last = self.inner.node.status().1;
+        let mut last = self.inner.ctx.node.status().1;
         self.announce_all().await;
         let mut tick = tokio::time::interval(GROWTH_CHECK);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -48,9 +48,9 @@ impl ContentService {
         loop {
             tokio::select! {
                 _ = tick.tick() => {}
-                _ = self.inner.shutdown.cancelled() => return,
+                _ = self.inner.ctx.shutdown.cancelled() => return,
             }
-            let now = self.inner.node.status().1;
+            let now = self.inner.ctx.node.status().1;
             if last_round.elapsed() < GROWTH_ROUND_GAP || !grown(&mut last, now) {
                 continue;
             }
@@ -66,7 +66,7 @@ impl ContentService {
     }
 
     async fn announce_all(&self) {
-        let items = match self.blocking(|svc| svc.inner.store.manifests()).await {
+        let items = match self.blocking(|svc| svc.inner.ctx.store.manifests()).await {
             Ok(Ok(m)) => m,
             Ok(Err(e)) => {
                 warn!(error = %chain(&e), "cannot list stored items to announce");
@@ -91,12 +91,14 @@ impl ContentService {
         }
         let _ = self
             .inner
+            .ctx
             .node
             .send(Command::Announce(content_key(&m.id)))
             .await;
         for word in p2pvm_content::keywords::manifest_keywords(&m.manifest) {
             let _ = self
                 .inner
+                .ctx
                 .node
                 .send(Command::Announce(keyword_key(&word)))
                 .await;

@@ -40,7 +40,7 @@ impl ContentService {
     /// Listens to the CRL topic of every group this node knows, and
     /// republishes the CRLs of the groups it owns.
     pub(crate) fn watch_crls(&self) {
-        let mut events = self.inner.node.events.subscribe();
+        let mut events = self.inner.ctx.node.events.subscribe();
         let svc = self.clone();
         self.spawn(async move {
             for g in svc.groups().list() {
@@ -49,7 +49,7 @@ impl ContentService {
             let mut republish = tokio::time::interval(REPUBLISH);
             loop {
                 tokio::select! {
-                    _ = svc.inner.shutdown.cancelled() => return,
+                    _ = svc.inner.ctx.shutdown.cancelled() => return,
                     _ = republish.tick() => svc.republish_crls().await,
                     ev = events.recv() => match ev {
                         Ok(NodeEvent::Pubsub(m)) => {
@@ -84,6 +84,7 @@ impl ContentService {
         let topic = crl_topic(id);
         if let Err(e) = self
             .inner
+            .ctx
             .node
             .call(|reply| Command::Subscribe(topic, reply))
             .await
@@ -97,6 +98,7 @@ impl ContentService {
         let topic = crl_topic(id);
         match self
             .inner
+            .ctx
             .node
             .call(|reply| Command::Publish(topic, crl.into(), reply))
             .await

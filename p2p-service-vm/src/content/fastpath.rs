@@ -417,7 +417,7 @@ pub(crate) fn spawn_server(svc: ContentService, listener: TcpListener) {
     }
     let tasks = svc.clone();
     tasks.spawn(async move {
-        let shutdown = svc.inner.shutdown.clone();
+        let shutdown = svc.inner.ctx.shutdown.clone();
         loop {
             let accepted = tokio::select! {
                 _ = shutdown.cancelled() => return,

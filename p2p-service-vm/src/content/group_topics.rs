@@ -89,6 +89,69 @@ pub enum GroupTopicError {
     Node(#[from] NodeError),
 }
 
+/// Why a member did not hand this node a topic key.
+#[derive(Debug, thiserror::Error)]
+enum KeyFetchError {
+    /// The member could not be reached, or no group session opened.
+    #[error(transparent)]
+    Provider(#[from] super::ProviderError),
+    /// The exchange broke off.
+    #[error("the key request failed: {0}")]
+    Io(#[from] std::io::Error),
+    /// The member refused, with its reason.
+    #[error("refused: {0}")]
+    Refused(String),
+}
+
+/// Why a message on a group topic was not handed to apps.
+#[derive(Debug, thiserror::Error)]
+enum GroupMessageError {
+    /// Gossipsub carried it without a signed source.
+    #[error("unsigned")]
+    Unsigned,
+    /// The sender is not a current member.
+    #[error("sender: {0}")]
+    Sender(#[source] GroupError),
+    /// It does not decode, is of another epoch, or does not open.
+    #[error(transparent)]
+    Seal(#[from] SealError),
+    /// No member gave this node the epoch's key.
+    #[error(transparent)]
+    Key(#[from] GroupTopicError),
+    /// Its payload does not decode.
+    #[error("payload: {0}")]
+    Payload(#[from] prost::DecodeError),
+    /// It was sealed for another topic of the group.
+    #[error("sealed for another topic")]
+    WrongTopic,
+    /// The membership check did not finish.
+    #[error("the check did not finish: {0}")]
+    Task(#[from] tokio::task::JoinError),
+}
+
+/// Why this node does not hand a peer a topic key.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum GroupKeyRefusal {
+    /// The request names no group.
+    #[error("not a group id")]
+    BadGroup,
+    /// The asker is not a verified member on a group session of the group
+    /// (the prefix is the DRM code the asker reads).
+    #[error("DRM_NOT_GROUP_MEMBER: topic keys of group {0} go to its members, on a group session")]
+    NotMember(GroupId),
+    /// The epoch is after the CRL held here.
+    #[error("epoch {asked} is after the CRL held here (number {held})")]
+    FutureEpoch {
+        /// The epoch asked for.
+        asked: u64,
+        /// The CRL number held.
+        held: u64,
+    },
+    /// This node holds no key of the epoch.
+    #[error("no key of epoch {0} here")]
+    NoKey(u64),
+}
+
 impl ContentService {
     /// The current epoch of group `id` and its key, fetched from `peers`
     /// first if this node lacks it.
@@ -140,25 +203,19 @@ impl ContentService {
         peer: PeerId,
         id: GroupId,
         epoch: u64,
-    ) -> Result<Vec<u8>, String> {
+    ) -> Result<Vec<u8>, KeyFetchError> {
         let op = Op::GroupKey(transfer::GroupKeyRequest {
             group_id: id.to_string(),
             epoch,
         });
         // Refused on a plain stream; the refusal names the port of the
         // provider's fast path, where a group session opens.
-        let mut plain = open_stream(self, peer).await.map_err(|e| e.to_string())?;
-        let (refusal, _) = request_response(&mut plain, op.clone(), MAX_EPOCH_SIGNATURE)
-            .await
-            .map_err(|e| e.to_string())?;
-        let mut session = group_session(self, peer, id, refusal.fast_path_port)
-            .await
-            .map_err(|e| e.to_string())?;
-        let (header, payload) = request_response(&mut session, op, MAX_EPOCH_SIGNATURE)
-            .await
-            .map_err(|e| e.to_string())?;
+        let mut plain = open_stream(self, peer).await?;
+        let (refusal, _) = request_response(&mut plain, op.clone(), MAX_EPOCH_SIGNATURE).await?;
+        let mut session = group_session(self, peer, id, refusal.fast_path_port).await?;
+        let (header, payload) = request_response(&mut session, op, MAX_EPOCH_SIGNATURE).await?;
         if header.status != Status::Ok as i32 {
-            return Err(header.message);
+            return Err(KeyFetchError::Refused(header.message));
         }
         Ok(payload)
     }
@@ -193,6 +250,7 @@ impl ContentService {
         let wire = wire_topic(id, topic);
         let peers = self
             .inner
+            .ctx
             .node
             .call(|reply| Command::TopicPeers(wire.clone(), reply))
             .await
@@ -202,7 +260,7 @@ impl ContentService {
             .groups()
             .own_certificate(id)
             .ok_or(GroupTopicError::NotMember(id))?;
-        let me = self.inner.node.peer_id().to_base58();
+        let me = self.inner.ctx.node.peer_id().to_base58();
         let payload = Payload {
             topic: topic.to_owned(),
             data,
@@ -217,6 +275,7 @@ impl ContentService {
         };
         let sealed = group_topics::seal(&key, epoch, id, &wire, &me, cert, &payload)?;
         self.inner
+            .ctx
             .node
             .call(|reply| Command::Publish(wire, sealed.into(), reply))
             .await?;
@@ -245,16 +304,15 @@ impl ContentService {
         &self,
         id: GroupId,
         m: &PubsubMessage,
-    ) -> Result<(String, Vec<u8>), String> {
+    ) -> Result<(String, Vec<u8>), GroupMessageError> {
         // Gossipsub signs messages with the source's peer key: the source
         // is who sent it.
-        let source = m.source.ok_or("unsigned")?;
-        let sealed = group_topics::decode(&m.data).map_err(|e| e.to_string())?;
+        let source = m.source.ok_or(GroupMessageError::Unsigned)?;
+        let sealed = group_topics::decode(&m.data)?;
         let (svc, cert) = (self.clone(), sealed.sender_certificate.clone());
         tokio::task::spawn_blocking(move || svc.groups().verify_member(id, &source, &cert))
-            .await
-            .map_err(|e| e.to_string())?
-            .map_err(|e| format!("sender: {e}"))?;
+            .await?
+            .map_err(GroupMessageError::Sender)?;
         let sender = source.to_base58();
         let epoch = self.groups().crl_number(id);
         // Checked before any key is fetched: a message of another epoch
@@ -264,7 +322,7 @@ impl ContentService {
                 got: sealed.epoch,
                 held: epoch,
             }
-            .to_string());
+            .into());
         }
         let open =
             |key: &[u8; KEY_LEN]| group_topics::open(key, epoch, id, &m.topic, &sender, &sealed);
@@ -280,13 +338,13 @@ impl ContentService {
                 let key = self
                     .topic_key_from(id, epoch, &[source, m.via])
                     .await
-                    .ok_or_else(|| GroupTopicError::NoKey(epoch).to_string())?;
-                open(&key).map_err(|e| e.to_string())?
+                    .ok_or(GroupTopicError::NoKey(epoch))?;
+                open(&key)?
             }
         };
-        let payload = Payload::decode(plain.as_slice()).map_err(|e| e.to_string())?;
+        let payload = Payload::decode(plain.as_slice())?;
         if wire_topic(id, &payload.topic) != m.topic {
-            return Err("sealed for another topic".into());
+            return Err(GroupMessageError::WrongTopic);
         }
         Ok((payload.topic, payload.data))
     }
@@ -298,29 +356,27 @@ impl ContentService {
         peer: &PeerId,
         session: Option<GroupId>,
         r: &transfer::GroupKeyRequest,
-    ) -> Result<Vec<u8>, String> {
-        let id: GroupId = r.group_id.parse().map_err(|_| "not a group id")?;
+    ) -> Result<Vec<u8>, GroupKeyRefusal> {
+        let id: GroupId = r.group_id.parse().map_err(|_| GroupKeyRefusal::BadGroup)?;
         if !self.is_verified_member(&r.group_id, peer, session) {
             if session.is_some() {
                 warn!(%peer, group = %id, "a topic key asked for by a peer not a current member");
             }
-            return Err(format!(
-                "DRM_NOT_GROUP_MEMBER: topic keys of group {id} go to its members, on a group session"
-            ));
+            return Err(GroupKeyRefusal::NotMember(id));
         }
         // Never an epoch after the CRL held: its key would be the one a
         // member revoked by a CRL on its way here must not get.
         let current = self.groups().crl_number(id);
         if r.epoch > current {
-            return Err(format!(
-                "epoch {} is after the CRL held here (number {current})",
-                r.epoch
-            ));
+            return Err(GroupKeyRefusal::FutureEpoch {
+                asked: r.epoch,
+                held: current,
+            });
         }
         let mut signature = self
             .groups()
             .epoch_signature(id, r.epoch)
-            .ok_or_else(|| format!("no key of epoch {} here", r.epoch))?;
+            .ok_or(GroupKeyRefusal::NoKey(r.epoch))?;
         // Fault injection (tests only): a lying member hands out a
         // signature the CA did not make.
         if self.inner.config.test_wrong_group_keys

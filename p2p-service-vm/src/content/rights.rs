@@ -1,25 +1,22 @@
-//! Where the content engine asks the DRM checker (`p2pvm_security::drm`):
-//! before it publishes, before it serves anything of an item to a peer
-//! (manifest, bitfield, block, search hit), before it tells the network it
-//! provides an item, and before it accepts a manifest from a provider.
+//! Where the content engine asks the access policy
+//! ([`p2pvm_security::AccessPolicy`]: the DRM checker and the trusted
+//! groups): before it publishes, before it serves anything of an item to a
+//! peer (manifest, bitfield, block, search hit), before it tells the network
+//! it provides an item, and before it accepts a manifest from a provider.
 //!
-//! Serving asks per request, so the rights of items being served are kept
-//! decoded here (items are immutable; a deleted item's entry is dropped).
-//!
-//! Group items: this node may hold one if it is a current member of an
-//! allowed group (the privacy controller's [`Groups`]); a peer is served one
-//! only on a group session of an allowed group (`fastpath.rs`: mutual TLS
-//! with member certificates), whose member certificate is checked again —
-//! validity, the CRL held — at every request.
+//! Serving asks per request, so the manifests of items being served are
+//! kept decoded here (items are immutable; a deleted item's entry is
+//! dropped). Group items are served only on a group session (`fastpath.rs`:
+//! mutual TLS with member certificates), which the policy checks again while
+//! it is used.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use libp2p::PeerId;
 use p2pvm_content::{ContentId, Manifest, SignedManifest};
-use p2pvm_security::{
-    CertError, Certification, DrmChecker, DrmError, DrmPolicy, GroupId, Groups, TrustList, pki,
-};
+use p2pvm_security::access::{AccessPolicy, PublisherTrust};
+use p2pvm_security::{Certification, DrmChecker, DrmError, GroupError, GroupId, Groups};
 use prost::Message;
 
 use super::{ContentService, ContentServiceError, LocalError, VerifiedManifest, now_unix};
@@ -28,32 +25,12 @@ use crate::config::DrmConfig;
 /// Decoded manifests of items being served; cleared when it grows past this.
 const SERVED_CACHE_ITEMS: usize = 4096;
 
-/// Member certificates peers have shown; cleared when it grows past this.
-const PRESENTED_MAX: usize = 16 << 10;
-
-/// The DRM side of the content service.
+/// The DRM side of the content service: the node's access policy and the
+/// manifests of the items it serves.
 pub(crate) struct Rights {
-    checker: DrmChecker,
-    /// This node's publisher chain, attached to what it publishes.
-    chain: Vec<Vec<u8>>,
+    policy: AccessPolicy,
     served: Mutex<HashMap<ContentId, Arc<Manifest>>>,
-    /// The privacy controller's groups.
-    pub groups: Arc<Groups>,
-    /// Member certificates peers showed in group sessions, by (peer, group).
-    presented: Mutex<HashMap<(PeerId, GroupId), Presented>>,
 }
-
-/// A member certificate a peer showed, and when it last verified.
-struct Presented {
-    cert: Vec<u8>,
-    /// (the CRL number it verified under, when, until when the certificate
-    /// is valid): the check is repeated when the CRL changes, after
-    /// [`RECHECK`], or once the certificate ends.
-    checked: Option<(u64, std::time::Instant, u64)>,
-}
-
-/// A verified membership is verified again after this long at the latest.
-const RECHECK: std::time::Duration = std::time::Duration::from_secs(30);
 
 impl Rights {
     /// Reads the trusted publisher CAs, their CRLs and this node's own chain
@@ -63,100 +40,24 @@ impl Rights {
         local: PeerId,
         groups: Arc<Groups>,
     ) -> Result<Self, ContentServiceError> {
-        let bad = |e: CertError| ContentServiceError::from(LocalError::Drm(e));
-        let trust = TrustList::load(&cfg.publisher_cas, &cfg.publisher_crls).map_err(bad)?;
-        let chain = match &cfg.publisher_chain {
-            Some(path) => {
-                let chain = pki::certs_from_file(path).map_err(bad)?;
-                let named = pki::peer_of(&chain[0]).map_err(bad)?;
-                if named != local {
-                    return Err(bad(CertError::WrongPeer {
-                        named: named.to_base58(),
-                        expected: local.to_base58(),
-                    }));
-                }
-                chain
-            }
-            None => Vec::new(),
-        };
-        let policy = DrmPolicy {
+        let trust = PublisherTrust {
+            cas: cfg.publisher_cas.clone(),
+            crls: cfg.publisher_crls.clone(),
             require_certified: cfg.require_certified,
             require_certified_tags: cfg.require_certified_tags.clone(),
+            own_chain: cfg.publisher_chain.clone(),
         };
+        let policy = AccessPolicy::load(&trust, local, groups)
+            .map_err(|e| ContentServiceError::from(LocalError::Drm(e)))?;
         Ok(Self {
-            checker: DrmChecker::new(local, trust, policy),
-            chain,
+            policy,
             served: Mutex::new(HashMap::new()),
-            groups,
-            presented: Mutex::new(HashMap::new()),
         })
-    }
-
-    /// Whether `peer` (this node when `None`) is a verified current member
-    /// of the group `group` names (its id); a peer only on a group session
-    /// of that group (`session`).
-    fn member(&self, group: &str, peer: Option<&PeerId>, session: Option<GroupId>) -> bool {
-        let Ok(id) = group.parse::<GroupId>() else {
-            return false;
-        };
-        match peer {
-            None => self.groups.is_member(id),
-            Some(_) if session != Some(id) => false,
-            Some(p) => {
-                // Serving asks per block: a signature check each time would
-                // cost more than the block; a membership checked under the
-                // CRL held now, recently, within its validity, stands.
-                let crl = self.groups.crl_number(id);
-                let now = now_unix();
-                let cert = {
-                    let presented = self.presented.lock().expect("lock");
-                    let Some(shown) = presented.get(&(*p, id)) else {
-                        return false;
-                    };
-                    if let Some((n, at, until)) = shown.checked
-                        && n == crl
-                        && at.elapsed() < RECHECK
-                        && now < until
-                    {
-                        return true;
-                    }
-                    shown.cert.clone()
-                };
-                let ok = self.groups.verify_member(id, p, &cert).is_ok();
-                if let Some(shown) = self.presented.lock().expect("lock").get_mut(&(*p, id)) {
-                    shown.checked = ok.then(|| {
-                        let until = Groups::valid_until(&cert).unwrap_or(0);
-                        (crl, std::time::Instant::now(), until)
-                    });
-                }
-                ok
-            }
-        }
-    }
-
-    /// Takes the member certificate `peer` showed in a group session of
-    /// `id` (verified again here).
-    pub fn session_member(&self, peer: &PeerId, id: GroupId, cert: &[u8]) -> Result<(), String> {
-        self.groups
-            .verify_member(id, peer, cert)
-            .map_err(|e| format!("DRM_NOT_GROUP_MEMBER: {e}"))?;
-        let mut presented = self.presented.lock().expect("lock");
-        if presented.len() >= PRESENTED_MAX {
-            presented.clear();
-        }
-        presented.insert(
-            (*peer, id),
-            Presented {
-                cert: cert.to_vec(),
-                checked: None,
-            },
-        );
-        Ok(())
     }
 
     /// This node's publisher chain (empty: it publishes self-signed).
     pub fn chain(&self) -> &[Vec<u8>] {
-        &self.chain
+        self.policy.chain()
     }
 
     /// Forgets a deleted item.
@@ -172,9 +73,7 @@ impl ContentService {
 
     /// Before publishing `draft` (all but its id and size).
     pub(crate) fn drm_publish(&self, draft: &Manifest) -> Result<Certification, DrmError> {
-        self.rights()
-            .checker
-            .check_publish(draft, now_unix(), &|g, p| self.rights().member(g, p, None))
+        self.rights().policy.check_publish(draft, now_unix())
     }
 
     /// Before serving anything of `id` to `peer` (reads the store the first
@@ -190,10 +89,8 @@ impl ContentService {
         let m = self.served_manifest(id)?;
         Some(
             self.rights()
-                .checker
-                .check_serve(&m, peer, now_unix(), &|g, p| {
-                    self.rights().member(g, p, session)
-                }),
+                .policy
+                .check_serve(&m, peer, session, now_unix()),
         )
     }
 
@@ -205,10 +102,8 @@ impl ContentService {
         session: Option<GroupId>,
     ) -> bool {
         self.rights()
-            .checker
-            .check_serve(m, peer, now_unix(), &|g, p| {
-                self.rights().member(g, p, session)
-            })
+            .policy
+            .check_serve(m, peer, session, now_unix())
             .is_ok()
     }
 
@@ -221,7 +116,7 @@ impl ContentService {
             return Some(Arc::new(dl.manifest.manifest.clone()));
         }
         // Verified when it was stored; decoding is enough.
-        let signed = self.inner.store.manifest(id).ok().flatten()?;
+        let signed = self.inner.ctx.store.manifest(id).ok().flatten()?;
         let m = SignedManifest::decode(signed.as_slice())
             .ok()
             .and_then(|s| Manifest::decode(s.manifest.as_slice()).ok())?;
@@ -238,7 +133,7 @@ impl ContentService {
     /// the node keeps out of the DHT (`content.announce = false`), nor when
     /// the DRM checker says the item is not this node's to offer.
     pub(crate) fn may_announce(&self, m: &Manifest) -> bool {
-        self.inner.config.announce && self.rights().checker.may_announce(m, now_unix())
+        self.inner.config.announce && self.rights().policy.may_announce(m, now_unix())
     }
 
     /// Whether `peer` may serve `m` at all (only its publisher, for an item
@@ -254,10 +149,8 @@ impl ContentService {
         provider: &PeerId,
     ) -> Result<Certification, DrmError> {
         self.rights()
-            .checker
-            .check_accept(&m.manifest, provider, now_unix(), &|g, p| {
-                self.rights().member(g, p, None)
-            })
+            .policy
+            .check_accept(&m.manifest, provider, now_unix())
     }
 
     /// The groups `m` is for that this node holds a member certificate of.
@@ -277,12 +170,7 @@ impl ContentService {
     }
 
     fn ours<'a>(&self, ids: impl Iterator<Item = &'a str>) -> Vec<GroupId> {
-        let mut out: Vec<GroupId> = ids
-            .filter_map(|w| w.parse().ok())
-            .filter(|id| self.rights().groups.own_certificate(*id).is_some())
-            .collect();
-        out.dedup();
-        out
+        self.rights().policy.own_memberships(ids)
     }
 
     /// Whether `peer`, on a group session of `session`, is a current member
@@ -293,7 +181,9 @@ impl ContentService {
         peer: &PeerId,
         session: Option<GroupId>,
     ) -> bool {
-        self.rights().member(group, Some(peer), session)
+        self.rights()
+            .policy
+            .member(group, Some(peer), session, now_unix())
     }
 
     /// Takes the member certificate a peer showed in a group session.
@@ -302,23 +192,23 @@ impl ContentService {
         peer: &PeerId,
         group: GroupId,
         cert: &[u8],
-    ) -> Result<(), String> {
-        self.rights().session_member(peer, group, cert)
+    ) -> Result<(), GroupError> {
+        self.rights().policy.take_session_member(peer, group, cert)
     }
 
     /// A certificate signing request for this node's own key (see
     /// [`p2pvm_security::groups::certificate_request`]).
     pub fn certificate_request(&self) -> Result<String, p2pvm_security::GroupError> {
-        p2pvm_security::groups::certificate_request(&self.inner.key)
+        p2pvm_security::groups::certificate_request(&self.inner.ctx.key)
     }
 
     /// The privacy controller's groups.
     pub fn groups(&self) -> &Groups {
-        &self.rights().groups
+        self.rights().policy.groups()
     }
 
     /// How `m`'s publisher is vouched for, for display.
     pub fn certification(&self, m: &Manifest) -> Result<Certification, p2pvm_security::Untrusted> {
-        self.rights().checker.certification(m, now_unix())
+        self.rights().policy.certification(m, now_unix())
     }
 }

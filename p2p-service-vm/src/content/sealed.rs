@@ -45,6 +45,8 @@ const GATHER: usize = 64 * 1024;
 const QUEUE: usize = 1024 * 1024;
 /// Bytes one direction may seal with one key; then the connection ends.
 pub(crate) const BYTES_PER_KEY: u64 = 1 << 36;
+// A fast-path connection is replaced before either direction's key runs out.
+const _: () = assert!(crate::config::MAX_ROTATE_BYTES <= BYTES_PER_KEY / 2);
 /// How far a read may run past the frame in progress: what lands beyond it
 /// is copied once the frame is split off.
 const READ_AHEAD: usize = 4096;

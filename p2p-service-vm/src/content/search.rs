@@ -44,15 +44,20 @@ pub(crate) async fn search(
             "a query needs a word of two or more letters, or a content id".into(),
         ));
     }
-    let me = svc.inner.node.peer_id();
+    let me = svc.inner.ctx.node.peer_id();
     // Local items first (the store's word index: on a blocking thread).
     let local_words = words.clone();
     let mut hits: HashMap<ContentId, ContentInfo> = svc
         .blocking(move |svc| {
             let mut hits = HashMap::new();
-            for (id, signed) in svc.inner.store.search(&local_words, limit, |_, _| true)? {
+            for (id, signed) in svc
+                .inner
+                .ctx
+                .store
+                .search(&local_words, limit, |_, _| true)?
+            {
                 if let Ok(m) = VerifiedManifest::parse(&signed) {
-                    let local = svc.inner.store.get(&id)?;
+                    let local = svc.inner.ctx.store.get(&id)?;
                     hits.insert(
                         id,
                         ContentInfo {
@@ -71,6 +76,7 @@ pub(crate) async fn search(
     let key = keyword_key(word);
     let peers = svc
         .inner
+        .ctx
         .node
         .call_timeout(Duration::from_secs(15), |reply| Command::FindProviders {
             key,

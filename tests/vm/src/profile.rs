@@ -97,29 +97,7 @@ impl Symbols {
     }
 }
 
-/// Where a sampled vCPU was (the VMM's `k`, `u`, `v`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Mode {
-    /// Guest kernel code.
-    Kernel,
-    /// Guest user code.
-    User,
-    /// The VMM, handling an exit.
-    Vmm,
-}
-
-/// One sample of a profiled boot.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Sample {
-    /// Milliseconds since the vCPUs started.
-    pub ms: u32,
-    /// Which vCPU.
-    pub vcpu: u8,
-    /// The instruction pointer (0 for [`Mode::Vmm`]).
-    pub rip: u64,
-    /// Where the vCPU was.
-    pub mode: Mode,
-}
+pub use vmm::vstate::profile::{Mode, Sample};
 
 /// One profiled boot.
 #[derive(Debug, Clone, PartialEq)]
@@ -143,20 +121,9 @@ pub fn parse_console(console: &str) -> Result<(Symbols, Vec<Boot>)> {
             let [run, ms, vcpu, rip, mode] = f[..] else {
                 bail!("malformed sample line {line:?}");
             };
-            let mode = match mode {
-                "k" => Mode::Kernel,
-                "u" => Mode::User,
-                "v" => Mode::Vmm,
-                _ => bail!("malformed sample line {line:?}"),
-            };
-            let rip = u64::from_str_radix(rip.trim_start_matches("0x"), 16)
-                .with_context(|| format!("sample line {line:?}"))?;
-            boots.entry(run.parse()?).or_default().push(Sample {
-                ms: ms.parse()?,
-                vcpu: vcpu.parse()?,
-                rip,
-                mode,
-            });
+            let sample = Sample::from_fields([ms, vcpu, rip, mode])
+                .with_context(|| format!("malformed sample line {line:?}"))?;
+            boots.entry(run.parse()?).or_default().push(sample);
         }
     }
     if b64.is_empty() {

@@ -14,7 +14,6 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use clap::{Args, Parser, Subcommand, ValueEnum};
-use tokio_util::sync::CancellationToken;
 use tracing_subscriber::EnvFilter;
 use vmm::config::{ChannelConfig, ChannelSide, DEFAULT_CMDLINE, DiskConfig, NetConfig, VmConfig};
 use vmm::instance::{self, OnReboot, RunOptions, VmDir};
@@ -361,7 +360,7 @@ fn up(
     println!("p2pvmm: isolation {} ({})", choice.backend, choice.reason);
     if choice.backend == Isolation::Vm {
         let set = match (vms, images) {
-            (Some(path), _) => vmm::vm_supervisor::load(&path).map_err(anyhow::Error::msg)?,
+            (Some(path), _) => vmm::vm_supervisor::load(&path)?,
             (None, Some(images)) => platform_vms(&home, images, &platform)?,
             (None, None) => unreachable!("choose() picks vm only with VMs to run"),
         };
@@ -392,17 +391,7 @@ fn up(
     };
     let rt = tokio::runtime::Runtime::new()?;
     rt.block_on(async move {
-        let shutdown = CancellationToken::new();
-        let stop = shutdown.clone();
-        tokio::spawn(async move {
-            use tokio::signal::unix::{SignalKind, signal};
-            let mut term = signal(SignalKind::terminate()).expect("install SIGTERM handler");
-            tokio::select! {
-                _ = tokio::signal::ctrl_c() => {},
-                _ = term.recv() => {},
-            }
-            stop.cancel();
-        });
+        let shutdown = p2pvm_signals::shutdown_on_signals();
         vmm::supervisor::up(opts, shutdown).await
     })?;
     Ok(())

@@ -67,6 +67,39 @@ impl Mode {
             Mode::Vmm => 'v',
         }
     }
+
+    fn from_letter(s: &str) -> Option<Self> {
+        match s {
+            "k" => Some(Mode::Kernel),
+            "u" => Some(Mode::User),
+            "v" => Some(Mode::Vmm),
+            _ => None,
+        }
+    }
+}
+
+impl Sample {
+    /// The sample as a line of the samples file: `ms vcpu rip k|u|v`.
+    pub fn to_line(&self) -> String {
+        format!(
+            "{} {} {:#x} {}",
+            self.ms,
+            self.vcpu,
+            self.rip,
+            self.mode.letter()
+        )
+    }
+
+    /// A sample from the fields of such a line; `None` if they are not one.
+    pub fn from_fields(fields: [&str; 4]) -> Option<Self> {
+        let [ms, vcpu, rip, mode] = fields;
+        Some(Sample {
+            ms: ms.parse().ok()?,
+            vcpu: vcpu.parse().ok()?,
+            rip: u64::from_str_radix(rip.trim_start_matches("0x"), 16).ok()?,
+            mode: Mode::from_letter(mode)?,
+        })
+    }
 }
 
 /// The samples of one run, shared by its vCPU threads.
@@ -161,8 +194,7 @@ impl GuestProfile {
     pub fn write(&self) -> std::io::Result<()> {
         let mut out = std::io::BufWriter::new(std::fs::File::create(&self.path)?);
         for s in lock(&self.samples).iter() {
-            let mode = s.mode.letter();
-            writeln!(out, "{} {} {:#x} {mode}", s.ms, s.vcpu, s.rip)?;
+            writeln!(out, "{}", s.to_line())?;
         }
         out.flush()
     }
@@ -177,6 +209,24 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_sample_line_reads_back_as_the_sample() {
+        for mode in [Mode::Kernel, Mode::User, Mode::Vmm] {
+            let s = Sample {
+                ms: 1234,
+                vcpu: 1,
+                rip: 0xffff_ffff_8100_0abc,
+                mode,
+            };
+            let line = s.to_line();
+            let f: Vec<&str> = line.split_whitespace().collect();
+            assert_eq!(Sample::from_fields([f[0], f[1], f[2], f[3]]), Some(s));
+        }
+        assert_eq!(Sample::from_fields(["1", "0", "0x10", "x"]), None);
+        assert_eq!(Sample::from_fields(["1", "300", "0x10", "k"]), None);
+        assert_eq!(Sample::from_fields(["1", "0", "zz", "k"]), None);
+    }
 
     #[test]
     fn samples_are_written_in_order_as_ms_vcpu_rip_mode_lines() {

@@ -17,13 +17,13 @@ use crate::node::NodeEvent;
 
 impl Session {
     /// Starts delivering the node's own events to the app.
-    pub(super) fn watch_events(&mut self) -> Result<pb::response::Result, ApiError> {
+    pub(in crate::api) fn watch_events(&mut self) -> Result<pb::response::Result, ApiError> {
         self.watching = true;
         self.sync_state();
         ok()
     }
 
-    pub(super) async fn on_node_event(
+    pub(in crate::api) async fn on_node_event(
         &mut self,
         event: Result<NodeEvent, broadcast::error::RecvError>,
     ) {

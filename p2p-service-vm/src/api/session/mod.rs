@@ -4,34 +4,31 @@
 //! the session created, however it ends.
 //!
 //! ```text
-//!  app ─► frames ─► serve ─┬─► requests ─┬─► ops (stateless, beside the loop)
-//!                          │             ├─► registrations (topics, services)
-//!                          │             ├─► protocols (app protocols, opens)
-//!                          │             └─► content (publish / fetch streams)
+//!  app ─► frames ─► serve ─┬─► requests ─┬─► ops::run (stateless, beside the loop)
+//!                          │             └─► ops::<domain> on the session: topics,
+//!                          │                 services, app protocols, content streams
 //!                          └─► stream_table (StreamData/Credit/Close)
 //!  node events ──────────────► events (what the app subscribed to or watches)
-//!  background work ─ Internal ─► protocols, content, stream_table
+//!  background work ─ Internal ─► ops::protocols, ops::content, stream_table
 //!  every reply, event, data ─► out queue ─► writer task ─► app
 //! ```
 //!
-//! The domain modules add `impl Session` blocks for their own part of the
-//! session; [`report`] keeps the admins' view of it current.
+//! The domain modules (`api::ops`) add `impl Session` blocks for their part
+//! of the session; [`report`] keeps the admins' view of it current.
 
-mod content;
 mod events;
-mod protocols;
-mod registrations;
+pub(crate) mod internal;
 mod report;
 mod requests;
 mod stream_table;
 
 use std::collections::{HashMap, HashSet};
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures::stream::SplitSink;
 use futures::{SinkExt, StreamExt};
-use libp2p::PeerId;
 use p2pvm_proto::{FrameCodec, PROTOCOL_VERSION, pb};
 use pb::frame::Kind;
 use tokio::io::{AsyncRead, AsyncWrite};
@@ -44,11 +41,11 @@ use tracing::{debug, info, warn};
 use super::apps::Principal;
 use super::service::SessionEntry;
 use super::{ApiError, ApiService};
-use crate::node::NodeEvent;
-use content::Publishes;
+use crate::node::{Command, NodeEvent};
 use stream_table::StreamTable;
 
-pub(crate) use content::ContentBytes;
+pub(crate) use internal::Internal;
+use internal::Publishes;
 
 /// How long a new connection may take to say Hello.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
@@ -60,33 +57,6 @@ const INTERNAL_QUEUE: usize = 256;
 const FLUSH_TIMEOUT: Duration = Duration::from_secs(2);
 /// How long a closed session's input is drained so the app can read the reason.
 const LINGER: Duration = Duration::from_millis(500);
-
-/// Work finished in the background, reported to the session loop.
-#[derive(Debug)]
-pub(crate) enum Internal {
-    Opened {
-        request_id: u64,
-        stream_id: u64,
-        result: Result<libp2p::Stream, ApiError>,
-    },
-    Inbound {
-        protocol: String,
-        peer: PeerId,
-        stream: libp2p::Stream,
-    },
-    /// A content fetch found its item and is ready to stream.
-    ContentOpened {
-        request_id: u64,
-        stream_id: u64,
-        /// Deliver through a bulk attachment rather than stream frames.
-        bulk: bool,
-        result: Result<(pb::ContentStream, ContentBytes), ApiError>,
-    },
-    ReaderDone(u64),
-    WriterDone(u64),
-    /// A copy task failed: reset the whole stream.
-    Failed(u64, pb::Error),
-}
 
 fn goodbye(code: pb::ErrorCode, message: impl Into<String>) -> pb::Frame {
     pb::Frame::of(Kind::Goodbye(pb::Goodbye {
@@ -105,7 +75,7 @@ pub(crate) fn response(id: u64, result: Result<pb::response::Result, ApiError>) 
     }))
 }
 
-fn ok() -> Result<pb::response::Result, ApiError> {
+pub(in crate::api) fn ok() -> Result<pb::response::Result, ApiError> {
     Ok(pb::response::Result::Ok(pb::Empty {}))
 }
 
@@ -113,8 +83,41 @@ fn violation(message: String) -> ApiError {
     ApiError::new(pb::ErrorCode::ProtocolViolation, message)
 }
 
+impl ApiService {
+    /// Serves one session over any byte stream until either side ends it.
+    ///
+    /// This is the single entry point for every transport: the Unix socket
+    /// listener calls it per connection, and the channel back-end will call it
+    /// per multiplexed session.
+    pub async fn serve<IO>(&self, io: IO)
+    where
+        IO: AsyncRead + AsyncWrite + Send + Unpin + 'static,
+    {
+        let framed =
+            tokio_util::codec::Framed::new(io, FrameCodec::new(self.inner.limits.max_frame_bytes));
+        let Ok(permit) = self.inner.session_slots.clone().try_acquire_owned() else {
+            warn!("session refused: max_sessions reached");
+            refuse(
+                framed,
+                pb::Error::new(
+                    pb::ErrorCode::LimitExceeded,
+                    format!(
+                        "the node serves at most {} sessions",
+                        self.inner.limits.max_sessions
+                    ),
+                ),
+            )
+            .await;
+            return;
+        };
+        let id = self.inner.next_session.fetch_add(1, Ordering::Relaxed);
+        run(self.clone(), id, framed).await;
+        drop(permit);
+    }
+}
+
 /// Tells a connection it cannot be served, then closes it.
-pub(crate) async fn refuse<IO>(mut framed: Framed<IO, FrameCodec>, error: pb::Error)
+async fn refuse<IO>(mut framed: Framed<IO, FrameCodec>, error: pb::Error)
 where
     IO: AsyncRead + AsyncWrite + Unpin,
 {
@@ -126,7 +129,7 @@ where
 }
 
 /// Serves session `id` until it ends.
-pub(crate) async fn run<IO>(svc: ApiService, id: u64, framed: Framed<IO, FrameCodec>)
+async fn run<IO>(svc: ApiService, id: u64, framed: Framed<IO, FrameCodec>)
 where
     IO: AsyncRead + AsyncWrite + Send + Unpin + 'static,
 {
@@ -148,7 +151,7 @@ where
     let (out_tx, out_rx) = mpsc::channel::<pb::Frame>(OUT_QUEUE);
     let writer = spawn_writer(&svc, sink, out_rx);
     let (internal_tx, internal_rx) = mpsc::channel(INTERNAL_QUEUE);
-    let kill = svc.inner.shutdown.child_token();
+    let kill = svc.inner.ctx.shutdown.child_token();
     let mut session = Session::open(svc, id, principal, out_tx, internal_tx, kill.clone());
     session.serve(&mut source, internal_rx, kill).await;
     session.cleanup().await;
@@ -249,28 +252,28 @@ where
     })
 }
 
-struct Session {
-    svc: ApiService,
-    id: u64,
-    principal: Principal,
+pub(in crate::api) struct Session {
+    pub(in crate::api) svc: ApiService,
+    pub(in crate::api) id: u64,
+    pub(in crate::api) principal: Principal,
     /// Frames towards the app, drained by the writer task.
-    out: mpsc::Sender<pb::Frame>,
+    pub(in crate::api) out: mpsc::Sender<pb::Frame>,
     /// Where the session's background work reports back.
-    internal_tx: mpsc::Sender<Internal>,
-    events: broadcast::Receiver<NodeEvent>,
+    pub(in crate::api) internal_tx: mpsc::Sender<Internal>,
+    pub(in crate::api) events: broadcast::Receiver<NodeEvent>,
     /// Stateless requests running beside the loop.
-    inflight: Arc<Semaphore>,
+    pub(in crate::api) inflight: Arc<Semaphore>,
     /// What admins see of this session; [`report`] keeps it current.
-    state: Arc<Mutex<pb::SessionState>>,
+    pub(in crate::api) state: Arc<Mutex<pb::SessionState>>,
     /// Ends the session from outside (shutdown, token revoked).
-    kill: CancellationToken,
-    topics: HashSet<String>,
-    services: HashSet<String>,
+    pub(in crate::api) kill: CancellationToken,
+    pub(in crate::api) topics: HashSet<String>,
+    pub(in crate::api) services: HashSet<String>,
     /// Accept tasks of the app's protocols, by name.
-    protocols: HashMap<String, JoinHandle<()>>,
-    streams: StreamTable,
-    publishes: Publishes,
-    watching: bool,
+    pub(in crate::api) protocols: HashMap<String, JoinHandle<()>>,
+    pub(in crate::api) streams: StreamTable,
+    pub(in crate::api) publishes: Publishes,
+    pub(in crate::api) watching: bool,
 }
 
 impl Session {
@@ -299,7 +302,7 @@ impl Session {
         );
         let max_inflight = svc.inner.limits.max_inflight_requests as usize;
         Self {
-            events: svc.inner.node.subscribe_events(),
+            events: svc.inner.ctx.node.subscribe_events(),
             inflight: Arc::new(Semaphore::new(max_inflight)),
             svc,
             id,
@@ -352,7 +355,7 @@ impl Session {
         }
     }
 
-    async fn send(&self, frame: pb::Frame) {
+    pub(in crate::api) async fn send(&self, frame: pb::Frame) {
         // An app that stops reading fills `out`; racing the kill token keeps
         // revocation and shutdown working for it. Errors mean the session ends.
         tokio::select! {
@@ -361,7 +364,11 @@ impl Session {
         }
     }
 
-    async fn reply(&self, id: u64, result: Result<pb::response::Result, ApiError>) {
+    pub(in crate::api) async fn reply(
+        &self,
+        id: u64,
+        result: Result<pb::response::Result, ApiError>,
+    ) {
         self.send(response(id, result)).await;
     }
 
@@ -425,6 +432,37 @@ impl Session {
             .lock()
             .expect("lock")
             .remove(&self.id);
+    }
+}
+
+/// What a session holds node-wide by reference count (topics, services).
+impl Session {
+    /// At the session's end: every topic, then every service it held.
+    pub(in crate::api) async fn release_registrations(&mut self) {
+        for topic in std::mem::take(&mut self.topics) {
+            self.release_topic(&topic).await;
+        }
+        for name in std::mem::take(&mut self.services) {
+            self.release_service(&name).await;
+        }
+    }
+
+    /// Drops one session's reference to a shared node-level object and sends
+    /// `on_last` to the node when it was the last one.
+    pub(in crate::api) async fn release(
+        &self,
+        counts: &tokio::sync::Mutex<HashMap<String, usize>>,
+        name: &str,
+        on_last: Command,
+    ) {
+        let mut counts = counts.lock().await;
+        if let Some(c) = counts.get_mut(name) {
+            *c -= 1;
+            if *c == 0 {
+                counts.remove(name);
+                let _ = self.svc.inner.ctx.node.send(on_last).await;
+            }
+        }
     }
 }
 

@@ -16,7 +16,7 @@ use crate::api::ApiError;
 
 impl Session {
     /// Rewrites the shared snapshot from the session's own records.
-    pub(super) fn sync_state(&self) {
+    pub(in crate::api) fn sync_state(&self) {
         let mut st = self.state.lock().expect("lock");
         st.protocols = sorted(self.protocols.keys().cloned());
         st.topics = sorted(self.topics.iter().cloned());
@@ -25,7 +25,7 @@ impl Session {
         st.watching_events = self.watching;
     }
 
-    pub(super) fn session_state(&self) -> Result<pb::response::Result, ApiError> {
+    pub(in crate::api) fn session_state(&self) -> Result<pb::response::Result, ApiError> {
         Ok(pb::response::Result::SessionState(
             self.state.lock().expect("lock").clone(),
         ))

@@ -1,18 +1,19 @@
 //! Routing of the app's requests. Operations on the session's own objects are
-//! answered by their domain module; those that open a stream are answered
-//! later, when the stream exists; everything stateless runs beside the
-//! session loop in `ops`, under the session's in-flight limit.
+//! answered by their domain's `impl Session` block (`api::ops`); those that
+//! open a stream are answered later, when the stream exists; everything
+//! stateless runs beside the session loop in `ops::run`, under the session's
+//! in-flight limit.
 //!
 //! ```text
-//!  Request ─► on_request ─┬─► registrations, protocols, events, report ─► Response
-//!                         ├─► content, protocols (stream opens) ─► Response later
+//!  Request ─► on_request ─┬─► ops::{pubsub, dht, protocols, admin}, events, report ─► Response
+//!                         ├─► ops::{content, protocols} (stream opens) ─► Response later
 //!                         └─► spawned ops::run (≤ max_inflight_requests) ─► Response
 //! ```
 
 use p2pvm_proto::pb;
 use pb::request::Op;
 
-use super::{Session, ok, response};
+use super::{Session, response};
 use crate::api::{ApiError, ops};
 
 /// The answer to give now; `None` when what the operation started (a stream
@@ -25,7 +26,7 @@ fn started(r: Result<(), ApiError>) -> Answer {
 }
 
 impl Session {
-    pub(super) async fn on_request(&mut self, req: pb::Request) {
+    pub(in crate::api) async fn on_request(&mut self, req: pb::Request) {
         let id = req.id;
         let Some(op) = req.op else {
             self.reply(id, Err(ApiError::bad("request without an operation")))
@@ -39,7 +40,7 @@ impl Session {
 
     async fn dispatch(&mut self, id: u64, op: Op) -> Answer {
         let result = match op {
-            Op::NodeInfo(_) => Ok(ops::node_info(&self.svc)),
+            Op::NodeInfo(_) => Ok(ops::node::node_info(&self.svc)),
             Op::Subscribe(r) => self.subscribe(r.topic).await,
             Op::Unsubscribe(r) => self.unsubscribe(&r.topic).await,
             Op::RegisterProtocol(r) => self.register_protocol(r.protocol),
@@ -62,16 +63,6 @@ impl Session {
             op => return self.run_stateless(id, op),
         };
         Some(result)
-    }
-
-    /// Revokes an app's token and ends its sessions (`ops` refuses this one:
-    /// it is routed here).
-    async fn revoke_app(&self, app: &str) -> Result<pb::response::Result, ApiError> {
-        self.svc
-            .change_apps(|apps| Ok(((), apps.with_revoked(app)?)))
-            .await?;
-        self.svc.kill_app_sessions(app);
-        ok()
     }
 
     /// Runs a stateless operation beside the session, so a slow DHT query

@@ -19,7 +19,7 @@ use crate::api::ApiError;
 use crate::api::streams::StreamEntry;
 
 /// Live streams by id, and the opens still under way.
-pub(super) struct StreamTable {
+pub(in crate::api) struct StreamTable {
     entries: HashMap<u64, StreamEntry>,
     /// Opens still looking for their stream (a peer dial, a content lookup):
     /// each already holds one of the session's stream slots.
@@ -28,7 +28,7 @@ pub(super) struct StreamTable {
 }
 
 impl StreamTable {
-    pub(super) fn new() -> Self {
+    pub(in crate::api) fn new() -> Self {
         Self {
             entries: HashMap::new(),
             pending_opens: 0,
@@ -38,7 +38,7 @@ impl StreamTable {
 
     /// A fresh stream id. Ids are never reused within a session, so a late
     /// frame for an ended stream cannot reach a new one.
-    pub(super) fn next_id(&mut self) -> u64 {
+    pub(in crate::api) fn next_id(&mut self) -> u64 {
         let id = self.next_id;
         self.next_id += 1;
         id
@@ -46,13 +46,13 @@ impl StreamTable {
 
     /// A stream id for an open that finishes in the background; its slot is
     /// held until [`StreamTable::open_done`].
-    pub(super) fn begin_open(&mut self) -> u64 {
+    pub(in crate::api) fn begin_open(&mut self) -> u64 {
         let id = self.next_id();
         self.pending_opens += 1;
         id
     }
 
-    pub(super) fn open_done(&mut self) {
+    pub(in crate::api) fn open_done(&mut self) {
         self.pending_opens -= 1;
     }
 
@@ -61,20 +61,20 @@ impl StreamTable {
     }
 
     /// Live stream ids, sorted, for the session report.
-    pub(super) fn ids(&self) -> Vec<u64> {
+    pub(in crate::api) fn ids(&self) -> Vec<u64> {
         let mut ids: Vec<u64> = self.entries.keys().copied().collect();
         ids.sort_unstable();
         ids
     }
 
     /// Ends the app → node direction of `id`, if it is still live.
-    pub(super) fn half_close(&mut self, id: u64) {
+    pub(in crate::api) fn half_close(&mut self, id: u64) {
         if let Some(s) = self.entries.get_mut(&id) {
             s.half_close();
         }
     }
 
-    pub(super) fn reset_all(&mut self) {
+    pub(in crate::api) fn reset_all(&mut self) {
         for (_, s) in self.entries.drain() {
             s.reset();
         }
@@ -82,11 +82,11 @@ impl StreamTable {
 }
 
 impl Session {
-    pub(super) fn stream_slots_left(&self) -> bool {
+    pub(in crate::api) fn stream_slots_left(&self) -> bool {
         self.streams.in_use() < self.svc.inner.limits.max_streams_per_session as usize
     }
 
-    pub(super) fn stream_limit(&self) -> ApiError {
+    pub(in crate::api) fn stream_limit(&self) -> ApiError {
         ApiError::new(
             pb::ErrorCode::LimitExceeded,
             format!(
@@ -99,12 +99,12 @@ impl Session {
     /// Starts bridging `stream` as `stream_id`. Callers announce the id to the
     /// app first: the copy tasks start at once and their frames must not
     /// overtake the announcement.
-    pub(super) fn add_stream<S>(&mut self, stream_id: u64, stream: S)
+    pub(in crate::api) fn add_stream<S>(&mut self, stream_id: u64, stream: S)
     where
         S: futures::AsyncRead + futures::AsyncWrite + Send + 'static,
     {
         let entry = StreamEntry::spawn(
-            &self.svc.inner.tasks,
+            &self.svc.inner.ctx.tasks,
             stream_id,
             stream,
             self.svc.inner.limits.stream_window_bytes,
@@ -115,7 +115,7 @@ impl Session {
         self.sync_state();
     }
 
-    pub(super) fn on_stream_data(&mut self, d: pb::StreamData) -> Result<(), ApiError> {
+    pub(in crate::api) fn on_stream_data(&mut self, d: pb::StreamData) -> Result<(), ApiError> {
         let window = self.svc.inner.limits.stream_window_bytes;
         // Data for a stream that just ended crosses the close in flight: drop it.
         if let Some(s) = self.streams.entries.get_mut(&d.stream_id) {
@@ -125,7 +125,7 @@ impl Session {
         Ok(())
     }
 
-    pub(super) fn on_stream_credit(&mut self, c: pb::StreamCredit) -> Result<(), ApiError> {
+    pub(in crate::api) fn on_stream_credit(&mut self, c: pb::StreamCredit) -> Result<(), ApiError> {
         let window = self.svc.inner.limits.stream_window_bytes;
         if let Some(s) = self.streams.entries.get(&c.stream_id) {
             s.credit_from_app(c.bytes, window)
@@ -134,7 +134,7 @@ impl Session {
         Ok(())
     }
 
-    pub(super) fn on_stream_close(&mut self, c: pb::StreamClose) {
+    pub(in crate::api) fn on_stream_close(&mut self, c: pb::StreamClose) {
         if c.reset {
             if let Some(s) = self.streams.entries.remove(&c.stream_id) {
                 s.reset();
@@ -148,7 +148,7 @@ impl Session {
     }
 
     /// A copy task failed: the whole stream is reset, and the app told why.
-    pub(super) async fn on_stream_failed(&mut self, id: u64, error: pb::Error) {
+    pub(in crate::api) async fn on_stream_failed(&mut self, id: u64, error: pb::Error) {
         if let Some(s) = self.streams.entries.remove(&id) {
             s.reset();
             self.sync_state();
@@ -162,7 +162,7 @@ impl Session {
     }
 
     /// One direction of a stream ended cleanly; the stream goes when both have.
-    pub(super) fn on_copy_done(&mut self, id: u64, reader: bool) {
+    pub(in crate::api) fn on_copy_done(&mut self, id: u64, reader: bool) {
         if let Some(s) = self.streams.entries.get_mut(&id) {
             if reader {
                 s.reader_done = true;

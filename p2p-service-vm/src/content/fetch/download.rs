@@ -13,7 +13,7 @@ use std::time::Instant;
 
 use bytes::Bytes;
 use libp2p::PeerId;
-use p2pvm_content::{ContentError, ContentId, Partial};
+use p2pvm_content::{BLOCK_BYTES, ContentError, ContentId, Partial};
 use p2pvm_security::Verdict;
 use tokio::sync::{Notify, mpsc, watch};
 use tokio_util::sync::CancellationToken;
@@ -319,6 +319,27 @@ impl Download {
     /// Whether verified bytes of block `k` are at hand (on disk or in memory).
     pub(super) fn holds(&self, k: u64) -> bool {
         self.partial.has(k) || self.state().ram.contains_key(&k)
+    }
+
+    /// Verified bytes of a held span within one block: from memory when the
+    /// download keeps nothing (no copy), else from the partial file.
+    pub(super) async fn read_span(&self, range: Range<u64>) -> Result<Bytes, ContentServiceError> {
+        let k = range.start / BLOCK_BYTES;
+        if let Some(b) = self.in_memory(k) {
+            let base = k * BLOCK_BYTES;
+            return Ok(b.slice((range.start - base) as usize..(range.end - base) as usize));
+        }
+        let partial = self.partial.clone();
+        let what = format!("reading block {k} of {}", self.id);
+        tokio::task::spawn_blocking(move || {
+            let mut buf = vec![0u8; (range.end - range.start) as usize];
+            partial
+                .read_at(&mut buf, range.start)
+                .map(|()| Bytes::from(buf))
+                .map_err(|e| ContentServiceError::io(what, e))
+        })
+        .await
+        .unwrap_or_else(|e| Err(ContentServiceError::task(e)))
     }
 
     /// The verified block `k` if it waits in memory.

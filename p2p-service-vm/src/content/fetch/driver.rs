@@ -95,7 +95,7 @@ pub(super) async fn download_for(
             sched.resumed(k);
         }
     }
-    let cancel = svc.inner.shutdown.child_token();
+    let cancel = svc.inner.ctx.shutdown.child_token();
     let borrower = svc.inner.budget.borrower();
     // The size proof goes with it: whoever finds this download as a provider
     // has the size proven by it (without it, an early swarm refused newcomers
@@ -137,6 +137,7 @@ pub(super) async fn download_for(
         // the same item find us while we are still fetching it.
         let _ = svc
             .inner
+            .ctx
             .node
             .send(Command::Announce(crate::content::content_key(id)))
             .await;
@@ -159,12 +160,12 @@ async fn open_partial(
 ) -> Result<Partial, ContentServiceError> {
     let item = *id;
     let (path, state) = if keep {
-        svc.inner.store.partial_paths(id)
+        svc.inner.ctx.store.partial_paths(id)
     } else {
-        (svc.inner.store.tmp_path("part"), PathBuf::new())
+        (svc.inner.ctx.store.tmp_path("part"), PathBuf::new())
     };
     let at = path.clone();
-    let tmp = svc.inner.store.tmp_path("part");
+    let tmp = svc.inner.ctx.store.tmp_path("part");
     tokio::task::spawn_blocking(move || {
         if !keep {
             return Partial::create(&at, item, size);
@@ -418,8 +419,8 @@ fn start_workers(
     workers: &mut Workers,
     mut candidates: Vec<PeerId>,
 ) {
-    let me = svc.inner.node.peer_id();
-    let ledger = &svc.inner.ledger;
+    let me = svc.inner.ctx.node.peer_id();
+    let ledger = &svc.inner.ctx.ledger;
     candidates.sort_by_cached_key(|p| {
         let c = ledger.credit(p);
         let useful = dl.state().sched.useful(p);
@@ -471,6 +472,7 @@ async fn report(svc: &ContentService, dl: &Download, result: &Outcome, started: 
             warn!(%id, error = %crate::content::error::chain(e), %tally, "download failed");
             let _ = svc
                 .inner
+                .ctx
                 .node
                 .send(Command::StopProviding(crate::content::content_key(&id)))
                 .await;
@@ -482,7 +484,7 @@ async fn report(svc: &ContentService, dl: &Download, result: &Outcome, started: 
 /// A kept item has every block: nothing is stored or announced before clamd
 /// has seen all of it.
 async fn finish(svc: &ContentService, dl: &Arc<Download>) -> Outcome {
-    if svc.inner.virus.enabled() {
+    if svc.inner.ctx.virus.enabled() {
         match whole_verdict(dl).await {
             Ok(Verdict::Clean) => {}
             Ok(Verdict::Infected(sig)) => {
@@ -492,7 +494,7 @@ async fn finish(svc: &ContentService, dl: &Arc<Download>) -> Outcome {
             Err(e) => return Outcome::Failed(e),
         }
     }
-    let store = svc.inner.store.clone();
+    let store = svc.inner.ctx.store.clone();
     let partial = dl.partial.clone();
     let signed = dl.manifest.signed.clone();
     let r = tokio::task::spawn_blocking(move || store.commit_partial(&partial, &signed)).await;

@@ -53,7 +53,7 @@ pub(crate) async fn open_protocol(
     peer: PeerId,
     protocol: StreamProtocol,
 ) -> Result<libp2p::Stream, ProviderError> {
-    let mut control = svc.inner.node.stream_control();
+    let mut control = svc.inner.ctx.node.stream_control();
     let first =
         tokio::time::timeout(OPEN_TIMEOUT, control.open_stream(peer, protocol.clone())).await;
     match first {
@@ -63,7 +63,7 @@ pub(crate) async fn open_protocol(
         }
         _ => {}
     }
-    let node = &svc.inner.node;
+    let node = &svc.inner.ctx.node;
     let found = node
         .call_timeout(OPEN_TIMEOUT, |reply| Command::FindPeer(peer, reply))
         .await
@@ -95,6 +95,7 @@ pub(crate) async fn neighbours_holding(svc: &ContentService, id: &ContentId) -> 
     use futures::StreamExt;
     let peers = svc
         .inner
+        .ctx
         .node
         .call_timeout(OPEN_TIMEOUT, Command::Peers)
         .await
@@ -119,6 +120,7 @@ pub(crate) async fn neighbours_holding(svc: &ContentService, id: &ContentId) -> 
 async fn holds(svc: &ContentService, id: &ContentId, peer: PeerId) -> std::io::Result<bool> {
     let mut stream = svc
         .inner
+        .ctx
         .node
         .stream_control()
         .open_stream(peer, protocol())
@@ -248,7 +250,7 @@ async fn manifest_once(
             // time to reach it, and what comes after its answer, is not.)
             let e = ProviderError::NoAnswer;
             if let Some(evidence) = e.evidence() {
-                svc.inner.ledger.record(peer, evidence);
+                svc.inner.ctx.ledger.record(peer, evidence);
             }
             return Err(e);
         }
@@ -314,7 +316,7 @@ async fn manifest_answer(
     };
     // The DRM checker, before anything is sized or fetched by this manifest.
     match svc.drm_accept(&m, &peer) {
-        Ok(_) => svc.inner.ledger.record(peer, EventKind::DrmPassed),
+        Ok(_) => svc.inner.ctx.ledger.record(peer, EventKind::DrmPassed),
         Err(e) if DrmChecker::provider_at_fault(&e, crate::content::now_unix()) => {
             warn!(%peer, %id, error = %e, "provider served what it must not");
             let e = ProviderError::Drm(e);
@@ -345,7 +347,7 @@ fn size_unproven(
     let id = m.id;
     warn!(%peer, %id, error = %chain(&e), "manifest size not proven; ignoring it");
     if let Some(evidence) = e.evidence() {
-        svc.inner.ledger.record(peer, evidence);
+        svc.inner.ctx.ledger.record(peer, evidence);
     }
     if let ProviderError::Manifest(VerifyError::SizeProof(_)) = &e {
         svc.emit(NodeEvent::CorruptData {
@@ -362,6 +364,7 @@ fn size_unproven(
 pub(super) async fn remote_ip(svc: &ContentService, peer: PeerId) -> Option<std::net::IpAddr> {
     let remote = svc
         .inner
+        .ctx
         .node
         .call(|reply| Command::RemoteAddr(peer, reply))
         .await
@@ -455,7 +458,7 @@ pub(super) fn forbidden(message: String) -> ProviderError {
 /// Puts a DRM failure on the provider's record.
 fn record_drm(svc: &ContentService, peer: PeerId, e: &ProviderError) {
     if let Some(evidence) = e.evidence() {
-        svc.inner.ledger.record(peer, evidence);
+        svc.inner.ctx.ledger.record(peer, evidence);
     }
 }
 

@@ -78,13 +78,13 @@ pub(crate) async fn open_reader(
     let id = *id;
     let local = svc
         .blocking(move |svc| {
-            let Some(info) = svc.inner.store.get(&id)? else {
+            let Some(info) = svc.inner.ctx.store.get(&id)? else {
                 return Ok(None);
             };
             let manifest = svc
                 .local_manifest_blocking(&id)?
                 .ok_or(ContentServiceError::NotFound(id))?;
-            let file = svc.inner.store.open_data(&id)?;
+            let file = svc.inner.ctx.store.open_data(&id)?;
             Ok::<_, ContentServiceError>(Some((info, manifest, file)))
         })
         .await??;
@@ -92,7 +92,7 @@ pub(crate) async fn open_reader(
         let r = check_range(range, info.size)?;
         let (tx, stream) = chunk_channel(LOCAL_QUEUE);
         svc.spawn(read_local(svc.clone(), file, r.clone(), tx));
-        let me = svc.inner.node.peer_id();
+        let me = svc.inner.ctx.node.peer_id();
         let info = ContentInfo {
             manifest,
             local: Some(info),
@@ -283,27 +283,6 @@ async fn read_local(
     }
 }
 
-/// Verified bytes of a held span within one block: from memory when the
-/// download keeps nothing (no copy), else from the partial file.
-pub(super) async fn read_span(dl: &Arc<Download>, range: Range<u64>) -> Scanned<Bytes> {
-    let k = range.start / BLOCK_BYTES;
-    if let Some(b) = dl.in_memory(k) {
-        let base = k * BLOCK_BYTES;
-        return Ok(b.slice((range.start - base) as usize..(range.end - base) as usize));
-    }
-    let partial = dl.partial.clone();
-    let what = format!("reading block {k} of {}", dl.id);
-    tokio::task::spawn_blocking(move || {
-        let mut buf = vec![0u8; (range.end - range.start) as usize];
-        partial
-            .read_at(&mut buf, range.start)
-            .map(|()| Bytes::from(buf))
-            .map_err(|e| ContentServiceError::io(what, e))
-    })
-    .await
-    .unwrap_or_else(|e| Err(ContentServiceError::task(e)))
-}
-
 /// Removes a reader from its download however its task ends.
 struct ReaderGuard(Arc<Download>, u64);
 
@@ -354,16 +333,16 @@ async fn read_download(
 ) {
     let _guard = ReaderGuard(dl.clone(), reader);
     // An item these signatures found clean before is not scanned again.
-    let (cached, fingerprint) = if svc.inner.virus.enabled() {
+    let (cached, fingerprint) = if svc.inner.ctx.virus.enabled() {
         svc.verdict_cached(&dl.id).await
     } else {
         (false, None)
     };
-    let scan = svc.inner.virus.enabled() && !cached;
+    let scan = svc.inner.ctx.virus.enabled() && !cached;
     // Only a scan of the whole item as one stream counts as its verdict:
     // whole-file hash signatures never match a segment of a larger item.
     let whole = range == (0..dl.partial.size()) && dl.partial.size() <= SCAN_SEGMENT;
-    let mut scans = SegmentScans::new(svc.inner.virus.clone());
+    let mut scans = SegmentScans::new(svc.inner.ctx.virus.clone());
     let mut progress = dl.progress.subscribe();
     let mut outcome = dl.outcome.subscribe();
     let mut pos = range.start;
@@ -426,7 +405,7 @@ async fn read_download(
             continue;
         }
         let end = block_range(dl.partial.size(), k).end.min(range.end);
-        match read_span(&dl, pos..end).await {
+        match dl.read_span(pos..end).await {
             Ok(b) => {
                 segment_len += b.len() as u64;
                 segment.push(b);
@@ -450,7 +429,8 @@ pub(crate) async fn download(
 ) -> Result<ContentInfo, ContentServiceError> {
     let held = {
         let id = *id;
-        svc.blocking(move |svc| svc.inner.store.get(&id)).await??
+        svc.blocking(move |svc| svc.inner.ctx.store.get(&id))
+            .await??
     };
     if held.is_none() {
         let dl = download_for(svc, id, true, sources).await?;

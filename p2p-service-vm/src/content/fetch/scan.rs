@@ -20,7 +20,6 @@ use tokio::sync::watch;
 use tracing::{debug, warn};
 
 use super::download::Download;
-use super::reader::read_span;
 use crate::content::{ContentService, ContentServiceError};
 use crate::node::{Command, NodeEvent};
 
@@ -43,7 +42,7 @@ pub(super) type Scanned<T = Verdict> = Result<T, ContentServiceError>;
 
 /// Starts the whole-item scan of a download that is now kept.
 pub(super) fn start_whole_scan(svc: &ContentService, dl: &Arc<Download>) {
-    if svc.inner.virus.enabled() {
+    if svc.inner.ctx.virus.enabled() {
         svc.spawn(scan_whole(svc.clone(), dl.clone()));
     }
 }
@@ -64,15 +63,15 @@ async fn scan_whole(svc: ContentService, dl: Arc<Download>) {
         WHOLE_SCAN_SEGMENT
     };
     let mut progress = dl.progress.subscribe();
-    if segment_max == u64::MAX && svc.inner.virus.takes_descriptors() {
+    if segment_max == u64::MAX && svc.inner.ctx.virus.takes_descriptors() {
         if let Some(verdict) = scan_finished_file(&svc, &dl, &mut progress).await {
             conclude(&svc, &dl, verdict, fingerprint).await;
         }
         return;
     }
     let blocks = dl.partial.blocks();
-    let mut scans = SegmentScans::new(svc.inner.virus.clone());
-    let mut whole = (segment_max == u64::MAX).then(|| svc.inner.virus.scanner());
+    let mut scans = SegmentScans::new(svc.inner.ctx.virus.clone());
+    let mut whole = (segment_max == u64::MAX).then(|| svc.inner.ctx.virus.scanner());
     let mut segment: Vec<Bytes> = Vec::new();
     let mut segment_len = 0u64;
     let mut k = 0;
@@ -193,7 +192,13 @@ async fn scan_finished_file(
         }
         Err(e) => return Some(Err(ContentServiceError::task(e))),
     };
-    let verdict = svc.inner.virus.scan_file(file).await.map_err(Into::into);
+    let verdict = svc
+        .inner
+        .ctx
+        .virus
+        .scan_file(file)
+        .await
+        .map_err(Into::into);
     debug!(
         id = %dl.id,
         waiting_for_blocks_s = held.as_secs_f64(),
@@ -216,7 +221,7 @@ async fn next_block(
             _ = dl.cancel.cancelled() => return None,
         }
     }
-    Some(read_span(dl, block_range(dl.partial.size(), k)).await)
+    Some(dl.read_span(block_range(dl.partial.size(), k)).await)
 }
 
 /// Waits for the whole-item scan's verdict on a kept download.
@@ -253,7 +258,7 @@ pub(super) fn malware_found(svc: &ContentService, dl: &Arc<Download>, signature:
         .unwrap_or(0.0)
         + svc.inner.ban_secs;
     for p in &peers {
-        svc.inner.ledger.record(
+        svc.inner.ctx.ledger.record(
             *p,
             EventKind::Malware {
                 signature: signature.into(),
@@ -265,7 +270,7 @@ pub(super) fn malware_found(svc: &ContentService, dl: &Arc<Download>, signature:
         // The bans are database writes: off the async threads. The event
         // goes out once they hold, so whoever hears of it finds them banned.
         let (ledger, banned, reason) = (
-            svc2.inner.ledger.clone(),
+            svc2.inner.ctx.ledger.clone(),
             peers.clone(),
             format!("malware: {signature}"),
         );
@@ -286,7 +291,12 @@ pub(super) fn malware_found(svc: &ContentService, dl: &Arc<Download>, signature:
             peers: peers.clone(),
         });
         for peer in peers {
-            let _ = svc2.inner.node.call(|r| Command::Disconnect(peer, r)).await;
+            let _ = svc2
+                .inner
+                .ctx
+                .node
+                .call(|r| Command::Disconnect(peer, r))
+                .await;
         }
     });
 }

@@ -16,8 +16,10 @@ use p2pvm_proto::pb;
 use pb::frame::Kind;
 use tracing::warn;
 
-use super::{Internal, Session, ok};
-use crate::api::{ApiError, ops};
+use super::{parse_peer, timeout_of};
+use crate::api::ApiError;
+use crate::api::session::internal::Internal;
+use crate::api::session::{Session, ok};
 
 /// Protocol prefixes the node itself speaks; apps may not take them over.
 const RESERVED_PROTOCOL_PREFIXES: &[&str] =
@@ -64,13 +66,13 @@ async fn dial(
 }
 
 impl Session {
-    pub(super) fn register_protocol(
+    pub(in crate::api) fn register_protocol(
         &mut self,
         name: String,
     ) -> Result<pb::response::Result, ApiError> {
         let protocol = app_protocol(&name)?;
         self.claim_protocol(&name)?;
-        let mut incoming = match self.svc.inner.node.stream_control().accept(protocol) {
+        let mut incoming = match self.svc.inner.ctx.node.stream_control().accept(protocol) {
             Ok(i) => i,
             Err(_) => {
                 self.svc.inner.protocols.lock().expect("lock").remove(&name);
@@ -109,7 +111,7 @@ impl Session {
         Ok(())
     }
 
-    pub(super) async fn unregister_protocol(
+    pub(in crate::api) async fn unregister_protocol(
         &mut self,
         name: &str,
     ) -> Result<pb::response::Result, ApiError> {
@@ -134,14 +136,14 @@ impl Session {
     }
 
     /// At the session's end: every protocol it registered.
-    pub(super) async fn release_protocols(&mut self) {
+    pub(in crate::api) async fn release_protocols(&mut self) {
         for (name, task) in std::mem::take(&mut self.protocols) {
             self.release_protocol(&name, task).await;
         }
     }
 
     /// Opens a stream to a peer in the background; answered when it is open.
-    pub(super) fn open_stream(
+    pub(in crate::api) fn open_stream(
         &mut self,
         request_id: u64,
         r: pb::OpenStreamRequest,
@@ -149,12 +151,12 @@ impl Session {
         if !self.stream_slots_left() {
             return Err(self.stream_limit());
         }
-        let peer = ops::parse_peer(&r.peer_id)?;
+        let peer = parse_peer(&r.peer_id)?;
         let protocol = StreamProtocol::try_from_owned(r.protocol)
             .map_err(|e| ApiError::bad(format!("protocol: {e}")))?;
         let stream_id = self.streams.begin_open();
-        let timeout = ops::timeout_of(r.timeout_ms);
-        let control = self.svc.inner.node.stream_control();
+        let timeout = timeout_of(r.timeout_ms);
+        let control = self.svc.inner.ctx.node.stream_control();
         let tx = self.internal_tx.clone();
         self.svc.spawn(async move {
             let result = dial(control, peer, protocol, timeout).await;
@@ -169,7 +171,7 @@ impl Session {
         Ok(())
     }
 
-    pub(super) async fn on_opened(
+    pub(in crate::api) async fn on_opened(
         &mut self,
         request_id: u64,
         stream_id: u64,
@@ -189,7 +191,7 @@ impl Session {
         }
     }
 
-    pub(super) async fn on_inbound(
+    pub(in crate::api) async fn on_inbound(
         &mut self,
         protocol: String,
         peer: PeerId,

@@ -1,88 +1,38 @@
-//! One worker per provider: it learns what the provider holds (`Have`),
-//! keeps a pipeline of block requests in flight on each of its connections
-//! (the libp2p stream, or several fast-path connections), verifies what
-//! arrives and hands it to the download. The schedule decides which block
-//! each freed slot asks for, so faster providers take more blocks.
-//!
-//! However the worker ends, what it had in flight goes back to the pool, and
-//! its error — typed — is charged to the provider once, by
-//! [`ProviderError::evidence`].
+//! One connection's pipeline: requests kept in flight to the depth the
+//! provider's measured rate allows, answers read and verified as they come,
+//! blocks handed to the download, and the connection wound down when the
+//! provider has nothing more we want or no upload slot for us.
 
-use std::collections::VecDeque;
-use std::sync::Arc;
-use std::time::{Duration, Instant};
-
-use bytes::Bytes;
-use futures::AsyncWriteExt;
-use libp2p::PeerId;
-use p2pvm_content::transfer::{self, BlockRequest, Op, Status, TransferRequest, TransferResponse};
-use p2pvm_content::{BLOCK_BYTES, block_count, block_range};
-use p2pvm_security::{EventKind, GroupId, Standing};
-use tokio::sync::mpsc;
-use tracing::{debug, warn};
-
-use super::download::{Download, Outcome, WriteJob};
-use super::peer::{group_session, open_stream, request, response};
-use super::sched::Have;
-use crate::content::budget::Lease;
-use crate::content::error::ProviderError;
-use crate::content::sealed::{SealedReader, SealedWriter};
-use crate::content::wire::{
-    PayloadRead, PayloadWrite, read_msg, read_payload, read_payload_bytes, write_msg,
-};
-use crate::content::{ContentService, ContentServiceError};
-use crate::node::NodeEvent;
+use super::*;
 
 /// How often an idle worker re-asks a partial provider what it holds.
 const HAVE_REFRESH: Duration = Duration::from_millis(500);
-/// How long a provider may leave requests unanswered before it is dropped.
-const ANSWER_TIMEOUT: Duration = Duration::from_secs(15);
+
 /// Blocks a provider may refuse as not held, one after another with none
 /// served between, before it leaves the download for a pause (a swarm
 /// peer's `Have` can run a moment ahead of what it can serve; a provider
 /// that claims the whole item and serves nothing should not hold a slot).
 const NOT_HELD_IN_A_ROW: u32 = 16;
+
 /// A partial provider that has had nothing we still need for this long, while
 /// the download still needs something, makes room for another provider (the
 /// driver may come back to it once it holds more).
 const NOTHING_WANTED_FOR: Duration = Duration::from_secs(4);
+
 /// A provider whose upload slots are all taken is asked again after this.
 const BUSY_PAUSE: Duration = Duration::from_millis(500);
+
 /// How long a provider may keep us waiting for an upload slot before its
 /// worker makes room for another provider (the driver may come back to it).
 const BUSY_GIVE_UP: Duration = Duration::from_secs(3);
+
 /// How long a low-credit provider waits before its first request.
 const THROTTLED_HEAD_START: Duration = Duration::from_secs(1);
+
 /// How long a provider's queue of our requests should take to drain. Deeper
 /// queues add latency (a capped uploader answers late, the end game duplicates
 /// requests); shallower ones leave a fast link idle between answers.
 const TARGET_QUEUE: Duration = Duration::from_millis(250);
-
-/// Why a worker is winding down, once one of its connections has decided
-/// that it should (nothing wanted, no upload slot): its connections stop
-/// asking and end once their answers are in, so blocks already on their way
-/// are not thrown away with the connection.
-#[derive(Default)]
-struct Ending(std::sync::Mutex<Option<ProviderError>>);
-
-impl Ending {
-    fn set(&self, e: ProviderError) {
-        let mut why = self.0.lock().unwrap_or_else(|p| p.into_inner());
-        why.get_or_insert(e);
-    }
-
-    fn is_set(&self) -> bool {
-        self.0.lock().unwrap_or_else(|p| p.into_inner()).is_some()
-    }
-
-    /// The worker's result once all its connections have ended cleanly.
-    fn result(self) -> Result<(), ProviderError> {
-        match self.0.into_inner().unwrap_or_else(|p| p.into_inner()) {
-            Some(e) => Err(e),
-            None => Ok(()),
-        }
-    }
-}
 
 /// One request a connection has on the wire.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -96,328 +46,6 @@ enum Pending {
 struct Inflight {
     pending: Pending,
     lease: Option<Lease>,
-}
-
-/// Fetches from `peer` until the download ends or the provider fails.
-pub(super) async fn worker(svc: ContentService, dl: Arc<Download>, peer: PeerId) {
-    let r = run(&svc, &dl, peer).await;
-    {
-        let mut st = dl.state();
-        let seed = st.sched.is_complete(&peer);
-        let abandoned = st.sched.retire_peer(&peer);
-        tracing::trace!(%peer, seed, abandoned, "worker ended");
-        st.tally.abandoned += abandoned;
-        let why = r.as_ref().map_or_else(|e| e.kind(), |()| "done");
-        *st.tally.ended.entry(why).or_default() += 1;
-    }
-    dl.changed.notify_waiters();
-    if let Err(e) = r {
-        charge(&svc, &dl, peer, &e);
-        debug!(id = %dl.id, %peer, error = %crate::content::error::chain(&e), "provider dropped");
-    }
-}
-
-/// What a provider's failure costs it: the ledger's evidence; for corrupt
-/// data, exclusion from this download and an event; for not holding the
-/// item, a pause before it is asked again.
-fn charge(svc: &ContentService, dl: &Download, peer: PeerId, e: &ProviderError) {
-    // A peer that does not hold the item (often an honest one that is still
-    // fetching it, or behind a stale DHT record) pauses and is asked again;
-    // it is charged once per download, not at every provider lookup until
-    // its credit is gone.
-    let charged = match e {
-        ProviderError::NotProviding(_) => dl.state().sched.back_off(peer, Instant::now()),
-        // Only "not on another stream now": a short pause, never charged,
-        // and no strike toward the pauses of a provider without the item.
-        ProviderError::StreamsFull(_) => {
-            dl.state().sched.pause(peer, Instant::now());
-            false
-        }
-        _ => true,
-    };
-    if charged && let Some(evidence) = e.evidence() {
-        svc.inner.ledger.record(peer, evidence);
-    }
-    if let ProviderError::Corrupt { block, .. } = e {
-        warn!(id = %dl.id, %peer, block, "corrupt block from provider; dropping it and the provider");
-        dl.state().sched.mark_bad(peer);
-        svc.emit(NodeEvent::CorruptData {
-            peer,
-            id: dl.id,
-            block: *block,
-        });
-    }
-}
-
-async fn run(svc: &ContentService, dl: &Arc<Download>, peer: PeerId) -> Result<(), ProviderError> {
-    let mut stream = open_stream(svc, peer).await?;
-    // The first Have goes alone: its answer says what the provider holds and
-    // whether blocks can take the fast path. A provider that never answers
-    // frees its worker slot like one that stops answering later.
-    let Some((header, payload)) = first_have(dl, &mut stream).await? else {
-        return Ok(());
-    };
-    // Over the provider's per-peer stream cap: before anything else (a group
-    // item's refusal would otherwise be read as a missing fast path).
-    if header.status == Status::TooManyStreams as i32 {
-        return Err(ProviderError::StreamsFull(header.message));
-    }
-    // A group item: refused on this stream; everything goes over group
-    // sessions (the refusal names the port where they open).
-    let groups = svc.memberships_for(&dl.manifest.manifest);
-    if !groups.is_empty() {
-        return run_in_group(svc, dl, peer, &groups, &header).await;
-    }
-    let complete = on_have(svc, dl, peer, &header, &payload)?;
-    let port = header.fast_path_port;
-    if let Some(first) = fast_path(svc, peer, port).await {
-        debug!(id = %dl.id, %peer, "blocks take the fast path");
-        // Nothing more goes over the libp2p stream: close it rather than
-        // hold one of the provider's per-peer streams for the whole download.
-        let _ = futures::AsyncWriteExt::close(&mut stream).await;
-        drop(stream);
-        return lanes(svc, dl, peer, first, complete, || {
-            fast_path(svc, peer, port)
-        })
-        .await;
-    }
-    let conn = futures::AsyncReadExt::split(stream);
-    let ending = Ending::default();
-    pipeline(
-        svc,
-        dl,
-        peer,
-        conn,
-        complete,
-        &ending,
-        Lane::First(&Spread::default()),
-    )
-    .await?;
-    ending.result()
-}
-
-/// Connections per provider beyond the first are dialled once the first
-/// carries more than this: only then is one connection's decryption and
-/// hashing, on one core at a time, what limits the transfer (on loopback a
-/// second connection gives 13 % more). A home line never gets there, and on
-/// 60 home lines the second connection's handshake and `Have` polls cost a
-/// quarter of the downloaders' CPU time for nothing.
-const SPREAD_ABOVE: f64 = 40.0 * 1024.0 * 1024.0;
-
-/// Which of a worker's connections a pipeline runs on: the first asks the
-/// provider what it holds for all of them and says when the link is fast
-/// enough to spread over more.
-#[derive(Clone, Copy)]
-enum Lane<'a> {
-    First(&'a Spread),
-    Extra,
-}
-
-/// Between a worker's first connection and the dialling of more.
-#[derive(Default)]
-struct Spread {
-    fast: tokio::sync::Notify,
-    ended: tokio::sync::Notify,
-}
-
-impl Spread {
-    /// Whether more connections are wanted: the first one said its link is
-    /// fast before it ended.
-    async fn wanted(&self) -> bool {
-        // An ended first connection wins a tie: its worker is done.
-        tokio::select! {
-            biased;
-            _ = self.ended.notified() => false,
-            _ = self.fast.notified() => true,
-        }
-    }
-}
-
-/// Fetches over `first` and, once it proves fast, more connections made by
-/// `dial` (up to `fast_path_connections`), each with a pipeline of its own.
-async fn lanes<F, Fut>(
-    svc: &ContentService,
-    dl: &Arc<Download>,
-    peer: PeerId,
-    first: (SealedReader, SealedWriter),
-    complete: bool,
-    dial: F,
-) -> Result<(), ProviderError>
-where
-    F: Fn() -> Fut,
-    Fut: std::future::Future<Output = Option<(SealedReader, SealedWriter)>>,
-{
-    let ending = Ending::default();
-    let spread = Spread::default();
-    let first = async {
-        let r = pipeline(
-            svc,
-            dl,
-            peer,
-            first,
-            complete,
-            &ending,
-            Lane::First(&spread),
-        )
-        .await;
-        // Stored as a permit if nobody waits yet: `wanted` cannot miss it.
-        spread.ended.notify_one();
-        r
-    };
-    let more = async {
-        if !spread.wanted().await {
-            return Ok(());
-        }
-        debug!(id = %dl.id, %peer, "a fast link: more connections");
-        let conns = more_connections(svc, dl, peer, dial).await;
-        futures::future::try_join_all(
-            conns
-                .into_iter()
-                .map(|c| pipeline(svc, dl, peer, c, complete, &ending, Lane::Extra)),
-        )
-        .await
-        .map(|_| ())
-    };
-    futures::future::try_join(first, more).await?;
-    ending.result()
-}
-
-/// A group item from `peer`: over group sessions of the first of `groups`
-/// that opens one.
-async fn run_in_group(
-    svc: &ContentService,
-    dl: &Arc<Download>,
-    peer: PeerId,
-    groups: &[GroupId],
-    refusal: &TransferResponse,
-) -> Result<(), ProviderError> {
-    let mut opened = Err(super::peer::forbidden(refusal.message.clone()));
-    for g in groups {
-        opened = group_session(svc, peer, *g, refusal.fast_path_port)
-            .await
-            .map(|s| (*g, s));
-        if opened.is_ok() {
-            break;
-        }
-    }
-    let (group, mut session) = opened?;
-    let Some((header, payload)) = first_have(dl, &mut session).await? else {
-        return Ok(());
-    };
-    let complete = on_have(svc, dl, peer, &header, &payload)?;
-    debug!(id = %dl.id, %peer, %group, "blocks take group sessions");
-    let port = refusal.fast_path_port;
-    let dial = || async move {
-        group_session(svc, peer, group, port)
-            .await
-            .ok()
-            .map(|s| (s.0, s.1))
-    };
-    lanes(svc, dl, peer, (session.0, session.1), complete, dial).await
-}
-
-/// The first `Have` and its answer (`None`: the download was cancelled).
-async fn first_have(
-    dl: &Download,
-    stream: &mut (impl futures::AsyncRead + futures::AsyncWrite + Unpin),
-) -> Result<Option<(TransferResponse, Vec<u8>)>, ProviderError> {
-    let first = async {
-        request(stream, Op::Have(dl.id.0.to_vec())).await?;
-        let header = response(stream).await?;
-        let payload = if header.status == Status::Ok as i32 {
-            let max = block_count(dl.partial.size()).div_ceil(8);
-            read_payload(stream, header.payload_len, max).await?
-        } else {
-            Vec::new()
-        };
-        Ok::<_, std::io::Error>((header, payload))
-    };
-    tokio::select! {
-        r = tokio::time::timeout(ANSWER_TIMEOUT, first) => Ok(Some(r.map_err(|_| ProviderError::NoAnswer)??)),
-        _ = dl.cancel.cancelled() => Ok(None),
-    }
-}
-
-/// More connections to `peer` (made by `dial`), each with a pipeline of its
-/// own, for a peer we trust with more than one request at a time.
-async fn more_connections<F, Fut>(
-    svc: &ContentService,
-    dl: &Download,
-    peer: PeerId,
-    dial: F,
-) -> Vec<(SealedReader, SealedWriter)>
-where
-    F: Fn() -> Fut,
-    Fut: std::future::Future<Output = Option<(SealedReader, SealedWriter)>>,
-{
-    let extra = if svc.standing(&peer) == Standing::Throttled {
-        0
-    } else {
-        svc.inner.config.fast_path_connections - 1
-    };
-    let dials = (0..extra).map(|_| dial());
-    tokio::select! {
-        all = futures::future::join_all(dials) => all.into_iter().flatten().collect(),
-        _ = dl.cancel.cancelled() => Vec::new(),
-    }
-}
-
-/// A fast-path connection to `peer` if it offers one (`port`) and it can be
-/// reached at the address our libp2p connection uses; `None` otherwise.
-async fn fast_path(
-    svc: &ContentService,
-    peer: PeerId,
-    port: u32,
-) -> Option<(SealedReader, SealedWriter)> {
-    let fast = svc.inner.fast_path.as_ref()?;
-    let port = u16::try_from(port).ok().filter(|p| *p != 0)?;
-    let ip = super::peer::remote_ip(svc, peer).await?;
-    match fast.dial(peer, std::net::SocketAddr::new(ip, port)).await {
-        Ok(s) => Some(s),
-        Err(e) => {
-            debug!(%peer, %ip, port, error = %e, "fast path unreachable; staying on libp2p");
-            None
-        }
-    }
-}
-
-/// Takes a provider's answer to `Have`; true when it holds the whole item.
-fn on_have(
-    svc: &ContentService,
-    dl: &Download,
-    peer: PeerId,
-    header: &TransferResponse,
-    payload: &[u8],
-) -> Result<bool, ProviderError> {
-    let (have, complete) = match Status::try_from(header.status) {
-        Ok(Status::Complete) => (Have::All, true),
-        Ok(Status::Ok) => (Have::Some(have_bits(payload, dl.partial.blocks())?), false),
-        Ok(Status::Forbidden) => return Err(super::peer::forbidden(header.message.clone())),
-        Ok(Status::TooManyStreams) => {
-            return Err(ProviderError::StreamsFull(header.message.clone()));
-        }
-        _ => return Err(ProviderError::NotProviding(header.message.clone())),
-    };
-    svc.inner.ledger.record(peer, EventKind::RequestOk);
-    dl.state().sched.set_have(peer, have);
-    dl.changed.notify_waiters();
-    Ok(complete)
-}
-
-/// A `Have` bitfield (least significant bit first) as one flag per block of
-/// an item of `blocks` blocks; bits past the last block are ignored, a
-/// bitfield too short for the item is refused.
-pub(crate) fn have_bits(payload: &[u8], blocks: u64) -> Result<Vec<bool>, ProviderError> {
-    if (payload.len() as u64) < blocks.div_ceil(8) {
-        return Err(ProviderError::ShortBitfield);
-    }
-    Ok((0..blocks)
-        .map(|k| {
-            payload
-                .get((k / 8) as usize)
-                .is_some_and(|b| b & (1 << (k % 8)) != 0)
-        })
-        .collect())
 }
 
 /// Measures a provider's delivery rate and sizes the request pipeline to it.
@@ -581,7 +209,7 @@ fn accept(svc: &ContentService, dl: &Download, job: WriteJob) -> Result<(), Prov
                 // Credited once: two connections to one peer may race the
                 // same block in the end game.
                 let r = block_range(dl.partial.size(), k);
-                svc.inner.ledger.record(
+                svc.inner.ctx.ledger.record(
                     peer,
                     EventKind::Received {
                         bytes: r.end - r.start,
@@ -615,7 +243,7 @@ impl Drop for AbortOnDrop {
 /// download ends, the provider fails, or the worker winds down (`ending`:
 /// then it asks for nothing more and ends once its answers are in). Blocks
 /// it asked for and did not settle are released when the worker ends.
-async fn pipeline<R: PayloadRead, W: PayloadWrite>(
+pub(super) async fn pipeline<R: PayloadRead, W: PayloadWrite>(
     svc: &ContentService,
     dl: &Arc<Download>,
     peer: PeerId,
@@ -817,7 +445,7 @@ async fn pipeline<R: PayloadRead, W: PayloadWrite>(
                         }
                         Ok(Status::Forbidden) => {
                             dl.release(peer, k);
-                            return Err(super::peer::forbidden(header.message));
+                            return Err(super::super::peer::forbidden(header.message));
                         }
                         Ok(Status::TooManyStreams) => {
                             // A fast-path connection over the provider's cap.

@@ -6,35 +6,12 @@ use p2pvm_proto::pb;
 use pb::request::Op;
 use pb::response::Result as R;
 
-use super::apps::Principal;
-use super::ops::require_admin;
-use super::{ApiError, ApiService};
-use crate::compute::{ComputeService, ComputeServiceError, wire};
+use crate::api::apps::Principal;
+use crate::api::{ApiError, ApiService};
+use crate::compute::wire;
 
 /// Most receipts one answer lists.
 const MAX_RECEIPTS: usize = 1000;
-
-impl From<ComputeServiceError> for ApiError {
-    fn from(e: ComputeServiceError) -> Self {
-        use ComputeServiceError as E;
-        let code = match &e {
-            E::BadRequest(_) => pb::ErrorCode::BadRequest,
-            E::InsufficientCredit { .. } => pb::ErrorCode::ComputeInsufficientCredit,
-            E::NotFound(_) => pb::ErrorCode::NotFound,
-            E::Receipts(_) | E::Sandbox(_) | E::Io { .. } => pb::ErrorCode::Internal,
-        };
-        ApiError::new(code, e.to_string())
-    }
-}
-
-fn compute(svc: &ApiService) -> Result<&ComputeService, ApiError> {
-    svc.inner.compute.as_ref().ok_or_else(|| {
-        ApiError::new(
-            pb::ErrorCode::Unavailable,
-            "compute leasing is not running on this node",
-        )
-    })
-}
 
 fn offer_pb(o: Option<wire::Offer>) -> pb::ComputeOffer {
     match o {
@@ -50,11 +27,11 @@ fn offer_pb(o: Option<wire::Offer>) -> pb::ComputeOffer {
     }
 }
 
-pub(super) async fn run(svc: &ApiService, who: &Principal, op: Op) -> Result<R, ApiError> {
-    let c = compute(svc)?;
+pub(in crate::api) async fn run(svc: &ApiService, who: &Principal, op: Op) -> Result<R, ApiError> {
+    let c = svc.compute();
     match op {
         Op::ComputeOffer(r) => {
-            require_admin(who)?;
+            who.require_admin()?;
             let o = r.offer.unwrap_or_default();
             let set = c
                 .set_offer(wire::Offer {
@@ -69,7 +46,7 @@ pub(super) async fn run(svc: &ApiService, who: &Principal, op: Op) -> Result<R, 
             Ok(R::ComputeOffer(offer_pb(Some(set))))
         }
         Op::ComputeWithdraw(_) => {
-            require_admin(who)?;
+            who.require_admin()?;
             c.withdraw().await?;
             Ok(R::Ok(pb::Empty {}))
         }

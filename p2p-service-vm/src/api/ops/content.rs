@@ -1,6 +1,8 @@
-//! Content over the session's streams: publishing from bytes the app writes on
-//! a stream, and fetching verified bytes either as stream frames or, parked
-//! under a ticket, through a bulk attachment ([`crate::api::bulk`]).
+//! Content sharing through the API: publishing (from a path the node reads,
+//! or from bytes the app writes on a stream), fetching verified bytes (as
+//! stream frames or, parked under a ticket, through a bulk attachment,
+//! [`crate::api::bulk`]), and downloading, searching, listing, pinning and
+//! deleting items.
 //!
 //! ```text
 //!  publish: app ─ StreamData ─► stream ─► pipe ─► EndChecked ─► ContentService::publish
@@ -9,63 +11,26 @@
 //!                                                            └─► bulk ticket
 //! ```
 //!
-//! The path form of publish needs no session state and is in `ops`.
+//! The path form of publish and the other operations need no session state:
+//! they are the stateless `run` below.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
+use p2pvm_content::ContentId;
 use p2pvm_proto::pb;
-use tokio::sync::oneshot;
+use pb::request::Op;
+use pb::response::Result as R;
 use tokio_util::compat::TokioAsyncReadCompatExt;
 
-use super::{Internal, Session, response};
-use crate::api::{ApiError, ops};
+use crate::api::apps::Principal;
+use crate::api::session::internal::{ContentBytes, Internal};
+use crate::api::session::{Session, response};
+use crate::api::{ApiError, ApiService};
+use crate::content::{ContentInfo, ContentService, PublishMeta};
 
 /// Buffer between an app's publish stream and the import.
 const PUBLISH_PIPE_BYTES: usize = 256 * 1024;
-
-/// Verified bytes of a content fetch, as the node produces them.
-pub(crate) struct ContentBytes(
-    pub(crate) std::pin::Pin<Box<dyn futures::Stream<Item = std::io::Result<bytes::Bytes>> + Send>>,
-);
-
-impl std::fmt::Debug for ContentBytes {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("ContentBytes")
-    }
-}
-
-type PublishResult = Result<pb::ContentInfo, ApiError>;
-
-/// The session's publishes whose bytes arrive on a stream, by stream id.
-#[derive(Default)]
-pub(super) struct Publishes {
-    /// Where each import's result arrives, until the app asks for it.
-    results: HashMap<u64, oneshot::Receiver<PublishResult>>,
-    /// Set when the app half-closed a publish stream: only then is its end the
-    /// end of the item (a reset or a dead session must not import a truncation).
-    ends: HashMap<u64, Arc<AtomicBool>>,
-}
-
-impl Publishes {
-    /// Tracks a new publish on `stream_id`: where its import reports, and
-    /// the flag that tells the import its end is genuine.
-    fn start(&mut self, stream_id: u64) -> (oneshot::Sender<PublishResult>, Arc<AtomicBool>) {
-        let (tx, rx) = oneshot::channel();
-        self.results.insert(stream_id, rx);
-        let ended = Arc::new(AtomicBool::new(false));
-        self.ends.insert(stream_id, ended.clone());
-        (tx, ended)
-    }
-
-    /// The app half-closed `stream_id`; a publish on it has all its bytes.
-    pub(super) fn app_closed(&mut self, stream_id: u64) {
-        if let Some(end) = self.ends.remove(&stream_id) {
-            end.store(true, Ordering::Release);
-        }
-    }
-}
 
 /// The bytes of a publish stream: its end is the item's end only when the app
 /// half-closed the stream; otherwise (reset, session gone) reading fails and
@@ -91,13 +56,13 @@ impl<R: std::io::Read> std::io::Read for EndChecked<R> {
 impl Session {
     /// Starts a publish from a byte stream: the app writes the bytes on the
     /// returned stream; the import runs as they arrive.
-    pub(super) async fn content_publish(
+    pub(in crate::api) async fn content_publish(
         &mut self,
         request_id: u64,
         r: pb::ContentPublishRequest,
     ) -> Result<(), ApiError> {
-        let content = ops::content(&self.svc)?.clone();
-        let meta = ops::publish_meta(&r)?;
+        let content = self.svc.content().clone();
+        let meta = publish_meta(&r)?;
         if !self.stream_slots_left() {
             return Err(self.stream_limit());
         }
@@ -119,7 +84,7 @@ impl Session {
             let r = content
                 .publish(reader, meta)
                 .await
-                .map(|i| ops::content_info(&content, i))
+                .map(|i| content_info(&content, i))
                 .map_err(ApiError::from);
             let _ = tx.send(r);
         });
@@ -128,12 +93,12 @@ impl Session {
 
     /// Answers `request_id` with the result of the publish on `stream_id` once
     /// its import ends, without holding up the session meanwhile.
-    pub(super) fn content_publish_finish(
+    pub(in crate::api) fn content_publish_finish(
         &mut self,
         request_id: u64,
         stream_id: u64,
     ) -> Result<(), ApiError> {
-        let Some(rx) = self.publishes.results.remove(&stream_id) else {
+        let Some(rx) = self.publishes.take_result(stream_id) else {
             return Err(ApiError::new(
                 pb::ErrorCode::NotFound,
                 "no publish on that stream in this session",
@@ -155,13 +120,13 @@ impl Session {
 
     /// Starts streaming verified bytes; answered with `ContentStream` once the
     /// item is found.
-    pub(super) fn content_fetch(
+    pub(in crate::api) fn content_fetch(
         &mut self,
         request_id: u64,
         r: pb::ContentFetchRequest,
     ) -> Result<(), ApiError> {
-        let content = ops::content(&self.svc)?.clone();
-        let id = ops::parse_content_id(&r.content_id)?;
+        let content = self.svc.content().clone();
+        let id = parse_content_id(&r.content_id)?;
         if !self.stream_slots_left() {
             return Err(self.stream_limit());
         }
@@ -188,7 +153,7 @@ impl Session {
     }
 
     /// A fetch found its item (or failed to): answer, and start the bytes.
-    pub(super) async fn on_content_opened(
+    pub(in crate::api) async fn on_content_opened(
         &mut self,
         request_id: u64,
         stream_id: u64,
@@ -226,9 +191,10 @@ impl Session {
     ) -> Result<pb::response::Result, ApiError> {
         let max = self.svc.inner.limits.max_streams_per_session as usize;
         let inner = &self.svc.inner;
-        let ticket = inner
-            .bulk
-            .park(self.id, bytes, max, (&inner.tasks, &inner.shutdown))?;
+        let ticket =
+            inner
+                .bulk
+                .park(self.id, bytes, max, (&inner.ctx.tasks, &inner.ctx.shutdown))?;
         opened.stream_id = 0;
         opened.bulk_ticket = bytes::Bytes::copy_from_slice(&ticket);
         Ok(pb::response::Result::ContentStream(opened))
@@ -255,10 +221,127 @@ async fn open_fetch(
     let (info, range, bytes) = content.fetch(id, range, keep).await?;
     let opened = pb::ContentStream {
         stream_id,
-        info: Some(ops::content_info(content, info)),
+        info: Some(content_info(content, info)),
         offset: range.start,
         length: range.end - range.start,
         bulk_ticket: bytes::Bytes::new(),
     };
     Ok((opened, ContentBytes(Box::pin(bytes))))
+}
+
+pub(crate) fn parse_content_id(s: &str) -> Result<ContentId, ApiError> {
+    s.parse()
+        .map_err(|_| ApiError::bad(format!("invalid content id {s:?} (64 hex digits)")))
+}
+
+pub(crate) fn publish_meta(r: &pb::ContentPublishRequest) -> Result<PublishMeta, ApiError> {
+    Ok(PublishMeta {
+        name: r.name.clone(),
+        mime_type: r.mime_type.clone(),
+        tags: r.tags.clone(),
+        rights: r.rights.as_ref().map(|x| p2pvm_content::Rights {
+            licence: x.licence.clone(),
+            redistribution_allowed: x.redistribution_allowed,
+            expires_unix: x.expires_unix,
+            allowed_groups: x.allowed_groups.clone(),
+        }),
+        pin: r.pin,
+    })
+}
+
+pub(crate) fn content_info(c: &ContentService, i: ContentInfo) -> pb::ContentInfo {
+    use p2pvm_security::Certification;
+    let (certification, certified_by, certified_subject) = match c
+        .certification(&i.manifest.manifest)
+    {
+        Ok(Certification::SelfSigned) => ("self-signed".to_string(), String::new(), String::new()),
+        Ok(Certification::Certified { subject, issuer }) => ("certified".into(), issuer, subject),
+        Ok(Certification::Unverified { subject, issuer }) => ("unverified".into(), issuer, subject),
+        Err(e) => (
+            format!("invalid: {}", crate::content::chain(&e)),
+            String::new(),
+            String::new(),
+        ),
+    };
+    let m = i.manifest.manifest;
+    pb::ContentInfo {
+        certification,
+        certified_by,
+        certified_subject,
+        content_id: i.manifest.id.to_string(),
+        name: m.name,
+        mime_type: m.mime_type,
+        size: m.size,
+        publisher: m.publisher,
+        created_unix: m.created_unix,
+        tags: m.tags,
+        rights: m.rights.map(|r| pb::ContentRights {
+            licence: r.licence,
+            redistribution_allowed: r.redistribution_allowed,
+            expires_unix: r.expires_unix,
+            allowed_groups: r.allowed_groups,
+        }),
+        signed_manifest: i.manifest.signed.into(),
+        local: i.local.is_some(),
+        pinned: i.local.is_some_and(|l| l.pinned),
+        providers: i.providers.iter().map(|p| p.to_string()).collect(),
+    }
+}
+
+/// Runs one of this domain's stateless operations.
+pub(in crate::api) async fn run(svc: &ApiService, who: &Principal, op: Op) -> Result<R, ApiError> {
+    match op {
+        Op::ContentPublish(r) => {
+            // Only the path form is stateless; the stream form is the session's.
+            let meta = publish_meta(&r)?;
+            let info = svc
+                .content()
+                .publish_path(std::path::Path::new(&r.path), meta)
+                .await?;
+            Ok(R::Content(content_info(svc.content(), info)))
+        }
+        Op::ContentDownload(r) => {
+            let id = parse_content_id(&r.content_id)?;
+            let c = svc.content();
+            Ok(R::Content(content_info(c, c.download(&id).await?)))
+        }
+        Op::ContentSearch(r) => {
+            let c = svc.content();
+            let items = c
+                .search(&r.query, if r.limit == 0 { 50 } else { r.limit as usize })
+                .await?;
+            Ok(R::ContentList(pb::ContentList {
+                items: items.into_iter().map(|i| content_info(c, i)).collect(),
+            }))
+        }
+        Op::ContentStat(r) => {
+            let id = parse_content_id(&r.content_id)?;
+            let c = svc.content();
+            Ok(R::Content(content_info(c, c.stat(&id).await?)))
+        }
+        Op::ContentList(_) => {
+            let c = svc.content();
+            Ok(R::ContentList(pb::ContentList {
+                items: c
+                    .list()
+                    .await?
+                    .into_iter()
+                    .map(|i| content_info(c, i))
+                    .collect(),
+            }))
+        }
+        Op::ContentPin(r) => {
+            let id = parse_content_id(&r.content_id)?;
+            svc.content().pin(&id, r.pinned).await?;
+            Ok(R::Ok(pb::Empty {}))
+        }
+        Op::ContentDelete(r) => {
+            who.require_admin()?;
+            let id = parse_content_id(&r.content_id)?;
+            svc.content().delete(&id).await?;
+            Ok(R::Ok(pb::Empty {}))
+        }
+        // The dispatcher routes only this domain's operations here.
+        _ => Err(super::routed_wrongly()),
+    }
 }
