@@ -81,6 +81,33 @@ pub fn play(
     (startup, stalls, stalled)
 }
 
+/// Where a viewer's bytes come from: something that reads a range of the
+/// item as fast as it arrives and says when each byte count was reached.
+/// p2pvm's API is one; a libtorrent peer in sequential mode is the other
+/// (`crate::torrent`), so both engines' viewers are judged by one [`play`].
+pub trait Source {
+    /// Reads `[offset, offset + length)`; when each byte count arrived,
+    /// from the moment it was asked.
+    fn arrivals(
+        &mut self,
+        offset: u64,
+        length: u64,
+    ) -> impl std::future::Future<Output = Result<Arrivals>> + Send;
+}
+
+/// An item read through p2pvm's API (`fetch_content`, keeping the item).
+#[derive(Debug)]
+pub struct ApiSource<'a> {
+    pub client: &'a Client,
+    pub id: &'a str,
+}
+
+impl Source for ApiSource<'_> {
+    async fn arrivals(&mut self, offset: u64, length: u64) -> Result<Arrivals> {
+        arrivals(self.client, self.id, offset, length).await
+    }
+}
+
 /// Reads `[offset, offset + length)` of `id` through `client` as fast as it
 /// arrives; returns when each byte count arrived, from the request.
 pub async fn arrivals(client: &Client, id: &str, offset: u64, length: u64) -> Result<Arrivals> {
@@ -102,9 +129,7 @@ pub async fn arrivals(client: &Client, id: &str, offset: u64, length: u64) -> Re
     Ok(out)
 }
 
-/// One viewer: plays `[0, seek_from)` of an item of `size` bytes at `rate`
-/// bytes a second, then, when playback reaches `seek_from`, seeks to
-/// `seek_to` and plays to the end.
+/// One viewer of p2pvm's API: see [`view_from`].
 pub async fn view(
     client: &Client,
     id: &str,
@@ -113,14 +138,36 @@ pub async fn view(
     seek_from: u64,
     seek_to: u64,
 ) -> Result<Playback> {
+    view_from(
+        &mut ApiSource { client, id },
+        size,
+        rate,
+        seek_from,
+        seek_to,
+    )
+    .await
+}
+
+/// One viewer: plays `[0, seek_from)` of an item of `size` bytes at `rate`
+/// bytes a second, then, when playback reaches `seek_from`, seeks to
+/// `seek_to` and plays to the end.
+pub async fn view_from(
+    source: &mut impl Source,
+    size: u64,
+    rate: f64,
+    seek_from: u64,
+    seek_to: u64,
+) -> Result<Playback> {
     let prebuffer = (rate as u64).max(1);
     let started = Instant::now();
-    let first = arrivals(client, id, 0, seek_from).await?;
+    let first = source.arrivals(0, seek_from).await?;
     let (startup, stalls, stalled) = play(&first, seek_from, rate, prebuffer);
     // Playback reaches the seek point this long after the request.
-    let seek_at = startup + stalled + Duration::from_secs_f64(seek_from as f64 / rate);
+    let seek_at = startup
+        .saturating_add(stalled)
+        .saturating_add(Duration::from_secs_f64(seek_from as f64 / rate));
     tokio::time::sleep(seek_at.saturating_sub(started.elapsed())).await;
-    let second = arrivals(client, id, seek_to, size - seek_to).await?;
+    let second = source.arrivals(seek_to, size - seek_to).await?;
     let (startup_after_seek, stalls2, stalled2) = play(&second, size - seek_to, rate, prebuffer);
     Ok(Playback {
         first_byte: first.first().map_or(Duration::MAX, |(t, _)| *t),
@@ -129,6 +176,115 @@ pub async fn view(
         stalls: stalls + stalls2,
         stalled: stalled + stalled2,
     })
+}
+
+/// Scenario 2 of the swarm (streaming): the first `holders` downloaders
+/// fetch the whole item, then the other downloaders view it, one starting
+/// every `gap`, at `share` of their line's download rate, each seeking once
+/// from 40 % to 70 % of the item. Both engines' swarms run the same plan.
+#[derive(Debug, Clone, Copy)]
+pub struct Streaming {
+    pub holders: usize,
+    pub gap: Duration,
+    pub share: f64,
+}
+
+impl Streaming {
+    /// Where every viewer seeks from and to in an item of `size` bytes.
+    pub fn seek(&self, size: u64) -> (u64, u64) {
+        (size * 4 / 10, size * 7 / 10)
+    }
+
+    /// A viewer's bitrate in bytes a second on `line`.
+    pub fn rate(&self, line: &p2pvm_netlab::Line) -> Result<f64> {
+        let down = line
+            .down_bps
+            .ok_or_else(|| anyhow::anyhow!("a viewer's line needs a download rate"))?;
+        Ok(down as f64 / 8.0 * self.share)
+    }
+
+    /// Plays every source (viewer `n` starting `n` gaps after the first, at
+    /// its own bitrate) and returns their playbacks in order. The viewers
+    /// run as futures of this one task: they only wait on their sources.
+    pub async fn view_all<S: Source>(
+        &self,
+        viewers: Vec<(S, f64)>,
+        size: u64,
+    ) -> Result<Vec<Playback>> {
+        let (seek_from, seek_to) = self.seek(size);
+        let plays = viewers
+            .into_iter()
+            .enumerate()
+            .map(|(n, (mut source, rate))| async move {
+                tokio::time::sleep(self.gap * n as u32).await;
+                view_from(&mut source, size, rate, seek_from, seek_to).await
+            });
+        futures::future::try_join_all(plays).await
+    }
+}
+
+/// What a set of viewers' playbacks came to, for a report line.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Summary {
+    pub viewers: usize,
+    /// Start-ups: first plays and after the seek, together (percentiles by
+    /// nearest rank).
+    pub startup_p50: Duration,
+    pub startup_p95: Duration,
+    pub startup_max: Duration,
+    pub first_byte_p50: Duration,
+    /// Viewers that never stalled.
+    pub smooth: usize,
+    /// Stall time of all viewers together.
+    pub stalled: Duration,
+}
+
+impl Summary {
+    /// `None` for no viewers.
+    pub fn of(plays: &[Playback]) -> Option<Self> {
+        if plays.is_empty() {
+            return None;
+        }
+        let mut startups: Vec<Duration> = plays
+            .iter()
+            .flat_map(|p| [p.startup, p.startup_after_seek])
+            .collect();
+        startups.sort();
+        let mut first: Vec<Duration> = plays.iter().map(|p| p.first_byte).collect();
+        first.sort();
+        // Nearest rank: the smallest value at least `p` of them do not exceed.
+        let at = |v: &[Duration], p: f64| {
+            let rank = (p * v.len() as f64).ceil() as usize;
+            v[rank.clamp(1, v.len()) - 1]
+        };
+        Some(Self {
+            viewers: plays.len(),
+            startup_p50: at(&startups, 0.5),
+            startup_p95: at(&startups, 0.95),
+            startup_max: startups[startups.len() - 1],
+            first_byte_p50: at(&first, 0.5),
+            smooth: plays.iter().filter(|p| p.stalls == 0).count(),
+            stalled: plays.iter().map(|p| p.stalled).sum(),
+        })
+    }
+}
+
+impl std::fmt::Display for Summary {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let s = |d: Duration| d.as_secs_f64();
+        write!(
+            f,
+            "{} viewers: start-up p50 {:.2} s, p95 {:.2} s, max {:.2} s (first plays and after the seek); \
+             first byte p50 {:.2} s; {} played without a stall, {:.1} s stalled in all",
+            self.viewers,
+            s(self.startup_p50),
+            s(self.startup_p95),
+            s(self.startup_max),
+            s(self.first_byte_p50),
+            self.smooth,
+            s(self.stalled),
+        )
+    }
 }
 
 #[cfg(test)]
@@ -163,5 +319,25 @@ mod tests {
     fn a_stream_that_never_delivers_the_prebuffer_never_starts() {
         let a: Arrivals = vec![(ms(100), 10)];
         assert_eq!(play(&a, 10_000, 1_000.0, 1_000).0, Duration::MAX);
+    }
+
+    #[test]
+    fn a_summary_counts_both_start_ups_of_every_viewer() {
+        let p = |startup, after, stalls| Playback {
+            first_byte: ms(startup / 2),
+            startup: ms(startup),
+            startup_after_seek: ms(after),
+            stalls,
+            stalled: ms(100 * stalls as u64),
+        };
+        let s = Summary::of(&[p(1_000, 3_000, 0), p(2_000, 4_000, 2)]).expect("viewers");
+        assert_eq!(s.viewers, 2);
+        // Start-ups 1, 2, 3, 4 s, by nearest rank: p50 is the second, p95 the last.
+        assert_eq!(
+            (s.startup_p50, s.startup_p95, s.startup_max),
+            (ms(2_000), ms(4_000), ms(4_000))
+        );
+        assert_eq!((s.smooth, s.stalled), (1, ms(200)));
+        assert_eq!(Summary::of(&[]), None);
     }
 }

@@ -11,6 +11,7 @@ use guest_api::proto;
 
 use p2pvm_netlab::{Lab, Line};
 
+use crate::playback::{ApiSource, Playback, Streaming};
 use crate::{NodeOpts, TestNode};
 
 /// How a swarm is set up.
@@ -119,6 +120,35 @@ impl Swarm {
             id: info.content_id,
             data,
         })
+    }
+
+    /// Scenario 2 (streaming in the swarm), as `plan` says; node `i`'s
+    /// bitrate follows `lines[i]` (the publisher's first).
+    pub async fn stream(&self, lines: &[Line], plan: &Streaming) -> Result<Vec<Playback>> {
+        ensure!(
+            plan.holders < self.downloaders.len() && lines.len() > self.downloaders.len(),
+            "a line per node and at least one viewer"
+        );
+        let holding = self.downloaders[..plan.holders].iter().map(|d| async move {
+            d.admin().await?.download_content(&self.id).await?;
+            Ok::<_, anyhow::Error>(())
+        });
+        futures::future::try_join_all(holding).await?;
+        let mut clients = Vec::new();
+        for (i, d) in self.downloaders.iter().enumerate().skip(plan.holders) {
+            clients.push((d.admin().await?, plan.rate(&lines[i + 1])?));
+        }
+        let viewers = clients
+            .iter()
+            .map(|(client, rate)| {
+                let source = ApiSource {
+                    client,
+                    id: &self.id,
+                };
+                (source, *rate)
+            })
+            .collect();
+        plan.view_all(viewers, self.data.len() as u64).await
     }
 
     /// Starts `rotten` + `silent` [`BadPeers`] (on `lab`'s hosts from
@@ -328,6 +358,95 @@ impl BadPeers {
     pub fn all(&self) -> impl Iterator<Item = &TestNode> {
         self.rotten.iter().chain(&self.silent)
     }
+
+    /// What the downloaders' credit ledgers say of the bad peers they met
+    /// (and of the honest nodes of `swarm`).
+    pub async fn tally(&self, swarm: &Swarm) -> Result<BadPeerTally> {
+        let honest: Vec<&str> = swarm.nodes().map(|n| n.peer_id.as_str()).collect();
+        let mut t = BadPeerTally::default();
+        for d in &swarm.downloaders {
+            let admin = d.admin().await?;
+            for c in admin.credit_list().await? {
+                if honest.contains(&c.peer_id.as_str())
+                    && (c.standing == "refused" || c.standing == "banned")
+                {
+                    t.wronged
+                        .push(format!("{} by {}: {c:?}", c.peer_id, d.peer_id));
+                }
+            }
+            for (b, peer) in self.all().enumerate() {
+                let c = admin.credit_show(&peer.peer_id).await?;
+                if c.corrupt_blocks == 0 && c.requests_failed == 0 {
+                    continue;
+                }
+                let rotten = b < self.rotten.len();
+                if rotten {
+                    t.met_rotten += 1;
+                } else {
+                    t.met_silent += 1;
+                }
+                t.corrupt_blocks += c.corrupt_blocks;
+                t.failed_requests += c.requests_failed;
+                if c.standing == "refused" || c.standing == "banned" {
+                    t.refused += 1;
+                } else {
+                    t.lenient.push(format!(
+                        "{} {b}: {} (score {}, {} corrupt, {} failed requests)",
+                        if rotten { "rotten" } else { "silent" },
+                        c.standing,
+                        c.score,
+                        c.corrupt_blocks,
+                        c.requests_failed
+                    ));
+                }
+            }
+        }
+        Ok(t)
+    }
+}
+
+/// The downloaders' ledgers on the bad peers they met ([`BadPeers::tally`]).
+#[derive(Debug, Default)]
+pub struct BadPeerTally {
+    /// Downloader-rotten peer and downloader-silent peer meetings.
+    pub met_rotten: usize,
+    pub met_silent: usize,
+    /// Meetings that ended with the bad peer refused (or banned).
+    pub refused: usize,
+    /// Corrupt blocks received from bad peers, all downloaders together.
+    pub corrupt_blocks: u64,
+    /// Requests bad peers took and left unanswered.
+    pub failed_requests: u64,
+    /// Bad peers a downloader met and did not refuse.
+    pub lenient: Vec<String>,
+    /// Honest nodes some downloader refused.
+    pub wronged: Vec<String>,
+}
+
+impl BadPeerTally {
+    /// Bytes of corrupt blocks received (256 KiB each).
+    pub fn wasted_bytes(&self) -> u64 {
+        self.corrupt_blocks * (256 << 10)
+    }
+}
+
+impl std::fmt::Display for BadPeerTally {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} downloader-bad peer meetings ({} rotten, {} silent), {} refused; {} corrupt blocks \
+             ({:.1} MiB wasted), {} requests unanswered; not refused: {:?}; honest nodes refused: {:?}",
+            self.met_rotten + self.met_silent,
+            self.met_rotten,
+            self.met_silent,
+            self.refused,
+            self.corrupt_blocks,
+            self.wasted_bytes() as f64 / f64::from(1u32 << 20),
+            self.failed_requests,
+            self.lenient,
+            self.wronged,
+        )
+    }
 }
 
 /// The round trip a home line adds, spread over the nodes: a frame between
@@ -356,7 +475,7 @@ fn is_disconnect(e: &anyhow::Error) -> bool {
 
 /// `n` distinct indices below `of`, and `n` moments within `within`, from a
 /// small deterministic generator (the same seed, the same churn).
-fn churn_plan(n: usize, of: usize, within: Duration, seed: u64) -> Vec<(usize, Duration)> {
+pub fn churn_plan(n: usize, of: usize, within: Duration, seed: u64) -> Vec<(usize, Duration)> {
     let mut x = seed | 1;
     let mut next = move || {
         x ^= x << 13;

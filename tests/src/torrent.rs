@@ -8,10 +8,11 @@ use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail, ensure};
-use p2pvm_netlab::{Host, Lab};
+use p2pvm_netlab::{Host, Lab, Line};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader, Lines};
 use tokio::process::{Child, ChildStdin, ChildStdout, Command};
 
+use crate::playback::{Arrivals, Playback, Source, Streaming};
 use crate::swarm::CrowdOutcome;
 
 /// Debian's Python: `python3-libtorrent` is installed for it, not for
@@ -67,8 +68,61 @@ impl Proc {
         bail!("the process ended before saying {word:?}")
     }
 
+    /// Writes one command line to the process.
+    async fn say(&mut self, line: &str) -> Result<()> {
+        let stdin = self.stdin.as_mut().context("stdin closed")?;
+        stdin.write_all(format!("{line}\n").as_bytes()).await?;
+        stdin.flush().await?;
+        Ok(())
+    }
+
     fn pid(&self) -> Result<u32> {
         self.child.id().context("exited")
+    }
+}
+
+/// How long a libtorrent peer may go without saying anything while it is
+/// fetching or playing before the scenario gives up on it.
+const SILENCE_LIMIT: Duration = Duration::from_secs(120);
+
+/// How long the holders of the streaming scenario may take to fetch the
+/// item (a 64 MiB crowd of 30 on home lines takes one to two minutes).
+const HOLDERS_WITHIN: Duration = Duration::from_secs(600);
+
+/// One libtorrent leecher playing a range as a stream (`peer.py view`).
+struct TorrentViewer<'a> {
+    proc: &'a mut Proc,
+    rate: f64,
+}
+
+impl Source for TorrentViewer<'_> {
+    async fn arrivals(&mut self, offset: u64, length: u64) -> Result<Arrivals> {
+        let rate = self.rate;
+        self.proc
+            .say(&format!("view {offset} {length} {rate:.0}"))
+            .await?;
+        let mut out = Arrivals::new();
+        loop {
+            let line = tokio::time::timeout(SILENCE_LIMIT, self.proc.out.next_line())
+                .await
+                .context("a libtorrent viewer went silent")??
+                .context("a libtorrent viewer ended")?;
+            if line == "viewed" {
+                break;
+            }
+            let Some(got) = line.strip_prefix("got ") else {
+                continue;
+            };
+            let (secs, bytes) = got
+                .split_once(' ')
+                .with_context(|| format!("a viewer said {line:?}"))?;
+            out.push((Duration::from_secs_f64(secs.parse()?), bytes.parse()?));
+        }
+        ensure!(
+            out.last().is_some_and(|(_, b)| *b == length),
+            "a libtorrent viewer stopped short of {length} bytes"
+        );
+        Ok(out)
     }
 }
 
@@ -170,9 +224,7 @@ impl TorrentSwarm {
             .collect::<Result<_>>()?;
         let start = Instant::now();
         for l in &mut self.leechers {
-            let stdin = l.stdin.as_mut().context("stdin")?;
-            stdin.write_all(b"go\n").await?;
-            stdin.flush().await?;
+            l.say("go").await?;
         }
         let waits = self.leechers.iter_mut().map(|l| async move {
             let done = tokio::time::timeout_at((start + deadline).into(), l.expect("done")).await;
@@ -212,6 +264,41 @@ impl TorrentSwarm {
             cpu_secs,
             peak_kib,
         })
+    }
+
+    /// Scenario 2 (streaming) on libtorrent, as [`crate::swarm::Swarm::stream`]
+    /// runs it on p2pvm: the first `plan.holders` leechers fetch the whole
+    /// item, then the others play it in sequential mode (`peer.py view`).
+    /// Leecher `i`'s bitrate follows `lines[i + 1]` (the seed's first).
+    pub async fn stream(
+        &mut self,
+        lines: &[Line],
+        plan: &Streaming,
+        size: u64,
+    ) -> Result<Vec<Playback>> {
+        ensure!(
+            plan.holders < self.leechers.len() && lines.len() > self.leechers.len(),
+            "a line per peer and at least one viewer"
+        );
+        let (holders, viewers) = self.leechers.split_at_mut(plan.holders);
+        for h in holders.iter_mut() {
+            h.say("go").await?;
+        }
+        let holding = holders.iter_mut().map(|h| async move {
+            tokio::time::timeout(HOLDERS_WITHIN, h.expect("done"))
+                .await
+                .context("a holder took too long to fetch the item")?
+        });
+        futures::future::try_join_all(holding).await?;
+        let viewers = viewers
+            .iter_mut()
+            .enumerate()
+            .map(|(i, proc)| {
+                let rate = plan.rate(&lines[plan.holders + i + 1])?;
+                Ok((TorrentViewer { proc, rate }, rate))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        plan.view_all(viewers, size).await
     }
 
     /// Where leecher `i` saved the item.

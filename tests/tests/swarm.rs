@@ -15,8 +15,8 @@
 
 use std::time::Duration;
 
-use anyhow::{Result, ensure};
-use p2pvm_e2e::playback::{Playback, view};
+use anyhow::{Context, Result, ensure};
+use p2pvm_e2e::playback::{Streaming, Summary};
 use p2pvm_e2e::swarm::{Churn, Swarm, SwarmSpec, home_lines, lower_bound};
 use p2pvm_netlab::Lab;
 
@@ -246,63 +246,26 @@ async fn honest_nodes_finish_past_corrupt_and_silent_peers_and_refuse_them() -> 
         let got = p2pvm_e2e::fetch_whole(&d.admin().await?, &swarm.id).await?;
         ensure!(got == swarm.data, "a downloader holds other bytes");
     }
-    // What each downloader's ledger says of each bad peer it met, and of
-    // the honest nodes.
-    let honest: Vec<&str> = swarm.nodes().map(|n| n.peer_id.as_str()).collect();
-    let (mut corrupt_blocks, mut met, mut refused, mut failed_requests) = (0u64, 0, 0, 0u64);
-    let (mut met_rotten, mut met_silent) = (0, 0);
-    let (mut lenient, mut wronged) = (Vec::new(), Vec::new());
-    for d in &swarm.downloaders {
-        let admin = d.admin().await?;
-        for c in admin.credit_list().await? {
-            if honest.contains(&c.peer_id.as_str())
-                && (c.standing == "refused" || c.standing == "banned")
-            {
-                wronged.push(format!("{} by {}: {c:?}", c.peer_id, d.peer_id));
-            }
-        }
-        for (b, peer) in bad.all().enumerate() {
-            let c = admin.credit_show(&peer.peer_id).await?;
-            if c.corrupt_blocks == 0 && c.requests_failed == 0 {
-                continue;
-            }
-            met += 1;
-            if b < rotten {
-                met_rotten += 1;
-            } else {
-                met_silent += 1;
-            }
-            corrupt_blocks += c.corrupt_blocks;
-            failed_requests += c.requests_failed;
-            if c.standing == "refused" || c.standing == "banned" {
-                refused += 1;
-            } else {
-                lenient.push(format!(
-                    "{} {b}: {} (score {}, {} corrupt, {} failed requests)",
-                    if b < rotten { "rotten" } else { "silent" },
-                    c.standing,
-                    c.score,
-                    c.corrupt_blocks,
-                    c.requests_failed
-                ));
-            }
-        }
-    }
+    let tally = bad.tally(&swarm).await?;
     eprintln!(
-        "{nodes} nodes and {rotten}+{silent} bad peers, 16 MiB: last done {:.1} s; {met} \
-         downloader-bad peer meetings, {refused} refused; {corrupt_blocks} corrupt blocks \
-         ({:.1} MiB wasted), {failed_requests} requests unanswered; not refused: {lenient:?}",
+        "{nodes} nodes and {rotten}+{silent} bad peers, 16 MiB: last done {:.1} s; {tally}",
         outcome.done.last().expect("done").as_secs_f64(),
-        corrupt_blocks as f64 * 0.25,
     );
     ensure!(
-        met_rotten > 0 && met_silent > 0,
-        "downloaders met {met_rotten} rotten and {met_silent} silent peers: the scenario tested too little"
+        tally.met_rotten > 0 && tally.met_silent > 0,
+        "downloaders met {} rotten and {} silent peers: the scenario tested too little",
+        tally.met_rotten,
+        tally.met_silent
     );
-    ensure!(wronged.is_empty(), "honest nodes refused: {wronged:?}");
     ensure!(
-        lenient.is_empty(),
-        "bad peers not refused by downloaders that met them: {lenient:?}"
+        tally.wronged.is_empty(),
+        "honest nodes refused: {:?}",
+        tally.wronged
+    );
+    ensure!(
+        tally.lenient.is_empty(),
+        "bad peers not refused by downloaders that met them: {:?}",
+        tally.lenient
     );
     Ok(())
 }
@@ -340,57 +303,24 @@ async fn viewers_stream_the_item_from_the_swarm_and_seek() -> Result<()> {
         Some(&lab),
     )
     .await?;
-    let holders = 6;
-    let mut fetching = Vec::new();
-    for d in &swarm.downloaders[..holders] {
-        let client = d.admin().await?;
-        let id = swarm.id.clone();
-        fetching.push(tokio::spawn(
-            async move { client.download_content(&id).await },
-        ));
-    }
-    for f in fetching {
-        f.await??;
-    }
-    let (seek_from, seek_to) = (bytes * 4 / 10, bytes * 7 / 10);
-    let mut viewers = Vec::new();
-    for (n, i) in (holders..swarm.downloaders.len()).enumerate() {
-        let client = swarm.downloaders[i].admin().await?;
-        let rate = lines[i + 1].down_bps.expect("shaped") as f64 / 8.0 * 0.6;
-        let id = swarm.id.clone();
-        viewers.push(tokio::spawn(async move {
-            tokio::time::sleep(Duration::from_secs(2 * n as u64)).await;
-            view(&client, &id, bytes, rate, seek_from, seek_to).await
-        }));
-    }
-    let mut plays: Vec<Playback> = Vec::new();
-    for v in viewers {
-        plays.push(v.await??);
-    }
-    let mut startups: Vec<Duration> = plays
-        .iter()
-        .flat_map(|p| [p.startup, p.startup_after_seek])
-        .collect();
-    startups.sort();
-    let smooth = plays.iter().filter(|p| p.stalls == 0).count();
+    let plan = Streaming {
+        holders: 6,
+        gap: Duration::from_secs(2),
+        share: 0.6,
+    };
+    let plays = swarm.stream(&lines, &plan).await?;
+    let summary = Summary::of(&plays).context("no viewers")?;
     eprintln!(
-        "{} viewers: start-up p50 {:.2} s, p95 {:.2} s, max {:.2} s (first plays and after the seek); \
-         {smooth} played without a stall; stalls {:?}, first bytes after {:?}, stalled {:?}",
-        plays.len(),
-        startups[startups.len() / 2].as_secs_f64(),
-        startups[(startups.len() - 1) * 95 / 100].as_secs_f64(),
-        startups.last().expect("viewers").as_secs_f64(),
+        "{summary}; stalls {:?}, first bytes after {:?}, stalled {:?}",
         plays.iter().map(|p| p.stalls).collect::<Vec<_>>(),
         plays.iter().map(|p| p.first_byte).collect::<Vec<_>>(),
         plays.iter().map(|p| p.stalled).collect::<Vec<_>>(),
     );
     // Every viewer started: no start-up waited on the stall timeout.
     ensure!(
-        startups
-            .last()
-            .is_some_and(|s| *s < Duration::from_secs(20)),
+        summary.startup_max < Duration::from_secs(20),
         "a viewer waited {:?} to start",
-        startups.last()
+        summary.startup_max
     );
     Ok(())
 }

@@ -7,11 +7,24 @@ against (tests/src/torrent.rs drives it, one process per lab host).
   peer.py leech --torrent T --save DIR --ip IP --seed IP
 
 A peer prints "ready" once its session listens. A seed adds its torrent at
-once; a leecher waits for a line "go" on stdin, adds the torrent (as a
-client's "add" does: started, not queued), is handed the seed's address (as
-our downloaders are handed a bootstrap address) and prints "done SECONDS"
-when it holds every verified piece. Every peer keeps serving until stdin
-closes, then prints "stats JSON" (payload bytes up and down) and exits.
+once; a leecher waits for a command on stdin:
+
+  go                       adds the torrent (as a client's "add" does:
+                           started, not queued), is handed the seed's address
+                           (as our downloaders are handed a bootstrap
+                           address) and prints "done SECONDS" when it holds
+                           every verified piece.
+  view OFFSET LENGTH RATE  plays [OFFSET, OFFSET + LENGTH) as a stream at RATE
+                           bytes a second: the torrent in sequential mode (added
+                           if it is not yet), pieces before OFFSET it does not
+                           hold left out (a seek), and the pieces of the first
+                           second of media given deadlines (time-critical, as
+                           streaming clients ask); prints "got SECONDS BYTES"
+                           whenever the bytes held in a row from OFFSET grow,
+                           then "viewed".
+
+Every peer keeps serving until stdin closes, then prints "stats JSON" (payload
+bytes up and down) and exits.
 
 Settings are libtorrent's defaults but for what a lab must turn off: DHT,
 local discovery, UPnP and NAT-PMP (the lab has none of them to offer).
@@ -20,6 +33,7 @@ local discovery, UPnP and NAT-PMP (the lab has none of them to offer).
 import argparse
 import json
 import os
+import queue
 import sys
 import threading
 import time
@@ -70,38 +84,104 @@ def say(line):
     sys.stdout.flush()
 
 
+def read_commands():
+    """Commands from stdin on a queue; None once stdin closes."""
+    commands = queue.Queue()
+
+    def read():
+        for line in sys.stdin:
+            commands.put(line.split())
+        commands.put(None)
+
+    threading.Thread(target=read, daemon=True).start()
+    return commands
+
+
+def report_errors(ses):
+    for a in ses.pop_alerts():
+        if a.category() & lt.alert.category_t.error_notification:
+            sys.stderr.write(f"libtorrent: {a.message()}\n")
+
+
+def held_from(handle, offset, length):
+    """Bytes held in a row from offset, at most length."""
+    end = offset + length
+    k = offset // PIECE
+    while k * PIECE < end and handle.have_piece(k):
+        k += 1
+    return max(0, min(k * PIECE, end) - offset)
+
+
+def view(ses, handle, offset, length, rate, closed):
+    start = time.monotonic()
+    handle.set_flags(lt.torrent_flags.sequential_download)
+    first = offset // PIECE
+    prios = handle.get_piece_priorities()
+    for k in range(first):
+        if not handle.have_piece(k):
+            prios[k] = 0
+    handle.prioritize_pieces(prios)
+    prebuffer_end = min(offset + max(int(rate), 1), offset + length)
+    k = first
+    while k * PIECE < prebuffer_end:
+        handle.set_piece_deadline(k, int((k * PIECE - offset) * 1000 / rate) if k > first else 0)
+        k += 1
+    said = 0
+    while not closed():
+        got = held_from(handle, offset, length)
+        if got > said:
+            say(f"got {time.monotonic() - start:.3f} {got}")
+            said = got
+        if got >= length:
+            say("viewed")
+            return
+        report_errors(ses)
+        time.sleep(0.02)
+
+
 def serve(args, seed):
     ses = session(args.ip)
     handle = add(ses, args, seed) if seed else None
     say("ready")
-    stdin_closed = threading.Event()
-    go = threading.Event()
+    commands = read_commands()
+    closed = threading.Event()
 
-    def read_stdin():
-        for line in sys.stdin:
-            if line.strip() == "go":
-                go.set()
-        stdin_closed.set()
-        go.set()
+    def stdin_closed():
+        # A command that came in the meantime waits for its turn.
+        if closed.is_set():
+            return True
+        try:
+            c = commands.get_nowait()
+        except queue.Empty:
+            return False
+        if c is None:
+            closed.set()
+        else:
+            pending.append(c)
+        return closed.is_set()
 
-    threading.Thread(target=read_stdin, daemon=True).start()
-    if not seed:
-        go.wait()
-        if stdin_closed.is_set():
-            return
+    pending = []
+    while not closed.is_set():
+        c = pending.pop(0) if pending else commands.get()
+        if c is None:
+            break
+        if seed or not c:
+            continue
         start = time.monotonic()
-        handle = add(ses, args, seed)
-        handle.connect_peer((args.seed, PORT))
-        while not stdin_closed.is_set():
-            s = handle.status()
-            if s.is_seeding:
-                say(f"done {time.monotonic() - start:.3f}")
-                break
-            for a in ses.pop_alerts():
-                if a.category() & lt.alert.category_t.error_notification:
-                    sys.stderr.write(f"libtorrent: {a.message()}\n")
-            time.sleep(0.05)
-    stdin_closed.wait()
+        if handle is None:
+            handle = add(ses, args, seed)
+            handle.connect_peer((args.seed, PORT))
+        if c[0] == "go":
+            while not stdin_closed():
+                if handle.status().is_seeding:
+                    say(f"done {time.monotonic() - start:.3f}")
+                    break
+                report_errors(ses)
+                time.sleep(0.05)
+        elif c[0] == "view" and len(c) == 4:
+            view(ses, handle, int(c[1]), int(c[2]), float(c[3]), stdin_closed)
+    if handle is None:
+        return
     s = handle.status()
     say(
         "stats "

@@ -382,6 +382,12 @@ impl ProviderError {
             Self::Unreachable(_) | Self::Open(_) | Self::Io(_) | Self::NoAnswer
         )
     }
+
+    /// Whether it is the connection's failure, not the provider's data or
+    /// policy: a closed or silent stream.
+    pub(crate) fn transient_on_stream(&self) -> bool {
+        matches!(self, Self::Io(_) | Self::StoppedAnswering | Self::NoAnswer)
+    }
 }
 
 /// Every cause of an error, outermost first, joined for one message line.

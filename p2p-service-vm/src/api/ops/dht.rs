@@ -170,20 +170,13 @@ impl Session {
                 "already advertised",
             ));
         }
-        let mut counts = self.svc.inner.services.lock().await;
-        let count = counts.entry(name.clone()).or_insert(0);
-        if *count == 0 {
-            // The provider record is stored locally at once and announced to the
-            // DHT in the background; waiting for that (up to the query timeout)
-            // would stall this session and every other advertiser.
-            let announce = Command::Announce(service_key(&name));
-            if let Err(e) = self.svc.inner.ctx.node.send(announce).await {
-                counts.remove(&name);
-                return Err(e.into());
-            }
-        }
-        *count += 1;
-        drop(counts);
+        // The provider record is stored locally at once and announced to the
+        // DHT in the background; waiting for that (up to the query timeout)
+        // would stall this session and every other advertiser.
+        let node = &self.svc.inner.ctx.node;
+        let announce = Command::Announce(service_key(&name));
+        let first = async { node.send(announce).await.map_err(ApiError::from) };
+        Session::acquire(&self.svc.inner.services, &name, first).await?;
         self.services.insert(name);
         self.sync_state();
         ok()

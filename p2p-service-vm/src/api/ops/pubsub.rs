@@ -105,24 +105,13 @@ impl Session {
                 "already subscribed",
             ));
         }
-        let mut counts = self.svc.inner.topics.lock().await;
-        let count = counts.entry(topic.clone()).or_insert(0);
-        if *count == 0 {
-            let t = node_topic;
-            if let Err(e) = self
-                .svc
-                .inner
-                .ctx
-                .node
-                .call(|r| Command::Subscribe(t, r))
+        let node = &self.svc.inner.ctx.node;
+        let first = async {
+            node.call(|r| Command::Subscribe(node_topic, r))
                 .await
-            {
-                counts.remove(&topic);
-                return Err(e.into());
-            }
-        }
-        *count += 1;
-        drop(counts);
+                .map_err(ApiError::from)
+        };
+        Session::acquire(&self.svc.inner.topics, &topic, first).await?;
         self.topics.insert(topic);
         self.sync_state();
         ok()

@@ -447,6 +447,26 @@ impl Session {
         }
     }
 
+    /// Takes one session's reference to a shared node-level object; the
+    /// first reference runs `on_first` (which tells the node), and when that
+    /// fails nothing is counted.
+    pub(in crate::api) async fn acquire<F>(
+        counts: &tokio::sync::Mutex<HashMap<String, usize>>,
+        name: &str,
+        on_first: F,
+    ) -> Result<(), ApiError>
+    where
+        F: std::future::Future<Output = Result<(), ApiError>>,
+    {
+        let mut counts = counts.lock().await;
+        let count = counts.get(name).copied().unwrap_or(0);
+        if count == 0 {
+            on_first.await?;
+        }
+        counts.insert(name.to_owned(), count + 1);
+        Ok(())
+    }
+
     /// Drops one session's reference to a shared node-level object and sends
     /// `on_last` to the node when it was the last one.
     pub(in crate::api) async fn release(

@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 use libp2p::PeerId;
 use p2pvm_content::{BLOCK_BYTES, ContentId, Partial, block_count};
 use p2pvm_security::{Standing, Verdict};
+use tokio_util::task::AbortOnDropHandle;
 use tracing::{debug, info, warn};
 
 use super::download::{Download, Outcome};
@@ -58,6 +59,18 @@ pub(super) async fn download_for(
     if providers.is_empty() {
         return Err(ContentServiceError::NotFound(*id));
     }
+    // More providers are looked up while the manifest is fetched, so the
+    // driver's first workers start on them at once (a viewer waits for
+    // them: one provider's line rarely carries a playback's first second).
+    // Half the provider slots: a lookup ends as soon as that many are found
+    // (one record holder's answer names them all), where one for more than
+    // a small swarm holds runs until the whole query ends, over a second
+    // on home lines; the driver's next lookups find the rest.
+    let more = {
+        let (lookup, id) = (svc.clone(), *id);
+        let n = (svc.inner.config.max_providers as usize / 2).max(2);
+        AbortOnDropHandle::new(svc.spawn(async move { lookup.find_providers(&id, n).await }))
+    };
     let proven = match manifest_from(svc, id, &providers).await {
         Ok(m) => m,
         Err(first) => {
@@ -142,7 +155,7 @@ pub(super) async fn download_for(
             .send(Command::Announce(crate::content::content_key(id)))
             .await;
     }
-    svc.spawn(drive(svc.clone(), dl.clone()));
+    svc.spawn(drive(svc.clone(), dl.clone(), Some(more)));
     if keep {
         start_whole_scan(svc, &dl);
     }
@@ -303,7 +316,13 @@ impl Drop for Workers {
     }
 }
 
-async fn drive(svc: ContentService, dl: Arc<Download>) {
+/// `early`: a provider lookup started with the download, taken as the
+/// driver's first.
+async fn drive(
+    svc: ContentService,
+    dl: Arc<Download>,
+    mut early: Option<AbortOnDropHandle<Vec<PeerId>>>,
+) {
     let _guard = DriveGuard {
         svc: svc.clone(),
         dl: dl.clone(),
@@ -365,10 +384,14 @@ async fn drive(svc: ContentService, dl: Arc<Download>) {
         if want_more && (Instant::now() >= next_lookup || workers.running.is_empty()) {
             let mut candidates = Vec::new();
             if Instant::now() >= next_lookup {
-                candidates.extend(
-                    svc.find_providers(&id, cfg.max_providers as usize * 2)
-                        .await,
-                );
+                let found = match early.take() {
+                    Some(lookup) => lookup.await.unwrap_or_default(),
+                    None => {
+                        svc.find_providers(&id, cfg.max_providers as usize * 2)
+                            .await
+                    }
+                };
+                candidates.extend(found);
                 // Peers fetching the same item announce themselves as they
                 // start; look often early on so a swarm finds itself quickly.
                 next_lookup = Instant::now()

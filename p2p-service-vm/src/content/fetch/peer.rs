@@ -242,7 +242,17 @@ async fn manifest_once(
     peer: PeerId,
 ) -> Result<Option<Proven>, ProviderError> {
     let mut stream = open_stream(svc, peer).await?;
-    request(&mut stream, Op::Manifest(id.0.to_vec())).await?;
+    // The size proof is asked with the manifest, one round trip for both
+    // (a viewer waits on each); its answer is read once the manifest
+    // verifies, and left unread with the stream otherwise.
+    write_msg(
+        &mut stream,
+        &TransferRequest {
+            op: Some(Op::Manifest(id.0.to_vec())),
+        },
+    )
+    .await?;
+    request(&mut stream, Op::SizeProof(id.0.to_vec())).await?;
     let header = match tokio::time::timeout(HEADER_TIMEOUT, response(&mut stream)).await {
         Ok(header) => header?,
         Err(_) => {
@@ -267,24 +277,26 @@ async fn manifest_once(
                 Ok(mut session) => {
                     request(&mut session, Op::Manifest(id.0.to_vec())).await?;
                     let header = response(&mut session).await?;
-                    return manifest_answer(svc, id, peer, &mut session, header).await;
+                    return manifest_answer(svc, id, peer, &mut session, header, false).await;
                 }
                 Err(e) => last = e,
             }
         }
         return Err(last);
     }
-    manifest_answer(svc, id, peer, &mut stream, header).await
+    manifest_answer(svc, id, peer, &mut stream, header, true).await
 }
 
 /// A provider's answer to a manifest request on `stream`: the manifest,
-/// verified, accepted by the DRM checker and its size proven.
+/// verified, accepted by the DRM checker and its size proven (`proof_asked`:
+/// the size proof was asked with the manifest; its answer is next).
 async fn manifest_answer(
     svc: &ContentService,
     id: &ContentId,
     peer: PeerId,
     stream: &mut (impl AsyncRead + AsyncWrite + Unpin),
     header: TransferResponse,
+    proof_asked: bool,
 ) -> Result<Option<Proven>, ProviderError> {
     if header.status == Status::Forbidden as i32 {
         return Err(forbidden(header.message));
@@ -328,7 +340,7 @@ async fn manifest_answer(
             return Err(ProviderError::Local(e.into()));
         }
     }
-    match prove_size(svc, stream, &m).await {
+    match prove_size(svc, stream, &m, proof_asked).await {
         Ok(size_proof) => Ok(Some(Proven {
             manifest: m,
             size_proof,
@@ -470,6 +482,7 @@ async fn prove_size(
     svc: &ContentService,
     stream: &mut (impl AsyncRead + AsyncWrite + Unpin),
     m: &VerifiedManifest,
+    asked: bool,
 ) -> Result<Vec<u8>, ProviderError> {
     let size = m.manifest.size;
     let max = svc.inner.config.max_item_bytes;
@@ -483,7 +496,9 @@ async fn prove_size(
             Err(ProviderError::Manifest(VerifyError::NotEmpty))
         };
     }
-    request(stream, Op::SizeProof(m.id.0.to_vec())).await?;
+    if !asked {
+        request(stream, Op::SizeProof(m.id.0.to_vec())).await?;
+    }
     let header = response(stream).await?;
     if header.status != Status::Ok as i32 {
         return Err(ProviderError::SizeUnproven(header.message));

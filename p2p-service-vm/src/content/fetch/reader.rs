@@ -31,6 +31,10 @@ const LOCAL_QUEUE: usize = 2;
 /// Verified bytes handed to a reader at a time when the virus filter is on:
 /// each segment is scanned before any of it is delivered.
 const SCAN_SEGMENT: u64 = 4 << 20;
+/// A reader's first segment: a player waits for a scan of this much before
+/// its first byte, not of 4 MiB (seconds on a home line). Each segment after
+/// it doubles, up to [`SCAN_SEGMENT`], so a long read still costs few scans.
+const FIRST_SCAN_SEGMENT: u64 = 256 << 10;
 
 /// What a reader yields.
 pub(crate) type Chunk = std::io::Result<Bytes>;
@@ -343,6 +347,11 @@ async fn read_download(
     // whole-file hash signatures never match a segment of a larger item.
     let whole = range == (0..dl.partial.size()) && dl.partial.size() <= SCAN_SEGMENT;
     let mut scans = SegmentScans::new(svc.inner.ctx.virus.clone());
+    let mut segment_max = if whole {
+        SCAN_SEGMENT
+    } else {
+        FIRST_SCAN_SEGMENT
+    };
     let mut progress = dl.progress.subscribe();
     let mut outcome = dl.outcome.subscribe();
     let mut pos = range.start;
@@ -367,12 +376,13 @@ async fn read_download(
             segment_len = 0;
             continue;
         }
-        if segment_len >= SCAN_SEGMENT || (done_reading && !segment.is_empty()) {
+        if segment_len >= segment_max || (done_reading && !segment.is_empty()) {
             if scans.full() && !deliver(&svc, &dl, scans.next().await, &tx).await {
                 return;
             }
             scans.submit(std::mem::take(&mut segment));
             segment_len = 0;
+            segment_max = (segment_max * 2).min(SCAN_SEGMENT);
             continue;
         }
         if done_reading {

@@ -9,7 +9,9 @@
 //! It hands out, in order of preference:
 //! 1. missing blocks inside a reader's playback window (its next `window`
 //!    blocks), lowest first, so the first bytes and the bytes after a seek
-//!    arrive fast;
+//!    arrive fast; and a second copy of one of the next [`PLAYBACK_HEAD`]
+//!    blocks a reader plays once it is late at its first provider (in flight
+//!    longer than blocks take), since playback waits on it;
 //! 2. other wanted blocks, rarest among known providers first (random among
 //!    equals), so a swarm spreads the publisher's upload instead of asking it
 //!    for the same block N times;
@@ -58,6 +60,9 @@ pub(super) const ENDGAME_AFTER: Duration = Duration::from_millis(400);
 /// Before the end game, a block in flight this many times as long as blocks
 /// take on average is stuck, and may be asked of another provider.
 pub(super) const STUCK_FACTOR: u32 = 4;
+/// Blocks at the head of a playback window (the next a reader plays) that
+/// another provider is asked for as soon as they are late at the first.
+pub(super) const PLAYBACK_HEAD: u64 = 2;
 /// What counts as stuck before any block has arrived.
 pub(super) const STUCK_BEFORE_ANY: Duration = Duration::from_secs(5);
 /// A kept download spares its seeds the blocks a known peer holds while
@@ -189,6 +194,14 @@ impl Sched {
     pub(super) fn stuck_after(&self) -> Duration {
         self.block_time
             .map_or(STUCK_BEFORE_ANY, |t| (t * STUCK_FACTOR).max(ENDGAME_AFTER))
+    }
+
+    /// How long the next blocks of a playback may be in flight at one
+    /// provider before a second is asked: as long as blocks have been
+    /// taking, and at least the end-game delay.
+    pub(super) fn late_after(&self) -> Duration {
+        self.block_time
+            .map_or(ENDGAME_AFTER, |t| t.max(ENDGAME_AFTER))
     }
 
     /// Whether no wanted block is missing that a known provider holds: only
@@ -324,6 +337,39 @@ mod tests {
         assert!(!s.stalled(end, limit));
         s.in_line(end + Duration::from_secs(1));
         assert!(s.stalled(end + Duration::from_secs(1), limit));
+    }
+
+    #[test]
+    fn a_late_block_at_the_head_of_playback_is_asked_of_a_second_provider() {
+        let t0 = Instant::now();
+        let (slow, fast, third) = (PeerId::random(), PeerId::random(), PeerId::random());
+        let mut s = Sched::new(16, WINDOW, RAM_AHEAD, false, 3, t0);
+        s.add_reader(0..16, t0);
+        for p in [slow, fast, third] {
+            s.set_have(p, Have::All);
+        }
+        assert_eq!(s.pick(&slow, t0, true), Some(0));
+        // Not late yet: the next provider takes the next missing block.
+        assert_eq!(s.pick(&fast, t0, true), Some(1));
+        // Blocks take 200 ms; block 0 has been at `slow` for 800 ms.
+        assert!(s.hold(fast, 1, t0 + ENDGAME_AFTER / 2));
+        let late = t0 + 2 * ENDGAME_AFTER;
+        // `fast` copies it before any missing block, and `slow` is never
+        // asked for it twice.
+        assert_eq!(s.pick(&fast, late, true), Some(0));
+        assert_eq!(s.slot(0), Slot::Pending(2));
+        assert_eq!(s.pick(&slow, late, true), Some(2));
+        assert_eq!(s.pick(&third, late, true), Some(3));
+        // Blocks 2 and 3 are late too, but past the head of playback (0-1):
+        // a missing block goes first.
+        let later = late + 2 * ENDGAME_AFTER;
+        assert_eq!(s.pick(&fast, later, true), Some(4));
+        // Playback moves on: 2 is at its head now and late at `slow`.
+        assert!(s.hold(fast, 0, later));
+        s.advance(1, 2);
+        assert_eq!(s.pick(&third, later, true), Some(2));
+        // A provider that may not serve playback windows never copies one.
+        assert_eq!(s.pick(&slow, later, false), Some(5));
     }
 
     #[test]
@@ -640,6 +686,15 @@ mod tests {
         Ok(())
     }
 
+    /// Whether `k` is one of the next [`PLAYBACK_HEAD`] blocks some reader
+    /// plays.
+    fn at_playback_head(s: &Sched, k: u64) -> bool {
+        s.readers.iter().any(|r| {
+            let window_end = (r.next + s.window.min(s.ram_ahead)).min(r.end);
+            r.next <= k && k < (r.next + PLAYBACK_HEAD).min(window_end)
+        })
+    }
+
     /// What must hold of one pick, given the schedule before it.
     fn check_pick(
         before: &Sched,
@@ -699,16 +754,24 @@ mod tests {
         }
         match before.slot(k) {
             Slot::Pending(n) => {
-                // A duplicate: only of a single copy, when this peer has
+                // A duplicate: only of a single copy; of the next blocks a
+                // reader plays once late, else only when this peer has
                 // nothing missing to fetch, and not early.
                 prop_assert_eq!(n, 1);
+                let since = before.since[k as usize].expect("pending has a clock");
+                let age = now.saturating_duration_since(since);
+                let late_head = urgent
+                    && !p.throttled
+                    && at_playback_head(before, k)
+                    && age > before.late_after();
+                if late_head {
+                    return Ok(());
+                }
                 prop_assert!(
                     eligible_missing.is_empty(),
                     "duplicated {} while blocks were missing",
                     k
                 );
-                let since = before.since[k as usize].expect("pending has a clock");
-                let age = now.saturating_duration_since(since);
                 let fetchable_elsewhere = (0..BLOCKS).any(|j| {
                     before.slot(j) == Slot::Missing
                         && before.wanted(j)

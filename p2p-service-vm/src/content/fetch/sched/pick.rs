@@ -68,9 +68,25 @@ impl Sched {
                 })
                 .collect();
             windows.sort_unstable();
+            let late = self.late_after();
             for (from, to) in windows {
                 for k in from..to {
-                    if self.slots[k as usize] == Slot::Missing && have.has(k) {
+                    let i = k as usize;
+                    if !have.has(k) {
+                        continue;
+                    }
+                    if self.slots[i] == Slot::Missing {
+                        return Some(self.take(*peer, k, now));
+                    }
+                    // The next blocks a reader plays, late at one provider:
+                    // playback waits on them whatever else arrives, so a
+                    // second provider is asked at once rather than after the
+                    // stuck delay (libtorrent's time-critical pieces do the same).
+                    let late_head = k < from + PLAYBACK_HEAD
+                        && self.slots[i] == Slot::Pending(1)
+                        && !asked.contains(&k)
+                        && self.since[i].is_some_and(|t| now.saturating_duration_since(t) > late);
+                    if late_head {
                         return Some(self.take(*peer, k, now));
                     }
                 }

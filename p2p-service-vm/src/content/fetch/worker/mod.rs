@@ -1,8 +1,9 @@
 //! One worker per provider: it learns what the provider holds (`Have`),
 //! keeps a pipeline of block requests in flight on each of its connections
-//! (the libp2p stream, or several fast-path connections), verifies what
-//! arrives and hands it to the download. The schedule decides which block
-//! each freed slot asks for, so faster providers take more blocks.
+//! (the libp2p stream until the fast path is up, then one or more fast-path
+//! connections), verifies what arrives and hands it to the download. The
+//! schedule decides which block each freed slot asks for, so faster
+//! providers take more blocks.
 //!
 //! However the worker ends, what it had in flight goes back to the pool, and
 //! its error — typed — is charged to the provider once, by
@@ -19,6 +20,7 @@ use p2pvm_content::transfer::{self, BlockRequest, Op, Status, TransferRequest, T
 use p2pvm_content::{BLOCK_BYTES, block_count, block_range};
 use p2pvm_security::{EventKind, GroupId, Standing};
 use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
 use super::download::{Download, Outcome, WriteJob};
@@ -136,31 +138,85 @@ async fn run(svc: &ContentService, dl: &Arc<Download>, peer: PeerId) -> Result<(
         return run_in_group(svc, dl, peer, &groups, &header).await;
     }
     let complete = on_have(svc, dl, peer, &header, &payload)?;
-    let port = header.fast_path_port;
-    if let Some(first) = fast_path(svc, peer, port).await {
-        debug!(id = %dl.id, %peer, "blocks take the fast path");
-        // Nothing more goes over the libp2p stream: close it rather than
-        // hold one of the provider's per-peer streams for the whole download.
-        let _ = futures::AsyncWriteExt::close(&mut stream).await;
-        drop(stream);
-        return lanes(svc, dl, peer, first, complete, || {
-            fast_path(svc, peer, port)
-        })
-        .await;
-    }
     let conn = futures::AsyncReadExt::split(stream);
     let ending = Ending::default();
-    pipeline(
-        svc,
-        dl,
-        peer,
-        conn,
-        complete,
-        &ending,
-        Lane::First(&Spread::default()),
-    )
-    .await?;
+    let port = header.fast_path_port;
+    // A throttled provider gets one request at a time (see `pipeline`): the
+    // libp2p stream carries that, and it costs no second handshake.
+    let throttled = svc.standing(&peer) == Standing::Throttled;
+    if svc.inner.fast_path.is_none() || port == 0 || throttled {
+        let spread = Spread::default();
+        let lane = Lane::First(&spread);
+        pipeline(svc, dl, peer, conn, complete, &ending, lane).await?;
+        return ending.result();
+    }
+    bridged(svc, dl, peer, conn, complete, port, &ending).await?;
     ending.result()
+}
+
+/// Blocks flow on the libp2p stream from the provider's first answer while
+/// its fast path is dialled (a TCP connection and a TLS handshake: three
+/// round trips, up to a second on a home line, that a viewer would
+/// otherwise wait before its first byte). Once the fast path is up, the
+/// stream asks for nothing more, ends when its answers are in (closing it,
+/// so it does not hold one of the provider's per-peer streams), and the
+/// fast path carries the rest. If the fast path cannot be reached, the
+/// stream carries everything.
+async fn bridged<R: PayloadRead, W: PayloadWrite>(
+    svc: &ContentService,
+    dl: &Arc<Download>,
+    peer: PeerId,
+    conn: (R, W),
+    complete: bool,
+    port: u32,
+    ending: &Ending,
+) -> Result<(), ProviderError> {
+    let handed_over = CancellationToken::new();
+    let stream_ended = CancellationToken::new();
+    let on_stream = async {
+        let r = pipeline(
+            svc,
+            dl,
+            peer,
+            conn,
+            complete,
+            ending,
+            Lane::Bridge(&handed_over),
+        )
+        .await;
+        stream_ended.cancel();
+        match r {
+            // The stream failing while it drains says nothing about the
+            // fast path that took over (its unanswered blocks went back to
+            // the pool in `pipeline`).
+            Err(e) if handed_over.is_cancelled() && e.transient_on_stream() => {
+                debug!(id = %dl.id, %peer, error = %e, "the stream failed after the fast path took over");
+                Ok(())
+            }
+            r => r,
+        }
+    };
+    let on_fast_path = async {
+        let first = tokio::select! {
+            c = fast_path(svc, peer, port) => c,
+            // The worker is done (or failed) before the fast path was up.
+            _ = stream_ended.cancelled() => None,
+        };
+        let Some(first) = first else {
+            return Ok(());
+        };
+        if ending.is_set() || stream_ended.is_cancelled() {
+            return Ok(());
+        }
+        debug!(id = %dl.id, %peer, "blocks take the fast path");
+        handed_over.cancel();
+        lanes(svc, dl, peer, first, complete, ending, || {
+            fast_path(svc, peer, port)
+        })
+        .await
+    };
+    futures::future::try_join(on_stream, on_fast_path).await?;
+    Ok(())
 }
 
 /// Connections per provider beyond the first are dialled once the first
@@ -178,6 +234,30 @@ const SPREAD_ABOVE: f64 = 40.0 * 1024.0 * 1024.0;
 enum Lane<'a> {
     First(&'a Spread),
     Extra,
+    /// The libp2p stream while the fast path is dialled: it asks what the
+    /// provider holds, and winds down once the token says the fast path
+    /// took over.
+    Bridge(&'a CancellationToken),
+}
+
+impl Lane<'_> {
+    /// Whether this connection asks the provider what it holds.
+    fn asks_have(&self) -> bool {
+        !matches!(self, Lane::Extra)
+    }
+
+    /// Whether another connection took over from this one.
+    fn handed_over(&self) -> bool {
+        matches!(self, Lane::Bridge(t) if t.is_cancelled())
+    }
+
+    /// Resolves when another connection takes over (never for most lanes).
+    async fn taken_over(&self) {
+        match self {
+            Lane::Bridge(t) => t.cancelled().await,
+            _ => std::future::pending().await,
+        }
+    }
 }
 
 /// Between a worker's first connection and the dialling of more.
@@ -208,25 +288,16 @@ async fn lanes<F, Fut>(
     peer: PeerId,
     first: (SealedReader, SealedWriter),
     complete: bool,
+    ending: &Ending,
     dial: F,
 ) -> Result<(), ProviderError>
 where
     F: Fn() -> Fut,
     Fut: std::future::Future<Output = Option<(SealedReader, SealedWriter)>>,
 {
-    let ending = Ending::default();
     let spread = Spread::default();
     let first = async {
-        let r = pipeline(
-            svc,
-            dl,
-            peer,
-            first,
-            complete,
-            &ending,
-            Lane::First(&spread),
-        )
-        .await;
+        let r = pipeline(svc, dl, peer, first, complete, ending, Lane::First(&spread)).await;
         // Stored as a permit if nobody waits yet: `wanted` cannot miss it.
         spread.ended.notify_one();
         r
@@ -240,13 +311,13 @@ where
         futures::future::try_join_all(
             conns
                 .into_iter()
-                .map(|c| pipeline(svc, dl, peer, c, complete, &ending, Lane::Extra)),
+                .map(|c| pipeline(svc, dl, peer, c, complete, ending, Lane::Extra)),
         )
         .await
         .map(|_| ())
     };
     futures::future::try_join(first, more).await?;
-    ending.result()
+    Ok(())
 }
 
 /// A group item from `peer`: over group sessions of the first of `groups`
@@ -280,7 +351,18 @@ async fn run_in_group(
             .ok()
             .map(|s| (s.0, s.1))
     };
-    lanes(svc, dl, peer, (session.0, session.1), complete, dial).await
+    let ending = Ending::default();
+    lanes(
+        svc,
+        dl,
+        peer,
+        (session.0, session.1),
+        complete,
+        &ending,
+        dial,
+    )
+    .await?;
+    ending.result()
 }
 
 /// The first `Have` and its answer (`None`: the download was cancelled).

@@ -318,12 +318,17 @@ pub(super) async fn pipeline<R: PayloadRead, W: PayloadWrite>(
     let mut busy_until = Instant::now();
     // Since when this partial provider has had nothing we need.
     let mut useless_since: Option<Instant> = None;
-    loop {
+    let ran: Result<(), ProviderError> = async { loop {
         if dl.cancel.is_cancelled() || matches!(*dl.outcome.borrow(), Outcome::Complete) {
             return Ok(());
         }
-        let leaving = ending.is_set();
+        // Winding down: the worker is, or another connection took over.
+        let leaving = ending.is_set() || lane.handed_over();
         if leaving && inflight.is_empty() {
+            if lane.handed_over() {
+                // Closed, not reset: the provider sees a clean end.
+                let _ = wr.close().await;
+            }
             return Ok(());
         }
         if carried >= rotate_after && inflight.is_empty() {
@@ -379,7 +384,7 @@ pub(super) async fn pipeline<R: PayloadRead, W: PayloadWrite>(
         let idle = inflight.is_empty();
         let stale = last_have.elapsed() >= if idle { HAVE_REFRESH } else { 2 * HAVE_REFRESH };
         let have_out = inflight.iter().any(|i| i.pending == Pending::Have);
-        let asks_have = matches!(lane, Lane::First(_));
+        let asks_have = lane.asks_have();
         if asks_have && !leaving && !complete_peer && stale && !have_out {
             // A partial provider gains blocks as it downloads: ask what it holds now.
             let op = Op::Have(id.0.to_vec());
@@ -485,6 +490,18 @@ pub(super) async fn pipeline<R: PayloadRead, W: PayloadWrite>(
             }
             _ = dl.changed.notified(), if inflight.is_empty() => {}
             _ = tokio::time::sleep(HAVE_REFRESH), if inflight.is_empty() => {}
+            _ = lane.taken_over(), if !leaving => {}
+        }
+    } }
+    .await;
+    // A connection that failed after another took over: what it had asked
+    // goes back to the pool now, not when the whole worker ends.
+    if ran.is_err() && lane.handed_over() {
+        for asked in inflight.drain(..) {
+            if let Pending::Block(k) = asked.pending {
+                dl.release(peer, k);
+            }
         }
     }
+    ran
 }
