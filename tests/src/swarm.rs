@@ -468,6 +468,8 @@ fn is_disconnect(e: &anyhow::Error) -> bool {
         "reset",
         "eof",
         "disconnected",
+        // guest-api's error when the node's API socket went away mid-call.
+        "not connected",
     ]
     .iter()
     .any(|w| text.contains(w))
