@@ -376,10 +376,23 @@ impl BadPeers {
             }
             for (b, peer) in self.all().enumerate() {
                 let c = admin.credit_show(&peer.peer_id).await?;
-                if c.corrupt_blocks == 0 && c.requests_failed == 0 {
+                let rotten = b < self.rotten.len();
+                // What each kind of bad peer shows a downloader that met it: a
+                // rotten one, corrupt blocks; a silent one, requests left
+                // unanswered. A rotten peer that only failed a request (its
+                // connection broke before any block) showed nothing an honest
+                // peer does not, and is not counted as met.
+                let evidence = if rotten {
+                    c.corrupt_blocks
+                } else {
+                    c.requests_failed
+                };
+                if evidence == 0 {
+                    if rotten && c.requests_failed > 0 {
+                        t.touched_rotten += 1;
+                    }
                     continue;
                 }
-                let rotten = b < self.rotten.len();
                 if rotten {
                     t.met_rotten += 1;
                 } else {
@@ -417,6 +430,9 @@ pub struct BadPeerTally {
     pub corrupt_blocks: u64,
     /// Requests bad peers took and left unanswered.
     pub failed_requests: u64,
+    /// Downloader-rotten peer pairs with failed requests and no corrupt
+    /// block: no evidence of rot, so no refusal is owed.
+    pub touched_rotten: usize,
     /// Bad peers a downloader met and did not refuse.
     pub lenient: Vec<String>,
     /// Honest nodes some downloader refused.
@@ -435,7 +451,8 @@ impl std::fmt::Display for BadPeerTally {
         write!(
             f,
             "{} downloader-bad peer meetings ({} rotten, {} silent), {} refused; {} corrupt blocks \
-             ({:.1} MiB wasted), {} requests unanswered; not refused: {:?}; honest nodes refused: {:?}",
+             ({:.1} MiB wasted), {} requests unanswered; {} more rotten-peer contacts without a corrupt block; \
+             not refused: {:?}; honest nodes refused: {:?}",
             self.met_rotten + self.met_silent,
             self.met_rotten,
             self.met_silent,
@@ -443,6 +460,7 @@ impl std::fmt::Display for BadPeerTally {
             self.corrupt_blocks,
             self.wasted_bytes() as f64 / f64::from(1u32 << 20),
             self.failed_requests,
+            self.touched_rotten,
             self.lenient,
             self.wronged,
         )
