@@ -26,15 +26,8 @@
 use std::time::{Duration, Instant};
 
 use anyhow::{Result, ensure};
-use p2pvm_e2e::swarm::{Churn, Swarm, SwarmSpec, home_lines};
+use p2pvm_e2e::swarm::{Churn, Swarm, SwarmSpec, home_lines, lab_bench_can_run, setting};
 use p2pvm_netlab::Lab;
-
-fn env(name: &str, default: u64) -> u64 {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
 
 const CONFIG: &str = "[virus]\nenabled = false\n";
 
@@ -307,13 +300,12 @@ async fn pubsub_under_churn(lab: &Lab, nodes: usize, messages: usize) -> Result<
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() -> Result<()> {
     let full = std::env::args().any(|a| a == "--bench");
-    if let Err(e) = Lab::check() {
-        println!("SKIPPED: the swarm fault bench cannot run here: {e:#}");
+    if !lab_bench_can_run("swarm fault", false) {
         return Ok(());
     }
-    let nodes = env("P2PVM_LAB_NODES", if full { 60 } else { 6 }) as usize;
+    let nodes = setting("P2PVM_LAB_NODES", if full { 60 } else { 6 }) as usize;
     ensure!(nodes >= 3, "a publisher and two downloaders at least");
-    let size = (env("P2PVM_LAB_MIB", if full { 16 } else { 2 }) << 20) as usize;
+    let size = (setting("P2PVM_LAB_MIB", if full { 16 } else { 2 }) << 20) as usize;
     let (rotten, silent) = if full { (5, 5) } else { (1, 1) };
     let phases = std::env::var("P2PVM_LAB_PHASES").unwrap_or_else(|_| "churn,bad,pubsub".into());
     let mut lab = Lab::new()?;
@@ -329,8 +321,10 @@ async fn main() -> Result<()> {
     for phase in phases.split(',') {
         match phase.trim() {
             "churn" => {
-                let within =
-                    Duration::from_secs(env("P2PVM_LAB_KILL_WITHIN", if full { 40 } else { 8 }));
+                let within = Duration::from_secs(setting(
+                    "P2PVM_LAB_KILL_WITHIN",
+                    if full { 40 } else { 8 },
+                ));
                 churn(&lab, nodes, size, within).await?;
             }
             "bad" => bad_peers(&lab, nodes, size, rotten, silent).await?,

@@ -38,18 +38,11 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use p2pvm_e2e::swarm::{
-    CrowdOutcome, LINE_LOSS_PERCENT, LINE_RTT_MS, Swarm, SwarmSpec, home_lines, lower_bound,
-    without_delay,
+    CrowdOutcome, LINE_LOSS_PERCENT, LINE_RTT_MS, Swarm, SwarmSpec, home_lines, lab_bench_can_run,
+    lower_bound, setting, without_delay,
 };
 use p2pvm_e2e::torrent::TorrentSwarm;
 use p2pvm_netlab::{Lab, Traffic};
-
-fn env(name: &str, default: u64) -> u64 {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
 
 /// One engine's figures.
 struct Run {
@@ -106,7 +99,7 @@ async fn ours(lab: &Lab, nodes: usize, data_len: usize, idle: Duration) -> Resul
     if !idle.is_zero() {
         idle_cost(&pids, idle).await?;
     }
-    let dht_items = env("P2PVM_LAB_DHT_ITEMS", if idle.is_zero() { 10 } else { 100 }) as usize;
+    let dht_items = setting("P2PVM_LAB_DHT_ITEMS", if idle.is_zero() { 10 } else { 100 }) as usize;
     if dht_items > 0 {
         dht_at_size(&swarm, dht_items).await?;
         pubsub_at_size(&swarm, dht_items / 2).await?;
@@ -413,17 +406,13 @@ fn report(run: &Run, size: u64, bound: Duration, downloaders: usize) {
 async fn main() -> Result<()> {
     // Without `--bench` (under `cargo test --all-targets`) a small smoke run.
     let full = std::env::args().any(|a| a == "--bench");
-    if let Err(e) = Lab::check()
-        .map_err(anyhow::Error::from)
-        .and(p2pvm_e2e::torrent::available())
-    {
-        println!("SKIPPED: the lab swarm bench cannot run here: {e:#}");
+    if !lab_bench_can_run("lab swarm", true) {
         return Ok(());
     }
-    let nodes = env("P2PVM_LAB_NODES", if full { 60 } else { 5 }) as usize;
-    let mib = env("P2PVM_LAB_MIB", if full { 64 } else { 2 });
+    let nodes = setting("P2PVM_LAB_NODES", if full { 60 } else { 5 }) as usize;
+    let mib = setting("P2PVM_LAB_MIB", if full { 64 } else { 2 });
     let size = mib << 20;
-    let delayed = env("P2PVM_LAB_DELAY", 1) != 0;
+    let delayed = setting("P2PVM_LAB_DELAY", 1) != 0;
     let lines = if delayed {
         home_lines(nodes)
     } else {
@@ -444,7 +433,7 @@ async fn main() -> Result<()> {
         "lab: {nodes} nodes on home lines (2-20 Mbit/s up, 5x down; publisher 11 up; {latency}), {mib} MiB; lower bound {:.1} s",
         bound.as_secs_f64()
     );
-    let idle = Duration::from_secs(env("P2PVM_LAB_IDLE_SECS", if full { 20 } else { 0 }));
+    let idle = Duration::from_secs(setting("P2PVM_LAB_IDLE_SECS", if full { 20 } else { 0 }));
     let (p2p, data) = ours(&lab, nodes, size as usize, idle).await?;
     // libtorrent gets as long as p2pvm's last finisher took, several times over.
     let ours_last = p2p.crowd.done.last().copied().unwrap_or(bound);

@@ -33,16 +33,9 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use p2pvm_e2e::playback::{Playback, Streaming, Summary};
-use p2pvm_e2e::swarm::{Swarm, SwarmSpec, home_lines};
+use p2pvm_e2e::swarm::{Swarm, SwarmSpec, home_lines, lab_bench_can_run, setting};
 use p2pvm_e2e::torrent::TorrentSwarm;
 use p2pvm_netlab::{Lab, Line};
-
-fn env(name: &str, default: u64) -> u64 {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
 
 async fn ours(
     lab: &Lab,
@@ -89,20 +82,16 @@ fn report(name: &str, plays: &[Playback]) -> Result<Summary> {
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() -> Result<()> {
     let full = std::env::args().any(|a| a == "--bench");
-    if let Err(e) = Lab::check()
-        .map_err(anyhow::Error::from)
-        .and(p2pvm_e2e::torrent::available())
-    {
-        println!("SKIPPED: the streaming swarm bench cannot run here: {e:#}");
+    if !lab_bench_can_run("streaming swarm", true) {
         return Ok(());
     }
-    let nodes = env("P2PVM_LAB_NODES", if full { 60 } else { 5 }) as usize;
+    let nodes = setting("P2PVM_LAB_NODES", if full { 60 } else { 5 }) as usize;
     anyhow::ensure!(nodes >= 3, "a publisher, a holder and a viewer at least");
-    let mib = env("P2PVM_LAB_MIB", if full { 64 } else { 2 });
+    let mib = setting("P2PVM_LAB_MIB", if full { 64 } else { 2 });
     let size = mib << 20;
     let plan = Streaming {
-        holders: env("P2PVM_LAB_HOLDERS", (nodes as u64 - 1) / 2) as usize,
-        gap: Duration::from_millis(env("P2PVM_LAB_GAP_MS", 2000)),
+        holders: setting("P2PVM_LAB_HOLDERS", (nodes as u64 - 1) / 2) as usize,
+        gap: Duration::from_millis(setting("P2PVM_LAB_GAP_MS", 2000)),
         share: 0.6,
     };
     let lines = home_lines(nodes);

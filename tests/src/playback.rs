@@ -129,25 +129,6 @@ pub async fn arrivals(client: &Client, id: &str, offset: u64, length: u64) -> Re
     Ok(out)
 }
 
-/// One viewer of p2pvm's API: see [`view_from`].
-pub async fn view(
-    client: &Client,
-    id: &str,
-    size: u64,
-    rate: f64,
-    seek_from: u64,
-    seek_to: u64,
-) -> Result<Playback> {
-    view_from(
-        &mut ApiSource { client, id },
-        size,
-        rate,
-        seek_from,
-        seek_to,
-    )
-    .await
-}
-
 /// One viewer: plays `[0, seek_from)` of an item of `size` bytes at `rate`
 /// bytes a second, then, when playback reaches `seek_from`, seeks to
 /// `seek_to` and plays to the end.

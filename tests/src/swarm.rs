@@ -516,6 +516,34 @@ pub fn churn_plan(n: usize, of: usize, within: Duration, seed: u64) -> Vec<(usiz
     plan
 }
 
+/// A bench's numeric setting from the environment (`P2PVM_LAB_NODES`, ...),
+/// or `default`.
+pub fn setting(name: &str, default: u64) -> u64 {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+/// Whether a lab bench can run here (root for the lab; libtorrent too when
+/// `with_libtorrent`); prints `SKIPPED` and the reason when not.
+pub fn lab_bench_can_run(bench: &str, with_libtorrent: bool) -> bool {
+    let ready = Lab::check().map_err(anyhow::Error::from).and_then(|()| {
+        if with_libtorrent {
+            crate::torrent::available()
+        } else {
+            Ok(())
+        }
+    });
+    match ready {
+        Ok(()) => true,
+        Err(e) => {
+            println!("SKIPPED: the {bench} bench cannot run here: {e:#}");
+            false
+        }
+    }
+}
+
 /// Lines like home broadband for `n` nodes: uploads spread evenly over 2 to
 /// 20 Mbit/s, downloads five times the upload (at most 100 Mbit/s), round
 /// trips spread over [`LINE_RTT_MS`] and [`LINE_LOSS_PERCENT`] loss, speeds
