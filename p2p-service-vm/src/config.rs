@@ -82,6 +82,78 @@ pub struct Config {
     pub drm: DrmConfig,
     /// Compute leasing.
     pub compute: ComputeConfig,
+    /// Getting through NATs: reachability, port mapping, relays, hole punching.
+    pub nat: NatConfig,
+    /// What this node, when publicly reachable, relays for others.
+    pub relay: RelayConfig,
+}
+
+/// How the node gets through NATs (see `docs/network.md`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct NatConfig {
+    /// Addresses the operator knows this node is reachable at (a server's
+    /// public address, a port forwarded by hand): advertised from the start,
+    /// as if confirmed. Everything else is advertised only once AutoNAT or
+    /// the router confirms it.
+    pub external_addrs: Vec<String>,
+    /// Ask the home router to map our ports (UPnP IGD).
+    pub upnp: bool,
+    /// When not publicly reachable, hold reservations on relays and
+    /// advertise the relayed addresses.
+    pub use_relays: bool,
+    /// Relays to hold reservations on at once.
+    pub relay_reservations: u32,
+    /// Upgrade relayed connections to direct ones (DCUtR hole punching).
+    pub hole_punching: bool,
+}
+
+impl Default for NatConfig {
+    fn default() -> Self {
+        Self {
+            external_addrs: Vec::new(),
+            upnp: true,
+            use_relays: true,
+            relay_reservations: 2,
+            hole_punching: true,
+        }
+    }
+}
+
+/// Limits on the circuit relay (v2) this node serves once it is publicly
+/// reachable. Conservative by default: a relay is a rendezvous for hole
+/// punching and a last resort, not a free transit network.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RelayConfig {
+    /// Serve as a relay when publicly reachable.
+    pub serve: bool,
+    /// Reservations held for other peers at once.
+    pub max_reservations: u32,
+    /// Reservations one peer may hold.
+    pub max_reservations_per_peer: u32,
+    /// Circuits relayed at once.
+    pub max_circuits: u32,
+    /// Circuits one peer may have at once.
+    pub max_circuits_per_peer: u32,
+    /// Longest one circuit lives.
+    pub max_circuit_secs: u64,
+    /// Most bytes one circuit carries (each direction).
+    pub max_circuit_bytes: u64,
+}
+
+impl Default for RelayConfig {
+    fn default() -> Self {
+        Self {
+            serve: true,
+            max_reservations: 128,
+            max_reservations_per_peer: 4,
+            max_circuits: 16,
+            max_circuits_per_peer: 4,
+            max_circuit_secs: 120,
+            max_circuit_bytes: 1 << 20,
+        }
+    }
 }
 
 /// Compute leasing. What this node offers is set through the API
@@ -354,6 +426,8 @@ impl Default for Config {
             virus: VirusConfig::default(),
             drm: DrmConfig::default(),
             compute: ComputeConfig::default(),
+            nat: NatConfig::default(),
+            relay: RelayConfig::default(),
         }
     }
 }
@@ -499,6 +573,20 @@ impl Config {
                 "content.fast_path_rotate_bytes must be between 1 and {}",
                 MAX_ROTATE_BYTES
             )));
+        }
+        for a in &self.nat.external_addrs {
+            if a.parse::<libp2p::Multiaddr>().is_err() {
+                return Err(ConfigError::Invalid(format!(
+                    "nat.external_addrs: {a:?} is not a multiaddr"
+                )));
+            }
+        }
+        let r = &self.relay;
+        if r.max_circuit_secs == 0 || r.max_circuit_bytes == 0 {
+            return Err(ConfigError::Invalid(
+                "relay.max_circuit_secs and max_circuit_bytes must be positive (set relay.serve = false to relay nothing)"
+                    .into(),
+            ));
         }
         if let Some(g) = c.gateway
             && !g.ip().is_loopback()

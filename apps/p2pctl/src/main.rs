@@ -297,8 +297,26 @@ fn print(json_out: bool, value: serde_json::Value, human: impl FnOnce() -> Strin
 }
 
 fn peer_json(p: &proto::PeerInfo) -> serde_json::Value {
+    let conns: Vec<_> = p
+        .connections
+        .iter()
+        .map(|c| {
+            json!({"remote_addr": c.remote_addr, "kind": c.kind, "transport": c.transport,
+                        "outbound": c.outbound})
+        })
+        .collect();
     json!({"peer_id": p.peer_id, "addrs": p.addrs, "agent": p.agent_version, "rtt_us": p.rtt_micros,
-           "content_streams": p.content_streams})
+           "content_streams": p.content_streams, "connections": conns})
+}
+
+/// A peer's connections in a table cell: kind/transport each, e.g.
+/// `direct/quic relayed/relay`.
+fn connections_column(conns: &[proto::ConnectionInfo]) -> String {
+    let each: Vec<_> = conns
+        .iter()
+        .map(|c| format!("{}/{}", c.kind, c.transport))
+        .collect();
+    each.join(" ")
 }
 
 #[tokio::main(flavor = "current_thread")]
@@ -326,6 +344,8 @@ async fn run(cli: &Cli, c: &Client) -> Result<()> {
                 json!({"peer_id": i.peer_id, "listen_addrs": i.listen_addrs, "version": i.version,
                        "protocol_version": i.protocol_version, "connected_peers": i.connected_peers,
                        "content_fast_path_port": i.content_fast_path_port,
+                       "reachability": i.reachability, "external_addrs": i.external_addrs,
+                       "relayed_addrs": i.relayed_addrs,
                        "content_memory": {"used_bytes": i.content_memory_used_bytes,
                                           "peak_bytes": i.content_memory_peak_bytes,
                                           "budget_bytes": i.content_memory_budget_bytes}}),
@@ -336,6 +356,13 @@ async fn run(cli: &Cli, c: &Client) -> Result<()> {
                     );
                     for a in &i.listen_addrs {
                         s.push_str(&format!("\n  {a}/p2p/{}", i.peer_id));
+                    }
+                    s.push_str(&format!("\nreachability: {}", i.reachability));
+                    for a in &i.external_addrs {
+                        s.push_str(&format!("\n  external {a}/p2p/{}", i.peer_id));
+                    }
+                    for a in &i.relayed_addrs {
+                        s.push_str(&format!("\n  relayed  {a}"));
                     }
                     match i.content_fast_path_port {
                         0 => s.push_str("\ncontent fast path: off"),
@@ -359,15 +386,16 @@ async fn run(cli: &Cli, c: &Client) -> Result<()> {
                 json!(peers.iter().map(peer_json).collect::<Vec<_>>()),
                 || {
                     let mut s = format!(
-                        "{:<54} {:>9} {:>7}  {}",
-                        "PEER", "RTT(ms)", "SERVING", "AGENT"
+                        "{:<54} {:>9} {:>7}  {:<16} {}",
+                        "PEER", "RTT(ms)", "SERVING", "CONNECTIONS", "AGENT"
                     );
                     for p in &peers {
                         s.push_str(&format!(
-                            "\n{:<54} {:>9.2} {:>7}  {}",
+                            "\n{:<54} {:>9.2} {:>7}  {:<16} {}",
                             p.peer_id,
                             p.rtt_micros as f64 / 1000.0,
                             p.content_streams,
+                            connections_column(&p.connections),
                             p.agent_version
                         ));
                     }

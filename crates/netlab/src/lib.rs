@@ -29,6 +29,7 @@
 #![forbid(unsafe_code)]
 
 pub mod delay;
+pub mod router;
 
 use std::net::Ipv4Addr;
 use std::path::Path;
@@ -37,6 +38,7 @@ use std::time::Duration;
 
 use delay::DelayLine;
 pub use delay::LineStats;
+pub use router::{Nat, Router};
 
 /// Why the lab could not be built or used.
 #[derive(Debug, thiserror::Error)]
@@ -87,6 +89,9 @@ pub enum LabError {
         /// What it printed.
         output: String,
     },
+    /// The lab cannot build this.
+    #[error("the network lab does not support {0}")]
+    Unsupported(&'static str),
     /// The address range is used up.
     #[error("the lab holds at most {max} hosts")]
     Full {
@@ -194,6 +199,8 @@ pub struct Lab {
     hosts: Vec<Host>,
     /// Delay lines by host index.
     lines: Vec<(usize, DelayLine)>,
+    /// Hosts behind each router, by router index.
+    lan_hosts: Vec<usize>,
 }
 
 /// All lab namespaces start with this, then the owning process's id.
@@ -287,6 +294,7 @@ impl Lab {
             wire: None,
             hosts: Vec::new(),
             lines: Vec::new(),
+            lan_hosts: Vec::new(),
         };
         let hub = lab.hub.as_str();
         let addr = format!("{HUB_IP}/{PREFIX_LEN}");
@@ -303,7 +311,7 @@ impl Lab {
         HUB_IP
     }
 
-    /// The hosts, in the order they were added.
+    /// The hosts, in the order they were added (routers' WAN ends too).
     pub fn hosts(&self) -> &[Host] {
         &self.hosts
     }

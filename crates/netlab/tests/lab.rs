@@ -290,3 +290,95 @@ fn a_lossy_line_loses_its_share() {
     assert!(stats.lost >= 100, "{stats:?}");
     assert_eq!(stats.overflowed, 0, "{stats:?}");
 }
+
+/// The source address a TCP server on `server` sees when `client` connects,
+/// once per `connections`.
+fn seen_from(client: &Host, server: &Host, connections: usize) -> Vec<SocketAddr> {
+    let (ready_tx, ready_rx) = std::sync::mpsc::sync_channel(1);
+    let ip = server.ip;
+    let accepting = inside(server, move || {
+        let l = TcpListener::bind((ip, 0)).expect("bind");
+        ready_tx.send(l.local_addr().expect("addr")).expect("send");
+        (0..connections)
+            .map(|_| l.accept().expect("accept").1)
+            .collect::<Vec<_>>()
+    });
+    let at: SocketAddr = ready_rx.recv().expect("listener");
+    let dialling = inside(client, move || {
+        // Held open until every connection is made, so each has a port.
+        (0..connections)
+            .map(|_| TcpStream::connect(at).expect("connect through the NAT"))
+            .collect::<Vec<_>>()
+    });
+    let seen = accepting.join().expect("server");
+    drop(dialling.join().expect("client"));
+    seen
+}
+
+#[test]
+fn hosts_behind_routers_are_translated_and_unreachable_unasked() {
+    let Some(mut lab) = lab() else { return };
+    let public = lab.add_host(Line::UNSHAPED).expect("host");
+    let cone = match lab.add_router(Line::UNSHAPED, p2pvm_netlab::Nat::Cone) {
+        Ok(r) => r,
+        Err(e @ LabError::Missing { .. }) => {
+            eprintln!("SKIPPED: {e}");
+            return;
+        }
+        Err(e) => panic!("router: {e}"),
+    };
+    let home = lab.add_host_behind(&cone, Line::UNSHAPED).expect("host");
+    let seen = seen_from(&home, &public, 2);
+    for s in &seen {
+        assert_eq!(
+            s.ip(),
+            std::net::IpAddr::V4(cone.wan.ip),
+            "translated to the WAN address"
+        );
+    }
+    // Double NAT: a home router behind a carrier-grade one; the public host
+    // sees the outer router.
+    let cgnat = lab
+        .add_router(Line::UNSHAPED, p2pvm_netlab::Nat::Cone)
+        .expect("router");
+    let inner = lab
+        .add_router_behind(&cgnat, p2pvm_netlab::Nat::Cone)
+        .expect("router");
+    let deep = lab.add_host_behind(&inner, Line::UNSHAPED).expect("host");
+    let seen = seen_from(&deep, &public, 1);
+    assert_eq!(seen[0].ip(), std::net::IpAddr::V4(cgnat.wan.ip));
+    // Nothing reaches a host behind a router unasked: a connection to the
+    // router's WAN address is dropped (no refusal either).
+    let (ready_tx, ready_rx) = std::sync::mpsc::sync_channel(1);
+    let ip = home.ip;
+    let _listener = inside(&home, move || {
+        let l = TcpListener::bind((ip, 0)).expect("bind");
+        ready_tx
+            .send(l.local_addr().expect("addr").port())
+            .expect("send");
+        std::thread::sleep(Duration::from_secs(4));
+    });
+    let port = ready_rx.recv().expect("port");
+    let wan = SocketAddr::from((cone.wan.ip, port));
+    let tried = inside(&public, move || {
+        TcpStream::connect_timeout(&wan, Duration::from_secs(2)).map_err(|e| e.kind())
+    })
+    .join()
+    .expect("dial");
+    assert_eq!(
+        tried.as_ref().err(),
+        Some(&std::io::ErrorKind::TimedOut),
+        "unasked dial: {tried:?}"
+    );
+    // Symmetric NAT: two connections from one socket's address get two
+    // ports; the cone kept the host's own ports where they were free.
+    let sym = lab
+        .add_router(Line::UNSHAPED, p2pvm_netlab::Nat::Symmetric)
+        .expect("router");
+    let behind_sym = lab.add_host_behind(&sym, Line::UNSHAPED).expect("host");
+    let ports: std::collections::HashSet<u16> = seen_from(&behind_sym, &public, 8)
+        .iter()
+        .map(|s| s.port())
+        .collect();
+    assert_eq!(ports.len(), 8, "a port per connection");
+}

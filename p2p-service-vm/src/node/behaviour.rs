@@ -4,7 +4,10 @@ use std::time::Duration;
 
 use libp2p::identity::Keypair;
 use libp2p::swarm::{NetworkBehaviour, behaviour::toggle::Toggle};
-use libp2p::{StreamProtocol, connection_limits, gossipsub, identify, kad, mdns, ping};
+use libp2p::{
+    StreamProtocol, autonat, connection_limits, dcutr, gossipsub, identify, kad, mdns, ping, relay,
+    upnp,
+};
 
 use crate::config::Config;
 
@@ -31,11 +34,24 @@ pub(crate) struct Behaviour {
     pub gossipsub: gossipsub::Behaviour,
     pub mdns: Toggle<mdns::tokio::Behaviour>,
     pub stream: libp2p_stream::Behaviour,
+    /// Asks peers to dial our candidate addresses back (AutoNAT v2).
+    pub autonat: autonat::v2::client::Behaviour,
+    /// Dials back the addresses peers ask about.
+    pub autonat_server: autonat::v2::server::Behaviour,
+    /// Relays for others once this node is confirmed public.
+    pub relay: Toggle<relay::Behaviour>,
+    /// Reservations on relays, and circuits through them.
+    pub relay_client: relay::client::Behaviour,
+    /// Turns relayed connections into direct ones.
+    pub dcutr: Toggle<dcutr::Behaviour>,
+    /// Port mappings on the home router.
+    pub upnp: Toggle<upnp::tokio::Behaviour>,
 }
 
 impl Behaviour {
     pub(crate) fn new(
         key: &Keypair,
+        relay_client: relay::client::Behaviour,
         config: &Config,
     ) -> Result<Self, Box<dyn std::error::Error + Send + Sync>> {
         let peer_id = key.public().to_peer_id();
@@ -49,7 +65,10 @@ impl Behaviour {
         );
         let identify = identify::Behaviour::new(
             identify::Config::new(IDENTIFY_PROTOCOL.into(), key.public())
-                .with_agent_version(format!("p2pd/{}", env!("CARGO_PKG_VERSION"))),
+                .with_agent_version(format!("p2pd/{}", env!("CARGO_PKG_VERSION")))
+                // Peers learn a relayed address as soon as a reservation
+                // gives it, not at the next periodic identify (minutes).
+                .with_push_listen_addr_updates(true),
         );
         let mut kad_config = kad::Config::new(KAD_PROTOCOL);
         kad_config
@@ -94,8 +113,42 @@ impl Behaviour {
             gossipsub,
             mdns: mdns.into(),
             stream: libp2p_stream::Behaviour::new(),
+            autonat: autonat::v2::client::Behaviour::default(),
+            autonat_server: autonat::v2::server::Behaviour::default(),
+            relay: config
+                .relay
+                .serve
+                .then(|| relay::Behaviour::new(peer_id, relay_config(&config.relay)))
+                .into(),
+            relay_client,
+            dcutr: config
+                .nat
+                .hole_punching
+                .then(|| dcutr::Behaviour::new(peer_id))
+                .into(),
+            upnp: config.nat.upnp.then(upnp::tokio::Behaviour::default).into(),
         })
     }
+}
+
+/// The relay server's limits from the operator's; libp2p's rate limits on
+/// reservations (per peer and per address) stay.
+fn relay_config(c: &crate::config::RelayConfig) -> relay::Config {
+    relay::Config {
+        max_reservations: c.max_reservations as usize,
+        max_reservations_per_peer: c.max_reservations_per_peer as usize,
+        max_circuits: c.max_circuits as usize,
+        max_circuits_per_peer: c.max_circuits_per_peer as usize,
+        max_circuit_duration: Duration::from_secs(c.max_circuit_secs),
+        max_circuit_bytes: c.max_circuit_bytes,
+        ..relay::Config::default()
+    }
+}
+
+/// The DHT key under which public relays are providers: how a private node
+/// finds relays beyond its bootstrap peers.
+pub fn relay_key() -> kad::RecordKey {
+    service_key("p2pvm/relay")
 }
 
 /// The DHT key under which peers offering the named service are providers.
@@ -115,7 +168,9 @@ mod tests {
             mdns: false,
             ..Config::default()
         };
-        let mut b = Behaviour::new(&Keypair::generate_ed25519(), &config).expect("behaviour");
+        let key = Keypair::generate_ed25519();
+        let (_, relay_client) = relay::client::new(key.public().to_peer_id());
+        let mut b = Behaviour::new(&key, relay_client, &config).expect("behaviour");
         let key = service_key("crowd");
         let crowd = 60;
         for _ in 0..crowd {

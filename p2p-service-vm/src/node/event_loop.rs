@@ -2,23 +2,27 @@
 //! events into replies and [`NodeEvent`]s.
 
 use std::collections::{HashMap, HashSet};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use libp2p::kad::{self, QueryId, QueryResult};
 use libp2p::multiaddr::Protocol;
-use libp2p::swarm::SwarmEvent;
 use libp2p::swarm::dial_opts::DialOpts;
-use libp2p::{Multiaddr, PeerId, Swarm, gossipsub, identify, mdns, noise, ping, tcp, yamux};
+use libp2p::swarm::{ConnectionId, SwarmEvent};
+use libp2p::{
+    Multiaddr, PeerId, Swarm, autonat, dcutr, gossipsub, identify, mdns, noise, ping, relay, tcp,
+    upnp, yamux,
+};
 use tokio::sync::{broadcast, mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-use super::behaviour::{Behaviour, BehaviourEvent, KAD_PROTOCOL, MAX_PUBSUB_BYTES};
+use super::behaviour::{Behaviour, BehaviourEvent, KAD_PROTOCOL, MAX_PUBSUB_BYTES, relay_key};
 use super::handle::{
-    COMMAND_QUEUE, Command, EVENT_QUEUE, NodeError, NodeEvent, NodeHandle, NodeStatus, PeerSummary,
-    PubsubMessage,
+    COMMAND_QUEUE, Command, ConnectionSummary, EVENT_QUEUE, NodeError, NodeEvent, NodeHandle,
+    NodeStatus, PeerSummary, PubsubMessage, ReachStatus,
 };
+use super::reach::{Reach, Reachability, is_loopback, is_relayed};
 use crate::config::Config;
 
 /// Why the node could not start.
@@ -61,6 +65,23 @@ enum PendingQuery {
         target: PeerId,
         reply: Reply<PeerSummary>,
     },
+    /// Public relays the DHT names, for a private node to reserve on.
+    Relays,
+}
+
+/// How often a private node looks after its relay reservations.
+const RELAY_TICK: Duration = Duration::from_secs(5);
+
+/// How often a private node short of relays asks the DHT for more.
+const RELAY_SEARCH_EVERY: Duration = Duration::from_secs(60);
+
+/// One open connection as the node keeps it.
+#[derive(Debug, Clone)]
+struct Conn {
+    peer: PeerId,
+    remote: Multiaddr,
+    relayed: bool,
+    outbound: bool,
 }
 
 /// A started node: its handle and the loop future to drive.
@@ -102,15 +123,28 @@ impl Node {
         let (dns_config, dns_opts) = resolver_config();
         let mut swarm = libp2p::SwarmBuilder::with_existing_identity(key)
             .with_tokio()
-            .with_tcp(
-                tcp::Config::default().nodelay(true),
-                noise::Config::new,
-                yamux::Config::default,
+            .with_quic()
+            // TCP with Noise and Yamux as libp2p's builder makes it, bounded
+            // in time.
+            .with_other_transport(
+                |key| -> Result<_, Box<dyn std::error::Error + Send + Sync>> {
+                    use libp2p::Transport;
+                    Ok(
+                        tcp::tokio::Transport::new(tcp::Config::default().nodelay(true))
+                            .upgrade(libp2p::core::upgrade::Version::V1Lazy)
+                            .authenticate(noise::Config::new(key)?)
+                            .multiplex(yamux::Config::default())
+                            .timeout(TCP_DIAL_TIMEOUT),
+                    )
+                },
             )
             .map_err(|e| build(&e))?
-            .with_quic()
             .with_dns_config(dns_config, dns_opts)
-            .with_behaviour(|key| Behaviour::new(key, &behaviour_config))
+            .with_relay_client(noise::Config::new, yamux::Config::default)
+            .map_err(|e| build(&e))?
+            .with_behaviour(|key, relay_client| {
+                Behaviour::new(key, relay_client, &behaviour_config)
+            })
             .map_err(|e| build(&e))?
             .with_swarm_config(|c| c.with_idle_connection_timeout(Duration::from_secs(120)))
             .build();
@@ -121,6 +155,10 @@ impl Node {
                 addr: addr.clone(),
                 reason: e.to_string(),
             })?;
+        }
+        for addr in &config.nat.external_addrs {
+            // The operator vouches for it: advertised at once, as confirmed.
+            swarm.add_external_address(parse_addr(addr)?);
         }
         let mut bootstrap_peers = 0;
         for addr in &config.bootstrap {
@@ -161,7 +199,15 @@ impl Node {
                 rtts: HashMap::new(),
                 agents: HashMap::new(),
                 addrs: HashMap::new(),
-                remotes: HashMap::new(),
+                conns: HashMap::new(),
+                reach: Reach::new(if config.nat.use_relays {
+                    config.nat.relay_reservations as usize
+                } else {
+                    0
+                }),
+                serve_relay: config.relay.serve,
+                relay_announced: false,
+                last_relay_search: None,
                 status,
             },
         })
@@ -177,6 +223,13 @@ impl Node {
         self.event_loop.run(shutdown).await
     }
 }
+
+/// Longest a TCP dial may take, handshakes included. Without a bound, a dial
+/// to an address behind a NAT that drops it unanswered takes the kernel's
+/// two minutes of SYN retries; an AutoNAT server must answer within 10 s
+/// that it could not dial back, or the asking node never learns it is
+/// private.
+const TCP_DIAL_TIMEOUT: Duration = Duration::from_secs(8);
 
 fn parse_addr(addr: &str) -> Result<Multiaddr, NodeStartError> {
     addr.parse()
@@ -195,16 +248,24 @@ struct EventLoop {
     agents: HashMap<PeerId, String>,
     /// Listen addresses peers announced through identify.
     addrs: HashMap<PeerId, Vec<Multiaddr>>,
-    /// Remote address of the newest connection to each connected peer.
-    remotes: HashMap<PeerId, Multiaddr>,
+    /// Open connections.
+    conns: HashMap<ConnectionId, Conn>,
+    reach: Reach,
+    serve_relay: bool,
+    /// Whether this node announced itself in the DHT as a relay.
+    relay_announced: bool,
+    last_relay_search: Option<Instant>,
     status: std::sync::Arc<NodeStatus>,
 }
 
 impl EventLoop {
     async fn run(mut self, shutdown: CancellationToken) {
+        let mut relay_tick = tokio::time::interval(RELAY_TICK);
+        relay_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
                 _ = shutdown.cancelled() => break,
+                _ = relay_tick.tick() => self.look_after_relays(),
                 event = self.swarm.select_next_some() => self.on_swarm_event(event),
                 cmd = self.commands.recv() => match cmd {
                     Some(cmd) => self.on_command(cmd),
@@ -235,7 +296,7 @@ impl EventLoop {
             }
             Command::Connect { peer, addrs, reply } => self.connect(peer, addrs, reply),
             Command::RemoteAddr(peer, reply) => {
-                let _ = reply.send(Ok(self.remotes.get(&peer).cloned()));
+                let _ = reply.send(Ok(self.direct_remote(&peer)));
             }
             Command::Disconnect(peer, reply) => {
                 let r = self
@@ -399,12 +460,103 @@ impl EventLoop {
         if addrs.is_empty() {
             addrs = self.addrs.get(&peer_id).cloned().unwrap_or_default();
         }
+        let mut connections: Vec<_> = self
+            .conns
+            .iter()
+            .filter(|(_, c)| c.peer == peer_id)
+            .map(|(id, c)| (*id, c))
+            .collect();
+        connections.sort_by_key(|(id, _)| *id);
         PeerSummary {
             peer_id,
             addrs,
             agent_version: self.agents.get(&peer_id).cloned(),
             rtt: self.rtts.get(&peer_id).copied(),
+            connections: connections
+                .into_iter()
+                .map(|(_, c)| ConnectionSummary {
+                    remote: c.remote.clone(),
+                    relayed: c.relayed,
+                    outbound: c.outbound,
+                })
+                .collect(),
         }
+    }
+
+    /// The remote address of the newest direct (not relayed) connection to
+    /// `peer`: where it really is, and where its fast path listens.
+    fn direct_remote(&self, peer: &PeerId) -> Option<Multiaddr> {
+        self.conns
+            .iter()
+            .filter(|(_, c)| c.peer == *peer && !c.relayed)
+            .max_by_key(|(id, _)| **id)
+            .map(|(_, c)| c.remote.clone())
+    }
+
+    /// Publishes reachability for node info, and acts on a change: a public
+    /// node serving as a relay says so in the DHT; one no longer private
+    /// drops its reservations.
+    fn publish_reach(&mut self) {
+        *self.status.reach.write().expect("lock") = ReachStatus {
+            reachability: self.reach.reachability(),
+            external: self.reach.external(),
+            relayed: self.reach.relayed(),
+            relays: self.reach.relays(),
+        };
+        let public = self.reach.reachability() == Reachability::Public;
+        if public && self.serve_relay && !self.relay_announced {
+            if let Err(e) = self.swarm.behaviour_mut().kad.start_providing(relay_key()) {
+                warn!(error = ?e, "cannot announce this node as a relay");
+            } else {
+                info!("publicly reachable: serving as a relay");
+                self.relay_announced = true;
+            }
+        }
+        for listener in self.reach.surplus() {
+            self.swarm.remove_listener(listener);
+        }
+    }
+
+    /// Keeps a private node's reservations: asks new relays for them, and the
+    /// DHT for relays when it knows too few.
+    fn look_after_relays(&mut self) {
+        let now = Instant::now();
+        for (relay, circuit) in self.reach.to_reserve(now) {
+            match self.swarm.listen_on(circuit.clone()) {
+                Ok(listener) => {
+                    debug!(%relay, %circuit, "asking for a relay reservation");
+                    self.reach.reserving(relay, listener);
+                }
+                Err(e) => warn!(%relay, %circuit, error = ?e, "cannot listen through relay"),
+            }
+        }
+        let short =
+            self.reach.reachability() == Reachability::Private && !self.reach.has_candidates();
+        let searched_lately = self
+            .last_relay_search
+            .is_some_and(|t| now.duration_since(t) < RELAY_SEARCH_EVERY);
+        if short && !searched_lately {
+            self.last_relay_search = Some(now);
+            let id = self.swarm.behaviour_mut().kad.get_providers(relay_key());
+            self.queries.insert(id, PendingQuery::Relays);
+        }
+    }
+
+    /// Where a relay candidate is dialled: the address of our own direct
+    /// outbound connection to it if there is one (it worked), else the first
+    /// routable address it announced.
+    fn relay_addr(&self, peer: &PeerId, announced: &[Multiaddr]) -> Option<Multiaddr> {
+        let dialled = self
+            .conns
+            .values()
+            .find(|c| c.peer == *peer && c.outbound && !c.relayed)
+            .map(|c| c.remote.clone());
+        dialled.or_else(|| {
+            announced
+                .iter()
+                .find(|a| !is_relayed(a) && !is_loopback(a))
+                .cloned()
+        })
     }
 
     fn publish_status(&self) {
@@ -424,15 +576,41 @@ impl EventLoop {
                 self.emit(NodeEvent::NewListenAddr(address));
             }
             SwarmEvent::ExpiredListenAddr { .. } => self.publish_status(),
+            SwarmEvent::ListenerClosed { listener_id, .. } => {
+                if let Some(relay) = self.reach.on_listener_closed(listener_id, Instant::now()) {
+                    info!(%relay, "relay reservation ended");
+                    self.publish_status();
+                    self.publish_reach();
+                }
+            }
+            SwarmEvent::ExternalAddrConfirmed { address } => {
+                info!(%address, "external address confirmed");
+                self.reach.on_confirmed(address);
+                self.publish_reach();
+            }
+            SwarmEvent::ExternalAddrExpired { address } => {
+                info!(%address, "external address expired");
+                self.reach.on_expired(&address);
+                self.publish_reach();
+            }
             SwarmEvent::ConnectionEstablished {
                 peer_id,
+                connection_id,
                 endpoint,
                 num_established,
                 ..
             } => {
                 self.dial_attempts.retain(|_, p| *p != peer_id);
-                self.remotes
-                    .insert(peer_id, endpoint.get_remote_address().clone());
+                let remote = endpoint.get_remote_address().clone();
+                self.conns.insert(
+                    connection_id,
+                    Conn {
+                        peer: peer_id,
+                        relayed: endpoint.is_relayed(),
+                        outbound: endpoint.is_dialer(),
+                        remote,
+                    },
+                );
                 for reply in self.dials.remove(&peer_id).unwrap_or_default() {
                     let _ = reply.send(Ok(peer_id));
                 }
@@ -447,15 +625,20 @@ impl EventLoop {
             }
             SwarmEvent::ConnectionClosed {
                 peer_id,
-                num_established: 0,
+                connection_id,
+                num_established,
                 ..
             } => {
+                self.conns.remove(&connection_id);
+                if num_established > 0 {
+                    return;
+                }
                 debug!(%peer_id, "peer disconnected");
                 self.publish_status();
                 self.rtts.remove(&peer_id);
                 self.addrs.remove(&peer_id);
-                self.remotes.remove(&peer_id);
                 self.agents.remove(&peer_id);
+                self.reach.remove_candidate(&peer_id);
                 self.emit(NodeEvent::PeerDisconnected { peer_id });
             }
             SwarmEvent::OutgoingConnectionError {
@@ -490,8 +673,77 @@ impl EventLoop {
                             .add_address(&peer_id, addr.clone());
                     }
                 }
+                if info.protocols.contains(&relay::HOP_PROTOCOL_NAME) {
+                    if let Some(addr) = self.relay_addr(&peer_id, &info.listen_addrs) {
+                        self.reach.add_candidate(peer_id, addr);
+                    }
+                } else {
+                    self.reach.remove_candidate(&peer_id);
+                }
                 self.addrs.insert(peer_id, info.listen_addrs);
             }
+            BehaviourEvent::Autonat(autonat::v2::client::Event {
+                tested_addr,
+                server,
+                result,
+                ..
+            }) => {
+                match &result {
+                    Ok(()) => info!(%tested_addr, %server, "AutoNAT: reachable"),
+                    Err(e) => info!(%tested_addr, %server, error = %e, "AutoNAT: not reachable"),
+                }
+                self.reach.on_probe(result.is_ok());
+                self.publish_reach();
+                // A node that just learnt it is private asks for relays now,
+                // not at the next tick.
+                self.look_after_relays();
+            }
+            BehaviourEvent::RelayClient(relay::client::Event::ReservationReqAccepted {
+                relay_peer_id,
+                renewal,
+                ..
+            }) => {
+                if !renewal {
+                    info!(relay = %relay_peer_id, "relay reservation accepted");
+                }
+                self.reach.on_accepted(relay_peer_id);
+                self.publish_reach();
+            }
+            BehaviourEvent::Dcutr(dcutr::Event {
+                remote_peer_id,
+                result,
+            }) => match result {
+                Ok(direct) => {
+                    info!(peer = %remote_peer_id, "hole punched: direct connection");
+                    // Everything moves to the direct connection: streams pick
+                    // any open connection, and a relayed one is slow and
+                    // limited by the relay's operator.
+                    let relayed: Vec<_> = self
+                        .conns
+                        .iter()
+                        .filter(|(id, c)| c.peer == remote_peer_id && c.relayed && **id != direct)
+                        .map(|(id, _)| *id)
+                        .collect();
+                    for id in relayed {
+                        self.swarm.close_connection(id);
+                    }
+                }
+                Err(e) => {
+                    info!(peer = %remote_peer_id, error = %e, "hole punch failed; staying relayed")
+                }
+            },
+            BehaviourEvent::Upnp(event) => match event {
+                upnp::Event::NewExternalAddr { external_addr, .. } => {
+                    info!(%external_addr, "router mapped a port (UPnP)")
+                }
+                upnp::Event::ExpiredExternalAddr { external_addr, .. } => {
+                    info!(%external_addr, "router port mapping expired (UPnP)")
+                }
+                upnp::Event::GatewayNotFound => debug!("no UPnP gateway"),
+                upnp::Event::NonRoutableGateway => {
+                    info!("the UPnP gateway is itself behind a NAT; its mappings are of no use")
+                }
+            },
             BehaviourEvent::Ping(ping::Event {
                 peer,
                 result: Ok(rtt),
@@ -588,6 +840,22 @@ impl EventLoop {
                             reply,
                         },
                     );
+                }
+            }
+            (PendingQuery::Relays, QueryResult::GetProviders(r)) => {
+                if let Ok(kad::GetProvidersOk::FoundProviders { providers, .. }) = r {
+                    let me = *self.swarm.local_peer_id();
+                    for relay in providers.into_iter().filter(|p| *p != me) {
+                        // Identify on the new connection tells whether it
+                        // serves the hop protocol; dialling by id lets the
+                        // DHT supply its addresses.
+                        if !self.swarm.is_connected(&relay) {
+                            let _ = self.swarm.dial(relay);
+                        }
+                    }
+                }
+                if !last {
+                    self.queries.insert(id, PendingQuery::Relays);
                 }
             }
             (PendingQuery::FindPeer { target, reply }, QueryResult::GetClosestPeers(r)) => {

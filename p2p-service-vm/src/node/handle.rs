@@ -45,6 +45,32 @@ pub struct PeerSummary {
     pub agent_version: Option<String>,
     /// Last ping round trip.
     pub rtt: Option<Duration>,
+    /// Its open connections, oldest first.
+    pub connections: Vec<ConnectionSummary>,
+}
+
+/// One open connection to a peer.
+#[derive(Debug, Clone)]
+pub struct ConnectionSummary {
+    /// The peer's address on it (through the relay, for a relayed one).
+    pub remote: Multiaddr,
+    /// Through a relay's circuit rather than direct.
+    pub relayed: bool,
+    /// We dialled it.
+    pub outbound: bool,
+}
+
+/// Whether peers can reach this node, and at which addresses.
+#[derive(Debug, Clone, Default)]
+pub struct ReachStatus {
+    /// Public, private or not known yet.
+    pub reachability: super::Reachability,
+    /// Confirmed addresses peers dial directly.
+    pub external: Vec<Multiaddr>,
+    /// Addresses through relays that hold a reservation of ours.
+    pub relayed: Vec<Multiaddr>,
+    /// Relays holding an accepted reservation.
+    pub relays: usize,
 }
 
 /// A pubsub message received by the node.
@@ -180,6 +206,7 @@ pub(crate) const EVENT_QUEUE: usize = 4096;
 pub(crate) struct NodeStatus {
     pub listen_addrs: std::sync::RwLock<Vec<Multiaddr>>,
     pub connected_peers: std::sync::atomic::AtomicUsize,
+    pub reach: std::sync::RwLock<ReachStatus>,
 }
 
 /// A cloneable handle to the node's event loop.
@@ -214,6 +241,11 @@ impl NodeHandle {
             .connected_peers
             .load(std::sync::atomic::Ordering::Relaxed);
         (addrs, n)
+    }
+
+    /// Reachability and external addresses, as of now.
+    pub fn reach(&self) -> ReachStatus {
+        self.status.reach.read().expect("lock").clone()
     }
 
     /// A new receiver of node events.

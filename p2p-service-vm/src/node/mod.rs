@@ -15,7 +15,12 @@ mod behaviour;
 mod event_loop;
 mod handle;
 mod pending_per_ip;
+mod reach;
 
-pub use behaviour::service_key;
+pub use behaviour::{relay_key, service_key};
 pub use event_loop::{Node, NodeStartError};
-pub use handle::{Command, NodeError, NodeEvent, NodeHandle, PeerSummary, PubsubMessage};
+pub use handle::{
+    Command, ConnectionSummary, NodeError, NodeEvent, NodeHandle, PeerSummary, PubsubMessage,
+    ReachStatus,
+};
+pub use reach::{Reachability, transport_of};

@@ -30,6 +30,16 @@ fn peer_info(svc: &ApiService, who: &Principal, p: PeerSummary) -> pb::PeerInfo 
         agent_version: p.agent_version.unwrap_or_default(),
         rtt_micros: p.rtt.map(|d| d.as_micros() as u64).unwrap_or(0),
         content_streams,
+        connections: p
+            .connections
+            .iter()
+            .map(|c| pb::ConnectionInfo {
+                remote_addr: c.remote.to_string(),
+                kind: if c.relayed { "relayed" } else { "direct" }.into(),
+                transport: crate::node::transport_of(&c.remote).into(),
+                outbound: c.outbound,
+            })
+            .collect(),
     }
 }
 
@@ -38,6 +48,8 @@ pub(crate) fn node_info(svc: &ApiService) -> R {
     let node = &svc.inner.ctx.node;
     let (addrs, n) = node.status();
     let (used, peak, budget) = svc.content().memory();
+    let reach = node.reach();
+    let strings = |v: &[Multiaddr]| v.iter().map(|a| a.to_string()).collect();
     R::NodeInfo(pb::NodeInfo {
         peer_id: node.peer_id().to_string(),
         listen_addrs: addrs.iter().map(|a| a.to_string()).collect(),
@@ -48,6 +60,9 @@ pub(crate) fn node_info(svc: &ApiService) -> R {
         content_memory_used_bytes: used,
         content_memory_peak_bytes: peak,
         content_memory_budget_bytes: budget,
+        reachability: reach.reachability.as_str().into(),
+        external_addrs: strings(&reach.external),
+        relayed_addrs: strings(&reach.relayed),
     })
 }
 

@@ -1,0 +1,347 @@
+//! Whether peers can reach this node, and the relays it keeps for when they
+//! cannot: plain state the event loop feeds with swarm events and asks what
+//! to do next. No swarm in here, so the rules are unit-tested.
+//!
+//! Reachability follows AutoNAT (v2): an address is public once a peer dialled
+//! it back; the node is *private* once a dial-back failed and no address is
+//! confirmed. A private node holds reservations on `want` relays (peers that
+//! offer the circuit relay's hop protocol), replaces one that goes away after
+//! a pause, and advertises the relayed addresses the reservations give it.
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use libp2p::core::transport::ListenerId;
+use libp2p::multiaddr::Protocol;
+use libp2p::{Multiaddr, PeerId};
+
+/// How long a relay that refused or lost our reservation rests before it is
+/// asked again.
+pub(crate) const RELAY_BACKOFF: Duration = Duration::from_secs(60);
+
+/// What the node knows about being reachable.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Reachability {
+    /// Nothing tested yet.
+    #[default]
+    Unknown,
+    /// A peer dialled one of our addresses back.
+    Public,
+    /// Dial-backs failed and no address is confirmed: behind a NAT or a
+    /// firewall; reached through relays and hole punching.
+    Private,
+}
+
+impl Reachability {
+    /// The word the API and the CLI show.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Unknown => "unknown",
+            Self::Public => "public",
+            Self::Private => "private",
+        }
+    }
+}
+
+/// Whether a multiaddr goes through a relay.
+pub(crate) fn is_relayed(addr: &Multiaddr) -> bool {
+    addr.iter().any(|p| matches!(p, Protocol::P2pCircuit))
+}
+
+/// Whether a multiaddr is on this host's loopback.
+pub(crate) fn is_loopback(addr: &Multiaddr) -> bool {
+    addr.iter().any(|p| match p {
+        Protocol::Ip4(ip) => ip.is_loopback(),
+        Protocol::Ip6(ip) => ip.is_loopback(),
+        _ => false,
+    })
+}
+
+/// The transport a multiaddr names, as the API shows it.
+pub fn transport_of(addr: &Multiaddr) -> &'static str {
+    let mut t = "other";
+    for p in addr.iter() {
+        match p {
+            // After a circuit, the relay's own transport no longer counts.
+            Protocol::P2pCircuit => return "relay",
+            Protocol::QuicV1 => t = "quic",
+            Protocol::Tcp(_) if t == "other" => t = "tcp",
+            _ => {}
+        }
+    }
+    t
+}
+
+#[derive(Debug)]
+struct Reservation {
+    listener: ListenerId,
+    accepted: bool,
+}
+
+/// Reachability and relay reservations.
+#[derive(Debug)]
+pub(crate) struct Reach {
+    want: usize,
+    /// Dial-backs that failed since the last success.
+    failed_probes: u32,
+    /// Confirmed external addresses, relayed ones included.
+    confirmed: Vec<Multiaddr>,
+    /// Peers that offer the hop protocol, with an address to reach them.
+    candidates: HashMap<PeerId, Multiaddr>,
+    reservations: HashMap<PeerId, Reservation>,
+    resting: HashMap<PeerId, Instant>,
+}
+
+impl Reach {
+    /// Keeps `want` reservations while private (0: never uses relays).
+    pub(crate) fn new(want: usize) -> Self {
+        Self {
+            want,
+            failed_probes: 0,
+            confirmed: Vec::new(),
+            candidates: HashMap::new(),
+            reservations: HashMap::new(),
+            resting: HashMap::new(),
+        }
+    }
+
+    pub(crate) fn reachability(&self) -> Reachability {
+        if self.confirmed.iter().any(|a| !is_relayed(a)) {
+            Reachability::Public
+        } else if self.failed_probes > 0 {
+            Reachability::Private
+        } else {
+            Reachability::Unknown
+        }
+    }
+
+    /// Confirmed addresses that are not relayed.
+    pub(crate) fn external(&self) -> Vec<Multiaddr> {
+        let direct = self.confirmed.iter().filter(|a| !is_relayed(a));
+        direct.cloned().collect()
+    }
+
+    /// Confirmed relayed addresses.
+    pub(crate) fn relayed(&self) -> Vec<Multiaddr> {
+        let relayed = self.confirmed.iter().filter(|a| is_relayed(a));
+        relayed.cloned().collect()
+    }
+
+    /// An AutoNAT dial-back of `addr` came through (`true`) or not.
+    pub(crate) fn on_probe(&mut self, ok: bool) {
+        if ok {
+            self.failed_probes = 0;
+        } else {
+            self.failed_probes = self.failed_probes.saturating_add(1);
+        }
+    }
+
+    pub(crate) fn on_confirmed(&mut self, addr: Multiaddr) {
+        if !self.confirmed.contains(&addr) {
+            self.confirmed.push(addr);
+        }
+    }
+
+    pub(crate) fn on_expired(&mut self, addr: &Multiaddr) {
+        self.confirmed.retain(|a| a != addr);
+    }
+
+    /// `peer` offers the hop protocol and is reached at `addr`.
+    pub(crate) fn add_candidate(&mut self, peer: PeerId, addr: Multiaddr) {
+        self.candidates.insert(peer, addr);
+    }
+
+    /// `peer` no longer offers the hop protocol.
+    pub(crate) fn remove_candidate(&mut self, peer: &PeerId) {
+        self.candidates.remove(peer);
+    }
+
+    pub(crate) fn has_candidates(&self) -> bool {
+        !self.candidates.is_empty()
+    }
+
+    /// Relays to ask for a reservation now, each as the circuit address to
+    /// listen on. The caller records each with [`Self::reserving`].
+    pub(crate) fn to_reserve(&mut self, now: Instant) -> Vec<(PeerId, Multiaddr)> {
+        self.resting.retain(|_, until| *until > now);
+        if self.reachability() != Reachability::Private {
+            return Vec::new();
+        }
+        let missing = self.want.saturating_sub(self.reservations.len());
+        let mut free: Vec<_> = self
+            .candidates
+            .iter()
+            .filter(|(p, _)| !self.reservations.contains_key(p) && !self.resting.contains_key(p))
+            .collect();
+        // Stable picks: the same relays across calls, not a shuffle.
+        free.sort_by_key(|(p, _)| p.to_bytes());
+        free.into_iter()
+            .take(missing)
+            .map(|(p, a)| {
+                // A dialled address may already end in the peer's id.
+                let mut circuit = a.clone();
+                if matches!(circuit.iter().last(), Some(Protocol::P2p(_))) {
+                    circuit.pop();
+                }
+                let circuit = circuit.with(Protocol::P2p(*p)).with(Protocol::P2pCircuit);
+                (*p, circuit)
+            })
+            .collect()
+    }
+
+    pub(crate) fn reserving(&mut self, relay: PeerId, listener: ListenerId) {
+        self.reservations.insert(
+            relay,
+            Reservation {
+                listener,
+                accepted: false,
+            },
+        );
+    }
+
+    /// The relay accepted (or renewed) our reservation.
+    pub(crate) fn on_accepted(&mut self, relay: PeerId) {
+        if let Some(r) = self.reservations.get_mut(&relay) {
+            r.accepted = true;
+        }
+    }
+
+    /// Relays holding an accepted reservation of ours.
+    pub(crate) fn relays(&self) -> usize {
+        self.reservations.values().filter(|r| r.accepted).count()
+    }
+
+    /// A listener closed: if it was a reservation, its relay rests and is
+    /// returned.
+    pub(crate) fn on_listener_closed(
+        &mut self,
+        listener: ListenerId,
+        now: Instant,
+    ) -> Option<PeerId> {
+        let relay = *self
+            .reservations
+            .iter()
+            .find(|(_, r)| r.listener == listener)?
+            .0;
+        self.reservations.remove(&relay);
+        self.resting.insert(relay, now + RELAY_BACKOFF);
+        Some(relay)
+    }
+
+    /// The node turned public: reservations it no longer needs, to close.
+    pub(crate) fn surplus(&mut self) -> Vec<ListenerId> {
+        if self.reachability() != Reachability::Public {
+            return Vec::new();
+        }
+        self.reservations.drain().map(|(_, r)| r.listener).collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn addr(s: &str) -> Multiaddr {
+        s.parse().expect("multiaddr")
+    }
+
+    #[test]
+    fn reachability_follows_probes_and_confirmed_addresses() {
+        let mut r = Reach::new(2);
+        assert_eq!(r.reachability(), Reachability::Unknown);
+        r.on_probe(false);
+        assert_eq!(r.reachability(), Reachability::Private);
+        // A relayed address is confirmed by the relay, not by a dial-back:
+        // the node stays private.
+        let relayed = addr(
+            "/ip4/198.18.0.2/tcp/4001/p2p/12D3KooWDpJ7As7BWAwRMfu1VU2WCqNjvq387JEYKDBj4kx6nXTN/p2p-circuit",
+        );
+        r.on_confirmed(relayed.clone());
+        assert_eq!(r.reachability(), Reachability::Private);
+        assert_eq!(r.relayed(), vec![relayed]);
+        let public = addr("/ip4/198.18.0.9/tcp/4001");
+        r.on_confirmed(public.clone());
+        assert_eq!(r.reachability(), Reachability::Public);
+        assert_eq!(r.external(), vec![public.clone()]);
+        r.on_expired(&public);
+        assert_eq!(r.reachability(), Reachability::Private);
+    }
+
+    #[test]
+    fn a_private_node_reserves_on_wanted_relays_and_replaces_a_lost_one_after_a_rest() {
+        let now = Instant::now();
+        let mut r = Reach::new(2);
+        let relays: Vec<PeerId> = (0..3).map(|_| PeerId::random()).collect();
+        for (i, p) in relays.iter().enumerate() {
+            // Dialled addresses end in the peer's id; announced ones do not.
+            let suffix = if i == 0 {
+                format!("/p2p/{p}")
+            } else {
+                String::new()
+            };
+            r.add_candidate(
+                *p,
+                addr(&format!("/ip4/198.18.0.{}/tcp/4001{suffix}", i + 2)),
+            );
+        }
+        assert!(
+            r.to_reserve(now).is_empty(),
+            "unknown reachability reserves nothing"
+        );
+        r.on_probe(false);
+        let picks = r.to_reserve(now);
+        assert_eq!(picks.len(), 2);
+        for (i, (p, a)) in picks.iter().enumerate() {
+            assert!(is_relayed(a), "{a}");
+            let ids = a.iter().filter(|x| matches!(x, Protocol::P2p(_))).count();
+            assert_eq!(ids, 1, "{a}");
+            assert!(a.iter().any(|x| x == Protocol::P2p(*p)), "{a}");
+            r.reserving(*p, ListenerId::next());
+            if i == 0 {
+                r.on_accepted(*p);
+            }
+        }
+        assert_eq!(r.relays(), 1);
+        assert!(r.to_reserve(now).is_empty(), "two reservations are enough");
+        // The first relay goes away: the third takes its place, and the lost
+        // one is not asked again before its rest ends.
+        let lost = picks[0].0;
+        let listener = r.reservations[&lost].listener;
+        assert_eq!(r.on_listener_closed(listener, now), Some(lost));
+        let next = r.to_reserve(now);
+        assert_eq!(next.len(), 1);
+        assert_ne!(next[0].0, lost);
+        r.reserving(next[0].0, ListenerId::next());
+        let other = picks[1].0;
+        let l = r.reservations[&other].listener;
+        r.on_listener_closed(l, now);
+        assert!(r.to_reserve(now).is_empty(), "both others rest");
+        let later = r.to_reserve(now + RELAY_BACKOFF + Duration::from_secs(1));
+        assert_eq!(later.len(), 1);
+    }
+
+    #[test]
+    fn a_node_that_turns_public_drops_its_reservations() {
+        let mut r = Reach::new(2);
+        r.on_probe(false);
+        let p = PeerId::random();
+        r.add_candidate(p, addr("/ip4/198.18.0.2/tcp/4001"));
+        let picks = r.to_reserve(Instant::now());
+        let l = ListenerId::next();
+        r.reserving(picks[0].0, l);
+        assert!(r.surplus().is_empty(), "still private");
+        r.on_confirmed(addr("/ip4/198.18.0.9/udp/4001/quic-v1"));
+        assert_eq!(r.surplus(), vec![l]);
+        assert!(r.to_reserve(Instant::now()).is_empty());
+    }
+
+    #[test]
+    fn transports_are_named_from_the_address() {
+        assert_eq!(transport_of(&addr("/ip4/1.2.3.4/tcp/1")), "tcp");
+        assert_eq!(transport_of(&addr("/ip4/1.2.3.4/udp/1/quic-v1")), "quic");
+        let relayed = "/ip4/1.2.3.4/udp/1/quic-v1/p2p/12D3KooWDpJ7As7BWAwRMfu1VU2WCqNjvq387JEYKDBj4kx6nXTN/p2p-circuit";
+        assert_eq!(transport_of(&addr(relayed)), "relay");
+        assert!(is_relayed(&addr(relayed)));
+        assert!(!is_relayed(&addr("/ip4/1.2.3.4/tcp/1")));
+    }
+}

@@ -1,0 +1,287 @@
+//! Reachable from behind NATs, on the network lab's real Linux routers
+//! (namespaces translating with nftables `masquerade`, dropping what arrives
+//! unasked): a public node, and private nodes behind home routers (and a
+//! carrier-grade NAT in front of one) that learn they are private, hold
+//! relay reservations, find each other through the DHT, meet through the
+//! relay and punch a hole to a direct connection that then carries an item.
+//! Needs root and nftables; elsewhere each test says SKIPPED.
+
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail, ensure};
+use futures::StreamExt;
+use guest_api::Client;
+use guest_api::proto;
+use p2pvm_e2e::{NodeOpts, TestNode, eventually, fetch_whole, publish_named};
+use p2pvm_netlab::{Host, Lab, LabError, Line, Nat, Router};
+
+/// Waits for reachability, reservations and hole punches: AutoNAT probes
+/// every 5 s, and a test host may be loaded.
+const WAIT: Duration = Duration::from_secs(90);
+
+/// Each line holds frames 12 ms each way: 48 ms between two routers.
+fn line() -> Line {
+    Line::UNSHAPED.with_delay(Duration::from_millis(12))
+}
+
+/// The lab with a router to try, or `None` after a loud SKIPPED.
+fn lab_or_skip() -> Result<Option<Lab>> {
+    let mut lab = match Lab::check().and_then(|()| Lab::new()) {
+        Ok(lab) => lab,
+        Err(e) => {
+            eprintln!("SKIPPED: NAT traversal needs the network lab: {e}");
+            return Ok(None);
+        }
+    };
+    // nftables is checked by building a router; that one stays unused.
+    match lab.add_router(Line::UNSHAPED, Nat::Cone) {
+        Ok(_) => Ok(Some(lab)),
+        Err(e @ LabError::Missing { .. }) => {
+            eprintln!("SKIPPED: NAT traversal needs the lab's routers: {e}");
+            Ok(None)
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
+async fn node(host: &Host, bootstrap: &[&TestNode], config: &str) -> Result<TestNode> {
+    TestNode::start(NodeOpts {
+        bootstrap: bootstrap.iter().map(|n| n.addr.clone()).collect(),
+        config_toml: Some(format!("{config}\n[virus]\nenabled = false\n")),
+        capture_log: true,
+        host: Some(host.clone()),
+        ..Default::default()
+    })
+    .await
+}
+
+/// Waits until `c` reports `reachability`, and for a private node until it
+/// holds a relayed address.
+async fn reaches(c: &Client, reachability: &'static str) -> Result<proto::NodeInfo> {
+    eventually(WAIT, &format!("reachability {reachability}"), || async {
+        let i = c.node_info().await.ok()?;
+        let relayed = reachability != "private" || !i.relayed_addrs.is_empty();
+        (i.reachability == reachability && relayed).then_some(i)
+    })
+    .await
+}
+
+/// The connections `c` has to `peer`, as (kind, transport).
+async fn connections(c: &Client, peer: &str) -> Result<Vec<(String, String)>> {
+    let peers = c.peers().await?;
+    let p = peers.iter().find(|p| p.peer_id == peer);
+    Ok(p.map(|p| {
+        p.connections
+            .iter()
+            .map(|c| (c.kind.clone(), c.transport.clone()))
+            .collect()
+    })
+    .unwrap_or_default())
+}
+
+/// The scenario: `a` behind `a_router` (and whatever is in front of it),
+/// `b` behind its own home router, a public relay; an item of `mib` MiB from
+/// `b` to `a` over the punched connection.
+async fn punch_and_move(lab: &mut Lab, a_router: &Router, mib: usize) -> Result<()> {
+    let (seed_host, relay_host) = (lab.add_host(line())?, lab.add_host(line())?);
+    let b_router = lab.add_router(line(), Nat::Cone)?;
+    let a_host = lab.add_host_behind(a_router, Line::UNSHAPED)?;
+    let b_host = lab.add_host_behind(&b_router, Line::UNSHAPED)?;
+    // AutoNAT asks the peers a node dialled: the relay learns it is public
+    // from the public peer it joined through.
+    let seed = node(&seed_host, &[], "").await?;
+    let relay = node(&relay_host, &[&seed], "").await?;
+    let a = node(&a_host, &[&relay], "").await?;
+    let b = node(&b_host, &[&relay], "").await?;
+    let moved = punched_transfer(lab, &relay_host, [&relay, &a, &b], mib).await;
+    if moved.is_err() {
+        dump_logs(&[("relay", &relay), ("a", &a), ("b", &b)]);
+    }
+    moved
+}
+
+/// What each node logged, on stderr: why a scenario failed.
+fn dump_logs(nodes: &[(&str, &TestNode)]) {
+    for (name, n) in nodes {
+        eprintln!("===== {name}'s log (peer {}):\n{}", n.peer_id, n.log());
+    }
+}
+
+async fn punched_transfer(
+    lab: &Lab,
+    relay_host: &Host,
+    [relay, a, b]: [&TestNode; 3],
+    mib: usize,
+) -> Result<()> {
+    let (ra, rb, rr) = (a.admin().await?, b.admin().await?, relay.admin().await?);
+
+    // Each learns where it stands: the relay by the private nodes dialling
+    // it back, the private ones by a failed dial-back and a reservation.
+    let ri = reaches(&rr, "public").await?;
+    ensure!(
+        ri.external_addrs
+            .iter()
+            .any(|x| x.contains(&relay_host.ip.to_string())),
+        "the relay's confirmed addresses: {:?}",
+        ri.external_addrs
+    );
+    let bi = reaches(&rb, "private").await?;
+    reaches(&ra, "private").await?;
+    ensure!(
+        bi.external_addrs.is_empty(),
+        "a private node advertised unconfirmed addresses: {:?}",
+        bi.external_addrs
+    );
+
+    // `a` finds `b` through the DHT (its relayed address), dials it through
+    // the relay, and the two punch a hole.
+    let found = eventually(WAIT, "b's relayed address in the DHT", || async {
+        let p = ra.find_peer(&b.peer_id).await.ok()?;
+        p.addrs
+            .iter()
+            .any(|x| x.contains("p2p-circuit"))
+            .then_some(p)
+    })
+    .await?;
+    ra.connect(&b.peer_id, &found.addrs).await?;
+    let direct = eventually(WAIT, "a direct connection after the hole punch", || async {
+        let conns = connections(&ra, &b.peer_id).await.ok()?;
+        let direct = conns.iter().any(|(k, _)| k == "direct");
+        let relayed = conns.iter().any(|(k, _)| k == "relayed");
+        (direct && !relayed).then_some(conns)
+    })
+    .await?;
+    eprintln!("a's connections to b after the punch: {direct:?}");
+    ensure!(
+        b.log().contains("hole punched") || a.log().contains("hole punched"),
+        "the direct connection came from somewhere else than DCUtR"
+    );
+
+    // The item moves over the direct connection: the relay's line carries a
+    // small share of it at most.
+    let data = p2pvm_e2e::pseudo_random(mib << 20, 77);
+    let id = publish_named(&b.app("pub").await?, "across.bin", &data).await?;
+    let before = lab.traffic(relay_host)?;
+    let got = fetch_whole(&a.app("get").await?, &id).await?;
+    ensure!(got == data, "a got different bytes");
+    let after = lab.traffic(relay_host)?;
+    let relayed = (after.sent - before.sent).max(after.received - before.received);
+    eprintln!(
+        "{mib} MiB moved; the relay's line carried {} KiB meanwhile",
+        relayed >> 10
+    );
+    ensure!(
+        relayed < (data.len() as u64) / 8,
+        "the relay carried {relayed} bytes of a {} byte transfer",
+        data.len()
+    );
+    let conns = connections(&ra, &b.peer_id).await?;
+    ensure!(
+        !conns.is_empty() && conns.iter().all(|(k, _)| k == "direct"),
+        "a's connections to b after the transfer: {conns:?}"
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_nodes_behind_home_routers_punch_a_hole_and_move_an_item_directly() -> Result<()> {
+    let Some(mut lab) = lab_or_skip()? else {
+        return Ok(());
+    };
+    let home = lab.add_router(line(), Nat::Cone)?;
+    punch_and_move(&mut lab, &home, 64).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_behind_a_carrier_grade_nat_too_punches_a_hole() -> Result<()> {
+    let Some(mut lab) = lab_or_skip()? else {
+        return Ok(());
+    };
+    let cgnat = lab.add_router(line(), Nat::Cone)?;
+    let home = lab.add_router_behind(&cgnat, Nat::Cone)?;
+    punch_and_move(&mut lab, &home, 16).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn behind_symmetric_nats_the_relay_carries_what_its_limits_allow() -> Result<()> {
+    let Some(mut lab) = lab_or_skip()? else {
+        return Ok(());
+    };
+    let (seed_host, relay_host) = (lab.add_host(line())?, lab.add_host(line())?);
+    let (ra_router, rb_router) = (
+        lab.add_router(line(), Nat::Symmetric)?,
+        lab.add_router(line(), Nat::Symmetric)?,
+    );
+    let a_host = lab.add_host_behind(&ra_router, Line::UNSHAPED)?;
+    let b_host = lab.add_host_behind(&rb_router, Line::UNSHAPED)?;
+    // Circuits of at most 256 KiB each way: enough for a small item's
+    // blocks, not for a large one.
+    let seed = node(&seed_host, &[], "").await?;
+    let relay = node(
+        &relay_host,
+        &[&seed],
+        "[relay]\nmax_circuit_bytes = 262144\n",
+    )
+    .await?;
+    let a = node(&a_host, &[&relay], "").await?;
+    let b = node(&b_host, &[&relay], "").await?;
+    let (ra, rb) = (a.admin().await?, b.admin().await?);
+    reaches(&rb, "private").await?;
+    reaches(&ra, "private").await?;
+    let found = eventually(WAIT, "b's relayed address in the DHT", || async {
+        let p = ra.find_peer(&b.peer_id).await.ok()?;
+        p.addrs
+            .iter()
+            .any(|x| x.contains("p2p-circuit"))
+            .then_some(p)
+    })
+    .await?;
+    ra.connect(&b.peer_id, &found.addrs).await?;
+    // No hole through two symmetric NATs: the pair stays relayed.
+    eventually(WAIT, "b's failed hole punch", || async {
+        (b.log().contains("hole punch failed") || a.log().contains("hole punch failed"))
+            .then_some(())
+    })
+    .await?;
+    let conns = connections(&ra, &b.peer_id).await?;
+    ensure!(
+        conns.iter().all(|(k, _)| k == "relayed") && !conns.is_empty(),
+        "{conns:?}"
+    );
+    // Pub/sub over the relay.
+    let (pa, pb) = (a.app("chat").await?, b.app("chat").await?);
+    let mut sub = pa.subscribe("nat/chat").await?;
+    eventually(WAIT, "the topic's mesh through the relay", || async {
+        pb.publish("nat/chat", b"over the relay".to_vec())
+            .await
+            .ok()
+    })
+    .await?;
+    let msg = tokio::time::timeout(WAIT, sub.next())
+        .await
+        .context("no pub/sub message through the relay")?
+        .context("subscription ended")?;
+    ensure!(msg.data[..] == b"over the relay"[..]);
+    // A small item arrives through the relay; one larger than a circuit
+    // carries fails with an error that names the relay's limit.
+    let small = p2pvm_e2e::pseudo_random(100 << 10, 5);
+    let id = publish_named(&b.app("pub").await?, "small.bin", &small).await?;
+    ensure!(
+        fetch_whole(&pa, &id).await? == small,
+        "the small item's bytes"
+    );
+    let large = p2pvm_e2e::pseudo_random(4 << 20, 6);
+    let id = publish_named(&b.app("pub").await?, "large.bin", &large).await?;
+    match p2pvm_e2e::fetch_or_refusal(&pa, &id, true).await? {
+        Ok(_) => bail!("4 MiB crossed a relay that carries 256 KiB a circuit"),
+        Err(refusal) => {
+            let refusal = refusal.to_string();
+            eprintln!("the large item: {refusal}");
+            ensure!(
+                refusal.to_lowercase().contains("relay"),
+                "the refusal does not say the relay's limit stopped it: {refusal}"
+            );
+        }
+    }
+    Ok(())
+}
