@@ -214,6 +214,20 @@ pub enum Unavailable {
         /// Providers being asked when it stalled.
         providers: usize,
     },
+    /// The providers are reached only through relays, and the relays'
+    /// circuits (limited in bytes and time by their operators) did not
+    /// carry the item.
+    #[error(
+        "no verified data for {secs}s: the {providers} provider(s) are reachable only through relays, whose circuits carry {limit} bytes (their operators' limit)"
+    )]
+    RelayLimited {
+        /// The configured stall timeout.
+        secs: u64,
+        /// Providers known when it stalled.
+        providers: usize,
+        /// What one circuit carries, in words ("at most 262144").
+        limit: String,
+    },
     /// The only providers failed; the last one's reason.
     #[error("provider {peer}: {source}")]
     Provider {
@@ -306,6 +320,17 @@ pub enum ProviderError {
         /// Its message.
         message: String,
     },
+    /// It is reachable only through a relay whose circuits carry fewer
+    /// bytes than the item still needs (the relay operator's limit).
+    #[error(
+        "reachable only through a relay whose circuits carry at most {limit} bytes; {missing} bytes are still missing"
+    )]
+    RelayLimited {
+        /// Bytes one circuit carries.
+        limit: u64,
+        /// Bytes of the item not held yet.
+        missing: u64,
+    },
     /// The download ended for a reason of ours, not the provider's.
     #[error("the download failed locally")]
     Local(#[source] ContentServiceError),
@@ -345,6 +370,7 @@ impl ProviderError {
             | Self::Declined(_)
             | Self::Forbidden { .. }
             | Self::Manifest(_)
+            | Self::RelayLimited { .. }
             | Self::Local(_) => None,
         }
     }
@@ -371,6 +397,7 @@ impl ProviderError {
             Self::Manifest(_) => "manifest",
             Self::Drm(_) => "drm",
             Self::Forbidden { .. } => "forbidden",
+            Self::RelayLimited { .. } => "relay_limited",
             Self::Local(_) => "local",
         }
     }

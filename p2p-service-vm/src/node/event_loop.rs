@@ -20,9 +20,9 @@ use tracing::{debug, info, warn};
 use super::behaviour::{Behaviour, BehaviourEvent, KAD_PROTOCOL, MAX_PUBSUB_BYTES, relay_key};
 use super::handle::{
     COMMAND_QUEUE, Command, ConnectionSummary, EVENT_QUEUE, NodeError, NodeEvent, NodeHandle,
-    NodeStatus, PeerSummary, PubsubMessage, ReachStatus,
+    NodeStatus, Paths, PeerSummary, PubsubMessage, ReachStatus,
 };
-use super::reach::{Reach, Reachability, is_loopback, is_relayed};
+use super::reach::{Reach, Reachability, is_loopback, is_relayed, relay_of};
 use crate::config::Config;
 
 /// Why the node could not start.
@@ -208,6 +208,7 @@ impl Node {
                 serve_relay: config.relay.serve,
                 relay_announced: false,
                 last_relay_search: None,
+                circuit_limits: HashMap::new(),
                 status,
             },
         })
@@ -255,6 +256,9 @@ struct EventLoop {
     /// Whether this node announced itself in the DHT as a relay.
     relay_announced: bool,
     last_relay_search: Option<Instant>,
+    /// Bytes one circuit carries, by relay (our circuits) or by the peer
+    /// that opened a circuit to us.
+    circuit_limits: HashMap<PeerId, u64>,
     status: std::sync::Arc<NodeStatus>,
 }
 
@@ -295,6 +299,9 @@ impl EventLoop {
                 let _ = reply.send(Ok(peers));
             }
             Command::Connect { peer, addrs, reply } => self.connect(peer, addrs, reply),
+            Command::Paths(peer, reply) => {
+                let _ = reply.send(Ok(self.paths(&peer)));
+            }
             Command::RemoteAddr(peer, reply) => {
                 let _ = reply.send(Ok(self.direct_remote(&peer)));
             }
@@ -483,6 +490,26 @@ impl EventLoop {
         }
     }
 
+    /// How we are connected to `peer`, with the limit the relays of its
+    /// relayed connections put on a circuit.
+    fn paths(&self, peer: &PeerId) -> Paths {
+        let mut p = Paths::default();
+        for c in self.conns.values().filter(|c| c.peer == *peer) {
+            if !c.relayed {
+                p.direct += 1;
+                continue;
+            }
+            p.relayed += 1;
+            let limit = relay_of(&c.remote)
+                .and_then(|r| self.circuit_limits.get(&r))
+                .or_else(|| self.circuit_limits.get(peer));
+            if let Some(&l) = limit {
+                p.circuit_bytes = Some(p.circuit_bytes.map_or(l, |m| m.min(l)));
+            }
+        }
+        p
+    }
+
     /// The remote address of the newest direct (not relayed) connection to
     /// `peer`: where it really is, and where its fast path listens.
     fn direct_remote(&self, peer: &PeerId) -> Option<Multiaddr> {
@@ -521,7 +548,7 @@ impl EventLoop {
     /// DHT for relays when it knows too few.
     fn look_after_relays(&mut self) {
         let now = Instant::now();
-        for (relay, circuit) in self.reach.to_reserve(now) {
+        for (relay, circuit) in self.reach.relays_to_ask(now) {
             match self.swarm.listen_on(circuit.clone()) {
                 Ok(listener) => {
                     debug!(%relay, %circuit, "asking for a relay reservation");
@@ -708,6 +735,27 @@ impl EventLoop {
                 }
                 self.reach.on_accepted(relay_peer_id);
                 self.publish_reach();
+            }
+            BehaviourEvent::RelayClient(relay::client::Event::OutboundCircuitEstablished {
+                relay_peer_id,
+                limit,
+            }) => {
+                // Kept by relay: a relayed connection's address names it.
+                match limit.and_then(|l| l.data_in_bytes()) {
+                    Some(bytes) => self.circuit_limits.insert(relay_peer_id, bytes),
+                    None => self.circuit_limits.remove(&relay_peer_id),
+                };
+            }
+            BehaviourEvent::RelayClient(relay::client::Event::InboundCircuitEstablished {
+                src_peer_id,
+                limit,
+            }) => {
+                // Kept by the peer at the other end: which relay carries an
+                // inbound circuit is not said.
+                match limit.and_then(|l| l.data_in_bytes()) {
+                    Some(bytes) => self.circuit_limits.insert(src_peer_id, bytes),
+                    None => self.circuit_limits.remove(&src_peer_id),
+                };
             }
             BehaviourEvent::Dcutr(dcutr::Event {
                 remote_peer_id,

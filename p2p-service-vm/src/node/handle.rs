@@ -60,6 +60,17 @@ pub struct ConnectionSummary {
     pub outbound: bool,
 }
 
+/// How the node is connected to one peer.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Paths {
+    /// Direct connections.
+    pub direct: usize,
+    /// Connections through relays' circuits.
+    pub relayed: usize,
+    /// The fewest bytes one of those circuits carries, where the relay said.
+    pub circuit_bytes: Option<u64>,
+}
+
 /// Whether peers can reach this node, and at which addresses.
 #[derive(Debug, Clone, Default)]
 pub struct ReachStatus {
@@ -160,6 +171,8 @@ pub enum Command {
     /// The remote address of the newest open connection to a peer (where it
     /// really is, unlike the addresses it announces).
     RemoteAddr(PeerId, Reply<Option<Multiaddr>>),
+    /// How the node is connected to a peer.
+    Paths(PeerId, Reply<Paths>),
     /// Find a peer's addresses through the DHT.
     FindPeer(PeerId, Reply<PeerSummary>),
     /// Store a record in the DHT.

@@ -20,7 +20,7 @@ mod reach;
 pub use behaviour::{relay_key, service_key};
 pub use event_loop::{Node, NodeStartError};
 pub use handle::{
-    Command, ConnectionSummary, NodeError, NodeEvent, NodeHandle, PeerSummary, PubsubMessage,
-    ReachStatus,
+    Command, ConnectionSummary, NodeError, NodeEvent, NodeHandle, Paths, PeerSummary,
+    PubsubMessage, ReachStatus,
 };
 pub use reach::{Reachability, transport_of};

@@ -48,6 +48,20 @@ pub(crate) fn is_relayed(addr: &Multiaddr) -> bool {
     addr.iter().any(|p| matches!(p, Protocol::P2pCircuit))
 }
 
+/// The relay a relayed address goes through: the peer named just before
+/// its circuit.
+pub(crate) fn relay_of(addr: &Multiaddr) -> Option<PeerId> {
+    let mut last = None;
+    for p in addr.iter() {
+        match p {
+            Protocol::P2p(id) => last = Some(id),
+            Protocol::P2pCircuit => return last,
+            _ => {}
+        }
+    }
+    None
+}
+
 /// Whether a multiaddr is on this host's loopback.
 pub(crate) fn is_loopback(addr: &Multiaddr) -> bool {
     addr.iter().any(|p| match p {
@@ -162,7 +176,7 @@ impl Reach {
 
     /// Relays to ask for a reservation now, each as the circuit address to
     /// listen on. The caller records each with [`Self::reserving`].
-    pub(crate) fn to_reserve(&mut self, now: Instant) -> Vec<(PeerId, Multiaddr)> {
+    pub(crate) fn relays_to_ask(&mut self, now: Instant) -> Vec<(PeerId, Multiaddr)> {
         self.resting.retain(|_, until| *until > now);
         if self.reachability() != Reachability::Private {
             return Vec::new();
@@ -285,11 +299,11 @@ mod tests {
             );
         }
         assert!(
-            r.to_reserve(now).is_empty(),
+            r.relays_to_ask(now).is_empty(),
             "unknown reachability reserves nothing"
         );
         r.on_probe(false);
-        let picks = r.to_reserve(now);
+        let picks = r.relays_to_ask(now);
         assert_eq!(picks.len(), 2);
         for (i, (p, a)) in picks.iter().enumerate() {
             assert!(is_relayed(a), "{a}");
@@ -302,21 +316,24 @@ mod tests {
             }
         }
         assert_eq!(r.relays(), 1);
-        assert!(r.to_reserve(now).is_empty(), "two reservations are enough");
+        assert!(
+            r.relays_to_ask(now).is_empty(),
+            "two reservations are enough"
+        );
         // The first relay goes away: the third takes its place, and the lost
         // one is not asked again before its rest ends.
         let lost = picks[0].0;
         let listener = r.reservations[&lost].listener;
         assert_eq!(r.on_listener_closed(listener, now), Some(lost));
-        let next = r.to_reserve(now);
+        let next = r.relays_to_ask(now);
         assert_eq!(next.len(), 1);
         assert_ne!(next[0].0, lost);
         r.reserving(next[0].0, ListenerId::next());
         let other = picks[1].0;
         let l = r.reservations[&other].listener;
         r.on_listener_closed(l, now);
-        assert!(r.to_reserve(now).is_empty(), "both others rest");
-        let later = r.to_reserve(now + RELAY_BACKOFF + Duration::from_secs(1));
+        assert!(r.relays_to_ask(now).is_empty(), "both others rest");
+        let later = r.relays_to_ask(now + RELAY_BACKOFF + Duration::from_secs(1));
         assert_eq!(later.len(), 1);
     }
 
@@ -326,13 +343,13 @@ mod tests {
         r.on_probe(false);
         let p = PeerId::random();
         r.add_candidate(p, addr("/ip4/198.18.0.2/tcp/4001"));
-        let picks = r.to_reserve(Instant::now());
+        let picks = r.relays_to_ask(Instant::now());
         let l = ListenerId::next();
         r.reserving(picks[0].0, l);
         assert!(r.surplus().is_empty(), "still private");
         r.on_confirmed(addr("/ip4/198.18.0.9/udp/4001/quic-v1"));
         assert_eq!(r.surplus(), vec![l]);
-        assert!(r.to_reserve(Instant::now()).is_empty());
+        assert!(r.relays_to_ask(Instant::now()).is_empty());
     }
 
     #[test]

@@ -284,6 +284,30 @@ fn unregister(svc: &ContentService, dl: &Arc<Download>) {
 }
 
 /// Provider workers of one download, and when failed ones may be tried again.
+/// Whether every provider of a stalled download is connected, and only
+/// through relays: then the relays' limits, not the providers, stopped it.
+/// How many there are and the fewest bytes one of their circuits carries.
+async fn relayed_only(
+    svc: &ContentService,
+    providers: impl Iterator<Item = &PeerId>,
+) -> Option<(usize, Option<u64>)> {
+    let (mut n, mut limit) = (0, None::<u64>);
+    for p in providers {
+        let peer = *p;
+        let paths = svc.inner.ctx.node.call(|reply| Command::Paths(peer, reply));
+        match paths.await {
+            Ok(p) if p.direct == 0 && p.relayed > 0 => {
+                n += 1;
+                if let Some(b) = p.circuit_bytes {
+                    limit = Some(limit.map_or(b, |l| l.min(b)));
+                }
+            }
+            _ => return None,
+        }
+    }
+    (n > 0).then_some((n, limit))
+}
+
 struct Workers {
     running: HashMap<PeerId, tokio::task::JoinHandle<()>>,
     retry: HashMap<PeerId, Instant>,
@@ -357,13 +381,19 @@ async fn drive(
             break Outcome::Failed(dl.failure().unwrap_or(ContentServiceError::Cancelled));
         }
         if stalled {
-            break Outcome::Failed(
-                Unavailable::Stalled {
-                    secs: stall.as_secs(),
-                    providers: workers.running.len(),
-                }
-                .into(),
-            );
+            let providers = workers.running.len();
+            let secs = stall.as_secs();
+            let known = workers.running.keys().chain(workers.retry.keys());
+            let why = match relayed_only(&svc, known).await {
+                Some((providers, limit)) => Unavailable::RelayLimited {
+                    secs,
+                    providers,
+                    limit: limit
+                        .map_or_else(|| "a limited number of".into(), |b| format!("at most {b}")),
+                },
+                None => Unavailable::Stalled { secs, providers },
+            };
+            break Outcome::Failed(why.into());
         }
         workers.reap();
         let want_more = workers.running.len() < cfg.max_providers as usize;

@@ -33,7 +33,7 @@ use crate::content::wire::{
     PayloadRead, PayloadWrite, read_msg, read_payload, read_payload_bytes, write_msg,
 };
 use crate::content::{ContentService, ContentServiceError};
-use crate::node::NodeEvent;
+use crate::node::{Command, NodeEvent};
 
 mod pipeline;
 use pipeline::pipeline;
@@ -98,7 +98,7 @@ fn charge(svc: &ContentService, dl: &Download, peer: PeerId, e: &ProviderError) 
         ProviderError::NotProviding(_) => dl.state().sched.back_off(peer, Instant::now()),
         // Only "not on another stream now": a short pause, never charged,
         // and no strike toward the pauses of a provider without the item.
-        ProviderError::StreamsFull(_) => {
+        ProviderError::StreamsFull(_) | ProviderError::RelayLimited { .. } => {
             dl.state().sched.pause(peer, Instant::now());
             false
         }
@@ -120,6 +120,7 @@ fn charge(svc: &ContentService, dl: &Download, peer: PeerId, e: &ProviderError) 
 
 async fn run(svc: &ContentService, dl: &Arc<Download>, peer: PeerId) -> Result<(), ProviderError> {
     let mut stream = open_stream(svc, peer).await?;
+    within_relay_limit(svc, dl, peer).await?;
     // The first Have goes alone: its answer says what the provider holds and
     // whether blocks can take the fast path. A provider that never answers
     // frees its worker slot like one that stops answering later.
@@ -152,6 +153,29 @@ async fn run(svc: &ContentService, dl: &Arc<Download>, peer: PeerId) -> Result<(
     }
     bridged(svc, dl, peer, conn, complete, port, &ending).await?;
     ending.result()
+}
+
+/// A provider reached only through a relay is asked only for what one of the
+/// relay's circuits carries: re-dialling circuit after circuit to pass a
+/// large item through would dodge the limit its operator set.
+async fn within_relay_limit(
+    svc: &ContentService,
+    dl: &Download,
+    peer: PeerId,
+) -> Result<(), ProviderError> {
+    let paths = svc.inner.ctx.node.call(|reply| Command::Paths(peer, reply));
+    let Ok(paths) = paths.await else {
+        return Ok(());
+    };
+    let Some(limit) = paths.circuit_bytes.filter(|_| paths.direct == 0) else {
+        return Ok(());
+    };
+    let held = dl.state().sched.held_blocks() * BLOCK_BYTES;
+    let missing = dl.partial.size().saturating_sub(held);
+    if missing > limit {
+        return Err(ProviderError::RelayLimited { limit, missing });
+    }
+    Ok(())
 }
 
 /// Blocks flow on the libp2p stream from the provider's first answer while
