@@ -11,13 +11,11 @@ use std::time::Duration;
 use anyhow::{Context, Result, bail, ensure};
 use futures::StreamExt;
 use guest_api::Client;
-use guest_api::proto;
-use p2pvm_e2e::{NodeOpts, TestNode, eventually, fetch_whole, publish_named};
+use p2pvm_e2e::nat::{
+    WAIT, connections, dump_logs, find_relayed, lab_node as node, punch, reaches,
+};
+use p2pvm_e2e::{TestNode, eventually, fetch_whole, publish_named};
 use p2pvm_netlab::{Host, Lab, LabError, Line, Nat, Router};
-
-/// Waits for reachability, reservations and hole punches: AutoNAT probes
-/// every 5 s, and a test host may be loaded.
-const WAIT: Duration = Duration::from_secs(90);
 
 /// Each line holds frames 12 ms each way: 48 ms between two routers.
 fn line() -> Line {
@@ -42,41 +40,6 @@ fn lab_or_skip() -> Result<Option<Lab>> {
         }
         Err(e) => Err(e.into()),
     }
-}
-
-async fn node(host: &Host, bootstrap: &[&TestNode], config: &str) -> Result<TestNode> {
-    TestNode::start(NodeOpts {
-        bootstrap: bootstrap.iter().map(|n| n.addr.clone()).collect(),
-        config_toml: Some(format!("{config}\n[virus]\nenabled = false\n")),
-        capture_log: true,
-        host: Some(host.clone()),
-        ..Default::default()
-    })
-    .await
-}
-
-/// Waits until `c` reports `reachability`, and for a private node until it
-/// holds a relayed address.
-async fn reaches(c: &Client, reachability: &'static str) -> Result<proto::NodeInfo> {
-    eventually(WAIT, &format!("reachability {reachability}"), || async {
-        let i = c.node_info().await.ok()?;
-        let relayed = reachability != "private" || !i.relayed_addrs.is_empty();
-        (i.reachability == reachability && relayed).then_some(i)
-    })
-    .await
-}
-
-/// The connections `c` has to `peer`, as (kind, transport).
-async fn connections(c: &Client, peer: &str) -> Result<Vec<(String, String)>> {
-    let peers = c.peers().await?;
-    let p = peers.iter().find(|p| p.peer_id == peer);
-    Ok(p.map(|p| {
-        p.connections
-            .iter()
-            .map(|c| (c.kind.clone(), c.transport.clone()))
-            .collect()
-    })
-    .unwrap_or_default())
 }
 
 /// The scenario: `a` behind `a_router` (and whatever is in front of it),
@@ -112,13 +75,6 @@ async fn fetch_or_error(c: &Client, id: &str) -> Result<Vec<u8>, String> {
     Ok(out)
 }
 
-/// What each node logged, on stderr: why a scenario failed.
-fn dump_logs(nodes: &[(&str, &TestNode)]) {
-    for (name, n) in nodes {
-        eprintln!("===== {name}'s log (peer {}):\n{}", n.peer_id, n.log());
-    }
-}
-
 async fn punched_transfer(
     lab: &Lab,
     relay_host: &Host,
@@ -147,23 +103,12 @@ async fn punched_transfer(
 
     // `a` finds `b` through the DHT (its relayed address), dials it through
     // the relay, and the two punch a hole.
-    let found = eventually(WAIT, "b's relayed address in the DHT", || async {
-        let p = ra.find_peer(&b.peer_id).await.ok()?;
-        p.addrs
-            .iter()
-            .any(|x| x.contains("p2p-circuit"))
-            .then_some(p)
-    })
-    .await?;
-    ra.connect(&b.peer_id, &found.addrs).await?;
-    let direct = eventually(WAIT, "a direct connection after the hole punch", || async {
-        let conns = connections(&ra, &b.peer_id).await.ok()?;
-        let direct = conns.iter().any(|(k, _)| k == "direct");
-        let relayed = conns.iter().any(|(k, _)| k == "relayed");
-        (direct && !relayed).then_some(conns)
-    })
-    .await?;
-    eprintln!("a's connections to b after the punch: {direct:?}");
+    let found = find_relayed(&ra, &b.peer_id).await?;
+    let took = punch(&ra, &b.peer_id, &found, WAIT)
+        .await?
+        .context("no direct connection after the hole punch")?;
+    let direct = connections(&ra, &b.peer_id).await?;
+    eprintln!("a's connections to b {took:?} after the dial: {direct:?}");
     ensure!(
         b.log().contains("hole punched") || a.log().contains("hole punched"),
         "the direct connection came from somewhere else than DCUtR"
@@ -249,15 +194,8 @@ async fn relayed_only([relay, a, b]: [&TestNode; 3]) -> Result<()> {
     reaches(&relay.admin().await?, "public").await?;
     reaches(&rb, "private").await?;
     reaches(&ra, "private").await?;
-    let found = eventually(WAIT, "b's relayed address in the DHT", || async {
-        let p = ra.find_peer(&b.peer_id).await.ok()?;
-        p.addrs
-            .iter()
-            .any(|x| x.contains("p2p-circuit"))
-            .then_some(p)
-    })
-    .await?;
-    ra.connect(&b.peer_id, &found.addrs).await?;
+    let found = find_relayed(&ra, &b.peer_id).await?;
+    ra.connect(&b.peer_id, &found).await?;
     // No hole through two symmetric NATs: the pair stays relayed.
     eventually(WAIT, "b's failed hole punch", || async {
         (b.log().contains("hole punch failed") || a.log().contains("hole punch failed"))

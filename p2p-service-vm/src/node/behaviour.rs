@@ -151,6 +151,14 @@ pub fn relay_key() -> kad::RecordKey {
     service_key("p2pvm/relay")
 }
 
+/// The DHT key of a private node's signed peer record (its relayed
+/// addresses): how others find a node that is not a DHT server.
+pub fn peer_record_key(peer: &libp2p::PeerId) -> kad::RecordKey {
+    let mut text = b"p2pvm/peer/v1/".to_vec();
+    text.extend_from_slice(&peer.to_bytes());
+    kad::RecordKey::new(&blake3::hash(&text).as_bytes())
+}
+
 /// The DHT key under which peers offering the named service are providers.
 pub fn service_key(name: &str) -> kad::RecordKey {
     let digest = blake3::hash(format!("p2pvm/service/v1/{name}").as_bytes());

@@ -17,12 +17,16 @@ use tokio::sync::{broadcast, mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-use super::behaviour::{Behaviour, BehaviourEvent, KAD_PROTOCOL, MAX_PUBSUB_BYTES, relay_key};
+use super::behaviour::{
+    Behaviour, BehaviourEvent, KAD_PROTOCOL, MAX_PUBSUB_BYTES, peer_record_key, relay_key,
+};
 use super::handle::{
     COMMAND_QUEUE, Command, ConnectionSummary, EVENT_QUEUE, NodeError, NodeEvent, NodeHandle,
     NodeStatus, Paths, PeerSummary, PubsubMessage, ReachStatus,
 };
-use super::reach::{Reach, Reachability, is_loopback, is_relayed, relay_of};
+use super::reach::{
+    Reach, Reachability, addrs_from_record, is_loopback, is_relayed, relay_of, signed_peer_record,
+};
 use crate::config::Config;
 
 /// Why the node could not start.
@@ -67,6 +71,11 @@ enum PendingQuery {
     },
     /// Public relays the DHT names, for a private node to reserve on.
     Relays,
+    /// A private peer's signed peer record, when a lookup found no address.
+    PeerRecord {
+        target: PeerId,
+        reply: Reply<PeerSummary>,
+    },
 }
 
 /// How often a private node looks after its relay reservations.
@@ -118,6 +127,7 @@ fn resolver_config() -> (libp2p::dns::ResolverConfig, libp2p::dns::ResolverOpts)
 impl Node {
     /// Builds the swarm, starts listening and dials the bootstrap peers.
     pub fn start(key: libp2p::identity::Keypair, config: &Config) -> Result<Self, NodeStartError> {
+        let keypair = key.clone();
         let build = |e: &dyn std::fmt::Display| NodeStartError::Build(e.to_string());
         let behaviour_config = config.clone();
         let (dns_config, dns_opts) = resolver_config();
@@ -209,6 +219,9 @@ impl Node {
                 relay_announced: false,
                 last_relay_search: None,
                 circuit_limits: HashMap::new(),
+                keypair,
+                kad_client: false,
+                published_record: Vec::new(),
                 status,
             },
         })
@@ -259,6 +272,12 @@ struct EventLoop {
     /// Bytes one circuit carries, by relay (our circuits) or by the peer
     /// that opened a circuit to us.
     circuit_limits: HashMap<PeerId, u64>,
+    /// Signs the peer record of a private node.
+    keypair: libp2p::identity::Keypair,
+    /// The DHT runs in client mode (this node is private).
+    kad_client: bool,
+    /// The relayed addresses last put in the DHT as our peer record.
+    published_record: Vec<Multiaddr>,
     status: std::sync::Arc<NodeStatus>,
 }
 
@@ -541,6 +560,43 @@ impl EventLoop {
         }
         for listener in self.reach.surplus() {
             self.swarm.remove_listener(listener);
+        }
+        // A private node is no DHT server: peers would have to reach it
+        // through relays for every query (a storm of circuits once many
+        // private nodes share a relay). It is found by its signed peer
+        // record instead, which names its relayed addresses.
+        let private = self.reach.reachability() == Reachability::Private;
+        if private != self.kad_client {
+            self.kad_client = private;
+            let mode = if private {
+                kad::Mode::Client
+            } else {
+                kad::Mode::Server
+            };
+            info!(?mode, "DHT mode");
+            self.swarm.behaviour_mut().kad.set_mode(Some(mode));
+        }
+        let relayed = self.reach.relayed();
+        if private && !relayed.is_empty() && relayed != self.published_record {
+            self.put_peer_record(relayed);
+        }
+    }
+
+    /// Puts our signed peer record (relayed addresses) in the DHT.
+    fn put_peer_record(&mut self, addrs: Vec<Multiaddr>) {
+        let Some(value) = signed_peer_record(&self.keypair, addrs.clone()) else {
+            return;
+        };
+        let key = peer_record_key(self.swarm.local_peer_id());
+        let record = kad::Record::new(key, value);
+        match self
+            .swarm
+            .behaviour_mut()
+            .kad
+            .put_record(record, kad::Quorum::One)
+        {
+            Ok(_) => self.published_record = addrs,
+            Err(e) => warn!(error = ?e, "cannot store our peer record"),
         }
     }
 
@@ -917,9 +973,46 @@ impl EventLoop {
                     None if self.swarm.is_connected(&target) => {
                         Ok(self.summary(target, Vec::new()))
                     }
-                    None => Err(NodeError::NotFound),
+                    None => {
+                        // Not a DHT server: perhaps a private node, found
+                        // by its peer record.
+                        let key = peer_record_key(&target);
+                        let id = self.swarm.behaviour_mut().kad.get_record(key);
+                        self.queries
+                            .insert(id, PendingQuery::PeerRecord { target, reply });
+                        return;
+                    }
                 };
                 let _ = reply.send(r);
+            }
+            (PendingQuery::PeerRecord { target, reply }, QueryResult::GetRecord(r)) => {
+                let addrs = match &r {
+                    Ok(kad::GetRecordOk::FoundRecord(found)) => {
+                        addrs_from_record(&found.record.value, &target)
+                    }
+                    _ => None,
+                };
+                match addrs {
+                    Some(addrs) => {
+                        for a in &addrs {
+                            self.swarm.add_peer_address(target, a.clone());
+                        }
+                        let _ = reply.send(Ok(self.summary(target, addrs)));
+                        if !last && let Some(mut q) = self.swarm.behaviour_mut().kad.query_mut(&id)
+                        {
+                            q.finish();
+                        }
+                    }
+                    // Not the peer's own record (anyone may store one under
+                    // its key): keep looking while the query runs.
+                    None if !last => {
+                        self.queries
+                            .insert(id, PendingQuery::PeerRecord { target, reply });
+                    }
+                    None => {
+                        let _ = reply.send(Err(NodeError::NotFound));
+                    }
+                }
             }
             (pending, other) => {
                 // A query id is only ever paired with its own result type.

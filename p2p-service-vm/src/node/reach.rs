@@ -62,6 +62,25 @@ pub(crate) fn relay_of(addr: &Multiaddr) -> Option<PeerId> {
     None
 }
 
+/// A private node's relayed addresses as a record for the DHT: libp2p's
+/// signed peer record, so that whoever reads it can check that the node
+/// itself wrote it (anyone may store a record under any key).
+pub(crate) fn signed_peer_record(
+    key: &libp2p::identity::Keypair,
+    addrs: Vec<Multiaddr>,
+) -> Option<Vec<u8>> {
+    let record = libp2p::core::PeerRecord::new(key, addrs).ok()?;
+    Some(record.into_signed_envelope().into_protobuf_encoding())
+}
+
+/// The addresses in a DHT record, if it is `peer`'s own signed peer record;
+/// `None` for anything else (garbage, another peer's, a forged signature).
+pub(crate) fn addrs_from_record(bytes: &[u8], peer: &PeerId) -> Option<Vec<Multiaddr>> {
+    let envelope = libp2p::core::SignedEnvelope::from_protobuf_encoding(bytes).ok()?;
+    let record = libp2p::core::PeerRecord::from_signed_envelope(envelope).ok()?;
+    (record.peer_id() == *peer).then(|| record.addresses().to_vec())
+}
+
 /// Whether a multiaddr is on this host's loopback.
 pub(crate) fn is_loopback(addr: &Multiaddr) -> bool {
     addr.iter().any(|p| match p {
@@ -350,6 +369,28 @@ mod tests {
         r.on_confirmed(addr("/ip4/198.18.0.9/udp/4001/quic-v1"));
         assert_eq!(r.surplus(), vec![l]);
         assert!(r.relays_to_ask(Instant::now()).is_empty());
+    }
+
+    #[test]
+    fn a_peer_record_names_only_its_signers_addresses() {
+        let key = libp2p::identity::Keypair::generate_ed25519();
+        let me = key.public().to_peer_id();
+        let addrs = vec![addr(
+            "/ip4/198.18.0.4/tcp/1/p2p/12D3KooWDpJ7As7BWAwRMfu1VU2WCqNjvq387JEYKDBj4kx6nXTN/p2p-circuit",
+        )];
+        let bytes = signed_peer_record(&key, addrs.clone()).expect("signed");
+        assert_eq!(addrs_from_record(&bytes, &me), Some(addrs.clone()));
+        // Someone else's record stored under my key is not mine.
+        let other = libp2p::identity::Keypair::generate_ed25519();
+        let theirs = signed_peer_record(&other, addrs).expect("signed");
+        assert_eq!(addrs_from_record(&theirs, &me), None);
+        // A flipped byte breaks the signature; garbage is no record.
+        for i in [bytes.len() / 2, bytes.len() - 1] {
+            let mut forged = bytes.clone();
+            forged[i] ^= 1;
+            assert_eq!(addrs_from_record(&forged, &me), None, "byte {i}");
+        }
+        assert_eq!(addrs_from_record(b"not a record", &me), None);
     }
 
     #[test]
