@@ -83,8 +83,10 @@ if [ "$set_name" = test ]; then
     # The network lab (crates/netlab): namespaces, veths and tc shaping with
     # iproute2; libtorrent (Debian's Python binding) is the swarm's anchor.
     want iproute2 has_all ip tc
-    # Its home routers are namespaces that masquerade with nftables.
+    # Its home routers are namespaces that masquerade with nftables; one
+    # maps ports for its LAN with a real miniupnpd.
     want nftables has nft
+    want miniupnpd-nftables has miniupnpd
     want python3-libtorrent /usr/bin/python3 -c 'import libtorrent'
 fi
 

@@ -243,3 +243,70 @@ async fn relayed_only([relay, a, b]: [&TestNode; 3]) -> Result<()> {
     }
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn behind_a_upnp_router_a_node_maps_its_ports_and_is_dialled_directly() -> Result<()> {
+    let Some(mut lab) = lab_or_skip()? else {
+        return Ok(());
+    };
+    // A public address that exists only inside the lab (miniupnpd refuses
+    // the reserved range the lab's internet is in).
+    let public = std::net::Ipv4Addr::new(11, 0, 0, 1);
+    let router = match lab.add_upnp_router(line(), public) {
+        Ok(r) => r,
+        Err(e @ LabError::Missing { .. }) => {
+            eprintln!("SKIPPED: the UPnP scenario needs miniupnpd: {e}");
+            return Ok(());
+        }
+        Err(e) => return Err(e.into()),
+    };
+    let (seed_host, stranger_host) = (lab.add_host(line())?, lab.add_host(line())?);
+    for h in [&seed_host, &stranger_host] {
+        lab.route_on_link(h, "11.0.0.0/8")?;
+    }
+    let home_host = lab.add_host_behind(&router, Line::UNSHAPED)?;
+    let seed = node(&seed_host, &[], "").await?;
+    let home = node(&home_host, &[&seed], "").await?;
+    // Knows nobody: it can reach `home` only at the mapped address.
+    let stranger = node(&stranger_host, &[], "").await?;
+    let mapped = dialled_at_mapping(&home, &stranger, public).await;
+    if mapped.is_err() {
+        dump_logs(&[("seed", &seed), ("home", &home), ("stranger", &stranger)]);
+    }
+    mapped
+}
+
+async fn dialled_at_mapping(
+    home: &TestNode,
+    stranger: &TestNode,
+    public: std::net::Ipv4Addr,
+) -> Result<()> {
+    let info = reaches(&home.admin().await?, "public").await?;
+    let prefix = format!("/ip4/{public}/tcp/");
+    let mapped = info
+        .external_addrs
+        .iter()
+        .find(|a| a.starts_with(&prefix))
+        .with_context(|| format!("no mapped TCP address: {:?}", info.external_addrs))?;
+    ensure!(
+        info.relayed_addrs.is_empty(),
+        "a mapped node holds relay reservations: {:?}",
+        info.relayed_addrs
+    );
+    let cs = stranger.admin().await?;
+    cs.connect(&home.peer_id, &[format!("{mapped}/p2p/{}", home.peer_id)])
+        .await?;
+    let peers = cs.peers().await?;
+    let conns = &peers
+        .iter()
+        .find(|p| p.peer_id == home.peer_id)
+        .context("the stranger is not connected to home")?
+        .connections;
+    ensure!(
+        conns
+            .iter()
+            .any(|c| c.outbound && c.kind == "direct" && c.remote_addr.starts_with(&prefix)),
+        "the stranger's connections to home: {conns:?}"
+    );
+    Ok(())
+}

@@ -30,6 +30,7 @@
 
 pub mod delay;
 pub mod router;
+pub mod upnp;
 
 use std::net::Ipv4Addr;
 use std::path::Path;
@@ -201,6 +202,8 @@ pub struct Lab {
     lines: Vec<(usize, DelayLine)>,
     /// Hosts behind each router, by router index.
     lan_hosts: Vec<usize>,
+    /// Daemons running in lab namespaces (miniupnpd).
+    daemons: Vec<upnp::Daemon>,
 }
 
 /// All lab namespaces start with this, then the owning process's id.
@@ -295,6 +298,7 @@ impl Lab {
             hosts: Vec::new(),
             lines: Vec::new(),
             lan_hosts: Vec::new(),
+            daemons: Vec::new(),
         };
         let hub = lab.hub.as_str();
         let addr = format!("{HUB_IP}/{PREFIX_LEN}");
@@ -468,6 +472,7 @@ impl Drop for Lab {
     fn drop(&mut self) {
         // The delay lines stop first: their sockets hold the wire's veths.
         self.lines.clear();
+        self.daemons.clear();
         // A host's veth goes with its namespace; processes still inside keep
         // theirs alive until they exit.
         for h in &self.hosts {

@@ -166,7 +166,8 @@ impl Lab {
                chain input {{ type filter hook input priority 0; policy accept;
                  iifname \"eth0\" ct state established,related accept; iifname \"eth0\" drop; }}
                chain forward {{ type filter hook forward priority 0; policy accept;
-                 iifname \"eth0\" ct state established,related accept; iifname \"eth0\" drop; }}
+                 iifname \"eth0\" ct state established,related accept;
+                 iifname \"eth0\" ct status dnat accept; iifname \"eth0\" drop; }}
              }}"
         );
         nft(ns, &rules)?;
@@ -180,7 +181,7 @@ impl Lab {
 }
 
 /// Loads an nftables ruleset into `netns`.
-fn nft(netns: &str, rules: &str) -> Result<()> {
+pub(crate) fn nft(netns: &str, rules: &str) -> Result<()> {
     use std::io::Write;
     let command = format!("ip netns exec {netns} nft -f -");
     let mut child = std::process::Command::new("ip")

@@ -74,6 +74,8 @@ enum PendingQuery {
     /// A private peer's signed peer record, when a lookup found no address.
     PeerRecord {
         target: PeerId,
+        /// What the lookup of the peer itself found.
+        known: Vec<Multiaddr>,
         reply: Reply<PeerSummary>,
     },
 }
@@ -968,24 +970,34 @@ impl EventLoop {
                     Err(kad::GetClosestPeersError::Timeout { peers, .. }) => peers,
                 };
                 let hit = peers.into_iter().find(|p| p.peer_id == target);
-                let r = match hit {
-                    Some(info) => Ok(self.summary(target, info.addrs)),
-                    None if self.swarm.is_connected(&target) => {
-                        Ok(self.summary(target, Vec::new()))
-                    }
-                    None => {
-                        // Not a DHT server: perhaps a private node, found
-                        // by its peer record.
-                        let key = peer_record_key(&target);
-                        let id = self.swarm.behaviour_mut().kad.get_record(key);
-                        self.queries
-                            .insert(id, PendingQuery::PeerRecord { target, reply });
-                        return;
-                    }
-                };
-                let _ = reply.send(r);
+                if self.swarm.is_connected(&target) {
+                    let known = hit.map(|h| h.addrs).unwrap_or_default();
+                    let _ = reply.send(Ok(self.summary(target, known)));
+                    return;
+                }
+                // A private node is no DHT server, and what servers still
+                // hold of it from before it learnt so are its LAN
+                // addresses: its signed peer record names its relayed ones.
+                let known = hit.map(|h| h.addrs).unwrap_or_default();
+                let key = peer_record_key(&target);
+                let id = self.swarm.behaviour_mut().kad.get_record(key);
+                self.queries.insert(
+                    id,
+                    PendingQuery::PeerRecord {
+                        target,
+                        known,
+                        reply,
+                    },
+                );
             }
-            (PendingQuery::PeerRecord { target, reply }, QueryResult::GetRecord(r)) => {
+            (
+                PendingQuery::PeerRecord {
+                    target,
+                    mut known,
+                    reply,
+                },
+                QueryResult::GetRecord(r),
+            ) => {
                 let addrs = match &r {
                     Ok(kad::GetRecordOk::FoundRecord(found)) => {
                         addrs_from_record(&found.record.value, &target)
@@ -997,7 +1009,9 @@ impl EventLoop {
                         for a in &addrs {
                             self.swarm.add_peer_address(target, a.clone());
                         }
-                        let _ = reply.send(Ok(self.summary(target, addrs)));
+                        known.retain(|a| !addrs.contains(a));
+                        known.splice(0..0, addrs);
+                        let _ = reply.send(Ok(self.summary(target, known)));
                         if !last && let Some(mut q) = self.swarm.behaviour_mut().kad.query_mut(&id)
                         {
                             q.finish();
@@ -1006,11 +1020,20 @@ impl EventLoop {
                     // Not the peer's own record (anyone may store one under
                     // its key): keep looking while the query runs.
                     None if !last => {
-                        self.queries
-                            .insert(id, PendingQuery::PeerRecord { target, reply });
+                        self.queries.insert(
+                            id,
+                            PendingQuery::PeerRecord {
+                                target,
+                                known,
+                                reply,
+                            },
+                        );
+                    }
+                    None if known.is_empty() => {
+                        let _ = reply.send(Err(NodeError::NotFound));
                     }
                     None => {
-                        let _ = reply.send(Err(NodeError::NotFound));
+                        let _ = reply.send(Ok(self.summary(target, known)));
                     }
                 }
             }
