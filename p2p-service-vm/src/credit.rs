@@ -40,6 +40,12 @@ pub async fn run(ledger: Arc<Ledger>, node: NodeHandle, shutdown: CancellationTo
                     }
                     connected.entry(peer_id).or_insert_with(Instant::now);
                 }
+                // Asking a relay for more than its limits is a failed
+                // request on the asker's record: a flood of them costs it
+                // its standing, as any other run of failures does.
+                Ok(NodeEvent::RelayRefused { peer_id }) => {
+                    ledger.record(peer_id, EventKind::RequestFailed);
+                }
                 Ok(NodeEvent::PeerDisconnected { peer_id }) => {
                     if let Some(since) = connected.remove(&peer_id) {
                         let secs = since.elapsed().as_secs();

@@ -172,12 +172,13 @@ async fn behind_symmetric_nats_the_relay_carries_what_its_limits_allow() -> Resu
     let a_host = lab.add_host_behind(&ra_router, Line::UNSHAPED)?;
     let b_host = lab.add_host_behind(&rb_router, Line::UNSHAPED)?;
     // Circuits of at most 256 KiB each way: enough for a small item's
-    // blocks, not for a large one.
+    // blocks, not for a large one. One reservation at a time: the second
+    // private node to ask is refused (and charged for it).
     let seed = node(&seed_host, &[], "").await?;
     let relay = node(
         &relay_host,
         &[&seed],
-        "[relay]\nmax_circuit_bytes = 262144\n",
+        "[relay]\nmax_circuit_bytes = 262144\nmax_reservations = 1\n",
     )
     .await?;
     let a = node(&a_host, &[&relay], "").await?;
@@ -194,6 +195,21 @@ async fn relayed_only([relay, a, b]: [&TestNode; 3]) -> Result<()> {
     reaches(&relay.admin().await?, "public").await?;
     reaches(&rb, "private").await?;
     reaches(&ra, "private").await?;
+    // Whoever asked the full relay has a failed request on its record there.
+    let rr = relay.admin().await?;
+    eventually(
+        WAIT,
+        "a refused reservation on the asker's record",
+        || async {
+            let list = rr.credit_list().await.ok()?;
+            list.iter()
+                .any(|e| {
+                    (e.peer_id == a.peer_id || e.peer_id == b.peer_id) && e.requests_failed > 0
+                })
+                .then_some(())
+        },
+    )
+    .await?;
     let found = find_relayed(&ra, &b.peer_id).await?;
     ra.connect(&b.peer_id, &found).await?;
     // No hole through two symmetric NATs: the pair stays relayed.

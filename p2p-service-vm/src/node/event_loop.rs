@@ -67,17 +67,30 @@ enum PendingQuery {
     },
     FindPeer {
         target: PeerId,
-        reply: Reply<PeerSummary>,
+        finding: Finding,
     },
     /// Public relays the DHT names, for a private node to reserve on.
     Relays,
     /// A private peer's signed peer record, when a lookup found no address.
     PeerRecord {
         target: PeerId,
-        /// What the lookup of the peer itself found.
-        known: Vec<Multiaddr>,
-        reply: Reply<PeerSummary>,
+        finding: Finding,
     },
+}
+
+/// One find-peer request, answered by whichever of its two lookups settles
+/// it: the peer itself in the DHT (a public node), or its signed peer
+/// record (a private node, which is no DHT server; servers may still hold
+/// its LAN addresses from before it learnt that).
+type Finding = std::sync::Arc<std::sync::Mutex<FindState>>;
+
+#[derive(Default)]
+struct FindState {
+    reply: Option<Reply<PeerSummary>>,
+    /// What the lookup of the peer found, once it ended.
+    closest: Option<Vec<Multiaddr>>,
+    /// The record lookup ended without the peer's own record.
+    no_record: bool,
 }
 
 /// How often a private node looks after its relay reservations.
@@ -337,9 +350,22 @@ impl EventLoop {
                 if self.swarm.is_connected(&target) {
                     let _ = reply.send(Ok(self.summary(target, Vec::new())));
                 } else {
-                    let id = self.swarm.behaviour_mut().kad.get_closest_peers(target);
+                    let finding = Finding::new(std::sync::Mutex::new(FindState {
+                        reply: Some(reply),
+                        ..FindState::default()
+                    }));
+                    let kad = &mut self.swarm.behaviour_mut().kad;
+                    let closest = kad.get_closest_peers(target);
+                    let record = kad.get_record(peer_record_key(&target));
+                    self.queries.insert(
+                        closest,
+                        PendingQuery::FindPeer {
+                            target,
+                            finding: finding.clone(),
+                        },
+                    );
                     self.queries
-                        .insert(id, PendingQuery::FindPeer { target, reply });
+                        .insert(record, PendingQuery::PeerRecord { target, finding });
                 }
             }
             Command::PutRecord(record, reply) => {
@@ -509,6 +535,19 @@ impl EventLoop {
                 })
                 .collect(),
         }
+    }
+
+    /// Answers a find-peer request once (the other lookup may still end).
+    fn answer(&self, f: &mut FindState, target: PeerId, addrs: Vec<Multiaddr>) {
+        let Some(reply) = f.reply.take() else {
+            return;
+        };
+        let r = if addrs.is_empty() && !self.swarm.is_connected(&target) {
+            Err(NodeError::NotFound)
+        } else {
+            Ok(self.summary(target, addrs))
+        };
+        let _ = reply.send(r);
     }
 
     /// How we are connected to `peer`, with the limit the relays of its
@@ -794,6 +833,24 @@ impl EventLoop {
                 self.reach.on_accepted(relay_peer_id);
                 self.publish_reach();
             }
+            // Over the operator's limits (not, say, a circuit to a peer that
+            // holds no reservation, which an honest dialler may ask for).
+            BehaviourEvent::Relay(
+                relay::Event::ReservationReqDenied {
+                    src_peer_id,
+                    status: relay::StatusCode::ResourceLimitExceeded,
+                }
+                | relay::Event::CircuitReqDenied {
+                    src_peer_id,
+                    status: relay::StatusCode::ResourceLimitExceeded,
+                    ..
+                },
+            ) => {
+                debug!(peer = %src_peer_id, "relay request over the limits refused");
+                self.emit(NodeEvent::RelayRefused {
+                    peer_id: src_peer_id,
+                });
+            }
             BehaviourEvent::RelayClient(relay::client::Event::OutboundCircuitEstablished {
                 relay_peer_id,
                 limit,
@@ -964,54 +1021,42 @@ impl EventLoop {
                     self.queries.insert(id, PendingQuery::Relays);
                 }
             }
-            (PendingQuery::FindPeer { target, reply }, QueryResult::GetClosestPeers(r)) => {
+            (PendingQuery::FindPeer { target, finding }, QueryResult::GetClosestPeers(r)) => {
                 let peers = match r {
                     Ok(ok) => ok.peers,
                     Err(kad::GetClosestPeersError::Timeout { peers, .. }) => peers,
                 };
-                let hit = peers.into_iter().find(|p| p.peer_id == target);
-                if self.swarm.is_connected(&target) {
-                    let known = hit.map(|h| h.addrs).unwrap_or_default();
-                    let _ = reply.send(Ok(self.summary(target, known)));
-                    return;
+                let addrs = peers
+                    .into_iter()
+                    .find(|p| p.peer_id == target)
+                    .map(|h| h.addrs)
+                    .unwrap_or_default();
+                let mut f = finding.lock().expect("lock");
+                let settled =
+                    self.swarm.is_connected(&target) || addrs.iter().any(is_relayed) || f.no_record;
+                if settled {
+                    self.answer(&mut f, target, addrs);
+                } else {
+                    f.closest = Some(addrs);
                 }
-                // A private node is no DHT server, and what servers still
-                // hold of it from before it learnt so are its LAN
-                // addresses: its signed peer record names its relayed ones.
-                let known = hit.map(|h| h.addrs).unwrap_or_default();
-                let key = peer_record_key(&target);
-                let id = self.swarm.behaviour_mut().kad.get_record(key);
-                self.queries.insert(
-                    id,
-                    PendingQuery::PeerRecord {
-                        target,
-                        known,
-                        reply,
-                    },
-                );
             }
-            (
-                PendingQuery::PeerRecord {
-                    target,
-                    mut known,
-                    reply,
-                },
-                QueryResult::GetRecord(r),
-            ) => {
-                let addrs = match &r {
+            (PendingQuery::PeerRecord { target, finding }, QueryResult::GetRecord(r)) => {
+                let record = match &r {
                     Ok(kad::GetRecordOk::FoundRecord(found)) => {
                         addrs_from_record(&found.record.value, &target)
                     }
                     _ => None,
                 };
-                match addrs {
+                let mut f = finding.lock().expect("lock");
+                match record {
                     Some(addrs) => {
                         for a in &addrs {
                             self.swarm.add_peer_address(target, a.clone());
                         }
-                        known.retain(|a| !addrs.contains(a));
-                        known.splice(0..0, addrs);
-                        let _ = reply.send(Ok(self.summary(target, known)));
+                        let mut all = addrs.clone();
+                        let known = f.closest.take().unwrap_or_default();
+                        all.extend(known.into_iter().filter(|a| !addrs.contains(a)));
+                        self.answer(&mut f, target, all);
                         if !last && let Some(mut q) = self.swarm.behaviour_mut().kad.query_mut(&id)
                         {
                             q.finish();
@@ -1019,21 +1064,16 @@ impl EventLoop {
                     }
                     // Not the peer's own record (anyone may store one under
                     // its key): keep looking while the query runs.
-                    None if !last => {
-                        self.queries.insert(
-                            id,
-                            PendingQuery::PeerRecord {
-                                target,
-                                known,
-                                reply,
-                            },
-                        );
-                    }
-                    None if known.is_empty() => {
-                        let _ = reply.send(Err(NodeError::NotFound));
+                    None if !last && f.reply.is_some() => {
+                        drop(f);
+                        self.queries
+                            .insert(id, PendingQuery::PeerRecord { target, finding });
                     }
                     None => {
-                        let _ = reply.send(Ok(self.summary(target, known)));
+                        f.no_record = true;
+                        if let Some(known) = f.closest.take() {
+                            self.answer(&mut f, target, known);
+                        }
                     }
                 }
             }

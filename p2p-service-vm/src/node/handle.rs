@@ -114,6 +114,12 @@ pub enum NodeEvent {
         /// Who.
         peer_id: PeerId,
     },
+    /// This node, as a relay, refused a peer a reservation or a circuit: it
+    /// asked for more than the operator's limits allow.
+    RelayRefused {
+        /// Who asked.
+        peer_id: PeerId,
+    },
     /// A pubsub message on a topic this node is subscribed to.
     Pubsub(PubsubMessage),
     /// The node listens on a new address.
