@@ -26,7 +26,7 @@
 
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result, ensure};
+use anyhow::{Result, ensure};
 use p2pvm_e2e::nat::{find_relayed, lab_node, punch, reaches};
 use p2pvm_e2e::swarm::{lab_bench_can_run, setting};
 use p2pvm_e2e::{TestNode, bench_size, cpu_secs, fetch_whole, publish_named};
@@ -85,17 +85,27 @@ async fn pair(lab: &mut Lab, p: &Public, scenario: Scenario) -> Result<(TestNode
     Ok((a, b))
 }
 
-/// One attempt: `None` when the pair never held a reservation, else the
-/// time to a direct connection (`Some(None)`: no hole).
-async fn attempt(a: &TestNode, b: &TestNode) -> Result<Option<Option<Duration>>> {
+/// How one attempt went.
+enum Attempt {
+    /// A node never learnt it is private and held a reservation.
+    NotPrivate,
+    /// The dialler never found the other's relayed address in the DHT.
+    NotFound,
+    /// Dialled through the relay: the time to a direct connection, if any.
+    Dialled(Option<Duration>),
+}
+
+async fn attempt(a: &TestNode, b: &TestNode) -> Result<Attempt> {
     let (ca, cb) = (a.admin().await?, b.admin().await?);
     if reaches(&ca, "private").await.is_err() || reaches(&cb, "private").await.is_err() {
-        return Ok(None);
+        return Ok(Attempt::NotPrivate);
     }
     let Ok(addrs) = find_relayed(&ca, &b.peer_id).await else {
-        return Ok(None);
+        return Ok(Attempt::NotFound);
     };
-    Ok(Some(punch(&ca, &b.peer_id, &addrs, PUNCH_WITHIN).await?))
+    Ok(Attempt::Dialled(
+        punch(&ca, &b.peer_id, &addrs, PUNCH_WITHIN).await?,
+    ))
 }
 
 fn percentile(sorted: &[Duration], p: f64) -> Duration {
@@ -109,7 +119,7 @@ fn percentile(sorted: &[Duration], p: f64) -> Duration {
 async fn scenario(scenario: Scenario, attempts: usize, batch: usize) -> Result<()> {
     let mut lab = Lab::new()?;
     let p = public(&mut lab).await?;
-    let (mut times, mut failed, mut unready) = (Vec::new(), 0, 0);
+    let (mut times, mut failed, mut not_private, mut not_found) = (Vec::new(), 0, 0, 0);
     let mut left = attempts;
     while left > 0 {
         let n = left.min(batch);
@@ -121,16 +131,18 @@ async fn scenario(scenario: Scenario, attempts: usize, batch: usize) -> Result<(
         let results = futures::future::join_all(pairs.iter().map(|(a, b)| attempt(a, b))).await;
         for r in results {
             match r? {
-                None => unready += 1,
-                Some(None) => failed += 1,
-                Some(Some(t)) => times.push(t),
+                Attempt::NotPrivate => not_private += 1,
+                Attempt::NotFound => not_found += 1,
+                Attempt::Dialled(None) => failed += 1,
+                Attempt::Dialled(Some(t)) => times.push(t),
             }
         }
     }
     times.sort();
     let tried = times.len() + failed;
     println!(
-        "{scenario:?}: {} of {tried} punched ({:.0} %); {unready} pairs never held a reservation; \
+        "{scenario:?}: {} of {tried} dialled pairs punched ({:.0} %); not dialled: {not_private} \
+         pairs without a reservation, {not_found} not found in the DHT; \
          dial to direct p50 {:.3} s, p95 {:.3} s, max {:.3} s",
         times.len(),
         100.0 * times.len() as f64 / tried.max(1) as f64,
@@ -162,10 +174,9 @@ async fn transfer(mib: usize) -> Result<()> {
     let mut lab = Lab::new()?;
     let p = public(&mut lab).await?;
     let (a, b) = pair(&mut lab, &p, Scenario::Home).await?;
-    let punched = attempt(&a, &b)
-        .await?
-        .flatten()
-        .context("the transfer's pair did not punch a hole")?;
+    let Attempt::Dialled(Some(punched)) = attempt(&a, &b).await? else {
+        anyhow::bail!("the transfer's pair did not punch a hole");
+    };
     let (fa, fb): (Host, Host) = (lab.add_host(line())?, lab.add_host(line())?);
     let flat_a = lab_node(&fa, &[&p.seed], "").await?;
     let flat_b = lab_node(&fb, &[&p.seed], "").await?;

@@ -76,6 +76,8 @@ enum PendingQuery {
         target: PeerId,
         finding: Finding,
     },
+    /// Our own peer record going into the DHT.
+    PutPeerRecord,
 }
 
 /// One find-peer request, answered by whichever of its two lookups settles
@@ -636,7 +638,10 @@ impl EventLoop {
             .kad
             .put_record(record, kad::Quorum::One)
         {
-            Ok(_) => self.published_record = addrs,
+            Ok(id) => {
+                self.published_record = addrs;
+                self.queries.insert(id, PendingQuery::PutPeerRecord);
+            }
             Err(e) => warn!(error = ?e, "cannot store our peer record"),
         }
     }
@@ -645,6 +650,11 @@ impl EventLoop {
     /// DHT for relays when it knows too few.
     fn look_after_relays(&mut self) {
         let now = Instant::now();
+        // Our peer record, again if the last put failed.
+        let relayed = self.reach.relayed();
+        if self.kad_client && !relayed.is_empty() && relayed != self.published_record {
+            self.put_peer_record(relayed);
+        }
         for (relay, circuit) in self.reach.relays_to_ask(now) {
             match self.swarm.listen_on(circuit.clone()) {
                 Ok(listener) => {
@@ -796,6 +806,13 @@ impl EventLoop {
                             .kad
                             .add_address(&peer_id, addr.clone());
                     }
+                } else {
+                    // A peer that left the DHT's server role (it learnt it is
+                    // private) leaves our routing table: kept, it would be
+                    // handed to every lookup, each then dialling its LAN
+                    // addresses until QUIC's handshake times out. Twenty
+                    // such entries made every lookup outlive its timeout.
+                    self.swarm.behaviour_mut().kad.remove_peer(&peer_id);
                 }
                 if info.protocols.contains(&relay::HOP_PROTOCOL_NAME) {
                     if let Some(addr) = self.relay_addr(&peer_id, &info.listen_addrs) {
@@ -967,6 +984,13 @@ impl EventLoop {
                     let _ = reply.send(Err(NodeError::NotFound));
                 }
             },
+            (PendingQuery::PutPeerRecord, QueryResult::PutRecord(r)) => {
+                if let Err(e) = r {
+                    // Put again at the next relay tick.
+                    debug!(error = %e, "our peer record did not reach the DHT");
+                    self.published_record.clear();
+                }
+            }
             (PendingQuery::PutRecord(reply), QueryResult::PutRecord(r)) => {
                 let _ = reply.send(r.map(|_| ()).map_err(|e| NodeError::Dht(e.to_string())));
             }
