@@ -552,6 +552,15 @@ impl EventLoop {
         let _ = reply.send(r);
     }
 
+    /// Remembers the bytes a circuit announced by `key` carries (none: no
+    /// limit said, so none is assumed).
+    fn circuit_limit(&mut self, key: PeerId, bytes: Option<u64>) {
+        match bytes {
+            Some(b) => self.circuit_limits.insert(key, b),
+            None => self.circuit_limits.remove(&key),
+        };
+    }
+
     /// How we are connected to `peer`, with the limit the relays of its
     /// relayed connections put on a circuit.
     fn paths(&self, peer: &PeerId) -> Paths {
@@ -873,10 +882,7 @@ impl EventLoop {
                 limit,
             }) => {
                 // Kept by relay: a relayed connection's address names it.
-                match limit.and_then(|l| l.data_in_bytes()) {
-                    Some(bytes) => self.circuit_limits.insert(relay_peer_id, bytes),
-                    None => self.circuit_limits.remove(&relay_peer_id),
-                };
+                self.circuit_limit(relay_peer_id, limit.and_then(|l| l.data_in_bytes()));
             }
             BehaviourEvent::RelayClient(relay::client::Event::InboundCircuitEstablished {
                 src_peer_id,
@@ -884,10 +890,7 @@ impl EventLoop {
             }) => {
                 // Kept by the peer at the other end: which relay carries an
                 // inbound circuit is not said.
-                match limit.and_then(|l| l.data_in_bytes()) {
-                    Some(bytes) => self.circuit_limits.insert(src_peer_id, bytes),
-                    None => self.circuit_limits.remove(&src_peer_id),
-                };
+                self.circuit_limit(src_peer_id, limit.and_then(|l| l.data_in_bytes()));
             }
             BehaviourEvent::Dcutr(dcutr::Event {
                 remote_peer_id,
