@@ -6,7 +6,7 @@
 //! relay and punch a hole to a direct connection that then carries an item.
 //! Needs root and nftables; elsewhere each test says SKIPPED.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail, ensure};
 use futures::StreamExt;
@@ -323,6 +323,171 @@ async fn dialled_at_mapping(
             .iter()
             .any(|c| c.outbound && c.kind == "direct" && c.remote_addr.starts_with(&prefix)),
         "the stranger's connections to home: {conns:?}"
+    );
+    Ok(())
+}
+
+/// Scenario 5: `a`'s home router loses its line and comes back with a new
+/// address from its ISP, which breaks every connection through it. `a`
+/// notices with no restart, tests its new address, reserves on the relay
+/// again, and `b` reaches it again: a new item fetched over a connection to
+/// the router's new address.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_whose_router_comes_back_with_a_new_address_is_reached_again() -> Result<()> {
+    let Some(mut lab) = lab_or_skip()? else {
+        return Ok(());
+    };
+    let (seed_host, relay_host) = (lab.add_host(line())?, lab.add_host(line())?);
+    let (a_router, b_router) = (
+        lab.add_router(line(), Nat::Cone)?,
+        lab.add_router(line(), Nat::Cone)?,
+    );
+    let a_host = lab.add_host_behind(&a_router, Line::UNSHAPED)?;
+    let b_host = lab.add_host_behind(&b_router, Line::UNSHAPED)?;
+    let seed = node(&seed_host, &[], "").await?;
+    let relay = node(&relay_host, &[&seed], "").await?;
+    let a = node(&a_host, &[&relay], "").await?;
+    let b = node(&b_host, &[&relay], "").await?;
+    let outcome = reached_after_renumbering(&mut lab, &a_router.wan, [&a, &b]).await;
+    if outcome.is_err() {
+        dump_logs(&[("relay", &relay), ("a", &a), ("b", &b)]);
+    }
+    outcome
+}
+
+/// `b`'s direct connections to `a`, by remote address.
+async fn direct_remotes(c: &Client, peer: &str) -> Result<Vec<String>> {
+    let peers = c.peers().await?;
+    let p = peers.iter().find(|p| p.peer_id == peer);
+    Ok(p.map(|p| {
+        let direct = p.connections.iter().filter(|c| c.kind == "direct");
+        direct.map(|c| c.remote_addr.clone()).collect()
+    })
+    .unwrap_or_default())
+}
+
+/// How soon after its line a cut-off node must have a peer again: its
+/// bootstrap redials come every 5 s, and a dial takes a few round trips.
+const BACK_WITHIN: Duration = Duration::from_secs(30);
+
+async fn reached_after_renumbering(
+    lab: &mut Lab,
+    a_wan: &Host,
+    [a, b]: [&TestNode; 2],
+) -> Result<()> {
+    let (ra, rb) = (a.admin().await?, b.admin().await?);
+    reaches(&ra, "private").await?;
+    reaches(&rb, "private").await?;
+    let found = find_relayed(&rb, &a.peer_id).await?;
+    punch(&rb, &a.peer_id, &found, WAIT)
+        .await?
+        .context("no direct connection before the outage")?;
+    let first = p2pvm_e2e::pseudo_random(1 << 20, 51);
+    let id = publish_named(&a.app("pub").await?, "before.bin", &first).await?;
+    ensure!(fetch_whole(&b.app("get").await?, &id).await? == first);
+    let old_ip = a_wan.ip.to_string();
+    let before = direct_remotes(&rb, &a.peer_id).await?;
+    ensure!(
+        before.iter().any(|r| r.contains(&old_ip)),
+        "b's direct connections to a before the outage: {before:?}"
+    );
+
+    // The line goes down for as long as `a` takes to notice that every
+    // connection through it is dead (QUIC's idle timeout, unanswered pings
+    // on TCP), and comes back with a new address.
+    let mark = a.log().len();
+    lab.cut(a_wan)?;
+    let cut_at = Instant::now();
+    eventually(WAIT, "a notices it is cut off", || async {
+        ra.peers().await.ok()?.is_empty().then_some(())
+    })
+    .await?;
+    eprintln!("a cut off {:?} after its line went down", cut_at.elapsed());
+    let a_wan = lab.renumber(a_wan)?;
+    lab.restore(&a_wan)?;
+    let restored = Instant::now();
+    let new_ip = a_wan.ip.to_string();
+    eprintln!("a's router: {old_ip} -> {new_ip}");
+    let since = |n: &TestNode| n.log().get(mark..).unwrap_or_default().to_owned();
+
+    // Back on the network by itself, soon: a cut-off node dials its
+    // bootstrap peers every few seconds.
+    eventually(BACK_WITHIN, "a back on the network", || async {
+        (!ra.peers().await.ok()?.is_empty()).then_some(())
+    })
+    .await?;
+    eprintln!("a back {:?} after its line", restored.elapsed());
+
+    // `a` tests the address it now has, finds it private, and holds a new
+    // reservation.
+    eventually(WAIT * 2, "a tests its new address", || async {
+        let log = since(a);
+        log.lines()
+            .any(|l| l.contains("AutoNAT: not reachable") && l.contains(&new_ip))
+            .then_some(())
+    })
+    .await?;
+    eventually(WAIT, "a reserves on the relay again", || async {
+        since(a)
+            .contains("relay reservation accepted")
+            .then_some(())
+    })
+    .await?;
+    let info = reaches(&ra, "private").await?;
+    ensure!(
+        info.external_addrs.is_empty(),
+        "a advertises unconfirmed addresses: {:?}",
+        info.external_addrs
+    );
+
+    // `b` reaches `a` again: a new item, over a connection to the new
+    // address; none to the old one is left.
+    let second = p2pvm_e2e::pseudo_random(1 << 20, 52);
+    let id = publish_named(&a.app("pub").await?, "after.bin", &second).await?;
+    let getter = b.app("get").await?;
+    eventually(WAIT * 3, "b fetches a's new item", || async {
+        let remotes = direct_remotes(&rb, &a.peer_id).await.ok()?;
+        eprintln!(
+            "{:?} after a's line: b's direct connections to a {remotes:?}",
+            restored.elapsed()
+        );
+        if !remotes.iter().any(|r| r.contains(&new_ip)) {
+            // Through the relay first, then punched again.
+            if remotes.is_empty() {
+                let found = rb.find_peer(&a.peer_id).await.ok()?;
+                let _ = punch(&rb, &a.peer_id, &found.addrs, Duration::from_secs(20)).await;
+            }
+            return None;
+        }
+        (fetch_whole(&getter, &id).await.ok()? == second).then_some(())
+    })
+    .await?;
+    let after = direct_remotes(&rb, &a.peer_id).await?;
+    eprintln!("b's direct connections to a after: {after:?}");
+    let relayed = ra.node_info().await?.relayed_addrs;
+    ensure!(
+        !relayed.is_empty() && !relayed.iter().any(|r| r.contains(&new_ip)),
+        "a's relayed addresses must name its relays, not its router: {relayed:?}"
+    );
+    let key = [
+        "few peers",
+        "reservation",
+        "AutoNAT",
+        "pings",
+        "moved",
+        "hole punched",
+    ];
+    for (name, n) in [("a", a), ("b", b)] {
+        for l in since(n)
+            .lines()
+            .filter(|l| key.iter().any(|k| l.contains(k)))
+        {
+            eprintln!("{name}: {}", l.get(..200).unwrap_or(l));
+        }
+    }
+    ensure!(
+        !after.iter().any(|r| r.contains(&old_ip)),
+        "b kept a connection to the old address: {after:?}"
     );
     Ok(())
 }

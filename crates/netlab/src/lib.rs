@@ -29,6 +29,7 @@
 #![forbid(unsafe_code)]
 
 pub mod delay;
+pub mod outage;
 pub mod router;
 pub mod upnp;
 
@@ -204,6 +205,8 @@ pub struct Lab {
     lan_hosts: Vec<usize>,
     /// Daemons running in lab namespaces (miniupnpd).
     daemons: Vec<upnp::Daemon>,
+    /// Hosts given a new address so far ([`Lab::renumber`]).
+    renumbered: u32,
 }
 
 /// All lab namespaces start with this, then the owning process's id.
@@ -299,6 +302,7 @@ impl Lab {
             lines: Vec::new(),
             lan_hosts: Vec::new(),
             daemons: Vec::new(),
+            renumbered: 0,
         };
         let hub = lab.hub.as_str();
         let addr = format!("{HUB_IP}/{PREFIX_LEN}");
@@ -323,7 +327,8 @@ impl Lab {
     /// Adds a host on a line of `line`'s rates.
     pub fn add_host(&mut self, line: Line) -> Result<Host> {
         let i = self.hosts.len();
-        if i >= MAX_HOSTS {
+        // Renumbered hosts take addresses from the top of the range.
+        if i + self.renumbered as usize >= MAX_HOSTS {
             return Err(LabError::Full { max: MAX_HOSTS });
         }
         let ip = Ipv4Addr::from(u32::from(HUB_IP) + 1 + i as u32);

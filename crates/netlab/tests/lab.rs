@@ -382,3 +382,38 @@ fn hosts_behind_routers_are_translated_and_unreachable_unasked() {
         .collect();
     assert_eq!(ports.len(), 8, "a port per connection");
 }
+
+/// A router's line goes down and comes back with a new address: hosts behind
+/// it reach the internet again, now seen at the new address, through a
+/// delay line as through a direct one; an address only a host on the hub
+/// can be given.
+#[test]
+fn a_router_back_from_an_outage_with_a_new_address_translates_to_it() {
+    let Some(mut lab) = lab() else { return };
+    let public = lab.add_host(Line::UNSHAPED).expect("host");
+    for line in [
+        Line::UNSHAPED,
+        Line::UNSHAPED.with_delay(Duration::from_millis(5)),
+    ] {
+        let router = match lab.add_router(line, p2pvm_netlab::Nat::Cone) {
+            Ok(r) => r,
+            Err(e @ LabError::Missing { .. }) => {
+                eprintln!("SKIPPED: {e}");
+                return;
+            }
+            Err(e) => panic!("router: {e}"),
+        };
+        let home = lab.add_host_behind(&router, Line::UNSHAPED).expect("host");
+        assert_eq!(seen_from(&home, &public, 1)[0].ip(), router.wan.ip);
+        lab.cut(&router.wan).expect("cut");
+        let wan = lab.renumber(&router.wan).expect("renumber");
+        assert_ne!(wan.ip, router.wan.ip);
+        lab.restore(&wan).expect("restore");
+        assert_eq!(
+            seen_from(&home, &public, 1)[0].ip(),
+            wan.ip,
+            "after the outage, on {line:?}"
+        );
+        assert!(matches!(lab.renumber(&home), Err(LabError::Unsupported(_))));
+    }
+}

@@ -25,8 +25,10 @@ use super::handle::{
     NodeStatus, Paths, PeerSummary, PubsubMessage, ReachStatus,
 };
 use super::reach::{
-    Reach, Reachability, addrs_from_record, is_loopback, is_relayed, relay_of, signed_peer_record,
+    Reach, Reachability, addrs_from_record, ip_of, is_loopback, is_relayed, relay_of,
+    signed_peer_record,
 };
+use super::redial::Redial;
 use crate::config::Config;
 
 /// Why the node could not start.
@@ -183,23 +185,30 @@ impl Node {
                 reason: e.to_string(),
             })?;
         }
+        let mut reach = Reach::new(if config.nat.use_relays {
+            config.nat.relay_reservations as usize
+        } else {
+            0
+        });
         for addr in &config.nat.external_addrs {
             // The operator vouches for it: advertised at once, as confirmed.
-            swarm.add_external_address(parse_addr(addr)?);
+            let addr = parse_addr(addr)?;
+            reach.declare(addr.clone());
+            swarm.add_external_address(addr);
         }
-        let mut bootstrap_peers = 0;
+        let mut bootstrap_peers = Vec::new();
         for addr in &config.bootstrap {
             let ma = parse_addr(addr)?;
             let Some(Protocol::P2p(peer)) = ma.iter().last() else {
                 return Err(NodeStartError::BadAddr { addr: addr.clone() });
             };
             swarm.behaviour_mut().kad.add_address(&peer, ma.clone());
-            if let Err(e) = swarm.dial(ma) {
+            if let Err(e) = swarm.dial(ma.clone()) {
                 warn!(%peer, error = %e, "bootstrap dial failed");
             }
-            bootstrap_peers += 1;
+            bootstrap_peers.push((peer, ma));
         }
-        if bootstrap_peers > 0 {
+        if !bootstrap_peers.is_empty() {
             let _ = swarm.behaviour_mut().kad.bootstrap();
         }
 
@@ -227,11 +236,8 @@ impl Node {
                 agents: HashMap::new(),
                 addrs: HashMap::new(),
                 conns: HashMap::new(),
-                reach: Reach::new(if config.nat.use_relays {
-                    config.nat.relay_reservations as usize
-                } else {
-                    0
-                }),
+                reach,
+                redial: Redial::new(bootstrap_peers, Instant::now()),
                 serve_relay: config.relay.serve,
                 relay_announced: false,
                 last_relay_search: None,
@@ -282,6 +288,8 @@ struct EventLoop {
     /// Open connections.
     conns: HashMap<ConnectionId, Conn>,
     reach: Reach,
+    /// Bootstrap peers to dial again when the node runs short of peers.
+    redial: Redial,
     serve_relay: bool,
     /// Whether this node announced itself in the DHT as a relay.
     relay_announced: bool,
@@ -305,7 +313,10 @@ impl EventLoop {
         loop {
             tokio::select! {
                 _ = shutdown.cancelled() => break,
-                _ = relay_tick.tick() => self.look_after_relays(),
+                _ = relay_tick.tick() => {
+                    self.redial_bootstrap();
+                    self.look_after_relays();
+                }
                 event = self.swarm.select_next_some() => self.on_swarm_event(event),
                 cmd = self.commands.recv() => match cmd {
                     Some(cmd) => self.on_command(cmd),
@@ -342,6 +353,7 @@ impl EventLoop {
                 let _ = reply.send(Ok(self.direct_remote(&peer)));
             }
             Command::Disconnect(peer, reply) => {
+                self.redial.hold(&peer, Instant::now());
                 let r = self
                     .swarm
                     .disconnect_peer_id(peer)
@@ -685,6 +697,56 @@ impl EventLoop {
         }
     }
 
+    /// Dials the bootstrap peers again when the node has too few peers: how
+    /// it gets back on the network after its line went down.
+    fn redial_bootstrap(&mut self) {
+        let swarm = &self.swarm;
+        let connected = swarm.connected_peers().count();
+        let due = self
+            .redial
+            .due(connected, |p| swarm.is_connected(p), Instant::now());
+        for addr in due {
+            info!(%addr, connected, "few peers: dialling a bootstrap peer again");
+            if let Err(e) = self.swarm.dial(addr.clone()) {
+                debug!(%addr, error = %e, "bootstrap redial failed");
+            }
+        }
+    }
+
+    /// Stops advertising addresses that no longer reach us (our address
+    /// moved).
+    fn expire_external(&mut self, stale: Vec<Multiaddr>) {
+        if stale.is_empty() {
+            return;
+        }
+        for addr in stale {
+            info!(%addr, "our address moved: no longer advertising it");
+            self.swarm.remove_external_address(&addr);
+            self.reach.on_expired(&addr);
+        }
+        self.publish_reach();
+    }
+
+    /// Whether a confirmed address, if relayed, starts with an address its
+    /// relay is known at (its announced listen addresses, or where we
+    /// dialled it).
+    fn names_its_relay(&self, addr: &Multiaddr) -> bool {
+        if !is_relayed(addr) {
+            return true;
+        }
+        let (Some(relay), Some(ip)) = (relay_of(addr), ip_of(addr)) else {
+            return false;
+        };
+        let announced = self.addrs.get(&relay).into_iter().flatten();
+        let dialled = self
+            .conns
+            .values()
+            .filter(|c| c.peer == relay && !c.relayed);
+        announced
+            .chain(dialled.map(|c| &c.remote))
+            .any(|a| ip_of(a) == Some(ip))
+    }
+
     /// Where a relay candidate is dialled: the address of our own direct
     /// outbound connection to it if there is one (it worked), else the first
     /// routable address it announced.
@@ -718,13 +780,25 @@ impl EventLoop {
                 self.publish_status();
                 self.emit(NodeEvent::NewListenAddr(address));
             }
-            SwarmEvent::ExpiredListenAddr { .. } => self.publish_status(),
+            SwarmEvent::ExpiredListenAddr { address, .. } => {
+                info!(%address, "no longer listening");
+                self.publish_status();
+                let stale = self.reach.on_listen_expired(&address);
+                self.expire_external(stale);
+            }
             SwarmEvent::ListenerClosed { listener_id, .. } => {
                 if let Some(relay) = self.reach.on_listener_closed(listener_id, Instant::now()) {
                     info!(%relay, "relay reservation ended");
                     self.publish_status();
                     self.publish_reach();
                 }
+            }
+            SwarmEvent::ExternalAddrConfirmed { address } if !self.names_its_relay(&address) => {
+                // Identify turns a peer's view of our relayed address into a
+                // candidate on our own IP ("our IP/p2p/relay/p2p-circuit"),
+                // which AutoNAT may then confirm: no relay is there.
+                debug!(%address, "not a relay's address: not advertised");
+                self.swarm.remove_external_address(&address);
             }
             SwarmEvent::ExternalAddrConfirmed { address } => {
                 info!(%address, "external address confirmed");
@@ -757,6 +831,7 @@ impl EventLoop {
                 for reply in self.dials.remove(&peer_id).unwrap_or_default() {
                     let _ = reply.send(Ok(peer_id));
                 }
+                self.redial.on_connected(&peer_id);
                 if num_established.get() == 1 {
                     debug!(%peer_id, "peer connected");
                     self.publish_status();
@@ -782,6 +857,7 @@ impl EventLoop {
                 self.addrs.remove(&peer_id);
                 self.agents.remove(&peer_id);
                 self.reach.remove_candidate(&peer_id);
+                self.redial.on_disconnected(&peer_id, Instant::now());
                 self.emit(NodeEvent::PeerDisconnected { peer_id });
             }
             SwarmEvent::OutgoingConnectionError {
@@ -806,8 +882,17 @@ impl EventLoop {
 
     fn on_behaviour_event(&mut self, event: BehaviourEvent) {
         match event {
-            BehaviourEvent::Identify(identify::Event::Received { peer_id, info, .. }) => {
+            BehaviourEvent::Identify(identify::Event::Received {
+                peer_id,
+                info,
+                connection_id,
+            }) => {
                 self.agents.insert(peer_id, info.agent_version.clone());
+                let direct = self.conns.get(&connection_id).is_some_and(|c| !c.relayed);
+                if direct && !is_relayed(&info.observed_addr) {
+                    let stale = self.reach.on_observed(peer_id, &info.observed_addr);
+                    self.expire_external(stale);
+                }
                 if info.protocols.contains(&KAD_PROTOCOL) {
                     for addr in &info.listen_addrs {
                         self.swarm
@@ -842,7 +927,11 @@ impl EventLoop {
                     Ok(()) => info!(%tested_addr, %server, "AutoNAT: reachable"),
                     Err(e) => info!(%tested_addr, %server, error = %e, "AutoNAT: not reachable"),
                 }
-                self.reach.on_probe(result.is_ok());
+                // A dial-back through a relay says nothing of our own
+                // reachability.
+                if !is_relayed(&tested_addr) {
+                    self.reach.on_probe(result.is_ok());
+                }
                 self.publish_reach();
                 // A node that just learnt it is private asks for relays now,
                 // not at the next tick.
@@ -933,6 +1022,23 @@ impl EventLoop {
                 ..
             }) => {
                 self.rtts.insert(peer, rtt);
+            }
+            BehaviourEvent::Ping(ping::Event {
+                result: Err(ping::Failure::Unsupported),
+                ..
+            }) => {}
+            // Two pings in a row went unanswered (libp2p reports from the
+            // second): the connection is dead, as a TCP connection through a
+            // router that lost its address stays for many minutes otherwise
+            // (rust-yamux, unlike Go's, has no keep-alive of its own).
+            // Closing it lets streams, the DHT and relays use a live one.
+            BehaviourEvent::Ping(ping::Event {
+                peer,
+                connection,
+                result: Err(e),
+            }) => {
+                info!(%peer, error = %e, "peer stopped answering pings: closing the connection");
+                self.swarm.close_connection(connection);
             }
             BehaviourEvent::Mdns(mdns::Event::Discovered(found)) => {
                 for (peer, addr) in found {

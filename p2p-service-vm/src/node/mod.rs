@@ -16,6 +16,7 @@ mod event_loop;
 mod handle;
 mod pending_per_ip;
 mod reach;
+mod redial;
 
 pub use behaviour::{relay_key, service_key};
 pub use event_loop::{Node, NodeStartError};

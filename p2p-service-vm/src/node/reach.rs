@@ -9,15 +9,24 @@
 //! a pause, and advertises the relayed addresses the reservations give it.
 
 use std::collections::HashMap;
+use std::net::IpAddr;
 use std::time::{Duration, Instant};
 
 use libp2p::core::transport::ListenerId;
 use libp2p::multiaddr::Protocol;
 use libp2p::{Multiaddr, PeerId};
 
-/// How long a relay that refused or lost our reservation rests before it is
-/// asked again.
+/// How long a relay that refused our reservation (or never answered) rests
+/// before it is asked again.
 pub(crate) const RELAY_BACKOFF: Duration = Duration::from_secs(60);
+
+/// How long a relay whose accepted reservation ended rests: the connection
+/// to it broke (our line went down, say), not the relay's will, so it is
+/// asked again as soon as we reach it.
+pub(crate) const RELAY_RETRY: Duration = Duration::from_secs(5);
+
+/// Peers whose last view of our address is kept, to notice it move.
+const OBSERVERS_KEPT: usize = 256;
 
 /// What the node knows about being reachable.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -81,6 +90,15 @@ pub(crate) fn addrs_from_record(bytes: &[u8], peer: &PeerId) -> Option<Vec<Multi
     (record.peer_id() == *peer).then(|| record.addresses().to_vec())
 }
 
+/// The IP address a multiaddr starts with.
+pub(crate) fn ip_of(addr: &Multiaddr) -> Option<IpAddr> {
+    match addr.iter().next()? {
+        Protocol::Ip4(ip) => Some(ip.into()),
+        Protocol::Ip6(ip) => Some(ip.into()),
+        _ => None,
+    }
+}
+
 /// Whether a multiaddr is on this host's loopback.
 pub(crate) fn is_loopback(addr: &Multiaddr) -> bool {
     addr.iter().any(|p| match p {
@@ -119,6 +137,10 @@ pub(crate) struct Reach {
     failed_probes: u32,
     /// Confirmed external addresses, relayed ones included.
     confirmed: Vec<Multiaddr>,
+    /// Addresses the operator declared: confirmed whatever peers see.
+    declared: Vec<Multiaddr>,
+    /// The IP each peer last saw us at (identify's observed address).
+    observed: HashMap<PeerId, IpAddr>,
     /// Peers that offer the hop protocol, with an address to reach them.
     candidates: HashMap<PeerId, Multiaddr>,
     reservations: HashMap<PeerId, Reservation>,
@@ -132,6 +154,8 @@ impl Reach {
             want,
             failed_probes: 0,
             confirmed: Vec::new(),
+            declared: Vec::new(),
+            observed: HashMap::new(),
             candidates: HashMap::new(),
             reservations: HashMap::new(),
             resting: HashMap::new(),
@@ -177,6 +201,48 @@ impl Reach {
 
     pub(crate) fn on_expired(&mut self, addr: &Multiaddr) {
         self.confirmed.retain(|a| a != addr);
+    }
+
+    /// The operator vouches for `addr` (config): it never goes stale.
+    pub(crate) fn declare(&mut self, addr: Multiaddr) {
+        self.declared.push(addr);
+    }
+
+    /// Confirmed direct addresses on `ip` that the operator did not declare.
+    fn confirmed_on(&self, ip: IpAddr) -> Vec<Multiaddr> {
+        let stale = self
+            .confirmed
+            .iter()
+            .filter(|a| !is_relayed(a) && ip_of(a) == Some(ip) && !self.declared.contains(a));
+        stale.cloned().collect()
+    }
+
+    /// `peer` sees us at `observed` (identify). A peer that saw us at
+    /// another IP before tells that our address moved (the router got a new
+    /// one from its ISP, say): the addresses confirmed on the old IP are
+    /// stale and returned, to be expired. A new address is confirmed only by
+    /// a dial-back of its own.
+    pub(crate) fn on_observed(&mut self, peer: PeerId, observed: &Multiaddr) -> Vec<Multiaddr> {
+        let Some(ip) = ip_of(observed) else {
+            return Vec::new();
+        };
+        if self.observed.len() >= OBSERVERS_KEPT && !self.observed.contains_key(&peer) {
+            // Forget an arbitrary observer: any one still tells a move.
+            if let Some(k) = self.observed.keys().next().copied() {
+                self.observed.remove(&k);
+            }
+        }
+        match self.observed.insert(peer, ip) {
+            Some(old) if old != ip => self.confirmed_on(old),
+            _ => Vec::new(),
+        }
+    }
+
+    /// A listen address went away (the interface lost its address): a
+    /// confirmed address on the same IP (a host with no NAT in front) is
+    /// stale and returned, to be expired.
+    pub(crate) fn on_listen_expired(&self, addr: &Multiaddr) -> Vec<Multiaddr> {
+        ip_of(addr).map_or_else(Vec::new, |ip| self.confirmed_on(ip))
     }
 
     /// `peer` offers the hop protocol and is reached at `addr`.
@@ -244,8 +310,8 @@ impl Reach {
         self.reservations.values().filter(|r| r.accepted).count()
     }
 
-    /// A listener closed: if it was a reservation, its relay rests and is
-    /// returned.
+    /// A listener closed: if it was a reservation, its relay rests (a
+    /// short while if it had accepted: the connection broke) and is returned.
     pub(crate) fn on_listener_closed(
         &mut self,
         listener: ListenerId,
@@ -256,8 +322,9 @@ impl Reach {
             .iter()
             .find(|(_, r)| r.listener == listener)?
             .0;
-        self.reservations.remove(&relay);
-        self.resting.insert(relay, now + RELAY_BACKOFF);
+        let accepted = self.reservations.remove(&relay).is_some_and(|r| r.accepted);
+        let rest = if accepted { RELAY_RETRY } else { RELAY_BACKOFF };
+        self.resting.insert(relay, now + rest);
         Some(relay)
     }
 
@@ -354,6 +421,80 @@ mod tests {
         assert!(r.relays_to_ask(now).is_empty(), "both others rest");
         let later = r.relays_to_ask(now + RELAY_BACKOFF + Duration::from_secs(1));
         assert_eq!(later.len(), 1);
+    }
+
+    #[test]
+    fn a_reservation_lost_after_acceptance_is_asked_again_sooner_than_a_refused_one() {
+        let now = Instant::now();
+        let mut r = Reach::new(2);
+        r.on_probe(false);
+        let (kept, refused) = (PeerId::random(), PeerId::random());
+        r.add_candidate(kept, addr("/ip4/198.18.0.2/tcp/4001"));
+        r.add_candidate(refused, addr("/ip4/198.18.0.3/tcp/4001"));
+        let (lk, lr) = (ListenerId::next(), ListenerId::next());
+        r.reserving(kept, lk);
+        r.reserving(refused, lr);
+        r.on_accepted(kept);
+        r.on_listener_closed(lk, now);
+        r.on_listener_closed(lr, now);
+        let soon = r.relays_to_ask(now + RELAY_RETRY + Duration::from_millis(1));
+        assert_eq!(soon.iter().map(|(p, _)| *p).collect::<Vec<_>>(), vec![kept]);
+        let later = r.relays_to_ask(now + RELAY_BACKOFF + Duration::from_millis(1));
+        assert_eq!(later.len(), 2, "both asked once the refusal's rest is over");
+    }
+
+    #[test]
+    fn an_address_a_peer_saw_us_move_from_goes_stale_unless_declared() {
+        let mut r = Reach::new(2);
+        let (old, declared) = (
+            addr("/ip4/198.18.0.9/tcp/4001"),
+            addr("/ip4/198.18.0.9/tcp/80"),
+        );
+        let relayed = addr(
+            "/ip4/198.18.0.9/tcp/4001/p2p/12D3KooWDpJ7As7BWAwRMfu1VU2WCqNjvq387JEYKDBj4kx6nXTN/p2p-circuit",
+        );
+        r.declare(declared.clone());
+        for a in [&old, &declared, &relayed] {
+            r.on_confirmed(a.clone());
+        }
+        let (seer, other) = (PeerId::random(), PeerId::random());
+        assert!(
+            r.on_observed(seer, &addr("/ip4/198.18.0.9/tcp/5555"))
+                .is_empty()
+        );
+        // Another peer seeing another IP is no move (multi-homed, say).
+        assert!(
+            r.on_observed(other, &addr("/ip4/203.0.113.1/tcp/1"))
+                .is_empty()
+        );
+        // The same peer, same IP, new port: still no move.
+        assert!(
+            r.on_observed(seer, &addr("/ip4/198.18.0.9/tcp/6666"))
+                .is_empty()
+        );
+        assert_eq!(
+            r.on_observed(seer, &addr("/ip4/198.18.1.7/tcp/5555")),
+            vec![old.clone()],
+            "only the undeclared direct address on the old IP is stale"
+        );
+        assert_eq!(
+            r.on_listen_expired(&addr("/ip4/198.18.0.9/tcp/4001")),
+            vec![old]
+        );
+        assert!(
+            r.on_listen_expired(&addr("/ip4/10.0.0.1/tcp/4001"))
+                .is_empty()
+        );
+    }
+
+    #[test]
+    fn observers_kept_are_bounded() {
+        let mut r = Reach::new(2);
+        for i in 0..(OBSERVERS_KEPT as u32 + 50) {
+            let a = addr(&format!("/ip4/198.18.0.{}/tcp/1", i % 250 + 1));
+            r.on_observed(PeerId::random(), &a);
+        }
+        assert_eq!(r.observed.len(), OBSERVERS_KEPT);
     }
 
     #[test]
