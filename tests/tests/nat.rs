@@ -285,7 +285,7 @@ async fn behind_a_upnp_router_a_node_maps_its_ports_and_is_dialled_directly() ->
     let home = node(&home_host, &[&seed], "").await?;
     // Knows nobody: it can reach `home` only at the mapped address.
     let stranger = node(&stranger_host, &[], "").await?;
-    let mapped = dialled_at_mapping(&home, &stranger, public).await;
+    let mapped = dialled_at_mapping([&seed, &home, &stranger], public).await;
     if mapped.is_err() {
         dump_logs(&[("seed", &seed), ("home", &home), ("stranger", &stranger)]);
     }
@@ -293,8 +293,7 @@ async fn behind_a_upnp_router_a_node_maps_its_ports_and_is_dialled_directly() ->
 }
 
 async fn dialled_at_mapping(
-    home: &TestNode,
-    stranger: &TestNode,
+    [seed, home, stranger]: [&TestNode; 3],
     public: std::net::Ipv4Addr,
 ) -> Result<()> {
     let info = reaches(&home.admin().await?, "public").await?;
@@ -323,6 +322,24 @@ async fn dialled_at_mapping(
             .iter()
             .any(|c| c.outbound && c.kind == "direct" && c.remote_addr.starts_with(&prefix)),
         "the stranger's connections to home: {conns:?}"
+    );
+    // Home sees the stranger come in through its router's mapping.
+    let theirs = eventually(WAIT, "home sees the stranger's connection", || async {
+        let peers = home.admin().await.ok()?.peers().await.ok()?;
+        let p = peers.into_iter().find(|p| p.peer_id == stranger.peer_id)?;
+        (!p.connections.is_empty()).then_some(p.connections)
+    })
+    .await?;
+    eprintln!("home's connections from the stranger: {theirs:?}");
+    ensure!(
+        theirs.iter().any(|c| !c.outbound && c.kind == "mapped"),
+        "home's connections from the stranger: {theirs:?}"
+    );
+    // And its bootstrap peer, which it dialled, directly.
+    let to_seed = connections(&home.admin().await?, &seed.peer_id).await?;
+    ensure!(
+        to_seed.iter().all(|(k, _)| k == "direct") && !to_seed.is_empty(),
+        "home's connections to its seed: {to_seed:?}"
     );
     Ok(())
 }

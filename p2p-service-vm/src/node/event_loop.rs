@@ -25,7 +25,7 @@ use super::handle::{
     NodeStatus, Paths, PeerSummary, PubsubMessage, ReachStatus,
 };
 use super::reach::{
-    Reach, Reachability, addrs_from_record, ip_of, is_loopback, is_relayed, relay_of,
+    Reach, Reachability, addrs_from_record, ip_of, is_local, is_loopback, is_relayed, relay_of,
     signed_peer_record,
 };
 use super::redial::Redial;
@@ -109,6 +109,9 @@ struct Conn {
     peer: PeerId,
     remote: Multiaddr,
     relayed: bool,
+    /// Inbound from outside our network, on a listen address our router
+    /// maps (UPnP).
+    mapped: bool,
     outbound: bool,
 }
 
@@ -236,6 +239,7 @@ impl Node {
                 agents: HashMap::new(),
                 addrs: HashMap::new(),
                 conns: HashMap::new(),
+                mapped: HashSet::new(),
                 reach,
                 redial: Redial::new(bootstrap_peers, Instant::now()),
                 serve_relay: config.relay.serve,
@@ -287,6 +291,8 @@ struct EventLoop {
     addrs: HashMap<PeerId, Vec<Multiaddr>>,
     /// Open connections.
     conns: HashMap<ConnectionId, Conn>,
+    /// Listen addresses our router maps a port to (UPnP).
+    mapped: HashSet<Multiaddr>,
     reach: Reach,
     /// Bootstrap peers to dial again when the node runs short of peers.
     redial: Redial,
@@ -545,6 +551,7 @@ impl EventLoop {
                 .map(|(_, c)| ConnectionSummary {
                     remote: c.remote.clone(),
                     relayed: c.relayed,
+                    mapped: c.mapped,
                     outbound: c.outbound,
                 })
                 .collect(),
@@ -819,11 +826,20 @@ impl EventLoop {
             } => {
                 self.dial_attempts.retain(|_, p| *p != peer_id);
                 let remote = endpoint.get_remote_address().clone();
+                let mapped = match &endpoint {
+                    libp2p::core::ConnectedPoint::Listener { local_addr, .. } => {
+                        !endpoint.is_relayed()
+                            && self.mapped.contains(local_addr)
+                            && ip_of(&remote).is_some_and(|ip| !is_local(ip))
+                    }
+                    libp2p::core::ConnectedPoint::Dialer { .. } => false,
+                };
                 self.conns.insert(
                     connection_id,
                     Conn {
                         peer: peer_id,
                         relayed: endpoint.is_relayed(),
+                        mapped,
                         outbound: endpoint.is_dialer(),
                         remote,
                     },
@@ -1005,11 +1021,19 @@ impl EventLoop {
                 }
             },
             BehaviourEvent::Upnp(event) => match event {
-                upnp::Event::NewExternalAddr { external_addr, .. } => {
-                    info!(%external_addr, "router mapped a port (UPnP)")
+                upnp::Event::NewExternalAddr {
+                    external_addr,
+                    local_addr,
+                } => {
+                    info!(%external_addr, %local_addr, "router mapped a port (UPnP)");
+                    self.mapped.insert(local_addr);
                 }
-                upnp::Event::ExpiredExternalAddr { external_addr, .. } => {
-                    info!(%external_addr, "router port mapping expired (UPnP)")
+                upnp::Event::ExpiredExternalAddr {
+                    external_addr,
+                    local_addr,
+                } => {
+                    info!(%external_addr, "router port mapping expired (UPnP)");
+                    self.mapped.remove(&local_addr);
                 }
                 upnp::Event::GatewayNotFound => debug!("no UPnP gateway"),
                 upnp::Event::NonRoutableGateway => {

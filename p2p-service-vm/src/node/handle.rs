@@ -56,6 +56,8 @@ pub struct ConnectionSummary {
     pub remote: Multiaddr,
     /// Through a relay's circuit rather than direct.
     pub relayed: bool,
+    /// The peer came in through a port our router maps for us (UPnP).
+    pub mapped: bool,
     /// We dialled it.
     pub outbound: bool,
 }

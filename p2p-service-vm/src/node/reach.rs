@@ -99,6 +99,23 @@ pub(crate) fn ip_of(addr: &Multiaddr) -> Option<IpAddr> {
     }
 }
 
+/// Whether an IP is one of a local network's (private, link-local,
+/// loopback, carrier-grade NAT's shared space, IPv6 unique local): a peer
+/// there did not come in from the internet.
+pub(crate) fn is_local(ip: IpAddr) -> bool {
+    match ip {
+        IpAddr::V4(v4) => {
+            let shared = v4.octets()[0] == 100 && (v4.octets()[1] & 0xc0) == 64;
+            v4.is_private() || v4.is_link_local() || v4.is_loopback() || shared
+        }
+        IpAddr::V6(v6) => {
+            let unique_local = (v6.segments()[0] & 0xfe00) == 0xfc00;
+            let link_local = (v6.segments()[0] & 0xffc0) == 0xfe80;
+            v6.is_loopback() || unique_local || link_local
+        }
+    }
+}
+
 /// Whether a multiaddr is on this host's loopback.
 pub(crate) fn is_loopback(addr: &Multiaddr) -> bool {
     addr.iter().any(|p| match p {
@@ -532,6 +549,30 @@ mod tests {
             assert_eq!(addrs_from_record(&forged, &me), None, "byte {i}");
         }
         assert_eq!(addrs_from_record(b"not a record", &me), None);
+    }
+
+    #[test]
+    fn local_networks_are_told_from_the_internet() {
+        for local in [
+            "10.1.0.2",
+            "192.168.1.5",
+            "172.16.0.1",
+            "100.64.3.4",
+            "127.0.0.1",
+            "fd00::1",
+            "fe80::1",
+        ] {
+            assert!(is_local(local.parse().expect("ip")), "{local}");
+        }
+        for public in [
+            "198.18.0.4",
+            "11.0.0.1",
+            "100.128.0.1",
+            "2001:db8::1",
+            "8.8.8.8",
+        ] {
+            assert!(!is_local(public.parse().expect("ip")), "{public}");
+        }
     }
 
     #[test]

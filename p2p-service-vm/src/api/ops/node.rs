@@ -35,7 +35,12 @@ fn peer_info(svc: &ApiService, who: &Principal, p: PeerSummary) -> pb::PeerInfo 
             .iter()
             .map(|c| pb::ConnectionInfo {
                 remote_addr: c.remote.to_string(),
-                kind: if c.relayed { "relayed" } else { "direct" }.into(),
+                kind: match (c.relayed, c.mapped) {
+                    (true, _) => "relayed",
+                    (false, true) => "mapped",
+                    (false, false) => "direct",
+                }
+                .into(),
                 transport: crate::node::transport_of(&c.remote).into(),
                 outbound: c.outbound,
             })
