@@ -140,6 +140,10 @@ pub struct RelayConfig {
     pub max_circuit_secs: u64,
     /// Most bytes one circuit carries (each direction).
     pub max_circuit_bytes: u64,
+    /// Reservations one IP address may make in a burst; it may make one
+    /// more each minute (libp2p's default, 60). Raise it for a relay that
+    /// serves many peers behind one NAT (a campus, say).
+    pub reservations_per_ip: u32,
 }
 
 impl Default for RelayConfig {
@@ -152,6 +156,7 @@ impl Default for RelayConfig {
             max_circuits_per_peer: 4,
             max_circuit_secs: 120,
             max_circuit_bytes: 1 << 20,
+            reservations_per_ip: 60,
         }
     }
 }

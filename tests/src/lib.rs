@@ -142,6 +142,7 @@ pub struct TestNode {
     capture_log: bool,
     log_filter: Option<String>,
     host: Option<p2pvm_netlab::Host>,
+    tcp_port: Option<u16>,
 }
 
 /// Options for starting a node.
@@ -162,6 +163,9 @@ pub struct NodeOpts {
     /// Run in this host of a network lab (its own namespace, address and
     /// shaped line) instead of on loopback.
     pub host: Option<p2pvm_netlab::Host>,
+    /// Listen for TCP on this port instead of one the kernel picks (an
+    /// address declared in the config before the node starts needs it).
+    pub tcp_port: Option<u16>,
 }
 
 impl TestNode {
@@ -208,6 +212,7 @@ impl TestNode {
             capture_log: opts.capture_log,
             log_filter: opts.log_filter,
             host: opts.host,
+            tcp_port: opts.tcp_port,
         };
         node.launch().await?;
         Ok(node)
@@ -257,7 +262,10 @@ impl TestNode {
         cmd.arg("--data-dir")
             .arg(self.data_dir())
             .arg("--no-mdns")
-            .args(["--listen", &format!("/ip4/{ip}/tcp/0")])
+            .args([
+                "--listen",
+                &format!("/ip4/{ip}/tcp/{}", self.tcp_port.unwrap_or(0)),
+            ])
             .args(["--listen", &format!("/ip4/{ip}/udp/0/quic-v1")])
             .args(&self.extra_args)
             // Not the user's P2PD_LOG: a test that reads the log needs `info`.

@@ -131,9 +131,12 @@ impl Behaviour {
     }
 }
 
-/// The relay server's limits from the operator's; libp2p's rate limits on
-/// reservations (per peer and per address) stay.
+/// The relay server's limits from the operator's. libp2p's rate limits on
+/// reservations stay: per peer as they are (30, then one each 2 minutes),
+/// per IP address with the operator's burst (one more each minute).
 fn relay_config(c: &crate::config::RelayConfig) -> relay::Config {
+    let per_ip =
+        std::num::NonZeroU32::new(c.reservations_per_ip).unwrap_or(std::num::NonZeroU32::MIN);
     relay::Config {
         max_reservations: c.max_reservations as usize,
         max_reservations_per_peer: c.max_reservations_per_peer as usize,
@@ -141,8 +144,14 @@ fn relay_config(c: &crate::config::RelayConfig) -> relay::Config {
         max_circuits_per_peer: c.max_circuits_per_peer as usize,
         max_circuit_duration: Duration::from_secs(c.max_circuit_secs),
         max_circuit_bytes: c.max_circuit_bytes,
+        reservation_rate_limiters: Vec::new(),
         ..relay::Config::default()
     }
+    .reservation_rate_per_peer(
+        std::num::NonZeroU32::new(30).expect("30 > 0"),
+        Duration::from_secs(120),
+    )
+    .reservation_rate_per_ip(per_ip, Duration::from_secs(60))
 }
 
 /// The DHT key under which public relays are providers: how a private node
