@@ -508,3 +508,110 @@ async fn reached_after_renumbering(
     );
     Ok(())
 }
+
+/// Scenario 6, its host's part: the NAT `p2pvmm up` puts in front of the
+/// service VM (`vmm::hostnet`), on a lab host standing for the machine, with
+/// the VM a namespace on its TAP-named link. The node behind it reaches a
+/// node on another segment (seen at the host's address), learns the host's
+/// address as its own once a peer dialled it back through the forwarded
+/// port, and a node that knows nothing else reaches it there. Removing the
+/// NAT leaves the host's other rules and its forwarding switch as they were.
+/// (The same in the nested test host with a real VM is not done yet.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn behind_its_hosts_nat_the_service_vm_reaches_out_and_is_reached() -> Result<()> {
+    use vmm::hostnet::{HostNat, NatPlan};
+    let Some(mut lab) = lab_or_skip()? else {
+        return Ok(());
+    };
+    let machine = lab.add_host(line())?;
+    let (peer_host, stranger_host) = (lab.add_host(line())?, lab.add_host(line())?);
+    let net = vmm::platform::ServiceNet::standard();
+    let vm = lab.add_host_linked(&machine, &net.tap, (net.host, net.guest, net.prefix))?;
+    let in_machine = |args: &[&str]| -> Result<String> {
+        let out = lab.command(&machine, args[0]).args(&args[1..]).output()?;
+        ensure!(
+            out.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    };
+    // Someone else's rules, which ours must leave alone.
+    in_machine(&["nft", "add", "table", "ip", "theirs"])?;
+    let forwarding = || in_machine(&["cat", "/proc/sys/net/ipv4/ip_forward"]);
+    let forwarding_before = forwarding()?;
+
+    let nat = HostNat::install(&NatPlan::new(&net, vec![4001]), Some(&machine.netns))?;
+    ensure!(
+        forwarding()?.trim() == "1",
+        "forwarding is off under the NAT"
+    );
+    let peer = node(&peer_host, &[], "").await?;
+    let vm_node = TestNode::start(p2pvm_e2e::NodeOpts {
+        bootstrap: vec![peer.addr.clone()],
+        config_toml: Some("[virus]\nenabled = false\n".into()),
+        capture_log: true,
+        host: Some(vm.clone()),
+        tcp_port: Some(4001),
+        ..Default::default()
+    })
+    .await?;
+    let stranger = node(&stranger_host, &[], "").await?;
+    let outcome = through_host_nat(&machine, [&peer, &vm_node, &stranger]).await;
+    if outcome.is_err() {
+        dump_logs(&[("peer", &peer), ("vm", &vm_node), ("stranger", &stranger)]);
+    }
+    outcome?;
+
+    // Gone whole, and only ours.
+    let table = nat.table().to_owned();
+    drop(nat);
+    let tables = in_machine(&["nft", "list", "tables"])?;
+    ensure!(
+        !tables.contains(&table) && tables.contains("theirs"),
+        "the machine's tables after: {tables}"
+    );
+    ensure!(
+        forwarding()? == forwarding_before,
+        "forwarding not restored"
+    );
+    Ok(())
+}
+
+async fn through_host_nat(machine: &Host, [peer, vm, stranger]: [&TestNode; 3]) -> Result<()> {
+    let at_machine = format!("/ip4/{}/tcp/4001", machine.ip);
+    let info = reaches(&vm.admin().await?, "public").await?;
+    ensure!(
+        info.external_addrs
+            .iter()
+            .any(|a| a.starts_with(&at_machine)),
+        "the VM's node does not advertise the machine's address: {:?}",
+        info.external_addrs
+    );
+    let seen = connections_from(&peer.admin().await?, &vm.peer_id).await?;
+    ensure!(
+        seen.iter()
+            .any(|r| r.contains(&format!("/ip4/{}/", machine.ip))),
+        "the peer sees the VM's node at {seen:?}, not at the machine's address"
+    );
+    let cs = stranger.admin().await?;
+    cs.connect(&vm.peer_id, &[format!("{at_machine}/p2p/{}", vm.peer_id)])
+        .await?;
+    let data = p2pvm_e2e::pseudo_random(1 << 20, 61);
+    let id = publish_named(&vm.app("pub").await?, "from-the-vm.bin", &data).await?;
+    ensure!(fetch_whole(&stranger.app("get").await?, &id).await? == data);
+    Ok(())
+}
+
+/// The remote addresses of `c`'s connections to `peer`.
+async fn connections_from(c: &Client, peer: &str) -> Result<Vec<String>> {
+    let peers = c.peers().await?;
+    let p = peers.iter().find(|p| p.peer_id == peer);
+    Ok(p.map(|p| {
+        p.connections
+            .iter()
+            .map(|c| c.remote_addr.clone())
+            .collect()
+    })
+    .unwrap_or_default())
+}

@@ -24,6 +24,7 @@ pub mod console;
 pub mod devices;
 #[doc(hidden)]
 pub mod fuzzing;
+pub mod hostnet;
 pub mod instance;
 pub mod isolation;
 pub mod lifecycle;

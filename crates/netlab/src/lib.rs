@@ -376,6 +376,42 @@ impl Lab {
         Ok(host)
     }
 
+    /// A host on a point-to-point link of its own to `upstream` (as a VM
+    /// on its host's TAP): `upstream` gets interface `dev` with
+    /// `upstream_ip`, the new host `eth0` with `ip`, both in a `/prefix`
+    /// network, and a default route through `upstream_ip`. No shaping, no
+    /// translation: what `upstream` does with the traffic is the test's.
+    pub fn add_host_linked(
+        &mut self,
+        upstream: &Host,
+        dev: &str,
+        (upstream_ip, ip, prefix): (Ipv4Addr, Ipv4Addr, u8),
+    ) -> Result<Host> {
+        let i = self.hosts.len();
+        let netns = format!("{}{i}", self.prefix);
+        run("ip", &["netns", "add", &netns])?;
+        let host = Host {
+            netns,
+            ip,
+            line: Line::UNSHAPED,
+            hub_end: dev.to_owned(),
+            line_ns: upstream.netns.clone(),
+        };
+        // Pushed before it is complete, so a failure below still removes it.
+        self.hosts.push(host.clone());
+        let (ns, up) = (host.netns.as_str(), upstream.netns.as_str());
+        veth_pair(up, dev, ns, "eth0", false)?;
+        let (up_addr, addr) = (format!("{upstream_ip}/{prefix}"), format!("{ip}/{prefix}"));
+        run("ip", &["-n", up, "addr", "add", &up_addr, "dev", dev])?;
+        run("ip", &["-n", up, "link", "set", dev, "up"])?;
+        run("ip", &["-n", ns, "addr", "add", &addr, "dev", "eth0"])?;
+        run("ip", &["-n", ns, "link", "set", "eth0", "up"])?;
+        run("ip", &["-n", ns, "link", "set", "lo", "up"])?;
+        let gw = upstream_ip.to_string();
+        run("ip", &["-n", ns, "route", "add", "default", "via", &gw])?;
+        Ok(host)
+    }
+
     /// The wire namespace, made on first use. It holds no address, so its
     /// kernel answers nothing and routes nothing (IPv6 off: no router
     /// solicitations of its own on the lines).

@@ -87,6 +87,14 @@ struct PlatformArgs {
     /// No network device for the service VM.
     #[arg(long)]
     no_net: bool,
+    /// Leave the service VM's way out to the host's operator: no NAT set
+    /// up on the TAP, no port forwarded (docs/network.md).
+    #[arg(long)]
+    no_nat: bool,
+    /// Ports (TCP and UDP) forwarded from the host's own addresses to the
+    /// service VM's node (repeatable).
+    #[arg(long = "forward-port", default_values_t = [4001u16])]
+    forward_ports: Vec<u16>,
     /// Service VM RAM, MiB.
     #[arg(long, default_value_t = 1024)]
     service_mem_mib: u64,
@@ -359,11 +367,16 @@ fn up(
     )?;
     println!("p2pvmm: isolation {} ({})", choice.backend, choice.reason);
     if choice.backend == Isolation::Vm {
+        let own_set = vms.is_none();
         let set = match (vms, images) {
             (Some(path), _) => vmm::vm_supervisor::load(&path)?,
             (None, Some(images)) => platform_vms(&home, images, &platform)?,
             (None, None) => unreachable!("choose() picks vm only with VMs to run"),
         };
+        // Held while the VMs run; dropping it removes the NAT.
+        let _nat = (own_set && !platform.no_net && !platform.no_nat)
+            .then(|| host_nat(&platform))
+            .flatten();
         return up_vms(&home, &set, log);
     }
     println!(
@@ -436,6 +449,41 @@ fn platform_vms(
     std::fs::write(&file, toml::to_string(&set)?)
         .with_context(|| format!("writing {}", file.display()))?;
     Ok(set)
+}
+
+/// The service VM's way out through this host (`vmm::hostnet`): set up when
+/// we run as root; otherwise the error says what to run. A failure leaves
+/// the VMs running without it (local apps still work) and says so.
+fn host_nat(args: &PlatformArgs) -> Option<vmm::hostnet::HostNat> {
+    let net = vmm::platform::ServiceNet {
+        tap: args.tap.clone(),
+        ..vmm::platform::ServiceNet::standard()
+    };
+    let plan = vmm::hostnet::NatPlan::new(&net, args.forward_ports.clone());
+    if !nix::unistd::geteuid().is_root() {
+        eprintln!(
+            "p2pvmm: WARNING: not root, so the service VM has no way out unless this host \
+             routes for it; as root, once: echo 1 > /proc/sys/net/ipv4/ip_forward && \
+             nft -f - <<'END'\n{}END\n(or run up as root, or --no-nat to silence this)",
+            plan.ruleset()
+        );
+        return None;
+    }
+    match vmm::hostnet::HostNat::install(&plan, None) {
+        Ok(nat) => {
+            println!(
+                "p2pvmm: the service VM reaches out through this host's NAT (nftables table ip {}, \
+                 removed at stop); ports {:?} forwarded to it",
+                nat.table(),
+                args.forward_ports
+            );
+            Some(nat)
+        }
+        Err(e) => {
+            eprintln!("p2pvmm: WARNING: no NAT for the service VM, so it reaches no one: {e}");
+            None
+        }
+    }
 }
 
 /// Makes sure the service VM's TAP exists: an existing one is used as the
