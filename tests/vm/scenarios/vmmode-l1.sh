@@ -177,6 +177,47 @@ if [ "$sub" != 1 ] || ! grep -q from-client "$WORK/hsub.txt"; then
     echo "host-mode node's log:"; grep -aiE "gossip|connect|dial" "$WORK/hn.log" | tail -40
 fi
 
+# Beyond the test host: a node on a segment of its own (a namespace behind a
+# veth), which the service VM reaches only through the NAT `up` set up, and
+# which reaches the service VM only through the port `up` forwards.
+nft list tables > "$WORK/nft-during.txt" 2>&1
+result nat_table_during=$(grep -c 'table ip p2pvm_p2pvm0' "$WORK/nft-during.txt")
+# (iproute2 by its path: busybox's shell runs its own `ip` applet first.)
+ipr="$ROOT/opt/ip"
+$ipr netns add seg && $ipr link add segh type veth peer name segv && $ipr link set segv netns seg \
+    && $ipr addr add 10.98.0.1/24 dev segh && $ipr link set segh up \
+    && $ipr -n seg addr add 10.98.0.2/24 dev segv && $ipr -n seg link set segv up \
+    && $ipr -n seg link set lo up && $ipr -n seg route add default via 10.98.0.1 \
+    || echo "the segment could not be made"
+mkdir -p "$WORK/seg"
+printf 'mdns = false\nlisten = ["/ip4/10.98.0.2/tcp/4003"]\n[nat]\nupnp = false\n[virus]\nenabled = false\n' > "$WORK/seg.toml"
+$ipr netns exec seg p2pd --config "$WORK/seg.toml" --data-dir "$WORK/seg" --log info > "$WORK/seg.log" 2>&1 &
+sg() { p2pctl --socket "$WORK/seg/api.sock" "$@"; }
+i=0; while [ ! -S "$WORK/seg/api.sock" ] && [ $i -lt 300 ]; do sleep 0.1; i=$((i + 1)); done
+segpeer=$(sg info | peer_of)
+# Out: the service VM's node dials the segment's; the segment sees the test
+# host's address on the segment, not the VM's.
+out=$(ask service SEGOUT "p2pctl connect /ip4/10.98.0.2/tcp/4003/p2p/$segpeer > /tmp/seg.txt 2>&1; echo \$?" 60)
+result vm_dialled_segment=$out
+seen=$(sg peers --json 2>/dev/null | tr ',' '\n' | grep -o '"remote_addr": *"[^"]*"' | head -1)
+echo "the segment's node sees the service VM at: $seen"
+case $seen in *10.98.0.1/tcp/*) result segment_saw_vm_at_host=yes ;; esac
+# The VM's node learns the test host's address on the segment as its own:
+# the segment's node dialled it back through the forwarded port.
+ext=$(ask service EXT "for i in \$(seq 60); do p2pctl info > /tmp/ext.txt 2>&1; grep -q '10.98.0.1/tcp/4001' /tmp/ext.txt && break; sleep 1; done; grep -c '10.98.0.1/tcp/4001' /tmp/ext.txt" 90)
+result vm_external_on_segment=$ext
+[ "$ext" = 1 ] || { echo "the service VM's info:"; type_on service "cat /tmp/ext.txt; echo EXT-END"; wait_for "$slog" "^EXT-END" 30; tail -20 "$slog"; }
+# In: a fresh node on the segment, which knows only the test host's address.
+printf 'mdns = false\nlisten = ["/ip4/10.98.0.2/tcp/4004"]\n[nat]\nupnp = false\n[virus]\nenabled = false\n' > "$WORK/seg2.toml"
+mkdir -p "$WORK/seg2"
+$ipr netns exec seg p2pd --config "$WORK/seg2.toml" --data-dir "$WORK/seg2" --log info > "$WORK/seg2.log" 2>&1 &
+i=0; while [ ! -S "$WORK/seg2/api.sock" ] && [ $i -lt 300 ]; do sleep 0.1; i=$((i + 1)); done
+if p2pctl --socket "$WORK/seg2/api.sock" connect "/ip4/10.98.0.1/tcp/4001/p2p/$peer" > "$WORK/seg2-connect.txt" 2>&1; then
+    result segment_reached_vm=yes
+else
+    echo "the segment's second node could not reach the VM:"; cat "$WORK/seg2-connect.txt"
+fi
+
 # EICAR from the client VM: refused by clamd in the service VM, by name.
 eicar=WDVPIVAlQEFQWzRcUFpYNTQoUF4pN0NDKTd9JEVJQ0FSLVNUQU5EQVJELUFOVElWSVJVUy1URVNULUZJTEUhJEgrSCo=
 refused=$(ask client EICAR "echo $eicar | base64 -d > /tmp/e.txt; p2pctl publish /tmp/e.txt 2>&1 | tr '\n' ' '" 120)
@@ -254,3 +295,6 @@ grep -aq "$hpeer  *[0-9]" "$slog" && result credit_row_after_restart=yes
 kill -TERM "$up"
 wait "$up"
 result up_exit=$?
+# `up` took its NAT away with it, and nothing else.
+result nat_table_after=$(nft list tables 2>&1 | grep -c 'table ip p2pvm_p2pvm0')
+result forwarding_after=$(cat /proc/sys/net/ipv4/ip_forward)

@@ -1,7 +1,7 @@
 //! Scenarios that run the platform's two VMs: the images built by
 //! `p2pvm-images` (with the test host's kernel, from the cache), and in L1
 //! what operating them needs — `p2pvmm`, our `p2pd`/`p2pctl` for a host-side
-//! node, iproute2 for the TAP, e2fsprogs for the store disk, util-linux's
+//! node, iproute2 for the TAP, nftables for `up`'s NAT, e2fsprogs for the store disk, util-linux's
 //! namespace tools for the sandbox backend (to compare with). The L1 script
 //! gets the console helpers of `scenarios/consoles.sh` prepended.
 
@@ -52,6 +52,9 @@ pub fn scenario(host: &TestHost, name: &str, script: &str) -> anyhow::Result<(Sc
             release::program(&bins.join("examples"), "apibench")?,
         )
         .binary("/opt/ip", crate::vmm_bin::iproute2()?)
+        // `up` gives the service VM its NAT with nftables; a namespace on a
+        // veth is the network segment beyond the test host.
+        .binary("/opt/nft", require_tool("nft", "nftables")?)
         // `up` makes the store disk with e2fsprogs.
         .binary("/opt/mkfs.ext4", require_tool("mkfs.ext4", "e2fsprogs")?);
     // The sandbox backend (for comparisons) needs util-linux's tools, not
@@ -63,8 +66,24 @@ pub fn scenario(host: &TestHost, name: &str, script: &str) -> anyhow::Result<(Sc
                 s.binary(format!("/opt/{tool}"), require_tool(tool, "util-linux")?),
             )
         })?;
+    let scenario = NAT_MODULES.iter().fold(scenario, |s, m| s.l1_module(*m));
     Ok((scenario, images))
 }
+
+/// What `up`'s NAT for the service VM (`vmm::hostnet`) and a segment behind
+/// a veth need in the test host's kernel.
+const NAT_MODULES: &[&str] = &[
+    // libcrc32c (under nf_tables) asks the crypto API for crc32c when it
+    // loads: a soft dependency the closure does not follow.
+    "crc32c_generic",
+    "nf_tables",
+    "nft_chain_nat",
+    "nft_nat",
+    "nft_masq",
+    "nft_ct",
+    "nft_fib_ipv4",
+    "veth",
+];
 
 #[cfg(test)]
 mod tests {

@@ -60,6 +60,8 @@ pub struct Scenario {
     pub l2_files: Vec<ExtraFile>,
     /// Modules for L2 besides the defaults ([`crate::L2_MODULES`]).
     pub l2_modules: Vec<String>,
+    /// Modules the L1 test host loads besides [`crate::L1_MODULES`].
+    pub l1_modules: Vec<String>,
     /// Extra environment variables for the L1 script.
     pub env: Vec<(String, String)>,
     /// Put QEMU (and its libraries and firmware) into L1 as `$QEMU`.
@@ -88,6 +90,7 @@ impl Scenario {
             extra_files: Vec::new(),
             l2_files: Vec::new(),
             l2_modules: Vec::new(),
+            l1_modules: Vec::new(),
             env: Vec::new(),
             bundle_qemu: false,
             timeout: Duration::from_secs(240),
@@ -101,6 +104,12 @@ impl Scenario {
     /// Sets the body of the L2 guest's `/init`.
     pub fn l2_init(mut self, body: impl Into<String>) -> Self {
         self.l2_init = Some(body.into());
+        self
+    }
+
+    /// Has the L1 test host load `module` (with what it depends on).
+    pub fn l1_module(mut self, module: impl Into<String>) -> Self {
+        self.l1_modules.push(module.into());
         self
     }
 

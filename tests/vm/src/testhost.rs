@@ -273,11 +273,11 @@ impl TestHost {
     fn l1_layout(&self, scenario: &Scenario, l2_initrd: &Path) -> Result<Layout> {
         let mut layout = self.base_layout()?;
         let strings = |names: &[&str]| names.iter().map(|n| n.to_string()).collect::<Vec<_>>();
-        self.add_modules(
-            &mut layout,
-            &strings(L1_MODULES),
-            &strings(L1_OPTIONAL_MODULES),
-        )?;
+        let required: Vec<String> = strings(L1_MODULES)
+            .into_iter()
+            .chain(scenario.l1_modules.iter().map(|m| canonical(m)))
+            .collect();
+        self.add_modules(&mut layout, &required, &strings(L1_OPTIONAL_MODULES))?;
         layout.host_file("/guest/vmlinux", &self.kernel.vmlinux)?;
         layout.host_file("/guest/initrd.cpio", l2_initrd)?;
         if scenario.bundle_qemu {
