@@ -7,6 +7,10 @@
 //!                 masquerade out, port 4001 forwarded in
 //! ```
 //!
+//! The forward also applies to connections the host itself makes to its own
+//! addresses (hairpin), so that a program on the host, or a peer asked to
+//! dial the node back at the host's address from the host, reaches it too.
+//!
 //! The VM is then where a home user's node is: behind a NAT that maps its
 //! connections out (nftables `masquerade`, which keeps a connection's source
 //! port where it can, so its mappings are the kind hole punching gets
@@ -104,11 +108,15 @@ impl NatPlan {
     pub fn ruleset(&self) -> String {
         let (table, tap) = (self.table(), &self.tap);
         let (net, guest) = (format!("{}/{}", self.network, self.prefix), self.guest);
-        let mut dnat = String::new();
+        let (mut dnat, mut hairpin) = (String::new(), String::new());
         for port in &self.forward {
             for proto in ["tcp", "udp"] {
                 dnat.push_str(&format!(
                     "    iifname != \"{tap}\" fib daddr type local {proto} dport {port} \
+                     dnat to {guest}:{port}\n"
+                ));
+                hairpin.push_str(&format!(
+                    "    fib daddr type local ip daddr != 127.0.0.0/8 {proto} dport {port} \
                      dnat to {guest}:{port}\n"
                 ));
             }
@@ -124,6 +132,10 @@ impl NatPlan {
              \x20 chain prerouting {{\n\
              \x20   type nat hook prerouting priority dstnat; policy accept;\n\
              {dnat}\
+             \x20 }}\n\
+             \x20 chain output {{\n\
+             \x20   type nat hook output priority -100; policy accept;\n\
+             {hairpin}\
              \x20 }}\n\
              \x20 chain forward {{\n\
              \x20   type filter hook forward priority filter; policy accept;\n\
@@ -289,6 +301,10 @@ mod tests {
         );
         let none = NatPlan::new(&net, Vec::new()).ruleset();
         assert!(!none.contains("dnat to"));
+        // The host itself reaches the VM at its own addresses (not loopback:
+        // the kernel drops what is translated from there).
+        assert!(rules.contains("chain output"));
+        assert!(rules.contains("ip daddr != 127.0.0.0/8 tcp dport 4001 dnat to 10.99.0.2:4001"));
     }
 
     #[test]

@@ -41,7 +41,7 @@ pub(crate) struct Behaviour {
     /// Relays for others once this node is confirmed public.
     pub relay: Toggle<relay::Behaviour>,
     /// Reservations on relays, and circuits through them.
-    pub relay_client: relay::client::Behaviour,
+    pub relay_client: super::relay_guard::RelayClient,
     /// Turns relayed connections into direct ones.
     pub dcutr: Toggle<dcutr::Behaviour>,
     /// Port mappings on the home router.
@@ -120,7 +120,7 @@ impl Behaviour {
                 .serve
                 .then(|| relay::Behaviour::new(peer_id, relay_config(&config.relay)))
                 .into(),
-            relay_client,
+            relay_client: super::relay_guard::RelayClient::new(relay_client),
             dcutr: config
                 .nat
                 .hole_punching

@@ -906,7 +906,13 @@ impl EventLoop {
                 self.agents.insert(peer_id, info.agent_version.clone());
                 let direct = self.conns.get(&connection_id).is_some_and(|c| !c.relayed);
                 if direct && !is_relayed(&info.observed_addr) {
-                    let stale = self.reach.on_observed(peer_id, &info.observed_addr);
+                    let others = self
+                        .conns
+                        .iter()
+                        .any(|(id, c)| c.peer == peer_id && !c.relayed && *id != connection_id);
+                    let stale = self
+                        .reach
+                        .on_observed(peer_id, &info.observed_addr, !others);
                     self.expire_external(stale);
                 }
                 if info.protocols.contains(&KAD_PROTOCOL) {
@@ -961,7 +967,10 @@ impl EventLoop {
                 if !renewal {
                     info!(relay = %relay_peer_id, "relay reservation accepted");
                 }
-                self.reach.on_accepted(relay_peer_id);
+                if let Some(listener) = self.reach.on_accepted(relay_peer_id) {
+                    debug!(relay = %relay_peer_id, "public now: dropping the reservation");
+                    self.swarm.remove_listener(listener);
+                }
                 self.publish_reach();
             }
             // Over the operator's limits (not, say, a circuit to a peer that

@@ -234,15 +234,26 @@ impl Reach {
         stale.cloned().collect()
     }
 
-    /// `peer` sees us at `observed` (identify). A peer that saw us at
-    /// another IP before tells that our address moved (the router got a new
-    /// one from its ISP, say): the addresses confirmed on the old IP are
-    /// stale and returned, to be expired. A new address is confirmed only by
-    /// a dial-back of its own.
-    pub(crate) fn on_observed(&mut self, peer: PeerId, observed: &Multiaddr) -> Vec<Multiaddr> {
+    /// `peer` sees us at `observed` (identify) on a connection that is
+    /// `alone` (its only direct one to us). A peer that saw us at another IP
+    /// before and now reaches us afresh tells that our address moved (the
+    /// router got a new one from its ISP, say): the addresses confirmed on
+    /// the old IP are stale and returned, to be expired. A peer holding
+    /// other connections may simply reach us by two ways at once (through
+    /// a hairpin NAT, or two networks): nothing is concluded. A new address
+    /// is confirmed only by a dial-back of its own.
+    pub(crate) fn on_observed(
+        &mut self,
+        peer: PeerId,
+        observed: &Multiaddr,
+        alone: bool,
+    ) -> Vec<Multiaddr> {
         let Some(ip) = ip_of(observed) else {
             return Vec::new();
         };
+        if !alone {
+            return Vec::new();
+        }
         if self.observed.len() >= OBSERVERS_KEPT && !self.observed.contains_key(&peer) {
             // Forget an arbitrary observer: any one still tells a move.
             if let Some(k) = self.observed.keys().next().copied() {
@@ -315,11 +326,17 @@ impl Reach {
         );
     }
 
-    /// The relay accepted (or renewed) our reservation.
-    pub(crate) fn on_accepted(&mut self, relay: PeerId) {
+    /// The relay accepted (or renewed) our reservation. A node that turned
+    /// public meanwhile no longer needs it: its listener is returned, to be
+    /// closed now that no request of it is in flight.
+    pub(crate) fn on_accepted(&mut self, relay: PeerId) -> Option<ListenerId> {
+        if self.reachability() == Reachability::Public {
+            return self.reservations.remove(&relay).map(|r| r.listener);
+        }
         if let Some(r) = self.reservations.get_mut(&relay) {
             r.accepted = true;
         }
+        None
     }
 
     /// Relays holding an accepted reservation of ours.
@@ -345,12 +362,22 @@ impl Reach {
         Some(relay)
     }
 
-    /// The node turned public: reservations it no longer needs, to close.
+    /// The node turned public: accepted reservations it no longer needs, to
+    /// close. One still being asked for is closed once the relay answers
+    /// ([`Self::on_accepted`]): libp2p's relay client panics when the answer
+    /// to a request comes for a listener already closed.
     pub(crate) fn surplus(&mut self) -> Vec<ListenerId> {
         if self.reachability() != Reachability::Public {
             return Vec::new();
         }
-        self.reservations.drain().map(|(_, r)| r.listener).collect()
+        let done: Vec<PeerId> = self
+            .reservations
+            .iter()
+            .filter(|(_, r)| r.accepted)
+            .map(|(p, _)| *p)
+            .collect();
+        let surplus = done.iter().filter_map(|p| self.reservations.remove(p));
+        surplus.map(|r| r.listener).collect()
     }
 }
 
@@ -476,21 +503,27 @@ mod tests {
         }
         let (seer, other) = (PeerId::random(), PeerId::random());
         assert!(
-            r.on_observed(seer, &addr("/ip4/198.18.0.9/tcp/5555"))
+            r.on_observed(seer, &addr("/ip4/198.18.0.9/tcp/5555"), true)
                 .is_empty()
         );
         // Another peer seeing another IP is no move (multi-homed, say).
         assert!(
-            r.on_observed(other, &addr("/ip4/203.0.113.1/tcp/1"))
+            r.on_observed(other, &addr("/ip4/203.0.113.1/tcp/1"), true)
                 .is_empty()
         );
         // The same peer, same IP, new port: still no move.
         assert!(
-            r.on_observed(seer, &addr("/ip4/198.18.0.9/tcp/6666"))
+            r.on_observed(seer, &addr("/ip4/198.18.0.9/tcp/6666"), true)
+                .is_empty()
+        );
+        // Seen elsewhere on a second connection while the first lives (a
+        // hairpin NAT): no move.
+        assert!(
+            r.on_observed(seer, &addr("/ip4/198.18.1.7/tcp/5555"), false)
                 .is_empty()
         );
         assert_eq!(
-            r.on_observed(seer, &addr("/ip4/198.18.1.7/tcp/5555")),
+            r.on_observed(seer, &addr("/ip4/198.18.1.7/tcp/5555"), true),
             vec![old.clone()],
             "only the undeclared direct address on the old IP is stale"
         );
@@ -509,7 +542,7 @@ mod tests {
         let mut r = Reach::new(2);
         for i in 0..(OBSERVERS_KEPT as u32 + 50) {
             let a = addr(&format!("/ip4/198.18.0.{}/tcp/1", i % 250 + 1));
-            r.on_observed(PeerId::random(), &a);
+            r.on_observed(PeerId::random(), &a, true);
         }
         assert_eq!(r.observed.len(), OBSERVERS_KEPT);
     }
@@ -520,12 +553,20 @@ mod tests {
         r.on_probe(false);
         let p = PeerId::random();
         r.add_candidate(p, addr("/ip4/198.18.0.2/tcp/4001"));
+        let q = PeerId::random();
+        r.add_candidate(q, addr("/ip4/198.18.0.3/tcp/4001"));
         let picks = r.relays_to_ask(Instant::now());
-        let l = ListenerId::next();
+        let (l, pending) = (ListenerId::next(), ListenerId::next());
         r.reserving(picks[0].0, l);
+        r.reserving(picks[1].0, pending);
+        assert_eq!(r.on_accepted(picks[0].0), None, "still private: kept");
         assert!(r.surplus().is_empty(), "still private");
         r.on_confirmed(addr("/ip4/198.18.0.9/udp/4001/quic-v1"));
+        // The accepted one goes now; the one whose answer is awaited goes
+        // when it comes, not before.
         assert_eq!(r.surplus(), vec![l]);
+        assert!(r.surplus().is_empty());
+        assert_eq!(r.on_accepted(picks[1].0), Some(pending));
         assert!(r.relays_to_ask(Instant::now()).is_empty());
     }
 

@@ -206,7 +206,7 @@ case $seen in *10.98.0.1/tcp/*) result segment_saw_vm_at_host=yes ;; esac
 # the segment's node dialled it back through the forwarded port.
 ext=$(ask service EXT "for i in \$(seq 60); do p2pctl info > /tmp/ext.txt 2>&1; grep -q '10.98.0.1/tcp/4001' /tmp/ext.txt && break; sleep 1; done; grep -c '10.98.0.1/tcp/4001' /tmp/ext.txt" 90)
 result vm_external_on_segment=$ext
-[ "$ext" = 1 ] || { echo "the service VM's info:"; type_on service "cat /tmp/ext.txt; echo EXT-END"; wait_for "$slog" "^EXT-END" 30; tail -20 "$slog"; }
+[ "$ext" = 1 ] || { echo "the service VM's info:"; type_on service "cat /tmp/ext.txt; echo EXT-END"; wait_for "$slog" "^EXT-END" 30; tail -20 "$slog"; echo; }
 # In: a fresh node on the segment, which knows only the test host's address.
 printf 'mdns = false\nlisten = ["/ip4/10.98.0.2/tcp/4004"]\n[nat]\nupnp = false\n[virus]\nenabled = false\n' > "$WORK/seg2.toml"
 mkdir -p "$WORK/seg2"
