@@ -183,8 +183,9 @@ fn run(mut c: Command, input: Option<&str>) -> Result<String, HostNetError> {
     })
     .stdout(Stdio::piped())
     .stderr(Stdio::piped());
+    let is_nft = c.get_program() == "nft";
     let mut child = c.spawn().map_err(|source| match source.kind() {
-        std::io::ErrorKind::NotFound => HostNetError::NoNft,
+        std::io::ErrorKind::NotFound if is_nft => HostNetError::NoNft,
         _ => HostNetError::Spawn {
             command: line.clone(),
             source,
