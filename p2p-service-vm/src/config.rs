@@ -138,8 +138,14 @@ pub struct RelayConfig {
     pub max_circuits_per_peer: u32,
     /// Longest one circuit lives.
     pub max_circuit_secs: u64,
-    /// Most bytes one circuit carries (each direction).
+    /// Most bytes one circuit carries (both directions together).
     pub max_circuit_bytes: u64,
+    /// The relay's total bandwidth cap: bytes relayed in any hour, over all
+    /// circuits. Each circuit counts as `max_circuit_bytes` when it opens
+    /// (libp2p's relay reports no byte counts), so a circuit that would take
+    /// the hour over the cap is refused. 1 GiB by default: about 2.4 Mbit/s
+    /// of an uplink on average, a thousand circuits an hour.
+    pub max_bytes_per_hour: u64,
     /// Reservations one IP address may make in a burst; it may make one
     /// more each minute (libp2p's default, 60). Raise it for a relay that
     /// serves many peers behind one NAT (a campus, say).
@@ -156,6 +162,7 @@ impl Default for RelayConfig {
             max_circuits_per_peer: 4,
             max_circuit_secs: 120,
             max_circuit_bytes: 1 << 20,
+            max_bytes_per_hour: 1 << 30,
             reservations_per_ip: 60,
         }
     }
@@ -592,6 +599,12 @@ impl Config {
                 "relay.max_circuit_secs and max_circuit_bytes must be positive (set relay.serve = false to relay nothing)"
                     .into(),
             ));
+        }
+        if r.max_bytes_per_hour < r.max_circuit_bytes {
+            return Err(ConfigError::Invalid(format!(
+                "relay.max_bytes_per_hour ({}) is less than one circuit's max_circuit_bytes ({}): no circuit could open (set relay.serve = false to relay nothing)",
+                r.max_bytes_per_hour, r.max_circuit_bytes
+            )));
         }
         if let Some(g) = c.gateway
             && !g.ip().is_loopback()

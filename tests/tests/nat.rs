@@ -171,7 +171,7 @@ async fn behind_symmetric_nats_the_relay_carries_what_its_limits_allow() -> Resu
     );
     let a_host = lab.add_host_behind(&ra_router, Line::UNSHAPED)?;
     let b_host = lab.add_host_behind(&rb_router, Line::UNSHAPED)?;
-    // Circuits of at most 256 KiB each way: enough for a small item's
+    // Circuits of at most 256 KiB (both ways together): enough for a small item's
     // blocks, not for a large one. One reservation at a time: the second
     // private node to ask is refused (and charged for it).
     let seed = node(&seed_host, &[], "").await?;
@@ -245,6 +245,12 @@ async fn relayed_only([relay, a, b]: [&TestNode; 3]) -> Result<()> {
         fetch_whole(&pa, &id).await? == small,
         "the small item's bytes"
     );
+    // Relayed bytes count in credit like any other: a's record of b.
+    eventually(WAIT, "the relayed bytes on a's record of b", || async {
+        let e = ra.credit_show(&b.peer_id).await.ok()?;
+        (e.bytes_received >= small.len() as u64).then_some(())
+    })
+    .await?;
     let large = p2pvm_e2e::pseudo_random(4 << 20, 6);
     let id = publish_named(&b.app("pub").await?, "large.bin", &large).await?;
     match fetch_or_error(&pa, &id).await {
@@ -257,6 +263,91 @@ async fn relayed_only([relay, a, b]: [&TestNode; 3]) -> Result<()> {
             );
         }
     }
+    Ok(())
+}
+
+/// The relay's total bandwidth cap: two circuits' worth an hour, so a third
+/// circuit between the same two private nodes is refused, and the refusal is
+/// not charged to the asker (the relay's budget, not the asker, ran out).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_relay_refuses_circuits_past_its_bandwidth_cap() -> Result<()> {
+    let Some(mut lab) = lab_or_skip()? else {
+        return Ok(());
+    };
+    let (seed_host, relay_host) = (lab.add_host(line())?, lab.add_host(line())?);
+    let (ra_router, rb_router) = (
+        lab.add_router(line(), Nat::Symmetric)?,
+        lab.add_router(line(), Nat::Symmetric)?,
+    );
+    let a_host = lab.add_host_behind(&ra_router, Line::UNSHAPED)?;
+    let b_host = lab.add_host_behind(&rb_router, Line::UNSHAPED)?;
+    // The seed relays nothing: every circuit goes through `relay`. A circuit
+    // counts as 64 KiB and the 16 KiB its copy loop may overshoot by.
+    let seed = node(&seed_host, &[], "[relay]\nserve = false\n").await?;
+    let relay = node(
+        &relay_host,
+        &[&seed],
+        "[relay]\nmax_circuit_bytes = 65536\nmax_bytes_per_hour = 200000\n",
+    )
+    .await?;
+    let a = node(&a_host, &[&relay], "").await?;
+    let b = node(&b_host, &[&relay], "").await?;
+    let capped = circuits_until_the_cap([&relay, &a, &b]).await;
+    if capped.is_err() {
+        dump_logs(&[("relay", &relay), ("a", &a), ("b", &b)]);
+    }
+    capped
+}
+
+async fn circuits_until_the_cap([relay, a, b]: [&TestNode; 3]) -> Result<()> {
+    let (ra, rr) = (a.admin().await?, relay.admin().await?);
+    reaches(&rr, "public").await?;
+    reaches(&b.admin().await?, "private").await?;
+    reaches(&ra, "private").await?;
+    let relayed: Vec<String> = find_relayed(&ra, &b.peer_id)
+        .await?
+        .into_iter()
+        .filter(|x| x.contains("p2p-circuit"))
+        .collect();
+    for n in 1..=2 {
+        ra.connect(&b.peer_id, &relayed)
+            .await
+            .with_context(|| format!("circuit {n} of the two the cap allows"))?;
+        ensure!(
+            connections(&ra, &b.peer_id)
+                .await?
+                .iter()
+                .all(|(k, _)| k == "relayed"),
+            "circuit {n} is not relayed"
+        );
+        ra.disconnect(&b.peer_id).await?;
+        eventually(WAIT, "a and b apart", || async {
+            connections(&ra, &b.peer_id)
+                .await
+                .ok()?
+                .is_empty()
+                .then_some(())
+        })
+        .await?;
+    }
+    let refused = match ra.connect(&b.peer_id, &relayed).await {
+        Ok(_) => bail!("a third circuit crossed a relay capped at two circuits' worth"),
+        Err(e) => e.to_string(),
+    };
+    eprintln!("the third circuit: {refused}");
+    ensure!(
+        refused.to_lowercase().contains("resource limit"),
+        "the refusal does not say a relay limit stopped it: {refused}"
+    );
+    ensure!(
+        relay.log().contains("bandwidth cap for the hour is spent"),
+        "the relay did not log its cap"
+    );
+    let on_record = rr.credit_show(&a.peer_id).await?;
+    ensure!(
+        on_record.requests_failed == 0,
+        "the cap's refusal was charged to a: {on_record:?}"
+    );
     Ok(())
 }
 
@@ -286,6 +377,12 @@ async fn behind_a_upnp_router_a_node_maps_its_ports_and_is_dialled_directly() ->
     // Knows nobody: it can reach `home` only at the mapped address.
     let stranger = node(&stranger_host, &[], "").await?;
     let mapped = dialled_at_mapping([&seed, &home, &stranger], public).await;
+    let mapped = match mapped {
+        Ok(()) => {
+            fast_path_through_mapping(&lab, [&home_host, &stranger_host], [&home, &stranger]).await
+        }
+        Err(e) => Err(e),
+    };
     if mapped.is_err() {
         dump_logs(&[("seed", &seed), ("home", &home), ("stranger", &stranger)]);
     }
@@ -342,6 +439,62 @@ async fn dialled_at_mapping(
         "home's connections to its seed: {to_seed:?}"
     );
     Ok(())
+}
+
+/// The content fast path's own port is mapped too: the stranger's blocks come
+/// over a fast-path connection to it, not over a libp2p stream.
+async fn fast_path_through_mapping(
+    lab: &Lab,
+    [home_host, stranger_host]: [&Host; 2],
+    [home, stranger]: [&TestNode; 2],
+) -> Result<()> {
+    let port = home
+        .admin()
+        .await?
+        .node_info()
+        .await?
+        .content_fast_path_port;
+    ensure!(port != 0, "home's fast path does not listen");
+    eventually(WAIT, "the router maps the fast path's port", || async {
+        home.log()
+            .contains("router mapped the fast path's port")
+            .then_some(())
+    })
+    .await?;
+    let data = p2pvm_e2e::pseudo_random(24 << 20, 9);
+    let id = publish_named(&home.app("pub").await?, "mapped.bin", &data).await?;
+    let c = stranger.app("viewer").await?;
+    let fetching = tokio::spawn(async move { fetch_whole(&c, &id).await });
+    // Sampled in home's namespace while the blocks flow (and just after:
+    // an idle fast-path connection is kept for the next download).
+    let mut seen = false;
+    for _ in 0..200 {
+        let done = fetching.is_finished();
+        seen |= fast_path_peer(lab, home_host, port as u16, stranger_host.ip)?;
+        if seen || done {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    ensure!(fetching.await?? == data, "the item's bytes");
+    ensure!(
+        seen,
+        "no fast-path connection from the stranger to home's port {port}"
+    );
+    Ok(())
+}
+
+/// Whether `host` has an established TCP connection on `port` from `from`.
+fn fast_path_peer(lab: &Lab, host: &Host, port: u16, from: std::net::Ipv4Addr) -> Result<bool> {
+    let out = lab
+        .command(host, "ss")
+        .args(["-Htn", "state", "established"])
+        .arg(format!("( sport = :{port} )"))
+        .output()
+        .context("ss")?;
+    ensure!(out.status.success(), "ss: {out:?}");
+    let text = String::from_utf8_lossy(&out.stdout);
+    Ok(text.lines().any(|l| l.contains(&format!(" {from}:"))))
 }
 
 /// Scenario 5: `a`'s home router loses its line and comes back with a new

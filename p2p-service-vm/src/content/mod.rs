@@ -36,6 +36,7 @@ mod error;
 mod fastpath;
 mod fetch;
 mod items;
+mod portmap;
 pub(crate) use fetch::open_protocol;
 #[doc(hidden)]
 pub mod fuzzing;
@@ -317,11 +318,17 @@ impl ContentService {
             .and_then(tokio::net::TcpListener::from_std);
         match bound {
             Ok(l) => {
-                let port = l.local_addr().map(|a| a.port()).unwrap_or(0);
+                let bound = l.local_addr().ok();
+                let port = bound.map_or(0, |a| a.port());
                 self.inner
                     .fast_path_port
                     .store(port, std::sync::atomic::Ordering::Release);
                 fastpath::spawn_server(self.clone(), l);
+                if let Some(bound) = bound
+                    && self.inner.ctx.config.nat.upnp
+                {
+                    portmap::spawn(self, bound);
+                }
             }
             Err(e) => warn!(%addr, error = %e, "cannot listen for the content fast path"),
         }

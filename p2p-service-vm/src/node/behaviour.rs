@@ -53,6 +53,7 @@ impl Behaviour {
         key: &Keypair,
         relay_client: relay::client::Behaviour,
         config: &Config,
+        relay_budget: &super::relay_budget::RelayBudget,
     ) -> Result<Self, Box<dyn std::error::Error + Send + Sync>> {
         let peer_id = key.public().to_peer_id();
         let l = &config.limits;
@@ -118,7 +119,7 @@ impl Behaviour {
             relay: config
                 .relay
                 .serve
-                .then(|| relay::Behaviour::new(peer_id, relay_config(&config.relay)))
+                .then(|| relay::Behaviour::new(peer_id, relay_config(&config.relay, relay_budget)))
                 .into(),
             relay_client: super::relay_guard::RelayClient::new(relay_client),
             dcutr: config
@@ -133,11 +134,16 @@ impl Behaviour {
 
 /// The relay server's limits from the operator's. libp2p's rate limits on
 /// reservations stay: per peer as they are (30, then one each 2 minutes),
-/// per IP address with the operator's burst (one more each minute).
-fn relay_config(c: &crate::config::RelayConfig) -> relay::Config {
+/// per IP address with the operator's burst (one more each minute). The
+/// total bandwidth cap is the last circuit limiter asked, so it counts only
+/// circuits the others let through.
+fn relay_config(
+    c: &crate::config::RelayConfig,
+    budget: &super::relay_budget::RelayBudget,
+) -> relay::Config {
     let per_ip =
         std::num::NonZeroU32::new(c.reservations_per_ip).unwrap_or(std::num::NonZeroU32::MIN);
-    relay::Config {
+    let mut config = relay::Config {
         max_reservations: c.max_reservations as usize,
         max_reservations_per_peer: c.max_reservations_per_peer as usize,
         max_circuits: c.max_circuits as usize,
@@ -151,7 +157,9 @@ fn relay_config(c: &crate::config::RelayConfig) -> relay::Config {
         std::num::NonZeroU32::new(30).expect("30 > 0"),
         Duration::from_secs(120),
     )
-    .reservation_rate_per_ip(per_ip, Duration::from_secs(60))
+    .reservation_rate_per_ip(per_ip, Duration::from_secs(60));
+    config.circuit_src_rate_limiters.push(budget.limiter());
+    config
 }
 
 /// The DHT key under which public relays are providers: how a private node
@@ -189,7 +197,8 @@ mod tests {
         config.nat.upnp = false;
         let key = Keypair::generate_ed25519();
         let (_, relay_client) = relay::client::new(key.public().to_peer_id());
-        let mut b = Behaviour::new(&key, relay_client, &config).expect("behaviour");
+        let budget = crate::node::relay_budget::RelayBudget::new(1 << 30, 1 << 20);
+        let mut b = Behaviour::new(&key, relay_client, &config, &budget).expect("behaviour");
         let key = service_key("crowd");
         let crowd = 60;
         for _ in 0..crowd {

@@ -29,6 +29,7 @@ use super::reach::{
     signed_peer_record,
 };
 use super::redial::Redial;
+use super::relay_budget::RelayBudget;
 use crate::config::Config;
 
 /// Why the node could not start.
@@ -152,6 +153,11 @@ impl Node {
         let keypair = key.clone();
         let build = |e: &dyn std::fmt::Display| NodeStartError::Build(e.to_string());
         let behaviour_config = config.clone();
+        let relay_budget = RelayBudget::new(
+            config.relay.max_bytes_per_hour,
+            config.relay.max_circuit_bytes,
+        );
+        let behaviour_budget = relay_budget.clone();
         let (dns_config, dns_opts) = resolver_config();
         let mut swarm = libp2p::SwarmBuilder::with_existing_identity(key)
             .with_tokio()
@@ -175,7 +181,7 @@ impl Node {
             .with_relay_client(noise::Config::new, yamux::Config::default)
             .map_err(|e| build(&e))?
             .with_behaviour(|key, relay_client| {
-                Behaviour::new(key, relay_client, &behaviour_config)
+                Behaviour::new(key, relay_client, &behaviour_config, &behaviour_budget)
             })
             .map_err(|e| build(&e))?
             .with_swarm_config(|c| c.with_idle_connection_timeout(Duration::from_secs(120)))
@@ -243,6 +249,7 @@ impl Node {
                 reach,
                 redial: Redial::new(bootstrap_peers, Instant::now()),
                 serve_relay: config.relay.serve,
+                relay_budget,
                 relay_announced: false,
                 last_relay_search: None,
                 circuit_limits: HashMap::new(),
@@ -297,6 +304,8 @@ struct EventLoop {
     /// Bootstrap peers to dial again when the node runs short of peers.
     redial: Redial,
     serve_relay: bool,
+    /// The relay's total bandwidth cap.
+    relay_budget: RelayBudget,
     /// Whether this node announced itself in the DHT as a relay.
     relay_announced: bool,
     last_relay_search: Option<Instant>,
@@ -972,6 +981,33 @@ impl EventLoop {
                     self.swarm.remove_listener(listener);
                 }
                 self.publish_reach();
+            }
+            // The bandwidth cap admitted it, the relay did not: its share
+            // is free again.
+            BehaviourEvent::Relay(relay::Event::CircuitReqDenied {
+                src_peer_id,
+                status: relay::StatusCode::NoReservation,
+                ..
+            }) => self.relay_budget.refund(src_peer_id),
+            // Admitted, then the destination could not be reached: nothing
+            // was relayed. (libp2p marks these events for removal; their
+            // replacement is a log line.)
+            #[allow(deprecated)]
+            BehaviourEvent::Relay(
+                relay::Event::CircuitReqOutboundConnectFailed { src_peer_id, .. }
+                | relay::Event::CircuitReqAcceptFailed { src_peer_id, .. },
+            ) => self.relay_budget.refund(src_peer_id),
+            // The relay's own budget is spent: nothing the asker did.
+            BehaviourEvent::Relay(relay::Event::CircuitReqDenied {
+                src_peer_id,
+                dst_peer_id,
+                status: relay::StatusCode::ResourceLimitExceeded,
+            }) if self.relay_budget.took_refusal(src_peer_id) => {
+                warn!(
+                    src = %src_peer_id,
+                    dst = %dst_peer_id,
+                    "circuit refused: the relay's bandwidth cap for the hour is spent (relay.max_bytes_per_hour)"
+                );
             }
             // Over the operator's limits (not, say, a circuit to a peer that
             // holds no reservation, which an honest dialler may ask for).

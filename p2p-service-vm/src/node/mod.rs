@@ -17,6 +17,7 @@ mod handle;
 mod pending_per_ip;
 mod reach;
 mod redial;
+mod relay_budget;
 mod relay_guard;
 
 pub use behaviour::{relay_key, service_key};
