@@ -40,10 +40,11 @@ pub async fn run(ledger: Arc<Ledger>, node: NodeHandle, shutdown: CancellationTo
                     }
                     connected.entry(peer_id).or_insert_with(Instant::now);
                 }
-                // Asking a relay for more than its limits is a failed
-                // request on the asker's record: a flood of them costs it
-                // its standing, as any other run of failures does.
-                Ok(NodeEvent::RelayRefused { peer_id }) => {
+                // Asking for more than the node's limits (a relay's
+                // reservations or circuits, hole punches) is a failed request
+                // on the asker's record: a flood of them costs it its
+                // standing, as any other run of failures does.
+                Ok(NodeEvent::OverLimits { peer_id }) => {
                     ledger.record(peer_id, EventKind::RequestFailed);
                 }
                 Ok(NodeEvent::PeerDisconnected { peer_id }) => {

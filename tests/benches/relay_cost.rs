@@ -355,12 +355,14 @@ async fn main() -> Result<()> {
     let config = format!(
         "[nat]\nexternal_addrs = [\"{declared}\"]\nupnp = false\n\
          [relay]\nmax_reservations = {}\nreservations_per_ip = {}\n\
-         max_circuit_bytes = {}\nmax_circuit_secs = 3600\n\
+         max_circuit_bytes = {}\nmax_bytes_per_hour = {}\nmax_circuit_secs = 3600\n\
          [limits]\nmax_established = {}\nmax_pending = 256\nmax_pending_per_ip = 256\n\
          [virus]\nenabled = false\n",
         n + 16,
         n + 16,
         bytes * 2,
+        // Room for the measured circuit (and a spare) whatever its size.
+        bytes * 8,
         n + 64,
     );
     let relay = TestNode::start(NodeOpts {

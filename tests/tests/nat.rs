@@ -266,11 +266,13 @@ async fn relayed_only([relay, a, b]: [&TestNode; 3]) -> Result<()> {
     Ok(())
 }
 
-/// The relay's total bandwidth cap: two circuits' worth an hour, so a third
-/// circuit between the same two private nodes is refused, and the refusal is
-/// not charged to the asker (the relay's budget, not the asker, ran out).
+/// A peer that opens circuit after circuit to a private node: the node holds
+/// it off hole punching after eight in a minute (each punch has the node dial
+/// addresses the peer chose) and charges it, and the relay's total bandwidth
+/// cap (twelve circuits' worth an hour here) refuses the thirteenth circuit
+/// without charging the asker (the relay's budget ran out, not its limits).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_relay_refuses_circuits_past_its_bandwidth_cap() -> Result<()> {
+async fn circuit_after_circuit_is_held_off_punching_and_stopped_by_the_relays_cap() -> Result<()> {
     let Some(mut lab) = lab_or_skip()? else {
         return Ok(());
     };
@@ -287,7 +289,10 @@ async fn a_relay_refuses_circuits_past_its_bandwidth_cap() -> Result<()> {
     let relay = node(
         &relay_host,
         &[&seed],
-        "[relay]\nmax_circuit_bytes = 65536\nmax_bytes_per_hour = 200000\n",
+        &format!(
+            "[relay]\nmax_circuit_bytes = 65536\nmax_bytes_per_hour = {}\n",
+            CAP_CIRCUITS * (80 << 10)
+        ),
     )
     .await?;
     let a = node(&a_host, &[&relay], "").await?;
@@ -299,27 +304,51 @@ async fn a_relay_refuses_circuits_past_its_bandwidth_cap() -> Result<()> {
     capped
 }
 
+/// Circuits the relay's cap admits in the test above.
+const CAP_CIRCUITS: u64 = 12;
+/// Relayed connections a node lets one peer open in a minute and punches
+/// holes for (`node/punch_guard.rs`).
+const PUNCHED_PER_MINUTE: u64 = 8;
+
 async fn circuits_until_the_cap([relay, a, b]: [&TestNode; 3]) -> Result<()> {
-    let (ra, rr) = (a.admin().await?, relay.admin().await?);
+    let (ra, rb, rr) = (a.admin().await?, b.admin().await?, relay.admin().await?);
     reaches(&rr, "public").await?;
-    reaches(&b.admin().await?, "private").await?;
+    reaches(&rb, "private").await?;
     reaches(&ra, "private").await?;
     let relayed: Vec<String> = find_relayed(&ra, &b.peer_id)
         .await?
         .into_iter()
         .filter(|x| x.contains("p2p-circuit"))
         .collect();
-    for n in 1..=2 {
-        ra.connect(&b.peer_id, &relayed)
-            .await
-            .with_context(|| format!("circuit {n} of the two the cap allows"))?;
+    let started = Instant::now();
+    let mut opened = 0;
+    let refused = loop {
+        if let Err(e) = ra.connect(&b.peer_id, &relayed).await {
+            break e.to_string();
+        }
+        opened += 1;
+        ensure!(
+            opened <= CAP_CIRCUITS,
+            "circuit {opened} crossed a relay capped at {CAP_CIRCUITS}"
+        );
         ensure!(
             connections(&ra, &b.peer_id)
                 .await?
                 .iter()
                 .all(|(k, _)| k == "relayed"),
-            "circuit {n} is not relayed"
+            "circuit {opened} is not relayed"
         );
+        if opened == PUNCHED_PER_MINUTE + 1 {
+            ensure!(
+                started.elapsed() < Duration::from_secs(60),
+                "the test opened circuits too slowly to flood: {:?}",
+                started.elapsed()
+            );
+            eventually(WAIT, "b holds a off hole punching", || async {
+                b.log().contains("hole-punch flood").then_some(())
+            })
+            .await?;
+        }
         ra.disconnect(&b.peer_id).await?;
         eventually(WAIT, "a and b apart", || async {
             connections(&ra, &b.peer_id)
@@ -329,12 +358,13 @@ async fn circuits_until_the_cap([relay, a, b]: [&TestNode; 3]) -> Result<()> {
                 .then_some(())
         })
         .await?;
-    }
-    let refused = match ra.connect(&b.peer_id, &relayed).await {
-        Ok(_) => bail!("a third circuit crossed a relay capped at two circuits' worth"),
-        Err(e) => e.to_string(),
     };
-    eprintln!("the third circuit: {refused}");
+    eprintln!("circuit {}: {refused}", opened + 1);
+    ensure!(
+        opened == CAP_CIRCUITS,
+        "the relay refused circuit {} of the {CAP_CIRCUITS} its cap allows: {refused}",
+        opened + 1
+    );
     ensure!(
         refused.to_lowercase().contains("resource limit"),
         "the refusal does not say a relay limit stopped it: {refused}"
@@ -343,10 +373,20 @@ async fn circuits_until_the_cap([relay, a, b]: [&TestNode; 3]) -> Result<()> {
         relay.log().contains("bandwidth cap for the hour is spent"),
         "the relay did not log its cap"
     );
-    let on_record = rr.credit_show(&a.peer_id).await?;
+    let at_relay = rr.credit_show(&a.peer_id).await?;
     ensure!(
-        on_record.requests_failed == 0,
-        "the cap's refusal was charged to a: {on_record:?}"
+        at_relay.requests_failed == 0,
+        "the cap's refusal was charged to a: {at_relay:?}"
+    );
+    // b charged a for the flood, once per hold.
+    let at_b = rb.credit_show(&a.peer_id).await?;
+    ensure!(
+        at_b.requests_failed == 1,
+        "b's record of a after the flood: {at_b:?}"
+    );
+    ensure!(
+        !a.log().contains("hole-punch flood"),
+        "a took b's punches for a flood"
     );
     Ok(())
 }

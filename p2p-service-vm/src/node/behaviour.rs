@@ -43,7 +43,7 @@ pub(crate) struct Behaviour {
     /// Reservations on relays, and circuits through them.
     pub relay_client: super::relay_guard::RelayClient,
     /// Turns relayed connections into direct ones.
-    pub dcutr: Toggle<dcutr::Behaviour>,
+    pub dcutr: Toggle<super::punch_guard::PunchGuard>,
     /// Port mappings on the home router.
     pub upnp: Toggle<upnp::tokio::Behaviour>,
 }
@@ -125,7 +125,7 @@ impl Behaviour {
             dcutr: config
                 .nat
                 .hole_punching
-                .then(|| dcutr::Behaviour::new(peer_id))
+                .then(|| super::punch_guard::PunchGuard::new(dcutr::Behaviour::new(peer_id)))
                 .into(),
             upnp: config.nat.upnp.then(upnp::tokio::Behaviour::default).into(),
         })

@@ -24,6 +24,7 @@ use super::handle::{
     COMMAND_QUEUE, Command, ConnectionSummary, EVENT_QUEUE, NodeError, NodeEvent, NodeHandle,
     NodeStatus, Paths, PeerSummary, PubsubMessage, ReachStatus,
 };
+use super::punch_guard::Event as PunchEvent;
 use super::reach::{
     Reach, Reachability, addrs_from_record, ip_of, is_local, is_loopback, is_relayed, relay_of,
     signed_peer_record,
@@ -1023,7 +1024,7 @@ impl EventLoop {
                 },
             ) => {
                 debug!(peer = %src_peer_id, "relay request over the limits refused");
-                self.emit(NodeEvent::RelayRefused {
+                self.emit(NodeEvent::OverLimits {
                     peer_id: src_peer_id,
                 });
             }
@@ -1042,10 +1043,14 @@ impl EventLoop {
                 // inbound circuit is not said.
                 self.circuit_limit(src_peer_id, limit.and_then(|l| l.data_in_bytes()));
             }
-            BehaviourEvent::Dcutr(dcutr::Event {
+            BehaviourEvent::Dcutr(PunchEvent::Flood { peer, why }) => {
+                warn!(%peer, why, "hole-punch flood: no hole punching with this peer for 10 minutes");
+                self.emit(NodeEvent::OverLimits { peer_id: peer });
+            }
+            BehaviourEvent::Dcutr(PunchEvent::Punch(dcutr::Event {
                 remote_peer_id,
                 result,
-            }) => match result {
+            })) => match result {
                 Ok(direct) => {
                     info!(peer = %remote_peer_id, "hole punched: direct connection");
                     // Everything moves to the direct connection: streams pick

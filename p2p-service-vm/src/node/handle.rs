@@ -116,9 +116,10 @@ pub enum NodeEvent {
         /// Who.
         peer_id: PeerId,
     },
-    /// This node, as a relay, refused a peer a reservation or a circuit: it
-    /// asked for more than the operator's limits allow.
-    RelayRefused {
+    /// A peer asked this node for more than its limits allow: relay
+    /// reservations or circuits over the operator's limits, or hole punch
+    /// after hole punch.
+    OverLimits {
         /// Who asked.
         peer_id: PeerId,
     },

@@ -15,6 +15,7 @@ mod behaviour;
 mod event_loop;
 mod handle;
 mod pending_per_ip;
+mod punch_guard;
 mod reach;
 mod redial;
 mod relay_budget;
