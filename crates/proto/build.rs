@@ -7,6 +7,12 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let descriptors = protox::compile([schema], ["proto"])?;
     prost_build::Config::new()
         .bytes(["."])
+        // `<&str>::from(&op)`: the operation's name, without formatting the
+        // request (which may carry megabytes).
+        .type_attribute(
+            ".p2pvm.api.v1.Request.op",
+            "#[derive(strum::IntoStaticStr)]",
+        )
         .compile_fds(descriptors)?;
     Ok(())
 }

@@ -86,6 +86,28 @@ pub struct Config {
     pub nat: NatConfig,
     /// What this node, when publicly reachable, relays for others.
     pub relay: RelayConfig,
+    /// Prometheus metrics (`GET /metrics`; see `docs/metrics.md`).
+    pub metrics: MetricsConfig,
+}
+
+/// Where `/metrics` is served, if anywhere.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct MetricsConfig {
+    /// The address to serve on: loopback, or a private address (the VM's
+    /// side of its TAP); the figures carry no token. Off when unset.
+    pub listen: Option<std::net::SocketAddr>,
+}
+
+/// Whether the internet cannot reach `ip` (loopback, RFC 1918, link-local,
+/// IPv6 unique local).
+fn is_private(ip: std::net::IpAddr) -> bool {
+    match ip {
+        std::net::IpAddr::V4(v4) => v4.is_loopback() || v4.is_private() || v4.is_link_local(),
+        std::net::IpAddr::V6(v6) => {
+            v6.is_loopback() || v6.is_unique_local() || v6.is_unicast_link_local()
+        }
+    }
 }
 
 /// How the node gets through NATs (see `docs/network.md`).
@@ -440,6 +462,7 @@ impl Default for Config {
             compute: ComputeConfig::default(),
             nat: NatConfig::default(),
             relay: RelayConfig::default(),
+            metrics: MetricsConfig::default(),
         }
     }
 }
@@ -600,6 +623,13 @@ impl Config {
                     .into(),
             ));
         }
+        if let Some(m) = self.metrics.listen
+            && !is_private(m.ip())
+        {
+            return Err(ConfigError::Invalid(format!(
+                "metrics.listen must be a loopback or private address (the figures carry no token), not {m}"
+            )));
+        }
         if r.max_bytes_per_hour < r.max_circuit_bytes {
             return Err(ConfigError::Invalid(format!(
                 "relay.max_bytes_per_hour ({}) is less than one circuit's max_circuit_bytes ({}): no circuit could open (set relay.serve = false to relay nothing)",
@@ -641,6 +671,19 @@ mod tests {
         assert!(!c.mdns);
         assert_eq!(c.api.max_sessions, 3);
         assert_eq!(c.api.max_frame_bytes, p2pvm_proto::DEFAULT_MAX_FRAME_BYTES);
+    }
+
+    #[test]
+    fn metrics_are_off_by_default_and_never_on_a_public_address() {
+        assert!(Config::default().metrics.listen.is_none());
+        for bad in ["0.0.0.0:9464", "[::]:9464", "8.8.8.8:9464"] {
+            let c = Config::from_toml(&format!("[metrics]\nlisten = \"{bad}\"\n")).unwrap();
+            assert!(c.validate().is_err(), "{bad} accepted");
+        }
+        for good in ["127.0.0.1:9464", "10.99.0.2:9464", "[::1]:9464"] {
+            let c = Config::from_toml(&format!("[metrics]\nlisten = \"{good}\"\n")).unwrap();
+            assert!(c.validate().is_ok(), "{good} refused");
+        }
     }
 
     #[test]

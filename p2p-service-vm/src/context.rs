@@ -8,7 +8,8 @@
 //! ```
 //!
 //! A service takes the node-wide parts from here (identity, libp2p node,
-//! credit ledger, virus filter, store, tasks, shutdown, configuration) and
+//! credit ledger, virus filter, store, tasks, shutdown, configuration,
+//! metrics) and
 //! keeps its own state private; services use each other only through their
 //! public methods.
 
@@ -23,6 +24,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::warn;
 
 use crate::config::{Config, VirusConfig};
+use crate::metrics::Metrics;
 use crate::node::NodeHandle;
 use crate::tasks::Tasks;
 
@@ -46,6 +48,8 @@ pub struct NodeContext {
     pub tasks: Tasks,
     /// Cancelled when the node stops.
     pub shutdown: CancellationToken,
+    /// The node's figures (`/metrics`).
+    pub metrics: Arc<Metrics>,
 }
 
 impl std::fmt::Debug for NodeContext {
@@ -65,11 +69,14 @@ impl NodeContext {
         key: Keypair,
         node: NodeHandle,
         ledger: Arc<Ledger>,
+        registry: prometheus_client::registry::Registry,
         shutdown: CancellationToken,
     ) -> Result<Self, StoreError> {
         let store = Arc::new(Store::open(&config.data_dir.join("content"))?);
+        let virus = virus_filter(&config.virus);
         Ok(Self {
-            virus: virus_filter(&config.virus),
+            metrics: Arc::new(Metrics::new(registry, ledger.clone(), virus.clone())),
+            virus,
             config: Arc::new(config),
             key,
             node,

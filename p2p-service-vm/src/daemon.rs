@@ -64,6 +64,15 @@ pub enum DaemonError {
     /// The API socket could not be bound.
     #[error(transparent)]
     Bind(#[from] api::server::BindError),
+    /// The metrics address could not be bound.
+    #[error("metrics address {addr}")]
+    Metrics {
+        /// `[metrics] listen`.
+        addr: std::net::SocketAddr,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 fn open_ledger(dir: &std::path::Path, config: &Config) -> Result<Ledger, DaemonError> {
@@ -102,7 +111,8 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Daem
 
     let key = identity::load_or_create(dir)?;
     let apps = AppRegistry::open(dir)?;
-    let node = Node::start(key.clone(), &config)?;
+    let mut registry = prometheus_client::registry::Registry::default();
+    let node = Node::start(key.clone(), &config, &mut registry)?;
     let handle = node.handle();
     let socket = config.api_socket_path();
     let listener = api::server::bind(&socket)?;
@@ -114,8 +124,30 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Daem
         handle.clone(),
         shutdown.clone(),
     ));
-    let ctx = NodeContext::new(config, key, handle.clone(), ledger, shutdown.clone())?;
+    let metrics_listener = match config.metrics.listen {
+        Some(addr) => Some(
+            crate::metrics::server::bind(addr)
+                .await
+                .map_err(|source| DaemonError::Metrics { addr, source })?,
+        ),
+        None => None,
+    };
+    let ctx = NodeContext::new(
+        config,
+        key,
+        handle.clone(),
+        ledger,
+        registry,
+        shutdown.clone(),
+    )?;
     let config = ctx.config.clone();
+    let metrics_task = metrics_listener.map(|l| {
+        tokio::spawn(crate::metrics::server::serve(
+            l,
+            ctx.metrics.clone(),
+            shutdown.clone(),
+        ))
+    });
     let content = ContentService::start(ctx.clone())?;
     let compute = ComputeService::start(ctx.clone(), content.clone())?;
     let gateway = config.content.gateway.map(|addr| {
@@ -151,6 +183,9 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Daem
     }
     if let Some(g) = gateway {
         let _ = g.await;
+    }
+    if let Some(m) = metrics_task {
+        let _ = m.await;
     }
     // Every session, stream, transfer and server task watches the shutdown
     // token; wait for them, so nothing is cut off mid-write.

@@ -12,7 +12,8 @@
 //!        ▲           fast path, search)          │
 //!        └──────────── context::NodeContext ◄────┘
 //!                      identity, node handle, credit ledger, virus filter,
-//!                      store, tasks, shutdown, configuration
+//!                      store, tasks, shutdown, configuration, metrics
+//!                      (`GET /metrics`: metrics::server)
 //! ```
 //!
 //! Start reading at [`daemon::run`], which builds the [`context::NodeContext`]
@@ -37,5 +38,6 @@ pub mod credit;
 pub mod daemon;
 mod fsutil;
 pub mod identity;
+pub mod metrics;
 pub mod node;
 pub mod tasks;

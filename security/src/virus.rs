@@ -9,6 +9,8 @@
 //! reached or answers anything but a verdict, the content is not accepted.
 
 use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use bytes::Bytes;
 use tokio::sync::mpsc;
@@ -102,17 +104,64 @@ fn strip_scanned_name(text: &str) -> Option<&str> {
 #[derive(Debug, Clone)]
 pub struct VirusFilter {
     addr: Option<ClamdAddr>,
+    counts: Arc<Counts>,
+}
+
+/// Scans clamd answered, by verdict, since the filter was made (shared by
+/// its clones).
+#[derive(Debug, Default)]
+struct Counts {
+    clean: AtomicU64,
+    infected: AtomicU64,
+    failed: AtomicU64,
+}
+
+impl Counts {
+    fn count(&self, verdict: &Result<Verdict, VirusError>) {
+        let n = match verdict {
+            Ok(Verdict::Clean) => &self.clean,
+            Ok(Verdict::Infected(_)) => &self.infected,
+            Err(_) => &self.failed,
+        };
+        n.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// How many scans ended how (for metrics); none with the filter off.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ScanStats {
+    /// No signature matched.
+    pub clean: u64,
+    /// A signature matched.
+    pub infected: u64,
+    /// clamd could not be asked or gave no verdict.
+    pub failed: u64,
 }
 
 impl VirusFilter {
     /// A filter that scans with clamd at `addr`.
     pub fn clamd(addr: ClamdAddr) -> Self {
-        Self { addr: Some(addr) }
+        Self {
+            addr: Some(addr),
+            counts: Arc::default(),
+        }
     }
 
     /// No scanning (development only; p2pd warns loudly).
     pub fn off() -> Self {
-        Self { addr: None }
+        Self {
+            addr: None,
+            counts: Arc::default(),
+        }
+    }
+
+    /// Scans so far, by how they ended.
+    pub fn stats(&self) -> ScanStats {
+        ScanStats {
+            clean: self.counts.clean.load(Ordering::Relaxed),
+            infected: self.counts.infected.load(Ordering::Relaxed),
+            failed: self.counts.failed.load(Ordering::Relaxed),
+        }
     }
 
     /// Whether content is scanned.
@@ -204,6 +253,7 @@ impl VirusFilter {
         };
         let (tx, rx) = mpsc::channel::<std::io::Result<Bytes>>(QUEUE);
         let stream = tokio_stream::wrappers::ReceiverStream::new(rx);
+        let counts = self.counts.clone();
         let task = tokio::spawn(async move {
             let r = match &addr {
                 ClamdAddr::Socket(p) => {
@@ -225,13 +275,15 @@ impl VirusFilter {
                     .await
                 }
             };
-            match r {
+            let verdict = match r {
                 Ok(reply) => parse_reply(&reply),
                 Err(e) => Err(VirusError::Unavailable {
                     addr: addr.to_string(),
                     reason: e.to_string(),
                 }),
-            }
+            };
+            counts.count(&verdict);
+            verdict
         });
         Scanner {
             tx: Some(tx),
@@ -249,22 +301,9 @@ impl VirusFilter {
         };
         match addr {
             ClamdAddr::Socket(path) => {
-                let unavailable = {
-                    let addr = path.display().to_string();
-                    move |e: std::io::Error| VirusError::Unavailable {
-                        addr: addr.clone(),
-                        reason: e.to_string(),
-                    }
-                };
-                // Connecting and handing over the descriptor are quick but
-                // blocking calls; the verdict, which takes as long as the
-                // scan, is awaited on the runtime (dropping it hangs up).
-                let sock = tokio::task::spawn_blocking(move || fildes::send(&path, &file))
-                    .await
-                    .map_err(|e| VirusError::TaskFailed(e.to_string()))?
-                    .map_err(&unavailable)?;
-                let reply = fildes::reply(sock).await.map_err(&unavailable)?;
-                parse_reply(&reply)
+                let verdict = Self::scan_by_descriptor(path, file).await;
+                self.counts.count(&verdict);
+                verdict
             }
             ClamdAddr::Tcp(_) => {
                 let mut scanner = self.scanner();
@@ -284,6 +323,26 @@ impl VirusFilter {
                 scanner.finish().await
             }
         }
+    }
+
+    /// `FILDES`: clamd reads the file in place.
+    async fn scan_by_descriptor(path: PathBuf, file: std::fs::File) -> Result<Verdict, VirusError> {
+        let unavailable = {
+            let addr = path.display().to_string();
+            move |e: std::io::Error| VirusError::Unavailable {
+                addr: addr.clone(),
+                reason: e.to_string(),
+            }
+        };
+        // Connecting and handing over the descriptor are quick but blocking
+        // calls; the verdict, which takes as long as the scan, is awaited on
+        // the runtime (dropping it hangs up).
+        let sock = tokio::task::spawn_blocking(move || fildes::send(&path, &file))
+            .await
+            .map_err(|e| VirusError::TaskFailed(e.to_string()))?
+            .map_err(&unavailable)?;
+        let reply = fildes::reply(sock).await.map_err(&unavailable)?;
+        parse_reply(&reply)
     }
 
     /// Scans one buffer.

@@ -292,10 +292,14 @@ impl ContentService {
         &self,
         id: &ContentId,
     ) -> (bool, Option<verdicts::Fingerprint>) {
-        match &self.inner.verdicts {
+        let checked = match &self.inner.verdicts {
             Some(v) => v.check(&self.inner.ctx.virus, id).await,
             None => (false, None),
+        };
+        if checked.0 {
+            self.inner.ctx.metrics.content.verdict_cache_hits.inc();
         }
+        checked
     }
 
     /// Records that `id` was scanned clean by the signatures `fp` names.

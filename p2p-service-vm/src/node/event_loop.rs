@@ -32,6 +32,7 @@ use super::reach::{
 use super::redial::Redial;
 use super::relay_budget::RelayBudget;
 use crate::config::Config;
+use libp2p::metrics::Recorder;
 
 /// Why the node could not start.
 #[derive(Debug, thiserror::Error)]
@@ -150,7 +151,13 @@ fn resolver_config() -> (libp2p::dns::ResolverConfig, libp2p::dns::ResolverOpts)
 
 impl Node {
     /// Builds the swarm, starts listening and dials the bootstrap peers.
-    pub fn start(key: libp2p::identity::Keypair, config: &Config) -> Result<Self, NodeStartError> {
+    /// libp2p's metrics (connections, bytes by transport, the protocols')
+    /// are registered in `registry`.
+    pub fn start(
+        key: libp2p::identity::Keypair,
+        config: &Config,
+        registry: &mut libp2p::metrics::Registry,
+    ) -> Result<Self, NodeStartError> {
         let keypair = key.clone();
         let build = |e: &dyn std::fmt::Display| NodeStartError::Build(e.to_string());
         let behaviour_config = config.clone();
@@ -181,6 +188,7 @@ impl Node {
             .with_dns_config(dns_config, dns_opts)
             .with_relay_client(noise::Config::new, yamux::Config::default)
             .map_err(|e| build(&e))?
+            .with_bandwidth_metrics(registry)
             .with_behaviour(|key, relay_client| {
                 Behaviour::new(key, relay_client, &behaviour_config, &behaviour_budget)
             })
@@ -251,6 +259,7 @@ impl Node {
                 redial: Redial::new(bootstrap_peers, Instant::now()),
                 serve_relay: config.relay.serve,
                 relay_budget,
+                metrics: libp2p::metrics::Metrics::new(registry),
                 relay_announced: false,
                 last_relay_search: None,
                 circuit_limits: HashMap::new(),
@@ -307,6 +316,8 @@ struct EventLoop {
     serve_relay: bool,
     /// The relay's total bandwidth cap.
     relay_budget: RelayBudget,
+    /// libp2p's figures for `/metrics`.
+    metrics: libp2p::metrics::Metrics,
     /// Whether this node announced itself in the DHT as a relay.
     relay_announced: bool,
     last_relay_search: Option<Instant>,
@@ -341,6 +352,19 @@ impl EventLoop {
             }
         }
         info!("node event loop stopped");
+    }
+
+    /// Counts a protocol's event in libp2p's metrics.
+    fn record(&self, event: &BehaviourEvent) {
+        match event {
+            BehaviourEvent::Kad(e) => self.metrics.record(e),
+            BehaviourEvent::Identify(e) => self.metrics.record(e),
+            BehaviourEvent::Gossipsub(e) => self.metrics.record(e),
+            BehaviourEvent::Ping(e) => self.metrics.record(e),
+            BehaviourEvent::Relay(e) => self.metrics.record(e),
+            BehaviourEvent::Dcutr(PunchEvent::Punch(e)) => self.metrics.record(e),
+            _ => {}
+        }
     }
 
     fn emit(&self, event: NodeEvent) {
@@ -791,6 +815,7 @@ impl EventLoop {
     }
 
     fn on_swarm_event(&mut self, event: SwarmEvent<BehaviourEvent>) {
+        self.metrics.record(&event);
         match event {
             SwarmEvent::NewListenAddr { address, .. } => {
                 info!(%address, "listening");
@@ -907,6 +932,7 @@ impl EventLoop {
     }
 
     fn on_behaviour_event(&mut self, event: BehaviourEvent) {
+        self.record(&event);
         match event {
             BehaviourEvent::Identify(identify::Event::Received {
                 peer_id,

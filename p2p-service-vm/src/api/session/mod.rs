@@ -111,6 +111,7 @@ impl ApiService {
             return;
         };
         let id = self.inner.next_session.fetch_add(1, Ordering::Relaxed);
+        let _open = crate::metrics::Held::new(&self.inner.ctx.metrics.api.sessions);
         run(self.clone(), id, framed).await;
         drop(permit);
     }

@@ -20,6 +20,25 @@ use crate::api::{ApiError, ops};
 /// open, a background task) answers later.
 type Answer = Option<Result<pb::response::Result, ApiError>>;
 
+/// `ok`, or the error code, for metrics.
+fn result_label<T>(r: &Result<T, ApiError>) -> &'static str {
+    match r {
+        Ok(_) => "ok",
+        Err(e) => e.code.as_str_name(),
+    }
+}
+
+/// An operation answered when its stream opens: timed to its start.
+fn opened(
+    metrics: &crate::metrics::Metrics,
+    name: &'static str,
+    since: std::time::Instant,
+    r: Result<(), ApiError>,
+) -> Answer {
+    metrics.api_request(name, result_label(&r), since.elapsed());
+    started(r)
+}
+
 /// An operation that answers later unless it failed to start.
 fn started(r: Result<(), ApiError>) -> Answer {
     r.err().map(Err)
@@ -39,6 +58,18 @@ impl Session {
     }
 
     async fn dispatch(&mut self, id: u64, op: Op) -> Answer {
+        let name: &'static str = (&op).into();
+        self.answer(id, op, name, std::time::Instant::now()).await
+    }
+
+    async fn answer(
+        &mut self,
+        id: u64,
+        op: Op,
+        name: &'static str,
+        since: std::time::Instant,
+    ) -> Answer {
+        let metrics = self.svc.inner.ctx.metrics.clone();
         let result = match op {
             Op::NodeInfo(_) => Ok(ops::node::node_info(&self.svc)),
             Op::Subscribe(r) => self.subscribe(r.topic).await,
@@ -51,23 +82,35 @@ impl Session {
             Op::SessionState(_) => self.session_state(),
             // Answered inside, before the stream's tasks start.
             Op::ContentPublish(r) if r.path.is_empty() => {
-                return started(self.content_publish(id, r).await);
+                return opened(&metrics, name, since, self.content_publish(id, r).await);
             }
             Op::ContentPublishFinish(r) => {
-                return started(self.content_publish_finish(id, r.stream_id));
+                return opened(
+                    &metrics,
+                    name,
+                    since,
+                    self.content_publish_finish(id, r.stream_id),
+                );
             }
-            Op::ContentFetch(r) => return started(self.content_fetch(id, r)),
+            Op::ContentFetch(r) => return opened(&metrics, name, since, self.content_fetch(id, r)),
             // Answered when the open finishes.
-            Op::OpenStream(r) => return started(self.open_stream(id, r)),
+            Op::OpenStream(r) => return opened(&metrics, name, since, self.open_stream(id, r)),
             Op::RevokeApp(r) if self.principal.admin => self.revoke_app(&r.app).await,
-            op => return self.run_stateless(id, op),
+            op => return self.run_stateless(id, op, name, since),
         };
+        metrics.api_request(name, result_label(&result), since.elapsed());
         Some(result)
     }
 
     /// Runs a stateless operation beside the session, so a slow DHT query
     /// never holds up this app's other requests.
-    fn run_stateless(&self, id: u64, op: Op) -> Answer {
+    fn run_stateless(
+        &self,
+        id: u64,
+        op: Op,
+        name: &'static str,
+        since: std::time::Instant,
+    ) -> Answer {
         let Ok(permit) = self.inflight.clone().try_acquire_owned() else {
             return Some(Err(ApiError::new(
                 pb::ErrorCode::LimitExceeded,
@@ -82,6 +125,10 @@ impl Session {
         let out = self.out.clone();
         self.svc.spawn(async move {
             let r = ops::run(&svc, &principal, op).await;
+            svc.inner
+                .ctx
+                .metrics
+                .api_request(name, result_label(&r), since.elapsed());
             let _ = out.send(response(id, r)).await;
             drop(permit);
         });

@@ -361,6 +361,10 @@ async fn drive(
     let mut next_lookup = Instant::now();
     let mut last_event = Instant::now();
     let started = Instant::now();
+    let metrics = svc.inner.ctx.metrics.clone();
+    let _running = crate::metrics::Held::new(&metrics.content.transfers);
+    // A resumed download's first block is not a first byte.
+    let mut first_block = dl.state().sched.held_blocks() > 0;
     let result = loop {
         let (satisfied, stalled, held) = {
             let mut st = dl.state();
@@ -374,6 +378,13 @@ async fn drive(
             (st.sched.satisfied(), stalled, st.sched.held_blocks())
         };
         dl.evict_passed();
+        if !first_block && held > 0 {
+            first_block = true;
+            metrics
+                .content
+                .first_byte
+                .observe(started.elapsed().as_secs_f64());
+        }
         if dl.keep() && satisfied {
             break finish(&svc, &dl).await;
         }
@@ -459,6 +470,17 @@ async fn drive(
     // Gone from the registry before readers learn the outcome: a request
     // that comes after a failure starts a fresh download.
     unregister(&svc, &dl);
+    // A streamed (unkept) download ends when its readers are done.
+    let outcome = match &result {
+        Outcome::Failed(ContentServiceError::Cancelled) if !dl.keep() => "ended",
+        Outcome::Failed(_) => "failed",
+        _ => "complete",
+    };
+    metrics
+        .content
+        .finished
+        .get_or_create(&crate::metrics::Outcome { outcome })
+        .inc();
     report(&svc, &dl, &result, started).await;
     dl.outcome.send_replace(result);
 }

@@ -108,6 +108,7 @@ fn charge(svc: &ContentService, dl: &Download, peer: PeerId, e: &ProviderError) 
         svc.inner.ctx.ledger.record(peer, evidence);
     }
     if let ProviderError::Corrupt { block, .. } = e {
+        svc.inner.ctx.metrics.content.corrupt_blocks.inc();
         warn!(id = %dl.id, %peer, block, "corrupt block from provider; dropping it and the provider");
         dl.state().sched.mark_bad(peer);
         svc.emit(NodeEvent::CorruptData {

@@ -1,0 +1,101 @@
+//! `GET /metrics` over HTTP/1.1 on the address `[metrics] listen` names
+//! (loopback or a private address; the config refuses others).
+//!
+//! The figures say what the node does, not what it holds, so they are served
+//! without a token, as Kubo's and Firecracker's are: keeping the address off
+//! the internet is the operator's (and the config's) job. What one client can
+//! hold is bounded all the same: a few connections at once, request headers
+//! within [`HEADER_READ_TIMEOUT`], a connection closed after
+//! [`CONNECTION_LIFETIME`].
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+use axum::extract::State;
+use axum::http::{StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+use super::Metrics;
+
+/// Connections served at once: a Prometheus server or two, and a person.
+const MAX_CONNECTIONS: usize = 8;
+/// Time for a client to send a request's headers.
+const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+/// Longest a connection is kept (a scrape takes milliseconds; keep-alive
+/// between scrapes a few seconds apart is welcome, an idle hold is not).
+const CONNECTION_LIFETIME: Duration = Duration::from_secs(120);
+/// The text format's content type (version 0.0.4, what Prometheus asks for
+/// first and every scraper reads).
+const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
+
+/// Binds `addr`; the caller learns a bad address at start, not later.
+pub async fn bind(addr: SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
+    let listener = tokio::net::TcpListener::bind(addr).await?;
+    info!(addr = %listener.local_addr()?, "metrics listening (GET /metrics)");
+    Ok(listener)
+}
+
+/// Serves `/metrics` on `listener` until `shutdown`.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    metrics: Arc<Metrics>,
+    shutdown: CancellationToken,
+) {
+    let app = Router::new()
+        .route("/metrics", get(scrape))
+        .with_state(metrics);
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
+    loop {
+        let (stream, peer) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    warn!(error = %e, "metrics accept failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+            _ = shutdown.cancelled() => return,
+        };
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            debug!(%peer, "metrics at its connection cap; closing a new connection");
+            continue;
+        };
+        let service = hyper_util::service::TowerToHyperService::new(app.clone());
+        let shutdown = shutdown.clone();
+        tokio::spawn(async move {
+            let _slot = slot;
+            let conn = hyper::server::conn::http1::Builder::new()
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(HEADER_READ_TIMEOUT)
+                .serve_connection(hyper_util::rt::TokioIo::new(stream), service);
+            tokio::select! {
+                r = conn => if let Err(e) = r {
+                    debug!(%peer, error = %e, "metrics connection ended");
+                },
+                _ = tokio::time::sleep(CONNECTION_LIFETIME) => {}
+                _ = shutdown.cancelled() => {}
+            }
+        });
+    }
+}
+
+async fn scrape(State(metrics): State<Arc<Metrics>>) -> Response {
+    // The ledger's totals take its lock and walk its peers: off the runtime.
+    match tokio::task::spawn_blocking(move || metrics.encode()).await {
+        Ok(Ok(text)) => ([(header::CONTENT_TYPE, CONTENT_TYPE)], text).into_response(),
+        Ok(Err(e)) => {
+            warn!(error = %e, "metrics could not be encoded");
+            StatusCode::INTERNAL_SERVER_ERROR.into_response()
+        }
+        Err(e) => {
+            warn!(error = %e, "metrics encoding panicked");
+            StatusCode::INTERNAL_SERVER_ERROR.into_response()
+        }
+    }
+}

@@ -1,0 +1,184 @@
+//! `GET /metrics` on a real `p2pd`, read with a Prometheus text-format parser
+//! (`prometheus-parse`): the families are there, and the figures move when a
+//! peer connects, an app makes requests and an item is transferred.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use anyhow::{Context, Result, ensure};
+use p2pvm_e2e::{NodeOpts, TestNode, eventually, publish_named};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+const WAIT: Duration = Duration::from_secs(30);
+
+/// A port free a moment ago (the node binds it right after).
+fn free_port() -> Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
+}
+
+/// One HTTP/1.1 request; the status line's code and the body.
+async fn http(port: u16, method: &str, path: &str) -> Result<(u16, String)> {
+    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
+    s.write_all(
+        format!("{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
+            .as_bytes(),
+    )
+    .await?;
+    let mut raw = Vec::new();
+    tokio::time::timeout(WAIT, s.read_to_end(&mut raw))
+        .await
+        .context("no answer")??;
+    let text = String::from_utf8(raw)?;
+    let (head, body) = text.split_once("\r\n\r\n").context("no header end")?;
+    let code = head
+        .split_whitespace()
+        .nth(1)
+        .context("no status")?
+        .parse()?;
+    ensure!(
+        code != 200
+            || head
+                .to_ascii_lowercase()
+                .contains("content-type: text/plain; version=0.0.4"),
+        "not the text format: {head}"
+    );
+    Ok((code, body.to_string()))
+}
+
+/// Every sample of a scrape, keyed by its name and sorted labels.
+struct Scrape(HashMap<String, f64>);
+
+impl Scrape {
+    async fn of(port: u16) -> Result<Self> {
+        let (code, body) = http(port, "GET", "/metrics").await?;
+        ensure!(code == 200, "GET /metrics: {code}");
+        let parsed = prometheus_parse::Scrape::parse(body.lines().map(|l| Ok(l.to_string())))
+            .context("not Prometheus' text format")?;
+        let mut out = HashMap::new();
+        for s in parsed.samples {
+            let mut labels: Vec<_> = s.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
+            labels.sort();
+            let value = match s.value {
+                prometheus_parse::Value::Counter(v)
+                | prometheus_parse::Value::Gauge(v)
+                | prometheus_parse::Value::Untyped(v) => v,
+                prometheus_parse::Value::Histogram(h) => {
+                    h.iter().map(|b| b.count).fold(0.0, f64::max)
+                }
+                prometheus_parse::Value::Summary(_) => continue,
+            };
+            out.insert(format!("{}{{{}}}", s.metric, labels.join(",")), value);
+        }
+        Ok(Self(out))
+    }
+
+    /// The sample named exactly so, 0 if absent.
+    fn get(&self, key: &str) -> f64 {
+        self.0.get(key).copied().unwrap_or(0.0)
+    }
+
+    /// The sum over every sample of `metric`, whatever its labels.
+    fn sum(&self, metric: &str) -> f64 {
+        self.0
+            .iter()
+            .filter(|(k, _)| k.split('{').next() == Some(metric))
+            .map(|(_, v)| v)
+            .sum()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_figures_move_when_a_peer_connects_and_an_item_moves() -> Result<()> {
+    let port = free_port()?;
+    let a = TestNode::start(NodeOpts {
+        config_toml: Some(format!("[metrics]\nlisten = \"127.0.0.1:{port}\"\n")),
+        ..Default::default()
+    })
+    .await?;
+    let before = Scrape::of(port).await?;
+    // Families with labels appear with their first sample; these have
+    // none, or samples from the start.
+    for family in [
+        "libp2p_swarm_dial_attempt_total",
+        "libp2p_identify_received_total",
+        "libp2p_swarm_new_listen_addr_total",
+        "p2pvm_api_sessions",
+        "p2pvm_content_transfers",
+        "p2pvm_credit_peers",
+        "p2pvm_virus_scans_total",
+    ] {
+        ensure!(
+            before.0.keys().any(|k| k.starts_with(family)),
+            "no {family} in the first scrape: {:?}",
+            before.0.keys().collect::<Vec<_>>()
+        );
+    }
+
+    // A peer connects; an app (one session) asks for things.
+    let b = TestNode::start(NodeOpts {
+        bootstrap: vec![a.addr.clone()],
+        ..Default::default()
+    })
+    .await?;
+    let app = a.app("viewer").await?;
+    eventually(WAIT, "a sees b", || async {
+        let peers = app.peers().await.ok()?;
+        peers.iter().any(|p| p.peer_id == b.peer_id).then_some(())
+    })
+    .await?;
+    let data = p2pvm_e2e::pseudo_random(4 << 20, 3);
+    let id = publish_named(&b.app("pub").await?, "scraped.bin", &data).await?;
+    ensure!(p2pvm_e2e::fetch_whole(&app, &id).await? == data);
+
+    let after = eventually(WAIT, "the transfer in the figures", || async {
+        let s = Scrape::of(port).await.ok()?;
+        (s.get("p2pvm_content_transfers_finished_total{outcome=complete}") >= 1.0).then_some(s)
+    })
+    .await?;
+    let moved = |key: &str| after.get(key) - before.get(key);
+    ensure!(
+        moved("p2pvm_content_first_block_seconds_count{}") >= 1.0,
+        "no first block timed"
+    );
+    ensure!(
+        after.get("p2pvm_content_transfers{}") == 0.0,
+        "a finished transfer still counts as running"
+    );
+    ensure!(
+        after.get("p2pvm_credit_bytes{direction=in,standing=good}") >= data.len() as f64,
+        "the item's bytes are not on the ledger's figures"
+    );
+    ensure!(
+        moved("p2pvm_api_requests_total{op=Peers,result=ok}") >= 1.0,
+        "the app's Peers requests are not counted"
+    );
+    ensure!(
+        after.get("p2pvm_api_request_seconds_count{op=Peers}") >= 1.0,
+        "the Peers requests are not timed"
+    );
+    ensure!(
+        after.get("p2pvm_api_sessions{}") >= 1.0,
+        "the app's open session is not counted"
+    );
+    ensure!(
+        after.sum("libp2p_swarm_connections_incoming_total")
+            > before.sum("libp2p_swarm_connections_incoming_total"),
+        "b's connection is not in libp2p's figures"
+    );
+    ensure!(
+        after.sum("libp2p_bandwidth_bytes_total") > before.sum("libp2p_bandwidth_bytes_total"),
+        "libp2p's byte counts did not move"
+    );
+    // The fetched item was scanned (the suite runs a real clamd).
+    ensure!(
+        moved("p2pvm_virus_scans_total{verdict=clean}") >= 1.0,
+        "the fetched item's scan is not counted"
+    );
+
+    // Only GET /metrics is served.
+    ensure!(http(port, "GET", "/").await?.0 == 404);
+    ensure!(http(port, "POST", "/metrics").await?.0 == 405);
+    Ok(())
+}
