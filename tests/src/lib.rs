@@ -16,6 +16,7 @@ use tokio::process::{Child, Command};
 
 pub mod nat;
 pub mod playback;
+pub mod scrape;
 pub mod split;
 pub mod swarm;
 pub mod torrent;

@@ -158,7 +158,8 @@ async fn jobs_run_on_two_providers_both_are_paid_and_balances_survive_restarts()
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn providers_fetch_a_jobs_inputs_from_its_requester_without_the_dht() -> Result<()> {
     let requester = node_with(&[], Some("[content]\nannounce = false\n".into())).await?;
-    let p1 = node_with(&[&requester], None).await?;
+    let (metrics, p1_port) = p2pvm_e2e::scrape::config()?;
+    let p1 = node_with(&[&requester], Some(metrics)).await?;
     let p2 = node_with(&[&requester], None).await?;
     let observer = node_with(&[&requester], None).await?;
     offer(&p1, 2, Default::default()).await?;
@@ -181,6 +182,26 @@ async fn providers_fetch_a_jobs_inputs_from_its_requester_without_the_dht() -> R
     ensure!(job.state == "done", "{job:?}");
     ensure!(job.runs.iter().all(|run| run.state == "agreed"), "{job:?}");
     ensure!(fetch(&r, &job.result_id).await? == hashchain(&input).unwrap().as_bytes());
+    // The provider's figures count the run and the fuel its receipt names.
+    let figures = p2pvm_e2e::scrape::Scrape::of(p1_port).await?;
+    let p1_runs: Vec<_> = job
+        .runs
+        .iter()
+        .filter(|run| run.provider == p1.peer_id)
+        .collect();
+    let fuel: u64 = p1_runs.iter().map(|run| run.work_units).sum();
+    ensure!(
+        figures.get("p2pvm_compute_runs_total{outcome=done}") == p1_runs.len() as f64
+            && !p1_runs.is_empty(),
+        "p1's runs: {} counted, {} in the job",
+        figures.get("p2pvm_compute_runs_total{outcome=done}"),
+        p1_runs.len()
+    );
+    ensure!(
+        fuel > 0 && figures.get("p2pvm_compute_fuel_total{}") == fuel as f64,
+        "p1's fuel: {} counted, {fuel} on the receipt",
+        figures.get("p2pvm_compute_fuel_total{}")
+    );
 
     // The providers kept the module and announce it as usual, so the
     // observer's DHT lookups work: only the requester stayed out of them.

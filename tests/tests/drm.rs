@@ -102,7 +102,8 @@ async fn an_item_only_its_publisher_may_serve_is_not_served_onwards() -> Result<
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_expired_item_is_neither_published_nor_served() -> Result<()> {
     let data = p2pvm_e2e::pseudo_random(1 << 20, 42);
-    let publisher = node_with(&[], None).await?;
+    let (metrics, port) = p2pvm_e2e::scrape::config()?;
+    let publisher = node_with(&[], Some(metrics)).await?;
     let p = publisher.app("studio").await?;
     // Already expired: refused before a byte is stored.
     let e = publish(&p, "old.bin", &data, Some(rights(true, now() - 10)), &[])
@@ -127,6 +128,16 @@ async fn an_expired_item_is_neither_published_nor_served() -> Result<()> {
     // The publisher refused by its own checker: no fault of its own.
     let c = late.admin().await?.credit_show(&publisher.peer_id).await?;
     ensure!(c.drm_failed == 0, "the publisher was blamed: {c:?}");
+    // The publisher's figures name both refusals by stage and reason.
+    let figures = p2pvm_e2e::scrape::Scrape::of(port).await?;
+    ensure!(
+        figures.get("p2pvm_drm_refusals_total{reason=DRM_EXPIRED,stage=publish}") == 1.0,
+        "the refused publish is not counted"
+    );
+    ensure!(
+        figures.get("p2pvm_drm_refusals_total{reason=DRM_EXPIRED,stage=serve}") >= 1.0,
+        "the refused serve is not counted"
+    );
     Ok(())
 }
 

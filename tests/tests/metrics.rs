@@ -2,92 +2,13 @@
 //! (`prometheus-parse`): the families are there, and the figures move when a
 //! peer connects, an app makes requests and an item is transferred.
 
-use std::collections::HashMap;
 use std::time::Duration;
 
-use anyhow::{Context, Result, ensure};
+use anyhow::{Result, ensure};
+use p2pvm_e2e::scrape::{Scrape, free_port, http};
 use p2pvm_e2e::{NodeOpts, TestNode, eventually, publish_named};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const WAIT: Duration = Duration::from_secs(30);
-
-/// A port free a moment ago (the node binds it right after).
-fn free_port() -> Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port())
-}
-
-/// One HTTP/1.1 request; the status line's code and the body.
-async fn http(port: u16, method: &str, path: &str) -> Result<(u16, String)> {
-    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
-    s.write_all(
-        format!("{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
-            .as_bytes(),
-    )
-    .await?;
-    let mut raw = Vec::new();
-    tokio::time::timeout(WAIT, s.read_to_end(&mut raw))
-        .await
-        .context("no answer")??;
-    let text = String::from_utf8(raw)?;
-    let (head, body) = text.split_once("\r\n\r\n").context("no header end")?;
-    let code = head
-        .split_whitespace()
-        .nth(1)
-        .context("no status")?
-        .parse()?;
-    ensure!(
-        code != 200
-            || head
-                .to_ascii_lowercase()
-                .contains("content-type: text/plain; version=0.0.4"),
-        "not the text format: {head}"
-    );
-    Ok((code, body.to_string()))
-}
-
-/// Every sample of a scrape, keyed by its name and sorted labels.
-struct Scrape(HashMap<String, f64>);
-
-impl Scrape {
-    async fn of(port: u16) -> Result<Self> {
-        let (code, body) = http(port, "GET", "/metrics").await?;
-        ensure!(code == 200, "GET /metrics: {code}");
-        let parsed = prometheus_parse::Scrape::parse(body.lines().map(|l| Ok(l.to_string())))
-            .context("not Prometheus' text format")?;
-        let mut out = HashMap::new();
-        for s in parsed.samples {
-            let mut labels: Vec<_> = s.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
-            labels.sort();
-            let value = match s.value {
-                prometheus_parse::Value::Counter(v)
-                | prometheus_parse::Value::Gauge(v)
-                | prometheus_parse::Value::Untyped(v) => v,
-                prometheus_parse::Value::Histogram(h) => {
-                    h.iter().map(|b| b.count).fold(0.0, f64::max)
-                }
-                prometheus_parse::Value::Summary(_) => continue,
-            };
-            out.insert(format!("{}{{{}}}", s.metric, labels.join(",")), value);
-        }
-        Ok(Self(out))
-    }
-
-    /// The sample named exactly so, 0 if absent.
-    fn get(&self, key: &str) -> f64 {
-        self.0.get(key).copied().unwrap_or(0.0)
-    }
-
-    /// The sum over every sample of `metric`, whatever its labels.
-    fn sum(&self, metric: &str) -> f64 {
-        self.0
-            .iter()
-            .filter(|(k, _)| k.split('{').next() == Some(metric))
-            .map(|(_, v)| v)
-            .sum()
-    }
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_figures_move_when_a_peer_connects_and_an_item_moves() -> Result<()> {

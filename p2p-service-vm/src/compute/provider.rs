@@ -106,6 +106,7 @@ async fn run_job(
             cancel.store(true, Ordering::Relaxed);
             let _ = work.await;
             debug!(%peer, "compute run cancelled by the requester");
+            svc.inner.ctx.metrics.compute_ran("cancelled", 0);
             return;
         }
         _ = svc.inner.ctx.shutdown.cancelled() => {
@@ -125,6 +126,7 @@ async fn run_job(
         }
         Err((code, message)) => {
             info!(%peer, code, %message, "compute run failed");
+            svc.inner.ctx.metrics.compute_ran("failed", 0);
             let _ = send(&mut wr, &Response::failed(code, message)).await;
             return;
         }
@@ -289,6 +291,7 @@ async fn execute(
             // Every operator of it was metered and burnt: charged like a
             // result, paid if the requester's other runs agree.
             info!(%peer, %job, fuel = limit, "compute job ran out of fuel");
+            svc.inner.ctx.metrics.compute_ran("out_of_fuel", limit);
             return body(limit, String::new())
                 .sign_as_provider(&svc.inner.ctx.key)
                 .map(Ran::OutOfFuel)
@@ -312,6 +315,7 @@ async fn execute(
         .await
         .map_err(|e| ("INTERNAL", format!("publishing the result: {e}")))?;
     info!(%peer, %job, fuel = out.fuel_used, wall_ms = out.wall.as_millis() as u64, "compute job ran");
+    svc.inner.ctx.metrics.compute_ran("done", out.fuel_used);
     body(out.fuel_used, result.manifest.id.to_string())
         .sign_as_provider(&svc.inner.ctx.key)
         .map(Ran::Done)

@@ -73,7 +73,18 @@ impl ContentService {
 
     /// Before publishing `draft` (all but its id and size).
     pub(crate) fn drm_publish(&self, draft: &Manifest) -> Result<Certification, DrmError> {
-        self.rights().policy.check_publish(draft, now_unix())
+        self.counted(
+            "publish",
+            self.rights().policy.check_publish(draft, now_unix()),
+        )
+    }
+
+    /// A DRM decision, its refusals counted by stage and reason.
+    fn counted<T>(&self, stage: &'static str, r: Result<T, DrmError>) -> Result<T, DrmError> {
+        if let Err(e) = &r {
+            self.inner.ctx.metrics.drm_refused(stage, e.code());
+        }
+        r
     }
 
     /// Before serving anything of `id` to `peer` (reads the store the first
@@ -88,9 +99,12 @@ impl ContentService {
     ) -> Option<Result<(), DrmError>> {
         let m = self.served_manifest(id)?;
         Some(
-            self.rights()
-                .policy
-                .check_serve(&m, peer, session, now_unix()),
+            self.counted(
+                "serve",
+                self.rights()
+                    .policy
+                    .check_serve(&m, peer, session, now_unix()),
+            ),
         )
     }
 
@@ -148,9 +162,12 @@ impl ContentService {
         m: &VerifiedManifest,
         provider: &PeerId,
     ) -> Result<Certification, DrmError> {
-        self.rights()
-            .policy
-            .check_accept(&m.manifest, provider, now_unix())
+        self.counted(
+            "accept",
+            self.rights()
+                .policy
+                .check_accept(&m.manifest, provider, now_unix()),
+        )
     }
 
     /// The groups `m` is for that this node holds a member certificate of.

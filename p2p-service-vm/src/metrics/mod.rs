@@ -35,6 +35,18 @@ pub struct Metrics {
     pub api: ApiMetrics,
     /// Content transfers.
     pub content: ContentMetrics,
+    drm_refusals: Family<DrmLabels, Counter>,
+    compute_runs: Family<Outcome, Counter>,
+    compute_fuel: Counter,
+}
+
+/// A DRM refusal's labels.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DrmLabels {
+    /// `publish`, `serve` (to a peer) or `accept` (from a provider).
+    pub stage: &'static str,
+    /// The checker's code (`DRM_EXPIRED`, ...).
+    pub reason: &'static str,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -59,10 +71,12 @@ pub struct OpName {
     pub op: &'static str,
 }
 
-/// How a download ended.
+/// How a download or a compute run ended.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct Outcome {
-    /// `complete`, `ended` (a stream whose readers were done) or `failed`.
+    /// A download: `complete`, `ended` (a stream whose readers were done)
+    /// or `failed`; a compute run: `done`, `out_of_fuel`, `failed`,
+    /// `cancelled`.
     pub outcome: &'static str,
 }
 
@@ -148,11 +162,33 @@ impl Metrics {
             "Virus verdicts taken from the cache instead of a scan",
             content.verdict_cache_hits.clone(),
         );
+        let drm_refusals = Family::<DrmLabels, Counter>::default();
+        ours.sub_registry_with_prefix("drm").register(
+            "refusals",
+            "DRM refusals by stage and the checker's reason",
+            drm_refusals.clone(),
+        );
+        let compute_runs = Family::<Outcome, Counter>::default();
+        let compute_fuel = Counter::default();
+        let k = ours.sub_registry_with_prefix("compute");
+        k.register(
+            "runs",
+            "Compute jobs this node ran for others, by outcome",
+            compute_runs.clone(),
+        );
+        k.register(
+            "fuel",
+            "Fuel (metered WebAssembly work) this node's runs burnt",
+            compute_fuel.clone(),
+        );
         ours.register_collector(Box::new(Snapshot { ledger, virus }));
         Self {
             registry,
             api,
             content,
+            drm_refusals,
+            compute_runs,
+            compute_fuel,
         }
     }
 
@@ -161,6 +197,19 @@ impl Metrics {
         let mut out = String::new();
         prometheus_client::encoding::text::encode(&mut out, &self.registry)?;
         Ok(out)
+    }
+
+    /// Counts a compute run this node did for a requester, and its fuel.
+    pub fn compute_ran(&self, outcome: &'static str, fuel: u64) {
+        self.compute_runs.get_or_create(&Outcome { outcome }).inc();
+        self.compute_fuel.inc_by(fuel);
+    }
+
+    /// Counts a DRM refusal.
+    pub fn drm_refused(&self, stage: &'static str, reason: &'static str) {
+        self.drm_refusals
+            .get_or_create(&DrmLabels { stage, reason })
+            .inc();
     }
 
     /// Records one answered API request.
@@ -326,6 +375,8 @@ mod tests {
         let m = Metrics::new(Registry::default(), ledger, VirusFilter::off());
         m.api_request("NodeInfo", "ok", Duration::from_millis(2));
         m.content.transfers.inc();
+        m.drm_refused("serve", "DRM_EXPIRED");
+        m.compute_ran("done", 5_000);
         let text = m.encode().expect("encode");
         for line in [
             "p2pvm_api_requests_total{op=\"NodeInfo\",result=\"ok\"} 1",
@@ -334,6 +385,9 @@ mod tests {
             "p2pvm_credit_peers{standing=\"good\"} 1",
             "p2pvm_credit_bytes{direction=\"in\",standing=\"good\"} 4096",
             "p2pvm_virus_scans_total{verdict=\"clean\"} 0",
+            "p2pvm_drm_refusals_total{stage=\"serve\",reason=\"DRM_EXPIRED\"} 1",
+            "p2pvm_compute_runs_total{outcome=\"done\"} 1",
+            "p2pvm_compute_fuel_total 5000",
         ] {
             assert!(text.contains(line), "no {line:?} in\n{text}");
         }
