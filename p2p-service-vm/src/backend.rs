@@ -28,6 +28,7 @@ pub async fn serve(
             .await
             .map_err(|e| ChannelError::Broker(e.to_string()))??;
     let (pump, mut acceptor) = p2pvm_channel::device(region, events);
+    svc.metrics().set_channel(pump.stats());
     let pump_task = svc.spawn(pump.run(shutdown.clone()));
     svc.spawn(log_link(
         acceptor.state(),

@@ -159,11 +159,9 @@ async fn a_node_behind_a_carrier_grade_nat_too_punches_a_hole() -> Result<()> {
     punch_and_move(&mut lab, &home, 16).await
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn behind_symmetric_nats_the_relay_carries_what_its_limits_allow() -> Result<()> {
-    let Some(mut lab) = lab_or_skip()? else {
-        return Ok(());
-    };
+/// A seed and a relay on the lab's internet, and two hosts each behind a
+/// symmetric NAT of its own (a new port per connection: no hole to punch).
+fn symmetric(lab: &mut Lab) -> Result<[Host; 4]> {
     let (seed_host, relay_host) = (lab.add_host(line())?, lab.add_host(line())?);
     let (ra_router, rb_router) = (
         lab.add_router(line(), Nat::Symmetric)?,
@@ -171,6 +169,15 @@ async fn behind_symmetric_nats_the_relay_carries_what_its_limits_allow() -> Resu
     );
     let a_host = lab.add_host_behind(&ra_router, Line::UNSHAPED)?;
     let b_host = lab.add_host_behind(&rb_router, Line::UNSHAPED)?;
+    Ok([seed_host, relay_host, a_host, b_host])
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn behind_symmetric_nats_the_relay_carries_what_its_limits_allow() -> Result<()> {
+    let Some(mut lab) = lab_or_skip()? else {
+        return Ok(());
+    };
+    let [seed_host, relay_host, a_host, b_host] = symmetric(&mut lab)?;
     // Circuits of at most 256 KiB (both ways together): enough for a small item's
     // blocks, not for a large one. One reservation at a time: the second
     // private node to ask is refused (and charged for it).
@@ -276,13 +283,7 @@ async fn circuit_after_circuit_is_held_off_punching_and_stopped_by_the_relays_ca
     let Some(mut lab) = lab_or_skip()? else {
         return Ok(());
     };
-    let (seed_host, relay_host) = (lab.add_host(line())?, lab.add_host(line())?);
-    let (ra_router, rb_router) = (
-        lab.add_router(line(), Nat::Symmetric)?,
-        lab.add_router(line(), Nat::Symmetric)?,
-    );
-    let a_host = lab.add_host_behind(&ra_router, Line::UNSHAPED)?;
-    let b_host = lab.add_host_behind(&rb_router, Line::UNSHAPED)?;
+    let [seed_host, relay_host, a_host, b_host] = symmetric(&mut lab)?;
     // The seed relays nothing: every circuit goes through `relay`. A circuit
     // counts as 64 KiB and the 16 KiB its copy loop may overshoot by.
     let seed = node(&seed_host, &[], "[relay]\nserve = false\n").await?;

@@ -24,7 +24,14 @@ fn meta(name: &str) -> proto::ContentPublishRequest {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn apps_behind_the_channel_share_content_pubsub_and_streams() -> Result<()> {
     let host = TestNode::start(NodeOpts::default()).await?;
-    let platform = Platform::up(std::slice::from_ref(&host.addr)).await?;
+    // The service side serves its metrics (it shares the host's network).
+    let (metrics, metrics_port) = p2pvm_e2e::scrape::config()?;
+    let config = format!(
+        "{metrics}[virus]\nclamd_socket = \"{}\"\ndatabase_dir = \"{}\"\n",
+        p2pvm_e2e::clamd_socket().display(),
+        p2pvm_e2e::clamd_database_dir().display()
+    );
+    let platform = Platform::up_with(std::slice::from_ref(&host.addr), &config).await?;
     let inside = platform.app("film-club").await?;
     let outside = host.app("film-club").await?;
 
@@ -96,6 +103,23 @@ async fn apps_behind_the_channel_share_content_pubsub_and_streams() -> Result<()
     tokio::time::timeout(WAIT, r.read_to_end(&mut echoed)).await??;
     writer.await??;
     ensure!(echoed == payload, "echo through the channel differs");
+
+    // The back-end's figures: messages both ways, doorbells, open sessions.
+    let figures = p2pvm_e2e::scrape::Scrape::of(metrics_port).await?;
+    for key in [
+        "p2pvm_channel_messages_total{direction=in}",
+        "p2pvm_channel_messages_total{direction=out}",
+        "p2pvm_channel_doorbells_total{}",
+        "p2pvm_channel_receive_batches_total{}",
+        "p2pvm_channel_sessions{}",
+    ] {
+        ensure!(figures.get(key) >= 1.0, "{key} is {}", figures.get(key));
+    }
+    ensure!(
+        figures.get("p2pvm_channel_messages_total{direction=in}")
+            >= figures.get("p2pvm_channel_receive_batches_total{}"),
+        "more looks with messages than messages"
+    );
     Ok(())
 }
 

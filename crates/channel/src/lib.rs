@@ -49,7 +49,9 @@ use tokio_util::sync::CancellationToken;
 pub use broker::{Broker, Endpoint, Grant, Side, attach, receive};
 pub use event::{EventChannel, EventFdChannel};
 pub use layout::Layout;
-pub use mux::{DEVICE_WINDOW, DRIVER_WINDOW, LinkState, MAX_SESSIONS, Violation};
+pub use mux::{
+    DEVICE_WINDOW, DRIVER_WINDOW, LinkState, MAX_SESSIONS, PumpCounts, PumpStats, Violation,
+};
 pub use region::Region;
 pub use session::{ChannelReader, ChannelStream, ChannelWriter};
 pub use source::{Events, Source, connect};
@@ -84,6 +86,11 @@ pub enum ChannelError {
 pub struct DevicePump<E: EventChannel>(Pump<DeviceLink, E>);
 
 impl<E: EventChannel> DevicePump<E> {
+    /// What the pump does, counted as it runs.
+    pub fn stats(&self) -> Arc<PumpStats> {
+        self.0.stats()
+    }
+
     /// Serves until `shutdown`.
     pub async fn run(self, shutdown: CancellationToken) {
         self.0.run(shutdown).await
@@ -95,6 +102,11 @@ impl<E: EventChannel> DevicePump<E> {
 pub struct DriverPump<E: EventChannel>(Pump<DriverLink, E>);
 
 impl<E: EventChannel> DriverPump<E> {
+    /// What the pump does, counted as it runs.
+    pub fn stats(&self) -> Arc<PumpStats> {
+        self.0.stats()
+    }
+
     /// Serves until `shutdown`.
     pub async fn run(self, shutdown: CancellationToken) {
         self.0.run(shutdown).await

@@ -11,6 +11,7 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering as AtomicOrdering};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -150,6 +151,60 @@ pub struct Pump<L: Link, E: EventChannel> {
     answer: AnswerPoll,
     /// The pieces of the message being sent (kept to reuse its allocation).
     scratch: Vec<Bytes>,
+    stats: Arc<PumpStats>,
+}
+
+/// What a pump has done so far, counted as it goes and read at any time
+/// (the node's metrics). Shared with whoever asked for it.
+#[derive(Debug, Default)]
+pub struct PumpStats {
+    doorbells: AtomicU64,
+    wakeups: AtomicU64,
+    sent: AtomicU64,
+    received: AtomicU64,
+    batches: AtomicU64,
+    resets: AtomicU64,
+    sessions: AtomicU64,
+}
+
+/// A reading of [`PumpStats`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PumpCounts {
+    /// Doorbells this side rang (in VM mode each is an exit of its VM).
+    pub doorbells: u64,
+    /// Times the peer's doorbell woke this side.
+    pub wakeups: u64,
+    /// Messages sent and received.
+    pub sent: u64,
+    /// Messages received.
+    pub received: u64,
+    /// Looks at the ring that found messages: `received / batches` is how
+    /// many were waiting, on average, when this side looked.
+    pub batches: u64,
+    /// Times the link went down (a reset, the peer gone).
+    pub resets: u64,
+    /// Sessions open now.
+    pub sessions: u64,
+}
+
+impl PumpStats {
+    /// The counts now.
+    pub fn counts(&self) -> PumpCounts {
+        let r = |a: &AtomicU64| a.load(AtomicOrdering::Relaxed);
+        PumpCounts {
+            doorbells: r(&self.doorbells),
+            wakeups: r(&self.wakeups),
+            sent: r(&self.sent),
+            received: r(&self.received),
+            batches: r(&self.batches),
+            resets: r(&self.resets),
+            sessions: r(&self.sessions),
+        }
+    }
+
+    fn add(a: &AtomicU64, n: u64) {
+        a.fetch_add(n, AtomicOrdering::Relaxed);
+    }
 }
 
 impl<L: Link, E: EventChannel> std::fmt::Debug for Pump<L, E> {
@@ -185,7 +240,19 @@ impl<L: Link, E: EventChannel> Pump<L, E> {
             poll: POLL_MIN,
             answer: AnswerPoll::default(),
             scratch: Vec::new(),
+            stats: Arc::default(),
         }
+    }
+
+    /// This pump's counts, to read while it runs.
+    pub(crate) fn stats(&self) -> Arc<PumpStats> {
+        self.stats.clone()
+    }
+
+    /// Rings the peer's doorbell.
+    fn ring(&self) {
+        PumpStats::add(&self.stats.doorbells, 1);
+        let _ = self.events.notify();
     }
 
     fn windows(&self) -> (u64, u64) {
@@ -199,7 +266,7 @@ impl<L: Link, E: EventChannel> Pump<L, E> {
     pub async fn run(mut self, shutdown: CancellationToken) {
         // Whatever we published at start (a reset request, a new generation)
         // should reach the peer now, not at its next timeout.
-        let _ = self.events.notify();
+        self.ring();
         let mut steps = 0u32;
         loop {
             if shutdown.is_cancelled() {
@@ -229,9 +296,12 @@ impl<L: Link, E: EventChannel> Pump<L, E> {
             }
             tokio::select! {
                 _ = shutdown.cancelled() => break,
-                r = self.events.wait() => if let Err(e) = r {
-                    warn!(error = %e, "event channel failed");
-                    tokio::time::sleep(RECHECK).await;
+                r = self.events.wait() => match r {
+                    Ok(()) => PumpStats::add(&self.stats.wakeups, 1),
+                    Err(e) => {
+                        warn!(error = %e, "event channel failed");
+                        tokio::time::sleep(RECHECK).await;
+                    }
                 },
                 _ = self.wants.notify.notified() => {}
                 _ = tokio::time::sleep(RECHECK) => {}
@@ -245,7 +315,7 @@ impl<L: Link, E: EventChannel> Pump<L, E> {
         }
         // Sessions opened but never adopted, and any opened from now on.
         self.wants.close("the channel was shut down");
-        let _ = self.events.notify();
+        self.ring();
     }
 
     /// One synchronous round: header handshake, new sessions, rings. A
@@ -266,7 +336,7 @@ impl<L: Link, E: EventChannel> Pump<L, E> {
         warn!(side = ?self.role, reason = %v, "peer violated the channel protocol; resetting");
         self.link.fail(&mut self.end, v);
         self.down(&format!("channel reset: {v}"));
-        let _ = self.events.notify();
+        self.ring();
     }
 
     /// Whether the channel is attached.
@@ -278,17 +348,17 @@ impl<L: Link, E: EventChannel> Pump<L, E> {
         match self.link.refresh(&mut self.end) {
             Refresh::Same => {}
             Refresh::Changed => {
-                let _ = self.events.notify();
+                self.ring();
             }
             Refresh::Up => {
                 self.state.send_replace(LinkState::Up {
                     resets: self.resets,
                 });
-                let _ = self.events.notify();
+                self.ring();
             }
             Refresh::Down(reason) => {
                 self.down(&reason);
-                let _ = self.events.notify();
+                self.ring();
             }
         }
     }
@@ -296,6 +366,7 @@ impl<L: Link, E: EventChannel> Pump<L, E> {
     /// Aborts every session the peer knew about.
     fn down(&mut self, reason: &str) {
         self.resets += 1;
+        PumpStats::add(&self.stats.resets, 1);
         self.control.clear();
         let role = self.role;
         self.sessions.retain(|_, s| {
@@ -337,11 +408,19 @@ impl<L: Link, E: EventChannel> Pump<L, E> {
         let sent = self.send_round()?;
         let end = self.end.as_mut().expect("still attached");
         if end.publish()? {
-            let _ = self.events.notify();
+            self.ring();
         }
         if received > 0 || sent > 0 {
             self.answer.step(Instant::now(), sent, received);
         }
+        if received > 0 {
+            PumpStats::add(&self.stats.batches, 1);
+            PumpStats::add(&self.stats.received, received as u64);
+        }
+        PumpStats::add(&self.stats.sent, sent as u64);
+        self.stats
+            .sessions
+            .store(self.sessions.len() as u64, AtomicOrdering::Relaxed);
         Ok(received > 0 || sent > 0)
     }
 

@@ -85,6 +85,11 @@ impl ApiService {
     }
 
     /// The node's content service.
+    /// The node's figures.
+    pub(crate) fn metrics(&self) -> &crate::metrics::Metrics {
+        &self.inner.ctx.metrics
+    }
+
     pub(crate) fn content(&self) -> &ContentService {
         &self.inner.content
     }

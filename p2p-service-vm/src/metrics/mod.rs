@@ -16,9 +16,10 @@
 
 pub mod server;
 
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
+use p2pvm_channel::PumpStats;
 use p2pvm_security::{Ledger, Standing, VirusFilter};
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric};
@@ -38,6 +39,8 @@ pub struct Metrics {
     drm_refusals: Family<DrmLabels, Counter>,
     compute_runs: Family<Outcome, Counter>,
     compute_fuel: Counter,
+    /// The channel back-end's pump, once it runs (the split platform only).
+    channel: Arc<OnceLock<Arc<PumpStats>>>,
 }
 
 /// A DRM refusal's labels.
@@ -181,7 +184,12 @@ impl Metrics {
             "Fuel (metered WebAssembly work) this node's runs burnt",
             compute_fuel.clone(),
         );
-        ours.register_collector(Box::new(Snapshot { ledger, virus }));
+        let channel = Arc::new(OnceLock::new());
+        ours.register_collector(Box::new(Snapshot {
+            ledger,
+            virus,
+            channel: channel.clone(),
+        }));
         Self {
             registry,
             api,
@@ -189,6 +197,7 @@ impl Metrics {
             drm_refusals,
             compute_runs,
             compute_fuel,
+            channel,
         }
     }
 
@@ -197,6 +206,11 @@ impl Metrics {
         let mut out = String::new();
         prometheus_client::encoding::text::encode(&mut out, &self.registry)?;
         Ok(out)
+    }
+
+    /// Reports the channel back-end's pump (the first one set stays).
+    pub fn set_channel(&self, stats: Arc<PumpStats>) {
+        let _ = self.channel.set(stats);
     }
 
     /// Counts a compute run this node did for a requester, and its fuel.
@@ -249,6 +263,58 @@ impl Drop for Held {
 struct Snapshot {
     ledger: Arc<Ledger>,
     virus: VirusFilter,
+    channel: Arc<OnceLock<Arc<PumpStats>>>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct DirectionLabel {
+    direction: &'static str,
+}
+
+/// The channel back-end's counts, when there is a channel.
+fn encode_channel(
+    stats: &PumpStats,
+    encoder: &mut DescriptorEncoder,
+) -> Result<(), std::fmt::Error> {
+    use prometheus_client::metrics::MetricType;
+    let c = stats.counts();
+    for (name, help, v) in [
+        (
+            "channel_doorbells",
+            "Doorbells the back-end rang (in VM mode, each an exit of the service VM)",
+            c.doorbells,
+        ),
+        (
+            "channel_wakeups",
+            "Times the front-end's doorbell woke the back-end",
+            c.wakeups,
+        ),
+        (
+            "channel_receive_batches",
+            "Looks at the ring that found messages (received / batches: messages waiting per look)",
+            c.batches,
+        ),
+        ("channel_resets", "Times the channel went down", c.resets),
+    ] {
+        let e = encoder.encode_descriptor(name, help, None, MetricType::Counter)?;
+        ConstCounter::new(v).encode(e)?;
+    }
+    let mut messages = encoder.encode_descriptor(
+        "channel_messages",
+        "Channel messages, by direction",
+        None,
+        MetricType::Counter,
+    )?;
+    for (direction, v) in [("in", c.received), ("out", c.sent)] {
+        ConstCounter::new(v).encode(messages.encode_family(&DirectionLabel { direction })?)?;
+    }
+    let e = encoder.encode_descriptor(
+        "channel_sessions",
+        "App sessions open over the channel",
+        None,
+        MetricType::Gauge,
+    )?;
+    ConstGauge::new(c.sessions as i64).encode(e)
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -338,6 +404,9 @@ impl Collector for Snapshot {
             ("error", scans.failed),
         ] {
             ConstCounter::new(n).encode(verdicts.encode_family(&VerdictLabel { verdict })?)?;
+        }
+        if let Some(stats) = self.channel.get() {
+            encode_channel(stats, &mut encoder)?;
         }
         Ok(())
     }

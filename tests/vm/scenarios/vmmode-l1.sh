@@ -199,7 +199,13 @@ segpeer=$(sg info | peer_of)
 # host's address on the segment, not the VM's.
 out=$(ask service SEGOUT "p2pctl connect /ip4/10.98.0.2/tcp/4003/p2p/$segpeer > /tmp/seg.txt 2>&1; echo \$?" 60)
 result vm_dialled_segment=$out
-seen=$(sg peers --json 2>/dev/null | tr ',' '\n' | grep -o '"remote_addr": *"[^"]*"' | head -1)
+# (Its connection to the service VM's node, picked by the VM's peer id: by
+# now the segment's node may also have met the test host's own node through
+# the DHT. p2pctl's JSON keys are sorted, so an entry's connections come
+# before its peer id.)
+seen=$(sg peers --json 2>/dev/null | tr ',' '\n' | awk -v p="$peer" '
+    /"remote_addr"/ && r == "" { r = $0 }
+    /"peer_id"/ { if (index($0, p)) { print r; exit } r = "" }')
 echo "the segment's node sees the service VM at: $seen"
 case $seen in *10.98.0.1/tcp/*) result segment_saw_vm_at_host=yes ;; esac
 # The VM's node learns the test host's address on the segment as its own:
