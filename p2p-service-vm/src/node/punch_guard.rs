@@ -43,6 +43,9 @@ pub const WINDOW: Duration = Duration::from_secs(60);
 pub const REQUESTS_PER_CONNECTION: u8 = 3;
 /// How long a flooding peer is held off hole punching.
 pub const HOLD: Duration = Duration::from_secs(600);
+/// Peers remembered before the stale ones are forgotten: peer ids cost an
+/// attacker nothing, so what is kept per peer must not outlive its window.
+const PRUNE_AT: usize = 1024;
 
 /// What the guard reports.
 #[derive(Debug)]
@@ -97,8 +100,23 @@ impl PunchGuard {
             .push_back(ToSwarm::GenerateEvent(Event::Flood { peer, why }));
     }
 
+    /// Forgets peers whose window and hold are over.
+    fn prune(&mut self, now: Instant) {
+        if self.inbound.len() > PRUNE_AT {
+            self.inbound.retain(|_, times| {
+                times
+                    .back()
+                    .is_some_and(|t| now.saturating_duration_since(*t) < WINDOW)
+            });
+        }
+        if self.held.len() > PRUNE_AT {
+            self.held.retain(|_, until| *until > now);
+        }
+    }
+
     /// Whether a relayed connection `peer` opened to us gets a punch.
     fn admit_inbound(&mut self, peer: PeerId, now: Instant) -> bool {
+        self.prune(now);
         if self.is_held(peer, now) {
             return false;
         }
@@ -288,6 +306,19 @@ mod tests {
         assert!(!g.admit_inbound(flooder, t0 + HOLD));
         assert!(g.admit_inbound(flooder, t0 + Duration::from_secs(11) + HOLD));
         assert_eq!(g.held_peers(), 0);
+    }
+
+    #[test]
+    fn peers_past_their_window_are_forgotten() {
+        let mut g = guard();
+        let t0 = Instant::now();
+        for _ in 0..=PRUNE_AT {
+            assert!(g.admit_inbound(PeerId::random(), t0));
+        }
+        assert!(g.inbound.len() > PRUNE_AT);
+        // A minute on, the next admission forgets them all.
+        assert!(g.admit_inbound(PeerId::random(), t0 + WINDOW));
+        assert_eq!(g.inbound.len(), 1);
     }
 
     #[test]

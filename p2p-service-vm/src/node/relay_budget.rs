@@ -30,6 +30,9 @@ pub const WINDOW: Duration = Duration::from_secs(3600);
 /// limit before each read, and reads up to its 8 KiB buffer each way.
 const COPY_OVERSHOOT: u64 = 2 * 8 * 1024;
 
+/// Refusals remembered for the event loop at most.
+const MAX_REMEMBERED: usize = 4096;
+
 /// The cap's shared state: the relay's limiter admits through it, the event
 /// loop refunds and reads refusals.
 #[derive(Clone)]
@@ -87,6 +90,12 @@ impl RelayBudget {
             b.admitted.push_back((now, peer));
             true
         } else {
+            // Each refusal is read back within the same turn of the event
+            // loop; one whose denial never reached it (the stream broke) would
+            // stay. Peer ids are free, so the map is bounded all the same.
+            if b.refused.len() >= MAX_REMEMBERED {
+                b.refused.clear();
+            }
             *b.refused.entry(peer).or_default() += 1;
             false
         }
