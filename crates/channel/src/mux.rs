@@ -379,6 +379,9 @@ impl<L: Link, E: EventChannel> Pump<L, E> {
             }
         });
         self.ready.retain(|s| !s.lock().closed);
+        self.stats
+            .sessions
+            .store(self.sessions.len() as u64, AtomicOrdering::Relaxed);
         self.state.send_replace(LinkState::Down {
             reason: reason.to_owned(),
             resets: self.resets,

@@ -815,7 +815,17 @@ impl EventLoop {
     }
 
     fn on_swarm_event(&mut self, event: SwarmEvent<BehaviourEvent>) {
-        self.metrics.record(&event);
+        // Not address candidates: libp2p-metrics labels them by protocol
+        // stack, and a peer chooses what it says it observed (one new label
+        // per connection, for ever).
+        if !matches!(
+            event,
+            SwarmEvent::NewExternalAddrCandidate { .. }
+                | SwarmEvent::ExternalAddrConfirmed { .. }
+                | SwarmEvent::ExternalAddrExpired { .. }
+        ) {
+            self.metrics.record(&event);
+        }
         match event {
             SwarmEvent::NewListenAddr { address, .. } => {
                 info!(%address, "listening");
@@ -1016,6 +1026,9 @@ impl EventLoop {
                 status: relay::StatusCode::NoReservation,
                 ..
             }) => self.relay_budget.refund(src_peer_id),
+            BehaviourEvent::Relay(relay::Event::CircuitReqAccepted { src_peer_id, .. }) => {
+                self.relay_budget.accepted(src_peer_id)
+            }
             // Admitted, then the destination could not be reached: nothing
             // was relayed. (libp2p marks these events for removal; their
             // replacement is a log line.)

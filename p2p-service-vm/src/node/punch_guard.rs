@@ -46,6 +46,8 @@ pub const HOLD: Duration = Duration::from_secs(600);
 /// Peers remembered before the stale ones are forgotten: peer ids cost an
 /// attacker nothing, so what is kept per peer must not outlive its window.
 const PRUNE_AT: usize = 1024;
+/// The least time between two scans for stale peers.
+const PRUNE_EVERY: Duration = Duration::from_secs(10);
 
 /// What the guard reports.
 #[derive(Debug)]
@@ -67,6 +69,8 @@ pub struct PunchGuard {
     /// Peers held off, until when.
     held: HashMap<PeerId, Instant>,
     queued: VecDeque<ToSwarm<Event, THandlerInEvent<dcutr::Behaviour>>>,
+    /// When stale peers were last forgotten.
+    pruned: Option<Instant>,
 }
 
 impl PunchGuard {
@@ -77,6 +81,7 @@ impl PunchGuard {
             requests: HashMap::new(),
             held: HashMap::new(),
             queued: VecDeque::new(),
+            pruned: None,
         }
     }
 
@@ -100,8 +105,18 @@ impl PunchGuard {
             .push_back(ToSwarm::GenerateEvent(Event::Flood { peer, why }));
     }
 
-    /// Forgets peers whose window and hold are over.
+    /// Forgets peers whose window and hold are over (a scan, so at most
+    /// every [`PRUNE_EVERY`]).
     fn prune(&mut self, now: Instant) {
+        if self
+            .pruned
+            .is_some_and(|t| now.saturating_duration_since(t) < PRUNE_EVERY)
+        {
+            return;
+        }
+        if self.inbound.len() > PRUNE_AT || self.held.len() > PRUNE_AT {
+            self.pruned = Some(now);
+        }
         if self.inbound.len() > PRUNE_AT {
             self.inbound.retain(|_, times| {
                 times

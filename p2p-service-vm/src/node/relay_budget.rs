@@ -12,11 +12,13 @@
 //! The check is one of the relay's circuit rate limiters, the last one asked,
 //! so a request the relay's other limits refuse takes nothing from the
 //! budget; one it then refuses for want of a reservation gives its share back
-//! ([`RelayBudget::refund`]). Refusals are remembered by peer so the event
+//! ([`RelayBudget::refund`]), and one the relay never accepts (the asker
+//! reset its request, a connection closed mid-way; the relay reports
+//! neither) lets its share lapse after [`PENDING`]. Refusals are remembered by peer so the event
 //! loop can tell them from a peer over its own limits: only the latter is
 //! charged in the credit ledger ([`RelayBudget::took_refusal`]).
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -30,14 +32,29 @@ pub const WINDOW: Duration = Duration::from_secs(3600);
 /// limit before each read, and reads up to its 8 KiB buffer each way.
 const COPY_OVERSHOOT: u64 = 2 * 8 * 1024;
 
-/// Refusals remembered for the event loop at most.
-const MAX_REMEMBERED: usize = 4096;
+/// How long an admitted circuit that the relay has not yet accepted holds
+/// its share. Setting a circuit up takes round trips; one that never gets
+/// there (the asker reset its stream, a connection closed mid-way: the relay
+/// says nothing of those) frees its share by itself, so a flood of
+/// abandoned requests cannot spend the hour's budget.
+const PENDING: Duration = Duration::from_secs(30);
+
+/// How long a refusal by the cap waits to be read by the event loop (it is
+/// read within the same turn; one whose denial never reached the loop goes).
+const REFUSAL_TTL: Duration = Duration::from_secs(10);
 
 /// The cap's shared state: the relay's limiter admits through it, the event
-/// loop refunds and reads refusals.
+/// loop confirms, refunds and reads refusals.
 #[derive(Clone)]
 pub struct RelayBudget {
     inner: Arc<Mutex<Inner>>,
+}
+
+struct Admitted {
+    at: Instant,
+    peer: PeerId,
+    /// The relay accepted the circuit: it counts for the whole window.
+    accepted: bool,
 }
 
 struct Inner {
@@ -45,9 +62,27 @@ struct Inner {
     max_circuits: u64,
     window: Duration,
     /// Admitted circuits in the window, oldest first.
-    admitted: VecDeque<(Instant, PeerId)>,
-    /// Refusals by the cap not yet seen by the event loop.
-    refused: HashMap<PeerId, u32>,
+    admitted: VecDeque<Admitted>,
+    /// Refusals by the cap not yet read by the event loop, oldest first.
+    refused: VecDeque<(Instant, PeerId)>,
+}
+
+impl Inner {
+    /// Drops what no longer counts at `now`.
+    fn expire(&mut self, now: Instant) {
+        let window = self.window;
+        self.admitted.retain(|a| {
+            let age = now.saturating_duration_since(a.at);
+            age < window && (a.accepted || age < PENDING)
+        });
+        while self
+            .refused
+            .front()
+            .is_some_and(|(at, _)| now.saturating_duration_since(*at) >= REFUSAL_TTL)
+        {
+            self.refused.pop_front();
+        }
+    }
 }
 
 impl RelayBudget {
@@ -64,7 +99,7 @@ impl RelayBudget {
                 max_circuits: cap_bytes / per_circuit,
                 window,
                 admitted: VecDeque::new(),
-                refused: HashMap::new(),
+                refused: VecDeque::new(),
             })),
         }
     }
@@ -78,34 +113,43 @@ impl RelayBudget {
     /// Takes one circuit's worth for `peer` if the last hour leaves room.
     pub fn admit(&self, peer: PeerId, now: Instant) -> bool {
         let mut b = self.lock();
-        let window = b.window;
-        while b
-            .admitted
-            .front()
-            .is_some_and(|(at, _)| now.saturating_duration_since(*at) >= window)
-        {
-            b.admitted.pop_front();
-        }
+        b.expire(now);
         if (b.admitted.len() as u64) < b.max_circuits {
-            b.admitted.push_back((now, peer));
+            b.admitted.push_back(Admitted {
+                at: now,
+                peer,
+                accepted: false,
+            });
             true
         } else {
-            // Each refusal is read back within the same turn of the event
-            // loop; one whose denial never reached it (the stream broke) would
-            // stay. Peer ids are free, so the map is bounded all the same.
-            if b.refused.len() >= MAX_REMEMBERED {
-                b.refused.clear();
-            }
-            *b.refused.entry(peer).or_default() += 1;
+            b.refused.push_back((now, peer));
             false
         }
     }
 
-    /// Gives back the share of `peer`'s newest circuit: the relay refused it
-    /// after the budget admitted it (no reservation for its destination).
+    /// The relay accepted a circuit of `peer`'s: its share holds for the
+    /// window (until now it would have lapsed after [`PENDING`]).
+    pub fn accepted(&self, peer: PeerId) {
+        let mut b = self.lock();
+        if let Some(a) = b
+            .admitted
+            .iter_mut()
+            .find(|a| a.peer == peer && !a.accepted)
+        {
+            a.accepted = true;
+        }
+    }
+
+    /// Gives back the share of `peer`'s newest circuit not yet accepted: the
+    /// relay refused it after the budget admitted it (no reservation for its
+    /// destination).
     pub fn refund(&self, peer: PeerId) {
         let mut b = self.lock();
-        if let Some(i) = b.admitted.iter().rposition(|(_, p)| *p == peer) {
+        if let Some(i) = b
+            .admitted
+            .iter()
+            .rposition(|a| a.peer == peer && !a.accepted)
+        {
             b.admitted.remove(i);
         }
     }
@@ -113,14 +157,14 @@ impl RelayBudget {
     /// Whether a refusal of `peer`'s circuit was the cap's (and forgets it).
     pub fn took_refusal(&self, peer: PeerId) -> bool {
         let mut b = self.lock();
-        let Some(n) = b.refused.get_mut(&peer) else {
-            return false;
-        };
-        *n -= 1;
-        if *n == 0 {
-            b.refused.remove(&peer);
+        b.expire(Instant::now());
+        match b.refused.iter().position(|(_, p)| *p == peer) {
+            Some(i) => {
+                b.refused.remove(i);
+                true
+            }
+            None => false,
         }
-        true
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
@@ -143,9 +187,10 @@ mod tests {
         let t0 = Instant::now();
         // Three circuits of 3 MiB (and the overshoot) fit in 10 MiB, a
         // fourth does not, whoever asks.
-        assert!(b.admit(p, t0));
-        assert!(b.admit(q, t0));
-        assert!(b.admit(p, t0 + Duration::from_secs(10)));
+        for (peer, at) in [(p, 0), (q, 0), (p, 10)] {
+            assert!(b.admit(peer, t0 + Duration::from_secs(at)));
+            b.accepted(peer);
+        }
         assert!(!b.admit(q, t0 + Duration::from_secs(20)));
         assert!(b.took_refusal(q), "the cap's refusal is remembered");
         assert!(!b.took_refusal(q), "and told once");
@@ -172,6 +217,23 @@ mod tests {
         assert!(!b.admit(q, now));
         b.refund(p);
         assert!(b.admit(q, now));
+    }
+
+    #[test]
+    fn an_admitted_circuit_the_relay_never_accepts_frees_its_share() {
+        let b = RelayBudget::with_window(2 * MIB, MIB, Duration::from_secs(3600));
+        let (p, q) = (PeerId::random(), PeerId::random());
+        let t0 = Instant::now();
+        assert!(b.admit(p, t0));
+        assert!(
+            !b.admit(q, t0 + Duration::from_secs(1)),
+            "p's circuit holds it"
+        );
+        // p reset its request: nothing accepted it, and its share lapses.
+        assert!(b.admit(q, t0 + PENDING));
+        b.accepted(q);
+        // An accepted circuit holds its share for the window.
+        assert!(!b.admit(p, t0 + PENDING + Duration::from_secs(600)));
     }
 
     #[test]

@@ -28,14 +28,19 @@ fn result_label<T>(r: &Result<T, ApiError>) -> &'static str {
     }
 }
 
-/// An operation answered when its stream opens: timed to its start.
+/// An operation answered when its stream opens: counted as `started` (or
+/// its refusal) and timed to that point; how the opening ends is not.
 fn opened(
     metrics: &crate::metrics::Metrics,
     name: &'static str,
     since: std::time::Instant,
     r: Result<(), ApiError>,
 ) -> Answer {
-    metrics.api_request(name, result_label(&r), since.elapsed());
+    let label = match &r {
+        Ok(()) => "started",
+        Err(e) => e.code.as_str_name(),
+    };
+    metrics.api_request(name, label, since.elapsed());
     started(r)
 }
 
@@ -112,13 +117,19 @@ impl Session {
         since: std::time::Instant,
     ) -> Answer {
         let Ok(permit) = self.inflight.clone().try_acquire_owned() else {
-            return Some(Err(ApiError::new(
+            let refused = Err(ApiError::new(
                 pb::ErrorCode::LimitExceeded,
                 format!(
                     "at most {} requests in flight per session",
                     self.svc.inner.limits.max_inflight_requests
                 ),
-            )));
+            ));
+            self.svc
+                .inner
+                .ctx
+                .metrics
+                .api_request(name, result_label(&refused), since.elapsed());
+            return Some(refused);
         };
         let svc = self.svc.clone();
         let principal = self.principal.clone();
