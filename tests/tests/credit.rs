@@ -39,10 +39,15 @@ async fn clean_transfers_raise_credit_corrupt_ones_sink_it_and_it_persists() -> 
     ensure!(good.score > 80 && good.standing == "good", "{good:?}");
     ensure!(good.bytes_received == data.len() as u64, "{good:?}");
     ensure!(good.expected_bytes_per_sec > 0.0 && good.reliability > 0.8);
-    // The provider sees what it served.
-    let served = honest.admin().await?.credit_show(&fetcher.peer_id).await?;
-    // Wire bytes: the data and its proofs.
-    ensure!(served.bytes_served >= data.len() as u64, "{served:?}");
+    // The provider sees what it served (wire bytes: the data and its
+    // proofs). It records that on its own side, which may come after the
+    // fetcher already has the last block.
+    let ha = honest.admin().await?;
+    eventually(WAIT, "the provider's record of what it served", || async {
+        let served = ha.credit_show(&fetcher.peer_id).await.ok()?;
+        (served.bytes_served >= data.len() as u64).then_some(())
+    })
+    .await?;
 
     // A peer whose copy rotted, serving without re-checking, and the only provider.
     let mut liar = node(&[&honest], Some("[content]\nverify_on_serve = false\n")).await?;
