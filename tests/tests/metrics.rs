@@ -103,3 +103,42 @@ async fn the_figures_move_when_a_peer_connects_and_an_item_moves() -> Result<()>
     ensure!(http(port, "POST", "/metrics").await?.0 == 405);
     Ok(())
 }
+
+/// Connections that never send a request hold the metrics server's places
+/// only until its header deadline (10 s): a scrape gets through again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn silent_connections_do_not_keep_scrapes_out() -> Result<()> {
+    let port = free_port()?;
+    let _a = TestNode::start(NodeOpts {
+        config_toml: Some(format!("[metrics]\nlisten = \"127.0.0.1:{port}\"\n")),
+        ..Default::default()
+    })
+    .await?;
+    let mut silent = Vec::new();
+    for _ in 0..16 {
+        silent.push(tokio::net::TcpStream::connect(("127.0.0.1", port)).await?);
+    }
+    let started = std::time::Instant::now();
+    eventually(WAIT, "a scrape past the silent connections", || async {
+        Scrape::of(port).await.ok()
+    })
+    .await?;
+    eprintln!(
+        "a scrape got through {:?} after 16 silent connections",
+        started.elapsed()
+    );
+    // The node is whole, and the silent ones were closed by the server.
+    let mut closed = 0;
+    for mut s in silent {
+        let mut b = [0u8; 1];
+        use tokio::io::AsyncReadExt;
+        if matches!(
+            tokio::time::timeout(Duration::from_secs(15), s.read(&mut b)).await,
+            Ok(Ok(0)) | Ok(Err(_))
+        ) {
+            closed += 1;
+        }
+    }
+    ensure!(closed == 16, "{closed} of 16 silent connections closed");
+    Ok(())
+}
