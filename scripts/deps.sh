@@ -88,6 +88,9 @@ if [ "$set_name" = test ]; then
     want nftables has nft
     want miniupnpd-nftables has miniupnpd
     want python3-libtorrent /usr/bin/python3 -c 'import libtorrent'
+    # The dashboard's tests drive a real headless Chromium over the DevTools
+    # protocol.
+    want chromium has chromium
 fi
 
 # Debian's kernel is fetched with `apt-get download linux-image-6.12-amd64`

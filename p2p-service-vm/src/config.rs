@@ -90,13 +90,25 @@ pub struct Config {
     pub metrics: MetricsConfig,
 }
 
-/// Where `/metrics` is served, if anywhere.
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+/// Where `/metrics` and the dashboard are served, if anywhere.
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct MetricsConfig {
     /// The address to serve on: loopback, or a private address (the VM's
     /// side of its TAP); the figures carry no token. Off when unset.
     pub listen: Option<std::net::SocketAddr>,
+    /// Whether the same address serves the operator's dashboard at `/`
+    /// (behind the admin token; see `docs/dashboard.md`).
+    pub dashboard: bool,
+}
+
+impl Default for MetricsConfig {
+    fn default() -> Self {
+        Self {
+            listen: None,
+            dashboard: true,
+        }
+    }
 }
 
 /// Whether the internet cannot reach `ip` (loopback, RFC 1918, link-local,

@@ -141,13 +141,6 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Daem
         shutdown.clone(),
     )?;
     let config = ctx.config.clone();
-    let metrics_task = metrics_listener.map(|l| {
-        tokio::spawn(crate::metrics::server::serve(
-            l,
-            ctx.metrics.clone(),
-            shutdown.clone(),
-        ))
-    });
     let content = ContentService::start(ctx.clone())?;
     let compute = ComputeService::start(ctx.clone(), content.clone())?;
     let gateway = config.content.gateway.map(|addr| {
@@ -159,6 +152,18 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Daem
         })
     });
     let svc = ApiService::new(ctx.clone(), content, compute, apps);
+    let metrics_task = metrics_listener.map(|l| {
+        let dashboard = config
+            .metrics
+            .dashboard
+            .then(|| crate::dashboard::Dashboard::start(svc.clone()).routes());
+        tokio::spawn(crate::metrics::server::serve(
+            l,
+            ctx.metrics.clone(),
+            dashboard,
+            shutdown.clone(),
+        ))
+    });
     info!(
         peer_id = %handle.peer_id(),
         socket = %socket.display(),

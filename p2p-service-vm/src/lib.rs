@@ -36,6 +36,7 @@ pub mod content;
 pub mod context;
 pub mod credit;
 pub mod daemon;
+pub mod dashboard;
 mod fsutil;
 pub mod identity;
 pub mod metrics;

@@ -43,4 +43,4 @@ pub use ledger::{Ban, Event, EventKind, Ledger, LedgerError, PeerCredit};
 pub use pki::{CertError, TrustList};
 pub use score::{Policy, Standing, Weights};
 pub use verdicts::{VerdictCache, VerdictCacheError};
-pub use virus::{ClamdAddr, ScanStats, Scanner, Verdict, VirusError, VirusFilter};
+pub use virus::{ClamdAddr, Detection, ScanStats, Scanner, Verdict, VirusError, VirusFilter};

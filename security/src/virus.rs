@@ -8,9 +8,10 @@
 //! of clamd's before scanning it. The filter fails closed: if clamd cannot be
 //! reached or answers anything but a verdict, the content is not accepted.
 
+use std::collections::VecDeque;
 use std::path::PathBuf;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
 use tokio::sync::mpsc;
@@ -107,23 +108,54 @@ pub struct VirusFilter {
     counts: Arc<Counts>,
 }
 
-/// Scans clamd answered, by verdict, since the filter was made (shared by
-/// its clones).
+/// How many detections [`VirusFilter::detections`] remembers.
+pub const RECENT_DETECTIONS: usize = 64;
+
+/// Scans clamd answered, by verdict, since the filter was made, and the
+/// latest detections (shared by its clones).
 #[derive(Debug, Default)]
 struct Counts {
     clean: AtomicU64,
     infected: AtomicU64,
     failed: AtomicU64,
+    recent: Mutex<VecDeque<Detection>>,
+}
+
+/// One scan that matched a signature, for the operator to look back on.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Detection {
+    /// When the verdict came (seconds since the epoch).
+    pub at_unix: u64,
+    /// clamd's signature name.
+    pub signature: String,
 }
 
 impl Counts {
     fn count(&self, verdict: &Result<Verdict, VirusError>) {
         let n = match verdict {
             Ok(Verdict::Clean) => &self.clean,
-            Ok(Verdict::Infected(_)) => &self.infected,
+            Ok(Verdict::Infected(signature)) => {
+                self.remember(signature);
+                &self.infected
+            }
             Err(_) => &self.failed,
         };
         n.fetch_add(1, Ordering::Relaxed);
+    }
+
+    fn remember(&self, signature: &str) {
+        let at_unix = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0);
+        let mut recent = self.recent.lock().expect("lock");
+        if recent.len() == RECENT_DETECTIONS {
+            recent.pop_front();
+        }
+        recent.push_back(Detection {
+            at_unix,
+            signature: signature.to_owned(),
+        });
     }
 }
 
@@ -162,6 +194,12 @@ impl VirusFilter {
             infected: self.counts.infected.load(Ordering::Relaxed),
             failed: self.counts.failed.load(Ordering::Relaxed),
         }
+    }
+
+    /// The latest detections (at most [`RECENT_DETECTIONS`]), newest first.
+    pub fn detections(&self) -> Vec<Detection> {
+        let recent = self.counts.recent.lock().expect("lock");
+        recent.iter().rev().cloned().collect()
     }
 
     /// Whether content is scanned.
@@ -500,6 +538,24 @@ mod tests {
         assert!(parse_reply(b"fd[12]: lstat() failed: Permission denied. ERROR\0").is_err());
         assert!(parse_reply(b"fd[]: OK").is_err());
         assert!(parse_reply(b"fd[1x]: OK").is_err());
+    }
+
+    #[test]
+    fn detections_keep_the_newest_signatures_newest_first() {
+        let c = Counts::default();
+        for i in 0..RECENT_DETECTIONS + 3 {
+            c.count(&Ok(Verdict::Infected(format!("Sig.{i}"))));
+        }
+        c.count(&Ok(Verdict::Clean));
+        let f = VirusFilter {
+            addr: None,
+            counts: Arc::new(c),
+        };
+        let d = f.detections();
+        assert_eq!(d.len(), RECENT_DETECTIONS);
+        assert_eq!(d[0].signature, format!("Sig.{}", RECENT_DETECTIONS + 2));
+        assert_eq!(d[RECENT_DETECTIONS - 1].signature, "Sig.3");
+        assert_eq!(f.stats().infected, RECENT_DETECTIONS as u64 + 3);
     }
 
     #[tokio::test]

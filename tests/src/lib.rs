@@ -14,6 +14,7 @@ use anyhow::{Context, Result, bail};
 use guest_api::Client;
 use tokio::process::{Child, Command};
 
+pub mod browser;
 pub mod nat;
 pub mod playback;
 pub mod scrape;

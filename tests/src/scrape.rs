@@ -18,31 +18,83 @@ pub fn free_port() -> Result<u16> {
 
 /// One HTTP/1.1 request; the status line's code and the body.
 pub async fn http(port: u16, method: &str, path: &str) -> Result<(u16, String)> {
+    let r = request(port, method, path, &[], None).await?;
+    ensure!(
+        r.code != 200
+            || r.header("content-type")
+                .is_some_and(|t| t.starts_with("text/plain; version=0.0.4")),
+        "not the text format: {:?}",
+        r.headers
+    );
+    Ok((r.code, r.body))
+}
+
+/// An HTTP answer.
+#[derive(Debug)]
+pub struct Answer {
+    /// The status code.
+    pub code: u16,
+    /// Header names (lower case) and values, in order.
+    pub headers: Vec<(String, String)>,
+    /// The body, as text.
+    pub body: String,
+}
+
+impl Answer {
+    /// The first header named `name` (lower case).
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+/// One HTTP/1.1 request with extra `headers` and a form `body`
+/// (`application/x-www-form-urlencoded`), on a fresh connection.
+pub async fn request(
+    port: u16,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: Option<&str>,
+) -> Result<Answer> {
     let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
-    s.write_all(
-        format!("{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
-            .as_bytes(),
-    )
-    .await?;
+    let mut head =
+        format!("{method} {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nConnection: close\r\n");
+    for (k, v) in headers {
+        head.push_str(&format!("{k}: {v}\r\n"));
+    }
+    if let Some(b) = body {
+        head.push_str(&format!(
+            "Content-Type: application/x-www-form-urlencoded\r\nContent-Length: {}\r\n",
+            b.len()
+        ));
+    }
+    head.push_str("\r\n");
+    head.push_str(body.unwrap_or_default());
+    s.write_all(head.as_bytes()).await?;
     let mut raw = Vec::new();
     tokio::time::timeout(WAIT, s.read_to_end(&mut raw))
         .await
         .context("no answer")??;
     let text = String::from_utf8(raw)?;
     let (head, body) = text.split_once("\r\n\r\n").context("no header end")?;
-    let code = head
-        .split_whitespace()
-        .nth(1)
+    let mut lines = head.lines();
+    let code = lines
+        .next()
+        .and_then(|l| l.split_whitespace().nth(1))
         .context("no status")?
         .parse()?;
-    ensure!(
-        code != 200
-            || head
-                .to_ascii_lowercase()
-                .contains("content-type: text/plain; version=0.0.4"),
-        "not the text format: {head}"
-    );
-    Ok((code, body.to_string()))
+    let headers = lines
+        .filter_map(|l| l.split_once(':'))
+        .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_owned()))
+        .collect();
+    Ok(Answer {
+        code,
+        headers,
+        body: body.to_string(),
+    })
 }
 
 /// Every sample of a scrape, keyed by its name and sorted labels.

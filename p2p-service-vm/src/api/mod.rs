@@ -17,6 +17,7 @@
 pub mod apps;
 mod bulk;
 mod errors;
+mod operator;
 mod ops;
 pub mod server;
 mod service;

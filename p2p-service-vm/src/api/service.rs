@@ -84,12 +84,17 @@ impl ApiService {
         }
     }
 
-    /// The node's content service.
+    /// What the node's services share.
+    pub(crate) fn context(&self) -> &NodeContext {
+        &self.inner.ctx
+    }
+
     /// The node's figures.
     pub(crate) fn metrics(&self) -> &crate::metrics::Metrics {
         &self.inner.ctx.metrics
     }
 
+    /// The node's content service.
     pub(crate) fn content(&self) -> &ContentService {
         &self.inner.content
     }

@@ -73,6 +73,36 @@ use crate::config::ContentConfig;
 use crate::context::NodeContext;
 use crate::node::NodeEvent;
 
+/// A download in progress, as the operator sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Transfer {
+    /// The item.
+    pub id: ContentId,
+    /// Its name, from the verified manifest.
+    pub name: String,
+    /// Verified bytes held so far.
+    pub held_bytes: u64,
+    /// The item's size.
+    pub size: u64,
+    /// `running`, or how it ended: `complete`, `failed`, `ended` (a stream
+    /// whose readers were done).
+    pub state: &'static str,
+}
+
+/// How many ended downloads [`ContentService::transfers`] still shows.
+const ENDED_SHOWN: usize = 16;
+
+fn transfer_of(d: &fetch::Download) -> Transfer {
+    let size = d.partial.size();
+    Transfer {
+        id: d.id,
+        name: d.manifest.manifest.name.clone(),
+        held_bytes: (d.partial.held() * p2pvm_content::BLOCK_BYTES).min(size),
+        size,
+        state: "running",
+    }
+}
+
 pub(crate) struct Inner {
     /// What the whole node shares: identity, node, ledger, virus filter,
     /// store, tasks, shutdown.
@@ -81,6 +111,8 @@ pub(crate) struct Inner {
     credit: crate::config::CreditConfig,
     config: ContentConfig,
     downloads: Mutex<HashMap<ContentId, Arc<fetch::Download>>>,
+    /// The latest downloads to end (for the operator; newest last).
+    ended: Mutex<std::collections::VecDeque<Transfer>>,
     limiter: Option<server::Limiter>,
     /// The upload caps of throttled peers.
     throttles: server::PeerThrottles,
@@ -217,6 +249,7 @@ impl ContentService {
                 peer_batches: server::PeerBatches::default(),
                 config,
                 downloads: Mutex::new(HashMap::new()),
+                ended: Mutex::default(),
                 fast_path,
                 fast_path_port: std::sync::atomic::AtomicU16::new(0),
                 local_readers: Arc::new(tokio::sync::Semaphore::new(32)),
@@ -344,6 +377,46 @@ impl ContentService {
         let (used, peak) = b.usage();
         let block = p2pvm_content::BLOCK_BYTES;
         (used * block, peak * block, b.total() * block)
+    }
+
+    /// The downloads running now, largest share held first, then the
+    /// latest to end, newest first.
+    pub fn transfers(&self) -> Vec<Transfer> {
+        let downloads: Vec<Arc<fetch::Download>> = self
+            .inner
+            .downloads
+            .lock()
+            .expect("lock")
+            .values()
+            .cloned()
+            .collect();
+        let mut out: Vec<Transfer> = downloads
+            .iter()
+            .map(|d| Transfer {
+                state: "running",
+                ..transfer_of(d)
+            })
+            .collect();
+        out.sort_by(|a, b| {
+            // Shares compared without division (and without overflow).
+            (u128::from(b.held_bytes) * u128::from(a.size.max(1)))
+                .cmp(&(u128::from(a.held_bytes) * u128::from(b.size.max(1))))
+                .then(a.id.0.cmp(&b.id.0))
+        });
+        out.extend(self.inner.ended.lock().expect("lock").iter().rev().cloned());
+        out
+    }
+
+    /// Keeps how a download ended among the latest.
+    pub(crate) fn transfer_ended(&self, d: &fetch::Download, state: &'static str) {
+        let mut ended = self.inner.ended.lock().expect("lock");
+        if ended.len() == ENDED_SHOWN {
+            ended.pop_front();
+        }
+        ended.push_back(Transfer {
+            state,
+            ..transfer_of(d)
+        });
     }
 
     /// The fast path's port, if it listens.

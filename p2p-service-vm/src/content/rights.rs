@@ -82,7 +82,10 @@ impl ContentService {
     /// A DRM decision, its refusals counted by stage and reason.
     fn counted<T>(&self, stage: &'static str, r: Result<T, DrmError>) -> Result<T, DrmError> {
         if let Err(e) = &r {
-            self.inner.ctx.metrics.drm_refused(stage, e.code());
+            self.inner
+                .ctx
+                .metrics
+                .drm_refused(stage, e.code(), e.to_string());
         }
         r
     }

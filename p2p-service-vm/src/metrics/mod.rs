@@ -37,10 +37,29 @@ pub struct Metrics {
     /// Content transfers.
     pub content: ContentMetrics,
     drm_refusals: Family<DrmLabels, Counter>,
+    /// The latest DRM refusals, for the dashboard (the counts above are
+    /// for monitoring; a person wants to see what was refused and why).
+    recent_drm: std::sync::Mutex<std::collections::VecDeque<DrmRefusal>>,
     compute_runs: Family<Outcome, Counter>,
     compute_fuel: Counter,
     /// The channel back-end's pump, once it runs (the split platform only).
     channel: Arc<OnceLock<Arc<PumpStats>>>,
+}
+
+/// How many DRM refusals [`Metrics::recent_drm_refusals`] remembers.
+const RECENT_DRM: usize = 64;
+
+/// One DRM refusal, as the dashboard lists it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DrmRefusal {
+    /// Seconds since the epoch.
+    pub at_unix: u64,
+    /// `publish`, `serve` or `accept`.
+    pub stage: &'static str,
+    /// The checker's code.
+    pub reason: &'static str,
+    /// The checker's explanation.
+    pub detail: String,
 }
 
 /// A DRM refusal's labels.
@@ -195,6 +214,7 @@ impl Metrics {
             api,
             content,
             drm_refusals,
+            recent_drm: Default::default(),
             compute_runs,
             compute_fuel,
             channel,
@@ -219,11 +239,32 @@ impl Metrics {
         self.compute_fuel.inc_by(fuel);
     }
 
-    /// Counts a DRM refusal.
-    pub fn drm_refused(&self, stage: &'static str, reason: &'static str) {
+    /// Counts a DRM refusal and keeps it among the latest.
+    pub fn drm_refused(&self, stage: &'static str, reason: &'static str, detail: String) {
         self.drm_refusals
             .get_or_create(&DrmLabels { stage, reason })
             .inc();
+        let mut recent = self.recent_drm.lock().expect("lock");
+        if recent.len() == RECENT_DRM {
+            recent.pop_front();
+        }
+        recent.push_back(DrmRefusal {
+            at_unix: crate::content::now_unix(),
+            stage,
+            reason,
+            detail,
+        });
+    }
+
+    /// The latest DRM refusals, newest first.
+    pub fn recent_drm_refusals(&self) -> Vec<DrmRefusal> {
+        self.recent_drm
+            .lock()
+            .expect("lock")
+            .iter()
+            .rev()
+            .cloned()
+            .collect()
     }
 
     /// Records one answered API request.
@@ -444,7 +485,7 @@ mod tests {
         let m = Metrics::new(Registry::default(), ledger, VirusFilter::off());
         m.api_request("NodeInfo", "ok", Duration::from_millis(2));
         m.content.transfers.inc();
-        m.drm_refused("serve", "DRM_EXPIRED");
+        m.drm_refused("serve", "DRM_EXPIRED", "expired at 10".into());
         m.compute_ran("done", 5_000);
         let text = m.encode().expect("encode");
         for line in [
@@ -460,5 +501,11 @@ mod tests {
         ] {
             assert!(text.contains(line), "no {line:?} in\n{text}");
         }
+        let recent = m.recent_drm_refusals();
+        assert_eq!(recent.len(), 1);
+        assert_eq!(
+            (recent[0].stage, recent[0].reason, recent[0].detail.as_str()),
+            ("serve", "DRM_EXPIRED", "expired at 10")
+        );
     }
 }

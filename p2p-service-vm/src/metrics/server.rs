@@ -1,5 +1,7 @@
 //! `GET /metrics` over HTTP/1.1 on the address `[metrics] listen` names
-//! (loopback or a private address; the config refuses others).
+//! (loopback or a private address; the config refuses others), and beside it
+//! the operator's dashboard ([`crate::dashboard`]) unless the config turns
+//! it off.
 //!
 //! The figures say what the node does, not what it holds, so they are served
 //! without a token, as Kubo's and Firecracker's are: keeping the address off
@@ -22,8 +24,9 @@ use tracing::{debug, info, warn};
 
 use super::Metrics;
 
-/// Connections served at once: a Prometheus server or two, and a person.
-const MAX_CONNECTIONS: usize = 8;
+/// Connections served at once: a Prometheus server or two, and a person
+/// whose browser opens up to six.
+const MAX_CONNECTIONS: usize = 16;
 /// Time for a client to send a request's headers.
 const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
 /// Longest a connection is kept (a scrape takes milliseconds; keep-alive
@@ -40,15 +43,20 @@ pub async fn bind(addr: SocketAddr) -> std::io::Result<tokio::net::TcpListener> 
     Ok(listener)
 }
 
-/// Serves `/metrics` on `listener` until `shutdown`.
+/// Serves `/metrics`, and `dashboard`'s pages when given, on `listener`
+/// until `shutdown`.
 pub async fn serve(
     listener: tokio::net::TcpListener,
     metrics: Arc<Metrics>,
+    dashboard: Option<Router>,
     shutdown: CancellationToken,
 ) {
-    let app = Router::new()
+    let mut app = Router::new()
         .route("/metrics", get(scrape))
         .with_state(metrics);
+    if let Some(d) = dashboard {
+        app = app.merge(d);
+    }
     let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     loop {
         let (stream, peer) = tokio::select! {

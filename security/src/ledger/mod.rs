@@ -425,6 +425,21 @@ impl Ledger {
         Ok(())
     }
 
+    /// Lifts a peer's ban (the operator's call); written at once. Lifting
+    /// no ban is not an error: the peer is let in either way.
+    pub fn unban(&self, peer: &PeerId) -> Result<bool, LedgerError> {
+        let tx = self.db.begin_write().map_err(db)?;
+        let removed = tx
+            .open_table(BANS)
+            .map_err(db)?
+            .remove(peer.to_bytes().as_slice())
+            .map_err(db)?
+            .is_some();
+        tx.commit().map_err(db)?;
+        self.state.lock().expect("lock").bans.remove(peer);
+        Ok(removed)
+    }
+
     /// Writes changed records and new history rows in one transaction.
     pub fn flush(&self) -> Result<(), LedgerError> {
         let (records, history, first_seq, forgotten) = {
@@ -692,5 +707,25 @@ mod tests {
         let p = PeerId::random();
         l.ban(p, 10, "old").unwrap();
         assert_ne!(l.credit(&p).standing, Standing::Banned);
+    }
+
+    #[test]
+    fn an_operators_unban_lifts_the_ban_for_good() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = PeerId::random();
+        {
+            let l = ledger(dir.path());
+            l.ban(p, u64::MAX / 2, "by the operator").unwrap();
+            assert_eq!(l.credit(&p).standing, Standing::Banned);
+            assert!(l.unban(&p).unwrap());
+            assert_ne!(l.credit(&p).standing, Standing::Banned);
+            assert!(!l.unban(&p).unwrap(), "a second unban finds no ban");
+        }
+        let l = ledger(dir.path());
+        assert_ne!(
+            l.credit(&p).standing,
+            Standing::Banned,
+            "the unban was written"
+        );
     }
 }

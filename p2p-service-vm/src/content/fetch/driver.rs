@@ -481,6 +481,7 @@ async fn drive(
         .finished
         .get_or_create(&crate::metrics::Outcome { outcome })
         .inc();
+    svc.transfer_ended(&dl, outcome);
     report(&svc, &dl, &result, started).await;
     dl.outcome.send_replace(result);
 }

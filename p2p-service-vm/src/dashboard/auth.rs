@@ -1,0 +1,340 @@
+//! Who may see the dashboard: whoever presents the node's admin token once,
+//! at `/login`, and then holds the session cookie it was given.
+//!
+//! - The cookie is 32 random bytes, `HttpOnly` (scripts cannot read it) and
+//!   `SameSite=Strict` (no other site's page sends it); the node keeps only
+//!   its hash, so a session cannot be forged without the cookie itself.
+//! - Every POST must come from the dashboard's own origin (`Origin` and
+//!   `Sec-Fetch-Site`, when the browser sends them) and carry the session's
+//!   CSRF token, which only the dashboard's own pages hold.
+//! - Sessions last [`SESSION_TTL`]; at most [`MAX_SESSIONS`] are kept (the
+//!   oldest go first); all are in memory, so a restart logs everyone out.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use axum::extract::{Form, FromRequestParts, State};
+use axum::http::request::Parts;
+use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
+use axum::response::{IntoResponse, Redirect, Response};
+use maud::{DOCTYPE, html};
+use rand::RngCore;
+use serde::Deserialize;
+use tracing::{info, warn};
+
+use super::Dashboard;
+
+/// The session cookie's name.
+pub(super) const COOKIE: &str = "p2pvm_dashboard";
+/// How long a login lasts.
+const SESSION_TTL: Duration = Duration::from_secs(12 * 3600);
+/// Sessions kept at once.
+const MAX_SESSIONS: usize = 32;
+/// What a wrong token costs its sender (a 256-bit token cannot be guessed;
+/// this keeps a script from trying at line rate all the same).
+const FAILED_LOGIN_DELAY: Duration = Duration::from_millis(300);
+
+/// The logged-in sessions, by the hash of their cookie.
+#[derive(Default)]
+pub(super) struct Sessions {
+    live: Mutex<HashMap<[u8; 32], Session>>,
+}
+
+struct Session {
+    csrf: String,
+    since: Instant,
+}
+
+fn random_hex() -> String {
+    let mut bytes = [0u8; 32];
+    rand::rngs::OsRng.fill_bytes(&mut bytes);
+    hex::encode(bytes)
+}
+
+fn key(cookie: &str) -> [u8; 32] {
+    *blake3::hash(cookie.as_bytes()).as_bytes()
+}
+
+impl Sessions {
+    /// A new session: its cookie value.
+    fn create(&self) -> String {
+        let cookie = random_hex();
+        let mut live = self.live.lock().expect("lock");
+        live.retain(|_, s| s.since.elapsed() < SESSION_TTL);
+        if live.len() >= MAX_SESSIONS
+            && let Some(oldest) = live.iter().min_by_key(|(_, s)| s.since).map(|(k, _)| *k)
+        {
+            live.remove(&oldest);
+        }
+        live.insert(
+            key(&cookie),
+            Session {
+                csrf: random_hex(),
+                since: Instant::now(),
+            },
+        );
+        cookie
+    }
+
+    /// The CSRF token of the live session `cookie` names.
+    fn csrf_of(&self, cookie: &str) -> Option<String> {
+        let live = self.live.lock().expect("lock");
+        live.get(&key(cookie))
+            .filter(|s| s.since.elapsed() < SESSION_TTL)
+            .map(|s| s.csrf.clone())
+    }
+
+    fn end(&self, cookie: &str) {
+        self.live.lock().expect("lock").remove(&key(cookie));
+    }
+}
+
+/// A request from a logged-in operator.
+pub(super) struct Operator {
+    /// The session's CSRF token, for the page's forms.
+    pub csrf: String,
+    cookie: String,
+}
+
+impl Operator {
+    /// Checks a submitted form's CSRF token against the session's; the
+    /// refusal to answer with when it does not match.
+    pub fn check_csrf(&self, submitted: &str) -> Result<(), StaleForm> {
+        // blake3 hashes compare in constant time.
+        if blake3::hash(submitted.as_bytes()) == blake3::hash(self.csrf.as_bytes()) {
+            Ok(())
+        } else {
+            warn!("dashboard action refused: wrong CSRF token");
+            Err(StaleForm)
+        }
+    }
+}
+
+/// A form whose CSRF token is not the session's.
+#[derive(Debug)]
+pub(super) struct StaleForm;
+
+impl IntoResponse for StaleForm {
+    fn into_response(self) -> Response {
+        refused("This form is stale or came from elsewhere; reload the page.")
+    }
+}
+
+fn session_cookie(headers: &HeaderMap) -> Option<&str> {
+    headers
+        .get_all(header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .filter_map(|c| c.trim().split_once('='))
+        .find(|(name, _)| *name == COOKIE)
+        .map(|(_, value)| value)
+}
+
+/// Whether a state-changing request came from the dashboard's own pages.
+/// Browsers say where a request came from in `Sec-Fetch-Site` and `Origin`;
+/// a client that sends neither is not a browser a page could steer.
+fn same_origin(headers: &HeaderMap) -> bool {
+    let site = headers.get("sec-fetch-site").and_then(|v| v.to_str().ok());
+    if site.is_some_and(|s| s != "same-origin") {
+        return false;
+    }
+    match headers.get(header::ORIGIN).and_then(|v| v.to_str().ok()) {
+        None => true,
+        Some(origin) => {
+            let host = headers.get(header::HOST).and_then(|v| v.to_str().ok());
+            host.is_some_and(|h| origin == format!("http://{h}"))
+        }
+    }
+}
+
+fn refused(why: &str) -> Response {
+    (StatusCode::FORBIDDEN, why.to_owned()).into_response()
+}
+
+impl FromRequestParts<Arc<Dashboard>> for Operator {
+    type Rejection = Response;
+
+    async fn from_request_parts(
+        parts: &mut Parts,
+        d: &Arc<Dashboard>,
+    ) -> Result<Self, Self::Rejection> {
+        let found = session_cookie(&parts.headers)
+            .and_then(|c| d.sessions.csrf_of(c).map(|csrf| (c.to_owned(), csrf)));
+        let Some((cookie, csrf)) = found else {
+            // A page asked for without a session goes to the login; anything
+            // else is simply refused.
+            return Err(if parts.method == Method::GET {
+                Redirect::to("/login").into_response()
+            } else {
+                (StatusCode::UNAUTHORIZED, "log in first").into_response()
+            });
+        };
+        if parts.method != Method::GET && !same_origin(&parts.headers) {
+            warn!("dashboard action refused: it came from another site");
+            return Err(refused(
+                "Actions are taken only from the dashboard's own pages.",
+            ));
+        }
+        Ok(Operator { csrf, cookie })
+    }
+}
+
+/// The login form's fields.
+#[derive(Deserialize)]
+pub(super) struct Login {
+    token: String,
+}
+
+/// The login page.
+pub(super) async fn login_page() -> Response {
+    page(None).into_response()
+}
+
+fn page(error: Option<&str>) -> maud::Markup {
+    html! {
+        (DOCTYPE)
+        html lang="en" {
+            head {
+                meta charset="utf-8";
+                meta name="viewport" content="width=device-width, initial-scale=1";
+                title { "p2pvm — log in" }
+                link rel="stylesheet" href="/assets/style.css";
+            }
+            body.login {
+                main {
+                    h1 { "p2pvm node" }
+                    p { "Log in with the node's admin token (" code { "<data_dir>/admin.token" } ")." }
+                    @if let Some(e) = error { p.error role="alert" { (e) } }
+                    form method="post" action="/login" {
+                        label for="token" { "Admin token" }
+                        input #token type="password" name="token" autocomplete="current-password" required autofocus;
+                        button type="submit" { "Log in" }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Checks the token; on success, starts a session and sends the operator
+/// to the overview.
+pub(super) async fn login(
+    State(d): State<Arc<Dashboard>>,
+    headers: HeaderMap,
+    Form(form): Form<Login>,
+) -> Response {
+    if !same_origin(&headers) {
+        warn!("dashboard login refused: it came from another site");
+        return refused("Log in from the dashboard's own page.");
+    }
+    if !d.api.is_operator_token(&form.token) {
+        warn!("dashboard login refused: not the admin token");
+        tokio::time::sleep(FAILED_LOGIN_DELAY).await;
+        return (
+            StatusCode::UNAUTHORIZED,
+            page(Some("That is not this node's admin token.")),
+        )
+            .into_response();
+    }
+    let cookie = d.sessions.create();
+    info!("dashboard login");
+    let set = format!(
+        "{COOKIE}={cookie}; Path=/; HttpOnly; SameSite=Strict; Max-Age={}",
+        SESSION_TTL.as_secs()
+    );
+    let mut r = Redirect::to("/").into_response();
+    if let Ok(v) = HeaderValue::from_str(&set) {
+        r.headers_mut().insert(header::SET_COOKIE, v);
+    }
+    r
+}
+
+/// A form that carries only its CSRF token.
+#[derive(Deserialize)]
+pub(super) struct Plain {
+    csrf: String,
+}
+
+/// Ends the session.
+pub(super) async fn logout(
+    State(d): State<Arc<Dashboard>>,
+    op: Operator,
+    Form(form): Form<Plain>,
+) -> Response {
+    if let Err(r) = op.check_csrf(&form.csrf) {
+        return r.into_response();
+    }
+    d.sessions.end(&op.cookie);
+    let mut r = Redirect::to("/login").into_response();
+    r.headers_mut().insert(
+        header::SET_COOKIE,
+        HeaderValue::from_static("p2pvm_dashboard=; Path=/; HttpOnly; SameSite=Strict; Max-Age=0"),
+    );
+    r
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn headers(pairs: &[(&'static str, &str)]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for (k, v) in pairs {
+            h.append(*k, HeaderValue::from_str(v).unwrap());
+        }
+        h
+    }
+
+    #[test]
+    fn only_the_dashboards_own_origin_may_post() {
+        let host = ("host", "127.0.0.1:9100");
+        assert!(same_origin(&headers(&[host])), "curl sends neither");
+        assert!(same_origin(&headers(&[
+            host,
+            ("origin", "http://127.0.0.1:9100"),
+            ("sec-fetch-site", "same-origin"),
+        ])));
+        assert!(!same_origin(&headers(&[
+            host,
+            ("origin", "http://evil.example")
+        ])));
+        assert!(!same_origin(&headers(&[
+            host,
+            ("sec-fetch-site", "cross-site")
+        ])));
+        assert!(!same_origin(&headers(&[
+            host,
+            ("sec-fetch-site", "same-site")
+        ])));
+        assert!(!same_origin(&headers(&[(
+            "origin",
+            "http://127.0.0.1:9100"
+        )])));
+    }
+
+    #[test]
+    fn a_session_is_found_by_its_cookie_only_and_ends() {
+        let s = Sessions::default();
+        let c = s.create();
+        let csrf = s.csrf_of(&c).expect("live");
+        assert_ne!(csrf, c);
+        assert!(s.csrf_of(&random_hex()).is_none(), "a forged cookie");
+        let h = headers(&[("cookie", &format!("a=b; {COOKIE}={c}; x=y"))]);
+        assert_eq!(session_cookie(&h), Some(c.as_str()));
+        s.end(&c);
+        assert!(s.csrf_of(&c).is_none());
+    }
+
+    #[test]
+    fn the_oldest_session_makes_room() {
+        let s = Sessions::default();
+        let first = s.create();
+        let rest: Vec<String> = (1..MAX_SESSIONS).map(|_| s.create()).collect();
+        assert!(s.csrf_of(&first).is_some());
+        let _newest = s.create();
+        assert!(s.csrf_of(&first).is_none());
+        assert!(rest.iter().all(|c| s.csrf_of(c).is_some()));
+    }
+}

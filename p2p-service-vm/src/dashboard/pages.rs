@@ -1,0 +1,650 @@
+//! The dashboard's pages, each rendered from the API's own operations (run
+//! with the operator's rights) and the node's live state. `?live=1` answers
+//! with the page's `<main>` alone, which `live.js` swaps in every 2 s.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::{Form, Query, State};
+use axum::http::{StatusCode, header};
+use axum::response::{Html, IntoResponse, Redirect, Response};
+use indicatif::{HumanBytes, HumanDuration};
+use libp2p::PeerId;
+use maud::{DOCTYPE, Markup, html};
+use p2pvm_proto::pb;
+use pb::request::Op;
+use pb::response::Result as R;
+use serde::Deserialize;
+use tracing::info;
+
+use super::Dashboard;
+use super::auth::Operator;
+
+/// The pages, in the order the navigation lists them.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Nav {
+    Overview,
+    Peers,
+    Content,
+    Security,
+    Compute,
+}
+
+const NAV: [(Nav, &str, &str); 5] = [
+    (Nav::Overview, "/", "Overview"),
+    (Nav::Peers, "/peers", "Peers"),
+    (Nav::Content, "/content", "Content"),
+    (Nav::Security, "/security", "Security"),
+    (Nav::Compute, "/compute", "Compute"),
+];
+
+/// A page's query: `live=1` for the `<main>` alone; `q` a content search.
+#[derive(Debug, Default, Deserialize)]
+pub(super) struct View {
+    #[serde(default)]
+    live: Option<u8>,
+    #[serde(default)]
+    q: Option<String>,
+}
+
+/// Wraps a page's `<main>` in the layout, or answers with it alone.
+fn layout(op: &Operator, nav: Nav, view: &View, main: Markup) -> Response {
+    let (_, _, title) = NAV
+        .iter()
+        .find(|(n, _, _)| *n == nav)
+        .copied()
+        .unwrap_or(NAV[0]);
+    let inner = html! {
+        (main)
+        p.updated { "Updated " (when(crate::content::now_unix())) }
+    };
+    if view.live == Some(1) {
+        return Html(inner.into_string()).into_response();
+    }
+    Html(
+        html! {
+            (DOCTYPE)
+            html lang="en" {
+                head {
+                    meta charset="utf-8";
+                    meta name="viewport" content="width=device-width, initial-scale=1";
+                    title { "p2pvm — " (title) }
+                    link rel="stylesheet" href="/assets/style.css";
+                    script src="/assets/live.js" defer {}
+                }
+                body {
+                    header {
+                        strong { "p2pvm" }
+                        nav {
+                            @for (n, href, label) in NAV {
+                                @if n == nav {
+                                    a href=(href) aria-current="page" { (label) }
+                                } @else {
+                                    a href=(href) { (label) }
+                                }
+                            }
+                        }
+                        form.logout method="post" action="/logout" {
+                            input type="hidden" name="csrf" value=(op.csrf);
+                            button type="submit" { "Log out" }
+                        }
+                    }
+                    main data-page=(title.to_lowercase()) { (inner) }
+                }
+            }
+        }
+        .into_string(),
+    )
+    .into_response()
+}
+
+/// Runs an operation as the operator; its error as a sentence.
+async fn ask(d: &Dashboard, op: Op) -> Result<R, String> {
+    d.api.as_operator(op).await.map_err(|e| e.message)
+}
+
+fn failed(what: &str, why: &str) -> Markup {
+    html! { p.error { (what) ": " (why) } }
+}
+
+/// `bytes` per second, for a person.
+pub(super) fn rate(bytes_per_sec: f64) -> String {
+    format!("{}/s", HumanBytes(bytes_per_sec.max(0.0) as u64))
+}
+
+fn when(unix: u64) -> String {
+    i64::try_from(unix)
+        .ok()
+        .and_then(|t| time::OffsetDateTime::from_unix_timestamp(t).ok())
+        .and_then(|t| {
+            t.format(&time::format_description::well_known::Rfc3339)
+                .ok()
+        })
+        .unwrap_or_else(|| unix.to_string())
+}
+
+fn short(id: &str) -> String {
+    if id.len() <= 16 {
+        id.to_owned()
+    } else {
+        format!("{}…{}", &id[..8], &id[id.len() - 6..])
+    }
+}
+
+/// Node, reachability, uptime, bandwidth, storage.
+pub(super) async fn overview(
+    State(d): State<Arc<Dashboard>>,
+    op: Operator,
+    Query(view): Query<View>,
+) -> Response {
+    let info = match ask(&d, Op::NodeInfo(pb::NodeInfoRequest {})).await {
+        Ok(R::NodeInfo(i)) => Ok(i),
+        Ok(_) => Err("unexpected answer".to_owned()),
+        Err(e) => Err(e),
+    };
+    let items = local_items(&d).await;
+    let now = d.history.rates().last().copied().unwrap_or_default();
+    let quota = d.api.context().config.content.quota_bytes;
+    let main = html! {
+        h1 { "Overview" }
+        @match &info {
+            Err(e) => (failed("Node info", e)),
+            Ok(i) => {
+                dl.facts {
+                    dt { "Peer id" } dd #peer-id { code { (i.peer_id) } }
+                    dt { "Version" } dd { (i.version) " (protocol " (i.protocol_version) ")" }
+                    dt { "Uptime" } dd { (HumanDuration(d.started.elapsed())) }
+                    dt { "Reachability" } dd #reachability { (i.reachability) }
+                    dt { "Connected peers" } dd #connected { (i.connected_peers) }
+                    dt { "Listening on" } dd { @for a in &i.listen_addrs { code { (a) } " " } }
+                    dt { "Reachable at" } dd {
+                        @for a in i.external_addrs.iter().chain(&i.relayed_addrs) { code { (a) } " " }
+                        @if i.external_addrs.is_empty() && i.relayed_addrs.is_empty() { "no confirmed address" }
+                    }
+                    dt { "Content fast path" } dd {
+                        @if i.content_fast_path_port == 0 { "off" } @else { "TCP port " (i.content_fast_path_port) }
+                    }
+                    dt { "Block memory" } dd {
+                        (HumanBytes(i.content_memory_used_bytes)) " in use of " (HumanBytes(i.content_memory_budget_bytes))
+                        " (peak " (HumanBytes(i.content_memory_peak_bytes)) ")"
+                    }
+                }
+            }
+        }
+        h2 { "Bandwidth" }
+        p #bandwidth-now { "Now: " (rate(now.received)) " in, " (rate(now.served)) " out (verified content)" }
+        (d.history.chart())
+        h2 { "Storage" }
+        @match &items {
+            Err(e) => (failed("Stored items", e)),
+            Ok(items) => {
+                @let used: u64 = items.iter().filter(|i| i.local).map(|i| i.size).sum();
+                p #storage {
+                    (HumanBytes(used)) " in " (items.iter().filter(|i| i.local).count()) " items; quota "
+                    @if quota == 0 { "none" } @else { (HumanBytes(quota)) }
+                }
+                @if quota > 0 { meter min="0" max=(quota) value=(used.min(quota)) {} }
+            }
+        }
+    };
+    layout(&op, Nav::Overview, &view, main)
+}
+
+async fn local_items(d: &Dashboard) -> Result<Vec<pb::ContentInfo>, String> {
+    match ask(d, Op::ContentList(pb::ContentListRequest {})).await? {
+        R::ContentList(l) => Ok(l.items),
+        _ => Err("unexpected answer".into()),
+    }
+}
+
+/// One row of the peers table: a connected peer, a peer the ledger knows,
+/// or both.
+struct PeerRow {
+    id: String,
+    conn: Option<pb::PeerInfo>,
+    credit: Option<pb::PeerCredit>,
+}
+
+/// Connected and known peers with their credit; ban and unban.
+pub(super) async fn peers(
+    State(d): State<Arc<Dashboard>>,
+    op: Operator,
+    Query(view): Query<View>,
+) -> Response {
+    let connected = match ask(&d, Op::Peers(pb::PeersRequest {})).await {
+        Ok(R::Peers(l)) => Ok(l.peers),
+        Ok(_) => Err("unexpected answer".to_owned()),
+        Err(e) => Err(e),
+    };
+    let credit = match ask(&d, Op::CreditList(pb::CreditListRequest {})).await {
+        Ok(R::CreditList(l)) => Ok(l.peers),
+        Ok(_) => Err("unexpected answer".to_owned()),
+        Err(e) => Err(e),
+    };
+    let mut rows: Vec<PeerRow> = Vec::new();
+    for p in connected.as_ref().map(|v| v.as_slice()).unwrap_or_default() {
+        rows.push(PeerRow {
+            id: p.peer_id.clone(),
+            conn: Some(p.clone()),
+            credit: None,
+        });
+    }
+    for c in credit.as_ref().map(|v| v.as_slice()).unwrap_or_default() {
+        match rows.iter_mut().find(|r| r.id == c.peer_id) {
+            Some(r) => r.credit = Some(c.clone()),
+            None => rows.push(PeerRow {
+                id: c.peer_id.clone(),
+                conn: None,
+                credit: Some(c.clone()),
+            }),
+        }
+    }
+    // Connected peers first, then the rest by score; a long tail is cut.
+    rows.truncate(300);
+    let main = html! {
+        h1 { "Peers" }
+        @if let Err(e) = &connected { (failed("Connections", e)) }
+        @if let Err(e) = &credit { (failed("Credit", e)) }
+        p { (rows.iter().filter(|r| r.conn.is_some()).count()) " connected; "
+            (rows.iter().filter(|r| r.credit.is_some()).count()) " in the credit ledger." }
+        div.scroll {
+            table #peers {
+                thead { tr {
+                    th { "Peer" } th { "Connection" } th { "Latency" } th { "Score" } th { "Standing" }
+                    th { "Forecast" } th { "In" } th { "Out" } th { "Action" }
+                } }
+                tbody {
+                    @for r in &rows { (peer_row(&op, r)) }
+                }
+            }
+        }
+    };
+    layout(&op, Nav::Peers, &view, main)
+}
+
+fn peer_row(op: &Operator, r: &PeerRow) -> Markup {
+    let standing = r
+        .credit
+        .as_ref()
+        .map(|c| c.standing.as_str())
+        .unwrap_or("good");
+    html! {
+        tr id=(format!("peer-{}", r.id)) data-standing=(standing) data-connected=(r.conn.is_some()) {
+            td { code title=(r.id) { (short(&r.id)) }
+                 @if let Some(a) = r.conn.as_ref().map(|c| c.agent_version.as_str()).filter(|a| !a.is_empty()) { br; small { (a) } } }
+            td {
+                @match &r.conn {
+                    None => "—",
+                    Some(c) => {
+                        @for k in &c.connections {
+                            span.conn { (k.kind) " " (k.transport) " " (if k.outbound { "out" } else { "in" }) } " "
+                        }
+                    }
+                }
+            }
+            td { @match r.conn.as_ref().map(|c| c.rtt_micros).filter(|t| *t > 0) {
+                Some(t) => { (format!("{:.1} ms", t as f64 / 1000.0)) },
+                None => "—",
+            } }
+            @match &r.credit {
+                None => { td { "—" } td.standing { (standing) } td { "—" } td { "—" } td { "—" } }
+                Some(c) => {
+                    td { (c.score) }
+                    td.standing {
+                        (c.standing)
+                        @if c.banned_until_unix > 0 { br; small { (c.ban_reason) } }
+                    }
+                    td { (rate(c.expected_bytes_per_sec)) ", " (format!("{:.0} %", c.reliability * 100.0)) " reliable" }
+                    td { (HumanBytes(c.bytes_received)) }
+                    td { (HumanBytes(c.bytes_served)) }
+                }
+            }
+            td {
+                @if standing == "banned" {
+                    form method="post" action="/peers/unban" {
+                        input type="hidden" name="csrf" value=(op.csrf);
+                        input type="hidden" name="peer" value=(r.id);
+                        button.unban type="submit" { "Unban" }
+                    }
+                } @else {
+                    form.ban method="post" action="/peers/ban" {
+                        input type="hidden" name="csrf" value=(op.csrf);
+                        input type="hidden" name="peer" value=(r.id);
+                        select name="hours" aria-label="for how long" {
+                            option value="1" { "1 hour" }
+                            option value="24" selected { "1 day" }
+                            option value="0" { "for good" }
+                        }
+                        button.ban type="submit" { "Ban" }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// The ban form's fields.
+#[derive(Deserialize)]
+pub(super) struct BanForm {
+    csrf: String,
+    peer: String,
+    /// 0: for good.
+    #[serde(default)]
+    hours: u64,
+}
+
+/// Bans a peer: written to the ledger at once, its connections closed.
+pub(super) async fn ban(
+    State(d): State<Arc<Dashboard>>,
+    op: Operator,
+    Form(form): Form<BanForm>,
+) -> Response {
+    if let Err(r) = op.check_csrf(&form.csrf) {
+        return r.into_response();
+    }
+    let Ok(peer) = form.peer.parse::<PeerId>() else {
+        return (StatusCode::BAD_REQUEST, "not a peer id").into_response();
+    };
+    let until = match form.hours {
+        0 => u64::MAX / 2,
+        h => crate::content::now_unix().saturating_add(h.min(24 * 365).saturating_mul(3600)),
+    };
+    match d
+        .api
+        .ban_peer(peer, until, "banned by the operator (dashboard)")
+        .await
+    {
+        Ok(()) => {
+            info!(%peer, hours = form.hours, "banned from the dashboard");
+            Redirect::to("/peers").into_response()
+        }
+        Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, e.message).into_response(),
+    }
+}
+
+/// The unban form's fields.
+#[derive(Deserialize)]
+pub(super) struct UnbanForm {
+    csrf: String,
+    peer: String,
+}
+
+/// Lifts a peer's ban.
+pub(super) async fn unban(
+    State(d): State<Arc<Dashboard>>,
+    op: Operator,
+    Form(form): Form<UnbanForm>,
+) -> Response {
+    if let Err(r) = op.check_csrf(&form.csrf) {
+        return r.into_response();
+    }
+    let Ok(peer) = form.peer.parse::<PeerId>() else {
+        return (StatusCode::BAD_REQUEST, "not a peer id").into_response();
+    };
+    match d.api.unban_peer(peer).await {
+        Ok(_) => {
+            info!(%peer, "unbanned from the dashboard");
+            Redirect::to("/peers").into_response()
+        }
+        Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, e.message).into_response(),
+    }
+}
+
+fn items_table(id: &str, items: &[pb::ContentInfo]) -> Markup {
+    html! {
+        div.scroll { table id=(id) {
+            thead { tr {
+                th { "Name" } th { "Id" } th { "Size" } th { "Rights" } th { "Certification" } th { "Held" }
+            } }
+            tbody { @for i in items {
+                tr data-id=(i.content_id) {
+                    td { (i.name) }
+                    td { code title=(i.content_id) { (short(&i.content_id)) } }
+                    td { (HumanBytes(i.size)) }
+                    td { @match &i.rights {
+                        None => "—",
+                        Some(r) => {
+                            (if r.licence.is_empty() { "no licence" } else { r.licence.as_str() })
+                            @if !r.redistribution_allowed { ", no redistribution" }
+                            @if r.expires_unix > 0 { ", until " (when(r.expires_unix)) }
+                            @if !r.allowed_groups.is_empty() { ", groups: " (r.allowed_groups.join(", ")) }
+                        }
+                    } }
+                    td { (i.certification)
+                        @if !i.certified_by.is_empty() { br; small { "by " (i.certified_by) } } }
+                    td { @if i.local { (if i.pinned { "kept, pinned" } else { "kept" }) } @else { "—" } }
+                }
+            } }
+        } }
+    }
+}
+
+/// Kept items, transfers with their progress, and a search.
+pub(super) async fn content(
+    State(d): State<Arc<Dashboard>>,
+    op: Operator,
+    Query(view): Query<View>,
+) -> Response {
+    let items = local_items(&d).await;
+    let transfers = d.api.content().transfers();
+    let query = view.q.as_deref().map(str::trim).filter(|q| !q.is_empty());
+    let found = match query {
+        None => None,
+        Some(q) => Some(
+            match ask(
+                &d,
+                Op::ContentSearch(pb::ContentSearchRequest {
+                    query: q.to_owned(),
+                    limit: 50,
+                }),
+            )
+            .await
+            {
+                Ok(R::ContentList(l)) => Ok(l.items),
+                Ok(_) => Err("unexpected answer".to_owned()),
+                Err(e) => Err(e),
+            },
+        ),
+    };
+    let main = html! {
+        h1 { "Content" }
+        h2 { "Transfers" }
+        @if transfers.is_empty() { p { "No download yet." } }
+        ul #transfers { @for t in &transfers {
+            @let pct = (t.held_bytes * 100).checked_div(t.size).unwrap_or(100);
+            li data-id=(t.id.to_string()) data-state=(t.state) data-percent=(pct) {
+                (t.name) " — " (HumanBytes(t.held_bytes)) " of " (HumanBytes(t.size))
+                " (" span.percent { (pct) " %" } ", " (t.state) ")"
+                br; progress max=(t.size.max(1)) value=(t.held_bytes) {}
+            }
+        } }
+        h2 { "Search" }
+        form.search method="get" action="/content" {
+            input type="search" name="q" value=(query.unwrap_or_default()) placeholder="keywords" aria-label="keywords";
+            button type="submit" { "Search" }
+        }
+        @match &found {
+            None => {},
+            Some(Err(e)) => (failed("Search", e)),
+            Some(Ok(items)) => {
+                p { (items.len()) " found." }
+                (items_table("found", items))
+            }
+        }
+        h2 { "Kept here" }
+        @match &items {
+            Err(e) => (failed("Stored items", e)),
+            Ok(items) => (items_table("items", items)),
+        }
+    };
+    layout(&op, Nav::Content, &view, main)
+}
+
+/// Virus verdicts, DRM refusals, bans, trusted groups and their CRLs.
+pub(super) async fn security(
+    State(d): State<Arc<Dashboard>>,
+    op: Operator,
+    Query(view): Query<View>,
+) -> Response {
+    let ctx = d.api.context();
+    let scans = ctx.virus.stats();
+    let detections = ctx.virus.detections();
+    let drm = ctx.metrics.recent_drm_refusals();
+    let groups = match ask(&d, Op::GroupList(pb::GroupListRequest {})).await {
+        Ok(R::Groups(l)) => Ok(l.groups),
+        Ok(_) => Err("unexpected answer".to_owned()),
+        Err(e) => Err(e),
+    };
+    let banned: Vec<p2pvm_security::PeerCredit> = ctx
+        .ledger
+        .list()
+        .into_iter()
+        .filter(|c| c.standing == p2pvm_security::Standing::Banned)
+        .collect();
+    let main = html! {
+        h1 { "Security" }
+        h2 { "Virus filter" }
+        p #scans {
+            @if ctx.virus.enabled() { "clamd at " code { (ctx.virus.describe()) } ": " } @else { "Scanning is OFF. " }
+            (scans.clean) " clean, " (scans.infected) " infected, " (scans.failed) " failed scans."
+        }
+        div.scroll { table #detections {
+            thead { tr { th { "When" } th { "Signature" } } }
+            tbody { @for v in &detections { tr { td { (when(v.at_unix)) } td.signature { (v.signature) } } } }
+        } }
+        @if detections.is_empty() { p { "No malware found yet." } }
+        h2 { "DRM refusals" }
+        div.scroll { table #drm {
+            thead { tr { th { "When" } th { "Stage" } th { "Reason" } th { "Detail" } } }
+            tbody { @for r in &drm { tr { td { (when(r.at_unix)) } td { (r.stage) } td { (r.reason) } td { (r.detail) } } } }
+        } }
+        @if drm.is_empty() { p { "None refused yet." } }
+        h2 { "Banned peers" }
+        ul #banned { @for c in &banned {
+            li { code title=(c.peer.to_string()) { (short(&c.peer.to_string())) } ": "
+                 (c.ban.as_ref().map(|b| b.reason.as_str()).unwrap_or_default()) } } }
+        @if banned.is_empty() { p { "Nobody is banned." } }
+        h2 { "Trusted groups" }
+        @match &groups {
+            Err(e) => (failed("Groups", e)),
+            Ok(g) if g.is_empty() => p { "This node is in no group." },
+            Ok(g) => div.scroll { table #groups {
+                thead { tr { th { "Group" } th { "Role" } th { "Membership" } th { "CRL" } th { "Topic key" } } }
+                tbody { @for g in g { tr {
+                    td { (g.name) br; small { code { (short(&g.id)) } } }
+                    td { (if g.owner { "owner (holds the CA key)" } else { "member" }) }
+                    td { @if g.member { "until " (when(g.member_until_unix)) } @else { "not a member now" } }
+                    td { @if g.crl_number == 0 { "none held" } @else { "number " (g.crl_number) }
+                         @if g.relays_crl { ", relayed" } }
+                    td { (if g.topic_key_held { "held" } else { "—" }) }
+                } } }
+            } },
+        }
+    };
+    layout(&op, Nav::Security, &view, main)
+}
+
+/// This node's offer, its jobs, receipts and balance.
+pub(super) async fn compute(
+    State(d): State<Arc<Dashboard>>,
+    op: Operator,
+    Query(view): Query<View>,
+) -> Response {
+    let offer = d.api.compute().offer();
+    let balance = match ask(&d, Op::ComputeBalance(pb::ComputeBalanceRequest {})).await {
+        Ok(R::ComputeBalance(b)) => Ok(b),
+        Ok(_) => Err("unexpected answer".to_owned()),
+        Err(e) => Err(e),
+    };
+    let jobs = match ask(
+        &d,
+        Op::ComputeStatus(pb::ComputeStatusRequest {
+            job_id: String::new(),
+        }),
+    )
+    .await
+    {
+        Ok(R::ComputeJobs(l)) => Ok(l.jobs),
+        Ok(_) => Err("unexpected answer".to_owned()),
+        Err(e) => Err(e),
+    };
+    let receipts = match ask(
+        &d,
+        Op::ComputeReceipts(pb::ComputeReceiptsRequest { limit: 50 }),
+    )
+    .await
+    {
+        Ok(R::ComputeReceipts(l)) => Ok(l.receipts),
+        Ok(_) => Err("unexpected answer".to_owned()),
+        Err(e) => Err(e),
+    };
+    let main = html! {
+        h1 { "Compute" }
+        h2 { "Balance" }
+        @match &balance {
+            Err(e) => (failed("Balance", e)),
+            Ok(b) => p #balance {
+                (b.balance) " credits (" (b.earned) " earned, " (b.spent) " spent over " (b.receipts)
+                " receipts); " (b.available) " available for new jobs, " (b.reserved) " reserved."
+            },
+        }
+        h2 { "Offer" }
+        @match &offer {
+            None => p #offer { "This node offers no compute." },
+            Some(o) => p #offer {
+                "Up to " (o.max_jobs) " jobs at once, each up to " (HumanBytes(o.max_memory_bytes)) " of memory, "
+                (HumanDuration(Duration::from_millis(o.max_wall_ms))) " and " (o.max_fuel) " fuel; "
+                (o.price_per_mfuel) " credits per million fuel."
+            },
+        }
+        h2 { "Jobs" }
+        @match &jobs {
+            Err(e) => (failed("Jobs", e)),
+            Ok(j) if j.is_empty() => p { "No job submitted." },
+            Ok(j) => div.scroll { table #jobs {
+                thead { tr { th { "Job" } th { "State" } th { "Budget" } th { "Spent" } th { "Runs" } th { "Submitted" } } }
+                tbody { @for j in j { tr {
+                    td { code { (short(&j.job_id)) } } td { (j.state) @if !j.error.is_empty() { br; small { (j.error) } } }
+                    td { (j.budget) } td { (j.credits_spent) } td { (j.runs.len()) } td { (when(j.submitted_unix)) }
+                } } }
+            } },
+        }
+        h2 { "Receipts" }
+        @match &receipts {
+            Err(e) => (failed("Receipts", e)),
+            Ok(r) if r.is_empty() => p { "No receipt yet." },
+            Ok(r) => div.scroll { table #receipts {
+                thead { tr { th { "Completed" } th { "Requester" } th { "Provider" } th { "Work" } th { "Credits" } } }
+                tbody { @for r in r { tr {
+                    td { (when(r.completed_unix)) } td { code { (short(&r.requester)) } } td { code { (short(&r.provider)) } }
+                    td { (r.work_units) } td { (r.credits) }
+                } } }
+            } },
+        }
+    };
+    layout(&op, Nav::Compute, &view, main)
+}
+
+/// The stylesheet, compiled in.
+pub(super) async fn style() -> Response {
+    (
+        [
+            (header::CONTENT_TYPE, "text/css; charset=utf-8"),
+            (header::CACHE_CONTROL, "max-age=3600"),
+        ],
+        include_str!("assets/style.css"),
+    )
+        .into_response()
+}
+
+/// The live-update script, compiled in.
+pub(super) async fn script() -> Response {
+    (
+        [
+            (header::CONTENT_TYPE, "text/javascript; charset=utf-8"),
+            (header::CACHE_CONTROL, "max-age=3600"),
+        ],
+        include_str!("assets/live.js"),
+    )
+        .into_response()
+}
