@@ -91,23 +91,25 @@ pub struct Config {
 }
 
 /// Where `/metrics` and the dashboard are served, if anywhere.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct MetricsConfig {
     /// The address to serve on: loopback, or a private address (the VM's
     /// side of its TAP); the figures carry no token. Off when unset.
     pub listen: Option<std::net::SocketAddr>,
     /// Whether the same address serves the operator's dashboard at `/`
-    /// (behind the admin token; see `docs/dashboard.md`).
-    pub dashboard: bool,
+    /// (behind the admin token; see `docs/dashboard.md`). Unset: only on a
+    /// loopback address, since logging in sends the admin token over plain
+    /// HTTP; set it `true` for a private address you trust the path to
+    /// (the TAP between the host and the service VM).
+    pub dashboard: Option<bool>,
 }
 
-impl Default for MetricsConfig {
-    fn default() -> Self {
-        Self {
-            listen: None,
-            dashboard: true,
-        }
+impl MetricsConfig {
+    /// Whether the dashboard is served beside the figures.
+    pub fn serves_dashboard(&self) -> bool {
+        self.listen
+            .is_some_and(|a| self.dashboard.unwrap_or(a.ip().is_loopback()))
     }
 }
 
@@ -688,6 +690,17 @@ mod tests {
     #[test]
     fn metrics_are_off_by_default_and_never_on_a_public_address() {
         assert!(Config::default().metrics.listen.is_none());
+        assert!(!Config::default().metrics.serves_dashboard());
+        let lan = Config::from_toml("[metrics]\nlisten = \"10.0.0.5:9100\"\n").unwrap();
+        assert!(
+            !lan.metrics.serves_dashboard(),
+            "the token would cross a LAN in clear"
+        );
+        let tap =
+            Config::from_toml("[metrics]\nlisten = \"10.0.0.5:9100\"\ndashboard = true\n").unwrap();
+        assert!(tap.metrics.serves_dashboard());
+        let local = Config::from_toml("[metrics]\nlisten = \"127.0.0.1:9100\"\n").unwrap();
+        assert!(local.metrics.serves_dashboard());
         for bad in ["0.0.0.0:9464", "[::]:9464", "8.8.8.8:9464"] {
             let c = Config::from_toml(&format!("[metrics]\nlisten = \"{bad}\"\n")).unwrap();
             assert!(c.validate().is_err(), "{bad} accepted");

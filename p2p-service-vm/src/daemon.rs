@@ -153,10 +153,11 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Daem
     });
     let svc = ApiService::new(ctx.clone(), content, compute, apps);
     let metrics_task = metrics_listener.map(|l| {
+        let port = l.local_addr().map(|a| a.port()).unwrap_or(0);
         let dashboard = config
             .metrics
-            .dashboard
-            .then(|| crate::dashboard::Dashboard::start(svc.clone()).routes());
+            .serves_dashboard()
+            .then(|| crate::dashboard::Dashboard::start(svc.clone(), port).routes());
         tokio::spawn(crate::metrics::server::serve(
             l,
             ctx.metrics.clone(),

@@ -248,25 +248,19 @@ impl Browser {
         Ok(())
     }
 
-    /// Clicks the element `selector` finds with the mouse (at its middle).
+    /// Clicks the element `selector` finds (a DOM click: the browser then
+    /// does what a person's click does, submitting its form with the page's
+    /// cookies and origin). One call, so a page that updates itself cannot
+    /// swap the element between finding and clicking it.
     pub async fn click(&mut self, selector: &str) -> Result<()> {
-        let at = self
+        let clicked = self
             .eval(&format!(
-                "(() => {{ const e = document.querySelector({}); if (!e) return null; e.scrollIntoView({{block: 'center'}}); \
-                 const r = e.getBoundingClientRect(); return [r.x + r.width / 2, r.y + r.height / 2]; }})()",
+                "(() => {{ const e = document.querySelector({}); if (!e) return false; \
+                 e.scrollIntoView({{block: 'center'}}); e.click(); return true; }})()",
                 json!(selector)
             ))
             .await?;
-        let (Some(x), Some(y)) = (at[0].as_f64(), at[1].as_f64()) else {
-            bail!("no {selector} on the page");
-        };
-        for kind in ["mousePressed", "mouseReleased"] {
-            self.call(
-                "Input.dispatchMouseEvent",
-                json!({ "type": kind, "x": x, "y": y, "button": "left", "clickCount": 1 }),
-            )
-            .await?;
-        }
+        ensure!(truthy(&clicked), "no {selector} on the page");
         Ok(())
     }
 

@@ -770,6 +770,9 @@ async fn http_gateway_serves_ranges_to_a_real_http_client() -> Result<()> {
     let (head, body) = split(curl(&[&url])?)?;
     ensure!(head.starts_with("http/1.1 200"), "{head}");
     ensure!(head.contains("accept-ranges: bytes"), "{head}");
+    // A peer's bytes opened in a browser run no script on this host's
+    // origin (where the dashboard's cookie lives).
+    ensure!(head.contains("content-security-policy: sandbox"), "{head}");
     ensure!(body == data, "full body differs");
     let (head, _) = split(curl(&["-r", "5000000-", &url])?)?;
     ensure!(head.starts_with("http/1.1 416"), "{head}");

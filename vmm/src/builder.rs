@@ -102,6 +102,8 @@ pub struct Machine {
     pub exit: Arc<ExitSignal>,
     /// Exit counters.
     pub counts: Arc<ExitCounts>,
+    /// Each device's counters, by the name its figures carry.
+    pub devices: Vec<(String, Arc<crate::metrics::DeviceStats>)>,
     /// Boot milestones.
     pub boot: Arc<BootTimes>,
     /// The guest profile, if sampled (`P2PVMM_GUEST_PROFILE`).
@@ -133,6 +135,7 @@ pub struct MachineBuilder {
     subscribers: Vec<Subscriber>,
     exit: Arc<ExitSignal>,
     counts: Arc<ExitCounts>,
+    devices: Vec<(String, Arc<crate::metrics::DeviceStats>)>,
     boot: Arc<BootTimes>,
     profile: Option<Arc<GuestProfile>>,
     vcpu_count: u8,
@@ -178,6 +181,7 @@ impl MachineBuilder {
             subscribers: Vec::new(),
             exit: Arc::new(ExitSignal::new().map_err(|e| device_err("exit eventfd")(Box::new(e)))?),
             counts: Arc::new(ExitCounts::new()),
+            devices: Vec::new(),
             boot,
             profile: None,
             vcpu_count: vcpus,
@@ -295,6 +299,7 @@ impl MachineBuilder {
             layout::pci_intx_gsi(slot),
         )
         .map_err(|e| device_err(what)(Box::new(e)))?;
+        self.devices.push((what.to_owned(), dev.stats()));
         let dev = Arc::new(Mutex::new(dev));
         let handle: PciHandle = dev.clone();
         let placed = lock(&self.root)
@@ -474,6 +479,7 @@ impl MachineBuilder {
             events,
             exit: self.exit,
             counts: self.counts,
+            devices: self.devices,
             boot: self.boot,
             profile: self.profile,
             pio: self.pio,

@@ -48,6 +48,10 @@ impl VmDir {
     pub fn memory_report(&self) -> PathBuf {
         self.0.join("memory.json")
     }
+    /// The VM process's figures (`crate::metrics`).
+    pub fn figures(&self) -> PathBuf {
+        self.0.join("figures.json")
+    }
     /// The pid file.
     pub fn pid_file(&self) -> PathBuf {
         self.0.join("pid")
@@ -178,8 +182,18 @@ pub fn run(config: &VmConfig, opts: &RunOptions) -> Result<(ExitReason, Report),
         )?;
         let huge = machine.ram.huge_pages == HugePages::Advised;
         let counts = machine.counts.clone();
-        let outcome = runner::run(machine, opts.setup.clone(), Some(&dir.memory_report()))
-            .map_err(io("starting the VM's threads"))?;
+        let sink = crate::metrics::FigureSink {
+            path: dir.figures(),
+            boots,
+            guest_memory_bytes: config.mem_mib << 20,
+        };
+        let outcome = runner::run(
+            machine,
+            opts.setup.clone(),
+            Some(&dir.memory_report()),
+            Some(&sink),
+        )
+        .map_err(io("starting the VM's threads"))?;
         let report = Report {
             exit: Report::reason_text(&outcome.reason),
             boots,

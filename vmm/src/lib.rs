@@ -28,6 +28,7 @@ pub mod hostnet;
 pub mod instance;
 pub mod isolation;
 pub mod lifecycle;
+pub mod metrics;
 pub mod platform;
 pub mod ratelimit;
 pub mod runner;

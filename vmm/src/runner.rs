@@ -76,15 +76,20 @@ fn chain(e: &dyn std::error::Error) -> String {
 /// How often the resident memory is sampled while a VM runs.
 const RSS_SAMPLE_EVERY: Duration = Duration::from_millis(500);
 
+use crate::metrics::{FigureSink, Figures};
+
 // The per-thread confinement hook lives with the filters it installs.
 pub use crate::seccomp::{NoSetup, ThreadSetup};
 
 /// Runs `machine` until the guest powers off, resets, panics, the host asks
 /// it to stop, or something fails.
+/// `layout_report` gets the memory slots' layout when it changes;
+/// `figures`, the VM's figures every half second (`crate::metrics`).
 pub fn run(
     machine: Machine,
     setup: std::sync::Arc<dyn ThreadSetup>,
     layout_report: Option<&std::path::Path>,
+    figures: Option<&FigureSink>,
 ) -> std::io::Result<RunOutcome> {
     let started = Instant::now();
     let Machine {
@@ -93,6 +98,8 @@ pub fn run(
         vcpus,
         mut events,
         exit,
+        counts,
+        devices,
         boot,
         profile,
         ..
@@ -151,6 +158,23 @@ pub fn run(
         if sampled.elapsed() >= RSS_SAMPLE_EVERY {
             max_overhead_kib = max_overhead_kib.max(rss_overhead_kib().unwrap_or(0));
             sampled = Instant::now();
+            if let Some(sink) = figures {
+                let f = Figures {
+                    boots: sink.boots,
+                    exits: counts
+                        .by_reason()
+                        .iter()
+                        .map(|(r, n)| (r.to_string(), *n))
+                        .collect(),
+                    devices: devices.iter().map(|(name, d)| d.figures(name)).collect(),
+                    guest_memory_bytes: sink.guest_memory_bytes,
+                    vmm_overhead_bytes: max_overhead_kib * 1024,
+                    uptime_secs: started.elapsed().as_secs(),
+                };
+                if let Err(e) = f.write(&sink.path) {
+                    crate::warn_limited!("writing {}: {e}", sink.path.display());
+                }
+            }
             if let Some(path) = layout_report {
                 // Slots change when the guest moves a BAR: report each layout.
                 let slots = vm.memory_slots();

@@ -46,6 +46,14 @@ pub enum SuperviseError {
     /// The channel cannot be set up as configured.
     #[error("channel: {0}")]
     Channel(String),
+    /// The figures' address is public or cannot be bound.
+    #[error("serving the VMs' figures on {addr}: {why}")]
+    Metrics {
+        /// `--metrics`.
+        addr: std::net::SocketAddr,
+        /// Why.
+        why: String,
+    },
     /// The `[[vm]]` file could not be read.
     #[error("Reading {path}")]
     ReadSet {
@@ -110,6 +118,8 @@ pub struct Launch {
     pub log: String,
     /// Extra `run` flags (e.g. `--seccomp log`).
     pub run_args: Vec<String>,
+    /// Where to serve the VMs' figures (`crate::metrics`), if anywhere.
+    pub metrics: Option<std::net::SocketAddr>,
 }
 
 fn io(name: &str, what: &'static str) -> impl FnOnce(std::io::Error) -> SuperviseError {
@@ -236,6 +246,11 @@ pub fn up(set: &VmSet, launch: &Launch, stop: &AtomicBool) -> Result<(), Supervi
             done: false,
         });
     }
+    let board = crate::metrics::Board::default();
+    let _server = launch
+        .metrics
+        .map(|addr| FiguresServer::start(addr, board.clone(), launch.home.clone()))
+        .transpose()?;
     for vm in &mut vms {
         vm.start(launch)?;
     }
@@ -249,6 +264,7 @@ pub fn up(set: &VmSet, launch: &Launch, stop: &AtomicBool) -> Result<(), Supervi
                 vm.restart_at = Some(Instant::now() + BACKOFF_MAX);
             }
         }
+        post(&board, &vms, &launch.home);
         if vms.iter().all(|v| v.done) {
             info!("every VM powered off");
             return Ok(());
@@ -257,6 +273,91 @@ pub fn up(set: &VmSet, launch: &Launch, stop: &AtomicBool) -> Result<(), Supervi
     }
     shutdown(&mut vms);
     Ok(())
+}
+
+/// Puts each VM's state on the board the figures server reads.
+fn post(board: &crate::metrics::Board, vms: &[Managed], home: &Path) {
+    let status = vms
+        .iter()
+        .map(|v| crate::metrics::VmStatus {
+            name: v.config.name.clone(),
+            state: match (&v.child, v.done) {
+                (Some(_), _) => "running",
+                (None, true) => "off",
+                (None, false) => "restarting",
+            }
+            .into(),
+            restarts: v.restarts,
+            memory_mib: v.config.mem_mib,
+            console: format!("p2pvmm --home {} console {}", home.display(), v.config.name),
+            figures: None,
+        })
+        .collect();
+    *board.lock().expect("lock") = status;
+}
+
+/// `GET /metrics` and `GET /vms.json` on a thread of their own (the
+/// supervisor's loop is plain threads); stopped when dropped.
+struct FiguresServer {
+    stop: tokio_util::sync::CancellationToken,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl FiguresServer {
+    fn start(
+        addr: std::net::SocketAddr,
+        board: crate::metrics::Board,
+        home: PathBuf,
+    ) -> Result<Self, SuperviseError> {
+        let refuse = |why: String| SuperviseError::Metrics { addr, why };
+        if !crate::metrics::is_private(addr.ip()) {
+            return Err(refuse(
+                "only a loopback or private address (the figures carry no token)".into(),
+            ));
+        }
+        // Bound here, so a bad address fails `up` at once.
+        let listener = std::net::TcpListener::bind(addr).map_err(|e| refuse(e.to_string()))?;
+        listener
+            .set_nonblocking(true)
+            .map_err(|e| refuse(e.to_string()))?;
+        let stop = tokio_util::sync::CancellationToken::new();
+        let token = stop.clone();
+        let thread = std::thread::Builder::new()
+            .name("figures".into())
+            .spawn(move || {
+                let rt = match tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                {
+                    Ok(rt) => rt,
+                    Err(e) => {
+                        error!(error = %e, "no runtime for the figures server");
+                        return;
+                    }
+                };
+                rt.block_on(async move {
+                    match tokio::net::TcpListener::from_std(listener) {
+                        Ok(l) => crate::metrics::serve(l, board, home, token).await,
+                        Err(e) => error!(error = %e, "figures server"),
+                    }
+                });
+            })
+            .map_err(|e| refuse(e.to_string()))?;
+        info!(%addr, "the VMs' figures at GET /metrics and /vms.json");
+        Ok(Self {
+            stop,
+            thread: Some(thread),
+        })
+    }
+}
+
+impl Drop for FiguresServer {
+    fn drop(&mut self) {
+        self.stop.cancel();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
 }
 
 /// Starts the set's channel broker if a VM needs it, and points those VMs
@@ -396,6 +497,7 @@ mod tests {
 
     fn fake_launch(dir: &Path) -> Launch {
         Launch {
+            metrics: None,
             exe: fake_vmm(dir),
             home: dir.to_path_buf(),
             log: "info".into(),

@@ -278,7 +278,7 @@ fn run_with(
         });
     });
     let vm = Arc::downgrade(&machine.vm);
-    let outcome = runner::run(machine, setup, None).unwrap();
+    let outcome = runner::run(machine, setup, None, None).unwrap();
     watchdog.join().unwrap();
     // Everything of the machine is gone once it ran: a guest that resets in
     // a loop must not pile up VMs (the KVM VM fd, devices, RAM mappings).

@@ -1,16 +1,14 @@
 //! The operator's calls from outside an API session (the dashboard): the
 //! admin token is checked against the same credential store a session's
-//! handshake uses, and the operations are the API's own, counted in the
-//! API's metrics like any session's.
-
-use std::time::Instant;
+//! handshake uses, and the operations are the API's own. They are not
+//! counted in the API's metrics: an open dashboard asks every 2 s, and the
+//! figures are for the apps' traffic.
 
 use libp2p::PeerId;
 use p2pvm_proto::pb::request::Op;
 use p2pvm_proto::pb::response::Result as R;
 
 use super::apps::{ADMIN_APP, Principal};
-use super::session::requests::result_label;
 use super::{ApiError, ApiService, ops};
 use crate::node::Command;
 
@@ -28,18 +26,11 @@ impl ApiService {
 
     /// Runs one stateless operation with the operator's rights.
     pub async fn as_operator(&self, op: Op) -> Result<R, ApiError> {
-        let name: &'static str = (&op).into();
-        let since = Instant::now();
         let operator = Principal {
             app: ADMIN_APP.into(),
             admin: true,
         };
-        let r = ops::run(self, &operator, op).await;
-        self.inner
-            .ctx
-            .metrics
-            .api_request(name, result_label(&r), since.elapsed());
-        r
+        ops::run(self, &operator, op).await
     }
 
     /// Bans `peer` until `until_unix` (the operator's decision, written at

@@ -10,11 +10,7 @@
 
 use std::net::SocketAddr;
 use std::ops::Range;
-use std::pin::Pin;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::task::{Context, Poll};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use axum::Router;
 use axum::body::Body;
@@ -23,9 +19,8 @@ use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use p2pvm_content::ContentId;
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, info, warn};
+use tracing::{info, warn};
 
 use super::{ContentService, ContentServiceError};
 
@@ -50,24 +45,16 @@ pub async fn serve(
 ) -> std::io::Result<()> {
     let listener = tokio::net::TcpListener::bind(addr).await?;
     info!(addr = %listener.local_addr()?, "HTTP gateway listening");
-    serve_on(listener, svc, Limits::default(), shutdown).await
+    serve_on(listener, svc, limits(), shutdown).await
 }
 
 /// The gateway's bounds.
-#[derive(Debug, Clone, Copy)]
-pub(crate) struct Limits {
-    pub connections: usize,
-    pub header_read: Duration,
-    pub stall: Duration,
-}
-
-impl Default for Limits {
-    fn default() -> Self {
-        Self {
-            connections: MAX_CONNECTIONS,
-            header_read: HEADER_READ_TIMEOUT,
-            stall: STALL_TIMEOUT,
-        }
+pub(crate) fn limits() -> p2pvm_httpd::Limits {
+    p2pvm_httpd::Limits {
+        connections: MAX_CONNECTIONS,
+        header_read: HEADER_READ_TIMEOUT,
+        stall: STALL_TIMEOUT,
+        lifetime: None,
     }
 }
 
@@ -75,148 +62,14 @@ impl Default for Limits {
 pub(crate) async fn serve_on(
     listener: tokio::net::TcpListener,
     svc: ContentService,
-    limits: Limits,
+    limits: p2pvm_httpd::Limits,
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
     let app = Router::new()
         .route("/content/{id}", get(content).head(content))
         .with_state(svc);
-    let slots = Arc::new(tokio::sync::Semaphore::new(limits.connections));
-    loop {
-        let (stream, peer) = tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok(a) => a,
-                Err(e) => {
-                    // Out of file descriptors and the like: pause, go on.
-                    warn!(error = %e, "gateway accept failed");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                    continue;
-                }
-            },
-            _ = shutdown.cancelled() => return Ok(()),
-        };
-        let Ok(slot) = slots.clone().try_acquire_owned() else {
-            debug!(%peer, "gateway at its connection cap; closing a new connection");
-            drop(stream);
-            continue;
-        };
-        let service = hyper_util::service::TowerToHyperService::new(app.clone());
-        let shutdown = shutdown.clone();
-        tokio::spawn(async move {
-            let _slot = slot;
-            let progress = Progress::new();
-            let io = hyper_util::rt::TokioIo::new(Watched {
-                inner: stream,
-                progress: progress.clone(),
-            });
-            let conn = hyper::server::conn::http1::Builder::new()
-                .timer(hyper_util::rt::TokioTimer::new())
-                .header_read_timeout(limits.header_read)
-                .serve_connection(io, service);
-            tokio::select! {
-                r = conn => if let Err(e) = r {
-                    debug!(%peer, error = %e, "gateway connection ended");
-                },
-                _ = progress.stalled(limits.stall) => {
-                    debug!(%peer, "gateway connection moved nothing for {:?}; closed", limits.stall);
-                }
-                _ = shutdown.cancelled() => {}
-            }
-        });
-    }
-}
-
-/// When a connection last moved a byte, shared by the stream and its
-/// watchdog.
-#[derive(Clone)]
-struct Progress {
-    start: Instant,
-    last_ms: Arc<AtomicU64>,
-}
-
-impl Progress {
-    fn new() -> Self {
-        Self {
-            start: Instant::now(),
-            last_ms: Arc::new(AtomicU64::new(0)),
-        }
-    }
-
-    fn moved(&self) {
-        let now = self.start.elapsed().as_millis() as u64;
-        self.last_ms.store(now, Ordering::Relaxed);
-    }
-
-    /// Resolves once nothing has moved for `limit`.
-    async fn stalled(&self, limit: Duration) {
-        loop {
-            let last = Duration::from_millis(self.last_ms.load(Ordering::Relaxed));
-            let quiet = self.start.elapsed().saturating_sub(last);
-            if quiet >= limit {
-                return;
-            }
-            tokio::time::sleep(limit - quiet).await;
-        }
-    }
-}
-
-/// A stream that notes every byte it moves in its [`Progress`].
-struct Watched<S> {
-    inner: S,
-    progress: Progress,
-}
-
-impl<S: AsyncRead + Unpin> AsyncRead for Watched<S> {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<std::io::Result<()>> {
-        let before = buf.filled().len();
-        let r = Pin::new(&mut self.inner).poll_read(cx, buf);
-        if buf.filled().len() > before {
-            self.progress.moved();
-        }
-        r
-    }
-}
-
-impl<S: AsyncWrite + Unpin> AsyncWrite for Watched<S> {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        data: &[u8],
-    ) -> Poll<std::io::Result<usize>> {
-        let r = Pin::new(&mut self.inner).poll_write(cx, data);
-        if matches!(r, Poll::Ready(Ok(n)) if n > 0) {
-            self.progress.moved();
-        }
-        r
-    }
-
-    fn poll_write_vectored(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[std::io::IoSlice<'_>],
-    ) -> Poll<std::io::Result<usize>> {
-        let r = Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
-        if matches!(r, Poll::Ready(Ok(n)) if n > 0) {
-            self.progress.moved();
-        }
-        r
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        self.inner.is_write_vectored()
-    }
-
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.inner).poll_flush(cx)
-    }
-
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.inner).poll_shutdown(cx)
-    }
+    p2pvm_httpd::serve(listener, app, limits, "gateway", shutdown).await;
+    Ok(())
 }
 
 /// Parses a single `bytes=` range against an item of `size` bytes.
@@ -301,7 +154,11 @@ async fn content(
         .header(header::CONTENT_TYPE, mime)
         .header(header::ACCEPT_RANGES, "bytes")
         .header(header::CONTENT_LENGTH, range.end - range.start)
-        .header(header::ETAG, format!("\"{id}\""));
+        .header(header::ETAG, format!("\"{id}\""))
+        // A peer's bytes shown as a page run no script and share no origin
+        // with anything on this host (the dashboard's cookies live here).
+        .header(header::CONTENT_SECURITY_POLICY, "sandbox")
+        .header(header::X_CONTENT_TYPE_OPTIONS, "nosniff");
     builder = if partial {
         builder.status(StatusCode::PARTIAL_CONTENT).header(
             header::CONTENT_RANGE,
@@ -329,35 +186,7 @@ async fn content(
 
 #[cfg(test)]
 mod tests {
-    use super::{Progress, parse_range};
-    use std::time::{Duration, Instant};
-
-    #[tokio::test]
-    async fn a_connection_is_stalled_only_after_a_quiet_stretch() {
-        let limit = Duration::from_millis(300);
-        // Quiet from the start: stalled after the limit, not before.
-        let p = Progress::new();
-        let t = Instant::now();
-        p.stalled(limit).await;
-        assert!(t.elapsed() >= limit);
-        // Moving every 50 ms keeps it alive through several limits.
-        let p = Progress::new();
-        let mover = p.clone();
-        let moving = tokio::spawn(async move {
-            for _ in 0..20 {
-                mover.moved();
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-        });
-        let t = Instant::now();
-        p.stalled(limit).await;
-        assert!(
-            t.elapsed() >= Duration::from_millis(900),
-            "stalled after {:?} while bytes moved",
-            t.elapsed()
-        );
-        moving.await.unwrap();
-    }
+    use super::parse_range;
 
     #[test]
     fn ranges_parse_like_rfc_9110() {

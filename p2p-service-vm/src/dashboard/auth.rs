@@ -4,9 +4,17 @@
 //! - The cookie is 32 random bytes, `HttpOnly` (scripts cannot read it) and
 //!   `SameSite=Strict` (no other site's page sends it); the node keeps only
 //!   its hash, so a session cannot be forged without the cookie itself.
+//!   Browsers share cookies between the ports of one host, so its name
+//!   carries the dashboard's port, and every cookie of that name is tried
+//!   (another page on the host could set a decoy to shadow the real one).
 //! - Every POST must come from the dashboard's own origin (`Origin` and
 //!   `Sec-Fetch-Site`, when the browser sends them) and carry the session's
-//!   CSRF token, which only the dashboard's own pages hold.
+//!   CSRF token, which only the dashboard's own pages hold. A page request
+//!   another site's page made (`Sec-Fetch-Site: cross-site` or
+//!   `same-site`: another port of the host) is refused too: pages can start
+//!   work (a search).
+//! - Wrong tokens are answered slowly and at most [`FAILED_LOGINS_PER_SEC`]
+//!   a second node-wide.
 //! - Sessions last [`SESSION_TTL`]; at most [`MAX_SESSIONS`] are kept (the
 //!   oldest go first); all are in memory, so a restart logs everyone out.
 
@@ -25,8 +33,8 @@ use tracing::{info, warn};
 
 use super::Dashboard;
 
-/// The session cookie's name.
-pub(super) const COOKIE: &str = "p2pvm_dashboard";
+/// The session cookie's name, before the dashboard's port.
+const COOKIE: &str = "p2pvm_dashboard";
 /// How long a login lasts.
 const SESSION_TTL: Duration = Duration::from_secs(12 * 3600);
 /// Sessions kept at once.
@@ -34,11 +42,15 @@ const MAX_SESSIONS: usize = 32;
 /// What a wrong token costs its sender (a 256-bit token cannot be guessed;
 /// this keeps a script from trying at line rate all the same).
 const FAILED_LOGIN_DELAY: Duration = Duration::from_millis(300);
+/// Wrong tokens checked per second, node-wide; more are refused unchecked.
+const FAILED_LOGINS_PER_SEC: u32 = 5;
 
 /// The logged-in sessions, by the hash of their cookie.
-#[derive(Default)]
 pub(super) struct Sessions {
+    /// `p2pvm_dashboard_<port>`.
+    cookie_name: String,
     live: Mutex<HashMap<[u8; 32], Session>>,
+    failures: governor::DefaultDirectRateLimiter,
 }
 
 struct Session {
@@ -57,6 +69,17 @@ fn key(cookie: &str) -> [u8; 32] {
 }
 
 impl Sessions {
+    /// The sessions of the dashboard on `port`.
+    pub(super) fn new(port: u16) -> Self {
+        Self {
+            cookie_name: format!("{COOKIE}_{port}"),
+            live: Mutex::default(),
+            failures: governor::RateLimiter::direct(governor::Quota::per_second(
+                std::num::NonZeroU32::new(FAILED_LOGINS_PER_SEC).expect("nonzero"),
+            )),
+        }
+    }
+
     /// A new session: its cookie value.
     fn create(&self) -> String {
         let cookie = random_hex();
@@ -121,15 +144,25 @@ impl IntoResponse for StaleForm {
     }
 }
 
-fn session_cookie(headers: &HeaderMap) -> Option<&str> {
+/// Every value the request carries for a cookie called `name`.
+fn cookies<'a>(headers: &'a HeaderMap, name: &'a str) -> impl Iterator<Item = &'a str> + 'a {
     headers
         .get_all(header::COOKIE)
         .iter()
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(';'))
         .filter_map(|c| c.trim().split_once('='))
-        .find(|(name, _)| *name == COOKIE)
+        .filter(move |(n, _)| *n == name)
         .map(|(_, value)| value)
+}
+
+/// Whether another site's page made this request (not a person typing the
+/// address, following a bookmark, or the dashboard's own pages).
+fn from_another_site(headers: &HeaderMap) -> bool {
+    match headers.get("sec-fetch-site") {
+        None => false,
+        Some(v) => !matches!(v.to_str(), Ok("same-origin" | "none")),
+    }
 }
 
 /// Whether a state-changing request came from the dashboard's own pages.
@@ -160,8 +193,12 @@ impl FromRequestParts<Arc<Dashboard>> for Operator {
         parts: &mut Parts,
         d: &Arc<Dashboard>,
     ) -> Result<Self, Self::Rejection> {
-        let found = session_cookie(&parts.headers)
-            .and_then(|c| d.sessions.csrf_of(c).map(|csrf| (c.to_owned(), csrf)));
+        if from_another_site(&parts.headers) {
+            warn!("dashboard request refused: another site's page made it");
+            return Err(refused("Open the dashboard from its own address."));
+        }
+        let found = cookies(&parts.headers, &d.sessions.cookie_name)
+            .find_map(|c| d.sessions.csrf_of(c).map(|csrf| (c.to_owned(), csrf)));
         let Some((cookie, csrf)) = found else {
             // A page asked for without a session goes to the login; anything
             // else is simply refused.
@@ -229,6 +266,13 @@ pub(super) async fn login(
         warn!("dashboard login refused: it came from another site");
         return refused("Log in from the dashboard's own page.");
     }
+    if d.sessions.failures.check().is_err() {
+        return (
+            StatusCode::TOO_MANY_REQUESTS,
+            "too many wrong tokens; wait a moment",
+        )
+            .into_response();
+    }
     if !d.api.is_operator_token(&form.token) {
         warn!("dashboard login refused: not the admin token");
         tokio::time::sleep(FAILED_LOGIN_DELAY).await;
@@ -241,7 +285,8 @@ pub(super) async fn login(
     let cookie = d.sessions.create();
     info!("dashboard login");
     let set = format!(
-        "{COOKIE}={cookie}; Path=/; HttpOnly; SameSite=Strict; Max-Age={}",
+        "{}={cookie}; Path=/; HttpOnly; SameSite=Strict; Max-Age={}",
+        d.sessions.cookie_name,
         SESSION_TTL.as_secs()
     );
     let mut r = Redirect::to("/").into_response();
@@ -268,10 +313,13 @@ pub(super) async fn logout(
     }
     d.sessions.end(&op.cookie);
     let mut r = Redirect::to("/login").into_response();
-    r.headers_mut().insert(
-        header::SET_COOKIE,
-        HeaderValue::from_static("p2pvm_dashboard=; Path=/; HttpOnly; SameSite=Strict; Max-Age=0"),
+    let gone = format!(
+        "{}=; Path=/; HttpOnly; SameSite=Strict; Max-Age=0",
+        d.sessions.cookie_name
     );
+    if let Ok(v) = HeaderValue::from_str(&gone) {
+        r.headers_mut().insert(header::SET_COOKIE, v);
+    }
     r
 }
 
@@ -316,20 +364,27 @@ mod tests {
 
     #[test]
     fn a_session_is_found_by_its_cookie_only_and_ends() {
-        let s = Sessions::default();
+        let s = Sessions::new(9100);
         let c = s.create();
         let csrf = s.csrf_of(&c).expect("live");
         assert_ne!(csrf, c);
         assert!(s.csrf_of(&random_hex()).is_none(), "a forged cookie");
-        let h = headers(&[("cookie", &format!("a=b; {COOKIE}={c}; x=y"))]);
-        assert_eq!(session_cookie(&h), Some(c.as_str()));
+        // A decoy of the same name (set by another page on the host) first:
+        // the real one is still found.
+        let h = headers(&[(
+            "cookie",
+            &format!("p2pvm_dashboard_9100=decoy; a=b; p2pvm_dashboard_9100={c}; x=y"),
+        )]);
+        let found: Vec<&str> = cookies(&h, &s.cookie_name).collect();
+        assert_eq!(found, ["decoy", c.as_str()]);
+        assert_eq!(found.iter().find_map(|v| s.csrf_of(v)), Some(csrf));
         s.end(&c);
         assert!(s.csrf_of(&c).is_none());
     }
 
     #[test]
     fn the_oldest_session_makes_room() {
-        let s = Sessions::default();
+        let s = Sessions::new(9100);
         let first = s.create();
         let rest: Vec<String> = (1..MAX_SESSIONS).map(|_| s.create()).collect();
         assert!(s.csrf_of(&first).is_some());

@@ -4,7 +4,7 @@
 
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use maud::{Markup, html};
 use p2pvm_security::Ledger;
@@ -16,8 +16,9 @@ pub(super) const EVERY: Duration = Duration::from_secs(10);
 const KEEP: usize = 361;
 
 /// Cumulative bytes at one moment.
-#[derive(Debug, Clone, Copy, Default, PartialEq)]
+#[derive(Debug, Clone, Copy, PartialEq)]
 struct Sample {
+    at: Instant,
     received: u64,
     served: u64,
 }
@@ -44,17 +45,20 @@ impl History {
         samples.push_back(s);
     }
 
-    /// The rate in each interval, oldest first. A total that went down (the
-    /// ledger forgot a peer) counts as nothing moved.
+    /// The rate in each interval, oldest first, over the time it really
+    /// lasted (a late sample makes a longer one). A total that went down
+    /// (the ledger forgot a peer) counts as nothing moved.
     pub(super) fn rates(&self) -> Vec<Rate> {
         let samples = self.samples.lock().expect("lock");
-        let secs = EVERY.as_secs_f64();
         samples
             .iter()
             .zip(samples.iter().skip(1))
-            .map(|(a, b)| Rate {
-                received: b.received.saturating_sub(a.received) as f64 / secs,
-                served: b.served.saturating_sub(a.served) as f64 / secs,
+            .map(|(a, b)| {
+                let secs = b.at.duration_since(a.at).as_secs_f64().max(0.001);
+                Rate {
+                    received: b.received.saturating_sub(a.received) as f64 / secs,
+                    served: b.served.saturating_sub(a.served) as f64 / secs,
+                }
             })
             .collect()
     }
@@ -114,19 +118,13 @@ pub(super) async fn sample(
             _ = shutdown.cancelled() => return,
             _ = tick.tick() => {}
         }
-        let l = ledger.clone();
-        let Ok(s) = tokio::task::spawn_blocking(move || totals(&l)).await else {
-            continue;
-        };
-        history.push(s);
+        let (received, served) = ledger.byte_totals();
+        history.push(Sample {
+            at: Instant::now(),
+            received,
+            served,
+        });
     }
-}
-
-fn totals(ledger: &Ledger) -> Sample {
-    ledger.list().iter().fold(Sample::default(), |s, p| Sample {
-        received: s.received + p.bytes_received,
-        served: s.served + p.bytes_served,
-    })
 }
 
 #[cfg(test)]
@@ -136,8 +134,13 @@ mod tests {
     #[test]
     fn rates_are_per_second_and_never_negative() {
         let h = History::default();
-        for (r, s) in [(0, 0), (10_000, 0), (30_000, 5_000), (20_000, 5_000)] {
+        let t0 = Instant::now();
+        for (i, (r, s)) in [(0, 0), (10_000, 0), (30_000, 5_000), (20_000, 5_000)]
+            .into_iter()
+            .enumerate()
+        {
             h.push(Sample {
+                at: t0 + EVERY * i as u32,
                 received: r,
                 served: s,
             });
@@ -156,8 +159,10 @@ mod tests {
     #[test]
     fn an_hour_is_kept() {
         let h = History::default();
+        let t0 = Instant::now();
         for i in 0..KEEP as u64 + 50 {
             h.push(Sample {
+                at: t0 + EVERY * i as u32,
                 received: i,
                 served: 0,
             });

@@ -44,9 +44,9 @@ impl std::fmt::Debug for Dashboard {
 }
 
 impl Dashboard {
-    /// The dashboard of the node `api` serves; starts sampling its
-    /// bandwidth (a task of the node's, ended by its shutdown).
-    pub fn start(api: ApiService) -> Arc<Self> {
+    /// The dashboard of the node `api` serves, on `port`; starts sampling
+    /// its bandwidth (a task of the node's, ended by its shutdown).
+    pub fn start(api: ApiService, port: u16) -> Arc<Self> {
         let history = Arc::new(history::History::default());
         let ctx = api.context();
         ctx.tasks.spawn(history::sample(
@@ -56,7 +56,7 @@ impl Dashboard {
         ));
         Arc::new(Self {
             api,
-            sessions: auth::Sessions::default(),
+            sessions: auth::Sessions::new(port),
             history,
             started: Instant::now(),
         })

@@ -124,10 +124,13 @@ fn when(unix: u64) -> String {
 }
 
 fn short(id: &str) -> String {
-    if id.len() <= 16 {
+    let chars: Vec<char> = id.chars().collect();
+    if chars.len() <= 16 {
         id.to_owned()
     } else {
-        format!("{}…{}", &id[..8], &id[id.len() - 6..])
+        let head: String = chars[..8].iter().collect();
+        let tail: String = chars[chars.len() - 6..].iter().collect();
+        format!("{head}…{tail}")
     }
 }
 
@@ -142,7 +145,12 @@ pub(super) async fn overview(
         Ok(_) => Err("unexpected answer".to_owned()),
         Err(e) => Err(e),
     };
-    let items = local_items(&d).await;
+    // The store's index, not ContentList: that re-verifies every manifest.
+    let store = d.api.context().store.clone();
+    let stored = tokio::task::spawn_blocking(move || store.list())
+        .await
+        .map_err(|e| e.to_string())
+        .and_then(|r| r.map_err(|e| e.to_string()));
     let now = d.history.rates().last().copied().unwrap_or_default();
     let quota = d.api.context().config.content.quota_bytes;
     let main = html! {
@@ -175,12 +183,12 @@ pub(super) async fn overview(
         p #bandwidth-now { "Now: " (rate(now.received)) " in, " (rate(now.served)) " out (verified content)" }
         (d.history.chart())
         h2 { "Storage" }
-        @match &items {
+        @match &stored {
             Err(e) => (failed("Stored items", e)),
             Ok(items) => {
-                @let used: u64 = items.iter().filter(|i| i.local).map(|i| i.size).sum();
+                @let used: u64 = items.iter().map(|i| i.size).sum();
                 p #storage {
-                    (HumanBytes(used)) " in " (items.iter().filter(|i| i.local).count()) " items; quota "
+                    (HumanBytes(used)) " in " (items.len()) " items; quota "
                     @if quota == 0 { "none" } @else { (HumanBytes(quota)) }
                 }
                 @if quota > 0 { meter min="0" max=(quota) value=(used.min(quota)) {} }
@@ -197,12 +205,68 @@ async fn local_items(d: &Dashboard) -> Result<Vec<pb::ContentInfo>, String> {
     }
 }
 
+/// Items a table shows at most.
+const ITEM_ROWS: usize = 100;
+
+/// Rows the peers table shows at most (connected and banned peers always).
+const PEER_ROWS: usize = 300;
+
 /// One row of the peers table: a connected peer, a peer the ledger knows,
 /// or both.
 struct PeerRow {
     id: String,
     conn: Option<pb::PeerInfo>,
-    credit: Option<pb::PeerCredit>,
+    credit: Option<p2pvm_security::PeerCredit>,
+}
+
+impl PeerRow {
+    fn banned(&self) -> bool {
+        self.credit
+            .as_ref()
+            .is_some_and(|c| c.standing == p2pvm_security::Standing::Banned)
+    }
+}
+
+/// Connected peers first, then banned ones, then the rest by score, cut at
+/// [`PEER_ROWS`] (never cutting a connected or banned one).
+fn peer_rows(
+    connected: &[pb::PeerInfo],
+    credit: Vec<p2pvm_security::PeerCredit>,
+) -> (Vec<PeerRow>, usize) {
+    let mut rows: Vec<PeerRow> = connected
+        .iter()
+        .map(|p| PeerRow {
+            id: p.peer_id.clone(),
+            conn: Some(p.clone()),
+            credit: None,
+        })
+        .collect();
+    let index: std::collections::HashMap<String, usize> = rows
+        .iter()
+        .enumerate()
+        .map(|(i, r)| (r.id.clone(), i))
+        .collect();
+    for c in credit {
+        let id = c.peer.to_string();
+        match index.get(&id) {
+            Some(&i) => rows[i].credit = Some(c),
+            None => rows.push(PeerRow {
+                id,
+                conn: None,
+                credit: Some(c),
+            }),
+        }
+    }
+    let known = rows.len();
+    // Stable: the ledger's order (best score first) stays within each group.
+    rows.sort_by_key(|r| (r.conn.is_none(), !r.banned()));
+    let keep = rows
+        .iter()
+        .take_while(|r| r.conn.is_some() || r.banned())
+        .count()
+        .max(PEER_ROWS);
+    rows.truncate(keep);
+    (rows, known)
 }
 
 /// Connected and known peers with their credit; ban and unban.
@@ -216,37 +280,18 @@ pub(super) async fn peers(
         Ok(_) => Err("unexpected answer".to_owned()),
         Err(e) => Err(e),
     };
-    let credit = match ask(&d, Op::CreditList(pb::CreditListRequest {})).await {
-        Ok(R::CreditList(l)) => Ok(l.peers),
-        Ok(_) => Err("unexpected answer".to_owned()),
-        Err(e) => Err(e),
-    };
-    let mut rows: Vec<PeerRow> = Vec::new();
-    for p in connected.as_ref().map(|v| v.as_slice()).unwrap_or_default() {
-        rows.push(PeerRow {
-            id: p.peer_id.clone(),
-            conn: Some(p.clone()),
-            credit: None,
-        });
-    }
-    for c in credit.as_ref().map(|v| v.as_slice()).unwrap_or_default() {
-        match rows.iter_mut().find(|r| r.id == c.peer_id) {
-            Some(r) => r.credit = Some(c.clone()),
-            None => rows.push(PeerRow {
-                id: c.peer_id.clone(),
-                conn: None,
-                credit: Some(c.clone()),
-            }),
-        }
-    }
-    // Connected peers first, then the rest by score; a long tail is cut.
-    rows.truncate(300);
+    // The ledger's walk takes its lock and every peer: off the runtime.
+    let ledger = d.api.context().ledger.clone();
+    let credit = tokio::task::spawn_blocking(move || ledger.list())
+        .await
+        .unwrap_or_default();
+    let (rows, known) = peer_rows(connected.as_deref().unwrap_or_default(), credit);
     let main = html! {
         h1 { "Peers" }
         @if let Err(e) = &connected { (failed("Connections", e)) }
-        @if let Err(e) = &credit { (failed("Credit", e)) }
         p { (rows.iter().filter(|r| r.conn.is_some()).count()) " connected; "
-            (rows.iter().filter(|r| r.credit.is_some()).count()) " in the credit ledger." }
+            (known) " known"
+            @if rows.len() < known { " (the first " (rows.len()) " shown)" } "." }
         div.scroll {
             table #peers {
                 thead { tr {
@@ -262,11 +307,31 @@ pub(super) async fn peers(
     layout(&op, Nav::Peers, &view, main)
 }
 
+fn standing_name(s: p2pvm_security::Standing) -> &'static str {
+    use p2pvm_security::Standing;
+    match s {
+        Standing::Good => "good",
+        Standing::Throttled => "throttled",
+        Standing::Refused => "refused",
+        Standing::Banned => "banned",
+    }
+}
+
+fn unban_form(op: &Operator, peer: &str) -> Markup {
+    html! {
+        form method="post" action="/peers/unban" {
+            input type="hidden" name="csrf" value=(op.csrf);
+            input type="hidden" name="peer" value=(peer);
+            button.unban type="submit" { "Unban" }
+        }
+    }
+}
+
 fn peer_row(op: &Operator, r: &PeerRow) -> Markup {
     let standing = r
         .credit
         .as_ref()
-        .map(|c| c.standing.as_str())
+        .map(|c| standing_name(c.standing))
         .unwrap_or("good");
     html! {
         tr id=(format!("peer-{}", r.id)) data-standing=(standing) data-connected=(r.conn.is_some()) {
@@ -291,21 +356,17 @@ fn peer_row(op: &Operator, r: &PeerRow) -> Markup {
                 Some(c) => {
                     td { (c.score) }
                     td.standing {
-                        (c.standing)
-                        @if c.banned_until_unix > 0 { br; small { (c.ban_reason) } }
+                        (standing)
+                        @if let Some(b) = &c.ban { br; small { (b.reason) } }
                     }
-                    td { (rate(c.expected_bytes_per_sec)) ", " (format!("{:.0} %", c.reliability * 100.0)) " reliable" }
+                    td { (rate(c.expected_bps)) ", " (format!("{:.0} %", c.reliability * 100.0)) " reliable" }
                     td { (HumanBytes(c.bytes_received)) }
                     td { (HumanBytes(c.bytes_served)) }
                 }
             }
             td {
-                @if standing == "banned" {
-                    form method="post" action="/peers/unban" {
-                        input type="hidden" name="csrf" value=(op.csrf);
-                        input type="hidden" name="peer" value=(r.id);
-                        button.unban type="submit" { "Unban" }
-                    }
+                @if r.banned() {
+                    (unban_form(op, &r.id))
                 } @else {
                     form.ban method="post" action="/peers/ban" {
                         input type="hidden" name="csrf" value=(op.csrf);
@@ -328,8 +389,7 @@ fn peer_row(op: &Operator, r: &PeerRow) -> Markup {
 pub(super) struct BanForm {
     csrf: String,
     peer: String,
-    /// 0: for good.
-    #[serde(default)]
+    /// 0: for good (asked for, never assumed).
     hours: u64,
 }
 
@@ -451,7 +511,7 @@ pub(super) async fn content(
         h2 { "Transfers" }
         @if transfers.is_empty() { p { "No download yet." } }
         ul #transfers { @for t in &transfers {
-            @let pct = (t.held_bytes * 100).checked_div(t.size).unwrap_or(100);
+            @let pct = (u128::from(t.held_bytes) * 100).checked_div(u128::from(t.size)).unwrap_or(100);
             li data-id=(t.id.to_string()) data-state=(t.state) data-percent=(pct) {
                 (t.name) " — " (HumanBytes(t.held_bytes)) " of " (HumanBytes(t.size))
                 " (" span.percent { (pct) " %" } ", " (t.state) ")"
@@ -474,7 +534,10 @@ pub(super) async fn content(
         h2 { "Kept here" }
         @match &items {
             Err(e) => (failed("Stored items", e)),
-            Ok(items) => (items_table("items", items)),
+            Ok(items) => {
+                (items_table("items", &items[..items.len().min(ITEM_ROWS)]))
+                @if items.len() > ITEM_ROWS { p { "…and " (items.len() - ITEM_ROWS) " more (p2pctl content list)." } }
+            }
         }
     };
     layout(&op, Nav::Content, &view, main)
@@ -495,12 +558,8 @@ pub(super) async fn security(
         Ok(_) => Err("unexpected answer".to_owned()),
         Err(e) => Err(e),
     };
-    let banned: Vec<p2pvm_security::PeerCredit> = ctx
-        .ledger
-        .list()
-        .into_iter()
-        .filter(|c| c.standing == p2pvm_security::Standing::Banned)
-        .collect();
+    let mut banned = ctx.ledger.banned();
+    banned.sort_by(|a, b| b.1.until_unix.cmp(&a.1.until_unix).then(a.0.cmp(&b.0)));
     let main = html! {
         h1 { "Security" }
         h2 { "Virus filter" }
@@ -520,9 +579,11 @@ pub(super) async fn security(
         } }
         @if drm.is_empty() { p { "None refused yet." } }
         h2 { "Banned peers" }
-        ul #banned { @for c in &banned {
-            li { code title=(c.peer.to_string()) { (short(&c.peer.to_string())) } ": "
-                 (c.ban.as_ref().map(|b| b.reason.as_str()).unwrap_or_default()) } } }
+        ul #banned { @for (peer, ban) in &banned {
+            @let id = peer.to_string();
+            li data-peer=(id) { code title=(id) { (short(&id)) } ": " (ban.reason)
+                @if ban.until_unix < u64::MAX / 4 { " (until " (when(ban.until_unix)) ")" }
+                " " (unban_form(&op, &id)) } } }
         @if banned.is_empty() { p { "Nobody is banned." } }
         h2 { "Trusted groups" }
         @match &groups {
@@ -603,7 +664,7 @@ pub(super) async fn compute(
             Ok(j) if j.is_empty() => p { "No job submitted." },
             Ok(j) => div.scroll { table #jobs {
                 thead { tr { th { "Job" } th { "State" } th { "Budget" } th { "Spent" } th { "Runs" } th { "Submitted" } } }
-                tbody { @for j in j { tr {
+                tbody { @for j in j.iter().take(ITEM_ROWS) { tr {
                     td { code { (short(&j.job_id)) } } td { (j.state) @if !j.error.is_empty() { br; small { (j.error) } } }
                     td { (j.budget) } td { (j.credits_spent) } td { (j.runs.len()) } td { (when(j.submitted_unix)) }
                 } } }

@@ -48,6 +48,8 @@ pub struct Metrics {
 
 /// How many DRM refusals [`Metrics::recent_drm_refusals`] remembers.
 const RECENT_DRM: usize = 64;
+/// The longest detail kept of one.
+const DRM_DETAIL_CHARS: usize = 512;
 
 /// One DRM refusal, as the dashboard lists it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -239,8 +241,13 @@ impl Metrics {
         self.compute_fuel.inc_by(fuel);
     }
 
-    /// Counts a DRM refusal and keeps it among the latest.
-    pub fn drm_refused(&self, stage: &'static str, reason: &'static str, detail: String) {
+    /// Counts a DRM refusal and keeps it among the latest (its detail cut
+    /// to [`DRM_DETAIL_CHARS`]: a manifest's group list can be long).
+    pub fn drm_refused(&self, stage: &'static str, reason: &'static str, mut detail: String) {
+        if let Some((cut, _)) = detail.char_indices().nth(DRM_DETAIL_CHARS) {
+            detail.truncate(cut);
+            detail.push('…');
+        }
         self.drm_refusals
             .get_or_create(&DrmLabels { stage, reason })
             .inc();
@@ -501,8 +508,11 @@ mod tests {
         ] {
             assert!(text.contains(line), "no {line:?} in\n{text}");
         }
+        m.drm_refused("accept", "DRM_NOT_GROUP_MEMBER", "g".repeat(10_000));
         let recent = m.recent_drm_refusals();
-        assert_eq!(recent.len(), 1);
+        assert_eq!(recent.len(), 2);
+        assert_eq!(recent[0].detail.chars().count(), DRM_DETAIL_CHARS + 1);
+        let recent = &recent[1..];
         assert_eq!(
             (recent[0].stage, recent[0].reason, recent[0].detail.as_str()),
             ("serve", "DRM_EXPIRED", "expired at 10")

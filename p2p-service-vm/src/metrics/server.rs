@@ -5,10 +5,11 @@
 //!
 //! The figures say what the node does, not what it holds, so they are served
 //! without a token, as Kubo's and Firecracker's are: keeping the address off
-//! the internet is the operator's (and the config's) job. What one client can
-//! hold is bounded all the same: a few connections at once, request headers
-//! within [`HEADER_READ_TIMEOUT`], a connection closed after
-//! [`CONNECTION_LIFETIME`].
+//! the internet is the operator's (and the config's) job; the dashboard's
+//! pages need the operator's login. What one client can hold is bounded all
+//! the same (`p2pvm_httpd`): a few connections at once, request headers
+//! within [`HEADER_READ_TIMEOUT`], a connection closed when idle for
+//! [`STALL_TIMEOUT`] or after [`CONNECTION_LIFETIME`].
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -20,7 +21,7 @@ use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, info, warn};
+use tracing::{info, warn};
 
 use super::Metrics;
 
@@ -29,6 +30,9 @@ use super::Metrics;
 const MAX_CONNECTIONS: usize = 16;
 /// Time for a client to send a request's headers.
 const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+/// A connection that moves nothing for this long is closed (a browser's
+/// idle keep-alive; the dashboard's pages ask every 2 s while shown).
+const STALL_TIMEOUT: Duration = Duration::from_secs(30);
 /// Longest a connection is kept (a scrape takes milliseconds; keep-alive
 /// between scrapes a few seconds apart is welcome, an idle hold is not).
 const CONNECTION_LIFETIME: Duration = Duration::from_secs(120);
@@ -57,40 +61,13 @@ pub async fn serve(
     if let Some(d) = dashboard {
         app = app.merge(d);
     }
-    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
-    loop {
-        let (stream, peer) = tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok(a) => a,
-                Err(e) => {
-                    warn!(error = %e, "metrics accept failed");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                    continue;
-                }
-            },
-            _ = shutdown.cancelled() => return,
-        };
-        let Ok(slot) = slots.clone().try_acquire_owned() else {
-            debug!(%peer, "metrics at its connection cap; closing a new connection");
-            continue;
-        };
-        let service = hyper_util::service::TowerToHyperService::new(app.clone());
-        let shutdown = shutdown.clone();
-        tokio::spawn(async move {
-            let _slot = slot;
-            let conn = hyper::server::conn::http1::Builder::new()
-                .timer(hyper_util::rt::TokioTimer::new())
-                .header_read_timeout(HEADER_READ_TIMEOUT)
-                .serve_connection(hyper_util::rt::TokioIo::new(stream), service);
-            tokio::select! {
-                r = conn => if let Err(e) = r {
-                    debug!(%peer, error = %e, "metrics connection ended");
-                },
-                _ = tokio::time::sleep(CONNECTION_LIFETIME) => {}
-                _ = shutdown.cancelled() => {}
-            }
-        });
-    }
+    let limits = p2pvm_httpd::Limits {
+        connections: MAX_CONNECTIONS,
+        header_read: HEADER_READ_TIMEOUT,
+        stall: STALL_TIMEOUT,
+        lifetime: Some(CONNECTION_LIFETIME),
+    };
+    p2pvm_httpd::serve(listener, app, limits, "metrics", shutdown).await;
 }
 
 async fn scrape(State(metrics): State<Arc<Metrics>>) -> Response {

@@ -409,6 +409,29 @@ impl Ledger {
         out
     }
 
+    /// Verified content bytes received from and served to every peer the
+    /// ledger holds (no forecasts computed: cheap enough to sample often).
+    pub fn byte_totals(&self) -> (u64, u64) {
+        let st = self.state.lock().expect("lock");
+        st.records.values().fold((0, 0), |(r, s), rec| {
+            (
+                r.saturating_add(rec.bytes_received),
+                s.saturating_add(rec.bytes_served),
+            )
+        })
+    }
+
+    /// The peers banned now, with their bans.
+    pub fn banned(&self) -> Vec<(PeerId, Ban)> {
+        let now = now_secs();
+        let st = self.state.lock().expect("lock");
+        st.bans
+            .iter()
+            .filter(|(_, b)| b.until_unix as f64 > now)
+            .map(|(p, b)| (*p, b.clone()))
+            .collect()
+    }
+
     /// Bans a peer until `until_unix`; written at once.
     pub fn ban(&self, peer: PeerId, until_unix: u64, reason: &str) -> Result<(), LedgerError> {
         let ban = Ban {
@@ -689,6 +712,7 @@ mod tests {
         let l = ledger(dir.path());
         let c = l.credit(&p);
         assert_eq!(c.bytes_received, 1 << 20);
+        assert_eq!(l.byte_totals(), (1 << 20, 0));
         assert_eq!(c.malware, 1);
         assert_eq!(c.standing, Standing::Banned);
         let h = l.history(&p, 10).unwrap();
@@ -717,7 +741,9 @@ mod tests {
             let l = ledger(dir.path());
             l.ban(p, u64::MAX / 2, "by the operator").unwrap();
             assert_eq!(l.credit(&p).standing, Standing::Banned);
+            assert_eq!(l.banned().len(), 1);
             assert!(l.unban(&p).unwrap());
+            assert!(l.banned().is_empty());
             assert_ne!(l.credit(&p).standing, Standing::Banned);
             assert!(!l.unban(&p).unwrap(), "a second unban finds no ban");
         }

@@ -38,24 +38,7 @@ struct Cli {
 #[derive(Debug, Subcommand)]
 enum Cmd {
     /// Start the platform: the channel, the service side, the front-end.
-    Up {
-        /// Isolation backend.
-        #[arg(long, value_enum, default_value_t = Isolation::Auto)]
-        isolation: Isolation,
-        /// p2pd config file for the service side.
-        #[arg(long)]
-        config: Option<PathBuf>,
-        /// The VMs to run with `--isolation vm`: a TOML file of `[[vm]]`
-        /// tables (the fields of `p2pvmm run`; see docs/vmm.md), instead of
-        /// the platform's two VMs from the images.
-        #[arg(long)]
-        vms: Option<PathBuf>,
-        #[command(flatten)]
-        platform: PlatformArgs,
-        /// Extra p2pd arguments, after `--` (e.g. `-- --listen /ip4/0.0.0.0/tcp/4001`).
-        #[arg(last = true)]
-        service_args: Vec<OsString>,
-    },
+    Up(UpArgs),
     /// Run one KVM virtual machine in this process until it powers off.
     Run(RunArgs),
     /// Attach to a VM's serial console (`Ctrl-]` detaches), or for `service`
@@ -71,6 +54,33 @@ enum Cmd {
         #[arg(last = true)]
         command: Vec<OsString>,
     },
+}
+
+/// `p2pvmm up`'s arguments.
+#[derive(Debug, Args)]
+struct UpArgs {
+    /// Isolation backend.
+    #[arg(long, value_enum, default_value_t = Isolation::Auto)]
+    isolation: Isolation,
+    /// p2pd config file for the service side.
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// The VMs to run with `--isolation vm`: a TOML file of `[[vm]]`
+    /// tables (the fields of `p2pvmm run`; see docs/vmm.md), instead of
+    /// the platform's two VMs from the images.
+    #[arg(long)]
+    vms: Option<PathBuf>,
+    /// Serve the VMs' figures (Prometheus `GET /metrics`, `GET
+    /// /vms.json`) on this loopback or private address (`--isolation
+    /// vm`; e.g. the TAP's host side, where the service VM's dashboard
+    /// reads them: docs/dashboard.md).
+    #[arg(long)]
+    metrics: Option<std::net::SocketAddr>,
+    #[command(flatten)]
+    platform: PlatformArgs,
+    /// Extra p2pd arguments, after `--` (e.g. `-- --listen /ip4/0.0.0.0/tcp/4001`).
+    #[arg(last = true)]
+    service_args: Vec<OsString>,
 }
 
 /// The platform's VMs (`--isolation vm` without `--vms`).
@@ -198,21 +208,7 @@ fn main() -> anyhow::Result<()> {
         .init();
     let home = Home::new(cli.home.clone().unwrap_or_else(Home::default_root));
     match cli.cmd {
-        Cmd::Up {
-            isolation,
-            config,
-            vms,
-            platform,
-            service_args,
-        } => up(
-            home,
-            isolation,
-            config,
-            vms,
-            platform,
-            service_args,
-            &cli.log,
-        ),
+        Cmd::Up(args) => up(home, args, &cli.log),
         Cmd::Run(args) => run(&home, args, started),
         Cmd::Console {
             name,
@@ -338,15 +334,15 @@ fn run(home: &Home, args: RunArgs, started: Instant) -> anyhow::Result<()> {
     }
 }
 
-fn up(
-    home: Home,
-    requested: Isolation,
-    config: Option<PathBuf>,
-    vms: Option<PathBuf>,
-    platform: PlatformArgs,
-    service_args: Vec<OsString>,
-    log: &str,
-) -> anyhow::Result<()> {
+fn up(home: Home, args: UpArgs, log: &str) -> anyhow::Result<()> {
+    let UpArgs {
+        isolation: requested,
+        config,
+        vms,
+        metrics,
+        platform,
+        service_args,
+    } = args;
     let images = match &vms {
         Some(_) => None,
         None => vmm::platform::find_images(platform.images.as_deref(), home.root()),
@@ -377,7 +373,12 @@ fn up(
         let _nat = (own_set && !platform.no_net && !platform.no_nat)
             .then(|| host_nat(&platform))
             .flatten();
-        return up_vms(&home, &set, log);
+        return up_vms(&home, &set, metrics, log);
+    }
+    if metrics.is_some() {
+        eprintln!(
+            "p2pvmm: --metrics serves VMs' figures; the sandbox backend runs none, so it is ignored"
+        );
     }
     println!(
         "p2pvmm: service side: p2pd in a sandbox (user, mount, pid, ipc, uts namespaces; Landlock; seccomp); its data: {}",
@@ -522,7 +523,12 @@ fn ensure_tap(net: &vmm::platform::ServiceNet) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn up_vms(home: &Home, set: &vmm::config::VmSet, log: &str) -> anyhow::Result<()> {
+fn up_vms(
+    home: &Home,
+    set: &vmm::config::VmSet,
+    metrics: Option<std::net::SocketAddr>,
+    log: &str,
+) -> anyhow::Result<()> {
     for sig in [libc::SIGTERM, libc::SIGINT] {
         vmm_sys_util::signal::register_signal_handler(sig, request_stop)
             .map_err(|e| anyhow::anyhow!("installing a signal handler: {e}"))?;
@@ -540,6 +546,7 @@ fn up_vms(home: &Home, set: &vmm::config::VmSet, log: &str) -> anyhow::Result<()
         home: home.root().to_path_buf(),
         log: log.to_owned(),
         run_args: Vec::new(),
+        metrics,
     };
     vmm::vm_supervisor::up(set, &launch, &vmm::runner::STOP_REQUESTED)?;
     Ok(())

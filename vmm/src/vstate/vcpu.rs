@@ -62,6 +62,12 @@ pub struct ExitCounts {
     pub mmio: AtomicU64,
     /// Accesses nothing answered.
     pub unhandled: AtomicU64,
+    /// HLT and interrupt-window exits (rare with the in-kernel LAPIC).
+    pub halt: AtomicU64,
+    /// `KVM_RUN` interrupted by a signal (a kick: the stop's, the profiler's).
+    pub kicked: AtomicU64,
+    /// Every other exit (shutdown, system events, failed entries).
+    pub other: AtomicU64,
     /// Per-port counts, kept only with `P2PVMM_EXIT_STATS=1` (boot analysis).
     pub by_port: Option<Box<[AtomicU64]>>,
 }
@@ -81,6 +87,18 @@ impl ExitCounts {
         if let Some(p) = &self.by_port {
             p[port as usize].fetch_add(1, Ordering::Relaxed);
         }
+    }
+
+    /// Exits so far by reason, as the metrics name them.
+    pub fn by_reason(&self) -> [(&'static str, u64); 5] {
+        let n = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        [
+            ("io", n(&self.pio)),
+            ("mmio", n(&self.mmio)),
+            ("halt", n(&self.halt)),
+            ("signal", n(&self.kicked)),
+            ("other", n(&self.other)),
+        ]
     }
 
     /// The busiest ports, most exits first.
@@ -315,33 +333,48 @@ impl Vcpu {
             // A triple fault: what Linux ends with when every reset method
             // failed, or a guest that faulted beyond repair.
             Ok(VcpuExit::Shutdown) => {
+                counts.other.fetch_add(1, Ordering::Relaxed);
                 self.log_triple_fault();
                 Some(ExitReason::Reset)
             }
-            Ok(VcpuExit::SystemEvent(kind, _)) => Some(match kind {
-                KVM_SYSTEM_EVENT_SHUTDOWN => ExitReason::PowerOff,
-                KVM_SYSTEM_EVENT_RESET => ExitReason::Reset,
-                KVM_SYSTEM_EVENT_CRASH => ExitReason::Panic,
-                other => ExitReason::Error(format!("vCPU {}: system event {other}", self.id)),
-            }),
+            Ok(VcpuExit::SystemEvent(kind, _)) => {
+                counts.other.fetch_add(1, Ordering::Relaxed);
+                Some(match kind {
+                    KVM_SYSTEM_EVENT_SHUTDOWN => ExitReason::PowerOff,
+                    KVM_SYSTEM_EVENT_RESET => ExitReason::Reset,
+                    KVM_SYSTEM_EVENT_CRASH => ExitReason::Panic,
+                    other => ExitReason::Error(format!("vCPU {}: system event {other}", self.id)),
+                })
+            }
             // Only without an in-kernel LAPIC; ours has one, so just go on.
-            Ok(VcpuExit::Hlt) | Ok(VcpuExit::Intr) => None,
-            Ok(VcpuExit::FailEntry(reason, cpu)) => Some(ExitReason::Error(format!(
-                "vCPU {}: VM entry failed (hardware reason {reason:#x}, cpu {cpu})",
-                self.id
-            ))),
+            Ok(VcpuExit::Hlt) | Ok(VcpuExit::Intr) => {
+                counts.halt.fetch_add(1, Ordering::Relaxed);
+                None
+            }
+            Ok(VcpuExit::FailEntry(reason, cpu)) => {
+                counts.other.fetch_add(1, Ordering::Relaxed);
+                Some(ExitReason::Error(format!(
+                    "vCPU {}: VM entry failed (hardware reason {reason:#x}, cpu {cpu})",
+                    self.id
+                )))
+            }
             Ok(VcpuExit::InternalError) => {
+                counts.other.fetch_add(1, Ordering::Relaxed);
                 let rip = self.fd.get_regs().map(|r| r.rip).unwrap_or(0);
                 Some(ExitReason::Error(format!(
                     "vCPU {}: KVM internal error (emulation failed) at rip {rip:#x}",
                     self.id
                 )))
             }
-            Ok(other) => Some(ExitReason::Error(format!(
-                "vCPU {}: unexpected exit {other:?}",
-                self.id
-            ))),
+            Ok(other) => {
+                counts.other.fetch_add(1, Ordering::Relaxed);
+                Some(ExitReason::Error(format!(
+                    "vCPU {}: unexpected exit {other:?}",
+                    self.id
+                )))
+            }
             Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
+                counts.kicked.fetch_add(1, Ordering::Relaxed);
                 // A kick: the profiler's (or the stop's). No exit is pending
                 // here (KVM completes one before it looks for signals), so
                 // the registers are the guest's own.

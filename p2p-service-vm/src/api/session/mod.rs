@@ -19,7 +19,7 @@
 mod events;
 pub(crate) mod internal;
 mod report;
-pub(in crate::api) mod requests;
+mod requests;
 mod stream_table;
 
 use std::collections::{HashMap, HashSet};

@@ -21,7 +21,7 @@ use crate::api::{ApiError, ops};
 type Answer = Option<Result<pb::response::Result, ApiError>>;
 
 /// `ok`, or the error code, for metrics.
-pub(in crate::api) fn result_label<T>(r: &Result<T, ApiError>) -> &'static str {
+fn result_label<T>(r: &Result<T, ApiError>) -> &'static str {
     match r {
         Ok(_) => "ok",
         Err(e) => e.code.as_str_name(),

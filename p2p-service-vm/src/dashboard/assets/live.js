@@ -1,14 +1,18 @@
-// Keeps the page current: every 2 s, fetch this page's <main> (?live=1) and
-// swap it in. Skipped while the tab is hidden or the operator is using a
-// control inside it, so a half-chosen form is never pulled away.
+// Keeps the page current: 2 s after each answer, fetch this page's <main>
+// (?live=1) and swap it in. One request at a time; skipped while the tab is
+// hidden or the operator is using a control inside it (checked again when
+// the answer comes), so a half-chosen form is never pulled away. A search
+// result page is left as it is: refreshing it would search again.
 (function () {
   "use strict";
   const main = document.querySelector("main");
-  if (!main) return;
-  async function refresh() {
-    if (document.hidden) return;
+  if (!main || new URL(window.location.href).searchParams.has("q")) return;
+  function busy() {
     const active = document.activeElement;
-    if (active && active !== document.body && main.contains(active)) return;
+    return document.hidden || (active && active !== document.body && main.contains(active));
+  }
+  async function refresh() {
+    if (busy()) return;
     const url = new URL(window.location.href);
     url.searchParams.set("live", "1");
     try {
@@ -17,10 +21,17 @@
         window.location.assign("/login");
         return;
       }
-      if (r.ok) main.innerHTML = await r.text();
+      if (r.ok) {
+        const html = await r.text();
+        if (!busy()) main.innerHTML = html;
+      }
     } catch (e) {
-      // The node may be restarting: try again at the next tick.
+      // The node may be restarting: try again at the next turn.
     }
   }
-  window.setInterval(refresh, 2000);
+  async function loop() {
+    await refresh();
+    window.setTimeout(loop, 2000);
+  }
+  window.setTimeout(loop, 2000);
 })();

@@ -16,6 +16,7 @@
 use std::collections::BTreeMap;
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 
 use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
 use virtio_queue::{Queue, QueueT};
@@ -129,6 +130,8 @@ pub struct VirtioPci<B: VirtioBackend> {
     watched: BTreeMap<RawFd, EventSet>,
     pci_cfg_cap: usize,
     msix_cap: usize,
+    /// Notifications taken and interrupts raised (`crate::metrics`).
+    stats: Arc<crate::metrics::DeviceStats>,
 }
 
 impl<B: VirtioBackend> std::fmt::Debug for VirtioPci<B> {
@@ -151,6 +154,11 @@ fn vendor_cap(cfg_type: u8, offset: u64, length: u64, extra: &[u8]) -> Vec<u8> {
 }
 
 impl<B: VirtioBackend> VirtioPci<B> {
+    /// What the device counts, for the VM's figures.
+    pub fn stats(&self) -> Arc<crate::metrics::DeviceStats> {
+        self.stats.clone()
+    }
+
     /// Wraps `backend` as a function whose BAR 0 sits at `bar0_addr` (in the
     /// 32-bit window) and whose INTx line is `intx_gsi`.
     pub fn new(
@@ -242,6 +250,7 @@ impl<B: VirtioBackend> VirtioPci<B> {
             watched: BTreeMap::new(),
             pci_cfg_cap,
             msix_cap,
+            stats: Arc::default(),
         })
     }
 
@@ -496,6 +505,7 @@ impl<B: VirtioBackend> VirtioPci<B> {
     }
 
     fn signal(&mut self, vector: u16, isr_bit: u8) {
+        self.stats.interrupts.fetch_add(1, Ordering::Relaxed);
         tracing::trace!(
             device = self.backend.device_type(),
             vector,
@@ -539,6 +549,7 @@ impl<B: VirtioBackend> VirtioPci<B> {
         if !self.active {
             return;
         }
+        self.stats.notifications.fetch_add(1, Ordering::Relaxed);
         tracing::trace!(device = self.backend.device_type(), q, "queue notified");
         match self.backend.process_queue(q, &mut self.queues, &self.mem) {
             Ok(used) => self.notify_used(used),

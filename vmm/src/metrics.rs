@@ -1,0 +1,345 @@
+//! Per-VM figures, as Firecracker keeps them: each VM's process counts
+//! (vCPU exits by reason, interrupts it raised and queue notifications it
+//! took, per device) and writes a snapshot every half second to
+//! `<home>/vms/<name>/figures.json`; the supervisor (`p2pvmm up --metrics
+//! ADDR`) adds what only it knows (state, restarts) and serves them all in
+//! Prometheus' text format at `GET /metrics`, and as JSON at `GET /vms.json`
+//! (what the service VM's dashboard shows on its VMs page).
+//!
+//! ```text
+//!  vCPU threads ── ExitCounts ─┐
+//!  virtio devices ── DeviceStats ┼─► runner (every 0.5 s) ─► figures.json
+//!                                                             │
+//!  p2pvmm up: Managed (state, restarts) ──┬──────────────────┘
+//!                                         └─► GET /metrics, GET /vms.json
+//! ```
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+use serde::{Deserialize, Serialize};
+
+/// What one device did, counted where it happens (hot paths: one relaxed
+/// add each).
+#[derive(Debug, Default)]
+pub struct DeviceStats {
+    /// The guest told the device a queue has work (queue notifications).
+    pub notifications: AtomicU64,
+    /// Interrupts the device raised in the guest.
+    pub interrupts: AtomicU64,
+}
+
+impl DeviceStats {
+    /// The counts now.
+    pub fn figures(&self, device: &str) -> DeviceFigures {
+        DeviceFigures {
+            device: device.to_owned(),
+            notifications: self.notifications.load(Ordering::Relaxed),
+            interrupts: self.interrupts.load(Ordering::Relaxed),
+        }
+    }
+}
+
+/// One device's counts in a snapshot.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeviceFigures {
+    /// `virtio-net`, `virtio-blk`, `virtio-rng`, ...
+    pub device: String,
+    /// Queue notifications taken.
+    pub notifications: u64,
+    /// Interrupts raised.
+    pub interrupts: u64,
+}
+
+/// A VM process's snapshot (`figures.json`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Figures {
+    /// Boots in this process (1 + guest reboots).
+    pub boots: u32,
+    /// vCPU exits in the current boot, by reason.
+    pub exits: BTreeMap<String, u64>,
+    /// Per device, in the current boot.
+    pub devices: Vec<DeviceFigures>,
+    /// Guest RAM.
+    pub guest_memory_bytes: u64,
+    /// The VMM's resident memory beyond guest RAM (largest seen).
+    pub vmm_overhead_bytes: u64,
+    /// Seconds since the current boot started.
+    pub uptime_secs: u64,
+}
+
+impl Figures {
+    /// Writes the snapshot to `path` (whole or not at all: a reader never
+    /// sees half of one).
+    pub fn write(&self, path: &Path) -> std::io::Result<()> {
+        let json = serde_json::to_vec(self).map_err(std::io::Error::other)?;
+        let tmp = path.with_extension("json.tmp");
+        std::fs::write(&tmp, json)?;
+        std::fs::rename(tmp, path)
+    }
+
+    /// The snapshot at `path`, if there is a readable one.
+    pub fn read(path: &Path) -> Option<Self> {
+        let bytes = std::fs::read(path).ok()?;
+        serde_json::from_slice(&bytes).ok()
+    }
+}
+
+/// Where a VM's process writes its figures, and what it adds to them.
+#[derive(Debug, Clone)]
+pub struct FigureSink {
+    /// `figures.json` in the VM's directory.
+    pub path: std::path::PathBuf,
+    /// Boots so far in this process.
+    pub boots: u32,
+    /// Guest RAM.
+    pub guest_memory_bytes: u64,
+}
+
+/// One VM as the supervisor reports it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VmStatus {
+    /// The VM's name.
+    pub name: String,
+    /// `running`, `restarting` (backing off after a failure) or `off`.
+    pub state: String,
+    /// Times the supervisor started it again after a failure.
+    pub restarts: u32,
+    /// Guest RAM configured.
+    pub memory_mib: u64,
+    /// How to reach its console.
+    pub console: String,
+    /// Its process's latest snapshot (none before its first).
+    pub figures: Option<Figures>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct Vm {
+    vm: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct VmReason {
+    vm: String,
+    reason: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct VmDevice {
+    vm: String,
+    device: String,
+}
+
+/// Every VM's figures in Prometheus' text format.
+pub fn encode(vms: &[VmStatus]) -> Result<String, std::fmt::Error> {
+    let up = Family::<Vm, Gauge>::default();
+    let restarts = Family::<Vm, Counter>::default();
+    let boots = Family::<Vm, Counter>::default();
+    let memory = Family::<Vm, Gauge>::default();
+    let overhead = Family::<Vm, Gauge>::default();
+    let exits = Family::<VmReason, Counter>::default();
+    let notifications = Family::<VmDevice, Counter>::default();
+    let interrupts = Family::<VmDevice, Counter>::default();
+    for v in vms {
+        let vm = Vm { vm: v.name.clone() };
+        up.get_or_create(&vm).set(i64::from(v.state == "running"));
+        restarts.get_or_create(&vm).inc_by(u64::from(v.restarts));
+        memory
+            .get_or_create(&vm)
+            .set((v.memory_mib << 20).try_into().unwrap_or(i64::MAX));
+        let Some(f) = &v.figures else { continue };
+        boots.get_or_create(&vm).inc_by(u64::from(f.boots));
+        overhead
+            .get_or_create(&vm)
+            .set(f.vmm_overhead_bytes.try_into().unwrap_or(i64::MAX));
+        for (reason, n) in &f.exits {
+            exits
+                .get_or_create(&VmReason {
+                    vm: v.name.clone(),
+                    reason: reason.clone(),
+                })
+                .inc_by(*n);
+        }
+        for d in &f.devices {
+            let l = VmDevice {
+                vm: v.name.clone(),
+                device: d.device.clone(),
+            };
+            notifications.get_or_create(&l).inc_by(d.notifications);
+            interrupts.get_or_create(&l).inc_by(d.interrupts);
+        }
+    }
+    let mut r = Registry::with_prefix("p2pvmm");
+    r.register("vm_up", "Whether the VM runs now (1) or not (0)", up);
+    r.register(
+        "vm_restarts",
+        "Times the supervisor started the VM again after a failure",
+        restarts,
+    );
+    r.register(
+        "vm_boots",
+        "Boots of the VM in its current process (1 + guest reboots)",
+        boots,
+    );
+    r.register("guest_memory_bytes", "Guest RAM configured", memory);
+    r.register(
+        "vmm_overhead_bytes",
+        "The VMM process's resident memory beyond guest RAM (largest seen)",
+        overhead,
+    );
+    r.register(
+        "vcpu_exits",
+        "vCPU exits to the VMM in the current boot, by reason",
+        exits,
+    );
+    r.register(
+        "virtio_notifications",
+        "Queue notifications a device took from its guest in the current boot",
+        notifications,
+    );
+    r.register(
+        "interrupts",
+        "Interrupts a device raised in its guest in the current boot",
+        interrupts,
+    );
+    let mut out = String::new();
+    prometheus_client::encoding::text::encode(&mut out, &r)?;
+    Ok(out)
+}
+
+/// The supervisor's view of its VMs, updated as it polls them.
+pub type Board = std::sync::Arc<std::sync::Mutex<Vec<VmStatus>>>;
+
+/// Connections served at once (a Prometheus server, the service VM's
+/// dashboard, a person with curl).
+const MAX_CONNECTIONS: usize = 8;
+
+/// Serves `GET /metrics` and `GET /vms.json` on `listener` until
+/// `shutdown`, from `board` and each VM's `figures.json` under `home`.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    board: Board,
+    home: std::path::PathBuf,
+    shutdown: tokio_util::sync::CancellationToken,
+) {
+    use axum::routing::get;
+    let app = axum::Router::new()
+        .route("/metrics", get(scrape))
+        .route("/vms.json", get(vms_json))
+        .with_state((board, std::sync::Arc::new(home)));
+    let limits = p2pvm_httpd::Limits {
+        connections: MAX_CONNECTIONS,
+        header_read: std::time::Duration::from_secs(10),
+        stall: std::time::Duration::from_secs(30),
+        lifetime: Some(std::time::Duration::from_secs(120)),
+    };
+    p2pvm_httpd::serve(listener, app, limits, "p2pvmm metrics", shutdown).await;
+}
+
+type ServerState = (Board, std::sync::Arc<std::path::PathBuf>);
+
+/// The board with each VM's latest figures read in.
+fn snapshot(board: &Board, home: &std::path::Path) -> Vec<VmStatus> {
+    let mut vms = board.lock().expect("lock").clone();
+    for v in &mut vms {
+        if v.state == "running" {
+            v.figures = Figures::read(&crate::instance::VmDir::new(home, &v.name).figures());
+        }
+    }
+    vms
+}
+
+async fn scrape(
+    axum::extract::State((board, home)): axum::extract::State<ServerState>,
+) -> axum::response::Response {
+    use axum::response::IntoResponse;
+    let text = tokio::task::spawn_blocking(move || encode(&snapshot(&board, &home))).await;
+    match text {
+        Ok(Ok(text)) => (
+            [(
+                axum::http::header::CONTENT_TYPE,
+                "text/plain; version=0.0.4; charset=utf-8",
+            )],
+            text,
+        )
+            .into_response(),
+        _ => axum::http::StatusCode::INTERNAL_SERVER_ERROR.into_response(),
+    }
+}
+
+async fn vms_json(
+    axum::extract::State((board, home)): axum::extract::State<ServerState>,
+) -> axum::response::Response {
+    use axum::response::IntoResponse;
+    match tokio::task::spawn_blocking(move || snapshot(&board, &home)).await {
+        Ok(vms) => axum::Json(vms).into_response(),
+        Err(_) => axum::http::StatusCode::INTERNAL_SERVER_ERROR.into_response(),
+    }
+}
+
+/// Whether the internet cannot reach `ip` (loopback, RFC 1918, link-local,
+/// IPv6 unique local): where the figures may be served.
+pub fn is_private(ip: std::net::IpAddr) -> bool {
+    match ip {
+        std::net::IpAddr::V4(v4) => v4.is_loopback() || v4.is_private() || v4.is_link_local(),
+        std::net::IpAddr::V6(v6) => {
+            v6.is_loopback() || v6.is_unique_local() || v6.is_unicast_link_local()
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn status(name: &str, figures: Option<Figures>) -> VmStatus {
+        VmStatus {
+            name: name.into(),
+            state: "running".into(),
+            restarts: 2,
+            memory_mib: 256,
+            console: format!("p2pvmm console {name}"),
+            figures,
+        }
+    }
+
+    #[test]
+    fn figures_survive_the_file_and_every_family_is_encoded_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = Figures {
+            boots: 1,
+            exits: [("io".to_string(), 40), ("mmio".to_string(), 7)].into(),
+            devices: vec![DeviceFigures {
+                device: "virtio-net".into(),
+                notifications: 5,
+                interrupts: 9,
+            }],
+            guest_memory_bytes: 256 << 20,
+            vmm_overhead_bytes: 12 << 20,
+            uptime_secs: 3,
+        };
+        let path = dir.path().join("figures.json");
+        f.write(&path).unwrap();
+        assert_eq!(Figures::read(&path), Some(f.clone()));
+        assert_eq!(Figures::read(&dir.path().join("none.json")), None);
+
+        let text = encode(&[status("service", Some(f)), status("client", None)]).unwrap();
+        for line in [
+            "p2pvmm_vm_up{vm=\"service\"} 1",
+            "p2pvmm_vm_restarts_total{vm=\"client\"} 2",
+            "p2pvmm_vcpu_exits_total{vm=\"service\",reason=\"io\"} 40",
+            "p2pvmm_virtio_notifications_total{vm=\"service\",device=\"virtio-net\"} 5",
+            "p2pvmm_interrupts_total{vm=\"service\",device=\"virtio-net\"} 9",
+            "p2pvmm_guest_memory_bytes{vm=\"client\"} 268435456",
+        ] {
+            assert!(text.contains(line), "no {line:?} in\n{text}");
+        }
+        assert_eq!(text.matches("# TYPE p2pvmm_vcpu_exits counter").count(), 1);
+    }
+}
