@@ -108,6 +108,11 @@ mdns = false
 [virus]
 clamd_socket = "/run/clamd.sock"
 database_dir = "/usr/share/p2pvm/clamav"
+
+# The figures and the operator's dashboard: p2pvm-init passes --metrics with
+# the VM's TAP address, a link only the host is on.
+[metrics]
+dashboard = true
 "#;
 
 /// clamd in the service VM: in the foreground under p2pvm-init, logging to

@@ -103,6 +103,10 @@ pub struct MetricsConfig {
     /// HTTP; set it `true` for a private address you trust the path to
     /// (the TAP between the host and the service VM).
     pub dashboard: Option<bool>,
+    /// In VM mode, where `p2pvmm up --metrics` serves the VMs' states
+    /// (`http://<the TAP's host side>:9101/vms.json`): the dashboard's VMs
+    /// page. `http://` to a loopback or private address only.
+    pub vms_url: Option<String>,
 }
 
 impl MetricsConfig {
@@ -636,6 +640,13 @@ impl Config {
                 "relay.max_circuit_secs and max_circuit_bytes must be positive (set relay.serve = false to relay nothing)"
                     .into(),
             ));
+        }
+        if let Some(u) = &self.metrics.vms_url
+            && crate::dashboard::vms::parse_url(u).is_none()
+        {
+            return Err(ConfigError::Invalid(format!(
+                "metrics.vms_url must be http://<loopback or private address>:<port>/<path>, not {u:?}"
+            )));
         }
         if let Some(m) = self.metrics.listen
             && !is_private(m.ip())

@@ -21,6 +21,11 @@ pub const IMAGES_ENV: &str = "P2PVM_IMAGES";
 /// The image files.
 pub const IMAGE_FILES: [&str; 3] = ["vmlinux", "service.cpio", "client.cpio"];
 
+/// Where `p2pvmm up` serves the VMs' figures on the TAP's host side by
+/// default (the service VM's dashboard asks there: its init passes
+/// `--vms-url http://<gateway>:9101/vms.json`).
+pub const FIGURES_PORT: u16 = 9101;
+
 /// The service VM's link to the host.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ServiceNet {

@@ -107,13 +107,7 @@ fn specs(boot: &Boot) -> Vec<Spec> {
             },
             Spec {
                 name: "p2pd",
-                argv: vec![
-                    "/usr/bin/p2pd".into(),
-                    "--config".into(),
-                    "/etc/p2pd.toml".into(),
-                    "--channel-mapping".into(),
-                    boot.mapping.clone(),
-                ],
+                argv: p2pd_argv(boot),
                 env: log_env.clone(),
                 ready: Some(P2PD_API.into()),
                 // p2pd's virus filter wants clamd; loading signatures takes seconds.
@@ -282,4 +276,63 @@ fn shut_down(mode: RebootMode) -> ! {
     let _ = reboot(mode);
     // reboot(2) does not return on success.
     std::process::exit(1)
+}
+
+/// p2pd's command line. With a network, its figures and dashboard are
+/// served on the VM's side of the TAP (reachable from the host only), and
+/// the dashboard's VMs page asks `p2pvmm up` on the host's side.
+fn p2pd_argv(boot: &boot::Boot) -> Vec<String> {
+    let mut argv: Vec<String> = [
+        "/usr/bin/p2pd",
+        "--config",
+        "/etc/p2pd.toml",
+        "--channel-mapping",
+        &boot.mapping,
+    ]
+    .map(String::from)
+    .into();
+    if let Some(ip) = &boot.ip {
+        argv.extend(["--metrics".into(), format!("{}:{METRICS_PORT}", ip.addr)]);
+    }
+    if let (Some(_), Some(gw)) = (&boot.ip, boot.gateway) {
+        argv.extend([
+            "--vms-url".into(),
+            format!("http://{gw}:{VMS_PORT}/vms.json"),
+        ]);
+    }
+    argv
+}
+
+/// Where p2pd serves `/metrics` and the dashboard in the service VM.
+const METRICS_PORT: u16 = 9100;
+/// Where `p2pvmm up` serves the VMs' figures on the host's side of the TAP
+/// (`vmm::platform::FIGURES_PORT`).
+const VMS_PORT: u16 = 9101;
+
+#[cfg(test)]
+mod tests {
+    use super::boot::Boot;
+
+    #[test]
+    fn p2pd_serves_its_figures_on_the_tap_and_only_with_a_network() {
+        let with =
+            Boot::parse("p2pvm.ip=10.99.0.2/24 p2pvm.gw=10.99.0.1", Some("service")).unwrap();
+        let argv = super::p2pd_argv(&with);
+        assert!(
+            argv.windows(2)
+                .any(|w| w == ["--metrics", "10.99.0.2:9100"]),
+            "{argv:?}"
+        );
+        assert!(
+            argv.windows(2)
+                .any(|w| w == ["--vms-url", "http://10.99.0.1:9101/vms.json"]),
+            "{argv:?}"
+        );
+        let without = Boot::parse("quiet", Some("service")).unwrap();
+        let argv = super::p2pd_argv(&without);
+        assert!(
+            !argv.iter().any(|a| a == "--metrics" || a == "--vms-url"),
+            "{argv:?}"
+        );
+    }
 }

@@ -35,6 +35,14 @@ struct Cli {
     /// Do not discover peers on the local network with mDNS.
     #[arg(long)]
     no_mdns: bool,
+    /// Serve `/metrics` (and the dashboard) on this address; overrides
+    /// `[metrics] listen` (the service VM's init passes its TAP address).
+    #[arg(long)]
+    metrics: Option<std::net::SocketAddr>,
+    /// Where `p2pvmm up --metrics` serves the VMs' states (its `/vms.json`),
+    /// for the dashboard's VMs page; overrides `[metrics] vms_url`.
+    #[arg(long)]
+    vms_url: Option<String>,
     /// Serve the inter-VM channel brokered at this socket (set by `p2pvmm`).
     #[arg(long, conflicts_with = "channel_device")]
     channel_broker: Option<PathBuf>,
@@ -85,6 +93,12 @@ fn load_config(cli: &Cli) -> anyhow::Result<Config> {
     config.bootstrap.extend(cli.bootstrap.iter().cloned());
     if cli.no_mdns {
         config.mdns = false;
+    }
+    if let Some(m) = cli.metrics {
+        config.metrics.listen = Some(m);
+    }
+    if let Some(u) = &cli.vms_url {
+        config.metrics.vms_url = Some(u.clone());
     }
     if let Some(b) = &cli.channel_broker {
         config.channel_broker = Some(b.clone());

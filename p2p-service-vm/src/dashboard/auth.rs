@@ -360,6 +360,26 @@ mod tests {
             "origin",
             "http://127.0.0.1:9100"
         )])));
+        assert!(!same_origin(&headers(&[host, ("origin", "null")])));
+        assert!(!same_origin(&headers(&[host, ("sec-fetch-site", "none")])));
+    }
+
+    #[test]
+    fn pages_refuse_only_what_another_sites_page_asked_for() {
+        assert!(!from_another_site(&headers(&[])));
+        assert!(!from_another_site(&headers(&[("sec-fetch-site", "none")])));
+        assert!(!from_another_site(&headers(&[(
+            "sec-fetch-site",
+            "same-origin"
+        )])));
+        assert!(from_another_site(&headers(&[(
+            "sec-fetch-site",
+            "same-site"
+        )])));
+        assert!(from_another_site(&headers(&[(
+            "sec-fetch-site",
+            "cross-site"
+        )])));
     }
 
     #[test]

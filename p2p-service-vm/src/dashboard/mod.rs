@@ -5,6 +5,7 @@
 //!  browser ─► GET/POST /login (admin token) ─► auth: session cookie
 //!     │                                        (HttpOnly, SameSite=Strict)
 //!     ├─► GET / /peers /content /security /compute ─► pages ─► ApiService::as_operator
+//!     │   GET /vms (VM mode) ─► vms: p2pvmm's /vms.json on the TAP's host side
 //!     │      ?live=1: the <main> alone; live.js asks for it every 2 s
 //!     └─► POST /peers/ban /peers/unban /logout ─► auth: same origin + CSRF token
 //!                                                 ─► ledger, node
@@ -19,6 +20,7 @@
 mod auth;
 mod history;
 mod pages;
+pub(crate) mod vms;
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -70,6 +72,7 @@ impl Dashboard {
             .route("/content", get(pages::content))
             .route("/security", get(pages::security))
             .route("/compute", get(pages::compute))
+            .route("/vms", get(pages::vms))
             .route("/peers/ban", post(pages::ban))
             .route("/peers/unban", post(pages::unban))
             .route("/login", get(auth::login_page).post(auth::login))

@@ -28,14 +28,16 @@ enum Nav {
     Content,
     Security,
     Compute,
+    Vms,
 }
 
-const NAV: [(Nav, &str, &str); 5] = [
+const NAV: [(Nav, &str, &str); 6] = [
     (Nav::Overview, "/", "Overview"),
     (Nav::Peers, "/peers", "Peers"),
     (Nav::Content, "/content", "Content"),
     (Nav::Security, "/security", "Security"),
     (Nav::Compute, "/compute", "Compute"),
+    (Nav::Vms, "/vms", "VMs"),
 ];
 
 /// A page's query: `live=1` for the `<main>` alone; `q` a content search.
@@ -48,7 +50,9 @@ pub(super) struct View {
 }
 
 /// Wraps a page's `<main>` in the layout, or answers with it alone.
-fn layout(op: &Operator, nav: Nav, view: &View, main: Markup) -> Response {
+fn layout(d: &Dashboard, op: &Operator, nav: Nav, view: &View, main: Markup) -> Response {
+    // The VMs page only where p2pvmm can be asked (VM mode).
+    let vm_mode = d.api.context().config.metrics.vms_url.is_some();
     let (_, _, title) = NAV
         .iter()
         .find(|(n, _, _)| *n == nav)
@@ -77,7 +81,8 @@ fn layout(op: &Operator, nav: Nav, view: &View, main: Markup) -> Response {
                         strong { "p2pvm" }
                         nav {
                             @for (n, href, label) in NAV {
-                                @if n == nav {
+                                @if n == Nav::Vms && !vm_mode {
+                                } @else if n == nav {
                                     a href=(href) aria-current="page" { (label) }
                                 } @else {
                                     a href=(href) { (label) }
@@ -195,7 +200,7 @@ pub(super) async fn overview(
             }
         }
     };
-    layout(&op, Nav::Overview, &view, main)
+    layout(&d, &op, Nav::Overview, &view, main)
 }
 
 async fn local_items(d: &Dashboard) -> Result<Vec<pb::ContentInfo>, String> {
@@ -304,7 +309,7 @@ pub(super) async fn peers(
             }
         }
     };
-    layout(&op, Nav::Peers, &view, main)
+    layout(&d, &op, Nav::Peers, &view, main)
 }
 
 fn standing_name(s: p2pvm_security::Standing) -> &'static str {
@@ -540,7 +545,7 @@ pub(super) async fn content(
             }
         }
     };
-    layout(&op, Nav::Content, &view, main)
+    layout(&d, &op, Nav::Content, &view, main)
 }
 
 /// Virus verdicts, DRM refusals, bans, trusted groups and their CRLs.
@@ -602,7 +607,7 @@ pub(super) async fn security(
             } },
         }
     };
-    layout(&op, Nav::Security, &view, main)
+    layout(&d, &op, Nav::Security, &view, main)
 }
 
 /// This node's offer, its jobs, receipts and balance.
@@ -683,7 +688,52 @@ pub(super) async fn compute(
             } },
         }
     };
-    layout(&op, Nav::Compute, &view, main)
+    layout(&d, &op, Nav::Compute, &view, main)
+}
+
+/// Both VMs as p2pvmm sees them (VM mode: `[metrics] vms_url`).
+pub(super) async fn vms(
+    State(d): State<Arc<Dashboard>>,
+    op: Operator,
+    Query(view): Query<View>,
+) -> Response {
+    let url = d.api.context().config.metrics.vms_url.clone();
+    let vms = match &url {
+        None => Err("this node does not run in VM mode ([metrics] vms_url is not set)".to_owned()),
+        Some(u) => super::vms::fetch(u).await,
+    };
+    let main = html! {
+        h1 { "VMs" }
+        @match &vms {
+            Err(e) => (failed("p2pvmm", e)),
+            Ok(vms) => div.scroll { table #vms {
+                thead { tr {
+                    th { "VM" } th { "State" } th { "Restarts" } th { "Boots" } th { "Up" } th { "Memory" }
+                    th { "VMM overhead" } th { "vCPU exits" } th { "Devices (notifications / interrupts)" } th { "Console" }
+                } }
+                tbody { @for v in vms {
+                    tr id=(format!("vm-{}", v.name)) data-state=(v.state) data-restarts=(v.restarts) {
+                        td { (v.name) } td { (v.state) } td { (v.restarts) }
+                        @match &v.figures {
+                            None => { td { "—" } td { "—" } td { (v.memory_mib) " MiB" } td { "—" } td { "—" } td { "—" } }
+                            Some(f) => {
+                                td { (f.boots) }
+                                td { (HumanDuration(Duration::from_secs(f.uptime_secs))) }
+                                td { (v.memory_mib) " MiB" }
+                                td { (HumanBytes(f.vmm_overhead_bytes)) }
+                                td { @for (reason, n) in &f.exits { (reason) " " (n) br; } }
+                                td { @for dev in &f.devices { (dev.device) ": " (dev.notifications) " / " (dev.interrupts) br; } }
+                            }
+                        }
+                        td { code { (v.console) } }
+                    }
+                } }
+            } },
+        }
+        p { "From the host: " code { "p2pvmm console service" } " (the operator's console, " code { "p2pctl" }
+            " with the admin capability) or " code { "p2pvmm console client" } "; see docs/vmm.md." }
+    };
+    layout(&d, &op, Nav::Vms, &view, main)
 }
 
 /// The stylesheet, compiled in.

@@ -125,6 +125,27 @@ for fd in /proc/$cpid/fd/*; do
 done
 result marker_in_client_ram=$in_ram marker_in_region=$in_region
 
+# The figures: p2pvmm's of both VMs (on the TAP's host side, its default)
+# and the service VM's node's own (on the VM's side). Each scrape goes to
+# the console as `P2PVM-SCRAPE <tag> <line>`; the test parses them.
+scrape() { curl -s --noproxy '*' --max-time 10 "http://$1/metrics" | sed "s/^/P2PVM-SCRAPE $2 /"; }
+scrape 10.99.0.1:9101 vmm-before
+scrape 10.99.0.2:9100 node-before
+# The operator's dashboard, from the test host (the token is in the service
+# VM's data directory): logged in, its VMs page shows both VMs running.
+admin=$(ask service ADMINTOK "cat /var/lib/p2pd/admin.token")
+dash() { curl -s --noproxy '*' --max-time 20 -b "$WORK/jar" -c "$WORK/jar" "$@"; }
+vms_page() {
+    rm -f "$WORK/jar"
+    dash -o /dev/null -d "token=$admin" http://10.99.0.2:9100/login
+    dash http://10.99.0.2:9100/vms > "$WORK/vms.html"
+}
+vms_page
+for vm in service client; do
+    grep -q "id=\"vm-$vm\" data-state=\"running\"" "$WORK/vms.html" && result dashboard_vm_$vm=running
+done
+grep -q 'id="vm-service"' "$WORK/vms.html" || { echo "the dashboard's VMs page:"; head -c 2000 "$WORK/vms.html"; echo; }
+
 # A host-mode node in the test host, on the service VM's TAP.
 mkdir -p "$WORK/hn"
 printf 'mdns = false\nlisten = ["/ip4/10.99.0.1/tcp/4002"]\n[virus]\nenabled = false\n' > "$WORK/hn.toml"
@@ -176,6 +197,10 @@ if [ "$sub" != 1 ] || ! grep -q from-client "$WORK/hsub.txt"; then
     wait_for "$slog" "^PUBSUB-DIAG-END" 60
     echo "host-mode node's log:"; grep -aiE "gossip|connect|dial" "$WORK/hn.log" | tail -40
 fi
+
+# The transfers above moved the figures.
+scrape 10.99.0.1:9101 vmm-after
+scrape 10.99.0.2:9100 node-after
 
 # Beyond the test host: a node on a segment of its own (a namespace behind a
 # veth), which the service VM reaches only through the NAT `up` set up, and
@@ -297,6 +322,11 @@ result content_after_restart=$has
 type_on service "p2pctl credit list; echo CREDIT2-END"
 wait_for "$slog" "^CREDIT2-END" 120 || echo "no CREDIT2-END from the service VM in 120 s"
 grep -aq "$hpeer  *[0-9]" "$slog" && result credit_row_after_restart=yes
+# p2pvmm counted the restart; the restarted node's dashboard shows it.
+scrape 10.99.0.1:9101 vmm-end
+vms_page
+restarts=$(sed -n 's/.*id="vm-service" data-state="running" data-restarts="\([0-9]*\)".*/\1/p' "$WORK/vms.html")
+result dashboard_service_restarts=$restarts
 
 kill -TERM "$up"
 wait "$up"

@@ -56,7 +56,9 @@ pub fn scenario(host: &TestHost, name: &str, script: &str) -> anyhow::Result<(Sc
         // veth is the network segment beyond the test host.
         .binary("/opt/nft", require_tool("nft", "nftables")?)
         // `up` makes the store disk with e2fsprogs.
-        .binary("/opt/mkfs.ext4", require_tool("mkfs.ext4", "e2fsprogs")?);
+        .binary("/opt/mkfs.ext4", require_tool("mkfs.ext4", "e2fsprogs")?)
+        // The figures and the dashboard are read over HTTP.
+        .binary("/opt/curl", require_tool("curl", "curl")?);
     // The sandbox backend (for comparisons) needs util-linux's tools, not
     // busybox's namesakes.
     let scenario = ["unshare", "nsenter", "setpriv"]

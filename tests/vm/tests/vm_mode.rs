@@ -6,7 +6,102 @@
 //! service VM's peer over its TAP. The scenario is
 //! `tests/vm/scenarios/vmmode-l1.sh`; it reports, this test judges.
 
+use std::collections::HashMap;
+
 use p2pvm_testhost::{Outcome, TestHost};
+
+/// The samples of the scrape the scenario printed as `P2PVM-SCRAPE <tag>
+/// <line>`, read with a Prometheus text-format parser, keyed by name and
+/// sorted labels (`name{k=v,k=v}`); empty when there was none.
+fn scrape(o: &Outcome, tag: &str) -> HashMap<String, f64> {
+    let prefix = format!("P2PVM-SCRAPE {tag} ");
+    let lines = o
+        .console
+        .lines()
+        .filter_map(|l| l.find(&prefix).map(|at| l[at + prefix.len()..].to_owned()));
+    let Ok(parsed) = prometheus_parse::Scrape::parse(lines.map(Ok)) else {
+        return HashMap::new();
+    };
+    parsed
+        .samples
+        .into_iter()
+        .filter_map(|s| {
+            let value = match s.value {
+                prometheus_parse::Value::Counter(v)
+                | prometheus_parse::Value::Gauge(v)
+                | prometheus_parse::Value::Untyped(v) => v,
+                _ => return None,
+            };
+            let mut labels: Vec<String> =
+                s.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
+            labels.sort();
+            Some((format!("{}{{{}}}", s.metric, labels.join(",")), value))
+        })
+        .collect()
+}
+
+/// What the figures must show: p2pvmm's of both VMs moved with the
+/// transfers (exits, the service VM's network device's notifications and
+/// interrupts) and counted the service VM's restart; the service VM's node's
+/// own figures moved too; the dashboard's VMs page showed both VMs and the
+/// restart.
+fn figures_checks(o: &Outcome, c: &mut Checks) {
+    let (vb, va, ve) = (
+        scrape(o, "vmm-before"),
+        scrape(o, "vmm-after"),
+        scrape(o, "vmm-end"),
+    );
+    let (nb, na) = (scrape(o, "node-before"), scrape(o, "node-after"));
+    for (tag, s) in [
+        ("vmm-before", &vb),
+        ("vmm-after", &va),
+        ("vmm-end", &ve),
+        ("node-before", &nb),
+        ("node-after", &na),
+    ] {
+        c.check(!s.is_empty(), || format!("no scrape {tag} on the console"));
+    }
+    let get = |s: &HashMap<String, f64>, k: &str| s.get(k).copied().unwrap_or(0.0);
+    for vm in ["service", "client"] {
+        let up = format!("p2pvmm_vm_up{{vm={vm}}}");
+        c.check(get(&va, &up) == 1.0, || format!("{up}: {}", get(&va, &up)));
+        let io = format!("p2pvmm_vcpu_exits_total{{reason=io,vm={vm}}}");
+        c.check(get(&va, &io) > 0.0, || format!("{io}: {}", get(&va, &io)));
+    }
+    for family in [
+        "p2pvmm_virtio_notifications_total",
+        "p2pvmm_interrupts_total",
+    ] {
+        let k = format!("{family}{{device=virtio-net p2pvm0,vm=service}}");
+        c.check(get(&va, &k) > get(&vb, &k), || {
+            format!(
+                "{k} did not move with the transfers: {} then {}",
+                get(&vb, &k),
+                get(&va, &k)
+            )
+        });
+    }
+    let restarts = "p2pvmm_vm_restarts_total{vm=service}";
+    c.check(get(&ve, restarts) == 1.0, || {
+        format!("{restarts}: {} after one kill", get(&ve, restarts))
+    });
+    // The service VM's node fetched the host-mode node's item for the client.
+    let done = "p2pvm_content_transfers_finished_total{outcome=complete}";
+    c.check(get(&na, done) > get(&nb, done), || {
+        format!("{done}: {} then {}", get(&nb, done), get(&na, done))
+    });
+    let bytes_in = "p2pvm_credit_bytes{direction=in,standing=good}";
+    c.check(get(&na, bytes_in) > get(&nb, bytes_in), || {
+        format!(
+            "{bytes_in}: {} then {}",
+            get(&nb, bytes_in),
+            get(&na, bytes_in)
+        )
+    });
+    c.eq(o, "dashboard_vm_service", "running");
+    c.eq(o, "dashboard_vm_client", "running");
+    c.eq(o, "dashboard_service_restarts", "1");
+}
 
 /// Collects every failed check of a run, so that one look at a failure
 /// shows all of them (and the test can tell a run spoiled by a guest reset
@@ -94,6 +189,7 @@ fn failed_checks(o: &Outcome) -> Vec<String> {
     c.eq(o, "segment_reached_vm", "yes");
     c.eq(o, "nat_table_after", "0");
     c.eq(o, "forwarding_after", "0");
+    figures_checks(o, &mut c);
     c.0
 }
 

@@ -373,6 +373,14 @@ fn up(home: Home, args: UpArgs, log: &str) -> anyhow::Result<()> {
         let _nat = (own_set && !platform.no_net && !platform.no_nat)
             .then(|| host_nat(&platform))
             .flatten();
+        // The platform's own VMs: the figures on the TAP's host side, where
+        // the service VM's dashboard reads them.
+        let metrics = metrics.or_else(|| {
+            (own_set && !platform.no_net).then(|| {
+                let host = vmm::platform::ServiceNet::standard().host;
+                std::net::SocketAddr::from((host, vmm::platform::FIGURES_PORT))
+            })
+        });
         return up_vms(&home, &set, metrics, log);
     }
     if metrics.is_some() {

@@ -1,0 +1,148 @@
+//! The VMs page (VM mode): what `p2pvmm up --metrics` says of both VMs,
+//! read from its `/vms.json` on the TAP's host side (`[metrics] vms_url`).
+//! The supervisor is the only one who knows; the service VM only asks.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use http_body_util::{BodyExt, Empty, Limited};
+use hyper::body::Bytes;
+use serde::Deserialize;
+
+/// The longest answer read (two VMs' figures are a few KiB).
+const MAX_BODY: usize = 256 << 10;
+/// How long p2pvmm has to answer.
+const TIMEOUT: Duration = Duration::from_secs(3);
+
+/// One VM as p2pvmm reports it (the JSON of `vmm::metrics::VmStatus`;
+/// fields this page does not show are ignored).
+#[derive(Debug, Clone, Deserialize)]
+pub(crate) struct VmStatus {
+    pub name: String,
+    pub state: String,
+    pub restarts: u32,
+    pub memory_mib: u64,
+    pub console: String,
+    pub figures: Option<Figures>,
+}
+
+/// A VM process's latest figures.
+#[derive(Debug, Clone, Deserialize)]
+pub(crate) struct Figures {
+    pub boots: u32,
+    pub exits: BTreeMap<String, u64>,
+    pub devices: Vec<Device>,
+    pub vmm_overhead_bytes: u64,
+    pub uptime_secs: u64,
+}
+
+/// One device's counts.
+#[derive(Debug, Clone, Deserialize)]
+pub(crate) struct Device {
+    pub device: String,
+    pub notifications: u64,
+    pub interrupts: u64,
+}
+
+/// `http://IP:PORT/PATH` to a loopback or private address: its address and
+/// path; `None` for anything else (no names to resolve, no TLS, nothing
+/// public).
+pub(crate) fn parse_url(url: &str) -> Option<(SocketAddr, String)> {
+    let rest = url.strip_prefix("http://")?;
+    let (authority, path) = match rest.find('/') {
+        Some(i) => (&rest[..i], &rest[i..]),
+        None => (rest, "/"),
+    };
+    let addr: SocketAddr = authority.parse().ok()?;
+    let private = match addr.ip() {
+        std::net::IpAddr::V4(v4) => v4.is_loopback() || v4.is_private() || v4.is_link_local(),
+        std::net::IpAddr::V6(v6) => v6.is_loopback() || v6.is_unique_local(),
+    };
+    (private && !path.contains(char::is_whitespace)).then(|| (addr, path.to_owned()))
+}
+
+/// Asks p2pvmm for both VMs' states.
+pub(crate) async fn fetch(url: &str) -> Result<Vec<VmStatus>, String> {
+    let (addr, path) = parse_url(url).ok_or_else(|| format!("not a usable URL: {url}"))?;
+    tokio::time::timeout(TIMEOUT, ask(addr, &path))
+        .await
+        .map_err(|_| format!("p2pvmm at {addr} did not answer in {TIMEOUT:?}"))?
+}
+
+async fn ask(addr: SocketAddr, path: &str) -> Result<Vec<VmStatus>, String> {
+    let stream = tokio::net::TcpStream::connect(addr)
+        .await
+        .map_err(|e| format!("p2pvmm at {addr}: {e}"))?;
+    let (mut sender, conn) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+            .await
+            .map_err(|e| e.to_string())?;
+    let conn = tokio::spawn(conn);
+    let req = hyper::Request::get(path)
+        .header(hyper::header::HOST, addr.to_string())
+        .body(Empty::<Bytes>::new())
+        .map_err(|e| e.to_string())?;
+    let resp = sender.send_request(req).await.map_err(|e| e.to_string())?;
+    if !resp.status().is_success() {
+        conn.abort();
+        return Err(format!("p2pvmm answered {}", resp.status()));
+    }
+    let body = Limited::new(resp.into_body(), MAX_BODY)
+        .collect()
+        .await
+        .map_err(|e| format!("reading p2pvmm's answer: {e}"))?
+        .to_bytes();
+    conn.abort();
+    serde_json::from_slice(&body).map_err(|e| format!("p2pvmm's answer: {e}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_plain_http_to_a_private_address_is_asked() {
+        assert_eq!(
+            parse_url("http://10.99.0.1:9101/vms.json"),
+            Some(("10.99.0.1:9101".parse().unwrap(), "/vms.json".into()))
+        );
+        assert!(parse_url("http://127.0.0.1:9101").is_some());
+        for bad in [
+            "https://10.99.0.1:9101/vms.json",
+            "http://8.8.8.8:80/vms.json",
+            "http://p2pvmm.local:9101/vms.json",
+            "http://10.99.0.1/vms.json",
+            "http://10.99.0.1:9101/a b",
+        ] {
+            assert!(parse_url(bad).is_none(), "{bad} accepted");
+        }
+    }
+
+    #[tokio::test]
+    async fn the_supervisors_json_is_read_within_its_bounds() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        tokio::spawn(async move {
+            for body in [
+                r#"[{"name":"service","state":"running","restarts":1,"memory_mib":640,"console":"p2pvmm console service","figures":{"boots":1,"exits":{"io":5},"devices":[{"device":"virtio-net p2pvm0","notifications":3,"interrupts":4}],"guest_memory_bytes":1,"vmm_overhead_bytes":2,"uptime_secs":9}}]"#.to_string(),
+                "x".repeat(MAX_BODY + 1),
+            ] {
+                let (mut s, _) = l.accept().await.unwrap();
+                let mut buf = [0u8; 1024];
+                let _ = s.read(&mut buf).await.unwrap();
+                let head = format!("HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n", body.len());
+                s.write_all(head.as_bytes()).await.unwrap();
+                let _ = s.write_all(body.as_bytes()).await;
+            }
+        });
+        let url = format!("http://{addr}/vms.json");
+        let vms = fetch(&url).await.unwrap();
+        assert_eq!(vms[0].name, "service");
+        assert_eq!(vms[0].restarts, 1);
+        assert_eq!(vms[0].figures.as_ref().unwrap().devices[0].interrupts, 4);
+        let too_big = fetch(&url).await.unwrap_err();
+        assert!(too_big.contains("reading"), "{too_big}");
+    }
+}
