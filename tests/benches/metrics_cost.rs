@@ -1,14 +1,18 @@
-//! What `/metrics` costs the node: the same content transfer between two
-//! local p2pds with nobody scraping and with both nodes scraped once a
-//! second (as a Prometheus server would, at a short interval), rounds
-//! interleaved so the machine's noise hits both alike (a round streams a
-//! 512 MiB item ten times, seconds of transfer). Prints the ratio of
-//! the rates (the issue asks for no measurable cost), the CPU seconds per
-//! GiB of each node beside it, and how long a scrape takes (p50/p95/max).
+//! What `/metrics` and the dashboard cost the node: the same content
+//! transfer between two local p2pds (both serving `/metrics` and the
+//! dashboard) with nobody looking, with both nodes scraped once a second (as
+//! a Prometheus server would, at a short interval), and with that plus the
+//! provider's dashboard open (a logged-in client asking for a page's live
+//! part every 2 s, as an open tab does, cycling through the pages). Rounds
+//! are interleaved so the machine's noise hits all alike (a round streams a
+//! 512 MiB item ten times, seconds of transfer). Prints the ratios of the
+//! rates (the issue asks for no measurable cost), the CPU seconds per GiB of
+//! each node beside them, and how long a scrape and each page take
+//! (p50/p95/max).
 //!
 //! Run: `cargo build --release --bins && P2PVM_BIN_DIR=$CARGO_TARGET_DIR/release
 //! cargo bench -p p2pvm-e2e --bench metrics_cost` (`P2PVM_BENCH_MIB`, 512 by
-//! default; under `cargo test`, a smoke run of 16 MiB and one round).
+//! default; under `cargo test`, a smoke run of 16 MiB and one round each).
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -16,8 +20,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Result, ensure};
 use guest_api::proto;
-use p2pvm_e2e::scrape::{Scrape, config};
-use p2pvm_e2e::{NodeOpts, TestNode, cpu_secs, median};
+use p2pvm_e2e::scrape::{Scrape, config, request};
+use p2pvm_e2e::{NodeOpts, TestNode, cpu_secs};
 
 /// Scrapes `ports` once a second until `stop`; each scrape's time.
 async fn scraper(ports: [u16; 2], stop: Arc<AtomicBool>) -> Result<Vec<Duration>> {
@@ -35,8 +39,84 @@ async fn scraper(ports: [u16; 2], stop: Arc<AtomicBool>) -> Result<Vec<Duration>
     Ok(took)
 }
 
+/// The dashboard's pages, as an open tab asks for them.
+const PAGES: [&str; 5] = [
+    "/?live=1",
+    "/peers?live=1",
+    "/content?live=1",
+    "/security?live=1",
+    "/compute?live=1",
+];
+
+/// Logs in to the dashboard on `port` with `token`; the session cookie.
+async fn login(port: u16, token: &str) -> Result<String> {
+    let r = request(port, "POST", "/login", &[], Some(&format!("token={token}"))).await?;
+    ensure!(r.code == 303, "dashboard login: {}", r.code);
+    let set = r.header("set-cookie").unwrap_or_default();
+    Ok(set.split(';').next().unwrap_or_default().to_owned())
+}
+
+/// Asks for a page's live part every 2 s until `stop`, cycling through
+/// [`PAGES`]; each page's time.
+async fn watcher(
+    port: u16,
+    cookie: String,
+    stop: Arc<AtomicBool>,
+) -> Result<Vec<(usize, Duration)>> {
+    let mut took = Vec::new();
+    let mut tick = tokio::time::interval(Duration::from_secs(2));
+    let mut i = 0;
+    while !stop.load(Ordering::Relaxed) {
+        tick.tick().await;
+        let page = i % PAGES.len();
+        let t = Instant::now();
+        let r = request(port, "GET", PAGES[page], &[("Cookie", &cookie)], None).await?;
+        took.push((page, t.elapsed()));
+        ensure!(
+            r.code == 200 && r.body.contains("Updated"),
+            "{}: {}",
+            PAGES[page],
+            r.code
+        );
+        i += 1;
+    }
+    Ok(took)
+}
+
+/// How a round was looked at.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Looked {
+    Not,
+    Scraped,
+    Watched,
+}
+
+impl Looked {
+    fn label(self) -> &'static str {
+        match self {
+            Looked::Not => "nobody looks",
+            Looked::Scraped => "scraped 1/s",
+            Looked::Watched => "+ dashboard",
+        }
+    }
+}
+
+fn percentiles(mut v: Vec<Duration>) -> String {
+    if v.is_empty() {
+        return "none".into();
+    }
+    v.sort();
+    let n = v.len();
+    format!(
+        "p50 {:.2} ms, p95 {:.2} ms, max {:.2} ms over {n}",
+        v[n / 2].as_secs_f64() * 1e3,
+        v[(n * 95 / 100).min(n - 1)].as_secs_f64() * 1e3,
+        v[n - 1].as_secs_f64() * 1e3
+    )
+}
+
 struct Round {
-    scraped: bool,
+    looked: Looked,
     secs: f64,
     /// CPU seconds of the provider and the fetcher.
     cpu: [f64; 2],
@@ -88,10 +168,15 @@ async fn main() -> Result<()> {
     let (pid_a, pid_b) = (a.pid()?, b.pid()?);
     let mut rows = Vec::new();
     let mut scrapes = Vec::new();
+    let mut pages = Vec::new();
+    let cookie = login(pa, &a.admin_token()).await?;
     for _ in 0..rounds {
-        for scraped in [false, true] {
+        for looked in [Looked::Not, Looked::Scraped, Looked::Watched] {
             let stop = Arc::new(AtomicBool::new(false));
-            let scraping = scraped.then(|| tokio::spawn(scraper([pa, pb], stop.clone())));
+            let scraping =
+                (looked != Looked::Not).then(|| tokio::spawn(scraper([pa, pb], stop.clone())));
+            let watching = (looked == Looked::Watched)
+                .then(|| tokio::spawn(watcher(pa, cookie.clone(), stop.clone())));
             let before = [cpu_secs(pid_a)?, cpu_secs(pid_b)?];
             let t = Instant::now();
             for _ in 0..repeats {
@@ -105,8 +190,11 @@ async fn main() -> Result<()> {
             if let Some(h) = scraping {
                 scrapes.extend(h.await??);
             }
+            if let Some(h) = watching {
+                pages.extend(h.await??);
+            }
             rows.push(Round {
-                scraped,
+                looked,
                 secs,
                 cpu: [after[0] - before[0], after[1] - before[1]],
             });
@@ -116,43 +204,43 @@ async fn main() -> Result<()> {
     println!(
         "metrics_cost: {mib} MiB streamed a -> b {repeats} time(s) a round, {rounds} round(s) of each, interleaved"
     );
-    let mut ratios = Vec::new();
-    for pair in rows.chunks(2) {
-        let [quiet, busy] = pair else { continue };
-        ratios.push(quiet.secs / busy.secs);
-        for r in [quiet, busy] {
+    let (mut scraped, mut watched) = (Vec::new(), Vec::new());
+    for triple in rows.chunks(3) {
+        let [quiet, scrape, watch] = triple else {
+            continue;
+        };
+        scraped.push(quiet.secs / scrape.secs);
+        watched.push(quiet.secs / watch.secs);
+        for r in [quiet, scrape, watch] {
             println!(
-                "  {:<12} {:>7.1} MiB/s   CPU s/GiB: provider {:.2}, fetcher {:.2}",
-                if r.scraped {
-                    "scraped 1/s"
-                } else {
-                    "not scraped"
-                },
+                "  {:<14} {:>7.1} MiB/s   CPU s/GiB: provider {:.2}, fetcher {:.2}",
+                r.looked.label(),
                 (mib * repeats) as f64 / r.secs,
                 r.cpu[0] / gib,
                 r.cpu[1] / gib,
             );
         }
     }
-    ratios.sort_by(f64::total_cmp);
-    println!(
-        "rate scraped / not scraped: {}",
-        ratios
-            .iter()
+    let list = |mut v: Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v.iter()
             .map(|r| format!("{r:.3}"))
             .collect::<Vec<_>>()
             .join(", ")
+    };
+    println!("rate scraped / nobody looks: {}", list(scraped));
+    println!(
+        "rate scraped + dashboard open / nobody looks: {}",
+        list(watched)
     );
-    if !scrapes.is_empty() {
-        let n = scrapes.len();
-        let mut sorted = scrapes.clone();
-        sorted.sort();
-        println!(
-            "scrape time over {n}: p50 {:.2} ms, p95 {:.2} ms, max {:.2} ms",
-            median(scrapes).as_secs_f64() * 1e3,
-            sorted[(n * 95 / 100).min(n - 1)].as_secs_f64() * 1e3,
-            sorted[n - 1].as_secs_f64() * 1e3,
-        );
+    println!("scrape time: {}", percentiles(scrapes));
+    for (i, page) in PAGES.iter().enumerate() {
+        let times: Vec<Duration> = pages
+            .iter()
+            .filter(|(p, _)| *p == i)
+            .map(|(_, t)| *t)
+            .collect();
+        println!("page {page}: {}", percentiles(times));
     }
     Ok(())
 }

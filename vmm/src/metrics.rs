@@ -33,6 +33,10 @@ pub struct DeviceStats {
     pub notifications: AtomicU64,
     /// Interrupts the device raised in the guest.
     pub interrupts: AtomicU64,
+    /// Payload bytes the device gave the guest (packets received, blocks read).
+    pub bytes_to_guest: AtomicU64,
+    /// Payload bytes it took from the guest (packets sent, blocks written).
+    pub bytes_from_guest: AtomicU64,
 }
 
 impl DeviceStats {
@@ -42,6 +46,8 @@ impl DeviceStats {
             device: device.to_owned(),
             notifications: self.notifications.load(Ordering::Relaxed),
             interrupts: self.interrupts.load(Ordering::Relaxed),
+            bytes_to_guest: self.bytes_to_guest.load(Ordering::Relaxed),
+            bytes_from_guest: self.bytes_from_guest.load(Ordering::Relaxed),
         }
     }
 }
@@ -55,6 +61,12 @@ pub struct DeviceFigures {
     pub notifications: u64,
     /// Interrupts raised.
     pub interrupts: u64,
+    /// Payload bytes given to the guest.
+    #[serde(default)]
+    pub bytes_to_guest: u64,
+    /// Payload bytes taken from the guest.
+    #[serde(default)]
+    pub bytes_from_guest: u64,
 }
 
 /// A VM process's snapshot (`figures.json`).
@@ -136,6 +148,13 @@ struct VmDevice {
     device: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct VmDeviceDirection {
+    vm: String,
+    device: String,
+    direction: &'static str,
+}
+
 /// Every VM's figures in Prometheus' text format.
 pub fn encode(vms: &[VmStatus]) -> Result<String, std::fmt::Error> {
     let up = Family::<Vm, Gauge>::default();
@@ -146,6 +165,7 @@ pub fn encode(vms: &[VmStatus]) -> Result<String, std::fmt::Error> {
     let exits = Family::<VmReason, Counter>::default();
     let notifications = Family::<VmDevice, Counter>::default();
     let interrupts = Family::<VmDevice, Counter>::default();
+    let bytes = Family::<VmDeviceDirection, Counter>::default();
     for v in vms {
         let vm = Vm { vm: v.name.clone() };
         up.get_or_create(&vm).set(i64::from(v.state == "running"));
@@ -173,6 +193,18 @@ pub fn encode(vms: &[VmStatus]) -> Result<String, std::fmt::Error> {
             };
             notifications.get_or_create(&l).inc_by(d.notifications);
             interrupts.get_or_create(&l).inc_by(d.interrupts);
+            for (direction, n) in [
+                ("to_guest", d.bytes_to_guest),
+                ("from_guest", d.bytes_from_guest),
+            ] {
+                bytes
+                    .get_or_create(&VmDeviceDirection {
+                        vm: v.name.clone(),
+                        device: d.device.clone(),
+                        direction,
+                    })
+                    .inc_by(n);
+            }
         }
     }
     let mut r = Registry::with_prefix("p2pvmm");
@@ -207,6 +239,11 @@ pub fn encode(vms: &[VmStatus]) -> Result<String, std::fmt::Error> {
         "interrupts",
         "Interrupts a device raised in its guest in the current boot",
         interrupts,
+    );
+    r.register(
+        "virtio_bytes",
+        "Payload bytes a device moved to or from its guest in the current boot",
+        bytes,
     );
     let mut out = String::new();
     prometheus_client::encoding::text::encode(&mut out, &r)?;
@@ -319,6 +356,8 @@ mod tests {
                 device: "virtio-net".into(),
                 notifications: 5,
                 interrupts: 9,
+                bytes_to_guest: 1500,
+                bytes_from_guest: 60,
             }],
             guest_memory_bytes: 256 << 20,
             vmm_overhead_bytes: 12 << 20,
@@ -336,6 +375,7 @@ mod tests {
             "p2pvmm_vcpu_exits_total{vm=\"service\",reason=\"io\"} 40",
             "p2pvmm_virtio_notifications_total{vm=\"service\",device=\"virtio-net\"} 5",
             "p2pvmm_interrupts_total{vm=\"service\",device=\"virtio-net\"} 9",
+            "p2pvmm_virtio_bytes_total{vm=\"service\",device=\"virtio-net\",direction=\"to_guest\"} 1500",
             "p2pvmm_guest_memory_bytes{vm=\"client\"} 268435456",
         ] {
             assert!(text.contains(line), "no {line:?} in\n{text}");

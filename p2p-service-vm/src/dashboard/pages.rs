@@ -709,7 +709,7 @@ pub(super) async fn vms(
             Ok(vms) => div.scroll { table #vms {
                 thead { tr {
                     th { "VM" } th { "State" } th { "Restarts" } th { "Boots" } th { "Up" } th { "Memory" }
-                    th { "VMM overhead" } th { "vCPU exits" } th { "Devices (notifications / interrupts)" } th { "Console" }
+                    th { "VMM overhead" } th { "vCPU exits" } th { "Devices: notifications / interrupts, bytes in / out" } th { "Console" }
                 } }
                 tbody { @for v in vms {
                     tr id=(format!("vm-{}", v.name)) data-state=(v.state) data-restarts=(v.restarts) {
@@ -722,7 +722,10 @@ pub(super) async fn vms(
                                 td { (v.memory_mib) " MiB" }
                                 td { (HumanBytes(f.vmm_overhead_bytes)) }
                                 td { @for (reason, n) in &f.exits { (reason) " " (n) br; } }
-                                td { @for dev in &f.devices { (dev.device) ": " (dev.notifications) " / " (dev.interrupts) br; } }
+                                td { @for dev in &f.devices {
+                                    (dev.device) ": " (dev.notifications) " / " (dev.interrupts) ", "
+                                    (HumanBytes(dev.bytes_to_guest)) " / " (HumanBytes(dev.bytes_from_guest)) br;
+                                } }
                             }
                         }
                         td { code { (v.console) } }

@@ -43,6 +43,10 @@ pub(crate) struct Device {
     pub device: String,
     pub notifications: u64,
     pub interrupts: u64,
+    #[serde(default)]
+    pub bytes_to_guest: u64,
+    #[serde(default)]
+    pub bytes_from_guest: u64,
 }
 
 /// `http://IP:PORT/PATH` to a loopback or private address: its address and

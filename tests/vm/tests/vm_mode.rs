@@ -68,11 +68,14 @@ fn figures_checks(o: &Outcome, c: &mut Checks) {
         let io = format!("p2pvmm_vcpu_exits_total{{reason=io,vm={vm}}}");
         c.check(get(&va, &io) > 0.0, || format!("{io}: {}", get(&va, &io)));
     }
+    // (Labels sorted: device, then direction, then vm.)
     for family in [
-        "p2pvmm_virtio_notifications_total",
-        "p2pvmm_interrupts_total",
+        "p2pvmm_virtio_notifications_total{device=virtio-net p2pvm0,",
+        "p2pvmm_interrupts_total{device=virtio-net p2pvm0,",
+        "p2pvmm_virtio_bytes_total{device=virtio-net p2pvm0,direction=to_guest,",
+        "p2pvmm_virtio_bytes_total{device=virtio-net p2pvm0,direction=from_guest,",
     ] {
-        let k = format!("{family}{{device=virtio-net p2pvm0,vm=service}}");
+        let k = format!("{family}vm=service}}");
         c.check(get(&va, &k) > get(&vb, &k), || {
             format!(
                 "{k} did not move with the transfers: {} then {}",

@@ -83,6 +83,10 @@ pub struct BlockStats {
     pub malformed: u64,
     /// Flushes (fdatasync) done.
     pub flushes: u64,
+    /// Bytes read into the guest.
+    pub read_bytes: u64,
+    /// Bytes the guest wrote.
+    pub written_bytes: u64,
 }
 
 /// A parsed request.
@@ -181,7 +185,10 @@ impl Block {
         match req {
             Request::Read { sector } => match self.span(sector, data_out.len()) {
                 Some(offset) => match data_out.read_exact_at(&self.file, offset) {
-                    Ok(()) => (VIRTIO_BLK_S_OK, data_out.len()),
+                    Ok(()) => {
+                        self.stats.read_bytes += data_out.len() as u64;
+                        (VIRTIO_BLK_S_OK, data_out.len())
+                    }
                     Err(e) => {
                         crate::warn_limited!(error = %e, sector, "virtio-blk read failed");
                         (VIRTIO_BLK_S_IOERR, 0)
@@ -195,7 +202,10 @@ impl Block {
                 }
                 match self.span(sector, data_in.len()) {
                     Some(offset) => match data_in.write_all_at(&self.file, offset) {
-                        Ok(()) => (VIRTIO_BLK_S_OK, 0),
+                        Ok(()) => {
+                            self.stats.written_bytes += data_in.len() as u64;
+                            (VIRTIO_BLK_S_OK, 0)
+                        }
                         Err(e) => {
                             crate::warn_limited!(error = %e, sector, "virtio-blk write failed");
                             (VIRTIO_BLK_S_IOERR, 0)
@@ -230,6 +240,10 @@ impl Block {
 }
 
 impl VirtioBackend for Block {
+    fn bytes(&self) -> (u64, u64) {
+        (self.stats.read_bytes, self.stats.written_bytes)
+    }
+
     fn device_type(&self) -> u16 {
         2
     }

@@ -102,6 +102,11 @@ pub trait VirtioBackend: Send + 'static {
     ) -> Result<QueueMask, DeviceError> {
         Ok(0)
     }
+    /// Payload bytes moved so far: (to the guest, from the guest), for the
+    /// VM's figures.
+    fn bytes(&self) -> (u64, u64) {
+        (0, 0)
+    }
 }
 
 /// Whether feature `bit` is in `features`.

@@ -62,6 +62,10 @@ pub struct NetStats {
     pub rx_dropped: u64,
     /// Guest packets refused (malformed chains, sizes).
     pub tx_dropped: u64,
+    /// Bytes of the packets given to the guest (virtio-net headers not counted).
+    pub rx_bytes: u64,
+    /// Bytes of the packets sent to the host (headers not counted).
+    pub tx_bytes: u64,
 }
 
 /// The network device.
@@ -150,7 +154,10 @@ impl Net {
             let sent = match Chain::new(mem, chain) {
                 Ok(c) if (VNET_HDR_LEN..=MAX_PACKET).contains(&c.readable.len()) => {
                     match c.readable.writev(self.tap.as_fd()) {
-                        Ok(_) => true,
+                        Ok(_) => {
+                            self.stats.tx_bytes += (c.readable.len() - VNET_HDR_LEN) as u64;
+                            true
+                        }
                         Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                             // Retry this chain when the host end drains.
                             queue.go_to_previous_position();
@@ -369,6 +376,7 @@ impl Net {
         }
         put_back(queue, popped - filled as u16);
         self.stats.rx_packets += 1;
+        self.stats.rx_bytes += len.saturating_sub(VNET_HDR_LEN) as u64;
         Ok(Direct::Delivered)
     }
 
@@ -451,6 +459,7 @@ impl Net {
             }
             if fits {
                 self.stats.rx_packets += 1;
+                self.stats.rx_bytes += len.saturating_sub(VNET_HDR_LEN) as u64;
                 return Ok(Delivery::Delivered);
             }
             self.stats.rx_dropped += 1;
@@ -497,6 +506,10 @@ enum Delivery {
 }
 
 impl VirtioBackend for Net {
+    fn bytes(&self) -> (u64, u64) {
+        (self.stats.rx_bytes, self.stats.tx_bytes)
+    }
+
     fn device_type(&self) -> u16 {
         1
     }

@@ -21,6 +21,10 @@ pub struct Rng {
 }
 
 impl VirtioBackend for Rng {
+    fn bytes(&self) -> (u64, u64) {
+        (self.bytes_served, 0)
+    }
+
     fn device_type(&self) -> u16 {
         4
     }

@@ -555,6 +555,7 @@ impl<B: VirtioBackend> VirtioPci<B> {
             Ok(used) => self.notify_used(used),
             Err(e) => self.fail(e),
         }
+        self.count_bytes();
     }
 
     fn host_ready(&mut self, fd: RawFd, events: EventSet) {
@@ -568,6 +569,14 @@ impl<B: VirtioBackend> VirtioPci<B> {
             Ok(used) => self.notify_used(used),
             Err(e) => self.fail(e),
         }
+        self.count_bytes();
+    }
+
+    /// Copies the backend's byte counts to the figures.
+    fn count_bytes(&self) {
+        let (to, from) = self.backend.bytes();
+        self.stats.bytes_to_guest.store(to, Ordering::Relaxed);
+        self.stats.bytes_from_guest.store(from, Ordering::Relaxed);
     }
 
     /// Aligns the backend fds the event loop watches with what it wants now.

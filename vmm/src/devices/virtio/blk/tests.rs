@@ -73,6 +73,8 @@ fn write_fsync_read_round_trip() {
         .unwrap();
     assert_eq!(back, payload);
     assert_eq!(blk.stats.ok, 3);
+    // The figures count the data, not headers or status bytes.
+    assert_eq!(blk.bytes(), (4096, 4096));
 }
 
 #[test]

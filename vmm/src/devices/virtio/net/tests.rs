@@ -54,6 +54,7 @@ fn transmit_sends_each_packet_whole() {
     assert_eq!(&got[..n], &p[..]);
     assert_eq!(d.used_idx_of(1), 1);
     assert_eq!(net.stats.tx_packets, 1);
+    assert_eq!(net.bytes(), (0, 3000), "payload bytes, not the header");
 }
 
 #[test]
@@ -101,6 +102,7 @@ fn a_starved_guest_stops_polling_until_it_posts_buffers() {
     d.run_queue(&mut net, 0).unwrap();
     assert_eq!(d.used_len_of(0, 1), 212);
     assert_eq!(net.stats.rx_packets, 2);
+    assert_eq!(net.bytes(), (300, 0));
     assert!(net.host_fds()[0].1.contains(EventSet::IN));
 }
 
