@@ -57,15 +57,17 @@ async fn login(port: u16, token: &str) -> Result<String> {
 }
 
 /// Asks for a page's live part every 2 s until `stop`, cycling through
-/// [`PAGES`]; each page's time.
+/// [`PAGES`] from page `first` (each round goes on where the last stopped);
+/// each page's time.
 async fn watcher(
     port: u16,
     cookie: String,
     stop: Arc<AtomicBool>,
+    first: usize,
 ) -> Result<Vec<(usize, Duration)>> {
     let mut took = Vec::new();
     let mut tick = tokio::time::interval(Duration::from_secs(2));
-    let mut i = 0;
+    let mut i = first;
     while !stop.load(Ordering::Relaxed) {
         tick.tick().await;
         let page = i % PAGES.len();
@@ -176,7 +178,7 @@ async fn main() -> Result<()> {
             let scraping =
                 (looked != Looked::Not).then(|| tokio::spawn(scraper([pa, pb], stop.clone())));
             let watching = (looked == Looked::Watched)
-                .then(|| tokio::spawn(watcher(pa, cookie.clone(), stop.clone())));
+                .then(|| tokio::spawn(watcher(pa, cookie.clone(), stop.clone(), pages.len())));
             let before = [cpu_secs(pid_a)?, cpu_secs(pid_b)?];
             let t = Instant::now();
             for _ in 0..repeats {
