@@ -157,7 +157,12 @@ async fn jobs_run_on_two_providers_both_are_paid_and_balances_survive_restarts()
 /// input from the requester that sent the job, not through the DHT.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn providers_fetch_a_jobs_inputs_from_its_requester_without_the_dht() -> Result<()> {
-    let requester = node_with(&[], Some("[content]\nannounce = false\n".into())).await?;
+    let (r_metrics, r_port) = p2pvm_e2e::scrape::config()?;
+    let requester = node_with(
+        &[],
+        Some(format!("{r_metrics}[content]\nannounce = false\n")),
+    )
+    .await?;
     let (metrics, p1_port) = p2pvm_e2e::scrape::config()?;
     let p1 = node_with(&[&requester], Some(metrics)).await?;
     let p2 = node_with(&[&requester], None).await?;
@@ -201,6 +206,17 @@ async fn providers_fetch_a_jobs_inputs_from_its_requester_without_the_dht() -> R
         fuel > 0 && figures.get("p2pvm_compute_fuel_total{}") == fuel as f64,
         "p1's fuel: {} counted, {fuel} on the receipt",
         figures.get("p2pvm_compute_fuel_total{}")
+    );
+    // The requester's figures count its job and what it paid.
+    let mine = p2pvm_e2e::scrape::Scrape::of(r_port).await?;
+    ensure!(
+        mine.get("p2pvm_compute_jobs_total{outcome=done}") == 1.0
+            && job.credits_spent > 0
+            && mine.get("p2pvm_compute_credits_spent_total{}") == job.credits_spent as f64,
+        "the requester's figures: {} jobs done, {} credits spent; the job paid {}",
+        mine.get("p2pvm_compute_jobs_total{outcome=done}"),
+        mine.get("p2pvm_compute_credits_spent_total{}"),
+        job.credits_spent
     );
 
     // The providers kept the module and announce it as usual, so the

@@ -42,6 +42,8 @@ pub struct Metrics {
     recent_drm: std::sync::Mutex<std::collections::VecDeque<DrmRefusal>>,
     compute_runs: Family<Outcome, Counter>,
     compute_fuel: Counter,
+    compute_jobs: Family<Outcome, Counter>,
+    compute_spent: Counter,
     /// The channel back-end's pump, once it runs (the split platform only).
     channel: Arc<OnceLock<Arc<PumpStats>>>,
 }
@@ -205,6 +207,18 @@ impl Metrics {
             "Fuel (metered WebAssembly work) this node's runs burnt",
             compute_fuel.clone(),
         );
+        let compute_jobs = Family::<Outcome, Counter>::default();
+        let compute_spent = Counter::default();
+        k.register(
+            "jobs",
+            "Compute jobs this node's apps submitted, by how they ended",
+            compute_jobs.clone(),
+        );
+        k.register(
+            "credits_spent",
+            "Credits this node's jobs paid providers",
+            compute_spent.clone(),
+        );
         let channel = Arc::new(OnceLock::new());
         ours.register_collector(Box::new(Snapshot {
             ledger,
@@ -219,6 +233,8 @@ impl Metrics {
             recent_drm: Default::default(),
             compute_runs,
             compute_fuel,
+            compute_jobs,
+            compute_spent,
             channel,
         }
     }
@@ -239,6 +255,13 @@ impl Metrics {
     pub fn compute_ran(&self, outcome: &'static str, fuel: u64) {
         self.compute_runs.get_or_create(&Outcome { outcome }).inc();
         self.compute_fuel.inc_by(fuel);
+    }
+
+    /// Counts a job this node's apps submitted as it ends (`done`,
+    /// `failed`, `cancelled`), and the credits it paid.
+    pub fn compute_job_ended(&self, outcome: &'static str, credits: u64) {
+        self.compute_jobs.get_or_create(&Outcome { outcome }).inc();
+        self.compute_spent.inc_by(credits);
     }
 
     /// Counts a DRM refusal and keeps it among the latest (its detail cut
@@ -494,6 +517,7 @@ mod tests {
         m.content.transfers.inc();
         m.drm_refused("serve", "DRM_EXPIRED", "expired at 10".into());
         m.compute_ran("done", 5_000);
+        m.compute_job_ended("done", 12);
         let text = m.encode().expect("encode");
         for line in [
             "p2pvm_api_requests_total{op=\"NodeInfo\",result=\"ok\"} 1",
@@ -505,6 +529,8 @@ mod tests {
             "p2pvm_drm_refusals_total{stage=\"serve\",reason=\"DRM_EXPIRED\"} 1",
             "p2pvm_compute_runs_total{outcome=\"done\"} 1",
             "p2pvm_compute_fuel_total 5000",
+            "p2pvm_compute_jobs_total{outcome=\"done\"} 1",
+            "p2pvm_compute_credits_spent_total 12",
         ] {
             assert!(text.contains(line), "no {line:?} in\n{text}");
         }

@@ -146,6 +146,16 @@ pub(super) async fn run(svc: ComputeService, spec: Spec, job: std::sync::Arc<Job
             });
         }
     }
+    let (state, spent) = {
+        let s = job.status.lock().expect("lock");
+        (s.state.clone(), s.credits_spent)
+    };
+    let outcome = match state.as_str() {
+        "done" => "done",
+        "cancelled" => "cancelled",
+        _ => "failed",
+    };
+    svc.inner.ctx.metrics.compute_job_ended(outcome, spent);
 }
 
 async fn drive(svc: &ComputeService, spec: &Spec, job: &Job) -> Result<ContentId, Failure> {
