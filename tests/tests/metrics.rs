@@ -81,6 +81,17 @@ async fn the_figures_move_when_a_peer_connects_and_an_item_moves() -> Result<()>
         after.get("p2pvm_api_request_seconds_count{op=Peers}") >= 1.0,
         "the Peers requests are not timed"
     );
+    // The fetch's stream ended cleanly, and is counted so (its request only
+    // as started).
+    let ended = eventually(WAIT, "the fetch stream's end in the figures", || async {
+        let s = Scrape::of(port).await.ok()?;
+        (s.get("p2pvm_api_streams_ended_total{op=ContentFetch,result=ok}") >= 1.0).then_some(s)
+    })
+    .await?;
+    ensure!(
+        ended.get("p2pvm_api_requests_total{op=ContentFetch,result=started}") >= 1.0,
+        "the fetch's request is not counted as started"
+    );
     ensure!(
         after.get("p2pvm_api_sessions{}") >= 1.0,
         "the app's open session is not counted"

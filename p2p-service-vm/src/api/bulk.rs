@@ -123,6 +123,11 @@ impl<IO: AsyncWrite + Unpin> AsyncWrite for Replayed<IO> {
 }
 
 /// The error an app sees for a failed fetch stream.
+/// The operation a bulk stream serves, for the metrics of how it ended.
+const FETCH: &str = "ContentFetch";
+/// A bulk stream whose app stopped reading before its end.
+const READER_LEFT: &str = "reader_left";
+
 fn failure(e: &std::io::Error) -> pb::Error {
     super::streams::stream_error(e)
 }
@@ -200,28 +205,33 @@ impl ApiService {
                 return;
             }
         };
-        loop {
+        let ended = loop {
             let next = tokio::select! {
                 next = bytes.0.next() => next,
                 gone = ring.reader_gone() => {
                     debug!(reason = %gone, "bulk reader left before the end");
-                    return;
+                    break READER_LEFT;
                 }
             };
             match next {
-                None => return ring.finish(),
+                None => {
+                    ring.finish();
+                    break "ok";
+                }
                 Some(Ok(chunk)) => {
                     if let Err(e) = ring.write_all(&chunk).await {
                         debug!(error = %e, "bulk reader left before the end");
-                        return;
+                        break READER_LEFT;
                     }
                 }
                 Some(Err(e)) => {
                     let f = failure(&e);
-                    return ring.fail(f.code as u32, &f.message);
+                    ring.fail(f.code as u32, &f.message);
+                    break f.code().as_str_name();
                 }
             }
-        }
+        };
+        self.metrics().api_stream_ended(FETCH, ended);
     }
 
     async fn attach_frames(&self, s: p2pvm_channel::ChannelStream, p: Preamble) {
@@ -237,6 +247,7 @@ impl ApiService {
         if Reply::ok().write(&mut wr).await.is_err() {
             return;
         }
+        let mut ended = "ok";
         let sent = async {
             loop {
                 let next = tokio::select! {
@@ -260,6 +271,7 @@ impl ApiService {
                     }
                     Some(Err(e)) => {
                         let f = failure(&e);
+                        ended = f.code().as_str_name();
                         wr.write_all(&frames::error(f.code as u32, &f.message))
                             .await?;
                         break;
@@ -270,6 +282,8 @@ impl ApiService {
         };
         if let Err(e) = sent.await {
             debug!(error = %e, "bulk stream over the channel ended early");
+            ended = READER_LEFT;
         }
+        self.metrics().api_stream_ended(FETCH, ended);
     }
 }

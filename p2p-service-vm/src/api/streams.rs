@@ -41,6 +41,9 @@ pub(crate) struct StreamEntry {
     writer: JoinHandle<()>,
     pub reader_done: bool,
     pub writer_done: bool,
+    /// The operation that opened it (`ContentFetch`, `OpenStream`, ...), for
+    /// the metrics of how streams end.
+    pub kind: &'static str,
 }
 
 /// Why the app's use of a stream broke the rules.
@@ -216,6 +219,7 @@ impl StreamEntry {
             writer,
             reader_done: false,
             writer_done: false,
+            kind: "stream",
         }
     }
 

@@ -118,6 +118,8 @@ pub struct ApiMetrics {
     /// Seconds from a request to its answer (for one that opens a stream,
     /// to the stream's opening or refusal).
     pub latency: Histograms<OpName>,
+    /// Streams ended, by the operation that opened them and how they ended.
+    pub streams_ended: Family<OpLabels, Counter>,
 }
 
 /// Content transfers.
@@ -148,6 +150,7 @@ impl Metrics {
             sessions: Gauge::default(),
             requests: Family::default(),
             latency: Family::new_with_constructor(latency_histogram),
+            streams_ended: Family::default(),
         };
         let content = ContentMetrics {
             transfers: Gauge::default(),
@@ -165,6 +168,11 @@ impl Metrics {
             "request_seconds",
             "Seconds from an API request to its answer",
             api.latency.clone(),
+        );
+        a.register(
+            "streams_ended",
+            "API streams ended, by the operation that opened them and how (ok, reset, session_ended, or the error code)",
+            api.streams_ended.clone(),
         );
         let c = ours.sub_registry_with_prefix("content");
         c.register("transfers", "Downloads running", content.transfers.clone());
@@ -295,6 +303,14 @@ impl Metrics {
             .rev()
             .cloned()
             .collect()
+    }
+
+    /// Records how an API stream ended.
+    pub fn api_stream_ended(&self, op: &'static str, result: &'static str) {
+        self.api
+            .streams_ended
+            .get_or_create(&OpLabels { op, result })
+            .inc();
     }
 
     /// Records one answered API request.

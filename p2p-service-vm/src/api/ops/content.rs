@@ -74,7 +74,7 @@ impl Session {
         let opened = pb::StreamOpened { stream_id };
         self.reply(request_id, Ok(pb::response::Result::StreamOpened(opened)))
             .await;
-        self.add_stream(stream_id, stream);
+        self.add_stream(stream_id, stream, "ContentPublish");
         let (tx, ended) = self.publishes.start(stream_id);
         self.svc.spawn(async move {
             let reader = EndChecked {
@@ -174,7 +174,7 @@ impl Session {
                     .await;
                 let reader = tokio_util::io::StreamReader::new(bytes.0);
                 let stream = tokio::io::join(reader, tokio::io::sink()).compat();
-                self.add_stream(stream_id, stream);
+                self.add_stream(stream_id, stream, "ContentFetch");
                 // The app sends nothing on a fetch stream; end that direction now.
                 self.streams.half_close(stream_id);
             }

@@ -185,7 +185,7 @@ impl Session {
                 let opened = pb::StreamOpened { stream_id };
                 self.reply(request_id, Ok(pb::response::Result::StreamOpened(opened)))
                     .await;
-                self.add_stream(stream_id, stream);
+                self.add_stream(stream_id, stream, "OpenStream");
             }
             Err(e) => self.reply(request_id, Err(e)).await,
         }
@@ -210,6 +210,6 @@ impl Session {
         });
         self.send(pb::Frame::of(Kind::Event(pb::Event { kind: Some(ev) })))
             .await;
-        self.add_stream(stream_id, stream);
+        self.add_stream(stream_id, stream, "InboundStream");
     }
 }

@@ -425,7 +425,9 @@ impl Session {
     async fn cleanup(&mut self) {
         self.release_protocols().await;
         self.release_registrations().await;
-        self.streams.reset_all();
+        for kind in self.streams.reset_all() {
+            self.stream_ended(kind, "session_ended");
+        }
         self.svc.inner.bulk.forget_session(self.id);
         self.svc
             .inner

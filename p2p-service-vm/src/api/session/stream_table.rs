@@ -74,10 +74,16 @@ impl StreamTable {
         }
     }
 
-    pub(in crate::api) fn reset_all(&mut self) {
-        for (_, s) in self.entries.drain() {
-            s.reset();
-        }
+    /// Resets every stream (the session ended); what opened each.
+    pub(in crate::api) fn reset_all(&mut self) -> Vec<&'static str> {
+        self.entries
+            .drain()
+            .map(|(_, s)| {
+                let kind = s.kind;
+                s.reset();
+                kind
+            })
+            .collect()
     }
 }
 
@@ -96,14 +102,14 @@ impl Session {
         )
     }
 
-    /// Starts bridging `stream` as `stream_id`. Callers announce the id to the
-    /// app first: the copy tasks start at once and their frames must not
-    /// overtake the announcement.
-    pub(in crate::api) fn add_stream<S>(&mut self, stream_id: u64, stream: S)
+    /// Starts bridging `stream` as `stream_id`, opened by the operation
+    /// `kind`. Callers announce the id to the app first: the copy tasks
+    /// start at once and their frames must not overtake the announcement.
+    pub(in crate::api) fn add_stream<S>(&mut self, stream_id: u64, stream: S, kind: &'static str)
     where
         S: futures::AsyncRead + futures::AsyncWrite + Send + 'static,
     {
-        let entry = StreamEntry::spawn(
+        let mut entry = StreamEntry::spawn(
             &self.svc.inner.ctx.tasks,
             stream_id,
             stream,
@@ -111,8 +117,15 @@ impl Session {
             self.out.clone(),
             self.internal_tx.clone(),
         );
+        entry.kind = kind;
         self.streams.entries.insert(stream_id, entry);
         self.sync_state();
+    }
+
+    /// Counts how a stream ended: `ok` (both directions closed cleanly),
+    /// `reset` (by the app), `session_ended`, or the error code it failed with.
+    pub(in crate::api) fn stream_ended(&self, kind: &'static str, result: &'static str) {
+        self.svc.inner.ctx.metrics.api_stream_ended(kind, result);
     }
 
     pub(in crate::api) fn on_stream_data(&mut self, d: pb::StreamData) -> Result<(), ApiError> {
@@ -137,7 +150,9 @@ impl Session {
     pub(in crate::api) fn on_stream_close(&mut self, c: pb::StreamClose) {
         if c.reset {
             if let Some(s) = self.streams.entries.remove(&c.stream_id) {
+                let kind = s.kind;
                 s.reset();
+                self.stream_ended(kind, "reset");
                 self.sync_state();
             }
         } else if let Some(s) = self.streams.entries.get_mut(&c.stream_id) {
@@ -150,7 +165,9 @@ impl Session {
     /// A copy task failed: the whole stream is reset, and the app told why.
     pub(in crate::api) async fn on_stream_failed(&mut self, id: u64, error: pb::Error) {
         if let Some(s) = self.streams.entries.remove(&id) {
+            let kind = s.kind;
             s.reset();
+            self.stream_ended(kind, error.code().as_str_name());
             self.sync_state();
             let close = pb::StreamClose {
                 stream_id: id,
@@ -170,7 +187,9 @@ impl Session {
                 s.writer_done = true;
             }
             if s.finished() {
+                let kind = s.kind;
                 self.streams.entries.remove(&id);
+                self.stream_ended(kind, "ok");
                 self.sync_state();
             }
         }
