@@ -52,6 +52,9 @@ pub struct Options {
     pub channel: Source,
     /// The app-facing API socket.
     pub socket: PathBuf,
+    /// Where to write the channel's figures every second (Prometheus text;
+    /// the sandbox supervisor serves them with its own), if anywhere.
+    pub figures: Option<PathBuf>,
 }
 
 /// Attaches to the channel and serves apps until `shutdown`.
@@ -62,6 +65,9 @@ pub async fn run(opts: Options, shutdown: CancellationToken) -> Result<(), Front
             .await
             .map_err(std::io::Error::other)??;
     let (pump, connector) = p2pvm_channel::driver(region, events);
+    if let Some(path) = opts.figures.clone() {
+        tokio::spawn(write_figures(pump.stats(), path, shutdown.clone()));
+    }
     let pump_task = tokio::spawn(pump.run(shutdown.clone()));
     tokio::spawn(log_link(connector.state()));
     let listener = bind(&opts.socket)?;
@@ -70,6 +76,86 @@ pub async fn run(opts: Options, shutdown: CancellationToken) -> Result<(), Front
     let _ = pump_task.await;
     let _ = std::fs::remove_file(&opts.socket);
     Ok(())
+}
+
+/// How often the figures file is rewritten.
+const FIGURES_EVERY: Duration = Duration::from_secs(1);
+
+/// Rewrites `path` with the pump's counts every [`FIGURES_EVERY`] until
+/// `shutdown` (whole or not at all: written aside, then renamed).
+async fn write_figures(
+    stats: std::sync::Arc<p2pvm_channel::PumpStats>,
+    path: PathBuf,
+    shutdown: CancellationToken,
+) {
+    let tmp = path.with_extension("tmp");
+    let mut tick = tokio::time::interval(FIGURES_EVERY);
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let text = figures_text(&stats.counts());
+        if let Err(e) = std::fs::write(&tmp, text).and_then(|()| std::fs::rename(&tmp, &path)) {
+            debug!(path = %path.display(), error = %e, "cannot write the channel's figures");
+        }
+    }
+}
+
+/// The front-end's side of the channel in Prometheus' text format (the same
+/// figures the back-end serves as `p2pvm_channel_*`).
+pub fn figures_text(c: &p2pvm_channel::PumpCounts) -> String {
+    let family = |name: &str, kind: &str, help: &str, samples: &[(&str, u64)]| {
+        let mut s = format!("# HELP {name} {help}\n# TYPE {name} {kind}\n");
+        for (labels, v) in samples {
+            let suffix = if kind == "counter" { "_total" } else { "" };
+            s.push_str(&format!("{name}{suffix}{labels} {v}\n"));
+        }
+        s
+    };
+    let p = "p2pvm_frontend_channel";
+    [
+        family(
+            &format!("{p}_messages"),
+            "counter",
+            "The front-end's channel messages",
+            &[
+                ("{direction=\"in\"}", c.received),
+                ("{direction=\"out\"}", c.sent),
+            ],
+        ),
+        family(
+            &format!("{p}_doorbells"),
+            "counter",
+            "Doorbells the front-end rang",
+            &[("", c.doorbells)],
+        ),
+        family(
+            &format!("{p}_wakeups"),
+            "counter",
+            "Times the back-end's doorbell woke the front-end",
+            &[("", c.wakeups)],
+        ),
+        family(
+            &format!("{p}_receive_batches"),
+            "counter",
+            "Looks at the ring that found messages",
+            &[("", c.batches)],
+        ),
+        family(
+            &format!("{p}_resets"),
+            "counter",
+            "Times the channel went down",
+            &[("", c.resets)],
+        ),
+        family(
+            &format!("{p}_sessions"),
+            "gauge",
+            "App sessions open over the channel",
+            &[("", c.sessions)],
+        ),
+    ]
+    .concat()
 }
 
 fn bind(path: &Path) -> Result<UnixListener, FrontendError> {
@@ -272,6 +358,35 @@ async fn log_link(mut state: tokio::sync::watch::Receiver<LinkState>) {
             LinkState::Down { reason, resets } => {
                 warn!(%reason, resets, "channel down: app sessions were closed")
             }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_figures_are_prometheus_text_with_the_counts() {
+        let c = p2pvm_channel::PumpCounts {
+            doorbells: 3,
+            wakeups: 4,
+            sent: 10,
+            received: 12,
+            batches: 5,
+            resets: 1,
+            sessions: 2,
+        };
+        let text = super::figures_text(&c);
+        for line in [
+            "# TYPE p2pvm_frontend_channel_messages counter",
+            "p2pvm_frontend_channel_messages_total{direction=\"in\"} 12",
+            "p2pvm_frontend_channel_messages_total{direction=\"out\"} 10",
+            "p2pvm_frontend_channel_doorbells_total 3",
+            "p2pvm_frontend_channel_wakeups_total 4",
+            "p2pvm_frontend_channel_receive_batches_total 5",
+            "p2pvm_frontend_channel_resets_total 1",
+            "p2pvm_frontend_channel_sessions 2",
+        ] {
+            assert!(text.lines().any(|l| l == line), "no {line:?} in\n{text}");
         }
     }
 }

@@ -22,6 +22,9 @@ pub struct Platform {
     pub peer_id: String,
     /// Its TCP multiaddr with /p2p/ suffix.
     pub addr: String,
+    /// Where `p2pvmm up --metrics` serves the sides' states and the
+    /// front-end's channel figures.
+    pub figures_port: u16,
 }
 
 impl Platform {
@@ -42,11 +45,14 @@ impl Platform {
         let home = tmp.path().join("home");
         let cfg = tmp.path().join("p2pd.toml");
         std::fs::write(&cfg, config)?;
+        let figures_port = crate::scrape::free_port()?;
         let mut cmd = crate::command(bin("p2pvmm"));
         cmd.arg("--home")
             .arg(&home)
             .args(["up", "--isolation", "sandbox", "--config"])
             .arg(&cfg)
+            .arg("--metrics")
+            .arg(format!("127.0.0.1:{figures_port}"))
             .args(["--", "--no-mdns", "--listen", "/ip4/127.0.0.1/tcp/0"]);
         for b in bootstrap {
             cmd.args(["--bootstrap", b]);
@@ -64,6 +70,7 @@ impl Platform {
             child: Some(cmd.spawn()?),
             peer_id: String::new(),
             addr: String::new(),
+            figures_port,
         };
         let admin = p.wait_ready().await?;
         let info = admin.node_info().await?;

@@ -120,6 +120,25 @@ async fn apps_behind_the_channel_share_content_pubsub_and_streams() -> Result<()
             >= figures.get("p2pvm_channel_receive_batches_total{}"),
         "more looks with messages than messages"
     );
+    // The front-end's side, served by `p2pvmm up --metrics` with both
+    // sides' states: its messages mirror the back-end's.
+    let sup = eventually(WAIT, "the front-end's figures", || async {
+        let s = p2pvm_e2e::scrape::Scrape::of(platform.figures_port)
+            .await
+            .ok()?;
+        (s.get("p2pvm_frontend_channel_messages_total{direction=out}") >= 1.0).then_some(s)
+    })
+    .await?;
+    for key in [
+        "p2pvm_frontend_channel_messages_total{direction=in}",
+        "p2pvm_frontend_channel_doorbells_total{}",
+        "p2pvm_frontend_channel_wakeups_total{}",
+        "p2pvmm_vm_up{vm=service}",
+        "p2pvmm_vm_up{vm=front-end}",
+    ] {
+        ensure!(sup.get(key) >= 1.0, "{key} is {}", sup.get(key));
+    }
+    ensure!(sup.get("p2pvmm_vm_restarts_total{vm=service}") == 0.0);
     Ok(())
 }
 
@@ -173,6 +192,22 @@ async fn a_killed_service_side_is_restarted_and_apps_continue() -> Result<()> {
     let mut got = Vec::new();
     tokio::time::timeout(WAIT, s.read_to_end(&mut got)).await??;
     ensure!(got == data, "the item survived the crash intact");
+    // The supervisor's figures count the restart, and the front-end's the
+    // channel's reset (its figures file is rewritten every second).
+    let sup = eventually(WAIT, "the reset in the front-end's figures", || async {
+        let s = p2pvm_e2e::scrape::Scrape::of(platform.figures_port)
+            .await
+            .ok()?;
+        (s.get("p2pvm_frontend_channel_resets_total{}") >= 1.0).then_some(s)
+    })
+    .await?;
+    ensure!(
+        sup.get("p2pvmm_vm_restarts_total{vm=service}") == 1.0
+            && sup.get("p2pvmm_vm_up{vm=service}") == 1.0,
+        "restarts {}, up {}",
+        sup.get("p2pvmm_vm_restarts_total{vm=service}"),
+        sup.get("p2pvmm_vm_up{vm=service}")
+    );
     let status = platform.down().await?;
     ensure!(
         status.success(),

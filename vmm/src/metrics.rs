@@ -258,18 +258,25 @@ pub type Board = std::sync::Arc<std::sync::Mutex<Vec<VmStatus>>>;
 const MAX_CONNECTIONS: usize = 8;
 
 /// Serves `GET /metrics` and `GET /vms.json` on `listener` until
-/// `shutdown`, from `board` and each VM's `figures.json` under `home`.
+/// `shutdown`, from `board`, each VM's `figures.json` under `home`, and
+/// (sandbox backend) the front-end's own figures, a Prometheus text file it
+/// writes (`p2p-frontend --figures`).
 pub async fn serve(
     listener: tokio::net::TcpListener,
     board: Board,
     home: std::path::PathBuf,
+    frontend: Option<std::path::PathBuf>,
     shutdown: tokio_util::sync::CancellationToken,
 ) {
     use axum::routing::get;
     let app = axum::Router::new()
         .route("/metrics", get(scrape))
         .route("/vms.json", get(vms_json))
-        .with_state((board, std::sync::Arc::new(home)));
+        .with_state(ServerState {
+            board,
+            home: std::sync::Arc::new(home),
+            frontend: frontend.map(std::sync::Arc::new),
+        });
     let limits = p2pvm_httpd::Limits {
         connections: MAX_CONNECTIONS,
         header_read: std::time::Duration::from_secs(10),
@@ -279,7 +286,12 @@ pub async fn serve(
     p2pvm_httpd::serve(listener, app, limits, "p2pvmm metrics", shutdown).await;
 }
 
-type ServerState = (Board, std::sync::Arc<std::path::PathBuf>);
+#[derive(Clone)]
+struct ServerState {
+    board: Board,
+    home: std::sync::Arc<std::path::PathBuf>,
+    frontend: Option<std::sync::Arc<std::path::PathBuf>>,
+}
 
 /// The board with each VM's latest figures read in.
 fn snapshot(board: &Board, home: &std::path::Path) -> Vec<VmStatus> {
@@ -293,10 +305,21 @@ fn snapshot(board: &Board, home: &std::path::Path) -> Vec<VmStatus> {
 }
 
 async fn scrape(
-    axum::extract::State((board, home)): axum::extract::State<ServerState>,
+    axum::extract::State(s): axum::extract::State<ServerState>,
 ) -> axum::response::Response {
     use axum::response::IntoResponse;
-    let text = tokio::task::spawn_blocking(move || encode(&snapshot(&board, &home))).await;
+    let text = tokio::task::spawn_blocking(move || {
+        let mut text = encode(&snapshot(&s.board, &s.home))?;
+        if let Some(path) = &s.frontend {
+            // Its families are its own; only one end-of-exposition line.
+            let theirs = std::fs::read_to_string(path.as_path()).unwrap_or_default();
+            text = text.trim_end().trim_end_matches("# EOF").to_owned();
+            text.push_str(&theirs);
+            text.push_str("# EOF\n");
+        }
+        Ok::<_, std::fmt::Error>(text)
+    })
+    .await;
     match text {
         Ok(Ok(text)) => (
             [(
@@ -311,10 +334,10 @@ async fn scrape(
 }
 
 async fn vms_json(
-    axum::extract::State((board, home)): axum::extract::State<ServerState>,
+    axum::extract::State(s): axum::extract::State<ServerState>,
 ) -> axum::response::Response {
     use axum::response::IntoResponse;
-    match tokio::task::spawn_blocking(move || snapshot(&board, &home)).await {
+    match tokio::task::spawn_blocking(move || snapshot(&s.board, &s.home)).await {
         Ok(vms) => axum::Json(vms).into_response(),
         Err(_) => axum::http::StatusCode::INTERNAL_SERVER_ERROR.into_response(),
     }

@@ -59,6 +59,10 @@ impl Home {
     pub fn frontend_pid(&self) -> PathBuf {
         self.run_dir().join("frontend.pid")
     }
+    /// The front-end's channel figures (Prometheus text it rewrites each second).
+    pub fn frontend_figures(&self) -> PathBuf {
+        self.run_dir().join("frontend.prom")
+    }
     /// The p2pd arguments that locate the service's state (for the console).
     pub fn service_args_file(&self) -> PathBuf {
         self.run_dir().join("service.args")
@@ -129,7 +133,7 @@ pub fn service_command(base: &[OsString], extra: &[OsString]) -> (PathBuf, Vec<O
 /// the filesystem or inherited descriptors) and nothing of the network, so it
 /// gets an empty network namespace: a compromised front-end cannot talk to
 /// anything but its peers on this machine.
-pub fn frontend_command(broker: &Path, socket: &Path) -> (PathBuf, Vec<OsString>) {
+pub fn frontend_command(broker: &Path, socket: &Path, figures: &Path) -> (PathBuf, Vec<OsString>) {
     let args: Vec<OsString> = vec![
         "--user".into(),
         "--map-current-user".into(),
@@ -140,6 +144,8 @@ pub fn frontend_command(broker: &Path, socket: &Path) -> (PathBuf, Vec<OsString>
         broker.into(),
         "--socket".into(),
         socket.into(),
+        "--figures".into(),
+        figures.into(),
     ];
     (PathBuf::from("unshare"), args)
 }

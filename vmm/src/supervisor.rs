@@ -52,6 +52,9 @@ pub struct UpOptions {
     pub service_args: Vec<OsString>,
     /// Channel layout.
     pub layout: Layout,
+    /// Where to serve the two sides' state and the front-end's channel
+    /// figures (`GET /metrics`, `GET /vms.json`), if anywhere.
+    pub metrics: Option<std::net::SocketAddr>,
 }
 
 /// One supervised child: how to (re)start it and its restart state.
@@ -193,6 +196,60 @@ async fn record_service_pid(home: &Home, unshare_pid: u32) {
     warn!("could not find the sandboxed service's pid; the console will not work");
 }
 
+/// Puts both sides' states on the board the figures server reads.
+fn post(board: &crate::metrics::Board, service: &Managed, frontend: &Managed, home: &Home) {
+    let side = |name: &str, m: &Managed, console: String| crate::metrics::VmStatus {
+        name: name.into(),
+        state: if m.child.is_some() {
+            "running"
+        } else {
+            "restarting"
+        }
+        .into(),
+        restarts: m.restarts,
+        memory_mib: 0,
+        console,
+        figures: None,
+    };
+    let root = home.root().display();
+    *board.lock().expect("lock") = vec![
+        side(
+            "service",
+            service,
+            format!("p2pvmm --home {root} console service"),
+        ),
+        side("front-end", frontend, String::new()),
+    ];
+}
+
+/// Serves the sides' states and the front-end's channel figures on `addr`
+/// (loopback or private only) until `shutdown`.
+async fn serve_figures(
+    addr: std::net::SocketAddr,
+    board: &crate::metrics::Board,
+    home: &Home,
+    shutdown: CancellationToken,
+) -> Result<(), SuperviseError> {
+    if !crate::metrics::is_private(addr.ip()) {
+        return Err(SuperviseError::Io {
+            what: format!("serving figures on {addr}: only a loopback or private address"),
+            source: std::io::ErrorKind::InvalidInput.into(),
+        });
+    }
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(io(format!("binding the figures' address {addr}")))?;
+    info!(%addr, "the sandbox's figures at GET /metrics and /vms.json");
+    tokio::spawn(crate::metrics::serve(
+        listener,
+        board.clone(),
+        home.root().to_path_buf(),
+        Some(home.frontend_figures()),
+        shutdown,
+    ));
+    Ok(())
+}
+
 /// Runs the platform until `shutdown`.
 pub async fn up(opts: UpOptions, shutdown: CancellationToken) -> Result<(), SuperviseError> {
     let home = &opts.home;
@@ -220,8 +277,12 @@ pub async fn up(opts: UpOptions, shutdown: CancellationToken) -> Result<(), Supe
     let mut frontend = Managed::new(
         "front-end",
         "SIGTERM",
-        sandbox::frontend_command(&home.broker(), &home.api_socket()),
+        sandbox::frontend_command(&home.broker(), &home.api_socket(), &home.frontend_figures()),
     );
+    let board = crate::metrics::Board::default();
+    if let Some(addr) = opts.metrics {
+        serve_figures(addr, &board, home, shutdown.clone()).await?;
+    }
 
     let pid = service.start()?;
     record_service_pid(home, pid).await;
@@ -229,6 +290,7 @@ pub async fn up(opts: UpOptions, shutdown: CancellationToken) -> Result<(), Supe
     info!("platform up");
 
     loop {
+        post(&board, &service, &frontend, home);
         tokio::select! {
             _ = shutdown.cancelled() => break,
             status = service.wait() => {

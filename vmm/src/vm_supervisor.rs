@@ -337,7 +337,7 @@ impl FiguresServer {
                 };
                 rt.block_on(async move {
                     match tokio::net::TcpListener::from_std(listener) {
-                        Ok(l) => crate::metrics::serve(l, board, home, token).await,
+                        Ok(l) => crate::metrics::serve(l, board, home, None, token).await,
                         Err(e) => error!(error = %e, "figures server"),
                     }
                 });

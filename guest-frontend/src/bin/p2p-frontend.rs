@@ -28,6 +28,10 @@ struct Cli {
     /// The API socket apps connect to.
     #[arg(long)]
     socket: PathBuf,
+    /// Write the channel's figures here every second (Prometheus text; the
+    /// sandbox supervisor serves them with `p2pvmm up --metrics`).
+    #[arg(long)]
+    figures: Option<PathBuf>,
     /// Log filter.
     #[arg(long, env = "P2P_FRONTEND_LOG", default_value = "info")]
     log: String,
@@ -51,6 +55,7 @@ async fn main() -> anyhow::Result<()> {
     let opts = guest_frontend::Options {
         channel,
         socket: cli.socket,
+        figures: cli.figures,
     };
     guest_frontend::run(opts, shutdown).await?;
     Ok(())

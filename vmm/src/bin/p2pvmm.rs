@@ -71,9 +71,10 @@ struct UpArgs {
     #[arg(long)]
     vms: Option<PathBuf>,
     /// Serve the VMs' figures (Prometheus `GET /metrics`, `GET
-    /// /vms.json`) on this loopback or private address (`--isolation
-    /// vm`; e.g. the TAP's host side, where the service VM's dashboard
-    /// reads them: docs/dashboard.md).
+    /// /vms.json`) on this loopback or private address (VM mode: by default
+    /// the TAP's host side, where the service VM's dashboard reads them;
+    /// the sandbox backend: both sides' states and the front-end's channel
+    /// figures; docs/dashboard.md).
     #[arg(long)]
     metrics: Option<std::net::SocketAddr>,
     #[command(flatten)]
@@ -383,11 +384,6 @@ fn up(home: Home, args: UpArgs, log: &str) -> anyhow::Result<()> {
         });
         return up_vms(&home, &set, metrics, log);
     }
-    if metrics.is_some() {
-        eprintln!(
-            "p2pvmm: --metrics serves VMs' figures; the sandbox backend runs none, so it is ignored"
-        );
-    }
     println!(
         "p2pvmm: service side: p2pd in a sandbox (user, mount, pid, ipc, uts namespaces; Landlock; seccomp); its data: {}",
         home.service_dir().display()
@@ -410,6 +406,7 @@ fn up(home: Home, args: UpArgs, log: &str) -> anyhow::Result<()> {
         config,
         service_args,
         layout: p2pvm_channel::Layout::standard(),
+        metrics,
     };
     let rt = tokio::runtime::Runtime::new()?;
     rt.block_on(async move {
