@@ -29,7 +29,8 @@ use serde::{Deserialize, Serialize};
 /// add each).
 #[derive(Debug, Default)]
 pub struct DeviceStats {
-    /// The guest told the device a queue has work (queue notifications).
+    /// Times the device was woken to look at a queue (the guest's kicks;
+    /// several kicks in a row may wake it once).
     pub notifications: AtomicU64,
     /// Interrupts the device raised in the guest.
     pub interrupts: AtomicU64,
@@ -256,16 +257,36 @@ pub type Board = std::sync::Arc<std::sync::Mutex<Vec<VmStatus>>>;
 /// Connections served at once (a Prometheus server, the service VM's
 /// dashboard, a person with curl).
 const MAX_CONNECTIONS: usize = 8;
+/// Connections one client address may hold (the service VM is one client on
+/// the TAP: it cannot take the host's places).
+const PER_CLIENT: usize = 4;
+/// How long an answer is reused: the figures change every half second, and
+/// a client asking in a tight loop (the service VM, say) then costs a copy,
+/// not a fresh read and encoding each time.
+const REUSE: std::time::Duration = std::time::Duration::from_millis(500);
+/// The most read of the front-end's figures file (a few hundred bytes).
+const FRONTEND_MAX: u64 = 64 << 10;
+/// The front-end's families: nothing else of its file is served.
+const FRONTEND_PREFIX: &str = "p2pvm_frontend_channel_";
+
+/// What the figures server reads besides the board.
+#[derive(Debug, Clone)]
+pub enum Sources {
+    /// VM mode: each running VM's `figures.json` under this home.
+    Vms(std::path::PathBuf),
+    /// The sandbox backend: the front-end's figures file.
+    Sandbox {
+        /// `p2p-frontend --figures`.
+        frontend: std::path::PathBuf,
+    },
+}
 
 /// Serves `GET /metrics` and `GET /vms.json` on `listener` until
-/// `shutdown`, from `board`, each VM's `figures.json` under `home`, and
-/// (sandbox backend) the front-end's own figures, a Prometheus text file it
-/// writes (`p2p-frontend --figures`).
+/// `shutdown`, from `board` and `sources`.
 pub async fn serve(
     listener: tokio::net::TcpListener,
     board: Board,
-    home: std::path::PathBuf,
-    frontend: Option<std::path::PathBuf>,
+    sources: Sources,
     shutdown: tokio_util::sync::CancellationToken,
 ) {
     use axum::routing::get;
@@ -274,54 +295,100 @@ pub async fn serve(
         .route("/vms.json", get(vms_json))
         .with_state(ServerState {
             board,
-            home: std::sync::Arc::new(home),
-            frontend: frontend.map(std::sync::Arc::new),
+            sources: std::sync::Arc::new(sources),
+            metrics: Default::default(),
+            json: Default::default(),
         });
     let limits = p2pvm_httpd::Limits {
         connections: MAX_CONNECTIONS,
         header_read: std::time::Duration::from_secs(10),
         stall: std::time::Duration::from_secs(30),
         lifetime: Some(std::time::Duration::from_secs(120)),
+        per_client: PER_CLIENT,
     };
     p2pvm_httpd::serve(listener, app, limits, "p2pvmm metrics", shutdown).await;
 }
 
+/// An answer and when it was made.
+type Reused = std::sync::Arc<std::sync::Mutex<Option<(std::time::Instant, String)>>>;
+
 #[derive(Clone)]
 struct ServerState {
     board: Board,
-    home: std::sync::Arc<std::path::PathBuf>,
-    frontend: Option<std::sync::Arc<std::path::PathBuf>>,
+    sources: std::sync::Arc<Sources>,
+    metrics: Reused,
+    json: Reused,
 }
 
-/// The board with each VM's latest figures read in.
-fn snapshot(board: &Board, home: &std::path::Path) -> Vec<VmStatus> {
+/// The board with each running VM's latest figures read in.
+fn snapshot(board: &Board, sources: &Sources) -> Vec<VmStatus> {
     let mut vms = board.lock().expect("lock").clone();
-    for v in &mut vms {
-        if v.state == "running" {
-            v.figures = Figures::read(&crate::instance::VmDir::new(home, &v.name).figures());
+    if let Sources::Vms(home) = sources {
+        for v in &mut vms {
+            if v.state == "running" {
+                v.figures = Figures::read(&crate::instance::VmDir::new(home, &v.name).figures());
+            }
         }
     }
     vms
+}
+
+/// The front-end's own families from its file (bounded; anything else in it
+/// is dropped), while it runs.
+fn frontend_text(board: &Board, path: &std::path::Path) -> String {
+    use std::io::Read;
+    let running = board
+        .lock()
+        .expect("lock")
+        .iter()
+        .any(|v| v.name == "front-end" && v.state == "running");
+    let mut raw = String::new();
+    if running && let Ok(f) = std::fs::File::open(path) {
+        let _ = f.take(FRONTEND_MAX).read_to_string(&mut raw);
+    }
+    raw.lines()
+        .filter(|l| {
+            l.starts_with(FRONTEND_PREFIX)
+                || l.strip_prefix("# HELP ")
+                    .or_else(|| l.strip_prefix("# TYPE "))
+                    .is_some_and(|rest| rest.starts_with(FRONTEND_PREFIX))
+        })
+        .map(|l| format!("{l}\n"))
+        .collect()
+}
+
+fn render_metrics(s: &ServerState) -> Result<String, std::fmt::Error> {
+    let mut text = encode(&snapshot(&s.board, &s.sources))?;
+    if let Sources::Sandbox { frontend } = s.sources.as_ref() {
+        // Its families are its own; one end-of-exposition line.
+        text = text.trim_end().trim_end_matches("# EOF").to_owned();
+        text.push_str(&frontend_text(&s.board, frontend));
+        text.push_str("# EOF\n");
+    }
+    Ok(text)
+}
+
+/// The answer in `cache` if it is fresh, else `make`'s (kept for next time).
+fn reuse(cache: &Reused, make: impl FnOnce() -> Option<String>) -> Option<String> {
+    let mut c = cache.lock().expect("lock");
+    if let Some((at, text)) = c.as_ref()
+        && at.elapsed() < REUSE
+    {
+        return Some(text.clone());
+    }
+    let text = make()?;
+    *c = Some((std::time::Instant::now(), text.clone()));
+    Some(text)
 }
 
 async fn scrape(
     axum::extract::State(s): axum::extract::State<ServerState>,
 ) -> axum::response::Response {
     use axum::response::IntoResponse;
-    let text = tokio::task::spawn_blocking(move || {
-        let mut text = encode(&snapshot(&s.board, &s.home))?;
-        if let Some(path) = &s.frontend {
-            // Its families are its own; only one end-of-exposition line.
-            let theirs = std::fs::read_to_string(path.as_path()).unwrap_or_default();
-            text = text.trim_end().trim_end_matches("# EOF").to_owned();
-            text.push_str(&theirs);
-            text.push_str("# EOF\n");
-        }
-        Ok::<_, std::fmt::Error>(text)
-    })
-    .await;
+    let text =
+        tokio::task::spawn_blocking(move || reuse(&s.metrics, || render_metrics(&s).ok())).await;
     match text {
-        Ok(Ok(text)) => (
+        Ok(Some(text)) => (
             [(
                 axum::http::header::CONTENT_TYPE,
                 "text/plain; version=0.0.4; charset=utf-8",
@@ -337,9 +404,19 @@ async fn vms_json(
     axum::extract::State(s): axum::extract::State<ServerState>,
 ) -> axum::response::Response {
     use axum::response::IntoResponse;
-    match tokio::task::spawn_blocking(move || snapshot(&s.board, &s.home)).await {
-        Ok(vms) => axum::Json(vms).into_response(),
-        Err(_) => axum::http::StatusCode::INTERNAL_SERVER_ERROR.into_response(),
+    let json = tokio::task::spawn_blocking(move || {
+        reuse(&s.json, || {
+            serde_json::to_string(&snapshot(&s.board, &s.sources)).ok()
+        })
+    })
+    .await;
+    match json {
+        Ok(Some(json)) => (
+            [(axum::http::header::CONTENT_TYPE, "application/json")],
+            json,
+        )
+            .into_response(),
+        _ => axum::http::StatusCode::INTERNAL_SERVER_ERROR.into_response(),
     }
 }
 
@@ -404,5 +481,33 @@ mod tests {
             assert!(text.contains(line), "no {line:?} in\n{text}");
         }
         assert_eq!(text.matches("# TYPE p2pvmm_vcpu_exits counter").count(), 1);
+    }
+
+    #[test]
+    fn only_the_front_ends_own_families_are_taken_from_its_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("frontend.prom");
+        std::fs::write(
+            &path,
+            "# HELP p2pvm_frontend_channel_doorbells x\n# TYPE p2pvm_frontend_channel_doorbells counter\n\
+             p2pvm_frontend_channel_doorbells_total 7\np2pvmm_vm_up{vm=\"service\"} 1\n# EOF\n",
+        )
+        .unwrap();
+        let mut front = status("front-end", None);
+        let board = Board::default();
+        board.lock().unwrap().push(front.clone());
+        let text = frontend_text(&board, &path);
+        assert_eq!(
+            text,
+            "# HELP p2pvm_frontend_channel_doorbells x\n# TYPE p2pvm_frontend_channel_doorbells counter\n\
+             p2pvm_frontend_channel_doorbells_total 7\n"
+        );
+        front.state = "restarting".into();
+        *board.lock().unwrap() = vec![front];
+        assert_eq!(
+            frontend_text(&board, &path),
+            "",
+            "a stale file while it is down"
+        );
     }
 }

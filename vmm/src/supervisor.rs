@@ -243,8 +243,9 @@ async fn serve_figures(
     tokio::spawn(crate::metrics::serve(
         listener,
         board.clone(),
-        home.root().to_path_buf(),
-        Some(home.frontend_figures()),
+        crate::metrics::Sources::Sandbox {
+            frontend: home.frontend_figures(),
+        },
         shutdown,
     ));
     Ok(())
@@ -298,6 +299,7 @@ pub async fn up(opts: UpOptions, shutdown: CancellationToken) -> Result<(), Supe
                 error!(status = ?status.ok(), restarts = service.restarts, ?delay, "the service side exited; restarting it");
                 let _ = std::fs::remove_file(home.service_pid());
                 service.child = None;
+                post(&board, &service, &frontend, home);
                 tokio::select! {
                     _ = shutdown.cancelled() => break,
                     _ = tokio::time::sleep(delay) => {}
@@ -310,6 +312,7 @@ pub async fn up(opts: UpOptions, shutdown: CancellationToken) -> Result<(), Supe
                 let delay = frontend.next_delay();
                 error!(status = ?status.ok(), restarts = frontend.restarts, ?delay, "the front-end exited; restarting it");
                 frontend.child = None;
+                post(&board, &service, &frontend, home);
                 tokio::select! {
                     _ = shutdown.cancelled() => break,
                     _ = tokio::time::sleep(delay) => {}

@@ -99,6 +99,8 @@ const EXIT_CLEAN: i32 = 0;
 struct Managed {
     config: VmConfig,
     config_file: PathBuf,
+    /// Its process's `figures.json`.
+    figures: PathBuf,
     child: Option<Child>,
     started: Instant,
     restart_at: Option<Instant>,
@@ -120,6 +122,9 @@ pub struct Launch {
     pub run_args: Vec<String>,
     /// Where to serve the VMs' figures (`crate::metrics`), if anywhere.
     pub metrics: Option<std::net::SocketAddr>,
+    /// `metrics` is a default, not the operator's choice: failing to serve
+    /// there is a warning, not a reason to stay down.
+    pub metrics_by_default: bool,
 }
 
 fn io(name: &str, what: &'static str) -> impl FnOnce(std::io::Error) -> SuperviseError {
@@ -161,6 +166,8 @@ impl Managed {
     fn start(&mut self, launch: &Launch) -> Result<(), SuperviseError> {
         let name = self.config.name.clone();
         let dir = VmDir::new(&launch.home, &name);
+        // A snapshot of the last process is not this one's.
+        let _ = std::fs::remove_file(&self.figures);
         let child = Command::new(&launch.exe)
             .arg("--home")
             .arg(&launch.home)
@@ -197,6 +204,8 @@ impl Managed {
             }
         };
         self.child = None;
+        // Its last snapshot is not the VM's state any more.
+        let _ = std::fs::remove_file(&self.figures);
         let name = &self.config.name;
         if status.code() == Some(EXIT_CLEAN) && self.config.restart == RestartPolicy::OnFailure {
             info!(vm = %name, "VM powered off; it stays off");
@@ -238,6 +247,7 @@ pub fn up(set: &VmSet, launch: &Launch, stop: &AtomicBool) -> Result<(), Supervi
         vms.push(Managed {
             config: config.clone(),
             config_file,
+            figures: dir.figures(),
             child: None,
             started: Instant::now(),
             restart_at: None,
@@ -247,10 +257,17 @@ pub fn up(set: &VmSet, launch: &Launch, stop: &AtomicBool) -> Result<(), Supervi
         });
     }
     let board = crate::metrics::Board::default();
-    let _server = launch
-        .metrics
-        .map(|addr| FiguresServer::start(addr, board.clone(), launch.home.clone()))
-        .transpose()?;
+    let _server = match launch.metrics {
+        None => None,
+        Some(addr) => match FiguresServer::start(addr, board.clone(), launch.home.clone()) {
+            Ok(s) => Some(s),
+            Err(e) if launch.metrics_by_default => {
+                warn!(error = %e, "the VMs' figures are not served (pass --metrics to choose where)");
+                None
+            }
+            Err(e) => return Err(e),
+        },
+    };
     for vm in &mut vms {
         vm.start(launch)?;
     }
@@ -337,7 +354,15 @@ impl FiguresServer {
                 };
                 rt.block_on(async move {
                     match tokio::net::TcpListener::from_std(listener) {
-                        Ok(l) => crate::metrics::serve(l, board, home, None, token).await,
+                        Ok(l) => {
+                            crate::metrics::serve(
+                                l,
+                                board,
+                                crate::metrics::Sources::Vms(home),
+                                token,
+                            )
+                            .await
+                        }
                         Err(e) => error!(error = %e, "figures server"),
                     }
                 });
@@ -498,6 +523,7 @@ mod tests {
     fn fake_launch(dir: &Path) -> Launch {
         Launch {
             metrics: None,
+            metrics_by_default: false,
             exe: fake_vmm(dir),
             home: dir.to_path_buf(),
             log: "info".into(),

@@ -40,6 +40,42 @@ pub struct Limits {
     pub stall: Duration,
     /// Longest a connection lives, whatever it does (`None`: no bound).
     pub lifetime: Option<Duration>,
+    /// Connections one client address may hold at once, so one client
+    /// cannot take every place (on loopback every client is one address:
+    /// set it to `connections` there).
+    pub per_client: usize,
+}
+
+/// Connections each client address holds now.
+#[derive(Default)]
+struct PerClient(std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, usize>>);
+
+impl PerClient {
+    /// A place for `ip`, if it has fewer than `max`.
+    fn take(self: &Arc<Self>, ip: std::net::IpAddr, max: usize) -> Option<ClientPlace> {
+        let mut held = self.0.lock().expect("lock");
+        let n = held.entry(ip).or_insert(0);
+        if *n >= max {
+            return None;
+        }
+        *n += 1;
+        Some(ClientPlace(self.clone(), ip))
+    }
+}
+
+/// One connection's place in its client's share; given back when dropped.
+struct ClientPlace(Arc<PerClient>, std::net::IpAddr);
+
+impl Drop for ClientPlace {
+    fn drop(&mut self) {
+        let mut held = self.0.0.lock().expect("lock");
+        if let Some(n) = held.get_mut(&self.1) {
+            *n -= 1;
+            if *n == 0 {
+                held.remove(&self.1);
+            }
+        }
+    }
 }
 
 /// Serves `app` on `listener` within `limits` until `shutdown`; `name`
@@ -52,6 +88,7 @@ pub async fn serve(
     shutdown: CancellationToken,
 ) {
     let slots = Arc::new(tokio::sync::Semaphore::new(limits.connections));
+    let clients = Arc::new(PerClient::default());
     loop {
         let (stream, peer) = tokio::select! {
             accepted = listener.accept() => match accepted {
@@ -65,6 +102,11 @@ pub async fn serve(
             },
             _ = shutdown.cancelled() => return,
         };
+        let Some(place) = clients.take(peer.ip(), limits.per_client) else {
+            debug!(%peer, "{name}: this client holds its share of connections; closing a new one");
+            drop(stream);
+            continue;
+        };
         let Ok(slot) = slots.clone().try_acquire_owned() else {
             debug!(%peer, "{name}: at its connection cap; closing a new connection");
             drop(stream);
@@ -73,7 +115,7 @@ pub async fn serve(
         let service = hyper_util::service::TowerToHyperService::new(app.clone());
         let shutdown = shutdown.clone();
         tokio::spawn(async move {
-            let _slot = slot;
+            let _slot = (slot, place);
             let progress = Progress::new();
             let io = hyper_util::rt::TokioIo::new(Watched {
                 inner: stream,
@@ -256,6 +298,7 @@ mod tests {
             header_read: Duration::from_millis(300),
             stall: Duration::from_secs(30),
             lifetime: None,
+            per_client: 2,
         };
         let (addr, stop) = start(limits).await;
         let mut a = tokio::net::TcpStream::connect(addr).await.unwrap();
@@ -287,12 +330,45 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn one_client_cannot_take_every_place() {
+        let limits = Limits {
+            connections: 4,
+            header_read: Duration::from_secs(5),
+            stall: Duration::from_secs(30),
+            lifetime: None,
+            per_client: 2,
+        };
+        let (addr, stop) = start(limits).await;
+        let _a = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let _b = tokio::net::TcpStream::connect(addr).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let mut c = tokio::net::TcpStream::connect(addr).await.unwrap();
+        assert!(
+            closed(&mut c, Duration::from_millis(300)).await,
+            "a third from one client got in"
+        );
+        // The cap is per client, and a place comes back when its
+        // connection ends.
+        drop(_a);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let mut d = tokio::net::TcpStream::connect(addr).await.unwrap();
+        d.write_all(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            .await
+            .unwrap();
+        let mut out = String::new();
+        d.read_to_string(&mut out).await.unwrap();
+        assert!(out.starts_with("HTTP/1.1 200"), "{out}");
+        stop.cancel();
+    }
+
+    #[tokio::test]
     async fn an_idle_keep_alive_is_closed_after_its_stall_and_lifetime_bounds_a_busy_one() {
         let limits = Limits {
             connections: 4,
             header_read: Duration::from_secs(5),
             stall: Duration::from_millis(300),
             lifetime: Some(Duration::from_millis(900)),
+            per_client: 4,
         };
         let (addr, stop) = start(limits).await;
         let mut idle = tokio::net::TcpStream::connect(addr).await.unwrap();

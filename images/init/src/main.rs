@@ -61,15 +61,23 @@ fn main() {
     system::load_modules();
     // Ctrl-Alt-Del becomes SIGINT for us instead of an immediate reset.
     let _ = nix::sys::reboot::set_cad_enabled(false);
-    if boot.role == Role::Service {
-        system::configure_network(&boot);
+    let boot = if boot.role == Role::Service {
+        // Without its link the node still serves local apps, but has no
+        // address to serve its figures on.
+        let networked = system::configure_network(&boot);
         system::mount_store();
+        if networked {
+            boot
+        } else {
+            Boot { ip: None, ..boot }
+        }
     } else {
         system::configure_network(&Boot {
             ip: None,
             ..boot.clone()
         });
-    }
+        boot
+    };
     let _ = std::fs::create_dir_all("/run/p2pvm");
     let mode = run(&boot);
     shut_down(mode);

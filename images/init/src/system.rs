@@ -98,10 +98,11 @@ pub fn set_hostname() {
 }
 
 /// `lo` always; `eth0` with the command line's static address and route.
-pub fn configure_network(boot: &Boot) {
+/// Brings up loopback and, with `p2pvm.ip`, `eth0`; whether `eth0` is up.
+pub fn configure_network(boot: &Boot) -> bool {
     ip(&["link", "set", "lo", "up"]);
     let Some(cidr) = boot.ip else {
-        return;
+        return false;
     };
     // virtio-net may still be probing.
     let deadline = Instant::now() + Duration::from_secs(5);
@@ -110,7 +111,7 @@ pub fn configure_network(boot: &Boot) {
     }
     if !Path::new("/sys/class/net/eth0").exists() {
         say!("p2pvm.ip is set but there is no eth0: no network");
-        return;
+        return false;
     }
     ip(&[
         "addr",
@@ -134,6 +135,7 @@ pub fn configure_network(boot: &Boot) {
             .map(|g| format!(" via {g}"))
             .unwrap_or_default()
     );
+    true
 }
 
 fn ip(args: &[&str]) {

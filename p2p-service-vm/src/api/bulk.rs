@@ -122,12 +122,12 @@ impl<IO: AsyncWrite + Unpin> AsyncWrite for Replayed<IO> {
     }
 }
 
-/// The error an app sees for a failed fetch stream.
 /// The operation a bulk stream serves, for the metrics of how it ended.
 const FETCH: &str = "ContentFetch";
 /// A bulk stream whose app stopped reading before its end.
 const READER_LEFT: &str = "reader_left";
 
+/// The error an app sees for a failed fetch stream.
 fn failure(e: &std::io::Error) -> pb::Error {
     super::streams::stream_error(e)
 }

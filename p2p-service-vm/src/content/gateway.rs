@@ -55,6 +55,8 @@ pub(crate) fn limits() -> p2pvm_httpd::Limits {
         header_read: HEADER_READ_TIMEOUT,
         stall: STALL_TIMEOUT,
         lifetime: None,
+        // Loopback only: every client is one address.
+        per_client: MAX_CONNECTIONS,
     }
 }
 

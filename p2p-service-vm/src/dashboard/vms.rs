@@ -82,14 +82,14 @@ async fn ask(addr: SocketAddr, path: &str) -> Result<Vec<VmStatus>, String> {
         hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
             .await
             .map_err(|e| e.to_string())?;
-    let conn = tokio::spawn(conn);
+    // Ended with this call, whichever way it ends (the caller's timeout too).
+    let conn = AbortOnDrop(tokio::spawn(conn));
     let req = hyper::Request::get(path)
         .header(hyper::header::HOST, addr.to_string())
         .body(Empty::<Bytes>::new())
         .map_err(|e| e.to_string())?;
     let resp = sender.send_request(req).await.map_err(|e| e.to_string())?;
     if !resp.status().is_success() {
-        conn.abort();
         return Err(format!("p2pvmm answered {}", resp.status()));
     }
     let body = Limited::new(resp.into_body(), MAX_BODY)
@@ -97,8 +97,17 @@ async fn ask(addr: SocketAddr, path: &str) -> Result<Vec<VmStatus>, String> {
         .await
         .map_err(|e| format!("reading p2pvmm's answer: {e}"))?
         .to_bytes();
-    conn.abort();
+    drop(conn);
     serde_json::from_slice(&body).map_err(|e| format!("p2pvmm's answer: {e}"))
+}
+
+/// A task aborted when its handle goes.
+struct AbortOnDrop<T>(tokio::task::JoinHandle<T>);
+
+impl<T> Drop for AbortOnDrop<T> {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 #[cfg(test)]

@@ -61,11 +61,22 @@ pub async fn serve(
     if let Some(d) = dashboard {
         app = app.merge(d);
     }
+    let loopback = listener
+        .local_addr()
+        .map(|a| a.ip().is_loopback())
+        .unwrap_or(true);
     let limits = p2pvm_httpd::Limits {
         connections: MAX_CONNECTIONS,
         header_read: HEADER_READ_TIMEOUT,
         stall: STALL_TIMEOUT,
         lifetime: Some(CONNECTION_LIFETIME),
+        // On the TAP in VM mode the host is one client and the scrapers
+        // another; on loopback everyone is one address.
+        per_client: if loopback {
+            MAX_CONNECTIONS
+        } else {
+            MAX_CONNECTIONS / 2
+        },
     };
     p2pvm_httpd::serve(listener, app, limits, "metrics", shutdown).await;
 }

@@ -376,13 +376,14 @@ fn up(home: Home, args: UpArgs, log: &str) -> anyhow::Result<()> {
             .flatten();
         // The platform's own VMs: the figures on the TAP's host side, where
         // the service VM's dashboard reads them.
+        let by_default = metrics.is_none();
         let metrics = metrics.or_else(|| {
             (own_set && !platform.no_net).then(|| {
                 let host = vmm::platform::ServiceNet::standard().host;
                 std::net::SocketAddr::from((host, vmm::platform::FIGURES_PORT))
             })
         });
-        return up_vms(&home, &set, metrics, log);
+        return up_vms(&home, &set, metrics, by_default, log);
     }
     println!(
         "p2pvmm: service side: p2pd in a sandbox (user, mount, pid, ipc, uts namespaces; Landlock; seccomp); its data: {}",
@@ -532,6 +533,7 @@ fn up_vms(
     home: &Home,
     set: &vmm::config::VmSet,
     metrics: Option<std::net::SocketAddr>,
+    metrics_by_default: bool,
     log: &str,
 ) -> anyhow::Result<()> {
     for sig in [libc::SIGTERM, libc::SIGINT] {
@@ -552,6 +554,7 @@ fn up_vms(
         log: log.to_owned(),
         run_args: Vec::new(),
         metrics,
+        metrics_by_default,
     };
     vmm::vm_supervisor::up(set, &launch, &vmm::runner::STOP_REQUESTED)?;
     Ok(())

@@ -62,7 +62,7 @@ pub struct ExitCounts {
     pub mmio: AtomicU64,
     /// Accesses nothing answered.
     pub unhandled: AtomicU64,
-    /// HLT and interrupt-window exits (rare with the in-kernel LAPIC).
+    /// `KVM_EXIT_HLT` and `KVM_EXIT_INTR` (rare with the in-kernel LAPIC).
     pub halt: AtomicU64,
     /// `KVM_RUN` interrupted by a signal (a kick: the stop's, the profiler's).
     pub kicked: AtomicU64,

@@ -505,7 +505,6 @@ impl<B: VirtioBackend> VirtioPci<B> {
     }
 
     fn signal(&mut self, vector: u16, isr_bit: u8) {
-        self.stats.interrupts.fetch_add(1, Ordering::Relaxed);
         tracing::trace!(
             device = self.backend.device_type(),
             vector,
@@ -515,8 +514,13 @@ impl<B: VirtioBackend> VirtioPci<B> {
         if self.msix.enabled() {
             if vector != NO_VECTOR {
                 self.msix.trigger(vector);
+                self.stats.interrupts.fetch_add(1, Ordering::Relaxed);
             }
         } else {
+            // Counted when the line goes up, not for each reason it stays up.
+            if self.isr == 0 {
+                self.stats.interrupts.fetch_add(1, Ordering::Relaxed);
+            }
             self.isr |= isr_bit;
             self.intx.assert(&mut self.config);
         }
