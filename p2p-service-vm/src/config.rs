@@ -117,17 +117,6 @@ impl MetricsConfig {
     }
 }
 
-/// Whether the internet cannot reach `ip` (loopback, RFC 1918, link-local,
-/// IPv6 unique local).
-fn is_private(ip: std::net::IpAddr) -> bool {
-    match ip {
-        std::net::IpAddr::V4(v4) => v4.is_loopback() || v4.is_private() || v4.is_link_local(),
-        std::net::IpAddr::V6(v6) => {
-            v6.is_loopback() || v6.is_unique_local() || v6.is_unicast_link_local()
-        }
-    }
-}
-
 /// How the node gets through NATs (see `docs/network.md`).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -649,7 +638,7 @@ impl Config {
             )));
         }
         if let Some(m) = self.metrics.listen
-            && !is_private(m.ip())
+            && !p2pvm_httpd::is_private(m.ip())
         {
             return Err(ConfigError::Invalid(format!(
                 "metrics.listen must be a loopback or private address (the figures carry no token), not {m}"

@@ -420,17 +420,6 @@ async fn vms_json(
     }
 }
 
-/// Whether the internet cannot reach `ip` (loopback, RFC 1918, link-local,
-/// IPv6 unique local): where the figures may be served.
-pub fn is_private(ip: std::net::IpAddr) -> bool {
-    match ip {
-        std::net::IpAddr::V4(v4) => v4.is_loopback() || v4.is_private() || v4.is_link_local(),
-        std::net::IpAddr::V6(v6) => {
-            v6.is_loopback() || v6.is_unique_local() || v6.is_unicast_link_local()
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

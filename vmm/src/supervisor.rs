@@ -230,7 +230,7 @@ async fn serve_figures(
     home: &Home,
     shutdown: CancellationToken,
 ) -> Result<(), SuperviseError> {
-    if !crate::metrics::is_private(addr.ip()) {
+    if !p2pvm_httpd::is_private(addr.ip()) {
         return Err(SuperviseError::Io {
             what: format!("serving figures on {addr}: only a loopback or private address"),
             source: std::io::ErrorKind::InvalidInput.into(),

@@ -327,7 +327,7 @@ impl FiguresServer {
         home: PathBuf,
     ) -> Result<Self, SuperviseError> {
         let refuse = |why: String| SuperviseError::Metrics { addr, why };
-        if !crate::metrics::is_private(addr.ip()) {
+        if !p2pvm_httpd::is_private(addr.ip()) {
             return Err(refuse(
                 "only a loopback or private address (the figures carry no token)".into(),
             ));

@@ -28,6 +28,18 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
+/// Whether the internet cannot reach `ip` (loopback, RFC 1918, link-local,
+/// IPv6 unique local): where these endpoints may listen, and whom the
+/// dashboard may ask, since none of them carries a token of its own.
+pub fn is_private(ip: std::net::IpAddr) -> bool {
+    match ip {
+        std::net::IpAddr::V4(v4) => v4.is_loopback() || v4.is_private() || v4.is_link_local(),
+        std::net::IpAddr::V6(v6) => {
+            v6.is_loopback() || v6.is_unique_local() || v6.is_unicast_link_local()
+        }
+    }
+}
+
 /// What one endpoint lets its clients hold.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Limits {
@@ -241,6 +253,25 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Watched<S> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn private_means_unreachable_from_the_internet() {
+        for ok in [
+            "127.0.0.1",
+            "10.99.0.1",
+            "192.168.1.2",
+            "172.16.0.1",
+            "169.254.1.1",
+            "::1",
+            "fd00::1",
+            "fe80::1",
+        ] {
+            assert!(is_private(ok.parse().unwrap()), "{ok}");
+        }
+        for bad in ["0.0.0.0", "8.8.8.8", "100.64.0.1", "::", "2001:db8::1"] {
+            assert!(!is_private(bad.parse().unwrap()), "{bad}");
+        }
+    }
     use axum::routing::get;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 

@@ -59,11 +59,8 @@ pub(crate) fn parse_url(url: &str) -> Option<(SocketAddr, String)> {
         None => (rest, "/"),
     };
     let addr: SocketAddr = authority.parse().ok()?;
-    let private = match addr.ip() {
-        std::net::IpAddr::V4(v4) => v4.is_loopback() || v4.is_private() || v4.is_link_local(),
-        std::net::IpAddr::V6(v6) => v6.is_loopback() || v6.is_unique_local(),
-    };
-    (private && !path.contains(char::is_whitespace)).then(|| (addr, path.to_owned()))
+    (p2pvm_httpd::is_private(addr.ip()) && !path.contains(char::is_whitespace))
+        .then(|| (addr, path.to_owned()))
 }
 
 /// Asks p2pvmm for both VMs' states.
