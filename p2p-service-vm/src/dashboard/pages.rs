@@ -389,6 +389,28 @@ fn peer_row(op: &Operator, r: &PeerRow) -> Markup {
     }
 }
 
+/// Why an action on a peer was refused before it was taken.
+enum Refused {
+    Csrf(super::auth::StaleForm),
+    NotAPeer,
+}
+
+impl IntoResponse for Refused {
+    fn into_response(self) -> Response {
+        match self {
+            Refused::Csrf(stale) => stale.into_response(),
+            Refused::NotAPeer => (StatusCode::BAD_REQUEST, "not a peer id").into_response(),
+        }
+    }
+}
+
+/// The checks every action on a peer passes first: the session's CSRF
+/// token, then a peer id.
+fn peer_action(op: &Operator, csrf: &str, peer: &str) -> Result<PeerId, Refused> {
+    op.check_csrf(csrf).map_err(Refused::Csrf)?;
+    peer.parse().map_err(|_| Refused::NotAPeer)
+}
+
 /// The ban form's fields.
 #[derive(Deserialize)]
 pub(super) struct BanForm {
@@ -404,11 +426,9 @@ pub(super) async fn ban(
     op: Operator,
     Form(form): Form<BanForm>,
 ) -> Response {
-    if let Err(r) = op.check_csrf(&form.csrf) {
-        return r.into_response();
-    }
-    let Ok(peer) = form.peer.parse::<PeerId>() else {
-        return (StatusCode::BAD_REQUEST, "not a peer id").into_response();
+    let peer = match peer_action(&op, &form.csrf, &form.peer) {
+        Ok(p) => p,
+        Err(refused) => return refused.into_response(),
     };
     let until = match form.hours {
         0 => u64::MAX / 2,
@@ -440,11 +460,9 @@ pub(super) async fn unban(
     op: Operator,
     Form(form): Form<UnbanForm>,
 ) -> Response {
-    if let Err(r) = op.check_csrf(&form.csrf) {
-        return r.into_response();
-    }
-    let Ok(peer) = form.peer.parse::<PeerId>() else {
-        return (StatusCode::BAD_REQUEST, "not a peer id").into_response();
+    let peer = match peer_action(&op, &form.csrf, &form.peer) {
+        Ok(p) => p,
+        Err(refused) => return refused.into_response(),
     };
     match d.api.unban_peer(peer).await {
         Ok(_) => {
