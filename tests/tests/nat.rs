@@ -620,6 +620,30 @@ async fn reached_after_renumbering(
     let new_ip = a_wan.ip.to_string();
     eprintln!("a's router: {old_ip} -> {new_ip}");
     let since = |n: &TestNode| n.log().get(mark..).unwrap_or_default().to_owned();
+    // What the two said about finding each other since the outage: printed
+    // at the end, and in the error when the test fails (CI keeps only the
+    // error of a failed test, not its output).
+    let story = || {
+        let key = [
+            "few peers",
+            "reservation",
+            "AutoNAT",
+            "pings",
+            "moved",
+            "hole punch",
+            "punching again",
+        ];
+        let mut out = Vec::new();
+        for (name, n) in [("a", a), ("b", b)] {
+            for l in since(n)
+                .lines()
+                .filter(|l| key.iter().any(|k| l.contains(k)))
+            {
+                out.push(format!("{name}: {}", l.get(..200).unwrap_or(l)));
+            }
+        }
+        out
+    };
 
     // Back on the network by itself, soon: a cut-off node dials its
     // bootstrap peers every few seconds.
@@ -669,12 +693,14 @@ async fn reached_after_renumbering(
         }
         (fetch_whole(&getter, &id).await.ok()? == second).then_some(())
     })
-    .await?;
+    .await
+    .with_context(|| story().join(" | "))?;
     eventually(WAIT, "b punched to a's new address", || async {
         let remotes = direct_remotes(&rb, &a.peer_id).await.ok()?;
         remotes.iter().any(|r| r.contains(&new_ip)).then_some(())
     })
-    .await?;
+    .await
+    .with_context(|| story().join(" | "))?;
     let after = direct_remotes(&rb, &a.peer_id).await?;
     eprintln!("b's direct connections to a after: {after:?}");
     let relayed = ra.node_info().await?.relayed_addrs;
@@ -682,21 +708,8 @@ async fn reached_after_renumbering(
         !relayed.is_empty() && !relayed.iter().any(|r| r.contains(&new_ip)),
         "a's relayed addresses must name its relays, not its router: {relayed:?}"
     );
-    let key = [
-        "few peers",
-        "reservation",
-        "AutoNAT",
-        "pings",
-        "moved",
-        "hole punched",
-    ];
-    for (name, n) in [("a", a), ("b", b)] {
-        for l in since(n)
-            .lines()
-            .filter(|l| key.iter().any(|k| l.contains(k)))
-        {
-            eprintln!("{name}: {}", l.get(..200).unwrap_or(l));
-        }
+    for l in story() {
+        eprintln!("{l}");
     }
     ensure!(
         !after.iter().any(|r| r.contains(&old_ip)),

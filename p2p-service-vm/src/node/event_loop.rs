@@ -31,6 +31,7 @@ use super::reach::{
 };
 use super::redial::Redial;
 use super::relay_budget::RelayBudget;
+use super::repunch::Repunch;
 use crate::config::Config;
 use libp2p::metrics::Recorder;
 
@@ -257,6 +258,7 @@ impl Node {
                 mapped: HashSet::new(),
                 reach,
                 redial: Redial::new(bootstrap_peers, Instant::now()),
+                repunch: Repunch::default(),
                 serve_relay: config.relay.serve,
                 relay_budget,
                 metrics: libp2p::metrics::Metrics::new(registry),
@@ -313,6 +315,8 @@ struct EventLoop {
     reach: Reach,
     /// Bootstrap peers to dial again when the node runs short of peers.
     redial: Redial,
+    /// Peers reached only through a relay, to punch to again.
+    repunch: Repunch,
     serve_relay: bool,
     /// The relay's total bandwidth cap.
     relay_budget: RelayBudget,
@@ -342,6 +346,7 @@ impl EventLoop {
                 _ = shutdown.cancelled() => break,
                 _ = relay_tick.tick() => {
                     self.redial_bootstrap();
+                    self.punch_again();
                     self.look_after_relays();
                 }
                 event = self.swarm.select_next_some() => self.on_swarm_event(event),
@@ -754,6 +759,40 @@ impl EventLoop {
         }
     }
 
+    /// Keeps [`Repunch`] told which peers we reach only through a relay we
+    /// dialled.
+    fn on_path(&mut self, peer: PeerId, endpoint: &libp2p::core::ConnectedPoint) {
+        if !endpoint.is_relayed() {
+            self.repunch.forget(&peer);
+            return;
+        }
+        let direct = self.conns.values().any(|c| c.peer == peer && !c.relayed);
+        if endpoint.is_dialer() && !direct && self.swarm.behaviour().dcutr.is_enabled() {
+            let addr = endpoint.get_remote_address().clone();
+            self.repunch.on_relayed_dialled(peer, addr, Instant::now());
+        }
+    }
+
+    /// Dials again, through the relay, peers that a hole punch has not yet
+    /// reached directly: a new relayed connection starts a new punch.
+    fn punch_again(&mut self) {
+        for (peer, addr) in self.repunch.due(Instant::now()) {
+            let direct = self.conns.values().any(|c| c.peer == peer && !c.relayed);
+            if direct || !self.swarm.is_connected(&peer) {
+                self.repunch.forget(&peer);
+                continue;
+            }
+            info!(%peer, %addr, "no direct connection yet: punching again through the relay");
+            let opts = libp2p::swarm::dial_opts::DialOpts::peer_id(peer)
+                .addresses(vec![addr])
+                .condition(libp2p::swarm::dial_opts::PeerCondition::Always)
+                .build();
+            if let Err(e) = self.swarm.dial(opts) {
+                debug!(%peer, error = %e, "relayed redial for a punch failed");
+            }
+        }
+    }
+
     /// Stops advertising addresses that no longer reach us (our address
     /// moved).
     fn expire_external(&mut self, stale: Vec<Multiaddr>) {
@@ -893,6 +932,7 @@ impl EventLoop {
                     let _ = reply.send(Ok(peer_id));
                 }
                 self.redial.on_connected(&peer_id);
+                self.on_path(peer_id, &endpoint);
                 if num_established.get() == 1 {
                     debug!(%peer_id, "peer connected");
                     self.publish_status();
@@ -919,6 +959,7 @@ impl EventLoop {
                 self.agents.remove(&peer_id);
                 self.reach.remove_candidate(&peer_id);
                 self.redial.on_disconnected(&peer_id, Instant::now());
+                self.repunch.forget(&peer_id);
                 self.emit(NodeEvent::PeerDisconnected { peer_id });
             }
             SwarmEvent::OutgoingConnectionError {

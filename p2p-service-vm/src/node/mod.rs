@@ -20,6 +20,7 @@ mod reach;
 mod redial;
 mod relay_budget;
 mod relay_guard;
+mod repunch;
 
 pub use behaviour::{relay_key, service_key};
 pub use event_loop::{Node, NodeStartError};

@@ -17,6 +17,17 @@
 //! A peer over either is held off hole punching for [`HOLD`] (its relayed
 //! connections stay, within the relay's limits, but no punch is started or
 //! answered), and the event loop charges it once per hold.
+//!
+//! It also widens the addresses DCUtR offers the other side. DCUtR offers
+//! only what peers observed of us, one transport at a time: a node that,
+//! after its router's address changed, had been seen again only over QUIC
+//! offered its new QUIC address and its old TCP one, while the other side,
+//! seen only over TCP, offered TCP; the two dialled past each other and
+//! every punch failed. Routers that keep a connection's source port (Linux
+//! masquerade, most home routers) map each of our listen ports to the same
+//! port at the address a peer saw, so that address with each of our other
+//! listen ports is offered too (libp2p translates only within one
+//! transport). A wrong guess costs one failed dial in a punch.
 
 use std::collections::{HashMap, VecDeque};
 use std::task::{Context, Poll};
@@ -27,8 +38,8 @@ use libp2p::core::Endpoint;
 use libp2p::core::multiaddr::Protocol;
 use libp2p::core::transport::PortUse;
 use libp2p::swarm::{
-    ConnectionDenied, ConnectionId, FromSwarm, NetworkBehaviour, THandler, THandlerInEvent,
-    THandlerOutEvent, ToSwarm, dummy,
+    ConnectionDenied, ConnectionId, FromSwarm, NetworkBehaviour, NewExternalAddrCandidate,
+    THandler, THandlerInEvent, THandlerOutEvent, ToSwarm, dummy,
 };
 use libp2p::{Multiaddr, PeerId, dcutr};
 
@@ -71,6 +82,8 @@ pub struct PunchGuard {
     queued: VecDeque<ToSwarm<Event, THandlerInEvent<dcutr::Behaviour>>>,
     /// When stale peers were last forgotten.
     pruned: Option<Instant>,
+    /// Our own (not relayed) listen addresses.
+    listening: Vec<Multiaddr>,
 }
 
 impl PunchGuard {
@@ -82,6 +95,7 @@ impl PunchGuard {
             held: HashMap::new(),
             queued: VecDeque::new(),
             pruned: None,
+            listening: Vec::new(),
         }
     }
 
@@ -179,6 +193,49 @@ fn is_relayed(addr: &Multiaddr) -> bool {
     addr.iter().any(|p| p == Protocol::P2pCircuit)
 }
 
+/// The address a peer saw us at with each of our listen addresses' other
+/// transports and ports (see the module's doc), not the observed one
+/// itself. Nothing for an observation without an IP address (what a
+/// relayed connection's far end reports).
+fn translations(observed: &Multiaddr, listening: &[Multiaddr]) -> Vec<Multiaddr> {
+    let Some(ip) = observed.iter().next() else {
+        return Vec::new();
+    };
+    if !matches!(ip, Protocol::Ip4(_) | Protocol::Ip6(_)) {
+        return Vec::new();
+    }
+    let without_peer = |a: &Multiaddr| -> Multiaddr {
+        a.iter()
+            .take_while(|p| !matches!(p, Protocol::P2p(_)))
+            .collect()
+    };
+    let observed = without_peer(observed);
+    let mut out: Vec<Multiaddr> = Vec::new();
+    for l in listening {
+        let mut parts = l.iter();
+        let same_family = parts
+            .next()
+            .is_some_and(|first| std::mem::discriminant(&first) == std::mem::discriminant(&ip));
+        if !same_family {
+            continue;
+        }
+        let mut t = Multiaddr::empty().with(ip.clone());
+        for p in parts.take_while(|p| !matches!(p, Protocol::P2p(_))) {
+            t.push(p);
+        }
+        if t != observed && !out.contains(&t) {
+            out.push(t);
+        }
+    }
+    out
+}
+
+/// Whether `addr` names an IP address (and so can be dialled for a punch).
+fn has_ip(addr: &Multiaddr) -> bool {
+    addr.iter()
+        .any(|p| matches!(p, Protocol::Ip4(_) | Protocol::Ip6(_)))
+}
+
 impl NetworkBehaviour for PunchGuard {
     type ConnectionHandler = <dcutr::Behaviour as NetworkBehaviour>::ConnectionHandler;
     type ToSwarm = Event;
@@ -252,8 +309,29 @@ impl NetworkBehaviour for PunchGuard {
     }
 
     fn on_swarm_event(&mut self, event: FromSwarm) {
-        if let FromSwarm::ConnectionClosed(c) = &event {
-            self.requests.remove(&c.connection_id);
+        match &event {
+            FromSwarm::ConnectionClosed(c) => {
+                self.requests.remove(&c.connection_id);
+            }
+            FromSwarm::NewListenAddr(l)
+                if !is_relayed(l.addr) && !self.listening.contains(l.addr) =>
+            {
+                self.listening.push(l.addr.clone());
+            }
+            FromSwarm::ExpiredListenAddr(l) => self.listening.retain(|a| a != l.addr),
+            FromSwarm::NewExternalAddrCandidate(c) => {
+                if !has_ip(c.addr) {
+                    return;
+                }
+                // Offered after the guesses: DCUtR offers its most recent
+                // candidates first.
+                for addr in &translations(c.addr, &self.listening) {
+                    let guess = NewExternalAddrCandidate { addr };
+                    self.inner
+                        .on_swarm_event(FromSwarm::NewExternalAddrCandidate(guess));
+                }
+            }
+            _ => {}
         }
         self.inner.on_swarm_event(event)
     }
@@ -302,6 +380,79 @@ mod tests {
                 _ => None,
             })
             .collect()
+    }
+
+    fn ma(s: &str) -> Multiaddr {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn an_observed_address_is_offered_with_each_listen_port() {
+        let listening = [
+            ma("/ip4/10.2.0.2/tcp/38197"),
+            ma("/ip4/10.2.0.2/udp/47063/quic-v1"),
+            ma("/ip6/fd00::2/tcp/38197"),
+        ];
+        // Seen over QUIC at a new address: TCP at that address too, not
+        // the observation again, and no IPv6 listen port on an IPv4 one.
+        let seen = ma("/ip4/198.19.255.254/udp/47063/quic-v1");
+        assert_eq!(
+            translations(&seen, &listening),
+            vec![ma("/ip4/198.19.255.254/tcp/38197")]
+        );
+        // A port the router chose for an outgoing connection: our listen
+        // ports, which is what a peer must dial.
+        let peer = PeerId::random();
+        let seen = ma(&format!("/ip4/198.18.0.5/tcp/50111/p2p/{peer}"));
+        assert_eq!(
+            translations(&seen, &listening),
+            vec![
+                ma("/ip4/198.18.0.5/tcp/38197"),
+                ma("/ip4/198.18.0.5/udp/47063/quic-v1")
+            ]
+        );
+    }
+
+    #[test]
+    fn an_observation_without_an_ip_address_is_not_offered() {
+        let listening = [ma("/ip4/10.2.0.2/tcp/38197")];
+        let bare = ma(&format!("/p2p/{}", PeerId::random()));
+        assert!(translations(&bare, &listening).is_empty());
+        assert!(!has_ip(&bare));
+        assert!(has_ip(&ma("/ip4/198.18.0.5/tcp/1")));
+        let dns = ma("/dns4/example.org/tcp/1");
+        assert!(translations(&dns, &listening).is_empty());
+    }
+
+    #[test]
+    fn listen_addresses_are_followed() {
+        use libp2p::core::transport::ListenerId;
+        use libp2p::swarm::{ExpiredListenAddr, NewListenAddr};
+        let mut g = guard();
+        let (tcp, relayed) = (
+            ma("/ip4/10.2.0.2/tcp/38197"),
+            ma(&format!(
+                "/ip4/198.18.0.3/tcp/4001/p2p/{}/p2p-circuit",
+                PeerId::random()
+            )),
+        );
+        let listener_id = ListenerId::next();
+        for addr in [&tcp, &relayed] {
+            g.on_swarm_event(FromSwarm::NewListenAddr(NewListenAddr {
+                listener_id,
+                addr,
+            }));
+        }
+        assert_eq!(
+            g.listening,
+            vec![tcp.clone()],
+            "relayed ones are not ours to guess"
+        );
+        g.on_swarm_event(FromSwarm::ExpiredListenAddr(ExpiredListenAddr {
+            listener_id,
+            addr: &tcp,
+        }));
+        assert!(g.listening.is_empty());
     }
 
     #[test]
