@@ -8,7 +8,9 @@
 //! the CPU both ends spend, without the network; rounds interleave the two
 //! kinds, idle and then with one core kept busy by another process.
 //!
-//! `cargo bench -p p2pvm-e2e --bench group_session`
+//! `cargo bench -p p2pvm-e2e --bench group_session` (5 rounds of 200 each;
+//! under `cargo test --all-targets`, a smoke run of 1 round of 10: a debug
+//! build's libp2p-tls handshake takes ~50 ms).
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -19,8 +21,10 @@ use p2pvm_security::group_tls::handshake_in_memory;
 use p2pvm_security::{GroupTls, Groups};
 use rustls::pki_types::ServerName;
 
-const PER_ROUND: u32 = 200;
-const ROUNDS: usize = 5;
+/// Handshakes of each kind a round, and rounds: a full run's, and a smoke
+/// run's.
+const FULL: (u32, usize) = (200, 5);
+const SMOKE: (u32, usize) = (10, 1);
 
 struct Member {
     tls: GroupTls,
@@ -75,15 +79,21 @@ fn cpu_now() -> Result<f64> {
     p2pvm_e2e::cpu_secs(std::process::id())
 }
 
-fn measure(label: &str, owner: &Member, m: &Member, g: p2pvm_security::GroupId) -> Result<()> {
+fn measure(
+    label: &str,
+    (per_round, rounds): (u32, usize),
+    owner: &Member,
+    m: &Member,
+    g: p2pvm_security::GroupId,
+) -> Result<()> {
     let mut ratios = Vec::new();
     let (mut group_us, mut plain_us) = (Vec::new(), Vec::new());
     let (mut group_cpu, mut plain_cpu) = (0.0, 0.0);
-    for _ in 0..ROUNDS {
+    for _ in 0..rounds {
         let c0 = cpu_now()?;
-        let gs = group_round(m, owner, g, PER_ROUND)?;
+        let gs = group_round(m, owner, g, per_round)?;
         let c1 = cpu_now()?;
-        let ps = libp2p_round(&m.key, &owner.key, PER_ROUND)?;
+        let ps = libp2p_round(&m.key, &owner.key, per_round)?;
         let c2 = cpu_now()?;
         group_cpu += c1 - c0;
         plain_cpu += c2 - c1;
@@ -96,9 +106,9 @@ fn measure(label: &str, owner: &Member, m: &Member, g: p2pvm_security::GroupId) 
         let hi = v.iter().cloned().fold(0.0, f64::max);
         format!("{lo:.0}-{hi:.0}")
     };
-    let n = f64::from(PER_ROUND) * ROUNDS as f64;
+    let n = f64::from(per_round) * rounds as f64;
     println!(
-        "{label}: group session {} us per handshake (CPU {:.0} us), libp2p-tls {} us (CPU {:.0} us); group/libp2p {:.2}-{:.2}x over {ROUNDS} rounds of {PER_ROUND}",
+        "{label}: group session {} us per handshake (CPU {:.0} us), libp2p-tls {} us (CPU {:.0} us); group/libp2p {:.2}-{:.2}x over {rounds} rounds of {per_round}",
         range(&group_us),
         group_cpu / n * 1e6,
         range(&plain_us),
@@ -110,6 +120,11 @@ fn measure(label: &str, owner: &Member, m: &Member, g: p2pvm_security::GroupId) 
 }
 
 fn main() -> Result<()> {
+    let sizes = if std::env::args().any(|a| a == "--bench") {
+        FULL
+    } else {
+        SMOKE
+    };
     let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
     let (owner, og) = member(&provider)?;
     let (m, mg) = member(&provider)?;
@@ -129,9 +144,9 @@ fn main() -> Result<()> {
     // Warm up both paths once.
     group_round(&m, &owner, g.id, 20)?;
     libp2p_round(&m.key, &owner.key, 20)?;
-    measure("idle", &owner, &m, g.id)?;
+    measure("idle", sizes, &owner, &m, g.id)?;
     let hog = p2pvm_e2e::CpuHog::start().context("a busy core")?;
-    measure("one core busy", &owner, &m, g.id)?;
+    measure("one core busy", sizes, &owner, &m, g.id)?;
     drop(hog);
     Ok(())
 }

@@ -27,7 +27,7 @@ static ONE_CROWD_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_n
 // downloads stall for want of CPU, not for what this test is about.
 #[cfg_attr(
     debug_assertions,
-    ignore = "needs release p2pds (60 debug ones starve two cores); scripts/test.sh runs it with --release"
+    ignore = "needs release p2pds (60 debug ones starve two cores); scripts/test.sh runs it against release ones (P2PVM_BIN_DIR, --ignored)"
 )]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_flash_crowd_of_dozens_all_finish_an_item_published_before_they_joined() -> Result<()> {
@@ -75,7 +75,7 @@ fn lab_or_skip() -> Result<Option<Lab>> {
 // among themselves.
 #[cfg_attr(
     debug_assertions,
-    ignore = "needs release p2pds (20 debug ones on shaped lines starve two cores); scripts/test.sh runs it with --release"
+    ignore = "needs release p2pds (20 debug ones on shaped lines starve two cores); scripts/test.sh runs it against release ones (P2PVM_BIN_DIR, --ignored)"
 )]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_flash_crowd_on_home_lines_finishes_with_little_from_the_publisher() -> Result<()> {
@@ -135,7 +135,7 @@ async fn a_flash_crowd_on_home_lines_finishes_with_little_from_the_publisher() -
 // a node that comes back resumes what it held instead of starting over.
 #[cfg_attr(
     debug_assertions,
-    ignore = "needs release p2pds (20 debug ones on shaped lines starve two cores); scripts/test.sh runs it with --release"
+    ignore = "needs release p2pds (20 debug ones on shaped lines starve two cores); scripts/test.sh runs it against release ones (P2PVM_BIN_DIR, --ignored)"
 )]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_crowd_under_churn_finishes_and_returning_nodes_resume() -> Result<()> {
@@ -213,7 +213,7 @@ async fn a_crowd_under_churn_finishes_and_returning_nodes_resume() -> Result<()>
 // publisher's bytes, and every downloader that met a bad peer refuses it.
 #[cfg_attr(
     debug_assertions,
-    ignore = "needs release p2pds (25 debug ones on shaped lines starve two cores); scripts/test.sh runs it with --release"
+    ignore = "needs release p2pds (25 debug ones on shaped lines starve two cores); scripts/test.sh runs it against release ones (P2PVM_BIN_DIR, --ignored)"
 )]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn honest_nodes_finish_past_corrupt_and_silent_peers_and_refuse_them() -> Result<()> {
@@ -279,7 +279,7 @@ async fn honest_nodes_finish_past_corrupt_and_silent_peers_and_refuse_them() -> 
 // they upload, so a crowd of viewers asks three times what it can send.)
 #[cfg_attr(
     debug_assertions,
-    ignore = "needs release p2pds (12 debug ones on shaped lines starve two cores); scripts/test.sh runs it with --release"
+    ignore = "needs release p2pds (12 debug ones on shaped lines starve two cores); scripts/test.sh runs it against release ones (P2PVM_BIN_DIR, --ignored)"
 )]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn viewers_stream_the_item_from_the_swarm_and_seek() -> Result<()> {
