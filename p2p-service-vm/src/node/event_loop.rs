@@ -259,6 +259,7 @@ impl Node {
                 reach,
                 redial: Redial::new(bootstrap_peers, Instant::now()),
                 repunch: Repunch::default(),
+                per_peer_limit: config.limits.max_established_per_peer as usize,
                 serve_relay: config.relay.serve,
                 relay_budget,
                 metrics: libp2p::metrics::Metrics::new(registry),
@@ -317,6 +318,9 @@ struct EventLoop {
     redial: Redial,
     /// Peers reached only through a relay, to punch to again.
     repunch: Repunch,
+    /// Connections we accept with one peer (`[limits]`): a new round of
+    /// punching needs room for another relayed one and the direct one.
+    per_peer_limit: usize,
     serve_relay: bool,
     /// The relay's total bandwidth cap.
     relay_budget: RelayBudget,
@@ -776,7 +780,10 @@ impl EventLoop {
     /// Dials again, through the relay, peers that a hole punch has not yet
     /// reached directly: a new relayed connection starts a new punch.
     fn punch_again(&mut self) {
-        for (peer, addr) in self.repunch.due(Instant::now()) {
+        let (conns, limit) = (&self.conns, self.per_peer_limit);
+        // Room for one more relayed connection and the direct one.
+        let room = |peer: &PeerId| conns.values().filter(|c| c.peer == *peer).count() + 2 <= limit;
+        for (peer, addr) in self.repunch.due(Instant::now(), room) {
             let direct = self.conns.values().any(|c| c.peer == peer && !c.relayed);
             if direct || !self.swarm.is_connected(&peer) {
                 self.repunch.forget(&peer);

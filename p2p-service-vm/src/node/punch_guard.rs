@@ -195,9 +195,12 @@ fn is_relayed(addr: &Multiaddr) -> bool {
 
 /// The address a peer saw us at with each of our listen addresses' other
 /// transports and ports (see the module's doc), not the observed one
-/// itself. Nothing for an observation without an IP address (what a
-/// relayed connection's far end reports).
+/// itself. Nothing for an observation without an IP address, or of a
+/// relayed address (its IP is the relay's, not ours).
 fn translations(observed: &Multiaddr, listening: &[Multiaddr]) -> Vec<Multiaddr> {
+    if is_relayed(observed) {
+        return Vec::new();
+    }
     let Some(ip) = observed.iter().next() else {
         return Vec::new();
     };
@@ -227,6 +230,19 @@ fn translations(observed: &Multiaddr, listening: &[Multiaddr]) -> Vec<Multiaddr>
             out.push(t);
         }
     }
+    out
+}
+
+/// What DCUtR is told of one observation of our address, in order: the
+/// observation, then its [`translations`]. DCUtR offers its candidates
+/// least recently added first (and the swarm dials 8 at a time), so the
+/// observation goes in before its guesses. Nothing for one without an IP.
+fn offered(observed: &Multiaddr, listening: &[Multiaddr]) -> Vec<Multiaddr> {
+    if !has_ip(observed) {
+        return Vec::new();
+    }
+    let mut out = vec![observed.clone()];
+    out.extend(translations(observed, listening));
     out
 }
 
@@ -320,16 +336,12 @@ impl NetworkBehaviour for PunchGuard {
             }
             FromSwarm::ExpiredListenAddr(l) => self.listening.retain(|a| a != l.addr),
             FromSwarm::NewExternalAddrCandidate(c) => {
-                if !has_ip(c.addr) {
-                    return;
-                }
-                // Offered after the guesses: DCUtR offers its most recent
-                // candidates first.
-                for addr in &translations(c.addr, &self.listening) {
-                    let guess = NewExternalAddrCandidate { addr };
+                for addr in &offered(c.addr, &self.listening) {
+                    let candidate = NewExternalAddrCandidate { addr };
                     self.inner
-                        .on_swarm_event(FromSwarm::NewExternalAddrCandidate(guess));
+                        .on_swarm_event(FromSwarm::NewExternalAddrCandidate(candidate));
                 }
+                return;
             }
             _ => {}
         }
@@ -414,6 +426,21 @@ mod tests {
     }
 
     #[test]
+    fn dcutr_is_told_the_observation_then_its_guesses() {
+        let listening = [
+            ma("/ip4/10.2.0.2/tcp/38197"),
+            ma("/ip4/10.2.0.2/udp/47063/quic-v1"),
+        ];
+        let seen = ma("/ip4/198.19.255.254/udp/47063/quic-v1");
+        assert_eq!(
+            offered(&seen, &listening),
+            vec![seen.clone(), ma("/ip4/198.19.255.254/tcp/38197")]
+        );
+        let bare = ma(&format!("/p2p/{}", PeerId::random()));
+        assert!(offered(&bare, &listening).is_empty());
+    }
+
+    #[test]
     fn an_observation_without_an_ip_address_is_not_offered() {
         let listening = [ma("/ip4/10.2.0.2/tcp/38197")];
         let bare = ma(&format!("/p2p/{}", PeerId::random()));
@@ -422,6 +449,13 @@ mod tests {
         assert!(has_ip(&ma("/ip4/198.18.0.5/tcp/1")));
         let dns = ma("/dns4/example.org/tcp/1");
         assert!(translations(&dns, &listening).is_empty());
+        // What identify reports on a connection that came through a relay:
+        // the relay's IP, never ours.
+        let relayed = ma(&format!(
+            "/ip4/198.18.0.3/tcp/4001/p2p/{}/p2p-circuit",
+            PeerId::random()
+        ));
+        assert!(translations(&relayed, &listening).is_empty());
     }
 
     #[test]

@@ -57,10 +57,17 @@ impl Repunch {
         self.peers.remove(peer);
     }
 
-    /// Relayed addresses to dial again now, with their peers. A peer that
-    /// has had its [`ROUNDS`] is forgotten (until it is dialled through a
-    /// relay afresh).
-    pub(crate) fn due(&mut self, now: Instant) -> Vec<(PeerId, Multiaddr)> {
+    /// Relayed addresses to dial again now, with their peers. A round is
+    /// spent without a dial for a peer that has no `room` for another
+    /// relayed connection and a direct one (the per-peer connection limit:
+    /// earlier rounds' relayed connections stay until their circuits end).
+    /// A peer that has had its [`ROUNDS`] is forgotten (until it is
+    /// dialled through a relay afresh).
+    pub(crate) fn due(
+        &mut self,
+        now: Instant,
+        room: impl Fn(&PeerId) -> bool,
+    ) -> Vec<(PeerId, Multiaddr)> {
         let mut out = Vec::new();
         self.peers.retain(|peer, w| {
             if w.next > now {
@@ -69,7 +76,9 @@ impl Repunch {
             if w.rounds >= ROUNDS {
                 return false;
             }
-            out.push((*peer, w.addr.clone()));
+            if room(peer) {
+                out.push((*peer, w.addr.clone()));
+            }
             w.rounds += 1;
             w.wait *= 2;
             w.next = now + w.wait;
@@ -102,9 +111,31 @@ mod tests {
     fn nothing_is_due_before_the_first_wait() {
         let (mut r, t0) = (Repunch::default(), Instant::now());
         r.on_relayed_dialled(PeerId::random(), relayed_addr(), t0);
-        assert!(r.due(t0).is_empty());
-        assert!(r.due(t0 + FIRST_WAIT - Duration::from_millis(1)).is_empty());
-        assert_eq!(r.due(t0 + FIRST_WAIT).len(), 1);
+        assert!(r.due(t0, room).is_empty());
+        assert!(
+            r.due(t0 + FIRST_WAIT - Duration::from_millis(1), room)
+                .is_empty()
+        );
+        assert_eq!(r.due(t0 + FIRST_WAIT, room).len(), 1);
+    }
+
+    fn room(_: &PeerId) -> bool {
+        true
+    }
+
+    #[test]
+    fn a_peer_without_room_spends_a_round_undialled() {
+        let (mut r, t0) = (Repunch::default(), Instant::now());
+        let (full, free) = (PeerId::random(), PeerId::random());
+        r.on_relayed_dialled(full, relayed_addr(), t0);
+        r.on_relayed_dialled(free, relayed_addr(), t0);
+        let due = r.due(t0 + FIRST_WAIT, |p| *p != full);
+        assert_eq!(due.len(), 1);
+        assert_eq!(due[0].0, free);
+        // The round is spent: the next comes after the doubled wait.
+        let next = t0 + FIRST_WAIT + FIRST_WAIT * 2;
+        assert!(r.due(next - Duration::from_millis(1), room).is_empty());
+        assert_eq!(r.due(next, room).len(), 2);
     }
 
     #[test]
@@ -115,14 +146,14 @@ mod tests {
         let mut t = t0 + FIRST_WAIT;
         let mut wait = FIRST_WAIT;
         for _ in 0..ROUNDS {
-            assert_eq!(r.due(t), vec![(peer, addr.clone())]);
+            assert_eq!(r.due(t, room), vec![(peer, addr.clone())]);
             // Our own new relayed connection neither resets nor adds.
             r.on_relayed_dialled(peer, relayed_addr(), t);
             wait *= 2;
-            assert!(r.due(t + wait - Duration::from_millis(1)).is_empty());
+            assert!(r.due(t + wait - Duration::from_millis(1), room).is_empty());
             t += wait;
         }
-        assert!(r.due(t).is_empty(), "no round past the last");
+        assert!(r.due(t, room).is_empty(), "no round past the last");
         assert_eq!(r.len(), 0, "a peer past its rounds is forgotten");
     }
 
@@ -133,7 +164,7 @@ mod tests {
         r.on_relayed_dialled(a, relayed_addr(), t0);
         r.on_relayed_dialled(b, relayed_addr(), t0);
         r.forget(&a);
-        let due = r.due(t0 + FIRST_WAIT);
+        let due = r.due(t0 + FIRST_WAIT, room);
         assert_eq!(due.len(), 1);
         assert_eq!(due[0].0, b);
     }
