@@ -643,6 +643,11 @@ impl EventLoop {
         p
     }
 
+    /// Whether we hold a direct (not relayed) connection to `peer`.
+    fn has_direct(&self, peer: &PeerId) -> bool {
+        self.conns.values().any(|c| c.peer == *peer && !c.relayed)
+    }
+
     /// The remote address of the newest direct (not relayed) connection to
     /// `peer`: where it really is, and where its fast path listens.
     fn direct_remote(&self, peer: &PeerId) -> Option<Multiaddr> {
@@ -770,7 +775,7 @@ impl EventLoop {
             self.repunch.forget(&peer);
             return;
         }
-        let direct = self.conns.values().any(|c| c.peer == peer && !c.relayed);
+        let direct = self.has_direct(&peer);
         if endpoint.is_dialer() && !direct && self.swarm.behaviour().dcutr.is_enabled() {
             let addr = endpoint.get_remote_address().clone();
             self.repunch.on_relayed_dialled(peer, addr, Instant::now());
@@ -784,8 +789,7 @@ impl EventLoop {
         // Room for one more relayed connection and the direct one.
         let room = |peer: &PeerId| conns.values().filter(|c| c.peer == *peer).count() + 2 <= limit;
         for (peer, addr) in self.repunch.due(Instant::now(), room) {
-            let direct = self.conns.values().any(|c| c.peer == peer && !c.relayed);
-            if direct || !self.swarm.is_connected(&peer) {
+            if self.has_direct(&peer) || !self.swarm.is_connected(&peer) {
                 self.repunch.forget(&peer);
                 continue;
             }
