@@ -10,8 +10,10 @@ use serde::{Deserialize, Serialize};
 
 /// The most payload bytes a content fast-path connection may carry before it
 /// is replaced (`content.fast_path_rotate_bytes` at most): half of what one
-/// sealed-frame key may seal (the record layer checks this at compile time).
+/// sealed-frame key may seal.
 pub const MAX_ROTATE_BYTES: u64 = 1 << 35;
+// A fast-path connection is replaced before either direction's key runs out.
+const _: () = assert!(MAX_ROTATE_BYTES <= p2pvm_security::sealed::BYTES_PER_KEY / 2);
 
 /// Why the configuration could not be loaded.
 #[derive(Debug, thiserror::Error)]

@@ -29,6 +29,7 @@
 
 pub mod api;
 pub mod backend;
+mod clock;
 pub mod compute;
 pub mod config;
 pub mod confine;

@@ -12,8 +12,9 @@
 //! DRM). The server side learns which group a client asks for from the
 //! ALPN protocol `p2pvm-group/1/<group id>`.
 //!
-//! The content engine runs these handshakes on its fast path
-//! (`p2p-service-vm/src/content/fastpath.rs`), beside the libp2p connection
+//! The content engine runs these handshakes on its fast path (p2pd dials
+//! and accepts; [`crate::peer_tls`] picks this configuration when a client
+//! asks for a group), beside the libp2p connection
 //! whose transport security is its own; [`GroupTls`] is plain configuration,
 //! testable and measurable without a network.
 

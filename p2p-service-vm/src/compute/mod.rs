@@ -27,7 +27,7 @@ use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Instant, SystemTime, UNIX_EPOCH};
+use std::time::Instant;
 
 use p2pvm_compute::{JobId, Receipts, ReceiptsError, Sandbox};
 use p2pvm_content::ContentId;
@@ -36,6 +36,7 @@ use prost::Message;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
+use crate::clock::now_unix;
 use crate::content::ContentService;
 use crate::context::NodeContext;
 use crate::node::{Command, service_key};
@@ -205,13 +206,6 @@ impl std::fmt::Debug for ComputeService {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("ComputeService").finish_non_exhaustive()
     }
-}
-
-fn now_unix() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
 }
 
 impl ComputeService {

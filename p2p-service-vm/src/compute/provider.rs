@@ -15,7 +15,8 @@ use prost::Message;
 use tracing::{debug, info};
 
 use super::wire::{self, Answer, Ask, Request, Response};
-use super::{ComputeService, ReceiptCheckError, now_unix};
+use super::{ComputeService, ReceiptCheckError};
+use crate::clock::now_unix;
 use crate::content::wire::{read_msg, write_msg};
 use crate::content::{ContentService, PublishMeta};
 

@@ -40,7 +40,7 @@ impl ContentService {
     /// Listens to the CRL topic of every group this node knows, and
     /// republishes the CRLs of the groups it owns.
     pub(crate) fn watch_crls(&self) {
-        let mut events = self.inner.ctx.node.events.subscribe();
+        let mut events = self.inner.ctx.node.subscribe_events();
         let svc = self.clone();
         self.spawn(async move {
             for g in svc.groups().list() {

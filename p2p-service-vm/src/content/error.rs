@@ -125,7 +125,7 @@ pub enum LocalError {
     Task(String),
     /// Making the fast path's TLS identity failed.
     #[error("Fast path identity")]
-    FastPath(#[source] Box<dyn std::error::Error + Send + Sync>),
+    FastPath(#[source] p2pvm_security::PeerTlsError),
     /// The DRM configuration (trusted publisher CAs, CRLs, this node's own
     /// publisher chain) is not usable.
     #[error("DRM configuration")]

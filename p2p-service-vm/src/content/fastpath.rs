@@ -13,16 +13,17 @@
 //! (ChaCha20-Poly1305) and Yamux. On loopback that holds a content transfer
 //! near 350 MiB/s, a tenth of what the link carries; a connection of its own
 //! with AES-GCM, which these CPUs run in hardware, in frames as large as a
-//! block ([`super::sealed`]), comes much closer to it.
+//! block (`p2pvm_security::sealed`), comes much closer to it.
 //!
-//! Identity is libp2p's own: each side presents the self-signed certificate
-//! of libp2p's TLS handshake (the host key signs the certificate key in an
-//! X.509 extension), so the provider knows which peer asks (its credit policy
-//! applies) and the downloader knows it reached the provider it chose; a
-//! certificate that does not carry a valid extension, or names another peer,
-//! ends the handshake. A downloader learns the port from the provider's
-//! `Have` answer and dials the address its libp2p connection already uses;
-//! when that fails (a firewall, a NAT) it keeps the libp2p stream.
+//! This module is the network glue: it listens, dials, accepts, limits
+//! connections per address and hands each session to the content server.
+//! Who may open a session is `p2pvm_security::peer_tls`'s policy (libp2p's
+//! own certificates, so the provider knows which peer asks and its credit
+//! policy applies, and the downloader knows it reached the provider it
+//! chose); what follows the handshake is `p2pvm_security::sealed`. A
+//! downloader learns the port from the provider's `Have` answer and dials
+//! the address its libp2p connection already uses; when that fails (a
+//! firewall, a NAT) it keeps the libp2p stream.
 //!
 //! Group sessions use the same listener: a client that offers the ALPN
 //! protocol `p2pvm-group/1/<group id>` gets a handshake with member
@@ -38,23 +39,19 @@ use std::time::Duration;
 use libp2p::identity::Keypair;
 use libp2p::multiaddr::Protocol;
 use libp2p::{Multiaddr, PeerId};
-use p2pvm_security::tls13::{CertPolicy, Verifier};
-use p2pvm_security::{GroupId, GroupTls, Groups, Standing};
-use rustls::client::danger::HandshakeSignatureValid;
-use rustls::pki_types::{CertificateDer, ServerName};
-use rustls::{CertificateError, DigitallySignedStruct, SignatureScheme};
+use p2pvm_security::peer_tls;
+use p2pvm_security::sealed::{self, SealedReader, SealedWriter, Side};
+use p2pvm_security::{GroupId, Groups, PeerTls, PeerTlsError, Standing};
+use rustls::pki_types::ServerName;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 use tokio_rustls::{LazyConfigAcceptor, TlsConnector};
 use tracing::{debug, info, warn};
 
 use super::ContentService;
-use super::sealed::{self, SealedReader, SealedWriter, Side};
 
 /// The lowest content type of a TLS record (change_cipher_spec).
 const TLS_RECORD_MIN: u8 = 0x14;
-/// ALPN of fast-path connections.
-const ALPN: &[u8] = b"p2pvm-content/2";
 /// How long a TCP connect plus TLS handshake may take.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
 /// Fast-path connections served at once, and from one IP address (peer ids
@@ -97,109 +94,28 @@ impl Drop for IpSlot {
         }
     }
 }
-/// The node's TLS identity for the fast path.
-pub(crate) struct FastPath {
-    server: Arc<rustls::ServerConfig>,
-    cert: Arc<OwnCert>,
-    provider: Arc<rustls::crypto::CryptoProvider>,
-    /// Group sessions: handshakes with member certificates instead.
-    groups: Option<GroupTls>,
-}
 
-/// Our certificate, offered as it is: webpki would refuse libp2p's critical
-/// extension, and nothing here chains to a CA anyway.
+/// The fast path's dialler and acceptor; who may connect is
+/// [`PeerTls`]'s (in `security`), what follows the handshake
+/// [`sealed`]'s.
 #[derive(Debug)]
-struct OwnCert(Arc<rustls::sign::CertifiedKey>);
-
-impl rustls::server::ResolvesServerCert for OwnCert {
-    fn resolve(
-        &self,
-        _hello: rustls::server::ClientHello<'_>,
-    ) -> Option<Arc<rustls::sign::CertifiedKey>> {
-        Some(self.0.clone())
-    }
-}
-
-impl rustls::client::ResolvesClientCert for OwnCert {
-    fn resolve(
-        &self,
-        _hints: &[&[u8]],
-        _schemes: &[SignatureScheme],
-    ) -> Option<Arc<rustls::sign::CertifiedKey>> {
-        Some(self.0.clone())
-    }
-    fn has_certs(&self) -> bool {
-        true
-    }
-}
-
-impl std::fmt::Debug for FastPath {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("FastPath").finish_non_exhaustive()
-    }
-}
-
-/// Why the fast path could not be set up.
-#[derive(Debug, thiserror::Error)]
-pub enum FastPathError {
-    /// The certificate could not be made from the node key.
-    #[error("fast-path certificate: {0}")]
-    Certificate(String),
-    /// TLS configuration.
-    #[error("fast-path TLS: {0}")]
-    Tls(#[from] rustls::Error),
-}
-
-/// AES-GCM first: it runs in hardware on every CPU that runs this; ChaCha20
-/// for the rest. TLS 1.3 only.
-fn provider() -> Arc<rustls::crypto::CryptoProvider> {
-    use rustls::crypto::aws_lc_rs::cipher_suite as cs;
-    let mut p = rustls::crypto::aws_lc_rs::default_provider();
-    p.cipher_suites = vec![
-        cs::TLS13_AES_128_GCM_SHA256,
-        cs::TLS13_AES_256_GCM_SHA384,
-        cs::TLS13_CHACHA20_POLY1305_SHA256,
-    ];
-    Arc::new(p)
+pub(crate) struct FastPath {
+    tls: PeerTls,
 }
 
 impl FastPath {
-    /// The fast-path identity of the node with `key`.
-    pub fn new(key: &Keypair) -> Result<Self, FastPathError> {
-        let (cert, key) = libp2p_tls::certificate::generate(key)
-            .map_err(|e| FastPathError::Certificate(e.to_string()))?;
-        let provider = provider();
-        let signing = provider.key_provider.load_private_key(key)?;
-        let cert = Arc::new(OwnCert(Arc::new(rustls::sign::CertifiedKey::new(
-            vec![cert],
-            signing,
-        ))));
-        let mut server = rustls::ServerConfig::builder_with_provider(provider.clone())
-            .with_protocol_versions(&[&rustls::version::TLS13])?
-            .with_client_cert_verifier(peer_verifier(None))
-            .with_cert_resolver(cert.clone());
-        server.alpn_protocols = vec![ALPN.to_vec()];
-        // After the handshake the TLS session carries nothing (sealed frames
-        // take over), so no resumption tickets either.
-        server.send_tls13_tickets = 0;
+    /// The fast path of the node with `key`.
+    pub fn new(key: &Keypair) -> Result<Self, PeerTlsError> {
         Ok(Self {
-            server: Arc::new(server),
-            cert,
-            provider,
-            groups: None,
+            tls: PeerTls::new(key)?,
         })
     }
 
     /// Adds group sessions for the node with `key`, a member of `groups`.
-    pub fn with_groups(
-        mut self,
-        groups: Arc<Groups>,
-        key: &Keypair,
-    ) -> Result<Self, FastPathError> {
-        let tls = GroupTls::new(groups, key, self.provider.clone())
-            .map_err(|e| FastPathError::Certificate(e.to_string()))?;
-        self.groups = Some(tls);
-        Ok(self)
+    pub fn with_groups(self, groups: Arc<Groups>, key: &Keypair) -> Result<Self, PeerTlsError> {
+        Ok(Self {
+            tls: self.tls.with_groups(groups, key)?,
+        })
     }
 
     /// Dials `peer`'s fast path at `addr` for a session in `group`: both
@@ -211,45 +127,11 @@ impl FastPath {
         addr: SocketAddr,
         group: GroupId,
     ) -> std::io::Result<(SealedReader, SealedWriter)> {
-        let tls = self
-            .groups
-            .as_ref()
-            .ok_or_else(|| std::io::Error::other("group sessions are off"))?;
-        let config = tls
-            .client_config(group, peer)
+        let config = self
+            .tls
+            .group_client_config(group, peer)
             .map_err(std::io::Error::other)?;
         self.dial_with(TlsConnector::from(config), addr).await
-    }
-
-    /// The TLS configuration for a connection whose client said `hello`:
-    /// a group session's when it asks for one of our groups, the plain fast
-    /// path's otherwise; with the group it is for.
-    fn config_for(
-        &self,
-        hello: &rustls::server::ClientHello<'_>,
-    ) -> Result<(Arc<rustls::ServerConfig>, Option<GroupId>), String> {
-        let asked = hello
-            .alpn()
-            .and_then(|mut protos| protos.find_map(p2pvm_security::group_tls::group_in_alpn));
-        match asked {
-            None => Ok((self.server.clone(), None)),
-            Some(Err(())) => Err("a group session for no valid group".into()),
-            Some(Ok(g)) => {
-                let tls = self.groups.as_ref().ok_or("group sessions are off")?;
-                let config = tls.server_config(g).map_err(|e| e.to_string())?;
-                Ok((config, Some(g)))
-            }
-        }
-    }
-
-    fn connector(&self, peer: PeerId) -> Result<TlsConnector, rustls::Error> {
-        let mut client = rustls::ClientConfig::builder_with_provider(self.provider.clone())
-            .with_protocol_versions(&[&rustls::version::TLS13])?
-            .dangerous()
-            .with_custom_certificate_verifier(peer_verifier(Some(peer)))
-            .with_client_cert_resolver(self.cert.clone());
-        client.alpn_protocols = vec![ALPN.to_vec()];
-        Ok(TlsConnector::from(Arc::new(client)))
     }
 
     /// Dials `peer`'s fast path at `addr`; the handshake fails unless the
@@ -259,8 +141,11 @@ impl FastPath {
         peer: PeerId,
         addr: SocketAddr,
     ) -> std::io::Result<(SealedReader, SealedWriter)> {
-        let connector = self.connector(peer).map_err(std::io::Error::other)?;
-        self.dial_with(connector, addr).await
+        let config = self
+            .tls
+            .client_config(peer)
+            .map_err(std::io::Error::other)?;
+        self.dial_with(TlsConnector::from(config), addr).await
     }
 
     async fn dial_with(
@@ -293,9 +178,7 @@ impl FastPath {
             .await
             .map_err(|_| std::io::Error::from(std::io::ErrorKind::TimedOut))?
     }
-}
 
-impl FastPath {
     /// The server side of a handshake on `tcp`: the plain fast path's, or a
     /// group session's when the client asks for one (and the group it is of).
     async fn accept(
@@ -304,78 +187,10 @@ impl FastPath {
     ) -> std::io::Result<(tokio_rustls::server::TlsStream<TcpStream>, Option<GroupId>)> {
         let start = LazyConfigAcceptor::new(rustls::server::Acceptor::default(), tcp).await?;
         let (config, group) = self
-            .config_for(&start.client_hello())
+            .tls
+            .server_config_for(&start.client_hello())
             .map_err(std::io::Error::other)?;
         Ok((start.into_stream(config).await?, group))
-    }
-}
-
-/// The peer id a presented certificate proves, if it is a valid libp2p one.
-fn peer_of(
-    end_entity: &CertificateDer<'_>,
-    intermediates: &[CertificateDer<'_>],
-) -> Result<PeerId, rustls::Error> {
-    if !intermediates.is_empty() {
-        return Err(rustls::Error::General(
-            "a libp2p certificate comes alone, without a chain".into(),
-        ));
-    }
-    libp2p_tls::certificate::parse(end_entity)
-        .map(|c| c.peer_id())
-        .map_err(|_| rustls::Error::InvalidCertificate(CertificateError::BadEncoding))
-}
-
-/// Checks libp2p certificates: the extension's signature, and (as a client)
-/// that the server is the peer we meant to reach.
-#[derive(Debug)]
-struct PeerCert {
-    expect: Option<PeerId>,
-}
-
-/// [`PeerCert`] as a rustls verifier (both sides of a fast-path handshake).
-fn peer_verifier(expect: Option<PeerId>) -> Arc<Verifier<PeerCert>> {
-    Arc::new(Verifier(PeerCert { expect }))
-}
-
-impl CertPolicy for PeerCert {
-    const SESSIONS: &'static str = "fast-path connections";
-
-    fn check(
-        &self,
-        end_entity: &CertificateDer<'_>,
-        intermediates: &[CertificateDer<'_>],
-    ) -> Result<(), rustls::Error> {
-        let peer = peer_of(end_entity, intermediates)?;
-        if self.expect.is_some_and(|e| e != peer) {
-            return Err(rustls::Error::InvalidCertificate(
-                CertificateError::ApplicationVerificationFailure,
-            ));
-        }
-        Ok(())
-    }
-
-    fn verify13(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        let c = libp2p_tls::certificate::parse(cert)
-            .map_err(|_| rustls::Error::InvalidCertificate(CertificateError::BadEncoding))?;
-        c.verify_signature(dss.scheme, message, dss.signature())
-            .map_err(|_| rustls::Error::InvalidCertificate(CertificateError::BadSignature))?;
-        Ok(HandshakeSignatureValid::assertion())
-    }
-
-    fn schemes(&self) -> Vec<SignatureScheme> {
-        vec![
-            SignatureScheme::ED25519,
-            SignatureScheme::ECDSA_NISTP256_SHA256,
-            SignatureScheme::ECDSA_NISTP384_SHA384,
-            SignatureScheme::RSA_PSS_SHA256,
-            SignatureScheme::RSA_PSS_SHA384,
-            SignatureScheme::RSA_PSS_SHA512,
-        ]
     }
 }
 
@@ -458,9 +273,7 @@ pub(crate) fn spawn_server(svc: ContentService, listener: TcpListener) {
                 let (tls, group) = tls;
                 let certs = tls.get_ref().1.peer_certificates();
                 let peer = match group {
-                    None => certs
-                        .and_then(|c| c.first())
-                        .and_then(|c| peer_of(c, &[]).ok()),
+                    None => peer_tls::session_peer(certs),
                     // A group session: the member certificate verified in
                     // the handshake is kept, and checked again (the CRL, its
                     // validity) at every request of the session.
@@ -497,6 +310,7 @@ pub(crate) fn spawn_server(svc: ContentService, listener: TcpListener) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use rustls::pki_types::CertificateDer;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
     /// A provider-side listener that completes handshakes and echoes one byte,
@@ -516,12 +330,7 @@ mod tests {
                         let _ = tx.send(None).await;
                         return;
                     };
-                    let peer = tls
-                        .get_ref()
-                        .1
-                        .peer_certificates()
-                        .and_then(|c| c.first())
-                        .and_then(|c| peer_of(c, &[]).ok());
+                    let peer = peer_tls::session_peer(tls.get_ref().1.peer_certificates());
                     let _ = tx.send(peer).await;
                     let (tcp, session) = tls.into_inner();
                     let Ok((mut rd, mut wr)) = sealed::establish(tcp, &session, Side::Server).await
@@ -581,15 +390,15 @@ mod tests {
         let cert = CertificateDer::from(forged.cert.der().to_vec());
         let key =
             rustls::pki_types::PrivateKeyDer::try_from(forged.key_pair.serialize_der()).unwrap();
-        let prov = super::provider();
+        let prov = peer_tls::provider();
         let mut config = rustls::ClientConfig::builder_with_provider(prov.clone())
             .with_protocol_versions(&[&rustls::version::TLS13])
             .unwrap()
             .dangerous()
-            .with_custom_certificate_verifier(peer_verifier(None))
+            .with_custom_certificate_verifier(peer_tls::peer_verifier(None))
             .with_client_auth_cert(vec![cert], key)
             .unwrap();
-        config.alpn_protocols = vec![ALPN.to_vec()];
+        config.alpn_protocols = vec![peer_tls::ALPN.to_vec()];
         let tcp = TcpStream::connect(addr).await.unwrap();
         let name = ServerName::IpAddress(addr.ip().into());
         let r = TlsConnector::from(Arc::new(config))
@@ -609,7 +418,7 @@ mod tests {
             .with_protocol_versions(&[&rustls::version::TLS13])
             .unwrap()
             .dangerous()
-            .with_custom_certificate_verifier(peer_verifier(None))
+            .with_custom_certificate_verifier(peer_tls::peer_verifier(None))
             .with_no_client_auth();
         let tcp = TcpStream::connect(addr).await.unwrap();
         let name = ServerName::IpAddress(addr.ip().into());

@@ -13,7 +13,7 @@ use prost::Message;
 
 use super::VerifiedManifest;
 use super::fetch::{Have, Sched, have_bits};
-use super::sealed::fuzz_opener;
+use p2pvm_security::sealed::fuzz_opener;
 
 /// Edits `(position, xor)` from `edits` (three bytes each) applied to `bytes`.
 fn edit(bytes: &mut [u8], edits: &[u8]) -> bool {

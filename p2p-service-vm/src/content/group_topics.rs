@@ -26,9 +26,10 @@ use p2pvm_security::groups::GroupError;
 use prost::Message;
 use tracing::{debug, warn};
 
+use super::ContentEvent;
 use super::ContentService;
 use super::fetch::{group_session, open_stream, request_response};
-use crate::node::{Command, NodeError, NodeEvent, PubsubMessage};
+use crate::node::{Command, NodeError, PubsubMessage};
 
 /// An epoch signature is at most this long (an RSA-8192 signature, with
 /// room to spare).
@@ -289,7 +290,7 @@ impl ContentService {
             return;
         };
         match self.open_group_message(id, &m).await {
-            Ok((topic, data)) => self.emit(NodeEvent::Pubsub(PubsubMessage {
+            Ok((topic, data)) => self.emit(ContentEvent::GroupMessage(PubsubMessage {
                 topic: app_topic(id, &topic),
                 data: data.into(),
                 ..m

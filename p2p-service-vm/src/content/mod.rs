@@ -23,7 +23,8 @@
 //! - `providers`, `announce`: finding an item's providers, announcing ours;
 //! - `fetch/`: the multi-source fetcher behind downloads and streams;
 //! - `server`: answering peers' requests; `slots`: who gets upload slots;
-//! - `fastpath`, `sealed`: blocks over TLS 1.3 connections of their own;
+//! - `fastpath`: blocks over TLS 1.3 connections of their own (the TLS
+//!   policy and the record layer are `security`'s `peer_tls`, `sealed`);
 //! - `search`, `gateway`: keyword search, the local HTTP gateway;
 //! - `rights`, `crls`, `group_topics`: the glue to `security`'s DRM checker
 //!   and trusted groups;
@@ -33,6 +34,7 @@ mod announce;
 mod budget;
 pub(crate) mod crls;
 mod error;
+mod events;
 mod fastpath;
 mod fetch;
 mod items;
@@ -47,7 +49,6 @@ pub mod probe;
 mod providers;
 mod publish;
 mod rights;
-mod sealed;
 mod search;
 mod server;
 mod slots;
@@ -56,6 +57,7 @@ mod verdicts;
 pub(crate) mod wire;
 
 pub use error::{ContentServiceError, LocalError, ProviderError, Unavailable, VerifyError, chain};
+pub use events::ContentEvent;
 pub(crate) use types::now_unix;
 pub use types::{ContentInfo, PublishMeta, VerifiedManifest, content_key, guess_mime, keyword_key};
 
@@ -71,7 +73,6 @@ use tracing::{info, warn};
 
 use crate::config::ContentConfig;
 use crate::context::NodeContext;
-use crate::node::NodeEvent;
 
 /// A download in progress, as the operator sees it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -126,6 +127,8 @@ pub(crate) struct Inner {
     serve_permits: Arc<tokio::sync::Semaphore>,
     /// Answer batches computed and not yet sent, per peer (bounded).
     peer_batches: server::PeerBatches,
+    /// What sessions are told of transfers, malware and group messages.
+    events: events::ContentEvents,
     /// The TLS identity of the fast path; `None` when it is off.
     fast_path: Option<fastpath::FastPath>,
     /// The port the fast path listens on (0: not listening).
@@ -199,7 +202,7 @@ impl ContentService {
         let fast_path = if config.fast_path {
             let fast = fastpath::FastPath::new(key)
                 .and_then(|f| f.with_groups(groups.clone(), key))
-                .map_err(|e| ContentServiceError::from(LocalError::FastPath(e.into())))?;
+                .map_err(|e| ContentServiceError::from(LocalError::FastPath(e)))?;
             Some(fast)
         } else {
             None
@@ -250,6 +253,7 @@ impl ContentService {
                 config,
                 downloads: Mutex::new(HashMap::new()),
                 ended: Mutex::default(),
+                events: events::ContentEvents::default(),
                 fast_path,
                 fast_path_port: std::sync::atomic::AtomicU16::new(0),
                 local_readers: Arc::new(tokio::sync::Semaphore::new(32)),
@@ -441,8 +445,13 @@ impl ContentService {
         self.inner.served.count(peer)
     }
 
-    pub(crate) fn emit(&self, event: NodeEvent) {
-        let _ = self.inner.ctx.node.events.send(event);
+    pub(crate) fn emit(&self, event: ContentEvent) {
+        self.inner.events.emit(event);
+    }
+
+    /// Content events from now on (each session has its own receiver).
+    pub fn subscribe_events(&self) -> tokio::sync::broadcast::Receiver<ContentEvent> {
+        self.inner.events.subscribe()
     }
 
     /// Streams verified bytes of `range` (the whole item when `None`), blocks in

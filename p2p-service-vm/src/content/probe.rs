@@ -12,8 +12,8 @@ use p2pvm_content::ContentId;
 use p2pvm_content::transfer::{BlockRequest, Op, TransferRequest};
 
 use super::fastpath::FastPath;
-use super::sealed::{SealedReader, SealedWriter};
 use super::wire::write_msg;
+use p2pvm_security::sealed::{SealedReader, SealedWriter};
 
 /// A fast-path connection whose answers nobody has read.
 #[derive(Debug)]

@@ -11,9 +11,9 @@ use p2pvm_security::Verdict;
 use prost::Message;
 use tracing::{info, warn};
 
+use super::ContentEvent;
 use super::types::{ContentInfo, PublishMeta, VerifiedManifest, content_key, guess_mime, now_unix};
 use super::{ContentService, ContentServiceError};
-use crate::node::NodeEvent;
 
 /// Tees what an import reads into a virus scan.
 struct ScanningReader<R> {
@@ -141,7 +141,7 @@ impl ContentService {
         .map_err(|e| match (e, verdict.lock().expect("lock").take()) {
             (StoreError::Declined(_), Some(Ok(Verdict::Infected(sig)))) => {
                 warn!(signature = %sig, "refused a local publish: malware");
-                self.emit(NodeEvent::MalwareDetected {
+                self.emit(ContentEvent::MalwareDetected {
                     id: ContentId([0; 32]),
                     signature: sig.clone(),
                     peers: Vec::new(),

@@ -1,8 +1,6 @@
 //! The content service's plain types and names: verified manifests, what an
 //! app publishes and is told, the DHT keys items and keywords are announced
-//! under. A leaf: it imports nothing else of the service.
-
-use std::time::{SystemTime, UNIX_EPOCH};
+//! under. A leaf: it imports nothing else of the service but the clock.
 
 use libp2p::PeerId;
 use libp2p::kad::RecordKey;
@@ -73,12 +71,7 @@ pub fn keyword_key(word: &str) -> RecordKey {
     RecordKey::new(h.finalize().as_bytes())
 }
 
-pub(crate) fn now_unix() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
-}
+pub(crate) use crate::clock::now_unix;
 
 /// Guesses a MIME type from a file name, for players and browsers.
 pub fn guess_mime(name: &str) -> String {

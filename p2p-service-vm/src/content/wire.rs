@@ -108,18 +108,18 @@ impl<S: AsyncWrite + Send + 'static> PayloadWrite for futures::io::WriteHalf<S> 
     }
 }
 
-impl PayloadRead for super::sealed::SealedReader {
+impl PayloadRead for p2pvm_security::sealed::SealedReader {
     fn read_bytes(&mut self, len: usize) -> impl Future<Output = std::io::Result<Bytes>> + Send {
-        super::sealed::SealedReader::read_bytes(self, len)
+        p2pvm_security::sealed::SealedReader::read_bytes(self, len)
     }
 }
 
-impl PayloadWrite for super::sealed::SealedWriter {
+impl PayloadWrite for p2pvm_security::sealed::SealedWriter {
     fn write_payload(
         &mut self,
         payload: Vec<u8>,
     ) -> impl Future<Output = std::io::Result<()>> + Send {
-        super::sealed::SealedWriter::write_payload(self, payload)
+        p2pvm_security::sealed::SealedWriter::write_payload(self, payload)
     }
 }
 

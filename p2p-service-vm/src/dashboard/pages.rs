@@ -60,7 +60,7 @@ fn layout(d: &Dashboard, op: &Operator, nav: Nav, view: &View, main: Markup) -> 
         .unwrap_or(NAV[0]);
     let inner = html! {
         (main)
-        p.updated { "Updated " (when(crate::content::now_unix())) }
+        p.updated { "Updated " (when(crate::clock::now_unix())) }
     };
     if view.live == Some(1) {
         return Html(inner.into_string()).into_response();
@@ -432,7 +432,7 @@ pub(super) async fn ban(
     };
     let until = match form.hours {
         0 => u64::MAX / 2,
-        h => crate::content::now_unix().saturating_add(h.min(24 * 365).saturating_mul(3600)),
+        h => crate::clock::now_unix().saturating_add(h.min(24 * 365).saturating_mul(3600)),
     };
     match d
         .api

@@ -287,7 +287,7 @@ impl Metrics {
             recent.pop_front();
         }
         recent.push_back(DrmRefusal {
-            at_unix: crate::content::now_unix(),
+            at_unix: crate::clock::now_unix(),
             stage,
             reason,
             detail,

@@ -127,36 +127,6 @@ pub enum NodeEvent {
     Pubsub(PubsubMessage),
     /// The node listens on a new address.
     NewListenAddr(Multiaddr),
-    /// A transfer advanced (sent at most twice a second per transfer, and at the end).
-    ContentProgress {
-        /// The item.
-        id: p2pvm_content::ContentId,
-        /// Verified bytes held.
-        held_bytes: u64,
-        /// Item size.
-        size: u64,
-        /// Providers being fetched from.
-        providers: u32,
-    },
-    /// The virus filter found a signature; the content was discarded and the
-    /// peers that sent it isolated.
-    MalwareDetected {
-        /// The item.
-        id: p2pvm_content::ContentId,
-        /// Signature name.
-        signature: String,
-        /// Peers that sent it.
-        peers: Vec<PeerId>,
-    },
-    /// A provider sent data that failed verification; it was dropped.
-    CorruptData {
-        /// The provider.
-        peer: PeerId,
-        /// The item.
-        id: p2pvm_content::ContentId,
-        /// Block index.
-        block: u64,
-    },
 }
 
 type Reply<T> = oneshot::Sender<Result<T, NodeError>>;

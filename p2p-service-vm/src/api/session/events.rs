@@ -1,9 +1,12 @@
-//! Node events as the app sees them: messages of the topics it subscribed to,
-//! and, once it asked with `WatchEvents`, the node's peer, address and content
-//! events. Everything else is filtered out here.
+//! Node and content events as the app sees them: messages of the topics it
+//! subscribed to (plain and group topics), and, once it asked with
+//! `WatchEvents`, the node's peer and address events and the content engine's
+//! transfer, malware and corrupt-data events. Everything else is filtered out
+//! here.
 //!
 //! ```text
-//!  NodeHandle event broadcast ─► app_event (filter, translate) ─► Event frame ─► app
+//!  NodeHandle event broadcast ──────┐
+//!  ContentService event broadcast ──┴─► app_event (filter, translate) ─► Event frame ─► app
 //! ```
 
 use p2pvm_proto::pb;
@@ -13,7 +16,8 @@ use tokio::sync::broadcast;
 
 use super::{Session, ok};
 use crate::api::ApiError;
-use crate::node::NodeEvent;
+use crate::content::ContentEvent;
+use crate::node::{NodeEvent, PubsubMessage};
 
 impl Session {
     /// Starts delivering the node's own events to the app.
@@ -27,25 +31,29 @@ impl Session {
         &mut self,
         event: Result<NodeEvent, broadcast::error::RecvError>,
     ) {
-        let Some(kind) = self.app_event(event) else {
-            return;
-        };
-        self.send(pb::Frame::of(Kind::Event(pb::Event { kind: Some(kind) })))
-            .await;
+        let kind = self.app_event(event);
+        self.tell(kind).await;
+    }
+
+    pub(in crate::api) async fn on_content_event(
+        &mut self,
+        event: Result<ContentEvent, broadcast::error::RecvError>,
+    ) {
+        let kind = self.app_content_event(event);
+        self.tell(kind).await;
+    }
+
+    async fn tell(&self, kind: Option<E>) {
+        if let Some(kind) = kind {
+            self.send(pb::Frame::of(Kind::Event(pb::Event { kind: Some(kind) })))
+                .await;
+        }
     }
 
     /// What the app is told of `event`, if it asked for it.
     fn app_event(&self, event: Result<NodeEvent, broadcast::error::RecvError>) -> Option<E> {
         let kind = match event {
-            Ok(NodeEvent::Pubsub(m)) if self.topics.contains(&m.topic) => {
-                E::PubsubMessage(pb::PubsubMessage {
-                    topic: m.topic,
-                    data: m.data,
-                    source: m.source.map(|p| p.to_string()).unwrap_or_default(),
-                    via: m.via.to_string(),
-                    message_id: m.message_id.into(),
-                })
-            }
+            Ok(NodeEvent::Pubsub(m)) => return self.pubsub(m),
             Ok(NodeEvent::PeerConnected { peer_id, addr }) if self.watching => {
                 E::PeerConnected(pb::PeerConnected {
                     peer_id: peer_id.to_string(),
@@ -60,7 +68,20 @@ impl Session {
             Ok(NodeEvent::NewListenAddr(a)) if self.watching => E::NewListenAddr(pb::ListenAddr {
                 addr: a.to_string(),
             }),
-            Ok(NodeEvent::ContentProgress {
+            Err(e) => return self.lost(e),
+            _ => return None,
+        };
+        Some(kind)
+    }
+
+    /// What the app is told of a content event, if it asked for it.
+    fn app_content_event(
+        &self,
+        event: Result<ContentEvent, broadcast::error::RecvError>,
+    ) -> Option<E> {
+        let kind = match event {
+            Ok(ContentEvent::GroupMessage(m)) => return self.pubsub(m),
+            Ok(ContentEvent::Progress {
                 id,
                 held_bytes,
                 size,
@@ -71,7 +92,7 @@ impl Session {
                 size,
                 providers,
             }),
-            Ok(NodeEvent::MalwareDetected {
+            Ok(ContentEvent::MalwareDetected {
                 id,
                 signature,
                 peers,
@@ -80,22 +101,40 @@ impl Session {
                 signature,
                 peer_ids: peers.iter().map(|p| p.to_string()).collect(),
             }),
-            Ok(NodeEvent::CorruptData { peer, id, block }) if self.watching => {
+            Ok(ContentEvent::CorruptData { peer, id, block }) if self.watching => {
                 E::CorruptData(pb::CorruptData {
                     peer_id: peer.to_string(),
                     content_id: id.to_string(),
                     block,
                 })
             }
-            // Events the app would have seen were lost: tell it, so it can
-            // resynchronise instead of trusting a gap-free stream.
-            Err(broadcast::error::RecvError::Lagged(n))
-                if self.watching || !self.topics.is_empty() =>
-            {
-                E::EventsLost(pb::EventsLost { count: n })
-            }
+            Err(e) => return self.lost(e),
             _ => return None,
         };
         Some(kind)
+    }
+
+    /// A message of a topic the app subscribed to.
+    fn pubsub(&self, m: PubsubMessage) -> Option<E> {
+        self.topics.contains(&m.topic).then(|| {
+            E::PubsubMessage(pb::PubsubMessage {
+                topic: m.topic,
+                data: m.data,
+                source: m.source.map(|p| p.to_string()).unwrap_or_default(),
+                via: m.via.to_string(),
+                message_id: m.message_id.into(),
+            })
+        })
+    }
+
+    /// Events the app would have seen were lost: tell it, so it can
+    /// resynchronise instead of trusting a gap-free stream.
+    fn lost(&self, e: broadcast::error::RecvError) -> Option<E> {
+        match e {
+            broadcast::error::RecvError::Lagged(n) if self.watching || !self.topics.is_empty() => {
+                Some(E::EventsLost(pb::EventsLost { count: n }))
+            }
+            _ => None,
+        }
     }
 }

@@ -41,6 +41,7 @@ use tracing::{debug, info, warn};
 use super::apps::Principal;
 use super::service::SessionEntry;
 use super::{ApiError, ApiService};
+use crate::content::ContentEvent;
 use crate::node::{Command, NodeEvent};
 use stream_table::StreamTable;
 
@@ -262,6 +263,7 @@ pub(in crate::api) struct Session {
     /// Where the session's background work reports back.
     pub(in crate::api) internal_tx: mpsc::Sender<Internal>,
     pub(in crate::api) events: broadcast::Receiver<NodeEvent>,
+    pub(in crate::api) content_events: broadcast::Receiver<ContentEvent>,
     /// Stateless requests running beside the loop.
     pub(in crate::api) inflight: Arc<Semaphore>,
     /// What admins see of this session; [`report`] keeps it current.
@@ -304,6 +306,7 @@ impl Session {
         let max_inflight = svc.inner.limits.max_inflight_requests as usize;
         Self {
             events: svc.inner.ctx.node.subscribe_events(),
+            content_events: svc.inner.content.subscribe_events(),
             inflight: Arc::new(Semaphore::new(max_inflight)),
             svc,
             id,
@@ -351,6 +354,7 @@ impl Session {
                     }
                 },
                 event = self.events.recv() => self.on_node_event(event).await,
+                event = self.content_events.recv() => self.on_content_event(event).await,
                 Some(msg) = internal_rx.recv() => self.on_internal(msg).await,
             }
         }

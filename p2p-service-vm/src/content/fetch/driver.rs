@@ -20,9 +20,10 @@ use super::peer::{MANIFEST_ASKED, manifest_from, neighbours_holding};
 use super::scan::{malware_found, start_whole_scan, whole_verdict};
 use super::sched::Sched;
 use super::worker::worker;
+use crate::content::ContentEvent;
 use crate::content::error::Unavailable;
 use crate::content::{ContentService, ContentServiceError};
-use crate::node::{Command, NodeEvent};
+use crate::node::Command;
 
 /// Blocks a download that keeps nothing fetches ahead of each reader: they
 /// wait in memory, so this bounds its memory (16 MiB per reader).
@@ -448,7 +449,7 @@ async fn drive(
         }
         if last_event.elapsed() >= Duration::from_millis(500) {
             last_event = Instant::now();
-            svc.emit(NodeEvent::ContentProgress {
+            svc.emit(ContentEvent::Progress {
                 id,
                 held_bytes: (held * BLOCK_BYTES).min(dl.partial.size()),
                 size: dl.partial.size(),
@@ -537,7 +538,7 @@ async fn report(svc: &ContentService, dl: &Download, result: &Outcome, started: 
             let size = dl.partial.size();
             let secs = started.elapsed().as_secs_f64().max(1e-6);
             info!(%id, size, mib_per_s = size as f64 / secs / 1048576.0, %tally, "download complete");
-            svc.emit(NodeEvent::ContentProgress {
+            svc.emit(ContentEvent::Progress {
                 id,
                 held_bytes: size,
                 size,

@@ -18,7 +18,7 @@
 //! - [`scan`]: the virus filter's part; malware isolates the peers that sent it.
 //!
 //! A block that fails verification is dropped, the peer is excluded from this
-//! download and reported ([`crate::node::NodeEvent::CorruptData`]), and the
+//! download and reported ([`crate::content::ContentEvent::CorruptData`]), and the
 //! block is fetched from someone else. A provider that disappears returns its
 //! blocks to the pool.
 

@@ -12,11 +12,12 @@ use p2pvm_content::{ContentId, block_count};
 use p2pvm_security::{DrmChecker, DrmError, EventKind, GroupId};
 use tracing::{debug, warn};
 
+use crate::content::ContentEvent;
 use crate::content::error::{ProviderError, Unavailable, VerifyError, chain};
-use crate::content::sealed::{SealedReader, SealedWriter};
 use crate::content::wire::{Duplex, read_msg, read_payload, write_msg};
 use crate::content::{ContentService, ContentServiceError, VerifiedManifest};
-use crate::node::{Command, NodeEvent};
+use crate::node::Command;
+use p2pvm_security::sealed::{SealedReader, SealedWriter};
 
 /// Time allowed to open a stream (including finding and dialling the peer).
 const OPEN_TIMEOUT: Duration = Duration::from_secs(10);
@@ -362,7 +363,7 @@ fn size_unproven(
         svc.inner.ctx.ledger.record(peer, evidence);
     }
     if let ProviderError::Manifest(VerifyError::SizeProof(_)) = &e {
-        svc.emit(NodeEvent::CorruptData {
+        svc.emit(ContentEvent::CorruptData {
             peer,
             id,
             block: block_count(m.manifest.size).saturating_sub(1),

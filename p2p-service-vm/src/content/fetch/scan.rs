@@ -20,8 +20,9 @@ use tokio::sync::watch;
 use tracing::{debug, warn};
 
 use super::download::Download;
+use crate::content::ContentEvent;
 use crate::content::{ContentService, ContentServiceError};
-use crate::node::{Command, NodeEvent};
+use crate::node::Command;
 
 /// Items up to this size (clamd's `StreamMaxLength` in scripts/clamd.sh) are
 /// scanned as one clamd stream, so whole-file hash signatures apply; larger ones
@@ -285,7 +286,7 @@ pub(super) fn malware_found(svc: &ContentService, dl: &Arc<Download>, signature:
         if let Err(e) = written {
             warn!(error = %e, "cannot persist the bans");
         }
-        svc2.emit(NodeEvent::MalwareDetected {
+        svc2.emit(ContentEvent::MalwareDetected {
             id,
             signature,
             peers: peers.clone(),

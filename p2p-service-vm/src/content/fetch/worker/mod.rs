@@ -26,14 +26,15 @@ use tracing::{debug, warn};
 use super::download::{Download, Outcome, WriteJob};
 use super::peer::{group_session, open_stream, request, response};
 use super::sched::Have;
+use crate::content::ContentEvent;
 use crate::content::budget::Lease;
 use crate::content::error::ProviderError;
-use crate::content::sealed::{SealedReader, SealedWriter};
 use crate::content::wire::{
     PayloadRead, PayloadWrite, read_msg, read_payload, read_payload_bytes, write_msg,
 };
 use crate::content::{ContentService, ContentServiceError};
-use crate::node::{Command, NodeEvent};
+use crate::node::Command;
+use p2pvm_security::sealed::{SealedReader, SealedWriter};
 
 mod pipeline;
 use pipeline::pipeline;
@@ -111,7 +112,7 @@ fn charge(svc: &ContentService, dl: &Download, peer: PeerId, e: &ProviderError) 
         svc.inner.ctx.metrics.content.corrupt_blocks.inc();
         warn!(id = %dl.id, %peer, block, "corrupt block from provider; dropping it and the provider");
         dl.state().sched.mark_bad(peer);
-        svc.emit(NodeEvent::CorruptData {
+        svc.emit(ContentEvent::CorruptData {
             peer,
             id: dl.id,
             block: *block,

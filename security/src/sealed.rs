@@ -1,5 +1,7 @@
-//! Sealed frames: the fast path's record layer once its TLS 1.3 handshake is
-//! done.
+//! Sealed frames: the content fast path's record layer once its TLS 1.3
+//! handshake ([`crate::peer_tls`] or [`crate::group_tls`]) is done. p2pd's
+//! fast path dials and accepts the TCP connections; this module keys them
+//! and carries every byte after the handshake.
 //!
 //! ```text
 //!  frame = [ u32 BE: n ][ n - 16 bytes of AES-128-GCM ciphertext ][ 16-byte tag ]
@@ -37,16 +39,14 @@ const IV: usize = 12;
 const LABEL: &[u8] = b"EXPORTER-p2pvm-content-sealed-frames-v1";
 /// The largest plaintext a frame may carry: the largest payload, with room
 /// for the messages around it.
-pub(crate) const MAX_FRAME: usize = transfer::MAX_PAYLOAD_BYTES as usize + 64 * 1024;
+pub const MAX_FRAME: usize = transfer::MAX_PAYLOAD_BYTES as usize + 64 * 1024;
 /// Small writes (requests, answer headers) are gathered into one frame up to
 /// this size.
 const GATHER: usize = 64 * 1024;
 /// Sealed bytes a writer queues before writing them out.
 const QUEUE: usize = 1024 * 1024;
 /// Bytes one direction may seal with one key; then the connection ends.
-pub(crate) const BYTES_PER_KEY: u64 = 1 << 36;
-// A fast-path connection is replaced before either direction's key runs out.
-const _: () = assert!(crate::config::MAX_ROTATE_BYTES <= BYTES_PER_KEY / 2);
+pub const BYTES_PER_KEY: u64 = 1 << 36;
 /// How far a read may run past the frame in progress: what lands beyond it
 /// is copied once the frame is split off.
 const READ_AHEAD: usize = 4096;
@@ -107,14 +107,16 @@ impl Direction {
 
 /// Which end of the handshake this is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Side {
+pub enum Side {
+    /// The downloader, which dialled.
     Client,
+    /// The provider, which accepted and speaks first.
     Server,
 }
 
 /// Turns a finished TLS connection into sealed-frame halves. The provider
-/// (server) sends [`HELLO`] first; the client waits for it before sending.
-pub(crate) async fn establish(
+/// (server) sends a fixed hello frame first; the client waits for it before sending.
+pub async fn establish(
     tcp: tokio::net::TcpStream,
     session: &rustls::ConnectionCommon<impl rustls::SideData>,
     side: Side,
@@ -173,7 +175,7 @@ fn halves(
 
 /// The receiving half: frames are read into the buffer they are opened in,
 /// and [`SealedReader::read_bytes`] hands out slices of it.
-pub(crate) struct SealedReader {
+pub struct SealedReader {
     tcp: OwnedReadHalf,
     opener: Opener,
     /// Opened plaintext not yet consumed.
@@ -210,7 +212,7 @@ fn broken(msg: &str) -> io::Error {
 
 /// Opens frames out of received bytes: the reader's part that has no
 /// socket, so that any bytes can be pushed through it (the fuzz target).
-pub(crate) struct Opener {
+struct Opener {
     /// The largest plaintext the other side may send in a frame.
     max_frame: usize,
     dir: Direction,
@@ -322,7 +324,7 @@ impl SealedReader {
     /// providers send them) is that frame's buffer, uncopied; bytes that share
     /// a frame with more are copied out, so a peer cannot make a small
     /// payload pin a large frame.
-    pub(crate) async fn read_bytes(&mut self, n: usize) -> io::Result<Bytes> {
+    pub async fn read_bytes(&mut self, n: usize) -> io::Result<Bytes> {
         let eof = || io::Error::new(io::ErrorKind::UnexpectedEof, "stream ended early");
         if n == 0 {
             return Ok(Bytes::new());
@@ -369,7 +371,7 @@ impl futures::AsyncRead for SealedReader {
 
 /// The sending half: small writes are gathered into a frame sealed at
 /// flush; [`SealedWriter::write_payload`] seals a payload in its own buffer.
-pub(crate) struct SealedWriter {
+pub struct SealedWriter {
     tcp: OwnedWriteHalf,
     dir: Direction,
     /// Plaintext of small writes, not yet sealed.
@@ -432,7 +434,7 @@ impl SealedWriter {
 
     /// Sends `payload` as a frame of its own, sealed where it lies (after
     /// whatever smaller writes came before it).
-    pub(crate) async fn write_payload(&mut self, payload: Vec<u8>) -> io::Result<()> {
+    pub async fn write_payload(&mut self, payload: Vec<u8>) -> io::Result<()> {
         if payload.len() > MAX_FRAME {
             return Err(io::Error::new(
                 io::ErrorKind::InvalidInput,
@@ -480,15 +482,16 @@ impl futures::AsyncWrite for SealedWriter {
 }
 
 /// The opener and the sealer without sockets, for the fuzz target's body
-/// (`content::fuzzing::sealed_frames`).
-pub(crate) mod fuzz_opener {
+/// (p2pd's `content::fuzzing::sealed_frames`).
+#[doc(hidden)]
+pub mod fuzz_opener {
     use super::*;
 
     /// Key material both ends of the fuzzed direction share.
     const MATERIAL: [u8; KEY + IV] = [0x5a; KEY + IV];
 
     /// `frames` sealed as a provider sends them, back to back.
-    pub(crate) fn seal_all(frames: &[Vec<u8>]) -> Vec<u8> {
+    pub fn seal_all(frames: &[Vec<u8>]) -> Vec<u8> {
         let mut dir = Direction::new(&MATERIAL);
         let mut out = Vec::new();
         for f in frames {
@@ -503,7 +506,7 @@ pub(crate) mod fuzz_opener {
     /// Opens `stream` arriving `piece` bytes at a time: every plaintext, or
     /// those opened before the first error and the error.
     #[allow(clippy::type_complexity)]
-    pub(crate) fn open_all(
+    pub fn open_all(
         stream: &[u8],
         piece: usize,
     ) -> Result<Vec<Vec<u8>>, (Vec<Vec<u8>>, io::Error)> {
