@@ -79,12 +79,13 @@ pub enum ImageError {
         reason: String,
     },
     /// A program needs a shared library this host does not have.
-    #[error("{binary}: {reason}")]
+    #[error("{binary} needs a shared library this host does not have")]
     Library {
         /// The program.
         binary: PathBuf,
         /// `ldd`'s complaint.
-        reason: String,
+        #[source]
+        source: crate::libs::MissingLibrary,
     },
     /// The build's inputs are inconsistent (a missing program, a bad option).
     #[error("{0}")]

@@ -20,9 +20,9 @@ pub fn shared_libraries(binary: &Path) -> Result<Vec<PathBuf>> {
     let ldd = require_tool("ldd", "libc-bin")?;
     let out = run_captured(Command::new(ldd).arg(binary))?;
     let mut libs =
-        parse_ldd(&String::from_utf8_lossy(&out.stdout)).map_err(|reason| ImageError::Library {
+        parse_ldd(&String::from_utf8_lossy(&out.stdout)).map_err(|source| ImageError::Library {
             binary: binary.to_path_buf(),
-            reason,
+            source,
         })?;
     let interp = PathBuf::from(interp);
     if !libs.contains(&interp) {
@@ -31,12 +31,17 @@ pub fn shared_libraries(binary: &Path) -> Result<Vec<PathBuf>> {
     Ok(libs)
 }
 
+/// A library `ldd` could not find: its line of `ldd`'s output.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("missing shared library: {0}")]
+pub struct MissingLibrary(pub String);
+
 /// Parses `ldd` output into absolute library paths (the vDSO has none and is skipped).
-pub fn parse_ldd(text: &str) -> Result<Vec<PathBuf>, String> {
+pub fn parse_ldd(text: &str) -> Result<Vec<PathBuf>, MissingLibrary> {
     let mut libs = Vec::new();
     for line in text.lines().map(str::trim).filter(|l| !l.is_empty()) {
         if line.contains("not found") {
-            return Err(format!("missing shared library: {line}"));
+            return Err(MissingLibrary(line.to_owned()));
         }
         let path = match line.split_once("=>") {
             Some((_, rest)) => rest.split_whitespace().next(),

@@ -26,7 +26,7 @@ pub async fn serve(
     let (region, events) =
         tokio::task::spawn_blocking(move || p2pvm_channel::connect(&from, Side::Device))
             .await
-            .map_err(|e| ChannelError::Broker(e.to_string()))??;
+            .map_err(|e| ChannelError::Io(std::io::Error::other(e)))??;
     let (pump, mut acceptor) = p2pvm_channel::device(region, events);
     svc.metrics().set_channel(pump.stats());
     let pump_task = svc.spawn(pump.run(shutdown.clone()));

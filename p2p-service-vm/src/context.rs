@@ -26,6 +26,7 @@ use tracing::warn;
 use crate::config::{Config, VirusConfig};
 use crate::metrics::Metrics;
 use crate::node::NodeHandle;
+use crate::report::chain;
 use crate::tasks::Tasks;
 
 /// The parts of the node every service shares. Cheap to clone.
@@ -109,7 +110,7 @@ impl NodeContext {
         let mut incoming = match self.node.stream_control().accept(protocol.clone()) {
             Ok(i) => i,
             Err(e) => {
-                warn!(%protocol, error = %e, "cannot serve the protocol");
+                warn!(%protocol, error = %chain(&e), "cannot serve the protocol");
                 return;
             }
         };

@@ -10,6 +10,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::warn;
 
 use crate::node::{Command, NodeEvent, NodeHandle};
+use crate::report::chain;
 
 /// How often observations are written to disk.
 const FLUSH_EVERY: Duration = Duration::from_secs(1);
@@ -84,7 +85,7 @@ async fn flush(ledger: &Arc<Ledger>) {
     let l = ledger.clone();
     match tokio::task::spawn_blocking(move || l.flush()).await {
         Ok(Ok(())) => {}
-        Ok(Err(e)) => warn!(error = %e, "cannot write the credit ledger"),
-        Err(e) => warn!(error = %e, "credit ledger flush panicked"),
+        Ok(Err(e)) => warn!(error = %chain(&e), "cannot write the credit ledger"),
+        Err(e) => warn!(error = %chain(&e), "credit ledger flush panicked"),
     }
 }

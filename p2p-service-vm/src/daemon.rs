@@ -18,6 +18,7 @@ use crate::content::ContentService;
 use crate::context::NodeContext;
 use crate::identity::{self, IdentityError};
 use crate::node::{Node, NodeStartError};
+use crate::report::chain;
 
 /// Lock file that keeps two daemons off one data directory.
 pub const LOCK_FILE: &str = "p2pd.lock";
@@ -147,7 +148,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Daem
         let (c, s) = (content.clone(), shutdown.clone());
         tokio::spawn(async move {
             if let Err(e) = crate::content::gateway::serve(c, addr, s).await {
-                tracing::error!(%addr, error = %e, "HTTP gateway failed");
+                tracing::error!(%addr, error = %chain(&e), "HTTP gateway failed");
             }
         })
     });
@@ -178,7 +179,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Daem
             if let Err(e) = crate::backend::serve(source, svc, stop.clone()).await {
                 // Without its channel the service side is useless to the
                 // client; exit so the supervisor restarts it.
-                tracing::error!(error = %e, "channel back-end failed");
+                tracing::error!(error = %chain(&e), "channel back-end failed");
                 stop.cancel();
             }
         })

@@ -42,4 +42,5 @@ mod fsutil;
 pub mod identity;
 pub mod metrics;
 pub mod node;
+pub mod report;
 pub mod tasks;

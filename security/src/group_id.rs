@@ -1,6 +1,7 @@
 //! A trusted group's id: a digest of its CA's public key. A leaf: the
 //! groups, their topic keys and their TLS sessions all name groups by it.
 
+use crate::Cause;
 use std::fmt;
 
 use x509_parser::prelude::{FromDer, X509Certificate};
@@ -38,7 +39,7 @@ impl std::str::FromStr for GroupId {
 pub fn group_id(ca_der: &[u8]) -> Result<GroupId, CertError> {
     let (_, ca) = X509Certificate::from_der(ca_der).map_err(|e| CertError::Malformed {
         what: "certificate",
-        reason: e.to_string(),
+        source: Cause::new(e),
     })?;
     let digest = blake3::hash(ca.public_key().raw);
     let mut id = [0u8; 16];

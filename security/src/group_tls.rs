@@ -74,13 +74,14 @@ impl GroupTls {
         node_key: &libp2p_identity::Keypair,
         provider: Arc<CryptoProvider>,
     ) -> Result<Self, GroupError> {
-        let pkcs8 = pki::node_key_pkcs8(node_key)
-            .ok_or_else(|| GroupError::Make("the node key is not an Ed25519 key".into()))?;
+        let pkcs8 = pki::node_key_pkcs8(node_key).ok_or_else(|| {
+            GroupError::cannot_make("group sessions: the node key is not an Ed25519 key")
+        })?;
         let der = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(pkcs8));
         let key = provider
             .key_provider
             .load_private_key(der)
-            .map_err(|e| GroupError::Make(format!("the node key for TLS: {e}")))?;
+            .map_err(|e| GroupError::made("the node key for TLS", e))?;
         Ok(Self {
             groups,
             key,
@@ -152,7 +153,7 @@ pub fn session_peer(certs: Option<&[CertificateDer<'_>]>) -> Option<(PeerId, Vec
 }
 
 fn tls(e: rustls::Error) -> GroupError {
-    GroupError::Make(format!("TLS: {e}"))
+    GroupError::made("a TLS configuration", e)
 }
 
 /// Offers one certificate, ours.

@@ -31,6 +31,7 @@ use x509_parser::oid_registry::{
 };
 use x509_parser::prelude::{FromDer, X509Certificate};
 
+use crate::Cause;
 use crate::group_id::GroupId;
 
 /// Topic keys are this long.
@@ -68,8 +69,8 @@ pub enum EpochKeyError {
     )]
     UnsupportedKey(String),
     /// The CA certificate does not parse.
-    #[error("the group CA does not parse: {0}")]
-    BadCa(String),
+    #[error("the group CA does not parse")]
+    BadCa(#[source] Cause),
     /// The signature is not the group CA's over this group's epoch text.
     #[error(
         "not the group CA's signature over {message:?} (signed with another key, for another epoch or group, or altered)"
@@ -79,8 +80,8 @@ pub enum EpochKeyError {
         message: String,
     },
     /// The owner's CA key cannot sign.
-    #[error("cannot sign with the group CA key: {0}")]
-    Sign(String),
+    #[error("cannot sign with the group CA key")]
+    Sign(#[source] Cause),
     /// A key for an epoch after the CRL this node holds: it comes with a
     /// CRL not yet here, and is taken after it.
     #[error("epoch {epoch} is after the CRL held here (number {held})")]
@@ -179,7 +180,7 @@ pub fn epoch_message(group: GroupId, epoch: u64) -> String {
 
 fn ca_key(ca_der: &[u8]) -> Result<(CaKey, Vec<u8>), EpochKeyError> {
     let (_, ca) =
-        X509Certificate::from_der(ca_der).map_err(|e| EpochKeyError::BadCa(e.to_string()))?;
+        X509Certificate::from_der(ca_der).map_err(|e| EpochKeyError::BadCa(Cause::new(e)))?;
     let spki = ca.public_key();
     Ok((CaKey::of(spki)?, spki.subject_public_key.data.to_vec()))
 }
@@ -228,13 +229,13 @@ pub fn sign_epoch(
     epoch: u64,
 ) -> Result<Vec<u8>, EpochKeyError> {
     let key = EcdsaKeyPair::from_pkcs8(&signature::ECDSA_P256_SHA256_ASN1_SIGNING, ca_key_pkcs8)
-        .map_err(|e| EpochKeyError::Sign(e.to_string()))?;
+        .map_err(|e| EpochKeyError::Sign(Cause::new(e)))?;
     let sig = key
         .sign(
             &aws_lc_rs::rand::SystemRandom::new(),
             epoch_message(group, epoch).as_bytes(),
         )
-        .map_err(|e| EpochKeyError::Sign(e.to_string()))?;
+        .map_err(|e| EpochKeyError::Sign(Cause::new(e)))?;
     Ok(sig.as_ref().to_vec())
 }
 

@@ -23,6 +23,7 @@
 #![forbid(unsafe_code)]
 
 pub mod access;
+mod cause;
 pub mod drm;
 #[doc(hidden)]
 pub mod fuzzing;
@@ -40,6 +41,7 @@ pub mod verdicts;
 pub mod virus;
 
 pub use access::{AccessPolicy, PublisherTrust};
+pub use cause::Cause;
 pub use drm::{Certification, DrmChecker, DrmError, DrmPolicy, Untrusted};
 pub use group_tls::GroupTls;
 pub use groups::{GroupError, GroupId, GroupInfo, Groups, MemberInfo};

@@ -11,6 +11,7 @@
 //! Used by the DRM checker (publisher certificates); the privacy controller's
 //! group certificates use the same binding.
 
+use crate::Cause;
 use std::path::{Path, PathBuf};
 
 use libp2p_identity::PeerId;
@@ -29,20 +30,22 @@ pub const PEER_URI_PREFIX: &str = "urn:p2pvm:peer:";
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum CertError {
     /// A file could not be read.
-    #[error("cannot read {path}: {reason}")]
+    #[error("cannot read {path}")]
     Read {
         /// The file.
         path: PathBuf,
-        /// The I/O error's text.
-        reason: String,
+        /// Why.
+        #[source]
+        source: Cause,
     },
     /// The bytes are not a certificate (or CRL) in PEM or DER.
-    #[error("not a valid {what}: {reason}")]
+    #[error("not a valid {what}")]
     Malformed {
         /// "certificate" or "CRL".
         what: &'static str,
-        /// The parser's reason.
-        reason: String,
+        /// The parser's error.
+        #[source]
+        source: Cause,
     },
     /// The chain is empty.
     #[error("no certificate")]
@@ -107,7 +110,7 @@ impl From<webpki::Error> for CertError {
             | E::EmptyEkuExtension => Self::WrongUse(format!("{e:?}")),
             E::BadDer | E::BadDerTime | E::TrailingData(_) => Self::Malformed {
                 what: "certificate",
-                reason: format!("{e:?}"),
+                source: Cause::new(e),
             },
             e => Self::Invalid(format!("{e:?}")),
         }
@@ -117,7 +120,7 @@ impl From<webpki::Error> for CertError {
 fn read(path: &Path) -> Result<Vec<u8>, CertError> {
     std::fs::read(path).map_err(|e| CertError::Read {
         path: path.to_owned(),
-        reason: e.to_string(),
+        source: Cause::new(e),
     })
 }
 
@@ -129,13 +132,13 @@ fn is_pem(bytes: &[u8]) -> bool {
 
 /// Every certificate in `bytes`: PEM (any number) or one DER certificate.
 pub fn certs_from_bytes(bytes: &[u8]) -> Result<Vec<Vec<u8>>, CertError> {
-    let malformed = |reason: String| CertError::Malformed {
+    let malformed = |source: Cause| CertError::Malformed {
         what: "certificate",
-        reason,
+        source,
     };
     let certs: Vec<Vec<u8>> = if is_pem(bytes) {
         CertificateDer::pem_slice_iter(bytes)
-            .map(|c| c.map(|c| c.to_vec()).map_err(|e| malformed(e.to_string())))
+            .map(|c| c.map(|c| c.to_vec()).map_err(|e| malformed(Cause::new(e))))
             .collect::<Result<_, _>>()?
     } else {
         vec![bytes.to_vec()]
@@ -144,26 +147,26 @@ pub fn certs_from_bytes(bytes: &[u8]) -> Result<Vec<Vec<u8>>, CertError> {
         return Err(CertError::Empty);
     }
     for c in &certs {
-        X509Certificate::from_der(c).map_err(|e| malformed(e.to_string()))?;
+        X509Certificate::from_der(c).map_err(|e| malformed(Cause::new(e)))?;
     }
     Ok(certs)
 }
 
 /// Every CRL in `bytes`: PEM (any number) or one DER CRL.
 pub fn crls_from_bytes(bytes: &[u8]) -> Result<Vec<Vec<u8>>, CertError> {
-    let malformed = |reason: String| CertError::Malformed {
+    let malformed = |source: Cause| CertError::Malformed {
         what: "CRL",
-        reason,
+        source,
     };
     let crls: Vec<Vec<u8>> = if is_pem(bytes) {
         CertificateRevocationListDer::pem_slice_iter(bytes)
-            .map(|c| c.map(|c| c.to_vec()).map_err(|e| malformed(e.to_string())))
+            .map(|c| c.map(|c| c.to_vec()).map_err(|e| malformed(Cause::new(e))))
             .collect::<Result<_, _>>()?
     } else {
         vec![bytes.to_vec()]
     };
     for c in &crls {
-        BorrowedCertRevocationList::from_der(c).map_err(|e| malformed(format!("{e:?}")))?;
+        BorrowedCertRevocationList::from_der(c).map_err(|e| malformed(Cause::new(e)))?;
     }
     Ok(crls)
 }
@@ -182,13 +185,13 @@ pub fn crls_from_file(path: &Path) -> Result<Vec<Vec<u8>>, CertError> {
 pub fn peer_of(cert_der: &[u8]) -> Result<PeerId, CertError> {
     let (_, cert) = X509Certificate::from_der(cert_der).map_err(|e| CertError::Malformed {
         what: "certificate",
-        reason: e.to_string(),
+        source: Cause::new(e),
     })?;
     let san = cert
         .subject_alternative_name()
         .map_err(|e| CertError::Malformed {
             what: "certificate",
-            reason: e.to_string(),
+            source: Cause::new(e),
         })?
         .ok_or(CertError::NoPeerId)?;
     let named = san.value.general_names.iter().find_map(|n| match n {
@@ -209,7 +212,7 @@ pub fn peer_of(cert_der: &[u8]) -> Result<PeerId, CertError> {
 pub fn certifies_key_of(cert_der: &[u8], peer: &PeerId) -> Result<(), CertError> {
     let (_, cert) = X509Certificate::from_der(cert_der).map_err(|e| CertError::Malformed {
         what: "certificate",
-        reason: e.to_string(),
+        source: Cause::new(e),
     })?;
     let spki = cert.public_key();
     let ed25519 = spki.algorithm.algorithm == x509_parser::oid_registry::OID_SIG_ED25519;
@@ -283,7 +286,7 @@ impl TrustList {
                 .and_then(|c| c.to_owned())
                 .map_err(|e| CertError::Malformed {
                     what: "CRL",
-                    reason: format!("{e:?}"),
+                    source: Cause::new(e),
                 })?;
             lists.push(CertRevocationList::from(owned));
         }

@@ -26,23 +26,24 @@ const QUEUE: usize = 8;
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum VirusError {
     /// clamd is not reachable.
-    #[error("Virus filter unavailable: clamd at {addr}: {reason}")]
+    #[error("Virus filter unavailable: clamd at {addr}")]
     Unavailable {
         /// Where clamd was expected.
         addr: String,
-        /// Why.
-        reason: String,
+        /// Why (shared: a verdict is handed to every waiter).
+        #[source]
+        source: Arc<std::io::Error>,
     },
     /// clamd answered without a verdict (e.g. a size limit).
     #[error("Virus filter error: clamd answered {0:?}")]
     BadReply(String),
     /// The file to scan could not be read (only when clamd is reached over
     /// TCP and the bytes are streamed to it).
-    #[error("Virus filter error: cannot read the file to scan: {0}")]
-    Unreadable(String),
+    #[error("Virus filter error: cannot read the file to scan")]
+    Unreadable(#[source] Arc<std::io::Error>),
     /// Our task that talks to clamd panicked or was aborted.
-    #[error("Virus filter error: the scan task failed: {0}")]
-    TaskFailed(String),
+    #[error("Virus filter error: the scan task failed")]
+    TaskFailed(#[source] Arc<tokio::task::JoinError>),
 }
 
 /// A scan's outcome.
@@ -244,7 +245,7 @@ impl VirusFilter {
             )),
             Err(e) => Err(VirusError::Unavailable {
                 addr: addr.to_string(),
-                reason: e.to_string(),
+                source: Arc::new(e),
             }),
         }
     }
@@ -275,7 +276,7 @@ impl VirusFilter {
             )),
             Err(e) => Err(VirusError::Unavailable {
                 addr: addr.to_string(),
-                reason: e.to_string(),
+                source: Arc::new(e),
             }),
         }
     }
@@ -317,7 +318,7 @@ impl VirusFilter {
                 Ok(reply) => parse_reply(&reply),
                 Err(e) => Err(VirusError::Unavailable {
                     addr: addr.to_string(),
-                    reason: e.to_string(),
+                    source: Arc::new(e),
                 }),
             };
             counts.count(&verdict);
@@ -351,13 +352,13 @@ impl VirusFilter {
                     match chunk {
                         Ok(bytes) => scanner.feed(bytes).await,
                         Err(e) => {
-                            return Err(VirusError::Unreadable(e.to_string()));
+                            return Err(VirusError::Unreadable(Arc::new(e)));
                         }
                     }
                 }
                 reader
                     .await
-                    .map_err(|e| VirusError::TaskFailed(e.to_string()))?;
+                    .map_err(|e| VirusError::TaskFailed(Arc::new(e)))?;
                 scanner.finish().await
             }
         }
@@ -369,7 +370,7 @@ impl VirusFilter {
             let addr = path.display().to_string();
             move |e: std::io::Error| VirusError::Unavailable {
                 addr: addr.clone(),
-                reason: e.to_string(),
+                source: Arc::new(e),
             }
         };
         // Connecting and handing over the descriptor are quick but blocking
@@ -377,7 +378,7 @@ impl VirusFilter {
         // the runtime (dropping it hangs up).
         let sock = tokio::task::spawn_blocking(move || fildes::send(&path, &file))
             .await
-            .map_err(|e| VirusError::TaskFailed(e.to_string()))?
+            .map_err(|e| VirusError::TaskFailed(Arc::new(e)))?
             .map_err(&unavailable)?;
         let reply = fildes::reply(sock).await.map_err(&unavailable)?;
         parse_reply(&reply)
@@ -425,7 +426,7 @@ impl Scanner {
             None => Ok(Verdict::Clean),
             Some(t) => t
                 .await
-                .unwrap_or_else(|e| Err(VirusError::TaskFailed(e.to_string()))),
+                .unwrap_or_else(|e| Err(VirusError::TaskFailed(Arc::new(e)))),
         }
     }
 

@@ -68,8 +68,8 @@ pub enum ChannelError {
     #[error("channel layout: {0}")]
     Layout(String),
     /// The region could not be mapped.
-    #[error("mapping the channel region: {0}")]
-    Map(String),
+    #[error("mapping the channel region")]
+    Map(#[source] Box<dyn std::error::Error + Send + Sync>),
     /// Getting the region or doorbells from the supervisor failed.
     #[error("{0}")]
     Broker(String),

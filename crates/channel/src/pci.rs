@@ -125,14 +125,19 @@ pub enum RegionMapping {
     Sysfs,
 }
 
+/// A region mapping other than `auto`, `devmem` or `sysfs`.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0:?}: expected auto, devmem or sysfs")]
+pub struct UnknownMapping(pub String);
+
 impl std::str::FromStr for RegionMapping {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
+    type Err = UnknownMapping;
+    fn from_str(s: &str) -> Result<Self, UnknownMapping> {
         match s {
             "auto" => Ok(Self::Auto),
             "devmem" => Ok(Self::DevMem),
             "sysfs" => Ok(Self::Sysfs),
-            _ => Err(format!("{s:?}: expected auto, devmem or sysfs")),
+            _ => Err(UnknownMapping(s.to_owned())),
         }
     }
 }

@@ -35,7 +35,7 @@ fn map(file: &File, offset: u64, size: u64) -> Result<GuestMemoryMmap<()>, Chann
         size as usize,
         Some(FileOffset::new(file, offset)),
     )])
-    .map_err(|e| ChannelError::Map(e.to_string()))
+    .map_err(|e| ChannelError::Map(e.into()))
 }
 
 /// Bytes of the memfd behind a region of `layout`: the layout's size rounded
@@ -104,11 +104,11 @@ impl Region {
         let mem = map(&file, offset, len)?;
         let read32 = |off| -> Result<u32, ChannelError> {
             mem.read_obj::<u32>(GuestAddress(off))
-                .map_err(|e| ChannelError::Map(e.to_string()))
+                .map_err(|e| ChannelError::Map(e.into()))
         };
         let magic: u64 = mem
             .read_obj(GuestAddress(field::MAGIC))
-            .map_err(|e| ChannelError::Map(e.to_string()))?;
+            .map_err(|e| ChannelError::Map(e.into()))?;
         if magic != MAGIC {
             return Err(ChannelError::Layout(format!("bad magic {magic:#x}")));
         }

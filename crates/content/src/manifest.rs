@@ -31,8 +31,8 @@ pub enum ManifestError {
     #[error("Manifest content id has {0} bytes, not 32")]
     BadContentId(usize),
     /// Signing failed.
-    #[error("Cannot sign the manifest: {0}")]
-    Signing(String),
+    #[error("Cannot sign the manifest")]
+    Signing(#[source] libp2p_identity::SigningError),
 }
 
 /// Usage rights, enforced by the DRM checker.
@@ -121,7 +121,7 @@ impl Manifest {
         let manifest = self.encode_to_vec();
         let signature = key
             .sign(&signed_message(&manifest))
-            .map_err(|e| ManifestError::Signing(e.to_string()))?;
+            .map_err(ManifestError::Signing)?;
         Ok(SignedManifest {
             manifest,
             signature,

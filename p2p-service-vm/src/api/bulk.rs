@@ -29,6 +29,7 @@ use tracing::debug;
 use super::ApiService;
 use super::session::internal::ContentBytes;
 use super::tickets::Live;
+use crate::report::chain;
 
 /// How long a new connection may take to show what it is.
 const OPENING_TIMEOUT: Duration = Duration::from_secs(10);
@@ -51,7 +52,7 @@ async fn opening(io: &mut (impl AsyncRead + Unpin)) -> Option<Opening> {
         match Preamble::read_after_magic(io).await {
             Ok(p) => Some(Opening::Attach(p)),
             Err(e) => {
-                debug!(error = %e, "bad bulk attachment");
+                debug!(error = %chain(&e), "bad bulk attachment");
                 None
             }
         }
@@ -201,7 +202,7 @@ impl ApiService {
         let mut ring = match attach::offer_ring(conn, capacity).await {
             Ok(w) => w,
             Err(e) => {
-                debug!(error = %e, "could not hand a bulk ring over");
+                debug!(error = %chain(&e), "could not hand a bulk ring over");
                 return;
             }
         };
@@ -220,7 +221,7 @@ impl ApiService {
                 }
                 Some(Ok(chunk)) => {
                     if let Err(e) = ring.write_all(&chunk).await {
-                        debug!(error = %e, "bulk reader left before the end");
+                        debug!(error = %chain(&e), "bulk reader left before the end");
                         break READER_LEFT;
                     }
                 }
@@ -281,7 +282,7 @@ impl ApiService {
             wr.shutdown().await
         };
         if let Err(e) = sent.await {
-            debug!(error = %e, "bulk stream over the channel ended early");
+            debug!(error = %chain(&e), "bulk stream over the channel ended early");
             ended = READER_LEFT;
         }
         self.metrics().api_stream_ended(FETCH, ended);

@@ -14,11 +14,11 @@ impl From<crate::node::NodeError> for ApiError {
             N::Dial(_) => pb::ErrorCode::Unavailable,
             N::Timeout => pb::ErrorCode::Timeout,
             N::NotFound => pb::ErrorCode::NotFound,
-            N::Dht(_) | N::Pubsub(_) => pb::ErrorCode::Unavailable,
+            N::Dht(_) | N::Pubsub(_) | N::NoSubscribers => pb::ErrorCode::Unavailable,
             N::Invalid(_) => pb::ErrorCode::BadRequest,
             N::Busy(_) => pb::ErrorCode::LimitExceeded,
         };
-        Self::new(code, e.to_string())
+        Self::new(code, crate::report::chain(&e))
     }
 }
 
@@ -28,7 +28,7 @@ impl From<crate::content::ContentServiceError> for ApiError {
     fn from(e: crate::content::ContentServiceError) -> Self {
         use crate::content::ContentServiceError as C;
         if let Some(drm) = e.drm_code() {
-            return Self::new(drm_error_code(drm), crate::content::chain(&e));
+            return Self::new(drm_error_code(drm), crate::report::chain(&e));
         }
         let code = match &e {
             C::NotFound(_) => pb::ErrorCode::NotFound,
@@ -41,7 +41,7 @@ impl From<crate::content::ContentServiceError> for ApiError {
             C::Malware { .. } => pb::ErrorCode::MalwareDetected,
             C::Drm(_) | C::DrmRefused { .. } => pb::ErrorCode::Internal,
         };
-        Self::new(code, crate::content::chain(&e))
+        Self::new(code, crate::report::chain(&e))
     }
 }
 
@@ -65,12 +65,12 @@ impl From<p2pvm_security::GroupError> for ApiError {
             G::Exists(_) => pb::ErrorCode::AlreadyExists,
             G::BadName(_) => pb::ErrorCode::BadRequest,
             G::NotOwner(_) => pb::ErrorCode::PermissionDenied,
-            G::Certificate(_) | G::Invitation(_) | G::Crl(_) | G::EpochKey(_) => {
+            G::Certificate(_) | G::Invitation(_) | G::Crl { .. } | G::EpochKey(_) => {
                 pb::ErrorCode::VerificationFailed
             }
-            G::Make(_) | G::Io { .. } => pb::ErrorCode::Internal,
+            G::Make { .. } | G::Io { .. } => pb::ErrorCode::Internal,
         };
-        Self::new(code, crate::content::chain(&e))
+        Self::new(code, crate::report::chain(&e))
     }
 }
 
@@ -89,12 +89,14 @@ impl From<ComputeServiceError> for ApiError {
     fn from(e: ComputeServiceError) -> Self {
         use ComputeServiceError as E;
         let code = match &e {
-            E::BadRequest(_) => pb::ErrorCode::BadRequest,
+            E::BadRequest(_) | E::BadJobId(_) => pb::ErrorCode::BadRequest,
             E::InsufficientCredit { .. } => pb::ErrorCode::ComputeInsufficientCredit,
             E::NotFound(_) => pb::ErrorCode::NotFound,
-            E::Receipts(_) | E::Sandbox(_) | E::Io { .. } => pb::ErrorCode::Internal,
+            E::Receipts(_) | E::Sandbox(_) | E::Io { .. } | E::Countersign(_) => {
+                pb::ErrorCode::Internal
+            }
         };
-        ApiError::new(code, e.to_string())
+        ApiError::new(code, crate::report::chain(&e))
     }
 }
 
@@ -107,6 +109,6 @@ impl From<crate::content::group_topics::GroupTopicError> for ApiError {
             G::Seal(_) => pb::ErrorCode::Internal,
             G::Node(_) => pb::ErrorCode::Unavailable,
         };
-        Self::new(code, crate::content::chain(&e))
+        Self::new(code, crate::report::chain(&e))
     }
 }

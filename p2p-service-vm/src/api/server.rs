@@ -9,6 +9,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use super::ApiService;
+use crate::report::chain;
 
 pub use p2pvm_proto::socket::{BindError, SOCKET_MODE};
 
@@ -34,7 +35,7 @@ pub async fn serve(listener: UnixListener, svc: ApiService, shutdown: Cancellati
                 }
                 Err(e) => {
                     // EMFILE and friends: back off briefly instead of spinning.
-                    warn!(error = %e, "accept failed");
+                    warn!(error = %chain(&e), "accept failed");
                     tokio::time::sleep(std::time::Duration::from_millis(50)).await;
                 }
             },

@@ -66,6 +66,12 @@ pub enum ComputeServiceError {
     /// No such job.
     #[error("no job {0}")]
     NotFound(String),
+    /// A provider's receipt could not be countersigned.
+    #[error("cannot countersign the receipt")]
+    Countersign(#[source] p2pvm_compute::ReceiptError),
+    /// The job id does not parse.
+    #[error("bad job id")]
+    BadJobId(#[source] p2pvm_compute::ReceiptError),
     /// The receipt store failed.
     #[error(transparent)]
     Receipts(#[from] ReceiptsError),
@@ -316,7 +322,7 @@ impl ComputeService {
             },
         })
         .await
-        .map_err(|e| std::io::Error::other(e.to_string()))
+        .map_err(std::io::Error::other)
         .and_then(|r| r);
         r.map_err(|source| ComputeServiceError::Io {
             what: "saving the compute offer".into(),
@@ -508,8 +514,7 @@ struct Credit {
 }
 
 fn parse_job(s: &str) -> Result<JobId, ComputeServiceError> {
-    s.parse()
-        .map_err(|e: p2pvm_compute::ReceiptError| ComputeServiceError::BadRequest(e.to_string()))
+    s.parse().map_err(ComputeServiceError::BadJobId)
 }
 
 fn forget_oldest_finished(jobs: &mut HashMap<JobId, Arc<Job>>) {

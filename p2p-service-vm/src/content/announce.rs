@@ -15,8 +15,9 @@ use std::time::Duration;
 
 use tracing::{debug, warn};
 
-use super::{ContentService, VerifiedManifest, chain, content_key, keyword_key};
+use super::{ContentService, VerifiedManifest, content_key, keyword_key};
 use crate::node::Command;
+use crate::report::chain;
 
 /// How often the peer count is looked at.
 const GROWTH_CHECK: Duration = Duration::from_secs(2);
@@ -73,7 +74,7 @@ impl ContentService {
                 return;
             }
             Err(e) => {
-                warn!(error = %e, "cannot list stored items to announce");
+                warn!(error = %chain(&e), "cannot list stored items to announce");
                 return;
             }
         };

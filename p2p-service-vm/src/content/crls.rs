@@ -16,6 +16,7 @@ use tracing::{debug, info, warn};
 
 use super::ContentService;
 use crate::node::{Command, NodeEvent};
+use crate::report::chain;
 
 /// How often an owner publishes its groups' CRLs again.
 const REPUBLISH: Duration = Duration::from_secs(10);
@@ -89,7 +90,7 @@ impl ContentService {
             .call(|reply| Command::Subscribe(topic, reply))
             .await
         {
-            warn!(group = %id, error = %e, "cannot listen for the group's revocations");
+            warn!(group = %id, error = %chain(&e), "cannot listen for the group's revocations");
         }
     }
 
@@ -105,7 +106,7 @@ impl ContentService {
         {
             Ok(()) => debug!(group = %id, "published the group's CRL"),
             // No member listening yet: the next round tries again.
-            Err(e) => debug!(group = %id, error = %e, "CRL not published this round"),
+            Err(e) => debug!(group = %id, error = %chain(&e), "CRL not published this round"),
         }
     }
 
@@ -125,8 +126,8 @@ impl ContentService {
         match taken {
             Ok(Ok(true)) => info!(group = %id, "took a newer CRL for the group"),
             Ok(Ok(false)) => {}
-            Ok(Err(e)) => warn!(group = %id, error = %e, "refused a CRL for the group"),
-            Err(e) => warn!(group = %id, error = %e, "CRL check failed"),
+            Ok(Err(e)) => warn!(group = %id, error = %chain(&e), "refused a CRL for the group"),
+            Err(e) => warn!(group = %id, error = %chain(&e), "CRL check failed"),
         }
     }
 }

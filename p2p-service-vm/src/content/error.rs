@@ -101,7 +101,7 @@ impl ContentServiceError {
 
     /// A task of ours panicked or was aborted.
     pub(crate) fn task(e: tokio::task::JoinError) -> Self {
-        LocalError::Task(e.to_string()).into()
+        LocalError::Task(e).into()
     }
 }
 
@@ -121,8 +121,8 @@ pub enum LocalError {
         source: std::io::Error,
     },
     /// A task of ours panicked or was aborted.
-    #[error("Internal task failed: {0}")]
-    Task(String),
+    #[error("Internal task failed")]
+    Task(#[source] tokio::task::JoinError),
     /// Making the fast path's TLS identity failed.
     #[error("Fast path identity")]
     FastPath(#[source] p2pvm_security::PeerTlsError),
@@ -251,7 +251,13 @@ pub enum ProviderError {
     /// It could not be found or dialled.
     #[error("cannot reach the peer")]
     Unreachable(#[source] NodeError),
-    /// Opening a stream to it failed or timed out.
+    /// Opening a stream to it failed.
+    #[error("opening a stream")]
+    OpenStream(#[source] libp2p_stream::OpenStreamError),
+    /// Opening a stream to it timed out.
+    #[error("opening a stream: timed out")]
+    OpenTimedOut,
+    /// A session to it cannot be opened, for this reason.
     #[error("opening a stream: {0}")]
     Open(String),
     /// The stream failed or closed early.
@@ -363,6 +369,8 @@ impl ProviderError {
             Self::Unsupported
             | Self::Unreachable(_)
             | Self::Open(_)
+            | Self::OpenStream(_)
+            | Self::OpenTimedOut
             | Self::SizeUnproven(_)
             | Self::NoSlot(_)
             | Self::StreamsFull(_)
@@ -380,7 +388,7 @@ impl ProviderError {
         match self {
             Self::Unsupported => "unsupported",
             Self::Unreachable(_) => "unreachable",
-            Self::Open(_) => "open",
+            Self::Open(_) | Self::OpenStream(_) | Self::OpenTimedOut => "open",
             Self::Io(_) => "io",
             Self::NoAnswer => "no_answer",
             Self::StoppedAnswering => "stopped_answering",
@@ -406,7 +414,12 @@ impl ProviderError {
     pub(crate) fn transient(&self) -> bool {
         matches!(
             self,
-            Self::Unreachable(_) | Self::Open(_) | Self::Io(_) | Self::NoAnswer
+            Self::Unreachable(_)
+                | Self::Open(_)
+                | Self::OpenStream(_)
+                | Self::OpenTimedOut
+                | Self::Io(_)
+                | Self::NoAnswer
         )
     }
 
@@ -415,22 +428,6 @@ impl ProviderError {
     pub(crate) fn transient_on_stream(&self) -> bool {
         matches!(self, Self::Io(_) | Self::StoppedAnswering | Self::NoAnswer)
     }
-}
-
-/// Every cause of an error, outermost first, joined for one message line.
-pub fn chain(e: &(dyn std::error::Error + 'static)) -> String {
-    let mut msg = e.to_string();
-    let mut src = e.source();
-    while let Some(s) = src {
-        let s_msg = s.to_string();
-        // Transparent wrappers repeat their source's text; say it once.
-        if !msg.ends_with(&s_msg) {
-            msg.push_str(": ");
-            msg.push_str(&s_msg);
-        }
-        src = s.source();
-    }
-    msg
 }
 
 #[cfg(test)]
@@ -450,7 +447,7 @@ mod tests {
             std::io::Error::from(std::io::ErrorKind::PermissionDenied),
         );
         assert!(!other.is_full());
-        let msg = chain(&other);
+        let msg = crate::report::chain(&other);
         assert!(
             msg.contains("writing block 3") && msg.contains("denied"),
             "{msg}"

@@ -49,6 +49,7 @@ use tokio_rustls::{LazyConfigAcceptor, TlsConnector};
 use tracing::{debug, info, warn};
 
 use super::ContentService;
+use crate::report::chain;
 
 /// The lowest content type of a TLS record (change_cipher_spec).
 const TLS_RECORD_MIN: u8 = 0x14;
@@ -241,7 +242,7 @@ pub(crate) fn spawn_server(svc: ContentService, listener: TcpListener) {
             let (tcp, from) = match accepted {
                 Ok(a) => a,
                 Err(e) => {
-                    warn!(error = %e, "fast-path accept failed");
+                    warn!(error = %chain(&e), "fast-path accept failed");
                     tokio::time::sleep(Duration::from_millis(50)).await;
                     continue;
                 }
@@ -265,7 +266,7 @@ pub(crate) fn spawn_server(svc: ContentService, listener: TcpListener) {
                 let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, fast.accept(tcp)).await {
                     Ok(Ok(t)) => t,
                     Ok(Err(e)) => {
-                        debug!(%from, error = %e, "fast-path handshake failed");
+                        debug!(%from, error = %chain(&e), "fast-path handshake failed");
                         return;
                     }
                     Err(_) => return,
@@ -296,7 +297,7 @@ pub(crate) fn spawn_server(svc: ContentService, listener: TcpListener) {
                 let (rd, wr) = match sealed.await {
                     Ok(Ok(halves)) => halves,
                     Ok(Err(e)) => {
-                        debug!(%from, error = %e, "fast-path connection failed");
+                        debug!(%from, error = %chain(&e), "fast-path connection failed");
                         return;
                     }
                     Err(_) => return,

@@ -23,6 +23,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use super::{ContentService, ContentServiceError};
+use crate::report::chain;
 
 /// Connections served at once. A media player opens one or two; each
 /// streaming response reads ahead a few MiB, so this also bounds the
@@ -180,7 +181,7 @@ async fn content(
     match svc.fetch(&id, Some(range), false).await {
         Ok((_, _, stream)) => builder.body(Body::from_stream(stream)).unwrap_or_default(),
         Err(e) => {
-            warn!(%id, error = %e, "gateway fetch failed");
+            warn!(%id, error = %chain(&e), "gateway fetch failed");
             error(StatusCode::BAD_GATEWAY, format!("{e}\n"))
         }
     }

@@ -30,6 +30,7 @@ use super::ContentEvent;
 use super::ContentService;
 use super::fetch::{group_session, open_stream, request_response};
 use crate::node::{Command, NodeError, PubsubMessage};
+use crate::report::chain;
 
 /// An epoch signature is at most this long (an RSA-8192 signature, with
 /// room to spare).
@@ -183,14 +184,14 @@ impl ContentService {
             let signature = match self.fetch_epoch_signature(*peer, id, epoch).await {
                 Ok(s) => s,
                 Err(e) => {
-                    debug!(%peer, group = %id, epoch, error = %e, "no topic key from this peer");
+                    debug!(%peer, group = %id, epoch, error = %chain(&e), "no topic key from this peer");
                     continue;
                 }
             };
             match self.take_epoch_signature(id, epoch, signature).await {
                 Ok(k) => return Some(k),
                 Err(e) => {
-                    warn!(%peer, group = %id, epoch, error = %e, "a member handed out a topic key the group CA did not sign; not kept")
+                    warn!(%peer, group = %id, epoch, error = %chain(&e), "a member handed out a topic key the group CA did not sign; not kept")
                 }
             }
         }
@@ -235,7 +236,7 @@ impl ContentService {
             svc.groups().take_epoch_signature(id, epoch, &signature)
         })
         .await
-        .map_err(|e| GroupError::Make(format!("the check did not finish: {e}")))?
+        .map_err(|e| GroupError::made("a topic key (the check did not finish)", e))?
     }
 
     /// Publishes `data` on group `id`'s topic `topic`.

@@ -56,7 +56,7 @@ mod types;
 mod verdicts;
 pub(crate) mod wire;
 
-pub use error::{ContentServiceError, LocalError, ProviderError, Unavailable, VerifyError, chain};
+pub use error::{ContentServiceError, LocalError, ProviderError, Unavailable, VerifyError};
 pub use events::ContentEvent;
 pub(crate) use types::now_unix;
 pub use types::{ContentInfo, PublishMeta, VerifiedManifest, content_key, guess_mime, keyword_key};
@@ -73,6 +73,7 @@ use tracing::{info, warn};
 
 use crate::config::ContentConfig;
 use crate::context::NodeContext;
+use crate::report::chain;
 
 /// A download in progress, as the operator sees it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -277,7 +278,7 @@ impl ContentService {
                         }
                     }
                     Err(e) => {
-                        warn!(error = %e, "virus filter cannot reach clamd: content will be refused until it can")
+                        warn!(error = %chain(&e), "virus filter cannot reach clamd: content will be refused until it can")
                     }
                 }
             });
@@ -371,7 +372,7 @@ impl ContentService {
                     portmap::spawn(self, bound);
                 }
             }
-            Err(e) => warn!(%addr, error = %e, "cannot listen for the content fast path"),
+            Err(e) => warn!(%addr, error = %chain(&e), "cannot listen for the content fast path"),
         }
     }
 

@@ -17,6 +17,7 @@ use igd_next::aio::tokio::search_gateway;
 use tracing::{debug, info, warn};
 
 use super::ContentService;
+use crate::report::chain;
 
 /// How long the router keeps a mapping we do not renew.
 const LEASE: Duration = Duration::from_secs(3600);
@@ -40,7 +41,7 @@ async fn keep_mapped(bound: SocketAddr, shutdown: tokio_util::sync::Cancellation
     let gateway = match search_gateway(igd_next::SearchOptions::default()).await {
         Ok(g) => g,
         Err(e) => {
-            debug!(error = %e, "no UPnP gateway: the fast path's port is not mapped");
+            debug!(error = %chain(&e), "no UPnP gateway: the fast path's port is not mapped");
             return;
         }
     };
@@ -58,7 +59,7 @@ async fn keep_mapped(bound: SocketAddr, shutdown: tokio_util::sync::Cancellation
                 info!(port, gateway = %gateway.addr, "router mapped the fast path's port (UPnP)")
             }
             Err(e) => {
-                warn!(port, error = %e, "the router refused to map the fast path's port");
+                warn!(port, error = %chain(&e), "the router refused to map the fast path's port");
                 return;
             }
         }

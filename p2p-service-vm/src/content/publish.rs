@@ -14,6 +14,7 @@ use tracing::{info, warn};
 use super::ContentEvent;
 use super::types::{ContentInfo, PublishMeta, VerifiedManifest, content_key, guess_mime, now_unix};
 use super::{ContentService, ContentServiceError};
+use crate::report::chain;
 
 /// Tees what an import reads into a virus scan.
 struct ScanningReader<R> {
@@ -104,7 +105,7 @@ impl ContentService {
                 let declined = match &v {
                     Ok(Verdict::Clean) => None,
                     Ok(Verdict::Infected(sig)) => Some(format!("malware: {sig}")),
-                    Err(e) => Some(e.to_string()),
+                    Err(e) => Some(crate::report::chain(e)),
                 };
                 *seen.lock().expect("lock") = Some(v);
                 if let Some(why) = declined {
@@ -226,7 +227,7 @@ impl ContentService {
                         .await;
                 }
             }
-            Ok(Err(e)) => warn!(error = %e, "garbage collection failed"),
+            Ok(Err(e)) => warn!(error = %chain(&e), "garbage collection failed"),
             _ => {}
         }
     }

@@ -114,7 +114,7 @@ pub(crate) async fn search(
                     }
                 }
             }
-            Err(e) => debug!(%peer, error = %super::chain(&e), "search peer failed"),
+            Err(e) => debug!(%peer, error = %crate::report::chain(&e), "search peer failed"),
         }
     }
     let mut out: Vec<ContentInfo> = hits.into_values().collect();

@@ -11,6 +11,7 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use crate::report::chain;
 use p2pvm_content::ContentId;
 use p2pvm_security::{VerdictCache, VerdictCacheError, VirusFilter, verdicts};
 use tracing::{debug, warn};
@@ -64,7 +65,7 @@ impl Verdicts {
             Ok(Some(v)) => v,
             Ok(None) => return None,
             Err(e) => {
-                debug!(error = %e, "clamd's version unknown; using the last one");
+                debug!(error = %chain(&e), "clamd's version unknown; using the last one");
                 last?
             }
         };
@@ -73,7 +74,7 @@ impl Verdicts {
         let fp = match fp {
             Ok(Ok(fp)) => fp,
             Ok(Err(e)) => {
-                debug!(error = %crate::content::chain(&e), "no signature fingerprint: verdicts are not cached");
+                debug!(error = %crate::report::chain(&e), "no signature fingerprint: verdicts are not cached");
                 return None;
             }
             Err(_) => return None,
@@ -99,7 +100,7 @@ impl Verdicts {
         match clean {
             Ok(Ok(clean)) => (clean, Some(fp)),
             Ok(Err(e)) => {
-                warn!(error = %crate::content::chain(&e), "verdict cache unreadable; scanning");
+                warn!(error = %crate::report::chain(&e), "verdict cache unreadable; scanning");
                 (false, Some(fp))
             }
             Err(_) => (false, Some(fp)),
@@ -123,9 +124,9 @@ impl Verdicts {
         match tokio::task::spawn_blocking(move || cache.record_clean(&id, &fp)).await {
             Ok(Ok(())) => {}
             Ok(Err(e)) => {
-                warn!(error = %crate::content::chain(&e), "cannot record a clean verdict")
+                warn!(error = %crate::report::chain(&e), "cannot record a clean verdict")
             }
-            Err(e) => warn!(error = %e, "cannot record a clean verdict"),
+            Err(e) => warn!(error = %chain(&e), "cannot record a clean verdict"),
         }
     }
 }

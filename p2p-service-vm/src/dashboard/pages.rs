@@ -19,6 +19,7 @@ use tracing::info;
 
 use super::Dashboard;
 use super::auth::Operator;
+use crate::api::ApiError;
 
 /// The pages, in the order the navigation lists them.
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -103,13 +104,37 @@ fn layout(d: &Dashboard, op: &Operator, nav: Nav, view: &View, main: Markup) -> 
     .into_response()
 }
 
-/// Runs an operation as the operator; its error as a sentence.
-async fn ask(d: &Dashboard, op: Op) -> Result<R, String> {
-    d.api.as_operator(op).await.map_err(|e| e.message)
+/// Why a part of a page is missing; the page says it where the part would
+/// be.
+#[derive(Debug, thiserror::Error)]
+pub(super) enum PageError {
+    /// The operation failed.
+    #[error("{}", .0.message)]
+    Api(#[from] ApiError),
+    /// The node answered an operation with another's result.
+    #[error("unexpected answer")]
+    Unexpected,
+    /// A blocking lookup did not finish.
+    #[error("the lookup did not finish")]
+    Task(#[from] tokio::task::JoinError),
+    /// The store's index could not be read.
+    #[error(transparent)]
+    Store(#[from] p2pvm_content::StoreError),
+    /// The VMs page outside VM mode.
+    #[error("this node does not run in VM mode ([metrics] vms_url is not set)")]
+    NotVmMode,
+    /// p2pvmm did not give both VMs' states.
+    #[error(transparent)]
+    Vms(#[from] super::vms::VmsError),
 }
 
-fn failed(what: &str, why: &str) -> Markup {
-    html! { p.error { (what) ": " (why) } }
+/// Runs an operation as the operator.
+async fn ask(d: &Dashboard, op: Op) -> Result<R, PageError> {
+    Ok(d.api.as_operator(op).await?)
+}
+
+fn failed(what: &str, why: &PageError) -> Markup {
+    html! { p.error { (what) ": " (crate::report::chain(why)) } }
 }
 
 /// `bytes` per second, for a person.
@@ -147,15 +172,15 @@ pub(super) async fn overview(
 ) -> Response {
     let info = match ask(&d, Op::NodeInfo(pb::NodeInfoRequest {})).await {
         Ok(R::NodeInfo(i)) => Ok(i),
-        Ok(_) => Err("unexpected answer".to_owned()),
+        Ok(_) => Err(PageError::Unexpected),
         Err(e) => Err(e),
     };
     // The store's index, not ContentList: that re-verifies every manifest.
     let store = d.api.context().store.clone();
     let stored = tokio::task::spawn_blocking(move || store.list())
         .await
-        .map_err(|e| e.to_string())
-        .and_then(|r| r.map_err(|e| e.to_string()));
+        .map_err(PageError::from)
+        .and_then(|r| r.map_err(PageError::from));
     let now = d.history.rates().last().copied().unwrap_or_default();
     let quota = d.api.context().config.content.quota_bytes;
     let main = html! {
@@ -203,10 +228,10 @@ pub(super) async fn overview(
     layout(&d, &op, Nav::Overview, &view, main)
 }
 
-async fn local_items(d: &Dashboard) -> Result<Vec<pb::ContentInfo>, String> {
+async fn local_items(d: &Dashboard) -> Result<Vec<pb::ContentInfo>, PageError> {
     match ask(d, Op::ContentList(pb::ContentListRequest {})).await? {
         R::ContentList(l) => Ok(l.items),
-        _ => Err("unexpected answer".into()),
+        _ => Err(PageError::Unexpected),
     }
 }
 
@@ -282,7 +307,7 @@ pub(super) async fn peers(
 ) -> Response {
     let connected = match ask(&d, Op::Peers(pb::PeersRequest {})).await {
         Ok(R::Peers(l)) => Ok(l.peers),
-        Ok(_) => Err("unexpected answer".to_owned()),
+        Ok(_) => Err(PageError::Unexpected),
         Err(e) => Err(e),
     };
     // The ledger's walk takes its lock and every peer: off the runtime.
@@ -524,7 +549,7 @@ pub(super) async fn content(
             .await
             {
                 Ok(R::ContentList(l)) => Ok(l.items),
-                Ok(_) => Err("unexpected answer".to_owned()),
+                Ok(_) => Err(PageError::Unexpected),
                 Err(e) => Err(e),
             },
         ),
@@ -578,7 +603,7 @@ pub(super) async fn security(
     let drm = ctx.metrics.recent_drm_refusals();
     let groups = match ask(&d, Op::GroupList(pb::GroupListRequest {})).await {
         Ok(R::Groups(l)) => Ok(l.groups),
-        Ok(_) => Err("unexpected answer".to_owned()),
+        Ok(_) => Err(PageError::Unexpected),
         Err(e) => Err(e),
     };
     let mut banned = ctx.ledger.banned();
@@ -637,7 +662,7 @@ pub(super) async fn compute(
     let offer = d.api.compute().offer();
     let balance = match ask(&d, Op::ComputeBalance(pb::ComputeBalanceRequest {})).await {
         Ok(R::ComputeBalance(b)) => Ok(b),
-        Ok(_) => Err("unexpected answer".to_owned()),
+        Ok(_) => Err(PageError::Unexpected),
         Err(e) => Err(e),
     };
     let jobs = match ask(
@@ -649,7 +674,7 @@ pub(super) async fn compute(
     .await
     {
         Ok(R::ComputeJobs(l)) => Ok(l.jobs),
-        Ok(_) => Err("unexpected answer".to_owned()),
+        Ok(_) => Err(PageError::Unexpected),
         Err(e) => Err(e),
     };
     let receipts = match ask(
@@ -659,7 +684,7 @@ pub(super) async fn compute(
     .await
     {
         Ok(R::ComputeReceipts(l)) => Ok(l.receipts),
-        Ok(_) => Err("unexpected answer".to_owned()),
+        Ok(_) => Err(PageError::Unexpected),
         Err(e) => Err(e),
     };
     let main = html! {
@@ -717,8 +742,8 @@ pub(super) async fn vms(
 ) -> Response {
     let url = d.api.context().config.metrics.vms_url.clone();
     let vms = match &url {
-        None => Err("this node does not run in VM mode ([metrics] vms_url is not set)".to_owned()),
-        Some(u) => super::vms::fetch(u).await,
+        None => Err(PageError::NotVmMode),
+        Some(u) => super::vms::fetch(u).await.map_err(PageError::from),
     };
     let main = html! {
         h1 { "VMs" }

@@ -63,39 +63,74 @@ pub(crate) fn parse_url(url: &str) -> Option<(SocketAddr, String)> {
         .then(|| (addr, path.to_owned()))
 }
 
-/// Asks p2pvmm for both VMs' states.
-pub(crate) async fn fetch(url: &str) -> Result<Vec<VmStatus>, String> {
-    let (addr, path) = parse_url(url).ok_or_else(|| format!("not a usable URL: {url}"))?;
-    tokio::time::timeout(TIMEOUT, ask(addr, &path))
-        .await
-        .map_err(|_| format!("p2pvmm at {addr} did not answer in {TIMEOUT:?}"))?
+/// Why p2pvmm's figures could not be read.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum VmsError {
+    /// `[metrics] vms_url` is not `http://` and a private address.
+    #[error("not a usable URL: {0}")]
+    BadUrl(String),
+    /// No answer in time.
+    #[error("p2pvmm at {addr} did not answer in {TIMEOUT:?}")]
+    Timeout {
+        /// Where it was asked.
+        addr: SocketAddr,
+    },
+    /// No connection.
+    #[error("p2pvmm at {addr}")]
+    Connect {
+        /// Where it was asked.
+        addr: SocketAddr,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The HTTP exchange failed.
+    #[error("asking p2pvmm over HTTP")]
+    Http(#[from] hyper::Error),
+    /// The request could not be built.
+    #[error("the request to p2pvmm")]
+    Request(#[from] hyper::http::Error),
+    /// p2pvmm refused.
+    #[error("p2pvmm answered {0}")]
+    Status(hyper::StatusCode),
+    /// The answer's body could not be read (or was too large).
+    #[error("reading p2pvmm's answer")]
+    Body(#[source] Box<dyn std::error::Error + Send + Sync>),
+    /// The answer is not the VMs' states.
+    #[error("p2pvmm's answer")]
+    Json(#[from] serde_json::Error),
 }
 
-async fn ask(addr: SocketAddr, path: &str) -> Result<Vec<VmStatus>, String> {
+/// Asks p2pvmm for both VMs' states.
+pub(crate) async fn fetch(url: &str) -> Result<Vec<VmStatus>, VmsError> {
+    let (addr, path) = parse_url(url).ok_or_else(|| VmsError::BadUrl(url.to_owned()))?;
+    tokio::time::timeout(TIMEOUT, ask(addr, &path))
+        .await
+        .map_err(|_| VmsError::Timeout { addr })?
+}
+
+async fn ask(addr: SocketAddr, path: &str) -> Result<Vec<VmStatus>, VmsError> {
     let stream = tokio::net::TcpStream::connect(addr)
         .await
-        .map_err(|e| format!("p2pvmm at {addr}: {e}"))?;
+        .map_err(|source| VmsError::Connect { addr, source })?;
     let (mut sender, conn) =
-        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
-            .await
-            .map_err(|e| e.to_string())?;
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await?;
     // Ended with this call, whichever way it ends (the caller's timeout too).
     let conn = AbortOnDrop(tokio::spawn(conn));
     let req = hyper::Request::get(path)
         .header(hyper::header::HOST, addr.to_string())
-        .body(Empty::<Bytes>::new())
-        .map_err(|e| e.to_string())?;
-    let resp = sender.send_request(req).await.map_err(|e| e.to_string())?;
+        .body(Empty::<Bytes>::new())?;
+    let resp = sender.send_request(req).await?;
     if !resp.status().is_success() {
-        return Err(format!("p2pvmm answered {}", resp.status()));
+        return Err(VmsError::Status(resp.status()));
     }
     let body = Limited::new(resp.into_body(), MAX_BODY)
         .collect()
         .await
-        .map_err(|e| format!("reading p2pvmm's answer: {e}"))?
+        .map_err(VmsError::Body)?
         .to_bytes();
     drop(conn);
-    serde_json::from_slice(&body).map_err(|e| format!("p2pvmm's answer: {e}"))
+    Ok(serde_json::from_slice(&body)?)
 }
 
 /// A task aborted when its handle goes.
@@ -153,6 +188,6 @@ mod tests {
         assert_eq!(vms[0].restarts, 1);
         assert_eq!(vms[0].figures.as_ref().unwrap().devices[0].interrupts, 4);
         let too_big = fetch(&url).await.unwrap_err();
-        assert!(too_big.contains("reading"), "{too_big}");
+        assert!(matches!(too_big, VmsError::Body(_)), "{too_big}");
     }
 }

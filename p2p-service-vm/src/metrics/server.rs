@@ -24,6 +24,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use super::Metrics;
+use crate::report::chain;
 
 /// Connections served at once: a Prometheus server or two, and a person
 /// whose browser opens up to six.
@@ -86,11 +87,11 @@ async fn scrape(State(metrics): State<Arc<Metrics>>) -> Response {
     match tokio::task::spawn_blocking(move || metrics.encode()).await {
         Ok(Ok(text)) => ([(header::CONTENT_TYPE, CONTENT_TYPE)], text).into_response(),
         Ok(Err(e)) => {
-            warn!(error = %e, "metrics could not be encoded");
+            warn!(error = %chain(&e), "metrics could not be encoded");
             StatusCode::INTERNAL_SERVER_ERROR.into_response()
         }
         Err(e) => {
-            warn!(error = %e, "metrics encoding panicked");
+            warn!(error = %chain(&e), "metrics encoding panicked");
             StatusCode::INTERNAL_SERVER_ERROR.into_response()
         }
     }

@@ -2,6 +2,7 @@
 //! events into replies and [`NodeEvent`]s.
 
 use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
@@ -21,8 +22,8 @@ use super::behaviour::{
     Behaviour, BehaviourEvent, KAD_PROTOCOL, MAX_PUBSUB_BYTES, peer_record_key, relay_key,
 };
 use super::handle::{
-    COMMAND_QUEUE, Command, ConnectionSummary, EVENT_QUEUE, NodeError, NodeEvent, NodeHandle,
-    NodeStatus, Paths, PeerSummary, PubsubMessage, ReachStatus,
+    COMMAND_QUEUE, Cause, Command, ConnectionSummary, EVENT_QUEUE, NodeError, NodeEvent,
+    NodeHandle, NodeStatus, Paths, PeerSummary, PubsubMessage, ReachStatus,
 };
 use super::punch_guard::Event as PunchEvent;
 use super::reach::{
@@ -33,14 +34,15 @@ use super::redial::Redial;
 use super::relay_budget::RelayBudget;
 use super::repunch::Repunch;
 use crate::config::Config;
+use crate::report::chain;
 use libp2p::metrics::Recorder;
 
 /// Why the node could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum NodeStartError {
     /// Building a transport or behaviour failed.
-    #[error("Cannot build the libp2p swarm: {0}")]
-    Build(String),
+    #[error("Cannot build the libp2p swarm")]
+    Build(#[source] Box<dyn std::error::Error + Send + Sync>),
     /// A listen or bootstrap address is not a valid multiaddr.
     #[error("Invalid multiaddr {addr:?}")]
     BadAddr {
@@ -48,12 +50,13 @@ pub enum NodeStartError {
         addr: String,
     },
     /// Listening failed.
-    #[error("Cannot listen on {addr}: {reason}")]
+    #[error("Cannot listen on {addr}")]
     Listen {
         /// The address.
         addr: String,
         /// Why.
-        reason: String,
+        #[source]
+        source: libp2p::TransportError<std::io::Error>,
     },
 }
 
@@ -141,7 +144,7 @@ fn resolver_config() -> (libp2p::dns::ResolverConfig, libp2p::dns::ResolverOpts)
     match hickory_resolver::system_conf::read_system_conf() {
         Ok(c) => c,
         Err(e) => {
-            tracing::warn!(error = %e, "no system DNS configuration: /dns addresses will not resolve");
+            tracing::warn!(error = %chain(&e), "no system DNS configuration: /dns addresses will not resolve");
             (
                 libp2p::dns::ResolverConfig::from_name_servers(Vec::new()),
                 libp2p::dns::ResolverOpts::default(),
@@ -160,7 +163,7 @@ impl Node {
         registry: &mut libp2p::metrics::Registry,
     ) -> Result<Self, NodeStartError> {
         let keypair = key.clone();
-        let build = |e: &dyn std::fmt::Display| NodeStartError::Build(e.to_string());
+        let build = NodeStartError::Build;
         let behaviour_config = config.clone();
         let relay_budget = RelayBudget::new(
             config.relay.max_bytes_per_hour,
@@ -185,15 +188,15 @@ impl Node {
                     )
                 },
             )
-            .map_err(|e| build(&e))?
+            .map_err(|e| build(e.into()))?
             .with_dns_config(dns_config, dns_opts)
             .with_relay_client(noise::Config::new, yamux::Config::default)
-            .map_err(|e| build(&e))?
+            .map_err(|e| build(e.into()))?
             .with_bandwidth_metrics(registry)
             .with_behaviour(|key, relay_client| {
                 Behaviour::new(key, relay_client, &behaviour_config, &behaviour_budget)
             })
-            .map_err(|e| build(&e))?
+            .map_err(|e| build(e.into()))?
             .with_swarm_config(|c| c.with_idle_connection_timeout(Duration::from_secs(120)))
             .build();
 
@@ -201,7 +204,7 @@ impl Node {
             let ma: Multiaddr = parse_addr(addr)?;
             swarm.listen_on(ma).map_err(|e| NodeStartError::Listen {
                 addr: addr.clone(),
-                reason: e.to_string(),
+                source: e,
             })?;
         }
         let mut reach = Reach::new(if config.nat.use_relays {
@@ -223,7 +226,7 @@ impl Node {
             };
             swarm.behaviour_mut().kad.add_address(&peer, ma.clone());
             if let Err(e) = swarm.dial(ma.clone()) {
-                warn!(%peer, error = %e, "bootstrap dial failed");
+                warn!(%peer, error = %chain(&e), "bootstrap dial failed");
             }
             bootstrap_peers.push((peer, ma));
         }
@@ -442,7 +445,7 @@ impl EventLoop {
                         self.queries.insert(id, PendingQuery::PutRecord(reply));
                     }
                     Err(e) => {
-                        let _ = reply.send(Err(NodeError::Dht(format!("{e:?}"))));
+                        let _ = reply.send(Err(NodeError::Dht(Arc::new(e))));
                     }
                 }
             }
@@ -456,7 +459,7 @@ impl EventLoop {
                         self.queries.insert(id, PendingQuery::Provide(reply));
                     }
                     Err(e) => {
-                        let _ = reply.send(Err(NodeError::Dht(format!("{e:?}"))));
+                        let _ = reply.send(Err(NodeError::Dht(Arc::new(e))));
                     }
                 }
             }
@@ -484,7 +487,7 @@ impl EventLoop {
                     .gossipsub
                     .subscribe(&gossipsub::IdentTopic::new(topic))
                     .map(|_| ())
-                    .map_err(|e| NodeError::Pubsub(format!("{e:?}")));
+                    .map_err(|e| NodeError::Pubsub(Arc::new(e)));
                 let _ = reply.send(r);
             }
             Command::Unsubscribe(topic) => {
@@ -510,9 +513,9 @@ impl EventLoop {
                                 "the send queues of all {n} peers are full; retry shortly"
                             )),
                             gossipsub::PublishError::NoPeersSubscribedToTopic => {
-                                NodeError::Pubsub("no peer is subscribed to this topic yet".into())
+                                NodeError::NoSubscribers
                             }
-                            e => NodeError::Pubsub(format!("{e:?}")),
+                            e => NodeError::Pubsub(Arc::new(e)),
                         })
                 };
                 let _ = reply.send(r);
@@ -568,7 +571,7 @@ impl EventLoop {
                 self.dials.entry(peer).or_default().push(reply);
             }
             Err(e) => {
-                let _ = reply.send(Err(NodeError::Dial(e.to_string())));
+                let _ = reply.send(Err(NodeError::Dial(Arc::new(e))));
             }
         }
     }
@@ -763,7 +766,7 @@ impl EventLoop {
         for addr in due {
             info!(%addr, connected, "few peers: dialling a bootstrap peer again");
             if let Err(e) = self.swarm.dial(addr.clone()) {
-                debug!(%addr, error = %e, "bootstrap redial failed");
+                debug!(%addr, error = %chain(&e), "bootstrap redial failed");
             }
         }
     }
@@ -799,7 +802,7 @@ impl EventLoop {
                 .condition(libp2p::swarm::dial_opts::PeerCondition::Always)
                 .build();
             if let Err(e) = self.swarm.dial(opts) {
-                debug!(%peer, error = %e, "relayed redial for a punch failed");
+                debug!(%peer, error = %chain(&e), "relayed redial for a punch failed");
             }
         }
     }
@@ -983,8 +986,9 @@ impl EventLoop {
                 };
                 let ours_pending = self.dial_attempts.values().any(|p| *p == peer_id);
                 if !ours_pending && !self.swarm.is_connected(&peer_id) {
+                    let error: Cause = Arc::new(error);
                     for reply in self.dials.remove(&peer_id).unwrap_or_default() {
-                        let _ = reply.send(Err(NodeError::Dial(error.to_string())));
+                        let _ = reply.send(Err(NodeError::Dial(error.clone())));
                     }
                 }
             }
@@ -1158,7 +1162,7 @@ impl EventLoop {
                     }
                 }
                 Err(e) => {
-                    info!(peer = %remote_peer_id, error = %e, "hole punch failed; staying relayed")
+                    info!(peer = %remote_peer_id, error = %chain(&e), "hole punch failed; staying relayed")
                 }
             },
             BehaviourEvent::Upnp(event) => match event {
@@ -1202,7 +1206,7 @@ impl EventLoop {
                 connection,
                 result: Err(e),
             }) => {
-                info!(%peer, error = %e, "peer stopped answering pings: closing the connection");
+                info!(%peer, error = %chain(&e), "peer stopped answering pings: closing the connection");
                 self.swarm.close_connection(connection);
             }
             BehaviourEvent::Mdns(mdns::Event::Discovered(found)) => {
@@ -1261,15 +1265,15 @@ impl EventLoop {
             (PendingQuery::PutPeerRecord, QueryResult::PutRecord(r)) => {
                 if let Err(e) = r {
                     // Put again at the next relay tick.
-                    debug!(error = %e, "our peer record did not reach the DHT");
+                    debug!(error = %chain(&e), "our peer record did not reach the DHT");
                     self.published_record.clear();
                 }
             }
             (PendingQuery::PutRecord(reply), QueryResult::PutRecord(r)) => {
-                let _ = reply.send(r.map(|_| ()).map_err(|e| NodeError::Dht(e.to_string())));
+                let _ = reply.send(r.map(|_| ()).map_err(|e| NodeError::Dht(Arc::new(e))));
             }
             (PendingQuery::Provide(reply), QueryResult::StartProviding(r)) => {
-                let _ = reply.send(r.map(|_| ()).map_err(|e| NodeError::Dht(e.to_string())));
+                let _ = reply.send(r.map(|_| ()).map_err(|e| NodeError::Dht(Arc::new(e))));
             }
             (
                 PendingQuery::Providers {

@@ -5,6 +5,10 @@ use std::time::Duration;
 use libp2p::{Multiaddr, PeerId, kad};
 use tokio::sync::{broadcast, mpsc, oneshot};
 
+/// A libp2p error kept as the source of ours; shared, as one failure may
+/// answer several waiters.
+pub type Cause = std::sync::Arc<dyn std::error::Error + Send + Sync>;
+
 /// Why a node operation failed.
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum NodeError {
@@ -12,8 +16,8 @@ pub enum NodeError {
     #[error("Node is shutting down")]
     Stopped,
     /// Dialling failed.
-    #[error("Cannot connect: {0}")]
-    Dial(String),
+    #[error("Cannot connect")]
+    Dial(#[source] Cause),
     /// The operation did not finish in time.
     #[error("Timed out")]
     Timeout,
@@ -21,11 +25,14 @@ pub enum NodeError {
     #[error("Not found")]
     NotFound,
     /// The DHT could not store the record or provider entry on any peer.
-    #[error("DHT: {0}")]
-    Dht(String),
-    /// Pubsub refused the message.
-    #[error("Pubsub: {0}")]
-    Pubsub(String),
+    #[error("DHT")]
+    Dht(#[source] Cause),
+    /// Pubsub refused the message or the subscription.
+    #[error("Pubsub")]
+    Pubsub(#[source] Cause),
+    /// Nobody subscribes to the topic yet (gossipsub has no peer to send to).
+    #[error("Pubsub: no peer is subscribed to this topic yet")]
+    NoSubscribers,
     /// The node is saturated (e.g. every peer's pubsub send queue is full); retry shortly.
     #[error("Busy: {0}")]
     Busy(String),

@@ -7,7 +7,7 @@ use super::*;
 pub(super) fn validity(cert_der: &[u8]) -> Result<(u64, u64), CertError> {
     let (_, c) = X509Certificate::from_der(cert_der).map_err(|e| CertError::Malformed {
         what: "certificate",
-        reason: e.to_string(),
+        source: Cause::new(e),
     })?;
     let v = c.validity();
     Ok((
@@ -19,7 +19,7 @@ pub(super) fn validity(cert_der: &[u8]) -> Result<(u64, u64), CertError> {
 pub(super) fn serial_of(cert_der: &[u8]) -> Result<Vec<u8>, CertError> {
     let (_, c) = X509Certificate::from_der(cert_der).map_err(|e| CertError::Malformed {
         what: "certificate",
-        reason: e.to_string(),
+        source: Cause::new(e),
     })?;
     Ok(c.raw_serial().to_vec())
 }
@@ -31,18 +31,18 @@ pub(super) fn crl_checked(
     ca_der: &[u8],
 ) -> Result<(u64, Vec<Vec<u8>>), GroupError> {
     let (_, ca) = X509Certificate::from_der(ca_der)
-        .map_err(|e| GroupError::Crl(format!("the group CA does not parse: {e}")))?;
+        .map_err(|e| GroupError::crl_failed("the group CA does not parse", e))?;
     let (_, crl) = CertificateRevocationList::from_der(crl_der)
-        .map_err(|e| GroupError::Crl(format!("not a CRL: {e}")))?;
+        .map_err(|e| GroupError::crl_failed("not a CRL", e))?;
     if crl.issuer() != ca.subject() {
-        return Err(GroupError::Crl("issued by another CA".into()));
+        return Err(GroupError::crl("issued by another CA"));
     }
     crl.verify_signature(ca.public_key())
-        .map_err(|e| GroupError::Crl(format!("its signature does not verify: {e}")))?;
+        .map_err(|e| GroupError::crl_failed("its signature does not verify", e))?;
     let number = crl
         .crl_number()
         .and_then(|n| u64::try_from(n).ok())
-        .ok_or_else(|| GroupError::Crl("it has no CRL number".into()))?;
+        .ok_or_else(|| GroupError::crl("it has no CRL number"))?;
     let serials = crl
         .iter_revoked_certificates()
         .map(|r| r.raw_serial().to_vec())
@@ -163,7 +163,7 @@ impl Groups {
         let der = pki::crls_from_bytes(crl)?
             .into_iter()
             .next()
-            .ok_or_else(|| GroupError::Crl("no CRL in it".into()))?;
+            .ok_or_else(|| GroupError::crl("no CRL in it"))?;
         let (ca, dir, held) = {
             let groups = self.lock();
             let g = groups
@@ -173,12 +173,12 @@ impl Groups {
         };
         let (number, _) = crl_checked(&der, &ca)?;
         if number < held {
-            return Err(GroupError::Crl(format!(
+            return Err(GroupError::crl(format!(
                 "its number {number} is older than the CRL held here ({held})"
             )));
         }
         if number == held && self.crl(id).as_deref() != Some(der.as_slice()) {
-            return Err(GroupError::Crl(format!(
+            return Err(GroupError::crl(format!(
                 "it is numbered {number}, as the CRL held here, but differs from it: a CA numbers each new CRL higher (`openssl ca -gencrl` does)"
             )));
         }
@@ -191,7 +191,7 @@ impl Groups {
         g.relays_crl = true;
         g.crl_der
             .clone()
-            .ok_or_else(|| GroupError::Crl("no CRL held".into()))
+            .ok_or_else(|| GroupError::crl("no CRL held"))
     }
 
     /// The members the owner issued certificates to, with their status.

@@ -11,8 +11,9 @@ use super::*;
 /// the key the certificate must certify.
 pub fn certificate_request(node_key: &libp2p_identity::Keypair) -> Result<String, GroupError> {
     let peer = node_key.public().to_peer_id();
-    let pkcs8 = pki::node_key_pkcs8(node_key)
-        .ok_or_else(|| GroupError::Make("the node key is not an Ed25519 key".into()))?;
+    let pkcs8 = pki::node_key_pkcs8(node_key).ok_or_else(|| {
+        GroupError::cannot_make("a certificate request: the node key is not an Ed25519 key")
+    })?;
     let der = rustls_pki_types::PrivatePkcs8KeyDer::from(pkcs8.as_slice());
     let key = KeyPair::from_pkcs8_der_and_sign_algo(&der, &rcgen::PKCS_ED25519).map_err(make)?;
     let p = member_params(&peer)?;

@@ -30,6 +30,7 @@ mod disk;
 mod issue;
 mod topic_keys;
 
+use crate::Cause;
 pub use crate::group_id::{GroupId, group_id};
 use check::{crl_checked, serial_of, validity};
 use disk::write_file;
@@ -81,17 +82,29 @@ pub enum GroupError {
     #[error("bad invitation: {0}")]
     Invitation(String),
     /// A CRL is not newer than the one held, or not signed by the group CA.
-    #[error("CRL refused: {0}")]
-    Crl(String),
+    #[error("CRL refused: {why}")]
+    Crl {
+        /// Why it was refused.
+        why: String,
+        /// The parser's or the signature check's error, when one failed.
+        #[source]
+        source: Option<Cause>,
+    },
     /// An epoch signature gives no topic key.
     #[error("topic key refused: {0}")]
     EpochKey(#[from] EpochKeyError),
     /// The peer was never invited (nothing to revoke).
     #[error("peer {0} holds no certificate of this group")]
     NotInvited(String),
-    /// Making a key, certificate or CRL failed.
-    #[error("cannot make a certificate: {0}")]
-    Make(String),
+    /// Making a key, certificate, CRL or TLS configuration failed.
+    #[error("cannot make {what}")]
+    Make {
+        /// What could not be made.
+        what: String,
+        /// The library's error, when one failed.
+        #[source]
+        source: Option<Cause>,
+    },
     /// Reading or writing the group's files failed.
     #[error("{what}")]
     Io {
@@ -109,7 +122,44 @@ fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> GroupError {
 }
 
 fn make(e: rcgen::Error) -> GroupError {
-    GroupError::Make(e.to_string())
+    GroupError::made("a certificate", e)
+}
+
+impl GroupError {
+    /// Making `what` failed in a library.
+    pub fn made(what: &str, source: impl Into<Box<dyn std::error::Error + Send + Sync>>) -> Self {
+        GroupError::Make {
+            what: what.to_owned(),
+            source: Some(Cause::new(source)),
+        }
+    }
+
+    /// `what` cannot be made, for a reason of ours.
+    pub fn cannot_make(what: &str) -> Self {
+        GroupError::Make {
+            what: what.to_owned(),
+            source: None,
+        }
+    }
+
+    /// A CRL refused, for a reason of ours.
+    pub fn crl(why: impl Into<String>) -> Self {
+        GroupError::Crl {
+            why: why.into(),
+            source: None,
+        }
+    }
+
+    /// A CRL refused because `source` failed on it.
+    pub fn crl_failed(
+        why: &str,
+        source: impl Into<Box<dyn std::error::Error + Send + Sync>>,
+    ) -> Self {
+        GroupError::Crl {
+            why: why.to_owned(),
+            source: Some(Cause::new(source)),
+        }
+    }
 }
 
 /// The file that marks a group whose CRL this node passes on although it
@@ -233,7 +283,7 @@ fn now_unix() -> u64 {
 
 fn at(unix: u64) -> Result<time::OffsetDateTime, GroupError> {
     time::OffsetDateTime::from_unix_timestamp(unix as i64)
-        .map_err(|e| GroupError::Make(e.to_string()))
+        .map_err(|e| GroupError::made("a time for the certificate", e))
 }
 
 fn valid_name(name: &str) -> bool {
@@ -377,6 +427,16 @@ impl Groups {
 mod tests {
     use super::*;
     use libp2p_identity::Keypair;
+
+    #[test]
+    fn a_refused_crl_keeps_the_parsers_error_as_its_source() {
+        use std::error::Error;
+        let e = crl_checked(b"not a CRL", b"not a CA").unwrap_err();
+        assert!(matches!(e, GroupError::Crl { .. }), "{e:?}");
+        assert_eq!(e.to_string(), "CRL refused: the group CA does not parse");
+        let parser = e.source().expect("the parser's error");
+        assert!(!parser.to_string().is_empty());
+    }
 
     fn peer() -> PeerId {
         Keypair::generate_ed25519().public().to_peer_id()
@@ -524,7 +584,7 @@ mod tests {
         .unwrap();
         assert!(matches!(
             third.relay_crl(g.id, forked.der()),
-            Err(GroupError::Crl(_))
+            Err(GroupError::Crl { .. })
         ));
         assert!(
             third.relay_crl(g.id, &crl).is_ok(),
@@ -620,7 +680,7 @@ mod tests {
         // the one held; from then on this node sends it on, across reopens.
         assert!(matches!(
             member.relay_crl(g.id, &crl),
-            Err(GroupError::Crl(_))
+            Err(GroupError::Crl { .. })
         ));
         assert!(member.relay_crl(g.id, b"junk").is_err());
         assert!(!member.list()[0].relays_crl);
@@ -734,7 +794,7 @@ mod tests {
         let wrong = stranger_owner.revoke("crew", &x_id).unwrap();
         assert!(matches!(
             member.accept_crl(g.id, &wrong),
-            Err(GroupError::Crl(_))
+            Err(GroupError::Crl { .. })
         ));
         assert!(member.accept_crl(g.id, b"not a crl").is_err());
         assert_eq!(member.list()[0].crl_number, 0);

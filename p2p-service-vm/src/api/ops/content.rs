@@ -258,7 +258,7 @@ pub(crate) fn content_info(c: &ContentService, i: ContentInfo) -> pb::ContentInf
         Ok(Certification::Certified { subject, issuer }) => ("certified".into(), issuer, subject),
         Ok(Certification::Unverified { subject, issuer }) => ("unverified".into(), issuer, subject),
         Err(e) => (
-            format!("invalid: {}", crate::content::chain(&e)),
+            format!("invalid: {}", crate::report::chain(&e)),
             String::new(),
             String::new(),
         ),

@@ -45,6 +45,7 @@ use crate::content::ContentEvent;
 use crate::node::{Command, NodeEvent};
 use stream_table::StreamTable;
 
+use crate::report::chain;
 pub(crate) use internal::Internal;
 use internal::Publishes;
 
@@ -139,7 +140,7 @@ where
     let principal = match handshake(&svc, &mut source).await {
         Ok(p) => p,
         Err(e) => {
-            debug!(session = id, error = %e, "handshake failed");
+            debug!(session = id, error = %chain(&e), "handshake failed");
             let _ =
                 tokio::time::timeout(FLUSH_TIMEOUT, sink.send(goodbye(e.code, e.message))).await;
             return;
@@ -341,13 +342,13 @@ impl Session {
                 frame = source.next() => match frame {
                     None => return,
                     Some(Err(e)) => {
-                        warn!(session = self.id, app = %self.principal.app, error = %e, "bad frame; closing session");
+                        warn!(session = self.id, app = %self.principal.app, error = %chain(&e), "bad frame; closing session");
                         self.send(goodbye(e.code(), e.to_string())).await;
                         return;
                     }
                     Some(Ok(frame)) => {
                         if let Err(e) = self.on_frame(frame).await {
-                            warn!(session = self.id, app = %self.principal.app, error = %e, "protocol violation; closing session");
+                            warn!(session = self.id, app = %self.principal.app, error = %chain(&e), "protocol violation; closing session");
                             self.send(goodbye(e.code, e.message)).await;
                             return;
                         }

@@ -40,7 +40,7 @@ use prost::Message;
 use tracing::{info, warn};
 
 use super::wire::{self, Answer, Ask, Request, Response};
-use super::{ComputeService, Job, ReceiptCheckError};
+use super::{ComputeService, ComputeServiceError, Job, ReceiptCheckError};
 use crate::content::wire::{read_msg, write_msg};
 use crate::node::{Command, service_key};
 
@@ -469,10 +469,11 @@ async fn conclude(
                     (receipt, String::new())
                 }
                 Err(e) => {
-                    warn!(peer = %c.peer, error = %e, "cannot countersign a receipt");
+                    let why = crate::report::chain(&e);
+                    warn!(peer = %c.peer, error = %why, "cannot countersign a receipt");
                     (
                         Vec::new(),
-                        format!("the requester could not countersign: {e}"),
+                        format!("the requester could not countersign: {why}"),
                     )
                 }
             }
@@ -503,16 +504,18 @@ async fn conclude(
 }
 
 /// Countersigns and stores a receipt; returns its encoding.
-async fn pay(svc: &ComputeService, signed: SignedReceipt) -> Result<Vec<u8>, String> {
+async fn pay(svc: &ComputeService, signed: SignedReceipt) -> Result<Vec<u8>, ComputeServiceError> {
     let receipt = signed
         .countersign(&svc.inner.ctx.key)
-        .map_err(|e| e.to_string())?;
+        .map_err(ComputeServiceError::Countersign)?;
     let receipts = svc.inner.receipts.clone();
     let r = receipt.clone();
     tokio::task::spawn_blocking(move || receipts.add(&r))
         .await
-        .map_err(|e| e.to_string())?
-        .map_err(|e| e.to_string())?;
+        .map_err(|e| ComputeServiceError::Io {
+            what: "storing a receipt".into(),
+            source: std::io::Error::other(e),
+        })??;
     Ok(receipt.signed.encode_to_vec())
 }
 

@@ -21,6 +21,7 @@ use tokio_util::sync::CancellationToken;
 use super::sched::{Sched, Slot};
 use crate::content::budget::{Borrower, Lease};
 use crate::content::{ContentServiceError, VerifiedManifest};
+use crate::report::chain;
 
 /// How a transfer ended, as readers see it.
 #[derive(Debug, Clone)]
@@ -250,7 +251,7 @@ impl Download {
                             let partial = dl.partial.clone();
                             syncing = Some(svc.spawn_blocking(move || {
                                 if let Err(e) = partial.checkpoint() {
-                                    tracing::debug!(id = %partial.id(), error = %e, "checkpoint failed");
+                                    tracing::debug!(id = %partial.id(), error = %chain(&e), "checkpoint failed");
                                 }
                             }));
                         }

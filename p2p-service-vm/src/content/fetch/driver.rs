@@ -546,7 +546,7 @@ async fn report(svc: &ContentService, dl: &Download, result: &Outcome, started: 
             });
         }
         Outcome::Failed(e) if dl.keep() => {
-            warn!(%id, error = %crate::content::error::chain(e), %tally, "download failed");
+            warn!(%id, error = %crate::report::chain(e), %tally, "download failed");
             let _ = svc
                 .inner
                 .ctx

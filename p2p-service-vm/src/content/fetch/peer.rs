@@ -13,10 +13,11 @@ use p2pvm_security::{DrmChecker, DrmError, EventKind, GroupId};
 use tracing::{debug, warn};
 
 use crate::content::ContentEvent;
-use crate::content::error::{ProviderError, Unavailable, VerifyError, chain};
+use crate::content::error::{ProviderError, Unavailable, VerifyError};
 use crate::content::wire::{Duplex, read_msg, read_payload, write_msg};
 use crate::content::{ContentService, ContentServiceError, VerifiedManifest};
 use crate::node::Command;
+use crate::report::chain;
 use p2pvm_security::sealed::{SealedReader, SealedWriter};
 
 /// Time allowed to open a stream (including finding and dialling the peer).
@@ -78,8 +79,8 @@ pub(crate) async fn open_protocol(
     .map_err(ProviderError::Unreachable)?;
     tokio::time::timeout(OPEN_TIMEOUT, control.open_stream(peer, protocol))
         .await
-        .map_err(|_| ProviderError::Open("timed out".into()))?
-        .map_err(|e| ProviderError::Open(e.to_string()))
+        .map_err(|_| ProviderError::OpenTimedOut)?
+        .map_err(ProviderError::OpenStream)
 }
 
 /// Connected peers asked at once whether they hold an item.
@@ -321,7 +322,7 @@ async fn manifest_answer(
             return Err(ProviderError::Manifest(VerifyError::WrongItem));
         }
         Err(e) => {
-            warn!(%peer, %id, error = %e, "peer sent a forged manifest");
+            warn!(%peer, %id, error = %chain(&e), "peer sent a forged manifest");
             let e = ProviderError::Drm(DrmError::ForgedManifest(chain(&e)));
             record_drm(svc, peer, &e);
             return Err(e);
@@ -331,13 +332,13 @@ async fn manifest_answer(
     match svc.drm_accept(&m, &peer) {
         Ok(_) => svc.inner.ctx.ledger.record(peer, EventKind::DrmPassed),
         Err(e) if DrmChecker::provider_at_fault(&e, crate::content::now_unix()) => {
-            warn!(%peer, %id, error = %e, "provider served what it must not");
+            warn!(%peer, %id, error = %chain(&e), "provider served what it must not");
             let e = ProviderError::Drm(e);
             record_drm(svc, peer, &e);
             return Err(e);
         }
         Err(e) => {
-            debug!(%peer, %id, error = %e, "refusing the item: DRM policy");
+            debug!(%peer, %id, error = %chain(&e), "refusing the item: DRM policy");
             return Err(ProviderError::Local(e.into()));
         }
     }

@@ -23,6 +23,7 @@ use super::download::Download;
 use crate::content::ContentEvent;
 use crate::content::{ContentService, ContentServiceError};
 use crate::node::Command;
+use crate::report::chain;
 
 /// Items up to this size (clamd's `StreamMaxLength` in scripts/clamd.sh) are
 /// scanned as one clamd stream, so whole-file hash signatures apply; larger ones
@@ -278,13 +279,13 @@ pub(super) fn malware_found(svc: &ContentService, dl: &Arc<Download>, signature:
         let written = tokio::task::spawn_blocking(move || {
             for peer in banned {
                 if let Err(e) = ledger.ban(peer, until as u64, &reason) {
-                    warn!(%peer, error = %e, "cannot persist a ban");
+                    warn!(%peer, error = %chain(&e), "cannot persist a ban");
                 }
             }
         })
         .await;
         if let Err(e) = written {
-            warn!(error = %e, "cannot persist the bans");
+            warn!(error = %chain(&e), "cannot persist the bans");
         }
         svc2.emit(ContentEvent::MalwareDetected {
             id,

@@ -4,6 +4,7 @@
 
 use super::limits::SEARCHES_PER_SEC;
 use super::*;
+use crate::report::chain;
 
 /// Most search hits one provider returns.
 pub(super) const MAX_HITS: usize = 100;
@@ -43,7 +44,7 @@ pub(super) fn answer_block(
             match store.encode_block(&id, b.block, svc.inner.config.verify_on_serve) {
                 Ok(wire) => (TransferResponse::ok(wire.len() as u64), wire),
                 Err(e) => {
-                    warn!(%id, block = b.block, error = %e, "cannot serve a stored block");
+                    warn!(%id, block = b.block, error = %chain(&e), "cannot serve a stored block");
                     failed(Status::Unavailable, "local read failed")
                 }
             }
@@ -68,7 +69,7 @@ pub(super) fn answer_block(
             }
         }
         Err(e) => {
-            warn!(error = %e, "store lookup failed");
+            warn!(error = %chain(&e), "store lookup failed");
             failed(Status::Unavailable, "local error")
         }
     }
@@ -87,7 +88,7 @@ pub(super) fn answer_size_proof(
         Ok(proof) => return (TransferResponse::ok(proof.len() as u64), proof),
         Err(p2pvm_content::StoreError::NotFound(_)) => {}
         Err(e) => {
-            warn!(%id, error = %e, "cannot prove a stored item's size");
+            warn!(%id, error = %chain(&e), "cannot prove a stored item's size");
             return failed(Status::Unavailable, "local read failed");
         }
     }
@@ -148,7 +149,7 @@ pub(super) fn answer_op(
     if let Some(id) = req.op.as_ref().and_then(item_of).and_then(parse_id)
         && let Some(Err(e)) = svc.drm_serve(&id, peer, group)
     {
-        debug!(%peer, %id, error = %e, "not serving: DRM");
+        debug!(%peer, %id, error = %chain(&e), "not serving: DRM");
         return failed(Status::Forbidden, e.to_string());
     }
     let store = &svc.inner.ctx.store;

@@ -22,6 +22,7 @@ use tokio_util::compat::FuturesAsyncReadCompatExt;
 mod answers;
 mod limits;
 
+use crate::report::chain;
 use answers::{answer, failed};
 use limits::STREAMS_PER_PEER;
 pub(crate) use limits::{
@@ -179,7 +180,7 @@ pub(crate) async fn serve_stream<R, W>(
                     wr.write_payload(payload).await
                 };
                 if let Err(e) = bounded(&limiter_svc, peer, sent).await {
-                    debug!(%peer, error = %e, "content stream write failed");
+                    debug!(%peer, error = %chain(&e), "content stream write failed");
                     return;
                 }
                 tracing::trace!(%peer, status = header.status, bytes, "answered");
@@ -192,7 +193,7 @@ pub(crate) async fn serve_stream<R, W>(
             if rx.is_empty()
                 && let Err(e) = bounded(&limiter_svc, peer, wr.flush()).await
             {
-                debug!(%peer, error = %e, "content stream write failed");
+                debug!(%peer, error = %chain(&e), "content stream write failed");
                 return;
             }
         }
@@ -207,7 +208,7 @@ pub(crate) async fn serve_stream<R, W>(
             // Undecodable or oversized request: the peer broke the protocol.
             svc.inner.ctx.ledger.record(peer, EventKind::Violation);
         }
-        debug!(%peer, error = %e, "content stream ended");
+        debug!(%peer, error = %chain(e), "content stream ended");
     };
     'serve: loop {
         let next = tokio::select! {

@@ -37,6 +37,7 @@ use crate::node::Command;
 use p2pvm_security::sealed::{SealedReader, SealedWriter};
 
 mod pipeline;
+use crate::report::chain;
 use pipeline::pipeline;
 
 /// How long a provider may leave requests unanswered before it is dropped.
@@ -83,7 +84,7 @@ pub(super) async fn worker(svc: ContentService, dl: Arc<Download>, peer: PeerId)
     dl.changed.notify_waiters();
     if let Err(e) = r {
         charge(&svc, &dl, peer, &e);
-        debug!(id = %dl.id, %peer, error = %crate::content::error::chain(&e), "provider dropped");
+        debug!(id = %dl.id, %peer, error = %chain(&e), "provider dropped");
     }
 }
 
@@ -216,7 +217,7 @@ async fn bridged<R: PayloadRead, W: PayloadWrite>(
             // fast path that took over (its unanswered blocks went back to
             // the pool in `pipeline`).
             Err(e) if handed_over.is_cancelled() && e.transient_on_stream() => {
-                debug!(id = %dl.id, %peer, error = %e, "the stream failed after the fast path took over");
+                debug!(id = %dl.id, %peer, error = %chain(&e), "the stream failed after the fast path took over");
                 Ok(())
             }
             r => r,
@@ -450,7 +451,7 @@ async fn fast_path(
     match fast.dial(peer, std::net::SocketAddr::new(ip, port)).await {
         Ok(s) => Some(s),
         Err(e) => {
-            debug!(%peer, %ip, port, error = %e, "fast path unreachable; staying on libp2p");
+            debug!(%peer, %ip, port, error = %chain(&e), "fast path unreachable; staying on libp2p");
             None
         }
     }
