@@ -39,63 +39,16 @@ use std::time::Duration;
 use libp2p::identity::Keypair;
 use libp2p::multiaddr::Protocol;
 use libp2p::{Multiaddr, PeerId};
-use p2pvm_security::peer_tls;
 use p2pvm_security::sealed::{self, SealedReader, SealedWriter, Side};
-use p2pvm_security::{GroupId, Groups, PeerTls, PeerTlsError, Standing};
+use p2pvm_security::{GroupId, Groups, PeerTls, PeerTlsError};
 use rustls::pki_types::ServerName;
-use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::Semaphore;
+use tokio::net::TcpStream;
 use tokio_rustls::{LazyConfigAcceptor, TlsConnector};
-use tracing::{debug, info, warn};
-
-use super::ContentService;
-use crate::report::chain;
 
 /// The lowest content type of a TLS record (change_cipher_spec).
 const TLS_RECORD_MIN: u8 = 0x14;
 /// How long a TCP connect plus TLS handshake may take.
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
-/// Fast-path connections served at once, and from one IP address (peer ids
-/// cost nothing, addresses something).
-const MAX_CONNECTIONS: usize = 256;
-const MAX_PER_IP: usize = 16;
-
-/// Counts a connection against its address while it lives.
-struct IpSlot {
-    ip: IpAddr,
-    counts: Arc<std::sync::Mutex<std::collections::HashMap<IpAddr, usize>>>,
-}
-
-impl IpSlot {
-    fn take(
-        counts: &Arc<std::sync::Mutex<std::collections::HashMap<IpAddr, usize>>>,
-        ip: IpAddr,
-    ) -> Option<Self> {
-        let mut c = counts.lock().expect("lock");
-        let n = c.entry(ip).or_insert(0);
-        if *n >= MAX_PER_IP {
-            return None;
-        }
-        *n += 1;
-        Some(Self {
-            ip,
-            counts: counts.clone(),
-        })
-    }
-}
-
-impl Drop for IpSlot {
-    fn drop(&mut self) {
-        let mut c = self.counts.lock().expect("lock");
-        if let Some(n) = c.get_mut(&self.ip) {
-            *n -= 1;
-            if *n == 0 {
-                c.remove(&self.ip);
-            }
-        }
-    }
-}
-
+pub(crate) const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
 /// The fast path's dialler and acceptor; who may connect is
 /// [`PeerTls`]'s (in `security`), what follows the handshake
 /// [`sealed`]'s.
@@ -182,7 +135,7 @@ impl FastPath {
 
     /// The server side of a handshake on `tcp`: the plain fast path's, or a
     /// group session's when the client asks for one (and the group it is of).
-    async fn accept(
+    pub(crate) async fn accept(
         &self,
         tcp: TcpStream,
     ) -> std::io::Result<(tokio_rustls::server::TlsStream<TcpStream>, Option<GroupId>)> {
@@ -223,96 +176,13 @@ pub(crate) fn ip_of(m: &Multiaddr) -> Option<IpAddr> {
     })
 }
 
-/// Accepts fast-path connections on `listener` and serves the content
-/// protocol on each, as for a libp2p stream from the same peer.
-pub(crate) fn spawn_server(svc: ContentService, listener: TcpListener) {
-    let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
-    let per_ip = Arc::default();
-    if let Ok(a) = listener.local_addr() {
-        info!(addr = %a, "content fast path listening");
-    }
-    let tasks = svc.clone();
-    tasks.spawn(async move {
-        let shutdown = svc.inner.ctx.shutdown.clone();
-        loop {
-            let accepted = tokio::select! {
-                _ = shutdown.cancelled() => return,
-                a = listener.accept() => a,
-            };
-            let (tcp, from) = match accepted {
-                Ok(a) => a,
-                Err(e) => {
-                    warn!(error = %chain(&e), "fast-path accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            };
-            let Ok(slot) = slots.clone().try_acquire_owned() else {
-                debug!(%from, "fast-path connection refused: too many");
-                continue;
-            };
-            let Some(ip_slot) = IpSlot::take(&per_ip, from.ip()) else {
-                debug!(%from, "fast-path connection refused: too many from that address");
-                continue;
-            };
-            let conn = svc.clone();
-            svc.spawn(async move {
-                let svc = conn;
-                let _slots = (slot, ip_slot);
-                let _ = tcp.set_nodelay(true);
-                let Some(fast) = svc.inner.fast_path.as_ref() else {
-                    return;
-                };
-                let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, fast.accept(tcp)).await {
-                    Ok(Ok(t)) => t,
-                    Ok(Err(e)) => {
-                        debug!(%from, error = %chain(&e), "fast-path handshake failed");
-                        return;
-                    }
-                    Err(_) => return,
-                };
-                let (tls, group) = tls;
-                let certs = tls.get_ref().1.peer_certificates();
-                let peer = match group {
-                    None => peer_tls::session_peer(certs),
-                    // A group session: the member certificate verified in
-                    // the handshake is kept, and checked again (the CRL, its
-                    // validity) at every request of the session.
-                    Some(g) => {
-                        p2pvm_security::group_tls::session_peer(certs).and_then(|(p, cert)| {
-                            svc.drm_session_member(&p, g, &cert).ok().map(|()| p)
-                        })
-                    }
-                };
-                let Some(peer) = peer else { return };
-                if svc.standing(&peer) >= Standing::Refused {
-                    debug!(%peer, "fast-path connection refused: credit policy");
-                    return;
-                }
-                let (tcp, session) = tls.into_inner();
-                let sealed = tokio::time::timeout(
-                    HANDSHAKE_TIMEOUT,
-                    sealed::establish(tcp, &session, Side::Server),
-                );
-                let (rd, wr) = match sealed.await {
-                    Ok(Ok(halves)) => halves,
-                    Ok(Err(e)) => {
-                        debug!(%from, error = %chain(&e), "fast-path connection failed");
-                        return;
-                    }
-                    Err(_) => return,
-                };
-                super::server::serve_stream(svc, peer, group, rd, wr).await;
-            });
-        }
-    });
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use p2pvm_security::peer_tls;
     use rustls::pki_types::CertificateDer;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpListener;
 
     /// A provider-side listener that completes handshakes and echoes one byte,
     /// reporting the peer id each client proved.

@@ -164,3 +164,14 @@ async fn ask(
     .await
     .map_err(|e| ProviderError::Local(ContentServiceError::task(e)))
 }
+
+impl ContentService {
+    /// Searches by keywords across the network, or by content id.
+    pub async fn search(
+        &self,
+        query: &str,
+        limit: usize,
+    ) -> Result<Vec<ContentInfo>, ContentServiceError> {
+        search(self, query, limit).await
+    }
+}

@@ -19,7 +19,7 @@
 //!   oldest go first); all are in memory, so a restart logs everyone out.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use axum::extract::{Form, FromRequestParts, State};
@@ -30,8 +30,6 @@ use maud::{DOCTYPE, html};
 use rand::RngCore;
 use serde::Deserialize;
 use tracing::{info, warn};
-
-use super::Dashboard;
 
 /// The session cookie's name, before the dashboard's port.
 const COOKIE: &str = "p2pvm_dashboard";
@@ -186,19 +184,26 @@ fn refused(why: &str) -> Response {
     (StatusCode::FORBIDDEN, why.to_owned()).into_response()
 }
 
-impl FromRequestParts<Arc<Dashboard>> for Operator {
+/// What the login and the operator's check need of the state they run in
+/// (the dashboard's): a trait, so that this module needs nothing else of it.
+pub(super) trait AuthState: Clone + Send + Sync + 'static {
+    /// The operator's sessions.
+    fn sessions(&self) -> &Sessions;
+    /// Whether `token` is the node's admin token.
+    fn is_operator_token(&self, token: &str) -> bool;
+}
+
+impl<S: AuthState> FromRequestParts<S> for Operator {
     type Rejection = Response;
 
-    async fn from_request_parts(
-        parts: &mut Parts,
-        d: &Arc<Dashboard>,
-    ) -> Result<Self, Self::Rejection> {
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
+        let sessions = state.sessions();
         if from_another_site(&parts.headers) {
             warn!("dashboard request refused: another site's page made it");
             return Err(refused("Open the dashboard from its own address."));
         }
-        let found = cookies(&parts.headers, &d.sessions.cookie_name)
-            .find_map(|c| d.sessions.csrf_of(c).map(|csrf| (c.to_owned(), csrf)));
+        let found = cookies(&parts.headers, &sessions.cookie_name)
+            .find_map(|c| sessions.csrf_of(c).map(|csrf| (c.to_owned(), csrf)));
         let Some((cookie, csrf)) = found else {
             // A page asked for without a session goes to the login; anything
             // else is simply refused.
@@ -257,8 +262,8 @@ fn page(error: Option<&str>) -> maud::Markup {
 
 /// Checks the token; on success, starts a session and sends the operator
 /// to the overview.
-pub(super) async fn login(
-    State(d): State<Arc<Dashboard>>,
+pub(super) async fn login<S: AuthState>(
+    State(state): State<S>,
     headers: HeaderMap,
     Form(form): Form<Login>,
 ) -> Response {
@@ -266,14 +271,15 @@ pub(super) async fn login(
         warn!("dashboard login refused: it came from another site");
         return refused("Log in from the dashboard's own page.");
     }
-    if d.sessions.failures.check().is_err() {
+    let sessions = state.sessions();
+    if sessions.failures.check().is_err() {
         return (
             StatusCode::TOO_MANY_REQUESTS,
             "too many wrong tokens; wait a moment",
         )
             .into_response();
     }
-    if !d.api.is_operator_token(&form.token) {
+    if !state.is_operator_token(&form.token) {
         warn!("dashboard login refused: not the admin token");
         tokio::time::sleep(FAILED_LOGIN_DELAY).await;
         return (
@@ -282,11 +288,11 @@ pub(super) async fn login(
         )
             .into_response();
     }
-    let cookie = d.sessions.create();
+    let cookie = sessions.create();
     info!("dashboard login");
     let set = format!(
         "{}={cookie}; Path=/; HttpOnly; SameSite=Strict; Max-Age={}",
-        d.sessions.cookie_name,
+        sessions.cookie_name,
         SESSION_TTL.as_secs()
     );
     let mut r = Redirect::to("/").into_response();
@@ -303,19 +309,20 @@ pub(super) struct Plain {
 }
 
 /// Ends the session.
-pub(super) async fn logout(
-    State(d): State<Arc<Dashboard>>,
+pub(super) async fn logout<S: AuthState>(
+    State(state): State<S>,
     op: Operator,
     Form(form): Form<Plain>,
 ) -> Response {
     if let Err(r) = op.check_csrf(&form.csrf) {
         return r.into_response();
     }
-    d.sessions.end(&op.cookie);
+    let sessions = state.sessions();
+    sessions.end(&op.cookie);
     let mut r = Redirect::to("/login").into_response();
     let gone = format!(
         "{}=; Path=/; HttpOnly; SameSite=Strict; Max-Age=0",
-        d.sessions.cookie_name
+        sessions.cookie_name
     );
     if let Ok(v) = HeaderValue::from_str(&gone) {
         r.headers_mut().insert(header::SET_COOKIE, v);

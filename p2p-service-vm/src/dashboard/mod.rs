@@ -45,6 +45,16 @@ impl std::fmt::Debug for Dashboard {
     }
 }
 
+impl auth::AuthState for Arc<Dashboard> {
+    fn sessions(&self) -> &auth::Sessions {
+        &self.sessions
+    }
+
+    fn is_operator_token(&self, token: &str) -> bool {
+        self.api.is_operator_token(token)
+    }
+}
+
 impl Dashboard {
     /// The dashboard of the node `api` serves, on `port`; starts sampling
     /// its bandwidth (a task of the node's, ended by its shutdown).
@@ -75,8 +85,11 @@ impl Dashboard {
             .route("/vms", get(pages::vms))
             .route("/peers/ban", post(pages::ban))
             .route("/peers/unban", post(pages::unban))
-            .route("/login", get(auth::login_page).post(auth::login))
-            .route("/logout", post(auth::logout))
+            .route(
+                "/login",
+                get(auth::login_page).post(auth::login::<Arc<Dashboard>>),
+            )
+            .route("/logout", post(auth::logout::<Arc<Dashboard>>))
             .route("/assets/style.css", get(pages::style))
             .route("/assets/live.js", get(pages::script))
             .layer(axum::middleware::map_response(guard_headers))

@@ -20,6 +20,7 @@ mod events;
 pub(crate) mod internal;
 mod report;
 mod requests;
+mod stream_frames;
 mod stream_table;
 
 use std::collections::{HashMap, HashSet};

@@ -31,44 +31,24 @@ use std::time::Duration;
 
 use futures::stream::FuturesUnordered;
 use futures::{AsyncWriteExt, StreamExt};
-use libp2p::{PeerId, StreamProtocol};
-use p2pvm_compute::{JobId, ReceiptBody, SignedReceipt, credits_for};
+use libp2p::PeerId;
+use p2pvm_compute::{ReceiptBody, SignedReceipt};
 use p2pvm_content::ContentId;
 use p2pvm_proto::pb;
-use p2pvm_security::{EventKind, Standing};
+use p2pvm_security::EventKind;
 use prost::Message;
 use tracing::{info, warn};
 
-use super::wire::{self, Answer, Ask, Request, Response};
-use super::{ComputeService, ComputeServiceError, Job, ReceiptCheckError};
+use super::wire::{self, Ask, Request, Response};
+use super::{ComputeService, ComputeServiceError, Job};
 use crate::content::wire::{read_msg, write_msg};
-use crate::node::{Command, service_key};
 
 mod runs;
-use runs::{MAX_RUN_WAIT, candidates, run_on};
+pub(super) use runs::Spec;
+use runs::{Candidate, MAX_RUN_WAIT, Outcome, candidates, run_on};
 
-/// Providers asked for their offer, at most.
-const MAX_CANDIDATES: usize = 20;
 /// How long a provider may take to take the verdict.
 const ACK_TIMEOUT: Duration = Duration::from_secs(30);
-
-/// What was submitted.
-pub(super) struct Spec {
-    pub id: JobId,
-    pub module: ContentId,
-    pub input: Option<ContentId>,
-    pub budget: u64,
-    pub replicas: u32,
-}
-
-/// A provider and its terms.
-#[derive(Clone)]
-struct Candidate {
-    peer: PeerId,
-    offer: wire::Offer,
-    /// Fuel this run may use: what the per-run cap buys at its price.
-    fuel: u64,
-}
 
 /// Why a job ended without a result: an API error code name and why.
 type Failure = (String, String);
@@ -82,20 +62,6 @@ struct Returned {
     stream: libp2p::Stream,
     /// From the request to the result.
     took: Duration,
-}
-
-/// A provider's half of a receipt, its stream (waiting for the verdict) and
-/// how long the run took.
-type Answered = Box<(ReceiptBody, SignedReceipt, libp2p::Stream, Duration)>;
-
-/// A run's answer.
-enum Outcome {
-    /// A result (its candidate is filled in by the caller).
-    Done(Answered),
-    /// It used all its fuel; the receipt charges that fuel.
-    RanOut(Answered),
-    /// No result.
-    Failed { code: String, message: String },
 }
 
 /// Codes that say the provider could not or would not run it (another

@@ -2,7 +2,55 @@
 //! ranked by the credit ledger's forecasts), asking their offers, running the
 //! job, and checking the receipt that comes back.
 
-use super::*;
+use std::time::Duration;
+
+use futures::AsyncWriteExt;
+use libp2p::{PeerId, StreamProtocol};
+use p2pvm_compute::{JobId, ReceiptBody, SignedReceipt, credits_for};
+use p2pvm_content::ContentId;
+use p2pvm_security::{EventKind, Standing};
+use prost::Message;
+use tracing::warn;
+
+use crate::compute::wire::{self, Answer, Ask, Request, Response};
+use crate::compute::{ComputeService, ReceiptCheckError};
+use crate::content::wire::{read_msg, write_msg};
+use crate::node::{Command, service_key};
+
+/// Providers asked for their offer, at most.
+pub(super) const MAX_CANDIDATES: usize = 20;
+
+/// What was submitted.
+pub(in crate::compute) struct Spec {
+    pub id: JobId,
+    pub module: ContentId,
+    pub input: Option<ContentId>,
+    pub budget: u64,
+    pub replicas: u32,
+}
+
+/// A provider and its terms.
+#[derive(Clone)]
+pub(super) struct Candidate {
+    pub(super) peer: PeerId,
+    pub(super) offer: wire::Offer,
+    /// Fuel this run may use: what the per-run cap buys at its price.
+    pub(super) fuel: u64,
+}
+
+/// A provider's half of a receipt, its stream (waiting for the verdict) and
+/// how long the run took.
+pub(super) type Answered = Box<(ReceiptBody, SignedReceipt, libp2p::Stream, Duration)>;
+
+/// A run's answer.
+pub(super) enum Outcome {
+    /// A result (its candidate is filled in by the caller).
+    Done(Answered),
+    /// It used all its fuel; the receipt charges that fuel.
+    RanOut(Answered),
+    /// No result.
+    Failed { code: String, message: String },
+}
 
 /// How long an offer query may take.
 pub(super) const OFFER_TIMEOUT: Duration = Duration::from_secs(5);
@@ -83,13 +131,12 @@ pub(super) fn waits_for(max_wall_ms: u64) -> bool {
 }
 
 pub(super) async fn ask_offer(svc: &ComputeService, peer: PeerId) -> Option<wire::Offer> {
-    let mut stream = crate::content::open_protocol(
-        &svc.inner.content,
-        peer,
-        StreamProtocol::new(wire::PROTOCOL),
-    )
-    .await
-    .ok()?;
+    let mut stream = svc
+        .inner
+        .content
+        .open_protocol(peer, StreamProtocol::new(wire::PROTOCOL))
+        .await
+        .ok()?;
     let req = Request {
         ask: Some(Ask::GetOffer(wire::Offer::default())),
     };
@@ -164,13 +211,12 @@ pub(super) async fn ask_run(
     spec: &Spec,
     c: &Candidate,
 ) -> std::io::Result<(Response, libp2p::Stream)> {
-    let mut stream = crate::content::open_protocol(
-        &svc.inner.content,
-        c.peer,
-        StreamProtocol::new(wire::PROTOCOL),
-    )
-    .await
-    .map_err(std::io::Error::other)?;
+    let mut stream = svc
+        .inner
+        .content
+        .open_protocol(c.peer, StreamProtocol::new(wire::PROTOCOL))
+        .await
+        .map_err(std::io::Error::other)?;
     let run = wire::Run {
         job_id: spec.id.0.to_vec(),
         module_id: spec.module.to_string(),

@@ -22,6 +22,7 @@ use super::sched::{Sched, Slot};
 use crate::content::budget::{Borrower, Lease};
 use crate::content::{ContentServiceError, VerifiedManifest};
 use crate::report::chain;
+use crate::tasks::Tasks;
 
 /// How a transfer ended, as readers see it.
 #[derive(Debug, Clone)]
@@ -202,14 +203,14 @@ impl Download {
     /// gone (its queue then closes).
     pub(super) fn writer(
         self: &Arc<Self>,
-        svc: &crate::content::ContentService,
-        accept: fn(&crate::content::ContentService, &Download, WriteJob),
+        tasks: &Tasks,
+        accept: impl Fn(&Download, WriteJob) + Send + 'static,
     ) -> mpsc::Sender<WriteJob> {
         self.writer
             .get_or_init(|| {
                 let (tx, mut rx) = mpsc::channel::<WriteJob>(WRITE_QUEUE);
-                let (svc, dl) = (svc.clone(), Arc::downgrade(self));
-                let task = svc.clone();
+                let (tasks, dl) = (tasks.clone(), Arc::downgrade(self));
+                let task = tasks.clone();
                 // One thread writes a download's blocks in arrival order: no
                 // hand-off per block, no writers contending for the file.
                 task.spawn_blocking(move || {
@@ -237,7 +238,7 @@ impl Download {
                     while let Some(job) = rx.blocking_recv() {
                         let Some(dl) = dl.upgrade() else { return };
                         unsynced += job.block.len() as u64;
-                        accept(&svc, &dl, job);
+                        accept(&dl, job);
                         // The disk writes back what is written while the
                         // transfer goes on, so the commit's sync waits for
                         // little (a 1 GiB sync alone took 0.4 s here). A
@@ -249,7 +250,7 @@ impl Download {
                             unsynced = 0;
                             last_sync = std::time::Instant::now();
                             let partial = dl.partial.clone();
-                            syncing = Some(svc.spawn_blocking(move || {
+                            syncing = Some(tasks.spawn_blocking(move || {
                                 if let Err(e) = partial.checkpoint() {
                                     tracing::debug!(id = %partial.id(), error = %chain(&e), "checkpoint failed");
                                 }

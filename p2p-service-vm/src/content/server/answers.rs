@@ -2,8 +2,15 @@
 //! what this node holds (`Have`), a manifest, search hits, a group's topic
 //! key; each after the access policy's say and within the item's limits.
 
-use super::limits::SEARCHES_PER_SEC;
-use super::*;
+use libp2p::PeerId;
+use p2pvm_content::transfer::{self, Op, Status, TransferRequest, TransferResponse};
+use p2pvm_content::{ContentId, block_count};
+use p2pvm_security::GroupId;
+use prost::Message;
+use tracing::{debug, warn};
+
+use crate::content::ContentService;
+use crate::content::limits::SEARCHES_PER_SEC;
 use crate::report::chain;
 
 /// Most search hits one provider returns.

@@ -1,18 +1,12 @@
 //! The provider side of `/p2pvm/content/2`: answers block, manifest, have and
 //! search requests from stored items and from downloads in progress.
 
-use std::collections::HashMap;
-use std::num::NonZeroU32;
-use std::sync::{Arc, Weak};
-
 use futures::{AsyncWriteExt, FutureExt, StreamExt};
-use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
 use libp2p::{PeerId, StreamProtocol};
-use p2pvm_content::transfer::{self, Op, Status, TransferRequest, TransferResponse};
-use p2pvm_content::{ContentId, block_count};
+use p2pvm_content::transfer::{self, Status, TransferRequest, TransferResponse};
 use p2pvm_security::{EventKind, GroupId, Standing};
 use prost::Message;
-use tracing::{debug, warn};
+use tracing::debug;
 
 use super::ContentService;
 use super::wire::{PayloadWrite, write_msg};
@@ -20,14 +14,13 @@ use tokio_util::codec::{FramedRead, LengthDelimitedCodec};
 use tokio_util::compat::FuturesAsyncReadCompatExt;
 
 mod answers;
-mod limits;
+mod fast_path;
 
+pub(crate) use fast_path::spawn as spawn_fast_path;
+
+use super::limits::STREAMS_PER_PEER;
 use crate::report::chain;
 use answers::{answer, failed};
-use limits::STREAMS_PER_PEER;
-pub(crate) use limits::{
-    BATCHES_IN_FLIGHT, Limiter, PeerBatches, PeerStreams, PeerThrottles, SearchLimits,
-};
 
 pub(crate) fn spawn(svc: ContentService) {
     let server = svc.clone();
@@ -319,6 +312,7 @@ async fn bounded(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use p2pvm_content::transfer::Op;
 
     #[tokio::test]
     async fn a_stream_over_the_cap_is_answered_with_a_typed_refusal_not_just_closed() {

@@ -2,7 +2,9 @@
 //! then the rarest wanted block, then, in the end game or for a stuck block,
 //! a second copy; and what a provider holds for us while it waits in line.
 
-use super::*;
+use super::{ENDGAME_AFTER, IN_LINE_FACTOR, PLAYBACK_HEAD, SEEDS_SPARED_FOR, Sched, Slot};
+use libp2p::PeerId;
+use std::time::{Duration, Instant};
 
 impl Sched {
     /// Whether block `k` is worth fetching: every block for a download that

@@ -2,7 +2,10 @@
 //! useful, paused, backing off, throttled or bad, and what its departure
 //! gives back to the pool.
 
-use super::*;
+use super::{BACKOFF_FIRST, BACKOFF_MAX, Backoff, Have, Provider, Sched, Slot};
+use libp2p::PeerId;
+use std::collections::HashSet;
+use std::time::Instant;
 
 impl Sched {
     /// Providers not fetched from now that last said they hold a block this

@@ -3,7 +3,23 @@
 //! blocks handed to the download, and the connection wound down when the
 //! provider has nothing more we want or no upload slot for us.
 
-use super::*;
+use super::super::download::{Download, Outcome, WriteJob};
+use super::lane::{ANSWER_TIMEOUT, Ending, Lane, SPREAD_ABOVE, on_have};
+use crate::content::budget::Lease;
+use crate::content::error::ProviderError;
+use crate::content::wire::{PayloadRead, PayloadWrite, read_msg, read_payload_bytes, write_msg};
+use crate::content::{ContentService, ContentServiceError};
+use bytes::Bytes;
+use futures::AsyncWriteExt;
+use libp2p::PeerId;
+use p2pvm_content::transfer::{self, BlockRequest, Op, Status, TransferRequest, TransferResponse};
+use p2pvm_content::{BLOCK_BYTES, block_count, block_range};
+use p2pvm_security::{EventKind, Standing};
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::sync::mpsc;
+use tracing::debug;
 
 /// How often an idle worker re-asks a partial provider what it holds.
 const HAVE_REFRESH: Duration = Duration::from_millis(500);
@@ -181,9 +197,10 @@ async fn verify_block(
     if !dl.keep() {
         return accept(svc, dl, job);
     }
-    let writer = dl.writer(svc, |svc, dl, job| {
+    let accepting = svc.clone();
+    let writer = dl.writer(&svc.inner.ctx.tasks, move |dl, job| {
         // A failed write has failed the download; the worker sees it cancelled.
-        let _ = accept(svc, dl, job);
+        let _ = accept(&accepting, dl, job);
     });
     if writer.send(job).await.is_err() {
         return Err(ProviderError::Local(

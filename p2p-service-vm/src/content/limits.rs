@@ -2,7 +2,12 @@
 //! upload caps (node-wide and per throttled peer), content streams and
 //! answer batches per peer, and searches answered per peer.
 
-use super::*;
+use std::collections::HashMap;
+use std::num::NonZeroU32;
+use std::sync::{Arc, Weak};
+
+use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
+use libp2p::PeerId;
 
 /// The node-wide upload cap, shared by every stream this node serves.
 pub(crate) struct Limiter {
