@@ -85,7 +85,7 @@ pub enum ImageError {
         binary: PathBuf,
         /// `ldd`'s complaint.
         #[source]
-        source: crate::libs::MissingLibrary,
+        source: MissingLibrary,
     },
     /// The build's inputs are inconsistent (a missing program, a bad option).
     #[error("{0}")]
@@ -109,3 +109,8 @@ impl<T> IoContext<T> for std::io::Result<T> {
         })
     }
 }
+
+/// A library `ldd` could not find: its line of `ldd`'s output.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("missing shared library: {0}")]
+pub struct MissingLibrary(pub String);

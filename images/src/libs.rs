@@ -4,7 +4,7 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use crate::error::{ImageError, Result};
+use crate::error::{ImageError, MissingLibrary, Result};
 use crate::util::{require_tool, run_captured};
 
 /// The shared libraries and loader of `binary` (empty for a static one), as `ldd` resolves
@@ -30,11 +30,6 @@ pub fn shared_libraries(binary: &Path) -> Result<Vec<PathBuf>> {
     }
     Ok(libs)
 }
-
-/// A library `ldd` could not find: its line of `ldd`'s output.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("missing shared library: {0}")]
-pub struct MissingLibrary(pub String);
 
 /// Parses `ldd` output into absolute library paths (the vDSO has none and is skipped).
 pub fn parse_ldd(text: &str) -> Result<Vec<PathBuf>, MissingLibrary> {

@@ -33,7 +33,7 @@ impl From<crate::content::ContentServiceError> for ApiError {
         let code = match &e {
             C::NotFound(_) => pb::ErrorCode::NotFound,
             C::Verification(_) => pb::ErrorCode::VerificationFailed,
-            C::BadRequest(_) => pb::ErrorCode::BadRequest,
+            C::BadRequest(_) | C::AllowedGroup(_) => pb::ErrorCode::BadRequest,
             C::Unavailable(_) | C::Scan(_) | C::Cancelled => pb::ErrorCode::Unavailable,
             C::Local(_) if e.is_full() => pb::ErrorCode::ResourceExhausted,
             C::Local(_) => pb::ErrorCode::Internal,

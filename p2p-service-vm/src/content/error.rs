@@ -22,6 +22,9 @@ pub enum ContentServiceError {
     /// The request is malformed (bad id, range outside the item).
     #[error("{0}")]
     BadRequest(String),
+    /// The item's rights name a group this node cannot resolve.
+    #[error("allowed_groups")]
+    AllowedGroup(#[source] std::sync::Arc<p2pvm_security::GroupError>),
     /// Not allowed.
     #[error("{0}")]
     Denied(String),

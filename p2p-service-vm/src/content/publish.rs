@@ -55,7 +55,9 @@ impl ContentService {
                 match self.groups().resolve(g) {
                     Ok(id) => *g = id.to_string(),
                     Err(_) if g.parse::<p2pvm_security::GroupId>().is_ok() => {}
-                    Err(e) => return Err(ContentServiceError::BadRequest(e.to_string())),
+                    Err(e) => {
+                        return Err(ContentServiceError::AllowedGroup(std::sync::Arc::new(e)));
+                    }
                 }
             }
         }

@@ -28,7 +28,7 @@ pub(crate) async fn read_msg<M: Message + Default>(
     r.read_exact(&mut buf).await?;
     M::decode(buf.as_slice())
         .map(Some)
-        .map_err(|e| invalid(e.to_string()))
+        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))
 }
 
 /// Writes one message (not flushed).
