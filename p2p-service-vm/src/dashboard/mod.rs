@@ -77,14 +77,14 @@ impl Dashboard {
     /// The dashboard's routes, with the headers every answer carries.
     pub fn routes(self: &Arc<Self>) -> Router {
         Router::new()
-            .route("/", get(pages::overview))
-            .route("/peers", get(pages::peers))
-            .route("/content", get(pages::content))
-            .route("/security", get(pages::security))
-            .route("/compute", get(pages::compute))
-            .route("/vms", get(pages::vms))
-            .route("/peers/ban", post(pages::ban))
-            .route("/peers/unban", post(pages::unban))
+            .route("/", get(pages::overview::overview))
+            .route("/peers", get(pages::peers::peers))
+            .route("/content", get(pages::content::content))
+            .route("/security", get(pages::security::security))
+            .route("/compute", get(pages::compute::compute))
+            .route("/vms", get(pages::vms::vms))
+            .route("/peers/ban", post(pages::peers::ban))
+            .route("/peers/unban", post(pages::peers::unban))
             .route(
                 "/login",
                 get(auth::login_page).post(auth::login::<Arc<Dashboard>>),
