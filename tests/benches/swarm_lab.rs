@@ -114,7 +114,7 @@ async fn ours(lab: &Lab, nodes: usize, data_len: usize, idle: Duration) -> Resul
     let (lab_cpu, span) = (own_cpu()? - lab_cpu, started.elapsed());
     let after = traffic(lab)?;
     if let Some(dir) = std::env::var_os("P2PVM_LAB_LOGS") {
-        keep_logs(&swarm, dir.as_ref())?;
+        swarm.keep_logs(dir.as_ref())?;
     }
     let cpu = pids
         .iter()
@@ -307,15 +307,6 @@ async fn pubsub_at_size(swarm: &Swarm, messages: usize) -> Result<()> {
 
 /// Copies each node's captured log out of its data directory, which the
 /// swarm deletes: `0.log` is the publisher's.
-fn keep_logs(swarm: &Swarm, dir: &std::path::Path) -> Result<()> {
-    std::fs::create_dir_all(dir)?;
-    for (i, n) in swarm.nodes().enumerate() {
-        std::fs::write(dir.join(format!("{i}.log")), n.log())?;
-    }
-    println!("p2pd logs kept in {}", dir.display());
-    Ok(())
-}
-
 async fn libtorrent(lab: &Lab, data: &[u8], deadline: Duration) -> Result<(Run, u64)> {
     let mut swarm = TorrentSwarm::start(lab, data).await?;
     let before = traffic(lab)?;

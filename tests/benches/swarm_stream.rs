@@ -26,7 +26,8 @@
 //! `cargo build --release --bins && cargo bench -p p2pvm-e2e --bench swarm_stream`
 //! (`P2PVM_LAB_NODES`, default 60; `P2PVM_LAB_MIB`, default 64;
 //! `P2PVM_LAB_TOML` is added to every p2pd's config; `P2PVM_LAB_ONLY_OURS=1`
-//! skips libtorrent). Without `--bench` (under `cargo test`) a smoke run of
+//! skips libtorrent; `P2PVM_LAB_LOG=<filter>` with `P2PVM_LAB_LOGS=<dir>` keeps
+//! each p2pd's log). Without `--bench` (under `cargo test`) a smoke run of
 //! 5 nodes and 2 MiB.
 
 use std::time::Duration;
@@ -51,12 +52,15 @@ async fn ours(
                 "[virus]\nenabled = false\n{}",
                 std::env::var("P2PVM_LAB_TOML").unwrap_or_default()
             ),
-            log: None,
+            log: std::env::var("P2PVM_LAB_LOG").ok(),
         },
         Some(lab),
     )
     .await?;
     let plays = swarm.stream(lines, plan).await?;
+    if let Some(dir) = std::env::var_os("P2PVM_LAB_LOGS") {
+        swarm.keep_logs(dir.as_ref())?;
+    }
     Ok((plays, swarm.data.clone()))
 }
 
@@ -75,6 +79,18 @@ fn report(name: &str, plays: &[Playback]) -> Result<Summary> {
             .map(|p| (p.startup_after_seek.as_secs_f64() * 100.0).round() / 100.0)
             .collect::<Vec<_>>(),
         plays.iter().map(|p| p.stalls).collect::<Vec<_>>(),
+    );
+    println!(
+        "{:>10}  per viewer: bitrate {:?} Mbit/s, first byte {:?} s",
+        "",
+        plays
+            .iter()
+            .map(|p| (p.rate * 8.0 / 1e5).round() / 10.0)
+            .collect::<Vec<_>>(),
+        plays
+            .iter()
+            .map(|p| (p.first_byte.as_secs_f64() * 100.0).round() / 100.0)
+            .collect::<Vec<_>>(),
     );
     Ok(s)
 }

@@ -27,6 +27,8 @@ pub struct Playback {
     pub stalls: usize,
     /// How long those stops lasted in all.
     pub stalled: Duration,
+    /// The bitrate played, bytes a second.
+    pub rate: f64,
 }
 
 /// When each byte count was reached, from the request.
@@ -156,6 +158,7 @@ pub async fn view_from(
         startup_after_seek,
         stalls: stalls + stalls2,
         stalled: stalled + stalled2,
+        rate,
     })
 }
 
@@ -310,6 +313,7 @@ mod tests {
             startup_after_seek: ms(after),
             stalls,
             stalled: ms(100 * stalls as u64),
+            rate: 1e6,
         };
         let s = Summary::of(&[p(1_000, 3_000, 0), p(2_000, 4_000, 2)]).expect("viewers");
         assert_eq!(s.viewers, 2);

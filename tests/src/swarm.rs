@@ -194,6 +194,17 @@ impl Swarm {
     }
 
     /// Every node, the publisher first.
+    /// Writes every node's log to `dir/<index>.log` (the publisher is 0),
+    /// for a run to be read block by block afterwards.
+    pub fn keep_logs(&self, dir: &std::path::Path) -> Result<()> {
+        std::fs::create_dir_all(dir)?;
+        for (i, n) in self.nodes().enumerate() {
+            std::fs::write(dir.join(format!("{i}.log")), n.log())?;
+        }
+        println!("p2pd logs kept in {}", dir.display());
+        Ok(())
+    }
+
     pub fn nodes(&self) -> impl Iterator<Item = &TestNode> {
         std::iter::once(&self.publisher).chain(&self.downloaders)
     }

@@ -47,6 +47,7 @@ pub(super) async fn download_for(
         }
         return Ok(dl);
     }
+    let asked = Instant::now();
     // One provider is enough to start (the driver looks for more at once);
     // if it cannot give a valid manifest, ask more widely.
     let mut providers: Vec<PeerId> = sources
@@ -91,6 +92,11 @@ pub(super) async fn download_for(
                 })?
         }
     };
+    debug!(
+        %id,
+        ms = asked.elapsed().as_millis() as u64,
+        "manifest and size proof in"
+    );
     let manifest = proven.manifest;
     let size = manifest.manifest.size;
     let partial = open_partial(svc, id, size, keep).await?;
