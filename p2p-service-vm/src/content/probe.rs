@@ -42,6 +42,7 @@ pub async fn ask_without_reading(
                 op: Some(Op::Block(BlockRequest {
                     content_id: item.0.to_vec(),
                     block,
+                    urgent: false,
                 })),
             };
             write_msg(&mut wr, &ask).await?;
