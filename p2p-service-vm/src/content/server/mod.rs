@@ -8,8 +8,8 @@ use p2pvm_security::{EventKind, GroupId, Standing};
 use prost::Message;
 use tracing::debug;
 
-use super::{ContentService, urgent};
 use super::wire::{PayloadWrite, write_msg};
+use super::{ContentService, urgent};
 use tokio_util::codec::{FramedRead, LengthDelimitedCodec};
 use tokio_util::compat::FuturesAsyncReadCompatExt;
 
@@ -194,9 +194,7 @@ pub(crate) async fn serve_stream<R, W>(
                 }
                 // An urgent answer leaves now, not with the batch.
                 unflushed = sending.is_none();
-                if !unflushed
-                    && let Err(e) = bounded(&limiter_svc, peer, wr.flush()).await
-                {
+                if !unflushed && let Err(e) = bounded(&limiter_svc, peer, wr.flush()).await {
                     debug!(%peer, error = %chain(&e), "content stream write failed");
                     return;
                 }
