@@ -1261,7 +1261,6 @@ async fn a_peer_that_asks_and_never_reads_is_cut_off_and_charged() -> Result<()>
         info.content_id.parse()?,
         64,
         4,
-        false,
     )
     .await?;
     let honest = node(&[&provider], None).await?;
@@ -1286,45 +1285,5 @@ async fn a_peer_that_asks_and_never_reads_is_cut_off_and_charged() -> Result<()>
         .await
         .context("the provider kept the connection of a peer that does not read")?;
     ensure!(got < 64 << 20, "{got} bytes: the provider sent everything");
-    Ok(())
-}
-
-/// Urgent blocks (the next a viewer plays) leave a provider before its other
-/// answers, which wait while one is written. A peer that marks every request
-/// urgent and never reads holds the others back once, for a second, not for
-/// as long as its unread answer waits (the 30 s write timeout): an honest
-/// node beside it downloads 16 MiB as it would anyway. (If every held-back
-/// block waited out the rude peer's answer, 1.5 s each, the 64 blocks would
-/// take about a minute.)
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_peer_that_asks_urgently_and_never_reads_does_not_hold_the_provider_back() -> Result<()> {
-    let data = item(16 << 20, 32);
-    let provider = node(&[], None).await?;
-    let admin = provider.admin().await?;
-    let port = admin.node_info().await?.content_fast_path_port as u16;
-    let info = publish(&provider.app("pub").await?, "urgent.bin", &data).await?;
-    let key = libp2p_identity::Keypair::generate_ed25519();
-    let _unread = p2p_service_vm::content::probe::ask_without_reading(
-        &key,
-        provider.peer_id.parse()?,
-        std::net::SocketAddr::from(([127, 0, 0, 1], port)),
-        info.content_id.parse()?,
-        64,
-        4,
-        true,
-    )
-    .await?;
-    let honest = node(&[&provider], None).await?;
-    let c = honest.app("viewer").await?;
-    // A download with no reader: none of its blocks is urgent.
-    let started = std::time::Instant::now();
-    c.download_content(&info.content_id).await?;
-    let took = started.elapsed();
-    ensure!(fetch_all(&c, &info.content_id, 0, 0, false).await? == data);
-    println!("16 MiB beside a peer that asks urgently and never reads: {took:?}");
-    ensure!(
-        took < Duration::from_secs(25),
-        "the honest download took {took:?}: held back behind answers nobody reads"
-    );
     Ok(())
 }

@@ -69,11 +69,6 @@ pub struct BlockRequest {
     /// Block index ([`crate::BLOCK_BYTES`] each).
     #[prost(uint64, tag = "2")]
     pub block: u64,
-    /// A reader plays this block next: the provider writes it before its
-    /// other answers. Only one urgent block per peer at a time is sent
-    /// ahead; the rest go in turn (older providers ignore the field).
-    #[prost(bool, tag = "3")]
-    pub urgent: bool,
 }
 
 /// A keyword search on one provider.

@@ -55,7 +55,6 @@ mod server;
 mod slots;
 mod start;
 mod types;
-mod urgent;
 mod verdicts;
 pub(crate) mod wire;
 
@@ -106,8 +105,6 @@ pub(crate) struct Inner {
     served: Arc<limits::PeerStreams>,
     /// Who this node sends blocks to at the moment.
     upload_slots: slots::UploadSlots,
-    /// Urgent answers being written (the next blocks a viewer plays).
-    urgent: urgent::UrgentGate,
     /// Searches answered per peer (rate-limited).
     search_limits: limits::SearchLimits,
     /// Answer batches computed and not yet sent, node-wide (bounded).

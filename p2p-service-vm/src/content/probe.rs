@@ -25,8 +25,7 @@ pub struct Unread {
 
 /// Dials `peer`'s content fast path at `addr` as the node with `key` and asks
 /// for blocks `0..blocks` of `item`, `rounds` times over, reading no answer:
-/// a peer that keeps asking and never reads (`urgent`: and says each block is
-/// one its player needs next, to be sent before anyone else's).
+/// a peer that keeps asking and never reads.
 pub async fn ask_without_reading(
     key: &Keypair,
     peer: PeerId,
@@ -34,7 +33,6 @@ pub async fn ask_without_reading(
     item: ContentId,
     blocks: u64,
     rounds: u32,
-    urgent: bool,
 ) -> std::io::Result<Unread> {
     let fast = FastPath::new(key).map_err(std::io::Error::other)?;
     let (rd, mut wr) = fast.dial(peer, addr).await?;
@@ -44,7 +42,6 @@ pub async fn ask_without_reading(
                 op: Some(Op::Block(BlockRequest {
                     content_id: item.0.to_vec(),
                     block,
-                    urgent,
                 })),
             };
             write_msg(&mut wr, &ask).await?;

@@ -8,9 +8,7 @@ use std::sync::{Arc, Mutex};
 use tracing::{info, warn};
 
 use super::{ContentService, ContentServiceError, Inner, LocalError};
-use super::{
-    budget, events, fastpath, fetch, limits, portmap, rights, server, slots, urgent, verdicts,
-};
+use super::{budget, events, fastpath, fetch, limits, portmap, rights, server, slots, verdicts};
 use crate::context::NodeContext;
 use crate::report::chain;
 
@@ -96,7 +94,6 @@ impl ContentService {
                     config.upload_slots as usize,
                     config.upload_rate_bytes_per_sec,
                 ),
-                urgent: urgent::UrgentGate::default(),
                 search_limits: limits::SearchLimits::default(),
                 serve_permits: Arc::new(tokio::sync::Semaphore::new(limits::BATCHES_IN_FLIGHT)),
                 peer_batches: limits::PeerBatches::default(),

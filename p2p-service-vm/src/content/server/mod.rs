@@ -8,8 +8,8 @@ use p2pvm_security::{EventKind, GroupId, Standing};
 use prost::Message;
 use tracing::debug;
 
+use super::ContentService;
 use super::wire::{PayloadWrite, write_msg};
-use super::{ContentService, urgent};
 use tokio_util::codec::{FramedRead, LengthDelimitedCodec};
 use tokio_util::compat::FuturesAsyncReadCompatExt;
 
@@ -49,9 +49,6 @@ const SERVE_AHEAD: usize = 4;
 /// hand-off per block (on these machines a hand-off costs more than reading
 /// the block) without holding a thread while the stream idles.
 const BATCH: usize = 8;
-/// Answers this large (blocks) wait while an urgent one is written; smaller
-/// ones (a `Have`, a refusal) go at once.
-const HELD_BACK_FROM: u64 = 16 * 1024;
 /// A stream that sends no request for this long is closed.
 const IDLE: std::time::Duration = std::time::Duration::from_secs(60);
 
@@ -140,7 +137,6 @@ pub(crate) async fn serve_stream<R, W>(
     let mut requests = requests_of(rd);
     type Job = (
         tokio::task::JoinHandle<Answers>,
-        Vec<bool>,
         (
             tokio::sync::OwnedSemaphorePermit,
             Option<tokio::sync::OwnedSemaphorePermit>,
@@ -150,25 +146,13 @@ pub(crate) async fn serve_stream<R, W>(
     let (tx, mut rx) = tokio::sync::mpsc::channel::<Job>(SERVE_AHEAD);
     let limiter_svc = svc.clone();
     let writer = svc.spawn(async move {
-        // Whether answers were written and not flushed.
-        let mut unflushed = false;
         // The permit goes when the batch has been written (or the stream
         // ends), with the memory it stands for.
-        while let Some((job, urgent_flags, _permit)) = rx.recv().await {
+        while let Some((job, _permit)) = rx.recv().await {
             let Ok(answers) = job.await else {
                 return;
             };
-            for ((header, payload), is_urgent) in answers.into_iter().zip(urgent_flags) {
-                let ok = header.status == Status::Ok as i32;
-                // The next block a viewer plays goes ahead of the node's
-                // other blocks: they wait (a while at most) until it is out.
-                // (Not for a throttled peer: it gets nothing ahead of others.)
-                let sending = (is_urgent && ok && throttle.is_none())
-                    .then(|| limiter_svc.inner.urgent.enter(peer))
-                    .flatten();
-                if sending.is_none() && ok && payload.len() as u64 >= HELD_BACK_FROM {
-                    limiter_svc.inner.urgent.clear(urgent::HOLD_AT_MOST).await;
-                }
+            for (header, payload) in answers {
                 if let Some(limiter) = &limiter_svc.inner.limiter {
                     limiter.take(payload.len() as u64).await;
                 }
@@ -192,13 +176,6 @@ pub(crate) async fn serve_stream<R, W>(
                     debug!(%peer, error = %chain(&e), "content stream write failed");
                     return;
                 }
-                // An urgent answer leaves now, not with the batch.
-                unflushed = sending.is_none();
-                if !unflushed && let Err(e) = bounded(&limiter_svc, peer, wr.flush()).await {
-                    debug!(%peer, error = %chain(&e), "content stream write failed");
-                    return;
-                }
-                drop(sending);
                 tracing::trace!(%peer, status = header.status, bytes, "answered");
                 limiter_svc
                     .inner
@@ -206,12 +183,11 @@ pub(crate) async fn serve_stream<R, W>(
                     .sent(bytes, std::time::Instant::now());
             }
             // Batch: flush only when no further answer is ready.
-            if rx.is_empty() && unflushed {
-                if let Err(e) = bounded(&limiter_svc, peer, wr.flush()).await {
-                    debug!(%peer, error = %chain(&e), "content stream write failed");
-                    return;
-                }
-                unflushed = false;
+            if rx.is_empty()
+                && let Err(e) = bounded(&limiter_svc, peer, wr.flush()).await
+            {
+                debug!(%peer, error = %chain(&e), "content stream write failed");
+                return;
             }
         }
         let _ = wr.close().await;
@@ -288,10 +264,6 @@ pub(crate) async fn serve_stream<R, W>(
         };
         let answering = svc.clone();
         let busy = permit.1.is_none();
-        let urgent: Vec<bool> = batch
-            .iter()
-            .map(|r| matches!(&r.op, Some(transfer::Op::Block(b)) if b.urgent))
-            .collect();
         let job = tokio::task::spawn_blocking(move || {
             batch
                 .into_iter()
@@ -307,7 +279,7 @@ pub(crate) async fn serve_stream<R, W>(
         // The writer ends within WRITE_TIMEOUT if the peer stops reading,
         // and this send with it.
         let sent = tokio::select! {
-            sent = tx.send((job, urgent, permit)) => sent.is_ok(),
+            sent = tx.send((job, permit)) => sent.is_ok(),
             _ = svc.inner.ctx.shutdown.cancelled() => false,
         };
         if !sent || ended {

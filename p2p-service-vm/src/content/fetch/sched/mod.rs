@@ -63,10 +63,6 @@ pub(super) const STUCK_FACTOR: u32 = 4;
 /// Blocks at the head of a playback window (the next a reader plays) that
 /// another provider is asked for as soon as they are late at the first.
 pub(super) const PLAYBACK_HEAD: u64 = 2;
-/// Blocks ahead of a reader asked for as urgent (sent by the provider ahead
-/// of its other answers): 1 MiB, the first second of a 8 Mbit/s stream.
-/// Few, so a provider's line goes to the bytes a player waits for now.
-pub(super) const URGENT_AHEAD: u64 = 4;
 /// What counts as stuck before any block has arrived.
 pub(super) const STUCK_BEFORE_ANY: Duration = Duration::from_secs(5);
 /// A kept download spares its seeds the blocks a known peer holds while
@@ -374,20 +370,6 @@ mod tests {
         assert_eq!(s.pick(&third, later, true), Some(2));
         // A provider that may not serve playback windows never copies one.
         assert_eq!(s.pick(&slow, later, false), Some(5));
-    }
-
-    #[test]
-    fn only_the_next_blocks_a_reader_plays_are_asked_for_as_urgent() {
-        let t0 = Instant::now();
-        let mut s = Sched::new(32, WINDOW, RAM_AHEAD, true, 9, t0);
-        assert!(!s.plays_next(0), "no reader, nothing urgent");
-        let r = s.add_reader(0..32, t0);
-        assert!((0..URGENT_AHEAD).all(|k| s.plays_next(k)));
-        assert!(!s.plays_next(URGENT_AHEAD));
-        // The reader moves on (after a seek, say): so does what is urgent.
-        s.advance(r, 20);
-        assert!(!s.plays_next(0) && s.plays_next(20) && s.plays_next(23));
-        assert!(!s.plays_next(24));
     }
 
     #[test]

@@ -2,9 +2,7 @@
 //! then the rarest wanted block, then, in the end game or for a stuck block,
 //! a second copy; and what a provider holds for us while it waits in line.
 
-use super::{
-    ENDGAME_AFTER, IN_LINE_FACTOR, PLAYBACK_HEAD, SEEDS_SPARED_FOR, Sched, Slot, URGENT_AHEAD,
-};
+use super::{ENDGAME_AFTER, IN_LINE_FACTOR, PLAYBACK_HEAD, SEEDS_SPARED_FOR, Sched, Slot};
 use libp2p::PeerId;
 use std::time::{Duration, Instant};
 
@@ -21,14 +19,6 @@ impl Sched {
         self.readers
             .iter()
             .any(|r| r.next <= k && k < r.end.min(r.next + self.ram_ahead))
-    }
-
-    /// Whether a reader plays `k` within its next [`URGENT_AHEAD`] blocks:
-    /// the provider is asked to send it ahead of its other answers.
-    pub(in crate::content::fetch) fn plays_next(&self, k: u64) -> bool {
-        self.readers
-            .iter()
-            .any(|r| r.next <= k && k < r.next + URGENT_AHEAD)
     }
 
     pub(super) fn take(&mut self, peer: PeerId, k: u64, now: Instant) -> u64 {

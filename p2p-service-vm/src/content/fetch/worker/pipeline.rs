@@ -393,7 +393,6 @@ pub(super) async fn pipeline<R: PayloadRead, W: PayloadWrite>(
             let op = Op::Block(BlockRequest {
                 content_id: id.0.to_vec(),
                 block: k,
-                urgent: !throttled && dl.state().sched.plays_next(k),
             });
             let request = (Pending::Block(k), Some(lease));
             send(&mut wr, &kinds_tx, &mut inflight, op, request).await?;
