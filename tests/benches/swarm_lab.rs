@@ -305,8 +305,6 @@ async fn pubsub_at_size(swarm: &Swarm, messages: usize) -> Result<()> {
     Ok(())
 }
 
-/// Copies each node's captured log out of its data directory, which the
-/// swarm deletes: `0.log` is the publisher's.
 async fn libtorrent(lab: &Lab, data: &[u8], deadline: Duration) -> Result<(Run, u64)> {
     let mut swarm = TorrentSwarm::start(lab, data).await?;
     let before = traffic(lab)?;

@@ -193,8 +193,8 @@ impl Swarm {
         Ok(bad)
     }
 
-    /// Every node, the publisher first.
-    /// Writes every node's log to `dir/<index>.log` (the publisher is 0),
+    /// Copies every node's captured log out of its data directory (which
+    /// the swarm deletes) to `dir/<index>.log`, the publisher's as `0.log`,
     /// for a run to be read block by block afterwards.
     pub fn keep_logs(&self, dir: &std::path::Path) -> Result<()> {
         std::fs::create_dir_all(dir)?;
@@ -205,6 +205,7 @@ impl Swarm {
         Ok(())
     }
 
+    /// Every node, the publisher first.
     pub fn nodes(&self) -> impl Iterator<Item = &TestNode> {
         std::iter::once(&self.publisher).chain(&self.downloaders)
     }
