@@ -373,6 +373,11 @@ pub struct ContentConfig {
     /// streams and never answers on them (a silent provider). Never set it
     /// elsewhere.
     pub test_silent_server: bool,
+    /// Fault injection for tests of slow providers: this node waits this
+    /// many seconds before it reads the first request of each content
+    /// stream (a provider on a starved machine answers late, not never).
+    /// Never set it elsewhere.
+    pub test_answer_delay_secs: u64,
     /// Fault injection for tests of certificate expiry: the privacy
     /// controller (group memberships, CRLs, group sessions) reads the time
     /// as the system clock plus the seconds in this file, read at every
@@ -407,6 +412,7 @@ impl Default for ContentConfig {
             memory_budget_bytes: 256 << 20,
             read_ahead_bytes: 64 << 20,
             test_silent_server: false,
+            test_answer_delay_secs: 0,
             test_clock_offset_file: None,
             test_wrong_group_keys: false,
         }

@@ -28,7 +28,9 @@ pub struct Weights {
     /// connection lived: a silent or hung peer holds a downloader's slot for
     /// the whole answer timeout (15 s), which an honest one does not (its
     /// server answers `Busy` within 5 s when overloaded). One such episode
-    /// refuses a stranger.
+    /// refuses a stranger, so the downloader charges it only once the
+    /// stream has stayed silent well past the timeout (an answer that comes
+    /// late is a failed request).
     pub bad_per_unanswered: f64,
     /// Per block that failed verification.
     pub bad_per_corrupt_block: f64,

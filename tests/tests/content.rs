@@ -1060,11 +1060,63 @@ async fn a_provider_that_never_answers_cannot_hold_up_a_download() -> Result<()>
         started.elapsed()
     );
     // A request left unanswered while the connection lived refuses a
-    // stranger: it is not asked again.
-    let credit = c.credit_show(&silent.peer_id).await?;
+    // stranger, once its stream stayed silent 30 s past the timeout as well
+    // (p2p-service-vm/src/content/fetch/silence.rs): it is not asked again.
+    let credit = eventually(WAIT, "the silence on the record", || async {
+        let credit = c.credit_show(&silent.peer_id).await.ok()?;
+        (credit.requests_failed >= 1).then_some(credit)
+    })
+    .await?;
     ensure!(
         credit.standing == "refused" && credit.requests_failed >= 1,
         "{credit:?}"
+    );
+    ensure!(
+        started.elapsed() >= Duration::from_secs(44),
+        "judged silent after {:?}, before the late-answer watch ended",
+        started.elapsed()
+    );
+    Ok(())
+}
+
+/// A provider that answers after the downloader's 15 s timeout is slow, not
+/// silent: the download moves on without it, and its record gets a failed
+/// request, not the charge that refuses a stranger. (A loaded 25-node swarm
+/// refused honest nodes this way before the late-answer watch.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_provider_that_answers_late_is_slow_not_silent() -> Result<()> {
+    let late = node(&[], Some("[content]\ntest_answer_delay_secs = 20\n".into())).await?;
+    let asker = node(&[&late], None).await?;
+    let info = publish(&late.admin().await?, "late.bin", &item(1 << 20, 32)).await?;
+    let c = asker.admin().await?;
+    let started = std::time::Instant::now();
+    let e = tokio::time::timeout(
+        Duration::from_secs(100),
+        c.download_content(&info.content_id),
+    )
+    .await
+    .context("the download hung on a late provider")?
+    .expect_err("its answer comes after the timeout");
+    ensure!(
+        matches!(
+            e.code(),
+            Some(proto::ErrorCode::Unavailable | proto::ErrorCode::NotFound)
+        ),
+        "{e}"
+    );
+    ensure!(
+        started.elapsed() < Duration::from_secs(20),
+        "the download waited {:?} for the late answer",
+        started.elapsed()
+    );
+    let credit = eventually(WAIT, "the late answer on the record", || async {
+        let credit = c.credit_show(&late.peer_id).await.ok()?;
+        (credit.requests_failed >= 1).then_some(credit)
+    })
+    .await?;
+    ensure!(
+        credit.standing == "good" && credit.requests_failed == 1,
+        "a late provider was charged as a silent one: {credit:?}"
     );
     Ok(())
 }

@@ -246,6 +246,11 @@ async fn honest_nodes_finish_past_corrupt_and_silent_peers_and_refuse_them() -> 
         let got = p2pvm_e2e::fetch_whole(&d.admin().await?, &swarm.id).await?;
         ensure!(got == swarm.data, "a downloader holds other bytes");
     }
+    // A silent peer goes on a downloader's record 45 s after the request it
+    // left unanswered (the 15 s answer timeout, then 30 s more in which a
+    // late answer would have shown it slow: content/fetch/silence.rs); the
+    // last such request went out before the last download finished.
+    tokio::time::sleep(Duration::from_secs(47)).await;
     let tally = bad.tally(&swarm).await?;
     eprintln!(
         "{nodes} nodes and {rotten}+{silent} bad peers, 16 MiB: last done {:.1} s; {tally}",

@@ -358,6 +358,8 @@ impl ProviderError {
             // It took a request and sent nothing back for the whole answer
             // timeout while its connection lived: an honest peer answers at
             // once, if only `Busy` (its server does when it is overloaded).
+            // Where the stream can still be watched, that watch decides
+            // instead (`fetch::silence`): a late answer is a failed request.
             Self::NoAnswer => Some(EventKind::Unanswered),
             // It took requests and did not serve them. (Answers that stopped
             // coming may only be slow: a 256 KiB answer on a thin uplink.)

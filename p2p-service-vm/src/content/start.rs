@@ -60,6 +60,12 @@ impl ContentService {
                 "CONTENT FAULT INJECTION IS ON: this node answers no content request (tests only)"
             );
         }
+        if config.test_answer_delay_secs > 0 {
+            warn!(
+                delay_secs = config.test_answer_delay_secs,
+                "CONTENT FAULT INJECTION IS ON: this node answers each content stream late (tests only)"
+            );
+        }
         if config.test_wrong_group_keys {
             warn!("GROUP FAULT INJECTION IS ON: this node hands out wrong topic keys (tests only)");
         }

@@ -16,6 +16,8 @@
 //! - [`peer`]: opening streams; manifests whose size is proven.
 //! - [`reader`]: verified bytes to readers, from the store or a download.
 //! - [`scan`]: the virus filter's part; malware isolates the peers that sent it.
+//! - [`silence`]: whether a provider that left a request unanswered was slow
+//!   or silent, decided after the downloader has moved on.
 //!
 //! A block that fails verification is dropped, the peer is excluded from this
 //! download and reported ([`crate::content::ContentEvent::CorruptData`]), and the
@@ -38,6 +40,7 @@ mod peer;
 mod reader;
 mod scan;
 mod sched;
+mod silence;
 mod worker;
 
 pub(crate) use download::Download;

@@ -258,13 +258,12 @@ async fn manifest_once(
     let header = match tokio::time::timeout(HEADER_TIMEOUT, response(&mut stream)).await {
         Ok(header) => header?,
         Err(_) => {
-            // It took the request and sent nothing back: on its record. (The
-            // time to reach it, and what comes after its answer, is not.)
-            let e = ProviderError::NoAnswer;
-            if let Some(evidence) = e.evidence() {
-                svc.inner.ctx.ledger.record(peer, evidence);
-            }
-            return Err(e);
+            // It took the request and sent nothing back: slow or silent, its
+            // record says once the stream has been watched a while longer.
+            // (The time to reach it, and what comes after its answer, is not
+            // on its record.)
+            super::silence::judge(svc, peer, stream);
+            return Err(ProviderError::NoAnswer);
         }
     };
     // A group item: asked again in a group session of a group it names.

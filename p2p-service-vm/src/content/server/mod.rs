@@ -129,6 +129,14 @@ pub(crate) async fn serve_stream<R, W>(
         svc.inner.ctx.shutdown.cancelled().await;
         return;
     }
+    let delay = std::time::Duration::from_secs(svc.inner.config.test_answer_delay_secs);
+    if !delay.is_zero() {
+        // Fault injection: a provider that answers, late.
+        tokio::select! {
+            _ = tokio::time::sleep(delay) => {}
+            _ = svc.inner.ctx.shutdown.cancelled() => return,
+        }
+    }
     let throttle = (standing == Standing::Throttled).then(|| {
         svc.inner
             .throttles

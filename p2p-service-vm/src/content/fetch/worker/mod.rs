@@ -70,6 +70,9 @@ fn charge(svc: &ContentService, dl: &Download, peer: PeerId, e: &ProviderError) 
             dl.state().sched.pause(peer, Instant::now());
             false
         }
+        // Charged by the watch on its stream, once it knows whether the
+        // answer was late or never came.
+        ProviderError::NoAnswer => false,
         _ => true,
     };
     if charged && let Some(evidence) = e.evidence() {
@@ -93,7 +96,11 @@ async fn run(svc: &ContentService, dl: &Arc<Download>, peer: PeerId) -> Result<(
     // The first Have goes alone: its answer says what the provider holds and
     // whether blocks can take the fast path. A provider that never answers
     // frees its worker slot like one that stops answering later.
-    let Some((header, payload)) = first_have(dl, &mut stream).await? else {
+    let have = match first_have(dl, &mut stream).await {
+        Err(ProviderError::NoAnswer) => return Err(judged(svc, peer, stream)),
+        have => have?,
+    };
+    let Some((header, payload)) = have else {
         return Ok(());
     };
     // Over the provider's per-peer stream cap: before anything else (a group
@@ -271,7 +278,11 @@ async fn run_in_group(
         }
     }
     let (group, mut session) = opened?;
-    let Some((header, payload)) = first_have(dl, &mut session).await? else {
+    let have = match first_have(dl, &mut session).await {
+        Err(ProviderError::NoAnswer) => return Err(judged(svc, peer, session)),
+        have => have?,
+    };
+    let Some((header, payload)) = have else {
         return Ok(());
     };
     let complete = on_have(svc, dl, peer, &header, &payload)?;
@@ -295,6 +306,17 @@ async fn run_in_group(
     )
     .await?;
     ending.result()
+}
+
+/// A provider that left the first `Have` unanswered: its stream is watched
+/// a while longer for a late answer, which decides what goes on its record
+/// ([`NoAnswer`](ProviderError::NoAnswer) is not charged when the worker ends).
+fn judged<S>(svc: &ContentService, peer: PeerId, stream: S) -> ProviderError
+where
+    S: futures::AsyncRead + Unpin + Send + 'static,
+{
+    super::silence::judge(svc, peer, stream);
+    ProviderError::NoAnswer
 }
 
 /// The first `Have` and its answer (`None`: the download was cancelled).
