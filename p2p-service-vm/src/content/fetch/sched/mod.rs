@@ -576,6 +576,26 @@ mod tests {
         assert!(s.excluded(&other, t0 + Duration::from_secs(3600)));
     }
 
+    #[test]
+    fn a_provider_that_left_a_request_unanswered_waits_for_its_verdict() {
+        let t0 = Instant::now();
+        let p = PeerId::random();
+        let mut s = Sched::new(4, WINDOW, RAM_AHEAD, true, 7, t0);
+        let verdict = t0 + Duration::from_secs(30);
+        s.hold_off(p, verdict);
+        // Well past the pause of a provider without the item.
+        assert!(s.excluded(&p, t0 + 2 * BACKOFF_FIRST));
+        assert!(s.excluded(&p, verdict - Duration::from_millis(1)));
+        assert!(!s.excluded(&p, verdict), "a slow peer is asked again");
+        // A shorter pause later does not cut the wait short.
+        let q = PeerId::random();
+        s.hold_off(q, verdict);
+        s.pause(q, t0);
+        assert!(s.excluded(&q, t0 + 2 * BACKOFF_FIRST));
+        // Its first "not here" afterwards is still the charged one.
+        assert!(s.back_off(q, verdict));
+    }
+
     /// One step of a download's life, as workers and readers report it.
     #[derive(Debug, Clone)]
     enum Op {

@@ -31,7 +31,8 @@ impl Sched {
     }
 
     /// Whether `peer` is not to be asked now: it sent data that did not
-    /// verify, or it is backing off after saying it does not hold the item.
+    /// verify, it is backing off after saying it does not hold the item, or
+    /// it left a request unanswered and its verdict is not in.
     pub(in crate::content::fetch) fn excluded(&self, peer: &PeerId, now: Instant) -> bool {
         self.bad.contains(peer) || self.backoff.get(peer).is_some_and(|b| now < b.until)
     }
@@ -65,6 +66,18 @@ impl Sched {
             strikes: 0,
         });
         b.until = b.until.max(now + BACKOFF_FIRST);
+    }
+
+    /// `peer` left a request unanswered: not asked again until `until`,
+    /// when the verdict on its silence is in (a refused peer is not asked
+    /// at all; a slow one is, with its record as it is).
+    pub(in crate::content::fetch) fn hold_off(&mut self, peer: PeerId, until: Instant) {
+        self.forget_peer(&peer);
+        let b = self.backoff.entry(peer).or_insert(Backoff {
+            until,
+            strikes: 0,
+        });
+        b.until = b.until.max(until);
     }
 
     pub(super) fn provider(&mut self, peer: PeerId) -> &mut Provider {

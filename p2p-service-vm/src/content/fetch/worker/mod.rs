@@ -71,8 +71,13 @@ fn charge(svc: &ContentService, dl: &Download, peer: PeerId, e: &ProviderError) 
             false
         }
         // Charged by the watch on its stream, once it knows whether the
-        // answer was late or never came.
-        ProviderError::NoAnswer => false,
+        // answer was late or never came; until then not asked again (a
+        // silent peer would take another worker slot for 15 s each time).
+        ProviderError::NoAnswer => {
+            let verdict = Instant::now() + super::silence::LATE_GRACE;
+            dl.state().sched.hold_off(peer, verdict);
+            false
+        }
         _ => true,
     };
     if charged && let Some(evidence) = e.evidence() {
