@@ -52,12 +52,13 @@ pub enum ImageError {
     /// A pinned kernel version the archive does not serve.
     #[error(
         "the pinned kernel linux-image-{pinned} is not in the archive (any more); \
-         {meta} currently means linux-image-{current}: pin that, or remove the pin",
-        meta = crate::kernel::METAPACKAGE
+         {meta} currently means linux-image-{current}: pin that, or remove the pin"
     )]
     PinnedKernelGone {
         /// The pin.
         pinned: String,
+        /// The metapackage that names the current kernel.
+        meta: &'static str,
         /// What the archive serves now.
         current: String,
     },

@@ -156,6 +156,7 @@ impl Kernel {
                     let current = resolve_current(cache)?;
                     return Err(ImageError::PinnedKernelGone {
                         pinned: version,
+                        meta: METAPACKAGE,
                         current,
                     });
                 }

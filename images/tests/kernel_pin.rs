@@ -37,7 +37,9 @@ fn a_pin_the_archive_does_not_serve_names_the_current_kernel() {
     )
     .unwrap_err();
     match &err {
-        ImageError::PinnedKernelGone { pinned, current } => {
+        ImageError::PinnedKernelGone {
+            pinned, current, ..
+        } => {
             assert_eq!(pinned, "6.1.0-999-amd64");
             assert!(current.ends_with("-amd64"), "{current}");
             assert_ne!(current, pinned);

@@ -243,7 +243,7 @@ impl MachineBuilder {
         let serial = Arc::new(Mutex::new(SerialDevice::new(
             irq,
             input_room,
-            ConsoleOut(console.clone()),
+            Box::new(ConsoleOut(console.clone())),
         )));
         self.insert_pio(serial.clone(), ports::COM1, 8, "COM1")?;
         if let Some(listener) = listener {

@@ -430,7 +430,7 @@ mod tests {
         let serial = Arc::new(Mutex::new(SerialDevice::new(
             irq,
             room.try_clone().unwrap(),
-            ConsoleOut(console.clone()),
+            Box::new(ConsoleOut(console.clone())),
         )));
         let server =
             ConsoleServer::new(console.clone(), bind(&path).unwrap(), serial.clone(), room)

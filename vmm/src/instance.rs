@@ -1,15 +1,10 @@
-//! One VM's life in its `p2pvmm run` process: its state directory and
-//! console socket (kept across guest reboots, so an attached operator stays
-//! attached), a build-and-run per boot, and the report of how it went.
-//!
-//! ```text
-//! $home/vms/NAME/console.sock   p2pvmm console NAME attaches here
-//! $home/vms/NAME/console.log    everything the guest printed, this run
-//! $home/vms/NAME/pid            this process
-//! ```
+//! One VM's life in its `p2pvmm run` process: its state directory
+//! ([`VmDir`]) and console socket (kept across guest reboots, so an attached
+//! operator stays attached), a build-and-run per boot, and the report of how
+//! it went.
 
 use std::fs::File;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -20,43 +15,9 @@ use crate::config::VmConfig;
 use crate::console::{self, Console};
 use crate::lifecycle::{BootTimes, ExitReason};
 use crate::runner::{self, ThreadSetup};
+use crate::vm_dir::VmDir;
 use crate::vstate::memory::HugePages;
 use crate::vstate::profile::GuestProfile;
-
-/// Where a VM keeps its runtime files.
-#[derive(Debug, Clone)]
-pub struct VmDir(PathBuf);
-
-impl VmDir {
-    /// `root/vms/name`.
-    pub fn new(root: &Path, name: &str) -> Self {
-        Self(root.join("vms").join(name))
-    }
-    /// The directory.
-    pub fn path(&self) -> &Path {
-        &self.0
-    }
-    /// The console socket.
-    pub fn console_socket(&self) -> PathBuf {
-        self.0.join("console.sock")
-    }
-    /// The console log.
-    pub fn console_log(&self) -> PathBuf {
-        self.0.join("console.log")
-    }
-    /// The guest memory layout report (see [`crate::vstate::slots`]).
-    pub fn memory_report(&self) -> PathBuf {
-        self.0.join("memory.json")
-    }
-    /// The VM process's figures (`crate::metrics`).
-    pub fn figures(&self) -> PathBuf {
-        self.0.join("figures.json")
-    }
-    /// The pid file.
-    pub fn pid_file(&self) -> PathBuf {
-        self.0.join("pid")
-    }
-}
 
 /// What to do when the guest resets.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -35,5 +35,6 @@ pub mod runner;
 pub mod sandbox;
 pub mod seccomp;
 pub mod supervisor;
+pub mod vm_dir;
 pub mod vm_supervisor;
 pub mod vstate;

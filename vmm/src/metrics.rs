@@ -326,7 +326,7 @@ fn snapshot(board: &Board, sources: &Sources) -> Vec<VmStatus> {
     if let Sources::Vms(home) = sources {
         for v in &mut vms {
             if v.state == "running" {
-                v.figures = Figures::read(&crate::instance::VmDir::new(home, &v.name).figures());
+                v.figures = Figures::read(&crate::vm_dir::VmDir::new(home, &v.name).figures());
             }
         }
     }

@@ -26,7 +26,7 @@ use nix::unistd::Pid;
 use tracing::{error, info, warn};
 
 use crate::config::{ChannelSide, RestartPolicy, VmConfig, VmSet};
-use crate::instance::VmDir;
+use crate::vm_dir::VmDir;
 
 /// Why the VMs could not be brought up.
 #[derive(Debug, thiserror::Error)]

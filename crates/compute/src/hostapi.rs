@@ -16,7 +16,7 @@
 
 use std::sync::Arc;
 
-use wasmtime::{Caller, Extern, Linker};
+use wasmtime::{Caller, Extern, Linker, ResourceLimiter};
 
 /// The import module name.
 pub const MODULE: &str = "p2pvm";
@@ -31,7 +31,7 @@ pub(crate) struct HostState {
     pub output: Vec<u8>,
     pub max_output: usize,
     pub metered: bool,
-    pub limiter: crate::sandbox::MemoryLimiter,
+    pub limiter: MemoryLimiter,
 }
 
 /// Why the host stopped a job (carried through wasmtime's error and told
@@ -48,6 +48,50 @@ pub(crate) enum Halt {
     Cancelled,
     #[error("bad pointer: {0}")]
     BadPointer(&'static str),
+}
+
+/// Table elements a job may have (tables hold function references only).
+const MAX_TABLE_ELEMENTS: usize = 100_000;
+
+/// Refuses memory growth past the job's limit, and says so (a plain refusal
+/// would make `memory.grow` return -1, which a job may ignore and then fail
+/// in some less telling way).
+pub(crate) struct MemoryLimiter {
+    limit: u64,
+}
+
+impl MemoryLimiter {
+    /// Memory growth allowed up to `limit` bytes.
+    pub(crate) fn new(limit: u64) -> Self {
+        Self { limit }
+    }
+}
+
+impl ResourceLimiter for MemoryLimiter {
+    fn memory_growing(
+        &mut self,
+        _current: usize,
+        desired: usize,
+        _maximum: Option<usize>,
+    ) -> wasmtime::Result<bool> {
+        if desired as u64 > self.limit {
+            return Err(Halt::Memory {
+                asked: desired as u64,
+                limit: self.limit,
+            }
+            .into());
+        }
+        Ok(true)
+    }
+
+    fn table_growing(
+        &mut self,
+        _current: usize,
+        desired: usize,
+        _maximum: Option<usize>,
+    ) -> wasmtime::Result<bool> {
+        Ok(desired <= MAX_TABLE_ELEMENTS)
+    }
 }
 
 /// Adds the host API to `linker`.

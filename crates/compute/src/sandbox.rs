@@ -13,17 +13,15 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use wasmtime::{
-    Config, Engine, ExternType, InstancePre, Linker, Module, OptLevel, ResourceLimiter, Store,
-    Trap, UpdateDeadline, ValType,
+    Config, Engine, ExternType, InstancePre, Linker, Module, OptLevel, Store, Trap, UpdateDeadline,
+    ValType,
 };
 
 use crate::ComputeError;
-use crate::hostapi::{self, Halt, HostState};
+use crate::hostapi::{self, Halt, HostState, MemoryLimiter};
 
 /// How often a running job's deadline is checked.
 pub const TICK: Duration = Duration::from_millis(10);
-/// Table elements a job may have (tables hold function references only).
-const MAX_TABLE_ELEMENTS: usize = 100_000;
 
 /// What a run may use.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -173,9 +171,7 @@ impl Sandbox {
             output: Vec::new(),
             max_output: usize::try_from(limits.output_bytes).unwrap_or(usize::MAX),
             metered: self.metered,
-            limiter: MemoryLimiter {
-                limit: limits.memory_bytes,
-            },
+            limiter: MemoryLimiter::new(limits.memory_bytes),
         };
         let mut store = Store::new(&self.engine, state);
         store.limiter(|s| &mut s.limiter);
@@ -249,39 +245,5 @@ fn classify(e: wasmtime::Error, limits: &Limits) -> ComputeError {
         Some(Trap::OutOfFuel) => ComputeError::OutOfFuel { limit: limits.fuel },
         Some(trap) => ComputeError::Trapped(trap.to_string()),
         None => ComputeError::Trapped(format!("{e:#}")),
-    }
-}
-
-/// Refuses memory growth past the job's limit, and says so (a plain refusal
-/// would make `memory.grow` return -1, which a job may ignore and then fail
-/// in some less telling way).
-pub(crate) struct MemoryLimiter {
-    limit: u64,
-}
-
-impl ResourceLimiter for MemoryLimiter {
-    fn memory_growing(
-        &mut self,
-        _current: usize,
-        desired: usize,
-        _maximum: Option<usize>,
-    ) -> wasmtime::Result<bool> {
-        if desired as u64 > self.limit {
-            return Err(Halt::Memory {
-                asked: desired as u64,
-                limit: self.limit,
-            }
-            .into());
-        }
-        Ok(true)
-    }
-
-    fn table_growing(
-        &mut self,
-        _current: usize,
-        desired: usize,
-        _maximum: Option<usize>,
-    ) -> wasmtime::Result<bool> {
-        Ok(desired <= MAX_TABLE_ELEMENTS)
     }
 }

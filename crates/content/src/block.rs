@@ -23,9 +23,22 @@ use blake3::hazmat::{
     ChainingValue, HasherExt, Mode, merge_subtrees_non_root, merge_subtrees_root,
 };
 
-use crate::partial::{block_count, block_range};
 use crate::verified::{BLOCK_SIZE, verification};
-use crate::{ContentError, ContentId};
+use crate::{ContentError, ContentId, Outboard};
+
+/// Bytes per transfer block: 16 chunk groups.
+pub const BLOCK_BYTES: u64 = 256 * 1024;
+
+/// Number of blocks of an item of `size` bytes.
+pub fn block_count(size: u64) -> u64 {
+    size.div_ceil(BLOCK_BYTES)
+}
+
+/// The byte range of block `k` of an item of `size` bytes.
+pub fn block_range(size: u64, k: u64) -> Range<u64> {
+    let start = k * BLOCK_BYTES;
+    start..(start + BLOCK_BYTES).min(size)
+}
 
 /// One proof node: the left and right children's hashes.
 pub type Pair = [u8; 64];
@@ -186,6 +199,19 @@ pub fn verify(
         ));
     }
     Ok(layout.proof)
+}
+
+impl Outboard {
+    /// Encodes block `k` of the item whose bytes are in `data` (see
+    /// [`encode`]).
+    pub fn encode_block(
+        &self,
+        data: impl AsFd,
+        k: u64,
+        validate: bool,
+    ) -> Result<Vec<u8>, ContentError> {
+        encode(data, &self.inner, k, validate)
+    }
 }
 
 /// Encodes block `k`: its proof from `outboard`, then its bytes read from

@@ -28,8 +28,9 @@ pub mod store;
 pub mod transfer;
 mod verified;
 
+pub use block::{BLOCK_BYTES, block_count, block_range};
 pub use manifest::{Manifest, ManifestError, Rights, SignedManifest, inline_public_key};
-pub use partial::{BLOCK_BYTES, Partial, block_count, block_range};
+pub use partial::Partial;
 pub use store::{ItemInfo, Store, StoreError};
 pub use verified::{ContentError, ContentId, Outboard, decode_range, encode_range};
 

@@ -17,7 +17,6 @@
 //! costs blocks, never correctness.
 
 use std::fs::File;
-use std::ops::Range;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -26,22 +25,9 @@ use std::sync::{Mutex, RwLock};
 use bao_tree::io::sync::Outboard as OutboardRead;
 use bao_tree::{BaoTree, TreeNode};
 
+use crate::block::{block_count, block_range};
 use crate::verified::{BLOCK_SIZE, verification};
 use crate::{ContentError, ContentId, Outboard};
-
-/// Bytes per transfer block: 16 chunk groups.
-pub const BLOCK_BYTES: u64 = 256 * 1024;
-
-/// Number of blocks of an item of `size` bytes.
-pub fn block_count(size: u64) -> u64 {
-    size.div_ceil(BLOCK_BYTES)
-}
-
-/// The byte range of block `k` of an item of `size` bytes.
-pub fn block_range(size: u64, k: u64) -> Range<u64> {
-    let start = k * BLOCK_BYTES;
-    start..(start + BLOCK_BYTES).min(size)
-}
 
 /// Bytes of the tree allocated at a time (a whole number of node pairs).
 const TREE_PAGE: usize = 64 * 1024;

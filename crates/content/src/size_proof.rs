@@ -24,8 +24,8 @@
 
 use blake3::hazmat::{ChainingValue, HasherExt, Mode, merge_subtrees_non_root};
 
+use crate::block::{BLOCK_BYTES, block_count};
 use crate::block::{Pair, leaf_cv, parent_cv};
-use crate::partial::{BLOCK_BYTES, block_count};
 use crate::verified::verification;
 use crate::{ContentError, ContentId};
 

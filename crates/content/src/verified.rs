@@ -89,7 +89,8 @@ impl From<blake3::Hash> for ContentId {
 /// The hash tree of one item, kept beside its bytes so any range can be proven.
 #[derive(Debug, Clone)]
 pub struct Outboard {
-    inner: PreOrderOutboard<Vec<u8>>,
+    // Blocks are encoded from it in `block` (`Outboard::encode_block`).
+    pub(crate) inner: PreOrderOutboard<Vec<u8>>,
 }
 
 impl Outboard {
@@ -129,17 +130,6 @@ impl Outboard {
     /// The tree bytes, for storage.
     pub fn tree_bytes(&self) -> &[u8] {
         &self.inner.data
-    }
-
-    /// Encodes block `k` of the item whose bytes are in `data` (see
-    /// [`crate::block`]).
-    pub fn encode_block(
-        &self,
-        data: impl std::os::fd::AsFd,
-        k: u64,
-        validate: bool,
-    ) -> Result<Vec<u8>, ContentError> {
-        crate::block::encode(data, &self.inner, k, validate)
     }
 }
 

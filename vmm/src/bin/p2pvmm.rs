@@ -16,10 +16,11 @@ use anyhow::{Context, bail};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use tracing_subscriber::EnvFilter;
 use vmm::config::{ChannelConfig, ChannelSide, DEFAULT_CMDLINE, DiskConfig, NetConfig, VmConfig};
-use vmm::instance::{self, OnReboot, RunOptions, VmDir};
+use vmm::instance::{self, OnReboot, RunOptions};
 use vmm::isolation::{self, HostVirt, Isolation};
 use vmm::lifecycle::ExitReason;
 use vmm::sandbox::{self, Home};
+use vmm::vm_dir::VmDir;
 
 /// The p2pvm VMM and supervisor: one P2P node for the machine, kept apart from the user's OS.
 #[derive(Debug, Parser)]

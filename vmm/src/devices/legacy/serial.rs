@@ -1,12 +1,15 @@
 //! COM1: vm-superio's 16550A emulation, its interrupt on ISA IRQ 4 (an
-//! irqfd), its output to the [`Console`](crate::console::Console).
+//! irqfd), its output to whatever writer the builder hands it (the
+//! [`Console`](crate::console::Console)'s, which owns this device in turn,
+//! so the device names only `Write`).
+
+use std::io::Write;
 
 use vm_superio::Serial;
 use vm_superio::serial::SerialEvents;
 use vmm_sys_util::eventfd::EventFd;
 
 use super::EdgeTrigger;
-use crate::console::ConsoleOut;
 use crate::devices::bus::MutBusDevice;
 
 /// Tells the console's input side when the guest emptied the receive FIFO.
@@ -22,9 +25,12 @@ impl SerialEvents for InputRoom {
     }
 }
 
+/// Where the guest's serial output goes.
+pub type SerialOut = Box<dyn Write + Send>;
+
 /// The 8250 on the port-I/O bus (8 registers).
 pub struct SerialDevice {
-    serial: Serial<EdgeTrigger, InputRoom, ConsoleOut>,
+    serial: Serial<EdgeTrigger, InputRoom, SerialOut>,
 }
 
 impl std::fmt::Debug for SerialDevice {
@@ -36,7 +42,7 @@ impl std::fmt::Debug for SerialDevice {
 impl SerialDevice {
     /// A UART raising `irq` and printing to `out`; `input_room` is signalled
     /// when its receive FIFO empties.
-    pub fn new(irq: EventFd, input_room: EventFd, out: ConsoleOut) -> Self {
+    pub fn new(irq: EventFd, input_room: EventFd, out: SerialOut) -> Self {
         Self {
             serial: Serial::with_events(EdgeTrigger(irq), InputRoom(input_room), out),
         }

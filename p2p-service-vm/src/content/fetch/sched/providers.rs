@@ -73,10 +73,10 @@ impl Sched {
     /// at all; a slow one is, with its record as it is).
     pub(in crate::content::fetch) fn hold_off(&mut self, peer: PeerId, until: Instant) {
         self.forget_peer(&peer);
-        let b = self.backoff.entry(peer).or_insert(Backoff {
-            until,
-            strikes: 0,
-        });
+        let b = self
+            .backoff
+            .entry(peer)
+            .or_insert(Backoff { until, strikes: 0 });
         b.until = b.until.max(until);
     }
 
