@@ -1028,6 +1028,33 @@ async fn neighbours_are_asked_when_the_dht_knows_nobody_but_a_private_node_says_
     Ok(())
 }
 
+/// Downloads `id`, whose only provider cannot serve it in time: the download
+/// must end (within 100 s) with a typed "unavailable" or "not found".
+async fn download_that_fails(c: &Client, id: &str, provider: &str) -> Result<guest_api::Error> {
+    let e = tokio::time::timeout(Duration::from_secs(100), c.download_content(id))
+        .await
+        .with_context(|| format!("the download hung on {provider}"))?
+        .expect_err("nobody could have answered in time");
+    ensure!(
+        matches!(
+            e.code(),
+            Some(proto::ErrorCode::Unavailable | proto::ErrorCode::NotFound)
+        ),
+        "{e}"
+    );
+    Ok(e)
+}
+
+/// `peer`'s record at `c` once its first failed request is on it (a verdict
+/// on an unanswered request lands up to 45 s after the request).
+async fn first_failure_on_record(c: &Client, peer: &str) -> Result<proto::PeerCredit> {
+    eventually(WAIT, "a failed request on the record", || async {
+        let credit = c.credit_show(peer).await.ok()?;
+        (credit.requests_failed >= 1).then_some(credit)
+    })
+    .await
+}
+
 /// A provider that takes a request and never answers cannot hold up a
 /// download: the manifest exchange times out, and the download fails with a
 /// typed error instead of waiting forever.
@@ -1038,21 +1065,7 @@ async fn a_provider_that_never_answers_cannot_hold_up_a_download() -> Result<()>
     let info = publish(&silent.admin().await?, "silent.bin", &item(1 << 20, 31)).await?;
     let c = asker.admin().await?;
     let started = std::time::Instant::now();
-    let asked = tokio::time::timeout(
-        Duration::from_secs(100),
-        c.download_content(&info.content_id),
-    )
-    .await;
-    let e = asked
-        .context("the download hung on a silent provider")?
-        .expect_err("nobody could have answered");
-    ensure!(
-        matches!(
-            e.code(),
-            Some(proto::ErrorCode::Unavailable | proto::ErrorCode::NotFound)
-        ),
-        "{e}"
-    );
+    let e = download_that_fails(&c, &info.content_id, "a silent provider").await?;
     // It failed when the silent node's answer was 15 s late, not before.
     ensure!(
         started.elapsed() >= Duration::from_secs(14),
@@ -1062,11 +1075,7 @@ async fn a_provider_that_never_answers_cannot_hold_up_a_download() -> Result<()>
     // A request left unanswered while the connection lived refuses a
     // stranger, once its stream stayed silent 30 s past the timeout as well
     // (p2p-service-vm/src/content/fetch/silence.rs): it is not asked again.
-    let credit = eventually(WAIT, "the silence on the record", || async {
-        let credit = c.credit_show(&silent.peer_id).await.ok()?;
-        (credit.requests_failed >= 1).then_some(credit)
-    })
-    .await?;
+    let credit = first_failure_on_record(&c, &silent.peer_id).await?;
     ensure!(
         credit.standing == "refused" && credit.requests_failed >= 1,
         "{credit:?}"
@@ -1090,30 +1099,13 @@ async fn a_provider_that_answers_late_is_slow_not_silent() -> Result<()> {
     let info = publish(&late.admin().await?, "late.bin", &item(1 << 20, 32)).await?;
     let c = asker.admin().await?;
     let started = std::time::Instant::now();
-    let e = tokio::time::timeout(
-        Duration::from_secs(100),
-        c.download_content(&info.content_id),
-    )
-    .await
-    .context("the download hung on a late provider")?
-    .expect_err("its answer comes after the timeout");
-    ensure!(
-        matches!(
-            e.code(),
-            Some(proto::ErrorCode::Unavailable | proto::ErrorCode::NotFound)
-        ),
-        "{e}"
-    );
+    download_that_fails(&c, &info.content_id, "a late provider").await?;
     ensure!(
         started.elapsed() < Duration::from_secs(20),
         "the download waited {:?} for the late answer",
         started.elapsed()
     );
-    let credit = eventually(WAIT, "the late answer on the record", || async {
-        let credit = c.credit_show(&late.peer_id).await.ok()?;
-        (credit.requests_failed >= 1).then_some(credit)
-    })
-    .await?;
+    let credit = first_failure_on_record(&c, &late.peer_id).await?;
     ensure!(
         credit.standing == "good" && credit.requests_failed == 1,
         "a late provider was charged as a silent one: {credit:?}"
